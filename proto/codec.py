@@ -1,0 +1,36 @@
+"""Encoding and validated decoding of wire messages."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[Any, msgspec.msgpack.Decoder] = {}
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted; the text names the bad field."""
+
+
+def encode(message: Any) -> bytes:
+    return _encoder.encode(message)
+
+
+def decoder(message_type: type[T]) -> msgspec.msgpack.Decoder:
+    dec = _decoders.get(message_type)
+    if dec is None:
+        dec = _decoders[message_type] = msgspec.msgpack.Decoder(message_type)
+    return dec
+
+
+def decode(data: bytes, message_type: type[T]) -> T:
+    try:
+        return decoder(message_type).decode(data)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid {message_type.__name__}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed {message_type.__name__} (not msgpack): {exc}") from None

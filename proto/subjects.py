@@ -1,0 +1,79 @@
+"""Every NATS subject genset uses: `genset.<namespace>.<component>.<endpoint>[.<instance>]`.
+
+Build subjects only with these functions. Instance ids appear as lowercase hex.
+"""
+
+from __future__ import annotations
+
+import re
+
+ROOT = "genset"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _tok(value: str, what: str) -> str:
+    if not _TOKEN.match(value):
+        raise ValueError(f"{what} {value!r} is not a valid subject token (letters, digits, _ and -)")
+    return value
+
+
+def instance_token(instance_id: int) -> str:
+    return f"{instance_id:x}"
+
+
+def subject(namespace: str, component: str, endpoint: str, instance_id: int | None = None) -> str:
+    base = f"{ROOT}.{_tok(namespace, 'namespace')}.{_tok(component, 'component')}.{_tok(endpoint, 'endpoint')}"
+    return base if instance_id is None else f"{base}.{instance_token(instance_id)}"
+
+
+def worker_generate(namespace: str, component: str, instance_id: int) -> str:
+    """Generate requests for one worker instance (the router picked it)."""
+    return subject(namespace, component, "generate", instance_id)
+
+
+def kv_events(namespace: str, worker_id: int) -> str:
+    return subject(namespace, "kv", "events", worker_id)
+
+
+def kv_events_all(namespace: str) -> str:
+    return subject(namespace, "kv", "events") + ".>"
+
+
+def kv_resync(namespace: str, worker_id: int) -> str:
+    return subject(namespace, "kv", "resync", worker_id)
+
+
+def load_report(namespace: str, worker_id: int) -> str:
+    return subject(namespace, "load", "report", worker_id)
+
+
+def load_report_all(namespace: str) -> str:
+    return subject(namespace, "load", "report") + ".>"
+
+
+def route(namespace: str) -> str:
+    """Route requests; router replicas answer in one queue group."""
+    return subject(namespace, "router", "route")
+
+
+def route_decisions(namespace: str) -> str:
+    """Decisions broadcast between router replicas."""
+    return subject(namespace, "router", "decisions")
+
+
+def request_lifecycle(namespace: str) -> str:
+    return subject(namespace, "router", "lifecycle")
+
+
+def frontend_generate(namespace: str) -> str:
+    """The frontend's generate service for NATS-native clients (queue group)."""
+    return subject(namespace, "frontend", "generate")
+
+
+def stream_cancel(namespace: str) -> str:
+    return subject(namespace, "stream", "cancel")
+
+
+def kv_event_stream_name(namespace: str) -> str:
+    """JetStream stream that keeps recent KV events for replay by a restarting router."""
+    return f"GENSET_KV_{_tok(namespace, 'namespace').upper().replace('-', '_')}"
