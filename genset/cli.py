@@ -1,0 +1,53 @@
+"""The `genset` command: one entry point, one subcommand per service or tool.
+
+Subcommands are looked up by module name and imported only when chosen, so `genset frontend`
+never imports torch and `genset --help` starts fast. This module is the composition root:
+it names service packages as strings and never imports them at module level.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with `main(argv: list[str]) -> int`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("genset.launch", "start a whole local stack (NATS, etcd, router, frontend, workers)"),
+    "frontend": ("services.frontend.__main__", "OpenAI-compatible HTTP frontend (+ NATS generate service)"),
+    "router": ("services.router.__main__", "KV-aware router service"),
+    "worker": ("services.decode.__main__", "worker hosting an engine (--engine torch|mocker|trtllm)"),
+    "replay": ("services.router.replay", "replay a Mooncake trace through the router and mocker workers in simulated time"),
+    "chat": ("genset.chat", "chat with a model over NATS (no HTTP)"),
+    "schema": ("proto.schema", "print the JSON Schema of every wire message"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: genset <command> [options]   (genset <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {helptext}" for name, (_, helptext) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name in ("--version", "version"):
+        from importlib.metadata import version
+
+        from proto import PROTOCOL_VERSION
+
+        print(f"genset {version('genset')} (protocol {PROTOCOL_VERSION})")
+        return 0
+    if name not in COMMANDS:
+        print(f"genset: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
