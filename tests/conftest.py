@@ -1,0 +1,42 @@
+"""Test rig: one real nats-server (JetStream on) and one real etcd per test session.
+
+Both run on free loopback ports with their data in a temp dir. Tests that need to stop or
+restart a server start their own (`NatsServer()` / `EtcdServer()` from genset.runtime.infra)
+so they do not disturb the shared ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from genset.runtime.infra import EtcdServer, NatsServer
+
+
+@pytest.fixture(scope="session")
+def nats_server():
+    server = NatsServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def etcd_server():
+    server = EtcdServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def own_nats():
+    """A NATS server for one test, free to stop and restart."""
+    server = NatsServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def own_etcd():
+    """An etcd for one test, free to stop and restart."""
+    server = EtcdServer().start()
+    yield server
+    server.cleanup()
