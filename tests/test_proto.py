@@ -1,0 +1,161 @@
+"""The wire contract: round trips, plain-msgpack readability, validation, versioning."""
+
+from __future__ import annotations
+
+import json
+
+import msgpack
+import msgspec
+import pytest
+
+import proto
+from proto import keys, subjects
+from proto.codec import ProtocolError, decode, encode
+from proto.schema import schema
+
+SAMPLES = [
+    proto.GenerateRequest(
+        request_id="r-1",
+        model="tiny",
+        token_ids=proto.pack_tokens([1, 2, 3, 70000]),
+        sampling=proto.SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=7),
+        stop=proto.StopConditions(max_tokens=32, stop_token_ids=[2], ignore_eos=True),
+        deadline_ms=1_800_000_000_000,
+    ),
+    proto.StreamChunk(seq=3, token_ids=proto.pack_tokens([5, 6])),
+    proto.StreamChunk(
+        seq=9, final=True, finish_reason="length",
+        usage=proto.Usage(prompt_tokens=4, completion_tokens=8, cached_tokens=2),
+    ),
+    proto.StreamChunk(seq=4, heartbeat=True),
+    proto.StreamChunk(seq=1, final=True, error=proto.ErrorInfo(code="overloaded", message="busy", retryable=True)),
+    proto.Cancel(stream_id="_INBOX.abc.1", reason="client disconnected"),
+    proto.KvEventBatch(
+        worker_id=0xABCDEF,
+        event_id=12,
+        events=[
+            proto.Stored(parent_hash=None, blocks=[proto.StoredBlock(hash=2**64 - 1, token_ids=proto.pack_tokens(range(4)))]),
+            proto.Stored(parent_hash=2**64 - 1, blocks=[proto.StoredBlock(hash=17)]),
+            proto.Removed(hashes=[17, 18]),
+            proto.Cleared(),
+        ],
+        ts_ms=123,
+    ),
+    proto.KvResyncRequest(worker_id=5),
+    proto.LoadReport(worker_id=5, ts_ms=1, running=3, waiting=1, waiting_prefill_tokens=900,
+                     kv_used_blocks=10, kv_total_blocks=100, step_ms_ewma=12.5),
+    proto.InstanceRecord(instance_id=9, component="decode", namespace="default",
+                         subjects={"generate": "genset.default.decode.generate.9"}, pid=42),
+    proto.ModelCard(model="tiny", instance_id=9, block_size=16, kv_blocks=512, context_length=2048,
+                    eos_token_ids=[2], generate_subject="genset.default.decode.generate.9"),
+    proto.RouteRequest(request_id="r-1", model="tiny", token_ids=proto.pack_tokens([1, 2]), exclude=[3]),
+    proto.RouteDecision(request_id="r-1", worker_id=9, model="tiny", overlap_blocks=2, policy="genset"),
+    proto.RequestLifecycle(request_id="r-1", worker_id=9, phase="first_token"),
+]
+
+
+def test_every_message_type_has_a_sample():
+    assert {type(m) for m in SAMPLES} == set(proto.MESSAGES)
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(message):
+    assert decode(encode(message), type(message)) == message
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_plain_msgpack_reads_the_documented_map(message):
+    plain = msgpack.unpackb(encode(message), raw=False)
+    assert isinstance(plain, dict)
+    assert plain["v"] == proto.PROTOCOL_MAJOR
+    # every field of the Struct is present under its own name, with msgpack-native values
+    assert set(plain) == set(type(message).__struct_fields__)
+    assert plain == msgspec.to_builtins(message, builtin_types=(bytes,))
+
+
+def test_token_ids_are_packed_int32_little_endian():
+    plain = msgpack.unpackb(encode(SAMPLES[0]), raw=False)
+    assert plain["token_ids"] == (1).to_bytes(4, "little") + (2).to_bytes(4, "little") + (3).to_bytes(4, "little") + (70000).to_bytes(4, "little")
+    assert proto.unpack_tokens(plain["token_ids"]) == [1, 2, 3, 70000]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        proto.unpack_tokens(b"\x01\x02\x03")
+
+
+def test_kv_events_are_tagged_maps():
+    plain = msgpack.unpackb(encode(SAMPLES[6]), raw=False)
+    assert [e["type"] for e in plain["events"]] == ["stored", "stored", "removed", "cleared"]
+    assert plain["events"][0]["blocks"][0]["hash"] == 2**64 - 1
+
+
+def test_a_foreign_encoder_is_understood():
+    """What a Go or Rust client would send: a plain map, fields in any order."""
+    raw = msgpack.packb({"model": "tiny", "request_id": "x", "v": 1, "token_ids": b"\x01\x00\x00\x00",
+                         "stop": {"max_tokens": 3}})
+    req = decode(raw, proto.GenerateRequest)
+    assert proto.unpack_tokens(req.token_ids) == [1] and req.stop.max_tokens == 3
+    assert req.sampling == proto.SamplingParams()
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"v": 1, "request_id": "x", "model": "m", "token_ids": "not bytes"}, "$.token_ids"),
+        ({"v": 1, "request_id": "x", "model": 5, "token_ids": b""}, "$.model"),
+        ({"v": 1, "request_id": "x", "model": "m", "token_ids": b"", "sampling": {"temperature": -1}}, "temperature"),
+        ({"v": 1, "request_id": "x", "model": "m", "token_ids": b"", "stop": {"max_tokens": 0}}, "max_tokens"),
+        ({"v": 1, "model": "m", "token_ids": b""}, "request_id"),
+    ],
+)
+def test_malformed_message_names_the_bad_field(payload, field):
+    with pytest.raises(ProtocolError) as info:
+        decode(msgpack.packb(payload), proto.GenerateRequest)
+    assert field in str(info.value)
+    assert "GenerateRequest" in str(info.value)
+
+
+def test_bad_kv_event_names_the_path():
+    raw = msgpack.packb({"v": 1, "worker_id": 1, "event_id": 1, "events": [{"type": "stored", "blocks": [{"hash": "x"}]}]})
+    with pytest.raises(ProtocolError, match=r"\$\.events\[0\]\.blocks\[0\]\.hash"):
+        decode(raw, proto.KvEventBatch)
+    with pytest.raises(ProtocolError, match="type"):
+        decode(msgpack.packb({"v": 1, "worker_id": 1, "event_id": 1, "events": [{"type": "exploded"}]}), proto.KvEventBatch)
+
+
+def test_not_msgpack_is_a_clear_error():
+    with pytest.raises(ProtocolError, match="not msgpack"):
+        decode(b"\xc1\xc1", proto.StreamChunk)
+
+
+def test_unknown_fields_are_ignored():
+    raw = msgpack.packb({"v": 1, "seq": 1, "added_in_1_9": {"x": 1}, "token_ids": b""})
+    assert decode(raw, proto.StreamChunk).seq == 1
+
+
+def test_unknown_major_version_is_refused():
+    raw = msgpack.packb({"v": 2, "seq": 1})
+    with pytest.raises(ProtocolError, match="unsupported protocol major version 2"):
+        decode(raw, proto.StreamChunk)
+    with pytest.raises(ProtocolError, match="version"):
+        decode(msgpack.packb({"v": 99, "stream_id": "s"}), proto.Cancel)
+
+
+def test_json_schema_covers_every_message():
+    doc = schema()
+    assert set(doc["messages"]) == {m.__name__ for m in proto.MESSAGES}
+    json.dumps(doc)  # serialisable
+    req = doc["$defs"]["GenerateRequest"]
+    assert {"request_id", "model", "token_ids"} <= set(req["required"])
+
+
+def test_subjects_and_keys():
+    assert subjects.worker_generate("prod", "decode", 255) == "genset.prod.decode.generate.ff"
+    assert subjects.kv_events_all("prod") == "genset.prod.kv.events.>"
+    assert subjects.kv_event_stream_name("my-ns") == "GENSET_KV_MY_NS"
+    with pytest.raises(ValueError, match="not a valid subject token"):
+        subjects.route("bad.namespace")
+    assert keys.instance("prod", "decode", 255) == "genset/prod/instances/decode/ff"
+    key = keys.model("prod", "org/model-7b", 1)
+    assert key == "genset/prod/models/org%2Fmodel-7b/1"
+    assert keys.model_name_from_key(key, "prod") == "org/model-7b"
+    with pytest.raises(ValueError):
+        keys.instances_prefix("a/b")
