@@ -1,0 +1,155 @@
+"""Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU) over a paged KV cache.
+
+One step computes a packed batch: every scheduled token of every sequence sits in one
+[tokens, hidden] matrix, so the projections and the MLP are single matmuls with no padding.
+Only attention is per sequence, and it reads each sequence's past K/V from the cache blocks
+its block table names. The runner orders a step as: single-token chunks first (decodes,
+attended together in one padded batched call, padding only the short K/V gather), then
+multi-token chunks (prefill pieces, one causal attention call each).
+
+Weights stay in Hugging Face naming until here; q/k/v and gate/up are fused at load so each
+layer runs three large matmuls instead of five.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from genset.engines.torch.config import ModelConfig
+from genset.engines.torch.rope import RotaryEmbedding
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """One multi-token chunk inside the packed batch."""
+
+    start: int  # row of its first token in the packed batch
+    end: int
+    ctx_slots: torch.Tensor | None  # cache slots of positions [0, last]; None: no past context
+    mask: torch.Tensor | None  # [n, ctx] bool (True = may attend); None: plain causal
+
+
+@dataclass(slots=True)
+class StepMetadata:
+    """Per-step attention layout, shared by every layer."""
+
+    positions: torch.Tensor  # [T] int64, absolute position of each packed token
+    slots: torch.Tensor  # [T] int64, cache slot (block * block_size + offset) to write
+    num_decode: int  # the first num_decode rows are single-token chunks
+    decode_slots: torch.Tensor | None  # [D, Lmax] int64 cache slots of each decode's context
+    decode_mask: torch.Tensor | None  # [D, 1, 1, Lmax] bool
+    prefills: list[PrefillSpan]
+    sample_rows: torch.Tensor  # rows whose next-token logits are wanted
+
+
+class _Layer:
+    __slots__ = ("down", "gate_up", "in_norm", "o", "o_b", "post_norm", "qkv", "qkv_b")
+
+    def __init__(self, w: dict[str, torch.Tensor], p: str, cfg: ModelConfig):
+        attn = f"{p}.self_attn"
+        self.in_norm = w[f"{p}.input_layernorm.weight"]
+        self.post_norm = w[f"{p}.post_attention_layernorm.weight"]
+        self.qkv = torch.cat([w[f"{attn}.{n}_proj.weight"] for n in "qkv"]).contiguous()
+        self.qkv_b = (
+            torch.cat([w[f"{attn}.{n}_proj.bias"] for n in "qkv"]) if cfg.qkv_bias else None
+        )
+        self.o = w[f"{attn}.o_proj.weight"]
+        self.o_b = w.get(f"{attn}.o_proj.bias") if cfg.o_bias else None
+        mlp = f"{p}.mlp"
+        self.gate_up = torch.cat([w[f"{mlp}.gate_proj.weight"], w[f"{mlp}.up_proj.weight"]])
+        self.down = w[f"{mlp}.down_proj.weight"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 whatever the weight dtype, like the reference implementations, so
+    # bf16 runs round the same way.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class LlamaModel:
+    """Forward pass of a Llama/Qwen2/Mistral decoder; holds weights, not the cache."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        if cfg.mlp_bias:
+            # No Llama/Qwen2/Mistral checkpoint we know of sets it; refuse rather than guess.
+            raise ValueError("field 'mlp_bias': MLP biases are not supported")
+        self.cfg = cfg
+        self.device, self.dtype = device, dtype
+        self.embed = weights["model.embed_tokens.weight"]
+        self.norm = weights["model.norm.weight"]
+        self.lm_head = (
+            self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
+        )
+        self.layers = [
+            _Layer(weights, f"model.layers.{i}", cfg) for i in range(cfg.num_layers)
+        ]
+        self.rope = RotaryEmbedding(cfg, device, dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, meta: StepMetadata, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """Writes this step's K/V into kv_cache [layers, 2, blocks, block_size, kv_heads,
+        head_dim] and returns float32 logits for meta.sample_rows."""
+        cfg = self.cfg
+        h = F.embedding(input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.in_norm, cfg.rms_norm_eps)
+            h = h + self._attention(x, layer, meta, kv_cache[i])
+            x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down)
+        h = h[meta.sample_rows]
+        h = rms_norm(h, self.norm, cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+    def _attention(
+        self, x: torch.Tensor, layer: _Layer, meta: StepMetadata, cache: torch.Tensor
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        t = x.shape[0]
+        qkv = F.linear(x, layer.qkv, layer.qkv_b)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = self.rope.apply(q.view(t, cfg.num_heads, cfg.head_dim), meta.positions)
+        k = self.rope.apply(k.view(t, cfg.num_kv_heads, cfg.head_dim), meta.positions)
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+
+        k_cache = cache[0].view(-1, cfg.num_kv_heads, cfg.head_dim)
+        v_cache = cache[1].view(-1, cfg.num_kv_heads, cfg.head_dim)
+        k_cache.index_copy_(0, meta.slots, k)
+        v_cache.index_copy_(0, meta.slots, v)
+
+        out = torch.empty_like(q)
+        gqa = cfg.num_heads != cfg.num_kv_heads
+        nd = meta.num_decode
+        if nd:
+            # [D, H, 1, hd] queries against each decode's own (padded) context.
+            kd = k_cache[meta.decode_slots].transpose(1, 2)
+            vd = v_cache[meta.decode_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(
+                q[:nd].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, enable_gqa=gqa
+            )
+            out[:nd] = od.squeeze(2)
+        for span in meta.prefills:
+            qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)
+            if span.ctx_slots is None:
+                ks, vs = k[span.start : span.end], v[span.start : span.end]
+            else:
+                ks, vs = k_cache[span.ctx_slots], v_cache[span.ctx_slots]
+            ks = ks.transpose(0, 1).unsqueeze(0)
+            vs = vs.transpose(0, 1).unsqueeze(0)
+            os_ = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=span.mask, is_causal=span.mask is None, enable_gqa=gqa
+            )
+            out[span.start : span.end] = os_.squeeze(0).transpose(0, 1)
+        return F.linear(out.reshape(t, cfg.q_size), layer.o, layer.o_b)

@@ -1,0 +1,306 @@
+"""ModelRunner: the torch executor behind the scheduler/executor contract in
+genset/engines/batch.py.
+
+It owns the weights and the paged KV cache; it knows nothing about requests, queues or block
+allocation. Each `execute(plan)` computes K/V for every scheduled chunk at the slots its block
+table names and samples one token for each chunk that asks for it.
+
+KV cache layout: one tensor [layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim];
+`kv_cache[l, 0]` is layer l's K cache in the [num_blocks, block_size, kv_heads, head_dim]
+shape the scheduler's block ids index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from genset.engines.batch import ScheduledChunk, StepPlan
+from genset.engines.torch import kvformat
+from genset.engines.torch.config import ModelConfig, load_config
+from genset.engines.torch.model import LlamaModel, PrefillSpan, StepMetadata
+from genset.engines.torch.sampling import sample
+from genset.engines.torch.tiny import resolve_model
+from genset.engines.torch.weights import dummy_weights, has_checkpoint, load_checkpoint
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, cfg: ModelConfig, device: torch.device):
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        # Half-precision matmuls are slow (or missing) on most CPUs: compute in float32.
+        return torch.float32
+    return _DTYPES.get(cfg.torch_dtype or "", torch.bfloat16)
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def blocks_for_memory(
+    cfg: ModelConfig, memory_bytes: int, block_size: int, dtype: torch.dtype
+) -> int:
+    """How many KV blocks fit in `memory_bytes`."""
+    return max(0, memory_bytes // kv_bytes_per_block(cfg, block_size, dtype))
+
+
+class ModelRunner:
+    """Executes StepPlans on one device.
+
+    `model`: "tiny", a local Hugging Face directory, or a ModelConfig (random weights).
+    `weights`: "auto" loads the directory's safetensors, or generates seeded weights when the
+    config says so (the tiny model); "dummy" always generates them (from the config's seed,
+    else `seed`). `seed` also drives sampling for requests that bring no seed of their own.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | ModelConfig,
+        *,
+        num_blocks: int,
+        block_size: int,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        seed: int = 0,
+        weights: str = "auto",
+    ):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
+        if weights not in ("auto", "dummy"):
+            raise ValueError(f"weights={weights!r}: expected 'auto' or 'dummy'")
+        self.device = torch.device(device)
+        self.model_dir: Path | None = None
+        extra_eos: tuple[int, ...] = ()
+        if isinstance(model, ModelConfig):
+            cfg = model
+        else:
+            self.model_dir = resolve_model(model)
+            cfg = load_config(self.model_dir)
+            extra_eos = _generation_eos(self.model_dir)
+        self.config = cfg
+        self.dtype = resolve_dtype(dtype, cfg, self.device)
+
+        use_dummy = (
+            weights == "dummy"
+            or self.model_dir is None
+            or (cfg.dummy_weights_seed is not None and not has_checkpoint(self.model_dir))
+        )
+        if use_dummy:
+            wseed = cfg.dummy_weights_seed if cfg.dummy_weights_seed is not None else seed
+            w = dummy_weights(cfg, wseed, dtype=self.dtype, device=self.device)
+        else:
+            w = load_checkpoint(self.model_dir, cfg, dtype=self.dtype, device=self.device)
+        self.weights = w  # kept in HF naming: tests load the same tensors into a reference
+        self.model = LlamaModel(cfg, w, self.device, self.dtype)
+
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv_cache = torch.zeros(
+            (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim),
+            dtype=self.dtype, device=self.device,
+        )
+        self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + extra_eos))
+        self._fallback = torch.Generator().manual_seed(seed)
+        self.tokens_computed = 0  # total KV positions computed, for tests and metrics
+
+    # -- model card ---------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return kv_bytes_per_block(self.config, self.block_size, self.dtype)
+
+    # -- execution ----------------------------------------------------------------------------
+
+    def execute(self, plan: StepPlan) -> list[int | None]:
+        """One token per chunk with `sample` set (None for the others), in plan order."""
+        logits = self.forward_logits(plan)
+        sampled = [c for c in plan.chunks if c.sample]
+        tokens = sample(
+            logits, [c.sampling for c in sampled], [c.output_index for c in sampled],
+            self._fallback,
+        ) if sampled else []
+        it = iter(tokens)
+        return [next(it) if c.sample else None for c in plan.chunks]
+
+    @torch.inference_mode()
+    def forward_logits(self, plan: StepPlan) -> torch.Tensor:
+        """Run the step; float32 logits [num sampled chunks, vocab] in plan order."""
+        if not plan.chunks:
+            return torch.empty((0, self.vocab_size))
+        for c in plan.chunks:
+            self._check_chunk(c)
+        # Single-token chunks first: they share one batched attention call.
+        order = sorted(range(len(plan.chunks)), key=lambda i: len(plan.chunks[i].token_ids) != 1)
+        chunks = [plan.chunks[i] for i in order]
+        input_ids, meta = self._metadata(chunks)
+        logits = self.model.forward(input_ids, meta, self.kv_cache)
+        self.tokens_computed += input_ids.shape[0]
+        # Rows come out in packed order; put them back in plan order.
+        packed_sampled = [i for i in order if plan.chunks[i].sample]
+        plan_sampled = [i for i in range(len(plan.chunks)) if plan.chunks[i].sample]
+        where = {ci: r for r, ci in enumerate(packed_sampled)}
+        back = torch.tensor([where[ci] for ci in plan_sampled], dtype=torch.long)
+        return logits[back.to(logits.device)]
+
+    def _check_chunk(self, c: ScheduledChunk) -> None:
+        n = len(c.token_ids)
+        end = c.start_pos + n
+        if n == 0 or c.start_pos < 0:
+            raise ValueError(f"seq {c.seq_id}: empty chunk or negative start_pos")
+        if end > self.context_length:
+            raise ValueError(
+                f"seq {c.seq_id}: position {end - 1} beyond context length {self.context_length}"
+            )
+        need = math.ceil(end / self.block_size)
+        if len(c.block_table) < need:
+            raise ValueError(
+                f"seq {c.seq_id}: block table has {len(c.block_table)} blocks, "
+                f"positions up to {end - 1} need {need}"
+            )
+        for b in c.block_table[:need]:
+            if not 0 <= b < self.num_blocks:
+                raise ValueError(f"seq {c.seq_id}: block id {b} outside [0, {self.num_blocks})")
+        bad = [t for t in c.token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"seq {c.seq_id}: token id {bad[0]} outside vocab {self.vocab_size}")
+
+    def _metadata(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, StepMetadata]:
+        bs = self.block_size
+        window = self.config.sliding_window
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        prefills: list[PrefillSpan] = []
+        sample_rows: list[int] = []
+        decode_lens: list[int] = []
+        decode_tables: list[list[int]] = []
+        row = 0
+        for c in chunks:
+            n = len(c.token_ids)
+            end = c.start_pos + n
+            table = torch.tensor(c.block_table[: math.ceil(end / bs)], dtype=torch.long)
+            pos = torch.arange(c.start_pos, end, dtype=torch.long)
+            ids.extend(c.token_ids)
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            if n == 1:
+                decode_lens.append(end)
+                decode_tables.append(c.block_table[: math.ceil(end / bs)])
+            else:
+                ctx_slots = mask = None
+                if c.start_pos > 0:
+                    kpos = torch.arange(end, dtype=torch.long)
+                    ctx_slots = table[kpos // bs] * bs + kpos % bs
+                    mask = kpos[None, :] <= pos[:, None]
+                    if window is not None:
+                        mask &= kpos[None, :] > pos[:, None] - window
+                elif window is not None and n > window:
+                    mask = torch.ones(n, n, dtype=torch.bool).tril()
+                    mask &= ~torch.ones(n, n, dtype=torch.bool).tril(-window)
+                prefills.append(PrefillSpan(row, row + n, _to(ctx_slots, self.device),
+                                            _to(mask, self.device)))
+            row += n
+            if c.sample:
+                sample_rows.append(row - 1)
+
+        decode_slots = decode_mask = None
+        nd = len(decode_lens)
+        if nd:
+            lmax = max(decode_lens)
+            width = math.ceil(lmax / bs)
+            tables = torch.zeros((nd, width), dtype=torch.long)
+            for i, t in enumerate(decode_tables):
+                tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+            kpos = torch.arange(lmax, dtype=torch.long)
+            decode_slots = tables[:, kpos // bs] * bs + kpos % bs  # padding reads block 0
+            lens = torch.tensor(decode_lens, dtype=torch.long)[:, None]
+            m = kpos[None, :] < lens
+            if window is not None:
+                m &= kpos[None, :] > lens - 1 - window
+            decode_mask = m[:, None, None, :]
+
+        meta = StepMetadata(
+            positions=torch.cat(positions).to(self.device),
+            slots=torch.cat(slots).to(self.device),
+            num_decode=nd,
+            decode_slots=_to(decode_slots, self.device),
+            decode_mask=_to(decode_mask, self.device),
+            prefills=prefills,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
+        )
+        return torch.tensor(ids, dtype=torch.long, device=self.device), meta
+
+    # -- KV export / import -------------------------------------------------------------------
+
+    def read_blocks_tensor(self, block_ids: list[int]) -> torch.Tensor:
+        """[n, layers, 2, block_size, kv_heads, head_dim] copy of the given blocks (CPU)."""
+        idx = torch.tensor(self._check_ids(block_ids), dtype=torch.long, device=self.device)
+        return self.kv_cache[:, :, idx].permute(2, 0, 1, 3, 4, 5).contiguous().cpu()
+
+    def write_blocks_tensor(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        want = (len(block_ids), *self.block_shape)
+        if tuple(blocks.shape) != want:
+            raise ValueError(f"KV import: got blocks of shape {tuple(blocks.shape)}, want {want}")
+        idx = torch.tensor(self._check_ids(block_ids), dtype=torch.long, device=self.device)
+        data = blocks.to(device=self.device, dtype=self.dtype).permute(1, 2, 0, 3, 4, 5)
+        self.kv_cache[:, :, idx] = data
+
+    def read_blocks(self, block_ids: list[int]) -> bytes:
+        """The blocks' K/V for all layers as a self-describing payload (see kvformat)."""
+        return kvformat.encode(self.read_blocks_tensor(block_ids))
+
+    def write_blocks(self, block_ids: list[int], data: bytes | torch.Tensor) -> None:
+        """Import blocks exported by `read_blocks` (or a tensor in the same layout) into
+        `block_ids` of this cache. Layout must match; dtype is converted if it differs."""
+        blocks = data if isinstance(data, torch.Tensor) else kvformat.decode(data)
+        self.write_blocks_tensor(block_ids, blocks)
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """Shape of one exported block: (layers, 2, block_size, kv_heads, head_dim)."""
+        c = self.config
+        return (c.num_layers, 2, self.block_size, c.num_kv_heads, c.head_dim)
+
+    def _check_ids(self, block_ids: list[int]) -> list[int]:
+        ids = list(block_ids)
+        for b in ids:
+            if not 0 <= b < self.num_blocks:
+                raise ValueError(f"block id {b} outside [0, {self.num_blocks})")
+        return ids
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _generation_eos(model_dir: Path) -> tuple[int, ...]:
+    """eos ids from generation_config.json, which often lists more than config.json."""
+    p = model_dir / "generation_config.json"
+    try:
+        eos = json.loads(p.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    vals = eos if isinstance(eos, list) else [eos]
+    return tuple(t for t in vals if isinstance(t, int) and not isinstance(t, bool) and t >= 0)
