@@ -1,0 +1,370 @@
+"""A thin asyncio etcd v3 client on aetcd's generated gRPC stubs.
+
+aetcd's own `Client` keeps one shared watch stream whose failure tears down every watch, has
+no TLS, and gives no per-call deadline control; discovery needs all three. This module keeps
+aetcd's wire layer (`aetcd.rpc`) and adds: a deadline on every unary call, TLS and auth
+(re-authenticating when the token expires), several endpoints tried in turn, fast gRPC
+reconnects, and one independent watch stream per watcher (`WatchStream`).
+
+Errors are mapped to three kinds callers act on: `EtcdUnavailable` (retry later, keep the
+last known state), `EtcdCompacted` (re-list), and `EtcdError` (anything else: a bug or a
+configuration problem, e.g. wrong password).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from aetcd import rpc
+from aetcd.utils import prefix_range_end
+
+# gRPC defaults back off reconnects up to 120 s; after an etcd restart we want to be back
+# within a second or two. Keepalive pings notice a silently dead peer (no RST) in ~15 s;
+# etcd refuses pings more often than every 5 s, and pings without an open stream.
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+_UNAVAILABLE_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,  # connection torn down mid-call surfaces as UNKNOWN at times
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class EtcdError(Exception):
+    """An etcd call failed for a reason retrying will not fix (bad auth, bad request)."""
+
+
+class EtcdUnavailable(EtcdError):
+    """etcd could not be reached or did not answer in time; retry later."""
+
+
+class EtcdCompacted(EtcdError):
+    """The revision a watch asked for was compacted away; the caller must re-list."""
+
+    def __init__(self, compact_revision: int):
+        super().__init__(f"revision compacted (oldest kept revision: {compact_revision})")
+        self.compact_revision = compact_revision
+
+
+def _map_error(exc: grpc.aio.AioRpcError, endpoint: str) -> EtcdError:
+    detail = exc.details() or exc.code().name
+    if exc.code() in _UNAVAILABLE_CODES:
+        return EtcdUnavailable(f"etcd at {endpoint}: {exc.code().name}: {detail}")
+    return EtcdError(f"etcd at {endpoint}: {exc.code().name}: {detail}")
+
+
+def parse_endpoints(endpoints: str | list[str]) -> tuple[list[str], bool]:
+    """'a:2379,https://b:2379' -> (['a:2379', 'b:2379'], uses_https)."""
+    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    out: list[str] = []
+    https = False
+    for raw in items:
+        item = raw.strip()
+        if not item:
+            continue
+        if item.startswith("https://"):
+            https = True
+            item = item[len("https://"):]
+        elif item.startswith("http://"):
+            item = item[len("http://"):]
+        item = item.rstrip("/")
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"etcd endpoint {raw.strip()!r} is not host:port")
+        out.append(item)
+    if not out:
+        raise ValueError(f"no etcd endpoint in {endpoints!r}")
+    return out, https
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int
+
+
+def _kv(raw) -> KeyValue:
+    return KeyValue(raw.key.decode(), raw.value, raw.mod_revision, raw.lease)
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    kind: str  # "put" | "delete"
+    kv: KeyValue
+
+
+class EtcdClient:
+    """One gRPC channel to one of the endpoints; every unary call carries `timeout`."""
+
+    def __init__(self, endpoints: str | list[str], *, timeout: float = 3.0, user: str | None = None,
+                 password: str | None = None, ca_cert: str | None = None,
+                 cert: str | None = None, key: str | None = None):
+        self.endpoints, https = parse_endpoints(endpoints)
+        if (user is None) != (password is None):
+            raise ValueError("etcd auth needs both a user and a password")
+        self.timeout = timeout
+        self._user, self._password = user, password
+        self._tls = https or ca_cert is not None or cert is not None
+        self._ca_cert, self._cert, self._key = ca_cert, cert, key
+        self._index = 0
+        self._metadata: tuple[tuple[str, str], ...] | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._open_channel()
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[self._index]
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(read(self._ca_cert), read(self._key), read(self._cert))
+
+    def _open_channel(self) -> None:
+        target = self.endpoint
+        if self._tls:
+            self._channel = grpc.aio.secure_channel(target, self._credentials(), _CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, _CHANNEL_OPTIONS)
+        self._kv = rpc.KVStub(self._channel)
+        self._lease = rpc.LeaseStub(self._channel)
+        self._watch = rpc.WatchStub(self._channel)
+        self._auth = rpc.AuthStub(self._channel)
+        self._metadata = None
+
+    def _rotate(self) -> None:
+        """Move to the next endpoint (only when there is more than one)."""
+        if len(self.endpoints) < 2:
+            return
+        old = self._channel
+        self._index = (self._index + 1) % len(self.endpoints)
+        self._open_channel()
+        if old is not None:
+            # Calls still running on the old channel fail and are retried by their owners.
+            asyncio.get_running_loop().create_task(old.close(grace=1.0))
+
+    async def _authenticate(self) -> None:
+        if self._user is None:
+            return
+        try:
+            resp = await self._auth.Authenticate(
+                rpc.AuthenticateRequest(name=self._user, password=self._password),
+                timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _map_error(exc, self.endpoint) from None
+        self._metadata = (("token", resp.token),)
+
+    async def _call(self, method: str, stub: str, request, time_limit: float | None = None):
+        timeout = self.timeout if time_limit is None else time_limit
+        for attempt in range(2):
+            if self._user is not None and self._metadata is None:
+                await self._authenticate()
+            fn = getattr(getattr(self, stub), method)
+            try:
+                return await fn(request, timeout=timeout, metadata=self._metadata)
+            except grpc.aio.AioRpcError as exc:
+                if (exc.code() == grpc.StatusCode.UNAUTHENTICATED and self._user is not None
+                        and attempt == 0):
+                    self._metadata = None  # the token expired: log in again, once
+                    continue
+                err = _map_error(exc, self.endpoint)
+                if isinstance(err, EtcdUnavailable):
+                    self._rotate()
+                raise err from None
+        raise AssertionError("unreachable")
+
+    # ---- KV ---------------------------------------------------------------------------------
+    async def get_prefix(self, prefix: str, *, time_limit: float | None = None
+                         ) -> tuple[list[KeyValue], int]:
+        """All keys under `prefix` and the store revision they were read at."""
+        key = prefix.encode()
+        req = rpc.RangeRequest(key=key, range_end=prefix_range_end(key))
+        resp = await self._call("Range", "_kv", req, time_limit)
+        return [_kv(kv) for kv in resp.kvs], resp.header.revision
+
+    async def get(self, key: str, *, time_limit: float | None = None) -> KeyValue | None:
+        resp = await self._call("Range", "_kv", rpc.RangeRequest(key=key.encode()), time_limit)
+        return _kv(resp.kvs[0]) if resp.kvs else None
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0,
+                  time_limit: float | None = None) -> int:
+        req = rpc.PutRequest(key=key.encode(), value=value, lease=lease)
+        return (await self._call("Put", "_kv", req, time_limit)).header.revision
+
+    async def put_if_changed(self, key: str, value: bytes, *, lease: int,
+                             time_limit: float | None = None) -> bool:
+        """Put unless the key already holds exactly this value under this lease.
+
+        Used when re-asserting registrations after an outage, so that records that survived
+        it do not produce a spurious change for every watcher. Returns True if it wrote.
+        """
+        k = key.encode()
+        compare = [
+            rpc.Compare(key=k, target=rpc.Compare.VALUE, result=rpc.Compare.EQUAL, value=value),
+            rpc.Compare(key=k, target=rpc.Compare.LEASE, result=rpc.Compare.EQUAL, lease=lease),
+        ]
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=value, lease=lease))
+        resp = await self._call("Txn", "_kv", rpc.TxnRequest(compare=compare, failure=[put]),
+                                time_limit)
+        return not resp.succeeded
+
+    async def delete(self, key: str, *, time_limit: float | None = None) -> bool:
+        resp = await self._call("DeleteRange", "_kv", rpc.DeleteRangeRequest(key=key.encode()),
+                                time_limit)
+        return resp.deleted > 0
+
+    async def delete_prefix(self, prefix: str, *, time_limit: float | None = None) -> int:
+        key = prefix.encode()
+        req = rpc.DeleteRangeRequest(key=key, range_end=prefix_range_end(key))
+        return (await self._call("DeleteRange", "_kv", req, time_limit)).deleted
+
+    # ---- leases -----------------------------------------------------------------------------
+    async def lease_grant(self, ttl: int, *, time_limit: float | None = None) -> int:
+        resp = await self._call("LeaseGrant", "_lease", rpc.LeaseGrantRequest(TTL=ttl), time_limit)
+        if resp.error:
+            raise EtcdError(f"etcd at {self.endpoint}: lease grant failed: {resp.error}")
+        return resp.ID
+
+    async def lease_keepalive(self, lease_id: int, *, time_limit: float | None = None) -> int:
+        """Refresh a lease once; returns its new TTL, or <= 0 if the lease no longer exists."""
+        timeout = self.timeout if time_limit is None else time_limit
+        if self._user is not None and self._metadata is None:
+            await self._authenticate()
+        call = self._lease.LeaseKeepAlive(
+            iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=timeout,
+            metadata=self._metadata)
+        try:
+            async for reply in call:
+                return reply.TTL
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self._metadata = None
+            err = _map_error(exc, self.endpoint)
+            if isinstance(err, EtcdUnavailable):
+                self._rotate()
+            raise err from None
+        finally:
+            call.cancel()
+        raise EtcdUnavailable(f"etcd at {self.endpoint}: keepalive stream ended without reply")
+
+    async def lease_revoke(self, lease_id: int, *, time_limit: float | None = None) -> None:
+        try:
+            await self._call("LeaseRevoke", "_lease", rpc.LeaseRevokeRequest(ID=lease_id),
+                             time_limit)
+        except EtcdError as exc:
+            if "not found" not in str(exc):  # already gone is what we wanted
+                raise
+
+    # ---- watch ------------------------------------------------------------------------------
+    async def watch_prefix(self, prefix: str, start_revision: int, *,
+                           time_limit: float | None = None) -> WatchStream:
+        """Open a watch of `prefix` from `start_revision` (inclusive) on its own stream."""
+        if self._user is not None and self._metadata is None:
+            await self._authenticate()
+        stream = WatchStream(self, prefix, start_revision)
+        await stream._open(self.timeout if time_limit is None else time_limit)
+        return stream
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+class WatchStream:
+    """One etcd watch on its own gRPC stream. Iterate batches of events (one revision's
+    events are never split across batches); any failure raises an EtcdError subclass."""
+
+    def __init__(self, client: EtcdClient, prefix: str, start_revision: int):
+        self._client = client
+        key = prefix.encode()
+        self._create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=key, range_end=prefix_range_end(key), start_revision=start_revision))
+        self._done = asyncio.Event()
+        self._call = None
+        self.created_revision = 0  # store revision when the watch was created
+
+    async def _requests(self):
+        yield self._create
+        # Closing our side of the stream makes etcd end the watch; keep it open until closed.
+        await self._done.wait()
+
+    async def _open(self, time_limit: float) -> None:
+        client = self._client
+        self._call = client._watch.Watch(self._requests(), metadata=client._metadata)
+        try:
+            first = await asyncio.wait_for(self._call.read(), time_limit)
+        except TimeoutError:
+            self.close()
+            raise EtcdUnavailable(
+                f"etcd at {client.endpoint}: watch not created within {time_limit} s") from None
+        except grpc.aio.AioRpcError as exc:
+            self.close()
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                client._metadata = None
+            err = _map_error(exc, client.endpoint)
+            if isinstance(err, EtcdUnavailable):
+                client._rotate()
+            raise err from None
+        if first is grpc.aio.EOF:
+            self.close()
+            raise EtcdUnavailable(f"etcd at {client.endpoint}: watch stream closed")
+        self._check(first)
+        if not first.created:
+            self.close()
+            raise EtcdError(f"etcd at {client.endpoint}: unexpected first watch response")
+        self.created_revision = first.header.revision
+
+    def _check(self, resp) -> None:
+        if resp.compact_revision:
+            self.close()
+            raise EtcdCompacted(resp.compact_revision)
+        if resp.canceled:
+            self.close()
+            raise EtcdUnavailable(
+                f"etcd at {self._client.endpoint}: watch cancelled: {resp.cancel_reason or '?'}")
+
+    async def batches(self) -> AsyncIterator[list[WatchEvent]]:
+        assert self._call is not None
+        while True:
+            try:
+                resp = await self._call.read()
+            except grpc.aio.AioRpcError as exc:
+                self.close()
+                raise _map_error(exc, self._client.endpoint) from None
+            if resp is grpc.aio.EOF:
+                self.close()
+                raise EtcdUnavailable(f"etcd at {self._client.endpoint}: watch stream closed")
+            self._check(resp)
+            if resp.events:
+                yield [
+                    WatchEvent("delete" if ev.type == rpc.Event.DELETE else "put", _kv(ev.kv))
+                    for ev in resp.events
+                ]
+
+    def close(self) -> None:
+        self._done.set()
+        if self._call is not None:
+            with contextlib.suppress(Exception):
+                self._call.cancel()
