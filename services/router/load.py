@@ -1,0 +1,168 @@
+"""Predicted load per worker, kept by the router itself.
+
+The router cannot wait for workers to tell it their load (reports are 100-500 ms old and a
+burst of decisions lands inside that window), so it predicts: a routed request adds its
+uncached prompt tokens to the worker's prefill queue and its blocks to the worker's decode
+load; its first token moves it from prefill to decode; completion frees it. Workers' own
+`LoadReport`s correct the prediction, and neither side is trusted alone:
+
+- a fresh report raises the prediction when the worker is busier than we think (another
+  frontend routes to it too, or our lifecycle messages were lost);
+- a report that shows the worker idle clears requests we routed well before it (their
+  `done` never reached us), so a lost lifecycle message cannot pin a worker as busy forever;
+- a request older than `max_request_age_s` is dropped as a last resort.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import proto
+
+
+@dataclass(slots=True)
+class Inflight:
+    worker_id: int
+    prompt_tokens: int
+    uncached_tokens: int
+    blocks: int  # prompt blocks + expected output blocks
+    routed_ms: float
+    in_prefill: bool = True
+
+
+@dataclass(slots=True)
+class WorkerLoad:
+    prefill_tokens: int = 0  # uncached prompt tokens of requests still in prefill
+    decode_tokens: int = 0  # context tokens of requests past their first token
+    blocks: int = 0  # KV blocks of every in-flight request
+    inflight: int = 0
+    routed_total: int = 0
+    report: proto.LoadReport | None = None
+    report_rx_ms: float = 0.0  # local time the report arrived
+    requests: set[str] = field(default_factory=set)
+
+
+class LoadModel:
+    def __init__(self, *, block_size: int = 16, report_fresh_ms: float = 1500.0,
+                 max_request_age_s: float = 600.0, clock=None) -> None:
+        self.block_size = block_size
+        self.report_fresh_ms = report_fresh_ms
+        self.max_request_age_ms = max_request_age_s * 1000.0
+        self._clock = clock or (lambda: time.monotonic() * 1000.0)
+        self.workers: dict[int, WorkerLoad] = {}
+        self.inflight: dict[str, Inflight] = {}
+
+    def now_ms(self) -> float:
+        return self._clock()
+
+    def worker(self, worker_id: int) -> WorkerLoad:
+        w = self.workers.get(worker_id)
+        if w is None:
+            w = self.workers[worker_id] = WorkerLoad()
+        return w
+
+    def remove_worker(self, worker_id: int) -> None:
+        w = self.workers.pop(worker_id, None)
+        if w:
+            for rid in w.requests:
+                self.inflight.pop(rid, None)
+
+    # ------------------------------------------------------------ lifecycle
+    def on_routed(self, request_id: str, worker_id: int, prompt_tokens: int,
+                  cached_tokens: int, max_tokens: int, now_ms: float | None = None) -> None:
+        if request_id in self.inflight:  # a replica's broadcast of a decision we made
+            return
+        now = self.now_ms() if now_ms is None else now_ms
+        uncached = max(0, prompt_tokens - cached_tokens)
+        bs = self.block_size
+        blocks = (prompt_tokens + max(1, max_tokens) + bs - 1) // bs
+        req = Inflight(worker_id, prompt_tokens, uncached, blocks, now)
+        self.inflight[request_id] = req
+        w = self.worker(worker_id)
+        w.prefill_tokens += uncached
+        w.blocks += blocks
+        w.inflight += 1
+        w.routed_total += 1
+        w.requests.add(request_id)
+
+    def on_first_token(self, request_id: str) -> None:
+        req = self.inflight.get(request_id)
+        if req is None or not req.in_prefill:
+            return
+        req.in_prefill = False
+        w = self.worker(req.worker_id)
+        w.prefill_tokens -= req.uncached_tokens
+        w.decode_tokens += req.prompt_tokens
+
+    def on_done(self, request_id: str) -> None:
+        req = self.inflight.pop(request_id, None)
+        if req is None:
+            return
+        w = self.workers.get(req.worker_id)
+        if w is None:
+            return
+        if req.in_prefill:
+            w.prefill_tokens -= req.uncached_tokens
+        else:
+            w.decode_tokens -= req.prompt_tokens
+        w.blocks -= req.blocks
+        w.inflight -= 1
+        w.requests.discard(request_id)
+
+    def on_lifecycle(self, msg: proto.RequestLifecycle) -> None:
+        if msg.phase == "first_token":
+            self.on_first_token(msg.request_id)
+        elif msg.phase == "done":
+            self.on_done(msg.request_id)
+
+    # ------------------------------------------------------------ reports
+    def on_report(self, report: proto.LoadReport, now_ms: float | None = None) -> None:
+        now = self.now_ms() if now_ms is None else now_ms
+        w = self.worker(report.worker_id)
+        w.report = report
+        w.report_rx_ms = now
+        if report.running == 0 and report.waiting == 0 and w.requests:
+            # The worker is idle: whatever we routed there more than a report period ago has
+            # finished even if its `done` never reached us.
+            cutoff = now - self.report_fresh_ms
+            for rid in [r for r in w.requests if self.inflight[r].routed_ms < cutoff]:
+                self.on_done(rid)
+
+    def expire(self, now_ms: float | None = None) -> int:
+        now = self.now_ms() if now_ms is None else now_ms
+        old = [rid for rid, r in self.inflight.items() if now - r.routed_ms > self.max_request_age_ms]
+        for rid in old:
+            self.on_done(rid)
+        return len(old)
+
+    # ------------------------------------------------------------ views
+    def prefill_tokens(self, worker_id: int, now_ms: float | None = None) -> int:
+        w = self.workers.get(worker_id)
+        if w is None:
+            return 0
+        predicted = w.prefill_tokens
+        rep = w.report
+        if rep is not None:
+            now = self.now_ms() if now_ms is None else now_ms
+            if now - w.report_rx_ms <= self.report_fresh_ms:
+                # What the worker still had queued, plus what we sent since that report.
+                since = sum(self.inflight[r].uncached_tokens for r in w.requests
+                            if self.inflight[r].in_prefill and self.inflight[r].routed_ms > w.report_rx_ms)
+                return max(predicted, rep.waiting_prefill_tokens + since)
+        return predicted
+
+    def decode_blocks(self, worker_id: int, now_ms: float | None = None) -> int:
+        w = self.workers.get(worker_id)
+        if w is None:
+            return 0
+        rep = w.report
+        if rep is not None:
+            now = self.now_ms() if now_ms is None else now_ms
+            if now - w.report_rx_ms <= self.report_fresh_ms:
+                return max(w.blocks, rep.kv_used_blocks if w.inflight else 0)
+        return w.blocks
+
+    def inflight_count(self, worker_id: int) -> int:
+        w = self.workers.get(worker_id)
+        return w.inflight if w else 0

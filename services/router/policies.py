@@ -1,0 +1,238 @@
+"""Routing policies: genset's own (lowest predicted time to first token) and the baselines it
+is measured against. A policy sees one `WorkerView` per eligible worker and returns one.
+
+Policies are pure functions of the views (plus a seeded RNG and, for round-robin, a cursor),
+so the replay, the embedded router and the router service make identical choices.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class WorkerView:
+    worker_id: int
+    overlap_blocks: int = 0  # leading prompt blocks cached on this worker
+    prefill_tokens: int = 0  # predicted uncached prompt tokens queued for prefill
+    decode_tokens: int = 0  # context tokens of sequences being decoded
+    decode_blocks: int = 0  # KV blocks of every in-flight request
+    inflight: int = 0
+    kv_blocks: int = 0  # capacity (0 = unknown)
+    cached_blocks: int = 0  # blocks the index says it holds (its "tree size")
+    max_batch_tokens: int = 8192
+
+
+@dataclass(slots=True)
+class RouteContext:
+    prompt_tokens: int
+    prompt_blocks: int  # full blocks of the prompt (what the index can match)
+    block_size: int
+    max_tokens: int = 16
+
+
+class PolynomialProfile:
+    """Step time of a worker, ms. Default: Dynamo's published mocker polynomial (the genset
+    mocker uses the same), so predictions match the simulated engines; a live deployment can
+    pass the profile fitted from observed steps."""
+
+    def __init__(self, prefill=(4.209989e-7, 0.01518344, 16.50142),
+                 decode=(-25.74, 54.01, 5.74), speedup: float = 1.0) -> None:
+        self.prefill_coef = prefill
+        self.decode_coef = decode
+        self.speedup = speedup
+
+    def prefill_ms(self, tokens: float) -> float:
+        if tokens <= 0:
+            return 0.0
+        a, b, c = self.prefill_coef
+        return (a * tokens * tokens + b * tokens + c) / self.speedup
+
+    def decode_ms(self, utilization: float) -> float:
+        a, b, c = self.decode_coef
+        u = min(max(utilization, 0.0), 1.0)
+        return max(1.0, a * u * u + b * u + c) / self.speedup
+
+
+class Policy:
+    name = "base"
+
+    def choose(self, ctx: RouteContext, views: list[WorkerView], rng: random.Random) -> WorkerView:
+        raise NotImplementedError
+
+
+def _least_loaded_of(views: list[WorkerView], rng: random.Random) -> WorkerView:
+    best = min((v.prefill_tokens, v.inflight, v.decode_blocks) for v in views)
+    tied = [v for v in views if (v.prefill_tokens, v.inflight, v.decode_blocks) == best]
+    return tied[0] if len(tied) == 1 else rng.choice(tied)
+
+
+class RoundRobin(Policy):
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, ctx, views, rng):
+        v = views[self._next % len(views)]
+        self._next += 1
+        return v
+
+
+class RandomPolicy(Policy):
+    name = "random"
+
+    def choose(self, ctx, views, rng):
+        return rng.choice(views)
+
+
+class LeastLoaded(Policy):
+    name = "least_loaded"
+
+    def choose(self, ctx, views, rng):
+        return _least_loaded_of(views, rng)
+
+
+class DynamoCost(Policy):
+    """Dynamo's KV router cost: `w * prefill_blocks + decode_blocks`, lowest wins, where
+    prefill_blocks counts the worker's queued prefill plus this prompt's uncached blocks and
+    decode_blocks the worker's active blocks plus this request's. Defaults as in Dynamo
+    (overlap_score_weight 1, temperature 0: ties at random); temperature > 0 samples from
+    softmax(-normalized cost / T)."""
+
+    name = "dynamo"
+
+    def __init__(self, overlap_score_weight: float = 1.0, temperature: float = 0.0) -> None:
+        self.weight = overlap_score_weight
+        self.temperature = temperature
+
+    def choose(self, ctx, views, rng):
+        bs = ctx.block_size
+        new_blocks = -(-ctx.prompt_tokens // bs)
+        costs = []
+        for v in views:
+            prefill_blocks = (v.prefill_tokens / bs) + max(0, new_blocks - v.overlap_blocks)
+            decode_blocks = v.decode_blocks + new_blocks
+            costs.append(self.weight * prefill_blocks + decode_blocks)
+        if self.temperature <= 0:
+            lo = min(costs)
+            tied = [v for v, c in zip(views, costs, strict=True) if c == lo]
+            return tied[0] if len(tied) == 1 else rng.choice(tied)
+        lo, hi = min(costs), max(costs)
+        span = (hi - lo) or 1.0
+        weights = [math.exp(-(c - lo) / span / self.temperature) for c in costs]
+        return rng.choices(views, weights=weights)[0]
+
+
+class SGLangCacheAware(Policy):
+    """SGLang router's cache-aware rule: if load is imbalanced (max - min in-flight above
+    `balance_abs_threshold` and max above `balance_rel_threshold` x min) take the least loaded;
+    else, if the best prefix match covers more than `cache_threshold` of the prompt, take that
+    worker; else the worker with the smallest cache tree."""
+
+    name = "sglang"
+
+    def __init__(self, cache_threshold: float = 0.3, balance_abs_threshold: int = 64,
+                 balance_rel_threshold: float = 1.5) -> None:
+        self.cache_threshold = cache_threshold
+        self.abs_threshold = balance_abs_threshold
+        self.rel_threshold = balance_rel_threshold
+
+    def choose(self, ctx, views, rng):
+        loads = [v.inflight for v in views]
+        lo, hi = min(loads), max(loads)
+        if hi - lo > self.abs_threshold and hi > lo * self.rel_threshold:
+            tied = [v for v in views if v.inflight == lo]
+            return rng.choice(tied)
+        best = max(v.overlap_blocks for v in views)
+        match_rate = best * ctx.block_size / max(1, ctx.prompt_tokens)
+        if best > 0 and match_rate > self.cache_threshold:
+            tied = [v for v in views if v.overlap_blocks == best]
+            return tied[0] if len(tied) == 1 else min(tied, key=lambda v: (v.inflight, rng.random()))
+        smallest = min(v.cached_blocks for v in views)
+        tied = [v for v in views if v.cached_blocks == smallest]
+        return tied[0] if len(tied) == 1 else rng.choice(tied)
+
+
+class PredictedTTFT(Policy):
+    """genset's policy: the worker with the lowest predicted time to first token.
+
+    TTFT on worker w = time to prefill what w already has queued plus this prompt's uncached
+    tokens, in chunks of w's token budget, each step also paying w's current decode step
+    (mixed batches). To that a decode-load term is added: the extra step time this request's
+    context puts on every sequence w is decoding (what it costs everyone else), weighted by
+    `decode_weight`. Near-ties (within `tie_ms`) go to the least loaded, then at random, so
+    equal scores spread out. Herding guard: a worker already holding more than `herd_factor`
+    x the mean in-flight (and at least `herd_min` more than the mean) is passed over while
+    others are eligible, so one hot prefix cannot pin every request on one worker.
+    """
+
+    name = "genset"
+
+    def __init__(self, profile: PolynomialProfile | None = None, *, decode_weight: float = 1.0,
+                 herd_factor: float = 1.5, herd_min: int = 1, tie_ms: float = 0.5) -> None:
+        self.profile = profile or PolynomialProfile()
+        self.decode_weight = decode_weight
+        self.herd_factor = herd_factor
+        self.herd_min = herd_min
+        self.tie_ms = tie_ms
+
+    def prefill_time(self, tokens: int, budget: int, decode_ms: float) -> float:
+        if tokens <= 0:
+            return 0.0
+        budget = max(1, budget)
+        full, rest = divmod(tokens, budget)
+        p = self.profile
+        steps = full + (1 if rest else 0)
+        return full * p.prefill_ms(budget) + p.prefill_ms(rest) + steps * decode_ms
+
+    def score(self, ctx: RouteContext, v: WorkerView) -> float:
+        bs = ctx.block_size
+        cached = min(v.overlap_blocks * bs, max(0, ctx.prompt_tokens - 1))
+        uncached = ctx.prompt_tokens - cached
+        capacity = max(1, v.kv_blocks * bs) if v.kv_blocks else 1 << 30
+        p = self.profile
+        decode_now = p.decode_ms(v.decode_tokens / capacity) if v.decode_tokens else 0.0
+        ttft = self.prefill_time(v.prefill_tokens + uncached, v.max_batch_tokens, decode_now)
+        if self.decode_weight:
+            after = p.decode_ms((v.decode_tokens + ctx.prompt_tokens) / capacity)
+            running = v.inflight
+            ttft += self.decode_weight * (after - (decode_now if v.decode_tokens else 0.0)) * running
+        return ttft
+
+    def choose(self, ctx, views, rng):
+        eligible = views
+        if len(views) > 1 and self.herd_factor > 0:
+            mean_after = (sum(v.inflight for v in views) + 1) / len(views)
+            cap = max(mean_after * self.herd_factor, mean_after + self.herd_min)
+            eligible = [v for v in views if v.inflight + 1 <= cap] or views
+        scored = [(self.score(ctx, v), v) for v in eligible]
+        lo = min(s for s, _ in scored)
+        near = [v for s, v in scored if s <= lo + self.tie_ms]
+        if len(near) == 1:
+            return near[0]
+        return _least_loaded_of(near, rng)
+
+
+POLICY_NAMES = ("genset", "round_robin", "random", "least_loaded", "dynamo", "sglang")
+ALIASES = {"kv": "genset", "ttft": "genset", "kv_router": "dynamo", "cache_aware": "sglang",
+           "round-robin": "round_robin", "least-loaded": "least_loaded"}
+
+
+def make_policy(name: str, **options) -> Policy:
+    key = ALIASES.get(name, name)
+    if key == "genset":
+        return PredictedTTFT(**options)
+    if key == "round_robin":
+        return RoundRobin()
+    if key == "random":
+        return RandomPolicy()
+    if key == "least_loaded":
+        return LeastLoaded()
+    if key == "dynamo":
+        return DynamoCost(**options)
+    if key == "sglang":
+        return SGLangCacheAware(**options)
+    raise ValueError(f"unknown routing policy {name!r}: use one of {', '.join(POLICY_NAMES)}")
