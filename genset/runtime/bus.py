@@ -1,0 +1,660 @@
+"""The NATS bus: one connection per process, pub/sub, unary and streamed requests, JetStream.
+
+Every token of every request travels through `stream_request` / `serve_stream`, so the hot
+path is kept lean: one wildcard subscription per process receives every reply inbox
+(`<inbox prefix>.<n>`) and hands each frame to its stream by a dict lookup; frames are
+published without a flush each (nats-py's flusher task coalesces writes).
+
+Protocol of streamed replies (frames, heartbeats, cancel, errors): docs/protocol-streams.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.api
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from genset.runtime.bus_errors import (
+    BadFrame,
+    BusError,
+    DeadlineExceeded,
+    Disconnected,
+    LostChunks,
+    NoResponders,
+    Overloaded,
+    PeerGone,
+    RemoteError,
+    RequestTimeout,
+    SlowConsumer,
+    StreamCancelled,
+    StreamClosed,
+    StreamError,
+    remote_error,
+)
+from genset.runtime.streams import PUBLISH_FAILURES, ReplyStream, ResponseStream, UnaryWaiter
+from proto import Cancel, ErrorInfo, ProtocolError, decode, encode, subjects
+
+__all__ = [
+    "ERROR_HEADER",
+    "BadFrame",
+    "Bus",
+    "BusError",
+    "DeadlineExceeded",
+    "Disconnected",
+    "LostChunks",
+    "NoResponders",
+    "Overloaded",
+    "PeerGone",
+    "RemoteError",
+    "ReplyStream",
+    "RequestTimeout",
+    "ResponseStream",
+    "SlowConsumer",
+    "StreamCancelled",
+    "StreamClosed",
+    "StreamError",
+]
+
+log = structlog.get_logger("genset.bus")
+
+# A unary reply that is an error carries this header (value: the error code) and an encoded
+# proto.ErrorInfo as payload.
+ERROR_HEADER = "Genset-Error"
+_STATUS = "Status"
+_NO_RESPONDERS = "503"
+_encode_cancel = msgspec.msgpack.Encoder().encode
+
+Handler = Callable[[Msg], Awaitable[None]]
+UnaryHandler = Callable[[bytes], Awaitable[Any]]
+StreamHandler = Callable[[Any, ReplyStream], Awaitable[None]]
+
+
+def _payload(message: Any) -> bytes:
+    if isinstance(message, bytes | bytearray | memoryview):
+        return bytes(message)
+    return encode(message)
+
+
+def _handler_error(exc: BaseException) -> ErrorInfo:
+    """What a requester is told when a handler raised `exc`."""
+    if isinstance(exc, ProtocolError):
+        return ErrorInfo(code="bad_request", message=str(exc))
+    if isinstance(exc, StreamError):
+        return exc.error
+    return ErrorInfo(code="internal", message=f"{type(exc).__name__}: {exc}")
+
+
+class Bus:
+    """One NATS connection and everything genset does over it. Create with `Bus.connect`."""
+
+    def __init__(self, nc: NatsClient, namespace: str, *, heartbeat_interval: float,
+                 orphan_timeout: float) -> None:
+        subjects.subject(namespace, "x", "x")  # validates the namespace token
+        self.nc = nc
+        self.namespace = namespace
+        self.js = nc.jetstream()
+        self.heartbeat_interval = heartbeat_interval
+        self.orphan_timeout = orphan_timeout
+        self._loop = asyncio.get_running_loop()
+        # requester side: reply inbox -> ResponseStream | UnaryWaiter
+        self._routes: dict[str, Any] = {}
+        self._inbox_prefix = nc.new_inbox()
+        self._inbox_seq = itertools.count()
+        self._inbox_sub: Subscription | None = None
+        self._cancel_subject = subjects.stream_cancel(namespace)
+        # responder side
+        self._reply_streams: dict[str, ReplyStream] = {}
+        self._cancel_sub: Subscription | None = None
+        self._heartbeat_task: asyncio.Task | None = None
+        self._has_reply_streams = asyncio.Event()
+        self._orphan_handle: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+        self.stats = {"stale_frames": 0, "bad_cancels": 0, "overloaded": 0, "disconnects": 0}
+
+    # -- connection -------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        servers: str | list[str],
+        *,
+        name: str,
+        namespace: str = "default",
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        tls: ssl.SSLContext | bool | None = None,
+        connect_timeout: float = 5.0,
+        nkeys_seed: str | None = None,
+        user_credentials: str | None = None,
+        reconnect_time_wait: float = 0.25,
+        reconnect_max_wait: float = 2.0,
+        ping_interval: float = 5.0,
+        heartbeat_interval: float = 1.0,
+        orphan_timeout: float = 3.0,
+        pending_size: int = 8 * 1024 * 1024,
+    ) -> Bus:
+        """Connect (trying for up to `connect_timeout` s), then stay connected: on loss,
+        reconnect forever with exponential backoff from reconnect_time_wait up to
+        reconnect_max_wait, with jitter so a fleet does not reconnect in lockstep.
+
+        heartbeat_interval: silence after which this process's reply streams send a heartbeat.
+        orphan_timeout: when NATS stays down this long, this process's reply streams are
+        cancelled (their requesters have given up by then).
+        """
+        nc = NatsClient()
+        holder: list[Bus] = []
+
+        async def on_disconnected() -> None:
+            if holder and holder[0]._closing:
+                return
+            log.warning("nats disconnected", servers=servers, name=name)
+            if holder:
+                holder[0]._on_disconnected()
+
+        async def on_reconnected() -> None:
+            url = nc.connected_url.netloc if nc.connected_url else None
+            log.info("nats reconnected", server=url, name=name)
+            if holder:
+                holder[0]._on_reconnected()
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error", error=repr(exc), name=name)
+
+        async def on_closed() -> None:
+            log.debug("nats connection closed", name=name)
+
+        def pick_server(pool: list, _info: dict) -> tuple[Any, float]:
+            server = min(pool, key=lambda s: s.reconnects)
+            backoff = min(reconnect_max_wait, reconnect_time_wait * 2 ** min(server.reconnects, 16))
+            return server, backoff * random.uniform(0.5, 1.0)
+
+        if tls is True:
+            tls = ssl.create_default_context()
+        options: dict[str, Any] = {
+            "servers": servers,
+            "name": name,
+            "user": user,
+            "password": password,
+            "token": token,
+            "tls": tls or None,
+            "connect_timeout": connect_timeout,
+            "reconnect_time_wait": reconnect_time_wait,
+            "max_reconnect_attempts": -1,
+            "reconnect_to_server_handler": pick_server,
+            "ping_interval": ping_interval,
+            "max_outstanding_pings": 2,
+            "pending_size": pending_size,
+            "disconnected_cb": on_disconnected,
+            "reconnected_cb": on_reconnected,
+            "error_cb": on_error,
+            "closed_cb": on_closed,
+        }
+        if nkeys_seed:
+            options["nkeys_seed"] = nkeys_seed
+        if user_credentials:
+            options["user_credentials"] = user_credentials
+        try:
+            # nats-py retries the initial connect forever with max_reconnect_attempts=-1; the
+            # overall deadline is ours.
+            await asyncio.wait_for(nc.connect(**options), timeout=connect_timeout)
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            await nc.close()
+            raise BusError(
+                f"cannot connect to NATS at {servers} within {connect_timeout:g} s: {exc!r}"
+            ) from None
+        bus = cls(nc, namespace, heartbeat_interval=heartbeat_interval,
+                  orphan_timeout=orphan_timeout)
+        holder.append(bus)
+        bus._inbox_sub = await nc.subscribe(
+            bus._inbox_prefix + ".*",
+            cb=bus._on_inbox,
+            pending_msgs_limit=1024 * 1024,
+            pending_bytes_limit=256 * 1024 * 1024,
+        )
+        log.info("nats connected", server=nc.connected_url.netloc, name=name, namespace=namespace)
+        return bus
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    def _on_disconnected(self) -> None:
+        self.stats["disconnects"] += 1
+        for entry in list(self._routes.values()):
+            entry._on_disconnect("NATS connection lost")
+        self._routes.clear()
+        if self._reply_streams and self._orphan_handle is None:
+            self._orphan_handle = self._loop.call_later(self.orphan_timeout, self._orphan_all)
+
+    def _on_reconnected(self) -> None:
+        if self._orphan_handle is not None:
+            self._orphan_handle.cancel()
+            self._orphan_handle = None
+
+    def _orphan_all(self) -> None:
+        self._orphan_handle = None
+        if self.nc.is_connected:
+            return
+        if self._reply_streams:
+            log.warning("nats down too long, cancelling reply streams",
+                        streams=len(self._reply_streams))
+        for rs in self._reply_streams.values():
+            rs.cancelled.set()
+
+    async def close(self, *, grace: float = 1.0) -> None:
+        """Stop: reply streams are cancelled (handlers get `grace` s to finish), in-flight
+        requests end with Disconnected, pending publishes are flushed, then the connection
+        closes."""
+        if self._closing:
+            return
+        self._closing = True
+        for rs in self._reply_streams.values():
+            rs.cancelled.set()
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=grace)
+        for entry in list(self._routes.values()):
+            entry._on_disconnect("bus closed")
+        self._routes.clear()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        if self._orphan_handle is not None:
+            self._orphan_handle.cancel()
+        if self.nc.is_connected:
+            try:
+                await self.nc.drain()
+            except Exception as exc:  # drain can time out; closing anyway
+                log.warning("nats drain failed", error=repr(exc))
+        await self.nc.close()
+
+    # -- plain pub/sub -----------------------------------------------------------------------
+
+    async def publish(self, subject: str, message: Any) -> None:
+        """Publish a proto Struct (encoded) or bytes (as is)."""
+        await self.nc.publish(subject, _payload(message))
+
+    async def subscribe(self, subject: str, handler: Handler, *, queue: str | None = None,
+                        pending_msgs_limit: int = 65536) -> Subscription:
+        """Call `await handler(msg)` for each message, one at a time; an exception is logged
+        and the subscription goes on."""
+
+        async def guarded(msg: Msg) -> None:
+            try:
+                await handler(msg)
+            except Exception:
+                log.exception("subscription handler failed", subject=msg.subject)
+
+        return await self.nc.subscribe(subject, queue=queue or "", cb=guarded,
+                                       pending_msgs_limit=pending_msgs_limit)
+
+    # -- requester side: inbox routing ------------------------------------------------------------
+
+    async def _on_inbox(self, msg: Msg) -> None:
+        entry = self._routes.get(msg.subject)
+        if entry is None:
+            self.stats["stale_frames"] += 1  # a stream that already ended; harmless
+            return
+        entry._on_msg(msg)
+
+    def _new_inbox(self) -> str:
+        return f"{self._inbox_prefix}.{next(self._inbox_seq):x}"
+
+    async def _publish_cancel(self, stream_id: str, reason: str) -> None:
+        try:
+            await self.nc.publish(self._cancel_subject,
+                                  _encode_cancel(Cancel(stream_id=stream_id, reason=reason)))
+        except PUBLISH_FAILURES as exc:
+            log.debug("cancel not sent", stream_id=stream_id, error=repr(exc))
+
+    def _spawn_cancel(self, stream_id: str, reason: str) -> None:
+        self._spawn(self._publish_cancel(stream_id, reason))
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _check_open(self) -> None:
+        if self._closing or self.nc.is_closed:
+            raise Disconnected("the bus is closed")
+
+    # -- unary request / reply ---------------------------------------------------------------
+
+    async def request(self, subject: str, message: Any, *, timeout: float,  # noqa: ASYNC109 (agreed API)
+                      reply_type: type | None = None) -> Any:
+        """Send one request and wait for one reply (decoded as reply_type, else bytes).
+
+        Raises NoResponders, RequestTimeout, RemoteError (the handler failed), Disconnected,
+        or ProtocolError (the reply does not decode as reply_type)."""
+        self._check_open()
+        inbox = self._new_inbox()
+        waiter = UnaryWaiter(self._loop)
+        self._routes[inbox] = waiter
+        try:
+            try:
+                await self.nc.publish(subject, _payload(message), reply=inbox)
+            except PUBLISH_FAILURES as exc:
+                raise Disconnected(f"cannot send request on {subject}: {exc!r}") from None
+            try:
+                msg = await asyncio.wait_for(waiter.future, timeout)
+            except TimeoutError:
+                raise RequestTimeout(f"no reply on {subject} within {timeout:g} s") from None
+        finally:
+            self._routes.pop(inbox, None)
+        headers = msg.headers
+        if headers is not None:
+            if headers.get(_STATUS) == _NO_RESPONDERS:
+                raise NoResponders(f"no responders on {subject}")
+            if ERROR_HEADER in headers:
+                raise remote_error(self._decode_error(msg.data, headers[ERROR_HEADER]))
+        if reply_type is None:
+            return msg.data
+        return decode(msg.data, reply_type)
+
+    @staticmethod
+    def _decode_error(data: bytes, code: str) -> ErrorInfo:
+        try:
+            return decode(data, ErrorInfo)
+        except ProtocolError as exc:
+            return ErrorInfo(code=code or "internal", message=f"undecodable error reply: {exc}")
+
+    async def serve(self, subject: str, handler: UnaryHandler, *, queue: str | None = None,
+                    max_concurrent: int = 1024) -> Subscription:
+        """Answer requests: `await handler(data)` returns a Struct, bytes or None (no reply).
+        Each request runs in its own task; a handler exception is sent back as an error
+        reply (RemoteError at the requester) and the service goes on."""
+        active = 0
+
+        async def run(msg: Msg) -> None:
+            nonlocal active
+            try:
+                result = await handler(msg.data)
+                if result is not None and msg.reply:
+                    await self.nc.publish(msg.reply, _payload(result))
+            except Exception as exc:
+                error = _handler_error(exc)
+                if error.code == "internal":
+                    log.exception("request handler failed", subject=subject)
+                else:
+                    log.info("request refused", subject=subject, error=error.message)
+                await self._reply_error(msg.reply, error)
+            finally:
+                active -= 1
+
+        async def on_request(msg: Msg) -> None:
+            nonlocal active
+            if active >= max_concurrent:
+                self.stats["overloaded"] += 1
+                await self._reply_error(msg.reply, ErrorInfo(
+                    code="overloaded", retryable=True,
+                    message=f"{subject}: {max_concurrent} requests already in progress"))
+                return
+            active += 1
+            self._spawn(run(msg))
+
+        return await self.nc.subscribe(subject, queue=queue or "", cb=on_request)
+
+    async def _reply_error(self, reply: str, error: ErrorInfo) -> None:
+        if not reply:
+            return
+        try:
+            await self.nc.publish(reply, encode(error), headers={ERROR_HEADER: error.code})
+        except PUBLISH_FAILURES as exc:
+            log.debug("error reply not sent", error=repr(exc))
+
+    # -- streamed requests: requester ------------------------------------------------------------
+
+    async def stream_request(self, subject: str, request: Any, *,
+                             timeout: float | None = None,  # noqa: ASYNC109 (agreed API)
+                             heartbeat_timeout: float = 3.0,
+                             max_buffered: int = 4096) -> ResponseStream:
+        """Send `request` and return the stream of its reply frames (see ResponseStream).
+
+        timeout: deadline for the whole stream (DeadlineExceeded, and the responder gets a
+        Cancel). heartbeat_timeout: silence after which the responder is presumed dead
+        (PeerGone). max_buffered: unread frames kept before the stream fails (SlowConsumer).
+        """
+        self._check_open()
+        payload = _payload(request)
+        inbox = self._new_inbox()
+        stream = ResponseStream(self, inbox, heartbeat_timeout=heartbeat_timeout,
+                                max_buffered=max_buffered, timeout=timeout)
+        self._routes[inbox] = stream
+        try:
+            await self.nc.publish(subject, payload, reply=inbox)
+        except PUBLISH_FAILURES as exc:
+            stream._fail(Disconnected(f"cannot send request on {subject}: {exc!r}"))
+        except BaseException:
+            stream._finish(None)
+            raise
+        return stream
+
+    # -- streamed requests: responder ------------------------------------------------------------
+
+    async def serve_stream(self, subject: str, handler: StreamHandler, *,
+                           queue: str | None = None, max_concurrent: int = 1024,
+                           request_type: type | None = None) -> Subscription:
+        """Serve streamed requests: `await handler(request, stream)` runs in its own task per
+        request; `request` is the raw bytes, or decoded as `request_type` when given (a
+        request that does not decode is answered with a bad_request error frame).
+
+        More than max_concurrent requests in progress: the extra one gets an immediate
+        error frame with code "overloaded" (retryable). A handler exception becomes an error
+        frame (code "internal", or "bad_request" for a ProtocolError); a handler that returns
+        without a final frame gets one sent for it; StreamCancelled ends the handler quietly.
+        """
+        await self._ensure_cancel_sub()
+        active = 0
+
+        async def run(data: bytes, rs: ReplyStream) -> None:
+            nonlocal active
+            try:
+                request = data if request_type is None else decode(data, request_type)
+                await handler(request, rs)
+                if not rs.finished and not rs.cancelled.is_set():
+                    await rs.send(final=True)
+            except (StreamCancelled, Disconnected):
+                pass
+            except Exception as exc:
+                error = _handler_error(exc)
+                if error.code == "internal":
+                    log.exception("stream handler failed", subject=subject,
+                                  stream_id=rs.stream_id)
+                else:
+                    log.info("stream request refused", subject=subject, error=error.message)
+                try:
+                    await rs.fail(error)
+                except Disconnected:
+                    pass
+            finally:
+                active -= 1
+                self._reply_streams.pop(rs.stream_id, None)
+                if not self._reply_streams:
+                    self._has_reply_streams.clear()
+
+        async def on_request(msg: Msg) -> None:
+            nonlocal active
+            reply = msg.reply
+            if not reply:
+                log.warning("streamed request without a reply inbox dropped", subject=subject)
+                return
+            rs = ReplyStream(self, reply)
+            if active >= max_concurrent or self._closing:
+                self.stats["overloaded"] += 1
+                try:
+                    await rs.fail(ErrorInfo(
+                        code="overloaded", retryable=True,
+                        message=f"{subject}: {max_concurrent} streams already in progress"))
+                except Disconnected:
+                    pass
+                return
+            active += 1
+            self._reply_streams[reply] = rs
+            self._has_reply_streams.set()
+            if self._heartbeat_task is None:
+                self._heartbeat_task = asyncio.ensure_future(self._heartbeat_loop())
+            self._spawn(run(msg.data, rs))
+
+        return await self.nc.subscribe(subject, queue=queue or "", cb=on_request,
+                                       pending_msgs_limit=65536)
+
+    async def _ensure_cancel_sub(self) -> None:
+        if self._cancel_sub is None:
+            self._cancel_sub = await self.nc.subscribe(self._cancel_subject,
+                                                       cb=self._on_cancel)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = decode(msg.data, Cancel)
+        except ProtocolError as exc:
+            self.stats["bad_cancels"] += 1
+            log.warning("malformed cancel ignored", error=str(exc))
+            return
+        rs = self._reply_streams.get(cancel.stream_id)
+        if rs is not None:
+            rs.cancelled.set()
+
+    async def _heartbeat_loop(self) -> None:
+        """Send a heartbeat on every reply stream that has been silent for
+        heartbeat_interval. One task for the whole process; scans 4x per interval."""
+        interval = self.heartbeat_interval
+        tick = interval / 4
+        while True:
+            await self._has_reply_streams.wait()
+            await asyncio.sleep(tick)
+            cutoff = self._loop.time() - interval
+            for rs in list(self._reply_streams.values()):
+                if rs._last_tx <= cutoff:
+                    try:
+                        await rs.heartbeat()
+                    except Disconnected:
+                        pass
+
+    # -- JetStream ----------------------------------------------------------------------------
+
+    async def ensure_stream(self, name: str, subjects: list[str], *,
+                            max_age_s: float | None = None, max_msgs: int | None = None,
+                            max_bytes: int | None = None) -> None:
+        """Create the JetStream stream, or update its subjects and limits if it exists."""
+        config = nats.js.api.StreamConfig(
+            name=name,
+            subjects=subjects,
+            max_age=max_age_s,
+            max_msgs=max_msgs if max_msgs is not None else -1,
+            max_bytes=max_bytes if max_bytes is not None else -1,
+        )
+        try:
+            await self.js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(config)
+            return
+        await self.js.update_stream(config)
+
+    async def replay(self, subject: str, *, start_seq: int | None = None,
+                     start_time: datetime | None = None, stream: str | None = None,
+                     until_caught_up: bool = False, batch: int = 256,
+                     idle_wait: float = 1.0) -> AsyncIterator[Msg]:
+        """Messages of `subject` (wildcards allowed) stored in JetStream, from stream sequence
+        `start_seq` or from `start_time` (aware datetime) or, with neither, from the first
+        one; then live ones as they are stored. With until_caught_up the iteration ends at
+        the last message stored when it got there.
+
+        Uses an ephemeral pull consumer without acks; if it is lost (NATS restart), a new one
+        resumes after the last sequence yielded, so nothing is skipped or repeated.
+        `msg.metadata.sequence.stream` is each message's stream sequence.
+        """
+        if start_seq is not None and start_time is not None:
+            raise ValueError("give start_seq or start_time, not both")
+        if stream is None:
+            stream = await self.js.find_stream_name_by_subject(subject)
+        last_seq: int | None = None
+        sub = None
+        try:
+            while True:
+                if sub is None:
+                    sub = await self._replay_consumer(subject, stream, start_seq, start_time,
+                                                      last_seq)
+                    if until_caught_up:
+                        info = await sub.consumer_info()
+                        if info.num_pending == 0:
+                            return
+                try:
+                    msgs = await sub.fetch(batch, timeout=idle_wait)
+                except nats.errors.TimeoutError:
+                    continue
+                except (nats.js.errors.NotFoundError, nats.js.errors.APIError,
+                        nats.errors.Error) as exc:
+                    log.info("replay consumer lost, recreating", subject=subject,
+                             error=repr(exc))
+                    await self._unsubscribe_quietly(sub)
+                    sub = None
+                    await asyncio.sleep(idle_wait / 4)
+                    continue
+                for msg in msgs:
+                    meta = msg.metadata
+                    last_seq = meta.sequence.stream
+                    yield msg
+                    if until_caught_up and meta.num_pending == 0:
+                        return
+        finally:
+            if sub is not None:
+                await self._unsubscribe_quietly(sub)
+
+    async def _replay_consumer(self, subject: str, stream: str, start_seq: int | None,
+                               start_time: datetime | None, last_seq: int | None) -> Any:
+        api = nats.js.api
+        config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0,
+                                    mem_storage=True)
+        if last_seq is not None:
+            config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = last_seq + 1
+        elif start_seq is not None:
+            config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = start_seq
+        elif start_time is not None:
+            config.deliver_policy = api.DeliverPolicy.BY_START_TIME
+            config.opt_start_time = start_time.isoformat()
+        else:
+            config.deliver_policy = api.DeliverPolicy.ALL
+        return await self.js.pull_subscribe(subject, stream=stream, config=config)
+
+    async def durable_pull(self, subject: str, durable: str, *, stream: str | None = None,
+                           ack_wait_s: float = 30.0, max_deliver: int = 5) -> Any:
+        """A durable pull consumer (e.g. a work queue shared by workers: each message goes
+        to one fetcher and must be acked; unacked ones come back after ack_wait_s). Returns
+        nats-py's PullSubscription: `msgs = await sub.fetch(n, timeout=...)`, `msg.ack()`."""
+        config = nats.js.api.ConsumerConfig(
+            durable_name=durable,
+            ack_policy=nats.js.api.AckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s,
+            max_deliver=max_deliver,
+        )
+        return await self.js.pull_subscribe(subject, durable=durable, stream=stream,
+                                            config=config)
+
+    @staticmethod
+    async def _unsubscribe_quietly(sub: Any) -> None:
+        try:
+            await sub.unsubscribe()
+        except Exception as exc:  # the connection may be gone; nothing to clean up then
+            log.debug("unsubscribe failed", error=repr(exc))

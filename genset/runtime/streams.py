@@ -1,0 +1,349 @@
+"""Both ends of a streamed reply (see docs/protocol-streams.md).
+
+ResponseStream is the requester's end: frames arrive on a per-stream reply inbox, routed to
+it by the bus's single wildcard inbox subscription, and are checked (seq, heartbeats, final,
+error) as they arrive so that loss and silence are noticed even while nobody iterates.
+
+ReplyStream is the responder's end: it numbers frames, and the bus sends a heartbeat on its
+behalf when it has been silent for ~1 s.
+
+Hot path notes: one frame = one msgspec decode + a deque append (+ waking the reader when it
+waits). Silence and deadline use one timer each per stream, re-armed at most once per
+heartbeat_timeout (never per frame), so a frame costs one clock read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import nats.errors
+
+from genset.runtime.bus_errors import (
+    BadFrame,
+    DeadlineExceeded,
+    Disconnected,
+    LostChunks,
+    NoResponders,
+    PeerGone,
+    SlowConsumer,
+    StreamCancelled,
+    StreamClosed,
+    StreamError,
+    remote_error,
+)
+from proto import ErrorInfo, StreamChunk, Usage
+
+if TYPE_CHECKING:
+    from genset.runtime.bus import Bus
+
+_decode_chunk = msgspec.msgpack.Decoder(StreamChunk).decode
+_encode = msgspec.msgpack.Encoder().encode
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
+# NATS puts the status code of a server-generated message in this pseudo-header.
+_STATUS = "Status"
+_NO_RESPONDERS = "503"
+# What publish raises when the connection cannot take the frame (closed, draining, or the
+# reconnect buffer is full).
+PUBLISH_FAILURES = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.ConnectionReconnectingError,
+)
+
+
+class ResponseStream:
+    """Async iterator over the DATA frames of one streamed reply, in seq order.
+
+    Heartbeats are consumed here; the final frame is yielded and ends the iteration; an
+    error frame or a failure of the stream raises a StreamError subclass (after the frames
+    that arrived before it). Use `async with` so an abandoned stream is cancelled.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_bus",
+        "_deadline_handle",
+        "_done",
+        "_error",
+        "_exhausted",
+        "_hb_handle",
+        "_hb_timeout",
+        "_last_rx",
+        "_loop",
+        "_max_buffered",
+        "_next_seq",
+        "_waiter",
+        "stream_id",
+    )
+
+    def __init__(
+        self,
+        bus: Bus,
+        stream_id: str,
+        *,
+        heartbeat_timeout: float,
+        max_buffered: int,
+        timeout: float | None,
+    ) -> None:
+        if heartbeat_timeout <= 0:
+            raise ValueError(f"heartbeat_timeout must be > 0, got {heartbeat_timeout}")
+        if max_buffered < 1:
+            raise ValueError(f"max_buffered must be >= 1, got {max_buffered}")
+        self.stream_id = stream_id
+        self._bus = bus
+        self._loop = loop = asyncio.get_running_loop()
+        self._buf: deque[StreamChunk] = deque()
+        self._max_buffered = max_buffered
+        self._next_seq = 0
+        self._error: StreamError | None = None
+        self._done = False  # no more frames will be accepted (final, error or cancel)
+        self._exhausted = False  # the reader saw the end
+        self._waiter: asyncio.Future | None = None
+        self._hb_timeout = heartbeat_timeout
+        now = loop.time()
+        self._last_rx = now
+        self._hb_handle: asyncio.TimerHandle | None = loop.call_at(
+            now + heartbeat_timeout, self._check_silence
+        )
+        self._deadline_handle: asyncio.TimerHandle | None = None
+        if timeout is not None:
+            self._deadline_handle = loop.call_at(now + timeout, self._on_deadline, timeout)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        while True:
+            if self._buf:
+                return self._buf.popleft()
+            if self._error is not None:
+                err, self._error = self._error, None
+                self._exhausted = True
+                raise err
+            if self._done or self._exhausted:
+                self._exhausted = True
+                raise StopAsyncIteration
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    async def collect(self) -> list[StreamChunk]:
+        """Every data frame until the final one (raises like iteration does)."""
+        return [chunk async for chunk in self]
+
+    @property
+    def finished(self) -> bool:
+        """True once no more frames will come (final frame, error, or cancel)."""
+        return self._done
+
+    async def cancel(self, reason: str = "cancelled") -> None:
+        """Stop the stream: the responder gets a proto.Cancel; iteration ends."""
+        if self._done:
+            return
+        self._finish(None)
+        self._exhausted = True
+        self._buf.clear()
+        await self._bus._publish_cancel(self.stream_id, reason)
+
+    async def __aenter__(self) -> ResponseStream:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if not self._done:
+            await self.cancel("requester left")
+
+    # -- frames, called by the bus's inbox subscription -------------------------------------
+
+    def _on_msg(self, msg: Any) -> None:
+        if self._done:
+            return
+        if msg.headers is not None and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+            self._fail(NoResponders(f"no responders for the request (stream {self.stream_id})"))
+            return
+        try:
+            chunk = _decode_chunk(msg.data)
+        except _DECODE_ERRORS as exc:
+            self._fail(BadFrame(f"invalid StreamChunk on {self.stream_id}: {exc}"), cancel=True)
+            return
+        seq = chunk.seq
+        if seq != self._next_seq:
+            self._fail(
+                LostChunks(f"expected frame seq {self._next_seq}, got {seq} on {self.stream_id}"),
+                cancel=True,
+            )
+            return
+        self._next_seq = seq + 1
+        self._last_rx = self._loop.time()
+        if chunk.final:
+            if chunk.error is not None:
+                self._fail(remote_error(chunk.error))
+                return
+            self._buf.append(chunk)
+            self._finish(None)
+            return
+        if chunk.heartbeat:
+            return
+        buf = self._buf
+        if len(buf) >= self._max_buffered:
+            buf.clear()
+            self._fail(
+                SlowConsumer(
+                    f"{self._max_buffered} frames buffered and unread on {self.stream_id}; "
+                    "the reader is too slow"
+                ),
+                cancel=True,
+            )
+            return
+        buf.append(chunk)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _check_silence(self) -> None:
+        self._hb_handle = None
+        if self._done:
+            return
+        due = self._last_rx + self._hb_timeout
+        if self._loop.time() >= due:
+            self._fail(
+                PeerGone(f"no frame for {self._hb_timeout:g} s on {self.stream_id}"), cancel=True
+            )
+        else:
+            self._hb_handle = self._loop.call_at(due, self._check_silence)
+
+    def _on_deadline(self, timeout: float) -> None:
+        self._deadline_handle = None
+        if not self._done:
+            self._fail(
+                DeadlineExceeded(f"stream {self.stream_id} did not finish within {timeout:g} s"),
+                cancel=True,
+            )
+
+    def _fail(self, error: StreamError, *, cancel: bool = False) -> None:
+        """End the stream with `error` (raised after the frames already buffered)."""
+        if self._done:
+            return
+        self._error = error
+        self._finish(error)
+        if cancel:
+            self._bus._spawn_cancel(self.stream_id, error.error.code)
+
+    def _finish(self, error: StreamError | None) -> None:
+        self._done = True
+        self._bus._routes.pop(self.stream_id, None)
+        if self._hb_handle is not None:
+            self._hb_handle.cancel()
+            self._hb_handle = None
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_disconnect(self, reason: str) -> None:
+        # Frames published while we are disconnected are dropped by NATS, so the stream
+        # cannot complete; tell the responder to stop once we are back (the cancel is
+        # buffered by nats-py until the reconnect).
+        self._fail(Disconnected(f"{reason} while streaming {self.stream_id}"), cancel=True)
+
+
+class UnaryWaiter:
+    """The requester's end of a unary request; routed like a stream (one inbox, one msg)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future = loop.create_future()
+
+    def _on_msg(self, msg: Any) -> None:
+        if not self.future.done():
+            self.future.set_result(msg)
+
+    def _on_disconnect(self, reason: str) -> None:
+        if not self.future.done():
+            self.future.set_exception(Disconnected(f"{reason} while waiting for a reply"))
+
+
+class ReplyStream:
+    """The responder's end of one streamed request, handed to serve_stream handlers.
+
+    `send` publishes one frame per call (put every token of an engine step in one call).
+    Once the requester cancels, `cancelled` is set and `send` raises StreamCancelled.
+    """
+
+    __slots__ = ("_bus", "_final_sent", "_last_tx", "_loop", "_seq", "cancelled", "stream_id")
+
+    def __init__(self, bus: Bus, stream_id: str) -> None:
+        self.stream_id = stream_id
+        self.cancelled = asyncio.Event()
+        self._bus = bus
+        self._loop = asyncio.get_running_loop()
+        self._seq = 0
+        self._final_sent = False
+        self._last_tx = self._loop.time()
+
+    @property
+    def finished(self) -> bool:
+        return self._final_sent
+
+    async def send(
+        self,
+        token_ids: bytes = b"",
+        *,
+        finish_reason: str | None = None,
+        usage: Usage | None = None,
+        data: bytes | None = None,
+        final: bool = False,
+    ) -> None:
+        if self._final_sent:
+            raise StreamClosed(f"stream {self.stream_id} already sent its final frame")
+        if self.cancelled.is_set():
+            raise StreamCancelled(f"stream {self.stream_id} was cancelled by the requester")
+        if final or finish_reason is not None or usage is not None or data is not None:
+            frame = StreamChunk(
+                seq=self._seq,
+                token_ids=token_ids,
+                finish_reason=finish_reason,
+                usage=usage,
+                data=data,
+                final=final,
+            )
+        else:
+            frame = StreamChunk(seq=self._seq, token_ids=token_ids)
+        await self._publish(frame, final)
+
+    async def fail(self, error: ErrorInfo) -> None:
+        """Send the final error frame (the requester raises RemoteError / Overloaded)."""
+        if self._final_sent:
+            return
+        frame = StreamChunk(seq=self._seq, finish_reason="error", error=error, final=True)
+        await self._publish(frame, True)
+
+    async def heartbeat(self) -> None:
+        if self._final_sent or self.cancelled.is_set():
+            return
+        await self._publish(StreamChunk(seq=self._seq, heartbeat=True), False)
+
+    async def _publish(self, frame: StreamChunk, final: bool) -> None:
+        # seq is taken and the frame queued without an await in between, so frames from the
+        # handler and the heartbeat task can never be reordered.
+        self._seq += 1
+        if final:
+            self._final_sent = True
+        self._last_tx = self._loop.time()
+        try:
+            await self._bus.nc.publish(self.stream_id, _encode(frame))
+        except PUBLISH_FAILURES as exc:
+            self.cancelled.set()
+            raise Disconnected(
+                f"cannot send on {self.stream_id}: NATS connection unavailable ({exc!r})"
+            ) from None
