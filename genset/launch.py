@@ -1,0 +1,412 @@
+"""`genset up`: a whole local stack in one command.
+
+Uses NATS and etcd when they answer at the given URLs, otherwise starts them (data under the
+project-local state directory, `.state/` by default), then the router service (when asked for
+and present), the workers and the frontend, each as a child process running `genset <command>`
+with its log in `<state>/logs/`. It prints progress while starting, waits until the frontend
+lists the model, prints the URL and a ready-to-paste curl line, and on Ctrl-C or SIGTERM stops
+everything in reverse order: SIGTERM, wait, SIGKILL what is left. A child that dies while
+starting (or later) stops the whole stack with a message and the tail of its log.
+
+Every child runs in its own process group and is told by the kernel to exit if this process
+dies (Linux parent-death signal), so even a SIGKILL of `genset up` leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROUTER_MODES = ("embedded", "service", "round_robin", "random", "least_loaded", "kv", "dynamo",
+                "sglang")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+class LaunchError(RuntimeError):
+    """The stack could not start; the message says which part and why."""
+
+
+class Interrupted(Exception):  # a signal arrived, not an error
+    pass
+
+
+def served_model_name(model: str) -> str:
+    """The name a worker serves `--model` under when not told: `tiny`, or the directory name."""
+    return model if model == "tiny" else Path(model).expanduser().resolve().name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="genset up",
+        description="Start a local genset stack (NATS, etcd, router, frontend, workers) and "
+                    "serve the OpenAI API until Ctrl-C.")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the OpenAI API (default 8000)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the API listens on (default loopback only)")
+    p.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
+    p.add_argument("--engine", choices=("torch", "mocker"), default="torch",
+                   help="worker engine: torch (runs the model) or mocker (timing model, no tensors)")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (built in) or a local Hugging Face model directory")
+    p.add_argument("--served-model-name", default=None, help="model name clients use")
+    p.add_argument("--router", choices=ROUTER_MODES, default="embedded",
+                   help="embedded: KV-aware router inside the frontend; service: a separate "
+                        "`genset router` process; or a baseline policy name")
+    p.add_argument("--speedup", type=float, default=None, help="mocker: run this many times faster")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--nats", default="nats://127.0.0.1:4222",
+                   help="NATS URL; started locally when nothing answers there")
+    p.add_argument("--etcd", default="127.0.0.1:2379",
+                   help="etcd endpoint host:port; started locally when nothing answers there")
+    p.add_argument("--state-dir", default=".state",
+                   help="where started NATS/etcd keep data and every process its log (default .state)")
+    p.add_argument("--start-timeout", type=float, default=180.0,
+                   help="seconds to wait for the stack to become ready")
+    p.add_argument("--stop-timeout", type=float, default=20.0,
+                   help="seconds a process gets to exit after SIGTERM before SIGKILL")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument passed to every worker (repeatable), e.g. --worker-arg=--kv-blocks=512")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# child processes
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM us when `genset up` dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: Ctrl-C handling still stops the children
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    http_url: str = ""
+
+    def start(self) -> Child:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(self.argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+
+
+def genset_command(*args: str) -> list[str]:
+    """`python -m genset.cli ...` with this interpreter: works from a clone without installing."""
+    return [sys.executable, "-m", "genset.cli", *args]
+
+
+def http_json(url: str, timeout: float = 2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.status, json.loads(resp.read() or b"null")
+
+
+def port_open(host: str, port: int) -> bool:
+    from genset.runtime.infra import port_open as _port_open
+
+    return _port_open(host, port, timeout=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stack
+
+
+class Launcher:
+    def __init__(self, args: argparse.Namespace, out=None) -> None:
+        self.args = args
+        self.out = out or sys.stdout
+        self.state_dir = Path(args.state_dir).expanduser().resolve()
+        self.logs = self.state_dir / "logs"
+        self.children: list[Child] = []  # in start order
+        self.infra: list = []  # NatsServer / EtcdServer we started
+        self.model_name = args.served_model_name or served_model_name(args.model)
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + args.start_timeout
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:5.1f}s] {text}", file=self.out, flush=True)
+
+    # -- infrastructure ----------------------------------------------------------------------
+
+    def ensure_nats(self) -> str:
+        from genset.runtime.infra import NatsServer
+
+        url = self.args.nats
+        parsed = urlparse(url if "://" in url else f"nats://{url}")
+        host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
+        if port_open(host, port):
+            self.say(f"nats: using the server at {url}")
+            return url
+        if host not in LOCAL_HOSTS:
+            raise LaunchError(f"NATS at {url} is not reachable (and is not local, so not starting one)")
+        server = NatsServer(port=port, data_dir=self.state_dir / "nats", host="127.0.0.1")
+        self.say(f"nats: starting on port {port} (data in {server.data_dir})")
+        self.infra.append(server)
+        server.start()
+        return server.url
+
+    def ensure_etcd(self) -> str:
+        from genset.runtime.infra import EtcdServer, free_port
+
+        endpoint = self.args.etcd.split("://", 1)[-1].split(",")[0]
+        host, _, port_s = endpoint.rpartition(":")
+        host, port = host or "127.0.0.1", int(port_s or 2379)
+        if port_open(host, port):
+            self.say(f"etcd: using the server at {endpoint}")
+            return self.args.etcd
+        if host not in LOCAL_HOSTS:
+            raise LaunchError(f"etcd at {endpoint} is not reachable (and is not local, so not starting one)")
+        # etcd's peer port must not collide with a second stack's: pick a free one.
+        server = EtcdServer(port=port, peer_port=free_port(), data_dir=self.state_dir / "etcd",
+                            host="127.0.0.1")
+        self.say(f"etcd: starting on port {port} (data in {server.data_dir})")
+        self.infra.append(server)
+        server.start()
+        return server.endpoint
+
+    # -- services ----------------------------------------------------------------------------
+
+    def spawn(self, name: str, command: str, *args: str, env: dict[str, str] | None = None) -> Child:
+        from genset.runtime.infra import free_port
+
+        metrics_port = free_port()
+        common = ["--nats", self.nats_url, "--etcd", self.etcd_endpoint,
+                  "--namespace", self.args.namespace, "--metrics-port", str(metrics_port),
+                  "--log-level", self.args.log_level, "--log-format", "json"]
+        child = Child(name, genset_command(command, *common, *args), self.logs / f"{name}.log",
+                      env=env or {}, http_url=f"http://127.0.0.1:{metrics_port}")
+        self.children.append(child)
+        return child.start()
+
+    def check_alive(self, children: list[Child]) -> None:
+        for child in children:
+            if not child.alive:
+                code = child.proc.returncode if child.proc else None
+                raise LaunchError(
+                    f"{child.name} exited with code {code} while starting "
+                    f"(log: {child.log_path}):\n{child.log_tail()}")
+
+    def wait_until(self, what: str, children: list[Child], ready) -> None:
+        """Poll `ready()` until true; fail on a dead child or the start deadline."""
+        last = ""
+        while True:
+            self.check_alive(children)
+            try:
+                if ready():
+                    return
+            except (OSError, ValueError, urllib.error.URLError) as exc:
+                last = str(exc)
+            if time.monotonic() > self.deadline:
+                tails = "\n".join(f"--- {c.name} ({c.log_path}):\n{c.log_tail(15)}" for c in children)
+                raise LaunchError(
+                    f"{what} not ready after {self.args.start_timeout:.0f}s"
+                    f"{' (' + last + ')' if last else ''}\n{tails}")
+            time.sleep(0.2)
+
+    def worker_env(self) -> dict[str, str]:
+        # N torch workers on a few cores: give each a fair share of threads instead of letting
+        # every one of them spin up a thread per core.
+        if self.args.engine != "torch" or "OMP_NUM_THREADS" in os.environ:
+            return {}
+        threads = max(1, (os.cpu_count() or 1) // max(1, self.args.workers))
+        return {"OMP_NUM_THREADS": str(threads)}
+
+    def start_workers(self) -> list[Child]:
+        a = self.args
+        extra = ["--engine", a.engine, "--model", a.model, "--role", "decode"]
+        if a.served_model_name:
+            extra += ["--served-model-name", a.served_model_name]
+        if a.speedup is not None:
+            extra += ["--speedup", str(a.speedup)]
+        extra += a.worker_arg
+        workers = [self.spawn(f"worker-{i + 1}", "worker", *extra, env=self.worker_env())
+                   for i in range(a.workers)]
+        self.say(f"workers: starting {a.workers} x {a.engine} engine, model {a.model}")
+        done: set[str] = set()
+
+        def ready() -> bool:
+            for w in workers:
+                if w.name in done:
+                    continue
+                with contextlib.suppress(OSError, ValueError):
+                    status, body = http_json(w.http_url + "/health")
+                    if status == 200 and isinstance(body, dict) and body.get("ready"):
+                        done.add(w.name)
+                        self.say(f"  {w.name} ready ({len(done)}/{len(workers)})")
+            return len(done) == len(workers)
+
+        self.wait_until("workers", workers, ready)
+        return workers
+
+    def start_router_service(self) -> Child | None:
+        if not Path(__file__).resolve().parents[1].joinpath("services/router/__main__.py").exists():
+            self.say("router: service not available in this build, using the embedded router")
+            return None
+        router = self.spawn("router", "router")
+        self.say("router: starting")
+        self.wait_until("router", [router],
+                        lambda: http_json(router.http_url + "/health")[0] == 200)
+        self.say("  router ready")
+        return router
+
+    def start_frontend(self, router_mode: str) -> Child:
+        a = self.args
+        frontend = self.spawn("frontend", "frontend", "--port", str(a.port), "--host", a.host,
+                              "--router", router_mode)
+        frontend.http_url = f"http://{'127.0.0.1' if a.host in LOCAL_HOSTS else a.host}:{a.port}"
+        self.say(f"frontend: starting on port {a.port}")
+
+        def ready() -> bool:
+            status, _ = http_json(frontend.http_url + "/health")
+            if status != 200:
+                return False
+            _, models = http_json(frontend.http_url + "/v1/models")
+            return any(m.get("id") == self.model_name for m in models.get("data", []))
+
+        self.wait_until(f"frontend (model {self.model_name!r} listed)", [frontend], ready)
+        return frontend
+
+    def start(self) -> Child:
+        a = self.args
+        if a.workers < 1:
+            raise LaunchError("--workers must be at least 1")
+        if a.port != 0 and a.host in LOCAL_HOSTS and port_open("127.0.0.1", a.port):
+            raise LaunchError(f"port {a.port} is already in use: pick another with --port")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.nats_url = self.ensure_nats()
+        self.etcd_endpoint = self.ensure_etcd()
+        router_mode = a.router
+        if a.router == "service":
+            router_mode = "remote" if self.start_router_service() else "embedded"
+        self.start_workers()
+        return self.start_frontend(router_mode)
+
+    # -- running and stopping -----------------------------------------------------------
+
+    def banner(self, frontend: Child) -> None:
+        url = frontend.http_url
+        body = json.dumps({"model": self.model_name,
+                           "messages": [{"role": "user", "content": "Hello!"}],
+                           "max_tokens": 32})
+        print(f"\ngenset is up: {url}/v1  (model {self.model_name!r}, {self.args.workers} "
+              f"{self.args.engine} worker{'s' if self.args.workers > 1 else ''}, logs in {self.logs})\n\n"
+              f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+              f"    -d '{body}'\n\nCtrl-C stops everything.", file=self.out, flush=True)
+
+    def watch(self) -> None:
+        """Run until a signal arrives or a child dies."""
+        while True:
+            for child in self.children:
+                if not child.alive:
+                    raise LaunchError(
+                        f"{child.name} exited unexpectedly with code {child.proc.returncode} "
+                        f"(log: {child.log_path}):\n{child.log_tail()}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Frontend first (no new requests), then router, then workers (they drain), then
+        infrastructure we started. SIGTERM, wait, SIGKILL stragglers."""
+        order = [c for c in reversed(self.children) if c.alive or c.proc is not None]
+        if order:
+            self.say("stopping " + ", ".join(c.name for c in order if c.alive))
+        for group in (
+            [c for c in order if c.name == "frontend"],
+            [c for c in order if c.name == "router"],
+            [c for c in order if c.name.startswith("worker")],
+        ):
+            for child in group:
+                child.signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + self.args.stop_timeout
+            for child in group:
+                while child.alive and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if child.alive:
+                    self.say(f"{child.name} did not exit in {self.args.stop_timeout:.0f}s: killing it")
+                # anything the child spawned shares its group: make sure none of it survives
+                child.signal_group(signal.SIGKILL)
+                if child.proc is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.proc.wait(5)
+        for server in reversed(self.infra):
+            server.stop(timeout=self.args.stop_timeout)
+        self.say("stopped")
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    launcher = Launcher(args)
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        frontend = launcher.start()
+        launcher.banner(frontend)
+        launcher.watch()
+    except Interrupted:
+        pass
+    except LaunchError as exc:
+        print(f"\ngenset up: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    except Exception as exc:  # stop what was started whatever went wrong
+        print(f"\ngenset up: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        # A second Ctrl-C while stopping must not leave children behind: ignore it here, the
+        # stop itself escalates to SIGKILL on its own deadline.
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        launcher.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
