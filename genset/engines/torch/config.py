@@ -180,17 +180,25 @@ def _parse_rope(raw: dict, max_pos: int) -> RopeConfig:
         if high <= low:
             raise ModelConfigError(f"field '{field}.high_freq_factor' must exceed low_freq_factor")
         return RopeConfig(
-            theta=theta, type=rtype, factor=factor, low_freq_factor=low,
-            high_freq_factor=high, original_max_position_embeddings=orig,
+            theta=theta,
+            type=rtype,
+            factor=factor,
+            low_freq_factor=low,
+            high_freq_factor=high,
+            original_max_position_embeddings=orig,
         )
     # yarn
     attn = params.get("attention_factor")
     return RopeConfig(
-        theta=theta, type=rtype, factor=factor,
+        theta=theta,
+        type=rtype,
+        factor=factor,
         original_max_position_embeddings=orig if orig is not None else max_pos,
-        beta_fast=num("beta_fast", 32.0), beta_slow=num("beta_slow", 1.0),
+        beta_fast=num("beta_fast", 32.0),
+        beta_slow=num("beta_slow", 1.0),
         attention_factor=None if attn is None else num("attention_factor"),
-        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
         truncate=bool(params.get("truncate", True)),
     )
 
@@ -214,8 +222,7 @@ def parse_config(raw: Any) -> ModelConfig:
     kv_heads = _int(raw, "num_key_value_heads", heads)
     if heads % kv_heads:
         raise ModelConfigError(
-            f"field 'num_key_value_heads' ({kv_heads}) must divide "
-            f"num_attention_heads ({heads})"
+            f"field 'num_key_value_heads' ({kv_heads}) must divide num_attention_heads ({heads})"
         )
     head_dim = raw.get("head_dim")
     if head_dim is None:

@@ -88,12 +88,8 @@ class LlamaModel:
         self.device, self.dtype = device, dtype
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
-        self.lm_head = (
-            self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
-        )
-        self.layers = [
-            _Layer(weights, f"model.layers.{i}", cfg) for i in range(cfg.num_layers)
-        ]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
+        self.layers = [_Layer(weights, f"model.layers.{i}", cfg) for i in range(cfg.num_layers)]
         self.rope = RotaryEmbedding(cfg, device, dtype)
 
     def forward(

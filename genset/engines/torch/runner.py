@@ -27,9 +27,13 @@ from genset.engines.torch.tiny import resolve_model
 from genset.engines.torch.weights import dummy_weights, has_checkpoint, load_checkpoint
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
@@ -79,7 +83,9 @@ class ModelRunner:
         weights: str = "auto",
     ):
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
+            raise ValueError(
+                f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1"
+            )
         if weights not in ("auto", "dummy"):
             raise ValueError(f"weights={weights!r}: expected 'auto' or 'dummy'")
         self.device = torch.device(device)
@@ -111,7 +117,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_cache = torch.zeros(
             (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim),
-            dtype=self.dtype, device=self.device,
+            dtype=self.dtype,
+            device=self.device,
         )
         self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + extra_eos))
         self._fallback = torch.Generator().manual_seed(seed)
@@ -137,10 +144,16 @@ class ModelRunner:
         """One token per chunk with `sample` set (None for the others), in plan order."""
         logits = self.forward_logits(plan)
         sampled = [c for c in plan.chunks if c.sample]
-        tokens = sample(
-            logits, [c.sampling for c in sampled], [c.output_index for c in sampled],
-            self._fallback,
-        ) if sampled else []
+        tokens = (
+            sample(
+                logits,
+                [c.sampling for c in sampled],
+                [c.output_index for c in sampled],
+                self._fallback,
+            )
+            if sampled
+            else []
+        )
         it = iter(tokens)
         return [next(it) if c.sample else None for c in plan.chunks]
 
@@ -219,8 +232,9 @@ class ModelRunner:
                 elif window is not None and n > window:
                     mask = torch.ones(n, n, dtype=torch.bool).tril()
                     mask &= ~torch.ones(n, n, dtype=torch.bool).tril(-window)
-                prefills.append(PrefillSpan(row, row + n, _to(ctx_slots, self.device),
-                                            _to(mask, self.device)))
+                prefills.append(
+                    PrefillSpan(row, row + n, _to(ctx_slots, self.device), _to(mask, self.device))
+                )
             row += n
             if c.sample:
                 sample_rows.append(row - 1)

@@ -124,8 +124,12 @@ def write_assets(out: Path = ASSETS) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     added = {
         str(i): {
-            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True,
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for i, t in enumerate(SPECIAL_TOKENS)
     }
