@@ -1,0 +1,442 @@
+"""The continuous-batching scheduler shared by the torch engine and the mocker.
+
+One step of an engine is::
+
+    plan = sched.schedule()            # StepPlan: which tokens of which sequence to compute
+    sampled = executor.execute(plan)   # list[int | None], one per chunk (None: not sampled)
+    outputs = sched.update(plan, sampled)   # list[EngineOutput], finished ones freed
+    batch = sched.pool.take_batch(worker_id)  # KV events of the step, if any
+
+The torch engine's executor is its model runner; the mocker's is a pseudo-random token
+source plus a timing model. Everything else — queues, token budget, chunked prefill, prefix
+cache, block allocation, preemption, stop conditions — lives here, so both engines publish
+the same KV events for the same requests.
+
+Policy, per step:
+
+1. Running sequences first, in admission order: each gets all its not-yet-computed tokens
+   (one for a decode; the rest of the prompt for a prefill) up to what is left of the token
+   budget (`max_batch_tokens`), so a long prompt is prefilled in chunks across steps while
+   decodes keep flowing. If its blocks cannot be allocated, the most recently admitted
+   running sequence is preempted (recompute: its blocks are freed, it goes back to the front
+   of the waiting queue, and when it resumes its generated tokens are part of its prompt),
+   until the allocation fits or the sequence preempted itself.
+2. If nobody was preempted this step, waiting sequences are admitted in FIFO order while the
+   budget, `max_running` and free blocks allow. On admission the sequence's full-block hashes
+   are looked up in the prefix cache; hit blocks are shared (refcount) and not recomputed.
+   At least the last prompt token is always computed, since its logits give the first
+   output token.
+3. After the executor ran, every block that became full is registered in the prefix cache
+   (a `Stored` event); sampled tokens are appended and stop conditions checked (stop token
+   ids, EOS unless `ignore_eos`, both only after `min_tokens`; `max_tokens`; the context
+   length). Finished sequences free their blocks (they stay cached until evicted).
+
+KV export/import by block hash (disaggregation, offload): `export_kv(hashes)` names the
+physical blocks holding a run of hashes, for the executor to read; `import_kv(hashes, ...)`
+allocates blocks for hashes not yet cached and registers them, returning (hash, block_id)
+pairs for the executor to write before the next step; with `pin_for=request_id` the blocks
+are held until that request is admitted (so eviction cannot undo the import meanwhile).
+
+Not thread-safe: the engine thread (or the mocker's task) owns it; others talk to it through
+`genset.engines.base.AsyncEngineDriver`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from genset.engines.base import EngineOutput, EngineRequest
+from genset.engines.batch import SamplingSpec, ScheduledChunk, StepPlan
+from genset.kv.block_pool import BlockPool
+from genset.kv.hashing import extend_block_hashes
+from proto.kv import LoadReport
+
+WAITING = 0
+RUNNING = 1
+FINISHED = 2
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    block_size: int = 16
+    num_blocks: int = 1024  # KV capacity in blocks
+    max_batch_tokens: int = 8192  # token budget of one step (all chunks together)
+    max_running: int = 256  # sequences in the running set at once
+    context_length: int = 4096  # prompt + output tokens of one sequence
+    eos_token_ids: tuple[int, ...] = ()
+    enable_prefix_caching: bool = True
+    emit_token_ids: bool = False  # token ids inside Stored events
+
+
+class Sequence:
+    """A request's state inside the scheduler."""
+
+    __slots__ = (
+        "block_hashes",
+        "block_table",
+        "cached_tokens",
+        "ignore_eos",
+        "max_tokens",
+        "min_tokens",
+        "num_computed",
+        "num_output",
+        "num_preemptions",
+        "num_registered",
+        "prompt_len",
+        "request_id",
+        "sampling",
+        "status",
+        "stop_ids",
+        "token_ids",
+        "user_data",
+    )
+
+    def __init__(self, request: EngineRequest) -> None:
+        self.request_id = request.request_id
+        self.token_ids: list[int] = list(request.token_ids)
+        self.prompt_len = len(self.token_ids)
+        s = request.sampling
+        self.sampling = SamplingSpec(
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed
+        )
+        stop = request.stop
+        self.max_tokens = stop.max_tokens
+        self.min_tokens = stop.min_tokens
+        self.ignore_eos = stop.ignore_eos
+        self.stop_ids = frozenset(stop.stop_token_ids)
+        self.num_computed = 0  # tokens whose KV is in block_table's blocks
+        self.num_output = 0
+        self.num_registered = 0  # leading blocks of block_table that are in the prefix cache
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hashes of full blocks of token_ids (lazily grown)
+        self.cached_tokens = -1  # prompt tokens served from the cache; -1 until admitted
+        self.num_preemptions = 0
+        self.status = WAITING
+        self.user_data: Any = None  # owner's per-request state (e.g. the mocker's rng)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.pool = BlockPool(
+            config.num_blocks,
+            config.block_size,
+            enable_caching=config.enable_prefix_caching,
+            emit_token_ids=config.emit_token_ids,
+        )
+        # a sequence that cannot fit in the whole pool must stop, not wait forever
+        self.max_seq_len = min(config.context_length, config.num_blocks * config.block_size)
+        self.eos = frozenset(config.eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Sequence] = {}
+        self._pins: dict[str, list[int]] = {}
+        self._scheduled: list[Sequence] = []  # sequences of the last plan, chunk order
+        # counters (monotonic), for metrics and tests
+        self.num_computed_tokens = 0  # tokens the executor was asked to compute
+        self.num_preemptions = 0
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest) -> Sequence:
+        """Queue a request. Raises ValueError for an empty prompt, a duplicate id, or a prompt
+        that leaves no room for one output token within the context length / KV capacity."""
+        if not request.token_ids:
+            raise ValueError("prompt has no tokens")
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already active")
+        n = len(request.token_ids)
+        if n >= self.config.context_length:
+            raise ValueError(
+                f"prompt has {n} tokens, context length is {self.config.context_length}"
+            )
+        if n >= self.max_seq_len:
+            raise ValueError(
+                f"prompt has {n} tokens, more than the KV cache holds "
+                f"({self.config.num_blocks} blocks of {self.block_size})"
+            )
+        seq = Sequence(request)
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now, freeing its blocks. False when it is not active."""
+        self.unpin(request_id)
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+        elif seq.status == WAITING:
+            self.waiting.remove(seq)
+        self._release(seq)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        """Plan the next step (an empty plan when there is nothing to do)."""
+        budget = self.config.max_batch_tokens
+        chunks: list[ScheduledChunk] = []
+        scheduled: list[Sequence] = []
+        running = self.running
+        preempted = False
+
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                while True:
+                    victim = running[-1]
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq or self._grow(seq, seq.num_computed + n):
+                        break
+                if victim is seq:
+                    continue
+            chunks.append(self._chunk(seq, n))
+            scheduled.append(seq)
+            budget -= n
+            i += 1
+
+        if not preempted:
+            max_running = self.config.max_running
+            while self.waiting and budget > 0 and len(running) < max_running:
+                n = self._admit(self.waiting[0], budget)
+                if n == 0:
+                    break
+                seq = self.waiting.popleft()
+                seq.status = RUNNING
+                running.append(seq)
+                chunks.append(self._chunk(seq, n))
+                scheduled.append(seq)
+                budget -= n
+
+        self._scheduled = scheduled
+        self.num_computed_tokens += self.config.max_batch_tokens - budget
+        return StepPlan(chunks=chunks)
+
+    def update(self, plan: StepPlan, sampled: list[int | None]) -> list[EngineOutput]:
+        """Apply the executor's results for `plan` (the last `schedule()`): one entry per
+        chunk, a token id where the chunk sampled, else None."""
+        if len(sampled) != len(plan.chunks):
+            raise ValueError(f"{len(sampled)} sampled entries for {len(plan.chunks)} chunks")
+        outputs: list[EngineOutput] = []
+        finished = False
+        bs = self.block_size
+        for seq, chunk, token in zip(self._scheduled, plan.chunks, sampled, strict=True):
+            if seq.status != RUNNING:
+                continue
+            seq.num_computed += len(chunk.token_ids)
+            if seq.num_computed // bs > seq.num_registered:
+                self._register_full_blocks(seq)
+            if not chunk.sample or token is None:
+                continue
+            seq.token_ids.append(token)
+            seq.num_output += 1
+            reason = self._stop_reason(seq, token)
+            outputs.append(
+                EngineOutput(
+                    request_id=seq.request_id,
+                    token_ids=[token],
+                    finish_reason=reason,
+                    prompt_tokens=seq.prompt_len,
+                    cached_tokens=seq.cached_tokens,
+                    completion_tokens=seq.num_output,
+                )
+            )
+            if reason is not None:
+                seq.status = FINISHED
+                del self.requests[seq.request_id]
+                self._release(seq)
+                finished = True
+        if finished:
+            self.running = [s for s in self.running if s.status == RUNNING]
+        self._scheduled = []
+        return outputs
+
+    # ---- KV export / import -----------------------------------------------------------------
+
+    def export_kv(self, hashes: list[int]) -> list[tuple[int, int]]:
+        """(hash, block_id) for the leading run of `hashes` this engine holds. Read the blocks
+        before the next step: afterwards they may be evicted and reused."""
+        out: list[tuple[int, int]] = []
+        for h in hashes:
+            b = self.pool.block_of(h)
+            if b is None:
+                break
+            out.append((h, b))
+        return out
+
+    def import_kv(
+        self, hashes: list[int], parent_hash: int | None = None, pin_for: str | None = None
+    ) -> list[tuple[int, int]]:
+        """Make the chain `hashes` (continuing `parent_hash`) cached here.
+
+        Returns (hash, block_id) for each block newly allocated, whose KV the executor must
+        write before the next step; hashes already cached are reused. Stops early when the
+        pool is full. With `pin_for`, every block of the chain is held until that request is
+        admitted, aborted or `unpin`ned.
+        """
+        pool = self.pool
+        written: list[tuple[int, int]] = []
+        held: list[int] = []
+        parent = parent_hash
+        for h in hashes:
+            b = pool.block_of(h)
+            if b is not None:
+                pool.touch((b,))
+            else:
+                new = pool.allocate(1)
+                if new is None:
+                    break
+                b = new[0]
+                pool.cache_block(b, h, parent)
+                written.append((h, b))
+            held.append(b)
+            parent = h
+        if pin_for is not None:
+            self._pins.setdefault(pin_for, []).extend(held)
+        else:
+            pool.free(held)
+        return written
+
+    def unpin(self, request_id: str) -> None:
+        held = self._pins.pop(request_id, None)
+        if held:
+            self.pool.free(held)
+
+    # ---- load -------------------------------------------------------------------------------
+
+    def waiting_prefill_tokens(self) -> int:
+        """Prompt tokens not yet computed (cache hits not subtracted for waiting ones)."""
+        total = 0
+        for seq in self.waiting:
+            total += len(seq.token_ids) - seq.num_computed
+        for seq in self.running:
+            left = len(seq.token_ids) - seq.num_computed
+            if left > 1:
+                total += left
+        return total
+
+    def load_report(self, worker_id: int, ts_ms: int, step_ms_ewma: float = 0.0) -> LoadReport:
+        return LoadReport(
+            worker_id=worker_id,
+            ts_ms=ts_ms,
+            running=len(self.running),
+            waiting=len(self.waiting),
+            waiting_prefill_tokens=self.waiting_prefill_tokens(),
+            kv_used_blocks=self.pool.num_used,
+            kv_total_blocks=self.pool.num_blocks,
+            step_ms_ewma=step_ms_ewma,
+        )
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
+        start = seq.num_computed
+        end = start + n
+        return ScheduledChunk(
+            seq_id=seq.request_id,
+            token_ids=seq.token_ids[start:end],
+            start_pos=start,
+            block_table=seq.block_table,
+            sample=end == len(seq.token_ids),
+            sampling=seq.sampling,
+            output_index=seq.num_output,
+        )
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make `seq.block_table` cover `num_tokens` positions; False if blocks ran out."""
+        need = -(-num_tokens // self.block_size) - len(seq.block_table)
+        if need <= 0:
+            return True
+        new = self.pool.allocate(need)
+        if new is None:
+            return False
+        seq.block_table.extend(new)
+        return True
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Take prefix-cache hits and blocks for `seq`'s first chunk; returns the chunk's
+        token count, or 0 (nothing changed) when its blocks do not fit now."""
+        bs = self.block_size
+        pool = self.pool
+        total = len(seq.token_ids)
+        hit: list[int] = []
+        if pool.enable_caching:
+            extend_block_hashes(seq.block_hashes, seq.token_ids, bs)
+            # the last token is always computed: its logits give the next token
+            hit = pool.lookup(seq.block_hashes[: (total - 1) // bs])
+        cached = len(hit) * bs
+        n = min(total - cached, budget)
+        need = -(-(cached + n) // bs) - len(hit)
+        reclaimed = sum(1 for b in hit if pool.ref_cnt[b] == 0)
+        if pool.num_free - reclaimed < need:
+            return 0
+        pool.touch(hit)
+        seq.block_table = hit + (pool.allocate(need) or [])
+        seq.num_computed = cached
+        seq.num_registered = len(hit)
+        if seq.cached_tokens < 0:
+            seq.cached_tokens = min(cached, seq.prompt_len)
+        self.unpin(seq.request_id)
+        return n
+
+    def _preempt(self, seq: Sequence) -> None:
+        # victims are always taken from the tail of running
+        self.running.pop()
+        self._release(seq)
+        seq.status = WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed = 0
+        seq.num_registered = 0
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        bs = self.block_size
+        full = seq.num_computed // bs
+        hashes = seq.block_hashes
+        if len(hashes) < full:
+            extend_block_hashes(hashes, seq.token_ids, bs)
+        pool = self.pool
+        tokens = seq.token_ids if pool.emit_token_ids else None
+        for idx in range(seq.num_registered, full):
+            pool.cache_block(
+                seq.block_table[idx],
+                hashes[idx],
+                hashes[idx - 1] if idx else None,
+                tokens[idx * bs : (idx + 1) * bs] if tokens is not None else None,
+            )
+        seq.num_registered = full
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        if seq.num_output >= seq.min_tokens and (
+            token in seq.stop_ids or (not seq.ignore_eos and token in self.eos)
+        ):
+            return "stop"
+        if seq.num_output >= seq.max_tokens or len(seq.token_ids) >= self.max_seq_len:
+            return "length"
+        return None

@@ -1,0 +1,272 @@
+"""A fixed pool of KV-cache blocks with refcounts, a prefix cache keyed by block hash, LRU
+eviction, and the event log the router builds its index from.
+
+States of a block (by id, 0 .. num_blocks-1):
+
+- **in use**: ref_cnt > 0; held by one or more sequences (shared prefix blocks have several
+  holders). Never evicted.
+- **free**: ref_cnt == 0; sits in the free queue in LRU order. A free block may still be
+  **cached** (its hash is registered), so a later request with the same prefix can take it
+  back (`touch`) without recomputing. Allocation takes the least recently freed block first
+  and, if it was cached, evicts its hash (a `Removed` event).
+
+The idea follows vLLM's v1 block pool (a free queue in eviction order plus a hash -> block
+map); the free queue here is an insertion-ordered dict, which gives O(1) removal from the
+middle (when a cached block is touched) and O(1) pop from the LRU end.
+
+Event log: every change of the set of cached hashes is recorded as `proto.kv` events —
+`Stored` when a full block's hash is registered, `Removed` when a hash is evicted or
+dropped, `Cleared` when everything is dropped. Consecutive stores that continue one chain are
+merged into one `Stored`, consecutive removals into one `Removed`. `take_batch()` hands the
+pending events out as a `KvEventBatch` whose `event_id` grows by exactly one per batch, so a
+consumer that applies every batch in order (`genset.kv.replica.HashSetReplica`) holds exactly
+`cached_hashes()`; one that sees a gap asks for `snapshot_batch()`.
+
+Not thread-safe: one owner (the scheduler, on the engine thread) calls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from proto.kv import TIER_DEVICE, Cleared, KvEvent, KvEventBatch, Removed, Stored, StoredBlock
+from proto.tokens import pack_tokens
+
+
+class BlockPool:
+    """`num_blocks` blocks of `block_size` tokens each.
+
+    `emit_token_ids`: put each stored block's token ids into its `Stored` event (costs a
+    packing per block; consumers that only need hashes leave it off).
+    `enable_caching`: False turns the prefix cache (and so all events) off.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        enable_caching: bool = True,
+        emit_token_ids: bool = False,
+    ) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"need num_blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.emit_token_ids = emit_token_ids
+        self.ref_cnt: list[int] = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self._parent: list[int | None] = [None] * num_blocks
+        self._tokens: list[bytes | None] = [None] * num_blocks
+        # ref_cnt == 0 blocks, oldest (next to evict) first; values unused
+        self._free: dict[int, None] = dict.fromkeys(range(num_blocks))
+        self._hash_to_block: dict[int, int] = {}
+        self._pending: list[KvEvent] = []
+        self.event_id = 0  # id of the last batch handed out
+
+    # ---- sizes ------------------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that `allocate` can hand out (free ones, cached or not)."""
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks held by at least one sequence."""
+        return self.num_blocks - len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used / self.num_blocks
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._hash_to_block)
+
+    # ---- prefix cache -----------------------------------------------------------------------
+
+    def lookup(self, hashes: Sequence[int]) -> list[int]:
+        """Block ids of the longest run of `hashes`, from the first, that is cached.
+
+        Does not take a reference: call `touch` on (a prefix of) the result to keep them.
+        """
+        found: list[int] = []
+        get = self._hash_to_block.get
+        for h in hashes:
+            block = get(h)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def block_of(self, block_hash: int) -> int | None:
+        return self._hash_to_block.get(block_hash)
+
+    def cached_hashes(self) -> set[int]:
+        return set(self._hash_to_block)
+
+    def touch(self, block_ids: Iterable[int]) -> None:
+        """Take one more reference on each block (a cache hit being reused)."""
+        ref = self.ref_cnt
+        free = self._free
+        for b in block_ids:
+            if ref[b] == 0:
+                del free[b]
+            ref[b] += 1
+
+    def cache_block(
+        self,
+        block_id: int,
+        block_hash: int,
+        parent_hash: int | None,
+        token_ids: Sequence[int] | None = None,
+    ) -> bool:
+        """Register a full, computed block under `block_hash`; emits `Stored`.
+
+        Returns False (and registers nothing) when caching is off, the block already has a
+        hash, or another block already holds this hash (two sequences computed the same
+        prefix at once; the second copy stays private and is recycled without events).
+        """
+        if not self.enable_caching or self.block_hash[block_id] is not None:
+            return False
+        if block_hash in self._hash_to_block:
+            return False
+        self._hash_to_block[block_hash] = block_id
+        self.block_hash[block_id] = block_hash
+        self._parent[block_id] = parent_hash
+        packed = pack_tokens(token_ids) if self.emit_token_ids and token_ids is not None else None
+        self._tokens[block_id] = packed
+        self._record_store(parent_hash, StoredBlock(hash=block_hash, token_ids=packed))
+        return True
+
+    # ---- allocation -------------------------------------------------------------------------
+
+    def allocate(self, n: int) -> list[int] | None:
+        """`n` blocks with ref_cnt 1, evicting least recently used cached ones; None (and no
+        change) when fewer than `n` are free."""
+        if n > len(self._free):
+            return None
+        out: list[int] = []
+        free = self._free
+        ref = self.ref_cnt
+        for _ in range(n):
+            b = next(iter(free))
+            del free[b]
+            if self.block_hash[b] is not None:
+                self._evict(b)
+            ref[b] = 1
+            out.append(b)
+        return out
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Drop one reference from each block. Pass a sequence's blocks in prefix order: they
+        are released last-first, so a sequence's tail is evicted before its shared head."""
+        ref = self.ref_cnt
+        free = self._free
+        for b in reversed(block_ids):
+            c = ref[b] - 1
+            if c < 0:
+                raise RuntimeError(f"block {b} freed more often than referenced")
+            ref[b] = c
+            if c == 0:
+                free[b] = None
+
+    def evict_cached(self, max_blocks: int | None = None) -> int:
+        """Evict up to `max_blocks` free cached blocks (LRU first); returns how many."""
+        done = 0
+        for b in list(self._free):
+            if max_blocks is not None and done >= max_blocks:
+                break
+            if self.block_hash[b] is not None:
+                self._evict(b)
+                done += 1
+        return done
+
+    def clear_cache(self) -> None:
+        """Forget every cached hash (blocks in use stay in use, just no longer shareable);
+        emits `Cleared`."""
+        for b in self._hash_to_block.values():
+            self.block_hash[b] = None
+            self._parent[b] = None
+            self._tokens[b] = None
+        self._hash_to_block.clear()
+        if self.enable_caching:
+            self._pending.append(Cleared())
+
+    def _evict(self, b: int) -> None:
+        h = self.block_hash[b]
+        assert h is not None
+        del self._hash_to_block[h]
+        self.block_hash[b] = None
+        self._parent[b] = None
+        self._tokens[b] = None
+        last = self._pending[-1] if self._pending else None
+        if isinstance(last, Removed):
+            last.hashes.append(h)
+        else:
+            self._pending.append(Removed(hashes=[h]))
+
+    def _record_store(self, parent_hash: int | None, block: StoredBlock) -> None:
+        last = self._pending[-1] if self._pending else None
+        if isinstance(last, Stored) and last.blocks and last.blocks[-1].hash == parent_hash:
+            last.blocks.append(block)
+        else:
+            self._pending.append(Stored(parent_hash=parent_hash, blocks=[block]))
+
+    # ---- events -----------------------------------------------------------------------------
+
+    def drain_events(self) -> list[KvEvent]:
+        """Pending events, oldest first, without numbering them (see `take_batch`)."""
+        events, self._pending = self._pending, []
+        return events
+
+    def take_batch(
+        self, worker_id: int, ts_ms: int = 0, tier: str = TIER_DEVICE
+    ) -> KvEventBatch | None:
+        """Pending events as the next numbered batch; None when nothing happened."""
+        if not self._pending:
+            return None
+        self.event_id += 1
+        return KvEventBatch(
+            worker_id=worker_id,
+            event_id=self.event_id,
+            events=self.drain_events(),
+            tier=tier,
+            ts_ms=ts_ms,
+        )
+
+    def snapshot_events(self) -> list[KvEvent]:
+        """`Cleared` followed by `Stored` events for every cached hash: what a consumer that
+        lost track applies to get back in step."""
+        events: list[KvEvent] = [Cleared()]
+        for h, b in self._hash_to_block.items():
+            events.append(
+                Stored(
+                    parent_hash=self._parent[b],
+                    blocks=[StoredBlock(hash=h, token_ids=self._tokens[b])],
+                )
+            )
+        return events
+
+    def snapshot_batch(
+        self, worker_id: int, ts_ms: int = 0, tier: str = TIER_DEVICE
+    ) -> KvEventBatch:
+        """A numbered resync batch: pending events are folded in (they are covered by the
+        snapshot), so the id sequence stays gap-free."""
+        self._pending = self.snapshot_events()
+        batch = self.take_batch(worker_id, ts_ms, tier)
+        assert batch is not None
+        return batch
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the pool's bookkeeping is inconsistent (tests, debugging)."""
+        assert all(c >= 0 for c in self.ref_cnt), "negative refcount"
+        for b in range(self.num_blocks):
+            assert (self.ref_cnt[b] == 0) == (b in self._free), f"block {b} free-queue mismatch"
+        for h, b in self._hash_to_block.items():
+            assert self.block_hash[b] == h, f"hash map mismatch at block {b}"
+        assert sum(h is not None for h in self.block_hash) == len(self._hash_to_block)
