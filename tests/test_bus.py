@@ -1,0 +1,433 @@
+"""The NATS bus against a real nats-server: unary and streamed requests, failure detection,
+cancel, overload, malformed input, JetStream helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+
+import proto
+from genset.runtime.bus import (
+    ERROR_HEADER,
+    BadFrame,
+    Bus,
+    BusError,
+    DeadlineExceeded,
+    LostChunks,
+    NoResponders,
+    Overloaded,
+    PeerGone,
+    RemoteError,
+    RequestTimeout,
+    SlowConsumer,
+    StreamCancelled,
+)
+from proto import subjects
+
+
+def _ns() -> str:
+    return "bt" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def buses(nats_server):
+    """(requester, responder): two connections, as two processes would have, in a fresh
+    namespace so tests never see each other's cancels."""
+    ns = _ns()
+    req = await Bus.connect(nats_server.url, name="test-requester", namespace=ns)
+    resp = await Bus.connect(nats_server.url, name="test-responder", namespace=ns,
+                             heartbeat_interval=0.2)
+    yield req, resp
+    await req.close()
+    await resp.close()
+
+
+def _subject(bus: Bus, endpoint: str) -> str:
+    return subjects.subject(bus.namespace, "bustest", endpoint)
+
+
+async def _serve(bus: Bus, endpoint: str, handler, **kw) -> str:
+    subject = _subject(bus, endpoint)
+    await bus.serve_stream(subject, handler, **kw)
+    await bus.nc.flush()  # the subscription is known to the server before anyone requests
+    return subject
+
+
+# -- unary -------------------------------------------------------------------------------------
+
+
+async def test_unary_round_trip_typed_and_raw(buses):
+    req, resp = buses
+    subject = _subject(resp, "route")
+
+    async def handler(data: bytes):
+        r = proto.decode(data, proto.RouteRequest)
+        return proto.RouteDecision(request_id=r.request_id, worker_id=7, overlap_blocks=3)
+
+    await resp.serve(subject, handler)
+    await resp.nc.flush()
+    ask = proto.RouteRequest(request_id="r1", model="m", token_ids=proto.pack_tokens([1, 2, 3]))
+    decision = await req.request(subject, ask, timeout=2, reply_type=proto.RouteDecision)
+    assert (decision.request_id, decision.worker_id) == ("r1", 7)
+    raw = await req.request(subject, proto.encode(ask), timeout=2)
+    assert proto.decode(raw, proto.RouteDecision).worker_id == 7
+
+
+async def test_unary_errors(buses):
+    req, resp = buses
+    subject = _subject(resp, "unary-err")
+
+    async def handler(data: bytes):
+        if data == b"boom":
+            raise RuntimeError("kaput")
+        if data == b"silent":
+            return None
+        return proto.decode(data, proto.RouteRequest)
+
+    await resp.serve(subject, handler)
+    await resp.nc.flush()
+    with pytest.raises(RemoteError) as exc:
+        await req.request(subject, b"boom", timeout=2)
+    assert exc.value.error.code == "internal" and "kaput" in exc.value.error.message
+    with pytest.raises(RemoteError) as exc:
+        await req.request(subject, b"\xc1garbage", timeout=2)
+    assert exc.value.error.code == "bad_request" and "RouteRequest" in exc.value.error.message
+    with pytest.raises(RequestTimeout):
+        await req.request(subject, b"silent", timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(NoResponders):
+        await req.request(_subject(resp, "nobody"), b"x", timeout=5)
+    assert time.monotonic() - t0 < 1
+    # the error reply is a plain ErrorInfo with a header any client can check
+    msg = await req.nc.request(subject, b"boom", timeout=2)
+    assert msg.headers[ERROR_HEADER] == "internal"
+    assert msgspec.msgpack.decode(msg.data)["code"] == "internal"
+
+
+# -- streamed replies --------------------------------------------------------------------------
+
+
+async def test_stream_frames_in_order_with_final(buses):
+    req, resp = buses
+
+    async def handler(request: proto.GenerateRequest, stream):
+        start = proto.unpack_tokens(request.token_ids)[-1]
+        for i in range(3):  # several tokens per frame: one frame per send
+            await stream.send(proto.pack_tokens([start + 2 * i, start + 2 * i + 1]))
+        await stream.send(finish_reason="stop", usage=proto.Usage(completion_tokens=6),
+                          final=True)
+
+    subject = await _serve(resp, "gen", handler, request_type=proto.GenerateRequest)
+    request = proto.GenerateRequest(request_id="a", model="m", token_ids=proto.pack_tokens([10]))
+    async with await req.stream_request(subject, request, timeout=5) as stream:
+        chunks = await stream.collect()
+    assert [c.seq for c in chunks] == [0, 1, 2, 3]
+    assert proto.unpack_tokens(b"".join(c.token_ids for c in chunks)) == list(range(10, 16))
+    assert chunks[-1].final and chunks[-1].finish_reason == "stop"
+    assert chunks[-1].usage.completion_tokens == 6
+    assert stream.finished
+
+
+async def test_handler_returning_without_final_frame_gets_one(buses):
+    req, resp = buses
+
+    async def handler(request, stream):
+        await stream.send(b"\x01\x00\x00\x00")
+
+    subject = await _serve(resp, "nofinal", handler)
+    chunks = await (await req.stream_request(subject, b"", timeout=5)).collect()
+    assert [(c.seq, c.final) for c in chunks] == [(0, False), (1, True)]
+
+
+async def test_thousand_concurrent_streams_of_hundred_chunks(buses):
+    """1,000 streams x 100 frames at once: every frame arrives, in order, exactly once."""
+    req, resp = buses
+    n_streams, n_chunks = 1000, 100
+
+    async def handler(request: bytes, stream):
+        base = int(request) * n_chunks
+        for i in range(n_chunks - 1):
+            await stream.send(proto.pack_tokens([base + i]))
+            if i % 10 == 9:
+                await asyncio.sleep(0)  # let the 1,000 handlers interleave
+        await stream.send(proto.pack_tokens([base + n_chunks - 1]), finish_reason="length",
+                          final=True)
+
+    subject = await _serve(resp, "many", handler, max_concurrent=n_streams)
+
+    async def one(k: int) -> list[int]:
+        stream = await req.stream_request(subject, str(k).encode(), timeout=60)
+        tokens: list[int] = []
+        seqs: list[int] = []
+        async for chunk in stream:
+            seqs.append(chunk.seq)
+            tokens.extend(proto.unpack_tokens(chunk.token_ids))
+        assert seqs == list(range(len(seqs)))
+        return tokens
+
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(one(k) for k in range(n_streams)))
+    elapsed = time.monotonic() - t0
+    for k, tokens in enumerate(results):
+        assert tokens == list(range(k * n_chunks, (k + 1) * n_chunks)), f"stream {k}"
+    assert req.stats["stale_frames"] == 0
+    print(f"1000x100 frames in {elapsed:.1f}s")
+
+
+async def test_no_responders_is_quick(buses):
+    req, _ = buses
+    t0 = time.monotonic()
+    stream = await req.stream_request(_subject(req, "nobody-home"), b"x", timeout=10)
+    with pytest.raises(NoResponders) as exc:
+        await stream.collect()
+    assert time.monotonic() - t0 < 1
+    assert exc.value.error.retryable
+
+
+async def test_cancel_reaches_responder_and_it_stops(buses):
+    req, resp = buses
+    seen_cancel = asyncio.Event()
+    sent_after_cancel: list[int] = []
+
+    async def handler(request, stream):
+        i = 0
+        try:
+            while not stream.cancelled.is_set():
+                await stream.send(proto.pack_tokens([i]))
+                i += 1
+                await asyncio.sleep(0.01)
+        except StreamCancelled:
+            sent_after_cancel.append(i)
+        seen_cancel.set()
+        with pytest.raises(StreamCancelled):
+            await stream.send(b"")
+
+    subject = await _serve(resp, "cancel", handler)
+    stream = await req.stream_request(subject, b"", timeout=10)
+    got = [await stream.__anext__() for _ in range(5)]
+    assert [c.seq for c in got] == list(range(5))
+    await stream.cancel()
+    await asyncio.wait_for(seen_cancel.wait(), 2)
+    assert not resp._reply_streams, "the responder dropped the stream"
+    with pytest.raises(StopAsyncIteration):
+        await stream.__anext__()
+
+
+async def test_context_manager_exit_cancels(buses):
+    req, resp = buses
+    seen_cancel = asyncio.Event()
+
+    async def handler(request, stream):
+        await stream.send(b"")
+        await asyncio.wait_for(stream.cancelled.wait(), 5)
+        seen_cancel.set()
+
+    subject = await _serve(resp, "ctx", handler)
+    async with await req.stream_request(subject, b"", timeout=10) as stream:
+        await stream.__anext__()
+    await asyncio.wait_for(seen_cancel.wait(), 2)
+
+
+async def test_deadline_exceeded_and_responder_sees_cancel(buses):
+    req, resp = buses
+    cancelled = asyncio.Event()
+
+    async def handler(request, stream):
+        await stream.send(b"")
+        await asyncio.wait_for(stream.cancelled.wait(), 5)
+        cancelled.set()
+
+    subject = await _serve(resp, "deadline", handler)
+    t0 = time.monotonic()
+    stream = await req.stream_request(subject, b"", timeout=0.5)
+    with pytest.raises(DeadlineExceeded) as exc:
+        await stream.collect()
+    assert 0.45 < time.monotonic() - t0 < 1.5
+    assert exc.value.error.code == "deadline_exceeded"
+    await asyncio.wait_for(cancelled.wait(), 2)
+
+
+async def test_heartbeats_keep_a_silent_stream_alive(buses):
+    """The responder says nothing for 3x heartbeat_timeout; its heartbeats (every 0.2 s of
+    silence on this bus) keep the requester from declaring it gone."""
+    req, resp = buses
+
+    async def handler(request, stream):
+        await asyncio.sleep(1.8)
+        await stream.send(b"\x05\x00\x00\x00", final=True)
+
+    subject = await _serve(resp, "slow", handler)
+    chunks = await (await req.stream_request(subject, b"", heartbeat_timeout=0.6)).collect()
+    assert len(chunks) == 1 and chunks[0].seq > 2  # heartbeats took seq numbers
+
+
+async def test_silent_responder_without_heartbeats_is_peer_gone(buses):
+    """A responder that takes the request and then says nothing (no heartbeats, as if its
+    event loop were stuck) is PeerGone after heartbeat_timeout."""
+    req, _ = buses
+    subject = _subject(req, "mute")
+
+    async def swallow(msg):
+        pass
+
+    await req.nc.subscribe(subject, cb=swallow)
+    await req.nc.flush()
+    t0 = time.monotonic()
+    with pytest.raises(PeerGone):
+        await (await req.stream_request(subject, b"", heartbeat_timeout=0.5)).collect()
+    assert 0.45 < time.monotonic() - t0 < 1.2
+
+
+async def test_handler_exception_is_remote_error_internal_and_service_goes_on(buses):
+    req, resp = buses
+
+    async def handler(request: proto.GenerateRequest, stream):
+        if request.request_id == "boom":
+            await stream.send(b"")
+            raise ValueError("engine exploded")
+        await stream.send(request.token_ids, final=True)
+
+    subject = await _serve(resp, "boom", handler, request_type=proto.GenerateRequest)
+
+    def gen(rid):
+        return proto.GenerateRequest(request_id=rid, model="m", token_ids=b"\x01\x00\x00\x00")
+
+    stream = await req.stream_request(subject, gen("boom"), timeout=5)
+    assert (await stream.__anext__()).seq == 0  # frames before the error are delivered
+    with pytest.raises(RemoteError) as exc:
+        await stream.__anext__()
+    assert exc.value.error.code == "internal" and "engine exploded" in exc.value.error.message
+    # malformed request: a clear bad_request naming the message and field
+    with pytest.raises(RemoteError) as exc:
+        await (await req.stream_request(subject, b"\x81\xa1v\x01", timeout=5)).collect()
+    assert exc.value.error.code == "bad_request"
+    assert "GenerateRequest" in exc.value.error.message and "request_id" in exc.value.error.message
+    # malformed cancel on the cancel subject is ignored
+    await req.nc.publish(subjects.stream_cancel(req.namespace), b"\xc1not msgpack")
+    await req.nc.flush()
+    # still serving
+    chunks = await (await req.stream_request(subject, gen("ok"), timeout=5)).collect()
+    assert chunks[0].token_ids == b"\x01\x00\x00\x00"
+    await asyncio.sleep(0.05)
+    assert resp.stats["bad_cancels"] == 1
+
+
+async def test_malformed_frame_and_seq_gap_are_detected(buses):
+    """A broken responder (raw NATS) sends garbage / skips a seq: clear errors, and the
+    requester's other streams are unaffected."""
+    req, _ = buses
+    subject = _subject(req, "broken")
+    enc = msgspec.msgpack.Encoder().encode
+
+    async def broken(msg):
+        if msg.data == b"garbage":
+            await req.nc.publish(msg.reply, b"\xc1\xc1")
+        elif msg.data == b"gap":
+            await req.nc.publish(msg.reply, enc(proto.StreamChunk(seq=0, token_ids=b"a")))
+            await req.nc.publish(msg.reply, enc(proto.StreamChunk(seq=2, token_ids=b"c")))
+        else:
+            await req.nc.publish(msg.reply, enc(proto.StreamChunk(seq=0, final=True)))
+
+    await req.nc.subscribe(subject, cb=broken)
+    await req.nc.flush()
+    with pytest.raises(BadFrame) as exc:
+        await (await req.stream_request(subject, b"garbage", timeout=5)).collect()
+    assert "StreamChunk" in str(exc.value)
+    stream = await req.stream_request(subject, b"gap", timeout=5)
+    assert (await stream.__anext__()).seq == 0
+    with pytest.raises(LostChunks) as exc:
+        await stream.__anext__()
+    assert "expected frame seq 1, got 2" in str(exc.value)
+    chunks = await (await req.stream_request(subject, b"ok", timeout=5)).collect()
+    assert chunks[0].final
+
+
+async def test_overloaded_responder_refuses_immediately(buses):
+    req, resp = buses
+    release = asyncio.Event()
+
+    async def handler(request, stream):
+        await stream.send(b"")
+        await asyncio.wait_for(release.wait(), 5)
+
+    subject = await _serve(resp, "busy", handler, max_concurrent=2)
+    first = [await req.stream_request(subject, b"", timeout=5) for _ in range(2)]
+    for s in first:
+        await s.__anext__()
+    t0 = time.monotonic()
+    with pytest.raises(Overloaded) as exc:
+        await (await req.stream_request(subject, b"", timeout=5)).collect()
+    assert exc.value.error.retryable and time.monotonic() - t0 < 1
+    release.set()
+    for s in first:
+        assert (await s.collect())[-1].final
+
+
+async def test_unread_stream_overflows_with_a_clear_error(buses):
+    req, resp = buses
+
+    async def handler(request, stream):
+        for _ in range(50):
+            await stream.send(b"")
+        await stream.send(final=True)
+
+    subject = await _serve(resp, "flood", handler)
+    stream = await req.stream_request(subject, b"", max_buffered=10, timeout=5)
+    await asyncio.sleep(0.3)  # frames pile up unread
+    with pytest.raises(SlowConsumer) as exc:
+        await stream.__anext__()
+    assert "10 frames buffered" in str(exc.value)
+
+
+# -- connection --------------------------------------------------------------------------------
+
+
+async def test_connect_to_nothing_fails_clearly():
+    from genset.runtime.infra import free_port
+
+    url = f"nats://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(BusError) as exc:
+        await Bus.connect(url, name="nobody", connect_timeout=0.5)
+    assert url in str(exc.value) and time.monotonic() - t0 < 2
+
+
+# -- JetStream ---------------------------------------------------------------------------------
+
+
+async def test_ensure_stream_and_replay(buses):
+    req, _ = buses
+    name = "BT_" + req.namespace.upper()
+    subj = f"{req.namespace}.kv.>"
+    await req.ensure_stream(name, [subj], max_age_s=60)
+    await req.ensure_stream(name, [subj], max_age_s=120, max_msgs=1000)  # update in place
+    info = await req.js.stream_info(name)
+    assert info.config.max_age == 120 and info.config.max_msgs == 1000
+    for i in range(5):
+        await req.js.publish(f"{req.namespace}.kv.w1", str(i).encode())
+    mid = datetime.now(UTC)
+    await asyncio.sleep(0.01)
+    for i in range(5, 8):
+        await req.js.publish(f"{req.namespace}.kv.w2", str(i).encode())
+
+    async def take(**kw):
+        return [int(m.data) async for m in req.replay(subj, until_caught_up=True, **kw)]
+
+    assert await take() == list(range(8))
+    assert await take(start_seq=4) == list(range(3, 8))
+    assert await take(start_time=mid) == [5, 6, 7]
+    assert [int(m.data) async for m in req.replay(f"{req.namespace}.kv.w2",
+                                                 until_caught_up=True)] == [5, 6, 7]
+    # live tail: a message stored after the replay caught up still arrives
+    replay = req.replay(subj, start_seq=9)  # stream seqs start at 1: 0..7 are 1..8
+    nxt = asyncio.ensure_future(replay.__anext__())
+    await asyncio.sleep(0.2)
+    await req.js.publish(f"{req.namespace}.kv.w1", b"8")
+    assert int((await asyncio.wait_for(nxt, 5)).data) == 8
+    await replay.aclose()
+    await req.js.delete_stream(name)
