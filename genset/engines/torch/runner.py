@@ -24,7 +24,12 @@ from genset.engines.torch.config import ModelConfig, load_config
 from genset.engines.torch.model import LlamaModel, PrefillSpan, StepMetadata
 from genset.engines.torch.sampling import sample
 from genset.engines.torch.tiny import resolve_model
-from genset.engines.torch.weights import dummy_weights, has_checkpoint, load_checkpoint
+from genset.engines.torch.weights import (
+    dummy_weights,
+    expected_shapes,
+    has_checkpoint,
+    load_checkpoint,
+)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -60,6 +65,37 @@ def blocks_for_memory(
 ) -> int:
     """How many KV blocks fit in `memory_bytes`."""
     return max(0, memory_bytes // kv_bytes_per_block(cfg, block_size, dtype))
+
+
+DEFAULT_CPU_KV_BYTES = 512 << 20
+
+
+def size_num_blocks(
+    cfg: ModelConfig,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    memory_bytes: int | None = None,
+    *,
+    cuda_fraction: float = 0.85,
+) -> int:
+    """KV blocks for a memory budget: `memory_bytes` if given; on CUDA otherwise
+    `cuda_fraction` of the free memory left once the weights are loaded; on CPU 512 MiB."""
+    if memory_bytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            elem = torch.empty((), dtype=dtype).element_size()
+            weight_bytes = elem * sum(math.prod(s) for s in expected_shapes(cfg).values())
+            memory_bytes = int((free - weight_bytes) * cuda_fraction)
+        else:
+            memory_bytes = DEFAULT_CPU_KV_BYTES
+    n = blocks_for_memory(cfg, memory_bytes, block_size, dtype)
+    if n < 1:
+        raise ValueError(
+            f"KV memory budget of {memory_bytes} bytes holds no block of "
+            f"{kv_bytes_per_block(cfg, block_size, dtype)} bytes"
+        )
+    return n
 
 
 class ModelRunner:
