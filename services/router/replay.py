@@ -1,0 +1,349 @@
+"""`genset replay TRACE`: a Mooncake-format trace through the router and N mocker workers in
+simulated time (no NATS, no etcd, no sleeping).
+
+The simulation is event driven. Each worker is a `genset.engines.mocker.MockerCore` (the same
+scheduler and block pool as live workers, with the modelled step time); a worker runs one
+step at a time, and what a step produced (first tokens, finished requests, KV events) becomes
+visible at the step's end. Arrivals are routed by `RouterCore` against the index as it is at
+that moment (KV events arrive instantly, as in Dynamo's offline replay), and a request joins
+its worker's queue at once (it is admitted at the worker's next step).
+
+Metrics follow Dynamo's replay (peers/dynamo/replay_eval.py) so numbers compare directly:
+hit_rate = prompt tokens served from the chosen worker's cache at admission / prompt tokens;
+TTFT = first token - arrival; percentiles nearest-rank (sorted[round(q*(n-1))]);
+itl_mean = sum(last - first token) / sum(output tokens - 1); load_cov = population stdev /
+mean of requests per worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import proto
+from services.router.core import RouterConfig, RouterCore
+from services.router.policies import ALIASES, POLICY_NAMES
+from services.router.trace import TRACE_BLOCK, TraceError, TraceRequest, load_trace
+
+PLOT_KEYS = ("hit_rate", "ttft_mean_ms", "ttft_p90_ms", "itl_mean_ms")
+
+
+@dataclass
+class ReplayConfig:
+    workers: int = 8
+    block_size: int = 64
+    kv_blocks: int = 4688
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 8192
+    arrival_speedup: float = 1.0
+    speedup_ratio: float = 1.0  # mocker step-time divisor
+    seed: int = 0
+    policy_options: dict = field(default_factory=dict)
+    router_replicas: int = 1  # >1: replicas route in turn and share decisions (like live replicas)
+
+
+@dataclass
+class _Req:
+    trace: TraceRequest
+    arrival_ms: float
+    worker: int = -1
+    first_token_ms: float | None = None
+    last_token_ms: float | None = None
+    cached_tokens: int = 0
+    outputs: int = 0
+
+
+class _Worker:
+    __slots__ = ("busy", "core", "index", "step_end")
+
+    def __init__(self, index: int, core) -> None:
+        self.index = index
+        self.core = core
+        self.busy = False
+        self.step_end = 0.0
+
+
+def make_mocker(cfg: ReplayConfig, worker_id: int):
+    """A mocker engine core configured like the Dynamo replay settings."""
+    from genset.engines.mocker import MockerConfig, MockerCore, PolynomialTiming
+
+    return MockerCore(MockerConfig(
+        block_size=cfg.block_size,
+        num_blocks=cfg.kv_blocks,
+        max_batch_tokens=cfg.max_batched_tokens,
+        max_running=cfg.max_num_seqs,
+        context_length=1 << 30,
+        timing=PolynomialTiming(speedup_ratio=cfg.speedup_ratio),
+    ), worker_id=worker_id)
+
+
+class _HashCache:
+    """Engine-block hashes of trace prompts. Because a Mooncake hash id implies its whole
+    prefix, the engine blocks inside one full 512-token trace block always hash the same:
+    cache them per id, and hash only the cut last block fresh."""
+
+    def __init__(self, block_size: int) -> None:
+        from genset.kv.hashing import block_hashes
+
+        self._block_hashes = block_hashes
+        self.bs = block_size
+        self.per_id: dict[int, list[int]] = {}
+        self.exact = TRACE_BLOCK % block_size == 0
+
+    def hashes(self, req: TraceRequest, token_bytes: bytes) -> list[int]:
+        if not self.exact:
+            return self._block_hashes(token_bytes, self.bs)
+        per = TRACE_BLOCK // self.bs
+        out: list[int] = []
+        n_full_engine_blocks = req.input_length // self.bs
+        parent = None
+        for j, h in enumerate(req.hash_ids):
+            if (j + 1) * per > n_full_engine_blocks:
+                start = j * per * self.bs * 4
+                end = n_full_engine_blocks * self.bs * 4
+                if end > start:
+                    out.extend(self._block_hashes(token_bytes[start:end], self.bs, parent))
+                break
+            got = self.per_id.get(h)
+            if got is None:
+                start = j * TRACE_BLOCK * 4
+                got = self._block_hashes(token_bytes[start:start + TRACE_BLOCK * 4], self.bs, parent)
+                self.per_id[h] = got
+            out.extend(got)
+            parent = got[-1]
+        return out
+
+
+def _nearest_rank(sorted_vals: list[float], q: float) -> float:
+    return sorted_vals[round(q * (len(sorted_vals) - 1))] if sorted_vals else float("nan")
+
+
+def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dict:
+    from genset.engines.base import EngineRequest
+    from proto.generate import SamplingParams, StopConditions
+
+    routers = []
+    now = [0.0]
+    for r in range(max(1, cfg.router_replicas)):
+        routers.append(RouterCore(RouterConfig(policy=policy, block_size=cfg.block_size, seed=cfg.seed + r,
+                                               policy_options=dict(cfg.policy_options), router_id=r + 1),
+                                  clock=lambda: now[0]))
+    workers = [_Worker(i, make_mocker(cfg, i)) for i in range(cfg.workers)]
+    for rc in routers:
+        for w in workers:
+            rc.add_worker(w.index, model="replay", block_size=cfg.block_size, kv_blocks=cfg.kv_blocks,
+                          max_batch_tokens=cfg.max_batched_tokens)
+    hash_cache = _HashCache(cfg.block_size)
+    t0 = trace[0].arrival_ms
+    reqs = [_Req(t, (t.arrival_ms - t0) / cfg.arrival_speedup) for t in trace]
+    by_id: dict[str, _Req] = {}
+    steps: list[tuple[float, int, int]] = []  # (end time, seq, worker) of steps in flight
+    pending: dict[int, tuple[list, object]] = {}  # worker -> (outputs, kv batch) of its step
+    seq = 0
+    wall0 = time.perf_counter()
+
+    def start_step(w: _Worker, t: float) -> None:
+        nonlocal seq
+        outputs, dur = w.core.step(t)
+        batch = w.core.take_kv_batch(int(t + dur))
+        w.busy = True
+        w.step_end = t + max(dur, 1e-6)
+        pending[w.index] = (outputs, batch)
+        seq += 1
+        heapq.heappush(steps, (w.step_end, seq, w.index))
+
+    def finish_step(w: _Worker, t: float) -> None:
+        outputs, batch = pending.pop(w.index)
+        w.busy = False
+        if batch is not None and batch.events:
+            for rc in routers:
+                rc.on_kv_batch(batch)
+        for out in outputs:
+            r = by_id.get(out.request_id)
+            if r is None:
+                continue
+            if r.first_token_ms is None:
+                r.first_token_ms = t
+                r.cached_tokens = out.cached_tokens
+                for rc in routers:
+                    rc.on_first_token(out.request_id)
+            r.last_token_ms = t
+            r.outputs += len(out.token_ids)
+            if out.finish_reason is not None:
+                for rc in routers:
+                    rc.on_done(out.request_id)
+        if w.core.has_work():
+            start_step(w, t)
+
+    i = 0
+    n = len(reqs)
+    while i < n or steps:
+        t_arr = reqs[i].arrival_ms if i < n else math.inf
+        if steps and steps[0][0] <= t_arr:
+            t, _, wi = heapq.heappop(steps)
+            now[0] = t
+            finish_step(workers[wi], t)
+            continue
+        r = reqs[i]
+        now[0] = t_arr
+        rid = f"r{r.trace.index}"
+        toks = r.trace.token_array()
+        token_bytes = toks.tobytes()
+        hashes = hash_cache.hashes(r.trace, token_bytes)
+        rc = routers[i % len(routers)]
+        routed = rc.route_tokens(rid, token_bytes, r.trace.input_length, r.trace.output_length,
+                                 hashes_by_block_size={cfg.block_size: hashes})
+        for other in routers:
+            if other is not rc:  # replicas broadcast their decisions to each other
+                other.on_peer_decision(proto.RouteDecision(
+                    request_id=rid, worker_id=routed.worker_id, overlap_blocks=routed.overlap_blocks,
+                    prompt_tokens=routed.prompt_tokens, router_id=rc.config.router_id))
+        r.worker = routed.worker_id
+        by_id[rid] = r
+        w = workers[routed.worker_id]
+        w.core.add_request(EngineRequest(
+            rid, toks.tolist(), SamplingParams(temperature=0.0),
+            StopConditions(max_tokens=r.trace.output_length, ignore_eos=True)))
+        if not w.busy:
+            start_step(w, t_arr)
+        i += 1
+
+    wall = time.perf_counter() - wall0
+    return summarize(reqs, cfg, policy, wall)
+
+
+def summarize(reqs: list[_Req], cfg: ReplayConfig, policy: str, wall_s: float) -> dict:
+    done = [r for r in reqs if r.first_token_ms is not None]
+    ttft = sorted(r.first_token_ms - r.arrival_ms for r in done)
+    tin = sum(r.trace.input_length for r in done)
+    reused = sum(r.cached_tokens for r in done)
+    itl_num = sum(r.last_token_ms - r.first_token_ms for r in done if r.trace.output_length > 1)
+    itl_den = sum(r.trace.output_length - 1 for r in done if r.trace.output_length > 1)
+    per_worker = [0] * cfg.workers
+    for r in done:
+        per_worker[r.worker] += 1
+    mean_w = statistics.fmean(per_worker)
+    end = max((r.last_token_ms for r in done), default=0.0)
+    return {
+        "policy": policy,
+        "requests": len(reqs),
+        "completed": len(done),
+        "hit_rate": reused / tin if tin else 0.0,
+        "ttft_mean_ms": statistics.fmean(ttft) if ttft else float("nan"),
+        "ttft_p50_ms": _nearest_rank(ttft, 0.5),
+        "ttft_p90_ms": _nearest_rank(ttft, 0.9),
+        "ttft_p99_ms": _nearest_rank(ttft, 0.99),
+        "itl_mean_ms": itl_num / itl_den if itl_den else float("nan"),
+        "load_cov": statistics.pstdev(per_worker) / mean_w if mean_w else 0.0,
+        "requests_per_worker": per_worker,
+        "duration_s": (end - min(r.arrival_ms for r in reqs)) / 1000.0,
+        "wall_s": wall_s,
+        "settings": {
+            "workers": cfg.workers, "block_size": cfg.block_size, "kv_blocks": cfg.kv_blocks,
+            "max_num_seqs": cfg.max_num_seqs, "max_batched_tokens": cfg.max_batched_tokens,
+            "arrival_speedup": cfg.arrival_speedup, "router_replicas": cfg.router_replicas,
+        },
+    }
+
+
+def plot(results: list[dict], path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["policy"] for r in results]
+    fig, axes = plt.subplots(1, len(PLOT_KEYS), figsize=(4 * len(PLOT_KEYS), 3.6))
+    for ax, key in zip(axes, PLOT_KEYS, strict=True):
+        vals = [r[key] * (100 if key == "hit_rate" else 1) for r in results]
+        ax.bar(names, vals, color=["#2b6cb0" if n == "genset" else "#a0aec0" for n in names])
+        ax.set_title(key.replace("_", " ").replace("hit rate", "hit rate %"))
+        ax.tick_params(axis="x", rotation=30)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _positive(kind):
+    def conv(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+    return conv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genset replay", description=__doc__.split("\n\n")[0])
+    p.add_argument("trace", help="Mooncake-format JSONL trace")
+    p.add_argument("--policy", default="genset",
+                   help=f"one or several comma-separated policies to compare ({', '.join(POLICY_NAMES)})")
+    p.add_argument("--workers", type=_positive(int), default=8)
+    p.add_argument("--block-size", type=_positive(int), default=64)
+    p.add_argument("--kv-blocks", type=_positive(int), default=4688, help="KV capacity per worker, in blocks")
+    p.add_argument("--arrival-speedup", type=_positive(float), default=1.0,
+                   help="3 = arrivals three times faster than in the trace")
+    p.add_argument("--speedup-ratio", type=_positive(float), default=1.0, help="mocker step-time divisor")
+    p.add_argument("--limit", type=_positive(int), default=None, help="only the first N requests")
+    p.add_argument("--max-num-seqs", type=_positive(int), default=256)
+    p.add_argument("--max-batched-tokens", type=_positive(int), default=8192)
+    p.add_argument("--router-replicas", type=_positive(int), default=1,
+                   help="router replicas sharing decisions (they take arrivals in turn)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="FILE.png", help="bar chart comparing the policies")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    policies = [s.strip() for s in args.policy.split(",") if s.strip()]
+    for name in policies:
+        if ALIASES.get(name, name) not in POLICY_NAMES:
+            print(f"genset replay: unknown policy {name!r} (use {', '.join(POLICY_NAMES)})", file=sys.stderr)
+            return 2
+    try:
+        trace = load_trace(args.trace, limit=args.limit)
+    except TraceError as exc:
+        print(f"genset replay: {exc}", file=sys.stderr)
+        return 2
+    cfg = ReplayConfig(workers=args.workers, block_size=args.block_size, kv_blocks=args.kv_blocks,
+                       max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
+                       arrival_speedup=args.arrival_speedup, speedup_ratio=args.speedup_ratio,
+                       seed=args.seed, router_replicas=args.router_replicas)
+    results = []
+    for name in policies:
+        try:
+            results.append(run_replay(trace, name, cfg))
+        except ValueError as exc:
+            print(f"genset replay: {exc}", file=sys.stderr)
+            return 2
+    if args.json:
+        doc = results[0] if len(results) == 1 else {r["policy"]: r for r in results}
+        print(json.dumps(doc))
+    else:
+        print(f"{len(trace)} requests, {cfg.workers} workers x {cfg.kv_blocks} blocks of {cfg.block_size}, "
+              f"arrival speedup {cfg.arrival_speedup:g}")
+        print(f"{'policy':<14}{'hit %':>7}{'TTFT mean':>11}{'p50':>8}{'p90':>8}{'p99':>8}{'ITL':>7}{'load cov':>10}{'wall s':>8}")
+        for r in results:
+            print(f"{r['policy']:<14}{r['hit_rate'] * 100:>7.1f}{r['ttft_mean_ms']:>11.0f}{r['ttft_p50_ms']:>8.0f}"
+                  f"{r['ttft_p90_ms']:>8.0f}{r['ttft_p99_ms']:>8.0f}{r['itl_mean_ms']:>7.2f}{r['load_cov']:>10.3f}"
+                  f"{r['wall_s']:>8.1f}")
+    if args.plot:
+        plot(results, args.plot, title=f"{len(trace)} requests, {cfg.workers} workers, {cfg.kv_blocks} blocks")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
