@@ -1,0 +1,257 @@
+"""Tokenizers, chat templates and incremental detokenization, without torch or transformers.
+
+A model directory in Hugging Face layout (tokenizer.json + tokenizer_config.json) is read with
+the `tokenizers` package (Rust) and the chat template is rendered with jinja2, the way
+transformers renders it (sandboxed, trim_blocks/lstrip_blocks, `raise_exception`, `tojson`).
+Keeping transformers out keeps the frontend light: importing it costs seconds and hundreds
+of MB.
+
+Detokenization runs per chunk, not per token: `Detokenizer.feed(ids)` turns a whole chunk of
+token ids into text with one call into Rust (`tokenizers.decoders.DecodeStream`), which never
+returns a partial UTF-8 character; stop strings are then matched on the text, holding back
+any tail that could still grow into a stop string.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as _RustTokenizer
+from tokenizers.decoders import DecodeStream
+
+# Prompts shorter than this (characters) are tokenized on the event loop: a thread hop costs
+# more than encoding a few thousand characters (~0.3 ms per 1,000 tokens).
+OFFLOAD_CHARS = 16384
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded or a chat template that cannot be rendered."""
+
+
+def _special_content(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as a string or {"content": ...}.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _resolve_directory(source: str) -> Path:
+    """`source` is a model/tokenizer directory, a tokenizer.json file, or a built-in name."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.parent
+    if path.is_dir():
+        return path
+    if "/" not in source and not path.suffix:
+        try:
+            # Imported only for built-in names; tiny.resolve_model writes/locates the files
+            # and must not import torch (the frontend never loads torch).
+            from genset.engines.torch.tiny import resolve_model
+        except ImportError as exc:
+            raise TokenizerError(f"built-in tokenizer {source!r} is not available: {exc}") from None
+        return Path(resolve_model(source))
+    raise TokenizerError(f"tokenizer {source!r}: no such directory or tokenizer.json file")
+
+
+def _raise_exception(message: str) -> None:
+    raise TokenizerError(f"chat template refused the messages: {message}")
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_template(source: str):
+    # Imported here so that `import genset.tokenizer` stays cheap for pure token users.
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.globals["raise_exception"] = _raise_exception
+    env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(
+        value, ensure_ascii=False, indent=indent
+    )
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as exc:
+        raise TokenizerError(f"chat template does not compile: {exc}") from None
+
+
+# ChatML, for tokenizers that ship no template (the caller gets a working default, not a 500).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    """One model's tokenizer: encode, decode, chat template, end-of-sequence ids."""
+
+    def __init__(self, rust: _RustTokenizer, config: dict[str, Any], source: str,
+                 generation_config: dict[str, Any] | None = None) -> None:
+        self.rust = rust
+        self.source = source
+        self.config = config
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        self.chat_template: str = template if isinstance(template, str) else DEFAULT_CHAT_TEMPLATE
+        self.bos_token = _special_content(config.get("bos_token"))
+        self.eos_token = _special_content(config.get("eos_token"))
+        eos_ids: list[int] = []
+        if self.eos_token is not None and (eid := rust.token_to_id(self.eos_token)) is not None:
+            eos_ids.append(eid)
+        gen_eos = (generation_config or {}).get("eos_token_id")
+        for eid in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
+            if isinstance(eid, int) and eid not in eos_ids:
+                eos_ids.append(eid)
+        self.eos_token_ids: list[int] = eos_ids
+        self.vocab_size = rust.get_vocab_size(with_added_tokens=True)
+
+    # -- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_directory(cls, directory: str | Path, *, source: str | None = None) -> Tokenizer:
+        directory = Path(directory)
+        tok_file = directory / "tokenizer.json"
+        if not tok_file.is_file():
+            raise TokenizerError(f"{directory}: no tokenizer.json")
+        try:
+            rust = _RustTokenizer.from_file(str(tok_file))
+        except Exception as exc:  # the Rust side raises plain Exception
+            raise TokenizerError(f"{tok_file}: cannot load: {exc}") from None
+        config = _read_json(directory / "tokenizer_config.json")
+        generation = _read_json(directory / "generation_config.json")
+        return cls(rust, config, source or str(directory), generation)
+
+    # -- text <-> ids -------------------------------------------------------------------
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self.rust.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self.rust.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    **extra: Any) -> str:
+        """The prompt text of a conversation, as transformers' apply_chat_template renders it."""
+        import jinja2
+
+        template = _compile_template(self.chat_template)
+        try:
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **extra,
+            )
+        except TokenizerError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise TokenizerError(f"chat template failed: {exc}") from None
+        except (TypeError, KeyError, AttributeError, ValueError) as exc:
+            raise TokenizerError(f"chat template failed on these messages: {exc}") from None
+
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        # The template already writes BOS/special tokens itself; adding them again would double them.
+        return self.encode(self.render_chat(messages, **kwargs), add_special_tokens=False)
+
+    def detokenizer(self, *, stop: Iterable[str] = (), skip_special_tokens: bool = True) -> Detokenizer:
+        return Detokenizer(self, stop=stop, skip_special_tokens=skip_special_tokens)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(f"{path}: not valid JSON: {exc}") from None
+    return value if isinstance(value, dict) else {}
+
+
+_cache: dict[str, Tokenizer] = {}
+_cache_lock = threading.Lock()
+
+
+def load_tokenizer(source: str) -> Tokenizer:
+    """The tokenizer named by a model card's `tokenizer` field (cached per source).
+
+    Blocking (file reads, building the Rust tokenizer): call it from a thread in services.
+    """
+    with _cache_lock:
+        cached = _cache.get(source)
+    if cached is not None:
+        return cached
+    tokenizer = Tokenizer.from_directory(_resolve_directory(source), source=source)
+    with _cache_lock:
+        return _cache.setdefault(source, tokenizer)
+
+
+class Detokenizer:
+    """Incremental ids -> text for one generated sequence, with stop strings.
+
+    `feed(ids)` returns the text that is safe to show now: never a partial UTF-8 character
+    (DecodeStream holds incomplete byte sequences back), never text that could still turn
+    out to be the start of a stop string. When a stop string appears, `stopped` becomes True
+    and the text before it is the last text returned; the stop string itself is not shown
+    (OpenAI semantics). `flush()` returns what was held back once the stream ends without a
+    stop.
+    """
+
+    __slots__ = ("_held", "_max_stop", "_rust", "_stops", "_stream", "stopped")
+
+    def __init__(self, tokenizer: Tokenizer, *, stop: Iterable[str] = (),
+                 skip_special_tokens: bool = True) -> None:
+        self._rust = tokenizer.rust
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._stops = tuple(s for s in stop if s)
+        self._max_stop = max((len(s) for s in self._stops), default=0)
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, ids: list[int]) -> str:
+        if self.stopped or not ids:
+            return ""
+        text = self._stream.step(self._rust, ids)
+        if not self._stops:
+            return text or ""
+        if not text:
+            return ""
+        return self._match_stops(self._held + text)
+
+    def _match_stops(self, buf: str) -> str:
+        # A stop string can only start inside the held tail or the new text: anything emitted
+        # earlier had no suffix that was a prefix of a stop string.
+        first = -1
+        for s in self._stops:
+            at = buf.find(s)
+            if at != -1 and (first == -1 or at < first):
+                first = at
+        if first != -1:
+            self.stopped = True
+            self._held = ""
+            return buf[:first]
+        hold = 0
+        tail_window = min(len(buf), self._max_stop - 1)
+        for s in self._stops:
+            for k in range(min(len(s) - 1, tail_window), hold, -1):
+                if buf.endswith(s[:k]):
+                    hold = k
+                    break
+        if hold:
+            self._held = buf[-hold:]
+            return buf[:-hold]
+        self._held = ""
+        return buf
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.stopped else held

@@ -1,0 +1,44 @@
+"""The frontend's Prometheus metrics (served at /metrics on the API port)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0)
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25,
+                0.5, 1.0, 2.5)
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class FrontendMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("genset_frontend_time_to_first_token_seconds",
+                              "Time from request arrival to the first generated token",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("genset_frontend_inter_token_latency_seconds",
+                             "Time between consecutive generated tokens (a chunk of k tokens "
+                             "counts as k gaps of 1/k of the wait)",
+                             ["model"], buckets=_ITL_BUCKETS, registry=r)
+        self.duration = Histogram("genset_frontend_request_duration_seconds",
+                                  "Request duration, arrival to last byte", ["model"],
+                                  buckets=_DURATION_BUCKETS, registry=r)
+        self.inflight = Gauge("genset_frontend_inflight_requests",
+                              "Requests being served now", ["model"], registry=r)
+        self.requests = Counter("genset_frontend_requests",
+                                "Finished requests by endpoint and outcome",
+                                ["model", "endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("genset_frontend_prompt_tokens", "Prompt tokens", ["model"],
+                                     registry=r)
+        self.output_tokens = Counter("genset_frontend_output_tokens", "Generated tokens",
+                                     ["model"], registry=r)
+        self.cached_tokens = Counter("genset_frontend_cached_tokens",
+                                     "Prompt tokens served from a KV cache", ["model"], registry=r)
+        self.migrations = Counter("genset_frontend_migrations",
+                                  "Requests moved to another worker after a worker failed",
+                                  ["model", "phase"], registry=r)
+        self.disconnects = Counter("genset_frontend_client_disconnects",
+                                   "Streams the client closed before the end", ["model"],
+                                   registry=r)

@@ -1,0 +1,136 @@
+"""The frontend service: HTTP API + NATS generate service over one shared pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from genset.runtime.config import opt
+from genset.runtime.service import Service
+from services.frontend import routing
+from services.frontend.http_app import FrontendHttp
+from services.frontend.metrics import FrontendMetrics
+from services.frontend.nats_service import NatsGenerateService
+from services.frontend.pipeline import Pipeline
+from services.frontend.registry import ModelRegistry
+
+ROUTER_MODES = ("auto", "embedded", "remote", "round-robin", "least-loaded", "round_robin",
+                "random", "least_loaded", "kv", "genset", "dynamo", "sglang")
+
+
+@dataclass
+class FrontendOptions:
+    port: int = field(default=8000, metadata=opt("port of the OpenAI-compatible HTTP API",
+                                                 min=0, max=65535))
+    http_host: str | None = field(default=None, metadata=opt(
+        "address the HTTP API listens on (default: --host)"))
+    router: str = field(default="auto", metadata=opt(
+        "how workers are picked: auto (remote if a router service runs, else embedded), "
+        "embedded, remote, a router policy name, or the built-in round-robin / least-loaded",
+        choices=ROUTER_MODES))
+    request_timeout: float = field(default=600.0, metadata=opt(
+        "deadline of every request, seconds", min=0.1))
+    migration_limit: int = field(default=3, metadata=opt(
+        "times a request may move to another worker after its worker failed", min=0))
+    heartbeat_timeout: float = field(default=5.0, metadata=opt(
+        "silence from a worker (seconds) after which it is presumed dead", min=0.5))
+    api_key: str | None = field(default=None, metadata=opt(
+        "require `Authorization: Bearer <key>` on /v1 endpoints (comma-separated keys)",
+        secret=True))
+    nats_max_concurrent: int = field(default=4096, metadata=opt(
+        "NATS-native generate requests in progress before new ones are refused", min=1))
+
+
+class _Server(uvicorn.Server):
+    # run_service owns SIGTERM/SIGINT; uvicorn must not install its own handlers.
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class FrontendService(Service):
+    component = "frontend"
+
+    def __init__(self, config, options: FrontendOptions) -> None:
+        super().__init__(config)
+        self.options = options
+        self.frontend_metrics = FrontendMetrics(self.metrics.registry)
+        self.registry: ModelRegistry | None = None
+        self.router = None
+        self.pipeline: Pipeline | None = None
+        self.nats_service: NatsGenerateService | None = None
+        self.server: _Server | None = None
+        self._server_task: asyncio.Task | None = None
+        self.api_url = ""
+
+    async def start(self) -> None:
+        opts = self.options
+        self.registry = ModelRegistry(self.discovery, self.namespace)
+        await self.registry.start()
+        self.router = await routing.create(opts.router, bus=self.bus, discovery=self.discovery,
+                                           registry=self.registry, namespace=self.namespace)
+        await self.router.start()
+        self.pipeline = Pipeline(bus=self.bus, registry=self.registry, router=self.router,
+                                 metrics=self.frontend_metrics,
+                                 request_timeout=opts.request_timeout,
+                                 migration_limit=opts.migration_limit,
+                                 heartbeat_timeout=opts.heartbeat_timeout)
+        self.nats_service = NatsGenerateService(self.pipeline, self.bus, self.namespace,
+                                                max_concurrent=opts.nats_max_concurrent)
+        await self.nats_service.start()
+        self.subjects["generate"] = self.nats_service.subject
+
+        http = FrontendHttp(self.pipeline, health=self.health, metrics_text=self.metrics.render,
+                            api_keys=(opts.api_key or "").split(","))
+        host = opts.http_host or self.config.host
+        config = uvicorn.Config(http.app, host=host, port=opts.port, lifespan="off",
+                                log_level="warning", access_log=False, server_header=False,
+                                date_header=False, timeout_keep_alive=30, backlog=2048)
+        self.server = _Server(config)
+        self._server_task = asyncio.create_task(self.server.serve(), name="frontend-http")
+        while not self.server.started:
+            if self._server_task.done():
+                self._server_task.result()  # raises why it could not start (port taken, ...)
+                raise RuntimeError(f"HTTP server on {host}:{opts.port} did not start")
+            await asyncio.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1] if self.server.servers else opts.port
+        self.api_url = f"http://{host}:{port}"
+        self.labels["api_url"] = self.api_url
+        self.log.info("http_api", url=self.api_url, router=opts.router)
+
+    def _inflight(self) -> float:
+        return sum(s.value for m in self.frontend_metrics.inflight.collect() for s in m.samples)
+
+    async def drain(self) -> None:
+        if self.nats_service is not None:
+            await self.nats_service.stop()
+        if self.server is not None:
+            # Stop accepting connections; uvicorn then waits for in-flight requests.
+            self.server.should_exit = True
+            if self._server_task is not None:
+                await self._server_task
+
+    async def stop(self) -> None:
+        if self.server is not None and self._server_task is not None and not self._server_task.done():
+            self.server.force_exit = True
+            self._server_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._server_task
+        if self.router is not None:
+            with contextlib.suppress(Exception):
+                await self.router.close()
+        if self.registry is not None:
+            with contextlib.suppress(Exception):
+                await self.registry.close()
+        if self.pipeline is not None:
+            self.pipeline.close()
+
+    def health(self) -> dict:
+        body = super().health()
+        body["api_url"] = self.api_url
+        body["models"] = sorted(self.registry.models) if self.registry is not None else []
+        body["inflight"] = self._inflight()
+        return body

@@ -1,0 +1,110 @@
+"""Tokenizer loading, chat templates and incremental detokenization (genset.tokenizer)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from genset.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from tests.test_frontend_helpers import make_tokenizer_dir
+
+TEXT = ("Grüße aus München! 你好\uff0c世界。 Emoji 🙂🚀👍🏽 — ∑ ≈ ∞. こんにちは世界。"
+        " The quick brown fox. ¿dónde está?")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    return load_tokenizer(str(make_tokenizer_dir(tmp_path_factory.mktemp("tok"))))
+
+
+def _chunks(ids: list[int], rng: random.Random) -> list[list[int]]:
+    out, i = [], 0
+    while i < len(ids):
+        n = rng.randint(1, 4)
+        out.append(ids[i:i + n])
+        i += n
+    return out
+
+
+def test_multibyte_characters_never_split(tok):
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    # The tiny vocabulary splits CJK and emoji characters over several byte tokens.
+    assert len(ids) > len(TEXT) // 2
+    for seed in range(5):
+        detok = tok.detokenizer()
+        pieces = [detok.feed(chunk) for chunk in _chunks(ids, random.Random(seed))]
+        pieces.append(detok.flush())
+        assert "".join(pieces) == TEXT == tok.decode(ids)
+        assert all("\ufffd" not in p for p in pieces)
+    # one token at a time: some steps must hold text back (a partial character)
+    detok = tok.detokenizer()
+    single = [detok.feed([t]) for t in ids]
+    assert "".join(single) == TEXT
+    assert "" in single
+
+
+@pytest.mark.parametrize("stop", ["世界。", "brown", "🚀👍", "est"])
+def test_stop_string_across_chunks(tok, stop):
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    expected = TEXT[:TEXT.find(stop)]
+    for seed in range(5):
+        detok = tok.detokenizer(stop=[stop, "never-there"])
+        out = []
+        for chunk in _chunks(ids, random.Random(seed)):
+            out.append(detok.feed(chunk))
+            # nothing emitted so far may end with the start of the stop string
+            so_far = "".join(out)
+            assert stop not in so_far
+            if detok.stopped:
+                break
+        assert detok.stopped
+        assert detok.flush() == ""
+        assert "".join(out) == expected
+        assert detok.feed(ids[:3]) == ""  # after a stop nothing more comes out
+
+
+def test_partial_stop_is_held_then_released(tok):
+    detok = tok.detokenizer(stop=["fox jumps"])
+    shown = detok.feed(tok.encode("The quick brown fox", add_special_tokens=False))
+    assert shown == "The quick brown "  # "fox" could begin the stop string
+    shown += detok.feed(tok.encode(" runs", add_special_tokens=False))
+    assert not detok.stopped
+    assert shown + detok.flush() == "The quick brown fox runs"
+
+
+def test_special_tokens_skipped(tok):
+    eos = tok.eos_token_ids[0]
+    assert tok.rust.id_to_token(eos) == "<|im_end|>"
+    ids = [*tok.encode("Hello world", add_special_tokens=False), eos]
+    detok = tok.detokenizer()
+    assert detok.feed(ids) + detok.flush() == "Hello world"
+
+
+def test_chat_template_and_encode(tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 🙂"}]
+    text = tok.render_chat(messages)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi 🙂<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    ids = tok.encode_chat(messages)
+    assert ids[0] == tok.rust.token_to_id("<|im_start|>")
+    assert tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_template_errors_are_clear(tmp_path):
+    d = make_tokenizer_dir(tmp_path / "t")
+    import json
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer.from_directory(d)
+    assert tok.render_chat([{"role": "user", "content": "x"}]) == "ok"
+    with pytest.raises(TokenizerError, match="first must be user"):
+        tok.render_chat([{"role": "system", "content": "x"}])
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(TokenizerError, match=r"no tokenizer\.json"):
+        Tokenizer.from_directory(tmp_path)
+    with pytest.raises(TokenizerError, match="no such directory"):
+        load_tokenizer(str(tmp_path / "missing" / "dir"))
