@@ -239,6 +239,11 @@ class EtcdClient:
         req = rpc.DeleteRangeRequest(key=key, range_end=prefix_range_end(key))
         return (await self._call("DeleteRange", "_kv", req, time_limit)).deleted
 
+    async def compact(self, revision: int, *, time_limit: float | None = None) -> None:
+        """Drop history below `revision` (watches asking for older revisions get EtcdCompacted)."""
+        await self._call("Compact", "_kv", rpc.CompactionRequest(revision=revision, physical=True),
+                         time_limit)
+
     # ---- leases -----------------------------------------------------------------------------
     async def lease_grant(self, ttl: int, *, time_limit: float | None = None) -> int:
         resp = await self._call("LeaseGrant", "_lease", rpc.LeaseGrantRequest(TTL=ttl), time_limit)

@@ -1,0 +1,256 @@
+"""Discovery against a real etcd: registration, watches, lease expiry and revocation across
+processes, lease loss, compaction, and bad values."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import proto
+from genset.runtime.discovery import ChangesOverflow, Discovery, DiscoveryError
+
+REPO = Path(__file__).resolve().parent.parent
+HELPER = REPO / "tests" / "helpers" / "register_and_wait.py"
+
+
+def record(instance_id: int, **labels: str) -> proto.InstanceRecord:
+    return proto.InstanceRecord(instance_id=instance_id, component="test", namespace="t",
+                                labels=labels)
+
+
+def prefix() -> str:
+    return f"genset/t{uuid.uuid4().hex[:8]}/instances/"
+
+
+async def collect(changes, into: list) -> None:
+    with contextlib.suppress(ChangesOverflow):
+        async for kind, key, value in changes:
+            into.append((kind, key, value))
+
+
+async def until(predicate, limit_s: float, what: str) -> float:
+    """Poll `predicate()` until true; returns the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > limit_s:
+            raise AssertionError(f"not {what} within {limit_s} s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+async def test_register_watch_update_unregister(etcd_server):
+    p = prefix()
+    owner = await Discovery.connect(etcd_server.endpoint, ttl=5)
+    viewer = await Discovery.connect(etcd_server.endpoint, ttl=5)
+    try:
+        assert owner.lease_id and owner.lease_id != viewer.lease_id
+        await owner.register(p + "a", record(1))
+        m = await viewer.watch(p, proto.InstanceRecord)
+        assert list(m.items) == [p + "a"] and m.items[p + "a"].instance_id == 1
+        seen: list = []
+        task = asyncio.create_task(collect(m.changes(), seen))
+        heard: list = []
+        m.add_listener(lambda kind, key, value: heard.append((kind, key)))
+
+        await owner.register(p + "b", record(2))
+        await owner.register(p + "a", record(1, role="x"))
+        await owner.register(p + "a", record(1, role="x"))  # same bytes: not a change
+        await viewer.put(p + "bad", b"\xc1 not msgpack")  # logged and skipped
+        await owner.unregister(p + "b")
+        await m.wait_for(lambda items: p + "b" not in items and
+                         items.get(p + "a") == record(1, role="x"), timeout=5)
+        await asyncio.sleep(0.2)
+        expected = [("put", p + "b"), ("put", p + "a"), ("delete", p + "b")]
+        assert [(k, key) for k, key, _ in seen] == expected
+        assert heard == expected
+        assert seen[2][2] == record(2)  # a delete carries the last known value
+        assert p + "bad" not in m.items
+        # get_prefix decodes the same way and also skips the bad value
+        assert await viewer.get_prefix(p, proto.InstanceRecord) == {p + "a": record(1, role="x")}
+        raw = await viewer.get_prefix(p)
+        assert raw[p + "bad"] == b"\xc1 not msgpack"
+        with pytest.raises(TimeoutError):
+            await m.wait_for(lambda items: len(items) == 5, timeout=0.2)
+        await m.close()
+        await asyncio.wait_for(task, 2)  # close() ends changes() iterators
+    finally:
+        await owner.close()
+        await viewer.delete(p + "bad")
+        await viewer.close()
+
+
+async def test_close_revokes_and_initial_changes(etcd_server):
+    p = prefix()
+    owner = await Discovery.connect(etcd_server.endpoint, ttl=10)
+    viewer = await Discovery.connect(etcd_server.endpoint)
+    try:
+        await owner.register(p + "x", record(7))
+        m = await viewer.watch(p, proto.InstanceRecord)
+        seen: list = []
+        task = asyncio.create_task(collect(m.changes(initial=True), seen))
+        start = time.monotonic()
+        await owner.close(revoke=True)
+        assert owner.lease_id is None
+        await m.wait_for(lambda items: not items, timeout=2)
+        assert time.monotonic() - start < 1.0  # revoked, not expired after 10 s
+        await asyncio.sleep(0.1)
+        assert [(k, key) for k, key, _ in seen] == [("put", p + "x"), ("delete", p + "x")]
+        task.cancel()
+        with pytest.raises(DiscoveryError):
+            await owner.register(p + "y", record(8))
+    finally:
+        await owner.close()
+        await viewer.close()
+
+
+async def test_connect_fails_clearly_when_etcd_absent():
+    from genset.runtime.infra import free_port
+
+    start = time.monotonic()
+    with pytest.raises(DiscoveryError, match="unreachable"):
+        await Discovery.connect(f"127.0.0.1:{free_port()}", connect_timeout=1.0)
+    assert time.monotonic() - start < 3.0
+    with pytest.raises(DiscoveryError, match="not host:port"):
+        await Discovery.connect("no-port-here")
+
+
+async def test_changes_overflow_ends_slow_consumer(etcd_server):
+    p = prefix()
+    d = await Discovery.connect(etcd_server.endpoint)
+    try:
+        m = await d.watch(p)
+        slow = m.changes(maxsize=3)
+        fast: list = []
+        task = asyncio.create_task(collect(m.changes(), fast))
+        for i in range(5):
+            await d.register(p + str(i), b"v")
+        await m.wait_for(lambda items: len(items) == 5, timeout=5)
+        got = []
+        with pytest.raises(ChangesOverflow):
+            async for change in slow:
+                got.append(change)
+        assert len(got) == 3
+        await asyncio.sleep(0.1)
+        assert len(fast) == 5  # the other consumer lost nothing
+        task.cancel()
+    finally:
+        await d.close()
+
+
+async def test_lease_lost_reregisters(etcd_server):
+    """If the lease vanishes (expired while we could not reach etcd), the keepalive grants a
+    new one and puts every record again."""
+    p = prefix()
+    owner = await Discovery.connect(etcd_server.endpoint, ttl=3)  # keepalive every 1 s
+    viewer = await Discovery.connect(etcd_server.endpoint)
+    try:
+        await owner.register(p + "a", record(1))
+        await owner.register(p + "b", record(2))
+        m = await viewer.watch(p, proto.InstanceRecord)
+        seen: list = []
+        task = asyncio.create_task(collect(m.changes(), seen))
+        old = owner.lease_id
+        await viewer.client.lease_revoke(old)  # as if it had expired
+        await m.wait_for(lambda items: not items, timeout=2)
+        await m.wait_for(lambda items: len(items) == 2, timeout=4)
+        assert owner.lease_id != old
+        for kv in (await viewer.client.get_prefix(p))[0]:
+            assert kv.lease == owner.lease_id
+        await asyncio.sleep(0.1)
+        assert sorted(seen[:2], key=lambda c: c[1]) == [
+            ("delete", p + "a", record(1)), ("delete", p + "b", record(2))]
+        assert sorted(seen[2:], key=lambda c: c[1]) == [
+            ("put", p + "a", record(1)), ("put", p + "b", record(2))]
+        task.cancel()
+    finally:
+        await owner.close()
+        await viewer.close()
+
+
+async def test_compacted_resume_emits_only_the_difference(etcd_server):
+    """A watcher that resumes after its revision was compacted re-lists and emits puts for
+    new/changed keys and deletes for vanished ones - nothing for unchanged keys."""
+    p = prefix()
+    d = await Discovery.connect(etcd_server.endpoint)
+    try:
+        for name in ("same", "changed", "gone"):
+            await d.put(p + name, name.encode())
+        m = await d.watch(p)
+        seen: list = []
+        task = asyncio.create_task(collect(m.changes(), seen))
+        # Take the watcher down (as a lost connection would), change things, compact.
+        m._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await m._task
+        await d.put(p + "changed", b"v2")
+        await d.put(p + "changed", b"v3")
+        await d.delete(p + "gone")
+        await d.put(p + "new", b"n")
+        await d.put(p + "temp", b"t")
+        await d.delete(p + "temp")
+        _, rev = await d.client.get_prefix(p)
+        await d.client.compact(rev)
+        m._start()
+        await m.wait_for(lambda items: "new" in "".join(items), timeout=5)
+        await asyncio.sleep(0.2)
+        assert sorted(seen) == sorted([
+            ("put", p + "changed", b"v3"), ("delete", p + "gone", b"gone"),
+            ("put", p + "new", b"n")])
+        assert m.items == {p + "same": b"same", p + "changed": b"v3", p + "new": b"n"}
+        assert m.revision >= rev
+        # and it keeps watching normally afterwards
+        await d.put(p + "later", b"l")
+        await m.wait_for(lambda items: p + "later" in items, timeout=5)
+        task.cancel()
+    finally:
+        await d.client.delete_prefix(p)
+        await d.close()
+
+
+async def _spawn_registrar(endpoint: str, key: str, ttl: float):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(HELPER), endpoint, key, "1", str(ttl),
+        stdout=asyncio.subprocess.PIPE, cwd=REPO, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert line.strip() == b"READY", line
+    return proc
+
+
+async def test_killed_process_expires_within_ttl_and_sigterm_removes_at_once(etcd_server):
+    ttl = 3.0
+    p = prefix()
+    viewer = await Discovery.connect(etcd_server.endpoint)
+    procs = []
+    try:
+        procs = await asyncio.gather(_spawn_registrar(etcd_server.endpoint, p + "killed", ttl),
+                                     _spawn_registrar(etcd_server.endpoint, p + "termed", ttl))
+        killed, termed = procs
+        m = await viewer.watch(p, proto.InstanceRecord)
+        await m.wait_for(lambda items: len(items) == 2, timeout=5)
+        assert m.items[p + "killed"].pid == killed.pid
+
+        termed.send_signal(signal.SIGTERM)
+        took = await until(lambda: p + "termed" not in m.items, 5, "removed after SIGTERM")
+        assert await asyncio.wait_for(termed.wait(), 5) == 0
+        assert took < 1.0, f"SIGTERM: record lingered {took:.2f} s (lease not revoked?)"
+
+        killed.send_signal(signal.SIGKILL)
+        took = await until(lambda: p + "killed" not in m.items, ttl + 3, "expired after SIGKILL")
+        # The last keepalive was at most ttl/3 before the kill; etcd checks expiry every 0.5 s.
+        assert took <= ttl + 0.6, f"SIGKILL: record outlived the {ttl} s lease ({took:.2f} s)"
+        assert took >= ttl / 3, f"SIGKILL: record vanished after {took:.2f} s (revoked?)"
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        await viewer.close()
