@@ -325,7 +325,9 @@ class AsyncEngineDriver(Engine):
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already active")
         if len(self._streams) >= self.max_requests:
-            raise EngineOverloaded(f"{len(self._streams)} requests in flight (max {self.max_requests})")
+            raise EngineOverloaded(
+                f"{len(self._streams)} requests in flight (max {self.max_requests})"
+            )
         stream = RequestStream(request.request_id, self.abort, self.stream_maxsize)
         self._streams[request.request_id] = stream
         try:

@@ -180,6 +180,11 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     @property
+    def scheduled(self) -> list[Sequence]:
+        """The sequences of the last `schedule()`'s chunks, in chunk order (until `update`)."""
+        return self._scheduled
+
+    @property
     def num_running(self) -> int:
         return len(self.running)
 

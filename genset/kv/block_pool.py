@@ -11,7 +11,7 @@ States of a block (by id, 0 .. num_blocks-1):
   and, if it was cached, evicts its hash (a `Removed` event).
 
 The idea follows vLLM's v1 block pool (a free queue in eviction order plus a hash -> block
-map); the free queue here is an insertion-ordered dict, which gives O(1) removal from the
+map); the free queue here is an OrderedDict, which gives O(1) removal from the
 middle (when a cached block is touched) and O(1) pop from the LRU end.
 
 Event log: every change of the set of cached hashes is recorded as `proto.kv` events —
@@ -27,6 +27,7 @@ Not thread-safe: one owner (the scheduler, on the engine thread) calls it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from proto.kv import TIER_DEVICE, Cleared, KvEvent, KvEventBatch, Removed, Stored, StoredBlock
@@ -50,7 +51,9 @@ class BlockPool:
         emit_token_ids: bool = False,
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
-            raise ValueError(f"need num_blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
+            raise ValueError(
+                f"need num_blocks > 0 and block_size > 0, got {num_blocks}, {block_size}"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
@@ -60,7 +63,7 @@ class BlockPool:
         self._parent: list[int | None] = [None] * num_blocks
         self._tokens: list[bytes | None] = [None] * num_blocks
         # ref_cnt == 0 blocks, oldest (next to evict) first; values unused
-        self._free: dict[int, None] = dict.fromkeys(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._hash_to_block: dict[int, int] = {}
         self._pending: list[KvEvent] = []
         self.event_id = 0  # id of the last batch handed out
@@ -152,8 +155,7 @@ class BlockPool:
         free = self._free
         ref = self.ref_cnt
         for _ in range(n):
-            b = next(iter(free))
-            del free[b]
+            b = free.popitem(last=False)[0]
             if self.block_hash[b] is not None:
                 self._evict(b)
             ref[b] = 1

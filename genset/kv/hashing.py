@@ -44,7 +44,9 @@ def _token_bytes(token_ids: object) -> bytes | memoryview:
     """The tokens as u32 little-endian bytes (no copy when they already are)."""
     if isinstance(token_ids, bytes | bytearray | memoryview):
         if len(token_ids) % 4:
-            raise ValueError(f"packed token ids must be a multiple of 4 bytes, got {len(token_ids)}")
+            raise ValueError(
+                f"packed token ids must be a multiple of 4 bytes, got {len(token_ids)}"
+            )
         return token_ids
     if isinstance(token_ids, array) and token_ids.itemsize == 4 and _NATIVE_LE:
         return token_ids.tobytes()
