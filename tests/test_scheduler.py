@@ -1,0 +1,234 @@
+"""The shared continuous-batching scheduler, driven by a fake executor."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from genset.engines.base import EngineRequest
+from genset.engines.scheduler import Scheduler, SchedulerConfig
+from genset.kv.hashing import block_hashes
+from genset.kv.replica import HashSetReplica
+from proto.generate import StopConditions
+
+
+def make(**kw) -> Scheduler:
+    base = dict(block_size=4, num_blocks=64, max_batch_tokens=32, max_running=8, context_length=1024)
+    base.update(kw)
+    return Scheduler(SchedulerConfig(**base))
+
+
+def request(rid: str, tokens: list[int], max_tokens: int = 8, **stop) -> EngineRequest:
+    stop.setdefault("ignore_eos", True)
+    return EngineRequest(rid, tokens, stop=StopConditions(max_tokens=max_tokens, **stop))
+
+
+def next_token(chunk) -> int:
+    # a deterministic "model": the next token depends on the position only
+    return (chunk.start_pos + len(chunk.token_ids)) * 7 % 50 + 3
+
+
+def run(s: Scheduler, replica: HashSetReplica | None = None, max_steps: int = 10_000):
+    """Step to completion; returns {request_id: (tokens, finish_reason, cached_tokens)}."""
+    results: dict[str, tuple[list[int], str | None, int]] = {}
+    for _ in range(max_steps):
+        if not s.has_work():
+            break
+        plan = s.schedule()
+        assert plan.num_tokens <= s.config.max_batch_tokens
+        assert len(s.running) <= s.config.max_running
+        for c in plan.chunks:
+            # the block table covers every position computed this step
+            assert len(c.block_table) * s.block_size >= c.start_pos + len(c.token_ids)
+        sampled = [next_token(c) if c.sample else None for c in plan.chunks]
+        for out in s.update(plan, sampled):
+            toks, _, _ = results.get(out.request_id, ([], None, 0))
+            results[out.request_id] = (toks + out.token_ids, out.finish_reason, out.cached_tokens)
+        s.pool.check_invariants()
+        batch = s.pool.take_batch(0)
+        if replica is not None and batch is not None:
+            assert replica.apply(batch)
+    else:
+        raise AssertionError("did not finish")
+    return results
+
+
+def test_chunked_prefill_respects_budget():
+    s = make(max_batch_tokens=16, num_blocks=128)
+    s.add_request(request("long", list(range(100)), max_tokens=3))
+    s.add_request(request("short", [1, 2, 3], max_tokens=3))
+    plan = s.schedule()
+    assert plan.num_tokens == 16
+    assert [len(c.token_ids) for c in plan.chunks] == [16]
+    assert not plan.chunks[0].sample
+    s.update(plan, [None])
+    sizes = []
+    emitted = {"long": 0, "short": 0}
+    while True:
+        plan = s.schedule()
+        sizes.append([(c.seq_id, len(c.token_ids)) for c in plan.chunks])
+        for out in s.update(plan, [next_token(c) if c.sample else None for c in plan.chunks]):
+            emitted[out.request_id] += len(out.token_ids)
+        if plan.chunks[0].sample:
+            break
+    # 100 tokens in chunks of at most 16; the short request waits until budget is left
+    assert sum(n for step in sizes for rid, n in step if rid == "long") == 84
+    assert all(sum(n for _, n in step) <= 16 for step in sizes)
+    res = run(s)
+    assert len(res["long"][0]) + emitted["long"] == 3
+    assert len(res["short"][0]) + emitted["short"] == 3
+
+
+def test_decodes_and_prefill_share_a_step():
+    s = make(max_batch_tokens=10, num_blocks=128)
+    s.add_request(request("a", [1, 2, 3], max_tokens=20))
+    plan = s.schedule()
+    s.update(plan, [5])
+    s.add_request(request("b", list(range(30)), max_tokens=2))
+    plan = s.schedule()
+    assert [(c.seq_id, len(c.token_ids)) for c in plan.chunks] == [("a", 1), ("b", 9)]
+
+
+def test_preemption_under_small_capacity_still_finishes_everything():
+    rng = random.Random(7)
+    s = make(num_blocks=24, max_batch_tokens=40, max_running=16)
+    replica = HashSetReplica()
+    want = {}
+    for i in range(24):
+        n = rng.randint(2, 40)
+        want[f"r{i}"] = rng.randint(1, 30)
+        s.add_request(request(f"r{i}", [rng.randint(0, 99) for _ in range(n)], want[f"r{i}"]))
+    res = run(s, replica)
+    assert s.num_preemptions > 0
+    assert {rid: len(t) for rid, (t, _, _) in res.items()} == want
+    assert all(reason == "length" for _, reason, _ in res.values())
+    assert replica.hashes == s.pool.cached_hashes()
+    assert s.pool.num_used == 0
+
+
+def test_preempted_output_equals_unpreempted_output():
+    rng = random.Random(3)
+    prompts = {f"r{i}": [rng.randint(0, 99) for _ in range(rng.randint(3, 30))] for i in range(10)}
+    outs = []
+    for blocks in (400, 20):
+        s = make(num_blocks=blocks, max_batch_tokens=64)
+        for rid, p in prompts.items():
+            s.add_request(request(rid, p, 12))
+        outs.append({rid: t for rid, (t, _, _) in run(s).items()})
+        if blocks == 20:
+            assert s.num_preemptions > 0
+    assert outs[0] == outs[1]
+
+
+def test_prefix_cache_counts_cached_tokens():
+    s = make(num_blocks=64)
+    prompt = list(range(1, 23))  # 22 tokens: 5 full blocks of 4
+    s.add_request(request("a", prompt, 2))
+    first = run(s)
+    computed = s.num_computed_tokens
+    s.add_request(request("b", prompt, 2))
+    second = run(s)
+    assert first["a"][2] == 0
+    assert second["b"][2] == 20  # all 5 full blocks served from the cache
+    assert s.num_computed_tokens - computed == 2 + 1  # 2 prompt tokens + 1 decode
+    assert first["a"][0] == second["b"][0]
+
+
+def test_fully_cached_prompt_still_computes_last_token():
+    s = make()
+    prompt = list(range(16))  # exactly 4 blocks
+    s.add_request(request("a", prompt, 1))
+    run(s)
+    s.add_request(request("b", prompt, 1))
+    plan = s.schedule()
+    assert len(plan.chunks[0].token_ids) == 4 and plan.chunks[0].start_pos == 12
+    s.update(plan, [1])
+
+
+def test_generated_blocks_are_cached_and_hashed_like_a_prompt():
+    s = make()
+    s.add_request(request("a", [9, 8, 7], 9))
+    res = run(s)
+    full = [9, 8, 7] + res["a"][0]
+    # the last generated token's KV is never computed, so 11 of 12 tokens: 2 full blocks
+    assert s.pool.cached_hashes() == set(block_hashes(full[:8], 4))
+
+
+def test_abort_frees_blocks():
+    s = make()
+    s.add_request(request("a", list(range(30)), 50))
+    s.add_request(request("b", list(range(100, 110)), 50))
+    for _ in range(3):
+        plan = s.schedule()
+        s.update(plan, [1 if c.sample else None for c in plan.chunks])
+    assert s.pool.num_used > 0
+    assert s.abort("a") and s.abort("b")
+    assert not s.abort("a")
+    assert s.pool.num_used == 0 and not s.has_work()
+    s.pool.check_invariants()
+    # aborting a waiting request
+    s.add_request(request("c", [1, 2], 5))
+    assert s.abort("c") and not s.has_work()
+
+
+def test_stop_conditions():
+    s = make(eos_token_ids=(3,))
+    # next_token at position p is p*7%50+3: prompt of 5 -> first token (5*7)%50+3 = 38
+    s.add_request(request("stop-id", [0] * 5, 10, stop_token_ids=[45]))  # 2nd token: 6*7%50+3
+    s.add_request(request("eos", [0] * 50, 10, ignore_eos=False))  # 50*7%50+3 = 3 = eos
+    s.add_request(request("eos-ignored", [1] * 50, 4, ignore_eos=True))
+    s.add_request(request("min-tokens", [2] * 50, 3, ignore_eos=False, min_tokens=2))
+    res = run(s)
+    assert res["stop-id"] == ([38, 45], "stop", 0)
+    assert res["eos"][0:2] == ([3], "stop")
+    assert res["eos-ignored"][1] == "length" and len(res["eos-ignored"][0]) == 4
+    assert res["min-tokens"][1] == "length" and len(res["min-tokens"][0]) == 3
+
+
+def test_context_length_limit():
+    s = make(context_length=20)
+    with pytest.raises(ValueError, match="context length"):
+        s.add_request(request("x", list(range(20))))
+    s.add_request(request("y", list(range(15)), 100))
+    res = run(s)
+    assert res["y"][1] == "length" and len(res["y"][0]) == 5
+
+
+def test_rejects_prompt_bigger_than_cache_and_duplicates():
+    s = make(num_blocks=4)
+    with pytest.raises(ValueError, match="KV cache"):
+        s.add_request(request("x", list(range(16))))
+    s.add_request(request("y", [1]))
+    with pytest.raises(ValueError, match="already active"):
+        s.add_request(request("y", [1]))
+    with pytest.raises(ValueError, match="no tokens"):
+        s.add_request(request("z", []))
+
+
+def test_max_running_limits_admission():
+    s = make(max_running=2, num_blocks=128)
+    for i in range(5):
+        s.add_request(request(f"r{i}", [i, i + 1], 4))
+    plan = s.schedule()
+    assert len(plan.chunks) == 2 and s.num_waiting == 3
+
+
+def test_export_and_pinned_import():
+    src = make()
+    prompt = list(range(40))
+    src.add_request(request("a", prompt, 1))
+    run(src)
+    hashes = block_hashes(prompt, 4)
+    exported = src.export_kv(hashes)
+    assert [h for h, _ in exported] == hashes and len(exported) == 10
+
+    dst = make()
+    written = dst.import_kv([h for h, _ in exported], pin_for="b")
+    assert len(written) == 10
+    assert dst.pool.num_used == 10  # pinned until "b" is admitted
+    dst.add_request(request("b", prompt, 1))
+    res = run(dst)
+    assert res["b"][2] == 36  # the last prompt token is always recomputed
+    assert dst.pool.num_used == 0
+    assert dst.import_kv(hashes[:2]) == []  # already cached: nothing to write
