@@ -1,0 +1,281 @@
+"""The engine host in-process, on the session's real NATS and etcd, with a real mocker engine:
+streaming, usage, cancel, deadlines, KV events and resync, load reports, lifecycle, bad
+messages, model card, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+import proto
+from genset.engines.mocker import MockerConfig, PolynomialTiming, create_mocker_engine
+from genset.kv.replica import HashSetReplica
+from genset.runtime.bus import Bus, Overloaded, RemoteError
+from genset.runtime.discovery import Discovery
+from genset.runtime.metrics import Metrics
+from genset.worker_host import HostConfig, WorkerHost
+from proto import keys, subjects
+from tests.stack import metric, parse_metrics
+
+MODEL = "tiny-test"
+
+
+@pytest.fixture
+async def bus(nats_server):
+    b = await Bus.connect(nats_server.url, name=f"test-worker-{uuid.uuid4().hex[:6]}")
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+async def discovery(etcd_server):
+    d = await Discovery.connect(etcd_server.endpoint, ttl=5.0)
+    yield d
+    await d.close()
+
+
+class Host:
+    """A WorkerHost on a mocker engine plus what tests look at."""
+
+    def __init__(self, bus, discovery, *, speedup=100.0, num_blocks=256, block_size=4,
+                 context_length=512):
+        self.namespace = f"w{uuid.uuid4().hex[:8]}"
+        self.instance_id = int(uuid.uuid4().int & ((1 << 63) - 1)) or 1
+        self.metrics = Metrics(process_metrics=False)
+        config = MockerConfig(block_size=block_size, num_blocks=num_blocks, vocab_size=1000,
+                              context_length=context_length, eos_token_ids=(0,),
+                              timing=PolynomialTiming(speedup_ratio=speedup))
+        self.engine = create_mocker_engine(config, worker_id=self.instance_id)
+        self.host = WorkerHost(self.engine, bus=bus, discovery=discovery,
+                               instance_id=self.instance_id, metrics=self.metrics,
+                               config=HostConfig(namespace=self.namespace, model=MODEL,
+                                                 tokenizer="tiny", load_interval_s=0.05,
+                                                 idle_load_interval_s=0.2))
+        self.bus = bus
+        self.discovery = discovery
+
+    @property
+    def subject(self) -> str:
+        return subjects.worker_generate(self.namespace, "decode", self.instance_id)
+
+    def request(self, tokens, max_tokens=8, **kw) -> proto.GenerateRequest:
+        return proto.GenerateRequest(
+            request_id=kw.pop("request_id", uuid.uuid4().hex), model=kw.pop("model", MODEL),
+            token_ids=proto.pack_tokens(tokens), stop=proto.StopConditions(max_tokens=max_tokens),
+            sampling=proto.SamplingParams(temperature=0.0, seed=7), **kw)
+
+    async def generate(self, req, within=10.0) -> list[proto.StreamChunk]:
+        stream = await self.bus.stream_request(self.subject, req, timeout=within)
+        return [chunk async for chunk in stream]
+
+    def metric(self, name: str, **labels) -> float:
+        return metric(parse_metrics(self.metrics.render().decode()), name, **labels)
+
+
+@pytest.fixture
+async def host(bus, discovery):
+    h = Host(bus, discovery)
+    await h.host.start()
+    yield h
+    await h.host.close()
+
+
+async def wait_for(predicate, within=5.0, what="condition"):
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_streams_one_chunk_per_step_with_usage(host):
+    prompt = list(range(1, 42))
+    chunks = await host.generate(host.request(prompt, max_tokens=6))
+    data = [c for c in chunks if not c.heartbeat]
+    tokens = [t for c in data for t in proto.unpack_tokens(c.token_ids)]
+    assert len(tokens) == 6
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    final = data[-1]
+    assert final.final and final.finish_reason == "length"
+    assert final.usage == proto.Usage(prompt_tokens=41, completion_tokens=6, cached_tokens=0)
+    assert all(len(proto.unpack_tokens(c.token_ids)) == 1 for c in data)  # one step each
+
+    # The same prompt again: its full blocks come from the prefix cache; same seed, same output.
+    again = await host.generate(host.request(prompt, max_tokens=6))
+    assert again[-1].usage.cached_tokens == 40  # 10 full blocks of 4
+    assert [t for c in again for t in proto.unpack_tokens(c.token_ids)] == tokens
+    assert host.metric("genset_worker_requests_started_total") == 2
+    assert host.metric("genset_worker_requests_finished_total", reason="length") == 2
+    assert host.metric("genset_worker_generated_tokens_total") == 12
+    assert host.metric("genset_worker_cached_prompt_tokens_total") == 40
+
+
+async def test_registers_a_model_card_that_routes_to_it(host, discovery):
+    cards = await discovery.get_prefix(keys.models_prefix(host.namespace, MODEL), proto.ModelCard)
+    card = cards[keys.model(host.namespace, MODEL, host.instance_id)]
+    assert card.generate_subject == host.subject
+    assert (card.engine, card.block_size, card.kv_blocks, card.context_length) == (
+        "mocker", 4, 256, 512)
+    assert card.tokenizer == "tiny" and card.eos_token_ids == [0]
+    assert host.host.health()["ready"] is True
+
+
+async def test_cancel_aborts_in_engine_and_frees_blocks(bus, discovery):
+    h = Host(bus, discovery, speedup=1.0)  # real-time steps (~6 ms): the request runs ~10 s
+    await h.host.start()
+    try:
+        stream = await bus.stream_request(h.subject, h.request(list(range(1, 30)), max_tokens=1500),
+                                          timeout=30)
+        got = 0
+        async for chunk in stream:
+            got += len(proto.unpack_tokens(chunk.token_ids))
+            if got >= 3:
+                break
+        assert h.engine.load().running == 1
+        await stream.cancel()
+        await wait_for(lambda: h.metric("genset_worker_requests_cancelled_total") == 1,
+                       what="cancel counted")
+        scheduler = h.engine.core.scheduler  # the mocker steps on this loop: safe to read
+        await wait_for(lambda: scheduler.num_running == 0 and scheduler.pool.num_used == 0,
+                       what="engine request aborted and its blocks freed")
+        assert h.metric("genset_worker_requests_finished_total", reason="cancelled") == 1
+        assert h.metric("genset_worker_requests_running") == 0
+        assert h.metric("genset_worker_generated_tokens_total") < 100
+        # the worker goes on serving
+        chunks = await h.generate(h.request([5, 6, 7], max_tokens=2))
+        assert chunks[-1].finish_reason == "length"
+    finally:
+        await h.host.close()
+
+
+async def test_deadline_passed_before_or_during_generation(bus, discovery):
+    h = Host(bus, discovery, speedup=1.0)
+    await h.host.start()
+    try:
+        past = int(time.time() * 1000) - 1
+        with pytest.raises(RemoteError) as err:
+            await h.generate(h.request([1, 2, 3], deadline_ms=past))
+        assert err.value.error.code == "deadline_exceeded"
+
+        soon = int(time.time() * 1000) + 300
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError) as err:
+            await h.generate(h.request([1, 2, 3], max_tokens=5000, deadline_ms=soon))
+        assert err.value.error.code == "deadline_exceeded"
+        assert time.monotonic() - t0 < 3.0
+        scheduler = h.engine.core.scheduler
+        await wait_for(lambda: scheduler.num_running == 0, what="engine request aborted")
+        assert h.metric("genset_worker_requests_finished_total", reason="deadline") == 1
+    finally:
+        await h.host.close()
+
+
+async def test_bad_messages_get_clear_errors_and_the_worker_keeps_serving(host, bus):
+    cases = [
+        (b"\x93not a request", "bad_request", "GenerateRequest"),
+        (host.request([1, 2], model="other"), "not_found", "other"),
+        (host.request([]), "bad_request", "empty"),
+        (host.request(list(range(1, 600))), "context_length_exceeded", "599"),
+        (host.request([1, 5000]), "bad_request", "5000"),
+        (proto.GenerateRequest(request_id="x", model=MODEL, token_ids=b"\x01\x02\x03"),
+         "bad_request", "multiple of 4"),
+    ]
+    for message, code, needle in cases:
+        with pytest.raises(RemoteError) as err:
+            stream = await bus.stream_request(host.subject, message, timeout=5)
+            [c async for c in stream]
+        assert err.value.error.code == code, (message, err.value.error)
+        assert needle in err.value.error.message
+    # a bad resync request is answered with an error, not silence
+    with pytest.raises(RemoteError) as err:
+        await bus.request(subjects.kv_resync(host.namespace, host.instance_id), b"garbage",
+                          timeout=5)
+    assert "KvResyncRequest" in err.value.error.message
+    assert host.metric("genset_worker_bad_messages_total", subject="generate") >= 2
+    chunks = await host.generate(host.request([1, 2, 3], max_tokens=3))
+    assert chunks[-1].usage.completion_tokens == 3
+
+
+async def test_kv_events_monotonic_and_resync_snapshot_matches(bus, discovery):
+    # 24 blocks of 4 tokens: distinct 40-token prompts force evictions (Removed events).
+    h = Host(bus, discovery, num_blocks=24)
+    batches: list[proto.KvEventBatch] = []
+
+    async def on_batch(msg):
+        batches.append(proto.decode(msg.data, proto.KvEventBatch))
+
+    await bus.subscribe(subjects.kv_events(h.namespace, h.instance_id), on_batch)
+    await h.host.start()
+    try:
+        for i in range(6):
+            prompt = [(i * 100 + j) % 999 + 1 for j in range(40)]
+            await h.generate(h.request(prompt, max_tokens=3))
+        await wait_for(lambda: batches and h.metric("genset_worker_kv_event_batches_total")
+                       == len(batches), what="batches delivered")
+        ids = [b.event_id for b in batches]
+        assert ids == list(range(1, len(ids) + 1)), ids
+        assert all(b.worker_id == h.instance_id for b in batches)
+        kinds = {type(e).__name__ for b in batches for e in b.events}
+        assert {"Stored", "Removed"} <= kinds
+        replica = HashSetReplica()
+        assert all(replica.apply(b) for b in batches)
+
+        snapshot = await bus.request(subjects.kv_resync(h.namespace, h.instance_id),
+                                     proto.KvResyncRequest(worker_id=h.instance_id),
+                                     timeout=5, reply_type=proto.KvEventBatch)
+        assert snapshot.event_id == ids[-1] + 1  # numbered in sequence, no gap
+        assert isinstance(snapshot.events[0], proto.Cleared)
+        fresh = HashSetReplica()
+        fresh.apply_events(snapshot.events)
+        assert fresh.hashes == replica.hashes == h.engine.core.pool.cached_hashes()
+        # ... and it went out on the events subject too, after every earlier batch
+        await wait_for(lambda: batches[-1].event_id == snapshot.event_id, what="snapshot published")
+        assert replica.apply(batches[-1]) and replica.hashes == fresh.hashes
+    finally:
+        await h.host.close()
+
+
+async def test_load_reports_and_lifecycle(host, bus):
+    reports: list[proto.LoadReport] = []
+    phases: list[tuple[str, str]] = []
+
+    async def on_report(msg):
+        reports.append(proto.decode(msg.data, proto.LoadReport))
+
+    async def on_lifecycle(msg):
+        m = proto.decode(msg.data, proto.RequestLifecycle)
+        phases.append((m.request_id, m.phase))
+        assert m.worker_id == host.instance_id
+
+    await bus.subscribe(subjects.load_report(host.namespace, host.instance_id), on_report)
+    await bus.subscribe(subjects.request_lifecycle(host.namespace), on_lifecycle)
+    await host.generate(host.request([3, 4, 5, 6, 7], max_tokens=4, request_id="life-1"))
+    await wait_for(lambda: ("life-1", "done") in phases, what="lifecycle done")
+    assert phases == [("life-1", "first_token"), ("life-1", "done")]
+    await wait_for(lambda: len(reports) >= 2, within=3, what="load reports")
+    assert all(r.worker_id == host.instance_id and r.kv_total_blocks == 256 for r in reports)
+
+
+async def test_drain_unregisters_card_finishes_in_flight_and_refuses_new(bus, discovery):
+    h = Host(bus, discovery, speedup=1.0)
+    await h.host.start()
+    try:
+        key = keys.model(h.namespace, MODEL, h.instance_id)
+        stream = await bus.stream_request(h.subject, h.request([1, 2, 3, 4], max_tokens=60),
+                                          timeout=30)
+        first = await stream.__anext__()
+        drain = asyncio.create_task(h.host.drain(20.0))
+        await wait_for(lambda: h.host.draining, what="draining")
+        assert key not in await discovery.get_prefix(keys.models_prefix(h.namespace))
+        with pytest.raises(Overloaded) as err:
+            await h.generate(h.request([9, 9], max_tokens=2))
+        assert err.value.error.retryable
+        rest = [c async for c in stream]
+        tokens = [t for c in [first, *rest] for t in proto.unpack_tokens(c.token_ids)]
+        assert len(tokens) == 60 and rest[-1].finish_reason == "length"
+        await asyncio.wait_for(drain, 5)
+    finally:
+        await h.host.close()
