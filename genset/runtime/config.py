@@ -87,19 +87,21 @@ def _parse(text: str, tp: type, optional: bool, source: str) -> Any:
     return text
 
 
-def _check(value: Any, f: dataclasses.Field, source: str) -> Any:
+def _check(value: Any, f: dataclasses.Field, source: str, raw: str | None = None) -> Any:
+    """Check choices and range; errors show `raw` (the text as given) when there is one."""
     if value is None:
         return value
+    shown = repr(raw) if raw is not None else repr(value)
     meta = f.metadata
     choices = meta.get("choices")
     if choices and value not in choices:
         allowed = ", ".join(map(str, choices))
-        raise ConfigError(f"{source}={value!r} is not one of: {allowed}")
+        raise ConfigError(f"{source}={shown} is not one of: {allowed}")
     low, high = meta.get("min"), meta.get("max")
     if low is not None and value < low:
-        raise ConfigError(f"{source}={value!r} must be >= {low}")
+        raise ConfigError(f"{source}={shown} must be >= {low}")
     if high is not None and value > high:
-        raise ConfigError(f"{source}={value!r} must be <= {high}")
+        raise ConfigError(f"{source}={shown} must be <= {high}")
     return value
 
 
@@ -149,7 +151,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace | Mapping[str, Any] 
             values[f.name] = _check(given[f.name], f, flag(f))
         elif env_var(f) in env:
             name = env_var(f)
-            values[f.name] = _check(_parse(env[name], tp, optional, name), f, name)
+            values[f.name] = _check(_parse(env[name], tp, optional, name), f, name, env[name])
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
