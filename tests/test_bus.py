@@ -431,3 +431,28 @@ async def test_ensure_stream_and_replay(buses):
     assert int((await asyncio.wait_for(nxt, 5)).data) == 8
     await replay.aclose()
     await req.js.delete_stream(name)
+
+
+async def test_callback_inbox_mode_works_too(nats_server):
+    """direct_inbox=False (an ordinary callback subscription for reply frames) behaves the
+    same: the fallback if nats-py ever stops delivering `future=` subscriptions inline."""
+    ns = _ns()
+    req = await Bus.connect(nats_server.url, name="cb-req", namespace=ns, direct_inbox=False)
+    resp = await Bus.connect(nats_server.url, name="cb-resp", namespace=ns)
+    try:
+
+        async def handler(request, stream):
+            for i in range(50):
+                await stream.send(proto.pack_tokens([i]))
+            await stream.send(final=True)
+
+        subject = await _serve(resp, "cb", handler)
+        streams = [await req.stream_request(subject, b"", timeout=5) for _ in range(20)]
+        for stream in streams:
+            chunks = await stream.collect()
+            assert [c.seq for c in chunks] == list(range(51))
+        with pytest.raises(NoResponders):
+            await (await req.stream_request(_subject(req, "void"), b"", timeout=5)).collect()
+    finally:
+        await req.close()
+        await resp.close()

@@ -308,18 +308,21 @@ class ReplyStream:
             raise StreamClosed(f"stream {self.stream_id} already sent its final frame")
         if self.cancelled.is_set():
             raise StreamCancelled(f"stream {self.stream_id} was cancelled by the requester")
+        seq = self._seq
         if final or finish_reason is not None or usage is not None or data is not None:
-            frame = StreamChunk(
-                seq=self._seq,
-                token_ids=token_ids,
-                finish_reason=finish_reason,
-                usage=usage,
-                data=data,
-                final=final,
-            )
-        else:
-            frame = StreamChunk(seq=self._seq, token_ids=token_ids)
-        await self._publish(frame, final)
+            frame = StreamChunk(seq=seq, token_ids=token_ids, finish_reason=finish_reason,
+                                usage=usage, data=data, final=final)
+            self._final_sent = final
+        else:  # the per-token hot path
+            frame = StreamChunk(seq=seq, token_ids=token_ids)
+        # seq is taken and the frame queued with no await in between, so frames from the
+        # handler and from the heartbeat task can never be reordered.
+        self._seq = seq + 1
+        self._last_tx = self._loop.time()
+        try:
+            await self._bus.nc.publish(self.stream_id, _encode(frame))
+        except PUBLISH_FAILURES as exc:
+            self._unavailable(exc)
 
     async def fail(self, error: ErrorInfo) -> None:
         """Send the final error frame (the requester raises RemoteError / Overloaded)."""
@@ -334,8 +337,6 @@ class ReplyStream:
         await self._publish(StreamChunk(seq=self._seq, heartbeat=True), False)
 
     async def _publish(self, frame: StreamChunk, final: bool) -> None:
-        # seq is taken and the frame queued without an await in between, so frames from the
-        # handler and the heartbeat task can never be reordered.
         self._seq += 1
         if final:
             self._final_sent = True
@@ -343,7 +344,10 @@ class ReplyStream:
         try:
             await self._bus.nc.publish(self.stream_id, _encode(frame))
         except PUBLISH_FAILURES as exc:
-            self.cancelled.set()
-            raise Disconnected(
-                f"cannot send on {self.stream_id}: NATS connection unavailable ({exc!r})"
-            ) from None
+            self._unavailable(exc)
+
+    def _unavailable(self, exc: Exception) -> None:
+        self.cancelled.set()
+        raise Disconnected(
+            f"cannot send on {self.stream_id}: NATS connection unavailable ({exc!r})"
+        ) from None
