@@ -93,7 +93,7 @@ def test_earlier_change_changes_all_later_hashes():
     assert other[0] == base[0]
     assert all(x != y for x, y in zip(other[1:], base[1:], strict=True))
     # a block equal in content but at another place in the chain hashes differently
-    assert block_hashes([5] * 8, 4) [0] != block_hashes([5] * 8, 4)[1]
+    assert block_hashes([5] * 8, 4)[0] != block_hashes([5] * 8, 4)[1]
 
 
 def test_parent_continues_chain():

@@ -14,7 +14,9 @@ from proto.generate import StopConditions
 
 
 def make(**kw) -> Scheduler:
-    base = dict(block_size=4, num_blocks=64, max_batch_tokens=32, max_running=8, context_length=1024)
+    base = dict(
+        block_size=4, num_blocks=64, max_batch_tokens=32, max_running=8, context_length=1024
+    )
     base.update(kw)
     return Scheduler(SchedulerConfig(**base))
 

@@ -1,0 +1,244 @@
+"""The mocker: timing model, KV events, the async engine, and many workers in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from genset.engines.base import AsyncEngineDriver, EngineRequest, KvBlockData, KvImport
+from genset.engines.mocker import MockerConfig, MockerCore, PolynomialTiming, create_mocker_engine
+from genset.kv.hashing import block_hashes
+from genset.kv.replica import HashSetReplica
+from proto.generate import SamplingParams, StopConditions
+
+
+def prefill_ms(t: int) -> float:
+    return 4.209989e-7 * t * t + 0.01518344 * t + 16.50142
+
+
+def decode_ms(u: float) -> float:
+    return max(1.0, -25.74 * u * u + 54.01 * u + 5.74)
+
+
+def req(rid: str, tokens: list[int], max_tokens: int = 4, **kw) -> EngineRequest:
+    return EngineRequest(rid, tokens, stop=StopConditions(max_tokens=max_tokens), **kw)
+
+
+@pytest.mark.parametrize("speedup", [1.0, 4.0])
+def test_step_times_follow_the_polynomial(speedup):
+    cfg = MockerConfig(
+        block_size=16,
+        num_blocks=100,
+        max_batch_tokens=256,
+        timing=PolynomialTiming(speedup_ratio=speedup),
+    )
+    core = MockerCore(cfg)
+    core.add_request(req("a", list(range(100)), max_tokens=3))
+    core.add_request(req("b", list(range(1000, 1400)), max_tokens=2))
+    expected = [
+        # step 1: a's whole prompt (100) + 156 of b's; a emits -> decode term; 7 + 10 blocks
+        prefill_ms(256) + decode_ms(17 / 100),
+        # step 2: a decodes (101 tokens: 7 blocks), b prefills 244 more (400: 25 blocks) and
+        # emits its first token
+        prefill_ms(244) + decode_ms(32 / 100),
+        # step 3: two decodes; a at 102 tokens (7 blocks), b at 401 (26 blocks)
+        decode_ms(33 / 100),
+    ]
+    got = []
+    now = 0.0
+    while core.has_work():
+        _outputs, ms = core.step(now)
+        now += ms
+        got.append(ms)
+    assert got == pytest.approx([e / speedup for e in expected])
+    assert core.clock_ms == pytest.approx(sum(expected) / speedup)
+
+
+def test_prefill_only_step_has_no_decode_term_and_cache_hits_are_free():
+    core = MockerCore(MockerConfig(block_size=16, num_blocks=64, max_batch_tokens=64))
+    prompt = list(range(100))
+    core.add_request(req("a", prompt, max_tokens=1))
+    _, ms = core.step()
+    assert ms == pytest.approx(prefill_ms(64))  # first chunk, nothing emitted
+    _, ms = core.step()
+    assert ms == pytest.approx(prefill_ms(36) + decode_ms(7 / 64))
+    assert not core.has_work()
+    # the same prompt again: 96 tokens (6 blocks) cached, 4 computed
+    core.add_request(req("b", prompt, max_tokens=1))
+    outputs, ms = core.step()
+    assert outputs[0].cached_tokens == 96
+    assert core.last_step.prefill_tokens == 4
+    assert ms == pytest.approx(prefill_ms(4) + decode_ms(7 / 64))
+
+
+def test_tokens_deterministic_in_vocab_and_never_eos():
+    def tokens(seed):
+        core = MockerCore(MockerConfig(vocab_size=5, eos_token_ids=(2,)))
+        core.add_request(req("x", [1, 2, 3], max_tokens=200, sampling=SamplingParams(seed=seed)))
+        out = []
+        while core.has_work():
+            for o in core.step()[0]:
+                out += o.token_ids
+        return out
+
+    a, b, c = tokens(1), tokens(1), tokens(2)
+    assert a == b and a != c and len(a) == 200
+    assert set(a) <= {0, 1, 3, 4}
+
+
+def test_eos_when_asked():
+    core = MockerCore(MockerConfig(eos_probability=0.5, eos_token_ids=(7,)))
+    core.add_request(req("x", [1], max_tokens=1000))
+    core.add_request(EngineRequest("y", [1], stop=StopConditions(max_tokens=50, ignore_eos=True)))
+    finals = {}
+    while core.has_work():
+        for o in core.step()[0]:
+            if o.finish_reason:
+                finals[o.request_id] = (o.finish_reason, o.completion_tokens)
+    assert finals["x"][0] == "stop" and finals["x"][1] < 1000
+    assert finals["y"] == ("length", 50)
+
+
+def test_kv_events_rebuild_the_pool_state():
+    rng = random.Random(11)
+    core = MockerCore(
+        MockerConfig(block_size=8, num_blocks=96, max_batch_tokens=128, max_running=12),
+        worker_id=5,
+    )
+    replica = HashSetReplica()
+    prefixes = [[rng.randint(0, 999) for _ in range(rng.randint(8, 60))] for _ in range(4)]
+    arrivals = 0
+    now = 0.0
+    for _ in range(400):
+        if arrivals < 60 and rng.random() < 0.5:
+            p = rng.choice(prefixes) + [rng.randint(0, 999) for _ in range(rng.randint(1, 40))]
+            core.add_request(req(f"r{arrivals}", p, max_tokens=rng.randint(1, 20)))
+            arrivals += 1
+        _, ms = core.step(now)
+        now += ms
+        batch = core.take_kv_batch(int(now))
+        if batch is not None:
+            assert batch.worker_id == 5
+            assert replica.apply(batch)
+        assert replica.hashes == core.pool.cached_hashes()
+    assert core.scheduler.num_preemptions > 0 or core.pool.num_cached > 0
+    assert replica.last_event_id == core.pool.event_id > 0
+
+
+def test_load_report_and_card():
+    core = MockerCore(MockerConfig(num_blocks=50, block_size=4), worker_id=9)
+    core.add_request(req("a", list(range(40))))
+    core.add_request(req("b", list(range(10))))
+    rep = core.load_report(123)
+    assert (rep.worker_id, rep.waiting, rep.running, rep.waiting_prefill_tokens) == (9, 2, 0, 50)
+    core.step()
+    rep = core.load_report(124, 3.5)
+    assert rep.running == 2 and rep.kv_used_blocks == 13 and rep.kv_total_blocks == 50
+    assert rep.step_ms_ewma == 3.5
+    assert core.card.engine == "mocker" and core.card.kv_blocks == 50
+
+
+def test_kv_import_then_request_is_cached():
+    src = MockerCore(MockerConfig(block_size=4))
+    prompt = list(range(33))
+    src.add_request(req("a", prompt, max_tokens=1))
+    while src.has_work():
+        src.step()
+    exported = src.export_kv(block_hashes(prompt, 4))
+    assert len(exported) == 8
+    dst = MockerCore(MockerConfig(block_size=4))
+    dst.add_request(req("b", prompt, max_tokens=1, kv_import=KvImport(blocks=exported)))
+    outputs, _ = dst.step()
+    assert outputs[0].cached_tokens == 32
+    assert dst.import_kv(KvImport(blocks=[KvBlockData(hash=1)])) == 1
+
+
+async def _collect(stream):
+    tokens, last = [], None
+    async for out in stream:
+        tokens += out.token_ids
+        last = out
+    return tokens, last
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+async def test_async_engine_streams_tokens(threaded):
+    core = MockerCore(
+        MockerConfig(block_size=4, num_blocks=256, timing=PolynomialTiming(speedup_ratio=200.0)),
+        worker_id=2,
+    )
+    engine = AsyncEngineDriver(core, worker_id=2, threaded=threaded)
+    await engine.start()
+    events = engine.kv_events()
+    try:
+        prompt = list(range(30))
+        streams = [await engine.submit(req(f"r{i}", prompt, max_tokens=5 + i)) for i in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*(_collect(s) for s in streams)), 10)
+        for i, (tokens, last) in enumerate(results):
+            assert len(tokens) == 5 + i
+            assert last.finish_reason == "length" and last.completion_tokens == 5 + i
+            assert last.prompt_tokens == 30
+        # repeated prompt: served from the prefix cache
+        tokens, last = await asyncio.wait_for(
+            _collect(await engine.submit(req("again", prompt))), 10
+        )
+        assert last.cached_tokens == 28
+
+        with pytest.raises(ValueError, match="no tokens"):
+            await engine.submit(req("empty", []))
+
+        # abort: the stream ends "cancelled" at once and the engine frees the blocks
+        long = await engine.submit(req("long", list(range(100, 140)), max_tokens=10_000))
+        first = await asyncio.wait_for(long.__anext__(), 10)
+        assert first.token_ids
+        await long.aclose()
+        tokens, last = await _collect(long)
+        assert last.finish_reason == "cancelled"
+        for _ in range(100):
+            if engine.load().kv_used_blocks == 0 and not core.has_work():
+                break
+            await asyncio.sleep(0.01)
+        snap = await engine.kv_snapshot()
+        assert not core.has_work() and core.pool.num_used == 0
+
+        replica = HashSetReplica()
+        while (batch := events.get_nowait()) is not None:
+            assert replica.apply(batch)
+        assert replica.hashes == core.pool.cached_hashes()
+        assert snap.event_id == replica.last_event_id + 1
+    finally:
+        events.close()
+        await engine.stop()
+
+
+async def test_create_mocker_engine_stop_cancels_streams():
+    engine = create_mocker_engine(MockerConfig(timing=PolynomialTiming(speedup_ratio=10.0)))
+    stream = await engine.submit(req("a", [1, 2, 3], max_tokens=100_000))
+    await engine.stop()
+    _tokens, last = await asyncio.wait_for(_collect(stream), 5)
+    assert last.finish_reason == "cancelled"
+
+
+def test_64_mockers_in_one_process_step_fast():
+    rng = random.Random(5)
+    cores = [MockerCore(MockerConfig(num_blocks=2048), worker_id=i) for i in range(64)]
+    shared = [rng.randint(0, 31999) for _ in range(512)]
+    for i in range(640):
+        prompt = shared[: rng.randint(0, 512)] + [
+            rng.randint(0, 31999) for _ in range(rng.randint(16, 600))
+        ]
+        cores[i % 64].add_request(req(f"r{i}", prompt, max_tokens=rng.randint(8, 64)))
+    t0 = time.perf_counter()
+    steps = 0
+    while any(c.has_work() for c in cores):
+        for c in cores:
+            if c.has_work():
+                c.step()
+                c.take_kv_batch()
+                steps += 1
+    elapsed = time.perf_counter() - t0
+    assert steps > 64 * 8
+    assert elapsed < 15, f"{steps} steps took {elapsed:.1f}s"
