@@ -4,6 +4,7 @@ the official `openai` client, raw HTTP and the NATS-native client."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import httpx
@@ -274,3 +275,13 @@ async def test_worker_killed_mid_stream_migrates(nats_server, etcd_server, tmp_p
         with pytest.raises(openai.NotFoundError):
             await oai.chat.completions.create(model=MODEL,
                                               messages=[{"role": "user", "content": "x"}])
+
+
+async def test_genset_chat_one_shot(stack):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "genset.cli", "chat", "--nats", stack.nats_url,
+        "--namespace", stack.namespace, "--prompt", "Hello there", "--max-tokens", "6",
+        "--seed", "1", "--usage", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert "[length; prompt" in out.decode() and "completion 6" in out.decode()
