@@ -65,7 +65,7 @@ def test_bad_flag_value_is_a_clear_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         parse(["--metrics-port", "abc"])
     assert exc.value.code == 2
-    assert "--metrics-port='abc' is not an integer" in capsys.readouterr().err
+    assert "argument --metrics-port: 'abc' is not an integer" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"--log-format='xml' is not one of: auto, json"):
         common_config(parse(["--log-format", "xml"]), {})
 

@@ -130,8 +130,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *,
         def convert(s: str, tp=tp, optional=optional, name=flag(f)) -> Any:
             try:
                 return _parse(s, tp, optional, name)
-            except ConfigError as exc:
-                raise argparse.ArgumentTypeError(str(exc)) from None
+            except ConfigError as exc:  # argparse already prefixes "argument --flag:"
+                raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{name}=")) from None
 
         convert.__name__ = tp.__name__  # argparse names the type in its error message
         target.add_argument(flag(f), dest=f.name, default=None, type=convert,

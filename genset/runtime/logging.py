@@ -64,7 +64,9 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, service: str,
         # In JSON the traceback becomes a string field instead of a multi-line dump.
         shared = [*shared, structlog.processors.dict_tracebacks]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=getattr(stream, "isatty", lambda: False)())
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=getattr(stream, "isatty", lambda: False)(),
+            exception_formatter=structlog.dev.plain_traceback)  # compact, no locals dump
 
     structlog.configure(
         processors=[

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 import proto
+from genset.runtime.bus_errors import BusError
 from genset.runtime.config import (
     CommonConfig,
     ConfigError,
@@ -45,7 +46,7 @@ from genset.runtime.config import (
     common_config,
     dataclass_from_args,
 )
-from genset.runtime.discovery import Discovery
+from genset.runtime.discovery import Discovery, DiscoveryError
 from genset.runtime.logging import configure_logging
 from genset.runtime.metrics import Metrics
 from genset.runtime.status_http import StatusServer, json_response
@@ -232,7 +233,9 @@ async def _serve(service_factory: Callable[[CommonConfig], Service], config: Com
                      subjects=service.subjects)
         await stop_wait
     except Exception as exc:
-        log.error("start-up failed", error=str(exc), exc_info=not isinstance(exc, OSError))
+        # Expected failures (NATS/etcd unreachable, refused) get one clear line, no traceback.
+        expected = isinstance(exc, OSError | DiscoveryError | BusError | ConfigError)
+        log.error("start-up failed", error=str(exc) or repr(exc), exc_info=not expected)
         code = 1
         stop.set()
 
