@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-ROUTER_MODES = ("embedded", "service", "round_robin", "random", "least_loaded", "kv", "dynamo",
+# embedded: the KV-aware router inside the frontend; service: a `genset router` process the
+# frontend asks over NATS; the rest: a routing policy by name (baselines for comparison).
+ROUTER_MODES = ("embedded", "service", "kv", "round-robin", "least-loaded", "random", "dynamo",
                 "sglang")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
