@@ -99,43 +99,53 @@ def test_secrets_are_redacted():
         common_config(parse(["--etcd-user", "u"]), {})
 
 
-def test_json_logs_carry_service_instance_and_request_id():
-    out = io.StringIO()
-    try:
-        configure_logging("json", "info", service="decode", instance_id=0xABC, stream=out)
-        log = structlog.get_logger("genset.test")
-        with bind_request("req-1", model="tiny"):
-            log.info("handled", tokens=3)
-        log.debug("hidden")  # below the level
-        logging.getLogger("somelib").warning("from stdlib")
-        lines = [json.loads(line) for line in out.getvalue().splitlines()]
-        assert len(lines) == 2
-        first, second = lines
-        assert first["event"] == "handled" and first["tokens"] == 3
-        assert first["request_id"] == "req-1" and first["model"] == "tiny"
-        assert first["service"] == "decode" and first["instance"] == "abc"
-        assert first["level"] == "info" and "timestamp" in first
-        assert second["event"] == "from stdlib" and second["service"] == "decode"
-        assert "request_id" not in second  # unbound after the block
-        with pytest.raises(ValueError, match="log level 'loud'"):
-            configure_logging("json", "loud", service="x")
-    finally:
-        configure_logging("console", "warning", service="pytest")
+@pytest.fixture
+def restore_logging():
+    """configure_logging changes process-wide state; put it back for the other tests."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    noisy = {name: logging.getLogger(name).level for name in ("asyncio", "grpc", "aetcd",
+                                                               "uvicorn.access")}
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lvl in noisy.items():
+        logging.getLogger(name).setLevel(lvl)
 
 
-def test_console_format_is_readable():
+def test_json_logs_carry_service_instance_and_request_id(restore_logging):
     out = io.StringIO()
-    try:
-        configure_logging("auto", "info", service="router", stream=out)  # StringIO: no TTY
-        structlog.get_logger().info("hello")
-        assert json.loads(out.getvalue())["service"] == "router"  # auto -> json off a TTY
-        out2 = io.StringIO()
-        configure_logging("console", "info", service="router", stream=out2)
-        structlog.get_logger().info("hello", k=1)
-        text = out2.getvalue()
-        assert "hello" in text and "k=1" in text and not text.startswith("{")
-    finally:
-        configure_logging("console", "warning", service="pytest")
+    configure_logging("json", "info", service="decode", instance_id=0xABC, stream=out)
+    log = structlog.get_logger("genset.test")
+    with bind_request("req-1", model="tiny"):
+        log.info("handled", tokens=3)
+    log.debug("hidden")  # below the level
+    logging.getLogger("somelib").warning("from stdlib")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 2
+    first, second = lines
+    assert first["event"] == "handled" and first["tokens"] == 3
+    assert first["request_id"] == "req-1" and first["model"] == "tiny"
+    assert first["service"] == "decode" and first["instance"] == "abc"
+    assert first["level"] == "info" and "timestamp" in first
+    assert second["event"] == "from stdlib" and second["service"] == "decode"
+    assert "request_id" not in second  # unbound after the block
+    with pytest.raises(ValueError, match="log level 'loud'"):
+        configure_logging("json", "loud", service="x")
+
+
+def test_console_format_is_readable(restore_logging):
+    out = io.StringIO()
+    configure_logging("auto", "info", service="router", stream=out)  # StringIO: no TTY
+    structlog.get_logger().info("hello")
+    assert json.loads(out.getvalue())["service"] == "router"  # auto -> json off a TTY
+    out2 = io.StringIO()
+    configure_logging("console", "info", service="router", stream=out2)
+    structlog.get_logger().info("hello", k=1)
+    text = out2.getvalue()
+    assert "hello" in text and "k=1" in text and not text.startswith("{")
 
 
 async def _http_get(port: int, raw: bytes) -> tuple[int, bytes]:
