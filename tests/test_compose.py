@@ -53,10 +53,22 @@ def compose_config(path: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def resolved() -> dict:
-    """The compose model after Compose itself parsed, merged anchors and interpolated it."""
+    """The compose model after Compose itself parsed, merged anchors and interpolated it; where
+    no Compose binary is installed, PyYAML's reading of the file (anchors and merge keys
+    resolved, variables left as written), so the structural rules are still checked."""
+    if compose_binary() is None:
+        return yaml.safe_load(COMPOSE_FILE.read_text())
     result = compose_config(COMPOSE_FILE, "--format", "json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def test_compose_config_accepts_the_file():
+    """Docker Compose's own parser and compose-spec schema validation accept the file."""
+    result = compose_config(COMPOSE_FILE, "--quiet")
+    assert result.returncode == 0, result.stderr
+    services = compose_config(COMPOSE_FILE, "--services").stdout.split()
+    assert set(services) >= INFRA | built_services()
 
 
 def test_compose_validates_and_names_every_built_service(resolved):
@@ -99,7 +111,8 @@ def test_service_commands_are_accepted_by_the_genset_command(resolved):
     for name, svc in resolved["services"].items():
         if name in INFRA:
             continue
-        command = svc["command"]
+        command = [part.replace("${ENGINE:-torch}", "torch").replace("${MODEL:-tiny}", "tiny")
+                   for part in svc["command"]]
         assert command[0] in genset.cli.COMMANDS, f"{name}: unknown genset command {command[0]}"
         if name not in built_services():
             continue  # named ahead of its package landing; test 1 keeps the list honest
