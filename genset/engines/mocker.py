@@ -70,6 +70,11 @@ class PolynomialTiming:
     decode_const: float = 5.74
     decode_min: float = 1.0
     speedup_ratio: float = 1.0
+    # Dynamo's own offline replay (measured on single requests, ai-dynamo 1.6.1) charges the
+    # decode time only in steps where some sequence decodes (a step that only finishes prompts
+    # costs prefill_ms alone), with u = context tokens of the decoding sequences / token
+    # capacity. True reproduces that exactly (the router's replay calibrates with it).
+    dynamo_exact: bool = False
 
     def prefill_ms(self, uncached_tokens: int) -> float:
         t = uncached_tokens
@@ -207,7 +212,13 @@ class MockerCore:
             return [], 0.0
         usage = self.pool.num_used / self.pool.num_blocks
         sampled, prefill_tokens, decode_tokens, emitted = self._sample(plan, sched.scheduled)
-        step_ms = self.timing.step_ms(prefill_tokens, emitted > 0, usage)
+        if self.timing.dynamo_exact:
+            ctx = sum(len(seq.token_ids) for chunk, seq in zip(plan.chunks, sched.scheduled, strict=True)
+                      if len(chunk.token_ids) == 1 and seq.num_output > 0)
+            usage = ctx / (self.pool.num_blocks * self.pool.block_size)
+            step_ms = self.timing.step_ms(prefill_tokens, decode_tokens > 0, usage)
+        else:
+            step_ms = self.timing.step_ms(prefill_tokens, emitted > 0, usage)
         outputs = sched.update(plan, sampled)
         self.clock_ms = start + step_ms
         self.last_step = StepStats(

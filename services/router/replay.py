@@ -46,6 +46,7 @@ class ReplayConfig:
     seed: int = 0
     policy_options: dict = field(default_factory=dict)
     router_replicas: int = 1  # >1: replicas route in turn and share decisions (like live replicas)
+    dynamo_exact_timing: bool = True  # step time exactly as Dynamo's replay charges it
 
 
 @dataclass
@@ -79,7 +80,7 @@ def make_mocker(cfg: ReplayConfig, worker_id: int):
         max_batch_tokens=cfg.max_batched_tokens,
         max_running=cfg.max_num_seqs,
         context_length=1 << 30,
-        timing=PolynomialTiming(speedup_ratio=cfg.speedup_ratio),
+        timing=PolynomialTiming(speedup_ratio=cfg.speedup_ratio, dynamo_exact=cfg.dynamo_exact_timing),
     ), worker_id=worker_id)
 
 
