@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -254,3 +255,44 @@ async def test_killed_process_expires_within_ttl_and_sigterm_removes_at_once(etc
                 proc.kill()
                 await proc.wait()
         await viewer.close()
+
+
+async def test_auth_login_and_wrong_password(own_etcd):
+    """etcd with auth on: the right user registers and watches; a wrong password is a clear
+    error at connect; an expired token (simulated) is renewed transparently."""
+    from genset.runtime.infra import etcd_binary
+
+    etcdctl = str(Path(etcd_binary()).with_name("etcdctl"))
+    ep = own_etcd.endpoint
+
+    def ctl(*args: str) -> None:
+        subprocess.run([etcdctl, "--endpoints", ep, *args], check=True, capture_output=True,
+                       timeout=10)
+
+    ctl("user", "add", "root:rootpw")
+    ctl("auth", "enable")
+    with pytest.raises(DiscoveryError, match="refused"):
+        await Discovery.connect(ep, user="root", password="wrong", connect_timeout=2)
+    d = await Discovery.connect(ep, user="root", password="rootpw", ttl=3)
+    try:
+        p = prefix()
+        m = await d.watch(p, proto.InstanceRecord)
+        await d.register(p + "a", record(1))
+        await m.wait_for(lambda items: p + "a" in items, timeout=5)
+        d.client._metadata = (("token", "expired.token"),)  # as after the token's TTL
+        await d.register(p + "b", record(2))
+        await m.wait_for(lambda items: p + "b" in items, timeout=5)
+        await asyncio.sleep(1.5)  # a keepalive round with the renewed token
+        assert d.reachable
+        # a watch that reconnects with a stale token logs in again too
+        d.client._metadata = (("token", "expired.token"),)
+        m._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await m._task
+        m._start()
+        await until(lambda: m.connected, 5, "watch reconnected with a fresh token")
+        assert d.client._metadata != (("token", "expired.token"),)
+        await d.register(p + "c", record(3))
+        await m.wait_for(lambda items: p + "c" in items, timeout=5)
+    finally:
+        await d.close()

@@ -347,6 +347,9 @@ class WatchStream:
             raise EtcdCompacted(resp.compact_revision)
         if resp.canceled:
             self.close()
+            reason = (resp.cancel_reason or "").lower()
+            if "token" in reason or "auth" in reason or "permission" in reason:
+                self._client._metadata = None  # log in again on the next attempt
             raise EtcdUnavailable(
                 f"etcd at {self._client.endpoint}: watch cancelled: {resp.cancel_reason or '?'}")
 
