@@ -240,3 +240,27 @@ async def test_engine_glue_with_stand_in(fake_trtllm):
     finally:
         sub.close()
         await engine.stop()
+
+
+def test_factory_fails_fast_without_package(monkeypatch):
+    from genset.engines import create_engine
+    from genset.engines.trtllm import create_trtllm_engine
+
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
+    with pytest.raises(ImportError, match="TensorRT-LLM is not installed"):
+        create_trtllm_engine("m", max_batch_tokens=None)
+    with pytest.raises(TrtllmNotInstalled):
+        create_engine("trtllm", model="m")
+
+
+def test_engines_package_does_not_import_torch():
+    import subprocess
+
+    code = (
+        "import sys, genset.engines as e; eng = e.create_engine('mocker', worker_id=1); "
+        "import genset.engines.trtllm, genset.engines.scheduler; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print(eng.card.engine)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "mocker"

@@ -42,7 +42,8 @@ TensorRT-LLM schedules, batches and caches by itself; this adapter only translat
     does not change what is held and is ignored.
 
 The package is imported lazily, only when an engine is started, so this module imports
-fine without it; starting without it raises `TrtllmNotInstalled` with a clear message.
+fine without it; `create_trtllm_engine` (and starting an engine) without it raises
+`TrtllmNotInstalled` (an ImportError) with a clear message.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ INSTALL_HINT = (
 )
 
 
-class TrtllmNotInstalled(RuntimeError):
-    pass
+class TrtllmNotInstalled(ImportError):
+    """`tensorrt_llm` cannot be imported (an ImportError, with install instructions)."""
 
 
 def import_tensorrt_llm() -> Any:
@@ -489,3 +490,25 @@ def _cached_tokens(output: Any, block_size: int) -> int:
     if reused:
         return min(int(reused) * block_size, len(getattr(output, "prompt_token_ids", []) or []))
     return 0
+
+
+def create_trtllm_engine(
+    model: str,
+    *,
+    worker_id: int = 0,
+    block_size: int = 32,
+    max_batch_tokens: int | None = None,
+    max_running: int = 256,
+    **opts: Any,
+) -> TrtllmEngine:
+    """A not-yet-started `TrtllmEngine`; raises `TrtllmNotInstalled` at once when the package
+    is missing, so a worker fails at start-up rather than on its first request."""
+    import_tensorrt_llm()
+    return TrtllmEngine(
+        model,
+        worker_id=worker_id,
+        block_size=block_size,
+        max_batch_tokens=max_batch_tokens or 8192,
+        max_running=max_running,
+        **opts,
+    )
