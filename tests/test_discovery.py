@@ -296,3 +296,18 @@ async def test_auth_login_and_wrong_password(own_etcd):
         await m.wait_for(lambda items: p + "c" in items, timeout=5)
     finally:
         await d.close()
+
+
+async def test_several_endpoints_fail_over_to_a_live_one(etcd_server):
+    from genset.runtime.infra import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    d = await Discovery.connect(f"{dead},http://{etcd_server.endpoint}", connect_timeout=5)
+    try:
+        assert d.client.endpoint == etcd_server.endpoint
+        p = prefix()
+        m = await d.watch(p)
+        await d.register(p + "a", b"1")
+        await m.wait_for(lambda items: items == {p + "a": b"1"}, timeout=5)
+    finally:
+        await d.close()

@@ -124,6 +124,7 @@ class EtcdClient:
         self._tls = https or ca_cert is not None or cert is not None
         self._ca_cert, self._cert, self._key = ca_cert, cert, key
         self._index = 0
+        self._closing: set[asyncio.Task] = set()  # old channels being closed after a rotate
         self._metadata: tuple[tuple[str, str], ...] | None = None
         self._channel: grpc.aio.Channel | None = None
         self._open_channel()
@@ -162,7 +163,9 @@ class EtcdClient:
         self._open_channel()
         if old is not None:
             # Calls still running on the old channel fail and are retried by their owners.
-            asyncio.get_running_loop().create_task(old.close(grace=1.0))
+            task = asyncio.get_running_loop().create_task(old.close(grace=1.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _authenticate(self) -> None:
         if self._user is None:
