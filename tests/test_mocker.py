@@ -242,3 +242,24 @@ def test_64_mockers_in_one_process_step_fast():
     elapsed = time.perf_counter() - t0
     assert steps > 64 * 8
     assert elapsed < 15, f"{steps} steps took {elapsed:.1f}s"
+
+
+async def test_real_time_engine_takes_the_modelled_time():
+    cfg = MockerConfig(block_size=16, num_blocks=64, timing=PolynomialTiming(speedup_ratio=5.0))
+    # the same request on a simulated-time core gives the modelled duration
+    sim = MockerCore(cfg)
+    sim.add_request(req("a", list(range(200)), max_tokens=15))
+    modelled_ms = 0.0
+    while sim.has_work():
+        modelled_ms += sim.step()[1]
+    engine = create_mocker_engine(cfg)
+    await engine.start()
+    try:
+        t0 = asyncio.get_running_loop().time()
+        stream = await engine.submit(req("a", list(range(200)), max_tokens=15))
+        tokens, _ = await asyncio.wait_for(_collect(stream), 10)
+        wall_ms = (asyncio.get_running_loop().time() - t0) * 1000
+    finally:
+        await engine.stop()
+    assert len(tokens) == 15
+    assert modelled_ms * 0.95 <= wall_ms <= modelled_ms * 3 + 50

@@ -415,17 +415,25 @@ class AsyncEngineDriver(Engine):
             batch = core.take_kv_batch(_now_ms())
             load = core.load_report(_now_ms(), self._ewma(step_ms))
             loop.call_soon_threadsafe(self._deliver, outputs, batch, load)
+            if not outputs and step_ms <= 0:
+                # nothing could be scheduled (e.g. blocks pinned): don't spin
+                self._wake_thread.wait(0.01)
         self._run_commands()
 
     async def _loop_main(self) -> None:
         core = self.core
         wake = self._wake_loop
-        assert wake is not None
+        loop = self._loop
+        assert wake is not None and loop is not None
+        # modelled steps are laid end to end on a virtual timeline, so sleep granularity and
+        # scheduling delays do not accumulate into a slower engine than the model says
+        step_end = loop.time()
         while not self._stopping:
             wake.clear()
             self._run_commands()
             if not core.has_work():
                 await wake.wait()
+                step_end = loop.time()
                 continue
             try:
                 outputs, step_ms = core.step()
@@ -433,8 +441,15 @@ class AsyncEngineDriver(Engine):
                 log.exception("engine step failed")
                 self._fail(repr(exc))
                 return
+            if not outputs and step_ms <= 0:
+                # nothing could be scheduled (e.g. blocks pinned): wait for a change
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), 0.01)
+                step_end = loop.time()
+                continue
             # outputs exist only once the (modelled) step is over
-            await asyncio.sleep(step_ms / 1000.0)
+            step_end = max(step_end, loop.time() - 0.05) + step_ms / 1000.0
+            await asyncio.sleep(max(0.0, step_end - loop.time()))
             batch = core.take_kv_batch(_now_ms())
             load = core.load_report(_now_ms(), self._ewma(step_ms))
             self._deliver(outputs, batch, load)

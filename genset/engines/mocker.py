@@ -19,6 +19,9 @@ fraction of KV blocks in use (held by sequences) once the step's blocks are allo
 sum follows Dynamo's vLLM-style mocker, which advances time by the batch's prefill time and
 then by the decode time of the pass in which the ready sequences emit their token (a
 sequence that finishes its prompt in a step emits its first token in that same step).
+`PolynomialTiming(dynamo_exact=True)` instead reproduces what Dynamo's offline replay was
+measured to charge: the decode term only in steps where some sequence decodes, with u = the
+decoding sequences' context tokens / token capacity (the router's replay calibrates with it).
 
 Output tokens are deterministic pseudo-random ids in [0, vocab_size), seeded per request
 (its `sampling.seed`, else a hash of its id), never an EOS id unless `eos_probability` > 0.

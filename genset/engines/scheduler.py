@@ -202,22 +202,36 @@ class Scheduler:
         running = self.running
         preempted = False
 
+        bs = self.block_size
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
-            if not self._grow(seq, seq.num_computed + n):
+            start = seq.num_computed
+            total = len(seq.token_ids)
+            end = min(total, start + budget)
+            # the common case (a decode inside its last block) allocates nothing
+            if end > len(seq.block_table) * bs and not self._grow(seq, end):
                 while True:
                     victim = running[-1]
                     self._preempt(victim)
                     preempted = True
-                    if victim is seq or self._grow(seq, seq.num_computed + n):
+                    if victim is seq or self._grow(seq, end):
                         break
                 if victim is seq:
                     continue
-            chunks.append(self._chunk(seq, n))
+            chunks.append(
+                ScheduledChunk(
+                    seq.request_id,
+                    seq.token_ids[start:end],
+                    start,
+                    seq.block_table,
+                    end == total,
+                    seq.sampling,
+                    seq.num_output,
+                )
+            )
             scheduled.append(seq)
-            budget -= n
+            budget -= end - start
             i += 1
 
         if not preempted:
@@ -245,25 +259,30 @@ class Scheduler:
         outputs: list[EngineOutput] = []
         finished = False
         bs = self.block_size
+        eos = self.eos
+        max_len = self.max_seq_len
         for seq, chunk, token in zip(self._scheduled, plan.chunks, sampled, strict=True):
             if seq.status != RUNNING:
                 continue
             seq.num_computed += len(chunk.token_ids)
             if seq.num_computed // bs > seq.num_registered:
                 self._register_full_blocks(seq)
-            if not chunk.sample or token is None:
+            if token is None or not chunk.sample:
                 continue
-            seq.token_ids.append(token)
-            seq.num_output += 1
-            reason = self._stop_reason(seq, token)
+            tokens = seq.token_ids
+            tokens.append(token)
+            n_out = seq.num_output = seq.num_output + 1
+            # stop ids and EOS count only once min_tokens are out; length limits always
+            reason = None
+            if n_out >= seq.min_tokens and (
+                token in seq.stop_ids or (token in eos and not seq.ignore_eos)
+            ):
+                reason = "stop"
+            elif n_out >= seq.max_tokens or len(tokens) >= max_len:
+                reason = "length"
             outputs.append(
                 EngineOutput(
-                    request_id=seq.request_id,
-                    token_ids=[token],
-                    finish_reason=reason,
-                    prompt_tokens=seq.prompt_len,
-                    cached_tokens=seq.cached_tokens,
-                    completion_tokens=seq.num_output,
+                    seq.request_id, [token], reason, seq.prompt_len, seq.cached_tokens, n_out
                 )
             )
             if reason is not None:
@@ -436,12 +455,3 @@ class Scheduler:
                 tokens[idx * bs : (idx + 1) * bs] if tokens is not None else None,
             )
         seq.num_registered = full
-
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        if seq.num_output >= seq.min_tokens and (
-            token in seq.stop_ids or (not seq.ignore_eos and token in self.eos)
-        ):
-            return "stop"
-        if seq.num_output >= seq.max_tokens or len(seq.token_ids) >= self.max_seq_len:
-            return "length"
-        return None
