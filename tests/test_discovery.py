@@ -311,3 +311,20 @@ async def test_several_endpoints_fail_over_to_a_live_one(etcd_server):
         await m.wait_for(lambda items: items == {p + "a": b"1"}, timeout=5)
     finally:
         await d.close()
+
+
+async def test_register_after_unnoticed_lease_loss(etcd_server):
+    """register() finding its lease gone (before the keepalive noticed) re-grants at once."""
+    p = prefix()
+    owner = await Discovery.connect(etcd_server.endpoint, ttl=30)  # keepalive every 10 s
+    try:
+        await owner.register(p + "a", b"1")
+        old = owner.lease_id
+        await owner.client.lease_revoke(old)
+        await owner.register(p + "b", b"2")
+        assert owner.lease_id != old
+        kvs = {kv.key: kv for kv in (await owner.client.get_prefix(p))[0]}
+        assert set(kvs) == {p + "a", p + "b"}
+        assert {kv.lease for kv in kvs.values()} == {owner.lease_id}
+    finally:
+        await owner.close()

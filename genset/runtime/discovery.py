@@ -159,7 +159,10 @@ class Discovery:
             except EtcdError as exc:
                 if "lease not found" not in str(exc):
                     raise
-                await self._regrant()  # expired before the keepalive noticed; puts this too
+                try:  # expired before the keepalive noticed: a new lease, then every record
+                    await self._regrant()
+                except EtcdUnavailable:
+                    self._dirty = True  # the keepalive finishes the job when etcd answers
 
     async def unregister(self, key: str) -> None:
         """Forget `key` and delete it from etcd (best effort if etcd is away: the key still
