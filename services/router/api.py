@@ -19,8 +19,9 @@ Modes for `create_router(mode, ...)`:
   `policy=` picks the default policy ("genset" unless told); `RouteRequest.policy` overrides
   it per request.
 - `"remote"`: asks the `genset router` service over NATS (`proto.subjects.route(ns)`, a queue
-  group); `on_first_token` / `on_done` are published as `proto.RequestLifecycle` on
-  `proto.subjects.request_lifecycle(ns)` so the service's load view stays true.
+  group). `on_first_token` / `on_done` are no-ops there: workers publish
+  `proto.RequestLifecycle` on `proto.subjects.request_lifecycle(ns)` themselves and every
+  router replica listens.
 - a policy name (`"round_robin"`, `"random"`, `"least_loaded"`, `"kv"`/`"genset"`,
   `"dynamo"`, `"sglang"`): shorthand for embedded with that default policy.
 

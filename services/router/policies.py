@@ -172,7 +172,7 @@ class PredictedTTFT(Policy):
     name = "genset"
 
     def __init__(self, profile: PolynomialProfile | None = None, *, decode_weight: float = 1.0,
-                 herd_factor: float = 1.5, herd_min: int = 1, tie_ms: float = 0.5) -> None:
+                 herd_factor: float = 1.5, herd_min: int = 2, tie_ms: float = 0.5) -> None:
         self.profile = profile or PolynomialProfile()
         self.decode_weight = decode_weight
         self.herd_factor = herd_factor

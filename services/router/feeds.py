@@ -1,0 +1,220 @@
+"""Wires a `RouterCore` to the bus and etcd: what both the router service and the router
+embedded in a frontend need.
+
+- worker membership: the model cards in etcd (`proto.keys.models_prefix`); a card that goes
+  (lease expired, worker drained) removes the worker's blocks and load at once;
+- KV events of every worker (`proto.subjects.kv_events_all`), with per-worker event-id gap
+  detection; a gap is healed by a `KvResyncRequest` to that worker, whose snapshot
+  (Cleared + Stored) replaces what we had;
+- load reports, request lifecycle (workers publish first_token / done), and the decisions of
+  other router replicas (`route_decisions`), so every replica keeps the same load view;
+- on start, a resync request to every known worker, so a restarted router has the full index
+  within one round trip instead of waiting for new events;
+- a periodic health check that raises the alarm (log + metric) when a worker we keep
+  routing to publishes no KV events, or a model's workers publish none at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+
+import proto
+from genset.runtime.metrics import FAST_BUCKETS
+from proto import keys, subjects
+from services.router.core import RouterCore
+
+log = structlog.get_logger("genset.router")
+
+
+class RouterMetrics:
+    def __init__(self, metrics) -> None:
+        m = metrics
+        self.decisions = m.counter("router_decisions", "Routing decisions", ["policy"])
+        self.decision_seconds = m.histogram("router_decision_seconds", "Time to route one request",
+                                            buckets=FAST_BUCKETS)
+        self.errors = m.counter("router_errors", "Route requests answered with an error", ["reason"])
+        self.kv_batches = m.counter("router_kv_batches", "KV event batches applied")
+        self.kv_blocks = m.counter("router_kv_block_events", "Block events applied (stored/removed)")
+        self.gaps = m.counter("router_kv_event_gaps", "KV event-id gaps detected")
+        self.resyncs = m.counter("router_kv_resyncs", "KV resync requests sent", ["outcome"])
+        self.alarm = m.gauge("router_alarm", "1 while a worker/model publishes no KV events", ["subject"])
+        self.workers = m.gauge("router_workers", "Workers known to the router")
+        self.hit_ratio = m.gauge("router_predicted_hit_ratio",
+                                 "Prompt tokens found cached on the chosen worker / prompt tokens")
+        self.bad_messages = m.counter("router_bad_messages", "Messages that failed to decode", ["kind"])
+
+
+class RouterFeeds:
+    def __init__(self, core: RouterCore, *, bus, namespace: str, discovery=None, metrics=None,
+                 resync_timeout: float = 2.0, alarm_interval_s: float = 2.0) -> None:
+        self.core = core
+        self.bus = bus
+        self.ns = namespace
+        self.discovery = discovery
+        self.m = RouterMetrics(metrics) if metrics is not None else None
+        self.resync_timeout = resync_timeout
+        self.alarm_interval_s = alarm_interval_s
+        self._subs: list = []
+        self._tasks: list[asyncio.Task] = []
+        self._membership = None
+        self._resync_inflight: set[int] = set()
+        self._resync_queue: asyncio.Queue[int] = asyncio.Queue(maxsize=4096)
+        self._alarmed: set[str] = set()
+
+    # -------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        bus = self.bus
+        self._subs.append(await bus.subscribe(subjects.kv_events_all(self.ns), self._on_kv))
+        self._subs.append(await bus.subscribe(subjects.load_report_all(self.ns), self._on_load))
+        self._subs.append(await bus.subscribe(subjects.request_lifecycle(self.ns), self._on_lifecycle))
+        self._subs.append(await bus.subscribe(subjects.route_decisions(self.ns), self._on_decision))
+        self._tasks.append(asyncio.create_task(self._resync_loop(), name="router-resync"))
+        self._tasks.append(asyncio.create_task(self._alarm_loop(), name="router-alarms"))
+        if self.discovery is not None:
+            self._membership = await self.discovery.watch(keys.models_prefix(self.ns), proto.ModelCard,
+                                                          require_initial=False)
+            for key, card in list(self._membership.items.items()):
+                self._on_card("put", key, card)
+            self._membership.add_listener(self._on_card)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        if self._membership is not None:
+            with contextlib.suppress(Exception):
+                await self._membership.close()
+            self._membership = None
+
+    # -------------------------------------------------------------- membership
+    def _on_card(self, kind: str, key: str, card) -> None:
+        if not isinstance(card, proto.ModelCard):
+            return
+        if kind == "put":
+            new = card.instance_id not in self.core.workers
+            self.core.add_card(card)
+            if new:
+                # What it already holds (a router that starts after its workers, or restarts).
+                self.request_resync(card.instance_id)
+        else:
+            self.core.remove_worker(card.instance_id)
+        if self.m:
+            self.m.workers.set(len(self.core.workers))
+
+    def request_resync(self, worker_id: int) -> None:
+        if worker_id in self._resync_inflight:
+            return
+        with contextlib.suppress(asyncio.QueueFull):
+            self._resync_queue.put_nowait(worker_id)
+            self._resync_inflight.add(worker_id)
+
+    async def _resync_loop(self) -> None:
+        while True:
+            worker_id = await self._resync_queue.get()
+            try:
+                snap = await self.bus.request(
+                    subjects.kv_resync(self.ns, worker_id),
+                    proto.KvResyncRequest(worker_id=worker_id, reason="router"),
+                    timeout=self.resync_timeout, reply_type=proto.KvEventBatch)
+                if isinstance(snap, bytes):
+                    snap = proto.decode(snap, proto.KvEventBatch)
+                self._apply(snap)
+                if self.m:
+                    self.m.resyncs.labels("ok").inc()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # no responder / timeout: the next gap or card retries
+                log.warning("KV resync failed", worker=f"{worker_id:x}", error=repr(exc))
+                if self.m:
+                    self.m.resyncs.labels("failed").inc()
+            finally:
+                self._resync_inflight.discard(worker_id)
+
+    # -------------------------------------------------------------- inputs
+    def _apply(self, batch: proto.KvEventBatch) -> None:
+        core = self.core
+        result = core.on_kv_batch(batch)
+        if self.m and not result.stale:
+            self.m.kv_batches.inc()
+            self.m.kv_blocks.inc(result.applied_blocks)
+        if result.gap is not None:
+            if self.m:
+                self.m.gaps.inc()
+            self.request_resync(batch.worker_id)
+
+    async def _on_kv(self, msg) -> None:
+        try:
+            batch = proto.decode(msg.data, proto.KvEventBatch)
+        except proto.ProtocolError as exc:
+            self._bad("kv_events", exc)
+            return
+        self._apply(batch)
+
+    async def _on_load(self, msg) -> None:
+        try:
+            report = proto.decode(msg.data, proto.LoadReport)
+        except proto.ProtocolError as exc:
+            self._bad("load_report", exc)
+            return
+        self.core.on_load_report(report)
+
+    async def _on_lifecycle(self, msg) -> None:
+        try:
+            ev = proto.decode(msg.data, proto.RequestLifecycle)
+        except proto.ProtocolError as exc:
+            self._bad("lifecycle", exc)
+            return
+        self.core.on_lifecycle(ev)
+
+    async def _on_decision(self, msg) -> None:
+        try:
+            d = proto.decode(msg.data, proto.RouteDecision)
+        except proto.ProtocolError as exc:
+            self._bad("route_decision", exc)
+            return
+        self.core.on_peer_decision(d)
+
+    def _bad(self, kind: str, exc: Exception) -> None:
+        log.warning("bad message ignored", kind=kind, error=str(exc))
+        if self.m:
+            self.m.bad_messages.labels(kind).inc()
+
+    # -------------------------------------------------------------- health
+    async def _alarm_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.alarm_interval_s)
+            self.check_alarms()
+
+    def check_alarms(self) -> dict:
+        alarms = self.core.check_alarms()
+        self.core.load.expire()
+        current = {str(k) if not isinstance(k, int) else f"{k:x}" for k in alarms}
+        if self.m:
+            for name in current - self._alarmed:
+                self.m.alarm.labels(name).set(1)
+            for name in self._alarmed - current:
+                self.m.alarm.labels(name).set(0)
+            if self.core.prompt_tokens_total:
+                self.m.hit_ratio.set(self.core.predicted_hit_tokens / self.core.prompt_tokens_total)
+        self._alarmed = current
+        return alarms
+
+    def record_decision(self, decision: proto.RouteDecision, started: float) -> None:
+        if not self.m:
+            return
+        if decision.worker_id is None:
+            self.m.errors.labels("no_worker" if "no worker" in (decision.error or "") else "bad_request").inc()
+        else:
+            self.m.decisions.labels(decision.policy).inc()
+        self.m.decision_seconds.observe(time.perf_counter() - started)

@@ -1,0 +1,96 @@
+"""`genset router`: the router as its own service.
+
+Answers `proto.RouteRequest` on `proto.subjects.route(ns)` in the queue group "router", so
+replicas share the requests; every decision is broadcast on `route_decisions(ns)` and every
+replica applies the others' decisions to its load model, so they agree on who is busy. KV
+events, load reports, lifecycle and membership come in through `RouterFeeds`; on start every
+worker in etcd is asked for a KV snapshot, so a restarted router routes with a full index
+within a round trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import proto
+from genset.runtime.service import Service
+from proto import subjects
+from services.router.core import RouterConfig, RouterCore
+from services.router.feeds import RouterFeeds
+from services.router.policies import ALIASES, POLICY_NAMES
+
+QUEUE_GROUP = "router"
+
+
+@dataclass
+class RouterOptions:
+    policy: str = field(default="genset", metadata={"help": f"default policy ({', '.join(POLICY_NAMES)})"})
+    block_size: int = field(default=16, metadata={"help": "block size for workers without a model card"})
+    event_silence_s: float = field(default=10.0, metadata={
+        "help": "alarm when a worker we route to publishes no KV event for this long"})
+    seed: int | None = field(default=None, metadata={"help": "seed of tie-breaking randomness"})
+
+    def __post_init__(self) -> None:
+        if ALIASES.get(self.policy, self.policy) not in POLICY_NAMES:
+            raise ValueError(f"--policy: unknown policy {self.policy!r} (use {', '.join(POLICY_NAMES)})")
+        if self.block_size <= 0:
+            raise ValueError(f"--block-size must be > 0, got {self.block_size}")
+
+
+class RouterService(Service):
+    component = "router"
+
+    def __init__(self, config, options: RouterOptions | None = None) -> None:
+        super().__init__(config)
+        self.options = options or RouterOptions()
+        o = self.options
+        self.core = RouterCore(RouterConfig(policy=o.policy, block_size=o.block_size,
+                                            event_silence_s=o.event_silence_s, seed=o.seed,
+                                            router_id=self.instance_id))
+        self.feeds: RouterFeeds | None = None
+        self._sub = None
+        self._decisions_subject = subjects.route_decisions(self.namespace)
+
+    async def start(self) -> None:
+        self.feeds = RouterFeeds(self.core, bus=self.bus, namespace=self.namespace,
+                                 discovery=self.discovery, metrics=self.metrics)
+        await self.feeds.start()
+        route_subject = subjects.route(self.namespace)
+        self._sub = await self.bus.serve(route_subject, self._on_route, queue=QUEUE_GROUP)
+        self.subjects = {"route": route_subject, "decisions": self._decisions_subject}
+        self.labels = {"policy": self.options.policy}
+        self.log.info("router ready", policy=self.options.policy, workers=len(self.core.workers))
+
+    async def _on_route(self, data: bytes):
+        t0 = time.perf_counter()
+        try:
+            req = proto.decode(data, proto.RouteRequest)
+        except proto.ProtocolError as exc:
+            self.feeds._bad("route_request", exc)
+            return proto.RouteDecision(request_id="", worker_id=None, error=str(exc),
+                                       router_id=self.instance_id)
+        decision = self.core.route(req)
+        self.feeds.record_decision(decision, t0)
+        if decision.worker_id is not None:
+            with contextlib.suppress(Exception):
+                await self.bus.publish(self._decisions_subject, decision)
+        return decision
+
+    async def drain(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def stop(self) -> None:
+        if self.feeds is not None:
+            await self.feeds.close()
+
+    def health(self) -> dict:
+        h = super().health()
+        h["workers"] = len(self.core.workers)
+        h["alarms"] = list(self.core.alarms.values())
+        h["decisions"] = self.core.decisions
+        return h
