@@ -234,3 +234,14 @@ def test_export_and_pinned_import():
     assert res["b"][2] == 36  # the last prompt token is always recomputed
     assert dst.pool.num_used == 0
     assert dst.import_kv(hashes[:2]) == []  # already cached: nothing to write
+
+
+def test_without_prefix_caching_nothing_is_cached_or_published():
+    s = make(enable_prefix_caching=False)
+    prompt = list(range(20))
+    s.add_request(request("a", prompt, 3))
+    run(s)
+    s.add_request(request("b", prompt, 3))
+    res = run(s)
+    assert res["b"][2] == 0
+    assert s.pool.num_cached == 0 and s.pool.take_batch(0) is None

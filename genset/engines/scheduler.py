@@ -261,11 +261,12 @@ class Scheduler:
         bs = self.block_size
         eos = self.eos
         max_len = self.max_seq_len
+        caching = self.pool.enable_caching
         for seq, chunk, token in zip(self._scheduled, plan.chunks, sampled, strict=True):
             if seq.status != RUNNING:
                 continue
             seq.num_computed += len(chunk.token_ids)
-            if seq.num_computed // bs > seq.num_registered:
+            if caching and seq.num_computed // bs > seq.num_registered:
                 self._register_full_blocks(seq)
             if token is None or not chunk.sample:
                 continue
