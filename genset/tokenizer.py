@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -113,6 +114,7 @@ class Tokenizer:
                 eos_ids.append(eid)
         self.eos_token_ids: list[int] = eos_ids
         self.vocab_size = rust.get_vocab_size(with_added_tokens=True)
+        self.segments = SegmentCache.build(rust)
 
     # -- loading -------------------------------------------------------------------------
 
@@ -161,10 +163,87 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         # The template already writes BOS/special tokens itself; adding them again would double them.
-        return self.encode(self.render_chat(messages, **kwargs), add_special_tokens=False)
+        text = self.render_chat(messages, **kwargs)
+        if self.segments is not None:
+            return self.segments.encode(text)
+        return self.encode(text, add_special_tokens=False)
 
     def detokenizer(self, *, stop: Iterable[str] = (), skip_special_tokens: bool = True) -> Detokenizer:
         return Detokenizer(self, stop=stop, skip_special_tokens=skip_special_tokens)
+
+
+class SegmentCache:
+    """Tokenization that reuses the ids of long text segments seen before (system prompts).
+
+    The tokenizer cuts its input at added tokens (`<|im_start|>`, ...) before normalizing and
+    pre-tokenizing, and encodes the pieces independently; so a chat prompt's ids are the
+    concatenation of its pieces' ids, and a long piece that recurs (the shared system prompt
+    of a deployment) need not be encoded again. Used only when the added tokens match
+    verbatim (no lstrip/rstrip/single_word/normalized) and only for `add_special_tokens=False`;
+    the first encodes are checked against a plain encode, and any difference turns it off.
+    """
+
+    MIN_CHARS = 512  # shorter pieces are cheaper to encode than to look up
+    MAX_ENTRIES = 512
+    CHECKS = 32
+
+    def __init__(self, rust: _RustTokenizer, added: dict[str, int]) -> None:
+        self.rust = rust
+        self.added = added
+        alternatives = "|".join(re.escape(c) for c in sorted(added, key=len, reverse=True))
+        self.split = re.compile(f"({alternatives})").split
+        self.cache: dict[str, list[int]] = {}
+        self.checks_left = self.CHECKS
+        self.enabled = True
+        self.lock = threading.Lock()
+
+    @classmethod
+    def build(cls, rust: _RustTokenizer) -> SegmentCache | None:
+        try:
+            decoder = rust.get_added_tokens_decoder()
+        except AttributeError:  # older tokenizers
+            return None
+        added: dict[str, int] = {}
+        for tid, tok in decoder.items():
+            if tok.lstrip or tok.rstrip or tok.single_word or tok.normalized or not tok.content:
+                return None
+            added[tok.content] = tid
+        return cls(rust, added) if added else None
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self.rust.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str) -> list[int]:
+        if not self.enabled or len(text) < self.MIN_CHARS:
+            return self._encode_plain(text)
+        pieces = self.split(text)
+        ids: list[int] = []
+        pending: list[str] = []  # short pieces (and added tokens) encoded together in one call
+        cache = self.cache
+        for i, piece in enumerate(pieces):
+            if i % 2 == 0 and len(piece) >= self.MIN_CHARS:
+                if pending:
+                    ids += self._encode_plain("".join(pending))
+                    pending.clear()
+                cached = cache.get(piece)
+                if cached is None:
+                    cached = self._encode_plain(piece)
+                    with self.lock:
+                        if len(cache) >= self.MAX_ENTRIES:
+                            cache.pop(next(iter(cache)))
+                        cache[piece] = cached
+                ids += cached
+            else:
+                pending.append(piece)
+        if pending:
+            ids += self._encode_plain("".join(pending))
+        if self.checks_left > 0:
+            self.checks_left -= 1
+            if ids != self._encode_plain(text):
+                self.enabled = False  # this tokenizer does not split as assumed: stay exact
+                self.cache.clear()
+                return self._encode_plain(text)
+        return ids
 
 
 def _read_json(path: Path) -> dict[str, Any]:

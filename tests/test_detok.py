@@ -108,3 +108,17 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
         Tokenizer.from_directory(tmp_path)
     with pytest.raises(TokenizerError, match="no such directory"):
         load_tokenizer(str(tmp_path / "missing" / "dir"))
+
+
+def test_segment_cache_matches_plain_encoding(tok):
+    rng = random.Random(0)
+    words = [*TEXT.split(), "alpha", "beta", "\n", "  ", "<|im_start", "|>"]
+    systems = [" ".join(rng.choice(words) for _ in range(300)) for _ in range(3)]
+    assert tok.segments is not None
+    for i in range(60):
+        user = " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
+        messages = [{"role": "system", "content": systems[i % 3]},
+                    {"role": "user", "content": user}]
+        plain = tok.rust.encode(tok.render_chat(messages), add_special_tokens=False).ids
+        assert tok.encode_chat(messages) == plain
+    assert tok.segments.enabled and len(tok.segments.cache) == 3  # the system prompts

@@ -1,39 +1,40 @@
-"""The OpenAI-compatible HTTP API (Starlette): /v1/models, /v1/chat/completions,
-/v1/completions, /health, /metrics.
+"""The OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions, /v1/completions,
+/health, /metrics — served by `services.frontend.httpserver` (a lean HTTP/1.1 server).
 
-Generation responses are a small ASGI callable of their own (`GenerationResponse`) rather than
-Starlette's StreamingResponse: it watches for the client's disconnect from the moment the
-request is accepted (also while waiting for the first token, and for non-streamed requests)
-and cancels the generation, which cancels the worker's stream; and it decides the status
-code only after the first token or error, so failures before the first token are real HTTP
-errors rather than an error inside a 200 stream.
+A generation decides its status code only after its first token or error, so failures before
+the first token are real HTTP errors rather than an error inside a 200 stream. A client that
+disconnects cancels the request's task (the server sees the connection close), which closes
+the generation and cancels the worker's stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import time
 import uuid
+from urllib.parse import unquote
 
 import msgspec
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from services.frontend import openai_api as oa
 from services.frontend.errors import ApiError, bad_request, from_validation
+from services.frontend.httpserver import Request
 from services.frontend.pipeline import Delta, Final, Job, Pipeline
 
 log = structlog.get_logger("frontend.http")
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def error_body(status: int, message: str) -> bytes:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return oa.json_encode({"error": {"message": message, "type": kind, "param": None,
+                                     "code": None}})
 
 
 def _decode(decoder: msgspec.json.Decoder, body: bytes):
@@ -58,7 +59,9 @@ def _check_unsupported(req: oa._Common) -> None:
 
 
 class GenerationResponse:
-    """ASGI response that runs one generation, streamed (SSE) or collected (JSON)."""
+    """Runs one generation for one HTTP request, streamed (SSE) or collected (JSON)."""
+
+    __slots__ = ("app", "chat", "include_usage", "job", "stream")
 
     def __init__(self, app: FrontendHttp, job: Job, *, chat: bool, stream: bool,
                  include_usage: bool) -> None:
@@ -68,50 +71,30 @@ class GenerationResponse:
         self.stream = stream
         self.include_usage = include_usage
 
-    async def __call__(self, scope, receive, send) -> None:
-        task = asyncio.current_task()
-        disconnected = False
-        done = False
-
-        async def watch_disconnect() -> None:
-            nonlocal disconnected
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not done:  # a close after the last byte is no disconnect
-                        disconnected = True
-                        task.cancel()
-                    return
-
-        watcher = asyncio.create_task(watch_disconnect())
+    async def run(self, conn) -> None:
         metrics = self.app.metrics
         model = self.job.model
         metrics.inflight.labels(model).inc()
         status = "200"
         try:
-            if self.stream:
-                status = await self._stream(send)
-            else:
-                status = await self._collect(send)
-            done = True
+            status = await (self._stream(conn) if self.stream else self._collect(conn))
         except asyncio.CancelledError:
-            if not disconnected:
+            if not conn.closed:
                 status = "cancelled"
                 raise
             status = "disconnected"
             metrics.disconnects.labels(model).inc()
         finally:
-            watcher.cancel()
             metrics.inflight.labels(model).dec()
             metrics.duration.labels(model).observe(time.perf_counter() - self.job.arrival)
             metrics.requests.labels(model, self.job.endpoint, status).inc()
 
-    async def _send_error(self, send, err: ApiError) -> str:
-        await send({"type": "http.response.start", "status": err.status, "headers": _JSON_HEADERS})
-        await send({"type": "http.response.body", "body": oa.json_encode(err.body())})
+    @staticmethod
+    def _send_error(conn, err: ApiError) -> str:
+        conn.respond(err.status, oa.json_encode(err.body()))
         return str(err.status)
 
-    async def _collect(self, send) -> str:
+    async def _collect(self, conn) -> str:
         job = self.job
         texts: list[str] = []
         final: Final | None = None
@@ -123,7 +106,7 @@ class GenerationResponse:
                 else:
                     final = item
         except ApiError as err:
-            return await self._send_error(send, err)
+            return self._send_error(conn, err)
         finally:
             await gen.aclose()
         assert final is not None
@@ -133,31 +116,31 @@ class GenerationResponse:
         body = build(response_id=self.app.response_id(job, self.chat), model=job.model,
                      created=int(time.time()), text="".join(texts),
                      finish_reason=final.finish_reason, usage=usage)
-        await send({"type": "http.response.start", "status": 200, "headers": _JSON_HEADERS})
-        await send({"type": "http.response.body", "body": oa.json_encode(body)})
+        conn.respond(200, oa.json_encode(body))
         return "200"
 
-    async def _stream(self, send) -> str:
+    async def _stream(self, conn) -> str:
         job = self.job
         gen = self.app.pipeline.generate(job)
         try:
             try:
-                first = await gen.__anext__()
+                item = await gen.__anext__()
             except ApiError as err:
-                return await self._send_error(send, err)
+                return self._send_error(conn, err)
             writer = oa.ChunkWriter(chat=self.chat, response_id=self.app.response_id(job, self.chat),
                                     model=job.model, created=int(time.time()))
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-            item = first
+            conn.start_stream(200, _SSE_HEADERS)
             is_first = True
+            next_item = gen.__anext__
+            write = conn.write
             try:
                 while True:
                     if type(item) is Delta:
                         if item.text:
-                            await send({"type": "http.response.body",
-                                        "body": writer.text(item.text, is_first),
-                                        "more_body": True})
+                            write(writer.text(item.text, is_first))
                             is_first = False
+                            if conn.write_paused:
+                                await conn.drain()
                     else:
                         final: Final = item
                         self.app.count_tokens(job.model, final)
@@ -166,14 +149,12 @@ class GenerationResponse:
                             out += writer.usage(oa.usage_dict(final.prompt_tokens,
                                                               final.completion_tokens,
                                                               final.cached_tokens))
-                        await send({"type": "http.response.body", "body": out + writer.DONE,
-                                    "more_body": False})
+                        conn.end_stream(out + writer.DONE)
                         return "200"
-                    item = await gen.__anext__()
+                    item = await next_item()
             except ApiError as err:
                 # The status line is gone already: the error travels as an SSE event.
-                await send({"type": "http.response.body",
-                            "body": writer.error(err.body()) + writer.DONE, "more_body": False})
+                conn.end_stream(writer.error(err.body()) + writer.DONE)
                 return str(err.status)
         finally:
             await gen.aclose()
@@ -186,17 +167,40 @@ class FrontendHttp:
         self._health = health
         self._metrics_text = metrics_text
         self.api_keys = [k.encode() for k in (api_keys or []) if k]
-        routes = [
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/models", self.list_models, methods=["GET"]),
-            Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
-            Route("/health", self.health, methods=["GET"]),
-            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
-        ]
-        self.app = Starlette(routes=routes, exception_handlers={
-            ApiError: self._api_error, HTTPException: self._http_error,
-            Exception: self._internal_error})
+        # path -> (method, handler); a handler answers on request.conn itself.
+        self.routes = {
+            "/v1/chat/completions": ("POST", self.chat_completions),
+            "/v1/completions": ("POST", self.completions),
+            "/v1/models": ("GET", self.list_models),
+            "/health": ("GET", self.health),
+            "/metrics": ("GET", self.metrics_endpoint),
+        }
+
+    async def handle(self, request: Request) -> None:
+        """The server's entry point: dispatch, and turn failures into OpenAI-shaped errors."""
+        path = request.path
+        route = self.routes.get(path)
+        if route is None and path.startswith("/v1/models/"):
+            route = ("GET", self.get_model)
+        try:
+            if route is None:
+                raise ApiError(404, f"Not Found: {request.method} {path}", code="not_found")
+            method, handler = route
+            if request.method != method and not (method == "GET" and request.method == "HEAD"):
+                raise ApiError(405, f"Method Not Allowed: {request.method} {path} (use {method})",
+                               code="method_not_allowed")
+            await handler(request)
+        except ApiError as err:
+            if path.startswith("/v1/") and "completions" in path:
+                endpoint = "chat" if path.endswith("chat/completions") else "completions"
+                self.metrics.requests.labels("", endpoint, str(err.status)).inc()
+            request.conn.respond(err.status, oa.json_encode(err.body()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("request_failed", path=path)
+            err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+            request.conn.respond(500, oa.json_encode(err.body()))
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -225,29 +229,12 @@ class FrontendHttp:
         rid = request.headers.get("x-request-id", "")
         return rid if 0 < len(rid) <= 128 and rid.isascii() else uuid.uuid4().hex
 
-    async def _api_error(self, request: Request, exc: ApiError) -> Response:
-        endpoint = "chat" if request.url.path.endswith("chat/completions") else "completions"
-        self.metrics.requests.labels("", endpoint, str(exc.status)).inc()
-        return Response(oa.json_encode(exc.body()), status_code=exc.status,
-                        media_type="application/json")
-
-    async def _http_error(self, request: Request, exc: HTTPException) -> Response:
-        err = ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
-                       code="not_found" if exc.status_code == 404 else None)
-        return Response(oa.json_encode(err.body()), status_code=exc.status_code,
-                        media_type="application/json")
-
-    async def _internal_error(self, request: Request, exc: Exception) -> Response:
-        log.exception("request_failed", path=request.url.path)
-        err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
-        return Response(oa.json_encode(err.body()), status_code=500, media_type="application/json")
-
     # -- endpoints ------------------------------------------------------------------------
 
-    async def chat_completions(self, request: Request):
+    async def chat_completions(self, request: Request) -> None:
         arrival = time.perf_counter()
         self._authorize(request)
-        req: oa.ChatCompletionRequest = _decode(oa.chat_decoder, await request.body())
+        req: oa.ChatCompletionRequest = _decode(oa.chat_decoder, request.body)
         _check_unsupported(req)
         pipeline = self.pipeline
         entry = pipeline.model_entry(req.model)
@@ -264,14 +251,14 @@ class FrontendHttp:
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
             stop_strings=stop_strings, stop_token_ids=stop_ids + (req.stop_token_ids or []),
             ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, arrival=arrival)
-        return GenerationResponse(self, job, chat=True, stream=req.stream,
-                                  include_usage=bool(req.stream_options and
-                                                     req.stream_options.include_usage))
+        await GenerationResponse(self, job, chat=True, stream=req.stream,
+                                 include_usage=bool(req.stream_options and
+                                                    req.stream_options.include_usage)).run(request.conn)
 
-    async def completions(self, request: Request):
+    async def completions(self, request: Request) -> None:
         arrival = time.perf_counter()
         self._authorize(request)
-        req: oa.CompletionRequest = _decode(oa.completion_decoder, await request.body())
+        req: oa.CompletionRequest = _decode(oa.completion_decoder, request.body)
         _check_unsupported(req)
         if req.echo:
             raise bad_request("echo is not supported", param="echo")
@@ -302,33 +289,34 @@ class FrontendHttp:
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
             stop_strings=stop_strings, stop_token_ids=stop_ids + (req.stop_token_ids or []),
             ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, arrival=arrival)
-        return GenerationResponse(self, job, chat=False, stream=req.stream,
-                                  include_usage=bool(req.stream_options and
-                                                     req.stream_options.include_usage))
+        await GenerationResponse(self, job, chat=False, stream=req.stream,
+                                 include_usage=bool(req.stream_options and
+                                                    req.stream_options.include_usage)).run(request.conn)
 
     def _model_object(self, entry) -> dict:
         return {"id": entry.name, "object": "model", "created": entry.created,
                 "owned_by": "genset", "max_model_len": entry.context_length,
                 "workers": len(entry.cards)}
 
-    async def list_models(self, request: Request) -> Response:
+    async def list_models(self, request: Request) -> None:
         self._authorize(request)
         data = [self._model_object(e) for e in sorted(self.pipeline.registry.models.values(),
                                                        key=lambda e: e.name)]
-        return Response(oa.json_encode({"object": "list", "data": data}),
-                        media_type="application/json")
+        request.conn.respond(200, oa.json_encode({"object": "list", "data": data}))
 
-    async def get_model(self, request: Request) -> Response:
+    async def get_model(self, request: Request) -> None:
         self._authorize(request)
-        entry = self.pipeline.model_entry(request.path_params["model"])
-        return Response(oa.json_encode(self._model_object(entry)), media_type="application/json")
+        name = request.path[len("/v1/models/"):]
+        entry = self.pipeline.model_entry(unquote(name))
+        request.conn.respond(200, oa.json_encode(self._model_object(entry)))
 
-    async def health(self, request: Request) -> Response:
+    async def health(self, request: Request) -> None:
         body = self._health()
-        return JSONResponse(body, status_code=200 if body.get("status") == "ok" else 503)
+        request.conn.respond(200 if body.get("status") == "ok" else 503,
+                             json.dumps(body, default=str).encode())
 
-    async def metrics_endpoint(self, request: Request) -> Response:
-        return Response(self._metrics_text(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_endpoint(self, request: Request) -> None:
+        request.conn.respond(200, self._metrics_text(), CONTENT_TYPE_LATEST.encode())
 
 
 def metrics_text(*registries) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -42,3 +44,40 @@ class FrontendMetrics:
         self.disconnects = Counter("genset_frontend_client_disconnects",
                                    "Streams the client closed before the end", ["model"],
                                    registry=r)
+
+
+class LocalHistogram:
+    """Per-request accumulation of a histogram child, added to it once at the end.
+
+    The inter-token latency is observed per chunk (64 times for a 64-token reply); bucketing
+    locally and flushing once saves most of prometheus_client's per-observe cost. Falls back
+    to plain observe() if the client library's internals differ.
+    """
+
+    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+
+    def __init__(self, child) -> None:
+        self._child = child
+        bounds = getattr(child, "_upper_bounds", None)
+        self._bounds = bounds if isinstance(bounds, list) and hasattr(child, "_buckets") else None
+        self._counts = [0] * len(bounds) if self._bounds else []
+        self._sum = 0.0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        if self._bounds is None:
+            for _ in range(count):
+                self._child.observe(value)
+            return
+        self._counts[bisect_left(self._bounds, value)] += count
+        self._sum += value * count
+
+    def flush(self) -> None:
+        if self._bounds is None or (not self._sum and not any(self._counts)):
+            return
+        buckets = self._child._buckets
+        for i, n in enumerate(self._counts):
+            if n:
+                buckets[i].inc(n)
+                self._counts[i] = 0
+        self._child._sum.inc(self._sum)
+        self._sum = 0.0

@@ -33,7 +33,7 @@ from genset.runtime.bus import (
 from genset.tokenizer import OFFLOAD_CHARS, Tokenizer, TokenizerError
 from proto.tokens import pack_tokens, unpack_tokens
 from services.frontend.errors import ApiError, bad_request, from_error_info, no_worker
-from services.frontend.metrics import FrontendMetrics
+from services.frontend.metrics import FrontendMetrics, LocalHistogram
 from services.frontend.registry import ModelEntry, ModelRegistry
 
 log = structlog.get_logger("frontend.pipeline")
@@ -215,7 +215,7 @@ class Pipeline:
         last_at = 0.0
         perf = time.perf_counter
         ttft = metrics.ttft.labels(model)
-        itl = metrics.itl.labels(model)
+        itl = LocalHistogram(metrics.itl.labels(model))
 
         while True:
             remaining_s = job.deadline - time.monotonic()
@@ -260,7 +260,8 @@ class Pipeline:
                             ttft.observe(now - job.arrival)
                             self.router.on_first_token(job.request_id)
                         else:
-                            itl.observe((now - last_at) / len(ids))
+                            n = len(ids)
+                            itl.observe((now - last_at) / n, n)
                         last_at = now
                         generated += ids
                         if detok is None:
@@ -327,6 +328,7 @@ class Pipeline:
             except StreamError as exc:
                 raise _stream_error(exc) from None
             finally:
+                itl.flush()
                 self.router.on_done(job.request_id)
                 if stream is not None and not finished:
                     # The consumer left (client disconnect / cancel) or we failed mid-stream.

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from dataclasses import dataclass, field
-
-import uvicorn
 
 from genset.runtime.config import opt
 from genset.runtime.service import Service
 from services.frontend import routing
-from services.frontend.http_app import FrontendHttp
+from services.frontend.http_app import FrontendHttp, error_body
+from services.frontend.httpserver import HttpServer
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.nats_service import NatsGenerateService
 from services.frontend.pipeline import Pipeline
@@ -44,13 +42,6 @@ class FrontendOptions:
         "NATS-native generate requests in progress before new ones are refused", min=1))
 
 
-class _Server(uvicorn.Server):
-    # run_service owns SIGTERM/SIGINT; uvicorn must not install its own handlers.
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
-
-
 class FrontendService(Service):
     component = "frontend"
 
@@ -62,8 +53,7 @@ class FrontendService(Service):
         self.router = None
         self.pipeline: Pipeline | None = None
         self.nats_service: NatsGenerateService | None = None
-        self.server: _Server | None = None
-        self._server_task: asyncio.Task | None = None
+        self.server: HttpServer | None = None
         self.api_url = ""
 
     async def start(self) -> None:
@@ -86,17 +76,8 @@ class FrontendService(Service):
         http = FrontendHttp(self.pipeline, health=self.health, metrics_text=self.metrics.render,
                             api_keys=(opts.api_key or "").split(","))
         host = opts.http_host or self.config.host
-        config = uvicorn.Config(http.app, host=host, port=opts.port, lifespan="off",
-                                log_level="warning", access_log=False, server_header=False,
-                                date_header=False, timeout_keep_alive=30, backlog=2048)
-        self.server = _Server(config)
-        self._server_task = asyncio.create_task(self.server.serve(), name="frontend-http")
-        while not self.server.started:
-            if self._server_task.done():
-                self._server_task.result()  # raises why it could not start (port taken, ...)
-                raise RuntimeError(f"HTTP server on {host}:{opts.port} did not start")
-            await asyncio.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1] if self.server.servers else opts.port
+        self.server = HttpServer(http.handle, error_body=error_body)
+        port = await self.server.start(host, opts.port)
         self.api_url = f"http://{host}:{port}"
         self.labels["api_url"] = self.api_url
         self.log.info("http_api", url=self.api_url, router=opts.router)
@@ -108,17 +89,13 @@ class FrontendService(Service):
         if self.nats_service is not None:
             await self.nats_service.stop()
         if self.server is not None:
-            # Stop accepting connections; uvicorn then waits for in-flight requests.
-            self.server.should_exit = True
-            if self._server_task is not None:
-                await self._server_task
+            # No new connections or requests; wait for the requests in flight to finish.
+            await self.server.stop_accepting()
+            await self.server.wait_idle()
 
     async def stop(self) -> None:
-        if self.server is not None and self._server_task is not None and not self._server_task.done():
-            self.server.force_exit = True
-            self._server_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._server_task
+        if self.server is not None:
+            await self.server.close()
         if self.router is not None:
             with contextlib.suppress(Exception):
                 await self.router.close()
