@@ -64,9 +64,12 @@ class RouterFeeds:
         self._resync_inflight: set[int] = set()
         self._resync_queue: asyncio.Queue[int] = asyncio.Queue(maxsize=4096)
         self._alarmed: set[str] = set()
+        self._idle = asyncio.Event()  # set whenever no resync is outstanding
 
     # -------------------------------------------------------------- lifecycle
-    async def start(self) -> None:
+    async def start(self, *, initial_sync_s: float = 3.0) -> None:
+        """Subscribe, list the workers, and wait (up to `initial_sync_s`) for their KV
+        snapshots, so the first decisions already see every cached prefix."""
         bus = self.bus
         self._subs.append(await bus.subscribe(subjects.kv_events_all(self.ns), self._on_kv))
         self._subs.append(await bus.subscribe(subjects.load_report_all(self.ns), self._on_load))
@@ -80,6 +83,10 @@ class RouterFeeds:
             for key, card in list(self._membership.items.items()):
                 self._on_card("put", key, card)
             self._membership.add_listener(self._on_card)
+        if self._resync_inflight:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), initial_sync_s)
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -140,6 +147,8 @@ class RouterFeeds:
                     self.m.resyncs.labels("failed").inc()
             finally:
                 self._resync_inflight.discard(worker_id)
+                if not self._resync_inflight:
+                    self._idle.set()
 
     # -------------------------------------------------------------- inputs
     def _apply(self, batch: proto.KvEventBatch) -> None:
