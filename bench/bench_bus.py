@@ -7,7 +7,7 @@ token (as a decode step of one sequence produces); the raw baseline publishes th
 encoded bytes to per-stream subjects received by one wildcard subscription (the same shape
 as the bus's inbox routing), so the ratio is what the wrapper costs.
 
-    .venv/bin/python bench/bench_bus.py                # 3 repeats, asyncio and uvloop
+    .venv/bin/python bench/bench_bus.py                # 5 repeats, asyncio and uvloop
     .venv/bin/python bench/bench_bus.py --repeat 5 --frames 100000
 """
 
@@ -31,7 +31,15 @@ from genset.runtime.infra import NatsServer
 PENDING = 8 * 1024 * 1024  # the bus's pending_size; the raw clients get the same
 
 
-async def raw_stream_throughput(url: str, streams: int, frames: int, yield_every: int) -> float:
+async def _settle(nc) -> None:
+    # nats-py's flush() PING can overtake a SUB still in its write buffer; yield first and
+    # round-trip twice (what Bus.flush does).
+    await asyncio.sleep(0)
+    await nc.flush()
+    await nc.flush()
+
+
+async def raw_stream_throughput(url: str, streams: int, frames: int, yield_every: int) -> tuple[float, float]:
     pub = await nats.connect(url, pending_size=PENDING)
     sub_nc = await nats.connect(url, pending_size=PENDING)
     payload = proto.encode(proto.StreamChunk(seq=1, token_ids=proto.pack_tokens([1234])))
@@ -48,7 +56,7 @@ async def raw_stream_throughput(url: str, streams: int, frames: int, yield_every
 
     prefix = sub_nc.new_inbox()
     await sub_nc.subscribe(prefix + ".*", cb=on_msg, pending_msgs_limit=1 << 20)
-    await sub_nc.flush()
+    await _settle(sub_nc)
 
     async def produce(k: int) -> None:
         subject = f"{prefix}.{k}"
@@ -57,16 +65,17 @@ async def raw_stream_throughput(url: str, streams: int, frames: int, yield_every
             if yield_every and i % yield_every == 0:
                 await asyncio.sleep(0)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(produce(k) for k in range(streams)))
     await asyncio.wait_for(done.wait(), 120)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     await pub.close()
     await sub_nc.close()
-    return total / elapsed
+    return total / elapsed, cpu / total * 1e6
 
 
-async def bus_stream_throughput(url: str, streams: int, frames: int, yield_every: int) -> float:
+async def bus_stream_throughput(url: str, streams: int, frames: int,
+                                yield_every: int) -> tuple[float, float]:
     req = await Bus.connect(url, name="bench-req")
     resp = await Bus.connect(url, name="bench-resp")
     per_stream = frames // streams
@@ -81,7 +90,7 @@ async def bus_stream_throughput(url: str, streams: int, frames: int, yield_every
         await send(token, finish_reason="length", final=True)
 
     await resp.serve_stream("bench.gen", handler, max_concurrent=streams)
-    await resp.nc.flush()
+    await resp.flush()
 
     async def consume() -> int:
         n = 0
@@ -90,13 +99,14 @@ async def bus_stream_throughput(url: str, streams: int, frames: int, yield_every
             n += 1
         return n
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     counts = await asyncio.gather(*(consume() for _ in range(streams)))
-    elapsed = time.perf_counter() - t0
-    assert sum(counts) == per_stream * streams, counts
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    total = sum(counts)
+    assert total == per_stream * streams, counts
     await req.close()
     await resp.close()
-    return sum(counts) / elapsed
+    return total / elapsed, cpu / total * 1e6
 
 
 def _pcts(samples: list[float]) -> tuple[float, float]:
@@ -114,7 +124,7 @@ async def raw_rtt(url: str, n: int) -> tuple[float, float]:
         await b.publish(msg.reply, payload)
 
     await b.subscribe("bench.raw", cb=echo)
-    await b.flush()
+    await _settle(b)
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -139,7 +149,7 @@ async def bus_rtt(url: str, n: int, streamed: bool) -> tuple[float, float]:
 
     await resp.serve("bench.unary", unary)
     await resp.serve_stream("bench.one", one_frame)
-    await resp.nc.flush()
+    await resp.flush()
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -156,10 +166,13 @@ async def bus_rtt(url: str, n: int, streamed: bool) -> tuple[float, float]:
 async def one_round(url: str, args) -> dict[str, float]:
     r: dict[str, float] = {}
     for streams in (1, 64):
-        r[f"raw_{streams}"] = await raw_stream_throughput(url, streams, args.frames,
-                                                          args.yield_every)
-        r[f"bus_{streams}"] = await bus_stream_throughput(url, streams, args.frames,
-                                                          args.yield_every)
+        r[f"raw_{streams}"], r[f"rawcpu_{streams}"] = await raw_stream_throughput(
+            url, streams, args.frames, args.yield_every)
+        r[f"bus_{streams}"], r[f"buscpu_{streams}"] = await bus_stream_throughput(
+            url, streams, args.frames, args.yield_every)
+        # ratios per round (raw and Bus ran back to back), so machine load cancels out
+        r[f"ratio_{streams}"] = r[f"bus_{streams}"] / r[f"raw_{streams}"]
+        r[f"cpuratio_{streams}"] = r[f"rawcpu_{streams}"] / r[f"buscpu_{streams}"]
     r["raw_p50"], r["raw_p99"] = await raw_rtt(url, args.requests)
     r["unary_p50"], r["unary_p99"] = await bus_rtt(url, args.requests, streamed=False)
     r["stream_p50"], r["stream_p99"] = await bus_rtt(url, args.requests, streamed=True)
@@ -180,9 +193,9 @@ def run_loop(kind: str, url: str, args) -> list[dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=64_000, help="frames per throughput run")
-    parser.add_argument("--requests", type=int, default=2000, help="requests per latency run")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=32_000, help="frames per throughput run")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per latency run")
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--yield-every", type=int, default=1,
                         help="producers yield to the loop every N frames (0: never), as an "
                              "engine does between steps")
@@ -192,15 +205,18 @@ def main() -> None:
     try:
         print(f"frames={args.frames} requests={args.requests} repeat={args.repeat} "
               f"yield_every={args.yield_every} (medians)")
-        print("| loop | streams | raw nats-py frames/s | Bus frames/s | Bus / raw |")
-        print("|---|---|---|---|---|")
+        print("| loop | streams | raw nats-py frames/s | Bus frames/s | Bus / raw (wall) "
+              "| raw CPU us/frame | Bus CPU us/frame | Bus / raw (CPU) |")
+        print("|---|---|---|---|---|---|---|---|")
         latency_rows = []
         for kind in args.loops.split(","):
             rounds = run_loop(kind, server.url, args)
             med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
             for streams in (1, 64):
                 raw, bus = med[f"raw_{streams}"], med[f"bus_{streams}"]
-                print(f"| {kind} | {streams} | {raw:,.0f} | {bus:,.0f} | {bus / raw:.0%} |")
+                print(f"| {kind} | {streams} | {raw:,.0f} | {bus:,.0f} | "
+                      f"{med[f'ratio_{streams}']:.0%} | {med[f'rawcpu_{streams}']:.1f} | "
+                      f"{med[f'buscpu_{streams}']:.1f} | {med[f'cpuratio_{streams}']:.0%} |")
             latency_rows.append(
                 f"| {kind} | {med['raw_p50']:.0f} / {med['raw_p99']:.0f} | "
                 f"{med['unary_p50']:.0f} / {med['unary_p99']:.0f} | "
@@ -212,6 +228,9 @@ def main() -> None:
         print("|---|---|---|---|")
         for row in latency_rows:
             print(row)
+    except BaseException:
+        print("nats-server log tail:\n" + server.log_tail(15), file=sys.stderr)
+        raise
     finally:
         server.cleanup()
 

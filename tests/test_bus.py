@@ -54,7 +54,7 @@ def _subject(bus: Bus, endpoint: str) -> str:
 async def _serve(bus: Bus, endpoint: str, handler, **kw) -> str:
     subject = _subject(bus, endpoint)
     await bus.serve_stream(subject, handler, **kw)
-    await bus.nc.flush()  # the subscription is known to the server before anyone requests
+    await bus.flush()  # (serve_stream already did; harmless)
     return subject
 
 
@@ -70,7 +70,7 @@ async def test_unary_round_trip_typed_and_raw(buses):
         return proto.RouteDecision(request_id=r.request_id, worker_id=7, overlap_blocks=3)
 
     await resp.serve(subject, handler)
-    await resp.nc.flush()
+    await resp.flush()
     ask = proto.RouteRequest(request_id="r1", model="m", token_ids=proto.pack_tokens([1, 2, 3]))
     decision = await req.request(subject, ask, timeout=2, reply_type=proto.RouteDecision)
     assert (decision.request_id, decision.worker_id) == ("r1", 7)
@@ -90,7 +90,7 @@ async def test_unary_errors(buses):
         return proto.decode(data, proto.RouteRequest)
 
     await resp.serve(subject, handler)
-    await resp.nc.flush()
+    await resp.flush()
     with pytest.raises(RemoteError) as exc:
         await req.request(subject, b"boom", timeout=2)
     assert exc.value.error.code == "internal" and "kaput" in exc.value.error.message
@@ -177,6 +177,23 @@ async def test_thousand_concurrent_streams_of_hundred_chunks(buses):
         assert tokens == list(range(k * n_chunks, (k + 1) * n_chunks)), f"stream {k}"
     assert req.stats["stale_frames"] == 0
     print(f"1000x100 frames in {elapsed:.1f}s")
+
+
+async def test_serve_stream_is_reachable_as_soon_as_it_returns(buses):
+    """100 fresh serve_stream subscriptions, each requested at once from another connection:
+    never NoResponders. Guards Bus.flush: nats-py's flush() PING can overtake a SUB still in
+    its write buffer; that race shows up mostly under CPU contention, so this is a smoke
+    test for it rather than a deterministic reproduction."""
+    req, resp = buses
+
+    async def handler(request, stream):
+        await stream.send(final=True)
+
+    for i in range(100):
+        subject = _subject(resp, f"fresh{i}")
+        await resp.serve_stream(subject, handler)
+        chunks = await (await req.stream_request(subject, b"", timeout=5)).collect()
+        assert chunks[-1].final
 
 
 async def test_no_responders_is_quick(buses):
@@ -276,7 +293,7 @@ async def test_silent_responder_without_heartbeats_is_peer_gone(buses):
         pass
 
     await req.nc.subscribe(subject, cb=swallow)
-    await req.nc.flush()
+    await req.flush()
     t0 = time.monotonic()
     with pytest.raises(PeerGone):
         await (await req.stream_request(subject, b"", heartbeat_timeout=0.5)).collect()
@@ -309,7 +326,7 @@ async def test_handler_exception_is_remote_error_internal_and_service_goes_on(bu
     assert "GenerateRequest" in exc.value.error.message and "request_id" in exc.value.error.message
     # malformed cancel on the cancel subject is ignored
     await req.nc.publish(subjects.stream_cancel(req.namespace), b"\xc1not msgpack")
-    await req.nc.flush()
+    await req.flush()
     # still serving
     chunks = await (await req.stream_request(subject, gen("ok"), timeout=5)).collect()
     assert chunks[0].token_ids == b"\x01\x00\x00\x00"
@@ -334,7 +351,7 @@ async def test_malformed_frame_and_seq_gap_are_detected(buses):
             await req.nc.publish(msg.reply, enc(proto.StreamChunk(seq=0, final=True)))
 
     await req.nc.subscribe(subject, cb=broken)
-    await req.nc.flush()
+    await req.flush()
     with pytest.raises(BadFrame) as exc:
         await (await req.stream_request(subject, b"garbage", timeout=5)).collect()
     assert "StreamChunk" in str(exc.value)

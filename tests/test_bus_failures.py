@@ -33,7 +33,6 @@ RESPONDER = textwrap.dedent(
                 await asyncio.sleep(0.02)
 
         await bus.serve_stream(subject, handler)
-        await bus.nc.flush()
         print("ready", flush=True)
         await asyncio.Event().wait()
 
@@ -112,7 +111,7 @@ async def test_nats_restart_fails_in_flight_then_recovers(own_nats):
 
     try:
         await resp.serve_stream(subject, handler)
-        await resp.nc.flush()
+        await resp.flush()
         in_flight = [await req.stream_request(subject, b"forever", timeout=60) for _ in range(20)]
         for stream in in_flight:
             await stream.__anext__()
@@ -138,7 +137,7 @@ async def test_nats_restart_fails_in_flight_then_recovers(own_nats):
 
         own_nats.start()
         await _until(lambda: req.connected and resp.connected, 15, "both buses to reconnect")
-        await resp.nc.flush()
+        await resp.flush()
         for _ in range(3):
             chunks = await (await req.stream_request(subject, b"short", timeout=10)).collect()
             assert len(chunks) == 21 and chunks[-1].final

@@ -322,6 +322,24 @@ class Bus:
                 log.warning("nats drain failed", error=repr(exc))
         await self.nc.close()
 
+    async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Return once the server has processed everything this connection sent so far.
+
+        nats-py's own `nc.flush()` writes its PING straight to the socket, so it can
+        overtake commands still in its write buffer (a SUB just sent): the PONG then proves
+        nothing. Yielding first lets nats-py's flusher write that buffer; the second
+        round trip covers a flusher that was busy. Does nothing while disconnected
+        (subscriptions are replayed on reconnect).
+        """
+        if not self.nc.is_connected:
+            return
+        await asyncio.sleep(0)
+        try:
+            await self.nc.flush(timeout)
+            await self.nc.flush(timeout)
+        except nats.errors.Error as exc:
+            log.warning("nats flush failed", error=repr(exc))
+
     # -- plain pub/sub -----------------------------------------------------------------------
 
     async def publish(self, subject: str, message: Any) -> None:
@@ -339,8 +357,10 @@ class Bus:
             except Exception:
                 log.exception("subscription handler failed", subject=msg.subject)
 
-        return await self.nc.subscribe(subject, queue=queue or "", cb=guarded,
-                                       pending_msgs_limit=pending_msgs_limit)
+        sub = await self.nc.subscribe(subject, queue=queue or "", cb=guarded,
+                                      pending_msgs_limit=pending_msgs_limit)
+        await self.flush()  # when this returns, messages published anywhere reach us
+        return sub
 
     # -- requester side: inbox routing ------------------------------------------------------------
 
@@ -451,7 +471,9 @@ class Bus:
             active += 1
             self._spawn(run(msg))
 
-        return await self.nc.subscribe(subject, queue=queue or "", cb=on_request)
+        sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_request)
+        await self.flush()  # when this returns, requests reach us (no NoResponders)
+        return sub
 
     async def _reply_error(self, reply: str, error: ErrorInfo) -> None:
         if not reply:
@@ -554,8 +576,10 @@ class Bus:
                 self._heartbeat_task = asyncio.ensure_future(self._heartbeat_loop())
             self._spawn(run(msg.data, rs))
 
-        return await self.nc.subscribe(subject, queue=queue or "", cb=on_request,
-                                       pending_msgs_limit=65536)
+        sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_request,
+                                      pending_msgs_limit=65536)
+        await self.flush()  # when this returns, requests reach us (no NoResponders)
+        return sub
 
     async def _ensure_cancel_sub(self) -> None:
         if self._cancel_sub is None:
@@ -574,16 +598,19 @@ class Bus:
             rs.cancelled.set()
 
     async def _heartbeat_loop(self) -> None:
-        """Send a heartbeat on every reply stream that has been silent for
-        heartbeat_interval. One task for the whole process; scans 4x per interval."""
+        """Send a heartbeat on every reply stream that has sent nothing for
+        heartbeat_interval (at most 1.25 intervals of silence). One task for the process."""
         interval = self.heartbeat_interval
         tick = interval / 4
         while True:
             await self._has_reply_streams.wait()
             await asyncio.sleep(tick)
-            cutoff = self._loop.time() - interval
+            now = self._loop.time()
             for rs in list(self._reply_streams.values()):
-                if rs._last_tx <= cutoff:
+                if rs._seq != rs._hb_seq:
+                    rs._hb_seq = rs._seq
+                    rs._hb_mark = now
+                elif now - rs._hb_mark >= interval:
                     try:
                         await rs.heartbeat()
                     except Disconnected:

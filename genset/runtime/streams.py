@@ -280,16 +280,19 @@ class ReplyStream:
     Once the requester cancels, `cancelled` is set and `send` raises StreamCancelled.
     """
 
-    __slots__ = ("_bus", "_final_sent", "_last_tx", "_loop", "_seq", "cancelled", "stream_id")
+    __slots__ = ("_bus", "_final_sent", "_hb_mark", "_hb_seq", "_seq", "cancelled", "stream_id")
 
     def __init__(self, bus: Bus, stream_id: str) -> None:
         self.stream_id = stream_id
         self.cancelled = asyncio.Event()
         self._bus = bus
-        self._loop = asyncio.get_running_loop()
         self._seq = 0
         self._final_sent = False
-        self._last_tx = self._loop.time()
+        # The bus's heartbeat task watches _seq instead of a clock read per frame: it notes
+        # when it last saw _seq move (_hb_seq, _hb_mark) and sends a heartbeat once it has
+        # not moved for heartbeat_interval.
+        self._hb_seq = -1
+        self._hb_mark = 0.0
 
     @property
     def finished(self) -> bool:
@@ -318,7 +321,6 @@ class ReplyStream:
         # seq is taken and the frame queued with no await in between, so frames from the
         # handler and from the heartbeat task can never be reordered.
         self._seq = seq + 1
-        self._last_tx = self._loop.time()
         try:
             await self._bus.nc.publish(self.stream_id, _encode(frame))
         except PUBLISH_FAILURES as exc:
@@ -340,7 +342,6 @@ class ReplyStream:
         self._seq += 1
         if final:
             self._final_sent = True
-        self._last_tx = self._loop.time()
         try:
             await self._bus.nc.publish(self.stream_id, _encode(frame))
         except PUBLISH_FAILURES as exc:
