@@ -4,6 +4,7 @@ the official `openai` client, raw HTTP and the NATS-native client."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 
@@ -285,3 +286,23 @@ async def test_genset_chat_one_shot(stack):
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     assert "[length; prompt" in out.decode() and "completion 6" in out.decode()
+
+
+async def test_sigterm_drains_inflight_streams(stack):
+    fe = await stack.start_frontend()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "drain"}], "stream": True,
+            "max_tokens": 600, "stream_options": {"include_usage": True}}
+    async with httpx.AsyncClient(timeout=60) as http, \
+            http.stream("POST", fe.url + "/v1/chat/completions", json=body) as r:
+        lines = []
+        async for line in r.aiter_lines():
+            lines.append(line)
+            if len(lines) == 4:
+                fe.terminate()  # SIGTERM while the stream is running
+        assert lines[-2] == "data: [DONE]" or lines[-1] == "data: [DONE]"
+        usage = [json.loads(x[6:]) for x in lines if '"usage"' in x]
+        assert usage[-1]["usage"]["completion_tokens"] == 600
+    assert await fe.wait_exit(15) == 0, fe.log_tail()
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient(timeout=5) as http:
+            await http.get(fe.url + "/health")
