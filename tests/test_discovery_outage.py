@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 import uuid
 
@@ -110,6 +112,41 @@ async def test_etcd_outage_keeps_membership_and_resumes_exactly(own_etcd):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    finally:
+        await owner.close()
+        await viewer.close()
+
+
+@pytest.mark.slow
+async def test_hung_etcd_is_noticed_and_survived(own_etcd):
+    """etcd frozen (SIGSTOP: connections stay open, nothing answers): calls give up at their
+    deadline, the silent watch is detected and dropped, the membership is kept; after
+    SIGCONT everything resumes and converges."""
+    ep = own_etcd.endpoint
+    p = f"genset/t{uuid.uuid4().hex[:8]}/instances/"
+    owner = await Discovery.connect(ep, ttl=10)
+    viewer = await Discovery.connect(ep, call_timeout=1.0, watch_liveness_s=1.0)
+    try:
+        m = await viewer.watch(p, proto.InstanceRecord)
+        await owner.register(p + "a", rec(1))
+        await m.wait_for(lambda items: p + "a" in items, timeout=5)
+        await asyncio.sleep(2.5)  # idle longer than the liveness window: no false alarm
+        assert m.connected
+        os.kill(own_etcd.proc.pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            t = time.monotonic()
+            await viewer.register(p + "v", rec(9))  # kept for later, bounded by the deadline
+            assert time.monotonic() - t < 2.0
+            while m.connected:
+                assert time.monotonic() - frozen_at < 5.0, "silent watch not noticed"
+                await asyncio.sleep(0.05)
+            assert m.items == {p + "a": rec(1)}
+        finally:
+            os.kill(own_etcd.proc.pid, signal.SIGCONT)
+        await m.wait_for(lambda items: set(items) == {p + "a", p + "v"}, timeout=10)
+        await owner.register(p + "b", rec(2))
+        await m.wait_for(lambda items: set(items) == {p + "a", p + "b", p + "v"}, timeout=5)
     finally:
         await owner.close()
         await viewer.close()

@@ -75,11 +75,13 @@ def _to_bytes(value: Any) -> bytes:
 class Discovery:
     """One etcd connection, one lease, and the records this process keeps under it."""
 
-    def __init__(self, client: EtcdClient, ttl: float, call_timeout: float):
+    def __init__(self, client: EtcdClient, ttl: float, call_timeout: float,
+                 watch_liveness_s: float = 5.0):
         self._client = client
         self.ttl = ttl
         self._ttl_s = max(2, math.ceil(ttl))  # etcd leases are whole seconds, 2 s minimum
         self._call_timeout = call_timeout
+        self._watch_liveness_s = watch_liveness_s
         self.lease_id: int | None = None
         self._records: dict[str, bytes] = {}
         self._pending_deletes: set[str] = set()  # unregistered while etcd was away
@@ -95,9 +97,13 @@ class Discovery:
                       user: str | None = None, password: str | None = None,
                       ca_cert: str | None = None, cert: str | None = None,
                       key: str | None = None, connect_timeout: float = 5.0,
-                      call_timeout: float = 3.0) -> Discovery:
+                      call_timeout: float = 3.0, watch_liveness_s: float = 5.0) -> Discovery:
         """Connect and grant this process's lease; raises DiscoveryError if etcd does not
-        answer within `connect_timeout` (a service must not start half-registered)."""
+        answer within `connect_timeout` (a service must not start half-registered).
+
+        call_timeout: deadline of every unary etcd call. watch_liveness_s: a watch silent
+        this long asks etcd for progress and is reconnected if etcd stays silent as long
+        again (this is how a hung, not dead, etcd is noticed)."""
         if ttl <= 0:
             raise DiscoveryError(f"lease ttl must be > 0, got {ttl}")
         try:
@@ -105,7 +111,7 @@ class Discovery:
                                 ca_cert=ca_cert, cert=cert, key=key)
         except (ValueError, OSError) as exc:
             raise DiscoveryError(f"bad etcd configuration: {exc}") from None
-        self = cls(client, ttl, call_timeout)
+        self = cls(client, ttl, call_timeout, watch_liveness_s)
         deadline = time.monotonic() + connect_timeout
         backoff = _Backoff()
         while True:
@@ -426,7 +432,9 @@ class Membership:
                 if need_relist:
                     await self._relist()
                     need_relist = False
-                stream = await client.watch_prefix(self.prefix, self.revision + 1)
+                stream = await client.watch_prefix(
+                    self.prefix, self.revision + 1,
+                    liveness_s=self._discovery._watch_liveness_s)
                 try:
                     if stream.created_revision < self.revision:
                         # The store went backwards (etcd restored or replaced): our revision

@@ -286,11 +286,14 @@ class EtcdClient:
 
     # ---- watch ------------------------------------------------------------------------------
     async def watch_prefix(self, prefix: str, start_revision: int, *,
-                           time_limit: float | None = None) -> WatchStream:
-        """Open a watch of `prefix` from `start_revision` (inclusive) on its own stream."""
+                           time_limit: float | None = None,
+                           liveness_s: float = 5.0) -> WatchStream:
+        """Open a watch of `prefix` from `start_revision` (inclusive) on its own stream.
+        A stream silent for `liveness_s` is probed, and dropped after another `liveness_s`."""
         if self._user is not None and self._metadata is None:
             await self._authenticate()
-        stream = WatchStream(self, prefix, start_revision)
+        stream = WatchStream(self, prefix, start_revision, idle_s=liveness_s,
+                             probe_s=liveness_s)
         await stream._open(self.timeout if time_limit is None else time_limit)
         return stream
 
@@ -302,43 +305,84 @@ class EtcdClient:
 
 class WatchStream:
     """One etcd watch on its own gRPC stream. Iterate batches of events (one revision's
-    events are never split across batches); any failure raises an EtcdError subclass."""
+    events are never split across batches); any failure raises an EtcdError subclass.
 
-    def __init__(self, client: EtcdClient, prefix: str, start_revision: int):
+    A hung etcd (process stopped, network black hole) can leave a stream open but silent.
+    After `idle_s` without any response the stream asks etcd for a progress report; if
+    nothing at all arrives within `probe_s` after that, the stream is declared dead. A false
+    alarm costs only a reconnect: the owner resumes from its last revision.
+    """
+
+    def __init__(self, client: EtcdClient, prefix: str, start_revision: int, *,
+                 idle_s: float = 5.0, probe_s: float = 5.0):
         self._client = client
         key = prefix.encode()
         self._create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
             key=key, range_end=prefix_range_end(key), start_revision=start_revision))
-        self._done = asyncio.Event()
+        self._outbox: asyncio.Queue = asyncio.Queue(maxsize=4)
+        self._inbox: asyncio.Queue = asyncio.Queue(maxsize=64)  # reader -> batches()
+        self._reader: asyncio.Task | None = None
         self._call = None
+        self._idle_s, self._probe_s = idle_s, probe_s
         self.created_revision = 0  # store revision when the watch was created
 
     async def _requests(self):
         yield self._create
-        # Closing our side of the stream makes etcd end the watch; keep it open until closed.
-        await self._done.wait()
+        # Closing our side of the stream makes etcd end the watch: keep it open until closed.
+        while True:
+            request = await self._outbox.get()
+            if request is None:
+                return
+            yield request
+
+    async def _read_all(self) -> None:
+        """Move every response (or the error that ended the stream) to the inbox."""
+        try:
+            while True:
+                resp = await self._call.read()
+                await self._inbox.put(resp)
+                if resp is grpc.aio.EOF:
+                    return
+        except grpc.aio.AioRpcError as exc:
+            await self._inbox.put(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # anything else also ends the stream, visibly
+            await self._inbox.put(exc)
+
+    def _error(self, item) -> EtcdError:
+        client = self._client
+        if isinstance(item, grpc.aio.AioRpcError):
+            if item.code() == grpc.StatusCode.UNAUTHENTICATED:
+                client._metadata = None
+            err = _map_error(item, client.endpoint)
+            if isinstance(err, EtcdUnavailable):
+                client._rotate()
+            return err
+        if item is grpc.aio.EOF:
+            return EtcdUnavailable(f"etcd at {client.endpoint}: watch stream closed")
+        return EtcdUnavailable(f"etcd at {client.endpoint}: watch stream failed: {item!r}")
+
+    async def _next(self, wait_s: float):
+        try:
+            item = await asyncio.wait_for(self._inbox.get(), wait_s)
+        except TimeoutError:
+            return None
+        if isinstance(item, Exception) or item is grpc.aio.EOF:
+            self.close()
+            raise self._error(item)
+        self._check(item)
+        return item
 
     async def _open(self, time_limit: float) -> None:
         client = self._client
         self._call = client._watch.Watch(self._requests(), metadata=client._metadata)
-        try:
-            first = await asyncio.wait_for(self._call.read(), time_limit)
-        except TimeoutError:
+        self._reader = asyncio.create_task(self._read_all(), name="etcd-watch-reader")
+        first = await self._next(time_limit)
+        if first is None:
             self.close()
             raise EtcdUnavailable(
-                f"etcd at {client.endpoint}: watch not created within {time_limit} s") from None
-        except grpc.aio.AioRpcError as exc:
-            self.close()
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                client._metadata = None
-            err = _map_error(exc, client.endpoint)
-            if isinstance(err, EtcdUnavailable):
-                client._rotate()
-            raise err from None
-        if first is grpc.aio.EOF:
-            self.close()
-            raise EtcdUnavailable(f"etcd at {client.endpoint}: watch stream closed")
-        self._check(first)
+                f"etcd at {client.endpoint}: watch not created within {time_limit} s")
         if not first.created:
             self.close()
             raise EtcdError(f"etcd at {client.endpoint}: unexpected first watch response")
@@ -358,16 +402,21 @@ class WatchStream:
 
     async def batches(self) -> AsyncIterator[list[WatchEvent]]:
         assert self._call is not None
+        probing = False
         while True:
-            try:
-                resp = await self._call.read()
-            except grpc.aio.AioRpcError as exc:
-                self.close()
-                raise _map_error(exc, self._client.endpoint) from None
-            if resp is grpc.aio.EOF:
-                self.close()
-                raise EtcdUnavailable(f"etcd at {self._client.endpoint}: watch stream closed")
-            self._check(resp)
+            resp = await self._next(self._probe_s if probing else self._idle_s)
+            if resp is None:
+                if probing:
+                    self.close()
+                    raise EtcdUnavailable(
+                        f"etcd at {self._client.endpoint}: watch silent for "
+                        f"{self._idle_s + self._probe_s:.0f} s, no answer to a progress request")
+                probing = True
+                with contextlib.suppress(asyncio.QueueFull):
+                    self._outbox.put_nowait(
+                        rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                continue
+            probing = False  # any response shows the stream is alive
             if resp.events:
                 yield [
                     WatchEvent("delete" if ev.type == rpc.Event.DELETE else "put", _kv(ev.kv))
@@ -375,7 +424,10 @@ class WatchStream:
                 ]
 
     def close(self) -> None:
-        self._done.set()
+        with contextlib.suppress(asyncio.QueueFull):
+            self._outbox.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
         if self._call is not None:
             with contextlib.suppress(Exception):
                 self._call.cancel()
