@@ -229,7 +229,7 @@ async def _serve(service_factory: Callable[[CommonConfig], Service], config: Com
             log.info("stopped during start-up")
         else:
             startup.result()  # raises what start-up raised
-            log.info("ready", instance=f"{service.instance_id:x}", http=http.url,
+            log.info("ready", http=http.url,
                      subjects=service.subjects)
         await stop_wait
     except Exception as exc:
