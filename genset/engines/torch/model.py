@@ -99,9 +99,10 @@ class LlamaModel:
         head_dim] and returns float32 logits for meta.sample_rows."""
         cfg = self.cfg
         h = F.embedding(input_ids, self.embed)
+        rope = self.rope.lookup(meta.positions)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.in_norm, cfg.rms_norm_eps)
-            h = h + self._attention(x, layer, meta, kv_cache[i])
+            h = h + self._attention(x, layer, meta, kv_cache[i], rope)
             x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
             gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, layer.down)
@@ -110,38 +111,54 @@ class LlamaModel:
         return F.linear(h, self.lm_head).float()
 
     def _attention(
-        self, x: torch.Tensor, layer: _Layer, meta: StepMetadata, cache: torch.Tensor
+        self,
+        x: torch.Tensor,
+        layer: _Layer,
+        meta: StepMetadata,
+        cache: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
-        qkv = F.linear(x, layer.qkv, layer.qkv_b)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = self.rope.apply(q.view(t, cfg.num_heads, cfg.head_dim), meta.positions)
-        k = self.rope.apply(k.view(t, cfg.num_kv_heads, cfg.head_dim), meta.positions)
-        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+        qkv = F.linear(x, layer.qkv, layer.qkv_b).view(t, -1, cfg.head_dim)
+        # q and k heads are adjacent in the fused projection: rotate them in one go.
+        nq, nkv = cfg.num_heads, cfg.num_kv_heads
+        qk = self.rope.apply(qkv[:, : nq + nkv], *rope)
+        q, k = qk[:, :nq], qk[:, nq:]
+        v = qkv[:, nq + nkv :]
 
         k_cache = cache[0].view(-1, cfg.num_kv_heads, cfg.head_dim)
         v_cache = cache[1].view(-1, cfg.num_kv_heads, cfg.head_dim)
         k_cache.index_copy_(0, meta.slots, k)
         v_cache.index_copy_(0, meta.slots, v)
 
-        out = torch.empty_like(q)
-        gqa = cfg.num_heads != cfg.num_kv_heads
+        gqa = nq != nkv
         nd = meta.num_decode
+        od = None
         if nd:
-            # [D, H, 1, hd] queries against each decode's own (padded) context.
-            kd = k_cache[meta.decode_slots].transpose(1, 2)
-            vd = v_cache[meta.decode_slots].transpose(1, 2)
+            # Each decode's context, gathered slot by slot (index_select copies whole rows,
+            # several times faster than advanced indexing), padded to the longest: [D, L].
+            d, width = meta.decode_slots.shape
+            kd = k_cache.index_select(0, meta.decode_slots.view(-1)).view(d, width, nkv, -1)
+            vd = v_cache.index_select(0, meta.decode_slots.view(-1)).view(d, width, nkv, -1)
+            # One query per head: the query heads sharing a KV head stand in for query
+            # positions ([D, kv_heads, group, hd]), so GQA needs no K/V expansion.
+            qd = q[:nd].reshape(d, nkv, nq // nkv, cfg.head_dim)
             od = F.scaled_dot_product_attention(
-                q[:nd].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, enable_gqa=gqa
-            )
-            out[:nd] = od.squeeze(2)
+                qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=meta.decode_mask
+            ).reshape(d, nq, cfg.head_dim)
+            if nd == t:  # a pure decode step: nothing to merge
+                return F.linear(od.reshape(t, cfg.q_size), layer.o, layer.o_b)
+        out = torch.empty((t, nq, cfg.head_dim), dtype=x.dtype, device=x.device)
+        if od is not None:
+            out[:nd] = od
         for span in meta.prefills:
             qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)
             if span.ctx_slots is None:
                 ks, vs = k[span.start : span.end], v[span.start : span.end]
             else:
-                ks, vs = k_cache[span.ctx_slots], v_cache[span.ctx_slots]
+                ks = k_cache.index_select(0, span.ctx_slots)
+                vs = v_cache.index_select(0, span.ctx_slots)
             ks = ks.transpose(0, 1).unsqueeze(0)
             vs = vs.transpose(0, 1).unsqueeze(0)
             os_ = F.scaled_dot_product_attention(

@@ -90,9 +90,12 @@ class RotaryEmbedding:
         self.sin = (freqs.sin() * attn_scale).to(device=device, dtype=dtype)
         self.half = cfg.head_dim // 2
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [tokens, 1, head_dim/2] for a step's positions (shared by all layers)."""
+        cos = self.cos.index_select(0, positions).unsqueeze(1)
+        return cos, self.sin.index_select(0, positions).unsqueeze(1)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [tokens, heads, head_dim] (the "rotate half" layout HF checkpoints use)."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
         x1, x2 = x[..., : self.half], x[..., self.half :]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -236,64 +236,79 @@ class ModelRunner:
             raise ValueError(f"seq {c.seq_id}: token id {bad[0]} outside vocab {self.vocab_size}")
 
     def _metadata(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, StepMetadata]:
+        """Packed inputs and attention layout for `chunks` (single-token chunks first).
+
+        Decodes, the common case, are laid out with plain Python integers and a handful of
+        tensor ops for the whole group: per-chunk tensor ops cost more than the decode's
+        share of the forward pass on a small model.
+        """
         bs = self.block_size
         window = self.config.sliding_window
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        pos_parts: list[torch.Tensor] = []
+        slot_parts: list[torch.Tensor] = []
         prefills: list[PrefillSpan] = []
         sample_rows: list[int] = []
-        decode_lens: list[int] = []
-        decode_tables: list[list[int]] = []
-        row = 0
-        for c in chunks:
+
+        # -- decodes (single-token chunks, all at the front) ---------------------------------
+        nd = 0
+        while nd < len(chunks) and len(chunks[nd].token_ids) == 1:
+            nd += 1
+        decode_slots = decode_mask = None
+        if nd:
+            dec = chunks[:nd]
+            lens = [c.start_pos + 1 for c in dec]
+            width = math.ceil(max(lens) / bs)
+            tables = [c.block_table[:width] + [0] * (width - len(c.block_table)) for c in dec]
+            pos_list = [c.start_pos for c in dec]
+            ids.extend(c.token_ids[0] for c in dec)
+            pos_parts.append(torch.tensor(pos_list, dtype=torch.long))
+            slot_parts.append(
+                torch.tensor(
+                    [t[p // bs] * bs + p % bs for t, p in zip(tables, pos_list, strict=True)],
+                    dtype=torch.long,
+                )
+            )
+            kpos = torch.arange(max(lens), dtype=torch.long)
+            # Padding columns read block 0 (whatever it holds) and are masked out.
+            decode_slots = torch.tensor(tables, dtype=torch.long)[:, kpos // bs] * bs + kpos % bs
+            lens_t = torch.tensor(lens, dtype=torch.long)[:, None]
+            m = kpos[None, :] < lens_t
+            if window is not None:
+                m &= kpos[None, :] > lens_t - 1 - window
+            decode_mask = m[:, None, None, :]
+            sample_rows.extend(i for i, c in enumerate(dec) if c.sample)
+
+        # -- prefill chunks --------------------------------------------------------------------
+        row = nd
+        for c in chunks[nd:]:
             n = len(c.token_ids)
             end = c.start_pos + n
             table = torch.tensor(c.block_table[: math.ceil(end / bs)], dtype=torch.long)
             pos = torch.arange(c.start_pos, end, dtype=torch.long)
             ids.extend(c.token_ids)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            if n == 1:
-                decode_lens.append(end)
-                decode_tables.append(c.block_table[: math.ceil(end / bs)])
-            else:
-                ctx_slots = mask = None
-                if c.start_pos > 0:
-                    kpos = torch.arange(end, dtype=torch.long)
-                    ctx_slots = table[kpos // bs] * bs + kpos % bs
-                    mask = kpos[None, :] <= pos[:, None]
-                    if window is not None:
-                        mask &= kpos[None, :] > pos[:, None] - window
-                elif window is not None and n > window:
-                    mask = torch.ones(n, n, dtype=torch.bool).tril()
-                    mask &= ~torch.ones(n, n, dtype=torch.bool).tril(-window)
-                prefills.append(
-                    PrefillSpan(row, row + n, _to(ctx_slots, self.device), _to(mask, self.device))
-                )
+            pos_parts.append(pos)
+            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            ctx_slots = mask = None
+            if c.start_pos > 0:
+                kpos = torch.arange(end, dtype=torch.long)
+                ctx_slots = table[kpos // bs] * bs + kpos % bs
+                mask = kpos[None, :] <= pos[:, None]
+                if window is not None:
+                    mask &= kpos[None, :] > pos[:, None] - window
+            elif window is not None and n > window:
+                mask = torch.ones(n, n, dtype=torch.bool).tril()
+                mask &= ~torch.ones(n, n, dtype=torch.bool).tril(-window)
+            prefills.append(
+                PrefillSpan(row, row + n, _to(ctx_slots, self.device), _to(mask, self.device))
+            )
             row += n
             if c.sample:
                 sample_rows.append(row - 1)
 
-        decode_slots = decode_mask = None
-        nd = len(decode_lens)
-        if nd:
-            lmax = max(decode_lens)
-            width = math.ceil(lmax / bs)
-            tables = torch.zeros((nd, width), dtype=torch.long)
-            for i, t in enumerate(decode_tables):
-                tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-            kpos = torch.arange(lmax, dtype=torch.long)
-            decode_slots = tables[:, kpos // bs] * bs + kpos % bs  # padding reads block 0
-            lens = torch.tensor(decode_lens, dtype=torch.long)[:, None]
-            m = kpos[None, :] < lens
-            if window is not None:
-                m &= kpos[None, :] > lens - 1 - window
-            decode_mask = m[:, None, None, :]
-
         meta = StepMetadata(
-            positions=torch.cat(positions).to(self.device),
-            slots=torch.cat(slots).to(self.device),
+            positions=torch.cat(pos_parts).to(self.device),
+            slots=torch.cat(slot_parts).to(self.device),
             num_decode=nd,
             decode_slots=_to(decode_slots, self.device),
             decode_mask=_to(decode_mask, self.device),

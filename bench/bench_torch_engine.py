@@ -1,0 +1,226 @@
+"""Torch engine vs transformers `generate()` on the same model, on this machine's CPU.
+
+1. Output tokens/s at batch 1, 8, 32 with mixed prompt lengths: the engine gets all requests
+   at once (continuous batching, packed batch without padding); `generate()` gets the same
+   prompts as one left-padded batch. Greedy, a fixed number of output tokens, EOS ignored,
+   so both produce exactly batch * max_tokens tokens.
+2. Prefix cache: time to first token of a 2,000-token prompt cold, then fully cached.
+
+Each number is the median of --repeats runs after one warm-up run.
+
+    .venv/bin/python bench/bench_torch_engine.py            # tiny model, ~1 minute
+    .venv/bin/python bench/bench_torch_engine.py --model /path/to/hf-dir --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import statistics
+import time
+
+import torch
+
+from genset.engines.base import EngineRequest
+from genset.engines.torch.engine import TorchEngine
+from genset.engines.torch.tiny import resolve_model
+from proto.generate import SamplingParams, StopConditions
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def make_prompts(n: int, vocab: int, seed: int, lo: int, hi: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+async def engine_run(engine: TorchEngine, prompts, max_tokens: list[int], tag: str):
+    """(wall seconds, process CPU seconds) to finish all requests, submitted together."""
+
+    async def one(i, p, n):
+        req = EngineRequest(f"{tag}-{i}", p, GREEDY, StopConditions(max_tokens=n, ignore_eos=True))
+        got = 0
+        async for out in await engine.submit(req):
+            got += len(out.token_ids)
+        assert got == n, (got, n)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(
+        *(one(i, p, n) for i, (p, n) in enumerate(zip(prompts, max_tokens, strict=True)))
+    )
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+async def engine_ttft(engine: TorchEngine, prompt, tag: str) -> tuple[float, int]:
+    req = EngineRequest(tag, prompt, GREEDY, StopConditions(max_tokens=1, ignore_eos=True))
+    t0 = time.perf_counter()
+    cached = 0
+    async for out in await engine.submit(req):
+        cached = out.cached_tokens
+        break
+    return time.perf_counter() - t0, cached
+
+
+def hf_model(engine: TorchEngine, model_dir):
+    import transformers
+
+    raw = json.loads((model_dir / "config.json").read_text())
+    raw.pop("genset_dummy_weights_seed", None)
+    arch = (raw.get("architectures") or ["LlamaForCausalLM"])[0]
+    cfg = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+    model = getattr(transformers, arch)(cfg).eval()
+    # The very tensors the engine runs, so both sides compute the same function.
+    model.load_state_dict(engine.runner.weights, strict=False)
+    return model.to(device=engine.runner.device, dtype=engine.runner.dtype)
+
+
+def hf_run(model, prompts, max_tokens: list[int], concurrency: int):
+    """generate() over the requests in arrival order, `concurrency` at a time (static
+    batching: each batch is left-padded to its longest prompt and runs until its longest
+    output is done)."""
+    dev = model.device
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(0, len(prompts), concurrency):
+        batch = prompts[i : i + concurrency]
+        n = max(max_tokens[i : i + concurrency])
+        width = max(len(p) for p in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(batch):
+            ids[j, width - len(p) :] = torch.tensor(p)
+            mask[j, width - len(p) :] = 1
+        with torch.no_grad():
+            out = model.generate(
+                ids.to(dev),
+                attention_mask=mask.to(dev),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        assert out.shape[1] == width + n
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def workload(kind: str, b: int, vocab: int, seed: int, args):
+    """static: b requests of exactly --max-tokens outputs (same work for both sides);
+    continuous: 2b requests with outputs drawn from [8, 2 * --max-tokens], b at a time."""
+    rng = random.Random(seed)
+    n = b if kind == "static" else 2 * b
+    prompts = make_prompts(n, vocab, seed, args.min_prompt, args.max_prompt)
+    if kind == "static":
+        return prompts, [args.max_tokens] * n
+    return prompts, [rng.randint(8, 2 * args.max_tokens) for _ in range(n)]
+
+
+async def main_async(args) -> dict:
+    model_dir = resolve_model(args.model)
+
+    def make_engine(max_running: int) -> TorchEngine:
+        return TorchEngine(
+            args.model,
+            num_blocks=args.num_blocks,
+            block_size=16,
+            max_batch_tokens=args.max_batch_tokens,
+            max_running=max_running,
+            device=args.device,
+            weights="dummy" if args.dummy else "auto",
+        )
+
+    engine = make_engine(256)
+    await engine.start()
+    vocab = engine.runner.vocab_size
+    model = hf_model(engine, model_dir)
+    results: dict = {"throughput": [], "ttft": {}}
+    try:
+        for kind in args.workloads:
+            for b in args.batches:
+                eng_b = make_engine(b)
+                await eng_b.start()
+                eng, hf = [], []
+                for r in range(args.repeats + 1):
+                    # Fresh prompts every run: nothing is served from the prefix cache.
+                    prompts, outs = workload(kind, b, vocab, 1000 * b + r, args)
+                    e = await engine_run(eng_b, prompts, outs, f"{kind}{b}r{r}")
+                    h = hf_run(model, prompts, outs, b)
+                    if r:  # the first run is a warm-up
+                        eng.append((e, sum(outs)))
+                        hf.append((h, sum(outs)))
+                await eng_b.stop()
+
+                def rate(runs, k):
+                    return statistics.median(toks / t[k] for t, toks in runs)
+
+                row = {
+                    "workload": kind,
+                    "batch": b,
+                    "requests": len(prompts),
+                    "engine_tok_s": rate(eng, 0),
+                    "generate_tok_s": rate(hf, 0),
+                    # Per CPU-second of this process: steadier than wall time on a shared box.
+                    "engine_tok_cpu_s": rate(eng, 1),
+                    "generate_tok_cpu_s": rate(hf, 1),
+                }
+                row["speedup"] = row["engine_tok_s"] / row["generate_tok_s"]
+                row["speedup_cpu"] = row["engine_tok_cpu_s"] / row["generate_tok_cpu_s"]
+                row = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+                results["throughput"].append(row)
+                print(json.dumps(row), flush=True)
+
+        cold, warm = [], []
+        for r in range(args.repeats + 1):
+            p = make_prompts(1, vocab, 777 + r, args.ttft_len, args.ttft_len)[0]
+            c, cached_c = await engine_ttft(engine, p, f"cold{r}")
+            w, cached_w = await engine_ttft(engine, p, f"warm{r}")
+            assert cached_c == 0 and cached_w >= args.ttft_len - 16, (cached_c, cached_w)
+            if r:
+                cold.append(c)
+                warm.append(w)
+        results["ttft"] = {
+            "prompt_tokens": args.ttft_len,
+            "cold_ms": round(1000 * statistics.median(cold), 1),
+            "cached_ms": round(1000 * statistics.median(warm), 1),
+        }
+        print(json.dumps(results["ttft"]), flush=True)
+    finally:
+        await engine.stop()
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument(
+        "--dummy", action="store_true", help="random weights even if a checkpoint exists"
+    )
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--workloads", default="static,continuous")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--min-prompt", type=int, default=16)
+    ap.add_argument("--max-prompt", type=int, default=256)
+    ap.add_argument("--ttft-len", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--num-blocks", type=int, default=2048)
+    ap.add_argument("--max-batch-tokens", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.batches = [int(x) for x in args.batches.split(",")]
+    args.workloads = args.workloads.split(",")
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, device {args.device}",
+        flush=True,
+    )
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
