@@ -5,7 +5,10 @@ connections (requester and responder, as two services would have), so the number
 total CPU cost of both ends on one event loop. Each frame is a proto.StreamChunk with one
 token (as a decode step of one sequence produces); the raw baseline publishes the same
 encoded bytes to per-stream subjects received by one wildcard subscription (the same shape
-as the bus's inbox routing), so the ratio is what the wrapper costs.
+as the bus's inbox routing), so the ratio is what the wrapper costs. A second baseline, raw
+nats-py with one subscription and one reader task per stream, is what a per-request consumer
+costs without the Bus. Throughput is wall-clock (noisy on shared cores); CPU us/frame is this
+process's CPU time per frame (both ends), the steadier number; ratios are taken per round.
 
     .venv/bin/python bench/bench_bus.py                # 5 repeats, asyncio and uvloop
     .venv/bin/python bench/bench_bus.py --repeat 5 --frames 100000
@@ -68,6 +71,44 @@ async def raw_stream_throughput(url: str, streams: int, frames: int, yield_every
     t0, c0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(produce(k) for k in range(streams)))
     await asyncio.wait_for(done.wait(), 120)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    await pub.close()
+    await sub_nc.close()
+    return total / elapsed, cpu / total * 1e6
+
+
+async def raw_per_stream_throughput(url: str, streams: int, frames: int,
+                                    yield_every: int) -> tuple[float, float]:
+    """Raw nats-py the way a per-request consumer would use it: one subscription per
+    stream, read by its own task (what the Bus API gives each request)."""
+    pub = await nats.connect(url, pending_size=PENDING)
+    sub_nc = await nats.connect(url, pending_size=PENDING)
+    payload = proto.encode(proto.StreamChunk(seq=1, token_ids=proto.pack_tokens([1234])))
+    per_stream = frames // streams
+    prefix = sub_nc.new_inbox()
+    subs = [await sub_nc.subscribe(f"{prefix}.{k}", pending_msgs_limit=1 << 20)
+            for k in range(streams)]
+    await _settle(sub_nc)
+
+    async def consume(sub) -> int:
+        n = 0
+        async for _msg in sub.messages:
+            n += 1
+            if n == per_stream:
+                break
+        return n
+
+    async def produce(k: int) -> None:
+        subject = f"{prefix}.{k}"
+        for i in range(per_stream):
+            await pub.publish(subject, payload)
+            if yield_every and i % yield_every == 0:
+                await asyncio.sleep(0)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    consumers = [asyncio.ensure_future(consume(sub)) for sub in subs]
+    await asyncio.gather(*(produce(k) for k in range(streams)))
+    total = sum(await asyncio.wait_for(asyncio.gather(*consumers), 120))
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     await pub.close()
     await sub_nc.close()
@@ -170,6 +211,9 @@ async def one_round(url: str, args) -> dict[str, float]:
             url, streams, args.frames, args.yield_every)
         r[f"bus_{streams}"], r[f"buscpu_{streams}"] = await bus_stream_throughput(
             url, streams, args.frames, args.yield_every)
+        r[f"rawps_{streams}"], r[f"rawpscpu_{streams}"] = await raw_per_stream_throughput(
+            url, streams, args.frames, args.yield_every)
+        r[f"cpuratiops_{streams}"] = r[f"rawpscpu_{streams}"] / r[f"buscpu_{streams}"]
         # ratios per round (raw and Bus ran back to back), so machine load cancels out
         r[f"ratio_{streams}"] = r[f"bus_{streams}"] / r[f"raw_{streams}"]
         r[f"cpuratio_{streams}"] = r[f"rawcpu_{streams}"] / r[f"buscpu_{streams}"]
@@ -205,9 +249,10 @@ def main() -> None:
     try:
         print(f"frames={args.frames} requests={args.requests} repeat={args.repeat} "
               f"yield_every={args.yield_every} (medians)")
-        print("| loop | streams | raw nats-py frames/s | Bus frames/s | Bus / raw (wall) "
-              "| raw CPU us/frame | Bus CPU us/frame | Bus / raw (CPU) |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| loop | streams | raw frames/s | Bus frames/s | Bus / raw (wall) "
+              "| raw CPU us/frame | Bus CPU us/frame | Bus / raw (CPU) "
+              "| raw sub-per-stream CPU us/frame | Bus / raw sub-per-stream (CPU) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         latency_rows = []
         for kind in args.loops.split(","):
             rounds = run_loop(kind, server.url, args)
@@ -216,7 +261,8 @@ def main() -> None:
                 raw, bus = med[f"raw_{streams}"], med[f"bus_{streams}"]
                 print(f"| {kind} | {streams} | {raw:,.0f} | {bus:,.0f} | "
                       f"{med[f'ratio_{streams}']:.0%} | {med[f'rawcpu_{streams}']:.1f} | "
-                      f"{med[f'buscpu_{streams}']:.1f} | {med[f'cpuratio_{streams}']:.0%} |")
+                      f"{med[f'buscpu_{streams}']:.1f} | {med[f'cpuratio_{streams}']:.0%} | "
+                      f"{med[f'rawpscpu_{streams}']:.1f} | {med[f'cpuratiops_{streams}']:.0%} |")
             latency_rows.append(
                 f"| {kind} | {med['raw_p50']:.0f} / {med['raw_p99']:.0f} | "
                 f"{med['unary_p50']:.0f} / {med['unary_p99']:.0f} | "
