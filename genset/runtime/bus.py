@@ -232,6 +232,7 @@ class Bus:
             "ping_interval": ping_interval,
             "max_outstanding_pings": 2,
             "pending_size": pending_size,
+            "drain_timeout": 5,  # close() must not hang on a dead connection
             "disconnected_cb": on_disconnected,
             "reconnected_cb": on_reconnected,
             "error_cb": on_error,
