@@ -363,3 +363,44 @@ def test_bad_plan_is_refused():
         r.execute(StepPlan([ScheduledChunk("a", [10**6], 0, [0], True)]))
     with pytest.raises(ValueError, match="block id 9"):
         r.execute(StepPlan([ScheduledChunk("a", [1], 0, [9], True)]))
+
+
+# -- the built-in tiny model's assets ------------------------------------------------------------
+
+
+def test_tiny_assets_are_a_usable_hf_directory():
+    from tokenizers import Tokenizer
+
+    d = resolve_model("tiny")
+    cfg = json.loads((d / "config.json").read_text())
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    assert tok.get_vocab_size() == cfg["vocab_size"]
+    tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
+    assert tok_cfg["eos_token"] == "<|im_end|>" and tok.token_to_id("<|im_end|>") == 2
+    text = "def f(x):\n    return x  # héllo ✓"
+    assert tok.decode(tok.encode(text).ids) == text  # byte-level: lossless on any text
+    chat = transformers.AutoTokenizer.from_pretrained(d).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.encode(chat).ids[0] == 1  # <|im_start|> is one special token
+
+
+def test_resolving_tiny_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from genset.engines.torch.tiny import resolve_model; resolve_model('tiny');"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_greedy_equals_reference(llama_dir):
+    d, model = llama_dir
+    prompts = _prompts(seed=11)
+    runner = ModelRunner(d, num_blocks=128, block_size=4, device="cuda", dtype="float32")
+    ours = generate(runner, prompts, max_tokens=12, token_budget=16)
+    assert ours == _hf_greedy(model, prompts, 12)
