@@ -66,6 +66,10 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._hash_to_block: dict[int, int] = {}
         self._pending: list[KvEvent] = []
+        # the last pending event when it is a Stored, and its last hash: a block continuing
+        # that chain joins it (the common case: a sequence filling blocks one by one)
+        self._open_store: Stored | None = None
+        self._open_tail: int | None = None
         self.event_id = 0  # id of the last batch handed out
 
     # ---- sizes ------------------------------------------------------------------------------
@@ -195,6 +199,7 @@ class BlockPool:
             self._tokens[b] = None
         self._hash_to_block.clear()
         if self.enable_caching:
+            self._open_store = None
             self._pending.append(Cleared())
 
     def _evict(self, b: int) -> None:
@@ -208,20 +213,24 @@ class BlockPool:
         if isinstance(last, Removed):
             last.hashes.append(h)
         else:
+            self._open_store = None
             self._pending.append(Removed(hashes=[h]))
 
     def _record_store(self, parent_hash: int | None, block: StoredBlock) -> None:
-        last = self._pending[-1] if self._pending else None
-        if isinstance(last, Stored) and last.blocks and last.blocks[-1].hash == parent_hash:
-            last.blocks.append(block)
+        store = self._open_store
+        if store is not None and self._open_tail == parent_hash:
+            store.blocks.append(block)
         else:
-            self._pending.append(Stored(parent_hash=parent_hash, blocks=[block]))
+            store = self._open_store = Stored(parent_hash=parent_hash, blocks=[block])
+            self._pending.append(store)
+        self._open_tail = block.hash
 
     # ---- events -----------------------------------------------------------------------------
 
     def drain_events(self) -> list[KvEvent]:
         """Pending events, oldest first, without numbering them (see `take_batch`)."""
         events, self._pending = self._pending, []
+        self._open_store = None
         return events
 
     def take_batch(
@@ -258,6 +267,7 @@ class BlockPool:
         """A numbered resync batch: pending events are folded in (they are covered by the
         snapshot), so the id sequence stays gap-free."""
         self._pending = self.snapshot_events()
+        self._open_store = None
         batch = self.take_batch(worker_id, ts_ms, tier)
         assert batch is not None
         return batch
