@@ -88,7 +88,7 @@ class Final:
 class Pipeline:
     def __init__(self, *, bus, registry: ModelRegistry, router, metrics: FrontendMetrics,
                  request_timeout: float = 600.0, migration_limit: int = 3,
-                 heartbeat_timeout: float = 5.0) -> None:
+                 heartbeat_timeout: float = 5.0, coalesce: bool = True) -> None:
         self.bus = bus
         self.registry = registry
         self.router = router
@@ -96,6 +96,7 @@ class Pipeline:
         self.request_timeout = request_timeout
         self.migration_limit = migration_limit
         self.heartbeat_timeout = heartbeat_timeout
+        self.coalesce = coalesce
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
     def close(self) -> None:
@@ -250,8 +251,17 @@ class Pipeline:
                 stream = await self.bus.stream_request(
                     card.generate_subject, request, timeout=remaining_s,
                     heartbeat_timeout=self.heartbeat_timeout)
+                # Frames that queued up while we were busy are taken together: one detokenize
+                # call and one event out instead of one per frame, so a loaded frontend spends
+                # less per token exactly when it matters (ResponseStream keeps them in `_buf`).
+                queued = getattr(stream, "_buf", None) if self.coalesce else None
                 async for chunk in stream:
                     data = chunk.token_ids
+                    if queued and data and not chunk.final:
+                        parts = [data]
+                        while queued and not queued[0].final:
+                            parts.append(queued.popleft().token_ids)
+                        data = b"".join(parts)
                     if data:
                         ids = unpack_tokens(data)
                         now = perf()

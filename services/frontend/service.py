@@ -38,6 +38,9 @@ class FrontendOptions:
     api_key: str | None = field(default=None, metadata=opt(
         "require `Authorization: Bearer <key>` on /v1 endpoints (comma-separated keys)",
         secret=True))
+    coalesce: bool = field(default=True, metadata=opt(
+        "send the tokens of worker frames that queued up while the frontend was busy as one "
+        "event (fewer, larger SSE chunks under load; off: one event per worker frame)"))
     nats_max_concurrent: int = field(default=4096, metadata=opt(
         "NATS-native generate requests in progress before new ones are refused", min=1))
 
@@ -67,7 +70,8 @@ class FrontendService(Service):
                                  metrics=self.frontend_metrics,
                                  request_timeout=opts.request_timeout,
                                  migration_limit=opts.migration_limit,
-                                 heartbeat_timeout=opts.heartbeat_timeout)
+                                 heartbeat_timeout=opts.heartbeat_timeout,
+                                 coalesce=opts.coalesce)
         self.nats_service = NatsGenerateService(self.pipeline, self.bus, self.namespace,
                                                 max_concurrent=opts.nats_max_concurrent)
         await self.nats_service.start()
