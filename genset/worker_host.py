@@ -403,9 +403,14 @@ class WorkerHost:
                 await asyncio.wait_for(self._load_changed.wait(), self.config.idle_load_interval_s)
             self._load_changed.clear()
             report = self.engine.load()
+            # The engine refreshes its report after each step, so an abort that leaves it idle
+            # is not reflected until the next step: never claim more than we are serving.
+            active = len(self._active)
+            running = min(report.running, active)
+            waiting = min(report.waiting, active - running)
             report = proto.LoadReport(
-                worker_id=self.instance_id, ts_ms=now_ms(), running=report.running,
-                waiting=report.waiting, waiting_prefill_tokens=report.waiting_prefill_tokens,
+                worker_id=self.instance_id, ts_ms=now_ms(), running=running, waiting=waiting,
+                waiting_prefill_tokens=report.waiting_prefill_tokens if waiting else 0,
                 kv_used_blocks=report.kv_used_blocks, kv_total_blocks=report.kv_total_blocks,
                 step_ms_ewma=report.step_ms_ewma)
             self.m.kv_used.set(report.kv_used_blocks)

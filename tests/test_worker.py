@@ -125,6 +125,12 @@ async def test_registers_a_model_card_that_routes_to_it(host, discovery):
 
 async def test_cancel_aborts_in_engine_and_frees_blocks(bus, discovery):
     h = Host(bus, discovery, speedup=1.0)  # real-time steps (~6 ms): the request runs ~10 s
+    reports: list[proto.LoadReport] = []
+
+    async def on_report(msg):
+        reports.append(proto.decode(msg.data, proto.LoadReport))
+
+    await bus.subscribe(subjects.load_report(h.namespace, h.instance_id), on_report)
     await h.host.start()
     try:
         stream = await bus.stream_request(h.subject, h.request(list(range(1, 30)), max_tokens=1500),
@@ -144,6 +150,10 @@ async def test_cancel_aborts_in_engine_and_frees_blocks(bus, discovery):
         assert h.metric("genset_worker_requests_finished_total", reason="cancelled") == 1
         assert h.metric("genset_worker_requests_running") == 0
         assert h.metric("genset_worker_generated_tokens_total") < 100
+        # routers are told: a report after the cancel shows nothing running
+        assert any(r.running == 1 for r in reports)
+        n = len(reports)
+        await wait_for(lambda: any(r.running == 0 for r in reports[n:]), what="idle load report")
         # the worker goes on serving
         chunks = await h.generate(h.request([5, 6, 7], max_tokens=2))
         assert chunks[-1].finish_reason == "length"
