@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-# embedded: the KV-aware router inside the frontend; service: a `genset router` process the
-# frontend asks over NATS; the rest: a routing policy by name (baselines for comparison).
-ROUTER_MODES = ("embedded", "service", "kv", "round-robin", "least-loaded", "random", "dynamo",
+# auto: the router service when this build has one, else embedded; embedded: the KV-aware
+# router inside the frontend; service: a `genset router` process the frontend asks over NATS;
+# the rest: a routing policy by name, embedded (baselines for comparison).
+ROUTER_MODES = ("auto", "embedded", "service", "kv", "round-robin", "least-loaded", "random", "dynamo",
                 "sglang")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
@@ -63,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny",
                    help="'tiny' (built in) or a local Hugging Face model directory")
     p.add_argument("--served-model-name", default=None, help="model name clients use")
-    p.add_argument("--router", choices=ROUTER_MODES, default="embedded",
-                   help="embedded: KV-aware router inside the frontend; service: a separate "
-                        "`genset router` process; or a baseline policy name")
+    p.add_argument("--router", choices=ROUTER_MODES, default="auto",
+                   help="auto (default): a `genset router` process when this build has one, "
+                        "else embedded; embedded: KV-aware router inside the frontend; "
+                        "service: a separate router process; or a baseline policy name")
     p.add_argument("--speedup", type=float, default=None, help="mocker: run this many times faster")
     p.add_argument("--namespace", default="default")
     p.add_argument("--nats", default="nats://127.0.0.1:4222",
@@ -135,6 +137,10 @@ class Child:
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, sig)
+
+
+def router_service_available() -> bool:
+    return Path(__file__).resolve().parents[1].joinpath("services/router/__main__.py").exists()
 
 
 def genset_command(*args: str) -> list[str]:
@@ -235,13 +241,19 @@ class Launcher:
     def wait_until(self, what: str, children: list[Child], ready) -> None:
         """Poll `ready()` until true; fail on a dead child or the start deadline."""
         last = ""
+        started = time.monotonic()
+        next_note = started + 10.0
         while True:
-            self.check_alive(children)
+            self.check_alive(self.children)  # anything started so far, not only these
             try:
                 if ready():
                     return
             except (OSError, ValueError, urllib.error.URLError) as exc:
                 last = str(exc)
+            if time.monotonic() > next_note:
+                next_note += 10.0
+                self.say(f"  still waiting for {what} ({time.monotonic() - started:.0f}s; "
+                         f"logs in {self.logs})")
             if time.monotonic() > self.deadline:
                 tails = "\n".join(f"--- {c.name} ({c.log_path}):\n{c.log_tail(15)}" for c in children)
                 raise LaunchError(
@@ -285,8 +297,8 @@ class Launcher:
         return workers
 
     def start_router_service(self) -> Child | None:
-        if not Path(__file__).resolve().parents[1].joinpath("services/router/__main__.py").exists():
-            self.say("router: service not available in this build, using the embedded router")
+        if not router_service_available():
+            self.say("router: no router service in this build, using the embedded router")
             return None
         router = self.spawn("router", "router")
         self.say("router: starting")
@@ -322,7 +334,7 @@ class Launcher:
         self.nats_url = self.ensure_nats()
         self.etcd_endpoint = self.ensure_etcd()
         router_mode = a.router
-        if a.router == "service":
+        if a.router in ("service", "auto"):
             router_mode = "remote" if self.start_router_service() else "embedded"
         self.start_workers()
         return self.start_frontend(router_mode)
