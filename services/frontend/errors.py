@@ -55,6 +55,10 @@ _STATUS_BY_CODE = {
     "not_found": 404,
     "overloaded": 503,
     "no_responders": 503,
+    "no_worker": 503,
+    "peer_gone": 503,  # the worker died and no other could take the request over
+    "disconnected": 503,
+    "lost_chunks": 503,
     "deadline_exceeded": 504,
     "cancelled": 499,
 }
