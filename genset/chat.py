@@ -52,7 +52,7 @@ async def _run(args) -> int:
     try:
         client = await Client(args.nats, namespace=args.namespace).__aenter__()
     except Exception as exc:
-        print(f"genset chat: cannot connect to NATS at {args.nats}: {exc}", file=sys.stderr)
+        print(f"genset chat: {exc}", file=sys.stderr)
         return 1
     try:
         if args.prompt is not None:
@@ -94,6 +94,10 @@ async def _run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from genset.runtime.logging import configure_logging
+
+    # A chat session shows the conversation; connection retries are not news (errors still are).
+    configure_logging("console", "error", service="chat")
     try:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:

@@ -306,3 +306,20 @@ async def test_sigterm_drains_inflight_streams(stack):
     with pytest.raises(httpx.ConnectError):
         async with httpx.AsyncClient(timeout=5) as http:
             await http.get(fe.url + "/health")
+
+
+async def test_api_key_required_when_configured(stack):
+    fe = await stack.start_frontend(models=[], extra_args=["--api-key", "k1,k2"])
+    async with httpx.AsyncClient(base_url=fe.url, timeout=30) as http:
+        r = await http.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = await http.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = await http.get("/v1/models", headers={"Authorization": "Bearer k2"})
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL
+        assert (await http.get("/health")).status_code == 200  # probes need no key
+    oai = openai.AsyncOpenAI(base_url=fe.url + "/v1", api_key="k1", max_retries=0)
+    chat = await oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                             max_tokens=2)
+    assert chat.usage.completion_tokens == 2
+    await fe.stop()
