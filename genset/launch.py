@@ -352,13 +352,22 @@ class Launcher:
               f"    -d '{body}'\n\nCtrl-C stops everything.", file=self.out, flush=True)
 
     def watch(self) -> None:
-        """Run until a signal arrives or a child dies."""
+        """Run until a signal arrives. A worker that dies is reported and the stack goes on
+        with the others (requests move to them); the last worker, the frontend or the router
+        dying stops everything."""
+        reported: set[str] = set()
         while True:
             for child in self.children:
-                if not child.alive:
-                    raise LaunchError(
-                        f"{child.name} exited unexpectedly with code {child.proc.returncode} "
-                        f"(log: {child.log_path}):\n{child.log_tail()}")
+                if child.alive or child.name in reported:
+                    continue
+                message = (f"{child.name} exited unexpectedly with code {child.proc.returncode} "
+                           f"(log: {child.log_path}):\n{child.log_tail()}")
+                workers_left = [c for c in self.children
+                                if c.name.startswith("worker") and c.alive]
+                if not child.name.startswith("worker") or not workers_left:
+                    raise LaunchError(message)
+                reported.add(child.name)
+                self.say(f"warning: {message}\n{len(workers_left)} worker(s) still serving")
             time.sleep(0.5)
 
     def stop(self) -> None:
