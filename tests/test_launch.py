@@ -47,6 +47,13 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def processes_mentioning(text: str) -> list[str]:
     """Command lines of live processes that mention `text` (our state dir / clone path)."""
     hits = []
@@ -116,6 +123,14 @@ def test_genset_up_from_a_fresh_clone_serves_and_stops_clean(tmp_path):
         assert body["choices"][0]["message"]["content"]
         assert body["usage"]["completion_tokens"] == 32
         assert (clone / ".state" / "logs" / "frontend.log").exists()
+
+        # A worker crash is reported and the stack serves on with the other one.
+        [victim] = [p for p in pids if "--role decode" in cmdline(p)][:1]
+        os.kill(victim, signal.SIGKILL)
+        wait_for_line(proc, log, r"warning: worker-\d exited unexpectedly", within=10)
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=curl,
+                          headers={"Content-Type": "application/json"}, timeout=60)
+        assert resp.status_code == 200, resp.text
 
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(60) == 0, log.read_text()
