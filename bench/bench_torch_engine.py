@@ -1,14 +1,20 @@
 """Torch engine vs transformers `generate()` on the same model, on this machine's CPU.
 
-1. Output tokens/s at batch 1, 8, 32 with mixed prompt lengths: the engine gets all requests
-   at once (continuous batching, packed batch without padding); `generate()` gets the same
-   prompts as one left-padded batch. Greedy, a fixed number of output tokens, EOS ignored,
-   so both produce exactly batch * max_tokens tokens.
+1. Output tokens/s at batch (concurrency) 1, 8, 32 with mixed prompt lengths (16-256):
+   - static: b requests, all exactly --max-tokens outputs: the engine gets them at once
+     (packed batches, no padding); `generate()` gets them as one left-padded batch. Both
+     produce exactly b * max_tokens tokens, greedy, EOS ignored.
+   - continuous: 2b requests with output lengths drawn from [8, 2 * max_tokens]: the engine
+     runs at most b at a time and refills a slot as soon as a request finishes;
+     `generate()` runs them b at a time in arrival order, each batch until its longest
+     output is done (only the requested tokens are counted).
 2. Prefix cache: time to first token of a 2,000-token prompt cold, then fully cached.
 
-Each number is the median of --repeats runs after one warm-up run.
+Each number is the median of --repeats runs (fresh prompts each) after one global warm-up.
+Wall time and this process's CPU time are both reported: on a shared machine the CPU-time
+rates are the steadier comparison.
 
-    .venv/bin/python bench/bench_torch_engine.py            # tiny model, ~1 minute
+    .venv/bin/python bench/bench_torch_engine.py            # tiny model, ~1.5 minutes
     .venv/bin/python bench/bench_torch_engine.py --model /path/to/hf-dir --device cuda
 """
 
@@ -138,19 +144,22 @@ async def main_async(args) -> dict:
     model = hf_model(engine, model_dir)
     results: dict = {"throughput": [], "ttft": {}}
     try:
+        # One warm-up of each side (allocator, kernels' first-call setup), not measured.
+        warm_prompts = make_prompts(4, vocab, 1, args.min_prompt, args.max_prompt)
+        await engine_run(engine, warm_prompts, [8] * 4, "warmup")
+        hf_run(model, warm_prompts, [8] * 4, 4)
         for kind in args.workloads:
             for b in args.batches:
                 eng_b = make_engine(b)
                 await eng_b.start()
                 eng, hf = [], []
-                for r in range(args.repeats + 1):
+                for r in range(args.repeats):
                     # Fresh prompts every run: nothing is served from the prefix cache.
                     prompts, outs = workload(kind, b, vocab, 1000 * b + r, args)
                     e = await engine_run(eng_b, prompts, outs, f"{kind}{b}r{r}")
                     h = hf_run(model, prompts, outs, b)
-                    if r:  # the first run is a warm-up
-                        eng.append((e, sum(outs)))
-                        hf.append((h, sum(outs)))
+                    eng.append((e, sum(outs)))
+                    hf.append((h, sum(outs)))
                 await eng_b.stop()
 
                 def rate(runs, k):
@@ -173,7 +182,7 @@ async def main_async(args) -> dict:
                 print(json.dumps(row), flush=True)
 
         cold, warm = [], []
-        for r in range(args.repeats + 1):
+        for r in range(args.repeats + 1):  # the first pair is a warm-up
             p = make_prompts(1, vocab, 777 + r, args.ttft_len, args.ttft_len)[0]
             c, cached_c = await engine_ttft(engine, p, f"cold{r}")
             w, cached_w = await engine_ttft(engine, p, f"warm{r}")
@@ -205,7 +214,7 @@ def main() -> None:
     ap.add_argument("--min-prompt", type=int, default=16)
     ap.add_argument("--max-prompt", type=int, default=256)
     ap.add_argument("--ttft-len", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--num-blocks", type=int, default=2048)
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")

@@ -166,7 +166,7 @@ class TorchEngine(AsyncEngineDriver):
     """The asyncio-facing torch engine.
 
     `model`: "tiny" or a local Hugging Face directory. KV capacity: `num_blocks`, or sized
-    from `kv_memory_bytes` (default: 512 MiB on CPU; on CUDA 85% of the memory left after the
+    from `kv_memory_bytes` (default: 256 MiB on CPU; on CUDA 85% of the memory left after the
     weights). Other knobs go to the scheduler (`max_batch_tokens`, `max_running`,
     `enable_prefix_caching`) and the runner (`device`, `dtype`, `seed`, `weights`).
     """

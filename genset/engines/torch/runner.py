@@ -67,7 +67,7 @@ def blocks_for_memory(
     return max(0, memory_bytes // kv_bytes_per_block(cfg, block_size, dtype))
 
 
-DEFAULT_CPU_KV_BYTES = 512 << 20
+DEFAULT_CPU_KV_BYTES = 256 << 20
 
 
 def size_num_blocks(
@@ -80,7 +80,7 @@ def size_num_blocks(
     cuda_fraction: float = 0.85,
 ) -> int:
     """KV blocks for a memory budget: `memory_bytes` if given; on CUDA otherwise
-    `cuda_fraction` of the free memory left once the weights are loaded; on CPU 512 MiB."""
+    `cuda_fraction` of the free memory left once the weights are loaded; on CPU 256 MiB."""
     if memory_bytes is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
