@@ -168,3 +168,28 @@ def test_bad_flags_are_refused_before_anything_starts(tmp_path, capsys):
     assert "--workers must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--engine", "nope"])
+
+
+@pytest.mark.slow
+def test_genset_up_uses_running_nats_and_etcd_and_leaves_them_running(nats_server, etcd_server,
+                                                                       tmp_path):
+    port = free_port()
+    log = tmp_path / "up.log"
+    proc = start_up(REPO, log, "--engine", "mocker", "--workers", "1", "--port", str(port),
+                    "--nats", nats_server.url, "--etcd", etcd_server.endpoint,
+                    "--namespace", "launchtest", "--state-dir", str(tmp_path / "state"))
+    pids: set[int] = set()
+    try:
+        text = wait_for_line(proc, log, r"Ctrl-C stops everything", within=120)
+        assert f"nats: using the server at {nats_server.url}" in text
+        assert f"etcd: using the server at {etcd_server.endpoint}" in text
+        pids = descendants(proc.pid)
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                          json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()
+        assert not [p for p in pids if alive(p)]
+        assert nats_server.running and etcd_server.running  # not ours to stop
+    finally:
+        kill_all(proc, pids)
