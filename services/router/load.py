@@ -41,12 +41,20 @@ class WorkerLoad:
     report: proto.LoadReport | None = None
     report_rx_ms: float = 0.0  # local time the report arrived
     requests: set[str] = field(default_factory=set)
+    backlog: float = 0.0  # estimated prefill tokens still to compute, as of backlog_ms
+    backlog_ms: float = 0.0
 
 
 class LoadModel:
     def __init__(self, *, block_size: int = 16, report_fresh_ms: float = 1500.0,
-                 max_request_age_s: float = 600.0, clock=None) -> None:
+                 max_request_age_s: float = 600.0, prefill_tokens_per_ms: float = 0.0,
+                 clock=None) -> None:
         self.block_size = block_size
+        # Optional: how fast a worker works through its prefill backlog (the mocker polynomial
+        # at a full 8192-token step does 8192 / 169 ms = 48.4 tokens/ms), so that the head of
+        # a long queue counts as partly done. Off (0) by default: on the Mooncake replay it
+        # made decisions slightly worse (TTFT +1%), the full count being a better busy signal.
+        self.prefill_tokens_per_ms = prefill_tokens_per_ms
         self.report_fresh_ms = report_fresh_ms
         self.max_request_age_ms = max_request_age_s * 1000.0
         self._clock = clock or (lambda: time.monotonic() * 1000.0)
@@ -80,6 +88,8 @@ class LoadModel:
         req = Inflight(worker_id, prompt_tokens, uncached, blocks, now)
         self.inflight[request_id] = req
         w = self.worker(worker_id)
+        w.backlog = self._backlog(w, now) + uncached
+        w.backlog_ms = now
         w.prefill_tokens += uncached
         w.blocks += blocks
         w.inflight += 1
@@ -136,15 +146,20 @@ class LoadModel:
             self.on_done(rid)
         return len(old)
 
+    def _backlog(self, w: WorkerLoad, now: float) -> float:
+        drained = max(0.0, w.backlog - (now - w.backlog_ms) * self.prefill_tokens_per_ms)
+        return min(drained, w.prefill_tokens)
+
     # ------------------------------------------------------------ views
     def prefill_tokens(self, worker_id: int, now_ms: float | None = None) -> int:
+        """Prompt tokens this worker still has to compute before a new request's turn."""
         w = self.workers.get(worker_id)
         if w is None:
             return 0
-        predicted = w.prefill_tokens
+        now = self.now_ms() if now_ms is None else now_ms
+        predicted = int(self._backlog(w, now)) if self.prefill_tokens_per_ms > 0 else w.prefill_tokens
         rep = w.report
         if rep is not None:
-            now = self.now_ms() if now_ms is None else now_ms
             if now - w.report_rx_ms <= self.report_fresh_ms:
                 # What the worker still had queued, plus what we sent since that report.
                 since = sum(self.inflight[r].uncached_tokens for r in w.requests

@@ -161,22 +161,30 @@ class PredictedTTFT(Policy):
 
     TTFT on worker w = time to prefill what w already has queued plus this prompt's uncached
     tokens, in chunks of w's token budget, each step also paying w's current decode step
-    (mixed batches). To that a decode-load term is added: the extra step time this request's
-    context puts on every sequence w is decoding (what it costs everyone else), weighted by
-    `decode_weight`. Near-ties (within `tie_ms`) go to the least loaded, then at random, so
-    equal scores spread out. Herding guard: a worker already holding more than `herd_factor`
-    x the mean in-flight (and at least `herd_min` more than the mean) is passed over while
-    others are eligible, so one hot prefix cannot pin every request on one worker.
+    (mixed batches). Two terms are added to that prediction:
+
+    - decode load: the extra step time this request's context puts on every sequence w is
+      decoding (what it costs everyone else), weighted by `decode_weight`;
+    - herding: `herd_ms` for every in-flight request w would hold above the fleet mean
+      (after this one). Real engines slow down with batch size, which a step-time profile
+      fitted on KV usage under-counts; and a hot prefix must not pin every request on one
+      worker while others idle. A large cache win (hundreds of ms) still pays for a few
+      extra requests; a small one does not. `herd_cap` (x the mean, + 2) is the hard limit.
+
+    Near-ties (within `tie_ms`) go to the least loaded, then at random, so equal scores
+    spread out.
     """
 
     name = "genset"
 
     def __init__(self, profile: PolynomialProfile | None = None, *, decode_weight: float = 1.0,
-                 herd_factor: float = 1.5, herd_min: int = 2, tie_ms: float = 0.5) -> None:
+                 herd_ms: float = 20.0, herd_cap: float = 2.0, tie_ms: float = 0.5,
+                 affinity: float = 0.0) -> None:
         self.profile = profile or PolynomialProfile()
+        self.affinity = affinity
         self.decode_weight = decode_weight
-        self.herd_factor = herd_factor
-        self.herd_min = herd_min
+        self.herd_ms = herd_ms
+        self.herd_cap = herd_cap
         self.tie_ms = tie_ms
 
     def prefill_time(self, tokens: int, budget: int, decode_ms: float) -> float:
@@ -188,7 +196,7 @@ class PredictedTTFT(Policy):
         steps = full + (1 if rest else 0)
         return full * p.prefill_ms(budget) + p.prefill_ms(rest) + steps * decode_ms
 
-    def score(self, ctx: RouteContext, v: WorkerView) -> float:
+    def score(self, ctx: RouteContext, v: WorkerView, mean_after: float = 0.0) -> float:
         bs = ctx.block_size
         cached = min(v.overlap_blocks * bs, max(0, ctx.prompt_tokens - 1))
         uncached = ctx.prompt_tokens - cached
@@ -198,17 +206,21 @@ class PredictedTTFT(Policy):
         ttft = self.prefill_time(v.prefill_tokens + uncached, v.max_batch_tokens, decode_now)
         if self.decode_weight:
             after = p.decode_ms((v.decode_tokens + ctx.prompt_tokens) / capacity)
-            running = v.inflight
-            ttft += self.decode_weight * (after - (decode_now if v.decode_tokens else 0.0)) * running
+            ttft += self.decode_weight * (after - (decode_now if v.decode_tokens else 0.0)) * v.inflight
+        if self.herd_ms:
+            ttft += self.herd_ms * max(0.0, v.inflight + 1 - mean_after)
+        if self.affinity and cached:
+            saved = p.prefill_ms(ctx.prompt_tokens) - p.prefill_ms(uncached)
+            ttft -= self.affinity * saved
         return ttft
 
     def choose(self, ctx, views, rng):
         eligible = views
-        if len(views) > 1 and self.herd_factor > 0:
-            mean_after = (sum(v.inflight for v in views) + 1) / len(views)
-            cap = max(mean_after * self.herd_factor, mean_after + self.herd_min)
+        mean_after = (sum(v.inflight for v in views) + 1) / len(views)
+        if len(views) > 1 and self.herd_cap > 0:
+            cap = self.herd_cap * mean_after + 2
             eligible = [v for v in views if v.inflight + 1 <= cap] or views
-        scored = [(self.score(ctx, v), v) for v in eligible]
+        scored = [(self.score(ctx, v, mean_after), v) for v in eligible]
         lo = min(s for s, _ in scored)
         near = [v for s, v in scored if s <= lo + self.tie_ms]
         if len(near) == 1:

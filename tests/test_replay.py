@@ -1,0 +1,100 @@
+"""`genset replay`: calibration against Dynamo's own replay, replicas, CLI, bad traces."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from services.router import replay
+from services.router.replay import ReplayConfig, run_replay
+from services.router.trace import TraceError, load_trace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRACE = os.path.join(ROOT, "..", "shared", "data", "mooncake_synthetic_trace.jsonl")
+REFERENCE = os.path.join(ROOT, "bench", "replay_dynamo_reference.json")
+
+needs_trace = pytest.mark.skipif(not os.path.exists(TRACE), reason="shared Mooncake trace not present")
+
+
+def dynamo(key: str) -> dict:
+    with open(REFERENCE) as f:
+        return json.load(f)["results"][key]
+
+
+@needs_trace
+@pytest.mark.parametrize(("blocks", "cap"), [(4688, "0.3M"), (46875, "3M")])
+def test_round_robin_matches_dynamo_replay(blocks, cap):
+    """Same trace slice, same settings: genset's simulator must agree with Dynamo's."""
+    trace = load_trace(TRACE, limit=300)
+    got = run_replay(trace, "round_robin", ReplayConfig(kv_blocks=blocks))
+    ref = dynamo(f"limit300/{cap}/1x/round_robin")
+    assert abs(got["hit_rate"] - ref["hit_rate"]) <= 0.01, (got, ref)
+    assert abs(got["ttft_mean_ms"] - ref["ttft_mean_ms"]) <= 0.10 * ref["ttft_mean_ms"], (got, ref)
+    assert abs(got["itl_mean_ms"] - ref["itl_mean_ms"]) <= 0.10 * ref["itl_mean_ms"], (got, ref)
+
+
+@needs_trace
+def test_two_router_replicas_agree_with_one_router():
+    trace = load_trace(TRACE, limit=600)
+    cfg = dict(kv_blocks=46875, arrival_speedup=3.0)
+    one = run_replay(trace, "genset", ReplayConfig(**cfg))
+    two = run_replay(trace, "genset", ReplayConfig(router_replicas=2, **cfg))
+    assert one["hit_rate"] > 0.05
+    assert abs(one["hit_rate"] - two["hit_rate"]) <= 0.02, (one["hit_rate"], two["hit_rate"])
+
+
+@needs_trace
+def test_genset_beats_round_robin_on_a_slice():
+    trace = load_trace(TRACE, limit=600)
+    cfg = ReplayConfig(kv_blocks=46875, arrival_speedup=3.0)
+    g = run_replay(trace, "genset", cfg)
+    rr = run_replay(trace, "round_robin", cfg)
+    assert g["hit_rate"] > rr["hit_rate"] and g["ttft_mean_ms"] < rr["ttft_mean_ms"]
+
+
+def write(tmp_path, lines: list[str]) -> str:
+    p = tmp_path / "t.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
+
+
+GOOD = '{"timestamp": 0, "input_length": 700, "output_length": 3, "hash_ids": [1, 2]}'
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("{not json", "not valid JSON"),
+    ('{"timestamp": 0, "output_length": 3, "hash_ids": [1]}', "missing field 'input_length'"),
+    ('{"timestamp": 0, "input_length": 2000, "output_length": 3, "hash_ids": [1]}', "needs at least 4 hash_ids"),
+    ('{"timestamp": 0, "input_length": 10, "output_length": 0, "hash_ids": [1]}', "'output_length' must be >= 1"),
+    ('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [-1]}', "non-negative integers"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_bad_trace_lines_name_the_line(tmp_path, line, message, capsys):
+    path = write(tmp_path, [GOOD, "", line])
+    with pytest.raises(TraceError, match=message) as exc:
+        load_trace(path)
+    assert f"{path}:3:" in str(exc.value)
+    assert replay.main([path, "--workers", "2"]) == 2
+    assert f"{path}:3:" in capsys.readouterr().err
+
+
+def test_cli_json_and_several_policies(tmp_path, capsys):
+    lines = [f'{{"timestamp": {i * 50}, "input_length": {600 + 10 * i}, "output_length": 4, '
+             f'"hash_ids": [{i % 3}, {100 + i}]}}' for i in range(30)]
+    path = write(tmp_path, lines)
+    plot = tmp_path / "p.png"
+    assert replay.main([path, "--workers", "2", "--block-size", "16", "--kv-blocks", "512",
+                        "--policy", "genset,round_robin", "--json", "--plot", str(plot)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"genset", "round_robin"}
+    for r in doc.values():
+        for key in ("hit_rate", "ttft_mean_ms", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
+                    "itl_mean_ms", "load_cov"):
+            assert isinstance(r[key], float), key
+        assert r["completed"] == 30
+    assert doc["genset"]["hit_rate"] >= doc["round_robin"]["hit_rate"]
+    assert plot.stat().st_size > 1000
+    assert replay.main([path, "--policy", "nope"]) == 2
+    assert "unknown policy 'nope'" in capsys.readouterr().err
