@@ -17,7 +17,13 @@ import sys
 from genset.runtime.config import ConfigError, add_common_args, common_config
 from genset.runtime.service import Service, run_service
 from genset.worker_host import HostConfig, WorkerHost
-from services.decode.engines import EngineConfigError, build_engine, model_facts, served_model_name
+from services.decode.engines import (
+    EngineConfigError,
+    build_engine,
+    check_engine_available,
+    model_facts,
+    served_model_name,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = common_config(args)
         model_facts(args.model)  # a missing model is a flag error, reported before connecting
+        check_engine_available(args.engine)
     except (ConfigError, EngineConfigError) as exc:
         parser.error(str(exc))
     for flag in ("block_size", "max_running", "max_streams"):

@@ -66,6 +66,22 @@ def served_model_name(model: str) -> str:
     return model if model == TINY_NAME else Path(model).expanduser().resolve().name
 
 
+def check_engine_available(kind: str) -> None:
+    """Fail fast, before connecting anywhere, when the engine's package is missing."""
+    import importlib.util
+
+    if kind == "torch" and importlib.util.find_spec("torch") is None:
+        raise EngineConfigError("--engine torch needs PyTorch, which is not installed "
+                                "(pip install torch, or use --engine mocker)")
+    if kind == "trtllm":
+        try:
+            from genset.engines.trtllm import import_tensorrt_llm
+
+            import_tensorrt_llm()
+        except ImportError as exc:
+            raise EngineConfigError(f"--engine trtllm: {exc}") from None
+
+
 def build_engine(kind: str, model: str, *, worker_id: int, block_size: int = 16,
                  kv_blocks: int = 0, max_batch_tokens: int = 0, max_running: int = 256,
                  context_length: int = 0, speedup: float = 1.0, device: str = "auto",
