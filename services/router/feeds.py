@@ -78,8 +78,13 @@ class RouterFeeds:
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="router-resync"))
         self._tasks.append(asyncio.create_task(self._alarm_loop(), name="router-alarms"))
         if self.discovery is not None:
-            self._membership = await self.discovery.watch(keys.models_prefix(self.ns), proto.ModelCard,
-                                                          require_initial=False)
+            prefix = keys.models_prefix(self.ns)
+            try:
+                self._membership = await self.discovery.watch(prefix, proto.ModelCard)
+            except Exception as exc:  # etcd away: start anyway, fill in when it answers
+                log.warning("etcd not answering, starting with no workers", error=repr(exc))
+                self._membership = await self.discovery.watch(prefix, proto.ModelCard,
+                                                              require_initial=False)
             for key, card in list(self._membership.items.items()):
                 self._on_card("put", key, card)
             self._membership.add_listener(self._on_card)
