@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+import proto
 from genset.client import Client, ClientError
 from tests.stack import Stack, metric
 
@@ -323,3 +324,33 @@ async def test_api_key_required_when_configured(stack):
                                              max_tokens=2)
     assert chat.usage.completion_tokens == 2
     await fe.stop()
+
+
+async def test_dead_worker_record_before_first_token_is_skipped(stack):
+    """A model card whose worker is gone (nobody listens on its subject) costs a retry, not an
+    error: NoResponders before the first token moves the request to another worker."""
+    from genset.runtime.discovery import Discovery
+    from proto import keys, subjects
+
+    fe = await stack.start_frontend(extra_args=["--router", "round-robin"])
+    disc = await Discovery.connect(stack.etcd_endpoint, ttl=5)
+    ghost = 0x5EEDBEEF
+    try:
+        await disc.register(keys.model(stack.namespace, MODEL, ghost), proto.ModelCard(
+            model=MODEL, instance_id=ghost, engine="mocker", context_length=CONTEXT,
+            tokenizer="tiny", generate_subject=subjects.worker_generate(stack.namespace, "decode",
+                                                                        ghost)))
+        oai = openai.AsyncOpenAI(base_url=fe.url + "/v1", api_key="x", max_retries=0)
+        deadline = time.monotonic() + 10
+        while (await oai.models.list()).data[0].model_extra.get("workers") != 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        for _ in range(6):  # round-robin over 3 records: the ghost is picked twice
+            chat = await oai.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+            assert chat.usage.completion_tokens == 2
+        fm = await fe.metrics()
+        assert metric(fm, "genset_frontend_migrations_total", phase="before_first_token") >= 2
+    finally:
+        await disc.close()
+        await fe.stop()
