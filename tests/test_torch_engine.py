@@ -177,3 +177,28 @@ async def test_seeded_sampling_is_reproducible_across_engines():
     finally:
         await e1.stop()
         await e2.stop()
+
+
+async def test_stop_token_and_kv_sizing(reference):
+    from genset.engines.torch.config import load_config
+    from genset.engines.torch.runner import kv_bytes_per_block, size_num_blocks
+
+    prompt = _prompt(8, 30)
+    expected = reference(prompt, 6)
+    engine = TorchEngine("tiny", kv_memory_bytes=64 * 32768, block_size=16)
+    try:
+        assert engine.card.kv_blocks == 64  # 4 layers * K,V * 16 slots * 2 heads * 32 * 4 B
+        stop = StopConditions(max_tokens=20, stop_token_ids=[expected[3]], ignore_eos=True)
+        tokens = []
+        async for out in await engine.submit(EngineRequest("s", prompt, GREEDY, stop)):
+            tokens.extend(out.token_ids)
+            last = out
+        assert last.finish_reason == "stop"
+        assert tokens == expected[: expected.index(expected[3]) + 1]
+    finally:
+        await engine.stop()
+    cfg = load_config(resolve_model("tiny"))
+    assert kv_bytes_per_block(cfg, 16, torch.float32) == 32768
+    assert size_num_blocks(cfg, 16, torch.float32, torch.device("cpu"), 1 << 20) == 32
+    with pytest.raises(ValueError, match="holds no block"):
+        size_num_blocks(cfg, 16, torch.float32, torch.device("cpu"), 1000)
