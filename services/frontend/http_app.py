@@ -82,6 +82,7 @@ class GenerationResponse:
             if not conn.closed:
                 status = "cancelled"
                 raise
+            asyncio.current_task().uncancel()  # the cancel was ours: the client left
             status = "disconnected"
             metrics.disconnects.labels(model).inc()
         finally:
