@@ -294,7 +294,11 @@ class EtcdClient:
             await self._authenticate()
         stream = WatchStream(self, prefix, start_revision, idle_s=liveness_s,
                              probe_s=liveness_s)
-        await stream._open(self.timeout if time_limit is None else time_limit)
+        try:
+            await stream._open(self.timeout if time_limit is None else time_limit)
+        except BaseException:  # including cancellation: never leave the stream running
+            stream.close()
+            raise
         return stream
 
     async def close(self) -> None:
@@ -364,8 +368,11 @@ class WatchStream:
         return EtcdUnavailable(f"etcd at {client.endpoint}: watch stream failed: {item!r}")
 
     async def _next(self, wait_s: float):
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # races with the get() completing, and the watch task would then never stop.
         try:
-            item = await asyncio.wait_for(self._inbox.get(), wait_s)
+            async with asyncio.timeout(wait_s):
+                item = await self._inbox.get()
         except TimeoutError:
             return None
         if isinstance(item, Exception) or item is grpc.aio.EOF:
