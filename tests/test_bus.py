@@ -401,6 +401,39 @@ async def test_unread_stream_overflows_with_a_clear_error(buses):
     assert "10 frames buffered" in str(exc.value)
 
 
+async def test_responder_closing_tells_requesters_to_retry(nats_server):
+    """A responder whose bus closes while streams are in flight (drain deadline passed)
+    ends them with a retryable shutting_down error frame, not with 3 s of silence."""
+    ns = _ns()
+    req = await Bus.connect(nats_server.url, name="req", namespace=ns)
+    resp = await Bus.connect(nats_server.url, name="resp", namespace=ns)
+    stopped = asyncio.Event()
+
+    async def handler(request, stream):
+        try:
+            while True:
+                await stream.send(b"\x01\x00\x00\x00")
+                await asyncio.sleep(0.02)
+        except StreamCancelled:
+            stopped.set()
+
+    try:
+        subject = await _serve(resp, "closing", handler)
+        stream = await req.stream_request(subject, b"", timeout=10)
+        await stream.__anext__()
+        t0 = time.monotonic()
+        await resp.close()
+        assert stopped.is_set()
+        with pytest.raises(RemoteError) as exc:
+            async for _ in stream:
+                pass
+        assert exc.value.error.code == "shutting_down" and exc.value.error.retryable
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        await req.close()
+        await resp.close()
+
+
 # -- connection --------------------------------------------------------------------------------
 
 

@@ -295,14 +295,22 @@ class Bus:
             rs.cancelled.set()
 
     async def close(self, *, grace: float = 1.0) -> None:
-        """Stop: reply streams are cancelled (handlers get `grace` s to finish), in-flight
-        requests end with Disconnected, pending publishes are flushed, then the connection
-        closes."""
+        """Stop: streams still being served are cancelled and their requesters get a final
+        error frame `shutting_down` (retryable, so they can move on at once instead of
+        waiting for the heartbeat timeout); handlers get `grace` s to finish; in-flight
+        requests of our own end with Disconnected; pending publishes are flushed; the
+        connection closes. Services drain before this, so normally nothing is cut here."""
         if self._closing:
             return
         self._closing = True
-        for rs in self._reply_streams.values():
-            rs.cancelled.set()
+        for rs in list(self._reply_streams.values()):
+            rs.cancelled.set()  # first, so the handler's next send is StreamCancelled
+            if not rs.finished:
+                try:
+                    await rs.fail(ErrorInfo(code="shutting_down", retryable=True,
+                                            message="the responder is shutting down"))
+                except Disconnected:
+                    pass
         if self._tasks:
             _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in pending:
@@ -563,10 +571,11 @@ class Bus:
             rs = ReplyStream(self, reply)
             if active >= max_concurrent or self._closing:
                 self.stats["overloaded"] += 1
+                why = ("shutting down" if self._closing
+                       else f"{max_concurrent} streams already in progress")
                 try:
-                    await rs.fail(ErrorInfo(
-                        code="overloaded", retryable=True,
-                        message=f"{subject}: {max_concurrent} streams already in progress"))
+                    await rs.fail(ErrorInfo(code="overloaded", retryable=True,
+                                            message=f"{subject}: {why}"))
                 except Disconnected:
                     pass
                 return

@@ -307,10 +307,10 @@ class ReplyStream:
         data: bytes | None = None,
         final: bool = False,
     ) -> None:
+        if self.cancelled.is_set():
+            raise StreamCancelled(f"stream {self.stream_id} was cancelled")
         if self._final_sent:
             raise StreamClosed(f"stream {self.stream_id} already sent its final frame")
-        if self.cancelled.is_set():
-            raise StreamCancelled(f"stream {self.stream_id} was cancelled by the requester")
         seq = self._seq
         if final or finish_reason is not None or usage is not None or data is not None:
             frame = StreamChunk(seq=seq, token_ids=token_ids, finish_reason=finish_reason,
