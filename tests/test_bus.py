@@ -133,6 +133,25 @@ async def test_stream_frames_in_order_with_final(buses):
     assert stream.finished
 
 
+async def test_take_ready_returns_arrived_frames_without_the_final(buses):
+    req, resp = buses
+
+    async def handler(request, stream):
+        for i in range(5):
+            await stream.send(proto.pack_tokens([i]))
+        await stream.send(finish_reason="stop", final=True)
+
+    subject = await _serve(resp, "ready", handler)
+    stream = await req.stream_request(subject, b"", timeout=5)
+    first = await stream.__anext__()
+    await asyncio.sleep(0.2)  # the rest has arrived
+    ready = stream.take_ready()
+    assert [c.seq for c in [first, *ready]] == [0, 1, 2, 3, 4]
+    assert stream.take_ready() == []
+    last = await stream.__anext__()
+    assert last.final and last.seq == 5
+
+
 async def test_handler_returning_without_final_frame_gets_one(buses):
     req, resp = buses
 

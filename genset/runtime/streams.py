@@ -135,6 +135,16 @@ class ResponseStream:
             finally:
                 self._waiter = None
 
+    def take_ready(self) -> list[StreamChunk]:
+        """The data frames that already arrived and were not read yet, without waiting and
+        without the final frame (which the next iteration yields). Lets a busy reader take
+        several frames at once (e.g. one detokenize call for all of them)."""
+        buf = self._buf
+        out: list[StreamChunk] = []
+        while buf and not buf[0].final:
+            out.append(buf.popleft())
+        return out
+
     async def collect(self) -> list[StreamChunk]:
         """Every data frame until the final one (raises like iteration does)."""
         return [chunk async for chunk in self]
