@@ -165,6 +165,10 @@ class PredictedTTFT(Policy):
 
     - decode load: the extra step time this request's context puts on every sequence w is
       decoding (what it costs everyone else), weighted by `decode_weight`;
+    - cache affinity: a worker's saving from its cached prefix counts `1 + affinity` times.
+      Beyond this request's TTFT, keeping a prefix on the worker that has it avoids a second
+      copy elsewhere, which leaves room in the caches for other prefixes (on the Mooncake
+      replay, affinity 0.5 raised the hit rate 1-3 points at 0.3M tokens per worker);
     - herding: `herd_ms` for every in-flight request w would hold above the fleet mean
       (after this one). Real engines slow down with batch size, which a step-time profile
       fitted on KV usage under-counts; and a hot prefix must not pin every request on one
@@ -178,8 +182,8 @@ class PredictedTTFT(Policy):
     name = "genset"
 
     def __init__(self, profile: PolynomialProfile | None = None, *, decode_weight: float = 1.0,
-                 herd_ms: float = 20.0, herd_cap: float = 2.0, tie_ms: float = 0.5,
-                 affinity: float = 0.0) -> None:
+                 herd_ms: float = 30.0, herd_cap: float = 2.0, tie_ms: float = 0.5,
+                 affinity: float = 0.5) -> None:
         self.profile = profile or PolynomialProfile()
         self.affinity = affinity
         self.decode_weight = decode_weight
