@@ -199,3 +199,18 @@ def test_dynamo_and_sglang_baselines_follow_their_rules():
     assert route(core, "s1", [*prompt, 2], policy="sglang").worker_id == 1
     # a miss goes to the worker with the smallest cache tree
     assert route(core, "s2", tokens(99, 640), policy="sglang").worker_id == 2
+
+
+def test_fresh_load_report_corrects_an_underestimate():
+    """Another frontend's traffic is invisible to our decisions but not to the worker's report."""
+    core, clock = make_core(n=2)
+    prompt = tokens(21, 640)
+    core.on_kv_batch(stored(1, 1, prompt))
+    clock.t = 1000.0
+    core.on_load_report(proto.LoadReport(worker_id=1, ts_ms=1000, running=8, waiting=6,
+                                         waiting_prefill_tokens=60000))
+    assert core.load.prefill_tokens(1) == 60000
+    assert route(core, "busy", [*prompt, 5]).worker_id == 2
+    clock.t = 5000.0  # the report is stale now: our own bookkeeping is all we trust
+    assert core.load.prefill_tokens(1) == 0
+    assert route(core, "again", [*prompt, 6]).worker_id == 1
