@@ -290,8 +290,7 @@ class Discovery:
             await m.close()
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keepalive_task
+            await asyncio.wait({self._keepalive_task}, timeout=5.0)
         if revoke and self.lease_id is not None:
             try:
                 await self._client.lease_revoke(self.lease_id)
@@ -367,9 +366,11 @@ class Membership:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for queue in self._queues:
+            # Bounded: a task that does not stop must not hang the caller's shutdown.
+            done, _ = await asyncio.wait({self._task}, timeout=5.0)
+            if not done:
+                log.warning("etcd watch task did not stop within 5 s", prefix=self.prefix)
+        for queue in list(self._queues):
             queue.end()
         self._discovery._memberships.discard(self)
 
@@ -452,6 +453,8 @@ class Membership:
                         failing = False
                     backoff.reset()
                     async for batch in stream.batches():
+                        if self._closed:
+                            return
                         await self._apply_batch(batch)
                 finally:
                     stream.close()
