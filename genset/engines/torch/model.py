@@ -49,18 +49,40 @@ class _Layer:
     __slots__ = ("down", "gate_up", "in_norm", "o", "o_b", "post_norm", "qkv", "qkv_b")
 
     def __init__(self, w: dict[str, torch.Tensor], p: str, cfg: ModelConfig):
+        # Tensors are popped from `w` as they are fused, so a large checkpoint is never held
+        # twice (only one layer's worth of extra memory while loading).
         attn = f"{p}.self_attn"
-        self.in_norm = w[f"{p}.input_layernorm.weight"]
-        self.post_norm = w[f"{p}.post_attention_layernorm.weight"]
-        self.qkv = torch.cat([w[f"{attn}.{n}_proj.weight"] for n in "qkv"]).contiguous()
+        self.in_norm = w.pop(f"{p}.input_layernorm.weight")
+        self.post_norm = w.pop(f"{p}.post_attention_layernorm.weight")
+        self.qkv = torch.cat([w.pop(f"{attn}.{n}_proj.weight") for n in "qkv"])
         self.qkv_b = (
-            torch.cat([w[f"{attn}.{n}_proj.bias"] for n in "qkv"]) if cfg.qkv_bias else None
+            torch.cat([w.pop(f"{attn}.{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None
         )
-        self.o = w[f"{attn}.o_proj.weight"]
-        self.o_b = w.get(f"{attn}.o_proj.bias") if cfg.o_bias else None
+        self.o = w.pop(f"{attn}.o_proj.weight")
+        self.o_b = w.pop(f"{attn}.o_proj.bias") if cfg.o_bias else None
         mlp = f"{p}.mlp"
-        self.gate_up = torch.cat([w[f"{mlp}.gate_proj.weight"], w[f"{mlp}.up_proj.weight"]])
-        self.down = w[f"{mlp}.down_proj.weight"]
+        self.gate_up = torch.cat([w.pop(f"{mlp}.gate_proj.weight"), w.pop(f"{mlp}.up_proj.weight")])
+        self.down = w.pop(f"{mlp}.down_proj.weight")
+
+    def state_dict(self, p: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        attn, mlp = f"{p}.self_attn", f"{p}.mlp"
+        sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        out = {
+            f"{p}.input_layernorm.weight": self.in_norm,
+            f"{p}.post_attention_layernorm.weight": self.post_norm,
+            f"{attn}.o_proj.weight": self.o,
+            f"{mlp}.down_proj.weight": self.down,
+        }
+        for n, t in zip("qkv", self.qkv.split(sizes), strict=True):
+            out[f"{attn}.{n}_proj.weight"] = t
+        if self.qkv_b is not None:
+            for n, t in zip("qkv", self.qkv_b.split(sizes), strict=True):
+                out[f"{attn}.{n}_proj.bias"] = t
+        if self.o_b is not None:
+            out[f"{attn}.o_proj.bias"] = self.o_b
+        gate, up = self.gate_up.chunk(2)
+        out[f"{mlp}.gate_proj.weight"], out[f"{mlp}.up_proj.weight"] = gate, up
+        return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -86,11 +108,24 @@ class LlamaModel:
             raise ValueError("field 'mlp_bias': MLP biases are not supported")
         self.cfg = cfg
         self.device, self.dtype = device, dtype
-        self.embed = weights["model.embed_tokens.weight"]
-        self.norm = weights["model.norm.weight"]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
-        self.layers = [_Layer(weights, f"model.layers.{i}", cfg) for i in range(cfg.num_layers)]
+        # Takes ownership of `weights`: entries are popped as they are fused, so the unfused
+        # originals can be freed layer by layer.
+        w = weights
+        self.embed = w.pop("model.embed_tokens.weight")
+        self.norm = w.pop("model.norm.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else w.pop("lm_head.weight")
+        self.layers = [_Layer(w, f"model.layers.{i}", cfg) for i in range(cfg.num_layers)]
         self.rope = RotaryEmbedding(cfg, device, dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under their Hugging Face names (views of the fused tensors, no copy):
+        what a reference implementation loads to compute the same function."""
+        out = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        if not self.cfg.tie_word_embeddings:
+            out["lm_head.weight"] = self.lm_head
+        for i, layer in enumerate(self.layers):
+            out |= layer.state_dict(f"model.layers.{i}", self.cfg)
+        return out
 
     def forward(
         self, input_ids: torch.Tensor, meta: StepMetadata, kv_cache: torch.Tensor
