@@ -109,10 +109,11 @@ class _DirectInbox:
     the connection's reader.
     """
 
-    __slots__ = ("_route",)
+    __slots__ = ("_bus", "_routes")
 
-    def __init__(self, route: Callable[[Msg], None]) -> None:
-        self._route = route
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._routes = bus._routes
 
     def cancelled(self) -> bool:
         return False
@@ -121,8 +122,13 @@ class _DirectInbox:
         return False
 
     def set_result(self, msg: Msg) -> None:
+        # Bus._route_reply inlined: this runs once per frame of every stream.
+        entry = self._routes.get(msg.subject)
+        if entry is None:
+            self._bus.stats["stale_frames"] += 1
+            return
         try:
-            self._route(msg)
+            entry._on_msg(msg)
         except Exception:
             log.exception("reply frame routing failed", subject=msg.subject)
 
@@ -256,7 +262,7 @@ class Bus:
         holder.append(bus)
         if direct_inbox:
             bus._inbox_sub = await nc.subscribe(bus._inbox_prefix + ".*",
-                                                future=_DirectInbox(bus._route_reply))
+                                                future=_DirectInbox(bus))
         else:
             bus._inbox_sub = await nc.subscribe(
                 bus._inbox_prefix + ".*",

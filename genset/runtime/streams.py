@@ -76,6 +76,7 @@ class ResponseStream:
         "_loop",
         "_max_buffered",
         "_next_seq",
+        "_now",
         "_waiter",
         "stream_id",
     )
@@ -96,6 +97,7 @@ class ResponseStream:
         self.stream_id = stream_id
         self._bus = bus
         self._loop = loop = asyncio.get_running_loop()
+        self._now = loop.time
         self._buf: deque[StreamChunk] = deque()
         self._max_buffered = max_buffered
         self._next_seq = 0
@@ -191,7 +193,7 @@ class ResponseStream:
             )
             return
         self._next_seq = seq + 1
-        self._last_rx = self._loop.time()
+        self._last_rx = self._now()
         if chunk.final:
             if chunk.error is not None:
                 self._fail(remote_error(chunk.error))
@@ -290,12 +292,14 @@ class ReplyStream:
     Once the requester cancels, `cancelled` is set and `send` raises StreamCancelled.
     """
 
-    __slots__ = ("_bus", "_final_sent", "_hb_mark", "_hb_seq", "_seq", "cancelled", "stream_id")
+    __slots__ = ("_bus", "_final_sent", "_hb_mark", "_hb_seq", "_nc_publish", "_seq", "cancelled",
+                 "stream_id")
 
     def __init__(self, bus: Bus, stream_id: str) -> None:
         self.stream_id = stream_id
         self.cancelled = asyncio.Event()
         self._bus = bus
+        self._nc_publish = bus.nc.publish
         self._seq = 0
         self._final_sent = False
         # The bus's heartbeat task watches _seq instead of a clock read per frame: it notes
@@ -332,7 +336,7 @@ class ReplyStream:
         # handler and from the heartbeat task can never be reordered.
         self._seq = seq + 1
         try:
-            await self._bus.nc.publish(self.stream_id, _encode(frame))
+            await self._nc_publish(self.stream_id, _encode(frame))
         except PUBLISH_FAILURES as exc:
             self._unavailable(exc)
 
