@@ -253,15 +253,14 @@ class Pipeline:
                     heartbeat_timeout=self.heartbeat_timeout)
                 # Frames that queued up while we were busy are taken together: one detokenize
                 # call and one event out instead of one per frame, so a loaded frontend spends
-                # less per token exactly when it matters (ResponseStream keeps them in `_buf`).
-                queued = getattr(stream, "_buf", None) if self.coalesce else None
+                # less per token exactly when it matters.
+                take_ready = stream.take_ready if self.coalesce else None
                 async for chunk in stream:
                     data = chunk.token_ids
-                    if queued and data and not chunk.final:
-                        parts = [data]
-                        while queued and not queued[0].final:
-                            parts.append(queued.popleft().token_ids)
-                        data = b"".join(parts)
+                    if take_ready is not None and data and not chunk.final:
+                        more = take_ready()
+                        if more:
+                            data = b"".join([data, *(c.token_ids for c in more)])
                     if data:
                         ids = unpack_tokens(data)
                         now = perf()
