@@ -456,6 +456,20 @@ async def test_responder_closing_tells_requesters_to_retry(nats_server):
 # -- connection --------------------------------------------------------------------------------
 
 
+async def test_bad_subjects_and_oversized_messages_are_named(buses):
+    req, _ = buses
+    with pytest.raises(BusError, match=r"invalid NATS subject.*'a b'"):
+        await req.publish("a b", b"x")
+    with pytest.raises(BusError, match="invalid NATS subject"):
+        await req.stream_request("", b"x", timeout=1)
+    with pytest.raises(BusError, match=r"invalid NATS subject.*'a\.>\.b'"):
+        await req.serve_stream("a.>.b", lambda request, stream: asyncio.sleep(0))
+    too_big = b"x" * (req.nc.max_payload + 1)
+    with pytest.raises(BusError, match="over the server's max_payload"):
+        await req.request(_subject(req, "big"), too_big, timeout=1)
+    assert not req._routes  # nothing left registered
+
+
 async def test_connect_to_nothing_fails_clearly():
     from genset.runtime.infra import free_port
 

@@ -89,6 +89,19 @@ def _payload(message: Any) -> bytes:
     return encode(message)
 
 
+_INPUT_ERRORS = (nats.errors.BadSubjectError, nats.errors.MaxPayloadError)
+
+
+def _input_error(exc: Exception, subject: str, size: int | None = None,
+                 max_payload: int | None = None) -> BusError:
+    """nats-py's errors for bad input do not say what was wrong; these do."""
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return BusError(f"message for {subject!r} is {size} bytes, over the server's "
+                        f"max_payload of {max_payload} bytes")
+    return BusError(f"invalid NATS subject or queue {subject!r} (empty, whitespace, or a "
+                    "misplaced wildcard)")
+
+
 def _handler_error(exc: BaseException) -> ErrorInfo:
     """What a requester is told when a handler raised `exc`."""
     if isinstance(exc, ProtocolError):
@@ -359,7 +372,11 @@ class Bus:
 
     async def publish(self, subject: str, message: Any) -> None:
         """Publish a proto Struct (encoded) or bytes (as is)."""
-        await self.nc.publish(subject, _payload(message))
+        payload = _payload(message)
+        try:
+            await self.nc.publish(subject, payload)
+        except _INPUT_ERRORS as exc:
+            raise _input_error(exc, subject, len(payload), self.nc.max_payload) from None
 
     async def subscribe(self, subject: str, handler: Handler, *, queue: str | None = None,
                         pending_msgs_limit: int = 65536) -> Subscription:
@@ -372,8 +389,11 @@ class Bus:
             except Exception:
                 log.exception("subscription handler failed", subject=msg.subject)
 
-        sub = await self.nc.subscribe(subject, queue=queue or "", cb=guarded,
-                                      pending_msgs_limit=pending_msgs_limit)
+        try:
+            sub = await self.nc.subscribe(subject, queue=queue or "", cb=guarded,
+                                          pending_msgs_limit=pending_msgs_limit)
+        except _INPUT_ERRORS as exc:
+            raise _input_error(exc, subject) from None
         await self.flush()  # when this returns, messages published anywhere reach us
         return sub
 
@@ -425,10 +445,13 @@ class Bus:
         waiter = UnaryWaiter(self._loop)
         self._routes[inbox] = waiter
         try:
+            payload = _payload(message)
             try:
-                await self.nc.publish(subject, _payload(message), reply=inbox)
+                await self.nc.publish(subject, payload, reply=inbox)
             except PUBLISH_FAILURES as exc:
                 raise Disconnected(f"cannot send request on {subject}: {exc!r}") from None
+            except _INPUT_ERRORS as exc:
+                raise _input_error(exc, subject, len(payload), self.nc.max_payload) from None
             try:
                 msg = await asyncio.wait_for(waiter.future, timeout)
             except TimeoutError:
@@ -486,7 +509,10 @@ class Bus:
             active += 1
             self._spawn(run(msg))
 
-        sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_request)
+        try:
+            sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_request)
+        except _INPUT_ERRORS as exc:
+            raise _input_error(exc, subject) from None
         await self.flush()  # when this returns, requests reach us (no NoResponders)
         return sub
 
@@ -520,6 +546,9 @@ class Bus:
             await self.nc.publish(subject, payload, reply=inbox)
         except PUBLISH_FAILURES as exc:
             stream._fail(Disconnected(f"cannot send request on {subject}: {exc!r}"))
+        except _INPUT_ERRORS as exc:
+            stream._finish(None)
+            raise _input_error(exc, subject, len(payload), self.nc.max_payload) from None
         except BaseException:
             stream._finish(None)
             raise
@@ -592,8 +621,11 @@ class Bus:
                 self._heartbeat_task = asyncio.ensure_future(self._heartbeat_loop())
             self._spawn(run(msg.data, rs))
 
-        sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_request,
-                                      pending_msgs_limit=65536)
+        try:
+            sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_request,
+                                          pending_msgs_limit=65536)
+        except _INPUT_ERRORS as exc:
+            raise _input_error(exc, subject) from None
         await self.flush()  # when this returns, requests reach us (no NoResponders)
         return sub
 
