@@ -216,11 +216,12 @@ async def test_compacted_resume_emits_only_the_difference(etcd_server):
         await d.close()
 
 
-async def _spawn_registrar(endpoint: str, key: str, ttl: float):
+async def _spawn_registrar(endpoint: str, key: str, ttl: float, started: list):
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(HELPER), endpoint, key, "1", str(ttl),
         stdout=asyncio.subprocess.PIPE, cwd=REPO, start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(REPO)})
+    started.append(proc)  # reaped by the caller even if it never gets ready
     line = await asyncio.wait_for(proc.stdout.readline(), 30)
     assert line.strip() == b"READY", line
     return proc
@@ -230,10 +231,10 @@ async def test_killed_process_expires_within_ttl_and_sigterm_removes_at_once(etc
     ttl = 3.0
     p = prefix()
     viewer = await Discovery.connect(etcd_server.endpoint)
-    procs = []
+    procs: list = []
     try:
-        procs = await asyncio.gather(_spawn_registrar(etcd_server.endpoint, p + "killed", ttl),
-                                     _spawn_registrar(etcd_server.endpoint, p + "termed", ttl))
+        for name in ("killed", "termed"):  # each is added to procs as it starts: reaped below
+            await _spawn_registrar(etcd_server.endpoint, p + name, ttl, procs)
         killed, termed = procs
         m = await viewer.watch(p, proto.InstanceRecord)
         await m.wait_for(lambda items: len(items) == 2, timeout=5)
