@@ -18,8 +18,10 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +37,9 @@ from urllib.parse import urlparse
 ROUTER_MODES = ("auto", "embedded", "service", "kv", "round-robin", "least-loaded", "random", "dynamo",
                 "sglang")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+_port_rng = random.Random()
 
 
 class LaunchError(RuntimeError):
@@ -139,6 +144,42 @@ class Child:
                 os.killpg(self.proc.pid, sig)
 
 
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(low, 20001)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_listen_port(taken: set[int]) -> int:
+    """A free port for a child process to listen on, added to `taken`.
+
+    The child binds it only once it runs, so the port must stay free meanwhile: it is drawn
+    below the kernel's ephemeral range (where outgoing connections, e.g. every NATS client's,
+    get their local ports) and never handed out twice.
+    """
+    for _ in range(200):
+        port = _port_rng.randrange(20000, _ephemeral_low())
+        if port not in taken and _bindable(port):
+            taken.add(port)
+            return port
+    from genset.runtime.infra import free_port
+
+    port = free_port()
+    taken.add(port)
+    return port
+
+
 def router_service_available() -> bool:
     return Path(__file__).resolve().parents[1].joinpath("services/router/__main__.py").exists()
 
@@ -171,6 +212,7 @@ class Launcher:
         self.logs = self.state_dir / "logs"
         self.children: list[Child] = []  # in start order
         self.infra: list = []  # NatsServer / EtcdServer we started
+        self.ports_given: set[int] = {args.port}
         self.model_name = args.served_model_name or served_model_name(args.model)
         self.t0 = time.monotonic()
         self.deadline = self.t0 + args.start_timeout
@@ -198,7 +240,7 @@ class Launcher:
         return server.url
 
     def ensure_etcd(self) -> str:
-        from genset.runtime.infra import EtcdServer, free_port
+        from genset.runtime.infra import EtcdServer
 
         endpoint = self.args.etcd.split("://", 1)[-1].split(",")[0]
         host, _, port_s = endpoint.rpartition(":")
@@ -209,7 +251,8 @@ class Launcher:
         if host not in LOCAL_HOSTS:
             raise LaunchError(f"etcd at {endpoint} is not reachable (and is not local, so not starting one)")
         # etcd's peer port must not collide with a second stack's: pick a free one.
-        server = EtcdServer(port=port, peer_port=free_port(), data_dir=self.state_dir / "etcd",
+        server = EtcdServer(port=port, peer_port=pick_listen_port(self.ports_given),
+                            data_dir=self.state_dir / "etcd",
                             host="127.0.0.1")
         self.say(f"etcd: starting on port {port} (data in {server.data_dir})")
         self.infra.append(server)
@@ -219,9 +262,7 @@ class Launcher:
     # -- services ----------------------------------------------------------------------------
 
     def spawn(self, name: str, command: str, *args: str, env: dict[str, str] | None = None) -> Child:
-        from genset.runtime.infra import free_port
-
-        metrics_port = free_port()
+        metrics_port = pick_listen_port(self.ports_given)
         common = ["--nats", self.nats_url, "--etcd", self.etcd_endpoint,
                   "--namespace", self.args.namespace, "--metrics-port", str(metrics_port),
                   "--log-level", self.args.log_level, "--log-format", "json"]

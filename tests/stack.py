@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from genset.runtime.infra import free_port
+from genset.launch import pick_listen_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -211,6 +211,12 @@ class Stack:
         self.env = env
         self.processes: list[ServiceProcess] = []
         self._counts: dict[str, int] = {}
+        self._ports: set[int] = set()
+
+    def port(self) -> int:
+        """A free listening port for a child, never handed out twice by this stack (see
+        genset.launch.pick_listen_port)."""
+        return pick_listen_port(self._ports)
 
     def common_args(self, metrics_port: int) -> list[str]:
         return ["--nats", self.nats_url, "--etcd", self.etcd_endpoint,
@@ -225,7 +231,7 @@ class Stack:
     def spawn_worker(self, *, engine: str = "mocker", model: str = "tiny",
                      extra_args: list[str] | tuple[str, ...] = ()) -> WorkerProcess:
         """Start one worker without waiting (see `start_workers`)."""
-        port = free_port()
+        port = self.port()
         label, log_path = self._log_path("worker")
         argv = ["worker", "--engine", engine, "--model", model, *self.common_args(port),
                 *extra_args]
@@ -247,9 +253,9 @@ class Stack:
                              wait_s: float = 60.0) -> FrontendProcess:
         """Start a frontend; ready when /health answers 200 and `models` (default: the models of
         the workers started so far) are listed at /v1/models."""
-        port = free_port()
+        port = self.port()
         label, log_path = self._log_path("frontend")
-        argv = ["frontend", "--port", str(port), *self.common_args(free_port()), *extra_args]
+        argv = ["frontend", "--port", str(port), *self.common_args(self.port()), *extra_args]
         proc = FrontendProcess(label, argv, log_path, f"http://127.0.0.1:{port}", self.env)
         self.processes.append(proc)
         proc.start()
@@ -261,7 +267,7 @@ class Stack:
     async def start_service(self, command: str, *, extra_args: list[str] | tuple[str, ...] = (),
                             wait_s: float = 60.0) -> ServiceProcess:
         """Any other `genset <command>` service (e.g. router); ready when /health answers 200."""
-        port = free_port()
+        port = self.port()
         label, log_path = self._log_path(command)
         argv = [command, *self.common_args(port), *extra_args]
         proc = ServiceProcess(label, argv, log_path, f"http://127.0.0.1:{port}", self.env)
