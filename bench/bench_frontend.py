@@ -120,6 +120,10 @@ class GensetSystem:
             elif " worker " in cmd:
                 workers += 1
                 self.pids[f"mocker{workers}"] = pid
+            elif "nats-server" in cmd.split(" ", 1)[0]:
+                self.pids["nats"] = pid
+            elif cmd.split(" ", 1)[0].endswith("etcd"):
+                self.pids["etcd"] = pid
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -147,9 +151,8 @@ class DynamoSystem:
         subprocess.run([str(PEER / "up.sh")], env=self.env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180)
         piddir = PEER_DIR / "pids"
-        self.pids = {"frontend": int((piddir / "frontend.pid").read_text()),
-                     "mocker1": int((piddir / "mocker1.pid").read_text()),
-                     "mocker2": int((piddir / "mocker2.pid").read_text())}
+        self.pids = {name: int((piddir / f"{name}.pid").read_text())
+                     for name in ("frontend", "mocker1", "mocker2", "nats", "etcd")}
 
     def stop(self) -> None:
         subprocess.run([str(PEER / "down.sh")], env=self.env, stdout=subprocess.DEVNULL,
@@ -187,6 +190,9 @@ def summarize(rows: list[dict]) -> dict:
         "tpot_mean": med([r["tpot_ms"]["mean"] for r in rows]),
         "fe_cpu_ms": med(cpu("frontend")),
         "worker_cpu_ms": med([a + b for a, b in zip(cpu("mocker1"), cpu("mocker2"), strict=False)]),
+        "infra_cpu_ms": med([a + b for a, b in zip(cpu("nats"), cpu("etcd"), strict=False)]),
+        "client_cpu_ms": med(cpu("load_client")),
+        "chunks": med([r["mean_chunks_per_request"] for r in rows]),
         "busy": med([r["machine_cpu_busy_pct_of_all_cores"] for r in rows]),
         "errors": sum(r["errors"] for r in rows),
         "prompt_tokens": med([r["mean_prompt_tokens"] for r in rows]),
@@ -218,13 +224,15 @@ def matrix(args) -> int:
                           f"{summary['cpu']['frontend']['cpu_s'] * 1000 / args.n:.2f} ms CPU/req, "
                           f"errors {summary['errors']}", file=sys.stderr, flush=True)
     print("| speedup | conc | system | runs | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | "
-          "TPOT mean ms | frontend CPU ms/req | workers CPU ms/req | machine busy % | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "TPOT mean ms | frontend CPU ms/req | workers CPU ms/req | NATS+etcd CPU ms/req | "
+          "client CPU ms/req | SSE chunks/req | machine busy % | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (name, speedup, conc), rows in results.items():
         s = summarize(rows)
         print(f"| {speedup:g} | {conc} | {name} | {s['runs']} | {s['req_s']} | {s['ttft_p50']} / "
               f"{s['ttft_p99']} | {s['itl_p50']} / {s['itl_p99']} | {s['tpot_mean']} | "
-              f"{s['fe_cpu_ms']} | {s['worker_cpu_ms']} | {s['busy']} | {s['errors']} |")
+              f"{s['fe_cpu_ms']} | {s['worker_cpu_ms']} | {s['infra_cpu_ms']} | "
+              f"{s['client_cpu_ms']} | {s['chunks']} | {s['busy']} | {s['errors']} |")
     (out_dir / "summary.json").write_text(json.dumps(
         {f"{k[0]}_s{k[1]:g}_c{k[2]}": summarize(v) for k, v in results.items()}, indent=1))
     return 0
