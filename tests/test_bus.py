@@ -473,11 +473,15 @@ async def test_bad_subjects_and_oversized_messages_are_named(buses):
 async def test_connect_to_nothing_fails_clearly():
     from genset.runtime.infra import free_port
 
-    url = f"nats://127.0.0.1:{free_port()}"
+    port = free_port()
     t0 = time.monotonic()
     with pytest.raises(BusError) as exc:
-        await Bus.connect(url, name="nobody", connect_timeout=0.5)
-    assert url in str(exc.value) and time.monotonic() - t0 < 2
+        await Bus.connect(f"nats://alice:s3cret@127.0.0.1:{port}", name="nobody",
+                          connect_timeout=0.5)
+    assert f"nats://***@127.0.0.1:{port}" in str(exc.value) and "s3cret" not in str(exc.value)
+    assert time.monotonic() - t0 < 2
+    with pytest.raises(ValueError, match="namespace"):
+        await Bus.connect(f"nats://127.0.0.1:{port}", name="x", namespace="bad ns")
 
 
 # -- JetStream ---------------------------------------------------------------------------------

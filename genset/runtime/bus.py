@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -89,6 +90,17 @@ def _payload(message: Any) -> bytes:
     return encode(message)
 
 
+def _redact(servers: str | list[str]) -> str:
+    """Server URLs for logs and errors, without credentials (nats://user:pass@host)."""
+    urls = [servers] if isinstance(servers, str) else servers
+    return ",".join(re.sub(r"//[^@/]*@", "//***@", url) for url in urls)
+
+
+def _server(nc: NatsClient) -> str | None:
+    url = nc.connected_url
+    return f"{url.hostname}:{url.port}" if url else None
+
+
 _INPUT_ERRORS = (nats.errors.BadSubjectError, nats.errors.MaxPayloadError)
 
 
@@ -151,7 +163,6 @@ class Bus:
 
     def __init__(self, nc: NatsClient, namespace: str, *, heartbeat_interval: float,
                  orphan_timeout: float) -> None:
-        subjects.subject(namespace, "x", "x")  # validates the namespace token
         self.nc = nc
         self.namespace = namespace
         self.js = nc.jetstream()
@@ -208,19 +219,20 @@ class Bus:
         direct_inbox: route reply frames inside nats-py's reader (see _DirectInbox); False
         uses an ordinary callback subscription (one more task switch per frame).
         """
+        subjects.subject(namespace, "x", "x")  # a bad namespace fails here, before connecting
         nc = NatsClient()
         holder: list[Bus] = []
+        where = _redact(servers)
 
         async def on_disconnected() -> None:
             if holder and holder[0]._closing:
                 return
-            log.warning("nats disconnected", servers=servers, name=name)
+            log.warning("nats disconnected", servers=where, name=name)
             if holder:
                 holder[0]._on_disconnected()
 
         async def on_reconnected() -> None:
-            url = nc.connected_url.netloc if nc.connected_url else None
-            log.info("nats reconnected", server=url, name=name)
+            log.info("nats reconnected", server=_server(nc), name=name)
             if holder:
                 holder[0]._on_reconnected()
 
@@ -268,7 +280,7 @@ class Bus:
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             await nc.close()
             raise BusError(
-                f"cannot connect to NATS at {servers} within {connect_timeout:g} s: {exc!r}"
+                f"cannot connect to NATS at {where} within {connect_timeout:g} s: {exc!r}"
             ) from None
         bus = cls(nc, namespace, heartbeat_interval=heartbeat_interval,
                   orphan_timeout=orphan_timeout)
@@ -283,7 +295,7 @@ class Bus:
                 pending_msgs_limit=1024 * 1024,
                 pending_bytes_limit=256 * 1024 * 1024,
             )
-        log.info("nats connected", server=nc.connected_url.netloc, name=name, namespace=namespace)
+        log.info("nats connected", server=_server(nc), name=name, namespace=namespace)
         return bus
 
     @property
