@@ -16,9 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from genset.runtime.infra import free_port, port_open
+from genset.launch import pick_listen_port
+from genset.runtime.infra import port_open
 
 REPO = Path(__file__).resolve().parent.parent
+_TAKEN: set[int] = set()
+
+
+def free_port() -> int:
+    return pick_listen_port(_TAKEN)
 
 
 def descendants(pid: int) -> set[int]:
