@@ -18,7 +18,7 @@ from urllib.parse import unquote
 
 import msgspec
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.frontend import openai_api as oa
 from services.frontend.errors import ApiError, bad_request, from_validation
@@ -319,6 +319,3 @@ class FrontendHttp:
     async def metrics_endpoint(self, request: Request) -> None:
         request.conn.respond(200, self._metrics_text(), CONTENT_TYPE_LATEST.encode())
 
-
-def metrics_text(*registries) -> bytes:
-    return b"".join(generate_latest(r) for r in registries)

@@ -223,9 +223,14 @@ class Pipeline:
             if remaining_s <= 0:
                 raise ApiError(504, "request deadline exceeded", type="timeout_error",
                                code="deadline_exceeded")
+            max_tokens = job.max_tokens - len(generated)
+            if max_tokens <= 0:  # the worker died after its last token, before its final frame
+                if detok is not None and ((tail := detok.flush()) or held_ids):
+                    yield Delta(tail, held_ids)
+                yield Final("length", len(job.prompt_ids), len(generated), cached)
+                return
             prompt = job.prompt_ids + generated if generated else job.prompt_ids
             packed = pack_tokens(prompt)
-            max_tokens = job.max_tokens - len(generated)
             decision = await self.router.route(proto.RouteRequest(
                 request_id=job.request_id, model=model, token_ids=packed, max_tokens=max_tokens,
                 exclude=excluded))
@@ -333,7 +338,16 @@ class Pipeline:
                                code="deadline_exceeded") from None
             except RemoteError as exc:
                 finished = True
-                raise _stream_error(exc) from None
+                # shutting_down (a worker whose drain ran out) and the like: another worker can
+                # take the request over; anything else is the request's own fault or fatal.
+                if not exc.error.retryable:
+                    raise _stream_error(exc) from None
+                attempts += 1
+                excluded.append(worker)
+                if attempts > self.migration_limit:
+                    raise _stream_error(exc, f"worker failed {attempts} times, giving up: ") from None
+                metrics.migrations.labels(model, "after_first_token" if generated
+                                          else "before_first_token").inc()
             except StreamError as exc:
                 raise _stream_error(exc) from None
             finally:

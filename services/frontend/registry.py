@@ -65,7 +65,6 @@ class ModelRegistry:
         self.models: dict[str, ModelEntry] = {}
         self._key_index: dict[str, tuple[str, int]] = {}  # etcd key -> (model, instance)
         self._membership = None
-        self._changed = asyncio.Event()
 
     async def start(self) -> None:
         self._membership = await self.discovery.watch(keys.models_prefix(self.namespace),
@@ -96,7 +95,6 @@ class ModelRegistry:
         self._key_index[key] = (card.model, card.instance_id)
         if card.tokenizer:
             entry.start_tokenizer(card.tokenizer)
-        self._changed.set()
 
     def _delete(self, key: str) -> None:
         found = self._key_index.pop(key, None)
@@ -110,7 +108,6 @@ class ModelRegistry:
         if not entry.cards:
             del self.models[model]
             log.info("model_removed", model=model)
-        self._changed.set()
 
     def get(self, model: str) -> ModelEntry | None:
         return self.models.get(model)
