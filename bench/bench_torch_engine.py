@@ -135,6 +135,7 @@ async def main_async(args) -> dict:
             max_batch_tokens=args.max_batch_tokens,
             max_running=max_running,
             device=args.device,
+            dtype=args.dtype,
             weights="dummy" if args.dummy else "auto",
         )
 
@@ -208,6 +209,7 @@ def main() -> None:
         "--dummy", action="store_true", help="random weights even if a checkpoint exists"
     )
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--workloads", default="static,continuous")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -225,7 +227,8 @@ def main() -> None:
     args.workloads = args.workloads.split(",")
     print(
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, device {args.device}",
+        f"{platform.processor() or platform.machine()}, device {args.device}, "
+        f"dtype {args.dtype or 'default'}",
         flush=True,
     )
     asyncio.run(main_async(args))
