@@ -420,3 +420,32 @@ def test_cuda_greedy_equals_reference(llama_dir):
     runner = ModelRunner(d, num_blocks=128, block_size=4, device="cuda", dtype="float32")
     ours = generate(runner, prompts, max_tokens=12, token_budget=16)
     assert ours == _hf_greedy(model, prompts, 12)
+
+
+def test_bfloat16_runner_and_cross_dtype_kv_import():
+    from genset.engines.torch import kvformat
+
+    def logits(runner, ids, start, table):
+        plan = StepPlan([ScheduledChunk("x", ids, start, table, True, GREEDY)])
+        return runner.forward_logits(plan)[0]
+
+    prompt = list(range(200, 237))
+    a = ModelRunner("tiny", num_blocks=8, block_size=8, dtype="bfloat16")
+    assert a.kv_cache.dtype == torch.bfloat16 and a.kv_bytes_per_block == 8192
+    full = logits(a, prompt, 0, [0, 1, 2, 3, 4, 5])
+    payload = a.read_blocks([0, 1, 2, 3])
+    assert kvformat.read_header(payload)[0]["dtype"] == "bfloat16"
+    b = ModelRunner("tiny", num_blocks=8, block_size=8, dtype="bfloat16")
+    b.write_blocks([7, 6, 5, 4], payload)
+    assert torch.equal(b.read_blocks_tensor([7, 6, 5, 4]), a.read_blocks_tensor([0, 1, 2, 3]))
+    # Recomputing only the partial 5th block on top of the imported ones gives the same
+    # logits (up to bf16 rounding, which may depend on how rows are batched).
+    cont = logits(b, prompt[32:], 32, [7, 6, 5, 4, 3])
+    torch.testing.assert_close(cont, full, atol=0.15, rtol=0.05)
+    # A float32 runner accepts bf16 blocks (converted on import) and agrees as closely.
+    c = ModelRunner("tiny", num_blocks=8, block_size=8)
+    c.write_blocks([0, 1, 2, 3], payload)
+    assert c.kv_cache.dtype == torch.float32
+    torch.testing.assert_close(
+        logits(c, prompt[32:], 32, [0, 1, 2, 3, 4]), full, atol=0.3, rtol=0.1
+    )
