@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 # child processes
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: ask Linux to SIGTERM us when `genset up` dies."""
     try:
         import ctypes
@@ -124,7 +124,7 @@ class Child:
             self.proc = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
             )
         return self
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from genset.launch import pick_listen_port
+from genset.launch import die_with_parent, pick_listen_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +63,8 @@ class ServiceProcess:
                 [sys.executable, "-m", "genset.cli", *self.argv],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=REPO_ROOT, env=env, start_new_session=True,
+                # if the test process dies (a killed CI run), the children go with it
+                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
             )
         return self
 
