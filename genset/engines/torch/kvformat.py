@@ -33,12 +33,8 @@ def encode(blocks: torch.Tensor) -> bytes:
     if blocks.dtype not in _NAMES:
         raise KVFormatError(f"cannot export KV of dtype {blocks.dtype}")
     t = blocks.detach().contiguous().cpu()
-    header = json.dumps(
-        {"format": FORMAT, "dtype": _NAMES[t.dtype], "shape": list(t.shape)},
-        separators=(",", ":"),
-    ).encode()
     raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return MAGIC + struct.pack("<I", len(header)) + header + raw
+    return encode_raw(_NAMES[t.dtype], list(t.shape), raw)
 
 
 def read_header(data: bytes | bytearray | memoryview) -> tuple[dict, int]:
