@@ -98,6 +98,14 @@ async def test_preemption_under_tiny_kv_capacity_matches_reference(reference):
 
     # 10 blocks of 8 = 80 tokens of KV for four sequences that need ~40 each.
     engine = TorchEngine("tiny", num_blocks=10, block_size=8, max_batch_tokens=32)
+    plans = []
+    execute = engine.runner.execute
+
+    def observe(plan):  # records what the scheduler asked for, then runs it unchanged
+        plans.append([(len(c.token_ids), c.start_pos) for c in plan.chunks])
+        return execute(plan)
+
+    engine.runner.execute = observe
     try:
         shared = _prompt(2, 12)
         prompts = [shared + _prompt(10 + i, 10 + 5 * i) for i in range(4)]
@@ -105,6 +113,10 @@ async def test_preemption_under_tiny_kv_capacity_matches_reference(reference):
             *(_run(engine, f"r{i}", p, 12) for i, p in enumerate(prompts))
         )
         assert engine.scheduler.num_preemptions > 0
+        # The load also forced chunked prefill (a prompt continued at start_pos > 0) and
+        # steps mixing prefill chunks with decodes.
+        assert any(n > 1 and start > 0 for p in plans for n, start in p)
+        assert any({n == 1 for n, _ in p} == {True, False} for p in plans)
         for p, (tokens, _) in zip(prompts, results, strict=True):
             assert tokens == reference(p, 12)
         engine.scheduler.pool.check_invariants()
