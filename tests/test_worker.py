@@ -13,7 +13,7 @@ import pytest
 import proto
 from genset.engines.mocker import MockerConfig, PolynomialTiming, create_mocker_engine
 from genset.kv.replica import HashSetReplica
-from genset.runtime.bus import Bus, Overloaded, RemoteError
+from genset.runtime.bus import Bus, Overloaded, RemoteError, StreamError
 from genset.runtime.discovery import Discovery
 from genset.runtime.metrics import Metrics
 from genset.worker_host import HostConfig, WorkerHost
@@ -289,3 +289,40 @@ async def test_drain_unregisters_card_finishes_in_flight_and_refuses_new(bus, di
         await asyncio.wait_for(drain, 5)
     finally:
         await h.host.close()
+
+
+async def test_worker_serves_again_after_nats_restarts(own_nats, discovery):
+    """NATS goes away and comes back: the worker's subscriptions are restored and it serves;
+    a request in flight at the stop ends with an error instead of hanging."""
+    worker_bus = await Bus.connect(own_nats.url, name="wk-restart")
+    client = await Bus.connect(own_nats.url, name="cl-restart")
+    h = Host(worker_bus, discovery, speedup=1.0)
+    await h.host.start()
+    try:
+        stream = await client.stream_request(h.subject, h.request([1, 2, 3], max_tokens=3000),
+                                             timeout=30, heartbeat_timeout=2.0)
+        await stream.__anext__()
+        own_nats.stop()
+        with pytest.raises(StreamError):  # Disconnected / PeerGone: an error, not a hang
+            async for _ in stream:
+                pass
+        own_nats.start()
+        await wait_for(lambda: worker_bus.connected and client.connected, within=15,
+                       what="both reconnected")
+        scheduler = h.engine.core.scheduler
+        await wait_for(lambda: scheduler.num_running == 0, within=10,
+                       what="the orphaned request aborted")
+        chunks: list[proto.StreamChunk] = []
+        for _ in range(20):  # the worker's resubscription may trail the client's reconnect
+            try:
+                stream = await client.stream_request(h.subject, h.request([4, 5], max_tokens=2),
+                                                     timeout=5)
+                chunks = [c async for c in stream]
+                break
+            except StreamError:
+                await asyncio.sleep(0.25)
+        assert chunks and chunks[-1].finish_reason == "length"
+    finally:
+        await h.host.close()
+        await client.close()
+        await worker_bus.close()
