@@ -140,8 +140,13 @@ class GenerationResponse:
                         if item.text:
                             write(writer.text(item.text, is_first))
                             is_first = False
-                            if conn.write_paused:
-                                await conn.drain()
+                            if conn.write_paused:  # a slow reader: wait, but not past the deadline
+                                try:
+                                    await asyncio.wait_for(
+                                        conn.drain(), max(0.1, job.deadline - time.monotonic()))
+                                except TimeoutError:
+                                    conn.abort()
+                                    return "504"
                     else:
                         final: Final = item
                         self.app.count_tokens(job.model, final)

@@ -254,6 +254,11 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.write(data)
             self._keep_alive = False
 
+    def abort(self) -> None:
+        """Drop the connection now (a client that stopped reading)."""
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
+
     @property
     def write_paused(self) -> bool:
         return self._paused
