@@ -449,3 +449,30 @@ def test_bfloat16_runner_and_cross_dtype_kv_import():
     torch.testing.assert_close(
         logits(c, prompt[32:], 32, [0, 1, 2, 3, 4]), full, atol=0.3, rtol=0.1
     )
+
+
+def test_decodes_of_very_different_lengths_are_grouped_and_exact():
+    from genset.engines.torch.runner import _decode_groups
+
+    assert _decode_groups([5, 9, 300, 310, 2000]) == [(0, 2), (2, 4), (4, 5)]
+    assert _decode_groups([5, 9, 200]) == [(0, 3)]  # short spreads stay one call
+
+    runner = ModelRunner("tiny", num_blocks=128, block_size=16)
+    raw = json.loads((runner.model_dir / "config.json").read_text())
+    raw.pop("genset_dummy_weights_seed")
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**raw)).eval()
+    model.load_state_dict(runner.weights)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 4096) for _ in range(n)] for n in (700, 4, 11, 330)]
+    steps = []
+    ours = generate(
+        runner,
+        prompts,
+        max_tokens=5,
+        token_budget=256,
+        on_step=lambda plan, _: steps.append(
+            sorted(c.start_pos + 1 for c in plan.chunks if len(c.token_ids) == 1)
+        ),
+    )
+    assert max(len(_decode_groups(lens)) for lens in steps if lens) >= 2
+    assert ours == _hf_greedy(model, prompts, 5)

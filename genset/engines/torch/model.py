@@ -33,15 +33,23 @@ class PrefillSpan:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Single-token chunks of similar context length, attended in one batched call."""
+
+    start: int  # rows [start, end) of the packed batch
+    end: int
+    slots: torch.Tensor  # [D, L] int64 cache slots of each one's context, padded to the longest
+    mask: torch.Tensor  # [D, 1, 1, L] bool (True = real context position)
+
+
+@dataclass(slots=True)
 class StepMetadata:
     """Per-step attention layout, shared by every layer."""
 
     positions: torch.Tensor  # [T] int64, absolute position of each packed token
     slots: torch.Tensor  # [T] int64, cache slot (block * block_size + offset) to write
-    num_decode: int  # the first num_decode rows are single-token chunks
-    decode_slots: torch.Tensor | None  # [D, Lmax] int64 cache slots of each decode's context
-    decode_mask: torch.Tensor | None  # [D, 1, 1, Lmax] bool
-    prefills: list[PrefillSpan]
+    decodes: list[DecodeGroup]  # at the front of the packed batch
+    prefills: list[PrefillSpan]  # after the decodes
     sample_rows: torch.Tensor  # rows whose next-token logits are wanted
 
 
@@ -168,25 +176,25 @@ class LlamaModel:
         v_cache.index_copy_(0, meta.slots, v)
 
         gqa = nq != nkv
-        nd = meta.num_decode
-        od = None
-        if nd:
+        outs = []
+        for g in meta.decodes:
             # Each decode's context, gathered slot by slot (index_select copies whole rows,
-            # several times faster than advanced indexing), padded to the longest: [D, L].
-            d, width = meta.decode_slots.shape
-            kd = k_cache.index_select(0, meta.decode_slots.view(-1)).view(d, width, nkv, -1)
-            vd = v_cache.index_select(0, meta.decode_slots.view(-1)).view(d, width, nkv, -1)
+            # several times faster than advanced indexing).
+            d, width = g.slots.shape
+            kd = k_cache.index_select(0, g.slots.view(-1)).view(d, width, nkv, -1)
+            vd = v_cache.index_select(0, g.slots.view(-1)).view(d, width, nkv, -1)
             # One query per head: the query heads sharing a KV head stand in for query
             # positions ([D, kv_heads, group, hd]), so GQA needs no K/V expansion.
-            qd = q[:nd].reshape(d, nkv, nq // nkv, cfg.head_dim)
+            qd = q[g.start : g.end].reshape(d, nkv, nq // nkv, cfg.head_dim)
             od = F.scaled_dot_product_attention(
-                qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=meta.decode_mask
-            ).reshape(d, nq, cfg.head_dim)
-            if nd == t:  # a pure decode step: nothing to merge
-                return F.linear(od.reshape(t, cfg.q_size), layer.o, layer.o_b)
+                qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=g.mask
+            )
+            outs.append(od.reshape(d, nq, cfg.head_dim))
+        if len(outs) == 1 and meta.decodes[0].end == t:  # one group, nothing else: no merge
+            return F.linear(outs[0].reshape(t, cfg.q_size), layer.o, layer.o_b)
         out = torch.empty((t, nq, cfg.head_dim), dtype=x.dtype, device=x.device)
-        if od is not None:
-            out[:nd] = od
+        for g, od in zip(meta.decodes, outs, strict=True):
+            out[g.start : g.end] = od
         for span in meta.prefills:
             qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)
             if span.ctx_slots is None:

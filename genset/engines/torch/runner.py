@@ -21,7 +21,7 @@ import torch
 from genset.engines.batch import ScheduledChunk, StepPlan
 from genset.engines.torch import kvformat
 from genset.engines.torch.config import ModelConfig, load_config
-from genset.engines.torch.model import LlamaModel, PrefillSpan, StepMetadata
+from genset.engines.torch.model import DecodeGroup, LlamaModel, PrefillSpan, StepMetadata
 from genset.engines.torch.sampling import sample
 from genset.engines.torch.tiny import resolve_model
 from genset.engines.torch.weights import (
@@ -206,8 +206,16 @@ class ModelRunner:
             return torch.empty((0, self.vocab_size))
         for c in plan.chunks:
             self._check_chunk(c)
-        # Single-token chunks first: they share one batched attention call.
-        order = sorted(range(len(plan.chunks)), key=lambda i: len(plan.chunks[i].token_ids) != 1)
+        # Single-token chunks first, shortest context first (so that similar lengths share a
+        # batched attention call), then the multi-token chunks in plan order.
+        order = sorted(
+            range(len(plan.chunks)),
+            key=lambda i: (
+                (0, plan.chunks[i].start_pos, i)
+                if len(plan.chunks[i].token_ids) == 1
+                else (1, 0, i)
+            ),
+        )
         chunks = [plan.chunks[i] for i in order]
         input_ids, meta = self._metadata(chunks)
         logits = self.model.forward(input_ids, meta, self.kv_cache)
@@ -256,33 +264,27 @@ class ModelRunner:
         prefills: list[PrefillSpan] = []
         sample_rows: list[int] = []
 
-        # -- decodes (single-token chunks, all at the front) ---------------------------------
+        # -- decodes (single-token chunks, at the front, by increasing context length) -------
         nd = 0
         while nd < len(chunks) and len(chunks[nd].token_ids) == 1:
             nd += 1
-        decode_slots = decode_mask = None
+        decodes: list[DecodeGroup] = []
         if nd:
             dec = chunks[:nd]
-            lens = [c.start_pos + 1 for c in dec]
-            width = math.ceil(max(lens) / bs)
-            tables = [c.block_table[:width] + [0] * (width - len(c.block_table)) for c in dec]
             pos_list = [c.start_pos for c in dec]
             ids.extend(c.token_ids[0] for c in dec)
             pos_parts.append(torch.tensor(pos_list, dtype=torch.long))
             slot_parts.append(
                 torch.tensor(
-                    [t[p // bs] * bs + p % bs for t, p in zip(tables, pos_list, strict=True)],
+                    [
+                        c.block_table[p // bs] * bs + p % bs
+                        for c, p in zip(dec, pos_list, strict=True)
+                    ],
                     dtype=torch.long,
                 )
             )
-            kpos = torch.arange(max(lens), dtype=torch.long)
-            # Padding columns read block 0 (whatever it holds) and are masked out.
-            decode_slots = torch.tensor(tables, dtype=torch.long)[:, kpos // bs] * bs + kpos % bs
-            lens_t = torch.tensor(lens, dtype=torch.long)[:, None]
-            m = kpos[None, :] < lens_t
-            if window is not None:
-                m &= kpos[None, :] > lens_t - 1 - window
-            decode_mask = m[:, None, None, :]
+            for a, b in _decode_groups([p + 1 for p in pos_list]):
+                decodes.append(self._decode_group(dec[a:b], a, window))
             sample_rows.extend(i for i, c in enumerate(dec) if c.sample)
 
         # -- prefill chunks --------------------------------------------------------------------
@@ -315,13 +317,28 @@ class ModelRunner:
         meta = StepMetadata(
             positions=torch.cat(pos_parts).to(self.device),
             slots=torch.cat(slot_parts).to(self.device),
-            num_decode=nd,
-            decode_slots=_to(decode_slots, self.device),
-            decode_mask=_to(decode_mask, self.device),
+            decodes=decodes,
             prefills=prefills,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
         )
         return torch.tensor(ids, dtype=torch.long, device=self.device), meta
+
+    def _decode_group(self, dec: list[ScheduledChunk], start: int, window: int | None):
+        bs = self.block_size
+        lens = [c.start_pos + 1 for c in dec]
+        longest = max(lens)
+        width = math.ceil(longest / bs)
+        tables = [c.block_table[:width] + [0] * (width - len(c.block_table)) for c in dec]
+        kpos = torch.arange(longest, dtype=torch.long)
+        # Padding columns read block 0 (whatever it holds) and are masked out.
+        slots = torch.tensor(tables, dtype=torch.long)[:, kpos // bs] * bs + kpos % bs
+        lens_t = torch.tensor(lens, dtype=torch.long)[:, None]
+        mask = kpos[None, :] < lens_t
+        if window is not None:
+            mask &= kpos[None, :] > lens_t - 1 - window
+        return DecodeGroup(
+            start, start + len(dec), slots.to(self.device), mask[:, None, None, :].to(self.device)
+        )
 
     # -- KV export / import -------------------------------------------------------------------
 
@@ -360,6 +377,24 @@ class ModelRunner:
             if not 0 <= b < self.num_blocks:
                 raise ValueError(f"block id {b} outside [0, {self.num_blocks})")
         return ids
+
+
+# A decode group is split where the next context is this much longer than the group's
+# shortest (and at least _SPLIT_MIN_EXTRA positions longer): padding then costs at most about
+# as much as the real context, while small batches stay one call (each call has a fixed cost).
+_SPLIT_RATIO = 2
+_SPLIT_MIN_EXTRA = 256
+
+
+def _decode_groups(lens: list[int]) -> list[tuple[int, int]]:
+    """[start, end) index ranges of `lens` (ascending) attended together."""
+    groups, first = [], 0
+    for i in range(1, len(lens)):
+        if lens[i] > _SPLIT_RATIO * lens[first] and lens[i] - lens[first] >= _SPLIT_MIN_EXTRA:
+            groups.append((first, i))
+            first = i
+    groups.append((first, len(lens)))
+    return groups
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
