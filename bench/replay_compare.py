@@ -34,7 +34,15 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "..", "docs", "bench", "router_replay.json"))
     ap.add_argument("--plot", default=None)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--from-json", help="redraw table and plot from an earlier --out file")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)["rows"]
+        print(markdown(rows))
+        if args.plot:
+            plot(rows, args.plot)
+        return 0
     trace = load_trace(args.trace, limit=args.limit)
     with open(os.path.join(HERE, "replay_dynamo_reference.json")) as f:
         dyn = json.load(f)
@@ -88,11 +96,13 @@ def plot(rows: list[dict], path: str) -> None:
             ax.scatter(r["hit_rate"] * 100, r["ttft_mean_ms"], s=size, marker=marker, label=label)
         ax.set_title(f"KV {s}")
         ax.set_xlabel("hit rate %")
-        ax.set_ylabel("TTFT mean ms")
+        ax.set_ylabel("TTFT mean ms (log)")
+        ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="upper right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle("Mooncake trace, 8 workers: better = right and down")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
