@@ -4,8 +4,9 @@ One step computes a packed batch: every scheduled token of every sequence sits i
 [tokens, hidden] matrix, so the projections and the MLP are single matmuls with no padding.
 Only attention is per sequence, and it reads each sequence's past K/V from the cache blocks
 its block table names. The runner orders a step as: single-token chunks first (decodes,
-attended together in one padded batched call, padding only the short K/V gather), then
-multi-token chunks (prefill pieces, one causal attention call each).
+sorted by context length and attended in a few batched calls, each padded only to the
+longest context of its group), then multi-token chunks (prefill pieces, one causal attention
+call each).
 
 Weights stay in Hugging Face naming until here; q/k/v and gate/up are fused at load so each
 layer runs three large matmuls instead of five.
