@@ -214,3 +214,31 @@ async def test_stop_token_and_kv_sizing(reference):
     assert size_num_blocks(cfg, 16, torch.float32, torch.device("cpu"), 1 << 20) == 32
     with pytest.raises(ValueError, match="holds no block"):
         size_num_blocks(cfg, 16, torch.float32, torch.device("cpu"), 1000)
+
+
+async def test_engine_steps_off_the_event_loop():
+    import asyncio
+    import time
+
+    engine = TorchEngine("tiny", num_blocks=160, block_size=16, max_batch_tokens=2048)
+    try:
+        await _run(engine, "warm", _prompt(9, 16), 1)
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not done.is_set():
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        t0 = time.perf_counter()
+        await _run(engine, "long", _prompt(10, 2000), 1)  # one ~0.2-0.8 s prefill step
+        elapsed = time.perf_counter() - t0
+        done.set()
+        await task
+        # A blocked loop would tick once or twice; a free one every ~5 ms of the step.
+        assert ticks >= max(5, int(elapsed / 0.005) // 4), (ticks, elapsed)
+    finally:
+        await engine.stop()
