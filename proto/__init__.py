@@ -1,5 +1,6 @@
 """genset's wire contract. Depends on nothing but msgspec."""
 
+from proto.client import ChatMessage, ClientDelta, ClientGenerateRequest
 from proto.codec import ProtocolError, decode, encode
 from proto.discovery import InstanceRecord, ModelCard
 from proto.generate import (
@@ -38,6 +39,7 @@ MESSAGES = (
     RouteRequest,
     RouteDecision,
     RequestLifecycle,
+    ClientGenerateRequest,
 )
 
 __all__ = [
@@ -46,7 +48,10 @@ __all__ = [
     "PROTOCOL_MINOR",
     "PROTOCOL_VERSION",
     "Cancel",
+    "ChatMessage",
     "Cleared",
+    "ClientDelta",
+    "ClientGenerateRequest",
     "ErrorInfo",
     "GenerateRequest",
     "InstanceRecord",

@@ -51,6 +51,8 @@ SAMPLES = [
     proto.RouteRequest(request_id="r-1", model="tiny", token_ids=proto.pack_tokens([1, 2]), exclude=[3]),
     proto.RouteDecision(request_id="r-1", worker_id=9, model="tiny", overlap_blocks=2, policy="genset"),
     proto.RequestLifecycle(request_id="r-1", worker_id=9, phase="first_token"),
+    proto.ClientGenerateRequest(model="tiny", messages=[proto.ChatMessage(role="user", content="hi")],
+                                max_tokens=8, stop=["\n\n"]),
 ]
 
 
