@@ -161,19 +161,20 @@ class PredictedTTFT(Policy):
 
     TTFT on worker w = time to prefill what w already has queued plus this prompt's uncached
     tokens, in chunks of w's token budget, each step also paying w's current decode step
-    (mixed batches). Two terms are added to that prediction:
+    (mixed batches). Added to that prediction:
 
     - decode load: the extra step time this request's context puts on every sequence w is
-      decoding (what it costs everyone else), weighted by `decode_weight`;
+      decoding (what it costs everyone else per step), weighted by `decode_weight`;
     - cache affinity: a worker's saving from its cached prefix counts `1 + affinity` times.
       Beyond this request's TTFT, keeping a prefix on the worker that has it avoids a second
       copy elsewhere, which leaves room in the caches for other prefixes (on the Mooncake
-      replay, affinity 0.5 raised the hit rate 1-3 points at 0.3M tokens per worker);
-    - herding: `herd_ms` for every in-flight request w would hold above the fleet mean
-      (after this one). Real engines slow down with batch size, which a step-time profile
-      fitted on KV usage under-counts; and a hot prefix must not pin every request on one
-      worker while others idle. A large cache win (hundreds of ms) still pays for a few
-      extra requests; a small one does not. `herd_cap` (x the mean, + 2) is the hard limit.
+      replay, affinity 0.5 raised the hit rate 1-3 points at 0.3M tokens per worker).
+
+    Herding guard: a worker that would hold more than max(`herd_factor` x the fleet's mean
+    in-flight, mean + `herd_slack`) requests is passed over while another is eligible, so a hot
+    prefix cannot pin every request on one worker while others idle. (A soft per-request
+    penalty was tried instead: strong enough to stop a hot prefix, it also overrode the cache
+    on many-prefix workloads, where load spreads by itself.)
 
     Near-ties (within `tie_ms`) go to the least loaded, then at random, so equal scores
     spread out.
@@ -182,13 +183,13 @@ class PredictedTTFT(Policy):
     name = "genset"
 
     def __init__(self, profile: PolynomialProfile | None = None, *, decode_weight: float = 1.0,
-                 herd_ms: float = 30.0, herd_cap: float = 2.0, tie_ms: float = 0.5,
-                 affinity: float = 0.5) -> None:
+                 affinity: float = 0.5, herd_factor: float = 1.5, herd_slack: float = 2.0,
+                 tie_ms: float = 0.5) -> None:
         self.profile = profile or PolynomialProfile()
-        self.affinity = affinity
         self.decode_weight = decode_weight
-        self.herd_ms = herd_ms
-        self.herd_cap = herd_cap
+        self.affinity = affinity
+        self.herd_factor = herd_factor
+        self.herd_slack = herd_slack
         self.tie_ms = tie_ms
 
     def prefill_time(self, tokens: int, budget: int, decode_ms: float) -> float:
@@ -200,7 +201,7 @@ class PredictedTTFT(Policy):
         steps = full + (1 if rest else 0)
         return full * p.prefill_ms(budget) + p.prefill_ms(rest) + steps * decode_ms
 
-    def score(self, ctx: RouteContext, v: WorkerView, mean_after: float = 0.0) -> float:
+    def score(self, ctx: RouteContext, v: WorkerView) -> float:
         bs = ctx.block_size
         cached = min(v.overlap_blocks * bs, max(0, ctx.prompt_tokens - 1))
         uncached = ctx.prompt_tokens - cached
@@ -208,23 +209,20 @@ class PredictedTTFT(Policy):
         p = self.profile
         decode_now = p.decode_ms(v.decode_tokens / capacity) if v.decode_tokens else 0.0
         ttft = self.prefill_time(v.prefill_tokens + uncached, v.max_batch_tokens, decode_now)
-        if self.decode_weight:
+        if self.decode_weight and v.inflight:
             after = p.decode_ms((v.decode_tokens + ctx.prompt_tokens) / capacity)
-            ttft += self.decode_weight * (after - (decode_now if v.decode_tokens else 0.0)) * v.inflight
-        if self.herd_ms:
-            ttft += self.herd_ms * max(0.0, v.inflight + 1 - mean_after)
+            ttft += self.decode_weight * (after - (decode_now or p.decode_ms(0.0))) * v.inflight
         if self.affinity and cached:
-            saved = p.prefill_ms(ctx.prompt_tokens) - p.prefill_ms(uncached)
-            ttft -= self.affinity * saved
+            ttft -= self.affinity * (p.prefill_ms(ctx.prompt_tokens) - p.prefill_ms(uncached))
         return ttft
 
     def choose(self, ctx, views, rng):
         eligible = views
-        mean_after = (sum(v.inflight for v in views) + 1) / len(views)
-        if len(views) > 1 and self.herd_cap > 0:
-            cap = self.herd_cap * mean_after + 2
+        if len(views) > 1 and self.herd_factor > 0:
+            mean_after = (sum(v.inflight for v in views) + 1) / len(views)
+            cap = max(self.herd_factor * mean_after, mean_after + self.herd_slack)
             eligible = [v for v in views if v.inflight + 1 <= cap] or views
-        scored = [(self.score(ctx, v, mean_after), v) for v in eligible]
+        scored = [(self.score(ctx, v), v) for v in eligible]
         lo = min(s for s, _ in scored)
         near = [v for s, v in scored if s <= lo + self.tie_ms]
         if len(near) == 1:
