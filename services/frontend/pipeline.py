@@ -282,7 +282,12 @@ class Pipeline:
                             yield Delta("", ids)
                         else:
                             text_ids = ids[:-1] if stop_ids and ids[-1] in stop_ids else ids
-                            text = detok.feed(text_ids)
+                            if len(text_ids) <= 1:
+                                text = detok.feed(text_ids)
+                            else:
+                                # One id per DecodeStream step: tokenizers 0.23's step() with
+                                # a list of ids returns only part of their text (or None).
+                                text = "".join([detok.feed([i]) for i in text_ids])
                             if held_ids:  # tokens whose text was held back go out with this text
                                 ids = held_ids + ids
                                 held_ids = []
