@@ -250,7 +250,12 @@ class AsyncEngineDriver(Engine):
     must not block the loop); `threaded=False`: the core steps on the loop and the driver
     sleeps the step duration the core reports (mocker: virtual work, real time).
     `stream_maxsize` bounds each request's output queue, `max_requests` the requests in
-    flight (submit raises `EngineOverloaded` beyond it).
+    flight (submit raises `EngineOverloaded` beyond it). `coalesce_ms` (steps on the loop
+    only; 0: off): outputs of consecutive steps ending within this many ms of the last
+    delivery are merged per request and delivered together (one output with several steps'
+    tokens), so a mocker at a high speedup does not cost one bus frame per token; a step
+    longer than what is left of that window delivers what is held first, so steps of real
+    length (>= 1 ms at speedup 1) are delivered one by one, as without it.
     """
 
     def __init__(
@@ -262,6 +267,7 @@ class AsyncEngineDriver(Engine):
         stream_maxsize: int = 64,
         max_requests: int = 4096,
         ewma_alpha: float = 0.2,
+        coalesce_ms: float = 0.0,
     ) -> None:
         self.core = core
         self.worker_id = worker_id
@@ -269,6 +275,9 @@ class AsyncEngineDriver(Engine):
         self.stream_maxsize = stream_maxsize
         self.max_requests = max_requests
         self._alpha = ewma_alpha
+        if coalesce_ms < 0:
+            raise ValueError(f"coalesce_ms must be >= 0, got {coalesce_ms}")
+        self.coalesce_s = coalesce_ms / 1000.0
         self.step_ms_ewma = 0.0
         self.num_steps = 0
         self._streams: dict[str, RequestStream] = {}
@@ -425,34 +434,80 @@ class AsyncEngineDriver(Engine):
         wake = self._wake_loop
         loop = self._loop
         assert wake is not None and loop is not None
+        clock = loop.time
+        window = self.coalesce_s
+        # Outputs of steps that ended but are not delivered yet, merged per request. When the
+        # modelled steps are much shorter than the cost of delivering them (a high speedup),
+        # delivering every step means one frame per request per step on the bus; holding
+        # them until `window` has passed since the last delivery sends the same tokens in
+        # fewer frames. A step that lasts longer than what is left of the window delivers
+        # the held outputs before it starts sleeping, so slow steps never wait on this.
+        held: dict[str, EngineOutput] = {}
+        last_ewma = 0.0
+        delivered_at = clock()
         # modelled steps are laid end to end on a virtual timeline, so sleep granularity and
         # scheduling delays do not accumulate into a slower engine than the model says
-        step_end = loop.time()
+        step_end = clock()
         while not self._stopping:
             wake.clear()
-            self._run_commands()
+            if self._commands:
+                if held or self.core_has_kv_pending():
+                    self._deliver_held(held, last_ewma)  # commands see everything delivered
+                    delivered_at = clock()
+                self._run_commands()
             if not core.has_work():
+                if held or self.core_has_kv_pending():
+                    self._deliver_held(held, last_ewma)
+                    delivered_at = clock()
                 await wake.wait()
-                step_end = loop.time()
+                step_end = clock()
                 continue
             try:
                 outputs, step_ms = core.step()
             except Exception as exc:
                 log.exception("engine step failed")
+                self._deliver_held(held, last_ewma)
                 self._fail(repr(exc))
                 return
             if not outputs and step_ms <= 0:
+                if held:
+                    self._deliver_held(held, last_ewma)
+                    delivered_at = clock()
                 # nothing could be scheduled (e.g. blocks pinned): wait for a change
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), 0.01)
-                step_end = loop.time()
+                step_end = clock()
                 continue
+            last_ewma = self._ewma(step_ms)
             # outputs exist only once the (modelled) step is over
-            step_end = max(step_end, loop.time() - 0.05) + step_ms / 1000.0
-            await asyncio.sleep(max(0.0, step_end - loop.time()))
-            batch = core.take_kv_batch(_now_ms())
-            load = core.load_report(_now_ms(), self._ewma(step_ms))
-            self._deliver(outputs, batch, load)
+            now = clock()
+            step_end = max(step_end, now - 0.05) + step_ms / 1000.0
+            if held and step_end > delivered_at + window:
+                self._deliver_held(held, last_ewma)  # don't make them wait for this step
+                delivered_at = now
+            await asyncio.sleep(max(0.0, step_end - clock()))
+            for out in outputs:
+                prev = held.get(out.request_id)
+                if prev is None:
+                    held[out.request_id] = out
+                else:
+                    _merge_output(prev, out)
+            if clock() - delivered_at >= window:
+                self._deliver_held(held, last_ewma)
+                delivered_at = clock()
+
+    def core_has_kv_pending(self) -> bool:
+        """Whether the core may hold KV events not yet taken (cores without the hook: yes)."""
+        pending = getattr(self.core, "has_kv_pending", None)
+        return True if pending is None else pending()
+
+    def _deliver_held(self, held: dict[str, EngineOutput], ewma: float) -> None:
+        core = self.core
+        batch = core.take_kv_batch(_now_ms())
+        load = core.load_report(_now_ms(), ewma)
+        outputs = list(held.values())
+        held.clear()
+        self._deliver(outputs, batch, load)
 
     def _ewma(self, step_ms: float) -> float:
         self.num_steps += 1
@@ -501,6 +556,15 @@ class AsyncEngineDriver(Engine):
         self._failed = message
         for rid in list(self._streams):
             self._finish_stream(rid, FINISH_ERROR, message)
+
+
+def _merge_output(into: EngineOutput, out: EngineOutput) -> None:
+    """Fold a later output of the same request into an earlier one (tokens appended in order;
+    the later one's end and counts win)."""
+    into.token_ids.extend(out.token_ids)
+    into.finish_reason = out.finish_reason
+    into.completion_tokens = out.completion_tokens
+    into.error = out.error
 
 
 class KvEventSubscription:

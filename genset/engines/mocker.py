@@ -270,6 +270,10 @@ class MockerCore:
     def take_kv_batch(self, ts_ms: int = 0) -> KvEventBatch | None:
         return self.pool.take_batch(self.worker_id, ts_ms)
 
+    def has_kv_pending(self) -> bool:
+        """Whether take_kv_batch would return a batch (lets the driver skip the call)."""
+        return bool(self.pool._pending)
+
     def kv_snapshot(self, ts_ms: int = 0) -> KvEventBatch:
         return self.pool.snapshot_batch(self.worker_id, ts_ms)
 

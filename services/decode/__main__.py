@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-length", type=int, default=0,
                    help="mocker: context length (0: from the model's config)")
     g.add_argument("--speedup", type=float, default=1.0, help="mocker: run this many times faster")
+    g.add_argument("--coalesce-ms", type=float, default=0.5,
+                   help="mocker: when modelled steps are shorter than this, send the tokens of "
+                        "the steps within this many ms in one frame per request (0: a frame "
+                        "per step)")
     g.add_argument("--device", default="auto", help="torch: cpu, cuda, cuda:N or auto")
     g.add_argument("--dtype", default="", help="torch: float32, bfloat16, float16 (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="torch: seed of dummy weights")
@@ -71,7 +75,7 @@ class WorkerService(Service):
             build_engine, a.engine, a.model, worker_id=self.instance_id,
             block_size=a.block_size, kv_blocks=a.kv_blocks, max_batch_tokens=a.max_batch_tokens,
             max_running=a.max_running, context_length=a.context_length, speedup=a.speedup,
-            device=a.device, dtype=a.dtype, seed=a.seed)
+            device=a.device, dtype=a.dtype, seed=a.seed, coalesce_ms=a.coalesce_ms)
         host_config = HostConfig(
             namespace=self.namespace, model=a.served_model_name or served_model_name(a.model),
             role=a.role, tokenizer=facts.tokenizer, max_streams=a.max_streams,
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("block_size", "max_running", "max_streams"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
-    for flag in ("kv_blocks", "max_batch_tokens", "context_length"):
+    for flag in ("kv_blocks", "max_batch_tokens", "context_length", "coalesce_ms"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0")
     return run_service(lambda cfg: WorkerService(cfg, args), config)

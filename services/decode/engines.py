@@ -85,7 +85,7 @@ def check_engine_available(kind: str) -> None:
 def build_engine(kind: str, model: str, *, worker_id: int, block_size: int = 16,
                  kv_blocks: int = 0, max_batch_tokens: int = 0, max_running: int = 256,
                  context_length: int = 0, speedup: float = 1.0, device: str = "auto",
-                 dtype: str = "", seed: int = 0) -> Engine:
+                 dtype: str = "", seed: int = 0, coalesce_ms: float = 0.5) -> Engine:
     """A not-yet-started engine. 0 / "" mean "the engine's own default". Blocking (the torch
     engine loads weights here): call from a thread in a service."""
     facts = model_facts(model)
@@ -105,7 +105,9 @@ def build_engine(kind: str, model: str, *, worker_id: int, block_size: int = 16,
             eos_token_ids=tuple(facts.eos_token_ids),
             timing=PolynomialTiming(speedup_ratio=speedup),
         )
-        return create_mocker_engine(config, worker_id=worker_id)
+        if coalesce_ms < 0:
+            raise EngineConfigError(f"--coalesce-ms must be >= 0, got {coalesce_ms}")
+        return create_mocker_engine(config, worker_id=worker_id, coalesce_ms=coalesce_ms)
     if kind == "torch":
         try:
             import torch

@@ -1,0 +1,45 @@
+"""AsyncEngineDriver's step coalescing (coalesce_ms): same tokens, fewer outputs when steps are
+short; one output per step when steps are long."""
+
+from __future__ import annotations
+
+from genset.engines.base import EngineRequest
+from genset.engines.mocker import MockerConfig, PolynomialTiming, create_mocker_engine
+from proto.generate import SamplingParams, StopConditions
+
+
+async def run(speedup: float, coalesce_ms: float, max_tokens: int) -> list[list[int]]:
+    config = MockerConfig(num_blocks=256, block_size=4,
+                          timing=PolynomialTiming(speedup_ratio=speedup))
+    engine = create_mocker_engine(config, coalesce_ms=coalesce_ms)
+    await engine.start()
+    try:
+        stream = await engine.submit(EngineRequest(
+            "r1", list(range(1, 30)), SamplingParams(seed=3),
+            StopConditions(max_tokens=max_tokens)))
+        outs = [out async for out in stream]
+    finally:
+        await engine.stop()
+    assert outs[-1].finish_reason == "length"
+    assert outs[-1].completion_tokens == max_tokens
+    return [out.token_ids for out in outs]
+
+
+async def test_short_steps_are_merged_without_changing_tokens():
+    plain = await run(1e6, 0.0, 200)
+    merged = await run(1e6, 20.0, 200)
+    assert [t for out in merged for t in out] == [t for out in plain for t in out]
+    assert len(plain) == 200  # one output per step without coalescing
+    assert len(merged) < 100
+
+
+async def test_long_steps_are_delivered_one_by_one():
+    outs = await run(1.0, 0.5, 4)  # decode steps of ~6 ms
+    assert [len(t) for t in outs] == [1, 1, 1, 1]
+
+
+def test_negative_window_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="coalesce_ms"):
+        create_mocker_engine(MockerConfig(num_blocks=16), coalesce_ms=-1)
