@@ -2,8 +2,9 @@
 
 What a worker does for the rest of the system, all here:
 
-- serves `proto.GenerateRequest` streams on its own subject: one chunk per engine step per
-  request (the step's tokens travel together), a final chunk with `finish_reason` and
+- serves `proto.GenerateRequest` streams on its own subject: one chunk per engine output per
+  request (a step's tokens travel together; an engine that coalesces short steps hands over
+  several steps' tokens in one output, which then travel in one chunk), a final chunk with `finish_reason` and
   `proto.Usage` (with `cached_tokens`); a Cancel from the requester or a passed deadline
   aborts the request in the engine, which frees its blocks at the next step;
 - registers its `InstanceRecord` and `ModelCard` in etcd (under the process lease) once it
