@@ -73,8 +73,10 @@ def children(pid: int) -> list[tuple[int, str]]:
 class GensetSystem:
     name = "genset"
 
-    def __init__(self, speedup: float, router: str, log_dir: Path, *, coalesce: bool = True) -> None:
+    def __init__(self, speedup: float, router: str, log_dir: Path, *, coalesce: bool = True,
+                 worker_coalesce_ms: float | None = None) -> None:
         self.speedup = speedup
+        self.worker_coalesce_ms = worker_coalesce_ms
         self.router = router
         self.log_dir = log_dir
         self.coalesce = coalesce
@@ -93,6 +95,8 @@ class GensetSystem:
                "--log-level", "warning",
                "--worker-arg=--kv-blocks=8192", "--worker-arg=--block-size=16",
                "--worker-arg=--max-running=256", "--worker-arg=--max-batch-tokens=8192"]
+        if self.worker_coalesce_ms is not None:
+            cmd.append(f"--worker-arg=--coalesce-ms={self.worker_coalesce_ms:g}")
         log = open(self.log_dir / f"genset-up-{port}.log", "wb")
         # the frontend reads its options from GENSET_* too; genset up passes its env on
         env = {**os.environ, "GENSET_COALESCE": "true" if self.coalesce else "false"}
@@ -210,7 +214,8 @@ def matrix(args) -> int:
             for rep in range(args.reps):
                 for cls in systems if rep % 2 == 0 else reversed(systems):
                     router = args.genset_router if cls is GensetSystem else args.dynamo_router
-                    system = (GensetSystem(speedup, router, out_dir, coalesce=not args.no_coalesce)
+                    system = (GensetSystem(speedup, router, out_dir, coalesce=not args.no_coalesce,
+                                           worker_coalesce_ms=args.worker_coalesce_ms)
                               if cls is GensetSystem else cls(speedup, router, out_dir))
                     tag = f"{system.name}_s{speedup:g}_c{conc}_r{rep}"
                     try:
@@ -276,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="/tmp/genset-bench-frontend")
     p.add_argument("--no-coalesce", action="store_true",
                    help="genset frontend: one SSE event per worker frame (--no-coalesce)")
+    p.add_argument("--worker-coalesce-ms", type=float, default=None,
+                   help="genset mocker workers' --coalesce-ms (default: the worker's, 0.5; "
+                        "0: one frame per engine step)")
     p.add_argument("--stress", type=int, default=0, help="run the N-concurrent-streams check instead")
     p.add_argument("--stress-speedup", type=float, default=100.0)
     args = p.parse_args(argv)
