@@ -100,6 +100,17 @@ async def test_router_service_routes_to_the_cached_prefix(nats_server, etcd_serv
         metrics = await router_proc.metrics()
         decided = sum(v for k, v in metrics.items() if k.startswith("genset_router_decisions_total"))
         assert decided >= 3, metrics
+        # SIGTERM: drains and exits cleanly
+        assert await router_proc.stop() == 0, router_proc.log_tail()
+
+
+def test_bad_router_flag_is_a_clear_error():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "services.router", "--policy", "nope"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown policy 'nope'" in out.stderr
 
 
 async def test_router_restart_rebuilds_state_within_5s(nats_server, etcd_server, bus, discovery,
