@@ -214,3 +214,16 @@ def test_fresh_load_report_corrects_an_underestimate():
     clock.t = 5000.0  # the report is stale now: our own bookkeeping is all we trust
     assert core.load.prefill_tokens(1) == 0
     assert route(core, "again", [*prompt, 6]).worker_id == 1
+
+
+def test_removed_worker_is_not_revived_by_late_messages():
+    core, clock = make_core(n=2)
+    core.on_kv_batch(stored(2, 1, tokens(1, 64)))
+    core.remove_worker(2)
+    clock.t = 1000.0
+    core.on_kv_batch(stored(2, 2, tokens(2, 64)))  # in flight when its lease went
+    core.on_load_report(proto.LoadReport(worker_id=2, ts_ms=1000))
+    assert 2 not in core.workers
+    assert all(route(core, f"g{i}", tokens(i, 40)).worker_id == 1 for i in range(4))
+    core.add_worker(2, model="m", block_size=BS)  # a new card for it: back in
+    assert 2 in core.workers

@@ -73,6 +73,8 @@ class RouterCore:
         self.prompt_tokens_total = 0
         self.alarms: dict[int | str, str] = {}
         self.resync_wanted: set[tuple[int, str]] = set()
+        # workers whose lease went, and when: their late messages must not bring them back
+        self._gone: dict[int, float] = {}
 
     def now_ms(self) -> float:
         return self._clock()
@@ -89,6 +91,7 @@ class RouterCore:
                    has_card: bool = True) -> WorkerInfo:
         w = self.workers.get(worker_id)
         if w is None:
+            self._gone.pop(worker_id, None)
             w = self.workers[worker_id] = WorkerInfo(worker_id, joined_ms=self.now_ms())
             self.index.slot(worker_id)
         w.model = model or w.model
@@ -107,21 +110,31 @@ class RouterCore:
     def remove_worker(self, worker_id: int) -> None:
         """The worker's lease went: forget its blocks and its load at once."""
         self.workers.pop(worker_id, None)
+        self._gone[worker_id] = self.now_ms()
         dropped = self.index.remove_worker(worker_id)
         self.load.remove_worker(worker_id)
         self.alarms.pop(worker_id, None)
         self.resync_wanted = {k for k in self.resync_wanted if k[0] != worker_id}
         log.info("worker %x removed from the router (%d cached blocks forgotten)", worker_id, dropped)
 
-    def _ensure_worker(self, worker_id: int) -> WorkerInfo:
+    GONE_MEMORY_MS = 60_000.0
+
+    def _ensure_worker(self, worker_id: int) -> WorkerInfo | None:
+        """The worker a message is from; None for one removed in the last minute (a late
+        message from a dead worker must not make it routable again)."""
         w = self.workers.get(worker_id)
         if w is None:
+            gone = self._gone.get(worker_id)
+            if gone is not None and self.now_ms() - gone < self.GONE_MEMORY_MS:
+                return None
             w = self.add_worker(worker_id, has_card=False)
         return w
 
     # -------------------------------------------------------------- inputs
     def on_kv_batch(self, batch: proto.KvEventBatch) -> IngestResult:
         w = self._ensure_worker(batch.worker_id)
+        if w is None:
+            return IngestResult(stale=True)
         now = self.now_ms()
         result = self.index.apply_batch(batch, now)
         if result.stale:
@@ -142,6 +155,8 @@ class RouterCore:
 
     def on_load_report(self, report: proto.LoadReport) -> None:
         w = self._ensure_worker(report.worker_id)
+        if w is None:
+            return
         if report.kv_total_blocks and not w.kv_blocks:
             w.kv_blocks = report.kv_total_blocks
         self.load.on_report(report)
@@ -160,6 +175,8 @@ class RouterCore:
         if d.worker_id is None or d.router_id == self.config.router_id:
             return
         w = self._ensure_worker(d.worker_id)
+        if w is None:
+            return
         self.load.on_routed(d.request_id, d.worker_id, d.prompt_tokens,
                             d.overlap_blocks * w.block_size, self.config.default_max_tokens)
         w.routed_since_event += 1
