@@ -7,6 +7,12 @@ so they do not disturb the shared ones.
 
 from __future__ import annotations
 
+import os
+
+# The test process holds etcd (gRPC) clients while tests/stack.py starts service processes;
+# gRPC's fork handlers can abort a child forked mid-call. Set before grpc is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import pytest
 
 from genset.runtime.infra import EtcdServer, NatsServer
