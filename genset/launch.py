@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from genset.runtime.infra import die_with_parent
+
 # auto: the router service when this build has one, else embedded; embedded: the KV-aware
 # router inside the frontend; service: a `genset router` process the frontend asks over NATS;
 # the rest: a routing policy by name, embedded (baselines for comparison).
@@ -93,17 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------
 # child processes
-
-
-def die_with_parent() -> None:
-    """In the child before exec: ask Linux to SIGTERM us when `genset up` dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: Ctrl-C handling still stops the children
 
 
 @dataclass

@@ -25,6 +25,24 @@ class InfraError(RuntimeError):
     pass
 
 
+def die_with_parent() -> None:
+    """`preexec_fn` for children: ask Linux to SIGTERM the child when its parent dies.
+
+    A test run or `genset up` that is SIGKILLed then leaves no server behind. Call Popen from
+    the main thread: the signal fires when the *thread* that forked exits.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's own shutdown still stops its children
+
+
+_PREEXEC = die_with_parent if sys.platform.startswith("linux") else None
+
+
 def _venv_bin(name: str) -> Path:
     return Path(sys.executable).parent / name
 
@@ -102,6 +120,7 @@ class _ServerProcess:
             stdin=subprocess.DEVNULL,
             env=self._env(),
             start_new_session=True,
+            preexec_fn=_PREEXEC,
         )
         log.close()
         deadline = time.monotonic() + timeout
