@@ -6,7 +6,8 @@ Only attention is per sequence, and it reads each sequence's past K/V from the c
 its block table names. The runner orders a step as: single-token chunks first (decodes,
 sorted by context length and attended in a few batched calls, each padded only to the
 longest context of its group), then multi-token chunks (prefill pieces, one causal attention
-call each).
+call each). A decode group that keeps the same sequences from step to step attends over a
+dense copy of its past K/V that each step appends to (DecodeKV) instead of gathering it again.
 
 Weights stay in Hugging Face naming until here; q/k/v and gate/up are fused at load so each
 layer runs three large matmuls instead of five.
@@ -33,14 +34,43 @@ class PrefillSpan:
     mask: torch.Tensor | None  # [n, ctx] bool (True = may attend); None: plain causal
 
 
+class DecodeKV:
+    """A decode group's past K/V kept dense across steps: [layers, 2, D, kv_heads, cap,
+    head_dim], row d holding positions [0, next_pos[d]) of the group's d-th sequence.
+
+    Gathering every sequence's context out of the paged cache costs about as much as the
+    attention itself, every step. While a group keeps the same sequences from one step to
+    the next (the common case), its context only grows by one position per sequence, so the
+    runner keeps this copy and the model appends to it instead of gathering again. The paged
+    cache stays the source of truth (prefix cache, export, preemption); this is a cache of
+    the gather, rebuilt from it whenever the group changes.
+    """
+
+    __slots__ = ("kv", "last_step", "next_pos", "pending")
+
+    def __init__(self, kv: torch.Tensor, next_pos: list[int], last_step: int):
+        self.kv = kv
+        self.next_pos = next_pos  # per row: positions held after step `last_step`
+        self.last_step = last_step  # the runner's step number that last completed with it
+        self.pending = next_pos  # next_pos once the step in flight completes
+
+    @property
+    def cap(self) -> int:
+        return self.kv.shape[4]
+
+
 @dataclass(slots=True)
 class DecodeGroup:
     """Single-token chunks of similar context length, attended in one batched call."""
 
     start: int  # rows [start, end) of the packed batch
     end: int
-    slots: torch.Tensor  # [D, L] int64 cache slots of each one's context, padded to the longest
+    slots: torch.Tensor | None  # [D, L] int64 cache slots of each context, padded to the
+    # longest (None when `dense` already holds the past and only this step's K/V is appended)
     mask: torch.Tensor  # [D, 1, 1, L] bool (True = real context position)
+    dense: DecodeKV | None = None  # dense copy of the group's K/V, see DecodeKV
+    append_rows: torch.Tensor | None = None  # [D * kv_heads] rows of dense.kv[l, i] viewed
+    # as [D * kv_heads * cap, head_dim] where this step's K/V go (when slots is None)
 
 
 @dataclass(slots=True)
@@ -146,7 +176,7 @@ class LlamaModel:
         rope = self.rope.lookup(meta.positions)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.in_norm, cfg.rms_norm_eps)
-            h = h + self._attention(x, layer, meta, kv_cache[i], rope)
+            h = h + self._attention(x, layer, meta, kv_cache[i], rope, i)
             x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
             gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, layer.down)
@@ -161,6 +191,7 @@ class LlamaModel:
         meta: StepMetadata,
         cache: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
+        layer_idx: int,
     ) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
@@ -179,17 +210,27 @@ class LlamaModel:
         gqa = nq != nkv
         outs = []
         for g in meta.decodes:
-            # Each decode's context, gathered slot by slot (index_select copies whole rows,
-            # several times faster than advanced indexing).
-            d, width = g.slots.shape
-            kd = k_cache.index_select(0, g.slots.view(-1)).view(d, width, nkv, -1)
-            vd = v_cache.index_select(0, g.slots.view(-1)).view(d, width, nkv, -1)
+            d, width = g.mask.shape[0], g.mask.shape[-1]
+            if g.dense is None or g.slots is not None:
+                # Each decode's context, gathered slot by slot (index_select copies whole
+                # rows, several times faster than advanced indexing).
+                kd = k_cache.index_select(0, g.slots.view(-1)).view(d, width, nkv, -1)
+                vd = v_cache.index_select(0, g.slots.view(-1)).view(d, width, nkv, -1)
+                kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)
+                if g.dense is not None:  # first step of a group kept dense: fill its copy
+                    g.dense.kv[layer_idx, 0, :, :, :width].copy_(kd)
+                    g.dense.kv[layer_idx, 1, :, :, :width].copy_(vd)
+            else:
+                # The past is already dense: append this step's K/V (one row per head).
+                rows = g.dense.kv[layer_idx].view(2, -1, cfg.head_dim)
+                rows[0].index_copy_(0, g.append_rows, k[g.start : g.end].reshape(-1, cfg.head_dim))
+                rows[1].index_copy_(0, g.append_rows, v[g.start : g.end].reshape(-1, cfg.head_dim))
+                kd = g.dense.kv[layer_idx, 0, :, :, :width]
+                vd = g.dense.kv[layer_idx, 1, :, :, :width]
             # One query per head: the query heads sharing a KV head stand in for query
             # positions ([D, kv_heads, group, hd]), so GQA needs no K/V expansion.
             qd = q[g.start : g.end].reshape(d, nkv, nq // nkv, cfg.head_dim)
-            od = F.scaled_dot_product_attention(
-                qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=g.mask
-            )
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask)
             outs.append(od.reshape(d, nq, cfg.head_dim))
         if len(outs) == 1 and meta.decodes[0].end == t:  # one group, nothing else: no merge
             return F.linear(outs[0].reshape(t, cfg.q_size), layer.o, layer.o_b)

@@ -21,7 +21,13 @@ import torch
 from genset.engines.batch import ScheduledChunk, StepPlan
 from genset.engines.torch import kvformat
 from genset.engines.torch.config import ModelConfig, load_config
-from genset.engines.torch.model import DecodeGroup, LlamaModel, PrefillSpan, StepMetadata
+from genset.engines.torch.model import (
+    DecodeGroup,
+    DecodeKV,
+    LlamaModel,
+    PrefillSpan,
+    StepMetadata,
+)
 from genset.engines.torch.sampling import sample
 from genset.engines.torch.tiny import resolve_model
 from genset.engines.torch.weights import (
@@ -159,6 +165,15 @@ class ModelRunner:
         self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + extra_eos))
         self._fallback = torch.Generator().manual_seed(seed)
         self.tokens_computed = 0  # total KV positions computed, for tests and metrics
+        # Dense decode K/V kept across steps (see model.DecodeKV), keyed by the group's
+        # sequence ids; only the groups of the last step are kept, within _DENSE_KV_BYTES.
+        self._dense: dict[tuple[str, ...], DecodeKV] = {}
+        self._dense_spare: list[torch.Tensor] = []  # storage of dropped entries, for reuse
+        self._step_no = 0
+        # Decode groups attended from a dense copy (appended to) vs gathered from the paged
+        # cache, for tests and profiling.
+        self.decode_groups_appended = 0
+        self.decode_groups_gathered = 0
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -217,12 +232,16 @@ class ModelRunner:
             ),
         )
         chunks = [plan.chunks[i] for i in order]
+        self._step_no += 1
         input_ids, meta = self._metadata(chunks)
         logits = self.model.forward(input_ids, meta, self.kv_cache)
+        self._dense_done(meta)
         self.tokens_computed += input_ids.shape[0]
         # Rows come out in packed order; put them back in plan order.
         packed_sampled = [i for i in order if plan.chunks[i].sample]
         plan_sampled = [i for i in range(len(plan.chunks)) if plan.chunks[i].sample]
+        if packed_sampled == plan_sampled:
+            return logits
         where = {ci: r for r, ci in enumerate(packed_sampled)}
         back = torch.tensor([where[ci] for ci in plan_sampled], dtype=torch.long)
         return logits[back.to(logits.device)]
@@ -327,18 +346,82 @@ class ModelRunner:
         bs = self.block_size
         lens = [c.start_pos + 1 for c in dec]
         longest = max(lens)
-        width = math.ceil(longest / bs)
-        tables = [c.block_table[:width] + [0] * (width - len(c.block_table)) for c in dec]
         kpos = torch.arange(longest, dtype=torch.long)
-        # Padding columns read block 0 (whatever it holds) and are masked out.
-        slots = torch.tensor(tables, dtype=torch.long)[:, kpos // bs] * bs + kpos % bs
         lens_t = torch.tensor(lens, dtype=torch.long)[:, None]
         mask = kpos[None, :] < lens_t
         if window is not None:
             mask &= kpos[None, :] > lens_t - 1 - window
-        return DecodeGroup(
-            start, start + len(dec), slots.to(self.device), mask[:, None, None, :].to(self.device)
-        )
+        mask = mask[:, None, None, :].to(self.device)
+        key = tuple(c.seq_id for c in dec)
+        dense = self._dense.get(key)
+        if (
+            dense is not None
+            and dense.last_step == self._step_no - 1
+            and longest <= dense.cap
+            and all(c.start_pos == p for c, p in zip(dec, dense.next_pos, strict=True))
+        ):
+            # Same sequences as last step, each one position further: append only.
+            nkv, cap = self.config.num_kv_heads, dense.cap
+            rows = [
+                (j * nkv + h) * cap + c.start_pos for j, c in enumerate(dec) for h in range(nkv)
+            ]
+            idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+            dense.pending = lens
+            self.decode_groups_appended += 1
+            return DecodeGroup(start, start + len(dec), None, mask, dense, idx)
+        width = math.ceil(longest / bs)
+        tables = [c.block_table[:width] + [0] * (width - len(c.block_table)) for c in dec]
+        # Padding columns read block 0 (whatever it holds) and are masked out.
+        slots = torch.tensor(tables, dtype=torch.long)[:, kpos // bs] * bs + kpos % bs
+        self.decode_groups_gathered += 1
+        dense = self._new_dense(key, longest)
+        if dense is not None:
+            dense.pending = lens
+        return DecodeGroup(start, start + len(dec), slots.to(self.device), mask, dense)
+
+    def _new_dense(self, key: tuple[str, ...], longest: int) -> DecodeKV | None:
+        """A DecodeKV for a group whose longest context is `longest`, with room to grow, or
+        None when it would not fit the memory set aside for them."""
+        cfg = self.config
+        cap = min(self.context_length, -(-(longest + _DENSE_HEADROOM) // 64) * 64)
+        shape = (cfg.num_layers, 2, len(key), cfg.num_kv_heads, cap, cfg.head_dim)
+        numel = math.prod(shape)
+        held = sum(d.kv.numel() for k, d in self._dense.items() if k != key)
+        if (held + numel) * self.kv_cache.element_size() > _DENSE_KV_BYTES:
+            return None
+        old = self._dense.pop(key, None)
+        if old is not None:
+            self._dense_spare.append(old.kv.view(-1))
+        # Reuse a dropped entry's storage when one is large enough: a fresh multi-MB buffer
+        # costs page faults on first touch, every time a group changes.
+        fits = [i for i, t in enumerate(self._dense_spare) if t.numel() >= numel]
+        if fits:
+            kv = self._dense_spare.pop(fits[0])[:numel].view(shape)
+        else:
+            kv = torch.empty(shape, dtype=self.dtype, device=self.device)
+        dense = DecodeKV(kv, [], -1)
+        self._dense[key] = dense
+        return dense
+
+    def _dense_done(self, meta: StepMetadata) -> None:
+        """After a successful forward: the step's groups now hold one more position each;
+        entries of groups absent from this step are dropped (their storage kept for reuse)."""
+        keep: dict[tuple[str, ...], DecodeKV] = {}
+        used = {id(g.dense) for g in meta.decodes if g.dense is not None}
+        for key, dense in self._dense.items():
+            if id(dense) in used:
+                keep[key] = dense
+            else:
+                self._dense_spare.append(dense.kv.view(-1))
+        for g in meta.decodes:
+            if g.dense is not None:
+                g.dense.last_step = self._step_no
+                g.dense.next_pos = g.dense.pending
+        self._dense = keep
+        # Bound the spare list to what the budget could hold anyway.
+        elem = self.kv_cache.element_size()
+        while sum(t.numel() for t in self._dense_spare) * elem > _DENSE_KV_BYTES:
+            self._dense_spare.pop(0)
 
     # -- KV export / import -------------------------------------------------------------------
 
@@ -354,6 +437,7 @@ class ModelRunner:
         idx = torch.tensor(self._check_ids(block_ids), dtype=torch.long, device=self.device)
         data = blocks.to(device=self.device, dtype=self.dtype).permute(1, 2, 0, 3, 4, 5)
         self.kv_cache[:, :, idx] = data
+        self._dense.clear()  # imported blocks: never trust a dense copy made before
 
     def read_blocks(self, block_ids: list[int]) -> bytes:
         """The blocks' K/V for all layers as a self-describing payload (see kvformat)."""
@@ -384,6 +468,12 @@ class ModelRunner:
 # as much as the real context, while small batches stay one call (each call has a fixed cost).
 _SPLIT_RATIO = 2
 _SPLIT_MIN_EXTRA = 256
+
+
+# Dense decode K/V (model.DecodeKV): at most this many bytes in all, and this many positions
+# of headroom per group so that it is rebuilt only when the group changes.
+_DENSE_KV_BYTES = 128 << 20
+_DENSE_HEADROOM = 256
 
 
 def _decode_groups(lens: list[int]) -> list[tuple[int, int]]:
