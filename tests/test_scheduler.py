@@ -344,3 +344,71 @@ def test_outputs_match_a_dense_reference_under_any_pressure(seed, num_blocks, bu
             assert got[rid] == tokens, rid
     assert s.pool.num_used == 0
     assert replica.hashes == s.pool.cached_hashes()
+
+
+@pytest.mark.parametrize("dynamo_exact", [False, True])
+def test_decode_runs_leave_the_state_of_single_steps(dynamo_exact):
+    """Taking plain decode steps in bulk (MockerCore.decode_run / commit_decode_run, what the
+    replay does) gives the tokens, step times, outputs and KV events of stepping one by one,
+    whatever prefix of each run is committed and with a request arriving mid-run."""
+    from genset.engines.mocker import MockerConfig, MockerCore, PolynomialTiming
+
+    cfg = MockerConfig(block_size=4, num_blocks=40, max_batch_tokens=16, max_running=4,
+                       timing=PolynomialTiming(dynamo_exact=dynamo_exact))
+    reqs = [request(f"r{i}", [i % 2 * 50 + j for j in range(5 + 4 * i)], max_tokens=9 + 7 * i)
+            for i in range(5)]
+    late_at = 12  # r4 arrives before this step (counting steps of either driver)
+
+    def drive(bulk: bool):
+        core = MockerCore(cfg)
+        rng = random.Random(7)
+        seqs, log, n_steps, now = {}, [], 0, 0.0
+        for r in reqs[:4]:
+            core.add_request(r)
+            seqs[r.request_id] = core.scheduler.requests[r.request_id]
+        while core.has_work() or n_steps < late_at:
+            if n_steps == late_at:
+                core.add_request(reqs[4])
+                seqs["r4"] = core.scheduler.requests["r4"]
+            durs = core.decode_run(100) if bulk else []
+            if durs:
+                limit = late_at - n_steps if n_steps < late_at else len(durs)
+                k = min(len(durs), limit, rng.randint(1, len(durs)))
+                for d in durs[:k]:
+                    now += d
+                ids = core.commit_decode_run(k, now)
+                log.append((round(now, 9), sorted(ids), k))
+                n_steps += k
+            else:
+                outs, d = core.step(now)
+                now += d
+                for o in outs:
+                    log.append((round(now, 9), [o.request_id], o.finish_reason))
+                n_steps += 1
+            batch = core.take_kv_batch()
+            if batch is not None:
+                log.append(batch.events)
+        return {k: s.token_ids for k, s in seqs.items()}, now, n_steps, log
+
+    tokens, end, n_steps, log = drive(bulk=False)
+    b_tokens, b_end, b_steps, b_log = drive(bulk=True)
+    assert b_tokens == tokens and b_steps == n_steps
+    assert b_end == end  # same float sums in the same order
+    finishes = [e for e in log if isinstance(e, tuple) and e[2] == "length"]
+    assert [e for e in b_log if isinstance(e, tuple) and e[2] == "length"] == finishes
+    assert len(finishes) == 5
+    events = [e for e in log if isinstance(e, list)]
+    assert [e for e in b_log if isinstance(e, list)] == events and events
+    assert len(b_log) < len(log)  # runs really were taken in bulk
+
+
+def test_decode_horizon_stops_before_anything_visible():
+    s = make(block_size=4, num_blocks=64)
+    s.add_request(request("a", [1, 2, 3, 4, 5, 6], max_tokens=20))
+    plan = s.schedule()
+    s.update(plan, [9])  # prompt done, first token: 7 tokens, 6 computed, 2 blocks
+    # steps compute positions 6, 7 (fills block 2: registered -> stop before it)
+    assert s.decode_horizon(100) == 1
+    assert s.decode_horizon(0) == 0
+    s.add_request(request("b", [7, 8]))
+    assert s.decode_horizon(100) == 0  # someone waits: the next step admits it

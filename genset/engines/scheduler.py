@@ -296,6 +296,51 @@ class Scheduler:
         self._scheduled = []
         return outputs
 
+    # ---- runs of plain decode steps (simulated time) ------------------------------------------
+
+    def decode_horizon(self, limit: int) -> int:
+        """How many of the next steps (at most `limit`) are plain decodes: nothing waits,
+        every running sequence computes exactly its one last token inside blocks it already
+        holds, no block fills (so no allocation, eviction or KV event), and no sequence can
+        stop (no stop ids; EOS ignored or not configured). Such steps change nothing but the sequences' tokens and counters,
+        so a simulated-time driver may run them in bulk (`advance_decodes`) and get exactly the
+        state that `schedule`/`update` step by step would have left. 0: step normally."""
+        running = self.running
+        if self.waiting or not running or len(running) > self.config.max_batch_tokens:
+            return 0
+        bs = self.block_size
+        caching = self.pool.enable_caching
+        max_len = self.max_seq_len
+        eos_stops = bool(self.eos)
+        h = limit
+        for seq in running:
+            n = len(seq.token_ids)
+            if seq.num_computed != n - 1 or seq.num_output == 0 or seq.stop_ids:
+                return 0
+            if eos_stops and not seq.ignore_eos:
+                return 0
+            # step s (0-based) computes position n-1+s and appends token n+s
+            k = len(seq.block_table) * bs - n + 1  # steps before a block must be allocated
+            if caching:
+                # a step whose computed token completes a block registers it (Stored event)
+                k = min(k, (seq.num_registered + 1) * bs - n)
+            # stops for length after the step whose output reaches max_tokens / max_len
+            k = min(k, seq.max_tokens - seq.num_output - 1, max_len - n - 1)
+            if k < h:
+                if k <= 0:
+                    return 0
+                h = k
+        return h
+
+    def advance_decodes(self, steps: int, tokens: list[list[int]]) -> None:
+        """Apply `steps` plain decode steps (at most `decode_horizon()`): `tokens[i]` holds
+        the `steps` tokens sampled for `running[i]`, in order."""
+        for seq, new in zip(self.running, tokens, strict=True):
+            seq.token_ids.extend(new)
+            seq.num_computed += steps
+            seq.num_output += steps
+        self.num_computed_tokens += steps * len(self.running)
+
     # ---- KV export / import -----------------------------------------------------------------
 
     def export_kv(self, hashes: list[int]) -> list[tuple[int, int]]:
