@@ -265,6 +265,61 @@ class MockerCore:
             emitted += 1
         return sampled, prefill, decode, emitted
 
+    # ---- runs of plain decode steps (simulated-time drivers) --------------------------------
+
+    def decode_run(self, max_steps: int) -> list[float]:
+        """Durations (ms) of the next steps, at most `max_steps`, that are plain decodes
+        (`Scheduler.decode_horizon`: no admission, allocation, KV event or stop); [] when
+        the next step is not one. Changes nothing: the driver commits the first k of them
+        with `commit_decode_run(k, end_ms)` (fewer when a request arrives meanwhile), which
+        leaves exactly the state that k calls of `step` would have left."""
+        sched = self.scheduler
+        n = sched.decode_horizon(max_steps)
+        if n == 0:
+            return []
+        timing = self.timing
+        if not timing.dynamo_exact:
+            return [timing.step_ms(0, True, self.pool.num_used / self.pool.num_blocks)] * n
+        # as in `step`: u = decoding context tokens (before this step's token) / capacity
+        cap = self.pool.num_blocks * self.pool.block_size
+        ctx = sum(len(seq.token_ids) for seq in sched.running)
+        grow = len(sched.running)
+        out: list[float] = []
+        for _ in range(n):
+            out.append(timing.step_ms(0, True, ctx / cap))
+            ctx += grow
+        return out
+
+    def commit_decode_run(self, steps: int, end_ms: float) -> list[str]:
+        """Apply the first `steps` steps of the last `decode_run`; returns the ids of the
+        requests that emitted `steps` tokens each (none finished)."""
+        sched = self.scheduler
+        running = sched.running
+        sched.advance_decodes(steps, [self._next_tokens(seq, steps) for seq in running])
+        self.clock_ms = end_ms
+        return [seq.request_id for seq in running]
+
+    def _next_tokens(self, seq: Sequence, k: int) -> list[int]:
+        """`seq`'s next k tokens: the same stream `_sample` draws from, one per step."""
+        vocab = self.config.vocab_size
+        eos = self._eos
+        eos_set = self._eos_set
+        eos_threshold = self._eos_threshold
+        state = seq.user_data
+        out: list[int] = []
+        for _ in range(k):
+            state = (state * _LCG_MUL + _LCG_INC) & _MASK64
+            high = state >> 32
+            if eos_threshold and (high & 0xFFFFFFFF) < eos_threshold and eos:
+                token = eos[high % len(eos)]
+            else:
+                token = high % vocab
+                while token in eos_set:
+                    token = (token + 1) % vocab
+            out.append(token)
+        seq.user_data = state
+        return out
+
     # ---- KV ---------------------------------------------------------------------------------
 
     def take_kv_batch(self, ts_ms: int = 0) -> KvEventBatch | None:
