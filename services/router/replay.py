@@ -18,6 +18,7 @@ mean of requests per worker.
 from __future__ import annotations
 
 import argparse
+import bisect
 import heapq
 import json
 import math
@@ -61,13 +62,19 @@ class _Req:
 
 
 class _Worker:
-    __slots__ = ("busy", "core", "index", "step_end")
+    __slots__ = ("busy", "core", "index", "run_ends", "step_end", "token")
 
     def __init__(self, index: int, core) -> None:
         self.index = index
         self.core = core
         self.busy = False
         self.step_end = 0.0
+        self.token = -1  # seq of this worker's live entry in the step heap (others are stale)
+        self.run_ends: list[float] | None = None  # end times of a run of plain decode steps
+
+
+# longest run of plain decode steps taken at once (runs end anyway when a block fills)
+MAX_DECODE_RUN = 4096
 
 
 def make_mocker(cfg: ReplayConfig, worker_id: int):
@@ -149,15 +156,54 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
     seq = 0
     wall0 = time.perf_counter()
 
-    def start_step(w: _Worker, t: float) -> None:
+    def push(w: _Worker, end: float) -> None:
         nonlocal seq
+        seq += 1
+        w.token = seq
+        w.step_end = end
+        heapq.heappush(steps, (end, seq, w.index))
+
+    def start_step(w: _Worker, t: float) -> None:
+        # Steps in which every running request just decodes inside its blocks change nothing
+        # anyone sees before they end (no KV event, first token or finish): take them as one
+        # run, each step ending exactly where it would have (same float sums), cut short if a
+        # request arrives for this worker (`cut_run`). The bulk of a replay's steps are these.
+        durs = w.core.decode_run(MAX_DECODE_RUN)
+        if durs:
+            ends = []
+            e = t
+            for d in durs:
+                e = e + max(d, 1e-6)
+                ends.append(e)
+            w.run_ends = ends
+            w.busy = True
+            push(w, e)
+            return
         outputs, dur = w.core.step(t)
         batch = w.core.take_kv_batch(int(t + dur))
         w.busy = True
-        w.step_end = t + max(dur, 1e-6)
         pending[w.index] = (outputs, batch)
-        seq += 1
-        heapq.heappush(steps, (w.step_end, seq, w.index))
+        push(w, t + max(dur, 1e-6))
+
+    def cut_run(w: _Worker, t: float) -> None:
+        """A request arrived at `t` for `w` during its decode run: the step under way at `t`
+        is the run's last (the next one admits the request)."""
+        ends = w.run_ends
+        j = bisect.bisect_right(ends, t)  # t < ends[-1]: that step was still in the heap
+        if j < len(ends) - 1:
+            del ends[j + 1:]
+            push(w, ends[j])
+
+    def finish_run(w: _Worker, t: float) -> None:
+        n_steps = len(w.run_ends)
+        w.run_ends = None
+        w.busy = False
+        for rid in w.core.commit_decode_run(n_steps, t):
+            r = by_id.get(rid)
+            if r is not None:
+                r.last_token_ms = t
+                r.outputs += n_steps
+        start_step(w, t)  # the run's requests are still running
 
     def finish_step(w: _Worker, t: float) -> None:
         outputs, batch = pending.pop(w.index)
@@ -187,9 +233,15 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
     while i < n or steps:
         t_arr = reqs[i].arrival_ms if i < n else math.inf
         if steps and steps[0][0] <= t_arr:
-            t, _, wi = heapq.heappop(steps)
+            t, sq, wi = heapq.heappop(steps)
+            w = workers[wi]
+            if sq != w.token:
+                continue  # the end of a decode run that was cut short
             now[0] = t
-            finish_step(workers[wi], t)
+            if w.run_ends is not None:
+                finish_run(w, t)
+            else:
+                finish_step(w, t)
             continue
         r = reqs[i]
         now[0] = t_arr
@@ -213,6 +265,8 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             StopConditions(max_tokens=r.trace.output_length, ignore_eos=True)))
         if not w.busy:
             start_step(w, t_arr)
+        elif w.run_ends is not None:
+            cut_run(w, t_arr)
         i += 1
 
     wall = time.perf_counter() - wall0
