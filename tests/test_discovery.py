@@ -329,3 +329,47 @@ async def test_register_after_unnoticed_lease_loss(etcd_server):
         assert {kv.lease for kv in kvs.values()} == {owner.lease_id}
     finally:
         await owner.close()
+
+
+class _CallThatNeverEnds:
+    """Stands in for a grpc.aio call whose end never reaches the event loop."""
+
+    def __init__(self):
+        self.cancelled = False
+
+    def __await__(self):
+        return asyncio.get_running_loop().create_future().__await__()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.get_running_loop().create_future()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+async def test_call_whose_grpc_deadline_never_fires_still_ends():
+    """Unit test: if gRPC never reports that a call ended (its deadline is enforced in gRPC's
+    C core and handed to the event loop by gRPC's poller thread), the client still gives up
+    one second after the deadline, cancels the call, and reports etcd unavailable."""
+    from types import SimpleNamespace
+
+    from genset.runtime.etcd_client import EtcdClient, EtcdUnavailable
+
+    client = EtcdClient("127.0.0.1:1", timeout=0.2)
+    try:
+        unary, stream = _CallThatNeverEnds(), _CallThatNeverEnds()
+        client._kv = SimpleNamespace(Range=lambda request, timeout, metadata: unary)
+        client._lease = SimpleNamespace(LeaseKeepAlive=lambda requests, timeout, metadata: stream)
+        start = time.monotonic()
+        with pytest.raises(EtcdUnavailable, match=r"Range: no answer within 1\.2 s"):
+            await asyncio.wait_for(client.get("k"), 5)
+        assert 1.1 < time.monotonic() - start < 3.0 and unary.cancelled
+        start = time.monotonic()
+        with pytest.raises(EtcdUnavailable, match=r"LeaseKeepAlive: no answer within 1\.2 s"):
+            await asyncio.wait_for(client.lease_keepalive(1), 5)
+        assert 1.1 < time.monotonic() - start < 3.0 and stream.cancelled
+    finally:
+        await client.close()

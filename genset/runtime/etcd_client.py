@@ -35,6 +35,12 @@ _CHANNEL_OPTIONS = (
     ("grpc.http2.max_pings_without_data", 0),
 )
 
+# Every call also gets a deadline on the asyncio side, this much after its gRPC deadline. The
+# gRPC deadline is enforced inside gRPC's C core and reaches the event loop through gRPC's
+# completion-queue poller thread; if that hand-over is late or lost, nothing else would ever
+# wake the caller (the event loop sits idle), so this one still ends the wait.
+_LOOP_DEADLINE_GRACE_S = 1.0
+
 _UNAVAILABLE_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -110,6 +116,19 @@ class WatchEvent:
     kv: KeyValue
 
 
+async def _bounded(call, grpc_deadline_s: float, endpoint: str, what: str):
+    """Await a gRPC call, giving up `_LOOP_DEADLINE_GRACE_S` after its own deadline."""
+    limit = grpc_deadline_s + _LOOP_DEADLINE_GRACE_S
+    try:
+        async with asyncio.timeout(limit):
+            return await call
+    except TimeoutError:
+        call.cancel()
+        raise EtcdUnavailable(
+            f"etcd at {endpoint}: {what}: no answer within {limit:.1f} s "
+            f"(gRPC deadline {grpc_deadline_s:.1f} s did not end the call)") from None
+
+
 class EtcdClient:
     """One gRPC channel to one of the endpoints; every unary call carries `timeout`."""
 
@@ -171,9 +190,10 @@ class EtcdClient:
         if self._user is None:
             return
         try:
-            resp = await self._auth.Authenticate(
+            call = self._auth.Authenticate(
                 rpc.AuthenticateRequest(name=self._user, password=self._password),
                 timeout=self.timeout)
+            resp = await _bounded(call, self.timeout, self.endpoint, "Authenticate")
         except grpc.aio.AioRpcError as exc:
             raise _map_error(exc, self.endpoint) from None
         self._metadata = (("token", resp.token),)
@@ -185,7 +205,11 @@ class EtcdClient:
                 await self._authenticate()
             fn = getattr(getattr(self, stub), method)
             try:
-                return await fn(request, timeout=timeout, metadata=self._metadata)
+                call = fn(request, timeout=timeout, metadata=self._metadata)
+                return await _bounded(call, timeout, self.endpoint, method)
+            except EtcdUnavailable:
+                self._rotate()
+                raise
             except grpc.aio.AioRpcError as exc:
                 if (exc.code() == grpc.StatusCode.UNAUTHENTICATED and self._user is not None
                         and attempt == 0):
@@ -263,8 +287,14 @@ class EtcdClient:
             iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=timeout,
             metadata=self._metadata)
         try:
-            async for reply in call:
-                return reply.TTL
+            async with asyncio.timeout(timeout + _LOOP_DEADLINE_GRACE_S):
+                async for reply in call:
+                    return reply.TTL
+        except TimeoutError:
+            self._rotate()
+            raise EtcdUnavailable(
+                f"etcd at {self.endpoint}: LeaseKeepAlive: no answer within "
+                f"{timeout + _LOOP_DEADLINE_GRACE_S:.1f} s") from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._metadata = None
@@ -431,8 +461,12 @@ class WatchStream:
                 ]
 
     def close(self) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            self._outbox.put_nowait(None)
+        # End the request generator even when unsent probes fill the outbox: gRPC does not
+        # cancel its request-consuming task for a call that already ended with an error, and
+        # that task would otherwise wait on the outbox for ever.
+        while not self._outbox.empty():
+            self._outbox.get_nowait()
+        self._outbox.put_nowait(None)
         if self._reader is not None:
             self._reader.cancel()
         if self._call is not None:
