@@ -412,3 +412,28 @@ def test_decode_horizon_stops_before_anything_visible():
     assert s.decode_horizon(0) == 0
     s.add_request(request("b", [7, 8]))
     assert s.decode_horizon(100) == 0  # someone waits: the next step admits it
+
+
+def test_cache_chain_equals_block_by_block_registration():
+    """The scheduler registers a chunk's full blocks with one `cache_chain` call: same
+    registrations and events as `cache_block` per block, skips and chain breaks included."""
+    from genset.kv.block_pool import BlockPool
+
+    def pool_with_history() -> BlockPool:
+        p = BlockPool(16, 4)
+        dup = p.allocate(1)
+        p.cache_block(dup[0], 103, 102)  # another block already holds hash 103
+        p.allocate(5)
+        p.cache_block(6, 999, None)  # block 6 already has a hash
+        return p
+
+    ids, hashes = [1, 2, 3, 4, 5, 6], [100, 101, 102, 103, 104, 105]
+    a, b = pool_with_history(), pool_with_history()
+    parent = 77
+    for bid, h in zip(ids, hashes, strict=True):
+        a.cache_block(bid, h, parent)
+        parent = h
+    b.cache_chain(ids, hashes, 77)
+    assert b.cached_hashes() == a.cached_hashes() == {999, 100, 101, 102, 103, 104}
+    assert b.drain_events() == a.drain_events()
+    b.check_invariants()

@@ -492,12 +492,19 @@ class Scheduler:
         if len(hashes) < full:
             extend_block_hashes(hashes, seq.token_ids, bs)
         pool = self.pool
-        tokens = seq.token_ids if pool.emit_token_ids else None
-        for idx in range(seq.num_registered, full):
+        first = seq.num_registered
+        if not pool.emit_token_ids:
+            pool.cache_chain(
+                seq.block_table[first:full], hashes[first:full], hashes[first - 1] if first else None
+            )
+            seq.num_registered = full
+            return
+        tokens = seq.token_ids
+        for idx in range(first, full):
             pool.cache_block(
                 seq.block_table[idx],
                 hashes[idx],
                 hashes[idx - 1] if idx else None,
-                tokens[idx * bs : (idx + 1) * bs] if tokens is not None else None,
+                tokens[idx * bs : (idx + 1) * bs],
             )
         seq.num_registered = full

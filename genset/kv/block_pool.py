@@ -148,6 +148,38 @@ class BlockPool:
         self._record_store(parent_hash, StoredBlock(hash=block_hash, token_ids=packed))
         return True
 
+    def cache_chain(
+        self, block_ids: Sequence[int], hashes: Sequence[int], parent_hash: int | None
+    ) -> None:
+        """`cache_block` for consecutive blocks of one sequence: `block_ids[i]` under
+        `hashes[i]`, each chained to the hash before it (`parent_hash` for the first); same
+        registrations and events as calling `cache_block` block by block, one call for a
+        whole prefill chunk. Token ids are not taken: with `emit_token_ids` use `cache_block`.
+        """
+        if not self.enable_caching:
+            return
+        h2b = self._hash_to_block
+        block_hash = self.block_hash
+        parents = self._parent
+        tokens = self._tokens
+        store = self._open_store
+        tail = self._open_tail
+        for b, h in zip(block_ids, hashes, strict=True):
+            parent, parent_hash = parent_hash, h
+            if block_hash[b] is not None or h in h2b:
+                continue
+            h2b[h] = b
+            block_hash[b] = h
+            parents[b] = parent
+            tokens[b] = None
+            if store is None or tail != parent:
+                store = Stored(parent_hash=parent, blocks=[])
+                self._pending.append(store)
+            store.blocks.append(StoredBlock(hash=h, token_ids=None))
+            tail = h
+        self._open_store = store
+        self._open_tail = tail
+
     # ---- allocation -------------------------------------------------------------------------
 
     def allocate(self, n: int) -> list[int] | None:
@@ -158,10 +190,28 @@ class BlockPool:
         out: list[int] = []
         free = self._free
         ref = self.ref_cnt
+        block_hash = self.block_hash
+        pop = free.popitem
+        removed: list[int] | None = None  # hashes of the Removed event being extended
         for _ in range(n):
-            b = free.popitem(last=False)[0]
-            if self.block_hash[b] is not None:
-                self._evict(b)
+            b = pop(last=False)[0]
+            h = block_hash[b]
+            if h is not None:
+                # evicting a cached block (as `_evict`, inlined: most allocations evict)
+                del self._hash_to_block[h]
+                block_hash[b] = None
+                self._parent[b] = None
+                self._tokens[b] = None
+                if removed is None:
+                    last = self._pending[-1] if self._pending else None
+                    if isinstance(last, Removed):
+                        removed = last.hashes
+                    else:
+                        self._open_store = None
+                        last = Removed(hashes=[])
+                        self._pending.append(last)
+                        removed = last.hashes
+                removed.append(h)
             ref[b] = 1
             out.append(b)
         return out
