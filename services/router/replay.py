@@ -263,6 +263,9 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
         w.core.add_request(EngineRequest(
             rid, toks.tolist(), SamplingParams(temperature=0.0),
             StopConditions(max_tokens=r.trace.output_length, ignore_eos=True)))
+        # the worker would hash the prompt again on admission: hand it the router's hashes
+        # (the same chained hashes of the same full blocks)
+        w.core.scheduler.requests[rid].block_hashes = list(hashes)
         if not w.busy:
             start_step(w, t_arr)
         elif w.run_ends is not None:
