@@ -454,8 +454,15 @@ def test_bfloat16_runner_and_cross_dtype_kv_import():
 def test_decodes_of_very_different_lengths_are_grouped_and_exact():
     from genset.engines.torch.runner import _decode_groups
 
-    assert _decode_groups([5, 9, 300, 310, 2000]) == [(0, 2), (2, 4), (4, 5)]
+    assert _decode_groups([5, 9, 300, 310, 2000]) == [(0, 4), (4, 5)]
+    assert _decode_groups([5, 9, 1300, 1310, 4000]) == [(0, 2), (2, 4), (4, 5)]
     assert _decode_groups([5, 9, 200]) == [(0, 3)]  # short spreads stay one call
+    assert _decode_groups([]) == []
+    # Every context one longer (the next decode step): the same groups.
+    spread = random.Random(3)
+    lens = sorted(spread.randint(17, 300) for _ in range(40))
+    assert _decode_groups(lens) == _decode_groups([n + 1 for n in lens])
+    assert len(_decode_groups(lens)) >= 2
 
     runner = ModelRunner("tiny", num_blocks=128, block_size=16)
     raw = json.loads((runner.model_dir / "config.json").read_text())

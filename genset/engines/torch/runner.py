@@ -463,12 +463,11 @@ class ModelRunner:
         return ids
 
 
-# A decode group is split where the next context is this much longer than the group's
-# shortest (and at least _SPLIT_MIN_EXTRA positions longer): padding then costs at most about
-# as much as the real context, while small batches stay one call (each call has a fixed cost).
-_SPLIT_RATIO = 2
-_SPLIT_MIN_EXTRA = 256
-
+# Decode grouping: a batched attention call costs about as much as this many context
+# positions of padding (call, mask and append overhead, per layer); groups are chosen to
+# minimise calls * _GROUP_CALL_COST + sum(group size * longest context in the group).
+_GROUP_CALL_COST = 1024
+_GROUP_MAX_CANDIDATES = 48  # split points considered (keeps the search O(48^2) per step)
 
 # Dense decode K/V (model.DecodeKV): at most this many bytes in all, and this many positions
 # of headroom per group so that it is rebuilt only when the group changes.
@@ -477,14 +476,33 @@ _DENSE_HEADROOM = 256
 
 
 def _decode_groups(lens: list[int]) -> list[tuple[int, int]]:
-    """[start, end) index ranges of `lens` (ascending) attended together."""
-    groups, first = [], 0
-    for i in range(1, len(lens)):
-        if lens[i] > _SPLIT_RATIO * lens[first] and lens[i] - lens[first] >= _SPLIT_MIN_EXTRA:
-            groups.append((first, i))
-            first = i
-    groups.append((first, len(lens)))
-    return groups
+    """[start, end) index ranges of `lens` (ascending) attended together.
+
+    Padding a short context to its group's longest costs memory traffic and arithmetic;
+    another group costs a call. The cheapest partition into runs of the sorted lengths is
+    found exactly (over every split point, or every k-th for large batches). Since all
+    contexts grow by one per decode step, the cost of every partition grows by the same
+    amount, so the groups stay the same from step to step (their dense K/V stays valid)
+    until a sequence joins or leaves.
+    """
+    n = len(lens)
+    if n <= 1:
+        return [(0, n)] if n else []
+    stride = -(-n // _GROUP_MAX_CANDIDATES)
+    ends = [*range(stride, n, stride), n]
+    best: dict[int, tuple[int, int]] = {0: (0, 0)}  # end -> (cost, start of its last group)
+    starts = [0]
+    for j in ends:
+        width = lens[j - 1]
+        best[j] = min((best[i][0] + _GROUP_CALL_COST + (j - i) * width, i) for i in starts)
+        starts.append(j)
+    groups = []
+    j = n
+    while j:
+        i = best[j][1]
+        groups.append((i, j))
+        j = i
+    return groups[::-1]
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
