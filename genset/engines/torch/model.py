@@ -176,10 +176,12 @@ class LlamaModel:
         rope = self.rope.lookup(meta.positions)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.in_norm, cfg.rms_norm_eps)
-            h = h + self._attention(x, layer, meta, kv_cache[i], rope, i)
+            h += self._attention(x, layer, meta, kv_cache[i], rope, i)
             x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
+            # In place on the fused projection's output: no [tokens, intermediate] temporaries
+            # (for a prefill chunk, fresh multi-MB buffers cost page faults every layer).
             gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
+            h += F.linear(F.silu(gate, inplace=True).mul_(up), layer.down)
         h = h[meta.sample_rows]
         h = rms_norm(h, self.norm, cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()
