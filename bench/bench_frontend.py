@@ -74,8 +74,13 @@ class GensetSystem:
     name = "genset"
 
     def __init__(self, speedup: float, router: str, log_dir: Path, *, coalesce: bool = True,
-                 worker_coalesce_ms: float | None = None) -> None:
+                 worker_coalesce_ms: float | None = None, source: Path | None = None) -> None:
         self.speedup = speedup
+        # source: another checkout of genset to run instead of this one (a before/after
+        # comparison); it runs with this checkout's venv and its own code first on the path
+        self.source = source
+        if source is not None:
+            self.name = "genset-base"
         self.worker_coalesce_ms = worker_coalesce_ms
         self.router = router
         self.log_dir = log_dir
@@ -100,7 +105,10 @@ class GensetSystem:
         log = open(self.log_dir / f"genset-up-{port}.log", "wb")
         # the frontend reads its options from GENSET_* too; genset up passes its env on
         env = {**os.environ, "GENSET_COALESCE": "true" if self.coalesce else "false"}
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=self.source or REPO,
                                      start_new_session=True, env=env)
         self._log = log
         self.url = f"http://127.0.0.1:{port}"
@@ -208,15 +216,19 @@ def matrix(args) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[tuple, list[dict]] = {}
-    systems = [GensetSystem, DynamoSystem]
+    systems = ["genset", "dynamo"] + (["genset-base"] if args.genset_baseline else [])
     for speedup in args.speedups:
         for conc in args.concurrency:
             for rep in range(args.reps):
-                for cls in systems if rep % 2 == 0 else reversed(systems):
-                    router = args.genset_router if cls is GensetSystem else args.dynamo_router
-                    system = (GensetSystem(speedup, router, out_dir, coalesce=not args.no_coalesce,
-                                           worker_coalesce_ms=args.worker_coalesce_ms)
-                              if cls is GensetSystem else cls(speedup, router, out_dir))
+                for kind in systems if rep % 2 == 0 else reversed(systems):
+                    if kind == "dynamo":
+                        system = DynamoSystem(speedup, args.dynamo_router, out_dir)
+                    else:
+                        base = Path(args.genset_baseline) if kind == "genset-base" else None
+                        system = GensetSystem(speedup, args.genset_router, out_dir,
+                                              coalesce=not args.no_coalesce,
+                                              worker_coalesce_ms=None if base else
+                                              args.worker_coalesce_ms, source=base)
                     tag = f"{system.name}_s{speedup:g}_c{conc}_r{rep}"
                     try:
                         system.start()
@@ -284,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-coalesce-ms", type=float, default=None,
                    help="genset mocker workers' --coalesce-ms (default: the worker's, 0.5; "
                         "0: one frame per engine step)")
+    p.add_argument("--genset-baseline", default="",
+                   help="also run this other genset checkout (e.g. `git archive <commit>` "
+                        "unpacked) as system genset-base, alternated with the others")
     p.add_argument("--stress", type=int, default=0, help="run the N-concurrent-streams check instead")
     p.add_argument("--stress-speedup", type=float, default=100.0)
     args = p.parse_args(argv)
