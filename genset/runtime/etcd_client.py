@@ -335,6 +335,8 @@ class EtcdClient:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+        if self._closing:  # channels left by a failover: their grace is 1 s, give them 3
+            await asyncio.wait(set(self._closing), timeout=3.0)
 
 
 class WatchStream:
