@@ -508,3 +508,11 @@ def test_decode_kv_kept_dense_across_steps_is_exact(monkeypatch):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**raw)).eval()
     model.load_state_dict(dense.weights)
     assert ours == _hf_greedy(model, prompts, 20)
+
+
+def test_fused_rms_norm_is_the_reference_formula_in_float32():
+    from genset.engines.torch.model import rms_norm
+
+    x, w = torch.randn(37, 256), torch.randn(256)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert torch.equal(rms_norm(x, w, 1e-5), ref)
