@@ -285,8 +285,12 @@ class Pipeline:
                             if len(text_ids) <= 1:
                                 text = detok.feed(text_ids)
                             else:
-                                # One id per DecodeStream step: tokenizers 0.23's step() with
-                                # a list of ids returns only part of their text (or None).
+                                # One id per DecodeStream step: given a list that ends inside a
+                                # UTF-8 character, step() holds back the text of the whole list
+                                # (not just the partial character) until a later step, and at
+                                # the end of the stream nothing releases it: a final multi-token
+                                # frame lost words. Per id, a frame's text is the same as if
+                                # its tokens had come one per frame.
                                 text = "".join([detok.feed([i]) for i in text_ids])
                             if held_ids:  # tokens whose text was held back go out with this text
                                 ids = held_ids + ids
