@@ -77,6 +77,19 @@ async def cancel_leftover_tasks():
         assert not pending, f"tasks ignored cancellation for 10 s: {sorted(map(str, pending))}"
 
 
+def all_threads_stopped(pid: int) -> bool:
+    """True once every thread of `pid` is in the stopped state. kill(SIGSTOP) returns before
+    that: the group stop begins only when one of the process's threads next runs, and on a
+    loaded machine its other threads can go on serving requests for a while."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+            if state not in ("T", "t"):
+                return False
+    return True
+
+
 async def connect(endpoint: str, **kw) -> Discovery:
     async with within(15, f"connect to etcd at {endpoint}"):
         return await Discovery.connect(endpoint, **kw)
@@ -213,8 +226,10 @@ async def test_hung_etcd_is_noticed_and_survived(own_etcd):
         await asyncio.sleep(2.5)  # idle longer than the liveness window: no false alarm
         assert m.connected, "an idle but healthy watch was dropped (liveness false alarm)"
         os.kill(own_etcd.proc.pid, signal.SIGSTOP)
-        frozen_at = time.monotonic()
         try:
+            await until(lambda: all_threads_stopped(own_etcd.proc.pid), 10,
+                        "every etcd thread stopping after SIGSTOP")
+            frozen_at = time.monotonic()
             # Kept for later; returns at the 1 s call deadline (+ slack for a loaded machine).
             took = time.monotonic()
             async with within(6, "register() with etcd frozen to return"):
