@@ -43,3 +43,36 @@ def test_negative_window_is_refused():
 
     with pytest.raises(ValueError, match="coalesce_ms"):
         create_mocker_engine(MockerConfig(num_blocks=16), coalesce_ms=-1)
+
+
+async def test_abort_and_kv_events_while_outputs_are_held():
+    import asyncio
+
+    config = MockerConfig(num_blocks=16384, block_size=4,
+                          timing=PolynomialTiming(speedup_ratio=1e6))
+    engine = create_mocker_engine(config, coalesce_ms=5.0)
+    events = engine.kv_events()
+    await engine.start()
+    try:
+        stream = await engine.submit(EngineRequest(
+            "long", list(range(1, 30)), SamplingParams(seed=1), StopConditions(max_tokens=100000)))
+        first = await stream.__anext__()
+        assert first.token_ids and first.finish_reason is None
+        snapshot = await engine.kv_snapshot()  # a command while outputs may be held
+        await engine.abort("long")
+        rest = [out async for out in stream]
+        assert rest[-1].finish_reason == "cancelled"
+        for _ in range(100):  # the abort frees the blocks at the next step
+            if engine.core.pool.num_used == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.core.pool.num_used == 0
+        ids = []
+        while (batch := events.get_nowait()) is not None:
+            ids.append(batch.event_id)
+        ids.append(snapshot.event_id)
+        ids.sort()
+        assert ids == list(range(ids[0], ids[0] + len(ids)))  # no gap, snapshot in sequence
+    finally:
+        events.close()
+        await engine.stop()
