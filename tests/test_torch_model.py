@@ -496,7 +496,7 @@ def test_decode_kv_kept_dense_across_steps_is_exact(monkeypatch):
     # changes several times (rebuilt) and stays the same in between (appended to).
     dense = ModelRunner("tiny", num_blocks=128, block_size=16)
     ours = generate(dense, prompts, max_tokens=20, token_budget=32)
-    assert dense.decode_groups_appended > 2 * dense.decode_groups_gathered > 0
+    assert dense.decode_groups_appended > dense.decode_groups_gathered > 0
 
     monkeypatch.setattr(runner_mod, "_DENSE_KV_BYTES", 0)  # no room: gather every step
     plain = ModelRunner("tiny", num_blocks=128, block_size=16)

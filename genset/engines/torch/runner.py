@@ -169,6 +169,10 @@ class ModelRunner:
         # sequence ids; only the groups of the last step are kept, within _DENSE_KV_BYTES.
         self._dense: dict[tuple[str, ...], DecodeKV] = {}
         self._dense_spare: list[torch.Tensor] = []  # storage of dropped entries, for reuse
+        # Groups of the last step and of the step being laid out: a dense copy is made only
+        # for a group that already existed in the last step (see _decode_group).
+        self._prev_groups: set[tuple[str, ...]] = set()
+        self._step_groups: set[tuple[str, ...]] = set()
         self._step_no = 0
         # Decode groups attended from a dense copy (appended to) vs gathered from the paged
         # cache, for tests and profiling.
@@ -233,6 +237,7 @@ class ModelRunner:
         )
         chunks = [plan.chunks[i] for i in order]
         self._step_no += 1
+        self._step_groups = set()
         input_ids, meta = self._metadata(chunks)
         logits = self.model.forward(input_ids, meta, self.kv_cache)
         self._dense_done(meta)
@@ -353,6 +358,7 @@ class ModelRunner:
             mask &= kpos[None, :] > lens_t - 1 - window
         mask = mask[:, None, None, :].to(self.device)
         key = tuple(c.seq_id for c in dec)
+        self._step_groups.add(key)
         dense = self._dense.get(key)
         if (
             dense is not None
@@ -374,7 +380,11 @@ class ModelRunner:
         # Padding columns read block 0 (whatever it holds) and are masked out.
         slots = torch.tensor(tables, dtype=torch.long)[:, kpos // bs] * bs + kpos % bs
         self.decode_groups_gathered += 1
-        dense = self._new_dense(key, longest)
+        # Filling a dense copy costs a second copy of the context on top of the gather, which
+        # only pays off if the group then stays the same for a few steps. Under continuous
+        # batching a group often changes every step or two (a request finishes or joins), so
+        # the copy is made only for a group that has already lasted one step.
+        dense = self._new_dense(key, longest) if key in self._prev_groups else None
         if dense is not None:
             dense.pending = lens
         return DecodeGroup(start, start + len(dec), slots.to(self.device), mask, dense)
@@ -418,6 +428,7 @@ class ModelRunner:
                 g.dense.last_step = self._step_no
                 g.dense.next_pos = g.dense.pending
         self._dense = keep
+        self._prev_groups, self._step_groups = self._step_groups, set()
         # Bound the spare list to what the budget could hold anyway.
         elem = self.kv_cache.element_size()
         while sum(t.numel() for t in self._dense_spare) * elem > _DENSE_KV_BYTES:
