@@ -51,6 +51,23 @@ log = structlog.get_logger("genset.worker")
 REASON_DEADLINE = "deadline"
 REASON_DRAIN = "drain"
 
+# close(): how long each step may take before it is given up on (logged, not waited for).
+CLOSE_STEP_TIMEOUT_S = 5.0
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:  # noqa: ASYNC109
+    """Wait for `event` at most `timeout` s (None: no limit); True if it is set.
+
+    Not `asyncio.wait_for(event.wait(), t)`: on Python 3.11 that swallows a cancel arriving
+    after the event fired but before wait_for resumed (it returns the inner result instead),
+    so a loop around it survives `task.cancel()`. `asyncio.timeout` runs no inner task and
+    lets such a cancel through.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    return event.is_set()
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -127,6 +144,7 @@ class WorkerHost:
         self._tasks: list[asyncio.Task] = []
         self._kv_sub = None
         self._load_changed = asyncio.Event()
+        self._closing = False  # close() began: background loops end at their next turn
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -187,34 +205,41 @@ class WorkerHost:
             await self.discovery.unregister(self.model_key)
         in_flight = len(self._active)
         log.info("draining", in_flight=in_flight, deadline_s=deadline_s)
-        try:
-            await asyncio.wait_for(self._idle.wait(), deadline_s)
-        except TimeoutError:
+        if not await wait_event(self._idle, deadline_s):
             log.warning("drain deadline passed; aborting requests", left=len(self._active))
             for task in list(self._active.values()):
                 task.cancel(REASON_DRAIN)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), 5.0)
+            await wait_event(self._idle, CLOSE_STEP_TIMEOUT_S)
 
     async def close(self) -> None:
+        """Stop serving: unsubscribe, end requests in flight, stop the background tasks and the
+        engine. Every step has a deadline (CLOSE_STEP_TIMEOUT_S): a step that overruns is
+        logged and left behind rather than waited on forever."""
+        self._closing = True
         for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            with contextlib.suppress(Exception):  # TimeoutError included
+                async with asyncio.timeout(CLOSE_STEP_TIMEOUT_S):
+                    await sub.unsubscribe()
         self._subs.clear()
         for task in list(self._active.values()):
             task.cancel(REASON_DRAIN)
-        if self._active:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), 5.0)
-        for task in self._tasks:
+        if self._active and not await wait_event(self._idle, CLOSE_STEP_TIMEOUT_S):
+            log.warning("requests still running at close", left=len(self._active))
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        if tasks:
+            # asyncio.wait neither raises the tasks' exceptions nor swallows our own cancel
+            _, pending = await asyncio.wait(tasks, timeout=CLOSE_STEP_TIMEOUT_S)
+            for task in pending:
+                log.warning("background task did not stop at close", task=task.get_name())
         if self._kv_sub is not None:
             self._kv_sub.close()
-        await self.engine.stop()
+        try:
+            async with asyncio.timeout(CLOSE_STEP_TIMEOUT_S * 2):
+                await self.engine.stop()
+        except TimeoutError:
+            log.warning("engine did not stop at close", engine=self.engine.card.engine)
 
     def health(self) -> dict:
         load = self.engine.load()
@@ -352,11 +377,7 @@ class WorkerHost:
     async def _watch(self, rs, deadline_ms: int | None, engine_id: str) -> str:
         """Abort `engine_id` when the requester cancels or the deadline passes; returns which."""
         timeout = None if deadline_ms is None else max(0.0, (deadline_ms - now_ms()) / 1000)
-        try:
-            await asyncio.wait_for(rs.cancelled.wait(), timeout)
-            reason = FINISH_CANCELLED
-        except TimeoutError:
-            reason = REASON_DEADLINE
+        reason = FINISH_CANCELLED if await wait_event(rs.cancelled, timeout) else REASON_DEADLINE
         await self.engine.abort(engine_id)
         return reason
 
@@ -400,9 +421,8 @@ class WorkerHost:
     async def _publish_load(self) -> None:
         """A report every load_interval_s while something changes, else every idle interval."""
         last = None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._load_changed.wait(), self.config.idle_load_interval_s)
+        while not self._closing:
+            await wait_event(self._load_changed, self.config.idle_load_interval_s)
             self._load_changed.clear()
             report = self.engine.load()
             # The engine refreshes its report after each step, so an abort that leaves it idle

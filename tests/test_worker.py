@@ -326,3 +326,29 @@ async def test_worker_serves_again_after_nats_restarts(own_nats, discovery):
         await h.host.close()
         await client.close()
         await worker_bus.close()
+
+
+async def test_close_finishes_when_a_load_change_races_the_cancel(bus, discovery):
+    # Regression: close() cancelled the load-report task and awaited it without a deadline.
+    # On Python 3.11, asyncio.wait_for swallows a cancel that lands after the awaited event
+    # fired but before wait_for resumed; the task then kept reporting every idle interval and
+    # close() never returned (seen under CPU load in test_deadline_passed_...). Here the
+    # event is set k loop iterations before close() runs, for several k, so one of them hits
+    # that window whatever close() awaits before cancelling.
+    for k in range(6):
+        h = Host(bus, discovery)
+        h.host.config.idle_load_interval_s = 30.0  # the reporter waits on the event, not sleeps
+        await h.host.start()
+        await asyncio.sleep(0.1)  # past the first report and its sleep: now in the wait
+        h.host._load_changed.set()
+        for _ in range(k):
+            await asyncio.sleep(0)
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(8.0):
+                await h.host.close()
+        except TimeoutError:
+            raise AssertionError(f"close() hung (event set {k} iterations before)") from None
+        took = time.monotonic() - t0
+        assert took < 6.0, f"close() took {took:.1f} s (event set {k} iterations before)"
+        assert not [t for t in asyncio.all_tasks() if t.get_name() == "load-reports"]

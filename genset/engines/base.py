@@ -312,17 +312,25 @@ class AsyncEngineDriver(Engine):
         else:
             self._task = asyncio.create_task(self._loop_main(), name=f"engine-{self.worker_id}")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Stop stepping: the stepping thread/task gets `timeout` s to end (a step in progress
+        finishes first); past that it is logged and left behind (a daemon thread). Streams
+        still open end with "cancelled" either way."""
         if self._loop is None or self._stopping:
             return
         self._stopping = True
         self._wake()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+            # join(timeout) returns by itself, so the executor thread is never left blocked
+            await asyncio.to_thread(self._thread.join, timeout)
+            if self._thread.is_alive():
+                log.warning("engine thread still in a step %.0f s after stop", timeout)
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # asyncio.wait does not swallow a cancel of stop() itself, and has a deadline
+            _, pending = await asyncio.wait([self._task], timeout=timeout)
+            if pending:
+                log.warning("engine task did not end %.0f s after stop", timeout)
         for rid in list(self._streams):
             self._finish_stream(rid, FINISH_CANCELLED)
 
@@ -473,9 +481,11 @@ class AsyncEngineDriver(Engine):
                 if held:
                     self._deliver_held(held, last_ewma)
                     delivered_at = clock()
-                # nothing could be scheduled (e.g. blocks pinned): wait for a change
+                # nothing could be scheduled (e.g. blocks pinned): wait for a change.
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow stop()'s cancel
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), 0.01)
+                    async with asyncio.timeout(0.01):
+                        await wake.wait()
                 step_end = clock()
                 continue
             last_ewma = self._ewma(step_ms)
