@@ -76,3 +76,24 @@ async def test_abort_and_kv_events_while_outputs_are_held():
     finally:
         events.close()
         await engine.stop()
+
+
+async def test_stop_while_outputs_are_held_ends_the_stream_promptly():
+    import asyncio
+    import time
+
+    config = MockerConfig(num_blocks=16384, block_size=4,
+                          timing=PolynomialTiming(speedup_ratio=1e6))
+    engine = create_mocker_engine(config, coalesce_ms=5.0)
+    await engine.start()
+    stream = await engine.submit(EngineRequest(
+        "long", list(range(1, 30)), SamplingParams(seed=1), StopConditions(max_tokens=100000)))
+    first = await stream.__anext__()
+    assert first.token_ids and first.finish_reason is None
+    t0 = time.monotonic()
+    async with asyncio.timeout(5.0):  # stop() and the stream's end both have a deadline
+        await engine.stop(timeout=2.0)
+        rest = [out async for out in stream]
+    assert time.monotonic() - t0 < 2.0
+    assert rest[-1].finish_reason == "cancelled"
+    assert engine.num_active == 0
