@@ -130,7 +130,7 @@ class _DirectInbox:
     `future.set_result(msg)` where it parses it, skipping the subscription's queue and task
     (meant for a one-reply request; it is called for every message while the subscription
     lives). Standing in for that future saves one task switch per frame, which is most of
-    the wrapper's cost on a single stream (docs/bench/bus.md). Must never raise: it runs in
+    the wrapper's cost on a single stream (docs/benchmarks.md). Must never raise: it runs in
     the connection's reader.
     """
 
