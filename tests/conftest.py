@@ -13,8 +13,12 @@ import os
 # gRPC's fork handlers can abort a child forked mid-call. Set before grpc is first imported.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
+import uuid
+
 import pytest
 
+from genset.runtime.bus import Bus
+from genset.runtime.discovery import Discovery
 from genset.runtime.infra import EtcdServer, NatsServer
 
 
@@ -46,3 +50,19 @@ def own_etcd():
     server = EtcdServer().start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture
+async def bus(nats_server):
+    """A Bus on the session NATS, closed after the test."""
+    b = await Bus.connect(nats_server.url, name=f"test-{uuid.uuid4().hex[:6]}")
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+async def discovery(etcd_server):
+    """A Discovery on the session etcd (lease TTL 5 s), lease revoked after the test."""
+    d = await Discovery.connect(etcd_server.endpoint, ttl=5.0)
+    yield d
+    await d.close()

@@ -6,31 +6,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import pytest
-
 import proto
 from genset.kv.hashing import block_hashes
-from genset.runtime.bus import Bus
-from genset.runtime.discovery import Discovery
 from genset.runtime.metrics import Metrics
 from proto import keys, subjects
 from services.router.api import Router, create_router
 
 BS = 16
-
-
-@pytest.fixture
-async def bus(nats_server):
-    b = await Bus.connect(nats_server.url, name=f"test-emb-{uuid.uuid4().hex[:6]}")
-    yield b
-    await b.close()
-
-
-@pytest.fixture
-async def discovery(etcd_server):
-    d = await Discovery.connect(etcd_server.endpoint, ttl=5.0)
-    yield d
-    await d.close()
 
 
 def toks(seed: int, n: int = 8 * BS) -> list[int]:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import pytest
 
 import proto
-from genset.runtime.bus import Bus
 from proto import subjects
 from services.router.api import create_router
 from tests.stack import Stack
@@ -22,13 +20,6 @@ from tests.stack import Stack
 pytestmark = pytest.mark.slow
 
 BS = 16
-
-
-@pytest.fixture
-async def bus(nats_server):
-    b = await Bus.connect(nats_server.url, name=f"test-router-{uuid.uuid4().hex[:6]}")
-    yield b
-    await b.close()
 
 
 def prompt(prefix: int, suffix: int, blocks: int = 10) -> list[int]:

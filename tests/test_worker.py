@@ -14,27 +14,12 @@ import proto
 from genset.engines.mocker import MockerConfig, PolynomialTiming, create_mocker_engine
 from genset.kv.replica import HashSetReplica
 from genset.runtime.bus import Bus, Overloaded, RemoteError, StreamError
-from genset.runtime.discovery import Discovery
 from genset.runtime.metrics import Metrics
 from genset.worker_host import HostConfig, WorkerHost
 from proto import keys, subjects
 from tests.stack import metric, parse_metrics
 
 MODEL = "tiny-test"
-
-
-@pytest.fixture
-async def bus(nats_server):
-    b = await Bus.connect(nats_server.url, name=f"test-worker-{uuid.uuid4().hex[:6]}")
-    yield b
-    await b.close()
-
-
-@pytest.fixture
-async def discovery(etcd_server):
-    d = await Discovery.connect(etcd_server.endpoint, ttl=5.0)
-    yield d
-    await d.close()
 
 
 class Host:

@@ -13,28 +13,12 @@ import uuid
 import pytest
 
 import proto
-from genset.runtime.bus import Bus
-from genset.runtime.discovery import Discovery
 from proto import keys
 from tests.stack import Stack, metric
 
 pytestmark = pytest.mark.slow
 
 LEASE_TTL = 3.0
-
-
-@pytest.fixture
-async def bus(nats_server):
-    b = await Bus.connect(nats_server.url, name=f"test-wp-{uuid.uuid4().hex[:6]}")
-    yield b
-    await b.close()
-
-
-@pytest.fixture
-async def discovery(etcd_server):
-    d = await Discovery.connect(etcd_server.endpoint, ttl=5.0)
-    yield d
-    await d.close()
 
 
 def request(tokens, max_tokens=8, model="tiny") -> proto.GenerateRequest:
