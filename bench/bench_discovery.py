@@ -1,6 +1,6 @@
 """Discovery and service-lifecycle numbers on a local etcd (and NATS for the service start).
 
-    .venv/bin/python bench/discovery.py [--n 500] [--runs 3]
+    .venv/bin/python bench/bench_discovery.py [--n 500] [--runs 3]
 
 - register -> watcher sees it: latency p50/p99 of `Discovery.register` as seen by another
   Discovery's Membership listener (same process, loopback etcd);
