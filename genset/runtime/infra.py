@@ -8,6 +8,7 @@ loopback, with its data under a directory we own, so a stop never leaves anythin
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import shutil
@@ -87,7 +88,7 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
-class _ServerProcess:
+class _ServerProcess(abc.ABC):
     """A child server process with a start/stop/restart life and a log file."""
 
     name = "server"
@@ -100,11 +101,13 @@ class _ServerProcess:
         self.log_path = self.data_dir / f"{self.name}.log"
         self.proc: subprocess.Popen | None = None
 
+    @abc.abstractmethod
     def _command(self) -> list[str]:
-        raise NotImplementedError
+        """The server's argv."""
 
+    @abc.abstractmethod
     def _ready(self) -> bool:
-        raise NotImplementedError
+        """True once the server accepts clients."""
 
     def _env(self) -> dict[str, str]:
         return dict(os.environ)
