@@ -142,8 +142,11 @@ class GenerationResponse:
                             is_first = False
                             if conn.write_paused:  # a slow reader: wait, but not past the deadline
                                 try:
-                                    await asyncio.wait_for(
-                                        conn.drain(), max(0.1, job.deadline - time.monotonic()))
+                                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow
+                                    # the cancel of a client that disconnects right then
+                                    async with asyncio.timeout(
+                                            max(0.1, job.deadline - time.monotonic())):
+                                        await conn.drain()
                                 except TimeoutError:
                                     conn.abort()
                                     return "504"

@@ -91,7 +91,8 @@ class RouterFeeds:
         if self._resync_inflight:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), initial_sync_s)
+                async with asyncio.timeout(initial_sync_s):  # lets a cancel through, unlike wait_for on 3.11
+                    await self._idle.wait()
 
     async def close(self) -> None:
         for t in self._tasks:
