@@ -299,6 +299,12 @@ class Detokenizer:
     def feed(self, ids: list[int]) -> str:
         if self.stopped or not ids:
             return ""
+        if len(ids) > 1:
+            # One id per DecodeStream step: given a list that ends inside a UTF-8 character,
+            # step() holds back the text of the whole list (not just the partial character),
+            # and at the end of the stream nothing releases it. Per id, a batch's text is the
+            # same as if its tokens had come one at a time.
+            return "".join([self.feed([i]) for i in ids])
         text = self._stream.step(self._rust, ids)
         if not self._stops:
             return text or ""

@@ -122,3 +122,19 @@ def test_segment_cache_matches_plain_encoding(tok):
         plain = tok.rust.encode(tok.render_chat(messages), add_special_tokens=False).ids
         assert tok.encode_chat(messages) == plain
     assert tok.segments.enabled and len(tok.segments.cache) == 3  # the system prompts
+
+
+def test_a_batch_ending_inside_a_character_keeps_its_words(tok):
+    """A stream cut off (e.g. max_tokens) in the middle of a multi-byte character: the words
+    of its last multi-token batch still come out; only the partial character is dropped."""
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    cuts = [n for n in range(4, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd")]
+    assert cuts, "the test text must split a character across tokens"
+    for n in cuts[:10]:
+        one_by_one = tok.detokenizer()
+        expected = "".join(one_by_one.feed([i]) for i in ids[:n]) + one_by_one.flush()
+        # whole tokens up to the one that holds the partial character
+        assert expected and TEXT.startswith(expected)
+        detok = tok.detokenizer()
+        text = detok.feed(ids[: n - 3]) + detok.feed(ids[n - 3 : n]) + detok.flush()
+        assert text == expected, n

@@ -282,16 +282,7 @@ class Pipeline:
                             yield Delta("", ids)
                         else:
                             text_ids = ids[:-1] if stop_ids and ids[-1] in stop_ids else ids
-                            if len(text_ids) <= 1:
-                                text = detok.feed(text_ids)
-                            else:
-                                # One id per DecodeStream step: given a list that ends inside a
-                                # UTF-8 character, step() holds back the text of the whole list
-                                # (not just the partial character) until a later step, and at
-                                # the end of the stream nothing releases it: a final multi-token
-                                # frame lost words. Per id, a frame's text is the same as if
-                                # its tokens had come one per frame.
-                                text = "".join([detok.feed([i]) for i in text_ids])
+                            text = detok.feed(text_ids)
                             if held_ids:  # tokens whose text was held back go out with this text
                                 ids = held_ids + ids
                                 held_ids = []
