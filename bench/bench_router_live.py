@@ -4,8 +4,8 @@ workload from the Dynamo peer's neutral load generator, cached-token share and T
     .venv/bin/python bench/bench_router_live.py --workers 4 --modes embedded,round-robin --reps 2
     # torch workers serve the built-in tiny model with its own tokenizer; it is slow on CPU, so
     # the workload is smaller (numbers in docs/benchmarks.md, Issue 5, "Live")
-    .venv/bin/python bench/bench_router_live.py --engine torch --workers 2 --n 60 \
-        --concurrency 4 --prefixes 12 --prefix-words 300 --suffix-words 20 --max-tokens 16
+    .venv/bin/python bench/bench_router_live.py --engine torch --workers 2 --n 120 --concurrency 4 \
+        --prefixes 20 --prefix-words 300 --suffix-words 20 --max-tokens 16 --ignore-eos --reps 3
 
 Each run starts its own stack (its own NATS, etcd, ports and state dir, so nothing is shared
 with other stacks on the machine), waits until the model is listed, runs load.py, stops the
