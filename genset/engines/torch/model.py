@@ -67,7 +67,8 @@ class DecodeGroup:
     end: int
     slots: torch.Tensor | None  # [D, L] int64 cache slots of each context, padded to the
     # longest (None when `dense` already holds the past and only this step's K/V is appended)
-    mask: torch.Tensor  # [D, 1, 1, L] bool (True = real context position)
+    mask: torch.Tensor  # [D, 1, 1, L] additive, in the model dtype (0 = real context
+    # position, -inf = padding)
     dense: DecodeKV | None = None  # dense copy of the group's K/V, see DecodeKV
     append_rows: torch.Tensor | None = None  # [D * kv_heads] rows of dense.kv[l, i] viewed
     # as [D * kv_heads * cap, head_dim] where this step's K/V go (when slots is None)
@@ -81,11 +82,60 @@ class StepMetadata:
     slots: torch.Tensor  # [T] int64, cache slot (block * block_size + offset) to write
     decodes: list[DecodeGroup]  # at the front of the packed batch
     prefills: list[PrefillSpan]  # after the decodes
-    sample_rows: torch.Tensor  # rows whose next-token logits are wanted
+    sample_rows: torch.Tensor | None  # rows whose next-token logits are wanted; None: all
+
+
+# Weights up to this size (all of them together) are also kept pre-packed for MKL's sgemm
+# (see _PackedLinear); above it the second copy would cost too much memory.
+_PACK_MAX_BYTES = 256 << 20
+# Steps with at most this many packed tokens use the packed weights: decode steps, where the
+# weights are re-packed by every plain F.linear call for just a few rows of output.
+_PACK_MAX_ROWS = 128
+_PACK_HINT = 8  # batch size MKL packs for; results are bit-identical to F.linear (tested)
+
+
+def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkl.is_available()
+        and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    )
+
+
+def linear(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, packed: torch.Tensor | None
+) -> torch.Tensor:
+    """F.linear(x, w, b), through MKL's pre-packed weight for small batches.
+
+    A plain sgemm packs (copies) the whole weight matrix on every call; for a decode step's
+    few rows that copy costs about as much as the product itself (~25% of a batch-8 decode
+    step of the tiny model). The packed form is computed once at load.
+    """
+    if packed is not None and x.shape[0] <= _PACK_MAX_ROWS:
+        return torch.ops.mkl._mkl_linear(x, packed, w, b, _PACK_HINT)
+    return F.linear(x, w, b)
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, _PACK_HINT)
 
 
 class _Layer:
-    __slots__ = ("down", "gate_up", "in_norm", "o", "o_b", "post_norm", "qkv", "qkv_b")
+    __slots__ = (
+        "down",
+        "down_p",
+        "gate_up",
+        "gate_up_p",
+        "in_norm",
+        "o",
+        "o_b",
+        "o_p",
+        "post_norm",
+        "qkv",
+        "qkv_b",
+        "qkv_p",
+    )
 
     def __init__(self, w: dict[str, torch.Tensor], p: str, cfg: ModelConfig):
         # Tensors are popped from `w` as they are fused, so a large checkpoint is never held
@@ -102,6 +152,11 @@ class _Layer:
         mlp = f"{p}.mlp"
         self.gate_up = torch.cat([w.pop(f"{mlp}.gate_proj.weight"), w.pop(f"{mlp}.up_proj.weight")])
         self.down = w.pop(f"{mlp}.down_proj.weight")
+        self.qkv_p = self.o_p = self.gate_up_p = self.down_p = None
+
+    def pack(self) -> None:
+        self.qkv_p, self.o_p = pack_weight(self.qkv), pack_weight(self.o)
+        self.gate_up_p, self.down_p = pack_weight(self.gate_up), pack_weight(self.down)
 
     def state_dict(self, p: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         attn, mlp = f"{p}.self_attn", f"{p}.mlp"
@@ -159,6 +214,12 @@ class LlamaModel:
         self.lm_head = self.embed if cfg.tie_word_embeddings else w.pop("lm_head.weight")
         self.layers = [_Layer(w, f"model.layers.{i}", cfg) for i in range(cfg.num_layers)]
         self.rope = RotaryEmbedding(cfg, device, dtype)
+        self.lm_head_p = None
+        total = sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        if _can_pack(device, dtype) and total <= _PACK_MAX_BYTES:
+            for layer in self.layers:
+                layer.pack()
+            self.lm_head_p = pack_weight(self.lm_head)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under their Hugging Face names (views of the fused tensors, no copy):
@@ -184,11 +245,12 @@ class LlamaModel:
             x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
             # In place on the fused projection's output: no [tokens, intermediate] temporaries
             # (for a prefill chunk, fresh multi-MB buffers cost page faults every layer).
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h += F.linear(F.silu(gate, inplace=True).mul_(up), layer.down)
-        h = h[meta.sample_rows]
+            gate, up = linear(x, layer.gate_up, None, layer.gate_up_p).chunk(2, dim=-1)
+            h += linear(F.silu(gate, inplace=True).mul_(up), layer.down, None, layer.down_p)
+        if meta.sample_rows is not None:
+            h = h.index_select(0, meta.sample_rows)
         h = rms_norm(h, self.norm, cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return linear(h, self.lm_head, None, self.lm_head_p).float()
 
     def _attention(
         self,
@@ -201,7 +263,7 @@ class LlamaModel:
     ) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
-        qkv = F.linear(x, layer.qkv, layer.qkv_b).view(t, -1, cfg.head_dim)
+        qkv = linear(x, layer.qkv, layer.qkv_b, layer.qkv_p).view(t, -1, cfg.head_dim)
         # q and k heads are adjacent in the fused projection: rotate them in one go.
         nq, nkv = cfg.num_heads, cfg.num_kv_heads
         qk = self.rope.apply(qkv[:, : nq + nkv], *rope)
@@ -239,7 +301,7 @@ class LlamaModel:
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask)
             outs.append(od.reshape(d, nq, cfg.head_dim))
         if len(outs) == 1 and meta.decodes[0].end == t:  # one group, nothing else: no merge
-            return F.linear(outs[0].reshape(t, cfg.q_size), layer.o, layer.o_b)
+            return linear(outs[0].reshape(t, cfg.q_size), layer.o, layer.o_b, layer.o_p)
         out = torch.empty((t, nq, cfg.head_dim), dtype=x.dtype, device=x.device)
         for g, od in zip(meta.decodes, outs, strict=True):
             out[g.start : g.end] = od
@@ -256,4 +318,4 @@ class LlamaModel:
                 qs, ks, vs, attn_mask=span.mask, is_causal=span.mask is None, enable_gqa=gqa
             )
             out[span.start : span.end] = os_.squeeze(0).transpose(0, 1)
-        return F.linear(out.reshape(t, cfg.q_size), layer.o, layer.o_b)
+        return linear(out.reshape(t, cfg.q_size), layer.o, layer.o_b, layer.o_p)

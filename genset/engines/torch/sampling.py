@@ -55,7 +55,8 @@ def sample(
     out = [0] * len(specs)
     greedy = [i for i, s in enumerate(specs) if is_greedy(s)]
     if greedy:
-        picked = logits[greedy].argmax(dim=-1).tolist()
+        rows = logits if len(greedy) == len(specs) else logits[greedy]
+        picked = rows.argmax(dim=-1).tolist()
         for i, t in zip(greedy, picked, strict=True):
             out[i] = t
     if len(greedy) == len(specs):
