@@ -516,3 +516,19 @@ def test_fused_rms_norm_is_the_reference_formula_in_float32():
     x, w = torch.randn(37, 256), torch.randn(256)
     ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
     assert torch.equal(rms_norm(x, w, 1e-5), ref)
+
+
+def test_packed_small_batch_weights_are_used_and_exact_on_cpu():
+    """The pre-packed MKL weights (the decode fast path) are on for CPU float32, and a packed
+    product equals F.linear bit for bit for the row counts a decode step uses."""
+    from genset.engines.torch import model as model_mod
+
+    if not model_mod._can_pack(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch build has no MKL packed linear")
+    runner = ModelRunner("tiny", num_blocks=16, block_size=16, dtype="float32")
+    assert runner.model.lm_head_p is not None
+    w = runner.model.lm_head
+    packed = model_mod.pack_weight(w)
+    for rows in (1, 8, 32):
+        x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(model_mod.linear(x, w, None, packed), torch.nn.functional.linear(x, w))
