@@ -175,16 +175,7 @@ class PrefixIndex:
         s = self._slot_of.get(worker_id)
         if t is None or s is None:
             return
-        keep = ~(1 << s)
-        table = t.table
-        for h in hashes:
-            m = table.get(h)
-            if m is not None:
-                m &= keep
-                if m:
-                    table[h] = m
-                else:
-                    del table[h]
+        _clear_bit(t.table, hashes, ~(1 << s))
         held = t.held.get(s)
         if held:
             held.difference_update(hashes)
@@ -193,16 +184,7 @@ class PrefixIndex:
         held = t.held.pop(s, None)
         if not held:
             return 0
-        keep = ~(1 << s)
-        table = t.table
-        for h in held:
-            m = table.get(h)
-            if m is not None:
-                m &= keep
-                if m:
-                    table[h] = m
-                else:
-                    del table[h]
+        _clear_bit(t.table, held, ~(1 << s))
         return len(held)
 
     # ---------------------------------------------------------------- lookup
@@ -236,3 +218,16 @@ class PrefixIndex:
             low = mask & -mask
             out[low.bit_length() - 1] = depth
             mask ^= low
+
+
+def _clear_bit(table: dict[int, int], hashes, keep: int) -> None:
+    """Drop one worker's bit (`keep` = every other bit) from the holders mask of `hashes`;
+    a hash no worker holds any more leaves the table."""
+    for h in hashes:
+        m = table.get(h)
+        if m is not None:
+            m &= keep
+            if m:
+                table[h] = m
+            else:
+                del table[h]
