@@ -510,6 +510,28 @@ def test_decode_kv_kept_dense_across_steps_is_exact(monkeypatch):
     assert ours == _hf_greedy(model, prompts, 20)
 
 
+def test_dense_decode_kv_ignores_garbage_in_fresh_buffers(monkeypatch):
+    """A dense copy is allocated uninitialised; whatever that memory held (here NaN, as it
+    did on the CI machine) must not reach the shorter rows of a group through its masked
+    columns."""
+    runner = ModelRunner("tiny", num_blocks=128, block_size=16)
+    fresh = runner._new_dense
+
+    def poisoned(key, longest):
+        dense = fresh(key, longest)
+        if dense is not None:
+            dense.kv.fill_(float("nan"))
+        return dense
+
+    monkeypatch.setattr(runner, "_new_dense", poisoned)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 4096) for _ in range(n)] for n in (4, 11, 30)]
+    ours = generate(runner, prompts, max_tokens=8, token_budget=256)
+    assert runner.decode_groups_appended > 0
+    clean = ModelRunner("tiny", num_blocks=128, block_size=16)
+    assert generate(clean, prompts, max_tokens=8, token_budget=256) == ours
+
+
 def test_fused_rms_norm_is_the_reference_formula_in_float32():
     from genset.engines.torch.model import rms_norm
 

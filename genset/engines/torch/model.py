@@ -288,6 +288,10 @@ class LlamaModel:
                 if g.dense is not None:  # first step of a group kept dense: fill its copy
                     g.dense.kv[layer_idx, 0, :, :, :width].copy_(kd)
                     g.dense.kv[layer_idx, 1, :, :, :width].copy_(vd)
+                    # Columns past `width` are read (masked) by later steps for the shorter
+                    # rows of the group; a masked column still enters the product as
+                    # 0 * value, so uninitialised memory there (NaN/inf) would poison them.
+                    g.dense.kv[layer_idx, :, :, :, width:].zero_()
             else:
                 # The past is already dense: append this step's K/V (one row per head).
                 rows = g.dense.kv[layer_idx].view(2, -1, cfg.head_dim)
