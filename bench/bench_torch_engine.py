@@ -8,6 +8,10 @@
      runs at most b at a time and refills a slot as soon as a request finishes;
      `generate()` runs them b at a time in arrival order, each batch until its longest
      output is done (only the requested tokens are counted).
+   - stream: the same with --stream-per-slot * b requests (default 8b). With only 2b
+     requests the run is mostly ramp-down (the batch empties while the longest requests
+     finish), so "continuous" understates what refilling slots does for a server that sees a
+     steady stream; "stream" measures that steady state.
 2. Prefix cache: time to first token of a 2,000-token prompt cold, then fully cached.
 
 Each number is the median of --repeats runs (fresh prompts each) after one global warm-up.
@@ -115,9 +119,10 @@ def hf_run(model, prompts, max_tokens: list[int], concurrency: int):
 
 def workload(kind: str, b: int, vocab: int, seed: int, args):
     """static: b requests of exactly --max-tokens outputs (same work for both sides);
-    continuous: 2b requests with outputs drawn from [8, 2 * --max-tokens], b at a time."""
+    continuous: 2b requests with outputs drawn from [8, 2 * --max-tokens], b at a time;
+    stream: the same with --stream-per-slot * b requests."""
     rng = random.Random(seed)
-    n = b if kind == "static" else 2 * b
+    n = {"static": b, "continuous": 2 * b, "stream": args.stream_per_slot * b}[kind]
     prompts = make_prompts(n, vocab, seed, args.min_prompt, args.max_prompt)
     if kind == "static":
         return prompts, [args.max_tokens] * n
@@ -211,7 +216,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--workloads", default="static,continuous")
+    ap.add_argument(
+        "--workloads", default="static,continuous,stream", help="any of static,continuous,stream"
+    )
+    ap.add_argument(
+        "--stream-per-slot",
+        type=int,
+        default=8,
+        help="stream workload: requests per batch slot (default 8, i.e. 8b requests)",
+    )
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--min-prompt", type=int, default=16)
     ap.add_argument("--max-prompt", type=int, default=256)
@@ -225,6 +238,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.batches = [int(x) for x in args.batches.split(",")]
     args.workloads = args.workloads.split(",")
+    unknown = set(args.workloads) - {"static", "continuous", "stream"}
+    if unknown:
+        ap.error(f"--workloads: unknown workload(s) {', '.join(sorted(unknown))}")
+    if args.stream_per_slot < 1:
+        ap.error("--stream-per-slot must be >= 1")
     print(
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, device {args.device}, "
