@@ -6,6 +6,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from proto.version import PROTOCOL_MAJOR
+
 T = TypeVar("T")
 
 _encoder = msgspec.msgpack.Encoder()
@@ -27,10 +29,25 @@ def decoder(message_type: type[T]) -> msgspec.msgpack.Decoder:
     return dec
 
 
+def describe(exc: msgspec.ValidationError, data: bytes, message_type: type) -> str:
+    """The text of a validation failure, naming the version when that is what failed."""
+    text = str(exc)
+    if text.endswith("at `$.v`"):
+        try:
+            got = msgspec.msgpack.decode(data).get("v")
+        except Exception:  # only for the message text
+            got = "?"
+        text = (
+            f"unsupported protocol major version {got} (this side speaks {PROTOCOL_MAJOR})"
+            " - at `$.v`"
+        )
+    return f"invalid {message_type.__name__}: {text}"
+
+
 def decode(data: bytes, message_type: type[T]) -> T:
     try:
         return decoder(message_type).decode(data)
     except msgspec.ValidationError as exc:
-        raise ProtocolError(f"invalid {message_type.__name__}: {exc}") from None
+        raise ProtocolError(describe(exc, data, message_type)) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"malformed {message_type.__name__} (not msgpack): {exc}") from None
