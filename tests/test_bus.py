@@ -363,6 +363,8 @@ async def test_malformed_frame_and_seq_gap_are_detected(buses):
     async def broken(msg):
         if msg.data == b"garbage":
             await req.nc.publish(msg.reply, b"\xc1\xc1")
+        elif msg.data == b"major2":
+            await req.nc.publish(msg.reply, enc({"v": 2, "seq": 0, "final": True}))
         elif msg.data == b"gap":
             await req.nc.publish(msg.reply, enc(proto.StreamChunk(seq=0, token_ids=b"a")))
             await req.nc.publish(msg.reply, enc(proto.StreamChunk(seq=2, token_ids=b"c")))
@@ -374,6 +376,8 @@ async def test_malformed_frame_and_seq_gap_are_detected(buses):
     with pytest.raises(BadFrame) as exc:
         await (await req.stream_request(subject, b"garbage", timeout=5)).collect()
     assert "StreamChunk" in str(exc.value)
+    with pytest.raises(BadFrame, match="unsupported protocol major version 2"):
+        await (await req.stream_request(subject, b"major2", timeout=5)).collect()
     stream = await req.stream_request(subject, b"gap", timeout=5)
     assert (await stream.__anext__()).seq == 0
     with pytest.raises(LostChunks) as exc:

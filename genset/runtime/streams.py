@@ -35,13 +35,13 @@ from genset.runtime.bus_errors import (
     remote_error,
 )
 from proto import ErrorInfo, StreamChunk, Usage
+from proto.codec import describe
 
 if TYPE_CHECKING:
     from genset.runtime.bus import Bus
 
 _decode_chunk = msgspec.msgpack.Decoder(StreamChunk).decode
 _encode = msgspec.msgpack.Encoder().encode
-_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 # NATS puts the status code of a server-generated message in this pseudo-header.
 _STATUS = "Status"
 _NO_RESPONDERS = "503"
@@ -120,22 +120,30 @@ class ResponseStream:
     def __aiter__(self) -> ResponseStream:
         return self
 
-    async def __anext__(self) -> StreamChunk:
-        while True:
-            if self._buf:
-                return self._buf.popleft()
-            if self._error is not None:
-                err, self._error = self._error, None
-                self._exhausted = True
-                raise err
-            if self._done or self._exhausted:
-                self._exhausted = True
-                raise StopAsyncIteration
-            waiter = self._waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+    def __anext__(self) -> asyncio.Future:
+        # A plain method handing out a future rather than a coroutine: while the reader is
+        # waiting, the frame that arrives is set as the future's result directly (no buffer
+        # round trip, no coroutine frame to resume), which is most of what a frame costs the
+        # reading side at many concurrent streams (docs/benchmarks.md).
+        fut = self._loop.create_future()
+        if not self._resolve(fut):
+            self._waiter = fut
+        return fut
+
+    def _resolve(self, fut: asyncio.Future) -> bool:
+        """Settle `fut` from what is buffered or how the stream ended; False: nothing yet."""
+        if self._buf:
+            fut.set_result(self._buf.popleft())
+        elif self._error is not None:
+            err, self._error = self._error, None
+            self._exhausted = True
+            fut.set_exception(err)
+        elif self._done or self._exhausted:
+            self._exhausted = True
+            fut.set_exception(StopAsyncIteration())
+        else:
+            return False
+        return True
 
     def take_ready(self) -> list[StreamChunk]:
         """The data frames that already arrived and were not read yet, without waiting and
@@ -182,7 +190,11 @@ class ResponseStream:
             return
         try:
             chunk = _decode_chunk(msg.data)
-        except _DECODE_ERRORS as exc:
+        except msgspec.ValidationError as exc:
+            text = describe(exc, msg.data, StreamChunk)
+            self._fail(BadFrame(f"{text} (stream {self.stream_id})"), cancel=True)
+            return
+        except msgspec.DecodeError as exc:
             self._fail(BadFrame(f"invalid StreamChunk on {self.stream_id}: {exc}"), cancel=True)
             return
         seq = chunk.seq
@@ -214,10 +226,13 @@ class ResponseStream:
                 cancel=True,
             )
             return
-        buf.append(chunk)
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # done: the reader was cancelled while waiting
+                waiter.set_result(chunk)  # the buffer is empty whenever a reader waits
+                return
+        buf.append(chunk)
 
     def _check_silence(self) -> None:
         self._hb_handle = None
@@ -258,8 +273,10 @@ class ResponseStream:
             self._deadline_handle.cancel()
             self._deadline_handle = None
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                self._resolve(waiter)
 
     def _on_disconnect(self, reason: str) -> None:
         # Frames published while we are disconnected are dropped by NATS, so the stream
