@@ -541,16 +541,31 @@ def test_fused_rms_norm_is_the_reference_formula_in_float32():
 
 
 def test_packed_small_batch_weights_are_used_and_exact_on_cpu():
-    """The pre-packed MKL weights (the decode fast path) are on for CPU float32, and a packed
-    product equals F.linear bit for bit for the row counts a decode step uses."""
+    """The pre-packed MKL weights (the decode fast path) are on for CPU float32, packed for
+    several row counts; a batch of a packed row count gives exactly what F.linear gives, a
+    padded one the same up to float32 rounding (F.linear itself picks another kernel for 5-7
+    or 9-11 rows)."""
     from genset.engines.torch import model as model_mod
 
     if not model_mod._can_pack(torch.device("cpu"), torch.float32):
         pytest.skip("this torch build has no MKL packed linear")
     runner = ModelRunner("tiny", num_blocks=16, block_size=16, dtype="float32")
-    assert runner.model.lm_head_p is not None
-    w = runner.model.lm_head
-    packed = model_mod.pack_weight(w)
-    for rows in (1, 8, 32):
-        x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(rows))
-        assert torch.equal(model_mod.linear(x, w, None, packed), torch.nn.functional.linear(x, w))
+    model = runner.model
+    assert model.packed_rows == (8, 16, 32)
+    assert model.lm_head_p is not None
+    pad_to = model.lm_head_p.pad_to
+    assert (pad_to[3], pad_to[4], pad_to[7], pad_to[8], pad_to[10]) == (0, 8, 8, 8, 16)
+    assert (pad_to[20], pad_to[28], pad_to[32]) == (0, 32, 32)
+    layer = model.layers[0]
+    for w, packed in ((model.lm_head, model.lm_head_p), (layer.down, layer.down_p)):
+        for rows in range(1, 34):
+            gen = torch.Generator().manual_seed(rows)
+            x = torch.randn(rows, w.shape[1], generator=gen)
+            got = model_mod.linear(x, w, None, packed)
+            want = torch.nn.functional.linear(x, w)
+            if rows in model.packed_rows or rows < 4:
+                assert torch.equal(got, want), rows
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Too large for even one packed copy: not packed at all.
+    assert model_mod.pack_rows_for(1 << 30) == ()

@@ -85,13 +85,19 @@ class StepMetadata:
     sample_rows: torch.Tensor | None  # rows whose next-token logits are wanted; None: all
 
 
-# Weights up to this size (all of them together) are also kept pre-packed for MKL's sgemm
-# (see _PackedLinear); above it the second copy would cost too much memory.
+# MKL's pre-packed sgemm (torch.ops.mkl._mkl_linear) takes its fast path only when a call's
+# row count equals the row count the weight was packed for: packed for 8 rows, a 7- or
+# 32-row call runs at plain-sgemm speed (measured on every weight shape of the tiny model).
+# So the weights are packed for several row counts, and a small batch is padded up to the
+# nearest one when the padding is cheap. Results equal F.linear bit for bit at a packed row
+# count, and up to float32 rounding (~1e-6) when padded: F.linear itself switches kernels
+# with the row count (fewer than 4 rows stay on F.linear for that reason); tested.
+_PACK_ROWS = (8, 16, 32)  # in the order they are kept when memory is short
+_PACK_MIN_ROWS = 4  # fewer rows: F.linear (see above)
+# Packed copies kept per model, all row counts together, at most this many bytes (a packed
+# copy holds ~1.5x its weight's bytes); a model too large for one copy is not packed.
 _PACK_MAX_BYTES = 256 << 20
-# Steps with at most this many packed tokens use the packed weights: decode steps, where the
-# weights are re-packed by every plain F.linear call for just a few rows of output.
-_PACK_MAX_ROWS = 128
-_PACK_HINT = 8  # batch size MKL packs for; results are bit-identical to F.linear (tested)
+_PACKED_BYTES_PER_WEIGHT_BYTE = 1.5
 
 
 def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -103,22 +109,54 @@ def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+def pack_rows_for(weight_bytes: int) -> tuple[int, ...]:
+    """The row counts to pack a model with `weight_bytes` of matmul weights for."""
+    copies = int(_PACK_MAX_BYTES // max(1.0, weight_bytes * _PACKED_BYTES_PER_WEIGHT_BYTE))
+    return tuple(sorted(_PACK_ROWS[:copies]))
+
+
+def padded_rows(rows: tuple[int, ...]) -> list[int]:
+    """For each batch size m (index), the packed row count to pad it to, or 0 for F.linear.
+
+    Padding is taken when it is cheap: while a product is bound by reading the weights
+    (16 rows or fewer here) any padding, above that at most 1/8 of the padded rows."""
+    table = [0] * (max(rows, default=0) + 1)
+    for m in range(_PACK_MIN_ROWS, len(table)):
+        h = min(r for r in rows if r >= m)
+        if h <= 16 or (h - m) * 8 <= h:
+            table[m] = h
+    return table
+
+
+class PackedWeight:
+    """One weight matrix pre-packed for MKL at several row counts (see _PACK_ROWS)."""
+
+    __slots__ = ("by_rows", "pad_to")
+
+    def __init__(self, w: torch.Tensor, rows: tuple[int, ...], pad_to: list[int]):
+        self.by_rows = {r: torch.ops.mkl._mkl_reorder_linear_weight(w, r) for r in rows}
+        self.pad_to = pad_to  # shared by the model's weights: padded_rows(rows)
+
+
 def linear(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, packed: torch.Tensor | None
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, packed: PackedWeight | None
 ) -> torch.Tensor:
     """F.linear(x, w, b), through MKL's pre-packed weight for small batches.
 
     A plain sgemm packs (copies) the whole weight matrix on every call; for a decode step's
-    few rows that copy costs about as much as the product itself (~25% of a batch-8 decode
-    step of the tiny model). The packed form is computed once at load.
+    few rows that copy costs about as much as the product itself. The packed forms are
+    computed once at load.
     """
-    if packed is not None and x.shape[0] <= _PACK_MAX_ROWS:
-        return torch.ops.mkl._mkl_linear(x, packed, w, b, _PACK_HINT)
+    if packed is not None:
+        m = x.shape[0]
+        pad_to = packed.pad_to
+        rows = pad_to[m] if m < len(pad_to) else 0
+        if rows == m and m:
+            return torch.ops.mkl._mkl_linear(x, packed.by_rows[m], w, b, m)
+        if rows:
+            x = F.pad(x, (0, 0, 0, rows - m))
+            return torch.ops.mkl._mkl_linear(x, packed.by_rows[rows], w, b, rows)[:m]
     return F.linear(x, w, b)
-
-
-def pack_weight(w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkl._mkl_reorder_linear_weight(w, _PACK_HINT)
 
 
 class _Layer:
@@ -154,9 +192,11 @@ class _Layer:
         self.down = w.pop(f"{mlp}.down_proj.weight")
         self.qkv_p = self.o_p = self.gate_up_p = self.down_p = None
 
-    def pack(self) -> None:
-        self.qkv_p, self.o_p = pack_weight(self.qkv), pack_weight(self.o)
-        self.gate_up_p, self.down_p = pack_weight(self.gate_up), pack_weight(self.down)
+    def pack(self, rows: tuple[int, ...], pad_to: list[int]) -> None:
+        self.qkv_p = PackedWeight(self.qkv, rows, pad_to)
+        self.o_p = PackedWeight(self.o, rows, pad_to)
+        self.gate_up_p = PackedWeight(self.gate_up, rows, pad_to)
+        self.down_p = PackedWeight(self.down, rows, pad_to)
 
     def state_dict(self, p: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         attn, mlp = f"{p}.self_attn", f"{p}.mlp"
@@ -214,12 +254,20 @@ class LlamaModel:
         self.lm_head = self.embed if cfg.tie_word_embeddings else w.pop("lm_head.weight")
         self.layers = [_Layer(w, f"model.layers.{i}", cfg) for i in range(cfg.num_layers)]
         self.rope = RotaryEmbedding(cfg, device, dtype)
-        self.lm_head_p = None
-        total = sum(t.numel() * t.element_size() for t in self.state_dict().values())
-        if _can_pack(device, dtype) and total <= _PACK_MAX_BYTES:
+        self.lm_head_p: PackedWeight | None = None
+        self.packed_rows: tuple[int, ...] = ()
+        if _can_pack(device, dtype):
+            matmul_bytes = sum(
+                t.numel() * t.element_size()
+                for layer in self.layers
+                for t in (layer.qkv, layer.o, layer.gate_up, layer.down)
+            ) + self.lm_head.numel() * self.lm_head.element_size()
+            self.packed_rows = pack_rows_for(matmul_bytes)
+        if self.packed_rows:
+            pad_to = padded_rows(self.packed_rows)
             for layer in self.layers:
-                layer.pack()
-            self.lm_head_p = pack_weight(self.lm_head)
+                layer.pack(self.packed_rows, pad_to)
+            self.lm_head_p = PackedWeight(self.lm_head, self.packed_rows, pad_to)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under their Hugging Face names (views of the fused tensors, no copy):
