@@ -281,7 +281,7 @@ class AsyncEngineDriver(Engine):
         self.step_ms_ewma = 0.0
         self.num_steps = 0
         self._streams: dict[str, RequestStream] = {}
-        self._subscribers: list[KvEventSubscription] = []
+        self._kv_fanout = KvEventFanout()
         self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any] | None]]
         self._commands = deque()
         self._wake_thread = threading.Event()
@@ -368,9 +368,7 @@ class AsyncEngineDriver(Engine):
         return self._load
 
     def kv_events(self, maxsize: int = 1024) -> KvEventSubscription:
-        sub = KvEventSubscription(maxsize, self._subscribers.remove)
-        self._subscribers.append(sub)
-        return sub
+        return self._kv_fanout.subscribe(maxsize)
 
     async def kv_snapshot(self) -> KvEventBatch:
         return await self._call(lambda: self.core.kv_snapshot(_now_ms()))
@@ -541,8 +539,7 @@ class AsyncEngineDriver(Engine):
                 del streams[out.request_id]
         if batch is not None:
             batch.worker_id = self.worker_id
-            for sub in self._subscribers:
-                sub.put(batch)
+            self._kv_fanout.publish(batch)
 
     def _finish_stream(self, request_id: str, reason: str, error: str | None = None) -> bool:
         stream = self._streams.pop(request_id, None)
@@ -608,6 +605,24 @@ class KvEventSubscription:
         if not self._closed:
             self._closed = True
             self._on_close(self)
+
+
+class KvEventFanout:
+    """An engine's KV event subscribers: every batch published goes to each of them."""
+
+    __slots__ = ("_subs",)
+
+    def __init__(self) -> None:
+        self._subs: list[KvEventSubscription] = []
+
+    def subscribe(self, maxsize: int) -> KvEventSubscription:
+        sub = KvEventSubscription(maxsize, self._subs.remove)
+        self._subs.append(sub)
+        return sub
+
+    def publish(self, batch: KvEventBatch) -> None:
+        for sub in self._subs:
+            sub.put(batch)
 
 
 class EngineOverloaded(RuntimeError):

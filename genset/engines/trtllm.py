@@ -61,6 +61,7 @@ from genset.engines.base import (
     EngineOutput,
     EngineRequest,
     KvBlockData,
+    KvEventFanout,
     KvEventSubscription,
     KvImport,
     RequestStream,
@@ -265,7 +266,7 @@ class TrtllmEngine(Engine):
         self._trtllm: Any = None
         self._llm: Any = None
         self._event_id = 0
-        self._subscribers: list[KvEventSubscription] = []
+        self._kv_fanout = KvEventFanout()
         self._streams: dict[str, RequestStream] = {}
         self._results: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -411,9 +412,7 @@ class TrtllmEngine(Engine):
         return self._load
 
     def kv_events(self, maxsize: int = 1024) -> KvEventSubscription:
-        sub = KvEventSubscription(maxsize, self._subscribers.remove)
-        self._subscribers.append(sub)
-        return sub
+        return self._kv_fanout.subscribe(maxsize)
 
     async def kv_snapshot(self) -> KvEventBatch:
         held = self.translator.held_hashes()
@@ -436,8 +435,7 @@ class TrtllmEngine(Engine):
         if not events:
             return None
         batch = self._next_batch(events)
-        for sub in self._subscribers:
-            sub.put(batch)
+        self._kv_fanout.publish(batch)
         return batch
 
     async def _pump_events(self) -> None:
