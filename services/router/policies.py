@@ -130,7 +130,10 @@ class SGLangCacheAware(Policy):
     """SGLang router's cache-aware rule: if load is imbalanced (max - min in-flight above
     `balance_abs_threshold` and max above `balance_rel_threshold` x min) take the least loaded;
     else, if the best prefix match covers more than `cache_threshold` of the prompt, take that
-    worker; else the worker with the smallest cache tree."""
+    worker; else the worker with the smallest cache tree.
+
+    Defaults as documented for SGLang's model gateway (`smg --policy cache_aware`):
+    --cache-threshold 0.3, --balance-abs-threshold 64, --balance-rel-threshold 1.5."""
 
     name = "sglang"
 
