@@ -136,7 +136,8 @@ def test_load_report_and_card():
     assert (rep.worker_id, rep.waiting, rep.running, rep.waiting_prefill_tokens) == (9, 2, 0, 50)
     core.step()
     rep = core.load_report(124, 3.5)
-    assert rep.running == 2 and rep.kv_used_blocks == 13 and rep.kv_total_blocks == 50
+    # b's first two blocks are a's, computed in the same step: 10 + 1 blocks, not 10 + 3
+    assert rep.running == 2 and rep.kv_used_blocks == 11 and rep.kv_total_blocks == 50
     assert rep.step_ms_ewma == 3.5
     assert core.card.engine == "mocker" and core.card.kv_blocks == 50
 

@@ -137,6 +137,30 @@ def test_prefix_cache_counts_cached_tokens():
     assert first["a"][0] == second["b"][0]
 
 
+def test_requests_admitted_together_share_the_prefix_computed_in_that_step():
+    """A burst with one shared prefix: the first request computes it, the others admitted in
+    the same step start after it (their chunks read its blocks in the same forward pass)."""
+    s = make(num_blocks=64, max_batch_tokens=64)
+    prefix = list(range(1, 17))  # 4 full blocks
+    for rid, tail in (("a", [90, 91, 92]), ("b", [93, 94]), ("c", [95])):
+        s.add_request(request(rid, prefix + tail, 2))
+    plan = s.schedule()
+    assert [(c.seq_id, c.start_pos, len(c.token_ids)) for c in plan.chunks] == [
+        ("a", 0, 19), ("b", 16, 2), ("c", 16, 1)
+    ]
+    shared = plan.chunks[0].block_table[:4]
+    assert all(c.block_table[:4] == shared for c in plan.chunks)
+    assert s.num_computed_tokens == 22
+    got = run(s)  # finishes the step planned above and the rest
+    assert [got[r][2] for r in "abc"] == [0, 16, 16]
+    # A budget that ends inside the first prompt: only the blocks it completes are shared.
+    t = make(num_blocks=64, max_batch_tokens=10)
+    t.add_request(request("x", [*prefix, 90], 2))
+    t.add_request(request("y", [*prefix, 91], 2))
+    plan = t.schedule()
+    assert [(c.seq_id, c.start_pos, len(c.token_ids)) for c in plan.chunks] == [("x", 0, 10)]
+
+
 def test_fully_cached_prompt_still_computes_last_token():
     s = make()
     prompt = list(range(16))  # exactly 4 blocks

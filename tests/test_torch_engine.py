@@ -242,3 +242,33 @@ async def test_engine_steps_off_the_event_loop():
         assert ticks >= max(5, int(elapsed / 0.005) // 4), (ticks, elapsed)
     finally:
         await engine.stop()
+
+
+def test_burst_sharing_a_prefix_computes_it_once_and_matches_reference(reference):
+    """Requests admitted in one step with a common prefix: the first computes it, the others
+    read its blocks within the same forward pass; every output equals the dense reference."""
+    from genset.engines.torch.engine import TorchEngineCore
+    from genset.engines.torch.runner import ModelRunner
+
+    core = TorchEngineCore(
+        ModelRunner("tiny", num_blocks=64, block_size=16), max_batch_tokens=256
+    )
+    prefix = _prompt(7, 48)  # 3 full blocks
+    prompts = {rid: prefix + _prompt(8 + i, 5 + 3 * i) for i, rid in enumerate("abc")}
+    for rid, prompt in prompts.items():
+        core.add_request(
+            EngineRequest(rid, prompt, GREEDY, StopConditions(max_tokens=6, ignore_eos=True))
+        )
+    got: dict[str, list[int]] = {rid: [] for rid in prompts}
+    cached: dict[str, int] = {}
+    first = True
+    while core.has_work():
+        outputs, _ = core.step()
+        if first:  # one prefix computation for the three, then each one's own tail
+            assert core.runner.tokens_computed == 48 + 5 + 8 + 11
+            first = False
+        for out in outputs:
+            got[out.request_id].extend(out.token_ids)
+            cached[out.request_id] = out.cached_tokens
+    assert got == {rid: reference(prompt, 6) for rid, prompt in prompts.items()}
+    assert cached == {"a": 0, "b": 48, "c": 48}

@@ -246,6 +246,14 @@ class Scheduler:
                 chunks.append(self._chunk(seq, n))
                 scheduled.append(seq)
                 budget -= n
+                # Offer the prompt blocks this chunk completes to the prefix cache now, not
+                # after the step: a request admitted next in this same step that shares the
+                # prefix (a burst with one system prompt) then reuses them instead of
+                # computing them again. Safe because every layer writes the step's K/V into
+                # the paged cache before any attention reads it, so the second request's
+                # chunk sees the first one's blocks within the same forward pass.
+                if self.pool.enable_caching and (seq.num_computed + n) // bs > seq.num_registered:
+                    self._register_full_blocks(seq, seq.num_computed + n)
 
         self._scheduled = scheduled
         self.num_computed_tokens += self.config.max_batch_tokens - budget
@@ -485,9 +493,11 @@ class Scheduler:
         seq.num_computed = 0
         seq.num_registered = 0
 
-    def _register_full_blocks(self, seq: Sequence) -> None:
+    def _register_full_blocks(self, seq: Sequence, upto: int | None = None) -> None:
+        """Cache the full blocks of `seq` below token position `upto` (default: what is
+        computed) that are not registered yet."""
         bs = self.block_size
-        full = seq.num_computed // bs
+        full = (seq.num_computed if upto is None else upto) // bs
         hashes = seq.block_hashes
         if len(hashes) < full:
             extend_block_hashes(hashes, seq.token_ids, bs)
