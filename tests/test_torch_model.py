@@ -542,9 +542,8 @@ def test_fused_rms_norm_is_the_reference_formula_in_float32():
 
 def test_packed_small_batch_weights_are_used_and_exact_on_cpu():
     """The pre-packed MKL weights (the decode fast path) are on for CPU float32, packed for
-    several row counts; a batch of a packed row count gives exactly what F.linear gives, a
-    padded one the same up to float32 rounding (F.linear itself picks another kernel for 5-7
-    or 9-11 rows)."""
+    several row counts, and every batch size (padded or not) gives what F.linear gives, up to
+    float32 rounding (F.linear itself picks other kernels for some row counts)."""
     from genset.engines.torch import model as model_mod
 
     if not model_mod._can_pack(torch.device("cpu"), torch.float32):
@@ -563,9 +562,9 @@ def test_packed_small_batch_weights_are_used_and_exact_on_cpu():
             x = torch.randn(rows, w.shape[1], generator=gen)
             got = model_mod.linear(x, w, None, packed)
             want = torch.nn.functional.linear(x, w)
-            if rows in model.packed_rows or rows < 4:
+            if rows < 4:  # F.linear itself
                 assert torch.equal(got, want), rows
-            else:
+            else:  # bit-identical at a packed size on the machines measured; rounding may vary
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # Too large for even one packed copy: not packed at all.
     assert model_mod.pack_rows_for(1 << 30) == ()
