@@ -89,9 +89,9 @@ class StepMetadata:
 # row count equals the row count the weight was packed for: packed for 8 rows, a 7- or
 # 32-row call runs at plain-sgemm speed (measured on every weight shape of the tiny model).
 # So the weights are packed for several row counts, and a small batch is padded up to the
-# nearest one when the padding is cheap. Results equal F.linear bit for bit at a packed row
-# count, and up to float32 rounding (~1e-6) when padded: F.linear itself switches kernels
-# with the row count (fewer than 4 rows stay on F.linear for that reason); tested.
+# nearest one when the padding is cheap. Results equal F.linear up to float32 rounding (bit
+# for bit at a packed row count on the machines measured, ~1e-6 when padded: F.linear itself
+# switches kernels with the row count; fewer than 4 rows stay on F.linear for that reason).
 _PACK_ROWS = (8, 16, 32)  # in the order they are kept when memory is short
 _PACK_MIN_ROWS = 4  # fewer rows: F.linear (see above)
 # Packed copies kept per model, all row counts together, at most this many bytes (a packed
