@@ -226,13 +226,16 @@ class ResponseStream:
                 cancel=True,
             )
             return
-        waiter = self._waiter
+        waiter = self._take_waiter()
         if waiter is not None:
-            self._waiter = None
-            if not waiter.done():  # done: the reader was cancelled while waiting
-                waiter.set_result(chunk)  # the buffer is empty whenever a reader waits
-                return
-        buf.append(chunk)
+            waiter.set_result(chunk)  # the buffer is empty whenever a reader waits
+        else:
+            buf.append(chunk)
+
+    def _take_waiter(self) -> asyncio.Future | None:
+        """The reader's pending future, if it is still waiting (not cancelled meanwhile)."""
+        waiter, self._waiter = self._waiter, None
+        return waiter if waiter is not None and not waiter.done() else None
 
     def _check_silence(self) -> None:
         self._hb_handle = None
@@ -272,11 +275,9 @@ class ResponseStream:
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
             self._deadline_handle = None
-        waiter = self._waiter
+        waiter = self._take_waiter()
         if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                self._resolve(waiter)
+            self._resolve(waiter)
 
     def _on_disconnect(self, reason: str) -> None:
         # Frames published while we are disconnected are dropped by NATS, so the stream
