@@ -20,8 +20,8 @@ import time
 
 import proto
 from genset.kv.hashing import block_hashes
-from services.router.core import RouterConfig, RouterCore
-from services.router.index import PrefixIndex
+from genset.routing.core import RouterConfig, RouterCore
+from genset.routing.index import PrefixIndex
 
 
 def bench_ingest(workers: int, batches: int, blocks_per_event: int) -> dict:

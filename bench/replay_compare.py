@@ -17,13 +17,13 @@ import json
 import os
 import time
 
-from services.router.replay import ReplayConfig, run_replay
-from services.router.trace import load_trace
+from genset.replay.simulate import ReplayConfig, run_replay
+from genset.replay.trace import load_trace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRACE = os.path.join(HERE, "..", "..", "shared", "data", "mooncake_synthetic_trace.jsonl")
 SETTINGS = [("0.3M", 4688, 1.0), ("3M", 46875, 1.0), ("0.3M", 4688, 3.0), ("3M", 46875, 3.0)]
-POLICIES = ["genset", "dynamo", "sglang", "least_loaded", "random", "round_robin"]
+POLICIES = ["genset", "dynamo", "sglang", "least-loaded", "random", "round-robin"]
 KEYS = ("hit_rate", "ttft_mean_ms", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_mean_ms", "load_cov")
 
 
@@ -56,7 +56,7 @@ def main() -> int:
         for pol in args.policies.split(","):
             t0 = time.perf_counter()
             r = run_replay(trace, pol, ReplayConfig(kv_blocks=blocks, arrival_speedup=speed))
-            row = {"setting": key, "system": "genset", "policy": pol, **{k: r[k] for k in KEYS},
+            row = {"setting": key, "system": "genset", "policy": r["policy"], **{k: r[k] for k in KEYS},
                    "wall_s": round(time.perf_counter() - t0, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)

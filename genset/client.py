@@ -46,11 +46,12 @@ class ClientError(Exception):
 @dataclass(slots=True)
 class Chunk:
     """Text and token ids generated since the previous chunk; the last chunk has
-    `finish_reason` (stop | length | cancelled) and `usage`."""
+    `finish_reason` (a `proto.FinishReason`: stop | length | cancelled; a failed stream
+    raises instead) and `usage`."""
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None
+    finish_reason: proto.FinishReason | None = None
     usage: proto.Usage | None = None
 
 
@@ -137,7 +138,7 @@ class Client:
                         text = _decode_delta(frame.data).text if frame.data else ""
                         ids = unpack_tokens(frame.token_ids) if frame.token_ids else []
                         if frame.final:
-                            yield Chunk(text, ids, frame.finish_reason or "stop", frame.usage)
+                            yield Chunk(text, ids, frame.finish_reason or proto.FINISH_STOP, frame.usage)
                             return
                         yield Chunk(text, ids)
                 return

@@ -1,8 +1,8 @@
 """`genset up`: a whole local stack in one command.
 
 Uses NATS and etcd when they answer at the given URLs, otherwise starts them (data under the
-project-local state directory, `.state/` by default), then the router service (when asked for
-and present), the workers and the frontend, each as a child process running `genset <command>`
+project-local state directory, `.state/` by default), then the router service (unless the
+router runs embedded in the frontend), the workers and the frontend, each as a child process running `genset <command>`
 with its log in `<state>/logs/`. It prints progress while starting, waits until the frontend
 lists the model, prints the URL and a ready-to-paste curl line, and on Ctrl-C or SIGTERM stops
 everything in reverse order: SIGTERM, wait, SIGKILL what is left. A child that dies while
@@ -31,13 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from genset.routing.api import MODE_AUTO, MODE_SERVICE, POLICY_NAMES, router_mode
 from genset.runtime.infra import die_with_parent
+from proto import ROLE_DECODE
 
-# auto: the router service when this build has one, else embedded; embedded: the KV-aware
-# router inside the frontend; service: a `genset router` process the frontend asks over NATS;
-# the rest: a routing policy by name, embedded (baselines for comparison).
-ROUTER_MODES = ("auto", "embedded", "service", "kv", "round-robin", "least-loaded", "random", "dynamo",
-                "sglang")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
@@ -57,6 +54,13 @@ def served_model_name(model: str) -> str:
     return model if model == "tiny" else Path(model).expanduser().resolve().name
 
 
+def _router_mode(text: str) -> str:
+    try:
+        return router_mode(text)
+    except ValueError as exc:  # argparse shows it as "argument --router: ..."
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="genset up",
@@ -71,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny",
                    help="'tiny' (built in) or a local Hugging Face model directory")
     p.add_argument("--served-model-name", default=None, help="model name clients use")
-    p.add_argument("--router", choices=ROUTER_MODES, default="auto",
-                   help="auto (default): a `genset router` process when this build has one, "
-                        "else embedded; embedded: KV-aware router inside the frontend; "
-                        "service: a separate router process; or a baseline policy name")
+    p.add_argument("--router", type=_router_mode, default=MODE_AUTO, metavar="MODE",
+                   help="auto (default) or service: a `genset router` process the frontend asks; "
+                        "embedded: the KV-aware router inside the frontend; or a routing policy "
+                        f"run embedded ({', '.join(POLICY_NAMES)})")
     p.add_argument("--speedup", type=float, default=None, help="mocker: run this many times faster")
     p.add_argument("--namespace", default="default")
     p.add_argument("--nats", default="nats://127.0.0.1:4222",
@@ -169,10 +173,6 @@ def pick_listen_port(taken: set[int]) -> int:
     port = free_port()
     taken.add(port)
     return port
-
-
-def router_service_available() -> bool:
-    return Path(__file__).resolve().parents[1].joinpath("services/router/__main__.py").exists()
 
 
 def genset_command(*args: str) -> list[str]:
@@ -303,7 +303,7 @@ class Launcher:
 
     def start_workers(self) -> list[Child]:
         a = self.args
-        extra = ["--engine", a.engine, "--model", a.model, "--role", "decode"]
+        extra = ["--engine", a.engine, "--model", a.model, "--role", ROLE_DECODE]
         if a.served_model_name:
             extra += ["--served-model-name", a.served_model_name]
         if a.speedup is not None:
@@ -328,10 +328,7 @@ class Launcher:
         self.wait_until("workers", workers, ready)
         return workers
 
-    def start_router_service(self) -> Child | None:
-        if not router_service_available():
-            self.say("router: no router service in this build, using the embedded router")
-            return None
+    def start_router_service(self) -> Child:
         router = self.spawn("router", "router")
         self.say("router: starting")
         self.wait_until("router", [router],
@@ -366,8 +363,9 @@ class Launcher:
         self.nats_url = self.ensure_nats()
         self.etcd_endpoint = self.ensure_etcd()
         router_mode = a.router
-        if a.router in ("service", "auto"):
-            router_mode = "remote" if self.start_router_service() else "embedded"
+        if a.router in (MODE_SERVICE, MODE_AUTO):
+            self.start_router_service()
+            router_mode = MODE_SERVICE
         self.start_workers()
         return self.start_frontend(router_mode)
 

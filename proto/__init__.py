@@ -24,6 +24,23 @@ from proto.kv import (
 )
 from proto.routing import RequestLifecycle, RouteDecision, RouteRequest
 from proto.tokens import pack_tokens, unpack_tokens
+from proto.values import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_REASONS,
+    FINISH_STOP,
+    PHASE_DONE,
+    PHASE_FIRST_TOKEN,
+    PHASES,
+    ROLE_BOTH,
+    ROLE_DECODE,
+    ROLE_PREFILL,
+    ROLES,
+    FinishReason,
+    Phase,
+    Role,
+)
 from proto.version import PROTOCOL_MAJOR, PROTOCOL_MINOR, PROTOCOL_VERSION
 
 # Every top-level message type, in documentation order.
@@ -43,16 +60,29 @@ MESSAGES = (
 )
 
 __all__ = [
+    "FINISH_CANCELLED",
+    "FINISH_ERROR",
+    "FINISH_LENGTH",
+    "FINISH_REASONS",
+    "FINISH_STOP",
     "MESSAGES",
+    "PHASES",
+    "PHASE_DONE",
+    "PHASE_FIRST_TOKEN",
     "PROTOCOL_MAJOR",
     "PROTOCOL_MINOR",
     "PROTOCOL_VERSION",
+    "ROLES",
+    "ROLE_BOTH",
+    "ROLE_DECODE",
+    "ROLE_PREFILL",
     "Cancel",
     "ChatMessage",
     "Cleared",
     "ClientDelta",
     "ClientGenerateRequest",
     "ErrorInfo",
+    "FinishReason",
     "GenerateRequest",
     "InstanceRecord",
     "KvEvent",
@@ -60,9 +90,11 @@ __all__ = [
     "KvResyncRequest",
     "LoadReport",
     "ModelCard",
+    "Phase",
     "ProtocolError",
     "Removed",
     "RequestLifecycle",
+    "Role",
     "RouteDecision",
     "RouteRequest",
     "SamplingParams",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from proto.base import Message
+from proto.values import ROLE_DECODE, Role
 
 
 class InstanceRecord(Message, kw_only=True):
@@ -26,7 +27,7 @@ class ModelCard(Message, kw_only=True):
 
     model: str
     instance_id: int
-    role: str = "decode"  # decode (aggregated) | prefill
+    role: Role = ROLE_DECODE  # decode | prefill | both (proto.values.Role)
     engine: str = "torch"  # torch | mocker | trtllm
     block_size: int = 16
     kv_blocks: int = 0  # KV capacity in blocks

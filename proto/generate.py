@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from proto.base import Message
+from proto.values import FinishReason
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -77,7 +78,7 @@ class StreamChunk(Message, kw_only=True):
 
     seq: int
     token_ids: bytes = b""
-    finish_reason: str | None = None  # stop | length | cancelled | error
+    finish_reason: FinishReason | None = None  # stop | length | cancelled | error
     usage: Usage | None = None
     error: ErrorInfo | None = None
     heartbeat: bool = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from proto.base import Message
+from proto.values import Phase
 
 
 class RouteRequest(Message, kw_only=True):
@@ -32,10 +33,11 @@ class RouteDecision(Message, kw_only=True):
 class RequestLifecycle(Message, kw_only=True):
     """Progress of a routed request, so routers can keep predicted load true.
 
-    phase: first_token (prefill done) | done (finished, cancelled or failed).
+    phase: first_token (prefill done) | done (finished, cancelled or failed); see
+    `proto.values.Phase`.
     """
 
     request_id: str
     worker_id: int
-    phase: str
+    phase: Phase
     ts_ms: int = 0

@@ -24,7 +24,7 @@ SAMPLES = [
     ),
     proto.StreamChunk(seq=3, token_ids=proto.pack_tokens([5, 6])),
     proto.StreamChunk(
-        seq=9, final=True, finish_reason="length",
+        seq=9, final=True, finish_reason=proto.FINISH_LENGTH,
         usage=proto.Usage(prompt_tokens=4, completion_tokens=8, cached_tokens=2),
     ),
     proto.StreamChunk(seq=4, heartbeat=True),
@@ -50,7 +50,7 @@ SAMPLES = [
                     eos_token_ids=[2], generate_subject="genset.default.decode.generate.9"),
     proto.RouteRequest(request_id="r-1", model="tiny", token_ids=proto.pack_tokens([1, 2]), exclude=[3]),
     proto.RouteDecision(request_id="r-1", worker_id=9, model="tiny", overlap_blocks=2, policy="genset"),
-    proto.RequestLifecycle(request_id="r-1", worker_id=9, phase="first_token"),
+    proto.RequestLifecycle(request_id="r-1", worker_id=9, phase=proto.PHASE_FIRST_TOKEN),
     proto.ClientGenerateRequest(model="tiny", messages=[proto.ChatMessage(role="user", content="hi")],
                                 max_tokens=8, stop=["\n\n"]),
 ]
@@ -147,6 +147,43 @@ def test_json_schema_covers_every_message():
     json.dumps(doc)  # serialisable
     req = doc["$defs"]["GenerateRequest"]
     assert {"request_id", "model", "token_ids"} <= set(req["required"])
+    defs = doc["$defs"]
+    assert defs["ModelCard"]["properties"]["role"]["enum"] == ["both", "decode", "prefill"]
+    assert defs["RequestLifecycle"]["properties"]["phase"]["enum"] == ["done", "first_token"]
+    reason = defs["StreamChunk"]["properties"]["finish_reason"]["anyOf"]
+    assert {"enum": ["cancelled", "error", "length", "stop"]} in reason
+
+
+@pytest.mark.parametrize(("message_type", "fields", "path"), [
+    (proto.ModelCard, {"model": "m", "instance_id": 1, "role": "router"}, "$.role"),
+    (proto.RequestLifecycle, {"request_id": "r", "worker_id": 1, "phase": "prefill_done"}, "$.phase"),
+    (proto.StreamChunk, {"seq": 3, "final": True, "finish_reason": "timeout"}, "$.finish_reason"),
+    (proto.ModelCard, {"model": "m", "instance_id": 1, "role": 1}, "$.role"),
+])
+def test_unknown_typed_value_is_a_protocol_error_naming_the_field(message_type, fields, path):
+    raw = msgpack.packb({"v": 1, **fields})
+    with pytest.raises(ProtocolError) as exc:
+        decode(raw, message_type)
+    assert str(exc.value).startswith(f"invalid {message_type.__name__}: ")
+    assert str(exc.value).endswith(f"- at `{path}`")
+
+
+def test_typed_values_accept_every_listed_value_and_todays_defaults():
+    for role in proto.ROLES:
+        card = proto.ModelCard(model="m", instance_id=1, role=role)
+        assert decode(encode(card), proto.ModelCard).role == role
+    # a card written before roles were typed (no role, or today's "decode") still decodes
+    assert decode(msgpack.packb({"v": 1, "model": "m", "instance_id": 1}), proto.ModelCard).role \
+        == proto.ROLE_DECODE
+    for phase in proto.PHASES:
+        msg = proto.RequestLifecycle(request_id="r", worker_id=1, phase=phase)
+        assert decode(encode(msg), proto.RequestLifecycle).phase == phase
+    for reason in (*proto.FINISH_REASONS, None):
+        chunk = proto.StreamChunk(seq=0, final=True, finish_reason=reason)
+        assert decode(encode(chunk), proto.StreamChunk).finish_reason == reason
+    assert proto.ROLES == ("decode", "prefill", "both")
+    assert proto.PHASES == ("first_token", "done")
+    assert proto.FINISH_REASONS == ("stop", "length", "cancelled", "error")
 
 
 def test_subjects_and_keys():

@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from services.router import replay
-from services.router.replay import ReplayConfig, run_replay
-from services.router.trace import TraceError, load_trace
+from genset.replay import __main__ as replay_cli
+from genset.replay import simulate
+from genset.replay.simulate import ReplayConfig, run_replay
+from genset.replay.trace import TraceError, load_trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACE = os.path.join(ROOT, "..", "shared", "data", "mooncake_synthetic_trace.jsonl")
@@ -31,7 +32,7 @@ def dynamo(key: str) -> dict:
 def test_round_robin_matches_dynamo_replay(blocks, cap):
     """Same trace slice, same settings: genset's simulator must agree with Dynamo's."""
     trace = load_trace(TRACE, limit=300)
-    got = run_replay(trace, "round_robin", ReplayConfig(kv_blocks=blocks))
+    got = run_replay(trace, "round-robin", ReplayConfig(kv_blocks=blocks))
     ref = dynamo(f"limit300/{cap}/1x/round_robin")
     assert abs(got["hit_rate"] - ref["hit_rate"]) <= 0.01, (got, ref)
     assert abs(got["ttft_mean_ms"] - ref["ttft_mean_ms"]) <= 0.10 * ref["ttft_mean_ms"], (got, ref)
@@ -53,7 +54,7 @@ def test_genset_beats_round_robin_on_a_slice():
     trace = load_trace(TRACE, limit=600)
     cfg = ReplayConfig(kv_blocks=46875, arrival_speedup=3.0)
     g = run_replay(trace, "genset", cfg)
-    rr = run_replay(trace, "round_robin", cfg)
+    rr = run_replay(trace, "round-robin", cfg)
     assert g["hit_rate"] > rr["hit_rate"] and g["ttft_mean_ms"] < rr["ttft_mean_ms"]
 
 
@@ -63,7 +64,7 @@ def test_decode_runs_do_not_change_any_number(monkeypatch):
     trace = load_trace(TRACE, limit=250)
     cfg = ReplayConfig(kv_blocks=4688, arrival_speedup=3.0)
     fast = run_replay(trace, "genset", cfg)
-    monkeypatch.setattr(replay, "MAX_DECODE_RUN", 0)
+    monkeypatch.setattr(simulate, "MAX_DECODE_RUN", 0)
     slow = run_replay(trace, "genset", cfg)
     fast.pop("wall_s")
     slow.pop("wall_s")
@@ -93,7 +94,7 @@ def test_bad_trace_lines_name_the_line(tmp_path, line, message, capsys):
     with pytest.raises(TraceError, match=message) as exc:
         load_trace(path)
     assert f"{path}:3:" in str(exc.value)
-    assert replay.main([path, "--workers", "2"]) == 2
+    assert replay_cli.main([path, "--workers", "2"]) == 2
     assert f"{path}:3:" in capsys.readouterr().err
 
 
@@ -102,16 +103,16 @@ def test_cli_json_and_several_policies(tmp_path, capsys):
              f'"hash_ids": [{i % 3}, {100 + i}]}}' for i in range(30)]
     path = write(tmp_path, lines)
     plot = tmp_path / "p.png"
-    assert replay.main([path, "--workers", "2", "--block-size", "16", "--kv-blocks", "512",
-                        "--policy", "genset,round_robin", "--json", "--plot", str(plot)]) == 0
+    assert replay_cli.main([path, "--workers", "2", "--block-size", "16", "--kv-blocks", "512",
+                            "--policy", "genset,round_robin", "--json", "--plot", str(plot)]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"genset", "round_robin"}
+    assert set(doc) == {"genset", "round-robin"}  # the old spelling is accepted, named one way
     for r in doc.values():
         for key in ("hit_rate", "ttft_mean_ms", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
                     "itl_mean_ms", "load_cov"):
             assert isinstance(r[key], float), key
         assert r["completed"] == 30
-    assert doc["genset"]["hit_rate"] >= doc["round_robin"]["hit_rate"]
+    assert doc["genset"]["hit_rate"] >= doc["round-robin"]["hit_rate"]
     assert plot.stat().st_size > 1000
-    assert replay.main([path, "--policy", "nope"]) == 2
-    assert "unknown policy 'nope'" in capsys.readouterr().err
+    assert replay_cli.main([path, "--policy", "nope"]) == 2
+    assert "--policy: unknown routing policy 'nope'" in capsys.readouterr().err

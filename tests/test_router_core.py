@@ -8,9 +8,17 @@ import pytest
 
 import proto
 from genset.kv.hashing import block_hashes
-from services.router.core import RouterConfig, RouterCore
-from services.router.index import PrefixIndex
-from services.router.policies import make_policy
+from genset.routing.api import (
+    POLICY_ALIASES,
+    POLICY_NAMES,
+    ROUTER_MODES,
+    create_router,
+    policy_name,
+    router_mode,
+)
+from genset.routing.core import RouterConfig, RouterCore
+from genset.routing.index import PrefixIndex
+from genset.routing.policies import make_policy
 
 BS = 16
 
@@ -148,7 +156,7 @@ def test_silent_worker_raises_alarm():
     clock.t = 1000.0
     assert core.check_alarms() == {}
     for i in range(10):
-        route(core, f"s{i}", tokens(50 + i, 64), policy="round_robin")
+        route(core, f"s{i}", tokens(50 + i, 64), policy="round-robin")
         clock.t += 1000.0
         core.on_kv_batch(stored(1, 2 + i, tokens(200 + i, 32)))  # worker 1 keeps publishing
     alarms = core.check_alarms()
@@ -167,10 +175,28 @@ def test_model_without_events_raises_alarm():
 
 def test_per_request_policy_and_unknown_policy():
     core, _ = make_core(n=3)
-    ws = [route(core, f"p{i}", tokens(i, 40), policy="round_robin").worker_id for i in range(6)]
-    assert ws == [1, 2, 3, 1, 2, 3]
+    ds = [route(core, f"p{i}", tokens(i, 40), policy="round_robin") for i in range(6)]
+    assert [d.worker_id for d in ds] == [1, 2, 3, 1, 2, 3]
+    assert {d.policy for d in ds} == {"round-robin"}  # an old spelling, named one way
     with pytest.raises(ValueError, match="unknown routing policy"):
         make_policy("nope")
+    d = route(core, "q", tokens(9, 40), policy="nope")
+    assert d.worker_id is None and "unknown routing policy 'nope'" in d.error
+
+
+def test_router_modes_have_one_spelling():
+    assert ROUTER_MODES == ("auto", "embedded", "service", "genset", "round-robin", "random",
+                            "least-loaded", "dynamo", "sglang")
+    assert router_mode("remote") == "service" and router_mode("kv") == "genset"
+    assert router_mode("round_robin") == "round-robin" and router_mode("least_loaded") == "least-loaded"
+    assert all(router_mode(m) == m for m in ROUTER_MODES)
+    for alias, name in POLICY_ALIASES.items():
+        assert policy_name(alias) == name and make_policy(alias).name == name
+    assert [make_policy(n).name for n in POLICY_NAMES] == list(POLICY_NAMES)
+    with pytest.raises(ValueError, match="unknown router mode 'x': use one of auto, embedded"):
+        router_mode("x")
+    with pytest.raises(ValueError, match="resolved by the caller"):
+        create_router("auto", bus=None, namespace="n")
 
 
 def test_no_worker_and_bad_tokens_give_error_decisions():

@@ -8,9 +8,9 @@ import uuid
 
 import proto
 from genset.kv.hashing import block_hashes
+from genset.routing.api import Router, create_router
 from genset.runtime.metrics import Metrics
 from proto import keys, subjects
-from services.router.api import Router, create_router
 
 BS = 16
 
@@ -117,8 +117,34 @@ async def test_replica_decisions_keep_load_views_in_sync(bus):
         # workers publish lifecycle; both replicas free the load
         for i in range(6):
             await bus.publish(subjects.request_lifecycle(ns), proto.RequestLifecycle(
-                request_id=f"x{i}", worker_id=a.core.load.inflight[f"x{i}"].worker_id, phase="done"))
+                request_id=f"x{i}", worker_id=a.core.load.inflight[f"x{i}"].worker_id,
+                phase=proto.PHASE_DONE))
         await eventually(lambda: not a.core.load.inflight and not b.core.load.inflight, "load freed")
     finally:
         await a.close()
         await b.close()
+
+
+async def test_frontend_router_modes_resolve_to_one_router_each(bus, discovery):
+    """`genset frontend --router MODE`: every mode (and old spelling) gives the routing
+    library's router; auto is the service only when a router service is registered."""
+    from genset.routing.embedded import EmbeddedRouter
+    from genset.routing.remote import RemoteRouter
+    from services.frontend import routing
+
+    ns = f"m{uuid.uuid4().hex[:8]}"
+
+    async def make(mode):
+        return await routing.create(mode, bus=bus, discovery=discovery, namespace=ns)
+
+    auto = await make("auto")
+    assert isinstance(auto, EmbeddedRouter) and auto.core.default_policy.name == "genset"
+    for mode in ("service", "remote"):
+        assert isinstance(await make(mode), RemoteRouter)
+    for mode, policy in [("round-robin", "round-robin"), ("round_robin", "round-robin"),
+                         ("least-loaded", "least-loaded"), ("kv", "genset"), ("dynamo", "dynamo")]:
+        r = await make(mode)
+        assert isinstance(r, EmbeddedRouter) and r.core.default_policy.name == policy
+    await discovery.register(keys.instance(ns, "router", 7), proto.InstanceRecord(
+        instance_id=7, component="router", namespace=ns))
+    assert isinstance(await make("auto"), RemoteRouter)

@@ -13,8 +13,8 @@ import time
 import pytest
 
 import proto
+from genset.routing.api import create_router
 from proto import subjects
-from services.router.api import create_router
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ async def test_router_service_routes_to_the_cached_prefix(nats_server, etcd_serv
         router_proc = await stack.start_service("router")
         await wait_workers(router_proc, 2)
         by_id = generate_subjects(stack)
-        router = create_router("remote", bus=bus, namespace=stack.namespace, timeout=5.0)
+        router = create_router("service", bus=bus, namespace=stack.namespace, timeout=5.0)
         first = await serve(bus, router, by_id, prompt(1, 1), "a")
         assert first.overlap_blocks == 0 and first.policy == "genset"
         # the worker's KV events reach the router: the same prefix now goes back there
@@ -76,7 +76,7 @@ async def test_router_service_routes_to_the_cached_prefix(nats_server, etcd_serv
         # a per-request policy override is honoured
         d = await router.route(proto.RouteRequest(request_id="c", model="tiny", policy="round_robin",
                                                   token_ids=proto.pack_tokens(prompt(2, 1))))
-        assert d.policy == "round_robin" and d.worker_id in by_id
+        assert d.policy == "round-robin" and d.worker_id in by_id  # old spelling accepted
         # garbage gets an error answer, and the service keeps serving
         reply = await bus.request(subjects.route(stack.namespace), b"\xc1garbage", timeout=5,
                                   reply_type=proto.RouteDecision)
@@ -97,7 +97,7 @@ def test_bad_router_flag_is_a_clear_error():
 
     out = subprocess.run([sys.executable, "-m", "services.router", "--policy", "nope"],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "unknown policy 'nope'" in out.stderr
+    assert out.returncode == 2 and "--policy='nope' is not one of: genset, round-robin" in out.stderr
 
 
 async def test_router_restart_rebuilds_state_within_5s(nats_server, etcd_server, bus, tmp_path):
@@ -106,7 +106,7 @@ async def test_router_restart_rebuilds_state_within_5s(nats_server, etcd_server,
         old = await stack.start_service("router")
         await wait_workers(old, 3)
         by_id = generate_subjects(stack)
-        router = create_router("remote", bus=bus, namespace=stack.namespace, timeout=5.0)
+        router = create_router("service", bus=bus, namespace=stack.namespace, timeout=5.0)
 
         def hit(ds, toks) -> float:
             return sum(d.overlap_blocks * BS for d in ds) / sum(len(t) for t in toks)

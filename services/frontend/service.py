@@ -6,6 +6,7 @@ import contextlib
 import gc
 from dataclasses import dataclass, field
 
+from genset.routing.api import POLICY_NAMES, ROUTER_MODE_INPUTS
 from genset.runtime.config import opt
 from genset.runtime.service import Service
 from services.frontend import routing
@@ -16,9 +17,6 @@ from services.frontend.nats_service import NatsGenerateService
 from services.frontend.pipeline import Pipeline
 from services.frontend.registry import ModelRegistry
 
-ROUTER_MODES = ("auto", "embedded", "remote", "round-robin", "least-loaded", "round_robin",
-                "random", "least_loaded", "kv", "genset", "dynamo", "sglang")
-
 
 @dataclass
 class FrontendOptions:
@@ -27,9 +25,10 @@ class FrontendOptions:
     http_host: str | None = field(default=None, metadata=opt(
         "address the HTTP API listens on (default: --host)"))
     router: str = field(default="auto", metadata=opt(
-        "how workers are picked: auto (remote if a router service runs, else embedded), "
-        "embedded, remote, a router policy name, or the built-in round-robin / least-loaded",
-        choices=ROUTER_MODES))
+        "how workers are picked: auto (service if a router service runs, else embedded), "
+        "embedded (the KV-aware router in this process), service (ask the router service), "
+        f"or a routing policy run embedded ({', '.join(POLICY_NAMES)})",
+        choices=ROUTER_MODE_INPUTS))
     request_timeout: float = field(default=600.0, metadata=opt(
         "deadline of every request, seconds", min=0.1))
     migration_limit: int = field(default=3, metadata=opt(
@@ -65,7 +64,7 @@ class FrontendService(Service):
         self.registry = ModelRegistry(self.discovery, self.namespace)
         await self.registry.start()
         self.router = await routing.create(opts.router, bus=self.bus, discovery=self.discovery,
-                                           registry=self.registry, namespace=self.namespace)
+                                           namespace=self.namespace)
         await self.router.start()
         self.pipeline = Pipeline(bus=self.bus, registry=self.registry, router=self.router,
                                  metrics=self.frontend_metrics,

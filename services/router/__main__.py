@@ -5,13 +5,15 @@ from __future__ import annotations
 import sys
 
 from genset.runtime.service import service_main
-from services.router.service import RouterOptions, RouterService
 
 
 def main(argv: list[str] | None = None) -> int:
-    return service_main(argv, RouterService, prog="genset router", options_cls=RouterOptions,
-                        description="KV-aware router: answers route requests over NATS")
+    from services.router.service import RouterOptions, RouterService
+
+    return service_main(argv, RouterService, prog="genset router",
+                        description="KV-aware router: answers route requests over NATS",
+                        options_cls=RouterOptions)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

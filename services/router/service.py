@@ -15,28 +15,26 @@ import time
 from dataclasses import dataclass, field
 
 import proto
+from genset.routing.api import POLICY_GENSET, POLICY_INPUTS, POLICY_NAMES, policy_name
+from genset.routing.core import RouterConfig, RouterCore
+from genset.routing.feeds import RouterFeeds
+from genset.runtime.config import opt
 from genset.runtime.service import Service
 from proto import subjects
-from services.router.core import RouterConfig, RouterCore
-from services.router.feeds import RouterFeeds
-from services.router.policies import ALIASES, POLICY_NAMES
 
 QUEUE_GROUP = "router"
 
 
 @dataclass
 class RouterOptions:
-    policy: str = field(default="genset", metadata={"help": f"default policy ({', '.join(POLICY_NAMES)})"})
-    block_size: int = field(default=16, metadata={"help": "block size for workers without a model card"})
-    event_silence_s: float = field(default=10.0, metadata={
-        "help": "alarm when a worker we route to publishes no KV event for this long"})
-    seed: int | None = field(default=None, metadata={"help": "seed of tie-breaking randomness"})
-
-    def __post_init__(self) -> None:
-        if ALIASES.get(self.policy, self.policy) not in POLICY_NAMES:
-            raise ValueError(f"--policy: unknown policy {self.policy!r} (use {', '.join(POLICY_NAMES)})")
-        if self.block_size <= 0:
-            raise ValueError(f"--block-size must be > 0, got {self.block_size}")
+    policy: str = field(default=POLICY_GENSET, metadata=opt(
+        f"default routing policy ({', '.join(POLICY_NAMES)}); a request may name another",
+        choices=POLICY_INPUTS))
+    block_size: int = field(default=16, metadata=opt(
+        "KV block size in tokens of workers without a model card", min=1))
+    event_silence_s: float = field(default=10.0, metadata=opt(
+        "alarm when a worker we route to publishes no KV event for this many seconds", min=0.1))
+    seed: int | None = field(default=None, metadata=opt("seed of tie-breaking randomness"))
 
 
 class RouterService(Service):
@@ -46,7 +44,8 @@ class RouterService(Service):
         super().__init__(config)
         self.options = options or RouterOptions()
         o = self.options
-        self.core = RouterCore(RouterConfig(policy=o.policy, block_size=o.block_size,
+        self.policy = policy_name(o.policy)
+        self.core = RouterCore(RouterConfig(policy=self.policy, block_size=o.block_size,
                                             event_silence_s=o.event_silence_s, seed=o.seed,
                                             router_id=self.instance_id))
         self.feeds: RouterFeeds | None = None
@@ -60,8 +59,8 @@ class RouterService(Service):
         route_subject = subjects.route(self.namespace)
         self._sub = await self.bus.serve(route_subject, self._on_route, queue=QUEUE_GROUP)
         self.subjects = {"route": route_subject, "decisions": self._decisions_subject}
-        self.labels = {"policy": self.options.policy}
-        self.log.info("router ready", policy=self.options.policy, workers=len(self.core.workers))
+        self.labels = {"policy": self.policy}
+        self.log.info("router ready", policy=self.policy, workers=len(self.core.workers))
 
     async def _on_route(self, data: bytes):
         t0 = time.perf_counter()

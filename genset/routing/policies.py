@@ -11,6 +11,16 @@ import math
 import random
 from dataclasses import dataclass
 
+from genset.routing.api import (
+    POLICY_DYNAMO,
+    POLICY_GENSET,
+    POLICY_LEAST_LOADED,
+    POLICY_RANDOM,
+    POLICY_ROUND_ROBIN,
+    POLICY_SGLANG,
+    policy_name,
+)
+
 
 @dataclass(slots=True)
 class WorkerView:
@@ -70,7 +80,7 @@ def _least_loaded_of(views: list[WorkerView], rng: random.Random) -> WorkerView:
 
 
 class RoundRobin(Policy):
-    name = "round_robin"
+    name = POLICY_ROUND_ROBIN
 
     def __init__(self) -> None:
         self._next = 0
@@ -82,14 +92,14 @@ class RoundRobin(Policy):
 
 
 class RandomPolicy(Policy):
-    name = "random"
+    name = POLICY_RANDOM
 
     def choose(self, ctx, views, rng):
         return rng.choice(views)
 
 
 class LeastLoaded(Policy):
-    name = "least_loaded"
+    name = POLICY_LEAST_LOADED
 
     def choose(self, ctx, views, rng):
         return _least_loaded_of(views, rng)
@@ -102,7 +112,7 @@ class DynamoCost(Policy):
     (overlap_score_weight 1, temperature 0: ties at random); temperature > 0 samples from
     softmax(-normalized cost / T)."""
 
-    name = "dynamo"
+    name = POLICY_DYNAMO
 
     def __init__(self, overlap_score_weight: float = 1.0, temperature: float = 0.0) -> None:
         self.weight = overlap_score_weight
@@ -135,7 +145,7 @@ class SGLangCacheAware(Policy):
     Defaults as documented for SGLang's model gateway (`smg --policy cache_aware`):
     --cache-threshold 0.3, --balance-abs-threshold 64, --balance-rel-threshold 1.5."""
 
-    name = "sglang"
+    name = POLICY_SGLANG
 
     def __init__(self, cache_threshold: float = 0.3, balance_abs_threshold: int = 64,
                  balance_rel_threshold: float = 1.5) -> None:
@@ -183,7 +193,7 @@ class PredictedTTFT(Policy):
     spread out.
     """
 
-    name = "genset"
+    name = POLICY_GENSET
 
     def __init__(self, profile: PolynomialProfile | None = None, *, decode_weight: float = 1.0,
                  affinity: float = 0.5, herd_factor: float = 1.5, herd_slack: float = 2.0,
@@ -233,23 +243,18 @@ class PredictedTTFT(Policy):
         return _least_loaded_of(near, rng)
 
 
-POLICY_NAMES = ("genset", "round_robin", "random", "least_loaded", "dynamo", "sglang")
-ALIASES = {"kv": "genset", "ttft": "genset", "kv_router": "dynamo", "cache_aware": "sglang",
-           "round-robin": "round_robin", "least-loaded": "least_loaded"}
+# name -> constructor; the baselines without parameters ignore `options` (as they always did).
+_FACTORIES = {
+    POLICY_GENSET: PredictedTTFT,
+    POLICY_ROUND_ROBIN: lambda **_: RoundRobin(),
+    POLICY_RANDOM: lambda **_: RandomPolicy(),
+    POLICY_LEAST_LOADED: lambda **_: LeastLoaded(),
+    POLICY_DYNAMO: DynamoCost,
+    POLICY_SGLANG: SGLangCacheAware,
+}
 
 
 def make_policy(name: str, **options) -> Policy:
-    key = ALIASES.get(name, name)
-    if key == "genset":
-        return PredictedTTFT(**options)
-    if key == "round_robin":
-        return RoundRobin()
-    if key == "random":
-        return RandomPolicy()
-    if key == "least_loaded":
-        return LeastLoaded()
-    if key == "dynamo":
-        return DynamoCost(**options)
-    if key == "sglang":
-        return SGLangCacheAware(**options)
-    raise ValueError(f"unknown routing policy {name!r}: use one of {', '.join(POLICY_NAMES)}")
+    """A fresh policy by name (any accepted spelling, see `genset.routing.api.policy_name`);
+    `options` go to its constructor. ValueError naming the choices for an unknown name."""
+    return _FACTORIES[policy_name(name)](**options)

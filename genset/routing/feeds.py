@@ -23,9 +23,9 @@ import time
 import structlog
 
 import proto
+from genset.routing.core import RouterCore
 from genset.runtime.metrics import FAST_BUCKETS
 from proto import keys, subjects
-from services.router.core import RouterCore
 
 log = structlog.get_logger("genset.router")
 

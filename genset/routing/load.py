@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 import proto
+from proto import PHASE_DONE, PHASE_FIRST_TOKEN
 
 
 @dataclass(slots=True)
@@ -121,9 +122,9 @@ class LoadModel:
         w.requests.discard(request_id)
 
     def on_lifecycle(self, msg: proto.RequestLifecycle) -> None:
-        if msg.phase == "first_token":
+        if msg.phase == PHASE_FIRST_TOKEN:
             self.on_first_token(msg.request_id)
-        elif msg.phase == "done":
+        elif msg.phase == PHASE_DONE:
             self.on_done(msg.request_id)
 
     # ------------------------------------------------------------ reports

@@ -15,17 +15,19 @@ from dataclasses import dataclass, field
 
 import proto
 from genset.kv.hashing import block_hashes
+from genset.routing.api import POLICY_GENSET
+from genset.routing.index import IngestResult, PrefixIndex
+from genset.routing.load import LoadModel
+from genset.routing.policies import Policy, RouteContext, WorkerView, make_policy
+from proto import ROLE_DECODE, ROLE_PREFILL
 from proto.kv import TIER_DEVICE
-from services.router.index import IngestResult, PrefixIndex
-from services.router.load import LoadModel
-from services.router.policies import Policy, RouteContext, WorkerView, make_policy
 
 log = logging.getLogger("genset.router")
 
 
 @dataclass
 class RouterConfig:
-    policy: str = "genset"
+    policy: str = POLICY_GENSET
     block_size: int = 16  # used for workers without a model card
     default_max_tokens: int = 256  # for decisions broadcast by replicas (no max_tokens there)
     policy_options: dict = field(default_factory=dict)  # for the default policy only
@@ -42,7 +44,7 @@ class WorkerInfo:
     block_size: int = 16
     kv_blocks: int = 0
     max_batch_tokens: int = 8192
-    role: str = "decode"
+    role: str = ROLE_DECODE
     has_card: bool = False  # learned from etcd (else only from its events / reports)
     routed_since_event: int = 0
     ever_published: bool = False
@@ -87,7 +89,7 @@ class RouterCore:
 
     # -------------------------------------------------------------- membership
     def add_worker(self, worker_id: int, *, model: str = "", block_size: int | None = None,
-                   kv_blocks: int = 0, max_batch_tokens: int = 8192, role: str = "decode",
+                   kv_blocks: int = 0, max_batch_tokens: int = 8192, role: str = ROLE_DECODE,
                    has_card: bool = True) -> WorkerInfo:
         w = self.workers.get(worker_id)
         if w is None:
@@ -183,7 +185,7 @@ class RouterCore:
 
     # -------------------------------------------------------------- routing
     def eligible(self, model: str | None, exclude=()) -> list[WorkerInfo]:
-        ws = [w for w in self.workers.values() if w.worker_id not in exclude and w.role != "prefill"]
+        ws = [w for w in self.workers.values() if w.worker_id not in exclude and w.role != ROLE_PREFILL]
         if model:
             with_model = [w for w in ws if w.model == model]
             # Workers learned only from their events have no model: usable when no card matches.
@@ -261,7 +263,7 @@ class RouterCore:
         silence_ms = self.config.event_silence_s * 1000.0
         alarms: dict[int | str, str] = {}
         for w in self.workers.values():
-            if w.role == "prefill":
+            if w.role == ROLE_PREFILL:
                 continue
             last = max((st.last_event_ms for (wid, _t), st in self.index.events.items()
                         if wid == w.worker_id), default=w.joined_ms)
@@ -271,7 +273,7 @@ class RouterCore:
                     f"event for {(now - last) / 1000:.1f}s: routing to it on load alone")
         models: dict[str, list[WorkerInfo]] = {}
         for w in self.workers.values():
-            if w.model and w.role != "prefill":
+            if w.model and w.role != ROLE_PREFILL:
                 models.setdefault(w.model, []).append(w)
         for model, ws in models.items():
             routed = sum(w.routed_since_event for w in ws)

@@ -1,4 +1,4 @@
-"""The router in the caller's process (a frontend with `--router embedded`)."""
+"""The router in the caller's process (a frontend with `--router embedded` or a policy name)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import random
 import time
 
 import proto
+from genset.routing.api import POLICY_GENSET
+from genset.routing.core import RouterConfig, RouterCore
+from genset.routing.feeds import RouterFeeds
 from proto import subjects
-from services.router.core import RouterConfig, RouterCore
-from services.router.feeds import RouterFeeds
 
 
 class EmbeddedRouter:
@@ -19,7 +20,7 @@ class EmbeddedRouter:
     frontends embedding a router (or a mix with `genset router` services) share one load view.
     """
 
-    def __init__(self, bus, namespace: str, *, discovery=None, policy: str = "genset",
+    def __init__(self, bus, namespace: str, *, discovery=None, policy: str = POLICY_GENSET,
                  model: str | None = None, metrics=None, broadcast: bool = True, **options) -> None:
         options.setdefault("router_id", random.getrandbits(62) or 1)
         self.core = RouterCore(RouterConfig(policy=policy, **options))
