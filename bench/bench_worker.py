@@ -27,7 +27,7 @@ from genset.runtime.bus import Bus
 from genset.runtime.discovery import Discovery
 from genset.runtime.infra import EtcdServer, NatsServer
 from genset.runtime.metrics import Metrics
-from genset.worker_host import HostConfig, WorkerHost
+from genset.worker import HostConfig, WorkerHost
 
 
 async def run(concurrency: int, tokens: int, requests: int, runs: int) -> None:

@@ -15,6 +15,7 @@ import structlog
 from genset.runtime.config import (
     CommonConfig,
     ConfigError,
+    FieldError,
     add_common_args,
     add_dataclass_args,
     common_config,
@@ -89,6 +90,33 @@ def test_service_specific_options_and_booleans():
         dataclass_from_args(Opts, parser.parse_args([]), {"GENSET_OFFLOAD": "maybe"})
     with pytest.raises(ConfigError, match=r"GENSET_BLOCK_SIZE='0' must be >= 1"):
         dataclass_from_args(Opts, parser.parse_args([]), {"GENSET_BLOCK_SIZE": "0"})
+
+
+def test_post_init_field_errors_name_the_flag_or_variable():
+    @dataclass
+    class Opts:
+        engine: str = "mocker"
+        speedup: float = 1.0
+
+        def __post_init__(self):
+            if self.engine == "mocker" and self.speedup <= 0:
+                raise FieldError("speedup", f"must be > 0 with --engine mocker, got {self.speedup}")
+            if self.engine == "none":
+                raise FieldError("engine", "--engine none: no such engine")
+            if self.engine == "old":
+                raise ValueError("a plain ValueError still works")
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, Opts)
+    with pytest.raises(ConfigError, match=r"^--speedup: must be > 0 with --engine mocker"):
+        dataclass_from_args(Opts, parser.parse_args(["--speedup", "0"]), {})
+    with pytest.raises(ConfigError, match=r"^GENSET_SPEEDUP: must be > 0"):
+        dataclass_from_args(Opts, parser.parse_args([]), {"GENSET_SPEEDUP": "-1"})
+    # a message that already names the flag is not prefixed twice
+    with pytest.raises(ConfigError, match=r"^--engine none: no such engine$"):
+        dataclass_from_args(Opts, parser.parse_args(["--engine", "none"]), {})
+    with pytest.raises(ConfigError, match=r"^invalid Opts: a plain ValueError still works"):
+        dataclass_from_args(Opts, parser.parse_args(["--engine", "old"]), {})
 
 
 def test_secrets_are_redacted():

@@ -15,7 +15,7 @@ from genset.engines.mocker import MockerConfig, PolynomialTiming, create_mocker_
 from genset.kv.replica import HashSetReplica
 from genset.runtime.bus import Bus, Overloaded, RemoteError, StreamError
 from genset.runtime.metrics import Metrics
-from genset.worker_host import HostConfig, WorkerHost
+from genset.worker import HostConfig, WorkerHost
 from proto import keys, subjects
 from tests.stack import metric, parse_metrics
 
@@ -26,25 +26,27 @@ class Host:
     """A WorkerHost on a mocker engine plus what tests look at."""
 
     def __init__(self, bus, discovery, *, speedup=100.0, num_blocks=256, block_size=4,
-                 context_length=512):
-        self.namespace = f"w{uuid.uuid4().hex[:8]}"
+                 context_length=512, emit_token_ids=False, hooks=None, namespace=None,
+                 **host_config):
+        self.namespace = namespace or f"w{uuid.uuid4().hex[:8]}"
         self.instance_id = int(uuid.uuid4().int & ((1 << 63) - 1)) or 1
         self.metrics = Metrics(process_metrics=False)
         config = MockerConfig(block_size=block_size, num_blocks=num_blocks, vocab_size=1000,
                               context_length=context_length, eos_token_ids=(0,),
+                              emit_token_ids=emit_token_ids,
                               timing=PolynomialTiming(speedup_ratio=speedup))
         self.engine = create_mocker_engine(config, worker_id=self.instance_id)
         self.host = WorkerHost(self.engine, bus=bus, discovery=discovery,
-                               instance_id=self.instance_id, metrics=self.metrics,
+                               instance_id=self.instance_id, metrics=self.metrics, hooks=hooks,
                                config=HostConfig(namespace=self.namespace, model=MODEL,
                                                  tokenizer="tiny", load_interval_s=0.05,
-                                                 idle_load_interval_s=0.2))
+                                                 idle_load_interval_s=0.2, **host_config))
         self.bus = bus
         self.discovery = discovery
 
     @property
     def subject(self) -> str:
-        return subjects.worker_generate(self.namespace, "decode", self.instance_id)
+        return self.host.generate_subject
 
     def request(self, tokens, max_tokens=8, **kw) -> proto.GenerateRequest:
         return proto.GenerateRequest(
@@ -101,7 +103,9 @@ async def test_streams_one_chunk_per_step_with_usage(host):
 async def test_registers_a_model_card_that_routes_to_it(host, discovery):
     cards = await discovery.get_prefix(keys.models_prefix(host.namespace, MODEL), proto.ModelCard)
     card = cards[keys.model(host.namespace, MODEL, host.instance_id)]
-    assert card.generate_subject == host.subject
+    assert card.generate_subject == host.subject == subjects.worker_generate(
+        host.namespace, "decode", host.instance_id)
+    assert card.role == "decode"
     assert (card.engine, card.block_size, card.kv_blocks, card.context_length) == (
         "mocker", 4, 256, 512)
     assert card.tokenizer == "tiny" and card.eos_token_ids == [0]

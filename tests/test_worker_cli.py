@@ -6,16 +6,24 @@ import json
 
 import pytest
 
+from genset.runtime.config import ConfigError, dataclass_from_args
+from genset.worker import registered_role
 from services.decode.__main__ import build_parser, main
 from services.decode.engines import EngineConfigError, build_engine, model_facts, served_model_name
+from services.decode.service import WorkerOptions, WorkerService
 
 
 @pytest.mark.parametrize(("argv", "needle"), [
     (["--model", "/no/such/model"], "/no/such/model"),
-    (["--engine", "mocker", "--kv-blocks", "-1"], "--kv-blocks must be >= 0"),
-    (["--engine", "mocker", "--block-size", "0"], "--block-size must be >= 1"),
+    (["--engine", "mocker", "--kv-blocks", "-1"], "--kv-blocks=-1 must be >= 0"),
+    (["--engine", "mocker", "--block-size", "0"], "--block-size=0 must be >= 1"),
+    (["--engine", "mocker", "--max-streams", "0"], "--max-streams=0 must be >= 1"),
+    (["--engine", "mocker", "--coalesce-ms", "-1"], "--coalesce-ms=-1.0 must be >= 0"),
+    (["--engine", "mocker", "--speedup", "0"], "--speedup: must be > 0"),
+    (["--engine", "mocker", "--role", "agg"], "--role='agg' is not one of: decode, prefill, both"),
+    (["--engine", "mocker", "--seed", "x"], "argument --seed: 'x' is not an integer"),
     (["--engine", "trtllm"], "TensorRT-LLM"),
-    (["--engine", "vllm"], "invalid choice"),
+    (["--engine", "vllm"], "--engine='vllm' is not one of: torch, mocker, trtllm"),
     (["--engine", "mocker", "--namespace", "bad.ns"], "namespace"),
 ])
 def test_bad_flags_exit_2_naming_the_problem(argv, needle, capsys):
@@ -49,5 +57,33 @@ def test_mocker_engine_from_flags():
     assert card.vocab_size == model_facts("tiny").vocab_size
     with pytest.raises(EngineConfigError, match="speedup"):
         build_engine("mocker", "tiny", worker_id=3, speedup=0)
-    args = build_parser().parse_args(["--engine", "mocker", "--role", "prefill"])
-    assert args.role == "prefill" and args.model == "tiny"
+
+
+def options(argv: list[str], env: dict[str, str] | None = None) -> WorkerOptions:
+    return dataclass_from_args(WorkerOptions, build_parser().parse_args(argv), env or {})
+
+
+def test_options_defaults_roles_and_env():
+    opts = options(["--engine", "mocker", "--role", "prefill"])
+    assert opts.role == "prefill" and opts.model == "tiny" and opts.block_size == 16
+    assert options(["--engine", "mocker"]) == WorkerOptions(engine="mocker")
+    assert (WorkerOptions().role, WorkerOptions().max_streams, WorkerOptions().coalesce_ms) == (
+        "decode", 1024, 0.5)
+    # "both" is today's aggregated worker: it registers (and is routed to) as decode
+    both = options(["--engine", "mocker", "--role", "both"])
+    assert both.role == "both" and registered_role(both.role) == "decode"
+    assert registered_role("prefill") == "prefill"
+    assert options([], {"GENSET_ENGINE": "mocker", "GENSET_KV_BLOCKS": "64"}).kv_blocks == 64
+    with pytest.raises(ConfigError, match=r"GENSET_SPEEDUP: must be > 0"):
+        options(["--engine", "mocker"], {"GENSET_SPEEDUP": "-2"})
+    with pytest.raises(ConfigError, match=r"GENSET_MODEL: model '/nope'"):
+        options(["--engine", "mocker"], {"GENSET_MODEL": "/nope"})
+
+
+def test_service_component_follows_the_role():
+    from genset.runtime.config import CommonConfig
+
+    for role, component in (("decode", "decode"), ("both", "decode"), ("prefill", "prefill")):
+        service = WorkerService(CommonConfig(), WorkerOptions(engine="mocker", role=role))
+        assert service.component == component
+        assert service.instance_key.split("/")[-2] == component

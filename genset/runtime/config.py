@@ -37,6 +37,23 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names where it came from."""
 
 
+class FieldError(ValueError):
+    """Raised by a config dataclass's `__post_init__` when one field's value cannot be used
+    (a check `opt()` cannot express: another field's value, a file, an exclusive bound).
+    `dataclass_from_args` reports it as a ConfigError naming the flag or environment variable
+    the value came from (the flag when it is the default), so the user knows what to fix.
+
+        def __post_init__(self):
+            if self.engine == "mocker" and self.speedup <= 0:
+                raise FieldError("speedup", f"must be > 0 with --engine mocker, got {self.speedup}")
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
 def opt(help: str = "", *, choices: tuple | None = None, min: float | None = None,
         max: float | None = None, env: str | None = None, secret: bool = False) -> dict:
     """Field metadata for a config option (help text, allowed values, range, env name)."""
@@ -134,8 +151,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *,
                 raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{name}=")) from None
 
         convert.__name__ = tp.__name__  # argparse names the type in its error message
+        choices = f.metadata.get("choices")
+        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
         target.add_argument(flag(f), dest=f.name, default=None, type=convert,
-                            metavar=f.name.upper(), help=text.strip())
+                            metavar=metavar, help=text.strip())
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace | Mapping[str, Any] | None = None,
@@ -145,15 +164,22 @@ def dataclass_from_args(cls: type, args: argparse.Namespace | Mapping[str, Any] 
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # field -> the flag or variable its value came from
     for f in dataclasses.fields(cls):
         tp, optional = _base_type(hints[f.name])
         if given.get(f.name) is not None:
+            sources[f.name] = flag(f)
             values[f.name] = _check(given[f.name], f, flag(f))
         elif env_var(f) in env:
-            name = env_var(f)
+            name = sources[f.name] = env_var(f)
             values[f.name] = _check(_parse(env[name], tp, optional, name), f, name, env[name])
     try:
         return cls(**values)
+    except FieldError as exc:
+        source = sources.get(exc.field) or "--" + exc.field.replace("_", "-")
+        # a message that already starts with the flag (e.g. from a helper) is not prefixed again
+        text = exc.message if exc.message.startswith(source) else f"{source}: {exc.message}"
+        raise ConfigError(text) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid {cls.__name__}: {exc}") from None
 

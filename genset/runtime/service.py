@@ -60,10 +60,12 @@ __all__ = [
     "ConfigError",
     "Service",
     "add_common_args",
+    "build_instance_record",
     "common_config",
     "configure_logging",
     "run_service",
     "service_main",
+    "service_parser",
 ]
 
 _STOP_STEP_TIMEOUT_S = 5.0  # each shutdown step after the drain (stop(), revoke, bus close)
@@ -120,16 +122,30 @@ class Service:
         return keys.instance(self.namespace, self.component, self.instance_id)
 
     def instance_record(self) -> proto.InstanceRecord:
-        return proto.InstanceRecord(
+        return build_instance_record(
             instance_id=self.instance_id, component=self.component, namespace=self.namespace,
-            subjects=dict(self.subjects), host=socket.gethostname(), pid=os.getpid(),
-            started_ms=self.started_ms, http_url=self.http_url, labels=dict(self.labels))
+            subjects=self.subjects, labels=self.labels, http_url=self.http_url,
+            started_ms=self.started_ms)
 
     def request_stop(self, exit_code: int = 0) -> None:
         """Begin the same shutdown a SIGTERM would (e.g. after a fatal error)."""
         self.exit_code = max(self.exit_code, exit_code)
         if self._stop_event is not None:
             self._stop_event.set()
+
+
+def build_instance_record(*, instance_id: int, component: str, namespace: str,
+                          subjects: dict[str, str], labels: dict[str, str],
+                          http_url: str | None = None,
+                          started_ms: int | None = None) -> proto.InstanceRecord:
+    """The one place an `InstanceRecord` is built: `Service.instance_record`, and parts that
+    register their own when run without a Service (an embedded `genset.worker.WorkerHost`).
+    Host name and pid are this process's."""
+    return proto.InstanceRecord(
+        instance_id=instance_id, component=component, namespace=namespace,
+        subjects=dict(subjects), host=socket.gethostname(), pid=os.getpid(),
+        started_ms=int(time.time() * 1000) if started_ms is None else started_ms,
+        http_url=http_url, labels=dict(labels))
 
 
 def _bus_tls(config: CommonConfig) -> ssl.SSLContext | bool | None:
@@ -292,6 +308,17 @@ def run_service(service_factory: Callable[[CommonConfig], Service], config: Comm
     return asyncio.run(coro)
 
 
+def service_parser(*, prog: str, description: str = "",
+                   options_cls: type | None = None) -> argparse.ArgumentParser:
+    """The command line `service_main` parses: the common flags plus one per field of
+    `options_cls` (a service's `build_parser()` returns it, e.g. for checking commands)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_common_args(parser)
+    if options_cls is not None:
+        add_dataclass_args(parser, options_cls, group_title=f"{prog} options")
+    return parser
+
+
 def service_main(argv: list[str] | None, factory: Callable[..., Service], *, prog: str,
                  description: str = "", options_cls: type | None = None,
                  add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
@@ -301,10 +328,7 @@ def service_main(argv: list[str] | None, factory: Callable[..., Service], *, pro
     factory(config) or, with `options_cls`, factory(config, options); with `add_args` it
     gets the parsed argparse namespace as `args=` too.
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_common_args(parser)
-    if options_cls is not None:
-        add_dataclass_args(parser, options_cls, group_title=f"{prog} options")
+    parser = service_parser(prog=prog, description=description, options_cls=options_cls)
     if add_args is not None:
         add_args(parser)
     args = parser.parse_args(argv)

@@ -1,21 +1,24 @@
-"""The engine host: puts one `Engine` on the bus. Shared by the decode and prefill services.
+"""The engine host: puts one `Engine` on the bus. Shared by the decode, prefill and both roles.
 
-What a worker does for the rest of the system, all here:
+What it does, with the parts it delegates:
 
 - serves `proto.GenerateRequest` streams on its own subject: one chunk per engine output per
   request (a step's tokens travel together; an engine that coalesces short steps hands over
-  several steps' tokens in one output, which then travel in one chunk), a final chunk with `finish_reason` and
-  `proto.Usage` (with `cached_tokens`); a Cancel from the requester or a passed deadline
-  aborts the request in the engine, which frees its blocks at the next step;
-- registers its `InstanceRecord` and `ModelCard` in etcd (under the process lease) once it
-  can serve, and unregisters the card first when it drains;
-- publishes the engine's `KvEventBatch`es on `kv_events(ns, id)` in event_id order, a
-  `LoadReport` on `load_report(ns, id)` periodically (more often while busy), and
-  `RequestLifecycle` (first_token / done) so routers keep their load view true;
-- answers `KvResyncRequest` on `kv_resync(ns, id)`: a snapshot batch (Cleared + Stored for
-  everything held, numbered in sequence) is published on the events subject *and* returned
-  to the asker, so every router sees it in order and the asker need not wait for it;
-- a bad message gets a clear error frame / reply and a counted metric, never a crash.
+  several steps' tokens in one output, which then travel in one chunk), a final chunk with
+  `finish_reason` and `proto.Usage` (with `cached_tokens`); a Cancel from the requester or a
+  passed deadline aborts the request in the engine, which frees its blocks at the next step;
+- validates every request (model, tokens, vocabulary, context length, deadline) and answers
+  a bad one with a clear error frame and a counted metric, never a crash;
+- registers its `ModelCard` in etcd (under the process lease) once it can serve, and
+  unregisters it first when it drains; the `InstanceRecord` belongs to the `Service` that
+  runs the host (`subjects` and `labels` say what goes in it), or, for a host run on its own
+  (`HostConfig.register_instance`), is built by `genset.runtime.service.build_instance_record`;
+- publishes `RequestLifecycle` (first_token / done) so routers keep their load view true;
+- KV events and resync answers: `genset.worker.kv_feed.KvFeed`; load reports:
+  `genset.worker.load.LoadReporter`; metrics: `genset.worker.metrics.WorkerMetrics`;
+- calls its `WorkerHooks` (`genset.worker.hooks`): `before_run` before a request is added to
+  the engine, `after_prefill` before its first token is sent, `on_evict` (through the feed)
+  when the engine drops cached blocks.
 
 The host does not know about processes, signals or flags: `services/decode` wraps it in a
 `Service`. Tests can run it in-process against a real bus and etcd.
@@ -26,9 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
-import socket
-import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -40,8 +40,17 @@ from genset.engines.base import (
     Engine,
     EngineOverloaded,
     EngineRequest,
+    KvImport,
 )
+from genset.kv.hashing import block_hashes
 from genset.runtime.bus_errors import Disconnected, StreamCancelled, StreamClosed
+from genset.runtime.service import build_instance_record
+from genset.worker.clock import now_ms, wait_event
+from genset.worker.hooks import PrefillDone, WorkerContext, WorkerHooks, overridden
+from genset.worker.kv_feed import KvFeed
+from genset.worker.load import LoadReporter
+from genset.worker.metrics import WorkerMetrics
+from genset.worker.roles import ROLE_DECODE, registered_role
 from proto import keys, subjects
 from proto.generate import ErrorInfo
 
@@ -55,29 +64,11 @@ REASON_DRAIN = "drain"
 CLOSE_STEP_TIMEOUT_S = 5.0
 
 
-async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:  # noqa: ASYNC109
-    """Wait for `event` at most `timeout` s (None: no limit); True if it is set.
-
-    Not `asyncio.wait_for(event.wait(), t)`: on Python 3.11 that swallows a cancel arriving
-    after the event fired but before wait_for resumed (it returns the inner result instead),
-    so a loop around it survives `task.cancel()`. `asyncio.timeout` runs no inner task and
-    lets such a cancel through.
-    """
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout):
-            await event.wait()
-    return event.is_set()
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 @dataclass
 class HostConfig:
     namespace: str
     model: str  # the served model name clients ask for
-    role: str = "decode"  # decode (aggregated) | prefill
+    role: str = ROLE_DECODE  # decode | prefill | both (genset.worker.roles)
     tokenizer: str = ""  # what the frontend loads to tokenize for this model
     max_streams: int = 1024  # concurrent generate streams accepted; more are refused (retryable)
     load_interval_s: float = 0.25  # load report period while busy
@@ -87,54 +78,40 @@ class HostConfig:
     # The service lifecycle (genset.runtime.service) registers the InstanceRecord itself;
     # a host used on its own (tests, embedded) can do it here.
     register_instance: bool = False
+    # Longest a before_run / after_prefill hook may take for one request (the request's
+    # deadline, when sooner, bounds it too).
+    hook_timeout_s: float = 30.0
 
 
-class WorkerMetrics:
-    """The worker's Prometheus metrics (names get the genset_ prefix)."""
+class HookFailed(Exception):
+    """A worker hook raised or overran for one request; the request fails with `code`."""
 
-    def __init__(self, metrics) -> None:
-        self.started = metrics.counter("worker_requests_started", "generate requests accepted")
-        self.finished = metrics.counter(
-            "worker_requests_finished",
-            "generate requests ended, by reason (stop, length, cancelled, deadline, error, drain)",
-            ["reason"])
-        self.cancelled = metrics.counter(
-            "worker_requests_cancelled", "generate requests cancelled by the requester")
-        self.rejected = metrics.counter(
-            "worker_requests_rejected", "generate requests refused, by error code", ["code"])
-        self.tokens = metrics.counter("worker_generated_tokens", "output tokens generated")
-        self.prompt_tokens = metrics.counter("worker_prompt_tokens", "prompt tokens received")
-        self.cached_tokens = metrics.counter(
-            "worker_cached_prompt_tokens", "prompt tokens served from the prefix cache")
-        self.running = metrics.gauge("worker_requests_running", "generate streams in progress")
-        self.kv_usage = metrics.gauge("worker_kv_usage", "fraction of KV blocks in use (0-1)")
-        self.kv_used = metrics.gauge("worker_kv_used_blocks", "KV blocks in use")
-        self.kv_total = metrics.gauge("worker_kv_total_blocks", "KV capacity in blocks")
-        self.waiting = metrics.gauge("worker_requests_waiting", "requests queued in the engine")
-        self.kv_batches = metrics.counter("worker_kv_event_batches", "KV event batches published")
-        self.kv_resyncs = metrics.counter("worker_kv_resyncs", "KV snapshots sent on request")
-        self.bad_messages = metrics.counter(
-            "worker_bad_messages", "malformed or invalid bus messages received", ["subject"])
+    def __init__(self, message: str, code: str = "internal") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class WorkerHost:
     """Serves one engine on the bus; see the module docstring."""
 
     def __init__(self, engine: Engine, *, bus, discovery, instance_id: int, config: HostConfig,
-                 metrics) -> None:
+                 metrics, hooks: WorkerHooks | None = None) -> None:
         self.engine = engine
         self.bus = bus
         self.discovery = discovery
         self.instance_id = instance_id
         self.config = config
         self.m = WorkerMetrics(metrics)
+        self.hooks = hooks if hooks is not None else WorkerHooks()
+        # Only the points a hook uses are called: a worker without hooks pays nothing.
+        self._before_run = self.hooks.before_run if overridden(self.hooks, "before_run") else None
+        self._after_prefill = (self.hooks.after_prefill
+                               if overridden(self.hooks, "after_prefill") else None)
         ns = config.namespace
-        self.generate_subject = subjects.worker_generate(ns, config.role, instance_id)
-        self.kv_events_subject = subjects.kv_events(ns, instance_id)
-        self.kv_resync_subject = subjects.kv_resync(ns, instance_id)
-        self.load_subject = subjects.load_report(ns, instance_id)
+        self.role = registered_role(config.role)  # what records and subjects name
+        self.generate_subject = subjects.worker_generate(ns, self.role, instance_id)
         self.lifecycle_subject = subjects.request_lifecycle(ns)
-        self.instance_key = keys.instance(ns, config.role, instance_id)
+        self.instance_key = keys.instance(ns, self.role, instance_id)
         self.model_key = keys.model(ns, config.model, instance_id)
         self.ready = False  # records registered, serving
         self.draining = False
@@ -142,55 +119,69 @@ class WorkerHost:
         self._ids = itertools.count(1)
         self._subs: list = []
         self._tasks: list[asyncio.Task] = []
-        self._kv_sub = None
-        self._load_changed = asyncio.Event()
-        self._closing = False  # close() began: background loops end at their next turn
+        self._load = LoadReporter(engine, bus=bus, namespace=ns, instance_id=instance_id,
+                                  config=config, metrics=self.m,
+                                  active=lambda: len(self._active))
+        self._load_changed = self._load.changed
+        self.kv_feed = KvFeed(engine, bus=bus, namespace=ns, instance_id=instance_id,
+                              metrics=self.m, changed=self._load_changed,
+                              on_evict=(self.hooks.on_evict
+                                        if overridden(self.hooks, "on_evict") else None))
         self._idle = asyncio.Event()
         self._idle.set()
 
     # ---- records ---------------------------------------------------------------------------
 
+    @property
+    def subjects(self) -> dict[str, str]:
+        """This worker's subjects, for its InstanceRecord."""
+        return {"generate": self.generate_subject, "kv_events": self.kv_feed.events_subject,
+                "kv_resync": self.kv_feed.resync_subject, "load_report": self._load.subject}
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """This worker's labels, for its InstanceRecord."""
+        return {"model": self.config.model, "engine": self.engine.card.engine,
+                **self.config.labels}
+
     def model_card(self) -> proto.ModelCard:
         card = self.engine.card
         return proto.ModelCard(
-            model=self.config.model, instance_id=self.instance_id, role=self.config.role,
+            model=self.config.model, instance_id=self.instance_id, role=self.role,
             engine=card.engine, block_size=card.block_size, kv_blocks=card.kv_blocks,
             max_batch_tokens=card.max_batch_tokens, max_running=card.max_running,
             context_length=card.context_length, tokenizer=self.config.tokenizer,
             eos_token_ids=list(card.eos_token_ids), generate_subject=self.generate_subject)
 
-    def instance_record(self) -> proto.InstanceRecord:
-        return proto.InstanceRecord(
-            instance_id=self.instance_id, component=self.config.role,
-            namespace=self.config.namespace,
-            subjects={"generate": self.generate_subject, "kv_events": self.kv_events_subject,
-                      "kv_resync": self.kv_resync_subject, "load_report": self.load_subject},
-            host=socket.gethostname(), pid=os.getpid(), started_ms=now_ms(),
-            http_url=self.config.http_url,
-            labels={"model": self.config.model, "engine": self.engine.card.engine,
-                    **self.config.labels})
-
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the engine, subscribe, publish, then register: once the card is in etcd a
-        frontend may send work at once, so everything must already be listening."""
+        """Start the engine and the hooks, subscribe, publish, then register: once the card is
+        in etcd a frontend may send work at once, so everything must already be listening."""
         await self.engine.start()
         card = self.engine.card
         self.m.kv_total.set(card.kv_blocks)
-        self._kv_sub = self.engine.kv_events(maxsize=4096)
-        self._tasks.append(asyncio.create_task(self._publish_kv_events(), name="kv-events"))
-        self._tasks.append(asyncio.create_task(self._publish_load(), name="load-reports"))
+        self._tasks.append(self.kv_feed.start())  # before the hooks: their imports are events
+        self._tasks.append(self._load.start())
+        await self.hooks.start(WorkerContext(
+            engine=self.engine, bus=self.bus, namespace=self.config.namespace,
+            instance_id=self.instance_id, role=self.config.role, model=self.config.model,
+            block_size=card.block_size))
         self._subs.append(await self.bus.serve_stream(
             self.generate_subject, self._on_generate, max_concurrent=self.config.max_streams))
-        self._subs.append(await self.bus.serve(self.kv_resync_subject, self._on_resync))
+        self._subs.append(await self.bus.serve(self.kv_feed.resync_subject,
+                                               self.kv_feed.on_resync))
         if self.config.register_instance:
-            await self.discovery.register(self.instance_key, self.instance_record())
+            await self.discovery.register(self.instance_key, build_instance_record(
+                instance_id=self.instance_id, component=self.role,
+                namespace=self.config.namespace, subjects=self.subjects, labels=self.labels,
+                http_url=self.config.http_url))
         await self.discovery.register(self.model_key, self.model_card())
         self.ready = True
         log.info("worker ready", model=self.config.model, engine=card.engine,
-                 instance_id=f"{self.instance_id:x}", subject=self.generate_subject,
-                 kv_blocks=card.kv_blocks, block_size=card.block_size)
+                 role=self.config.role, instance_id=f"{self.instance_id:x}",
+                 subject=self.generate_subject, kv_blocks=card.kv_blocks,
+                 block_size=card.block_size)
 
     async def drain(self, deadline_s: float) -> None:
         """Stop taking new work, finish what is in flight until the deadline, abort the rest.
@@ -212,10 +203,10 @@ class WorkerHost:
             await wait_event(self._idle, CLOSE_STEP_TIMEOUT_S)
 
     async def close(self) -> None:
-        """Stop serving: unsubscribe, end requests in flight, stop the background tasks and the
-        engine. Every step has a deadline (CLOSE_STEP_TIMEOUT_S): a step that overruns is
-        logged and left behind rather than waited on forever."""
-        self._closing = True
+        """Stop serving: unsubscribe, end requests in flight, stop the background tasks, the
+        hooks and the engine. Every step has a deadline (CLOSE_STEP_TIMEOUT_S): a step that
+        overruns is logged and left behind rather than waited on forever."""
+        self._load.stopping = True
         for sub in self._subs:
             with contextlib.suppress(Exception):  # TimeoutError included
                 async with asyncio.timeout(CLOSE_STEP_TIMEOUT_S):
@@ -233,8 +224,12 @@ class WorkerHost:
             _, pending = await asyncio.wait(tasks, timeout=CLOSE_STEP_TIMEOUT_S)
             for task in pending:
                 log.warning("background task did not stop at close", task=task.get_name())
-        if self._kv_sub is not None:
-            self._kv_sub.close()
+        self.kv_feed.close()
+        try:
+            async with asyncio.timeout(CLOSE_STEP_TIMEOUT_S):
+                await self.hooks.close()
+        except Exception as exc:  # TimeoutError included: the engine must still stop
+            log.warning("worker hooks did not close cleanly", error=repr(exc))
         try:
             async with asyncio.timeout(CLOSE_STEP_TIMEOUT_S * 2):
                 await self.engine.stop()
@@ -310,11 +305,35 @@ class WorkerHost:
                 self._idle.set()
             self._load_changed.set()
 
+    async def _call_hook(self, name: str, coro, deadline_ms: int | None):
+        """Await one request's hook under hook_timeout_s and the request's deadline."""
+        timeout = self.config.hook_timeout_s
+        left = None if deadline_ms is None else max(0.0, (deadline_ms - now_ms()) / 1000)
+        try:
+            async with asyncio.timeout(timeout if left is None else min(timeout, left)):
+                return await coro
+        except Exception as exc:  # TimeoutError included; a cancel of the request goes through
+            if isinstance(exc, TimeoutError) and left is not None and left <= timeout:
+                raise HookFailed("request deadline passed in worker hook " + name,
+                                 "deadline_exceeded") from exc
+            self.m.hook_errors.labels(name).inc()
+            log.warning("worker hook failed", hook=name, error=repr(exc))
+            raise HookFailed(f"worker hook {name} failed: {exc!r}") from exc
+
     async def _generate(self, req: proto.GenerateRequest, tokens: list[int], engine_id: str,
                         rs) -> None:
+        kv_import: KvImport | None = None
+        if self._before_run is not None:
+            try:
+                kv_import = await self._call_hook(
+                    "before_run", self._before_run(req, tokens), req.deadline_ms)
+            except HookFailed as exc:
+                await rs.fail(self._reject(exc.code, str(exc), retryable=exc.code == "internal"))
+                return
         try:
             stream = await self.engine.submit(EngineRequest(
-                request_id=engine_id, token_ids=tokens, sampling=req.sampling, stop=req.stop))
+                request_id=engine_id, token_ids=tokens, sampling=req.sampling, stop=req.stop,
+                kv_import=kv_import))
         except EngineOverloaded as exc:
             await rs.fail(self._reject("overloaded", str(exc), retryable=True))
             return
@@ -335,6 +354,9 @@ class WorkerHost:
                     first = False
                     self.m.cached_tokens.inc(max(0, out.cached_tokens))
                     if out.token_ids:
+                        if self._after_prefill is not None and out.finish_reason not in (
+                                FINISH_CANCELLED, FINISH_ERROR):
+                            await self._prefill_done(req, tokens, engine_id, out)
                         await self._lifecycle(req.request_id, "first_token")
                 self.m.tokens.inc(len(out.token_ids))
                 if out.finish_reason is None:
@@ -355,6 +377,11 @@ class WorkerHost:
                               usage=usage, final=True)
         except (StreamCancelled, Disconnected, StreamClosed):
             reason = FINISH_CANCELLED  # requester gone or cancelled between two sends
+        except HookFailed as exc:
+            reason = REASON_DEADLINE if exc.code == "deadline_exceeded" else FINISH_ERROR
+            if reason == FINISH_ERROR:  # the deadline's error frame is sent below
+                with contextlib.suppress(Exception):
+                    await rs.fail(ErrorInfo(code="internal", retryable=True, message=str(exc)))
         except asyncio.CancelledError:
             reason = REASON_DRAIN
             with contextlib.suppress(Exception):
@@ -374,6 +401,15 @@ class WorkerHost:
             self.m.finished.labels(reason).inc()
             await self._lifecycle(req.request_id, "done")
 
+    async def _prefill_done(self, req: proto.GenerateRequest, tokens: list[int],
+                            engine_id: str, out) -> None:
+        done = PrefillDone(
+            request=req, engine_request_id=engine_id, token_ids=tokens,
+            block_hashes=block_hashes(tokens, self.engine.card.block_size),
+            cached_tokens=max(0, out.cached_tokens), first_token_ids=list(out.token_ids),
+            finished=out.finish_reason is not None)
+        await self._call_hook("after_prefill", self._after_prefill(done), req.deadline_ms)
+
     async def _watch(self, rs, deadline_ms: int | None, engine_id: str) -> str:
         """Abort `engine_id` when the requester cancels or the deadline passes; returns which."""
         timeout = None if deadline_ms is None else max(0.0, (deadline_ms - now_ms()) / 1000)
@@ -385,65 +421,3 @@ class WorkerHost:
         with contextlib.suppress(Exception):  # bookkeeping for routers: never fail a request
             await self.bus.publish(self.lifecycle_subject, proto.RequestLifecycle(
                 request_id=request_id, worker_id=self.instance_id, phase=phase, ts_ms=now_ms()))
-
-    # ---- KV events, resync, load ---------------------------------------------------------------
-
-    async def _publish_kv_events(self) -> None:
-        """One task publishes every batch, so batches leave in event_id order."""
-        async for batch in self._kv_sub:
-            try:
-                await self.bus.publish(self.kv_events_subject, batch)
-                self.m.kv_batches.inc()
-            except Exception as exc:  # NATS away: the router heals the gap by resync
-                log.warning("KV event batch not published", event_id=batch.event_id,
-                            error=repr(exc))
-            self._load_changed.set()
-
-    async def _on_resync(self, data: bytes):
-        try:
-            req = proto.decode(data, proto.KvResyncRequest)
-        except proto.ProtocolError:
-            self.m.bad_messages.labels("kv_resync").inc()
-            raise  # the bus answers with a bad_request error naming the field
-        if req.worker_id != self.instance_id:
-            raise proto.ProtocolError(
-                f"KvResyncRequest.worker_id {req.worker_id:x} is not this worker "
-                f"({self.instance_id:x})")
-        snapshot = await self.engine.kv_snapshot()
-        snapshot.worker_id = self.instance_id
-        # Through the same queue as step batches: it follows every batch numbered before it.
-        self._kv_sub.put(snapshot)
-        self.m.kv_resyncs.inc()
-        log.info("KV snapshot sent", reason=req.reason, event_id=snapshot.event_id,
-                 blocks=len(snapshot.events) - 1)
-        return snapshot
-
-    async def _publish_load(self) -> None:
-        """A report every load_interval_s while something changes, else every idle interval."""
-        last = None
-        while not self._closing:
-            await wait_event(self._load_changed, self.config.idle_load_interval_s)
-            self._load_changed.clear()
-            report = self.engine.load()
-            # The engine refreshes its report after each step, so an abort that leaves it idle
-            # is not reflected until the next step: never claim more than we are serving.
-            active = len(self._active)
-            running = min(report.running, active)
-            waiting = min(report.waiting, active - running)
-            report = proto.LoadReport(
-                worker_id=self.instance_id, ts_ms=now_ms(), running=running, waiting=waiting,
-                waiting_prefill_tokens=report.waiting_prefill_tokens if waiting else 0,
-                kv_used_blocks=report.kv_used_blocks, kv_total_blocks=report.kv_total_blocks,
-                step_ms_ewma=report.step_ms_ewma)
-            self.m.kv_used.set(report.kv_used_blocks)
-            self.m.waiting.set(report.waiting)
-            if report.kv_total_blocks:
-                self.m.kv_usage.set(report.kv_used_blocks / report.kv_total_blocks)
-            try:
-                await self.bus.publish(self.load_subject, report)
-            except Exception as exc:
-                log.debug("load report not published", error=repr(exc))
-            if self._active or (last and last.kv_used_blocks != report.kv_used_blocks):
-                self._load_changed.set()  # keep reporting while busy
-            last = report
-            await asyncio.sleep(self.config.load_interval_s)

@@ -1,0 +1,147 @@
+"""Where disaggregation and KV offload plug into a worker, without touching its serving code.
+
+The host calls a `WorkerHooks` object at four points of its life and of every request:
+
+- `start(ctx)`: once, after the engine started and before the worker takes requests. `ctx`
+  gives the engine (`export_kv`, `import_kv`), the bus and the worker's identity.
+- `before_run(request, token_ids) -> KvImport | None`: before a validated request is added to
+  the engine. Return the KV blocks to load first (a chain of full blocks in prefix order)
+  and the engine imports them and pins them for this request, so its prefill starts after
+  them. For: a decode worker importing the KV a prefill worker sent (disaggregation), and
+  any worker onboarding blocks from the offload store. Return None to prefill locally.
+- `after_prefill(done)`: when the request's prefill is over (its first output token exists),
+  awaited *before* that token is sent to the requester, so the requester sees the token
+  only once the hook returned. `done.block_hashes` names the prompt's full blocks, all held
+  by the engine at that moment; `ctx.engine.export_kv(done.block_hashes)` reads them. For:
+  a prefill worker shipping the prompt's KV to the decode worker that continues. A request
+  that ended with this output (`done.finished`, e.g. a prefill-only request with
+  max_tokens=1) has already released its blocks to the prefix cache, where they stay until
+  evicted: export them before awaiting anything slow.
+- `on_evict(blocks)`: the engine dropped these cached blocks (their `Removed` event was just
+  published). Plain function, called on the event loop: it must not block; queue the work
+  (bounded) and return. For: write-behind to the offload store. Each block comes with its
+  parent hash and, when the engine puts token ids into its `Stored` events
+  (`emit_token_ids`), its tokens. The blocks' KV data is gone by then (the engine reuses the
+  memory in the same step); saving the data itself needs the engine to hand blocks over
+  before it reuses them.
+- `close()`: once, when the worker stops (requests have ended, the engine still runs).
+
+The default `WorkerHooks` does nothing at each point and the host does not even call what a
+subclass leaves alone, so a worker without hooks serves exactly as before. A request's hook
+that raises or overruns `HostConfig.hook_timeout_s` fails that request with a retryable
+`internal` error (counted in `genset_worker_hook_errors_total{hook}`); one still running at
+the request's deadline ends it with `deadline_exceeded`. To fall back instead (prefill
+locally when an import fails), catch the error in the hook and return None. `on_evict` errors
+are logged and counted, nothing else.
+`HookChain` runs several hooks (e.g. offload + disaggregation) as one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from genset.engines.base import Engine, KvImport
+
+if TYPE_CHECKING:
+    import proto
+
+__all__ = ["EvictedBlock", "HookChain", "KvImport", "PrefillDone", "WorkerContext",
+           "WorkerHooks", "overridden"]
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerContext:
+    """What a hook may use: handed to `WorkerHooks.start`."""
+
+    engine: Engine
+    bus: Any  # genset.runtime.bus.Bus
+    namespace: str
+    instance_id: int
+    role: str  # decode | prefill | both (genset.worker.roles)
+    model: str  # the served model name
+    block_size: int
+
+
+@dataclass(slots=True)
+class PrefillDone:
+    """A request whose prefill just ended (see `WorkerHooks.after_prefill`)."""
+
+    request: proto.GenerateRequest
+    engine_request_id: str  # the id the engine knows the request by (unique per worker)
+    token_ids: list[int]  # the prompt
+    block_hashes: list[int]  # chained hashes of the prompt's full blocks, in prefix order
+    cached_tokens: int  # prompt tokens that came from the prefix cache (imports included)
+    first_token_ids: list[int]  # the tokens of the first output
+    finished: bool  # the request ended with this output (its blocks are no longer held)
+
+
+@dataclass(slots=True, frozen=True)
+class EvictedBlock:
+    """A block the engine dropped from its prefix cache."""
+
+    hash: int  # chained block hash (genset.kv.hashing)
+    parent_hash: int | None  # the block before it in its sequence; None for a first block
+    token_ids: bytes | None  # packed int32 LE, as in `Stored` events; None unless emitted
+
+
+class WorkerHooks:
+    """No-op defaults; subclass and override what you need (see the module docstring)."""
+
+    async def start(self, ctx: WorkerContext) -> None:
+        """Once, before the worker takes requests."""
+
+    async def before_run(self, request: proto.GenerateRequest,
+                         token_ids: list[int]) -> KvImport | None:
+        """KV to import before `request` (prompt `token_ids`) runs, or None."""
+        return None
+
+    async def after_prefill(self, done: PrefillDone) -> None:
+        """The request's prefill is over; its first token is sent when this returns."""
+
+    def on_evict(self, blocks: list[EvictedBlock]) -> None:
+        """Cached blocks the engine dropped; must not block."""
+
+    async def close(self) -> None:
+        """Once, when the worker stops."""
+
+
+def overridden(hooks: WorkerHooks, name: str) -> bool:
+    """Whether `hooks` does something at `name` (the host skips the call otherwise)."""
+    if isinstance(hooks, HookChain):
+        return any(overridden(h, name) for h in hooks.hooks)
+    return getattr(type(hooks), name) is not getattr(WorkerHooks, name)
+
+
+class HookChain(WorkerHooks):
+    """Several hooks as one, called in the order given: `before_run` returns the first import
+    one of them offers; every other point calls each hook that overrides it."""
+
+    def __init__(self, *hooks: WorkerHooks) -> None:
+        self.hooks = list(hooks)
+
+    def _with(self, name: str) -> list[WorkerHooks]:
+        return [h for h in self.hooks if overridden(h, name)]
+
+    async def start(self, ctx: WorkerContext) -> None:
+        for h in self._with("start"):
+            await h.start(ctx)
+
+    async def before_run(self, request, token_ids):
+        for h in self._with("before_run"):
+            kv = await h.before_run(request, token_ids)
+            if kv is not None:
+                return kv
+        return None
+
+    async def after_prefill(self, done: PrefillDone) -> None:
+        for h in self._with("after_prefill"):
+            await h.after_prefill(done)
+
+    def on_evict(self, blocks: list[EvictedBlock]) -> None:
+        for h in self._with("on_evict"):
+            h.on_evict(blocks)
+
+    async def close(self) -> None:
+        for h in self._with("close"):
+            await h.close()

@@ -1,0 +1,73 @@
+"""A worker's load reports: a `LoadReport` on `load_report(ns, id)` every `load_interval_s`
+while something changes (requests running, KV use moving), else every
+`idle_load_interval_s`, so routers keep their load view true."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+
+import proto
+from genset.engines.base import Engine
+from genset.worker.clock import now_ms, wait_event
+from genset.worker.metrics import WorkerMetrics
+from proto import subjects
+
+log = structlog.get_logger("genset.worker")
+
+
+class LoadReporter:
+    """`config` is read on every turn (it has `load_interval_s` and `idle_load_interval_s`),
+    so a change to it applies at the next report. `active()` counts the requests the host is
+    serving; `changed` is set by whoever sees the load move."""
+
+    def __init__(self, engine: Engine, *, bus, namespace: str, instance_id: int, config,
+                 metrics: WorkerMetrics, active: Callable[[], int]) -> None:
+        self.engine = engine
+        self.bus = bus
+        self.instance_id = instance_id
+        self.config = config
+        self.m = metrics
+        self.active = active
+        self.subject = subjects.load_report(namespace, instance_id)
+        self.changed = asyncio.Event()
+        self.stopping = False  # the loop ends at its next turn
+
+    def start(self) -> asyncio.Task:
+        """Start reporting; the caller owns the returned task."""
+        return asyncio.create_task(self._run(), name="load-reports")
+
+    def report(self) -> proto.LoadReport:
+        """The engine's latest report, as this worker publishes it."""
+        report = self.engine.load()
+        # The engine refreshes its report after each step, so an abort that leaves it idle
+        # is not reflected until the next step: never claim more than we are serving.
+        active = self.active()
+        running = min(report.running, active)
+        waiting = min(report.waiting, active - running)
+        return proto.LoadReport(
+            worker_id=self.instance_id, ts_ms=now_ms(), running=running, waiting=waiting,
+            waiting_prefill_tokens=report.waiting_prefill_tokens if waiting else 0,
+            kv_used_blocks=report.kv_used_blocks, kv_total_blocks=report.kv_total_blocks,
+            step_ms_ewma=report.step_ms_ewma)
+
+    async def _run(self) -> None:
+        last = None
+        while not self.stopping:
+            await wait_event(self.changed, self.config.idle_load_interval_s)
+            self.changed.clear()
+            report = self.report()
+            self.m.kv_used.set(report.kv_used_blocks)
+            self.m.waiting.set(report.waiting)
+            if report.kv_total_blocks:
+                self.m.kv_usage.set(report.kv_used_blocks / report.kv_total_blocks)
+            try:
+                await self.bus.publish(self.subject, report)
+            except Exception as exc:
+                log.debug("load report not published", error=repr(exc))
+            if self.active() or (last and last.kv_used_blocks != report.kv_used_blocks):
+                self.changed.set()  # keep reporting while busy
+            last = report
+            await asyncio.sleep(self.config.load_interval_s)

@@ -1,0 +1,120 @@
+"""The worker service: one engine hosted by a `genset.worker.WorkerHost` inside the shared
+service lifecycle (NATS, etcd lease, /metrics, /health, SIGTERM drain).
+
+`WorkerOptions` is the worker's own flags (and `GENSET_*` variables), checked before anything
+connects: a bad value, a missing model or an engine whose package is not installed is a
+usage error naming the flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from genset.runtime.config import FieldError, opt
+from genset.runtime.service import Service
+from genset.worker import WORKER_ROLES, HostConfig, WorkerHost, registered_role
+from services.decode.engines import (
+    EngineConfigError,
+    build_engine,
+    check_engine_available,
+    model_facts,
+    served_model_name,
+)
+
+ENGINES = ("torch", "mocker", "trtllm")
+
+
+@dataclass
+class WorkerOptions:
+    engine: str = field(default="torch", metadata=opt(
+        "torch: runs the model; mocker: timing model, no tensors; trtllm: TensorRT-LLM",
+        choices=ENGINES))
+    model: str = field(default="tiny", metadata=opt(
+        "'tiny' (built in) or a local Hugging Face directory"))
+    served_model_name: str | None = field(default=None, metadata=opt(
+        "model name clients use (default: 'tiny' or the directory name)"))
+    role: str = field(default="decode", metadata=opt(
+        "decode: serves requests (today: prefills locally, as both); prefill: computes prompt "
+        "KV for decode workers; both: prefills and decodes every request itself",
+        choices=WORKER_ROLES))
+    block_size: int = field(default=16, metadata=opt("KV block size in tokens", min=1))
+    kv_blocks: int = field(default=0, metadata=opt(
+        "KV capacity in blocks (0: the engine sizes it: torch from memory)", min=0))
+    max_batch_tokens: int = field(default=0, metadata=opt(
+        "token budget of one engine step (0: engine default)", min=0))
+    max_running: int = field(default=256, metadata=opt("sequences batched at once", min=1))
+    context_length: int = field(default=0, metadata=opt(
+        "mocker: context length (0: from the model's config)", min=0))
+    speedup: float = field(default=1.0, metadata=opt("mocker: run this many times faster"))
+    coalesce_ms: float = field(default=0.5, metadata=opt(
+        "mocker: when modelled steps are shorter than this, send the tokens of the steps "
+        "within this many ms in one frame per request (0: a frame per step)", min=0))
+    device: str = field(default="auto", metadata=opt("torch: cpu, cuda, cuda:N or auto"))
+    dtype: str = field(default="", metadata=opt(
+        "torch: float32, bfloat16, float16 (default: auto)"))
+    seed: int = field(default=0, metadata=opt("torch: seed of dummy weights"))
+    max_streams: int = field(default=1024, metadata=opt(
+        "generate streams accepted at once; more are refused as overloaded", min=1))
+
+    def __post_init__(self) -> None:
+        if self.engine == "mocker" and not self.speedup > 0:
+            raise FieldError("speedup", f"must be > 0 with --engine mocker, got {self.speedup}")
+        # A missing model or engine package is reported now, before connecting anywhere.
+        try:
+            model_facts(self.model)
+        except EngineConfigError as exc:
+            raise FieldError("model", str(exc)) from None
+        try:
+            check_engine_available(self.engine)
+        except EngineConfigError as exc:
+            raise FieldError("engine", str(exc)) from None
+
+
+class WorkerService(Service):
+    component = "decode"
+
+    def __init__(self, config, options: WorkerOptions) -> None:
+        # before Service.__init__: the component names the logger and the instance record
+        self.component = registered_role(options.role)
+        super().__init__(config)
+        self.options = options
+        self.host: WorkerHost | None = None
+
+    async def start(self) -> None:
+        o = self.options
+        facts = model_facts(o.model)
+        # Loading weights blocks for seconds: keep the loop (heartbeats, /health) responsive.
+        engine = await asyncio.to_thread(
+            build_engine, o.engine, o.model, worker_id=self.instance_id,
+            block_size=o.block_size, kv_blocks=o.kv_blocks, max_batch_tokens=o.max_batch_tokens,
+            max_running=o.max_running, context_length=o.context_length, speedup=o.speedup,
+            device=o.device, dtype=o.dtype, seed=o.seed, coalesce_ms=o.coalesce_ms)
+        host_config = HostConfig(
+            namespace=self.namespace, model=o.served_model_name or served_model_name(o.model),
+            role=o.role, tokenizer=facts.tokenizer, max_streams=o.max_streams,
+            http_url=self.http_url)
+        self.host = WorkerHost(engine, bus=self.bus, discovery=self.discovery,
+                               instance_id=self.instance_id, config=host_config,
+                               metrics=self.metrics)
+        await self.host.start()
+        # the Service registers the InstanceRecord; the host says what goes in it
+        self.subjects.update(self.host.subjects)
+        self.labels.update(self.host.labels)
+
+    async def drain(self) -> None:
+        if self.host is not None:
+            # leave a little of the service's drain budget for aborting stragglers cleanly
+            await self.host.drain(max(0.0, self.config.drain_timeout - 2.0))
+
+    async def stop(self) -> None:
+        if self.host is not None:
+            await self.host.close()
+
+    def health(self) -> dict:
+        body = super().health()
+        if self.host is not None:
+            base_ready = body["ready"]
+            body.update(self.host.health())
+            body["ready"] = base_ready and self.host.ready
+        return body
