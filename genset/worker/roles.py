@@ -10,10 +10,10 @@
 
 from __future__ import annotations
 
-ROLE_DECODE = "decode"
-ROLE_PREFILL = "prefill"
-ROLE_BOTH = "both"
-WORKER_ROLES = (ROLE_DECODE, ROLE_PREFILL, ROLE_BOTH)
+from proto.values import ROLE_BOTH, ROLE_DECODE, ROLE_PREFILL
+from proto.values import ROLES as WORKER_ROLES
+
+__all__ = ["ROLE_BOTH", "ROLE_DECODE", "ROLE_PREFILL", "WORKER_ROLES", "registered_role"]
 
 
 def registered_role(role: str) -> str:
