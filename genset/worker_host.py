@@ -34,13 +34,8 @@ from dataclasses import dataclass, field
 import structlog
 
 import proto
-from genset.engines.base import (
-    FINISH_CANCELLED,
-    FINISH_ERROR,
-    Engine,
-    EngineOverloaded,
-    EngineRequest,
-)
+from genset.engines.interface import Engine
+from genset.engines.types import FINISH_CANCELLED, FINISH_ERROR, EngineOverloaded, EngineRequest
 from genset.runtime.bus_errors import Disconnected, StreamCancelled, StreamClosed
 from proto import keys, subjects
 from proto.generate import ErrorInfo

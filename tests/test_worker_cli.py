@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from genset.engines.factory import EngineConfigError, build_engine, model_facts, served_model_name
 from services.decode.__main__ import build_parser, main
-from services.decode.engines import EngineConfigError, build_engine, model_facts, served_model_name
 
 
 @pytest.mark.parametrize(("argv", "needle"), [

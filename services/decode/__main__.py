@@ -14,16 +14,16 @@ import argparse
 import asyncio
 import sys
 
-from genset.runtime.config import ConfigError, add_common_args, common_config
-from genset.runtime.service import Service, run_service
-from genset.worker_host import HostConfig, WorkerHost
-from services.decode.engines import (
+from genset.engines.factory import (
     EngineConfigError,
     build_engine,
     check_engine_available,
     model_facts,
     served_model_name,
 )
+from genset.runtime.config import ConfigError, add_common_args, common_config
+from genset.runtime.service import Service, run_service
+from genset.worker_host import HostConfig, WorkerHost
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,7 +134,7 @@ def _nearest_rank(sorted_vals: list[float], q: float) -> float:
 
 
 def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dict:
-    from genset.engines.base import EngineRequest
+    from genset.engines.types import EngineRequest
     from proto.generate import SamplingParams, StopConditions
 
     routers = []
