@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genset.engines.base import EngineRequest
 from genset.engines.mocker import MockerConfig, MockerCore
+from genset.engines.types import EngineRequest
 from proto.generate import StopConditions
 
 

@@ -34,9 +34,9 @@ import time
 
 import torch
 
-from genset.engines.base import EngineRequest
 from genset.engines.torch.engine import TorchEngine
 from genset.engines.torch.tiny import resolve_model
+from genset.engines.types import EngineRequest
 from proto.generate import SamplingParams, StopConditions
 
 GREEDY = SamplingParams(temperature=0.0)

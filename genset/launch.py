@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from genset.engines.factory import served_model_name
 from genset.routing.api import MODE_AUTO, MODE_SERVICE, POLICY_NAMES, router_mode
 from genset.runtime.infra import die_with_parent
 from proto import ROLE_DECODE
@@ -47,11 +48,6 @@ class LaunchError(RuntimeError):
 
 class Interrupted(Exception):  # a signal arrived, not an error
     pass
-
-
-def served_model_name(model: str) -> str:
-    """The name a worker serves `--model` under when not told: `tiny`, or the directory name."""
-    return model if model == "tiny" else Path(model).expanduser().resolve().name
 
 
 def _router_mode(text: str) -> str:

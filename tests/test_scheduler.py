@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from genset.engines.base import EngineRequest
 from genset.engines.scheduler import Scheduler, SchedulerConfig
+from genset.engines.types import EngineRequest
 from genset.kv.hashing import block_hashes
 from genset.kv.replica import HashSetReplica
 from proto.generate import StopConditions

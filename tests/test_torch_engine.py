@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from genset.engines.base import EngineRequest, KvImport  # noqa: E402
 from genset.engines.torch.engine import TorchEngine  # noqa: E402
 from genset.engines.torch.tiny import resolve_model  # noqa: E402
+from genset.engines.types import EngineRequest, KvImport  # noqa: E402
 from genset.kv.hashing import block_hashes  # noqa: E402
 from genset.kv.replica import HashSetReplica  # noqa: E402
 from proto.generate import SamplingParams, StopConditions  # noqa: E402
@@ -93,35 +93,40 @@ async def test_prefix_cache_computes_only_uncached_tokens(reference):
         await engine.stop()
 
 
-async def test_preemption_under_tiny_kv_capacity_matches_reference(reference):
-    import asyncio
+def test_preemption_under_tiny_kv_capacity_matches_reference(reference):
+    # The core is stepped directly with all four requests queued first, so the contention
+    # (and with it the preemption) does not depend on when a stepping thread picks them up.
+    from genset.engines.torch.engine import TorchEngineCore
+    from genset.engines.torch.runner import ModelRunner
 
     # 10 blocks of 8 = 80 tokens of KV for four sequences that need ~40 each.
-    engine = TorchEngine("tiny", num_blocks=10, block_size=8, max_batch_tokens=32)
+    core = TorchEngineCore(ModelRunner("tiny", num_blocks=10, block_size=8), max_batch_tokens=32)
     plans = []
-    execute = engine.runner.execute
+    execute = core.runner.execute
 
     def observe(plan):  # records what the scheduler asked for, then runs it unchanged
         plans.append([(len(c.token_ids), c.start_pos) for c in plan.chunks])
         return execute(plan)
 
-    engine.runner.execute = observe
-    try:
-        shared = _prompt(2, 12)
-        prompts = [shared + _prompt(10 + i, 10 + 5 * i) for i in range(4)]
-        results = await asyncio.gather(
-            *(_run(engine, f"r{i}", p, 12) for i, p in enumerate(prompts))
+    core.runner.execute = observe
+    shared = _prompt(2, 12)
+    prompts = [shared + _prompt(10 + i, 10 + 5 * i) for i in range(4)]
+    for i, p in enumerate(prompts):
+        core.add_request(
+            EngineRequest(f"r{i}", p, GREEDY, StopConditions(max_tokens=12, ignore_eos=True))
         )
-        assert engine.scheduler.num_preemptions > 0
-        # The load also forced chunked prefill (a prompt continued at start_pos > 0) and
-        # steps mixing prefill chunks with decodes.
-        assert any(n > 1 and start > 0 for p in plans for n, start in p)
-        assert any({n == 1 for n, _ in p} == {True, False} for p in plans)
-        for p, (tokens, _) in zip(prompts, results, strict=True):
-            assert tokens == reference(p, 12)
-        engine.scheduler.pool.check_invariants()
-    finally:
-        await engine.stop()
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(4)}
+    while core.has_work():
+        for out in core.step()[0]:
+            got[out.request_id].extend(out.token_ids)
+    assert core.scheduler.num_preemptions > 0
+    # The load also forced chunked prefill (a prompt continued at start_pos > 0) and
+    # steps mixing prefill chunks with decodes.
+    assert any(n > 1 and start > 0 for p in plans for n, start in p)
+    assert any({n == 1 for n, _ in p} == {True, False} for p in plans)
+    for i, p in enumerate(prompts):
+        assert got[f"r{i}"] == reference(p, 12)
+    core.scheduler.pool.check_invariants()
 
 
 async def test_kv_export_import_between_engines(reference):
@@ -217,30 +222,37 @@ async def test_stop_token_and_kv_sizing(reference):
 
 
 async def test_engine_steps_off_the_event_loop():
+    """A step in progress does not hold the loop: the first forward pass waits until a
+    coroutine, which can only run on a free loop, lets it go. Were the step on the loop, the
+    coroutine could not run, the wait would end unreleased and the test would fail."""
     import asyncio
-    import time
+    import threading
 
-    engine = TorchEngine("tiny", num_blocks=160, block_size=16, max_batch_tokens=2048)
+    engine = TorchEngine("tiny", num_blocks=16, block_size=16)
+    loop = asyncio.get_running_loop()
+    in_step = asyncio.Event()
+    release = threading.Event()
+    seen: dict[str, object] = {}
+    execute = engine.runner.execute
+
+    def gated(plan):
+        if "thread" not in seen:
+            seen["thread"] = threading.get_ident()
+            loop.call_soon_threadsafe(in_step.set)
+            seen["released"] = release.wait(timeout=60)
+        return execute(plan)
+
+    engine.runner.execute = gated
     try:
-        await _run(engine, "warm", _prompt(9, 16), 1)
-        ticks = 0
-        done = asyncio.Event()
-
-        async def ticker():
-            nonlocal ticks
-            while not done.is_set():
-                await asyncio.sleep(0.005)
-                ticks += 1
-
-        task = asyncio.create_task(ticker())
-        t0 = time.perf_counter()
-        await _run(engine, "long", _prompt(10, 2000), 1)  # one ~0.2-0.8 s prefill step
-        elapsed = time.perf_counter() - t0
-        done.set()
-        await task
-        # A blocked loop would tick once or twice; a free one every ~5 ms of the step.
-        assert ticks >= max(5, int(elapsed / 0.005) // 4), (ticks, elapsed)
+        task = asyncio.create_task(_run(engine, "a", _prompt(9, 16), 2))
+        async with asyncio.timeout(60):
+            await in_step.wait()  # the loop runs while the step is in progress
+            release.set()
+            await task
+        assert seen["released"] is True
+        assert seen["thread"] != threading.get_ident()
     finally:
+        release.set()
         await engine.stop()
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from genset.engines.base import EngineRequest
 from genset.engines.trtllm import (
     TrtllmEngine,
     TrtllmEventTranslator,
     TrtllmNotInstalled,
     load_from_stats,
 )
+from genset.engines.types import EngineRequest
 from genset.kv.hashing import block_hashes
 from genset.kv.replica import HashSetReplica
 from proto.generate import StopConditions
@@ -230,7 +230,7 @@ async def test_engine_glue_with_stand_in(fake_trtllm):
         batch = await asyncio.wait_for(sub.__anext__(), 5)
         assert batch.worker_id == 3 and replica.apply(batch)
         assert replica.hashes == engine.translator.held_hashes()
-        for _ in range(100):
+        for _ in range(3000):  # the stats pump's first poll; a generous 30 s deadline
             if engine.load().kv_total_blocks:
                 break
             await asyncio.sleep(0.01)
@@ -243,21 +243,24 @@ async def test_engine_glue_with_stand_in(fake_trtllm):
 
 
 def test_factory_fails_fast_without_package(monkeypatch):
-    from genset.engines import create_engine
+    from genset.engines.factory import EngineConfigError, build_engine, check_engine_available
     from genset.engines.trtllm import create_trtllm_engine
 
     monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
-    with pytest.raises(ImportError, match="TensorRT-LLM is not installed"):
+    with pytest.raises(TrtllmNotInstalled, match="TensorRT-LLM is not installed"):
         create_trtllm_engine("m", max_batch_tokens=None)
-    with pytest.raises(TrtllmNotInstalled):
-        create_engine("trtllm", model="m")
+    with pytest.raises(EngineConfigError, match="TensorRT-LLM is not installed"):
+        check_engine_available("trtllm")
+    with pytest.raises(EngineConfigError, match="needs TensorRT-LLM"):
+        build_engine("trtllm", "tiny", worker_id=0)
 
 
 def test_engines_package_does_not_import_torch():
     import subprocess
 
     code = (
-        "import sys, genset.engines as e; eng = e.create_engine('mocker', worker_id=1); "
+        "import sys; from genset.engines.factory import build_engine; "
+        "eng = build_engine('mocker', 'tiny', worker_id=1); "
         "import genset.engines.trtllm, genset.engines.scheduler; "
         "assert 'torch' not in sys.modules, 'torch imported'; print(eng.card.engine)"
     )

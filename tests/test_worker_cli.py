@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from genset.engines.factory import EngineConfigError, build_engine, model_facts, served_model_name
 from genset.runtime.config import ConfigError, dataclass_from_args
 from genset.worker import registered_role
 from services.decode.__main__ import build_parser, main
-from services.decode.engines import EngineConfigError, build_engine, model_facts, served_model_name
 from services.decode.service import WorkerOptions, WorkerService
 
 

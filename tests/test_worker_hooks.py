@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import proto
-from genset.engines.base import KvBlockData
+from genset.engines.types import KvBlockData
 from genset.kv.hashing import block_hashes, chain_hash, local_block_hash
 from genset.runtime.bus import RemoteError
 from genset.worker import (

@@ -2,7 +2,7 @@
 
 It publishes the same KV events and load reports as the torch engine for the same requests,
 so routers, planners and whole fleets can be exercised without models: in real time
-(`create_mocker_engine`: an `Engine` that sleeps each modelled step) or in simulated time
+(`create_mocker_engine`: a `MockerDriver`, an `Engine` paced by the modelled step times) or in simulated time
 (`MockerCore`, driven directly by offline trace replay).
 
 Timing model (default: Dynamo's published mocker polynomial, in ms)::
@@ -39,21 +39,22 @@ Simulated time (offline replay)::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import xxhash
 
-from genset.engines.base import (
-    AsyncEngineDriver,
-    EngineCard,
-    EngineOutput,
-    EngineRequest,
-    KvBlockData,
-    KvImport,
-)
 from genset.engines.batch import StepPlan
+from genset.engines.core import SchedulingCore
+from genset.engines.driver import AsyncEngineDriver, merge_output, now_ms
 from genset.engines.scheduler import Scheduler, SchedulerConfig, Sequence
-from proto.kv import KvEventBatch, LoadReport
+from genset.engines.types import EngineOutput, EngineRequest, KvBlockData
+
+log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
 # Knuth's MMIX LCG constants: a cheap, deterministic per-request stream
@@ -130,109 +131,62 @@ class StepStats:
     start_ms: float = 0.0
 
 
-class MockerCore:
-    """A synchronous mocker engine core (`genset.engines.base.EngineCore`).
+class MockerExecutor:
+    """The mocker's executor (`genset.engines.core.Executor`): deterministic pseudo-random
+    tokens and a modelled step time; blocks carry no payload."""
 
-    `step(now_ms=None)` runs one step and returns (outputs, step_ms); `now_ms` is the
-    simulated start time (defaults to the end of the previous step) and only stamps
-    `clock_ms` and `last_step`. An idle core (nothing to schedule) returns ([], 0.0).
-    """
+    name = "mocker"
 
-    def __init__(self, config: MockerConfig | None = None, *, worker_id: int = 0) -> None:
-        self.config = cfg = config or MockerConfig()
-        if cfg.vocab_size <= len(cfg.eos_token_ids):
-            raise ValueError("vocab_size must exceed the number of EOS ids")
-        self.worker_id = worker_id
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                block_size=cfg.block_size,
-                num_blocks=cfg.num_blocks,
-                max_batch_tokens=cfg.max_batch_tokens,
-                max_running=cfg.max_running,
-                context_length=cfg.context_length,
-                eos_token_ids=cfg.eos_token_ids,
-                enable_prefix_caching=cfg.enable_prefix_caching,
-                emit_token_ids=cfg.emit_token_ids,
-            )
-        )
-        self.pool = self.scheduler.pool
-        self.timing = cfg.timing
-        self.card = EngineCard(
-            engine="mocker",
-            block_size=cfg.block_size,
-            kv_blocks=cfg.num_blocks,
-            max_batch_tokens=cfg.max_batch_tokens,
-            max_running=cfg.max_running,
-            context_length=cfg.context_length,
-            eos_token_ids=list(cfg.eos_token_ids),
-            vocab_size=cfg.vocab_size,
-        )
-        self.clock_ms = 0.0
-        self.last_step = StepStats()
-        self._eos = sorted(set(cfg.eos_token_ids))
-        self._eos_set = frozenset(cfg.eos_token_ids)
+    def __init__(self, config: MockerConfig) -> None:
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.timing = config.timing
+        self._eos = sorted(set(config.eos_token_ids))
+        self._eos_set = frozenset(config.eos_token_ids)
         # P(eos) as a threshold on the top 32 bits of the LCG state
-        self._eos_threshold = int(cfg.eos_probability * (1 << 32))
+        self._eos_threshold = int(config.eos_probability * (1 << 32))
+        self.stats: StepStats | None = None  # what the last `execute` did
 
-    # ---- requests ---------------------------------------------------------------------------
+    def check_request(self, request: EngineRequest) -> None:
+        pass
 
-    def add_request(self, request: EngineRequest) -> None:
-        if request.kv_import is not None:
-            self.import_kv(request.kv_import, pin_for=request.request_id)
-        try:
-            seq = self.scheduler.add_request(request)
-        except ValueError:
-            self.scheduler.unpin(request.request_id)
-            raise
+    def start_sequence(self, seq: Sequence, request: EngineRequest) -> None:
         seed = request.sampling.seed
         if seed is None:
             seed = xxhash.xxh3_64_intdigest(request.request_id.encode())
         seq.user_data = seed & _MASK64  # the request's LCG state
 
-    def abort_request(self, request_id: str) -> None:
-        self.scheduler.abort(request_id)
-
-    def has_work(self) -> bool:
-        return self.scheduler.has_work()
-
-    @property
-    def num_running(self) -> int:
-        return self.scheduler.num_running
-
-    @property
-    def num_waiting(self) -> int:
-        return self.scheduler.num_waiting
-
-    # ---- stepping ---------------------------------------------------------------------------
-
-    def step(self, now_ms: float | None = None) -> tuple[list[EngineOutput], float]:
-        start = self.clock_ms if now_ms is None else now_ms
-        sched = self.scheduler
-        plan = sched.schedule()
-        if not plan.chunks:
-            self.clock_ms = start
-            self.last_step = StepStats(start_ms=start)
-            return [], 0.0
-        usage = self.pool.num_used / self.pool.num_blocks
+    def execute(self, plan: StepPlan, sched: Scheduler) -> tuple[list[int | None], float]:
+        pool = sched.pool
+        usage = pool.num_used / pool.num_blocks
         sampled, prefill_tokens, decode_tokens, emitted = self._sample(plan, sched.scheduled)
         if self.timing.dynamo_exact:
             ctx = sum(len(seq.token_ids) for chunk, seq in zip(plan.chunks, sched.scheduled, strict=True)
                       if len(chunk.token_ids) == 1 and seq.num_output > 0)
-            usage = ctx / (self.pool.num_blocks * self.pool.block_size)
+            usage = ctx / (pool.num_blocks * pool.block_size)
             step_ms = self.timing.step_ms(prefill_tokens, decode_tokens > 0, usage)
         else:
             step_ms = self.timing.step_ms(prefill_tokens, emitted > 0, usage)
-        outputs = sched.update(plan, sampled)
-        self.clock_ms = start + step_ms
-        self.last_step = StepStats(
+        self.stats = StepStats(
             prefill_tokens=prefill_tokens,
             decode_tokens=decode_tokens,
             num_chunks=len(plan.chunks),
             kv_usage=usage,
             step_ms=step_ms,
-            start_ms=start,
         )
-        return outputs, step_ms
+        return sampled, step_ms
+
+    def idle(self) -> None:
+        pass  # simulated time: an idle step costs nothing
+
+    def read_kv(self, block_ids: list[int]) -> list[Any]:
+        return [None] * len(block_ids)
+
+    def decode_kv(self, blocks: list[KvBlockData]) -> list[Any]:
+        return [None] * len(blocks)
+
+    def write_kv(self, block_ids: list[int], payloads: list[Any]) -> None:
+        pass
 
     def _sample(
         self, plan: StepPlan, seqs: list[Sequence]
@@ -265,6 +219,72 @@ class MockerCore:
             emitted += 1
         return sampled, prefill, decode, emitted
 
+    def next_tokens(self, seq: Sequence, k: int) -> list[int]:
+        """`seq`'s next k tokens: the same stream `_sample` draws from, one per step."""
+        vocab = self.config.vocab_size
+        eos = self._eos
+        eos_set = self._eos_set
+        eos_threshold = self._eos_threshold
+        state = seq.user_data
+        out: list[int] = []
+        for _ in range(k):
+            state = (state * _LCG_MUL + _LCG_INC) & _MASK64
+            high = state >> 32
+            if eos_threshold and (high & 0xFFFFFFFF) < eos_threshold and eos:
+                token = eos[high % len(eos)]
+            else:
+                token = high % vocab
+                while token in eos_set:
+                    token = (token + 1) % vocab
+            out.append(token)
+        seq.user_data = state
+        return out
+
+
+class MockerCore(SchedulingCore):
+    """The mocker's synchronous core: the shared `SchedulingCore` over a `MockerExecutor`,
+    plus simulated time.
+
+    `step(now_ms=None)` runs one step and returns (outputs, step_ms); `now_ms` is the
+    simulated start time (defaults to the end of the previous step) and only stamps
+    `clock_ms` and `last_step`. An idle core (nothing to schedule) returns ([], 0.0).
+    """
+
+    executor: MockerExecutor
+
+    def __init__(self, config: MockerConfig | None = None, *, worker_id: int = 0) -> None:
+        self.config = cfg = config or MockerConfig()
+        if cfg.vocab_size <= len(cfg.eos_token_ids):
+            raise ValueError("vocab_size must exceed the number of EOS ids")
+        super().__init__(
+            MockerExecutor(cfg),
+            SchedulerConfig(
+                block_size=cfg.block_size,
+                num_blocks=cfg.num_blocks,
+                max_batch_tokens=cfg.max_batch_tokens,
+                max_running=cfg.max_running,
+                context_length=cfg.context_length,
+                eos_token_ids=cfg.eos_token_ids,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+                emit_token_ids=cfg.emit_token_ids,
+            ),
+            worker_id=worker_id,
+        )
+        self.timing = cfg.timing
+        self.clock_ms = 0.0
+        self.last_step = StepStats()
+
+    def step(self, now_ms: float | None = None) -> tuple[list[EngineOutput], float]:
+        start = self.clock_ms if now_ms is None else now_ms
+        executor = self.executor
+        executor.stats = None
+        outputs, step_ms = super().step()
+        stats = executor.stats or StepStats()  # None: nothing was scheduled
+        stats.start_ms = start
+        self.last_step = stats
+        self.clock_ms = start + step_ms
+        return outputs, step_ms
+
     # ---- runs of plain decode steps (simulated-time drivers) --------------------------------
 
     def decode_run(self, max_steps: int) -> list[float]:
@@ -295,58 +315,148 @@ class MockerCore:
         requests that emitted `steps` tokens each (none finished)."""
         sched = self.scheduler
         running = sched.running
-        sched.advance_decodes(steps, [self._next_tokens(seq, steps) for seq in running])
+        next_tokens = self.executor.next_tokens
+        sched.advance_decodes(steps, [next_tokens(seq, steps) for seq in running])
         self.clock_ms = end_ms
         return [seq.request_id for seq in running]
 
-    def _next_tokens(self, seq: Sequence, k: int) -> list[int]:
-        """`seq`'s next k tokens: the same stream `_sample` draws from, one per step."""
-        vocab = self.config.vocab_size
-        eos = self._eos
-        eos_set = self._eos_set
-        eos_threshold = self._eos_threshold
-        state = seq.user_data
-        out: list[int] = []
-        for _ in range(k):
-            state = (state * _LCG_MUL + _LCG_INC) & _MASK64
-            high = state >> 32
-            if eos_threshold and (high & 0xFFFFFFFF) < eos_threshold and eos:
-                token = eos[high % len(eos)]
-            else:
-                token = high % vocab
-                while token in eos_set:
-                    token = (token + 1) % vocab
-            out.append(token)
-        seq.user_data = state
-        return out
 
-    # ---- KV ---------------------------------------------------------------------------------
+class MockerDriver(AsyncEngineDriver):
+    """A real-time mocker `Engine`: the core steps on the event loop, and each step's outputs
+    are delivered once its modelled duration has passed (virtual work, real time).
 
-    def take_kv_batch(self, ts_ms: int = 0) -> KvEventBatch | None:
-        return self.pool.take_batch(self.worker_id, ts_ms)
+    Modelled steps are laid end to end on a virtual timeline, so sleep granularity and
+    scheduling delays do not accumulate into a slower engine than the model says (a lag of up
+    to 50 ms is caught up). `coalesce_ms` (0: off): outputs of consecutive steps ending
+    within this many ms of the last delivery are merged per request and delivered together
+    (one output with several steps' tokens), so a mocker at a high speedup does not cost one
+    bus frame per token; a step longer than what is left of that window delivers what is held
+    first, so steps of real length (>= 1 ms at speedup 1) are delivered one by one, as
+    without it.
 
-    def has_kv_pending(self) -> bool:
-        """Whether take_kv_batch would return a batch (lets the driver skip the call)."""
-        return bool(self.pool._pending)
+    `clock` (seconds, default the loop's clock) and `sleep` (default `asyncio.sleep`) are the
+    time source the pacing uses; tests pass a virtual clock to check the pacing exactly.
+    """
 
-    def kv_snapshot(self, ts_ms: int = 0) -> KvEventBatch:
-        return self.pool.snapshot_batch(self.worker_id, ts_ms)
+    def __init__(
+        self,
+        core: MockerCore,
+        *,
+        coalesce_ms: float = 0.0,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[Any]] | None = None,
+        **driver_opts: Any,
+    ) -> None:
+        if coalesce_ms < 0:
+            raise ValueError(f"coalesce_ms must be >= 0, got {coalesce_ms}")
+        super().__init__(core, **driver_opts)
+        self.core: MockerCore = core
+        self.coalesce_s = coalesce_ms / 1000.0
+        self._clock = clock
+        self._sleep = sleep or asyncio.sleep
+        self._wake_loop: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
 
-    def export_kv(self, hashes: list[int]) -> list[KvBlockData]:
-        return [KvBlockData(hash=h) for h, _ in self.scheduler.export_kv(hashes)]
+    # ---- stepping on the loop (AsyncEngineDriver's hooks) -----------------------------------
 
-    def import_kv(self, kv: KvImport, pin_for: str | None = None) -> int:
-        hashes = [b.hash for b in kv.blocks]
-        self.scheduler.import_kv(hashes, kv.parent_hash, pin_for=pin_for)
-        return sum(1 for h in hashes if self.pool.block_of(h) is not None)
+    def _start_stepping(self) -> None:
+        self._wake_loop = asyncio.Event()
+        self._task = asyncio.create_task(self._loop_main(), name=f"engine-{self.worker_id}")
 
-    def load_report(self, ts_ms: int, step_ms_ewma: float = 0.0) -> LoadReport:
-        return self.scheduler.load_report(self.worker_id, ts_ms, step_ms_ewma)
+    async def _stop_stepping(self, deadline_s: float) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        # asyncio.wait does not swallow a cancel of stop() itself, and has a deadline
+        _, pending = await asyncio.wait([self._task], timeout=deadline_s)
+        if pending:
+            log.warning("engine task did not end %.0f s after stop", deadline_s)
+
+    def _wake(self) -> None:
+        if self._wake_loop is not None:
+            self._wake_loop.set()
+
+    async def _loop_main(self) -> None:
+        core = self.core
+        wake = self._wake_loop
+        loop = self._loop
+        assert wake is not None and loop is not None
+        clock = self._clock or loop.time
+        sleep = self._sleep
+        window = self.coalesce_s
+        # Outputs of steps that ended but are not delivered yet, merged per request. When the
+        # modelled steps are much shorter than the cost of delivering them (a high speedup),
+        # delivering every step means one frame per request per step on the bus; holding
+        # them until `window` has passed since the last delivery sends the same tokens in
+        # fewer frames. A step that lasts longer than what is left of the window delivers
+        # the held outputs before it starts sleeping, so slow steps never wait on this.
+        held: dict[str, EngineOutput] = {}
+        last_ewma = 0.0
+        delivered_at = clock()
+        step_end = clock()  # the virtual timeline (class docstring)
+        while not self._stopping:
+            wake.clear()
+            if self._commands:
+                if held or core.has_kv_pending():
+                    self._deliver_held(held, last_ewma)  # commands see everything delivered
+                    delivered_at = clock()
+                self._run_commands()
+            if not core.has_work():
+                if held or core.has_kv_pending():
+                    self._deliver_held(held, last_ewma)
+                    delivered_at = clock()
+                await wake.wait()
+                step_end = clock()
+                continue
+            try:
+                outputs, step_ms = core.step()
+            except Exception as exc:
+                log.exception("engine step failed")
+                self._deliver_held(held, last_ewma)
+                self._fail(repr(exc))
+                return
+            if not outputs and step_ms <= 0:
+                if held:
+                    self._deliver_held(held, last_ewma)
+                    delivered_at = clock()
+                # nothing could be scheduled (e.g. blocks pinned): wait for a change.
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow stop()'s cancel
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.01):
+                        await wake.wait()
+                step_end = clock()
+                continue
+            last_ewma = self._ewma(step_ms)
+            # outputs exist only once the (modelled) step is over
+            now = clock()
+            step_end = max(step_end, now - 0.05) + step_ms / 1000.0
+            if held and step_end > delivered_at + window:
+                self._deliver_held(held, last_ewma)  # don't make them wait for this step
+                delivered_at = now
+            await sleep(max(0.0, step_end - clock()))
+            for out in outputs:
+                prev = held.get(out.request_id)
+                if prev is None:
+                    held[out.request_id] = out
+                else:
+                    merge_output(prev, out)
+            if clock() - delivered_at >= window:
+                self._deliver_held(held, last_ewma)
+                delivered_at = clock()
+
+    def _deliver_held(self, held: dict[str, EngineOutput], ewma: float) -> None:
+        core = self.core
+        batch = core.take_kv_batch(now_ms())
+        load = core.load_report(now_ms(), ewma)
+        outputs = list(held.values())
+        held.clear()
+        self._deliver(outputs, batch, load)
 
 
 def create_mocker_engine(
-    config: MockerConfig | None = None, *, worker_id: int = 0, **driver_opts: object
-) -> AsyncEngineDriver:
-    """A real-time mocker `Engine`: steps on the event loop, sleeping each modelled step."""
+    config: MockerConfig | None = None, *, worker_id: int = 0, **driver_opts: Any
+) -> MockerDriver:
+    """A real-time mocker `Engine` (`MockerDriver`): steps on the event loop, delivering each
+    step's outputs once its modelled time has passed."""
     core = MockerCore(config, worker_id=worker_id)
-    return AsyncEngineDriver(core, worker_id=worker_id, threaded=False, **driver_opts)  # type: ignore[arg-type]
+    return MockerDriver(core, worker_id=worker_id, **driver_opts)

@@ -37,8 +37,8 @@ allocates blocks for hashes not yet cached and registers them, returning (hash, 
 pairs for the executor to write before the next step; with `pin_for=request_id` the blocks
 are held until that request is admitted (so eviction cannot undo the import meanwhile).
 
-Not thread-safe: the engine thread (or the mocker's task) owns it; others talk to it through
-`genset.engines.base.AsyncEngineDriver`.
+Not thread-safe: the engine's core (`genset.engines.core.SchedulingCore`) owns it, stepped by
+one thread or task; others talk to it through `genset.engines.driver.AsyncEngineDriver`.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from genset.engines.base import EngineOutput, EngineRequest
 from genset.engines.batch import SamplingSpec, ScheduledChunk, StepPlan
+from genset.engines.types import EngineOutput, EngineRequest
 from genset.kv.block_pool import BlockPool
 from genset.kv.hashing import extend_block_hashes
 from proto.kv import LoadReport
@@ -142,8 +142,16 @@ class Scheduler:
     # ---- requests ---------------------------------------------------------------------------
 
     def add_request(self, request: EngineRequest) -> Sequence:
-        """Queue a request. Raises ValueError for an empty prompt, a duplicate id, or a prompt
-        that leaves no room for one output token within the context length / KV capacity."""
+        """Queue a request; ValueError (nothing changed) when `check_request` refuses it."""
+        self.check_request(request)
+        seq = Sequence(request)
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+        return seq
+
+    def check_request(self, request: EngineRequest) -> None:
+        """Raise ValueError for an empty prompt, a duplicate id, or a prompt that leaves no
+        room for one output token within the context length / KV capacity."""
         if not request.token_ids:
             raise ValueError("prompt has no tokens")
         if request.request_id in self.requests:
@@ -158,10 +166,6 @@ class Scheduler:
                 f"prompt has {n} tokens, more than the KV cache holds "
                 f"({self.config.num_blocks} blocks of {self.block_size})"
             )
-        seq = Sequence(request)
-        self.requests[seq.request_id] = seq
-        self.waiting.append(seq)
-        return seq
 
     def abort(self, request_id: str) -> bool:
         """Drop a request now, freeing its blocks. False when it is not active."""

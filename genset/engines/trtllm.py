@@ -55,17 +55,10 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from genset.engines.base import (
-    Engine,
-    EngineCard,
-    EngineOutput,
-    EngineRequest,
-    KvBlockData,
-    KvEventFanout,
-    KvEventSubscription,
-    KvImport,
-    RequestStream,
-)
+from genset.engines.driver import RequestStream
+from genset.engines.events import KvEventFanout, KvEventSubscription
+from genset.engines.interface import Engine
+from genset.engines.types import EngineCard, EngineOutput, EngineRequest, KvBlockData, KvImport
 from genset.kv.hashing import chain_hash, local_block_hash
 from proto.kv import Cleared, KvEvent, KvEventBatch, LoadReport, Removed, Stored, StoredBlock
 from proto.tokens import pack_tokens

@@ -129,7 +129,7 @@ def _nearest_rank(sorted_vals: list[float], q: float) -> float:
 
 
 def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dict:
-    from genset.engines.base import EngineRequest
+    from genset.engines.types import EngineRequest
     from proto.generate import SamplingParams, StopConditions
 
     policy = policy_name(policy)  # results name it one way whatever spelling was asked for

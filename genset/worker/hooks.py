@@ -41,7 +41,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from genset.engines.base import Engine, KvImport
+from genset.engines.interface import Engine
+from genset.engines.types import KvImport
 
 if TYPE_CHECKING:
     import proto

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import structlog
 
 import proto
-from genset.engines.base import (
+from genset.engines.interface import Engine
+from genset.engines.types import (
     FINISH_CANCELLED,
     FINISH_ERROR,
-    Engine,
     EngineOverloaded,
     EngineRequest,
     KvImport,

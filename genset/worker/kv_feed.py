@@ -16,7 +16,7 @@ from collections.abc import Callable
 import structlog
 
 import proto
-from genset.engines.base import Engine
+from genset.engines.interface import Engine
 from genset.worker.hooks import EvictedBlock
 from genset.worker.metrics import WorkerMetrics
 from proto import subjects

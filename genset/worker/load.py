@@ -10,7 +10,7 @@ from collections.abc import Callable
 import structlog
 
 import proto
-from genset.engines.base import Engine
+from genset.engines.interface import Engine
 from genset.worker.clock import now_ms, wait_event
 from genset.worker.metrics import WorkerMetrics
 from proto import subjects

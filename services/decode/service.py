@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from genset.runtime.config import FieldError, opt
-from genset.runtime.service import Service
-from genset.worker import WORKER_ROLES, HostConfig, WorkerHost, registered_role
-from services.decode.engines import (
+from genset.engines.factory import (
     EngineConfigError,
     build_engine,
     check_engine_available,
     model_facts,
     served_model_name,
 )
+from genset.runtime.config import FieldError, opt
+from genset.runtime.service import Service
+from genset.worker import WORKER_ROLES, HostConfig, WorkerHost, registered_role
 
 ENGINES = ("torch", "mocker", "trtllm")
 

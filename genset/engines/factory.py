@@ -1,7 +1,8 @@
-"""Build the engine a worker hosts from its flags: torch, mocker or TensorRT-LLM.
+"""The one place engines are built: from a worker's flags (every worker role), `genset up`
+and the tests. Torch, mocker or TensorRT-LLM.
 
-Kept apart from the service so that only the chosen engine's dependencies are imported:
-a mocker worker never imports torch.
+Only the chosen engine's dependencies are imported (inside `build_engine`): a mocker worker,
+the frontend and the router never import torch or TensorRT-LLM through this module.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from genset.engines.base import Engine
+from genset.engines.interface import Engine
 from genset.engines.torch.tiny import TINY_NAME, resolve_model
 
 
