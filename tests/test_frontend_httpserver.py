@@ -327,3 +327,17 @@ async def test_head_limit_counts_only_the_head_part_of_a_read():
     assert b"HTTP/1.1 431" in transport.out
     conn.connection_lost(None)
 
+
+
+async def test_upgrade_request_with_a_body_gets_its_body(server):
+    # llhttp stops at the head of an Upgrade request; its Content-Length body is still read.
+    app, _, _, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(CL + b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                      b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 5\r\n\r\nab")
+    await writer.drain()
+    writer.write(b"cde")  # the rest of the body, in a later read (or the same one)
+    out = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b'"len": 5}')
+    assert app.seen == [("POST", "/x", b"abcde")]

@@ -90,7 +90,8 @@ class HttpConnection(asyncio.Protocol):
                  "_feed_other", "_head_only", "_headers", "_idle_handle", "_in_head",
                  "_keep_alive", "_lingering", "_new_message", "_parser", "_paused", "_queue",
                  "_queued_bytes", "_raw_headers", "_read_paused", "_reading_done", "_server",
-                 "_stream_chunked", "_task", "_url", "closed", "transport")
+                 "_stream_chunked", "_task", "_upgrade_need", "_upgrade_req", "_url", "closed",
+                 "transport")
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
@@ -112,6 +113,8 @@ class HttpConnection(asyncio.Protocol):
         self._reading_done = False  # nothing more is parsed on this connection
         self._read_paused = False
         self._lingering = -1  # bytes still to drop after an error answer; -1: not lingering
+        self._upgrade_req: Request | None = None  # an Upgrade request still reading its body
+        self._upgrade_need = 0
         # the request being answered
         self._task: asyncio.Task | None = None
         self._keep_alive = True
@@ -151,6 +154,10 @@ class HttpConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self._upgrade_req is not None:
+            self._take_upgrade_body(data)
+            self._next_request()
+            return
         if self._reading_done:
             # After a refusal or a last request the rest is not ours to parse: drop it.
             if self._lingering >= 0:
@@ -162,8 +169,8 @@ class HttpConnection(asyncio.Protocol):
         self._feed_other = 0
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._upgrade_requested()
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade_requested(data[exc.args[0]:])
         except httptools.HttpParserCallbackError as exc:
             refusal = exc.__context__
             if not isinstance(refusal, _Refusal):  # a bug of ours, not the client's
@@ -273,14 +280,36 @@ class HttpConnection(asyncio.Protocol):
         if not keep_alive:
             self._reading_done = True  # its answer closes the connection; ignore the rest
 
-    def _upgrade_requested(self) -> None:
+    def _upgrade_requested(self, rest: bytes) -> None:
         # `Upgrade: h2c` from curl --http2 and the like: answer in HTTP/1.1, as RFC 9110
-        # allows, and close after (llhttp stops at the upgrade, so what follows is unparsed).
+        # allows, and close after. llhttp stops parsing at the end of the head (it takes what
+        # follows for the new protocol), so a body announced by Content-Length is read here.
         self._reading_done = True
-        if self._queue and isinstance(self._queue[-1], Request):
-            self._queue[-1].keep_alive = False
-        else:
+        queue = self._queue
+        if not queue or not isinstance(queue[-1], Request):
             self._refuse(_Refusal(400, "protocol upgrade is not supported"))
+            return
+        request = queue[-1]
+        request.keep_alive = False
+        need = int(request.headers.get("content-length") or 0) - len(request.body)
+        if need > 0 and request.method != "CONNECT":
+            queue.pop()
+            self._queued_bytes -= len(request.body)
+            self._upgrade_req = request
+            self._upgrade_need = need
+            self._body = [request.body]
+            self._take_upgrade_body(rest)
+
+    def _take_upgrade_body(self, data: bytes) -> None:
+        piece = data[:self._upgrade_need]
+        self._body.append(piece)
+        self._upgrade_need -= len(piece)
+        if self._upgrade_need == 0:  # complete: it takes its turn; anything after is dropped
+            request, self._upgrade_req = self._upgrade_req, None
+            request.body = b"".join(self._body)
+            self._body = []
+            self._queue.append(request)
+            self._queued_bytes += len(request.body)
 
     def _refuse(self, refusal: _Refusal) -> None:
         """Queue the error answer behind any requests already parsed; parse nothing more."""
