@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -181,9 +182,16 @@ class SegmentCache:
     of a deployment) need not be encoded again. Used only when the added tokens match
     verbatim (no lstrip/rstrip/single_word/normalized) and only for `add_special_tokens=False`;
     the first encodes are checked against a plain encode, and any difference turns it off.
+
+    Bounded in bytes, least recently used out first: only pieces of MIN_CHARS..MAX_CHARS
+    characters are cached (a system prompt, not a pasted document), and the accounted size
+    of texts plus id lists stays under MAX_BYTES. Without the piece cap one distinct 4 MB
+    prompt (~1M ids at ~36 bytes of Python list slot and int each) stayed cached for good.
     """
 
     MIN_CHARS = 512  # shorter pieces are cheaper to encode than to look up
+    MAX_CHARS = 64 * 1024  # longer pieces are encoded every time, never cached
+    MAX_BYTES = 32 * 1024 * 1024
     MAX_ENTRIES = 512
     CHECKS = 32
 
@@ -192,7 +200,9 @@ class SegmentCache:
         self.added = added
         alternatives = "|".join(re.escape(c) for c in sorted(added, key=len, reverse=True))
         self.split = re.compile(f"({alternatives})").split
-        self.cache: dict[str, list[int]] = {}
+        # piece -> (ids, accounted bytes), in use order, least recent first
+        self.cache: dict[str, tuple[list[int], int]] = {}
+        self.bytes = 0  # the sum of the accounted bytes
         self.checks_left = self.CHECKS
         self.enabled = True
         self.lock = threading.Lock()
@@ -213,26 +223,51 @@ class SegmentCache:
     def _encode_plain(self, text: str) -> list[int]:
         return self.rust.encode(text, add_special_tokens=False).ids
 
+    @staticmethod
+    def _cost(piece: str, ids: list[int]) -> int:
+        # The str object (with the UTF-8 copy the Rust call may have left in it), the list,
+        # and an int object per id (only ids up to 256 are shared). Computed once, at
+        # insertion: the size of an equal str varies with that UTF-8 copy.
+        return sys.getsizeof(piece) + sys.getsizeof(ids) + 32 * len(ids)
+
+    def _lookup(self, piece: str) -> list[int]:
+        cache = self.cache
+        with self.lock:
+            entry = cache.pop(piece, None)
+            if entry is not None:
+                cache[piece] = entry  # now the most recently used
+                return entry[0]
+        ids = self._encode_plain(piece)
+        cost = self._cost(piece, ids)
+        if cost > self.MAX_BYTES:
+            return ids
+        with self.lock:
+            if piece in cache:  # another thread got there first
+                return ids
+            while cache and (self.bytes + cost > self.MAX_BYTES
+                             or len(cache) >= self.MAX_ENTRIES):
+                self.bytes -= cache.pop(next(iter(cache)))[1]
+            cache[piece] = (ids, cost)
+            self.bytes += cost
+        return ids
+
+    def clear(self) -> None:
+        with self.lock:
+            self.cache.clear()
+            self.bytes = 0
+
     def encode(self, text: str) -> list[int]:
         if not self.enabled or len(text) < self.MIN_CHARS:
             return self._encode_plain(text)
         pieces = self.split(text)
         ids: list[int] = []
-        pending: list[str] = []  # short pieces (and added tokens) encoded together in one call
-        cache = self.cache
+        pending: list[str] = []  # other pieces (and added tokens) encoded together in one call
         for i, piece in enumerate(pieces):
-            if i % 2 == 0 and len(piece) >= self.MIN_CHARS:
+            if i % 2 == 0 and self.MIN_CHARS <= len(piece) <= self.MAX_CHARS:
                 if pending:
                     ids += self._encode_plain("".join(pending))
                     pending.clear()
-                cached = cache.get(piece)
-                if cached is None:
-                    cached = self._encode_plain(piece)
-                    with self.lock:
-                        if len(cache) >= self.MAX_ENTRIES:
-                            cache.pop(next(iter(cache)))
-                        cache[piece] = cached
-                ids += cached
+                ids += self._lookup(piece)
             else:
                 pending.append(piece)
         if pending:
@@ -241,7 +276,7 @@ class SegmentCache:
             self.checks_left -= 1
             if ids != self._encode_plain(text):
                 self.enabled = False  # this tokenizer does not split as assumed: stay exact
-                self.cache.clear()
+                self.clear()
                 return self._encode_plain(text)
         return ids
 
@@ -256,6 +291,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+# Loaded tokenizers by source, least recently used first. Sources come from model cards on
+# the bus, so the count is capped: a tokenizer is ~5-50 MB (its vocabulary and merges in Rust
+# plus the segment cache above), a size Python cannot see, so whole tokenizers are counted.
+# A deployment serves a handful of models; one evicted while in use stays valid for its users.
+MAX_TOKENIZERS = 16
 _cache: dict[str, Tokenizer] = {}
 _cache_lock = threading.Lock()
 
@@ -266,12 +306,16 @@ def load_tokenizer(source: str) -> Tokenizer:
     Blocking (file reads, building the Rust tokenizer): call it from a thread in services.
     """
     with _cache_lock:
-        cached = _cache.get(source)
-    if cached is not None:
-        return cached
+        cached = _cache.pop(source, None)
+        if cached is not None:
+            _cache[source] = cached  # most recently used
+            return cached
     tokenizer = Tokenizer.from_directory(_resolve_directory(source), source=source)
     with _cache_lock:
-        return _cache.setdefault(source, tokenizer)
+        cached = _cache.setdefault(source, tokenizer)
+        while len(_cache) > MAX_TOKENIZERS:
+            _cache.pop(next(iter(_cache)))
+        return cached
 
 
 class Detokenizer:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from services.frontend.http_app import error_body
-from services.frontend.httpserver import HttpServer, Request
+from services.frontend.httpserver import HttpConnection, HttpServer, Request
 
 
 class App:
@@ -77,30 +77,267 @@ async def _raw(port: int, data: bytes) -> bytes:
     return out
 
 
-async def test_bad_requests_get_clear_errors(server):
+def _error(out: bytes) -> tuple[int, str]:
+    """(status, error message) of a raw answer that must close the connection."""
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower(), head
+    return int(head.split(b" ", 2)[1]), json.loads(body)["error"]["message"]
+
+
+CL = b"POST /x HTTP/1.1\r\nHost: t\r\n"
+GET = b"GET /x HTTP/1.1\r\nHost: t\r\n"
+MALFORMED = {
+    # name: (raw request, status, words the error message must contain)
+    "chunked body": (CL + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 411,
+                     "Content-Length"),
+    "body too large": (CL + b"Content-Length: 5000\r\n\r\n" + b"x" * 5000, 413, "1024 bytes"),
+    "head too large": (GET + b"X: " + b"a" * 70000 + b"\r\n\r\n", 431, "head"),
+    "garbage": (b"garbage\r\n\r\n", 400, "method"),
+    "conflicting Content-Length": (CL + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+                                   400, "Duplicate Content-Length"),
+    "repeated Content-Length": (CL + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400,
+                                "Duplicate Content-Length"),
+    "Content-Length +83": (CL + b"Content-Length: +3\r\n\r\nabc", 400, "Content-Length"),
+    "Content-Length 8_3": (CL + b"Content-Length: 0_3\r\n\r\nabc", 400, "Content-Length"),
+    "Content-Length 3,3": (CL + b"Content-Length: 3,3\r\n\r\nabc", 400, "Content-Length"),
+    "Content-Length empty": (CL + b"Content-Length:\r\n\r\n", 400, "Content-Length"),
+    "space before colon": (CL + b"Content-Length : 3\r\n\r\nabc", 400, "header field"),
+    "header without colon": (GET + b"Foo\r\n\r\n", 400, "header"),
+    "folded header": (GET + b"Foo: a\r\n b\r\n\r\n", 400, "whitespace"),
+    "NUL in header value": (GET + b"Foo: a\x00b\r\n\r\n", 400, "header value"),
+    "control byte in header value": (GET + b"Foo: a\x01b\r\n\r\n", 400, "header value"),
+    "NUL in target": (b"GET /a\x00b HTTP/1.1\r\nHost: t\r\n\r\n", 400, "url"),
+    "HTTP/1.1 without Host": (b"GET /x HTTP/1.1\r\n\r\n", 400, "Host"),
+    "two Host headers": (GET + b"Host: u\r\n\r\n", 400, "Host"),
+    "LF-only request": (b"GET /x HTTP/1.1\nHost: t\n\n", 400, "CRLF"),
+    "LF-only header line": (GET + b"Foo: a\n\r\n", 400, "CR"),
+    "HTTP/2.0 request line": (b"GET /x HTTP/2.0\r\nHost: t\r\n\r\n", 505, "version"),
+    "HTTP/0.9 request line": (b"GET /x\r\n\r\n", 505, "version"),
+    "Transfer-Encoding and Content-Length": (
+        CL + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc", 400,
+        "Transfer-Encoding"),
+    "unknown Transfer-Encoding": (CL + b"Transfer-Encoding: gzip\r\n\r\n", 400,
+                                  "Transfer-Encoding"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_malformed_requests_get_a_4xx_naming_the_problem(server, case):
+    app, _, _, port = server
+    raw, status, words = MALFORMED[case]
+    got_status, message = _error(await _raw(port, raw))
+    assert (got_status, words.lower() in message.lower()) == (status, True), message
+    assert not app.seen  # the handler never saw it
+
+
+async def test_error_after_pipelined_request_waits_its_turn(server):
+    # A good request, then a bad one in the same write: the good one is answered in full
+    # first (the error must not land inside its streamed body), then the error, then close.
+    app, _, _, port = server
+    out = await _raw(port, GET.replace(b"/x", b"/stream") + b"\r\n" + b"GET /y HTTP/1.1\r\n\r\n")
+    first, _, rest = out.partition(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200") and rest.startswith(b"HTTP/1.1 400")
+    assert "Host" in _error(rest)[1]
+    assert [path for _, path, _ in app.seen] == ["/stream"]
+
+
+async def test_head_too_large_in_many_reads(server):
+    # A head that never ends, sent in small writes: refused once it passes 64 KiB (the
+    # parser holds partial headers itself, so the server counts the reads).
     _, _, _, port = server
-    out = await _raw(port, b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 411") and b"Content-Length" in out
-    out = await _raw(port, b"POST /x HTTP/1.1\r\nContent-Length: 5000\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 413")
-    out = await _raw(port, b"GET /x HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 431")
-    out = await _raw(port, b"garbage\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 400")
-    body = json.loads(out.split(b"\r\n\r\n", 1)[1])
-    assert body["error"]["message"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(GET + b"X: ")
+    for _ in range(40):
+        writer.write(b"a" * 4096)
+        await writer.drain()
+    out = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert _error(out)[0] == 431
+
+
+async def test_head_gets_headers_without_body(server):
+    _, _, _, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # HEAD then GET on one connection: if HEAD leaked a body, the second answer would not
+    # start right after the first head.
+    writer.write(b"HEAD /x HTTP/1.1\r\nHost: t\r\n\r\n"
+                 b"HEAD /stream HTTP/1.1\r\nHost: t\r\n\r\n"
+                 b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    out = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    first, second, third = out.split(b"\r\n\r\n", 2)
+    assert first.startswith(b"HTTP/1.1 200") and b"content-length: 24" in first
+    assert second.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in second
+    assert third.startswith(b"HTTP/1.1 200") and third.endswith(b'{"path": "/x", "len": 0}')
+
+
+async def test_lenient_but_harmless_forms_are_served(server):
+    # Whitespace around a header value, header names in any case, list headers repeated,
+    # leading empty lines before the request line (RFC 9112 says to ignore them).
+    app, _, _, port = server
+    out = await _raw(port, b"\r\nPOST /x HTTP/1.1\r\nhOsT:   t  \r\nX-A: 1\r\nX-A: 2\r\n"
+                           b"content-length: 2 \r\nConnection: close\r\n\r\nab")
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b'"len": 2}')
+    assert app.seen == [("POST", "/x", b"ab")]
+
+
+async def test_upgrade_request_is_answered_in_http11_then_closed(server):
+    # curl --http2 on cleartext asks for h2c; we answer in HTTP/1.1 and close.
+    _, _, _, port = server
+    out = await _raw(port, GET + b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                                 b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200") and b"connection: close" in out
 
 
 async def test_expect_continue_pipelining_and_http10(server):
-    _, _, _, port = server
+    app, _, _, port = server
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /a HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+    writer.write(b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n"
+                 b"Expect: 100-continue\r\n\r\n")
     assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 100")
     # the body, then a second request pipelined behind it
-    writer.write(b"abcGET /b HTTP/1.1\r\nConnection: close\r\n\r\n")
+    writer.write(b"abcGET /b HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     rest = await asyncio.wait_for(reader.read(), 5)
     assert rest.count(b"HTTP/1.1 200") == 2 and b'"len": 3' in rest and b'"/b"' in rest
     writer.close()
-    out = await _raw(port, b"GET /stream HTTP/1.0\r\n\r\n")
+    out = await _raw(port, b"GET /stream HTTP/1.0\r\n\r\n")  # no Host needed in 1.0
     assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"data: [DONE]\n\n")
     assert b"chunked" not in out
+    assert [path for _, path, _ in app.seen] == ["/a", "/b", "/stream"]
+
+
+async def test_pipelined_requests_in_one_write_are_answered_in_order(server):
+    # Ten requests (streams and bodies mixed) in one write, a 100-continue among them that
+    # must not be answered while earlier responses are still streaming.
+    app, _, _, port = server
+    reqs = []
+    for i in range(10):
+        if i % 3 == 0:
+            reqs.append(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        elif i == 5:
+            reqs.append(b"POST /e%d HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (i, i, b"y" * i))
+        else:
+            reqs.append(b"POST /p%d HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                        % (i, i, b"z" * i))
+    reqs.append(b"GET /last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    out = await _raw(port, b"".join(reqs))
+    assert b"100 Continue" not in out
+    assert out.count(b"HTTP/1.1 200") == 11
+    assert out.count(b"data: [DONE]\n\n\r\n0\r\n\r\n") == 4
+    assert [path for _, path, _ in app.seen] == [
+        "/stream", "/p1", "/p2", "/stream", "/p4", "/e5", "/stream", "/p7", "/p8", "/stream",
+        "/last"]
+    assert [len(body) for _, _, body in app.seen] == [0, 1, 2, 0, 4, 5, 0, 7, 8, 0, 0]
+
+
+async def test_keep_alive_requests_one_after_another(server):
+    # The same connection, request after request, each one written only after the last
+    # answer: the parser carries on across messages.
+    app, _, _, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for i in range(5):
+        writer.write(b"POST /k HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % i)
+        writer.write(b"q" * i)  # body in a separate write
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = await asyncio.wait_for(reader.readexactly(length), 5)
+        assert json.loads(body) == {"path": "/k", "len": i}
+    writer.close()
+    assert len(app.seen) == 5
+
+
+async def test_expect_continue_behind_a_stream_waits_for_it(server):
+    # The 100 for a pipelined request comes after the earlier response, never inside it.
+    _, _, _, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n"
+                 b"POST /c HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    got = await asyncio.wait_for(reader.readuntil(b"HTTP/1.1 100 Continue\r\n\r\n"), 5)
+    assert got.startswith(b"HTTP/1.1 200") and b"data: [DONE]\n\n\r\n0\r\n\r\nHTTP/1.1 100" in got
+    writer.write(b"ok")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+async def test_large_body_then_pipelined_head_is_not_mistaken_for_a_large_head():
+    # A read that ends a 300 KB body and starts the next head: only the head's bytes count
+    # towards the 64 KiB head limit.
+    app = App()
+    srv = HttpServer(app.handle, error_body=error_body, max_body=1 << 20)
+    port = await srv.start("127.0.0.1", 0)
+    try:
+        out = await _raw(port, b"POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: 300000\r\n\r\n"
+                               + b"b" * 300000
+                               + b"GET /next HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    finally:
+        await srv.close()
+    assert out.count(b"HTTP/1.1 200") == 2 and b'"len": 300000' in out
+    assert [path for _, path, _ in app.seen] == ["/big", "/next"]
+
+
+class FakeTransport:
+    """Just enough transport to feed an HttpConnection chosen read boundaries."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def close(self) -> None:
+        self.closed.set()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_head_limit_counts_only_the_head_part_of_a_read():
+    app = App()
+    srv = HttpServer(app.handle, error_body=error_body, max_body=1 << 20)
+    conn = HttpConnection(srv)
+    transport = FakeTransport()
+    conn.connection_made(transport)
+    body = b"b" * 300000
+    conn.data_received(b"POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: 300000\r\n\r\n"
+                       + body[:1000])
+    # the body's last 299 KB and the start of a head that is not finished yet
+    conn.data_received(body[1000:] + b"GET /next HTTP/1.1\r\nHost: t\r\nX-Long: " + b"v" * 1000)
+    assert b"431" not in transport.out
+    conn.data_received(b"v" * 1000 + b"\r\nConnection: close\r\n\r\n")
+    await asyncio.wait_for(transport.closed.wait(), 5)
+    assert transport.out.count(b"HTTP/1.1 200") == 2
+    assert [path for _, path, _ in app.seen] == ["/big", "/next"]
+    conn.connection_lost(None)
+    # while a head that does pass the limit, split the same way, is refused
+    conn = HttpConnection(srv)
+    transport = FakeTransport()
+    conn.connection_made(transport)
+    conn.data_received(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HTTP/1.1\r\nX: " + b"v" * 40000)
+    conn.data_received(b"v" * 30000)
+    await asyncio.wait_for(transport.closed.wait(), 5)
+    assert b"HTTP/1.1 431" in transport.out
+    conn.connection_lost(None)
+
+
+
+async def test_upgrade_request_with_a_body_gets_its_body(server):
+    # llhttp stops at the head of an Upgrade request; its Content-Length body is still read.
+    app, _, _, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(CL + b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                      b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 5\r\n\r\nab")
+    await writer.drain()
+    writer.write(b"cde")  # the rest of the body, in a later read (or the same one)
+    out = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b'"len": 5}')
+    assert app.seen == [("POST", "/x", b"abcde")]

@@ -6,18 +6,32 @@ the frontend's largest cost. Here a streamed SSE event is one `transport.write` 
 frame. The server also knows when a client goes away (`connection_lost`) without a reader
 task per request: the request's task is cancelled, which cancels its generation.
 
-Scope: what OpenAI clients, curl, load generators and Prometheus use — keep-alive,
-Content-Length request bodies, `Expect: 100-continue`, chunked responses, HTTP/1.0 with
-close. Chunked request bodies get 411; heads over 64 KiB get 431; bodies over `max_body`
-get 413. Requests on one connection are served one after the other.
+Requests are parsed by llhttp (Node's parser, through `httptools`, as uvicorn does) rather
+than by hand: request smuggling lives in the corners of HTTP/1.1 parsing (duplicate or
+`+83`/`8_3` Content-Length, `Content-Length :`, folded headers, bare LF, NUL and control
+bytes), and llhttp's strict mode refuses all of those. On top of it this server checks what
+llhttp leaves to the application: HTTP/1.1 without exactly one `Host` (400), versions other
+than 1.0/1.1 (505), head size (431), body size (413), request bodies in chunked encoding (411).
+Every refusal is answered with an error body naming the problem, then the connection closes
+(after a malformed head the framing of whatever follows is unknown). Bare-LF line endings are
+refused with a 400 rather than served leniently: a server that accepts them while a proxy in
+front does not is the classic smuggling split.
+
+Scope: what OpenAI clients, curl, load generators and Prometheus use — keep-alive and
+pipelining (requests on one connection are answered one after the other), Content-Length
+request bodies, `Expect: 100-continue`, chunked responses, HEAD (headers, no body), HTTP/1.0
+with close. A client that half-closes its side is treated as gone (its request is cancelled):
+that is how a disconnect is noticed while a stream waits for tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 
+import httptools
 import structlog
 
 log = structlog.get_logger("frontend.httpserver")
@@ -26,15 +40,26 @@ REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            411: "Length Required", 413: "Payload Too Large", 429: "Too Many Requests",
            431: "Request Header Fields Too Large", 499: "Client Closed Request",
-           500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
+           500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
+           505: "HTTP Version Not Supported"}
 _MAX_HEAD = 64 * 1024
+# Header names seen, bytes -> lower-case str: the same dozen names arrive on every request.
+_HEADER_NAMES: dict[bytes, str] = {}
+_MAX_HEADER_NAMES = 512
+# Pipelined requests parsed ahead of the one being answered; past this reading pauses.
+_MAX_QUEUED = 32
+# After an error answer the server half-closes and keeps reading (and dropping) what the client
+# still sends, for this long or this many bytes: closing with unread data makes the kernel send
+# a reset, and the client may lose the answer that named its mistake (a 413 before its body).
+_LINGER_S = 2.0
+_LINGER_BYTES = 1024 * 1024
 
 
 class Request:
-    __slots__ = ("body", "conn", "headers", "method", "path", "query", "version")
+    __slots__ = ("body", "conn", "headers", "keep_alive", "method", "path", "query", "version")
 
     def __init__(self, conn: HttpConnection, method: str, path: str, query: str, version: str,
-                 headers: dict[str, str], body: bytes) -> None:
+                 headers: dict[str, str], body: bytes, keep_alive: bool = True) -> None:
         self.conn = conn
         self.method = method
         self.path = path
@@ -42,29 +67,62 @@ class Request:
         self.version = version
         self.headers = headers
         self.body = body
+        self.keep_alive = keep_alive
 
 
 Handler = Callable[[Request], Awaitable[None]]
+
+
+class _Refusal(Exception):
+    """Raised from a parser callback to stop parsing: answer `status` and close."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class HttpConnection(asyncio.Protocol):
     """One client connection. The handler answers through `respond` or `start_stream` /
     `write` / `end_stream`; exactly one response per request."""
 
-    __slots__ = ("_buf", "_continued", "_drain_waiter", "_idle_handle", "_keep_alive", "_paused",
-                 "_server", "_stream_chunked", "_task", "closed", "transport")
+    __slots__ = ("_body", "_chunk_head_bytes", "_drain_waiter", "_expect_continue",
+                 "_feed_other", "_head_only", "_headers", "_idle_handle", "_in_head",
+                 "_keep_alive", "_lingering", "_new_message", "_parser", "_paused", "_queue",
+                 "_queued_bytes", "_raw_headers", "_read_paused", "_reading_done", "_server",
+                 "_stream_chunked", "_task", "_upgrade_need", "_upgrade_req", "_url", "closed",
+                 "transport")
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
         self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
+        self._parser = httptools.HttpRequestParser(self)
+        # the message being parsed
+        self._url: list[bytes] = []
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._in_head = False
+        self._chunk_head_bytes = 0  # bytes of reads that ended inside the head
+        self._new_message = False  # a message began during this read
+        self._feed_other = 0  # bytes of this read that belonged to earlier messages
+        self._expect_continue = False
+        # parsed requests (or the refusal that ends the connection) waiting their turn
+        self._queue: deque[Request | _Refusal] = deque()
+        self._queued_bytes = 0
+        self._reading_done = False  # nothing more is parsed on this connection
+        self._read_paused = False
+        self._lingering = -1  # bytes still to drop after an error answer; -1: not lingering
+        self._upgrade_req: Request | None = None  # an Upgrade request still reading its body
+        self._upgrade_need = 0
+        # the request being answered
         self._task: asyncio.Task | None = None
-        self._paused = False
-        self._drain_waiter: asyncio.Future | None = None
         self._keep_alive = True
         self._stream_chunked = True
+        self._head_only = False
+        self._paused = False
+        self._drain_waiter: asyncio.Future | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
-        self._continued = False
         self.closed = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -76,6 +134,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self._queue.clear()
         self._server.connections.discard(self)
         if self._idle_handle is not None:
             self._idle_handle.cancel()
@@ -95,14 +154,169 @@ class HttpConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        self._buf += data
-        if self._task is None:
+        if self._upgrade_req is not None:
+            self._take_upgrade_body(data)
             self._next_request()
-        elif len(self._buf) > self._server.max_body + _MAX_HEAD:
-            # A pipelining client far ahead of us: stop reading until this request is done.
+            return
+        if self._reading_done:
+            # After a refusal or a last request the rest is not ours to parse: drop it.
+            if self._lingering >= 0:
+                self._lingering -= len(data)
+                if self._lingering < 0:
+                    self.transport.close()
+            return
+        self._new_message = False
+        self._feed_other = 0
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade_requested(data[exc.args[0]:])
+        except httptools.HttpParserCallbackError as exc:
+            refusal = exc.__context__
+            if not isinstance(refusal, _Refusal):  # a bug of ours, not the client's
+                refusal = _Refusal(500, "internal error while parsing the request")
+                log.error("http parser callback failed", error=repr(exc.__context__))
+            self._refuse(refusal)
+        except httptools.HttpParserError as exc:
+            if not self._reading_done:
+                self._refuse(_Refusal(400, f"malformed HTTP request: {exc}"))
+        else:
+            if self._in_head:
+                # A head still incomplete: httptools holds a partial header line itself, which
+                # the callbacks' count does not see; so the head's size is also counted from
+                # the reads (less what of them went to earlier messages, as far as known).
+                if self._new_message:
+                    self._chunk_head_bytes = max(0, len(data) - self._feed_other)
+                else:
+                    self._chunk_head_bytes += len(data)
+                if self._chunk_head_bytes > _MAX_HEAD:
+                    self._refuse(_Refusal(431, f"request head over {_MAX_HEAD} bytes"))
+        self._next_request()
+        self._send_continue()
+        if not self._read_paused and not self._reading_done and self._backlog_full():
+            # A pipelining client far ahead of us: stop reading until we catch up.
+            self._read_paused = True
             self.transport.pause_reading()
 
-    # -- request parsing ------------------------------------------------------------------
+    def _backlog_full(self) -> bool:
+        return (len(self._queue) >= _MAX_QUEUED
+                or self._queued_bytes > self._server.max_body + _MAX_HEAD)
+
+    # -- llhttp callbacks (called from feed_data) -------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._new_message = True
+        self._url = []
+        self._raw_headers = []
+        self._body = []
+        self._chunk_head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Only collected here: this runs per header and was the largest cost of a request in
+        # a profile; the head's size is checked per read (data_received) and once complete.
+        self._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        size = sum(map(len, self._url))
+        headers: dict[str, str] = {}
+        names = _HEADER_NAMES
+        for name, value in self._raw_headers:
+            size += len(name) + len(value) + 4
+            key = names.get(name)
+            if key is None:
+                key = name.decode("latin-1").lower()
+                if len(names) < _MAX_HEADER_NAMES:
+                    names[name] = key
+            text = value.rstrip(b" \t").decode("latin-1")  # llhttp strips the leading OWS
+            if key in headers:
+                if key == "host":
+                    raise _Refusal(400, "more than one Host header")
+                headers[key] += ", " + text  # a repeated list header means its values joined
+            else:
+                headers[key] = text
+        self._headers = headers
+        self._feed_other += size
+        if size > _MAX_HEAD:
+            raise _Refusal(431, f"request head over {_MAX_HEAD} bytes")
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise _Refusal(505, f"unsupported HTTP version {version}; use HTTP/1.1 or 1.0")
+        if version == "1.1" and "host" not in headers:
+            raise _Refusal(400, "HTTP/1.1 request without a Host header")
+        coding = headers.get("transfer-encoding")
+        if coding is not None:
+            if coding.rpartition(",")[2].strip().lower() == "chunked":
+                raise _Refusal(411, "chunked request bodies are not supported; "
+                                    "send Content-Length")
+            raise _Refusal(400, f"unsupported Transfer-Encoding {coding!r}; send Content-Length")
+        length = int(headers.get("content-length") or 0)  # llhttp checked it is digits only
+        if length > self._server.max_body:
+            raise _Refusal(413, f"request body over {self._server.max_body} bytes")
+        self._expect_continue = (length > 0 and version == "1.1"
+                                 and headers.get("expect", "").lower() == "100-continue")
+
+    def on_body(self, body: bytes) -> None:
+        self._feed_other += len(body)
+        self._body.append(body)  # at most Content-Length, which is at most max_body
+
+    def on_message_complete(self) -> None:
+        self._expect_continue = False
+        parser = self._parser
+        target = b"".join(self._url).decode("latin-1")
+        path, _, query = target.partition("?")
+        keep_alive = parser.should_keep_alive()
+        body = b"".join(self._body)  # one piece (the usual case): no copy
+        self._body = []
+        request = Request(self, parser.get_method().decode("ascii"), path, query,
+                          "HTTP/" + parser.get_http_version(), self._headers, body, keep_alive)
+        self._queue.append(request)
+        self._queued_bytes += len(body)
+        if not keep_alive:
+            self._reading_done = True  # its answer closes the connection; ignore the rest
+
+    def _upgrade_requested(self, rest: bytes) -> None:
+        # `Upgrade: h2c` from curl --http2 and the like: answer in HTTP/1.1, as RFC 9110
+        # allows, and close after. llhttp stops parsing at the end of the head (it takes what
+        # follows for the new protocol), so a body announced by Content-Length is read here.
+        self._reading_done = True
+        queue = self._queue
+        if not queue or not isinstance(queue[-1], Request):
+            self._refuse(_Refusal(400, "protocol upgrade is not supported"))
+            return
+        request = queue[-1]
+        request.keep_alive = False
+        need = int(request.headers.get("content-length") or 0) - len(request.body)
+        if need > 0 and request.method != "CONNECT":
+            queue.pop()
+            self._queued_bytes -= len(request.body)
+            self._upgrade_req = request
+            self._upgrade_need = need
+            self._body = [request.body]
+            self._take_upgrade_body(rest)
+
+    def _take_upgrade_body(self, data: bytes) -> None:
+        piece = data[:self._upgrade_need]
+        self._body.append(piece)
+        self._upgrade_need -= len(piece)
+        if self._upgrade_need == 0:  # complete: it takes its turn; anything after is dropped
+            request, self._upgrade_req = self._upgrade_req, None
+            request.body = b"".join(self._body)
+            self._body = []
+            self._queue.append(request)
+            self._queued_bytes += len(request.body)
+
+    def _refuse(self, refusal: _Refusal) -> None:
+        """Queue the error answer behind any requests already parsed; parse nothing more."""
+        self._reading_done = True
+        self._queue.append(refusal)
+
+    # -- serving requests in order ------------------------------------------------------------
 
     def _arm_idle(self) -> None:
         if self._idle_handle is not None:
@@ -118,65 +332,48 @@ class HttpConnection(asyncio.Protocol):
     def _fail_early(self, status: int, message: str) -> None:
         body = self._server.error_body(status, message)
         self._keep_alive = False
+        self._head_only = False
+        self._stream_chunked = True
         self._write_head(status, [(b"content-type", b"application/json")], len(body))
         self.transport.write(body)
-        self.transport.close()
+        self._reading_done = True
+        transport = self.transport
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()  # the answer, then FIN; keep draining (see _LINGER_S)
+        self._lingering = _LINGER_BYTES
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        self._idle_handle = asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
 
     def _next_request(self) -> None:
-        buf = self._buf
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > _MAX_HEAD:
-                self._fail_early(431, "request head too large")
+        if self._task is not None or not self._queue or self.closed:
             return
-        if end > _MAX_HEAD:
-            self._fail_early(431, "request head too large")
+        item = self._queue.popleft()
+        if isinstance(item, _Refusal):
+            self._fail_early(item.status, item.message)
             return
-        try:
-            head = bytes(buf[:end]).decode("latin-1")
-            lines = head.split("\r\n")
-            method, target, version = lines[0].split(" ", 2)
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        except ValueError:
-            self._fail_early(400, "malformed HTTP request head")
-            return
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            self._fail_early(400, f"unsupported HTTP version {version!r}")
-            return
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            self._fail_early(411, "chunked request bodies are not supported; send Content-Length")
-            return
-        try:
-            length = int(headers.get("content-length", "0"))
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self._fail_early(400, "invalid Content-Length")
-            return
-        if length > self._server.max_body:
-            self._fail_early(413, f"request body over {self._server.max_body} bytes")
-            return
-        start = end + 4
-        if len(buf) - start < length:
-            if headers.get("expect", "").lower() == "100-continue" and not self._continued:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                self._continued = True
-            return  # wait for the rest of the body
-        self._continued = False
-        body = bytes(buf[start:start + length])
-        del buf[:start + length]
-        conn_hdr = headers.get("connection", "").lower()
-        self._keep_alive = ("close" not in conn_hdr) if version == "HTTP/1.1" else ("keep-alive" in conn_hdr)
-        self._stream_chunked = version == "HTTP/1.1"
-        path, _, query = target.partition("?")
+        self._queued_bytes -= len(item.body)
+        if not self._queue:
+            self._queued_bytes = 0
+        self._keep_alive = item.keep_alive
+        self._stream_chunked = item.version == "HTTP/1.1"
+        self._head_only = item.method == "HEAD"
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
-        request = Request(self, method, path, query, version, headers, body)
-        self._task = asyncio.ensure_future(self._run(request))
+        self._task = asyncio.ensure_future(self._run(item))
+
+    def _send_continue(self) -> None:
+        # Only when nothing is being answered: a 100 in the middle of an earlier request's
+        # streamed response would corrupt it.
+        if self._expect_continue and self._task is None and not self._queue and not self.closed:
+            self._expect_continue = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     async def _run(self, request: Request) -> None:
         try:
@@ -196,10 +393,12 @@ class HttpConnection(asyncio.Protocol):
         if not self._keep_alive or self._server.closing:
             self.transport.close()
             return
-        self.transport.resume_reading()
         self._arm_idle()
-        if self._buf:
-            self._next_request()
+        self._next_request()
+        self._send_continue()
+        if self._read_paused and not self._reading_done and not self._backlog_full():
+            self._read_paused = False
+            self.transport.resume_reading()
 
     # -- responses ------------------------------------------------------------------------
 
@@ -226,7 +425,8 @@ class HttpConnection(asyncio.Protocol):
         if headers:
             hdrs += headers
         self._write_head(status, hdrs, len(body))
-        self.transport.write(body)
+        if not self._head_only:  # HEAD: the headers GET would send, no body
+            self.transport.write(body)
 
     def start_stream(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         if not self.closed:
@@ -234,7 +434,7 @@ class HttpConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         """One piece of a streamed body (a chunk frame on HTTP/1.1)."""
-        if self.closed or not data:
+        if self.closed or not data or self._head_only:
             return
         if self._stream_chunked:
             self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -243,6 +443,10 @@ class HttpConnection(asyncio.Protocol):
 
     def end_stream(self, data: bytes = b"") -> None:
         if self.closed:
+            return
+        if self._head_only:
+            if not self._stream_chunked:
+                self._keep_alive = False
             return
         if self._stream_chunked:
             if data:
