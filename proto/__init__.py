@@ -22,6 +22,18 @@ from proto.kv import (
     Stored,
     StoredBlock,
 )
+from proto.offload import (
+    OFFLOAD_MESSAGES,
+    OffloadBlock,
+    OffloadContains,
+    OffloadContainsReply,
+    OffloadLookup,
+    OffloadLookupReply,
+    OffloadPut,
+    OffloadPutReply,
+    OffloadResyncReply,
+    TierSnapshot,
+)
 from proto.routing import RequestLifecycle, RouteDecision, RouteRequest
 from proto.tokens import pack_tokens, unpack_tokens
 from proto.version import PROTOCOL_MAJOR, PROTOCOL_MINOR, PROTOCOL_VERSION
@@ -40,6 +52,7 @@ MESSAGES = (
     RouteDecision,
     RequestLifecycle,
     ClientGenerateRequest,
+    *OFFLOAD_MESSAGES,
 )
 
 __all__ = [
@@ -60,6 +73,14 @@ __all__ = [
     "KvResyncRequest",
     "LoadReport",
     "ModelCard",
+    "OffloadBlock",
+    "OffloadContains",
+    "OffloadContainsReply",
+    "OffloadLookup",
+    "OffloadLookupReply",
+    "OffloadPut",
+    "OffloadPutReply",
+    "OffloadResyncReply",
     "ProtocolError",
     "Removed",
     "RequestLifecycle",
@@ -70,6 +91,7 @@ __all__ = [
     "Stored",
     "StoredBlock",
     "StreamChunk",
+    "TierSnapshot",
     "Usage",
     "decode",
     "encode",
