@@ -57,7 +57,7 @@ class OffloadPut(Message, kw_only=True):
 
 class OffloadPutReply(Message, kw_only=True):
     store_id: int
-    stored: int = 0  # newly kept (in RAM)
+    stored: int = 0  # newly kept (in RAM, or on disk when RAM holds more reused blocks)
     known: int = 0  # already held: counted as a reuse, nothing stored twice
     rejected: int = 0  # not admitted: keeping it would have pushed out a more reused block
     refused: int = 0  # invalid (see `error`): too large, token ids not int32, hash mismatch

@@ -131,6 +131,24 @@ async def test_a_run_larger_than_a_nats_message_comes_in_several_replies(
         await client.close()
 
 
+async def test_a_flood_over_nats_keeps_the_store_within_its_bytes(
+        nats_server, etcd_server, bus, discovery, ns):
+    ram_bytes = 64 * 1024
+    async with running_store(nats_server, etcd_server, ns,
+                             offload_ram_gb=ram_bytes / 2**30) as store:
+        client = await started_client(bus, discovery, ns, 1)
+        peak = 0
+        for i in range(40):
+            client.put_behind(chain(100 + i % 20, 16, 4096))  # each chain comes twice
+            assert await client.flush(WAIT)
+            peak = max(peak, store.store.accounted_bytes)
+        assert client.stats["put_sent"] == 40 * 16
+        assert peak <= ram_bytes and store.store.cache.ram.evictions > 0
+        h = store.health()
+        assert h["tiers"]["host"]["bytes"] <= ram_bytes and h["accounted_bytes"] <= ram_bytes
+        await client.close()
+
+
 async def test_lookup_without_a_store_is_empty_not_an_error(nats_server, etcd_server, bus,
                                                            discovery, ns):
     client = OffloadClient(bus, ns, discovery=discovery)

@@ -115,6 +115,18 @@ async def test_a_second_store_on_one_directory_is_refused(tmp_path):
     await store.close()
 
 
+def test_store_processes_sharing_a_root_claim_their_own_directories(tmp_path):
+    a, b = DiskStore.claim(tmp_path), DiskStore.claim(tmp_path)
+    assert (a.root.name, b.root.name) == ("store-0", "store-1")
+    ids = a.store_id(), b.store_id()
+    assert ids[0] != ids[1]
+    a.close()  # a store stopped (or died: its flock goes with it)
+    again = DiskStore.claim(tmp_path)
+    assert again.root.name == "store-0" and again.store_id() == ids[0]
+    again.close()
+    b.close()
+
+
 async def test_a_flood_of_puts_stays_within_the_byte_bounds(tmp_path):
     ram_bytes, spill_bytes, disk_bytes = 40 * RAM_BLOCK, 6 * RAM_BLOCK, 64 * 4096
     store = BlockStore(ram_bytes=ram_bytes, disk=DiskStore(tmp_path), disk_bytes=disk_bytes,

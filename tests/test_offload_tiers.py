@@ -178,6 +178,17 @@ def test_disk_applies_admission_against_its_own_victims():
     assert set(cache.disk.entries) == {b, h1}
 
 
+def test_a_reused_working_set_larger_than_ram_reaches_disk():
+    cache = TieredCache.in_blocks(8, 100)
+    blocks = list(range(1000, 1032))
+    for _ in range(2):  # every block evicted twice (by two workers, or twice by one)
+        for h in blocks:
+            cache.offer(h, None)
+    assert set(cache.ram.entries) | set(cache.disk.entries) == set(blocks)
+    assert len(cache.ram) == 8 and cache.counts["stored_disk"] == 24
+    assert cache.locate(blocks) == [TIER_RAM] * 8 + [TIER_DISK] * 24
+
+
 def test_spill_gate_refusal_drops_the_block():
     cache = TieredCache.in_blocks(1, 10, spill_gate=lambda e: False)
     cache.offer(1, None)

@@ -16,9 +16,10 @@ What the peers' users ran into, and the answer here:
 - **Eviction that never fires**: both tiers are bounded (bytes, or blocks in the replay) and
   every admission that does not fit evicts right away, in the same call; equal frequencies
   admit the newcomer (plain LRU among equals), so a cold tier keeps turning over.
-- **Disk writes for blocks nobody wants**: the disk tier only receives what RAM evicts *and*
-  was reused (sketch estimate >= `spill_min_freq`, 2 by default: put or asked for at least
-  twice); the disk tier applies the same admission against its own LRU victim.
+- **Disk writes for blocks nobody wants**: the disk tier only receives what RAM evicts, or
+  turns away at admission, *and* was reused (sketch estimate >= `spill_min_freq`, 2 by
+  default: put or asked for at least twice); the disk tier applies the same admission
+  against its own LRU victim.
 
 A block can be in both tiers (a disk hit is promoted to RAM and the file stays): when its RAM
 copy is evicted later nothing is written again.
@@ -268,13 +269,23 @@ class SizedLru:
 # What PutOutcome.status says about the offered block.
 STORED = "stored"  # now in RAM
 KNOWN = "known"  # was already held (RAM, or disk and not admitted to RAM): counted as a reuse
-REJECTED = "rejected"  # not kept: RAM is full of more frequently reused blocks
+STORED_DISK = "stored_disk"  # not admitted to RAM but reused: written to disk instead
+REJECTED = "rejected"  # not kept: the tiers are full of more frequently reused blocks
+
+
+# What happened to a block leaving RAM (TieredCache._spill).
+_KEPT = "kept"  # admitted to disk: to be written
+_ON_DISK = "on_disk"  # already there
+_COLD = "cold"  # not reused, or no disk tier
+_DISK_HOTTER = "disk_hotter"  # disk full of more reused blocks
+_QUEUE_FULL = "queue_full"  # the owner's write queue is full
 
 
 @dataclass(slots=True)
 class PutOutcome:
     status: str
-    spilled: list[Entry] = field(default_factory=list)  # RAM victims the owner must write to disk
+    # RAM victims (or the offered block itself, status STORED_DISK) the owner must write to disk
+    spilled: list[Entry] = field(default_factory=list)
     disk_evicted: list[Entry] = field(default_factory=list)  # files the owner must delete
     dropped: int = 0  # RAM victims kept nowhere (not reused, or disk full of hotter blocks)
 
@@ -317,7 +328,7 @@ class TieredCache:
             self.disk_log = self.disk.log = TierLog(TIER_DISK, self.disk.items,
                                                     max_blocks=max_event_blocks)
         self.counts: dict[str, int] = dict.fromkeys(
-            ("stored", "known", "rejected", "spilled", "spill_refused", "dropped",
+            ("stored", "stored_disk", "known", "rejected", "spilled", "spill_refused", "dropped",
              "disk_evicted", "promoted"), 0)
 
     @classmethod
@@ -370,37 +381,45 @@ class TieredCache:
             if self.disk.touch(h):
                 self.counts["known"] += 1
                 return PutOutcome(KNOWN)
-            self.counts["rejected"] += 1
-            return PutOutcome(REJECTED)
+            # Turned away at RAM's door is evicted from RAM too: a reused block goes to disk
+            # (without this, a reused working set larger than RAM never reached the disk tier:
+            # RAM kept the first reused blocks and refused every equally reused one after)
+            out = PutOutcome(REJECTED)
+            if self._spill(entry, out) == _KEPT:
+                out.status = STORED_DISK
+                self.counts["stored_disk"] += 1
+            else:
+                self.counts["rejected"] += 1
+            return out
         self.counts[counter] += 1
         out = PutOutcome(STORED)
         for victim in victims:
-            self._spill(victim, out)
+            if self._spill(victim, out) not in (_KEPT, _ON_DISK):
+                out.dropped += 1
+                self.counts["dropped"] += 1
         return out
 
-    def _spill(self, victim: Entry, out: PutOutcome) -> None:
+    def _spill(self, block: Entry, out: PutOutcome) -> str:
+        """Put a block leaving RAM on disk if it is worth it; what happened (_KEPT: the
+        owner must write it, listed in out.spilled)."""
         disk = self.disk
-        if disk.touch(victim.hash):
-            return  # already on disk (a promoted copy): nothing to write
-        if disk.capacity <= 0 or self.sketch.estimate(victim.hash) < self.spill_min_freq:
-            out.dropped += 1
-            self.counts["dropped"] += 1
-            return
-        d = Entry(victim.hash, victim.parent, self.disk_size(victim))
+        if disk.touch(block.hash):
+            return _ON_DISK  # already there (a promoted copy): nothing to write
+        if disk.capacity <= 0 or self.sketch.estimate(block.hash) < self.spill_min_freq:
+            return _COLD
+        d = Entry(block.hash, block.parent, self.disk_size(block))
         evict = disk.plan(d)
         if evict is None:
-            out.dropped += 1
-            self.counts["dropped"] += 1
-            return
-        if self.spill_gate is not None and not self.spill_gate(victim):
-            out.dropped += 1
+            return _DISK_HOTTER
+        if self.spill_gate is not None and not self.spill_gate(block):
             self.counts["spill_refused"] += 1
-            return
+            return _QUEUE_FULL
         disk.commit(d, evict)
-        out.spilled.append(victim)
+        out.spilled.append(block)
         out.disk_evicted.extend(evict)
         self.counts["spilled"] += 1
         self.counts["disk_evicted"] += len(evict)
+        return _KEPT
 
     def locate(self, hashes: Iterable[int]) -> list[str]:
         """The tier of each block of the leading run of `hashes` held (RAM first)."""

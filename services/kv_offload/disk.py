@@ -1,6 +1,7 @@
 """The disk tier's files: one file per block under one directory, each with a checksum.
 
-Layout: `<dir>/store_id` (this store's instance id, hex: a restarted store keeps its hash
+Layout (`<dir>` is one store's directory; the service claims `<--offload-dir>/store-<k>`, the
+first one no running store holds, see `DiskStore.claim`): `<dir>/store_id` (this store's instance id, hex: a restarted store keeps its hash
 range and its place in routers' indexes), `<dir>/lock` (held with flock while a store runs:
 two stores on one directory are refused), `<dir>/blocks/<2 hex>/<16 hex>.kvb`, one file per
 block named by its hash, in 256 subdirectories so no directory grows huge.
@@ -56,8 +57,12 @@ BAD_PARTIAL = "partial_write"  # a .tmp file a crashed write left behind
 BAD_REASONS = (BAD_TRUNCATED, BAD_CHECKSUM, BAD_HEADER, BAD_PARTIAL)
 
 
-class DiskError(Exception):
+class DiskError(OSError):
     """The disk tier cannot be used (directory, lock, store id); the message says why."""
+
+
+class DiskBusy(DiskError):
+    """Another running store holds the directory."""
 
 
 class BadBlockFile(Exception):
@@ -165,7 +170,10 @@ class DiskStore:
             raise DiskError(f"offload dir {self.root}: {exc.strerror or exc}") from None
 
     def lock(self) -> None:
-        """Hold the directory for this process; DiskError if another store has it."""
+        """Hold the directory for this process (again: no-op); DiskBusy if another store has
+        it."""
+        if self._lock_fd is not None:
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -175,8 +183,8 @@ class DiskStore:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise DiskError(f"offload dir {self.root} is in use by another store "
-                            "(one directory per store process)") from None
+            raise DiskBusy(f"offload dir {self.root} is in use by another store "
+                           "(one directory per store process)") from None
         self._lock_fd = fd
         for i in range(256):
             (self.blocks_dir / f"{i:02x}").mkdir(parents=True, exist_ok=True)
@@ -187,6 +195,20 @@ class DiskStore:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
                 os.close(self._lock_fd)
             self._lock_fd = None
+
+    @classmethod
+    def claim(cls, root: str | os.PathLike, max_slots: int = 64) -> DiskStore:
+        """The first `<root>/store-<k>` directory no running store holds, locked: replicas
+        sharing one volume (compose --scale) each get their own, and a restarted store gets
+        its old one back (its flock died with it), with its id and its files."""
+        for k in range(max_slots):
+            disk = cls(Path(root) / f"store-{k}")
+            try:
+                disk.lock()
+            except DiskBusy:
+                continue
+            return disk
+        raise DiskError(f"all {max_slots} store directories under {root} are in use")
 
     # ---- files ---------------------------------------------------------------------------------
     def path(self, block_hash: int) -> Path:

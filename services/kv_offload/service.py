@@ -61,7 +61,8 @@ class OffloadOptions:
     offload_disk_gb: float = field(default=4.0, metadata=opt(
         "disk tier size in GiB (0: no disk tier)", min=0))
     offload_dir: str | None = field(default=None, metadata=opt(
-        "directory of the disk tier (unset: no disk tier); one store per directory"))
+        "directory of the disk tier (unset: no disk tier); each store process takes the "
+        "first free store-<k> subdirectory, so replicas can share it"))
     spill_queue_mb: float = field(default=64.0, metadata=opt(
         "blocks waiting to be written to disk, MiB; beyond it spills are dropped", min=0,
         env="GENSET_OFFLOAD_SPILL_QUEUE_MB"))
@@ -92,10 +93,13 @@ class OffloadService(Service):
         self._disk_error: str | None = None
         disk: DiskStore | None = None
         if o.offload_dir and o.offload_disk_gb > 0:
-            disk = DiskStore(o.offload_dir)
+            # claimed (locked) here: the directory's store id is this instance's id, which
+            # logging and every subject below are named with
             try:
+                disk = DiskStore.claim(o.offload_dir)
                 self.instance_id = disk.store_id()
             except DiskError as exc:
+                disk = None
                 self._disk_error = str(exc)  # start() fails with it, after logging is set up
         self.disk = disk
         self.store: BlockStore | None = None
@@ -158,7 +162,7 @@ class OffloadService(Service):
                        "max_block_bytes": str(max_block)}
         self.log.info("offload store ready", store_id=f"{sid:x}",
                       ram_gb=o.offload_ram_gb,
-                      disk=(f"{o.offload_dir} ({o.offload_disk_gb} GiB, {found} blocks kept)"
+                      disk=(f"{self.disk.root} ({o.offload_disk_gb} GiB, {found} blocks kept)"
                             if self.disk else "off"),
                       bad_files={k: v for k, v in self.disk.bad_files.items() if v}
                       if self.disk else {})
