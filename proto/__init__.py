@@ -22,6 +22,18 @@ from proto.kv import (
     Stored,
     StoredBlock,
 )
+from proto.offload import (
+    OFFLOAD_MESSAGES,
+    OffloadBlock,
+    OffloadContains,
+    OffloadContainsReply,
+    OffloadLookup,
+    OffloadLookupReply,
+    OffloadPut,
+    OffloadPutReply,
+    OffloadResyncReply,
+    TierSnapshot,
+)
 from proto.routing import RequestLifecycle, RouteDecision, RouteRequest
 from proto.tokens import pack_tokens, unpack_tokens
 from proto.values import (
@@ -57,6 +69,7 @@ MESSAGES = (
     RouteDecision,
     RequestLifecycle,
     ClientGenerateRequest,
+    *OFFLOAD_MESSAGES,
 )
 
 __all__ = [
@@ -90,6 +103,14 @@ __all__ = [
     "KvResyncRequest",
     "LoadReport",
     "ModelCard",
+    "OffloadBlock",
+    "OffloadContains",
+    "OffloadContainsReply",
+    "OffloadLookup",
+    "OffloadLookupReply",
+    "OffloadPut",
+    "OffloadPutReply",
+    "OffloadResyncReply",
     "Phase",
     "ProtocolError",
     "Removed",
@@ -102,6 +123,7 @@ __all__ = [
     "Stored",
     "StoredBlock",
     "StreamChunk",
+    "TierSnapshot",
     "Usage",
     "decode",
     "encode",

@@ -47,3 +47,16 @@ def planner_prefix(namespace: str) -> str:
 
 def config_prefix(namespace: str) -> str:
     return namespace_prefix(namespace) + "config/"
+
+
+# ---- KV offload store (issue 12) ---------------------------------------------------------------
+OFFLOAD_COMPONENT = "kv_offload"  # the same word as proto.subjects.OFFLOAD_COMPONENT
+
+
+def offload_instances_prefix(namespace: str) -> str:
+    """Where the live store instances are listed (InstanceRecord under each one's lease)."""
+    return instances_prefix(namespace, OFFLOAD_COMPONENT)
+
+
+def offload_instance(namespace: str, store_id: int) -> str:
+    return instance(namespace, OFFLOAD_COMPONENT, store_id)

@@ -77,3 +77,39 @@ def stream_cancel(namespace: str) -> str:
 def kv_event_stream_name(namespace: str) -> str:
     """JetStream stream that keeps recent KV events for replay by a restarting router."""
     return f"GENSET_KV_{_tok(namespace, 'namespace').upper().replace('-', '_')}"
+
+
+# ---- KV offload store (issue 12) ---------------------------------------------------------------
+# Each store instance serves its own hash range (clients place blocks by rendezvous hashing over
+# the live instances), so every endpoint is per instance.
+
+OFFLOAD_COMPONENT = "kv_offload"
+
+
+def offload_put(namespace: str, store_id: int) -> str:
+    """`OffloadPut` -> `OffloadPutReply` (write-behind of evicted blocks)."""
+    return subject(namespace, OFFLOAD_COMPONENT, "put", store_id)
+
+
+def offload_lookup(namespace: str, store_id: int) -> str:
+    """`OffloadLookup` -> `OffloadLookupReply` (onboarding: a run of blocks with their data)."""
+    return subject(namespace, OFFLOAD_COMPONENT, "lookup", store_id)
+
+
+def offload_contains(namespace: str, store_id: int) -> str:
+    """`OffloadContains` -> `OffloadContainsReply` (exists, without data)."""
+    return subject(namespace, OFFLOAD_COMPONENT, "contains", store_id)
+
+
+def offload_resync(namespace: str, store_id: int) -> str:
+    """`KvResyncRequest` -> `OffloadResyncReply`; the snapshot goes out on the events subject."""
+    return subject(namespace, OFFLOAD_COMPONENT, "resync", store_id)
+
+
+def offload_events(namespace: str, store_id: int) -> str:
+    """The store's `KvEventBatch`es, one sequence per tier (`host`, `disk`)."""
+    return subject(namespace, OFFLOAD_COMPONENT, "events", store_id)
+
+
+def offload_events_all(namespace: str) -> str:
+    return subject(namespace, OFFLOAD_COMPONENT, "events") + ".>"

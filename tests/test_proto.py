@@ -53,6 +53,19 @@ SAMPLES = [
     proto.RequestLifecycle(request_id="r-1", worker_id=9, phase=proto.PHASE_FIRST_TOKEN),
     proto.ClientGenerateRequest(model="tiny", messages=[proto.ChatMessage(role="user", content="hi")],
                                 max_tokens=8, stop=["\n\n"]),
+    # the KV offload store's messages (proto/offload.py)
+    proto.OffloadPut(sender_id=9, blocks=[
+        proto.OffloadBlock(hash=2**64 - 1, token_ids=proto.pack_tokens(range(4)), data=b"kv"),
+        proto.OffloadBlock(hash=5, parent_hash=2**64 - 1)]),
+    proto.OffloadPutReply(store_id=3, stored=1, known=1, refused=1, error="too large"),
+    proto.OffloadLookup(hashes=[2**64 - 1, 5], max_bytes=1 << 20, want_tokens=True),
+    proto.OffloadLookupReply(store_id=3, held=2, blocks=[proto.OffloadBlock(hash=2**64 - 1)],
+                             disk_blocks=1),
+    proto.OffloadContains(hashes=[1, 2, 3]),
+    proto.OffloadContainsReply(store_id=3, held=2, in_ram=1),
+    proto.OffloadResyncReply(store_id=3, tiers=[
+        proto.TierSnapshot(tier="host", first_event_id=4, last_event_id=4),
+        proto.TierSnapshot(tier="disk", first_event_id=7, last_event_id=9, blocks=40000)]),
 ]
 
 

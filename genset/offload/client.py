@@ -1,0 +1,394 @@
+"""What a worker uses to reach the KV offload store: write-behind puts, deadline-bound lookups.
+
+    client = OffloadClient(bus, namespace, discovery=discovery, sender_id=worker_id)
+    await client.start()                      # follows the store instances listed in etcd
+    client.put_behind(blocks)                 # evicted blocks: never blocks, never raises
+    run = await client.lookup(hashes, 0.05)   # the blocks to import; [] if slow or absent
+
+Placement: each block lives on the instance that rendezvous hashing gives it among the live
+instances (`placement.Placement`), so one lookup asks every instance that owns some of the
+prompt's next blocks, all at once, and stitches their answers back into one run: position i
+counts only if its owner returned block i, in order. An instance answers for its own blocks
+only ("the leading run of these that I hold"), so the instances never have to agree on
+membership.
+
+Write-behind: `put_behind` appends to a queue bounded in bytes and returns; a background
+task cuts the queue into requests that fit a NATS message, per owner, with at most
+`max_inflight` requests outstanding. When the queue is full, there is no store, or a block
+is larger than a message, the block is dropped and counted: an eviction must never wait for
+the store. `put_behind` may be called from another thread (an engine thread's eviction hook).
+
+Lookup: one round trip to the owners in parallel, under `deadline_s`; when an owner held more
+than fit in its reply (`held` > blocks sent), the client asks again for the rest while the
+deadline allows. Timeout, no responders, errors, nonsense replies: the run found so far (maybe
+[]) is returned and the worker computes the rest. Nothing is raised to the caller.
+
+Memory: the put queue <= `max_queue_bytes`, plus `max_inflight` requests of at most one NATS
+message each; a lookup holds at most one message per owner per round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import structlog
+
+from genset.offload.placement import Placement
+from proto import keys, subjects
+from proto.discovery import InstanceRecord
+from proto.offload import (
+    OffloadBlock,
+    OffloadContains,
+    OffloadContainsReply,
+    OffloadLookup,
+    OffloadLookupReply,
+    OffloadPut,
+    OffloadPutReply,
+)
+
+log = structlog.get_logger("genset.offload.client")
+
+BLOCK_WIRE_OVERHEAD = 64  # msgpack bytes per block beyond its payload and token ids
+REQUEST_HEADROOM = 4096  # bytes of a message besides its blocks
+DEFAULT_MAX_PAYLOAD = 1 << 20  # NATS' default max_payload
+
+
+def block_bytes(b: OffloadBlock) -> int:
+    return len(b.data) + len(b.token_ids) + BLOCK_WIRE_OVERHEAD
+
+
+class OffloadClient:
+    STAT_NAMES = (
+        "put_queued", "put_dropped_full", "put_dropped_no_store", "put_dropped_too_large",
+        "put_sent", "put_failed", "put_stored", "put_known", "put_rejected", "put_refused",
+        "lookups", "lookup_blocks", "lookup_timeouts", "lookup_errors", "lookup_rounds",
+    )
+
+    def __init__(self, bus: Any, namespace: str, *, discovery: Any = None, sender_id: int = 0,
+                 max_queue_bytes: int = 64 << 20, max_inflight: int = 4,
+                 put_timeout_s: float = 2.0, max_message_bytes: int | None = None) -> None:
+        if max_queue_bytes < 0 or max_inflight < 1 or put_timeout_s <= 0:
+            raise ValueError("need max_queue_bytes >= 0, max_inflight >= 1, put_timeout_s > 0")
+        self.bus = bus
+        self.namespace = namespace
+        self.discovery = discovery
+        self.sender_id = sender_id
+        self.max_queue_bytes = max_queue_bytes
+        self.max_inflight = max_inflight
+        self.put_timeout_s = put_timeout_s
+        self._max_message_bytes = max_message_bytes
+        self.placement = Placement(())
+        self.stats: dict[str, int] = dict.fromkeys(self.STAT_NAMES, 0)
+        self._queue: deque[tuple[OffloadBlock, int]] = deque()
+        self._queued_bytes = 0
+        self._outstanding = 0  # blocks queued or being sent; 0 = idle
+        self._lock = threading.Lock()  # put_behind may run on an engine thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._inflight: set[asyncio.Task] = set()
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._pump: asyncio.Task | None = None
+        self._membership: Any = None
+        self._closed = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self, instances: Iterable[int] | None = None) -> None:
+        """Begin: with `instances`, a fixed set of store ids (tests, benchmarks); else the
+        instances listed in etcd, followed as they come and go (no etcd answer yet: no store,
+        lookups return [] until it answers)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        if instances is not None:
+            self.set_instances(instances)
+        elif self.discovery is not None:
+            self._membership = await self.discovery.watch(
+                keys.offload_instances_prefix(self.namespace), InstanceRecord,
+                require_initial=False)
+            self._membership.add_listener(self._on_membership)
+            self._on_membership("put", "", None)
+        self._pump = asyncio.create_task(self._put_loop(), name="offload-put-behind")
+
+    def set_instances(self, instances: Iterable[int]) -> None:
+        self.placement = Placement(instances)
+
+    def _on_membership(self, _kind: str, _key: str, _value: Any) -> None:
+        ids = [rec.instance_id for rec in self._membership.items.values()
+               if isinstance(rec, InstanceRecord)
+               and rec.component == subjects.OFFLOAD_COMPONENT]
+        if set(ids) != set(self.placement.instances):
+            log.info("offload store instances", instances=[f"{i:x}" for i in sorted(ids)])
+            self.set_instances(ids)
+
+    @property
+    def instances(self) -> tuple[int, ...]:
+        return self.placement.instances
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until every queued put was sent and answered (tests, benchmarks)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pump
+            self._pump = None
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=self.put_timeout_s)
+        if self._membership is not None:
+            with contextlib.suppress(Exception):
+                self._membership.remove_listener(self._on_membership)
+                await self._membership.close()
+            self._membership = None
+
+    def _message_limit(self) -> int:
+        if self._max_message_bytes is not None:
+            return self._max_message_bytes
+        nc = getattr(self.bus, "nc", None)
+        max_payload = int(getattr(nc, "max_payload", 0) or DEFAULT_MAX_PAYLOAD)
+        return max(16 * 1024, max_payload - REQUEST_HEADROOM)
+
+    # ---- write-behind ----------------------------------------------------------------------------
+    def put_behind(self, blocks: Iterable[OffloadBlock]) -> int:
+        """Queue evicted blocks for the store; returns how many were queued (the others were
+        dropped and counted). Never blocks, never raises; callable from any thread."""
+        if self._closed or self._loop is None:
+            return 0
+        queued = 0
+        limit = self._message_limit()
+        with self._lock:
+            for b in blocks:
+                size = block_bytes(b)
+                if size > limit:
+                    self.stats["put_dropped_too_large"] += 1
+                    continue
+                if not self.placement:
+                    self.stats["put_dropped_no_store"] += 1
+                    continue
+                if self._queued_bytes + size > self.max_queue_bytes:
+                    self.stats["put_dropped_full"] += 1
+                    continue
+                self._queue.append((b, size))
+                self._queued_bytes += size
+                queued += 1
+            self.stats["put_queued"] += queued
+            self._outstanding += queued
+        if queued:
+            if threading.get_ident() == self._loop_thread:
+                self._idle.clear()
+                self._wake.set()
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop is closing
+                    self._loop.call_soon_threadsafe(self._wake_from_thread)
+        return queued
+
+    def _wake_from_thread(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+
+    def _take(self, max_bytes: int) -> list[OffloadBlock]:
+        out: list[OffloadBlock] = []
+        taken = 0
+        with self._lock:
+            while self._queue and taken < max_bytes:
+                b, size = self._queue.popleft()
+                self._queued_bytes -= size
+                taken += size
+                out.append(b)
+        return out
+
+    def _done(self, n: int) -> None:
+        with self._lock:
+            self._outstanding -= n
+            idle = self._outstanding == 0
+        if idle:
+            self._idle.set()
+
+    async def _put_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            limit = self._message_limit()
+            while self._queue:
+                # a few messages' worth at a time, so blocks for one owner travel together
+                blocks = self._take(limit * self.max_inflight)
+                placement = self.placement
+                if not placement:
+                    self.stats["put_dropped_no_store"] += len(blocks)
+                    self._done(len(blocks))
+                    continue
+                by_owner: dict[int, list[OffloadBlock]] = {}
+                for b in blocks:
+                    by_owner.setdefault(placement.owner(b.hash), []).append(b)  # type: ignore[arg-type]
+                for owner, owned in by_owner.items():
+                    for chunk in _chunks(owned, limit):
+                        await self._slots.acquire()
+                        task = asyncio.create_task(self._send(owner, chunk))
+                        self._inflight.add(task)
+                        task.add_done_callback(self._inflight.discard)
+
+    async def _send(self, owner: int, blocks: list[OffloadBlock]) -> None:
+        try:
+            await self._send_one(owner, blocks)
+        finally:
+            self._slots.release()
+            self._done(len(blocks))
+
+    async def _send_one(self, owner: int, blocks: list[OffloadBlock]) -> None:
+        try:
+            reply = await self.bus.request(
+                subjects.offload_put(self.namespace, owner),
+                OffloadPut(sender_id=self.sender_id, blocks=blocks),
+                timeout=self.put_timeout_s, reply_type=OffloadPutReply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # store gone, slow or refusing: write-behind is best effort
+            self.stats["put_failed"] += len(blocks)
+            log.debug("offload put failed", store=f"{owner:x}", blocks=len(blocks),
+                      error=repr(exc))
+            return
+        self.stats["put_sent"] += len(blocks)
+        self.stats["put_stored"] += reply.stored
+        self.stats["put_known"] += reply.known
+        self.stats["put_rejected"] += reply.rejected
+        self.stats["put_refused"] += reply.refused
+        if reply.refused:
+            log.warning("offload store refused blocks", store=f"{owner:x}",
+                        refused=reply.refused, error=reply.error)
+
+    # ---- onboarding ------------------------------------------------------------------------------
+    async def lookup(self, hashes: Sequence[int], deadline_s: float = 0.05, *,
+                     max_blocks: int | None = None, max_bytes: int = 256 << 20,
+                     want_tokens: bool = False) -> list[OffloadBlock]:
+        """The longest run of `hashes`, from the first, that the store can hand over within
+        `deadline_s` (at most `max_blocks` blocks and about `max_bytes` of payload), in order.
+        [] when the store is absent, slow or broken; never raises."""
+        self.stats["lookups"] += 1
+        run: list[OffloadBlock] = []
+        want = list(hashes[:max_blocks] if max_blocks is not None else hashes)
+        if not want or not self.placement or deadline_s <= 0:
+            return run
+        deadline = asyncio.get_running_loop().time() + deadline_s
+        try:
+            async with asyncio.timeout(deadline_s):
+                await self._lookup(want, run, max_bytes, want_tokens, deadline)
+        except TimeoutError:
+            self.stats["lookup_timeouts"] += 1
+        except Exception as exc:
+            self.stats["lookup_errors"] += 1
+            log.debug("offload lookup failed", error=repr(exc))
+        self.stats["lookup_blocks"] += len(run)
+        return run
+
+    async def contains(self, hashes: Sequence[int], deadline_s: float = 0.05) -> int:
+        """How many of `hashes`, from the first, the store holds (no data moves); 0 when the
+        store is absent, slow or broken; never raises."""
+        want = list(hashes)
+        groups = self.placement.group(want)
+        if not groups or deadline_s <= 0:
+            return 0
+        owners = list(groups)
+        try:
+            async with asyncio.timeout(deadline_s):
+                replies = await asyncio.gather(*(
+                    self.bus.request(subjects.offload_contains(self.namespace, o),
+                                     OffloadContains(hashes=[want[p] for p in groups[o]]),
+                                     timeout=deadline_s, reply_type=OffloadContainsReply)
+                    for o in owners), return_exceptions=True)
+        except TimeoutError:
+            return 0
+        held = {o: (r.held if isinstance(r, OffloadContainsReply) else 0)
+                for o, r in zip(owners, replies, strict=True)}
+        seen = dict.fromkeys(owners, 0)
+        owner_of = {p: o for o, ps in groups.items() for p in ps}
+        for pos in range(len(want)):
+            o = owner_of[pos]
+            if seen[o] >= held[o]:
+                return pos
+            seen[o] += 1
+        return len(want)
+
+    async def _lookup(self, hashes: list[int], run: list[OffloadBlock], max_bytes: int,
+                      want_tokens: bool, deadline: float) -> None:
+        """Rounds of one parallel request per owner; `run` grows with every verified block
+        (so a timeout keeps what earlier rounds brought)."""
+        budget = max_bytes
+        limit = self._message_limit()
+        while len(run) < len(hashes) and budget > 0:
+            self.stats["lookup_rounds"] += 1
+            rest = hashes[len(run):]
+            placement = self.placement
+            groups = placement.group(rest)
+            if not groups:
+                return
+            owners = list(groups)
+            left = max(0.001, deadline - asyncio.get_running_loop().time())
+            replies = await asyncio.gather(*(
+                self.bus.request(
+                    subjects.offload_lookup(self.namespace, o),
+                    OffloadLookup(hashes=[rest[p] for p in groups[o]],
+                                  max_bytes=min(limit, budget), want_tokens=want_tokens),
+                    timeout=left, reply_type=OffloadLookupReply)
+                for o in owners), return_exceptions=True)
+            got: dict[int, OffloadLookupReply | None] = {}
+            for o, r in zip(owners, replies, strict=True):
+                if isinstance(r, asyncio.CancelledError):
+                    raise r
+                if isinstance(r, BaseException):
+                    self.stats["lookup_errors"] += 1
+                    log.debug("offload lookup request failed", store=f"{o:x}", error=repr(r))
+                    got[o] = None
+                else:
+                    got[o] = r
+            owner_of = {p: o for o, ps in groups.items() for p in ps}
+            taken = dict.fromkeys(owners, 0)
+            added = 0
+            truncated = False
+            for pos, h in enumerate(rest):
+                o = owner_of.get(pos)
+                r = got.get(o) if o is not None else None
+                if r is None:
+                    break
+                k = taken[o]
+                blk = r.blocks[k] if k < len(r.blocks) else None
+                if blk is None or blk.hash != h:
+                    # the owner holds more than it sent (its reply was full): ask again
+                    truncated = blk is None and k < r.held
+                    break
+                taken[o] = k + 1
+                run.append(blk)
+                budget -= block_bytes(blk)
+                added += 1
+            if not truncated or not added:
+                return
+
+
+def _chunks(blocks: list[OffloadBlock], limit: int) -> Iterable[list[OffloadBlock]]:
+    cur: list[OffloadBlock] = []
+    size = 0
+    for b in blocks:
+        n = block_bytes(b)
+        if cur and size + n > limit:
+            yield cur
+            cur, size = [], 0
+        cur.append(b)
+        size += n
+    if cur:
+        yield cur

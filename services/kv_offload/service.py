@@ -1,0 +1,348 @@
+"""`genset offload`: the KV offload store as a service.
+
+One instance serves the blocks that rendezvous hashing places on it (`genset.offload.
+placement`, over the instances listed in etcd), on its own subjects, each in a queue group
+named after the instance (two processes that briefly share an id, an old one draining and
+its restart, never both answer):
+
+- `offload_put(ns, id)`: `OffloadPut` -> `OffloadPutReply` (write-behind of evicted blocks);
+- `offload_lookup(ns, id)`: `OffloadLookup` -> `OffloadLookupReply` (the leading run held,
+  with data, at most `max_bytes` and never more than a NATS message);
+- `offload_contains(ns, id)`: `OffloadContains` -> `OffloadContainsReply`;
+- `offload_resync(ns, id)`: `KvResyncRequest` -> `OffloadResyncReply`; the snapshot itself
+  goes out on the events subject, in order (a disk tier's snapshot can exceed a message);
+- publishes `KvEventBatch`es on `offload_events(ns, id)`, one event_id sequence per tier
+  (`host` = RAM, `disk`); on start a `cleared` for RAM (what it held before is gone) and a
+  snapshot of the disk tier (what survived); on a clean stop a `cleared` for RAM.
+
+With a disk directory the instance id is the directory's (`<dir>/store_id`), so a restarted
+store owns the same hash range and its events replace its previous self's in routers.
+
+Bad messages get a clear error reply (`bad_request`, naming the field) and are counted;
+nothing a peer sends can crash the store or grow it past its byte bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import proto
+from genset.runtime.config import opt
+from genset.runtime.service import Service
+from proto import subjects
+from proto.kv import TIER_DISK, KvEventBatch
+from proto.offload import (
+    OffloadContains,
+    OffloadContainsReply,
+    OffloadLookup,
+    OffloadLookupReply,
+    OffloadPut,
+    OffloadPutReply,
+    OffloadResyncReply,
+    TierSnapshot,
+)
+from services.kv_offload.disk import BAD_REASONS, DiskError, DiskStore
+from services.kv_offload.store import BlockStore
+
+GB = 1 << 30
+MB = 1 << 20
+REPLY_HEADROOM = 4096  # bytes of a reply besides block payloads (ids, counts, msgpack keys)
+MAX_OUTBOX = 4096  # unpublished event batches before they are replaced by fresh snapshots
+
+
+@dataclass
+class OffloadOptions:
+    offload_ram_gb: float = field(default=1.0, metadata=opt(
+        "RAM tier size in GiB (block payloads + per-block overhead)", min=0))
+    offload_disk_gb: float = field(default=4.0, metadata=opt(
+        "disk tier size in GiB (0: no disk tier)", min=0))
+    offload_dir: str | None = field(default=None, metadata=opt(
+        "directory of the disk tier (unset: no disk tier); each store process takes the "
+        "first free store-<k> subdirectory, so replicas can share it"))
+    spill_queue_mb: float = field(default=64.0, metadata=opt(
+        "blocks waiting to be written to disk, MiB; beyond it spills are dropped", min=0,
+        env="GENSET_OFFLOAD_SPILL_QUEUE_MB"))
+    max_block_mb: float = field(default=0.0, metadata=opt(
+        "largest block accepted, MiB (0: what fits a NATS message)", min=0,
+        env="GENSET_OFFLOAD_MAX_BLOCK_MB"))
+    spill_min_freq: int = field(default=2, metadata=opt(
+        "a block evicted from RAM goes to disk only if put or asked for this often", min=0,
+        env="GENSET_OFFLOAD_SPILL_MIN_FREQ"))
+    verify_on_start: bool = field(default=False, metadata=opt(
+        "check every disk file's checksum at start-up (reads the whole tier; reads are "
+        "always checked)",
+        env="GENSET_OFFLOAD_VERIFY_ON_START"))
+    verify_hashes: bool = field(default=True, metadata=opt(
+        "refuse blocks whose hash does not match their parent hash and token ids",
+        env="GENSET_OFFLOAD_VERIFY_HASHES"))
+    max_concurrent: int = field(default=64, metadata=opt(
+        "requests in progress per endpoint before new ones get an overloaded error", min=1,
+        env="GENSET_OFFLOAD_MAX_CONCURRENT"))
+
+
+class OffloadService(Service):
+    component = subjects.OFFLOAD_COMPONENT
+
+    def __init__(self, config, options: OffloadOptions | None = None) -> None:
+        super().__init__(config)
+        self.options = o = options or OffloadOptions()
+        self._disk_error: str | None = None
+        disk: DiskStore | None = None
+        if o.offload_dir and o.offload_disk_gb > 0:
+            # claimed (locked) here: the directory's store id is this instance's id, which
+            # logging and every subject below are named with
+            try:
+                disk = DiskStore.claim(o.offload_dir)
+                self.instance_id = disk.store_id()
+            except DiskError as exc:
+                disk = None
+                self._disk_error = str(exc)  # start() fails with it, after logging is set up
+        self.disk = disk
+        self.store: BlockStore | None = None
+        self._subs: list = []
+        self._outbox: deque[KvEventBatch] = deque()
+        self._publisher: asyncio.Task | None = None
+        self._publish_lock = asyncio.Lock()  # one publisher at a time keeps batches in order
+        self._events_subject = subjects.offload_events(self.namespace, self.instance_id)
+        self._reply_limit = 1 * MB
+        m = self.metrics
+        self.m_put = m.counter("offload_put_blocks", "blocks offered by workers, by outcome",
+                               ["outcome"])
+        self.m_lookups = m.counter("offload_lookups", "lookup requests answered")
+        self.m_served = m.counter("offload_lookup_blocks", "blocks returned by lookups",
+                                  ["tier"])
+        self.m_bad = m.counter("offload_bad_messages", "requests refused as malformed",
+                               ["endpoint"])
+        self.m_batches = m.counter("offload_event_batches", "KV event batches published",
+                                   ["outcome"])
+        self.m_resyncs = m.counter("offload_resyncs", "snapshots sent on request")
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        o = self.options
+        if self._disk_error:
+            raise DiskError(self._disk_error)
+        max_payload = int(getattr(self.bus.nc, "max_payload", 0) or MB)
+        self._reply_limit = max(64 * 1024, max_payload - REPLY_HEADROOM)
+        max_block = self._reply_limit - REPLY_HEADROOM
+        if o.max_block_mb > 0:
+            max_block = min(max_block, int(o.max_block_mb * MB))
+        self.store = store = BlockStore(
+            ram_bytes=int(o.offload_ram_gb * GB), disk=self.disk,
+            disk_bytes=int(o.offload_disk_gb * GB) if self.disk else 0,
+            spill_queue_bytes=int(o.spill_queue_mb * MB), max_block_bytes=max_block,
+            spill_min_freq=o.spill_min_freq, verify_hashes=o.verify_hashes,
+            verify_on_start=o.verify_on_start)
+        found = await store.open()
+        self._metrics_gauges()
+        ns, sid = self.namespace, self.instance_id
+        queue = f"{self.component}-{sid:x}"
+        handlers = {
+            "put": (subjects.offload_put(ns, sid), self._on_put),
+            "lookup": (subjects.offload_lookup(ns, sid), self._on_lookup),
+            "contains": (subjects.offload_contains(ns, sid), self._on_contains),
+            "resync": (subjects.offload_resync(ns, sid), self._on_resync),
+        }
+        for name, (subject, handler) in handlers.items():
+            self._subs.append(await self.bus.serve(subject, handler, queue=queue,
+                                                   max_concurrent=o.max_concurrent))
+            self.subjects[name] = subject
+        self.subjects["events"] = self._events_subject
+        # What this start means for consumers: RAM is empty (its Cleared is pending in the
+        # RAM log since open()), the disk tier holds what survived.
+        self._collect()
+        self._outbox.extend(store.cache.disk_log.snapshot_batches(sid, _now_ms()))
+        self._publisher = asyncio.create_task(self._publish_loop(), name="offload-events")
+        self.labels = {"ram_bytes": str(store.cache.ram.capacity),
+                       "disk_bytes": str(store.cache.disk.capacity),
+                       "max_block_bytes": str(max_block)}
+        self.log.info("offload store ready", store_id=f"{sid:x}",
+                      ram_gb=o.offload_ram_gb,
+                      disk=(f"{self.disk.root} ({o.offload_disk_gb} GiB, {found} blocks kept)"
+                            if self.disk else "off"),
+                      bad_files={k: v for k, v in self.disk.bad_files.items() if v}
+                      if self.disk else {})
+
+    async def drain(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        if self.store is None:
+            return
+        flushed = await self.store.flush(max(1.0, self.config.drain_timeout * 0.7))
+        if not flushed:
+            self.log.warning("disk writes still queued at shutdown; those blocks are lost",
+                             pending_bytes=self.store.pending_bytes)
+        self.store.cache.clear_ram()  # announced: routers must not count on it
+        self.store.changed.set()
+        await self._publish_now()
+        with contextlib.suppress(Exception):
+            await self.bus.flush(2.0)
+
+    async def stop(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._publisher
+            self._publisher = None
+        if self.store is not None:
+            await self.store.close()
+
+    def health(self) -> dict:
+        h = super().health()
+        st = self.store
+        if st is not None:
+            c = st.cache
+            h["store_id"] = f"{self.instance_id:x}"
+            h["tiers"] = {
+                "host": {"blocks": len(c.ram), "bytes": c.ram.used, "capacity": c.ram.capacity},
+                "disk": {"blocks": len(c.disk), "bytes": c.disk.used,
+                         "capacity": c.disk.capacity},
+            }
+            h["pending_write_bytes"] = st.pending_bytes
+            h["accounted_bytes"] = st.accounted_bytes
+            h["counts"] = {**c.counts, **st.counts}
+            if self.disk is not None:
+                h["bad_files"] = dict(self.disk.bad_files)
+        return h
+
+    def _metrics_gauges(self) -> None:
+        st = self.store
+        assert st is not None
+        c = st.cache
+        m = self.metrics
+        blocks = m.gauge("offload_blocks", "blocks held, per tier", ["tier"])
+        used = m.gauge("offload_bytes", "bytes held, per tier", ["tier"])
+        cap = m.gauge("offload_capacity_bytes", "tier size", ["tier"])
+        for tier, lru in (("host", c.ram), ("disk", c.disk)):
+            blocks.labels(tier).set_function(lambda lru=lru: len(lru))
+            used.labels(tier).set_function(lambda lru=lru: lru.used)
+            cap.labels(tier).set_function(lambda lru=lru: lru.capacity)
+        m.gauge("offload_pending_write_bytes", "evicted blocks waiting for their disk write"
+                ).set_function(lambda: st.pending_bytes)
+        m.gauge("offload_accounted_bytes", "block bytes in memory (RAM tier + write queue)"
+                ).set_function(lambda: st.accounted_bytes)
+        policy = m.gauge("offload_policy_events", "tier policy decisions so far", ["kind"])
+        for kind in c.counts:
+            policy.labels(kind).set_function(lambda kind=kind: c.counts[kind])
+        io = m.gauge("offload_store_events", "store I/O events so far", ["kind"])
+        for kind in st.counts:
+            io.labels(kind).set_function(lambda kind=kind: st.counts[kind])
+        if self.disk is not None:
+            disk = self.disk
+            bad = m.gauge("offload_disk_bad_files", "disk files dropped as bad, by reason",
+                          ["reason"])
+            for reason in BAD_REASONS:
+                bad.labels(reason).set_function(lambda r=reason: disk.bad_files[r])
+
+    # ---- handlers -------------------------------------------------------------------------------
+    def _decode(self, data: bytes, message_type: type, endpoint: str):
+        try:
+            return proto.decode(data, message_type)
+        except proto.ProtocolError:
+            self.m_bad.labels(endpoint).inc()
+            raise  # the bus answers bad_request with the text naming the field
+
+    async def _on_put(self, data: bytes) -> OffloadPutReply:
+        req = self._decode(data, OffloadPut, "put")
+        assert self.store is not None
+        c = self.store.put(req.blocks)
+        for outcome in ("stored", "known", "rejected", "refused"):
+            n = getattr(c, outcome)
+            if n:
+                self.m_put.labels(outcome).inc(n)
+        return OffloadPutReply(store_id=self.instance_id, stored=c.stored, known=c.known,
+                               rejected=c.rejected, refused=c.refused, error=c.error)
+
+    async def _on_lookup(self, data: bytes) -> OffloadLookupReply:
+        req = self._decode(data, OffloadLookup, "lookup")
+        assert self.store is not None
+        res = await self.store.lookup(req.hashes, min(req.max_bytes, self._reply_limit),
+                                      req.want_tokens)
+        self.m_lookups.inc()
+        if res.blocks:
+            self.m_served.labels("host").inc(len(res.blocks) - res.disk_blocks)
+            self.m_served.labels(TIER_DISK).inc(res.disk_blocks)
+        return OffloadLookupReply(store_id=self.instance_id, held=res.held, blocks=res.blocks,
+                                  disk_blocks=res.disk_blocks)
+
+    async def _on_contains(self, data: bytes) -> OffloadContainsReply:
+        req = self._decode(data, OffloadContains, "contains")
+        assert self.store is not None
+        held, in_ram = self.store.contains(req.hashes)
+        return OffloadContainsReply(store_id=self.instance_id, held=held, in_ram=in_ram)
+
+    async def _on_resync(self, data: bytes) -> OffloadResyncReply:
+        req = self._decode(data, proto.KvResyncRequest, "resync")
+        if req.worker_id != self.instance_id:
+            self.m_bad.labels("resync").inc()
+            raise proto.ProtocolError(f"KvResyncRequest.worker_id {req.worker_id:x} is not "
+                                      f"this store ({self.instance_id:x})")
+        self.m_resyncs.inc()
+        return OffloadResyncReply(store_id=self.instance_id, tiers=self._queue_snapshots())
+
+    # ---- events -------------------------------------------------------------------------------
+    def _collect(self) -> None:
+        """Move pending tier events into the outbox, in order."""
+        st = self.store
+        assert st is not None
+        now = _now_ms()
+        for log in (st.cache.ram_log, st.cache.disk_log):
+            if log is not None and log.pending:
+                self._outbox.extend(log.take_batches(self.instance_id, now))
+        if len(self._outbox) > MAX_OUTBOX:  # NATS away for long: state, not history
+            self.log.warning("KV event backlog too long; sending snapshots instead",
+                             batches=len(self._outbox))
+            self._outbox.clear()
+            self._queue_snapshots()
+
+    def _queue_snapshots(self) -> list[TierSnapshot]:
+        """A fresh snapshot of every tier into the outbox, behind the batches already there
+        (pending events are folded into it); where each one sits in its tier's ids."""
+        st = self.store
+        assert st is not None
+        now = _now_ms()
+        out = []
+        for log in (st.cache.ram_log, st.cache.disk_log):
+            if log is None:
+                continue
+            batches = log.snapshot_batches(self.instance_id, now)
+            self._outbox.extend(batches)
+            out.append(TierSnapshot(tier=log.tier, first_event_id=batches[0].event_id,
+                                    last_event_id=batches[-1].event_id,
+                                    blocks=len(st.cache.ram if log is st.cache.ram_log
+                                               else st.cache.disk)))
+        st.changed.set()
+        return out
+
+    async def _publish_loop(self) -> None:
+        st = self.store
+        assert st is not None
+        while True:
+            await st.changed.wait()
+            await self._publish_now()
+
+    async def _publish_now(self) -> None:
+        st = self.store
+        assert st is not None
+        async with self._publish_lock:
+            st.changed.clear()
+            self._collect()
+            while self._outbox:
+                batch = self._outbox.popleft()
+                try:
+                    await self.bus.publish(self._events_subject, batch)
+                    self.m_batches.labels("ok").inc()
+                except Exception as exc:  # consumers see the gap and ask for a resync
+                    self.m_batches.labels("failed").inc()
+                    self.log.debug("KV event batch not published", tier=batch.tier,
+                                   event_id=batch.event_id, error=repr(exc))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

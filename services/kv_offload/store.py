@@ -1,0 +1,322 @@
+"""The store behind the service's handlers: block bytes in RAM, files on disk, the tier
+policy of `genset.offload.tiers` deciding what goes where. No NATS here (tests drive it
+directly); the service publishes its event logs and answers requests with it.
+
+Memory is bounded in bytes, all of it accounted:
+- the RAM tier: every block's payload + token ids + ENTRY_OVERHEAD (the Python objects
+  around them, measured at ~330 bytes with tracemalloc) <= `ram_bytes`;
+- blocks on their way to disk (evicted from RAM, file not written yet) <= `spill_queue_bytes`:
+  when that queue is full a spill is dropped, never waited for;
+- a lookup holds at most its `max_bytes` of replies (the service bounds concurrent requests).
+
+Disk I/O runs off the event loop: one writer thread takes writes and deletes in order (so a
+delete queued after a write of the same block wins), reads run in the default executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import structlog
+
+from genset.kv.hashing import chain_hash, local_block_hash
+from genset.offload.tiers import (
+    REJECTED,
+    STORED,
+    STORED_DISK,
+    TIER_RAM,
+    Entry,
+    PutOutcome,
+    TieredCache,
+)
+from proto.offload import OffloadBlock
+from services.kv_offload.disk import DiskStore, disk_usage
+
+log = structlog.get_logger("genset.kv_offload")
+
+ENTRY_OVERHEAD = 384  # bytes per RAM block beyond its payload (objects, dict slot)
+WIRE_OVERHEAD = 64  # msgpack bytes per block in a reply beyond its payload (keys, ints)
+# A lookup counts demand for at most this many of its hashes (a 16k-token prompt in 16-token
+# blocks); a request listing 65 536 hashes would otherwise cost ~0.2 s of sketch updates.
+MAX_RECORDED = 1024
+WRITE_BATCH_BYTES = 8 << 20  # writer thread: ops per hand-off, up to this many payload bytes
+
+
+@dataclass(slots=True)
+class PutCounts:
+    stored: int = 0
+    known: int = 0
+    rejected: int = 0
+    refused: int = 0
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class LookupResult:
+    held: int
+    blocks: list[OffloadBlock]
+    disk_blocks: int = 0
+
+
+class BlockStore:
+    def __init__(self, *, ram_bytes: int, disk: DiskStore | None = None, disk_bytes: int = 0,
+                 spill_queue_bytes: int = 64 << 20, max_block_bytes: int = 1 << 20,
+                 spill_min_freq: int = 2, verify_hashes: bool = True,
+                 verify_on_start: bool = False, max_event_blocks: int = 8192) -> None:
+        if ram_bytes < 0 or disk_bytes < 0 or spill_queue_bytes < 0 or max_block_bytes <= 0:
+            raise ValueError("store sizes must be >= 0 (max_block_bytes > 0)")
+        self.disk = disk if disk_bytes > 0 else None
+        self.max_block_bytes = max_block_bytes
+        self.spill_queue_bytes = spill_queue_bytes
+        self.verify_hashes = verify_hashes
+        self.verify_on_start = verify_on_start
+        self.cache = TieredCache(
+            ram_bytes, disk_bytes if self.disk else 0, spill_min_freq=spill_min_freq,
+            disk_size=lambda e: disk_usage(len(e.value.token_ids), len(e.value.data)),
+            spill_gate=self._reserve_spill, max_event_blocks=max_event_blocks)
+        # Blocks evicted from RAM whose file is being written: hash -> (block, reserved bytes).
+        self.pending: dict[int, tuple[OffloadBlock, int]] = {}
+        self.pending_bytes = 0
+        self._ops: deque[tuple[str, int, OffloadBlock | None]] = deque()
+        self._ops_ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._writer_task: asyncio.Task | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self.changed = asyncio.Event()  # set whenever a tier's event log got something
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("put_blocks", "refused", "lookups", "lookup_hits_ram", "lookup_hits_disk",
+             "disk_written", "disk_write_failed", "disk_read_failed", "spills_dropped"), 0)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def open(self) -> int:
+        """Lock the disk directory and rebuild the disk tier from its files; announce the RAM
+        tier as cleared. Returns the number of disk blocks found."""
+        self.cache.ram_log.cleared()  # whatever RAM held before this start is gone
+        found = 0
+        if self.disk is not None:
+            disk = self.disk
+            await asyncio.to_thread(disk.lock)
+            files = await asyncio.to_thread(lambda: list(disk.scan(self.verify_on_start)))
+            extra: list[Entry] = []
+            for f in files:
+                extra += self.cache.load_disk_entry(f.hash, f.parent_hash, f.size)
+            for e in extra:  # the tier was started smaller than last time: oldest files go
+                await asyncio.to_thread(disk.delete, e.hash)
+            found = len(self.cache.disk)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="offload-disk-writer")
+            self._writer_task = asyncio.create_task(self._writer(), name="offload-disk-writer")
+        self.changed.set()
+        return found
+
+    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until every queued disk write and delete is done; False if `timeout` passed."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer_task
+            self._writer_task = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self.disk is not None:
+            self.disk.close()
+
+    @property
+    def accounted_bytes(self) -> int:
+        """Bytes of block data this store holds in memory (RAM tier + pending disk writes)."""
+        return self.cache.ram.used + self.pending_bytes
+
+    # ---- put --------------------------------------------------------------------------------
+    def _check(self, b: OffloadBlock) -> str | None:
+        if len(b.token_ids) % 4:
+            return f"block {b.hash:016x}: token_ids is {len(b.token_ids)} bytes, not int32s"
+        size = len(b.token_ids) + len(b.data)
+        if size > self.max_block_bytes:
+            return (f"block {b.hash:016x}: {size} bytes, over this store's limit of "
+                    f"{self.max_block_bytes}")
+        if self.verify_hashes and b.token_ids:
+            # 1 us per block; a block filed under a hash its tokens do not have would be
+            # served for the wrong prefix to every worker
+            if chain_hash(b.parent_hash, local_block_hash(b.token_ids)) != b.hash:
+                return f"block {b.hash:016x}: hash does not match its parent and token ids"
+        return None
+
+    def put(self, blocks: Sequence[OffloadBlock]) -> PutCounts:
+        out = PutCounts()
+        cache = self.cache
+        for b in blocks:
+            why = self._check(b)
+            if why is not None:
+                out.refused += 1
+                out.error = out.error or why
+                continue
+            size = len(b.token_ids) + len(b.data) + ENTRY_OVERHEAD
+            res = cache.offer(b.hash, b.parent_hash, size, b)
+            if res.status in (STORED, STORED_DISK):
+                out.stored += 1
+            elif res.status == REJECTED:
+                out.rejected += 1
+            else:
+                out.known += 1
+            self._apply(res)
+        self.counts["put_blocks"] += len(blocks)
+        self.counts["refused"] += out.refused
+        self.changed.set()
+        return out
+
+    def _reserve_spill(self, entry: Entry) -> bool:
+        if self.pending_bytes + entry.size > self.spill_queue_bytes:
+            self.counts["spills_dropped"] += 1
+            return False
+        self.pending_bytes += entry.size
+        return True
+
+    def _apply(self, res: PutOutcome) -> None:
+        """Queue the disk work a policy outcome asks for."""
+        for victim in res.spilled:
+            old = self.pending.get(victim.hash)
+            if old is not None:  # written, evicted and spilled again before the first write
+                self.pending_bytes -= old[1]  # ran: one reservation per hash
+            self.pending[victim.hash] = (victim.value, victim.size)
+            self._ops.append(("write", victim.hash, victim.value))
+        for gone in res.disk_evicted:
+            self._ops.append(("delete", gone.hash, None))
+        if res.spilled or res.disk_evicted:
+            self._idle.clear()
+            self._ops_ready.set()
+
+    # ---- lookup -----------------------------------------------------------------------------
+    def contains(self, hashes: Sequence[int]) -> tuple[int, int]:
+        tiers = self.cache.locate(hashes)
+        return len(tiers), sum(t == TIER_RAM for t in tiers)
+
+    async def lookup(self, hashes: Sequence[int], max_bytes: int,
+                     want_tokens: bool = False) -> LookupResult:
+        """The leading run of `hashes` held, with the first blocks of it that fit in
+        `max_bytes`; disk blocks are read (and checked) off the loop and promoted to RAM."""
+        self.counts["lookups"] += 1
+        cache = self.cache
+        cache.record(hashes[:MAX_RECORDED])
+        tiers = cache.locate(hashes)
+        held = len(tiers)
+        ram, disk = cache.ram.entries, cache.disk.entries
+        budget = max_bytes
+        picked: list[OffloadBlock | None] = []
+        reads: list[int] = []  # positions in `picked` to read from disk
+        for h, tier in zip(hashes, tiers, strict=False):
+            if tier == TIER_RAM:
+                blk = ram[h].value
+                cost = len(blk.data) + (len(blk.token_ids) if want_tokens else 0)
+            else:
+                pend = self.pending.get(h)
+                blk = pend[0] if pend is not None else None
+                cost = (len(blk.data) + (len(blk.token_ids) if want_tokens else 0)
+                        if blk is not None else disk[h].size)  # a file: its size bounds it
+            cost += WIRE_OVERHEAD
+            if cost > budget:
+                break
+            budget -= cost
+            cache.touch(h)
+            if blk is None:
+                reads.append(len(picked))
+            picked.append(blk)
+        disk_blocks = len(reads)
+        if reads:
+            assert self.disk is not None
+            got = await asyncio.to_thread(
+                lambda: [self.disk.read(hashes[i]) for i in reads])  # type: ignore[union-attr]
+            for i, f in zip(reads, got, strict=True):
+                h = hashes[i]
+                if f is None:
+                    # gone (evicted meanwhile) or bad (deleted and counted by DiskStore): the
+                    # run ends here, and the tier no longer has it
+                    if cache.drop_from_disk(h) is not None:
+                        self.counts["disk_read_failed"] += 1
+                    del picked[i:]
+                    held = i
+                    disk_blocks = sum(1 for j in reads if j < i)
+                    break
+                blk = OffloadBlock(hash=h, parent_hash=f.parent_hash, token_ids=f.token_ids,
+                                   data=f.data)
+                picked[i] = blk
+                self._apply(cache.promote(h, f.parent_hash,
+                                          len(f.token_ids) + len(f.data) + ENTRY_OVERHEAD, blk))
+            self.changed.set()
+        blocks = [b if want_tokens or not b.token_ids else
+                  OffloadBlock(hash=b.hash, parent_hash=b.parent_hash, data=b.data)
+                  for b in picked if b is not None]
+        self.counts["lookup_hits_ram"] += len(blocks) - disk_blocks
+        self.counts["lookup_hits_disk"] += disk_blocks
+        return LookupResult(held=held, blocks=blocks, disk_blocks=disk_blocks)
+
+    # ---- disk writer --------------------------------------------------------------------------
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        disk = self.disk
+        assert disk is not None
+        while True:
+            if not self._ops:
+                self._idle.set()
+                self._ops_ready.clear()
+                await self._ops_ready.wait()
+                continue
+            batch = []
+            size = 0
+            while self._ops and size < WRITE_BATCH_BYTES:
+                op = self._ops.popleft()
+                batch.append(op)
+                if op[2] is not None:
+                    size += len(op[2].data) + len(op[2].token_ids)
+
+            def run(batch=batch) -> list[bool]:
+                results = []
+                for kind, h, blk in batch:
+                    if kind == "write":
+                        try:
+                            ok = disk.write(h, blk.parent_hash, blk.token_ids, blk.data)
+                        except OSError as exc:
+                            log.warning("disk tier write failed", block=f"{h:016x}",
+                                        error=str(exc))
+                            ok = False
+                        results.append(ok)
+                    else:
+                        try:
+                            disk.delete(h)
+                        except OSError as exc:
+                            log.warning("disk tier delete failed", block=f"{h:016x}",
+                                        error=str(exc))
+                        results.append(True)
+                return results
+
+            try:
+                results = await loop.run_in_executor(self._pool, run)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the pool is gone (closing): nothing more can be written
+                log.exception("disk writer stopped")
+                return
+            for (kind, h, _blk), ok in zip(batch, results, strict=True):
+                if kind != "write":
+                    continue
+                pend = self.pending.pop(h, None)
+                if pend is not None:
+                    self.pending_bytes -= pend[1]
+                if ok:
+                    self.counts["disk_written"] += 1
+                else:
+                    self.counts["disk_write_failed"] += 1
+                    if self.cache.drop_from_disk(h) is not None:
+                        self.changed.set()

@@ -1,0 +1,294 @@
+"""The offload store service and its client over real NATS and etcd (the service runs in this
+process; the restart test with real processes is in test_offload_process.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+
+import msgspec
+import pytest
+
+import proto
+from genset.kv.replica import HashSetReplica
+from genset.offload.client import OffloadClient, block_bytes
+from genset.runtime.bus import Bus, RemoteError
+from genset.runtime.config import CommonConfig
+from genset.runtime.discovery import Discovery
+from proto import keys, subjects
+from proto.offload import OffloadBlock, OffloadLookup, OffloadLookupReply, OffloadPut
+from services.kv_offload.service import OffloadOptions, OffloadService
+from tests.offload_helpers import chain
+
+WAIT = 20.0  # generous deadline for conditions (never a timing assertion)
+
+
+@contextlib.asynccontextmanager
+async def running_store(nats_server, etcd_server, namespace: str, **options):
+    """An OffloadService started the way run_service starts one, stopped the way it stops."""
+    config = CommonConfig(namespace=namespace, nats=nats_server.url,
+                          etcd=etcd_server.endpoint, lease_ttl=5.0, drain_timeout=10.0)
+    svc = OffloadService(config, OffloadOptions(**options))
+    svc.bus = await Bus.connect(nats_server.url, name=f"store-{uuid.uuid4().hex[:6]}",
+                                namespace=namespace)
+    svc.discovery = await Discovery.connect(etcd_server.endpoint, ttl=5.0)
+    try:
+        await svc.start()
+        await svc.discovery.register(svc.instance_key, svc.instance_record())
+        svc.state = "ready"
+        yield svc
+    finally:
+        if svc.state == "ready":
+            await svc.discovery.unregister(svc.instance_key)
+            await svc.drain()
+        await svc.stop()
+        await svc.discovery.close()
+        await svc.bus.close()
+
+
+async def wait_for(predicate, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"not {what} after {WAIT} s")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def ns() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+async def started_client(bus, discovery, ns, n_instances: int, **kw) -> OffloadClient:
+    client = OffloadClient(bus, ns, discovery=discovery, sender_id=7, **kw)
+    await client.start()
+    await wait_for(lambda: len(client.instances) == n_instances, f"{n_instances} stores seen")
+    return client
+
+
+def same(a: list[OffloadBlock], b: list[OffloadBlock], tokens: bool = True) -> bool:
+    return [(x.hash, x.parent_hash, x.data) + ((x.token_ids,) if tokens else ()) for x in a] \
+        == [(x.hash, x.parent_hash, x.data) + ((x.token_ids,) if tokens else ()) for x in b]
+
+
+async def test_put_behind_then_lookup_round_trip(nats_server, etcd_server, bus, discovery, ns):
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01):
+        client = await started_client(bus, discovery, ns, 1)
+        blocks = chain(1, 12, 2000)
+        assert client.put_behind(blocks) == 12
+        assert await client.flush(WAIT)
+        assert client.stats["put_stored"] == 12
+        hashes = [b.hash for b in blocks]
+        run = await client.lookup(hashes, deadline_s=WAIT, want_tokens=True)
+        assert same(run, blocks)
+        run = await client.lookup(hashes, deadline_s=WAIT)
+        assert same(run, blocks, tokens=False) and all(b.token_ids == b"" for b in run)
+        # a run stops at the first block the store lacks
+        other = chain(2, 3, 2000)
+        assert same(await client.lookup([*hashes[:5], other[0].hash, *hashes[5:]],
+                                        deadline_s=WAIT), blocks[:5], tokens=False)
+        assert await client.lookup([other[0].hash], deadline_s=WAIT) == []
+        assert len(await client.lookup(hashes, deadline_s=WAIT, max_blocks=4)) == 4
+        assert await client.contains([*hashes, other[0].hash], deadline_s=WAIT) == 12
+        await client.close()
+
+
+async def test_several_instances_split_the_blocks_and_one_lookup_stitches_them(
+        nats_server, etcd_server, bus, discovery, ns):
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01) as a, \
+            running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01) as b:
+        client = await started_client(bus, discovery, ns, 2)
+        blocks = chain(3, 40, 1000)
+        client.put_behind(blocks)
+        assert await client.flush(WAIT)
+        held_a, held_b = len(a.store.cache.ram), len(b.store.cache.ram)
+        assert held_a + held_b == 40 and held_a and held_b  # both hold some
+        rounds = client.stats["lookup_rounds"]
+        run = await client.lookup([x.hash for x in blocks], deadline_s=WAIT, want_tokens=True)
+        assert same(run, blocks)
+        assert client.stats["lookup_rounds"] == rounds + 1  # one round trip, both in parallel
+        await client.close()
+
+
+async def test_a_run_larger_than_a_nats_message_comes_in_several_replies(
+        nats_server, etcd_server, bus, discovery, ns):
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05):
+        client = await started_client(bus, discovery, ns, 1)
+        blocks = chain(4, 48, 32 * 1024)  # 1.5 MB: over NATS' 1 MB max_payload
+        assert client.put_behind(blocks) == 48
+        assert await client.flush(WAIT)
+        rounds = client.stats["lookup_rounds"]
+        run = await client.lookup([x.hash for x in blocks], deadline_s=WAIT)
+        assert same(run, blocks, tokens=False)
+        assert client.stats["lookup_rounds"] - rounds >= 2
+        # a byte budget smaller than the run: the leading blocks that fit
+        run = await client.lookup([x.hash for x in blocks], deadline_s=WAIT,
+                                  max_bytes=5 * 33 * 1024)
+        assert 0 < len(run) < 48 and same(run, blocks[:len(run)], tokens=False)
+        await client.close()
+
+
+async def test_a_flood_over_nats_keeps_the_store_within_its_bytes(
+        nats_server, etcd_server, bus, discovery, ns):
+    ram_bytes = 64 * 1024
+    async with running_store(nats_server, etcd_server, ns,
+                             offload_ram_gb=ram_bytes / 2**30) as store:
+        client = await started_client(bus, discovery, ns, 1)
+        peak = 0
+        for i in range(40):
+            client.put_behind(chain(100 + i % 20, 16, 4096))  # each chain comes twice
+            assert await client.flush(WAIT)
+            peak = max(peak, store.store.accounted_bytes)
+        assert client.stats["put_sent"] == 40 * 16
+        assert peak <= ram_bytes and store.store.cache.ram.evictions > 0
+        h = store.health()
+        assert h["tiers"]["host"]["bytes"] <= ram_bytes and h["accounted_bytes"] <= ram_bytes
+        await client.close()
+
+
+async def test_lookup_without_a_store_is_empty_not_an_error(nats_server, etcd_server, bus,
+                                                           discovery, ns):
+    client = OffloadClient(bus, ns, discovery=discovery)
+    await client.start()
+    assert await client.lookup([1, 2, 3], deadline_s=0.5) == []
+    assert client.put_behind(chain(5, 2)) == 0
+    assert client.stats["put_dropped_no_store"] == 2
+    await client.close()
+    # a store listed but not answering (gone without a trace): still [], within the deadline
+    ghost = OffloadClient(bus, ns)
+    await ghost.start(instances=[0xDEAD])
+    assert await ghost.lookup([1, 2, 3], deadline_s=0.5) == []
+    assert await ghost.contains([1, 2], deadline_s=0.5) == 0
+    assert ghost.put_behind(chain(6, 2)) == 2
+    assert await ghost.flush(WAIT)
+    assert ghost.stats["put_failed"] == 2
+    await ghost.close()
+
+
+async def test_put_behind_drops_under_pressure_and_works_from_another_thread(
+        nats_server, etcd_server, bus, discovery, ns):
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01) as store:
+        blocks = chain(7, 20, 1000)
+        limit = 5 * block_bytes(blocks[0])
+        client = await started_client(bus, discovery, ns, 1, max_queue_bytes=limit)
+        queued = client.put_behind(blocks)  # nothing is sent before we yield: 5 fit
+        assert queued == 5 and client.stats["put_dropped_full"] == 15
+        assert client.queued_bytes <= limit
+        assert await client.flush(WAIT)
+        more = chain(8, 4, 1000)
+        t = threading.Thread(target=client.put_behind, args=(more,))
+        t.start()
+        await asyncio.to_thread(t.join)
+        await wait_for(lambda: all(b.hash in store.store.cache.ram for b in more),
+                       "blocks from a thread stored")
+        await client.close()
+
+
+async def test_bad_messages_get_errors_are_counted_and_the_store_goes_on(
+        nats_server, etcd_server, bus, discovery, ns):
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01) as store:
+        sid = store.instance_id
+        put, lookup = subjects.offload_put(ns, sid), subjects.offload_lookup(ns, sid)
+        with pytest.raises(RemoteError, match="not msgpack"):
+            await bus.request(put, b"\xc1garbage", timeout=WAIT)
+        with pytest.raises(RemoteError, match=r"\$\.blocks\[0\]\.hash"):
+            await bus.request(put, msgspec.msgpack.encode(
+                {"v": 1, "blocks": [{"hash": -5}]}), timeout=WAIT)
+        with pytest.raises(RemoteError, match="unsupported protocol major version 9"):
+            await bus.request(lookup, msgspec.msgpack.encode({"v": 9, "hashes": [1]}),
+                              timeout=WAIT)
+        with pytest.raises(RemoteError, match="is not this store"):
+            await bus.request(subjects.offload_resync(ns, sid),
+                              proto.KvResyncRequest(worker_id=sid + 1), timeout=WAIT)
+        # a block that is wrong in itself is refused by name, the others are kept
+        good, bad = chain(9, 2, 100)
+        bad.hash ^= 1
+        reply = await bus.request(put, OffloadPut(blocks=[good, bad]), timeout=WAIT,
+                                  reply_type=proto.OffloadPutReply)
+        assert (reply.stored, reply.refused) == (1, 1) and "does not match" in reply.error
+        # max_bytes larger than a message is capped by the store: the reply always fits
+        reply = await bus.request(lookup, OffloadLookup(hashes=[good.hash], max_bytes=1 << 40),
+                                  timeout=WAIT, reply_type=OffloadLookupReply)
+        assert reply.held == 1 and reply.blocks[0].data == good.data
+        text = store.metrics.render().decode()
+        assert 'genset_offload_bad_messages_total{endpoint="put"} 2.0' in text
+        assert 'genset_offload_bad_messages_total{endpoint="lookup"} 1.0' in text
+        assert 'genset_offload_bad_messages_total{endpoint="resync"} 1.0' in text
+
+
+async def test_events_per_tier_and_resync(nats_server, etcd_server, bus, discovery, ns,
+                                          tmp_path):
+    batches: list[proto.KvEventBatch] = []
+
+    async def on_event(msg) -> None:
+        batches.append(proto.decode(msg.data, proto.KvEventBatch))
+
+    sub = await bus.subscribe(subjects.offload_events_all(ns), on_event)
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=8 * 1400 / 2**30,
+                             offload_disk_gb=0.001, offload_dir=str(tmp_path)) as store:
+        sid = store.instance_id
+        replicas = {"host": HashSetReplica(), "disk": HashSetReplica()}
+        seen = 0
+
+        def apply_new() -> None:
+            nonlocal seen
+            for b in batches[seen:]:
+                assert b.worker_id == sid
+                assert replicas[b.tier].apply(b), b
+            seen = len(batches)
+
+        await wait_for(lambda: {b.tier for b in batches} == {"host", "disk"}, "start events")
+        assert batches[0].tier == "host" and batches[0].events == [proto.Cleared()]
+        client = await started_client(bus, discovery, ns, 1)
+        reused = chain(10, 6, 1000)
+        client.put_behind(reused)
+        client.put_behind(reused)
+        assert await client.flush(WAIT)
+        pushers = chain(11, 8, 1000)
+        for _ in range(3):
+            await client.lookup([b.hash for b in pushers], deadline_s=WAIT)
+        client.put_behind(pushers)
+        assert await client.flush(WAIT)
+        assert await store.store.flush(WAIT)
+        cache = store.store.cache
+
+        def in_step() -> bool:
+            apply_new()
+            return (replicas["host"].hashes == set(cache.ram.entries)
+                    and replicas["disk"].hashes == set(cache.disk.entries))
+
+        await wait_for(in_step, "replicas in step with the tiers")
+        assert {b.hash for b in reused} <= replicas["disk"].hashes
+        # a resync: the snapshot arrives on the events subject where the reply says
+        reply = await bus.request(subjects.offload_resync(ns, sid),
+                                  proto.KvResyncRequest(worker_id=sid), timeout=WAIT,
+                                  reply_type=proto.OffloadResyncReply)
+        ranges = {t.tier: t for t in reply.tiers}
+        assert ranges["disk"].blocks == len(cache.disk)
+        await wait_for(lambda: any(b.tier == "disk" and
+                                   b.event_id == ranges["disk"].last_event_id
+                                   for b in batches), "snapshot published")
+        first = next(b for b in batches
+                     if b.tier == "host" and b.event_id == ranges["host"].first_event_id)
+        assert first.events[0] == proto.Cleared()
+        assert in_step()
+        await client.close()
+    # a clean stop announces the RAM tier cleared
+    await wait_for(lambda: batches[-1].tier == "host" and batches[-1].events[-1] ==
+                   proto.Cleared(), "RAM cleared on stop")
+    await sub.unsubscribe()
+
+
+async def test_the_store_is_listed_in_etcd_under_its_lease(nats_server, etcd_server,
+                                                         discovery, ns):
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01) as store:
+        found = await discovery.get_prefix(keys.offload_instances_prefix(ns),
+                                           proto.InstanceRecord)
+        (rec,) = found.values()
+        assert rec.instance_id == store.instance_id and rec.component == "kv_offload"
+        assert rec.subjects["lookup"] == subjects.offload_lookup(ns, store.instance_id)
+        assert int(rec.labels["ram_bytes"]) == int(0.01 * 2**30)
+    assert await discovery.get_prefix(keys.offload_instances_prefix(ns)) == {}

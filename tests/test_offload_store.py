@@ -1,0 +1,180 @@
+"""The offload store's block keeping with a real disk tier (no NATS): restart, bad files,
+bounds under a flood, put validation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from genset.kv.replica import HashSetReplica
+from proto.kv import Cleared
+from services.kv_offload.disk import HEADER_SIZE, DiskError, DiskStore
+from services.kv_offload.store import ENTRY_OVERHEAD, BlockStore
+from tests.offload_helpers import chain
+
+DATA = 1000
+RAM_BLOCK = DATA + 64 + ENTRY_OVERHEAD  # what one test block costs the RAM tier
+
+
+def make_store(path, *, ram_blocks=8, disk_bytes=1 << 20, **kw) -> BlockStore:
+    return BlockStore(ram_bytes=ram_blocks * RAM_BLOCK, disk=DiskStore(path),
+                      disk_bytes=disk_bytes, **kw)
+
+
+async def spill_to_disk(store: BlockStore, blocks) -> None:
+    """Put `blocks` twice (reused), then push them out of RAM with hotter blocks."""
+    store.put(blocks)
+    store.put(blocks)
+    pushers = chain(999, len(blocks) + 8, DATA)
+    for _ in range(3):
+        store.cache.record([b.hash for b in pushers])
+    store.put(pushers)
+    assert await store.flush(30)
+    assert all(b.hash in store.cache.disk for b in blocks)
+
+
+async def test_disk_blocks_survive_a_restart_and_ram_is_announced_cleared(tmp_path):
+    blocks = chain(1, 6, DATA)
+    store = make_store(tmp_path)
+    assert await store.open() == 0
+    await spill_to_disk(store, blocks)
+    await store.close()
+
+    again = make_store(tmp_path)
+    assert await again.open() >= 6
+    ram_batches = again.cache.ram_log.take_batches(worker_id=1)
+    assert ram_batches[0].events == [Cleared()] and ram_batches[0].tier == "host"
+    replica = HashSetReplica()
+    for b in again.cache.disk_log.snapshot_batches(worker_id=1):
+        assert b.tier == "disk"
+        assert replica.apply(b)
+    assert {b.hash for b in blocks} <= replica.hashes
+    res = await again.lookup([b.hash for b in blocks], max_bytes=1 << 20, want_tokens=True)
+    assert res.held == 6 and res.disk_blocks == 6
+    assert [(b.hash, b.parent_hash, b.token_ids, b.data) for b in res.blocks] == \
+        [(b.hash, b.parent_hash, b.token_ids, b.data) for b in blocks]
+    await again.close()
+
+
+async def test_truncated_and_corrupted_files_are_dropped_counted_and_never_served(tmp_path):
+    blocks = chain(2, 6, DATA)
+    store = make_store(tmp_path)
+    await store.open()
+    await spill_to_disk(store, blocks)
+    sid = store.disk.store_id()
+    await store.close()
+    disk = DiskStore(tmp_path)
+    truncated = disk.path(blocks[4].hash)
+    os.truncate(truncated, truncated.stat().st_size - 10)
+    corrupt = disk.path(blocks[2].hash)
+    raw = bytearray(corrupt.read_bytes())
+    raw[HEADER_SIZE + 100] ^= 0xFF  # one payload byte: header and size still look right
+    corrupt.write_bytes(bytes(raw))
+    leftover = disk.path(blocks[5].hash).with_suffix(".kvb.tmp")
+    leftover.write_bytes(b"half a write")
+
+    again = make_store(tmp_path)
+    await again.open()
+    assert again.disk.store_id() == sid
+    bad = again.disk.bad_files
+    assert bad["truncated"] == 1 and bad["partial_write"] == 1
+    assert not truncated.exists() and not leftover.exists()
+    assert blocks[4].hash not in again.cache.disk  # never announced, never served
+    res = await again.lookup([b.hash for b in blocks], max_bytes=1 << 20)
+    assert res.held == 2 and [b.hash for b in res.blocks] == [b.hash for b in blocks[:2]]
+    assert bad["checksum"] == 1 and not corrupt.exists()
+    assert blocks[2].hash not in again.cache.disk
+    (batch,) = [b for b in again.cache.disk_log.take_batches(1) if b.events]
+    assert any(blocks[2].hash in getattr(ev, "hashes", ()) for ev in batch.events)
+    await again.close()
+
+
+async def test_verify_on_start_finds_corruption_before_serving(tmp_path):
+    blocks = chain(3, 3, DATA)
+    store = make_store(tmp_path)
+    await store.open()
+    await spill_to_disk(store, blocks)
+    await store.close()
+    path = DiskStore(tmp_path).path(blocks[1].hash)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    again = make_store(tmp_path, verify_on_start=True)
+    await again.open()
+    assert again.disk.bad_files["checksum"] == 1
+    assert blocks[1].hash not in again.cache.disk and blocks[0].hash in again.cache.disk
+    await again.close()
+
+
+async def test_a_second_store_on_one_directory_is_refused(tmp_path):
+    store = make_store(tmp_path)
+    await store.open()
+    with pytest.raises(DiskError, match="in use by another store"):
+        await make_store(tmp_path).open()
+    await store.close()
+
+
+def test_store_processes_sharing_a_root_claim_their_own_directories(tmp_path):
+    a, b = DiskStore.claim(tmp_path), DiskStore.claim(tmp_path)
+    assert (a.root.name, b.root.name) == ("store-0", "store-1")
+    ids = a.store_id(), b.store_id()
+    assert ids[0] != ids[1]
+    a.close()  # a store stopped (or died: its flock goes with it)
+    again = DiskStore.claim(tmp_path)
+    assert again.root.name == "store-0" and again.store_id() == ids[0]
+    again.close()
+    b.close()
+
+
+async def test_a_flood_of_puts_stays_within_the_byte_bounds(tmp_path):
+    ram_bytes, spill_bytes, disk_bytes = 40 * RAM_BLOCK, 6 * RAM_BLOCK, 64 * 4096
+    store = BlockStore(ram_bytes=ram_bytes, disk=DiskStore(tmp_path), disk_bytes=disk_bytes,
+                       spill_queue_bytes=spill_bytes)
+    await store.open()
+    peak = 0
+    for i in range(300):
+        blocks = chain(i % 150, 8, DATA)  # every chain comes twice: reused, spilled
+        store.put(blocks)
+        store.cache.record([b.hash for b in blocks[:4]])
+        await store.lookup([b.hash for b in blocks], max_bytes=1 << 16)
+        peak = max(peak, store.accounted_bytes)
+        assert store.cache.ram.used <= ram_bytes
+        assert store.pending_bytes <= spill_bytes
+        assert store.cache.disk.used <= disk_bytes
+    assert peak <= ram_bytes + spill_bytes
+    assert store.cache.ram.evictions > 0 and store.cache.counts["spilled"] > 0
+    assert await store.flush(30)
+    files = [p for p in (tmp_path / "blocks").rglob("*.kvb")]
+    assert len(files) == len(store.cache.disk)
+    assert sum(-(-p.stat().st_size // 4096) * 4096 for p in files) <= disk_bytes
+    await store.close()
+
+
+async def test_invalid_blocks_are_refused_with_a_reason(tmp_path):
+    store = BlockStore(ram_bytes=1 << 20, max_block_bytes=4000)
+    await store.open()
+    good, wrong_hash, odd_tokens, huge = chain(4, 4, DATA)
+    wrong_hash.hash ^= 1
+    odd_tokens.token_ids = odd_tokens.token_ids[:-1]
+    huge.data = bytes(5000)
+    c = store.put([good, wrong_hash, odd_tokens, huge])
+    assert (c.stored, c.refused) == (1, 3)
+    assert "hash does not match" in c.error
+    assert store.put([odd_tokens]).error.endswith("not int32s")
+    assert "over this store's limit of 4000" in store.put([huge]).error
+    await store.close()
+
+
+async def test_lookup_returns_what_fits_and_says_how_much_more_it_holds():
+    store = BlockStore(ram_bytes=1 << 20)
+    await store.open()
+    blocks = chain(5, 10, DATA)
+    store.put(blocks)
+    res = await store.lookup([b.hash for b in blocks], max_bytes=3 * (DATA + 64) + 10)
+    assert res.held == 10 and len(res.blocks) == 3
+    assert all(b.token_ids == b"" for b in res.blocks)  # tokens only when asked for
+    res = await store.lookup([b.hash for b in blocks[:2]] + [12345], max_bytes=1 << 20)
+    assert res.held == 2
+    assert store.contains([b.hash for b in blocks]) == (10, 10)
+    await store.close()
