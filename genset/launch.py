@@ -6,7 +6,14 @@ router runs embedded in the frontend), the workers and the frontend, each as a c
 with its log in `<state>/logs/`. It prints progress while starting, waits until the frontend
 lists the model, prints the URL and a ready-to-paste curl line, and on Ctrl-C or SIGTERM stops
 everything in reverse order: SIGTERM, wait, SIGKILL what is left. A child that dies while
-starting (or later) stops the whole stack with a message and the tail of its log.
+starting stops the whole stack with a message and the tail of its log.
+
+Once up, every child (and NATS / etcd when this process started them) is supervised
+(`genset.supervise`): one that exits is reported and started again after a backoff (0.5 s
+doubling to 30 s); one that keeps crashing right after each start is reported loudly with its
+log and given up on while the rest serves on (the frontend routes without a router; workers
+take over from a lost one). Only when nothing can serve any more (the frontend, NATS or every
+worker given up on) does `genset up` stop the stack and exit 1.
 
 Every child runs in its own process group and is told by the kernel to exit if this process
 dies (Linux parent-death signal), so even a SIGKILL of `genset up` leaves nothing behind.
@@ -34,6 +41,7 @@ from urllib.parse import urlparse
 from genset.engines.factory import served_model_name
 from genset.routing.api import MODE_AUTO, MODE_SERVICE, POLICY_NAMES, router_mode
 from genset.runtime.infra import die_with_parent
+from genset.supervise import RestartPolicy, Supervisor
 from proto import ROLE_DECODE
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
@@ -61,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="genset up",
         description="Start a local genset stack (NATS, etcd, router, frontend, workers) and "
-                    "serve the OpenAI API until Ctrl-C.")
+                    "serve the OpenAI API until Ctrl-C; a process of the stack that exits is "
+                    "restarted (with backoff; given up on when it keeps crashing).")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the OpenAI API (default 8000)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address the API listens on (default loopback only)")
@@ -105,6 +114,10 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     http_url: str = ""
+    kind: str = ""  # stopped (and judged, see Supervisor) as a group: "worker" for worker-N
+
+    def __post_init__(self) -> None:
+        self.kind = self.kind or self.name.rstrip("0123456789").rstrip("-")
 
     def start(self) -> Child:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
@@ -123,6 +136,14 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def restart(self) -> None:
+        self.signal_group(signal.SIGKILL)  # anything the old process left in its group
+        self.start()
+
     def log_tail(self, lines: int = 25) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -133,6 +154,36 @@ class Child:
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, sig)
+
+
+class ServerChild:
+    """A NATS or etcd server `genset up` started, as something the Supervisor can restart:
+    the same port and data directory, so what it stored survives the restart."""
+
+    def __init__(self, server, start_timeout: float = 20.0) -> None:
+        self.server = server
+        self.name = self.kind = server.name
+        self.start_timeout = start_timeout
+
+    @property
+    def alive(self) -> bool:
+        return self.server.running
+
+    @property
+    def exit_code(self) -> int | None:
+        proc = self.server.proc
+        return None if proc is None else proc.poll()
+
+    @property
+    def log_path(self) -> Path:
+        return self.server.log_path
+
+    def log_tail(self, lines: int = 25) -> str:
+        return self.server.log_tail(lines)
+
+    def restart(self) -> None:
+        self.server.stop(timeout=5.0, kill=True)  # reap the old one (it may be a zombie)
+        self.server.start(timeout=self.start_timeout)
 
 
 def _ephemeral_low() -> int:
@@ -203,6 +254,10 @@ class Launcher:
         self.model_name = args.served_model_name or served_model_name(args.model)
         self.t0 = time.monotonic()
         self.deadline = self.t0 + args.start_timeout
+        # What cannot be lost without the stack losing its purpose (see `watch`).
+        self.supervisor = Supervisor(self.say, RestartPolicy(),
+                                     essential_kinds=frozenset({"frontend", "nats", "worker"}))
+        self.stopping = False
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.t0:5.1f}s] {text}", file=self.out, flush=True)
@@ -377,38 +432,49 @@ class Launcher:
               f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
               f"    -d '{body}'\n\nCtrl-C stops everything.", file=self.out, flush=True)
 
-    def watch(self) -> None:
-        """Run until a signal arrives. A worker that dies is reported and the stack goes on
-        with the others (requests move to them); the last worker, the frontend or the router
-        dying stops everything."""
-        reported: set[str] = set()
-        while True:
-            for child in self.children:
-                if child.alive or child.name in reported:
-                    continue
-                message = (f"{child.name} exited unexpectedly with code {child.proc.returncode} "
-                           f"(log: {child.log_path}):\n{child.log_tail()}")
-                workers_left = [c for c in self.children
-                                if c.name.startswith("worker") and c.alive]
-                if not child.name.startswith("worker") or not workers_left:
-                    raise LaunchError(message)
-                reported.add(child.name)
-                self.say(f"warning: {message}\n{len(workers_left)} worker(s) still serving")
-            time.sleep(0.5)
+    def supervise(self) -> None:
+        """Hand every child and the servers we started to the supervisor (after start-up:
+        a child dying while the stack starts stops it, see `wait_until`)."""
+        now = time.monotonic()
+        for server in self.infra:
+            self.supervisor.add(ServerChild(server), now)
+        for child in self.children:
+            self.supervisor.add(child, now)
+
+    def watch(self, poll_s: float = 0.2) -> None:
+        """Run until a signal arrives, restarting what exits (see the module docstring);
+        raises LaunchError when an essential kind of child was given up on."""
+        self.supervise()
+        while not self.stopping:
+            lost = self.supervisor.step(time.monotonic())
+            if lost:
+                raise LaunchError(f"the stack cannot serve any more: every {' and '.join(lost)} "
+                                  f"crashed repeatedly (see above); stopping it")
+            time.sleep(poll_s)
+
+    def stop_groups(self) -> list[list[Child]]:
+        """Children grouped by kind, the kind started last first: the frontend stops taking
+        requests before the workers drain, and whatever is added to the stack later stops
+        before what it was started on top of."""
+        kinds: list[str] = []
+        for child in self.children:
+            if child.kind not in kinds:
+                kinds.append(child.kind)
+        return [[c for c in self.children if c.kind == kind] for kind in reversed(kinds)]
 
     def stop(self) -> None:
-        """Frontend first (no new requests), then router, then workers (they drain), then
-        infrastructure we started. SIGTERM, wait, SIGKILL stragglers."""
+        """Every group of children in reverse start order (frontend first), then the
+        infrastructure we started. SIGTERM, wait, SIGKILL stragglers. Nothing is restarted
+        from here on."""
+        self.stopping = True
         order = [c for c in reversed(self.children) if c.alive or c.proc is not None]
         if order:
             self.say("stopping " + ", ".join(c.name for c in order if c.alive))
-        for group in (
-            [c for c in order if c.name == "frontend"],
-            [c for c in order if c.name == "router"],
-            [c for c in order if c.name.startswith("worker")],
-        ):
+        for group in self.stop_groups():
+            group = [c for c in group if c.proc is not None]
             for child in group:
-                child.signal_group(signal.SIGTERM)
+                if child.alive:  # one waiting for its restart has no process to ask
+                    child.signal_group(signal.SIGTERM)
             deadline = time.monotonic() + self.args.stop_timeout
             for child in group:
                 while child.alive and time.monotonic() < deadline:

@@ -23,9 +23,10 @@ Router modes (`ROUTER_MODES`; `genset up --router`, `genset frontend --router`,
   `policy=` picks the default policy ("genset" unless told); `RouteRequest.policy` overrides
   it per request.
 - `"service"`: asks the `genset router` service over NATS (`proto.subjects.route(ns)`, a queue
-  group). `on_first_token` / `on_done` are no-ops there: workers publish
-  `proto.RequestLifecycle` on `proto.subjects.request_lifecycle(ns)` themselves and every
-  router replica listens.
+  group), waiting at most `timeout` seconds. With `fallback=True` (what the frontend does) an
+  embedded router with the same policy is kept warm beside it and routes while no router
+  service answers (`genset.routing.remote`). Workers publish `proto.RequestLifecycle` on
+  `proto.subjects.request_lifecycle(ns)` themselves and every router replica listens.
 - a policy name (`POLICY_NAMES`: genset, round-robin, least-loaded, random, dynamo, sglang):
   embedded with that default policy (the baselines, for A/B).
 
@@ -65,6 +66,11 @@ POLICY_DYNAMO = "dynamo"  # Dynamo's KV router cost
 POLICY_SGLANG = "sglang"  # SGLang's cache-aware rule
 POLICY_NAMES = (POLICY_GENSET, POLICY_ROUND_ROBIN, POLICY_RANDOM, POLICY_LEAST_LOADED,
                 POLICY_DYNAMO, POLICY_SGLANG)
+
+# How long a route request waits for the router service. Its answer takes well under a
+# millisecond (decision tens of us + a NATS round trip); a dead router is known at once (NATS
+# "no responders"); this bounds what a hung one costs a request before the fallback routes it.
+DEFAULT_ROUTE_TIMEOUT_S = 0.5
 
 MODE_AUTO = "auto"
 MODE_EMBEDDED = "embedded"
@@ -107,22 +113,34 @@ def create_router(
     discovery=None,
     policy: str | None = None,
     model: str | None = None,
-    timeout: float = 2.0,
+    timeout: float = DEFAULT_ROUTE_TIMEOUT_S,
+    fallback: bool = False,
     **options,
 ) -> Router:
     """Build a router; see the module docstring. `bus` is a `genset.runtime.bus.Bus`,
     `discovery` a `genset.runtime.discovery.Discovery` (embedded modes use it to learn which
     workers serve which model; without it workers are learned from their KV events and load
-    reports). `options` go to `genset.routing.core.RouterConfig`."""
+    reports). `options` go to `genset.routing.core.RouterConfig`, except `metrics` (a
+    `genset.runtime.metrics.Metrics`): the embedded router's feed metrics, or the service
+    client's fallback metrics."""
     namespace = namespace or getattr(bus, "namespace", "default")
     mode = router_mode(mode)
     if mode == MODE_AUTO:
         raise ValueError("router mode 'auto' is resolved by the caller (service or embedded)")
     if mode == MODE_SERVICE:
+        from genset.routing.embedded import EmbeddedRouter
         from genset.routing.remote import RemoteRouter
 
+        metrics = options.pop("metrics", None)
+        backup = None
+        if fallback:
+            # The same default policy as the service's (a request's own policy goes to both).
+            backup = EmbeddedRouter(bus, namespace, discovery=discovery,
+                                    policy=policy_name(policy) if policy else POLICY_GENSET,
+                                    model=model, **options)
         return RemoteRouter(bus, namespace, timeout=timeout,
-                            policy=policy_name(policy) if policy else None)
+                            policy=policy_name(policy) if policy else None, fallback=backup,
+                            discovery=discovery, metrics=metrics)
     from genset.routing.embedded import EmbeddedRouter
 
     default_policy = policy_name(policy) if policy else (

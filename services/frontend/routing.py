@@ -5,25 +5,46 @@ Every mode gives the same `Router` protocol (route / on_first_token / on_done), 
 never cares which one it got. The baselines (`--router round-robin`, `least-loaded`, ...) are
 the routing library's policies run embedded, the same code the router service and the replay
 run.
+
+With the router service (`service`, or `auto` finding one), the frontend keeps the same policy
+embedded and warm beside it (`fallback`, on by default): while no router answers within
+`timeout` seconds (crashed, restarting, hung, none started) requests are routed here instead of
+failing, `genset_frontend_router_fallback` is 1, and the first answer from a router switches
+back (`genset.routing.remote`).
 """
 
 from __future__ import annotations
 
 import structlog
 
-from genset.routing.api import MODE_AUTO, MODE_EMBEDDED, MODE_SERVICE, create_router, router_mode
+from genset.routing.api import (
+    DEFAULT_ROUTE_TIMEOUT_S,
+    MODE_AUTO,
+    MODE_EMBEDDED,
+    MODE_SERVICE,
+    create_router,
+    router_mode,
+)
 from proto import keys
 
 log = structlog.get_logger("frontend.routing")
 
 
-async def create(mode: str, *, bus, discovery, namespace: str):
+async def create(mode: str, *, bus, discovery, namespace: str,
+                 route_timeout: float = DEFAULT_ROUTE_TIMEOUT_S, fallback: bool = True,
+                 metrics=None):
     """`mode`: a router mode in any accepted spelling. auto = service when a router service is
-    registered in etcd, else embedded."""
+    registered in etcd, else embedded. `route_timeout` (seconds) and `fallback` apply to the service;
+    `metrics` (the service's `genset.runtime.metrics.Metrics`) gets the fallback's metrics."""
     mode = router_mode(mode)
     if mode == MODE_AUTO:
         routers = await discovery.get_prefix(keys.instances_prefix(namespace, "router"))
         mode = MODE_SERVICE if routers else MODE_EMBEDDED
-    router = create_router(mode, bus=bus, namespace=namespace, discovery=discovery)
-    log.info("router", mode=mode)
+    if mode == MODE_SERVICE:
+        router = create_router(mode, bus=bus, namespace=namespace, discovery=discovery,
+                               timeout=route_timeout, fallback=fallback, metrics=metrics)
+    else:
+        router = create_router(mode, bus=bus, namespace=namespace, discovery=discovery)
+    log.info("router", mode=mode, **({"timeout_s": route_timeout, "fallback": fallback}
+                                     if mode == MODE_SERVICE else {}))
     return router

@@ -6,7 +6,7 @@ import contextlib
 import gc
 from dataclasses import dataclass, field
 
-from genset.routing.api import POLICY_NAMES, ROUTER_MODE_INPUTS
+from genset.routing.api import DEFAULT_ROUTE_TIMEOUT_S, POLICY_NAMES, ROUTER_MODE_INPUTS
 from genset.runtime.config import opt
 from genset.runtime.service import Service
 from services.frontend import routing
@@ -29,6 +29,12 @@ class FrontendOptions:
         "embedded (the KV-aware router in this process), service (ask the router service), "
         f"or a routing policy run embedded ({', '.join(POLICY_NAMES)})",
         choices=ROUTER_MODE_INPUTS))
+    router_timeout: float = field(default=DEFAULT_ROUTE_TIMEOUT_S, metadata=opt(
+        "seconds a request waits for the router service before it is routed in this process",
+        min=0.001))
+    router_fallback: bool = field(default=True, metadata=opt(
+        "with the router service: keep its policy warm in this process and route with it while "
+        "no router answers (off: such requests fail with 503 'router unavailable')"))
     request_timeout: float = field(default=600.0, metadata=opt(
         "deadline of every request, seconds", min=0.1))
     migration_limit: int = field(default=3, metadata=opt(
@@ -64,7 +70,9 @@ class FrontendService(Service):
         self.registry = ModelRegistry(self.discovery, self.namespace)
         await self.registry.start()
         self.router = await routing.create(opts.router, bus=self.bus, discovery=self.discovery,
-                                           namespace=self.namespace)
+                                           namespace=self.namespace,
+                                           route_timeout=opts.router_timeout,
+                                           fallback=opts.router_fallback, metrics=self.metrics)
         await self.router.start()
         self.pipeline = Pipeline(bus=self.bus, registry=self.registry, router=self.router,
                                  metrics=self.frontend_metrics,

@@ -1,0 +1,189 @@
+"""Fault injection with real processes: a router SIGKILLed under a steady stream of requests
+loses none of them (the frontend routes with its warm fallback; `genset up` restarts the router
+and the frontend goes back to it), `genset up` notices its etcd dying and restarts it, and a
+hand-started stack with no router process at all serves instead of answering 503.
+
+Failures are counted, never timed: every wait is on a condition with a generous deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.stack import Stack, metric, parse_metrics
+from tests.test_launch import (
+    REPO,
+    alive,
+    cmdline,
+    descendants,
+    free_port,
+    kill_all,
+    processes_mentioning,
+    start_up,
+    wait_for_line,
+)
+
+pytestmark = pytest.mark.slow
+
+BODY = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 4}
+
+
+class RequestStream:
+    """`threads` clients sending completions back to back until stopped; counts what fails."""
+
+    def __init__(self, url: str, threads: int = 3) -> None:
+        self.url = url
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                try:
+                    resp = client.post(self.url + "/v1/completions", json=BODY)
+                    good = resp.status_code == 200
+                    what = f"{resp.status_code} {resp.text[:300]}"
+                except httpx.HTTPError as exc:
+                    good, what = False, repr(exc)
+                with self._lock:
+                    if good:
+                        self.ok += 1
+                    else:
+                        self.failures.append(what)
+
+    def __enter__(self) -> RequestStream:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(90)
+
+    def more(self, n: int, within: float = 60) -> None:
+        """Wait until `n` more requests succeeded."""
+        target = self.ok + n
+        wait(lambda: self.ok >= target, f"{n} more successful requests", within)
+
+
+def wait(check, what: str, within: float) -> None:
+    deadline = time.monotonic() + within
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError, ValueError) as exc:
+            last = repr(exc)
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} within {within:.0f}s {last}")
+
+
+def scrape(url: str) -> dict[str, float]:
+    resp = httpx.get(url + "/metrics", timeout=5)
+    resp.raise_for_status()
+    return parse_metrics(resp.text)
+
+
+def child_pid(root: int, pattern: str) -> int:
+    found = [p for p in descendants(root) if re.search(pattern, cmdline(p)) and alive(p)]
+    assert len(found) == 1, (pattern, [cmdline(p) for p in descendants(root)])
+    return found[0]
+
+
+def router_decisions(url: str) -> float:
+    return metric(scrape(url), "genset_router_decisions_total")
+
+
+def test_router_sigkill_under_genset_up_fails_no_request_and_etcd_is_restarted(tmp_path):
+    port, nats_port, etcd_port = free_port(), free_port(), free_port()
+    state = tmp_path / "state"
+    log = tmp_path / "up.log"
+    proc = start_up(REPO, log, "--engine", "mocker", "--workers", "2", "--port", str(port),
+                    "--nats", f"nats://127.0.0.1:{nats_port}", "--etcd", f"127.0.0.1:{etcd_port}",
+                    "--speedup", "20", "--state-dir", str(state))
+    api = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_line(proc, log, r"Ctrl-C stops everything", within=240)
+        old_router = child_pid(proc.pid, r"genset\.cli router ")
+        router_url = "http://127.0.0.1:" + re.search(r"--metrics-port (\d+)",
+                                                     cmdline(old_router)).group(1)
+        with RequestStream(api) as stream:
+            stream.more(10)
+            assert router_decisions(router_url) > 0  # routed by the service so far
+            assert metric(scrape(api), "genset_frontend_router_fallback") == 0
+
+            os.kill(old_router, signal.SIGKILL)
+            wait_for_line(proc, log, r"warning: router exited unexpectedly \(killed by SIGKILL\)",
+                          within=30)
+            # Routed by the frontend meanwhile, and said so.
+            wait(lambda: metric(scrape(api), "genset_frontend_router_fallback_decisions_total") > 0,
+                 "fallback decisions", 60)
+            wait_for_line(proc, log, r"router: restarted", within=60)
+            # The new router answers and the frontend goes back to it.
+            wait(lambda: router_decisions(router_url) > 0
+                 and metric(scrape(api), "genset_frontend_router_fallback") == 0,
+                 "the restarted router routing again", 120)
+            assert child_pid(proc.pid, r"genset\.cli router ") != old_router
+            stream.more(10)
+            router_failures = list(stream.failures)
+
+            # etcd started by genset up dies: noticed and restarted, data kept.
+            etcd = child_pid(proc.pid, r"etcd .*--data-dir")
+            os.kill(etcd, signal.SIGKILL)
+            wait_for_line(proc, log, r"warning: etcd exited unexpectedly", within=30)
+            wait_for_line(proc, log, r"etcd: restarted", within=60)
+            stream.more(10)
+        assert router_failures == [], router_failures
+        assert stream.failures == [], stream.failures
+        assert stream.ok >= 30
+
+        pids = descendants(proc.pid)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: everything stops, nothing is restarted
+        assert proc.wait(90) == 0, log.read_text()
+        assert not [p for p in pids if alive(p)], log.read_text()
+        assert not processes_mentioning(f"127.0.0.1:{nats_port}")
+        assert not processes_mentioning(str(state))
+        text = log.read_text()
+        assert "stopped" in text and "crash-looping" not in text
+    finally:
+        kill_all(proc, descendants(proc.pid))
+
+
+async def test_a_hand_started_stack_without_a_router_serves_through_the_fallback(
+        nats_server, etcd_server, tmp_path):
+    async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
+        await stack.start_workers(2, engine="mocker", extra_args=["--speedup", "50"])
+        frontend = await stack.start_frontend(extra_args=["--router", "service"])
+        async with httpx.AsyncClient(timeout=60) as client:
+            for _ in range(5):
+                resp = await client.post(frontend.url + "/v1/completions", json=BODY)
+                assert resp.status_code == 200, resp.text
+        values = await frontend.metrics()
+        assert metric(values, "genset_frontend_router_fallback") == 1
+        assert metric(values, "genset_frontend_router_fallback_decisions_total") >= 5
+
+        # A router appears: the frontend routes through it again.
+        router = await stack.start_service("router")
+        async with httpx.AsyncClient(timeout=60) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                resp = await client.post(frontend.url + "/v1/completions", json=BODY)
+                assert resp.status_code == 200, resp.text
+                if metric(await router.metrics(), "genset_router_decisions_total") > 0:
+                    break
+                assert time.monotonic() < deadline, stack.logs()
+                await asyncio.sleep(0.05)
+        assert metric(await frontend.metrics(), "genset_frontend_router_fallback") == 0
+        assert "router service answers again" in frontend.log_tail(400)
