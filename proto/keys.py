@@ -47,3 +47,11 @@ def planner_prefix(namespace: str) -> str:
 
 def config_prefix(namespace: str) -> str:
     return namespace_prefix(namespace) + "config/"
+
+
+# ---- planner (additive; see proto/planner.py) ----
+
+
+def planner_targets(namespace: str) -> str:
+    """Where the planner writes the pool sizes it wants (`proto.PlannerTargets`)."""
+    return planner_prefix(namespace) + "targets"

@@ -77,3 +77,20 @@ def stream_cancel(namespace: str) -> str:
 def kv_event_stream_name(namespace: str) -> str:
     """JetStream stream that keeps recent KV events for replay by a restarting router."""
     return f"GENSET_KV_{_tok(namespace, 'namespace').upper().replace('-', '_')}"
+
+
+# ---- planner inputs (additive; see proto/planner.py) ----
+
+
+def frontend_stats(namespace: str) -> str:
+    """Each frontend's periodic `FrontendStats` (arrivals, lengths, TTFT/ITL samples)."""
+    return subject(namespace, "frontend", "stats")
+
+
+def step_stats(namespace: str, worker_id: int) -> str:
+    """A worker's `WorkerStepStats` (samples of its engine steps, for performance models)."""
+    return subject(namespace, "worker", "steps", worker_id)
+
+
+def step_stats_all(namespace: str) -> str:
+    return subject(namespace, "worker", "steps") + ".>"
