@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "frontend": ("services.frontend.__main__", "OpenAI-compatible HTTP frontend (+ NATS generate service)"),
     "router": ("services.router.__main__", "KV-aware router service"),
     "worker": ("services.decode.__main__", "worker hosting an engine (--engine torch|mocker|trtllm)"),
+    "planner": ("services.planner.__main__", "planner: sizes the worker pools from load and SLOs (local, compose, kubernetes)"),
     "replay": ("services.router.replay", "replay a Mooncake trace through the router and mocker workers in simulated time"),
     "chat": ("genset.chat", "chat with a model over NATS (no HTTP)"),
     "schema": ("proto.schema", "print the JSON Schema of every wire message"),

@@ -129,7 +129,7 @@ class LoadPolicy:
                f"(projected {q_ahead / n:.0f}, high {c.queue_high_tokens:.0f})")
         return PoolNeed(up, max(up, settle_now), settle_now, why, {
             "kv_workers": kv_now, "kv_workers_projected": kv_ahead,
-            "kv_usage": kv_now / n, "queue_tokens": q_now,
+            "kv_usage_smoothed": kv_now / n, "queue_tokens_smoothed": q_now,
             "queue_tokens_projected": q_ahead})
 
     def evaluate_all(self, now_ms: float, views: dict[str, PoolView], horizon_s: float,
@@ -360,5 +360,5 @@ class SloPolicy:
             n = max(1, views[role].ready)
             out[role] = PoolNeed(up, max(up, settle_now), settle_now, why + note,
                                  {**inputs, "need": raw, "need_now": raw_now,
-                                  "kv_usage": kv_now[role] / n})
+                                  "kv_usage_smoothed": kv_now[role] / n})
         return out
