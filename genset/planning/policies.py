@@ -68,8 +68,10 @@ class PoolNeed:
 class LoadPolicyConfig:
     kv_high: float = 0.80  # mean KV use above which a pool is overloaded
     kv_target: float = 0.60  # where the pool settles after a change
-    queue_high_tokens: float = 16384.0  # waiting prefill tokens per worker: overloaded above
-    queue_target_tokens: float = 4096.0
+    # waiting prefill tokens per worker: overloaded above (4 steps of an 8192-token budget;
+    # a single long prompt alone must not look like an overload), settled at half
+    queue_high_tokens: float = 32768.0
+    queue_target_tokens: float = 16384.0
     smoothing_s: float = 3.0  # time constant of the load level
     trend_window_s: float = 30.0  # the slope is fitted over this much recent load
 

@@ -76,7 +76,7 @@ class PlannerOptions:
         "load: mean KV use above which a pool grows", min=0.05, max=1.0))
     kv_target: float = field(default=0.6, metadata=opt(
         "load: mean KV use a pool is sized to after a change", min=0.01, max=0.99))
-    queue_high_tokens: float = field(default=16384.0, metadata=opt(
+    queue_high_tokens: float = field(default=32768.0, metadata=opt(
         "load: waiting prompt tokens per worker above which a pool grows", min=1))
     down_cooldown_s: float = field(default=60.0, metadata=opt(
         "a pool shrinks only after needing fewer workers for this long", min=1))
@@ -149,7 +149,7 @@ class PlannerOptions:
             policy=self.policy, pools=bounds,
             load=LoadPolicyConfig(kv_high=self.kv_high, kv_target=self.kv_target,
                                   queue_high_tokens=self.queue_high_tokens,
-                                  queue_target_tokens=self.queue_high_tokens / 4),
+                                  queue_target_tokens=self.queue_high_tokens / 2),
             slo=SloPolicyConfig(ttft_ms=self.ttft_ms, itl_ms=self.itl_ms),
             down_cooldown_s=self.down_cooldown_s, startup_s=self.startup_s,
             startup_timeout_s=self.startup_timeout_s, stale_s=self.stale_s,
