@@ -20,8 +20,10 @@ COPY pyproject.toml README.md ./
 COPY proto/__init__.py proto/__init__.py
 COPY genset/__init__.py genset/__init__.py
 COPY services/__init__.py services/__init__.py
+# The k8s extra (the Kubernetes API client) is what `genset planner --connector kubernetes`
+# needs in deploy/k8s/planner.yaml; nothing else imports it.
 RUN if [ -n "$TORCH_SPEC" ]; then pip install "$TORCH_SPEC" safetensors; fi \
- && pip install .
+ && pip install ".[k8s]"
 
 COPY proto proto
 COPY genset genset

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "router": ("services.router.__main__", "KV-aware router service"),
     "worker": ("services.decode.__main__", "worker hosting an engine (--engine torch|mocker|trtllm)"),
     "offload": ("services.kv_offload.__main__", "KV offload store: evicted KV blocks in RAM and on disk, for any worker to onboard"),
+    "planner": ("services.planner.__main__", "planner: sizes the worker pools from load and SLOs (local, compose, kubernetes)"),
     "replay": ("genset.replay.__main__", "replay a Mooncake trace through the router and mocker workers in simulated time"),
     "chat": ("genset.chat", "chat with a model over NATS (no HTTP)"),
     "schema": ("proto.schema", "print the JSON Schema of every wire message"),

@@ -130,3 +130,14 @@ __all__ = [
     "pack_tokens",
     "unpack_tokens",
 ]
+
+# ---- planner messages (additive; proto/planner.py) ----
+from proto.planner import (  # noqa: E402
+    FrontendStats,
+    PlannerTargets,
+    StepSample,
+    WorkerStepStats,
+)
+
+MESSAGES = (*MESSAGES, PlannerTargets, FrontendStats, WorkerStepStats)
+__all__ += ["FrontendStats", "PlannerTargets", "StepSample", "WorkerStepStats"]

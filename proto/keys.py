@@ -60,3 +60,11 @@ def offload_instances_prefix(namespace: str) -> str:
 
 def offload_instance(namespace: str, store_id: int) -> str:
     return instance(namespace, OFFLOAD_COMPONENT, store_id)
+
+
+# ---- planner (additive; see proto/planner.py) ----
+
+
+def planner_targets(namespace: str) -> str:
+    """Where the planner writes the pool sizes it wants (`proto.PlannerTargets`)."""
+    return planner_prefix(namespace) + "targets"

@@ -113,3 +113,20 @@ def offload_events(namespace: str, store_id: int) -> str:
 
 def offload_events_all(namespace: str) -> str:
     return subject(namespace, OFFLOAD_COMPONENT, "events") + ".>"
+
+
+# ---- planner inputs (additive; see proto/planner.py) ----
+
+
+def frontend_stats(namespace: str) -> str:
+    """Each frontend's periodic `FrontendStats` (arrivals, lengths, TTFT/ITL samples)."""
+    return subject(namespace, "frontend", "stats")
+
+
+def step_stats(namespace: str, worker_id: int) -> str:
+    """A worker's `WorkerStepStats` (samples of its engine steps, for performance models)."""
+    return subject(namespace, "worker", "steps", worker_id)
+
+
+def step_stats_all(namespace: str) -> str:
+    return subject(namespace, "worker", "steps") + ".>"

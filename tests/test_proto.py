@@ -66,6 +66,14 @@ SAMPLES = [
     proto.OffloadResyncReply(store_id=3, tiers=[
         proto.TierSnapshot(tier="host", first_event_id=4, last_event_id=4),
         proto.TierSnapshot(tier="disk", first_event_id=7, last_event_id=9, blocks=40000)]),
+    # planner (proto/planner.py)
+    proto.PlannerTargets(pools={"decode": 3, "prefill": 1}, reason="kv 0.91 > 0.80", ts_ms=5,
+                         decision_id=2, policy="load", ready={"decode": 2}, inputs={"kv": 0.91}),
+    proto.FrontendStats(frontend_id=7, ts_ms=10, window_ms=1000, arrivals=4, prompt_tokens=900,
+                        cached_tokens=300, output_tokens=64, finished=2, ttft_ms=[80.5, 120.0],
+                        itl_ms=[12.5]),
+    proto.WorkerStepStats(worker_id=9, ts_ms=3, samples=[
+        proto.StepSample(prefill_tokens=512, decode_seqs=3, kv_usage=0.25, ms=31.5)]),
 ]
 
 

@@ -1,0 +1,633 @@
+"""The planner's brain, with no I/O: from observations to pool targets.
+
+`PlannerCore` is driven the same way live (`services/planner`), in tests and inside the
+replay: feed it membership (`worker_up` / `worker_down`), load (`observe_load`), traffic
+(`observe_arrival` / `observe_traffic`), latencies and engine steps; call `decide()` on a
+regular tick and act on the `Decision` (start `decision.start[role]` workers, drain the
+workers in `decision.drain`). Time comes from the injected clock (ms), so a replay runs it in
+simulated time and tests check every rule deterministically.
+
+The rules, per pool (a pool = the workers of one role):
+- start-up aware: a worker asked for is *starting* until a worker of its role registers; its
+  start-up time (asked -> registered) is measured, and the policies size for the load one
+  start-up time ahead. While any worker of a pool is starting, the pool is not changed again
+  (the peers' planners add more while the first ones boot: the load has not moved yet);
+- up at once when the policy's `up` need exceeds the target (to its `settle` size), within
+  [min, max];
+- down only after the pool has needed fewer workers than its target for a whole cool-down
+  (and a cool-down after its last change), to the largest need of the last `down_settle_s`
+  of it; the
+  workers drained are those whose loss costs least (fewest requests in flight, then least
+  cache held by no one else);
+- inputs that went silent (no load reports: NATS away, a partition) hold the targets: no
+  data is not "no load". Traffic that stops (reports keep coming, saying idle) is a real zero
+  and takes pools down to their floor. Nothing is ever NaN: every average has a default;
+- a pool below its target with nobody starting (a worker died, or a start timed out) is
+  refilled; above it (workers started by someone else, or beyond a new ceiling) is drained.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from genset.planning.cache import CacheTracker
+from genset.planning.forecast import ArrivalForecaster
+from genset.planning.observations import (
+    ROLE_BOTH,
+    ROLE_DECODE,
+    ROLE_PREFILL,
+    ROLES,
+    LatencyWindow,
+    WorkerLoad,
+    valid_count,
+)
+from genset.planning.perf_model import PerfModel, StepTimePrior
+from genset.planning.policies import (
+    LoadPolicy,
+    LoadPolicyConfig,
+    PoolNeed,
+    PoolView,
+    SloPolicy,
+    SloPolicyConfig,
+)
+
+log = logging.getLogger("genset.planner")
+
+POLICIES = ("load", "slo")
+
+
+@dataclass
+class PoolBounds:
+    min: int = 1
+    max: int = 8
+
+    def clamp(self, n: int) -> int:
+        return max(self.min, min(self.max, n))
+
+
+@dataclass
+class PlannerConfig:
+    policy: str = "load"  # load | slo
+    pools: dict[str, PoolBounds] = field(default_factory=lambda: {ROLE_DECODE: PoolBounds()})
+    load: LoadPolicyConfig = field(default_factory=LoadPolicyConfig)
+    slo: SloPolicyConfig = field(default_factory=SloPolicyConfig)
+    down_cooldown_s: float = 60.0  # needed fewer workers this long before scaling down
+    down_settle_s: float = 15.0  # ... to the largest need of this last stretch (the load's
+    # level takes a few smoothing time constants to settle after a drop: sizing by the whole
+    # cool-down window would step down through those transition values, one cool-down each)
+    startup_s: float = 30.0  # start-up time assumed until one is measured
+    startup_timeout_s: float = 600.0  # a start not registered by then is given up (and retried)
+    horizon_extra_s: float = 2.0  # sizing looks start-up time + this far ahead (a tick or two)
+    stale_s: float = 10.0  # a load report older than this: that worker's load is unknown
+    drain_timeout_s: float = 300.0  # a drained worker still registered then counts again
+    forecast_bucket_s: float = 2.0
+    latency_window_s: float = 60.0
+    default_kv_blocks: int = 16384  # for sizing before any card or report says otherwise
+    default_block_size: int = 16
+    step_prior: StepTimePrior = field(default_factory=StepTimePrior)
+    dry_run: bool = False  # decisions are proposals against the actual pools; nothing starts
+    history: int = 256  # changes kept for status / replay reports
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown planner policy {self.policy!r} (use {', '.join(POLICIES)})")
+        if not self.pools:
+            raise ValueError("the planner needs at least one pool to manage")
+        for role, b in self.pools.items():
+            if role not in ROLES:
+                raise ValueError(f"unknown pool {role!r} (use {', '.join(ROLES)})")
+            if b.min < 0 or b.max < b.min:
+                raise ValueError(f"pool {role}: need 0 <= min <= max, got min={b.min} max={b.max}")
+            if role != ROLE_PREFILL and b.min < 1:
+                raise ValueError(f"pool {role} serves requests: its floor must be >= 1 (got "
+                                 f"{b.min}); the planner never scales serving to zero")
+        for name in ("down_cooldown_s", "down_settle_s", "startup_s", "startup_timeout_s", "stale_s",
+                     "drain_timeout_s", "forecast_bucket_s", "latency_window_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class WorkerState:
+    worker_id: int
+    role: str
+    joined_ms: float
+    kv_blocks: int = 0
+    block_size: int = 0
+    max_running: int = 256
+    load: WorkerLoad | None = None
+    draining_since: float | None = None
+    startup_ms: float | None = None  # measured: asked -> registered
+
+
+@dataclass
+class PendingStart:
+    role: str
+    asked_ms: float
+    decision_id: int
+
+
+@dataclass
+class PoolDecision:
+    role: str
+    target: int
+    previous: int
+    ready: int
+    starting: int
+    draining: int
+    action: str  # init | up | down | replace | hold | steady
+    reason: str
+    start: int = 0  # workers to start now
+    drain: list[int] = field(default_factory=list)  # worker ids to drain now
+    need_up: int = 0
+    need_settle: int = 0
+    need_now: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return self.target != self.previous or self.start > 0 or bool(self.drain)
+
+
+@dataclass
+class Decision:
+    ts_ms: float
+    decision_id: int  # increases by one per decision that changed something
+    policy: str
+    pools: dict[str, PoolDecision]
+    inputs: dict[str, float]
+    changed: bool
+
+    @property
+    def targets(self) -> dict[str, int]:
+        return {r: p.target for r, p in self.pools.items()}
+
+    @property
+    def start(self) -> dict[str, int]:
+        return {r: p.start for r, p in self.pools.items() if p.start}
+
+    @property
+    def drain(self) -> list[int]:
+        return [w for p in self.pools.values() for w in p.drain]
+
+    @property
+    def reason(self) -> str:
+        parts = [f"{r} {p.previous}->{p.target} ({p.action}): {p.reason}"
+                 for r, p in self.pools.items() if p.changed]
+        if not parts:
+            parts = [f"{r} {p.target} ({p.action}): {p.reason}" for r, p in self.pools.items()]
+        return "; ".join(parts)
+
+
+class StartupEstimator:
+    """Median of the last measured start-up times (robust to one slow cold start)."""
+
+    def __init__(self, prior_s: float, window: int = 16) -> None:
+        self.prior_s = prior_s
+        self._samples: deque[float] = deque(maxlen=window)
+
+    def record(self, seconds: float) -> None:
+        if math.isfinite(seconds) and seconds >= 0:
+            self._samples.append(seconds)
+
+    @property
+    def measured(self) -> int:
+        return len(self._samples)
+
+    @property
+    def estimate_s(self) -> float:
+        return statistics.median(self._samples) if self._samples else self.prior_s
+
+
+class _Pool:
+    __slots__ = ("bounds", "last_change_ms", "last_reason", "role", "target", "win", "win_since")
+
+    def __init__(self, role: str, bounds: PoolBounds) -> None:
+        self.role = role
+        self.bounds = bounds
+        self.target: int | None = None
+        self.last_change_ms = 0.0
+        self.last_reason = ""
+        # sliding-window maximum of the clamped `settle_now` need: (ms, need), needs strictly
+        # decreasing from the front; at most max+1 entries since needs are clamped integers
+        self.win: deque[tuple[float, int]] = deque()
+        self.win_since: float | None = None  # needs recorded without a gap since then
+
+    def record(self, now_ms: float, need: int, window_ms: float) -> None:
+        if self.win_since is None:
+            self.win_since = now_ms
+        while self.win and self.win[-1][1] <= need:
+            self.win.pop()
+        self.win.append((now_ms, need))
+        while self.win and self.win[0][0] < now_ms - window_ms:
+            self.win.popleft()
+
+    def low_since(self, target: int) -> float:
+        """When the need was last at or above `target` (the start of the window if never)."""
+        since = self.win_since if self.win_since is not None else 0.0
+        for t, need in self.win:
+            if need < target:
+                break
+            since = t
+        return since
+
+    def window_max(self, since_ms: float | None = None) -> int | None:
+        """The largest need recorded (since `since_ms`, within the window)."""
+        for t, need in self.win:
+            if since_ms is None or t >= since_ms:
+                return need
+        return None
+
+    def forget_window(self) -> None:
+        self.win.clear()
+        self.win_since = None
+
+
+class PlannerCore:
+    def __init__(self, config: PlannerConfig | None = None, *, clock=None) -> None:
+        self.config = c = config or PlannerConfig()
+        self._clock = clock or (lambda: time.monotonic() * 1000.0)
+        self.workers: dict[int, WorkerState] = {}
+        self.pools = {role: _Pool(role, b) for role, b in c.pools.items()}
+        self.pending: dict[str, list[PendingStart]] = {role: [] for role in c.pools}
+        self.startup = StartupEstimator(c.startup_s)
+        self.forecaster = ArrivalForecaster(c.forecast_bucket_s)
+        self.model = PerfModel(c.step_prior)
+        self.ttft = LatencyWindow(c.latency_window_s)
+        self.itl = LatencyWindow(c.latency_window_s)
+        self.cache = CacheTracker()
+        self.load_policy = LoadPolicy(c.load)
+        self.slo_policy = SloPolicy(c.slo, self.forecaster, self.model, self.ttft, self.itl)
+        self.decision_id = 0
+        self.history: deque[Decision] = deque(maxlen=c.history)
+        self.start_failures = 0
+        self.drain_timeouts = 0
+        self._traffic_windows_ms: float | None = None  # last FrontendStats-style window
+        self._ignored = 0
+
+    def now_ms(self) -> float:
+        return self._clock()
+
+    # -------------------------------------------------------------- membership
+    def worker_up(self, worker_id: int, role: str, *, kv_blocks: int = 0, block_size: int = 0,
+                  max_running: int = 256) -> WorkerState:
+        """A worker registered (its model card appeared). The oldest start asked for in its
+        pool is now done: its start-up time is measured."""
+        now = self.now_ms()
+        w = self.workers.get(worker_id)
+        if w is None:
+            w = self.workers[worker_id] = WorkerState(worker_id, role, joined_ms=now)
+            pend = self.pending.get(role)
+            if pend:
+                p = pend.pop(0)
+                w.startup_ms = now - p.asked_ms
+                self.startup.record(w.startup_ms / 1000.0)
+                log.info("worker %x (%s) registered %.1f s after it was asked for", worker_id,
+                         role, w.startup_ms / 1000.0)
+        w.role = role
+        w.kv_blocks = kv_blocks if valid_count(kv_blocks) and kv_blocks else w.kv_blocks
+        w.block_size = block_size if valid_count(block_size) and block_size else w.block_size
+        w.max_running = max_running if valid_count(max_running) and max_running else w.max_running
+        return w
+
+    def worker_down(self, worker_id: int) -> None:
+        """The worker's card went (drained, stopped or its lease expired)."""
+        self.workers.pop(worker_id, None)
+        self.cache.remove_worker(worker_id)
+
+    # -------------------------------------------------------------- observations
+    def observe_load(self, worker_id: int, *, running: int = 0, waiting: int = 0,
+                     waiting_prefill_tokens: int = 0, kv_used_blocks: int = 0,
+                     kv_total_blocks: int = 0) -> bool:
+        """A worker's load report; False (ignored) for an unknown worker or a bad value."""
+        w = self.workers.get(worker_id)
+        vals = (running, waiting, waiting_prefill_tokens, kv_used_blocks, kv_total_blocks)
+        if w is None or not all(valid_count(v) for v in vals):
+            self._ignored += 1
+            return False
+        w.load = WorkerLoad(running, waiting, waiting_prefill_tokens,
+                            min(kv_used_blocks, kv_total_blocks) if kv_total_blocks else 0,
+                            kv_total_blocks, self.now_ms())
+        if kv_total_blocks and not w.kv_blocks:
+            w.kv_blocks = kv_total_blocks
+        return True
+
+    def observe_load_report(self, report) -> bool:
+        """`proto.LoadReport` (read only)."""
+        return self.observe_load(report.worker_id, running=report.running,
+                                 waiting=report.waiting,
+                                 waiting_prefill_tokens=report.waiting_prefill_tokens,
+                                 kv_used_blocks=report.kv_used_blocks,
+                                 kv_total_blocks=report.kv_total_blocks)
+
+    def observe_arrival(self, prompt_tokens: int, output_tokens: int | None = None, *,
+                        cached_tokens: int = 0, count: int = 1) -> None:
+        """Requests arrived now (per request in a replay; or a router's decision live).
+        `output_tokens`, when known at arrival (a trace), feeds the output length forecast."""
+        now = self.now_ms()
+        self.forecaster.add(now, count, prompt_tokens, cached_tokens)
+        if output_tokens is not None:
+            self.forecaster.add_output(now, count, output_tokens)
+
+    def observe_finished(self, finished: int, output_tokens: int) -> None:
+        self.forecaster.add_output(self.now_ms(), finished, output_tokens)
+
+    def observe_ttft(self, ms: float) -> None:
+        self.ttft.add(self.now_ms(), ms)
+
+    def observe_itl(self, ms: float) -> None:
+        self.itl.add(self.now_ms(), ms)
+
+    def observe_traffic(self, *, arrivals: int, prompt_tokens: int, cached_tokens: int = 0,
+                        finished: int = 0, output_tokens: int = 0, ttft_ms=(), itl_ms=()) -> None:
+        """One frontend's periodic window (`proto.FrontendStats`). Windows are a heartbeat:
+        once they have been seen, their silence means the traffic is unknown (hold), while an
+        empty window means no traffic (scale down)."""
+        now = self.now_ms()
+        self._traffic_windows_ms = now
+        self.forecaster.add(now, arrivals, prompt_tokens, cached_tokens)
+        self.forecaster.add_output(now, finished, output_tokens)
+        for v in ttft_ms:
+            self.ttft.add(now, v)
+        for v in itl_ms:
+            self.itl.add(now, v)
+
+    def observe_frontend_stats(self, stats) -> None:
+        """`proto.FrontendStats` (read only)."""
+        self.observe_traffic(arrivals=stats.arrivals, prompt_tokens=stats.prompt_tokens,
+                             cached_tokens=stats.cached_tokens, finished=stats.finished,
+                             output_tokens=stats.output_tokens, ttft_ms=stats.ttft_ms,
+                             itl_ms=stats.itl_ms)
+
+    def observe_step(self, prefill_tokens: int, decode_seqs: int, kv_usage: float,
+                     ms: float) -> bool:
+        return self.model.observe_step(prefill_tokens, decode_seqs, kv_usage, ms)
+
+    def observe_kv_batch(self, batch) -> None:
+        """`proto.KvEventBatch` of a known worker: which cache only it holds (drain choice)."""
+        if batch.worker_id in self.workers:
+            self.cache.apply(batch)
+
+    # -------------------------------------------------------------- applying decisions
+    def note_applied(self, decision_id: int) -> None:
+        """The connector carried out `decision_id`: its starts count from now (a connector
+        that needed retries must not make start-up look slow)."""
+        now = self.now_ms()
+        for pend in self.pending.values():
+            for p in pend:
+                if p.decision_id == decision_id:
+                    p.asked_ms = now
+
+    # -------------------------------------------------------------- deciding
+    def _fresh(self, w: WorkerState, now: float) -> bool:
+        stale_ms = self.config.stale_s * 1000.0
+        if w.load is not None:
+            return now - w.load.received_ms <= stale_ms
+        return now - w.joined_ms <= stale_ms  # just joined: idle, not unknown
+
+    def _view(self, role: str, now: float) -> tuple[PoolView, list[WorkerState], int]:
+        c = self.config
+        ready = [w for w in self.workers.values() if w.role == role and w.draining_since is None]
+        draining = sum(1 for w in self.workers.values()
+                       if w.role == role and w.draining_since is not None)
+        fresh = [w for w in ready if self._fresh(w, now)]
+        caps = [w.kv_blocks for w in ready if w.kv_blocks > 0]
+        per_blocks = sum(caps) / len(caps) if caps else float(c.default_kv_blocks)
+        sizes = [w.block_size for w in ready if w.block_size > 0]
+        bs = sum(sizes) / len(sizes) if sizes else float(c.default_block_size)
+        runs = [w.max_running for w in ready if w.max_running > 0]
+        pool = self.pools[role]
+        view = PoolView(
+            role=role, target=pool.target or 0, ready=len(ready),
+            starting=len(self.pending[role]), reporting=len(fresh),
+            kv_used_blocks=float(sum(w.load.kv_used_blocks for w in fresh if w.load)),
+            kv_blocks_per_worker=per_blocks, kv_tokens_per_worker=per_blocks * bs,
+            queue_tokens=float(sum(w.load.waiting_prefill_tokens for w in fresh if w.load)),
+            running=float(sum(w.load.running for w in fresh if w.load)),
+            max_running=min(runs) if runs else 256)
+        return view, ready, draining
+
+    def _inputs_stale(self, views: dict[str, PoolView], now: float) -> str | None:
+        for v in views.values():
+            if v.ready and v.reporting * 2 < v.ready:
+                return (f"load of {v.ready - v.reporting} of {v.ready} {v.role} workers unknown "
+                        f"(no report for {self.config.stale_s:.0f} s)")
+        if self.config.policy == "slo" and self._traffic_windows_ms is not None:
+            silent = (now - self._traffic_windows_ms) / 1000.0
+            if silent > self.config.stale_s:
+                return f"no traffic statistics for {silent:.0f} s"
+        return None
+
+    def _expire(self, now: float) -> None:
+        c = self.config
+        timeout_ms = max(c.startup_timeout_s, 3 * self.startup.estimate_s) * 1000.0
+        for role, pend in self.pending.items():
+            kept = [p for p in pend if now - p.asked_ms <= timeout_ms]
+            if len(kept) < len(pend):
+                n = len(pend) - len(kept)
+                self.start_failures += n
+                log.warning("%d %s worker start(s) not registered after %.0f s: given up (the "
+                            "pool is refilled if still needed)", n, role, timeout_ms / 1000.0)
+                pend[:] = kept
+        for w in self.workers.values():
+            if w.draining_since is not None and now - w.draining_since > c.drain_timeout_s * 1000:
+                w.draining_since = None
+                self.drain_timeouts += 1
+                log.warning("worker %x still registered %.0f s after its drain was asked: counted"
+                            " again", w.worker_id, c.drain_timeout_s)
+
+    def _drain_order(self, ready: list[WorkerState]) -> list[WorkerState]:
+        """Cheapest to lose first: fewest requests in flight, then least cache held by no
+        other worker (KV in use when cache events are not tracked), then the newest."""
+        tracked = any(w.worker_id in self.cache.sets for w in ready)
+        unique = self.cache.unique_counts([w.worker_id for w in ready]) if tracked else {}
+
+        def cost(w: WorkerState):
+            inflight = w.load.inflight if w.load else 0
+            cache = unique.get(w.worker_id, 0) if tracked else (
+                w.load.kv_used_blocks if w.load else 0)
+            return (inflight, cache, -w.joined_ms, w.worker_id)
+
+        return sorted(ready, key=cost)
+
+    def horizon_s(self) -> float:
+        return self.startup.estimate_s + self.config.horizon_extra_s
+
+    def decide(self, now_ms: float | None = None) -> Decision:
+        c = self.config
+        now = self.now_ms() if now_ms is None else now_ms
+        self.forecaster.advance(now)
+        self._expire(now)
+        views: dict[str, PoolView] = {}
+        ready_of: dict[str, list[WorkerState]] = {}
+        draining_of: dict[str, int] = {}
+        for role in self.pools:
+            views[role], ready_of[role], draining_of[role] = self._view(role, now)
+        stale = self._inputs_stale(views, now)
+        horizon = self.horizon_s()
+        needs: dict[str, PoolNeed] = {}
+        if stale is None:
+            policy = self.slo_policy if c.policy == "slo" else self.load_policy
+            needs = policy.evaluate_all(now, views, horizon)
+        pools: dict[str, PoolDecision] = {}
+        for role, pool in self.pools.items():
+            pools[role] = self._decide_pool(pool, views[role], ready_of[role], draining_of[role],
+                                            needs.get(role), stale, now)
+        changed = any(p.changed for p in pools.values())
+        if changed and not c.dry_run:
+            self.decision_id += 1
+            for role, p in pools.items():
+                self.pending[role].extend(PendingStart(role, now, self.decision_id)
+                                          for _ in range(p.start))
+                for wid in p.drain:
+                    self.workers[wid].draining_since = now
+        decision = Decision(now, self.decision_id, c.policy, pools,
+                            self._inputs(views, needs, horizon, now), changed)
+        if changed and not c.dry_run:
+            self.history.append(decision)
+        return decision
+
+    def _decide_pool(self, pool: _Pool, view: PoolView, ready: list[WorkerState],
+                     draining: int, need: PoolNeed | None, stale: str | None,
+                     now: float) -> PoolDecision:
+        c, b = self.config, pool.bounds
+        starting = 0 if c.dry_run else view.starting
+        have = len(ready) + starting
+        if pool.target is None or c.dry_run:
+            if pool.target is None:
+                pool.last_change_ms = now
+            pool.target = b.clamp(have)
+        target = pool.target
+        d = PoolDecision(view.role, target, target, len(ready), starting, draining, "steady", "")
+        if need is not None:
+            d.need_up, d.need_settle = b.clamp(need.up), b.clamp(need.settle)
+            d.need_now = b.clamp(need.settle_now)
+            pool.record(now, d.need_now, c.down_cooldown_s * 1000.0)
+        else:
+            pool.forget_window()  # a hole in the inputs restarts the cool-down
+        why = need.why if need is not None else ""
+
+        def change(new: int, action: str, reason: str) -> PoolDecision:
+            d.target, d.action, d.reason = new, action, reason
+            if new > have:
+                d.start = new - have
+            elif new < have:
+                d.drain = [w.worker_id for w in self._drain_order(ready)[:have - new]]
+            if not c.dry_run:
+                pool.target = new
+                pool.last_change_ms = now
+            return d
+
+        if have < target and starting == 0:
+            lost = target - have
+            return change(target, "replace", f"{lost} worker(s) missing from a pool of {target} "
+                          f"(died, drained elsewhere or never started): starting {lost}")
+        if starting:
+            oldest = min(p.asked_ms for p in self.pending[view.role])
+            d.action = "hold"
+            d.reason = (f"{starting} worker(s) starting for {(now - oldest) / 1000:.0f} s "
+                        f"(start-up ~{self.startup.estimate_s:.0f} s): not changing the pool "
+                        f"until they register")
+            return d
+        if have > target:
+            return change(target, "down", f"{have} workers, target {target}: draining "
+                          f"{have - target}")
+        if stale is not None:
+            d.action, d.reason = "hold", f"holding {target}: {stale}"
+            return d
+        assert need is not None
+        if need.up > target:
+            new = b.clamp(max(need.up, need.settle))
+            if new > target:
+                return change(new, "up", f"needs {need.up} now or within "
+                              f"{self.horizon_s():.0f} s: {why}")
+            d.reason = f"at the ceiling of {b.max} (would need {need.up}): {why}"
+            return d
+        wmax = pool.window_max()
+        if wmax is not None and d.need_now < target:
+            covered = pool.win_since is not None and now - pool.win_since >= c.down_cooldown_s * 1000
+            settled = now - pool.last_change_ms >= c.down_cooldown_s * 1000
+            if wmax < target and covered and settled:
+                settle_s = min(c.down_settle_s, c.down_cooldown_s)
+                new = b.clamp(pool.window_max(now - settle_s * 1000) or 0)
+                return change(new, "down", f"needed fewer than {target} for "
+                              f"{c.down_cooldown_s:.0f} s, at most {new} in the last "
+                              f"{settle_s:.0f} s: {why}")
+            since = max(pool.low_since(target), pool.last_change_ms)
+            d.action = "hold"
+            d.reason = (f"needs {d.need_now} < {target} for {(now - since) / 1000:.0f} s of a "
+                        f"{c.down_cooldown_s:.0f} s cool-down: {why}")
+            return d
+        d.reason = why
+        return d
+
+    def _inputs(self, views: dict[str, PoolView], needs: dict[str, PoolNeed], horizon: float,
+                now: float) -> dict[str, float]:
+        f = self.forecaster
+        out: dict[str, float] = {
+            "horizon_s": horizon, "startup_s": self.startup.estimate_s,
+            "rate": f.level, "rate_observed": f.last_rate, "rate_forecast": f.forecast(horizon),
+            "isl": f.isl, "osl": f.osl, "hit_ratio": f.hit_ratio,
+        }
+        ttft, itl = self.ttft.mean(now), self.itl.mean(now)
+        if ttft is not None:
+            out["ttft_observed_ms"] = ttft
+        if itl is not None:
+            out["itl_observed_ms"] = itl
+        sp = self.slo_policy
+        if self.config.policy == "slo":
+            if sp.predicted_ttft_ms is not None:
+                out["ttft_predicted_ms"] = sp.predicted_ttft_ms * sp.ttft_correction
+            if sp.predicted_itl_ms is not None:
+                out["itl_predicted_ms"] = sp.predicted_itl_ms * sp.itl_correction
+        for role, v in views.items():
+            out[f"{role}.ready"] = float(v.ready)
+            out[f"{role}.reporting"] = float(v.reporting)
+            cap = v.kv_blocks_per_worker * max(1, v.reporting)
+            out[f"{role}.kv_usage"] = v.kv_used_blocks / cap if cap > 0 else 0.0
+            out[f"{role}.queue_tokens"] = v.queue_tokens
+            n = needs.get(role)
+            if n is not None:
+                for k, val in n.inputs.items():
+                    if isinstance(val, int | float) and math.isfinite(val):
+                        out[f"{role}.{k}"] = float(val)
+        return out
+
+    # -------------------------------------------------------------- status
+    def targets(self) -> dict[str, int]:
+        return {r: p.target for r, p in self.pools.items() if p.target is not None}
+
+    def status(self) -> dict:
+        return {
+            "targets": self.targets(),
+            "ready": {r: sum(1 for w in self.workers.values()
+                             if w.role == r and w.draining_since is None) for r in self.pools},
+            "starting": {r: len(p) for r, p in self.pending.items()},
+            "draining": [f"{w.worker_id:x}" for w in self.workers.values()
+                         if w.draining_since is not None],
+            "startup_s": self.startup.estimate_s,
+            "startups_measured": self.startup.measured,
+            "start_failures": self.start_failures,
+            "decision_id": self.decision_id,
+        }
+
+
+__all__ = [
+    "POLICIES",
+    "ROLES",
+    "ROLE_BOTH",
+    "ROLE_DECODE",
+    "ROLE_PREFILL",
+    "Decision",
+    "PendingStart",
+    "PlannerConfig",
+    "PlannerCore",
+    "PoolBounds",
+    "PoolDecision",
+    "StartupEstimator",
+    "WorkerState",
+]

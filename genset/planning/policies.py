@@ -1,0 +1,366 @@
+"""Sizing policies: from what the pools are doing (and, for SLO, the traffic forecast and the
+performance model) to how many workers each pool needs.
+
+A policy answers, per pool, three numbers (`PoolNeed`):
+- `up`: the size below which the pool is overloaded at the projected load (one start-up time
+  ahead). Scaling up happens when `up` exceeds the current target;
+- `settle_now`: the size that puts today's load in the middle of the band (headroom, so the
+  next bit of noise does not trigger another change). The pool scales down to the largest
+  `settle_now` seen over the cool-down window, and only when that is below the target;
+- `settle` = max(up, settle_now): the size to go to when scaling up. The projection decides
+  *when* to add and the minimum to add; the size itself comes from the load seen, because a
+  step in load looks like a ramp to any trend estimator for a while, and sizing a step by its
+  projected slope over-provisions and then has to scale down again.
+
+Up uses a high threshold and settling a middle one: that gap is the hysteresis, and it is
+why a steady load with noise never oscillates, and why a scale-down does not trigger a
+scale-up (the remaining workers end up in the middle of the band, not at its top).
+
+The policies are deterministic given their inputs; the smoothing state they keep per pool is
+advanced only by `evaluate` calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from genset.planning.forecast import ArrivalForecaster, TrendEstimator
+from genset.planning.observations import ROLE_PREFILL, LatencyWindow
+from genset.planning.perf_model import PerfModel
+
+
+def ceil_workers(x: float) -> int:
+    """Workers for a fractional need (a hair over an integer is that integer: 2.0000001 -> 2)."""
+    if not math.isfinite(x) or x <= 0:
+        return 0
+    return max(0, math.ceil(x - 1e-6))
+
+
+@dataclass(slots=True)
+class PoolView:
+    """One pool as the core sees it at decision time (sums over ready workers whose load is
+    known)."""
+
+    role: str
+    target: int
+    ready: int
+    starting: int
+    reporting: int  # ready workers with a fresh load report
+    kv_used_blocks: float = 0.0
+    kv_blocks_per_worker: float = 0.0  # mean capacity (blocks)
+    kv_tokens_per_worker: float = 0.0  # mean capacity (tokens)
+    queue_tokens: float = 0.0  # waiting prefill tokens, summed
+    running: float = 0.0  # sequences running, summed
+    max_running: int = 256
+
+
+@dataclass(slots=True)
+class PoolNeed:
+    up: int
+    settle: int
+    settle_now: int
+    why: str
+    inputs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoadPolicyConfig:
+    kv_high: float = 0.80  # mean KV use above which a pool is overloaded
+    kv_target: float = 0.60  # where the pool settles after a change
+    # waiting prefill tokens per worker: overloaded above (4 steps of an 8192-token budget;
+    # a single long prompt alone must not look like an overload), settled at half
+    queue_high_tokens: float = 32768.0
+    queue_target_tokens: float = 16384.0
+    smoothing_s: float = 3.0  # time constant of the load level
+    trend_window_s: float = 30.0  # the slope is fitted over this much recent load
+
+    def __post_init__(self) -> None:
+        if not 0 < self.kv_target < self.kv_high <= 1:
+            raise ValueError(f"need 0 < kv_target < kv_high <= 1, got kv_target={self.kv_target}"
+                             f" kv_high={self.kv_high}")
+        if not 0 < self.queue_target_tokens < self.queue_high_tokens:
+            raise ValueError("need 0 < queue_target_tokens < queue_high_tokens, got "
+                             f"{self.queue_target_tokens} and {self.queue_high_tokens}")
+        if self.smoothing_s <= 0 or self.trend_window_s <= 0:
+            raise ValueError("smoothing_s and trend_window_s must be > 0")
+
+
+class LoadPolicy:
+    """KV use and waiting prefill tokens per pool.
+
+    Demand is measured as a pool total (KV blocks in use, prompt tokens waiting), which does
+    not change when workers are added or removed (per-worker means do: the peers' trap of a
+    new, empty worker making the pool look idle). A pool needs total / (per-worker capacity x
+    threshold) workers.
+    """
+
+    name = "load"
+
+    def __init__(self, config: LoadPolicyConfig | None = None) -> None:
+        self.config = config or LoadPolicyConfig()
+        self._kv: dict[str, TrendEstimator] = {}
+        self._queue: dict[str, TrendEstimator] = {}
+
+    def _smoothers(self, role: str) -> tuple[TrendEstimator, TrendEstimator]:
+        c = self.config
+        kv = self._kv.get(role)
+        if kv is None:
+            kv = self._kv[role] = TrendEstimator(c.smoothing_s, c.trend_window_s)
+            self._queue[role] = TrendEstimator(c.smoothing_s, c.trend_window_s)
+        return kv, self._queue[role]
+
+    def evaluate(self, now_ms: float, view: PoolView, horizon_s: float) -> PoolNeed:
+        c = self.config
+        kv_s, q_s = self._smoothers(view.role)
+        # KV demand in workers' worth of KV; unknown capacity (no card, no report): no signal
+        per = view.kv_blocks_per_worker
+        kv_s.update(now_ms, view.kv_used_blocks / per if per > 0 else 0.0)
+        q_s.update(now_ms, view.queue_tokens)
+        kv_now = kv_s.level
+        kv_ahead = max(kv_s.project(horizon_s), kv_s.sustained())
+        q_now = q_s.level
+        q_ahead = max(q_s.project(horizon_s), q_s.sustained())
+        up = max(ceil_workers(kv_ahead / c.kv_high),
+                 ceil_workers(q_ahead / c.queue_high_tokens))
+        settle_now = max(ceil_workers(kv_now / c.kv_target),
+                         ceil_workers(q_now / c.queue_target_tokens))
+        n = max(1, view.ready)
+        why = (f"kv {kv_now / n:.2f} per worker (projected {kv_ahead / n:.2f}, high "
+               f"{c.kv_high:.2f}), waiting prefill {q_now / n:.0f} tokens per worker "
+               f"(projected {q_ahead / n:.0f}, high {c.queue_high_tokens:.0f})")
+        return PoolNeed(up, max(up, settle_now), settle_now, why, {
+            "kv_workers": kv_now, "kv_workers_projected": kv_ahead,
+            "kv_usage_smoothed": kv_now / n, "queue_tokens_smoothed": q_now,
+            "queue_tokens_projected": q_ahead})
+
+    def evaluate_all(self, now_ms: float, views: dict[str, PoolView], horizon_s: float,
+                     ) -> dict[str, PoolNeed]:
+        return {role: self.evaluate(now_ms, v, horizon_s) for role, v in views.items()}
+
+
+@dataclass
+class SloPolicyConfig:
+    ttft_ms: float = 1000.0
+    itl_ms: float = 50.0
+    down_margin: float = 0.15  # scale down only to a size that still meets the need + 15 %
+    noise_z: float = 3.0  # up when the rate is this many noise sigmas above what the pool
+    # serves, down when it is as many below (the band is wide at low rates, narrow at high)
+    max_utilisation: float = 0.9  # a prefill worker is never planned busier than this
+    kv_fill: float = 0.9  # decode batches are planned to fill at most this share of KV
+    kv_safety: float = 0.9  # whatever the model says: KV use above this per worker adds one
+    correction_min: float = 0.5
+    correction_max: float = 4.0
+    correction_alpha: float = 0.2
+    min_latency_samples: int = 20  # observed TTFT/ITL needed before correcting the model
+
+    def __post_init__(self) -> None:
+        if self.ttft_ms <= 0 or self.itl_ms <= 0:
+            raise ValueError(f"TTFT and ITL targets must be > 0 ms, got {self.ttft_ms} and "
+                             f"{self.itl_ms}")
+        if not 0 < self.max_utilisation < 1:
+            raise ValueError(f"max_utilisation must be in (0, 1), got {self.max_utilisation}")
+        if not 0 < self.kv_fill <= 1 or not 0 < self.kv_safety <= 1:
+            raise ValueError("kv_fill and kv_safety must be in (0, 1]")
+        if self.down_margin < 0:
+            raise ValueError(f"down_margin must be >= 0, got {self.down_margin}")
+
+
+@dataclass(slots=True)
+class PrefillSizing:
+    workers: float  # fractional need
+    service_ms: float  # prefill time of a mean (uncached) prompt, corrected
+    utilisation: float  # the most a worker may be loaded and still meet TTFT
+    feasible: bool
+
+
+@dataclass(slots=True)
+class DecodeSizing:
+    workers: float
+    batch: int  # sequences per worker that still meet ITL (and fit KV)
+    step_ms: float  # the decode step time at that batch, corrected
+    concurrency: float  # sequences decoding at once over the pool (Little's law)
+    feasible: bool
+
+
+def size_prefill(rate: float, uncached_isl: float, model: PerfModel, ttft_ms: float,
+                 max_utilisation: float = 0.9, correction: float = 1.0) -> PrefillSizing:
+    """Prefill workers for `rate` requests/s of `uncached_isl` new prompt tokens each.
+
+    A worker serving prompts that take S ms each, at utilisation rho, has a mean queueing
+    delay of about rho*S / (2(1 - rho)) (M/D/1); TTFT = delay + S <= target gives
+    rho <= 2(T - S) / (2T - S). Batching several prompts per step only makes real workers
+    faster than this, so the sizing errs on the safe side. When one prompt alone takes longer
+    than the target, no pool size meets it: the pool is sized at half load (reported as not
+    feasible)."""
+    s = model.prefill_ms(max(1.0, uncached_isl)) * correction
+    feasible = s < ttft_ms
+    rho = 2 * (ttft_ms - s) / (2 * ttft_ms - s) if feasible else 0.5
+    rho = min(max_utilisation, max(0.05, rho))
+    workers = rate * s / 1000.0 / rho if rate > 0 else 0.0
+    return PrefillSizing(workers, s, rho, feasible)
+
+
+def size_decode(rate: float, isl: float, osl: float, model: PerfModel, itl_ms: float,
+                kv_tokens_per_worker: float, max_running: int, kv_fill: float = 0.9,
+                correction: float = 1.0) -> DecodeSizing:
+    """Decode workers for `rate` requests/s generating `osl` tokens after `isl` prompt tokens.
+
+    The largest batch b whose step time (with the context it holds) meets the ITL target and
+    whose KV fits, then Little's law: sequences decoding at once = rate x osl x step time,
+    spread over workers of b each."""
+    ctx = max(1.0, isl + osl / 2.0)  # mean context of a decoding sequence
+    cap = max(1.0, kv_tokens_per_worker)
+    best, best_ms = 0, 0.0
+    for b in range(1, max(1, max_running) + 1):
+        if b * ctx > cap * kv_fill and b > 1:
+            break
+        ms = model.decode_ms(b, min(1.0, b * ctx / cap)) * correction
+        if ms > itl_ms:
+            break
+        best, best_ms = b, ms
+    feasible = best > 0
+    if not feasible:  # even one sequence is slower than the target: size for batch 1
+        best, best_ms = 1, model.decode_ms(1, min(1.0, ctx / cap)) * correction
+    concurrency = rate * osl * best_ms / 1000.0 if rate > 0 else 0.0
+    return DecodeSizing(concurrency / best, best, best_ms, concurrency, feasible)
+
+
+class SloPolicy:
+    """The smallest pools that meet the TTFT and ITL targets at the forecast load.
+
+    Aggregated workers (role decode or both, no prefill pool managed) do both jobs: the pool
+    needs the prefill share plus the decode share. With a prefill pool the two are sized
+    apart, which sets the prefill:decode ratio. The model's predictions are corrected by the
+    ratio of observed to predicted TTFT/ITL (bounded), so a model that is off (overheads it
+    does not see, a different engine) is pulled towards what clients get. A KV safety net
+    from the load signal adds workers whatever the model says when KV is nearly full.
+    """
+
+    name = "slo"
+
+    def __init__(self, config: SloPolicyConfig, forecaster: ArrivalForecaster,
+                 model: PerfModel, ttft: LatencyWindow, itl: LatencyWindow) -> None:
+        self.config = config
+        self.forecaster = forecaster
+        self.model = model
+        self.ttft = ttft
+        self.itl = itl
+        self.ttft_correction = 1.0
+        self.itl_correction = 1.0
+        self.predicted_ttft_ms: float | None = None
+        self.predicted_itl_ms: float | None = None
+        self._kv: dict[str, TrendEstimator] = {}  # KV demand per pool, for the safety net
+
+    @staticmethod
+    def _correct(current: float, observed: float | None, predicted: float | None,
+                 c: SloPolicyConfig) -> float:
+        if observed is None or predicted is None or predicted <= 0:
+            return current
+        ratio = min(c.correction_max, max(c.correction_min, observed / predicted))
+        return current + c.correction_alpha * (ratio - current)
+
+    def _update_corrections(self, now_ms: float, views: dict[str, PoolView],
+                            prefill_role: str, decode_role: str) -> None:
+        c, f, m = self.config, self.forecaster, self.model
+        uncached = f.isl * (1 - f.hit_ratio)
+        # what the model (uncorrected) says clients get at today's pool sizes and load
+        pv = views.get(prefill_role)
+        n_p = max(1, pv.ready if pv else 1)
+        s = m.prefill_ms(max(1.0, uncached))
+        rho = f.level * s / 1000.0 / n_p
+        self.predicted_ttft_ms = s + rho * s / (2 * (1 - rho)) if rho < 0.95 else None
+        dv = views.get(decode_role)
+        if dv is not None and dv.reporting > 0 and dv.running > 0:
+            b = dv.running / dv.reporting
+            u = min(1.0, dv.kv_used_blocks / max(1.0, dv.kv_blocks_per_worker * dv.reporting))
+            self.predicted_itl_ms = m.decode_ms(b, u)
+        else:
+            self.predicted_itl_ms = None
+        if self.ttft.count(now_ms) >= c.min_latency_samples:
+            self.ttft_correction = self._correct(self.ttft_correction, self.ttft.mean(now_ms),
+                                                 self.predicted_ttft_ms, c)
+        if self.itl.count(now_ms) >= c.min_latency_samples:
+            self.itl_correction = self._correct(self.itl_correction, self.itl.mean(now_ms),
+                                                self.predicted_itl_ms, c)
+
+    def evaluate_all(self, now_ms: float, views: dict[str, PoolView], horizon_s: float,
+                     ) -> dict[str, PoolNeed]:
+        c, f = self.config, self.forecaster
+        disagg = ROLE_PREFILL in views and len(views) > 1
+        serving = [r for r in views if r != ROLE_PREFILL] or list(views)
+        decode_role = serving[0]
+        prefill_role = ROLE_PREFILL if disagg else decode_role
+        self._update_corrections(now_ms, views, prefill_role, decode_role)
+        dv = views[decode_role]
+        kv_tokens = dv.kv_tokens_per_worker
+        uncached = f.isl * (1 - f.hit_ratio)
+        rate_ahead, rate_now = f.forecast(horizon_s), f.level
+
+        def need(rate: float) -> tuple[PrefillSizing, DecodeSizing]:
+            p = size_prefill(rate, uncached, self.model, c.ttft_ms, c.max_utilisation,
+                             self.ttft_correction)
+            d = size_decode(rate, f.isl, f.osl, self.model, c.itl_ms, kv_tokens,
+                            dv.max_running, c.kv_fill, self.itl_correction)
+            return p, d
+
+        # Poisson noise on the rate: scale up on what the rate surely is (lower bound), size
+        # and scale down on what it could be (upper bound)
+        sigma = c.noise_z * f.noise()
+        p_ahead, d_ahead = need(rate_ahead)
+        p_low, d_low = need(max(0.0, rate_ahead - sigma))
+        p_now, d_now = need(rate_now + sigma)
+        kv_now: dict[str, float] = {}
+        kv_ahead: dict[str, float] = {}
+        for role, v in views.items():
+            sm = self._kv.get(role)
+            if sm is None:
+                sm = self._kv[role] = TrendEstimator(3.0, 30.0)
+            per = v.kv_blocks_per_worker
+            sm.update(now_ms, v.kv_used_blocks / per if per > 0 else 0.0)
+            kv_now[role] = sm.level
+            kv_ahead[role] = max(sm.project(horizon_s), sm.sustained())
+        m = 1 + c.down_margin
+        inputs = {"rate": rate_now, "rate_forecast": rate_ahead, "rate_noise": f.noise(),
+                  "isl": f.isl, "osl": f.osl,
+                  "hit_ratio": f.hit_ratio, "prefill_ms": p_ahead.service_ms,
+                  "decode_step_ms": d_ahead.step_ms, "decode_batch": float(d_ahead.batch),
+                  "ttft_correction": self.ttft_correction,
+                  "itl_correction": self.itl_correction}
+        infeasible = []
+        if not p_ahead.feasible:
+            infeasible.append(f"TTFT target {c.ttft_ms:.0f} ms is below the prefill time of a "
+                              f"mean prompt ({p_ahead.service_ms:.0f} ms)")
+        if not d_ahead.feasible:
+            infeasible.append(f"ITL target {c.itl_ms:.0f} ms is below one sequence's decode "
+                              f"step ({d_ahead.step_ms:.1f} ms)")
+        note = ("; not feasible: " + "; ".join(infeasible)) if infeasible else ""
+        head = (f"forecast {rate_ahead:.2f} req/s (now {rate_now:.2f} +- {sigma:.2f}), prompt "
+                f"{f.isl:.0f} tokens ({f.hit_ratio:.0%} cached), output {f.osl:.0f}")
+        out: dict[str, PoolNeed] = {}
+        for role in views:
+            if disagg and role == ROLE_PREFILL:
+                raw, raw_now = p_low.workers, p_now.workers
+                why = (f"{head}: prefill {p_ahead.service_ms:.0f} ms per prompt at most "
+                       f"{p_ahead.utilisation:.0%} busy for TTFT {c.ttft_ms:.0f} ms")
+            elif disagg:
+                raw, raw_now = d_low.workers, d_now.workers
+                why = (f"{head}: {d_ahead.concurrency:.1f} sequences decoding, {d_ahead.batch}"
+                       f" per worker at {d_ahead.step_ms:.1f} ms/step for ITL {c.itl_ms:.0f} ms")
+            else:
+                raw = p_low.workers + d_low.workers
+                raw_now = p_now.workers + d_now.workers
+                why = (f"{head}: prefill share {p_ahead.workers:.2f} + decode share "
+                       f"{d_ahead.workers:.2f} workers (prefill {p_ahead.service_ms:.0f} ms, "
+                       f"{d_ahead.batch} seqs/worker at {d_ahead.step_ms:.1f} ms/step)")
+            safety = ceil_workers(kv_ahead[role] / c.kv_safety)
+            up = max(ceil_workers(raw), safety)
+            settle_now = max(ceil_workers(raw_now * m), ceil_workers(kv_now[role] / c.kv_safety))
+            if safety > ceil_workers(raw):
+                why += (f"; KV safety: {kv_ahead[role]:.2f} workers' worth of KV in use "
+                        f"(at most {c.kv_safety:.0%} each)")
+            n = max(1, views[role].ready)
+            out[role] = PoolNeed(up, max(up, settle_now), settle_now, why + note,
+                                 {**inputs, "need": raw, "need_now": raw_now,
+                                  "kv_usage_smoothed": kv_now[role] / n})
+        return out

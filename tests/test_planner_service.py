@@ -1,0 +1,244 @@
+"""The planner service over real NATS and etcd: load reports in, targets (with reasons) out.
+
+The workers here are records in etcd and load reports on the bus, published by the test the
+way workers publish them; the planner is the real service, in this process, with the `none`
+connector (the targets in etcd are its whole output) or in dry-run. Timing never decides a
+result: every wait is for a condition, with a generous deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import random
+import uuid
+
+import pytest
+
+import proto
+from genset.runtime.bus import Bus
+from genset.runtime.config import CommonConfig
+from genset.runtime.discovery import Discovery
+from proto import keys, subjects
+from services.planner.service import PlannerOptions, PlannerService
+
+DEADLINE_S = 30.0
+
+
+async def eventually(check, what: str, deadline_s: float = DEADLINE_S):
+    """Poll `check()` (sync or async) until it returns something truthy."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > end:
+            raise AssertionError(f"timed out after {deadline_s:.0f} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+class FakeFleet:
+    """Workers as the planner sees them: a model card + instance record each in etcd, and a
+    load report every 100 ms on the bus (what real workers do while busy)."""
+
+    def __init__(self, bus: Bus, discovery: Discovery, ns: str) -> None:
+        self.bus, self.discovery, self.ns = bus, discovery, ns
+        self.used: dict[int, int] = {}
+        self._task: asyncio.Task | None = None
+
+    async def add(self, used: int = 0, role: str = "decode") -> int:
+        wid = random.getrandbits(48) | 1
+        card = proto.ModelCard(model="tiny", instance_id=wid, role=role, kv_blocks=1000,
+                               block_size=16)
+        rec = proto.InstanceRecord(instance_id=wid, component=role, namespace=self.ns,
+                                   host="test-host", pid=0)
+        await self.discovery.register(keys.model(self.ns, "tiny", wid), card)
+        await self.discovery.register(keys.instance(self.ns, role, wid), rec)
+        self.used[wid] = used
+        return wid
+
+    async def remove(self, wid: int, role: str = "decode") -> None:
+        self.used.pop(wid, None)
+        await self.discovery.unregister(keys.model(self.ns, "tiny", wid))
+        await self.discovery.unregister(keys.instance(self.ns, role, wid))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._report())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _report(self) -> None:
+        while True:
+            for wid, used in list(self.used.items()):
+                with contextlib.suppress(Exception):
+                    await self.bus.publish(subjects.load_report(self.ns, wid), proto.LoadReport(
+                        worker_id=wid, ts_ms=0, running=used // 100, kv_used_blocks=used,
+                        kv_total_blocks=1000))
+            await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def planner(nats_url: str, etcd: str, ns: str, **options):
+    cfg = CommonConfig(namespace=ns, nats=nats_url, etcd=etcd, lease_ttl=3)
+    opts = PlannerOptions(**{"connector": "none", "interval_s": 0.1, "down_cooldown_s": 2.0,
+                             "startup_s": 1.0, "stale_s": 2.0, **options})
+    out = io.StringIO()
+    svc = PlannerService(cfg, opts, out=out)
+    svc.bus = await Bus.connect(nats_url, name="planner-test", namespace=ns)
+    svc.discovery = await Discovery.connect(etcd, ttl=3)
+    try:
+        await svc.start()
+        svc.state = "ready"
+        yield svc, out
+    finally:
+        await svc.drain()
+        await svc.stop()
+        await svc.discovery.close()
+        await svc.bus.close()
+
+
+async def read_targets(discovery: Discovery, ns: str) -> proto.PlannerTargets | None:
+    return await discovery.get(keys.planner_targets(ns), proto.PlannerTargets)
+
+
+async def test_load_reports_become_targets_in_etcd_with_reasons(nats_server, etcd_server, bus,
+                                                                discovery):
+    ns = f"pl-{uuid.uuid4().hex[:8]}"
+    fleet = FakeFleet(bus, discovery, ns)
+    w1 = await fleet.add(used=300)
+    fleet.start()
+    try:
+        async with planner(nats_server.url, etcd_server.endpoint, ns) as (svc, _):
+            first = await eventually(lambda: read_targets(discovery, ns), "initial targets")
+            assert first.pools == {"decode": 1} and first.policy == "load"
+            # KV fills up: the planner wants a second worker, and says why
+            fleet.used[w1] = 950
+            up = await eventually(
+                lambda: _targets_with(discovery, ns, lambda t: t.pools.get("decode") == 2),
+                "decode target 2")
+            assert "(up)" in up.reason and "kv" in up.reason, up.reason
+            assert up.decision_id >= 1 and up.inputs["decode.kv_usage"] > 0.8
+            # while it starts, nothing more is asked for, whatever the load does
+            fleet.used[w1] = 1000
+            await eventually(lambda: svc.core.status()["starting"]["decode"] == 1, "starting")
+            # the started worker registers; the load goes away: back to one after the
+            # cool-down, with a worker chosen to drain
+            w2 = await fleet.add(used=0)
+            await eventually(lambda: svc.core.status()["starting"]["decode"] == 0,
+                             "the start counted as done")
+            fleet.used[w1] = 0
+            down = await eventually(
+                lambda: _targets_with(discovery, ns, lambda t: t.pools.get("decode") == 1
+                                      and t.decision_id > up.decision_id), "decode target 1")
+            assert "(down)" in down.reason, down.reason
+            drained = svc.core.status()["draining"]
+            assert len(drained) == 1 and int(drained[0], 16) in (w1, w2)
+            assert svc.core.startup.measured == 1
+            metrics = svc.metrics.render().decode()
+            assert 'genset_planner_target_workers{pool="decode"} 1.0' in metrics
+            assert 'genset_planner_scale_events_total{action="up",pool="decode"} 1.0' in metrics
+    finally:
+        await fleet.stop()
+
+
+async def _targets_with(discovery, ns, pred):
+    t = await read_targets(discovery, ns)
+    return t if t is not None and pred(t) else None
+
+
+async def test_dry_run_prints_decisions_and_writes_nothing(nats_server, etcd_server, bus,
+                                                           discovery):
+    ns = f"pl-{uuid.uuid4().hex[:8]}"
+    fleet = FakeFleet(bus, discovery, ns)
+    await fleet.add(used=950)
+    fleet.start()
+    try:
+        async with planner(nats_server.url, etcd_server.endpoint, ns, dry_run=True) as (svc, out):
+            def proposal():
+                for line in out.getvalue().splitlines():
+                    d = json.loads(line)
+                    if d["changed"] and d["targets"] == {"decode": 2}:
+                        return d
+                return None
+
+            d = await eventually(proposal, "a printed scale-up proposal")
+            assert d["dry_run"] and d["start"] == {"decode": 1} and "kv" in d["reason"]
+            # printed once, not every tick
+            await eventually(lambda: svc.core.decision_id == 0 and len(
+                out.getvalue().splitlines()) >= 1, "ticks")
+            assert sum(1 for ln in out.getvalue().splitlines()
+                       if json.loads(ln)["targets"] == {"decode": 2}) == 1
+            assert await read_targets(discovery, ns) is None
+            assert svc.core.status()["starting"] == {"decode": 0}
+    finally:
+        await fleet.stop()
+
+
+async def test_bad_messages_are_counted_not_fatal(nats_server, etcd_server, bus, discovery):
+    ns = f"pl-{uuid.uuid4().hex[:8]}"
+    fleet = FakeFleet(bus, discovery, ns)
+    wid = await fleet.add(used=100)
+    async with planner(nats_server.url, etcd_server.endpoint, ns) as (svc, _):
+        await bus.publish(subjects.load_report(ns, wid), b"\x00not msgpack")
+        await bus.publish(subjects.frontend_stats(ns), proto.encode(
+            {"v": 1, "frontend_id": 1, "ts_ms": 0, "window_ms": 0}))  # window must be > 0
+        await bus.publish(subjects.frontend_stats(ns), proto.FrontendStats(
+            frontend_id=1, ts_ms=0, window_ms=1000, arrivals=3, prompt_tokens=300))
+        await bus.publish(subjects.step_stats(ns, wid), proto.WorkerStepStats(
+            worker_id=wid, samples=[proto.StepSample(prefill_tokens=512, ms=20.0)]))
+        await eventually(lambda: svc.core.model.observed == 1, "a step sample")
+        await eventually(lambda: svc.core.forecaster.total_arrivals == 3, "the arrivals")
+        metrics = await eventually(
+            lambda: (m := svc.metrics.render().decode()) and
+            'genset_planner_bad_messages_total{kind="frontend_stats"} 1.0' in m and m,
+            "bad messages counted")
+        assert 'genset_planner_bad_messages_total{kind="load_report"} 1.0' in metrics
+        await eventually(lambda: svc.last_decision is not None, "decisions go on")
+
+
+@pytest.mark.slow
+async def test_nats_and_etcd_outages_hold_the_last_targets(own_nats, own_etcd):
+    """NATS away: no load reports, the planner holds (never scales to zero, nor down). etcd
+    away: target writes fail and are retried; the pools stay as they were."""
+    ns = f"pl-{uuid.uuid4().hex[:8]}"
+    bus = await Bus.connect(own_nats.url, name="fleet", namespace=ns)
+    disc = await Discovery.connect(own_etcd.endpoint, ttl=10)
+    fleet = FakeFleet(bus, disc, ns)
+    await fleet.add(used=500)
+    await fleet.add(used=500)
+    fleet.start()
+    try:
+        async with planner(own_nats.url, own_etcd.endpoint, ns, down_cooldown_s=1.0,
+                           stale_s=1.0) as (svc, _):
+            await eventually(lambda: _targets_with(disc, ns, lambda t: t.pools == {"decode": 2}),
+                             "targets for the two workers")
+            own_nats.stop()
+            await eventually(lambda: "unknown" in svc.last_decision.pools["decode"].reason,
+                             "the planner noticing the silence")
+            held = [svc.tick() for _ in range(20)]
+            assert all(d.targets == {"decode": 2} and not d.changed for d in held)
+            own_nats.start()
+            await eventually(lambda: svc.last_decision.pools["decode"].action != "hold",
+                             "reports back")
+            own_etcd.stop()
+            fleet.used = dict.fromkeys(fleet.used, 0)  # idle now: it may shrink, never to 0
+            await eventually(lambda: svc.core.targets()["decode"] == 1, "a scale-down")
+            await eventually(lambda: 'genset_planner_target_writes_total{outcome="failed"}'
+                             in svc.metrics.render().decode(), "a failed write")
+            assert svc.core.targets()["decode"] >= 1
+            own_etcd.start()
+            await eventually(lambda: _targets_with(disc, ns, lambda t: t.pools == {"decode": 1}),
+                             "the write retried once etcd is back", deadline_s=60)
+    finally:
+        await fleet.stop()
+        await disc.close()
+        await bus.close()
