@@ -11,6 +11,7 @@ let through would have arrived before it.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 
 import nats
@@ -340,3 +341,57 @@ async def test_a_secured_stack_serves_and_ignores_workers_not_in_etcd(secure_inf
             assert metric(values, "genset_router_workers") == 1
         finally:
             await nc.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS
+
+
+async def test_tls_with_a_generated_local_ca(tmp_path):
+    """`--tls`: a local CA signs the servers' certificate; clients verify it with the CA;
+    plaintext clients are refused; a real worker process starts with it."""
+    import ssl
+
+    from genset.runtime import auth
+    from genset.runtime.bus import Bus
+    from genset.runtime.etcd_client import EtcdUnavailable
+    from genset.runtime.infra import EtcdServer, NatsServer
+    from tests.stack import Stack
+
+    creds = auth.load_or_create(tmp_path / "auth", namespace=NS, worker_slots=1,
+                                models=["tiny"])
+    tls = auth.ensure_tls(creds)
+    assert auth.ensure_tls(creds) == tls  # made once
+    nats_server = NatsServer(config_file=auth.write_nats_config(creds)).start()
+    etcd_server = EtcdServer(tls=tls).start()
+    try:
+        assert etcd_server.endpoint.startswith("https://")
+        await auth.setup_etcd_auth(etcd_server.endpoint, creds)
+        env = creds.env("frontend")
+        bus = await Bus.connect(nats_server.url, name="tls", namespace=NS,
+                                user=env["GENSET_NATS_USER"], password=env["GENSET_NATS_PASSWORD"],
+                                tls=ssl.create_default_context(cafile=env["GENSET_NATS_CA"]))
+        await bus.close()
+        with pytest.raises((nats.errors.Error, ssl.SSLError, OSError)):
+            await nats.connect(nats_server.url, user=env["GENSET_NATS_USER"],
+                               password=env["GENSET_NATS_PASSWORD"], allow_reconnect=False,
+                               connect_timeout=5)  # no CA: the certificate is not trusted
+        client = EtcdClient(etcd_server.endpoint, user=env["GENSET_ETCD_USER"],
+                            password=env["GENSET_ETCD_PASSWORD"], ca_cert=env["GENSET_ETCD_CA"])
+        plain = EtcdClient(f"127.0.0.1:{etcd_server.port}", timeout=2.0,
+                           user=env["GENSET_ETCD_USER"], password=env["GENSET_ETCD_PASSWORD"])
+        try:
+            await client.put(keys.instance(NS, "frontend", 1), b"over tls")
+            with pytest.raises(EtcdUnavailable):
+                await plain.get(keys.instance(NS, "frontend", 1))
+        finally:
+            await client.close()
+            await plain.close()
+        stack = Stack(nats_server.url, etcd_server.endpoint, namespace=NS, log_dir=tmp_path)
+        async with stack:
+            stack.env = {**os.environ, "GENSET_NAMESPACE": NS, **creds.env("worker", slot=0)}
+            [worker] = await stack.start_workers(1, engine="mocker")
+            assert worker.instance_id == creds.worker_ids[0]
+    finally:
+        nats_server.cleanup()
+        etcd_server.cleanup()
