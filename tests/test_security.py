@@ -395,3 +395,86 @@ async def test_tls_with_a_generated_local_ca(tmp_path):
     finally:
         nats_server.cleanup()
         etcd_server.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------
+# genset up
+
+
+def test_genset_up_is_secure_by_default_and_keeps_its_credentials(tmp_path):
+    """`genset up` makes credentials on the first start, starts NATS and etcd with them
+    (anonymous clients refused), hands each child its own through the environment (never
+    the command line), guards the API with GENSET_API_KEY, and on a restart reuses them."""
+    import signal
+
+    import httpx
+
+    from genset.runtime.auth import auth_dir
+    from tests.test_launch import cmdline, descendants, free_port, kill_all, wait_for_line
+
+    state = tmp_path / "state"
+    api_key = uuid.uuid4().hex
+    port, nats_port, etcd_port = free_port(), free_port(), free_port()
+    args = ("--engine", "mocker", "--workers", "1", "--max-workers", "2", "--port", str(port),
+            "--nats", f"nats://127.0.0.1:{nats_port}", "--etcd", f"127.0.0.1:{etcd_port}",
+            "--state-dir", str(state), "--speedup", "20")
+    creds_file = auth_dir(state) / "credentials.json"
+    first = None
+    for attempt in range(2):
+        log = tmp_path / f"up-{attempt}.log"
+        proc = _genset_up(log, args, {"GENSET_API_KEY": api_key})
+        pids: set[int] = set()
+        try:
+            text = wait_for_line(proc, log, r"Ctrl-C stops everything", within=180)
+            assert "Authorization: Bearer $GENSET_API_KEY" in text
+            assert oct(creds_file.stat().st_mode & 0o777) == "0o600"
+            secrets = creds_file.read_text()
+            first = first or secrets
+            assert secrets == first  # the restart reused every password and id
+            pids = descendants(proc.pid)
+            for pid in pids:
+                line = cmdline(pid)
+                assert api_key not in line and not any(
+                    pw in line for pw in _passwords(creds_file)), line
+            body = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            assert httpx.post(url, json=body, timeout=60).status_code == 401
+            resp = httpx.post(url, json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {api_key}"})
+            assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
+            assert asyncio.run(_anonymous_refused(f"nats://127.0.0.1:{nats_port}"))
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 0, log.read_text()
+        finally:
+            kill_all(proc, pids)
+
+
+def _genset_up(log, args, extra_env):
+    """`genset up` as tests.test_launch.start_up runs it, with `extra_env` on top."""
+    import subprocess
+    import sys
+
+    from tests.test_launch import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENSET_")}
+    env.update(extra_env, PYTHONPATH=str(REPO))
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "genset.cli", "up", *args], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+
+
+def _passwords(path) -> list[str]:
+    import json
+
+    data = json.loads(path.read_text())
+    return [*data["passwords"].values(), data["etcd_root"]]
+
+
+async def _anonymous_refused(url: str) -> bool:
+    try:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5)
+    except nats.errors.Error:
+        return True
+    await nc.close()
+    return False

@@ -627,6 +627,97 @@ def claim_worker_slot(creds: Credentials) -> tuple[int, int]:
                     "make more with `python -m genset.runtime.auth init --worker-slots N`")
 
 
+# ---------------------------------------------------------------------------------------------
+# `genset up`
+
+
+def add_launch_args(parser) -> None:
+    """`genset up`'s security flags."""
+    g = parser.add_argument_group("security (NATS and etcd that genset up starts itself)")
+    g.add_argument("--insecure", action="store_true",
+                   help="start NATS and etcd without users and permissions (not for shared "
+                        "machines: anyone who reaches them can read prompts and steer routing)")
+    g.add_argument("--tls", action="store_true",
+                   help="TLS for NATS and etcd with a local CA made in <state>/auth "
+                        "(clients verify it); for production certificates see docs")
+    g.add_argument("--max-workers", type=int, default=WORKER_SLOTS_DEFAULT, metavar="N",
+                   help="worker credentials to make (each has a fixed instance id; the "
+                        f"planner scales within them; default {WORKER_SLOTS_DEFAULT})")
+    g.add_argument("--api-key", default=os.environ.get("GENSET_API_KEY"),
+                   help="require `Authorization: Bearer <key>` on the API and /metrics "
+                        "(prefer the GENSET_API_KEY variable: a flag shows in `ps`)")
+    g.add_argument("--metrics-token", default=os.environ.get("GENSET_METRICS_TOKEN"),
+                   help="token for every process's /metrics (default: the API key)")
+
+
+class StackSecurity:
+    """What `genset up` does for security, kept out of the launcher's way: credentials under
+    `<state>/auth`, the NATS configuration and etcd TLS for servers it starts, etcd's users
+    once etcd runs, and each child's environment. Servers genset up did not start are the
+    user's: their credentials come from the user's own GENSET_* environment."""
+
+    def __init__(self, args, state_dir: Path, *, model: str) -> None:
+        self.enabled = not args.insecure
+        self.api_key = args.api_key or None
+        self.metrics_token = args.metrics_token or self.api_key
+        self.nats_owned = False
+        self.etcd_owned = False
+        self.creds: Credentials | None = None
+        if args.max_workers < 1:
+            raise AuthError("--max-workers must be at least 1")
+        if args.tls and not self.enabled:
+            raise AuthError("--tls and --insecure do not go together")
+        if self.enabled:
+            self.creds = load_or_create(auth_dir(state_dir), namespace=args.namespace,
+                                        worker_slots=max(args.workers, args.max_workers),
+                                        models=[model])
+            if args.tls:
+                ensure_tls(self.creds)
+            else:
+                self.creds.tls = None  # certificates of an earlier --tls run stay unused
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        return self.creds.tls if self.creds is not None else None
+
+    def nats_config(self) -> Path | None:
+        """The configuration for a NATS genset up starts (None: open, as with --insecure)."""
+        if self.creds is None:
+            return None
+        self.nats_owned = True
+        return write_nats_config(self.creds)
+
+    def etcd_started(self, endpoint: str) -> None:
+        """etcd genset up started is running: give it our users and turn auth on."""
+        if self.creds is None:
+            return
+        self.etcd_owned = True
+        asyncio.run(_retrying_etcd_setup(endpoint, self.creds, 60.0))
+
+    def child_env(self, command: str, name: str) -> dict[str, str]:
+        """The environment of child `name` running `genset <command>`; worker-N gets worker
+        slot N-1 (a restarted worker-N keeps its slot, so its id and permissions)."""
+        env: dict[str, str] = {}
+        if self.metrics_token:
+            env["GENSET_METRICS_TOKEN"] = self.metrics_token
+        if command == "frontend" and self.api_key:
+            env["GENSET_API_KEY"] = self.api_key
+        if self.creds is None or not (self.nats_owned or self.etcd_owned):
+            return env
+        if command == "worker":
+            slot = int(name.rsplit("-", 1)[-1]) - 1
+            role_env = self.creds.env(ROLE_WORKER, slot=slot, nats=self.nats_owned,
+                                      etcd=self.etcd_owned)
+        elif command in ROLE_USERS:
+            role_env = self.creds.env(command, nats=self.nats_owned, etcd=self.etcd_owned)
+        else:
+            raise AuthError(f"no credentials for `genset {command}`")
+        return {**env, **role_env}
+
+    def api_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m genset.runtime.auth init|etcd|exec`: what compose (or any deployment that
     is not `genset up`) needs. See deploy/compose-auth/README.md."""
