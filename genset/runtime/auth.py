@@ -373,12 +373,12 @@ def load_or_create(directory: str | Path, *, namespace: str, worker_slots: int =
 @contextlib.contextmanager
 def _locked(directory: Path):
     """Serialise credential changes between processes sharing the directory."""
-    with open(directory / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,11 +609,14 @@ def ensure_tls(creds: Credentials, hosts: list[str] | tuple[str, ...] = ()) -> T
 # worker slots claimed by processes that share the credentials directory (compose replicas)
 
 
-def claim_worker_slot(creds: Credentials) -> tuple[int, int]:
+def claim_worker_slot(creds: Credentials, slots_dir: str | Path | None = None
+                      ) -> tuple[int, int]:
     """(slot, fd): the first worker slot no live process holds. The claim is an flock on
-    `<dir>/slots/<n>.lock`, held by the returned fd: it ends when the process does, however
-    it ends, so a crashed worker's slot is free again for its replacement."""
-    slots = creds.dir / "slots"
+    `<slots_dir>/<n>.lock` (default `<dir>/slots`), held by the returned fd: it ends when the
+    process does, however it ends, so a crashed worker's slot is free again for its
+    replacement. Processes that share the directory (compose replicas on one host's volume)
+    never hold the same slot."""
+    slots = Path(slots_dir) if slots_dir is not None else creds.dir / "slots"
     slots.mkdir(exist_ok=True, mode=0o700)
     for slot in range(len(creds.worker_ids)):
         fd = os.open(slots / f"{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -719,8 +722,8 @@ class StackSecurity:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m genset.runtime.auth init|etcd|exec`: what compose (or any deployment that
-    is not `genset up`) needs. See deploy/compose-auth/README.md."""
+    """`python -m genset.runtime.auth init|etcd|exec|env`: what compose (or any deployment
+    that is not `genset up`) needs. See deploy/compose-auth/README.md."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m genset.runtime.auth")
@@ -743,7 +746,14 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("exec", help="run a command with a role's credentials in its env")
     ex.add_argument("--dir", required=True)
     ex.add_argument("--role", required=True, choices=ROLES)
+    ex.add_argument("--slots-dir", default=None,
+                    help="where workers claim their slots (a writable directory shared by "
+                         "the workers; default <dir>/slots)")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command and arguments")
+    en = sub.add_parser("env", help="print a role's variables (for a per-service secret)")
+    en.add_argument("--dir", required=True)
+    en.add_argument("--role", required=True, choices=ROLES)
+    en.add_argument("--slot", type=int, default=None, help="worker slot (workers only)")
     args = p.parse_args(argv)
     try:
         if args.command == "init":
@@ -767,12 +777,16 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_retrying_etcd_setup(endpoint, creds, args.timeout))
             print(f"etcd at {endpoint}: authentication on")
             return 0
+        if args.command == "env":
+            for name, value in sorted(creds.env(args.role, slot=args.slot).items()):
+                print(f"{name}={value}")
+            return 0
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             p.error("exec needs a command after --")
         slot = None
         if args.role == ROLE_WORKER:
-            slot, fd = claim_worker_slot(creds)
+            slot, fd = claim_worker_slot(creds, args.slots_dir)
             os.set_inheritable(fd, True)  # the claim lives as long as the command
         env = {**os.environ, **creds.env(args.role, slot=slot)}
         os.execvpe(cmd[0], cmd, env)
