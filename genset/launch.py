@@ -40,6 +40,7 @@ from urllib.parse import urlparse
 
 from genset.engines.factory import served_model_name
 from genset.routing.api import MODE_AUTO, MODE_SERVICE, POLICY_NAMES, router_mode
+from genset.runtime import auth  # security: credentials, NATS config, etcd users (issue 14)
 from genset.runtime.infra import die_with_parent
 from genset.supervise import RestartPolicy, Supervisor
 from proto import ROLE_DECODE
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     p.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                    help="extra argument passed to every worker (repeatable), e.g. --worker-arg=--kv-blocks=512")
+    auth.add_launch_args(p)  # security: --insecure, --tls, --max-workers, --api-key, ...
     return p
 
 
@@ -227,8 +229,9 @@ def genset_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "genset.cli", *args]
 
 
-def http_json(url: str, timeout: float = 2.0):
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+def http_json(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None):
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         return resp.status, json.loads(resp.read() or b"null")
 
 
@@ -275,7 +278,8 @@ class Launcher:
             return url
         if host not in LOCAL_HOSTS:
             raise LaunchError(f"NATS at {url} is not reachable (and is not local, so not starting one)")
-        server = NatsServer(port=port, data_dir=self.state_dir / "nats", host="127.0.0.1")
+        server = NatsServer(port=port, data_dir=self.state_dir / "nats", host="127.0.0.1",
+                            config_file=self.security.nats_config())  # security
         self.say(f"nats: starting on port {port} (data in {server.data_dir})")
         self.infra.append(server)
         server.start()
@@ -295,10 +299,11 @@ class Launcher:
         # etcd's peer port must not collide with a second stack's: pick a free one.
         server = EtcdServer(port=port, peer_port=pick_listen_port(self.ports_given),
                             data_dir=self.state_dir / "etcd",
-                            host="127.0.0.1")
+                            host="127.0.0.1", tls=self.security.tls)  # security
         self.say(f"etcd: starting on port {port} (data in {server.data_dir})")
         self.infra.append(server)
         server.start()
+        self.security.etcd_started(server.endpoint)  # security: etcd users, auth on
         return server.endpoint
 
     # -- services ----------------------------------------------------------------------------
@@ -308,8 +313,9 @@ class Launcher:
         common = ["--nats", self.nats_url, "--etcd", self.etcd_endpoint,
                   "--namespace", self.args.namespace, "--metrics-port", str(metrics_port),
                   "--log-level", self.args.log_level, "--log-format", "json"]
+        env = {**self.security.child_env(command, name), **(env or {})}  # security
         child = Child(name, genset_command(command, *common, *args), self.logs / f"{name}.log",
-                      env=env or {}, http_url=f"http://127.0.0.1:{metrics_port}")
+                      env=env, http_url=f"http://127.0.0.1:{metrics_port}")
         self.children.append(child)
         return child.start()
 
@@ -398,7 +404,8 @@ class Launcher:
             status, _ = http_json(frontend.http_url + "/health")
             if status != 200:
                 return False
-            _, models = http_json(frontend.http_url + "/v1/models")
+            _, models = http_json(frontend.http_url + "/v1/models",
+                                  headers=self.security.api_headers())  # security
             return any(m.get("id") == self.model_name for m in models.get("data", []))
 
         self.wait_until(f"frontend (model {self.model_name!r} listed)", [frontend], ready)
@@ -411,6 +418,10 @@ class Launcher:
         if a.port != 0 and a.host in LOCAL_HOSTS and port_open("127.0.0.1", a.port):
             raise LaunchError(f"port {a.port} is already in use: pick another with --port")
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:  # security: credentials in <state>/auth, made on the first start
+            self.security = auth.StackSecurity(a, self.state_dir, model=self.model_name)
+        except auth.AuthError as exc:
+            raise LaunchError(str(exc)) from None
         self.nats_url = self.ensure_nats()
         self.etcd_endpoint = self.ensure_etcd()
         router_mode = a.router
@@ -427,9 +438,11 @@ class Launcher:
         body = json.dumps({"model": self.model_name,
                            "messages": [{"role": "user", "content": "Hello!"}],
                            "max_tokens": 32})
+        key = ("-H \"Authorization: Bearer $GENSET_API_KEY\" "
+               if self.security.api_key else "")  # security
         print(f"\ngenset is up: {url}/v1  (model {self.model_name!r}, {self.args.workers} "
               f"{self.args.engine} worker{'s' if self.args.workers > 1 else ''}, logs in {self.logs})\n\n"
-              f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+              f"  curl {url}/v1/chat/completions {key}-H 'Content-Type: application/json' \\\n"
               f"    -d '{body}'\n\nCtrl-C stops everything.", file=self.out, flush=True)
 
     def supervise(self) -> None:

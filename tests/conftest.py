@@ -66,3 +66,46 @@ async def discovery(etcd_server):
     d = await Discovery.connect(etcd_server.endpoint, ttl=5.0)
     yield d
     await d.close()
+
+
+class SecureInfra:
+    """NATS and etcd with genset's generated users and permissions (genset.runtime.auth):
+    what `genset up` starts by default. `env(role, slot=)` is a process's environment."""
+
+    namespace = "sec"
+
+    def __init__(self, creds, nats, etcd) -> None:
+        self.creds = creds
+        self.nats = nats
+        self.etcd = etcd
+
+    def env(self, role: str, *, slot: int | None = None) -> dict[str, str]:
+        return {**os.environ, "GENSET_NAMESPACE": self.namespace,
+                **self.creds.env(role, slot=slot)}
+
+    def worker_id(self, slot: int) -> int:
+        return self.creds.worker_slot(slot)
+
+    async def bus(self, role: str, *, slot: int | None = None, **kwargs) -> Bus:
+        """A Bus logged in as `role` (a worker: as worker slot `slot`)."""
+        env = self.creds.env(role, slot=slot)
+        return await Bus.connect(self.nats.url, name=f"test-{role}-{uuid.uuid4().hex[:6]}",
+                                 namespace=self.namespace, user=env["GENSET_NATS_USER"],
+                                 password=env["GENSET_NATS_PASSWORD"], **kwargs)
+
+
+@pytest.fixture(scope="session")
+async def secure_infra(tmp_path_factory):
+    """One NATS + etcd pair with authentication on, 3 worker slots, namespace "sec"."""
+    from genset.runtime import auth
+
+    creds = auth.load_or_create(tmp_path_factory.mktemp("auth"), namespace=SecureInfra.namespace,
+                                worker_slots=3, models=["tiny"])
+    nats = NatsServer(config_file=auth.write_nats_config(creds)).start()
+    etcd = EtcdServer().start()
+    try:
+        await auth.setup_etcd_auth(etcd.endpoint, creds)
+        yield SecureInfra(creds, nats, etcd)
+    finally:
+        nats.cleanup()
+        etcd.cleanup()

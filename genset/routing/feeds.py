@@ -12,6 +12,14 @@ embedded in a frontend need.
   within one round trip instead of waiting for new events;
 - a periodic health check that raises the alarm (log + metric) when a worker we keep
   routing to publishes no KV events, or a model's workers publish none at all.
+
+Whatever arrives from the bus is treated as hostile (issue 14): with etcd membership, KV
+events, load reports and peer decisions about a worker id that has no model card in etcd are
+ignored (`router_ignored_messages{kind,reason}`), so made-up ids cost nothing; a batch or
+report must name the worker whose subject it came on (NATS permissions let a worker publish
+only on its own subjects, not choose what it writes in them); a card must name the worker
+whose key it is stored under; and a worker's index is bounded by its card's KV capacity (a
+worker claiming more blocks than it has is reset and asked for a snapshot).
 """
 
 from __future__ import annotations
@@ -26,8 +34,18 @@ import proto
 from genset.routing.core import RouterCore
 from genset.runtime.metrics import FAST_BUCKETS
 from proto import keys, subjects
+from proto.kv import TIER_DEVICE, TIER_DISK, TIER_HOST
 
 log = structlog.get_logger("genset.router")
+
+TIERS = (TIER_DEVICE, TIER_HOST, TIER_DISK)
+# Blocks kept per worker and tier when the card gives no capacity (or for offload tiers,
+# which a card does not size): ~100 bytes each in the index, so ~100 MB at most per worker.
+UNSIZED_TIER_BLOCKS = 1 << 20
+# Over the card's capacity a worker may briefly hold: none, in fact (its pool has kv_blocks
+# blocks and events come in order), so this is only a margin for engines that count a block
+# or two outside the pool.
+CAPACITY_SLACK_BLOCKS = 64
 
 
 class RouterMetrics:
@@ -46,6 +64,9 @@ class RouterMetrics:
         self.hit_ratio = m.gauge("router_predicted_hit_ratio",
                                  "Prompt tokens found cached on the chosen worker / prompt tokens")
         self.bad_messages = m.counter("router_bad_messages", "Messages that failed to decode", ["kind"])
+        self.ignored = m.counter("router_ignored_messages",
+                                 "Messages ignored: unknown worker, wrong sender, over capacity",
+                                 ["kind", "reason"])
 
 
 class RouterFeeds:
@@ -65,6 +86,10 @@ class RouterFeeds:
         self._resync_queue: asyncio.Queue[int] = asyncio.Queue(maxsize=4096)
         self._alarmed: set[str] = set()
         self._idle = asyncio.Event()  # set whenever no resync is outstanding
+        # Live workers from etcd: model-card key -> (instance id, KV capacity in blocks).
+        # Only with discovery; without it (tests, replay) every worker id is taken.
+        self._cards: dict[str, tuple[int, int]] = {}
+        self._live: dict[int, int] = {}  # instance id -> capacity (max over its cards)
 
     # -------------------------------------------------------------- lifecycle
     async def start(self, *, initial_sync_s: float = 3.0) -> None:
@@ -114,16 +139,44 @@ class RouterFeeds:
     def _on_card(self, kind: str, key: str, card) -> None:
         if not isinstance(card, proto.ModelCard):
             return
+        if key.rsplit("/", 1)[-1] != subjects.instance_token(card.instance_id):
+            # etcd lets a worker write only its own keys, not choose what it writes in them
+            self._ignore("model_card", "wrong_key", card.instance_id,
+                         f"card for {card.instance_id:x} stored under {key}")
+            return
         if kind == "put":
             new = card.instance_id not in self.core.workers
+            self._cards[key] = (card.instance_id, card.kv_blocks)
+            self._recount(card.instance_id)
             self.core.add_card(card)
             if new:
                 # What it already holds (a router that starts after its workers, or restarts).
                 self.request_resync(card.instance_id)
         else:
+            self._cards.pop(key, None)
+            if self._recount(card.instance_id):
+                return  # still serves another model
             self.core.remove_worker(card.instance_id)
         if self.m:
             self.m.workers.set(len(self.core.workers))
+
+    def _recount(self, worker_id: int) -> bool:
+        """Update the live entry of `worker_id` from its cards; False once it has none."""
+        sizes = [blocks for wid, blocks in self._cards.values() if wid == worker_id]
+        if not sizes:
+            self._live.pop(worker_id, None)
+            return False
+        self._live[worker_id] = max(sizes)
+        return True
+
+    def is_live(self, worker_id: int) -> bool:
+        """A worker with a model card in etcd (always true without discovery)."""
+        return self.discovery is None or worker_id in self._live
+
+    def block_limit(self, worker_id: int, tier: str) -> int:
+        """The most blocks of `tier` the index keeps for `worker_id`."""
+        capacity = self._live.get(worker_id, 0) if tier == TIER_DEVICE else 0
+        return capacity + CAPACITY_SLACK_BLOCKS if capacity > 0 else UNSIZED_TIER_BLOCKS
 
     def request_resync(self, worker_id: int) -> None:
         if worker_id in self._resync_inflight:
@@ -142,6 +195,9 @@ class RouterFeeds:
                     timeout=self.resync_timeout, reply_type=proto.KvEventBatch)
                 if isinstance(snap, bytes):
                     snap = proto.decode(snap, proto.KvEventBatch)
+                if snap.worker_id != worker_id:
+                    raise proto.ProtocolError(
+                        f"resync answer names worker {snap.worker_id:x}, asked {worker_id:x}")
                 self._apply(snap)
                 if self.m:
                     self.m.resyncs.labels("ok").inc()
@@ -159,13 +215,32 @@ class RouterFeeds:
     # -------------------------------------------------------------- inputs
     def _apply(self, batch: proto.KvEventBatch) -> None:
         core = self.core
+        if batch.tier not in TIERS:
+            self._ignore("kv_events", "bad_tier", batch.worker_id, f"tier {batch.tier[:32]!r}")
+            return
+        if not self.is_live(batch.worker_id):
+            self._ignore("kv_events", "not_live", batch.worker_id)
+            return
         result = core.on_kv_batch(batch)
         if self.m and not result.stale:
             self.m.kv_batches.inc()
             self.m.kv_blocks.inc(result.applied_blocks)
+        if result.stale and batch.event_id <= 1:
+            # Event ids start at 1: the worker restarted under the same id (a worker slot
+            # keeps its id) and its first batches look old. Its snapshot puts things right.
+            self.request_resync(batch.worker_id)
         if result.gap is not None:
             if self.m:
                 self.m.gaps.inc()
+            self.request_resync(batch.worker_id)
+        limit = self.block_limit(batch.worker_id, batch.tier)
+        held = core.index.blocks_held(batch.worker_id, batch.tier)
+        if held > limit:
+            # More blocks than the worker can hold: a bug or a forgery. Forget its blocks
+            # (bounded memory, no routing on claims) and ask it for the truth.
+            core.index.apply_events(batch.worker_id, [proto.Cleared()], batch.tier)
+            self._ignore("kv_events", "over_capacity", batch.worker_id,
+                         f"{held} blocks held, capacity {limit}")
             self.request_resync(batch.worker_id)
 
     async def _on_kv(self, msg) -> None:
@@ -173,6 +248,8 @@ class RouterFeeds:
             batch = proto.decode(msg.data, proto.KvEventBatch)
         except proto.ProtocolError as exc:
             self._bad("kv_events", exc)
+            return
+        if not self._from_own_subject("kv_events", msg.subject, batch.worker_id):
             return
         self._apply(batch)
 
@@ -182,7 +259,27 @@ class RouterFeeds:
         except proto.ProtocolError as exc:
             self._bad("load_report", exc)
             return
+        if not self._from_own_subject("load_report", msg.subject, report.worker_id):
+            return
+        if not self.is_live(report.worker_id):
+            self._ignore("load_report", "not_live", report.worker_id)
+            return
         self.core.on_load_report(report)
+
+    def _from_own_subject(self, kind: str, subject: str, worker_id: int) -> bool:
+        """A per-worker message must name the worker whose subject it came on."""
+        if subject.rsplit(".", 1)[-1] == subjects.instance_token(worker_id):
+            return True
+        self._ignore(kind, "wrong_subject", worker_id, f"came on {subject}")
+        return False
+
+    def _ignore(self, kind: str, reason: str, worker_id: int, detail: str = "") -> None:
+        # debug, not warning: a flood of forged messages must not become a flood of logs;
+        # the counter shows it.
+        log.debug("message ignored", kind=kind, reason=reason, worker=f"{worker_id:x}",
+                  detail=detail)
+        if self.m:
+            self.m.ignored.labels(kind, reason).inc()
 
     async def _on_lifecycle(self, msg) -> None:
         try:
@@ -197,6 +294,9 @@ class RouterFeeds:
             d = proto.decode(msg.data, proto.RouteDecision)
         except proto.ProtocolError as exc:
             self._bad("route_decision", exc)
+            return
+        if d.worker_id is not None and not self.is_live(d.worker_id):
+            self._ignore("route_decision", "not_live", d.worker_id)
             return
         self.core.on_peer_decision(d)
 

@@ -208,6 +208,7 @@ class Bus:
         orphan_timeout: float = 3.0,
         pending_size: int = 8 * 1024 * 1024,
         direct_inbox: bool = True,
+        inbox_prefix: str | None = None,
     ) -> Bus:
         """Connect (trying for up to `connect_timeout` s), then stay connected: on loss,
         reconnect forever with exponential backoff from reconnect_time_wait up to
@@ -218,6 +219,9 @@ class Bus:
         cancelled (their requesters have given up by then).
         direct_inbox: route reply frames inside nats-py's reader (see _DirectInbox); False
         uses an ordinary callback subscription (one more task switch per frame).
+        inbox_prefix: where replies to this connection go; by default `_INBOX.<user>` for a
+        user (genset.runtime.auth.inbox_prefix), so that NATS permissions can let each user
+        read its own replies and nobody else's.
         """
         subjects.subject(namespace, "x", "x")  # a bad namespace fails here, before connecting
         nc = NatsClient()
@@ -269,6 +273,10 @@ class Bus:
             "error_cb": on_error,
             "closed_cb": on_closed,
         }
+        if inbox_prefix is None and user and re.fullmatch(r"[A-Za-z0-9_-]+", user):
+            inbox_prefix = f"_INBOX.{user}"
+        if inbox_prefix:
+            options["inbox_prefix"] = inbox_prefix
         if nkeys_seed:
             options["nkeys_seed"] = nkeys_seed
         if user_credentials:

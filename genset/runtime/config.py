@@ -225,9 +225,22 @@ class CommonConfig:
     etcd_password: str | None = field(default=None, metadata=opt("etcd password", secret=True))
     etcd_ca: str | None = field(default=None, metadata=opt(
         "CA certificate file for etcd TLS (enables TLS)"))
+    instance_id: str | None = field(default=None, metadata=opt(
+        "this process's instance id (hex); a worker's NATS and etcd permissions name it "
+        "(genset.runtime.auth); default: random"))
+    metrics_token: str | None = field(default=None, metadata=opt(
+        "require `Authorization: Bearer <token>` on /metrics", secret=True))
 
     def __post_init__(self) -> None:
         _check_namespace(self.namespace)
+        if self.instance_id is not None:
+            try:
+                value = int(self.instance_id, 16)
+            except ValueError:
+                value = 0
+            if not 0 < value < 2**63:
+                raise FieldError("instance_id", f"{self.instance_id!r} is not a hex instance "
+                                 "id between 1 and 7fffffffffffffff")
         if (self.etcd_user is None) != (self.etcd_password is None):
             raise ValueError("etcd auth needs both --etcd-user and --etcd-password")
         for name in ("nats_ca", "etcd_ca"):

@@ -314,6 +314,11 @@ class EtcdClient:
             if "not found" not in str(exc):  # already gone is what we wanted
                 raise
 
+    # ---- auth administration (genset.runtime.auth) ----------------------------------------
+    async def auth_call(self, method: str, request, *, time_limit: float | None = None):
+        """One call of etcd's Auth service (AuthStatus, UserAdd, RoleGrantPermission, ...)."""
+        return await self._call(method, "_auth", request, time_limit)
+
     # ---- watch ------------------------------------------------------------------------------
     async def watch_prefix(self, prefix: str, start_revision: int, *,
                            time_limit: float | None = None,

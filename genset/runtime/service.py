@@ -79,7 +79,10 @@ class Service:
     def __init__(self, config: CommonConfig):
         self.config = config
         self.namespace = config.namespace
-        self.instance_id: int = random.getrandbits(63) or 1
+        # A fixed id comes with a worker slot's credentials (genset.runtime.auth): its NATS
+        # subjects and etcd keys end in it, and its permissions name them.
+        self.instance_id: int = (int(config.instance_id, 16) if config.instance_id
+                                 else random.getrandbits(63) or 1)
         self.log = structlog.get_logger(f"genset.{self.component}")
         self.metrics = Metrics()
         self.bus: Bus = None  # type: ignore[assignment]  # set by run_service before start()
@@ -103,6 +106,13 @@ class Service:
 
     async def stop(self) -> None:
         """Release resources after the drain (engines, files); the bus is still open."""
+
+    def metrics_tokens(self) -> list[str]:
+        """Bearer tokens /metrics accepts (none: open). `--metrics-token` when given, else
+        the service's API keys when it has some (`options.api_key`: the frontend's)."""
+        text = self.config.metrics_token or getattr(getattr(self, "options", None),
+                                                    "api_key", None) or ""
+        return [t.strip() for t in text.split(",") if t.strip()]
 
     def health(self) -> dict[str, Any]:
         """The /health body. HTTP status is 200 while `status` is "ok", else 503."""
@@ -226,7 +236,8 @@ async def _serve(service_factory: Callable[[CommonConfig], Service], config: Com
         return json_response(body, 200 if body.get("status") == "ok" else 503)
 
     http.route("/health", health_route)
-    http.route("/metrics", lambda: (200, service.metrics.content_type, service.metrics.render()))
+    http.route("/metrics", lambda: (200, service.metrics.content_type, service.metrics.render()),
+               tokens=service.metrics_tokens())
     _add_status_metrics(service)
 
     code = 0

@@ -3,12 +3,17 @@
 Plain asyncio streams: nothing to import at start-up beyond the standard library, one short
 request per connection, bounded request size and read time, so a scraper or a stuck client
 can neither slow the service nor hold memory.
+
+A route may require a bearer token (`route(..., tokens=[...])`): `/metrics` does when the
+service has a metrics token or an API key (genset.runtime.service); `/health` stays open for
+liveness probes and says nothing secret.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,7 +25,8 @@ log = structlog.get_logger("genset.http")
 # A route returns (status, content type, body); it may be sync or async.
 Route = Callable[[], tuple[int, str, bytes] | Awaitable[tuple[int, str, bytes]]]
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed",
             408: "Request Timeout", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 503: "Service Unavailable"}
 _MAX_HEADER_BYTES = 16 * 1024
@@ -35,10 +41,33 @@ class StatusServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.host, self.port = host, port
         self.routes: dict[str, Route] = {}
+        self._tokens: dict[str, list[bytes]] = {}  # path -> accepted bearer tokens
         self._server: asyncio.Server | None = None
 
-    def route(self, path: str, handler: Route) -> None:
+    def route(self, path: str, handler: Route, *, tokens: list[str] | None = None) -> None:
+        """Serve `path` with `handler`; with `tokens` (non-empty ones count), only to a
+        request with `Authorization: Bearer <one of them>`."""
         self.routes[path] = handler
+        accepted = [t.encode() for t in tokens or () if t]
+        if accepted:
+            self._tokens[path] = accepted
+        else:
+            self._tokens.pop(path, None)
+
+    def _authorized(self, path: str, head: bytes) -> bool:
+        accepted = self._tokens.get(path)
+        if not accepted:
+            return True
+        given = b""
+        for line in head.split(b"\r\n")[1:]:
+            name, sep, value = line.partition(b":")
+            if sep and name.strip().lower() == b"authorization":
+                value = value.strip()
+                if value[:7].lower() == b"bearer ":
+                    given = value[7:].strip()
+                break
+        # compare with every token, so the time taken does not say which one nearly matched
+        return any([hmac.compare_digest(given, token) for token in accepted])
 
     @property
     def url(self) -> str:
@@ -88,6 +117,11 @@ class StatusServer:
             if method not in ("GET", "HEAD"):
                 await self._send(writer, 405, "text/plain", b"only GET and HEAD\n")
                 return
+            if not self._authorized(path, head):
+                await self._send(writer, 401, "text/plain",
+                                 b"missing or wrong token (Authorization: Bearer <token>)\n",
+                                 extra=b"WWW-Authenticate: Bearer\r\n")
+                return
             try:
                 result = handler()
                 if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
@@ -106,10 +140,10 @@ class StatusServer:
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes, *,
-                    head_only: bool = False) -> None:
+                    head_only: bool = False, extra: bytes = b"") -> None:
         header = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"
-                  f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                  "Connection: close\r\n\r\n").encode()
+                  f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n").encode()
+        header += extra + b"Connection: close\r\n\r\n"
         writer.write(header if head_only else header + body)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(_READ_TIMEOUT_S):
