@@ -49,7 +49,8 @@ ROLE_WORKER = "worker"
 ROLE_PLANNER = "planner"
 ROLE_CLIENT = "client"
 ROLE_ADMIN = "admin"
-ROLE_USERS = (ROLE_FRONTEND, ROLE_ROUTER, ROLE_PLANNER, ROLE_CLIENT, ROLE_ADMIN)
+ROLE_OFFLOAD = "offload"  # the kv_offload store (`genset offload`)
+ROLE_USERS = (ROLE_FRONTEND, ROLE_ROUTER, ROLE_PLANNER, ROLE_OFFLOAD, ROLE_CLIENT, ROLE_ADMIN)
 ROLES = (*ROLE_USERS, ROLE_WORKER)
 
 # A worker answers a generate request with a stream of frames to the requester's inbox, and a
@@ -107,13 +108,18 @@ def nats_permissions(role: str, namespace: str, user: str,
     # subjects.kv_resync() takes an int; the wildcard is spelled on the same base
     resync_any = subjects.subject(ns, "kv", "resync") + "." + any_id
     worker_generate_any = f"{subjects.ROOT}.{ns}.*.generate.{any_id}"
+    # the kv_offload store: requests to any store instance, and every store's events
+    offload_requests = tuple(subjects.subject(ns, subjects.OFFLOAD_COMPONENT, endpoint) + ".*"
+                             for endpoint in ("put", "lookup", "contains"))
+    offload_events_all = subjects.offload_events_all(ns)
+    planner_inputs = (subjects.frontend_stats(ns), subjects.step_stats_all(ns))
     if role == ROLE_WORKER:
         if instance_id is None:
             raise ValueError("a worker's permissions need its instance id")
         tok = subjects.instance_token(instance_id)
         return NatsPermissions(
             publish=(subjects.kv_events(ns, instance_id), subjects.load_report(ns, instance_id),
-                     lifecycle),
+                     lifecycle, subjects.step_stats(ns, instance_id), *offload_requests),
             # generate requests of any role it registers as (decode, prefill), its own id only
             subscribe=(f"{subjects.ROOT}.{ns}.*.generate.{tok}", subjects.kv_resync(ns, instance_id),
                        cancel, inbox),
@@ -123,17 +129,27 @@ def nats_permissions(role: str, namespace: str, user: str,
         # workers for resyncs. It is the only sender of generate requests to workers and of
         # cancels (a NATS-native client cancels its own stream on the frontend).
         return NatsPermissions(
-            publish=(worker_generate_any, cancel, subjects.route(ns), decisions, resync_any),
+            publish=(worker_generate_any, cancel, subjects.route(ns), decisions, resync_any,
+                     subjects.frontend_stats(ns)),
             subscribe=(subjects.frontend_generate(ns), cancel, events_all, loads_all, lifecycle,
-                       decisions, inbox),
+                       decisions, offload_events_all, inbox),
             responses=True)
     if role == ROLE_ROUTER:
         return NatsPermissions(
             publish=(resync_any, decisions),
-            subscribe=(subjects.route(ns), events_all, loads_all, lifecycle, decisions, inbox),
+            subscribe=(subjects.route(ns), events_all, loads_all, lifecycle, decisions,
+                       offload_events_all, inbox),
             responses=True)
     if role == ROLE_PLANNER:
-        return NatsPermissions(publish=(), subscribe=(loads_all, inbox), responses=False)
+        return NatsPermissions(publish=(), subscribe=(loads_all, lifecycle, decisions,
+                                                      *planner_inputs, inbox),
+                               responses=False)
+    if role == ROLE_OFFLOAD:
+        # serves put/lookup/contains/resync on its instances' subjects, publishes its events
+        return NatsPermissions(
+            publish=(offload_events_all,),
+            subscribe=(f"{subjects.ROOT}.{ns}.{subjects.OFFLOAD_COMPONENT}.*.*", inbox),
+            responses=True)
     if role == ROLE_CLIENT:
         return NatsPermissions(publish=(subjects.frontend_generate(ns), cancel),
                                subscribe=(inbox,), responses=False)
@@ -165,9 +181,11 @@ def etcd_permissions(role: str, namespace: str, *, instance_id: int | None = Non
         for model in models:
             out.append(EtcdPermission(keys.model(namespace, model, instance_id),
                                       prefix=False, write=True))
-    elif role in (ROLE_FRONTEND, ROLE_ROUTER, ROLE_PLANNER):
+    elif role in (ROLE_FRONTEND, ROLE_ROUTER, ROLE_PLANNER, ROLE_OFFLOAD):
         # Role processes have random instance ids: the role's part of the instances prefix.
-        out.append(EtcdPermission(keys.instances_prefix(namespace, role), prefix=True, write=True))
+        component = keys.OFFLOAD_COMPONENT if role == ROLE_OFFLOAD else role
+        out.append(EtcdPermission(keys.instances_prefix(namespace, component), prefix=True,
+                                  write=True))
         if role == ROLE_PLANNER:
             out.append(EtcdPermission(keys.planner_prefix(namespace), prefix=True, write=True))
     elif role not in (ROLE_CLIENT, ROLE_ADMIN):
