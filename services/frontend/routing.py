@@ -84,8 +84,9 @@ async def create(mode: str, *, bus, discovery, registry: ModelRegistry, namespac
     try:
         from services.router.api import create_router
 
+        # caller_reports: the pipeline tells an embedded router of first token / done itself
         router = create_router(mode.replace("-", "_"), bus=bus, namespace=namespace,
-                               discovery=discovery)
+                               discovery=discovery, caller_reports=True)
     except ImportError as exc:
         log.warning("router_unavailable_using_builtin", mode=mode, error=str(exc))
         return BuiltinRouter(registry, "least-loaded")
