@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import msgspec
 
 import proto
-from genset.runtime.bus import Bus, NoResponders, PeerGone, StreamError
+from genset.runtime.bus import Bus
+from genset.runtime.bus_errors import NoResponders, PeerGone, StreamError
 from proto import subjects
 from proto.client import ChatMessage, ClientDelta, ClientGenerateRequest
 from proto.tokens import pack_tokens, unpack_tokens

@@ -12,10 +12,9 @@ import msgspec
 import pytest
 
 import proto
-from genset.runtime.bus import (
-    ERROR_HEADER,
+from genset.runtime.bus import ERROR_HEADER, Bus
+from genset.runtime.bus_errors import (
     BadFrame,
-    Bus,
     BusError,
     DeadlineExceeded,
     LostChunks,

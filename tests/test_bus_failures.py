@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-from genset.runtime.bus import Bus, Disconnected, PeerGone, StreamError
+from genset.runtime.bus import Bus
+from genset.runtime.bus_errors import Disconnected, PeerGone, StreamError
 from proto import subjects
 
 # A responder in its own OS process: streams one frame every 20 ms until killed.

@@ -1,4 +1,5 @@
-"""Tokenizer loading, chat templates and incremental detokenization (genset.tokenizer)."""
+"""Tokenizer loading, chat templates and incremental detokenization (genset.tokenizer), and
+the frontend's text assembler on top of it (services.frontend.text)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import random
 import pytest
 
 from genset.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from services.frontend.text import TextAssembler
 from tests.test_frontend_helpers import make_tokenizer_dir
 
 TEXT = ("Grüße aus München! 你好\uff0c世界。 Emoji 🙂🚀👍🏽 — ∑ ≈ ∞. こんにちは世界。"
@@ -138,3 +140,46 @@ def test_a_batch_ending_inside_a_character_keeps_its_words(tok):
         detok = tok.detokenizer()
         text = detok.feed(ids[: n - 3]) + detok.feed(ids[n - 3 : n]) + detok.flush()
         assert text == expected, n
+
+
+def _assemble(text: TextAssembler, chunks: list[list[int]]) -> list[tuple[str, list[int]]]:
+    out = []
+    for chunk in chunks:
+        delta = text.feed(chunk)
+        if delta is not None:
+            out.append((delta.text, delta.token_ids))
+        if text.stopped:
+            return out
+    tail = text.flush()
+    if tail is not None:
+        out.append((tail.text, tail.token_ids))
+    return out
+
+
+def test_text_assembler_keeps_every_id_with_its_text(tok):
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    for seed in range(5):
+        deltas = _assemble(TextAssembler(tok), _chunks(ids, random.Random(seed)))
+        assert "".join(t for t, _ in deltas) == TEXT
+        assert [i for _, d in deltas for i in d] == ids  # every id once, in order
+        # ids whose text is not out yet wait for the text that completes them: no delta
+        # without text before the end
+        assert all(text for text, _ in deltas[:-1])
+
+
+def test_text_assembler_stop_token_has_no_text_and_stop_string_ends(tok):
+    ids = tok.encode("Hello world", add_special_tokens=False)
+    bang = tok.encode("!", add_special_tokens=False)
+    assert len(bang) == 1 and tok.decode(bang) == "!"
+    # a stop token id ends the sequence: its id is reported, its text is not
+    deltas = _assemble(TextAssembler(tok, stop_token_ids=bang), [ids, bang])
+    assert "".join(t for t, _ in deltas) == "Hello world"
+    assert [i for _, d in deltas for i in d] == [*ids, *bang]
+    # a stop string: the delta that reaches it is the last, without the stop string
+    text = TextAssembler(tok, stop_strings=["wor"])
+    deltas = _assemble(text, [[i] for i in ids])
+    assert text.stopped and "".join(t for t, _ in deltas) == "Hello "
+    # detokenize off (or no tokenizer): ids only, stop strings do not apply
+    plain = TextAssembler(tok, detokenize=False, stop_strings=["wor"])
+    assert _assemble(plain, [ids[:2], ids[2:]]) == [("", ids[:2]), ("", ids[2:])]
+    assert not plain.stopped and TextAssembler(None).flush() is None

@@ -13,7 +13,8 @@ import pytest
 import proto
 from genset.engines.mocker import MockerConfig, PolynomialTiming, create_mocker_engine
 from genset.kv.replica import HashSetReplica
-from genset.runtime.bus import Bus, Overloaded, RemoteError, StreamError
+from genset.runtime.bus import Bus
+from genset.runtime.bus_errors import Overloaded, RemoteError, StreamError
 from genset.runtime.metrics import Metrics
 from genset.worker import HostConfig, WorkerHost
 from proto import keys, subjects

@@ -35,6 +35,9 @@ class RouterConfig:
     alarm_min_routed: int = 3  # ... and at least this many requests routed since its last event
     seed: int | None = None
     router_id: int = 0
+    # The caller reports first token / done of the requests this router routed (a router
+    # embedded in a frontend); workers' RequestLifecycle then only counts for the others.
+    caller_reports: bool = False
 
 
 @dataclass
@@ -232,7 +235,8 @@ class RouterCore:
         chosen = pol.choose(ctx, views, self.rng)
         w = self.workers[chosen.worker_id]
         cached_tokens = min(chosen.overlap_blocks * w.block_size, max(0, prompt_tokens - 1))
-        self.load.on_routed(request_id, w.worker_id, prompt_tokens, cached_tokens, max_tokens)
+        self.load.on_routed(request_id, w.worker_id, prompt_tokens, cached_tokens, max_tokens,
+                            caller_reports=self.config.caller_reports)
         w.routed_since_event += 1
         self.decisions += 1
         self.predicted_hit_tokens += cached_tokens

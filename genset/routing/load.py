@@ -30,6 +30,7 @@ class Inflight:
     blocks: int  # prompt blocks + expected output blocks
     routed_ms: float
     in_prefill: bool = True
+    caller_reports: bool = False  # first token / done come from the caller, not lifecycle
 
 
 @dataclass(slots=True)
@@ -79,14 +80,16 @@ class LoadModel:
 
     # ------------------------------------------------------------ lifecycle
     def on_routed(self, request_id: str, worker_id: int, prompt_tokens: int,
-                  cached_tokens: int, max_tokens: int, now_ms: float | None = None) -> None:
+                  cached_tokens: int, max_tokens: int, now_ms: float | None = None,
+                  caller_reports: bool = False) -> None:
         if request_id in self.inflight:  # a replica's broadcast of a decision we made
             return
         now = self.now_ms() if now_ms is None else now_ms
         uncached = max(0, prompt_tokens - cached_tokens)
         bs = self.block_size
         blocks = (prompt_tokens + max(1, max_tokens) + bs - 1) // bs
-        req = Inflight(worker_id, prompt_tokens, uncached, blocks, now)
+        req = Inflight(worker_id, prompt_tokens, uncached, blocks, now,
+                       caller_reports=caller_reports)
         self.inflight[request_id] = req
         w = self.worker(worker_id)
         w.backlog = self._backlog(w, now) + uncached
@@ -122,6 +125,9 @@ class LoadModel:
         w.requests.discard(request_id)
 
     def on_lifecycle(self, msg: proto.RequestLifecycle) -> None:
+        req = self.inflight.get(msg.request_id)
+        if req is None or req.caller_reports:  # the caller tells us of this one (only once)
+            return
         if msg.phase == PHASE_FIRST_TOKEN:
             self.on_first_token(msg.request_id)
         elif msg.phase == PHASE_DONE:

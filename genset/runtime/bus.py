@@ -29,46 +29,12 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from genset.runtime.bus_errors import (
-    BadFrame,
-    BusError,
-    DeadlineExceeded,
-    Disconnected,
-    LostChunks,
-    NoResponders,
-    Overloaded,
-    PeerGone,
-    RemoteError,
-    RequestTimeout,
-    SlowConsumer,
-    StreamCancelled,
-    StreamClosed,
-    StreamError,
-    remote_error,
-)
+from genset.runtime import bus_errors as errors
 from genset.runtime.streams import PUBLISH_FAILURES, ReplyStream, ResponseStream, UnaryWaiter
 from proto import Cancel, ErrorInfo, ProtocolError, decode, encode, subjects
 
-__all__ = [
-    "ERROR_HEADER",
-    "BadFrame",
-    "Bus",
-    "BusError",
-    "DeadlineExceeded",
-    "Disconnected",
-    "LostChunks",
-    "NoResponders",
-    "Overloaded",
-    "PeerGone",
-    "RemoteError",
-    "ReplyStream",
-    "RequestTimeout",
-    "ResponseStream",
-    "SlowConsumer",
-    "StreamCancelled",
-    "StreamClosed",
-    "StreamError",
-]
+# The errors it raises are imported from one place, genset.runtime.bus_errors.
+__all__ = ["ERROR_HEADER", "Bus"]
 
 log = structlog.get_logger("genset.bus")
 
@@ -105,12 +71,12 @@ _INPUT_ERRORS = (nats.errors.BadSubjectError, nats.errors.MaxPayloadError)
 
 
 def _input_error(exc: Exception, subject: str, size: int | None = None,
-                 max_payload: int | None = None) -> BusError:
+                 max_payload: int | None = None) -> errors.BusError:
     """nats-py's errors for bad input do not say what was wrong; these do."""
     if isinstance(exc, nats.errors.MaxPayloadError):
-        return BusError(f"message for {subject!r} is {size} bytes, over the server's "
+        return errors.BusError(f"message for {subject!r} is {size} bytes, over the server's "
                         f"max_payload of {max_payload} bytes")
-    return BusError(f"invalid NATS subject or queue {subject!r} (empty, whitespace, or a "
+    return errors.BusError(f"invalid NATS subject or queue {subject!r} (empty, whitespace, or a "
                     "misplaced wildcard)")
 
 
@@ -118,7 +84,7 @@ def _handler_error(exc: BaseException) -> ErrorInfo:
     """What a requester is told when a handler raised `exc`."""
     if isinstance(exc, ProtocolError):
         return ErrorInfo(code="bad_request", message=str(exc))
-    if isinstance(exc, StreamError):
+    if isinstance(exc, errors.StreamError):
         return exc.error
     return ErrorInfo(code="internal", message=f"{type(exc).__name__}: {exc}")
 
@@ -153,7 +119,7 @@ class _DirectInbox:
             self._bus.stats["stale_frames"] += 1
             return
         try:
-            entry._on_msg(msg)
+            entry.on_msg(msg)
         except Exception:
             log.exception("reply frame routing failed", subject=msg.subject)
 
@@ -287,7 +253,7 @@ class Bus:
             await asyncio.wait_for(nc.connect(**options), timeout=connect_timeout)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             await nc.close()
-            raise BusError(
+            raise errors.BusError(
                 f"cannot connect to NATS at {where} within {connect_timeout:g} s: {exc!r}"
             ) from None
         bus = cls(nc, namespace, heartbeat_interval=heartbeat_interval,
@@ -313,7 +279,7 @@ class Bus:
     def _on_disconnected(self) -> None:
         self.stats["disconnects"] += 1
         for entry in list(self._routes.values()):
-            entry._on_disconnect("NATS connection lost")
+            entry.on_disconnect("NATS connection lost")
         self._routes.clear()
         if self._reply_streams and self._orphan_handle is None:
             self._orphan_handle = self._loop.call_later(self.orphan_timeout, self._orphan_all)
@@ -348,7 +314,7 @@ class Bus:
                 try:
                     await rs.fail(ErrorInfo(code="shutting_down", retryable=True,
                                             message="the responder is shutting down"))
-                except Disconnected:
+                except errors.Disconnected:
                     pass
         if self._tasks:
             _done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
@@ -357,7 +323,7 @@ class Bus:
             if pending:
                 await asyncio.wait(pending, timeout=grace)
         for entry in list(self._routes.values()):
-            entry._on_disconnect("bus closed")
+            entry.on_disconnect("bus closed")
         self._routes.clear()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
@@ -424,7 +390,7 @@ class Bus:
         if entry is None:
             self.stats["stale_frames"] += 1  # a stream that already ended; harmless
             return
-        entry._on_msg(msg)
+        entry.on_msg(msg)
 
     async def _on_inbox(self, msg: Msg) -> None:
         self._route_reply(msg)
@@ -442,6 +408,9 @@ class Bus:
     def _spawn_cancel(self, stream_id: str, reason: str) -> None:
         self._spawn(self._publish_cancel(stream_id, reason))
 
+    def _unroute(self, inbox: str) -> None:
+        self._routes.pop(inbox, None)
+
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -450,7 +419,7 @@ class Bus:
 
     def _check_open(self) -> None:
         if self._closing or self.nc.is_closed:
-            raise Disconnected("the bus is closed")
+            raise errors.Disconnected("the bus is closed")
 
     # -- unary request / reply ---------------------------------------------------------------
 
@@ -469,21 +438,21 @@ class Bus:
             try:
                 await self.nc.publish(subject, payload, reply=inbox)
             except PUBLISH_FAILURES as exc:
-                raise Disconnected(f"cannot send request on {subject}: {exc!r}") from None
+                raise errors.Disconnected(f"cannot send request on {subject}: {exc!r}") from None
             except _INPUT_ERRORS as exc:
                 raise _input_error(exc, subject, len(payload), self.nc.max_payload) from None
             try:
                 msg = await asyncio.wait_for(waiter.future, timeout)
             except TimeoutError:
-                raise RequestTimeout(f"no reply on {subject} within {timeout:g} s") from None
+                raise errors.RequestTimeout(f"no reply on {subject} within {timeout:g} s") from None
         finally:
             self._routes.pop(inbox, None)
         headers = msg.headers
         if headers is not None:
             if headers.get(_STATUS) == _NO_RESPONDERS:
-                raise NoResponders(f"no responders on {subject}")
+                raise errors.NoResponders(f"no responders on {subject}")
             if ERROR_HEADER in headers:
-                raise remote_error(self._decode_error(msg.data, headers[ERROR_HEADER]))
+                raise errors.remote_error(self._decode_error(msg.data, headers[ERROR_HEADER]))
         if reply_type is None:
             return msg.data
         return decode(msg.data, reply_type)
@@ -559,18 +528,20 @@ class Bus:
         self._check_open()
         payload = _payload(request)
         inbox = self._new_inbox()
-        stream = ResponseStream(self, inbox, heartbeat_timeout=heartbeat_timeout,
-                                max_buffered=max_buffered, timeout=timeout)
+        stream = ResponseStream(inbox, send_cancel=self._publish_cancel,
+                                spawn_cancel=self._spawn_cancel, unroute=self._unroute,
+                                heartbeat_timeout=heartbeat_timeout, max_buffered=max_buffered,
+                                timeout=timeout)
         self._routes[inbox] = stream
         try:
             await self.nc.publish(subject, payload, reply=inbox)
         except PUBLISH_FAILURES as exc:
-            stream._fail(Disconnected(f"cannot send request on {subject}: {exc!r}"))
+            stream.end(errors.Disconnected(f"cannot send request on {subject}: {exc!r}"))
         except _INPUT_ERRORS as exc:
-            stream._finish(None)
+            stream.end()
             raise _input_error(exc, subject, len(payload), self.nc.max_payload) from None
         except BaseException:
-            stream._finish(None)
+            stream.end()
             raise
         return stream
 
@@ -598,7 +569,7 @@ class Bus:
                 await handler(request, rs)
                 if not rs.finished and not rs.cancelled.is_set():
                     await rs.send(final=True)
-            except (StreamCancelled, Disconnected):
+            except (errors.StreamCancelled, errors.Disconnected):
                 pass
             except Exception as exc:
                 error = _handler_error(exc)
@@ -609,7 +580,7 @@ class Bus:
                     log.info("stream request refused", subject=subject, error=error.message)
                 try:
                     await rs.fail(error)
-                except Disconnected:
+                except errors.Disconnected:
                     pass
             finally:
                 active -= 1
@@ -623,7 +594,7 @@ class Bus:
             if not reply:
                 log.warning("streamed request without a reply inbox dropped", subject=subject)
                 return
-            rs = ReplyStream(self, reply)
+            rs = ReplyStream(reply, self.nc.publish)
             if active >= max_concurrent or self._closing:
                 self.stats["overloaded"] += 1
                 why = ("shutting down" if self._closing
@@ -631,7 +602,7 @@ class Bus:
                 try:
                     await rs.fail(ErrorInfo(code="overloaded", retryable=True,
                                             message=f"{subject}: {why}"))
-                except Disconnected:
+                except errors.Disconnected:
                     pass
                 return
             active += 1
@@ -675,13 +646,10 @@ class Bus:
             await asyncio.sleep(tick)
             now = self._loop.time()
             for rs in list(self._reply_streams.values()):
-                if rs._seq != rs._hb_seq:
-                    rs._hb_seq = rs._seq
-                    rs._hb_mark = now
-                elif now - rs._hb_mark >= interval:
+                if rs.heartbeat_due(now, interval):
                     try:
                         await rs.heartbeat()
-                    except Disconnected:
+                    except errors.Disconnected:
                         pass
 
     # -- JetStream ----------------------------------------------------------------------------

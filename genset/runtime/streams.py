@@ -7,6 +7,10 @@ error) as they arrive so that loss and silence are noticed even while nobody ite
 ReplyStream is the responder's end: it numbers frames, and the bus sends a heartbeat on its
 behalf when it has been silent for ~1 s.
 
+The streams know nothing of the Bus: what they need from it (publish, send a Cancel, drop the
+inbox route) is handed to them as callables when they are made, and the bus drives them only
+through their public methods (`on_msg`, `on_disconnect`, `end`, `heartbeat_due`, ...).
+
 Hot path notes: one frame = one msgspec decode + a deque append (+ waking the reader when it
 waits). Silence and deadline use one timer each per stream, re-armed at most once per
 heartbeat_timeout (never per frame), so a frame costs one clock read.
@@ -16,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -37,14 +42,16 @@ from genset.runtime.bus_errors import (
 from proto import ErrorInfo, StreamChunk, Usage
 from proto.codec import describe
 
-if TYPE_CHECKING:
-    from genset.runtime.bus import Bus
-
 _decode_chunk = msgspec.msgpack.Decoder(StreamChunk).decode
 _encode = msgspec.msgpack.Encoder().encode
 # NATS puts the status code of a server-generated message in this pseudo-header.
 _STATUS = "Status"
 _NO_RESPONDERS = "503"
+# (stream_id, reason) -> publish a proto.Cancel for that stream
+SendCancel = Callable[[str, str], Awaitable[None]]
+# (subject, payload) -> publish one message (nats-py's Client.publish)
+Publish = Callable[[str, bytes], Awaitable[None]]
+
 # What publish raises when the connection cannot take the frame (closed, draining, or the
 # reconnect buffer is full).
 PUBLISH_FAILURES = (
@@ -65,7 +72,6 @@ class ResponseStream:
 
     __slots__ = (
         "_buf",
-        "_bus",
         "_deadline_handle",
         "_done",
         "_error",
@@ -77,25 +83,35 @@ class ResponseStream:
         "_max_buffered",
         "_next_seq",
         "_now",
+        "_send_cancel",
+        "_spawn_cancel",
+        "_unroute",
         "_waiter",
         "stream_id",
     )
 
     def __init__(
         self,
-        bus: Bus,
         stream_id: str,
         *,
+        send_cancel: SendCancel,
+        spawn_cancel: Callable[[str, str], None],
+        unroute: Callable[[str], Any],
         heartbeat_timeout: float,
         max_buffered: int,
         timeout: float | None,
     ) -> None:
+        """send_cancel / spawn_cancel(stream_id, reason): tell the responder to stop, awaited
+        or in the background (from a frame or timer callback, which cannot await);
+        unroute(stream_id): stop delivering frames of this stream (called once it ended)."""
         if heartbeat_timeout <= 0:
             raise ValueError(f"heartbeat_timeout must be > 0, got {heartbeat_timeout}")
         if max_buffered < 1:
             raise ValueError(f"max_buffered must be >= 1, got {max_buffered}")
         self.stream_id = stream_id
-        self._bus = bus
+        self._send_cancel = send_cancel
+        self._spawn_cancel = spawn_cancel
+        self._unroute = unroute
         self._loop = loop = asyncio.get_running_loop()
         self._now = loop.time
         self._buf: deque[StreamChunk] = deque()
@@ -168,10 +184,10 @@ class ResponseStream:
         """Stop the stream: the responder gets a proto.Cancel; iteration ends."""
         if self._done:
             return
-        self._finish(None)
+        self._finish()
         self._exhausted = True
         self._buf.clear()
-        await self._bus._publish_cancel(self.stream_id, reason)
+        await self._send_cancel(self.stream_id, reason)
 
     async def __aenter__(self) -> ResponseStream:
         return self
@@ -180,9 +196,18 @@ class ResponseStream:
         if not self._done:
             await self.cancel("requester left")
 
-    # -- frames, called by the bus's inbox subscription -------------------------------------
+    # -- frames and failures, called by the bus ----------------------------------------------
 
-    def _on_msg(self, msg: Any) -> None:
+    def end(self, error: StreamError | None = None) -> None:
+        """End the stream here (no Cancel is sent): the reader gets `error` after the frames
+        already buffered, or the end of the iteration."""
+        if error is not None:
+            self._fail(error)
+        elif not self._done:
+            self._finish()
+
+    def on_msg(self, msg: Any) -> None:
+        """One message on this stream's reply inbox (runs inside the connection's reader)."""
         if self._done:
             return
         if msg.headers is not None and msg.headers.get(_STATUS) == _NO_RESPONDERS:
@@ -211,7 +236,7 @@ class ResponseStream:
                 self._fail(remote_error(chunk.error))
                 return
             self._buf.append(chunk)
-            self._finish(None)
+            self._finish()
             return
         if chunk.heartbeat:
             return
@@ -262,13 +287,13 @@ class ResponseStream:
         if self._done:
             return
         self._error = error
-        self._finish(error)
+        self._finish()
         if cancel:
-            self._bus._spawn_cancel(self.stream_id, error.error.code)
+            self._spawn_cancel(self.stream_id, error.error.code)
 
-    def _finish(self, error: StreamError | None) -> None:
+    def _finish(self) -> None:
         self._done = True
-        self._bus._routes.pop(self.stream_id, None)
+        self._unroute(self.stream_id)
         if self._hb_handle is not None:
             self._hb_handle.cancel()
             self._hb_handle = None
@@ -279,7 +304,7 @@ class ResponseStream:
         if waiter is not None:
             self._resolve(waiter)
 
-    def _on_disconnect(self, reason: str) -> None:
+    def on_disconnect(self, reason: str) -> None:
         # Frames published while we are disconnected are dropped by NATS, so the stream
         # cannot complete; tell the responder to stop once we are back (the cancel is
         # buffered by nats-py until the reconnect).
@@ -294,11 +319,11 @@ class UnaryWaiter:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.future: asyncio.Future = loop.create_future()
 
-    def _on_msg(self, msg: Any) -> None:
+    def on_msg(self, msg: Any) -> None:
         if not self.future.done():
             self.future.set_result(msg)
 
-    def _on_disconnect(self, reason: str) -> None:
+    def on_disconnect(self, reason: str) -> None:
         if not self.future.done():
             self.future.set_exception(Disconnected(f"{reason} while waiting for a reply"))
 
@@ -310,19 +335,19 @@ class ReplyStream:
     Once the requester cancels, `cancelled` is set and `send` raises StreamCancelled.
     """
 
-    __slots__ = ("_bus", "_final_sent", "_hb_mark", "_hb_seq", "_nc_publish", "_seq", "cancelled",
+    __slots__ = ("_final_sent", "_hb_mark", "_hb_seq", "_publish_msg", "_seq", "cancelled",
                  "stream_id")
 
-    def __init__(self, bus: Bus, stream_id: str) -> None:
+    def __init__(self, stream_id: str, publish: Publish) -> None:
+        """publish(subject, payload): nats-py's Client.publish of the responder's connection."""
         self.stream_id = stream_id
         self.cancelled = asyncio.Event()
-        self._bus = bus
-        self._nc_publish = bus.nc.publish
+        self._publish_msg = publish
         self._seq = 0
         self._final_sent = False
-        # The bus's heartbeat task watches _seq instead of a clock read per frame: it notes
-        # when it last saw _seq move (_hb_seq, _hb_mark) and sends a heartbeat once it has
-        # not moved for heartbeat_interval.
+        # The bus's heartbeat task asks heartbeat_due() every tick instead of a clock read per
+        # frame: it notes when it last saw _seq move (_hb_seq, _hb_mark); a heartbeat is due
+        # once _seq has not moved for the heartbeat interval.
         self._hb_seq = -1
         self._hb_mark = 0.0
 
@@ -354,7 +379,7 @@ class ReplyStream:
         # handler and from the heartbeat task can never be reordered.
         self._seq = seq + 1
         try:
-            await self._nc_publish(self.stream_id, _encode(frame))
+            await self._publish_msg(self.stream_id, _encode(frame))
         except PUBLISH_FAILURES as exc:
             self._unavailable(exc)
 
@@ -364,6 +389,15 @@ class ReplyStream:
             return
         frame = StreamChunk(seq=self._seq, finish_reason="error", error=error, final=True)
         await self._publish(frame, True)
+
+    def heartbeat_due(self, now: float, interval: float) -> bool:
+        """True when nothing was sent for `interval` s (as seen by calls `interval / 4`
+        apart: at most 1.25 intervals of silence)."""
+        if self._seq != self._hb_seq:
+            self._hb_seq = self._seq
+            self._hb_mark = now
+            return False
+        return now - self._hb_mark >= interval
 
     async def heartbeat(self) -> None:
         if self._final_sent or self.cancelled.is_set():
@@ -375,7 +409,7 @@ class ReplyStream:
         if final:
             self._final_sent = True
         try:
-            await self._bus.nc.publish(self.stream_id, _encode(frame))
+            await self._publish_msg(self.stream_id, _encode(frame))
         except PUBLISH_FAILURES as exc:
             self._unavailable(exc)
 

@@ -23,7 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from services.frontend import openai_api as oa
 from services.frontend.errors import ApiError, bad_request, from_validation
 from services.frontend.httpserver import Request
-from services.frontend.pipeline import Delta, Final, Job, Pipeline
+from services.frontend.pipeline import Final, Job, JobRequest, Pipeline
+from services.frontend.text import Delta
 
 log = structlog.get_logger("frontend.http")
 
@@ -46,6 +47,15 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes):
         raise from_validation(exc) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+
+
+def _generation_fields(req: oa._Common) -> dict:
+    """The JobRequest fields chat and completions requests share."""
+    stop_strings, stop_ids = oa.split_stop(req.stop)
+    return {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+            "seed": req.seed, "stop_strings": stop_strings,
+            "stop_token_ids": stop_ids + (req.stop_token_ids or []), "ignore_eos": req.ignore_eos,
+            "min_tokens": req.min_tokens}
 
 
 def _check_unsupported(req: oa._Common) -> None:
@@ -245,24 +255,14 @@ class FrontendHttp:
         self._authorize(request)
         req: oa.ChatCompletionRequest = _decode(oa.chat_decoder, request.body)
         _check_unsupported(req)
-        pipeline = self.pipeline
-        entry = pipeline.model_entry(req.model)
-        messages = oa.chat_messages(req)
-        tok = await pipeline.tokenizer(entry)
-        prompt_ids = await pipeline.tokenize_chat(tok, messages)
-        stop_strings, stop_ids = oa.split_stop(req.stop)
         use_completion_param = req.max_completion_tokens is not None
-        job = pipeline.make_job(
-            entry=entry, endpoint="chat", request_id=self._request_id(request),
-            prompt_ids=prompt_ids, tokenizer=tok,
+        job = await self.pipeline.prepare(JobRequest(
+            endpoint="chat", request_id=self._request_id(request), model=req.model,
+            arrival=arrival, messages=oa.chat_messages(req),
             max_tokens=req.max_completion_tokens if use_completion_param else req.max_tokens,
             max_tokens_param="max_completion_tokens" if use_completion_param else "max_tokens",
-            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-            stop_strings=stop_strings, stop_token_ids=stop_ids + (req.stop_token_ids or []),
-            ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, arrival=arrival)
-        await GenerationResponse(self, job, chat=True, stream=req.stream,
-                                 include_usage=bool(req.stream_options and
-                                                    req.stream_options.include_usage)).run(request.conn)
+            **_generation_fields(req)))
+        await self._generate(request, job, req, chat=True)
 
     async def completions(self, request: Request) -> None:
         arrival = time.perf_counter()
@@ -273,34 +273,27 @@ class FrontendHttp:
             raise bad_request("echo is not supported", param="echo")
         if req.suffix:
             raise bad_request("suffix is not supported", param="suffix")
-        pipeline = self.pipeline
-        entry = pipeline.model_entry(req.model)
-        tok = await pipeline.tokenizer(entry)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise bad_request("batched prompts are not supported: send one prompt per request",
                                   param="prompt")
             prompt = prompt[0]
-        if isinstance(prompt, str):
-            prompt_ids = await pipeline.tokenize_text(tok, prompt)
-        else:
-            if not all(type(t) is int for t in prompt):
-                raise bad_request("prompt must be a string, a list of token ids, or a list with "
-                                  "one string or one list of token ids", param="prompt")
-            prompt_ids = list(prompt)
-            if any(t < 0 or t >= tok.vocab_size for t in prompt_ids):
-                raise bad_request(f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt")
-        stop_strings, stop_ids = oa.split_stop(req.stop)
-        job = pipeline.make_job(
-            entry=entry, endpoint="completions", request_id=self._request_id(request),
-            prompt_ids=prompt_ids, tokenizer=tok, max_tokens=req.max_tokens if req.max_tokens is not None else 16,
-            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-            stop_strings=stop_strings, stop_token_ids=stop_ids + (req.stop_token_ids or []),
-            ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, arrival=arrival)
-        await GenerationResponse(self, job, chat=False, stream=req.stream,
-                                 include_usage=bool(req.stream_options and
-                                                    req.stream_options.include_usage)).run(request.conn)
+        if not isinstance(prompt, str) and not all(type(t) is int for t in prompt):
+            raise bad_request("prompt must be a string, a list of token ids, or a list with "
+                              "one string or one list of token ids", param="prompt")
+        job = await self.pipeline.prepare(JobRequest(
+            endpoint="completions", request_id=self._request_id(request), model=req.model,
+            arrival=arrival, text=prompt if isinstance(prompt, str) else None,
+            token_ids=None if isinstance(prompt, str) else list(prompt),
+            max_tokens=req.max_tokens if req.max_tokens is not None else 16,
+            **_generation_fields(req)))
+        await self._generate(request, job, req, chat=False)
+
+    async def _generate(self, request: Request, job: Job, req: oa._Common, *, chat: bool) -> None:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        await GenerationResponse(self, job, chat=chat, stream=req.stream,
+                                 include_usage=include_usage).run(request.conn)
 
     def _model_object(self, entry) -> dict:
         return {"id": entry.name, "object": "model", "created": entry.created,
@@ -325,5 +318,6 @@ class FrontendHttp:
                              json.dumps(body, default=str).encode())
 
     async def metrics_endpoint(self, request: Request) -> None:
+        self._authorize(request)  # /metrics follows the API key (issue 14)
         request.conn.respond(200, self._metrics_text(), CONTENT_TYPE_LATEST.encode())
 

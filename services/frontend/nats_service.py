@@ -19,9 +19,10 @@ import structlog
 import proto
 from proto import subjects
 from proto.client import ClientDelta, ClientGenerateRequest
-from proto.tokens import pack_tokens, unpack_tokens
+from proto.tokens import pack_tokens
 from services.frontend.errors import ApiError, bad_request
-from services.frontend.pipeline import Delta, Pipeline
+from services.frontend.pipeline import Job, JobRequest, Pipeline
+from services.frontend.text import Delta
 
 log = structlog.get_logger("frontend.nats")
 
@@ -52,37 +53,23 @@ class NatsGenerateService:
                 await self.subscription.unsubscribe()
             self.subscription = None
 
-    async def _job(self, req: ClientGenerateRequest):
-        pipeline = self.pipeline
+    async def _job(self, req: ClientGenerateRequest) -> Job:
         arrival = time.perf_counter()
-        model = req.model or pipeline.only_model()
-        entry = pipeline.model_entry(model)
         given = [name for name, value in (("messages", req.messages), ("prompt", req.prompt),
                                           ("token_ids", req.token_ids)) if value is not None]
         if len(given) != 1:
             raise bad_request("set exactly one of messages, prompt, token_ids "
                               f"(got {', '.join(given) or 'none'})")
-        tok = await pipeline.tokenizer(entry) if (req.token_ids is None or req.detokenize or
-                                                  req.stop) else None
-        if req.messages is not None:
-            if not req.messages:
-                raise bad_request("messages must be a non-empty list", param="messages")
-            messages = [{"role": m.role, "content": m.content} for m in req.messages]
-            prompt_ids = await pipeline.tokenize_chat(tok, messages)
-        elif req.prompt is not None:
-            prompt_ids = await pipeline.tokenize_text(tok, req.prompt)
-        else:
-            try:
-                prompt_ids = unpack_tokens(req.token_ids)
-            except ValueError as exc:
-                raise bad_request(str(exc), param="token_ids") from None
         s = req.sampling
-        return pipeline.make_job(
-            entry=entry, endpoint="nats", request_id=req.request_id or uuid.uuid4().hex,
-            prompt_ids=prompt_ids, tokenizer=tok, max_tokens=req.max_tokens,
+        return await self.pipeline.prepare(JobRequest(
+            endpoint="nats", request_id=req.request_id or uuid.uuid4().hex,
+            model=req.model or None, arrival=arrival,
+            messages=None if req.messages is None else
+            [{"role": m.role, "content": m.content} for m in req.messages],
+            text=req.prompt, packed_token_ids=req.token_ids, max_tokens=req.max_tokens,
             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
             stop_strings=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-            detokenize=req.detokenize, timeout=req.timeout_s, arrival=arrival)
+            detokenize=req.detokenize, timeout=req.timeout_s))
 
     async def handle(self, req: ClientGenerateRequest, rs) -> None:
         task = asyncio.current_task()

@@ -67,8 +67,6 @@ json_encode = msgspec.json.Encoder().encode
 
 def chat_messages(req: ChatCompletionRequest) -> list[dict]:
     """Messages as the chat template sees them (content parts joined into one text)."""
-    if not req.messages:
-        raise bad_request("messages must be a non-empty list", param="messages")
     out = []
     for i, m in enumerate(req.messages):
         content = m.content

@@ -1,9 +1,16 @@
 """One request's path through the frontend, shared by HTTP and the NATS service:
 
-prepare (validate, template, tokenize, check the context) -> route -> stream tokens from the
-worker over NATS -> detokenize + stop strings -> deltas out. Failures of a worker before or
-during the stream migrate the request to another worker; a consumer that goes away (HTTP
-client disconnect, NATS client cancel) closes the generator, which cancels the worker stream.
+`prepare` (an API request -> a Job: model, template, tokenize, limits) -> `generate`: route ->
+one attempt per worker stream -> deltas out (text from `text.TextAssembler`). A worker that
+fails before or during its stream goes to the one retry decision (`_after_failure`), which
+moves the request to another worker or gives up; a consumer that goes away (HTTP client
+disconnect, NATS client cancel) closes the generator, which cancels the worker stream.
+
+The router hears of each routing decision's progress from here, exactly once per decision:
+`on_first_token` at the attempt's first token, `on_done` when the attempt ends (also when
+the request moves on). Routers that run in this process (embedded, built-in) rely on it; a
+remote router ignores it and learns the same from the workers' `RequestLifecycle`
+(docs/architecture.md, "Router notifications").
 
 The per-chunk loop is the hot path: one unpack, one Rust detokenize call, a few attribute
 updates; metrics are observed per chunk, not per token.
@@ -12,6 +19,7 @@ updates; metrics are observed per chunk, not per token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +28,7 @@ from dataclasses import dataclass, field
 import structlog
 
 import proto
-from genset.runtime.bus import (
+from genset.runtime.bus_errors import (
     DeadlineExceeded,
     Disconnected,
     LostChunks,
@@ -35,11 +43,45 @@ from proto.tokens import pack_tokens, unpack_tokens
 from services.frontend.errors import ApiError, bad_request, from_error_info, no_worker
 from services.frontend.metrics import FrontendMetrics, LocalHistogram
 from services.frontend.registry import ModelEntry, ModelRegistry
+from services.frontend.text import Delta, TextAssembler
 
 log = structlog.get_logger("frontend.pipeline")
 
 # Worker failures after which the request moves to another worker.
 _MIGRATABLE = (PeerGone, Disconnected, NoResponders, LostChunks)
+
+__all__ = ["Delta", "Final", "Job", "JobRequest", "Pipeline"]
+
+
+@dataclass(slots=True, kw_only=True)
+class JobRequest:
+    """What an API request asks for, in API-neutral terms: the input of `Pipeline.prepare`.
+
+    The prompt is exactly one of `messages` (the chat template applies), `text`, `token_ids`
+    (checked against the vocabulary) or `packed_token_ids` (NATS clients: used as is, the
+    worker checks them).
+    """
+
+    endpoint: str  # chat | completions | nats
+    request_id: str
+    model: str | None  # None: the only model served
+    arrival: float  # time.perf_counter() at arrival
+    messages: list[dict] | None = None
+    text: str | None = None
+    token_ids: list[int] | None = None
+    packed_token_ids: bytes | None = None
+    max_tokens: int | None = None  # None: up to the context length
+    max_tokens_param: str = "max_tokens"  # the field named when max_tokens is refused
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop_strings: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    detokenize: bool = True
+    timeout: float | None = None  # None: the frontend's request timeout
 
 
 @dataclass(slots=True)
@@ -62,16 +104,6 @@ class Job:
     arrival: float = 0.0  # time.perf_counter() at arrival
 
 
-class Delta:
-    """Generated text (and its token ids) since the previous delta."""
-
-    __slots__ = ("text", "token_ids")
-
-    def __init__(self, text: str, token_ids: list[int]) -> None:
-        self.text = text
-        self.token_ids = token_ids
-
-
 class Final:
     """The end of a generation: why it stopped and what it cost."""
 
@@ -83,6 +115,28 @@ class Final:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
         self.cached_tokens = cached_tokens
+
+
+class _Progress:
+    """What a request has produced so far, across every worker it ran on."""
+
+    __slots__ = ("cached", "first_at", "generated", "itl", "last_at", "prompt_tokens", "text",
+                 "ttft")
+
+    def __init__(self, job: Job, metrics: FrontendMetrics) -> None:
+        self.generated: list[int] = []
+        self.cached = 0
+        self.prompt_tokens = len(job.prompt_ids)
+        self.first_at = 0.0  # perf_counter() of the request's first token (0: none yet)
+        self.last_at = 0.0  # ... and of its latest one
+        self.ttft = metrics.ttft.labels(job.model)
+        self.itl = LocalHistogram(metrics.itl.labels(job.model))
+        self.text = TextAssembler(job.tokenizer, detokenize=job.detokenize,
+                                  stop_strings=job.stop_strings,
+                                  stop_token_ids=job.stop_token_ids)
+
+    def final(self, finish_reason: str) -> Final:
+        return Final(finish_reason, self.prompt_tokens, len(self.generated), self.cached)
 
 
 class Pipeline:
@@ -118,7 +172,34 @@ class Pipeline:
                               param="model")
         return names[0]
 
-    async def tokenizer(self, entry: ModelEntry) -> Tokenizer:
+    async def prepare(self, req: JobRequest) -> Job:
+        """Turn an API request into a Job: model, tokenizer, prompt tokens, limits, sampling.
+        Every rejection is an ApiError that names the offending field."""
+        entry = self.model_entry(self.only_model() if req.model is None else req.model)
+        if req.messages is not None and not req.messages:
+            raise bad_request("messages must be a non-empty list", param="messages")
+        prompt_ids = req.token_ids
+        if req.packed_token_ids is not None:
+            try:
+                prompt_ids = unpack_tokens(req.packed_token_ids)
+            except ValueError as exc:
+                raise bad_request(str(exc), param="token_ids") from None
+        # Packed token ids streamed back as ids need no tokenizer (a cheaper request).
+        tok = None
+        if req.packed_token_ids is None or req.detokenize or req.stop_strings:
+            tok = await self._tokenizer(entry)
+        if req.messages is not None:
+            prompt_ids = await self._tokenize(tok.encode_chat, req.messages, "messages",
+                                              sum(len(m["content"]) for m in req.messages))
+        elif req.text is not None:
+            prompt_ids = await self._tokenize(tok.encode, req.text, "prompt", len(req.text))
+        elif req.token_ids is not None:
+            if any(t < 0 or t >= tok.vocab_size for t in prompt_ids):
+                raise bad_request(f"prompt token ids must be in [0, {tok.vocab_size})",
+                                  param="prompt")
+        return self._job(req, entry, prompt_ids or [], tok)
+
+    async def _tokenizer(self, entry: ModelEntry) -> Tokenizer:
         tok = entry.tokenizer_now()
         if tok is not None:
             return tok
@@ -128,39 +209,29 @@ class Pipeline:
             raise ApiError(500, f"tokenizer of model {entry.name!r} is unavailable: {exc}",
                            type="server_error", code="tokenizer_unavailable") from None
 
-    async def tokenize_chat(self, tok: Tokenizer, messages: list[dict]) -> list[int]:
+    async def _tokenize(self, encode, prompt, param: str, chars: int) -> list[int]:
+        """`encode(prompt)`; long prompts off the event loop (`chars`: the prompt's length)."""
         try:
-            if sum(len(m["content"]) for m in messages) < OFFLOAD_CHARS:
-                return tok.encode_chat(messages)
+            if chars < OFFLOAD_CHARS:
+                return encode(prompt)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._tokenize_pool, tok.encode_chat, messages)
-        except TokenizerError as exc:
-            raise bad_request(str(exc), param="messages") from None
+            return await loop.run_in_executor(self._tokenize_pool, encode, prompt)
+        except TokenizerError as exc:  # e.g. a chat template that refuses the messages
+            raise bad_request(str(exc), param=param) from None
 
-    async def tokenize_text(self, tok: Tokenizer, text: str) -> list[int]:
-        if len(text) < OFFLOAD_CHARS:
-            return tok.encode(text)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenize_pool, tok.encode, text)
-
-    def make_job(self, *, entry: ModelEntry, endpoint: str, request_id: str,
-                 prompt_ids: list[int], tokenizer: Tokenizer | None, max_tokens: int | None,
-                 temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, seed: int | None = None,
-                 stop_strings: list[str] | None = None, stop_token_ids: list[int] | None = None,
-                 ignore_eos: bool = False, min_tokens: int = 0, detokenize: bool = True,
-                 timeout: float | None = None, arrival: float | None = None,
-                 max_tokens_param: str = "max_tokens") -> Job:
+    def _job(self, req: JobRequest, entry: ModelEntry, prompt_ids: list[int],
+             tokenizer: Tokenizer | None) -> Job:
         """Check limits and build the Job; every rejection names the offending field."""
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
             raise bad_request("the prompt is empty", param="prompt")
         context = entry.context_length
+        max_tokens, max_tokens_param = req.max_tokens, req.max_tokens_param
         if context and n_prompt >= context:
             raise bad_request(
                 f"This model's maximum context length is {context} tokens. However, your prompt "
                 f"has {n_prompt} tokens. Please reduce the length of the prompt.",
-                param="messages" if endpoint == "chat" else "prompt",
+                param="messages" if req.endpoint == "chat" else "prompt",
                 code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = (context - n_prompt) if context else 4096
@@ -173,189 +244,191 @@ class Pipeline:
                 f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the "
                 f"completion). Please reduce the prompt or {max_tokens_param}.",
                 param=max_tokens_param, code="context_length_exceeded")
-        if min_tokens < 0:
+        if req.min_tokens < 0:
             raise bad_request("min_tokens must be >= 0", param="min_tokens")
+        top_k = req.top_k
         try:
             sampling = proto.SamplingParams(
-                temperature=1.0 if temperature is None else float(temperature),
-                top_p=1.0 if top_p is None else float(top_p),
+                temperature=1.0 if req.temperature is None else float(req.temperature),
+                top_p=1.0 if req.top_p is None else float(req.top_p),
                 top_k=0 if top_k is None or top_k < 0 else int(top_k),
-                seed=seed)
+                seed=req.seed)
         except ValueError as exc:
             text = str(exc)
             param = text.split(" ", 1)[0]
             raise bad_request(text.split(" - at")[0], param=param) from None
         vocab = tokenizer.vocab_size if tokenizer is not None else None
-        for tid in stop_token_ids or ():
+        for tid in req.stop_token_ids:
             if tid < 0 or (vocab is not None and tid >= vocab):
                 raise bad_request(f"stop token id {tid} is outside the vocabulary", param="stop")
-        now_mono = time.monotonic()
         return Job(
-            request_id=request_id, model=entry.name, endpoint=endpoint, prompt_ids=prompt_ids,
-            max_tokens=max_tokens, sampling=sampling, tokenizer=tokenizer,
-            stop_strings=stop_strings or [], stop_token_ids=stop_token_ids or [],
-            ignore_eos=ignore_eos, min_tokens=min_tokens, detokenize=detokenize,
-            deadline=now_mono + (timeout or self.request_timeout),
-            arrival=time.perf_counter() if arrival is None else arrival)
+            request_id=req.request_id, model=entry.name, endpoint=req.endpoint,
+            prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling, tokenizer=tokenizer,
+            stop_strings=req.stop_strings, stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, detokenize=req.detokenize,
+            deadline=time.monotonic() + (req.timeout or self.request_timeout),
+            arrival=req.arrival)
 
     # -- generation -----------------------------------------------------------------------
 
     async def generate(self, job: Job) -> AsyncIterator[Delta | Final]:
-        """Deltas, then one Final. Raises ApiError (before or during the stream)."""
-        metrics = self.metrics
-        model = job.model
-        detok = (job.tokenizer.detokenizer(stop=job.stop_strings)
-                 if job.detokenize and job.tokenizer is not None else None)
-        stop_ids = frozenset(job.stop_token_ids)
-        generated: list[int] = []
-        held_ids: list[int] = []  # tokens received whose text is not out yet
-        excluded: list[int] = []
-        attempts = 0
-        cached = 0
-        first_at = 0.0
-        last_at = 0.0
-        perf = time.perf_counter
-        ttft = metrics.ttft.labels(model)
-        itl = LocalHistogram(metrics.itl.labels(model))
+        """Deltas, then one Final. Raises ApiError (before or during the stream).
 
-        while True:
-            remaining_s = job.deadline - time.monotonic()
-            if remaining_s <= 0:
-                raise ApiError(504, "request deadline exceeded", type="timeout_error",
-                               code="deadline_exceeded")
-            max_tokens = job.max_tokens - len(generated)
-            if max_tokens <= 0:  # the worker died after its last token, before its final frame
-                if detok is not None and ((tail := detok.flush()) or held_ids):
-                    yield Delta(tail, held_ids)
-                yield Final("length", len(job.prompt_ids), len(generated), cached)
-                return
-            prompt = job.prompt_ids + generated if generated else job.prompt_ids
-            packed = pack_tokens(prompt)
-            decision = await self.router.route(proto.RouteRequest(
-                request_id=job.request_id, model=model, token_ids=packed, max_tokens=max_tokens,
-                exclude=excluded))
-            worker = decision.worker_id
-            card = self.registry.card(model, worker) if worker is not None else None
-            if card is None:
-                if worker is not None:  # the router knows a worker the registry no longer does
+        Each pass of the loop routes the rest of the request and runs one attempt (one worker
+        stream); a worker failure goes to `_after_failure`, which gives up or lets the loop
+        route again, excluding the workers that failed."""
+        progress = _Progress(job, self.metrics)
+        excluded: list[int] = []
+        failures = 0
+        try:
+            while True:
+                remaining_s = job.deadline - time.monotonic()
+                if remaining_s <= 0:
+                    raise _deadline_exceeded()
+                max_tokens = job.max_tokens - len(progress.generated)
+                if max_tokens <= 0:  # the worker died after its last token, before its final frame
+                    if (tail := progress.text.flush()) is not None:
+                        yield tail
+                    yield progress.final("length")
+                    return
+                prompt = job.prompt_ids + progress.generated if progress.generated else job.prompt_ids
+                packed = pack_tokens(prompt)
+                decision = await self.router.route(proto.RouteRequest(
+                    request_id=job.request_id, model=job.model, token_ids=packed,
+                    max_tokens=max_tokens, exclude=excluded))
+                worker = decision.worker_id
+                card = self.registry.card(job.model, worker) if worker is not None else None
+                if card is None:
+                    if worker is None:
+                        raise no_worker(job.model, decision.error or "")
+                    # The router knows a worker the registry no longer does: that decision is
+                    # over (the router hears so), and another worker is asked.
                     self.router.on_done(job.request_id)
                     excluded.append(worker)
-                    attempts += 1
-                    if attempts <= self.migration_limit + 2:
-                        continue
-                raise no_worker(model, decision.error or "")
-            request = proto.GenerateRequest(
-                request_id=job.request_id, model=model, token_ids=packed, sampling=job.sampling,
-                stop=proto.StopConditions(max_tokens=max_tokens, stop_token_ids=job.stop_token_ids,
-                                          ignore_eos=job.ignore_eos,
-                                          min_tokens=max(0, job.min_tokens - len(generated))),
-                deadline_ms=int((time.time() + remaining_s) * 1000))
-            stream = None
-            finished = False
-            try:
-                stream = await self.bus.stream_request(
-                    card.generate_subject, request, timeout=remaining_s,
-                    heartbeat_timeout=self.heartbeat_timeout)
-                # Frames that queued up while we were busy are taken together: one detokenize
-                # call and one event out instead of one per frame, so a loaded frontend spends
-                # less per token exactly when it matters.
-                take_ready = stream.take_ready if self.coalesce else None
-                async for chunk in stream:
-                    data = chunk.token_ids
-                    if take_ready is not None and data and not chunk.final:
-                        more = take_ready()
-                        if more:
-                            data = b"".join([data, *(c.token_ids for c in more)])
-                    if data:
-                        ids = unpack_tokens(data)
-                        now = perf()
-                        if not first_at:
-                            first_at = now
-                            ttft.observe(now - job.arrival)
-                            self.router.on_first_token(job.request_id)
-                        else:
+                    failures += 1
+                    if failures > self.migration_limit + 2:
+                        raise no_worker(job.model, decision.error or "")
+                    continue
+                request = proto.GenerateRequest(
+                    request_id=job.request_id, model=job.model, token_ids=packed,
+                    sampling=job.sampling,
+                    stop=proto.StopConditions(
+                        max_tokens=max_tokens, stop_token_ids=job.stop_token_ids,
+                        ignore_eos=job.ignore_eos,
+                        min_tokens=max(0, job.min_tokens - len(progress.generated))),
+                    deadline_ms=int((time.time() + remaining_s) * 1000))
+                try:
+                    # aclosing: a consumer that leaves closes the attempt at once, which
+                    # cancels the worker's stream.
+                    async with contextlib.aclosing(self._attempt(
+                            job, progress, card.generate_subject, request, remaining_s)) as items:
+                        async for item in items:
+                            yield item
+                    return
+                except StreamError as exc:
+                    failures += 1
+                    excluded.append(worker)
+                    self._after_failure(exc, job, progress, worker, failures)
+        finally:
+            progress.itl.flush()
+
+    async def _attempt(self, job: Job, progress: _Progress, subject: str,
+                       request: proto.GenerateRequest,
+                       remaining_s: float) -> AsyncIterator[Delta | Final]:
+        """One worker stream: its deltas, then a Final if the worker finished the request.
+        A failure of the worker or the stream is raised (a StreamError) for the retry
+        decision; the router hears of this attempt's first token and end from here."""
+        router = self.router
+        stream = None
+        try:
+            stream = await self.bus.stream_request(subject, request, timeout=remaining_s,
+                                                   heartbeat_timeout=self.heartbeat_timeout)
+            # Frames that queued up while we were busy are taken together: one detokenize
+            # call and one event out instead of one per frame, so a loaded frontend spends
+            # less per token exactly when it matters.
+            take_ready = stream.take_ready if self.coalesce else None
+            text = progress.text
+            itl = progress.itl
+            perf = time.perf_counter
+            started = False  # this attempt has had its first token
+            async for chunk in stream:
+                data = chunk.token_ids
+                if take_ready is not None and data and not chunk.final:
+                    more = take_ready()
+                    if more:
+                        data = b"".join([data, *(c.token_ids for c in more)])
+                if data:
+                    ids = unpack_tokens(data)
+                    now = perf()
+                    if started:
+                        n = len(ids)
+                        itl.observe((now - progress.last_at) / n, n)
+                    else:
+                        started = True
+                        router.on_first_token(job.request_id)
+                        if progress.first_at:  # after a migration the wait is an inter-token gap
                             n = len(ids)
-                            itl.observe((now - last_at) / n, n)
-                        last_at = now
-                        generated += ids
-                        if detok is None:
-                            yield Delta("", ids)
+                            itl.observe((now - progress.last_at) / n, n)
                         else:
-                            text_ids = ids[:-1] if stop_ids and ids[-1] in stop_ids else ids
-                            text = detok.feed(text_ids)
-                            if held_ids:  # tokens whose text was held back go out with this text
-                                ids = held_ids + ids
-                                held_ids = []
-                            if detok.stopped:
-                                finished = True
-                                await _cancel(stream, "stop string")
-                                yield Delta(text, ids)
-                                yield Final("stop", len(job.prompt_ids), len(generated),
-                                            cached)
-                                return
-                            if text:
-                                yield Delta(text, ids)
-                            else:
-                                held_ids = ids
-                    if chunk.final:
-                        finished = True
-                        if chunk.error is not None:
-                            raise from_error_info(chunk.error)
-                        if chunk.usage is not None:
-                            cached = min(chunk.usage.cached_tokens, len(job.prompt_ids))
-                        if detok is not None:
-                            tail = detok.flush()
-                            if tail or held_ids:
-                                yield Delta(tail, held_ids)
-                                held_ids = []
-                        yield Final(chunk.finish_reason or "stop", len(job.prompt_ids),
-                                    len(generated), cached)
+                            progress.first_at = now
+                            progress.ttft.observe(now - job.arrival)
+                    progress.last_at = now
+                    progress.generated += ids
+                    delta = text.feed(ids)
+                    if text.stopped:
+                        await _cancel(stream, "stop string")
+                        yield delta
+                        yield progress.final("stop")
                         return
-                # The stream ended without a final frame: the bus guarantees one, so this is a
-                # lost peer in all but name.
-                raise PeerGone(proto.ErrorInfo(code="peer_gone",
-                                               message="stream ended without a final frame"))
-            except _MIGRATABLE as exc:
-                finished = True  # nothing left to cancel on that worker
-                attempts += 1
-                excluded.append(worker)
-                phase = "after_first_token" if generated else "before_first_token"
-                if attempts > self.migration_limit:
-                    raise _stream_error(exc, f"worker failed {attempts} times, giving up: ") from None
-                metrics.migrations.labels(model, phase).inc()
-                log.warning("request_migrating", request_id=job.request_id,
-                            worker=f"{worker:x}", error=str(exc), phase=phase,
-                            tokens_so_far=len(generated))
-            except Overloaded as exc:
-                finished = True
-                attempts += 1
-                excluded.append(worker)
-                if attempts > self.migration_limit:
-                    raise ApiError(503, f"all workers are overloaded: {exc}",
-                                   type="overloaded_error", code="overloaded") from None
-            except DeadlineExceeded:
-                raise ApiError(504, "request deadline exceeded", type="timeout_error",
-                               code="deadline_exceeded") from None
-            except RemoteError as exc:
-                finished = True
-                # shutting_down (a worker whose drain ran out) and the like: another worker can
-                # take the request over; anything else is the request's own fault or fatal.
-                if not exc.error.retryable:
-                    raise _stream_error(exc) from None
-                attempts += 1
-                excluded.append(worker)
-                if attempts > self.migration_limit:
-                    raise _stream_error(exc, f"worker failed {attempts} times, giving up: ") from None
-                metrics.migrations.labels(model, "after_first_token" if generated
-                                          else "before_first_token").inc()
-            except StreamError as exc:
-                raise _stream_error(exc) from None
-            finally:
-                itl.flush()
-                self.router.on_done(job.request_id)
-                if stream is not None and not finished:
-                    # The consumer left (client disconnect / cancel) or we failed mid-stream.
-                    await _cancel(stream, "client went away")
+                    if delta is not None:
+                        yield delta
+                if chunk.final:
+                    if chunk.error is not None:
+                        raise from_error_info(chunk.error)
+                    if chunk.usage is not None:
+                        progress.cached = min(chunk.usage.cached_tokens, progress.prompt_tokens)
+                    if (tail := text.flush()) is not None:
+                        yield tail
+                    yield progress.final(chunk.finish_reason or "stop")
+                    return
+            # The stream ended without a final frame: the bus guarantees one, so this is a
+            # lost peer in all but name.
+            raise PeerGone(proto.ErrorInfo(code="peer_gone",
+                                           message="stream ended without a final frame"))
+        finally:
+            router.on_done(job.request_id)
+            if stream is not None and not stream.finished:
+                # The consumer left (client disconnect / cancel) or we failed mid-stream.
+                await _cancel(stream, "client went away")
+
+    def _after_failure(self, exc: StreamError, job: Job, progress: _Progress, worker: int,
+                       failures: int) -> None:
+        """The retry decision: return to move the request to another worker; raise ApiError
+        to give up. `failures`: attempts that failed so far, this one included."""
+        if isinstance(exc, DeadlineExceeded):
+            raise _deadline_exceeded() from None
+        if isinstance(exc, Overloaded):  # refused at once: retried, not counted as a migration
+            if failures > self.migration_limit:
+                raise ApiError(503, f"all workers are overloaded: {exc}",
+                               type="overloaded_error", code="overloaded") from None
+            return
+        # A lost worker (or stream), or one that answered with a retryable error
+        # (shutting_down from a worker whose drain ran out, ...): another worker can take the
+        # request over. Anything else is the request's own fault or fatal.
+        if not (isinstance(exc, _MIGRATABLE) or (isinstance(exc, RemoteError)
+                                                 and exc.error.retryable)):
+            raise _stream_error(exc) from None
+        if failures > self.migration_limit:
+            raise _stream_error(exc, f"worker failed {failures} times, giving up: ") from None
+        phase = "after_first_token" if progress.generated else "before_first_token"
+        self.metrics.migrations.labels(job.model, phase).inc()
+        log.warning("request_migrating", request_id=job.request_id, worker=f"{worker:x}",
+                    error=str(exc), phase=phase, tokens_so_far=len(progress.generated))
+
+
+def _deadline_exceeded() -> ApiError:
+    return ApiError(504, "request deadline exceeded", type="timeout_error",
+                    code="deadline_exceeded")
 
 
 def _stream_error(exc: StreamError, prefix: str = "") -> ApiError:

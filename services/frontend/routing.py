@@ -42,9 +42,12 @@ async def create(mode: str, *, bus, discovery, namespace: str,
         mode = MODE_SERVICE if routers else MODE_EMBEDDED
     if mode == MODE_SERVICE:
         router = create_router(mode, bus=bus, namespace=namespace, discovery=discovery,
-                               timeout=route_timeout, fallback=fallback, metrics=metrics)
+                               timeout=route_timeout, fallback=fallback, metrics=metrics,
+                               caller_reports=True)
     else:
-        router = create_router(mode, bus=bus, namespace=namespace, discovery=discovery)
+        # caller_reports: the pipeline tells an embedded router of first token / done itself
+        router = create_router(mode, bus=bus, namespace=namespace, discovery=discovery,
+                               caller_reports=True)
     log.info("router", mode=mode, **({"timeout_s": route_timeout, "fallback": fallback}
                                      if mode == MODE_SERVICE else {}))
     return router

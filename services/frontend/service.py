@@ -7,7 +7,7 @@ import gc
 from dataclasses import dataclass, field
 
 from genset.routing.api import DEFAULT_ROUTE_TIMEOUT_S, POLICY_NAMES, ROUTER_MODE_INPUTS
-from genset.runtime.config import opt
+from genset.runtime.config import ConfigError, opt
 from genset.runtime.service import Service
 from services.frontend import routing
 from services.frontend.http_app import FrontendHttp, error_body
@@ -89,7 +89,12 @@ class FrontendService(Service):
                             api_keys=(opts.api_key or "").split(","))
         host = opts.http_host or self.config.host
         self.server = HttpServer(http.handle, error_body=error_body)
-        port = await self.server.start(host, opts.port)
+        try:
+            port = await self.server.start(host, opts.port)
+        except OSError as exc:  # say which flags chose the address, not just errno
+            flags = ("--http-host" if opts.http_host else "--host") + ", --port"
+            raise ConfigError(f"cannot serve the HTTP API on {host}:{opts.port} ({flags}): "
+                              f"{exc.strerror or exc}") from None
         self.api_url = f"http://{host}:{port}"
         self.labels["api_url"] = self.api_url
         self.log.info("http_api", url=self.api_url, router=opts.router)
