@@ -14,7 +14,8 @@ import pytest
 import proto
 from genset.kv.replica import HashSetReplica
 from genset.offload.client import OffloadClient, block_bytes
-from genset.runtime.bus import Bus, RemoteError
+from genset.runtime.bus import Bus
+from genset.runtime.bus_errors import RemoteError
 from genset.runtime.config import CommonConfig
 from genset.runtime.discovery import Discovery
 from proto import keys, subjects

@@ -78,7 +78,7 @@ def test_azure_reader_errors_name_the_line(tmp_path, body, words):
 @pytest.mark.skipif(not (DATA / "azure_llm_conv_2023.csv").exists(),
                     reason="../shared/data not present")
 def test_real_traces_convert_and_parse_as_mooncake(tmp_path):
-    from services.router.trace import load_trace  # the replay's own reader
+    from genset.replay.trace import load_trace  # the replay's own reader
 
     for name in ("azure_llm_conv_2023.csv", "azure_llm_code_2023.csv"):
         recs = read_azure(str(DATA / name))

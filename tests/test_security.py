@@ -19,7 +19,7 @@ import nats.errors
 import pytest
 
 import proto
-from genset.runtime.bus import BusError, NoResponders
+from genset.runtime.bus_errors import BusError, NoResponders
 from genset.runtime.etcd_client import EtcdClient, EtcdError
 from proto import keys, subjects
 

@@ -9,7 +9,7 @@ import pytest
 import proto
 from genset.engines.types import KvBlockData
 from genset.kv.hashing import block_hashes, chain_hash, local_block_hash
-from genset.runtime.bus import RemoteError
+from genset.runtime.bus_errors import RemoteError
 from genset.worker import (
     EvictedBlock,
     HookChain,

@@ -126,8 +126,9 @@ class RemoteRouter:
     `genset_frontend_router_fallback` (1 while falling back) and
     `genset_frontend_router_fallback_decisions{reason}`.
 
-    `on_first_token` / `on_done` reach only the fallback: workers publish `RequestLifecycle`
-    for every request themselves, and every router replica listens to it.
+    `on_first_token` / `on_done` reach the fallback for the requests it routed (and nothing
+    else): for those the caller is its one source; the service's own decisions are followed
+    through the workers' `RequestLifecycle`, which every router replica listens to.
     """
 
     def __init__(self, bus, namespace: str, *, timeout: float = 0.5, policy: str | None = None,
@@ -147,6 +148,7 @@ class RemoteRouter:
         self._routers = None  # etcd membership of router instances
         self._service_policy = policy  # the service's default, learned from its answers
         self._gauge = self._decisions = None
+        self._routed_here: set[str] = set()  # in flight, routed by the fallback
         if metrics is not None and fallback is not None:
             self._gauge = metrics.gauge(
                 "frontend_router_fallback",
@@ -236,6 +238,7 @@ class RemoteRouter:
             second = await self.fallback.route(req)
             if second.worker_id is not None:
                 self._count(REASON_NO_WORKER)
+                self._routed_here.add(req.request_id)
                 return second
         return decision
 
@@ -243,18 +246,22 @@ class RemoteRouter:
         self._count(reason)
         if not req.policy and self._service_policy:
             req.policy = self._service_policy  # decide as the service would have
-        return await self.fallback.route(req)
+        decision = await self.fallback.route(req)
+        if decision.worker_id is not None:
+            self._routed_here.add(req.request_id)
+        return decision
 
     def _count(self, reason: str) -> None:
         if self._decisions is not None:
             self._decisions.labels(reason).inc()
 
     def on_first_token(self, request_id: str) -> None:
-        if self.fallback is not None:
+        if request_id in self._routed_here:
             self.fallback.on_first_token(request_id)
 
     def on_done(self, request_id: str) -> None:
-        if self.fallback is not None:
+        if request_id in self._routed_here:
+            self._routed_here.discard(request_id)
             self.fallback.on_done(request_id)
 
     async def close(self) -> None:
