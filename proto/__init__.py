@@ -76,3 +76,32 @@ __all__ = [
     "pack_tokens",
     "unpack_tokens",
 ]
+
+# KV transfer between workers (proto.transfer). Kept apart from MESSAGES for now (the wire
+# contract's sample test lists MESSAGES; the transfer messages have their own test):
+# TRANSFER_MESSAGES names them for docs and schema.
+from proto.transfer import (  # noqa: E402
+    TRANSFER_MESSAGES,
+    KvLayout,
+    KvTransferAbort,
+    KvTransferAck,
+    KvTransferChunk,
+    KvTransferCredit,
+    KvTransferHeader,
+    KvTransferMessage,
+    KvTransferTarget,
+    TcpEndpoint,
+)
+
+__all__ += [
+    "TRANSFER_MESSAGES",
+    "KvLayout",
+    "KvTransferAbort",
+    "KvTransferAck",
+    "KvTransferChunk",
+    "KvTransferCredit",
+    "KvTransferHeader",
+    "KvTransferMessage",
+    "KvTransferTarget",
+    "TcpEndpoint",
+]
