@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 import struct
 from collections.abc import Callable
@@ -35,6 +36,9 @@ _LEN = struct.Struct("<I")
 # A header lists every block hash (9 bytes each in msgpack): 16 MiB is ~1.8M blocks, far past
 # any context; anything bigger is refused before it is read.
 MAX_FRAME = 16 * 1024 * 1024
+# The first frame of a connection is read before its token is checked: smaller, so that
+# unauthenticated connections (at most max_pending_connections) cost little memory.
+MAX_HELLO_FRAME = 4 * 1024 * 1024
 # Reads for frames; a read may take the start of the raw bytes that follow a chunk frame,
 # which are then copied once more (at most this much per chunk).
 _RECV_SIZE = 64 * 1024
@@ -193,9 +197,16 @@ def close_quietly(sock: socket.socket | None) -> None:
 async def connect(host: str, port: int, timeout: float) -> socket.socket:  # noqa: ASYNC109
     """A connected non-blocking socket, or OSError/TimeoutError within `timeout`."""
     loop = asyncio.get_running_loop()
-    infos = await asyncio.wait_for(
-        loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
-    )
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        # a name: resolved in the loop's executor (a thread hop; an address skips it)
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
+        )
+    else:
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        infos = [(family, socket.SOCK_STREAM, 0, "", (host, port))]
     last: BaseException | None = None
     for family, kind, proto, _name, addr in infos:
         sock = socket.socket(family, kind, proto)
@@ -228,7 +239,7 @@ class TcpListener:
         *,
         advertise_host: str | None = None,
         hello_timeout: float = 5.0,
-        max_pending_connections: int = 64,
+        max_pending_connections: int = 16,
     ) -> None:
         self.host = host
         self.port = port
@@ -291,9 +302,10 @@ class TcpListener:
 
     async def _handshake(self, conn: socket.socket) -> None:
         reader = SockReader(conn)
+        msg: Any = None
         try:
             async with asyncio.timeout(self.hello_timeout):
-                msg = await reader.read_message()
+                msg = await reader.read_message(MAX_HELLO_FRAME)
             if not isinstance(msg, KvTransferHeader):
                 raise TransferError(errors.BAD_MESSAGE, "first frame is not a transfer header")
             attach = self._tokens.pop(msg.token, None)
@@ -306,10 +318,11 @@ class TcpListener:
         except (TransferError, EOFError, OSError, TimeoutError) as exc:
             self.stats["refused"] += 1
             if isinstance(exc, TransferError):
+                tid = msg.transfer_id if isinstance(msg, KvTransferHeader) else ""
                 with contextlib.suppress(OSError, TimeoutError):
                     async with asyncio.timeout(1.0):
                         await send_all(conn, frame(KvTransferAck(
-                            transfer_id="", ok=False,
+                            transfer_id=tid, ok=False,
                             error=ErrorInfo(code=exc.code, message=exc.message))))
             log.info("kv transfer connection refused", error=repr(exc))
             close_quietly(conn)
