@@ -346,16 +346,11 @@ async def test_a_wrong_token_is_refused_and_the_transfer_stays_open(hubs):
 
 
 @pytest.mark.parametrize("transport", ["nats", "tcp"])
-async def test_layout_and_hash_mismatches_are_refused_before_any_byte_moves(hubs, transport):
+async def test_layout_and_hash_mismatches_are_refused_and_nothing_is_imported(hubs, transport):
     rx_hub, tx_hub = hubs
     hashes, blocks = _hashes(3, seed=10), _blocks(3)
-    calls = []
-
-    async def source(first, count):
-        calls.append(first)
-        return blocks[first : first + count]
-
-    rx, _ = await _open(rx_hub, "lay", expected_hashes=hashes)
+    source = _source(blocks)
+    rx, col = await _open(rx_hub, "lay", expected_hashes=hashes)
     other = KvLayout(engine="test", format="raw", dtype="bfloat16", bytes_per_block=BPB)
     with pytest.raises(TransferError) as info:
         await tx_hub.send(rx.target, request_id="lay", hashes=hashes, block_size=16,
@@ -363,13 +358,14 @@ async def test_layout_and_hash_mismatches_are_refused_before_any_byte_moves(hubs
     assert info.value.code == errors.LAYOUT_MISMATCH and not info.value.retryable
     with pytest.raises(TransferError, match="layout"):
         await rx.wait()
+    assert col.hashes == []
 
-    rx, _ = await _open(rx_hub, "hash", expected_hashes=hashes)
+    rx, col = await _open(rx_hub, "hash", expected_hashes=hashes)
     with pytest.raises(TransferError) as info:
         await tx_hub.send(rx.target, request_id="hash", hashes=_hashes(3, seed=11),
                           block_size=16, layout=LAYOUT, source=source, transport=transport)
     assert info.value.code == errors.HASH_MISMATCH
-    assert calls == []
+    assert col.hashes == [] and not rx_hub._receives and not tx_hub._sends
 
 
 async def test_a_sender_without_a_receiver_fails_fast(hubs):
@@ -389,7 +385,7 @@ async def test_a_sender_without_a_receiver_fails_fast(hubs):
     with pytest.raises(TransferError) as info:
         await tx_hub.send(target, request_id="x", hashes=hashes, block_size=16, layout=LAYOUT,
                           source=_source(blocks))
-    assert info.value.code == errors.PEER_GONE and "no receiver" in info.value.message
+    assert info.value.code == errors.PEER_GONE and "no receiver for" in info.value.message
 
 
 async def test_tcp_falls_back_to_nats_when_the_endpoint_is_unreachable(hubs):
