@@ -219,3 +219,31 @@ def test_sim_config_roles_and_ready_time():
         DisaggSimConfig(kv_transfer_bandwidth_gb_s=-1)
     with pytest.raises(ValueError, match="--kv-bytes-per-token"):
         DisaggSimConfig(kv_bytes_per_token=-5)
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+def test_decisions_and_transfers_are_counted_with_bounded_labels():
+    from genset.disagg.metrics import DisaggMetrics
+    from genset.runtime.metrics import Metrics
+    from genset.transfer import TransferError, TransferResult, errors
+
+    reg = Metrics(process_metrics=False)
+    m = DisaggMetrics(reg)
+    m.decision(d.decide(4096, BUSY_DECODE, [], model()))
+    m.decision(d.decide(4096, BUSY_DECODE, [IDLE_PREFILL], model()))
+    ok = TransferResult(transfer_id="t", transport="tcp", blocks=4, bytes=4096, chunks=1,
+                        seconds=0.01, high_water_bytes=4096, fallback=None)
+    m.transfer("send", "tcp", ok)
+    m.transfer("recv", "nats", error=TransferError(errors.CHECKSUM, "torn"))
+    m.transfer("recv", "nats", error=TransferError("made_up_by_a_peer", "x"))
+    text = reg.render().decode()
+    assert 'genset_disagg_decisions_total{mode="local",reason="no_prefill_workers"} 1.0' in text
+    assert 'genset_disagg_decisions_total{mode="remote",reason="remote_cheaper"} 1.0' in text
+    assert 'genset_disagg_decisions_total{mode="local",reason="prefill_saturated"} 0.0' in text
+    assert 'outcome="ok",side="send",transport="tcp"} 1.0' in text
+    assert 'outcome="kv_checksum",side="recv",transport="nats"} 1.0' in text
+    assert 'outcome="other",side="recv",transport="nats"} 1.0' in text
+    assert "made_up_by_a_peer" not in text
+    assert 'genset_kv_transfer_bytes_total{side="send",transport="tcp"} 4096.0' in text

@@ -21,6 +21,10 @@ SOURCE_FAILED = "kv_source_failed"  # the sender could not read its blocks
 BUSY = "kv_busy"  # too many transfers in progress on the receiver
 REFUSED = "kv_refused"  # the receiver said no (its ErrorInfo says why)
 
+# Every code this side raises (a bounded label set for metrics; a peer may send others).
+CODES = (CHECKSUM, TRUNCATED, BAD_MESSAGE, LAYOUT_MISMATCH, HASH_MISMATCH, WINDOW_OVERRUN,
+         PEER_GONE, DEADLINE, CANCELLED, IMPORT_FAILED, SOURCE_FAILED, BUSY, REFUSED)
+
 _PERMANENT = {BAD_MESSAGE, LAYOUT_MISMATCH, HASH_MISMATCH}
 
 
