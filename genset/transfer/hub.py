@@ -67,6 +67,7 @@ from genset.transfer.tcp import (
     connect,
     decode_message,
     frame,
+    linger_close,
     send_all,
 )
 from proto import encode, subjects
@@ -343,7 +344,7 @@ class KvReceiver:
             close_quietly(sock)
             return
         if isinstance(reply, KvTransferAck):
-            close_quietly(sock)
+            self.hub._close_socket(sock, linger=True)  # chunks may already be on their way
             return
         self._sock = sock
         try:
@@ -501,16 +502,23 @@ class KvReceiver:
         self._queue.clear()
         if self.assembler is not None:
             self.assembler.release_all()
-        self._cleanup()
+        self._cleanup(linger=True)
         if not self._result.done():
             self._result.set_exception(error)
 
-    def _cleanup(self) -> None:
+    def _cleanup(self, *, linger: bool = False) -> None:
         self.hub._forget_receive(self)
-        if self._reader_task is not None and not self._reader_task.done():
-            self._reader_task.cancel()
-        close_quietly(self._sock)
-        self._sock = None
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        task = self._reader_task
+        if task is not None and not task.done():
+            # the socket is closed once the reader has let go of it (closing a socket a
+            # pending read still polls is what the loops handle worst)
+            task.cancel()
+            task.add_done_callback(lambda _t: self.hub._close_socket(sock, linger))
+        else:
+            self.hub._close_socket(sock, linger)
 
 
 class _SendSession:
@@ -591,6 +599,7 @@ class KvTransferHub:
         self._receives: dict[str, KvReceiver] = {}
         self._sends: dict[str, _SendSession] = {}
         self._subs: list[Any] = []
+        self._lingering: set[asyncio.Task] = set()  # sockets closing after a last message
         self._started = False
         self.stats = {"stale_messages": 0, "tcp_fallbacks": 0, "bad_messages": 0}
 
@@ -629,6 +638,8 @@ class KvTransferHub:
         self._subs.clear()
         if self.listener is not None:
             await self.listener.close()
+        if self._lingering:
+            await asyncio.wait(set(self._lingering), timeout=self.close_timeout)
         self._started = False
 
     # -- receiving ------------------------------------------------------------------------
@@ -668,6 +679,14 @@ class KvTransferHub:
             self.listener.register(rx.token, rx._attach_tcp)
         rx._start()
         return rx
+
+    def _close_socket(self, sock: socket.socket, linger: bool) -> None:
+        if not linger:
+            close_quietly(sock)
+            return
+        task = asyncio.ensure_future(linger_close(sock))
+        self._lingering.add(task)
+        task.add_done_callback(self._lingering.discard)
 
     def _forget_receive(self, rx: KvReceiver) -> None:
         self._receives.pop(rx.transfer_id, None)
@@ -868,7 +887,8 @@ class KvTransferHub:
             if reader_task is not None:
                 reader_task.cancel()
                 await asyncio.wait([reader_task], timeout=self.close_timeout)
-            close_quietly(sock)
+            if sock is not None:  # after a failure the receiver may still be sending
+                self._close_socket(sock, linger=session.ack is None or not session.ack.ok)
 
     async def _stream(self, session: _SendSession, header: KvTransferHeader, source: BlockSource,
                       sink: _NatsSink | _TcpSink, chunk_bytes: int, deadline: float,

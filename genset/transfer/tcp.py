@@ -187,6 +187,28 @@ class BufferPool:
             self.held += len(buf)
 
 
+async def linger_close(sock: socket.socket, timeout: float = 1.0,  # noqa: ASYNC109
+                       max_bytes: int = 256 * 1024 * 1024) -> None:
+    """Close after a last message (a nack, an abort) so that the peer gets it: closing a
+    socket with unread bytes in it (chunks still arriving) makes the kernel send a reset,
+    which may overtake that message on a real network. So: send FIN, read and drop what still
+    arrives until the peer closes too, `timeout` or `max_bytes`, then close."""
+    loop = asyncio.get_running_loop()
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(timeout):
+            drained = 0
+            while drained < max_bytes:
+                data = await loop.sock_recv(sock, 256 * 1024)
+                if not data:
+                    break
+                drained += len(data)
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        close_quietly(sock)
+
+
 def close_quietly(sock: socket.socket | None) -> None:
     if sock is None:
         return
