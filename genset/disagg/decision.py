@@ -1,8 +1,8 @@
 """Prefill here or remotely? One decision per request, from a cost model.
 
-Dynamo decides with a fixed rule (remote when the prompt is under 2048 tokens... and the
-cached share under 0.7). Here the two ways a request can start are priced with the same
-timing profile the router uses, for this request on these workers right now:
+Dynamo decides with fixed thresholds (on the prompt's length and its cached share), whatever
+the workers' state. Here the two ways a request can start are priced with the same timing
+profile the router uses, for this request on these workers right now:
 
 - **local**: the decode worker prefills the prompt itself. The request waits for the
   prefill backlog already queued there, then for its own uncached tokens (the decode

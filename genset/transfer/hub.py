@@ -26,7 +26,11 @@ Sending (prefill side)::
 `on_blocks(run)` is awaited for each `BlockRun` in order; while it runs the next chunks keep
 arriving (up to the window), which is the pipelining. `source(first, count)` returns `count`
 block payloads (bytes-like, bytes_per_block each) from block `first` of the transfer; it is
-called window by window, so the sender never holds the whole KV.
+called window by window, so the sender never holds the whole KV. Payload views handed to
+`on_blocks` are valid during the call only (TCP chunk buffers are reused): copy to keep.
+Call `send` once the blocks exist (after the prefill): the receiver's idle timeout runs from
+the header on. The TCP listener binds loopback unless `tcp_host` says otherwise (workers on
+other hosts: bind an interface, `advertise_host` the address peers use).
 """
 
 from __future__ import annotations
