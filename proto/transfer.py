@@ -9,15 +9,17 @@ the decode worker). The receiver opens it:
    direct TCP endpoint with a one-time token when it listens) and hands it to the sender
    inside whatever request asks for the prefill.
 2. The sender sends a `KvTransferHeader` (block count and size, the chained hashes, the
-   payload layout) to `target.subject` as a NATS request, or as the first frame on a TCP
+   payload layout) to `target.subject` as a NATS request whose reply subject is its own
+   `reply_subject` (so "no responders" also arrives there), or as the first frame on a TCP
    connection to `target.tcp`. The receiver answers with a `KvTransferCredit` (accepted,
    nothing consumed yet) or a `KvTransferAck` with `ok=False` (refused: layout or hash
    mismatch, cancelled, too busy).
 3. The sender streams `KvTransferChunk`s right after the header (it need not wait for the
    answer; a refusal arrives as a nack while they travel and the receiver drops them): a
    byte range of the concatenated block payloads with an XXH3-64 checksum. At most
-   `window_bytes` may be sent and not yet credited; the receiver returns `KvTransferCredit`s (cumulative bytes it has consumed, i.e. imported) as
-   it goes, so memory is bounded on both ends and block k is imported while k+1 travels.
+   `window_bytes` may be sent and not yet credited; the receiver returns `KvTransferCredit`s
+   (cumulative bytes it has consumed, i.e. imported) as it goes, so memory is bounded on
+   both ends and block k is imported while k+1 travels.
 4. The receiver ends with a `KvTransferAck` (ok, or not with the reason); the sender unpins
    its blocks on it. A sender that gives up sends `KvTransferAbort`.
 
