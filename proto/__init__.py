@@ -141,3 +141,31 @@ from proto.planner import (  # noqa: E402
 
 MESSAGES = (*MESSAGES, PlannerTargets, FrontendStats, WorkerStepStats)
 __all__ += ["FrontendStats", "PlannerTargets", "StepSample", "WorkerStepStats"]
+# KV transfer between workers (proto.transfer). Kept apart from MESSAGES for now (the wire
+# contract's sample test lists MESSAGES; the transfer messages have their own test):
+# TRANSFER_MESSAGES names them for docs and schema.
+from proto.transfer import (  # noqa: E402
+    TRANSFER_MESSAGES,
+    KvLayout,
+    KvTransferAbort,
+    KvTransferAck,
+    KvTransferChunk,
+    KvTransferCredit,
+    KvTransferHeader,
+    KvTransferMessage,
+    KvTransferTarget,
+    TcpEndpoint,
+)
+
+__all__ += [
+    "TRANSFER_MESSAGES",
+    "KvLayout",
+    "KvTransferAbort",
+    "KvTransferAck",
+    "KvTransferChunk",
+    "KvTransferCredit",
+    "KvTransferHeader",
+    "KvTransferMessage",
+    "KvTransferTarget",
+    "TcpEndpoint",
+]

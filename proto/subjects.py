@@ -130,3 +130,25 @@ def step_stats(namespace: str, worker_id: int) -> str:
 
 def step_stats_all(namespace: str) -> str:
     return subject(namespace, "worker", "steps") + ".>"
+
+
+# -- KV transfer (proto.transfer) ----------------------------------------------------------------
+
+
+def kv_transfer_rx(namespace: str, worker_id: int, transfer_id: str) -> str:
+    """Where a receiving worker takes the header and chunks of one transfer."""
+    return f"{subject(namespace, 'kvxfer', 'rx', worker_id)}.{_tok(transfer_id, 'transfer id')}"
+
+
+def kv_transfer_rx_all(namespace: str, worker_id: int) -> str:
+    """Every transfer a worker receives (its one subscription)."""
+    return subject(namespace, "kvxfer", "rx", worker_id) + ".*"
+
+
+def kv_transfer_tx(namespace: str, worker_id: int, transfer_id: str) -> str:
+    """Where a sending worker takes the credits and the ack of one transfer."""
+    return f"{subject(namespace, 'kvxfer', 'tx', worker_id)}.{_tok(transfer_id, 'transfer id')}"
+
+
+def kv_transfer_tx_all(namespace: str, worker_id: int) -> str:
+    return subject(namespace, "kvxfer", "tx", worker_id) + ".*"

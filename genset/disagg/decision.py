@@ -1,0 +1,219 @@
+"""Prefill here or remotely? One decision per request, from a cost model.
+
+Dynamo decides with fixed thresholds (on the prompt's length and its cached share), whatever
+the workers' state. Here the two ways a request can start are priced with the same timing
+profile the router uses, for this request on these workers right now:
+
+- **local**: the decode worker prefills the prompt itself. The request waits for the
+  prefill backlog already queued there, then for its own uncached tokens (the decode
+  worker's cached prefix is not recomputed). Meanwhile every sequence that worker is
+  decoding stalls for that prefill's duration: the *decode slow-down*, summed over the
+  running sequences and weighted by `slowdown_weight`.
+- **remote**: the best prefill worker (the one where this is cheapest) prefills it: its queue,
+  its uncached tokens (its own cached prefix counts there), then the KV of the blocks the
+  decode worker lacks crosses at the measured bandwidth, then the decode worker imports it
+  (which stalls its running sequences for the import) and computes the prompt's trailing
+  partial block itself (only full blocks travel).
+
+The cheaper one wins (remote must win by `remote_margin_ms`). Requests always have a way to
+run: with no prefill worker, or every one saturated, or nothing to ship, the answer is local
+(never an error, never a wait on an empty pool). Every decision carries a reason label from
+`REASONS` for a metric, and the predicted times of both paths.
+
+Pure: no I/O, no clock; the same code decides live (decode worker), in tests and in the
+offline replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+# ms to prefill T uncached tokens in a step batch where `running` other sequences decode
+# (e.g. the mocker's polynomial ignoring `running`, or a profile fitted by the planner).
+PrefillTimeFn = Callable[[int, int], float]
+
+LOCAL = "local"
+REMOTE = "remote"
+Mode = Literal["local", "remote"]
+
+NO_PREFILL_WORKERS = "no_prefill_workers"
+PREFILL_SATURATED = "prefill_saturated"
+SHORT_PROMPT_CACHED = "short_prompt_cached"
+REMOTE_CHEAPER = "remote_cheaper"
+LOCAL_CHEAPER = "local_cheaper"
+# Every reason label a decision can carry (a bounded label set for the metric).
+REASONS = (NO_PREFILL_WORKERS, PREFILL_SATURATED, SHORT_PROMPT_CACHED, REMOTE_CHEAPER,
+           LOCAL_CHEAPER)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeState:
+    """The decode worker the router picked, as it stands for this request."""
+
+    worker_id: int
+    cached_blocks: int = 0  # leading prompt blocks it already holds
+    running: int = 0  # sequences it is decoding (they stall while it prefills)
+    queued_prefill_tokens: int = 0  # uncached prompt tokens already queued there
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillState:
+    """A registered prefill worker."""
+
+    worker_id: int
+    cached_blocks: int = 0  # leading prompt blocks it holds (from the router's index)
+    queued_prefill_tokens: int = 0  # uncached prompt tokens queued ahead of this request
+    running: int = 0  # sequences in its batch
+    saturated: bool = False  # it says it takes no more (its queue is full)
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """What the decision is priced with.
+
+    prefill_ms(T, running): the prefill timing profile (shared by both paths: one model
+    family; pass per-pool profiles by wrapping). bandwidth_bytes_per_s: measured KV
+    transfer bandwidth (`BandwidthEstimator.bytes_per_s`). import_ms_per_block: what
+    importing one block costs the decode worker (its running sequences stall for it).
+    transfer_setup_ms: fixed cost of a transfer (header round trip, first chunk).
+    slowdown_weight: how many ms of this request's time one ms of stall of one running
+    sequence is worth (1.0: total latency over all users; a starting point to be fitted from
+    replays, not a measured optimum). max_prefill_queue_ms: a prefill worker whose queue
+    alone predicts more than this is saturated. remote_margin_ms: how much cheaper remote
+    must be (hysteresis against flapping on noise).
+    """
+
+    block_size: int
+    kv_bytes_per_token: float
+    prefill_ms: PrefillTimeFn
+    bandwidth_bytes_per_s: float
+    import_ms_per_block: float = 0.0
+    transfer_setup_ms: float = 1.0
+    slowdown_weight: float = 1.0
+    max_prefill_queue_ms: float = 2000.0
+    remote_margin_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_bytes_per_token < 0:
+            raise ValueError(f"kv_bytes_per_token must be >= 0, got {self.kv_bytes_per_token}")
+        if self.bandwidth_bytes_per_s <= 0:
+            raise ValueError(
+                f"bandwidth_bytes_per_s must be > 0, got {self.bandwidth_bytes_per_s}"
+            )
+        for name in ("import_ms_per_block", "transfer_setup_ms", "slowdown_weight",
+                     "max_prefill_queue_ms", "remote_margin_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The verdict and what it was based on (ms unless named otherwise).
+
+    local_ttft_ms: first token if prefilled locally. remote_ttft_ms: first token from the
+    prefill worker (streamed as soon as it is produced); remote_ready_ms: when the decode
+    worker can go on (transfer and import done). *_slowdown_ms: stall summed over the decode
+    worker's running sequences. cost_*: what was compared (None: not priced).
+    """
+
+    mode: Mode
+    reason: str
+    prefill_worker_id: int | None = None
+    local_ttft_ms: float = 0.0
+    local_slowdown_ms: float = 0.0
+    cost_local: float = 0.0
+    remote_ttft_ms: float | None = None
+    remote_ready_ms: float | None = None
+    remote_slowdown_ms: float | None = None
+    cost_remote: float | None = None
+    transfer_blocks: int = 0
+    transfer_bytes: int = 0
+    transfer_ms: float | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.mode == REMOTE
+
+
+@dataclass(frozen=True, slots=True)
+class _Remote:
+    worker_id: int
+    ttft_ms: float
+    ready_ms: float
+    slowdown_ms: float
+    cost: float
+    transfer_ms: float
+
+
+def _queue_ms(model: CostModel, queued_tokens: int, running: int) -> float:
+    return model.prefill_ms(queued_tokens, running) if queued_tokens > 0 else 0.0
+
+
+def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillState],
+           model: CostModel) -> Decision:
+    """Local or remote prefill for a prompt of `prompt_tokens` tokens (see the module doc)."""
+    if prompt_tokens < 1:
+        raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
+    bs = model.block_size
+    full_blocks = prompt_tokens // bs
+    # the last prompt token is always computed (its logits give the first output token)
+    local_cached = min(decode.cached_blocks * bs, prompt_tokens - 1)
+    local_compute = model.prefill_ms(prompt_tokens - local_cached, decode.running)
+    local_ttft = _queue_ms(model, decode.queued_prefill_tokens, decode.running) + local_compute
+    local_slowdown = decode.running * local_compute
+    cost_local = local_ttft + model.slowdown_weight * local_slowdown
+
+    def local(reason: str, **remote: object) -> Decision:
+        return Decision(mode=LOCAL, reason=reason, local_ttft_ms=local_ttft,
+                        local_slowdown_ms=local_slowdown, cost_local=cost_local,
+                        **remote)  # type: ignore[arg-type]
+
+    if not prefills:
+        return local(NO_PREFILL_WORKERS)
+    transfer_blocks = max(0, full_blocks - decode.cached_blocks)
+    if transfer_blocks == 0:
+        # nothing a prefill worker could ship: the decode worker holds every full block
+        # (or the prompt is shorter than one block)
+        return local(SHORT_PROMPT_CACHED)
+    transfer_bytes = int(transfer_blocks * bs * model.kv_bytes_per_token)
+    transfer_ms = model.transfer_setup_ms + transfer_bytes / model.bandwidth_bytes_per_s * 1e3
+    import_ms = transfer_blocks * model.import_ms_per_block
+    tail = prompt_tokens - full_blocks * bs  # recomputed on the decode worker
+    tail_ms = model.prefill_ms(tail, decode.running) if tail else 0.0
+    remote_slowdown = decode.running * (import_ms + tail_ms)
+
+    best: _Remote | None = None
+    for p in prefills:
+        if p.saturated:
+            continue
+        queue = _queue_ms(model, p.queued_prefill_tokens, p.running)
+        if queue > model.max_prefill_queue_ms:
+            continue
+        cached = min(p.cached_blocks * bs, prompt_tokens - 1)
+        ttft = queue + model.prefill_ms(prompt_tokens - cached, p.running)
+        ready = ttft + transfer_ms + import_ms + tail_ms
+        cost = ready + model.slowdown_weight * remote_slowdown
+        if best is None or (cost, p.worker_id) < (best.cost, best.worker_id):
+            best = _Remote(p.worker_id, ttft, ready, remote_slowdown, cost, transfer_ms)
+    if best is None:
+        return local(PREFILL_SATURATED, transfer_blocks=transfer_blocks,
+                     transfer_bytes=transfer_bytes, transfer_ms=transfer_ms)
+    priced = {
+        "remote_ttft_ms": best.ttft_ms,
+        "remote_ready_ms": best.ready_ms,
+        "remote_slowdown_ms": best.slowdown_ms,
+        "cost_remote": best.cost,
+        "transfer_blocks": transfer_blocks,
+        "transfer_bytes": transfer_bytes,
+        "transfer_ms": best.transfer_ms,
+    }
+    if best.cost + model.remote_margin_ms < cost_local:
+        return Decision(mode=REMOTE, reason=REMOTE_CHEAPER, prefill_worker_id=best.worker_id,
+                        local_ttft_ms=local_ttft,
+                        local_slowdown_ms=local_slowdown, cost_local=cost_local,
+                        **priced)  # type: ignore[arg-type]
+    return local(LOCAL_CHEAPER, **priced)

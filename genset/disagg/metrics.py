@@ -1,0 +1,58 @@
+"""Prometheus metrics of disaggregation: every prefill decision with its reason, and every KV
+transfer with its outcome, size and time. Labels come from fixed sets (decision reasons,
+transfer error codes; anything else a peer reports counts as "other"), so a hostile or buggy
+peer cannot grow the label space. The worker's, not the replay's: this module (unlike the rest
+of genset.disagg) imports the Prometheus client and the transfer hub."""
+
+from __future__ import annotations
+
+from genset.disagg.decision import LOCAL, REASONS, REMOTE, Decision
+from genset.runtime.metrics import Metrics
+from genset.transfer.errors import CODES, TransferError
+from genset.transfer.hub import NATS, TCP, TransferResult
+
+_TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                     10.0, 30.0)
+
+
+class DisaggMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.decisions = metrics.counter(
+            "disagg_decisions_total", "Prefill decisions: where and why", ("mode", "reason"))
+        self.transfers = metrics.counter(
+            "kv_transfers_total", "KV transfers ended, by side, transport and outcome (ok or "
+            "the error code)", ("side", "transport", "outcome"))
+        self.transfer_bytes = metrics.counter(
+            "kv_transfer_bytes_total", "KV bytes moved by finished transfers",
+            ("side", "transport"))
+        self.transfer_seconds = metrics.histogram(
+            "kv_transfer_seconds", "Duration of finished KV transfers (header to ack)",
+            ("side", "transport"), buckets=_TRANSFER_BUCKETS)
+        self.tcp_fallbacks = metrics.counter(
+            "kv_transfer_tcp_fallbacks_total", "Transfers that went over NATS because the "
+            "receiver's TCP endpoint could not be reached")
+        self.pins_expired = metrics.counter(
+            "kv_pins_expired_total", "Exported blocks unpinned by their deadline, not an ack")
+        self.bandwidth = metrics.gauge(
+            "kv_transfer_bandwidth_bytes_per_second", "Estimated KV transfer bandwidth the "
+            "prefill decision uses")
+        for mode in (LOCAL, REMOTE):  # every series exists from the start
+            for reason in REASONS:
+                self.decisions.labels(mode, reason)
+
+    def decision(self, d: Decision) -> None:
+        self.decisions.labels(d.mode, d.reason).inc()
+
+    def transfer(self, side: str, transport: str, result: TransferResult | None = None,
+                 error: BaseException | None = None) -> None:
+        """One ended transfer: `result` when it succeeded, else the error it failed with."""
+        transport = transport if transport in (NATS, TCP) else "none"
+        if result is not None:
+            self.transfers.labels(side, transport, "ok").inc()
+            self.transfer_bytes.labels(side, transport).inc(result.bytes)
+            self.transfer_seconds.labels(side, transport).observe(result.seconds)
+            if result.fallback:
+                self.tcp_fallbacks.inc()
+            return
+        code = error.code if isinstance(error, TransferError) else "other"
+        self.transfers.labels(side, transport, code if code in CODES else "other").inc()

@@ -1,0 +1,1085 @@
+"""A worker's KV transfer endpoint: receive sessions (decode side), send sessions (prefill
+side), over NATS chunks or a direct TCP stream. Protocol: proto/transfer.py.
+
+One `KvTransferHub` per worker process: one NATS subscription for the transfers it receives
+(`proto.subjects.kv_transfer_rx_all`), one for the credits and acks of those it sends
+(`kv_transfer_tx_all`), and optionally a TCP listener; messages are handed to their session
+by transfer id. Every wait has a deadline: a transfer's own (overall) and an idle timeout
+(no progress from the peer for that long means it is gone), so a dead peer costs at most the
+idle timeout, never a hang. Memory is bounded on both ends by the receiver's window: the
+sender never has more than `window_bytes` sent and not credited, and the receiver refuses a
+chunk that would make it hold more.
+
+Receiving (decode side)::
+
+    rx = await hub.open_receive(request_id, on_blocks=import_run, expected_hashes=hashes,
+                                layout=my_layout, deadline_s=30.0)
+    target = rx.target                      # put it in the remote-prefill request
+    result = await rx.wait()                # TransferError on any failure; rx.cancel() to stop
+
+Sending (prefill side)::
+
+    result = await hub.send(target, request_id=..., hashes=..., parent_hash=None,
+                            block_size=16, layout=layout, source=read_blocks)
+    # returns once the receiver acked every block (TransferError otherwise): unpin then
+
+`on_blocks(run)` is awaited for each `BlockRun` in order; while it runs the next chunks keep
+arriving (up to the window), which is the pipelining. `source(first, count)` returns `count`
+block payloads (bytes-like, bytes_per_block each) from block `first` of the transfer; it is
+called window by window, so the sender never holds the whole KV. Payload views handed to
+`on_blocks` are valid during the call only (TCP chunk buffers are reused): copy to keep.
+Call `send` once the blocks exist (after the prefill): the receiver's idle timeout runs from
+the header on. The TCP listener binds loopback unless `tcp_host` says otherwise (workers on
+other hosts: bind an interface, `advertise_host` the address peers use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from nats.aio.msg import Msg
+
+from genset.runtime.bus import Bus
+from genset.runtime.bus_errors import BusError
+from genset.transfer import errors
+from genset.transfer.assembly import (
+    Assembler,
+    BlockRun,
+    Payload,
+    check_header,
+    chunk_size_for,
+    effective_window,
+    group_checksum,
+    plan_groups,
+    split_parts,
+)
+from genset.transfer.errors import TransferError
+from genset.transfer.tcp import (
+    BufferPool,
+    SockReader,
+    TcpListener,
+    close_quietly,
+    connect,
+    decode_message,
+    frame,
+    linger_close,
+    send_all,
+)
+from proto import encode, subjects
+from proto.transfer import (
+    KvLayout,
+    KvTransferAbort,
+    KvTransferAck,
+    KvTransferChunk,
+    KvTransferCredit,
+    KvTransferHeader,
+    KvTransferTarget,
+    TcpEndpoint,
+)
+
+log = structlog.get_logger("genset.transfer")
+
+MiB = 1024 * 1024
+OnBlocks = Callable[[BlockRun], Awaitable[Any]]
+BlockSource = Callable[[int, int], Awaitable[Sequence[Payload]]]
+
+NATS = "nats"
+TCP = "tcp"
+# NATS sends a status message (header Status: 503) to a request's reply subject when nobody
+# subscribes to the request's subject.
+_STATUS = "Status"
+_NO_RESPONDERS = "503"
+
+
+@dataclass(slots=True)
+class TransferResult:
+    """How a finished transfer went (either side). `seconds`: from the header to the ack
+    (sender) or to the last import (receiver); `high_water_bytes`: the most bytes this side
+    held for it at once (sender: sent and not credited; receiver: received and not
+    imported). `fallback`: why a TCP transfer went over NATS instead, if it did."""
+
+    transfer_id: str
+    transport: str
+    blocks: int
+    bytes: int
+    chunks: int
+    seconds: float
+    high_water_bytes: int
+    fallback: str | None = None
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Failed:
+    """Queue sentinel: the session failed with `error`."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: TransferError) -> None:
+        self.error = error
+
+
+class _NatsLink:
+    __slots__ = ("bus", "subject")
+
+    def __init__(self, bus: Bus, subject: str) -> None:
+        self.bus = bus
+        self.subject = subject
+
+    async def send(self, message: Any) -> None:
+        if not self.subject:
+            return
+        try:
+            await self.bus.publish(self.subject, message)
+        except (BusError, OSError) as exc:
+            raise TransferError(errors.PEER_GONE, f"cannot publish to the peer: {exc}") from None
+
+
+class _TcpLink:
+    __slots__ = ("sock", "timeout")
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self.sock = sock
+        self.timeout = timeout
+
+    async def send(self, message: Any) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await send_all(self.sock, frame(message))
+        except (OSError, TimeoutError) as exc:
+            raise TransferError(errors.PEER_GONE, f"cannot write to the peer: {exc!r}") from None
+
+
+class KvReceiver:
+    """One incoming transfer (decode side). Made by `KvTransferHub.open_receive`."""
+
+    def __init__(
+        self,
+        hub: KvTransferHub,
+        *,
+        request_id: str,
+        on_blocks: OnBlocks,
+        expected_hashes: Sequence[int] | None,
+        first_block: int,
+        layout: KvLayout | None,
+        window_bytes: int,
+        deadline_s: float,
+        idle_timeout_s: float,
+    ) -> None:
+        self.hub = hub
+        self.transfer_id = secrets.token_hex(8)
+        self.request_id = request_id
+        self.on_blocks = on_blocks
+        self.expected = list(expected_hashes) if expected_hashes is not None else None
+        self.first_block = first_block
+        self.layout = layout
+        self.window_bytes = window_bytes
+        self.idle_timeout = idle_timeout_s
+        self._loop = asyncio.get_running_loop()
+        self.deadline = self._loop.time() + deadline_s
+        self.token = secrets.token_hex(16) if hub.listener is not None else ""
+        self.transport: str | None = None
+        self.assembler: Assembler | None = None
+        self.imported_blocks = 0
+        self.chunks = 0
+        self._link: _NatsLink | _TcpLink | None = None
+        # (chunk, its bytes, the pooled buffer holding them or None)
+        self._queue: deque[tuple[KvTransferChunk, Payload, bytearray | None] | _Failed]
+        self._queue = deque()
+        self._wake = asyncio.Event()
+        self._error: TransferError | None = None
+        self._tell_sender = True  # whether a failure is sent to the sender as a nack
+        self._started_at: float | None = None
+        self._sock: socket.socket | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None
+        self._result: asyncio.Future[TransferResult] = self._loop.create_future()
+        self._result.add_done_callback(_retrieve)
+        tcp = None
+        if hub.listener is not None:
+            tcp = TcpEndpoint(host=hub.listener.advertise_host, port=hub.listener.port,
+                              token=self.token)
+        self.target = KvTransferTarget(
+            transfer_id=self.transfer_id,
+            worker_id=hub.worker_id,
+            subject=subjects.kv_transfer_rx(hub.bus.namespace, hub.worker_id, self.transfer_id),
+            window_bytes=window_bytes,
+            first_block=first_block,
+            tcp=tcp,
+            layout=layout,
+            deadline_ms=int(time.time() * 1000 + deadline_s * 1000),
+        )
+
+    # -- the owner's side -----------------------------------------------------------------
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes received and not yet imported (0 once the transfer has ended)."""
+        return self.assembler.held_bytes if self.assembler is not None else 0
+
+    @property
+    def done(self) -> bool:
+        return self._result.done()
+
+    async def wait(self) -> TransferResult:
+        """Until every block is imported; raises TransferError otherwise. Never outlives the
+        transfer's deadline (plus the time to tell the sender)."""
+        return await asyncio.shield(self._result)
+
+    async def cancel(self, reason: str = "cancelled by the receiver") -> None:
+        """Stop (client cancel, shutdown): the sender is told, buffers are dropped."""
+        self._fail(TransferError(errors.CANCELLED, reason))
+        task = self._task
+        if task is not None and not task.done():
+            # the consumer sees the failure after the import in progress (bounded by the
+            # deadline); past close_timeout it is cancelled, which frees everything too
+            _, pending = await asyncio.wait([task], timeout=self.hub.close_timeout)
+            if pending:
+                task.cancel()
+                await asyncio.wait([task], timeout=self.hub.close_timeout)
+
+    # -- fed by the hub -------------------------------------------------------------------
+
+    def _start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"kv-rx-{self.transfer_id}")
+
+    def _on_header(self, header: KvTransferHeader, link: _NatsLink | _TcpLink,
+                   transport: str) -> KvTransferCredit | KvTransferAck:
+        """Accept or refuse a header; returns the reply for the sender."""
+        try:
+            if self._result.done() or self._error is not None:
+                raise TransferError(errors.CANCELLED, "the receiver already gave up",
+                                    retryable=True)
+            if self.assembler is not None:
+                raise TransferError(errors.BAD_MESSAGE, "a second header for this transfer")
+            self._check_header(header)
+        except TransferError as exc:
+            if self.assembler is None:  # a stray second header leaves the live one alone
+                self._fail(exc, tell_sender=False)
+            return KvTransferAck(transfer_id=header.transfer_id, ok=False, error=exc.info())
+        self.assembler = Assembler(header, self.window_bytes)
+        self._link = link
+        self.transport = transport
+        self._started_at = self._loop.time()
+        self._wake.set()
+        return KvTransferCredit(transfer_id=self.transfer_id)
+
+    def _check_header(self, h: KvTransferHeader) -> None:
+        check_header(h)
+        if h.transfer_id != self.transfer_id:
+            raise TransferError(errors.BAD_MESSAGE, f"header for transfer {h.transfer_id}")
+        if h.request_id != self.request_id:
+            raise TransferError(
+                errors.HASH_MISMATCH,
+                f"header for request {h.request_id!r}, this transfer is for {self.request_id!r}",
+            )
+        if self.layout is not None and h.layout != self.layout:
+            raise TransferError(
+                errors.LAYOUT_MISMATCH,
+                f"KV layout {_describe(h.layout)} cannot be imported here ({_describe(self.layout)})",
+            )
+        if self.expected is not None:
+            end = h.first_block + h.num_blocks
+            want = self.expected[h.first_block : end]
+            parent = self.expected[h.first_block - 1] if h.first_block > 0 else None
+            if want != h.hashes or (h.num_blocks and h.parent_hash != parent):
+                raise TransferError(
+                    errors.HASH_MISMATCH,
+                    f"blocks {h.first_block}..{end - 1} of request {self.request_id!r} do not "
+                    "chain to this request's prompt (different tokens or block size?)",
+                )
+
+    def _on_chunk(self, chunk: KvTransferChunk, data: Payload | None) -> bool:
+        """Admit a chunk (data None: its bytes follow on TCP and are read by the caller once
+        admitted). False when it is refused (the session failed)."""
+        if self._error is not None or self._result.done():
+            return False
+        if self.assembler is None:
+            self._fail(TransferError(errors.BAD_MESSAGE, "chunk before the header"))
+            return False
+        try:
+            self.assembler.admit(chunk)
+        except TransferError as exc:
+            self._fail(exc)
+            return False
+        if data is not None:
+            self._push(chunk, data)
+        return True
+
+    def _push(self, chunk: KvTransferChunk, data: Payload,
+              pooled: bytearray | None = None) -> None:
+        self._queue.append((chunk, data, pooled))
+        self._wake.set()
+
+    def _fail(self, error: TransferError, *, tell_sender: bool = True) -> None:
+        if self._error is not None or self._result.done():
+            return
+        self._error = error
+        self._tell_sender = tell_sender
+        self._queue.clear()
+        self._queue.append(_Failed(error))
+        self._wake.set()
+        if self._task is None:  # never started: settle here
+            self._finish_failed(error)
+
+    def _attach_tcp(self, header: KvTransferHeader, sock: socket.socket,
+                    reader: SockReader) -> None:
+        self._reader_task = asyncio.create_task(self._tcp_session(header, sock, reader))
+
+    async def _tcp_session(self, header: KvTransferHeader, sock: socket.socket,
+                           reader: SockReader) -> None:
+        link = _TcpLink(sock, self.idle_timeout)
+        reply = self._on_header(header, link, TCP)
+        try:
+            await link.send(reply)
+        except TransferError as exc:
+            self._fail(exc)
+            close_quietly(sock)
+            return
+        if isinstance(reply, KvTransferAck):
+            self.hub._close_socket(sock, linger=True)  # chunks may already be on their way
+            return
+        self._sock = sock
+        try:
+            while True:
+                msg = await reader.read_message()
+                if isinstance(msg, KvTransferChunk):
+                    if not self._on_chunk(msg, None):
+                        return
+                    buf = self.hub.buffers.get(msg.size)
+                    view = memoryview(buf)[: msg.size]
+                    await reader.read_into(view)
+                    self._push(msg, view, buf)
+                    if msg.last:
+                        return
+                    # let the consumer import it and send its credit now: when the socket
+                    # keeps having data this loop never waits, and credits held back until it
+                    # does stall the sender (measured: 64 MB through a 32 MB window in one
+                    # process took ~30% longer without this yield)
+                    await asyncio.sleep(0)
+                elif isinstance(msg, KvTransferAbort):
+                    self._fail(TransferError.from_info(msg.error, "the sender aborted: "),
+                               tell_sender=False)
+                    return
+                else:
+                    raise TransferError(errors.BAD_MESSAGE,
+                                        f"unexpected {type(msg).__name__} from the sender")
+        except EOFError:
+            got = self.assembler.received if self.assembler else 0
+            self._fail(TransferError(
+                errors.TRUNCATED,
+                f"transfer {self.transfer_id}: the sender's connection closed after {got} of "
+                f"{header.total_bytes} bytes"), tell_sender=False)
+        except TransferError as exc:
+            self._fail(exc)
+        except OSError as exc:
+            self._fail(TransferError(errors.PEER_GONE, f"connection to the sender failed: {exc!r}"),
+                       tell_sender=False)
+
+    # -- the consumer ---------------------------------------------------------------------
+
+    async def _wait(self, what: str, idle: bool) -> None:
+        """Until `_wake` is set; TransferError at the deadline or after the idle timeout."""
+        if self._wake.is_set():
+            return
+        left = self.deadline - self._loop.time()
+        if left <= 0:
+            raise TransferError(errors.DEADLINE, f"transfer {self.transfer_id}: deadline "
+                                f"passed waiting for {what}")
+        wait = min(left, self.idle_timeout) if idle else left
+        try:
+            async with asyncio.timeout(wait):
+                await self._wake.wait()
+        except TimeoutError:
+            if self._loop.time() >= self.deadline - 1e-3:
+                raise TransferError(errors.DEADLINE, f"transfer {self.transfer_id}: deadline "
+                                    f"passed waiting for {what}") from None
+            raise TransferError(errors.PEER_GONE, f"transfer {self.transfer_id}: no {what} "
+                                f"from the sender for {self.idle_timeout:g} s") from None
+
+    async def _run(self) -> None:
+        try:
+            while self.assembler is None:
+                self._wake.clear()
+                if self._queue:
+                    item = self._queue.popleft()
+                    assert isinstance(item, _Failed)
+                    raise item.error
+                await self._wait("header", idle=False)
+            asm = self.assembler
+            credited = 0
+            while not asm.complete:
+                if not self._queue:
+                    self._wake.clear()
+                    await self._wait("chunk", idle=True)
+                    continue
+                item = self._queue.popleft()
+                if isinstance(item, _Failed):
+                    raise item.error
+                chunk, data, pooled = item
+                self.chunks += 1
+                run = None
+                for run in asm.assemble(chunk, data):
+                    await self._import(run)
+                    asm.consumed(run.nbytes)
+                    self.imported_blocks += len(run.hashes)
+                del item, data, run
+                if pooled is not None:
+                    # the importer is done with the views into it (the on_blocks contract)
+                    self.hub.buffers.put(pooled)
+                # Credit every quarter window, and whenever nothing more is queued (the
+                # sender may be waiting on it: so it never waits for a credit we hold back).
+                # One credit per chunk cost a message and a wake-up on each side per chunk.
+                if (not asm.complete and self._link is not None and (
+                        not self._queue or asm.consumed_bytes - credited >= asm.window // 4)):
+                    credited = asm.consumed_bytes
+                    await self._link.send(KvTransferCredit(
+                        transfer_id=self.transfer_id, consumed_bytes=credited,
+                        imported_blocks=self.imported_blocks))
+            result = TransferResult(
+                transfer_id=self.transfer_id,
+                transport=self.transport or "",
+                blocks=self.imported_blocks,
+                bytes=asm.received,
+                chunks=self.chunks,
+                seconds=self._loop.time() - (self._started_at or self._loop.time()),
+                high_water_bytes=asm.high_water,
+            )
+            if self._link is not None:
+                with contextlib.suppress(TransferError):  # imported either way; the
+                    await self._link.send(KvTransferAck(  # sender's pins expire
+                        transfer_id=self.transfer_id, ok=True,
+                        imported_blocks=self.imported_blocks, received_bytes=asm.received))
+            self._cleanup()
+            if not self._result.done():
+                self._result.set_result(result)
+        except TransferError as exc:
+            if self._error is None:
+                self._error = exc
+                self._tell_sender = True
+            await self._end_failed(self._error)
+        except asyncio.CancelledError:
+            await self._end_failed(TransferError(errors.CANCELLED, "the receiver stopped"))
+            raise
+        except Exception as exc:  # a bug here must still free everything
+            log.exception("kv receive failed", transfer_id=self.transfer_id)
+            await self._end_failed(TransferError(errors.IMPORT_FAILED, repr(exc)))
+
+    async def _import(self, run: BlockRun) -> None:
+        left = self.deadline - self._loop.time()
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                await self.on_blocks(run)
+        except TimeoutError:
+            raise TransferError(errors.DEADLINE, f"transfer {self.transfer_id}: deadline "
+                                "passed while importing") from None
+        except TransferError:
+            raise
+        except Exception as exc:
+            raise TransferError(errors.IMPORT_FAILED,
+                                f"importing blocks {run.first_block}..: {exc!r}") from None
+
+    async def _end_failed(self, error: TransferError) -> None:
+        link = self._link
+        if link is not None and self._tell_sender:
+            with contextlib.suppress(TransferError, OSError):
+                async with asyncio.timeout(1.0):
+                    await link.send(KvTransferAck(
+                        transfer_id=self.transfer_id, ok=False,
+                        imported_blocks=self.imported_blocks,
+                        received_bytes=self.assembler.received if self.assembler else 0,
+                        error=error.info()))
+        self._finish_failed(error)
+
+    def _finish_failed(self, error: TransferError) -> None:
+        self._queue.clear()
+        if self.assembler is not None:
+            self.assembler.release_all()
+        self._cleanup(linger=True)
+        if not self._result.done():
+            self._result.set_exception(error)
+
+    def _cleanup(self, *, linger: bool = False) -> None:
+        self.hub._forget_receive(self)
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        task = self._reader_task
+        if task is not None and not task.done():
+            # the socket is closed once the reader has let go of it (closing a socket a
+            # pending read still polls is what the loops handle worst)
+            task.cancel()
+            task.add_done_callback(lambda _t: self.hub._close_socket(sock, linger))
+        else:
+            self.hub._close_socket(sock, linger)
+
+
+class _SendSession:
+    """The sender's side of one transfer: credits and the ack arrive here."""
+
+    def __init__(self, transfer_id: str, window: int) -> None:
+        self.transfer_id = transfer_id
+        self.window = window
+        self.credited = 0
+        self.sent = 0
+        self.high_water = 0
+        self.ack: KvTransferAck | None = None
+        self.error: TransferError | None = None
+        self.wake = asyncio.Event()
+
+    def on_control(self, msg: Any) -> None:
+        if isinstance(msg, KvTransferCredit):
+            self.credited = max(self.credited, msg.consumed_bytes)
+        elif isinstance(msg, KvTransferAck):
+            self.ack = msg
+        else:
+            self.error = TransferError(errors.BAD_MESSAGE,
+                                       f"unexpected {type(msg).__name__} from the receiver")
+        self.wake.set()
+
+    def fail(self, error: TransferError) -> None:
+        if self.error is None:
+            self.error = error
+        self.wake.set()
+
+
+class KvTransferHub:
+    """A worker's KV transfer endpoint (see the module docstring).
+
+    tcp_host: where the TCP listener binds (None: no direct TCP; receivers offer NATS only).
+    window_bytes: each receive's window (the bytes a transfer may hold in this process).
+    max_receives / max_sends: transfers at once; beyond, open_receive / send raise
+    TransferError(kv_busy) and the request runs aggregated. nats_headroom: bytes of a NATS
+    chunk kept for the message around the data. tcp_min_bytes: smaller transfers go over
+    NATS even when TCP is offered (a connection costs a round trip and a socket).
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        worker_id: int,
+        *,
+        tcp_host: str | None = "127.0.0.1",
+        tcp_port: int = 0,
+        advertise_host: str | None = None,
+        window_bytes: int = 32 * MiB,
+        max_receives: int = 64,
+        max_sends: int = 64,
+        nats_headroom: int = 4096,
+        nats_max_chunk: int | None = None,
+        tcp_chunk_bytes: int = 8 * MiB,
+        tcp_min_bytes: int = 1 * MiB,
+        connect_timeout: float = 1.0,
+        close_timeout: float = 5.0,
+    ) -> None:
+        if window_bytes < 1:
+            raise ValueError(f"window_bytes must be >= 1, got {window_bytes}")
+        self.bus = bus
+        self.worker_id = worker_id
+        self.window_bytes = window_bytes
+        self.max_receives = max_receives
+        self.max_sends = max_sends
+        self.nats_headroom = nats_headroom
+        self.nats_max_chunk = nats_max_chunk
+        self.tcp_chunk_bytes = tcp_chunk_bytes
+        self.tcp_min_bytes = tcp_min_bytes
+        self.connect_timeout = connect_timeout
+        self.close_timeout = close_timeout
+        # idle cost: up to one window of chunk buffers kept for the next TCP receive
+        self.buffers = BufferPool(window_bytes)
+        self.listener = (TcpListener(tcp_host, tcp_port, advertise_host=advertise_host)
+                         if tcp_host is not None else None)
+        self._receives: dict[str, KvReceiver] = {}
+        self._sends: dict[str, _SendSession] = {}
+        self._subs: list[Any] = []
+        self._lingering: set[asyncio.Task] = set()  # sockets closing after a last message
+        self._started = False
+        self.stats = {"stale_messages": 0, "tcp_fallbacks": 0, "bad_messages": 0}
+
+    @property
+    def ns(self) -> str:
+        return self.bus.namespace
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        nc = self.bus.nc
+        # The handler only decodes, checks and queues (each session bounds what it holds by
+        # its window), so nats-py's own queue stays short; this caps it when the loop is
+        # stalled: beyond it nats-py drops messages, and the transfers hit end as lost chunks.
+        limit = 4 * self.window_bytes + 64 * MiB
+        self._subs.append(await nc.subscribe(
+            subjects.kv_transfer_rx_all(self.ns, self.worker_id), cb=self._on_rx,
+            pending_msgs_limit=1 << 20, pending_bytes_limit=limit))
+        self._subs.append(await nc.subscribe(
+            subjects.kv_transfer_tx_all(self.ns, self.worker_id), cb=self._on_tx,
+            pending_msgs_limit=1 << 20))
+        await self.bus.flush()
+        if self.listener is not None:
+            await self.listener.start()
+
+    async def close(self) -> None:
+        """Fail every transfer in progress (the peers are told) and stop listening."""
+        for rx in list(self._receives.values()):
+            await rx.cancel("the receiver is shutting down")
+        for tx in list(self._sends.values()):
+            tx.fail(TransferError(errors.CANCELLED, "the sender is shutting down"))
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        if self.listener is not None:
+            await self.listener.close()
+        if self._lingering:
+            await asyncio.wait(set(self._lingering), timeout=self.close_timeout)
+        self._started = False
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def open_receive(
+        self,
+        request_id: str,
+        *,
+        on_blocks: OnBlocks,
+        expected_hashes: Sequence[int] | None = None,
+        first_block: int = 0,
+        layout: KvLayout | None = None,
+        window_bytes: int | None = None,
+        deadline_s: float = 60.0,
+        idle_timeout_s: float = 5.0,
+    ) -> KvReceiver:
+        """Get ready to receive a request's KV; `rx.target` goes to the sender.
+
+        expected_hashes: the request's full block chain; the header's blocks must be exactly
+        its blocks from `header.first_block` on (else kv_hash_mismatch). layout: what this
+        engine imports (None: anything). deadline_s: the whole transfer, header included
+        (the sender may still be prefilling); idle_timeout_s: the longest silence once the
+        header has arrived.
+        """
+        if not self._started:
+            await self.start()
+        if len(self._receives) >= self.max_receives:
+            raise TransferError(errors.BUSY, f"{len(self._receives)} KV receives in progress")
+        rx = KvReceiver(
+            self, request_id=request_id, on_blocks=on_blocks, expected_hashes=expected_hashes,
+            first_block=first_block, layout=layout,
+            window_bytes=window_bytes or self.window_bytes, deadline_s=deadline_s,
+            idle_timeout_s=idle_timeout_s,
+        )
+        self._receives[rx.transfer_id] = rx
+        if self.listener is not None:
+            self.listener.register(rx.token, rx._attach_tcp)
+        rx._start()
+        return rx
+
+    def _close_socket(self, sock: socket.socket, linger: bool) -> None:
+        if not linger:
+            close_quietly(sock)
+            return
+        task = asyncio.ensure_future(linger_close(sock))
+        self._lingering.add(task)
+        task.add_done_callback(self._lingering.discard)
+
+    def _forget_receive(self, rx: KvReceiver) -> None:
+        self._receives.pop(rx.transfer_id, None)
+        if self.listener is not None and rx.token:
+            self.listener.unregister(rx.token)
+
+    async def _on_rx(self, msg: Msg) -> None:
+        tid = msg.subject.rsplit(".", 1)[-1]
+        rx = self._receives.get(tid)
+        try:
+            message = decode_message(msg.data)
+        except TransferError as exc:
+            self.stats["bad_messages"] += 1
+            if rx is not None:
+                rx._fail(exc)
+            return
+        if rx is None:
+            self.stats["stale_messages"] += 1
+            if isinstance(message, KvTransferHeader) and msg.reply:
+                await self._reply(msg.reply, KvTransferAck(
+                    transfer_id=tid, ok=False, error=TransferError(
+                        errors.CANCELLED, f"no transfer {tid} here (ended or never opened)",
+                    ).info()))
+            return
+        if isinstance(message, KvTransferChunk):
+            rx._on_chunk(message, message.data)
+        elif isinstance(message, KvTransferHeader):
+            link = _NatsLink(self.bus, message.reply_subject)
+            reply = rx._on_header(message, link, NATS)
+            if msg.reply:
+                await self._reply(msg.reply, reply)
+        elif isinstance(message, KvTransferAbort):
+            rx._fail(TransferError.from_info(message.error, "the sender aborted: "),
+                     tell_sender=False)
+        else:
+            self.stats["bad_messages"] += 1
+
+    async def _reply(self, subject: str, message: Any) -> None:
+        with contextlib.suppress(BusError, OSError):
+            await self.bus.publish(subject, message)
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def _on_tx(self, msg: Msg) -> None:
+        tid = msg.subject.rsplit(".", 1)[-1]
+        tx = self._sends.get(tid)
+        if tx is None:
+            self.stats["stale_messages"] += 1
+            return
+        if msg.headers is not None and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+            tx.fail(TransferError(errors.PEER_GONE, f"no receiver for transfer {tid} (its "
+                                  "worker is gone or the transfer was closed)"))
+            return
+        try:
+            tx.on_control(decode_message(msg.data))
+        except TransferError as exc:
+            self.stats["bad_messages"] += 1
+            tx.fail(exc)
+
+    def nats_chunk_bytes(self) -> int:
+        """Data bytes per NATS chunk: the server's max_payload (from its INFO) less headroom
+        for the message around the data."""
+        room = self.bus.nc.max_payload - self.nats_headroom
+        if self.nats_max_chunk is not None:
+            room = min(room, self.nats_max_chunk)
+        if room < 1:
+            raise TransferError(errors.BAD_MESSAGE,
+                                f"server max_payload {self.bus.nc.max_payload} leaves no room "
+                                f"for KV chunks (headroom {self.nats_headroom})")
+        return room
+
+    async def send(
+        self,
+        target: KvTransferTarget,
+        *,
+        request_id: str,
+        hashes: Sequence[int],
+        block_size: int,
+        layout: KvLayout,
+        source: BlockSource,
+        parent_hash: int | None = None,
+        first_block: int | None = None,
+        deadline_s: float = 60.0,
+        idle_timeout_s: float = 5.0,
+        transport: str = "auto",
+    ) -> TransferResult:
+        """Send `hashes`' blocks (payloads from `source`) to `target`; returns once the
+        receiver acked them all. transport: auto (TCP when offered, the KV is at least
+        tcp_min_bytes and the connection succeeds within connect_timeout; else NATS) | nats
+        | tcp (fail rather than fall back). Raises TransferError (the receiver's own when it
+        refused or failed); on cancel the receiver is told."""
+        if transport not in ("auto", NATS, TCP):
+            raise ValueError(f"transport must be auto, nats or tcp, got {transport!r}")
+        if len(self._sends) >= self.max_sends:
+            raise TransferError(errors.BUSY, f"{len(self._sends)} KV sends in progress")
+        if not self._started:
+            await self.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        if target.deadline_ms is not None:
+            deadline = min(deadline, loop.time() + (target.deadline_ms / 1000 - time.time()))
+        bpb = layout.bytes_per_block
+        n = len(hashes)
+        total = n * bpb
+        window = effective_window(target.window_bytes, bpb)
+        tid = target.transfer_id
+        if tid in self._sends:
+            raise TransferError(errors.BAD_MESSAGE, f"transfer {tid} is already being sent")
+
+        sock: socket.socket | None = None
+        fallback: str | None = None
+        use = NATS
+        if transport != NATS and target.tcp is not None and (
+            transport == TCP or total >= self.tcp_min_bytes
+        ):
+            try:
+                timeout = max(0.0, min(self.connect_timeout, deadline - loop.time()))
+                sock = await connect(target.tcp.host, target.tcp.port, timeout)
+                use = TCP
+            except (OSError, TimeoutError) as exc:
+                if transport == TCP:
+                    raise TransferError(
+                        errors.PEER_GONE,
+                        f"cannot reach {target.tcp.host}:{target.tcp.port}: {exc!r}") from None
+                fallback = f"tcp connect to {target.tcp.host}:{target.tcp.port} failed: {exc!r}"
+                self.stats["tcp_fallbacks"] += 1
+        elif transport == TCP:
+            raise TransferError(errors.PEER_GONE, "the receiver offers no TCP endpoint")
+
+        max_chunk = self.tcp_chunk_bytes if use == TCP else self.nats_chunk_bytes()
+        chunk_bytes = chunk_size_for(max_chunk, window)
+        header = KvTransferHeader(
+            transfer_id=tid,
+            request_id=request_id,
+            sender_id=self.worker_id,
+            reply_subject=(subjects.kv_transfer_tx(self.ns, self.worker_id, tid)
+                           if use == NATS else ""),
+            block_size=block_size,
+            first_block=target.first_block if first_block is None else first_block,
+            num_blocks=n,
+            bytes_per_block=bpb,
+            total_bytes=total,
+            hashes=list(hashes),
+            parent_hash=parent_hash,
+            layout=layout,
+            token=target.tcp.token if use == TCP and target.tcp is not None else "",
+        )
+        session = _SendSession(tid, window)
+        self._sends[tid] = session
+        reader_task: asyncio.Task | None = None
+        started = loop.time()
+        chunks = 0
+        try:
+            # Chunks follow the header at once, within the window, without waiting for the
+            # receiver's answer (one round trip less before the first byte moves): a refusal
+            # arrives as a nack while they travel, and what was sent is dropped.
+            if use == TCP:
+                assert sock is not None
+                await self._tcp_send(sock, frame(header), idle_timeout_s)
+                reader_task = asyncio.create_task(self._tcp_control(sock, session))
+            else:
+                # a request whose reply subject is our control subject: the answer, or the
+                # server's no-responders status when nobody receives there, comes to _on_tx
+                try:
+                    await self.bus.nc.publish(target.subject, encode(header),
+                                              reply=header.reply_subject)
+                except Exception as exc:
+                    raise TransferError(errors.PEER_GONE,
+                                        f"sending the header failed: {exc!r}") from None
+            sink = _TcpSink(sock, idle_timeout_s) if use == TCP else _NatsSink(self.bus, target)
+            chunks = await self._stream(session, header, source, sink, chunk_bytes, deadline,
+                                        idle_timeout_s)
+            await self._await(session, deadline, idle_timeout_s, "the final ack",
+                              lambda: session.ack is not None)
+            assert session.ack is not None
+            _raise_nack(session.ack, "failed the transfer")
+            return TransferResult(
+                transfer_id=tid, transport=use, blocks=n, bytes=total, chunks=chunks,
+                seconds=loop.time() - started, high_water_bytes=session.high_water,
+                fallback=fallback,
+            )
+        except TransferError as exc:
+            if session.ack is None and reader_task is not None and exc.code == errors.PEER_GONE:
+                # a write failed: the receiver may have refused and closed; its reason is
+                # better than "connection reset" (the reader ends at its ack or at EOF)
+                await asyncio.wait([reader_task], timeout=1.0)
+            if session.ack is not None and not session.ack.ok and not _from_receiver(exc):
+                _raise_nack(session.ack, "stopped the transfer")
+            if not _from_receiver(exc):
+                await self._abort(use, sock, target, tid, exc)
+            raise
+        except asyncio.CancelledError:
+            await self._abort(use, sock, target, tid,
+                              TransferError(errors.CANCELLED, "the sender was cancelled"))
+            raise
+        finally:
+            self._sends.pop(tid, None)
+            if reader_task is not None:
+                reader_task.cancel()
+                await asyncio.wait([reader_task], timeout=self.close_timeout)
+            if sock is not None:  # after a failure the receiver may still be sending
+                self._close_socket(sock, linger=session.ack is None or not session.ack.ok)
+
+    async def _stream(self, session: _SendSession, header: KvTransferHeader, source: BlockSource,
+                      sink: _NatsSink | _TcpSink, chunk_bytes: int, deadline: float,
+                      idle: float) -> int:
+        bpb = header.bytes_per_block
+        n = header.num_blocks
+        total = header.total_bytes
+        window = session.window
+        tid = header.transfer_id
+        loop = asyncio.get_running_loop()
+        seq = 0
+        offset = 0
+        if total == 0:
+            await sink.send(KvTransferChunk(transfer_id=tid, seq=0, offset=0, size=0,
+                                            checksum=group_checksum([b""], 0, 0), last=True), ())
+            return 1
+        for group in plan_groups(n, bpb, chunk_bytes):
+            size = group.count * bpb
+            await self._await(session, deadline, idle, "credit from the receiver",
+                              lambda size=size: session.sent - session.credited + size <= window)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    payloads = list(await source(group.first, group.count))
+            except TimeoutError:
+                raise TransferError(errors.DEADLINE, "deadline passed reading blocks") from None
+            except TransferError:
+                raise
+            except Exception as exc:
+                raise TransferError(errors.SOURCE_FAILED,
+                                    f"reading blocks {group.first}..: {exc!r}") from None
+            if len(payloads) != group.count or any(len(p) != bpb for p in payloads):
+                raise TransferError(
+                    errors.SOURCE_FAILED,
+                    f"block source gave {len(payloads)} payloads of sizes "
+                    f"{sorted({len(p) for p in payloads})} for {group.count} blocks of {bpb} bytes")
+            for start, length in split_parts(size, chunk_bytes):
+                if session.error is not None:
+                    raise session.error
+                if session.ack is not None:
+                    _raise_nack(session.ack, "stopped the transfer")
+                last = offset + length == total
+                chunk = KvTransferChunk(
+                    transfer_id=tid, seq=seq, offset=offset, size=length,
+                    first_block=group.first + start // bpb,
+                    checksum=group_checksum(payloads, start, length), last=last,
+                )
+                await sink.send(chunk, _slices(payloads, start, length))
+                seq += 1
+                offset += length
+                session.sent = offset
+                session.high_water = max(session.high_water, offset - session.credited)
+            del payloads
+        return seq
+
+    async def _await(self, session: _SendSession, deadline: float, idle: float, what: str,
+                     ready: Callable[[], bool]) -> None:
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
+        credited = session.credited
+        while True:
+            if session.error is not None:
+                raise session.error
+            if ready():
+                return
+            if session.ack is not None:
+                _raise_nack(session.ack, "stopped the transfer")
+            now = loop.time()
+            if session.credited != credited:
+                credited, quiet_since = session.credited, now
+            if now >= deadline:
+                raise TransferError(errors.DEADLINE, f"transfer {session.transfer_id}: deadline "
+                                    f"passed waiting for {what}")
+            if now - quiet_since >= idle:
+                raise TransferError(errors.PEER_GONE, f"transfer {session.transfer_id}: no "
+                                    f"{what} for {idle:g} s (the receiver is gone or stuck)")
+            session.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(deadline, quiet_since + idle) - now):
+                    await session.wake.wait()
+
+    async def _tcp_send(self, sock: socket.socket, data: bytes, idle: float) -> None:
+        try:
+            async with asyncio.timeout(idle):
+                await send_all(sock, data)
+        except (OSError, TimeoutError) as exc:
+            raise TransferError(errors.PEER_GONE, f"writing to the receiver: {exc!r}") from None
+
+    async def _tcp_control(self, sock: socket.socket, session: _SendSession) -> None:
+        reader = SockReader(sock)
+        try:
+            while True:
+                session.on_control(await reader.read_message())
+                if session.ack is not None:
+                    return
+        except EOFError:
+            session.fail(TransferError(errors.PEER_GONE, "the receiver closed the connection"))
+        except TransferError as exc:
+            session.fail(exc)
+        except OSError as exc:
+            session.fail(TransferError(errors.PEER_GONE, f"connection to the receiver: {exc!r}"))
+
+    async def _abort(self, use: str, sock: socket.socket | None, target: KvTransferTarget,
+                     tid: str, error: TransferError) -> None:
+        """Tell the receiver we gave up (best effort, bounded)."""
+        msg = KvTransferAbort(transfer_id=tid, error=error.info())
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                if use == TCP and sock is not None:
+                    await send_all(sock, frame(msg))
+                else:
+                    await self.bus.publish(target.subject, msg)
+
+
+class _NatsSink:
+    __slots__ = ("bus", "subject")
+
+    def __init__(self, bus: Bus, target: KvTransferTarget) -> None:
+        self.bus = bus
+        self.subject = target.subject
+
+    async def send(self, chunk: KvTransferChunk, parts: Sequence[Payload]) -> None:
+        if parts:
+            chunk.data = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) \
+                else b"".join(parts)
+        try:
+            await self.bus.nc.publish(self.subject, encode(chunk))
+        except Exception as exc:
+            raise TransferError(errors.PEER_GONE, f"publishing chunk {chunk.seq}: {exc!r}") \
+                from None
+
+
+class _TcpSink:
+    __slots__ = ("idle", "sock")
+
+    def __init__(self, sock: socket.socket | None, idle: float) -> None:
+        assert sock is not None
+        self.sock = sock
+        self.idle = idle
+
+    async def send(self, chunk: KvTransferChunk, parts: Sequence[Payload]) -> None:
+        try:
+            async with asyncio.timeout(self.idle):
+                await send_all(self.sock, frame(chunk), *parts)
+        except (OSError, TimeoutError) as exc:
+            raise TransferError(errors.PEER_GONE,
+                                f"writing chunk {chunk.seq} to the receiver: {exc!r}") from None
+
+
+def _slices(payloads: Sequence[Payload], start: int, length: int) -> list[Payload]:
+    """The payload pieces covering bytes [start, start+length) laid end to end."""
+    out: list[Payload] = []
+    pos = 0
+    end = start + length
+    for p in payloads:
+        n = len(p)
+        lo, hi = max(start, pos), min(end, pos + n)
+        if lo < hi:
+            out.append(p if (lo, hi) == (pos, pos + n) else memoryview(p)[lo - pos : hi - pos])
+        pos += n
+        if pos >= end:
+            break
+    return out
+
+
+def _raise_nack(ack: KvTransferAck, what: str) -> None:
+    if ack.ok:
+        return
+    info = ack.error
+    if info is None:
+        raise TransferError(errors.REFUSED, f"the receiver {what} without a reason")
+    exc = TransferError.from_info(info, f"the receiver {what}: ")
+    exc.from_receiver = True  # type: ignore[attr-defined]
+    raise exc
+
+
+def _from_receiver(exc: TransferError) -> bool:
+    return getattr(exc, "from_receiver", False)
+
+
+def _describe(layout: KvLayout) -> str:
+    shape = "x".join(map(str, layout.block_shape)) or "-"
+    return (f"{layout.engine}/{layout.format or '-'}/{layout.dtype or '-'}/{shape}/"
+            f"{layout.bytes_per_block}B")
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    # the owner may never call wait() (it cancelled); don't log "exception never retrieved"
+    if not fut.cancelled():
+        fut.exception()
+

@@ -1,0 +1,249 @@
+"""The per-request prefill decision (every branch), the bandwidth estimator, and the
+mocker's disaggregation model. Pure: no I/O, no clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from genset.disagg import decision as d
+from genset.disagg.bandwidth import BandwidthEstimator
+from genset.disagg.sim import (
+    TIMING_FULL_PROMPT,
+    DisaggSimConfig,
+    role_behaviour,
+    transfer_blocks,
+    transfer_ms,
+)
+
+
+def linear_prefill(ms_per_token: float = 0.1, const: float = 0.0):
+    """A simple profile: const + ms_per_token per uncached token (batch ignored)."""
+    return lambda tokens, running: const + ms_per_token * tokens
+
+
+def model(**kw) -> d.CostModel:
+    base = {
+        "block_size": 16,
+        "kv_bytes_per_token": 1000.0,
+        "prefill_ms": linear_prefill(),
+        "bandwidth_bytes_per_s": 1e9,  # 1 ms per MB
+        "transfer_setup_ms": 1.0,
+        "slowdown_weight": 1.0,
+    }
+    base.update(kw)
+    return d.CostModel(**base)
+
+
+BUSY_DECODE = d.DecodeState(worker_id=1, cached_blocks=0, running=32)
+IDLE_PREFILL = d.PrefillState(worker_id=10)
+
+
+def test_no_prefill_worker_means_local_never_an_error():
+    dec = d.decide(4096, BUSY_DECODE, [], model())
+    assert dec.mode == d.LOCAL and dec.reason == d.NO_PREFILL_WORKERS
+    assert dec.prefill_worker_id is None and dec.cost_remote is None
+    assert dec.local_ttft_ms == pytest.approx(409.6)
+
+
+def test_all_prefill_workers_saturated_means_local():
+    flagged = d.PrefillState(worker_id=10, saturated=True)
+    backlog = d.PrefillState(worker_id=11, queued_prefill_tokens=50_000)  # 5000 ms of queue
+    dec = d.decide(4096, BUSY_DECODE, [flagged, backlog], model(max_prefill_queue_ms=2000))
+    assert dec.mode == d.LOCAL and dec.reason == d.PREFILL_SATURATED
+    assert dec.transfer_blocks == 256 and dec.transfer_ms is not None
+    # the same backlog is acceptable under a looser limit
+    dec = d.decide(4096, BUSY_DECODE, [backlog], model(max_prefill_queue_ms=10_000))
+    assert dec.reason in (d.REMOTE_CHEAPER, d.LOCAL_CHEAPER)
+
+
+def test_nothing_to_ship_means_local():
+    # the decode worker holds every full block of the prompt
+    dec = d.decide(100, d.DecodeState(worker_id=1, cached_blocks=6, running=64),
+                   [IDLE_PREFILL], model())
+    assert dec.mode == d.LOCAL and dec.reason == d.SHORT_PROMPT_CACHED
+    # a prompt shorter than a block has no block to ship at all
+    dec = d.decide(10, BUSY_DECODE, [IDLE_PREFILL], model())
+    assert dec.reason == d.SHORT_PROMPT_CACHED
+
+
+def test_long_prompt_on_a_busy_decode_worker_goes_remote():
+    dec = d.decide(4096, BUSY_DECODE, [IDLE_PREFILL], model())
+    assert dec.mode == d.REMOTE and dec.reason == d.REMOTE_CHEAPER
+    assert dec.prefill_worker_id == 10
+    # 256 blocks x 16 tokens x 1000 B = 4.096 MB at 1 GB/s + 1 ms setup
+    assert dec.transfer_bytes == 4_096_000
+    assert dec.transfer_ms == pytest.approx(5.096)
+    assert dec.remote_ttft_ms == pytest.approx(409.6)  # the first token comes from the prefill
+    assert dec.remote_ready_ms == pytest.approx(409.6 + 5.096)
+    assert dec.local_slowdown_ms == pytest.approx(32 * 409.6)  # 32 streams stall 409.6 ms
+    assert dec.cost_remote < dec.cost_local
+
+
+def test_idle_decode_worker_with_slow_link_stays_local():
+    # nobody to slow down, and 4 MB at 10 MB/s is 410 ms of transfer: local is cheaper
+    idle = d.DecodeState(worker_id=1, running=0)
+    dec = d.decide(4096, idle, [IDLE_PREFILL], model(bandwidth_bytes_per_s=1e7))
+    assert dec.mode == d.LOCAL and dec.reason == d.LOCAL_CHEAPER
+    assert dec.prefill_worker_id is None  # only a remote decision names a prefill worker
+    assert dec.cost_remote is not None and dec.cost_remote > dec.cost_local
+    # the same request with a fast link: both take the same prefill time, the transfer tips it
+    dec = d.decide(4096, idle, [IDLE_PREFILL], model(bandwidth_bytes_per_s=1e12))
+    assert dec.reason == d.LOCAL_CHEAPER  # transfer setup + nothing saved locally
+
+
+def test_cached_prefix_on_the_decode_worker_shrinks_local_work_and_transfer():
+    warm = d.DecodeState(worker_id=1, cached_blocks=250, running=8)
+    dec = d.decide(4096, warm, [IDLE_PREFILL], model())
+    assert dec.transfer_blocks == 6
+    assert dec.local_ttft_ms == pytest.approx(0.1 * (4096 - 250 * 16))
+    # the prefill worker would compute all 4096 tokens: local wins despite the running batch
+    assert dec.mode == d.LOCAL and dec.reason == d.LOCAL_CHEAPER
+
+
+def test_best_prefill_worker_is_the_cheapest_one():
+    queued = d.PrefillState(worker_id=10, queued_prefill_tokens=4000)
+    warm = d.PrefillState(worker_id=11, cached_blocks=200)
+    cold = d.PrefillState(worker_id=12)
+    dec = d.decide(4096, BUSY_DECODE, [queued, cold, warm], model())
+    assert dec.mode == d.REMOTE and dec.prefill_worker_id == 11
+    assert dec.remote_ttft_ms == pytest.approx(0.1 * (4096 - 200 * 16))
+    # ties go to the lowest worker id (deterministic across router replicas and replays)
+    dec = d.decide(4096, BUSY_DECODE, [d.PrefillState(worker_id=5), d.PrefillState(worker_id=3)],
+                   model())
+    assert dec.prefill_worker_id == 3
+
+
+def test_the_trailing_partial_block_and_import_are_charged_to_remote():
+    m = model(import_ms_per_block=0.5, prefill_ms=linear_prefill(0.1, const=2.0))
+    dec = d.decide(4100, BUSY_DECODE, [IDLE_PREFILL], m)
+    tail_ms = 2.0 + 0.1 * 4  # 4 tokens past the last full block, recomputed on decode
+    import_ms = 256 * 0.5
+    assert dec.remote_slowdown_ms == pytest.approx(32 * (tail_ms + import_ms))
+    assert dec.remote_ready_ms == pytest.approx(
+        dec.remote_ttft_ms + dec.transfer_ms + import_ms + tail_ms)
+
+
+def test_margin_and_weight_shift_the_balance():
+    # a small decode batch: remote wins on the slow-down term only
+    light = d.DecodeState(worker_id=1, running=1)
+    assert d.decide(4096, light, [IDLE_PREFILL], model()).mode == d.REMOTE
+    assert d.decide(4096, light, [IDLE_PREFILL], model(slowdown_weight=0.0)).mode == d.LOCAL
+    assert d.decide(4096, light, [IDLE_PREFILL], model(remote_margin_ms=1e6)).mode == d.LOCAL
+
+
+def test_every_reason_is_a_known_label_and_bad_input_is_refused():
+    assert set(d.REASONS) == {"no_prefill_workers", "prefill_saturated",
+                              "short_prompt_cached", "remote_cheaper", "local_cheaper"}
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        d.decide(0, BUSY_DECODE, [], model())
+    with pytest.raises(ValueError, match="bandwidth"):
+        model(bandwidth_bytes_per_s=0)
+    with pytest.raises(ValueError, match="slowdown_weight"):
+        model(slowdown_weight=-1)
+
+
+def test_mocker_polynomial_profile_fits_the_model():
+    from genset.engines.mocker import PolynomialTiming
+
+    timing = PolynomialTiming()
+    m = model(prefill_ms=lambda t, running: timing.prefill_ms(t))
+    dec = d.decide(8192, BUSY_DECODE, [IDLE_PREFILL], m)
+    assert dec.mode == d.REMOTE
+    assert dec.local_ttft_ms == pytest.approx(timing.prefill_ms(8192))
+
+
+# ---- bandwidth ------------------------------------------------------------------------------
+
+
+def test_bandwidth_starts_at_the_prior_then_follows_measurements():
+    bw = BandwidthEstimator(1e9, alpha=0.5, min_sample_bytes=1000)
+    assert bw.bytes_per_s == 1e9 and bw.samples == 0
+    assert bw.observe(10_000_000, 0.1)  # 100 MB/s replaces the prior
+    assert bw.bytes_per_s == pytest.approx(1e8)
+    assert bw.observe(10_000_000, 0.05)  # 200 MB/s: halfway there
+    assert bw.bytes_per_s == pytest.approx(1.5e8)
+    assert bw.predict_s(1.5e8) == pytest.approx(1.0)
+
+
+def test_bandwidth_ignores_meaningless_samples_and_clamps():
+    bw = BandwidthEstimator(1e9, min_sample_bytes=1 << 20, floor=1e6, ceiling=1e11,
+                            setup_s=0.001)
+    assert not bw.observe(1000, 0.001)  # too small to say anything
+    assert not bw.observe(10 << 20, 0.0)  # no time
+    assert not bw.observe(10 << 20, 0.0005)  # less than the setup
+    assert bw.samples == 0
+    assert bw.observe(10 << 20, 0.0010001)  # near-zero moving time: clamped, not infinite
+    assert bw.bytes_per_s == 1e11
+    with pytest.raises(ValueError):
+        BandwidthEstimator(0)
+
+
+# ---- mocker model ---------------------------------------------------------------------------
+
+
+def test_transfer_time_from_bytes_per_token_and_bandwidth():
+    # 1000 tokens x 128 KiB at 10 GB/s
+    assert transfer_ms(1000, 131072, 10.0) == pytest.approx(13.1072)
+    assert transfer_ms(1000, 131072, 10.0, speedup_ratio=2.0) == pytest.approx(6.5536)
+    assert transfer_ms(1000, 131072, 0.0) == 0.0  # bandwidth 0: no delay (as Dynamo's mocker)
+    assert transfer_ms(0, 131072, 10.0) == 0.0
+
+
+def test_timing_modes_count_the_blocks_that_travel():
+    assert transfer_blocks(100, 16, decode_cached_blocks=2) == 4  # 6 full, 2 already there
+    assert transfer_blocks(100, 16, decode_cached_blocks=2, mode=TIMING_FULL_PROMPT) == 6
+    assert transfer_blocks(10, 16) == 0
+    with pytest.raises(ValueError, match="timing mode"):
+        transfer_blocks(100, 16, mode="fast")
+
+
+def test_sim_config_roles_and_ready_time():
+    cfg = DisaggSimConfig(role="decode", kv_bytes_per_token=1000, kv_transfer_bandwidth_gb_s=1.0)
+    # 6 full blocks of 16 tokens missing on decode: 96 000 B at 1 GB/s
+    assert cfg.transfer_ms(100, 16) == pytest.approx(0.096)
+    assert cfg.kv_ready_at_ms(50.0, 100, 16, decode_cached_blocks=6) == 50.0
+    assert cfg.block_bytes(16) == 16_000
+    assert cfg.bandwidth_bytes_per_s() == 1e9
+    assert DisaggSimConfig().bandwidth_bytes_per_s() is None
+    prefill = role_behaviour("prefill")
+    assert prefill.serves_prefill and not prefill.serves_requests
+    assert prefill.max_tokens_override == 1
+    decode = role_behaviour("decode")
+    assert decode.serves_requests and decode.may_request_remote_prefill
+    assert not decode.serves_prefill
+    both = role_behaviour("both")
+    assert both.serves_requests and both.serves_prefill and both.max_tokens_override is None
+    with pytest.raises(ValueError, match="--role"):
+        DisaggSimConfig(role="mixed")
+    with pytest.raises(ValueError, match="--kv-transfer-bandwidth"):
+        DisaggSimConfig(kv_transfer_bandwidth_gb_s=-1)
+    with pytest.raises(ValueError, match="--kv-bytes-per-token"):
+        DisaggSimConfig(kv_bytes_per_token=-5)
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+def test_decisions_and_transfers_are_counted_with_bounded_labels():
+    from genset.disagg.metrics import DisaggMetrics
+    from genset.runtime.metrics import Metrics
+    from genset.transfer import TransferError, TransferResult, errors
+
+    reg = Metrics(process_metrics=False)
+    m = DisaggMetrics(reg)
+    m.decision(d.decide(4096, BUSY_DECODE, [], model()))
+    m.decision(d.decide(4096, BUSY_DECODE, [IDLE_PREFILL], model()))
+    ok = TransferResult(transfer_id="t", transport="tcp", blocks=4, bytes=4096, chunks=1,
+                        seconds=0.01, high_water_bytes=4096, fallback=None)
+    m.transfer("send", "tcp", ok)
+    m.transfer("recv", "nats", error=TransferError(errors.CHECKSUM, "torn"))
+    m.transfer("recv", "nats", error=TransferError("made_up_by_a_peer", "x"))
+    text = reg.render().decode()
+    assert 'genset_disagg_decisions_total{mode="local",reason="no_prefill_workers"} 1.0' in text
+    assert 'genset_disagg_decisions_total{mode="remote",reason="remote_cheaper"} 1.0' in text
+    assert 'genset_disagg_decisions_total{mode="local",reason="prefill_saturated"} 0.0' in text
+    assert 'outcome="ok",side="send",transport="tcp"} 1.0' in text
+    assert 'outcome="kv_checksum",side="recv",transport="nats"} 1.0' in text
+    assert 'outcome="other",side="recv",transport="nats"} 1.0' in text
+    assert "made_up_by_a_peer" not in text
+    assert 'genset_kv_transfer_bytes_total{side="send",transport="tcp"} 4096.0' in text

@@ -1,0 +1,612 @@
+"""KV transfer end to end over real NATS and real loopback sockets: round trips, chunking
+under max_payload, torn and truncated transfers, dead or silent peers on either side,
+cancels, bounded memory, pipelining, refusals, fallback.
+
+No test depends on timing: waits are on conditions with generous deadlines; the idle
+timeouts that detect a silent peer are short so the tests end quickly, and what is asserted
+is which error ends the transfer, never how long it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+
+import pytest
+
+from genset.kv.hashing import block_hashes
+from genset.runtime.bus import Bus
+from genset.runtime.infra import NatsServer
+from genset.transfer import KvTransferHub, PinTable, TransferError, errors
+from genset.transfer.assembly import checksum
+from genset.transfer.tcp import SockReader, connect, frame, send_all
+from proto import subjects
+from proto.transfer import (
+    KvLayout,
+    KvTransferAck,
+    KvTransferChunk,
+    KvTransferCredit,
+    KvTransferHeader,
+    KvTransferTarget,
+    TcpEndpoint,
+)
+
+RX_ID, TX_ID = 0xA1, 0xB2
+BPB = 40_000
+LAYOUT = KvLayout(engine="test", format="raw", bytes_per_block=BPB)
+WAIT = 30.0  # generous deadline for conditions
+
+
+async def _connect(url):
+    return await Bus.connect(url, name=f"xfer-{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture
+async def hubs(nats_server):
+    rx_bus, tx_bus = await _connect(nats_server.url), await _connect(nats_server.url)
+    rx, tx = KvTransferHub(rx_bus, RX_ID), KvTransferHub(tx_bus, TX_ID)
+    await rx.start()
+    await tx.start()
+    yield rx, tx
+    await rx.close()
+    await tx.close()
+    await rx_bus.close()
+    await tx_bus.close()
+
+
+def _blocks(n, bpb=BPB):
+    return [os.urandom(bpb) for _ in range(n)]
+
+
+def _hashes(n, block_size=16, seed=0):
+    return block_hashes([seed * 7919 + i for i in range(n * block_size)], block_size)
+
+
+class Collector:
+    """An importer that keeps what it got (copies: payload views die with the call)."""
+
+    def __init__(self, rx_ref=None):
+        self.hashes: list[int] = []
+        self.payloads: list[bytes] = []
+        self.parents: list[int | None] = []
+        self.held_seen: list[int] = []
+        self.rx = rx_ref
+
+    async def __call__(self, run):
+        if self.rx is not None:
+            self.held_seen.append(self.rx.held_bytes)
+        self.parents.append(run.parent_hash)
+        self.hashes.extend(run.hashes)
+        self.payloads.extend(bytes(p) for p in run.payloads)
+        await asyncio.sleep(0)
+
+
+def _source(blocks):
+    async def read(first, count):
+        return blocks[first : first + count]
+
+    return read
+
+
+async def _until(cond, what, wait_s=WAIT):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + wait_s
+    while not cond():
+        assert loop.time() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+async def _open(rx_hub, request_id, on_blocks=None, **kw):
+    col = on_blocks or Collector()
+    kw.setdefault("layout", LAYOUT)
+    rx = await rx_hub.open_receive(request_id, on_blocks=col, **kw)
+    if isinstance(col, Collector):
+        col.rx = rx
+    return rx, col
+
+
+# ---- round trips ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["nats", "tcp"])
+async def test_round_trip_is_byte_exact_in_hash_order(hubs, transport):
+    rx_hub, tx_hub = hubs
+    n_all, first = 60, 10  # the receiver holds blocks 0..9 already
+    hashes = _hashes(n_all)
+    blocks = _blocks(n_all - first)
+    rx, col = await _open(rx_hub, "req-1", expected_hashes=hashes, first_block=first)
+    assert rx.target.first_block == first and (rx.target.tcp is not None)
+    result = await tx_hub.send(rx.target, request_id="req-1", hashes=hashes[first:],
+                               parent_hash=hashes[first - 1], block_size=16, layout=LAYOUT,
+                               source=_source(blocks), transport=transport)
+    got = await rx.wait()
+    assert col.hashes == hashes[first:]
+    assert col.payloads == blocks
+    assert col.parents[0] == hashes[first - 1]
+    assert result.transport == got.transport == transport
+    assert result.blocks == got.blocks == n_all - first
+    assert result.bytes == got.bytes == (n_all - first) * BPB
+    assert rx.held_bytes == 0 and rx.done
+    assert not rx_hub._receives and not tx_hub._sends  # nothing left behind
+    if transport == "nats":
+        assert result.chunks > 1  # 2 MB do not fit one NATS message
+
+
+async def test_auto_picks_tcp_for_large_kv_and_nats_for_small(hubs):
+    rx_hub, tx_hub = hubs
+    for n, want in ((4, "nats"), (40, "tcp")):  # 160 KB / 1.6 MB; tcp_min_bytes is 1 MiB
+        hashes = _hashes(n, seed=n)
+        rx, col = await _open(rx_hub, f"auto-{n}", expected_hashes=hashes)
+        result = await tx_hub.send(rx.target, request_id=f"auto-{n}", hashes=hashes,
+                                   block_size=16, layout=LAYOUT, source=_source(_blocks(n)))
+        await rx.wait()
+        assert result.transport == want and col.hashes == hashes
+
+
+async def test_payloadless_blocks_travel_as_hashes_only(hubs):
+    rx_hub, tx_hub = hubs
+    layout = KvLayout(engine="mocker")
+    hashes = _hashes(5, seed=3)
+    rx, col = await _open(rx_hub, "mock", expected_hashes=hashes, layout=layout)
+
+    async def no_source(first, count):
+        raise AssertionError("nothing to read for payload-less blocks")
+
+    result = await tx_hub.send(rx.target, request_id="mock", hashes=hashes, block_size=16,
+                               layout=layout, source=no_source)
+    await rx.wait()
+    assert col.hashes == hashes and col.payloads == [b""] * 5
+    assert result.transport == "nats" and result.bytes == 0
+
+
+async def test_chunks_stay_under_a_small_server_max_payload(tmp_path):
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 65536\n")
+    server = NatsServer(extra_args=["-c", str(conf)]).start()
+    buses = []
+    try:
+        buses = [await _connect(server.url) for _ in range(3)]
+        rx_hub, tx_hub = KvTransferHub(buses[0], RX_ID), KvTransferHub(buses[1], TX_ID)
+        assert buses[1].nc.max_payload == 65536  # read from the server's INFO
+        sizes: list[int] = []
+
+        async def spy(msg):
+            sizes.append(len(msg.data))
+
+        await buses[2].nc.subscribe(subjects.kv_transfer_rx_all("default", RX_ID), cb=spy)
+        await buses[2].flush()
+        bpb = 100_000  # one block is bigger than a message may be: it travels in parts
+        layout = KvLayout(engine="test", bytes_per_block=bpb)
+        hashes, blocks = _hashes(5, seed=9), _blocks(5, bpb)
+        rx, col = await _open(rx_hub, "small", expected_hashes=hashes, layout=layout)
+        result = await tx_hub.send(rx.target, request_id="small", hashes=hashes, block_size=16,
+                                   layout=layout, source=_source(blocks), transport="nats")
+        await rx.wait()
+        assert col.payloads == blocks and col.hashes == hashes
+        await _until(lambda: len(sizes) >= result.chunks + 1, "spy saw every message")
+        assert max(sizes) <= 65536
+        assert result.chunks >= 5 * 2  # every block split
+        await rx_hub.close()
+        await tx_hub.close()
+    finally:
+        for b in buses:
+            await b.close()
+        server.cleanup()
+
+
+# ---- torn, truncated, refused ---------------------------------------------------------------
+
+
+def _header(rx, hashes, **kw):
+    fields = {
+        "transfer_id": rx.transfer_id, "request_id": rx.request_id, "sender_id": TX_ID,
+        "block_size": 16, "num_blocks": len(hashes), "bytes_per_block": BPB,
+        "total_bytes": len(hashes) * BPB, "hashes": hashes, "layout": LAYOUT,
+    }
+    fields.update(kw)
+    return KvTransferHeader(**fields)
+
+
+class HandSender:
+    """Plays the sender over NATS by hand, to send what a correct sender never would."""
+
+    def __init__(self, bus: Bus):
+        self.bus = bus
+        self.subject = f"test.replies.{uuid.uuid4().hex[:8]}"
+        self.replies: list = []
+
+    async def start(self):
+        from genset.transfer.tcp import decode_message
+
+        async def on(msg):
+            self.replies.append(decode_message(msg.data))
+
+        await self.bus.nc.subscribe(self.subject, cb=on)
+        await self.bus.flush()
+        return self
+
+    async def header(self, rx, hashes, **kw):
+        from genset.transfer.tcp import decode_message
+
+        reply = await self.bus.request(rx.target.subject,
+                                       _header(rx, hashes, reply_subject=self.subject, **kw),
+                                       timeout=WAIT)
+        return decode_message(reply)
+
+    async def chunk(self, rx, seq, offset, data, *, last=False, check=None):
+        await self.bus.publish(rx.target.subject, KvTransferChunk(
+            transfer_id=rx.transfer_id, seq=seq, offset=offset, size=len(data),
+            checksum=checksum(data) if check is None else check, last=last, data=data))
+
+
+async def test_corrupted_chunk_is_detected_over_nats(hubs):
+    rx_hub, tx_hub = hubs
+    hand = await HandSender(tx_hub.bus).start()
+    hashes, blocks = _hashes(3, seed=4), _blocks(3)
+    rx, col = await _open(rx_hub, "torn", expected_hashes=hashes)
+    assert isinstance(await hand.header(rx, hashes), KvTransferCredit)
+    await hand.chunk(rx, 0, 0, blocks[0])
+    torn = bytearray(blocks[1])
+    torn[100] ^= 1
+    await hand.chunk(rx, 1, BPB, bytes(torn), check=checksum(blocks[1]))
+    with pytest.raises(TransferError) as info:
+        await rx.wait()
+    assert info.value.code == errors.CHECKSUM
+    assert col.hashes == hashes[:1]  # the good block before it was imported
+    assert rx.held_bytes == 0
+    await _until(lambda: any(isinstance(r, KvTransferAck) for r in hand.replies), "nack")
+    ack = next(r for r in hand.replies if isinstance(r, KvTransferAck))
+    assert not ack.ok and ack.error.code == errors.CHECKSUM
+
+
+async def test_truncated_transfer_is_detected_over_nats(hubs):
+    rx_hub, tx_hub = hubs
+    hand = await HandSender(tx_hub.bus).start()
+    hashes, blocks = _hashes(3, seed=5), _blocks(3)
+    rx, _ = await _open(rx_hub, "short", expected_hashes=hashes)
+    await hand.header(rx, hashes)
+    await hand.chunk(rx, 0, 0, blocks[0] + blocks[1], last=True)  # ends 1 block early
+    with pytest.raises(TransferError, match=f"ended after {2 * BPB} of {3 * BPB}") as info:
+        await rx.wait()
+    assert info.value.code == errors.TRUNCATED and rx.held_bytes == 0
+
+
+async def _tcp_open(rx, hashes, **kw):
+    sock = await connect(rx.target.tcp.host, rx.target.tcp.port, WAIT)
+    reader = SockReader(sock)
+    await send_all(sock, frame(_header(rx, hashes, token=rx.target.tcp.token, **kw)))
+    return sock, reader, await reader.read_message()
+
+
+async def test_corrupted_chunk_is_detected_over_tcp(hubs):
+    rx_hub, _ = hubs
+    hashes, blocks = _hashes(2, seed=6), _blocks(2)
+    rx, _ = await _open(rx_hub, "torn-tcp", expected_hashes=hashes)
+    sock, reader, accept = await _tcp_open(rx, hashes)
+    try:
+        assert isinstance(accept, KvTransferCredit)
+        data = b"".join(blocks)
+        bad = bytearray(data)
+        bad[-1] ^= 0xFF
+        await send_all(sock, frame(KvTransferChunk(
+            transfer_id=rx.transfer_id, seq=0, offset=0, size=len(data), checksum=checksum(data),
+            last=True)), bytes(bad))
+        ack = await asyncio.wait_for(reader.read_message(), WAIT)
+        assert isinstance(ack, KvTransferAck) and not ack.ok
+        assert ack.error.code == errors.CHECKSUM
+        with pytest.raises(TransferError, match="checksum"):
+            await rx.wait()
+        assert rx.held_bytes == 0
+    finally:
+        sock.close()
+
+
+async def test_truncated_tcp_stream_is_detected(hubs):
+    rx_hub, _ = hubs
+    hashes, blocks = _hashes(2, seed=7), _blocks(2)
+    rx, col = await _open(rx_hub, "cut", expected_hashes=hashes)
+    sock, _reader, _ = await _tcp_open(rx, hashes)
+    data = b"".join(blocks)
+    # announce both blocks, send one and a half, then the sender dies
+    await send_all(sock, frame(KvTransferChunk(
+        transfer_id=rx.transfer_id, seq=0, offset=0, size=len(data), checksum=checksum(data),
+        last=True)), data[: BPB + BPB // 2])
+    sock.close()
+    with pytest.raises(TransferError, match="connection closed after") as info:
+        await rx.wait()
+    assert info.value.code == errors.TRUNCATED
+    assert col.hashes == [] and rx.held_bytes == 0
+
+
+async def test_a_wrong_token_is_refused_and_the_transfer_stays_open(hubs):
+    rx_hub, tx_hub = hubs
+    hashes, blocks = _hashes(2, seed=8), _blocks(2)
+    rx, col = await _open(rx_hub, "tok", expected_hashes=hashes)
+    sock = await connect(rx.target.tcp.host, rx.target.tcp.port, WAIT)
+    try:
+        await send_all(sock, frame(_header(rx, hashes, token="0" * 32)))
+        ack = await asyncio.wait_for(SockReader(sock).read_message(), WAIT)
+        assert not ack.ok and ack.error.code == errors.REFUSED
+    finally:
+        sock.close()
+    await tx_hub.send(rx.target, request_id="tok", hashes=hashes, block_size=16, layout=LAYOUT,
+                      source=_source(blocks), transport="tcp")
+    await rx.wait()
+    assert col.payloads == blocks
+    # the token was one-time: replaying it is refused
+    sock = await connect(rx.target.tcp.host, rx.target.tcp.port, WAIT)
+    try:
+        await send_all(sock, frame(_header(rx, hashes, token=rx.target.tcp.token)))
+        ack = await asyncio.wait_for(SockReader(sock).read_message(), WAIT)
+        assert not ack.ok and "token" in ack.error.message
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("transport", ["nats", "tcp"])
+async def test_layout_and_hash_mismatches_are_refused_and_nothing_is_imported(hubs, transport):
+    rx_hub, tx_hub = hubs
+    hashes, blocks = _hashes(3, seed=10), _blocks(3)
+    source = _source(blocks)
+    rx, col = await _open(rx_hub, "lay", expected_hashes=hashes)
+    other = KvLayout(engine="test", format="raw", dtype="bfloat16", bytes_per_block=BPB)
+    with pytest.raises(TransferError) as info:
+        await tx_hub.send(rx.target, request_id="lay", hashes=hashes, block_size=16,
+                          layout=other, source=source, transport=transport)
+    assert info.value.code == errors.LAYOUT_MISMATCH and not info.value.retryable
+    with pytest.raises(TransferError, match="layout"):
+        await rx.wait()
+    assert col.hashes == []
+
+    rx, col = await _open(rx_hub, "hash", expected_hashes=hashes)
+    with pytest.raises(TransferError) as info:
+        await tx_hub.send(rx.target, request_id="hash", hashes=_hashes(3, seed=11),
+                          block_size=16, layout=LAYOUT, source=source, transport=transport)
+    assert info.value.code == errors.HASH_MISMATCH
+    assert col.hashes == [] and not rx_hub._receives and not tx_hub._sends
+
+
+async def test_a_sender_without_a_receiver_fails_fast(hubs):
+    rx_hub, tx_hub = hubs
+    hashes, blocks = _hashes(2, seed=12), _blocks(2)
+    # a transfer that ended: the receiving worker answers that it has no such transfer
+    rx, _ = await _open(rx_hub, "gone", expected_hashes=hashes)
+    await rx.cancel("client went away")
+    with pytest.raises(TransferError) as info:
+        await tx_hub.send(rx.target, request_id="gone", hashes=hashes, block_size=16,
+                          layout=LAYOUT, source=_source(blocks), transport="nats")
+    assert info.value.code == errors.CANCELLED
+    # a receiving worker that is gone: nobody listens on the subject
+    target = KvTransferTarget(transfer_id="dead00", worker_id=0xDEAD,
+                              subject=subjects.kv_transfer_rx("default", 0xDEAD, "dead00"),
+                              window_bytes=1 << 20)
+    with pytest.raises(TransferError) as info:
+        await tx_hub.send(target, request_id="x", hashes=hashes, block_size=16, layout=LAYOUT,
+                          source=_source(blocks))
+    assert info.value.code == errors.PEER_GONE and "no receiver for" in info.value.message
+
+
+async def test_tcp_falls_back_to_nats_when_the_endpoint_is_unreachable(hubs):
+    rx_hub, tx_hub = hubs
+    hashes, blocks = _hashes(30, seed=13), _blocks(30)
+    rx, col = await _open(rx_hub, "fb", expected_hashes=hashes)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    target = KvTransferTarget(**{
+        **{f: getattr(rx.target, f) for f in rx.target.__struct_fields__},
+        "tcp": TcpEndpoint(host="127.0.0.1", port=port, token=rx.token)})
+    result = await tx_hub.send(target, request_id="fb", hashes=hashes, block_size=16,
+                               layout=LAYOUT, source=_source(blocks))
+    await rx.wait()
+    assert result.transport == "nats" and "tcp connect" in result.fallback
+    assert col.payloads == blocks
+    rx, _ = await _open(rx_hub, "fb2", expected_hashes=hashes)
+    target = KvTransferTarget(**{
+        **{f: getattr(rx.target, f) for f in rx.target.__struct_fields__},
+        "tcp": TcpEndpoint(host="127.0.0.1", port=port, token=rx.token)})
+    with pytest.raises(TransferError) as info:
+        await tx_hub.send(target, request_id="fb2", hashes=hashes, block_size=16,
+                          layout=LAYOUT, source=_source(blocks), transport="tcp")
+    assert info.value.code == errors.PEER_GONE
+    await rx.cancel()
+
+
+# ---- dead and silent peers, cancels ---------------------------------------------------------
+
+
+class Gate:
+    """A block source that serves the first group, then waits for `release`."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+        self.calls = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self, first, count):
+        self.calls += 1
+        if self.calls > 1:
+            await self.release.wait()
+        return self.blocks[first : first + count]
+
+
+@pytest.mark.parametrize("transport", ["nats", "tcp"])
+async def test_a_cancelled_sender_fails_the_receiver_and_frees_its_buffers(hubs, transport):
+    rx_hub, tx_hub = hubs
+    hashes, blocks = _hashes(40, seed=14), _blocks(40)
+    rx, col = await _open(rx_hub, "sc", expected_hashes=hashes, window_bytes=256 * 1024)
+    gate = Gate(blocks)
+    send = asyncio.create_task(tx_hub.send(
+        rx.target, request_id="sc", hashes=hashes, block_size=16, layout=LAYOUT, source=gate,
+        transport=transport))
+    await _until(lambda: col.hashes, "first blocks imported")
+    send.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await send
+    with pytest.raises(TransferError) as info:
+        await rx.wait()
+    assert info.value.code == errors.CANCELLED and "sender aborted" in info.value.message
+    assert rx.held_bytes == 0 and not rx_hub._receives and not tx_hub._sends
+
+
+async def test_a_sender_that_goes_silent_is_detected_before_the_deadline(hubs):
+    rx_hub, tx_hub = hubs
+    hand = await HandSender(tx_hub.bus).start()
+    hashes, blocks = _hashes(3, seed=15), _blocks(3)
+    rx, col = await _open(rx_hub, "silent", expected_hashes=hashes, idle_timeout_s=0.3,
+                          deadline_s=120.0)
+    await hand.header(rx, hashes)
+    await hand.chunk(rx, 0, 0, blocks[0])  # then the sender's process dies: nothing more
+    with pytest.raises(TransferError) as info:
+        await rx.wait()
+    assert info.value.code == errors.PEER_GONE  # the idle timeout, not the 120 s deadline
+    assert "no chunk from the sender" in info.value.message
+    assert col.hashes == hashes[:1] and rx.held_bytes == 0
+
+
+async def test_a_receiver_that_never_acks_fails_the_sender_and_its_pins_expire(hubs):
+    _, tx_hub = hubs
+    bus = tx_hub.bus
+    subject = "test.blackhole.rx"
+
+    async def accept_then_ignore(msg):  # accepts the header, then never answers again
+        if msg.reply:
+            await bus.publish(msg.reply, KvTransferCredit(transfer_id="bh01"))
+
+    await bus.nc.subscribe(subject, cb=accept_then_ignore)
+    await bus.flush()
+    hashes, blocks = _hashes(100, seed=16), _blocks(100)  # 4 MB, over the 1 MiB window
+    target = KvTransferTarget(transfer_id="bh01", worker_id=1, subject=subject,
+                              window_bytes=1 << 20)
+    pins = PinTable()
+    now = 500.0  # the worker's clock, injected
+    pins.pin("bh01", list(range(100)), deadline=now + 30.0)
+    with pytest.raises(TransferError) as info:
+        await tx_hub.send(target, request_id="x", hashes=hashes, block_size=16, layout=LAYOUT,
+                          source=_source(blocks), idle_timeout_s=0.3, deadline_s=120.0)
+    assert info.value.code == errors.PEER_GONE and "credit" in info.value.message
+    assert not tx_hub._sends
+    # had the worker lost the failure too, the deadline frees the blocks
+    assert pins.expire(now + 29.0) == []
+    assert [e.blocks for e in pins.expire(now + 30.0)] == [tuple(range(100))]
+
+
+async def test_a_dying_receiving_worker_tells_the_sender(hubs):
+    rx_hub, tx_hub = hubs
+    hashes, blocks = _hashes(40, seed=17), _blocks(40)
+    rx, col = await _open(rx_hub, "rd", expected_hashes=hashes, window_bytes=256 * 1024)
+    gate = Gate(blocks)
+    send = asyncio.create_task(tx_hub.send(
+        rx.target, request_id="rd", hashes=hashes, block_size=16, layout=LAYOUT, source=gate,
+        transport="tcp"))
+    await _until(lambda: col.hashes, "first blocks imported")
+    await rx_hub.close()  # the decode worker shuts down mid-transfer
+    gate.release.set()
+    with pytest.raises(TransferError) as info:
+        await send
+    assert info.value.code in (errors.CANCELLED, errors.PEER_GONE)
+    assert rx.held_bytes == 0 and not tx_hub._sends
+
+
+@pytest.mark.parametrize("transport", ["nats", "tcp"])
+async def test_a_client_cancel_on_the_receiver_stops_the_sender(hubs, transport):
+    rx_hub, tx_hub = hubs
+    hashes, blocks = _hashes(40, seed=18), _blocks(40)
+    holder = {}
+
+    async def cancel_on_first(run):
+        holder.setdefault("task", asyncio.create_task(holder["rx"].cancel("client went away")))
+
+    rx, _ = await _open(rx_hub, "cc", on_blocks=cancel_on_first, expected_hashes=hashes,
+                        window_bytes=256 * 1024)
+    holder["rx"] = rx
+    with pytest.raises(TransferError) as info:
+        await tx_hub.send(rx.target, request_id="cc", hashes=hashes, block_size=16,
+                          layout=LAYOUT, source=_source(blocks), transport=transport)
+    assert info.value.code == errors.CANCELLED and "client went away" in info.value.message
+    with pytest.raises(TransferError, match="client went away"):
+        await rx.wait()
+    assert rx.held_bytes == 0 and not tx_hub._sends
+
+
+async def test_a_receive_with_no_header_ends_at_its_deadline(hubs):
+    rx_hub, _ = hubs
+    rx, _ = await _open(rx_hub, "late", deadline_s=0.2)
+    with pytest.raises(TransferError) as info:
+        await rx.wait()
+    assert info.value.code == errors.DEADLINE and not rx_hub._receives
+
+
+# ---- memory and pipelining ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["nats", "tcp"])
+async def test_memory_stays_within_the_window_on_both_ends(hubs, transport):
+    rx_hub, tx_hub = hubs
+    window = 256 * 1024
+    n = 64
+    hashes, blocks = _hashes(n, seed=19), _blocks(n, 32 * 1024)  # 2 MiB through 256 KiB
+    layout = KvLayout(engine="test", bytes_per_block=32 * 1024)
+
+    class Slow(Collector):
+        async def __call__(self, run):
+            await super().__call__(run)
+            for _ in range(20):  # let the sender run ahead as far as it can
+                await asyncio.sleep(0)
+
+    col = Slow()
+    rx = await rx_hub.open_receive("mem", on_blocks=col, expected_hashes=hashes, layout=layout,
+                                   window_bytes=window)
+    col.rx = rx
+    result = await tx_hub.send(rx.target, request_id="mem", hashes=hashes, block_size=16,
+                               layout=layout, source=_source(blocks), transport=transport)
+    got = await rx.wait()
+    assert col.payloads == blocks
+    assert max(col.held_seen) <= window
+    assert 0 < got.high_water_bytes <= window
+    assert 0 < result.high_water_bytes <= window
+    assert result.chunks >= 2 * 1024 * 1024 // (window // 2)  # chunks are at most half
+
+
+@pytest.mark.parametrize("transport", ["nats", "tcp"])
+async def test_the_next_chunk_arrives_while_one_is_imported(hubs, transport):
+    rx_hub, tx_hub = hubs
+    bpb = 32 * 1024
+    hashes, blocks = _hashes(32, seed=20), _blocks(32, bpb)
+    layout = KvLayout(engine="test", bytes_per_block=bpb)
+    seen = {}
+
+    async def importer(run):
+        if "first" not in seen:
+            end = (run.first_block + len(run.hashes)) * bpb
+            # held here until more than this run has arrived: pipelining, or a timeout
+            await _until(lambda: seen["rx"].assembler.received > end, "next chunk in flight")
+            seen["first"] = end
+
+    rx = await rx_hub.open_receive("pipe", on_blocks=importer, expected_hashes=hashes,
+                                   layout=layout, window_bytes=256 * 1024)
+    seen["rx"] = rx
+    await tx_hub.send(rx.target, request_id="pipe", hashes=hashes, block_size=16,
+                      layout=layout, source=_source(blocks), transport=transport)
+    await rx.wait()
+    assert seen["first"] < 32 * bpb
+
+
+async def test_receives_beyond_the_limit_are_refused_as_busy(nats_server):
+    bus = await _connect(nats_server.url)
+    hub = KvTransferHub(bus, 0xC3, max_receives=1, tcp_host=None)
+    try:
+        rx, _ = await _open(hub, "one")
+        assert rx.target.tcp is None  # no listener: NATS only
+        with pytest.raises(TransferError) as info:
+            await _open(hub, "two")
+        assert info.value.code == errors.BUSY and info.value.retryable
+        await rx.cancel()
+        rx, _ = await _open(hub, "three")  # room again
+        await rx.cancel()
+    finally:
+        await hub.close()
+        await bus.close()
