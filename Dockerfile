@@ -42,7 +42,11 @@ RUN --mount=type=secret,id=pip_cert \
 # The torch engine's extra on top: the only multi-GB layer, kept out of the slim target.
 FROM deps AS torch-deps
 ARG TORCH_SPEC="torch>=2.4"
+# Where pip may also look for torch: another index (PIP_EXTRA_INDEX_URL) or a directory of
+# wheels served over HTTP (PIP_FIND_LINKS, e.g. `python3 -m http.server` on the build host
+# with --network host). Plain URLs, no credentials: build arguments stay in the image history.
 ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_FIND_LINKS=""
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
  && pip install -q "$TORCH_SPEC" 'safetensors>=0.4'

@@ -271,10 +271,16 @@ def test_compose_stack_builds_serves_scales_survives_and_leaves_nothing(engine, 
     stack = Stack(engine)
 
     def step(name: str, fn, *args, **kw):
+        with timed(name):
+            return fn(*args, **kw)
+
+    @contextlib.contextmanager
+    def timed(name: str):
         started = time.monotonic()
-        result = fn(*args, **kw)
-        timings[name] = time.monotonic() - started
-        return result
+        try:
+            yield
+        finally:
+            timings[name] = time.monotonic() - started
 
     # Base image from Debian's packages (the tarball under .state is reused on a second run).
     step("base image", run, ["bash", "deploy/docker/base-image.sh", BASE_IMAGE],
@@ -295,7 +301,8 @@ def test_compose_stack_builds_serves_scales_survives_and_leaves_nothing(engine, 
         assert len(decode) == 3
         wait_for("3 workers listed", lambda: stack.workers_listed() == 3)
         served: dict[str, float] = {}
-        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        with (timed("until all 3 workers served"),
+              concurrent.futures.ThreadPoolExecutor(12) as pool):
             for round_ in range(25):  # bounded; the router spreads concurrent load
                 prompts = [f"round {round_} request {i} " * (1 + i % 5) for i in range(12)]
                 for body in pool.map(stack.chat_ok, prompts):
@@ -306,23 +313,25 @@ def test_compose_stack_builds_serves_scales_survives_and_leaves_nothing(engine, 
         assert all(served.values()), f"workers that never served: {served}"
 
         # 3. One worker container killed: every request still answered.
-        victim = decode[1]
-        engine.docker("kill", victim)
-        for i in range(12):
-            stack.chat_ok(f"after the kill {i}")
-        wait_for("the killed worker dropped from the model list",
-                 lambda: stack.workers_listed() == 2, deadline_s=90)
-        stack.chat_ok("two workers left")
+        with timed("worker killed: 12 requests, worker dropped"):
+            engine.docker("kill", decode[1])
+            for i in range(12):
+                stack.chat_ok(f"after the kill {i}")
+            wait_for("the killed worker dropped from the model list",
+                     lambda: stack.workers_listed() == 2, deadline_s=90)
+            stack.chat_ok("two workers left")
 
         # 4. The frontend started before the router: refuses (503, router unavailable) until
         # the router runs, then serves, with no restart of the frontend.
-        stack.compose("stop", "frontend", "router", timeout=120)
-        stack.compose("up", "-d", "--wait", "--no-build", "--no-deps", "frontend", timeout=300)
-        response = stack.chat("router not up yet")
-        assert response.status_code == 503, response.text
-        stack.compose("up", "-d", "--wait", "--no-build", "--no-deps", "router", timeout=300)
-        wait_for("a completion once the router runs",
-                 lambda: stack.chat("router up").status_code == 200)
+        with timed("frontend first, then router"):
+            stack.compose("stop", "frontend", "router", timeout=120)
+            stack.compose("up", "-d", "--wait", "--no-build", "--no-deps", "frontend",
+                          timeout=300)
+            response = stack.chat("router not up yet")
+            assert response.status_code == 503, response.text
+            stack.compose("up", "-d", "--wait", "--no-build", "--no-deps", "router", timeout=300)
+            wait_for("a completion once the router runs",
+                     lambda: stack.chat("router up").status_code == 200)
 
         # 5. The dashboard's metrics are on the live /metrics pages.
         live = metric_names(stack.http.get(f"{stack.url}/metrics").text)
@@ -336,6 +345,10 @@ def test_compose_stack_builds_serves_scales_survives_and_leaves_nothing(engine, 
              "--timeout", "30", timeout=300)
         stack.http.close()
     assert stack.leftovers() == {"containers": [], "networks": [], "volumes": []}
+    # Each service's build labels its image with the project: the copies the tags moved off
+    # are this test's own, nothing else's.
+    engine.docker("image", "prune", "-f", "--filter",
+                  f"label=com.docker.compose.project={stack.project}")
 
     sizes = {image: image_size_mb(engine, image)
              for image in (BASE_IMAGE, "genset:slim", "genset:mocker")}
