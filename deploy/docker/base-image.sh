@@ -5,7 +5,7 @@
 #   deploy/docker/base-image.sh [TAG]          # default TAG genset-base:bookworm
 # debootstrap (minbase + python3 + python3-venv) -> trimmed root -> `docker import`. The root's
 # tarball is kept (GENSET_BASE_CACHE, default .state/docker/base-bookworm.tar, ~130 MB) so a
-# second run skips debootstrap (measured here: 44-104 s with debootstrap, ~3 s without).
+# second run skips debootstrap (measured here: 45-190 s with debootstrap, ~3 s without).
 # Needs root (debootstrap chroots), debootstrap and a running Docker engine.
 # DEBIAN_MIRROR picks the mirror (default: debootstrap's own).
 set -euo pipefail
@@ -23,13 +23,12 @@ if [ ! -s "$CACHE" ]; then
     [ "$(id -u)" = 0 ] || { echo "base-image.sh: debootstrap needs root" >&2; exit 1; }
     mkdir -p "$(dirname "$CACHE")"
     root=$(mktemp -d "${TMPDIR:-/tmp}/genset-base.XXXXXX")
-    trap 'rm -rf "$root"' EXIT
+    trap 'rm -rf "$root" "$root.log"' EXIT
     echo "base image $TAG: debootstrap bookworm (about a minute)"
     # shellcheck disable=SC2086  # DEBIAN_MIRROR is one word or nothing
     debootstrap --variant=minbase --include=python3,python3-venv bookworm "$root" \
         ${DEBIAN_MIRROR:-} >"$root.log" 2>&1 || {
         tail -20 "$root.log" >&2; echo "base-image.sh: debootstrap failed" >&2; exit 1; }
-    rm -f "$root.log"
     # Package lists, the .deb cache, docs and translations are half the root (275 -> 133 MB)
     # and nothing in the image reads them.
     rm -rf "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb \
