@@ -370,7 +370,7 @@ def _short(exc: Exception) -> str:
 
 
 def parse_role_map(text: str, what: str) -> dict[str, str]:
-    """`decode=genset-decode,prefill=genset-prefill` -> {role: name}."""
+    """`decode=decode,prefill=prefill` -> {role: name}."""
     out: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         role, sep, name = part.partition("=")

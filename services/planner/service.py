@@ -106,7 +106,7 @@ class PlannerOptions:
         "compose: role=service pairs"))
     k8s_namespace: str = field(default="default", metadata=opt(
         "kubernetes: namespace of the worker Deployments"))
-    k8s_deployments: str = field(default="decode=genset-decode,prefill=genset-prefill",
+    k8s_deployments: str = field(default="decode=decode,prefill=prefill",
                                  metadata=opt("kubernetes: role=Deployment pairs"))
     k8s_api: str = field(default="", metadata=opt(
         "kubernetes: API URL (e.g. kubectl proxy's); default: kubeconfig, else in-cluster"))
