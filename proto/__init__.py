@@ -10,6 +10,7 @@ from proto.generate import (
     SamplingParams,
     StopConditions,
     StreamChunk,
+    TokenLogprobs,
     Usage,
 )
 from proto.kv import (
@@ -102,6 +103,7 @@ __all__ = [
     "Stored",
     "StoredBlock",
     "StreamChunk",
+    "TokenLogprobs",
     "Usage",
     "decode",
     "encode",
