@@ -42,7 +42,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     presence_penalty: float = 0.0  # [-2, 2]
     frequency_penalty: float = 0.0  # [-2, 2]
     repetition_penalty: float = 1.0  # > 0; 1 = off
-    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)  # token id -> [-100, 100]
+    # token id (decimal string, as in OpenAI's JSON: msgpack readers such as Python's refuse
+    # integer map keys by default) -> bias in [-100, 100]
+    logit_bias: dict[str, float] = msgspec.field(default_factory=dict)
     logprobs: int | None = None  # None = off; 0..20 alternatives per token
 
     def __post_init__(self) -> None:
@@ -74,6 +76,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         return bool(self.logit_bias) or self.presence_penalty != 0.0 or (
             self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0)
 
+    def logit_bias_ids(self) -> dict[int, float]:
+        """`logit_bias` keyed by token id (the keys were checked on construction)."""
+        return {int(k): v for k, v in self.logit_bias.items()}
+
     def for_choice(self, index: int) -> SamplingParams:
         """The parameters of choice `index` of an n-choice request sent as n requests: the
         same, except that a seeded request's choice i > 0 uses seed + i (so seeded choices
@@ -83,16 +89,18 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         return msgspec.structs.replace(self, seed=self.seed + index)
 
 
-def _check_logit_bias(bias: dict[int, float]) -> None:
+def _check_logit_bias(bias: dict[str, float]) -> None:
     if len(bias) > MAX_LOGIT_BIAS:
         raise ValueError(f"logit_bias has {len(bias)} entries, at most {MAX_LOGIT_BIAS} are "
                          "allowed - at `$.logit_bias`")
     lo, hi = LOGIT_BIAS_RANGE
-    for token, value in bias.items():
-        if token < 0:
-            raise ValueError(f"logit_bias: token id {token} is negative - at `$.logit_bias`")
+    for key, value in bias.items():
+        # ASCII digits only (str.isdigit alone accepts e.g. "²"); int32 range like token ids
+        if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) < 2**31):
+            raise ValueError(f"logit_bias: key {key!r} is not a token id (a non-negative "
+                             "integer, written in decimal) - at `$.logit_bias`")
         if not lo <= value <= hi:
-            raise ValueError(f"logit_bias[{token}] must be in [{lo:g}, {hi:g}], got {value} - "
+            raise ValueError(f"logit_bias[{key}] must be in [{lo:g}, {hi:g}], got {value} - "
                              "at `$.logit_bias`")
 
 
@@ -229,8 +237,9 @@ class StreamChunk(Message, kw_only=True):
     final: bool = False
     data: bytes | None = None
     # Only for requests with `sampling.logprobs` set: one entry per token of `token_ids`.
-    # Absent otherwise (a nil field: measured cost on a one-token frame in the report of the
-    # commit that added it).
+    # Nil otherwise: a one-token frame grows from 78 to 88 bytes and costs ~10 ns more to
+    # build + encode and ~10 ns more to decode (measured), against ~20 us of worker + client
+    # CPU per streamed token (bench/bench_worker.py): ~0.1%.
     logprobs: TokenLogprobs | None = None
 
 

@@ -127,7 +127,7 @@ class SchedulingCore:
             )
         if s.logit_bias:
             vocab = self.executor.vocab_size
-            bad = [t for t in s.logit_bias if not 0 <= t < vocab]
+            bad = [t for t in s.logit_bias_ids() if not 0 <= t < vocab]
             if bad:
                 raise ValueError(
                     f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"

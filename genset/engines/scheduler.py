@@ -91,7 +91,7 @@ def sampling_spec(request: EngineRequest, eos: frozenset[int] = frozenset()) -> 
         spec.presence_penalty = s.presence_penalty
         spec.frequency_penalty = s.frequency_penalty
         spec.repetition_penalty = s.repetition_penalty
-        spec.logit_bias = dict(s.logit_bias) or None
+        spec.logit_bias = s.logit_bias_ids() or None
         spec.processed = True
     return spec
 
