@@ -8,6 +8,7 @@ is computed; an executor turns that plan into sampled tokens (torch) or into a s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -32,6 +33,9 @@ class SamplingSpec:
     min_tokens: int = 0
     banned_until_min: tuple[int, ...] = ()
     processed: bool = False
+    # The executor's per-request cache, made on first use and gone with the request (the
+    # torch runner: the prompt's ids as a tensor, for the repetition penalty).
+    executor_state: Any = None
 
 
 @dataclass(slots=True)

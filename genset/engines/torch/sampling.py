@@ -17,8 +17,9 @@ before temperature / top-k / top-p and before greedy's argmax:
 4. `frequency_penalty` * count + `presence_penalty` * (count > 0) is subtracted, counting the
    generated tokens only (OpenAI's definition, as vLLM applies it).
 
-Each step works from the sequence's token list (no state kept between steps), with one
-vectorised update per kind for the whole batch; only requests that use them pay for it.
+Each step works from the sequence's token list (only the prompt's ids are kept, as a
+tensor, between steps), with one vectorised update per kind for the whole batch; only
+requests that use them pay for it.
 
 Log-probabilities (`token_logprobs`): log_softmax of the model's raw logits (float32), before
 any of the processing above and before temperature, top-k and top-p. That is what OpenAI
@@ -100,18 +101,25 @@ def sample(
 
 def process_logits(logits: torch.Tensor, chunks: list[ScheduledChunk]) -> None:
     """Apply min_tokens masks, logit_bias and penalties (module docstring) in place to the
-    rows of `logits` [S, V] (row i is `chunks[i]`'s) whose spec is `processed`."""
+    rows of `logits` [S, V] (row i is `chunks[i]`'s) whose spec is `processed`.
+
+    Penalties work on dense [rows, V] masks / counts of the penalised rows, filled and
+    applied with a handful of ops for the whole batch (no op per row: on a GPU each op is a
+    kernel launch). The prompt's ids are turned into a
+    tensor once per request (kept in its spec); only the generated tokens are converted each
+    step. Measured on CPU (tiny model, batch 32, 1k-token prompts): a decode step with
+    repetition + frequency + presence penalties on every request costs ~1 ms more than
+    without, against ~16 ms for the step.
+    """
     vocab = logits.shape[-1]
+    dev = logits.device
     ban_rows: list[int] = []
     ban_ids: list[int] = []
     bias_rows: list[int] = []
     bias_ids: list[int] = []
     bias_vals: list[float] = []
-    rep_parts: list[torch.Tensor] = []  # flat row * vocab + token ids, prompt and output
-    pen_parts: list[torch.Tensor] = []  # the same, output only
-    rep = [1.0] * len(chunks)
-    freq = [0.0] * len(chunks)
-    pres = [0.0] * len(chunks)
+    rep: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
+    pen: list[tuple[int, float, float, torch.Tensor]] = []
     for r, c in enumerate(chunks):
         spec = c.sampling
         if not spec.processed:
@@ -124,17 +132,18 @@ def process_logits(logits: torch.Tensor, chunks: list[ScheduledChunk]) -> None:
             bias_rows.extend([r] * len(spec.logit_bias))
             bias_ids.extend(spec.logit_bias)
             bias_vals.extend(spec.logit_bias.values())
-        seen = c.seq_tokens or []
-        if spec.repetition_penalty != 1.0 and seen:
-            rep[r] = spec.repetition_penalty
-            rep_parts.append(torch.tensor(seen, dtype=torch.long) + r * vocab)
-        if (spec.frequency_penalty != 0.0 or spec.presence_penalty != 0.0) and (
-            len(seen) > c.prompt_len
-        ):
-            freq[r] = spec.frequency_penalty
-            pres[r] = spec.presence_penalty
-            pen_parts.append(torch.tensor(seen[c.prompt_len :], dtype=torch.long) + r * vocab)
-    dev = logits.device
+        seen = c.seq_tokens
+        if not seen or (spec.repetition_penalty == 1.0 and spec.frequency_penalty == 0.0
+                        and spec.presence_penalty == 0.0):
+            continue
+        out = _t(seen[c.prompt_len :], dev) if len(seen) > c.prompt_len else None
+        if spec.repetition_penalty != 1.0:
+            prompt = spec.executor_state
+            if prompt is None:
+                prompt = spec.executor_state = _t(seen[: c.prompt_len], dev)
+            rep.append((r, spec.repetition_penalty, prompt, out))
+        if out is not None and (spec.frequency_penalty != 0.0 or spec.presence_penalty != 0.0):
+            pen.append((r, spec.frequency_penalty, spec.presence_penalty, out))
     if ban_ids:
         logits[_t(ban_rows, dev), _t(ban_ids, dev)] = float("-inf")
     if bias_ids:
@@ -143,20 +152,36 @@ def process_logits(logits: torch.Tensor, chunks: list[ScheduledChunk]) -> None:
             torch.tensor(bias_vals, dtype=logits.dtype, device=dev),
             accumulate=True,
         )
-    if rep_parts:
-        # each (row, token) once, however often the token was seen
-        flat = torch.unique(torch.cat(rep_parts)).to(dev)
-        rows, cols = flat // vocab, flat % vocab
-        p = torch.tensor(rep, dtype=logits.dtype, device=dev)[rows]
-        x = logits[rows, cols]
-        logits[rows, cols] = torch.where(x > 0, x / p, x * p)
-    if pen_parts:
-        flat, counts = torch.unique(torch.cat(pen_parts), return_counts=True)
-        flat, counts = flat.to(dev), counts.to(dev)
-        rows, cols = flat // vocab, flat % vocab
-        f = torch.tensor(freq, dtype=logits.dtype, device=dev)[rows]
-        pr = torch.tensor(pres, dtype=logits.dtype, device=dev)[rows]
-        logits[rows, cols] -= f * counts.to(logits.dtype) + pr
+    # Float arithmetic only (clamp, mul, add): on CPU, torch.where and comparisons producing
+    # bool masks cost ~100x a float op of the same size (1.9 ms vs 17 us for 32 x 4096,
+    # measured); on a GPU either is a few kernels.
+    if rep:
+        parts = [t for _, _, prompt, out in rep for t in (prompt, out) if t is not None]
+        lens = [len(prompt) + (0 if out is None else len(out)) for _, _, prompt, out in rep]
+        seen = torch.zeros(len(rep) * vocab, dtype=logits.dtype, device=dev)
+        seen.index_fill_(0, _flat(parts, lens, vocab, dev), 1.0)
+        rows = _t([r for r, *_ in rep], dev)
+        p = torch.tensor([x[1] for x in rep], dtype=logits.dtype, device=dev)[:, None]
+        x = logits[rows]
+        penalised = x.clamp(min=0) / p + x.clamp(max=0) * p  # x > 0: x / p, else x * p
+        logits[rows] = x + seen.view(len(rep), vocab) * (penalised - x)
+    if pen:
+        flat = _flat([out for *_, out in pen], [len(out) for *_, out in pen], vocab, dev)
+        counts = torch.bincount(flat, minlength=len(pen) * vocab).view(len(pen), vocab)
+        counts = counts.to(logits.dtype)
+        rows = _t([r for r, *_ in pen], dev)
+        f = torch.tensor([x[1] for x in pen], dtype=logits.dtype, device=dev)[:, None]
+        pr = torch.tensor([x[2] for x in pen], dtype=logits.dtype, device=dev)[:, None]
+        logits[rows] -= f * counts + pr * counts.clamp(max=1)  # clamp: 1 where generated
+
+
+def _flat(parts: list[torch.Tensor], lens: list[int], vocab: int, dev) -> torch.Tensor:
+    """Row j's token ids (the parts, consecutive, `lens[j]` per row) as j * vocab + id."""
+    ids = torch.cat(parts) if len(parts) > 1 else parts[0]
+    rows = torch.repeat_interleave(
+        torch.arange(len(lens), device=dev) * vocab, _t(lens, dev), output_size=ids.numel()
+    )
+    return rows + ids
 
 
 def token_logprobs(raw_logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[Logprobs]:
