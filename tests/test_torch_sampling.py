@@ -285,3 +285,27 @@ def test_n_choices_share_one_prefill():
     # choice 0 is exactly the n = 1 request
     alone = _run(_core(), [EngineRequest("solo", prompt, sampling, stop)])["solo"]["tokens"]
     assert tokens["c0"] == alone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_penalties_and_logprobs_equal_cpu():
+    """The same requests on a CUDA runner (float32): every tensor of the processing and the
+    logprobs lives on the device; tokens equal the CPU engine's, logprobs within tolerance."""
+    prompts = [_prompt(60 + i, 30, repeats=True) for i in range(3)]
+    kws = [{"repetition_penalty": 1.4, "logprobs": 4},
+           {"frequency_penalty": -1.5, "presence_penalty": 0.5, "logit_bias": {"11": 3.0}},
+           {"logprobs": 0, "stop": StopConditions(max_tokens=8, min_tokens=3,
+                                                  stop_token_ids=[5])}]
+
+    def reqs():
+        return [_req(f"r{i}", p, 8, temperature=0.0, **dict(kw))
+                for i, (p, kw) in enumerate(zip(prompts, kws, strict=True))]
+
+    cpu = _run(_core(), reqs())
+    gpu_core = TorchEngineCore(ModelRunner("tiny", num_blocks=128, block_size=BLOCK,
+                                           device="cuda", dtype="float32"))
+    gpu = _run(gpu_core, reqs())
+    for rid in cpu:
+        assert gpu[rid]["tokens"] == cpu[rid]["tokens"], rid
+        assert gpu[rid]["lp"] == pytest.approx(cpu[rid]["lp"], abs=1e-3)
+        assert gpu[rid]["top_ids"] == cpu[rid]["top_ids"]

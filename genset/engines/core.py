@@ -38,7 +38,23 @@ from genset.engines.types import (
     KvImport,
     Logprobs,
 )
+from proto.generate import SamplingParams
 from proto.kv import KvEventBatch, LoadReport
+
+
+def sampling_error(card: EngineCard, sampling: SamplingParams) -> str | None:
+    """What an engine described by `card` cannot do with `sampling` (a message naming the
+    field), or None. The worker checks it before its hooks run; every engine's core again."""
+    if sampling.logprobs is not None and not card.supports_logprobs:
+        return (f"logprobs: the {card.engine} engine cannot compute log-probabilities"
+                + (" (it has no model)" if card.engine == "mocker" else "")
+                + "; send the request without logprobs")
+    if sampling.logit_bias and card.vocab_size:
+        vocab = card.vocab_size
+        bad = [t for t in sampling.logit_bias_ids() if not 0 <= t < vocab]
+        if bad:
+            return f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
+    return None
 
 
 class Executor(Protocol):
@@ -118,20 +134,9 @@ class SchedulingCore:
     def check_sampling(self, request: EngineRequest) -> None:
         """ValueError naming the field for what this engine cannot do with the request's
         sampling parameters (the worker answers it as `bad_request`)."""
-        s = request.sampling
-        if s.logprobs is not None and not self.executor.supports_logprobs:
-            raise ValueError(
-                f"logprobs: the {self.executor.name} engine cannot compute log-probabilities"
-                + (" (it has no model)" if self.executor.name == "mocker" else "")
-                + "; send the request without logprobs"
-            )
-        if s.logit_bias:
-            vocab = self.executor.vocab_size
-            bad = [t for t in s.logit_bias_ids() if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(
-                    f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
-                )
+        error = sampling_error(self.card, request.sampling)
+        if error is not None:
+            raise ValueError(error)
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort(request_id)

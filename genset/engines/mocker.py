@@ -31,7 +31,7 @@ id; the prompt's length and last 64 tokens are hashed, `_prompt_state`); a seede
 hash of (seed, prompt); any other from a hash of its request id.
 Until `min_tokens` are out, the request's stop ids and EOS (unless ignored) are never drawn.
 Penalties and `logit_bias` have no effect (there are no logits); `logprobs` are refused
-(`SchedulingCore.check_sampling`).
+(`genset.engines.core.sampling_error`).
 
 Simulated time (offline replay)::
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import structlog
 
 import proto
+from genset.engines.core import sampling_error
 from genset.engines.interface import Engine
 from genset.engines.types import (
     FINISH_CANCELLED,
@@ -285,6 +286,11 @@ class WorkerHost:
                 "context_length_exceeded",
                 f"prompt has {len(tokens)} tokens; the context length is {card.context_length} "
                 "(prompt plus at least one output token)")
+        # before the hooks: a disaggregated worker would otherwise fetch a remote prefill
+        # for a request its engine then refuses
+        sampling_problem = sampling_error(card, req.sampling)
+        if sampling_problem is not None:
+            return None, self._reject("bad_request", sampling_problem)
         if req.deadline_ms is not None and req.deadline_ms <= now_ms():
             return None, self._reject("deadline_exceeded", "request deadline already passed")
         return tokens, None
