@@ -464,7 +464,6 @@ def test_cache_chain_equals_block_by_block_registration():
 
 
 def test_sampling_spec_and_chunks_carry_what_penalties_and_min_tokens_need():
-    from genset.engines.types import Logprobs
     from proto.generate import SamplingParams
 
     s = make(eos_token_ids=(3, 9))
@@ -482,8 +481,3 @@ def test_sampling_spec_and_chunks_carry_what_penalties_and_min_tokens_need():
     for c in plan.chunks:
         seq = s.requests[c.seq_id]
         assert c.seq_tokens is seq.token_ids and c.prompt_len == seq.prompt_len
-    with pytest.raises(ValueError, match="logprobs entries"):
-        s.update(plan, [1, 1, 1], [None])
-    entry = Logprobs([-0.5], [[1, 8]], [[-0.5, -0.9]])
-    outs = s.update(plan, [1, 1, 1], [None, None, entry])
-    assert [o.logprobs for o in outs] == [None, None, entry]

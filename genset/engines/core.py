@@ -165,7 +165,12 @@ class SchedulingCore:
             return [], 0.0
         executor = self.executor
         sampled, step_ms = executor.execute(plan, sched)
-        outputs = sched.update(plan, sampled, executor.step_logprobs)
+        outputs = sched.update(plan, sampled)
+        logprobs = executor.step_logprobs
+        if logprobs is not None:  # only requests that asked: nothing to do for the others
+            by_id = {c.seq_id: lp for c, lp in zip(plan.chunks, logprobs, strict=True) if lp}
+            for out in outputs:
+                out.logprobs = by_id.get(out.request_id)
         if step_ms is None:
             step_ms = (time.perf_counter() - t0) * 1000.0
         return outputs, step_ms

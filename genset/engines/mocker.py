@@ -224,24 +224,32 @@ class MockerExecutor:
             state = (seq.user_data * _LCG_MUL + _LCG_INC) & _MASK64
             seq.user_data = state
             high = state >> 32
-            spec = seq.sampling
-            # until min_tokens are out, what would stop the request is never drawn (the torch
-            # engine masks those logits)
-            banned = spec.banned_until_min if seq.num_output < spec.min_tokens else ()
             if eos_threshold and (high & 0xFFFFFFFF) < eos_threshold and self._eos:
                 token = self._eos[high % len(self._eos)]
             else:
-                token = -1
-            if token < 0 or token in banned:
                 token = high % vocab
-                # vocab_size > the EOS ids (checked); the banned ids may cover the rest
-                for _ in range(vocab):
-                    if token not in eos_set and token not in banned:
-                        break
+                while token in eos_set:
                     token = (token + 1) % vocab
+            if seq.min_tokens > seq.num_output:
+                # until min_tokens are out, what would stop the request is never drawn (the
+                # torch engine masks those logits)
+                token = self._allowed(token, high, seq.sampling.banned_until_min)
             sampled.append(token)
             emitted += 1
         return sampled, prefill, decode, emitted
+
+    def _allowed(self, token: int, high: int, banned: tuple[int, ...]) -> int:
+        """`token` if not banned, else the next id from `high` that is neither banned nor EOS
+        (any id when the banned ids and EOS cover the whole vocabulary)."""
+        if token not in banned:
+            return token
+        vocab = self.config.vocab_size
+        token = high % vocab
+        for _ in range(vocab):
+            if token not in self._eos_set and token not in banned:
+                break
+            token = (token + 1) % vocab
+        return token
 
     def next_tokens(self, seq: Sequence, k: int) -> list[int]:
         """`seq`'s next k tokens: the same stream `_sample` draws from, one per step."""

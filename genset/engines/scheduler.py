@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from genset.engines.batch import SamplingSpec, ScheduledChunk, StepPlan
-from genset.engines.types import EngineOutput, EngineRequest, Logprobs
+from genset.engines.types import EngineOutput, EngineRequest
 from genset.kv.block_pool import BlockPool
 from genset.kv.hashing import extend_block_hashes
 from proto.kv import LoadReport
@@ -288,28 +288,18 @@ class Scheduler:
         self.num_computed_tokens += self.config.max_batch_tokens - budget
         return StepPlan(chunks=chunks)
 
-    def update(
-        self,
-        plan: StepPlan,
-        sampled: list[int | None],
-        logprobs: list[Logprobs | None] | None = None,
-    ) -> list[EngineOutput]:
+    def update(self, plan: StepPlan, sampled: list[int | None]) -> list[EngineOutput]:
         """Apply the executor's results for `plan` (the last `schedule()`): one entry per
-        chunk, a token id where the chunk sampled, else None; `logprobs` (None: no chunk has
-        any), one entry per chunk, goes with the chunk's token into its output."""
+        chunk, a token id where the chunk sampled, else None."""
         if len(sampled) != len(plan.chunks):
             raise ValueError(f"{len(sampled)} sampled entries for {len(plan.chunks)} chunks")
-        if logprobs is not None and len(logprobs) != len(plan.chunks):
-            raise ValueError(f"{len(logprobs)} logprobs entries for {len(plan.chunks)} chunks")
         outputs: list[EngineOutput] = []
         finished = False
         bs = self.block_size
         eos = self.eos
         max_len = self.max_seq_len
         caching = self.pool.enable_caching
-        for k, (seq, chunk, token) in enumerate(
-            zip(self._scheduled, plan.chunks, sampled, strict=True)
-        ):
+        for seq, chunk, token in zip(self._scheduled, plan.chunks, sampled, strict=True):
             if seq.status != RUNNING:
                 continue
             seq.num_computed += len(chunk.token_ids)
@@ -328,12 +318,11 @@ class Scheduler:
                 reason = "stop"
             elif n_out >= seq.max_tokens or len(tokens) >= max_len:
                 reason = "length"
-            out = EngineOutput(
-                seq.request_id, [token], reason, seq.prompt_len, seq.cached_tokens, n_out
+            outputs.append(
+                EngineOutput(
+                    seq.request_id, [token], reason, seq.prompt_len, seq.cached_tokens, n_out
+                )
             )
-            if logprobs is not None:
-                out.logprobs = logprobs[k]
-            outputs.append(out)
             if reason is not None:
                 seq.status = FINISHED
                 del self.requests[seq.request_id]
