@@ -107,9 +107,9 @@ def process_logits(logits: torch.Tensor, chunks: list[ScheduledChunk]) -> None:
     applied with a handful of ops for the whole batch (no op per row: on a GPU each op is a
     kernel launch). The prompt's ids are turned into a
     tensor once per request (kept in its spec); only the generated tokens are converted each
-    step. Measured on CPU (tiny model, batch 32, 1k-token prompts): a decode step with
-    repetition + frequency + presence penalties on every request costs ~1 ms more than
-    without, against ~16 ms for the step.
+    step. Measured on this machine's CPU (tiny model, one thread, batch 32, 1,000-token
+    prompts + 200 outputs, all three penalties on every request): ~1.5 ms of CPU time here,
+    against a ~16-19 ms decode step; requests without them cost nothing here.
     """
     vocab = logits.shape[-1]
     dev = logits.device
