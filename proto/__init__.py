@@ -10,6 +10,7 @@ from proto.generate import (
     SamplingParams,
     StopConditions,
     StreamChunk,
+    TokenLogprobs,
     Usage,
 )
 from proto.kv import (
@@ -124,6 +125,7 @@ __all__ = [
     "StoredBlock",
     "StreamChunk",
     "TierSnapshot",
+    "TokenLogprobs",
     "Usage",
     "decode",
     "encode",

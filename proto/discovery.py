@@ -37,3 +37,6 @@ class ModelCard(Message, kw_only=True):
     tokenizer: str = ""  # path of a Hugging Face tokenizer directory, or a built-in name
     eos_token_ids: list[int] = msgspec.field(default_factory=list)
     generate_subject: str = ""
+    # Whether the engine computes log-probabilities (`SamplingParams.logprobs`); a worker
+    # without them refuses such a request with `bad_request` (the mocker has no model).
+    supports_logprobs: bool = False

@@ -116,3 +116,21 @@ def test_a_bad_payload_queues_nothing_and_pins_nothing():
     core.add_request(req("r", prompt, KvImport(blocks)))
     outputs, _ = core.step()
     assert outputs[0].cached_tokens == 2 * BS
+
+
+def test_merged_outputs_keep_one_logprob_entry_per_token():
+    """A lagging reader gets outputs merged (RequestStream, MockerDriver coalescing): the
+    logprobs are merged alongside, in order."""
+    from genset.engines.driver import merge_output
+    from genset.engines.types import EngineOutput, Logprobs
+
+    a = EngineOutput("r", [5], logprobs=Logprobs([-0.1], [[5, 6]], [[-0.1, -2.0]]))
+    merge_output(a, EngineOutput("r", [7, 8], logprobs=Logprobs(
+        [-0.2, -0.3], [[7, 1], [8, 2]], [[-0.2, -3.0], [-0.3, -4.0]])))
+    merge_output(a, EngineOutput("r", [], finish_reason="cancelled"))  # the end: no tokens
+    assert a.token_ids == [5, 7, 8] and a.finish_reason == "cancelled"
+    assert a.logprobs == Logprobs([-0.1, -0.2, -0.3], [[5, 6], [7, 1], [8, 2]],
+                                  [[-0.1, -2.0], [-0.2, -3.0], [-0.3, -4.0]])
+    empty = EngineOutput("r", [])
+    merge_output(empty, EngineOutput("r", [9], logprobs=Logprobs([-1.0], [[]], [[]])))
+    assert empty.logprobs == Logprobs([-1.0], [[]], [[]])

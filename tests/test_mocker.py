@@ -274,3 +274,82 @@ async def test_real_time_engine_takes_the_modelled_time():
         await engine.stop()
     assert len(tokens) == 15
     assert clock.now * 1000 == pytest.approx(modelled_ms, rel=1e-9)
+
+
+# ---- sampling parameters (issue 16) ------------------------------------------------------
+
+
+def _tokens(core: MockerCore, rid: str, prompt: list[int], n: int = 30, **stop_kw) -> tuple:
+    """Run one request to its end on `core`: (tokens, finish_reason)."""
+    sampling = stop_kw.pop("sampling", SamplingParams(temperature=0.0))
+    core.add_request(EngineRequest(rid, prompt, sampling,
+                                   StopConditions(max_tokens=n, **stop_kw)))
+    out, reason = [], None
+    while core.has_work():
+        for o in core.step()[0]:
+            if o.request_id == rid:
+                out += o.token_ids
+                reason = o.finish_reason or reason
+    return out, reason
+
+
+def test_greedy_is_a_function_of_the_prompt_not_the_request_id():
+    prompt = list(range(5, 90))
+    a, _ = _tokens(MockerCore(), "req-a", prompt)
+    # another core (another worker), another id, another request in the same steps
+    other = MockerCore(worker_id=7)
+    other.add_request(req("noise", [9, 9, 9], max_tokens=50))
+    b, _ = _tokens(other, "req-b", prompt)
+    # temperature 0 ignores the seed, as a model's greedy decoding does; top_k=1 is greedy
+    c, _ = _tokens(MockerCore(), "req-c", prompt, sampling=SamplingParams(temperature=0, seed=5))
+    d, _ = _tokens(MockerCore(), "req-d", prompt,
+                   sampling=SamplingParams(temperature=0.8, top_k=1))
+    assert a == b == c == d and len(a) == 30
+    # a different prompt (one token changed, or one token longer) gives another output
+    assert _tokens(MockerCore(), "req-a", [*prompt[:-1], 4])[0] != a
+    assert _tokens(MockerCore(), "req-a", [*prompt, 4])[0] != a
+
+
+def test_seeded_output_is_a_function_of_seed_and_prompt():
+    prompt = [3, 1, 4, 1, 5]
+
+    def run(rid, seed, p=prompt):
+        return _tokens(MockerCore(), rid, p, sampling=SamplingParams(temperature=0.9, seed=seed))[0]
+
+    assert run("x", 1) == run("y", 1)
+    assert run("x", 1) != run("x", 2)
+    assert run("x", 1) != run("x", 1, [2, 7, 1, 8])
+    # no seed, temperature > 0: random per request id
+    unseeded = [_tokens(MockerCore(), rid, prompt, sampling=SamplingParams(temperature=0.9))[0]
+                for rid in ("p", "q")]
+    assert unseeded[0] != unseeded[1]
+
+
+def test_min_tokens_never_draws_eos_or_stop_ids_before_reached():
+    # every draw would be EOS: with min_tokens=5, five other tokens come first
+    core = MockerCore(MockerConfig(eos_probability=1.0, eos_token_ids=(7,)))
+    toks, reason = _tokens(core, "e", [1, 2, 3], n=50, min_tokens=5)
+    assert reason == "stop" and len(toks) == 6 and 7 not in toks[:5] and toks[5] == 7
+    # vocab {0..4}, EOS 2, stop ids 0, 1, 3: only 4 may come before min_tokens
+    core = MockerCore(MockerConfig(vocab_size=5, eos_token_ids=(2,)))
+    toks, reason = _tokens(core, "s", [1], n=200, stop_token_ids=[0, 1, 3], min_tokens=6)
+    assert toks[:6] == [4] * 6 and reason == "stop" and toks[-1] in (0, 1, 3)
+    # stop ids that cover the whole vocabulary cannot hang the mocker
+    core = MockerCore(MockerConfig(vocab_size=5, eos_token_ids=(2,)))
+    toks, reason = _tokens(core, "all", [1], n=4, stop_token_ids=[0, 1, 3, 4], min_tokens=3)
+    assert 3 <= len(toks) <= 4 and reason in ("stop", "length")
+
+
+def test_mocker_refuses_logprobs_by_name_and_ignores_penalties():
+    core = MockerCore()
+    assert core.card.supports_logprobs is False
+    with pytest.raises(ValueError, match=r"logprobs: the mocker engine cannot compute"):
+        core.add_request(req("lp", [1, 2, 3], sampling=SamplingParams(logprobs=0)))
+    with pytest.raises(ValueError, match=r"logit_bias: token id 32000 is outside"):
+        core.add_request(req("lb", [1, 2, 3], sampling=SamplingParams(logit_bias={"32000": 1})))
+    assert not core.has_work()
+    # penalties and an in-vocabulary bias are accepted (no logits to apply them to)
+    plain, _ = _tokens(MockerCore(), "p", [1, 2, 3])
+    pen, _ = _tokens(MockerCore(), "p", [1, 2, 3], sampling=SamplingParams(
+        temperature=0, presence_penalty=1.0, repetition_penalty=1.3, logit_bias={"5": 2.0}))
+    assert pen == plain

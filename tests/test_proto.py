@@ -74,6 +74,16 @@ SAMPLES = [
                         itl_ms=[12.5]),
     proto.WorkerStepStats(worker_id=9, ts_ms=3, samples=[
         proto.StepSample(prefill_tokens=512, decode_seqs=3, kv_usage=0.25, ms=31.5)]),
+    # the sampling fields of issue 16, and a frame carrying log-probabilities
+    proto.GenerateRequest(
+        request_id="r-2", model="tiny", token_ids=proto.pack_tokens([1]),
+        sampling=proto.SamplingParams(presence_penalty=-0.5, frequency_penalty=2.0,
+                                      repetition_penalty=1.2, logit_bias={"7": -100.0, "70000": 2.5},
+                                      logprobs=3),
+        stop=proto.StopConditions(max_tokens=8, min_tokens=2),
+    ),
+    proto.StreamChunk(seq=2, token_ids=proto.pack_tokens([5, 6]), logprobs=proto.TokenLogprobs.pack(
+        [-0.25, -1.5], [[5, 9], [6, 1]], [[-0.25, -2.0], [-1.5, -1.75]], top_k=2)),
 ]
 
 
@@ -219,3 +229,87 @@ def test_subjects_and_keys():
     assert keys.model_name_from_key(key, "prod") == "org/model-7b"
     with pytest.raises(ValueError):
         keys.instances_prefix("a/b")
+
+
+def test_sampling_defaults_change_nothing_and_old_senders_decode():
+    s = proto.SamplingParams()
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.0, 0.0, 1.0)
+    assert s.logit_bias == {} and s.logprobs is None and not s.processes_logits
+    # a request from a sender that predates the fields
+    raw = msgpack.packb({"v": 1, "request_id": "x", "model": "m", "token_ids": b"",
+                         "sampling": {"temperature": 0.5}})
+    assert decode(raw, proto.GenerateRequest).sampling == proto.SamplingParams(temperature=0.5)
+    assert proto.SamplingParams(logit_bias={"1": 0.5}).processes_logits
+    assert proto.SamplingParams(logit_bias={"12": -1.0, "0": 2}).logit_bias_ids() == {12: -1.0, 0: 2}
+    assert proto.SamplingParams(repetition_penalty=1.1).processes_logits
+    assert not proto.SamplingParams(logprobs=5).processes_logits  # logprobs alone: plain path
+
+
+@pytest.mark.parametrize(("sampling", "field"), [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"logit_bias": {"5": 100.5}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1.0}}, "logit_bias"),
+    ({"logit_bias": {"x": 1.0}}, "logit_bias"),
+    ({"logit_bias": {"\u00b2": 1.0}}, "logit_bias"),
+    ({"logit_bias": {"99999999999": 1.0}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1.0 for i in range(301)}}, "logit_bias"),
+    ({"logit_bias": {5: 1.0}}, "logit_bias"),  # keys are strings, as in OpenAI's JSON
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
+])
+def test_bad_sampling_field_is_named(sampling, field):
+    raw = msgpack.packb({"v": 1, "request_id": "x", "model": "m", "token_ids": b"",
+                         "sampling": sampling})
+    with pytest.raises(ProtocolError) as info:
+        decode(raw, proto.GenerateRequest)
+    assert field in str(info.value)
+
+
+def test_min_tokens_must_not_be_negative():
+    raw = msgpack.packb({"v": 1, "request_id": "x", "model": "m", "token_ids": b"",
+                         "stop": {"min_tokens": -1}})
+    with pytest.raises(ProtocolError, match="min_tokens"):
+        decode(raw, proto.GenerateRequest)
+
+
+def test_for_choice_derives_distinct_seeds_and_keeps_choice_zero():
+    s = proto.SamplingParams(temperature=0.7, seed=41, logprobs=1)
+    assert s.for_choice(0) is s
+    assert [s.for_choice(i).seed for i in range(1, 4)] == [42, 43, 44]
+    assert s.for_choice(2).logprobs == 1 and s.for_choice(2).temperature == 0.7
+    unseeded = proto.SamplingParams()
+    assert unseeded.for_choice(3) is unseeded
+
+
+def test_token_logprobs_pack_and_plain_msgpack_layout():
+    lp = proto.TokenLogprobs.pack([-0.5, -3.0], [[4, 8], [9, 2]], [[-0.5, -1.0], [-2.0, -3.0]],
+                                  top_k=2)
+    assert lp.unpack() == ([-0.5, -3.0], [[4, 8], [9, 2]], [[-0.5, -1.0], [-2.0, -3.0]])
+    plain = msgpack.unpackb(encode(proto.StreamChunk(seq=0, logprobs=lp)), raw=False)["logprobs"]
+    # what a client in another language reads: little-endian float32 / int32, token-major
+    import struct
+    assert struct.unpack("<2f", plain["logprobs"]) == (-0.5, -3.0)
+    assert struct.unpack("<4i", plain["top_ids"]) == (4, 8, 9, 2)
+    assert plain["top_k"] == 2
+    empty = proto.TokenLogprobs.pack([-1.0], [[]], [[]], top_k=0)
+    assert empty.unpack() == ([-1.0], [[]], [[]])
+    # a frame without logprobs has the field nil (old receivers ignore it)
+    assert msgpack.unpackb(encode(proto.StreamChunk(seq=0)), raw=False)["logprobs"] is None
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"logprobs": b"\x00\x00\x00"}, "logprobs"),
+    ({"logprobs": b"\x00" * 8, "top_k": 2, "top_ids": b"\x00" * 12, "top_logprobs": b"\x00" * 16},
+     "top_ids"),
+    ({"logprobs": b"\x00" * 4, "top_k": 1, "top_ids": b"\x00" * 4}, "top_logprobs"),
+    ({"logprobs": b"", "top_k": -1}, "top_k"),
+])
+def test_bad_token_logprobs_frame_is_refused(fields, field):
+    raw = msgpack.packb({"v": 1, "seq": 0, "logprobs": fields})
+    with pytest.raises(ProtocolError) as info:
+        decode(raw, proto.StreamChunk)
+    assert field in str(info.value)

@@ -461,3 +461,23 @@ def test_cache_chain_equals_block_by_block_registration():
     assert b.cached_hashes() == a.cached_hashes() == {999, 100, 101, 102, 103, 104}
     assert b.drain_events() == a.drain_events()
     b.check_invariants()
+
+
+def test_sampling_spec_and_chunks_carry_what_penalties_and_min_tokens_need():
+    from proto.generate import SamplingParams
+
+    s = make(eos_token_ids=(3, 9))
+    plain = s.add_request(request("plain", [5, 6, 7], 4, min_tokens=2)).sampling  # EOS ignored
+    assert not plain.processed and plain.banned_until_min == ()
+    spec = s.add_request(EngineRequest(
+        "pen", [5, 6, 7], SamplingParams(presence_penalty=0.5, logit_bias={"4": -1.0}),
+        StopConditions(max_tokens=4, stop_token_ids=[11], min_tokens=2))).sampling
+    assert spec.processed and spec.logit_bias == {4: -1.0} and spec.presence_penalty == 0.5
+    assert spec.banned_until_min == (3, 9, 11) and spec.min_tokens == 2
+    lp = s.add_request(EngineRequest("lp", [1, 2], SamplingParams(logprobs=2))).sampling
+    assert lp.logprobs == 2 and not lp.processed
+
+    plan = s.schedule()
+    for c in plan.chunks:
+        seq = s.requests[c.seq_id]
+        assert c.seq_tokens is seq.token_ids and c.prompt_len == seq.prompt_len

@@ -10,8 +10,10 @@ receives is the contract of `genset.engines.batch`.
 
 Adding a request, in this order for every engine:
 
-1. checks, before anything changes: the executor's (the torch engine: token ids inside the
-   vocabulary), then the scheduler's (empty prompt, duplicate id, too long);
+1. checks, before anything changes: what the engine can do with the sampling parameters
+   (logprobs only where the executor computes them, logit_bias ids inside the vocabulary),
+   the executor's (the torch engine: token ids inside the vocabulary), then the scheduler's
+   (empty prompt, duplicate id, too long);
 2. `request.kv_import` (a remote prefill, an offload hit) is loaded into the prefix cache,
    pinned to the request: the request's prefix is therefore cached when the scheduler first
    looks at it, and eviction cannot undo the import before it is admitted. A bad payload
@@ -28,8 +30,31 @@ from typing import Any, Protocol
 
 from genset.engines.batch import StepPlan
 from genset.engines.scheduler import Scheduler, SchedulerConfig, Sequence
-from genset.engines.types import EngineCard, EngineOutput, EngineRequest, KvBlockData, KvImport
+from genset.engines.types import (
+    EngineCard,
+    EngineOutput,
+    EngineRequest,
+    KvBlockData,
+    KvImport,
+    Logprobs,
+)
+from proto.generate import SamplingParams
 from proto.kv import KvEventBatch, LoadReport
+
+
+def sampling_error(card: EngineCard, sampling: SamplingParams) -> str | None:
+    """What an engine described by `card` cannot do with `sampling` (a message naming the
+    field), or None. The worker checks it before its hooks run; every engine's core again."""
+    if sampling.logprobs is not None and not card.supports_logprobs:
+        return (f"logprobs: the {card.engine} engine cannot compute log-probabilities"
+                + (" (it has no model)" if card.engine == "mocker" else "")
+                + "; send the request without logprobs")
+    if sampling.logit_bias and card.vocab_size:
+        vocab = card.vocab_size
+        bad = [t for t in sampling.logit_bias_ids() if not 0 <= t < vocab]
+        if bad:
+            return f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
+    return None
 
 
 class Executor(Protocol):
@@ -37,6 +62,10 @@ class Executor(Protocol):
 
     name: str  # the card's engine name: torch | mocker
     vocab_size: int
+    supports_logprobs: bool  # computes `sampling.logprobs` (else such requests are refused)
+    # Set by `execute`: the step's log-probabilities, one entry per chunk (None where the
+    # chunk sampled nothing or its request did not ask), or None when no chunk asked.
+    step_logprobs: list[Logprobs | None] | None
 
     def check_request(self, request: EngineRequest) -> None:
         """Raise ValueError for a request this executor cannot run (called first)."""
@@ -81,6 +110,7 @@ class SchedulingCore:
             context_length=config.context_length,
             eos_token_ids=list(config.eos_token_ids),
             vocab_size=executor.vocab_size,
+            supports_logprobs=executor.supports_logprobs,
         )
 
     # ---- requests ---------------------------------------------------------------------------
@@ -88,6 +118,7 @@ class SchedulingCore:
     def add_request(self, request: EngineRequest) -> None:
         """Check, import `request.kv_import` (pinned), then queue (module docstring)."""
         sched = self.scheduler
+        self.check_sampling(request)
         self.executor.check_request(request)
         sched.check_request(request)
         kv = request.kv_import
@@ -99,6 +130,13 @@ class SchedulingCore:
                 raise
         seq = sched.add_request(request)
         self.executor.start_sequence(seq, request)
+
+    def check_sampling(self, request: EngineRequest) -> None:
+        """ValueError naming the field for what this engine cannot do with the request's
+        sampling parameters (the worker answers it as `bad_request`)."""
+        error = sampling_error(self.card, request.sampling)
+        if error is not None:
+            raise ValueError(error)
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -125,8 +163,14 @@ class SchedulingCore:
         if not plan.chunks:
             self.executor.idle()
             return [], 0.0
-        sampled, step_ms = self.executor.execute(plan, sched)
+        executor = self.executor
+        sampled, step_ms = executor.execute(plan, sched)
         outputs = sched.update(plan, sampled)
+        logprobs = executor.step_logprobs
+        if logprobs is not None:  # only requests that asked: nothing to do for the others
+            by_id = {c.seq_id: lp for c, lp in zip(plan.chunks, logprobs, strict=True) if lp}
+            for out in outputs:
+                out.logprobs = by_id.get(out.request_id)
         if step_ms is None:
             step_ms = (time.perf_counter() - t0) * 1000.0
         return outputs, step_ms

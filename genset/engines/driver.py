@@ -92,6 +92,11 @@ def merge_output(into: EngineOutput, out: EngineOutput) -> None:
     """Fold a later output of the same request into an earlier one (tokens appended in order;
     the later one's end and counts win)."""
     into.token_ids.extend(out.token_ids)
+    if out.logprobs is not None:  # a request's outputs all carry them, or none does
+        if into.logprobs is None:
+            into.logprobs = out.logprobs
+        else:
+            into.logprobs.extend(out.logprobs)
     into.finish_reason = out.finish_reason
     into.completion_tokens = out.completion_tokens
     into.error = out.error

@@ -29,7 +29,10 @@ Policy, per step:
 3. After the executor ran, every block that became full is registered in the prefix cache
    (a `Stored` event); sampled tokens are appended and stop conditions checked (stop token
    ids, EOS unless `ignore_eos`, both only after `min_tokens`; `max_tokens`; the context
-   length). Finished sequences free their blocks (they stay cached until evicted).
+   length). Finished sequences free their blocks (they stay cached until evicted). Executors
+   never emit a stop id or EOS before `min_tokens` (`SamplingSpec.banned_until_min`: the
+   torch engine masks their logits, the mocker does not draw them), so the output holds no
+   stop token that did not stop it.
 
 KV export/import by block hash (disaggregation, offload): `export_kv(hashes)` names the
 physical blocks holding a run of hashes, for the executor to read; `import_kv(hashes, ...)`
@@ -70,6 +73,29 @@ class SchedulerConfig:
     emit_token_ids: bool = False  # token ids inside Stored events
 
 
+def sampling_spec(request: EngineRequest, eos: frozenset[int] = frozenset()) -> SamplingSpec:
+    """The executor's view of a request's sampling parameters and min_tokens (`eos`: the
+    engine's EOS ids, masked with the stop ids until min_tokens are out unless ignored)."""
+    s, stop = request.sampling, request.stop
+    spec = SamplingSpec(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+                        logprobs=s.logprobs)
+    if stop.min_tokens > 0:
+        banned = set(stop.stop_token_ids)
+        if not stop.ignore_eos:
+            banned |= eos
+        if banned:
+            spec.min_tokens = stop.min_tokens
+            spec.banned_until_min = tuple(sorted(banned))
+            spec.processed = True
+    if s.processes_logits:
+        spec.presence_penalty = s.presence_penalty
+        spec.frequency_penalty = s.frequency_penalty
+        spec.repetition_penalty = s.repetition_penalty
+        spec.logit_bias = s.logit_bias_ids() or None
+        spec.processed = True
+    return spec
+
+
 class Sequence:
     """A request's state inside the scheduler."""
 
@@ -93,15 +119,12 @@ class Sequence:
         "user_data",
     )
 
-    def __init__(self, request: EngineRequest) -> None:
+    def __init__(self, request: EngineRequest, eos: frozenset[int] = frozenset()) -> None:
         self.request_id = request.request_id
         self.token_ids: list[int] = list(request.token_ids)
         self.prompt_len = len(self.token_ids)
-        s = request.sampling
-        self.sampling = SamplingSpec(
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed
-        )
         stop = request.stop
+        self.sampling = sampling_spec(request, eos)
         self.max_tokens = stop.max_tokens
         self.min_tokens = stop.min_tokens
         self.ignore_eos = stop.ignore_eos
@@ -144,7 +167,7 @@ class Scheduler:
     def add_request(self, request: EngineRequest) -> Sequence:
         """Queue a request; ValueError (nothing changed) when `check_request` refuses it."""
         self.check_request(request)
-        seq = Sequence(request)
+        seq = Sequence(request, self.eos)
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
         return seq
@@ -232,6 +255,8 @@ class Scheduler:
                     end == total,
                     seq.sampling,
                     seq.num_output,
+                    seq.token_ids,
+                    seq.prompt_len,
                 )
             )
             scheduled.append(seq)
@@ -442,6 +467,8 @@ class Scheduler:
             sample=end == len(seq.token_ids),
             sampling=seq.sampling,
             output_index=seq.num_output,
+            seq_tokens=seq.token_ids,
+            prompt_len=seq.prompt_len,
         )
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:

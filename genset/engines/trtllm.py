@@ -323,6 +323,14 @@ class TrtllmEngine(Engine):
         )
         if s.top_k:
             opts["top_k"] = s.top_k
+        # TensorRT-LLM's SamplingParams define the penalties as genset does (OpenAI's
+        # presence / frequency, Hugging Face's repetition); passed only when set
+        if s.presence_penalty:
+            opts["presence_penalty"] = s.presence_penalty
+        if s.frequency_penalty:
+            opts["frequency_penalty"] = s.frequency_penalty
+        if s.repetition_penalty != 1.0:
+            opts["repetition_penalty"] = s.repetition_penalty
         return self._trtllm.SamplingParams(**{k: v for k, v in opts.items() if v is not None})
 
     async def submit(self, request: EngineRequest) -> RequestStream:
@@ -330,6 +338,12 @@ class TrtllmEngine(Engine):
             await self.start()
         if request.kv_import is not None:
             raise ValueError("the TensorRT-LLM engine does not take imported KV blocks")
+        # not translated yet: refused by name rather than silently ignored
+        if request.sampling.logprobs is not None:
+            raise ValueError("logprobs: the trtllm engine adapter does not return "
+                             "log-probabilities; send the request without logprobs")
+        if request.sampling.logit_bias:
+            raise ValueError("logit_bias: the trtllm engine adapter does not apply logit_bias")
         if not request.token_ids:
             raise ValueError("prompt has no tokens")
         if len(request.token_ids) >= self._card.context_length:

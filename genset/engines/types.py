@@ -46,13 +46,30 @@ class EngineRequest:
 
 
 @dataclass(slots=True)
+class Logprobs:
+    """Log-probabilities of consecutive output tokens, one entry per token: the chosen
+    token's, and the k most likely tokens' ids and log-probabilities (most likely first).
+    Values are log_softmax of the model's raw logits (see `genset.engines.torch.sampling`)."""
+
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+    def extend(self, other: Logprobs) -> None:
+        self.logprobs.extend(other.logprobs)
+        self.top_ids.extend(other.top_ids)
+        self.top_logprobs.extend(other.top_logprobs)
+
+
+@dataclass(slots=True)
 class EngineOutput:
     """What one step produced for one request.
 
     `token_ids`: new tokens since the previous output (one per step; several when the
     consumer lagged and outputs were coalesced). `finish_reason` is set on the last output:
     stop | length | cancelled | error. `cached_tokens` (prompt tokens served from the
-    prefix cache) is known from the first output on.
+    prefix cache) is known from the first output on. `logprobs`: one entry per token of
+    `token_ids`, only for requests with `sampling.logprobs` set.
     """
 
     request_id: str
@@ -62,6 +79,7 @@ class EngineOutput:
     cached_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: Logprobs | None = None
 
 
 @dataclass(slots=True)
@@ -76,6 +94,7 @@ class EngineCard:
     context_length: int
     eos_token_ids: list[int] = field(default_factory=list)
     vocab_size: int = 0
+    supports_logprobs: bool = False  # False: requests with sampling.logprobs are refused
 
 
 class EngineOverloaded(RuntimeError):

@@ -39,7 +39,7 @@ from genset.runtime.bus_errors import (
     StreamError,
     remote_error,
 )
-from proto import ErrorInfo, StreamChunk, Usage
+from proto import ErrorInfo, StreamChunk, TokenLogprobs, Usage
 from proto.codec import describe
 
 _decode_chunk = msgspec.msgpack.Decoder(StreamChunk).decode
@@ -363,15 +363,17 @@ class ReplyStream:
         usage: Usage | None = None,
         data: bytes | None = None,
         final: bool = False,
+        logprobs: TokenLogprobs | None = None,
     ) -> None:
         if self.cancelled.is_set():
             raise StreamCancelled(f"stream {self.stream_id} was cancelled")
         if self._final_sent:
             raise StreamClosed(f"stream {self.stream_id} already sent its final frame")
         seq = self._seq
-        if final or finish_reason is not None or usage is not None or data is not None:
+        if (final or finish_reason is not None or usage is not None or data is not None
+                or logprobs is not None):
             frame = StreamChunk(seq=seq, token_ids=token_ids, finish_reason=finish_reason,
-                                usage=usage, data=data, final=final)
+                                usage=usage, data=data, final=final, logprobs=logprobs)
             self._final_sent = final
         else:  # the per-token hot path
             frame = StreamChunk(seq=seq, token_ids=token_ids)

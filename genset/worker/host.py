@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import structlog
 
 import proto
+from genset.engines.core import sampling_error
 from genset.engines.interface import Engine
 from genset.engines.types import (
     FINISH_CANCELLED,
@@ -41,6 +42,7 @@ from genset.engines.types import (
     EngineOverloaded,
     EngineRequest,
     KvImport,
+    Logprobs,
 )
 from genset.kv.hashing import block_hashes
 from genset.runtime.bus_errors import Disconnected, StreamCancelled, StreamClosed
@@ -81,6 +83,14 @@ class HostConfig:
     # Longest a before_run / after_prefill hook may take for one request (the request's
     # deadline, when sooner, bounds it too).
     hook_timeout_s: float = 30.0
+
+
+def _wire_logprobs(lp: Logprobs, req: proto.GenerateRequest) -> proto.TokenLogprobs | None:
+    """An output's log-probabilities as they travel (None for an output without tokens)."""
+    if not lp.logprobs:
+        return None
+    return proto.TokenLogprobs.pack(lp.logprobs, lp.top_ids, lp.top_logprobs,
+                                    req.sampling.logprobs or 0)
 
 
 class HookFailed(Exception):
@@ -151,7 +161,8 @@ class WorkerHost:
             engine=card.engine, block_size=card.block_size, kv_blocks=card.kv_blocks,
             max_batch_tokens=card.max_batch_tokens, max_running=card.max_running,
             context_length=card.context_length, tokenizer=self.config.tokenizer,
-            eos_token_ids=list(card.eos_token_ids), generate_subject=self.generate_subject)
+            eos_token_ids=list(card.eos_token_ids), generate_subject=self.generate_subject,
+            supports_logprobs=card.supports_logprobs)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -275,6 +286,11 @@ class WorkerHost:
                 "context_length_exceeded",
                 f"prompt has {len(tokens)} tokens; the context length is {card.context_length} "
                 "(prompt plus at least one output token)")
+        # before the hooks: a disaggregated worker would otherwise fetch a remote prefill
+        # for a request its engine then refuses
+        sampling_problem = sampling_error(card, req.sampling)
+        if sampling_problem is not None:
+            return None, self._reject("bad_request", sampling_problem)
         if req.deadline_ms is not None and req.deadline_ms <= now_ms():
             return None, self._reject("deadline_exceeded", "request deadline already passed")
         return tokens, None
@@ -359,8 +375,12 @@ class WorkerHost:
                             await self._prefill_done(req, tokens, engine_id, out)
                         await self._lifecycle(req.request_id, "first_token")
                 self.m.tokens.inc(len(out.token_ids))
+                lp = None if out.logprobs is None else _wire_logprobs(out.logprobs, req)
                 if out.finish_reason is None:
-                    await rs.send(proto.pack_tokens(out.token_ids))
+                    if lp is None:
+                        await rs.send(proto.pack_tokens(out.token_ids))
+                    else:
+                        await rs.send(proto.pack_tokens(out.token_ids), logprobs=lp)
                     continue
                 reason = out.finish_reason
                 if reason == FINISH_CANCELLED:
@@ -374,7 +394,7 @@ class WorkerHost:
                                     completion_tokens=out.completion_tokens,
                                     cached_tokens=max(0, out.cached_tokens))
                 await rs.send(proto.pack_tokens(out.token_ids), finish_reason=reason,
-                              usage=usage, final=True)
+                              usage=usage, final=True, logprobs=lp)
         except (StreamCancelled, Disconnected, StreamClosed):
             reason = FINISH_CANCELLED  # requester gone or cancelled between two sends
         except HookFailed as exc:

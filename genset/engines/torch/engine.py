@@ -31,7 +31,7 @@ from genset.engines.torch import kvformat
 from genset.engines.torch.config import load_config
 from genset.engines.torch.runner import ModelRunner, resolve_dtype, size_num_blocks
 from genset.engines.torch.tiny import resolve_model
-from genset.engines.types import EngineRequest, KvBlockData
+from genset.engines.types import EngineRequest, KvBlockData, Logprobs
 
 
 class RunnerExecutor:
@@ -40,10 +40,12 @@ class RunnerExecutor:
     `kvformat` encoding."""
 
     name = "torch"
+    supports_logprobs = True
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.vocab_size = runner.vocab_size
+        self.step_logprobs: list[Logprobs | None] | None = None
 
     def check_request(self, request: EngineRequest) -> None:
         # A bad token id would only fail inside the forward pass, taking every request of the
@@ -57,7 +59,9 @@ class RunnerExecutor:
         pass  # sampling state lives in the runner, keyed by the plan's chunks
 
     def execute(self, plan: StepPlan, sched: Scheduler) -> tuple[list[int | None], None]:
-        return self.runner.execute(plan), None
+        sampled = self.runner.execute(plan)
+        self.step_logprobs = self.runner.step_logprobs
+        return sampled, None
 
     def idle(self) -> None:
         # Work is queued but nothing fits (e.g. blocks pinned by imports): don't spin.

@@ -28,7 +28,7 @@ from genset.engines.torch.model import (
     PrefillSpan,
     StepMetadata,
 )
-from genset.engines.torch.sampling import sample
+from genset.engines.torch.sampling import process_logits, sample, token_logprobs
 from genset.engines.torch.tiny import resolve_model
 from genset.engines.torch.weights import (
     dummy_weights,
@@ -36,6 +36,7 @@ from genset.engines.torch.weights import (
     has_checkpoint,
     load_checkpoint,
 )
+from genset.engines.types import Logprobs
 
 _DTYPES = {
     "float32": torch.float32,
@@ -164,6 +165,7 @@ class ModelRunner:
         )
         self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + extra_eos))
         self._fallback = torch.Generator().manual_seed(seed)
+        self.step_logprobs: list[Logprobs | None] | None = None  # of the last execute
         self.tokens_computed = 0  # total KV positions computed, for tests and metrics
         # Dense decode K/V kept across steps (see model.DecodeKV), keyed by the group's
         # sequence ids; only the groups of the last step are kept, within _DENSE_KV_BYTES.
@@ -202,19 +204,37 @@ class ModelRunner:
     # -- execution ----------------------------------------------------------------------------
 
     def execute(self, plan: StepPlan) -> list[int | None]:
-        """One token per chunk with `sample` set (None for the others), in plan order."""
+        """One token per chunk with `sample` set (None for the others), in plan order.
+        `step_logprobs` then holds the step's log-probabilities, one entry per chunk (None
+        where it sampled nothing or did not ask), or None when no chunk asked."""
         logits = self.forward_logits(plan)
+        self.step_logprobs = None
         sampled = [c for c in plan.chunks if c.sample]
-        tokens = (
-            sample(
-                logits,
-                [c.sampling for c in sampled],
-                [c.output_index for c in sampled],
-                self._fallback,
-            )
-            if sampled
-            else []
-        )
+        if not sampled:
+            return [None] * len(plan.chunks)
+        specs = [c.sampling for c in sampled]
+        with torch.inference_mode():  # the logits are inference tensors: changed in place
+            want_lp = [i for i, s in enumerate(specs) if s.logprobs is not None]
+            processed = any(s.processed for s in specs)
+            # log-probabilities are of the raw logits: keep them before processing
+            raw = None
+            if want_lp:
+                if len(want_lp) < len(specs):
+                    raw = logits[want_lp]  # a copy
+                else:
+                    raw = logits.clone() if processed else logits
+            if processed:
+                process_logits(logits, sampled)
+            tokens = sample(logits, specs, [c.output_index for c in sampled], self._fallback)
+            if raw is not None:
+                lps = token_logprobs(
+                    raw, [tokens[i] for i in want_lp], [specs[i].logprobs or 0 for i in want_lp]
+                )
+                by_row: list[Logprobs | None] = [None] * len(sampled)
+                for i, lp in zip(want_lp, lps, strict=True):
+                    by_row[i] = lp
+                it_lp = iter(by_row)
+                self.step_logprobs = [next(it_lp) if c.sample else None for c in plan.chunks]
         it = iter(tokens)
         return [next(it) if c.sample else None for c in plan.chunks]
 
