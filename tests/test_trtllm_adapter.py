@@ -267,3 +267,15 @@ def test_engines_package_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "mocker"
+
+
+def test_finish_reasons_are_the_wires():
+    """The wire refuses a finish reason outside proto.values.FINISH_REASONS, so whatever
+    TensorRT-LLM says is mapped into that set (an unknown one ends the request as an error)."""
+    from genset.engines.trtllm import _finish_reason
+    from proto.values import FINISH_REASONS
+
+    assert _finish_reason(None) == "stop"
+    for reason in FINISH_REASONS:
+        assert _finish_reason(reason) == reason
+    assert _finish_reason("timeout") == "error"

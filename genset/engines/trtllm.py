@@ -62,6 +62,7 @@ from genset.engines.types import EngineCard, EngineOutput, EngineRequest, KvBloc
 from genset.kv.hashing import chain_hash, local_block_hash
 from proto.kv import Cleared, KvEvent, KvEventBatch, LoadReport, Removed, Stored, StoredBlock
 from proto.tokens import pack_tokens
+from proto.values import FINISH_CANCELLED, FINISH_ERROR, FINISH_REASONS, FINISH_STOP
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +395,7 @@ class TrtllmEngine(Engine):
         except Exception as exc:  # the engine failed this request
             log.exception("TensorRT-LLM request %s failed", rid)
             stream.put(
-                EngineOutput(request_id=rid, token_ids=[], finish_reason="error", error=repr(exc))
+                EngineOutput(request_id=rid, token_ids=[], finish_reason=FINISH_ERROR, error=repr(exc))
             )
         finally:
             self._streams.pop(rid, None)
@@ -407,7 +408,7 @@ class TrtllmEngine(Engine):
             with contextlib.suppress(Exception):
                 result.abort()
         if stream is not None:
-            stream.put(EngineOutput(request_id=request_id, token_ids=[], finish_reason="cancelled"))
+            stream.put(EngineOutput(request_id=request_id, token_ids=[], finish_reason=FINISH_CANCELLED))
 
     async def export_kv(self, hashes: list[int]) -> list[KvBlockData]:
         raise NotImplementedError("KV export is not available with TensorRT-LLM")
@@ -481,9 +482,12 @@ class TrtllmEngine(Engine):
 
 
 def _finish_reason(reason: Any) -> str:
-    if reason in ("stop", "length", "cancelled"):
-        return reason
-    return "stop" if reason is None else str(reason)
+    """TensorRT-LLM's finish reason as one of the wire's (proto.values.FINISH_REASONS): the
+    wire refuses any other value, so one TensorRT-LLM adds later (e.g. a timeout) ends the
+    request as an error rather than as a frame no frontend can decode."""
+    if reason is None:
+        return FINISH_STOP
+    return reason if reason in FINISH_REASONS else FINISH_ERROR
 
 
 def _cached_tokens(output: Any, block_size: int) -> int:

@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proto.generate import SamplingParams, StopConditions
+from proto.values import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
 
-FINISH_STOP = "stop"
-FINISH_LENGTH = "length"
-FINISH_CANCELLED = "cancelled"
-FINISH_ERROR = "error"
+# The finish reasons are the wire's (proto.values): re-exported for the engines.
+__all__ = ["FINISH_CANCELLED", "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP"]
 
 
 @dataclass(slots=True)

@@ -55,6 +55,7 @@ from genset.worker.metrics import WorkerMetrics
 from genset.worker.roles import ROLE_DECODE, registered_role
 from proto import keys, subjects
 from proto.generate import ErrorInfo
+from proto.values import PHASE_DONE, PHASE_FIRST_TOKEN
 
 log = structlog.get_logger("genset.worker")
 
@@ -373,7 +374,7 @@ class WorkerHost:
                         if self._after_prefill is not None and out.finish_reason not in (
                                 FINISH_CANCELLED, FINISH_ERROR):
                             await self._prefill_done(req, tokens, engine_id, out)
-                        await self._lifecycle(req.request_id, "first_token")
+                        await self._lifecycle(req.request_id, PHASE_FIRST_TOKEN)
                 self.m.tokens.inc(len(out.token_ids))
                 lp = None if out.logprobs is None else _wire_logprobs(out.logprobs, req)
                 if out.finish_reason is None:
@@ -419,7 +420,7 @@ class WorkerHost:
             if reason == FINISH_CANCELLED:
                 self.m.cancelled.inc()
             self.m.finished.labels(reason).inc()
-            await self._lifecycle(req.request_id, "done")
+            await self._lifecycle(req.request_id, PHASE_DONE)
 
     async def _prefill_done(self, req: proto.GenerateRequest, tokens: list[int],
                             engine_id: str, out) -> None:
