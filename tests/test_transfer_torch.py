@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from genset.engines.base import EngineRequest, KvBlockData, KvImport  # noqa: E402
+from genset.engines.types import EngineRequest, KvBlockData, KvImport  # noqa: E402
 
 from genset.engines.torch import kvformat  # noqa: E402
 from genset.engines.torch.engine import TorchEngine  # noqa: E402
