@@ -507,7 +507,7 @@ class Scheduler:
             extend_block_hashes(hashes, seq.token_ids, bs)
         pool = self.pool
         first = seq.num_registered
-        if not pool.emit_token_ids:
+        if not pool.keep_tokens:
             pool.cache_chain(
                 seq.block_table[first:full], hashes[first:full], hashes[first - 1] if first else None
             )
