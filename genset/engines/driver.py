@@ -113,6 +113,10 @@ class EvictionHandover:
         self._bytes = 0
         self.dropped = 0  # evicted blocks not handed over for lack of room (monotonic)
         self.handed = 0
+        self.skipped = 0  # evicted while paused
+        # Paused (nobody to hand blocks to, e.g. no offload store): room() is 0, so the core
+        # reads no payloads at all.
+        self.paused = False
 
     @property
     def pending_bytes(self) -> int:
@@ -123,14 +127,17 @@ class EvictionHandover:
         return len(self._blocks)
 
     def room(self) -> int:
-        return max(0, self.max_bytes - self._bytes)
+        return 0 if self.paused else max(0, self.max_bytes - self._bytes)
 
     def put(self, blocks: list[EvictedBlock], dropped: int) -> None:
         size = sum(evicted_size(b) for b in blocks)
         with self._lock:
             self._blocks.extend(blocks)
             self._bytes += size
-            self.dropped += dropped
+            if self.paused and not blocks:
+                self.skipped += dropped
+            else:
+                self.dropped += dropped
             self.handed += len(blocks)
 
     def take(self) -> list[EvictedBlock]:
