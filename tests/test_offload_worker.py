@@ -168,3 +168,33 @@ async def test_an_eviction_flood_keeps_the_worker_within_its_bounds(
             assert dropped > 0  # the flood was larger than the bounds
         finally:
             await w.host.close()
+
+
+async def test_the_router_follows_the_stores_tiers_and_membership(
+        nats_server, etcd_server, bus, discovery, ns):
+    from genset.offload.client import OffloadClient
+    from genset.routing.core import STORE_TIERS, RouterConfig, RouterCore
+    from genset.routing.feeds import RouterFeeds
+    from tests.offload_helpers import chain
+
+    core = RouterCore(RouterConfig(block_size=16))
+    feeds = RouterFeeds(core, bus=bus, namespace=ns, discovery=discovery)
+    await feeds.start(initial_sync_s=0)
+    try:
+        async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01) as store:
+            await wait_for(lambda: store.instance_id in core.stores, "the store known")
+            client = OffloadClient(bus, ns)
+            await client.start(instances=[store.instance_id])
+            blocks = chain(5, 9, 500)
+            client.put_behind(blocks)
+            assert await client.flush(WAIT)
+            hashes = [b.hash for b in blocks]
+            await wait_for(lambda: core.index.run_by_tier(hashes, 0, STORE_TIERS) == [9, 0],
+                           "the store's RAM blocks in the router's index")
+            assert store.instance_id not in core.workers
+            await client.close()
+        # a clean stop: RAM announced cleared and the record gone
+        await wait_for(lambda: not core.stores, "the store forgotten")
+        assert core.index.run_by_tier(hashes, 0, STORE_TIERS) == [0, 0]
+    finally:
+        await feeds.close()
