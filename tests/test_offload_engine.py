@@ -181,3 +181,17 @@ def test_queued_imports_never_stall_the_request_ahead_of_them():
     assert done == {f"q{i}" for i in range(4)}
     assert not core.scheduler._pins
     core.pool.check_invariants()
+
+
+def test_blocks_the_sink_already_has_are_not_read():
+    core = MockerCore(MockerConfig(block_size=BS, num_blocks=8, vocab_size=4096))
+    first = prompt_of(1, 7 * BS + 1)
+    skip = set(block_hashes(first, BS)[:3])  # e.g. onboarded from the store
+    sink = Sink()
+    sink.known = skip.__contains__
+    core.set_eviction_sink(sink)
+    run(core, "a", first)
+    run(core, "b", prompt_of(2, 7 * BS + 1))
+    handed = {b.hash for b in sink.blocks}
+    assert handed and not handed & skip
+    assert core.evictions_known == 3

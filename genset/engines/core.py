@@ -99,6 +99,8 @@ class EvictionSink(Protocol):
     def put(self, blocks: list[EvictedBlock], dropped: int) -> None:
         """Evicted blocks with their payloads; `dropped` more were evicted without room."""
 
+    # Optional: `known(hash) -> bool`, blocks the sink already has elsewhere (not read).
+
 
 class SchedulingCore:
     """The shared scheduler + block pool over an `Executor` (an `EngineCore`)."""
@@ -121,6 +123,7 @@ class SchedulingCore:
         self._evict_sink: EvictionSink | None = None
         self.evictions_handed = 0  # counters (monotonic)
         self.evictions_dropped = 0
+        self.evictions_known = 0
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -242,6 +245,15 @@ class SchedulingCore:
         sink = self._evict_sink
         if sink is None or not evicted:
             return
+        known = getattr(sink, "known", None)
+        if known is not None:
+            # blocks the sink says it has already (e.g. onboarded from the offload store):
+            # not worth a copy
+            before = len(evicted)
+            evicted = [e for e in evicted if not known(e[0])]
+            self.evictions_known += before - len(evicted)
+            if not evicted:
+                return
         # an executor may say how large one payload is (torch, mocker); an upper bound for
         # the tokens (4 bytes each) and the objects
         per_block = (getattr(self.executor, "kv_block_bytes", 0) + 4 * self.pool.block_size

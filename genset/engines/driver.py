@@ -117,6 +117,13 @@ class EvictionHandover:
         # Paused (nobody to hand blocks to, e.g. no offload store): room() is 0, so the core
         # reads no payloads at all.
         self.paused = False
+        # Hashes the consumer already has (a set-like; the core only asks `in`, from the
+        # stepping thread): those blocks are not read.
+        self.skip = None
+
+    def known(self, block_hash: int) -> bool:
+        skip = self.skip
+        return skip is not None and block_hash in skip
 
     @property
     def pending_bytes(self) -> int:

@@ -6,7 +6,8 @@ What the simulation does with it, as live workers and the live store do:
 
 - a worker's evicted blocks go to the store the moment they are evicted (the engine hands
   them over before reusing their memory: the mocker charges the copy out,
-  `kv_bytes_per_token` x block size at `d2h_gbps`, to the step that evicted them);
+  `kv_bytes_per_token` x block size at `d2h_gbps`, to the step that evicted them), except
+  those it onboarded from the store lately (as the live hook);
 - before a request is queued on its worker (the worker's `before_run`), the longest run of its
   prompt's blocks after the worker's own cached prefix that the store holds is onboarded:
   demand is recorded, disk hits are promoted to RAM, and the blocks are imported (pinned)
@@ -21,6 +22,7 @@ takes every eviction), a lookup deadline (onboarding always completes).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from genset.offload.tiers import TIER_RAM, TieredCache
@@ -57,15 +59,29 @@ class OffloadConfig:
 
 
 class _Sink:
-    """A worker core's eviction sink: every evicted block is offered to the store."""
+    """A worker core's eviction sink: every evicted block is offered to the store, but those
+    the worker onboarded from it lately (as the live hook: `EvictionHandover.skip`)."""
 
-    __slots__ = ("sim",)
+    __slots__ = ("max_onboarded", "onboarded", "sim")
 
-    def __init__(self, sim: OffloadSim) -> None:
+    def __init__(self, sim: OffloadSim, max_onboarded: int) -> None:
         self.sim = sim
+        self.onboarded: OrderedDict[int, None] = OrderedDict()
+        self.max_onboarded = max_onboarded
 
     def room(self) -> int:
         return 1 << 62
+
+    def known(self, block_hash: int) -> bool:
+        return block_hash in self.onboarded
+
+    def remember(self, hashes: list[int]) -> None:
+        seen = self.onboarded
+        for h in hashes:
+            seen[h] = None
+            seen.move_to_end(h)
+        while len(seen) > self.max_onboarded:
+            seen.popitem(last=False)
 
     def put(self, blocks, dropped: int) -> None:
         offer = self.sim.cache.offer
@@ -82,11 +98,13 @@ class OffloadSim:
                                            spill_min_freq=config.spill_min_freq)
         self.offered = 0
         self.onboarded = {TIER_RAM: 0, "disk": 0}  # blocks
+        self._sinks: dict[int, _Sink] = {}  # id(core) -> its sink
         self.lookups = 0
 
     def attach(self, core) -> None:
         """Write-behind of `core`'s evictions (no token ids: the replay needs none)."""
-        core.set_eviction_sink(_Sink(self), with_tokens=False)
+        sink = self._sinks[id(core)] = _Sink(self, max(1024, 4 * core.card.kv_blocks))
+        core.set_eviction_sink(sink, with_tokens=False)
 
     def onboard(self, core, hashes: list[int], prompt_len: int):
         """The `KvImport` of the store's run after `core`'s cached prefix (None: nothing), its
@@ -122,6 +140,7 @@ class OffloadSim:
         if disk and self.config.disk_gbps > 0:
             nbytes = disk * self.config.kv_bytes_per_token * bs
             core.executor.charge(nbytes / (self.config.disk_gbps * 1e6))
+        self._sinks[id(core)].remember(want[:n])
         kv = KvImport(blocks=[KvBlockData(h) for h in want[:n]], parent_hash=parent)
         return kv, n - disk, disk, have
 

@@ -13,7 +13,9 @@ onboarding of a prompt's next blocks before it runs.
   nothing: None, and the worker computes the prompt. Never an error, never a wait past the
   deadline (the host also computes the prompt when the engine refuses the import's payload).
 - With no store registered the hand-over is paused (`EvictionHandover.paused`): the engine
-  reads no payloads for nobody.
+  reads no payloads for nobody. Blocks this worker onboarded from the store (the last
+  `4 x kv_blocks` of them) are skipped when evicted again (`EvictionHandover.skip`): the
+  store has them, and the copy out is the one cost write-behind puts on an engine step.
 
 A request moved off a dead worker (migration) onboards its prefix here like any other.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -68,6 +71,9 @@ class OffloadHook(WorkerHooks):
         self.counts = dict.fromkeys(("lookups", "hits", "misses", "skipped", "errors",
                                      "onboarded_blocks", "written_blocks"), 0)
         self._m = _Metrics(metrics, self) if metrics is not None else None
+        # hashes onboarded lately (in the store: their eviction needs no copy), bounded
+        self._onboarded: OrderedDict[int, None] = OrderedDict()
+        self._onboarded_max = 4096
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self, ctx: WorkerContext) -> None:
@@ -77,6 +83,10 @@ class OffloadHook(WorkerHooks):
                                max_queue_bytes=self.config.max_queue_bytes)
         client.on_instances = self._instances_changed
         self.client = client
+        self._onboarded_max = max(1024, 4 * ctx.engine.card.kv_blocks)
+        handover = getattr(ctx.engine, "evictions", None)
+        if handover is not None:
+            handover.skip = self._onboarded
         await client.start(self.instances)
         self._instances_changed(client.instances)
         if self.config.mode == "on" and not client.instances:
@@ -139,6 +149,12 @@ class OffloadHook(WorkerHooks):
             return None
         self.counts["hits"] += 1
         self.counts["onboarded_blocks"] += len(run)
+        seen = self._onboarded
+        for b in run:
+            seen[b.hash] = None
+            seen.move_to_end(b.hash)
+        while len(seen) > self._onboarded_max:
+            seen.popitem(last=False)
         if self._m is not None:
             self._m.onboarded.inc(len(run))
         return KvImport(blocks=[KvBlockData(b.hash, b.data) for b in run],
