@@ -198,3 +198,27 @@ async def test_the_router_follows_the_stores_tiers_and_membership(
         assert core.index.run_by_tier(hashes, 0, STORE_TIERS) == [0, 0]
     finally:
         await feeds.close()
+
+
+async def test_a_refused_import_computes_the_prompt_instead_of_failing(bus, discovery):
+    """A store that serves a payload the engine cannot take (another model's KV, a corrupt
+    block): the request is computed, and the hook's fault is counted."""
+    from genset.engines.types import KvBlockData, KvImport
+    from genset.worker import WorkerHooks
+    from tests.test_worker import Host
+
+    prompt = list(range(1, 42))
+
+    class BadStore(WorkerHooks):
+        async def before_run(self, request, token_ids):
+            return KvImport([KvBlockData(h, b"not a KV payload")
+                             for h in block_hashes(prompt, 4)[:3]])
+
+    h = Host(bus, discovery, hooks=BadStore())
+    await h.host.start()
+    try:
+        chunks = await h.generate(h.request(prompt, max_tokens=3))
+        assert chunks[-1].finish_reason == "length" and chunks[-1].usage.cached_tokens == 0
+        assert h.metric("genset_worker_hook_errors_total", hook="before_run") == 1
+    finally:
+        await h.host.close()
