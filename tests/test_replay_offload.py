@@ -47,9 +47,12 @@ def test_the_store_serves_the_prefixes_the_workers_evicted():
 def test_a_disk_tier_holds_what_ram_cannot():
     t = trace(240)
     ram_only = run_replay(t, "genset", cfg(ram_blocks=16))
-    with_disk = run_replay(t, "genset", cfg(ram_blocks=16, disk_blocks=2000))
+    with_disk = run_replay(t, "genset", cfg(ram_blocks=16, disk_blocks=2000, disk_gbps=100.0))
     assert with_disk["offload"]["hit_rate_by_tier"]["disk"] > 0
     assert with_disk["hit_rate"] > ram_only["hit_rate"]
+    # a disk slower than computing: its blocks are not onboarded (the worker computes them)
+    slow = run_replay(t, "genset", cfg(ram_blocks=16, disk_blocks=2000, disk_gbps=1.0))
+    assert slow["offload"]["hit_rate_by_tier"]["disk"] == 0
 
 
 def test_an_empty_store_changes_nothing():

@@ -73,6 +73,7 @@ def test_store_blocks_count_after_each_workers_own_prefix_and_cost_their_transfe
     assert runs[10] == [20, 5] and runs[0] == [30, 5]  # worker 1 onboards from block 10
 
     pol = PredictedTTFT(kv_bytes_per_token=1000, host_gbps=1.0, disk_gbps=0.5)
+    # (disk at 0.5 GB/s: 48 us per 16 KB block, computing 16 tokens ~243 us: worth it)
     ms, onboarded = pol.onboard(20, 5, BS, 40 * BS - 1)
     assert onboarded == 25 * BS
     per_block = 1000 * BS / 1e6  # ms at 1 GB/s
@@ -87,6 +88,8 @@ def test_a_slow_tier_counts_against_onboarding():
     plain = pol.score(ctx, WorkerView(worker_id=1))
     with_store = pol.score(ctx, WorkerView(worker_id=1, host_blocks=63))
     assert with_store > plain  # 8 GiB at 1 MB/s: computing would have been faster
+    # disk blocks slower than computing are expected to be computed: no credit, no cost
+    assert pol.score(ctx, WorkerView(worker_id=1, disk_blocks=63)) == plain
     fast = PredictedTTFT(kv_bytes_per_token=131072, host_gbps=32.0)
     assert fast.score(ctx, WorkerView(worker_id=1, host_blocks=63)) < plain
 

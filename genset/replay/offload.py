@@ -40,6 +40,10 @@ class OffloadConfig:
     h2d_gbps: float = 32.0  # copy of an onboarded block into the engine (0: free)
     disk_gbps: float = 4.0  # read of a disk-tier block (0: free)
     spill_min_freq: int = 2
+    # Onboard a disk-tier block only when reading and copying it in is faster than computing
+    # its tokens again (the mocker's marginal prefill cost per token); otherwise the run
+    # stops at the first disk block and the rest is computed.
+    disk_only_if_faster: bool = True
 
     def __post_init__(self) -> None:
         if self.ram_blocks < 0 or self.disk_blocks < 0 or self.kv_bytes_per_token < 0:
@@ -125,6 +129,10 @@ class OffloadSim:
         tiers = cache.locate(want)
         if not tiers:
             return None, 0, 0, have
+        if self.config.disk_only_if_faster and not self._disk_pays(core):
+            tiers = tiers[:tiers.index("disk")] if "disk" in tiers else tiers
+            if not tiers:
+                return None, 0, 0, have
         disk = 0
         parent = hashes[have - 1] if have else None
         prev = parent
@@ -143,6 +151,15 @@ class OffloadSim:
         self._sinks[id(core)].remember(want[:n])
         kv = KvImport(blocks=[KvBlockData(h) for h in want[:n]], parent_hash=parent)
         return kv, n - disk, disk, have
+
+    def _disk_pays(self, core) -> bool:
+        """Whether a disk block onboards faster than its tokens are computed again."""
+        c = self.config
+        nbytes = c.kv_bytes_per_token * self.block_size
+        ms = sum(nbytes / (g * 1e6) for g in (c.disk_gbps, c.h2d_gbps) if g > 0)
+        timing = core.timing
+        recompute = timing.prefill_linear * self.block_size / timing.speedup_ratio
+        return ms < recompute
 
     def take_batches(self, ts_ms: int = 0) -> list:
         """The store's tier events since the last call, for the routers."""

@@ -256,12 +256,17 @@ class PredictedTTFT(Policy):
 
     def onboard(self, host_blocks: int, disk_blocks: int, block_size: int,
                 max_tokens: int) -> tuple[float, int]:
-        """(ms, tokens) of onboarding these store blocks (RAM first), at most `max_tokens`."""
+        """(ms, tokens) of onboarding these store blocks (RAM first), at most `max_tokens`.
+        Disk blocks count only when reading one is faster than computing its tokens (the
+        profile's marginal prefill cost): otherwise the worker is expected to compute them."""
         host = min(host_blocks, max_tokens // block_size)
         disk = min(disk_blocks, max_tokens // block_size - host)
         per_block = self.kv_bytes_per_token * block_size / 1e6  # bytes / (GB/s) -> ms
-        ms = host * per_block / self.host_gbps
-        ms += disk * per_block * (1 / self.disk_gbps + 1 / self.host_gbps)
+        disk_ms = per_block * (1 / self.disk_gbps + 1 / self.host_gbps)
+        recompute = self.profile.prefill_coef[1] * block_size / self.profile.speedup
+        if disk_ms >= recompute:
+            disk = 0
+        ms = host * per_block / self.host_gbps + disk * disk_ms
         return ms, (host + disk) * block_size
 
     def choose(self, ctx, views, rng):
