@@ -101,7 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                    help="extra argument passed to every worker (repeatable), e.g. --worker-arg=--kv-blocks=512")
     auth.add_launch_args(p)  # security: --insecure, --tls, --max-workers, --api-key, ...
+    # ---- KV offload store (issue 12; docs/offload.md) ----
+    g = p.add_argument_group("KV offload store")
+    g.add_argument("--offload-ram-gb", type=_non_negative, default=0.5,
+                   help="RAM tier of the KV offload store, GiB (default 0.5; 0: no store, workers "
+                        "compute every evicted prefix again)")
+    g.add_argument("--offload-disk-gb", type=_non_negative, default=1.0,
+                   help="disk tier of the store, GiB (default 1; 0: RAM only)")
+    g.add_argument("--offload-dir", default=None,
+                   help="directory of the disk tier (default <state-dir>/offload)")
+    # ---- end KV offload store ----
     return p
+
+
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,9 +378,30 @@ class Launcher:
         threads = max(1, (os.cpu_count() or 1) // max(1, self.args.workers))
         return {"OMP_NUM_THREADS": str(threads)}
 
+    # ---- KV offload store (issue 12) ---------------------------------------------------------
+    def start_offload_store(self) -> Child | None:
+        """The store workers write evicted KV blocks to, before the workers (they find it in
+        etcd); None with --offload-ram-gb 0."""
+        a = self.args
+        if a.offload_ram_gb <= 0:
+            return None
+        directory = a.offload_dir or str(self.state_dir / "offload")
+        store = self.spawn("offload", "offload", "--offload-ram-gb", str(a.offload_ram_gb),
+                           "--offload-disk-gb", str(a.offload_disk_gb),
+                           "--offload-dir", directory)
+        self.say(f"offload store: starting ({a.offload_ram_gb:g} GiB RAM, "
+                 f"{a.offload_disk_gb:g} GiB disk in {directory})")
+        self.wait_until("offload store", [store],
+                        lambda: http_json(store.http_url + "/health")[0] == 200)
+        self.say("  offload store ready")
+        return store
+    # ---- end KV offload store ------------------------------------------------------------------
+
     def start_workers(self) -> list[Child]:
         a = self.args
         extra = ["--engine", a.engine, "--model", a.model, "--role", ROLE_DECODE]
+        if a.offload_ram_gb <= 0:
+            extra += ["--offload", "off"]
         if a.served_model_name:
             extra += ["--served-model-name", a.served_model_name]
         if a.speedup is not None:
@@ -428,6 +469,7 @@ class Launcher:
         if a.router in (MODE_SERVICE, MODE_AUTO):
             self.start_router_service()
             router_mode = MODE_SERVICE
+        self.start_offload_store()  # KV offload store (issue 12)
         self.start_workers()
         return self.start_frontend(router_mode)
 

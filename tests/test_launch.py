@@ -118,8 +118,10 @@ def test_genset_up_from_a_fresh_clone_serves_and_stops_clean(tmp_path):
         text = wait_for_line(proc, log, r"Ctrl-C stops everything", within=180)
         assert f"http://127.0.0.1:{port}/v1" in text and "curl " in text
         assert "nats: starting" in text and "etcd: starting" in text  # nothing was there
+        assert "offload store ready" in text  # on by default, disk tier in the state dir
+        assert (clone / ".state" / "offload").is_dir()
         pids = descendants(proc.pid)
-        assert len(pids) >= 5, pids  # nats, etcd, 2 workers, frontend
+        assert len(pids) >= 6, pids  # nats, etcd, offload store, 2 workers, frontend
         # the printed curl line, as a user would paste it
         curl = re.search(r"-d '(\{.*\})'", text).group(1)
         resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=curl,
@@ -174,6 +176,9 @@ def test_bad_flags_are_refused_before_anything_starts(tmp_path, capsys):
     assert "--workers must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--engine", "nope"])
+    with pytest.raises(SystemExit):
+        main(["--offload-ram-gb", "-1"])
+    assert "--offload-ram-gb: must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

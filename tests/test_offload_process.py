@@ -10,7 +10,7 @@ from genset.kv.replica import HashSetReplica
 from genset.offload.client import OffloadClient
 from proto import subjects
 from tests.offload_helpers import chain
-from tests.stack import Stack
+from tests.stack import Stack, metric
 
 pytestmark = pytest.mark.slow
 
@@ -83,3 +83,81 @@ def _applied(batches, tier: str) -> set[int]:
             replica.apply(b)
     return replica.hashes
 
+
+
+async def test_workers_keep_serving_when_the_store_is_killed_under_load(
+        nats_server, etcd_server, bus, discovery, tmp_path):
+    """Two mocker workers write evictions behind to a store and onboard from it; the store is
+    SIGKILLed while requests keep coming: every request succeeds (lookups to the dead store
+    end at their deadline and the workers compute), and onboarding had happened before."""
+    import asyncio
+    import uuid
+
+    from proto import keys
+
+    async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
+        store = await stack.start_service("offload", extra_args=["--offload-ram-gb", "0.01",
+                                                                 "--offload-disk-gb", "0"])
+        workers = await stack.start_workers(
+            2, engine="mocker",
+            extra_args=["--speedup", "20", "--block-size", "16", "--kv-blocks", "48",
+                        "--offload", "on", "--offload-deadline-ms", "200"])
+        found = await discovery.get_prefix(keys.models_prefix(stack.namespace, "tiny"),
+                                           proto.ModelCard)
+        subjects_ = sorted(c.generate_subject for c in found.values())
+        prefixes = [[(p * 37 + j) % 900 + 3 for j in range(12 * 16)] for p in range(7)]  # 7 x 12 blocks: more than a worker holds
+        failures: list[str] = []
+        sent = 0
+
+        async def one(i: int) -> None:
+            nonlocal sent
+            prompt = prefixes[i % len(prefixes)] + [i % 50 + 3] * 5
+            req = proto.GenerateRequest(
+                request_id=uuid.uuid4().hex, model="tiny", token_ids=proto.pack_tokens(prompt),
+                sampling=proto.SamplingParams(temperature=0.0),
+                stop=proto.StopConditions(max_tokens=3, ignore_eos=True))
+            sent += 1
+            try:
+                stream = await bus.stream_request(subjects_[i % 2], req, timeout=WAIT)
+                chunks = [c async for c in stream]
+                if chunks[-1].finish_reason != "length":
+                    failures.append(repr(chunks[-1]))
+            except Exception as exc:  # any failure a client would see
+                failures.append(repr(exc))
+
+        async def load(start: int, n: int) -> None:
+            for k in range(start, start + n, 4):
+                await asyncio.gather(*(one(i) for i in range(k, k + 4)))
+
+        async def onboarded() -> float:
+            total = 0.0
+            for w in workers:
+                total += metric(await w.metrics(), "genset_worker_offload_onboarded_blocks_total")
+            return total
+
+        i = 0
+        # load until blocks were written behind and onboarded again (a condition, not a time)
+        while await onboarded() == 0:
+            await load(i, 8)
+            i += 8
+            assert i < 2000, stack.logs()
+        assert not failures, failures
+
+        async def misses() -> float:
+            total = 0.0
+            for w in workers:
+                total += metric(await w.metrics(), "genset_worker_offload_lookups",
+                                outcome="misses")
+            return total
+
+        before = await misses()
+        store.kill()
+        await load(i, 24)  # right after the kill: the store is still listed in etcd
+        i += 24
+        assert not failures, failures
+        assert await misses() > before  # lookups went to the dead store, and were computed
+        for w in workers:
+            m = await w.metrics()
+            assert metric(m, "genset_worker_requests_finished_total", reason="length") > 0
+            assert metric(m, "genset_worker_hook_errors_total") == 0
+        assert sent == i

@@ -11,10 +11,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from genset.engines.types import EngineRequest, KvBlockData, KvImport  # noqa: E402
-
 from genset.engines.torch import kvformat  # noqa: E402
 from genset.engines.torch.engine import TorchEngine  # noqa: E402
+from genset.engines.types import EngineRequest, KvBlockData, KvImport  # noqa: E402
 from genset.kv.hashing import block_hashes  # noqa: E402
 from genset.runtime.bus import Bus  # noqa: E402
 from genset.transfer import KvTransferHub  # noqa: E402

@@ -20,7 +20,16 @@ Adding a request, in this order for every engine:
    raises before any hash is registered, and leaves nothing pinned and nothing queued;
 3. the request is queued, and the executor sets up its per-request state.
 
-Not thread-safe: one thread (or task) calls everything, as `EngineCore` says.
+Evicted blocks can be handed over with their KV (`set_eviction_sink`, for write-behind to
+the offload store): the pool records every cached block it evicts, and the core reads their
+payloads right after `schedule()` and before `execute()` (and, for an import, before
+`write_kv`), which are the only places a block's memory is written again. Nothing is recorded
+or read without a sink. At most `sink.room()` bytes are read per hand-over; the rest are
+dropped and counted (`evictions_dropped`), so a flood of evictions cannot grow memory or
+stretch a step past one bounded copy.
+
+Not thread-safe: one thread (or task) calls everything, as `EngineCore` says. The one
+exception is `cached_prefix`, a read-only hint that other threads may call.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from genset.engines.types import (
     EngineCard,
     EngineOutput,
     EngineRequest,
+    EvictedBlock,
     KvBlockData,
     KvImport,
     Logprobs,
@@ -93,6 +103,28 @@ class Executor(Protocol):
         """Write decoded payloads into these newly allocated physical blocks."""
 
 
+# bytes an evicted block costs in a hand-over beyond its payload and token ids (the objects)
+EVICTED_OVERHEAD = 128
+
+
+def evicted_size(block: EvictedBlock) -> int:
+    """What one evicted block counts against a hand-over's byte bound."""
+    return (len(block.data) if block.data is not None else 0) + (
+        len(block.token_ids) if block.token_ids is not None else 0) + EVICTED_OVERHEAD
+
+
+class EvictionSink(Protocol):
+    """Where `SchedulingCore` hands evicted blocks (called on the core's thread)."""
+
+    def room(self) -> int:
+        """Payload bytes it can take now (the core reads no more than this)."""
+
+    def put(self, blocks: list[EvictedBlock], dropped: int) -> None:
+        """Evicted blocks with their payloads; `dropped` more were evicted without room."""
+
+    # Optional: `known(hash) -> bool`, blocks the sink already has elsewhere (not read).
+
+
 class SchedulingCore:
     """The shared scheduler + block pool over an `Executor` (an `EngineCore`)."""
 
@@ -112,6 +144,10 @@ class SchedulingCore:
             vocab_size=executor.vocab_size,
             supports_logprobs=executor.supports_logprobs,
         )
+        self._evict_sink: EvictionSink | None = None
+        self.evictions_handed = 0  # counters (monotonic)
+        self.evictions_dropped = 0
+        self.evictions_known = 0
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -160,6 +196,8 @@ class SchedulingCore:
         t0 = time.perf_counter()
         sched = self.scheduler
         plan = sched.schedule()
+        if self.pool.evicted:  # before execute() writes into the evicted blocks' memory
+            self._hand_over_evicted()
         if not plan.chunks:
             self.executor.idle()
             return [], 0.0
@@ -207,6 +245,8 @@ class SchedulingCore:
         payloads = self.executor.decode_kv(kv.blocks)
         hashes = [b.hash for b in kv.blocks]
         written = self.scheduler.import_kv(hashes, kv.parent_hash, pin_for=pin_for)
+        if self.pool.evicted:  # before write_kv overwrites them
+            self._hand_over_evicted()
         if written:
             index = {h: i for i, h in enumerate(hashes)}
             self.executor.write_kv(
@@ -219,3 +259,51 @@ class SchedulingCore:
                 break
             cached += 1
         return cached
+
+    def cached_prefix(self, hashes: list[int]) -> int:
+        """How many of `hashes`, from the first, are cached here now. A hint, safe to call
+        from another thread (dict reads only): the answer may be stale by the time it is
+        used, which costs at most a wasted import, never a wrong result."""
+        return len(self.pool.lookup(hashes))
+
+    # ---- eviction hand-over -----------------------------------------------------------------
+
+    def set_eviction_sink(self, sink: EvictionSink | None, *, with_tokens: bool = True) -> None:
+        """Hand every cached block the pool evicts to `sink` with its payload (module
+        docstring); `with_tokens`: keep each cached block's packed token ids for it (one
+        packing per registered block). None stops it, and then costs nothing."""
+        pool = self.pool
+        self._evict_sink = sink
+        pool.evicted = [] if sink is not None else None
+        pool.keep_tokens = pool.emit_token_ids or (sink is not None and with_tokens)
+
+    def _hand_over_evicted(self) -> None:
+        pool = self.pool
+        evicted, pool.evicted = pool.evicted, []
+        sink = self._evict_sink
+        if sink is None or not evicted:
+            return
+        known = getattr(sink, "known", None)
+        if known is not None:
+            # blocks the sink says it has already (e.g. onboarded from the offload store):
+            # not worth a copy
+            before = len(evicted)
+            evicted = [e for e in evicted if not known(e[0])]
+            self.evictions_known += before - len(evicted)
+            if not evicted:
+                return
+        # an executor may say how large one payload is (torch, mocker); an upper bound for
+        # the tokens (4 bytes each) and the objects
+        per_block = (getattr(self.executor, "kv_block_bytes", 0) + 4 * self.pool.block_size
+                     + EVICTED_OVERHEAD)
+        n = min(len(evicted), sink.room() // per_block)
+        dropped = len(evicted) - n
+        blocks: list[EvictedBlock] = []
+        if n:
+            take = evicted[:n]
+            payloads = self.executor.read_kv([e[3] for e in take])
+            blocks = [EvictedBlock(h, parent, tokens, data)
+                      for (h, parent, tokens, _), data in zip(take, payloads, strict=True)]
+        self.evictions_handed += n
+        self.evictions_dropped += dropped
+        sink.put(blocks, dropped)

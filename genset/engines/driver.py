@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from genset.engines.core import evicted_size
 from genset.engines.events import KvEventFanout, KvEventSubscription
 from genset.engines.interface import Engine, EngineCore
 from genset.engines.types import (
@@ -32,6 +33,7 @@ from genset.engines.types import (
     EngineOutput,
     EngineOverloaded,
     EngineRequest,
+    EvictedBlock,
     KvBlockData,
     KvImport,
 )
@@ -102,6 +104,61 @@ def merge_output(into: EngineOutput, out: EngineOutput) -> None:
     into.error = out.error
 
 
+class EvictionHandover:
+    """Evicted blocks on their way from the stepping thread to the loop: the core's
+    `EvictionSink`, bounded by `max_bytes` of payload (the core reads no more than `room()`),
+    thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._blocks: list[EvictedBlock] = []
+        self._bytes = 0
+        self.dropped = 0  # evicted blocks not handed over for lack of room (monotonic)
+        self.handed = 0
+        self.skipped = 0  # evicted while paused
+        # Paused (nobody to hand blocks to, e.g. no offload store): room() is 0, so the core
+        # reads no payloads at all.
+        self.paused = False
+        # Hashes the consumer already has (a set-like; the core only asks `in`, from the
+        # stepping thread): those blocks are not read.
+        self.skip = None
+
+    def known(self, block_hash: int) -> bool:
+        skip = self.skip
+        return skip is not None and block_hash in skip
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def pending(self) -> int:
+        return len(self._blocks)
+
+    def room(self) -> int:
+        return 0 if self.paused else max(0, self.max_bytes - self._bytes)
+
+    def put(self, blocks: list[EvictedBlock], dropped: int) -> None:
+        size = sum(evicted_size(b) for b in blocks)
+        with self._lock:
+            self._blocks.extend(blocks)
+            self._bytes += size
+            if self.paused and not blocks:
+                self.skipped += dropped
+            else:
+                self.dropped += dropped
+            self.handed += len(blocks)
+
+    def take(self) -> list[EvictedBlock]:
+        with self._lock:
+            blocks, self._blocks = self._blocks, []
+            self._bytes = 0
+        return blocks
+
+
 def now_ms() -> int:
     """Wall-clock ms, the timestamp of KV event batches and load reports."""
     return int(time.time() * 1000)
@@ -141,6 +198,8 @@ class AsyncEngineDriver(Engine):
         self._stopping = False
         self._failed: str | None = None
         self._load = core.load_report(now_ms(), 0.0)
+        self._evictions: EvictionHandover | None = None
+        self._evict_consumer: Callable[[list[EvictedBlock]], None] | None = None
 
     # ---- Engine -----------------------------------------------------------------------------
 
@@ -204,6 +263,26 @@ class AsyncEngineDriver(Engine):
 
     async def kv_snapshot(self) -> KvEventBatch:
         return await self._call(lambda: self.core.kv_snapshot(now_ms()))
+
+    def cached_prefix(self, hashes: list[int]) -> int:
+        fn = getattr(self.core, "cached_prefix", None)
+        return fn(hashes) if fn is not None else 0
+
+    def hand_over_evictions(self, sink: Callable[[list[EvictedBlock]], None], *,
+                            max_bytes: int = 64 << 20, with_tokens: bool = True) -> bool:
+        set_sink = getattr(self.core, "set_eviction_sink", None)
+        if set_sink is None:
+            return False
+        handover = EvictionHandover(max_bytes)
+        self._evictions = handover
+        self._evict_consumer = sink
+        # on the stepping side, between two steps, like every other change to the core
+        self._post(lambda: set_sink(handover, with_tokens=with_tokens))
+        return True
+
+    @property
+    def evictions(self) -> EvictionHandover | None:
+        return self._evictions
 
     @property
     def num_active(self) -> int:
@@ -304,6 +383,14 @@ class AsyncEngineDriver(Engine):
         if batch is not None:
             batch.worker_id = self.worker_id
             self._kv_fanout.publish(batch)
+        evictions = self._evictions
+        if evictions is not None and evictions.pending:
+            blocks = evictions.take()
+            if blocks and self._evict_consumer is not None:
+                try:
+                    self._evict_consumer(blocks)
+                except Exception:  # the consumer's fault (it counts its own): stepping goes on
+                    log.exception("eviction consumer failed")
 
     def _finish_stream(self, request_id: str, reason: str, error: str | None = None) -> bool:
         stream = self._streams.pop(request_id, None)

@@ -86,7 +86,9 @@ def check_engine_available(kind: str) -> None:
 def build_engine(kind: str, model: str, *, worker_id: int, block_size: int = 16,
                  kv_blocks: int = 0, max_batch_tokens: int = 0, max_running: int = 256,
                  context_length: int = 0, speedup: float = 1.0, device: str = "auto",
-                 dtype: str = "", seed: int = 0, coalesce_ms: float = 0.5) -> Engine:
+                 dtype: str = "", seed: int = 0, coalesce_ms: float = 0.5,
+                 kv_bytes_per_token: int = 0, offload_d2h_gbps: float = 0.0,
+                 offload_h2d_gbps: float = 0.0) -> Engine:
     """A not-yet-started engine. 0 / "" mean "the engine's own default". Blocking (the torch
     engine loads weights here): call from a thread in a service."""
     facts = model_facts(model)
@@ -105,6 +107,9 @@ def build_engine(kind: str, model: str, *, worker_id: int, block_size: int = 16,
             vocab_size=facts.vocab_size or defaults.vocab_size,
             eos_token_ids=tuple(facts.eos_token_ids),
             timing=PolynomialTiming(speedup_ratio=speedup),
+            kv_bytes_per_token=kv_bytes_per_token,
+            offload_d2h_gbps=offload_d2h_gbps,
+            offload_h2d_gbps=offload_h2d_gbps,
         )
         if coalesce_ms < 0:
             raise EngineConfigError(f"--coalesce-ms must be >= 0, got {coalesce_ms}")

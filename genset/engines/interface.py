@@ -22,10 +22,17 @@ Using an engine::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Protocol
 
-from genset.engines.types import EngineCard, EngineOutput, EngineRequest, KvBlockData, KvImport
+from genset.engines.types import (
+    EngineCard,
+    EngineOutput,
+    EngineRequest,
+    EvictedBlock,
+    KvBlockData,
+    KvImport,
+)
 from proto.kv import KvEventBatch, LoadReport
 
 if TYPE_CHECKING:
@@ -106,3 +113,18 @@ class Engine(ABC):
     @abstractmethod
     async def kv_snapshot(self) -> KvEventBatch:
         """A resync batch (Cleared + Stored for everything held), numbered in sequence."""
+
+    # ---- optional: KV offload (an engine without them simply has no offload) ---------------
+
+    def cached_prefix(self, hashes: list[int]) -> int:
+        """How many of `hashes`, from the first, this engine holds now (a cheap hint, no
+        wait for a step; 0 when the engine cannot tell)."""
+        return 0
+
+    def hand_over_evictions(self, sink: Callable[[list[EvictedBlock]], None], *,
+                            max_bytes: int = 64 << 20, with_tokens: bool = True) -> bool:
+        """From now on, call `sink` on the event loop with the blocks this engine evicts from
+        its prefix cache, each with its KV payload read before its memory was reused; at most
+        `max_bytes` of payloads wait for the loop (more are dropped, never waited for).
+        Returns False when this engine cannot (then nothing is ever called)."""
+        return False

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -121,10 +122,41 @@ class MockerConfig:
     enable_prefix_caching: bool = True
     emit_token_ids: bool = False
     timing: PolynomialTiming = field(default_factory=PolynomialTiming)
+    # KV transfers (offload, disaggregation): the modelled size of a block's KV, and the
+    # bandwidths (GB/s, decimal; 0 = free) of copying blocks out (eviction write-behind,
+    # export) and in (import, onboarding), charged to the next step's time: a block's copy out
+    # must end before its memory is reused, a copy in before the step that reads it.
+    kv_bytes_per_token: int = 0
+    offload_d2h_gbps: float = 0.0
+    offload_h2d_gbps: float = 0.0
 
     @property
     def speedup_ratio(self) -> float:
         return self.timing.speedup_ratio
+
+    @property
+    def kv_block_bytes(self) -> int:
+        return self.kv_bytes_per_token * self.block_size
+
+
+# The mocker has no tensors: a block's payload is this placeholder naming the KV's modelled
+# size (12 bytes), so stores and transfers can account bytes without moving them.
+MOCK_KV_MAGIC = b"GSMK"
+
+
+def mock_payload(nbytes: int) -> bytes:
+    return MOCK_KV_MAGIC + struct.pack("<Q", nbytes)
+
+
+def mock_payload_bytes(data: bytes | bytearray | memoryview | None, default: int) -> int:
+    """The modelled size a mocker payload names (`default` for None or empty); ValueError for
+    anything else (e.g. a torch payload: KV of a real model cannot go into a mocker)."""
+    if data is None or len(data) == 0:
+        return default
+    if len(data) != 12 or bytes(data[:4]) != MOCK_KV_MAGIC:
+        raise ValueError(f"not a mocker KV payload ({len(data)} bytes; a mocker imports only "
+                         "what a mocker exported)")
+    return struct.unpack("<Q", bytes(data[4:]))[0]
 
 
 @dataclass(slots=True)
@@ -141,7 +173,7 @@ class StepStats:
 
 class MockerExecutor:
     """The mocker's executor (`genset.engines.core.Executor`): deterministic pseudo-random
-    tokens and a modelled step time; blocks carry no payload."""
+    tokens and a modelled step time; a block's payload is a placeholder (`mock_payload`)."""
 
     name = "mocker"
     supports_logprobs = False
@@ -151,6 +183,8 @@ class MockerExecutor:
         self.config = config
         self.vocab_size = config.vocab_size
         self.timing = config.timing
+        self.kv_block_bytes = len(mock_payload(0))
+        self.charged_ms = 0.0  # KV copy time the next step pays (see MockerConfig)
         self._eos = sorted(set(config.eos_token_ids))
         self._eos_set = frozenset(config.eos_token_ids)
         # P(eos) as a threshold on the top 32 bits of the LCG state
@@ -182,6 +216,9 @@ class MockerExecutor:
             step_ms = self.timing.step_ms(prefill_tokens, decode_tokens > 0, usage)
         else:
             step_ms = self.timing.step_ms(prefill_tokens, emitted > 0, usage)
+        if self.charged_ms:
+            step_ms += self.charged_ms
+            self.charged_ms = 0.0
         self.stats = StepStats(
             prefill_tokens=prefill_tokens,
             decode_tokens=decode_tokens,
@@ -194,14 +231,31 @@ class MockerExecutor:
     def idle(self) -> None:
         pass  # simulated time: an idle step costs nothing
 
+    def charge(self, ms: float) -> None:
+        """Add `ms` to the next step (a transfer the step has to wait for)."""
+        self.charged_ms += ms
+
+    def _copy_ms(self, nbytes: int, gbps: float) -> float:
+        # GB/s decimal, as Dynamo's mocker flags: bytes / (gbps * 1e9) s = bytes / (gbps * 1e6) ms
+        return nbytes / (gbps * 1e6) if gbps > 0 and nbytes > 0 else 0.0
+
     def read_kv(self, block_ids: list[int]) -> list[Any]:
-        return [None] * len(block_ids)
+        size = self.config.kv_block_bytes
+        self.charge(self._copy_ms(size * len(block_ids), self.config.offload_d2h_gbps))
+        return [mock_payload(size)] * len(block_ids)
 
     def decode_kv(self, blocks: list[KvBlockData]) -> list[Any]:
-        return [None] * len(blocks)
+        size = self.config.kv_block_bytes
+        out = []
+        for i, blk in enumerate(blocks):
+            try:
+                out.append(mock_payload_bytes(blk.data, size))
+            except ValueError as exc:
+                raise ValueError(f"KV import block {i}: {exc}") from None
+        return out
 
     def write_kv(self, block_ids: list[int], payloads: list[Any]) -> None:
-        pass
+        self.charge(self._copy_ms(sum(payloads), self.config.offload_h2d_gbps))
 
     def _sample(
         self, plan: StepPlan, seqs: list[Sequence]
@@ -339,6 +393,8 @@ class MockerCore(SchedulingCore):
         with `commit_decode_run(k, end_ms)` (fewer when a request arrives meanwhile), which
         leaves exactly the state that k calls of `step` would have left."""
         sched = self.scheduler
+        if self.executor.charged_ms:
+            return []  # a KV copy to pay for: the next step is a normal one
         n = sched.decode_horizon(max_steps)
         if n == 0:
             return []

@@ -98,3 +98,16 @@ class EngineCard:
 
 class EngineOverloaded(RuntimeError):
     """Too many requests in flight on this engine."""
+
+
+@dataclass(slots=True, frozen=True)
+class EvictedBlock:
+    """A full block the engine dropped from its prefix cache, handed over with its KV before
+    the engine reused its memory (`Engine.hand_over_evictions`; the worker's `on_evict`)."""
+
+    hash: int  # chained block hash (genset.kv.hashing)
+    parent_hash: int | None  # the block before it in its sequence; None for a first block
+    token_ids: bytes | None  # packed int32 LE; None when the engine did not keep them
+    # The engine's payload (torch: `kvformat` bytes; mocker: a small placeholder naming the
+    # modelled size, see `genset.engines.mocker.mock_payload`); None when not read.
+    data: bytes | None = None

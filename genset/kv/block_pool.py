@@ -71,6 +71,12 @@ class BlockPool:
         self._open_store: Stored | None = None
         self._open_tail: int | None = None
         self.event_id = 0  # id of the last batch handed out
+        # Eviction hand-over (`SchedulingCore.set_eviction_sink`): while a list, every cached
+        # block evicted is recorded as (hash, parent hash, packed tokens, block id) until the
+        # owner takes them (before the block's memory is written again). None: not recorded.
+        self.evicted: list[tuple[int, int | None, bytes | None, int]] | None = None
+        # Keep each cached block's packed token ids (for events, or for evictions handed over)
+        self.keep_tokens = emit_token_ids
 
     # ---- sizes ------------------------------------------------------------------------------
 
@@ -143,9 +149,10 @@ class BlockPool:
         self._hash_to_block[block_hash] = block_id
         self.block_hash[block_id] = block_hash
         self._parent[block_id] = parent_hash
-        packed = pack_tokens(token_ids) if self.emit_token_ids and token_ids is not None else None
+        packed = pack_tokens(token_ids) if self.keep_tokens and token_ids is not None else None
         self._tokens[block_id] = packed
-        self._record_store(parent_hash, StoredBlock(hash=block_hash, token_ids=packed))
+        self._record_store(parent_hash, StoredBlock(
+            hash=block_hash, token_ids=packed if self.emit_token_ids else None))
         return True
 
     def cache_chain(
@@ -198,6 +205,8 @@ class BlockPool:
             h = block_hash[b]
             if h is not None:
                 # evicting a cached block (as `_evict`, inlined: most allocations evict)
+                if self.evicted is not None:
+                    self.evicted.append((h, self._parent[b], self._tokens[b], b))
                 del self._hash_to_block[h]
                 block_hash[b] = None
                 self._parent[b] = None
@@ -255,6 +264,8 @@ class BlockPool:
     def _evict(self, b: int) -> None:
         h = self.block_hash[b]
         assert h is not None
+        if self.evicted is not None:
+            self.evicted.append((h, self._parent[b], self._tokens[b], b))
         del self._hash_to_block[h]
         self.block_hash[b] = None
         self._parent[b] = None
@@ -306,7 +317,8 @@ class BlockPool:
             events.append(
                 Stored(
                     parent_hash=self._parent[b],
-                    blocks=[StoredBlock(hash=h, token_ids=self._tokens[b])],
+                    blocks=[StoredBlock(
+                        hash=h, token_ids=self._tokens[b] if self.emit_token_ids else None)],
                 )
             )
         return events

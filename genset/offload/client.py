@@ -98,6 +98,8 @@ class OffloadClient:
         self._pump: asyncio.Task | None = None
         self._membership: Any = None
         self._closed = False
+        # called (on the loop) with the new instance ids whenever they change
+        self.on_instances: Any = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self, instances: Iterable[int] | None = None) -> None:
@@ -118,6 +120,11 @@ class OffloadClient:
 
     def set_instances(self, instances: Iterable[int]) -> None:
         self.placement = Placement(instances)
+        if self.on_instances is not None:
+            try:
+                self.on_instances(self.placement.instances)
+            except Exception as exc:  # the listener's fault: membership still changes
+                log.warning("offload instances listener failed", error=repr(exc))
 
     def _on_membership(self, _kind: str, _key: str, _value: Any) -> None:
         ids = [rec.instance_id for rec in self._membership.items.values()

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from genset.replay.offload import OffloadConfig
 from genset.replay.simulate import ReplayConfig, run_replay
 from genset.replay.trace import TraceError, load_trace
 from genset.routing.api import POLICY_GENSET, POLICY_NAMES, policy_name
@@ -50,6 +51,18 @@ def _positive(kind):
     return conv
 
 
+def _non_negative(kind):
+    def conv(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not v >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return v
+    return conv
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genset replay", description=__doc__.split("\n\n")[0])
     p.add_argument("trace", help="Mooncake-format JSONL trace")
@@ -66,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batched-tokens", type=_positive(int), default=8192)
     p.add_argument("--router-replicas", type=_positive(int), default=1,
                    help="router replicas sharing decisions (they take arrivals in turn)")
+    off = p.add_argument_group("KV offload store (shared by every worker; genset.replay.offload)")
+    off.add_argument("--offload-ram-blocks", type=_non_negative(int), default=0,
+                     help="the store's RAM tier, blocks (0 with no disk tier: no store)")
+    off.add_argument("--offload-disk-blocks", type=_non_negative(int), default=0,
+                     help="the store's disk tier, blocks")
+    off.add_argument("--kv-bytes-per-token", type=_non_negative(int), default=131072,
+                     help="KV bytes of one token (default 131072: Llama-3-8B-shaped, bf16)")
+    off.add_argument("--offload-d2h-gbps", type=_non_negative(float), default=32.0,
+                     help="GB/s copying an evicted block out of a worker (0: free)")
+    off.add_argument("--offload-h2d-gbps", type=_non_negative(float), default=32.0,
+                     help="GB/s copying an onboarded block into a worker (0: free)")
+    off.add_argument("--offload-disk-gbps", type=_non_negative(float), default=4.0,
+                     help="GB/s reading a block from the store's disk tier (0: free)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart comparing the policies")
@@ -87,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ReplayConfig(workers=args.workers, block_size=args.block_size, kv_blocks=args.kv_blocks,
                        max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                        arrival_speedup=args.arrival_speedup, speedup_ratio=args.speedup_ratio,
-                       seed=args.seed, router_replicas=args.router_replicas)
+                       seed=args.seed, router_replicas=args.router_replicas,
+                       offload=OffloadConfig(
+                           ram_blocks=args.offload_ram_blocks,
+                           disk_blocks=args.offload_disk_blocks,
+                           kv_bytes_per_token=args.kv_bytes_per_token,
+                           d2h_gbps=args.offload_d2h_gbps, h2d_gbps=args.offload_h2d_gbps,
+                           disk_gbps=args.offload_disk_gbps))
     results = []
     for name in policies:
         try:
@@ -106,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['policy']:<14}{r['hit_rate'] * 100:>7.1f}{r['ttft_mean_ms']:>11.0f}{r['ttft_p50_ms']:>8.0f}"
                   f"{r['ttft_p90_ms']:>8.0f}{r['ttft_p99_ms']:>8.0f}{r['itl_mean_ms']:>7.2f}{r['load_cov']:>10.3f}"
                   f"{r['wall_s']:>8.1f}")
+            if "offload" in r:
+                tiers = r["offload"]["hit_rate_by_tier"]
+                print(f"{'':<14}hit % by tier: " + ", ".join(
+                    f"{k} {v * 100:.1f}" for k, v in tiers.items()))
     if args.plot:
         plot(results, args.plot, title=f"{len(trace)} requests, {cfg.workers} workers, {cfg.kv_blocks} blocks")
     return 0

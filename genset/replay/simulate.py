@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 import proto
+from genset.replay.offload import OffloadConfig, OffloadSim
 from genset.replay.trace import TRACE_BLOCK, TraceRequest
 from genset.routing.api import policy_name
 from genset.routing.core import RouterConfig, RouterCore
@@ -44,6 +45,7 @@ class ReplayConfig:
     policy_options: dict = field(default_factory=dict)
     router_replicas: int = 1  # >1: replicas route in turn and share decisions (like live replicas)
     dynamo_exact_timing: bool = True  # step time exactly as Dynamo's replay charges it
+    offload: OffloadConfig | None = None  # a KV offload store shared by the workers
 
 
 @dataclass
@@ -55,6 +57,7 @@ class _Req:
     last_token_ms: float | None = None
     cached_tokens: int = 0
     outputs: int = 0
+    onboarded_blocks: tuple[int, int, int] = (0, 0, 0)  # offload: (device prefix, RAM, disk)
 
 
 class _Worker:
@@ -77,7 +80,11 @@ def make_mocker(cfg: ReplayConfig, worker_id: int):
     """A mocker engine core configured like the Dynamo replay settings."""
     from genset.engines.mocker import MockerConfig, MockerCore, PolynomialTiming
 
-    return MockerCore(MockerConfig(
+    off = cfg.offload if cfg.offload is not None and cfg.offload.enabled else None
+    transfers = {} if off is None else {
+        "kv_bytes_per_token": off.kv_bytes_per_token, "offload_d2h_gbps": off.d2h_gbps,
+        "offload_h2d_gbps": off.h2d_gbps}
+    return MockerCore(MockerConfig(**transfers,
         block_size=cfg.block_size,
         num_blocks=cfg.kv_blocks,
         max_batch_tokens=cfg.max_batched_tokens,
@@ -140,6 +147,16 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
                                                policy_options=dict(cfg.policy_options), router_id=r + 1),
                                   clock=lambda: now[0]))
     workers = [_Worker(i, make_mocker(cfg, i)) for i in range(cfg.workers)]
+    # KV offload store (genset.replay.offload): evictions written behind, runs onboarded
+    store = None
+    if cfg.offload is not None and cfg.offload.enabled:
+        store = OffloadSim(cfg.offload, cfg.block_size)
+        for w in workers:
+            store.attach(w.core)
+        if policy == "genset":
+            for rc in routers:  # the policy costs onboarding like this store
+                rc.default_policy = rc.policy(
+                    "genset", **{**cfg.policy_options, **cfg.offload.policy_options()})
     for rc in routers:
         for w in workers:
             rc.add_worker(w.index, model="replay", block_size=cfg.block_size, kv_blocks=cfg.kv_blocks,
@@ -181,6 +198,13 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
         w.busy = True
         pending[w.index] = (outputs, batch)
         push(w, t + max(dur, 1e-6))
+        if store is not None:
+            publish_store(t)
+
+    def publish_store(t: float) -> None:
+        for b in store.take_batches(int(t)):
+            for rc in routers:
+                rc.on_store_batch(b)
 
     def cut_run(w: _Worker, t: float) -> None:
         """A request arrived at `t` for `w` during its decode run: the step under way at `t`
@@ -264,9 +288,17 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             r.worker = routed.worker_id
             by_id[rid] = r
             w = workers[routed.worker_id]
+            kv_import = None
+            if store is not None:  # the worker's before_run: onboard from the store
+                kv_import, ram_n, disk_n, have = store.onboard(w.core, hashes,
+                                                               r.trace.input_length)
+                r.onboarded_blocks = (have, ram_n, disk_n)
             w.core.add_request(EngineRequest(
                 rid, toks.tolist(), SamplingParams(temperature=0.0),
-                StopConditions(max_tokens=r.trace.output_length, ignore_eos=True)))
+                StopConditions(max_tokens=r.trace.output_length, ignore_eos=True),
+                kv_import=kv_import))
+            if store is not None:
+                publish_store(t_arr)
             # the worker would hash the prompt again on admission: hand it the router's hashes
             # (the same chained hashes of the same full blocks)
             w.core.scheduler.requests[rid].block_hashes = list(hashes)
@@ -280,7 +312,34 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
         if gc_was_enabled:
             gc.enable()
     wall = time.perf_counter() - wall0
-    return summarize(reqs, cfg, policy, wall)
+    result = summarize(reqs, cfg, policy, wall)
+    if store is not None:
+        result["offload"] = offload_summary(reqs, cfg, store)
+    return result
+
+
+def offload_summary(reqs: list[_Req], cfg: ReplayConfig, store: OffloadSim) -> dict:
+    """Where the prompt tokens served without computing came from: the worker's own cache,
+    or the store's RAM / disk (`hit_rate` above counts them all)."""
+    bs = cfg.block_size
+    done = [r for r in reqs if r.first_token_ms is not None]
+    tin = sum(r.trace.input_length for r in done) or 1
+    by_tier = {"device": 0, "host": 0, "disk": 0}
+    for r in done:
+        have, ram_n, disk_n = r.onboarded_blocks
+        # imported blocks sit right after the device prefix the worker had at arrival; if
+        # that prefix was evicted before the request was admitted, they were not reachable
+        cached = r.cached_tokens
+        if not ram_n and not disk_n:
+            by_tier["device"] += cached
+            continue
+        device_t = min(cached, have * bs)
+        ram_t = min(cached - device_t, ram_n * bs)
+        disk_t = min(cached - device_t - ram_t, disk_n * bs)
+        by_tier["device"] += cached - ram_t - disk_t
+        by_tier["host"] += ram_t
+        by_tier["disk"] += disk_t
+    return {"hit_rate_by_tier": {k: v / tin for k, v in by_tier.items()}, **store.summary()}
 
 
 def summarize(reqs: list[_Req], cfg: ReplayConfig, policy: str, wall_s: float) -> dict:

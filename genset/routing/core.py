@@ -20,7 +20,10 @@ from genset.routing.index import IngestResult, PrefixIndex
 from genset.routing.load import LoadModel
 from genset.routing.policies import Policy, RouteContext, WorkerView, make_policy
 from proto import ROLE_DECODE, ROLE_PREFILL
-from proto.kv import TIER_DEVICE
+from proto.kv import TIER_DEVICE, TIER_DISK, TIER_HOST
+
+# The offload store's tiers, fastest first (a block in both counts as in RAM).
+STORE_TIERS = (TIER_HOST, TIER_DISK)
 
 log = logging.getLogger("genset.router")
 
@@ -80,6 +83,9 @@ class RouterCore:
         self.resync_wanted: set[tuple[int, str]] = set()
         # workers whose lease went, and when: their late messages must not bring them back
         self._gone: dict[int, float] = {}
+        # KV offload store instances: holders in the index (tiers host/disk) that are shared
+        # by every worker and never routed to
+        self.stores: set[int] = set()
 
     def now_ms(self) -> float:
         return self._clock()
@@ -186,6 +192,53 @@ class RouterCore:
                             d.overlap_blocks * w.block_size, self.config.default_max_tokens)
         w.routed_since_event += 1
 
+    # -------------------------------------------------------------- offload stores
+    def add_store(self, store_id: int) -> None:
+        """A KV offload store instance (its etcd record): its blocks count for every worker."""
+        if store_id not in self.stores:
+            self._gone.pop(store_id, None)
+            self.stores.add(store_id)
+            self.index.slot(store_id)
+
+    def remove_store(self, store_id: int) -> None:
+        """The store's record went: nobody can onboard its blocks any more."""
+        if store_id in self.stores:
+            self.stores.discard(store_id)
+            self._gone[store_id] = self.now_ms()
+            dropped = self.index.remove_worker(store_id)
+            self.resync_wanted = {k for k in self.resync_wanted if k[0] != store_id}
+            log.info("offload store %x removed from the router (%d blocks forgotten)",
+                     store_id, dropped)
+
+    def on_store_batch(self, batch: proto.KvEventBatch) -> IngestResult:
+        """A store's KvEventBatch (tier host or disk). Gaps are reported in `resync_wanted`
+        as for workers (heal with a KvResyncRequest to the store)."""
+        sid = batch.worker_id
+        if batch.tier not in STORE_TIERS or sid in self.workers:
+            return IngestResult(stale=True)  # not a store's tier, or an id a worker has
+        if sid not in self.stores:
+            gone = self._gone.get(sid)
+            if gone is not None and self.now_ms() - gone < self.GONE_MEMORY_MS:
+                return IngestResult(stale=True)
+            self.add_store(sid)
+        result = self.index.apply_batch(batch, self.now_ms())
+        key = (sid, batch.tier)
+        if result.gap is not None:
+            self.index.events[key].awaiting_resync = True
+            self.resync_wanted.add(key)
+            log.warning("KV event gap from offload store %x (%s): expected %d, got %d",
+                        sid, batch.tier, result.gap[0], result.gap[1])
+        elif batch.events and isinstance(batch.events[0], proto.Cleared):
+            self.resync_wanted.discard(key)
+        return result
+
+    def _store_runs(self, hashes: list[int], overlaps: dict[int, int]) -> dict[int, list[int]]:
+        """Per distinct cached-prefix length: [RAM, disk] blocks of the store's run after it."""
+        runs: dict[int, list[int]] = {}
+        for depth in {0, *overlaps.values()}:
+            runs[depth] = self.index.run_by_tier(hashes, depth, STORE_TIERS)
+        return runs
+
     # -------------------------------------------------------------- routing
     def eligible(self, model: str | None, exclude=()) -> list[WorkerInfo]:
         ws = [w for w in self.workers.values() if w.worker_id not in exclude and w.role != ROLE_PREFILL]
@@ -220,6 +273,7 @@ class RouterCore:
         hashes_by_block_size = hashes_by_block_size or {}
         views: list[WorkerView] = []
         by_bs: dict[int, dict[int, int]] = {}
+        store_runs: dict[int, dict[int, list[int]]] = {}
         for w in ws:
             overlaps = by_bs.get(w.block_size)
             if overlaps is None:
@@ -228,13 +282,21 @@ class RouterCore:
                     hashes = block_hashes(token_bytes, w.block_size)
                     hashes_by_block_size[w.block_size] = hashes
                 overlaps = by_bs[w.block_size] = self.index.overlaps(hashes)
-            views.append(self._view(w, overlaps.get(w.worker_id, 0)))
+                if self.stores:
+                    store_runs[w.block_size] = self._store_runs(hashes, overlaps)
+            overlap = overlaps.get(w.worker_id, 0)
+            view = self._view(w, overlap)
+            if self.stores:
+                view.host_blocks, view.disk_blocks = store_runs[w.block_size][overlap]
+            views.append(view)
         bs = ws[0].block_size
         ctx = RouteContext(prompt_tokens=prompt_tokens, prompt_blocks=prompt_tokens // bs,
                            block_size=bs, max_tokens=max_tokens)
         chosen = pol.choose(ctx, views, self.rng)
         w = self.workers[chosen.worker_id]
-        cached_tokens = min(chosen.overlap_blocks * w.block_size, max(0, prompt_tokens - 1))
+        # blocks onboarded from the offload store are not computed either
+        cached_blocks = chosen.overlap_blocks + chosen.host_blocks + chosen.disk_blocks
+        cached_tokens = min(cached_blocks * w.block_size, max(0, prompt_tokens - 1))
         self.load.on_routed(request_id, w.worker_id, prompt_tokens, cached_tokens, max_tokens,
                             caller_reports=self.config.caller_reports)
         w.routed_since_event += 1

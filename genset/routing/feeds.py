@@ -90,6 +90,8 @@ class RouterFeeds:
         # Only with discovery; without it (tests, replay) every worker id is taken.
         self._cards: dict[str, tuple[int, int]] = {}
         self._live: dict[int, int] = {}  # instance id -> capacity (max over its cards)
+        self._stores = None  # KV offload store membership (etcd)
+        self._store_resyncs: dict[int, asyncio.Task] = {}  # store id -> resync in flight
 
     # -------------------------------------------------------------- lifecycle
     async def start(self, *, initial_sync_s: float = 3.0) -> None:
@@ -100,6 +102,7 @@ class RouterFeeds:
         self._subs.append(await bus.subscribe(subjects.load_report_all(self.ns), self._on_load))
         self._subs.append(await bus.subscribe(subjects.request_lifecycle(self.ns), self._on_lifecycle))
         self._subs.append(await bus.subscribe(subjects.route_decisions(self.ns), self._on_decision))
+        await self._start_stores()  # KV offload store: its tiers in the index (issue 12)
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="router-resync"))
         self._tasks.append(asyncio.create_task(self._alarm_loop(), name="router-alarms"))
         if self.discovery is not None:
@@ -120,6 +123,12 @@ class RouterFeeds:
                     await self._idle.wait()
 
     async def close(self) -> None:
+        for t in list(self._store_resyncs.values()):
+            t.cancel()
+        if self._stores is not None:
+            with contextlib.suppress(Exception):
+                await self._stores.close()
+            self._stores = None
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -211,6 +220,69 @@ class RouterFeeds:
                 self._resync_inflight.discard(worker_id)
                 if not self._resync_inflight:
                     self._idle.set()
+
+    # -------------------------------------------------------------- KV offload store
+    async def _start_stores(self) -> None:
+        """The store's events (tiers host/disk) go into the index as a shared holder; its etcd
+        record says when it is gone (its blocks are dropped); a gap is healed by asking the
+        store for a snapshot, which it publishes on its events subject."""
+        self._subs.append(await self.bus.subscribe(subjects.offload_events_all(self.ns),
+                                                   self._on_store_kv))
+        if self.discovery is None:
+            return
+        with contextlib.suppress(Exception):  # etcd away: stores join when their events come
+            self._stores = await self.discovery.watch(
+                keys.offload_instances_prefix(self.ns), proto.InstanceRecord,
+                require_initial=False)
+            for key, rec in list(self._stores.items.items()):
+                self._on_store_record("put", key, rec)
+            self._stores.add_listener(self._on_store_record)
+
+    def _on_store_record(self, kind: str, key: str, rec) -> None:
+        if not isinstance(rec, proto.InstanceRecord) \
+                or rec.component != subjects.OFFLOAD_COMPONENT:
+            return
+        if kind == "put":
+            if rec.instance_id not in self.core.stores:
+                self.core.add_store(rec.instance_id)
+                self._resync_store(rec.instance_id)  # what it already holds
+        else:
+            self.core.remove_store(rec.instance_id)
+
+    async def _on_store_kv(self, msg) -> None:
+        try:
+            batch = proto.decode(msg.data, proto.KvEventBatch)
+        except proto.ProtocolError as exc:
+            self._bad("offload_events", exc)
+            return
+        result = self.core.on_store_batch(batch)
+        if result.gap is not None:
+            if self.m:
+                self.m.gaps.inc()
+            self._resync_store(batch.worker_id)
+
+    def _resync_store(self, store_id: int) -> None:
+        if store_id in self._store_resyncs:
+            return  # one at a time per store
+        task = asyncio.create_task(self._store_resync(store_id), name="router-store-resync")
+        self._store_resyncs[store_id] = task
+        task.add_done_callback(lambda _t: self._store_resyncs.pop(store_id, None))
+
+    async def _store_resync(self, store_id: int) -> None:
+        """Ask a store for its snapshot; it arrives on its events subject (bounded wait)."""
+        try:
+            await self.bus.request(
+                subjects.offload_resync(self.ns, store_id),
+                proto.KvResyncRequest(worker_id=store_id, reason="router"),
+                timeout=self.resync_timeout)
+            if self.m:
+                self.m.resyncs.labels("ok").inc()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # store gone or slow: the next gap or record retries
+            log.warning("offload store resync failed", store=f"{store_id:x}", error=repr(exc))
+            if self.m:
+                self.m.resyncs.labels("failed").inc()
 
     # -------------------------------------------------------------- inputs
     def _apply(self, batch: proto.KvEventBatch) -> None:

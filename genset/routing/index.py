@@ -212,6 +212,21 @@ class PrefixIndex:
         worker_of = self._worker_of
         return {worker_of[s]: d for s, d in depth_by_slot.items()}
 
+    def run_by_tier(self, hashes, start: int, tiers: tuple[str, ...]) -> list[int]:
+        """How many blocks of the leading run of `hashes[start:]` that some holder keeps in
+        one of `tiers` are in each tier (a block in several counts in the first listed): the
+        offload store's blocks a worker holding `start` blocks could onboard."""
+        counts = [0] * len(tiers)
+        tables = [self._tiers[name].table if name in self._tiers else {} for name in tiers]
+        for h in hashes[start:]:
+            for i, table in enumerate(tables):
+                if h in table:
+                    counts[i] += 1
+                    break
+            else:
+                break
+        return counts
+
     @staticmethod
     def _record(mask: int, depth: int, out: dict[int, int]) -> None:
         while mask:

@@ -33,6 +33,10 @@ class WorkerView:
     kv_blocks: int = 0  # capacity (0 = unknown)
     cached_blocks: int = 0  # blocks the index says it holds (its "tree size")
     max_batch_tokens: int = 8192
+    # blocks right after its cached prefix that the offload store holds (it would onboard
+    # them), in the store's RAM and on its disk
+    host_blocks: int = 0
+    disk_blocks: int = 0
 
 
 @dataclass(slots=True)
@@ -189,6 +193,15 @@ class PredictedTTFT(Policy):
     penalty was tried instead: strong enough to stop a hot prefix, it also overrode the cache
     on many-prefix workloads, where load spreads by itself.)
 
+    Offload store: the blocks after a worker's cached prefix that the store holds
+    (`host_blocks` in RAM, `disk_blocks` on disk) are onboarded instead of computed, so they
+    leave the prefill and cost their transfer instead: `kv_bytes_per_token` x their tokens
+    over the tier's bandwidth (`host_gbps`, `disk_gbps`, GB/s decimal; a disk block pays the
+    disk read and then the host copy). A block whose transfer is slower than computing it
+    counts against the worker (it is onboarded anyway). The store is shared, so there is no
+    affinity credit for it: a worker without the prefix but next to a warm store competes
+    with the loaded worker that holds it on its own.
+
     Near-ties (within `tie_ms`) go to the least loaded, then at random, so equal scores
     spread out.
     """
@@ -197,8 +210,14 @@ class PredictedTTFT(Policy):
 
     def __init__(self, profile: PolynomialProfile | None = None, *, decode_weight: float = 1.0,
                  affinity: float = 0.5, herd_factor: float = 1.5, herd_slack: float = 2.0,
-                 tie_ms: float = 0.5) -> None:
+                 tie_ms: float = 0.5, kv_bytes_per_token: float = 131072.0,
+                 host_gbps: float = 32.0, disk_gbps: float = 4.0) -> None:
+        if kv_bytes_per_token < 0 or host_gbps <= 0 or disk_gbps <= 0:
+            raise ValueError("need kv_bytes_per_token >= 0, host_gbps > 0, disk_gbps > 0")
         self.profile = profile or PolynomialProfile()
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.host_gbps = host_gbps
+        self.disk_gbps = disk_gbps
         self.decode_weight = decode_weight
         self.affinity = affinity
         self.herd_factor = herd_factor
@@ -218,16 +237,37 @@ class PredictedTTFT(Policy):
         bs = ctx.block_size
         cached = min(v.overlap_blocks * bs, max(0, ctx.prompt_tokens - 1))
         uncached = ctx.prompt_tokens - cached
+        onboard_ms = 0.0
+        if v.host_blocks or v.disk_blocks:
+            onboard_ms, onboarded = self.onboard(v.host_blocks, v.disk_blocks, bs,
+                                                 max(0, uncached - 1))
+            uncached -= onboarded
         capacity = max(1, v.kv_blocks * bs) if v.kv_blocks else 1 << 30
         p = self.profile
         decode_now = p.decode_ms(v.decode_tokens / capacity) if v.decode_tokens else 0.0
         ttft = self.prefill_time(v.prefill_tokens + uncached, v.max_batch_tokens, decode_now)
+        ttft += onboard_ms
         if self.decode_weight and v.inflight:
             after = p.decode_ms((v.decode_tokens + ctx.prompt_tokens) / capacity)
             ttft += self.decode_weight * (after - (decode_now or p.decode_ms(0.0))) * v.inflight
         if self.affinity and cached:
             ttft -= self.affinity * (p.prefill_ms(ctx.prompt_tokens) - p.prefill_ms(uncached))
         return ttft
+
+    def onboard(self, host_blocks: int, disk_blocks: int, block_size: int,
+                max_tokens: int) -> tuple[float, int]:
+        """(ms, tokens) of onboarding these store blocks (RAM first), at most `max_tokens`.
+        Disk blocks count only when reading one is faster than computing its tokens (the
+        profile's marginal prefill cost): otherwise the worker is expected to compute them."""
+        host = min(host_blocks, max_tokens // block_size)
+        disk = min(disk_blocks, max_tokens // block_size - host)
+        per_block = self.kv_bytes_per_token * block_size / 1e6  # bytes / (GB/s) -> ms
+        disk_ms = per_block * (1 / self.disk_gbps + 1 / self.host_gbps)
+        recompute = self.profile.prefill_coef[1] * block_size / self.profile.speedup
+        if disk_ms >= recompute:
+            disk = 0
+        ms = host * per_block / self.host_gbps + disk * disk_ms
+        return ms, (host + disk) * block_size
 
     def choose(self, ctx, views, rng):
         eligible = views

@@ -112,6 +112,7 @@ def nats_permissions(role: str, namespace: str, user: str,
     offload_requests = tuple(subjects.subject(ns, subjects.OFFLOAD_COMPONENT, endpoint) + ".*"
                              for endpoint in ("put", "lookup", "contains"))
     offload_events_all = subjects.offload_events_all(ns)
+    offload_resync_any = subjects.subject(ns, subjects.OFFLOAD_COMPONENT, "resync") + ".*"
     planner_inputs = (subjects.frontend_stats(ns), subjects.step_stats_all(ns))
     if role == ROLE_WORKER:
         if instance_id is None:
@@ -130,13 +131,13 @@ def nats_permissions(role: str, namespace: str, user: str,
         # cancels (a NATS-native client cancels its own stream on the frontend).
         return NatsPermissions(
             publish=(worker_generate_any, cancel, subjects.route(ns), decisions, resync_any,
-                     subjects.frontend_stats(ns)),
+                     offload_resync_any, subjects.frontend_stats(ns)),
             subscribe=(subjects.frontend_generate(ns), cancel, events_all, loads_all, lifecycle,
                        decisions, offload_events_all, inbox),
             responses=True)
     if role == ROLE_ROUTER:
         return NatsPermissions(
-            publish=(resync_any, decisions),
+            publish=(resync_any, offload_resync_any, decisions),
             subscribe=(subjects.route(ns), events_all, loads_all, lifecycle, decisions,
                        offload_events_all, inbox),
             responses=True)

@@ -17,13 +17,15 @@ The host calls a `WorkerHooks` object at four points of its life and of every re
   that ended with this output (`done.finished`, e.g. a prefill-only request with
   max_tokens=1) has already released its blocks to the prefix cache, where they stay until
   evicted: export them before awaiting anything slow.
-- `on_evict(blocks)`: the engine dropped these cached blocks (their `Removed` event was just
-  published). Plain function, called on the event loop: it must not block; queue the work
-  (bounded) and return. For: write-behind to the offload store. Each block comes with its
-  parent hash and, when the engine puts token ids into its `Stored` events
-  (`emit_token_ids`), its tokens. The blocks' KV data is gone by then (the engine reuses the
-  memory in the same step); saving the data itself needs the engine to hand blocks over
-  before it reuses them.
+- `on_evict(blocks)`: the engine dropped these cached blocks from its prefix cache. Plain
+  function, called on the event loop: it must not block; queue the work (bounded) and return.
+  For: write-behind to the offload store. An engine that hands evictions over
+  (`Engine.hand_over_evictions`: the torch engine and the mocker) gives each block with its
+  parent hash, token ids and KV payload (`data`), read before the engine reused the block's
+  memory; at most `HostConfig.evict_handover_bytes` of them wait for the loop (more are
+  dropped, counted, never waited for). Other engines' blocks come from their `Stored` /
+  `Removed` events (after the `Removed` was published), without data, with token ids when
+  the engine emits them.
 - `close()`: once, when the worker stops (requests have ended, the engine still runs).
 
 The default `WorkerHooks` does nothing at each point and the host does not even call what a
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from genset.engines.interface import Engine
-from genset.engines.types import KvImport
+from genset.engines.types import EvictedBlock, KvImport
 
 if TYPE_CHECKING:
     import proto
@@ -75,15 +77,6 @@ class PrefillDone:
     cached_tokens: int  # prompt tokens that came from the prefix cache (imports included)
     first_token_ids: list[int]  # the tokens of the first output
     finished: bool  # the request ended with this output (its blocks are no longer held)
-
-
-@dataclass(slots=True, frozen=True)
-class EvictedBlock:
-    """A block the engine dropped from its prefix cache."""
-
-    hash: int  # chained block hash (genset.kv.hashing)
-    parent_hash: int | None  # the block before it in its sequence; None for a first block
-    token_ids: bytes | None  # packed int32 LE, as in `Stored` events; None unless emitted
 
 
 class WorkerHooks:

@@ -84,6 +84,9 @@ class HostConfig:
     # Longest a before_run / after_prefill hook may take for one request (the request's
     # deadline, when sooner, bounds it too).
     hook_timeout_s: float = 30.0
+    # Evicted blocks (with their KV) the engine may have handed over before the loop passes
+    # them to `on_evict`, in bytes; beyond it the engine drops them (only with an on_evict hook).
+    evict_handover_bytes: int = 64 << 20
 
 
 def _wire_logprobs(lp: Logprobs, req: proto.GenerateRequest) -> proto.TokenLogprobs | None:
@@ -134,10 +137,10 @@ class WorkerHost:
                                   config=config, metrics=self.m,
                                   active=lambda: len(self._active))
         self._load_changed = self._load.changed
+        self._on_evict = self.hooks.on_evict if overridden(self.hooks, "on_evict") else None
         self.kv_feed = KvFeed(engine, bus=bus, namespace=ns, instance_id=instance_id,
                               metrics=self.m, changed=self._load_changed,
-                              on_evict=(self.hooks.on_evict
-                                        if overridden(self.hooks, "on_evict") else None))
+                              on_evict=self._on_evict)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -173,6 +176,9 @@ class WorkerHost:
         await self.engine.start()
         card = self.engine.card
         self.m.kv_total.set(card.kv_blocks)
+        if self._on_evict is not None and self.engine.hand_over_evictions(
+                self._evicted, max_bytes=self.config.evict_handover_bytes):
+            self.kv_feed.on_evict = None  # the engine hands blocks over with their KV itself
         self._tasks.append(self.kv_feed.start())  # before the hooks: their imports are events
         self._tasks.append(self._load.start())
         await self.hooks.start(WorkerContext(
@@ -247,6 +253,13 @@ class WorkerHost:
                 await self.engine.stop()
         except TimeoutError:
             log.warning("engine did not stop at close", engine=self.engine.card.engine)
+
+    def _evicted(self, blocks) -> None:
+        try:
+            self._on_evict(blocks)
+        except Exception as exc:  # a hook's fault: the engine goes on
+            self.m.hook_errors.labels("on_evict").inc()
+            log.warning("on_evict hook failed", blocks=len(blocks), error=repr(exc))
 
     def health(self) -> dict:
         load = self.engine.load()
@@ -348,9 +361,20 @@ class WorkerHost:
                 await rs.fail(self._reject(exc.code, str(exc), retryable=exc.code == "internal"))
                 return
         try:
-            stream = await self.engine.submit(EngineRequest(
-                request_id=engine_id, token_ids=tokens, sampling=req.sampling, stop=req.stop,
-                kv_import=kv_import))
+            try:
+                stream = await self.engine.submit(EngineRequest(
+                    request_id=engine_id, token_ids=tokens, sampling=req.sampling,
+                    stop=req.stop, kv_import=kv_import))
+            except ValueError as exc:
+                if kv_import is None:
+                    raise
+                # The hook's KV was refused (a payload of another layout, a corrupt block):
+                # that is the hook's fault, not the request's; compute the prompt instead.
+                self.m.hook_errors.labels("before_run").inc()
+                log.warning("KV import refused; computing the prompt", error=str(exc))
+                stream = await self.engine.submit(EngineRequest(
+                    request_id=engine_id, token_ids=tokens, sampling=req.sampling,
+                    stop=req.stop))
         except EngineOverloaded as exc:
             await rs.fail(self._reject("overloaded", str(exc), retryable=True))
             return

@@ -21,6 +21,7 @@ from genset.engines.factory import (
 from genset.runtime.config import FieldError, opt
 from genset.runtime.service import Service
 from genset.worker import WORKER_ROLES, HostConfig, WorkerHost, registered_role
+from genset.worker.offload_hook import OFFLOAD_MODES, OffloadHook, OffloadHookConfig
 
 ENGINES = ("torch", "mocker", "trtllm")
 
@@ -56,6 +57,23 @@ class WorkerOptions:
     seed: int = field(default=0, metadata=opt("torch: seed of dummy weights"))
     max_streams: int = field(default=1024, metadata=opt(
         "generate streams accepted at once; more are refused as overloaded", min=1))
+    # ---- KV offload store (docs/offload.md) ----
+    offload: str = field(default="auto", metadata=opt(
+        "write evicted KV blocks to the offload store and onboard prompts' blocks from it: "
+        "on, auto (when a store is registered in etcd; the same as on, without the warning), "
+        "off", choices=OFFLOAD_MODES))
+    offload_deadline_ms: float = field(default=50.0, metadata=opt(
+        "longest an onboarding lookup may delay a request; past it the prompt is computed",
+        min=1))
+    offload_queue_mb: float = field(default=64.0, metadata=opt(
+        "evicted blocks waiting to be written to the store, MiB; beyond it they are dropped",
+        min=0))
+    kv_bytes_per_token: int = field(default=0, metadata=opt(
+        "mocker: modelled KV bytes per token (offload and transfer times)", min=0))
+    offload_d2h_gbps: float = field(default=0.0, metadata=opt(
+        "mocker: GB/s of copying evicted blocks out (0: free)", min=0))
+    offload_h2d_gbps: float = field(default=0.0, metadata=opt(
+        "mocker: GB/s of copying onboarded blocks in (0: free)", min=0))
 
     def __post_init__(self) -> None:
         if self.engine == "mocker" and not self.speedup > 0:
@@ -89,14 +107,23 @@ class WorkerService(Service):
             build_engine, o.engine, o.model, worker_id=self.instance_id,
             block_size=o.block_size, kv_blocks=o.kv_blocks, max_batch_tokens=o.max_batch_tokens,
             max_running=o.max_running, context_length=o.context_length, speedup=o.speedup,
-            device=o.device, dtype=o.dtype, seed=o.seed, coalesce_ms=o.coalesce_ms)
+            device=o.device, dtype=o.dtype, seed=o.seed, coalesce_ms=o.coalesce_ms,
+            kv_bytes_per_token=o.kv_bytes_per_token, offload_d2h_gbps=o.offload_d2h_gbps,
+            offload_h2d_gbps=o.offload_h2d_gbps)
         host_config = HostConfig(
             namespace=self.namespace, model=o.served_model_name or served_model_name(o.model),
             role=o.role, tokenizer=facts.tokenizer, max_streams=o.max_streams,
             http_url=self.http_url)
+        hooks = None
+        if o.offload != "off":
+            hooks = OffloadHook(discovery=self.discovery, metrics=self.metrics,
+                                config=OffloadHookConfig(
+                                    deadline_s=o.offload_deadline_ms / 1000.0,
+                                    max_queue_bytes=int(o.offload_queue_mb * (1 << 20)),
+                                    mode=o.offload))
         self.host = WorkerHost(engine, bus=self.bus, discovery=self.discovery,
                                instance_id=self.instance_id, config=host_config,
-                               metrics=self.metrics)
+                               metrics=self.metrics, hooks=hooks)
         await self.host.start()
         # the Service registers the InstanceRecord; the host says what goes in it
         self.subjects.update(self.host.subjects)

@@ -46,6 +46,9 @@ class RunnerExecutor:
         self.runner = runner
         self.vocab_size = runner.vocab_size
         self.step_logprobs: list[Logprobs | None] | None = None
+        # one block's payload: its K/V plus the kvformat header (~75 bytes); the core reads
+        # evicted blocks for write-behind within a byte budget counted in these
+        self.kv_block_bytes = runner.kv_bytes_per_block + 128
 
     def check_request(self, request: EngineRequest) -> None:
         # A bad token id would only fail inside the forward pass, taking every request of the
@@ -68,6 +71,9 @@ class RunnerExecutor:
         time.sleep(0.001)
 
     def read_kv(self, block_ids: list[int]) -> list[bytes]:
+        # One gather + copy to CPU for all the blocks, then one payload each. Measured on the
+        # tiny model (32 KiB blocks, CPU, quiet 2-core machine): ~90 us for one block, ~22-27
+        # us per block in batches of 8-128 (the evicted blocks of one step are read at once).
         return kvformat.split(self.runner.read_blocks(block_ids))
 
     def decode_kv(self, blocks: list[KvBlockData]) -> list[torch.Tensor]:

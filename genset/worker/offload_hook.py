@@ -1,0 +1,196 @@
+"""The KV offload store plugged into a worker (`WorkerHooks`): write-behind of evicted blocks,
+onboarding of a prompt's next blocks before it runs.
+
+- `on_evict(blocks)`: the engine handed evicted blocks over with their KV
+  (`Engine.hand_over_evictions`, read before their memory was reused); they go to
+  `OffloadClient.put_behind`, which queues them (bounded in bytes) and returns: an engine step
+  never waits for the store, and what does not fit is dropped and counted.
+- `before_run(request, tokens)`: the prompt's full blocks (all but the last token, which is
+  always computed) are hashed; the engine says how many leading ones it holds
+  (`Engine.cached_prefix`); one batched lookup asks the store for the longest run of the next
+  ones, under `deadline_s`; the run comes back as a `KvImport` that the engine loads and pins
+  for the request, which then computes only the rest. Store absent, slow, broken, or a run of
+  nothing: None, and the worker computes the prompt. Never an error, never a wait past the
+  deadline (the host also computes the prompt when the engine refuses the import's payload).
+- With no store registered the hand-over is paused (`EvictionHandover.paused`): the engine
+  reads no payloads for nobody. Blocks this worker onboarded from the store (the last
+  `4 x kv_blocks` of them) are skipped when evicted again (`EvictionHandover.skip`): the
+  store has them, and the copy out is the one cost write-behind puts on an engine step.
+
+A request moved off a dead worker (migration) onboards its prefix here like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from genset.engines.types import EvictedBlock, KvBlockData, KvImport
+from genset.kv.hashing import block_hashes
+from genset.offload.client import OffloadClient
+from genset.runtime.metrics import LATENCY_BUCKETS
+from genset.worker.hooks import WorkerContext, WorkerHooks
+from proto.offload import OffloadBlock
+
+log = structlog.get_logger("genset.worker.offload")
+
+OFFLOAD_MODES = ("on", "auto", "off")
+
+
+@dataclass
+class OffloadHookConfig:
+    deadline_s: float = 0.05  # longest a lookup may delay a request before it computes instead
+    max_queue_bytes: int = 64 << 20  # write-behind queue (the client drops beyond it)
+    max_onboard_bytes: int = 256 << 20  # payload bytes one request may onboard
+    mode: str = "auto"  # on: warn when no store is registered; auto: quietly follow etcd
+
+    def __post_init__(self) -> None:
+        if self.deadline_s <= 0 or self.max_queue_bytes < 0 or self.max_onboard_bytes <= 0:
+            raise ValueError("offload: need deadline_s > 0, max_queue_bytes >= 0, "
+                             "max_onboard_bytes > 0")
+        if self.mode not in OFFLOAD_MODES:
+            raise ValueError(f"offload mode must be one of {OFFLOAD_MODES}, got {self.mode!r}")
+
+
+class OffloadHook(WorkerHooks):
+    """See the module docstring. `instances`: a fixed set of store ids (tests); otherwise the
+    stores listed in etcd through `discovery`."""
+
+    def __init__(self, *, discovery=None, metrics=None, config: OffloadHookConfig | None = None,
+                 instances: Iterable[int] | None = None) -> None:
+        self.discovery = discovery
+        self.config = config or OffloadHookConfig()
+        self.instances = list(instances) if instances is not None else None
+        self.ctx: WorkerContext | None = None
+        self.client: OffloadClient | None = None
+        self.counts = dict.fromkeys(("lookups", "hits", "misses", "skipped", "errors",
+                                     "onboarded_blocks", "written_blocks"), 0)
+        self._m = _Metrics(metrics, self) if metrics is not None else None
+        # hashes onboarded lately (in the store: their eviction needs no copy), bounded
+        self._onboarded: OrderedDict[int, None] = OrderedDict()
+        self._onboarded_max = 4096
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        client = OffloadClient(ctx.bus, ctx.namespace, discovery=self.discovery,
+                               sender_id=ctx.instance_id,
+                               max_queue_bytes=self.config.max_queue_bytes)
+        client.on_instances = self._instances_changed
+        self.client = client
+        self._onboarded_max = max(1024, 4 * ctx.engine.card.kv_blocks)
+        handover = getattr(ctx.engine, "evictions", None)
+        if handover is not None:
+            handover.skip = self._onboarded
+        await client.start(self.instances)
+        self._instances_changed(client.instances)
+        if self.config.mode == "on" and not client.instances:
+            log.warning("--offload on, but no offload store is registered yet; computing "
+                        "every prompt until one is")
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    def _instances_changed(self, instances: tuple[int, ...]) -> None:
+        # No store: the engine need not read evicted blocks' payloads at all.
+        handover = getattr(self.ctx.engine, "evictions", None) if self.ctx else None
+        if handover is not None:
+            handover.paused = not instances
+
+    # ---- write-behind -------------------------------------------------------------------
+    def on_evict(self, blocks: list[EvictedBlock]) -> None:
+        client = self.client
+        if client is None:
+            return
+        self.counts["written_blocks"] += client.put_behind(
+            OffloadBlock(hash=b.hash, parent_hash=b.parent_hash, token_ids=b.token_ids or b"",
+                         data=b.data or b"")
+            for b in blocks)
+
+    # ---- onboarding ---------------------------------------------------------------------
+    async def before_run(self, request, token_ids: list[int]) -> KvImport | None:
+        client, ctx = self.client, self.ctx
+        if client is None or ctx is None or not client.instances:
+            return None
+        try:
+            bs = ctx.block_size
+            full = (len(token_ids) - 1) // bs  # the last token is always computed
+            if full <= 0:
+                return None
+            hashes = block_hashes(token_ids[:full * bs], bs)
+            have = ctx.engine.cached_prefix(hashes)
+            want = hashes[have:]
+            # at most half the engine's blocks for one request (they are pinned until it runs)
+            max_blocks = max(1, ctx.engine.card.kv_blocks // 2)
+            if not want or have >= max_blocks:
+                self.counts["skipped"] += 1
+                return None
+            self.counts["lookups"] += 1
+            t0 = time.perf_counter()
+            run = await client.lookup(want, self.config.deadline_s,
+                                      max_blocks=max_blocks - have,
+                                      max_bytes=self.config.max_onboard_bytes)
+            if self._m is not None:
+                self._m.latency.observe(time.perf_counter() - t0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never the request's failure: compute instead
+            self.counts["errors"] += 1
+            log.warning("offload onboarding failed; computing the prompt", error=repr(exc))
+            return None
+        if not run:
+            self.counts["misses"] += 1
+            return None
+        self.counts["hits"] += 1
+        self.counts["onboarded_blocks"] += len(run)
+        seen = self._onboarded
+        for b in run:
+            seen[b.hash] = None
+            seen.move_to_end(b.hash)
+        while len(seen) > self._onboarded_max:
+            seen.popitem(last=False)
+        if self._m is not None:
+            self._m.onboarded.inc(len(run))
+        return KvImport(blocks=[KvBlockData(b.hash, b.data) for b in run],
+                        parent_hash=hashes[have - 1] if have else None)
+
+
+class _Metrics:
+    def __init__(self, metrics, hook: OffloadHook) -> None:
+        self.onboarded = metrics.counter(
+            "worker_offload_onboarded_blocks", "KV blocks onboarded from the offload store")
+        self.latency = metrics.histogram(
+            "worker_offload_onboard_seconds", "time of one onboarding lookup (hit or miss)",
+            buckets=LATENCY_BUCKETS)
+        lookups = metrics.gauge("worker_offload_lookups",
+                                "onboarding lookups so far, by outcome", ["outcome"])
+        for outcome in ("hits", "misses", "skipped", "errors"):
+            lookups.labels(outcome).set_function(lambda o=outcome: hook.counts[o])
+        dropped = metrics.gauge(
+            "worker_offload_dropped_writes",
+            "evicted blocks not written to the store, by where they were dropped", ["where"])
+
+        def stat(name: str) -> float:
+            return hook.client.stats[name] if hook.client is not None else 0
+
+        def handover() -> float:
+            h = getattr(hook.ctx.engine, "evictions", None) if hook.ctx else None
+            return h.dropped if h is not None else 0
+
+        dropped.labels("handover").set_function(handover)
+        for where, name in (("queue_full", "put_dropped_full"),
+                            ("no_store", "put_dropped_no_store"),
+                            ("too_large", "put_dropped_too_large"),
+                            ("send_failed", "put_failed")):
+            dropped.labels(where).set_function(lambda n=name: stat(n))
+        written = metrics.gauge("worker_offload_written_blocks",
+                                "evicted blocks the store accepted or already held")
+        written.set_function(lambda: stat("put_stored") + stat("put_known"))
+        metrics.gauge("worker_offload_queue_bytes", "write-behind queue, bytes").set_function(
+            lambda: hook.client.queued_bytes if hook.client is not None else 0)

@@ -1,0 +1,115 @@
+"""The router's view of the KV offload store (no I/O): the store's tiers in the index, its
+blocks credited at their onboarding cost in the genset policy, membership and gaps."""
+
+from __future__ import annotations
+
+import proto
+from genset.kv.hashing import block_hashes
+from genset.routing.core import RouterConfig, RouterCore
+from genset.routing.policies import PredictedTTFT, RouteContext, WorkerView
+from proto.kv import TIER_DISK, TIER_HOST
+from tests.test_router_core import BS, Clock, stored, tokens
+
+STORE = 0x5709E
+
+
+def store_batch(event_id: int, toks: list[int], tier: str = TIER_HOST, start: int = 0,
+                store: int = STORE) -> proto.KvEventBatch:
+    hs = block_hashes(proto.pack_tokens(toks), BS)[start:]
+    return proto.KvEventBatch(worker_id=store, event_id=event_id, tier=tier, events=[
+        proto.Stored(parent_hash=None, blocks=[proto.StoredBlock(hash=h) for h in hs])])
+
+
+def two_workers(**policy_options) -> RouterCore:
+    core = RouterCore(RouterConfig(policy="genset", block_size=BS, seed=1,
+                                   policy_options=policy_options), clock=Clock())
+    for w in (1, 2):
+        core.add_worker(w, model="m", block_size=BS, kv_blocks=8192, max_batch_tokens=2048)
+    return core
+
+
+def load(core: RouterCore, worker: int, n: int, prompt_tokens: int) -> None:
+    """`n` uncached requests queued on `worker`, as the router predicts them."""
+    for i in range(n):
+        core.load.on_routed(f"busy-{worker}-{i}", worker, prompt_tokens, 0, 16)
+
+
+def choose(core: RouterCore, rid: str, toks: list[int]) -> int:
+    d = core.route(proto.RouteRequest(request_id=rid, model="m", max_tokens=16,
+                                      token_ids=proto.pack_tokens(toks)))
+    assert d.error is None, d.error
+    core.on_done(rid)
+    return d.worker_id
+
+
+def test_a_worker_next_to_a_warm_store_beats_a_loaded_worker_holding_the_prefix():
+    prompt = tokens(1, 4096)
+    # worker 1 holds the whole prefix on its device, but has a queue
+    core = two_workers()
+    core.on_kv_batch(stored(1, 0, prompt))
+    load(core, 1, 1, 3072)
+    assert choose(core, "cold", prompt) == 1  # no store: recomputing on 2 is slower
+
+    core = two_workers()
+    core.on_kv_batch(stored(1, 0, prompt))
+    load(core, 1, 1, 3072)
+    core.add_store(STORE)
+    core.on_store_batch(store_batch(0, prompt))  # the store holds it in RAM
+    assert choose(core, "warm", prompt) == 2  # onboarding beats waiting behind the queue
+    # the store is never a candidate itself
+    assert STORE not in core.workers and core.eligible("m") == list(core.workers.values())
+
+
+def test_store_blocks_count_after_each_workers_own_prefix_and_cost_their_transfer():
+    prompt = tokens(2, 40 * BS)
+    core = two_workers()
+    core.on_kv_batch(stored(1, 0, prompt[:10 * BS]))  # worker 1: the first 10 blocks
+    core.add_store(STORE)
+    core.on_store_batch(store_batch(0, prompt[:30 * BS], TIER_HOST))
+    core.on_store_batch(store_batch(0, prompt[:35 * BS], TIER_DISK, start=30))
+    hashes = block_hashes(proto.pack_tokens(prompt), BS)
+    overlaps = core.index.overlaps(hashes)
+    runs = core._store_runs(hashes, overlaps)
+    assert runs[10] == [20, 5] and runs[0] == [30, 5]  # worker 1 onboards from block 10
+
+    pol = PredictedTTFT(kv_bytes_per_token=1000, host_gbps=1.0, disk_gbps=0.5)
+    # (disk at 0.5 GB/s: 48 us per 16 KB block, computing 16 tokens ~243 us: worth it)
+    ms, onboarded = pol.onboard(20, 5, BS, 40 * BS - 1)
+    assert onboarded == 25 * BS
+    per_block = 1000 * BS / 1e6  # ms at 1 GB/s
+    assert abs(ms - (20 * per_block + 5 * per_block * (2 + 1))) < 1e-9
+    # never more than the prompt's uncached tokens minus the last one
+    assert pol.onboard(20, 5, BS, 7 * BS + 3) == (7 * per_block, 7 * BS)
+
+
+def test_a_slow_tier_counts_against_onboarding():
+    pol = PredictedTTFT(kv_bytes_per_token=131072, host_gbps=0.001, disk_gbps=0.001)
+    ctx = RouteContext(prompt_tokens=1024, prompt_blocks=64, block_size=BS)
+    plain = pol.score(ctx, WorkerView(worker_id=1))
+    with_store = pol.score(ctx, WorkerView(worker_id=1, host_blocks=63))
+    assert with_store > plain  # 8 GiB at 1 MB/s: computing would have been faster
+    # disk blocks slower than computing are expected to be computed: no credit, no cost
+    assert pol.score(ctx, WorkerView(worker_id=1, disk_blocks=63)) == plain
+    fast = PredictedTTFT(kv_bytes_per_token=131072, host_gbps=32.0)
+    assert fast.score(ctx, WorkerView(worker_id=1, host_blocks=63)) < plain
+
+
+def test_store_membership_and_gaps():
+    core = two_workers()
+    prompt = tokens(3, 8 * BS)
+    assert core.on_store_batch(store_batch(0, prompt)).applied_blocks == 8
+    assert STORE in core.stores  # learned from its events
+    res = core.on_store_batch(store_batch(3, prompt))  # ids 1, 2 lost
+    assert res.gap == (1, 3) and (STORE, TIER_HOST) in core.resync_wanted
+    snapshot = proto.KvEventBatch(worker_id=STORE, event_id=4, tier=TIER_HOST,
+                                  events=[proto.Cleared(), *store_batch(0, prompt).events])
+    core.on_store_batch(snapshot)
+    assert (STORE, TIER_HOST) not in core.resync_wanted
+    # a worker's tier or a worker's id is not a store's
+    assert core.on_store_batch(proto.KvEventBatch(worker_id=STORE, event_id=5)).stale
+    assert core.on_store_batch(store_batch(0, prompt, store=1)).stale
+    core.remove_store(STORE)
+    hashes = block_hashes(proto.pack_tokens(prompt), BS)
+    assert core.index.run_by_tier(hashes, 0, (TIER_HOST, TIER_DISK)) == [0, 0]
+    # a late batch from the removed store does not bring it back
+    assert core.on_store_batch(store_batch(6, prompt)).stale and not core.stores
