@@ -53,11 +53,15 @@ RUN --mount=type=secret,id=pip_cert \
  && pip install -q "$TORCH_SPEC" 'safetensors>=0.4'
 
 # genset itself, installed from the build context through a bind mount (its writes, such as
-# build/, are thrown away), then an unprivileged user. The same three lines end both targets.
+# build/, are thrown away), then an unprivileged user. The same lines end both targets.
+# /data/offload is the offload store's disk tier: Docker gives a fresh named volume mounted
+# there this directory's owner, so the unprivileged user can write it (a directory missing
+# from the image would come up root's).
 FROM deps AS slim
 RUN --mount=type=bind,target=/src,rw \
     pip install -q --no-deps --no-build-isolation /src && genset --help >/dev/null \
- && useradd --create-home --uid 10001 genset && mkdir -p /app/.state && chown genset /app/.state
+ && useradd --create-home --uid 10001 genset \
+ && mkdir -p /app/.state /data/offload && chown genset /app/.state /data/offload
 USER genset
 ENTRYPOINT ["genset"]
 CMD ["--help"]
@@ -68,7 +72,8 @@ FROM slim AS mocker
 FROM torch-deps AS torch
 RUN --mount=type=bind,target=/src,rw \
     pip install -q --no-deps --no-build-isolation /src && genset --help >/dev/null \
- && useradd --create-home --uid 10001 genset && mkdir -p /app/.state && chown genset /app/.state
+ && useradd --create-home --uid 10001 genset \
+ && mkdir -p /app/.state /data/offload && chown genset /app/.state /data/offload
 USER genset
 ENTRYPOINT ["genset"]
 CMD ["--help"]

@@ -169,6 +169,18 @@ def test_compose_auth_override_gives_every_genset_service_its_credentials():
             wrapped[name] = entry[entry.index("--role") + 1]
     assert wrapped.get("frontend") == "frontend" and wrapped.get("decode") == "worker"
     assert set(wrapped.values()) <= set(auth.ROLES)
+    # every genset service of the main file, including the ones added since, is wrapped
+    main = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    assert set(main) - {"nats", "etcd"} <= set(wrapped)
+    # workers claim a slot (their fixed instance id); the offload store keeps its data volume
+    for name in ("decode", "prefill"):
+        entry = services[name]["entrypoint"]
+        assert wrapped[name] == "worker" and "--slots-dir" in entry, name
+    assert wrapped["kv_offload"] == "offload" and wrapped["planner"] == "planner"
+    command = services["kv_offload"]["command"]
+    targets = {v.split(":")[1] if isinstance(v, str) else v["target"]
+               for v in services["kv_offload"]["volumes"]}
+    assert command[command.index("--offload-dir") + 1] in targets
     assert "/auth/nats.conf" in services["nats"]["command"]
 
 

