@@ -433,3 +433,31 @@ def test_logprobs_shapes():
     assert comp["text_offset"][0] == 5 and len(comp["tokens"]) == len(ids)
     assert comp["text_offset"][1] == 5 + len(comp["tokens"][0])
     assert all(len(m) == 2 for m in comp["top_logprobs"])
+
+
+def _app():
+    from types import SimpleNamespace
+
+    from services.frontend.http_app import FrontendHttp
+
+    return FrontendHttp(SimpleNamespace(metrics=None), health=dict, metrics_text=bytes)
+
+
+def test_openapi_document_is_valid_and_covers_every_route():
+    from openapi_spec_validator import validate
+
+    from services.frontend import openapi
+
+    doc = openapi.build()
+    validate(doc)  # raises with the path of the first violation
+    json.loads(openapi.document_bytes())
+    app = _app()
+    served = {(path, method.lower()) for path, (method, _) in app.routes.items()}
+    served |= {(doc_path, method.lower()) for _, doc_path, (method, _) in app.prefix_routes}
+    documented = {(path, method) for path, item in doc["paths"].items() for method in item}
+    assert served <= documented, served - documented
+    # the enforced ranges are the documented ones
+    props = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    temperature = props["temperature"]["anyOf"][0]
+    assert (temperature["minimum"], temperature["maximum"]) == (0, 2)
+    assert props["messages"]["items"]["$ref"].endswith("/ChatMessage")

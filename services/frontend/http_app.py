@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from genset.runtime.logging import bind_request
 from services.frontend import openai_api as oa
+from services.frontend import openapi
 from services.frontend.errors import ApiError, bad_request, from_validation
 from services.frontend.httpserver import Request
 from services.frontend.pipeline import Final, Job, JobRequest, Pipeline
@@ -330,14 +331,19 @@ class FrontendHttp:
             "/v1/models": ("GET", self.list_models),
             "/health": ("GET", self.health),
             "/metrics": ("GET", self.metrics_endpoint),
+            "/openapi.json": ("GET", self.openapi),
         }
+        # (path prefix, the path as /openapi.json writes it, (method, handler))
+        self.prefix_routes = [("/v1/models/", "/v1/models/{model}", ("GET", self.get_model))]
+        self._openapi: bytes | None = None
 
     async def handle(self, request: Request) -> None:
         """The server's entry point: dispatch, and turn failures into OpenAI-shaped errors."""
         path = request.path
         route = self.routes.get(path)
-        if route is None and path.startswith("/v1/models/"):
-            route = ("GET", self.get_model)
+        if route is None:
+            route = next((r for prefix, _, r in self.prefix_routes if path.startswith(prefix)),
+                         None)
         try:
             if route is None:
                 raise ApiError(404, f"Not Found: {request.method} {path}", code="not_found")
@@ -468,6 +474,13 @@ class FrontendHttp:
         body = self._health()
         request.conn.respond(200 if body.get("status") == "ok" else 503,
                              json.dumps(body, default=str).encode())
+
+    async def openapi(self, request: Request) -> None:
+        # A description, no data: served without the API key, so client generators and
+        # schema-driven fuzzers can read it before they have one.
+        if self._openapi is None:
+            self._openapi = openapi.document_bytes()
+        request.conn.respond(200, self._openapi)
 
     async def metrics_endpoint(self, request: Request) -> None:
         self._authorize(request)  # /metrics follows the API key (issue 14)
