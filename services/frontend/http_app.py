@@ -17,6 +17,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import unquote
 
 import msgspec
@@ -318,9 +319,11 @@ async def _merge_choices(pipeline: Pipeline, jobs: list[Job]
 
 
 class FrontendHttp:
-    def __init__(self, pipeline: Pipeline, *, health, metrics_text, api_keys: list[str] | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, *, health, metrics_text, api_keys: list[str] | None = None,
+                 dashboard=None) -> None:
         self.pipeline = pipeline
         self.metrics = pipeline.metrics
+        self.dashboard = dashboard  # services.frontend.dashboard.Dashboard (None: no state)
         self._health = health
         self._metrics_text = metrics_text
         self.api_keys = [k.encode() for k in (api_keys or []) if k]
@@ -332,9 +335,14 @@ class FrontendHttp:
             "/health": ("GET", self.health),
             "/metrics": ("GET", self.metrics_endpoint),
             "/openapi.json": ("GET", self.openapi),
+            "/": ("GET", self.root),
+            "/dashboard": ("GET", self.dashboard_page),
+            "/dashboard/state": ("GET", self.dashboard_state),
         }
         # (path prefix, the path as /openapi.json writes it, (method, handler))
-        self.prefix_routes = [("/v1/models/", "/v1/models/{model}", ("GET", self.get_model))]
+        self.prefix_routes = [("/v1/models/", "/v1/models/{model}", ("GET", self.get_model)),
+                              ("/dashboard/", "/dashboard/{file}", ("GET", self.dashboard_file))]
+        self._static = _load_static()
         self._openapi: bytes | None = None
 
     async def handle(self, request: Request) -> None:
@@ -482,7 +490,51 @@ class FrontendHttp:
             self._openapi = openapi.document_bytes()
         request.conn.respond(200, self._openapi)
 
+    # -- the status page ------------------------------------------------------------------
+
+    async def root(self, request: Request) -> None:
+        request.conn.respond(307, b"", b"text/plain", headers=[(b"location", b"/dashboard")])
+
+    async def dashboard_page(self, request: Request) -> None:
+        # The page and its files hold no data (they are the same for everyone): served without
+        # the key. The data comes from /dashboard/state, which follows the key.
+        await self._send_static(request, "index.html")
+
+    async def dashboard_file(self, request: Request) -> None:
+        await self._send_static(request, request.path[len("/dashboard/"):])
+
+    async def _send_static(self, request: Request, name: str) -> None:
+        found = self._static.get(name)
+        if found is None:
+            raise ApiError(404, f"Not Found: {request.method} {request.path}", code="not_found")
+        body, content_type = found
+        request.conn.respond(200, body, content_type, headers=[(b"cache-control", b"no-cache")])
+
+    async def dashboard_state(self, request: Request) -> None:
+        self._authorize(request)
+        if self.dashboard is None:
+            raise ApiError(503, "the dashboard's state is not gathered by this frontend",
+                           type="server_error", code="unavailable")
+        request.conn.respond(200, oa.json_encode(self.dashboard.snapshot()),
+                             headers=[(b"cache-control", b"no-store")])
+
     async def metrics_endpoint(self, request: Request) -> None:
         self._authorize(request)  # /metrics follows the API key (issue 14)
         request.conn.respond(200, self._metrics_text(), CONTENT_TYPE_LATEST.encode())
 
+
+_STATIC_DIR = Path(__file__).resolve().parent / "static"
+_STATIC_TYPES = {"index.html": b"text/html; charset=utf-8",
+                 "app.js": b"text/javascript; charset=utf-8",
+                 "app.css": b"text/css; charset=utf-8"}
+
+
+def _load_static() -> dict[str, tuple[bytes, bytes]]:
+    """The status page's files, read once (a few KiB); only these names are ever served."""
+    files = {}
+    for name, content_type in _STATIC_TYPES.items():
+        try:
+            files[name] = ((_STATIC_DIR / name).read_bytes(), content_type)
+        except OSError as exc:  # an install without package data: the API still serves
+            log.warning("dashboard_file_missing", file=name, error=str(exc))
+    return files
