@@ -362,6 +362,12 @@ async def test_logprobs_torch(oai):
                                         temperature=0, logprobs=2)
     lp = comp.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    stream = await oai.chat.completions.create(model=TORCH, messages=USER, max_tokens=5,
+                                               temperature=0, logprobs=True, top_logprobs=3,
+                                               stream=True)
+    streamed = [t async for ev in stream if ev.choices and ev.choices[0].logprobs
+                for t in ev.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
 
 
 @slow
