@@ -36,7 +36,8 @@ import structlog
 
 log = structlog.get_logger("frontend.httpserver")
 
-REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
+REASONS = {100: "Continue", 200: "OK", 307: "Temporary Redirect", 400: "Bad Request",
+           401: "Unauthorized",
            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            411: "Length Required", 413: "Payload Too Large", 429: "Too Many Requests",
            431: "Request Header Fields Too Large", 499: "Client Closed Request",

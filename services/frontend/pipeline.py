@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -80,6 +80,13 @@ class JobRequest:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
+    # Sampling fields the OpenAI API takes; neutral defaults (see `_sampling_extras`).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] = field(default_factory=dict)  # token id (decimal) -> bias
+    logprobs: int | None = None  # alternatives per token; None: no logprobs
+    logprobs_param: str = "logprobs"  # the field named when logprobs are refused
     detokenize: bool = True
     timeout: float | None = None  # None: the frontend's request timeout
 
@@ -102,6 +109,10 @@ class Job:
     detokenize: bool = True
     deadline: float = 0.0  # time.monotonic() after which the request fails
     arrival: float = 0.0  # time.perf_counter() at arrival
+    # n > 1 choices (http_app): choice 0 reports the worker it was routed to, and the other
+    # choices go to that worker, so its prefix cache computes the shared prompt once.
+    on_routed: Callable[[int], None] | None = None
+    pin_worker: int | None = None
 
 
 class Final:
@@ -247,17 +258,17 @@ class Pipeline:
         if req.min_tokens < 0:
             raise bad_request("min_tokens must be >= 0", param="min_tokens")
         top_k = req.top_k
+        vocab = tokenizer.vocab_size if tokenizer is not None else None
         try:
             sampling = proto.SamplingParams(
                 temperature=1.0 if req.temperature is None else float(req.temperature),
                 top_p=1.0 if req.top_p is None else float(req.top_p),
                 top_k=0 if top_k is None or top_k < 0 else int(top_k),
-                seed=req.seed)
+                seed=req.seed, **_sampling_extras(req, entry, vocab))
         except ValueError as exc:
             text = str(exc)
             param = text.split(" ", 1)[0]
             raise bad_request(text.split(" - at")[0], param=param) from None
-        vocab = tokenizer.vocab_size if tokenizer is not None else None
         for tid in req.stop_token_ids:
             if tid < 0 or (vocab is not None and tid >= vocab):
                 raise bad_request(f"stop token id {tid} is outside the vocabulary", param="stop")
@@ -293,11 +304,19 @@ class Pipeline:
                     return
                 prompt = job.prompt_ids + progress.generated if progress.generated else job.prompt_ids
                 packed = pack_tokens(prompt)
+                exclude = excluded
+                if job.pin_worker is not None and not excluded and (
+                        entry := self.registry.get(job.model)) is not None:
+                    # Every other worker excluded: the router still records the decision (its
+                    # load view stays true) and can only pick the pinned one.
+                    exclude = [w for w in entry.cards if w != job.pin_worker]
                 decision = await self.router.route(proto.RouteRequest(
                     request_id=job.request_id, model=job.model, token_ids=packed,
-                    max_tokens=max_tokens, exclude=excluded))
+                    max_tokens=max_tokens, exclude=exclude))
                 worker = decision.worker_id
                 card = self.registry.card(job.model, worker) if worker is not None else None
+                if card is not None and job.on_routed is not None:
+                    job.on_routed(worker)
                 if card is None:
                     if worker is None:
                         raise no_worker(job.model, decision.error or "")
@@ -424,6 +443,45 @@ class Pipeline:
         self.metrics.migrations.labels(job.model, phase).inc()
         log.warning("request_migrating", request_id=job.request_id, worker=f"{worker:x}",
                     error=str(exc), phase=phase, tokens_so_far=len(progress.generated))
+
+
+# Sampling fields the wire carries (proto.SamplingParams); the penalties, logit_bias and
+# logprobs arrive with the w-sampling branch.
+_WIRE_SAMPLING = frozenset(proto.SamplingParams.__struct_fields__)
+
+
+def _sampling_extras(req: JobRequest, entry: ModelEntry, vocab: int | None) -> dict:
+    """SAMPLING MAPPING POINT: the API's penalties, logit_bias and logprobs -> keyword
+    arguments of proto.SamplingParams. A non-neutral value whose wire field this build lacks is
+    refused with a 400 naming it (never dropped silently); once proto.SamplingParams has the
+    field, it is passed on unchanged (same names, same units as OpenAI's)."""
+    extras: dict = {}
+    for name, value, neutral in (("presence_penalty", req.presence_penalty, 0.0),
+                                 ("frequency_penalty", req.frequency_penalty, 0.0),
+                                 ("repetition_penalty", req.repetition_penalty, 1.0),
+                                 ("logit_bias", req.logit_bias, {}),
+                                 ("logprobs", req.logprobs, None)):
+        if value == neutral:
+            continue
+        param = req.logprobs_param if name == "logprobs" else name
+        if name not in _WIRE_SAMPLING:
+            raise bad_request(f"{param} is not supported by this genset version",
+                              param=param, code="unsupported_parameter")
+        extras[name] = value
+    if req.logit_bias and vocab is not None:
+        for key in req.logit_bias:
+            if int(key) >= vocab:
+                raise bad_request(f"logit_bias: token id {key} is outside the vocabulary "
+                                  f"[0, {vocab})", param="logit_bias")
+    if req.logprobs is not None:
+        # ModelCard.supports_logprobs (w-sampling): a request may be routed to any worker.
+        engines = sorted({c.engine for c in entry.cards.values()
+                          if not getattr(c, "supports_logprobs", False)})
+        if engines:
+            raise bad_request(f"{req.logprobs_param}: the {', '.join(engines)} engine serving "
+                              f"model {entry.name!r} does not compute log-probabilities",
+                              param=req.logprobs_param, code="unsupported_parameter")
+    return extras
 
 
 def _deadline_exceeded() -> ApiError:

@@ -10,6 +10,7 @@ from genset.routing.api import DEFAULT_ROUTE_TIMEOUT_S, POLICY_NAMES, ROUTER_MOD
 from genset.runtime.config import ConfigError, opt
 from genset.runtime.service import Service
 from services.frontend import routing
+from services.frontend.dashboard import Dashboard
 from services.frontend.http_app import FrontendHttp, error_body
 from services.frontend.httpserver import HttpServer
 from services.frontend.metrics import FrontendMetrics
@@ -63,6 +64,7 @@ class FrontendService(Service):
         self.pipeline: Pipeline | None = None
         self.nats_service: NatsGenerateService | None = None
         self.server: HttpServer | None = None
+        self.dashboard: Dashboard | None = None
         self.api_url = ""
 
     async def start(self) -> None:
@@ -85,8 +87,12 @@ class FrontendService(Service):
         await self.nats_service.start()
         self.subjects["generate"] = self.nats_service.subject
 
+        self.dashboard = Dashboard(bus=self.bus, discovery=self.discovery,
+                                   namespace=self.namespace, registry=self.registry,
+                                   metrics=self.frontend_metrics)
+        await self.dashboard.start()
         http = FrontendHttp(self.pipeline, health=self.health, metrics_text=self.metrics.render,
-                            api_keys=(opts.api_key or "").split(","))
+                            api_keys=(opts.api_key or "").split(","), dashboard=self.dashboard)
         host = opts.http_host or self.config.host
         self.server = HttpServer(http.handle, error_body=error_body)
         try:
@@ -117,6 +123,9 @@ class FrontendService(Service):
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.close()
+        if self.dashboard is not None:
+            with contextlib.suppress(Exception):
+                await self.dashboard.close()
         if self.router is not None:
             with contextlib.suppress(Exception):
                 await self.router.close()
