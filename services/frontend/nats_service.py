@@ -61,6 +61,10 @@ class NatsGenerateService:
             raise bad_request("set exactly one of messages, prompt, token_ids "
                               f"(got {', '.join(given) or 'none'})")
         s = req.sampling
+        if s.logprobs is not None:
+            # the NATS client's reply frames carry text and token ids only
+            raise bad_request("sampling.logprobs: log-probabilities are returned by the HTTP "
+                              "API only, not over the NATS client API", param="logprobs")
         return await self.pipeline.prepare(JobRequest(
             endpoint="nats", request_id=req.request_id or uuid.uuid4().hex,
             model=req.model or None, arrival=arrival,
@@ -68,6 +72,8 @@ class NatsGenerateService:
             [{"role": m.role, "content": m.content} for m in req.messages],
             text=req.prompt, packed_token_ids=req.token_ids, max_tokens=req.max_tokens,
             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty, logit_bias=dict(s.logit_bias),
             stop_strings=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             detokenize=req.detokenize, timeout=req.timeout_s))
 

@@ -131,11 +131,14 @@ class Final:
 class _Progress:
     """What a request has produced so far, across every worker it ran on."""
 
-    __slots__ = ("cached", "first_at", "generated", "itl", "last_at", "prompt_tokens", "text",
+    __slots__ = ("cached", "first_at", "generated", "itl", "last_at", "logprobs",
+                 "prompt_tokens", "text",
                  "ttft")
 
     def __init__(self, job: Job, metrics: FrontendMetrics) -> None:
         self.generated: list[int] = []
+        # aligned with `generated` when the request asked for logprobs, else None
+        self.logprobs: list | None = [] if job.sampling.logprobs is not None else None
         self.cached = 0
         self.prompt_tokens = len(job.prompt_ids)
         self.first_at = 0.0  # perf_counter() of the request's first token (0: none yet)
@@ -372,10 +375,12 @@ class Pipeline:
             started = False  # this attempt has had its first token
             async for chunk in stream:
                 data = chunk.token_ids
+                frames = (chunk,)
                 if take_ready is not None and data and not chunk.final:
                     more = take_ready()
                     if more:
                         data = b"".join([data, *(c.token_ids for c in more)])
+                        frames = (chunk, *more)
                 if data:
                     ids = unpack_tokens(data)
                     now = perf()
@@ -393,7 +398,11 @@ class Pipeline:
                             progress.ttft.observe(now - job.arrival)
                     progress.last_at = now
                     progress.generated += ids
+                    if progress.logprobs is not None:
+                        progress.logprobs += _logprob_entries(frames)
                     delta = text.feed(ids)
+                    if delta is not None and progress.logprobs is not None:
+                        delta.logprobs = progress.logprobs[-len(delta.token_ids):]
                     if text.stopped:
                         await _cancel(stream, "stop string")
                         yield delta
@@ -407,6 +416,8 @@ class Pipeline:
                     if chunk.usage is not None:
                         progress.cached = min(chunk.usage.cached_tokens, progress.prompt_tokens)
                     if (tail := text.flush()) is not None:
+                        if progress.logprobs is not None and tail.token_ids:
+                            tail.logprobs = progress.logprobs[-len(tail.token_ids):]
                         yield tail
                     yield progress.final(chunk.finish_reason or "stop")
                     return
@@ -482,6 +493,20 @@ def _sampling_extras(req: JobRequest, entry: ModelEntry, vocab: int | None) -> d
                               f"model {entry.name!r} does not compute log-probabilities",
                               param=req.logprobs_param, code="unsupported_parameter")
     return extras
+
+
+def _logprob_entries(frames) -> list:
+    """(id, logprob, [(alt id, logprob), ...]) per token of these frames, in order."""
+    out = []
+    for frame in frames:
+        ids = unpack_tokens(frame.token_ids)
+        if frame.logprobs is None:  # a worker that sent none: keep the alignment
+            out += [(t, None, []) for t in ids]
+            continue
+        lps, top_ids, top_lps = frame.logprobs.unpack()
+        out += [(t, lp, list(zip(ti, tl, strict=True)))
+                for t, lp, ti, tl in zip(ids, lps, top_ids, top_lps, strict=True)]
+    return out
 
 
 def _deadline_exceeded() -> ApiError:

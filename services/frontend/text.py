@@ -15,11 +15,13 @@ from genset.tokenizer import Tokenizer
 class Delta:
     """Generated text (and its token ids) since the previous delta."""
 
-    __slots__ = ("text", "token_ids")
+    __slots__ = ("logprobs", "text", "token_ids")
 
-    def __init__(self, text: str, token_ids: list[int]) -> None:
+    def __init__(self, text: str, token_ids: list[int], logprobs: list | None = None) -> None:
         self.text = text
         self.token_ids = token_ids
+        # with sampling.logprobs: one (id, logprob, [(alt id, logprob), ...]) per token id
+        self.logprobs = logprobs
 
 
 class TextAssembler:
