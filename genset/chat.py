@@ -12,10 +12,12 @@ import os
 import sys
 
 from genset.client import Client, ClientError
+from genset.runtime.config import DefaultsHelpFormatter
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genset chat", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="genset chat", description=__doc__.split("\n")[0],
+        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--nats", default=os.environ.get("GENSET_NATS", "nats://127.0.0.1:4222"),
                    help="NATS server URL [env GENSET_NATS]")
     p.add_argument("--namespace", default=os.environ.get("GENSET_NAMESPACE", "default"),

@@ -41,6 +41,7 @@ from urllib.parse import urlparse
 from genset.engines.factory import served_model_name
 from genset.routing.api import MODE_AUTO, MODE_SERVICE, POLICY_NAMES, router_mode
 from genset.runtime import auth  # security: credentials, NATS config, etcd users (issue 14)
+from genset.runtime.config import DefaultsHelpFormatter
 from genset.runtime.infra import die_with_parent
 from genset.supervise import RestartPolicy, Supervisor
 from proto import ROLE_DECODE
@@ -68,6 +69,7 @@ def _router_mode(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        formatter_class=DefaultsHelpFormatter,
         prog="genset up",
         description="Start a local genset stack (NATS, etcd, router, frontend, workers) and "
                     "serve the OpenAI API until Ctrl-C; a process of the stack that exits is "

@@ -15,6 +15,7 @@ from genset.replay.offload import OffloadConfig
 from genset.replay.simulate import ReplayConfig, run_replay
 from genset.replay.trace import TraceError, load_trace
 from genset.routing.api import POLICY_GENSET, POLICY_NAMES, policy_name
+from genset.runtime.config import DefaultsHelpFormatter
 
 PLOT_KEYS = ("hit_rate", "ttft_mean_ms", "ttft_p90_ms", "itl_mean_ms")
 
@@ -64,7 +65,8 @@ def _non_negative(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genset replay", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="genset replay", description=__doc__.split("\n\n")[0],
+        formatter_class=DefaultsHelpFormatter)
     p.add_argument("trace", help="Mooncake-format JSONL trace")
     p.add_argument("--policy", default=POLICY_GENSET,
                    help=f"one or several comma-separated policies to compare ({', '.join(POLICY_NAMES)})")

@@ -18,6 +18,7 @@ Any service can describe its own options the same way:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import types
@@ -31,6 +32,27 @@ import proto.subjects
 ENV_PREFIX = "GENSET_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` shows each option's default, unless its help text already says it (or there
+    is none to show): argparse's ArgumentDefaultsHelpFormatter would repeat hand-written
+    "(default ...)" notes."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        # argparse shows nothing for an option without help text: give it its default
+        if (action.help is None and action.option_strings
+                and action.default not in (None, False, argparse.SUPPRESS)):
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
 
 
 class ConfigError(ValueError):

@@ -41,6 +41,7 @@ from genset.runtime.bus_errors import BusError
 from genset.runtime.config import (
     CommonConfig,
     ConfigError,
+    DefaultsHelpFormatter,
     add_common_args,
     add_dataclass_args,
     common_config,
@@ -323,7 +324,8 @@ def service_parser(*, prog: str, description: str = "",
                    options_cls: type | None = None) -> argparse.ArgumentParser:
     """The command line `service_main` parses: the common flags plus one per field of
     `options_cls` (a service's `build_parser()` returns it, e.g. for checking commands)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=DefaultsHelpFormatter)
     add_common_args(parser)
     if options_cls is not None:
         add_dataclass_args(parser, options_cls, group_title=f"{prog} options")

@@ -12,6 +12,7 @@ import sys
 
 from genset.runtime.config import (
     ConfigError,
+    DefaultsHelpFormatter,
     add_common_args,
     add_dataclass_args,
     common_config,
@@ -25,7 +26,8 @@ DESCRIPTION = ("Planner: sizes the decode / prefill worker pools from load and S
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genset planner", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="genset planner", description=DESCRIPTION,
+        formatter_class=DefaultsHelpFormatter)
     add_common_args(parser)
     add_dataclass_args(parser, PlannerOptions, group_title="genset planner options")
     return parser
