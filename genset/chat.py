@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 from genset.client import Client, ClientError
 from genset.runtime.config import DefaultsHelpFormatter
@@ -22,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="NATS server URL [env GENSET_NATS]")
     p.add_argument("--namespace", default=os.environ.get("GENSET_NAMESPACE", "default"),
                    help="genset namespace [env GENSET_NAMESPACE]")
+    p.add_argument("--state-dir", default=os.environ.get("GENSET_STATE_DIR", ".state"),
+                   help="the state directory of the `genset up` stack to chat with: its "
+                        "credentials are read from there (default .state)")
     p.add_argument("--model", default="", help="model name (default: the only one served)")
     p.add_argument("--prompt", help="ask one question, print the answer and exit")
     p.add_argument("--system", help="system message")
@@ -49,10 +53,25 @@ async def _answer(client: Client, messages: list[dict], args, out) -> str:
     return "".join(parts)
 
 
+def _nats_login(args) -> dict[str, str | None]:
+    """The NATS user to chat as: GENSET_NATS_USER/_PASSWORD when set, else the `client` user
+    of the stack `genset up` started with its state in --state-dir (secure by default)."""
+    user = os.environ.get("GENSET_NATS_USER")
+    if user:
+        return {"user": user, "password": os.environ.get("GENSET_NATS_PASSWORD")}
+    from genset.runtime.auth import ROLE_CLIENT, read_credentials
+
+    creds = read_credentials(Path(args.state_dir) / "auth")
+    if creds is None:
+        return {"user": None, "password": None}
+    return {"user": ROLE_CLIENT, "password": creds.password(ROLE_CLIENT)}
+
+
 async def _run(args) -> int:
     system = [{"role": "system", "content": args.system}] if args.system else []
     try:
-        client = await Client(args.nats, namespace=args.namespace).__aenter__()
+        client = await Client(args.nats, namespace=args.namespace,
+                              **_nats_login(args)).__aenter__()
     except Exception as exc:
         print(f"genset chat: {exc}", file=sys.stderr)
         return 1

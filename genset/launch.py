@@ -487,7 +487,17 @@ class Launcher:
         print(f"\ngenset is up: {url}/v1  (model {self.model_name!r}, {self.args.workers} "
               f"{self.args.engine} worker{'s' if self.args.workers > 1 else ''}, logs in {self.logs})\n\n"
               f"  curl {url}/v1/chat/completions {key}-H 'Content-Type: application/json' \\\n"
-              f"    -d '{body}'\n\nCtrl-C stops everything.", file=self.out, flush=True)
+              f"    -d '{body}'\n\n"
+              f"  page     {url}/dashboard\n"
+              f"  metrics  {url}/metrics\n"
+              f"  chat     {shlex.join(self.chat_command())}\n\n"
+              "Ctrl-C stops everything.", file=self.out, flush=True)
+
+    def chat_command(self) -> list[str]:
+        """The `genset chat` line for this stack: its NATS, namespace and state directory
+        (where the chat client finds its credentials)."""
+        return ["genset", "chat", "--nats", self.nats_url, "--namespace", self.args.namespace,
+                "--state-dir", str(self.state_dir)]
 
     def supervise(self) -> None:
         """Hand every child and the servers we started to the supervisor (after start-up:

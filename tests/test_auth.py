@@ -216,3 +216,20 @@ def test_exec_gives_a_worker_a_free_slot_for_as_long_as_it_runs(tmp_path):
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+def test_genset_chat_logs_in_as_the_stacks_client_user(tmp_path, monkeypatch):
+    """`genset chat --state-dir S` chats with the stack `genset up` started there: it reads
+    the `client` user's password from S/auth (env GENSET_NATS_USER wins when set)."""
+    import argparse
+
+    from genset.chat import _nats_login
+
+    monkeypatch.delenv("GENSET_NATS_USER", raising=False)
+    args = argparse.Namespace(state_dir=str(tmp_path))
+    assert _nats_login(args) == {"user": None, "password": None}  # no stack: anonymous
+    creds = auth.load_or_create(tmp_path / "auth", namespace="default")
+    assert _nats_login(args) == {"user": "client", "password": creds.password("client")}
+    monkeypatch.setenv("GENSET_NATS_USER", "someone")
+    monkeypatch.setenv("GENSET_NATS_PASSWORD", "pw")
+    assert _nats_login(args) == {"user": "someone", "password": "pw"}

@@ -347,6 +347,15 @@ def auth_dir(state_dir: str | Path) -> Path:
     return Path(state_dir).expanduser().resolve() / "auth"
 
 
+def read_credentials(directory: str | Path) -> Credentials | None:
+    """The credentials `genset up` made under `directory`, or None when it made none (a stack
+    started with --insecure, or elsewhere). Reads only; for clients such as `genset chat`."""
+    directory = Path(directory)
+    if not (directory / CREDENTIALS_FILE).is_file():
+        return None
+    return Credentials._load(directory)
+
+
 def load_or_create(directory: str | Path, *, namespace: str, worker_slots: int = 0,
                    models: list[str] | tuple[str, ...] = ()) -> Credentials:
     """The deployment's credentials: read from `directory` (made there on first use), with at
