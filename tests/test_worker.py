@@ -22,6 +22,7 @@ from tests.helpers.waiting import until
 from tests.stack import metric, parse_metrics
 
 MODEL = "tiny-test"
+wait_for = until  # the name tests/test_worker_hooks.py imports from here
 
 
 class Host:
