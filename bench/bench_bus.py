@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nats
+from _common import pct
 
 import proto
 from genset.runtime.bus import Bus
@@ -40,6 +41,21 @@ async def _settle(nc) -> None:
     await asyncio.sleep(0)
     await nc.flush()
     await nc.flush()
+
+
+async def _publish_streams(pub, prefix: str, payload: bytes, streams: int, per_stream: int,
+                           yield_every: int) -> None:
+    """`per_stream` frames to each of the subjects `prefix.0` .. `prefix.{streams-1}`, one
+    producer task per stream (what the raw baselines send)."""
+
+    async def produce(k: int) -> None:
+        subject = f"{prefix}.{k}"
+        for i in range(per_stream):
+            await pub.publish(subject, payload)
+            if yield_every and i % yield_every == 0:
+                await asyncio.sleep(0)
+
+    await asyncio.gather(*(produce(k) for k in range(streams)))
 
 
 async def raw_stream_throughput(url: str, streams: int, frames: int, yield_every: int) -> tuple[float, float]:
@@ -61,15 +77,8 @@ async def raw_stream_throughput(url: str, streams: int, frames: int, yield_every
     await sub_nc.subscribe(prefix + ".*", cb=on_msg, pending_msgs_limit=1 << 20)
     await _settle(sub_nc)
 
-    async def produce(k: int) -> None:
-        subject = f"{prefix}.{k}"
-        for i in range(per_stream):
-            await pub.publish(subject, payload)
-            if yield_every and i % yield_every == 0:
-                await asyncio.sleep(0)
-
     t0, c0 = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(produce(k) for k in range(streams)))
+    await _publish_streams(pub, prefix, payload, streams, per_stream, yield_every)
     await asyncio.wait_for(done.wait(), 120)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     await pub.close()
@@ -98,16 +107,9 @@ async def raw_per_stream_throughput(url: str, streams: int, frames: int,
                 break
         return n
 
-    async def produce(k: int) -> None:
-        subject = f"{prefix}.{k}"
-        for i in range(per_stream):
-            await pub.publish(subject, payload)
-            if yield_every and i % yield_every == 0:
-                await asyncio.sleep(0)
-
     t0, c0 = time.perf_counter(), time.process_time()
     consumers = [asyncio.ensure_future(consume(sub)) for sub in subs]
-    await asyncio.gather(*(produce(k) for k in range(streams)))
+    await _publish_streams(pub, prefix, payload, streams, per_stream, yield_every)
     total = sum(await asyncio.wait_for(asyncio.gather(*consumers), 120))
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     await pub.close()
@@ -151,8 +153,7 @@ async def bus_stream_throughput(url: str, streams: int, frames: int,
 
 
 def _pcts(samples: list[float]) -> tuple[float, float]:
-    samples.sort()
-    return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
+    return pct(samples, 0.5), pct(samples, 0.99)
 
 
 async def raw_rtt(url: str, n: int) -> tuple[float, float]:

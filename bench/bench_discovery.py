@@ -22,15 +22,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from _common import pct
+
 from genset.runtime.discovery import Discovery
 from genset.runtime.infra import EtcdServer, NatsServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def watch_latency(endpoint: str, n: int) -> list[float]:

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from _common import median_of_runs  # noqa: E402
 
 from genset.runtime.infra import free_port  # noqa: E402
 
@@ -71,9 +72,7 @@ def main() -> None:
     a = p.parse_args()
     runs = [one_run(a.engine, a.workers) for _ in range(a.runs)]
     for name, i in (("ready (s)", 0), ("first chat completion (s)", 1), ("stop (s)", 2)):
-        values = [r[i] for r in runs]
-        print(f"{a.engine} x{a.workers} {name}: median {statistics.median(values):.2f} "
-              f"(runs: {', '.join(f'{v:.2f}' for v in values)})")
+        print(f"{a.engine} x{a.workers} {name}: {median_of_runs([r[i] for r in runs])}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import random
 import statistics
 import time
 
+from _common import pct
+
 import proto
 from genset.kv.hashing import block_hashes
 from genset.routing.core import RouterConfig, RouterCore
@@ -92,9 +94,6 @@ def bench_lookup(workers: int, prompt_tokens: int, block_size: int, iters: int) 
         core.on_done(rid)
 
     decision = timed(decide)
-
-    def pct(v: list[float], q: float) -> float:
-        return v[min(len(v) - 1, int(q * len(v)))]
 
     return {name: {"p50_us": pct(v, 0.5), "p99_us": pct(v, 0.99)} for name, v in
             [("hash", hash_only), ("hash+lookup", lookup), ("lookup_walk_only", walk),

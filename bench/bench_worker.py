@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import median_of_runs
 
 import proto
 from genset.engines.mocker import MockerConfig, PolynomialTiming, create_mocker_engine
@@ -65,9 +66,8 @@ async def run(concurrency: int, tokens: int, requests: int, runs: int) -> None:
             assert sum(got) == requests * tokens, sum(got)
             results.append((sum(got) / wall, requests / wall, cpu / sum(got) * 1000))
         for name, i in (("output tokens/s", 0), ("requests/s", 1), ("CPU s per 1k tokens", 2)):
-            values = [r[i] for r in results]
-            print(f"c={concurrency} tokens={tokens} {name}: median {statistics.median(values):.2f}"
-                  f" (runs: {', '.join(f'{v:.2f}' for v in values)})")
+            print(f"c={concurrency} tokens={tokens} {name}: "
+                  f"{median_of_runs([r[i] for r in results])}")
         await host.drain(1.0)
         await host.close()
         await client.close()

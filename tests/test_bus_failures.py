@@ -16,6 +16,7 @@ import pytest
 from genset.runtime.bus import Bus
 from genset.runtime.bus_errors import Disconnected, PeerGone, StreamError
 from proto import subjects
+from tests.helpers.waiting import until
 
 # A responder in its own OS process: streams one frame every 20 ms until killed.
 RESPONDER = textwrap.dedent(
@@ -82,14 +83,6 @@ async def test_responder_killed_mid_stream_is_peer_gone_within_3s(nats_server):
         await bus.close()
 
 
-async def _until(predicate, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def test_nats_restart_fails_in_flight_then_recovers(own_nats):
     ns = "br" + uuid.uuid4().hex[:10]
     subject = subjects.subject(ns, "bustest", "gen")
@@ -137,11 +130,11 @@ async def test_nats_restart_fails_in_flight_then_recovers(own_nats):
         assert failed_after < 3.5, f"in-flight streams took {failed_after:.2f}s to fail"
         assert not req.connected
         # the responder's handlers are told to stop (orphan_timeout) even while NATS is down
-        await _until(lambda: handler_ended == 20, 5, "responder handlers to stop")
+        await until(lambda: handler_ended == 20, 5, "responder handlers to stop")
 
         own_nats.start()
         restarted_at = time.monotonic()
-        await _until(lambda: req.connected and resp.connected, 15, "both buses to reconnect")
+        await until(lambda: req.connected and resp.connected, 15, "both buses to reconnect")
         print(f"reconnected {time.monotonic() - restarted_at:.2f}s after NATS restarted")
         await resp.flush()
         for _ in range(3):

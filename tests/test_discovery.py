@@ -17,6 +17,7 @@ import pytest
 
 import proto
 from genset.runtime.discovery import ChangesOverflow, Discovery, DiscoveryError
+from tests.helpers.waiting import until
 
 REPO = Path(__file__).resolve().parent.parent
 HELPER = REPO / "tests" / "helpers" / "register_and_wait.py"
@@ -35,16 +36,6 @@ async def collect(changes, into: list) -> None:
     with contextlib.suppress(ChangesOverflow):
         async for kind, key, value in changes:
             into.append((kind, key, value))
-
-
-async def until(predicate, limit_s: float, what: str) -> float:
-    """Poll `predicate()` until true; returns the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > limit_s:
-            raise AssertionError(f"not {what} within {limit_s} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 async def test_register_watch_update_unregister(etcd_server):

@@ -22,6 +22,7 @@ import pytest
 
 import proto
 from genset.runtime.discovery import Discovery
+from tests.helpers.waiting import until
 
 OUTAGE_S = 20.0
 # Backstop far above the ~25 s / ~5 s these take; the step deadlines below fire first.
@@ -41,16 +42,6 @@ async def within(limit_s: float, what: str):
             yield
     except TimeoutError:
         raise AssertionError(f"{what}: did not happen within {limit_s} s") from None
-
-
-async def until(predicate, limit_s: float, what: str) -> float:
-    """Poll `predicate()` until true; returns the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > limit_s:
-            raise AssertionError(f"{what}: did not happen within {limit_s} s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
 
 
 async def wait_items(m, predicate, limit_s: float, what: str) -> None:

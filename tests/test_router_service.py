@@ -54,13 +54,19 @@ async def wait_workers(proc, n: int) -> None:
     await proc.wait_until(check, f"{n} workers known", 20)
 
 
+async def start_router(stack, bus, workers: int):
+    """`workers` mocker workers and a router service that knows them all: (the router's
+    process, the workers' generate subjects by id, a client of the router)."""
+    await stack.start_workers(workers, engine="mocker", extra_args=["--speedup", "50"])
+    proc = await stack.start_service("router")
+    await wait_workers(proc, workers)
+    router = create_router("service", bus=bus, namespace=stack.namespace, timeout=5.0)
+    return proc, generate_subjects(stack), router
+
+
 async def test_router_service_routes_to_the_cached_prefix(nats_server, etcd_server, bus, tmp_path):
     async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
-        await stack.start_workers(2, engine="mocker", extra_args=["--speedup", "50"])
-        router_proc = await stack.start_service("router")
-        await wait_workers(router_proc, 2)
-        by_id = generate_subjects(stack)
-        router = create_router("service", bus=bus, namespace=stack.namespace, timeout=5.0)
+        router_proc, by_id, router = await start_router(stack, bus, 2)
         first = await serve(bus, router, by_id, prompt(1, 1), "a")
         assert first.overlap_blocks == 0 and first.policy == "genset"
         # the worker's KV events reach the router: the same prefix now goes back there
@@ -102,11 +108,7 @@ def test_bad_router_flag_is_a_clear_error():
 
 async def test_router_restart_rebuilds_state_within_5s(nats_server, etcd_server, bus, tmp_path):
     async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
-        await stack.start_workers(3, engine="mocker", extra_args=["--speedup", "50"])
-        old = await stack.start_service("router")
-        await wait_workers(old, 3)
-        by_id = generate_subjects(stack)
-        router = create_router("service", bus=bus, namespace=stack.namespace, timeout=5.0)
+        old, by_id, router = await start_router(stack, bus, 3)
 
         def hit(ds, toks) -> float:
             return sum(d.overlap_blocks * BS for d in ds) / sum(len(t) for t in toks)

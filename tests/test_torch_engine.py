@@ -4,7 +4,6 @@ all checked token for token against transformers' dense greedy decoding of the t
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
@@ -18,6 +17,7 @@ from genset.engines.types import EngineRequest, KvImport  # noqa: E402
 from genset.kv.hashing import block_hashes  # noqa: E402
 from genset.kv.replica import HashSetReplica  # noqa: E402
 from proto.generate import SamplingParams, StopConditions  # noqa: E402
+from tests.helpers.torch_reference import hf_greedy, tiny_reference_model  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -27,23 +27,10 @@ def reference():
     """Dense greedy continuation by transformers with the tiny model's weights."""
     from genset.engines.torch.runner import ModelRunner
 
-    weights = ModelRunner("tiny", num_blocks=1, block_size=16).weights
-    raw = json.loads((resolve_model("tiny") / "config.json").read_text())
-    raw.pop("genset_dummy_weights_seed")
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**raw)).eval()
-    model.load_state_dict(weights)
+    model = tiny_reference_model(ModelRunner("tiny", num_blocks=1, block_size=16))
 
     def greedy(prompt, n):
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        return out[0, len(prompt) :].tolist()
+        return hf_greedy(model, [prompt], n)[0]
 
     return greedy
 

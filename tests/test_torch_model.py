@@ -19,6 +19,7 @@ from genset.engines.torch.driver import generate  # noqa: E402
 from genset.engines.torch.runner import ModelRunner  # noqa: E402
 from genset.engines.torch.tiny import resolve_model  # noqa: E402
 from genset.engines.torch.weights import WeightsError  # noqa: E402
+from tests.helpers.torch_reference import hf_greedy, tiny_reference_model  # noqa: E402
 
 SMALL = dict(
     vocab_size=512,
@@ -42,35 +43,25 @@ def _save(path, cls, cfg_cls, shard=None, **overrides):
     return model
 
 
+def _checkpoint(tmp_path_factory, name, cls, cfg_cls, **kw):
+    """A fresh directory `name` holding a saved checkpoint: (directory, the model saved)."""
+    d = tmp_path_factory.mktemp(name)
+    return d, _save(d, cls, cfg_cls, **kw)
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("llama")
-    model = _save(
-        d,
-        transformers.LlamaForCausalLM,
-        transformers.LlamaConfig,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 4.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
-    )
-    return d, model
+    rope = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    return _checkpoint(tmp_path_factory, "llama", transformers.LlamaForCausalLM,
+                       transformers.LlamaConfig, rope_scaling=rope)
 
 
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qwen2")
     # Sharded on purpose: exercises model.safetensors.index.json. Tied embeddings: no lm_head.
-    model = _save(
-        d,
-        transformers.Qwen2ForCausalLM,
-        transformers.Qwen2Config,
-        shard="100KB",
-        tie_word_embeddings=True,
-    )
+    d, model = _checkpoint(tmp_path_factory, "qwen2", transformers.Qwen2ForCausalLM,
+                           transformers.Qwen2Config, shard="100KB", tie_word_embeddings=True)
     assert (d / "model.safetensors.index.json").is_file()
     return d, model
 
@@ -79,16 +70,9 @@ def qwen2_dir(tmp_path_factory):
 def llama_bias_dir(tmp_path_factory):
     # attention_bias (q/k/v and o biases) and an explicit head_dim with
     # heads * head_dim != hidden_size, as in some Mistral-family checkpoints.
-    d = tmp_path_factory.mktemp("llama_bias")
-    model = _save(
-        d,
-        transformers.LlamaForCausalLM,
-        transformers.LlamaConfig,
-        attention_bias=True,
-        head_dim=32,
-        rope_scaling={"rope_type": "linear", "factor": 2.0},
-    )
-    return d, model
+    return _checkpoint(tmp_path_factory, "llama_bias", transformers.LlamaForCausalLM,
+                       transformers.LlamaConfig, attention_bias=True, head_dim=32,
+                       rope_scaling={"rope_type": "linear", "factor": 2.0})
 
 
 def _prompts(seed=1, n=5, vocab=512):
@@ -99,22 +83,6 @@ def _prompts(seed=1, n=5, vocab=512):
         tail = [rng.randrange(vocab) for _ in range(rng.choice([1, 4, 9, 30, 57]))]
         out.append((shared[: 7 + 3 * i] if i % 2 else shared) + tail)
     return out
-
-
-def _hf_greedy(model, prompts, max_tokens):
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            g = model.generate(
-                torch.tensor([p]),
-                attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            outs.append(g[0, len(p) :].tolist())
-    return outs
 
 
 @pytest.mark.parametrize("which", ["llama_dir", "qwen2_dir", "llama_bias_dir"])
@@ -149,7 +117,7 @@ def test_batched_chunked_greedy_equals_reference(which, request):
         any(len(c.token_ids) == 1 for c in p.chunks) and any(len(c.token_ids) > 1 for c in p.chunks)
         for p in steps
     )
-    ref = _hf_greedy(model, prompts, max_tokens)
+    ref = hf_greedy(model, prompts, max_tokens)
     assert ours == ref
     assert len({t for o in ours for t in o}) > 5  # not a constant stream
 
@@ -165,7 +133,7 @@ def test_mistral_sliding_window_matches_reference(tmp_path):
     runner = ModelRunner(tmp_path, num_blocks=128, block_size=4, dtype="float32")
     assert runner.config.sliding_window == 16
     ours = generate(runner, prompts, max_tokens=8, token_budget=24)
-    assert ours == _hf_greedy(model, prompts, 8)
+    assert ours == hf_greedy(model, prompts, 8)
     # The window is really in effect: without it the continuation differs.
     raw = json.loads((tmp_path / "config.json").read_text())
     raw["sliding_window"] = None
@@ -205,13 +173,10 @@ def test_rope_scaling_matches_transformers(rope):
 
 def test_tiny_model_matches_reference_and_varies():
     runner = ModelRunner("tiny", num_blocks=64, block_size=16)
-    raw = json.loads((runner.model_dir / "config.json").read_text())
-    raw.pop("genset_dummy_weights_seed")
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**raw)).eval()
-    model.load_state_dict(runner.weights)
+    model = tiny_reference_model(runner)
     prompts = [[1, 2284, 201, 1961, 349, 14], list(range(100, 160))]
     ours = generate(runner, prompts, max_tokens=16, token_budget=32)
-    assert ours == _hf_greedy(model, prompts, 16)
+    assert ours == hf_greedy(model, prompts, 16)
     assert all(len(set(o)) > 4 for o in ours)
     # Dummy weights are a pure function of the seed.
     again = ModelRunner("tiny", num_blocks=8, block_size=16)
@@ -419,7 +384,7 @@ def test_cuda_greedy_equals_reference(llama_dir):
     prompts = _prompts(seed=11)
     runner = ModelRunner(d, num_blocks=128, block_size=4, device="cuda", dtype="float32")
     ours = generate(runner, prompts, max_tokens=12, token_budget=16)
-    assert ours == _hf_greedy(model, prompts, 12)
+    assert ours == hf_greedy(model, prompts, 12)
 
 
 def test_bfloat16_runner_and_cross_dtype_kv_import():
@@ -465,10 +430,7 @@ def test_decodes_of_very_different_lengths_are_grouped_and_exact():
     assert len(_decode_groups(lens)) >= 2
 
     runner = ModelRunner("tiny", num_blocks=128, block_size=16)
-    raw = json.loads((runner.model_dir / "config.json").read_text())
-    raw.pop("genset_dummy_weights_seed")
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**raw)).eval()
-    model.load_state_dict(runner.weights)
+    model = tiny_reference_model(runner)
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 4096) for _ in range(n)] for n in (700, 4, 11, 330)]
     steps = []
@@ -482,7 +444,7 @@ def test_decodes_of_very_different_lengths_are_grouped_and_exact():
         ),
     )
     assert max(len(_decode_groups(lens)) for lens in steps if lens) >= 2
-    assert ours == _hf_greedy(model, prompts, 5)
+    assert ours == hf_greedy(model, prompts, 5)
 
 
 def test_decode_kv_kept_dense_across_steps_is_exact(monkeypatch):
@@ -503,11 +465,8 @@ def test_decode_kv_kept_dense_across_steps_is_exact(monkeypatch):
     assert generate(plain, prompts, max_tokens=20, token_budget=32) == ours
     assert plain.decode_groups_appended == 0
 
-    raw = json.loads((dense.model_dir / "config.json").read_text())
-    raw.pop("genset_dummy_weights_seed")
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**raw)).eval()
-    model.load_state_dict(dense.weights)
-    assert ours == _hf_greedy(model, prompts, 20)
+    model = tiny_reference_model(dense)
+    assert ours == hf_greedy(model, prompts, 20)
 
 
 def test_dense_decode_kv_ignores_garbage_in_fresh_buffers(monkeypatch):

@@ -18,9 +18,11 @@ from genset.runtime.bus_errors import Overloaded, RemoteError, StreamError
 from genset.runtime.metrics import Metrics
 from genset.worker import HostConfig, WorkerHost
 from proto import keys, subjects
+from tests.helpers.waiting import until
 from tests.stack import metric, parse_metrics
 
 MODEL = "tiny-test"
+wait_for = until  # the name tests/test_worker_hooks.py imports from here
 
 
 class Host:
@@ -71,12 +73,15 @@ async def host(bus, discovery):
     await h.host.close()
 
 
-async def wait_for(predicate, within=5.0, what="condition"):
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+async def collected(bus, subject: str, msg_type: type) -> list:
+    """Subscribes to `subject`; the list it returns fills with the decoded messages."""
+    got: list = []
+
+    async def on_msg(msg):
+        got.append(proto.decode(msg.data, msg_type))
+
+    await bus.subscribe(subject, on_msg)
+    return got
 
 
 async def test_streams_one_chunk_per_step_with_usage(host):
@@ -115,12 +120,8 @@ async def test_registers_a_model_card_that_routes_to_it(host, discovery):
 
 async def test_cancel_aborts_in_engine_and_frees_blocks(bus, discovery):
     h = Host(bus, discovery, speedup=1.0)  # real-time steps (~6 ms): the request runs ~10 s
-    reports: list[proto.LoadReport] = []
-
-    async def on_report(msg):
-        reports.append(proto.decode(msg.data, proto.LoadReport))
-
-    await bus.subscribe(subjects.load_report(h.namespace, h.instance_id), on_report)
+    reports = await collected(bus, subjects.load_report(h.namespace, h.instance_id),
+                              proto.LoadReport)
     await h.host.start()
     try:
         stream = await bus.stream_request(h.subject, h.request(list(range(1, 30)), max_tokens=1500),
@@ -131,19 +132,19 @@ async def test_cancel_aborts_in_engine_and_frees_blocks(bus, discovery):
             if got >= 3:
                 break
         assert h.engine.load().running == 1
-        await wait_for(lambda: any(r.running == 1 for r in reports), what="busy load report")
+        await until(lambda: any(r.running == 1 for r in reports), what="busy load report")
         await stream.cancel()
-        await wait_for(lambda: h.metric("genset_worker_requests_cancelled_total") == 1,
-                       what="cancel counted")
+        await until(lambda: h.metric("genset_worker_requests_cancelled_total") == 1,
+                    what="cancel counted")
         scheduler = h.engine.core.scheduler  # the mocker steps on this loop: safe to read
-        await wait_for(lambda: scheduler.num_running == 0 and scheduler.pool.num_used == 0,
-                       what="engine request aborted and its blocks freed")
+        await until(lambda: scheduler.num_running == 0 and scheduler.pool.num_used == 0,
+                    what="engine request aborted and its blocks freed")
         assert h.metric("genset_worker_requests_finished_total", reason="cancelled") == 1
         assert h.metric("genset_worker_requests_running") == 0
         assert h.metric("genset_worker_generated_tokens_total") < 100
         # routers are told: a report after the cancel shows nothing running
         n = len(reports)
-        await wait_for(lambda: any(r.running == 0 for r in reports[n:]), what="idle load report")
+        await until(lambda: any(r.running == 0 for r in reports[n:]), what="idle load report")
         # the worker goes on serving
         chunks = await h.generate(h.request([5, 6, 7], max_tokens=2))
         assert chunks[-1].finish_reason == "length"
@@ -167,7 +168,7 @@ async def test_deadline_passed_before_or_during_generation(bus, discovery):
         assert err.value.error.code == "deadline_exceeded"
         assert time.monotonic() - t0 < 3.0
         scheduler = h.engine.core.scheduler
-        await wait_for(lambda: scheduler.num_running == 0, what="engine request aborted")
+        await until(lambda: scheduler.num_running == 0, what="engine request aborted")
         assert h.metric("genset_worker_requests_finished_total", reason="deadline") == 1
     finally:
         await h.host.close()
@@ -202,19 +203,15 @@ async def test_bad_messages_get_clear_errors_and_the_worker_keeps_serving(host, 
 async def test_kv_events_monotonic_and_resync_snapshot_matches(bus, discovery):
     # 24 blocks of 4 tokens: distinct 40-token prompts force evictions (Removed events).
     h = Host(bus, discovery, num_blocks=24)
-    batches: list[proto.KvEventBatch] = []
-
-    async def on_batch(msg):
-        batches.append(proto.decode(msg.data, proto.KvEventBatch))
-
-    await bus.subscribe(subjects.kv_events(h.namespace, h.instance_id), on_batch)
+    batches = await collected(bus, subjects.kv_events(h.namespace, h.instance_id),
+                              proto.KvEventBatch)
     await h.host.start()
     try:
         for i in range(6):
             prompt = [(i * 100 + j) % 999 + 1 for j in range(40)]
             await h.generate(h.request(prompt, max_tokens=3))
-        await wait_for(lambda: batches and h.metric("genset_worker_kv_event_batches_total")
-                       == len(batches), what="batches delivered")
+        await until(lambda: batches and h.metric("genset_worker_kv_event_batches_total")
+                    == len(batches), what="batches delivered")
         ids = [b.event_id for b in batches]
         assert ids == list(range(1, len(ids) + 1)), ids
         assert all(b.worker_id == h.instance_id for b in batches)
@@ -232,30 +229,27 @@ async def test_kv_events_monotonic_and_resync_snapshot_matches(bus, discovery):
         fresh.apply_events(snapshot.events)
         assert fresh.hashes == replica.hashes == h.engine.core.pool.cached_hashes()
         # ... and it went out on the events subject too, after every earlier batch
-        await wait_for(lambda: batches[-1].event_id == snapshot.event_id, what="snapshot published")
+        await until(lambda: batches[-1].event_id == snapshot.event_id, what="snapshot published")
         assert replica.apply(batches[-1]) and replica.hashes == fresh.hashes
     finally:
         await h.host.close()
 
 
 async def test_load_reports_and_lifecycle(host, bus):
-    reports: list[proto.LoadReport] = []
     phases: list[tuple[str, str]] = []
-
-    async def on_report(msg):
-        reports.append(proto.decode(msg.data, proto.LoadReport))
 
     async def on_lifecycle(msg):
         m = proto.decode(msg.data, proto.RequestLifecycle)
         phases.append((m.request_id, m.phase))
         assert m.worker_id == host.instance_id
 
-    await bus.subscribe(subjects.load_report(host.namespace, host.instance_id), on_report)
+    reports = await collected(bus, subjects.load_report(host.namespace, host.instance_id),
+                              proto.LoadReport)
     await bus.subscribe(subjects.request_lifecycle(host.namespace), on_lifecycle)
     await host.generate(host.request([3, 4, 5, 6, 7], max_tokens=4, request_id="life-1"))
-    await wait_for(lambda: ("life-1", "done") in phases, what="lifecycle done")
+    await until(lambda: ("life-1", "done") in phases, what="lifecycle done")
     assert phases == [("life-1", "first_token"), ("life-1", "done")]
-    await wait_for(lambda: len(reports) >= 2, within=3, what="load reports")
+    await until(lambda: len(reports) >= 2, within=3, what="load reports")
     assert all(r.worker_id == host.instance_id and r.kv_total_blocks == 256 for r in reports)
 
 
@@ -268,7 +262,7 @@ async def test_drain_unregisters_card_finishes_in_flight_and_refuses_new(bus, di
                                           timeout=30)
         first = await stream.__anext__()
         drain = asyncio.create_task(h.host.drain(20.0))
-        await wait_for(lambda: h.host.draining, what="draining")
+        await until(lambda: h.host.draining, what="draining")
         assert key not in await discovery.get_prefix(keys.models_prefix(h.namespace))
         with pytest.raises(Overloaded) as err:
             await h.generate(h.request([9, 9], max_tokens=2))
@@ -297,11 +291,11 @@ async def test_worker_serves_again_after_nats_restarts(own_nats, discovery):
             async for _ in stream:
                 pass
         own_nats.start()
-        await wait_for(lambda: worker_bus.connected and client.connected, within=15,
-                       what="both reconnected")
+        await until(lambda: worker_bus.connected and client.connected, within=15,
+                    what="both reconnected")
         scheduler = h.engine.core.scheduler
-        await wait_for(lambda: scheduler.num_running == 0, within=10,
-                       what="the orphaned request aborted")
+        await until(lambda: scheduler.num_running == 0, within=10,
+                    what="the orphaned request aborted")
         chunks: list[proto.StreamChunk] = []
         for _ in range(20):  # the worker's resubscription may trail the client's reconnect
             try:

@@ -28,10 +28,22 @@ class StreamClosed(BusError):
 
 
 class StreamError(BusError):
-    """A request or stream failed; `.error` says how (code, message, retryable)."""
+    """A request or stream failed; `.error` says how (code, message, retryable).
+
+    A subclass names its code (and whether a retry elsewhere may succeed) in its class line:
+    `class PeerGone(StreamError, code="peer_gone", retryable=True)`; it is used when the error
+    is raised from a plain message."""
 
     code = "stream_error"
     retryable = False
+
+    def __init_subclass__(cls, *, code: str | None = None, retryable: bool | None = None,
+                          **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+        if retryable is not None:
+            cls.retryable = retryable
 
     def __init__(self, error: ErrorInfo | str) -> None:
         if isinstance(error, str):
@@ -40,63 +52,40 @@ class StreamError(BusError):
         super().__init__(f"{error.code}: {error.message}")
 
 
-class RemoteError(StreamError):
+class RemoteError(StreamError, code="internal"):
     """The responder answered with an error frame (its ErrorInfo is kept as is)."""
 
-    code = "internal"
 
-
-class Overloaded(RemoteError):
+class Overloaded(RemoteError, code="overloaded", retryable=True):
     """The responder refused the request: it is at its concurrency limit. Retry elsewhere."""
 
-    code = "overloaded"
-    retryable = True
 
-
-class PeerGone(StreamError):
+class PeerGone(StreamError, code="peer_gone", retryable=True):
     """No frame (not even a heartbeat) arrived for heartbeat_timeout seconds."""
 
-    code = "peer_gone"
-    retryable = True
 
-
-class LostChunks(StreamError):
+class LostChunks(StreamError, code="lost_chunks", retryable=True):
     """A frame's seq was not the next one expected: frames were lost or reordered."""
 
-    code = "lost_chunks"
-    retryable = True
 
-
-class NoResponders(StreamError):
+class NoResponders(StreamError, code="no_responders", retryable=True):
     """Nobody subscribes to the request subject (NATS status 503)."""
 
-    code = "no_responders"
-    retryable = True
 
-
-class Disconnected(StreamError):
+class Disconnected(StreamError, code="disconnected", retryable=True):
     """The NATS connection was lost (or the bus closed) while the request was in flight."""
 
-    code = "disconnected"
-    retryable = True
 
-
-class DeadlineExceeded(StreamError):
+class DeadlineExceeded(StreamError, code="deadline_exceeded"):
     """The request's own deadline passed; the responder was sent a Cancel."""
 
-    code = "deadline_exceeded"
 
-
-class SlowConsumer(StreamError):
+class SlowConsumer(StreamError, code="slow_consumer"):
     """The stream's buffer (max_buffered frames) filled up because nobody read it."""
 
-    code = "slow_consumer"
 
-
-class BadFrame(StreamError):
+class BadFrame(StreamError, code="bad_frame"):
     """A frame on the reply inbox was not a valid StreamChunk."""
-
-    code = "bad_frame"
 
 
 # Error frames with these codes raise a more specific class than RemoteError.
