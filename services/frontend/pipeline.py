@@ -35,6 +35,7 @@ from proto.tokens import pack_tokens, unpack_tokens
 from services.frontend.errors import ApiError, bad_request, from_error_info, no_worker
 from services.frontend.metrics import FrontendMetrics, LocalHistogram
 from services.frontend.registry import ModelEntry, ModelRegistry
+from services.frontend.stats import FrontendStatsPublisher
 
 log = structlog.get_logger("frontend.pipeline")
 
@@ -88,8 +89,10 @@ class Final:
 class Pipeline:
     def __init__(self, *, bus, registry: ModelRegistry, router, metrics: FrontendMetrics,
                  request_timeout: float = 600.0, migration_limit: int = 3,
-                 heartbeat_timeout: float = 5.0, coalesce: bool = True) -> None:
+                 heartbeat_timeout: float = 5.0, coalesce: bool = True,
+                 stats: FrontendStatsPublisher | None = None) -> None:
         self.bus = bus
+        self.stats = stats or FrontendStatsPublisher()  # the planner's view (stats.py)
         self.registry = registry
         self.router = router
         self.metrics = metrics
@@ -217,6 +220,8 @@ class Pipeline:
         perf = time.perf_counter
         ttft = metrics.ttft.labels(model)
         itl = LocalHistogram(metrics.itl.labels(model))
+        stats = self.stats
+        stats.record_arrival(len(job.prompt_ids))
 
         while True:
             remaining_s = job.deadline - time.monotonic()
@@ -227,6 +232,7 @@ class Pipeline:
             if max_tokens <= 0:  # the worker died after its last token, before its final frame
                 if detok is not None and ((tail := detok.flush()) or held_ids):
                     yield Delta(tail, held_ids)
+                stats.record_finish(len(generated), cached, _itl_ms(first_at, last_at, generated))
                 yield Final("length", len(job.prompt_ids), len(generated), cached)
                 return
             prompt = job.prompt_ids + generated if generated else job.prompt_ids
@@ -272,6 +278,7 @@ class Pipeline:
                         if not first_at:
                             first_at = now
                             ttft.observe(now - job.arrival)
+                            stats.record_ttft((now - job.arrival) * 1000.0)
                             self.router.on_first_token(job.request_id)
                         else:
                             n = len(ids)
@@ -290,6 +297,8 @@ class Pipeline:
                                 finished = True
                                 await _cancel(stream, "stop string")
                                 yield Delta(text, ids)
+                                stats.record_finish(len(generated), cached,
+                                                    _itl_ms(first_at, last_at, generated))
                                 yield Final("stop", len(job.prompt_ids), len(generated),
                                             cached)
                                 return
@@ -308,6 +317,8 @@ class Pipeline:
                             if tail or held_ids:
                                 yield Delta(tail, held_ids)
                                 held_ids = []
+                        stats.record_finish(len(generated), cached,
+                                            _itl_ms(first_at, last_at, generated))
                         yield Final(chunk.finish_reason or "stop", len(job.prompt_ids),
                                     len(generated), cached)
                         return
@@ -356,6 +367,11 @@ class Pipeline:
                 if stream is not None and not finished:
                     # The consumer left (client disconnect / cancel) or we failed mid-stream.
                     await _cancel(stream, "client went away")
+
+
+def _itl_ms(first_at: float, last_at: float, generated: list[int]) -> float | None:
+    """A request's mean inter-token latency (perf_counter seconds in, ms out)."""
+    return (last_at - first_at) * 1000.0 / (len(generated) - 1) if len(generated) > 1 else None
 
 
 def _stream_error(exc: StreamError, prefix: str = "") -> ApiError:
