@@ -230,7 +230,8 @@ class Fleet:
             self._leave(w.index, t)
 
     # ------------------------------------------------------------------ results
-    def summary(self, reqs, end_ms: float, bucket_s: float = 10.0) -> dict:
+    def summary(self, reqs, end_ms: float, bucket_s: float = 10.0, sla=None) -> dict:
+        """`sla`: (TTFT ms, ITL ms) for the timeline's per-bucket attainment."""
         end = max(end_ms, 0.0)
         ws = 0.0
         for life in self.lives:
@@ -249,7 +250,7 @@ class Fleet:
             "worker_lives": [{
                 "worker": w.index, "asked_s": _s(w.asked_ms), "ready_s": _s(w.ready_ms),
                 "drain_s": _s(w.drain_ms), "left_s": _s(w.left_ms)} for w in self.lives],
-            "timeline": timeline(reqs, self.lives, end, bucket_s),
+            "timeline": timeline(reqs, self.lives, end, bucket_s, sla),
         }
         if self.pc is not None:
             out["planner"] = {
@@ -289,21 +290,28 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
-def timeline(reqs, lives: list[WorkerLife], end_ms: float, bucket_s: float) -> list[dict]:
+def timeline(reqs, lives: list[WorkerLife], end_ms: float, bucket_s: float,
+             sla: tuple[float, float] | None = None) -> list[dict]:
     """Per bucket of simulated time: arrivals/s and prompt tokens/s, workers counted (asked
-    to left) and ready (routable), on average over the bucket, and the TTFT (p50 / p90) of
-    the requests that arrived in it."""
+    to left) and ready (routable), on average over the bucket, and the TTFT (p50 / p90) and
+    SLO attainment (with `sla`) of the requests that arrived in it."""
+    from genset.replay.metrics import request_ok
+
     b_ms = bucket_s * 1000.0
     n = max(1, math.ceil(end_ms / b_ms)) if end_ms > 0 else 1
     arrivals = [0] * n
     tokens = [0] * n
     ttfts: list[list[float]] = [[] for _ in range(n)]
+    good = [0] * n
     for r in reqs:
         k = min(n - 1, int(r.arrival_ms // b_ms))
         arrivals[k] += 1
         tokens[k] += r.trace.input_length
         if r.first_token_ms is not None:
             ttfts[k].append(r.first_token_ms - r.arrival_ms)
+        if sla is not None:
+            good[k] += all(request_ok(r.arrival_ms, r.first_token_ms, r.last_token_ms,
+                                      r.trace.output_length, *sla))
     rows = []
     for k in range(n):
         t0, t1 = k * b_ms, min(end_ms, (k + 1) * b_ms) if end_ms > 0 else b_ms
@@ -324,5 +332,6 @@ def timeline(reqs, lives: list[WorkerLife], end_ms: float, bucket_s: float) -> l
             "ready": round(ready / span, 3),
             "ttft_p50_ms": v[round(0.5 * (len(v) - 1))] if v else None,
             "ttft_p90_ms": v[round(0.9 * (len(v) - 1))] if v else None,
+            "sla_attainment": good[k] / arrivals[k] if sla is not None and arrivals[k] else None,
         })
     return rows

@@ -327,7 +327,7 @@ def summarize(reqs: list[_Req], cfg: ReplayConfig, policy: str, wall_s: float,
     mean_w = statistics.fmean(per_worker)
     end = max((r.last_token_ms for r in done), default=0.0)
     duration_s = (end - min(r.arrival_ms for r in reqs)) / 1000.0
-    fleet_out = fleet.summary(reqs, end) if fleet is not None else {
+    fleet_out = fleet.summary(reqs, end, sla=(cfg.sla_ttft_ms, cfg.sla_itl_ms)) if fleet else {
         "worker_seconds": cfg.workers * duration_s, "avg_workers": float(cfg.workers),
         "scale_events": []}
     return {
