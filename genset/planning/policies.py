@@ -417,8 +417,9 @@ class SloPolicy:
                        f"{d_ahead.batch} seqs/worker at {d_ahead.step_ms:.1f} ms/step)")
             if self.boost > 1.0:
                 raw, raw_now = raw * self.boost, raw_now * self.boost
-                why += (f"; x{self.boost:.2f}: {self.attainment:.0%} of recent requests met "
-                        f"the targets (aim {c.attainment_target:.0%})")
+                seen = (f"{self.attainment:.0%} of recent requests met the targets"
+                        if self.attainment is not None else "no recent requests")
+                why += f"; x{self.boost:.2f}: {seen} (aim {c.attainment_target:.0%})"
             safety = ceil_workers(kv_ahead[role] / c.kv_safety)
             up = max(ceil_workers(raw), safety)
             settle_now = max(ceil_workers(raw_now * m), ceil_workers(kv_now[role] / c.kv_safety))
