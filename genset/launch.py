@@ -17,20 +17,30 @@ worker given up on) does `genset up` stop the stack and exit 1.
 
 Every child runs in its own process group and is told by the kernel to exit if this process
 dies (Linux parent-death signal), so even a SIGKILL of `genset up` leaves nothing behind.
+
+With `--planner [load|slo]` the planner (`genset planner`'s code) runs inside this process and
+sizes the worker pool between --min-workers and --max-workers: this process starts the workers
+it asks for and supervises them like the others, and a worker it drains gets SIGTERM (it
+finishes its requests, then exits) and is no longer restarted (`genset.launch_planner`).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import dataclasses
+import itertools
 import json
 import os
+import queue
 import random
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +53,7 @@ from genset.routing.api import MODE_AUTO, MODE_SERVICE, POLICY_NAMES, router_mod
 from genset.runtime import auth  # security: credentials, NATS config, etcd users (issue 14)
 from genset.runtime.config import DefaultsHelpFormatter
 from genset.runtime.infra import die_with_parent
-from genset.supervise import RestartPolicy, Supervisor
+from genset.supervise import RestartPolicy, Supervisor, describe_exit
 from proto import ROLE_DECODE
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
@@ -113,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offload-dir", default=None,
                    help="directory of the disk tier (default <state-dir>/offload)")
     # ---- end KV offload store ----
+    p.add_argument("--planner", nargs="?", const="load", choices=("load", "slo"), default=None,
+                   help="run the planner (policy load, the default, or slo): it adds and drains "
+                        "workers between --min-workers and --max-workers; --workers is the "
+                        "initial count")
+    p.add_argument("--min-workers", type=int, default=1, help="planner: fewest workers (1)")
+    p.add_argument("--planner-arg", action="append", default=[], metavar="ARG",
+                   help="extra `genset planner` flag (repeatable), e.g. "
+                        "--planner-arg=--down-cooldown-s=20 or --planner-arg=--ttft-ms=500")
     return p
 
 
@@ -283,6 +301,11 @@ class Launcher:
         self.supervisor = Supervisor(self.say, RestartPolicy(),
                                      essential_kinds=frozenset({"frontend", "nats", "worker"}))
         self.stopping = False
+        # work other threads (the planner's) hand to this one: it forks and supervises
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self.planner = None  # genset.launch_planner.PlannerThread with --planner
+        self.retired: list[Child] = []  # drained workers, until they exit
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.t0:5.1f}s] {text}", file=self.out, flush=True)
@@ -399,18 +422,28 @@ class Launcher:
         return store
     # ---- end KV offload store ------------------------------------------------------------------
 
-    def start_workers(self) -> list[Child]:
+    def worker_args(self, role: str = ROLE_DECODE) -> list[str]:
         a = self.args
-        extra = ["--engine", a.engine, "--model", a.model, "--role", ROLE_DECODE]
+        extra = ["--engine", a.engine, "--model", a.model, "--role", role]
         if a.offload_ram_gb <= 0:
             extra += ["--offload", "off"]
         if a.served_model_name:
             extra += ["--served-model-name", a.served_model_name]
         if a.speedup is not None:
             extra += ["--speedup", str(a.speedup)]
-        extra += a.worker_arg
-        workers = [self.spawn(f"worker-{i + 1}", "worker", *extra, env=self.worker_env())
-                   for i in range(a.workers)]
+        return extra + a.worker_arg
+
+    def spawn_worker(self, role: str = ROLE_DECODE) -> Child:
+        # worker-N runs as credential slot N-1 (genset.runtime.auth): the lowest N no live
+        # worker holds, so a stack the planner resizes again and again stays within its slots
+        taken = {c.name for c in (*self.children, *self.retired)}
+        n = next(k for k in itertools.count(1) if f"worker-{k}" not in taken)
+        return self.spawn(f"worker-{n}", "worker", *self.worker_args(role),
+                          env=self.worker_env())
+
+    def start_workers(self) -> list[Child]:
+        a = self.args
+        workers = [self.spawn_worker() for _ in range(a.workers)]
         self.say(f"workers: starting {a.workers} x {a.engine} engine, model {a.model}")
         done: set[str] = set()
 
@@ -458,6 +491,8 @@ class Launcher:
         a = self.args
         if a.workers < 1:
             raise LaunchError("--workers must be at least 1")
+        if a.planner:
+            self.check_planner_args()
         if a.port != 0 and a.host in LOCAL_HOSTS and port_open("127.0.0.1", a.port):
             raise LaunchError(f"port {a.port} is already in use: pick another with --port")
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -472,8 +507,109 @@ class Launcher:
             self.start_router_service()
             router_mode = MODE_SERVICE
         self.start_offload_store()  # KV offload store (issue 12)
-        self.start_workers()
-        return self.start_frontend(router_mode)
+        workers = self.start_workers()
+        frontend = self.start_frontend(router_mode)
+        if a.planner:
+            self.start_planner(workers)
+        return frontend
+
+    # -- the planner (--planner) -------------------------------------------------------------
+
+    def planner_bounds(self) -> tuple[int, int]:
+        a = self.args
+        hi = a.max_workers if a.max_workers is not None else max(4, a.workers)
+        return a.min_workers, hi
+
+    def check_planner_args(self) -> None:
+        lo, hi = self.planner_bounds()
+        if lo < 1:
+            raise LaunchError(f"--min-workers must be at least 1, got {lo}")
+        if hi < lo:
+            raise LaunchError(f"--max-workers {hi} is below --min-workers {lo}")
+        if not lo <= self.args.workers <= hi:
+            raise LaunchError(f"--workers {self.args.workers} (the initial count) must be "
+                              f"within --min-workers {lo} and --max-workers {hi}")
+
+    def start_planner(self, workers: list[Child]) -> None:
+        from genset.launch_planner import ChildHandle, PlannerThread, StackWorkers, planner_options
+
+        a = self.args
+        lo, hi = self.planner_bounds()
+        argv = ["--nats", self.nats_url, "--etcd", self.etcd_endpoint, "--namespace",
+                a.namespace, "--log-level", a.log_level, "--policy", a.planner,
+                "--min-workers", str(lo), "--max-workers", str(hi), "--connector", "local",
+                *a.planner_arg]
+        try:
+            config, options = planner_options(argv)
+        except SystemExit:  # argparse printed which flag was wrong
+            raise LaunchError("bad --planner-arg (see the message above)") from None
+        # security: the planner (in this process) logs in as the stack's planner user
+        env = self.security.child_env("planner", "planner")
+        config = dataclasses.replace(
+            config, nats_user=env.get("GENSET_NATS_USER", config.nats_user),
+            nats_password=env.get("GENSET_NATS_PASSWORD", config.nats_password),
+            nats_ca=env.get("GENSET_NATS_CA", config.nats_ca),
+            etcd_user=env.get("GENSET_ETCD_USER", config.etcd_user),
+            etcd_password=env.get("GENSET_ETCD_PASSWORD", config.etcd_password),
+            etcd_ca=env.get("GENSET_ETCD_CA", config.etcd_ca))
+        stack = StackWorkers(self.call_soon, self.add_worker, self.retire_worker)
+        self.planner = PlannerThread(config, options, stack, [ChildHandle(w) for w in workers],
+                                     self.logs / "planner.log")
+        self.say(f"planner: {a.planner} policy, {lo}-{hi} workers (log: {self.logs / 'planner.log'})")
+        try:
+            self.planner.start()
+        except RuntimeError as exc:
+            raise LaunchError(str(exc)) from None
+
+    def call_soon(self, fn) -> concurrent.futures.Future:
+        """Run `fn` on this (the launcher's) thread at its next turn; from any thread."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self.stopping:
+            fut.set_exception(LaunchError("the stack is stopping"))
+            return fut
+        self._calls.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    def run_calls(self) -> None:
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if self.stopping:
+                fut.set_exception(LaunchError("the stack is stopping"))
+                continue
+            try:
+                fut.set_result(fn())
+            except Exception as exc:
+                fut.set_exception(exc)
+
+    def add_worker(self, role: str) -> Child:
+        """A worker the planner asked for: started and supervised like the first ones."""
+        child = self.spawn_worker(role)
+        self.supervisor.add(child, time.monotonic())
+        self.say(f"planner: started {child.name} ({role}, pid {child.proc.pid})")
+        return child
+
+    def retire_worker(self, child: Child) -> None:
+        """A worker the planner drains: no longer restarted; SIGTERM makes it finish its
+        requests and exit."""
+        self.supervisor.remove(child.name)
+        if child in self.children:
+            self.children.remove(child)
+        self.retired.append(child)
+        if child.alive:
+            child.signal_group(signal.SIGTERM)
+        self.say(f"planner: draining {child.name} (pid {child.proc.pid if child.proc else '?'})")
+
+    def reap_retired(self) -> None:
+        for child in list(self.retired):
+            if not child.alive:
+                self.retired.remove(child)
+                child.signal_group(signal.SIGKILL)  # anything it left in its group
+                self.say(f"{child.name} drained and exited "
+                         f"{describe_exit(child.exit_code)}")
 
     # -- running and stopping -----------------------------------------------------------
 
@@ -513,11 +649,14 @@ class Launcher:
         raises LaunchError when an essential kind of child was given up on."""
         self.supervise()
         while not self.stopping:
+            self.run_calls()
+            self.reap_retired()
             lost = self.supervisor.step(time.monotonic())
             if lost:
                 raise LaunchError(f"the stack cannot serve any more: every {' and '.join(lost)} "
                                   f"crashed repeatedly (see above); stopping it")
-            time.sleep(poll_s)
+            self._wake.wait(poll_s)
+            self._wake.clear()
 
     def stop_groups(self) -> list[list[Child]]:
         """Children grouped by kind, the kind started last first: the frontend stops taking
@@ -534,6 +673,11 @@ class Launcher:
         infrastructure we started. SIGTERM, wait, SIGKILL stragglers. Nothing is restarted
         from here on."""
         self.stopping = True
+        if self.planner is not None:  # first: nothing is started or drained behind our back
+            self.planner.stop()
+        self.run_calls()  # answers what the planner still asked: "stopping"
+        self.children.extend(self.retired)  # drained workers still finishing: stop them too
+        self.retired.clear()
         order = [c for c in reversed(self.children) if c.alive or c.proc is not None]
         if order:
             self.say("stopping " + ", ".join(c.name for c in order if c.alive))

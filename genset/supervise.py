@@ -106,6 +106,13 @@ class Supervisor:
     def add(self, unit: Supervised, now: float) -> None:
         self._entries.append(_Entry(unit, RestartTracker(self.policy, now)))
 
+    def remove(self, name: str) -> bool:
+        """Stop supervising `name` (a worker the planner drains must not be restarted when it
+        exits); False when it was not supervised."""
+        before = len(self._entries)
+        self._entries = [e for e in self._entries if e.unit.name != name]
+        return len(self._entries) < before
+
     def state(self, name: str) -> str:
         return next(e.state for e in self._entries if e.unit.name == name)
 

@@ -35,6 +35,7 @@ exception is `cached_prefix`, a read-only hint that other threads may call.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from genset.engines.batch import StepPlan
@@ -125,8 +126,24 @@ class EvictionSink(Protocol):
     # Optional: `known(hash) -> bool`, blocks the sink already has elsewhere (not read).
 
 
+@dataclass(slots=True)
+class StepRecord:
+    """What one step computed and how long it took (the planner's performance model fits
+    these: `genset.worker.step_stats`). The mocker's `StepStats` has the same fields."""
+
+    prefill_tokens: int = 0  # prompt tokens computed (not decode tokens)
+    decode_tokens: int = 0  # sequences that decoded one token
+    kv_usage: float = 0.0  # KV blocks in use / capacity when the step ran
+    step_ms: float = 0.0
+
+
 class SchedulingCore:
-    """The shared scheduler + block pool over an `Executor` (an `EngineCore`)."""
+    """The shared scheduler + block pool over an `Executor` (an `EngineCore`).
+
+    `last_step` is a `StepRecord` of the last step that ran (None before the first)."""
+
+    last_step = None
+    _record_steps = True  # False: the subclass records `last_step` itself (the mocker)
 
     def __init__(self, executor: Executor, config: SchedulerConfig, *, worker_id: int = 0) -> None:
         self.executor = executor
@@ -203,6 +220,13 @@ class SchedulingCore:
             return [], 0.0
         executor = self.executor
         sampled, step_ms = executor.execute(plan, sched)
+        record = None
+        if self._record_steps:  # before `update`: it changes num_output
+            pool = self.pool
+            decodes = sum(1 for chunk, seq in zip(plan.chunks, sched.scheduled, strict=True)
+                          if len(chunk.token_ids) == 1 and seq.num_output > 0)
+            record = StepRecord(plan.num_tokens - decodes, decodes,
+                                pool.num_used / pool.num_blocks if pool.num_blocks else 0.0)
         outputs = sched.update(plan, sampled)
         logprobs = executor.step_logprobs
         if logprobs is not None:  # only requests that asked: nothing to do for the others
@@ -211,6 +235,9 @@ class SchedulingCore:
                 out.logprobs = by_id.get(out.request_id)
         if step_ms is None:
             step_ms = (time.perf_counter() - t0) * 1000.0
+        if record is not None:
+            record.step_ms = step_ms
+            self.last_step = record
         return outputs, step_ms
 
     # ---- KV events and load -----------------------------------------------------------------

@@ -41,6 +41,8 @@ from proto.kv import KvEventBatch, LoadReport
 
 log = logging.getLogger(__name__)
 
+STEP_LOG = 1024  # step records kept for samplers (a sampler that falls behind loses the oldest)
+
 
 class RequestStream:
     """Async iterator over one request's `EngineOutput`s. Bounded: when more than `maxsize`
@@ -188,6 +190,9 @@ class AsyncEngineDriver(Engine):
         self._alpha = ewma_alpha
         self.step_ms_ewma = 0.0
         self.num_steps = 0
+        # the last steps' records (the core's `last_step`), newest last, for whoever samples
+        # them (genset.worker.step_stats); appended on the stepping side, a deque is safe
+        self.step_log: deque = deque(maxlen=STEP_LOG)
         self._streams: dict[str, RequestStream] = {}
         self._kv_fanout = KvEventFanout()
         self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any] | None]]
@@ -362,6 +367,9 @@ class AsyncEngineDriver(Engine):
 
     def _ewma(self, step_ms: float) -> float:
         self.num_steps += 1
+        rec = getattr(self.core, "last_step", None)
+        if rec is not None:
+            self.step_log.append(rec)
         if self.num_steps == 1:
             self.step_ms_ewma = step_ms
         else:

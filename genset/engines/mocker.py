@@ -350,6 +350,7 @@ class MockerCore(SchedulingCore):
     """
 
     executor: MockerExecutor
+    _record_steps = False  # `step` records the executor's own StepStats
 
     def __init__(self, config: MockerConfig | None = None, *, worker_id: int = 0) -> None:
         self.config = cfg = config or MockerConfig()

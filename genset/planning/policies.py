@@ -144,8 +144,12 @@ class SloPolicyConfig:
     ttft_ms: float = 1000.0
     itl_ms: float = 50.0
     down_margin: float = 0.15  # scale down only to a size that still meets the need + 15 %
-    noise_z: float = 3.0  # up when the rate is this many noise sigmas above what the pool
-    # serves, down when it is as many below (the band is wide at low rates, narrow at high)
+    noise_z: float = 3.0  # down only when the rate is this many noise sigmas below what the
+    # pool serves (the band is wide at low rates, narrow at high) ...
+    up_noise_z: float = 1.0  # ... and up when it is this many above: a late scale-up costs
+    # SLO misses for a whole start-up time, a needless one only worker-seconds until the
+    # cool-down (measured on the sinusoid Mooncake trace, 30 s start-up: z = 3 left the pool
+    # at its trough size until the rate was 2 req/s above what it served)
     max_utilisation: float = 0.9  # a prefill worker is never planned busier than this
     kv_fill: float = 0.9  # decode batches are planned to fill at most this share of KV
     kv_safety: float = 0.9  # whatever the model says: KV use above this per worker adds one
@@ -153,6 +157,15 @@ class SloPolicyConfig:
     correction_max: float = 4.0
     correction_alpha: float = 0.2
     min_latency_samples: int = 20  # observed TTFT/ITL needed before correcting the model
+    # Attainment feedback: the model sizes for means, clients are judged per request. When
+    # fewer than `attainment_target` of the recent requests met a target, every need is
+    # scaled up by a boost that grows with the shortfall (`boost_gain` per decision at twice
+    # the allowed misses) and fades by `boost_decay` per decision once they meet it with room
+    # (a quarter of the allowed misses or fewer). Bounded by `boost_max`.
+    attainment_target: float = 0.95
+    boost_gain: float = 0.02
+    boost_decay: float = 0.005
+    boost_max: float = 3.0
 
     def __post_init__(self) -> None:
         if self.ttft_ms <= 0 or self.itl_ms <= 0:
@@ -160,6 +173,11 @@ class SloPolicyConfig:
                              f"{self.itl_ms}")
         if not 0 < self.max_utilisation < 1:
             raise ValueError(f"max_utilisation must be in (0, 1), got {self.max_utilisation}")
+        if not 0 < self.attainment_target < 1:
+            raise ValueError(f"attainment_target must be in (0, 1), got "
+                             f"{self.attainment_target}")
+        if self.boost_max < 1 or self.boost_gain < 0 or not 0 <= self.boost_decay < 1:
+            raise ValueError("need boost_max >= 1, boost_gain >= 0, 0 <= boost_decay < 1")
         if not 0 < self.kv_fill <= 1 or not 0 < self.kv_safety <= 1:
             raise ValueError("kv_fill and kv_safety must be in (0, 1]")
         if self.down_margin < 0:
@@ -248,6 +266,8 @@ class SloPolicy:
         self.itl = itl
         self.ttft_correction = 1.0
         self.itl_correction = 1.0
+        self.boost = 1.0  # attainment feedback (SloPolicyConfig)
+        self.attainment: float | None = None  # the worse of TTFT and ITL, recent requests
         self.predicted_ttft_ms: float | None = None
         self.predicted_itl_ms: float | None = None
         self._kv: dict[str, TrendEstimator] = {}  # KV demand per pool, for the safety net
@@ -275,14 +295,43 @@ class SloPolicy:
             b = dv.running / dv.reporting
             u = min(1.0, dv.kv_used_blocks / max(1.0, dv.kv_blocks_per_worker * dv.reporting))
             self.predicted_itl_ms = m.decode_ms(b, u)
+            if prefill_role == decode_role:
+                # aggregated: the prompts a worker computes stretch its decode steps, a
+                # sequence gets a token per step only in the time prefill leaves (observed
+                # ITL is that, not the bare step: without this the correction blamed the
+                # step model and sized decode for a batch of 2-3 at peak load)
+                self.predicted_itl_ms /= max(0.1, 1.0 - min(0.9, rho))
         else:
             self.predicted_itl_ms = None
+        self._update_boost(now_ms)
         if self.ttft.count(now_ms) >= c.min_latency_samples:
             self.ttft_correction = self._correct(self.ttft_correction, self.ttft.mean(now_ms),
                                                  self.predicted_ttft_ms, c)
         if self.itl.count(now_ms) >= c.min_latency_samples:
-            self.itl_correction = self._correct(self.itl_correction, self.itl.mean(now_ms),
+            # the median request, not the mean: ITL samples are one mean per request, and a
+            # request of a few tokens that waited behind one long prompt chunk has a mean ten
+            # times its neighbours' (on the Mooncake trace the mean pulled the correction to
+            # its cap of 4 while the typical request ran at the predicted step)
+            self.itl_correction = self._correct(self.itl_correction,
+                                                self.itl.quantile(now_ms, 0.5),
                                                 self.predicted_itl_ms, c)
+
+    def _update_boost(self, now_ms: float) -> None:
+        c = self.config
+        shares = []
+        for window, target in ((self.ttft, c.ttft_ms), (self.itl, c.itl_ms)):
+            if window.count(now_ms) >= c.min_latency_samples:
+                shares.append(window.fraction_within(now_ms, target))
+        if not shares:
+            self.attainment = None
+            return  # no traffic, no evidence: the boost stays as it is
+        self.attainment = att = min(shares)
+        allowed = 1.0 - c.attainment_target
+        miss = (1.0 - att) / allowed  # 1: exactly at the target
+        if miss > 1.0:
+            self.boost = min(c.boost_max, self.boost + c.boost_gain * min(2.0, miss - 1.0))
+        elif miss <= 0.25:
+            self.boost = max(1.0, 1.0 + (self.boost - 1.0) * (1.0 - c.boost_decay))
 
     def evaluate_all(self, now_ms: float, views: dict[str, PoolView], horizon_s: float,
                      ) -> dict[str, PoolNeed]:
@@ -302,13 +351,25 @@ class SloPolicy:
                              self.ttft_correction)
             d = size_decode(rate, f.isl, f.osl, self.model, c.itl_ms, kv_tokens,
                             dv.max_running, c.kv_fill, self.itl_correction)
+            if disagg:
+                return p, d
+            # Aggregated: a worker busy computing prompts a share rho of the time gives its
+            # sequences a token per step only in the rest, so their ITL is step / (1 - rho):
+            # the step must meet ITL x (1 - rho) at the pool size this gives (a fixed point;
+            # rho falls as the pool grows, three rounds settle it)
+            busy = rate * p.service_ms / 1000.0  # workers' worth of prompt computing
+            for _ in range(3):
+                n = max(1.0, p.workers + d.workers)
+                rho = min(0.9, busy / n)
+                d = size_decode(rate, f.isl, f.osl, self.model, c.itl_ms * (1.0 - rho),
+                                kv_tokens, dv.max_running, c.kv_fill, self.itl_correction)
             return p, d
 
         # Poisson noise on the rate: scale up on what the rate surely is (lower bound), size
         # and scale down on what it could be (upper bound)
         sigma = c.noise_z * f.noise()
         p_ahead, d_ahead = need(rate_ahead)
-        p_low, d_low = need(max(0.0, rate_ahead - sigma))
+        p_low, d_low = need(max(0.0, rate_ahead - c.up_noise_z * f.noise()))
         p_now, d_now = need(rate_now + sigma)
         kv_now: dict[str, float] = {}
         kv_ahead: dict[str, float] = {}
@@ -326,7 +387,8 @@ class SloPolicy:
                   "hit_ratio": f.hit_ratio, "prefill_ms": p_ahead.service_ms,
                   "decode_step_ms": d_ahead.step_ms, "decode_batch": float(d_ahead.batch),
                   "ttft_correction": self.ttft_correction,
-                  "itl_correction": self.itl_correction}
+                  "itl_correction": self.itl_correction, "slo_boost": self.boost,
+                  "attainment": -1.0 if self.attainment is None else self.attainment}
         infeasible = []
         if not p_ahead.feasible:
             infeasible.append(f"TTFT target {c.ttft_ms:.0f} ms is below the prefill time of a "
@@ -353,6 +415,11 @@ class SloPolicy:
                 why = (f"{head}: prefill share {p_ahead.workers:.2f} + decode share "
                        f"{d_ahead.workers:.2f} workers (prefill {p_ahead.service_ms:.0f} ms, "
                        f"{d_ahead.batch} seqs/worker at {d_ahead.step_ms:.1f} ms/step)")
+            if self.boost > 1.0:
+                raw, raw_now = raw * self.boost, raw_now * self.boost
+                seen = (f"{self.attainment:.0%} of recent requests met the targets"
+                        if self.attainment is not None else "no recent requests")
+                why += f"; x{self.boost:.2f}: {seen} (aim {c.attainment_target:.0%})"
             safety = ceil_workers(kv_ahead[role] / c.kv_safety)
             up = max(ceil_workers(raw), safety)
             settle_now = max(ceil_workers(raw_now * m), ceil_workers(kv_now[role] / c.kv_safety))

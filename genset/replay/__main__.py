@@ -1,8 +1,13 @@
 """`genset replay TRACE`: a Mooncake-format trace through the router and N mocker workers in
 simulated time (no NATS, no etcd, no sleeping).
 
-Prints hit rate, TTFT / ITL and load balance per policy (`--json`: one JSON object), and with
-`--plot` a bar chart comparing them. The simulation itself is `genset.replay.simulate`.
+Prints hit rate, TTFT / ITL, SLO attainment (TTFT <= --sla-ttft-ms and the request's mean ITL
+<= --sla-itl-ms), worker-seconds and load balance per policy (`--json`: one JSON object), and
+with `--plot` a bar chart comparing them. With `--planner load|slo` the planner's core sizes
+the fleet in simulated time (workers start --workers strong, within [--min-workers,
+--max-workers], and become routable --startup-s after they are asked for); the result adds
+every scaling event, and `--plot` draws load, pool size and TTFT over time. The simulation
+itself is `genset.replay.simulate`, the fleet and planner `genset.replay.planner_sim`.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ import argparse
 import json
 import sys
 
+from genset.planning import POLICIES as PLANNER_POLICIES
+from genset.replay.metrics import DEFAULT_SLA_ITL_MS, DEFAULT_SLA_TTFT_MS
 from genset.replay.offload import OffloadConfig
+from genset.replay.planner_sim import PlannerSimConfig
 from genset.replay.simulate import ReplayConfig, run_replay
 from genset.replay.trace import TraceError, load_trace
 from genset.routing.api import POLICY_GENSET, POLICY_NAMES, policy_name
@@ -35,6 +43,48 @@ def plot(results: list[dict], path: str, title: str = "") -> None:
         ax.tick_params(axis="x", rotation=30)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_timeline(results: list[dict], path: str, title: str = "") -> None:
+    """Load, pool size and TTFT over simulated time, one column per result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, len(results), figsize=(6 * len(results), 7.5), sharex="col",
+                             squeeze=False)
+    for col, r in enumerate(results):
+        rows = r["timeline"]
+        t = [row["t_s"] for row in rows]
+        ax = axes[0][col]
+        ax.plot(t, [row["arrivals_per_s"] for row in rows], color="#2b6cb0")
+        ax.set_ylabel("arrivals / s")
+        name = r.get("planner", {}).get("policy", "static")
+        ax.set_title(f"{r['policy']} router, {name}: SLO {r['sla_attainment']:.1%}, "
+                     f"{r['worker_seconds']:.0f} worker-s", fontsize=9)
+        ax = axes[1][col]
+        ax.step(t, [row["workers"] for row in rows], where="post", label="counted (incl. "
+                "starting, draining)", color="#c05621")
+        ax.step(t, [row["ready"] for row in rows], where="post", label="routable",
+                color="#2f855a")
+        ax.set_ylabel("workers")
+        ax.legend(fontsize=7, loc="upper left")
+        ax = axes[2][col]
+        for key, color in (("ttft_p50_ms", "#718096"), ("ttft_p90_ms", "#c53030")):
+            ax.plot(t, [row[key] if row[key] is not None else float("nan") for row in rows],
+                    label=key.replace("_ms", "").replace("ttft_", "TTFT "), color=color)
+        ax.axhline(r["sla_ttft_ms"], color="black", linestyle="--", linewidth=0.8,
+                   label="SLA")
+        ax.set_yscale("log")
+        ax.set_ylabel("TTFT ms (by arrival)")
+        ax.set_xlabel("simulated s")
+        ax.legend(fontsize=7, loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -95,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--offload-disk-gbps", type=_non_negative(float), default=4.0,
                      help="GB/s reading a block from the store's disk tier (0: free)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sla-ttft-ms", type=_positive(float), default=DEFAULT_SLA_TTFT_MS,
+                   help="a request meets its SLO when its TTFT is at most this (default 2000)")
+    p.add_argument("--sla-itl-ms", type=_positive(float), default=DEFAULT_SLA_ITL_MS,
+                   help="... and its mean inter-token latency at most this (default 50)")
+    g = p.add_argument_group("planner (the fleet sized in simulated time)")
+    g.add_argument("--planner", choices=PLANNER_POLICIES, default=None,
+                   help="size the fleet with the planner's core: load (KV use, waiting prompt "
+                        "tokens) or slo (the smallest fleet meeting the SLAs); --workers is "
+                        "the initial size")
+    g.add_argument("--min-workers", type=_positive(int), default=1)
+    g.add_argument("--max-workers", type=_positive(int), default=8)
+    g.add_argument("--startup-s", type=_non_negative(float), default=30.0,
+                   help="simulated seconds from a worker being asked for to it being routable")
+    g.add_argument("--planner-interval-s", type=_positive(float), default=1.0,
+                   help="simulated seconds between decisions")
+    g.add_argument("--down-cooldown-s", type=_positive(float), default=60.0,
+                   help="a pool shrinks only after needing fewer workers for this long")
+    g.add_argument("--planner-ttft-ms", type=_positive(float), default=None,
+                   help="slo policy: the TTFT it sizes for (default --sla-ttft-ms)")
+    g.add_argument("--planner-itl-ms", type=_positive(float), default=None,
+                   help="slo policy: the ITL it sizes for (default --sla-itl-ms)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart comparing the policies")
     return p
@@ -112,7 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     except TraceError as exc:
         print(f"genset replay: {exc}", file=sys.stderr)
         return 2
-    cfg = ReplayConfig(workers=args.workers, block_size=args.block_size, kv_blocks=args.kv_blocks,
+    planner = None
+    workers = args.workers
+    if args.planner is not None:
+        try:
+            planner = PlannerSimConfig(
+                policy=args.planner, min_workers=args.min_workers, max_workers=args.max_workers,
+                startup_s=args.startup_s, interval_s=args.planner_interval_s,
+                down_cooldown_s=args.down_cooldown_s, ttft_ms=args.planner_ttft_ms,
+                itl_ms=args.planner_itl_ms)
+        except ValueError as exc:
+            print(f"genset replay: {exc}", file=sys.stderr)
+            return 2
+        workers = max(args.min_workers, min(args.max_workers, args.workers))
+    cfg = ReplayConfig(workers=workers, block_size=args.block_size, kv_blocks=args.kv_blocks,
                        max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                        arrival_speedup=args.arrival_speedup, speedup_ratio=args.speedup_ratio,
                        seed=args.seed, router_replicas=args.router_replicas,
@@ -121,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                            disk_blocks=args.offload_disk_blocks,
                            kv_bytes_per_token=args.kv_bytes_per_token,
                            d2h_gbps=args.offload_d2h_gbps, h2d_gbps=args.offload_h2d_gbps,
-                           disk_gbps=args.offload_disk_gbps))
+                           disk_gbps=args.offload_disk_gbps),
+                       sla_ttft_ms=args.sla_ttft_ms, sla_itl_ms=args.sla_itl_ms, planner=planner)
     results = []
     for name in policies:
         try:
@@ -133,19 +218,33 @@ def main(argv: list[str] | None = None) -> int:
         doc = results[0] if len(results) == 1 else {r["policy"]: r for r in results}
         print(json.dumps(doc))
     else:
-        print(f"{len(trace)} requests, {cfg.workers} workers x {cfg.kv_blocks} blocks of {cfg.block_size}, "
-              f"arrival speedup {cfg.arrival_speedup:g}")
-        print(f"{'policy':<14}{'hit %':>7}{'TTFT mean':>11}{'p50':>8}{'p90':>8}{'p99':>8}{'ITL':>7}{'load cov':>10}{'wall s':>8}")
+        fleet = (f"planner {planner.policy} ({cfg.workers} workers at start, {planner.min_workers}"
+                 f"-{planner.max_workers}, start-up {planner.startup_s:g} s)" if planner
+                 else f"{cfg.workers} workers")
+        print(f"{len(trace)} requests, {fleet} x {cfg.kv_blocks} blocks of {cfg.block_size}, "
+              f"arrival speedup {cfg.arrival_speedup:g}, SLA TTFT <= {cfg.sla_ttft_ms:g} ms and "
+              f"ITL <= {cfg.sla_itl_ms:g} ms")
+        print(f"{'policy':<14}{'hit %':>7}{'TTFT mean':>11}{'p50':>8}{'p90':>8}{'p99':>8}{'ITL':>7}"
+              f"{'SLA %':>7}{'worker-s':>10}{'avg wk':>8}{'load cov':>10}{'wall s':>8}")
         for r in results:
             print(f"{r['policy']:<14}{r['hit_rate'] * 100:>7.1f}{r['ttft_mean_ms']:>11.0f}{r['ttft_p50_ms']:>8.0f}"
-                  f"{r['ttft_p90_ms']:>8.0f}{r['ttft_p99_ms']:>8.0f}{r['itl_mean_ms']:>7.2f}{r['load_cov']:>10.3f}"
-                  f"{r['wall_s']:>8.1f}")
+                  f"{r['ttft_p90_ms']:>8.0f}{r['ttft_p99_ms']:>8.0f}{r['itl_mean_ms']:>7.2f}"
+                  f"{r['sla_attainment'] * 100:>7.1f}{r['worker_seconds']:>10.0f}{r['avg_workers']:>8.2f}"
+                  f"{r['load_cov']:>10.3f}{r['wall_s']:>8.1f}")
+        for r in results:
+            for e in r["scale_events"]:
+                print(f"  {r['policy']} t={e['t_s']:>8.1f}s {e['pool']} {e['from']}->{e['to']} "
+                      f"({e['action']}): {e['reason']}")
             if "offload" in r:
                 tiers = r["offload"]["hit_rate_by_tier"]
-                print(f"{'':<14}hit % by tier: " + ", ".join(
+                print(f"{r['policy']:<14}hit % by tier: " + ", ".join(
                     f"{k} {v * 100:.1f}" for k, v in tiers.items()))
     if args.plot:
-        plot(results, args.plot, title=f"{len(trace)} requests, {cfg.workers} workers, {cfg.kv_blocks} blocks")
+        title = f"{len(trace)} requests, {cfg.workers} workers, {cfg.kv_blocks} blocks"
+        if planner is not None:
+            plot_timeline(results, args.plot, title=title)
+        else:
+            plot(results, args.plot, title=title)
     return 0
 
 

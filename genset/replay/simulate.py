@@ -26,7 +26,9 @@ import time
 from dataclasses import dataclass, field
 
 import proto
+from genset.replay.metrics import DEFAULT_SLA_ITL_MS, DEFAULT_SLA_TTFT_MS, sla_summary
 from genset.replay.offload import OffloadConfig, OffloadSim
+from genset.replay.planner_sim import Fleet, PlannerSimConfig
 from genset.replay.trace import TRACE_BLOCK, TraceRequest
 from genset.routing.api import policy_name
 from genset.routing.core import RouterConfig, RouterCore
@@ -46,6 +48,9 @@ class ReplayConfig:
     router_replicas: int = 1  # >1: replicas route in turn and share decisions (like live replicas)
     dynamo_exact_timing: bool = True  # step time exactly as Dynamo's replay charges it
     offload: OffloadConfig | None = None  # a KV offload store shared by the workers
+    sla_ttft_ms: float = DEFAULT_SLA_TTFT_MS  # a request is good when TTFT <= this ...
+    sla_itl_ms: float = DEFAULT_SLA_ITL_MS  # ... and its mean inter-token latency <= this
+    planner: PlannerSimConfig | None = None  # None: the fixed `workers`; else they start there
 
 
 @dataclass
@@ -157,10 +162,30 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             for rc in routers:  # the policy costs onboarding like this store
                 rc.default_policy = rc.policy(
                     "genset", **{**cfg.policy_options, **cfg.offload.policy_options()})
-    for rc in routers:
-        for w in workers:
-            rc.add_worker(w.index, model="replay", block_size=cfg.block_size, kv_blocks=cfg.kv_blocks,
+
+    def new_worker(i: int) -> _Worker:
+        w = _Worker(i, make_mocker(cfg, i))
+        if store is not None:  # a worker the planner adds writes to the same store
+            store.attach(w.core)
+        return w
+
+    def attach(i: int) -> None:
+        for rc in routers:
+            rc.add_worker(i, model="replay", block_size=cfg.block_size, kv_blocks=cfg.kv_blocks,
                           max_batch_tokens=cfg.max_batched_tokens)
+
+    def detach(i: int) -> None:
+        for rc in routers:
+            rc.remove_worker(i)
+
+    for rc in routers:
+        rc.GONE_MEMORY_MS = math.inf  # a drained worker's late KV events never bring it back
+    # the worker set over time (and the planner sizing it, with `cfg.planner`)
+    fleet = Fleet(workers, make_worker=new_worker, attach=attach,
+                  detach=detach, clock=lambda: now[0], planner=cfg.planner,
+                  kv_blocks=cfg.kv_blocks, block_size=cfg.block_size,
+                  max_running=cfg.max_num_seqs, speedup_ratio=cfg.speedup_ratio,
+                  sla_ttft_ms=cfg.sla_ttft_ms, sla_itl_ms=cfg.sla_itl_ms)
     hash_cache = _HashCache(cfg.block_size)
     t0 = trace[0].arrival_ms
     reqs = [_Req(t, (t.arrival_ms - t0) / cfg.arrival_speedup) for t in trace]
@@ -194,6 +219,7 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             push(w, e)
             return
         outputs, dur = w.core.step(t)
+        fleet.on_step(w)
         batch = w.core.take_kv_batch(int(t + dur))
         w.busy = True
         pending[w.index] = (outputs, batch)
@@ -239,6 +265,7 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             if r.first_token_ms is None:
                 r.first_token_ms = t
                 r.cached_tokens = out.cached_tokens
+                fleet.on_first_token(t - r.arrival_ms)
                 for rc in routers:
                     rc.on_first_token(out.request_id)
             r.last_token_ms = t
@@ -246,8 +273,11 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             if out.finish_reason is not None:
                 for rc in routers:
                     rc.on_done(out.request_id)
+                fleet.on_finish(r.outputs, r.first_token_ms, t)
         if w.core.has_work():
             start_step(w, t)
+        else:
+            fleet.on_idle(w, t)
 
     # The run makes millions of long-lived small objects (token lists, events, index
     # entries) and hardly any reference cycles: the cyclic GC would only rescan them again
@@ -260,6 +290,11 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
         n = len(reqs)
         while i < n or steps:
             t_arr = reqs[i].arrival_ms if i < n else math.inf
+            t_fleet = fleet.next_event_ms()
+            if t_fleet <= t_arr and (not steps or t_fleet <= steps[0][0]):
+                now[0] = t_fleet  # a planner decision, or started workers becoming routable
+                fleet.advance(t_fleet)
+                continue
             if steps and steps[0][0] <= t_arr:
                 t, sq, wi = heapq.heappop(steps)
                 w = workers[wi]
@@ -287,6 +322,7 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
                         prompt_tokens=routed.prompt_tokens, router_id=rc.config.router_id))
             r.worker = routed.worker_id
             by_id[rid] = r
+            fleet.on_arrival(r.trace.input_length, routed.overlap_blocks * cfg.block_size)
             w = workers[routed.worker_id]
             kv_import = None
             if store is not None:  # the worker's before_run: onboard from the store
@@ -312,7 +348,7 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
         if gc_was_enabled:
             gc.enable()
     wall = time.perf_counter() - wall0
-    result = summarize(reqs, cfg, policy, wall)
+    result = summarize(reqs, cfg, policy, wall, fleet)
     if store is not None:
         result["offload"] = offload_summary(reqs, cfg, store)
     return result
@@ -342,18 +378,23 @@ def offload_summary(reqs: list[_Req], cfg: ReplayConfig, store: OffloadSim) -> d
     return {"hit_rate_by_tier": {k: v / tin for k, v in by_tier.items()}, **store.summary()}
 
 
-def summarize(reqs: list[_Req], cfg: ReplayConfig, policy: str, wall_s: float) -> dict:
+def summarize(reqs: list[_Req], cfg: ReplayConfig, policy: str, wall_s: float,
+              fleet: Fleet | None = None) -> dict:
     done = [r for r in reqs if r.first_token_ms is not None]
     ttft = sorted(r.first_token_ms - r.arrival_ms for r in done)
     tin = sum(r.trace.input_length for r in done)
     reused = sum(r.cached_tokens for r in done)
     itl_num = sum(r.last_token_ms - r.first_token_ms for r in done if r.trace.output_length > 1)
     itl_den = sum(r.trace.output_length - 1 for r in done if r.trace.output_length > 1)
-    per_worker = [0] * cfg.workers
+    per_worker = [0] * (len(fleet.lives) if fleet is not None else cfg.workers)
     for r in done:
         per_worker[r.worker] += 1
     mean_w = statistics.fmean(per_worker)
     end = max((r.last_token_ms for r in done), default=0.0)
+    duration_s = (end - min(r.arrival_ms for r in reqs)) / 1000.0
+    fleet_out = fleet.summary(reqs, end, sla=(cfg.sla_ttft_ms, cfg.sla_itl_ms)) if fleet else {
+        "worker_seconds": cfg.workers * duration_s, "avg_workers": float(cfg.workers),
+        "scale_events": []}
     return {
         "policy": policy,
         "requests": len(reqs),
@@ -366,7 +407,9 @@ def summarize(reqs: list[_Req], cfg: ReplayConfig, policy: str, wall_s: float) -
         "itl_mean_ms": itl_num / itl_den if itl_den else float("nan"),
         "load_cov": statistics.pstdev(per_worker) / mean_w if mean_w else 0.0,
         "requests_per_worker": per_worker,
-        "duration_s": (end - min(r.arrival_ms for r in reqs)) / 1000.0,
+        "duration_s": duration_s,
+        **sla_summary(done, cfg.sla_ttft_ms, cfg.sla_itl_ms, duration_s),
+        **fleet_out,
         "wall_s": wall_s,
         "settings": {
             "workers": cfg.workers, "block_size": cfg.block_size, "kv_blocks": cfg.kv_blocks,

@@ -671,9 +671,10 @@ def add_launch_args(parser) -> None:
     g.add_argument("--tls", action="store_true",
                    help="TLS for NATS and etcd with a local CA made in <state>/auth "
                         "(clients verify it); for production certificates see docs")
-    g.add_argument("--max-workers", type=int, default=WORKER_SLOTS_DEFAULT, metavar="N",
-                   help="worker credentials to make (each has a fixed instance id; the "
-                        f"planner scales within them; default {WORKER_SLOTS_DEFAULT})")
+    g.add_argument("--max-workers", type=int, default=None, metavar="N",
+                   help="the most workers this stack runs: the planner's ceiling (default "
+                        "max(4, --workers)) and the worker credentials made, each with a fixed "
+                        f"instance id (at least {WORKER_SLOTS_DEFAULT})")
     g.add_argument("--api-key", default=os.environ.get("GENSET_API_KEY"),
                    help="require `Authorization: Bearer <key>` on the API and /metrics "
                         "(prefer the GENSET_API_KEY variable: a flag shows in `ps`)")
@@ -694,13 +695,14 @@ class StackSecurity:
         self.nats_owned = False
         self.etcd_owned = False
         self.creds: Credentials | None = None
-        if args.max_workers < 1:
+        if args.max_workers is not None and args.max_workers < 1:
             raise AuthError("--max-workers must be at least 1")
         if args.tls and not self.enabled:
             raise AuthError("--tls and --insecure do not go together")
         if self.enabled:
             self.creds = load_or_create(auth_dir(state_dir), namespace=args.namespace,
-                                        worker_slots=max(args.workers, args.max_workers),
+                                        worker_slots=max(args.workers, args.max_workers or 0,
+                                                     WORKER_SLOTS_DEFAULT),
                                         models=[model])
             if args.tls:
                 ensure_tls(self.creds)

@@ -53,6 +53,7 @@ from genset.worker.kv_feed import KvFeed
 from genset.worker.load import LoadReporter
 from genset.worker.metrics import WorkerMetrics
 from genset.worker.roles import ROLE_DECODE, registered_role
+from genset.worker.step_stats import StepStatsPublisher
 from proto import keys, subjects
 from proto.generate import ErrorInfo
 from proto.values import PHASE_DONE, PHASE_FIRST_TOKEN
@@ -181,6 +182,10 @@ class WorkerHost:
             self.kv_feed.on_evict = None  # the engine hands blocks over with their KV itself
         self._tasks.append(self.kv_feed.start())  # before the hooks: their imports are events
         self._tasks.append(self._load.start())
+        steps = StepStatsPublisher(self.engine, bus=self.bus, namespace=self.config.namespace,
+                                   instance_id=self.instance_id, role=self.role).start()
+        if steps is not None:  # the planner's performance model reads these
+            self._tasks.append(steps)
         await self.hooks.start(WorkerContext(
             engine=self.engine, bus=self.bus, namespace=self.config.namespace,
             instance_id=self.instance_id, role=self.config.role, model=self.config.model,

@@ -43,6 +43,7 @@ from proto.tokens import pack_tokens, unpack_tokens
 from services.frontend.errors import ApiError, bad_request, from_error_info, no_worker
 from services.frontend.metrics import FrontendMetrics, LocalHistogram
 from services.frontend.registry import ModelEntry, ModelRegistry
+from services.frontend.stats import FrontendStatsPublisher
 from services.frontend.text import Delta, TextAssembler
 
 log = structlog.get_logger("frontend.pipeline")
@@ -132,10 +133,12 @@ class _Progress:
     """What a request has produced so far, across every worker it ran on."""
 
     __slots__ = ("cached", "first_at", "generated", "itl", "last_at", "logprobs",
-                 "prompt_tokens", "text",
-                 "ttft")
+                 "prompt_tokens", "stats", "text", "ttft")
 
-    def __init__(self, job: Job, metrics: FrontendMetrics) -> None:
+    def __init__(self, job: Job, metrics: FrontendMetrics,
+                 stats: FrontendStatsPublisher) -> None:
+        self.stats = stats  # the planner's view of the traffic (stats.py)
+        stats.record_arrival(len(job.prompt_ids))
         self.generated: list[int] = []
         # aligned with `generated` when the request asked for logprobs, else None
         self.logprobs: list | None = [] if job.sampling.logprobs is not None else None
@@ -150,14 +153,18 @@ class _Progress:
                                   stop_token_ids=job.stop_token_ids)
 
     def final(self, finish_reason: str) -> Final:
+        self.stats.record_finish(len(self.generated), self.cached,
+                                 _itl_ms(self.first_at, self.last_at, self.generated))
         return Final(finish_reason, self.prompt_tokens, len(self.generated), self.cached)
 
 
 class Pipeline:
     def __init__(self, *, bus, registry: ModelRegistry, router, metrics: FrontendMetrics,
                  request_timeout: float = 600.0, migration_limit: int = 3,
-                 heartbeat_timeout: float = 5.0, coalesce: bool = True) -> None:
+                 heartbeat_timeout: float = 5.0, coalesce: bool = True,
+                 stats: FrontendStatsPublisher | None = None) -> None:
         self.bus = bus
+        self.stats = stats or FrontendStatsPublisher()  # the planner's view (stats.py)
         self.registry = registry
         self.router = router
         self.metrics = metrics
@@ -291,7 +298,7 @@ class Pipeline:
         Each pass of the loop routes the rest of the request and runs one attempt (one worker
         stream); a worker failure goes to `_after_failure`, which gives up or lets the loop
         route again, excluding the workers that failed."""
-        progress = _Progress(job, self.metrics)
+        progress = _Progress(job, self.metrics, self.stats)
         excluded: list[int] = []
         failures = 0
         try:
@@ -351,6 +358,9 @@ class Pipeline:
                     failures += 1
                     excluded.append(worker)
                     self._after_failure(exc, job, progress, worker, failures)
+        except ApiError:
+            progress.stats.record_failed()
+            raise
         finally:
             progress.itl.flush()
 
@@ -396,6 +406,7 @@ class Pipeline:
                         else:
                             progress.first_at = now
                             progress.ttft.observe(now - job.arrival)
+                            progress.stats.record_ttft((now - job.arrival) * 1000.0)
                     progress.last_at = now
                     progress.generated += ids
                     if progress.logprobs is not None:
@@ -512,6 +523,11 @@ def _logprob_entries(frames) -> list:
 def _deadline_exceeded() -> ApiError:
     return ApiError(504, "request deadline exceeded", type="timeout_error",
                     code="deadline_exceeded")
+
+
+def _itl_ms(first_at: float, last_at: float, generated: list[int]) -> float | None:
+    """A request's mean inter-token latency (perf_counter seconds in, ms out)."""
+    return (last_at - first_at) * 1000.0 / (len(generated) - 1) if len(generated) > 1 else None
 
 
 def _stream_error(exc: StreamError, prefix: str = "") -> ApiError:

@@ -17,6 +17,7 @@ from services.frontend.metrics import FrontendMetrics
 from services.frontend.nats_service import NatsGenerateService
 from services.frontend.pipeline import Pipeline
 from services.frontend.registry import ModelRegistry
+from services.frontend.stats import FrontendStatsPublisher
 
 
 @dataclass
@@ -62,6 +63,7 @@ class FrontendService(Service):
         self.registry: ModelRegistry | None = None
         self.router = None
         self.pipeline: Pipeline | None = None
+        self.stats: FrontendStatsPublisher | None = None
         self.nats_service: NatsGenerateService | None = None
         self.server: HttpServer | None = None
         self.dashboard: Dashboard | None = None
@@ -76,12 +78,14 @@ class FrontendService(Service):
                                            route_timeout=opts.router_timeout,
                                            fallback=opts.router_fallback, metrics=self.metrics)
         await self.router.start()
+        self.stats = FrontendStatsPublisher(self.bus, self.namespace, self.instance_id)
+        self.stats.start()  # the planner's view of the traffic (services/frontend/stats.py)
         self.pipeline = Pipeline(bus=self.bus, registry=self.registry, router=self.router,
                                  metrics=self.frontend_metrics,
                                  request_timeout=opts.request_timeout,
                                  migration_limit=opts.migration_limit,
                                  heartbeat_timeout=opts.heartbeat_timeout,
-                                 coalesce=opts.coalesce)
+                                 coalesce=opts.coalesce, stats=self.stats)
         self.nats_service = NatsGenerateService(self.pipeline, self.bus, self.namespace,
                                                 max_concurrent=opts.nats_max_concurrent)
         await self.nats_service.start()

@@ -1,0 +1,94 @@
+"""`genset up --planner`, the parts that need no processes: a drained worker is no longer
+supervised, the planner's starts and drains run on the launcher's thread, bad flags are named."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+import pytest
+
+from genset.launch import Launcher, build_parser, main
+from genset.launch_planner import ChildHandle, StackWorkers, planner_options
+from tests.test_supervise import FakeChild, make
+
+
+def test_a_removed_unit_is_never_restarted():
+    w1, w2 = FakeChild("worker-1"), FakeChild("worker-2")
+    sup, _ = make(w1, w2)
+    assert sup.remove("worker-2") and not sup.remove("worker-2")
+    w2.crash(0)  # it exits after its drain: not a crash
+    for t in (1.0, 2.0, 40.0):
+        sup.step(t)
+    assert w2.starts == 0 and w1.starts == 0
+    w1.crash(1)
+    assert sup.step(41.0) == []  # the one left is still supervised
+
+
+class Proc:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
+class Child:
+    def __init__(self, name: str, pid: int) -> None:
+        self.name = name
+        self.proc = Proc(pid)
+
+
+def test_stack_workers_run_on_the_launchers_thread():
+    calls: list = []
+    threads: list[str] = []
+    pending: list = []
+
+    def run(fn):
+        fut = concurrent.futures.Future()
+        pending.append((fn, fut))
+        return fut
+
+    def add(role):
+        threads.append(threading.current_thread().name)
+        return Child(f"worker-{len(calls) + 2}", 1000 + len(calls))
+
+    stack = StackWorkers(run, add, lambda child: calls.append(("retire", child.name)))
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(stack.start_worker("decode")), name="planner")
+    t.start()
+    while not pending:  # the planner's thread waits for the launcher's
+        threading.Event().wait(0.01)
+    fn, fut = pending.pop()
+    fut.set_result(fn())  # what the launcher's loop does (`run_calls`)
+    t.join(10)
+    handle = got[0]
+    assert isinstance(handle, ChildHandle) and handle.pid == 1000 and handle.alive
+    assert threads == [threading.current_thread().name]  # forked here, not on "planner"
+    stack.stop_worker(handle)
+    assert not handle.alive  # the connector forgets it at once
+    fn, fut = pending.pop()
+    fn()
+    assert calls == [("retire", "worker-2")]
+    handle.child.proc.pid = 1234  # a supervised restart: the handle follows the child
+    assert handle.pid == 1234
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--planner", "--workers", "5", "--max-workers", "3"], "--workers 5 (the initial count)"),
+    (["--planner", "slo", "--min-workers", "3", "--max-workers", "2"],
+     "--max-workers 2 is below --min-workers 3"),
+    (["--planner", "--min-workers", "0"], "--min-workers must be at least 1"),
+])
+def test_bad_planner_flags_are_refused_before_anything_starts(tmp_path, capsys, argv, message):
+    assert main([*argv, "--state-dir", str(tmp_path / "s"), "--port", "0"]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # nothing started
+
+
+def test_planner_flags_go_through_the_planners_own_checks():
+    config, options = planner_options(["--policy", "slo", "--max-workers", "3",
+                                       "--down-cooldown-s", "7", "--namespace", "x"])
+    assert options.policy == "slo" and options.max_workers == 3
+    assert options.down_cooldown_s == 7 and config.namespace == "x"
+    with pytest.raises(SystemExit):
+        planner_options(["--kv-high", "7"])
+    launcher = Launcher(build_parser().parse_args(["--planner", "--workers", "2"]))
+    assert launcher.planner_bounds() == (1, 4)
