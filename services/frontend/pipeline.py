@@ -590,6 +590,8 @@ class Pipeline:
         the connection dropped meanwhile (every stream in flight ends with Disconnected,
         frames sent while it was down are lost), or nobody answered right after it came back
         (the worker may not have reconnected yet)."""
+        if not isinstance(exc, _MIGRATABLE):  # an answer (an error frame) or our deadline
+            return False
         bus = self.bus
         if bus.disconnects != disconnects or not bus.connected or isinstance(exc, Disconnected):
             return True
