@@ -51,3 +51,5 @@ def decode(data: bytes, message_type: type[T]) -> T:
         raise ProtocolError(describe(exc, data, message_type)) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"malformed {message_type.__name__} (not msgpack): {exc}") from None
+    except RecursionError:  # arrays / maps nested past the interpreter's recursion limit (~1,000)
+        raise ProtocolError(f"malformed {message_type.__name__}: nested too deeply") from None

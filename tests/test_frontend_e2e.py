@@ -319,6 +319,13 @@ async def test_api_key_required_when_configured(stack):
         r = await http.get("/v1/models", headers={"Authorization": "Bearer k2"})
         assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL
         assert (await http.get("/health")).status_code == 200  # probes need no key
+        # /metrics follows the API key (issue 14): it names models, workers and traffic
+        r = await http.get("/metrics")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert (await http.get("/metrics", headers={"Authorization": "Bearer no"})).status_code \
+            == 401
+        r = await http.get("/metrics", headers={"Authorization": "Bearer k1"})
+        assert r.status_code == 200 and "genset_frontend_requests_total" in r.text
     oai = openai.AsyncOpenAI(base_url=fe.url + "/v1", api_key="k1", max_retries=0)
     chat = await oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                              max_tokens=2)
@@ -345,12 +352,15 @@ async def test_dead_worker_record_before_first_token_is_skipped(stack):
         while (await oai.models.list()).data[0].model_extra.get("workers") != 3:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
-        for _ in range(6):  # round-robin over 3 records: the ghost is picked twice
+        for _ in range(6):  # round-robin over 3 records: the ghost would be picked twice
             chat = await oai.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
             assert chat.usage.completion_tokens == 2
         fm = await fe.metrics()
-        assert metric(fm, "genset_frontend_migrations_total", phase="before_first_token") >= 2
+        # ... but after its first failure it is a suspect, and no other request goes there
+        assert metric(fm, "genset_frontend_migrations_total", phase="before_first_token") == 1
+        assert metric(fm, "genset_frontend_worker_failures_total", reason="no_responders") == 1
+        assert metric(fm, "genset_frontend_suspect_routes_total") == 0
     finally:
         await disc.close()
         await fe.stop()

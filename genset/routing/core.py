@@ -27,6 +27,9 @@ STORE_TIERS = (TIER_HOST, TIER_DISK)
 
 log = logging.getLogger("genset.router")
 
+# The most output tokens a route request may ask for (int32, as a worker's StopConditions).
+MAX_TOKENS = 2**31 - 1
+
 
 @dataclass
 class RouterConfig:
@@ -253,8 +256,10 @@ class RouterCore:
             data = req.token_ids
             if len(data) % 4:
                 raise ValueError(f"token_ids must be packed int32 (a multiple of 4 bytes), got {len(data)} bytes")
+            if not 1 <= req.max_tokens <= MAX_TOKENS:  # from the bus: as if hostile (issue 14)
+                raise ValueError(f"max_tokens must be in [1, {MAX_TOKENS}], got {req.max_tokens}")
             r = self.route_tokens(req.request_id, data, len(data) // 4, req.max_tokens,
-                                  model=req.model, policy=req.policy, exclude=req.exclude)
+                                  model=req.model, policy=req.policy, exclude=set(req.exclude))
         except ValueError as exc:
             r = RoutedPrompt(None, 0, 0, req.policy or self.config.policy, str(exc))
         return proto.RouteDecision(

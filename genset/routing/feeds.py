@@ -11,7 +11,9 @@ embedded in a frontend need.
 - on start, a resync request to every known worker, so a restarted router has the full index
   within one round trip instead of waiting for new events;
 - a periodic health check that raises the alarm (log + metric) when a worker we keep
-  routing to publishes no KV events, or a model's workers publish none at all.
+  routing to publishes no KV events, or a model's workers publish none at all;
+- `suspects`: workers the caller saw fail (`genset.routing.load.SuspectWorkers`), cleared
+  here when one proves alive (a load report) or its model card goes or comes back.
 
 Whatever arrives from the bus is treated as hostile (issue 14): with etcd membership, KV
 events, load reports and peer decisions about a worker id that has no model card in etcd are
@@ -32,6 +34,7 @@ import structlog
 
 import proto
 from genset.routing.core import RouterCore
+from genset.routing.load import SuspectWorkers
 from genset.runtime.metrics import FAST_BUCKETS
 from proto import keys, subjects
 from proto.kv import TIER_DEVICE, TIER_DISK, TIER_HOST
@@ -92,6 +95,9 @@ class RouterFeeds:
         self._live: dict[int, int] = {}  # instance id -> capacity (max over its cards)
         self._stores = None  # KV offload store membership (etcd)
         self._store_resyncs: dict[int, asyncio.Task] = {}  # store id -> resync in flight
+        # Marked by the caller (the frontend pipeline) when a request fails on a worker;
+        # it passes them to routers as RouteRequest.exclude.
+        self.suspects = SuspectWorkers()
 
     # -------------------------------------------------------------- lifecycle
     async def start(self, *, initial_sync_s: float = 3.0) -> None:
@@ -153,6 +159,8 @@ class RouterFeeds:
             self._ignore("model_card", "wrong_key", card.instance_id,
                          f"card for {card.instance_id:x} stored under {key}")
             return
+        # A record that goes (the worker left) or comes (it registered, again) ends a mark.
+        self.suspects.forget(card.instance_id)
         if kind == "put":
             new = card.instance_id not in self.core.workers
             self._cards[key] = (card.instance_id, card.kv_blocks)
@@ -336,6 +344,8 @@ class RouterFeeds:
         if not self.is_live(report.worker_id):
             self._ignore("load_report", "not_live", report.worker_id)
             return
+        if self.suspects.alive(report.worker_id):
+            log.info("worker alive again", worker=f"{report.worker_id:x}")
         self.core.on_load_report(report)
 
     def _from_own_subject(self, kind: str, subject: str, worker_id: int) -> bool:

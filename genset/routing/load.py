@@ -188,3 +188,70 @@ class LoadModel:
     def inflight_count(self, worker_id: int) -> int:
         w = self.workers.get(worker_id)
         return w.inflight if w else 0
+
+
+class SuspectWorkers:
+    """Workers a caller saw fail, kept out of its routing until they prove alive.
+
+    The frontend marks a worker when a request fails on it in a way that says the worker is
+    gone (its stream went silent, nobody answers on its subject, it is shutting down) and
+    passes the marked workers as `RouteRequest.exclude`, so every router honours it: after the
+    first failure no other request is sent there while another worker can take it (a SIGKILLed
+    worker keeps its etcd record until its lease expires, ~10 s, and new requests went on
+    being routed to it meanwhile). A mark ends when the worker proves alive (a load report
+    that arrives `proof_delay_ms` or more after the mark: one already on its way when the
+    worker died does not count), when its etcd record goes or comes back (`forget`), or after
+    `expiry_s`. Pure: times are passed in (ms) or read from the injected clock.
+    """
+
+    MAX_MARKED = 4096  # ids come from failures on workers in etcd; a bound all the same
+
+    def __init__(self, *, expiry_s: float = 20.0, proof_delay_ms: float = 500.0,
+                 clock=None) -> None:
+        self.expiry_ms = expiry_s * 1000.0
+        self.proof_delay_ms = proof_delay_ms
+        self._clock = clock or (lambda: time.monotonic() * 1000.0)
+        self._marked: dict[int, float] = {}  # worker id -> when it was marked (ms)
+
+    def now_ms(self) -> float:
+        return self._clock()
+
+    def mark(self, worker_id: int, now_ms: float | None = None) -> bool:
+        """True when `worker_id` was not marked already."""
+        now = self.now_ms() if now_ms is None else now_ms
+        new = worker_id not in self._marked
+        if new and len(self._marked) >= self.MAX_MARKED:
+            self._marked.pop(next(iter(self._marked)))  # the oldest mark goes
+        self._marked[worker_id] = now
+        return new
+
+    def alive(self, worker_id: int, now_ms: float | None = None) -> bool:
+        """Evidence that `worker_id` is alive (it published something). True when this ends
+        its mark."""
+        since = self._marked.get(worker_id)
+        if since is None:
+            return False
+        now = self.now_ms() if now_ms is None else now_ms
+        if now - since < self.proof_delay_ms:
+            return False
+        del self._marked[worker_id]
+        return True
+
+    def forget(self, worker_id: int) -> None:
+        self._marked.pop(worker_id, None)
+
+    def current(self, now_ms: float | None = None) -> list[int]:
+        """The marked workers (expired marks are dropped here)."""
+        if not self._marked:
+            return []
+        now = self.now_ms() if now_ms is None else now_ms
+        expired = [w for w, since in self._marked.items() if now - since >= self.expiry_ms]
+        for w in expired:
+            del self._marked[w]
+        return list(self._marked)
+
+    def __contains__(self, worker_id: int) -> bool:
+        return worker_id in self._marked
+
+    def __len__(self) -> int:
+        return len(self._marked)

@@ -150,6 +150,11 @@ class Bus:
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self.stats = {"stale_frames": 0, "bad_cancels": 0, "overloaded": 0, "disconnects": 0}
+        # Set while connected; requesters wait on it to retry after a reconnect rather than
+        # into a connection that is down (wait_connected).
+        self._up = asyncio.Event()
+        self._up.set()
+        self._reconnected_at = -1e18  # loop.time() of the latest reconnect
 
     # -- connection -------------------------------------------------------------------------
 
@@ -170,7 +175,7 @@ class Bus:
         reconnect_time_wait: float = 0.25,
         reconnect_max_wait: float = 2.0,
         ping_interval: float = 5.0,
-        heartbeat_interval: float = 1.0,
+        heartbeat_interval: float = 0.5,
         orphan_timeout: float = 3.0,
         pending_size: int = 8 * 1024 * 1024,
         direct_inbox: bool = True,
@@ -180,7 +185,11 @@ class Bus:
         reconnect forever with exponential backoff from reconnect_time_wait up to
         reconnect_max_wait, with jitter so a fleet does not reconnect in lockstep.
 
-        heartbeat_interval: silence after which this process's reply streams send a heartbeat.
+        heartbeat_interval: silence after which this process's reply streams send a heartbeat
+        (at most 1.25 intervals of silence go out). 0.5 s lets requesters presume a responder
+        dead after 1.5 s of silence (the frontend's --heartbeat-timeout) with more than two
+        heartbeats' margin; a heartbeat goes out only on a stream with nothing else to send
+        (queued or prefilling), at ~40 bytes each.
         orphan_timeout: when NATS stays down this long, this process's reply streams are
         cancelled (their requesters have given up by then).
         direct_inbox: route reply frames inside nats-py's reader (see _DirectInbox); False
@@ -276,8 +285,37 @@ class Bus:
     def connected(self) -> bool:
         return self.nc.is_connected
 
+    @property
+    def disconnects(self) -> int:
+        """How many times the connection was lost so far: a requester that notes it before a
+        request and sees it moved after a failure knows the bus, not the peer, failed."""
+        return self.stats["disconnects"]
+
+    def since_reconnect(self) -> float:
+        """Seconds since the connection last came back (very large if it never dropped)."""
+        return self._loop.time() - self._reconnected_at
+
+    async def wait_connected(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until the connection is up, at most `timeout` s. True when it is (at once if
+        it never dropped); False when it is not back in time or the bus is closing."""
+        if self.nc.is_connected:
+            return True
+        if self._closing or self.nc.is_closed:
+            return False
+        # nats-py marks the connection down before our disconnected callback runs: do not
+        # trust an event that callback has not cleared yet (the reconnected callback, which
+        # sets it, runs only once the connection is up again).
+        self._up.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._up.wait()
+        except TimeoutError:
+            return False
+        return self.nc.is_connected
+
     def _on_disconnected(self) -> None:
         self.stats["disconnects"] += 1
+        self._up.clear()
         for entry in list(self._routes.values()):
             entry.on_disconnect("NATS connection lost")
         self._routes.clear()
@@ -285,6 +323,8 @@ class Bus:
             self._orphan_handle = self._loop.call_later(self.orphan_timeout, self._orphan_all)
 
     def _on_reconnected(self) -> None:
+        self._reconnected_at = self._loop.time()
+        self._up.set()
         if self._orphan_handle is not None:
             self._orphan_handle.cancel()
             self._orphan_handle = None
@@ -308,6 +348,7 @@ class Bus:
         if self._closing:
             return
         self._closing = True
+        self._up.set()  # nobody waits for a reconnect any more (wait_connected says False)
         for rs in list(self._reply_streams.values()):
             rs.cancelled.set()  # first, so the handler's next send is StreamCancelled
             if not rs.finished:

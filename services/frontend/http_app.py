@@ -29,7 +29,7 @@ from services.frontend import openai_api as oa
 from services.frontend import openapi
 from services.frontend.errors import ApiError, bad_request, from_validation
 from services.frontend.httpserver import Request
-from services.frontend.pipeline import Final, Job, JobRequest, Pipeline
+from services.frontend.pipeline import PROMPT_CHARS_PER_TOKEN, Final, Job, JobRequest, Pipeline
 from services.frontend.text import Delta
 
 log = structlog.get_logger("frontend.http")
@@ -56,6 +56,8 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes):
         raise err from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # arrays / objects nested past the interpreter's limit (~1,000)
+        raise bad_request("the request body nests arrays or objects too deeply") from None
 
 
 def _generation_fields(req: oa._Common) -> dict:
@@ -394,6 +396,18 @@ class FrontendHttp:
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                            type="authentication_error", code="invalid_api_key")
 
+    def _check_size(self, request: Request, param: str) -> None:
+        """A body too large to hold a prompt any served model could take is refused before
+        its JSON is decoded (a 10 MB body costs ~10 ms of the event loop and 10-20 MB to
+        decode): the prompt's own limit, checked again by the pipeline, in bytes."""
+        limit = self.pipeline.max_body_bytes()
+        if limit and len(request.body) > limit:
+            raise bad_request(
+                f"the request body is {len(request.body)} bytes; a prompt for the models served "
+                f"here fits in {limit} bytes (their largest context, at most "
+                f"{PROMPT_CHARS_PER_TOKEN} characters per token). Please reduce the length of "
+                "the prompt.", param=param, code="context_length_exceeded")
+
     @staticmethod
     def _request_id(request: Request) -> str:
         rid = request.headers.get("x-request-id", "")
@@ -404,6 +418,7 @@ class FrontendHttp:
     async def chat_completions(self, request: Request) -> None:
         arrival = time.perf_counter()
         self._authorize(request)
+        self._check_size(request, "messages")
         req: oa.ChatCompletionRequest = _decode(oa.chat_decoder, request.body)
         oa.check_chat(req)
         use_completion_param = req.max_completion_tokens is not None
@@ -420,6 +435,7 @@ class FrontendHttp:
     async def completions(self, request: Request) -> None:
         arrival = time.perf_counter()
         self._authorize(request)
+        self._check_size(request, "prompt")
         req: oa.CompletionRequest = _decode(oa.completion_decoder, request.body)
         oa.check_completion(req)
         if req.echo and req.logprobs is not None:

@@ -41,6 +41,14 @@ class FrontendMetrics:
         self.migrations = Counter("genset_frontend_migrations",
                                   "Requests moved to another worker after a worker failed",
                                   ["model", "phase"], registry=r)
+        self.worker_failures = Counter(
+            "genset_frontend_worker_failures",
+            "Workers marked suspect (kept out of routing until they prove alive) after a "
+            "request failed on them, by how it failed", ["model", "reason"], registry=r)
+        self.suspect_routes = Counter(
+            "genset_frontend_suspect_routes",
+            "Requests routed to a suspect worker because no other worker could take them",
+            ["model"], registry=r)
         self.disconnects = Counter("genset_frontend_client_disconnects",
                                    "Streams the client closed before the end", ["model"],
                                    registry=r)

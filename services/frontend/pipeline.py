@@ -12,6 +12,20 @@ the request moves on). Routers that run in this process (embedded, built-in) rel
 remote router ignores it and learns the same from the workers' `RequestLifecycle`
 (docs/architecture.md, "Router notifications").
 
+Failures are told apart by whom they blame. A worker that is gone (its stream went silent
+for `heartbeat_timeout`, nobody answers on its subject, it is shutting down) is marked
+suspect (`genset.routing.load.SuspectWorkers`) and no request is routed there while another
+worker can take it. A NATS connection that dropped blames nobody: the request waits for the
+reconnect (at most `reconnect_wait_s`) and is retried then, on any worker, without counting
+against `migration_limit`.
+
+Large prompts (issue 14): a prompt is refused by its size in characters before any template
+or tokenizer work (`PROMPT_CHARS_PER_TOKEN` characters per token of the context), long ones
+are tokenized in threads with the GIL released, admitted by characters in flight
+(`_TokenizeGate`), and a prompt far longer than typical text for the context is counted in
+pieces and refused once they exceed the context (`PROBE_CHARS_PER_TOKEN`), never tokenized
+whole.
+
 The per-chunk loop is the hot path: one unpack, one Rust detokenize call, a few attribute
 updates; metrics are observed per chunk, not per token.
 """
@@ -21,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +43,7 @@ from dataclasses import dataclass, field
 import structlog
 
 import proto
+from genset.routing.load import SuspectWorkers
 from genset.runtime.bus_errors import (
     DeadlineExceeded,
     Disconnected,
@@ -38,7 +54,7 @@ from genset.runtime.bus_errors import (
     RemoteError,
     StreamError,
 )
-from genset.tokenizer import OFFLOAD_CHARS, Tokenizer, TokenizerError
+from genset.tokenizer import ENCODE_BYTES_PER_CHAR, OFFLOAD_CHARS, Tokenizer, TokenizerError
 from proto.tokens import pack_tokens, unpack_tokens
 from services.frontend.errors import ApiError, bad_request, from_error_info, no_worker
 from services.frontend.metrics import FrontendMetrics, LocalHistogram
@@ -50,6 +66,45 @@ log = structlog.get_logger("frontend.pipeline")
 
 # Worker failures after which the request moves to another worker.
 _MIGRATABLE = (PeerGone, Disconnected, NoResponders, LostChunks)
+# ... and those that say the worker itself is gone (it is marked suspect); a retryable
+# error frame with code "shutting_down" too. Not LostChunks (frames lost on the way) nor
+# Disconnected (our own connection).
+_WORKER_GONE = (PeerGone, NoResponders)
+
+# A prompt longer than this many characters per token of the model's context is refused
+# before any tokenizer work: no text averages anywhere near it (English prose is ~4
+# characters per token, code ~3-5; only long runs of whitespace or punctuation that the
+# vocabulary has single tokens for go past 16), and without the check every prompt was
+# tokenized whole first: four 10 MB prompts took a frontend from 1.26 to 2.27 GB and froze
+# its event loop for seconds (issue 14).
+PROMPT_CHARS_PER_TOKEN = 16
+# A prompt longer than this many characters per token of the context is counted before it
+# is tokenized: piece by piece (PROBE_CHUNK_CHARS each), until the pieces' tokens exceed the
+# context by more than PROBE_SLACK_TOKENS per piece (a cut changes at most the tokens around
+# it: a word or an added token split in two, a BOS per piece), then refused. So refusing a
+# long prompt costs at most the time of tokenizing a full-context prompt of typical text, and
+# the memory of one piece (~9 MB) instead of ~140 bytes per character of the whole: a 1.5 MB
+# prompt's 786K-character head took the frontend's peak RSS up by ~170 MB, in one piece.
+PROBE_CHARS_PER_TOKEN = 6
+PROBE_CHUNK_CHARS = 64 * 1024
+PROBE_SLACK_TOKENS = 16
+# Tokenizer memory allowed at the peak for prompts being tokenized at once, over all threads;
+# as characters (~ENCODE_BYTES_PER_CHAR each): ~1.2M. One longer prompt is admitted alone.
+TOKENIZE_PEAK_BYTES = 160 << 20
+TOKENIZE_CHARS_IN_FLIGHT = TOKENIZE_PEAK_BYTES // ENCODE_BYTES_PER_CHAR
+# Characters of prompt waiting for their turn; past it a request is refused with 503 at once.
+TOKENIZE_CHARS_WAITING = 16 << 20
+# Sampling integers travel as msgpack ints in GenerateRequest: out of these ranges they
+# cannot be sent at all (an OverflowError, a 500, before issue 14).
+_INT32_MAX = 2**31 - 1
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+# After our NATS connection comes back, a worker may not have reconnected yet (each client
+# reconnects on its own backoff, at most 2 s apart): "no responders" within this window
+# blames the bus, not the worker, and the request waits and retries.
+RECONNECT_GRACE_S = 5.0
+# Retries after bus failures one request may take (each waits for the reconnect or a
+# backoff of up to 0.5 s): a bound besides the deadline.
+MAX_BUS_RETRIES = 40
 
 __all__ = ["Delta", "Final", "Job", "JobRequest", "Pipeline"]
 
@@ -158,11 +213,117 @@ class _Progress:
         return Final(finish_reason, self.prompt_tokens, len(self.generated), self.cached)
 
 
+class _TooLong:
+    """The head of a prompt alone has more tokens than the context (see PROBE_CHARS_PER_TOKEN).
+
+    Returned, not raised: an exception from the tokenize thread would carry a traceback
+    whose frames hold the rendered prompt, in reference cycles that only the cyclic GC frees,
+    and it counts objects, not bytes: 1.5 MB prompts refused this way were kept by the dozen
+    (~60 MB after 200 requests, measured)."""
+
+    __slots__ = ("at_least", "head_chars")
+
+    def __init__(self, at_least: int, head_chars: int) -> None:
+        self.at_least = at_least
+        self.head_chars = head_chars
+
+
+def _encode_within(tok: Tokenizer, prompt, chat: bool, context: int) -> list[int] | _TooLong:
+    """The prompt's ids (chat: the rendered messages), or `_TooLong` for a prompt much longer
+    than typical text for the context once its head has more tokens than the context (see
+    PROBE_CHARS_PER_TOKEN). Runs in a tokenize thread (short prompts: on the loop)."""
+    text = tok.render_chat(prompt) if chat else prompt
+    if context and len(text) > PROBE_CHARS_PER_TOKEN * context:
+        # Counted with the plain tokenizer: these cuts are no segments worth caching.
+        counted = pieces = 0
+        for start in range(0, len(text), PROBE_CHUNK_CHARS):
+            counted += len(tok.encode(text[start:start + PROBE_CHUNK_CHARS],
+                                      add_special_tokens=not chat))
+            pieces += 1
+            if counted - PROBE_SLACK_TOKENS * pieces > context:
+                return _TooLong(counted - PROBE_SLACK_TOKENS * pieces,
+                                min(len(text), start + PROBE_CHUNK_CHARS))
+    return tok.encode_rendered(text) if chat else tok.encode(text)
+
+
+class _TokenizeGate:
+    """Admission to off-loop tokenization, counted in characters: at most `max_chars` being
+    tokenized (one longer prompt alone), at most `max_waiting` waiting in arrival order;
+    past that a request is refused at once (503). The tokenizer's memory grows with the
+    characters it works on (~140 bytes each at the peak), so this bounds the frontend's
+    memory under a flood of long prompts; short prompts never come here."""
+
+    def __init__(self, max_chars: int, max_waiting: int) -> None:
+        self.max_chars = max_chars
+        self.max_waiting = max_waiting
+        self.running = 0  # characters admitted whose tokenization has not finished
+        self.waiting = 0
+        self._queue: deque[tuple[int, asyncio.Future]] = deque()
+
+    def _fits(self, n: int) -> bool:
+        return self.running == 0 or self.running + n <= self.max_chars
+
+    async def acquire(self, n: int, timeout: float) -> None:  # noqa: ASYNC109
+        """Admit `n` characters; ApiError 503 when too much waits already, 504 when the
+        request's deadline (`timeout` s away) passes first. Pair with `release(n)`."""
+        if not self._queue and self._fits(n):
+            self.running += n
+            return
+        if self.waiting + n > self.max_waiting:
+            raise ApiError(503, f"the frontend is busy tokenizing long prompts ({self.waiting} "
+                                "characters are waiting); retry later",
+                           type="overloaded_error", code="overloaded")
+        fut = asyncio.get_running_loop().create_future()
+        entry = (n, fut)
+        self._queue.append(entry)
+        self.waiting += n
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                self.release(n)  # admitted just as we gave up
+            else:
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(entry)
+                    self.waiting -= n
+                self._wake()
+            if isinstance(exc, TimeoutError):
+                raise _deadline_exceeded() from None
+            raise
+
+    def release(self, n: int) -> None:
+        self.running -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        queue = self._queue
+        while queue:
+            n, fut = queue[0]
+            if fut.done():
+                queue.popleft()
+                continue
+            if not self._fits(n):
+                return
+            queue.popleft()
+            self.waiting -= n
+            self.running += n
+            fut.set_result(None)
+
+
 class Pipeline:
     def __init__(self, *, bus, registry: ModelRegistry, router, metrics: FrontendMetrics,
                  request_timeout: float = 600.0, migration_limit: int = 3,
-                 heartbeat_timeout: float = 5.0, coalesce: bool = True,
+                 heartbeat_timeout: float = 1.5, coalesce: bool = True,
+                 reconnect_wait_s: float = 10.0, suspects: SuspectWorkers | None = None,
                  stats: FrontendStatsPublisher | None = None) -> None:
+        """heartbeat_timeout: silence (s) after which a worker's stream is presumed dead;
+        workers heartbeat after at most 0.625 s of silence (genset.runtime.bus).
+        reconnect_wait_s: how long a request waits for a lost NATS connection to come back
+        before it fails. suspects: the workers kept out of routing after a failure; by
+        default the one the in-process router's feeds keep (they clear a mark when the worker
+        proves alive), else one of our own (marks end by expiry)."""
         self.bus = bus
         self.stats = stats or FrontendStatsPublisher()  # the planner's view (stats.py)
         self.registry = registry
@@ -172,7 +333,10 @@ class Pipeline:
         self.migration_limit = migration_limit
         self.heartbeat_timeout = heartbeat_timeout
         self.coalesce = coalesce
+        self.reconnect_wait_s = reconnect_wait_s
+        self.suspects = suspects if suspects is not None else _router_suspects(router)
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self._tokenize_gate = _TokenizeGate(TOKENIZE_CHARS_IN_FLIGHT, TOKENIZE_CHARS_WAITING)
 
     def close(self) -> None:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
@@ -185,6 +349,16 @@ class Pipeline:
             raise ApiError(404, f"The model `{model}` does not exist or has no worker serving it.",
                            param="model", code="model_not_found")
         return entry
+
+    def max_body_bytes(self) -> int:
+        """The largest request body that can carry a prompt within PROMPT_CHARS_PER_TOKEN
+        characters per token of the largest context served (0: no limit known). JSON may
+        spend 12 bytes on a character (a surrogate pair as two \\u escapes); 64 KiB more
+        for the other fields."""
+        contexts = [e.context_length for e in self.registry.models.values()]
+        if not contexts or not all(contexts):
+            return 0
+        return max(contexts) * PROMPT_CHARS_PER_TOKEN * 12 + 64 * 1024
 
     def only_model(self) -> str:
         names = list(self.registry.models)
@@ -199,6 +373,27 @@ class Pipeline:
         entry = self.model_entry(self.only_model() if req.model is None else req.model)
         if req.messages is not None and not req.messages:
             raise bad_request("messages must be a non-empty list", param="messages")
+        context = entry.context_length
+        deadline = time.monotonic() + (req.timeout or self.request_timeout)
+        # Sizes first: nothing below (unpacking, template, tokenizer) runs for a prompt that
+        # cannot fit the context anyway.
+        prompt_param = "messages" if req.messages is not None else "prompt"
+        chars = 0
+        if req.messages is not None:
+            chars = _message_chars(req.messages)
+        elif req.text is not None:
+            chars = len(req.text)
+        if chars and context and chars > PROMPT_CHARS_PER_TOKEN * context:
+            raise bad_request(
+                f"This model's maximum context length is {context} tokens, which allows at most "
+                f"{PROMPT_CHARS_PER_TOKEN * context} characters of prompt "
+                f"({PROMPT_CHARS_PER_TOKEN} per token); your prompt has {chars} characters. "
+                "Please reduce the length of the prompt.",
+                param=prompt_param, code="context_length_exceeded")
+        n_ids = (len(req.packed_token_ids) // 4 if req.packed_token_ids is not None
+                 else len(req.token_ids) if req.token_ids is not None else 0)
+        if context and n_ids >= context:
+            raise _context_exceeded(context, f"has {n_ids} tokens", prompt_param)
         prompt_ids = req.token_ids
         if req.packed_token_ids is not None:
             try:
@@ -210,15 +405,16 @@ class Pipeline:
         if req.packed_token_ids is None or req.detokenize or req.stop_strings:
             tok = await self._tokenizer(entry)
         if req.messages is not None:
-            prompt_ids = await self._tokenize(tok.encode_chat, req.messages, "messages",
-                                              sum(len(m["content"]) for m in req.messages))
+            prompt_ids = await self._tokenize(tok, req.messages, True, chars, context, deadline,
+                                              "messages")
         elif req.text is not None:
-            prompt_ids = await self._tokenize(tok.encode, req.text, "prompt", len(req.text))
+            prompt_ids = await self._tokenize(tok, req.text, False, chars, context, deadline,
+                                              "prompt")
         elif req.token_ids is not None:
             if any(t < 0 or t >= tok.vocab_size for t in prompt_ids):
                 raise bad_request(f"prompt token ids must be in [0, {tok.vocab_size})",
                                   param="prompt")
-        return self._job(req, entry, prompt_ids or [], tok)
+        return self._job(req, entry, prompt_ids or [], tok, deadline)
 
     async def _tokenizer(self, entry: ModelEntry) -> Tokenizer:
         tok = entry.tokenizer_now()
@@ -230,18 +426,43 @@ class Pipeline:
             raise ApiError(500, f"tokenizer of model {entry.name!r} is unavailable: {exc}",
                            type="server_error", code="tokenizer_unavailable") from None
 
-    async def _tokenize(self, encode, prompt, param: str, chars: int) -> list[int]:
-        """`encode(prompt)`; long prompts off the event loop (`chars`: the prompt's length)."""
+    async def _tokenize(self, tok: Tokenizer, prompt, chat: bool, chars: int, context: int,
+                        deadline: float, param: str) -> list[int]:
+        """The ids of `prompt` (chat: messages through the template). Short prompts on the
+        event loop (a thread hop costs more); long ones in a tokenize thread with the GIL
+        released, admitted by `_TokenizeGate`, so the loop goes on serving meanwhile."""
+        refused = None
         try:
             if chars < OFFLOAD_CHARS:
-                return encode(prompt)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._tokenize_pool, encode, prompt)
+                ids = _encode_within(tok, prompt, chat, context)
+            else:
+                gate = self._tokenize_gate
+                await gate.acquire(chars, deadline - time.monotonic())
+                loop = asyncio.get_running_loop()
+                try:
+                    work = loop.run_in_executor(self._tokenize_pool, _encode_within, tok,
+                                                prompt, chat, context)
+                except BaseException:
+                    gate.release(chars)
+                    raise
+                # Released when the thread is done, not when we stop waiting: a request that
+                # goes away leaves its tokenizer memory in use until then.
+                work.add_done_callback(lambda _: gate.release(chars))
+                ids = await asyncio.shield(work)
         except TokenizerError as exc:  # e.g. a chat template that refuses the messages
-            raise bad_request(str(exc), param=param) from None
+            refused = str(exc)
+        # Raised outside the except clause, so that the error carries no chain back to the
+        # tokenizer's frames (which hold the prompt).
+        if refused is not None:
+            raise bad_request(refused, param=param)
+        if isinstance(ids, _TooLong):
+            raise _context_exceeded(
+                context, f"has more than {ids.at_least} tokens (in its first {ids.head_chars} "
+                "characters alone)", param)
+        return ids
 
     def _job(self, req: JobRequest, entry: ModelEntry, prompt_ids: list[int],
-             tokenizer: Tokenizer | None) -> Job:
+             tokenizer: Tokenizer | None, deadline: float) -> Job:
         """Check limits and build the Job; every rejection names the offending field."""
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
@@ -249,11 +470,8 @@ class Pipeline:
         context = entry.context_length
         max_tokens, max_tokens_param = req.max_tokens, req.max_tokens_param
         if context and n_prompt >= context:
-            raise bad_request(
-                f"This model's maximum context length is {context} tokens. However, your prompt "
-                f"has {n_prompt} tokens. Please reduce the length of the prompt.",
-                param="messages" if req.endpoint == "chat" else "prompt",
-                code="context_length_exceeded")
+            raise _context_exceeded(context, f"has {n_prompt} tokens",
+                                    "messages" if req.messages is not None else "prompt")
         if max_tokens is None:
             max_tokens = (context - n_prompt) if context else 4096
         elif max_tokens < 1:
@@ -265,9 +483,18 @@ class Pipeline:
                 f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the "
                 f"completion). Please reduce the prompt or {max_tokens_param}.",
                 param=max_tokens_param, code="context_length_exceeded")
-        if req.min_tokens < 0:
-            raise bad_request("min_tokens must be >= 0", param="min_tokens")
+        elif max_tokens > _INT32_MAX:
+            raise bad_request(f"{max_tokens_param} must be at most {_INT32_MAX}, got {max_tokens}",
+                              param=max_tokens_param)
+        if not 0 <= req.min_tokens <= max_tokens:
+            raise bad_request(f"min_tokens must be between 0 and the maximum number of tokens to "
+                              f"generate ({max_tokens}), got {req.min_tokens}", param="min_tokens")
         top_k = req.top_k
+        if top_k is not None and not -_INT32_MAX - 1 <= top_k <= _INT32_MAX:
+            raise bad_request(f"top_k must be a 32-bit integer, got {top_k}", param="top_k")
+        if req.seed is not None and not _SEED_MIN <= req.seed <= _SEED_MAX:
+            raise bad_request(f"seed must fit in 64 bits ({_SEED_MIN} to {_SEED_MAX}), got "
+                              f"{req.seed}", param="seed")
         vocab = tokenizer.vocab_size if tokenizer is not None else None
         try:
             sampling = proto.SamplingParams(
@@ -279,16 +506,17 @@ class Pipeline:
             text = str(exc)
             param = text.split(" ", 1)[0]
             raise bad_request(text.split(" - at")[0], param=param) from None
+        if vocab is None:  # no tokenizer: only the wire's bound on token ids
+            vocab = _INT32_MAX + 1
         for tid in req.stop_token_ids:
-            if tid < 0 or (vocab is not None and tid >= vocab):
+            if tid < 0 or tid >= vocab:
                 raise bad_request(f"stop token id {tid} is outside the vocabulary", param="stop")
         return Job(
             request_id=req.request_id, model=entry.name, endpoint=req.endpoint,
             prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling, tokenizer=tokenizer,
             stop_strings=req.stop_strings, stop_token_ids=req.stop_token_ids,
             ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, detokenize=req.detokenize,
-            deadline=time.monotonic() + (req.timeout or self.request_timeout),
-            arrival=req.arrival)
+            deadline=deadline, arrival=req.arrival)
 
     # -- generation -----------------------------------------------------------------------
 
@@ -297,10 +525,13 @@ class Pipeline:
 
         Each pass of the loop routes the rest of the request and runs one attempt (one worker
         stream); a worker failure goes to `_after_failure`, which gives up or lets the loop
-        route again, excluding the workers that failed."""
+        route again, excluding the workers that failed; a failure of our NATS connection goes
+        to `_after_bus_failure`, which waits for the reconnect."""
         progress = _Progress(job, self.metrics, self.stats)
-        excluded: list[int] = []
+        excluded: list[int] = []  # workers that failed this request
         failures = 0
+        bus_retries = 0
+        bus = self.bus
         try:
             while True:
                 remaining_s = job.deadline - time.monotonic()
@@ -312,6 +543,9 @@ class Pipeline:
                         yield tail
                     yield progress.final("length")
                     return
+                if not bus.connected:  # do not send into a connection that is down
+                    await self._wait_for_bus(job)
+                    continue
                 prompt = job.prompt_ids + progress.generated if progress.generated else job.prompt_ids
                 packed = pack_tokens(prompt)
                 exclude = excluded
@@ -320,9 +554,7 @@ class Pipeline:
                     # Every other worker excluded: the router still records the decision (its
                     # load view stays true) and can only pick the pinned one.
                     exclude = [w for w in entry.cards if w != job.pin_worker]
-                decision = await self.router.route(proto.RouteRequest(
-                    request_id=job.request_id, model=job.model, token_ids=packed,
-                    max_tokens=max_tokens, exclude=exclude))
+                decision = await self._route(job, packed, max_tokens, exclude)
                 worker = decision.worker_id
                 card = self.registry.card(job.model, worker) if worker is not None else None
                 if card is not None and job.on_routed is not None:
@@ -346,6 +578,7 @@ class Pipeline:
                         ignore_eos=job.ignore_eos,
                         min_tokens=max(0, job.min_tokens - len(progress.generated))),
                     deadline_ms=int((time.time() + remaining_s) * 1000))
+                disconnects = bus.disconnects
                 try:
                     # aclosing: a consumer that leaves closes the attempt at once, which
                     # cancels the worker's stream.
@@ -355,6 +588,10 @@ class Pipeline:
                             yield item
                     return
                 except StreamError as exc:
+                    if self._bus_failed(exc, disconnects):
+                        bus_retries += 1
+                        await self._after_bus_failure(exc, job, progress, worker, bus_retries)
+                        continue
                     failures += 1
                     excluded.append(worker)
                     self._after_failure(exc, job, progress, worker, failures)
@@ -363,6 +600,63 @@ class Pipeline:
             raise
         finally:
             progress.itl.flush()
+
+    async def _route(self, job: Job, packed: bytes, max_tokens: int,
+                     excluded: list[int]) -> proto.RouteDecision:
+        """Ask the router for a worker, avoiding those that failed this request and the
+        suspects (workers that failed any request lately); when only suspects are left, one
+        of them is better than none."""
+        suspects = self.suspects.current()
+        avoid = excluded + [w for w in suspects if w not in excluded] if suspects else excluded
+        decision = await self.router.route(proto.RouteRequest(
+            request_id=job.request_id, model=job.model, token_ids=packed,
+            max_tokens=max_tokens, exclude=list(avoid)))
+        if decision.worker_id is None and len(avoid) > len(excluded):
+            decision = await self.router.route(proto.RouteRequest(
+                request_id=job.request_id, model=job.model, token_ids=packed,
+                max_tokens=max_tokens, exclude=list(excluded)))
+        if decision.worker_id is not None and decision.worker_id in self.suspects:
+            self.metrics.suspect_routes.labels(job.model).inc()
+        return decision
+
+    def _bus_failed(self, exc: StreamError, disconnects: int) -> bool:
+        """Whether the attempt failed because of our NATS connection rather than the worker:
+        the connection dropped meanwhile (every stream in flight ends with Disconnected,
+        frames sent while it was down are lost), or nobody answered right after it came back
+        (the worker may not have reconnected yet)."""
+        if not isinstance(exc, _MIGRATABLE):  # an answer (an error frame) or our deadline
+            return False
+        bus = self.bus
+        if bus.disconnects != disconnects or not bus.connected or isinstance(exc, Disconnected):
+            return True
+        return isinstance(exc, NoResponders) and bus.since_reconnect() < RECONNECT_GRACE_S
+
+    async def _wait_for_bus(self, job: Job) -> None:
+        """Wait for the NATS connection (at most reconnect_wait_s, within the deadline)."""
+        wait_s = min(self.reconnect_wait_s, job.deadline - time.monotonic())
+        if not await self.bus.wait_connected(max(0.0, wait_s)):
+            if time.monotonic() >= job.deadline:
+                raise _deadline_exceeded()
+            raise ApiError(503, f"the frontend's NATS connection is down (waited {wait_s:.1f} s "
+                                "for it to come back)", type="server_error", code="disconnected")
+
+    async def _after_bus_failure(self, exc: StreamError, job: Job, progress: _Progress,
+                                 worker: int, retries: int) -> None:
+        """An attempt lost to our NATS connection: wait until it is back (and, for a worker
+        that did not answer right after the reconnect, a short backoff while it reconnects),
+        then the loop routes again. No worker is blamed; the retry does not count against
+        migration_limit, but MAX_BUS_RETRIES and the deadline bound it."""
+        if retries > MAX_BUS_RETRIES:
+            raise _stream_error(exc, f"NATS failed {retries} times, giving up: ") from None
+        phase = "after_first_token" if progress.generated else "before_first_token"
+        self.metrics.migrations.labels(job.model, phase).inc()
+        log.warning("request_retrying_after_nats", request_id=job.request_id,
+                    worker=f"{worker:x}", error=str(exc), phase=phase,
+                    tokens_so_far=len(progress.generated))
+        await self._wait_for_bus(job)
+        if isinstance(exc, NoResponders):
+            delay = min(0.5, 0.05 * 2 ** min(retries, 4))
+            await asyncio.sleep(min(delay, max(0.0, job.deadline - time.monotonic())))
 
     async def _attempt(self, job: Job, progress: _Progress, subject: str,
                        request: proto.GenerateRequest,
@@ -459,6 +753,12 @@ class Pipeline:
         if not (isinstance(exc, _MIGRATABLE) or (isinstance(exc, RemoteError)
                                                  and exc.error.retryable)):
             raise _stream_error(exc) from None
+        if isinstance(exc, _WORKER_GONE) or (isinstance(exc, RemoteError)
+                                              and exc.error.code == "shutting_down"):
+            if self.suspects.mark(worker):
+                self.metrics.worker_failures.labels(job.model, exc.error.code).inc()
+                log.warning("worker_suspected", worker=f"{worker:x}", error=str(exc),
+                            request_id=job.request_id)
         if failures > self.migration_limit:
             raise _stream_error(exc, f"worker failed {failures} times, giving up: ") from None
         phase = "after_first_token" if progress.generated else "before_first_token"
@@ -518,6 +818,34 @@ def _logprob_entries(frames) -> list:
         out += [(t, lp, list(zip(ti, tl, strict=True)))
                 for t, lp, ti, tl in zip(ids, lps, top_ids, top_lps, strict=True)]
     return out
+
+
+def _message_chars(messages: list[dict]) -> int:
+    """Characters a chat prompt brings before its template: the messages' text fields."""
+    total = 0
+    for m in messages:
+        for value in m.values():
+            if isinstance(value, str):
+                total += len(value)
+    return total
+
+
+def _context_exceeded(context: int, what: str, param: str) -> ApiError:
+    return bad_request(f"This model's maximum context length is {context} tokens. However, your "
+                       f"prompt {what}. Please reduce the length of the prompt.",
+                       param=param, code="context_length_exceeded")
+
+
+def _router_suspects(router) -> SuspectWorkers:
+    """The suspects kept by the feeds of the router in this process (the embedded router, or
+    the service client's warm fallback), which clear a mark when the worker proves alive;
+    without one (router service, no fallback) our own, whose marks end by expiry."""
+    for candidate in (router, getattr(router, "fallback", None)):
+        feeds = getattr(candidate, "feeds", None)
+        suspects = getattr(feeds, "suspects", None)
+        if isinstance(suspects, SuspectWorkers):
+            return suspects
+    return SuspectWorkers()
 
 
 def _deadline_exceeded() -> ApiError:

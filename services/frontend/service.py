@@ -41,8 +41,9 @@ class FrontendOptions:
         "deadline of every request, seconds", min=0.1))
     migration_limit: int = field(default=3, metadata=opt(
         "times a request may move to another worker after its worker failed", min=0))
-    heartbeat_timeout: float = field(default=5.0, metadata=opt(
-        "silence from a worker (seconds) after which it is presumed dead", min=0.5))
+    heartbeat_timeout: float = field(default=1.5, metadata=opt(
+        "silence from a worker (seconds) after which it is presumed dead and its requests "
+        "move on (workers heartbeat after at most 0.625 s of silence)", min=0.5))
     api_key: str | None = field(default=None, metadata=opt(
         "require `Authorization: Bearer <key>` on /v1 endpoints (comma-separated keys)",
         secret=True))
