@@ -132,6 +132,9 @@ class AsyncEngineDriver(Engine):
         self.step_ms_ewma = 0.0
         self.num_steps = 0
         self._streams: dict[str, RequestStream] = {}
+        # requests being timed (EngineRequest.trace) until their first token: stepping
+        # checks this dict's truthiness once per step, nothing more when nobody is timed
+        self._traced: dict[str, dict[str, float]] = {}
         self._kv_fanout = KvEventFanout()
         self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any] | None]]
         self._commands = deque()
@@ -179,12 +182,21 @@ class AsyncEngineDriver(Engine):
             )
         stream = RequestStream(request.request_id, self.abort, self.stream_maxsize)
         self._streams[request.request_id] = stream
+        trace = request.trace
+        if trace is not None:
+            self._traced[request.request_id] = trace
         try:
-            await self._call(lambda: self.core.add_request(request))
+            await self._call(lambda: self._add(request, trace))
         except BaseException:
             self._streams.pop(request.request_id, None)
+            self._traced.pop(request.request_id, None)
             raise
         return stream
+
+    def _add(self, request: EngineRequest, trace: dict[str, float] | None) -> None:
+        self.core.add_request(request)
+        if trace is not None:  # queued in the core now (the caller resumes later)
+            trace["w_admitted"] = time.time()
 
     async def abort(self, request_id: str) -> None:
         if self._finish_stream(request_id, FINISH_CANCELLED):
@@ -265,12 +277,16 @@ class AsyncEngineDriver(Engine):
             if not core.has_work():
                 self._wake_thread.wait(0.5)
                 continue
+            traced = self._traced
+            started = time.time() if traced else 0.0
             try:
                 outputs, step_ms = core.step()
             except Exception as exc:
                 log.exception("engine step failed")
                 loop.call_soon_threadsafe(self._fail, repr(exc))
                 return
+            if traced:
+                self._stamp_first_step(outputs, started, step_ms)
             batch = core.take_kv_batch(now_ms())
             load = core.load_report(now_ms(), self._ewma(step_ms))
             loop.call_soon_threadsafe(self._deliver, outputs, batch, load)
@@ -278,6 +294,16 @@ class AsyncEngineDriver(Engine):
                 # nothing could be scheduled (e.g. blocks pinned): don't spin
                 self._wake_thread.wait(0.01)
         self._run_commands()
+
+    def _stamp_first_step(self, outputs: list[EngineOutput], started: float,
+                          step_ms: float) -> None:
+        """Timed requests whose first token this step computed: when it started, how long."""
+        traced = self._traced
+        for out in outputs:
+            stamps = traced.pop(out.request_id, None)
+            if stamps is not None:
+                stamps["w_first_step"] = started
+                stamps["w_step_ms"] = step_ms
 
     # ---- delivery (on the loop) -------------------------------------------------------------
 
@@ -309,6 +335,7 @@ class AsyncEngineDriver(Engine):
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return False
+        self._traced.pop(request_id, None)
         last = stream.last
         stream.put(
             EngineOutput(

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -453,6 +454,8 @@ class MockerDriver(AsyncEngineDriver):
                 await wake.wait()
                 step_end = clock()
                 continue
+            traced = self._traced
+            started = time.time() if traced else 0.0
             try:
                 outputs, step_ms = core.step()
             except Exception as exc:
@@ -460,6 +463,8 @@ class MockerDriver(AsyncEngineDriver):
                 self._deliver_held(held, last_ewma)
                 self._fail(repr(exc))
                 return
+            if traced:
+                self._stamp_first_step(outputs, started, step_ms)
             if not outputs and step_ms <= 0:
                 if held:
                     self._deliver_held(held, last_ewma)

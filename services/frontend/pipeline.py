@@ -38,6 +38,7 @@ from genset.runtime.bus_errors import (
     RemoteError,
     StreamError,
 )
+from genset.runtime.timeline import Timeline, TimelineSink
 from genset.tokenizer import OFFLOAD_CHARS, Tokenizer, TokenizerError
 from proto.tokens import pack_tokens, unpack_tokens
 from services.frontend.errors import ApiError, bad_request, from_error_info, no_worker
@@ -102,6 +103,7 @@ class Job:
     detokenize: bool = True
     deadline: float = 0.0  # time.monotonic() after which the request fails
     arrival: float = 0.0  # time.perf_counter() at arrival
+    timeline: Timeline | None = None  # the request's stage stamps (frontend --timeline)
 
 
 class Final:
@@ -142,7 +144,8 @@ class _Progress:
 class Pipeline:
     def __init__(self, *, bus, registry: ModelRegistry, router, metrics: FrontendMetrics,
                  request_timeout: float = 600.0, migration_limit: int = 3,
-                 heartbeat_timeout: float = 5.0, coalesce: bool = True) -> None:
+                 heartbeat_timeout: float = 5.0, coalesce: bool = True,
+                 timeline: TimelineSink | None = None) -> None:
         self.bus = bus
         self.registry = registry
         self.router = router
@@ -151,6 +154,7 @@ class Pipeline:
         self.migration_limit = migration_limit
         self.heartbeat_timeout = heartbeat_timeout
         self.coalesce = coalesce
+        self.timeline = timeline  # None (default): requests are not timed, at no cost
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
     def close(self) -> None:
@@ -197,7 +201,11 @@ class Pipeline:
             if any(t < 0 or t >= tok.vocab_size for t in prompt_ids):
                 raise bad_request(f"prompt token ids must be in [0, {tok.vocab_size})",
                                   param="prompt")
-        return self._job(req, entry, prompt_ids or [], tok)
+        job = self._job(req, entry, prompt_ids or [], tok)
+        if self.timeline is not None:
+            job.timeline = self.timeline.new(req.request_id, req.arrival)
+            job.timeline.stamp("tokenized")
+        return job
 
     async def _tokenizer(self, entry: ModelEntry) -> Tokenizer:
         tok = entry.tokenizer_now()
@@ -280,6 +288,8 @@ class Pipeline:
         progress = _Progress(job, self.metrics)
         excluded: list[int] = []
         failures = 0
+        tl = job.timeline
+        ok = False
         try:
             while True:
                 remaining_s = job.deadline - time.monotonic()
@@ -297,6 +307,8 @@ class Pipeline:
                     request_id=job.request_id, model=job.model, token_ids=packed,
                     max_tokens=max_tokens, exclude=excluded))
                 worker = decision.worker_id
+                if tl is not None:
+                    tl.stamp("routed")
                 card = self.registry.card(job.model, worker) if worker is not None else None
                 if card is None:
                     if worker is None:
@@ -316,14 +328,19 @@ class Pipeline:
                         max_tokens=max_tokens, stop_token_ids=job.stop_token_ids,
                         ignore_eos=job.ignore_eos,
                         min_tokens=max(0, job.min_tokens - len(progress.generated))),
-                    deadline_ms=int((time.time() + remaining_s) * 1000))
+                    deadline_ms=int((time.time() + remaining_s) * 1000),
+                    timeline=tl is not None)
                 try:
                     # aclosing: a consumer that leaves closes the attempt at once, which
                     # cancels the worker's stream.
                     async with contextlib.aclosing(self._attempt(
                             job, progress, card.generate_subject, request, remaining_s)) as items:
                         async for item in items:
+                            if tl is not None and type(item) is Final:
+                                ok = True  # a consumer may close the generator at the Final
                             yield item
+                            if tl is not None:  # the consumer wrote it and asks for more
+                                tl.stamp("first_written")
                     return
                 except StreamError as exc:
                     failures += 1
@@ -331,6 +348,11 @@ class Pipeline:
                     self._after_failure(exc, job, progress, worker, failures)
         finally:
             progress.itl.flush()
+            if tl is not None:
+                tl.stamp("done")
+                self.timeline.write(tl, ok, prompt_tokens=progress.prompt_tokens,
+                                    cached_tokens=progress.cached,
+                                    output_tokens=len(progress.generated))
 
     async def _attempt(self, job: Job, progress: _Progress, subject: str,
                        request: proto.GenerateRequest,
@@ -343,6 +365,9 @@ class Pipeline:
         try:
             stream = await self.bus.stream_request(subject, request, timeout=remaining_s,
                                                    heartbeat_timeout=self.heartbeat_timeout)
+            tl = job.timeline
+            if tl is not None:
+                tl.stamp("sent")
             # Frames that queued up while we were busy are taken together: one detokenize
             # call and one event out instead of one per frame, so a loaded frontend spends
             # less per token exactly when it matters.
@@ -365,6 +390,8 @@ class Pipeline:
                         itl.observe((now - progress.last_at) / n, n)
                     else:
                         started = True
+                        if tl is not None:
+                            tl.stamp("first_token")
                         router.on_first_token(job.request_id)
                         if progress.first_at:  # after a migration the wait is an inter-token gap
                             n = len(ids)
@@ -387,6 +414,8 @@ class Pipeline:
                         raise from_error_info(chunk.error)
                     if chunk.usage is not None:
                         progress.cached = min(chunk.usage.cached_tokens, progress.prompt_tokens)
+                        if tl is not None:
+                            tl.merge_worker(chunk.usage.timeline)
                     if (tail := text.flush()) is not None:
                         yield tail
                     yield progress.final(chunk.finish_reason or "stop")
