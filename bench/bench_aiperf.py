@@ -227,11 +227,14 @@ def run_aiperf(system, args, concurrency: int, run_dir: Path) -> dict:
         extra = ["--num-prefix-prompts", str(args.prefix_prompts),
                  "--prefix-prompt-length", str(args.prefix_length)]
     cmd = [str(PEERS / "aiperf" / "run.sh"), system.url, MODEL_NAME, str(PEER_DIR / "model"),
-           str(run_dir / "aiperf"), *extra]
+           str(run_dir / "a"), *extra]
     with open(run_dir / "run.log", "wb") as log:
         subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                        timeout=args.run_timeout + 120)
-    return json.loads((run_dir / "aiperf" / "summary.json").read_text())
+    summary = run_dir / "a" / "summary.json"
+    if not summary.exists():
+        raise RuntimeError(f"aiperf gave no summary; see {run_dir / 'run.log'}")
+    return json.loads(summary.read_text())
 
 
 def server_cpu(summary: dict, pids: dict[str, int]) -> dict[str, float]:
@@ -323,10 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--genset-arg", action="append", default=[], help="extra `genset up` argument")
     p.add_argument("--genset-env", action="append", default=[], help="NAME=VALUE for genset up")
     p.add_argument("--baseline", default="", help="checkout run as genset-base")
-    p.add_argument("--dynamo-dir", default="/tmp/genset-aiperf-dynpeer")
+    p.add_argument("--dynamo-dir", default="/tmp/gba-dynpeer")
     p.add_argument("--dynamo-port-base", type=int, default=18890)
     p.add_argument("--run-timeout", type=int, default=600)
-    p.add_argument("--out-dir", default="/tmp/genset-bench-aiperf")
+    p.add_argument("--out-dir", default="/tmp/gba", help="keep it short (aiperf socket paths)")
     args = p.parse_args(argv)
     if not (PEER_DIR / "venv" / "bin" / "python").exists():
         print(f"Dynamo peer not installed in {PEER_DIR}: run {PEERS}/dynamo/setup.sh",
@@ -339,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.reps):
             order = args.systems if rep % 2 == 0 else list(reversed(args.systems))
             for spec in order:
-                tag = f"{spec.replace(':', '_')}_w{args.workers}_s{args.speedup:g}_c{conc}_r{rep}"
+                # short: aiperf's ZMQ socket paths under the run directory must stay under
+                # 107 characters
+                short = (spec.replace("genset-base", "gb").replace("genset", "g")
+                         .replace("dynamo", "d").replace("round-robin", "rr")
+                         .replace("embedded", "emb").replace(":", "-"))
+                tag = f"{short}-w{args.workers}s{args.speedup:g}c{conc}r{rep}"
                 run_dir = out / tag
                 run_dir.mkdir(parents=True, exist_ok=True)
                 system = make_system(spec, args, run_dir)
