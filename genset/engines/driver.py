@@ -44,7 +44,8 @@ class RequestStream:
     """Async iterator over one request's `EngineOutput`s. Bounded: when more than `maxsize`
     outputs are pending, new ones are merged into the newest pending one."""
 
-    __slots__ = ("_abort", "_event", "_finished", "_items", "last", "maxsize", "request_id")
+    __slots__ = ("_abort", "_event", "_finished", "_items", "direct", "last", "maxsize",
+                 "request_id")
 
     def __init__(self, request_id: str, abort: Callable[[str], Any], maxsize: int = 64) -> None:
         self.request_id = request_id
@@ -54,6 +55,10 @@ class RequestStream:
         self._finished = False  # the final output has been queued
         self._abort = abort
         self.last: EngineOutput | None = None  # the latest output put, for usage on abort
+        # Set by the consumer: `direct(output) -> bool` takes a plain output (not the last,
+        # nothing queued before it) at delivery, so the consumer's task is not woken for
+        # it; False leaves it to the queue. The worker host sends such tokens this way.
+        self.direct: Callable[[EngineOutput], bool] | None = None
 
     @property
     def finished(self) -> bool:
@@ -324,6 +329,11 @@ class AsyncEngineDriver(Engine):
             stream = streams.get(out.request_id)
             if stream is None:
                 continue  # aborted meanwhile
+            direct = stream.direct
+            if (direct is not None and out.finish_reason is None and not stream._items
+                    and direct(out)):
+                stream.last = out
+                continue
             stream.put(out)
             if out.finish_reason is not None:
                 del streams[out.request_id]

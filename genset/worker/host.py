@@ -50,6 +50,7 @@ from genset.runtime.bus_errors import Disconnected, StreamCancelled, StreamClose
 from genset.runtime.service import build_instance_record
 from genset.runtime.timeline import worker_stamp
 from genset.worker.clock import now_ms, wait_event
+from genset.worker.frames import direct_sender
 from genset.worker.hooks import PrefillDone, WorkerContext, WorkerHooks, overridden
 from genset.worker.kv_feed import KvFeed
 from genset.worker.load import LoadReporter
@@ -389,6 +390,10 @@ class WorkerHost:
                         await rs.send(proto.pack_tokens(out.token_ids), logprobs=lp)
                     if stamps is not None:
                         worker_stamp(stamps, "w_first_sent")
+                    if stream.direct is None and lp is None:
+                        # the following plain frames go out from the step's delivery
+                        # (genset.worker.frames): this task wakes again for the last one
+                        stream.direct = direct_sender(rs, self.m.tokens)
                     continue
                 reason = out.finish_reason
                 if reason == FINISH_CANCELLED:
