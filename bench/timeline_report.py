@@ -36,7 +36,9 @@ TTFT = ("ttft_server", "received", "first_written")
 AFTER = (("rest_of_stream", "first_written", "done"),)
 
 
-def load(path: Path, skip: int = 0) -> list[dict]:
+def load(path: Path, skip: int = 0, gc_pauses: list | None = None) -> list[dict]:
+    """The requests of a timeline file by arrival (the first `skip` dropped); the garbage
+    collection pauses it also records go to `gc_pauses` when given."""
     recs = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -44,9 +46,14 @@ def load(path: Path, skip: int = 0) -> list[dict]:
             if not line:
                 continue
             try:
-                recs.append(json.loads(line))
+                rec = json.loads(line)
             except ValueError as exc:
                 raise SystemExit(f"{path}:{n}: not a JSON line: {exc}") from None
+            if "gc" in rec:
+                if gc_pauses is not None:
+                    gc_pauses.append(rec)
+                continue
+            recs.append(rec)
     recs.sort(key=lambda r: r.get("t0", 0.0))
     return recs[skip:]
 
@@ -124,9 +131,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no such file: {path}", file=sys.stderr)
             return 2
         label = a.label[i] if i < len(a.label) else str(path)
-        b = breakdown(load(path, a.skip))
+        pauses: list[dict] = []
+        b = breakdown(load(path, a.skip, pauses))
+        b["gc_pauses"] = {"count": len(pauses), "total_ms": sum(p["ms"] for p in pauses),
+                          "max_ms": max((p["ms"] for p in pauses), default=0.0)}
         results[label] = b
         print(table(label, b))
+        g = b["gc_pauses"]
+        print(f"\ngarbage collections >= 5 ms in the frontend: {g['count']} "
+              f"(total {g['total_ms']:.1f} ms, longest {g['max_ms']:.1f} ms)")
         print()
     if a.json is not None:
         a.json.write_text(json.dumps(results, indent=1))

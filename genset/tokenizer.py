@@ -19,6 +19,7 @@ import json
 import re
 import sys
 import threading
+from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,12 @@ class SegmentCache:
     MAX_BYTES = 32 * 1024 * 1024
     MAX_ENTRIES = 512
     CHECKS = 32
+    # A piece is cached the second time it is seen (its hash is remembered the first time,
+    # in a bounded set): a prompt that never recurs (every aiperf synthetic prompt, most user
+    # turns) costs no copy of its ids, no cache churn and no garbage-collector work. Its ids
+    # are kept packed (array, not a list of ints): a list of 1,000 ids is one more container
+    # for every full collection to walk (512 of them: ~0.5 M references per collection).
+    SEEN_MAX = 8192
 
     def __init__(self, rust: _RustTokenizer, added: dict[str, int]) -> None:
         self.rust = rust
@@ -218,8 +225,9 @@ class SegmentCache:
         self.added = added
         alternatives = "|".join(re.escape(c) for c in sorted(added, key=len, reverse=True))
         self.split = re.compile(f"({alternatives})").split
-        # piece -> (ids, accounted bytes), in use order, least recent first
-        self.cache: dict[str, tuple[list[int], int]] = {}
+        # piece -> (packed ids, accounted bytes), in use order, least recent first
+        self.cache: dict[str, tuple[array, int]] = {}
+        self.seen: dict[int, None] = {}  # hashes of pieces seen once, oldest first
         self.bytes = 0  # the sum of the accounted bytes
         self.checks_left = self.CHECKS
         self.enabled = True
@@ -242,36 +250,48 @@ class SegmentCache:
         return self._ids(text, False)
 
     @staticmethod
-    def _cost(piece: str, ids: list[int]) -> int:
-        # The str object (with the UTF-8 copy the Rust call may have left in it), the list,
-        # and an int object per id (only ids up to 256 are shared). Computed once, at
-        # insertion: the size of an equal str varies with that UTF-8 copy.
-        return sys.getsizeof(piece) + sys.getsizeof(ids) + 32 * len(ids)
+    def _cost(piece: str, packed: array) -> int:
+        # The str object (with the UTF-8 copy the Rust call may have left in it) and the
+        # packed ids. Computed once, at insertion: the size of an equal str varies with that
+        # UTF-8 copy.
+        return sys.getsizeof(piece) + sys.getsizeof(packed)
 
     def _lookup(self, piece: str) -> list[int]:
         cache = self.cache
+        key = hash(piece)
         with self.lock:
             entry = cache.pop(piece, None)
             if entry is not None:
                 cache[piece] = entry  # now the most recently used
-                return entry[0]
+                return entry[0].tolist()
+            seen = self.seen
+            first = key not in seen
+            if first:
+                seen[key] = None
+                if len(seen) > self.SEEN_MAX:
+                    del seen[next(iter(seen))]
         ids = self._encode_plain(piece)
-        cost = self._cost(piece, ids)
+        if first:
+            return ids
+        packed = array("i", ids)
+        cost = self._cost(piece, packed)
         if cost > self.MAX_BYTES:
             return ids
         with self.lock:
+            self.seen.pop(key, None)
             if piece in cache:  # another thread got there first
                 return ids
             while cache and (self.bytes + cost > self.MAX_BYTES
                              or len(cache) >= self.MAX_ENTRIES):
                 self.bytes -= cache.pop(next(iter(cache)))[1]
-            cache[piece] = (ids, cost)
+            cache[piece] = (packed, cost)
             self.bytes += cost
         return ids
 
     def clear(self) -> None:
         with self.lock:
             self.cache.clear()
+            self.seen.clear()
             self.bytes = 0
 
     def encode(self, text: str) -> list[int]:

@@ -31,6 +31,7 @@ arrival with the frontend's clock: exact on one host, off by the clock offset ac
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 
 import msgspec
@@ -100,12 +101,19 @@ class TimelineSink:
     left on cannot fill a disk.
     """
 
+    # A garbage collection at least this long is written too (`{"gc": generation, "ms",
+    # "t"}`): a collection stops every stream of the process, so a stage that took far longer
+    # than it should is explained when one ran then.
+    GC_PAUSE_MS = 5.0
+
     def __init__(self, path: str, *, max_records: int = 1_000_000) -> None:
         self.path = path
         self.max_records = max_records
         self.written = 0
         self._encode = msgspec.json.Encoder().encode
         self._file = open(path, "a", buffering=1, encoding="utf-8")  # closed in close()
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
 
     def new(self, request_id: str, arrival_perf: float) -> Timeline:
         return Timeline(request_id, arrival_perf)
@@ -124,7 +132,19 @@ class TimelineSink:
             log.warning("timeline file reached its limit; no more records", path=self.path,
                         records=self.written)
 
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._gc_started) * 1000.0
+        if ms >= self.GC_PAUSE_MS and self._file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._file.write(self._encode({"gc": info.get("generation"), "ms": round(ms, 3),
+                                               "t": round(time.time(), 6)}).decode() + "\n")
+
     def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_gc)
         f, self._file = self._file, None
         if f is not None:
             with contextlib.suppress(OSError):
