@@ -19,6 +19,7 @@ import json
 import re
 import sys
 import threading
+from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,11 @@ from typing import Any
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers.decoders import DecodeStream
 
-# Prompts shorter than this (characters) are tokenized on the event loop: a thread hop costs
-# more than encoding a few thousand characters (~0.3 ms per 1,000 tokens).
+# Prompts shorter than this (characters) are tokenized on the event loop. Not lower: a prompt
+# tokenized in a thread waits for the GIL at each of its Python steps (template, segment split,
+# each Rust call's return) while the loop thread holds it, up to the 5 ms switch interval each
+# time; with ~4,500-character prompts on a busy frontend (threshold 2,048, measured with
+# --timeline) that made tokenizing take 25 ms p50 / 69 ms p90 instead of 7 / 16 inline.
 OFFLOAD_CHARS = 16384
 
 # Texts at least this long are encoded through `encode_batch_fast`, which releases the GIL
@@ -44,10 +48,16 @@ ENCODE_BYTES_PER_CHAR = 140
 
 
 def encode_ids(rust: _RustTokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    """`rust.encode(text).ids`, with the GIL released for long texts (see RELEASE_GIL_CHARS)."""
-    if len(text) >= RELEASE_GIL_CHARS:
-        batch = getattr(rust, "encode_batch_fast", None) or rust.encode_batch  # < 0.21: no _fast
-        return batch([text], add_special_tokens=add_special_tokens)[0].ids
+    """`rust.encode(text).ids`, through `encode_batch_fast` on one text where the tokenizers
+    package has it (0.20+): the same ids without the character offsets `encode` computes,
+    which cost ~20 % of the time (1.17 vs 1.47 ms on ~1,000-token prompts, measured), and
+    with the GIL released, so a long prompt tokenized in a thread does not hold the event
+    loop (see RELEASE_GIL_CHARS)."""
+    fast = getattr(rust, "encode_batch_fast", None)
+    if fast is not None:
+        return fast([text], add_special_tokens=add_special_tokens)[0].ids
+    if len(text) >= RELEASE_GIL_CHARS:  # tokenizers < 0.20: encode_batch releases the GIL too
+        return rust.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
     return rust.encode(text, add_special_tokens=add_special_tokens).ids
 
 
@@ -220,14 +230,21 @@ class SegmentCache:
     # Texts longer than this are not used for the checks: a check encodes the text a second
     # time, which for a prompt of megabytes doubles its cost (and its peak memory).
     CHECK_MAX_CHARS = 256 * 1024
+    # A piece is cached the second time it is seen (its hash is remembered the first time,
+    # in a bounded set): a prompt that never recurs (every aiperf synthetic prompt, most user
+    # turns) costs no copy of its ids, no cache churn and no garbage-collector work. Its ids
+    # are kept packed (array, not a list of ints): a list of 1,000 ids is one more container
+    # for every full collection to walk (512 of them: ~0.5 M references per collection).
+    SEEN_MAX = 8192
 
     def __init__(self, rust: _RustTokenizer, added: dict[str, int]) -> None:
         self.rust = rust
         self.added = added
         alternatives = "|".join(re.escape(c) for c in sorted(added, key=len, reverse=True))
         self.split = re.compile(f"({alternatives})").split
-        # piece -> (ids, accounted bytes), in use order, least recent first
-        self.cache: dict[str, tuple[list[int], int]] = {}
+        # piece -> (packed ids, accounted bytes), in use order, least recent first
+        self.cache: dict[str, tuple[array, int]] = {}
+        self.seen: dict[int, None] = {}  # hashes of pieces seen once, oldest first
         self.bytes = 0  # the sum of the accounted bytes
         self.checks_left = self.CHECKS
         self.enabled = True
@@ -250,36 +267,48 @@ class SegmentCache:
         return encode_ids(self.rust, text, False)
 
     @staticmethod
-    def _cost(piece: str, ids: list[int]) -> int:
-        # The str object (with the UTF-8 copy the Rust call may have left in it), the list,
-        # and an int object per id (only ids up to 256 are shared). Computed once, at
-        # insertion: the size of an equal str varies with that UTF-8 copy.
-        return sys.getsizeof(piece) + sys.getsizeof(ids) + 32 * len(ids)
+    def _cost(piece: str, packed: array) -> int:
+        # The str object (with the UTF-8 copy the Rust call may have left in it) and the
+        # packed ids. Computed once, at insertion: the size of an equal str varies with that
+        # UTF-8 copy.
+        return sys.getsizeof(piece) + sys.getsizeof(packed)
 
     def _lookup(self, piece: str) -> list[int]:
         cache = self.cache
+        key = hash(piece)
         with self.lock:
             entry = cache.pop(piece, None)
             if entry is not None:
                 cache[piece] = entry  # now the most recently used
-                return entry[0]
+                return entry[0].tolist()
+            seen = self.seen
+            first = key not in seen
+            if first:
+                seen[key] = None
+                if len(seen) > self.SEEN_MAX:
+                    del seen[next(iter(seen))]
         ids = self._encode_plain(piece)
-        cost = self._cost(piece, ids)
+        if first:
+            return ids
+        packed = array("i", ids)
+        cost = self._cost(piece, packed)
         if cost > self.MAX_BYTES:
             return ids
         with self.lock:
+            self.seen.pop(key, None)
             if piece in cache:  # another thread got there first
                 return ids
             while cache and (self.bytes + cost > self.MAX_BYTES
                              or len(cache) >= self.MAX_ENTRIES):
                 self.bytes -= cache.pop(next(iter(cache)))[1]
-            cache[piece] = (ids, cost)
+            cache[piece] = (packed, cost)
             self.bytes += cost
         return ids
 
     def clear(self) -> None:
         with self.lock:
             self.cache.clear()
+            self.seen.clear()
             self.bytes = 0
 
     def encode(self, text: str) -> list[int]:

@@ -129,12 +129,19 @@ class GenerateRequest(Message, kw_only=True):
     stop: StopConditions = msgspec.field(default_factory=StopConditions)
     deadline_ms: int | None = None  # absolute unix time in ms after which the work is moot
     priority: int = 0
+    # Ask the worker to time its stages of this request and return them in the final frame's
+    # `usage.timeline` (a frontend with `--timeline`; off: nothing is timed).
+    timeline: bool = False
 
 
 class Usage(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from a cache
+    # Only for requests sent with `GenerateRequest.timeline`: when the worker reached each of
+    # its stages of the request (stage name -> unix time in seconds; names in
+    # genset.runtime.timeline.WORKER_STAGES). Nil otherwise (1 byte on the final frame).
+    timeline: dict[str, float] | None = None
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):

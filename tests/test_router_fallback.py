@@ -98,8 +98,9 @@ async def test_remote_router_falls_back_while_no_router_answers_and_returns(bus,
             model="m", instance_id=wid, block_size=16, kv_blocks=1024))
     metrics = Metrics(process_metrics=False)
     clock = [0.0]
+    # local_first=False: every request asks the service (the path this test is about)
     router = create_router("service", bus=bus, namespace=ns, discovery=discovery,
-                           timeout=0.3, fallback=True, metrics=metrics)
+                           timeout=0.3, fallback=True, metrics=metrics, local_first=False)
     assert isinstance(router, RemoteRouter)
     router.clock = lambda: clock[0]
     service = FakeRouterService(bus, ns, worker_id=0x22)
@@ -151,6 +152,60 @@ async def test_remote_router_falls_back_while_no_router_answers_and_returns(bus,
                       reason="router_down") >= 7
     finally:
         await router.close()
+
+
+async def test_local_first_decides_here_tells_the_service_and_asks_only_when_blind(bus, discovery):
+    """The default with a fallback: decisions are taken in this process with the service's
+    policy (from its etcd record) and broadcast, so a replica applies them to its load; the
+    service is asked only for a request this process cannot route."""
+    ns = f"f{uuid.uuid4().hex[:8]}"
+    await discovery.register(keys.model(ns, "m", 0x11), proto.ModelCard(
+        model="m", instance_id=0x11, block_size=16, kv_blocks=1024))
+    service = FakeRouterService(bus, ns, worker_id=0x33)  # knows a worker we do not
+    await service.start()
+    await discovery.register(keys.instance(ns, "router", 7), proto.InstanceRecord(
+        instance_id=7, component="router", namespace=ns, labels={"policy": "round-robin"}))
+    seen: list[proto.RouteDecision] = []
+
+    async def on_decision(msg) -> None:
+        seen.append(proto.decode(msg.data, proto.RouteDecision))
+
+    sub = await bus.subscribe(subjects.route_decisions(ns), on_decision)
+    metrics = Metrics(process_metrics=False)
+    router = create_router("service", bus=bus, namespace=ns, discovery=discovery,
+                           timeout=2.0, fallback=True, metrics=metrics)
+    assert isinstance(router, RemoteRouter) and router.local_first
+    await router.start()
+    try:
+        for i in range(5):
+            d = await router.route(request(i))
+            assert d.worker_id == 0x11 and d.error is None, d
+            assert d.policy == "round-robin"  # the service's default, from its record
+            router.on_first_token(d.request_id)
+            router.on_done(d.request_id)
+        assert service.asked == 0
+        await bus.nc.flush()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while len(seen) < 5:  # every decision told to the replicas
+            assert loop.time() < end, seen
+            await asyncio.sleep(0.01)
+        assert {d.request_id for d in seen} == {f"r{i}" for i in range(5)}
+        # this replica's view saw each request end (reported by the caller)
+        assert router.fallback.core.load.inflight == {}
+        counts = parse_metrics(metrics.render().decode())
+        assert metric(counts, "genset_frontend_router_fallback_decisions_total",
+                      reason="local_first") == 5
+
+        # Nothing routable here (the only worker excluded): the service is asked.
+        req = request(99)
+        req.exclude = [0x11]
+        d = await router.route(req)
+        assert d.worker_id == 0x33 and d.router_id == 99 and service.asked == 1
+    finally:
+        await router.close()
+        await sub.unsubscribe()
+        await service.stop()
 
 
 async def test_without_fallback_an_absent_router_is_an_error_decision(bus):

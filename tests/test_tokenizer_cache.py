@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import sys
+from array import array
 
 import pytest
 
@@ -56,12 +57,14 @@ def test_many_distinct_segments_stay_under_the_byte_bound(tok):
     for i in range(60):
         doc = _text(rng, rng.randint(SegmentCache.MIN_CHARS, 12_000))
         messages = [{"role": "system", "content": system}, {"role": "user", "content": doc}]
+        tok.encode_chat(messages)  # a piece is cached the second time it is seen
         ids = tok.encode_chat(messages)
         if i % 10 == 0:  # the plain encode is the reference (the cache must not change ids)
             assert ids == tok.encode(tok.render_chat(messages), add_special_tokens=False)
         assert seg.bytes == _accounted(seg) <= seg.MAX_BYTES
         for piece, (cached, cost) in seg.cache.items():  # and each entry's cost is no guess
-            assert cost >= sys.getsizeof(piece) + sys.getsizeof(cached) + 8 * len(cached)
+            assert isinstance(cached, array)  # packed: no int objects, nothing for the GC
+            assert cost >= sys.getsizeof(piece) + sys.getsizeof(cached)
     assert seg.enabled and len(seg.cache) < 60  # it did evict
     assert "system\n" + system in seg.cache  # used every time: the least recent went first
 
@@ -70,8 +73,22 @@ def test_a_segment_larger_than_the_whole_bound_is_not_cached(tok):
     seg = tok.segments
     seg.MAX_BYTES = 10_000
     text = _text(random.Random(3), 8000)  # under MAX_CHARS, over MAX_BYTES once encoded
-    assert seg._lookup(text) == tok.encode(text, add_special_tokens=False)
+    for _ in range(2):
+        assert seg._lookup(text) == tok.encode(text, add_special_tokens=False)
     assert seg.cache == {} and seg.bytes == 0
+
+
+def test_a_piece_is_cached_only_once_it_recurs(tok):
+    seg = tok.segments
+    text = _text(random.Random(4), 3000)
+    plain = tok.encode(text, add_special_tokens=False)
+    assert seg._lookup(text) == plain and seg.cache == {}  # seen once: remembered, not kept
+    assert seg._lookup(text) == plain and text in seg.cache  # recurs: kept
+    assert seg._lookup(text) == plain  # served from the cache, the same ids
+    seg.SEEN_MAX = 16
+    for i in range(seg.SEEN_MAX + 10):  # the set of pieces seen once is bounded
+        seg._lookup(f"{i} " + text)
+    assert len(seg.seen) <= seg.SEEN_MAX
 
 
 def test_loaded_tokenizers_are_capped_in_number(tmp_path, monkeypatch):

@@ -48,7 +48,8 @@ class RequestStream:
     """Async iterator over one request's `EngineOutput`s. Bounded: when more than `maxsize`
     outputs are pending, new ones are merged into the newest pending one."""
 
-    __slots__ = ("_abort", "_event", "_finished", "_items", "last", "maxsize", "request_id")
+    __slots__ = ("_abort", "_event", "_finished", "_items", "direct", "last", "maxsize",
+                 "request_id")
 
     def __init__(self, request_id: str, abort: Callable[[str], Any], maxsize: int = 64) -> None:
         self.request_id = request_id
@@ -58,6 +59,10 @@ class RequestStream:
         self._finished = False  # the final output has been queued
         self._abort = abort
         self.last: EngineOutput | None = None  # the latest output put, for usage on abort
+        # Set by the consumer: `direct(output) -> bool` takes a plain output (not the last,
+        # nothing queued before it) at delivery, so the consumer's task is not woken for
+        # it; False leaves it to the queue. The worker host sends such tokens this way.
+        self.direct: Callable[[EngineOutput], bool] | None = None
 
     @property
     def finished(self) -> bool:
@@ -194,6 +199,9 @@ class AsyncEngineDriver(Engine):
         # them (genset.worker.step_stats); appended on the stepping side, a deque is safe
         self.step_log: deque = deque(maxlen=STEP_LOG)
         self._streams: dict[str, RequestStream] = {}
+        # requests being timed (EngineRequest.trace) until their first token: stepping
+        # checks this dict's truthiness once per step, nothing more when nobody is timed
+        self._traced: dict[str, dict[str, float]] = {}
         self._kv_fanout = KvEventFanout()
         self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any] | None]]
         self._commands = deque()
@@ -243,12 +251,21 @@ class AsyncEngineDriver(Engine):
             )
         stream = RequestStream(request.request_id, self.abort, self.stream_maxsize)
         self._streams[request.request_id] = stream
+        trace = request.trace
+        if trace is not None:
+            self._traced[request.request_id] = trace
         try:
-            await self._call(lambda: self.core.add_request(request))
+            await self._call(lambda: self._add(request, trace))
         except BaseException:
             self._streams.pop(request.request_id, None)
+            self._traced.pop(request.request_id, None)
             raise
         return stream
+
+    def _add(self, request: EngineRequest, trace: dict[str, float] | None) -> None:
+        self.core.add_request(request)
+        if trace is not None:  # queued in the core now (the caller resumes later)
+            trace["w_admitted"] = time.time()
 
     async def abort(self, request_id: str) -> None:
         if self._finish_stream(request_id, FINISH_CANCELLED):
@@ -349,12 +366,16 @@ class AsyncEngineDriver(Engine):
             if not core.has_work():
                 self._wake_thread.wait(0.5)
                 continue
+            traced = self._traced
+            started = time.time() if traced else 0.0
             try:
                 outputs, step_ms = core.step()
             except Exception as exc:
                 log.exception("engine step failed")
                 loop.call_soon_threadsafe(self._fail, repr(exc))
                 return
+            if traced:
+                self._stamp_first_step(outputs, started, step_ms)
             batch = core.take_kv_batch(now_ms())
             load = core.load_report(now_ms(), self._ewma(step_ms))
             loop.call_soon_threadsafe(self._deliver, outputs, batch, load)
@@ -362,6 +383,16 @@ class AsyncEngineDriver(Engine):
                 # nothing could be scheduled (e.g. blocks pinned): don't spin
                 self._wake_thread.wait(0.01)
         self._run_commands()
+
+    def _stamp_first_step(self, outputs: list[EngineOutput], started: float,
+                          step_ms: float) -> None:
+        """Timed requests whose first token this step computed: when it started, how long."""
+        traced = self._traced
+        for out in outputs:
+            stamps = traced.pop(out.request_id, None)
+            if stamps is not None:
+                stamps["w_first_step"] = started
+                stamps["w_step_ms"] = step_ms
 
     # ---- delivery (on the loop) -------------------------------------------------------------
 
@@ -385,6 +416,11 @@ class AsyncEngineDriver(Engine):
             stream = streams.get(out.request_id)
             if stream is None:
                 continue  # aborted meanwhile
+            direct = stream.direct
+            if (direct is not None and out.finish_reason is None and not stream._items
+                    and direct(out)):
+                stream.last = out
+                continue
             stream.put(out)
             if out.finish_reason is not None:
                 del streams[out.request_id]
@@ -404,6 +440,7 @@ class AsyncEngineDriver(Engine):
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return False
+        self._traced.pop(request_id, None)
         last = stream.last
         stream.put(
             EngineOutput(

@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -510,6 +511,8 @@ class MockerDriver(AsyncEngineDriver):
                 await wake.wait()
                 step_end = clock()
                 continue
+            traced = self._traced
+            started = time.time() if traced else 0.0
             try:
                 outputs, step_ms = core.step()
             except Exception as exc:
@@ -517,6 +520,8 @@ class MockerDriver(AsyncEngineDriver):
                 self._deliver_held(held, last_ewma)
                 self._fail(repr(exc))
                 return
+            if traced:
+                self._stamp_first_step(outputs, started, step_ms)
             if not outputs and step_ms <= 0:
                 if held:
                     self._deliver_held(held, last_ewma)
@@ -545,6 +550,14 @@ class MockerDriver(AsyncEngineDriver):
             if clock() - delivered_at >= window:
                 self._deliver_held(held, last_ewma)
                 delivered_at = clock()
+                # Let what this delivery woke run before the next step is computed, which
+                # holds the loop (a batch of prompts: ms): the requests' tasks (first and
+                # last frames, lifecycle), then the NATS flusher that writes their frames
+                # and the ones sent from the delivery. Without this they waited for that
+                # computation in the connection's buffer (--timeline at concurrency 64:
+                # worker -> frontend p99 205 ms).
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
 
     def _deliver_held(self, held: dict[str, EngineOutput], ewma: float) -> None:
         core = self.core

@@ -42,6 +42,10 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: StopConditions = field(default_factory=StopConditions)
     kv_import: KvImport | None = None
+    # A request being timed (genset.runtime.timeline): an engine that can fills in
+    # `w_first_step` (unix s when the step that computed the first token started) and
+    # `w_step_ms` (that step's duration). None: not timed, nothing is looked at.
+    trace: dict[str, float] | None = None
 
 
 @dataclass(slots=True)

@@ -132,6 +132,7 @@ def create_router(
         from genset.routing.remote import RemoteRouter
 
         metrics = options.pop("metrics", None)
+        local_first = options.pop("local_first", True)
         backup = None
         if fallback:
             # The same default policy as the service's (a request's own policy goes to both).
@@ -140,7 +141,7 @@ def create_router(
                                     model=model, **options)
         return RemoteRouter(bus, namespace, timeout=timeout,
                             policy=policy_name(policy) if policy else None, fallback=backup,
-                            discovery=discovery, metrics=metrics)
+                            discovery=discovery, metrics=metrics, local_first=local_first)
     from genset.routing.embedded import EmbeddedRouter
 
     default_policy = policy_name(policy) if policy else (

@@ -29,6 +29,11 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+try:  # the PUB command builder nats-py itself uses (for Bus._publish_nowait)
+    from nats.protocol.command import pub_cmd
+except ImportError:  # another nats-py layout: the awaitable publish is used throughout
+    pub_cmd = None
+
 from genset.runtime import bus_errors as errors
 from genset.runtime.streams import PUBLISH_FAILURES, ReplyStream, ResponseStream, UnaryWaiter
 from proto import Cancel, ErrorInfo, ProtocolError, decode, encode, subjects
@@ -124,12 +129,20 @@ class _DirectInbox:
             log.exception("reply frame routing failed", subject=msg.subject)
 
 
+def _nowait_supported(nc: NatsClient) -> bool:
+    """Whether this nats-py client has the internals `Bus._publish_nowait` relies on."""
+    return (pub_cmd is not None and all(hasattr(nc, a) for a in (
+        "_pending", "_pending_data_size", "_max_pending_size", "_max_payload", "_flush_queue",
+        "_flusher_task", "stats", "is_connected", "is_draining_pubs")))
+
+
 class Bus:
     """One NATS connection and everything genset does over it. Create with `Bus.connect`."""
 
     def __init__(self, nc: NatsClient, namespace: str, *, heartbeat_interval: float,
                  orphan_timeout: float) -> None:
         self.nc = nc
+        self._nowait = _nowait_supported(nc)
         self.namespace = namespace
         self.js = nc.jetstream()
         self.heartbeat_interval = heartbeat_interval
@@ -397,6 +410,36 @@ class Bus:
 
     # -- plain pub/sub -----------------------------------------------------------------------
 
+    def _publish_nowait(self, subject: str, payload: bytes) -> bool:
+        """Queue a PUB on the connection now, without a coroutine: what `nc.publish` does when
+        it would not wait (connected, buffer below its limit), in the same order as the
+        publishes before and after it (both append to the client's pending list at call
+        time; its flusher writes the list out). False when that is not the case (or the
+        client lacks the internals): the caller uses the awaitable publish. Why: a worker
+        sends each engine step's frames from the step's delivery, without waking one task per
+        request (ReplyStream.send_nowait); this is one reply frame's share of that.
+        Reply subjects come from NATS itself, so they are not validated again."""
+        nc = self.nc
+        if not self._nowait or not nc.is_connected or nc.is_draining_pubs:
+            return False
+        size = len(payload)
+        limit = nc._max_pending_size
+        if size > nc._max_payload or (limit > 0 and nc._pending_data_size + size > limit):
+            return False
+        flusher = nc._flusher_task
+        queue = nc._flush_queue
+        if flusher is None or flusher.done() or queue is None:
+            return False
+        cmd = pub_cmd(subject, "", payload)
+        stats = nc.stats
+        stats["out_msgs"] += 1
+        stats["out_bytes"] += size
+        nc._pending.append(cmd)
+        nc._pending_data_size += len(cmd)
+        if queue.empty():  # kick the flusher, as nc.publish does
+            queue.put_nowait(asyncio.get_running_loop().create_future())
+        return True
+
     async def publish(self, subject: str, message: Any) -> None:
         """Publish a proto Struct (encoded) or bytes (as is)."""
         payload = _payload(message)
@@ -635,7 +678,7 @@ class Bus:
             if not reply:
                 log.warning("streamed request without a reply inbox dropped", subject=subject)
                 return
-            rs = ReplyStream(reply, self.nc.publish)
+            rs = ReplyStream(reply, self.nc.publish, self._publish_nowait)
             if active >= max_concurrent or self._closing:
                 self.stats["overloaded"] += 1
                 why = ("shutting down" if self._closing

@@ -335,14 +335,18 @@ class ReplyStream:
     Once the requester cancels, `cancelled` is set and `send` raises StreamCancelled.
     """
 
-    __slots__ = ("_final_sent", "_hb_mark", "_hb_seq", "_publish_msg", "_seq", "cancelled",
-                 "stream_id")
+    __slots__ = ("_final_sent", "_hb_mark", "_hb_seq", "_publish_msg", "_publish_nowait", "_seq",
+                 "cancelled", "stream_id")
 
-    def __init__(self, stream_id: str, publish: Publish) -> None:
-        """publish(subject, payload): nats-py's Client.publish of the responder's connection."""
+    def __init__(self, stream_id: str, publish: Publish,
+                 publish_nowait: Callable[[str, bytes], bool] | None = None) -> None:
+        """publish(subject, payload): nats-py's Client.publish of the responder's connection;
+        publish_nowait(subject, payload) -> bool: the same queued at once when it can be
+        (`Bus._publish_nowait`), for `send_nowait`."""
         self.stream_id = stream_id
         self.cancelled = asyncio.Event()
         self._publish_msg = publish
+        self._publish_nowait = publish_nowait
         self._seq = 0
         self._final_sent = False
         # The bus's heartbeat task asks heartbeat_due() every tick instead of a clock read per
@@ -384,6 +388,21 @@ class ReplyStream:
             await self._publish_msg(self.stream_id, _encode(frame))
         except PUBLISH_FAILURES as exc:
             self._unavailable(exc)
+
+    def send_nowait(self, token_ids: bytes) -> bool:
+        """A plain token frame queued on the connection now, in order with every other frame
+        of this stream (no await, so the caller need not be a task of its own: a worker sends
+        an engine step's frames from the step's delivery). False when it cannot be sent this
+        way (cancelled, finished, connection not ready, no nowait publish): use `send`, which
+        raises what applies."""
+        publish = self._publish_nowait
+        if publish is None or self._final_sent or self.cancelled.is_set():
+            return False
+        seq = self._seq
+        if not publish(self.stream_id, _encode(StreamChunk(seq=seq, token_ids=token_ids))):
+            return False
+        self._seq = seq + 1
+        return True
 
     async def fail(self, error: ErrorInfo) -> None:
         """Send the final error frame (the requester raises RemoteError / Overloaded)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -47,7 +48,9 @@ from genset.engines.types import (
 from genset.kv.hashing import block_hashes
 from genset.runtime.bus_errors import Disconnected, StreamCancelled, StreamClosed
 from genset.runtime.service import build_instance_record
+from genset.runtime.timeline import worker_stamp
 from genset.worker.clock import now_ms, wait_event
+from genset.worker.frames import direct_sender
 from genset.worker.hooks import PrefillDone, WorkerContext, WorkerHooks, overridden
 from genset.worker.kv_feed import KvFeed
 from genset.worker.load import LoadReporter
@@ -357,6 +360,8 @@ class WorkerHost:
 
     async def _generate(self, req: proto.GenerateRequest, tokens: list[int], engine_id: str,
                         rs) -> None:
+        # a timed request (genset.runtime.timeline): its stamps travel back in the final usage
+        stamps = {"w_received": time.time()} if req.timeline else None
         kv_import: KvImport | None = None
         if self._before_run is not None:
             try:
@@ -369,7 +374,7 @@ class WorkerHost:
             try:
                 stream = await self.engine.submit(EngineRequest(
                     request_id=engine_id, token_ids=tokens, sampling=req.sampling,
-                    stop=req.stop, kv_import=kv_import))
+                    stop=req.stop, kv_import=kv_import, trace=stamps))
             except ValueError as exc:
                 if kv_import is None:
                     raise
@@ -379,13 +384,14 @@ class WorkerHost:
                 log.warning("KV import refused; computing the prompt", error=str(exc))
                 stream = await self.engine.submit(EngineRequest(
                     request_id=engine_id, token_ids=tokens, sampling=req.sampling,
-                    stop=req.stop))
+                    stop=req.stop, trace=stamps))
         except EngineOverloaded as exc:
             await rs.fail(self._reject("overloaded", str(exc), retryable=True))
             return
         except ValueError as exc:
             await rs.fail(self._reject("bad_request", str(exc)))
             return
+        worker_stamp(stamps, "w_admitted")
         self.m.started.inc()
         self.m.prompt_tokens.inc(len(tokens))
         self._load_changed.set()
@@ -398,6 +404,7 @@ class WorkerHost:
             async for out in stream:
                 if first and (out.token_ids or out.finish_reason):
                     first = False
+                    worker_stamp(stamps, "w_first_token")
                     self.m.cached_tokens.inc(max(0, out.cached_tokens))
                     if out.token_ids:
                         if self._after_prefill is not None and out.finish_reason not in (
@@ -411,6 +418,12 @@ class WorkerHost:
                         await rs.send(proto.pack_tokens(out.token_ids))
                     else:
                         await rs.send(proto.pack_tokens(out.token_ids), logprobs=lp)
+                    if stamps is not None:
+                        worker_stamp(stamps, "w_first_sent")
+                    if stream.direct is None and lp is None:
+                        # the following plain frames go out from the step's delivery
+                        # (genset.worker.frames): this task wakes again for the last one
+                        stream.direct = direct_sender(rs, self.m.tokens)
                     continue
                 reason = out.finish_reason
                 if reason == FINISH_CANCELLED:
@@ -423,6 +436,9 @@ class WorkerHost:
                 usage = proto.Usage(prompt_tokens=out.prompt_tokens or len(tokens),
                                     completion_tokens=out.completion_tokens,
                                     cached_tokens=max(0, out.cached_tokens))
+                if stamps is not None:
+                    worker_stamp(stamps, "w_first_sent")  # a one-frame reply: its final frame
+                    usage.timeline = stamps
                 await rs.send(proto.pack_tokens(out.token_ids), finish_reason=reason,
                               usage=usage, final=True, logprobs=lp)
         except (StreamCancelled, Disconnected, StreamClosed):

@@ -54,6 +54,7 @@ from genset.runtime.bus_errors import (
     RemoteError,
     StreamError,
 )
+from genset.runtime.timeline import Timeline, TimelineSink
 from genset.tokenizer import ENCODE_BYTES_PER_CHAR, OFFLOAD_CHARS, Tokenizer, TokenizerError
 from proto.tokens import pack_tokens, unpack_tokens
 from services.frontend.errors import ApiError, bad_request, from_error_info, no_worker
@@ -169,6 +170,7 @@ class Job:
     # choices go to that worker, so its prefix cache computes the shared prompt once.
     on_routed: Callable[[int], None] | None = None
     pin_worker: int | None = None
+    timeline: Timeline | None = None  # the request's stage stamps (frontend --timeline)
 
 
 class Final:
@@ -317,7 +319,8 @@ class Pipeline:
                  request_timeout: float = 600.0, migration_limit: int = 3,
                  heartbeat_timeout: float = 1.5, coalesce: bool = True,
                  reconnect_wait_s: float = 10.0, suspects: SuspectWorkers | None = None,
-                 stats: FrontendStatsPublisher | None = None) -> None:
+                 stats: FrontendStatsPublisher | None = None,
+                 timeline: TimelineSink | None = None) -> None:
         """heartbeat_timeout: silence (s) after which a worker's stream is presumed dead;
         workers heartbeat after at most 0.625 s of silence (genset.runtime.bus).
         reconnect_wait_s: how long a request waits for a lost NATS connection to come back
@@ -335,6 +338,7 @@ class Pipeline:
         self.coalesce = coalesce
         self.reconnect_wait_s = reconnect_wait_s
         self.suspects = suspects if suspects is not None else _router_suspects(router)
+        self.timeline = timeline  # None (default): requests are not timed, at no cost
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._tokenize_gate = _TokenizeGate(TOKENIZE_CHARS_IN_FLIGHT, TOKENIZE_CHARS_WAITING)
 
@@ -414,7 +418,11 @@ class Pipeline:
             if any(t < 0 or t >= tok.vocab_size for t in prompt_ids):
                 raise bad_request(f"prompt token ids must be in [0, {tok.vocab_size})",
                                   param="prompt")
-        return self._job(req, entry, prompt_ids or [], tok, deadline)
+        job = self._job(req, entry, prompt_ids or [], tok, deadline)
+        if self.timeline is not None:
+            job.timeline = self.timeline.new(req.request_id, req.arrival)
+            job.timeline.stamp("tokenized")
+        return job
 
     async def _tokenizer(self, entry: ModelEntry) -> Tokenizer:
         tok = entry.tokenizer_now()
@@ -532,6 +540,8 @@ class Pipeline:
         failures = 0
         bus_retries = 0
         bus = self.bus
+        tl = job.timeline
+        ok = False
         try:
             while True:
                 remaining_s = job.deadline - time.monotonic()
@@ -556,6 +566,8 @@ class Pipeline:
                     exclude = [w for w in entry.cards if w != job.pin_worker]
                 decision = await self._route(job, packed, max_tokens, exclude)
                 worker = decision.worker_id
+                if tl is not None:
+                    tl.stamp("routed")
                 card = self.registry.card(job.model, worker) if worker is not None else None
                 if card is not None and job.on_routed is not None:
                     job.on_routed(worker)
@@ -577,7 +589,8 @@ class Pipeline:
                         max_tokens=max_tokens, stop_token_ids=job.stop_token_ids,
                         ignore_eos=job.ignore_eos,
                         min_tokens=max(0, job.min_tokens - len(progress.generated))),
-                    deadline_ms=int((time.time() + remaining_s) * 1000))
+                    deadline_ms=int((time.time() + remaining_s) * 1000),
+                    timeline=tl is not None)
                 disconnects = bus.disconnects
                 try:
                     # aclosing: a consumer that leaves closes the attempt at once, which
@@ -585,7 +598,11 @@ class Pipeline:
                     async with contextlib.aclosing(self._attempt(
                             job, progress, card.generate_subject, request, remaining_s)) as items:
                         async for item in items:
+                            if tl is not None and type(item) is Final:
+                                ok = True  # a consumer may close the generator at the Final
                             yield item
+                            if tl is not None:  # the consumer wrote it and asks for more
+                                tl.stamp("first_written")
                     return
                 except StreamError as exc:
                     if self._bus_failed(exc, disconnects):
@@ -600,6 +617,11 @@ class Pipeline:
             raise
         finally:
             progress.itl.flush()
+            if tl is not None:
+                tl.stamp("done")
+                self.timeline.write(tl, ok, prompt_tokens=progress.prompt_tokens,
+                                    cached_tokens=progress.cached,
+                                    output_tokens=len(progress.generated))
 
     async def _route(self, job: Job, packed: bytes, max_tokens: int,
                      excluded: list[int]) -> proto.RouteDecision:
@@ -669,6 +691,9 @@ class Pipeline:
         try:
             stream = await self.bus.stream_request(subject, request, timeout=remaining_s,
                                                    heartbeat_timeout=self.heartbeat_timeout)
+            tl = job.timeline
+            if tl is not None:
+                tl.stamp("sent")
             # Frames that queued up while we were busy are taken together: one detokenize
             # call and one event out instead of one per frame, so a loaded frontend spends
             # less per token exactly when it matters.
@@ -693,6 +718,8 @@ class Pipeline:
                         itl.observe((now - progress.last_at) / n, n)
                     else:
                         started = True
+                        if tl is not None:
+                            tl.stamp("first_token")
                         router.on_first_token(job.request_id)
                         if progress.first_at:  # after a migration the wait is an inter-token gap
                             n = len(ids)
@@ -720,6 +747,8 @@ class Pipeline:
                         raise from_error_info(chunk.error)
                     if chunk.usage is not None:
                         progress.cached = min(chunk.usage.cached_tokens, progress.prompt_tokens)
+                        if tl is not None:
+                            tl.merge_worker(chunk.usage.timeline)
                     if (tail := text.flush()) is not None:
                         if progress.logprobs is not None and tail.token_ids:
                             tail.logprobs = progress.logprobs[-len(tail.token_ids):]

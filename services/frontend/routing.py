@@ -32,7 +32,7 @@ log = structlog.get_logger("frontend.routing")
 
 async def create(mode: str, *, bus, discovery, namespace: str,
                  route_timeout: float = DEFAULT_ROUTE_TIMEOUT_S, fallback: bool = True,
-                 metrics=None):
+                 metrics=None, local_first: bool = True):
     """`mode`: a router mode in any accepted spelling. auto = service when a router service is
     registered in etcd, else embedded. `route_timeout` (seconds) and `fallback` apply to the service;
     `metrics` (the service's `genset.runtime.metrics.Metrics`) gets the fallback's metrics."""
@@ -43,11 +43,12 @@ async def create(mode: str, *, bus, discovery, namespace: str,
     if mode == MODE_SERVICE:
         router = create_router(mode, bus=bus, namespace=namespace, discovery=discovery,
                                timeout=route_timeout, fallback=fallback, metrics=metrics,
-                               caller_reports=True)
+                               caller_reports=True, local_first=local_first)
     else:
         # caller_reports: the pipeline tells an embedded router of first token / done itself
         router = create_router(mode, bus=bus, namespace=namespace, discovery=discovery,
                                caller_reports=True)
-    log.info("router", mode=mode, **({"timeout_s": route_timeout, "fallback": fallback}
+    log.info("router", mode=mode, **({"timeout_s": route_timeout, "fallback": fallback,
+                                      "local_first": local_first and fallback}
                                      if mode == MODE_SERVICE else {}))
     return router

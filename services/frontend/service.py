@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from genset.routing.api import DEFAULT_ROUTE_TIMEOUT_S, POLICY_NAMES, ROUTER_MODE_INPUTS
 from genset.runtime.config import ConfigError, opt
 from genset.runtime.service import Service
+from genset.runtime.timeline import TimelineSink
 from services.frontend import routing
 from services.frontend.dashboard import Dashboard
 from services.frontend.http_app import FrontendHttp, error_body
@@ -37,6 +38,10 @@ class FrontendOptions:
     router_fallback: bool = field(default=True, metadata=opt(
         "with the router service: keep its policy warm in this process and route with it while "
         "no router answers (off: such requests fail with 503 'router unavailable')"))
+    router_local_first: bool = field(default=True, metadata=opt(
+        "with the router service and its fallback: decide every request in this process with "
+        "the warm copy of the service's policy and state, and tell the service (no round trip "
+        "per request); off: ask the service for every request"))
     request_timeout: float = field(default=600.0, metadata=opt(
         "deadline of every request, seconds", min=0.1))
     migration_limit: int = field(default=3, metadata=opt(
@@ -52,6 +57,10 @@ class FrontendOptions:
         "event (fewer, larger SSE chunks under load; off: one event per worker frame)"))
     nats_max_concurrent: int = field(default=4096, metadata=opt(
         "NATS-native generate requests in progress before new ones are refused", min=1))
+    timeline: str = field(default="", metadata=opt(
+        "append each request's timeline (when it reached each stage, frontend and worker; "
+        "JSON lines, see genset/runtime/timeline.py; bench/timeline_report.py summarises it) "
+        "to this file (empty: off, no cost)"))
 
 
 class FrontendService(Service):
@@ -68,6 +77,7 @@ class FrontendService(Service):
         self.nats_service: NatsGenerateService | None = None
         self.server: HttpServer | None = None
         self.dashboard: Dashboard | None = None
+        self.timeline: TimelineSink | None = None
         self.api_url = ""
 
     async def start(self) -> None:
@@ -77,16 +87,24 @@ class FrontendService(Service):
         self.router = await routing.create(opts.router, bus=self.bus, discovery=self.discovery,
                                            namespace=self.namespace,
                                            route_timeout=opts.router_timeout,
-                                           fallback=opts.router_fallback, metrics=self.metrics)
+                                           fallback=opts.router_fallback, metrics=self.metrics,
+                                           local_first=opts.router_local_first)
         await self.router.start()
         self.stats = FrontendStatsPublisher(self.bus, self.namespace, self.instance_id)
         self.stats.start()  # the planner's view of the traffic (services/frontend/stats.py)
+        if opts.timeline:
+            try:
+                self.timeline = TimelineSink(opts.timeline)
+            except OSError as exc:
+                raise ConfigError(f"--timeline {opts.timeline}: cannot open for appending: "
+                                  f"{exc.strerror or exc}") from None
         self.pipeline = Pipeline(bus=self.bus, registry=self.registry, router=self.router,
                                  metrics=self.frontend_metrics,
                                  request_timeout=opts.request_timeout,
                                  migration_limit=opts.migration_limit,
                                  heartbeat_timeout=opts.heartbeat_timeout,
-                                 coalesce=opts.coalesce, stats=self.stats)
+                                 coalesce=opts.coalesce, stats=self.stats,
+                                 timeline=self.timeline)
         self.nats_service = NatsGenerateService(self.pipeline, self.bus, self.namespace,
                                                 max_concurrent=opts.nats_max_concurrent)
         await self.nats_service.start()
@@ -139,6 +157,8 @@ class FrontendService(Service):
                 await self.registry.close()
         if self.pipeline is not None:
             self.pipeline.close()
+        if self.timeline is not None:
+            self.timeline.close()
 
     def health(self) -> dict:
         body = super().health()

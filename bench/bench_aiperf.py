@@ -1,0 +1,383 @@
+"""genset vs Dynamo 1.6.1, measured by NVIDIA's own load generator (aiperf 0.13).
+
+Each run starts one system from scratch (genset: `genset up`, mocker workers, its own NATS and
+etcd, secure by default as users get it; Dynamo: the peer's `up.sh`), runs the aiperf profile
+of `../shared/peers/aiperf/run.sh` against it (200 streamed chat requests, ~1,000 unique prompt
+tokens, 64 output tokens, 4 warm-up; or the shared-prefix variant), samples the CPU of every
+process of the stack over aiperf's profiling window (cpumon.py, `SERVER_PIDS`), and stops it.
+Systems alternate A, B, B, A, ...; a Markdown table of medians goes to stdout, every run's
+aiperf summary to --out-dir.
+
+    .venv/bin/python bench/bench_aiperf.py --reps 3 --concurrency 16 64           # default stacks
+    .venv/bin/python bench/bench_aiperf.py --systems genset:embedded dynamo:kv ...
+    .venv/bin/python bench/bench_aiperf.py --systems genset:round-robin dynamo:round-robin \\
+        --timeline                                  # + a per-request TTFT breakdown per genset run
+    .venv/bin/python bench/bench_aiperf.py --workers 4 --prefix-prompts 4          # shared prefixes
+
+A system is `genset:<router mode>` (`genset` alone: `genset up`'s default, the router service;
+`genset:embedded`, `genset:round-robin`, ...) or `dynamo:<router mode>` (`dynamo` alone: the KV
+router, as in the issue's figures). `genset-base:<mode>` runs another checkout (--baseline).
+
+Needs the Dynamo peer (`../shared/peers/dynamo/setup.sh`) and aiperf's venv (run.sh creates it
+on first use). Dynamo runs from a private state directory (symlinks to the peer's venv and
+model) and private ports, so it never meets another user's peer stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PEERS = Path(os.environ.get("GENSET_PEERS", REPO.parent / "shared" / "peers"))
+if not PEERS.exists():
+    PEERS = Path("/work/shared/peers")
+PEER_DIR = Path(os.environ.get("DYNAMO_PEER_DIR", "/tmp/dynamo-peer"))
+MODEL_NAME = "dynpeer-mock"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 2.0):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    parent_of: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parent_of[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, frontier = [], {pid}
+    while frontier:
+        nxt = {p for p, pp in parent_of.items() if pp in frontier}
+        for p in nxt:
+            try:
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                cmd = ""
+            out.append((p, cmd))
+        frontier = nxt
+    return out
+
+
+def own_cpu_s(pid: int) -> float:
+    """utime + stime of one process (not its children)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class GensetSystem:
+    def __init__(self, name: str, router: str, args, run_dir: Path, source: Path | None = None):
+        self.name = name
+        self.router = router
+        self.args = args
+        self.run_dir = run_dir
+        self.source = source or REPO
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self.pids: dict[str, int] = {}
+        self.timeline = run_dir / "timeline.jsonl" if args.timeline else None
+
+    def start(self) -> None:
+        a = self.args
+        port = free_port()
+        state = Path(tempfile.mkdtemp(prefix="genset-aiperf-"))
+        cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "genset.cli", "up",
+               "--port", str(port), "--workers", str(a.workers), "--engine", "mocker",
+               "--model", str(PEER_DIR / "model"), "--served-model-name", MODEL_NAME,
+               "--speedup", f"{a.speedup:g}", "--state-dir", str(state),
+               "--nats", f"nats://127.0.0.1:{free_port()}", "--etcd", f"127.0.0.1:{free_port()}",
+               "--log-level", "warning", f"--worker-arg=--kv-blocks={a.kv_blocks}",
+               "--worker-arg=--block-size=16", "--worker-arg=--max-running=256",
+               "--worker-arg=--max-batch-tokens=8192"]
+        if self.router != "default":
+            cmd += ["--router", self.router]
+        cmd += a.genset_arg
+        env = {**os.environ, "PYTHONPATH": str(self.source)}
+        for kv in a.genset_env:
+            k, _, v = kv.partition("=")
+            env[k] = v
+        if self.timeline is not None:
+            env["GENSET_TIMELINE"] = str(self.timeline)
+        self._log = open(self.run_dir / "genset-up.log", "wb")
+        # -m genset.cli from the checkout's root: its code, not the venv's installed copy
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=self.source, start_new_session=True, env=env)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"genset up exited with {self.proc.returncode}; "
+                                   f"see {self.run_dir / 'genset-up.log'}")
+            try:
+                if b"genset is up" in (self.run_dir / "genset-up.log").read_bytes():
+                    models = get_json(self.url + "/v1/models")["data"]
+                    if models and models[0].get("workers", 0) >= a.workers:
+                        break
+            except (OSError, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("genset did not become ready in 180 s")
+            time.sleep(0.3)
+        workers = 0
+        for pid, cmd_line in descendants(self.proc.pid):
+            argv = cmd_line.split()
+            if "genset.cli" in cmd_line and len(argv) > 3:
+                role = argv[argv.index("genset.cli") + 1]
+                if role == "worker":
+                    workers += 1
+                    self.pids[f"worker{workers}"] = pid
+                else:
+                    self.pids[role] = pid
+            elif argv and argv[0].endswith("nats-server"):
+                self.pids["nats"] = pid
+            elif argv and argv[0].endswith("etcd"):
+                self.pids["etcd"] = pid
+        self.launcher_cpu0 = own_cpu_s(self.proc.pid)
+
+    def launcher_cpu(self) -> float:
+        return own_cpu_s(self.proc.pid) - self.launcher_cpu0 if self.proc else 0.0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+class DynamoSystem:
+    def __init__(self, name: str, router: str, args, run_dir: Path):
+        self.name = name
+        self.router = "kv" if router == "default" else router
+        self.args = args
+        self.run_dir = run_dir
+        self.timeline = None
+        # a private state dir: the peer's venv and model by symlink, our own pids/logs/etcd
+        self.dir = Path(args.dynamo_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("venv", "model"):
+            link = self.dir / sub
+            if not link.exists():
+                link.symlink_to(PEER_DIR / sub)
+        base = args.dynamo_port_base
+        self.url = f"http://127.0.0.1:{base}"
+        self.env = {**os.environ, "DYNAMO_PEER_DIR": str(self.dir),
+                    "DYNAMO_PEER_SPEEDUP": f"{args.speedup:g}", "DYNAMO_PEER_ROUTER_MODE": self.router,
+                    "DYNAMO_PEER_WORKERS": str(args.workers),
+                    "DYNAMO_PEER_HTTP_PORT": str(base), "DYNAMO_PEER_ETCD_PORT": str(base + 1),
+                    "DYNAMO_PEER_ETCD_PEER_PORT": str(base + 2),
+                    "DYNAMO_PEER_NATS_PORT": str(base + 3),
+                    "DYNAMO_PEER_METRICS_PORT": str(base + 10),
+                    "DYNAMO_PEER_MOCKER_ARGS": f"--num-gpu-blocks-override {args.kv_blocks}"}
+        self.pids: dict[str, int] = {}
+
+    def start(self) -> None:
+        out = open(self.run_dir / "dynamo-up.log", "wb")
+        with out:
+            subprocess.run([str(PEERS / "dynamo" / "up.sh")], env=self.env, check=True,
+                           stdout=out, stderr=subprocess.STDOUT, timeout=240)
+        piddir = self.dir / "pids"
+        names = ["frontend", "nats", "etcd"] + [f"mocker{i}" for i in range(1, self.args.workers + 1)]
+        self.pids = {n: int((piddir / f"{n}.pid").read_text()) for n in names}
+
+    def launcher_cpu(self) -> float:
+        return 0.0
+
+    def stop(self) -> None:
+        subprocess.run([str(PEERS / "dynamo" / "down.sh")], env=self.env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+
+
+def run_aiperf(system, args, concurrency: int, run_dir: Path) -> dict:
+    env = {**os.environ, "N": str(args.n), "CONCURRENCY": str(concurrency),
+           "SERVER_PIDS": ",".join(f"{k}={v}" for k, v in system.pids.items()),
+           "TIMEOUT_S": str(args.run_timeout)}
+    if args.isl:
+        env["ISL"] = str(args.isl)
+    extra: list[str] = []
+    if args.prefix_prompts:
+        env.setdefault("ISL", "50")
+        extra = ["--num-prefix-prompts", str(args.prefix_prompts),
+                 "--prefix-prompt-length", str(args.prefix_length)]
+    cmd = [str(PEERS / "aiperf" / "run.sh"), system.url, MODEL_NAME, str(PEER_DIR / "model"),
+           str(run_dir / "a"), *extra]
+    with open(run_dir / "run.log", "wb") as log:
+        subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                       timeout=args.run_timeout + 120)
+    summary = run_dir / "a" / "summary.json"
+    if not summary.exists():
+        raise RuntimeError(f"aiperf gave no summary; see {run_dir / 'run.log'}")
+    return json.loads(summary.read_text())
+
+
+def server_cpu(summary: dict, pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds of each server process over aiperf's profiling window."""
+    win = summary.get("cpu", {}).get("profiling_window", {})
+    return {name: win.get(f"{name}_cpu_s", 0.0) for name in pids}
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 2) if values else None
+
+
+def row_of(rec: dict) -> dict:
+    s = rec["summary"]
+    n = s.get("completed_request_count") or 1
+    cpu = rec["server_cpu"]
+    total = sum(cpu.values()) + rec.get("launcher_cpu_s", 0.0)
+    groups: dict[str, float] = {}
+    for name, v in cpu.items():
+        g = ("workers" if name.startswith(("worker", "mocker")) else
+             "nats+etcd" if name in ("nats", "etcd") else name)
+        groups[g] = groups.get(g, 0.0) + v
+    client = s.get("cpu", {}).get("profiling_window", {}).get("client_cpu_s")
+    return {
+        "req_s": s.get("request_throughput_rps"),
+        "ttft_p50": (s.get("ttft_ms") or {}).get("p50"),
+        "ttft_p99": (s.get("ttft_ms") or {}).get("p99"),
+        "ttft_avg": (s.get("ttft_ms") or {}).get("avg"),
+        "itl_p50": (s.get("itl_ms") or {}).get("p50"),
+        "chunk_p50": (s.get("inter_chunk_ms") or {}).get("p50"),
+        "cpu_ms": 1000 * total / n,
+        **{f"cpu_{g}": 1000 * v / n for g, v in groups.items()},
+        "client_cpu_ms": 1000 * client / n if client is not None else None,
+        "cached_pct": s.get("cached_prompt_pct"),
+        "errors": s.get("error_request_count") or 0,
+        "load1": rec["load1"],
+        "busy": s.get("cpu", {}).get("machine_busy_pct_all_cores_whole_run"),
+    }
+
+
+def table(results: dict[tuple, list[dict]]) -> str:
+    lines = ["| workers | speedup | conc | system | runs | req/s | TTFT p50 / p99 ms | ITL p50 ms | "
+             "server CPU ms/req (frontend / router / workers / NATS+etcd) | cached % | "
+             "client CPU ms/req | load avg (1 min) | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (name, workers, speedup, conc), recs in results.items():
+        rows = [row_of(r) for r in recs]
+        m = {k: med([r.get(k) for r in rows]) for k in rows[0]}
+        parts = " / ".join(str(m.get(f"cpu_{g}") if m.get(f"cpu_{g}") is not None else "-")
+                           for g in ("frontend", "router", "workers", "nats+etcd"))
+        lines.append(
+            f"| {workers} | {speedup:g} | {conc} | {name} | {len(rows)} | {m['req_s']} | "
+            f"{m['ttft_p50']} / {m['ttft_p99']} | {m['itl_p50']} | **{m['cpu_ms']}** ({parts}) | "
+            f"{m['cached_pct']} | {m['client_cpu_ms']} | {m['load1']} | "
+            f"{sum(r['errors'] for r in rows)} |")
+    return "\n".join(lines)
+
+
+def make_system(spec: str, args, run_dir: Path):
+    kind, _, router = spec.partition(":")
+    router = router or "default"
+    if kind == "genset":
+        return GensetSystem(spec, router, args, run_dir)
+    if kind == "genset-base":
+        if not args.baseline:
+            raise SystemExit("genset-base needs --baseline DIR")
+        return GensetSystem(spec, router, args, run_dir, source=Path(args.baseline))
+    if kind == "dynamo":
+        return DynamoSystem(spec, router, args, run_dir)
+    raise SystemExit(f"unknown system {spec!r} (genset[:mode], genset-base[:mode], dynamo[:mode])")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--systems", nargs="+", default=["genset", "dynamo"])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--n", type=int, default=200, help="measured requests per run")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16])
+    p.add_argument("--speedup", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--kv-blocks", type=int, default=8192)
+    p.add_argument("--isl", type=int, default=0, help="aiperf ISL (default: run.sh's, 1000)")
+    p.add_argument("--prefix-prompts", type=int, default=0,
+                   help="shared-prefix workload: aiperf --num-prefix-prompts N (ISL 50 + prefix)")
+    p.add_argument("--prefix-length", type=int, default=950)
+    p.add_argument("--timeline", action="store_true",
+                   help="genset runs write a per-request timeline (bench/timeline_report.py)")
+    p.add_argument("--genset-arg", action="append", default=[], help="extra `genset up` argument")
+    p.add_argument("--genset-env", action="append", default=[], help="NAME=VALUE for genset up")
+    p.add_argument("--baseline", default="", help="checkout run as genset-base")
+    p.add_argument("--dynamo-dir", default="/tmp/gba-dynpeer")
+    p.add_argument("--dynamo-port-base", type=int, default=18890)
+    p.add_argument("--run-timeout", type=int, default=600)
+    p.add_argument("--out-dir", default="/tmp/gba", help="keep it short (aiperf socket paths)")
+    args = p.parse_args(argv)
+    if not (PEER_DIR / "venv" / "bin" / "python").exists():
+        print(f"Dynamo peer not installed in {PEER_DIR}: run {PEERS}/dynamo/setup.sh",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[tuple, list[dict]] = {}
+    for conc in args.concurrency:
+        for rep in range(args.reps):
+            order = args.systems if rep % 2 == 0 else list(reversed(args.systems))
+            for spec in order:
+                # short: aiperf's ZMQ socket paths under the run directory must stay under
+                # 107 characters
+                short = (spec.replace("genset-base", "gb").replace("genset", "g")
+                         .replace("dynamo", "d").replace("round-robin", "rr")
+                         .replace("embedded", "emb").replace(":", "-"))
+                tag = f"{short}-w{args.workers}s{args.speedup:g}c{conc}r{rep}"
+                run_dir = out / tag
+                run_dir.mkdir(parents=True, exist_ok=True)
+                system = make_system(spec, args, run_dir)
+                load1 = os.getloadavg()[0]
+                started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+                try:
+                    system.start()
+                    summary = run_aiperf(system, args, conc, run_dir)
+                    launcher = system.launcher_cpu()
+                finally:
+                    system.stop()
+                rec = {"system": spec, "rep": rep, "concurrency": conc, "started": started,
+                       "load1": round(load1, 2), "summary": summary, "pids": system.pids,
+                       "server_cpu": server_cpu(summary, system.pids),
+                       "launcher_cpu_s": launcher}
+                if system.timeline is not None and system.timeline.exists():
+                    from bench.timeline_report import breakdown, load
+                    rec["timeline"] = breakdown(load(system.timeline, skip=4))
+                (run_dir / "record.json").write_text(json.dumps(rec, indent=1))
+                results.setdefault((spec, args.workers, args.speedup, conc), []).append(rec)
+                r = row_of(rec)
+                print(f"{tag}: {r['req_s']} req/s, TTFT p50/p99 {r['ttft_p50']}/{r['ttft_p99']} "
+                      f"ms, server CPU {r['cpu_ms']:.2f} ms/req, load {load1:.1f}, "
+                      f"errors {r['errors']}", file=sys.stderr, flush=True)
+    print(table(results))
+    (out / "summary.json").write_text(json.dumps(
+        {"|".join(map(str, k)): [row_of(r) for r in v] for k, v in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())

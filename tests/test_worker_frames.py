@@ -1,0 +1,74 @@
+"""Token frames sent from the engine's delivery (genset/worker/frames.py): after the first
+token a request's plain frames go out without its task, in order with the task's own frames;
+when they cannot (no nowait publish, a cancelled stream) the task's path sends them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import proto
+from genset.runtime.streams import ReplyStream
+from tests.test_worker import Host
+
+
+@pytest.fixture
+async def slow_host(bus, discovery):
+    h = Host(bus, discovery, speedup=50.0)  # steps of real length: one frame per step
+    await h.host.start()
+    yield h
+    await h.host.close()
+
+
+def spy_nowait(monkeypatch) -> list[bool]:
+    results: list[bool] = []
+    real = ReplyStream.send_nowait
+
+    def spy(self, token_ids: bytes) -> bool:
+        ok = real(self, token_ids)
+        results.append(ok)
+        return ok
+
+    monkeypatch.setattr(ReplyStream, "send_nowait", spy)
+    return results
+
+
+def check_stream(chunks: list[proto.StreamChunk], n_tokens: int) -> None:
+    assert [c.seq for c in chunks] == list(range(len(chunks)))  # gap-free, in order
+    assert chunks[-1].final and chunks[-1].finish_reason == "length"
+    assert sum(len(c.token_ids) // 4 for c in chunks) == n_tokens
+    assert chunks[-1].usage.completion_tokens == n_tokens
+
+
+async def test_frames_after_the_first_go_out_from_the_delivery(slow_host, monkeypatch):
+    sent = spy_nowait(monkeypatch)
+    chunks = await slow_host.generate(slow_host.request(list(range(1, 20)), max_tokens=12))
+    check_stream(chunks, 12)
+    assert sent and all(sent)  # the middle frames took the direct path
+    assert slow_host.metric("genset_worker_generated_tokens_total") == 12
+
+
+async def test_without_nowait_publish_the_task_sends_every_frame(slow_host, bus, monkeypatch):
+    sent = spy_nowait(monkeypatch)
+    monkeypatch.setattr(bus, "_nowait", False)
+    chunks = await slow_host.generate(slow_host.request(list(range(1, 20)), max_tokens=12))
+    check_stream(chunks, 12)
+    assert sent and not any(sent)
+
+
+async def test_a_cancelled_stream_still_ends_cleanly(slow_host, bus):
+    req = slow_host.request(list(range(1, 20)), max_tokens=400)
+    stream = await bus.stream_request(slow_host.subject, req, timeout=30)
+    got = 0
+    async for chunk in stream:
+        got += len(chunk.token_ids) // 4
+        if got >= 5:
+            break
+    await stream.cancel("test")
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while slow_host.metric("genset_worker_requests_cancelled_total") < 1:
+        assert loop.time() < end, "the worker never saw the cancel"
+        await asyncio.sleep(0.02)
+    assert not slow_host.host._active
