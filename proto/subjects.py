@@ -152,3 +152,8 @@ def kv_transfer_tx(namespace: str, worker_id: int, transfer_id: str) -> str:
 
 def kv_transfer_tx_all(namespace: str, worker_id: int) -> str:
     return subject(namespace, "kvxfer", "tx", worker_id) + ".*"
+
+
+def remote_prefill(namespace: str, worker_id: int) -> str:
+    """Remote-prefill requests (`proto.transfer.RemotePrefillRequest`) to one prefill worker."""
+    return subject(namespace, "prefill", "remote", worker_id)

@@ -11,10 +11,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from genset.engines.base import EngineRequest, KvBlockData, KvImport  # noqa: E402
-
 from genset.engines.torch import kvformat  # noqa: E402
 from genset.engines.torch.engine import TorchEngine  # noqa: E402
+from genset.engines.types import EngineRequest, KvBlockData, KvImport  # noqa: E402
 from genset.kv.hashing import block_hashes  # noqa: E402
 from genset.runtime.bus import Bus  # noqa: E402
 from genset.transfer import KvTransferHub  # noqa: E402
@@ -60,6 +59,7 @@ async def test_torch_kv_export_transfer_import_is_identical(nats_server, transpo
         exported = await prefill.export_kv(hashes)
         assert [b.hash for b in exported] == hashes
         layout = torch_layout(exported[0].data)
+        assert prefill.card.kv_layout == layout == decode.card.kv_layout  # the card says it
 
         async def source(first, count):  # read from the engine window by window
             blocks = await prefill.export_kv(hashes[first : first + count])

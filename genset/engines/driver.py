@@ -193,8 +193,17 @@ class AsyncEngineDriver(Engine):
     async def export_kv(self, hashes: list[int]) -> list[KvBlockData]:
         return await self._call(lambda: self.core.export_kv(hashes))
 
-    async def import_kv(self, kv: KvImport) -> int:
-        return await self._call(lambda: self.core.import_kv(kv))
+    async def import_kv(self, kv: KvImport, pin_for: str | None = None) -> int:
+        return await self._call(lambda: self.core.import_kv(kv, pin_for=pin_for))
+
+    async def pin_kv(self, key: str, hashes: list[int]) -> int:
+        return await self._call(lambda: self.core.pin_kv(key, hashes))
+
+    async def unpin_kv(self, key: str) -> None:
+        await self._call(lambda: self.core.unpin_kv(key))
+
+    async def cached_blocks(self, hashes: list[int]) -> int:
+        return await self._call(lambda: self.core.cached_blocks(hashes))
 
     def load(self) -> LoadReport:
         return self._load
@@ -216,6 +225,12 @@ class AsyncEngineDriver(Engine):
         self._wake()
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
+        if self._loop is None:
+            # Not stepping yet: nothing else touches the core, and nothing would run a queued
+            # command (the caller would wait forever). Run it here.
+            return fn()
+        if self._stopping:
+            raise RuntimeError("engine is stopped")
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._commands.append((fn, fut))
         self._wake()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proto.generate import SamplingParams, StopConditions
+from proto.transfer import KvLayout
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -34,6 +35,10 @@ class KvImport:
 
     blocks: list[KvBlockData]
     parent_hash: int | None = None
+    # Disaggregation imports a transfer block run by block run as it arrives (pipelined), each
+    # run pinned under this key (`Engine.import_kv(kv, pin_for=key)`): a request submitted
+    # with `KvImport(blocks=[], pinned_as=key)` takes those pins over instead of importing.
+    pinned_as: str | None = None
 
 
 @dataclass(slots=True)
@@ -43,6 +48,11 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: StopConditions = field(default_factory=StopConditions)
     kv_import: KvImport | None = None
+    # Tokens already generated for this request elsewhere (a remote prefill's first token):
+    # the engine continues after them as if it had produced them itself (they count as
+    # output: sampling index, penalties, min/max_tokens), so a seeded or greedy request goes on
+    # exactly as on one engine. The engine emits only the tokens after them.
+    resume_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -95,6 +105,9 @@ class EngineCard:
     eos_token_ids: list[int] = field(default_factory=list)
     vocab_size: int = 0
     supports_logprobs: bool = False  # False: requests with sampling.logprobs are refused
+    # What its exported block payloads hold (disaggregation refuses a peer whose layout
+    # differs before any byte moves); None: the engine cannot export or import KV by hash.
+    kv_layout: KvLayout | None = None
 
 
 class EngineOverloaded(RuntimeError):
