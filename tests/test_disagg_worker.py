@@ -13,6 +13,7 @@ import pytest
 
 import proto
 from genset.disagg.worker import DisaggConfig, DisaggHook, first_token_finish
+from genset.kv.hashing import block_hashes
 from genset.runtime.metrics import Metrics
 from tests.stack import metric, parse_metrics
 from tests.test_worker import Host, wait_for
@@ -84,6 +85,13 @@ async def test_remote_prefill_gives_the_aggregated_tokens_and_frees_every_pin(bu
     finally:
         await agg.host.close()
     assert decode.metric("genset_disagg_remote_prefills_total") == 8
+    # the decode worker follows the prefill worker's cache (hashes only) for its decisions
+    hashes = block_hashes(prompt(0), 4)
+
+    def seen() -> int:
+        return decode.hook.pool.states(hashes)[0].cached_blocks
+
+    await wait_for(lambda: seen() == len(hashes), 10.0, "prefill cache seen")
     assert decode.metric("genset_disagg_decisions_total", mode="remote", reason="forced") == 8
     assert prefill.metric("genset_disagg_prefills_served_total", outcome="ok") == 8
     # nothing stays pinned: both pools back to idle (every request has ended)
@@ -180,3 +188,55 @@ def test_first_token_finish_follows_the_engine_rules():
     assert first_token_finish(req, 9, 10, eos, 100) is None
     req.stop = proto.StopConditions(max_tokens=1)
     assert first_token_finish(req, 3, 10, eos, 100) == "length"
+
+
+async def test_disaggregation_works_within_the_stack_permissions(secure_infra):
+    """Two workers logged in as their worker slots (genset up's NATS users and permissions,
+    etcd auth): the remote prefill, the hashes feed and the transfer all pass."""
+    from genset.engines.mocker import MockerConfig, PolynomialTiming, create_mocker_engine
+    from genset.runtime.discovery import Discovery
+    from genset.worker import HostConfig, WorkerHost
+
+    closers = []
+    hosts = {}
+    try:
+        for slot, role in ((0, "prefill"), (1, "decode")):
+            wid = secure_infra.worker_id(slot)
+            env = secure_infra.creds.env("worker", slot=slot)
+            bus = await secure_infra.bus("worker", slot=slot)
+            closers.append(bus.close)
+            disc = await Discovery.connect(secure_infra.etcd.endpoint, ttl=5.0,
+                                           user=env["GENSET_ETCD_USER"],
+                                           password=env["GENSET_ETCD_PASSWORD"])
+            closers.append(disc.close)
+            engine = create_mocker_engine(MockerConfig(
+                block_size=4, num_blocks=256, vocab_size=1000, eos_token_ids=(0,),
+                timing=PolynomialTiming(speedup_ratio=100)), worker_id=wid)
+            metrics = Metrics(process_metrics=False)
+            hook = DisaggHook(DisaggConfig(policy="always", kv_bytes_per_token=16),
+                              discovery=disc, metrics=metrics)
+            host = WorkerHost(engine, bus=bus, discovery=disc, instance_id=wid, metrics=metrics,
+                              hooks=hook, config=HostConfig(namespace=secure_infra.namespace,
+                                                            model="tiny", role=role))
+            await host.start()
+            closers.append(host.close)
+            hosts[role] = (host, hook, metrics)
+        host, hook, metrics = hosts["decode"]
+        await wait_for(lambda: len(hook.pool) == 1, 10.0, "decode sees the prefill worker")
+        frontend = await secure_infra.bus("frontend")
+        closers.append(frontend.close)
+        req = proto.GenerateRequest(request_id="sec-1", model="tiny",
+                                    token_ids=proto.pack_tokens(prompt(5)),
+                                    sampling=proto.SamplingParams(temperature=0.0),
+                                    stop=proto.StopConditions(max_tokens=6))
+        stream = await frontend.stream_request(host.generate_subject, req, timeout=30)
+        assert len(tokens_of([c async for c in stream])) == 6
+        values = parse_metrics(metrics.render().decode())
+        assert metric(values, "genset_disagg_remote_prefills_total") == 1
+        assert metric(values, "genset_disagg_fallbacks_total") == 0
+        assert metric(values, "genset_kv_transfer_bytes_total", side="rx") == 22 * 4 * 16
+        await wait_for(lambda: all(len(hook_.pins) == 0 for _, hook_, _ in hosts.values()),
+                       10.0, "pins released")
+    finally:
+        for close in reversed(closers):
+            await close()

@@ -5,8 +5,9 @@ to price a remote prefill, kept live from etcd and the bus.
 - membership: the model cards in etcd whose role is `prefill` and whose model is ours; a card
   that goes (drain, lease expired after a crash) removes the worker at once and sets its
   `gone` event, which ends any wait on it (`RemoteRun` races its waits against it);
-- cached blocks: each prefill worker's KV events (its own subject only), applied to a hash
-  set. A gap in its event ids cannot be healed by a resync here (workers may not ask each
+- cached blocks: each prefill worker's KV events, block hashes only, as it republishes them
+  on `subjects.prefill_kv_hashes` (the router's subject may carry token ids, i.e. prompts,
+  which one worker must not read of another), applied to a hash set. A gap in its event ids cannot be healed by a resync here (workers may not ask each
   other for snapshots: only routers may), so the set is cleared and rebuilt from the events
   that follow: the view under-counts what the worker holds until then, which only makes a
   remote prefill look dearer than it is, never wrongly cheap;
@@ -124,7 +125,7 @@ class PrefillPool:
         wid = w.worker_id
         try:
             subs = [
-                await self.bus.subscribe(subjects.kv_events(self.ns, wid),
+                await self.bus.subscribe(subjects.prefill_kv_hashes(self.ns, wid),
                                          lambda msg, w=w: self._on_kv(w, msg)),
                 await self.bus.subscribe(subjects.load_report(self.ns, wid),
                                          lambda msg, w=w: self._on_load(w, msg)),

@@ -113,7 +113,7 @@ class DisaggConfig:
     kv_transfer_bandwidth_gb_s: float = 0.0  # mocker: modelled link (0: no delay)
     transport: str = "auto"  # auto | nats | tcp
     tcp_host: str | None = "127.0.0.1"  # where the TCP listener binds (None: NATS only)
-    first_token_timeout_s: float = 30.0  # longest wait for a prefill worker's answer
+    first_token_timeout_s: float = 10.0  # longest wait for a prefill worker's answer
     transfer_timeout_s: float = 30.0  # longest a transfer may take after that answer
     idle_timeout_s: float = 5.0  # longest silence of a peer within a transfer
     pin_timeout_s: float = 60.0  # exported blocks held at most this long without an answer
@@ -196,6 +196,7 @@ class DisaggHook(WorkerHooks):
         self._sub = None
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+        self._republisher: asyncio.Task | None = None
         self._pins_changed = asyncio.Event()
         self._closing = False
 
@@ -220,6 +221,8 @@ class DisaggHook(WorkerHooks):
             await self.pool.start()
         else:
             self._sweeper = asyncio.create_task(self._sweep_pins(), name="disagg-pins")
+            self._republisher = asyncio.create_task(self._republish_hashes(),
+                                                    name="disagg-kv-hashes")
             self._sub = await ctx.bus.serve(subjects.remote_prefill(ctx.namespace,
                                                                     ctx.instance_id),
                                             self._serve_prefill,
@@ -236,8 +239,9 @@ class DisaggHook(WorkerHooks):
             await self.hub.close()  # fails every transfer in progress; the peers are told
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._republisher):
+            if task is not None:
+                task.cancel()
         for entry in list(self.pins.expire(float("inf"))):
             await self._unpin(entry.transfer_id)
 
@@ -516,6 +520,27 @@ class DisaggHook(WorkerHooks):
         except Exception as exc:  # the engine is stopping: its blocks go with it
             log.debug("unpin failed", key=key, error=repr(exc))
         self.m.pinned.set(len(self.pins))
+
+    async def _republish_hashes(self) -> None:
+        """This prefill worker's KV event batches, token ids stripped, for decode workers
+        (genset.disagg.pool). Costs one more publish per batch, on prefill workers only."""
+        assert self.ctx is not None
+        ctx = self.ctx
+        subject = subjects.prefill_kv_hashes(ctx.namespace, ctx.instance_id)
+        events = ctx.engine.kv_events()
+        try:
+            async for batch in events:
+                if any(isinstance(ev, proto.Stored) and any(b.token_ids for b in ev.blocks)
+                       for ev in batch.events):
+                    # a copy: the batch object is the one the KV feed publishes too
+                    batch = msgspec.structs.replace(batch, events=[
+                        proto.Stored(parent_hash=ev.parent_hash,
+                                     blocks=[proto.StoredBlock(hash=b.hash) for b in ev.blocks])
+                        if isinstance(ev, proto.Stored) else ev for ev in batch.events])
+                with contextlib.suppress(Exception):  # the next batch or a gap heals it
+                    await ctx.bus.publish(subject, batch)
+        finally:
+            events.close()
 
     async def _sweep_pins(self) -> None:
         """Unpin whatever a deadline freed (a send that somehow outlived its own deadlines)."""

@@ -61,7 +61,7 @@ class WorkerOptions:
         choices=TRANSPORTS))
     kv_transfer_host: str = field(default="127.0.0.1", metadata=opt(
         "where this worker listens for direct TCP KV transfers ('' = NATS only)"))
-    remote_prefill_timeout: float = field(default=30.0, metadata=opt(
+    remote_prefill_timeout: float = field(default=10.0, metadata=opt(
         "decode role: longest wait for a prefill worker's first token before prefilling "
         "locally (s)", min=0.1))
     kv_transfer_timeout: float = field(default=30.0, metadata=opt(
@@ -124,7 +124,9 @@ class WorkerService(Service):
         host_config = HostConfig(
             namespace=self.namespace, model=o.served_model_name or served_model_name(o.model),
             role=o.role, tokenizer=facts.tokenizer, max_streams=o.max_streams,
-            http_url=self.http_url)
+            http_url=self.http_url,
+            # a remote prefill's own deadlines end its waits before the host's does
+            hook_timeout_s=max(30.0, o.remote_prefill_timeout + o.kv_transfer_timeout + 5.0))
         self.host = WorkerHost(engine, bus=self.bus, discovery=self.discovery,
                                instance_id=self.instance_id, config=host_config,
                                metrics=self.metrics, hooks=self.disagg_hook())
