@@ -703,7 +703,8 @@ class StackSecurity:
             raise AuthError("--tls and --insecure do not go together")
         if self.enabled:
             self.creds = load_or_create(auth_dir(state_dir), namespace=args.namespace,
-                                        worker_slots=max(args.workers, args.max_workers),
+                                        worker_slots=max(args.workers + getattr(
+                                            args, "prefill_workers", 0), args.max_workers),
                                         models=[model])
             if args.tls:
                 ensure_tls(self.creds)
