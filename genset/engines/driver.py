@@ -248,8 +248,20 @@ class AsyncEngineDriver(Engine):
                 else:
                     log.warning("engine command failed: %r", exc)
             else:
+                # a command may change the load without a step (an unpin frees blocks, an
+                # import takes some): refreshed before the caller resumes, so it never waits
+                # for a step that may not come
+                self._set_load(self.core.load_report(now_ms(), self.step_ms_ewma))
                 if fut is not None:
                     fut.set_result(result)
+
+    def _set_load(self, load: LoadReport) -> None:
+        if self._thread is not None and threading.current_thread() is self._thread:
+            # through the loop, in order after the step deliveries queued before it
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(setattr, self, "_load", load)
+        else:
+            self._load = load
 
     # ---- stepping (override the three hooks to step elsewhere) ------------------------------
 
