@@ -505,10 +505,27 @@ class Scheduler:
         if need <= 0:
             return True
         new = self.pool.allocate(need)
+        if new is None and self._reclaim_pins(need, seq.request_id):
+            new = self.pool.allocate(need)
         if new is None:
             return False
         seq.block_table.extend(new)
         return True
+
+    def _reclaim_pins(self, need: int, keep: str) -> bool:
+        """Release other requests' import pins, most recent first, until `need` blocks are
+        free: pins of queued requests must never stall the requests ahead of them (a queue
+        of onboarded prompts could otherwise hold the whole pool while the head waits for
+        blocks). The released blocks stay cached, so a later request may still hit them.
+        True when anything was released."""
+        released = False
+        for rid in reversed(list(self._pins)):
+            if self.pool.num_free >= need:
+                break
+            if rid != keep:
+                self.unpin(rid)
+                released = True
+        return released
 
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Take prefix-cache hits and blocks for `seq`'s first chunk; returns the chunk's
@@ -526,7 +543,12 @@ class Scheduler:
         need = -(-(cached + n) // bs) - len(hit)
         reclaimed = sum(1 for b in hit if pool.ref_cnt[b] == 0)
         if pool.num_free - reclaimed < need:
-            return 0
+            # (released pins leave their blocks cached: `hit` still holds)
+            if not self._reclaim_pins(need + reclaimed, seq.request_id):
+                return 0
+            reclaimed = sum(1 for b in hit if pool.ref_cnt[b] == 0)
+            if pool.num_free - reclaimed < need:
+                return 0
         pool.touch(hit)
         seq.block_table = hit + (pool.allocate(need) or [])
         seq.num_computed = cached

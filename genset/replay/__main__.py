@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from genset.replay import disagg_sim
 from genset.replay.simulate import ReplayConfig, run_replay
 from genset.replay.trace import TraceError, load_trace
 from genset.routing.api import POLICY_GENSET, POLICY_NAMES, policy_name
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart comparing the policies")
+    disagg_sim.add_args(p)  # --prefill-workers, --decode-workers, --disagg (+ SLAs)
     return p
 
 
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     except TraceError as exc:
         print(f"genset replay: {exc}", file=sys.stderr)
         return 2
+    if disagg_sim.wanted(args):
+        return disagg_sim.main_from_args(args, trace, policies)
     cfg = ReplayConfig(workers=args.workers, block_size=args.block_size, kv_blocks=args.kv_blocks,
                        max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                        arrival_speedup=args.arrival_speedup, speedup_ratio=args.speedup_ratio,
