@@ -212,7 +212,8 @@ def test_sim_config_roles_and_ready_time():
     assert decode.serves_requests and decode.may_request_remote_prefill
     assert not decode.serves_prefill
     both = role_behaviour("both")
-    assert both.serves_requests and both.serves_prefill and both.max_tokens_override is None
+    assert both.serves_requests and not both.serves_prefill and both.max_tokens_override is None
+    assert not both.may_request_remote_prefill  # aggregated: today's worker
     with pytest.raises(ValueError, match="--role"):
         DisaggSimConfig(role="mixed")
     with pytest.raises(ValueError, match="--kv-transfer-bandwidth"):
