@@ -31,13 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import proto  # noqa: E402
-from genset.disagg.worker import DisaggConfig, DisaggHook  # noqa: E402
-from genset.runtime.bus import Bus  # noqa: E402
-from genset.runtime.discovery import Discovery  # noqa: E402
-from genset.runtime.infra import EtcdServer, NatsServer  # noqa: E402
-from genset.runtime.metrics import Metrics  # noqa: E402
-from genset.worker import HostConfig, WorkerHost  # noqa: E402
+import proto
+from genset.disagg.worker import DisaggConfig, DisaggHook
+from genset.runtime.bus import Bus
+from genset.runtime.discovery import Discovery
+from genset.runtime.infra import EtcdServer, NatsServer
+from genset.runtime.metrics import Metrics
+from genset.worker import HostConfig, WorkerHost
 
 
 async def make_host(bus, disc, ns: str, role: str, args) -> tuple[WorkerHost, Metrics]:
@@ -84,7 +84,9 @@ async def main(args) -> None:
         pre, _ = await make_host(bus, disc, ns, "prefill", args)
         dec, _ = await make_host(bus, disc, ns, "decode", args)
         hosts = [dec, pre, agg]
-        while not len(dec.hooks.pool):
+        for _ in range(600):  # the decode worker sees the prefill worker's card
+            if len(dec.hooks.pool):
+                break
             await asyncio.sleep(0.05)
         rng = random.Random(1)
         print(f"torch {args.model} on {args.device}, {args.max_tokens} tokens, transport "
