@@ -54,7 +54,7 @@ from genset.runtime import auth  # security: credentials, NATS config, etcd user
 from genset.runtime.config import DefaultsHelpFormatter
 from genset.runtime.infra import die_with_parent
 from genset.supervise import RestartPolicy, Supervisor, describe_exit
-from proto import ROLE_DECODE
+from proto import ROLE_DECODE, ROLE_PREFILL
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address the API listens on (default loopback only)")
     p.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
+    p.add_argument("--prefill-workers", type=int, default=0, metavar="N",  # disaggregation
+                   help="prefill workers (default 0: aggregated serving); the --workers then "
+                        "decode and send a request's prefill there when it pays")
     p.add_argument("--engine", choices=("torch", "mocker"), default="torch",
                    help="worker engine: torch (runs the model) or mocker (timing model, no tensors)")
     p.add_argument("--model", default="tiny",
@@ -400,7 +403,8 @@ class Launcher:
         # every one of them spin up a thread per core.
         if self.args.engine != "torch" or "OMP_NUM_THREADS" in os.environ:
             return {}
-        threads = max(1, (os.cpu_count() or 1) // max(1, self.args.workers))
+        threads = max(1, (os.cpu_count() or 1) // max(1, self.args.workers
+                                                     + self.args.prefill_workers))
         return {"OMP_NUM_THREADS": str(threads)}
 
     # ---- KV offload store (issue 12) ---------------------------------------------------------
@@ -445,6 +449,12 @@ class Launcher:
         a = self.args
         workers = [self.spawn_worker() for _ in range(a.workers)]
         self.say(f"workers: starting {a.workers} x {a.engine} engine, model {a.model}")
+        # disaggregation: prefill workers are workers too (worker-N: worker slot N-1, so their
+        # own id and permissions), numbered after the decode workers
+        workers += [self.spawn_worker(ROLE_PREFILL) for _ in range(a.prefill_workers)]
+        if a.prefill_workers:
+            self.say(f"prefill workers: starting {a.prefill_workers} (worker-{a.workers + 1}"
+                     f"..worker-{a.workers + a.prefill_workers})")
         done: set[str] = set()
 
         def ready() -> bool:
@@ -491,6 +501,8 @@ class Launcher:
         a = self.args
         if a.workers < 1:
             raise LaunchError("--workers must be at least 1")
+        if a.prefill_workers < 0:
+            raise LaunchError("--prefill-workers must be 0 or more")
         if a.planner:
             self.check_planner_args()
         if a.port != 0 and a.host in LOCAL_HOSTS and port_open("127.0.0.1", a.port):

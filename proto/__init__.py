@@ -147,6 +147,7 @@ __all__ += ["FrontendStats", "PlannerTargets", "StepSample", "WorkerStepStats"]
 # contract's sample test lists MESSAGES; the transfer messages have their own test):
 # TRANSFER_MESSAGES names them for docs and schema.
 from proto.transfer import (  # noqa: E402
+    REMOTE_PREFILL_MESSAGES,
     TRANSFER_MESSAGES,
     KvLayout,
     KvTransferAbort,
@@ -156,8 +157,13 @@ from proto.transfer import (  # noqa: E402
     KvTransferHeader,
     KvTransferMessage,
     KvTransferTarget,
+    RemotePrefillReply,
+    RemotePrefillRequest,
     TcpEndpoint,
 )
+
+# Disaggregation: a decode worker asks a prefill worker for a prompt's first token and KV.
+MESSAGES = (*MESSAGES, *REMOTE_PREFILL_MESSAGES)
 
 __all__ += [
     "TRANSFER_MESSAGES",
@@ -169,5 +175,7 @@ __all__ += [
     "KvTransferHeader",
     "KvTransferMessage",
     "KvTransferTarget",
+    "RemotePrefillReply",
+    "RemotePrefillRequest",
     "TcpEndpoint",
 ]

@@ -152,3 +152,18 @@ def kv_transfer_tx(namespace: str, worker_id: int, transfer_id: str) -> str:
 
 def kv_transfer_tx_all(namespace: str, worker_id: int) -> str:
     return subject(namespace, "kvxfer", "tx", worker_id) + ".*"
+
+
+def remote_prefill(namespace: str, worker_id: int) -> str:
+    """Remote-prefill requests (`proto.transfer.RemotePrefillRequest`) to one prefill worker."""
+    return subject(namespace, "prefill", "remote", worker_id)
+
+
+def prefill_kv_hashes(namespace: str, worker_id: int) -> str:
+    """A prefill worker's KV event batches again, block hashes only (no token ids): what
+    decode workers follow to price its cached prefixes without reading anyone's prompts."""
+    return subject(namespace, "prefill", "kvhashes", worker_id)
+
+
+def prefill_kv_hashes_all(namespace: str) -> str:
+    return subject(namespace, "prefill", "kvhashes") + ".*"

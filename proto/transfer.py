@@ -37,7 +37,7 @@ from typing import Annotated
 import msgspec
 
 from proto.base import Message
-from proto.generate import ErrorInfo
+from proto.generate import ErrorInfo, GenerateRequest, TokenLogprobs
 
 # Checksum of a chunk's bytes: XXH3-64, seed 0 (the same xxHash library as block hashes).
 CHECKSUM_ALGORITHM = "xxh3_64"
@@ -157,6 +157,40 @@ class KvTransferAbort(Message, tag="abort", tag_field="kind", kw_only=True):
     error: ErrorInfo
 
 
+class RemotePrefillRequest(Message, kw_only=True):
+    """Decode worker -> prefill worker, a NATS request on
+    `proto.subjects.remote_prefill(ns, prefill_worker_id)`: compute `request`'s prompt, answer
+    with its first token (`RemotePrefillReply`) as soon as it exists, then send the prompt's
+    full blocks from `first_block` on (the decode worker holds the ones before) to `target`
+    as a KV transfer (this module). `request` is the client's request as the decode worker
+    got it (sampling and stop conditions included: the first token is drawn exactly as the
+    decode worker would have drawn it); the prefill worker generates that one token only.
+    A refusal (bad request, layout mismatch, overloaded) is the request's error reply.
+    """
+
+    request: GenerateRequest
+    target: KvTransferTarget
+    first_block: Count = 0
+
+
+class RemotePrefillReply(Message, kw_only=True):
+    """Prefill worker -> decode worker: the first output token, sent before the KV.
+
+    `first_token_ids`: packed int32 LE (one token); `logprobs` when the request asked.
+    `cached_tokens`: prompt tokens the prefill worker found in its own prefix cache.
+    `blocks`: how many blocks (from `first_block` on) it pinned and is sending; fewer than the
+    prompt's full blocks when some were evicted before it could pin them (the decode worker
+    computes the rest)."""
+
+    request_id: str
+    transfer_id: str
+    first_token_ids: bytes
+    logprobs: TokenLogprobs | None = None
+    prompt_tokens: Count = 0
+    cached_tokens: Count = 0
+    blocks: Count = 0
+
+
 KvTransferMessage = (
     KvTransferHeader | KvTransferChunk | KvTransferCredit | KvTransferAck | KvTransferAbort
 )
@@ -169,3 +203,6 @@ TRANSFER_MESSAGES = (
     KvTransferAck,
     KvTransferAbort,
 )
+
+# The remote-prefill request and its reply (top-level messages of the wire contract).
+REMOTE_PREFILL_MESSAGES = (RemotePrefillRequest, RemotePrefillReply)

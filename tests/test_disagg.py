@@ -133,9 +133,31 @@ def test_margin_and_weight_shift_the_balance():
 
 def test_every_reason_is_a_known_label_and_bad_input_is_refused():
     assert set(d.REASONS) == {"no_prefill_workers", "prefill_saturated",
-                              "short_prompt_cached", "remote_cheaper", "local_cheaper"}
+                              "short_prompt_cached", "remote_cheaper", "local_cheaper",
+                              "disabled", "forced", "single_token"}
     with pytest.raises(ValueError, match="prompt_tokens"):
         d.decide(0, BUSY_DECODE, [], model())
+    with pytest.raises(ValueError, match="policy"):
+        d.decide(10, BUSY_DECODE, [], model(), policy="sometimes")
+
+
+def test_policies_never_and_always():
+    long_prompt = 4096
+    # a request the cost model keeps local (an idle decode worker, a slow link)...
+    idle = d.DecodeState(worker_id=1)
+    slow = model(bandwidth_bytes_per_s=1e6)
+    assert d.decide(long_prompt, idle, [IDLE_PREFILL], slow).reason == d.LOCAL_CHEAPER
+    # ...goes remote with "always", and stays local with "never" even where remote pays
+    forced = d.decide(long_prompt, idle, [IDLE_PREFILL], slow, policy=d.POLICY_ALWAYS)
+    assert forced.mode == d.REMOTE and forced.reason == d.FORCED
+    assert forced.prefill_worker_id == IDLE_PREFILL.worker_id
+    never = d.decide(long_prompt, BUSY_DECODE, [IDLE_PREFILL], model(), policy=d.POLICY_NEVER)
+    assert never.mode == d.LOCAL and never.reason == d.DISABLED
+    # "always" still never waits on an empty or saturated pool
+    assert d.decide(long_prompt, idle, [], slow, policy="always").reason == d.NO_PREFILL_WORKERS
+    busy = d.PrefillState(worker_id=10, saturated=True)
+    assert d.decide(long_prompt, idle, [busy], slow,
+                    policy="always").reason == d.PREFILL_SATURATED
     with pytest.raises(ValueError, match="bandwidth"):
         model(bandwidth_bytes_per_s=0)
     with pytest.raises(ValueError, match="slowdown_weight"):
@@ -212,7 +234,8 @@ def test_sim_config_roles_and_ready_time():
     assert decode.serves_requests and decode.may_request_remote_prefill
     assert not decode.serves_prefill
     both = role_behaviour("both")
-    assert both.serves_requests and both.serves_prefill and both.max_tokens_override is None
+    assert both.serves_requests and not both.serves_prefill and both.max_tokens_override is None
+    assert not both.may_request_remote_prefill  # aggregated: today's worker
     with pytest.raises(ValueError, match="--role"):
         DisaggSimConfig(role="mixed")
     with pytest.raises(ValueError, match="--kv-transfer-bandwidth"):

@@ -204,3 +204,35 @@ def test_genset_up_uses_running_nats_and_etcd_and_leaves_them_running(nats_serve
         assert nats_server.running and etcd_server.running  # not ours to stop
     finally:
         kill_all(proc, pids)
+
+
+@pytest.mark.slow
+def test_genset_up_with_prefill_workers_serves_disaggregated(tmp_path):
+    """`--prefill-workers`: the prefill worker runs as the next worker slot (its own NATS and
+    etcd user, genset up's permissions), decode workers find it and send it their prefills."""
+    port = free_port()
+    log = tmp_path / "up.log"
+    state = tmp_path / "state"
+    proc = start_up(REPO, log, "--engine", "mocker", "--workers", "1", "--prefill-workers", "1",
+                    "--worker-arg=--disagg=always", "--worker-arg=--speedup=20",
+                    "--port", str(port), "--state-dir", str(state),
+                    "--nats", f"nats://127.0.0.1:{free_port()}",
+                    "--etcd", f"127.0.0.1:{free_port()}")
+    pids: set[int] = set()
+    try:
+        text = wait_for_line(proc, log, r"Ctrl-C stops everything", within=180)
+        assert "prefill workers: starting 1 (worker-2..worker-2)" in text
+        pids = descendants(proc.pid)
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                          json={"model": "tiny", "prompt": "tell me a long story " * 20,
+                                "max_tokens": 5})
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 5
+        decode_log = (state / "logs" / "worker-1.log").read_text()
+        prefill_log = (state / "logs" / "worker-2.log").read_text()
+        assert '"role": "prefill"' in prefill_log and "worker ready" in prefill_log
+        assert "prefill worker joined" in decode_log
+        assert "prefilling locally" not in decode_log and "KV send failed" not in prefill_log
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        kill_all(proc, pids | descendants(proc.pid))

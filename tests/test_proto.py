@@ -84,6 +84,22 @@ SAMPLES = [
     ),
     proto.StreamChunk(seq=2, token_ids=proto.pack_tokens([5, 6]), logprobs=proto.TokenLogprobs.pack(
         [-0.25, -1.5], [[5, 9], [6, 1]], [[-0.25, -2.0], [-1.5, -1.75]], top_k=2)),
+    # disaggregation: a decode worker's remote-prefill request and the prefill worker's reply
+    proto.RemotePrefillRequest(
+        request=proto.GenerateRequest(request_id="r-3", model="tiny",
+                                      token_ids=proto.pack_tokens(range(40)),
+                                      stop=proto.StopConditions(max_tokens=9)),
+        target=proto.KvTransferTarget(
+            transfer_id="ab12", worker_id=9, subject="genset.default.kvxfer.rx.9.ab12",
+            window_bytes=1 << 20, first_block=1,
+            tcp=proto.TcpEndpoint(host="127.0.0.1", port=4000, token="t0k"),
+            layout=proto.KvLayout(engine="torch", format="genset-kv/1", dtype="float32",
+                                  block_shape=[2, 2, 16, 2, 8], bytes_per_block=4200),
+            deadline_ms=1_800_000_000_000),
+        first_block=1),
+    proto.RemotePrefillReply(request_id="r-3", transfer_id="ab12",
+                             first_token_ids=proto.pack_tokens([77]), prompt_tokens=40,
+                             cached_tokens=16, blocks=1),
 ]
 
 

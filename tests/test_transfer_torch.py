@@ -59,6 +59,7 @@ async def test_torch_kv_export_transfer_import_is_identical(nats_server, transpo
         exported = await prefill.export_kv(hashes)
         assert [b.hash for b in exported] == hashes
         layout = torch_layout(exported[0].data)
+        assert prefill.card.kv_layout == layout == decode.card.kv_layout  # the card says it
 
         async def source(first, count):  # read from the engine window by window
             blocks = await prefill.export_kv(hashes[first : first + count])

@@ -43,9 +43,19 @@ PREFILL_SATURATED = "prefill_saturated"
 SHORT_PROMPT_CACHED = "short_prompt_cached"
 REMOTE_CHEAPER = "remote_cheaper"
 LOCAL_CHEAPER = "local_cheaper"
+DISABLED = "disabled"  # policy "never" (`--disagg never`)
+FORCED = "forced"  # policy "always": remote whenever a prefill worker can take it
+SINGLE_TOKEN = "single_token"  # max_tokens 1: nothing would be decoded after the transfer
 # Every reason label a decision can carry (a bounded label set for the metric).
 REASONS = (NO_PREFILL_WORKERS, PREFILL_SATURATED, SHORT_PROMPT_CACHED, REMOTE_CHEAPER,
-           LOCAL_CHEAPER)
+           LOCAL_CHEAPER, DISABLED, FORCED, SINGLE_TOKEN)
+# How a worker (or the replay) applies the cost model: `auto` compares both paths, `always`
+# prefills remotely whenever a prefill worker can take the request (A/B runs, tests), `never`
+# keeps every request aggregated.
+POLICY_AUTO = "auto"
+POLICY_ALWAYS = "always"
+POLICY_NEVER = "never"
+POLICIES = (POLICY_AUTO, POLICY_ALWAYS, POLICY_NEVER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +164,13 @@ def _queue_ms(model: CostModel, queued_tokens: int, running: int) -> float:
 
 
 def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillState],
-           model: CostModel) -> Decision:
-    """Local or remote prefill for a prompt of `prompt_tokens` tokens (see the module doc)."""
+           model: CostModel, policy: str = POLICY_AUTO) -> Decision:
+    """Local or remote prefill for a prompt of `prompt_tokens` tokens (see the module doc);
+    `policy`: one of POLICIES."""
     if prompt_tokens < 1:
         raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     bs = model.block_size
     full_blocks = prompt_tokens // bs
     # the last prompt token is always computed (its logits give the first output token)
@@ -172,6 +185,8 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
                         local_slowdown_ms=local_slowdown, cost_local=cost_local,
                         **remote)  # type: ignore[arg-type]
 
+    if policy == POLICY_NEVER:
+        return local(DISABLED)
     if not prefills:
         return local(NO_PREFILL_WORKERS)
     transfer_blocks = max(0, full_blocks - decode.cached_blocks)
@@ -211,8 +226,9 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
         "transfer_bytes": transfer_bytes,
         "transfer_ms": best.transfer_ms,
     }
-    if best.cost + model.remote_margin_ms < cost_local:
-        return Decision(mode=REMOTE, reason=REMOTE_CHEAPER, prefill_worker_id=best.worker_id,
+    if policy == POLICY_ALWAYS or best.cost + model.remote_margin_ms < cost_local:
+        reason = FORCED if policy == POLICY_ALWAYS else REMOTE_CHEAPER
+        return Decision(mode=REMOTE, reason=reason, prefill_worker_id=best.worker_id,
                         local_ttft_ms=local_ttft,
                         local_slowdown_ms=local_slowdown, cost_local=cost_local,
                         **priced)  # type: ignore[arg-type]

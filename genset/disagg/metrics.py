@@ -36,6 +36,18 @@ class DisaggMetrics:
         self.bandwidth = metrics.gauge(
             "kv_transfer_bandwidth_bytes_per_second", "Estimated KV transfer bandwidth the "
             "prefill decision uses")
+        self.fallbacks = metrics.counter(
+            "disagg_fallbacks_total", "Remote prefills given up on, by stage (first_token: the "
+            "request ran aggregated; transfer: the prompt was recomputed here after the remote "
+            "first token) and reason", ("stage", "reason"))
+        self.remote_done = metrics.counter(
+            "disagg_remote_prefills_total", "Remote prefills whose KV this decode worker "
+            "imported and continued from")
+        self.served = metrics.counter(
+            "disagg_prefills_served_total", "Remote-prefill requests this prefill worker "
+            "answered, by outcome (ok, or the error code it refused with)", ("outcome",))
+        self.pinned = metrics.gauge(
+            "kv_pinned_transfers", "Transfers whose exported blocks this worker holds pinned")
         for mode in (LOCAL, REMOTE):  # every series exists from the start
             for reason in REASONS:
                 self.decisions.labels(mode, reason)
@@ -56,3 +68,14 @@ class DisaggMetrics:
             return
         code = error.code if isinstance(error, TransferError) else "other"
         self.transfers.labels(side, transport, code if code in CODES else "other").inc()
+
+    def fallback(self, stage: str, reason: str) -> None:
+        """A remote prefill given up on (`stage`: first_token | transfer)."""
+        reason = reason if reason in FALLBACK_REASONS else "other"
+        self.fallbacks.labels(stage, reason).inc()
+
+
+# Why a remote prefill was given up on: a transfer's error code, or what went wrong asking
+# the prefill worker (labels from this fixed set; anything else counts as "other").
+FALLBACK_REASONS = (*CODES, "no_responders", "timeout", "remote_error", "overloaded",
+                    "prefill_gone", "disconnected", "bad_reply", "other")

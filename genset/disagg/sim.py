@@ -11,10 +11,11 @@ decode worker does not already hold, what a real transfer moves) or `full_prompt
 block of the prompt, Dynamo's simpler default).
 
 Roles (the worker's `--role`; the same words as the model card): `both` serves requests
-aggregated and may prefill for others; `prefill` only prefills for decode workers: a request
-runs to its first token (max_tokens 1) and its blocks stay cached (pinned by the sender) until
-the transfer is acked; `decode` serves requests and never prefills for others, but prefills
-locally whenever the decision (genset.disagg.decision) says so or no prefill worker is there.
+aggregated (today's worker: it neither asks for nor serves remote prefills); `prefill` only
+prefills for decode workers: a request runs to its first token (max_tokens 1) and its blocks
+stay cached (pinned by the sender) until the transfer is acked; `decode` serves requests and
+never prefills for others, but prefills locally whenever the decision (genset.disagg.decision)
+says so or no prefill worker is there.
 
 Pure: no I/O, no clock; live workers and `genset replay` call the same functions.
 """
@@ -42,7 +43,7 @@ class RoleBehaviour:
 
 
 _BEHAVIOUR = {
-    "both": RoleBehaviour(True, True, False, None),
+    "both": RoleBehaviour(True, False, False, None),
     "prefill": RoleBehaviour(False, True, False, 1),
     "decode": RoleBehaviour(True, False, True, None),
 }

@@ -160,6 +160,7 @@ class SchedulingCore:
             eos_token_ids=list(config.eos_token_ids),
             vocab_size=executor.vocab_size,
             supports_logprobs=executor.supports_logprobs,
+            kv_layout=executor.kv_layout() if hasattr(executor, "kv_layout") else None,
         )
         self._evict_sink: EvictionSink | None = None
         self.evictions_handed = 0  # counters (monotonic)
@@ -175,7 +176,10 @@ class SchedulingCore:
         self.executor.check_request(request)
         sched.check_request(request)
         kv = request.kv_import
-        if kv is not None and kv.blocks:
+        if kv is not None and kv.pinned_as is not None:
+            # imported earlier, run by run as a transfer arrived: take its pins over
+            sched.adopt_pins(kv.pinned_as, request.request_id)
+        elif kv is not None and kv.blocks:
             try:
                 self.import_kv(kv, pin_for=request.request_id)
             except BaseException:
@@ -334,3 +338,20 @@ class SchedulingCore:
         self.evictions_handed += n
         self.evictions_dropped += dropped
         sink.put(blocks, dropped)
+
+    # ---- pins (disaggregation: blocks held for a transfer) ----------------------------------
+
+    def pin_kv(self, key: str, hashes: list[int]) -> int:
+        """Hold the leading run of `hashes` held here under `key` until `unpin_kv(key)` (the
+        sender's side of a transfer: nothing may evict them while they travel); returns how
+        many blocks, from the first, are held."""
+        return self.scheduler.pin(key, hashes)
+
+    def unpin_kv(self, key: str) -> None:
+        """Release what `pin_kv` or `import_kv(pin_for=key)` holds under `key` (nothing if a
+        request already took the pins over, or they were released)."""
+        self.scheduler.unpin(key)
+
+    def cached_blocks(self, hashes: list[int]) -> int:
+        """How many leading blocks of `hashes` are in the prefix cache here."""
+        return self.scheduler.cached_prefix_blocks(hashes)

@@ -274,8 +274,17 @@ class AsyncEngineDriver(Engine):
     async def export_kv(self, hashes: list[int]) -> list[KvBlockData]:
         return await self._call(lambda: self.core.export_kv(hashes))
 
-    async def import_kv(self, kv: KvImport) -> int:
-        return await self._call(lambda: self.core.import_kv(kv))
+    async def import_kv(self, kv: KvImport, pin_for: str | None = None) -> int:
+        return await self._call(lambda: self.core.import_kv(kv, pin_for=pin_for))
+
+    async def pin_kv(self, key: str, hashes: list[int]) -> int:
+        return await self._call(lambda: self.core.pin_kv(key, hashes))
+
+    async def unpin_kv(self, key: str) -> None:
+        await self._call(lambda: self.core.unpin_kv(key))
+
+    async def cached_blocks(self, hashes: list[int]) -> int:
+        return await self._call(lambda: self.core.cached_blocks(hashes))
 
     def load(self) -> LoadReport:
         return self._load
@@ -317,6 +326,12 @@ class AsyncEngineDriver(Engine):
         self._wake()
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
+        if self._loop is None:
+            # Not stepping yet: nothing else touches the core, and nothing would run a queued
+            # command (the caller would wait forever). Run it here.
+            return fn()
+        if self._stopping:
+            raise RuntimeError("engine is stopped")
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._commands.append((fn, fut))
         self._wake()
@@ -334,8 +349,20 @@ class AsyncEngineDriver(Engine):
                 else:
                     log.warning("engine command failed: %r", exc)
             else:
+                # a command may change the load without a step (an unpin frees blocks, an
+                # import takes some): refreshed before the caller resumes, so it never waits
+                # for a step that may not come
+                self._set_load(self.core.load_report(now_ms(), self.step_ms_ewma))
                 if fut is not None:
                     fut.set_result(result)
+
+    def _set_load(self, load: LoadReport) -> None:
+        if self._thread is not None and threading.current_thread() is self._thread:
+            # through the loop, in order after the step deliveries queued before it
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(setattr, self, "_load", load)
+        else:
+            self._load = load
 
     # ---- stepping (override the three hooks to step elsewhere) ------------------------------
 

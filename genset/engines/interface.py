@@ -67,6 +67,14 @@ class EngineCore(Protocol):
         """Load blocks into the prefix cache; returns how many of them (from the first) are
         now cached."""
 
+    def pin_kv(self, key: str, hashes: list[int]) -> int:
+        """Hold the leading cached run of `hashes` under `key`; returns how many."""
+
+    def unpin_kv(self, key: str) -> None: ...
+
+    def cached_blocks(self, hashes: list[int]) -> int:
+        """How many leading blocks of `hashes` are in the prefix cache."""
+
     def load_report(self, ts_ms: int, step_ms_ewma: float) -> LoadReport: ...
 
 
@@ -98,8 +106,25 @@ class Engine(ABC):
         """The leading run of `hashes` this engine holds, with payloads."""
 
     @abstractmethod
-    async def import_kv(self, kv: KvImport) -> int:
-        """Load blocks into the prefix cache (unpinned); returns how many are cached."""
+    async def import_kv(self, kv: KvImport, pin_for: str | None = None) -> int:
+        """Load blocks into the prefix cache; returns how many are cached. With `pin_for`,
+        they are held under that key until a request submitted with
+        `KvImport(pinned_as=key)` (or with that request id) is admitted, or `unpin_kv(key)`."""
+
+    # Disaggregation (genset.disagg): engines whose card has a `kv_layout` implement these.
+
+    async def pin_kv(self, key: str, hashes: list[int]) -> int:
+        """Hold the leading run of `hashes` cached here under `key` (nothing may evict them)
+        until `unpin_kv(key)`; returns how many blocks are held."""
+        raise NotImplementedError(f"the {self.card.engine} engine cannot pin KV blocks")
+
+    async def unpin_kv(self, key: str) -> None:
+        """Release what is held under `key` (a no-op when nothing is)."""
+        raise NotImplementedError(f"the {self.card.engine} engine cannot pin KV blocks")
+
+    async def cached_blocks(self, hashes: list[int]) -> int:
+        """How many leading blocks of `hashes` are in this engine's prefix cache."""
+        return 0
 
     @abstractmethod
     def load(self) -> LoadReport:

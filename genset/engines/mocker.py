@@ -63,6 +63,7 @@ from genset.engines.core import SchedulingCore
 from genset.engines.driver import AsyncEngineDriver, merge_output, now_ms
 from genset.engines.scheduler import Scheduler, SchedulerConfig, Sequence
 from genset.engines.types import EngineOutput, EngineRequest, KvBlockData
+from proto.transfer import KvLayout
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,13 @@ class MockerExecutor:
         else:
             state = xxhash.xxh3_64_intdigest(request.request_id.encode())
         seq.user_data = state
+        if request.resume_token_ids:
+            # tokens drawn elsewhere (a remote prefill) from the same stream: skip past them
+            self.next_tokens(seq, len(request.resume_token_ids))
+
+    def kv_layout(self) -> KvLayout:
+        """Mocker blocks carry no payload (a transfer moves hashes; its time is modelled)."""
+        return KvLayout(engine=self.name)
 
     def execute(self, plan: StepPlan, sched: Scheduler) -> tuple[list[int | None], float]:
         pool = sched.pool

@@ -123,6 +123,9 @@ class Sequence:
         self.request_id = request.request_id
         self.token_ids: list[int] = list(request.token_ids)
         self.prompt_len = len(self.token_ids)
+        resumed = request.resume_token_ids  # produced elsewhere: already output (types.py)
+        if resumed:
+            self.token_ids.extend(resumed)
         stop = request.stop
         self.sampling = sampling_spec(request, eos)
         self.max_tokens = stop.max_tokens
@@ -130,7 +133,7 @@ class Sequence:
         self.ignore_eos = stop.ignore_eos
         self.stop_ids = frozenset(stop.stop_token_ids)
         self.num_computed = 0  # tokens whose KV is in block_table's blocks
-        self.num_output = 0
+        self.num_output = len(resumed)
         self.num_registered = 0  # leading blocks of block_table that are in the prefix cache
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hashes of full blocks of token_ids (lazily grown)
@@ -179,7 +182,7 @@ class Scheduler:
             raise ValueError("prompt has no tokens")
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already active")
-        n = len(request.token_ids)
+        n = len(request.token_ids) + len(request.resume_token_ids)
         if n >= self.config.context_length:
             raise ValueError(
                 f"prompt has {n} tokens, context length is {self.config.context_length}"
@@ -428,6 +431,31 @@ class Scheduler:
         held = self._pins.pop(request_id, None)
         if held:
             self.pool.free(held)
+
+    def pin(self, key: str, hashes: list[int]) -> int:
+        """Hold the leading run of `hashes` cached here under `key` (e.g. blocks exported to
+        another worker, until it confirms) until `unpin(key)`; returns how many are held.
+        A key already held gains these blocks too."""
+        held = self.pool.lookup(hashes)
+        if held:
+            self.pool.touch(held)
+            self._pins.setdefault(key, []).extend(held)
+        return len(held)
+
+    def adopt_pins(self, key: str, request_id: str) -> None:
+        """Move the pins held under `key` to `request_id` (released when it is admitted)."""
+        held = self._pins.pop(key, None)
+        if held:
+            self._pins.setdefault(request_id, []).extend(held)
+
+    def cached_prefix_blocks(self, hashes: list[int]) -> int:
+        """How many leading blocks of `hashes` are in the prefix cache."""
+        return len(self.pool.lookup(hashes))
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Block references held by pins (imports waiting for their request, exports)."""
+        return sum(len(v) for v in self._pins.values())
 
     # ---- load -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proto.generate import SamplingParams, StopConditions
+from proto.transfer import KvLayout
 from proto.values import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
 
 # The finish reasons are the wire's (proto.values): re-exported for the engines.
@@ -33,6 +34,10 @@ class KvImport:
 
     blocks: list[KvBlockData]
     parent_hash: int | None = None
+    # Disaggregation imports a transfer block run by block run as it arrives (pipelined), each
+    # run pinned under this key (`Engine.import_kv(kv, pin_for=key)`): a request submitted
+    # with `KvImport(blocks=[], pinned_as=key)` takes those pins over instead of importing.
+    pinned_as: str | None = None
 
 
 @dataclass(slots=True)
@@ -46,6 +51,11 @@ class EngineRequest:
     # `w_first_step` (unix s when the step that computed the first token started) and
     # `w_step_ms` (that step's duration). None: not timed, nothing is looked at.
     trace: dict[str, float] | None = None
+    # Tokens already generated for this request elsewhere (a remote prefill's first token):
+    # the engine continues after them as if it had produced them itself (they count as
+    # output: sampling index, penalties, min/max_tokens), so a seeded or greedy request goes on
+    # exactly as on one engine. The engine emits only the tokens after them.
+    resume_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -98,6 +108,9 @@ class EngineCard:
     eos_token_ids: list[int] = field(default_factory=list)
     vocab_size: int = 0
     supports_logprobs: bool = False  # False: requests with sampling.logprobs are refused
+    # What its exported block payloads hold (disaggregation refuses a peer whose layout
+    # differs before any byte moves); None: the engine cannot export or import KV by hash.
+    kv_layout: KvLayout | None = None
 
 
 class EngineOverloaded(RuntimeError):

@@ -17,6 +17,7 @@ import json
 import sys
 
 from genset.planning import POLICIES as PLANNER_POLICIES
+from genset.replay import disagg_sim
 from genset.replay.metrics import DEFAULT_SLA_ITL_MS, DEFAULT_SLA_TTFT_MS
 from genset.replay.offload import OffloadConfig
 from genset.replay.planner_sim import PlannerSimConfig
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slo policy: the ITL it sizes for (default --sla-itl-ms)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart comparing the policies")
+    disagg_sim.add_args(p)  # --prefill-workers, --decode-workers, --disagg (+ SLAs)
     return p
 
 
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     except TraceError as exc:
         print(f"genset replay: {exc}", file=sys.stderr)
         return 2
+    if disagg_sim.wanted(args):
+        return disagg_sim.main_from_args(args, trace, policies)
     planner = None
     workers = args.workers
     if args.planner is not None:

@@ -118,12 +118,25 @@ def nats_permissions(role: str, namespace: str, user: str,
         if instance_id is None:
             raise ValueError("a worker's permissions need its instance id")
         tok = subjects.instance_token(instance_id)
+        # Disaggregation (genset.disagg.worker): a decode worker asks any prefill worker for
+        # a prefill, and follows the prefill workers' load and cached hashes (hashes only,
+        # never token ids: no worker reads another's prompts); KV transfers go to the peer's
+        # subjects (receiver: header and chunks; sender: credits and acks), each worker
+        # listens only under its own id.
+        xfer_any = (subjects.subject(ns, "kvxfer", "rx") + ".*.*",
+                    subjects.subject(ns, "kvxfer", "tx") + ".*.*")
+        remote_prefill_any = subjects.subject(ns, "prefill", "remote") + "." + any_id
         return NatsPermissions(
             publish=(subjects.kv_events(ns, instance_id), subjects.load_report(ns, instance_id),
-                     lifecycle, subjects.step_stats(ns, instance_id), *offload_requests),
+                     lifecycle, subjects.step_stats(ns, instance_id), *offload_requests,
+                     remote_prefill_any, *xfer_any,
+                     subjects.prefill_kv_hashes(ns, instance_id)),
             # generate requests of any role it registers as (decode, prefill), its own id only
             subscribe=(f"{subjects.ROOT}.{ns}.*.generate.{tok}", subjects.kv_resync(ns, instance_id),
-                       cancel, inbox),
+                       cancel, inbox, subjects.remote_prefill(ns, instance_id),
+                       subjects.kv_transfer_rx_all(ns, instance_id),
+                       subjects.kv_transfer_tx_all(ns, instance_id),
+                       subjects.prefill_kv_hashes_all(ns), loads_all),
             responses=True)
     if role == ROLE_FRONTEND:
         # The frontend runs the embedded router too: it reads KV events and load, and may ask
@@ -701,8 +714,9 @@ class StackSecurity:
             raise AuthError("--tls and --insecure do not go together")
         if self.enabled:
             self.creds = load_or_create(auth_dir(state_dir), namespace=args.namespace,
-                                        worker_slots=max(args.workers, args.max_workers or 0,
-                                                     WORKER_SLOTS_DEFAULT),
+                                        worker_slots=max(args.workers + getattr(
+                                            args, "prefill_workers", 0), args.max_workers or 0,
+                                            WORKER_SLOTS_DEFAULT),
                                         models=[model])
             if args.tls:
                 ensure_tls(self.creds)

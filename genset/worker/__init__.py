@@ -18,6 +18,7 @@ from genset.worker.hooks import (
     HookChain,
     KvImport,
     PrefillDone,
+    RemotePrefill,
     WorkerContext,
     WorkerHooks,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "HostConfig",
     "KvImport",
     "PrefillDone",
+    "RemotePrefill",
     "WorkerContext",
     "WorkerHooks",
     "WorkerHost",

@@ -28,6 +28,16 @@ The host calls a `WorkerHooks` object at four points of its life and of every re
   the engine emits them.
 - `close()`: once, when the worker stops (requests have ended, the engine still runs).
 
+`before_run` may also answer a `RemotePrefill` (disaggregation): another worker prefilled the
+prompt and its first output token is already here. The host sends that token to the
+requester at once (time to first token does not wait for the KV), then awaits
+`RemotePrefill.kv()` (the transfer: a `KvImport` whose blocks the hook imported as they
+arrived, pinned under `pinned_as`, or None to compute the prompt locally) and submits the
+request with the first token as `resume_token_ids`, so the engine continues exactly after
+it. A requester that cancels while the hook or the transfer is still running ends the wait at
+once (the hook's task is cancelled). `release()` is always awaited once the host no longer
+needs what the hook reserved.
+
 The default `WorkerHooks` does nothing at each point and the host does not even call what a
 subclass leaves alone, so a worker without hooks serves exactly as before. A request's hook
 that raises or overruns `HostConfig.hook_timeout_s` fails that request with a retryable
@@ -40,17 +50,18 @@ are logged and counted, nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from genset.engines.interface import Engine
-from genset.engines.types import EvictedBlock, KvImport
+from genset.engines.types import EvictedBlock, KvImport, Logprobs
 
 if TYPE_CHECKING:
     import proto
 
-__all__ = ["EvictedBlock", "HookChain", "KvImport", "PrefillDone", "WorkerContext",
-           "WorkerHooks", "overridden"]
+__all__ = ["EvictedBlock", "HookChain", "KvImport", "PrefillDone", "RemotePrefill",
+           "WorkerContext", "WorkerHooks", "overridden"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -79,6 +90,27 @@ class PrefillDone:
     finished: bool  # the request ended with this output (its blocks are no longer held)
 
 
+@dataclass(slots=True)
+class RemotePrefill:
+    """`before_run`'s answer when another worker prefilled the prompt (module docstring).
+
+    `first_token_ids`: the first output (one token), with its `logprobs` when asked.
+    `finish_reason`: set when that token ends the request (a stop token, max_tokens 1): the
+    host sends it as the final frame and never runs the engine. `cached_tokens`: what the
+    usage reports (prompt tokens the prefill found cached). `kv()`: waits for the KV; returns
+    the import for the engine or None (compute the prompt here); it handles its own failures
+    (returns None) and has its own deadline. `release()`: frees whatever the hook still holds
+    for this request (pins a request did not take over, a transfer in progress); idempotent.
+    """
+
+    first_token_ids: list[int]
+    cached_tokens: int
+    kv: Callable[[], Awaitable[KvImport | None]]
+    release: Callable[[], Awaitable[None]]
+    logprobs: Logprobs | None = None
+    finish_reason: str | None = None
+
+
 class WorkerHooks:
     """No-op defaults; subclass and override what you need (see the module docstring)."""
 
@@ -86,8 +118,9 @@ class WorkerHooks:
         """Once, before the worker takes requests."""
 
     async def before_run(self, request: proto.GenerateRequest,
-                         token_ids: list[int]) -> KvImport | None:
-        """KV to import before `request` (prompt `token_ids`) runs, or None."""
+                         token_ids: list[int]) -> KvImport | RemotePrefill | None:
+        """KV to import before `request` (prompt `token_ids`) runs, a remote prefill's first
+        token and KV, or None."""
         return None
 
     async def after_prefill(self, done: PrefillDone) -> None:

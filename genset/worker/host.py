@@ -51,7 +51,13 @@ from genset.runtime.service import build_instance_record
 from genset.runtime.timeline import worker_stamp
 from genset.worker.clock import now_ms, wait_event
 from genset.worker.frames import direct_sender
-from genset.worker.hooks import PrefillDone, WorkerContext, WorkerHooks, overridden
+from genset.worker.hooks import (
+    PrefillDone,
+    RemotePrefill,
+    WorkerContext,
+    WorkerHooks,
+    overridden,
+)
 from genset.worker.kv_feed import KvFeed
 from genset.worker.load import LoadReporter
 from genset.worker.metrics import WorkerMetrics
@@ -99,6 +105,10 @@ def _wire_logprobs(lp: Logprobs, req: proto.GenerateRequest) -> proto.TokenLogpr
         return None
     return proto.TokenLogprobs.pack(lp.logprobs, lp.top_ids, lp.top_logprobs,
                                     req.sampling.logprobs or 0)
+
+
+class RequesterCancelled(Exception):
+    """The requester cancelled while a hook (or a remote prefill's transfer) was running."""
 
 
 class HookFailed(Exception):
@@ -350,6 +360,8 @@ class WorkerHost:
         try:
             async with asyncio.timeout(timeout if left is None else min(timeout, left)):
                 return await coro
+        except RequesterCancelled:
+            raise
         except Exception as exc:  # TimeoutError included; a cancel of the request goes through
             if isinstance(exc, TimeoutError) and left is not None and left <= timeout:
                 raise HookFailed("request deadline passed in worker hook " + name,
@@ -358,45 +370,117 @@ class WorkerHost:
             log.warning("worker hook failed", hook=name, error=repr(exc))
             raise HookFailed(f"worker hook {name} failed: {exc!r}") from exc
 
+    async def _unless_cancelled(self, coro, rs):
+        """Await `coro` unless the requester cancels first (RequesterCancelled; `coro`'s task
+        is cancelled, so a hook waiting on a remote prefill frees what it holds at once)."""
+        task = asyncio.ensure_future(coro)
+        waiter = asyncio.ensure_future(rs.cancelled.wait())
+        try:
+            await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait((task,), timeout=CLOSE_STEP_TIMEOUT_S)
+        if task.cancelled():
+            raise RequesterCancelled()
+        return task.result()
+
+    async def _remote_first_token(self, req: proto.GenerateRequest, tokens: list[int],
+                                  remote: RemotePrefill, rs) -> KvImport | bool | None:
+        """A remote prefill's first token goes to the requester now; then wait for its KV.
+        Returns the import for the engine (None: compute the prompt here), or False when the
+        first token ended the request."""
+        first = remote.first_token_ids
+        self.m.cached_tokens.inc(remote.cached_tokens)
+        self.m.tokens.inc(len(first))
+        lp = None if remote.logprobs is None else _wire_logprobs(remote.logprobs, req)
+        if remote.finish_reason is not None:
+            usage = proto.Usage(prompt_tokens=len(tokens), completion_tokens=len(first),
+                                cached_tokens=remote.cached_tokens)
+            await rs.send(proto.pack_tokens(first), finish_reason=remote.finish_reason,
+                          usage=usage, final=True, logprobs=lp)
+            await self._lifecycle(req.request_id, "first_token")
+            return False
+        if lp is None:
+            await rs.send(proto.pack_tokens(first))
+        else:
+            await rs.send(proto.pack_tokens(first), logprobs=lp)
+        await self._lifecycle(req.request_id, "first_token")
+        return await self._call_hook("before_run", self._unless_cancelled(remote.kv(), rs),
+                                     req.deadline_ms)
+
     async def _generate(self, req: proto.GenerateRequest, tokens: list[int], engine_id: str,
                         rs) -> None:
         # a timed request (genset.runtime.timeline): its stamps travel back in the final usage
         stamps = {"w_received": time.time()} if req.timeline else None
         kv_import: KvImport | None = None
+        remote: RemotePrefill | None = None
         if self._before_run is not None:
             try:
                 kv_import = await self._call_hook(
-                    "before_run", self._before_run(req, tokens), req.deadline_ms)
+                    "before_run", self._unless_cancelled(self._before_run(req, tokens), rs),
+                    req.deadline_ms)
             except HookFailed as exc:
                 await rs.fail(self._reject(exc.code, str(exc), retryable=exc.code == "internal"))
                 return
+            except RequesterCancelled:
+                self.m.cancelled.inc()
+                self.m.finished.labels(FINISH_CANCELLED).inc()
+                await self._lifecycle(req.request_id, "done")
+                return
+        if isinstance(kv_import, RemotePrefill):
+            remote, kv_import = kv_import, None
+            try:
+                got = await self._remote_first_token(req, tokens, remote, rs)
+            except BaseException as exc:
+                await remote.release()
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                reason = await self._remote_failed(req, exc, rs)
+                self.m.finished.labels(reason).inc()
+                await self._lifecycle(req.request_id, "done")
+                return
+            if got is False:
+                await remote.release()
+                self.m.started.inc()
+                self.m.prompt_tokens.inc(len(tokens))
+                self.m.finished.labels(remote.finish_reason).inc()
+                await self._lifecycle(req.request_id, "done")
+                return
+            kv_import = got
         try:
+            resume = remote.first_token_ids if remote is not None else []
             try:
                 stream = await self.engine.submit(EngineRequest(
                     request_id=engine_id, token_ids=tokens, sampling=req.sampling,
-                    stop=req.stop, kv_import=kv_import, trace=stamps))
+                    stop=req.stop, kv_import=kv_import, trace=stamps, resume_token_ids=resume))
             except ValueError as exc:
                 if kv_import is None:
                     raise
                 # The hook's KV was refused (a payload of another layout, a corrupt block):
-                # that is the hook's fault, not the request's; compute the prompt instead.
+                # that is the hook's fault, not the request's; compute the prompt instead
+                # (after a remote first token too: the engine resumes after it).
                 self.m.hook_errors.labels("before_run").inc()
                 log.warning("KV import refused; computing the prompt", error=str(exc))
                 stream = await self.engine.submit(EngineRequest(
                     request_id=engine_id, token_ids=tokens, sampling=req.sampling,
-                    stop=req.stop, trace=stamps))
+                    stop=req.stop, trace=stamps, resume_token_ids=resume))
         except EngineOverloaded as exc:
             await rs.fail(self._reject("overloaded", str(exc), retryable=True))
             return
         except ValueError as exc:
             await rs.fail(self._reject("bad_request", str(exc)))
             return
+        finally:
+            if remote is not None:  # the engine took the pins over (or refused the request)
+                await remote.release()
         worker_stamp(stamps, "w_admitted")
         self.m.started.inc()
         self.m.prompt_tokens.inc(len(tokens))
         self._load_changed.set()
         reason = FINISH_ERROR
-        first = True
+        first = remote is None  # a remote prefill's first token is out already
         # The cancel/deadline watcher aborts the engine request; the output stream then ends
         # with a "cancelled" output, so the loop below always terminates.
         watcher = asyncio.create_task(self._watch(rs, req.deadline_ms, engine_id))
@@ -433,9 +517,10 @@ class WorkerHost:
                     await rs.fail(ErrorInfo(code="internal", retryable=True,
                                             message=f"engine failed: {out.error or 'unknown'}"))
                     break
+                cached = remote.cached_tokens if remote is not None else out.cached_tokens
                 usage = proto.Usage(prompt_tokens=out.prompt_tokens or len(tokens),
                                     completion_tokens=out.completion_tokens,
-                                    cached_tokens=max(0, out.cached_tokens))
+                                    cached_tokens=max(0, cached))
                 if stamps is not None:
                     worker_stamp(stamps, "w_first_sent")  # a one-frame reply: its final frame
                     usage.timeline = stamps
@@ -466,6 +551,23 @@ class WorkerHost:
                 self.m.cancelled.inc()
             self.m.finished.labels(reason).inc()
             await self._lifecycle(req.request_id, PHASE_DONE)
+
+    async def _remote_failed(self, req: proto.GenerateRequest, exc: BaseException, rs) -> str:
+        """The requester's answer when a remote prefill's first token or KV wait failed;
+        returns the reason counted."""
+        if isinstance(exc, StreamCancelled | Disconnected | StreamClosed | RequesterCancelled):
+            self.m.cancelled.inc()
+            return FINISH_CANCELLED
+        if isinstance(exc, HookFailed):
+            with contextlib.suppress(Exception):
+                await rs.fail(self._reject(exc.code, str(exc),
+                                           retryable=exc.code == "internal"))
+            return REASON_DEADLINE if exc.code == "deadline_exceeded" else FINISH_ERROR
+        log.exception("remote prefill failed", request_id=req.request_id, exc_info=exc)
+        with contextlib.suppress(Exception):
+            await rs.fail(ErrorInfo(code="internal", retryable=True,
+                                    message=f"remote prefill failed: {exc!r}"))
+        return FINISH_ERROR
 
     async def _prefill_done(self, req: proto.GenerateRequest, tokens: list[int],
                             engine_id: str, out) -> None:

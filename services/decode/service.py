@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from genset.disagg.decision import POLICIES
+from genset.disagg.worker import TRANSPORTS, DisaggConfig, DisaggHook
 from genset.engines.factory import (
     EngineConfigError,
     build_engine,
@@ -20,7 +22,15 @@ from genset.engines.factory import (
 )
 from genset.runtime.config import FieldError, opt
 from genset.runtime.service import Service
-from genset.worker import WORKER_ROLES, HostConfig, WorkerHost, registered_role
+from genset.worker import (
+    ROLE_DECODE,
+    ROLE_PREFILL,
+    WORKER_ROLES,
+    HostConfig,
+    WorkerHost,
+    registered_role,
+)
+from genset.worker.hooks import HookChain
 from genset.worker.offload_hook import OFFLOAD_MODES, OffloadHook, OffloadHookConfig
 
 ENGINES = ("torch", "mocker", "trtllm")
@@ -36,9 +46,31 @@ class WorkerOptions:
     served_model_name: str | None = field(default=None, metadata=opt(
         "model name clients use (default: 'tiny' or the directory name)"))
     role: str = field(default="decode", metadata=opt(
-        "decode: serves requests (today: prefills locally, as both); prefill: computes prompt "
-        "KV for decode workers; both: prefills and decodes every request itself",
+        "decode: serves requests, prefilling on a prefill worker when that pays (--disagg); "
+        "prefill: computes prompt KV for decode workers; both: prefills and decodes every "
+        "request itself",
         choices=WORKER_ROLES))
+    disagg: str = field(default="auto", metadata=opt(
+        "decode role: auto (remote prefill when the cost model says it pays), always (whenever "
+        "a prefill worker can take it), never (aggregated)", choices=POLICIES))
+    kv_bytes_per_token: int = field(default=0, metadata=opt(
+        "mocker: bytes of KV one token would take (transfers carry dummy payloads of that "
+        "size; 0: hashes only)", min=0))
+    kv_transfer_bandwidth: float = field(default=0.0, metadata=opt(
+        "mocker: modelled KV transfer bandwidth in GB/s (0: no modelled delay)", min=0))
+    kv_transport: str = field(default="auto", metadata=opt(
+        "how KV travels: auto (direct TCP when the receiver offers it, else NATS), nats, tcp",
+        choices=TRANSPORTS))
+    kv_transfer_host: str = field(default="127.0.0.1", metadata=opt(
+        "where this worker listens for direct TCP KV transfers ('' = NATS only)"))
+    remote_prefill_timeout: float = field(default=10.0, metadata=opt(
+        "decode role: longest wait for a prefill worker's first token before prefilling "
+        "locally (s)", min=0.1))
+    kv_transfer_timeout: float = field(default=30.0, metadata=opt(
+        "longest a KV transfer may take after the first token (s); the receiver then "
+        "recomputes, the sender unpins", min=0.1))
+    kv_transfer_idle_timeout: float = field(default=5.0, metadata=opt(
+        "longest silence of the peer within a KV transfer (s)", min=0.1))
     block_size: int = field(default=16, metadata=opt("KV block size in tokens", min=1))
     kv_blocks: int = field(default=0, metadata=opt(
         "KV capacity in blocks (0: the engine sizes it: torch from memory)", min=0))
@@ -113,21 +145,42 @@ class WorkerService(Service):
         host_config = HostConfig(
             namespace=self.namespace, model=o.served_model_name or served_model_name(o.model),
             role=o.role, tokenizer=facts.tokenizer, max_streams=o.max_streams,
-            http_url=self.http_url)
-        hooks = None
+            http_url=self.http_url,
+            # a remote prefill's own deadlines end its waits before the host's does
+            hook_timeout_s=max(30.0, o.remote_prefill_timeout + o.kv_transfer_timeout + 5.0))
+        hooks = []
         if o.offload != "off":
-            hooks = OffloadHook(discovery=self.discovery, metrics=self.metrics,
-                                config=OffloadHookConfig(
-                                    deadline_s=o.offload_deadline_ms / 1000.0,
-                                    max_queue_bytes=int(o.offload_queue_mb * (1 << 20)),
-                                    mode=o.offload))
+            # first: a prefix onboarded from the offload store is cheaper than any prefill
+            hooks.append(OffloadHook(discovery=self.discovery, metrics=self.metrics,
+                                     config=OffloadHookConfig(
+                                         deadline_s=o.offload_deadline_ms / 1000.0,
+                                         max_queue_bytes=int(o.offload_queue_mb * (1 << 20)),
+                                         mode=o.offload)))
+        if (disagg := self.disagg_hook()) is not None:
+            hooks.append(disagg)
         self.host = WorkerHost(engine, bus=self.bus, discovery=self.discovery,
                                instance_id=self.instance_id, config=host_config,
-                               metrics=self.metrics, hooks=hooks)
+                               metrics=self.metrics,
+                               hooks=hooks[0] if len(hooks) == 1 else HookChain(*hooks) if hooks
+                               else None)
         await self.host.start()
         # the Service registers the InstanceRecord; the host says what goes in it
         self.subjects.update(self.host.subjects)
         self.labels.update(self.host.labels)
+
+    def disagg_hook(self) -> DisaggHook | None:
+        """Decode and prefill roles take part in disaggregation; `both` runs aggregated."""
+        o = self.options
+        if o.role not in (ROLE_DECODE, ROLE_PREFILL):
+            return None
+        config = DisaggConfig(
+            policy=o.disagg, kv_bytes_per_token=o.kv_bytes_per_token,
+            kv_transfer_bandwidth_gb_s=o.kv_transfer_bandwidth, transport=o.kv_transport,
+            tcp_host=o.kv_transfer_host or None, first_token_timeout_s=o.remote_prefill_timeout,
+            transfer_timeout_s=o.kv_transfer_timeout, idle_timeout_s=o.kv_transfer_idle_timeout,
+            pin_timeout_s=o.remote_prefill_timeout + o.kv_transfer_timeout,
+            speedup=o.speedup if o.engine == "mocker" else 1.0)
+        return DisaggHook(config, discovery=self.discovery, metrics=self.metrics)
 
     async def drain(self) -> None:
         if self.host is not None:

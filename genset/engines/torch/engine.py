@@ -32,6 +32,7 @@ from genset.engines.torch.config import load_config
 from genset.engines.torch.runner import ModelRunner, resolve_dtype, size_num_blocks
 from genset.engines.torch.tiny import resolve_model
 from genset.engines.types import EngineRequest, KvBlockData, Logprobs
+from proto.transfer import KvLayout
 
 
 class RunnerExecutor:
@@ -69,6 +70,19 @@ class RunnerExecutor:
     def idle(self) -> None:
         # Work is queued but nothing fits (e.g. blocks pinned by imports): don't spin.
         time.sleep(0.001)
+
+    def kv_layout(self) -> KvLayout:
+        """A block's payload: one `kvformat` block (its JSON header, then K and V of every
+        layer), the same size for every block of this engine."""
+        shape = [1, *self.runner.block_shape]
+        dtype = kvformat._NAMES[self.runner.dtype]
+        numel = 1
+        for n in shape:
+            numel *= n
+        raw = numel * torch.empty((), dtype=self.runner.dtype).element_size()
+        size = len(kvformat.encode_raw(dtype, shape, b"")) + raw
+        return KvLayout(engine=self.name, format=kvformat.FORMAT, dtype=dtype,
+                        block_shape=list(self.runner.block_shape), bytes_per_block=size)
 
     def read_kv(self, block_ids: list[int]) -> list[bytes]:
         # One gather + copy to CPU for all the blocks, then one payload each. Measured on the

@@ -1,0 +1,642 @@
+"""Disaggregated serving on a live worker: `DisaggHook`, a `genset.worker.hooks.WorkerHooks`.
+
+One hook, two roles (`--role`):
+
+**decode** (where the router sends requests): `before_run` decides, per request, with
+`genset.disagg.decide` (its own engine's cached prefix and load against each prefill
+worker's cached prefix and queue, from `PrefillPool`). Local: return None, the request runs
+aggregated. Remote:
+
+1. open a receive on this worker's `KvTransferHub` for the prompt's full blocks past those
+   cached here; each block run is imported as it arrives (pipelined), pinned under the
+   transfer's key;
+2. ask the chosen prefill worker (`RemotePrefillRequest`, a NATS request) and wait for its
+   answer, which comes as soon as its first token exists (`RemotePrefillReply`);
+3. hand the host a `RemotePrefill`: the host streams that first token to the client at once
+   (time to first token does not include the transfer), then awaits `kv()` (the transfer's
+   end) and submits the request with the first token as `resume_token_ids` and
+   `KvImport(pinned_as=key)`: the engine takes the imported blocks over and computes only
+   the prompt's last partial block and the first token, then decodes on exactly as if it had
+   prefilled (greedy and seeded output identical: tests/test_disagg_torch.py).
+
+Every failure falls back, never errors: no answer, an error answer, the prefill worker
+leaving the pool, a deadline -> the request runs aggregated (before any token went out);
+a transfer that fails after the first token -> the prompt is recomputed here (the engine
+continues after the first token all the same). Each fallback is counted with its stage and
+reason (`genset_disagg_fallbacks_total`).
+
+**prefill**: serves `RemotePrefillRequest`s on its own subject. Runs the prompt to its first
+token (max_tokens 1, the request's sampling), answers with it, pins the prompt's blocks
+(`Engine.pin_kv`) under a deadline in a `PinTable`, and sends them (`KvTransferHub.send`);
+the pins go when the receiver acks or nacks, when the send fails, or at the deadline,
+whichever comes first (a sweep unpins what a deadline freed). A client that cancels, a decode
+worker that dies, a prefill worker that dies: whatever side survives frees what it holds
+(tests/test_disagg_stack.py).
+
+The mocker: its blocks carry no payload. With `kv_bytes_per_token` > 0 a transfer carries
+dummy payloads of the size a real model's KV would have (block_size x kv_bytes_per_token
+bytes a block), and with `kv_transfer_bandwidth_gb_s` > 0 the sender paces them to that
+bandwidth (genset.disagg.sim.transfer_ms), so transfer time is what the model says.
+
+Prefill timing profile: the cost model prices prefills with the mocker polynomial divided by
+`speedup` (the router's default profile). For the torch engine on CPU this is not a fitted
+profile; `--disagg always|never` overrides the decision where it matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from dataclasses import dataclass
+
+import msgspec
+import structlog
+
+import proto
+from genset.disagg.bandwidth import BandwidthEstimator
+from genset.disagg.decision import (
+    POLICIES,
+    POLICY_AUTO,
+    SINGLE_TOKEN,
+    CostModel,
+    Decision,
+    DecodeState,
+    decide,
+)
+from genset.disagg.metrics import DisaggMetrics
+from genset.disagg.pool import PrefillPool
+from genset.disagg.sim import GB
+from genset.engines.core import sampling_error
+from genset.engines.mocker import PolynomialTiming
+from genset.engines.types import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    EngineOverloaded,
+    EngineRequest,
+    KvBlockData,
+    KvImport,
+    Logprobs,
+)
+from genset.kv.hashing import block_hashes
+from genset.runtime.bus_errors import (
+    BusError,
+    NoResponders,
+    Overloaded,
+    RemoteError,
+    RequestTimeout,
+)
+from genset.transfer import errors as xerr
+from genset.transfer.errors import TransferError
+from genset.transfer.hub import KvReceiver, KvTransferHub
+from genset.transfer.pins import PinTable, PinTableFull
+from genset.worker.hooks import RemotePrefill, WorkerContext, WorkerHooks
+from genset.worker.roles import ROLE_DECODE, ROLE_PREFILL
+from proto import subjects
+from proto.generate import ErrorInfo
+from proto.transfer import KvLayout, RemotePrefillReply, RemotePrefillRequest
+
+log = structlog.get_logger("genset.disagg")
+
+STAGE_FIRST_TOKEN = "first_token"
+STAGE_TRANSFER = "transfer"
+TRANSPORTS = ("auto", "nats", "tcp")
+
+
+@dataclass
+class DisaggConfig:
+    """A worker's disaggregation settings (the worker's flags; see services/decode)."""
+
+    policy: str = POLICY_AUTO  # auto | always | never (decode role)
+    kv_bytes_per_token: int = 0  # mocker: payload bytes a token's KV would take (0: none)
+    kv_transfer_bandwidth_gb_s: float = 0.0  # mocker: modelled link (0: no delay)
+    transport: str = "auto"  # auto | nats | tcp
+    tcp_host: str | None = "127.0.0.1"  # where the TCP listener binds (None: NATS only)
+    first_token_timeout_s: float = 10.0  # longest wait for a prefill worker's answer
+    transfer_timeout_s: float = 30.0  # longest a transfer may take after that answer
+    idle_timeout_s: float = 5.0  # longest silence of a peer within a transfer
+    pin_timeout_s: float = 60.0  # exported blocks held at most this long without an answer
+    max_prefills: int = 64  # remote prefills a prefill worker serves at once
+    speedup: float = 1.0  # divides the prefill timing profile (the mocker's --speedup)
+    slowdown_weight: float = 1.0  # genset.disagg.CostModel
+    max_prefill_queue_ms: float = 2000.0
+    remote_margin_ms: float = 0.0
+    bandwidth_prior_gb_s: float = 1.0  # transfer bandwidth assumed until one is measured
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"--disagg must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"--kv-transport must be one of {', '.join(TRANSPORTS)}, "
+                             f"got {self.transport!r}")
+        if self.kv_bytes_per_token < 0:
+            raise ValueError(f"--kv-bytes-per-token must be >= 0, got {self.kv_bytes_per_token}")
+        if not self.kv_transfer_bandwidth_gb_s >= 0:
+            raise ValueError("--kv-transfer-bandwidth must be >= 0 GB/s (0: no modelled delay), "
+                             f"got {self.kv_transfer_bandwidth_gb_s}")
+        for name in ("first_token_timeout_s", "transfer_timeout_s", "idle_timeout_s",
+                     "pin_timeout_s", "speedup", "bandwidth_prior_gb_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_prefills < 1:
+            raise ValueError(f"max_prefills must be >= 1, got {self.max_prefills}")
+
+
+class _Gone(Exception):
+    """The prefill worker left the pool while we waited on it."""
+
+
+async def _unless_gone(coro, gone: asyncio.Event):
+    """Await `coro` unless `gone` is set first (then _Gone; `coro` is cancelled)."""
+    task = asyncio.ensure_future(coro)
+    waiter = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,), timeout=5.0)
+    if task.cancelled():
+        raise _Gone()
+    return task.result()
+
+
+def first_token_finish(request: proto.GenerateRequest, token: int, prompt_len: int,
+                       eos_ids: frozenset[int], max_seq_len: int) -> str | None:
+    """Whether the first output token ends the request, by the engine's own rules
+    (genset.engines.scheduler: stop ids and EOS once min_tokens are out, then the length)."""
+    stop = request.stop
+    if 1 >= stop.min_tokens and (
+            token in stop.stop_token_ids or (token in eos_ids and not stop.ignore_eos)):
+        return "stop"
+    if 1 >= stop.max_tokens or prompt_len + 1 >= max_seq_len:
+        return "length"
+    return None
+
+
+class DisaggHook(WorkerHooks):
+    """See the module docstring. `discovery`: the worker's (a decode worker watches the
+    prefill pool's model cards); `metrics`: a `genset.runtime.metrics.Metrics`."""
+
+    def __init__(self, config: DisaggConfig, *, discovery, metrics) -> None:
+        self.config = config
+        self.discovery = discovery
+        self.m = DisaggMetrics(metrics)
+        self.ctx: WorkerContext | None = None
+        self.hub: KvTransferHub | None = None
+        self.pool: PrefillPool | None = None
+        self.layout: KvLayout | None = None
+        self.bandwidth = BandwidthEstimator(
+            (config.kv_transfer_bandwidth_gb_s or config.bandwidth_prior_gb_s) * GB)
+        self.timing = PolynomialTiming(speedup_ratio=config.speedup)
+        self.pins = PinTable(max_transfers=config.max_prefills)
+        self._ids = itertools.count(1)
+        self._sub = None
+        self._tasks: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
+        self._republisher: asyncio.Task | None = None
+        self._pins_changed = asyncio.Event()
+        self._closing = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        role = ctx.role
+        if role not in (ROLE_DECODE, ROLE_PREFILL):
+            return  # `both`: aggregated, nothing to do
+        card = ctx.engine.card
+        if card.kv_layout is None:
+            log.warning("this engine cannot export or import KV: disaggregation is off",
+                        engine=card.engine)
+            return
+        self.layout = self._transfer_layout(card.kv_layout, card.block_size)
+        self.hub = KvTransferHub(ctx.bus, ctx.instance_id, tcp_host=self.config.tcp_host)
+        await self.hub.start()
+        if role == ROLE_DECODE:
+            self.pool = PrefillPool(bus=ctx.bus, discovery=self.discovery,
+                                    namespace=ctx.namespace, model=ctx.model)
+            await self.pool.start()
+        else:
+            self._sweeper = asyncio.create_task(self._sweep_pins(), name="disagg-pins")
+            self._republisher = asyncio.create_task(self._republish_hashes(),
+                                                    name="disagg-kv-hashes")
+            self._sub = await ctx.bus.serve(subjects.remote_prefill(ctx.namespace,
+                                                                    ctx.instance_id),
+                                            self._serve_prefill,
+                                            max_concurrent=self.config.max_prefills)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        if self.pool is not None:
+            await self.pool.close()
+        if self.hub is not None:
+            await self.hub.close()  # fails every transfer in progress; the peers are told
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5.0)
+        for task in (self._sweeper, self._republisher):
+            if task is not None:
+                task.cancel()
+        for entry in list(self.pins.expire(float("inf"))):
+            await self._unpin(entry.transfer_id)
+
+    def _transfer_layout(self, layout: KvLayout, block_size: int) -> KvLayout:
+        if layout.engine == "mocker" and self.config.kv_bytes_per_token > 0:
+            # dummy payloads of a real model's size (module docstring)
+            return KvLayout(engine="mocker", format="dummy",
+                            bytes_per_block=self.config.kv_bytes_per_token * block_size)
+        return layout
+
+    @property
+    def mocker(self) -> bool:
+        return self.layout is not None and self.layout.engine == "mocker"
+
+    # ---- decode side -----------------------------------------------------------------------
+
+    def cost_model(self) -> CostModel:
+        assert self.ctx is not None and self.layout is not None
+        bs = self.ctx.block_size
+        per_token = (self.layout.bytes_per_block / bs if self.layout.bytes_per_block
+                     else float(self.config.kv_bytes_per_token))
+        timing = self.timing
+        return CostModel(block_size=bs, kv_bytes_per_token=per_token,
+                         prefill_ms=lambda tokens, running: timing.prefill_ms(tokens),
+                         bandwidth_bytes_per_s=self.bandwidth.bytes_per_s,
+                         slowdown_weight=self.config.slowdown_weight,
+                         max_prefill_queue_ms=self.config.max_prefill_queue_ms,
+                         remote_margin_ms=self.config.remote_margin_ms)
+
+    async def before_run(self, request: proto.GenerateRequest,
+                         token_ids: list[int]) -> RemotePrefill | None:
+        pool = self.pool
+        if pool is None or self.ctx is None:
+            return None
+        engine = self.ctx.engine
+        if request.stop.max_tokens <= 1:
+            self.m.decision(Decision(mode="local", reason=SINGLE_TOKEN))
+            return None
+        hashes = block_hashes(token_ids, self.ctx.block_size)
+        # no prefill worker: the decision is known without asking the engine (one engine
+        # round trip less per request on a worker that serves aggregated)
+        cached = await engine.cached_blocks(hashes) if len(pool) and hashes else 0
+        load = engine.load()
+        decision = decide(
+            len(token_ids),
+            DecodeState(worker_id=self.ctx.instance_id, cached_blocks=cached,
+                        running=load.running, queued_prefill_tokens=load.waiting_prefill_tokens),
+            pool.states(hashes), self.cost_model(), policy=self.config.policy)
+        self.m.decision(decision)
+        if not decision.remote or decision.prefill_worker_id is None:
+            return None
+        return await self._remote(request, token_ids, hashes, cached, decision)
+
+    async def _remote(self, request: proto.GenerateRequest, token_ids: list[int],
+                      hashes: list[int], cached: int,
+                      decision: Decision) -> RemotePrefill | None:
+        ctx, hub, pool, cfg = self.ctx, self.hub, self.pool, self.config
+        assert ctx is not None and hub is not None and pool is not None
+        engine = ctx.engine
+        pid = decision.prefill_worker_id
+        assert pid is not None
+        left = cfg.first_token_timeout_s + cfg.transfer_timeout_s
+        if request.deadline_ms is not None:
+            left = min(left, max(0.0, request.deadline_ms / 1000 - time.time()))
+        run = _RemoteRun(self, pid)
+        try:
+            run.rx = await hub.open_receive(
+                request.request_id, on_blocks=run.import_blocks, expected_hashes=hashes,
+                first_block=cached, layout=self.layout, deadline_s=left,
+                idle_timeout_s=cfg.idle_timeout_s)
+        except TransferError as exc:  # too many receives in progress here
+            self.m.fallback(STAGE_FIRST_TOKEN, exc.code)
+            return None
+        run.key = f"disagg-rx-{run.rx.transfer_id}"
+        message = RemotePrefillRequest(request=request, target=run.rx.target, first_block=cached)
+        uncached = len(token_ids) - cached * ctx.block_size
+        pool.sent(pid, uncached)
+        reason = None
+        try:
+            reply = await _unless_gone(ctx.bus.request(
+                subjects.remote_prefill(ctx.namespace, pid), message,
+                timeout=min(cfg.first_token_timeout_s, left) or 0.001,
+                reply_type=RemotePrefillReply), pool.gone(pid))
+            first = proto.unpack_tokens(reply.first_token_ids)
+            if len(first) != 1 or reply.request_id != request.request_id:
+                raise ValueError(f"{len(first)} first tokens for request {reply.request_id!r}")
+        except _Gone:
+            reason = "prefill_gone"
+        except NoResponders:
+            reason = "no_responders"
+        except RequestTimeout:
+            reason = "timeout"
+        except Overloaded:
+            reason = "overloaded"
+        except RemoteError as exc:
+            reason = exc.error.code if exc.error.code in xerr.CODES else "remote_error"
+        except BusError:
+            reason = "disconnected"
+        except (proto.ProtocolError, ValueError):
+            reason = "bad_reply"
+        except BaseException:
+            await run.release()
+            raise
+        finally:
+            pool.answered(pid, uncached)
+        if reason is not None:
+            log.info("remote prefill failed; prefilling locally", request_id=request.request_id,
+                     prefill_worker=f"{pid:x}", reason=reason)
+            self.m.fallback(STAGE_FIRST_TOKEN, reason)
+            await run.release()
+            return None
+        card = engine.card
+        max_len = min(card.context_length, card.kv_blocks * card.block_size)
+        lp = None
+        if reply.logprobs is not None:
+            values, top_ids, top_lps = reply.logprobs.unpack()
+            lp = Logprobs(values, top_ids, top_lps)
+        return RemotePrefill(
+            first_token_ids=first, cached_tokens=reply.cached_tokens, kv=run.kv,
+            release=run.release, logprobs=lp,
+            finish_reason=first_token_finish(request, first[0], len(token_ids),
+                                             frozenset(card.eos_token_ids), max_len))
+
+    # ---- prefill side ----------------------------------------------------------------------
+
+    async def _serve_prefill(self, data: bytes) -> RemotePrefillReply:
+        try:
+            reply = await self._prefill(proto.decode(data, RemotePrefillRequest))
+        except RemoteError as exc:
+            self.m.served.labels(exc.error.code if exc.error.code in _SERVED_CODES
+                                 else "other").inc()
+            raise
+        except proto.ProtocolError:
+            self.m.served.labels("bad_request").inc()
+            raise
+        self.m.served.labels("ok").inc()
+        return reply
+
+    async def _prefill(self, msg: RemotePrefillRequest) -> RemotePrefillReply:
+        ctx, cfg = self.ctx, self.config
+        assert ctx is not None and self.hub is not None and self.layout is not None
+        engine = ctx.engine
+        card = engine.card
+        req = msg.request
+        target = msg.target
+        if self._closing:
+            raise _refuse("overloaded", "prefill worker is shutting down", retryable=True)
+        if req.model != ctx.model:
+            raise _refuse("not_found", f"this prefill worker serves {ctx.model!r}, "
+                          f"not {req.model!r}")
+        try:
+            tokens = proto.unpack_tokens(req.token_ids)
+        except ValueError as exc:
+            raise _refuse("bad_request", f"token_ids: {exc}") from None
+        if not tokens or len(tokens) >= card.context_length:
+            raise _refuse("bad_request", f"prompt of {len(tokens)} tokens (context length "
+                          f"{card.context_length})")
+        problem = sampling_error(card, req.sampling)
+        if problem is not None:
+            raise _refuse("bad_request", problem)
+        if target.layout != self.layout:
+            raise _refuse(xerr.LAYOUT_MISMATCH, "the decode worker's KV layout is not this "
+                          "worker's (different engine, model or --kv-bytes-per-token)")
+        hashes = block_hashes(tokens, ctx.block_size)
+        if msg.first_block != target.first_block or msg.first_block > len(hashes):
+            raise _refuse("bad_request", f"first_block {msg.first_block} does not fit a "
+                          f"prompt of {len(hashes)} full blocks")
+        if len(self.pins) >= cfg.max_prefills:
+            raise _refuse("overloaded", f"{len(self.pins)} transfers already hold pins",
+                          retryable=True)
+        deadlines = [d for d in (req.deadline_ms, target.deadline_ms) if d is not None]
+        left = cfg.pin_timeout_s
+        if deadlines:
+            left = min(left, min(deadlines) / 1000 - time.time())
+        if left <= 0:
+            raise _refuse("deadline_exceeded", "the remote prefill's deadline already passed")
+        deadline = time.monotonic() + left
+
+        eid = f"rp:{req.request_id}#{next(self._ids)}"
+        stop = msgspec.structs.replace(req.stop, max_tokens=1)
+        try:
+            stream = await engine.submit(EngineRequest(
+                request_id=eid, token_ids=tokens, sampling=req.sampling, stop=stop))
+        except EngineOverloaded as exc:
+            raise _refuse("overloaded", str(exc), retryable=True) from None
+        except ValueError as exc:
+            raise _refuse("bad_request", str(exc)) from None
+        out = None
+        try:
+            async with asyncio.timeout(left):
+                async for out in stream:
+                    if out.token_ids or out.finish_reason is not None:
+                        break
+        except TimeoutError:
+            raise _refuse("deadline_exceeded", "deadline passed during the prefill") from None
+        finally:
+            if not stream.finished:
+                await engine.abort(eid)
+        if out is None or not out.token_ids or out.finish_reason in (FINISH_CANCELLED,
+                                                                      FINISH_ERROR):
+            raise _refuse("internal", f"the prefill produced no token: "
+                          f"{(out.error if out else None) or 'engine stopped'}", retryable=True)
+
+        # Pin what travels before anything can evict it (the request ended with its first
+        # token and left its blocks to the prefix cache): a block evicted meanwhile just
+        # shortens the run, and the decode worker computes the rest.
+        send = hashes[msg.first_block:]
+        key = f"disagg-tx-{target.transfer_id}"
+        left = deadline - time.monotonic()
+        try:
+            self.pins.pin(key, (), deadline=deadline)
+        except (PinTableFull, ValueError) as exc:
+            raise _refuse("overloaded", str(exc), retryable=True) from None
+        pinned = await engine.pin_kv(key, send) if send else 0
+        self.m.pinned.set(len(self.pins))
+        self._pins_changed.set()
+        parent = hashes[msg.first_block - 1] if msg.first_block else None
+        task = asyncio.create_task(self._send(target, req.request_id, send[:pinned], parent,
+                                              key, left), name=f"disagg-tx-{target.transfer_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return RemotePrefillReply(
+            request_id=req.request_id, transfer_id=target.transfer_id,
+            first_token_ids=proto.pack_tokens(out.token_ids[:1]),
+            logprobs=(proto.TokenLogprobs.pack(out.logprobs.logprobs[:1],
+                                               out.logprobs.top_ids[:1],
+                                               out.logprobs.top_logprobs[:1],
+                                               req.sampling.logprobs or 0)
+                      if out.logprobs is not None and out.logprobs.logprobs else None),
+            prompt_tokens=len(tokens), cached_tokens=max(0, out.cached_tokens), blocks=pinned)
+
+    async def _send(self, target, request_id: str, hashes: list[int], parent: int | None,
+                    key: str, left: float) -> None:
+        ctx, hub, cfg, layout = self.ctx, self.hub, self.config, self.layout
+        assert ctx is not None and hub is not None and layout is not None
+        engine = ctx.engine
+        bpb = layout.bytes_per_block
+        zeros = bytes(bpb)
+        per_block_s = 0.0
+        if self.mocker and cfg.kv_transfer_bandwidth_gb_s > 0 and bpb:
+            per_block_s = bpb / (cfg.kv_transfer_bandwidth_gb_s * GB)
+
+        async def source(first: int, count: int):
+            if self.mocker:
+                if per_block_s:
+                    await asyncio.sleep(per_block_s * count)  # the modelled link
+                return [zeros] * count
+            blocks = await engine.export_kv(hashes[first:first + count])
+            if len(blocks) != count:
+                raise TransferError(xerr.SOURCE_FAILED, f"{count - len(blocks)} pinned blocks "
+                                    "are no longer held (their pins expired)")
+            return [b.data for b in blocks]
+
+        try:
+            result = await hub.send(target, request_id=request_id, hashes=hashes,
+                                    parent_hash=parent, block_size=ctx.block_size,
+                                    layout=layout, source=source,
+                                    deadline_s=min(cfg.transfer_timeout_s, left),
+                                    idle_timeout_s=cfg.idle_timeout_s, transport=cfg.transport)
+            self.m.transfer("tx", result.transport, result)
+        except TransferError as exc:
+            self.m.transfer("tx", "none", error=exc)
+            log.info("KV send failed", request_id=request_id, error=str(exc))
+        except Exception as exc:  # a bug must not keep the pins
+            self.m.transfer("tx", "none", error=exc)
+            log.exception("KV send failed", request_id=request_id)
+        finally:
+            if key in self.pins:
+                self.pins.release(key)
+                await self._unpin(key)
+
+    async def _unpin(self, key: str) -> None:
+        assert self.ctx is not None
+        try:
+            await self.ctx.engine.unpin_kv(key)
+        except Exception as exc:  # the engine is stopping: its blocks go with it
+            log.debug("unpin failed", key=key, error=repr(exc))
+        self.m.pinned.set(len(self.pins))
+
+    async def _republish_hashes(self) -> None:
+        """This prefill worker's KV event batches, token ids stripped, for decode workers
+        (genset.disagg.pool). Costs one more publish per batch, on prefill workers only."""
+        assert self.ctx is not None
+        ctx = self.ctx
+        subject = subjects.prefill_kv_hashes(ctx.namespace, ctx.instance_id)
+        events = ctx.engine.kv_events()
+        try:
+            async for batch in events:
+                if any(isinstance(ev, proto.Stored) and any(b.token_ids for b in ev.blocks)
+                       for ev in batch.events):
+                    # a copy: the batch object is the one the KV feed publishes too
+                    batch = msgspec.structs.replace(batch, events=[
+                        proto.Stored(parent_hash=ev.parent_hash,
+                                     blocks=[proto.StoredBlock(hash=b.hash) for b in ev.blocks])
+                        if isinstance(ev, proto.Stored) else ev for ev in batch.events])
+                with contextlib.suppress(Exception):  # the next batch or a gap heals it
+                    await ctx.bus.publish(subject, batch)
+        finally:
+            events.close()
+
+    async def _sweep_pins(self) -> None:
+        """Unpin whatever a deadline freed (a send that somehow outlived its own deadlines)."""
+        while True:
+            nxt = self.pins.next_deadline()
+            wait = 1.0 if nxt is None else max(0.0, nxt - time.monotonic())
+            self._pins_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(wait, 1.0)):
+                    await self._pins_changed.wait()
+            for entry in self.pins.expire(time.monotonic()):
+                self.m.pins_expired.inc()
+                log.warning("exported KV blocks unpinned by their deadline",
+                            key=entry.transfer_id)
+                await self._unpin(entry.transfer_id)
+
+
+_SERVED_CODES = frozenset({"bad_request", "not_found", "overloaded", "deadline_exceeded",
+                           "internal", xerr.LAYOUT_MISMATCH})
+
+
+def _refuse(code: str, message: str, *, retryable: bool = False) -> RemoteError:
+    return RemoteError(ErrorInfo(code=code, message=message, retryable=retryable))
+
+
+class _RemoteRun:
+    """One request's remote prefill on the decode side: its receive, and the blocks imported
+    (pinned under `key`) as they arrive."""
+
+    def __init__(self, hook: DisaggHook, prefill_id: int) -> None:
+        self.hook = hook
+        self.prefill_id = prefill_id
+        self.rx: KvReceiver | None = None
+        self.key = ""
+        self.imported = 0
+        self.released = False
+
+    async def import_blocks(self, run) -> None:
+        hook = self.hook
+        assert hook.ctx is not None
+        if hook.mocker:
+            blocks = [KvBlockData(h) for h in run.hashes]
+        else:  # views valid during this call only: the engine copies while decoding them
+            blocks = [KvBlockData(h, p) for h, p in zip(run.hashes, run.payloads, strict=True)]
+        n = await hook.ctx.engine.import_kv(KvImport(blocks, run.parent_hash), pin_for=self.key)
+        self.imported += n
+        if n < len(blocks):
+            raise TransferError(xerr.IMPORT_FAILED, f"KV cache full: imported {n} of "
+                                f"{len(blocks)} blocks")
+
+    async def kv(self) -> KvImport | None:
+        """Wait for the transfer; the import for the engine, or None (recompute here)."""
+        hook, rx = self.hook, self.rx
+        assert rx is not None and hook.pool is not None
+        gone = hook.pool.gone(self.prefill_id)
+        try:
+            while True:
+                try:
+                    result = await _unless_gone(rx.wait(), gone)
+                    break
+                except _Gone:
+                    if rx.assembler is None:  # it left before sending anything: give up
+                        raise
+                    # it left mid-transfer (a drain still sends): the idle timeout decides
+                    gone = asyncio.Event()
+        except _Gone:
+            hook.m.fallback(STAGE_TRANSFER, "prefill_gone")
+            await self.release()
+            return None
+        except TransferError as exc:
+            hook.m.transfer("rx", rx.transport or "none", error=exc)
+            hook.m.fallback(STAGE_TRANSFER, exc.code)
+            log.info("KV transfer failed; recomputing the prompt here",
+                     request_id=rx.request_id, error=str(exc))
+            await self.release()
+            return None
+        except BaseException:
+            await self.release()
+            raise
+        hook.m.transfer("rx", result.transport, result)
+        if hook.bandwidth.observe(result.bytes, result.seconds):
+            hook.m.bandwidth.set(hook.bandwidth.bytes_per_s)
+        if not self.imported:
+            await self.release()
+            return None
+        hook.m.remote_done.inc()
+        return KvImport(blocks=[], pinned_as=self.key)
+
+    async def release(self) -> None:
+        """Stop the transfer if it still runs, and drop the pins no request took over."""
+        if self.released:
+            return
+        self.released = True
+        rx = self.rx
+        if rx is not None and not rx.done:
+            await rx.cancel("the decode worker gave up on the transfer")
+        if self.key and self.hook.ctx is not None:
+            with contextlib.suppress(Exception):
+                await self.hook.ctx.engine.unpin_kv(self.key)

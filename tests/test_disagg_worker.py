@@ -1,0 +1,242 @@
+"""Disaggregation in-process on mocker engines, the session's real NATS and etcd: a decode
+worker that sends its prefills to a prefill worker (genset.disagg.worker.DisaggHook) serves
+the same tokens as an aggregated one, streams the first token before the KV arrives, falls
+back (aggregated, or recompute) on every failure, and leaves no block pinned on either side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+import proto
+from genset.disagg.worker import DisaggConfig, DisaggHook, first_token_finish
+from genset.kv.hashing import block_hashes
+from genset.runtime.metrics import Metrics
+from tests.stack import metric, parse_metrics
+from tests.test_worker import Host, wait_for
+
+
+class Worker:
+    """A Host (tests.test_worker) with a DisaggHook in the given role."""
+
+    def __init__(self, bus, discovery, role: str, namespace: str, **config) -> None:
+        self.metrics = Metrics(process_metrics=False)
+        self.hook = DisaggHook(DisaggConfig(**config), discovery=discovery, metrics=self.metrics)
+        self.h = Host(bus, discovery, hooks=self.hook, namespace=namespace, role=role,
+                      num_blocks=512)
+
+    async def start(self) -> Worker:
+        await self.h.host.start()
+        return self
+
+    async def close(self) -> None:
+        await self.h.host.close()
+
+    def metric(self, name: str, **labels) -> float:
+        return metric(parse_metrics(self.metrics.render().decode()), name, **labels)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.h.engine.core.pool.num_used
+
+
+def tokens_of(chunks) -> list[int]:
+    return [t for c in chunks for t in proto.unpack_tokens(c.token_ids)]
+
+
+def prompt(i: int, n: int = 90) -> list[int]:
+    return [(i * 7919 + j * 31) % 997 + 1 for j in range(n)]
+
+
+@pytest.fixture
+async def pair(bus, discovery):
+    """A prefill worker and a decode worker (always remote) in one namespace."""
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    prefill = await Worker(bus, discovery, "prefill", ns).start()
+    decode = await Worker(bus, discovery, "decode", ns, policy="always").start()
+    await wait_for(lambda: len(decode.hook.pool) == 1, 10.0, "decode sees the prefill worker")
+    yield prefill, decode
+    await decode.close()
+    await prefill.close()
+
+
+async def test_remote_prefill_gives_the_aggregated_tokens_and_frees_every_pin(bus, discovery,
+                                                                              pair):
+    prefill, decode = pair
+    agg = Host(bus, discovery, num_blocks=512)
+    await agg.host.start()
+    try:
+        for i in range(3):
+            req = decode.h.request(prompt(i), max_tokens=12, request_id=f"r{i}")
+            got = await decode.h.generate(req)
+            want = await agg.generate(agg.request(prompt(i), max_tokens=12))
+            assert tokens_of(got) == tokens_of(want)
+            final = got[-1]
+            assert final.finish_reason == "length" and final.usage.completion_tokens == 12
+        # several at once
+        reqs = [decode.h.request(prompt(10 + i), max_tokens=8) for i in range(5)]
+        outs = await asyncio.gather(*(decode.h.generate(r) for r in reqs))
+        for i, out in enumerate(outs):
+            want = await agg.generate(agg.request(prompt(10 + i), max_tokens=8))
+            assert tokens_of(out) == tokens_of(want)
+    finally:
+        await agg.host.close()
+    assert decode.metric("genset_disagg_remote_prefills_total") == 8
+    # the decode worker follows the prefill worker's cache (hashes only) for its decisions
+    hashes = block_hashes(prompt(0), 4)
+
+    def seen() -> int:
+        return decode.hook.pool.states(hashes)[0].cached_blocks
+
+    await wait_for(lambda: seen() == len(hashes), 10.0, "prefill cache seen")
+    assert decode.metric("genset_disagg_decisions_total", mode="remote", reason="forced") == 8
+    assert prefill.metric("genset_disagg_prefills_served_total", outcome="ok") == 8
+    # nothing stays pinned: both pools back to idle (every request has ended)
+    await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0, 10.0,
+                   "both pools idle")
+    assert prefill.hook.pins.num_blocks == 0 and len(prefill.hook.pins) == 0
+
+
+async def test_no_prefill_worker_means_aggregated(bus, discovery):
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    decode = await Worker(bus, discovery, "decode", ns, policy="always").start()
+    try:
+        out = await decode.h.generate(decode.h.request(prompt(1), max_tokens=5))
+        assert len(tokens_of(out)) == 5
+        assert decode.metric("genset_disagg_decisions_total", mode="local",
+                             reason="no_prefill_workers") == 1
+    finally:
+        await decode.close()
+
+
+async def test_a_refusing_prefill_worker_means_aggregated(bus, discovery):
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    # different dummy payload sizes: the prefill worker refuses the layout
+    prefill = await Worker(bus, discovery, "prefill", ns, kv_bytes_per_token=8).start()
+    decode = await Worker(bus, discovery, "decode", ns, policy="always").start()
+    try:
+        await wait_for(lambda: len(decode.hook.pool) == 1, 10.0, "prefill worker seen")
+        out = await decode.h.generate(decode.h.request(prompt(2), max_tokens=5))
+        assert len(tokens_of(out)) == 5
+        assert decode.metric("genset_disagg_fallbacks_total", stage="first_token",
+                             reason="kv_layout_mismatch") == 1
+        await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0, 10.0,
+                       "both pools idle")
+    finally:
+        await decode.close()
+        await prefill.close()
+
+
+async def test_dummy_payloads_travel_and_first_token_comes_before_the_kv(bus, discovery):
+    """With a modelled slow link, the first token is out while the KV still travels."""
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    slow = {"kv_bytes_per_token": 64, "kv_transfer_bandwidth_gb_s": 0.000_2}  # 5 ms a block
+    prefill = await Worker(bus, discovery, "prefill", ns, **slow).start()
+    decode = await Worker(bus, discovery, "decode", ns, policy="always", **slow).start()
+    try:
+        await wait_for(lambda: len(decode.hook.pool) == 1, 10.0, "prefill worker seen")
+        req = decode.h.request(prompt(3, 200), max_tokens=4)  # 50 blocks of 4
+        stream = await bus.stream_request(decode.h.subject, req, timeout=30)
+        first = await anext(stream)
+        assert len(proto.unpack_tokens(first.token_ids)) == 1
+        # the first token is here; the transfer is still on its way (it lasts ~250 ms, paced)
+        assert decode.metric("genset_disagg_remote_prefills_total") == 0
+        rest = [c async for c in stream]
+        assert len(tokens_of([first, *rest])) == 4
+        assert decode.metric("genset_disagg_remote_prefills_total") == 1
+        assert decode.metric("genset_kv_transfer_bytes_total", side="rx") == 50 * 4 * 64
+        await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0, 10.0,
+                       "both pools idle")
+    finally:
+        await decode.close()
+        await prefill.close()
+
+
+async def test_client_cancel_during_the_transfer_frees_both_sides(bus, discovery):
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    slow = {"kv_bytes_per_token": 64, "kv_transfer_bandwidth_gb_s": 0.000_05}  # 20 ms a block
+    prefill = await Worker(bus, discovery, "prefill", ns, **slow).start()
+    decode = await Worker(bus, discovery, "decode", ns, policy="always", **slow).start()
+    try:
+        await wait_for(lambda: len(decode.hook.pool) == 1, 10.0, "prefill worker seen")
+        req = decode.h.request(prompt(4, 200), max_tokens=4)
+        stream = await bus.stream_request(decode.h.subject, req, timeout=30)
+        await anext(stream)  # the first token: the transfer has started
+        await stream.cancel()
+        await wait_for(lambda: decode.h.host._active == {}, 10.0, "the request ended")
+        await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0, 10.0,
+                       "both pools idle")
+        assert decode.h.metric("genset_worker_requests_cancelled_total") == 1
+        assert decode.metric("genset_disagg_remote_prefills_total") == 0
+    finally:
+        await decode.close()
+        await prefill.close()
+
+
+def test_first_token_finish_follows_the_engine_rules():
+    req = proto.GenerateRequest(request_id="r", model="m", token_ids=b"",
+                                stop=proto.StopConditions(max_tokens=5, stop_token_ids=[9]))
+    eos = frozenset({2})
+    assert first_token_finish(req, 9, 10, eos, 100) == "stop"
+    assert first_token_finish(req, 2, 10, eos, 100) == "stop"
+    assert first_token_finish(req, 3, 10, eos, 100) is None
+    assert first_token_finish(req, 3, 99, eos, 100) == "length"
+    req.stop = proto.StopConditions(max_tokens=5, min_tokens=2, stop_token_ids=[9])
+    assert first_token_finish(req, 9, 10, eos, 100) is None
+    req.stop = proto.StopConditions(max_tokens=1)
+    assert first_token_finish(req, 3, 10, eos, 100) == "length"
+
+
+async def test_disaggregation_works_within_the_stack_permissions(secure_infra):
+    """Two workers logged in as their worker slots (genset up's NATS users and permissions,
+    etcd auth): the remote prefill, the hashes feed and the transfer all pass."""
+    from genset.engines.mocker import MockerConfig, PolynomialTiming, create_mocker_engine
+    from genset.runtime.discovery import Discovery
+    from genset.worker import HostConfig, WorkerHost
+
+    closers = []
+    hosts = {}
+    try:
+        for slot, role in ((0, "prefill"), (1, "decode")):
+            wid = secure_infra.worker_id(slot)
+            env = secure_infra.creds.env("worker", slot=slot)
+            bus = await secure_infra.bus("worker", slot=slot)
+            closers.append(bus.close)
+            disc = await Discovery.connect(secure_infra.etcd.endpoint, ttl=5.0,
+                                           user=env["GENSET_ETCD_USER"],
+                                           password=env["GENSET_ETCD_PASSWORD"])
+            closers.append(disc.close)
+            engine = create_mocker_engine(MockerConfig(
+                block_size=4, num_blocks=256, vocab_size=1000, eos_token_ids=(0,),
+                timing=PolynomialTiming(speedup_ratio=100)), worker_id=wid)
+            metrics = Metrics(process_metrics=False)
+            hook = DisaggHook(DisaggConfig(policy="always", kv_bytes_per_token=16),
+                              discovery=disc, metrics=metrics)
+            host = WorkerHost(engine, bus=bus, discovery=disc, instance_id=wid, metrics=metrics,
+                              hooks=hook, config=HostConfig(namespace=secure_infra.namespace,
+                                                            model="tiny", role=role))
+            await host.start()
+            closers.append(host.close)
+            hosts[role] = (host, hook, metrics)
+        host, hook, metrics = hosts["decode"]
+        await wait_for(lambda: len(hook.pool) == 1, 10.0, "decode sees the prefill worker")
+        frontend = await secure_infra.bus("frontend")
+        closers.append(frontend.close)
+        req = proto.GenerateRequest(request_id="sec-1", model="tiny",
+                                    token_ids=proto.pack_tokens(prompt(5)),
+                                    sampling=proto.SamplingParams(temperature=0.0),
+                                    stop=proto.StopConditions(max_tokens=6))
+        stream = await frontend.stream_request(host.generate_subject, req, timeout=30)
+        assert len(tokens_of([c async for c in stream])) == 6
+        values = parse_metrics(metrics.render().decode())
+        assert metric(values, "genset_disagg_remote_prefills_total") == 1
+        assert metric(values, "genset_disagg_fallbacks_total") == 0
+        assert metric(values, "genset_kv_transfer_bytes_total", side="rx") == 22 * 4 * 16
+        await wait_for(lambda: all(len(hook_.pins) == 0 for _, hook_, _ in hosts.values()),
+                       10.0, "pins released")
+    finally:
+        for close in reversed(closers):
+            await close()

@@ -1,0 +1,105 @@
+"""What engines give disaggregation (genset.engines): a request resumed after tokens made
+elsewhere continues exactly as on one engine; imports pinned under a key that a request takes
+over; pins of exported blocks; the cached-prefix query; the card's KV layout; engine calls
+made before `start()` return."""
+
+from __future__ import annotations
+
+import pytest
+
+from genset.engines.mocker import MockerConfig, MockerCore, create_mocker_engine
+from genset.engines.types import EngineRequest, KvBlockData, KvImport
+from genset.kv.hashing import block_hashes
+from proto.generate import SamplingParams, StopConditions
+
+CFG = MockerConfig(block_size=4, num_blocks=64, vocab_size=1000)
+PROMPT = list(range(1, 31))  # 7 full blocks of 4 and 2 tokens
+HASHES = block_hashes(PROMPT, 4)
+
+
+def run(core, req: EngineRequest) -> tuple[list[int], object]:
+    core.add_request(req)
+    tokens, last = [], None
+    while core.has_work():
+        outs, _ = core.step()
+        for out in outs:
+            tokens += out.token_ids
+            last = out
+    return tokens, last
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.0),
+                                      SamplingParams(temperature=0.9, seed=5)])
+def test_resumed_request_continues_as_on_one_engine(sampling):
+    whole, _ = run(MockerCore(CFG), EngineRequest("a", PROMPT, sampling,
+                                                  StopConditions(max_tokens=6)))
+    first, _ = run(MockerCore(CFG), EngineRequest("p", PROMPT, sampling,
+                                                  StopConditions(max_tokens=1)))
+    rest, last = run(MockerCore(CFG), EngineRequest(
+        "d", PROMPT, sampling, StopConditions(max_tokens=6), resume_token_ids=first))
+    assert first + rest == whole
+    assert last.completion_tokens == 6 and last.prompt_tokens == len(PROMPT)
+
+
+def test_pinned_import_is_taken_over_by_the_request_and_released():
+    core = MockerCore(CFG)
+    assert core.import_kv(KvImport([KvBlockData(h) for h in HASHES]), pin_for="xfer") == 7
+    assert core.pool.num_used == 7 and core.cached_blocks(HASHES) == 7
+    _, last = run(core, EngineRequest("r", PROMPT, SamplingParams(temperature=0.0),
+                                      StopConditions(max_tokens=3),
+                                      kv_import=KvImport([], pinned_as="xfer"),
+                                      resume_token_ids=[5]))
+    assert last.cached_tokens == 28  # the imported blocks were hits
+    assert core.pool.num_used == 0 and core.scheduler.num_pinned_blocks == 0
+    core.unpin_kv("xfer")  # already taken over: nothing happens
+    assert core.pool.num_used == 0
+    core.pool.check_invariants()
+
+
+def test_export_pins_hold_blocks_until_unpinned():
+    core = MockerCore(CFG)
+    run(core, EngineRequest("r", PROMPT, SamplingParams(temperature=0.0),
+                            StopConditions(max_tokens=1)))
+    assert core.pool.num_used == 0 and core.cached_blocks(HASHES) == 7
+    assert core.pin_kv("tx", HASHES[2:]) == 5
+    core.pool.evict_cached()  # what allocation pressure would do
+    assert core.cached_blocks(HASHES[2:]) == 5 and core.cached_blocks(HASHES) == 0
+    core.unpin_kv("tx")
+    assert core.pool.num_used == 0
+    core.unpin_kv("tx")  # twice is harmless
+    core.pool.check_invariants()
+
+
+def test_kv_layout_on_the_card():
+    assert MockerCore(CFG).card.kv_layout.engine == "mocker"
+    assert MockerCore(CFG).card.kv_layout.bytes_per_block == 0
+
+
+async def test_engine_calls_before_start_return():
+    engine = create_mocker_engine(CFG)
+    assert await engine.import_kv(KvImport([KvBlockData(h) for h in HASHES]), pin_for="k") == 7
+    assert await engine.cached_blocks(HASHES) == 7
+    await engine.unpin_kv("k")
+    assert engine.core.pool.num_used == 0
+    await engine.start()
+    assert await engine.pin_kv("k2", HASHES) == 7
+    assert engine.load().kv_used_blocks == 7  # the load follows a command without a step
+    await engine.unpin_kv("k2")
+    assert engine.load().kv_used_blocks == 0
+    await engine.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        await engine.cached_blocks(HASHES)
+
+
+def test_torch_kv_layout_matches_its_payloads():
+    torch = pytest.importorskip("torch")  # noqa: F841
+    from genset.engines.torch.engine import TorchEngine
+
+    engine = TorchEngine("tiny", num_blocks=16, block_size=4)
+    layout = engine.card.kv_layout
+    core = engine.core
+    run(core, EngineRequest("r", PROMPT, SamplingParams(temperature=0.0),
+                            StopConditions(max_tokens=1)))
+    blocks = core.export_kv(HASHES[:2])
+    assert [len(b.data) for b in blocks] == [layout.bytes_per_block] * 2
+    assert layout.format == "genset-kv/1" and len(layout.block_shape) == 5

@@ -1,0 +1,65 @@
+"""`genset replay --prefill-workers P --decode-workers D --disagg ...` (genset.replay.disagg_sim):
+aggregated through it is exactly the standard replay; remote prefills happen and complete;
+with no prefill workers every request runs aggregated; bad settings are refused clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from genset.replay import __main__ as replay_cli
+from genset.replay.disagg_sim import DisaggReplayConfig, run_disagg_replay
+from genset.replay.simulate import ReplayConfig, run_replay
+from genset.replay.trace import load_trace
+from tests.test_replay import TRACE, needs_trace
+
+
+@needs_trace
+def test_aggregated_through_the_disagg_replay_is_the_standard_replay():
+    trace = load_trace(TRACE, limit=300)
+    standard = run_replay(trace, "genset", ReplayConfig(workers=8))
+    agg = run_disagg_replay(trace, "genset", DisaggReplayConfig(prefill_workers=0,
+                                                                decode_workers=8))
+    for key in ("completed", "hit_rate", "ttft_mean_ms", "ttft_p90_ms", "itl_mean_ms"):
+        assert agg[key] == standard[key], key
+    assert agg["remote_prefills"] == 0
+    assert set(agg["decisions"]) <= {"local/no_prefill_workers", "local/single_token"}
+
+
+@needs_trace
+@pytest.mark.parametrize("policy", ["always", "auto", "never"])
+def test_disaggregated_replay_completes_every_request(policy):
+    trace = load_trace(TRACE, limit=300)
+    r = run_disagg_replay(trace, "genset", DisaggReplayConfig(
+        prefill_workers=2, decode_workers=2, disagg=policy, kv_transfer_bandwidth_gb_s=5.0))
+    assert r["completed"] == r["requests"] == 300
+    assert 0.0 <= r["sla_attainment"] <= 1.0
+    if policy == "never":
+        assert r["remote_prefills"] == 0 and sum(r["prefills_per_prefill_worker"]) == 0
+    elif policy == "always":
+        # every request with blocks to ship and a prefill worker free went remote
+        assert r["remote_prefills"] == sum(r["prefills_per_prefill_worker"]) > 200
+        assert r["transfer_gb"] > 0 and r["transfer_ms_mean"] > 0
+    assert r["itl_mean_ms"] > 0
+
+
+@needs_trace
+def test_cli_json_has_goodput_next_to_hit_rate(capsys):
+    assert replay_cli.main([TRACE, "--limit", "100", "--prefill-workers", "1",
+                            "--decode-workers", "3", "--disagg", "always", "--sla-ttft-ms",
+                            "500", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {"sla_attainment", "hit_rate", "ttft_mean_ms", "remote_share"} <= set(doc)
+    assert doc["sla_ttft_ms"] == 500 and doc["mode"] == "always"
+
+
+def test_bad_disagg_settings_are_refused(capsys, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 600, "output_length": 3, '
+                    '"hash_ids": [1, 2]}\n')
+    assert replay_cli.main([str(path), "--decode-workers", "0", "--prefill-workers", "1"]) == 2
+    assert "--decode-workers must be >= 1" in capsys.readouterr().err
+    assert replay_cli.main([str(path), "--prefill-workers", "1", "--kv-transfer-bandwidth",
+                            "-1"]) == 2
+    assert "--kv-transfer-bandwidth" in capsys.readouterr().err
