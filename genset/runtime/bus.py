@@ -143,6 +143,7 @@ class Bus:
                  orphan_timeout: float) -> None:
         self.nc = nc
         self._nowait = _nowait_supported(nc)
+        self._kick_scheduled = False
         self.namespace = namespace
         self.js = nc.jetstream()
         self.heartbeat_interval = heartbeat_interval
@@ -436,9 +437,21 @@ class Bus:
         stats["out_bytes"] += size
         nc._pending.append(cmd)
         nc._pending_data_size += len(cmd)
-        if queue.empty():  # kick the flusher, as nc.publish does
-            queue.put_nowait(asyncio.get_running_loop().create_future())
+        if not self._kick_scheduled:
+            # Kick the flusher (as nc.publish does) from a callback of the next loop turn,
+            # not now: the tasks this delivery woke send their frames in that turn, and the
+            # flusher, woken by the callback, then writes all of the step's frames in one
+            # write (kicked now it ran in the middle of them: two writes per step, two
+            # wake-ups of nats-server and of the frontend).
+            self._kick_scheduled = True
+            asyncio.get_running_loop().call_soon(self._kick_flusher)
         return True
+
+    def _kick_flusher(self) -> None:
+        self._kick_scheduled = False
+        queue = self.nc._flush_queue
+        if queue is not None and queue.empty() and self.nc._pending_data_size:
+            queue.put_nowait(asyncio.get_running_loop().create_future())
 
     async def publish(self, subject: str, message: Any) -> None:
         """Publish a proto Struct (encoded) or bytes (as is)."""
