@@ -185,11 +185,9 @@ def test_variants_validate_with_the_main_file(variant):
 def test_gpu_variant_reserves_gpus_for_workers_only():
     result = compose_config(COMPOSE_FILE, "--format", "json", files=("docker-compose.gpu.yml",))
     services = json.loads(result.stdout)["services"]
-    for worker in ("decode", "prefill"):
-        (device,) = services[worker]["deploy"]["resources"]["reservations"]["devices"]
-        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert not any("deploy" in services[name] for name in services
-                   if name not in ("decode", "prefill"))
+    (device,) = services["decode"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert not any("deploy" in services[name] for name in services if name != "decode")
 
 
 def test_workers_mount_the_model_volume():
