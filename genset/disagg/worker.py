@@ -118,6 +118,7 @@ class DisaggConfig:
     kv_transfer_bandwidth_gb_s: float = 0.0  # mocker: modelled link (0: no delay)
     transport: str = "auto"  # auto | nats | tcp
     tcp_host: str | None = "127.0.0.1"  # where the TCP listener binds (None: NATS only)
+    advertise_host: str | None = None  # the address peers connect to (default: tcp_host)
     first_token_timeout_s: float = 10.0  # longest wait for a prefill worker's answer
     transfer_timeout_s: float = 30.0  # longest a transfer may take after that answer
     idle_timeout_s: float = 5.0  # longest silence of a peer within a transfer
@@ -218,7 +219,8 @@ class DisaggHook(WorkerHooks):
                         engine=card.engine)
             return
         self.layout = self._transfer_layout(card.kv_layout, card.block_size)
-        self.hub = KvTransferHub(ctx.bus, ctx.instance_id, tcp_host=self.config.tcp_host)
+        self.hub = KvTransferHub(ctx.bus, ctx.instance_id, tcp_host=self.config.tcp_host,
+                                 advertise_host=self.config.advertise_host)
         await self.hub.start()
         if role == ROLE_DECODE:
             self.pool = PrefillPool(bus=ctx.bus, discovery=self.discovery,
