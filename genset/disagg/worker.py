@@ -57,8 +57,11 @@ import structlog
 import proto
 from genset.disagg.bandwidth import BandwidthEstimator
 from genset.disagg.decision import (
+    DISABLED,
+    NO_PREFILL_WORKERS,
     POLICIES,
     POLICY_AUTO,
+    POLICY_NEVER,
     SINGLE_TOKEN,
     CostModel,
     Decision,
@@ -99,6 +102,8 @@ from proto.transfer import KvLayout, RemotePrefillReply, RemotePrefillRequest
 
 log = structlog.get_logger("genset.disagg")
 
+# close(): how long a stopping prefill worker lets the sends in progress finish
+CLOSE_SENDS_S = 10.0
 STAGE_FIRST_TOKEN = "first_token"
 STAGE_TRANSFER = "transfer"
 TRANSPORTS = ("auto", "nats", "tcp")
@@ -113,6 +118,7 @@ class DisaggConfig:
     kv_transfer_bandwidth_gb_s: float = 0.0  # mocker: modelled link (0: no delay)
     transport: str = "auto"  # auto | nats | tcp
     tcp_host: str | None = "127.0.0.1"  # where the TCP listener binds (None: NATS only)
+    advertise_host: str | None = None  # the address peers connect to (default: tcp_host)
     first_token_timeout_s: float = 10.0  # longest wait for a prefill worker's answer
     transfer_timeout_s: float = 30.0  # longest a transfer may take after that answer
     idle_timeout_s: float = 5.0  # longest silence of a peer within a transfer
@@ -213,7 +219,8 @@ class DisaggHook(WorkerHooks):
                         engine=card.engine)
             return
         self.layout = self._transfer_layout(card.kv_layout, card.block_size)
-        self.hub = KvTransferHub(ctx.bus, ctx.instance_id, tcp_host=self.config.tcp_host)
+        self.hub = KvTransferHub(ctx.bus, ctx.instance_id, tcp_host=self.config.tcp_host,
+                                 advertise_host=self.config.advertise_host)
         await self.hub.start()
         if role == ROLE_DECODE:
             self.pool = PrefillPool(bus=ctx.bus, discovery=self.discovery,
@@ -235,6 +242,10 @@ class DisaggHook(WorkerHooks):
                 await self._sub.unsubscribe()
         if self.pool is not None:
             await self.pool.close()
+        if self._tasks:
+            # a draining prefill worker finishes the sends it started (each has its own
+            # deadlines); what is left then fails below, and its receivers recompute
+            await asyncio.wait(set(self._tasks), timeout=CLOSE_SENDS_S)
         if self.hub is not None:
             await self.hub.close()  # fails every transfer in progress; the peers are told
         if self._tasks:
@@ -280,10 +291,15 @@ class DisaggHook(WorkerHooks):
         if request.stop.max_tokens <= 1:
             self.m.decision(Decision(mode="local", reason=SINGLE_TOKEN))
             return None
+        if not len(pool) or self.config.policy == POLICY_NEVER:
+            # known without hashing the prompt or asking the engine: a decode worker without
+            # prefill workers costs what an aggregated one does, plus this
+            self.m.decision(Decision(mode="local", reason=NO_PREFILL_WORKERS if len(pool)
+                                     == 0 and self.config.policy != POLICY_NEVER
+                                     else DISABLED))
+            return None
         hashes = block_hashes(token_ids, self.ctx.block_size)
-        # no prefill worker: the decision is known without asking the engine (one engine
-        # round trip less per request on a worker that serves aggregated)
-        cached = await engine.cached_blocks(hashes) if len(pool) and hashes else 0
+        cached = await engine.cached_blocks(hashes) if hashes else 0
         load = engine.load()
         decision = decide(
             len(token_ids),

@@ -9,6 +9,7 @@ usage error naming the flag.
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass, field
 
 from genset.disagg.decision import POLICIES
@@ -61,8 +62,10 @@ class WorkerOptions:
     kv_transport: str = field(default="auto", metadata=opt(
         "how KV travels: auto (direct TCP when the receiver offers it, else NATS), nats, tcp",
         choices=TRANSPORTS))
-    kv_transfer_host: str = field(default="127.0.0.1", metadata=opt(
-        "where this worker listens for direct TCP KV transfers ('' = NATS only)"))
+    kv_transfer_host: str = field(default="auto", metadata=opt(
+        "where this worker listens for direct TCP KV transfers: auto (where --host says; "
+        "on a wildcard address peers are told this machine's address), an address, or off "
+        "(KV over NATS only)"))
     remote_prefill_timeout: float = field(default=10.0, metadata=opt(
         "decode role: longest wait for a prefill worker's first token before prefilling "
         "locally (s)", min=0.1))
@@ -121,6 +124,22 @@ class WorkerOptions:
             raise FieldError("engine", str(exc)) from None
 
 
+def kv_transfer_endpoint(flag: str, service_host: str) -> tuple[str | None, str | None]:
+    """(where the KV transfer listener binds, the address peers are told) from
+    --kv-transfer-host and the service's --host: loopback by default (`genset up`), every
+    interface where the service listens on them (containers: GENSET_HOST=0.0.0.0), then with
+    this machine's own address advertised, since a wildcard is no address to connect to."""
+    host = service_host if flag == "auto" else flag
+    if host in ("", "off", "none"):
+        return None, None
+    if host in ("0.0.0.0", "::"):
+        try:
+            return host, socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1", None
+    return host, None
+
+
 class WorkerService(Service):
     component = "decode"
 
@@ -173,10 +192,12 @@ class WorkerService(Service):
         o = self.options
         if o.role not in (ROLE_DECODE, ROLE_PREFILL):
             return None
+        tcp_host, advertise = kv_transfer_endpoint(o.kv_transfer_host, self.config.host)
         config = DisaggConfig(
             policy=o.disagg, kv_bytes_per_token=o.kv_bytes_per_token,
             kv_transfer_bandwidth_gb_s=o.kv_transfer_bandwidth, transport=o.kv_transport,
-            tcp_host=o.kv_transfer_host or None, first_token_timeout_s=o.remote_prefill_timeout,
+            tcp_host=tcp_host, advertise_host=advertise,
+            first_token_timeout_s=o.remote_prefill_timeout,
             transfer_timeout_s=o.kv_transfer_timeout, idle_timeout_s=o.kv_transfer_idle_timeout,
             pin_timeout_s=o.remote_prefill_timeout + o.kv_transfer_timeout,
             speedup=o.speedup if o.engine == "mocker" else 1.0)
