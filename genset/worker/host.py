@@ -400,13 +400,13 @@ class WorkerHost:
                                 cached_tokens=remote.cached_tokens)
             await rs.send(proto.pack_tokens(first), finish_reason=remote.finish_reason,
                           usage=usage, final=True, logprobs=lp)
-            await self._lifecycle(req.request_id, "first_token")
+            await self._lifecycle(req.request_id, PHASE_FIRST_TOKEN)
             return False
         if lp is None:
             await rs.send(proto.pack_tokens(first))
         else:
             await rs.send(proto.pack_tokens(first), logprobs=lp)
-        await self._lifecycle(req.request_id, "first_token")
+        await self._lifecycle(req.request_id, PHASE_FIRST_TOKEN)
         return await self._call_hook("before_run", self._unless_cancelled(remote.kv(), rs),
                                      req.deadline_ms)
 
@@ -427,7 +427,7 @@ class WorkerHost:
             except RequesterCancelled:
                 self.m.cancelled.inc()
                 self.m.finished.labels(FINISH_CANCELLED).inc()
-                await self._lifecycle(req.request_id, "done")
+                await self._lifecycle(req.request_id, PHASE_DONE)
                 return
         if isinstance(kv_import, RemotePrefill):
             remote, kv_import = kv_import, None
@@ -439,14 +439,14 @@ class WorkerHost:
                     raise
                 reason = await self._remote_failed(req, exc, rs)
                 self.m.finished.labels(reason).inc()
-                await self._lifecycle(req.request_id, "done")
+                await self._lifecycle(req.request_id, PHASE_DONE)
                 return
             if got is False:
                 await remote.release()
                 self.m.started.inc()
                 self.m.prompt_tokens.inc(len(tokens))
                 self.m.finished.labels(remote.finish_reason).inc()
-                await self._lifecycle(req.request_id, "done")
+                await self._lifecycle(req.request_id, PHASE_DONE)
                 return
             kv_import = got
         try:
