@@ -253,3 +253,19 @@ def test_removed_worker_is_not_revived_by_late_messages():
     assert all(route(core, f"g{i}", tokens(i, 40)).worker_id == 1 for i in range(4))
     core.add_worker(2, model="m", block_size=BS)  # a new card for it: back in
     assert 2 in core.workers
+
+
+def test_a_retry_elsewhere_moves_the_request_and_a_broadcast_echo_does_not_count_twice():
+    from genset.routing.load import LoadModel
+    load = LoadModel(block_size=16, clock=lambda: 0.0)
+    load.on_routed("r", 1, 320, 0, 16)
+    load.on_routed("r", 1, 320, 0, 16)  # a replica's broadcast of the same decision
+    assert load.workers[1].inflight == 1 and load.workers[1].prefill_tokens == 320
+    # worker 1 failed; the frontend retries the same request on worker 2 while worker 1's
+    # record is still held: the load moves, nothing stays behind on worker 1
+    load.on_routed("r", 2, 320, 160, 16)
+    assert load.workers[1].inflight == 0 and load.workers[1].prefill_tokens == 0
+    assert load.workers[1].blocks == 0 and "r" not in load.workers[1].requests
+    assert load.workers[2].inflight == 1 and load.workers[2].prefill_tokens == 160
+    load.on_done("r")
+    assert load.workers[2].inflight == 0 and load.workers[2].blocks == 0

@@ -82,8 +82,14 @@ class LoadModel:
     def on_routed(self, request_id: str, worker_id: int, prompt_tokens: int,
                   cached_tokens: int, max_tokens: int, now_ms: float | None = None,
                   caller_reports: bool = False) -> None:
-        if request_id in self.inflight:  # a replica's broadcast of a decision we made
-            return
+        held = self.inflight.get(request_id)
+        if held is not None:
+            if held.worker_id == worker_id:  # a replica's broadcast of a decision we made
+                return
+            # The same request routed again elsewhere: a retry after its worker failed. Its
+            # first worker's share goes (that worker may be dead and its record still held
+            # until its lease ends) and the retry counts on the worker that now runs it.
+            self.on_done(request_id)
         now = self.now_ms() if now_ms is None else now_ms
         uncached = max(0, prompt_tokens - cached_tokens)
         bs = self.block_size
