@@ -26,7 +26,10 @@ MODEL_NAME = "dynpeer-mock"
 
 
 def pct(values: list[float], q: float) -> float:
-    """The `q` quantile (0..1) of `values`, nearest rank below (no interpolation)."""
+    """The `q` quantile (0..1) of `values`, nearest rank below (no interpolation); nan when
+    there are none."""
+    if not values:
+        return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
 
