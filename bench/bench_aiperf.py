@@ -28,148 +28,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _common import MODEL_NAME, PEER_DIR, REPO, GensetUp, med
+
 PEERS = Path(os.environ.get("GENSET_PEERS", REPO.parent / "shared" / "peers"))
 if not PEERS.exists():
     PEERS = Path("/work/shared/peers")
-PEER_DIR = Path(os.environ.get("DYNAMO_PEER_DIR", "/tmp/dynamo-peer"))
-MODEL_NAME = "dynpeer-mock"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str, timeout: float = 2.0):
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def descendants(pid: int) -> list[tuple[int, str]]:
-    parent_of: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parent_of[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    out, frontier = [], {pid}
-    while frontier:
-        nxt = {p for p, pp in parent_of.items() if pp in frontier}
-        for p in nxt:
-            try:
-                cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                cmd = ""
-            out.append((p, cmd))
-        frontier = nxt
-    return out
-
-
-def own_cpu_s(pid: int) -> float:
-    """utime + stime of one process (not its children)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-class GensetSystem:
+class GensetSystem(GensetUp):
     def __init__(self, name: str, router: str, args, run_dir: Path, source: Path | None = None):
-        self.name = name
-        self.router = router
-        self.args = args
-        self.run_dir = run_dir
-        self.source = source or REPO
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-        self.pids: dict[str, int] = {}
+        env = dict(kv.partition("=")[::2] for kv in args.genset_env)
         self.timeline = run_dir / "timeline.jsonl" if args.timeline else None
-
-    def start(self) -> None:
-        a = self.args
-        port = free_port()
-        state = Path(tempfile.mkdtemp(prefix="genset-aiperf-"))
-        cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "genset.cli", "up",
-               "--port", str(port), "--workers", str(a.workers), "--engine", "mocker",
-               "--model", str(PEER_DIR / "model"), "--served-model-name", MODEL_NAME,
-               "--speedup", f"{a.speedup:g}", "--state-dir", str(state),
-               "--nats", f"nats://127.0.0.1:{free_port()}", "--etcd", f"127.0.0.1:{free_port()}",
-               "--log-level", "warning", f"--worker-arg=--kv-blocks={a.kv_blocks}",
-               "--worker-arg=--block-size=16", "--worker-arg=--max-running=256",
-               "--worker-arg=--max-batch-tokens=8192"]
-        if self.router != "default":
-            cmd += ["--router", self.router]
-        cmd += a.genset_arg
-        env = {**os.environ, "PYTHONPATH": str(self.source)}
-        for kv in a.genset_env:
-            k, _, v = kv.partition("=")
-            env[k] = v
         if self.timeline is not None:
             env["GENSET_TIMELINE"] = str(self.timeline)
-        self._log = open(self.run_dir / "genset-up.log", "wb")
-        # -m genset.cli from the checkout's root: its code, not the venv's installed copy
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=self.source, start_new_session=True, env=env)
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"genset up exited with {self.proc.returncode}; "
-                                   f"see {self.run_dir / 'genset-up.log'}")
-            try:
-                if b"genset is up" in (self.run_dir / "genset-up.log").read_bytes():
-                    models = get_json(self.url + "/v1/models")["data"]
-                    if models and models[0].get("workers", 0) >= a.workers:
-                        break
-            except (OSError, ValueError, KeyError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("genset did not become ready in 180 s")
-            time.sleep(0.3)
-        workers = 0
-        for pid, cmd_line in descendants(self.proc.pid):
-            argv = cmd_line.split()
-            if "genset.cli" in cmd_line and len(argv) > 3:
-                role = argv[argv.index("genset.cli") + 1]
-                if role == "worker":
-                    workers += 1
-                    self.pids[f"worker{workers}"] = pid
-                else:
-                    self.pids[role] = pid
-            elif argv and argv[0].endswith("nats-server"):
-                self.pids["nats"] = pid
-            elif argv and argv[0].endswith("etcd"):
-                self.pids["etcd"] = pid
-        self.launcher_cpu0 = own_cpu_s(self.proc.pid)
-
-    def launcher_cpu(self) -> float:
-        return own_cpu_s(self.proc.pid) - self.launcher_cpu0 if self.proc else 0.0
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
+        super().__init__(workers=args.workers, speedup=args.speedup, log_dir=run_dir,
+                         kv_blocks=args.kv_blocks, router=None if router == "default" else router,
+                         source=source, extra_args=args.genset_arg, env=env)
+        self.name = name
 
 
 class DynamoSystem:
@@ -241,11 +121,6 @@ def server_cpu(summary: dict, pids: dict[str, int]) -> dict[str, float]:
     """CPU seconds of each server process over aiperf's profiling window."""
     win = summary.get("cpu", {}).get("profiling_window", {})
     return {name: win.get(f"{name}_cpu_s", 0.0) for name in pids}
-
-
-def med(values):
-    values = [v for v in values if v is not None]
-    return round(statistics.median(values), 2) if values else None
 
 
 def row_of(rec: dict) -> dict:

@@ -47,9 +47,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
+from _common import pct  # noqa: E402
 
 from genset.runtime.infra import EtcdServer, NatsServer  # noqa: E402
-from tests.stack import Stack, metric  # noqa: E402
+from tests.helpers.processes import rss_mb  # noqa: E402
+from tests.stack import Stack, log_events, metric  # noqa: E402
 
 MODEL = "tiny"
 
@@ -142,32 +144,6 @@ def stalls_across(records: list[dict], at: float, ids: set[str] | None = None) -
         waits = [t - p for p, t in zip(prev, ts, strict=False) if t > at]
         if waits:
             out.append(max(waits))
-    return out
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def log_events(path: Path, event: str) -> list[dict]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("event") == event:
-            out.append(rec)
     return out
 
 

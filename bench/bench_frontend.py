@@ -20,132 +20,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _common import MODEL_NAME, PEER_DIR, REPO, GensetUp, med
+
 PEER = Path(os.environ.get("DYNAMO_PEER_HOME", REPO.parent / "shared" / "peers" / "dynamo"))
-PEER_DIR = Path(os.environ.get("DYNAMO_PEER_DIR", "/tmp/dynamo-peer"))
-MODEL_NAME = "dynpeer-mock"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str, timeout: float = 2.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def children(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every descendant of `pid`."""
-    parent_of: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parent_of[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    out, frontier = [], {pid}
-    while frontier:
-        nxt = {p for p, pp in parent_of.items() if pp in frontier}
-        for p in nxt:
-            try:
-                cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                cmd = ""
-            out.append((p, cmd))
-        frontier = nxt
-    return out
-
-
-class GensetSystem:
+class GensetSystem(GensetUp):
     name = "genset"
 
     def __init__(self, speedup: float, router: str, log_dir: Path, *, coalesce: bool = True,
                  worker_coalesce_ms: float | None = None, source: Path | None = None) -> None:
-        self.speedup = speedup
-        # source: another checkout of genset to run instead of this one (a before/after
-        # comparison); it runs with this checkout's venv and its own code first on the path
-        self.source = source
+        extra = ([] if worker_coalesce_ms is None
+                 else [f"--worker-arg=--coalesce-ms={worker_coalesce_ms:g}"])
+        super().__init__(workers=2, speedup=speedup, log_dir=log_dir, router=router,
+                         source=source, extra_args=extra,
+                         env={"GENSET_COALESCE": "true" if coalesce else "false"},
+                         log_name="genset-up-{port}.log", worker_label="mocker", stop_s=30)
         if source is not None:
             self.name = "genset-base"
-        self.worker_coalesce_ms = worker_coalesce_ms
-        self.router = router
-        self.log_dir = log_dir
-        self.coalesce = coalesce
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-        self.pids: dict[str, int] = {}
-
-    def start(self) -> None:
-        port = free_port()
-        state = Path(tempfile.mkdtemp(prefix="genset-bench-"))
-        cmd = [str(REPO / ".venv" / "bin" / "genset"), "up", "--port", str(port),
-               "--workers", "2", "--engine", "mocker", "--model", str(PEER_DIR / "model"),
-               "--served-model-name", MODEL_NAME, "--router", self.router,
-               "--speedup", str(self.speedup), "--state-dir", str(state),
-               "--nats", f"nats://127.0.0.1:{free_port()}", "--etcd", f"127.0.0.1:{free_port()}",
-               "--log-level", "warning",
-               "--worker-arg=--kv-blocks=8192", "--worker-arg=--block-size=16",
-               "--worker-arg=--max-running=256", "--worker-arg=--max-batch-tokens=8192"]
-        if self.worker_coalesce_ms is not None:
-            cmd.append(f"--worker-arg=--coalesce-ms={self.worker_coalesce_ms:g}")
-        log = open(self.log_dir / f"genset-up-{port}.log", "wb")
-        # the frontend reads its options from GENSET_* too; genset up passes its env on
-        env = {**os.environ, "GENSET_COALESCE": "true" if self.coalesce else "false"}
-        if self.source is not None:
-            env["PYTHONPATH"] = str(self.source)
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=self.source or REPO,
-                                     start_new_session=True, env=env)
-        self._log = log
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"genset up exited with {self.proc.returncode}; see {log.name}")
-            try:
-                models = get_json(self.url + "/v1/models")["data"]
-                if models and models[0].get("workers", 0) >= 2:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("genset did not become ready in 120 s")
-            time.sleep(0.2)
-        workers = 0
-        for pid, cmd in children(self.proc.pid):
-            if " frontend " in cmd:
-                self.pids["frontend"] = pid
-            elif " worker " in cmd:
-                workers += 1
-                self.pids[f"mocker{workers}"] = pid
-            elif "nats-server" in cmd.split(" ", 1)[0]:
-                self.pids["nats"] = pid
-            elif cmd.split(" ", 1)[0].endswith("etcd"):
-                self.pids["etcd"] = pid
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
 
 
 class DynamoSystem:
@@ -182,11 +80,6 @@ def run_load(system, *, n: int, concurrency: int, out: Path, max_tokens: int = 6
     subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    timeout=run_timeout + 120)
     return json.loads(out.read_text())["summary"]
-
-
-def med(values):
-    values = [v for v in values if v is not None]
-    return round(statistics.median(values), 2) if values else None
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -127,6 +128,11 @@ class ServiceProcess:
     async def get(self, path: str, wait_s: float = 2.0) -> httpx.Response:
         async with httpx.AsyncClient(timeout=wait_s) as client:
             return await client.get(self.http_url + path)
+
+    async def read_health(self) -> dict:
+        """The /health body now (also kept as `health`)."""
+        self.health = (await self.get("/health")).json()
+        return self.health
 
     async def metrics(self) -> dict[str, float]:
         """The Prometheus text at /metrics as {"name{labels}": value}."""
@@ -324,3 +330,16 @@ def metric(values: dict[str, float], name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += value
     return total
+
+
+def log_events(path: Path, event: str) -> list[dict]:
+    """The records of a JSON-lines log (GENSET_LOG_FORMAT=json) whose "event" is `event`."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == event:
+            out.append(record)
+    return out

@@ -93,15 +93,11 @@ class Streamed:
         return self.text
 
 
-async def health(worker) -> dict:
-    return (await worker.get("/health")).json()
-
-
 async def wait_idle(workers, what: str) -> None:
     """Every live worker's KV pool back to no block in use (pins included)."""
     deadline = time.monotonic() + WAIT_S
     while True:
-        used = {w.name: (await health(w))["kv_used_blocks"] for w in workers if w.alive}
+        used = {w.name: (await w.read_health())["kv_used_blocks"] for w in workers if w.alive}
         if not any(used.values()):
             return
         assert time.monotonic() < deadline, f"not idle after {what}: {used}"
@@ -201,7 +197,7 @@ async def test_decode_worker_sigkill_mid_transfer(nats_server, etcd_server, tmp_
 
         req = Streamed(frontend.url, prompt(2), max_tokens=6)
         await req.wait_first()
-        serving = [d for d in decodes if (await health(d))["running"]]
+        serving = [d for d in decodes if (await d.read_health())["running"]]
         assert len(serving) == 1
         serving[0].kill()
         # the frontend moves the request to the other decode worker, which completes it

@@ -337,7 +337,7 @@ def test_compose_stack_builds_serves_scales_survives_and_leaves_nothing(engine, 
 
         # 5. The dashboard's metrics are on the live /metrics pages.
         live = metric_names(stack.http.get(f"{stack.url}/metrics").text)
-        for service in ("router", "decode"):
+        for service in ("router", "decode", "kv_offload", "planner"):
             live |= metric_names(stack.metrics_in(stack.container_ids(service)[0]))
         for title, expr in dashboard_exprs():
             missing = {n for n in promql_metric_names(expr) if n in EXPOSED} - live

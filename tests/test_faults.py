@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.stack import Stack, metric
+from tests.helpers.clients import ClientThreads
+from tests.helpers.processes import rss_mb
+from tests.helpers.waiting import until
+from tests.stack import Stack, log_events, metric
 
 pytestmark = pytest.mark.slow
 
@@ -26,23 +26,17 @@ MODEL = "tiny"
 WAIT_S = 120.0
 
 
-class StreamingClients:
+class StreamingClients(ClientThreads):
     """`threads` clients streaming chat completions back to back until stopped. A request
     counts as ok only with status 200, `max_tokens` tokens in its usage and a [DONE]."""
 
     def __init__(self, url: str, *, threads: int = 4, max_tokens: int = 64,
                  prompt: str = "tell me a story") -> None:
-        self.url = url
+        super().__init__(url, threads, timeout_s=120, join_s=150)
         self.max_tokens = max_tokens
         self.prompt = prompt
-        self.ok = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                         for i in range(threads)]
 
-    def _one(self, client: httpx.Client, n: int) -> str | None:
+    def one(self, client: httpx.Client, n: int) -> str | None:
         body = {"model": MODEL, "stream": True, "max_tokens": self.max_tokens,
                 "messages": [{"role": "user", "content": f"{self.prompt} {n}"}],
                 "stream_options": {"include_usage": True}}
@@ -64,60 +58,8 @@ class StreamingClients:
                 return f"incomplete stream: done={done} usage={usage}"
         return None
 
-    def _run(self, i: int) -> None:
-        n = 0
-        with httpx.Client(timeout=120) as client:
-            while not self._stop.is_set():
-                n += 1
-                try:
-                    failure = self._one(client, i * 100000 + n)
-                except httpx.HTTPError as exc:
-                    failure = repr(exc)
-                with self._lock:
-                    if failure is None:
-                        self.ok += 1
-                    else:
-                        self.failures.append(failure)
-
-    def __enter__(self) -> StreamingClients:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(150)
-
     async def more(self, n: int, within: float = WAIT_S) -> None:
-        target = self.ok + n
-        await until(lambda: self.ok >= target, f"{n} more successful requests", within)
-
-
-async def until(check, what: str, within: float = WAIT_S) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"no {what} within {within:.0f}s"
-        await asyncio.sleep(0.05)
-
-
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no {field} for {pid}")
-
-
-def log_events(path: Path, event: str) -> list[dict]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            out.append(record)
-    return out
+        await super().more(n, within)
 
 
 # -- large prompts ------------------------------------------------------------------------------
@@ -249,7 +191,7 @@ async def test_bus_wait_connected_follows_the_connection(own_nats):
     try:
         assert await bus.wait_connected(0) and bus.disconnects == 0
         own_nats.stop()
-        await until(lambda: not bus.connected, "the bus to see NATS down", 30)
+        await until(lambda: not bus.connected, 30, "the bus to see NATS down")
         assert not await bus.wait_connected(0.05)  # still down: False once the wait is over
         waiter = asyncio.ensure_future(bus.wait_connected(60))
         own_nats.start()

@@ -9,97 +9,22 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from genset.launch import pick_listen_port
 from genset.runtime.infra import port_open
-
-REPO = Path(__file__).resolve().parent.parent
-_TAKEN: set[int] = set()
-
-
-def free_port() -> int:
-    return pick_listen_port(_TAKEN)
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid` (Linux /proc)."""
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                children = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for c in map(int, children):
-                if c not in found:
-                    found.add(c)
-                    todo.append(c)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that mention `text` (our state dir / clone path)."""
-    hits = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and alive(int(proc.name)):
-            hits.append(f"{proc.name}: {cmdline}")
-    return hits
-
-
-def wait_for_line(proc: subprocess.Popen, log: Path, pattern: str, within: float) -> str:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        if re.search(pattern, text):
-            return text
-        if proc.poll() is not None:
-            raise AssertionError(f"genset up exited with {proc.returncode}:\n{text}")
-        time.sleep(0.2)
-    raise AssertionError(f"no {pattern!r} after {within:.0f}s:\n{log.read_text(errors='replace')}")
-
-
-def start_up(cwd: Path, log: Path, *args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GENSET_")}
-    env["PYTHONPATH"] = str(cwd)  # the clone's code, not the checkout the venv points at
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "genset.cli", "up", *args], cwd=cwd,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
-
-
-def kill_all(proc: subprocess.Popen, pids: set[int]) -> None:
-    for pid in {proc.pid, *pids}:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+from tests.helpers.processes import (
+    REPO,
+    alive,
+    cmdline,
+    descendants,
+    free_port,
+    kill_all,
+    processes_mentioning,
+    start_up,
+    wait_for_line,
+)
 
 
 @pytest.mark.slow

@@ -167,6 +167,48 @@ def test_dashboard_groups_by_labels_the_metrics_have():
         assert not unknown, f"panel {title!r} uses labels {sorted(unknown)} its metrics lack"
 
 
+def panels_by_row() -> dict[str, list[dict]]:
+    """Row title -> the panels laid out under it (rows are not collapsed: flat, in order)."""
+    rows: dict[str, list[dict]] = {}
+    current: list[dict] = rows.setdefault("", [])
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        if panel["type"] == "row":
+            current = rows.setdefault(panel["title"], [])
+        else:
+            current.append(panel)
+    return rows
+
+
+# Rows that show one service: each of their panels queries that service's own metrics (where
+# they are defined), and together they show what the row is for.
+SERVICE_ROWS = {
+    "KV offload store": (
+        ("services/kv_offload/", "genset/offload/", "genset/worker/offload_hook.py"),
+        {"genset_offload_bytes", "genset_offload_capacity_bytes", "genset_offload_blocks",
+         "genset_worker_offload_lookups", "genset_worker_offload_onboarded_blocks",
+         "genset_offload_lookup_blocks"}),
+    "Planner": (
+        ("services/planner/", "genset/planning/"),
+        {"genset_planner_target_workers", "genset_planner_ready_workers",
+         "genset_planner_ttft_ms", "genset_planner_itl_ms", "genset_planner_arrival_rate"}),
+}
+
+
+@pytest.mark.parametrize("row", sorted(SERVICE_ROWS))
+def test_service_rows_query_that_services_metrics(row):
+    places, wanted = SERVICE_ROWS[row]
+    panels = panels_by_row().get(row)
+    assert panels, f"the dashboard has no {row!r} row"
+    shown: set[str] = set()
+    for panel in panels:
+        bases = {EXPOSED[n] for t in panel["targets"] for n in promql_metric_names(t["expr"])
+                 if n in EXPOSED}
+        own = {b for b in bases if METRICS[b].where.startswith(places)}
+        assert own, f"panel {panel['title']!r} in row {row!r} shows none of its metrics"
+        shown |= own
+    assert wanted <= shown, f"row {row!r} lacks {sorted(wanted - shown)}"
+
+
 def test_dashboard_is_well_formed():
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["uid"] and dashboard["title"]

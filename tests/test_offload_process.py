@@ -17,10 +17,6 @@ pytestmark = pytest.mark.slow
 WAIT = 60.0
 
 
-async def health(proc) -> dict:
-    return (await proc.get("/health")).json()
-
-
 async def test_a_killed_store_restarts_with_its_disk_tier_and_announces_ram_cleared(
         nats_server, etcd_server, bus, tmp_path):
     ram_gb = 8 * 1500 / 2**30  # room for 8 of the test's blocks
@@ -28,7 +24,7 @@ async def test_a_killed_store_restarts_with_its_disk_tier_and_announces_ram_clea
             "--offload-disk-gb", "0.001"]
     async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
         first = await stack.start_service("offload", extra_args=args)
-        sid = int((await health(first))["store_id"], 16)
+        sid = int((await first.read_health())["store_id"], 16)
         client = OffloadClient(bus, stack.namespace)
         await client.start(instances=[sid])
         reused = chain(21, 6, 1000)
@@ -42,7 +38,7 @@ async def test_a_killed_store_restarts_with_its_disk_tier_and_announces_ram_clea
         assert await client.flush(WAIT)
 
         async def written() -> bool:
-            h = await health(first)
+            h = await first.read_health()
             return h["tiers"]["disk"]["blocks"] >= 6 and h["pending_write_bytes"] == 0
 
         await first.wait_until(written, "reused blocks written to disk", WAIT)
@@ -55,7 +51,7 @@ async def test_a_killed_store_restarts_with_its_disk_tier_and_announces_ram_clea
 
         sub = await bus.subscribe(subjects.offload_events(stack.namespace, sid), on_event)
         second = await stack.start_service("offload", extra_args=args)
-        assert int((await health(second))["store_id"], 16) == sid  # same id, same hash range
+        assert int((await second.read_health())["store_id"], 16) == sid  # same id, same hash range
 
         async def announced() -> bool:
             return any(b.tier == "host" for b in batches) and \
@@ -129,11 +125,12 @@ async def test_workers_keep_serving_when_the_store_is_killed_under_load(
             for k in range(start, start + n, 4):
                 await asyncio.gather(*(one(i) for i in range(k, k + 4)))
 
+        async def total(name: str, **labels: str) -> float:
+            """`name` summed over both workers."""
+            return sum([metric(await w.metrics(), name, **labels) for w in workers])
+
         async def onboarded() -> float:
-            total = 0.0
-            for w in workers:
-                total += metric(await w.metrics(), "genset_worker_offload_onboarded_blocks_total")
-            return total
+            return await total("genset_worker_offload_onboarded_blocks_total")
 
         i = 0
         # load until blocks were written behind and onboarded again (a condition, not a time)
@@ -144,11 +141,7 @@ async def test_workers_keep_serving_when_the_store_is_killed_under_load(
         assert not failures, failures
 
         async def misses() -> float:
-            total = 0.0
-            for w in workers:
-                total += metric(await w.metrics(), "genset_worker_offload_lookups",
-                                outcome="misses")
-            return total
+            return await total("genset_worker_offload_lookups", outcome="misses")
 
         before = await misses()
         store.kill()

@@ -16,7 +16,7 @@ import pytest
 
 import proto
 from proto import subjects
-from tests.test_launch import REPO, alive, descendants, free_port, kill_all, start_up
+from tests.helpers.processes import REPO, alive, descendants, free_port, kill_all, start_up
 
 pytestmark = pytest.mark.slow
 

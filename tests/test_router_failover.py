@@ -11,14 +11,13 @@ import asyncio
 import os
 import re
 import signal
-import threading
 import time
 
 import httpx
 import pytest
 
-from tests.stack import Stack, metric, parse_metrics
-from tests.test_launch import (
+from tests.helpers.clients import ClientThreads
+from tests.helpers.processes import (
     REPO,
     alive,
     cmdline,
@@ -29,65 +28,22 @@ from tests.test_launch import (
     start_up,
     wait_for_line,
 )
+from tests.stack import Stack, metric, parse_metrics
 
 pytestmark = pytest.mark.slow
 
 BODY = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 4}
 
 
-class RequestStream:
+class RequestStream(ClientThreads):
     """`threads` clients sending completions back to back until stopped; counts what fails."""
 
     def __init__(self, url: str, threads: int = 3) -> None:
-        self.url = url
-        self.ok = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        super().__init__(url, threads, timeout_s=60, join_s=90)
 
-    def _run(self) -> None:
-        with httpx.Client(timeout=60) as client:
-            while not self._stop.is_set():
-                try:
-                    resp = client.post(self.url + "/v1/completions", json=BODY)
-                    good = resp.status_code == 200
-                    what = f"{resp.status_code} {resp.text[:300]}"
-                except httpx.HTTPError as exc:
-                    good, what = False, repr(exc)
-                with self._lock:
-                    if good:
-                        self.ok += 1
-                    else:
-                        self.failures.append(what)
-
-    def __enter__(self) -> RequestStream:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(90)
-
-    def more(self, n: int, within: float = 60) -> None:
-        """Wait until `n` more requests succeeded."""
-        target = self.ok + n
-        wait(lambda: self.ok >= target, f"{n} more successful requests", within)
-
-
-def wait(check, what: str, within: float) -> None:
-    deadline = time.monotonic() + within
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError, ValueError) as exc:
-            last = repr(exc)
-        time.sleep(0.1)
-    raise AssertionError(f"no {what} within {within:.0f}s {last}")
+    def one(self, client: httpx.Client, n: int) -> str | None:
+        resp = client.post(self.url + "/v1/completions", json=BODY)
+        return None if resp.status_code == 200 else f"{resp.status_code} {resp.text[:300]}"
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -120,7 +76,7 @@ def test_router_sigkill_under_genset_up_fails_no_request_and_etcd_is_restarted(t
         router_url = "http://127.0.0.1:" + re.search(r"--metrics-port (\d+)",
                                                      cmdline(old_router)).group(1)
         with RequestStream(api) as stream:
-            stream.more(10)
+            stream.more_blocking(10, 60)
             # Decided in the frontend with its warm copy of the service's state (local first),
             # not asked of the service: a dead router cannot delay or fail a request.
             assert metric(scrape(api), "genset_frontend_router_fallback_decisions_total",
@@ -130,10 +86,10 @@ def test_router_sigkill_under_genset_up_fails_no_request_and_etcd_is_restarted(t
             os.kill(old_router, signal.SIGKILL)
             wait_for_line(proc, log, r"warning: router exited unexpectedly \(killed by SIGKILL\)",
                           within=30)
-            stream.more(10)  # served meanwhile
+            stream.more_blocking(10, 60)  # served meanwhile
             wait_for_line(proc, log, r"router: restarted", within=60)
             assert child_pid(proc.pid, r"genset\.cli router ") != old_router
-            stream.more(10)
+            stream.more_blocking(10, 60)
             router_failures = list(stream.failures)
 
             # etcd started by genset up dies: noticed and restarted, data kept.
@@ -141,7 +97,7 @@ def test_router_sigkill_under_genset_up_fails_no_request_and_etcd_is_restarted(t
             os.kill(etcd, signal.SIGKILL)
             wait_for_line(proc, log, r"warning: etcd exited unexpectedly", within=30)
             wait_for_line(proc, log, r"etcd: restarted", within=60)
-            stream.more(10)
+            stream.more_blocking(10, 60)
         assert router_failures == [], router_failures
         assert stream.failures == [], stream.failures
         assert stream.ok >= 30

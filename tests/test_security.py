@@ -410,7 +410,15 @@ def test_genset_up_is_secure_by_default_and_keeps_its_credentials(tmp_path):
     import httpx
 
     from genset.runtime.auth import auth_dir
-    from tests.test_launch import cmdline, descendants, free_port, kill_all, wait_for_line
+    from tests.helpers.processes import (
+        REPO,
+        cmdline,
+        descendants,
+        free_port,
+        kill_all,
+        start_up,
+        wait_for_line,
+    )
 
     state = tmp_path / "state"
     api_key = uuid.uuid4().hex
@@ -422,7 +430,7 @@ def test_genset_up_is_secure_by_default_and_keeps_its_credentials(tmp_path):
     first = None
     for attempt in range(2):
         log = tmp_path / f"up-{attempt}.log"
-        proc = _genset_up(log, args, {"GENSET_API_KEY": api_key})
+        proc = start_up(REPO, log, *args, extra_env={"GENSET_API_KEY": api_key})
         pids: set[int] = set()
         try:
             text = wait_for_line(proc, log, r"Ctrl-C stops everything", within=180)
@@ -447,21 +455,6 @@ def test_genset_up_is_secure_by_default_and_keeps_its_credentials(tmp_path):
             assert proc.wait(60) == 0, log.read_text()
         finally:
             kill_all(proc, pids)
-
-
-def _genset_up(log, args, extra_env):
-    """`genset up` as tests.test_launch.start_up runs it, with `extra_env` on top."""
-    import subprocess
-    import sys
-
-    from tests.test_launch import REPO
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GENSET_")}
-    env.update(extra_env, PYTHONPATH=str(REPO))
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "genset.cli", "up", *args], cwd=REPO,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
 
 
 def _passwords(path) -> list[str]:

@@ -29,7 +29,8 @@ dropped and counted (`evictions_dropped`), so a flood of evictions cannot grow m
 stretch a step past one bounded copy.
 
 Not thread-safe: one thread (or task) calls everything, as `EngineCore` says. The one
-exception is `cached_prefix`, a read-only hint that other threads may call.
+exception is `cached_blocks` (alias `cached_prefix`), a read-only hint that other threads
+may call.
 """
 
 from __future__ import annotations
@@ -283,19 +284,17 @@ class SchedulingCore:
             self.executor.write_kv(
                 [b for _, b in written], [payloads[index[h]] for h, _ in written]
             )
-        pool = self.pool
-        cached = 0
-        for h in hashes:
-            if pool.block_of(h) is None:
-                break
-            cached += 1
-        return cached
+        return self.cached_blocks(hashes)
 
-    def cached_prefix(self, hashes: list[int]) -> int:
-        """How many of `hashes`, from the first, are cached here now. A hint, safe to call
-        from another thread (dict reads only): the answer may be stale by the time it is
-        used, which costs at most a wasted import, never a wrong result."""
+    def cached_blocks(self, hashes: list[int]) -> int:
+        """How many of `hashes`, from the first, are in the prefix cache here now. Also a
+        hint safe to call from another thread (dict reads only): the answer may be stale by
+        the time it is used, which costs at most a wasted import, never a wrong result."""
         return len(self.pool.lookup(hashes))
+
+    # the name `AsyncEngineDriver.cached_prefix` (the offload hook's thread-safe hint) and the
+    # replay look for on a core: the same question, so one implementation under both names
+    cached_prefix = cached_blocks
 
     # ---- eviction hand-over -----------------------------------------------------------------
 
@@ -351,7 +350,3 @@ class SchedulingCore:
         """Release what `pin_kv` or `import_kv(pin_for=key)` holds under `key` (nothing if a
         request already took the pins over, or they were released)."""
         self.scheduler.unpin(key)
-
-    def cached_blocks(self, hashes: list[int]) -> int:
-        """How many leading blocks of `hashes` are in the prefix cache here."""
-        return self.scheduler.cached_prefix_blocks(hashes)

@@ -448,10 +448,6 @@ class Scheduler:
         if held:
             self._pins.setdefault(request_id, []).extend(held)
 
-    def cached_prefix_blocks(self, hashes: list[int]) -> int:
-        """How many leading blocks of `hashes` are in the prefix cache."""
-        return len(self.pool.lookup(hashes))
-
     @property
     def num_pinned_blocks(self) -> int:
         """Block references held by pins (imports waiting for their request, exports)."""

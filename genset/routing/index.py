@@ -143,15 +143,7 @@ class PrefixIndex:
                 held.update(hashes)
                 n += len(hashes)
             elif type(ev) is proto.Removed:
-                keep = ~bit
-                for h in ev.hashes:
-                    m = table.get(h)
-                    if m is not None:
-                        m &= keep
-                        if m:
-                            table[h] = m
-                        else:
-                            del table[h]
+                _clear_bit(table, ev.hashes, ~bit)
                 held.difference_update(ev.hashes)
                 n += len(ev.hashes)
             elif type(ev) is proto.Cleared:
