@@ -181,26 +181,28 @@ def test_segment_cache_checks_skip_long_texts(tok_dir):
     assert tok.segments.checks_left == before - 1
 
 
-async def test_a_body_too_large_for_any_context_is_refused_before_decoding(tok_dir):
+async def test_a_body_too_large_for_any_context_is_refused_from_its_content_length(tok_dir):
     from services.frontend.http_app import FrontendHttp
 
     pipe = await make_pipeline(tok_dir, context=256)
     try:
         http = FrontendHttp(pipe, health=dict, metrics_text=bytes)
         limit = pipe.max_body_bytes()
-        assert limit == 256 * pl.PROMPT_CHARS_PER_TOKEN * 12 + 64 * 1024
-
-        class Body:
-            def __init__(self, n: int) -> None:
-                self.body = b" " * n
-
-        http._check_size(Body(limit), "prompt")
-        with pytest.raises(ApiError) as info:
-            http._check_size(Body(limit + 1), "messages")
-        assert info.value.status == 400 and info.value.param == "messages"
-        assert info.value.code == "context_length_exceeded"
-        pipe.registry.get("m").cards[1].context_length = 0  # unknown context: no limit here
-        assert pipe.max_body_bytes() == 0
+        assert limit == 256 * pl.BODY_BYTES_PER_TOKEN + pl.BODY_OVERHEAD_BYTES
+        assert http.body_limit(limit) is None
+        message, code = http.body_limit(limit + 1)
+        assert f"{limit + 1} bytes" in message and f"{limit} bytes" in message
+        assert "256 tokens" in message and code == "context_length_exceeded"
+        # the largest context among the models served, followed as workers come and go
+        card = pipe.registry.get("m").cards[1]
+        pipe.registry._put("k2", proto.ModelCard(model="big", instance_id=2, engine="mocker",
+                                                 context_length=4096, generate_subject="y"))
+        assert pipe.max_body_bytes() == 4096 * pl.BODY_BYTES_PER_TOKEN + pl.BODY_OVERHEAD_BYTES
+        pipe.registry._delete("k2")
+        assert pipe.max_body_bytes() == limit
+        pipe.registry._put("k1", msgspec.structs.replace(card, context_length=0))
+        assert pipe.max_body_bytes() == 0  # a context unknown: no limit from it
+        assert http.body_limit(10**9) is None
     finally:
         pipe.close()
 

@@ -79,6 +79,20 @@ _WORKER_GONE = (PeerGone, NoResponders)
 # tokenized whole first: four 10 MB prompts took a frontend from 1.26 to 2.27 GB and froze
 # its event loop for seconds (issue 14).
 PROMPT_CHARS_PER_TOKEN = 16
+# A request body over this many bytes per token of the largest context served (plus
+# BODY_OVERHEAD_BYTES) is refused from its Content-Length, before it is read: four clients
+# sending 10 MB prompts took a normal request's p99 from ~14 to ~400 ms while each body was
+# read, joined and decoded only to be refused by PROMPT_CHARS_PER_TOKEN (issue 14). The bound
+# is generous: text averages at most PROMPT_CHARS_PER_TOKEN characters a token (more is
+# refused anyway), and the characters that get near 16 a token are runs of whitespace and
+# punctuation with tokens of their own, at most 2 bytes each in JSON (`\n`, `\t`, `\"`): 32
+# bytes a token. Characters that cost more in JSON (2-4 bytes of UTF-8, 6 as a `\u` escape,
+# 12 as an escaped surrogate pair) are near one token each: CJK ~1-1.5 characters a token (<=
+# 9 bytes escaped), an emoji one token or more (<= 12). A message's own JSON (~35 bytes) is
+# less than the template tokens it adds; a prompt of token ids is <= 7 bytes a token. So 48
+# is 1.5x the worst text; a 131072-token context allows 6.1 MiB of body.
+BODY_BYTES_PER_TOKEN = 48
+BODY_OVERHEAD_BYTES = 64 * 1024  # the other fields: sampling, stop strings, logit_bias, ...
 # A prompt longer than this many characters per token of the context is counted before it
 # is tokenized: piece by piece (PROBE_CHUNK_CHARS each), until the pieces' tokens exceed the
 # context by more than PROBE_SLACK_TOKENS per piece (a cut changes at most the tokens around
@@ -355,14 +369,10 @@ class Pipeline:
         return entry
 
     def max_body_bytes(self) -> int:
-        """The largest request body that can carry a prompt within PROMPT_CHARS_PER_TOKEN
-        characters per token of the largest context served (0: no limit known). JSON may
-        spend 12 bytes on a character (a surrogate pair as two \\u escapes); 64 KiB more
-        for the other fields."""
-        contexts = [e.context_length for e in self.registry.models.values()]
-        if not contexts or not all(contexts):
-            return 0
-        return max(contexts) * PROMPT_CHARS_PER_TOKEN * 12 + 64 * 1024
+        """The largest request body that can carry a prompt for the largest context served
+        (BODY_BYTES_PER_TOKEN; 0: no limit known, no model or one of unknown context)."""
+        context = self.registry.max_context
+        return context * BODY_BYTES_PER_TOKEN + BODY_OVERHEAD_BYTES if context else 0
 
     def only_model(self) -> str:
         names = list(self.registry.models)
