@@ -305,6 +305,9 @@ async def bench_flood(args, nats: NatsServer, etcd: EtcdServer, log_dir: Path) -
                                 "rss_peak_mb": round(rss_mb(fe.pid, "VmHWM"), 1)
                                 if peak_known else None}
             result["rss_end_mb"] = round(rss_mb(fe.pid), 1)
+            # the frontend gives the tokenizer's freed pages back once idle (TRIM_AFTER_S)
+            await asyncio.sleep(3.0)
+            result["rss_settled_mb"] = round(rss_mb(fe.pid), 1)
         return result
 
 

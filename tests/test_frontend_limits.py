@@ -129,6 +129,33 @@ async def test_long_prompts_are_tokenized_in_a_thread(tok_dir, monkeypatch):
         pipe.close()
 
 
+async def test_the_heap_is_trimmed_once_long_tokenizations_stop(tok_dir, monkeypatch):
+    """glibc keeps the pages the tokenizer freed; once no long prompt is being tokenized
+    the frontend gives them back (malloc_trim, in a tokenize thread)."""
+    import threading
+
+    trimmed = asyncio.Event()
+    calls: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def trim(pad: int) -> int:
+        calls.append(threading.current_thread().name)
+        loop.call_soon_threadsafe(trimmed.set)
+        return 1
+
+    monkeypatch.setattr(pl, "_malloc_trim", trim)
+    monkeypatch.setattr(pl, "TRIM_AFTER_S", 0.0)
+    pipe = await make_pipeline(tok_dir, context=131072)
+    try:
+        await pipe.prepare(request(text=prose(200), max_tokens=1))
+        assert pipe._trim_handle is None  # a short prompt: tokenized on the loop, no trim
+        await pipe.prepare(request(text=prose(200_000), max_tokens=1))
+        await asyncio.wait_for(trimmed.wait(), 30)
+        assert pipe.trims == 1 and calls[0].startswith("tokenize")
+    finally:
+        pipe.close()
+
+
 async def test_tokenize_gate_bounds_characters_in_flight_and_waiting():
     gate = _TokenizeGate(max_chars=100, max_waiting=150)
     await gate.acquire(80, 10)
