@@ -7,7 +7,8 @@ frontend; tests/stack.py starts them): what tests/test_faults.py checks by count
 - `nats`: streaming clients; NATS is stopped for `--outage` seconds and started again.
   Reports failed client requests and the stall of the streams that spanned the outage.
 - `flood`: a client sending short streamed chats back to back measures its request latency
-  alone, then while other clients send huge prompts (10 MB: refused by size; 1.5 MB:
+  alone, then while other clients send huge prompts (10 MB: refused from the Content-Length
+  with 413, the body drained unread; 1.5 MB:
   counted in pieces and refused; 400K characters: tokenized whole, then refused), each
   class in turn. Reports latency p50 / p99 / max and the frontend's RSS before and at peak.
 
@@ -29,6 +30,10 @@ Measured on the 2-core shared dev machine (load average 5-12), mocker workers:
   (counted in pieces, all 400) p50 8.6 / p99 34 ms; during 400K-character prompts
   (tokenized whole, all 400) p50 6.1 / p99 24 ms. Frontend RSS 76 MB -> peak 138 MB (10 MB
   class), 104 MB (1.5 MB), 227 MB (400K: two tokenized at once, the budget's ~160 MB).
+  With the 10 MB bodies refused from their Content-Length (413; load average 3-11, medians of
+  3 runs alternated with the code before): no flood p99 21.7 ms (before 19.3); during 10 MB
+  prompts p50 16.1 / p99 49.3 ms (before 10.1 / 540), RSS peak 79 MB (before 138). RSS 3 s
+  after the last flood (malloc_trim once idle): 103-107 MB (214-218 without the trim).
 """
 
 from __future__ import annotations
@@ -277,6 +282,9 @@ async def bench_flood(args, nats: NatsServer, etcd: EtcdServer, log_dir: Path) -
                                 "rss_peak_mb": round(rss_mb(fe.pid, "VmHWM"), 1)
                                 if peak_known else None}
             result["rss_end_mb"] = round(rss_mb(fe.pid), 1)
+            # the frontend gives the tokenizer's freed pages back once idle (TRIM_AFTER_S)
+            await asyncio.sleep(3.0)
+            result["rss_settled_mb"] = round(rss_mb(fe.pid), 1)
         return result
 
 

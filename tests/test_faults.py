@@ -1,5 +1,5 @@
-"""Fault injection with real processes (issue 14): a flood of huge prompts is refused with 400
-before tokenizing while normal requests go on and the frontend's memory stays bounded; NATS
+"""Fault injection with real processes (issue 14): a flood of huge prompts is refused (413 from
+the Content-Length, before the body is read; 400 before tokenizing) while normal requests go on and the frontend's memory stays bounded; NATS
 restarted under streaming load fails no client request; a SIGKILLed worker fails no client
 request and, after the first request that failed on it, gets no other.
 
@@ -67,12 +67,13 @@ class StreamingClients(ClientThreads):
 async def test_a_flood_of_huge_prompts_is_refused_and_leaves_normal_requests_and_memory_alone(
         nats_server, etcd_server, tmp_path):
     async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as st:
-        # A 131072-token context: prompts over 16 x 131072 characters are refused by size,
-        # those over 6 x 131072 from the tokens of their head (786K characters tokenized).
+        # A 131072-token context: bodies over 48 bytes x 131072 (+64 KiB) are refused from
+        # their Content-Length (413), prompts over 16 x 131072 characters by size, those over
+        # 6 x 131072 from the tokens of their head (786K characters tokenized).
         await st.start_workers(2, engine="mocker", extra_args=[
             "--speedup", "20", "--context-length", "131072"])
         fe = await st.start_frontend()
-        huge = "lorem ipsum dolor sit amet " * (10_000_000 // 27)  # 10 MB: refused by size
+        huge = "lorem ipsum dolor sit amet " * (10_000_000 // 27)  # 10 MB: from its length
         long = "lorem ipsum dolor sit amet " * (1_500_000 // 27)  # 1.5 MB: by its head
 
         async with httpx.AsyncClient(timeout=300) as http:
@@ -95,7 +96,8 @@ async def test_a_flood_of_huge_prompts_is_refused_and_leaves_normal_requests_and
                 peak = rss_mb(fe.pid, "VmHWM")
                 await normal.more(5)  # and normal requests are served after it too
         print(f"frontend RSS before the flood {before:.0f} MB, peak {peak:.0f} MB")
-        assert answers == [(400, "context_length_exceeded")] * len(answers), answers
+        assert answers == ([(413, "context_length_exceeded")] * 16
+                           + [(400, "context_length_exceeded")] * 4), answers
         assert normal.failures == [], normal.failures
         # four 10 MB prompts took a frontend from 1.26 to 2.27 GB before (issue 14)
         assert peak - before < 300, f"frontend RSS {before:.0f} MB -> peak {peak:.0f} MB"

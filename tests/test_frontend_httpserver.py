@@ -341,3 +341,77 @@ async def test_upgrade_request_with_a_body_gets_its_body(server):
     writer.close()
     assert out.startswith(b"HTTP/1.1 200") and out.endswith(b'"len": 5}')
     assert app.seen == [("POST", "/x", b"abcde")]
+
+
+# -- a body over the application's limit, refused from its Content-Length ---------------------
+
+LIMIT = 100_000
+
+
+def _limit(length: int) -> tuple[str, str] | None:
+    if length <= LIMIT:
+        return None
+    return f"the request body is {length} bytes; the limit is {LIMIT} bytes", "too_long"
+
+
+@pytest.fixture
+async def limited():
+    app = App()
+    srv = HttpServer(app.handle, error_body=error_body, max_body=32 << 20, body_limit=_limit)
+    port = await srv.start("127.0.0.1", 0)
+    yield app, srv, port
+    await srv.close()
+
+
+async def test_an_oversize_content_length_is_answered_413_before_the_body_is_sent(limited):
+    app, _, port = limited
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(CL + b"Content-Length: 10000000\r\n\r\n")  # the head only, never the body
+    await writer.drain()
+    # The answer and the server's FIN come while the client still owes all 10 MB.
+    out = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower(), head
+    error = json.loads(body)["error"]
+    assert "10000000 bytes" in error["message"] and f"{LIMIT} bytes" in error["message"]
+    assert error["code"] == "too_long" and error["type"] == "invalid_request_error"
+    assert not app.seen  # the handler never saw it
+
+
+async def test_a_client_that_sends_the_oversize_body_anyway_gets_the_413(limited):
+    # httpx's async client writes the whole body before it reads: the server drains the
+    # body (without keeping it) so that the answer is not lost in a reset.
+    app, _, port = limited
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for size in (LIMIT + 1, 3 << 20, 10_000_000):
+            r = await client.post("/v1/chat/completions", content=b"x" * size)
+            assert r.status_code == 413, (size, r.text)
+            assert f"{size} bytes" in r.json()["error"]["message"]
+        r = await client.post("/ok", content=b"x" * LIMIT)  # at the limit: served
+        assert r.json() == {"path": "/ok", "len": LIMIT}
+    assert [path for _, path, _ in app.seen] == ["/ok"]
+
+
+async def test_a_drained_connection_is_let_go_when_the_client_stops(limited):
+    # Bytes of the body that came with the head are not drained again: the client's EOF
+    # (or the deadline) ends the connection.
+    class Connections(set):
+        def __init__(self) -> None:
+            super().__init__()
+            self.none_left = asyncio.Event()
+
+        def discard(self, conn) -> None:
+            super().discard(conn)
+            if not self:
+                self.none_left.set()
+
+    _, srv, port = limited
+    srv.connections = Connections()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(CL + b"Content-Length: 2000000\r\n\r\n" + b"x" * 500_000)
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 413")
+    writer.close()
+    await asyncio.wait_for(srv.connections.none_left.wait(), 30)

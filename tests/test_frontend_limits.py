@@ -129,6 +129,33 @@ async def test_long_prompts_are_tokenized_in_a_thread(tok_dir, monkeypatch):
         pipe.close()
 
 
+async def test_the_heap_is_trimmed_once_long_tokenizations_stop(tok_dir, monkeypatch):
+    """glibc keeps the pages the tokenizer freed; once no long prompt is being tokenized
+    the frontend gives them back (malloc_trim, in a tokenize thread)."""
+    import threading
+
+    trimmed = asyncio.Event()
+    calls: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def trim(pad: int) -> int:
+        calls.append(threading.current_thread().name)
+        loop.call_soon_threadsafe(trimmed.set)
+        return 1
+
+    monkeypatch.setattr(pl, "_malloc_trim", trim)
+    monkeypatch.setattr(pl, "TRIM_AFTER_S", 0.0)
+    pipe = await make_pipeline(tok_dir, context=131072)
+    try:
+        await pipe.prepare(request(text=prose(200), max_tokens=1))
+        assert pipe._trim_handle is None  # a short prompt: tokenized on the loop, no trim
+        await pipe.prepare(request(text=prose(200_000), max_tokens=1))
+        await asyncio.wait_for(trimmed.wait(), 30)
+        assert pipe.trims == 1 and calls[0].startswith("tokenize")
+    finally:
+        pipe.close()
+
+
 async def test_tokenize_gate_bounds_characters_in_flight_and_waiting():
     gate = _TokenizeGate(max_chars=100, max_waiting=150)
     await gate.acquire(80, 10)
@@ -181,26 +208,28 @@ def test_segment_cache_checks_skip_long_texts(tok_dir):
     assert tok.segments.checks_left == before - 1
 
 
-async def test_a_body_too_large_for_any_context_is_refused_before_decoding(tok_dir):
+async def test_a_body_too_large_for_any_context_is_refused_from_its_content_length(tok_dir):
     from services.frontend.http_app import FrontendHttp
 
     pipe = await make_pipeline(tok_dir, context=256)
     try:
         http = FrontendHttp(pipe, health=dict, metrics_text=bytes)
         limit = pipe.max_body_bytes()
-        assert limit == 256 * pl.PROMPT_CHARS_PER_TOKEN * 12 + 64 * 1024
-
-        class Body:
-            def __init__(self, n: int) -> None:
-                self.body = b" " * n
-
-        http._check_size(Body(limit), "prompt")
-        with pytest.raises(ApiError) as info:
-            http._check_size(Body(limit + 1), "messages")
-        assert info.value.status == 400 and info.value.param == "messages"
-        assert info.value.code == "context_length_exceeded"
-        pipe.registry.get("m").cards[1].context_length = 0  # unknown context: no limit here
-        assert pipe.max_body_bytes() == 0
+        assert limit == 256 * pl.BODY_BYTES_PER_TOKEN + pl.BODY_OVERHEAD_BYTES
+        assert http.body_limit(limit) is None
+        message, code = http.body_limit(limit + 1)
+        assert f"{limit + 1} bytes" in message and f"{limit} bytes" in message
+        assert "256 tokens" in message and code == "context_length_exceeded"
+        # the largest context among the models served, followed as workers come and go
+        card = pipe.registry.get("m").cards[1]
+        pipe.registry._put("k2", proto.ModelCard(model="big", instance_id=2, engine="mocker",
+                                                 context_length=4096, generate_subject="y"))
+        assert pipe.max_body_bytes() == 4096 * pl.BODY_BYTES_PER_TOKEN + pl.BODY_OVERHEAD_BYTES
+        pipe.registry._delete("k2")
+        assert pipe.max_body_bytes() == limit
+        pipe.registry._put("k1", msgspec.structs.replace(card, context_length=0))
+        assert pipe.max_body_bytes() == 0  # a context unknown: no limit from it
+        assert http.body_limit(10**9) is None
     finally:
         pipe.close()
 

@@ -29,7 +29,14 @@ from services.frontend import openai_api as oa
 from services.frontend import openapi
 from services.frontend.errors import ApiError, bad_request, from_validation
 from services.frontend.httpserver import Request
-from services.frontend.pipeline import PROMPT_CHARS_PER_TOKEN, Final, Job, JobRequest, Pipeline
+from services.frontend.pipeline import (
+    BODY_BYTES_PER_TOKEN,
+    BODY_OVERHEAD_BYTES,
+    Final,
+    Job,
+    JobRequest,
+    Pipeline,
+)
 from services.frontend.text import Delta
 
 log = structlog.get_logger("frontend.http")
@@ -38,10 +45,10 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
-def error_body(status: int, message: str) -> bytes:
+def error_body(status: int, message: str, code: str | None = None) -> bytes:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return oa.json_encode({"error": {"message": message, "type": kind, "param": None,
-                                     "code": None}})
+                                     "code": code}})
 
 
 def _decode(decoder: msgspec.json.Decoder, body: bytes):
@@ -396,17 +403,18 @@ class FrontendHttp:
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                            type="authentication_error", code="invalid_api_key")
 
-    def _check_size(self, request: Request, param: str) -> None:
-        """A body too large to hold a prompt any served model could take is refused before
-        its JSON is decoded (a 10 MB body costs ~10 ms of the event loop and 10-20 MB to
-        decode): the prompt's own limit, checked again by the pipeline, in bytes."""
+    def body_limit(self, length: int) -> tuple[str, str] | None:
+        """The HTTP server's check of a request's Content-Length, before its body is read: a
+        body too large to hold a prompt any served model could take gets a 413 (message,
+        code), the body unread (pipeline.BODY_BYTES_PER_TOKEN says why and what it cost)."""
         limit = self.pipeline.max_body_bytes()
-        if limit and len(request.body) > limit:
-            raise bad_request(
-                f"the request body is {len(request.body)} bytes; a prompt for the models served "
-                f"here fits in {limit} bytes (their largest context, at most "
-                f"{PROMPT_CHARS_PER_TOKEN} characters per token). Please reduce the length of "
-                "the prompt.", param=param, code="context_length_exceeded")
+        if not limit or length <= limit:
+            return None
+        return (f"the request body is {length} bytes; a request to the models served here fits "
+                f"in {limit} bytes ({BODY_BYTES_PER_TOKEN} bytes per token of their largest "
+                f"context, {self.pipeline.registry.max_context} tokens, plus "
+                f"{BODY_OVERHEAD_BYTES} for the other fields). Please reduce the length of the "
+                "prompt.", "context_length_exceeded")
 
     @staticmethod
     def _request_id(request: Request) -> str:
@@ -418,7 +426,6 @@ class FrontendHttp:
     async def chat_completions(self, request: Request) -> None:
         arrival = time.perf_counter()
         self._authorize(request)
-        self._check_size(request, "messages")
         req: oa.ChatCompletionRequest = _decode(oa.chat_decoder, request.body)
         oa.check_chat(req)
         use_completion_param = req.max_completion_tokens is not None
@@ -435,7 +442,6 @@ class FrontendHttp:
     async def completions(self, request: Request) -> None:
         arrival = time.perf_counter()
         self._authorize(request)
-        self._check_size(request, "prompt")
         req: oa.CompletionRequest = _decode(oa.completion_decoder, request.body)
         oa.check_completion(req)
         if req.echo and req.logprobs is not None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -79,6 +80,20 @@ _WORKER_GONE = (PeerGone, NoResponders)
 # tokenized whole first: four 10 MB prompts took a frontend from 1.26 to 2.27 GB and froze
 # its event loop for seconds (issue 14).
 PROMPT_CHARS_PER_TOKEN = 16
+# A request body over this many bytes per token of the largest context served (plus
+# BODY_OVERHEAD_BYTES) is refused from its Content-Length, before it is read: four clients
+# sending 10 MB prompts took a normal request's p99 from ~14 to ~400 ms while each body was
+# read, joined and decoded only to be refused by PROMPT_CHARS_PER_TOKEN (issue 14). The bound
+# is generous: text averages at most PROMPT_CHARS_PER_TOKEN characters a token (more is
+# refused anyway), and the characters that get near 16 a token are runs of whitespace and
+# punctuation with tokens of their own, at most 2 bytes each in JSON (`\n`, `\t`, `\"`): 32
+# bytes a token. Characters that cost more in JSON (2-4 bytes of UTF-8, 6 as a `\u` escape,
+# 12 as an escaped surrogate pair) are near one token each: CJK ~1-1.5 characters a token (<=
+# 9 bytes escaped), an emoji one token or more (<= 12). A message's own JSON (~35 bytes) is
+# less than the template tokens it adds; a prompt of token ids is <= 7 bytes a token. So 48
+# is 1.5x the worst text; a 131072-token context allows 6.1 MiB of body.
+BODY_BYTES_PER_TOKEN = 48
+BODY_OVERHEAD_BYTES = 64 * 1024  # the other fields: sampling, stop strings, logit_bias, ...
 # A prompt longer than this many characters per token of the context is counted before it
 # is tokenized: piece by piece (PROBE_CHUNK_CHARS each), until the pieces' tokens exceed the
 # context by more than PROBE_SLACK_TOKENS per piece (a cut changes at most the tokens around
@@ -95,6 +110,12 @@ TOKENIZE_PEAK_BYTES = 160 << 20
 TOKENIZE_CHARS_IN_FLIGHT = TOKENIZE_PEAK_BYTES // ENCODE_BYTES_PER_CHAR
 # Characters of prompt waiting for their turn; past it a request is refused with 503 at once.
 TOKENIZE_CHARS_WAITING = 16 << 20
+# Seconds after the last long tokenization ended (none running or waiting since) at which the
+# C heap's free pages go back to the system (glibc's malloc_trim, in a tokenize thread). The
+# tokenizer's memory is freed but glibc keeps the pages: after two 400K-character prompts a
+# frontend stayed at ~220 MB RSS instead of ~80. One trim returned ~90 MB in ~20 ms of a
+# tokenize thread; not during a flood (the pages would be faulted in again at once).
+TRIM_AFTER_S = 1.0
 # Sampling integers travel as msgpack ints in GenerateRequest: out of these ranges they
 # cannot be sent at all (an OverflowError, a 500, before issue 14).
 _INT32_MAX = 2**31 - 1
@@ -248,6 +269,16 @@ def _encode_within(tok: Tokenizer, prompt, chat: bool, context: int) -> list[int
     return tok.encode_rendered(text) if chat else tok.encode(text)
 
 
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only; elsewhere nothing to trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
 class _TokenizeGate:
     """Admission to off-loop tokenization, counted in characters: at most `max_chars` being
     tokenized (one longer prompt alone), at most `max_waiting` waiting in arrival order;
@@ -341,9 +372,33 @@ class Pipeline:
         self.timeline = timeline  # None (default): requests are not timed, at no cost
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._tokenize_gate = _TokenizeGate(TOKENIZE_CHARS_IN_FLIGHT, TOKENIZE_CHARS_WAITING)
+        self._trim_handle: asyncio.TimerHandle | None = None
+        self.trims = 0  # malloc_trim calls made (TRIM_AFTER_S)
 
     def close(self) -> None:
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _tokenized(self, chars: int) -> None:
+        """A long tokenization ended: its characters leave the gate; once none runs or
+        waits, the heap is trimmed TRIM_AFTER_S later (unless another one starts)."""
+        gate = self._tokenize_gate
+        gate.release(chars)
+        if _malloc_trim is None or gate.running or gate.waiting:
+            return
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+        self._trim_handle = asyncio.get_running_loop().call_later(TRIM_AFTER_S, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        gate = self._tokenize_gate
+        if gate.running or gate.waiting:  # busy again: the next idle moment schedules it
+            return
+        self.trims += 1
+        with contextlib.suppress(RuntimeError):  # the pool shut down meanwhile
+            self._tokenize_pool.submit(_malloc_trim, 0)
 
     # -- preparation ----------------------------------------------------------------------
 
@@ -355,14 +410,10 @@ class Pipeline:
         return entry
 
     def max_body_bytes(self) -> int:
-        """The largest request body that can carry a prompt within PROMPT_CHARS_PER_TOKEN
-        characters per token of the largest context served (0: no limit known). JSON may
-        spend 12 bytes on a character (a surrogate pair as two \\u escapes); 64 KiB more
-        for the other fields."""
-        contexts = [e.context_length for e in self.registry.models.values()]
-        if not contexts or not all(contexts):
-            return 0
-        return max(contexts) * PROMPT_CHARS_PER_TOKEN * 12 + 64 * 1024
+        """The largest request body that can carry a prompt for the largest context served
+        (BODY_BYTES_PER_TOKEN; 0: no limit known, no model or one of unknown context)."""
+        context = self.registry.max_context
+        return context * BODY_BYTES_PER_TOKEN + BODY_OVERHEAD_BYTES if context else 0
 
     def only_model(self) -> str:
         names = list(self.registry.models)
@@ -455,7 +506,7 @@ class Pipeline:
                     raise
                 # Released when the thread is done, not when we stop waiting: a request that
                 # goes away leaves its tokenizer memory in use until then.
-                work.add_done_callback(lambda _: gate.release(chars))
+                work.add_done_callback(lambda _: self._tokenized(chars))
                 ids = await asyncio.shield(work)
         except TokenizerError as exc:  # e.g. a chat template that refuses the messages
             refused = str(exc)

@@ -65,6 +65,17 @@ class ModelRegistry:
         self.models: dict[str, ModelEntry] = {}
         self._key_index: dict[str, tuple[str, int]] = {}  # etcd key -> (model, instance)
         self._membership = None
+        self._max_context: int | None = None  # recomputed after the model set changed
+
+    @property
+    def max_context(self) -> int:
+        """The largest context among the models served; 0 when none is served or one's
+        context is unknown (then no limit follows from it). Read for every request's head
+        (the HTTP server's size check), so computed once per change of the model set."""
+        if self._max_context is None:
+            contexts = [e.context_length for e in self.models.values()]
+            self._max_context = max(contexts) if contexts and all(contexts) else 0
+        return self._max_context
 
     async def start(self) -> None:
         self._membership = await self.discovery.watch(keys.models_prefix(self.namespace),
@@ -92,6 +103,7 @@ class ModelRegistry:
             entry = self.models[card.model] = ModelEntry(card.model)
             log.info("model_added", model=card.model, instance=f"{card.instance_id:x}")
         entry.cards[card.instance_id] = card
+        self._max_context = None
         self._key_index[key] = (card.model, card.instance_id)
         if card.tokenizer:
             entry.start_tokenizer(card.tokenizer)
@@ -105,6 +117,7 @@ class ModelRegistry:
         if entry is None:
             return
         entry.cards.pop(instance, None)
+        self._max_context = None
         if not entry.cards:
             del self.models[model]
             log.info("model_removed", model=model)

@@ -117,7 +117,7 @@ class FrontendService(Service):
         http = FrontendHttp(self.pipeline, health=self.health, metrics_text=self.metrics.render,
                             api_keys=(opts.api_key or "").split(","), dashboard=self.dashboard)
         host = opts.http_host or self.config.host
-        self.server = HttpServer(http.handle, error_body=error_body)
+        self.server = HttpServer(http.handle, error_body=error_body, body_limit=http.body_limit)
         try:
             port = await self.server.start(host, opts.port)
         except OSError as exc:  # say which flags chose the address, not just errno
