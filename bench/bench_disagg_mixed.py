@@ -25,6 +25,8 @@ both mockers take the same two knobs). Configurations:
     dynamo:agg           4 x dynamo.mocker, dynamo.frontend --router-mode kv
     dynamo:1p3d          1 x --disaggregation-mode prefill + 3 x decode, --router-mode kv
     dynamo:2p2d          2 x prefill + 2 x decode
+    dynamo:1p3d-cond     1P+3D, frontend --router-conditional-disagg (Dynamo's experimental
+    dynamo:2p2d-cond     per-request choice of local or remote prefill: its analogue of auto)
 
 Each run starts its stack from scratch (own ports, NATS, etcd) and stops it after; rounds go
 through the configurations in order, so systems alternate and one never loads the machine while
@@ -65,7 +67,8 @@ PEER = Path(os.environ.get("DYNAMO_PEER_HOME") or next(
     REPO.parent / "shared" / "peers" / "dynamo"))
 
 CONFIGS = ("genset:agg", "genset:1p3d-always", "genset:2p2d-always", "genset:1p3d-auto",
-           "genset:2p2d-auto", "dynamo:agg", "dynamo:1p3d", "dynamo:2p2d")
+           "genset:2p2d-auto", "dynamo:agg", "dynamo:1p3d", "dynamo:2p2d", "dynamo:1p3d-cond",
+           "dynamo:2p2d-cond")
 # the systems alternate within a round
 DEFAULT_CONFIGS = ("genset:agg", "dynamo:agg", "genset:1p3d-always", "dynamo:1p3d",
                    "genset:2p2d-always", "dynamo:2p2d", "genset:1p3d-auto", "genset:2p2d-auto")
@@ -267,9 +270,12 @@ class DynamoStack:
             if mode == "prefill":  # the rendezvous port decode workers connect to
                 cmd += ["--bootstrap-ports", str(low_port())]
             self._start(f"mocker{i}", cmd, {**env, "DYN_SYSTEM_PORT": str(low_port())})
-        self._start("frontend", [py, "-m", "dynamo.frontend", "--http-host", "127.0.0.1",
-                                 "--http-port", str(http), "--router-mode", "kv",
-                                 "--kv-cache-block-size", str(ENGINE["block_size"])], env)
+        frontend = [py, "-m", "dynamo.frontend", "--http-host", "127.0.0.1",
+                    "--http-port", str(http), "--router-mode", "kv",
+                    "--kv-cache-block-size", str(ENGINE["block_size"])]
+        if self.name.endswith("-cond"):
+            frontend.append("--router-conditional-disagg")
+        self._start("frontend", frontend, env)
         self.url = f"http://127.0.0.1:{http}"
 
         def ready() -> bool:
@@ -325,6 +331,44 @@ def mean_itl(rec: dict) -> float | None:
     return None
 
 
+def score(run_dir: Path, args) -> dict:
+    """Per class and over both: from the two load.py result files of a run."""
+    row: dict = {}
+    good = total = 0
+    for cls in ("decode", "long"):
+        out = run_dir / f"load-{cls}.json"
+        if not out.exists():
+            raise RuntimeError(f"load.py ({cls}) wrote no results; see {run_dir}")
+        data = json.loads(out.read_text())
+        recs, summary = data["requests"], data["summary"]
+        ok = [r for r in recs if r.get("ok")]
+        ttfts = [r["ttft"] for r in ok]
+        itls = [mean_itl(r) for r in ok]
+        ttft_miss = sum(1 for t in ttfts if t > args.ttft_slo)
+        itl_miss = sum(1 for i in itls if i is None or i > args.itl_slo)
+        cls_good = sum(1 for t, i in zip(ttfts, itls, strict=True)
+                       if t <= args.ttft_slo and i is not None and i <= args.itl_slo)
+        good += cls_good
+        total += len(recs)
+        known = [i for i in itls if i is not None]
+        row[cls] = {
+            "n": len(recs), "errors": len(recs) - len(ok), "good": cls_good,
+            "ttft_miss": ttft_miss, "itl_miss": itl_miss,
+            "prompt_tokens": (sum((r.get("usage") or {}).get("prompt_tokens", 0) for r in ok)
+                              // max(1, len(ok))),
+            "ttft_p50_ms": round(1000 * pct(ttfts, 0.5), 1) if ttfts else None,
+            "ttft_p99_ms": round(1000 * pct(ttfts, 0.99), 1) if ttfts else None,
+            # per-token gaps as the client saw them (chunks read together give ~0 gaps)
+            "itl_p50_ms": summary["itl_ms"]["p50"], "itl_p99_ms": summary["itl_ms"]["p99"],
+            # per-request mean ITL (what the SLO is on)
+            "mean_itl_p50_ms": round(1000 * pct(known, 0.5), 1) if known else None,
+            "mean_itl_p99_ms": round(1000 * pct(known, 0.99), 1) if known else None,
+            "wall_s": summary.get("wall_s"),
+        }
+    row["goodput"] = round(good / total, 3) if total else 0.0
+    return row
+
+
 def measure(system, args, run_dir: Path) -> dict:
     outs = {cls: run_dir / f"load-{cls}.json" for cls in ("decode", "long")}
     procs = {}
@@ -344,29 +388,7 @@ def measure(system, args, run_dir: Path) -> dict:
     with open("/proc/loadavg") as f:
         loadavg = f.read().split()[0]
     row: dict = {"config": system.name, "wall_s": round(wall, 1), "loadavg_end": loadavg}
-    good = total = 0
-    for cls, out in outs.items():
-        if not out.exists():
-            raise RuntimeError(f"load.py ({cls}) wrote no results; see {run_dir}")
-        data = json.loads(out.read_text())
-        recs, summary = data["requests"], data["summary"]
-        ok = [r for r in recs if r.get("ok")]
-        ttfts = [r["ttft"] for r in ok]
-        itls = [mean_itl(r) for r in ok]
-        cls_good = sum(1 for r, itl in zip(ok, itls, strict=True)
-                       if r["ttft"] <= args.ttft_slo and itl is not None and itl <= args.itl_slo)
-        good += cls_good
-        total += len(recs)
-        row[cls] = {
-            "n": len(recs), "errors": len(recs) - len(ok), "good": cls_good,
-            "prompt_tokens": (sum((r.get("usage") or {}).get("prompt_tokens", 0) for r in ok)
-                              // max(1, len(ok))),
-            "ttft_p50_ms": round(1000 * pct(ttfts, 0.5), 1) if ttfts else None,
-            "ttft_p99_ms": round(1000 * pct(ttfts, 0.99), 1) if ttfts else None,
-            "itl_p50_ms": summary["itl_ms"]["p50"], "itl_p99_ms": summary["itl_ms"]["p99"],
-            "wall_s": summary.get("wall_s"),
-        }
-    row["goodput"] = round(good / total, 3) if total else 0.0
+    row.update(score(run_dir, args))
     if isinstance(system, GensetStack):
         counts = row["disagg"] = system.disagg_counts()
         decided = {k: v for k, v in counts.items() if k.startswith("genset_disagg_decisions")}
@@ -389,25 +411,51 @@ def med(rows: list[dict], *keys):
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    lines = ["| config | runs | goodput | decode TTFT p50 / p99 (ms) | decode ITL p50 / p99 (ms) "
-             "| long TTFT p50 / p99 (ms) | long ITL p50 / p99 (ms) | remote share | errors | wall (s) "
-             "| load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def pair(rows, cls, a, b, digits=0):
+        return f"{med(rows, cls, a):.{digits}f} / {med(rows, cls, b):.{digits}f}"
+
+    lines = ["| config | runs | goodput (runs) | decode TTFT p50 / p99 | decode ITL p50 / p99 "
+             "| decode mean ITL p50 / p99 | long TTFT p50 / p99 | long ITL p50 / p99 "
+             "| long mean ITL p50 / p99 | missed TTFT / ITL SLO: decode; long "
+             "| remote share | wall (s) | load avg at end |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for config, rows in results.items():
         if not rows:
             continue
-        goods = ", ".join(f"{r['goodput']:.2f}" for r in rows)
+        goods = ", ".join(f"{r['goodput']:.3f}" for r in rows)
         errors = sum(r["decode"]["errors"] + r["long"]["errors"] for r in rows)
         loads = ", ".join(r["loadavg_end"] for r in rows)
+        misses = "; ".join(f"{med(rows, c, 'ttft_miss'):.0f} / {med(rows, c, 'itl_miss'):.0f}"
+                           for c in ("decode", "long"))
+        if errors:
+            misses += f" ({errors} errors)"
         lines.append(
-            f"| {config} | {len(rows)} | {med(rows, 'goodput'):.2f} ({goods}) "
-            f"| {med(rows, 'decode', 'ttft_p50_ms')} / {med(rows, 'decode', 'ttft_p99_ms')} "
-            f"| {med(rows, 'decode', 'itl_p50_ms')} / {med(rows, 'decode', 'itl_p99_ms')} "
-            f"| {med(rows, 'long', 'ttft_p50_ms')} / {med(rows, 'long', 'ttft_p99_ms')} "
-            f"| {med(rows, 'long', 'itl_p50_ms')} / {med(rows, 'long', 'itl_p99_ms')} "
+            f"| {config} | {len(rows)} | {med(rows, 'goodput'):.3f} ({goods}) "
+            f"| {pair(rows, 'decode', 'ttft_p50_ms', 'ttft_p99_ms')} "
+            f"| {pair(rows, 'decode', 'itl_p50_ms', 'itl_p99_ms', 1)} "
+            f"| {pair(rows, 'decode', 'mean_itl_p50_ms', 'mean_itl_p99_ms', 1)} "
+            f"| {pair(rows, 'long', 'ttft_p50_ms', 'ttft_p99_ms')} "
+            f"| {pair(rows, 'long', 'itl_p50_ms', 'itl_p99_ms', 1)} "
+            f"| {pair(rows, 'long', 'mean_itl_p50_ms', 'mean_itl_p99_ms', 1)} "
+            f"| {misses} "
             f"| {med(rows, 'remote_share') if 'remote_share' in rows[0] else '-'} "
-            f"| {errors} | {med(rows, 'wall_s')} | {loads} |")
+            f"| {med(rows, 'wall_s')} | {loads} |")
     return "\n".join(lines)
+
+
+def report(args) -> int:
+    rows = []
+    for d in args.report:
+        for f in sorted(Path(d).glob("*/row.json")):
+            row = json.loads(f.read_text())
+            row.update(score(f.parent, args))  # again: with this version's figures
+            rows.append(row)
+    order = [c.strip() for c in args.configs.split(",")] + list(CONFIGS)
+    results: dict[str, list[dict]] = {}
+    for config in dict.fromkeys(order):
+        results[config] = [r for r in rows if r["config"] == config]
+    print(table(results))
+    return 0
 
 
 def main() -> int:
@@ -433,7 +481,12 @@ def main() -> int:
     p.add_argument("--ttft-slo", type=float, default=2.0, help="s")
     p.add_argument("--itl-slo", type=float, default=0.050, help="mean ITL, s")
     p.add_argument("--run-timeout", type=float, default=400.0, help="s, each load.py")
+    p.add_argument("--report", nargs="+", metavar="DIR", default=None,
+                   help="run nothing: print the table of the runs (row.json) under these "
+                        "--out-dir folders, configurations in --configs order")
     args = p.parse_args()
+    if args.report:
+        return report(args)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
