@@ -39,6 +39,9 @@ class OffloadConfig:
     d2h_gbps: float = 32.0  # copy of an evicted block out of the engine (0: free)
     h2d_gbps: float = 32.0  # copy of an onboarded block into the engine (0: free)
     disk_gbps: float = 4.0  # read of a disk-tier block (0: free)
+    # copies beside the step's compute (the mocker's `kv_copy_overlap`); False: the step
+    # waits for them (`--offload-sync-copies`, the torch engine's way today)
+    copy_overlap: bool = True
     spill_min_freq: int = 2
     # Onboard a disk-tier block only when reading and copying it in is faster than computing
     # its tokens again (the mocker's marginal prefill cost per token); otherwise the run
@@ -175,7 +178,7 @@ class OffloadSim:
             "ram_blocks": self.config.ram_blocks, "disk_blocks": self.config.disk_blocks,
             "kv_bytes_per_token": self.config.kv_bytes_per_token,
             "d2h_gbps": self.config.d2h_gbps, "h2d_gbps": self.config.h2d_gbps,
-            "disk_gbps": self.config.disk_gbps,
+            "disk_gbps": self.config.disk_gbps, "copy_overlap": self.config.copy_overlap,
             "offered_blocks": self.offered, "lookups": self.lookups,
             "onboarded_blocks": dict(self.onboarded),
             "held_blocks": {"host": len(c.ram), "disk": len(c.disk)},
