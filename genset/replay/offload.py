@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from genset.offload.tiers import TIER_RAM, TieredCache
+from genset.offload.tiers import ADMIT_FREQUENCY, TIER_RAM, TieredCache
 
 STORE_ID = 0x0FF10AD  # the store's id in the routers' index (never a worker's index)
 MAX_RECORDED = 1024  # as the live store: demand counted for at most this many hashes
@@ -43,6 +43,7 @@ class OffloadConfig:
     # waits for them (`--offload-sync-copies`, the torch engine's way today)
     copy_overlap: bool = True
     spill_min_freq: int = 2
+    admission: str = ADMIT_FREQUENCY  # the store's `--admission` (genset.offload.tiers)
     # Onboard a disk-tier block only when reading and copying it in is faster than computing
     # its tokens again (the mocker's marginal prefill cost per token); otherwise the run
     # stops at the first disk block and the rest is computed.
@@ -62,7 +63,8 @@ class OffloadConfig:
         """What the genset routing policy needs to cost onboarding like this store."""
         inf = 1e12  # a free transfer: a bandwidth nothing takes time at
         return {"kv_bytes_per_token": float(self.kv_bytes_per_token),
-                "host_gbps": self.h2d_gbps or inf, "disk_gbps": self.disk_gbps or inf}
+                "host_gbps": self.h2d_gbps or inf, "disk_gbps": self.disk_gbps or inf,
+                "copy_overlap": self.copy_overlap}
 
 
 class _Sink:
@@ -102,7 +104,8 @@ class OffloadSim:
         self.config = config
         self.block_size = block_size
         self.cache = TieredCache.in_blocks(config.ram_blocks, config.disk_blocks,
-                                           spill_min_freq=config.spill_min_freq)
+                                           spill_min_freq=config.spill_min_freq,
+                                           admission=config.admission)
         self.offered = 0
         self.onboarded = {TIER_RAM: 0, "disk": 0}  # blocks
         self._sinks: dict[int, _Sink] = {}  # id(core) -> its sink
@@ -179,6 +182,7 @@ class OffloadSim:
             "kv_bytes_per_token": self.config.kv_bytes_per_token,
             "d2h_gbps": self.config.d2h_gbps, "h2d_gbps": self.config.h2d_gbps,
             "disk_gbps": self.config.disk_gbps, "copy_overlap": self.config.copy_overlap,
+            "admission": self.config.admission,
             "offered_blocks": self.offered, "lookups": self.lookups,
             "onboarded_blocks": dict(self.onboarded),
             "held_blocks": {"host": len(c.ram), "disk": len(c.disk)},

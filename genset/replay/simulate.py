@@ -169,9 +169,13 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             store.attach(w.core)
             w.core.executor.record_prefill_ids = True
         if policy == "genset":
-            for rc in routers:  # the policy costs onboarding like this store
-                rc.default_policy = rc.policy(
-                    "genset", **{**cfg.policy_options, **cfg.offload.policy_options()})
+            # the policy costs onboarding like this store (`RouterCore.policy` keeps the one it
+            # built first under a name: a fresh one, or these options were never seen)
+            from genset.routing.policies import make_policy
+
+            for rc in routers:
+                rc.default_policy = rc._policies[policy] = make_policy(
+                    policy, **{**cfg.policy_options, **cfg.offload.policy_options()})
 
     def new_worker(i: int) -> _Worker:
         w = _Worker(i, make_mocker(cfg, i))

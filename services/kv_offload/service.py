@@ -31,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import proto
+from genset.offload.tiers import ADMISSION_POLICIES, ADMIT_FREQUENCY
 from genset.runtime.config import opt
 from genset.runtime.service import Service
 from proto import subjects
@@ -72,6 +73,10 @@ class OffloadOptions:
     spill_min_freq: int = field(default=2, metadata=opt(
         "a block evicted from RAM goes to disk only if put or asked for this often", min=0,
         env="GENSET_OFFLOAD_SPILL_MIN_FREQ"))
+    admission: str = field(default=ADMIT_FREQUENCY, metadata=opt(
+        "which newcomer may displace the least recently used blocks: frequency (TinyLFU: "
+        "one at least as frequent; a scan of one-offs cannot flush reused blocks) or lru "
+        "(any: plain LRU)", choices=ADMISSION_POLICIES, env="GENSET_OFFLOAD_ADMISSION"))
     verify_on_start: bool = field(default=False, metadata=opt(
         "check every disk file's checksum at start-up (reads the whole tier; reads are "
         "always checked)",
@@ -136,7 +141,7 @@ class OffloadService(Service):
             disk_bytes=int(o.offload_disk_gb * GB) if self.disk else 0,
             spill_queue_bytes=int(o.spill_queue_mb * MB), max_block_bytes=max_block,
             spill_min_freq=o.spill_min_freq, verify_hashes=o.verify_hashes,
-            verify_on_start=o.verify_on_start)
+            verify_on_start=o.verify_on_start, admission=o.admission)
         found = await store.open()
         self._metrics_gauges()
         ns, sid = self.namespace, self.instance_id

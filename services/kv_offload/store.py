@@ -26,6 +26,7 @@ import structlog
 
 from genset.kv.hashing import chain_hash, local_block_hash
 from genset.offload.tiers import (
+    ADMIT_FREQUENCY,
     REJECTED,
     STORED,
     STORED_DISK,
@@ -67,7 +68,8 @@ class BlockStore:
     def __init__(self, *, ram_bytes: int, disk: DiskStore | None = None, disk_bytes: int = 0,
                  spill_queue_bytes: int = 64 << 20, max_block_bytes: int = 1 << 20,
                  spill_min_freq: int = 2, verify_hashes: bool = True,
-                 verify_on_start: bool = False, max_event_blocks: int = 8192) -> None:
+                 verify_on_start: bool = False, max_event_blocks: int = 8192,
+                 admission: str = ADMIT_FREQUENCY) -> None:
         if ram_bytes < 0 or disk_bytes < 0 or spill_queue_bytes < 0 or max_block_bytes <= 0:
             raise ValueError("store sizes must be >= 0 (max_block_bytes > 0)")
         self.disk = disk if disk_bytes > 0 else None
@@ -78,7 +80,8 @@ class BlockStore:
         self.cache = TieredCache(
             ram_bytes, disk_bytes if self.disk else 0, spill_min_freq=spill_min_freq,
             disk_size=lambda e: disk_usage(len(e.value.token_ids), len(e.value.data)),
-            spill_gate=self._reserve_spill, max_event_blocks=max_event_blocks)
+            spill_gate=self._reserve_spill, max_event_blocks=max_event_blocks,
+            admission=admission)
         # Blocks evicted from RAM whose file is being written: hash -> (block, reserved bytes).
         self.pending: dict[int, tuple[OffloadBlock, int]] = {}
         self.pending_bytes = 0
