@@ -268,13 +268,14 @@ class OffloadService(Service):
         req = self._decode(data, OffloadLookup, "lookup")
         assert self.store is not None
         res = await self.store.lookup(req.hashes, min(req.max_bytes, self._reply_limit),
-                                      req.want_tokens)
+                                      req.want_tokens, req.ram_only)
         self.m_lookups.inc()
         if res.blocks:
             self.m_served.labels("host").inc(len(res.blocks) - res.disk_blocks)
             self.m_served.labels(TIER_DISK).inc(res.disk_blocks)
         return OffloadLookupReply(store_id=self.instance_id, held=res.held, blocks=res.blocks,
-                                  disk_blocks=res.disk_blocks)
+                                  disk_blocks=res.disk_blocks,
+                                  disk_read_gbps=self.store.disk_read_gbps)
 
     async def _on_contains(self, data: bytes) -> OffloadContainsReply:
         req = self._decode(data, OffloadContains, "contains")
