@@ -6,13 +6,14 @@ What the simulation does with it, as live workers and the live store do:
 
 - a worker's evicted blocks go to the store the moment they are evicted (the engine hands
   them over before reusing their memory: the mocker charges the copy out,
-  `kv_bytes_per_token` x block size at `d2h_gbps`, to the step that evicted them), except
-  those it onboarded from the store lately (as the live hook);
+  `kv_bytes_per_token` x block size at `d2h_gbps`, to the step that evicted them, beside its
+  compute unless `copy_overlap` is off), except those it onboarded from the store lately
+  (as the live hook);
 - before a request is queued on its worker (the worker's `before_run`), the longest run of its
   prompt's blocks after the worker's own cached prefix that the store holds is onboarded:
   demand is recorded, disk hits are promoted to RAM, and the blocks are imported (pinned)
   into the worker, whose next step pays the copy in (`h2d_gbps`) plus, for disk blocks, the
-  disk read (`disk_gbps`);
+  disk read (`disk_gbps`), again beside its compute unless `copy_overlap` is off;
 - the store's tier events go to the routers (`RouterCore.on_store_batch`), which count its
   blocks at their onboarding cost.
 
