@@ -71,6 +71,9 @@ class OffloadLookup(Message, kw_only=True):
     hashes: HashList = msgspec.field(default_factory=list)
     max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
     want_tokens: bool = False  # also return each block's token ids
+    # stop the run at the first block not in RAM (`held` counts only up to there): the asker
+    # computes a disk block faster than it can have it read
+    ram_only: bool = False
 
 
 class OffloadLookupReply(Message, kw_only=True):
@@ -78,6 +81,8 @@ class OffloadLookupReply(Message, kw_only=True):
     held: int = 0  # length of the leading run of `hashes` this store holds
     blocks: BlockList = msgspec.field(default_factory=list)  # the first len(blocks) of that run
     disk_blocks: int = 0  # how many of `blocks` were read from disk
+    # the store's disk tier read rate as it measured it lately, GB/s decimal (0: not yet)
+    disk_read_gbps: float = 0.0
 
 
 class OffloadContains(Message, kw_only=True):

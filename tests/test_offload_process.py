@@ -154,3 +154,95 @@ async def test_workers_keep_serving_when_the_store_is_killed_under_load(
             assert metric(m, "genset_worker_requests_finished_total", reason="length") > 0
             assert metric(m, "genset_worker_hook_errors_total") == 0
         assert sent == i
+
+
+# -- migration (issue 12 item 7) ----------------------------------------------------------------
+
+ONBOARDED = "genset_worker_offload_onboarded_blocks_total"
+WRITTEN = "genset_worker_offload_written_blocks"
+
+
+def _words(tag: str, pairs: int) -> str:
+    # ~3.3 tokens a pair with the tiny tokenizer: 60 pairs ~ 400 tokens = 25 blocks of 16
+    return " ".join(f"{tag}{i} apple{i % 7}" for i in range(pairs))
+
+
+async def _complete(url: str, prompt: str, max_tokens: int) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        resp = await client.post(url + "/v1/completions", json={
+            "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+
+
+async def _stream(url: str, prompt: str, max_tokens: int, started) -> tuple[str | None, int]:
+    """(finish reason, text chunks) of a streamed completion; `started` set at its first."""
+    import json
+
+    import httpx
+
+    finish, chunks = None, 0
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}
+    async with httpx.AsyncClient(timeout=WAIT) as client, \
+            client.stream("POST", url + "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200, await resp.aread()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            chunks += 1
+            started.set()
+            finish = choice.get("finish_reason") or finish
+    return finish, chunks
+
+
+async def test_a_request_moved_off_a_dead_worker_onboards_its_prefix_from_the_store(
+        nats_server, etcd_server, tmp_path):
+    """The prefix goes to the store when the workers evict it; a long request with it is
+    killed with its worker; the frontend moves it to the survivor, which onboards the prefix
+    from the store (its onboarded-blocks counter rises) instead of computing it."""
+    import asyncio
+
+    # 48 blocks of 16 tokens a worker: the prefix (~25 blocks) and a filler (~38) don't fit
+    # together, so every filler a worker runs evicts what it held before
+    worker_args = ["--kv-blocks", "48", "--block-size", "16", "--speedup", "1"]
+    async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
+        await stack.start_service("offload", extra_args=["--offload-ram-gb", "0.05"])
+        workers = await stack.start_workers(2, extra_args=worker_args)
+        fe = await stack.start_frontend()
+        prefix = _words("pre", 60)
+        await _complete(fe.url, prefix, 1)
+
+        async def written(w) -> float:
+            return metric(await w.metrics(), WRITTEN)
+
+        # fillers until every worker has written more than the prefix's blocks to the store
+        # (a worker's least recently used blocks go first: the prefix, wherever it was)
+        for n in range(40):
+            counts = [await written(w) for w in workers]
+            if min(counts) >= 30:
+                break
+            await _complete(fe.url, _words(f"fill{n}x", 90), 1)
+        else:
+            raise AssertionError("workers never evicted the prefix: " + stack.logs())
+
+        started = asyncio.Event()
+        task = asyncio.create_task(_stream(fe.url, prefix, 300, started))
+        async with asyncio.timeout(WAIT):
+            await started.wait()
+        victim = None
+        for w in workers:
+            if metric(await w.metrics(), "genset_worker_requests_running") >= 1:
+                victim = w
+        assert victim is not None, stack.logs()
+        survivor = next(w for w in workers if w is not victim)
+        before = metric(await survivor.metrics(), ONBOARDED)
+        victim.kill()
+        async with asyncio.timeout(WAIT):
+            finish, chunks = await task
+        assert finish == "length" and chunks > 1, stack.logs()
+        values = await fe.metrics()
+        assert metric(values, "genset_frontend_migrations_total") >= 1, stack.logs()
+        assert metric(await survivor.metrics(), ONBOARDED) > before, stack.logs()

@@ -57,6 +57,26 @@ async def test_disk_blocks_survive_a_restart_and_ram_is_announced_cleared(tmp_pa
     await again.close()
 
 
+async def test_a_ram_only_lookup_stops_at_the_first_disk_block(tmp_path):
+    store = make_store(tmp_path)
+    await store.open()
+    blocks = chain(1, 6, DATA)
+    await spill_to_disk(store, blocks[3:])  # the tail on disk, then the head put in RAM
+    for _ in range(5):  # hotter than the blocks that pushed the tail out
+        store.cache.record([b.hash for b in blocks[:3]])
+    store.put(blocks[:3])
+    assert all(b.hash in store.cache.ram for b in blocks[:3])
+    hashes = [b.hash for b in blocks]
+    res = await store.lookup(hashes, max_bytes=1 << 20, ram_only=True)
+    assert res.held == 3 and res.disk_blocks == 0
+    assert [b.hash for b in res.blocks] == hashes[:3]
+    assert store.disk_read_gbps == 0.0  # nothing read from disk yet
+    res = await store.lookup(hashes, max_bytes=1 << 20)
+    assert res.held == 6 and res.disk_blocks == 3
+    assert store.disk_read_gbps > 0  # measured: what lookup replies tell the workers
+    await store.close()
+
+
 async def test_truncated_and_corrupted_files_are_dropped_counted_and_never_served(tmp_path):
     blocks = chain(2, 6, DATA)
     store = make_store(tmp_path)

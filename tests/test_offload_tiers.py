@@ -85,6 +85,19 @@ def test_never_reused_blocks_do_not_push_out_reused_ones():
     assert set(cache.ram.entries) == set(hot)
 
 
+def test_lru_admission_lets_the_newest_in_whatever_its_frequency():
+    cache = TieredCache.in_blocks(100, admission="lru")
+    hot = hashes(100, 1)
+    for h in hot:
+        cache.offer(h, None)
+        cache.offer(h, None)
+    scan = hashes(150, 2)
+    assert {cache.offer(h, None).status for h in scan} == {STORED}
+    assert set(cache.ram.entries) == set(scan[50:])
+    with pytest.raises(ValueError, match="admission"):
+        TieredCache.in_blocks(10, admission="lfu")
+
+
 def test_equally_cold_blocks_turn_over_lru_first():
     cache = TieredCache.in_blocks(100)
     first = hashes(100, 1)

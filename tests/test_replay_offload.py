@@ -91,3 +91,46 @@ def test_cli_offload_flags_and_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         replay_cli.main([str(path), "--offload-ram-blocks", "-1"])
     assert "--offload-ram-blocks: must be >= 0" in capsys.readouterr().err
+
+
+def _executor(overlap: bool):
+    from genset.engines.mocker import MockerConfig, MockerExecutor
+
+    return MockerExecutor(MockerConfig(kv_copy_overlap=overlap, kv_layers=32))
+
+
+def test_synchronous_copies_add_to_the_step():
+    ex = _executor(False)
+    ex.charge(4.0, out=True)
+    ex.charge(2.0)
+    assert ex._with_copies(10.0) == (16.0, 4.0, 2.0)
+    assert ex.charged_ms == ex.charged_out_ms == 0.0
+
+
+def test_overlapped_copies_cost_the_first_layer_or_what_outlasts_the_compute():
+    ex = _executor(True)
+    ex.charge(4.0, out=True)
+    ex.charge(2.0)
+    step, out, into = ex._with_copies(10.0)
+    # both lanes run beside the compute; the step waits for layer 0 of the longer one
+    assert step == pytest.approx(10.0 + 4.0 / 32)
+    assert out + into == pytest.approx(step - 10.0) and out == pytest.approx(2 * into)
+    ex.charge(64.0)  # a copy in longer than the step's compute: the step waits for it
+    step, out, into = ex._with_copies(1.0)
+    assert step == pytest.approx(64.0 + 2.0) and out == 0.0
+    assert into == pytest.approx(65.0)
+
+
+def test_ttft_breakdown_and_overlapped_copies_in_the_replay():
+    t = trace()
+    sync = run_replay(t, "genset", cfg(ram_blocks=2000, copy_overlap=False))
+    over = run_replay(t, "genset", cfg(ram_blocks=2000))
+    for r in (sync, over):
+        b = r["offload"]["ttft_breakdown_ms"]
+        assert b["ttft"] == pytest.approx(r["ttft_mean_ms"])
+        parts = b["queued"] + b["prompt_compute"] + b["prompt_copy_out"] + b["prompt_copy_in"]
+        assert parts <= b["ttft"] + 1e-6
+    assert sync["offload"]["ttft_breakdown_ms"]["prompt_copy_in"] > 0
+    assert over["offload"]["copy_overlap"] and not sync["offload"]["copy_overlap"]
+    # a copy beside the compute never makes a step longer than waiting for it
+    assert over["ttft_mean_ms"] <= sync["ttft_mean_ms"]

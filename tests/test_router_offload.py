@@ -3,6 +3,8 @@ blocks credited at their onboarding cost in the genset policy, membership and ga
 
 from __future__ import annotations
 
+import pytest
+
 import proto
 from genset.kv.hashing import block_hashes
 from genset.routing.core import RouterConfig, RouterCore
@@ -113,3 +115,19 @@ def test_store_membership_and_gaps():
     assert core.index.run_by_tier(hashes, 0, (TIER_HOST, TIER_DISK)) == [0, 0]
     # a late batch from the removed store does not bring it back
     assert core.on_store_batch(store_batch(6, prompt)).stale and not core.stores
+
+
+def test_copies_beside_the_compute_cost_only_what_outlasts_the_prefill():
+    ctx = RouteContext(prompt_tokens=1024, prompt_blocks=64, block_size=BS)
+    view = WorkerView(worker_id=1, host_blocks=32, prefill_tokens=4096)  # busy: long prefill
+    serial = PredictedTTFT(kv_bytes_per_token=131072, host_gbps=32.0)
+    overlap = PredictedTTFT(kv_bytes_per_token=131072, host_gbps=32.0, copy_overlap=True,
+                            kv_layers=32)
+    ms, _ = serial.onboard(32, 0, BS, 1023)
+    assert serial.score(ctx, view) - overlap.score(ctx, view) == \
+        pytest.approx(ms - ms / 32)  # hidden behind the queue's prefill but its first layer
+    # a copy longer than the prefill is paid beyond it
+    slow = PredictedTTFT(kv_bytes_per_token=131072, host_gbps=0.01, copy_overlap=True)
+    idle = WorkerView(worker_id=1, host_blocks=32)
+    ms, _ = slow.onboard(32, 0, BS, 1023)
+    assert slow.score(ctx, idle) == pytest.approx(ms + ms / 32)

@@ -126,11 +126,21 @@ class MockerConfig:
     timing: PolynomialTiming = field(default_factory=PolynomialTiming)
     # KV transfers (offload, disaggregation): the modelled size of a block's KV, and the
     # bandwidths (GB/s, decimal; 0 = free) of copying blocks out (eviction write-behind,
-    # export) and in (import, onboarding), charged to the next step's time: a block's copy out
-    # must end before its memory is reused, a copy in before the step that reads it.
+    # export) and in (import, onboarding), charged to the next step: a block's copy out must
+    # end before its memory is reused, a copy in before the step that reads it.
     kv_bytes_per_token: int = 0
     offload_d2h_gbps: float = 0.0
     offload_h2d_gbps: float = 0.0
+    # True: the copies run on their own stream beside the step's compute, layer by layer
+    # (layer i of a reused block is copied out before the step writes layer i into it, layer
+    # i of an imported block copied in before the step's attention reads it), the way vLLM's
+    # offloading connector and Dynamo's mocker run them (async D2H/H2D lanes, fenced only on
+    # what depends on them): the step takes max(compute, copy out, copy in) plus the first
+    # layer's copy, the out and in lanes running at once (PCIe is full duplex). False: the
+    # step waits for the copies, then computes (compute + out + in), as an engine that copies
+    # on its compute stream does (genset's torch engine today).
+    kv_copy_overlap: bool = True
+    kv_layers: int = 32  # layers of the modelled KV (Llama-3-8B: 131,072 bytes a token)
 
     @property
     def speedup_ratio(self) -> float:
@@ -169,8 +179,12 @@ class StepStats:
     decode_tokens: int = 0
     num_chunks: int = 0
     kv_usage: float = 0.0
-    step_ms: float = 0.0
+    step_ms: float = 0.0  # the whole step, KV copies included
     start_ms: float = 0.0
+    copy_out_ms: float = 0.0  # of step_ms: KV copied out (eviction write-behind, export)
+    copy_in_ms: float = 0.0  # of step_ms: KV copied in (imports, onboarding; disk reads)
+    # ids of the requests with a prompt chunk in the step (only with `record_prefill_ids`)
+    prefill_ids: list[str] | None = None
 
 
 class MockerExecutor:
@@ -186,7 +200,9 @@ class MockerExecutor:
         self.vocab_size = config.vocab_size
         self.timing = config.timing
         self.kv_block_bytes = len(mock_payload(0))
-        self.charged_ms = 0.0  # KV copy time the next step pays (see MockerConfig)
+        self.charged_ms = 0.0  # KV copy time the next step pays (see MockerConfig) ...
+        self.charged_out_ms = 0.0  # ... of which copies out
+        self.record_prefill_ids = False  # StepStats.prefill_ids (the replay's TTFT breakdown)
         self._eos = sorted(set(config.eos_token_ids))
         self._eos_set = frozenset(config.eos_token_ids)
         # P(eos) as a threshold on the top 32 bits of the LCG state
@@ -225,24 +241,48 @@ class MockerExecutor:
             step_ms = self.timing.step_ms(prefill_tokens, decode_tokens > 0, usage)
         else:
             step_ms = self.timing.step_ms(prefill_tokens, emitted > 0, usage)
+        copy_out = copy_in = 0.0
         if self.charged_ms:
-            step_ms += self.charged_ms
-            self.charged_ms = 0.0
+            step_ms, copy_out, copy_in = self._with_copies(step_ms)
         self.stats = StepStats(
             prefill_tokens=prefill_tokens,
             decode_tokens=decode_tokens,
             num_chunks=len(plan.chunks),
             kv_usage=usage,
             step_ms=step_ms,
+            copy_out_ms=copy_out,
+            copy_in_ms=copy_in,
         )
+        if self.record_prefill_ids:
+            self.stats.prefill_ids = [
+                seq.request_id for chunk, seq in zip(plan.chunks, sched.scheduled, strict=True)
+                if not (len(chunk.token_ids) == 1 and seq.num_output > 0)]
         return sampled, step_ms
 
     def idle(self) -> None:
         pass  # simulated time: an idle step costs nothing
 
-    def charge(self, ms: float) -> None:
-        """Add `ms` to the next step (a transfer the step has to wait for)."""
+    def _with_copies(self, compute_ms: float) -> tuple[float, float, float]:
+        """The step's time with the charged copies (MockerConfig.kv_copy_overlap), and how
+        much of it each direction added (an overlapped step's excess over its compute, split
+        in proportion to the two lanes' copy times)."""
+        out = self.charged_out_ms
+        into = self.charged_ms - out
+        self.charged_ms = self.charged_out_ms = 0.0
+        cfg = self.config
+        if not cfg.kv_copy_overlap:
+            return compute_ms + out + into, out, into
+        lane = max(out, into)
+        step = max(compute_ms, lane) + lane / max(1, cfg.kv_layers)
+        added = step - compute_ms
+        return step, added * out / (out + into), added * into / (out + into)
+
+    def charge(self, ms: float, *, out: bool = False) -> None:
+        """Add `ms` to the next step (a transfer the step has to wait for); `out`: a copy
+        out of the engine (else in)."""
         self.charged_ms += ms
+        if out:
+            self.charged_out_ms += ms
 
     def _copy_ms(self, nbytes: int, gbps: float) -> float:
         # GB/s decimal, as Dynamo's mocker flags: bytes / (gbps * 1e9) s = bytes / (gbps * 1e6) ms
@@ -250,7 +290,7 @@ class MockerExecutor:
 
     def read_kv(self, block_ids: list[int]) -> list[Any]:
         size = self.config.kv_block_bytes
-        self.charge(self._copy_ms(size * len(block_ids), self.config.offload_d2h_gbps))
+        self.charge(self._copy_ms(size * len(block_ids), self.config.offload_d2h_gbps), out=True)
         return [mock_payload(size)] * len(block_ids)
 
     def decode_kv(self, blocks: list[KvBlockData]) -> list[Any]:

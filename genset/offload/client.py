@@ -100,6 +100,9 @@ class OffloadClient:
         self._closed = False
         # called (on the loop) with the new instance ids whenever they change
         self.on_instances: Any = None
+        # the latest disk read rate a store reported in a lookup reply (GB/s; 0: none yet):
+        # the worker's hook weighs disk-tier runs with it (genset.worker.offload_hook)
+        self.disk_read_gbps = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self, instances: Iterable[int] | None = None) -> None:
@@ -283,10 +286,11 @@ class OffloadClient:
     # ---- onboarding ------------------------------------------------------------------------------
     async def lookup(self, hashes: Sequence[int], deadline_s: float = 0.05, *,
                      max_blocks: int | None = None, max_bytes: int = 256 << 20,
-                     want_tokens: bool = False) -> list[OffloadBlock]:
+                     want_tokens: bool = False, ram_only: bool = False) -> list[OffloadBlock]:
         """The longest run of `hashes`, from the first, that the store can hand over within
-        `deadline_s` (at most `max_blocks` blocks and about `max_bytes` of payload), in order.
-        [] when the store is absent, slow or broken; never raises."""
+        `deadline_s` (at most `max_blocks` blocks and about `max_bytes` of payload), in order;
+        `ram_only`: none from its disk tier. [] when the store is absent, slow or broken;
+        never raises."""
         self.stats["lookups"] += 1
         run: list[OffloadBlock] = []
         want = list(hashes[:max_blocks] if max_blocks is not None else hashes)
@@ -295,7 +299,7 @@ class OffloadClient:
         deadline = asyncio.get_running_loop().time() + deadline_s
         try:
             async with asyncio.timeout(deadline_s):
-                await self._lookup(want, run, max_bytes, want_tokens, deadline)
+                await self._lookup(want, run, max_bytes, want_tokens, deadline, ram_only)
         except TimeoutError:
             self.stats["lookup_timeouts"] += 1
         except Exception as exc:
@@ -333,7 +337,7 @@ class OffloadClient:
         return len(want)
 
     async def _lookup(self, hashes: list[int], run: list[OffloadBlock], max_bytes: int,
-                      want_tokens: bool, deadline: float) -> None:
+                      want_tokens: bool, deadline: float, ram_only: bool = False) -> None:
         """Rounds of one parallel request per owner; `run` grows with every verified block
         (so a timeout keeps what earlier rounds brought)."""
         budget = max_bytes
@@ -351,7 +355,8 @@ class OffloadClient:
                 self.bus.request(
                     subjects.offload_lookup(self.namespace, o),
                     OffloadLookup(hashes=[rest[p] for p in groups[o]],
-                                  max_bytes=min(limit, budget), want_tokens=want_tokens),
+                                  max_bytes=min(limit, budget), want_tokens=want_tokens,
+                                  ram_only=ram_only),
                     timeout=left, reply_type=OffloadLookupReply)
                 for o in owners), return_exceptions=True)
             got: dict[int, OffloadLookupReply | None] = {}
@@ -364,6 +369,8 @@ class OffloadClient:
                     got[o] = None
                 else:
                     got[o] = r
+                    if r.disk_read_gbps > 0:  # what the stores measured lately
+                        self.disk_read_gbps = r.disk_read_gbps
             owner_of = {p: o for o, ps in groups.items() for p in ps}
             taken = dict.fromkeys(owners, 0)
             added = 0

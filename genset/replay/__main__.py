@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from genset.offload.tiers import ADMISSION_POLICIES, ADMIT_FREQUENCY
 from genset.planning import POLICIES as PLANNER_POLICIES
 from genset.replay import disagg_sim
 from genset.replay.metrics import DEFAULT_SLA_ITL_MS, DEFAULT_SLA_TTFT_MS
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GB/s copying an onboarded block into a worker (0: free)")
     off.add_argument("--offload-disk-gbps", type=_non_negative(float), default=4.0,
                      help="GB/s reading a block from the store's disk tier (0: free)")
+    off.add_argument("--offload-admission", choices=ADMISSION_POLICIES, default=ADMIT_FREQUENCY,
+                     help="the store's admission (its --admission; default frequency)")
+    off.add_argument("--offload-sync-copies", action="store_true",
+                     help="workers' steps wait for their KV copies (default: the copies run "
+                          "beside the step's compute, layer by layer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sla-ttft-ms", type=_positive(float), default=DEFAULT_SLA_TTFT_MS,
                    help="a request meets its SLO when its TTFT is at most this (default 2000)")
@@ -209,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                            disk_blocks=args.offload_disk_blocks,
                            kv_bytes_per_token=args.kv_bytes_per_token,
                            d2h_gbps=args.offload_d2h_gbps, h2d_gbps=args.offload_h2d_gbps,
-                           disk_gbps=args.offload_disk_gbps),
+                           disk_gbps=args.offload_disk_gbps,
+                           copy_overlap=not args.offload_sync_copies,
+                           admission=args.offload_admission),
                        sla_ttft_ms=args.sla_ttft_ms, sla_itl_ms=args.sla_itl_ms, planner=planner)
     results = []
     for name in policies:

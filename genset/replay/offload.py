@@ -6,13 +6,14 @@ What the simulation does with it, as live workers and the live store do:
 
 - a worker's evicted blocks go to the store the moment they are evicted (the engine hands
   them over before reusing their memory: the mocker charges the copy out,
-  `kv_bytes_per_token` x block size at `d2h_gbps`, to the step that evicted them), except
-  those it onboarded from the store lately (as the live hook);
+  `kv_bytes_per_token` x block size at `d2h_gbps`, to the step that evicted them, beside its
+  compute unless `copy_overlap` is off), except those it onboarded from the store lately
+  (as the live hook);
 - before a request is queued on its worker (the worker's `before_run`), the longest run of its
   prompt's blocks after the worker's own cached prefix that the store holds is onboarded:
   demand is recorded, disk hits are promoted to RAM, and the blocks are imported (pinned)
   into the worker, whose next step pays the copy in (`h2d_gbps`) plus, for disk blocks, the
-  disk read (`disk_gbps`);
+  disk read (`disk_gbps`), again beside its compute unless `copy_overlap` is off;
 - the store's tier events go to the routers (`RouterCore.on_store_batch`), which count its
   blocks at their onboarding cost.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from genset.offload.tiers import TIER_RAM, TieredCache
+from genset.offload.tiers import ADMIT_FREQUENCY, TIER_RAM, TieredCache
 
 STORE_ID = 0x0FF10AD  # the store's id in the routers' index (never a worker's index)
 MAX_RECORDED = 1024  # as the live store: demand counted for at most this many hashes
@@ -39,7 +40,11 @@ class OffloadConfig:
     d2h_gbps: float = 32.0  # copy of an evicted block out of the engine (0: free)
     h2d_gbps: float = 32.0  # copy of an onboarded block into the engine (0: free)
     disk_gbps: float = 4.0  # read of a disk-tier block (0: free)
+    # copies beside the step's compute (the mocker's `kv_copy_overlap`); False: the step
+    # waits for them (`--offload-sync-copies`, the torch engine's way today)
+    copy_overlap: bool = True
     spill_min_freq: int = 2
+    admission: str = ADMIT_FREQUENCY  # the store's `--admission` (genset.offload.tiers)
     # Onboard a disk-tier block only when reading and copying it in is faster than computing
     # its tokens again (the mocker's marginal prefill cost per token); otherwise the run
     # stops at the first disk block and the rest is computed.
@@ -59,7 +64,8 @@ class OffloadConfig:
         """What the genset routing policy needs to cost onboarding like this store."""
         inf = 1e12  # a free transfer: a bandwidth nothing takes time at
         return {"kv_bytes_per_token": float(self.kv_bytes_per_token),
-                "host_gbps": self.h2d_gbps or inf, "disk_gbps": self.disk_gbps or inf}
+                "host_gbps": self.h2d_gbps or inf, "disk_gbps": self.disk_gbps or inf,
+                "copy_overlap": self.copy_overlap}
 
 
 class _Sink:
@@ -99,7 +105,8 @@ class OffloadSim:
         self.config = config
         self.block_size = block_size
         self.cache = TieredCache.in_blocks(config.ram_blocks, config.disk_blocks,
-                                           spill_min_freq=config.spill_min_freq)
+                                           spill_min_freq=config.spill_min_freq,
+                                           admission=config.admission)
         self.offered = 0
         self.onboarded = {TIER_RAM: 0, "disk": 0}  # blocks
         self._sinks: dict[int, _Sink] = {}  # id(core) -> its sink
@@ -175,7 +182,8 @@ class OffloadSim:
             "ram_blocks": self.config.ram_blocks, "disk_blocks": self.config.disk_blocks,
             "kv_bytes_per_token": self.config.kv_bytes_per_token,
             "d2h_gbps": self.config.d2h_gbps, "h2d_gbps": self.config.h2d_gbps,
-            "disk_gbps": self.config.disk_gbps,
+            "disk_gbps": self.config.disk_gbps, "copy_overlap": self.config.copy_overlap,
+            "admission": self.config.admission,
             "offered_blocks": self.offered, "lookups": self.lookups,
             "onboarded_blocks": dict(self.onboarded),
             "held_blocks": {"host": len(c.ram), "disk": len(c.disk)},

@@ -63,14 +63,23 @@ class _Req:
     cached_tokens: int = 0
     outputs: int = 0
     onboarded_blocks: tuple[int, int, int] = (0, 0, 0)  # offload: (device prefix, RAM, disk)
+    # offload's TTFT breakdown: first step with a prompt chunk of it, its prompt steps'
+    # compute / copy-out / copy-in ms, and its worker's copy ms between arrival and first
+    # token (copies of any step it waited for)
+    admit_ms: float | None = None
+    own: list | None = None
+    copies_at_arrival: tuple[float, float] = (0.0, 0.0)
+    copies_waited: tuple[float, float] = (0.0, 0.0)
 
 
 class _Worker:
-    __slots__ = ("busy", "core", "index", "run_ends", "step_end", "token")
+    __slots__ = ("busy", "copy_in", "copy_out", "core", "index", "run_ends", "step_end",
+                 "token")
 
     def __init__(self, index: int, core) -> None:
         self.index = index
         self.core = core
+        self.copy_out = self.copy_in = 0.0  # ms of this worker's steps spent on KV copies
         self.busy = False
         self.step_end = 0.0
         self.token = -1  # seq of this worker's live entry in the step heap (others are stale)
@@ -88,7 +97,7 @@ def make_mocker(cfg: ReplayConfig, worker_id: int):
     off = cfg.offload if cfg.offload is not None and cfg.offload.enabled else None
     transfers = {} if off is None else {
         "kv_bytes_per_token": off.kv_bytes_per_token, "offload_d2h_gbps": off.d2h_gbps,
-        "offload_h2d_gbps": off.h2d_gbps}
+        "offload_h2d_gbps": off.h2d_gbps, "kv_copy_overlap": off.copy_overlap}
     return MockerCore(MockerConfig(**transfers,
         block_size=cfg.block_size,
         num_blocks=cfg.kv_blocks,
@@ -158,15 +167,21 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
         store = OffloadSim(cfg.offload, cfg.block_size)
         for w in workers:
             store.attach(w.core)
+            w.core.executor.record_prefill_ids = True
         if policy == "genset":
-            for rc in routers:  # the policy costs onboarding like this store
-                rc.default_policy = rc.policy(
-                    "genset", **{**cfg.policy_options, **cfg.offload.policy_options()})
+            # the policy costs onboarding like this store (`RouterCore.policy` keeps the one it
+            # built first under a name: a fresh one, or these options were never seen)
+            from genset.routing.policies import make_policy
+
+            for rc in routers:
+                rc.default_policy = rc._policies[policy] = make_policy(
+                    policy, **{**cfg.policy_options, **cfg.offload.policy_options()})
 
     def new_worker(i: int) -> _Worker:
         w = _Worker(i, make_mocker(cfg, i))
         if store is not None:  # a worker the planner adds writes to the same store
             store.attach(w.core)
+            w.core.executor.record_prefill_ids = True
         return w
 
     def attach(i: int) -> None:
@@ -220,12 +235,30 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             return
         outputs, dur = w.core.step(t)
         fleet.on_step(w)
+        if store is not None:
+            account_copies(w, t, w.core.last_step)
         batch = w.core.take_kv_batch(int(t + dur))
         w.busy = True
         pending[w.index] = (outputs, batch)
         push(w, t + max(dur, 1e-6))
         if store is not None:
             publish_store(t)
+
+    def account_copies(w: _Worker, t: float, stats) -> None:
+        w.copy_out += stats.copy_out_ms
+        w.copy_in += stats.copy_in_ms
+        compute = stats.step_ms - stats.copy_out_ms - stats.copy_in_ms
+        for rid in stats.prefill_ids or ():
+            r = by_id.get(rid)
+            if r is None or r.first_token_ms is not None:
+                continue
+            if r.admit_ms is None:
+                r.admit_ms = t
+                r.own = [0.0, 0.0, 0.0]
+            own = r.own
+            own[0] += compute
+            own[1] += stats.copy_out_ms
+            own[2] += stats.copy_in_ms
 
     def publish_store(t: float) -> None:
         for b in store.take_batches(int(t)):
@@ -265,6 +298,9 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             if r.first_token_ms is None:
                 r.first_token_ms = t
                 r.cached_tokens = out.cached_tokens
+                if store is not None:
+                    a_out, a_in = r.copies_at_arrival
+                    r.copies_waited = (w.copy_out - a_out, w.copy_in - a_in)
                 fleet.on_first_token(t - r.arrival_ms)
                 for rc in routers:
                     rc.on_first_token(out.request_id)
@@ -329,6 +365,7 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
                 kv_import, ram_n, disk_n, have = store.onboard(w.core, hashes,
                                                                r.trace.input_length)
                 r.onboarded_blocks = (have, ram_n, disk_n)
+                r.copies_at_arrival = (w.copy_out, w.copy_in)
             w.core.add_request(EngineRequest(
                 rid, toks.tolist(), SamplingParams(temperature=0.0),
                 StopConditions(max_tokens=r.trace.output_length, ignore_eos=True),
@@ -375,7 +412,28 @@ def offload_summary(reqs: list[_Req], cfg: ReplayConfig, store: OffloadSim) -> d
         by_tier["device"] += cached - ram_t - disk_t
         by_tier["host"] += ram_t
         by_tier["disk"] += disk_t
-    return {"hit_rate_by_tier": {k: v / tin for k, v in by_tier.items()}, **store.summary()}
+    return {"hit_rate_by_tier": {k: v / tin for k, v in by_tier.items()},
+            "ttft_breakdown_ms": ttft_breakdown(done), **store.summary()}
+
+
+def ttft_breakdown(done: list[_Req]) -> dict:
+    """Where the mean TTFT goes: queued (arrival -> first prompt step), then the request's
+    own prompt steps split into compute, copies out and copies in (the rest: waiting between
+    its prompt steps); `copies_waited_*`: KV copy time of every step its worker ran between
+    its arrival and its first token (what copies cost it, queueing included)."""
+    n = len(done) or 1
+    out = dict.fromkeys(("ttft", "queued", "prompt_compute", "prompt_copy_out",
+                         "prompt_copy_in", "copies_waited_out", "copies_waited_in"), 0.0)
+    for r in done:
+        out["ttft"] += r.first_token_ms - r.arrival_ms
+        if r.admit_ms is not None:
+            out["queued"] += r.admit_ms - r.arrival_ms
+            out["prompt_compute"] += r.own[0]
+            out["prompt_copy_out"] += r.own[1]
+            out["prompt_copy_in"] += r.own[2]
+        out["copies_waited_out"] += r.copies_waited[0]
+        out["copies_waited_in"] += r.copies_waited[1]
+    return {k: v / n for k, v in out.items()}
 
 
 def summarize(reqs: list[_Req], cfg: ReplayConfig, policy: str, wall_s: float,

@@ -198,7 +198,9 @@ class PredictedTTFT(Policy):
     leave the prefill and cost their transfer instead: `kv_bytes_per_token` x their tokens
     over the tier's bandwidth (`host_gbps`, `disk_gbps`, GB/s decimal; a disk block pays the
     disk read and then the host copy). A block whose transfer is slower than computing it
-    counts against the worker (it is onboarded anyway). The store is shared, so there is no
+    counts against the worker (it is onboarded anyway). With `copy_overlap` the engine copies
+    beside its compute (layer by layer): the transfer costs only its first layer
+    (1/`kv_layers`) and what outlasts the prefill. The store is shared, so there is no
     affinity credit for it: a worker without the prefix but next to a warm store competes
     with the loaded worker that holds it on its own.
 
@@ -211,13 +213,17 @@ class PredictedTTFT(Policy):
     def __init__(self, profile: PolynomialProfile | None = None, *, decode_weight: float = 1.0,
                  affinity: float = 0.5, herd_factor: float = 1.5, herd_slack: float = 2.0,
                  tie_ms: float = 0.5, kv_bytes_per_token: float = 131072.0,
-                 host_gbps: float = 32.0, disk_gbps: float = 4.0) -> None:
-        if kv_bytes_per_token < 0 or host_gbps <= 0 or disk_gbps <= 0:
-            raise ValueError("need kv_bytes_per_token >= 0, host_gbps > 0, disk_gbps > 0")
+                 host_gbps: float = 32.0, disk_gbps: float = 4.0,
+                 copy_overlap: bool = False, kv_layers: int = 32) -> None:
+        if kv_bytes_per_token < 0 or host_gbps <= 0 or disk_gbps <= 0 or kv_layers < 1:
+            raise ValueError("need kv_bytes_per_token >= 0, host_gbps > 0, disk_gbps > 0, "
+                             "kv_layers >= 1")
         self.profile = profile or PolynomialProfile()
         self.kv_bytes_per_token = kv_bytes_per_token
         self.host_gbps = host_gbps
         self.disk_gbps = disk_gbps
+        self.copy_overlap = copy_overlap
+        self.kv_layers = kv_layers
         self.decode_weight = decode_weight
         self.affinity = affinity
         self.herd_factor = herd_factor
@@ -246,7 +252,12 @@ class PredictedTTFT(Policy):
         p = self.profile
         decode_now = p.decode_ms(v.decode_tokens / capacity) if v.decode_tokens else 0.0
         ttft = self.prefill_time(v.prefill_tokens + uncached, v.max_batch_tokens, decode_now)
-        ttft += onboard_ms
+        if self.copy_overlap:
+            # copied in beside the compute, layer by layer (the mocker's kv_copy_overlap):
+            # the prefill waits for the first layer, and for what outlasts its compute
+            ttft = max(ttft, onboard_ms) + onboard_ms / self.kv_layers
+        else:
+            ttft += onboard_ms
         if self.decode_weight and v.inflight:
             after = p.decode_ms((v.decode_tokens + ctx.prompt_tokens) / capacity)
             ttft += self.decode_weight * (after - (decode_now or p.decode_ms(0.0))) * v.inflight

@@ -48,6 +48,13 @@ class OffloadHookConfig:
     max_queue_bytes: int = 64 << 20  # write-behind queue (the client drops beyond it)
     max_onboard_bytes: int = 256 << 20  # payload bytes one request may onboard
     mode: str = "auto"  # on: warn when no store is registered; auto: quietly follow etcd
+    # What a tier's run costs against computing it again (`onboard_tiers`). Until measured:
+    # the fetch from the store's RAM (its reply over the bus), the store's disk read (until a
+    # store publishes what it measured), and the engine's prefill per token (0: unknown,
+    # until the engine's step log has prompt steps to measure it from; unknown = onboard).
+    fetch_gbps: float = 0.5
+    disk_gbps: float = 4.0
+    recompute_ms_per_token: float = 0.0
 
     def __post_init__(self) -> None:
         if self.deadline_s <= 0 or self.max_queue_bytes < 0 or self.max_onboard_bytes <= 0:
@@ -55,6 +62,50 @@ class OffloadHookConfig:
                              "max_onboard_bytes > 0")
         if self.mode not in OFFLOAD_MODES:
             raise ValueError(f"offload mode must be one of {OFFLOAD_MODES}, got {self.mode!r}")
+        if self.fetch_gbps <= 0 or self.disk_gbps <= 0 or self.recompute_ms_per_token < 0:
+            raise ValueError("offload: need fetch_gbps > 0, disk_gbps > 0, "
+                             "recompute_ms_per_token >= 0")
+
+
+ONBOARD_ALL = "all"  # onboard the store's whole run
+ONBOARD_RAM = "ram"  # only its leading run in RAM (a disk block is slower than computing it)
+ONBOARD_NONE = "none"  # nothing (even a RAM block is slower than computing it)
+
+
+def onboard_tiers(block_bytes: float, block_tokens: int, recompute_ms_per_token: float,
+                  fetch_gbps: float, disk_gbps: float) -> str:
+    """Which of the store's tiers are worth onboarding from (pure): a block comes from RAM
+    in `block_bytes` / `fetch_gbps` and from disk in that plus the disk read; it is computed
+    again in `block_tokens` x `recompute_ms_per_token`. A tier whose blocks take longer than
+    that is skipped (a disk tier behind a fast RAM tier: ONBOARD_RAM). Unknown costs (0
+    bytes or a recompute estimate of 0): ONBOARD_ALL, as before anything is measured."""
+    if block_bytes <= 0 or recompute_ms_per_token <= 0:
+        return ONBOARD_ALL
+    recompute_ms = block_tokens * recompute_ms_per_token
+    fetch_ms = block_bytes / (fetch_gbps * 1e6)  # bytes / (GB/s decimal) -> ms
+    if fetch_ms >= recompute_ms:
+        return ONBOARD_NONE
+    if fetch_ms + block_bytes / (disk_gbps * 1e6) >= recompute_ms:
+        return ONBOARD_RAM
+    return ONBOARD_ALL
+
+
+PROBE_EVERY = 16  # of the requests that skip the store as too slow, one looks up anyway
+
+# A prompt step computes at least this many tokens to count in the recompute estimate (below
+# it the step's fixed cost and the decodes riding along dominate the time per token)
+MIN_MEASURED_PREFILL = 256
+
+
+def recompute_ms_per_token(step_log) -> float:
+    """The engine's prefill cost per token from its recent steps (`Engine.step_log`: records
+    with prefill_tokens and step_ms): the median of step_ms / prefill_tokens over the steps
+    that computed at least MIN_MEASURED_PREFILL prompt tokens; 0 when there are none. An
+    upper bound (a step's fixed cost and its decodes are in it): a tier is skipped only when
+    it is slower than that."""
+    rates = sorted(r.step_ms / r.prefill_tokens for r in list(step_log)
+                   if getattr(r, "prefill_tokens", 0) >= MIN_MEASURED_PREFILL)
+    return rates[len(rates) // 2] if rates else 0.0
 
 
 class OffloadHook(WorkerHooks):
@@ -68,8 +119,10 @@ class OffloadHook(WorkerHooks):
         self.instances = list(instances) if instances is not None else None
         self.ctx: WorkerContext | None = None
         self.client: OffloadClient | None = None
-        self.counts = dict.fromkeys(("lookups", "hits", "misses", "skipped", "errors",
-                                     "onboarded_blocks", "written_blocks"), 0)
+        self.counts = dict.fromkeys(("lookups", "hits", "misses", "skipped", "skipped_slow",
+                                     "errors", "onboarded_blocks", "written_blocks"), 0)
+        self._block_bytes = 0.0  # measured: an onboarded block's payload, bytes (EWMA)
+        self._fetch_gbps = 0.0  # measured: bytes / s of the lookups that brought blocks
         self._m = _Metrics(metrics, self) if metrics is not None else None
         # hashes onboarded lately (in the store: their eviction needs no copy), bounded
         self._onboarded: OrderedDict[int, None] = OrderedDict()
@@ -114,6 +167,34 @@ class OffloadHook(WorkerHooks):
             for b in blocks)
 
     # ---- onboarding ---------------------------------------------------------------------
+    def tiers_worth(self, block_tokens: int) -> str:
+        """`onboard_tiers` with what is measured so far: the bytes and fetch rate of the runs
+        onboarded lately, the stores' published disk read rate, the engine's prefill rate
+        (each falling back to the configured value)."""
+        cfg = self.config
+        recompute = cfg.recompute_ms_per_token
+        log_ = getattr(self.ctx.engine, "step_log", None) if self.ctx is not None else None
+        if log_:
+            recompute = recompute_ms_per_token(log_) or recompute
+        disk = cfg.disk_gbps
+        measured = getattr(self.client, "disk_read_gbps", None)
+        if measured:
+            disk = measured
+        return onboard_tiers(self._block_bytes, block_tokens, recompute,
+                             self._fetch_gbps or cfg.fetch_gbps, disk)
+
+    def _measure_fetch(self, run: list[OffloadBlock], elapsed_s: float) -> None:
+        """EWMAs of an onboarded block's bytes and of the fetch rate (bytes / lookup time)."""
+        nbytes = sum(len(b.data) for b in run)
+        per_block = nbytes / len(run)
+        a = 0.2
+        self._block_bytes = per_block if not self._block_bytes else (
+            self._block_bytes + a * (per_block - self._block_bytes))
+        if elapsed_s > 0 and nbytes > 0:
+            gbps = nbytes / elapsed_s / 1e9
+            self._fetch_gbps = gbps if not self._fetch_gbps else (
+                self._fetch_gbps + a * (gbps - self._fetch_gbps))
+
     async def before_run(self, request, token_ids: list[int]) -> KvImport | None:
         client, ctx = self.client, self.ctx
         if client is None or ctx is None or not client.instances:
@@ -131,13 +212,23 @@ class OffloadHook(WorkerHooks):
             if not want or have >= max_blocks:
                 self.counts["skipped"] += 1
                 return None
+            tiers = self.tiers_worth(bs)
+            if tiers == ONBOARD_NONE:
+                # every PROBE_EVERY-th such request looks up its RAM run anyway, so the fetch
+                # rate is measured again (a store that got faster is noticed)
+                self.counts["skipped_slow"] += 1
+                if self.counts["skipped_slow"] % PROBE_EVERY:
+                    return None
+                tiers = ONBOARD_RAM
             self.counts["lookups"] += 1
             t0 = time.perf_counter()
             run = await client.lookup(want, self.config.deadline_s,
                                       max_blocks=max_blocks - have,
-                                      max_bytes=self.config.max_onboard_bytes)
+                                      max_bytes=self.config.max_onboard_bytes,
+                                      ram_only=tiers == ONBOARD_RAM)
+            elapsed = time.perf_counter() - t0
             if self._m is not None:
-                self._m.latency.observe(time.perf_counter() - t0)
+                self._m.latency.observe(elapsed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never the request's failure: compute instead
@@ -149,6 +240,7 @@ class OffloadHook(WorkerHooks):
             return None
         self.counts["hits"] += 1
         self.counts["onboarded_blocks"] += len(run)
+        self._measure_fetch(run, elapsed)
         seen = self._onboarded
         for b in run:
             seen[b.hash] = None
@@ -170,7 +262,7 @@ class _Metrics:
             buckets=LATENCY_BUCKETS)
         lookups = metrics.gauge("worker_offload_lookups",
                                 "onboarding lookups so far, by outcome", ["outcome"])
-        for outcome in ("hits", "misses", "skipped", "errors"):
+        for outcome in ("hits", "misses", "skipped", "skipped_slow", "errors"):
             lookups.labels(outcome).set_function(lambda o=outcome: hook.counts[o])
         dropped = metrics.gauge(
             "worker_offload_dropped_writes",

@@ -31,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import proto
+from genset.offload.tiers import ADMISSION_POLICIES, ADMIT_FREQUENCY
 from genset.runtime.config import opt
 from genset.runtime.service import Service
 from proto import subjects
@@ -72,6 +73,10 @@ class OffloadOptions:
     spill_min_freq: int = field(default=2, metadata=opt(
         "a block evicted from RAM goes to disk only if put or asked for this often", min=0,
         env="GENSET_OFFLOAD_SPILL_MIN_FREQ"))
+    admission: str = field(default=ADMIT_FREQUENCY, metadata=opt(
+        "which newcomer may displace the least recently used blocks: frequency (TinyLFU: "
+        "one at least as frequent; a scan of one-offs cannot flush reused blocks) or lru "
+        "(any: plain LRU)", choices=ADMISSION_POLICIES, env="GENSET_OFFLOAD_ADMISSION"))
     verify_on_start: bool = field(default=False, metadata=opt(
         "check every disk file's checksum at start-up (reads the whole tier; reads are "
         "always checked)",
@@ -136,7 +141,7 @@ class OffloadService(Service):
             disk_bytes=int(o.offload_disk_gb * GB) if self.disk else 0,
             spill_queue_bytes=int(o.spill_queue_mb * MB), max_block_bytes=max_block,
             spill_min_freq=o.spill_min_freq, verify_hashes=o.verify_hashes,
-            verify_on_start=o.verify_on_start)
+            verify_on_start=o.verify_on_start, admission=o.admission)
         found = await store.open()
         self._metrics_gauges()
         ns, sid = self.namespace, self.instance_id
@@ -263,13 +268,14 @@ class OffloadService(Service):
         req = self._decode(data, OffloadLookup, "lookup")
         assert self.store is not None
         res = await self.store.lookup(req.hashes, min(req.max_bytes, self._reply_limit),
-                                      req.want_tokens)
+                                      req.want_tokens, req.ram_only)
         self.m_lookups.inc()
         if res.blocks:
             self.m_served.labels("host").inc(len(res.blocks) - res.disk_blocks)
             self.m_served.labels(TIER_DISK).inc(res.disk_blocks)
         return OffloadLookupReply(store_id=self.instance_id, held=res.held, blocks=res.blocks,
-                                  disk_blocks=res.disk_blocks)
+                                  disk_blocks=res.disk_blocks,
+                                  disk_read_gbps=self.store.disk_read_gbps)
 
     async def _on_contains(self, data: bytes) -> OffloadContainsReply:
         req = self._decode(data, OffloadContains, "contains")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +27,11 @@ import structlog
 
 from genset.kv.hashing import chain_hash, local_block_hash
 from genset.offload.tiers import (
+    ADMIT_FREQUENCY,
     REJECTED,
     STORED,
     STORED_DISK,
+    TIER_DISK,
     TIER_RAM,
     Entry,
     PutOutcome,
@@ -67,7 +70,8 @@ class BlockStore:
     def __init__(self, *, ram_bytes: int, disk: DiskStore | None = None, disk_bytes: int = 0,
                  spill_queue_bytes: int = 64 << 20, max_block_bytes: int = 1 << 20,
                  spill_min_freq: int = 2, verify_hashes: bool = True,
-                 verify_on_start: bool = False, max_event_blocks: int = 8192) -> None:
+                 verify_on_start: bool = False, max_event_blocks: int = 8192,
+                 admission: str = ADMIT_FREQUENCY) -> None:
         if ram_bytes < 0 or disk_bytes < 0 or spill_queue_bytes < 0 or max_block_bytes <= 0:
             raise ValueError("store sizes must be >= 0 (max_block_bytes > 0)")
         self.disk = disk if disk_bytes > 0 else None
@@ -78,7 +82,8 @@ class BlockStore:
         self.cache = TieredCache(
             ram_bytes, disk_bytes if self.disk else 0, spill_min_freq=spill_min_freq,
             disk_size=lambda e: disk_usage(len(e.value.token_ids), len(e.value.data)),
-            spill_gate=self._reserve_spill, max_event_blocks=max_event_blocks)
+            spill_gate=self._reserve_spill, max_event_blocks=max_event_blocks,
+            admission=admission)
         # Blocks evicted from RAM whose file is being written: hash -> (block, reserved bytes).
         self.pending: dict[int, tuple[OffloadBlock, int]] = {}
         self.pending_bytes = 0
@@ -89,6 +94,7 @@ class BlockStore:
         self._writer_task: asyncio.Task | None = None
         self._pool: ThreadPoolExecutor | None = None
         self.changed = asyncio.Event()  # set whenever a tier's event log got something
+        self.disk_read_gbps = 0.0  # measured (`_measure_disk_read`); 0: no read yet
         self.counts: dict[str, int] = dict.fromkeys(
             ("put_blocks", "refused", "lookups", "lookup_hits_ram", "lookup_hits_disk",
              "disk_written", "disk_write_failed", "disk_read_failed", "spills_dropped"), 0)
@@ -204,13 +210,16 @@ class BlockStore:
         return len(tiers), sum(t == TIER_RAM for t in tiers)
 
     async def lookup(self, hashes: Sequence[int], max_bytes: int,
-                     want_tokens: bool = False) -> LookupResult:
-        """The leading run of `hashes` held, with the first blocks of it that fit in
-        `max_bytes`; disk blocks are read (and checked) off the loop and promoted to RAM."""
+                     want_tokens: bool = False, ram_only: bool = False) -> LookupResult:
+        """The leading run of `hashes` held (`ram_only`: held in RAM), with the first blocks
+        of it that fit in `max_bytes`; disk blocks are read (and checked) off the loop and
+        promoted to RAM."""
         self.counts["lookups"] += 1
         cache = self.cache
         cache.record(hashes[:MAX_RECORDED])
         tiers = cache.locate(hashes)
+        if ram_only and TIER_DISK in tiers:
+            tiers = tiers[:tiers.index(TIER_DISK)]
         held = len(tiers)
         ram, disk = cache.ram.entries, cache.disk.entries
         budget = max_bytes
@@ -236,8 +245,10 @@ class BlockStore:
         disk_blocks = len(reads)
         if reads:
             assert self.disk is not None
+            t0 = time.perf_counter()
             got = await asyncio.to_thread(
                 lambda: [self.disk.read(hashes[i]) for i in reads])  # type: ignore[union-attr]
+            self._measure_disk_read(got, time.perf_counter() - t0)
             for i, f in zip(reads, got, strict=True):
                 h = hashes[i]
                 if f is None:
@@ -261,6 +272,17 @@ class BlockStore:
         self.counts["lookup_hits_ram"] += len(blocks) - disk_blocks
         self.counts["lookup_hits_disk"] += disk_blocks
         return LookupResult(held=held, blocks=blocks, disk_blocks=disk_blocks)
+
+    def _measure_disk_read(self, files: list, seconds: float) -> None:
+        """EWMA of the disk tier's read rate (bytes read and checked / s, GB/s decimal), what
+        lookup replies tell workers (`OffloadLookupReply.disk_read_gbps`): they skip this
+        tier when reading a block is slower than computing it."""
+        nbytes = sum(len(f.data) + len(f.token_ids) for f in files if f is not None)
+        if nbytes <= 0 or seconds <= 0:
+            return
+        gbps = nbytes / seconds / 1e9
+        prev = self.disk_read_gbps
+        self.disk_read_gbps = gbps if not prev else prev + 0.2 * (gbps - prev)
 
     # ---- disk writer --------------------------------------------------------------------------
     async def _writer(self) -> None:
