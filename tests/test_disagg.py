@@ -311,3 +311,23 @@ def test_itl_target_keeps_short_answers_local_and_prices_stall_past_the_target()
     dec = d.decide(4096, d.DecodeState(worker_id=1, running=32, step_ms=5.0),
                    [IDLE_PREFILL], model(itl_target_ms=50.0))
     assert dec.local_slowdown_ms == pytest.approx(32 * (409.6 + 5.0 - 50.0))
+
+
+def test_slo_pricing_goes_remote_only_to_save_misses():
+    m = model(itl_target_ms=50.0, ttft_target_ms=2000.0)
+    # 32 decoders with plenty of ITL slack: a 410 ms prefill breaks nobody -> stays local,
+    # however fast an idle peer would be
+    roomy = d.DecodeState(worker_id=1, running=32, slack_ms=tuple([5000.0] * 32))
+    dec = d.decide(4096, roomy, [IDLE_PREFILL], m, max_tokens=500)
+    assert dec.mode == d.LOCAL and dec.reason == d.LOCAL_CHEAPER
+    # 3 of them within 410 ms of their target (one already past it: lost either way)
+    tight = d.DecodeState(worker_id=1, running=32,
+                          slack_ms=tuple(sorted([-5.0, 100.0, 200.0, 300.0] + [5000.0] * 28)))
+    dec = d.decide(4096, tight, [IDLE_PREFILL], m, max_tokens=500)
+    assert dec.mode == d.REMOTE and dec.cost_local == pytest.approx(3 * 2000.0 + 409.6)
+    # a lending peer whose own decoders would miss as many: stays local
+    peer = d.PrefillState(worker_id=10, decoding=3, slack_ms=(50.0, 60.0, 70.0))
+    assert d.decide(4096, tight, [peer], m, max_tokens=500).mode == d.LOCAL
+    # slack unknown: the ms pricing (the whole stall of every running sequence)
+    assert d.decide(4096, d.DecodeState(worker_id=1, running=32), [IDLE_PREFILL], m,
+                    max_tokens=500).cost_local > 32 * 300

@@ -17,7 +17,11 @@ profile the router uses, for this request on these workers right now:
   (role `both`, lending its prefill) stalls those sequences for the prefill's duration: that
   slow-down is priced like the local one.
 
-The cheaper one wins (remote must win by `remote_margin_ms`). Requests always have a way to
+The cheaper one wins (remote must win by `remote_margin_ms`). With SLO targets and the
+decode worker's per-sequence ITL slack (`CostModel.ttft_target_ms`, `DecodeState.slack_ms`)
+the price is goodput instead: remote only when it is predicted to cause fewer SLO misses
+(running sequences pushed past their ITL target, the request's own TTFT) than local; with as
+many either way the request stays where the router put it. Requests always have a way to
 run: with no prefill worker, or every one saturated, or nothing to ship, the answer is local
 (never an error, never a wait on an empty pool). Every decision carries a reason label from
 `REASONS` for a metric, and the predicted times of both paths.
@@ -28,6 +32,7 @@ offline replay.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -72,6 +77,10 @@ class DecodeState:
     running: int = 0  # sequences it is decoding (they stall while it prefills)
     queued_prefill_tokens: int = 0  # uncached prompt tokens already queued there
     step_ms: float = 0.0  # its recent engine step time (the load report's EWMA; 0: unknown)
+    # each decoding sequence's ITL slack, ascending: ms of stall it can still take before its
+    # own mean inter-token latency passes the target (negative: past it already, whatever
+    # happens); None: not known (the decision prices stall in ms instead, see CostModel)
+    slack_ms: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,7 @@ class PrefillState:
     # makes its own decoders pay, priced like the decode worker's local slow-down
     decoding: int = 0
     step_ms: float = 0.0  # its recent engine step time (0: unknown)
+    slack_ms: tuple[float, ...] | None = None  # its own decoders' ITL slack, as DecodeState's
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +122,14 @@ class CostModel:
     stall is priced only past it: a prefill of `c` ms in a step of `s` ms costs each
     stalled sequence max(0, c + s - itl_target_ms) (a stall that keeps its gap within the
     target costs the SLA nothing); without one, the whole `c`.
+
+    ttft_target_ms (0: none): with both targets and the decode worker's ITL slacks known
+    (`DecodeState.slack_ms`), the paths are priced in SLO misses, what goodput counts: the
+    running sequences a prefill's stall pushes past their ITL target (slack in [0, stall)),
+    on the decode worker and on a lending peer, plus the request itself when its predicted
+    first token is past the TTFT target; each miss costs `ttft_target_ms`, to which the
+    request's own first-token time (remote: when the decode worker can go on) is added, so
+    between paths with as many misses the faster wins. `slowdown_weight` is not used then.
     """
 
     block_size: int
@@ -124,6 +142,7 @@ class CostModel:
     max_prefill_queue_ms: float = 2000.0
     remote_margin_ms: float = 0.0
     itl_target_ms: float = 0.0
+    ttft_target_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -135,7 +154,8 @@ class CostModel:
                 f"bandwidth_bytes_per_s must be > 0, got {self.bandwidth_bytes_per_s}"
             )
         for name in ("import_ms_per_block", "transfer_setup_ms", "slowdown_weight",
-                     "max_prefill_queue_ms", "remote_margin_ms", "itl_target_ms"):
+                     "max_prefill_queue_ms", "remote_margin_ms", "itl_target_ms",
+                     "ttft_target_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -177,6 +197,7 @@ class _Remote:
     slowdown_ms: float
     cost: float
     transfer_ms: float
+    misses: int = 0  # SLO misses predicted (SLO pricing only)
 
 
 def _queue_ms(model: CostModel, queued_tokens: int, running: int) -> float:
@@ -188,6 +209,13 @@ def _stall_ms(model: CostModel, prefill_ms: float, step_ms: float) -> float:
     if model.itl_target_ms > 0:
         return max(0.0, prefill_ms + step_ms - model.itl_target_ms)
     return prefill_ms
+
+
+def _misses(slack_ms: tuple[float, ...] | None, stall_ms: float) -> int:
+    """Sequences a stall of `stall_ms` pushes past their ITL target (slack in [0, stall))."""
+    if not slack_ms or stall_ms <= 0:
+        return 0
+    return bisect_left(slack_ms, stall_ms) - bisect_left(slack_ms, 0.0)
 
 
 def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillState],
@@ -208,7 +236,14 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
     local_queue = _queue_ms(model, decode.queued_prefill_tokens, decode.running)
     local_ttft = local_queue + local_compute
     local_slowdown = decode.running * _stall_ms(model, local_compute, decode.step_ms)
-    cost_local = local_ttft + model.slowdown_weight * local_slowdown
+    slo = model.itl_target_ms > 0 and model.ttft_target_ms > 0 and decode.slack_ms is not None
+    local_misses = 0
+    if slo:  # priced in SLO misses (CostModel)
+        local_misses = (_misses(decode.slack_ms, local_compute)
+                        + (local_ttft > model.ttft_target_ms))
+        cost_local = local_misses * model.ttft_target_ms + local_ttft
+    else:
+        cost_local = local_ttft + model.slowdown_weight * local_slowdown
 
     def local(reason: str, **remote: object) -> Decision:
         return Decision(mode=LOCAL, reason=reason, local_ttft_ms=local_ttft,
@@ -252,9 +287,15 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
             breaks_itl = True
             continue
         slowdown = remote_slowdown + p.decoding * _stall_ms(model, compute, p.step_ms)
-        cost = ready + model.slowdown_weight * slowdown
+        misses = 0
+        if slo:
+            misses = (_misses(decode.slack_ms, import_ms + tail_ms)
+                      + _misses(p.slack_ms, compute) + (ttft > model.ttft_target_ms))
+            cost = misses * model.ttft_target_ms + ready
+        else:
+            cost = ready + model.slowdown_weight * slowdown
         if best is None or (cost, p.worker_id) < (best.cost, best.worker_id):
-            best = _Remote(p.worker_id, ttft, ready, slowdown, cost, transfer_ms)
+            best = _Remote(p.worker_id, ttft, ready, slowdown, cost, transfer_ms, misses)
     if best is None:
         return local(ITL_TARGET if breaks_itl else PREFILL_SATURATED,
                      transfer_blocks=transfer_blocks, transfer_bytes=transfer_bytes, transfer_ms=transfer_ms)
@@ -267,7 +308,14 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
         "transfer_bytes": transfer_bytes,
         "transfer_ms": best.transfer_ms,
     }
-    if policy == POLICY_ALWAYS or best.cost + model.remote_margin_ms < cost_local:
+    if slo:
+        # SLO misses first; with as many either way the request stays where the router put
+        # it (its cache reach, no transfer): moving it for a faster first token alone was
+        # measured to cost more ITL misses than it saved (docs/benchmarks.md, replay)
+        cheaper = best.misses < local_misses
+    else:
+        cheaper = best.cost + model.remote_margin_ms < cost_local
+    if policy == POLICY_ALWAYS or cheaper:
         reason = FORCED if policy == POLICY_ALWAYS else REMOTE_CHEAPER
         return Decision(mode=REMOTE, reason=reason, prefill_worker_id=best.worker_id,
                         local_ttft_ms=local_ttft,

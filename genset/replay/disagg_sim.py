@@ -171,7 +171,7 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                       bandwidth_bytes_per_s=bandwidth, transfer_setup_ms=0.0,
                       slowdown_weight=cfg.slowdown_weight,
                       max_prefill_queue_ms=cfg.max_prefill_queue_ms,
-                      itl_target_ms=cfg.sla_itl_ms)
+                      itl_target_ms=cfg.sla_itl_ms, ttft_target_ms=cfg.sla_ttft_ms)
     hash_cache = _HashCache(cfg.block_size)
     t0 = trace[0].arrival_ms
     reqs = [_Req(t, (t.arrival_ms - t0) / cfg.arrival_speedup) for t in trace]
@@ -288,7 +288,26 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
         r.tokens = None
         wake(w, t)
 
-    def states(hashes: list[int], decode_index: int) -> list[PrefillState]:
+    itl_target = cfg.sla_itl_ms
+
+    def slack(w: _Worker, t: float) -> tuple[float, ...]:
+        """Each decoding sequence's ITL slack on `w` (what a live engine would report: its
+        requests' max_tokens, outputs so far and first-token times, and its step time)."""
+        out = []
+        step = w.step_ms
+        for seq in w.core.scheduler.running:
+            n = seq.max_tokens
+            if n <= 1 or seq.num_output < 1:
+                continue  # still prefilling (TTFT-bound) or nothing to decode
+            r = by_id.get(seq.request_id)
+            if r is None or r.first_token_ms is None:
+                continue
+            out.append(itl_target * (n - 1) - (t - r.first_token_ms)
+                       - (n - seq.num_output) * step)
+        out.sort()
+        return tuple(out)
+
+    def states(hashes: list[int], decode_index: int, t: float) -> list[PrefillState]:
         out = []
         for w in (workers if cfg.peer_prefill else workers[D:]):
             if w.index == decode_index:
@@ -299,7 +318,8 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                 worker_id=w.index, cached_blocks=w.core.cached_blocks(hashes),
                 queued_prefill_tokens=sched.waiting_prefill_tokens(),
                 running=running, saturated=len(sched.waiting) >= cfg.max_num_seqs,
-                decoding=0 if w.prefill else running, step_ms=w.step_ms))
+                decoding=0 if w.prefill else running, step_ms=w.step_ms,
+                slack_ms=None if w.prefill else slack(w, t)))
         return out
 
     gc_was_enabled = gc.isenabled()
@@ -346,8 +366,8 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                     DecodeState(worker_id=dw.index, cached_blocks=cached,
                                 running=len(dsched.running),
                                 queued_prefill_tokens=dsched.waiting_prefill_tokens(),
-                                step_ms=dw.step_ms),
-                    states(hashes, dw.index), model, policy=cfg.disagg,
+                                step_ms=dw.step_ms, slack_ms=slack(dw, t_arr)),
+                    states(hashes, dw.index, t_arr), model, policy=cfg.disagg,
                     max_tokens=r.trace.output_length)
                 r.decode_cached = cached
             decisions[(decision.mode, decision.reason)] += 1
