@@ -127,9 +127,10 @@ class CostModel:
     (`DecodeState.slack_ms`), the paths are priced in SLO misses, what goodput counts: the
     running sequences a prefill's stall pushes past their ITL target (slack in [0, stall)),
     on the decode worker and on a lending peer, plus the request itself when its predicted
-    first token is past the TTFT target; each miss costs `ttft_target_ms`, to which the
-    request's own first-token time (remote: when the decode worker can go on) is added, so
-    between paths with as many misses the faster wins. `slowdown_weight` is not used then.
+    first token is past the TTFT target. Remote only when it misses fewer; with as many
+    either way the request stays local (the costs reported: misses x `ttft_target_ms` + the
+    request's own time, remote: when the decode worker can go on). `slowdown_weight` is not
+    used then.
     """
 
     block_size: int
