@@ -11,9 +11,10 @@ the decode worker). The receiver opens it:
 2. The sender sends a `KvTransferHeader` (block count and size, the chained hashes, the
    payload layout) to `target.subject` as a NATS request whose reply subject is its own
    `reply_subject` (so "no responders" also arrives there), or as the first frame on a TCP
-   connection to `target.tcp`. The receiver answers with a `KvTransferCredit` (accepted,
-   nothing consumed yet) or a `KvTransferAck` with `ok=False` (refused: layout or hash
-   mismatch, cancelled, too busy).
+   connection to `target.tcp` (written together with the first chunk). The receiver answers
+   with a `KvTransferCredit` (accepted, nothing consumed yet; over NATS only: on TCP an
+   accepted header gets no answer) or a `KvTransferAck` with `ok=False` (refused: layout or
+   hash mismatch, cancelled, too busy).
 3. The sender streams `KvTransferChunk`s right after the header (it need not wait for the
    answer; a refusal arrives as a nack while they travel and the receiver drops them): a
    byte range of the concatenated block payloads with an XXH3-64 checksum. At most

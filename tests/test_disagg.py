@@ -134,7 +134,7 @@ def test_margin_and_weight_shift_the_balance():
 def test_every_reason_is_a_known_label_and_bad_input_is_refused():
     assert set(d.REASONS) == {"no_prefill_workers", "prefill_saturated",
                               "short_prompt_cached", "remote_cheaper", "local_cheaper",
-                              "disabled", "forced", "single_token"}
+                              "disabled", "forced", "single_token", "itl_target"}
     with pytest.raises(ValueError, match="prompt_tokens"):
         d.decide(0, BUSY_DECODE, [], model())
     with pytest.raises(ValueError, match="policy"):
@@ -270,3 +270,64 @@ def test_decisions_and_transfers_are_counted_with_bounded_labels():
     assert 'outcome="other",side="recv",transport="nats"} 1.0' in text
     assert "made_up_by_a_peer" not in text
     assert 'genset_kv_transfer_bytes_total{side="send",transport="tcp"} 4096.0' in text
+
+
+def test_a_peer_lending_its_prefill_makes_its_own_decoders_pay():
+    # a worker of role both, decoding as many sequences as the decode worker: the stall only
+    # moves, and the transfer makes remote dearer
+    peer = d.PrefillState(worker_id=10, decoding=32, running=32)
+    dec = d.decide(4096, BUSY_DECODE, [peer], model())
+    assert dec.mode == d.LOCAL and dec.reason == d.LOCAL_CHEAPER
+    assert dec.remote_slowdown_ms == pytest.approx(32 * 409.6)
+    # a peer with far fewer decoders takes it
+    dec = d.decide(4096, BUSY_DECODE, [d.PrefillState(worker_id=10, decoding=4)], model())
+    assert dec.mode == d.REMOTE and dec.remote_slowdown_ms == pytest.approx(4 * 409.6)
+
+
+def test_the_resume_waits_for_the_decode_workers_backlog():
+    # 2000 queued tokens on the decode worker = 200 ms: the KV (ready at 5.1 ms + 409.6 ms of
+    # prefill) lands after it, a 5000-token backlog (500 ms) is longer than the remote path
+    decode = d.DecodeState(worker_id=1, running=32, queued_prefill_tokens=5000)
+    dec = d.decide(4096, decode, [IDLE_PREFILL], model())
+    assert dec.remote_ready_ms == pytest.approx(500.0)
+    assert dec.local_ttft_ms == pytest.approx(909.6)
+
+
+def test_itl_target_keeps_short_answers_local_and_prices_stall_past_the_target():
+    m = model(itl_target_ms=50.0, bandwidth_bytes_per_s=1e7)  # 100 ms per MB: 410 ms here
+    # 3 output tokens: a 410 ms first gap alone is 205 ms per gap
+    dec = d.decide(4096, BUSY_DECODE, [IDLE_PREFILL], m, max_tokens=3)
+    assert dec.mode == d.LOCAL and dec.reason == d.ITL_TARGET
+    # 500 output tokens absorb it
+    dec = d.decide(4096, BUSY_DECODE, [IDLE_PREFILL], m, max_tokens=500)
+    assert dec.mode == d.REMOTE
+    # unknown max_tokens: no check
+    assert d.decide(4096, BUSY_DECODE, [IDLE_PREFILL], m).mode == d.REMOTE
+    # a short prefill (40 ms) within the target next to a 5 ms step stalls nobody past it
+    small = d.decide(400, d.DecodeState(worker_id=1, running=32, step_ms=5.0),
+                     [IDLE_PREFILL], model(itl_target_ms=50.0))
+    assert small.local_slowdown_ms == 0.0 and small.mode == d.LOCAL
+    # a long one: each stalled sequence pays what its gap exceeds the target by
+    dec = d.decide(4096, d.DecodeState(worker_id=1, running=32, step_ms=5.0),
+                   [IDLE_PREFILL], model(itl_target_ms=50.0))
+    assert dec.local_slowdown_ms == pytest.approx(32 * (409.6 + 5.0 - 50.0))
+
+
+def test_slo_pricing_goes_remote_only_to_save_misses():
+    m = model(itl_target_ms=50.0, ttft_target_ms=2000.0)
+    # 32 decoders with plenty of ITL slack: a 410 ms prefill breaks nobody -> stays local,
+    # however fast an idle peer would be
+    roomy = d.DecodeState(worker_id=1, running=32, slack_ms=tuple([5000.0] * 32))
+    dec = d.decide(4096, roomy, [IDLE_PREFILL], m, max_tokens=500)
+    assert dec.mode == d.LOCAL and dec.reason == d.LOCAL_CHEAPER
+    # 3 of them within 410 ms of their target (one already past it: lost either way)
+    tight = d.DecodeState(worker_id=1, running=32,
+                          slack_ms=tuple(sorted([-5.0, 100.0, 200.0, 300.0] + [5000.0] * 28)))
+    dec = d.decide(4096, tight, [IDLE_PREFILL], m, max_tokens=500)
+    assert dec.mode == d.REMOTE and dec.cost_local == pytest.approx(3 * 2000.0 + 409.6)
+    # a lending peer whose own decoders would miss as many: stays local
+    peer = d.PrefillState(worker_id=10, decoding=3, slack_ms=(50.0, 60.0, 70.0))
+    assert d.decide(4096, tight, [peer], m, max_tokens=500).mode == d.LOCAL
+    # slack unknown: the ms pricing (the whole stall of every running sequence)
+    assert d.decide(4096, d.DecodeState(worker_id=1, running=32), [IDLE_PREFILL], m,
+                    max_tokens=500).cost_local > 32 * 300

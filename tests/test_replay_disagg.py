@@ -63,3 +63,29 @@ def test_bad_disagg_settings_are_refused(capsys, tmp_path):
     assert replay_cli.main([str(path), "--prefill-workers", "1", "--kv-transfer-bandwidth",
                             "-1"]) == 2
     assert "--kv-transfer-bandwidth" in capsys.readouterr().err
+
+
+@needs_trace
+def test_peer_prefill_lends_prefills_between_decode_workers():
+    trace = load_trace(TRACE, limit=300)
+    r = run_disagg_replay(trace, "genset", DisaggReplayConfig(
+        prefill_workers=0, decode_workers=4, disagg="always", peer_prefill=True))
+    assert r["completed"] == r["requests"] == 300
+    assert r["mode"] == "always" and r["peer_prefill"] is True
+    # every remote prefill ran on another decode worker
+    assert r["remote_prefills"] == sum(r["prefills_lent_per_decode_worker"]) > 100
+    assert r["prefills_per_prefill_worker"] == []
+    auto = run_disagg_replay(trace, "genset", DisaggReplayConfig(
+        prefill_workers=0, decode_workers=4, disagg="auto", peer_prefill=True))
+    assert auto["completed"] == 300
+    assert set(auto["decisions"]) <= {f"local/{x}" for x in (
+        "local_cheaper", "short_prompt_cached", "single_token", "itl_target",
+        "prefill_saturated")} | {"remote/remote_cheaper"}
+
+
+@needs_trace
+def test_cli_peer_prefill(capsys):
+    assert replay_cli.main([TRACE, "--limit", "100", "--decode-workers", "3", "--peer-prefill",
+                            "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["peer_prefill"] is True and doc["mode"] == "auto" and doc["completed"] == 100

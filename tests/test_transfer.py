@@ -274,19 +274,19 @@ async def test_truncated_transfer_is_detected_over_nats(hubs):
 
 
 async def _tcp_open(rx, hashes, **kw):
+    """Connect and send the header (an accepted one gets no answer over TCP)."""
     sock = await connect(rx.target.tcp.host, rx.target.tcp.port, WAIT)
     reader = SockReader(sock)
     await send_all(sock, frame(_header(rx, hashes, token=rx.target.tcp.token, **kw)))
-    return sock, reader, await reader.read_message()
+    return sock, reader
 
 
 async def test_corrupted_chunk_is_detected_over_tcp(hubs):
     rx_hub, _ = hubs
     hashes, blocks = _hashes(2, seed=6), _blocks(2)
     rx, _ = await _open(rx_hub, "torn-tcp", expected_hashes=hashes)
-    sock, reader, accept = await _tcp_open(rx, hashes)
+    sock, reader = await _tcp_open(rx, hashes)
     try:
-        assert isinstance(accept, KvTransferCredit)
         data = b"".join(blocks)
         bad = bytearray(data)
         bad[-1] ^= 0xFF
@@ -307,7 +307,7 @@ async def test_truncated_tcp_stream_is_detected(hubs):
     rx_hub, _ = hubs
     hashes, blocks = _hashes(2, seed=7), _blocks(2)
     rx, col = await _open(rx_hub, "cut", expected_hashes=hashes)
-    sock, _reader, _ = await _tcp_open(rx, hashes)
+    sock, _reader = await _tcp_open(rx, hashes)
     data = b"".join(blocks)
     # announce both blocks, send one and a half, then the sender dies
     await send_all(sock, frame(KvTransferChunk(

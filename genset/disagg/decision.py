@@ -13,9 +13,15 @@ profile the router uses, for this request on these workers right now:
   its uncached tokens (its own cached prefix counts there), then the KV of the blocks the
   decode worker lacks crosses at the measured bandwidth, then the decode worker imports it
   (which stalls its running sequences for the import) and computes the prompt's trailing
-  partial block itself (only full blocks travel).
+  partial block itself (only full blocks travel). A peer that decodes for its own clients
+  (role `both`, lending its prefill) stalls those sequences for the prefill's duration: that
+  slow-down is priced like the local one.
 
-The cheaper one wins (remote must win by `remote_margin_ms`). Requests always have a way to
+The cheaper one wins (remote must win by `remote_margin_ms`). With SLO targets and the
+decode worker's per-sequence ITL slack (`CostModel.ttft_target_ms`, `DecodeState.slack_ms`)
+the price is goodput instead: remote only when it is predicted to cause fewer SLO misses
+(running sequences pushed past their ITL target, the request's own TTFT) than local; with as
+many either way the request stays where the router put it. Requests always have a way to
 run: with no prefill worker, or every one saturated, or nothing to ship, the answer is local
 (never an error, never a wait on an empty pool). Every decision carries a reason label from
 `REASONS` for a metric, and the predicted times of both paths.
@@ -26,6 +32,7 @@ offline replay.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -46,9 +53,12 @@ LOCAL_CHEAPER = "local_cheaper"
 DISABLED = "disabled"  # policy "never" (`--disagg never`)
 FORCED = "forced"  # policy "always": remote whenever a prefill worker can take it
 SINGLE_TOKEN = "single_token"  # max_tokens 1: nothing would be decoded after the transfer
+# every prefill worker would make the request's own first inter-token gap (transfer, the
+# decode worker's queue) alone exceed the ITL target over its max_tokens
+ITL_TARGET = "itl_target"
 # Every reason label a decision can carry (a bounded label set for the metric).
 REASONS = (NO_PREFILL_WORKERS, PREFILL_SATURATED, SHORT_PROMPT_CACHED, REMOTE_CHEAPER,
-           LOCAL_CHEAPER, DISABLED, FORCED, SINGLE_TOKEN)
+           LOCAL_CHEAPER, DISABLED, FORCED, SINGLE_TOKEN, ITL_TARGET)
 # How a worker (or the replay) applies the cost model: `auto` compares both paths, `always`
 # prefills remotely whenever a prefill worker can take the request (A/B runs, tests), `never`
 # keeps every request aggregated.
@@ -66,6 +76,11 @@ class DecodeState:
     cached_blocks: int = 0  # leading prompt blocks it already holds
     running: int = 0  # sequences it is decoding (they stall while it prefills)
     queued_prefill_tokens: int = 0  # uncached prompt tokens already queued there
+    step_ms: float = 0.0  # its recent engine step time (the load report's EWMA; 0: unknown)
+    # each decoding sequence's ITL slack, ascending: ms of stall it can still take before its
+    # own mean inter-token latency passes the target (negative: past it already, whatever
+    # happens); None: not known (the decision prices stall in ms instead, see CostModel)
+    slack_ms: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +92,12 @@ class PrefillState:
     queued_prefill_tokens: int = 0  # uncached prompt tokens queued ahead of this request
     running: int = 0  # sequences in its batch
     saturated: bool = False  # it says it takes no more (its queue is full)
+    # sequences it is decoding for its own clients, which stall while it prefills this one:
+    # 0 for a prefill-role worker; a worker of role `both` lending its prefill to a peer
+    # makes its own decoders pay, priced like the decode worker's local slow-down
+    decoding: int = 0
+    step_ms: float = 0.0  # its recent engine step time (0: unknown)
+    slack_ms: tuple[float, ...] | None = None  # its own decoders' ITL slack, as DecodeState's
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +113,24 @@ class CostModel:
     sequence is worth (1.0: total latency over all users; a starting point to be fitted from
     replays, not a measured optimum). max_prefill_queue_ms: a prefill worker whose queue
     alone predicts more than this is saturated. remote_margin_ms: how much cheaper remote
-    must be (hysteresis against flapping on noise).
+    must be (hysteresis against flapping on noise). itl_target_ms: the mean inter-token
+    latency a request is held to (0: none); a remote prefill whose first inter-token gap
+    (first token to the decode worker's resume: transfer, import, the decode worker's
+    prefill backlog) plus its later gaps at the decode worker's step time, over the
+    request's max_tokens - 1 gaps, exceeds it is not taken: a short answer to a long prompt
+    would miss its ITL target on the transfer alone. With a target, a running sequence's
+    stall is priced only past it: a prefill of `c` ms in a step of `s` ms costs each
+    stalled sequence max(0, c + s - itl_target_ms) (a stall that keeps its gap within the
+    target costs the SLA nothing); without one, the whole `c`.
+
+    ttft_target_ms (0: none): with both targets and the decode worker's ITL slacks known
+    (`DecodeState.slack_ms`), the paths are priced in SLO misses, what goodput counts: the
+    running sequences a prefill's stall pushes past their ITL target (slack in [0, stall)),
+    on the decode worker and on a lending peer, plus the request itself when its predicted
+    first token is past the TTFT target. Remote only when it misses fewer; with as many
+    either way the request stays local (the costs reported: misses x `ttft_target_ms` + the
+    request's own time, remote: when the decode worker can go on). `slowdown_weight` is not
+    used then.
     """
 
     block_size: int
@@ -104,6 +142,8 @@ class CostModel:
     slowdown_weight: float = 1.0
     max_prefill_queue_ms: float = 2000.0
     remote_margin_ms: float = 0.0
+    itl_target_ms: float = 0.0
+    ttft_target_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -115,7 +155,8 @@ class CostModel:
                 f"bandwidth_bytes_per_s must be > 0, got {self.bandwidth_bytes_per_s}"
             )
         for name in ("import_ms_per_block", "transfer_setup_ms", "slowdown_weight",
-                     "max_prefill_queue_ms", "remote_margin_ms"):
+                     "max_prefill_queue_ms", "remote_margin_ms", "itl_target_ms",
+                     "ttft_target_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -127,7 +168,7 @@ class Decision:
     local_ttft_ms: first token if prefilled locally. remote_ttft_ms: first token from the
     prefill worker (streamed as soon as it is produced); remote_ready_ms: when the decode
     worker can go on (transfer and import done). *_slowdown_ms: stall summed over the decode
-    worker's running sequences. cost_*: what was compared (None: not priced).
+    worker's running sequences (and, remote, over a lending peer's own decoders). cost_*: what was compared (None: not priced).
     """
 
     mode: Mode
@@ -157,16 +198,33 @@ class _Remote:
     slowdown_ms: float
     cost: float
     transfer_ms: float
+    misses: int = 0  # SLO misses predicted (SLO pricing only)
 
 
 def _queue_ms(model: CostModel, queued_tokens: int, running: int) -> float:
     return model.prefill_ms(queued_tokens, running) if queued_tokens > 0 else 0.0
 
 
+def _stall_ms(model: CostModel, prefill_ms: float, step_ms: float) -> float:
+    """What one running sequence pays for sharing a step with `prefill_ms` of prefill."""
+    if model.itl_target_ms > 0:
+        return max(0.0, prefill_ms + step_ms - model.itl_target_ms)
+    return prefill_ms
+
+
+def _misses(slack_ms: tuple[float, ...] | None, stall_ms: float) -> int:
+    """Sequences a stall of `stall_ms` pushes past their ITL target (slack in [0, stall))."""
+    if not slack_ms or stall_ms <= 0:
+        return 0
+    return bisect_left(slack_ms, stall_ms) - bisect_left(slack_ms, 0.0)
+
+
 def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillState],
-           model: CostModel, policy: str = POLICY_AUTO) -> Decision:
+           model: CostModel, policy: str = POLICY_AUTO,
+           max_tokens: int | None = None) -> Decision:
     """Local or remote prefill for a prompt of `prompt_tokens` tokens (see the module doc);
-    `policy`: one of POLICIES."""
+    `policy`: one of POLICIES; `max_tokens`: the request's output limit (None: unknown, no
+    ITL check)."""
     if prompt_tokens < 1:
         raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
     if policy not in POLICIES:
@@ -176,9 +234,17 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
     # the last prompt token is always computed (its logits give the first output token)
     local_cached = min(decode.cached_blocks * bs, prompt_tokens - 1)
     local_compute = model.prefill_ms(prompt_tokens - local_cached, decode.running)
-    local_ttft = _queue_ms(model, decode.queued_prefill_tokens, decode.running) + local_compute
-    local_slowdown = decode.running * local_compute
-    cost_local = local_ttft + model.slowdown_weight * local_slowdown
+    local_queue = _queue_ms(model, decode.queued_prefill_tokens, decode.running)
+    local_ttft = local_queue + local_compute
+    local_slowdown = decode.running * _stall_ms(model, local_compute, decode.step_ms)
+    slo = model.itl_target_ms > 0 and model.ttft_target_ms > 0 and decode.slack_ms is not None
+    local_misses = 0
+    if slo:  # priced in SLO misses (CostModel)
+        local_misses = (_misses(decode.slack_ms, local_compute)
+                        + (local_ttft > model.ttft_target_ms))
+        cost_local = local_misses * model.ttft_target_ms + local_ttft
+    else:
+        cost_local = local_ttft + model.slowdown_weight * local_slowdown
 
     def local(reason: str, **remote: object) -> Decision:
         return Decision(mode=LOCAL, reason=reason, local_ttft_ms=local_ttft,
@@ -199,9 +265,12 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
     import_ms = transfer_blocks * model.import_ms_per_block
     tail = prompt_tokens - full_blocks * bs  # recomputed on the decode worker
     tail_ms = model.prefill_ms(tail, decode.running) if tail else 0.0
-    remote_slowdown = decode.running * (import_ms + tail_ms)
+    remote_slowdown = decode.running * _stall_ms(model, import_ms + tail_ms, decode.step_ms)
 
+    itl_gaps = (max_tokens - 1 if model.itl_target_ms > 0 and max_tokens is not None
+                and policy == POLICY_AUTO else 0)
     best: _Remote | None = None
+    breaks_itl = False
     for p in prefills:
         if p.saturated:
             continue
@@ -209,14 +278,28 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
         if queue > model.max_prefill_queue_ms:
             continue
         cached = min(p.cached_blocks * bs, prompt_tokens - 1)
-        ttft = queue + model.prefill_ms(prompt_tokens - cached, p.running)
-        ready = ttft + transfer_ms + import_ms + tail_ms
-        cost = ready + model.slowdown_weight * remote_slowdown
+        compute = model.prefill_ms(prompt_tokens - cached, p.running)
+        ttft = queue + compute
+        # the resumed request queues behind the decode worker's prefill backlog (first come,
+        # first served): its KV arriving early does not let it jump that queue
+        ready = max(ttft + transfer_ms, local_queue) + import_ms + tail_ms
+        if itl_gaps > 0 and ((ready - ttft + (itl_gaps - 1) * decode.step_ms) / itl_gaps
+                             > model.itl_target_ms):
+            breaks_itl = True
+            continue
+        slowdown = remote_slowdown + p.decoding * _stall_ms(model, compute, p.step_ms)
+        misses = 0
+        if slo:
+            misses = (_misses(decode.slack_ms, import_ms + tail_ms)
+                      + _misses(p.slack_ms, compute) + (ttft > model.ttft_target_ms))
+            cost = misses * model.ttft_target_ms + ready
+        else:
+            cost = ready + model.slowdown_weight * slowdown
         if best is None or (cost, p.worker_id) < (best.cost, best.worker_id):
-            best = _Remote(p.worker_id, ttft, ready, remote_slowdown, cost, transfer_ms)
+            best = _Remote(p.worker_id, ttft, ready, slowdown, cost, transfer_ms, misses)
     if best is None:
-        return local(PREFILL_SATURATED, transfer_blocks=transfer_blocks,
-                     transfer_bytes=transfer_bytes, transfer_ms=transfer_ms)
+        return local(ITL_TARGET if breaks_itl else PREFILL_SATURATED,
+                     transfer_blocks=transfer_blocks, transfer_bytes=transfer_bytes, transfer_ms=transfer_ms)
     priced = {
         "remote_ttft_ms": best.ttft_ms,
         "remote_ready_ms": best.ready_ms,
@@ -226,7 +309,14 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
         "transfer_bytes": transfer_bytes,
         "transfer_ms": best.transfer_ms,
     }
-    if policy == POLICY_ALWAYS or best.cost + model.remote_margin_ms < cost_local:
+    if slo:
+        # SLO misses first; with as many either way the request stays where the router put
+        # it (its cache reach, no transfer): moving it for a faster first token alone was
+        # measured to cost more ITL misses than it saved (docs/benchmarks.md, replay)
+        cheaper = best.misses < local_misses
+    else:
+        cheaper = best.cost + model.remote_margin_ms < cost_local
+    if policy == POLICY_ALWAYS or cheaper:
         reason = FORCED if policy == POLICY_ALWAYS else REMOTE_CHEAPER
         return Decision(mode=REMOTE, reason=reason, prefill_worker_id=best.worker_id,
                         local_ttft_ms=local_ttft,

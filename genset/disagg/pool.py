@@ -193,7 +193,8 @@ class PrefillPool:
             out.append(PrefillState(worker_id=w.worker_id, cached_blocks=cached,
                                     queued_prefill_tokens=queued,
                                     running=r.running if r is not None else 0,
-                                    saturated=saturated))
+                                    saturated=saturated,
+                                    step_ms=r.step_ms_ewma if r is not None else 0.0))
         return out
 
     def gone(self, worker_id: int) -> asyncio.Event:

@@ -304,8 +304,10 @@ class DisaggHook(WorkerHooks):
         decision = decide(
             len(token_ids),
             DecodeState(worker_id=self.ctx.instance_id, cached_blocks=cached,
-                        running=load.running, queued_prefill_tokens=load.waiting_prefill_tokens),
-            pool.states(hashes), self.cost_model(), policy=self.config.policy)
+                        running=load.running, queued_prefill_tokens=load.waiting_prefill_tokens,
+                        step_ms=load.step_ms_ewma),
+            pool.states(hashes), self.cost_model(), policy=self.config.policy,
+            max_tokens=request.stop.max_tokens)
         self.m.decision(decision)
         if not decision.remote or decision.prefill_worker_id is None:
             return None

@@ -54,6 +54,7 @@ from genset.routing.core import RouterConfig, RouterCore
 
 DEFAULT_KV_BYTES_PER_TOKEN = 131072  # Llama-3-8B-shaped, bf16 (as the offload replay)
 DEFAULT_BANDWIDTH_GB_S = 25.0  # a fast inter-node link (e.g. one 200 Gb/s NIC)
+STEP_EWMA_ALPHA = 0.2  # as the live engine driver's step-time EWMA (load reports)
 
 
 @dataclass
@@ -75,6 +76,10 @@ class DisaggReplayConfig:
     slowdown_weight: float = 1.0
     max_prefill_queue_ms: float = 2000.0
     dynamo_exact_timing: bool = True
+    # every decode worker (role `both`) may also prefill for the others: the decision's
+    # candidates are the peers (and the prefill workers, if any), each priced with the stall
+    # of its own decoders
+    peer_prefill: bool = False
     policy_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,7 +111,8 @@ class _Req:
 
 
 class _Worker:
-    __slots__ = ("busy", "core", "index", "prefill", "run_ends", "served", "step_end", "token")
+    __slots__ = ("busy", "core", "index", "lent", "prefill", "run_ends", "served", "step_end",
+                 "step_ms", "token")
 
     def __init__(self, index: int, core, prefill: bool) -> None:
         self.index = index
@@ -117,6 +123,12 @@ class _Worker:
         self.token = -1
         self.run_ends: list[float] | None = None
         self.served = 0
+        self.lent = 0  # remote prefills it ran for a peer (peer_prefill)
+        self.step_ms = 0.0  # EWMA of its step times, as a live worker's load report has it
+
+    def observe_step(self, ms: float) -> None:
+        self.step_ms = ms if self.step_ms == 0.0 else self.step_ms + STEP_EWMA_ALPHA * (
+            ms - self.step_ms)
 
 
 def _mocker(cfg: DisaggReplayConfig, worker_id: int):
@@ -158,7 +170,8 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                       prefill_ms=lambda tokens, running: timing.prefill_ms(tokens),
                       bandwidth_bytes_per_s=bandwidth, transfer_setup_ms=0.0,
                       slowdown_weight=cfg.slowdown_weight,
-                      max_prefill_queue_ms=cfg.max_prefill_queue_ms)
+                      max_prefill_queue_ms=cfg.max_prefill_queue_ms,
+                      itl_target_ms=cfg.sla_itl_ms, ttft_target_ms=cfg.sla_ttft_ms)
     hash_cache = _HashCache(cfg.block_size)
     t0 = trace[0].arrival_ms
     reqs = [_Req(t, (t.arrival_ms - t0) / cfg.arrival_speedup) for t in trace]
@@ -169,6 +182,7 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
     # events: (time, seq, kind, payload); kind 0 = a worker's step end, 1 = a transfer done
     events: list[tuple[float, int, int, object]] = []
     pending: dict[int, tuple[list, object]] = {}
+    remote_prefilling: set[str] = set()  # requests whose remote prefill has not answered yet
     seq = 0
     wall0 = time.perf_counter()
 
@@ -187,12 +201,14 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
             for d in durs:
                 e = e + max(d, 1e-6)
                 ends.append(e)
+                w.observe_step(d)
             w.run_ends = ends
             w.busy = True
             push(w, e)
             return
         outputs, dur = w.core.step(t)
         batch = w.core.take_kv_batch(int(t + dur))
+        w.observe_step(dur)
         w.busy = True
         pending[w.index] = (outputs, batch)
         push(w, t + max(dur, 1e-6))
@@ -226,7 +242,8 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
             router.on_kv_batch(batch)
         for out in outputs:
             rid = out.request_id
-            if w.prefill:  # a remote prefill's first token: streamed now, its KV sent now
+            if rid in remote_prefilling:  # its first token: streamed now, its KV sent now
+                remote_prefilling.discard(rid)
                 r = by_id[rid]
                 r.first_token_ms = r.last_token_ms = t
                 r.cached_tokens = out.cached_tokens
@@ -271,14 +288,38 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
         r.tokens = None
         wake(w, t)
 
-    def states(hashes: list[int]) -> list[PrefillState]:
+    itl_target = cfg.sla_itl_ms
+
+    def slack(w: _Worker, t: float) -> tuple[float, ...]:
+        """Each decoding sequence's ITL slack on `w` (what a live engine would report: its
+        requests' max_tokens, outputs so far and first-token times, and its step time)."""
         out = []
-        for w in workers[D:]:
+        step = w.step_ms
+        for seq in w.core.scheduler.running:
+            n = seq.max_tokens
+            if n <= 1 or seq.num_output < 1:
+                continue  # still prefilling (TTFT-bound) or nothing to decode
+            r = by_id.get(seq.request_id)
+            if r is None or r.first_token_ms is None:
+                continue
+            out.append(itl_target * (n - 1) - (t - r.first_token_ms)
+                       - (n - seq.num_output) * step)
+        out.sort()
+        return tuple(out)
+
+    def states(hashes: list[int], decode_index: int, t: float) -> list[PrefillState]:
+        out = []
+        for w in (workers if cfg.peer_prefill else workers[D:]):
+            if w.index == decode_index:
+                continue
             sched = w.core.scheduler
+            running = len(sched.running)
             out.append(PrefillState(
                 worker_id=w.index, cached_blocks=w.core.cached_blocks(hashes),
                 queued_prefill_tokens=sched.waiting_prefill_tokens(),
-                running=len(sched.running), saturated=len(sched.waiting) >= cfg.max_num_seqs))
+                running=running, saturated=len(sched.waiting) >= cfg.max_num_seqs,
+                decoding=0 if w.prefill else running, step_ms=w.step_ms,
+                slack_ms=None if w.prefill else slack(w, t)))
         return out
 
     gc_was_enabled = gc.isenabled()
@@ -324,17 +365,23 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                     r.trace.input_length,
                     DecodeState(worker_id=dw.index, cached_blocks=cached,
                                 running=len(dsched.running),
-                                queued_prefill_tokens=dsched.waiting_prefill_tokens()),
-                    states(hashes), model, policy=cfg.disagg)
+                                queued_prefill_tokens=dsched.waiting_prefill_tokens(),
+                                step_ms=dw.step_ms, slack_ms=slack(dw, t_arr)),
+                    states(hashes, dw.index, t_arr), model, policy=cfg.disagg,
+                    max_tokens=r.trace.output_length)
                 r.decode_cached = cached
             decisions[(decision.mode, decision.reason)] += 1
             stop = StopConditions(max_tokens=r.trace.output_length, ignore_eos=True)
             if decision.remote and decision.prefill_worker_id is not None:
                 pw = workers[decision.prefill_worker_id]
                 r.prefill = pw.index
+                remote_prefilling.add(rid)
                 r.hashes = hashes
                 r.tokens = toks.tolist()
-                pw.served += 1
+                if pw.prefill:
+                    pw.served += 1
+                else:
+                    pw.lent += 1
                 pw.core.add_request(EngineRequest(
                     rid, r.tokens, SamplingParams(temperature=0.0),
                     StopConditions(max_tokens=1, ignore_eos=True)))
@@ -371,7 +418,8 @@ def summarize(reqs: list[_Req], cfg: DisaggReplayConfig, policy: str, wall_s: fl
     D = cfg.decode_workers
     return {
         "policy": policy,
-        "mode": cfg.disagg if cfg.prefill_workers else "aggregated",
+        "mode": cfg.disagg if cfg.prefill_workers or cfg.peer_prefill else "aggregated",
+        "peer_prefill": cfg.peer_prefill,
         "prefill_workers": cfg.prefill_workers,
         "decode_workers": D,
         "requests": len(reqs),
@@ -390,6 +438,7 @@ def summarize(reqs: list[_Req], cfg: DisaggReplayConfig, policy: str, wall_s: fl
         "transfer_ms_mean": transfer_ms_total / remote if remote else 0.0,
         "requests_per_decode_worker": [w.served for w in workers[:D]],
         "prefills_per_prefill_worker": [w.served for w in workers[D:]],
+        "prefills_lent_per_decode_worker": [w.lent for w in workers[:D]],
         "duration_s": duration_s,
         "wall_s": wall_s,
         "settings": {
@@ -413,6 +462,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="decode workers (default: --workers)")
     g.add_argument("--disagg", choices=POLICIES, default=None,
                    help="auto: remote prefill when the cost model says it pays; always; never")
+    g.add_argument("--peer-prefill", action="store_true", default=None,
+                   help="decode workers (role both) also prefill for each other when the "
+                        "cost model says it pays (with or without --prefill-workers)")
     g.add_argument("--kv-transfer-bandwidth", type=float, default=DEFAULT_BANDWIDTH_GB_S,
                    metavar="GB/S", help="KV transfer bandwidth between workers (0: free)")
     have = p._option_string_actions  # flags another part of the replay may already define
@@ -430,7 +482,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def wanted(args: argparse.Namespace) -> bool:
     """Whether the command line asks for a disaggregated replay."""
     return (args.prefill_workers is not None or args.decode_workers is not None
-            or args.disagg is not None)
+            or args.disagg is not None or bool(args.peer_prefill))
 
 
 def main_from_args(args: argparse.Namespace, trace: list[TraceRequest],
@@ -448,7 +500,8 @@ def main_from_args(args: argparse.Namespace, trace: list[TraceRequest],
             speedup_ratio=args.speedup_ratio, seed=args.seed,
             kv_bytes_per_token=args.kv_bytes_per_token,
             kv_transfer_bandwidth_gb_s=args.kv_transfer_bandwidth,
-            sla_ttft_ms=args.sla_ttft_ms, sla_itl_ms=args.sla_itl_ms)
+            sla_ttft_ms=args.sla_ttft_ms, sla_itl_ms=args.sla_itl_ms,
+            peer_prefill=bool(args.peer_prefill))
         results = [run_disagg_replay(trace, name, cfg) for name in policies]
     except ValueError as exc:
         print(f"genset replay: {exc}", file=sys.stderr)
@@ -456,8 +509,9 @@ def main_from_args(args: argparse.Namespace, trace: list[TraceRequest],
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {r["policy"]: r for r in results}))
         return 0
+    peers = " (peers prefill for each other)" if cfg.peer_prefill else ""
     print(f"{len(trace)} requests, {cfg.prefill_workers} prefill + {cfg.decode_workers} decode "
-          f"workers x {cfg.kv_blocks} blocks of {cfg.block_size}, --disagg {cfg.disagg}, "
+          f"workers{peers} x {cfg.kv_blocks} blocks of {cfg.block_size}, --disagg {cfg.disagg}, "
           f"arrival speedup {cfg.arrival_speedup:g}, KV {cfg.kv_bytes_per_token} B/token at "
           f"{cfg.kv_transfer_bandwidth_gb_s:g} GB/s")
     print(f"{'policy':<12}{'hit %':>7}{'TTFT mean':>11}{'p90':>8}{'ITL':>7}{'SLA %':>7}"
