@@ -829,3 +829,19 @@ def test_forecast_lengths_are_weighted_per_request():
     assert f.isl < 3000  # a bucket-weighted EWMA (0.2) would have put it near 20,800
     with pytest.raises(ValueError):
         ArrivalForecaster(length_requests=0)
+
+
+def test_slo_boost_does_not_grow_at_the_pools_ceiling():
+    """A pool that cannot have the workers it needs (at its maximum) misses for that reason:
+    the boost would otherwise keep it at its ceiling long after the load fell."""
+    core, clock = slo_core({"decode": PoolBounds(1, 1)})
+    core.worker_up(1, "decode", kv_blocks=16384, block_size=16)
+    sp = core.slo_policy
+    for _ in range(60):
+        clock.ms += 1000
+        core.observe_load(1, running=8, kv_used_blocks=2000, kv_total_blocks=16384)
+        core.observe_traffic(arrivals=8, prompt_tokens=8 * 3000, finished=8,
+                             output_tokens=8 * 300, itl_ms=[500.0] * 5, ttft_ms=[5000.0] * 5)
+        d = core.decide()
+    assert d.pools["decode"].target == 1 and sp.attainment == 0.0
+    assert sp.boost == 1.0 and no_nan(d)

@@ -443,7 +443,7 @@ class PlannerCore:
             kv_blocks_per_worker=per_blocks, kv_tokens_per_worker=per_blocks * bs,
             queue_tokens=float(sum(w.load.waiting_prefill_tokens for w in fresh if w.load)),
             running=float(sum(w.load.running for w in fresh if w.load)),
-            max_running=min(runs) if runs else 256)
+            max_running=min(runs) if runs else 256, ceiling=pool.bounds.max)
         return view, ready, draining
 
     def _inputs_stale(self, views: dict[str, PoolView], now: float) -> str | None:

@@ -53,6 +53,7 @@ class PoolView:
     queue_tokens: float = 0.0  # waiting prefill tokens, summed
     running: float = 0.0  # sequences running, summed
     max_running: int = 256
+    ceiling: int = 0  # the most workers the pool may have (0: unknown)
 
 
 @dataclass(slots=True)
@@ -400,7 +401,11 @@ class SloPolicy:
                 self.predicted_itl_ms /= max(0.1, 1.0 - min(0.9, rho))
         else:
             self.predicted_itl_ms = None
-        if any(v.starting for v in views.values()):
+        if any(v.starting or (v.ceiling and v.target >= v.ceiling and v.ready >= v.ceiling)
+               for v in views.values()):
+            # growing, or at its ceiling: a pool that cannot have what it needs is caught
+            # short too (capped at 3 workers on the Mooncake sinusoid, the boost went to its
+            # cap at each peak and kept the pool at 3 through every trough)
             self._growing_ms = now_ms
         self._update_boost(now_ms)
         if self._recent_growth(now_ms):
