@@ -17,6 +17,7 @@ SLO: TTFT <= 2 s and the request's mean ITL <= 50 ms (Dynamo's replay's definiti
     python bench/bench_planner_replay.py                       # everything (~15 min, 2 cores)
     python bench/bench_planner_replay.py --workloads mooncake --startups 30 --json out.json
     python bench/bench_planner_replay.py --plot-dir /tmp/plots # timeline plots per planner run
+    python bench/bench_planner_replay.py --workloads mooncake --capped 3   # + runs at a budget
 
 Prints one table per workload: attainment, worker-seconds (and share of static at peak),
 average workers, scale events, TTFT p50 / p99.
@@ -129,10 +130,10 @@ def row(label: str, r: dict, ref_ws: float) -> dict:
 
 def print_table(name: str, rows: list[dict], out) -> None:
     print(f"\n{name}", file=out)
-    print(f"{'config':<24}{'SLO %':>7}{'TTFT %':>8}{'ITL %':>7}{'worker-s':>10}{'/peak':>7}"
+    print(f"{'config':<28}{'SLO %':>7}{'TTFT %':>8}{'ITL %':>7}{'worker-s':>10}{'/peak':>7}"
           f"{'avg wk':>8}{'events':>7}{'TTFT p50':>10}{'p99':>8}{'goodput tok/s':>15}", file=out)
     for r in rows:
-        print(f"{r['config']:<24}{r['sla_attainment'] * 100:>7.1f}"
+        print(f"{r['config']:<28}{r['sla_attainment'] * 100:>7.1f}"
               f"{r['ttft_sla_attainment'] * 100:>8.1f}{r['itl_sla_attainment'] * 100:>7.1f}"
               f"{r['worker_seconds']:>10.0f}{r['ws_share_of_peak']:>7.2f}{r['avg_workers']:>8.2f}"
               f"{r['scale_events']:>7}{r['ttft_p50_ms']:>10.0f}{r['ttft_p99_ms']:>8.0f}"
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router", default="genset")
     p.add_argument("--down-cooldown-s", type=float, default=60.0)
     p.add_argument("--interval-s", type=float, default=1.0)
+    p.add_argument("--capped", type=int, default=0, metavar="N",
+                   help="also run each policy with at most N workers (a budget: Dynamo's "
+                        "planner averaged ~3 on the Mooncake sinusoid)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write every row and setting here")
     p.add_argument("--plot-dir", metavar="DIR", help="timeline plot of each planner run")
@@ -184,23 +188,28 @@ def main(argv: list[str] | None = None) -> int:
             ref = runs[n_peak]["worker_seconds"]
             rows = [row(f"static at peak ({n_peak})", runs[n_peak], ref),
                     row(f"static at mean ({n_mean})", runs[n_mean], ref)]
-            for startup in startups:
-                for pol in policies:
-                    planner = PlannerSimConfig(policy=pol, min_workers=1, max_workers=n_peak,
-                                               startup_s=startup, interval_s=args.interval_s,
-                                               down_cooldown_s=args.down_cooldown_s)
-                    r = replay(trace, n_peak, args, planner)
-                    log(f"    {pol} start-up {startup:g} s: attainment "
-                        f"{r['sla_attainment']:.3f}, {r['avg_workers']:.2f} workers "
-                        f"({r['bench_wall_s']:.0f} s)")
-                    rows.append(row(f"{pol} policy, start-up {startup:g}s", r, ref))
-                    if args.plot_dir:
-                        from genset.replay.__main__ import plot_timeline
+            caps = [n_peak] + ([args.capped] if 0 < args.capped < n_peak else [])
+            for cap in caps:
+                for startup in startups:
+                    for pol in policies:
+                        planner = PlannerSimConfig(policy=pol, min_workers=1, max_workers=cap,
+                                                   startup_s=startup,
+                                                   interval_s=args.interval_s,
+                                                   down_cooldown_s=args.down_cooldown_s)
+                        r = replay(trace, cap, args, planner)
+                        tag = "" if cap == n_peak else f", max {cap}"
+                        log(f"    {pol} start-up {startup:g} s{tag}: attainment "
+                            f"{r['sla_attainment']:.3f}, {r['avg_workers']:.2f} workers "
+                            f"({r['bench_wall_s']:.0f} s)")
+                        rows.append(row(f"{pol}, start-up {startup:g}s{tag}", r, ref))
+                        if args.plot_dir:
+                            from genset.replay.__main__ import plot_timeline
 
-                        os.makedirs(args.plot_dir, exist_ok=True)
-                        plot_timeline([r], os.path.join(
-                            args.plot_dir, f"{name}-{pol}-startup{startup:g}.png"),
-                            title=f"{name}, {pol} policy, start-up {startup:g} s")
+                            os.makedirs(args.plot_dir, exist_ok=True)
+                            suffix = "" if cap == n_peak else f"-max{cap}"
+                            plot_timeline([r], os.path.join(
+                                args.plot_dir, f"{name}-{pol}-startup{startup:g}{suffix}.png"),
+                                title=f"{name}, {pol} policy, start-up {startup:g} s{tag}")
             title = (f"{name}: {len(trace)} requests over {span:.0f} s, static at peak = "
                      f"{n_peak} workers (>= {args.peak_attainment:.0%} attainment), SLO TTFT "
                      f"<= 2 s and ITL <= 50 ms")

@@ -133,13 +133,19 @@ class ArrivalForecaster:
     """
 
     def __init__(self, bucket_s: float = 2.0, *, tau_s: float = 6.0, window_s: float = 60.0,
-                 length_alpha: float = 0.2, default_isl: float = 1024.0,
+                 length_requests: float = 50.0, default_isl: float = 1024.0,
                  default_osl: float = 128.0) -> None:
         if bucket_s <= 0:
             raise ValueError(f"bucket_s must be > 0, got {bucket_s}")
         self.bucket_ms = bucket_s * 1000.0
         self.rate = TrendEstimator(tau_s, window_s)  # requests per second
-        self.length_alpha = length_alpha
+        if length_requests <= 0:
+            raise ValueError(f"length_requests must be > 0, got {length_requests}")
+        # The mean lengths are weighted per request, with a memory of about this many
+        # requests: a bucket of one long prompt must not move them as much as a bucket of
+        # twelve (weighted per bucket, the Mooncake trace's mean prompt swung between 9k and
+        # 23k tokens within a minute, and the pool size with it)
+        self.length_requests = length_requests
         self.isl = default_isl  # mean prompt tokens
         self.osl = default_osl  # mean output tokens
         self.hit_ratio = 0.0  # prompt tokens served from cache / prompt tokens
@@ -203,18 +209,19 @@ class ArrivalForecaster:
         rate = self._count / (self.bucket_ms / 1000.0)
         self.rate.update(end_ms, rate)
         self.last_rate = rate
-        a = self.length_alpha
         if self._count and self._prompt:
             isl = self._prompt / self._count
             hit = self._cached / self._prompt
             if not self.seen_lengths:
                 self.isl, self.hit_ratio = isl, hit
             else:
+                a = 1.0 - math.exp(-self._count / self.length_requests)
                 self.isl += a * (isl - self.isl)
                 self.hit_ratio += a * (hit - self.hit_ratio)
             self.seen_lengths = True
         if self._out_n:
             osl = self._out / self._out_n
+            a = 1.0 - math.exp(-self._out_n / self.length_requests)
             self.osl = osl if not self._seen_osl else self.osl + a * (osl - self.osl)
             self._seen_osl = True
         self._count = self._prompt = self._cached = self._out_n = self._out = 0

@@ -53,6 +53,7 @@ class PoolView:
     queue_tokens: float = 0.0  # waiting prefill tokens, summed
     running: float = 0.0  # sequences running, summed
     max_running: int = 256
+    ceiling: int = 0  # the most workers the pool may have (0: unknown)
 
 
 @dataclass(slots=True)
@@ -62,6 +63,9 @@ class PoolNeed:
     settle_now: int
     why: str
     inputs: dict[str, float] = field(default_factory=dict)
+    # the load is falling and the data says so (a significant trend, not noise): the core may
+    # scale down after a short cool-down instead of waiting out the whole one
+    falling: bool = False
 
 
 @dataclass
@@ -143,9 +147,11 @@ class LoadPolicy:
 class SloPolicyConfig:
     ttft_ms: float = 1000.0
     itl_ms: float = 50.0
-    down_margin: float = 0.15  # scale down only to a size that still meets the need + 15 %
-    noise_z: float = 3.0  # down only when the rate is this many noise sigmas below what the
-    # pool serves (the band is wide at low rates, narrow at high) ...
+    down_margin: float = 0.10  # scale down only to a size that still meets the need + 10 %
+    noise_z: float = 1.0  # down only when the rate is this many noise sigmas below what the
+    # pool serves (the band is wide at low rates, narrow at high; at 3 the pool kept its
+    # peak size through most of each trough of the Mooncake sinusoid: the latency budget
+    # below is the margin for the tail, this one only against the rate's noise) ...
     up_noise_z: float = 1.0  # ... and up when it is this many above: a late scale-up costs
     # SLO misses for a whole start-up time, a needless one only worker-seconds until the
     # cool-down (measured on the sinusoid Mooncake trace, 30 s start-up: z = 3 left the pool
@@ -153,7 +159,11 @@ class SloPolicyConfig:
     max_utilisation: float = 0.9  # a prefill worker is never planned busier than this
     kv_fill: float = 0.9  # decode batches are planned to fill at most this share of KV
     kv_safety: float = 0.9  # whatever the model says: KV use above this per worker adds one
-    correction_min: float = 0.5
+    # Observed / predicted latency corrects the model up only: the step times are fitted
+    # from the engine's own steps, so a client seeing less than predicted is slack in the
+    # queueing approximation (batched prompts), not a faster engine; following it down sized
+    # the Mooncake sinusoid's peaks for half their load (correction 0.5 at each peak)
+    correction_min: float = 1.0
     correction_max: float = 4.0
     correction_alpha: float = 0.2
     min_latency_samples: int = 20  # observed TTFT/ITL needed before correcting the model
@@ -164,8 +174,14 @@ class SloPolicyConfig:
     # (a quarter of the allowed misses or fewer). Bounded by `boost_max`.
     attainment_target: float = 0.95
     boost_gain: float = 0.02
-    boost_decay: float = 0.005
+    boost_decay: float = 0.02  # ~35 decisions to halve: an old miss must not hold a peak's
+    # pool through the next trough (at 0.005 the boost of one peak lasted the whole run)
     boost_max: float = 3.0
+    # The share of the TTFT and ITL targets the *mean* request is planned to use: each
+    # request is judged on its own, and one of a few output tokens that shares its worker
+    # with long prompts sees several times the mean inter-token gap. The rest of the target
+    # is the room for that tail.
+    latency_budget: float = 0.9
 
     def __post_init__(self) -> None:
         if self.ttft_ms <= 0 or self.itl_ms <= 0:
@@ -178,6 +194,10 @@ class SloPolicyConfig:
                              f"{self.attainment_target}")
         if self.boost_max < 1 or self.boost_gain < 0 or not 0 <= self.boost_decay < 1:
             raise ValueError("need boost_max >= 1, boost_gain >= 0, 0 <= boost_decay < 1")
+        if not 0 < self.latency_budget <= 1:
+            raise ValueError(f"latency_budget must be in (0, 1], got {self.latency_budget}")
+        if not 0 < self.correction_min <= self.correction_max:
+            raise ValueError("need 0 < correction_min <= correction_max")
         if not 0 < self.kv_fill <= 1 or not 0 < self.kv_safety <= 1:
             raise ValueError("kv_fill and kv_safety must be in (0, 1]")
         if self.down_margin < 0:
@@ -244,6 +264,83 @@ def size_decode(rate: float, isl: float, osl: float, model: PerfModel, itl_ms: f
     return DecodeSizing(concurrency / best, best, best_ms, concurrency, feasible)
 
 
+@dataclass(slots=True)
+class WorkerCapacity:
+    rate: float  # requests/s one aggregated worker serves within the planned latencies
+    prefill_ms: float  # one mean (uncached) prompt, corrected
+    utilisation: float  # its prefill busy share at that rate
+    batch: float  # sequences decoding on it at that rate (Little's law)
+    step_ms: float  # its decode step at that batch, corrected
+    ttft_ms: float  # predicted mean TTFT at that rate
+    itl_ms: float  # predicted mean ITL at that rate
+    feasible: bool
+
+
+def _worker_latency(rate: float, s_ms: float, isl: float, osl: float, model: PerfModel,
+                    cap_tokens: float, max_running: int, kv_fill: float, max_util: float,
+                    itl_correction: float) -> tuple[float, float, float, float, float] | None:
+    """(rho, TTFT, ITL, batch, step) of one aggregated worker taking `rate` requests/s; None
+    when it cannot keep up (prefill saturated, or the decode batch outgrows KV or the
+    engine's running limit)."""
+    rho = rate * s_ms / 1000.0
+    if rho >= max_util:
+        return None
+    ttft = s_ms + rho * s_ms / (2 * (1 - rho))  # M/D/1 wait + the prompt's own prefill
+    ctx = max(1.0, isl + osl / 2.0)  # mean context of a decoding sequence
+    # A sequence gets a token per step only in the time prompts leave (1 - rho), and the
+    # batch is what Little's law keeps decoding at that pace: b = rate x osl x ITL(b). ITL
+    # grows with b, so iterating from b = 0 climbs to the smallest fixed point (or past a
+    # limit when there is none: the decode side is saturated)
+    b, itl, step = 0.0, 0.0, 0.0
+    for _ in range(40):
+        step = model.decode_ms(max(b, 1e-3), min(1.0, b * ctx / cap_tokens)) * itl_correction
+        itl = step / (1 - rho)
+        nb = rate * osl * itl / 1000.0
+        if nb > max_running or nb * ctx > kv_fill * cap_tokens:
+            return None
+        if abs(nb - b) <= 1e-3 * max(1.0, nb):
+            b = nb
+            break
+        b = nb
+    else:
+        return None
+    return rho, ttft, itl, b, step
+
+
+def worker_capacity(uncached_isl: float, isl: float, osl: float, model: PerfModel,
+                    ttft_ms: float, itl_ms: float, kv_tokens_per_worker: float,
+                    max_running: int, kv_fill: float = 0.9, max_utilisation: float = 0.9,
+                    ttft_correction: float = 1.0, itl_correction: float = 1.0,
+                    ) -> WorkerCapacity:
+    """The largest arrival rate one aggregated worker (it computes prompts and decodes) serves
+    with a mean TTFT <= `ttft_ms` and a mean ITL <= `itl_ms` (`_worker_latency`; both grow
+    with the rate, so bisection finds it). A pool of n such workers behind a balancing router
+    serves n times that: the need is rate / capacity, and a forecast needs one solve, not one
+    per rate. When even a trickle misses a target (one prompt's prefill over TTFT, one
+    sequence's step over ITL) the worker is planned at half its prefill saturation and
+    reported not feasible."""
+    s = model.prefill_ms(max(1.0, uncached_isl)) * ttft_correction
+    cap = max(1.0, kv_tokens_per_worker)
+    args = (s, isl, osl, model, cap, max(1, max_running), kv_fill, max_utilisation,
+            itl_correction)
+    hi = max_utilisation * 1000.0 / s  # prefill saturation
+    lo = 0.0
+    tiny = _worker_latency(hi * 1e-6, *args)
+    feasible = tiny is not None and tiny[1] <= ttft_ms and tiny[2] <= itl_ms
+    if not feasible:
+        lo = 0.5 * hi
+    else:
+        for _ in range(24):  # relative precision 2^-24 of prefill saturation
+            mid = 0.5 * (lo + hi)
+            r = _worker_latency(mid, *args)
+            if r is not None and r[1] <= ttft_ms and r[2] <= itl_ms:
+                lo = mid
+            else:
+                hi = mid
+    at = _worker_latency(lo, *args) or (lo * s / 1000.0, s, 0.0, 0.0, 0.0)
+    return WorkerCapacity(lo, s, at[0], at[3], at[4], at[1], at[2], feasible)
+
+
 class SloPolicy:
     """The smallest pools that meet the TTFT and ITL targets at the forecast load.
 
@@ -271,6 +368,7 @@ class SloPolicy:
         self.predicted_ttft_ms: float | None = None
         self.predicted_itl_ms: float | None = None
         self._kv: dict[str, TrendEstimator] = {}  # KV demand per pool, for the safety net
+        self._growing_ms: float | None = None  # when a pool last had workers starting
 
     @staticmethod
     def _correct(current: float, observed: float | None, predicted: float | None,
@@ -303,9 +401,24 @@ class SloPolicy:
                 self.predicted_itl_ms /= max(0.1, 1.0 - min(0.9, rho))
         else:
             self.predicted_itl_ms = None
+        if any(v.starting or (v.ceiling and v.target >= v.ceiling and v.ready >= v.ceiling)
+               for v in views.values()):
+            # growing, or at its ceiling: a pool that cannot have what it needs is caught
+            # short too (capped at 3 workers on the Mooncake sinusoid, the boost went to its
+            # cap at each peak and kept the pool at 3 through every trough)
+            self._growing_ms = now_ms
         self._update_boost(now_ms)
+        if self._recent_growth(now_ms):
+            # latencies from a pool caught short (growing, or within a latency window of its
+            # last growth) measure the start-up time, not the model: on the bursty Azure
+            # trace they pulled the TTFT correction to its cap at each burst, the capacity
+            # of a worker to a seventh, and the pool to its ceiling
+            return
         if self.ttft.count(now_ms) >= c.min_latency_samples:
-            self.ttft_correction = self._correct(self.ttft_correction, self.ttft.mean(now_ms),
+            # the median request, as for ITL below: a burst's queue is the tail's, and the
+            # feedback on the tail is the attainment boost
+            self.ttft_correction = self._correct(self.ttft_correction,
+                                                 self.ttft.quantile(now_ms, 0.5),
                                                  self.predicted_ttft_ms, c)
         if self.itl.count(now_ms) >= c.min_latency_samples:
             # the median request, not the mean: ITL samples are one mean per request, and a
@@ -315,6 +428,10 @@ class SloPolicy:
             self.itl_correction = self._correct(self.itl_correction,
                                                 self.itl.quantile(now_ms, 0.5),
                                                 self.predicted_itl_ms, c)
+
+    def _recent_growth(self, now_ms: float) -> bool:
+        window_ms = max(self.ttft.window_ms, self.itl.window_ms)
+        return self._growing_ms is not None and now_ms - self._growing_ms < window_ms
 
     def _update_boost(self, now_ms: float) -> None:
         c = self.config
@@ -328,7 +445,10 @@ class SloPolicy:
         self.attainment = att = min(shares)
         allowed = 1.0 - c.attainment_target
         miss = (1.0 - att) / allowed  # 1: exactly at the target
-        if miss > 1.0:
+        # misses while the pool is growing, or from before the workers asked for joined,
+        # are the start-up time's, not the model's: they do not grow the boost (they did, to
+        # its cap, at each peak of the Mooncake sinusoid, and held the next trough at peak)
+        if miss > 1.0 and not self._recent_growth(now_ms):
             self.boost = min(c.boost_max, self.boost + c.boost_gain * min(2.0, miss - 1.0))
         elif miss <= 0.25:
             self.boost = max(1.0, 1.0 + (self.boost - 1.0) * (1.0 - c.boost_decay))
@@ -346,30 +466,30 @@ class SloPolicy:
         uncached = f.isl * (1 - f.hit_ratio)
         rate_ahead, rate_now = f.forecast(horizon_s), f.level
 
+        budget = c.latency_budget
+        ttft_plan, itl_plan = c.ttft_ms * budget, c.itl_ms * budget
+        agg = None
+        if not disagg:
+            agg = worker_capacity(uncached, f.isl, f.osl, self.model, ttft_plan, itl_plan,
+                                  kv_tokens, dv.max_running, c.kv_fill, c.max_utilisation,
+                                  self.ttft_correction, self.itl_correction)
+
         def need(rate: float) -> tuple[PrefillSizing, DecodeSizing]:
-            p = size_prefill(rate, uncached, self.model, c.ttft_ms, c.max_utilisation,
+            p = size_prefill(rate, uncached, self.model, ttft_plan, c.max_utilisation,
                              self.ttft_correction)
-            d = size_decode(rate, f.isl, f.osl, self.model, c.itl_ms, kv_tokens,
+            d = size_decode(rate, f.isl, f.osl, self.model, itl_plan, kv_tokens,
                             dv.max_running, c.kv_fill, self.itl_correction)
-            if disagg:
-                return p, d
-            # Aggregated: a worker busy computing prompts a share rho of the time gives its
-            # sequences a token per step only in the rest, so their ITL is step / (1 - rho):
-            # the step must meet ITL x (1 - rho) at the pool size this gives (a fixed point;
-            # rho falls as the pool grows, three rounds settle it)
-            busy = rate * p.service_ms / 1000.0  # workers' worth of prompt computing
-            for _ in range(3):
-                n = max(1.0, p.workers + d.workers)
-                rho = min(0.9, busy / n)
-                d = size_decode(rate, f.isl, f.osl, self.model, c.itl_ms * (1.0 - rho),
-                                kv_tokens, dv.max_running, c.kv_fill, self.itl_correction)
             return p, d
+
+        def agg_need(rate: float) -> float:
+            return rate / agg.rate if agg is not None and agg.rate > 0 and rate > 0 else 0.0
 
         # Poisson noise on the rate: scale up on what the rate surely is (lower bound), size
         # and scale down on what it could be (upper bound)
         sigma = c.noise_z * f.noise()
+        rate_low = max(0.0, rate_ahead - c.up_noise_z * f.noise())
         p_ahead, d_ahead = need(rate_ahead)
-        p_low, d_low = need(max(0.0, rate_ahead - c.up_noise_z * f.noise()))
+        p_low, d_low = need(rate_low)
         p_now, d_now = need(rate_now + sigma)
         kv_now: dict[str, float] = {}
         kv_ahead: dict[str, float] = {}
@@ -389,11 +509,20 @@ class SloPolicy:
                   "ttft_correction": self.ttft_correction,
                   "itl_correction": self.itl_correction, "slo_boost": self.boost,
                   "attainment": -1.0 if self.attainment is None else self.attainment}
+        if agg is not None:
+            inputs.update({"worker_capacity_rps": agg.rate, "prefill_ms": agg.prefill_ms,
+                           "prefill_utilisation": agg.utilisation,
+                           "decode_batch": agg.batch, "decode_step_ms": agg.step_ms,
+                           "ttft_planned_ms": agg.ttft_ms, "itl_planned_ms": agg.itl_ms})
         infeasible = []
-        if not p_ahead.feasible:
+        if agg is not None and not agg.feasible:
+            infeasible.append(f"one worker misses TTFT {ttft_plan:.0f} ms or ITL "
+                              f"{itl_plan:.0f} ms (planned: {budget:.0%} of the targets) even "
+                              f"at a trickle (prefill {agg.prefill_ms:.0f} ms per prompt)")
+        if agg is None and not p_ahead.feasible:
             infeasible.append(f"TTFT target {c.ttft_ms:.0f} ms is below the prefill time of a "
                               f"mean prompt ({p_ahead.service_ms:.0f} ms)")
-        if not d_ahead.feasible:
+        if agg is None and not d_ahead.feasible:
             infeasible.append(f"ITL target {c.itl_ms:.0f} ms is below one sequence's decode "
                               f"step ({d_ahead.step_ms:.1f} ms)")
         note = ("; not feasible: " + "; ".join(infeasible)) if infeasible else ""
@@ -410,11 +539,13 @@ class SloPolicy:
                 why = (f"{head}: {d_ahead.concurrency:.1f} sequences decoding, {d_ahead.batch}"
                        f" per worker at {d_ahead.step_ms:.1f} ms/step for ITL {c.itl_ms:.0f} ms")
             else:
-                raw = p_low.workers + d_low.workers
-                raw_now = p_now.workers + d_now.workers
-                why = (f"{head}: prefill share {p_ahead.workers:.2f} + decode share "
-                       f"{d_ahead.workers:.2f} workers (prefill {p_ahead.service_ms:.0f} ms, "
-                       f"{d_ahead.batch} seqs/worker at {d_ahead.step_ms:.1f} ms/step)")
+                assert agg is not None
+                raw, raw_now = agg_need(rate_low), agg_need(rate_now + sigma)
+                why = (f"{head}: a worker serves {agg.rate:.2f} req/s within {budget:.0%} of "
+                       f"the targets (prefill {agg.prefill_ms:.0f} ms per prompt, "
+                       f"{agg.utilisation:.0%} busy; {agg.batch:.1f} seqs decoding at "
+                       f"{agg.step_ms:.1f} ms/step: TTFT {agg.ttft_ms:.0f} ms, ITL "
+                       f"{agg.itl_ms:.1f} ms), {agg_need(rate_ahead):.2f} workers' worth")
             if self.boost > 1.0:
                 raw, raw_now = raw * self.boost, raw_now * self.boost
                 seen = (f"{self.attainment:.0%} of recent requests met the targets"
@@ -427,7 +558,8 @@ class SloPolicy:
                 why += (f"; KV safety: {kv_ahead[role]:.2f} workers' worth of KV in use "
                         f"(at most {c.kv_safety:.0%} each)")
             n = max(1, views[role].ready)
+            falling = f.rate.slope() < 0 and self._kv[role].slope() <= 0
             out[role] = PoolNeed(up, max(up, settle_now), settle_now, why + note,
                                  {**inputs, "need": raw, "need_now": raw_now,
-                                  "kv_usage_smoothed": kv_now[role] / n})
+                                  "kv_usage_smoothed": kv_now[role] / n}, falling)
         return out
