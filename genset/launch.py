@@ -52,7 +52,7 @@ from genset.engines.factory import served_model_name
 from genset.routing.api import MODE_AUTO, MODE_SERVICE, POLICY_NAMES, router_mode
 from genset.runtime import auth  # security: credentials, NATS config, etcd users (issue 14)
 from genset.runtime.config import DefaultsHelpFormatter
-from genset.runtime.infra import die_with_parent
+from genset.runtime.infra import child_command
 from genset.supervise import RestartPolicy, Supervisor, describe_exit
 from proto import ROLE_DECODE, ROLE_PREFILL
 
@@ -170,10 +170,10 @@ class Child:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(self.argv)}\n".encode())
             log.flush()
+            argv, preexec = child_command(self.argv)
             self.proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
-                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True, preexec_fn=preexec,
             )
         return self
 

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import httpx
 
-from genset.launch import die_with_parent, pick_listen_port
+from genset.launch import pick_listen_port
+from genset.runtime.infra import child_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,12 +61,11 @@ class ServiceProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("GENSET_LOG_FORMAT", "json")
         with open(self.log_path, "ab") as log:
+            # if the test process dies (a killed CI run), the children go with it
+            argv, preexec = child_command([sys.executable, "-m", "genset.cli", *self.argv])
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "genset.cli", *self.argv],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=REPO_ROOT, env=env, start_new_session=True,
-                # if the test process dies (a killed CI run), the children go with it
-                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=REPO_ROOT, env=env, start_new_session=True, preexec_fn=preexec,
             )
         return self
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import urllib.request
 
+import pytest
+
 from genset.runtime.infra import port_open
 
 
@@ -25,3 +27,46 @@ def test_stop_leaves_no_process(own_etcd):
     proc = own_etcd.proc
     own_etcd.stop()
     assert proc.poll() is not None
+
+
+@pytest.mark.parametrize("setpriv", [True, False], ids=["setpriv", "prctl-fallback"])
+def test_a_child_started_with_child_command_dies_with_its_parent(tmp_path, setpriv):
+    """`child_command` (setpriv, or the prctl fallback) hands children a parent-death signal:
+    a SIGKILLed `genset up` or test run leaves no process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers.waiting import until_blocking
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "import genset.runtime.infra as infra\n"
+        f"infra._SETPRIV = infra._SETPRIV if {setpriv} else None\n"
+        "argv, preexec = infra.child_command(['sleep', '300'])\n"
+        "child = subprocess.Popen(argv, preexec_fn=preexec, start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(300)\n")], start_new_session=True)
+    try:
+        until_blocking(lambda: pid_file.exists() and pid_file.read_text(), within=60,
+                       what="the child's pid")
+        child_pid = int(pid_file.read_text())
+        os.kill(child_pid, 0)  # it runs
+        parent.kill()
+        parent.wait(30)
+
+        def gone() -> bool:
+            try:
+                with open(f"/proc/{child_pid}/stat") as f:
+                    return f.read().split(")")[-1].split()[0] == "Z"  # reaped soon by init
+            except FileNotFoundError:
+                return True
+
+        until_blocking(gone, within=60, what="the child to die with its parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        with __import__("contextlib").suppress(Exception):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)

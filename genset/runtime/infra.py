@@ -35,22 +35,40 @@ class InfraError(RuntimeError):
     pass
 
 
-def die_with_parent() -> None:
-    """`preexec_fn` for children: ask Linux to SIGTERM the child when its parent dies.
-
-    A test run or `genset up` that is SIGKILLed then leaves no server behind. Call Popen from
-    the main thread: the signal fires when the *thread* that forked exits.
-    """
+def _load_prctl():
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        pass  # not Linux: the parent's own shutdown still stops its children
+        return None  # not glibc Linux: the parent's own shutdown still stops its children
 
 
-_PREEXEC = die_with_parent if sys.platform.startswith("linux") else None
+_LINUX = sys.platform.startswith("linux")
+# Looked up here, in the parent: a preexec_fn runs in the forked child, where importing or
+# dlopen-ing can deadlock or crash on a lock another thread held at fork time.
+_PRCTL = _load_prctl() if _LINUX else None
+_SETPRIV = shutil.which("setpriv") if _LINUX else None
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` fallback (no `setpriv`): ask Linux to SIGTERM the child when its parent
+    dies. Prefer `child_command`: any preexec_fn makes Popen fork() instead of vfork() and run
+    Python in the child, which crashed planner-started workers while the etcd client's gRPC
+    threads ran ("skipping fork() handlers", SIGSEGV)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def child_command(argv: list[str]) -> tuple[list[str], object]:
+    """(argv, preexec_fn) for a child that must die with this process: a test run or `genset
+    up` that is SIGKILLed then leaves no server behind. With util-linux's `setpriv` the death
+    signal is set by an exec'd program, so Popen can vfork and no Python runs in the child;
+    the signal survives setpriv's exec of `argv`. Call Popen from the main thread: the signal
+    fires when the *thread* that forked exits."""
+    if _SETPRIV is not None:
+        return [_SETPRIV, "--pdeathsig", "TERM", "--", *argv], None
+    return list(argv), (die_with_parent if _PRCTL is not None else None)
 
 
 def _venv_bin(name: str) -> Path:
@@ -125,14 +143,15 @@ class _ServerProcess(abc.ABC):
         if self.proc and self.proc.poll() is None:
             return self
         log = open(self.log_path, "ab")  # the child keeps its own copy of the fd
+        argv, preexec = child_command(self._command())
         self.proc = subprocess.Popen(
-            self._command(),
+            argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=self._env(),
             start_new_session=True,
-            preexec_fn=_PREEXEC,
+            preexec_fn=preexec,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -31,7 +31,7 @@ from pathlib import Path
 import structlog
 
 from genset.planning.actuation import DrainRequest, ScaleChange, WorkerHandle, WorkerLauncher
-from genset.runtime.infra import die_with_parent
+from genset.runtime.infra import child_command
 
 log = structlog.get_logger("genset.planner")
 
@@ -101,10 +101,10 @@ class ProcessLauncher:
         argv = self.argv(role)
         with open(log_path, "ab") as out:
             try:
+                cmd, preexec = child_command(argv)
                 proc = subprocess.Popen(
-                    argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=env, start_new_session=True,
-                    preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=env, start_new_session=True, preexec_fn=preexec)
             except OSError as exc:
                 raise ConnectorError(f"cannot start {shlex.join(argv[:6])} ...: {exc}") from None
         handle = ProcessHandle(role, proc, log_path)

@@ -17,3 +17,14 @@ async def until(predicate: Callable[[], object], within: float = 5.0, what: str 
             raise AssertionError(f"timed out after {within} s waiting for: {what}")
         await asyncio.sleep(poll_s)
     return time.monotonic() - start
+
+
+def until_blocking(predicate: Callable[[], object], within: float = 5.0,
+                   what: str = "condition", *, poll_s: float = 0.05) -> float:
+    """`until` for tests without an event loop (processes driven from plain threads)."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > within:
+            raise AssertionError(f"timed out after {within} s waiting for: {what}")
+        time.sleep(poll_s)
+    return time.monotonic() - start
