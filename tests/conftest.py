@@ -104,7 +104,7 @@ async def secure_infra(tmp_path_factory):
     nats = NatsServer(config_file=auth.write_nats_config(creds)).start()
     etcd = EtcdServer().start()
     try:
-        await auth.setup_etcd_auth(etcd.endpoint, creds)
+        await auth.retrying_etcd_setup(etcd.endpoint, creds, 120.0)  # as genset up does
         yield SecureInfra(creds, nats, etcd)
     finally:
         nats.cleanup()

@@ -140,15 +140,19 @@ async def test_workers_keep_serving_when_the_store_is_killed_under_load(
             assert i < 2000, stack.logs()
         assert not failures, failures
 
-        async def misses() -> float:
-            return await total("genset_worker_offload_lookups", outcome="misses")
+        async def computed() -> float:
+            # a lookup that found nothing (the dead store's instance still listed), one that
+            # failed, or none at all because the hook judged the store slower than computing
+            # (its fetch rate is measured, so which one depends on the machine's speed)
+            return sum([await total("genset_worker_offload_lookups", outcome=o)
+                        for o in ("misses", "errors", "skipped_slow")])
 
-        before = await misses()
+        before = await computed()
         store.kill()
         await load(i, 24)  # right after the kill: the store is still listed in etcd
         i += 24
         assert not failures, failures
-        assert await misses() > before  # lookups went to the dead store, and were computed
+        assert await computed() > before  # nothing came from the dead store: computed
         for w in workers:
             m = await w.metrics()
             assert metric(m, "genset_worker_requests_finished_total", reason="length") > 0

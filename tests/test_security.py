@@ -255,13 +255,14 @@ async def test_etcd_setup_is_idempotent_and_adds_new_slots(secure_infra, tmp_pat
     from genset.runtime import auth
 
     creds = secure_infra.creds
-    await auth.setup_etcd_auth(secure_infra.etcd.endpoint, creds)  # again: nothing breaks
+    # again: nothing breaks (retried while etcd does not answer, as genset up does)
+    await auth.retrying_etcd_setup(secure_infra.etcd.endpoint, creds, 120.0)
     # a wrong root password is named, not retried for ever
     wrong = auth.Credentials(dir=tmp_path, namespaces=[NS], passwords=dict(creds.passwords),
                              worker_ids=list(creds.worker_ids), models=["tiny"],
                              etcd_root="not-it")
     with pytest.raises(auth.AuthError, match="root's password"):
-        await auth.setup_etcd_auth(secure_infra.etcd.endpoint, wrong)
+        await auth.retrying_etcd_setup(secure_infra.etcd.endpoint, wrong, 120.0)
 
 
 async def test_services_log_in_with_their_credentials(secure_infra):
@@ -366,7 +367,7 @@ async def test_tls_with_a_generated_local_ca(tmp_path):
     etcd_server = EtcdServer(tls=tls).start()
     try:
         assert etcd_server.endpoint.startswith("https://")
-        await auth.setup_etcd_auth(etcd_server.endpoint, creds)
+        await auth.retrying_etcd_setup(etcd_server.endpoint, creds, 120.0)
         env = creds.env("frontend")
         bus = await Bus.connect(nats_server.url, name="tls", namespace=NS,
                                 user=env["GENSET_NATS_USER"], password=env["GENSET_NATS_PASSWORD"],

@@ -739,7 +739,7 @@ class StackSecurity:
         if self.creds is None:
             return
         self.etcd_owned = True
-        asyncio.run(_retrying_etcd_setup(endpoint, self.creds, 60.0))
+        asyncio.run(retrying_etcd_setup(endpoint, self.creds, 60.0))
 
     def child_env(self, command: str, name: str) -> dict[str, str]:
         """The environment of child `name` running `genset <command>`; worker-N gets worker
@@ -818,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
             endpoint = args.etcd
             if creds.tls is not None and "://" not in endpoint:
                 endpoint = f"https://{endpoint}"
-            asyncio.run(_retrying_etcd_setup(endpoint, creds, args.timeout))
+            asyncio.run(retrying_etcd_setup(endpoint, creds, args.timeout))
             print(f"etcd at {endpoint}: authentication on")
             return 0
         if args.command == "env":
@@ -840,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _retrying_etcd_setup(endpoint: str, creds: Credentials, within_s: float) -> None:
+async def retrying_etcd_setup(endpoint: str, creds: Credentials, within_s: float) -> None:
     """etcd may still be starting (compose starts services together): retry until it answers."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s
