@@ -109,6 +109,19 @@ def test_equally_cold_blocks_turn_over_lru_first():
     assert set(cache.ram.entries) == set(first[50:]) | set(later)
 
 
+def test_a_hit_run_keeps_its_head_longest():
+    """Onboarding serves a prefix's leading run only: a hit leaves the run's first block the
+    most recent, so LRU drops a prefix's tail before its head (never an orphaned tail)."""
+    cache = TieredCache.in_blocks(4, admission="lru")
+    run = hashes(4, 1)
+    for h in reversed(run):  # handed over tail first, as workers evict
+        cache.offer(h, None)
+    cache.touch_run(run)
+    assert list(cache.ram.entries) == list(reversed(run))  # LRU first: the tail
+    cache.offer(hashes(1, 2)[0], None)
+    assert cache.locate(run) == [TIER_RAM] * 3  # the tail went, the head stays usable
+
+
 def test_a_block_that_becomes_popular_gets_in():
     cache = TieredCache.in_blocks(10)
     hot = hashes(10, 1)

@@ -131,3 +131,23 @@ def test_copies_beside_the_compute_cost_only_what_outlasts_the_prefill():
     idle = WorkerView(worker_id=1, host_blocks=32)
     ms, _ = slow.onboard(32, 0, BS, 1023)
     assert slow.score(ctx, idle) == pytest.approx(ms + ms / 32)
+
+
+def test_with_a_store_the_affinity_credit_is_priced_at_onboarding():
+    """With a store in reach, a duplicate's victims are onboarded again rather than computed:
+    the device prefix earns `affinity` x its onboarding time, and onboarded blocks none."""
+    kw = {"kv_bytes_per_token": 131072, "host_gbps": 32.0, "copy_overlap": True}
+    pol, none = PredictedTTFT(**kw), PredictedTTFT(**kw, affinity=0.0)
+    ctx = RouteContext(prompt_tokens=64 * BS, prompt_blocks=64, block_size=BS)
+    view = WorkerView(worker_id=1, overlap_blocks=8, host_blocks=40, store=True)
+    ms = 131072 * 8 * BS / 1e6 / 32.0 / 32  # 8 blocks' copy, first layer (overlapped)
+    assert none.score(ctx, view) - pol.score(ctx, view) == pytest.approx(0.5 * ms)
+    # without a store: the device prefix's prefill saving (and never the onboarded blocks')
+    p = pol.profile
+    plain = WorkerView(worker_id=1, overlap_blocks=8)
+    assert none.score(ctx, plain) - pol.score(ctx, plain) == pytest.approx(
+        0.5 * (p.prefill_ms(64 * BS) - p.prefill_ms(56 * BS)))
+    held = WorkerView(worker_id=1, overlap_blocks=8, host_blocks=40)  # store not flagged
+    uncached = 64 * BS - 48 * BS
+    assert none.score(ctx, held) - pol.score(ctx, held) == pytest.approx(
+        0.5 * (p.prefill_ms(uncached + 8 * BS) - p.prefill_ms(uncached)))

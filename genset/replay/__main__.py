@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from genset.offload.tiers import ADMISSION_POLICIES, ADMIT_FREQUENCY
+from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
 from genset.planning import POLICIES as PLANNER_POLICIES
 from genset.replay import disagg_sim
 from genset.replay.metrics import DEFAULT_SLA_ITL_MS, DEFAULT_SLA_TTFT_MS
@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GB/s copying an onboarded block into a worker (0: free)")
     off.add_argument("--offload-disk-gbps", type=_non_negative(float), default=4.0,
                      help="GB/s reading a block from the store's disk tier (0: free)")
-    off.add_argument("--offload-admission", choices=ADMISSION_POLICIES, default=ADMIT_FREQUENCY,
-                     help="the store's admission (its --admission; default frequency)")
+    off.add_argument("--offload-admission", choices=ADMISSION_POLICIES, default=DEFAULT_ADMISSION,
+                     help="the store's admission (its --admission)")
     off.add_argument("--offload-sync-copies", action="store_true",
                      help="workers' steps wait for their KV copies (default: the copies run "
                           "beside the step's compute, layer by layer)")

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from genset.offload.tiers import ADMIT_FREQUENCY, TIER_RAM, TieredCache
+from genset.offload.tiers import DEFAULT_ADMISSION, TIER_RAM, TieredCache
 
 STORE_ID = 0x0FF10AD  # the store's id in the routers' index (never a worker's index)
 MAX_RECORDED = 1024  # as the live store: demand counted for at most this many hashes
@@ -44,7 +44,7 @@ class OffloadConfig:
     # waits for them (`--offload-sync-copies`, the torch engine's way today)
     copy_overlap: bool = True
     spill_min_freq: int = 2
-    admission: str = ADMIT_FREQUENCY  # the store's `--admission` (genset.offload.tiers)
+    admission: str = DEFAULT_ADMISSION  # the store's `--admission` (genset.offload.tiers)
     # Onboard a disk-tier block only when reading and copying it in is faster than computing
     # its tokens again (the mocker's marginal prefill cost per token); otherwise the run
     # stops at the first disk block and the rest is computed.
@@ -144,12 +144,12 @@ class OffloadSim:
         parent = hashes[have - 1] if have else None
         prev = parent
         for h, tier in zip(want, tiers, strict=False):
-            cache.touch(h)
             if tier != TIER_RAM:
                 disk += 1
                 cache.promote(h, prev)
             prev = h
         n = len(tiers)
+        cache.touch_run(want[:n])  # as the live store: the run's head most recent
         self.onboarded[TIER_RAM] += n - disk
         self.onboarded["disk"] += disk
         if disk and self.config.disk_gbps > 0:

@@ -293,6 +293,7 @@ class RouterCore:
             view = self._view(w, overlap)
             if self.stores:
                 view.host_blocks, view.disk_blocks = store_runs[w.block_size][overlap]
+                view.store = True
             views.append(view)
         bs = ws[0].block_size
         ctx = RouteContext(prompt_tokens=prompt_tokens, prompt_blocks=prompt_tokens // bs,

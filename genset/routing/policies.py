@@ -37,6 +37,7 @@ class WorkerView:
     # them), in the store's RAM and on its disk
     host_blocks: int = 0
     disk_blocks: int = 0
+    store: bool = False  # an offload store is in reach (its evicted blocks are kept)
 
 
 @dataclass(slots=True)
@@ -201,8 +202,14 @@ class PredictedTTFT(Policy):
     counts against the worker (it is onboarded anyway). With `copy_overlap` the engine copies
     beside its compute (layer by layer): the transfer costs only its first layer
     (1/`kv_layers`) and what outlasts the prefill. The store is shared, so there is no
-    affinity credit for it: a worker without the prefix but next to a warm store competes
-    with the loaded worker that holds it on its own.
+    affinity credit for it, and with a store in reach (`store`: the router tracks one) the
+    affinity credit itself changes price. Keeping a prefix on one worker saves cache room
+    elsewhere; without a store the prefix a second copy pushes out is computed again, with
+    one it is onboarded again: the credit is then `affinity` x the onboarding time of the
+    device prefix (what a device hit saves over the store), not its prefill time. A worker
+    without the prefix but next to a warm store competes with the loaded worker that holds
+    it on load and transfer time. (Mooncake replay, 2026-12-06, store 10x the GPUs: the
+    full prefill credit cost ~4 ms of mean TTFT and a point of hit rate.)
 
     Near-ties (within `tie_ms`) go to the least loaded, then at random, so equal scores
     spread out.
@@ -262,7 +269,15 @@ class PredictedTTFT(Policy):
             after = p.decode_ms((v.decode_tokens + ctx.prompt_tokens) / capacity)
             ttft += self.decode_weight * (after - (decode_now or p.decode_ms(0.0))) * v.inflight
         if self.affinity and cached:
-            ttft -= self.affinity * (p.prefill_ms(ctx.prompt_tokens) - p.prefill_ms(uncached))
+            if v.store:
+                # a duplicate's victims go to the store: what the device prefix saves is
+                # its onboarding, not its compute
+                save = self.kv_bytes_per_token * cached / 1e6 / self.host_gbps
+                if self.copy_overlap:
+                    save /= self.kv_layers
+            else:
+                save = p.prefill_ms(uncached + cached) - p.prefill_ms(uncached)
+            ttft -= self.affinity * save
         return ttft
 
     def onboard(self, host_blocks: int, disk_blocks: int, block_size: int,

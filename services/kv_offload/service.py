@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import proto
-from genset.offload.tiers import ADMISSION_POLICIES, ADMIT_FREQUENCY
+from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
 from genset.runtime.config import opt
 from genset.runtime.service import Service
 from proto import subjects
@@ -73,10 +73,10 @@ class OffloadOptions:
     spill_min_freq: int = field(default=2, metadata=opt(
         "a block evicted from RAM goes to disk only if put or asked for this often", min=0,
         env="GENSET_OFFLOAD_SPILL_MIN_FREQ"))
-    admission: str = field(default=ADMIT_FREQUENCY, metadata=opt(
+    admission: str = field(default=DEFAULT_ADMISSION, metadata=opt(
         "which newcomer may displace the least recently used blocks: frequency (TinyLFU: "
         "one at least as frequent; a scan of one-offs cannot flush reused blocks) or lru "
-        "(any: plain LRU)", choices=ADMISSION_POLICIES, env="GENSET_OFFLOAD_ADMISSION"))
+        "(any: plain LRU, the default: it served more of the Mooncake replay)", choices=ADMISSION_POLICIES, env="GENSET_OFFLOAD_ADMISSION"))
     verify_on_start: bool = field(default=False, metadata=opt(
         "check every disk file's checksum at start-up (reads the whole tier; reads are "
         "always checked)",

@@ -238,7 +238,6 @@ class BlockStore:
             if cost > budget:
                 break
             budget -= cost
-            cache.touch(h)
             if blk is None:
                 reads.append(len(picked))
             picked.append(blk)
@@ -266,6 +265,7 @@ class BlockStore:
                 self._apply(cache.promote(h, f.parent_hash,
                                           len(f.token_ids) + len(f.data) + ENTRY_OVERHEAD, blk))
             self.changed.set()
+        cache.touch_run(hashes[:len(picked)])  # after the promotions: head most recent
         blocks = [b if want_tokens or not b.token_ids else
                   OffloadBlock(hash=b.hash, parent_hash=b.parent_hash, data=b.data)
                   for b in picked if b is not None]
