@@ -24,10 +24,11 @@ the price is goodput instead: remote only when it is predicted to cause fewer SL
 many either way the request stays where the router put it. Against a prefill-only worker,
 which takes the prefill off the decode pool, the decode worker's side also counts the share
 of each running sequence's remaining slack the stall uses up (what it leaves the prefills
-after it), and the request's own ITL miss (the transfer gap) is a priced miss, not a veto. Requests always have a way to
-run: with no prefill worker, or every one saturated, or nothing to ship, the answer is local
-(never an error, never a wait on an empty pool). Every decision carries a reason label from
-`REASONS` for a metric, and the predicted times of both paths.
+after it), and the request's own ITL miss (the transfer gap) is a priced miss, not a veto.
+Requests always have a way to run: with no prefill worker, or every one saturated, or
+nothing to ship, the answer is local (never an error, never a wait on an empty pool). Every
+decision carries a reason label from `REASONS` for a metric, and the predicted times of both
+paths.
 
 Pure: no I/O, no clock; the same code decides live (decode worker), in tests and in the
 offline replay.
