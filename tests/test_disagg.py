@@ -315,19 +315,75 @@ def test_itl_target_keeps_short_answers_local_and_prices_stall_past_the_target()
 
 def test_slo_pricing_goes_remote_only_to_save_misses():
     m = model(itl_target_ms=50.0, ttft_target_ms=2000.0)
-    # 32 decoders with plenty of ITL slack: a 410 ms prefill breaks nobody -> stays local,
-    # however fast an idle peer would be
+    # nobody decoding: no miss either way -> stays where the router put it
+    idle = d.DecodeState(worker_id=1, running=0, slack_ms=())
+    dec = d.decide(4096, idle, [IDLE_PREFILL], m, max_tokens=500)
+    assert dec.mode == d.LOCAL and dec.reason == d.LOCAL_CHEAPER and dec.cost_local == 409.6
+    # 32 decoders with 5 s of ITL slack each: a 410 ms prefill pushes nobody past the target
+    # but uses 8.2% of each one's slack (2.6 misses' worth); a prefill-only worker costs
+    # them nothing (no tail, no import here)
     roomy = d.DecodeState(worker_id=1, running=32, slack_ms=tuple([5000.0] * 32))
     dec = d.decide(4096, roomy, [IDLE_PREFILL], m, max_tokens=500)
-    assert dec.mode == d.LOCAL and dec.reason == d.LOCAL_CHEAPER
+    assert dec.mode == d.REMOTE and dec.reason == d.REMOTE_CHEAPER
+    assert dec.cost_local == pytest.approx(32 * 409.6 / 5000 * 2000.0 + 409.6)
     # 3 of them within 410 ms of their target (one already past it: lost either way)
     tight = d.DecodeState(worker_id=1, running=32,
                           slack_ms=tuple(sorted([-5.0, 100.0, 200.0, 300.0] + [5000.0] * 28)))
     dec = d.decide(4096, tight, [IDLE_PREFILL], m, max_tokens=500)
-    assert dec.mode == d.REMOTE and dec.cost_local == pytest.approx(3 * 2000.0 + 409.6)
-    # a lending peer whose own decoders would miss as many: stays local
-    peer = d.PrefillState(worker_id=10, decoding=3, slack_ms=(50.0, 60.0, 70.0))
-    assert d.decide(4096, tight, [peer], m, max_tokens=500).mode == d.LOCAL
+    assert dec.mode == d.REMOTE
+    assert dec.cost_local == pytest.approx((3 + 28 * 409.6 / 5000) * 2000.0 + 409.6)
+    # a lending peer only moves the stall between two batches: priced in sequences pushed
+    # past now (no slack share); its 3 decoders all pushed past vs 3 here: stays local
+    peer = d.PrefillState(worker_id=10, decoding=3, slack_ms=(50.0, 60.0, 70.0), lends=True)
+    dec = d.decide(4096, tight, [peer], m, max_tokens=500)
+    assert dec.mode == d.LOCAL and dec.cost_local == pytest.approx(3 * 2000.0 + 409.6)
+    # ... and an idle peer does not take it off roomy decoders either (none pushed past)
+    idle_peer = d.PrefillState(worker_id=10, decoding=1, slack_ms=(5000.0,), lends=True)
+    assert d.decide(4096, roomy, [idle_peer], m, max_tokens=500).mode == d.LOCAL
+    # ... but does where it saves sequences pushed past now
+    assert d.decide(4096, tight, [idle_peer], m, max_tokens=500).mode == d.REMOTE
+    # a short prompt: importing its one block and computing its 5-token tail would stall
+    # the decode worker longer (2.5 ms) than prefilling all 21 tokens (2.1 ms): stays local
+    short = d.decide(21, roomy, [IDLE_PREFILL], model(itl_target_ms=50.0,
+                                                      ttft_target_ms=2000.0,
+                                                      import_ms_per_block=2.0), max_tokens=500)
+    assert short.mode == d.LOCAL
     # slack unknown: the ms pricing (the whole stall of every running sequence)
     assert d.decide(4096, d.DecodeState(worker_id=1, running=32), [IDLE_PREFILL], m,
                     max_tokens=500).cost_local > 32 * 300
+
+
+def test_slo_pricing_counts_a_broken_own_itl_as_a_miss_not_a_veto():
+    # a slow link (410 ms for this prompt) and 3 output tokens: the remote path loses the
+    # request's own ITL target
+    m = model(itl_target_ms=50.0, ttft_target_ms=2000.0, bandwidth_bytes_per_s=1e7)
+    # next to 32 roomy decoders the local prefill costs 2.6 misses' worth: remote anyway
+    roomy = d.DecodeState(worker_id=1, running=32, slack_ms=tuple([5000.0] * 32))
+    dec = d.decide(4096, roomy, [IDLE_PREFILL], m, max_tokens=3)
+    assert dec.mode == d.REMOTE and dec.cost_remote == pytest.approx(
+        2000.0 + dec.remote_ready_ms)
+    # next to 4 of them (0.33): local, the reason says why
+    few = d.DecodeState(worker_id=1, running=4, slack_ms=tuple([5000.0] * 4))
+    dec = d.decide(4096, few, [IDLE_PREFILL], m, max_tokens=3)
+    assert dec.mode == d.LOCAL and dec.reason == d.LOCAL_CHEAPER
+    # without slacks (ms pricing) it is still a veto
+    dec = d.decide(4096, d.DecodeState(worker_id=1, running=32), [IDLE_PREFILL], m,
+                   max_tokens=3)
+    assert dec.mode == d.LOCAL and dec.reason == d.ITL_TARGET
+
+
+def test_a_decode_backlog_does_not_keep_prefills_off_a_prefill_worker():
+    # 10,000 tokens (1 s) queued on the decode worker: the resumed request would wait for
+    # them (a 590 ms gap after its first token, 66 ms per gap over 10 tokens), but the local
+    # path waits for the same queue before its first token: only the transfer is priced
+    m = model(itl_target_ms=50.0, ttft_target_ms=2000.0)
+    backlog = d.DecodeState(worker_id=1, running=32, queued_prefill_tokens=10_000,
+                            slack_ms=tuple([5000.0] * 32))
+    dec = d.decide(4096, backlog, [IDLE_PREFILL], m, max_tokens=10)
+    assert dec.mode == d.REMOTE and dec.remote_ready_ms == pytest.approx(1000.0)
+    assert dec.cost_remote == pytest.approx(1000.0)  # no miss predicted
+    # a lending peer: the backlog gap still counts (and vetoes), as without slacks
+    peer = d.PrefillState(worker_id=10, decoding=1, slack_ms=(5000.0,), lends=True)
+    assert d.decide(4096, backlog, [peer], m, max_tokens=10).reason == d.ITL_TARGET
+    no_slack = d.DecodeState(worker_id=1, running=32, queued_prefill_tokens=10_000)
+    assert d.decide(4096, no_slack, [IDLE_PREFILL], m, max_tokens=10).reason == d.ITL_TARGET

@@ -21,10 +21,14 @@ The cheaper one wins (remote must win by `remote_margin_ms`). With SLO targets a
 decode worker's per-sequence ITL slack (`CostModel.ttft_target_ms`, `DecodeState.slack_ms`)
 the price is goodput instead: remote only when it is predicted to cause fewer SLO misses
 (running sequences pushed past their ITL target, the request's own TTFT) than local; with as
-many either way the request stays where the router put it. Requests always have a way to
-run: with no prefill worker, or every one saturated, or nothing to ship, the answer is local
-(never an error, never a wait on an empty pool). Every decision carries a reason label from
-`REASONS` for a metric, and the predicted times of both paths.
+many either way the request stays where the router put it. Against a prefill-only worker,
+which takes the prefill off the decode pool, the decode worker's side also counts the share
+of each running sequence's remaining slack the stall uses up (what it leaves the prefills
+after it), and the request's own ITL miss (the transfer gap) is a priced miss, not a veto.
+Requests always have a way to run: with no prefill worker, or every one saturated, or
+nothing to ship, the answer is local (never an error, never a wait on an empty pool). Every
+decision carries a reason label from `REASONS` for a metric, and the predicted times of both
+paths.
 
 Pure: no I/O, no clock; the same code decides live (decode worker), in tests and in the
 offline replay.
@@ -98,6 +102,9 @@ class PrefillState:
     decoding: int = 0
     step_ms: float = 0.0  # its recent engine step time (0: unknown)
     slack_ms: tuple[float, ...] | None = None  # its own decoders' ITL slack, as DecodeState's
+    # role `both`, lending its prefill (even with nobody decoding right now): a prefill sent
+    # here stays in the decode pool, it only moves between batches
+    lends: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +137,18 @@ class CostModel:
     first token is past the TTFT target. Remote only when it misses fewer; with as many
     either way the request stays local (the costs reported: misses x `ttft_target_ms` + the
     request's own time, remote: when the decode worker can go on). `slowdown_weight` is not
-    used then.
+    used then. Against a prefill-only worker (not `PrefillState.lends`) the decode worker's
+    side is priced beyond the misses of this one stall: each running sequence with more
+    slack than the stall adds stall / slack of a miss (the share of its slack used up, which
+    the prefills after this one no longer have), and the request's own first gap (transfer,
+    import, tail: not the decode worker's backlog, which the local path waits for too)
+    breaking the ITL target is one more miss, not a veto. Counting only the sequences pushed
+    past now was myopic: no single prefill broke anyone, every one used up slack and added
+    to the decode worker's backlog, the backlog made every remote path break its ITL, and
+    4P+4D `auto` at 3x collapsed to 2.8% SLA attainment (docs/benchmarks.md, replay). A
+    lending peer only moves a prefill between two batches of the same pool: there the
+    myopic count was measured best (8 peers at 3x, first 2,000 requests: 99.2%; with the
+    share on both sides 98.5% when a move had to save a whole miss, 95.0% a quarter).
     """
 
     block_size: int
@@ -198,7 +216,8 @@ class _Remote:
     slowdown_ms: float
     cost: float
     transfer_ms: float
-    misses: int = 0  # SLO misses predicted (SLO pricing only)
+    misses: float = 0.0  # SLO misses predicted (SLO pricing only)
+    local_misses: float = 0.0  # local's, priced on the same basis
 
 
 def _queue_ms(model: CostModel, queued_tokens: int, running: int) -> float:
@@ -212,11 +231,16 @@ def _stall_ms(model: CostModel, prefill_ms: float, step_ms: float) -> float:
     return prefill_ms
 
 
-def _misses(slack_ms: tuple[float, ...] | None, stall_ms: float) -> int:
-    """Sequences a stall of `stall_ms` pushes past their ITL target (slack in [0, stall))."""
+def _misses(slack_ms: tuple[float, ...] | None, stall_ms: float, share: bool) -> float:
+    """SLO misses a stall of `stall_ms` causes among sequences with these ITL slacks: one for
+    each it pushes past its target (slack in [0, stall)); with `share`, also stall / slack of
+    one for each with more slack (the share of its remaining slack the stall uses up: what
+    it leaves the prefills after it)."""
     if not slack_ms or stall_ms <= 0:
-        return 0
-    return bisect_left(slack_ms, stall_ms) - bisect_left(slack_ms, 0.0)
+        return 0.0
+    lo = bisect_left(slack_ms, 0.0)
+    hi = bisect_left(slack_ms, stall_ms)
+    return (hi - lo) + (sum(stall_ms / s for s in slack_ms[hi:]) if share else 0.0)
 
 
 def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillState],
@@ -238,10 +262,13 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
     local_ttft = local_queue + local_compute
     local_slowdown = decode.running * _stall_ms(model, local_compute, decode.step_ms)
     slo = model.itl_target_ms > 0 and model.ttft_target_ms > 0 and decode.slack_ms is not None
-    local_misses = 0
+    # local misses as a peer's path is priced (sequences pushed past now), and as a prefill-only
+    # worker's is (with the slack each one's stall uses up): see `_Remote.local_misses`
+    local_misses = local_misses_share = 0.0
     if slo:  # priced in SLO misses (CostModel)
-        local_misses = (_misses(decode.slack_ms, local_compute)
-                        + (local_ttft > model.ttft_target_ms))
+        own = float(local_ttft > model.ttft_target_ms)
+        local_misses = _misses(decode.slack_ms, local_compute, False) + own
+        local_misses_share = _misses(decode.slack_ms, local_compute, True) + own
         cost_local = local_misses * model.ttft_target_ms + local_ttft
     else:
         cost_local = local_ttft + model.slowdown_weight * local_slowdown
@@ -283,28 +310,45 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
         # the resumed request queues behind the decode worker's prefill backlog (first come,
         # first served): its KV arriving early does not let it jump that queue
         ready = max(ttft + transfer_ms, local_queue) + import_ms + tail_ms
-        if itl_gaps > 0 and ((ready - ttft + (itl_gaps - 1) * decode.step_ms) / itl_gaps
-                             > model.itl_target_ms):
+        # a prefill-only worker takes the prefill off the decode pool: priced with the slack
+        # share (see below); a lending peer only moves it between two batches
+        off_pool = slo and not p.lends
+        # the request's own first gap (first token to the resume). Priced against a
+        # prefill-only worker, without the wait for the decode worker's backlog: that wait
+        # delays the local path's first token just as much (the same queue), and refusing
+        # remote for it kept every prefill on a backlogged decode worker, which grew the
+        # backlog (4P+4D at 3x: 75.1% with it, 79.1% without)
+        gap = transfer_ms + import_ms + tail_ms if off_pool else ready - ttft
+        own_itl_miss = itl_gaps > 0 and ((gap + (itl_gaps - 1) * decode.step_ms)
+                                         / itl_gaps > model.itl_target_ms)
+        if own_itl_miss and not off_pool:
             breaks_itl = True
             continue
         slowdown = remote_slowdown + p.decoding * _stall_ms(model, compute, p.step_ms)
-        misses = 0
+        misses = base = 0.0
         if slo:
-            misses = (_misses(decode.slack_ms, import_ms + tail_ms)
-                      + _misses(p.slack_ms, compute) + (ttft > model.ttft_target_ms))
-            cost = misses * model.ttft_target_ms + ready
+            misses = (_misses(decode.slack_ms, import_ms + tail_ms, off_pool)
+                      + _misses(p.slack_ms, compute, False) + (ttft > model.ttft_target_ms)
+                      + own_itl_miss)
+            base = local_misses_share if off_pool else local_misses
+            # ranked by what it saves over local on its own basis, then by time
+            cost = (misses - base) * model.ttft_target_ms + ready
         else:
             cost = ready + model.slowdown_weight * slowdown
         if best is None or (cost, p.worker_id) < (best.cost, best.worker_id):
-            best = _Remote(p.worker_id, ttft, ready, slowdown, cost, transfer_ms, misses)
+            best = _Remote(p.worker_id, ttft, ready, slowdown, cost, transfer_ms, misses,
+                           base)
     if best is None:
         return local(ITL_TARGET if breaks_itl else PREFILL_SATURATED,
                      transfer_blocks=transfer_blocks, transfer_bytes=transfer_bytes, transfer_ms=transfer_ms)
+    if slo:  # reported on one scale: misses x the TTFT target + the request's own time
+        cost_local = best.local_misses * model.ttft_target_ms + local_ttft
     priced = {
         "remote_ttft_ms": best.ttft_ms,
         "remote_ready_ms": best.ready_ms,
         "remote_slowdown_ms": best.slowdown_ms,
-        "cost_remote": best.cost,
+        "cost_remote": (best.misses * model.ttft_target_ms + best.ready_ms if slo
+                        else best.cost),
         "transfer_blocks": transfer_blocks,
         "transfer_bytes": transfer_bytes,
         "transfer_ms": best.transfer_ms,
@@ -313,7 +357,7 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
         # SLO misses first; with as many either way the request stays where the router put
         # it (its cache reach, no transfer): moving it for a faster first token alone was
         # measured to cost more ITL misses than it saved (docs/benchmarks.md, replay)
-        cheaper = best.misses < local_misses
+        cheaper = best.misses < best.local_misses
     else:
         cheaper = best.cost + model.remote_margin_ms < cost_local
     if policy == POLICY_ALWAYS or cheaper:

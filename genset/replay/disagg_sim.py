@@ -319,7 +319,7 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                 queued_prefill_tokens=sched.waiting_prefill_tokens(),
                 running=running, saturated=len(sched.waiting) >= cfg.max_num_seqs,
                 decoding=0 if w.prefill else running, step_ms=w.step_ms,
-                slack_ms=None if w.prefill else slack(w, t)))
+                slack_ms=None if w.prefill else slack(w, t), lends=not w.prefill))
         return out
 
     gc_was_enabled = gc.isenabled()
