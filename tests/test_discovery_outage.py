@@ -130,11 +130,11 @@ async def test_etcd_outage_keeps_membership_and_resumes_exactly(own_etcd):
         down_at = time.monotonic()
         # Writes while etcd is away neither raise nor block for long: they are kept and
         # applied later (a call gives up at its 3 s deadline).
-        async with within(10, "register() while etcd is down to return"):
+        async with within(30, "register() while etcd is down to return"):
             await owner.register(p + "c", rec(3))
-        async with within(10, "unregister() while etcd is down to return"):
+        async with within(30, "unregister() while etcd is down to return"):
             await owner.unregister(p + "e")
-        async with within(5, "watch(require_initial=False) while etcd is down to return"):
+        async with within(30, "watch(require_initial=False) while etcd is down to return"):
             late = await viewer.watch(p, proto.InstanceRecord, require_initial=False)
         assert late.items == {}
         while time.monotonic() - down_at < OUTAGE_S:
@@ -221,9 +221,9 @@ async def test_hung_etcd_is_noticed_and_survived(own_etcd):
             await until(lambda: all_threads_stopped(own_etcd.proc.pid), 10,
                         "every etcd thread stopping after SIGSTOP")
             frozen_at = time.monotonic()
-            # Kept for later; returns at the 1 s call deadline (+ slack for a loaded machine).
+            # Kept for later; returns at the 1 s call deadline (the bound only catches a hang).
             took = time.monotonic()
-            async with within(6, "register() with etcd frozen to return"):
+            async with within(30, "register() with etcd frozen to return"):
                 await viewer.register(p + "v", rec(9))
             took = time.monotonic() - took
             # silent for 1 s, then a progress request unanswered for 1 s: dropped

@@ -165,8 +165,10 @@ async def test_deadline_passed_before_or_during_generation(bus, discovery):
         t0 = time.monotonic()
         with pytest.raises(RemoteError) as err:
             await h.generate(h.request([1, 2, 3], max_tokens=5000, deadline_ms=soon))
+        # ended by the deadline (the code and the reason="deadline" metric below), not by
+        # running out its 5,000 tokens; the 30 s bound only catches a deadline never enforced
         assert err.value.error.code == "deadline_exceeded"
-        assert time.monotonic() - t0 < 3.0
+        assert time.monotonic() - t0 < 30
         scheduler = h.engine.core.scheduler
         await until(lambda: scheduler.num_running == 0, what="engine request aborted")
         assert h.metric("genset_worker_requests_finished_total", reason="deadline") == 1
@@ -327,12 +329,12 @@ async def test_close_finishes_when_a_load_change_races_the_cancel(bus, discovery
         h.host._load_changed.set()
         for _ in range(k):
             await asyncio.sleep(0)
-        t0 = time.monotonic()
         try:
-            async with asyncio.timeout(8.0):
+            async with asyncio.timeout(60):
                 await h.host.close()
         except TimeoutError:
             raise AssertionError(f"close() hung (event set {k} iterations before)") from None
-        took = time.monotonic() - t0
-        assert took < 6.0, f"close() took {took:.1f} s (event set {k} iterations before)"
-        assert not [t for t in asyncio.all_tasks() if t.get_name() == "load-reports"]
+        # The bug's mark is not how long close() took (it gives up on a task after its 5 s
+        # step deadline) but the reporter left running behind it: none may be left.
+        left = [t for t in asyncio.all_tasks() if t.get_name() == "load-reports"]
+        assert not left, f"load reporter still running (event set {k} iterations before)"

@@ -90,11 +90,12 @@ async def test_two_workers_share_traffic_and_survive_a_sigkill(nats_server, etcd
 
         victim, survivor = workers
         victim.kill()
+        # Its lease expiring is the only way out (nothing revokes it): the failure mode is a
+        # record listed for good, so the bound is the TTL plus a margin no load reaches.
         t0 = time.monotonic()
         while victim.instance_id in await cards(discovery, stack):
-            assert time.monotonic() - t0 < LEASE_TTL + 3, "killed worker still listed"
+            assert time.monotonic() - t0 < LEASE_TTL + 30, "killed worker still listed"
             await asyncio.sleep(0.2)
-        assert time.monotonic() - t0 <= LEASE_TTL + 3
         remaining = await cards(discovery, stack)
         assert set(remaining) == {survivor.instance_id}  # the model stays listed
         for _ in range(3):
