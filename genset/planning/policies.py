@@ -183,7 +183,7 @@ class SloPolicyConfig:
     # `attainment_memory_s`) stays above `trim_above`, every need is scaled down by
     # `trim_gain` per decision (0.1 in 50 s), to `boost_min`; recent misses past the
     # target take it back towards 1 four times as fast as the boost grows. On the Mooncake
-    # sinusoid (30 s start-up) 0.72 of static at peak instead of 0.74, Azure conv 0.87
+    # sinusoid (30 s start-up, with the jump floor) 0.72 of static at peak, not 0.74; Azure conv 0.87
     # instead of 0.94, attainment still >= 90%. 1: no trim.
     boost_min: float = 0.6
     trim_above: float = 0.98
