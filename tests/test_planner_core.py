@@ -25,6 +25,7 @@ from genset.planning import (
     StepTimePrior,
 )
 from genset.planning.cache import CacheTracker
+from genset.planning.core import _Pool
 from genset.planning.forecast import ArrivalForecaster, TrendEstimator
 from genset.planning.observations import LatencyWindow
 from genset.planning.policies import (
@@ -641,7 +642,7 @@ def test_slo_policy_scales_down_after_a_short_cool_down_when_the_fall_is_signifi
 
 
 def test_burst_floor_keeps_a_need_that_came_back_within_a_start_up():
-    core, clock = make(cooldown=10, startup=30, burst_hold_startups=1.0)
+    core, clock = make(cooldown=10, startup=30, burst_hold_startups=1.0, jump_hold_startups=0)
     c = Cluster(core, clock, initial={"decode": 1}, drain_s=1)
     c.noise = 0.0
 
@@ -681,6 +682,89 @@ def test_burst_floor_ignores_a_need_that_only_fell():
     c.demand["decode"] = 1.1  # a level settling after a drop: no need came back
     c.run(120)
     assert [d.targets["decode"] for d in c.changes()] == [2]
+
+
+def test_jump_floor_counts_a_burst_after_an_idle_gap_not_a_level_that_climbs():
+    def series(points):
+        p = _Pool("decode", PoolBounds(1, 8))
+        for t_s, need in points:
+            p.record(t_s * 1000.0, need, 600_000.0)
+        return p
+
+    # idle at the floor, then 5 workers' worth within 3 s: a jump
+    burst = series([(0, 1), (100, 1), (103, 5), (140, 1)])
+    assert burst.came_back(0.0, 2.0, 10_000.0) == 5
+    assert burst.came_back(104_000.0, 2.0, 10_000.0) == 0  # before the hold's start
+    # a wave's rise, a worker at a time: the trend follows it, no jump floor ...
+    climb = series([(0, 2), (30, 3), (60, 4), (90, 5), (120, 6), (150, 2)])
+    assert climb.came_back(0.0, 2.0, 10_000.0) == 0
+    assert climb.came_back(0.0) == 6  # ... though any rise counts for the one-start-up floor
+    # the same 2 -> 5 within 10 s is a jump, over 30 s it is not
+    assert series([(0, 2), (5, 5)]).came_back(0.0, 2.0, 10_000.0) == 5
+    assert series([(0, 2), (15, 3), (30, 5)]).came_back(0.0, 2.0, 10_000.0) == 0
+
+
+def test_jump_floor_holds_a_burst_for_several_start_ups_then_lets_go():
+    core, clock = make(cooldown=10, startup=30, burst_hold_startups=0, jump_hold_startups=8)
+    c = Cluster(core, clock, initial={"decode": 1}, drain_s=1)
+    c.noise = 0.0
+    c.demand["decode"] = 0.1
+    c.run(20)
+    t0 = clock.ms
+    c.demand["decode"] = 3.0  # a burst from idle: the need jumps
+    for _ in range(10):
+        c.run(10)
+        if not c.starting and clock.ms - t0 >= 40_000:
+            break
+    size = len(c.ready())
+    assert size > 1 and not c.starting and clock.ms - t0 <= 100_000
+    c.demand["decode"] = 0.1
+    held = c.run(40)  # before 8 start-ups of 30 s since the jump: held at the jump's need
+    floor = len(c.ready())
+    assert floor > 1 and all(d.targets["decode"] >= floor for d in held)
+    assert any("burst floor" in d.pools["decode"].reason for d in held)
+    c.run(150)  # past the hold: the pool goes to what the idle load needs
+    assert len(c.ready()) == 1
+    with pytest.raises(ValueError, match="burst_rise"):
+        PlannerConfig(burst_rise=0.5)
+    with pytest.raises(ValueError, match="jump_hold_startups"):
+        PlannerConfig(jump_hold_startups=-1)
+
+
+def test_slo_trim_aims_at_the_target_not_at_every_request():
+    """Long-run attainment with room scales the need down (to boost_min); misses past the
+    target take it back; boost_min 1 keeps the old behaviour."""
+
+    def run(boost_min: float, ttft_of=lambda i: 100.0, decisions: int = 200):
+        core, clock = slo_core({"decode": PoolBounds(1, 64)})
+        core.slo_policy.config.boost_min = boost_min
+        core.slo_policy.config.trim_gain = 0.01
+        core.worker_up(1, "decode")
+        feed(core, clock, 60, rate=4.0, isl=2000, osl=100)
+        core.observe_load(1, running=4, kv_total_blocks=16384)
+        base = core.decide().pools["decode"].need_now
+        d = None
+        for _ in range(decisions):
+            clock.ms += 1000
+            for i in range(10):
+                core.observe_ttft(ttft_of(i))
+                core.observe_itl(10.0)
+            core.observe_traffic(arrivals=4, prompt_tokens=8000, finished=4, output_tokens=400)
+            core.observe_load(1, running=4, kv_total_blocks=16384)
+            d = core.decide()
+        return core.slo_policy, base, d
+
+    sp, base, d = run(1.0)
+    assert sp.boost == 1.0
+    sp, base, d = run(0.6)
+    assert sp.boost == pytest.approx(0.6) and sp.long_attainment > 0.98
+    assert d.pools["decode"].need_now <= base and d.inputs["decode.slo_boost"] == sp.boost
+    assert no_nan(d)
+    # half the requests miss: the trim is undone, then the boost grows as before
+    sp2, _, _ = run(0.6, ttft_of=lambda i: 900.0 if i % 2 else 100.0, decisions=40)
+    assert sp2.boost > 1.0
+    with pytest.raises(ValueError, match="boost_min"):
+        SloPolicyConfig(boost_min=0.0)
 
 
 def test_slo_policy_scales_to_the_floor_when_traffic_stops_and_holds_when_stats_go_silent():
