@@ -13,7 +13,7 @@ counted, never timed: every wait is on a condition with a generous deadline."""
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import os
 import signal
 import time
@@ -21,6 +21,7 @@ import time
 import httpx
 import pytest
 
+from tests.helpers.clients import completion_choices
 from tests.stack import Stack, metric
 
 pytestmark = pytest.mark.slow
@@ -63,21 +64,14 @@ class Streamed:
         self.task = asyncio.create_task(self._run(url, prompt, max_tokens, leave_after_first))
 
     async def _run(self, url, text, max_tokens, leave) -> None:
-        body = {"model": "tiny", "prompt": text, "max_tokens": max_tokens, "temperature": 0,
-                "stream": True}
-        async with httpx.AsyncClient(timeout=WAIT_S) as client, \
-                client.stream("POST", url + "/v1/completions", json=body) as resp:
-            assert resp.status_code == 200, await resp.aread()
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                choice = json.loads(line[6:])["choices"][0]
+        async with contextlib.aclosing(completion_choices(url, text, max_tokens, WAIT_S)) as it:
+            async for choice in it:
                 self.text += choice.get("text") or ""
                 self.finish = choice.get("finish_reason") or self.finish
                 if self.text:
                     self.first.set()
                     if leave:
-                        return  # the client goes away mid-transfer
+                        return  # the client goes away mid-transfer (the stream is closed)
 
     async def wait_first(self) -> None:
         async with asyncio.timeout(WAIT_S):

@@ -38,7 +38,7 @@ def test_a_child_started_with_child_command_dies_with_its_parent(tmp_path, setpr
     import subprocess
     import sys
 
-    from helpers.waiting import until_blocking
+    from tests.helpers.waiting import until_blocking
 
     pid_file = tmp_path / "child.pid"
     parent = subprocess.Popen([sys.executable, "-c", (

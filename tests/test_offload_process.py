@@ -182,23 +182,13 @@ async def _complete(url: str, prompt: str, max_tokens: int) -> None:
 
 async def _stream(url: str, prompt: str, max_tokens: int, started) -> tuple[str | None, int]:
     """(finish reason, text chunks) of a streamed completion; `started` set at its first."""
-    import json
-
-    import httpx
+    from tests.helpers.clients import completion_choices
 
     finish, chunks = None, 0
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True}
-    async with httpx.AsyncClient(timeout=WAIT) as client, \
-            client.stream("POST", url + "/v1/completions", json=body) as resp:
-        assert resp.status_code == 200, await resp.aread()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            choice = json.loads(line[6:])["choices"][0]
-            chunks += 1
-            started.set()
-            finish = choice.get("finish_reason") or finish
+    async for choice in completion_choices(url, prompt, max_tokens, WAIT):
+        chunks += 1
+        started.set()
+        finish = choice.get("finish_reason") or finish
     return finish, chunks
 
 

@@ -72,3 +72,21 @@ class ClientThreads:
                 raise AssertionError(f"timed out after {within} s waiting for: {n} more "
                                      "successful requests")
             time.sleep(0.1)
+
+
+async def completion_choices(url: str, prompt: str, max_tokens: int, wait_s: float):
+    """Stream a greedy /v1/completions request for model "tiny" from the frontend at `url`,
+    yielding each SSE event's first choice (a dict); asserts the answer is 200."""
+    import json
+
+    import httpx
+
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}
+    async with httpx.AsyncClient(timeout=wait_s) as client, \
+            client.stream("POST", url + "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200, await resp.aread()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            yield json.loads(line[6:])["choices"][0]
