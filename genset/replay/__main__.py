@@ -92,28 +92,25 @@ def plot_timeline(results: list[dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def _positive(kind):
+def _number(kind, *, allow_zero: bool):
+    """An argparse type: a `kind` (int or float) > 0, or >= 0 with `allow_zero`."""
     def conv(text: str):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (v >= 0 if allow_zero else v > 0):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if allow_zero else '>'} 0, got {text}")
         return v
     return conv
+
+
+def _positive(kind):
+    return _number(kind, allow_zero=False)
 
 
 def _non_negative(kind):
-    def conv(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not v >= 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return v
-    return conv
+    return _number(kind, allow_zero=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
