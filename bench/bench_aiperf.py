@@ -41,14 +41,15 @@ if not PEERS.exists():
 
 
 class GensetSystem(GensetUp):
-    def __init__(self, name: str, router: str, args, run_dir: Path, source: Path | None = None):
+    def __init__(self, name: str, router: str, args, run_dir: Path, source: Path | None = None,
+                 extra: list[str] | None = None):
         env = dict(kv.partition("=")[::2] for kv in args.genset_env)
         self.timeline = run_dir / "timeline.jsonl" if args.timeline else None
         if self.timeline is not None:
             env["GENSET_TIMELINE"] = str(self.timeline)
         super().__init__(workers=args.workers, speedup=args.speedup, log_dir=run_dir,
                          kv_blocks=args.kv_blocks, router=None if router == "default" else router,
-                         source=source, extra_args=args.genset_arg, env=env)
+                         source=source, extra_args=[*args.genset_arg, *(extra or [])], env=env)
         self.name = name
 
 
@@ -170,14 +171,19 @@ def table(results: dict[tuple, list[dict]]) -> str:
 
 
 def make_system(spec: str, args, run_dir: Path):
-    kind, _, router = spec.partition(":")
+    # genset[:mode][+ARG...]: `genset up` arguments of this system only (an A/B of a flag in
+    # one alternated series), e.g. genset+--offload-ram-gb=0
+    spec_mode, *extra = spec.split("+")
+    kind, _, router = spec_mode.partition(":")
     router = router or "default"
+    if extra and not kind.startswith("genset"):
+        raise SystemExit(f"{spec!r}: only genset systems take +ARG")
     if kind == "genset":
-        return GensetSystem(spec, router, args, run_dir)
+        return GensetSystem(spec, router, args, run_dir, extra=extra)
     if kind == "genset-base":
         if not args.baseline:
             raise SystemExit("genset-base needs --baseline DIR")
-        return GensetSystem(spec, router, args, run_dir, source=Path(args.baseline))
+        return GensetSystem(spec, router, args, run_dir, source=Path(args.baseline), extra=extra)
     if kind == "dynamo":
         return DynamoSystem(spec, router, args, run_dir)
     raise SystemExit(f"unknown system {spec!r} (genset[:mode], genset-base[:mode], dynamo[:mode])")
@@ -185,7 +191,9 @@ def make_system(spec: str, args, run_dir: Path):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--systems", nargs="+", default=["genset", "dynamo"])
+    p.add_argument("--systems", nargs="+", default=["genset", "dynamo"],
+                   help="genset[:router mode][+GENSET_UP_ARG...] | genset-base[...] | "
+                        "dynamo[:router mode], run alternated")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--n", type=int, default=200, help="measured requests per run")
     p.add_argument("--concurrency", type=int, nargs="+", default=[16])
@@ -221,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                 # 107 characters
                 short = (spec.replace("genset-base", "gb").replace("genset", "g")
                          .replace("dynamo", "d").replace("round-robin", "rr")
-                         .replace("embedded", "emb").replace(":", "-"))
+                         .replace("embedded", "emb").replace(":", "-")
+                         .replace("+", "_").replace("=", "").replace("--", ""))
                 tag = f"{short}-w{args.workers}s{args.speedup:g}c{conc}r{rep}"
                 run_dir = out / tag
                 run_dir.mkdir(parents=True, exist_ok=True)

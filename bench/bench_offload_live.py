@@ -298,8 +298,8 @@ def report(rows: list[dict], args, load: tuple[float, float], secs: float, work:
     share = c["hits"] / c["lookups"] if c["lookups"] else float("nan")
     print(f"\nstore (on, all rounds incl. the cold one): lookups {c['lookups']}, hits {c['hits']} "
           f"({share:.0%}), misses {c['misses']}, skipped {c['skipped']}, skipped_slow "
-          f"{c['skipped_slow']}, errors {c['errors']}, lookup timeouts {timeouts}, onboarded "
-          f"blocks {c['onboarded_blocks']}, written blocks {c['written_blocks']}")
+          f"{c['skipped_slow']}, skipped_hint {c.get('skipped_hint', 0)}, errors {c['errors']}, "
+          f"lookup timeouts {timeouts}, onboarded blocks {c['onboarded_blocks']}, written blocks {c['written_blocks']}")
     nbytes = sum(r["bytes"] for r in on)
     lk = sum(r["lookup_s"] for r in on)
     im = sum(r["import_s"] for r in on)

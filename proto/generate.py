@@ -132,6 +132,11 @@ class GenerateRequest(Message, kw_only=True):
     # Ask the worker to time its stages of this request and return them in the final frame's
     # `usage.timeline` (a frontend with `--timeline`; off: nothing is timed).
     timeline: bool = False
+    # How many of the prompt's blocks the router's view places in a KV offload store (None:
+    # no view of a store). 0 lets the worker skip its store lookup, which could only miss: a
+    # NATS round trip and a store wake-up per request saved. A hint only: the view lags the
+    # store's events by a moment, so a block put just now is recomputed, never wrong.
+    offload_hint: int | None = None
 
 
 class Usage(msgspec.Struct, kw_only=True):

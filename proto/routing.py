@@ -28,6 +28,9 @@ class RouteDecision(Message, kw_only=True):
     policy: str = ""
     router_id: int = 0  # the replica that decided
     error: str | None = None
+    # prompt blocks the router's view places in a KV offload store (None: it knows no store);
+    # passed on to the worker as GenerateRequest.offload_hint
+    store_blocks: int | None = None
 
 
 class RequestLifecycle(Message, kw_only=True):

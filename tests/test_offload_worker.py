@@ -46,11 +46,12 @@ class TorchWorker:
                                                  evict_handover_bytes=handover_bytes))
         self.bus = bus
 
-    async def generate(self, prompt: list[int], max_tokens: int = 6):
+    async def generate(self, prompt: list[int], max_tokens: int = 6,
+                       offload_hint: int | None = None):
         req = proto.GenerateRequest(
             request_id=uuid.uuid4().hex, model=MODEL, token_ids=proto.pack_tokens(prompt),
             stop=proto.StopConditions(max_tokens=max_tokens, ignore_eos=True),
-            sampling=proto.SamplingParams(temperature=0.0))
+            sampling=proto.SamplingParams(temperature=0.0), offload_hint=offload_hint)
         stream = await self.bus.stream_request(self.host.generate_subject, req, timeout=WAIT)
         chunks = [c async for c in stream]
         final = chunks[-1]
@@ -91,7 +92,18 @@ async def test_evicted_blocks_onboard_on_the_same_and_another_worker_with_equal_
             await wait_for(lambda: all(h in store.store.cache.ram for h in hashes),
                            "the prompt's blocks in the store")
 
-            again, usage = await a.generate(prompt)
+            # a router that saw none of the prompt in the store (hint 0): no lookup, computed
+            lookups = a.hook.counts["lookups"]
+            hinted, usage = await a.generate(prompt, offload_hint=0)
+            assert usage.cached_tokens == 0
+            assert hinted == computed
+            assert a.hook.counts["lookups"] == lookups
+            assert a.hook.counts["skipped_hint"] == 1
+            for i in range(4):  # out of the cache again
+                await a.generate(prompt_of(20 + i, 7 * BS))
+            assert a.engine.cached_prefix(hashes) == 0
+
+            again, usage = await a.generate(prompt, offload_hint=5)
             assert usage.cached_tokens == 5 * BS  # onboarded, not computed
             assert again == computed
 

@@ -151,3 +151,42 @@ def test_with_a_store_the_affinity_credit_is_priced_at_onboarding():
     uncached = 64 * BS - 48 * BS
     assert none.score(ctx, held) - pol.score(ctx, held) == pytest.approx(
         0.5 * (p.prefill_ms(uncached + 8 * BS) - p.prefill_ms(uncached)))
+
+
+def test_the_decision_says_how_many_prompt_blocks_the_store_holds():
+    prompt = tokens(7, 6 * BS)
+    other = tokens(8, 6 * BS)
+
+    def decide(core: RouterCore, toks: list[int]) -> proto.RouteDecision:
+        return core.route(proto.RouteRequest(request_id="r", model="m", max_tokens=16,
+                                             token_ids=proto.pack_tokens(toks)))
+
+    core = two_workers()
+    assert decide(core, prompt).store_blocks is None  # no store known: no hint
+    core.add_store(STORE)
+    # a store whose snapshot has not come yet: what it holds is unknown, so no hint
+    assert decide(core, prompt).store_blocks is None
+    core.on_store_batch(proto.KvEventBatch(worker_id=STORE, event_id=7, tier=TIER_HOST,
+                                           events=[proto.Cleared()]))  # its (empty) snapshot
+    assert decide(core, prompt).store_blocks == 0  # a store, holding none of it: skip
+    # blocks 2..5 only (the worker evicted the tail): counted anywhere, not as a run from 0
+    core.on_store_batch(store_batch(8, prompt, start=2))
+    assert decide(core, prompt).store_blocks == 4
+    assert decide(core, other).store_blocks == 0
+    core.on_store_batch(store_batch(1, other, tier=TIER_DISK))  # the disk tier's first batch
+    assert decide(core, other).store_blocks == 6
+    # a gap: the view may miss blocks until the snapshot, so no hint meanwhile
+    core.on_store_batch(store_batch(12, tokens(9, 2 * BS)))
+    assert decide(core, other).store_blocks is None
+    core.on_store_batch(proto.KvEventBatch(worker_id=STORE, event_id=13, tier=TIER_HOST,
+                                           events=[proto.Cleared()]))
+    assert decide(core, other).store_blocks == 6
+
+
+def test_a_fresh_store_is_known_whole_from_its_first_batch():
+    core = two_workers()
+    prompt = tokens(3, 4 * BS)
+    core.on_store_batch(store_batch(1, prompt))  # joins by its first event batch
+    d = core.route(proto.RouteRequest(request_id="r", model="m", max_tokens=16,
+                                      token_ids=proto.pack_tokens(prompt)))
+    assert d.store_blocks == 4

@@ -67,6 +67,7 @@ class RoutedPrompt:
     prompt_tokens: int
     policy: str
     error: str | None = None
+    store_blocks: int | None = None  # the prompt's blocks in an offload store (None: no store)
 
 
 class RouterCore:
@@ -89,6 +90,10 @@ class RouterCore:
         # KV offload store instances: holders in the index (tiers host/disk) that are shared
         # by every worker and never routed to
         self.stores: set[int] = set()
+        # store id -> its tiers whose view here is whole: built from a snapshot or from the
+        # store's first batch, with no gap since. Until every store has one (and no gap
+        # waits for a snapshot), decisions give no store hint (RoutedPrompt.store_blocks).
+        self._whole_store_tiers: dict[int, set[str]] = {}
 
     def now_ms(self) -> float:
         return self._clock()
@@ -207,6 +212,7 @@ class RouterCore:
         """The store's record went: nobody can onboard its blocks any more."""
         if store_id in self.stores:
             self.stores.discard(store_id)
+            self._whole_store_tiers.pop(store_id, None)
             self._gone[store_id] = self.now_ms()
             dropped = self.index.remove_worker(store_id)
             self.resync_wanted = {k for k in self.resync_wanted if k[0] != store_id}
@@ -226,14 +232,27 @@ class RouterCore:
             self.add_store(sid)
         result = self.index.apply_batch(batch, self.now_ms())
         key = (sid, batch.tier)
+        whole = self._whole_store_tiers.setdefault(sid, set())
         if result.gap is not None:
+            whole.discard(batch.tier)
             self.index.events[key].awaiting_resync = True
             self.resync_wanted.add(key)
             log.warning("KV event gap from offload store %x (%s): expected %d, got %d",
                         sid, batch.tier, result.gap[0], result.gap[1])
         elif batch.events and isinstance(batch.events[0], proto.Cleared):
             self.resync_wanted.discard(key)
+            whole.add(batch.tier)
+        elif batch.event_id <= 1 and not result.stale:
+            whole.add(batch.tier)  # the store's first batch: nothing came before it
         return result
+
+    def _stores_whole(self) -> bool:
+        """Whether the index knows everything every store holds (as of the events so far)."""
+        for sid in self.stores:
+            tiers = self._whole_store_tiers.get(sid)
+            if not tiers or any((sid, t) in self.resync_wanted for t in STORE_TIERS):
+                return False
+        return True
 
     def _store_runs(self, hashes: list[int], overlaps: dict[int, int]) -> dict[int, list[int]]:
         """Per distinct cached-prefix length: [RAM, disk] blocks of the store's run after it."""
@@ -265,7 +284,7 @@ class RouterCore:
         return proto.RouteDecision(
             request_id=req.request_id, worker_id=r.worker_id, model=req.model,
             overlap_blocks=r.overlap_blocks, prompt_tokens=r.prompt_tokens, policy=r.policy,
-            router_id=self.config.router_id, error=r.error)
+            router_id=self.config.router_id, error=r.error, store_blocks=r.store_blocks)
 
     def route_tokens(self, request_id: str, token_bytes: bytes, prompt_tokens: int,
                      max_tokens: int, *, model: str | None = None, policy: str | None = None,
@@ -309,7 +328,14 @@ class RouterCore:
         self.decisions += 1
         self.predicted_hit_tokens += cached_tokens
         self.prompt_tokens_total += prompt_tokens
-        return RoutedPrompt(w.worker_id, chosen.overlap_blocks, prompt_tokens, pol.name)
+        store_blocks = None
+        if self.stores and self._stores_whole():
+            # anywhere in the prompt, not only right after the overlap the router believes:
+            # the worker's own prefix may be shorter than that (just evicted, to the store)
+            store_blocks = self.index.count_in_tiers(hashes_by_block_size[w.block_size],
+                                                     STORE_TIERS)
+        return RoutedPrompt(w.worker_id, chosen.overlap_blocks, prompt_tokens, pol.name,
+                            store_blocks=store_blocks)
 
     def _view(self, w: WorkerInfo, overlap: int) -> WorkerView:
         load = self.load

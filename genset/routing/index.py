@@ -204,6 +204,13 @@ class PrefixIndex:
         worker_of = self._worker_of
         return {worker_of[s]: d for s, d in depth_by_slot.items()}
 
+    def count_in_tiers(self, hashes, tiers: tuple[str, ...]) -> int:
+        """How many of `hashes` some holder keeps in one of `tiers` (anywhere, not a run)."""
+        tables = [self._tiers[name].table for name in tiers if name in self._tiers]
+        if not tables:
+            return 0
+        return sum(1 for h in hashes if any(h in table for table in tables))
+
     def run_by_tier(self, hashes, start: int, tiers: tuple[str, ...]) -> list[int]:
         """How many blocks of the leading run of `hashes[start:]` that some holder keeps in
         one of `tiers` are in each tier (a block in several counts in the first listed): the

@@ -5,7 +5,8 @@ onboarding of a prompt's next blocks before it runs.
   (`Engine.hand_over_evictions`, read before their memory was reused); they go to
   `OffloadClient.put_behind`, which queues them (bounded in bytes) and returns: an engine step
   never waits for the store, and what does not fit is dropped and counted.
-- `before_run(request, tokens)`: the prompt's full blocks (all but the last token, which is
+- `before_run(request, tokens)`: unless the request's `offload_hint` is 0 (the router's view
+  of the store has none of its blocks), the prompt's full blocks (all but the last token, which is
   always computed) are hashed; the engine says how many leading ones it holds
   (`Engine.cached_prefix`); one batched lookup asks the store for the longest run of the next
   ones, under `deadline_s`; the run comes back as a `KvImport` that the engine loads and pins
@@ -120,7 +121,8 @@ class OffloadHook(WorkerHooks):
         self.ctx: WorkerContext | None = None
         self.client: OffloadClient | None = None
         self.counts = dict.fromkeys(("lookups", "hits", "misses", "skipped", "skipped_slow",
-                                     "errors", "onboarded_blocks", "written_blocks"), 0)
+                                     "skipped_hint", "errors", "onboarded_blocks",
+                                     "written_blocks"), 0)
         self._block_bytes = 0.0  # measured: an onboarded block's payload, bytes (EWMA)
         self._fetch_gbps = 0.0  # measured: bytes / s of the lookups that brought blocks
         self._m = _Metrics(metrics, self) if metrics is not None else None
@@ -199,6 +201,11 @@ class OffloadHook(WorkerHooks):
         client, ctx = self.client, self.ctx
         if client is None or ctx is None or not client.instances:
             return None
+        if getattr(request, "offload_hint", None) == 0:
+            # the router's view of the store holds none of the prompt's blocks: the lookup
+            # could only miss (proto.GenerateRequest.offload_hint)
+            self.counts["skipped_hint"] += 1
+            return None
         try:
             bs = ctx.block_size
             full = (len(token_ids) - 1) // bs  # the last token is always computed
@@ -262,7 +269,7 @@ class _Metrics:
             buckets=LATENCY_BUCKETS)
         lookups = metrics.gauge("worker_offload_lookups",
                                 "onboarding lookups so far, by outcome", ["outcome"])
-        for outcome in ("hits", "misses", "skipped", "skipped_slow", "errors"):
+        for outcome in ("hits", "misses", "skipped", "skipped_slow", "skipped_hint", "errors"):
             lookups.labels(outcome).set_function(lambda o=outcome: hook.counts[o])
         dropped = metrics.gauge(
             "worker_offload_dropped_writes",

@@ -641,7 +641,7 @@ class Pipeline:
                         ignore_eos=job.ignore_eos,
                         min_tokens=max(0, job.min_tokens - len(progress.generated))),
                     deadline_ms=int((time.time() + remaining_s) * 1000),
-                    timeline=tl is not None)
+                    timeline=tl is not None, offload_hint=decision.store_blocks)
                 disconnects = bus.disconnects
                 try:
                     # aclosing: a consumer that leaves closes the attempt at once, which
