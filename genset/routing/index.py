@@ -209,6 +209,14 @@ class PrefixIndex:
         tables = [self._tiers[name].table for name in tiers if name in self._tiers]
         if not tables:
             return 0
+        # per request on the frontend's routing path: 2 tables spelt out (~5 us for 63
+        # hashes, 26 us through a nested any())
+        if len(tables) == 1:
+            a = tables[0]
+            return sum(1 for h in hashes if h in a)
+        if len(tables) == 2:
+            a, b = tables
+            return sum(1 for h in hashes if h in a or h in b)
         return sum(1 for h in hashes if any(h in table for table in tables))
 
     def run_by_tier(self, hashes, start: int, tiers: tuple[str, ...]) -> list[int]:
