@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frontends", type=int, default=1, metavar="N",
                    help="frontend processes sharing --port (default 1). Each is one event loop: "
                         "at high request rates more of them use more cores (speedup-1000 mocker, "
-                        "2 cores: 2 frontends serve 1.5-1.8x the requests of one); at low rates "
+                        "2 cores: 2 frontends served 1.3x the requests of one); at low rates "
                         "each extra one costs CPU for nothing (docs/benchmarks.md, issue 15)")
     p.add_argument("--prefill-workers", type=int, default=0, metavar="N",  # disaggregation
                    help="prefill workers (default 0: aggregated serving); the --workers then "
