@@ -186,8 +186,9 @@ class GensetUp:
                 if role == "worker":
                     workers += 1
                     pids[f"{self.worker_label}{workers}"] = pid
-                else:
-                    pids[role] = pid
+                else:  # a second frontend (--frontends 2) is frontend2, ...
+                    n = sum(1 for k in pids if k.rstrip("0123456789") == role)
+                    pids[role if n == 0 else f"{role}{n + 1}"] = pid
             elif argv and argv[0].endswith("nats-server"):
                 pids["nats"] = pid
             elif argv and argv[0].endswith("etcd"):

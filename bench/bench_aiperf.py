@@ -132,7 +132,8 @@ def row_of(rec: dict) -> dict:
     groups: dict[str, float] = {}
     for name, v in cpu.items():
         g = ("workers" if name.startswith(("worker", "mocker")) else
-             "nats+etcd" if name in ("nats", "etcd") else name)
+             "nats+etcd" if name in ("nats", "etcd") else
+             name.rstrip("0123456789"))  # frontend2 (--frontends 2) is a frontend too
         groups[g] = groups.get(g, 0.0) + v
     client = s.get("cpu", {}).get("profiling_window", {}).get("client_cpu_s")
     return {

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address the API listens on (default loopback only)")
     p.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
+    p.add_argument("--frontends", type=int, default=1, metavar="N",
+                   help="frontend processes sharing --port (default 1). Each is one event loop: "
+                        "at high request rates more of them use more cores (speedup-1000 mocker, "
+                        "2 cores: 2 frontends served 1.3x the requests of one); at low rates "
+                        "each extra one costs CPU for nothing (docs/benchmarks.md, issue 15)")
     p.add_argument("--prefill-workers", type=int, default=0, metavar="N",  # disaggregation
                    help="prefill workers (default 0: aggregated serving); the --workers then "
                         "decode and send a request's prefill there when it pays")
@@ -480,22 +485,35 @@ class Launcher:
         return router
 
     def start_frontend(self, router_mode: str) -> Child:
+        """The frontend, or `--frontends N` of them on one port (SO_REUSEPORT), started one
+        after the other: each is checked on its own status port before the next one starts,
+        since the shared port answers from any of them. Returns the first."""
         a = self.args
-        frontend = self.spawn("frontend", "frontend", "--port", str(a.port), "--host", a.host,
-                              "--router", router_mode)
-        frontend.http_url = f"http://{'127.0.0.1' if a.host in LOCAL_HOSTS else a.host}:{a.port}"
-        self.say(f"frontend: starting on port {a.port}")
+        port = a.port
+        if a.frontends > 1 and port == 0:
+            port = pick_listen_port(self.ports_given)  # one port for all of them
+        url = f"http://{'127.0.0.1' if a.host in LOCAL_HOSTS else a.host}:{port}"
+        extra = ("--reuse-port",) if a.frontends > 1 else ()
+        frontends = []
+        for n in range(1, a.frontends + 1):
+            name = "frontend" if a.frontends == 1 else f"frontend-{n}"
+            frontend = self.spawn(name, "frontend", "--port", str(port), "--host", a.host,
+                                  "--router", router_mode, *extra)
+            status_url, frontend.http_url = frontend.http_url, url
+            self.say(f"{name}: starting on port {port}")
 
-        def ready() -> bool:
-            status, _ = http_json(frontend.http_url + "/health")
-            if status != 200:
-                return False
-            _, models = http_json(frontend.http_url + "/v1/models",
-                                  headers=self.security.api_headers())  # security
-            return any(m.get("id") == self.model_name for m in models.get("data", []))
+            def ready(status_url: str = status_url) -> bool:
+                # its own status port (not the shared one): this process, not a sibling
+                status, _ = http_json(status_url + "/health")
+                if status != 200:
+                    return False
+                _, models = http_json(url + "/v1/models",
+                                      headers=self.security.api_headers())  # security
+                return any(m.get("id") == self.model_name for m in models.get("data", []))
 
-        self.wait_until(f"frontend (model {self.model_name!r} listed)", [frontend], ready)
-        return frontend
+            self.wait_until(f"{name} (model {self.model_name!r} listed)", [frontend], ready)
+            frontends.append(frontend)
+        return frontends[0]
 
     def start(self) -> Child:
         a = self.args
@@ -503,6 +521,8 @@ class Launcher:
             raise LaunchError("--workers must be at least 1")
         if a.prefill_workers < 0:
             raise LaunchError("--prefill-workers must be 0 or more")
+        if a.frontends < 1:
+            raise LaunchError("--frontends must be at least 1")
         if a.planner:
             self.check_planner_args()
         if a.port != 0 and a.host in LOCAL_HOSTS and port_open("127.0.0.1", a.port):
@@ -632,7 +652,8 @@ class Launcher:
                            "max_tokens": 32})
         key = ("-H \"Authorization: Bearer $GENSET_API_KEY\" "
                if self.security.api_key else "")  # security
-        print(f"\ngenset is up: {url}/v1  (model {self.model_name!r}, {self.args.workers} "
+        frontends = f"{self.args.frontends} frontends, " if self.args.frontends > 1 else ""
+        print(f"\ngenset is up: {url}/v1  (model {self.model_name!r}, {frontends}{self.args.workers} "
               f"{self.args.engine} worker{'s' if self.args.workers > 1 else ''}, logs in {self.logs})\n\n"
               f"  curl {url}/v1/chat/completions {key}-H 'Content-Type: application/json' \\\n"
               f"    -d '{body}'\n\n"

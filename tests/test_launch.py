@@ -99,6 +99,8 @@ def test_bad_flags_are_refused_before_anything_starts(tmp_path, capsys):
 
     assert main(["--workers", "0", "--state-dir", str(tmp_path / "s")]) == 1
     assert "--workers must be at least 1" in capsys.readouterr().err
+    assert main(["--frontends", "0", "--state-dir", str(tmp_path / "s")]) == 1
+    assert "--frontends must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--engine", "nope"])
     with pytest.raises(SystemExit):
@@ -159,5 +161,43 @@ def test_genset_up_with_prefill_workers_serves_disaggregated(tmp_path):
         assert "prefilling locally" not in decode_log and "KV send failed" not in prefill_log
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()
+    finally:
+        kill_all(proc, pids | descendants(proc.pid))
+
+
+@pytest.mark.slow
+def test_genset_up_with_two_frontends_serves_from_both_on_one_port(tmp_path):
+    """`--frontends 2`: two frontend processes share --port (SO_REUSEPORT); new connections
+    are spread over both (each counts requests on its own status port); SIGTERM stops all."""
+    from tests.stack import metric, parse_metrics
+
+    port = free_port()
+    log = tmp_path / "up.log"
+    proc = start_up(REPO, log, "--engine", "mocker", "--workers", "1", "--frontends", "2",
+                    "--insecure", "--port", str(port), "--state-dir", str(tmp_path / "state"),
+                    "--nats", f"nats://127.0.0.1:{free_port()}",
+                    "--etcd", f"127.0.0.1:{free_port()}")
+    pids: set[int] = set()
+    try:
+        text = wait_for_line(proc, log, r"Ctrl-C stops everything", within=180)
+        assert "frontend-1: starting" in text and "frontend-2: starting" in text
+        assert "2 frontends" in text
+        pids = descendants(proc.pid)
+        status_ports = [int(re.search(r"--metrics-port (\d+)", cmdline(p)).group(1))
+                        for p in pids if " frontend " in cmdline(p)]
+        assert len(status_ports) == 2, [cmdline(p) for p in pids]
+        for i in range(24):  # a new connection each: the kernel picks a listener per connection
+            resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                              json={"model": "tiny", "prompt": f"hi {i}", "max_tokens": 2})
+            assert resp.status_code == 200, resp.text
+        served = [metric(parse_metrics(httpx.get(f"http://127.0.0.1:{p}/metrics",
+                                                 timeout=30).text),
+                         "genset_frontend_requests_total")
+                  for p in status_ports]
+        # both served (all 24 on one of two listeners: a chance of 2 in 2^24)
+        assert sum(served) == 24 and min(served) > 0, served
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()
+        assert not [p for p in pids if alive(p)]
     finally:
         kill_all(proc, pids | descendants(proc.pid))

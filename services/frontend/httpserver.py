@@ -548,10 +548,14 @@ class HttpServer:
         self._server: asyncio.AbstractServer | None = None
         self._idle: asyncio.Event | None = None
 
-    async def start(self, host: str, port: int, *, backlog: int = 2048) -> int:
+    async def start(self, host: str, port: int, *, backlog: int = 2048,
+                    reuse_port: bool = False) -> int:
+        """Listen; `reuse_port`: other processes may listen on the same port too (the kernel
+        spreads new connections over them: `genset up --frontends N`)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: HttpConnection(self), host, port,
-                                                backlog=backlog, reuse_address=True)
+                                                backlog=backlog, reuse_address=True,
+                                                reuse_port=reuse_port)
         return self._server.sockets[0].getsockname()[1]
 
     def busy(self) -> int:

@@ -57,6 +57,9 @@ class FrontendOptions:
         "event (fewer, larger SSE chunks under load; off: one event per worker frame)"))
     nats_max_concurrent: int = field(default=4096, metadata=opt(
         "NATS-native generate requests in progress before new ones are refused", min=1))
+    reuse_port: bool = field(default=False, metadata=opt(
+        "share --port with other frontend processes on this host (SO_REUSEPORT: the kernel "
+        "spreads new connections over them; `genset up --frontends N`)"))
     timeline: str = field(default="", metadata=opt(
         "append each request's timeline (when it reached each stage, frontend and worker; "
         "JSON lines, see genset/runtime/timeline.py; bench/timeline_report.py summarises it) "
@@ -119,7 +122,7 @@ class FrontendService(Service):
         host = opts.http_host or self.config.host
         self.server = HttpServer(http.handle, error_body=error_body, body_limit=http.body_limit)
         try:
-            port = await self.server.start(host, opts.port)
+            port = await self.server.start(host, opts.port, reuse_port=opts.reuse_port)
         except OSError as exc:  # say which flags chose the address, not just errno
             flags = ("--http-host" if opts.http_host else "--host") + ", --port"
             raise ConfigError(f"cannot serve the HTTP API on {host}:{opts.port} ({flags}): "
