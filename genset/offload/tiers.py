@@ -170,14 +170,16 @@ ADMISSION_POLICIES = (ADMIT_FREQUENCY, ADMIT_LRU, ADMIT_SLRU)
 # the protected segment's share of an `slru` tier (the usual SLRU split; 0.5-0.95 gave the
 # same hit rate on the Mooncake replay)
 PROTECTED_SHARE = 0.8
-# What the store runs unless told (`--admission`): plain LRU. On the synthetic Mooncake
-# replay (8 workers, store 1x/4x/10x their GPU blocks, arrivals 1x and 3x) it served as many
-# or more prompt tokens from the store than the TinyLFU filter every time and gave a lower
-# mean TTFT (4x: 167.9 vs 176.7 ms at 1x, 188.8 vs 197.7 at 3x; 10x: the same), that
-# trace's reuse being recent more than repeated (2026-12-06). `frequency` stays selectable
-# for workloads with scans of one-off prompts (it keeps them from flushing reused prefixes).
-# The classes below keep frequency as their own default (their tests are about it).
-DEFAULT_ADMISSION = ADMIT_LRU
+# What the store runs unless told (`--admission`): segmented LRU. On the synthetic Mooncake
+# replay (8 workers, store 4x / 10x their GPU blocks, arrivals 1x and 3x, 3 router seeds
+# each) it served more prompt tokens from the store than plain LRU at 4x (hit 57.8 vs 56.2%
+# at 1x, 57.6 vs 55.4% at 3x) and lowered the mean TTFT (165.4 vs 168.8 ms at 1x, 182.6 vs
+# 188.7 at 3x); at 10x the same (nothing useful is evicted there) (2026-12-06). Plain LRU had
+# in turn beaten the TinyLFU filter there (4x: 167.9 vs 176.7 ms), that trace's reuse being
+# recent more than repeated: `frequency` stays selectable for workloads with scans of
+# one-off prompts that must never displace a reused prefix. The classes below keep
+# frequency as their own default (their tests are about it).
+DEFAULT_ADMISSION = ADMIT_SLRU
 
 
 class SizedLru:
