@@ -228,8 +228,11 @@ async def test_events_per_tier_and_resync(nats_server, etcd_server, bus, discove
         batches.append(proto.decode(msg.data, proto.KvEventBatch))
 
     sub = await bus.subscribe(subjects.offload_events_all(ns), on_event)
+    # plain LRU: the pushers below push the reused blocks out of RAM onto disk (`slru`, the
+    # default, would keep the reused ones in RAM and spill the pushers instead)
     async with running_store(nats_server, etcd_server, ns, offload_ram_gb=8 * 1400 / 2**30,
-                             offload_disk_gb=0.001, offload_dir=str(tmp_path)) as store:
+                             offload_disk_gb=0.001, offload_dir=str(tmp_path),
+                             admission="lru") as store:
         sid = store.instance_id
         replicas = {"host": HashSetReplica(), "disk": HashSetReplica()}
         seen = 0

@@ -198,3 +198,40 @@ async def test_lookup_returns_what_fits_and_says_how_much_more_it_holds():
     assert res.held == 2
     assert store.contains([b.hash for b in blocks]) == (10, 10)
     await store.close()
+
+
+@pytest.mark.parametrize("admission", ["frequency", "lru", "slru"])
+def test_a_ram_blocks_python_objects_fit_its_accounted_overhead(admission):
+    """The RAM tier's byte bound holds only if `entry_overhead` covers what a block costs
+    beyond its payload and token ids: the decoded block object, the tier's entry and dict
+    slots (`slru`: one more, for its segment)."""
+    import gc
+    import sys
+    import tracemalloc
+
+    import proto
+    from proto.offload import OffloadBlock
+
+    n = 2000
+    wire = [proto.encode(b) for b in chain(7, n, 64)]
+    store = BlockStore(ram_bytes=1 << 30, admission=admission, verify_hashes=False)
+    store.put(chain(8, 1, 64))  # sizes the frequency sketch (a fixed cost, not per block)
+    store.cache.ram_log.take_batches(1, 0)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        blocks = [proto.decode(w, OffloadBlock) for w in wire]
+        for i in range(0, n, 100):
+            store.put(blocks[i:i + 100])
+            store.cache.ram_log.take_batches(1, 0)  # the service publishes these at once
+        store.cache.touch_run([b.hash for b in blocks[: n // 2]])  # half used again
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    payload = sum(len(b.token_ids) + len(b.data) for b in blocks)
+    per_block = (used - payload - sys.getsizeof(blocks)) / n  # the test's own list aside
+    assert len(store.cache.ram) == n + 1
+    print(f"{admission}: {per_block:.0f} bytes per block beyond payload and token ids")
+    assert per_block <= store.entry_overhead

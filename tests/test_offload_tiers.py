@@ -98,6 +98,59 @@ def test_lru_admission_lets_the_newest_in_whatever_its_frequency():
         TieredCache.in_blocks(10, admission="lfu")
 
 
+def test_slru_evicts_blocks_never_used_again_before_reused_ones():
+    """`slru`: newcomers always get in, but a block used again while held (a served lookup,
+    a second worker's put) is evicted only after every block that never was."""
+    cache = TieredCache.in_blocks(100, admission="slru")
+    reused = hashes(30, 1)
+    once = hashes(70, 2)
+    for h in reused + once:
+        assert cache.offer(h, None).status == STORED
+    cache.touch_run(reused[:20])  # a lookup served them
+    for h in reused[20:]:
+        assert cache.offer(h, None).status == KNOWN  # put again by another worker
+    scan = hashes(70, 3)
+    assert {cache.offer(h, None).status for h in scan} == {STORED}  # never turned away
+    assert set(cache.ram.entries) == set(reused) | set(scan)  # the one-offs went first
+    assert cache.ram.used == 100 and cache.ram.protected_used == 30
+
+
+def test_slru_protected_segment_is_bounded_and_demotes_lru_first():
+    cache = TieredCache.in_blocks(10, admission="slru")
+    ram = cache.ram
+    blocks = hashes(10, 1)
+    for h in blocks:
+        cache.offer(h, None)
+    for h in blocks:
+        cache.touch(h)  # all used again: only 8 (80%) stay protected
+    assert list(ram.protected) == blocks[2:]
+    assert list(ram.probation) == blocks[:2]  # demoted, oldest first
+    new = hashes(3, 2)
+    for h in new:  # probation turns over, LRU first: the demoted two, then the first newcomer
+        cache.offer(h, None)
+    assert set(ram.entries) == set(blocks[2:]) | set(new[1:])
+    assert ram.used == 10 and ram.protected_used == 8
+    cache.ram.clear()
+    assert ram.used == ram.protected_used == 0 and not ram.probation and not ram.protected
+
+
+def test_slru_tier_stays_within_its_byte_bound():
+    cache = TieredCache(10_000, sketch_width=4096, admission="slru")
+    rng = random.Random(5)
+    pool = hashes(400, 4)
+    for _ in range(5000):
+        h = rng.choice(pool)
+        if rng.random() < 0.3:
+            cache.touch(h)
+        else:
+            cache.offer(h, None, size=rng.randint(100, 900), value=b"")
+        ram = cache.ram
+        assert ram.used <= 10_000 and ram.protected_used <= ram.protected_capacity + 900
+        assert set(ram.entries) == set(ram.probation) | set(ram.protected)
+    assert ram.used == sum(e.size for e in ram.entries.values())
+    assert ram.protected_used == sum(ram.entries[h].size for h in ram.protected)
+
+
 def test_equally_cold_blocks_turn_over_lru_first():
     cache = TieredCache.in_blocks(100)
     first = hashes(100, 1)

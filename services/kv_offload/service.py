@@ -74,9 +74,11 @@ class OffloadOptions:
         "a block evicted from RAM goes to disk only if put or asked for this often", min=0,
         env="GENSET_OFFLOAD_SPILL_MIN_FREQ"))
     admission: str = field(default=DEFAULT_ADMISSION, metadata=opt(
-        "which newcomer may displace the least recently used blocks: frequency (TinyLFU: "
-        "one at least as frequent; a scan of one-offs cannot flush reused blocks) or lru "
-        "(any: plain LRU, the default: it served more of the Mooncake replay)", choices=ADMISSION_POLICIES, env="GENSET_OFFLOAD_ADMISSION"))
+        "which newcomer may displace which blocks: slru (the default: any newcomer, blocks "
+        "never used again since they came in go before reused ones; served the most of the "
+        "Mooncake replay), lru (any newcomer, least recently used first) or frequency "
+        "(TinyLFU: only one at least as frequent; a scan of one-offs cannot flush reused "
+        "blocks)", choices=ADMISSION_POLICIES, env="GENSET_OFFLOAD_ADMISSION"))
     verify_on_start: bool = field(default=False, metadata=opt(
         "check every disk file's checksum at start-up (reads the whole tier; reads are "
         "always checked)",

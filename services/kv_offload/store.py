@@ -4,7 +4,10 @@ directly); the service publishes its event logs and answers requests with it.
 
 Memory is bounded in bytes, all of it accounted:
 - the RAM tier: every block's payload + token ids + ENTRY_OVERHEAD (the Python objects
-  around them, measured at ~330 bytes with tracemalloc) <= `ram_bytes`;
+  around them: the decoded block, the tier's entry and dict slots, 383 bytes measured with
+  tracemalloc on Python 3.11; `slru` admission's segments add a dict slot per block:
+  SLRU_ENTRY_OVERHEAD, 495 measured; `tests/test_offload_store.py` measures both) <=
+  `ram_bytes`;
 - blocks on their way to disk (evicted from RAM, file not written yet) <= `spill_queue_bytes`:
   when that queue is full a spill is dropped, never waited for;
 - a lookup holds at most its `max_bytes` of replies (the service bounds concurrent requests).
@@ -28,6 +31,7 @@ import structlog
 from genset.kv.hashing import chain_hash, local_block_hash
 from genset.offload.tiers import (
     ADMIT_FREQUENCY,
+    ADMIT_SLRU,
     REJECTED,
     STORED,
     STORED_DISK,
@@ -42,7 +46,8 @@ from services.kv_offload.disk import DiskStore, disk_usage
 
 log = structlog.get_logger("genset.kv_offload")
 
-ENTRY_OVERHEAD = 384  # bytes per RAM block beyond its payload (objects, dict slot)
+ENTRY_OVERHEAD = 448  # bytes per RAM block beyond its payload (objects, dict slot; 383 used)
+SLRU_ENTRY_OVERHEAD = 576  # the same with `slru` admission (+ a segment's dict slot; 495 used)
 WIRE_OVERHEAD = 64  # msgpack bytes per block in a reply beyond its payload (keys, ints)
 # A lookup counts demand for at most this many of its hashes (a 16k-token prompt in 16-token
 # blocks); a request listing 65 536 hashes would otherwise cost ~0.2 s of sketch updates.
@@ -79,6 +84,7 @@ class BlockStore:
         self.spill_queue_bytes = spill_queue_bytes
         self.verify_hashes = verify_hashes
         self.verify_on_start = verify_on_start
+        self.entry_overhead = SLRU_ENTRY_OVERHEAD if admission == ADMIT_SLRU else ENTRY_OVERHEAD
         self.cache = TieredCache(
             ram_bytes, disk_bytes if self.disk else 0, spill_min_freq=spill_min_freq,
             disk_size=lambda e: disk_usage(len(e.value.token_ids), len(e.value.data)),
@@ -169,7 +175,7 @@ class BlockStore:
                 out.refused += 1
                 out.error = out.error or why
                 continue
-            size = len(b.token_ids) + len(b.data) + ENTRY_OVERHEAD
+            size = len(b.token_ids) + len(b.data) + self.entry_overhead
             res = cache.offer(b.hash, b.parent_hash, size, b)
             if res.status in (STORED, STORED_DISK):
                 out.stored += 1
@@ -263,7 +269,7 @@ class BlockStore:
                                    data=f.data)
                 picked[i] = blk
                 self._apply(cache.promote(h, f.parent_hash,
-                                          len(f.token_ids) + len(f.data) + ENTRY_OVERHEAD, blk))
+                                          len(f.token_ids) + len(f.data) + self.entry_overhead, blk))
             self.changed.set()
         cache.touch_run(hashes[:len(picked)])  # after the promotions: head most recent
         blocks = [b if want_tokens or not b.token_ids else
