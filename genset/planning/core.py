@@ -101,6 +101,10 @@ class PlannerConfig:
     burst_rise: float = 2.0
     burst_rise_s: float = 10.0
     jump_hold_startups: float = 4.0
+    # a seasonal forecast that predicts (SloPolicyConfig.seasonal_min_weight) replaces the
+    # burst and jump floors by what it expects within a start-up time
+    seasonal_floor: bool = True
+    seasonal_replaces_bursts: bool = True
     startup_s: float = 30.0  # start-up time assumed until one is measured
     startup_timeout_s: float = 600.0  # a start not registered by then is given up (and retried)
     horizon_extra_s: float = 2.0  # sizing looks start-up time + this far ahead (a tick or two)
@@ -625,11 +629,16 @@ class PlannerCore:
                 settle_s = min(c.down_settle_s, cool_s)
                 new = b.clamp(pool.window_max(now - settle_s * 1000) or 0)
                 hold_s = self.burst_hold_s()
-                floor = b.clamp(pool.came_back(now - hold_s * 1000)) if hold_s else 0
-                jump_s = self.jump_hold_s()
-                if jump_s:
-                    floor = max(floor, b.clamp(pool.came_back(
-                        now - jump_s * 1000, c.burst_rise, c.burst_rise_s * 1000)))
+                seasonal = need.seasonal_floor if c.seasonal_floor else None
+                floor = 0
+                if seasonal is None or not c.seasonal_replaces_bursts:
+                    floor = b.clamp(pool.came_back(now - hold_s * 1000)) if hold_s else 0
+                    jump_s = self.jump_hold_s()
+                    if jump_s:
+                        floor = max(floor, b.clamp(pool.came_back(
+                            now - jump_s * 1000, c.burst_rise, c.burst_rise_s * 1000)))
+                if seasonal is not None:
+                    floor = max(floor, b.clamp(seasonal))
                 falling = " (falling)" if cool_s < c.down_cooldown_s else ""
                 if floor > new:
                     if floor >= target:
