@@ -104,7 +104,14 @@ class PlannerConfig:
     # a seasonal forecast that predicts (SloPolicyConfig.seasonal_min_weight) replaces the
     # burst and jump floors by what it expects within a start-up time
     seasonal_floor: bool = True
-    seasonal_replaces_bursts: bool = True
+    seasonal_replaces_bursts: bool = False
+    # Learned floor for recurring bursts: once the need has jumped `burst_recur` times within
+    # `burst_memory_s`, the pool keeps the `burst_quantile` (time-weighted) of the need over
+    # that memory; bursts that stop for that long free it. 0: none.
+    burst_memory_s: float = 600.0
+    burst_recur: int = 2
+    burst_quantile: float = 0.5
+    burst_from_floor: bool = True
     startup_s: float = 30.0  # start-up time assumed until one is measured
     startup_timeout_s: float = 600.0  # a start not registered by then is given up (and retried)
     horizon_extra_s: float = 2.0  # sizing looks start-up time + this far ahead (a tick or two)
@@ -304,6 +311,52 @@ class _Pool:
             if need > low and need >= rise * low:
                 best = need
         return best
+
+    def jump_peaks(self, since_ms: float, now_ms: float, rise: float, within_ms: float,
+                   after_ms: float, max_low: float = math.inf) -> list[int]:
+        """The need each jump since `since_ms` reached (its largest within `after_ms` of the
+        jump): the size of each burst after an idle gap. A jump is a need at least `rise`
+        times the lowest of the `within_ms` before it, that lowest at most `max_low`."""
+        series = list(self.series)
+        peaks: list[int] = []
+        last_end = -math.inf
+        for i, (t, need) in enumerate(series):
+            if i == 0 or t < since_ms or t <= last_end:
+                continue  # a jump within the last one's span is the same burst
+            low = need
+            for j in range(i - 1, -1, -1):
+                tj, nj = series[j]
+                low = min(low, nj)
+                if tj <= t - within_ms:
+                    break
+            if need > low and need >= rise * low and low <= max_low:
+                last_end = t + after_ms
+                peak = need
+                for tk, nk in series[i + 1:]:
+                    if tk > last_end or tk > now_ms:
+                        break
+                    peak = max(peak, nk)
+                peaks.append(peak)
+        return peaks
+
+    def quantile(self, now_ms: float, since_ms: float, q: float) -> int:
+        """The time-weighted `q` quantile of the need since `since_ms` (0 with no history)."""
+        series = list(self.series)
+        spans: dict[int, float] = {}
+        for i, (t, need) in enumerate(series):
+            end = series[i + 1][0] if i + 1 < len(series) else now_ms
+            start = max(t, since_ms)
+            if end > start:
+                spans[need] = spans.get(need, 0.0) + (end - start)
+        total = sum(spans.values())
+        if total <= 0:
+            return 0
+        acc = 0.0
+        for need in sorted(spans):
+            acc += spans[need]
+            if acc >= q * total:
+                return need
+        return max(spans)
 
     def forget_window(self) -> None:
         self.win.clear()
@@ -518,6 +571,19 @@ class PlannerCore:
 
         return sorted(ready, key=cost)
 
+    def _learned_floor(self, pool: _Pool, now: float) -> int:
+        """Recurring bursts (at least `burst_recur` jumps within `burst_memory_s`): the
+        `burst_quantile` of the need over that memory, so that the pool does not fall to its
+        idle size between bursts and miss the next one's start-up."""
+        c = self.config
+        since = now - c.burst_memory_s * 1000.0
+        peaks = sorted(pool.jump_peaks(since, now, c.burst_rise, c.burst_rise_s * 1000.0,
+                                       self.startup.estimate_s * 1000.0,
+                                       max_low=pool.bounds.min if c.burst_from_floor else math.inf))
+        if len(peaks) < c.burst_recur:
+            return 0
+        return pool.bounds.clamp(peaks[int(c.burst_quantile * (len(peaks) - 1))])
+
     def burst_hold_s(self) -> float:
         return self.config.burst_hold_startups * self.startup.estimate_s
 
@@ -577,7 +643,7 @@ class PlannerCore:
             d.need_up, d.need_settle = b.clamp(need.up), b.clamp(need.settle)
             d.need_now = b.clamp(need.settle_now)
             pool.record(now, d.need_now, max(c.down_cooldown_s, self.burst_hold_s(),
-                                             self.jump_hold_s()) * 1000.0)
+                                             self.jump_hold_s(), c.burst_memory_s) * 1000.0)
         else:
             pool.forget_window()  # a hole in the inputs restarts the cool-down
         why = need.why if need is not None else ""
@@ -639,6 +705,8 @@ class PlannerCore:
                             now - jump_s * 1000, c.burst_rise, c.burst_rise_s * 1000)))
                 if seasonal is not None:
                     floor = max(floor, b.clamp(seasonal))
+                elif c.burst_memory_s:
+                    floor = max(floor, self._learned_floor(pool, now))
                 falling = " (falling)" if cool_s < c.down_cooldown_s else ""
                 if floor > new:
                     if floor >= target:
