@@ -103,6 +103,7 @@ class PlannerConfig:
     jump_hold_startups: float = 4.0
     # a seasonal forecast that predicts (SloPolicyConfig.seasonal_min_weight) replaces the
     # burst and jump floors by what it expects within a start-up time
+    seasonal: bool = True  # look for a period in the arrival rate (forecast.SeasonalForecaster)
     seasonal_floor: bool = True
     seasonal_replaces_bursts: bool = False
     # Learned floor for recurring bursts: once the need has jumped `burst_recur` times within
@@ -142,6 +143,11 @@ class PlannerConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be >= 0, got {v}")
+        if not (math.isfinite(self.burst_memory_s) and self.burst_memory_s >= 0):
+            raise ValueError(f"burst_memory_s must be >= 0, got {self.burst_memory_s}")
+        if not 0 <= self.burst_quantile <= 1 or self.burst_recur < 1:
+            raise ValueError(f"need 0 <= burst_quantile <= 1 and burst_recur >= 1, got "
+                             f"{self.burst_quantile} and {self.burst_recur}")
         if not (math.isfinite(self.burst_rise) and self.burst_rise >= 1):
             raise ValueError(f"burst_rise must be >= 1, got {self.burst_rise}")
         if not (math.isfinite(self.burst_rise_s) and self.burst_rise_s > 0):
@@ -372,7 +378,7 @@ class PlannerCore:
         self.pools = {role: _Pool(role, b) for role, b in c.pools.items()}
         self.pending: dict[str, list[PendingStart]] = {role: [] for role in c.pools}
         self.startup = StartupEstimator(c.startup_s)
-        self.forecaster = ArrivalForecaster(c.forecast_bucket_s)
+        self.forecaster = ArrivalForecaster(c.forecast_bucket_s, seasonal=c.seasonal)
         self.model = PerfModel(c.step_prior)
         self.ttft = LatencyWindow(c.latency_window_s)
         self.itl = LatencyWindow(c.latency_window_s)

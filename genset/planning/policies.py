@@ -224,6 +224,9 @@ class SloPolicyConfig:
             raise ValueError("need 0 < correction_min <= correction_max")
         if not 0 < self.kv_fill <= 1 or not 0 < self.kv_safety <= 1:
             raise ValueError("kv_fill and kv_safety must be in (0, 1]")
+        if not 0 <= self.seasonal_min_weight <= 1:
+            raise ValueError(f"seasonal_min_weight must be in [0, 1], got "
+                             f"{self.seasonal_min_weight}")
         if self.down_margin < 0:
             raise ValueError(f"down_margin must be >= 0, got {self.down_margin}")
 
