@@ -67,8 +67,7 @@ class PoolNeed:
     # scale down after a short cool-down instead of waiting out the whole one
     falling: bool = False
     # the workers the seasonal forecast says the pool needs again within one start-up time
-    # (None: no period predicting): a pool is not taken below it, and it stands in for the
-    # core's burst floors, which guess from the past what the period already says
+    # (None: no period predicting): a pool is not taken below it (PlannerConfig.seasonal_floor)
     seasonal_floor: int | None = None
 
 
