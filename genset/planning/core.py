@@ -727,7 +727,7 @@ class PlannerCore:
                 if seasonal is not None:
                     floors.append((b.clamp(seasonal), "seasonal floor: the cycle needs it "
                                    f"again within {self.horizon_s():.0f} s"))
-                elif c.burst_memory_s:
+                if c.burst_memory_s:
                     floors.append((self._learned_floor(pool, now),
                                    f"learned burst floor: the median of the bursts from idle "
                                    f"in the last {c.burst_memory_s:.0f} s"))
