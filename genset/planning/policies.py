@@ -201,6 +201,8 @@ class SloPolicyConfig:
     # error against persistence's, ArrivalForecaster.seasonal_weight) is at least this
     seasonal_min_weight: float = 0.5
     seasonal_settle: bool = True  # scale up to the seasonal peak within two start-ups
+    seasonal_margin: float = 0.10  # the seasonal floor and peak sizing carry this margin ...
+    seasonal_trim: bool = False  # ... and are not trimmed (see seasonal_need)
 
     def __post_init__(self) -> None:
         if self.ttft_ms <= 0 or self.itl_ms <= 0:
@@ -586,7 +588,8 @@ class SloPolicy:
                 w = agg_need(rate)
             # not trimmed, and with the down margin: the trim aims a pool that is there at
             # the target, while a forecast has no latencies to correct it before it is due
-            return ceil_workers(w * max(1.0, self.boost) * m)
+            boost = self.boost if c.seasonal_trim else max(1.0, self.boost)
+            return ceil_workers(w * boost * (1 + c.seasonal_margin))
 
         for role in views:
             if disagg and role == ROLE_PREFILL:
