@@ -353,25 +353,6 @@ class _Pool:
                 peaks.append(peak)
         return peaks
 
-    def quantile(self, now_ms: float, since_ms: float, q: float) -> int:
-        """The time-weighted `q` quantile of the need since `since_ms` (0 with no history)."""
-        series = list(self.series)
-        spans: dict[int, float] = {}
-        for i, (t, need) in enumerate(series):
-            end = series[i + 1][0] if i + 1 < len(series) else now_ms
-            start = max(t, since_ms)
-            if end > start:
-                spans[need] = spans.get(need, 0.0) + (end - start)
-        total = sum(spans.values())
-        if total <= 0:
-            return 0
-        acc = 0.0
-        for need in sorted(spans):
-            acc += spans[need]
-            if acc >= q * total:
-                return need
-        return max(spans)
-
     def forget_window(self) -> None:
         self.win.clear()
         self.series.clear()
