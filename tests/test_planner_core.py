@@ -642,7 +642,8 @@ def test_slo_policy_scales_down_after_a_short_cool_down_when_the_fall_is_signifi
 
 
 def test_burst_floor_keeps_a_need_that_came_back_within_a_start_up():
-    core, clock = make(cooldown=10, startup=30, burst_hold_startups=1.0, jump_hold_startups=0)
+    core, clock = make(cooldown=10, startup=30, burst_hold_startups=1.0, jump_hold_startups=0,
+                       burst_memory_s=0)
     c = Cluster(core, clock, initial={"decode": 1}, drain_s=1)
     c.noise = 0.0
 

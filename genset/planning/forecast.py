@@ -134,11 +134,13 @@ class ArrivalForecaster:
 
     def __init__(self, bucket_s: float = 2.0, *, tau_s: float = 6.0, window_s: float = 60.0,
                  length_requests: float = 50.0, default_isl: float = 1024.0,
-                 default_osl: float = 128.0) -> None:
+                 default_osl: float = 128.0, seasonal: bool = True) -> None:
         if bucket_s <= 0:
             raise ValueError(f"bucket_s must be > 0, got {bucket_s}")
         self.bucket_ms = bucket_s * 1000.0
         self.rate = TrendEstimator(tau_s, window_s)  # requests per second
+        # the recurring part of the rate (None: trend only)
+        self.seasonal: SeasonalForecaster | None = SeasonalForecaster() if seasonal else None
         if length_requests <= 0:
             raise ValueError(f"length_requests must be > 0, got {length_requests}")
         # The mean lengths are weighted per request, with a memory of about this many
@@ -198,9 +200,14 @@ class ArrivalForecaster:
             self.rate.reset()  # a long silence: whatever the level was, it is gone
             self.rate.update(now_ms, 0.0)
             self.last_rate = 0.0
+            if self.seasonal is not None:
+                self.seasonal.add(now_ms, 0.0, self.bucket_ms / 1000.0)
         else:
             for i in range(empty):
                 self.rate.update(end + (i + 1) * self.bucket_ms, 0.0)
+                if self.seasonal is not None:
+                    self.seasonal.add(end + (i + 1) * self.bucket_ms, 0.0,
+                                      self.bucket_ms / 1000.0)
             if empty:
                 self.last_rate = 0.0
         self._bucket_start += elapsed * self.bucket_ms
@@ -209,6 +216,8 @@ class ArrivalForecaster:
         rate = self._count / (self.bucket_ms / 1000.0)
         self.rate.update(end_ms, rate)
         self.last_rate = rate
+        if self.seasonal is not None:
+            self.seasonal.add(end_ms, rate, self.bucket_ms / 1000.0)
         if self._count and self._prompt:
             isl = self._prompt / self._count
             hit = self._cached / self._prompt
@@ -233,8 +242,39 @@ class ArrivalForecaster:
         return max(0.0, self.rate.level)
 
     def forecast(self, horizon_s: float) -> float:
-        """The arrival rate `horizon_s` from now (requests per second, >= 0)."""
-        return self.rate.project(horizon_s)
+        """The arrival rate `horizon_s` from now (requests per second, >= 0): the trend's
+        projection, raised towards the seasonal forecast by the weight that one earned. Only
+        raised: a predicted fall is waited for, as the trend's are (`seasonal_peak` is what
+        scaling down consults)."""
+        trend = self.rate.project(horizon_s)
+        p = self._seasonal(horizon_s, peak=False)
+        return trend if p is None else max(trend, trend + self.seasonal_weight * (p - trend))
+
+    def seasonal_peak(self, horizon_s: float) -> float | None:
+        """The highest rate the seasonal forecast expects between now and `horizon_s` ahead,
+        weighted as in `forecast` against today's level; None without a period."""
+        p = self._seasonal(horizon_s, peak=True)
+        if p is None:
+            return None
+        return max(self.level, self.level + self.seasonal_weight * (p - self.level))
+
+    @property
+    def seasonal_weight(self) -> float:
+        return self.seasonal.weight if self.seasonal is not None else 0.0
+
+    @property
+    def period_s(self) -> float | None:
+        return self.seasonal.period_s if self.seasonal is not None else None
+
+    def _seasonal(self, horizon_s: float, peak: bool) -> float | None:
+        s = self.seasonal
+        if s is None or self._bucket_start is None or not finite(horizon_s):
+            return None
+        s.set_horizon(horizon_s)
+        if s.weight <= 0:
+            return None
+        now = self._bucket_start
+        return s.peak(now, horizon_s) if peak else s.forecast(now, horizon_s)
 
     def noise(self) -> float:
         """Standard deviation of the rate level from arrival noise alone (Poisson arrivals
@@ -242,3 +282,222 @@ class ArrivalForecaster:
         0.58 req/s, at 100 req/s 2.9. Sizing decisions keep a few of these apart so the pool
         does not follow the noise."""
         return math.sqrt(self.level / (2.0 * self.rate.tau_s))
+
+
+class SeasonalForecaster:
+    """A recurring shape in the arrival rate (a daily cycle, a slow wave): its period, found
+    by autocorrelation over a bounded history, and the rate one start-up time ahead read from
+    the same phase of the cycles before.
+
+    A trend only sees a rise once it has started; a worker that takes longer to start than
+    the rise takes to arrive is then late (on a 300 s sinusoid a 120 s start-up is 40% of the
+    period). The cycle before says when the rise comes.
+
+    The rate is kept in buckets of `bucket_s` (the arrival forecaster's smaller buckets summed
+    into them), at most `history_s` of them: memory and the O(n x lags) detection per closed
+    bucket are bounded (180 buckets, 90 lags: 16k products every 10 s). A period is accepted
+    only when it is a local maximum of the autocorrelation, at least `min_corr` and 3 noise
+    standard deviations (1/sqrt(overlap)) above 0, with a trough at least `min_dip` deep
+    before it (a smooth trend has a high autocorrelation at every short lag and no trough),
+    after at least `min_cycles` periods of history. Of the candidates within 90% of the best
+    the shortest wins (a period's multiples correlate as well).
+
+    The forecast is the same phase of the earlier cycles (their mean, up to `cycles`),
+    shifted by how far the last bucket is from its own phase then (the level moves between
+    cycles). Its weight is earned: over the last `skill_s` of history, at the horizon last
+    asked for, how much smaller its error was than that of the rate `horizon` earlier
+    (persistence): 1 when its error is at most `full_skill` (half) of persistence's, 0 when
+    no smaller. Noise without a period has no period; a period that stopped predicting
+    loses its weight within the skill window.
+    """
+
+    def __init__(self, bucket_s: float = 10.0, history_s: float = 1800.0, *,
+                 min_period_s: float = 60.0, max_period_s: float = 900.0,
+                 min_corr: float = 0.5, min_dip: float = 0.5, min_cycles: float = 2.0,
+                 cycles: int = 3, skill_s: float = 600.0, full_skill: float = 0.5) -> None:
+        if bucket_s <= 0 or history_s < 4 * bucket_s:
+            raise ValueError("need bucket_s > 0 and history_s >= 4 buckets")
+        if not 0 < min_period_s <= max_period_s:
+            raise ValueError("need 0 < min_period_s <= max_period_s")
+        if min_cycles < 1 or cycles < 1 or not 0 < full_skill < 1:
+            raise ValueError("need min_cycles >= 1, cycles >= 1, 0 < full_skill < 1")
+        self.bucket_ms = bucket_s * 1000.0
+        self.min_lag = max(2, math.ceil(min_period_s / bucket_s))
+        self.max_lag = max(self.min_lag, int(max_period_s / bucket_s))
+        self.min_corr, self.min_dip, self.min_cycles = min_corr, min_dip, min_cycles
+        self.cycles = cycles
+        self.skill_buckets = max(3, int(skill_s / bucket_s))
+        self.full_skill = full_skill
+        self._buf: deque[float] = deque(maxlen=int(history_s / bucket_s))
+        self._end_ms: float | None = None  # end of the last closed bucket
+        self._start_ms: float | None = None  # start of the open bucket
+        self._area = 0.0  # rate x seconds in the open bucket
+        self.period_s: float | None = None  # detected period (None: none)
+        self.corr = 0.0  # autocorrelation at that period
+        self.weight = 0.0  # the forecast's earned weight, [0, 1]
+        self.skill_horizon_s = 30.0  # horizon the skill is measured at (last asked)
+        self._skill_at: float | None = None
+
+    # ---- input ------------------------------------------------------------------------------
+    def add(self, end_ms: float, rate: float, span_s: float) -> None:
+        """The mean `rate` over the `span_s` seconds that ended at `end_ms`."""
+        if not (finite(end_ms) and finite(rate) and finite(span_s)) or rate < 0 or span_s <= 0:
+            return
+        if self._start_ms is None:
+            self._start_ms = end_ms - span_s * 1000.0
+        if end_ms <= self._start_ms:
+            return  # the clock went back: ignore
+        # close every bucket that ended before this span's middle (the span lies in one
+        # bucket when the smaller buckets divide this one, as the arrival forecaster's do)
+        mid = end_ms - span_s * 500.0
+        closed = 0
+        while mid >= self._start_ms + self.bucket_ms:
+            self._buf.append(self._area / (self.bucket_ms / 1000.0))
+            self._area = 0.0
+            self._start_ms += self.bucket_ms
+            closed += 1
+            if closed > (self._buf.maxlen or 1):  # a long silence: skip to now
+                gap = int((mid - self._start_ms) // self.bucket_ms)
+                self._start_ms += gap * self.bucket_ms
+                self._buf.clear()
+                break
+        self._area += rate * span_s
+        if closed:
+            self._end_ms = self._start_ms
+            self._detect()
+
+    def set_horizon(self, horizon_s: float) -> None:
+        if finite(horizon_s) and horizon_s >= 0 and horizon_s != self.skill_horizon_s:
+            self.skill_horizon_s = horizon_s
+            self._skill()
+
+    # ---- detection --------------------------------------------------------------------------
+    def _detect(self) -> None:
+        x = list(self._buf)
+        n = len(x)
+        self.period_s, self.corr = None, 0.0
+        top = min(self.max_lag, int(n / self.min_cycles))
+        if top < self.min_lag:
+            self.weight = 0.0
+            return
+        mean = math.fsum(x) / n
+        d = [v - mean for v in x]
+        var = math.fsum(v * v for v in d) / n
+        if var <= 1e-12:
+            self.weight = 0.0
+            return
+        r = [1.0]
+        for k in range(1, min(top + 1, n - 1) + 1):
+            r.append(math.fsum(d[i] * d[i + k] for i in range(n - k)) / ((n - k) * var))
+        cands = []
+        lowest = r[1]
+        for k in range(1, top + 1):
+            lowest = min(lowest, r[k])
+            if k < self.min_lag:
+                continue
+            after = r[k + 1] if k + 1 < len(r) else -math.inf
+            if r[k] < r[k - 1] or r[k] < after:
+                continue
+            if r[k] < max(self.min_corr, 3.0 / math.sqrt(n - k)) or r[k] - lowest < self.min_dip:
+                continue
+            cands.append(k)
+        if cands:
+            best = max(r[k] for k in cands)
+            k = min(k for k in cands if r[k] >= 0.9 * best)
+            # parabolic refinement of the peak (a period between buckets)
+            frac = 0.0
+            if k + 1 < len(r):
+                den = r[k - 1] - 2 * r[k] + r[k + 1]
+                if den < 0:
+                    frac = max(-0.5, min(0.5, 0.5 * (r[k - 1] - r[k + 1]) / den))
+            self.period_s = (k + frac) * self.bucket_ms / 1000.0
+            self.corr = r[k]
+        self._skill()
+
+    # ---- reading ----------------------------------------------------------------------------
+    def _value(self, t_ms: float) -> float | None:
+        """The rate at `t_ms` by linear interpolation between bucket middles, smoothed over
+        three buckets (1-2-1); None outside the history."""
+        if self._end_ms is None or not self._buf:
+            return None
+        n = len(self._buf)
+        first_mid = self._end_ms - (n - 0.5) * self.bucket_ms
+        pos = (t_ms - first_mid) / self.bucket_ms
+        if pos < -0.5 or pos > n - 0.5:
+            return None
+
+        def at(i: int) -> float:
+            i = max(0, min(n - 1, i))
+            lo, hi = max(0, i - 1), min(n - 1, i + 1)
+            return 0.25 * self._buf[lo] + 0.5 * self._buf[i] + 0.25 * self._buf[hi]
+
+        pos = max(0.0, min(n - 1.0, pos))
+        i = int(pos)
+        w = pos - i
+        return at(i) if w == 0 else (1 - w) * at(i) + w * at(i + 1)
+
+    def _seasonal(self, t_ms: float, known_ms: float) -> float | None:
+        """Mean of the earlier cycles' rate at the phase of `t_ms`, using what was known at
+        `known_ms` (only cycles at or before it)."""
+        if self.period_s is None:
+            return None
+        p_ms = self.period_s * 1000.0
+        vals = []
+        t = t_ms - p_ms
+        while t > known_ms:
+            t -= p_ms  # a horizon longer than the period: the cycle before that
+        while len(vals) < self.cycles:
+            v = self._value(t)
+            if v is None:
+                break
+            vals.append(v)
+            t -= p_ms
+        return math.fsum(vals) / len(vals) if vals else None
+
+    def _predict(self, t_ms: float, known_ms: float) -> float | None:
+        s_t = self._seasonal(t_ms, known_ms)
+        now = self._value(known_ms)
+        s_now = self._seasonal(known_ms, known_ms)
+        if s_t is None or now is None or s_now is None:
+            return None
+        return max(0.0, s_t + (now - s_now))
+
+    def _skill(self) -> None:
+        """Weight from the forecast's error against persistence's over the recent history."""
+        self.weight = 0.0
+        if self.period_s is None or self._end_ms is None:
+            return
+        n = len(self._buf)
+        h_ms = self.skill_horizon_s * 1000.0
+        err_p = err_n = 0.0
+        count = 0
+        for j in range(max(0, n - self.skill_buckets), n):
+            t = self._end_ms - (n - j - 0.5) * self.bucket_ms
+            actual = self._buf[j]
+            past = self._value(t - h_ms)
+            pred = self._predict(t, t - h_ms)
+            if past is None or pred is None:
+                continue
+            err_p += (pred - actual) ** 2
+            err_n += (past - actual) ** 2
+            count += 1
+        if count < 6 or err_n <= 0:
+            return
+        ratio = err_p / err_n
+        self.weight = max(0.0, min(1.0, (1.0 - ratio) / (1.0 - self.full_skill)))
+
+    def forecast(self, now_ms: float, horizon_s: float) -> float | None:
+        """The rate `horizon_s` after `now_ms` from the cycles before, or None (no period)."""
+        if self.period_s is None or self._end_ms is None or not finite(now_ms):
+            return None
+        known = min(now_ms, self._end_ms - self.bucket_ms / 2)
+        return self._predict(now_ms + max(0.0, horizon_s) * 1000.0, known)
+
+    def peak(self, now_ms: float, horizon_s: float) -> float | None:
+        """The highest rate forecast between now and `horizon_s` ahead (one point a bucket)."""
+        if self.period_s is None:
+            return None
+        steps = max(1, math.ceil(max(0.0, horizon_s) * 1000.0 / self.bucket_ms))
+        vals = [self.forecast(now_ms, horizon_s * i / steps) for i in range(steps + 1)]
+        vals = [v for v in vals if v is not None]
+        return max(vals) if vals else None

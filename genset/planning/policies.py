@@ -66,6 +66,9 @@ class PoolNeed:
     # the load is falling and the data says so (a significant trend, not noise): the core may
     # scale down after a short cool-down instead of waiting out the whole one
     falling: bool = False
+    # the workers the seasonal forecast says the pool needs again within one start-up time
+    # (None: no period predicting): a pool is not taken below it (PlannerConfig.seasonal_floor)
+    seasonal_floor: int | None = None
 
 
 @dataclass
@@ -194,6 +197,12 @@ class SloPolicyConfig:
     # with long prompts sees several times the mean inter-token gap. The rest of the target
     # is the room for that tail.
     latency_budget: float = 0.9
+    # The seasonal forecast's floor (PoolNeed.seasonal_floor) applies once its weight (its
+    # error against persistence's, ArrivalForecaster.seasonal_weight) is at least this
+    seasonal_min_weight: float = 0.5
+    seasonal_settle: bool = True  # scale up to the seasonal peak within two start-ups
+    seasonal_margin: float = 0.10  # the seasonal floor and peak sizing carry this margin ...
+    seasonal_trim: bool = False  # ... and are not trimmed (see seasonal_need)
 
     def __post_init__(self) -> None:
         if self.ttft_ms <= 0 or self.itl_ms <= 0:
@@ -216,6 +225,9 @@ class SloPolicyConfig:
             raise ValueError("need 0 < correction_min <= correction_max")
         if not 0 < self.kv_fill <= 1 or not 0 < self.kv_safety <= 1:
             raise ValueError("kv_fill and kv_safety must be in (0, 1]")
+        if not 0 <= self.seasonal_min_weight <= 1:
+            raise ValueError(f"seasonal_min_weight must be in [0, 1], got "
+                             f"{self.seasonal_min_weight}")
         if self.down_margin < 0:
             raise ValueError(f"down_margin must be >= 0, got {self.down_margin}")
 
@@ -499,6 +511,7 @@ class SloPolicy:
         kv_tokens = dv.kv_tokens_per_worker
         uncached = f.isl * (1 - f.hit_ratio)
         rate_ahead, rate_now = f.forecast(horizon_s), f.level
+        peak = f.seasonal_peak(horizon_s)
 
         budget = c.latency_budget
         ttft_plan, itl_plan = c.ttft_ms * budget, c.itl_ms * budget
@@ -537,6 +550,8 @@ class SloPolicy:
             kv_ahead[role] = max(sm.project(horizon_s), sm.sustained())
         m = 1 + c.down_margin
         inputs = {"rate": rate_now, "rate_forecast": rate_ahead, "rate_noise": f.noise(),
+                  "period_s": f.period_s or 0.0, "seasonal_weight": f.seasonal_weight,
+                  "rate_seasonal_peak": -1.0 if peak is None else peak,
                   "isl": f.isl, "osl": f.osl,
                   "hit_ratio": f.hit_ratio, "prefill_ms": p_ahead.service_ms,
                   "decode_step_ms": d_ahead.step_ms, "decode_batch": float(d_ahead.batch),
@@ -563,6 +578,19 @@ class SloPolicy:
         head = (f"forecast {rate_ahead:.2f} req/s (now {rate_now:.2f} +- {sigma:.2f}), prompt "
                 f"{f.isl:.0f} tokens ({f.hit_ratio:.0%} cached), output {f.osl:.0f}")
         out: dict[str, PoolNeed] = {}
+        peak2 = f.seasonal_peak(2 * horizon_s)
+
+        def seasonal_need(rate: float) -> int:
+            if disagg:
+                pp, dp = need(rate)
+                w = pp.workers if role == ROLE_PREFILL else dp.workers
+            else:
+                w = agg_need(rate)
+            # not trimmed, and with the down margin: the trim aims a pool that is there at
+            # the target, while a forecast has no latencies to correct it before it is due
+            boost = self.boost if c.seasonal_trim else max(1.0, self.boost)
+            return ceil_workers(w * boost * (1 + c.seasonal_margin))
+
         for role in views:
             if disagg and role == ROLE_PREFILL:
                 raw, raw_now = p_low.workers, p_now.workers
@@ -593,7 +621,18 @@ class SloPolicy:
                         f"(at most {c.kv_safety:.0%} each)")
             n = max(1, views[role].ready)
             falling = f.rate.slope() < 0 and self._kv[role].slope() <= 0
-            out[role] = PoolNeed(up, max(up, settle_now), settle_now, why + note,
+            sfloor = None
+            settle = max(up, settle_now)
+            if peak is not None and f.seasonal_weight >= c.seasonal_min_weight:
+                sfloor = seasonal_need(peak)
+                why += (f"; period {f.period_s:.0f} s (weight {f.seasonal_weight:.2f}): up to "
+                        f"{peak:.2f} req/s within {horizon_s:.0f} s, {sfloor} workers")
+                if peak2 is not None and c.seasonal_settle:
+                    # a pool that grows now is not changed again until the workers join
+                    # (one start-up) and the next ones start (another): size it for the
+                    # cycle's peak until then
+                    settle = max(settle, seasonal_need(peak2))
+            out[role] = PoolNeed(up, settle, settle_now, why + note,
                                  {**inputs, "need": raw, "need_now": raw_now,
-                                  "kv_usage_smoothed": kv_now[role] / n}, falling)
+                                  "kv_usage_smoothed": kv_now[role] / n}, falling, sfloor)
         return out

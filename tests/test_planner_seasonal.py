@@ -1,0 +1,162 @@
+"""The planner's seasonal forecast and learned burst floor (genset.planning), pure: a test
+clock feeds arrival counts, nothing sleeps, every random draw is seeded."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from genset.planning import PlannerConfig, PlannerCore, PoolBounds, SloPolicyConfig
+from genset.planning.forecast import ArrivalForecaster, SeasonalForecaster
+from genset.planning.observations import LatencyWindow
+from genset.planning.perf_model import PerfModel
+from genset.planning.policies import PoolView, SloPolicy
+
+
+def poisson(rng: random.Random, lam: float) -> int:
+    limit, k, p = math.exp(-lam), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+def feed(f: ArrivalForecaster, rate, seconds: float, seed: int = 1, t0: float = 0.0,
+         check=None, isl: int = 1000) -> float:
+    """Poisson arrivals at `rate(t_s)` into 2 s buckets; `check(t_ms)` after each bucket."""
+    rng = random.Random(seed)
+    t = t0
+    for i in range(int(seconds / 2)):
+        t = t0 + (i + 1) * 2000.0
+        n = poisson(rng, rate((t - 1000.0) / 1000.0) * 2.0)
+        f.add(t - 1000.0, n, n * isl)
+        f.advance(t)
+        if check is not None:
+            check(t)
+    return t
+
+
+def wave(t_s: float) -> float:  # 2 .. 10 req/s, period 300 s
+    return 6.0 + 4.0 * math.sin(2 * math.pi * t_s / 300.0)
+
+
+def test_a_periodic_rate_is_detected_and_forecast_one_start_up_ahead():
+    f = ArrivalForecaster()
+    t = feed(f, wave, 1425)  # 4.75 periods: ends at a trough (2 req/s), the rise ahead
+    assert f.period_s == pytest.approx(300.0, rel=0.05)
+    assert f.seasonal_weight >= 0.5
+    truth = wave(t / 1000.0 + 120)  # 9.2 req/s in 120 s
+    assert f.rate.project(120) < 5.0  # the trend sees nothing coming ...
+    assert f.forecast(120) == pytest.approx(truth, rel=0.25)  # ... the cycles before do
+    assert f.seasonal_peak(120) >= f.forecast(120) - 1e-9
+    # a fall ahead is never forecast (up only): at the peak the forecast is the trend's
+    f2 = ArrivalForecaster()
+    feed(f2, wave, 1275)  # ends at a peak
+    assert f2.forecast(120) >= f2.rate.project(120) - 1e-9
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_noise_without_a_period_finds_no_period(seed):
+    rng = random.Random(seed + 100)
+    levels = [rng.uniform(2, 10) for _ in range(200)]  # a new random level every 10 s
+
+    def check(t_ms: float) -> None:
+        assert f.seasonal_weight == 0.0 or f.period_s is None
+        assert f.forecast(120) == f.rate.project(120)
+
+    f = ArrivalForecaster()
+    feed(f, lambda t_s: 6.0, 1800, seed=seed, check=check)  # steady Poisson noise
+    f = ArrivalForecaster()
+    feed(f, lambda t_s: levels[int(t_s // 10) % 200], 1800, seed=seed, check=check)
+    f = ArrivalForecaster()  # a slow ramp: a trend, not a cycle
+    feed(f, lambda t_s: 1.0 + t_s / 200.0, 1800, seed=seed, check=check)
+
+
+def test_seasonal_memory_is_bounded_and_a_long_silence_is_cheap():
+    s = SeasonalForecaster(bucket_s=10.0, history_s=600.0)
+    t = 0.0
+    for i in range(20_000):
+        t = (i + 1) * 2000.0
+        s.add(t, wave(t / 1000.0), 2.0)
+    assert len(s._buf) <= 60
+    s.add(t + 1e12, 1.0, 2.0)  # a clock jump of 30 years: bounded work
+    assert len(s._buf) <= 60
+    f = ArrivalForecaster()
+    feed(f, wave, 1500)
+    f.advance(1500_000.0 + 1e12)
+    assert f.forecast(120) == 0.0 and f.level == 0.0
+
+
+def test_seasonal_forecast_is_safe_with_bad_input_and_without_traffic():
+    s = SeasonalForecaster()
+    assert s.forecast(0.0, 120) is None and s.peak(0.0, 120) is None
+    for bad in ((math.nan, 1.0, 2.0), (1000.0, math.nan, 2.0), (1000.0, math.inf, 2.0),
+                (1000.0, -1.0, 2.0), (1000.0, 1.0, 0.0), (1000.0, 1.0, -2.0)):
+        s.add(*bad)
+    assert not s._buf and s.period_s is None
+    s.set_horizon(math.nan)
+    assert s.skill_horizon_s == 30.0
+    f = ArrivalForecaster()
+    feed(f, lambda t_s: 0.0, 2000)  # reports keep coming, nobody asks: a real zero
+    assert f.period_s is None and f.seasonal_weight == 0.0
+    assert f.forecast(120) == 0.0 and f.seasonal_peak(120) is None
+    assert math.isfinite(f.forecast(math.nan))
+
+
+def test_slo_policy_keeps_a_seasonal_floor_only_when_a_period_predicts():
+    def policy(rate) -> tuple[SloPolicy, float]:
+        f = ArrivalForecaster()
+        t = feed(f, rate, 1425, isl=16000)  # long prompts: a worker serves ~1-2 req/s
+        return SloPolicy(SloPolicyConfig(ttft_ms=2000, itl_ms=50), f, PerfModel(),
+                         LatencyWindow(), LatencyWindow()), t
+
+    view = PoolView("decode", target=4, ready=4, starting=0, reporting=4,
+                    kv_blocks_per_worker=4688, kv_tokens_per_worker=4688 * 64.0, ceiling=8)
+    sp, t = policy(wave)
+    need = sp.evaluate_all(t, {"decode": view}, 120.0)["decode"]
+    # at the trough: what the rise needs within the start-up, more than today's need
+    assert need.seasonal_floor is not None and need.seasonal_floor > need.settle_now
+    assert "period" in need.why and need.inputs["seasonal_weight"] >= 0.5
+    sp, t = policy(lambda t_s: 6.0)
+    need = sp.evaluate_all(t, {"decode": view}, 120.0)["decode"]
+    assert need.seasonal_floor is None
+
+
+def test_learned_floor_keeps_the_median_burst_while_bursts_recur_then_lets_go():
+    core = PlannerCore(PlannerConfig(policy="slo", pools={"decode": PoolBounds(1, 8)},
+                                     startup_s=30.0, burst_memory_s=600.0),
+                       clock=lambda: 0.0)
+    pool = core.pools["decode"]
+    window = 700_000.0
+
+    def rec(t_s: float, need: int) -> None:
+        pool.record(t_s * 1000.0, need, window)
+
+    rec(0, 1)
+    rec(100, 5)  # a burst from the floor (idle) to 5 ...
+    rec(110, 6)  # ... peaking at 6 within a start-up
+    rec(140, 1)
+    assert core._learned_floor(pool, 150_000.0) == 0  # one burst is no pattern
+    rec(250, 3)
+    rec(270, 1)
+    rec(400, 4)
+    rec(420, 1)
+    assert pool.jump_peaks(0.0, 430_000.0, 2.0, 10_000.0, 30_000.0, max_low=1) == [6, 3, 4]
+    assert core._learned_floor(pool, 430_000.0) == 4  # the median burst
+    # bursts that rise from above the floor (a level moving, not an idle gap) do not count
+    assert pool.jump_peaks(0.0, 430_000.0, 2.0, 10_000.0, 30_000.0, max_low=0) == []
+    # no burst for the whole memory: the floor lets go
+    rec(1100, 1)
+    assert core._learned_floor(pool, 1_100_000.0) == 0
+
+
+def test_learned_floor_off_and_bad_config():
+    core = PlannerCore(PlannerConfig(burst_memory_s=0.0), clock=lambda: 0.0)
+    assert core.config.burst_memory_s == 0.0
+    for kw in ({"burst_memory_s": -1.0}, {"burst_memory_s": math.nan},
+               {"burst_quantile": 1.5}, {"burst_recur": 0}):
+        with pytest.raises(ValueError):
+            PlannerConfig(**kw)
