@@ -456,15 +456,33 @@ class Scheduler:
     # ---- load -------------------------------------------------------------------------------
 
     def waiting_prefill_tokens(self) -> int:
-        """Prompt tokens not yet computed (cache hits not subtracted for waiting ones)."""
+        """Prompt tokens this engine will still compute. A waiting request whose KV was
+        imported (a remote prefill's transfer, an offload hit: blocks pinned for it until it
+        is admitted) counts only what admission will not find cached, exactly as `_admit`
+        will count it; other waiting requests count their whole prompt (their cache hits may
+        be evicted before they are admitted, and looking every waiting prompt up on each
+        load report would cost a dict probe per block)."""
         total = 0
+        pins = self._pins
         for seq in self.waiting:
-            total += len(seq.token_ids) - seq.num_computed
+            if pins and seq.request_id in pins:
+                total += len(seq.token_ids) - self._cached_prefix(seq)
+            else:
+                total += len(seq.token_ids) - seq.num_computed
         for seq in self.running:
             left = len(seq.token_ids) - seq.num_computed
             if left > 1:
                 total += left
         return total
+
+    def _cached_prefix(self, seq: Sequence) -> int:
+        """Prompt tokens of waiting `seq` that admission would take from the prefix cache
+        (the same lookup as `_admit`: full blocks, never the last token)."""
+        if not self.pool.enable_caching:
+            return 0
+        bs = self.block_size
+        extend_block_hashes(seq.block_hashes, seq.token_ids, bs)
+        return len(self.pool.lookup(seq.block_hashes[: (len(seq.token_ids) - 1) // bs])) * bs
 
     def load_report(self, worker_id: int, ts_ms: int, step_ms_ewma: float = 0.0) -> LoadReport:
         return LoadReport(
