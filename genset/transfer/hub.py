@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+import xxhash
 from nats.aio.msg import Msg
 
 from genset.runtime.bus import Bus
@@ -89,12 +90,16 @@ from proto.transfer import (
 
 log = structlog.get_logger("genset.transfer")
 
-MiB = 1024 * 1024
 OnBlocks = Callable[[BlockRun], Awaitable[Any]]
 BlockSource = Callable[[int, int], Awaitable[Sequence[Payload]]]
 
 NATS = "nats"
 TCP = "tcp"
+MiB = 1024 * 1024
+# The first chunk of a transfer is at most this big (assembly.plan_groups): its checksum is
+# computed before any byte leaves; for an 8 MiB chunk that was ~0.3 ms at the start of
+# every transfer, for 1 MiB ~0.04 ms.
+FIRST_CHUNK_BYTES = 1 * MiB
 # NATS sends a status message (header Status: 503) to a request's reply subject when nobody
 # subscribes to the request's subject.
 _STATUS = "Status"
@@ -195,8 +200,10 @@ class KvReceiver:
         self.imported_blocks = 0
         self.chunks = 0
         self._link: _NatsLink | _TcpLink | None = None
-        # (chunk, its bytes, the pooled buffer holding them or None)
-        self._queue: deque[tuple[KvTransferChunk, Payload, bytearray | None] | _Failed]
+        # (chunk, its bytes, the pooled buffer holding them or None, their XXH3-64 if
+        # already computed)
+        self._queue: deque[tuple[KvTransferChunk, Payload, bytearray | None, int | None]
+                           | _Failed]
         self._queue = deque()
         self._wake = asyncio.Event()
         self._error: TransferError | None = None
@@ -318,9 +325,9 @@ class KvReceiver:
             self._push(chunk, data)
         return True
 
-    def _push(self, chunk: KvTransferChunk, data: Payload,
-              pooled: bytearray | None = None) -> None:
-        self._queue.append((chunk, data, pooled))
+    def _push(self, chunk: KvTransferChunk, data: Payload, pooled: bytearray | None = None,
+              digest: int | None = None) -> None:
+        self._queue.append((chunk, data, pooled, digest))
         self._wake.set()
 
     def _fail(self, error: TransferError, *, tell_sender: bool = True) -> None:
@@ -359,8 +366,9 @@ class KvReceiver:
                         return
                     buf = self.hub.buffers.get(msg.size)
                     view = memoryview(buf)[: msg.size]
-                    await reader.read_into(view)
-                    self._push(msg, view, buf)
+                    hasher = xxhash.xxh3_64()
+                    await reader.read_into(view, hasher)
+                    self._push(msg, view, buf, hasher.intdigest())
                     if msg.last:
                         return await self._ended_well()
                     # let the consumer import it and send its credit now: when the socket
@@ -437,10 +445,10 @@ class KvReceiver:
                 item = self._queue.popleft()
                 if isinstance(item, _Failed):
                     raise item.error
-                chunk, data, pooled = item
+                chunk, data, pooled, digest = item
                 self.chunks += 1
                 run = None
-                for run in asm.assemble(chunk, data):
+                for run in asm.assemble(chunk, data, digest):
                     await self._import(run)
                     asm.consumed(run.nbytes)
                     self.imported_blocks += len(run.hashes)
@@ -1016,7 +1024,7 @@ class KvTransferHub:
             await sink.send(KvTransferChunk(transfer_id=tid, seq=0, offset=0, size=0,
                                             checksum=group_checksum([b""], 0, 0), last=True), ())
             return 1
-        for group in plan_groups(n, bpb, chunk_bytes):
+        for group in plan_groups(n, bpb, chunk_bytes, FIRST_CHUNK_BYTES):
             size = group.count * bpb
             await self._await(session, deadline, idle, "credit from the receiver",
                               lambda size=size: session.sent - session.credited + size <= window)

@@ -107,18 +107,25 @@ class SockReader:
         self._pos += n
         return out
 
-    async def read_into(self, view: memoryview) -> None:
-        """Fill `view` completely (buffered bytes first, then straight from the socket)."""
+    async def read_into(self, view: memoryview, hasher: Any = None) -> None:
+        """Fill `view` completely (buffered bytes first, then straight from the socket).
+        `hasher` (an xxhash object) is fed each piece as it lands: the checksum is then
+        computed while the rest is still arriving, not after the last byte (at 8 MiB
+        chunks that was ~0.3 ms added to every transfer's end)."""
         have = min(len(self._buf) - self._pos, len(view))
         if have:
             view[:have] = self._buf[self._pos : self._pos + have]
             self._pos += have
+            if hasher is not None:
+                hasher.update(view[:have])
         pos = have
         recv_into = self._loop.sock_recv_into
         while pos < len(view):
             n = await recv_into(self.sock, view[pos:])
             if n == 0:
                 raise EOFError(f"connection closed by the peer after {pos} of {len(view)} bytes")
+            if hasher is not None:
+                hasher.update(view[pos : pos + n])
             pos += n
 
     async def read_message(self, max_frame: int = MAX_FRAME) -> Any:
