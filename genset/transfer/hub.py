@@ -28,6 +28,8 @@ arriving (up to the window), which is the pipelining. `source(first, count)` ret
 block payloads (bytes-like, bytes_per_block each) from block `first` of the transfer; it is
 called window by window, so the sender never holds the whole KV. Payload views handed to
 `on_blocks` are valid during the call only (TCP chunk buffers are reused): copy to keep.
+`source` may be asked for the same blocks twice (a transfer retried on a new connection when
+its pooled one was found dead; tcp.py): it reads pinned blocks, so it gives the same bytes.
 Call `send` once the blocks exist (after the prefill): the receiver's idle timeout runs from
 the header on. The TCP listener binds loopback unless `tcp_host` says otherwise (workers on
 other hosts: bind an interface, `advertise_host` the address peers use).
