@@ -56,6 +56,12 @@ MAX_HELLO_FRAME = 4 * 1024 * 1024
 _RECV_SIZE = 64 * 1024
 # sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call
 _IOV_MAX = 512
+# Reads go to the socket directly and through the loop only when it has nothing (the loop's
+# sock_recv* always wait for a poll first: one loop iteration and two epoll_ctl per read,
+# though on a busy connection the bytes are usually there already). After this many bytes
+# read directly, one read goes through the loop anyway, so that a long chunk does not keep
+# the loop's other tasks waiting.
+_DIRECT_MAX = 4 * 1024 * 1024
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(KvTransferMessage)
@@ -96,7 +102,11 @@ class SockReader:
             if self._pos:
                 del self._buf[: self._pos]
                 self._pos = 0
-            data = await self._loop.sock_recv(self.sock, max(_RECV_SIZE, need))
+            want = max(_RECV_SIZE, need)
+            try:
+                data = self.sock.recv(want)
+            except (BlockingIOError, InterruptedError):
+                data = await self._loop.sock_recv(self.sock, want)
             if not data:
                 raise EOFError("connection closed by the peer")
             self._buf += data
@@ -120,8 +130,19 @@ class SockReader:
                 hasher.update(view[:have])
         pos = have
         recv_into = self._loop.sock_recv_into
+        sock = self.sock
+        direct = 0
         while pos < len(view):
-            n = await recv_into(self.sock, view[pos:])
+            n = -1
+            if direct < _DIRECT_MAX:
+                try:
+                    n = sock.recv_into(view[pos:])
+                    direct += n
+                except (BlockingIOError, InterruptedError):
+                    pass
+            if n < 0:
+                n = await recv_into(sock, view[pos:])
+                direct = 0
             if n == 0:
                 raise EOFError(f"connection closed by the peer after {pos} of {len(view)} bytes")
             if hasher is not None:
