@@ -998,7 +998,7 @@ class KvTransferHub:
             raise
         finally:
             self._sends.pop(tid, None)
-            if reader_task is not None:
+            if reader_task is not None and not reader_task.done():  # (done at a good ack)
                 reader_task.cancel()
                 await asyncio.wait([reader_task], timeout=self.close_timeout)
             if sock is not None:
