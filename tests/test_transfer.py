@@ -659,6 +659,20 @@ async def test_a_pooled_connection_the_receiver_closed_is_replaced(hubs):
     assert rx_hub.listener.stats["accepted"] == 2 and rx_hub.listener.stats["refused"] == 0
 
 
+async def test_pooled_connections_to_a_worker_that_left_are_closed(hubs):
+    rx_hub, tx_hub = hubs
+    await _tcp_round(rx_hub, tx_hub, "gone", seed=55)
+    assert tx_hub.conn_pool.size == 1
+    await rx_hub.close()  # the receiving worker shuts down (a killed one closes alike)
+
+    def pruned():
+        tx_hub.conn_pool.prune()  # what the hub's sweeper does every few seconds
+        return tx_hub.conn_pool.size == 0
+
+    await _until(pruned, "the dead receiver's connection closed")
+    assert tx_hub.conn_pool.stats["stale"] == 1
+
+
 async def test_a_dead_pooled_connection_not_yet_noticed_is_retried_once(hubs, monkeypatch):
     """The race the check before reuse cannot see: the receiver's close is still on its way
     when the pooled socket is taken. The transfer fails on it before the receiver said
