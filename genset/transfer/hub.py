@@ -352,9 +352,11 @@ class KvReceiver:
         link = _TcpLink(sock, self.idle_timeout)
         reply = self._on_header(header, link, TCP)
         if isinstance(reply, KvTransferAck):  # refused: say why, then close
-            with contextlib.suppress(TransferError):
-                await link.send(reply)
-            self.hub._close_socket(sock, linger=True)  # chunks may already be on their way
+            try:
+                with contextlib.suppress(TransferError):
+                    await link.send(reply)
+            finally:  # (also when the listener is closing: this task owns the socket now)
+                self.hub._close_socket(sock, linger=True)  # chunks may already be coming
             return False
         # accepted: no credit is sent for it over TCP (the sender streams the first window
         # without waiting for one; it cost a write here and a read and a wake-up there per
