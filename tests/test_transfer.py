@@ -659,6 +659,17 @@ async def test_a_pooled_connection_the_receiver_closed_is_replaced(hubs):
     assert rx_hub.listener.stats["accepted"] == 2 and rx_hub.listener.stats["refused"] == 0
 
 
+async def test_the_receiver_closes_connections_idle_past_its_timeout(hubs):
+    rx_hub, tx_hub = hubs
+    rx_hub.listener.reuse_idle_timeout = 0.2  # short, so the test ends soon
+    await _tcp_round(rx_hub, tx_hub, "idle-1", seed=56)
+    await _until(lambda: rx_hub.listener.stats["idle_closed"] == 1, "the idle one closed")
+    assert rx_hub.listener.connections == 0
+    await _tcp_round(rx_hub, tx_hub, "idle-2", seed=57)  # the sender notices, reconnects
+    assert tx_hub.conn_pool.stats["stale"] == 1
+    assert rx_hub.listener.stats["accepted"] == 2
+
+
 async def test_pooled_connections_to_a_worker_that_left_are_closed(hubs):
     rx_hub, tx_hub = hubs
     await _tcp_round(rx_hub, tx_hub, "gone", seed=55)
