@@ -664,7 +664,7 @@ async def test_the_receiver_closes_connections_idle_past_its_timeout(hubs):
     rx_hub.listener.reuse_idle_timeout = 0.2  # short, so the test ends soon
     await _tcp_round(rx_hub, tx_hub, "idle-1", seed=56)
     await _until(lambda: rx_hub.listener.stats["idle_closed"] == 1, "the idle one closed")
-    assert rx_hub.listener.connections == 0
+    await _until(lambda: rx_hub.listener.connections == 0, "its task ended")
     await _tcp_round(rx_hub, tx_hub, "idle-2", seed=57)  # the sender notices, reconnects
     assert tx_hub.conn_pool.stats["stale"] == 1
     assert rx_hub.listener.stats["accepted"] == 2
