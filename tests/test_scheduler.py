@@ -283,6 +283,24 @@ def test_waiting_prefill_tokens_leave_out_imported_kv():
     assert s.waiting_prefill_tokens() == 0
 
 
+def test_waiting_prefill_tokens_see_an_evicted_prefix():
+    """The imported run starts past a prefix this worker held unpinned (a remote prefill
+    from `first_block` on): when that prefix is evicted before admission, admission will
+    compute it, and the count says so."""
+    prompt = list(range(40))
+    hashes = block_hashes(prompt, 4)
+    s = make()
+    s.import_kv(hashes[:5])  # cached here, held by nobody
+    s.import_kv(hashes[5:], parent_hash=hashes[4], pin_for="r")
+    s.add_request(request("r", prompt, 1))
+    assert s.waiting_prefill_tokens() == 4
+    assert s.waiting_prefill_tokens() == 4  # (remembered)
+    assert s.pool.evict_cached() == 5  # the unpinned prefix goes
+    assert s.waiting_prefill_tokens() == 40  # the lookup stops at block 0 now
+    plan = s.schedule()
+    assert sum(len(c.token_ids) for c in plan.chunks) == 32  # the budget's worth of it
+
+
 def test_waiting_prefill_tokens_without_prefix_caching_count_the_whole_prompt():
     s = make(enable_prefix_caching=False)
     s.import_kv(block_hashes(list(range(40)), 4), pin_for="a")  # nothing can be cached
