@@ -407,8 +407,10 @@ class TcpListener:
 
     Bounds: at most `max_pending_connections` connections that have not presented a valid
     token yet (each must within `hello_timeout`), at most `max_idle_connections` idle reused
-    ones (each closed after `reuse_idle_timeout`); connections in a transfer are bounded by
-    the registered tokens (the hub's max_receives)."""
+    ones (each closed after `reuse_idle_timeout`; only a connection that carried a transfer
+    with a valid token becomes one); connections in a transfer are bounded by the registered
+    tokens (the hub's max_receives). Each waiting connection buffers at most one header
+    frame (MAX_HELLO_FRAME): (16 + 32) x 4 MiB at worst."""
 
     def __init__(
         self,
@@ -419,7 +421,7 @@ class TcpListener:
         hello_timeout: float = 5.0,
         max_pending_connections: int = 16,
         reuse_idle_timeout: float = 60.0,
-        max_idle_connections: int = 64,
+        max_idle_connections: int = 32,
     ) -> None:
         self.host = host
         self.port = port
