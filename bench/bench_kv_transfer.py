@@ -9,16 +9,18 @@ copies run in alternating order (raw, nats, tcp; then reversed):
 
 - raw: one `sock_sendall` of the bytes on a fresh loopback TCP connection, received with
   `sock_recv_into` into one preallocated (pre-touched) buffer: one copy each way, no
-  framing, no checksum, no flow control - the ceiling;
+  framing, no checksum, no flow control - the ceiling (the goal's reference);
+- kept: the same on one connection kept open across the copies (its buffers and window
+  grown): the ceiling for the TCP path, which reuses its connection between two workers;
 - nats / tcp: `KvTransferHub.send` to a receive opened on the other hub, end to end (header,
   credit window, XXH3 checksum per chunk, reassembly into blocks, ack), with an importer that
   only counts blocks.
 
 Each copy is timed from its start until the receiving side reports it complete (over NATS in
 the two-process mode, the same for all three). Reported: median throughput of `--rounds`
-rounds and the median of the per-round ratios to raw; then the same ratios in CPU time (both
-processes): on a shared machine wall time also counts other processes' turns, CPU time much
-less so.
+rounds and the median of the per-round ratios to raw (and tcp to kept); then the same
+ratios in CPU time (both processes): on a shared machine wall time also counts other
+processes' turns, CPU time much less so.
 
     .venv/bin/python bench/bench_kv_transfer.py                      # 1 MB .. 256 MB, 3 rounds
     .venv/bin/python bench/bench_kv_transfer.py --sizes 1,16,64 --processes 1 --loop asyncio
@@ -71,6 +73,9 @@ class ReceiveSide:
         self.hub = hub
         self.done = done
         self.tasks: set[asyncio.Task] = set()
+        self.kept_lsock: socket.socket | None = None
+        self.kept_accept: asyncio.Future | None = None
+        self.kept_conn: socket.socket | None = None
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -126,6 +131,37 @@ class ReceiveSide:
         return lsock.getsockname()[1]
 
 
+    async def open_kept(self, op_id: int, size: int) -> int:
+        """Like open_raw, on the one connection kept open (accepted on first use)."""
+        loop = asyncio.get_running_loop()
+        if self.kept_lsock is None:
+            lsock = socket.socket()
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(1)
+            lsock.setblocking(False)
+            self.kept_lsock = lsock
+            self.kept_accept = asyncio.ensure_future(loop.sock_accept(lsock))
+        buf = bytearray(b"\1") * size
+
+        async def receive() -> None:
+            c0 = time.process_time()
+            if self.kept_conn is None:
+                assert self.kept_accept is not None
+                self.kept_conn, _ = await self.kept_accept
+                self.kept_conn.setblocking(False)
+            view = memoryview(buf)
+            pos = 0
+            while pos < size:
+                n = await loop.sock_recv_into(self.kept_conn, view[pos:])
+                if n == 0:
+                    raise EOFError
+                pos += n
+            await self.done(op_id, time.process_time() - c0)
+
+        self._spawn(receive())
+        return self.kept_lsock.getsockname()[1]
+
+
 async def child_main(args: argparse.Namespace) -> None:
     """The receiving worker in its own process, driven over NATS by the parent."""
     bus = await Bus.connect(args.child, name="bench-kvx-rx")
@@ -146,6 +182,8 @@ async def child_main(args: argparse.Namespace) -> None:
             return msgspec.msgpack.encode({"target": msgspec.msgpack.encode(target)})
         if req["op"] == "raw":
             return msgspec.msgpack.encode({"port": await side.open_raw(req["id"], req["size"])})
+        if req["op"] == "kept":
+            return msgspec.msgpack.encode({"port": await side.open_kept(req["id"], req["size"])})
         stop.set()
         return b"{}"
 
@@ -164,6 +202,7 @@ class Peer:
         self.local = local
         self.ids = itertools.count()
         self.waiting: dict[int, asyncio.Future] = {}
+        self.kept: socket.socket | None = None  # the sender's end of the kept connection
 
     async def start(self) -> None:
         async def on_done(msg) -> None:
@@ -201,6 +240,12 @@ class Peer:
             return await self.local.open_raw(op_id, size), fut
         return (await self._ask({"op": "raw", "id": op_id, "size": size}))["port"], fut
 
+    async def open_kept(self, size: int) -> tuple[int, asyncio.Future]:
+        op_id, fut = self._new()
+        if self.local is not None:
+            return await self.local.open_kept(op_id, size), fut
+        return (await self._ask({"op": "kept", "id": op_id, "size": size}))["port"], fut
+
 
 # ---- the sending side -----------------------------------------------------------------------
 
@@ -217,6 +262,21 @@ async def raw_copy(peer: Peer, data: bytes) -> tuple[float, float]:
     remote_cpu = await asyncio.wait_for(done, 600)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     sock.close()
+    return elapsed, cpu + (remote_cpu if peer.local is None else 0.0)
+
+
+async def kept_copy(peer: Peer, data: bytes) -> tuple[float, float]:
+    """(wall s, CPU s of both sides) to move `data` over the connection kept open."""
+    loop = asyncio.get_running_loop()
+    port, done = await peer.open_kept(len(data))
+    if peer.kept is None:  # the first (warm-up) copy connects
+        peer.kept = socket.socket()
+        peer.kept.setblocking(False)
+        await loop.sock_connect(peer.kept, ("127.0.0.1", port))
+    t0, c0 = time.perf_counter(), time.process_time()
+    await loop.sock_sendall(peer.kept, data)
+    remote_cpu = await asyncio.wait_for(done, 600)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     return elapsed, cpu + (remote_cpu if peer.local is None else 0.0)
 
 
@@ -270,35 +330,44 @@ async def run(args: argparse.Namespace) -> None:
               f"nats max_payload={tx_bus.nc.max_payload} rounds={args.rounds} "
               f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}")
         print(f"{'size MB':>8} {'raw MB/s':>9} {'nats MB/s':>9} {'nats/raw':>8} "
-              f"{'tcp MB/s':>9} {'tcp/raw':>8} | {'cpu: nats/raw':>13} {'tcp/raw':>8}")
+              f"{'tcp MB/s':>9} {'tcp/raw':>8} {'kept MB/s':>9} {'tcp/kept':>8} | "
+              f"{'cpu: nats/raw':>13} {'tcp/raw':>8} {'tcp/kept':>8}")
         for size_mb in args.sizes:
             n = max(1, round(size_mb * MB / block))
             blocks = [os.urandom(block) for _ in range(n)]
             data = b"".join(blocks)
             total = len(data)
             await hub_copy(peer, tx_hub, blocks[: min(n, 4)], block, "tcp")  # warm up
-            wall: dict[str, list[float]] = {"raw": [], "nats": [], "tcp": []}
-            ratios: dict[str, list[float]] = {"nats": [], "tcp": []}
-            cpu_ratios: dict[str, list[float]] = {"nats": [], "tcp": []}
+            await kept_copy(peer, data[: min(len(data), 4 * block)])
+            wall: dict[str, list[float]] = {"raw": [], "kept": [], "nats": [], "tcp": []}
+            ratios: dict[str, list[float]] = {"nats": [], "tcp": [], "tcp/kept": []}
+            cpu_ratios: dict[str, list[float]] = {"nats": [], "tcp": [], "tcp/kept": []}
             for r in range(args.rounds):
-                order = ["raw", "nats", "tcp"] if r % 2 == 0 else ["tcp", "nats", "raw"]
+                order = ["raw", "kept", "nats", "tcp"]
+                if r % 2:
+                    order.reverse()
                 got: dict[str, tuple[float, float]] = {}
                 for kind in order:
                     if kind == "raw":
                         got[kind] = await raw_copy(peer, data)
+                    elif kind == "kept":
+                        got[kind] = await kept_copy(peer, data)
                     else:
                         got[kind] = await hub_copy(peer, tx_hub, blocks, block, kind)
                     wall[kind].append(got[kind][0])
-                for kind in ("nats", "tcp"):
-                    ratios[kind].append(got["raw"][0] / got[kind][0])
-                    cpu_ratios[kind].append(got["raw"][1] / max(got[kind][1], 1e-9))
+                for kind, ref in (("nats", "raw"), ("tcp", "raw"), ("tcp/kept", "kept")):
+                    mine = got[kind.split("/")[0]]
+                    ratios[kind].append(got[ref][0] / mine[0])
+                    cpu_ratios[kind].append(got[ref][1] / max(mine[1], 1e-9))
             med = {k: total / statistics.median(v) / MB for k, v in wall.items()}
-            print(f"{total / MB:8.1f} {med['raw']:9.0f} {med['nats']:9.0f} "
-                  f"{statistics.median(ratios['nats']):8.2f} {med['tcp']:9.0f} "
-                  f"{statistics.median(ratios['tcp']):8.2f} | "
-                  f"{statistics.median(cpu_ratios['nats']):13.2f} "
-                  f"{statistics.median(cpu_ratios['tcp']):8.2f}", flush=True)
+            mr = {k: statistics.median(v) for k, v in ratios.items()}
+            mc = {k: statistics.median(v) for k, v in cpu_ratios.items()}
+            print(f"{total / MB:8.1f} {med['raw']:9.0f} {med['nats']:9.0f} {mr['nats']:8.2f} "
+                  f"{med['tcp']:9.0f} {mr['tcp']:8.2f} {med['kept']:9.0f} {mr['tcp/kept']:8.2f} | "
+                  f"{mc['nats']:13.2f} {mc['tcp']:8.2f} {mc['tcp/kept']:8.2f}", flush=True)
             del blocks, data
+        if peer.kept is not None:
+            peer.kept.close()
         if child is not None:
             await tx_bus.request(CTL, msgspec.msgpack.encode({"op": "stop"}), timeout=30)
         await tx_hub.close()

@@ -260,6 +260,54 @@ def test_export_and_pinned_import():
     assert dst.import_kv(hashes[:2]) == []  # already cached: nothing to write
 
 
+def test_waiting_prefill_tokens_leave_out_imported_kv():
+    """A request whose KV was imported (pinned for it) counts only the tokens admission will
+    compute: the ones past the imported blocks, and always the last prompt token. A request
+    without an import counts its whole prompt; a partial import counts the rest."""
+    prompt = list(range(40))  # 10 full blocks of 4
+    hashes = block_hashes(prompt, 4)
+    s = make(max_batch_tokens=128)
+    s.import_kv(hashes, pin_for="imported")
+    s.add_request(request("imported", prompt, 1))
+    assert s.waiting_prefill_tokens() == 4  # the last block: its last token is computed
+    other = list(range(100, 141))  # 41 tokens
+    s.import_kv(block_hashes(other, 4)[:6], pin_for="partial")
+    s.add_request(request("partial", other, 1))
+    assert s.waiting_prefill_tokens() == 4 + (41 - 24)
+    s.add_request(request("plain", [7] * 20, 1))
+    assert s.waiting_prefill_tokens() == 4 + 17 + 20
+    # and it is what admission really computes
+    plan = s.schedule()
+    assert sum(len(c.token_ids) for c in plan.chunks) == 4 + 17 + 20
+    s.update(plan, [next_token(c) if c.sample else None for c in plan.chunks])
+    assert s.waiting_prefill_tokens() == 0
+
+
+def test_waiting_prefill_tokens_see_an_evicted_prefix():
+    """The imported run starts past a prefix this worker held unpinned (a remote prefill
+    from `first_block` on): when that prefix is evicted before admission, admission will
+    compute it, and the count says so."""
+    prompt = list(range(40))
+    hashes = block_hashes(prompt, 4)
+    s = make()
+    s.import_kv(hashes[:5])  # cached here, held by nobody
+    s.import_kv(hashes[5:], parent_hash=hashes[4], pin_for="r")
+    s.add_request(request("r", prompt, 1))
+    assert s.waiting_prefill_tokens() == 4
+    assert s.waiting_prefill_tokens() == 4  # (remembered)
+    assert s.pool.evict_cached() == 5  # the unpinned prefix goes
+    assert s.waiting_prefill_tokens() == 40  # the lookup stops at block 0 now
+    plan = s.schedule()
+    assert sum(len(c.token_ids) for c in plan.chunks) == 32  # the budget's worth of it
+
+
+def test_waiting_prefill_tokens_without_prefix_caching_count_the_whole_prompt():
+    s = make(enable_prefix_caching=False)
+    s.import_kv(block_hashes(list(range(40)), 4), pin_for="a")  # nothing can be cached
+    s.add_request(request("a", list(range(40)), 1))
+    assert s.waiting_prefill_tokens() == 40
+
+
 def test_without_prefix_caching_nothing_is_cached_or_published():
     s = make(enable_prefix_caching=False)
     prompt = list(range(20))

@@ -21,7 +21,7 @@ from genset.runtime.bus import Bus
 from genset.runtime.infra import NatsServer
 from genset.transfer import KvTransferHub, PinTable, TransferError, errors
 from genset.transfer.assembly import checksum
-from genset.transfer.tcp import SockReader, connect, frame, send_all
+from genset.transfer.tcp import ConnPool, SockReader, connect, frame, send_all
 from proto import subjects
 from proto.transfer import (
     KvLayout,
@@ -610,3 +610,143 @@ async def test_receives_beyond_the_limit_are_refused_as_busy(nats_server):
     finally:
         await hub.close()
         await bus.close()
+
+
+# ---- TCP connection reuse -------------------------------------------------------------------
+
+
+async def _tcp_round(rx_hub, tx_hub, rid, n=8, seed=0):
+    hashes, blocks = _hashes(n, seed=seed), _blocks(n)
+    rx, col = await _open(rx_hub, rid, expected_hashes=hashes)
+    result = await tx_hub.send(rx.target, request_id=rid, hashes=hashes, block_size=16,
+                               layout=LAYOUT, source=_source(blocks), transport="tcp")
+    await rx.wait()
+    assert result.transport == "tcp" and col.payloads == blocks and col.hashes == hashes
+    return rx
+
+
+async def test_transfers_between_two_workers_reuse_one_connection(hubs):
+    rx_hub, tx_hub = hubs
+    rx = None
+    for i in range(3):
+        rx = await _tcp_round(rx_hub, tx_hub, f"reuse-{i}", seed=40 + i)
+    assert rx_hub.listener.stats["accepted"] == 1  # one connect and accept ...
+    assert rx_hub.listener.stats["reused"] == 2  # ... then the same connection twice more
+    assert tx_hub.conn_pool.stats["reused"] == 2 and tx_hub.conn_pool.size == 1
+    assert rx_hub.listener.connections == 1
+    assert not rx_hub._receives and not tx_hub._sends
+    # a transfer on a reused connection is authenticated like one on a new connection: a
+    # spent token is refused, and the connection is closed
+    sock = tx_hub.conn_pool.get((rx.target.tcp.host, rx.target.tcp.port))
+    assert sock is not None
+    try:
+        await send_all(sock, frame(_header(rx, _hashes(8, seed=42), token=rx.target.tcp.token)))
+        ack = await asyncio.wait_for(SockReader(sock).read_message(), WAIT)
+        assert not ack.ok and ack.error.code == errors.REFUSED and "token" in ack.error.message
+    finally:
+        sock.close()
+    await _until(lambda: rx_hub.listener.connections == 0, "the refused connection closed")
+
+
+async def test_a_pooled_connection_the_receiver_closed_is_replaced(hubs):
+    rx_hub, tx_hub = hubs
+    rx_hub.listener.max_idle = 0  # the receiver keeps no idle connection: it closes them
+    await _tcp_round(rx_hub, tx_hub, "closed-1", seed=50)
+    await _until(lambda: rx_hub.listener.connections == 0, "the receiver closed its end")
+    await _tcp_round(rx_hub, tx_hub, "closed-2", seed=51)  # reconnects, succeeds
+    assert tx_hub.conn_pool.stats["stale"] >= 1
+    assert tx_hub.conn_pool.stats["reused"] == 0
+    assert rx_hub.listener.stats["accepted"] == 2 and rx_hub.listener.stats["refused"] == 0
+
+
+async def test_the_receiver_closes_connections_idle_past_its_timeout(hubs):
+    rx_hub, tx_hub = hubs
+    rx_hub.listener.reuse_idle_timeout = 0.2  # short, so the test ends soon
+    await _tcp_round(rx_hub, tx_hub, "idle-1", seed=56)
+    await _until(lambda: rx_hub.listener.stats["idle_closed"] == 1, "the idle one closed")
+    await _until(lambda: rx_hub.listener.connections == 0, "its task ended")
+    await _tcp_round(rx_hub, tx_hub, "idle-2", seed=57)  # the sender notices, reconnects
+    assert tx_hub.conn_pool.stats["stale"] == 1
+    assert rx_hub.listener.stats["accepted"] == 2
+
+
+async def test_pooled_connections_to_a_worker_that_left_are_closed(hubs):
+    rx_hub, tx_hub = hubs
+    await _tcp_round(rx_hub, tx_hub, "gone", seed=55)
+    assert tx_hub.conn_pool.size == 1
+    await rx_hub.close()  # the receiving worker shuts down (a killed one closes alike)
+
+    def pruned():
+        tx_hub.conn_pool.prune()  # what the hub's sweeper does every few seconds
+        return tx_hub.conn_pool.size == 0
+
+    await _until(pruned, "the dead receiver's connection closed")
+    assert tx_hub.conn_pool.stats["stale"] == 1
+
+
+async def test_a_dead_pooled_connection_not_yet_noticed_is_retried_once(hubs, monkeypatch):
+    """The race the check before reuse cannot see: the receiver's close is still on its way
+    when the pooled socket is taken. The transfer fails on it before the receiver said
+    anything, and runs again on a new connection with the same (unused) token."""
+    rx_hub, tx_hub = hubs
+    hashes, blocks = _hashes(8, seed=60), _blocks(8)
+    rx, col = await _open(rx_hub, "race", expected_hashes=hashes)
+    # a connection whose far end is closed, pooled under the receiver's address
+    lsock = socket.create_server(("127.0.0.1", 0))
+    dead = await connect("127.0.0.1", lsock.getsockname()[1], WAIT)
+    far, _ = lsock.accept()
+    far.close()
+    lsock.close()
+    tx_hub.conn_pool.put((rx.target.tcp.host, rx.target.tcp.port), dead)
+    monkeypatch.setattr("genset.transfer.tcp.peer_closed", lambda _sock: False)
+    result = await tx_hub.send(rx.target, request_id="race", hashes=hashes, block_size=16,
+                               layout=LAYOUT, source=_source(blocks), transport="tcp")
+    await rx.wait()
+    assert result.transport == "tcp" and col.payloads == blocks
+    assert tx_hub.conn_pool.stats["reused"] == 1 and tx_hub.conn_pool.stats["stale"] == 1
+    assert dead.fileno() == -1 and tx_hub.conn_pool.size == 1  # the new one is pooled
+
+
+async def test_a_failed_transfer_does_not_pool_its_connection(hubs):
+    rx_hub, tx_hub = hubs
+    hashes = _hashes(4, seed=70)
+    rx, _ = await _open(rx_hub, "mismatch", expected_hashes=hashes)
+    with pytest.raises(TransferError):
+        await tx_hub.send(rx.target, request_id="mismatch", hashes=_hashes(4, seed=71),
+                          block_size=16, layout=LAYOUT, source=_source(_blocks(4)),
+                          transport="tcp")
+    assert tx_hub.conn_pool.size == 0
+    await _until(lambda: rx_hub.listener.connections == 0, "the receiver closed it")
+    await _tcp_round(rx_hub, tx_hub, "after-failure", seed=72)  # a new connection works
+
+
+def test_the_connection_pool_is_bounded_and_expires_idle_connections():
+    now = [0.0]
+    pool = ConnPool(max_per_peer=2, max_total=3, idle_timeout=10.0, clock=lambda: now[0])
+    pairs = [socket.socketpair() for _ in range(6)]
+    for a, _b in pairs:
+        a.setblocking(False)
+    a_key, b_key = ("10.0.0.1", 1), ("10.0.0.2", 1)
+    for a, _b in pairs[:3]:
+        pool.put(a_key, a)
+    assert pool.size == 2 and pairs[0][0].fileno() == -1  # per peer: the oldest goes
+    pool.put(b_key, pairs[3][0])
+    pool.put(b_key, pairs[4][0])
+    assert pool.size == 3 and pairs[1][0].fileno() == -1  # in all: the LRU peer's oldest
+    assert pool.stats["evicted"] == 2
+    # the peer closed one: it is not handed out
+    pairs[4][1].close()
+    assert pool.get(b_key) is pairs[3][0]  # the closed newest was skipped and closed
+    assert pairs[4][0].fileno() == -1 and pool.stats["stale"] == 1
+    assert pool.get(b_key) is None
+    # idle too long: closed by prune (or by get)
+    now[0] = 10.0
+    pool.prune()
+    assert pool.size == 0 and pairs[2][0].fileno() == -1 and pool.stats["expired"] == 1
+    # a peer that sent bytes nobody asked for is not reused either
+    pool.put(a_key, pairs[5][0])
+    pairs[5][1].send(b"x")
+    assert pool.get(a_key) is None and pool.size == 0
+    for a, b in pairs:
+        a.close()
+        b.close()

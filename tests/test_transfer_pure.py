@@ -297,3 +297,16 @@ def test_transfer_subjects():
     assert subjects.kv_transfer_tx_all("ns", 1) == "genset.ns.kvxfer.tx.1.*"
     with pytest.raises(ValueError, match="transfer id"):
         subjects.kv_transfer_rx("default", 1, "a.b")
+
+
+@pytest.mark.parametrize(("n", "bpb", "chunk", "first", "want"), [
+    (10, 100, 400, 150, [(0, 1), (1, 4), (5, 4), (9, 1)]),  # a small first group, then full
+    (3, 100, 400, 250, [(0, 2), (2, 1)]),
+    (10, 100, 400, 50, [(0, 1), (1, 4), (5, 4), (9, 1)]),  # never less than one block
+    (10, 100, 400, 400, [(0, 4), (4, 4), (8, 2)]),  # not smaller than a chunk: no change
+    (2, 100, 400, 100, [(0, 1), (1, 1)]),
+])
+def test_plan_groups_can_start_with_a_smaller_group(n, bpb, chunk, first, want):
+    got = [(g.first, g.count) for g in plan_groups(n, bpb, chunk, first_bytes=first)]
+    assert got == want
+    assert sum(c for _, c in got) == n

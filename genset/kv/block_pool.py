@@ -71,6 +71,9 @@ class BlockPool:
         self._open_store: Stored | None = None
         self._open_tail: int | None = None
         self.event_id = 0  # id of the last batch handed out
+        # hashes forgotten so far (evicted or cleared; monotonic): a lookup made when this was
+        # n has lost nothing while it is still n (Scheduler.waiting_prefill_tokens memoizes)
+        self.num_uncached = 0
         # Eviction hand-over (`SchedulingCore.set_eviction_sink`): while a list, every cached
         # block evicted is recorded as (hash, parent hash, packed tokens, block id) until the
         # owner takes them (before the block's memory is written again). None: not recorded.
@@ -205,6 +208,7 @@ class BlockPool:
             h = block_hash[b]
             if h is not None:
                 # evicting a cached block (as `_evict`, inlined: most allocations evict)
+                self.num_uncached += 1
                 if self.evicted is not None:
                     self.evicted.append((h, self._parent[b], self._tokens[b], b))
                 del self._hash_to_block[h]
@@ -256,6 +260,7 @@ class BlockPool:
             self.block_hash[b] = None
             self._parent[b] = None
             self._tokens[b] = None
+        self.num_uncached += len(self._hash_to_block)
         self._hash_to_block.clear()
         if self.enable_caching:
             self._open_store = None
@@ -264,6 +269,7 @@ class BlockPool:
     def _evict(self, b: int) -> None:
         h = self.block_hash[b]
         assert h is not None
+        self.num_uncached += 1
         if self.evicted is not None:
             self.evicted.append((h, self._parent[b], self._tokens[b], b))
         del self._hash_to_block[h]

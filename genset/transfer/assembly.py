@@ -53,15 +53,23 @@ class Group:
     count: int
 
 
-def plan_groups(num_blocks: int, bytes_per_block: int, chunk_bytes: int) -> Iterator[Group]:
-    """Groups covering blocks 0..num_blocks-1 in order."""
+def plan_groups(num_blocks: int, bytes_per_block: int, chunk_bytes: int,
+                first_bytes: int | None = None) -> Iterator[Group]:
+    """Groups covering blocks 0..num_blocks-1 in order; with `first_bytes`, the first group
+    is at most that big (at least one block): the sender checksums a chunk before its first
+    byte leaves, so a small first chunk starts the stream sooner (the later checksums run
+    while the socket buffer drains)."""
     if num_blocks <= 0:
         return
     if bytes_per_block <= 0:
         yield Group(0, num_blocks)  # nothing to read: every block in one empty chunk
         return
     per = max(1, chunk_bytes // bytes_per_block)
-    for first in range(0, num_blocks, per):
+    head = 0
+    if first_bytes is not None and first_bytes < chunk_bytes:
+        head = min(num_blocks, max(1, first_bytes // bytes_per_block))
+        yield Group(0, head)
+    for first in range(head, num_blocks, per):
         yield Group(first, min(per, num_blocks - first))
 
 
@@ -218,8 +226,10 @@ class Assembler:
         self.high_water = max(self.high_water, held)
         self.done = chunk.last
 
-    def assemble(self, chunk: KvTransferChunk, data: Payload) -> list[BlockRun]:
-        """Check an admitted chunk's bytes; the blocks it completes (at most one run)."""
+    def assemble(self, chunk: KvTransferChunk, data: Payload,
+                 digest: int | None = None) -> list[BlockRun]:
+        """Check an admitted chunk's bytes; the blocks it completes (at most one run).
+        `digest`: the bytes' XXH3-64 when the caller computed it as they arrived."""
         h = self.header
         if len(data) != chunk.size:
             raise TransferError(
@@ -227,7 +237,7 @@ class Assembler:
                 f"transfer {h.transfer_id}: chunk {chunk.seq} has {len(data)} bytes, "
                 f"announced {chunk.size}",
             )
-        if checksum(data) != chunk.checksum:
+        if (checksum(data) if digest is None else digest) != chunk.checksum:
             raise TransferError(
                 errors.CHECKSUM,
                 f"transfer {h.transfer_id}: chunk {chunk.seq} (bytes {chunk.offset}.."

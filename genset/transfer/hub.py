@@ -28,6 +28,8 @@ arriving (up to the window), which is the pipelining. `source(first, count)` ret
 block payloads (bytes-like, bytes_per_block each) from block `first` of the transfer; it is
 called window by window, so the sender never holds the whole KV. Payload views handed to
 `on_blocks` are valid during the call only (TCP chunk buffers are reused): copy to keep.
+`source` may be asked for the same blocks twice (a transfer retried on a new connection when
+its pooled one was found dead; tcp.py): it reads pinned blocks, so it gives the same bytes.
 Call `send` once the blocks exist (after the prefill): the receiver's idle timeout runs from
 the header on. The TCP listener binds loopback unless `tcp_host` says otherwise (workers on
 other hosts: bind an interface, `advertise_host` the address peers use).
@@ -46,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+import xxhash
 from nats.aio.msg import Msg
 
 from genset.runtime.bus import Bus
@@ -65,6 +68,7 @@ from genset.transfer.assembly import (
 from genset.transfer.errors import TransferError
 from genset.transfer.tcp import (
     BufferPool,
+    ConnPool,
     SockReader,
     TcpListener,
     close_quietly,
@@ -88,12 +92,16 @@ from proto.transfer import (
 
 log = structlog.get_logger("genset.transfer")
 
-MiB = 1024 * 1024
 OnBlocks = Callable[[BlockRun], Awaitable[Any]]
 BlockSource = Callable[[int, int], Awaitable[Sequence[Payload]]]
 
 NATS = "nats"
 TCP = "tcp"
+MiB = 1024 * 1024
+# The first chunk of a transfer is at most this big (assembly.plan_groups): its checksum is
+# computed before any byte leaves; for an 8 MiB chunk that was ~0.3 ms at the start of
+# every transfer, for 1 MiB ~0.04 ms.
+FIRST_CHUNK_BYTES = 1 * MiB
 # NATS sends a status message (header Status: 503) to a request's reply subject when nobody
 # subscribes to the request's subject.
 _STATUS = "Status"
@@ -194,8 +202,10 @@ class KvReceiver:
         self.imported_blocks = 0
         self.chunks = 0
         self._link: _NatsLink | _TcpLink | None = None
-        # (chunk, its bytes, the pooled buffer holding them or None)
-        self._queue: deque[tuple[KvTransferChunk, Payload, bytearray | None] | _Failed]
+        # (chunk, its bytes, the pooled buffer holding them or None, their XXH3-64 if
+        # already computed)
+        self._queue: deque[tuple[KvTransferChunk, Payload, bytearray | None, int | None]
+                           | _Failed]
         self._queue = deque()
         self._wake = asyncio.Event()
         self._error: TransferError | None = None
@@ -317,9 +327,9 @@ class KvReceiver:
             self._push(chunk, data)
         return True
 
-    def _push(self, chunk: KvTransferChunk, data: Payload,
-              pooled: bytearray | None = None) -> None:
-        self._queue.append((chunk, data, pooled))
+    def _push(self, chunk: KvTransferChunk, data: Payload, pooled: bytearray | None = None,
+              digest: int | None = None) -> None:
+        self._queue.append((chunk, data, pooled, digest))
         self._wake.set()
 
     def _fail(self, error: TransferError, *, tell_sender: bool = True) -> None:
@@ -333,19 +343,21 @@ class KvReceiver:
         if self._task is None:  # never started: settle here
             self._finish_failed(error)
 
-    def _attach_tcp(self, header: KvTransferHeader, sock: socket.socket,
-                    reader: SockReader) -> None:
-        self._reader_task = asyncio.create_task(self._tcp_session(header, sock, reader))
-
     async def _tcp_session(self, header: KvTransferHeader, sock: socket.socket,
-                           reader: SockReader) -> None:
+                           reader: SockReader) -> bool:
+        """Runs in the listener's task for the connection (no task of its own: one task
+        start and hand-over less per transfer). True when the transfer ended well and the
+        connection may carry the next one (tcp.Attach)."""
+        self._reader_task = asyncio.current_task()
         link = _TcpLink(sock, self.idle_timeout)
         reply = self._on_header(header, link, TCP)
         if isinstance(reply, KvTransferAck):  # refused: say why, then close
-            with contextlib.suppress(TransferError):
-                await link.send(reply)
-            self.hub._close_socket(sock, linger=True)  # chunks may already be on their way
-            return
+            try:
+                with contextlib.suppress(TransferError):
+                    await link.send(reply)
+            finally:  # (also when the listener is closing: this task owns the socket now)
+                self.hub._close_socket(sock, linger=True)  # chunks may already be coming
+            return False
         # accepted: no credit is sent for it over TCP (the sender streams the first window
         # without waiting for one; it cost a write here and a read and a wake-up there per
         # transfer, ~10% of a 1 MB transfer's CPU)
@@ -358,10 +370,11 @@ class KvReceiver:
                         return
                     buf = self.hub.buffers.get(msg.size)
                     view = memoryview(buf)[: msg.size]
-                    await reader.read_into(view)
-                    self._push(msg, view, buf)
+                    hasher = xxhash.xxh3_64()
+                    await reader.read_into(view, hasher)
+                    self._push(msg, view, buf, hasher.intdigest())
                     if msg.last:
-                        return
+                        return await self._ended_well()
                     # let the consumer import it and send its credit now: when the socket
                     # keeps having data this loop never waits, and credits held back until it
                     # does stall the sender (measured: 64 MB through a 32 MB window in one
@@ -370,7 +383,7 @@ class KvReceiver:
                 elif isinstance(msg, KvTransferAbort):
                     self._fail(TransferError.from_info(msg.error, "the sender aborted: "),
                                tell_sender=False)
-                    return
+                    return False
                 else:
                     raise TransferError(errors.BAD_MESSAGE,
                                         f"unexpected {type(msg).__name__} from the sender")
@@ -385,6 +398,16 @@ class KvReceiver:
         except OSError as exc:
             self._fail(TransferError(errors.PEER_GONE, f"connection to the sender failed: {exc!r}"),
                        tell_sender=False)
+        return False
+
+    async def _ended_well(self) -> bool:
+        """After the last chunk: until the consumer has imported it and acked (its deadline
+        bounds that). True when it did: the connection goes back to the listener for the
+        next transfer. On a failure `_cleanup` cancels this task and closes the socket."""
+        left = self.deadline - self._loop.time() + self.hub.close_timeout
+        await asyncio.wait([self._result], timeout=max(left, 0.0))
+        # released by `_cleanup(release=True)` once the ack is written
+        return self._sock is None and self._result.done() and self._result.exception() is None
 
     # -- the consumer ---------------------------------------------------------------------
 
@@ -426,10 +449,10 @@ class KvReceiver:
                 item = self._queue.popleft()
                 if isinstance(item, _Failed):
                     raise item.error
-                chunk, data, pooled = item
+                chunk, data, pooled, digest = item
                 self.chunks += 1
                 run = None
-                for run in asm.assemble(chunk, data):
+                for run in asm.assemble(chunk, data, digest):
                     await self._import(run)
                     asm.consumed(run.nbytes)
                     self.imported_blocks += len(run.hashes)
@@ -460,7 +483,7 @@ class KvReceiver:
                     await self._link.send(KvTransferAck(  # sender's pins expire
                         transfer_id=self.transfer_id, ok=True,
                         imported_blocks=self.imported_blocks, received_bytes=asm.received))
-            self._cleanup()
+            self._cleanup(release=True)
             if not self._result.done():
                 self._result.set_result(result)
         except TransferError as exc:
@@ -509,12 +532,17 @@ class KvReceiver:
         if not self._result.done():
             self._result.set_exception(error)
 
-    def _cleanup(self, *, linger: bool = False) -> None:
+    def _cleanup(self, *, linger: bool = False, release: bool = False) -> None:
+        """Forget the transfer and let go of its socket: closed (after a last message with
+        `linger`), or with `release` (it ended well) left to the session task waiting in
+        `_ended_well`, which hands it back to the listener for reuse."""
         self.hub._forget_receive(self)
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        task = self._reader_task
+        task, self._reader_task = self._reader_task, None
+        if release and task is not None and not task.done():
+            return
         if task is not None and not task.done():
             # the socket is closed once the reader has let go of it (closing a socket a
             # pending read still polls is what the loops handle worst)
@@ -536,8 +564,11 @@ class _SendSession:
         self.ack: KvTransferAck | None = None
         self.error: TransferError | None = None
         self.wake = asyncio.Event()
+        self.heard = False  # any message from the receiver yet
+        self.clean_end = False  # TCP: the ack ended the stream, nothing after it
 
     def on_control(self, msg: Any) -> None:
+        self.heard = True
         if isinstance(msg, KvTransferCredit):
             self.credited = max(self.credited, msg.consumed_bytes)
         elif isinstance(msg, KvTransferAck):
@@ -581,6 +612,9 @@ class KvTransferHub:
         tcp_min_bytes: int = 1 * MiB,
         connect_timeout: float = 1.0,
         close_timeout: float = 5.0,
+        tcp_pool_per_peer: int = 4,
+        tcp_pool_total: int = 32,
+        tcp_pool_idle_s: float = 30.0,
     ) -> None:
         if window_bytes < 1:
             raise ValueError(f"window_bytes must be >= 1, got {window_bytes}")
@@ -597,8 +631,14 @@ class KvTransferHub:
         self.close_timeout = close_timeout
         # idle cost: up to one window of chunk buffers kept for the next TCP receive
         self.buffers = BufferPool(window_bytes)
-        self.listener = (TcpListener(tcp_host, tcp_port, advertise_host=advertise_host)
+        self.listener = (TcpListener(tcp_host, tcp_port, advertise_host=advertise_host,
+                                     reuse_idle_timeout=2 * tcp_pool_idle_s)
                          if tcp_host is not None else None)
+        # idle connections to receivers, reused by the next send to the same one; receivers
+        # keep theirs twice as long, so it is the sender's side that closes an idle one
+        self.conn_pool = ConnPool(max_per_peer=tcp_pool_per_peer, max_total=tcp_pool_total,
+                                  idle_timeout=tcp_pool_idle_s)
+        self._sweeper: asyncio.Task | None = None
         self._receives: dict[str, KvReceiver] = {}
         self._sends: dict[str, _SendSession] = {}
         self._subs: list[Any] = []
@@ -628,6 +668,15 @@ class KvTransferHub:
         await self.bus.flush()
         if self.listener is not None:
             await self.listener.start()
+        self._sweeper = asyncio.create_task(self._sweep(), name="kv-transfer-pool-sweeper")
+
+    async def _sweep(self) -> None:
+        """Close pooled connections that expired or that their receiver closed (a worker
+        that left), also while no send comes to look at them."""
+        pool = self.conn_pool
+        while True:
+            await asyncio.sleep(max(0.5, pool.idle_timeout / 4))
+            pool.prune()
 
     async def close(self) -> None:
         """Fail every transfer in progress (the peers are told) and stop listening."""
@@ -639,6 +688,11 @@ class KvTransferHub:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.wait([self._sweeper], timeout=self.close_timeout)
+            self._sweeper = None
+        self.conn_pool.close()
         if self.listener is not None:
             await self.listener.close()
         if self._lingering:
@@ -679,7 +733,7 @@ class KvTransferHub:
         )
         self._receives[rx.transfer_id] = rx
         if self.listener is not None:
-            self.listener.register(rx.token, rx._attach_tcp)
+            self.listener.register(rx.token, rx._tcp_session)
         rx._start()
         return rx
 
@@ -799,26 +853,75 @@ class KvTransferHub:
         if tid in self._sends:
             raise TransferError(errors.BAD_MESSAGE, f"transfer {tid} is already being sent")
 
-        sock: socket.socket | None = None
-        fallback: str | None = None
         use = NATS
+        fallback: str | None = None
+        key: tuple[str, int] | None = None
+        sock: socket.socket | None = None
+        reused = False
         if transport != NATS and target.tcp is not None and (
             transport == TCP or total >= self.tcp_min_bytes
         ):
-            try:
-                timeout = max(0.0, min(self.connect_timeout, deadline - loop.time()))
-                sock = await connect(target.tcp.host, target.tcp.port, timeout)
-                use = TCP
-            except (OSError, TimeoutError) as exc:
-                if transport == TCP:
-                    raise TransferError(
-                        errors.PEER_GONE,
-                        f"cannot reach {target.tcp.host}:{target.tcp.port}: {exc!r}") from None
-                fallback = f"tcp connect to {target.tcp.host}:{target.tcp.port} failed: {exc!r}"
-                self.stats["tcp_fallbacks"] += 1
+            key = (target.tcp.host, target.tcp.port)
+            sock = self.conn_pool.get(key)
+            reused = sock is not None
+            if sock is None:
+                sock, fallback = await self._connect(target, transport, deadline)
+            use = TCP if sock is not None else NATS
         elif transport == TCP:
             raise TransferError(errors.PEER_GONE, "the receiver offers no TCP endpoint")
 
+        try:
+            return await self._send_once(
+                target, use, sock, key, request_id=request_id, hashes=hashes,
+                block_size=block_size, layout=layout, source=source, parent_hash=parent_hash,
+                first_block=first_block, window=window, deadline=deadline,
+                idle_timeout_s=idle_timeout_s, fallback=fallback, reusable=reused)
+        except _StaleConnection:
+            pass
+        # The pooled connection was dead (the receiver closed it while it sat idle, and the
+        # close had not reached us yet): nothing of this transfer got through, so it runs
+        # again, once, on a new connection (the token is still unused).
+        sock, fallback = await self._connect(target, transport, deadline)
+        return await self._send_once(
+            target, TCP if sock is not None else NATS, sock, key, request_id=request_id,
+            hashes=hashes, block_size=block_size, layout=layout, source=source,
+            parent_hash=parent_hash, first_block=first_block, window=window, deadline=deadline,
+            idle_timeout_s=idle_timeout_s, fallback=fallback, reusable=False)
+
+    async def _connect(self, target: KvTransferTarget, transport: str,
+                       deadline: float) -> tuple[socket.socket | None, str | None]:
+        """A new connection to the receiver's endpoint: (socket, None), or (None, why) to go
+        over NATS instead (transport auto); TransferError when it must be TCP."""
+        assert target.tcp is not None
+        loop = asyncio.get_running_loop()
+        try:
+            timeout = max(0.0, min(self.connect_timeout, deadline - loop.time()))
+            return await connect(target.tcp.host, target.tcp.port, timeout), None
+        except (OSError, TimeoutError) as exc:
+            if transport == TCP:
+                raise TransferError(
+                    errors.PEER_GONE,
+                    f"cannot reach {target.tcp.host}:{target.tcp.port}: {exc!r}") from None
+            self.stats["tcp_fallbacks"] += 1
+            return None, f"tcp connect to {target.tcp.host}:{target.tcp.port} failed: {exc!r}"
+
+    async def _send_once(
+        self, target: KvTransferTarget, use: str, sock: socket.socket | None,
+        key: tuple[str, int] | None, *, request_id: str, hashes: Sequence[int], block_size: int,
+        layout: KvLayout, source: BlockSource, parent_hash: int | None, first_block: int | None,
+        window: int, deadline: float, idle_timeout_s: float, fallback: str | None,
+        reusable: bool,
+    ) -> TransferResult:
+        """One try of `send` over `sock` (TCP) or NATS. `reusable`: `sock` came from the pool;
+        if it turns out dead before the receiver said anything, _StaleConnection."""
+        loop = asyncio.get_running_loop()
+        tid = target.transfer_id
+        if tid in self._sends:
+            close_quietly(sock)
+            raise TransferError(errors.BAD_MESSAGE, f"transfer {tid} is already being sent")
+        bpb = layout.bytes_per_block
+        n = len(hashes)
+        total = n * bpb
         max_chunk = self.tcp_chunk_bytes if use == TCP else self.nats_chunk_bytes()
         chunk_bytes = chunk_size_for(max_chunk, window)
         header = KvTransferHeader(
@@ -843,6 +946,7 @@ class KvTransferHub:
         tcp_sink: _TcpSink | None = None
         started = loop.time()
         chunks = 0
+        ended_well = stale = False
         try:
             # Chunks follow the header at once, within the window, without waiting for the
             # receiver's answer (one round trip less before the first byte moves): a refusal
@@ -869,12 +973,17 @@ class KvTransferHub:
                               lambda: session.ack is not None)
             assert session.ack is not None
             _raise_nack(session.ack, "failed the transfer")
+            ended_well = True
             return TransferResult(
                 transfer_id=tid, transport=use, blocks=n, bytes=total, chunks=chunks,
                 seconds=loop.time() - started, high_water_bytes=session.high_water,
                 fallback=fallback,
             )
         except TransferError as exc:
+            if reusable and session.ack is None and not session.heard and _conn_lost(exc):
+                stale = True
+                self.conn_pool.stats["stale"] += 1
+                raise _StaleConnection from None
             if session.ack is None and reader_task is not None and exc.code == errors.PEER_GONE:
                 # a write failed: the receiver may have refused and closed; its reason is
                 # better than "connection reset" (the reader ends at its ack or at EOF)
@@ -891,11 +1000,18 @@ class KvTransferHub:
             raise
         finally:
             self._sends.pop(tid, None)
-            if reader_task is not None:
+            if reader_task is not None and not reader_task.done():  # (done at a good ack)
                 reader_task.cancel()
                 await asyncio.wait([reader_task], timeout=self.close_timeout)
-            if sock is not None:  # after a failure the receiver may still be sending
-                self._close_socket(sock, linger=session.ack is None or not session.ack.ok)
+            if sock is not None:
+                if ended_well and session.clean_end and key is not None:
+                    # acked, nothing else in the stream: the next transfer to this receiver
+                    # reuses it (no connect, no accept)
+                    self.conn_pool.put(key, sock)
+                elif stale:
+                    close_quietly(sock)
+                else:  # after a failure the receiver may still be sending
+                    self._close_socket(sock, linger=session.ack is None or not session.ack.ok)
 
     async def _stream(self, session: _SendSession, header: KvTransferHeader, source: BlockSource,
                       sink: _NatsSink | _TcpSink, chunk_bytes: int, deadline: float,
@@ -912,7 +1028,7 @@ class KvTransferHub:
             await sink.send(KvTransferChunk(transfer_id=tid, seq=0, offset=0, size=0,
                                             checksum=group_checksum([b""], 0, 0), last=True), ())
             return 1
-        for group in plan_groups(n, bpb, chunk_bytes):
+        for group in plan_groups(n, bpb, chunk_bytes, FIRST_CHUNK_BYTES):
             size = group.count * bpb
             await self._await(session, deadline, idle, "credit from the receiver",
                               lambda size=size: session.sent - session.credited + size <= window)
@@ -982,13 +1098,14 @@ class KvTransferHub:
             while True:
                 session.on_control(await reader.read_message())
                 if session.ack is not None:
+                    session.clean_end = reader.buffered == 0
                     return
         except EOFError:
-            session.fail(TransferError(errors.PEER_GONE, "the receiver closed the connection"))
+            session.fail(_lost("the receiver closed the connection"))
         except TransferError as exc:
             session.fail(exc)
         except OSError as exc:
-            session.fail(TransferError(errors.PEER_GONE, f"connection to the receiver: {exc!r}"))
+            session.fail(_lost(f"connection to the receiver: {exc!r}"))
 
     async def _abort(self, use: str, sock: socket.socket | None, target: KvTransferTarget,
                      tid: str, error: TransferError, tcp_sink: _TcpSink | None = None) -> None:
@@ -1039,7 +1156,9 @@ class _TcpSink:
         try:
             async with asyncio.timeout(self.idle):
                 await send_all(self.sock, self.take_prefix(), frame(chunk), *parts)
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:
+            raise _lost(f"writing chunk {chunk.seq} to the receiver: {exc!r}") from None
+        except TimeoutError as exc:
             raise TransferError(errors.PEER_GONE,
                                 f"writing chunk {chunk.seq} to the receiver: {exc!r}") from None
 
@@ -1058,6 +1177,21 @@ def _slices(payloads: Sequence[Payload], start: int, length: int) -> list[Payloa
         if pos >= end:
             break
     return out
+
+
+class _StaleConnection(Exception):
+    """A pooled connection turned out dead before the receiver said anything."""
+
+
+def _lost(message: str) -> TransferError:
+    """PEER_GONE for a connection that failed (closed, reset), as opposed to a silent peer."""
+    exc = TransferError(errors.PEER_GONE, message)
+    exc.conn_lost = True  # type: ignore[attr-defined]
+    return exc
+
+
+def _conn_lost(exc: TransferError) -> bool:
+    return getattr(exc, "conn_lost", False)
 
 
 def _raise_nack(ack: KvTransferAck, what: str) -> None:
