@@ -56,8 +56,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from _common import pct
-from bench_frontend import MODEL_NAME, PEER_DIR, REPO, children, free_port, get_json
+from _common import MODEL_NAME, PEER_DIR, REPO, free_port, get_json, pct
+from _common import descendants as children
 
 # the peer's scripts: ../shared/peers/dynamo from the main checkout, ../../shared/... from a
 # worktree under /work/wt (DYNAMO_PEER_HOME wins)
