@@ -193,16 +193,24 @@ def _open_browser(chromium: str, driver_path: str):
 
 
 def _rows(driver, selector: str) -> list[str]:
-    from selenium.webdriver.common.by import By
-
-    return [e.get_attribute("data-worker-id") or e.get_attribute("data-request-id")
-            for e in driver.find_elements(By.CSS_SELECTOR, selector)]
+    # One script reads every row: the page re-renders its tables between WebDriver calls, and
+    # rows found by one call and read by the next went stale (a CI failure); a script runs
+    # between two of the page's own tasks, so it sees one rendering whole.
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]),"
+        " e => e.getAttribute('data-worker-id') || e.getAttribute('data-request-id'));",
+        selector)
 
 
 async def _wait(driver, what: str, check, wait_s: float = 60.0):
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + wait_s
     while True:
-        value = await asyncio.to_thread(check, driver)
+        try:
+            value = await asyncio.to_thread(check, driver)
+        except StaleElementReferenceException:
+            value = None  # read while the page replaced it: look again
         if value:
             return value
         if time.monotonic() > deadline:
