@@ -247,6 +247,7 @@ async def test_page_in_a_real_browser(stack, tmp_path):
         await leaving.stop()  # SIGTERM: its lease is revoked, its card leaves etcd
         await _wait(driver, "one worker left", lambda d: _rows(
             d, "#workers tr[data-worker-id]") == [f"{staying.instance_id:x}"])
-        assert driver.find_element("id", "worker-count").text == "1"
+        await _wait(driver, "a worker count of 1", lambda d: d.find_element(
+            "id", "worker-count").text == "1")
     finally:
         await asyncio.to_thread(driver.quit)
