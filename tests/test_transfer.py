@@ -684,24 +684,36 @@ async def test_pooled_connections_to_a_worker_that_left_are_closed(hubs):
     assert tx_hub.conn_pool.stats["stale"] == 1
 
 
-async def test_a_dead_pooled_connection_not_yet_noticed_is_retried_once(hubs, monkeypatch):
+async def test_a_dead_pooled_connection_not_yet_noticed_is_retried_once(hubs):
     """The race the check before reuse cannot see: the receiver's close is still on its way
     when the pooled socket is taken. The transfer fails on it before the receiver said
     anything, and runs again on a new connection with the same (unused) token."""
+    import threading
+
     rx_hub, tx_hub = hubs
     hashes, blocks = _hashes(8, seed=60), _blocks(8)
     rx, col = await _open(rx_hub, "race", expected_hashes=hashes)
-    # a connection whose far end is closed, pooled under the receiver's address
+    # pooled under the receiver's address: a connection whose far end is open and quiet when
+    # the pool checks it, and closes as soon as the transfer's header arrives, unanswered
     lsock = socket.create_server(("127.0.0.1", 0))
     dead = await connect("127.0.0.1", lsock.getsockname()[1], WAIT)
     far, _ = lsock.accept()
-    far.close()
     lsock.close()
+
+    def close_on_header() -> None:
+        far.settimeout(WAIT)
+        try:
+            far.recv(1)
+        finally:
+            far.close()
+
+    closer = threading.Thread(target=close_on_header, daemon=True)
+    closer.start()
     tx_hub.conn_pool.put((rx.target.tcp.host, rx.target.tcp.port), dead)
-    monkeypatch.setattr("genset.transfer.tcp.peer_closed", lambda _sock: False)
     result = await tx_hub.send(rx.target, request_id="race", hashes=hashes, block_size=16,
                                layout=LAYOUT, source=_source(blocks), transport="tcp")
     await rx.wait()
+    await asyncio.to_thread(closer.join, WAIT)
     assert result.transport == "tcp" and col.payloads == blocks
     assert tx_hub.conn_pool.stats["reused"] == 1 and tx_hub.conn_pool.stats["stale"] == 1
     assert dead.fileno() == -1 and tx_hub.conn_pool.size == 1  # the new one is pooled

@@ -320,6 +320,17 @@ class ConnPool:
         self.size = 0
         self.stats = {"reused": 0, "pooled": 0, "stale": 0, "expired": 0, "evicted": 0}
 
+    def _closed_if_dead(self, sock: socket.socket, since: float, now: float) -> bool:
+        """Close and count `sock` if it idled past the timeout or its peer closed it."""
+        if now - since >= self.idle_timeout:
+            self.stats["expired"] += 1
+        elif peer_closed(sock):
+            self.stats["stale"] += 1
+        else:
+            return False
+        close_quietly(sock)
+        return True
+
     def get(self, key: tuple[str, int]) -> socket.socket | None:
         """A live idle connection to `key` (taken out of the pool), or None."""
         conns = self._idle.get(key)
@@ -327,13 +338,7 @@ class ConnPool:
         while conns:
             sock, since = conns.pop()  # the most recently used: the likeliest to be alive
             self.size -= 1
-            if now - since >= self.idle_timeout:
-                self.stats["expired"] += 1
-                close_quietly(sock)
-            elif peer_closed(sock):
-                self.stats["stale"] += 1
-                close_quietly(sock)
-            else:
+            if not self._closed_if_dead(sock, since, now):
                 if not conns:
                     del self._idle[key]
                 self.stats["reused"] += 1
@@ -371,13 +376,7 @@ class ConnPool:
         for key in list(self._idle):
             keep = []
             for sock, since in self._idle[key]:
-                if now - since >= self.idle_timeout:
-                    self.stats["expired"] += 1
-                    close_quietly(sock)
-                elif peer_closed(sock):
-                    self.stats["stale"] += 1
-                    close_quietly(sock)
-                else:
+                if not self._closed_if_dead(sock, since, now):
                     keep.append((sock, since))
             self.size -= len(self._idle[key]) - len(keep)
             if keep:
