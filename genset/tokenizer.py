@@ -20,12 +20,14 @@ import re
 import sys
 import threading
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers.decoders import DecodeStream
+
+from genset.fast_bpe import FastBpe
 
 # Prompts shorter than this (characters) are tokenized on the event loop. Not lower: a prompt
 # tokenized in a thread waits for the GIL at each of its Python steps (template, segment split,
@@ -125,7 +127,10 @@ class Tokenizer:
     """One model's tokenizer: encode, decode, chat template, end-of-sequence ids."""
 
     def __init__(self, rust: _RustTokenizer, config: dict[str, Any], source: str,
-                 generation_config: dict[str, Any] | None = None) -> None:
+                 generation_config: dict[str, Any] | None = None,
+                 spec: dict[str, Any] | None = None) -> None:
+        """`spec`: the tokenizer.json as read, which says whether tiktoken may encode for
+        `rust` (genset.fast_bpe); without it every encode goes through `rust`."""
         self.rust = rust
         self.source = source
         self.config = config
@@ -145,7 +150,12 @@ class Tokenizer:
                 eos_ids.append(eid)
         self.eos_token_ids: list[int] = eos_ids
         self.vocab_size = rust.get_vocab_size(with_added_tokens=True)
-        self.segments = SegmentCache.build(rust)
+        self.fast: FastBpe | None = None
+        self.fast_off_reason: str | None = "no tokenizer.json spec given"
+        if spec is not None:
+            self.fast, self.fast_off_reason = FastBpe.build(
+                spec, rust, lambda text: encode_ids(rust, text, False))
+        self.segments = SegmentCache.build(rust, self._encode_plain)
 
     # -- loading -------------------------------------------------------------------------
 
@@ -161,12 +171,23 @@ class Tokenizer:
             raise TokenizerError(f"{tok_file}: cannot load: {exc}") from None
         config = _read_json(directory / "tokenizer_config.json")
         generation = _read_json(directory / "generation_config.json")
-        return cls(rust, config, source or str(directory), generation)
+        spec = _read_json(tok_file)  # valid: the Rust side just parsed it
+        return cls(rust, config, source or str(directory), generation, spec)
 
     # -- text <-> ids -------------------------------------------------------------------
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        fast = self.fast
+        if fast is not None and (not add_special_tokens or fast.specials_free):
+            ids = fast.encode(text)
+            if ids is not None:
+                return ids
         return encode_ids(self.rust, text, add_special_tokens)
+
+    def _encode_plain(self, text: str) -> list[int]:
+        # looked up at each call (not bound once), so a wrapped `encode` sees the segment
+        # cache's encodes too
+        return self.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self.rust.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -237,8 +258,8 @@ class SegmentCache:
     # for every full collection to walk (512 of them: ~0.5 M references per collection).
     SEEN_MAX = 8192
 
-    def __init__(self, rust: _RustTokenizer, added: dict[str, int]) -> None:
-        self.rust = rust
+    def __init__(self, encode_plain: Callable[[str], list[int]], added: dict[str, int]) -> None:
+        self.encode_plain = encode_plain  # text -> ids, add_special_tokens=False
         self.added = added
         alternatives = "|".join(re.escape(c) for c in sorted(added, key=len, reverse=True))
         self.split = re.compile(f"({alternatives})").split
@@ -251,7 +272,8 @@ class SegmentCache:
         self.lock = threading.Lock()
 
     @classmethod
-    def build(cls, rust: _RustTokenizer) -> SegmentCache | None:
+    def build(cls, rust: _RustTokenizer, encode_plain: Callable[[str], list[int]]
+              ) -> SegmentCache | None:
         try:
             decoder = rust.get_added_tokens_decoder()
         except AttributeError:  # older tokenizers
@@ -261,10 +283,10 @@ class SegmentCache:
             if tok.lstrip or tok.rstrip or tok.single_word or tok.normalized or not tok.content:
                 return None
             added[tok.content] = tid
-        return cls(rust, added) if added else None
+        return cls(encode_plain, added) if added else None
 
     def _encode_plain(self, text: str) -> list[int]:
-        return encode_ids(self.rust, text, False)
+        return self.encode_plain(text)
 
     @staticmethod
     def _cost(piece: str, packed: array) -> int:

@@ -104,7 +104,7 @@ async def test_a_long_prompt_is_refused_from_the_tokens_of_its_head(tok_dir):
 
 
 async def test_long_prompts_are_tokenized_in_a_thread(tok_dir, monkeypatch):
-    """Long prompts go to a tokenize thread (where `encode_ids` releases the GIL: the loop
+    """Long prompts go to a tokenize thread (where both encoders release the GIL: the loop
     stall it saves is measured in bench/bench_faults.py); short ones stay on the loop."""
     import threading
 
@@ -112,13 +112,13 @@ async def test_long_prompts_are_tokenized_in_a_thread(tok_dir, monkeypatch):
 
     pipe = await make_pipeline(tok_dir, context=131072)
     threads: list[str] = []
-    real = tokmod.encode_ids
+    real = tokmod.Tokenizer.encode
 
-    def watched(rust, text, special):
+    def watched(self, text, **kwargs):
         threads.append(threading.current_thread().name)
-        return real(rust, text, special)
+        return real(self, text, **kwargs)
 
-    monkeypatch.setattr(tokmod, "encode_ids", watched)
+    monkeypatch.setattr(tokmod.Tokenizer, "encode", watched)
     try:
         job = await pipe.prepare(request(text=prose(200_000), max_tokens=1))
         assert len(job.prompt_ids) > 50_000
