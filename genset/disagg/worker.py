@@ -622,7 +622,6 @@ class _RemoteRun:
     async def import_blocks(self, run) -> None:
         hook = self.hook
         assert hook.ctx is not None
-
         if hook.mocker:
             blocks = [KvBlockData(h) for h in run.hashes]
         else:  # views valid during this call only: the engine copies while decoding them

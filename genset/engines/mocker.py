@@ -491,10 +491,10 @@ class MockerDriver(AsyncEngineDriver):
     KV imports (`import_kv`) run while a step is paced, not only between steps: the step's
     work is done when its pacing starts, so an import then changes nothing it computed (its
     blocks and KV events simply come after the step's), as a real engine copies imported KV
-    in beside its compute. Waiting for the step's end instead cost every remote prefill one
-    step at its resume: the transfer's last import waited for the step under way, and the
-    request's submit then for the next one (live mixed load, p50 ~25 ms of a ~100 ms gap;
-    docs/benchmarks.md, issue 11). Only with the real clock; a virtual one keeps every
+    in beside its compute. Waiting for the step's end instead cost every remote prefill a
+    step at its resume: the transfer's last import waited for the step under way (29 ms at
+    p50 of a ~100 ms gap, live mixed load; docs/benchmarks.md, issue 11), and the request's
+    submit then for the next one. Only with the real clock; a virtual one keeps every
     command between steps.
     """
 

@@ -186,7 +186,7 @@ class WorkerService(Service):
         await self.host.start()
         # Everything allocated so far (engine, block pool, tokenizer, modules) lives as long as
         # the process: keep it out of the cyclic GC's full collections. Each one walked it
-        # all and stopped every stream of the worker for 150-180 ms, ~6 times a run of the
+        # all and stopped every stream of the worker for 100-180 ms, ~6 times a run of the
         # live mixed load: the long prompts' ITL p99 (docs/benchmarks.md, issue 11).
         gc.collect()
         gc.freeze()
