@@ -98,6 +98,7 @@ async def test_remote_prefill_gives_the_aggregated_tokens_and_frees_every_pin(bu
     await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0, 10.0,
                    "both pools idle")
     assert prefill.hook.pins.num_blocks == 0 and len(prefill.hook.pins) == 0
+    assert decode.hook.resuming == 0
 
 
 async def test_no_prefill_worker_means_aggregated(bus, discovery):
@@ -123,6 +124,7 @@ async def test_a_refusing_prefill_worker_means_aggregated(bus, discovery):
         assert len(tokens_of(out)) == 5
         assert decode.metric("genset_disagg_fallbacks_total", stage="first_token",
                              reason="kv_layout_mismatch") == 1
+        assert decode.hook.resuming == 0  # the refused one is not counted as resuming here
         await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0, 10.0,
                        "both pools idle")
     finally:
@@ -144,12 +146,17 @@ async def test_dummy_payloads_travel_and_first_token_comes_before_the_kv(bus, di
         assert len(proto.unpack_tokens(first.token_ids)) == 1
         # the first token is here; the transfer is still on its way (it lasts ~250 ms, paced)
         assert decode.metric("genset_disagg_remote_prefills_total") == 0
+        # ... and the request counts among those a local prefill here would stall
+        assert decode.hook.resuming == 1
+        assert decode.hook.stalled(proto.LoadReport(worker_id=1, ts_ms=0, running=3,
+                                                    waiting=2)) == 6
         rest = [c async for c in stream]
         assert len(tokens_of([first, *rest])) == 4
         assert decode.metric("genset_disagg_remote_prefills_total") == 1
         assert decode.metric("genset_kv_transfer_bytes_total", side="rx") == 50 * 4 * 64
         await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0, 10.0,
                        "both pools idle")
+        await wait_for(lambda: decode.hook.resuming == 0, 10.0, "no remote prefill counted")
     finally:
         await decode.close()
         await prefill.close()
@@ -171,6 +178,7 @@ async def test_client_cancel_during_the_transfer_frees_both_sides(bus, discovery
                        "both pools idle")
         assert decode.h.metric("genset_worker_requests_cancelled_total") == 1
         assert decode.metric("genset_disagg_remote_prefills_total") == 0
+        await wait_for(lambda: decode.hook.resuming == 0, 10.0, "no remote prefill counted")
     finally:
         await decode.close()
         await prefill.close()

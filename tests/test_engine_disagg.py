@@ -5,9 +5,16 @@ made before `start()` return."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from genset.engines.mocker import MockerConfig, MockerCore, create_mocker_engine
+from genset.engines.mocker import (
+    MockerConfig,
+    MockerCore,
+    PolynomialTiming,
+    create_mocker_engine,
+)
 from genset.engines.types import EngineRequest, KvBlockData, KvImport
 from genset.kv.hashing import block_hashes
 from proto.generate import SamplingParams, StopConditions
@@ -89,6 +96,31 @@ async def test_engine_calls_before_start_return():
     await engine.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         await engine.cached_blocks(HASHES)
+
+
+async def test_the_mocker_imports_while_a_step_is_paced():
+    """A KV import does not wait for the step under way to end (MockerDriver): with a step
+    modelled to last minutes, the import is done while that step's output has not come."""
+    slow = MockerConfig(block_size=4, num_blocks=64, vocab_size=1000,
+                        timing=PolynomialTiming(speedup_ratio=1e-4))  # ~170 s a prefill step
+    engine = create_mocker_engine(slow)
+    await engine.start()
+    try:
+        busy = await engine.submit(EngineRequest("busy", list(range(500, 540)),
+                                                 SamplingParams(temperature=0.0),
+                                                 StopConditions(max_tokens=2)))
+        # submit returns once the request is queued, and the loop computes the step it
+        # starts in before anything else runs: that step is being paced now
+        assert engine.core.scheduler.running
+        async with asyncio.timeout(30):
+            got = await engine.import_kv(KvImport([KvBlockData(h) for h in HASHES]),
+                                         pin_for="xfer")
+        assert got == 7 and engine.load().kv_used_blocks > 7
+        assert busy.last is None and not busy.finished  # the step is still paced
+        assert engine.cached_prefix(HASHES) == 7
+    finally:
+        await engine.stop()
+    assert busy.finished
 
 
 def test_torch_kv_layout_matches_its_payloads():

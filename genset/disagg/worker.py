@@ -205,6 +205,10 @@ class DisaggHook(WorkerHooks):
         self._republisher: asyncio.Task | None = None
         self._pins_changed = asyncio.Event()
         self._closing = False
+        # remote prefills of this decode worker between the decision and their hand-over to
+        # the engine (`_RemoteRun.release`, which the host calls after its submit): requests
+        # that decode here within a transfer's time, so a local prefill stalls them too
+        self.resuming = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -299,12 +303,16 @@ class DisaggHook(WorkerHooks):
                                      else DISABLED))
             return None
         hashes = block_hashes(token_ids, self.ctx.block_size)
-        cached = await engine.cached_blocks(hashes) if hashes else 0
+        # the engine's hint (no wait for the step under way, which `cached_blocks` makes,
+        # ~half a step added to every request's first token here): a block evicted by the
+        # time it counts only shortens what is reused (`first_block`), never a wrong result
+        cached = engine.cached_prefix(hashes) if hashes else 0
         load = engine.load()
         decision = decide(
             len(token_ids),
             DecodeState(worker_id=self.ctx.instance_id, cached_blocks=cached,
-                        running=load.running, queued_prefill_tokens=load.waiting_prefill_tokens,
+                        running=self.stalled(load),
+                        queued_prefill_tokens=load.waiting_prefill_tokens,
                         step_ms=load.step_ms_ewma),
             pool.states(hashes), self.cost_model(), policy=self.config.policy,
             max_tokens=request.stop.max_tokens)
@@ -312,6 +320,16 @@ class DisaggHook(WorkerHooks):
         if not decision.remote or decision.prefill_worker_id is None:
             return None
         return await self._remote(request, token_ids, hashes, cached, decision)
+
+    def stalled(self, load: proto.LoadReport) -> int:
+        """The sequences a prefill on this decode worker stalls: those running now, those
+        queued to start, and the remote prefills that resume here within a transfer's time
+        (`resuming`). Counting the running ones alone priced a long prompt at a burst's
+        start (few running yet, the prefill pool's queue long) as cheaper here, and every
+        stream that started or resumed on this worker in the next second paid ~140 ms a
+        step for each such prompt: most of the live mixed load's ITL misses in `auto`
+        (docs/benchmarks.md, issue 11, "Live mixed load", 2026-12-06 10:00 measurement)."""
+        return load.running + load.waiting + self.resuming
 
     async def _remote(self, request: proto.GenerateRequest, token_ids: list[int],
                       hashes: list[int], cached: int,
@@ -325,6 +343,7 @@ class DisaggHook(WorkerHooks):
         if request.deadline_ms is not None:
             left = min(left, max(0.0, request.deadline_ms / 1000 - time.time()))
         run = _RemoteRun(self, pid)
+        self.resuming += 1
         try:
             run.rx = await hub.open_receive(
                 request.request_id, on_blocks=run.import_blocks, expected_hashes=hashes,
@@ -332,7 +351,11 @@ class DisaggHook(WorkerHooks):
                 idle_timeout_s=cfg.idle_timeout_s)
         except TransferError as exc:  # too many receives in progress here
             self.m.fallback(STAGE_FIRST_TOKEN, exc.code)
+            await run.release()
             return None
+        except BaseException:
+            await run.release()
+            raise
         run.key = f"disagg-rx-{run.rx.transfer_id}"
         message = RemotePrefillRequest(request=request, target=run.rx.target, first_block=cached)
         uncached = len(token_ids) - cached * ctx.block_size
@@ -652,6 +675,7 @@ class _RemoteRun:
         if self.released:
             return
         self.released = True
+        self.hook.resuming -= 1
         rx = self.rx
         if rx is not None and not rx.done:
             await rx.cancel("the decode worker gave up on the transfer")

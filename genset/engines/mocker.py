@@ -62,7 +62,7 @@ from genset.engines.batch import StepPlan
 from genset.engines.core import SchedulingCore
 from genset.engines.driver import AsyncEngineDriver, merge_output, now_ms
 from genset.engines.scheduler import Scheduler, SchedulerConfig, Sequence
-from genset.engines.types import EngineOutput, EngineRequest, KvBlockData
+from genset.engines.types import EngineOutput, EngineRequest, KvBlockData, KvImport
 from proto.transfer import KvLayout
 
 log = logging.getLogger(__name__)
@@ -487,6 +487,15 @@ class MockerDriver(AsyncEngineDriver):
 
     `clock` (seconds, default the loop's clock) and `sleep` (default `asyncio.sleep`) are the
     time source the pacing uses; tests pass a virtual clock to check the pacing exactly.
+
+    KV imports (`import_kv`) run while a step is paced, not only between steps: the step's
+    work is done when its pacing starts, so an import then changes nothing it computed (its
+    blocks and KV events simply come after the step's), as a real engine copies imported KV
+    in beside its compute. Waiting for the step's end instead cost every remote prefill a
+    step at its resume: the transfer's last import waited for the step under way (29 ms at
+    p50 of a ~100 ms gap, live mixed load; docs/benchmarks.md, issue 11), and the request's
+    submit then for the next one. Only with the real clock; a virtual one keeps every
+    command between steps.
     """
 
     def __init__(
@@ -507,6 +516,42 @@ class MockerDriver(AsyncEngineDriver):
         self._sleep = sleep or asyncio.sleep
         self._wake_loop: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+
+    async def import_kv(self, kv: KvImport, pin_for: str | None = None) -> int:
+        if self._sleep is not asyncio.sleep:  # a virtual clock: between steps (class doc)
+            return await super().import_kv(kv, pin_for)
+        return await self._call(_DuringStep(lambda: self.core.import_kv(kv, pin_for=pin_for)))
+
+    def _run_during_step(self) -> None:
+        """The commands at the queue's head that may run while a step is paced (in order:
+        one queued behind a between-steps command waits for it)."""
+        commands = self._commands
+        while commands and isinstance(commands[0][0], _DuringStep):
+            fn, fut = commands.popleft()
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the caller
+                if fut is not None:
+                    fut.set_exception(exc)
+                continue
+            self._set_load(self.core.load_report(now_ms(), self.step_ms_ewma))
+            if fut is not None:
+                fut.set_result(result)
+
+    async def _pace(self, until: float, clock: Callable[[], float], wake: asyncio.Event) -> None:
+        """Sleep until `until` on `clock`, running the commands that may run meanwhile."""
+        commands = self._commands
+        while True:
+            self._run_during_step()
+            left = until - clock()
+            if left <= 0:
+                return
+            wake.clear()  # the queue, not the event, says what is left (checked each step)
+            if commands and isinstance(commands[0][0], _DuringStep):
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await wake.wait()
 
     # ---- stepping on the loop (AsyncEngineDriver's hooks) -----------------------------------
 
@@ -588,7 +633,10 @@ class MockerDriver(AsyncEngineDriver):
             if held and step_end > delivered_at + window:
                 self._deliver_held(held, last_ewma)  # don't make them wait for this step
                 delivered_at = now
-            await sleep(max(0.0, step_end - clock()))
+            if sleep is asyncio.sleep:
+                await self._pace(step_end, clock, wake)
+            else:
+                await sleep(max(0.0, step_end - clock()))
             for out in outputs:
                 prev = held.get(out.request_id)
                 if prev is None:
@@ -614,6 +662,18 @@ class MockerDriver(AsyncEngineDriver):
         outputs = list(held.values())
         held.clear()
         self._deliver(outputs, batch, load)
+
+
+class _DuringStep:
+    """A command `MockerDriver` may run while a step is paced (see its class doc)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self) -> Any:
+        return self.fn()
 
 
 def create_mocker_engine(
