@@ -117,6 +117,9 @@ class Cluster:
 def make(policy: str = "load", *, pools=None, cooldown: float = 60.0, startup: float = 30.0,
          **kw) -> tuple[PlannerCore, Clock]:
     clock = Clock()
+    # the rules are tested on a planner past its start prior (the pool it started with
+    # trusted for its first `prior_memory_s`), which test_start_prior_* test
+    kw.setdefault("prior_memory_s", 0.0)
     cfg = PlannerConfig(policy=policy, pools=pools or {"decode": PoolBounds(1, 8)},
                         down_cooldown_s=cooldown, startup_s=startup, **kw)
     return PlannerCore(cfg, clock=clock), clock
@@ -701,7 +704,13 @@ def test_jump_floor_counts_a_burst_after_an_idle_gap_not_a_level_that_climbs():
     assert climb.came_back(0.0, 2.0, 10_000.0) == 0
     assert climb.came_back(0.0) == 6  # ... though any rise counts for the one-start-up floor
     # the same 2 -> 5 within 10 s is a jump, over 30 s it is not
-    assert series([(0, 2), (5, 5)]).came_back(0.0, 2.0, 10_000.0) == 5
+    assert series([(0, 2), (12, 5)]).came_back(0.0, 2.0, 10_000.0) == 5
+    # ... and only against a level seen for those 10 s: right after the planner starts (or
+    # a hole in its inputs) the first needs come from no data yet
+    fresh = series([(0, 1), (2, 5)])
+    assert fresh.came_back(0.0, 2.0, 10_000.0) == 0
+    assert fresh.jump_peaks(0.0, 60_000.0, 2.0, 10_000.0, 30_000.0) == []
+    assert series([(0, 1), (12, 5)]).jump_peaks(0.0, 60_000.0, 2.0, 10_000.0, 30_000.0) == [5]
     assert series([(0, 2), (15, 3), (30, 5)]).came_back(0.0, 2.0, 10_000.0) == 0
 
 
@@ -930,3 +939,40 @@ def test_slo_boost_does_not_grow_at_the_pools_ceiling():
         d = core.decide()
     assert d.pools["decode"].target == 1 and sp.attainment == 0.0
     assert sp.boost == 1.0 and no_nan(d)
+
+
+def test_start_prior_keeps_the_start_pool_while_history_is_short_then_reaches_the_floor():
+    # idle from the start (the Azure code trace's first minute): without history the planner
+    # cannot tell an idle minute from an idle day, so it steps down from the pool it started
+    # with as its memory fills, and is at the floor once it has watched the whole memory
+    core, clock = make(cooldown=30, prior_memory_s=300.0)
+    c = Cluster(core, clock, initial={"decode": 6}, drain_s=1)
+    c.noise = 0.0
+    c.demand["decode"] = 0.0
+    c.run(60)
+    first = [d for d in c.changes() if d.pools["decode"].action == "down"]
+    assert first and first[0].targets["decode"] == 5  # round(6 x (1 - 31/300))
+    assert "start prior" in first[0].pools["decode"].reason
+    c.run(300)
+    targets = [d.targets["decode"] for d in c.changes()]
+    assert targets == sorted(targets, reverse=True), "only down, step by step"
+    assert len(targets) > 2 and targets[-1] == 1 and len(c.ready()) == 1
+    # no prior: the first cool-down takes it to the floor at once
+    core, clock = make(cooldown=30, prior_memory_s=0.0)
+    c = Cluster(core, clock, initial={"decode": 6}, drain_s=1)
+    c.noise = 0.0
+    c.demand["decode"] = 0.0
+    c.run(60)
+    assert [d.targets["decode"] for d in c.changes()] == [1]
+    with pytest.raises(ValueError, match="prior_memory_s"):
+        PlannerConfig(prior_memory_s=-1)
+
+
+def test_start_prior_does_not_hold_a_pool_that_needs_more():
+    core, clock = make(cooldown=30, prior_memory_s=600.0)
+    c = Cluster(core, clock, initial={"decode": 2}, startup_s=10, drain_s=1)
+    c.noise = 0.0
+    c.demand["decode"] = 4.0  # above what the start pool serves: up as usual
+    c.run(60)
+    assert c.changes() and c.changes()[0].pools["decode"].action == "up"
+    assert max(d.targets["decode"] for d in c.changes()) > 2
