@@ -976,3 +976,38 @@ def test_start_prior_does_not_hold_a_pool_that_needs_more():
     c.run(60)
     assert c.changes() and c.changes()[0].pools["decode"].action == "up"
     assert max(d.targets["decode"] for d in c.changes()) > 2
+
+
+def test_slo_demonstrated_capacity_is_what_met_the_target_below_what_missed_it():
+    # pure logic: the policy's memory of (utilisation, met the target) per latency window
+    class Level:  # the forecaster's smoothed arrival rate is all _update_demo reads of it
+        level = 5.0
+
+    cfg = SloPolicyConfig(demo_memory_s=600.0)
+    pol = SloPolicy(cfg, Level(), None, LatencyWindow(60.0), LatencyWindow(60.0))
+    t = 0.0
+
+    def run(seconds: float, level: float, attainment: float, ready: int = 4) -> float:
+        nonlocal t
+        Level.level = level
+        for _ in range(int(seconds)):
+            t += 1000.0
+            pol.attainment = attainment
+            pol._update_demo(t, ready, 1.0)  # the model plans 1 req/s per worker
+        return pol.demo_u
+
+    assert run(20, 5.0, 0.99) == 1.0, "not before half a latency window of data"
+    assert run(60, 5.0, 0.99) == pytest.approx(1.25)  # 5 req/s on 4 workers, all met
+    assert run(120, 6.0, 0.80) == pytest.approx(1.25)  # missed at 1.5: 1.25 still stands
+    pol._growing_ms = t  # a pool caught short (workers starting): its misses do not count
+    assert run(30, 4.4, 0.50) == pytest.approx(1.25)
+    pol._growing_ms = t - 120_000.0
+    assert run(90, 4.4, 0.50) == 1.0  # missed at 1.1, steady: nothing below it met
+    assert run(600, 2.0, 1.0) == 1.0  # met at 0.5 only: the model's own capacity
+    assert run(700, 9.0, 1.0) == pytest.approx(1.0 / cfg.boost_min)  # capped; misses forgotten
+    with pytest.raises(ValueError, match="demo_memory_s"):
+        SloPolicyConfig(demo_memory_s=-1.0)
+    off = SloPolicy(SloPolicyConfig(demo_memory_s=0.0), Level(), None, LatencyWindow(60.0),
+                    LatencyWindow(60.0))
+    off._update_demo(1000.0, 4, 1.0)
+    assert off.demo_u == 1.0 and not off._u
