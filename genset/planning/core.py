@@ -19,6 +19,8 @@ The rules, per pool (a pool = the workers of one role):
   of it; the
   workers drained are those whose loss costs least (fewest requests in flight, then least
   cache held by no one else);
+- the pool found at the first decision is a prior: until `prior_memory_s` of history has
+  been watched the pool goes no lower than that size times the share still to watch;
 - inputs that went silent (no load reports: NATS away, a partition) hold the targets: no
   data is not "no load". Traffic that stops (reports keep coming, saying idle) is a real zero
   and takes pools down to their floor. Nothing is ever NaN: every average has a default;
