@@ -117,6 +117,9 @@ class Cluster:
 def make(policy: str = "load", *, pools=None, cooldown: float = 60.0, startup: float = 30.0,
          **kw) -> tuple[PlannerCore, Clock]:
     clock = Clock()
+    # the rules are tested on a planner past its start prior (the pool it started with
+    # trusted for its first `prior_memory_s`), which test_start_prior_* test
+    kw.setdefault("prior_memory_s", 0.0)
     cfg = PlannerConfig(policy=policy, pools=pools or {"decode": PoolBounds(1, 8)},
                         down_cooldown_s=cooldown, startup_s=startup, **kw)
     return PlannerCore(cfg, clock=clock), clock
@@ -701,7 +704,13 @@ def test_jump_floor_counts_a_burst_after_an_idle_gap_not_a_level_that_climbs():
     assert climb.came_back(0.0, 2.0, 10_000.0) == 0
     assert climb.came_back(0.0) == 6  # ... though any rise counts for the one-start-up floor
     # the same 2 -> 5 within 10 s is a jump, over 30 s it is not
-    assert series([(0, 2), (5, 5)]).came_back(0.0, 2.0, 10_000.0) == 5
+    assert series([(0, 2), (12, 5)]).came_back(0.0, 2.0, 10_000.0) == 5
+    # ... and only against a level seen for those 10 s: right after the planner starts (or
+    # a hole in its inputs) the first needs come from no data yet
+    fresh = series([(0, 1), (2, 5)])
+    assert fresh.came_back(0.0, 2.0, 10_000.0) == 0
+    assert fresh.jump_peaks(0.0, 60_000.0, 2.0, 10_000.0, 30_000.0) == []
+    assert series([(0, 1), (12, 5)]).jump_peaks(0.0, 60_000.0, 2.0, 10_000.0, 30_000.0) == [5]
     assert series([(0, 2), (15, 3), (30, 5)]).came_back(0.0, 2.0, 10_000.0) == 0
 
 
@@ -930,3 +939,75 @@ def test_slo_boost_does_not_grow_at_the_pools_ceiling():
         d = core.decide()
     assert d.pools["decode"].target == 1 and sp.attainment == 0.0
     assert sp.boost == 1.0 and no_nan(d)
+
+
+def test_start_prior_keeps_the_start_pool_while_history_is_short_then_reaches_the_floor():
+    # idle from the start (the Azure code trace's first minute): without history the planner
+    # cannot tell an idle minute from an idle day, so it steps down from the pool it started
+    # with as its memory fills, and is at the floor once it has watched the whole memory
+    core, clock = make(cooldown=30, prior_memory_s=300.0)
+    c = Cluster(core, clock, initial={"decode": 6}, drain_s=1)
+    c.noise = 0.0
+    c.demand["decode"] = 0.0
+    c.run(60)
+    first = [d for d in c.changes() if d.pools["decode"].action == "down"]
+    assert first and first[0].targets["decode"] == 5  # round(6 x (1 - 31/300))
+    assert "start prior" in first[0].pools["decode"].reason
+    c.run(300)
+    targets = [d.targets["decode"] for d in c.changes()]
+    assert targets == sorted(targets, reverse=True), "only down, step by step"
+    assert len(targets) > 2 and targets[-1] == 1 and len(c.ready()) == 1
+    # no prior: the first cool-down takes it to the floor at once
+    core, clock = make(cooldown=30, prior_memory_s=0.0)
+    c = Cluster(core, clock, initial={"decode": 6}, drain_s=1)
+    c.noise = 0.0
+    c.demand["decode"] = 0.0
+    c.run(60)
+    assert [d.targets["decode"] for d in c.changes()] == [1]
+    with pytest.raises(ValueError, match="prior_memory_s"):
+        PlannerConfig(prior_memory_s=-1)
+
+
+def test_start_prior_does_not_hold_a_pool_that_needs_more():
+    core, clock = make(cooldown=30, prior_memory_s=600.0)
+    c = Cluster(core, clock, initial={"decode": 2}, startup_s=10, drain_s=1)
+    c.noise = 0.0
+    c.demand["decode"] = 4.0  # above what the start pool serves: up as usual
+    c.run(60)
+    assert c.changes() and c.changes()[0].pools["decode"].action == "up"
+    assert max(d.targets["decode"] for d in c.changes()) > 2
+
+
+def test_slo_demonstrated_capacity_is_what_met_the_target_below_what_missed_it():
+    # pure logic: the policy's memory of (utilisation, met the target) per latency window
+    class Level:  # the forecaster's smoothed arrival rate is all _update_demo reads of it
+        level = 5.0
+
+    cfg = SloPolicyConfig(demo_memory_s=600.0)
+    pol = SloPolicy(cfg, Level(), None, LatencyWindow(60.0), LatencyWindow(60.0))
+    t = 0.0
+
+    def run(seconds: float, level: float, attainment: float, ready: int = 4) -> float:
+        nonlocal t
+        Level.level = level
+        for _ in range(int(seconds)):
+            t += 1000.0
+            pol.attainment = attainment
+            pol._update_demo(t, ready, 1.0)  # the model plans 1 req/s per worker
+        return pol.demo_u
+
+    assert run(20, 5.0, 0.99) == 1.0, "not before half a latency window of data"
+    assert run(60, 5.0, 0.99) == pytest.approx(1.25)  # 5 req/s on 4 workers, all met
+    assert run(120, 6.0, 0.80) == pytest.approx(1.25)  # missed at 1.5: 1.25 still stands
+    pol._growing_ms = t  # a pool caught short (workers starting): its misses do not count
+    assert run(30, 4.4, 0.50) == pytest.approx(1.25)
+    pol._growing_ms = t - 120_000.0
+    assert run(90, 4.4, 0.50) == 1.0  # missed at 1.1, steady: nothing below it met
+    assert run(600, 2.0, 1.0) == 1.0  # met at 0.5 only: the model's own capacity
+    assert run(700, 9.0, 1.0) == pytest.approx(1.0 / cfg.boost_min)  # capped; misses forgotten
+    with pytest.raises(ValueError, match="demo_memory_s"):
+        SloPolicyConfig(demo_memory_s=-1.0)
+    off = SloPolicy(SloPolicyConfig(demo_memory_s=0.0), Level(), None, LatencyWindow(60.0),
+                    LatencyWindow(60.0))
+    off._update_demo(1000.0, 4, 1.0)
+    assert off.demo_u == 1.0 and not off._u

@@ -90,8 +90,11 @@ class FakeFleet:
 @contextlib.asynccontextmanager
 async def planner(nats_url: str, etcd: str, ns: str, **options):
     cfg = CommonConfig(namespace=ns, nats=nats_url, etcd=etcd, lease_ttl=3)
+    # no start prior: these tests start a planner on a pool and expect the rules of a
+    # planner with history (test_planner_core tests the prior)
     opts = PlannerOptions(**{"connector": "none", "interval_s": 0.1, "down_cooldown_s": 2.0,
-                             "startup_s": 1.0, "stale_s": 2.0, **options})
+                             "startup_s": 1.0, "stale_s": 2.0, "prior_memory_s": 0.0,
+                             **options})
     out = io.StringIO()
     svc = PlannerService(cfg, opts, out=out)
     svc.bus = await Bus.connect(nats_url, name="planner-test", namespace=ns)

@@ -80,6 +80,9 @@ class PlannerOptions:
         "load: waiting prompt tokens per worker above which a pool grows", min=1))
     down_cooldown_s: float = field(default=60.0, metadata=opt(
         "a pool shrinks only after needing fewer workers for this long", min=1))
+    prior_memory_s: float = field(default=600.0, metadata=opt(
+        "start prior: for this long after it starts the planner keeps at least the pool it "
+        "found, times the share of this time still to watch (0: none)", min=0))
     startup_s: float = field(default=30.0, metadata=opt(
         "worker start-up time assumed until one is measured", min=0.1))
     startup_timeout_s: float = field(default=600.0, metadata=opt(
@@ -151,7 +154,8 @@ class PlannerOptions:
                                   queue_high_tokens=self.queue_high_tokens,
                                   queue_target_tokens=self.queue_high_tokens / 2),
             slo=SloPolicyConfig(ttft_ms=self.ttft_ms, itl_ms=self.itl_ms),
-            down_cooldown_s=self.down_cooldown_s, startup_s=self.startup_s,
+            down_cooldown_s=self.down_cooldown_s, prior_memory_s=self.prior_memory_s,
+            startup_s=self.startup_s,
             startup_timeout_s=self.startup_timeout_s, stale_s=self.stale_s,
             horizon_extra_s=2 * self.interval_s, dry_run=self.dry_run)
 
