@@ -276,10 +276,15 @@ class OffloadHook(WorkerHooks):
         """How many of a run of `run_blocks` to import (`onboard_split` on the engine's own
         copy and prefill model; all of it on an engine whose step waits for its copies)."""
         core = getattr(self.ctx.engine, "core", None)
-        copy_ms = overlapped_copy_ms(core)
-        if copy_ms <= 0 or not hasattr(core, "timing"):
+        try:
+            copy_ms = overlapped_copy_ms(core)
+            if copy_ms <= 0 or not hasattr(core, "timing"):
+                return run_blocks
+            return split_for_core(core, run_blocks, copy_ms, rest_tokens, self.ctx.block_size)
+        except Exception as exc:  # a model it cannot read: never the request's failure
+            log.warning("offload: cannot weigh the run's copy; onboarding it whole",
+                        error=repr(exc))
             return run_blocks
-        return split_for_core(core, run_blocks, copy_ms, rest_tokens, self.ctx.block_size)
 
 
 class _Metrics:
