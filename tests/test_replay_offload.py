@@ -134,3 +134,26 @@ def test_ttft_breakdown_and_overlapped_copies_in_the_replay():
     assert over["offload"]["copy_overlap"] and not sync["offload"]["copy_overlap"]
     # a copy beside the compute never makes a step longer than waiting for it
     assert over["ttft_mean_ms"] <= sync["ttft_mean_ms"]
+
+
+def test_a_run_whose_copy_outlasts_the_compute_is_split_in_the_replay():
+    # 32-block runs at 1 MiB a token: 64 MiB blocks at 32 GB/s
+    # are 2.1 ms each, 67 ms a run, against ~18 ms to compute the 100-token rest
+    t = trace()
+    whole = run_replay(t, "genset", cfg(ram_blocks=2000, kv_bytes_per_token=1 << 20,
+                                        split_runs=False))
+    split = run_replay(t, "genset", cfg(ram_blocks=2000, kv_bytes_per_token=1 << 20))
+    bw, bs_ = (r["offload"]["ttft_breakdown_ms"] for r in (whole, split))
+    assert bs_["prompt_copy_in"] < bw["prompt_copy_in"]
+    assert split["ttft_mean_ms"] < whole["ttft_mean_ms"]
+    # the tails computed are not served from the store: fewer onboarded blocks
+    assert split["offload"]["onboarded_blocks"]["host"] < whole["offload"]["onboarded_blocks"]["host"]
+    assert split["completed"] == whole["completed"] == len(t)
+    # copies the steps wait for (--offload-sync-copies): nothing is split
+    a = run_replay(t, "genset", cfg(ram_blocks=2000, kv_bytes_per_token=1 << 20,
+                                    copy_overlap=False))
+    b = run_replay(t, "genset", cfg(ram_blocks=2000, kv_bytes_per_token=1 << 20,
+                                    copy_overlap=False, split_runs=False))
+    a.pop("wall_s")
+    b.pop("wall_s")
+    assert a == b

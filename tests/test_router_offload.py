@@ -127,7 +127,10 @@ def test_copies_beside_the_compute_cost_only_what_outlasts_the_prefill():
     assert serial.score(ctx, view) - overlap.score(ctx, view) == \
         pytest.approx(ms - ms / 32)  # hidden behind the queue's prefill but its first layer
     # a copy longer than the prefill is paid beyond it
-    slow = PredictedTTFT(kv_bytes_per_token=131072, host_gbps=0.01, copy_overlap=True)
+    # (onboarded whole: split_runs would have the worker compute most of this run instead,
+    # tests/test_offload_onboard.py)
+    slow = PredictedTTFT(kv_bytes_per_token=131072, host_gbps=0.01, copy_overlap=True,
+                         split_runs=False)
     idle = WorkerView(worker_id=1, host_blocks=32)
     ms, _ = slow.onboard(32, 0, BS, 1023)
     assert slow.score(ctx, idle) == pytest.approx(ms + ms / 32)

@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--offload-sync-copies", action="store_true",
                      help="workers' steps wait for their KV copies (default: the copies run "
                           "beside the step's compute, layer by layer)")
+    off.add_argument("--offload-no-split", action="store_true",
+                     help="onboard a store run whole even when its copy outlasts the prompt's "
+                          "compute (default: compute its tail beside the copy, to the balance "
+                          "point; genset.offload.onboard)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sla-ttft-ms", type=_positive(float), default=DEFAULT_SLA_TTFT_MS,
                    help="a request meets its SLO when its TTFT is at most this (default 2000)")
@@ -214,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                            d2h_gbps=args.offload_d2h_gbps, h2d_gbps=args.offload_h2d_gbps,
                            disk_gbps=args.offload_disk_gbps,
                            copy_overlap=not args.offload_sync_copies,
-                           admission=args.offload_admission),
+                           admission=args.offload_admission,
+                           split_runs=not args.offload_no_split),
                        sla_ttft_ms=args.sla_ttft_ms, sla_itl_ms=args.sla_itl_ms, planner=planner)
     results = []
     for name in policies:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from genset.offload.onboard import split_for_core
 from genset.offload.tiers import DEFAULT_ADMISSION, TIER_RAM, TieredCache
 
 STORE_ID = 0x0FF10AD  # the store's id in the routers' index (never a worker's index)
@@ -49,6 +50,10 @@ class OffloadConfig:
     # its tokens again (the mocker's marginal prefill cost per token); otherwise the run
     # stops at the first disk block and the rest is computed.
     disk_only_if_faster: bool = True
+    # With overlapped copies, onboard only the leading part of a long run whose copy would
+    # outlast the prompt's compute, computing its tail beside the copy instead
+    # (`genset.offload.onboard.onboard_split`, as the live hook with a mocker engine).
+    split_runs: bool = True
 
     def __post_init__(self) -> None:
         if self.ram_blocks < 0 or self.disk_blocks < 0 or self.kv_bytes_per_token < 0:
@@ -65,7 +70,7 @@ class OffloadConfig:
         inf = 1e12  # a free transfer: a bandwidth nothing takes time at
         return {"kv_bytes_per_token": float(self.kv_bytes_per_token),
                 "host_gbps": self.h2d_gbps or inf, "disk_gbps": self.disk_gbps or inf,
-                "copy_overlap": self.copy_overlap}
+                "copy_overlap": self.copy_overlap, "split_runs": self.split_runs}
 
 
 class _Sink:
@@ -150,14 +155,36 @@ class OffloadSim:
             prev = h
         n = len(tiers)
         cache.touch_run(want[:n])  # as the live store: the run's head most recent
+        # the worker knows the store holds the whole run (its lookup reply): none of it is put
+        # back when evicted, whatever part it onboards
+        self._sinks[id(core)].remember(want[:n])
+        if self.config.split_runs:
+            n = self._split(core, tiers[:n], prompt_len - (have + n) * bs)
+            if n == 0:
+                return None, 0, 0, have
+            disk = sum(t != TIER_RAM for t in tiers[:n])
         self.onboarded[TIER_RAM] += n - disk
         self.onboarded["disk"] += disk
         if disk and self.config.disk_gbps > 0:
             nbytes = disk * self.config.kv_bytes_per_token * bs
             core.executor.charge(nbytes / (self.config.disk_gbps * 1e6))
-        self._sinks[id(core)].remember(want[:n])
         kv = KvImport(blocks=[KvBlockData(h) for h in want[:n]], parent_hash=parent)
         return kv, n - disk, disk, have
+
+    def _split(self, core, tiers: list[str], rest: int) -> int:
+        """How many of the run's leading blocks the engine imports (`onboard_split`, as the
+        live hook does with a mocker engine): the rest of the run is computed with the
+        prompt's uncached `rest` tokens, when that is faster than waiting for its copy."""
+        c = self.config
+        if not c.copy_overlap or c.h2d_gbps <= 0:
+            return len(tiers)
+        bs = self.block_size
+        n = len(tiers)
+        nbytes = c.kv_bytes_per_token * bs
+        ms = n * nbytes / (c.h2d_gbps * 1e6)  # the copies in, and disk blocks' reads first
+        if c.disk_gbps > 0:
+            ms += sum(t != TIER_RAM for t in tiers) * nbytes / (c.disk_gbps * 1e6)
+        return split_for_core(core, n, ms / n, rest, bs)
 
     def _disk_pays(self, core) -> bool:
         """Whether a disk block onboards faster than its tokens are computed again."""

@@ -11,6 +11,7 @@ import math
 import random
 from dataclasses import dataclass
 
+from genset.offload.onboard import onboard_split
 from genset.routing.api import (
     POLICY_DYNAMO,
     POLICY_GENSET,
@@ -201,7 +202,9 @@ class PredictedTTFT(Policy):
     disk read and then the host copy). A block whose transfer is slower than computing it
     counts against the worker (it is onboarded anyway). With `copy_overlap` the engine copies
     beside its compute (layer by layer): the transfer costs only its first layer
-    (1/`kv_layers`) and what outlasts the prefill. The store is shared, so there is no
+    (1/`kv_layers`) and what outlasts the prefill; and with `split_runs` (as the workers) a
+    run whose copy would outlast the prefill is priced as the worker runs it, its head
+    onboarded and its tail computed beside the copy (`genset.offload.onboard`). The store is shared, so there is no
     affinity credit for it, and with a store in reach (`store`: the router tracks one) the
     affinity credit itself changes price. Keeping a prefix on one worker saves cache room
     elsewhere; without a store the prefix a second copy pushes out is computed again, with
@@ -221,7 +224,8 @@ class PredictedTTFT(Policy):
                  affinity: float = 0.5, herd_factor: float = 1.5, herd_slack: float = 2.0,
                  tie_ms: float = 0.5, kv_bytes_per_token: float = 131072.0,
                  host_gbps: float = 32.0, disk_gbps: float = 4.0,
-                 copy_overlap: bool = False, kv_layers: int = 32) -> None:
+                 copy_overlap: bool = False, kv_layers: int = 32,
+                 split_runs: bool = True) -> None:
         if kv_bytes_per_token < 0 or host_gbps <= 0 or disk_gbps <= 0 or kv_layers < 1:
             raise ValueError("need kv_bytes_per_token >= 0, host_gbps > 0, disk_gbps > 0, "
                              "kv_layers >= 1")
@@ -230,6 +234,7 @@ class PredictedTTFT(Policy):
         self.host_gbps = host_gbps
         self.disk_gbps = disk_gbps
         self.copy_overlap = copy_overlap
+        self.split_runs = split_runs
         self.kv_layers = kv_layers
         self.decode_weight = decode_weight
         self.affinity = affinity
@@ -258,6 +263,19 @@ class PredictedTTFT(Policy):
         capacity = max(1, v.kv_blocks * bs) if v.kv_blocks else 1 << 30
         p = self.profile
         decode_now = p.decode_ms(v.decode_tokens / capacity) if v.decode_tokens else 0.0
+        if onboard_ms and self.copy_overlap and self.split_runs:
+            # the worker onboards only the run's head when its copy would outlast the
+            # compute, computing the tail beside it (genset.offload.onboard): price that
+            run = onboarded // bs
+            base = v.prefill_tokens + uncached
+
+            def compute(m: int) -> tuple[float, float]:
+                return self.prefill_time(base + (run - m) * bs, v.max_batch_tokens,
+                                         decode_now), 0.0
+
+            keep = onboard_split(run, onboard_ms / run, compute, layers=self.kv_layers)
+            uncached += (run - keep) * bs
+            onboard_ms *= keep / run
         ttft = self.prefill_time(v.prefill_tokens + uncached, v.max_batch_tokens, decode_now)
         if self.copy_overlap:
             # copied in beside the compute, layer by layer (the mocker's kv_copy_overlap):

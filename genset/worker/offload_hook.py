@@ -10,7 +10,9 @@ onboarding of a prompt's next blocks before it runs.
   always computed) are hashed; the engine says how many leading ones it holds
   (`Engine.cached_prefix`); one batched lookup asks the store for the longest run of the next
   ones, under `deadline_s`; the run comes back as a `KvImport` that the engine loads and pins
-  for the request, which then computes only the rest. Store absent, slow, broken, or a run of
+  for the request, which then computes only the rest (with an engine that copies beside its
+  compute, only the run's head when the whole run's copy would outlast the prompt's compute:
+  `genset.offload.onboard`). Store absent, slow, broken, or a run of
   nothing: None, and the worker computes the prompt. Never an error, never a wait past the
   deadline (the host also computes the prompt when the engine refuses the import's payload).
 - With no store registered the hand-over is paused (`EvictionHandover.paused`): the engine
@@ -34,6 +36,7 @@ import structlog
 from genset.engines.types import EvictedBlock, KvBlockData, KvImport
 from genset.kv.hashing import block_hashes
 from genset.offload.client import OffloadClient
+from genset.offload.onboard import overlapped_copy_ms, split_for_core
 from genset.runtime.metrics import LATENCY_BUCKETS
 from genset.worker.hooks import WorkerContext, WorkerHooks
 from proto.offload import OffloadBlock
@@ -122,7 +125,7 @@ class OffloadHook(WorkerHooks):
         self.client: OffloadClient | None = None
         self.counts = dict.fromkeys(("lookups", "hits", "misses", "skipped", "skipped_slow",
                                      "skipped_hint", "errors", "onboarded_blocks",
-                                     "written_blocks"), 0)
+                                     "written_blocks", "split_blocks", "split_all"), 0)
         self._block_bytes = 0.0  # measured: an onboarded block's payload, bytes (EWMA)
         self._fetch_gbps = 0.0  # measured: bytes / s of the lookups that brought blocks
         self._m = _Metrics(metrics, self) if metrics is not None else None
@@ -246,7 +249,6 @@ class OffloadHook(WorkerHooks):
             self.counts["misses"] += 1
             return None
         self.counts["hits"] += 1
-        self.counts["onboarded_blocks"] += len(run)
         self._measure_fetch(run, elapsed)
         seen = self._onboarded
         for b in run:
@@ -254,10 +256,35 @@ class OffloadHook(WorkerHooks):
             seen.move_to_end(b.hash)
         while len(seen) > self._onboarded_max:
             seen.popitem(last=False)
+        # all of the run is remembered as the store's (above), but an engine that copies
+        # beside its compute imports only the head whose copy the prompt's compute hides,
+        # and computes the tail (genset.offload.onboard)
+        keep = self._split(len(run), len(token_ids) - (have + len(run)) * bs)
+        if keep <= 0:
+            self.counts["split_all"] += 1
+            return None
+        if keep < len(run):
+            self.counts["split_blocks"] += len(run) - keep
+            run = run[:keep]
+        self.counts["onboarded_blocks"] += len(run)
         if self._m is not None:
             self._m.onboarded.inc(len(run))
         return KvImport(blocks=[KvBlockData(b.hash, b.data) for b in run],
                         parent_hash=hashes[have - 1] if have else None)
+
+    def _split(self, run_blocks: int, rest_tokens: int) -> int:
+        """How many of a run of `run_blocks` to import (`onboard_split` on the engine's own
+        copy and prefill model; all of it on an engine whose step waits for its copies)."""
+        core = getattr(self.ctx.engine, "core", None)
+        try:
+            copy_ms = overlapped_copy_ms(core)
+            if copy_ms <= 0 or not hasattr(core, "timing"):
+                return run_blocks
+            return split_for_core(core, run_blocks, copy_ms, rest_tokens, self.ctx.block_size)
+        except Exception as exc:  # a model it cannot read: never the request's failure
+            log.warning("offload: cannot weigh the run's copy; onboarding it whole",
+                        error=repr(exc))
+            return run_blocks
 
 
 class _Metrics:

@@ -1,0 +1,119 @@
+"""How much of a store run to onboard when its copy runs beside the prompt's compute (pure).
+
+An engine that copies onboarded blocks in on a side stream, layer by layer (the mocker's
+`kv_copy_overlap`, vLLM's offloading connector), overlaps the copy with the compute of the
+prompt's uncached rest: the prompt's first step takes max(copy, compute) plus the first
+layer's copy. When the run is long and the rest short, the copy is what the prompt waits
+for: 351 blocks of 8 MiB at 32 GB/s are 92 ms against ~25 ms for the rest (Mooncake replay,
+2026-12-06). Computing the run's last blocks instead moves time from the copy to the
+compute, and the two meet: one block is ~0.27 ms of copy against ~1.1-1.4 ms of compute, so
+the balance point trims ~1/5 of the excess. `onboard_split` finds it.
+
+Blocks are always trimmed from the run's tail: a block can only be used after its parents,
+so the onboarded part stays a prefix of the run.
+
+Only for overlapped copies: a copy the step waits for (genset's torch engine today, a fetch
+over the bus) adds to the compute, and a block that copies faster than it computes is then
+always worth onboarding in full (`genset.worker.offload_hook.onboard_tiers` drops tiers that
+copy slower than they compute).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def onboard_split(run_blocks: int, copy_ms_per_block: float,
+                  compute_ms: Callable[[int], tuple[float, float]], *, layers: int = 32) -> int:
+    """The number of the run's leading blocks to onboard (0..`run_blocks`) that minimises
+    the time to the prompt's first token when the rest is computed:
+
+        T(m) = max(copy(m), beside(m)) + copy(m) / layers + after(m),  copy(m) = m x copy_ms
+
+    where `compute_ms(m)` = (beside, after): the compute the copy runs beside (the prompt's
+    first step) and the compute after it (later chunks), with the run's last `run_blocks - m`
+    blocks computed too. The copy grows with m and the compute shrinks, so T falls until the
+    two cross, or until the first step is full and the compute moves to later steps; both
+    points are found by bisection (O(log run_blocks) calls) and compared with onboarding all
+    and nothing. Ties go to the larger m (more served from the store).
+    `copy_ms_per_block` <= 0 (a free copy) or `run_blocks` <= 0: `run_blocks`."""
+    n = int(run_blocks)
+    if n <= 0 or copy_ms_per_block <= 0:
+        return max(0, n)
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    a = copy_ms_per_block
+    memo: dict[int, float] = {}
+
+    def total(m: int) -> float:
+        if m not in memo:
+            beside, after = compute_ms(m)
+            copy = a * m
+            memo[m] = max(copy, beside) + copy / layers + after
+        return memo[m]
+
+    # the smallest m whose copy outlasts its compute (n + 1: none does)
+    lo, hi = 0, n + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a * mid >= compute_ms(mid)[0]:
+            hi = mid
+        else:
+            lo = mid + 1
+    # The compute the copy runs beside stops growing once the first step is full (a chunked
+    # prompt): from there, computing more of the run only adds later steps. The smallest m
+    # whose first step is no longer full is the other candidate.
+    first_full = compute_ms(0)[0]
+    s, hi = 0, n + 1
+    while s < hi:
+        mid = (s + hi) // 2
+        if compute_ms(mid)[0] < first_full:
+            hi = mid
+        else:
+            s = mid + 1
+    best = n
+    for m in (n, lo, lo - 1, s, s - 1, 0):
+        if 0 <= m <= n and total(m) < total(best):
+            best = m
+    return best
+
+
+def chunked_compute(tokens: int, chunk_tokens: int,
+                    prefill_ms: Callable[[int], float]) -> tuple[float, float]:
+    """(first step, later steps) of computing `tokens` in chunks of at most `chunk_tokens`
+    with `prefill_ms(tokens of one step)`: the shape `onboard_split`'s `compute_ms` returns
+    for an engine whose copy is fenced by the prompt's first step."""
+    if tokens <= 0:
+        return 0.0, 0.0
+    chunk = max(1, chunk_tokens)
+    first = min(tokens, chunk)
+    full, rest = divmod(tokens - first, chunk)
+    after = full * prefill_ms(chunk) + (prefill_ms(rest) if rest else 0.0)
+    return prefill_ms(first), after
+
+
+def overlapped_copy_ms(core) -> float:
+    """A block's copy-in time (ms) on an engine core that copies beside its compute (a mocker
+    with `kv_copy_overlap`, a KV size and an H2D bandwidth); 0 for any other (the torch
+    engine copies on its compute stream: the step waits, and a split cannot win)."""
+    cfg = getattr(core, "config", None)
+    if not getattr(cfg, "kv_copy_overlap", False):
+        return 0.0
+    gbps = getattr(cfg, "offload_h2d_gbps", 0.0)
+    nbytes = getattr(cfg, "kv_block_bytes", 0)
+    return nbytes / (gbps * 1e6) if gbps > 0 and nbytes > 0 else 0.0
+
+
+def split_for_core(core, run_blocks: int, copy_ms_per_block: float, rest_tokens: int,
+                   block_size: int) -> int:
+    """`onboard_split` for a mocker core: its prefill polynomial, chunked at its step budget
+    (the copy is fenced by the prompt's first step), its KV layers. `rest_tokens`: what the
+    prompt computes after the whole run."""
+    timing = core.timing
+    chunk = core.config.max_batch_tokens
+
+    def compute(m: int) -> tuple[float, float]:
+        return chunked_compute(rest_tokens + (run_blocks - m) * block_size, chunk,
+                               timing.prefill_ms)
+
+    return onboard_split(run_blocks, copy_ms_per_block, compute, layers=core.config.kv_layers)

@@ -1,0 +1,195 @@
+"""How much of a store run a worker onboards when the copy runs beside the prompt's compute
+(genset.offload.onboard, pure), and the same decision in the hook, the router and the replay."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from genset.engines.mocker import MockerConfig, MockerCore, PolynomialTiming
+from genset.offload.onboard import (
+    chunked_compute,
+    onboard_split,
+    overlapped_copy_ms,
+    split_for_core,
+)
+from genset.routing.policies import PredictedTTFT, RouteContext, WorkerView
+from genset.worker.offload_hook import OffloadHook
+
+BS = 64
+COPY = 131072 * BS / 32e6  # an 8 MiB block at 32 GB/s: 0.262 ms
+POLY = PolynomialTiming()
+
+
+def ttft(n: int, rest: int, m: int, chunk: int = 8192, copy: float = COPY) -> float:
+    """What the mocker charges: max(copy, first step) + copy's first layer + later steps."""
+    beside, after = chunked_compute(rest + (n - m) * BS, chunk, POLY.prefill_ms)
+    c = copy * m
+    return max(c, beside) + c / 32 + after
+
+
+def split(n: int, rest: int, chunk: int = 8192, copy: float = COPY) -> int:
+    return onboard_split(n, copy, lambda m: chunked_compute(rest + (n - m) * BS, chunk,
+                                                            POLY.prefill_ms))
+
+
+def test_the_split_is_the_best_of_every_choice():
+    rng = random.Random(7)
+    for _ in range(300):
+        n, rest = rng.randint(1, 1200), rng.randint(1, 20000)
+        chunk = rng.choice((2048, 8192))
+        best = min(ttft(n, rest, m, chunk) for m in range(n + 1))
+        assert ttft(n, rest, split(n, rest, chunk), chunk) == pytest.approx(best)
+
+
+def test_a_run_whose_copy_the_compute_hides_is_onboarded_whole():
+    # 20 blocks: 5 ms of copy beside ~300 ms of compute
+    assert split(20, 20000) == 20
+    # a free copy, or no run
+    assert onboard_split(50, 0.0, lambda m: (1.0, 0.0)) == 50
+    assert onboard_split(0, COPY, lambda m: (1.0, 0.0)) == 0
+
+
+def test_a_long_run_with_little_to_compute_onboards_its_head_and_computes_its_tail():
+    # 351 blocks (92 ms of copy) and 1,000 tokens to compute (~32 ms): the tail is computed
+    m = split(351, 1000)
+    assert 0 < m < 351
+    assert ttft(351, 1000, m) < ttft(351, 1000, 351) - 10
+    # at the balance point the copy and the compute meet (within a block of either)
+    beside, _ = chunked_compute(1000 + (351 - m) * BS, 8192, POLY.prefill_ms)
+    assert abs(COPY * m - beside) < 2.0
+    # a copy slower than computing a block still pays for what the compute hides
+    assert 0 < split(100, 1000, copy=5.0) < 100
+    # one slower than the whole prompt's compute: nothing onboarded
+    assert split(100, 1000, copy=1000.0) == 0
+
+
+def test_the_first_step_full_is_where_computing_more_stops_paying():
+    # a chunk of 2048 tokens: beyond it extra tokens go to a later step the copy cannot hide
+    # (1000 blocks: 262 ms of copy; the 1,500-token rest fills the step's 2,048 with 8 more
+    # blocks; a 9th would start a second step)
+    m = split(1000, 1500, chunk=2048)
+    assert 1000 - 9 <= m < 1000
+    assert ttft(1000, 1500, m, 2048) < ttft(1000, 1500, 1000, 2048)
+
+
+def test_chunked_compute_and_bad_layers():
+    assert chunked_compute(0, 8192, POLY.prefill_ms) == (0.0, 0.0)
+    first, after = chunked_compute(10000, 4096, POLY.prefill_ms)
+    assert first == POLY.prefill_ms(4096)
+    assert after == pytest.approx(POLY.prefill_ms(4096) + POLY.prefill_ms(1808))
+    with pytest.raises(ValueError, match="layers"):
+        onboard_split(5, 1.0, lambda m: (1.0, 0.0), layers=0)
+
+
+def mocker(overlap: bool = True, h2d: float = 32.0) -> MockerCore:
+    return MockerCore(MockerConfig(block_size=BS, num_blocks=4096, max_batch_tokens=8192,
+                                   kv_bytes_per_token=131072, offload_h2d_gbps=h2d,
+                                   kv_copy_overlap=overlap))
+
+
+def test_only_an_engine_that_copies_beside_its_compute_splits():
+    assert overlapped_copy_ms(mocker()) == pytest.approx(COPY)
+    assert overlapped_copy_ms(mocker(overlap=False)) == 0.0  # the step waits: never split
+    assert overlapped_copy_ms(mocker(h2d=0.0)) == 0.0  # a free copy
+    assert overlapped_copy_ms(SimpleNamespace(config=SimpleNamespace())) == 0.0  # torch
+    assert overlapped_copy_ms(None) == 0.0
+    assert split_for_core(mocker(), 351, COPY, 1000, BS) == split(351, 1000)
+
+
+def test_the_hook_imports_the_head_its_engine_would_choose():
+    hook = OffloadHook()
+    hook.ctx = SimpleNamespace(engine=SimpleNamespace(core=mocker()), block_size=BS)
+    assert hook._split(351, 1000) == split(351, 1000) < 351
+    assert hook._split(20, 20000) == 20
+    hook.ctx = SimpleNamespace(engine=SimpleNamespace(core=mocker(overlap=False)),
+                               block_size=BS)
+    assert hook._split(351, 1000) == 351
+    hook.ctx = SimpleNamespace(engine=SimpleNamespace(), block_size=BS)  # no core: all
+    assert hook._split(351, 1000) == 351
+    # a core whose model cannot be read: the whole run, never an error
+    broken = SimpleNamespace(config=mocker().config, timing=None)
+    hook.ctx = SimpleNamespace(engine=SimpleNamespace(core=broken), block_size=BS)
+    assert hook._split(351, 1000) == 351
+
+
+def test_the_router_prices_a_long_run_as_the_worker_splits_it():
+    ctx = RouteContext(prompt_tokens=351 * BS + 1000, prompt_blocks=351 + 15, block_size=BS)
+    view = WorkerView(worker_id=1, host_blocks=351, max_batch_tokens=8192)
+    opts = dict(kv_bytes_per_token=131072, host_gbps=32.0, copy_overlap=True, kv_layers=32)
+    whole = PredictedTTFT(split_runs=False, **opts).score(ctx, view)
+    split_ = PredictedTTFT(**opts).score(ctx, view)
+    assert split_ < whole - 10  # ~92 ms of copy against ~30 of compute, balanced
+    # a run the compute hides is priced the same either way
+    short = WorkerView(worker_id=1, host_blocks=10, max_batch_tokens=8192)
+    assert PredictedTTFT(**opts).score(ctx, short) == \
+        PredictedTTFT(split_runs=False, **opts).score(ctx, short)
+
+
+async def test_a_live_mocker_worker_imports_the_head_and_computes_the_tail(
+        nats_server, etcd_server, bus, discovery):
+    """A worker whose mocker copies beside its compute, against a real store: a run whose
+    copy would outlast the prompt's compute is imported in part, the rest computed; the
+    output is the same as computing the prompt."""
+    import uuid
+
+    import proto
+    from genset.engines.mocker import create_mocker_engine
+    from genset.kv.hashing import block_hashes
+    from genset.runtime.metrics import Metrics
+    from genset.worker import HostConfig, WorkerHost
+    from genset.worker.offload_hook import OffloadHookConfig
+    from tests.test_offload_service import WAIT, running_store, wait_for
+
+    bs, ns = 16, f"t{uuid.uuid4().hex[:10]}"
+    # 16 MiB blocks at 4 GB/s: ~4.2 ms of copy each, 21 ms for the run, against ~17 ms for
+    # the 3-token rest (the polynomial's fixed cost): one block is computed instead
+    config = MockerConfig(block_size=bs, num_blocks=16, kv_bytes_per_token=1 << 20,
+                          offload_h2d_gbps=4.0, kv_copy_overlap=True)
+    iid = int(uuid.uuid4().int & ((1 << 63) - 1)) or 1
+    metrics = Metrics(process_metrics=False)
+    engine = create_mocker_engine(config, worker_id=iid)
+    hook = OffloadHook(discovery=discovery, metrics=metrics,
+                       config=OffloadHookConfig(deadline_s=WAIT))
+    host = WorkerHost(engine, bus=bus, discovery=discovery, instance_id=iid, metrics=metrics,
+                      hooks=hook, config=HostConfig(namespace=ns, model="m", tokenizer="tiny"))
+
+    async def generate(prompt: list[int]):
+        req = proto.GenerateRequest(
+            request_id=uuid.uuid4().hex, model="m", token_ids=proto.pack_tokens(prompt),
+            stop=proto.StopConditions(max_tokens=4, ignore_eos=True),
+            sampling=proto.SamplingParams(temperature=0.0))
+        stream = await bus.stream_request(host.generate_subject, req, timeout=WAIT)
+        chunks = [c async for c in stream]
+        assert chunks[-1].final and chunks[-1].error is None, chunks[-1]
+        return [t for c in chunks for t in proto.unpack_tokens(c.token_ids)], chunks[-1].usage
+
+    def prompt_of(seed: int, n: int) -> list[int]:
+        rng = random.Random(seed)
+        return [rng.randrange(3, 4096) for _ in range(n)]
+
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05) as store:
+        await host.start()
+        try:
+            await wait_for(lambda: hook.client.instances == (store.instance_id,),
+                           "the store seen by the worker")
+            prompt = prompt_of(1, 5 * bs + 3)  # 5 full blocks
+            hashes = block_hashes(prompt, bs)
+            computed, _ = await generate(prompt)
+            for i in range(4):  # push the prompt's blocks out of the 16-block cache
+                await generate(prompt_of(10 + i, 7 * bs))
+            assert engine.cached_prefix(hashes) == 0
+            assert await hook.client.flush(WAIT)
+            await wait_for(lambda: all(h in store.store.cache.ram for h in hashes),
+                           "the prompt's blocks in the store")
+            keep = hook._split(5, 3)
+            assert 0 < keep < 5
+            again, usage = await generate(prompt)
+            assert again == computed
+            assert usage.cached_tokens == keep * bs  # the head onboarded, the tail computed
+            assert hook.counts["split_blocks"] == 5 - keep
+            assert hook.counts["onboarded_blocks"] == keep
+        finally:
+            await host.close()
