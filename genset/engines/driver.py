@@ -340,21 +340,23 @@ class AsyncEngineDriver(Engine):
     def _run_commands(self) -> None:
         commands = self._commands
         while commands:
-            fn, fut = commands.popleft()
-            try:
-                result = fn()
-            except BaseException as exc:  # handed to the caller
-                if fut is not None:
-                    fut.set_exception(exc)
-                else:
-                    log.warning("engine command failed: %r", exc)
+            self._run_command(*commands.popleft())
+
+    def _run_command(self, fn: Callable[[], Any], fut: concurrent.futures.Future | None) -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # handed to the caller
+            if fut is not None:
+                fut.set_exception(exc)
             else:
-                # a command may change the load without a step (an unpin frees blocks, an
-                # import takes some): refreshed before the caller resumes, so it never waits
-                # for a step that may not come
-                self._set_load(self.core.load_report(now_ms(), self.step_ms_ewma))
-                if fut is not None:
-                    fut.set_result(result)
+                log.warning("engine command failed: %r", exc)
+        else:
+            # a command may change the load without a step (an unpin frees blocks, an
+            # import takes some): refreshed before the caller resumes, so it never waits
+            # for a step that may not come
+            self._set_load(self.core.load_report(now_ms(), self.step_ms_ewma))
+            if fut is not None:
+                fut.set_result(result)
 
     def _set_load(self, load: LoadReport) -> None:
         if self._thread is not None and threading.current_thread() is self._thread:

@@ -527,16 +527,7 @@ class MockerDriver(AsyncEngineDriver):
         one queued behind a between-steps command waits for it)."""
         commands = self._commands
         while commands and isinstance(commands[0][0], _DuringStep):
-            fn, fut = commands.popleft()
-            try:
-                result = fn()
-            except BaseException as exc:  # handed to the caller
-                if fut is not None:
-                    fut.set_exception(exc)
-                continue
-            self._set_load(self.core.load_report(now_ms(), self.step_ms_ewma))
-            if fut is not None:
-                fut.set_result(result)
+            self._run_command(*commands.popleft())
 
     async def _pace(self, until: float, clock: Callable[[], float], wake: asyncio.Event) -> None:
         """Sleep until `until` on `clock`, running the commands that may run meanwhile."""
