@@ -160,3 +160,92 @@ def test_learned_floor_off_and_bad_config():
                {"burst_quantile": 1.5}, {"burst_recur": 0}):
         with pytest.raises(ValueError):
             PlannerConfig(**kw)
+
+
+def test_jump_hold_shrinks_once_bursts_are_learned_and_attainment_has_headroom():
+    core = PlannerCore(PlannerConfig(policy="slo", pools={"decode": PoolBounds(1, 8)},
+                                     startup_s=30.0, burst_memory_s=600.0,
+                                     jump_hold_startups=4.0, jump_learned_startups=1.0),
+                       clock=lambda: 0.0)
+    pool = core.pools["decode"]
+
+    def rec(t_s: float, need: int) -> None:
+        pool.record(t_s * 1000.0, need, 700_000.0)
+
+    rec(0, 1)
+    rec(100, 5)
+    rec(140, 1)
+    sp = core.slo_policy
+    sp.long_attainment = 0.995
+    # one burst is no pattern: the jump is held 4 start-ups whatever the attainment
+    assert core.jump_hold_s(pool, 150_000.0) == pytest.approx(120.0)
+    rec(250, 4)
+    rec(270, 1)
+    assert core._learned_floor(pool, 280_000.0) > 0  # bursts recur: learned
+    assert core.jump_hold_s(pool, 280_000.0) == pytest.approx(30.0)
+    # misses eat the headroom (long-run attainment at or below the trim's threshold) ...
+    sp.long_attainment = sp.config.trim_above
+    assert core.jump_hold_s(pool, 280_000.0) == pytest.approx(120.0)
+    sp.long_attainment = None  # ... or no record yet: the full hold
+    assert core.jump_hold_s(pool, 280_000.0) == pytest.approx(120.0)
+    # the load policy keeps no attainment record: always the full hold
+    load = PlannerCore(PlannerConfig(policy="load", startup_s=30.0), clock=lambda: 0.0)
+    assert load.jump_hold_s(load.pools["decode"], 280_000.0) == pytest.approx(120.0)
+    # off
+    off = PlannerCore(PlannerConfig(policy="slo", startup_s=30.0, jump_learned_startups=None),
+                      clock=lambda: 0.0)
+    off.slo_policy.long_attainment = 1.0
+    assert off.jump_hold_s(off.pools["decode"], 280_000.0) == pytest.approx(120.0)
+    for kw in ({"jump_learned_startups": -1.0}, {"jump_learned_startups": math.inf},
+               {"trend_cap_memory_s": -1.0}, {"trend_cap_memory_s": math.nan}):
+        with pytest.raises(ValueError):
+            PlannerConfig(**kw)
+
+
+def steady_then(f: ArrivalForecaster, levels: list[tuple[float, float]], t0: float = 0.0,
+                ) -> float:
+    """Exact counts (no noise) at `rate` for `seconds`, for each (rate, seconds), 2 s buckets."""
+    t = t0
+    for rate, seconds in levels:
+        for _ in range(int(seconds / 2)):
+            f.add(t, round(rate * 2), 1000, 0)
+            t += 2000.0
+    f.advance(t)
+    return t
+
+
+def ramp(f: ArrivalForecaster, lo: float, hi: float, seconds: float, t: float) -> float:
+    n = int(seconds / 2)
+    for i in range(n):
+        f.add(t, round((lo + (hi - lo) * i / n) * 2), 1000, 0)
+        t += 2000.0
+    f.advance(t)
+    return t
+
+
+def test_trend_projection_is_capped_by_the_peak_the_history_has_shown():
+    capped = ArrivalForecaster(bucket_s=2.0, seasonal=False, cap_memory_s=600.0)
+    free = ArrivalForecaster(bucket_s=2.0, seasonal=False)
+    for f in (capped, free):
+        # a peak of 10 req/s, then a long trough at 2, then a rise that has reached 6
+        t = steady_then(f, [(10.0, 100), (2.0, 500)])
+        t = ramp(f, 2.0, 6.0, 40, t)
+    assert free.rate.slope() > 0  # the rise is significant: the trend extrapolates it
+    peak = capped.history_peak()
+    assert peak is not None and 9.0 < peak <= 10.0
+    assert free.forecast(120) > peak  # up to twice the level: 12 req/s for a peak of 10
+    assert capped.forecast(120) == pytest.approx(min(free.forecast(120), peak))
+    assert capped.forecast(120) > capped.level  # the rise is still extrapolated, to the peak
+    # before a whole memory is watched the history says nothing: the fixed cap only
+    young = ArrivalForecaster(bucket_s=2.0, seasonal=False, cap_memory_s=600.0)
+    t = steady_then(young, [(10.0, 100), (2.0, 200)])
+    ramp(young, 2.0, 6.0, 40, t)
+    assert young.history_peak() is None
+    # beyond the history's peak (new territory): the trend's own cap applies
+    high = ArrivalForecaster(bucket_s=2.0, seasonal=False, cap_memory_s=600.0)
+    t = steady_then(high, [(3.0, 600)])
+    t = ramp(high, 3.0, 8.0, 40, t)
+    assert high.level > high.history_peak()
+    assert high.forecast(120) == pytest.approx(high.rate.project(120))
+    with pytest.raises(ValueError):
+        ArrivalForecaster(cap_memory_s=-1.0)

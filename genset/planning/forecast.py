@@ -134,9 +134,19 @@ class ArrivalForecaster:
 
     def __init__(self, bucket_s: float = 2.0, *, tau_s: float = 6.0, window_s: float = 60.0,
                  length_requests: float = 50.0, default_isl: float = 1024.0,
-                 default_osl: float = 128.0, seasonal: bool = True) -> None:
+                 default_osl: float = 128.0, seasonal: bool = True,
+                 cap_memory_s: float = 0.0) -> None:
         if bucket_s <= 0:
             raise ValueError(f"bucket_s must be > 0, got {bucket_s}")
+        if not (finite(cap_memory_s) and cap_memory_s >= 0):
+            raise ValueError(f"cap_memory_s must be >= 0, got {cap_memory_s}")
+        # the smoothed level at each closed bucket over `cap_memory_s` (bounded: one per
+        # bucket), for the projection's cap (`history_peak`)
+        self.cap_memory_ms = cap_memory_s * 1000.0
+        self._levels: deque[tuple[float, float]] = deque(
+            maxlen=max(1, int(cap_memory_s / bucket_s) + 1))
+        self._window_s = window_s
+        self.cap_warm_ms = (cap_memory_s - bucket_s) * 1000.0
         self.bucket_ms = bucket_s * 1000.0
         self.rate = TrendEstimator(tau_s, window_s)  # requests per second
         # the recurring part of the rate (None: trend only)
@@ -205,6 +215,7 @@ class ArrivalForecaster:
         else:
             for i in range(empty):
                 self.rate.update(end + (i + 1) * self.bucket_ms, 0.0)
+                self._remember_level(end + (i + 1) * self.bucket_ms)
                 if self.seasonal is not None:
                     self.seasonal.add(end + (i + 1) * self.bucket_ms, 0.0,
                                       self.bucket_ms / 1000.0)
@@ -215,6 +226,7 @@ class ArrivalForecaster:
     def _close(self, end_ms: float) -> None:
         rate = self._count / (self.bucket_ms / 1000.0)
         self.rate.update(end_ms, rate)
+        self._remember_level(end_ms)
         self.last_rate = rate
         if self.seasonal is not None:
             self.seasonal.add(end_ms, rate, self.bucket_ms / 1000.0)
@@ -241,12 +253,37 @@ class ArrivalForecaster:
         """The smoothed arrival rate now (requests per second)."""
         return max(0.0, self.rate.level)
 
+    def _remember_level(self, end_ms: float) -> None:
+        if self.cap_memory_ms:
+            self._levels.append((end_ms, self.rate.level))
+
+    def history_peak(self) -> float | None:
+        """The highest smoothed rate of the memory before the trend's own window (the
+        points the slope is fitted on); None until a whole memory has been watched."""
+        lv = self._levels
+        if not self.cap_memory_ms or not lv or lv[-1][0] - lv[0][0] < self.cap_warm_ms:
+            return None
+        cut = lv[-1][0] - self._window_s * 1000.0
+        old = [x for t, x in lv if t <= cut]
+        return max(old) if old else None
+
+    def projection(self, horizon_s: float) -> float:
+        """The trend's projection, capped by what the history has shown: a rise that stays
+        below the highest level of the memory (a cycle's peak, the bursts before) is
+        extrapolated no higher than that level; beyond it (new territory) the trend's own
+        cap (2x the level) applies."""
+        trend = self.rate.project(horizon_s)
+        peak = self.history_peak()
+        if peak is None or self.level > peak:
+            return trend
+        return min(trend, peak)
+
     def forecast(self, horizon_s: float) -> float:
         """The arrival rate `horizon_s` from now (requests per second, >= 0): the trend's
         projection, raised towards the seasonal forecast by the weight that one earned. Only
         raised: a predicted fall is waited for, as the trend's are (`seasonal_peak` is what
         scaling down consults)."""
-        trend = self.rate.project(horizon_s)
+        trend = self.projection(horizon_s)
         p = self._seasonal(horizon_s, peak=False)
         return trend if p is None else max(trend, trend + self.seasonal_weight * (p - trend))
 
