@@ -70,3 +70,20 @@ def test_a_child_started_with_child_command_dies_with_its_parent(tmp_path, setpr
             parent.kill()
         with __import__("contextlib").suppress(Exception):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = (item.partition(b"=") for item in f.read().split(b"\0") if item)
+        return {k.decode(): v.decode() for k, _, v in pairs}
+
+
+def test_go_servers_run_on_one_thread_unless_told(own_nats, own_etcd, monkeypatch):
+    """nats-server and etcd get GOMAXPROCS=1 (fewer spinning Go threads on a small host)
+    unless the caller's environment sets GOMAXPROCS, which wins."""
+    assert _environ(own_nats.proc.pid).get("GOMAXPROCS") == "1"
+    assert _environ(own_etcd.proc.pid).get("GOMAXPROCS") == "1"
+    monkeypatch.setenv("GOMAXPROCS", "3")
+    own_nats.stop()
+    own_nats.start()
+    assert _environ(own_nats.proc.pid).get("GOMAXPROCS") == "3"

@@ -115,6 +115,20 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def _one_go_thread(env: dict[str, str]) -> dict[str, str]:
+    """The server's environment with Go's scheduler on one OS thread (GOMAXPROCS=1) unless the
+    caller set GOMAXPROCS. nats-server and etcd are Go programs; with one thread per core their
+    idle threads spin and hand work to each other (futex and nanosleep calls) around every
+    burst of messages, which on a small host costs more than the messages: `genset up` on 2
+    shared cores (aiperf, c=16 and speedup 1000 c=64) measured 0.3-0.5 ms less NATS CPU per
+    request with one thread (docs/benchmarks.md, issue 15, session 6). One thread routes far
+    more messages than one host's workers produce; a NATS for a fleet runs on its own hosts
+    (deploy/), where this does not apply."""
+    if "GOMAXPROCS" not in env:
+        env["GOMAXPROCS"] = "1"
+    return env
+
+
 class _ServerProcess(abc.ABC):
     """A child server process with a start/stop/restart life and a log file."""
 
@@ -137,7 +151,7 @@ class _ServerProcess(abc.ABC):
         """True once the server accepts clients."""
 
     def _env(self) -> dict[str, str]:
-        return dict(os.environ)
+        return _one_go_thread(dict(os.environ))
 
     def start(self, timeout: float = 20.0) -> _ServerProcess:
         if self.proc and self.proc.poll() is None:
@@ -254,7 +268,7 @@ class EtcdServer(_ServerProcess):
 
     def _env(self) -> dict[str, str]:
         # etcd reads ETCD_* variables as flags; never let the caller's leak in.
-        return {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+        return _one_go_thread({k: v for k, v in os.environ.items() if not k.startswith("ETCD_")})
 
     def _command(self) -> list[str]:
         peer = f"http://{self.host}:{self.peer_port}"
