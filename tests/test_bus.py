@@ -147,12 +147,27 @@ async def test_take_ready_returns_arrived_frames_without_the_final(buses):
     subject = await _serve(resp, "ready", handler)
     stream = await req.stream_request(subject, b"", timeout=30)
     first = await stream.__anext__()
-    await asyncio.sleep(0.2)  # the rest has arrived
+    await until(lambda: len(stream._buf) == 5, within=60, what="the other frames to arrive")
     ready = stream.take_ready()
     assert [c.seq for c in [first, *ready]] == [0, 1, 2, 3, 4]
     assert stream.take_ready() == []
     last = await stream.__anext__()
     assert last.final and last.seq == 5
+
+
+async def test_a_stream_request_is_on_the_socket_when_stream_request_returns(buses):
+    """The request is written at once, not left queued for nats-py's flusher task (which in a
+    burst runs only after every task that became ready before it)."""
+    req, resp = buses
+
+    async def handler(request, stream):
+        await stream.send(finish_reason="stop", final=True)
+
+    subject = await _serve(resp, "at-once", handler)
+    stream = await req.stream_request(subject, b"x", timeout=30)
+    assert req.nc._pending_data_size == 0 and req.nc._pending == []
+    chunks = await stream.collect()
+    assert [c.seq for c in chunks] == [0] and chunks[0].final
 
 
 async def test_handler_returning_without_final_frame_gets_one(buses):

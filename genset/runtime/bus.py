@@ -447,6 +447,29 @@ class Bus:
             asyncio.get_running_loop().call_soon(self._kick_flusher)
         return True
 
+    def _write_now(self) -> None:
+        """Hand what is queued on the connection to the socket now, rather than when nats-py's
+        flusher task gets its turn. A request is sent when it is ready, not after every task
+        that became ready before the flusher: in a burst of new requests the frontend's
+        handlers (each tokenizing its prompt) ran first, and the burst's requests reached the
+        workers together at its end (aiperf c=64: 40 requests sent over 0.5 s arrived at once;
+        docs/benchmarks.md, issue 15 §5e). Order is kept: this writes the pending list in order,
+        and the flusher writes what is queued after it. Nothing is written while the client is
+        not connected (its reconnect buffer keeps the commands) or lacks the internals."""
+        nc = self.nc
+        if not self._nowait or not nc._pending_data_size or not nc.is_connected:
+            return
+        transport = getattr(nc, "_transport", None)
+        if transport is None:
+            return
+        pending = nc._pending
+        try:
+            transport.writelines(pending)
+        except Exception:  # the flusher writes them and reports the failure
+            return
+        nc._pending = []
+        nc._pending_data_size = 0
+
     def _kick_flusher(self) -> None:
         self._kick_scheduled = False
         queue = self.nc._flush_queue
@@ -534,6 +557,7 @@ class Bus:
             payload = _payload(message)
             try:
                 await self.nc.publish(subject, payload, reply=inbox)
+                self._write_now()
             except PUBLISH_FAILURES as exc:
                 raise errors.Disconnected(f"cannot send request on {subject}: {exc!r}") from None
             except _INPUT_ERRORS as exc:
@@ -632,6 +656,7 @@ class Bus:
         self._routes[inbox] = stream
         try:
             await self.nc.publish(subject, payload, reply=inbox)
+            self._write_now()
         except PUBLISH_FAILURES as exc:
             stream.end(errors.Disconnected(f"cannot send request on {subject}: {exc!r}"))
         except _INPUT_ERRORS as exc:
