@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from _common import MODEL_NAME, PEER_DIR, REPO, GensetUp, med
@@ -96,6 +98,73 @@ class DynamoSystem:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
 
+_PROM = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$')
+DYNAMO_TTFT = "dynamo_frontend_time_to_first_token_seconds"
+
+
+def scrape(url: str) -> dict[str, float]:
+    """One Prometheus scrape of `url` as {name{labels}: value}; {} when it cannot be read."""
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url, timeout=10) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for line in text.splitlines():
+        m = _PROM.match(line.strip())
+        if m and not line.startswith("#"):
+            try:
+                out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+            except ValueError:
+                continue
+    return out
+
+
+def histogram_delta(before: dict, after: dict, name: str) -> dict | None:
+    """Mean and bucket-interpolated p50 / p90 / p99 (ms) of histogram `name` over the
+    observations between two scrapes (summed over label sets); None when there were none."""
+    def total(vals, key):
+        return sum(v for k, v in vals.items() if k == key or k.startswith(key + "{"))
+    count = total(after, name + "_count") - total(before, name + "_count")
+    if count <= 0:
+        return None
+    mean = 1000 * (total(after, name + "_sum") - total(before, name + "_sum")) / count
+    buckets: dict[float, float] = {}
+    for k, v in after.items():
+        m = re.match(re.escape(name) + r'_bucket\{.*le="([^"]+)"', k)
+        if m:
+            le = float(m.group(1))
+            buckets[le] = buckets.get(le, 0.0) + v - before.get(k, 0.0)
+    out = {"count": int(count), "mean_ms": round(mean, 1)}
+    edges = sorted(buckets)
+    for q in (50, 90, 99):
+        rank, lo_edge, lo_n = count * q / 100, 0.0, 0.0
+        for le in edges:
+            n = buckets[le]
+            if n >= rank:
+                if le == float("inf"):
+                    out[f"p{q}_ms"] = None  # beyond the last finite bucket
+                else:  # linear inside the bucket, as Prometheus' histogram_quantile
+                    out[f"p{q}_ms"] = round(
+                        1000 * (lo_edge + (le - lo_edge) * (rank - lo_n) / max(n - lo_n, 1e-9)), 1)
+                break
+            lo_edge, lo_n = le, n
+    return out
+
+
+def timeline_ttft(recs: list[dict]) -> dict | None:
+    """genset's server TTFT (handler to first SSE write, ms) over every request of a
+    --timeline file, warm-up included as in Dynamo's histogram."""
+    from bench.timeline_report import pct
+    vals = [r["stages"]["first_written"] for r in recs
+            if r.get("ok") and "first_written" in r.get("stages", {})]
+    if not vals:
+        return None
+    return {"count": len(vals), "mean_ms": round(sum(vals) / len(vals), 1),
+            **{f"p{q}_ms": round(pct(vals, q), 1) for q in (50, 90, 99)}}
+
+
 def run_aiperf(system, args, concurrency: int, run_dir: Path) -> dict:
     env = {**os.environ, "N": str(args.n), "CONCURRENCY": str(concurrency),
            "SERVER_PIDS": ",".join(f"{k}={v}" for k, v in system.pids.items()),
@@ -141,6 +210,10 @@ def row_of(rec: dict) -> dict:
         "ttft_p50": (s.get("ttft_ms") or {}).get("p50"),
         "ttft_p99": (s.get("ttft_ms") or {}).get("p99"),
         "ttft_avg": (s.get("ttft_ms") or {}).get("avg"),
+        # server-side TTFT (handler to first token): Dynamo's own histogram, genset's
+        # --timeline; None without them
+        "srv_ttft_avg": (rec.get("server_ttft") or {}).get("mean_ms"),
+        "srv_ttft_p50": (rec.get("server_ttft") or {}).get("p50_ms"),
         "itl_p50": (s.get("itl_ms") or {}).get("p50"),
         "chunk_p50": (s.get("inter_chunk_ms") or {}).get("p50"),
         "cpu_ms": 1000 * total / n,
@@ -156,8 +229,8 @@ def row_of(rec: dict) -> dict:
 def table(results: dict[tuple, list[dict]]) -> str:
     lines = ["| workers | speedup | conc | system | runs | req/s | TTFT p50 / p99 ms | ITL p50 ms | "
              "server CPU ms/req (frontend / router / workers / NATS+etcd) | cached % | "
-             "client CPU ms/req | load avg (1 min) | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "client CPU ms/req | load avg (1 min) | errors | TTFT mean: aiperf / server ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, workers, speedup, conc), recs in results.items():
         rows = [row_of(r) for r in recs]
         m = {k: med([r.get(k) for r in rows]) for k in rows[0]}
@@ -167,7 +240,7 @@ def table(results: dict[tuple, list[dict]]) -> str:
             f"| {workers} | {speedup:g} | {conc} | {name} | {len(rows)} | {m['req_s']} | "
             f"{m['ttft_p50']} / {m['ttft_p99']} | {m['itl_p50']} | **{m['cpu_ms']}** ({parts}) | "
             f"{m['cached_pct']} | {m['client_cpu_ms']} | {m['load1']} | "
-            f"{sum(r['errors'] for r in rows)} |")
+            f"{sum(r['errors'] for r in rows)} | {m['ttft_avg']} / {m['srv_ttft_avg']} |")
     return "\n".join(lines)
 
 
@@ -238,9 +311,17 @@ def main(argv: list[str] | None = None) -> int:
                 system = make_system(spec, args, run_dir)
                 load1 = os.getloadavg()[0]
                 started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+                server_ttft = None
                 try:
                     system.start()
+                    # Dynamo's frontend times TTFT itself (handler to first token): scraped
+                    # around the run, it splits aiperf's TTFT into server and outside (the
+                    # client and the HTTP intake), as genset's --timeline does
+                    before = scrape(system.url + "/metrics") if isinstance(system, DynamoSystem) else {}
                     summary = run_aiperf(system, args, conc, run_dir)
+                    if before:
+                        server_ttft = histogram_delta(before, scrape(system.url + "/metrics"),
+                                                      DYNAMO_TTFT)
                     launcher = system.launcher_cpu()
                 finally:
                     system.stop()
@@ -251,12 +332,16 @@ def main(argv: list[str] | None = None) -> int:
                 if system.timeline is not None and system.timeline.exists():
                     from bench.timeline_report import breakdown, load
                     rec["timeline"] = breakdown(load(system.timeline, skip=4))
+                    server_ttft = timeline_ttft(load(system.timeline))
+                if server_ttft is not None:
+                    rec["server_ttft"] = server_ttft
                 (run_dir / "record.json").write_text(json.dumps(rec, indent=1))
                 results.setdefault((spec, args.workers, args.speedup, conc), []).append(rec)
                 r = row_of(rec)
                 print(f"{tag}: {r['req_s']} req/s, TTFT p50/p99 {r['ttft_p50']}/{r['ttft_p99']} "
-                      f"ms, server CPU {r['cpu_ms']:.2f} ms/req, load {load1:.1f}, "
-                      f"errors {r['errors']}", file=sys.stderr, flush=True)
+                      f"ms (mean {r['ttft_avg']}, server {r['srv_ttft_avg']}), server CPU "
+                      f"{r['cpu_ms']:.2f} ms/req, load {load1:.1f}, errors {r['errors']}",
+                      file=sys.stderr, flush=True)
     print(table(results))
     (out / "summary.json").write_text(json.dumps(
         {"|".join(map(str, k)): [row_of(r) for r in v] for k, v in results.items()}, indent=1))
