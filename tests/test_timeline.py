@@ -41,8 +41,10 @@ def test_sink_writes_one_line_per_request_up_to_its_limit(tmp_path):
         sink.write(sink.new(f"r{i}", time.perf_counter()), ok=True)
     sink.close()
     sink.write(sink.new("late", time.perf_counter()), ok=True)  # after close: nothing
-    lines = path.read_text().splitlines()
-    assert [json.loads(line)["id"] for line in lines] == ["r0", "r1"]
+    # (a garbage collection that took >= 5 ms of wall time, e.g. preempted on a busy host, adds
+    # a {"gc": ...} line of its own: not a request)
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["id"] for r in recs if "gc" not in r] == ["r0", "r1"]
 
 
 def test_report_adds_the_stages_up_to_the_server_ttft(tmp_path):
@@ -89,7 +91,8 @@ async def test_a_timed_request_has_every_stage_in_path_order(bus, discovery, tmp
         items, job = await run(pipeline)
         assert isinstance(items[-1], Final) and items[-1].completion_tokens == 6
         sink.close()
-        [rec] = [json.loads(line) for line in path.read_text().splitlines()]
+        recs = [json.loads(line) for line in path.read_text().splitlines()]
+        [rec] = [r for r in recs if "gc" not in r]  # a slow collection adds a line of its own
         assert rec["id"] == job.request_id and rec["ok"] is True
         stages = rec["stages"]
         assert list(stages) != [] and set(stages) == set(STAGES), stages
