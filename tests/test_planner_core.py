@@ -616,6 +616,10 @@ def test_slo_policy_aggregated_pool_is_the_rate_over_a_workers_capacity():
     assert pool.need_now == math.ceil((f.level + sigma) / cap.rate * 1.10 - 1e-6)
     assert d.inputs["decode.worker_capacity_rps"] == pytest.approx(cap.rate)
     assert "a worker serves" in pool.reason and no_nan(d)
+    # a scale-up goes to the need at the rate seen now (no noise band, no down margin: those
+    # are the scale-down's hysteresis), or to the projected need if that is larger
+    assert pool.need_settle == max(pool.need_up, math.ceil(f.level / cap.rate - 1e-6))
+    assert pool.need_settle <= pool.need_now
 
 
 def test_slo_policy_scales_down_after_a_short_cool_down_when_the_fall_is_significant():
@@ -1011,3 +1015,75 @@ def test_slo_demonstrated_capacity_is_what_met_the_target_below_what_missed_it()
                     LatencyWindow(60.0))
     off._update_demo(1000.0, 4, 1.0)
     assert off.demo_u == 1.0 and not off._u
+
+
+def test_slack_hold_keeps_a_one_worker_rise_on_banked_attainment_with_a_long_start_up():
+    """A one-worker scale-up is held while the long-run attainment is at least
+    `slack_hold_above` and a worker takes long to start; misses while holding are the hold's
+    (not learned from); two workers, a large share of the pool, a short start-up, attainment
+    without room or the load policy: no hold."""
+
+    def core_for(startup: float, policy: str = "slo", **kw) -> tuple[PlannerCore, float]:
+        clock = Clock()
+        core = PlannerCore(PlannerConfig(policy=policy, pools={"decode": PoolBounds(1, 16)},
+                                         startup_s=startup, prior_memory_s=0.0, **kw),
+                           clock=clock)
+        core.slo_policy.long_attainment = 0.99
+        return core, clock.ms
+
+    core, now = core_for(120.0)
+    sp = core.slo_policy
+    why = core._slack_hold(5, 4, now)
+    assert "holding 4" in why and "99.0%" in why
+    assert sp._recent_growth(now)  # misses from now on are the hold's, not the model's
+    assert core._slack_hold(6, 4, now) == ""  # two workers short: no hold
+    assert core._slack_hold(3, 2, now) == ""  # a third of the pool short: no hold
+    sp.long_attainment = 0.94
+    assert core._slack_hold(5, 4, now) == ""  # no slack left
+    sp.long_attainment = None
+    assert core._slack_hold(5, 4, now) == ""  # nothing measured yet
+    core, now = core_for(30.0)
+    assert core._slack_hold(5, 4, now) == ""  # a short start-up: the worker joins in time
+    core, now = core_for(120.0, slack_hold_above=None)
+    assert core._slack_hold(5, 4, now) == ""
+    core, now = core_for(120.0, policy="load")
+    assert core._slack_hold(5, 4, now) == ""
+    with pytest.raises(ValueError, match="slack_hold_above"):
+        PlannerConfig(slack_hold_above=1.5)
+    with pytest.raises(ValueError, match="slack_hold_share"):
+        PlannerConfig(slack_hold_share=2.0)
+
+
+def test_slack_hold_in_a_decision_holds_the_pool_and_names_the_attainment():
+    """Through `decide`: a pool whose policy needs one more worker holds its size (no start)
+    while the attainment has room, and scales up once it has none."""
+    clock = Clock()
+    # a floor of 4: the pool stays at 4 while the rate is searched for below
+    core = PlannerCore(PlannerConfig(policy="slo", pools={"decode": PoolBounds(4, 16)},
+                                     startup_s=120.0, prior_memory_s=0.0,
+                                     slo=SloPolicyConfig(ttft_ms=500.0, itl_ms=40.0)),
+                       clock=clock)
+    core.model = core.slo_policy.model = fitted()
+    for wid in range(1, 5):
+        core.worker_up(wid, "decode")
+    rate = 0.5
+    d = None
+    for _ in range(60):  # find a rate whose need is 5 against a pool of 4
+        feed(core, clock, 30, rate=rate, isl=3000, osl=300)
+        for wid in range(1, 5):
+            core.observe_load(wid, running=0, kv_total_blocks=16384)
+        core.slo_policy.long_attainment = 0.99
+        d = core.decide()
+        if d.pools["decode"].need_up >= 5:
+            break
+        rate *= 1.1
+    p = d.pools["decode"]
+    assert p.need_up == 5, p.need_up
+    assert p.action == "hold" and p.start == 0 and p.target == 4
+    assert "holding 4" in p.reason and no_nan(d)
+    core.slo_policy.long_attainment = 0.5
+    feed(core, clock, 1, rate=rate, isl=3000, osl=300)
+    for wid in range(1, 5):
+        core.observe_load(wid, running=0, kv_total_blocks=16384)
+    d = core.decide()
+    assert d.pools["decode"].action == "up" and d.pools["decode"].start >= 1
