@@ -120,6 +120,23 @@ class BlockPool:
     def block_of(self, block_hash: int) -> int | None:
         return self._hash_to_block.get(block_hash)
 
+    def chain_to(self, block_hash: int | None) -> list[int]:
+        """Block ids of the cached chain that ends at `block_hash`, first block first, back
+        as far as its ancestors are cached (empty when `block_hash` is not). Does not take a
+        reference (see `lookup`)."""
+        out: list[int] = []
+        get = self._hash_to_block.get
+        parent = self._parent
+        h = block_hash
+        while h is not None and len(out) < self.num_blocks:
+            b = get(h)
+            if b is None:
+                break
+            out.append(b)
+            h = parent[b]
+        out.reverse()
+        return out
+
     def cached_hashes(self) -> set[int]:
         return set(self._hash_to_block)
 
