@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from itertools import islice
 
 from proto.kv import TIER_DEVICE, Cleared, KvEvent, KvEventBatch, Removed, Stored, StoredBlock
 from proto.tokens import pack_tokens
@@ -119,6 +120,12 @@ class BlockPool:
 
     def block_of(self, block_hash: int) -> int | None:
         return self._hash_to_block.get(block_hash)
+
+    def eviction_order(self, n: int) -> list[int | None]:
+        """The hashes (None: not cached) of the next `n` free blocks `allocate` would take,
+        in that order (what allocating them would evict). Changes nothing."""
+        bh = self.block_hash
+        return [bh[b] for b in islice(self._free, max(0, n))]
 
     def chain_to(self, block_hash: int | None) -> list[int]:
         """Block ids of the cached chain that ends at `block_hash`, first block first, back

@@ -184,7 +184,7 @@ class OffloadSim:
         ms = n * nbytes / (c.h2d_gbps * 1e6)  # the copies in, and disk blocks' reads first
         if c.disk_gbps > 0:
             ms += sum(t != TIER_RAM for t in tiers) * nbytes / (c.disk_gbps * 1e6)
-        return split_for_core(core, n, ms / n, rest, bs)
+        return split_for_core(core, n, ms / n, rest, bs, known=self._sinks[id(core)].known)
 
     def _disk_pays(self, core) -> bool:
         """Whether a disk block onboards faster than its tokens are computed again."""
