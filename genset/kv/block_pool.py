@@ -127,6 +127,13 @@ class BlockPool:
         bh = self.block_hash
         return [bh[b] for b in islice(self._free, max(0, n))]
 
+    def eviction_frontier(self, n: int) -> list[tuple[int, int | None]]:
+        """(hash, parent hash) of the cached blocks among the next `n` free blocks
+        `allocate` would take, in that order (the next to be evicted). Changes nothing."""
+        bh, parent = self.block_hash, self._parent
+        return [(bh[b], parent[b]) for b in islice(self._free, max(0, n))
+                if bh[b] is not None]
+
     def chain_to(self, block_hash: int | None) -> list[int]:
         """Block ids of the cached chain that ends at `block_hash`, first block first, back
         as far as its ancestors are cached (empty when `block_hash` is not). Does not take a

@@ -177,3 +177,19 @@ def eviction_copies_ms(core, blocks: int, known: Callable[[int], bool] | None = 
             acc += per
         out.append(acc)
     return out
+
+
+def frontier_to_copy(frontier: list[tuple[int, int | None]], known: Callable[[int], bool],
+                     budget: int) -> list[tuple[int, int | None]]:
+    """Which of an engine's next blocks to be evicted (`frontier`: (hash, parent), next
+    first) to copy out ahead of their eviction with room for `budget` copies: the first
+    ones the store does not have from this worker already (`known`)."""
+    out: list[tuple[int, int | None]] = []
+    if budget <= 0:
+        return out
+    for h, parent in frontier:
+        if not known(h):
+            out.append((h, parent))
+            if len(out) >= budget:
+                break
+    return out

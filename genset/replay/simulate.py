@@ -232,11 +232,15 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             w.run_ends = ends
             w.busy = True
             push(w, e)
+            if store is not None:  # (a run's steps evict nothing: its lane is idle)
+                store.copy_ahead(w.core, e - t)
             return
         outputs, dur = w.core.step(t)
         fleet.on_step(w)
         if store is not None:
-            account_copies(w, t, w.core.last_step)
+            st = w.core.last_step
+            account_copies(w, t, st)
+            store.copy_ahead(w.core, st.step_ms - st.copy_out_ms - st.copy_in_ms)
         batch = w.core.take_kv_batch(int(t + dur))
         w.busy = True
         pending[w.index] = (outputs, batch)
