@@ -148,6 +148,13 @@ def test_a_run_whose_copy_outlasts_the_compute_is_split_in_the_replay():
     assert split["ttft_mean_ms"] < whole["ttft_mean_ms"]
     # the tails computed are not served from the store: fewer onboarded blocks
     assert split["offload"]["onboarded_blocks"]["host"] < whole["offload"]["onboarded_blocks"]["host"]
+    # but they were found there: counted as found, the hit rate is higher than served
+    o = split["offload"]
+    assert o["found_blocks"] > o["onboarded_blocks"]["host"]
+    assert o["hit_rate_found"] > split["hit_rate"]
+    w = whole["offload"]
+    assert w["found_blocks"] == w["onboarded_blocks"]["host"]
+    assert w["hit_rate_found"] == pytest.approx(whole["hit_rate"])
     assert split["completed"] == whole["completed"] == len(t)
     # copies the steps wait for (--offload-sync-copies): nothing is split
     a = run_replay(t, "genset", cfg(ram_blocks=2000, kv_bytes_per_token=1 << 20,

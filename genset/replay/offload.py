@@ -123,6 +123,8 @@ class OffloadSim:
                                            admission=config.admission)
         self.offered = 0
         self.copied_ahead = 0  # of `offered`: copied out ahead of eviction (`eager_out`)
+        # blocks of the store's runs found by lookups, before the split (>= onboarded)
+        self.found_blocks = 0
         self.onboarded = {TIER_RAM: 0, "disk": 0}  # blocks
         self._sinks: dict[int, _Sink] = {}  # id(core) -> its sink
         self.lookups = 0
@@ -164,6 +166,7 @@ class OffloadSim:
                 cache.promote(h, prev)
             prev = h
         n = len(tiers)
+        self.found_blocks += n
         cache.touch_run(want[:n])  # as the live store: the run's head most recent
         # the worker knows the store holds the whole run (its lookup reply): none of it is put
         # back when evicted, whatever part it onboards
@@ -247,7 +250,7 @@ class OffloadSim:
             "admission": self.config.admission,
             "offered_blocks": self.offered, "lookups": self.lookups,
             "eager_out": self.config.eager_out, "copied_ahead_blocks": self.copied_ahead,
-            "onboarded_blocks": dict(self.onboarded),
+            "onboarded_blocks": dict(self.onboarded), "found_blocks": self.found_blocks,
             "held_blocks": {"host": len(c.ram), "disk": len(c.disk)},
             "policy": dict(c.counts),
         }
