@@ -11,6 +11,8 @@ import pytest
 from genset.engines.mocker import MockerConfig, MockerCore, PolynomialTiming
 from genset.offload.onboard import (
     chunked_compute,
+    eviction_copies_ms,
+    frontier_to_copy,
     onboard_split,
     overlapped_copy_ms,
     split_for_core,
@@ -66,6 +68,72 @@ def test_a_long_run_with_little_to_compute_onboards_its_head_and_computes_its_ta
     assert split(100, 1000, copy=1000.0) == 0
 
 
+def ttft_out(n: int, rest: int, m: int, out, chunk: int = 8192) -> float:
+    """The mocker's charge with the copies out the first step waits for on the other lane."""
+    beside, after = chunked_compute(rest + (n - m) * BS, chunk, POLY.prefill_ms)
+    lane = max(COPY * m, out(m))
+    return max(lane, beside) + lane / 32 + after
+
+
+def test_with_copies_out_the_split_is_still_the_best_and_the_largest_of_the_best():
+    rng = random.Random(11)
+    for _ in range(300):
+        n, rest = rng.randint(1, 900), rng.randint(1, 12000)
+        chunk = rng.choice((2048, 8192))
+        # the cached blocks the first step's new blocks evict: a run of the pool's LRU
+        # frontier (some uncached or known: no copy), indexed by blocks allocated
+        frontier = [COPY * (rng.random() < 0.8) for _ in range(n + chunk // BS + 2)]
+        acc = [0.0]
+        for c in frontier:
+            acc.append(acc[-1] + c)
+
+        def out(m, rest=rest, chunk=chunk, acc=acc, n=n):
+            return acc[m + -(-min(chunk, rest + (n - m) * BS) // BS)]
+
+        got = onboard_split(n, COPY, lambda m, rest=rest, chunk=chunk, n=n: chunked_compute(
+            rest + (n - m) * BS, chunk, POLY.prefill_ms), out_ms=out)
+        times = [ttft_out(n, rest, m, out, chunk) for m in range(n + 1)]
+        best = min(times)
+        assert times[got] == pytest.approx(best)
+
+
+def test_a_run_whose_copies_out_bind_anyway_is_onboarded_whole():
+    # 351 blocks, 1,000 tokens to compute, and every new block evicts a block to copy out:
+    # the first step waits for ~367 blocks' copy out whatever is onboarded, so computing
+    # the run's tail would gain nothing (the split without the copies out trims ~40 blocks)
+    def out(m):
+        return COPY * (m + -(-(1000 + (351 - m) * BS) // BS))
+
+    assert split(351, 1000) < 320
+    got = onboard_split(351, COPY, lambda m: chunked_compute(1000 + (351 - m) * BS, 8192,
+                                                               POLY.prefill_ms), out_ms=out)
+    assert got == 351
+
+
+def test_the_pool_names_what_the_split_copies_out():
+    core = mocker(d2h=32.0)
+    pool = core.pool
+    blocks = pool.allocate(3)
+    for i, b in enumerate(blocks):
+        pool.cache_block(b, 100 + i, 99 + i if i else None)
+    pool.free(blocks)  # cached, free: the tail (102) goes first, after the never-used ones
+    order = pool.eviction_order(pool.num_blocks)
+    assert order[-3:] == [102, 101, 100] and set(order[:-3]) == {None}
+    out = eviction_copies_ms(core, pool.num_blocks, known=lambda h: h == 101)
+    assert out[-1] == pytest.approx(2 * COPY) and out[pool.num_blocks - 3] == 0.0
+    assert eviction_copies_ms(mocker(d2h=0.0), 4) is None  # a free copy out: not weighed
+    assert pool.chain_to(102) == blocks and pool.chain_to(7) == []
+    assert pool.eviction_frontier(pool.num_blocks) == [(102, 101), (101, 100), (100, None)]
+    assert pool.eviction_frontier(pool.num_blocks - 2) == [(102, 101)]
+
+
+def test_copies_ahead_take_the_next_evictions_the_store_lacks():
+    frontier = [(5, 4), (4, 3), (3, None), (9, None)]
+    assert frontier_to_copy(frontier, lambda h: h == 4, 2) == [(5, 4), (3, None)]
+    assert frontier_to_copy(frontier, lambda h: False, 10) == frontier
+    assert frontier_to_copy(frontier, lambda h: False, 0) == []
+
+
 def test_the_first_step_full_is_where_computing_more_stops_paying():
     # a chunk of 2048 tokens: beyond it extra tokens go to a later step the copy cannot hide
     # (1000 blocks: 262 ms of copy; the 1,500-token rest fills the step's 2,048 with 8 more
@@ -84,10 +152,10 @@ def test_chunked_compute_and_bad_layers():
         onboard_split(5, 1.0, lambda m: (1.0, 0.0), layers=0)
 
 
-def mocker(overlap: bool = True, h2d: float = 32.0) -> MockerCore:
+def mocker(overlap: bool = True, h2d: float = 32.0, d2h: float = 0.0) -> MockerCore:
     return MockerCore(MockerConfig(block_size=BS, num_blocks=4096, max_batch_tokens=8192,
                                    kv_bytes_per_token=131072, offload_h2d_gbps=h2d,
-                                   kv_copy_overlap=overlap))
+                                   offload_d2h_gbps=d2h, kv_copy_overlap=overlap))
 
 
 def test_only_an_engine_that_copies_beside_its_compute_splits():

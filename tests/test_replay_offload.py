@@ -148,6 +148,13 @@ def test_a_run_whose_copy_outlasts_the_compute_is_split_in_the_replay():
     assert split["ttft_mean_ms"] < whole["ttft_mean_ms"]
     # the tails computed are not served from the store: fewer onboarded blocks
     assert split["offload"]["onboarded_blocks"]["host"] < whole["offload"]["onboarded_blocks"]["host"]
+    # but they were found there: counted as found, the hit rate is higher than served
+    o = split["offload"]
+    assert o["found_blocks"] > o["onboarded_blocks"]["host"]
+    assert o["hit_rate_found"] > split["hit_rate"]
+    w = whole["offload"]
+    assert w["found_blocks"] == w["onboarded_blocks"]["host"]
+    assert w["hit_rate_found"] == pytest.approx(whole["hit_rate"])
     assert split["completed"] == whole["completed"] == len(t)
     # copies the steps wait for (--offload-sync-copies): nothing is split
     a = run_replay(t, "genset", cfg(ram_blocks=2000, kv_bytes_per_token=1 << 20,
@@ -157,3 +164,18 @@ def test_a_run_whose_copy_outlasts_the_compute_is_split_in_the_replay():
     a.pop("wall_s")
     b.pop("wall_s")
     assert a == b
+
+
+def test_copies_out_ahead_of_eviction_leave_the_steps_that_evict():
+    # 64 MiB blocks (1 MiB a token): each eviction's copy out (2.1 ms) is on the step that
+    # needs the block's memory, unless the idle lane copied it ahead (--offload-eager-out)
+    t = trace()
+    late = run_replay(t, "genset", cfg(ram_blocks=2000, kv_bytes_per_token=1 << 20))
+    eager = run_replay(t, "genset", cfg(ram_blocks=2000, kv_bytes_per_token=1 << 20,
+                                        eager_out=True))
+    assert late["offload"]["copied_ahead_blocks"] == 0 and not late["offload"]["eager_out"]
+    assert eager["offload"]["copied_ahead_blocks"] > 0
+    bl, be = (r["offload"]["ttft_breakdown_ms"] for r in (late, eager))
+    assert be["prompt_copy_out"] < bl["prompt_copy_out"]
+    assert eager["completed"] == late["completed"] == len(t)
+    assert eager["offload"]["hit_rate_by_tier"]["host"] > 0

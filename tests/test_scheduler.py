@@ -283,10 +283,12 @@ def test_waiting_prefill_tokens_leave_out_imported_kv():
     assert s.waiting_prefill_tokens() == 0
 
 
-def test_waiting_prefill_tokens_see_an_evicted_prefix():
-    """The imported run starts past a prefix this worker held unpinned (a remote prefill
-    from `first_block` on): when that prefix is evicted before admission, admission will
-    compute it, and the count says so."""
+def test_an_import_holds_the_cached_prefix_it_continues():
+    """The imported run continues a prefix this worker held unpinned (an offload hit after
+    the device prefix, a remote prefill from `first_block` on): the import holds that
+    prefix too until admission, so evicting it cannot orphan the run (it did: that prefix
+    is often the pool's least recently used, the first blocks an import's allocation
+    evicts)."""
     prompt = list(range(40))
     hashes = block_hashes(prompt, 4)
     s = make()
@@ -294,8 +296,25 @@ def test_waiting_prefill_tokens_see_an_evicted_prefix():
     s.import_kv(hashes[5:], parent_hash=hashes[4], pin_for="r")
     s.add_request(request("r", prompt, 1))
     assert s.waiting_prefill_tokens() == 4
+    assert s.pool.evict_cached() == 0  # the prefix is held with the run
+    assert s.waiting_prefill_tokens() == 4
+    plan = s.schedule()
+    assert sum(len(c.token_ids) for c in plan.chunks) == 4  # only the last block computed
+    assert s.num_pinned_blocks == 0  # admitted: the request holds its blocks itself
+
+
+def test_waiting_prefill_tokens_see_a_forgotten_prefix():
+    """When the cache forgets the prefix of a waiting import before admission, admission
+    will compute it, and the count says so (the remembered lookup is dropped)."""
+    prompt = list(range(40))
+    hashes = block_hashes(prompt, 4)
+    s = make()
+    s.import_kv(hashes[:5])
+    s.import_kv(hashes[5:], parent_hash=hashes[4], pin_for="r")
+    s.add_request(request("r", prompt, 1))
+    assert s.waiting_prefill_tokens() == 4
     assert s.waiting_prefill_tokens() == 4  # (remembered)
-    assert s.pool.evict_cached() == 5  # the unpinned prefix goes
+    s.pool.clear_cache()  # every hash forgotten, held blocks too
     assert s.waiting_prefill_tokens() == 40  # the lookup stops at block 0 now
     plan = s.schedule()
     assert sum(len(c.token_ids) for c in plan.chunks) == 32  # the budget's worth of it

@@ -410,6 +410,14 @@ class Scheduler:
         pool = self.pool
         written: list[tuple[int, int]] = []
         held: list[int] = []
+        if pin_for is not None and parent_hash is not None:
+            # The chain's cached ancestors (the request's own device prefix) are held with
+            # the import: they are often the pool's least recently used blocks (that prefix
+            # was last used long ago), so allocating the import's blocks evicted them and
+            # left the import orphaned, the whole prompt computed (Mooncake replay, store 4x:
+            # 43 of 1,035 onboarding requests, 2026-12-06).
+            held = pool.chain_to(parent_hash)
+            pool.touch(held)
         parent = parent_hash
         for h in hashes:
             b = pool.block_of(h)

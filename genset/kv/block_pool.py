@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from itertools import islice
 
 from proto.kv import TIER_DEVICE, Cleared, KvEvent, KvEventBatch, Removed, Stored, StoredBlock
 from proto.tokens import pack_tokens
@@ -119,6 +120,36 @@ class BlockPool:
 
     def block_of(self, block_hash: int) -> int | None:
         return self._hash_to_block.get(block_hash)
+
+    def eviction_order(self, n: int) -> list[int | None]:
+        """The hashes (None: not cached) of the next `n` free blocks `allocate` would take,
+        in that order (what allocating them would evict). Changes nothing."""
+        bh = self.block_hash
+        return [bh[b] for b in islice(self._free, max(0, n))]
+
+    def eviction_frontier(self, n: int) -> list[tuple[int, int | None]]:
+        """(hash, parent hash) of the cached blocks among the next `n` free blocks
+        `allocate` would take, in that order (the next to be evicted). Changes nothing."""
+        bh, parent = self.block_hash, self._parent
+        return [(bh[b], parent[b]) for b in islice(self._free, max(0, n))
+                if bh[b] is not None]
+
+    def chain_to(self, block_hash: int | None) -> list[int]:
+        """Block ids of the cached chain that ends at `block_hash`, first block first, back
+        as far as its ancestors are cached (empty when `block_hash` is not). Does not take a
+        reference (see `lookup`)."""
+        out: list[int] = []
+        get = self._hash_to_block.get
+        parent = self._parent
+        h = block_hash
+        while h is not None and len(out) < self.num_blocks:
+            b = get(h)
+            if b is None:
+                break
+            out.append(b)
+            h = parent[b]
+        out.reverse()
+        return out
 
     def cached_hashes(self) -> set[int]:
         return set(self._hash_to_block)

@@ -24,18 +24,26 @@ from collections.abc import Callable
 
 
 def onboard_split(run_blocks: int, copy_ms_per_block: float,
-                  compute_ms: Callable[[int], tuple[float, float]], *, layers: int = 32) -> int:
+                  compute_ms: Callable[[int], tuple[float, float]], *, layers: int = 32,
+                  out_ms: Callable[[int], float] | None = None) -> int:
     """The number of the run's leading blocks to onboard (0..`run_blocks`) that minimises
     the time to the prompt's first token when the rest is computed:
 
-        T(m) = max(copy(m), beside(m)) + copy(m) / layers + after(m),  copy(m) = m x copy_ms
+        T(m) = max(lane(m), beside(m)) + lane(m) / layers + after(m)
+        lane(m) = max(copy(m), out(m)),  copy(m) = m x copy_ms
 
     where `compute_ms(m)` = (beside, after): the compute the copy runs beside (the prompt's
     first step) and the compute after it (later chunks), with the run's last `run_blocks - m`
-    blocks computed too. The copy grows with m and the compute shrinks, so T falls until the
-    two cross, or until the first step is full and the compute moves to later steps; both
-    points are found by bisection (O(log run_blocks) calls) and compared with onboarding all
-    and nothing. Ties go to the larger m (more served from the store).
+    blocks computed too; `out_ms(m)` (None: 0) the copies out the prompt's first step waits
+    for when m blocks are onboarded (the cached blocks its new blocks evict, copied out on
+    the other lane before their memory is written again). The copy grows with m and the
+    compute shrinks, so T falls until the two cross, or until the first step is full and the
+    compute moves to later steps; both points are found by bisection (O(log run_blocks)
+    calls) and compared with onboarding all and nothing. The copy out hardly depends on m
+    (an onboarded block and a computed one both take a block), so where it outlasts the
+    rest, T is flat up to where the copy in overtakes it: the largest such m (bisection
+    again) is a candidate too, as ties go to the larger m (more served from the store, less
+    computed for nothing).
     `copy_ms_per_block` <= 0 (a free copy) or `run_blocks` <= 0: `run_blocks`."""
     n = int(run_blocks)
     if n <= 0 or copy_ms_per_block <= 0:
@@ -48,8 +56,10 @@ def onboard_split(run_blocks: int, copy_ms_per_block: float,
     def total(m: int) -> float:
         if m not in memo:
             beside, after = compute_ms(m)
-            copy = a * m
-            memo[m] = max(copy, beside) + copy / layers + after
+            lane = a * m
+            if out_ms is not None:
+                lane = max(lane, out_ms(m))
+            memo[m] = max(lane, beside) + lane / layers + after
         return memo[m]
 
     # the smallest m whose copy outlasts its compute (n + 1: none does)
@@ -71,11 +81,23 @@ def onboard_split(run_blocks: int, copy_ms_per_block: float,
             hi = mid
         else:
             s = mid + 1
+    candidates = [n, lo, lo - 1, s, s - 1, 0]
+    if out_ms is not None:
+        # the largest m whose copy in stays within the copies out (-1: none)
+        o, hi = 0, n + 1
+        while o < hi:
+            mid = (o + hi) // 2
+            if a * mid > out_ms(mid):
+                hi = mid
+            else:
+                o = mid + 1
+        candidates += [o - 1, o]
     best = n
-    for m in (n, lo, lo - 1, s, s - 1, 0):
+    for m in candidates:
         if 0 <= m <= n and total(m) < total(best):
             best = m
-    return best
+    # ties go to the larger m: among candidates as good as the best, the largest
+    return max(m for m in candidates if 0 <= m <= n and total(m) <= total(best))
 
 
 def chunked_compute(tokens: int, chunk_tokens: int,
@@ -105,10 +127,13 @@ def overlapped_copy_ms(core) -> float:
 
 
 def split_for_core(core, run_blocks: int, copy_ms_per_block: float, rest_tokens: int,
-                   block_size: int) -> int:
+                   block_size: int, known: Callable[[int], bool] | None = None) -> int:
     """`onboard_split` for a mocker core: its prefill polynomial, chunked at its step budget
-    (the copy is fenced by the prompt's first step), its KV layers. `rest_tokens`: what the
-    prompt computes after the whole run."""
+    (the copy is fenced by the prompt's first step), its KV layers, and the copies out its
+    first step waits for: the cached blocks its new blocks (the run's head onboarded, the
+    first chunk computed) evict next, less those `known` to the store already (not copied;
+    the hook's and the replay's skip list). `rest_tokens`: what the prompt computes after
+    the whole run."""
     timing = core.timing
     chunk = core.config.max_batch_tokens
 
@@ -116,4 +141,55 @@ def split_for_core(core, run_blocks: int, copy_ms_per_block: float, rest_tokens:
         return chunked_compute(rest_tokens + (run_blocks - m) * block_size, chunk,
                                timing.prefill_ms)
 
-    return onboard_split(run_blocks, copy_ms_per_block, compute, layers=core.config.kv_layers)
+    out = eviction_copies_ms(core, run_blocks + -(-chunk // block_size), known)
+    out_ms = None
+    if out is not None:
+        def out_ms(m: int) -> float:
+            first = min(chunk, rest_tokens + (run_blocks - m) * block_size)
+            return out[min(len(out) - 1, m + -(-first // block_size))]
+
+    return onboard_split(run_blocks, copy_ms_per_block, compute, layers=core.config.kv_layers,
+                         out_ms=out_ms)
+
+
+def eviction_copies_ms(core, blocks: int, known: Callable[[int], bool] | None = None
+                       ) -> list[float] | None:
+    """[k] = the copy-out time (ms) of what allocating k more blocks on `core` evicts: the
+    cached blocks among the next k its pool would take, less those `known` (k = 0..`blocks`).
+    None when the core copies out for free or its pool cannot say (the split then weighs
+    the copy in alone). Reads the pool without changing it; from another thread a hint
+    (a pool changed meanwhile answers None)."""
+    cfg = getattr(core, "config", None)
+    gbps = getattr(cfg, "offload_d2h_gbps", 0.0)
+    nbytes = getattr(cfg, "kv_block_bytes", 0)
+    pool = getattr(core, "pool", None)
+    if gbps <= 0 or nbytes <= 0 or pool is None or not hasattr(pool, "eviction_order"):
+        return None
+    per = nbytes / (gbps * 1e6)
+    try:
+        order = pool.eviction_order(blocks)
+    except RuntimeError:  # changed by the engine's thread while read
+        return None
+    out = [0.0]
+    acc = 0.0
+    for h in order:
+        if h is not None and (known is None or not known(h)):
+            acc += per
+        out.append(acc)
+    return out
+
+
+def frontier_to_copy(frontier: list[tuple[int, int | None]], known: Callable[[int], bool],
+                     budget: int) -> list[tuple[int, int | None]]:
+    """Which of an engine's next blocks to be evicted (`frontier`: (hash, parent), next
+    first) to copy out ahead of their eviction with room for `budget` copies: the first
+    ones the store does not have from this worker already (`known`)."""
+    out: list[tuple[int, int | None]] = []
+    if budget <= 0:
+        return out
+    for h, parent in frontier:
+        if not known(h):
+            out.append((h, parent))
+            if len(out) >= budget:
+                break
+    return out

@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--offload-sync-copies", action="store_true",
                      help="workers' steps wait for their KV copies (default: the copies run "
                           "beside the step's compute, layer by layer)")
+    off.add_argument("--offload-eager-out", action="store_true",
+                     help="model copies out ahead of eviction: each step's idle copy-out "
+                          "lane copies the worker's next blocks to be evicted to the store "
+                          "(neither engine does it yet; genset.replay.offload)")
     off.add_argument("--offload-no-split", action="store_true",
                      help="onboard a store run whole even when its copy outlasts the prompt's "
                           "compute (default: compute its tail beside the copy, to the balance "
@@ -219,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                            disk_gbps=args.offload_disk_gbps,
                            copy_overlap=not args.offload_sync_copies,
                            admission=args.offload_admission,
-                           split_runs=not args.offload_no_split),
+                           split_runs=not args.offload_no_split,
+                           eager_out=args.offload_eager_out),
                        sla_ttft_ms=args.sla_ttft_ms, sla_itl_ms=args.sla_itl_ms, planner=planner)
     results = []
     for name in policies:

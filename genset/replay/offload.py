@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from genset.offload.onboard import split_for_core
+from genset.offload.onboard import frontier_to_copy, split_for_core
 from genset.offload.tiers import DEFAULT_ADMISSION, TIER_RAM, TieredCache
 
 STORE_ID = 0x0FF10AD  # the store's id in the routers' index (never a worker's index)
@@ -54,6 +54,13 @@ class OffloadConfig:
     # outlast the prompt's compute, computing its tail beside the copy instead
     # (`genset.offload.onboard.onboard_split`, as the live hook with a mocker engine).
     split_runs: bool = True
+    # Copies out ahead of eviction (`--offload-eager-out`, a model: neither engine does it
+    # yet): in every step, the copy-out lane's time the step's own evictions leave idle
+    # copies the worker's next cached blocks to be evicted (at most `eager_depth` ahead of
+    # the pool's LRU end) to the store, so evicting them later costs no copy on the step
+    # that needs their memory (an import of a long run evicts as many blocks as it brings).
+    eager_out: bool = False
+    eager_depth: int = 1024
 
     def __post_init__(self) -> None:
         if self.ram_blocks < 0 or self.disk_blocks < 0 or self.kv_bytes_per_token < 0:
@@ -77,12 +84,13 @@ class _Sink:
     """A worker core's eviction sink: every evicted block is offered to the store, but those
     the worker onboarded from it lately (as the live hook: `EvictionHandover.skip`)."""
 
-    __slots__ = ("max_onboarded", "onboarded", "sim")
+    __slots__ = ("max_onboarded", "onboarded", "put_blocks", "sim")
 
     def __init__(self, sim: OffloadSim, max_onboarded: int) -> None:
         self.sim = sim
         self.onboarded: OrderedDict[int, None] = OrderedDict()
         self.max_onboarded = max_onboarded
+        self.put_blocks = 0  # handed over (copied out) since the last `OffloadSim.copy_ahead`
 
     def room(self) -> int:
         return 1 << 62
@@ -103,6 +111,7 @@ class _Sink:
         for b in blocks:
             offer(b.hash, b.parent_hash)
         self.sim.offered += len(blocks)
+        self.put_blocks += len(blocks)
 
 
 class OffloadSim:
@@ -113,6 +122,9 @@ class OffloadSim:
                                            spill_min_freq=config.spill_min_freq,
                                            admission=config.admission)
         self.offered = 0
+        self.copied_ahead = 0  # of `offered`: copied out ahead of eviction (`eager_out`)
+        # blocks of the store's runs found by lookups, before the split (>= onboarded)
+        self.found_blocks = 0
         self.onboarded = {TIER_RAM: 0, "disk": 0}  # blocks
         self._sinks: dict[int, _Sink] = {}  # id(core) -> its sink
         self.lookups = 0
@@ -154,6 +166,7 @@ class OffloadSim:
                 cache.promote(h, prev)
             prev = h
         n = len(tiers)
+        self.found_blocks += n
         cache.touch_run(want[:n])  # as the live store: the run's head most recent
         # the worker knows the store holds the whole run (its lookup reply): none of it is put
         # back when evicted, whatever part it onboards
@@ -171,6 +184,30 @@ class OffloadSim:
         kv = KvImport(blocks=[KvBlockData(h) for h in want[:n]], parent_hash=parent)
         return kv, n - disk, disk, have
 
+    def copy_ahead(self, core, compute_ms: float) -> None:
+        """With `eager_out`: after a step of `compute_ms` on `core`, the copy-out lane's time
+        its own copies out left idle copies the core's next blocks to be evicted to the store
+        (offered as evictions are; remembered, so their eviction copies nothing)."""
+        sink = self._sinks.get(id(core))
+        if sink is None:
+            return
+        put, sink.put_blocks = sink.put_blocks, 0
+        c = self.config
+        if not c.eager_out or c.d2h_gbps <= 0 or compute_ms <= 0:
+            return
+        per = c.kv_bytes_per_token * self.block_size / (c.d2h_gbps * 1e6)
+        budget = int(compute_ms / per) - put
+        if budget <= 0:
+            return
+        picked = frontier_to_copy(core.pool.eviction_frontier(c.eager_depth), sink.known,
+                                  budget)
+        offer = self.cache.offer
+        for h, parent in picked:
+            offer(h, parent)
+        sink.remember([h for h, _ in picked])
+        self.offered += len(picked)
+        self.copied_ahead += len(picked)
+
     def _split(self, core, tiers: list[str], rest: int) -> int:
         """How many of the run's leading blocks the engine imports (`onboard_split`, as the
         live hook does with a mocker engine): the rest of the run is computed with the
@@ -184,7 +221,7 @@ class OffloadSim:
         ms = n * nbytes / (c.h2d_gbps * 1e6)  # the copies in, and disk blocks' reads first
         if c.disk_gbps > 0:
             ms += sum(t != TIER_RAM for t in tiers) * nbytes / (c.disk_gbps * 1e6)
-        return split_for_core(core, n, ms / n, rest, bs)
+        return split_for_core(core, n, ms / n, rest, bs, known=self._sinks[id(core)].known)
 
     def _disk_pays(self, core) -> bool:
         """Whether a disk block onboards faster than its tokens are computed again."""
@@ -212,7 +249,8 @@ class OffloadSim:
             "disk_gbps": self.config.disk_gbps, "copy_overlap": self.config.copy_overlap,
             "admission": self.config.admission,
             "offered_blocks": self.offered, "lookups": self.lookups,
-            "onboarded_blocks": dict(self.onboarded),
+            "eager_out": self.config.eager_out, "copied_ahead_blocks": self.copied_ahead,
+            "onboarded_blocks": dict(self.onboarded), "found_blocks": self.found_blocks,
             "held_blocks": {"host": len(c.ram), "disk": len(c.disk)},
             "policy": dict(c.counts),
         }

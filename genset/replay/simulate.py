@@ -232,11 +232,15 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             w.run_ends = ends
             w.busy = True
             push(w, e)
+            if store is not None:  # (a run's steps evict nothing: its lane is idle)
+                store.copy_ahead(w.core, e - t)
             return
         outputs, dur = w.core.step(t)
         fleet.on_step(w)
         if store is not None:
-            account_copies(w, t, w.core.last_step)
+            st = w.core.last_step
+            account_copies(w, t, st)
+            store.copy_ahead(w.core, st.step_ms - st.copy_out_ms - st.copy_in_ms)
         batch = w.core.take_kv_batch(int(t + dur))
         w.busy = True
         pending[w.index] = (outputs, batch)
@@ -412,7 +416,13 @@ def offload_summary(reqs: list[_Req], cfg: ReplayConfig, store: OffloadSim) -> d
         by_tier["device"] += cached - ram_t - disk_t
         by_tier["host"] += ram_t
         by_tier["disk"] += disk_t
+    # Dynamo's definition (its replay's prefix_cache_reused_ratio, host tier included) counts
+    # the tokens a request did not compute: `hit_rate` above. With the split, a store run's
+    # tail is found but computed; counted as found too, that is `hit_rate_found`.
+    onboarded = sum(store.onboarded.values())
+    found_extra = max(0, store.found_blocks - onboarded) * bs
     return {"hit_rate_by_tier": {k: v / tin for k, v in by_tier.items()},
+            "hit_rate_found": (sum(by_tier.values()) + found_extra) / tin,
             "ttft_breakdown_ms": ttft_breakdown(done), **store.summary()}
 
 

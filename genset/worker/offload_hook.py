@@ -280,7 +280,8 @@ class OffloadHook(WorkerHooks):
             copy_ms = overlapped_copy_ms(core)
             if copy_ms <= 0 or not hasattr(core, "timing"):
                 return run_blocks
-            return split_for_core(core, run_blocks, copy_ms, rest_tokens, self.ctx.block_size)
+            return split_for_core(core, run_blocks, copy_ms, rest_tokens, self.ctx.block_size,
+                                  known=self._onboarded.__contains__)
         except Exception as exc:  # a model it cannot read: never the request's failure
             log.warning("offload: cannot weigh the run's copy; onboarding it whole",
                         error=repr(exc))
