@@ -143,7 +143,10 @@ class GensetStack:
         port = free_port()
         # the state dir keeps every process's log: kept with the run's results
         state = self.run_dir / "state"
-        cmd = [str(REPO / ".venv" / "bin" / "genset"), "up", "--port", str(port),
+        # `python -m genset.cli`, not the venv's `genset` script: the shared venv's script
+        # can name another checkout's interpreter in its shebang
+        cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "genset.cli", "up",
+               "--port", str(port),
                "--workers", str(self.decode), "--prefill-workers", str(self.prefill),
                "--engine", "mocker", "--model", str(PEER_DIR / "model"),
                "--served-model-name", MODEL_NAME, "--speedup", f"{a.speedup:g}",

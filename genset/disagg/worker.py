@@ -126,6 +126,15 @@ class DisaggConfig:
     max_prefills: int = 64  # remote prefills a prefill worker serves at once
     speedup: float = 1.0  # divides the prefill timing profile (the mocker's --speedup)
     slowdown_weight: float = 1.0  # genset.disagg.CostModel
+    # The mean inter-token latency this decode worker holds its sequences to when it prices a
+    # local prefill (`CostModel.itl_target_ms`; 0: every ms of stall of every sequence
+    # counts). A prefill that keeps a step within it stalls nobody past the target. Without
+    # it, a 118-token prompt on a worker decoding 40 streams priced 40 x 18 ms of stall,
+    # about what its remote path cost the same streams (the decode worker still computes the
+    # prompt's last partial block: the step's 16.5 ms constant), so half of the live mixed
+    # load's short prompts went remote on a coin flip: a transfer, an import and a resume
+    # gap each, for no stall saved (docs/benchmarks.md, issue 11, live mixed load).
+    itl_target_ms: float = 50.0
     max_prefill_queue_ms: float = 2000.0
     remote_margin_ms: float = 0.0
     bandwidth_prior_gb_s: float = 1.0  # transfer bandwidth assumed until one is measured
@@ -141,6 +150,8 @@ class DisaggConfig:
         if not self.kv_transfer_bandwidth_gb_s >= 0:
             raise ValueError("--kv-transfer-bandwidth must be >= 0 GB/s (0: no modelled delay), "
                              f"got {self.kv_transfer_bandwidth_gb_s}")
+        if not self.itl_target_ms >= 0:
+            raise ValueError(f"--disagg-itl-target-ms must be >= 0, got {self.itl_target_ms}")
         for name in ("first_token_timeout_s", "transfer_timeout_s", "idle_timeout_s",
                      "pin_timeout_s", "speedup", "bandwidth_prior_gb_s"):
             if not getattr(self, name) > 0:
@@ -284,7 +295,8 @@ class DisaggHook(WorkerHooks):
                          bandwidth_bytes_per_s=self.bandwidth.bytes_per_s,
                          slowdown_weight=self.config.slowdown_weight,
                          max_prefill_queue_ms=self.config.max_prefill_queue_ms,
-                         remote_margin_ms=self.config.remote_margin_ms)
+                         remote_margin_ms=self.config.remote_margin_ms,
+                         itl_target_ms=self.config.itl_target_ms)
 
     async def before_run(self, request: proto.GenerateRequest,
                          token_ids: list[int]) -> RemotePrefill | None:

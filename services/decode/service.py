@@ -55,6 +55,9 @@ class WorkerOptions:
     disagg: str = field(default="auto", metadata=opt(
         "decode role: auto (remote prefill when the cost model says it pays), always (whenever "
         "a prefill worker can take it), never (aggregated)", choices=POLICIES))
+    disagg_itl_target_ms: float = field(default=50.0, metadata=opt(
+        "decode role, --disagg auto: the mean inter-token latency a local prefill is priced "
+        "against (stall within it costs nothing; 0: every ms of stall counts)", min=0))
     kv_bytes_per_token: int = field(default=0, metadata=opt(
         "mocker: bytes of KV one token would take (transfers carry dummy payloads of that "
         "size; 0: hashes only)", min=0))
@@ -207,6 +210,7 @@ class WorkerService(Service):
             first_token_timeout_s=o.remote_prefill_timeout,
             transfer_timeout_s=o.kv_transfer_timeout, idle_timeout_s=o.kv_transfer_idle_timeout,
             pin_timeout_s=o.remote_prefill_timeout + o.kv_transfer_timeout,
+            itl_target_ms=o.disagg_itl_target_ms,
             speedup=o.speedup if o.engine == "mocker" else 1.0)
         return DisaggHook(config, discovery=self.discovery, metrics=self.metrics)
 
