@@ -157,7 +157,8 @@ class GensetStack:
                f"--worker-arg=--max-running={ENGINE['max_running']}",
                f"--worker-arg=--max-batch-tokens={ENGINE['max_batch_tokens']}",
                f"--worker-arg=--kv-bytes-per-token={a.kv_bytes_per_token}",
-               f"--worker-arg=--kv-transfer-bandwidth={a.kv_transfer_bandwidth:g}"]
+               f"--worker-arg=--kv-transfer-bandwidth={a.kv_transfer_bandwidth:g}",
+               f"--worker-arg=--kv-payload={a.kv_payload}"]
         if self.prefill:
             cmd.append(f"--worker-arg=--disagg={self.mode}")
         log_path = self.run_dir / "genset-up.log"
@@ -481,6 +482,9 @@ def main() -> int:
                    help="modelled KV size on both mockers (genset sends dummy payloads this big)")
     p.add_argument("--kv-transfer-bandwidth", type=float, default=0.2,
                    help="modelled KV link, GB/s, on both mockers")
+    p.add_argument("--kv-payload", choices=("dummy", "none"), default="dummy",
+                   help="genset's mocker: send dummy KV payloads of the modelled size, or "
+                        "hashes only paced to the modelled link (Dynamo's mocker moves no bytes)")
     p.add_argument("--ttft-slo", type=float, default=2.0, help="s")
     p.add_argument("--itl-slo", type=float, default=0.050, help="mean ITL, s")
     p.add_argument("--run-timeout", type=float, default=400.0, help="s, each load.py")

@@ -107,6 +107,7 @@ CLOSE_SENDS_S = 10.0
 STAGE_FIRST_TOKEN = "first_token"
 STAGE_TRANSFER = "transfer"
 TRANSPORTS = ("auto", "nats", "tcp")
+KV_PAYLOADS = ("dummy", "none")
 
 
 @dataclass
@@ -115,6 +116,13 @@ class DisaggConfig:
 
     policy: str = POLICY_AUTO  # auto | always | never (decode role)
     kv_bytes_per_token: int = 0  # mocker: payload bytes a token's KV would take (0: none)
+    # mocker: what a transfer carries. "dummy": payloads of kv_bytes_per_token x block_size
+    # bytes a block (exercises the transport's byte path); "none": hashes only, paced all
+    # the same to the modelled link (what Dynamo's mocker does: it moves no bytes). The
+    # bytes are CPU this machine spends and a GPU deployment does not (NIC/NVLink DMA):
+    # 7 MB a 6,700-token prompt at 1,024 B/token cost the live mixed load's workers ~3 s of
+    # CPU a run on 2 cores, ~9 ms a long prompt on both ends together (docs/benchmarks.md).
+    kv_payload: str = "dummy"
     kv_transfer_bandwidth_gb_s: float = 0.0  # mocker: modelled link (0: no delay)
     transport: str = "auto"  # auto | nats | tcp
     tcp_host: str | None = "127.0.0.1"  # where the TCP listener binds (None: NATS only)
@@ -142,6 +150,9 @@ class DisaggConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"--disagg must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.kv_payload not in KV_PAYLOADS:
+            raise ValueError(f"--kv-payload must be one of {', '.join(KV_PAYLOADS)}, "
+                             f"got {self.kv_payload!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--kv-transport must be one of {', '.join(TRANSPORTS)}, "
                              f"got {self.transport!r}")
@@ -273,6 +284,10 @@ class DisaggHook(WorkerHooks):
 
     def _transfer_layout(self, layout: KvLayout, block_size: int) -> KvLayout:
         if layout.engine == "mocker" and self.config.kv_bytes_per_token > 0:
+            if self.config.kv_payload == "none":
+                # hashes only, the modelled time kept (`_send`); a format of its own, so a
+                # peer that sends dummy payloads is refused as a layout mismatch
+                return KvLayout(engine="mocker", format="modelled", bytes_per_block=0)
             # dummy payloads of a real model's size (module docstring)
             return KvLayout(engine="mocker", format="dummy",
                             bytes_per_block=self.config.kv_bytes_per_token * block_size)
@@ -534,8 +549,9 @@ class DisaggHook(WorkerHooks):
         bpb = layout.bytes_per_block
         zeros = bytes(bpb)
         per_block_s = 0.0
-        if self.mocker and cfg.kv_transfer_bandwidth_gb_s > 0 and bpb:
-            per_block_s = bpb / (cfg.kv_transfer_bandwidth_gb_s * GB)
+        modelled = cfg.kv_bytes_per_token * ctx.block_size  # what a block's KV would take
+        if self.mocker and cfg.kv_transfer_bandwidth_gb_s > 0 and modelled:
+            per_block_s = modelled / (cfg.kv_transfer_bandwidth_gb_s * GB)
 
         async def source(first: int, count: int):
             if self.mocker:

@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass, field
 
 from genset.disagg.decision import POLICIES
-from genset.disagg.worker import TRANSPORTS, DisaggConfig, DisaggHook
+from genset.disagg.worker import KV_PAYLOADS, TRANSPORTS, DisaggConfig, DisaggHook
 from genset.engines.factory import (
     EngineConfigError,
     build_engine,
@@ -61,6 +61,10 @@ class WorkerOptions:
     kv_bytes_per_token: int = field(default=0, metadata=opt(
         "mocker: bytes of KV one token would take (transfers carry dummy payloads of that "
         "size; 0: hashes only)", min=0))
+    kv_payload: str = field(default="dummy", metadata=opt(
+        "mocker: what a KV transfer carries: dummy (payloads of --kv-bytes-per-token a token) "
+        "or none (hashes only, paced to the modelled link all the same)",
+        choices=KV_PAYLOADS))
     kv_transfer_bandwidth: float = field(default=0.0, metadata=opt(
         "mocker: modelled KV transfer bandwidth in GB/s (0: no modelled delay)", min=0))
     kv_transport: str = field(default="auto", metadata=opt(
@@ -204,7 +208,7 @@ class WorkerService(Service):
             return None
         tcp_host, advertise = kv_transfer_endpoint(o.kv_transfer_host, self.config.host)
         config = DisaggConfig(
-            policy=o.disagg, kv_bytes_per_token=o.kv_bytes_per_token,
+            policy=o.disagg, kv_bytes_per_token=o.kv_bytes_per_token, kv_payload=o.kv_payload,
             kv_transfer_bandwidth_gb_s=o.kv_transfer_bandwidth, transport=o.kv_transport,
             tcp_host=tcp_host, advertise_host=advertise,
             first_token_timeout_s=o.remote_prefill_timeout,
