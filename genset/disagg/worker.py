@@ -565,6 +565,13 @@ class DisaggHook(WorkerHooks):
             return [b.data for b in blocks]
 
         try:
+            if per_block_s and not bpb and hashes:
+                # hashes only (--kv-payload none): the hub reads no blocks, so the modelled
+                # link's time passes here, before the header leaves (the receiver imports
+                # the run when it lands, as a one-chunk transfer would)
+                wait = min(per_block_s * len(hashes), left)
+                await asyncio.sleep(wait)
+                left -= wait
             result = await hub.send(target, request_id=request_id, hashes=hashes,
                                     parent_hash=parent, block_size=ctx.block_size,
                                     layout=layout, source=source,
