@@ -15,7 +15,10 @@ work.
 Every configuration has 4 mocker workers in all, speedup 1, 8,192 KV blocks of 16, at most 256
 running sequences and 8,192 batched tokens a step, the Dynamo peer's model directory as the
 tokenizer, and the same modelled KV transfer (--kv-bytes-per-token, --kv-transfer-bandwidth:
-both mockers take the same two knobs). Configurations:
+both mockers take the same two knobs; genset's mocker sends hashes only, paced to that link,
+unless --kv-payload dummy: the bytes were ~3 s of the workers' CPU a run on this 2-core box,
+which a GPU deployment's DMA does not spend and Dynamo's mocker does not either).
+Configurations:
 
     genset:agg           genset up --workers 4                       (aggregated)
     genset:1p3d-always   --prefill-workers 1 --workers 3, workers --disagg always
@@ -482,9 +485,10 @@ def main() -> int:
                    help="modelled KV size on both mockers (genset sends dummy payloads this big)")
     p.add_argument("--kv-transfer-bandwidth", type=float, default=0.2,
                    help="modelled KV link, GB/s, on both mockers")
-    p.add_argument("--kv-payload", choices=("dummy", "none"), default="dummy",
-                   help="genset's mocker: send dummy KV payloads of the modelled size, or "
-                        "hashes only paced to the modelled link (Dynamo's mocker moves no bytes)")
+    p.add_argument("--kv-payload", choices=("dummy", "none"), default="none",
+                   help="genset's mocker: hashes only, paced to the modelled link (as Dynamo's "
+                        "mocker, which moves no bytes, and genset's own offload path, which "
+                        "moves a placeholder), or dummy KV payloads of the modelled size")
     p.add_argument("--ttft-slo", type=float, default=2.0, help="s")
     p.add_argument("--itl-slo", type=float, default=0.050, help="mean ITL, s")
     p.add_argument("--run-timeout", type=float, default=400.0, help="s, each load.py")
