@@ -143,6 +143,10 @@ class DisaggConfig:
     # load's short prompts went remote on a coin flip: a transfer, an import and a resume
     # gap each, for no stall saved (docs/benchmarks.md, issue 11, live mixed load).
     itl_target_ms: float = 50.0
+    # The time to first token a decode worker's requests are held to (`CostModel.
+    # ttft_budget_ms`; 0: every ms counts): within it a faster first token is not bought
+    # with other streams' stall past the ITL target.
+    ttft_target_ms: float = 2000.0
     max_prefill_queue_ms: float = 2000.0
     remote_margin_ms: float = 0.0
     bandwidth_prior_gb_s: float = 1.0  # transfer bandwidth assumed until one is measured
@@ -163,6 +167,8 @@ class DisaggConfig:
                              f"got {self.kv_transfer_bandwidth_gb_s}")
         if not self.itl_target_ms >= 0:
             raise ValueError(f"--disagg-itl-target-ms must be >= 0, got {self.itl_target_ms}")
+        if not self.ttft_target_ms >= 0:
+            raise ValueError(f"--disagg-ttft-target-ms must be >= 0, got {self.ttft_target_ms}")
         for name in ("first_token_timeout_s", "transfer_timeout_s", "idle_timeout_s",
                      "pin_timeout_s", "speedup", "bandwidth_prior_gb_s"):
             if not getattr(self, name) > 0:
@@ -311,7 +317,8 @@ class DisaggHook(WorkerHooks):
                          slowdown_weight=self.config.slowdown_weight,
                          max_prefill_queue_ms=self.config.max_prefill_queue_ms,
                          remote_margin_ms=self.config.remote_margin_ms,
-                         itl_target_ms=self.config.itl_target_ms)
+                         itl_target_ms=self.config.itl_target_ms,
+                         ttft_budget_ms=self.config.ttft_target_ms)
 
     async def before_run(self, request: proto.GenerateRequest,
                          token_ids: list[int]) -> RemotePrefill | None:

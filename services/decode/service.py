@@ -58,6 +58,9 @@ class WorkerOptions:
     disagg_itl_target_ms: float = field(default=50.0, metadata=opt(
         "decode role, --disagg auto: the mean inter-token latency a local prefill is priced "
         "against (stall within it costs nothing; 0: every ms of stall counts)", min=0))
+    disagg_ttft_target_ms: float = field(default=2000.0, metadata=opt(
+        "decode role, --disagg auto: the time to first token within which a faster one is "
+        "not bought with other streams' stall (0: every ms counts)", min=0))
     kv_bytes_per_token: int = field(default=0, metadata=opt(
         "mocker: bytes of KV one token would take (transfers carry dummy payloads of that "
         "size; 0: hashes only)", min=0))
@@ -214,7 +217,7 @@ class WorkerService(Service):
             first_token_timeout_s=o.remote_prefill_timeout,
             transfer_timeout_s=o.kv_transfer_timeout, idle_timeout_s=o.kv_transfer_idle_timeout,
             pin_timeout_s=o.remote_prefill_timeout + o.kv_transfer_timeout,
-            itl_target_ms=o.disagg_itl_target_ms,
+            itl_target_ms=o.disagg_itl_target_ms, ttft_target_ms=o.disagg_ttft_target_ms,
             speedup=o.speedup if o.engine == "mocker" else 1.0)
         return DisaggHook(config, discovery=self.discovery, metrics=self.metrics)
 
