@@ -414,3 +414,8 @@ def test_ms_pricing_counts_time_only_past_the_ttft_budget():
     assert dec.cost_remote == pytest.approx(dec.remote_ready_ms - 2000.0)
     with pytest.raises(ValueError, match="ttft_budget_ms"):
         model(ttft_budget_ms=-1.0)
+    # remote_on_tie: the same tie goes to the free prefill pool (the live default)
+    tie = d.decide(100, d.DecodeState(worker_id=1, running=40, step_ms=10.0), busy_pool,
+                   model(itl_target_ms=50.0, ttft_budget_ms=2000.0, remote_on_tie=True),
+                   max_tokens=500)
+    assert tie.mode == d.REMOTE and tie.cost_remote == 0.0 == tie.cost_local

@@ -171,6 +171,10 @@ class CostModel:
     # streams whenever the prefill pool had a queue: 1,100 ms of queue against 8 x 97 ms of
     # stall, while the 2 s TTFT target had room for the queue (docs/benchmarks.md, issue 11).
     ttft_budget_ms: float = 0.0
+    # ms pricing: a tie (e.g. both paths within both budgets) goes to the prefill worker
+    # instead of staying local: the decode worker keeps decoding, the pool's free time does
+    # the prefill (live default; docs/benchmarks.md, issue 11, session 6)
+    remote_on_tie: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -375,7 +379,8 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
         # measured to cost more ITL misses than it saved (docs/benchmarks.md, replay)
         cheaper = best.misses < best.local_misses
     else:
-        cheaper = best.cost + model.remote_margin_ms < cost_local
+        cheaper = (best.cost + model.remote_margin_ms <= cost_local if model.remote_on_tie
+                   else best.cost + model.remote_margin_ms < cost_local)
     if policy == POLICY_ALWAYS or cheaper:
         reason = FORCED if policy == POLICY_ALWAYS else REMOTE_CHEAPER
         return Decision(mode=REMOTE, reason=reason, prefill_worker_id=best.worker_id,

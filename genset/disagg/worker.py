@@ -147,6 +147,7 @@ class DisaggConfig:
     # ttft_budget_ms`; 0: every ms counts): within it a faster first token is not bought
     # with other streams' stall past the ITL target.
     ttft_target_ms: float = 2000.0
+    remote_on_tie: bool = True  # CostModel.remote_on_tie
     max_prefill_queue_ms: float = 2000.0
     remote_margin_ms: float = 0.0
     bandwidth_prior_gb_s: float = 1.0  # transfer bandwidth assumed until one is measured
@@ -318,7 +319,8 @@ class DisaggHook(WorkerHooks):
                          max_prefill_queue_ms=self.config.max_prefill_queue_ms,
                          remote_margin_ms=self.config.remote_margin_ms,
                          itl_target_ms=self.config.itl_target_ms,
-                         ttft_budget_ms=self.config.ttft_target_ms)
+                         ttft_budget_ms=self.config.ttft_target_ms,
+                         remote_on_tie=self.config.remote_on_tie)
 
     async def before_run(self, request: proto.GenerateRequest,
                          token_ids: list[int]) -> RemotePrefill | None:
