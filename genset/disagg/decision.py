@@ -171,6 +171,11 @@ class CostModel:
     # streams whenever the prefill pool had a queue: 1,100 ms of queue against 8 x 97 ms of
     # stall, while the 2 s TTFT target had room for the queue (docs/benchmarks.md, issue 11).
     ttft_budget_ms: float = 0.0
+    # ... and a path past the budget pays this once more (a first token past the TTFT target
+    # loses the request, not just ms: the SLO pricing's one miss). Without it a decode worker
+    # with 24 streams stalled 97 ms each (2.3 s) let the prefill pool's queue grow 2.3 s past
+    # the budget before a prompt stayed local.
+    over_budget_ms: float = 0.0
     # ms pricing: a tie (e.g. both paths within both budgets) goes to the prefill worker
     # instead of staying local: the decode worker keeps decoding, the pool's free time does
     # the prefill (live default; docs/benchmarks.md, issue 11, session 6)
@@ -187,7 +192,7 @@ class CostModel:
             )
         for name in ("import_ms_per_block", "transfer_setup_ms", "slowdown_weight",
                      "max_prefill_queue_ms", "remote_margin_ms", "itl_target_ms",
-                     "ttft_target_ms", "ttft_budget_ms"):
+                     "ttft_target_ms", "ttft_budget_ms", "over_budget_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -246,7 +251,10 @@ def _stall_ms(model: CostModel, prefill_ms: float, step_ms: float) -> float:
 
 def _time_ms(model: CostModel, ms: float) -> float:
     """A path's own time as the ms pricing counts it: past `ttft_budget_ms` only (if set)."""
-    return max(0.0, ms - model.ttft_budget_ms) if model.ttft_budget_ms > 0 else ms
+    if model.ttft_budget_ms <= 0:
+        return ms
+    over = ms - model.ttft_budget_ms
+    return over + model.over_budget_ms if over > 0 else 0.0
 
 
 def _misses(slack_ms: tuple[float, ...] | None, stall_ms: float, share: bool) -> float:
