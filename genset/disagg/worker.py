@@ -147,7 +147,10 @@ class DisaggConfig:
     # ttft_budget_ms`; 0: every ms counts): within it a faster first token is not bought
     # with other streams' stall past the ITL target.
     ttft_target_ms: float = 2000.0
-    remote_on_tie: bool = True  # CostModel.remote_on_tie
+    # CostModel.remote_on_tie: off. On, 2P+2D `auto` made `always`'s choices (decode-stream
+    # ITL p99 -37 to -53 % against aggregated), but a 1P+3D pool's queue then took the short
+    # prompts too and settled at the TTFT target: goodput 0.25-0.31 (0.95 off)
+    remote_on_tie: bool = False
     max_prefill_queue_ms: float = 2000.0
     remote_margin_ms: float = 0.0
     bandwidth_prior_gb_s: float = 1.0  # transfer bandwidth assumed until one is measured
