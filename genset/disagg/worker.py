@@ -143,10 +143,14 @@ class DisaggConfig:
     # load's short prompts went remote on a coin flip: a transfer, an import and a resume
     # gap each, for no stall saved (docs/benchmarks.md, issue 11, live mixed load).
     itl_target_ms: float = 50.0
-    # The time to first token a decode worker's requests are held to (`CostModel.
-    # ttft_budget_ms`; 0: every ms counts): within it a faster first token is not bought
-    # with other streams' stall past the ITL target.
-    ttft_target_ms: float = 2000.0
+    # The time to first token a decode worker's requests are held to (0: off, every ms of a
+    # path's time counts): the ms pricing then counts a path's time only past 3/4 of it
+    # (`CostModel.ttft_budget_ms`, the pool's queue grows with every prompt sent there) and
+    # prices going past it as one target more (`over_budget_ms`). Off by default: with it
+    # (2,000 ms) 1P+3D `auto` fell from 0.950 to 0.795 goodput (its one prefill worker's
+    # queue ran at the target: long TTFT p50 2.0 s), for a 2P+2D ITL gain not shown apart
+    # from the load's noise (docs/benchmarks.md, issue 11, session 6).
+    ttft_target_ms: float = 0.0
     # CostModel.remote_on_tie: off. On, 2P+2D `auto` made `always`'s choices (decode-stream
     # ITL p99 -37 to -53 % against aggregated), but a 1P+3D pool's queue then took the short
     # prompts too and settled at the TTFT target: goodput 0.25-0.31 (0.95 off)

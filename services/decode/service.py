@@ -58,9 +58,9 @@ class WorkerOptions:
     disagg_itl_target_ms: float = field(default=50.0, metadata=opt(
         "decode role, --disagg auto: the mean inter-token latency a local prefill is priced "
         "against (stall within it costs nothing; 0: every ms of stall counts)", min=0))
-    disagg_ttft_target_ms: float = field(default=2000.0, metadata=opt(
+    disagg_ttft_target_ms: float = field(default=0.0, metadata=opt(
         "decode role, --disagg auto: the time to first token within which a faster one is "
-        "not bought with other streams' stall (0: every ms counts)", min=0))
+        "not bought with other streams' stall (0: off, every ms counts)", min=0))
     kv_bytes_per_token: int = field(default=0, metadata=opt(
         "mocker: bytes of KV one token would take (transfers carry dummy payloads of that "
         "size; 0: hashes only)", min=0))
