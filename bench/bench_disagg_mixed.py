@@ -15,7 +15,10 @@ work.
 Every configuration has 4 mocker workers in all, speedup 1, 8,192 KV blocks of 16, at most 256
 running sequences and 8,192 batched tokens a step, the Dynamo peer's model directory as the
 tokenizer, and the same modelled KV transfer (--kv-bytes-per-token, --kv-transfer-bandwidth:
-both mockers take the same two knobs). Configurations:
+both mockers take the same two knobs; genset's mocker sends hashes only, paced to that link,
+unless --kv-payload dummy: the bytes were ~3 s of the workers' CPU a run on this 2-core box,
+which a GPU deployment's DMA does not spend and Dynamo's mocker does not either).
+Configurations:
 
     genset:agg           genset up --workers 4                       (aggregated)
     genset:1p3d-always   --prefill-workers 1 --workers 3, workers --disagg always
@@ -143,7 +146,10 @@ class GensetStack:
         port = free_port()
         # the state dir keeps every process's log: kept with the run's results
         state = self.run_dir / "state"
-        cmd = [str(REPO / ".venv" / "bin" / "genset"), "up", "--port", str(port),
+        # `python -m genset.cli`, not the venv's `genset` script: the shared venv's script
+        # can name another checkout's interpreter in its shebang
+        cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "genset.cli", "up",
+               "--port", str(port),
                "--workers", str(self.decode), "--prefill-workers", str(self.prefill),
                "--engine", "mocker", "--model", str(PEER_DIR / "model"),
                "--served-model-name", MODEL_NAME, "--speedup", f"{a.speedup:g}",
@@ -154,7 +160,8 @@ class GensetStack:
                f"--worker-arg=--max-running={ENGINE['max_running']}",
                f"--worker-arg=--max-batch-tokens={ENGINE['max_batch_tokens']}",
                f"--worker-arg=--kv-bytes-per-token={a.kv_bytes_per_token}",
-               f"--worker-arg=--kv-transfer-bandwidth={a.kv_transfer_bandwidth:g}"]
+               f"--worker-arg=--kv-transfer-bandwidth={a.kv_transfer_bandwidth:g}",
+               f"--worker-arg=--kv-payload={a.kv_payload}"]
         if self.prefill:
             cmd.append(f"--worker-arg=--disagg={self.mode}")
         log_path = self.run_dir / "genset-up.log"
@@ -478,6 +485,10 @@ def main() -> int:
                    help="modelled KV size on both mockers (genset sends dummy payloads this big)")
     p.add_argument("--kv-transfer-bandwidth", type=float, default=0.2,
                    help="modelled KV link, GB/s, on both mockers")
+    p.add_argument("--kv-payload", choices=("dummy", "none"), default="none",
+                   help="genset's mocker: hashes only, paced to the modelled link (as Dynamo's "
+                        "mocker, which moves no bytes, and genset's own offload path, which "
+                        "moves a placeholder), or dummy KV payloads of the modelled size")
     p.add_argument("--ttft-slo", type=float, default=2.0, help="s")
     p.add_argument("--itl-slo", type=float, default=0.050, help="mean ITL, s")
     p.add_argument("--run-timeout", type=float, default=400.0, help="s, each load.py")

@@ -387,3 +387,35 @@ def test_a_decode_backlog_does_not_keep_prefills_off_a_prefill_worker():
     assert d.decide(4096, backlog, [peer], m, max_tokens=10).reason == d.ITL_TARGET
     no_slack = d.DecodeState(worker_id=1, running=32, queued_prefill_tokens=10_000)
     assert d.decide(4096, no_slack, [IDLE_PREFILL], m, max_tokens=10).reason == d.ITL_TARGET
+
+
+def test_ms_pricing_counts_time_only_past_the_ttft_budget():
+    # a live decode worker (no slacks): the prefill pool's 1.55 s queue (1.96 s to resume)
+    # is within a 2 s budget, so 4 streams stalled 370 ms each past the ITL target (1.48 s
+    # in all) send a 410 ms prefill there
+    m = model(itl_target_ms=50.0, ttft_budget_ms=2000.0)
+    busy_pool = [d.PrefillState(worker_id=10, queued_prefill_tokens=17_000),
+                 d.PrefillState(worker_id=11, queued_prefill_tokens=15_500)]
+    four = d.DecodeState(worker_id=1, running=4, step_ms=10.0)
+    dec = d.decide(4096, four, busy_pool, m, max_tokens=500)
+    assert dec.mode == d.REMOTE and dec.cost_remote == 0.0
+    assert dec.prefill_worker_id == 11  # both within the budget: the earliest ready
+    # without the budget every ms of the wait counts against the stall: local
+    dec = d.decide(4096, four, busy_pool, model(itl_target_ms=50.0), max_tokens=500)
+    assert dec.mode == d.LOCAL
+    # nobody stalled past the ITL target either way (a short prefill): stays local
+    short = d.decide(100, d.DecodeState(worker_id=1, running=40, step_ms=10.0), busy_pool, m,
+                     max_tokens=500)
+    assert short.mode == d.LOCAL and short.cost_local == 0.0
+    # a pool whose queue breaks the budget: its time past it counts again
+    jammed = [d.PrefillState(worker_id=10, queued_prefill_tokens=19_000)]
+    dec = d.decide(4096, four, jammed, model(itl_target_ms=50.0, ttft_budget_ms=2000.0,
+                                             max_prefill_queue_ms=5000.0), max_tokens=500)
+    assert dec.cost_remote == pytest.approx(dec.remote_ready_ms - 2000.0)
+    with pytest.raises(ValueError, match="ttft_budget_ms"):
+        model(ttft_budget_ms=-1.0)
+    # remote_on_tie: the same tie goes to the free prefill pool (the live default)
+    tie = d.decide(100, d.DecodeState(worker_id=1, running=40, step_ms=10.0), busy_pool,
+                   model(itl_target_ms=50.0, ttft_budget_ms=2000.0, remote_on_tie=True),
+                   max_tokens=500)
+    assert tie.mode == d.REMOTE and tie.cost_remote == 0.0 == tie.cost_local

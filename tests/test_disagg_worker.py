@@ -162,6 +162,48 @@ async def test_dummy_payloads_travel_and_first_token_comes_before_the_kv(bus, di
         await prefill.close()
 
 
+async def test_hashes_only_transfers_keep_the_modelled_link_time(bus, discovery):
+    """--kv-payload none: no bytes travel, the transfer still lasts what the modelled link
+    says (a lower bound: the pacing sleeps never end early), and the output is the same; a
+    peer that sends dummy payloads is refused as a layout mismatch (aggregated instead)."""
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    # 64 B/token x 4 tokens a block at 50 kB/s: 5.12 ms a block
+    slow = {"kv_bytes_per_token": 64, "kv_transfer_bandwidth_gb_s": 0.000_05}
+    prefill = await Worker(bus, discovery, "prefill", ns, kv_payload="none", **slow).start()
+    decode = await Worker(bus, discovery, "decode", ns, policy="always", kv_payload="none",
+                          **slow).start()
+    other = await Worker(bus, discovery, "decode", ns, policy="always", **slow).start()
+    agg = Host(bus, discovery, num_blocks=512)
+    await agg.host.start()
+    try:
+        await wait_for(lambda: len(decode.hook.pool) == 1 and len(other.hook.pool) == 1, 10.0,
+                       "prefill worker seen")
+        loop = asyncio.get_running_loop()
+        req = decode.h.request(prompt(4, 200), max_tokens=4)  # 50 blocks of 4
+        stream = await bus.stream_request(decode.h.subject, req, timeout=30)
+        first = await anext(stream)
+        t_first = loop.time()
+        rest = [c async for c in stream]
+        assert loop.time() - t_first >= 40 * 0.00512  # the modelled link: ~50 blocks
+        want = await agg.generate(agg.request(prompt(4, 200), max_tokens=4))
+        assert tokens_of([first, *rest]) == tokens_of(want)
+        assert decode.metric("genset_disagg_remote_prefills_total") == 1
+        assert decode.metric("genset_kv_transfer_bytes_total", side="rx") == 0
+        # the cost model still prices the modelled bytes
+        assert decode.hook.cost_model().kv_bytes_per_token == 64
+        out = await other.h.generate(other.h.request(prompt(5), max_tokens=5))
+        assert len(tokens_of(out)) == 5
+        assert other.metric("genset_disagg_fallbacks_total", stage="first_token",
+                            reason="kv_layout_mismatch") == 1
+        await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0
+                       and other.used_blocks == 0, 10.0, "every pool idle")
+    finally:
+        await agg.host.close()
+        await other.close()
+        await decode.close()
+        await prefill.close()
+
+
 async def test_client_cancel_during_the_transfer_frees_both_sides(bus, discovery):
     ns = f"d{uuid.uuid4().hex[:8]}"
     slow = {"kv_bytes_per_token": 64, "kv_transfer_bandwidth_gb_s": 0.000_05}  # 20 ms a block

@@ -162,6 +162,24 @@ class CostModel:
     remote_margin_ms: float = 0.0
     itl_target_ms: float = 0.0
     ttft_target_ms: float = 0.0
+    # ms pricing only (no ITL slacks known: a live decode worker): a path's own time (local:
+    # its first token; remote: when the decode worker can go on) counts only past this
+    # budget, as the stall counts only past `itl_target_ms`. 0: every ms counts. With both
+    # under it and nobody stalled past the ITL target either way the request stays local;
+    # prefill workers tie-break on time. Counting every ms of the request's TTFT against
+    # every ms of stall past the ITL target kept long prompts on a decode worker with a few
+    # streams whenever the prefill pool had a queue: 1,100 ms of queue against 8 x 97 ms of
+    # stall, while the 2 s TTFT target had room for the queue (docs/benchmarks.md, issue 11).
+    ttft_budget_ms: float = 0.0
+    # ... and a path past the budget pays this once more (a first token past the TTFT target
+    # loses the request, not just ms: the SLO pricing's one miss). Without it a decode worker
+    # with 24 streams stalled 97 ms each (2.3 s) let the prefill pool's queue grow 2.3 s past
+    # the budget before a prompt stayed local.
+    over_budget_ms: float = 0.0
+    # ms pricing: a tie (e.g. both paths within both budgets) goes to the prefill worker
+    # instead of staying local: the decode worker keeps decoding, the pool's free time does
+    # the prefill (live default; docs/benchmarks.md, issue 11, session 6)
+    remote_on_tie: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -174,7 +192,7 @@ class CostModel:
             )
         for name in ("import_ms_per_block", "transfer_setup_ms", "slowdown_weight",
                      "max_prefill_queue_ms", "remote_margin_ms", "itl_target_ms",
-                     "ttft_target_ms"):
+                     "ttft_target_ms", "ttft_budget_ms", "over_budget_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -231,6 +249,14 @@ def _stall_ms(model: CostModel, prefill_ms: float, step_ms: float) -> float:
     return prefill_ms
 
 
+def _time_ms(model: CostModel, ms: float) -> float:
+    """A path's own time as the ms pricing counts it: past `ttft_budget_ms` only (if set)."""
+    if model.ttft_budget_ms <= 0:
+        return ms
+    over = ms - model.ttft_budget_ms
+    return over + model.over_budget_ms if over > 0 else 0.0
+
+
 def _misses(slack_ms: tuple[float, ...] | None, stall_ms: float, share: bool) -> float:
     """SLO misses a stall of `stall_ms` causes among sequences with these ITL slacks: one for
     each it pushes past its target (slack in [0, stall)); with `share`, also stall / slack of
@@ -271,7 +297,7 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
         local_misses_share = _misses(decode.slack_ms, local_compute, True) + own
         cost_local = local_misses * model.ttft_target_ms + local_ttft
     else:
-        cost_local = local_ttft + model.slowdown_weight * local_slowdown
+        cost_local = _time_ms(model, local_ttft) + model.slowdown_weight * local_slowdown
 
     def local(reason: str, **remote: object) -> Decision:
         return Decision(mode=LOCAL, reason=reason, local_ttft_ms=local_ttft,
@@ -334,8 +360,10 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
             # ranked by what it saves over local on its own basis, then by time
             cost = (misses - base) * model.ttft_target_ms + ready
         else:
-            cost = ready + model.slowdown_weight * slowdown
-        if best is None or (cost, p.worker_id) < (best.cost, best.worker_id):
+            cost = _time_ms(model, ready) + model.slowdown_weight * slowdown
+        # equal costs (e.g. all within the TTFT budget): the earliest ready
+        if best is None or (cost, ready, p.worker_id) < (best.cost, best.ready_ms,
+                                                          best.worker_id):
             best = _Remote(p.worker_id, ttft, ready, slowdown, cost, transfer_ms, misses,
                            base)
     if best is None:
@@ -359,7 +387,8 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
         # measured to cost more ITL misses than it saved (docs/benchmarks.md, replay)
         cheaper = best.misses < best.local_misses
     else:
-        cheaper = best.cost + model.remote_margin_ms < cost_local
+        cheaper = (best.cost + model.remote_margin_ms <= cost_local if model.remote_on_tie
+                   else best.cost + model.remote_margin_ms < cost_local)
     if policy == POLICY_ALWAYS or cheaper:
         reason = FORCED if policy == POLICY_ALWAYS else REMOTE_CHEAPER
         return Decision(mode=REMOTE, reason=reason, prefill_worker_id=best.worker_id,

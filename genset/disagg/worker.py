@@ -107,6 +107,7 @@ CLOSE_SENDS_S = 10.0
 STAGE_FIRST_TOKEN = "first_token"
 STAGE_TRANSFER = "transfer"
 TRANSPORTS = ("auto", "nats", "tcp")
+KV_PAYLOADS = ("dummy", "none")
 
 
 @dataclass
@@ -115,6 +116,13 @@ class DisaggConfig:
 
     policy: str = POLICY_AUTO  # auto | always | never (decode role)
     kv_bytes_per_token: int = 0  # mocker: payload bytes a token's KV would take (0: none)
+    # mocker: what a transfer carries. "dummy": payloads of kv_bytes_per_token x block_size
+    # bytes a block (exercises the transport's byte path); "none": hashes only, paced all
+    # the same to the modelled link (what Dynamo's mocker does: it moves no bytes). The
+    # bytes are CPU this machine spends and a GPU deployment does not (NIC/NVLink DMA):
+    # 7 MB a 6,700-token prompt at 1,024 B/token cost the live mixed load's workers ~3 s of
+    # CPU a run on 2 cores, ~9 ms a long prompt on both ends together (docs/benchmarks.md).
+    kv_payload: str = "dummy"
     kv_transfer_bandwidth_gb_s: float = 0.0  # mocker: modelled link (0: no delay)
     transport: str = "auto"  # auto | nats | tcp
     tcp_host: str | None = "127.0.0.1"  # where the TCP listener binds (None: NATS only)
@@ -126,6 +134,27 @@ class DisaggConfig:
     max_prefills: int = 64  # remote prefills a prefill worker serves at once
     speedup: float = 1.0  # divides the prefill timing profile (the mocker's --speedup)
     slowdown_weight: float = 1.0  # genset.disagg.CostModel
+    # The mean inter-token latency this decode worker holds its sequences to when it prices a
+    # local prefill (`CostModel.itl_target_ms`; 0: every ms of stall of every sequence
+    # counts). A prefill that keeps a step within it stalls nobody past the target. Without
+    # it, a 118-token prompt on a worker decoding 40 streams priced 40 x 18 ms of stall,
+    # about what its remote path cost the same streams (the decode worker still computes the
+    # prompt's last partial block: the step's 16.5 ms constant), so half of the live mixed
+    # load's short prompts went remote on a coin flip: a transfer, an import and a resume
+    # gap each, for no stall saved (docs/benchmarks.md, issue 11, live mixed load).
+    itl_target_ms: float = 50.0
+    # The time to first token a decode worker's requests are held to (0: off, every ms of a
+    # path's time counts): the ms pricing then counts a path's time only past 3/4 of it
+    # (`CostModel.ttft_budget_ms`, the pool's queue grows with every prompt sent there) and
+    # prices going past it as one target more (`over_budget_ms`). Off by default: with it
+    # (2,000 ms) 1P+3D `auto` fell from 0.950 to 0.795 goodput (its one prefill worker's
+    # queue ran at the target: long TTFT p50 2.0 s), for a 2P+2D ITL gain not shown apart
+    # from the load's noise (docs/benchmarks.md, issue 11, session 6).
+    ttft_target_ms: float = 0.0
+    # CostModel.remote_on_tie: off. On, 2P+2D `auto` made `always`'s choices (decode-stream
+    # ITL p99 -37 to -53 % against aggregated), but a 1P+3D pool's queue then took the short
+    # prompts too and settled at the TTFT target: goodput 0.25-0.31 (0.95 off)
+    remote_on_tie: bool = False
     max_prefill_queue_ms: float = 2000.0
     remote_margin_ms: float = 0.0
     bandwidth_prior_gb_s: float = 1.0  # transfer bandwidth assumed until one is measured
@@ -133,6 +162,9 @@ class DisaggConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"--disagg must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.kv_payload not in KV_PAYLOADS:
+            raise ValueError(f"--kv-payload must be one of {', '.join(KV_PAYLOADS)}, "
+                             f"got {self.kv_payload!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--kv-transport must be one of {', '.join(TRANSPORTS)}, "
                              f"got {self.transport!r}")
@@ -141,6 +173,10 @@ class DisaggConfig:
         if not self.kv_transfer_bandwidth_gb_s >= 0:
             raise ValueError("--kv-transfer-bandwidth must be >= 0 GB/s (0: no modelled delay), "
                              f"got {self.kv_transfer_bandwidth_gb_s}")
+        if not self.itl_target_ms >= 0:
+            raise ValueError(f"--disagg-itl-target-ms must be >= 0, got {self.itl_target_ms}")
+        if not self.ttft_target_ms >= 0:
+            raise ValueError(f"--disagg-ttft-target-ms must be >= 0, got {self.ttft_target_ms}")
         for name in ("first_token_timeout_s", "transfer_timeout_s", "idle_timeout_s",
                      "pin_timeout_s", "speedup", "bandwidth_prior_gb_s"):
             if not getattr(self, name) > 0:
@@ -262,6 +298,10 @@ class DisaggHook(WorkerHooks):
 
     def _transfer_layout(self, layout: KvLayout, block_size: int) -> KvLayout:
         if layout.engine == "mocker" and self.config.kv_bytes_per_token > 0:
+            if self.config.kv_payload == "none":
+                # hashes only, the modelled time kept (`_send`); a format of its own, so a
+                # peer that sends dummy payloads is refused as a layout mismatch
+                return KvLayout(engine="mocker", format="modelled", bytes_per_block=0)
             # dummy payloads of a real model's size (module docstring)
             return KvLayout(engine="mocker", format="dummy",
                             bytes_per_block=self.config.kv_bytes_per_token * block_size)
@@ -284,7 +324,14 @@ class DisaggHook(WorkerHooks):
                          bandwidth_bytes_per_s=self.bandwidth.bytes_per_s,
                          slowdown_weight=self.config.slowdown_weight,
                          max_prefill_queue_ms=self.config.max_prefill_queue_ms,
-                         remote_margin_ms=self.config.remote_margin_ms)
+                         remote_margin_ms=self.config.remote_margin_ms,
+                         itl_target_ms=self.config.itl_target_ms,
+                         # a quarter of the target kept back: the pool's queue is what is
+                         # queued now, and every prompt sent there adds to it (1P+3D with the
+                         # whole target as budget: queues settled at it, goodput 0.26)
+                         ttft_budget_ms=0.75 * self.config.ttft_target_ms,
+                         over_budget_ms=self.config.ttft_target_ms,
+                         remote_on_tie=self.config.remote_on_tie)
 
     async def before_run(self, request: proto.GenerateRequest,
                          token_ids: list[int]) -> RemotePrefill | None:
@@ -522,8 +569,9 @@ class DisaggHook(WorkerHooks):
         bpb = layout.bytes_per_block
         zeros = bytes(bpb)
         per_block_s = 0.0
-        if self.mocker and cfg.kv_transfer_bandwidth_gb_s > 0 and bpb:
-            per_block_s = bpb / (cfg.kv_transfer_bandwidth_gb_s * GB)
+        modelled = cfg.kv_bytes_per_token * ctx.block_size  # what a block's KV would take
+        if self.mocker and cfg.kv_transfer_bandwidth_gb_s > 0 and modelled:
+            per_block_s = modelled / (cfg.kv_transfer_bandwidth_gb_s * GB)
 
         async def source(first: int, count: int):
             if self.mocker:
@@ -537,6 +585,13 @@ class DisaggHook(WorkerHooks):
             return [b.data for b in blocks]
 
         try:
+            if per_block_s and not bpb and hashes:
+                # hashes only (--kv-payload none): the hub reads no blocks, so the modelled
+                # link's time passes here, before the header leaves (the receiver imports
+                # the run when it lands, as a one-chunk transfer would)
+                wait = min(per_block_s * len(hashes), left)
+                await asyncio.sleep(wait)
+                left -= wait
             result = await hub.send(target, request_id=request_id, hashes=hashes,
                                     parent_hash=parent, block_size=ctx.block_size,
                                     layout=layout, source=source,

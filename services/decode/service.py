@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass, field
 
 from genset.disagg.decision import POLICIES
-from genset.disagg.worker import TRANSPORTS, DisaggConfig, DisaggHook
+from genset.disagg.worker import KV_PAYLOADS, TRANSPORTS, DisaggConfig, DisaggHook
 from genset.engines.factory import (
     EngineConfigError,
     build_engine,
@@ -55,9 +55,19 @@ class WorkerOptions:
     disagg: str = field(default="auto", metadata=opt(
         "decode role: auto (remote prefill when the cost model says it pays), always (whenever "
         "a prefill worker can take it), never (aggregated)", choices=POLICIES))
+    disagg_itl_target_ms: float = field(default=50.0, metadata=opt(
+        "decode role, --disagg auto: the mean inter-token latency a local prefill is priced "
+        "against (stall within it costs nothing; 0: every ms of stall counts)", min=0))
+    disagg_ttft_target_ms: float = field(default=0.0, metadata=opt(
+        "decode role, --disagg auto: the time to first token within which a faster one is "
+        "not bought with other streams' stall (0: off, every ms counts)", min=0))
     kv_bytes_per_token: int = field(default=0, metadata=opt(
         "mocker: bytes of KV one token would take (transfers carry dummy payloads of that "
         "size; 0: hashes only)", min=0))
+    kv_payload: str = field(default="dummy", metadata=opt(
+        "mocker: what a KV transfer carries: dummy (payloads of --kv-bytes-per-token a token) "
+        "or none (hashes only, paced to the modelled link all the same)",
+        choices=KV_PAYLOADS))
     kv_transfer_bandwidth: float = field(default=0.0, metadata=opt(
         "mocker: modelled KV transfer bandwidth in GB/s (0: no modelled delay)", min=0))
     kv_transport: str = field(default="auto", metadata=opt(
@@ -201,12 +211,13 @@ class WorkerService(Service):
             return None
         tcp_host, advertise = kv_transfer_endpoint(o.kv_transfer_host, self.config.host)
         config = DisaggConfig(
-            policy=o.disagg, kv_bytes_per_token=o.kv_bytes_per_token,
+            policy=o.disagg, kv_bytes_per_token=o.kv_bytes_per_token, kv_payload=o.kv_payload,
             kv_transfer_bandwidth_gb_s=o.kv_transfer_bandwidth, transport=o.kv_transport,
             tcp_host=tcp_host, advertise_host=advertise,
             first_token_timeout_s=o.remote_prefill_timeout,
             transfer_timeout_s=o.kv_transfer_timeout, idle_timeout_s=o.kv_transfer_idle_timeout,
             pin_timeout_s=o.remote_prefill_timeout + o.kv_transfer_timeout,
+            itl_target_ms=o.disagg_itl_target_ms, ttft_target_ms=o.disagg_ttft_target_ms,
             speedup=o.speedup if o.engine == "mocker" else 1.0)
         return DisaggHook(config, discovery=self.discovery, metrics=self.metrics)
 
