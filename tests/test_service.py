@@ -82,6 +82,7 @@ async def test_service_lifecycle(nats_server, etcd_server, tmp_path):
             body = health.json()
             assert body["ready"] is True and body["instance_id"] == record.instance_id
             assert body["nats_connected"] and body["etcd_reachable"]
+            assert body["gc_frozen"] > 1000  # its start-up heap is out of full collections
 
             reply = await bus.request(record.subjects["echo"], b"hello", timeout=5)
             assert reply == b"hello"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import signal
@@ -193,6 +194,13 @@ async def _startup(service: Service, config: CommonConfig) -> None:
         config.etcd, ttl=config.lease_ttl, user=config.etcd_user, password=config.etcd_password,
         ca_cert=config.etcd_ca)
     await service.start()
+    # Everything allocated so far (modules, clients, an engine, a tokenizer) lives as long as
+    # the process: keep it out of the cyclic GC's full collections, each of which walked it
+    # all and stopped the process for tens to hundreds of ms (a worker 100-180 ms, ~6 times a
+    # run of the live mixed load; the router 68-218 ms and the offload store 150-556 ms when
+    # they did not freeze: docs/benchmarks.md, issues 11 and 15).
+    gc.collect()
+    gc.freeze()
     await service.discovery.register(service.instance_key, service.instance_record())
     service.state = "ready"
 

@@ -9,7 +9,6 @@ usage error naming the flag.
 from __future__ import annotations
 
 import asyncio
-import gc
 import socket
 from dataclasses import dataclass, field
 
@@ -194,12 +193,7 @@ class WorkerService(Service):
                                hooks=hooks[0] if len(hooks) == 1 else HookChain(*hooks) if hooks
                                else None)
         await self.host.start()
-        # Everything allocated so far (engine, block pool, tokenizer, modules) lives as long as
-        # the process: keep it out of the cyclic GC's full collections. Each one walked it
-        # all and stopped every stream of the worker for 100-180 ms, ~6 times a run of the
-        # live mixed load: the long prompts' ITL p99 (docs/benchmarks.md, issue 11).
-        gc.collect()
-        gc.freeze()
+        # (its start-up heap is frozen once start() returns: genset.runtime.service)
         # the Service registers the InstanceRecord; the host says what goes in it
         self.subjects.update(self.host.subjects)
         self.labels.update(self.host.labels)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 from dataclasses import dataclass, field
 
 from genset.routing.api import DEFAULT_ROUTE_TIMEOUT_S, POLICY_NAMES, ROUTER_MODE_INPUTS
@@ -130,10 +129,6 @@ class FrontendService(Service):
         self.api_url = f"http://{host}:{port}"
         self.labels["api_url"] = self.api_url
         self.log.info("http_api", url=self.api_url, router=opts.router)
-        # Everything allocated so far lives as long as the process: keep it out of the cyclic
-        # GC's full collections, which would otherwise stall every stream for tens of ms.
-        gc.collect()
-        gc.freeze()
 
     def _inflight(self) -> float:
         return sum(s.value for m in self.frontend_metrics.inflight.collect() for s in m.samples)

@@ -10,6 +10,7 @@ usage: python tests/helpers/echo_service.py --nats URL --etcd HOST:PORT [--drain
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from dataclasses import dataclass, field
 
@@ -43,6 +44,11 @@ class EchoService(Service):
 
         await self.bus.serve(subject, echo)
         self.subjects["echo"] = subject
+
+    def health(self) -> dict:
+        h = super().health()
+        h["gc_frozen"] = gc.get_freeze_count()  # the start-up heap run_service froze
+        return h
 
     async def drain(self) -> None:
         self.log.info("drain begin", delay_s=self.options.drain_delay)
