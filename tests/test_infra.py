@@ -53,7 +53,19 @@ def test_a_child_started_with_child_command_dies_with_its_parent(tmp_path, setpr
         until_blocking(lambda: pid_file.exists() and pid_file.read_text(), within=60,
                        what="the child's pid")
         child_pid = int(pid_file.read_text())
-        os.kill(child_pid, 0)  # it runs
+
+        def exec_done() -> bool:
+            # Popen returns once the child exec'd setpriv (or, for the fallback, once the
+            # preexec hook ran); setpriv sets the signal only when it runs. Killing the parent
+            # before that (a busy host) would leave no parent-death signal to test: wait until
+            # the child is `sleep`, which comes after the signal is set on both paths.
+            try:
+                with open(f"/proc/{child_pid}/comm") as f:
+                    return f.read().strip() == "sleep"
+            except FileNotFoundError:
+                return False
+
+        until_blocking(exec_done, within=60, what="the child to exec sleep")
         parent.kill()
         parent.wait(30)
 
