@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 import msgspec
 
@@ -22,10 +22,15 @@ def schema() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m proto.schema",
+        description="Print the JSON Schema of every genset wire message, or write it to a file.")
+    parser.add_argument("out", nargs="?", metavar="OUT.json",
+                        help="file to write (default: print to stdout)")
+    args = parser.parse_args(argv)
     text = json.dumps(schema(), indent=2, sort_keys=True)
-    if argv:
-        with open(argv[0], "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             f.write(text + "\n")
     else:
         print(text)
