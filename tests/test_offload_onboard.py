@@ -12,7 +12,6 @@ from genset.engines.mocker import MockerConfig, MockerCore, PolynomialTiming
 from genset.offload.onboard import (
     chunked_compute,
     eviction_copies_ms,
-    frontier_to_copy,
     onboard_split,
     overlapped_copy_ms,
     split_for_core,
@@ -123,15 +122,10 @@ def test_the_pool_names_what_the_split_copies_out():
     assert out[-1] == pytest.approx(2 * COPY) and out[pool.num_blocks - 3] == 0.0
     assert eviction_copies_ms(mocker(d2h=0.0), 4) is None  # a free copy out: not weighed
     assert pool.chain_to(102) == blocks and pool.chain_to(7) == []
-    assert pool.eviction_frontier(pool.num_blocks) == [(102, 101), (101, 100), (100, None)]
-    assert pool.eviction_frontier(pool.num_blocks - 2) == [(102, 101)]
-
-
-def test_copies_ahead_take_the_next_evictions_the_store_lacks():
-    frontier = [(5, 4), (4, 3), (3, None), (9, None)]
-    assert frontier_to_copy(frontier, lambda h: h == 4, 2) == [(5, 4), (3, None)]
-    assert frontier_to_copy(frontier, lambda h: False, 10) == frontier
-    assert frontier_to_copy(frontier, lambda h: False, 0) == []
+    cand = pool.eviction_candidates(pool.num_blocks)
+    assert [(h, p, b) for h, p, _, b in cand] == [(102, 101, blocks[2]), (101, 100, blocks[1]),
+                                                  (100, None, blocks[0])]
+    assert [c[0] for c in pool.eviction_candidates(pool.num_blocks - 2)] == [102]
 
 
 def test_the_first_step_full_is_where_computing_more_stops_paying():

@@ -168,12 +168,13 @@ def test_a_run_whose_copy_outlasts_the_compute_is_split_in_the_replay():
 
 def test_copies_out_ahead_of_eviction_leave_the_steps_that_evict():
     # 64 MiB blocks (1 MiB a token): each eviction's copy out (2.1 ms) is on the step that
-    # needs the block's memory, unless the idle lane copied it ahead (--offload-eager-out)
+    # needs the block's memory, unless the idle lane copied it ahead (the mocker's copies
+    # out ahead of eviction, on by default; --offload-no-copy-ahead)
     t = trace()
-    late = run_replay(t, "genset", cfg(ram_blocks=2000, kv_bytes_per_token=1 << 20))
-    eager = run_replay(t, "genset", cfg(ram_blocks=2000, kv_bytes_per_token=1 << 20,
-                                        eager_out=True))
-    assert late["offload"]["copied_ahead_blocks"] == 0 and not late["offload"]["eager_out"]
+    late = run_replay(t, "genset", cfg(ram_blocks=2000, kv_bytes_per_token=1 << 20,
+                                       copy_ahead=False))
+    eager = run_replay(t, "genset", cfg(ram_blocks=2000, kv_bytes_per_token=1 << 20))
+    assert late["offload"]["copied_ahead_blocks"] == 0 and not late["offload"]["copy_ahead"]
     assert eager["offload"]["copied_ahead_blocks"] > 0
     bl, be = (r["offload"]["ttft_breakdown_ms"] for r in (late, eager))
     assert be["prompt_copy_out"] < bl["prompt_copy_out"]

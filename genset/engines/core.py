@@ -28,6 +28,11 @@ or read without a sink. At most `sink.room()` bytes are read per hand-over; the 
 dropped and counted (`evictions_dropped`), so a flood of evictions cannot grow memory or
 stretch a step past one bounded copy.
 
+Copies out ahead of eviction (`copy_ahead`, for an engine whose copy-out lane runs beside
+its compute: the mocker): the pool's next blocks to be evicted are read and handed to the
+sink while they are still cached, in the lane's idle time, and remembered; when they are
+evicted later nothing is read again, so the step that needs their memory waits for no copy.
+
 Not thread-safe: one thread (or task) calls everything, as `EngineCore` says. The one
 exception is `cached_blocks` (alias `cached_prefix`), a read-only hint that other threads
 may call.
@@ -167,6 +172,10 @@ class SchedulingCore:
         self.evictions_handed = 0  # counters (monotonic)
         self.evictions_dropped = 0
         self.evictions_known = 0
+        # hashes copied out ahead of their eviction (`copy_ahead`) and still cached here, in
+        # the order copied; an entry leaves when its block is evicted (bounded: num_blocks)
+        self._copied_ahead: dict[int, None] = {}
+        self.copied_ahead = 0  # blocks copied out ahead of eviction (monotonic)
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -304,6 +313,7 @@ class SchedulingCore:
         packing per registered block). None stops it, and then costs nothing."""
         pool = self.pool
         self._evict_sink = sink
+        self._copied_ahead.clear()  # a new consumer has none of them
         pool.evicted = [] if sink is not None else None
         pool.keep_tokens = pool.emit_token_ids or (sink is not None and with_tokens)
 
@@ -314,18 +324,23 @@ class SchedulingCore:
         if sink is None or not evicted:
             return
         known = getattr(sink, "known", None)
-        if known is not None:
-            # blocks the sink says it has already (e.g. onboarded from the offload store):
-            # not worth a copy
+        ahead = self._copied_ahead
+        if known is not None or ahead:
+            # blocks copied out ahead of this eviction, and those the sink says it has
+            # already (e.g. onboarded from the offload store): not worth a copy
             before = len(evicted)
-            evicted = [e for e in evicted if not known(e[0])]
+            kept = []
+            for e in evicted:
+                h = e[0]
+                if h in ahead:
+                    del ahead[h]
+                elif known is None or not known(h):
+                    kept.append(e)
+            evicted = kept
             self.evictions_known += before - len(evicted)
             if not evicted:
                 return
-        # an executor may say how large one payload is (torch, mocker); an upper bound for
-        # the tokens (4 bytes each) and the objects
-        per_block = (getattr(self.executor, "kv_block_bytes", 0) + 4 * self.pool.block_size
-                     + EVICTED_OVERHEAD)
+        per_block = self._handover_block_bytes()
         n = min(len(evicted), sink.room() // per_block)
         dropped = len(evicted) - n
         blocks: list[EvictedBlock] = []
@@ -337,6 +352,53 @@ class SchedulingCore:
         self.evictions_handed += n
         self.evictions_dropped += dropped
         sink.put(blocks, dropped)
+
+    def _handover_block_bytes(self) -> int:
+        # an executor may say how large one payload is (torch, mocker); an upper bound for
+        # the tokens (4 bytes each) and the objects
+        return (getattr(self.executor, "kv_block_bytes", 0) + 4 * self.pool.block_size
+                + EVICTED_OVERHEAD)
+
+    def copy_ahead(self, budget: int, depth: int) -> int:
+        """Copy out up to `budget` of the pool's next blocks to be evicted (among the next
+        `depth` free blocks, LRU end first) to the eviction sink ahead of their eviction:
+        those not copied ahead already and not `known` to the sink, read with the executor's
+        `read_kv_ahead` (the copy-out lane's idle time pays; an executor without it copies
+        nothing ahead) and handed over as evictions are, within `sink.room()`. Their later
+        eviction reads nothing. Returns how many were copied."""
+        sink = self._evict_sink
+        read = getattr(self.executor, "read_kv_ahead", None)
+        if sink is None or read is None or budget <= 0 or depth <= 0:
+            return 0
+        budget = min(budget, sink.room() // self._handover_block_bytes())
+        if budget <= 0:
+            return 0
+        known = getattr(sink, "known", None)
+        ahead = self._copied_ahead
+        picked = []
+        for e in self.pool.eviction_candidates(depth):
+            h = e[0]
+            if h in ahead or (known is not None and known(h)):
+                continue
+            picked.append(e)
+            if len(picked) >= budget:
+                break
+        if not picked:
+            return 0
+        payloads = read([e[3] for e in picked])
+        for e in picked:
+            ahead[e[0]] = None
+        while len(ahead) > self.pool.num_blocks:  # stale entries (e.g. a cleared cache)
+            del ahead[next(iter(ahead))]
+        self.copied_ahead += len(picked)
+        sink.put([EvictedBlock(h, parent, tokens, data)
+                  for (h, parent, tokens, _), data in zip(picked, payloads, strict=True)], 0)
+        return len(picked)
+
+    def copied_ahead_of(self, block_hash: int) -> bool:
+        """Whether this cached block was copied out ahead of its eviction (its eviction
+        copies nothing)."""
+        return block_hash in self._copied_ahead
 
     # ---- pins (disaggregation: blocks held for a transfer) ----------------------------------
 

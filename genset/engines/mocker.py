@@ -142,6 +142,14 @@ class MockerConfig:
     # on its compute stream does (genset's torch engine today).
     kv_copy_overlap: bool = True
     kv_layers: int = 32  # layers of the modelled KV (Llama-3-8B: 131,072 bytes a token)
+    # Copies out ahead of eviction (with an eviction sink, `kv_copy_overlap` and a D2H
+    # bandwidth): after each step, the copy-out lane's idle time in it (the step's length
+    # less its own copies out) copies the pool's next cached blocks to be evicted, at most
+    # this many free blocks from its LRU end, to the sink (`SchedulingCore.copy_ahead`), so
+    # the step that later evicts them waits for no copy: an import of a long run evicts as
+    # many blocks as it brings in, and their copies out fenced its first step. 0: off
+    # (blocks are copied out when evicted).
+    offload_copy_ahead_blocks: int = 1024
 
     @property
     def speedup_ratio(self) -> float:
@@ -184,6 +192,7 @@ class StepStats:
     start_ms: float = 0.0
     copy_out_ms: float = 0.0  # of step_ms: KV copied out (eviction write-behind, export)
     copy_in_ms: float = 0.0  # of step_ms: KV copied in (imports, onboarding; disk reads)
+    out_lane_ms: float = 0.0  # the copies out this step waited for, whole (not only the excess)
     # ids of the requests with a prompt chunk in the step (only with `record_prefill_ids`)
     prefill_ids: list[str] | None = None
 
@@ -243,6 +252,7 @@ class MockerExecutor:
         else:
             step_ms = self.timing.step_ms(prefill_tokens, emitted > 0, usage)
         copy_out = copy_in = 0.0
+        out_lane = self.charged_out_ms
         if self.charged_ms:
             step_ms, copy_out, copy_in = self._with_copies(step_ms)
         self.stats = StepStats(
@@ -253,6 +263,7 @@ class MockerExecutor:
             step_ms=step_ms,
             copy_out_ms=copy_out,
             copy_in_ms=copy_in,
+            out_lane_ms=out_lane,
         )
         if self.record_prefill_ids:
             self.stats.prefill_ids = [
@@ -293,6 +304,11 @@ class MockerExecutor:
         size = self.config.kv_block_bytes
         self.charge(self._copy_ms(size * len(block_ids), self.config.offload_d2h_gbps), out=True)
         return [mock_payload(size)] * len(block_ids)
+
+    def read_kv_ahead(self, block_ids: list[int]) -> list[Any]:
+        """`read_kv` for a copy out ahead of eviction: it runs in the copy-out lane's idle
+        time (MockerCore.step sizes it to fit), so no step is charged."""
+        return [mock_payload(self.config.kv_block_bytes)] * len(block_ids)
 
     def decode_kv(self, blocks: list[KvBlockData]) -> list[Any]:
         size = self.config.kv_block_bytes
@@ -423,17 +439,39 @@ class MockerCore(SchedulingCore):
         self.timing = cfg.timing
         self.clock_ms = 0.0
         self.last_step = StepStats()
+        if cfg.offload_copy_ahead_blocks < 0:
+            raise ValueError("offload_copy_ahead_blocks must be >= 0, got "
+                             f"{cfg.offload_copy_ahead_blocks}")
+        # one block's copy out, ms (0: copies out ahead are off, MockerConfig)
+        self._ahead_ms = 0.0
+        if (cfg.offload_copy_ahead_blocks > 0 and cfg.kv_copy_overlap
+                and cfg.offload_d2h_gbps > 0 and cfg.kv_block_bytes > 0):
+            self._ahead_ms = cfg.kv_block_bytes / (cfg.offload_d2h_gbps * 1e6)
+        self._run_durs: list[float] = []  # the last `decode_run`'s step durations
+        self._run_started = 0  # of them, steps whose copies ahead were made
 
     def step(self, now_ms: float | None = None) -> tuple[list[EngineOutput], float]:
         start = self.clock_ms if now_ms is None else now_ms
         executor = self.executor
         executor.stats = None
         outputs, step_ms = super().step()
-        stats = executor.stats or StepStats()  # None: nothing was scheduled
+        stats = executor.stats  # None: nothing was scheduled
+        if stats is None:
+            stats = StepStats()
+        elif self._ahead_ms and self._evict_sink is not None:
+            # the copy-out lane is idle for the step's length less its own copies out
+            self._copy_ahead_in(stats.step_ms - stats.out_lane_ms)
         stats.start_ms = start
         self.last_step = stats
         self.clock_ms = start + step_ms
         return outputs, step_ms
+
+    def _copy_ahead_in(self, idle_ms: float) -> int:
+        """Copies out ahead of eviction in `idle_ms` of the copy-out lane (MockerConfig)."""
+        if idle_ms <= 0:
+            return 0
+        return self.copy_ahead(int(idle_ms / self._ahead_ms),
+                               self.config.offload_copy_ahead_blocks)
 
     # ---- runs of plain decode steps (simulated-time drivers) --------------------------------
 
@@ -450,21 +488,42 @@ class MockerCore(SchedulingCore):
         if n == 0:
             return []
         timing = self.timing
+        self._run_started = 0
         if not timing.dynamo_exact:
-            return [timing.step_ms(0, True, self.pool.num_used / self.pool.num_blocks)] * n
+            out = [timing.step_ms(0, True, self.pool.num_used / self.pool.num_blocks)] * n
+            self._run_durs = out
+            return out
         # as in `step`: u = decoding context tokens (before this step's token) / capacity
         cap = self.pool.num_blocks * self.pool.block_size
         ctx = sum(len(seq.token_ids) for seq in sched.running)
         grow = len(sched.running)
-        out: list[float] = []
+        out = []
         for _ in range(n):
             out.append(timing.step_ms(0, True, ctx / cap))
             ctx += grow
+        self._run_durs = out
         return out
+
+    def decode_run_started(self, steps: int) -> None:
+        """The first `steps` steps of the last `decode_run` have started (a driver acting in
+        the middle of the run, e.g. importing KV for a request that arrived): make their
+        copies out ahead of eviction now, as `step` makes a step's when the step is taken,
+        before anything that happens during it. `commit_decode_run` makes the rest."""
+        steps = min(steps, len(self._run_durs))
+        if steps > self._run_started:
+            if self._ahead_ms and self._evict_sink is not None:
+                # a decode step copies nothing out of its own: its whole length is idle lane
+                per = self._ahead_ms
+                budget = sum(int(d / per) for d in self._run_durs[self._run_started:steps])
+                self.copy_ahead(budget, self.config.offload_copy_ahead_blocks)
+            self._run_started = steps
 
     def commit_decode_run(self, steps: int, end_ms: float) -> list[str]:
         """Apply the first `steps` steps of the last `decode_run`; returns the ids of the
         requests that emitted `steps` tokens each (none finished)."""
+        self.decode_run_started(steps)
+        self._run_durs = []
+        self._run_started = 0
         sched = self.scheduler
         running = sched.running
         next_tokens = self.executor.next_tokens

@@ -127,11 +127,12 @@ class BlockPool:
         bh = self.block_hash
         return [bh[b] for b in islice(self._free, max(0, n))]
 
-    def eviction_frontier(self, n: int) -> list[tuple[int, int | None]]:
-        """(hash, parent hash) of the cached blocks among the next `n` free blocks
-        `allocate` would take, in that order (the next to be evicted). Changes nothing."""
-        bh, parent = self.block_hash, self._parent
-        return [(bh[b], parent[b]) for b in islice(self._free, max(0, n))
+    def eviction_candidates(self, n: int) -> list[tuple[int, int | None, bytes | None, int]]:
+        """The cached blocks among the next `n` free blocks `allocate` would take, next first,
+        as the `evicted` records their eviction would make (hash, parent hash, packed tokens,
+        block id): what an engine can copy out ahead of eviction. Changes nothing."""
+        bh, parent, tokens = self.block_hash, self._parent, self._tokens
+        return [(bh[b], parent[b], tokens[b], b) for b in islice(self._free, max(0, n))
                 if bh[b] is not None]
 
     def chain_to(self, block_hash: int | None) -> list[int]:

@@ -170,26 +170,12 @@ def eviction_copies_ms(core, blocks: int, known: Callable[[int], bool] | None = 
         order = pool.eviction_order(blocks)
     except RuntimeError:  # changed by the engine's thread while read
         return None
+    ahead = getattr(core, "copied_ahead_of", None)  # copied out ahead: evicted for free
     out = [0.0]
     acc = 0.0
     for h in order:
-        if h is not None and (known is None or not known(h)):
+        if (h is not None and (known is None or not known(h))
+                and (ahead is None or not ahead(h))):
             acc += per
         out.append(acc)
-    return out
-
-
-def frontier_to_copy(frontier: list[tuple[int, int | None]], known: Callable[[int], bool],
-                     budget: int) -> list[tuple[int, int | None]]:
-    """Which of an engine's next blocks to be evicted (`frontier`: (hash, parent), next
-    first) to copy out ahead of their eviction with room for `budget` copies: the first
-    ones the store does not have from this worker already (`known`)."""
-    out: list[tuple[int, int | None]] = []
-    if budget <= 0:
-        return out
-    for h, parent in frontier:
-        if not known(h):
-            out.append((h, parent))
-            if len(out) >= budget:
-                break
     return out

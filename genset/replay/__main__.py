@@ -148,10 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--offload-sync-copies", action="store_true",
                      help="workers' steps wait for their KV copies (default: the copies run "
                           "beside the step's compute, layer by layer)")
-    off.add_argument("--offload-eager-out", action="store_true",
-                     help="model copies out ahead of eviction: each step's idle copy-out "
-                          "lane copies the worker's next blocks to be evicted to the store "
-                          "(neither engine does it yet; genset.replay.offload)")
+    off.add_argument("--offload-no-copy-ahead", action="store_true",
+                     help="workers copy a block out only when it is evicted (default: each "
+                          "step's idle copy-out lane copies the worker's next blocks to be "
+                          "evicted to the store ahead of time, as the mocker does: "
+                          "MockerConfig.offload_copy_ahead_blocks)")
+    off.add_argument("--offload-copy-ahead-blocks", type=_non_negative(int), default=1024,
+                     help="how far from its LRU end a worker copies out ahead (free blocks)")
     off.add_argument("--offload-no-split", action="store_true",
                      help="onboard a store run whole even when its copy outlasts the prompt's "
                           "compute (default: compute its tail beside the copy, to the balance "
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                            copy_overlap=not args.offload_sync_copies,
                            admission=args.offload_admission,
                            split_runs=not args.offload_no_split,
-                           eager_out=args.offload_eager_out),
+                           copy_ahead=not args.offload_no_copy_ahead,
+                           copy_ahead_blocks=args.offload_copy_ahead_blocks),
                        sla_ttft_ms=args.sla_ttft_ms, sla_itl_ms=args.sla_itl_ms, planner=planner)
     results = []
     for name in policies:

@@ -8,7 +8,8 @@ What the simulation does with it, as live workers and the live store do:
   them over before reusing their memory: the mocker charges the copy out,
   `kv_bytes_per_token` x block size at `d2h_gbps`, to the step that evicted them, beside its
   compute unless `copy_overlap` is off), except those it onboarded from the store lately
-  (as the live hook);
+  (as the live hook) and those the engine copied out ahead of their eviction in its
+  copy-out lane's idle time (`copy_ahead`: the mocker's own behaviour, as live);
 - before a request is queued on its worker (the worker's `before_run`), the longest run of its
   prompt's blocks after the worker's own cached prefix that the store holds is onboarded:
   demand is recorded, disk hits are promoted to RAM, and the blocks are imported (pinned)
@@ -26,7 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from genset.offload.onboard import frontier_to_copy, split_for_core
+from genset.offload.onboard import split_for_core
 from genset.offload.tiers import DEFAULT_ADMISSION, TIER_RAM, TieredCache
 
 STORE_ID = 0x0FF10AD  # the store's id in the routers' index (never a worker's index)
@@ -54,23 +55,34 @@ class OffloadConfig:
     # outlast the prompt's compute, computing its tail beside the copy instead
     # (`genset.offload.onboard.onboard_split`, as the live hook with a mocker engine).
     split_runs: bool = True
-    # Copies out ahead of eviction (`--offload-eager-out`, a model: neither engine does it
-    # yet): in every step, the copy-out lane's time the step's own evictions leave idle
-    # copies the worker's next cached blocks to be evicted (at most `eager_depth` ahead of
-    # the pool's LRU end) to the store, so evicting them later costs no copy on the step
-    # that needs their memory (an import of a long run evicts as many blocks as it brings).
-    eager_out: bool = False
-    eager_depth: int = 1024
+    # Copies out ahead of eviction (the mocker's `offload_copy_ahead_blocks`, on unless
+    # `--offload-no-copy-ahead`): in every step, the copy-out lane's time the step's own
+    # copies out leave idle copies the worker's next cached blocks to be evicted (at most
+    # `copy_ahead_blocks` free blocks from the pool's LRU end) to the store, so evicting
+    # them later costs no copy on the step that needs their memory (an import of a long
+    # run evicts as many blocks as it brings in). The engine does it
+    # (`MockerCore.step`, `SchedulingCore.copy_ahead`); the replay only sets it.
+    copy_ahead: bool = True
+    copy_ahead_blocks: int = 1024
 
     def __post_init__(self) -> None:
         if self.ram_blocks < 0 or self.disk_blocks < 0 or self.kv_bytes_per_token < 0:
             raise ValueError("offload: block counts and kv_bytes_per_token must be >= 0")
         if min(self.d2h_gbps, self.h2d_gbps, self.disk_gbps) < 0:
             raise ValueError("offload: bandwidths must be >= 0 (0: free)")
+        if self.copy_ahead_blocks < 0:
+            raise ValueError("offload: copy_ahead_blocks must be >= 0")
 
     @property
     def enabled(self) -> bool:
         return self.ram_blocks > 0 or self.disk_blocks > 0
+
+    def engine_options(self) -> dict:
+        """The mocker's `MockerConfig` fields for this store's transfers."""
+        return {"kv_bytes_per_token": self.kv_bytes_per_token,
+                "offload_d2h_gbps": self.d2h_gbps, "offload_h2d_gbps": self.h2d_gbps,
+                "kv_copy_overlap": self.copy_overlap,
+                "offload_copy_ahead_blocks": self.copy_ahead_blocks if self.copy_ahead else 0}
 
     def policy_options(self) -> dict:
         """What the genset routing policy needs to cost onboarding like this store."""
@@ -84,13 +96,12 @@ class _Sink:
     """A worker core's eviction sink: every evicted block is offered to the store, but those
     the worker onboarded from it lately (as the live hook: `EvictionHandover.skip`)."""
 
-    __slots__ = ("max_onboarded", "onboarded", "put_blocks", "sim")
+    __slots__ = ("max_onboarded", "onboarded", "sim")
 
     def __init__(self, sim: OffloadSim, max_onboarded: int) -> None:
         self.sim = sim
         self.onboarded: OrderedDict[int, None] = OrderedDict()
         self.max_onboarded = max_onboarded
-        self.put_blocks = 0  # handed over (copied out) since the last `OffloadSim.copy_ahead`
 
     def room(self) -> int:
         return 1 << 62
@@ -111,7 +122,6 @@ class _Sink:
         for b in blocks:
             offer(b.hash, b.parent_hash)
         self.sim.offered += len(blocks)
-        self.put_blocks += len(blocks)
 
 
 class OffloadSim:
@@ -122,16 +132,17 @@ class OffloadSim:
                                            spill_min_freq=config.spill_min_freq,
                                            admission=config.admission)
         self.offered = 0
-        self.copied_ahead = 0  # of `offered`: copied out ahead of eviction (`eager_out`)
         # blocks of the store's runs found by lookups, before the split (>= onboarded)
         self.found_blocks = 0
         self.onboarded = {TIER_RAM: 0, "disk": 0}  # blocks
         self._sinks: dict[int, _Sink] = {}  # id(core) -> its sink
+        self._cores: list = []  # attached, for their counts of blocks copied ahead
         self.lookups = 0
 
     def attach(self, core) -> None:
         """Write-behind of `core`'s evictions (no token ids: the replay needs none)."""
         sink = self._sinks[id(core)] = _Sink(self, max(1024, 4 * core.card.kv_blocks))
+        self._cores.append(core)
         core.set_eviction_sink(sink, with_tokens=False)
 
     def onboard(self, core, hashes: list[int], prompt_len: int):
@@ -184,30 +195,6 @@ class OffloadSim:
         kv = KvImport(blocks=[KvBlockData(h) for h in want[:n]], parent_hash=parent)
         return kv, n - disk, disk, have
 
-    def copy_ahead(self, core, compute_ms: float) -> None:
-        """With `eager_out`: after a step of `compute_ms` on `core`, the copy-out lane's time
-        its own copies out left idle copies the core's next blocks to be evicted to the store
-        (offered as evictions are; remembered, so their eviction copies nothing)."""
-        sink = self._sinks.get(id(core))
-        if sink is None:
-            return
-        put, sink.put_blocks = sink.put_blocks, 0
-        c = self.config
-        if not c.eager_out or c.d2h_gbps <= 0 or compute_ms <= 0:
-            return
-        per = c.kv_bytes_per_token * self.block_size / (c.d2h_gbps * 1e6)
-        budget = int(compute_ms / per) - put
-        if budget <= 0:
-            return
-        picked = frontier_to_copy(core.pool.eviction_frontier(c.eager_depth), sink.known,
-                                  budget)
-        offer = self.cache.offer
-        for h, parent in picked:
-            offer(h, parent)
-        sink.remember([h for h, _ in picked])
-        self.offered += len(picked)
-        self.copied_ahead += len(picked)
-
     def _split(self, core, tiers: list[str], rest: int) -> int:
         """How many of the run's leading blocks the engine imports (`onboard_split`, as the
         live hook does with a mocker engine): the rest of the run is computed with the
@@ -249,7 +236,8 @@ class OffloadSim:
             "disk_gbps": self.config.disk_gbps, "copy_overlap": self.config.copy_overlap,
             "admission": self.config.admission,
             "offered_blocks": self.offered, "lookups": self.lookups,
-            "eager_out": self.config.eager_out, "copied_ahead_blocks": self.copied_ahead,
+            "copy_ahead": self.config.copy_ahead,
+            "copied_ahead_blocks": sum(getattr(c, "copied_ahead", 0) for c in self._cores),
             "onboarded_blocks": dict(self.onboarded), "found_blocks": self.found_blocks,
             "held_blocks": {"host": len(c.ram), "disk": len(c.disk)},
             "policy": dict(c.counts),

@@ -95,9 +95,7 @@ def make_mocker(cfg: ReplayConfig, worker_id: int):
     from genset.engines.mocker import MockerConfig, MockerCore, PolynomialTiming
 
     off = cfg.offload if cfg.offload is not None and cfg.offload.enabled else None
-    transfers = {} if off is None else {
-        "kv_bytes_per_token": off.kv_bytes_per_token, "offload_d2h_gbps": off.d2h_gbps,
-        "offload_h2d_gbps": off.h2d_gbps, "kv_copy_overlap": off.copy_overlap}
+    transfers = {} if off is None else off.engine_options()
     return MockerCore(MockerConfig(**transfers,
         block_size=cfg.block_size,
         num_blocks=cfg.kv_blocks,
@@ -232,15 +230,12 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             w.run_ends = ends
             w.busy = True
             push(w, e)
-            if store is not None:  # (a run's steps evict nothing: its lane is idle)
-                store.copy_ahead(w.core, e - t)
             return
         outputs, dur = w.core.step(t)
         fleet.on_step(w)
         if store is not None:
             st = w.core.last_step
             account_copies(w, t, st)
-            store.copy_ahead(w.core, st.step_ms - st.copy_out_ms - st.copy_in_ms)
         batch = w.core.take_kv_batch(int(t + dur))
         w.busy = True
         pending[w.index] = (outputs, batch)
@@ -365,6 +360,10 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
             fleet.on_arrival(r.trace.input_length, routed.overlap_blocks * cfg.block_size)
             w = workers[routed.worker_id]
             kv_import = None
+            if w.run_ends is not None:
+                # the steps of its decode run started by now made their copies out ahead of
+                # eviction (the mocker makes a step's as it takes it), before the import
+                w.core.decode_run_started(bisect.bisect_right(w.run_ends, t_arr) + 1)
             if store is not None:  # the worker's before_run: onboard from the store
                 kv_import, ram_n, disk_n, have = store.onboard(w.core, hashes,
                                                                r.trace.input_length)

@@ -19,6 +19,11 @@ onboarding of a prompt's next blocks before it runs.
   reads no payloads for nobody. Blocks this worker onboarded from the store (the last
   `4 x kv_blocks` of them) are skipped when evicted again (`EvictionHandover.skip`): the
   store has them, and the copy out is the one cost write-behind puts on an engine step.
+- An engine that copies out ahead of eviction (the mocker with a D2H bandwidth and
+  `offload_copy_ahead_blocks`: `SchedulingCore.copy_ahead`) hands its next blocks to be
+  evicted over while they are still cached, in its copy-out lane's idle time; they come to
+  `on_evict` like evicted ones, and their eviction later hands nothing over. The split
+  (`split_for_core`) counts them as free to evict.
 
 A request moved off a dead worker (migration) onboards its prefix here like any other.
 """
