@@ -488,5 +488,14 @@ def test_spare_gate_closes_when_a_prompt_the_pool_is_for_stays_local():
     gate.note(d.decide(4096, streams, [d.PrefillState(worker_id=10)], m, max_tokens=256), 0.0)
     gate.note(d.decide(8, streams, jammed, m, max_tokens=256), 0.0)
     assert gate.spare(0.0)
+    # a remote first token slower than the budget: the pool's queue is longer than the
+    # decode worker's view of it says
+    gate = d.SpareGate(2000.0, 1000.0)
+    gate.first_token(900.0, 0.0)
+    assert gate.spare(0.0)
+    gate.first_token(1200.0, 50.0)
+    assert not gate.spare(2049.0) and gate.spare(2050.0)
     with pytest.raises(ValueError, match="hold_ms"):
         d.SpareGate(-1.0)
+    with pytest.raises(ValueError, match="budget_ms"):
+        d.SpareGate(1.0, -1.0)

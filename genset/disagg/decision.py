@@ -429,15 +429,27 @@ class SpareGate:
     saturation limit, `CostModel.max_prefill_queue_ms`). A pool's queue length alone does not
     say this: under a closed-loop load (a fixed number of prompts in flight) the queue fills to
     any threshold set on it (1P+3D with a 1.5 s TTFT budget for ties: goodput 0.31,
-    docs/benchmarks.md, issue 11, session 6). Pure: the caller passes the time (ms, any
+    docs/benchmarks.md, issue 11, session 6). Closed for `hold_ms` too after a remote
+    prefill's first token took longer than `budget_ms` to come back (`first_token`): what the
+    pool's queue really is, where the decode worker's view of it lags what the other decode
+    workers sent (1P+3D with the first rule alone, session 7: decode-stream TTFT p50 2.0 s
+    against a 1 s budget, goodput 0.56 and 0.64). Pure: the caller passes the time (ms, any
     monotonic origin); one gate per decode worker (the replay: one per simulated worker).
     """
 
-    def __init__(self, hold_ms: float) -> None:
+    def __init__(self, hold_ms: float, budget_ms: float = float("inf")) -> None:
         if not hold_ms >= 0:
             raise ValueError(f"hold_ms must be >= 0, got {hold_ms}")
+        if not budget_ms >= 0:
+            raise ValueError(f"budget_ms must be >= 0, got {budget_ms}")
         self.hold_ms = hold_ms
+        self.budget_ms = budget_ms
         self._closed_until = float("-inf")
+
+    def first_token(self, latency_ms: float, now_ms: float) -> None:
+        """A remote prefill's first token came back `latency_ms` after it was asked for."""
+        if latency_ms > self.budget_ms:
+            self._closed_until = max(self._closed_until, now_ms + self.hold_ms)
 
     def spare(self, now_ms: float) -> bool:
         return now_ms >= self._closed_until

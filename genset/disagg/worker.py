@@ -256,7 +256,7 @@ class DisaggHook(WorkerHooks):
         # the engine (`_RemoteRun.release`, which the host calls after its submit): requests
         # that decode here within a transfer's time, so a local prefill stalls them too
         self.resuming = 0
-        self.spare = SpareGate(config.max_prefill_queue_ms)
+        self.spare = SpareGate(config.max_prefill_queue_ms, config.spare_budget_ms)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -423,6 +423,7 @@ class DisaggHook(WorkerHooks):
         uncached = len(token_ids) - cached * ctx.block_size
         pool.sent(pid, uncached)
         reason = None
+        asked = time.monotonic()
         try:
             reply = await _unless_gone(ctx.bus.request(
                 subjects.remote_prefill(ctx.namespace, pid), message,
@@ -450,6 +451,8 @@ class DisaggHook(WorkerHooks):
             raise
         finally:
             pool.answered(pid, uncached)
+        now = time.monotonic()
+        self.spare.first_token((now - asked) * 1e3, now * 1e3)
         if reason is not None:
             log.info("remote prefill failed; prefilling locally", request_id=request.request_id,
                      prefill_worker=f"{pid:x}", reason=reason)

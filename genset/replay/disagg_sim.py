@@ -179,7 +179,8 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                       max_prefill_queue_ms=cfg.max_prefill_queue_ms,
                       itl_target_ms=cfg.sla_itl_ms, ttft_target_ms=cfg.sla_ttft_ms,
                       spare_budget_ms=cfg.spare_budget_ms)
-    gates = [SpareGate(cfg.max_prefill_queue_ms) for _ in range(D)]  # as each live decode worker
+    # one per decode worker, as live
+    gates = [SpareGate(cfg.max_prefill_queue_ms, cfg.spare_budget_ms) for _ in range(D)]
     hash_cache = _HashCache(cfg.block_size)
     t0 = trace[0].arrival_ms
     reqs = [_Req(t, (t.arrival_ms - t0) / cfg.arrival_speedup) for t in trace]
@@ -254,6 +255,7 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                 remote_prefilling.discard(rid)
                 r = by_id[rid]
                 r.first_token_ms = r.last_token_ms = t
+                gates[r.decode].first_token(t - r.arrival_ms, t)
                 r.cached_tokens = out.cached_tokens
                 r.outputs = 1
                 r.first_token = out.token_ids[0]
