@@ -459,6 +459,8 @@ def test_a_tie_goes_to_a_pool_with_room_to_spare_within_the_budget():
 
 def test_spare_gate_closes_when_a_prompt_the_pool_is_for_stays_local():
     gate = d.SpareGate(2000.0)
+    assert not gate.spare(0.0)  # nothing known of the pool yet
+    gate.first_token(100.0, 0.0)  # a first token back within the budget: room seen
     assert gate.spare(0.0)
     m = model(itl_target_ms=50.0, max_prefill_queue_ms=2000.0)
     streams = d.DecodeState(worker_id=1, running=40, step_ms=10.0)
@@ -474,6 +476,7 @@ def test_spare_gate_closes_when_a_prompt_the_pool_is_for_stays_local():
     assert not gate.spare(100.0) and not gate.spare(2099.0) and gate.spare(2100.0)
     # ... and kept local by price (the pool's queue dearer than the stall): closed too
     gate = d.SpareGate(2000.0)
+    gate.first_token(100.0, 0.0)
     four = d.DecodeState(worker_id=1, running=4, step_ms=10.0)
     slow = [d.PrefillState(worker_id=10, queued_prefill_tokens=17_000)]
     dec = d.decide(4096, four, slow, m, max_tokens=256)
@@ -482,6 +485,7 @@ def test_spare_gate_closes_when_a_prompt_the_pool_is_for_stays_local():
     assert not gate.spare(1999.0)
     # a long prompt kept local with nobody to stall (a burst's first): still open
     gate = d.SpareGate(2000.0)
+    gate.first_token(100.0, 0.0)
     gate.note(d.decide(4096, d.DecodeState(worker_id=1), slow, m, max_tokens=256), 0.0)
     assert gate.spare(0.0)
     # remote decisions and decisions with nothing to ship do not close it
@@ -491,8 +495,10 @@ def test_spare_gate_closes_when_a_prompt_the_pool_is_for_stays_local():
     # a remote first token slower than the budget: the pool's queue is longer than the
     # decode worker's view of it says
     gate = d.SpareGate(2000.0, 1000.0)
+    gate.first_token(1100.0, 0.0)
+    assert not gate.spare(2000.0)  # closed, and no room seen yet
     gate.first_token(900.0, 0.0)
-    assert gate.spare(0.0)
+    assert gate.spare(2000.0)
     gate.first_token(1200.0, 50.0)
     assert not gate.spare(2049.0) and gate.spare(2050.0)
     with pytest.raises(ValueError, match="hold_ms"):

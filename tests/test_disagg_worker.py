@@ -7,6 +7,7 @@ back (aggregated, or recompute) on every failure, and leaves no block pinned on 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -143,6 +144,11 @@ async def test_auto_sends_a_tie_to_an_idle_prefill_pool_unless_the_budget_is_off
     try:
         await wait_for(lambda: len(spare.hook.pool) == 1 and len(keep.hook.pool) == 1, 10.0,
                        "prefill worker seen")
+        # the gate opens once a remote first token has come back within the budget (here
+        # nothing would go remote for its price on an idle worker): as that one would
+        now_ms = time.monotonic() * 1e3
+        for w in (spare, keep):
+            w.hook.spare.first_token(10.0, now_ms)
         for w, i in ((spare, 30), (keep, 31)):
             out = await w.h.generate(w.h.request(prompt(i), max_tokens=6))
             assert len(tokens_of(out)) == 6

@@ -433,8 +433,12 @@ class SpareGate:
     prefill's first token took longer than `budget_ms` to come back (`first_token`): what the
     pool's queue really is, where the decode worker's view of it lags what the other decode
     workers sent (1P+3D with the first rule alone, session 7: decode-stream TTFT p50 2.0 s
-    against a 1 s budget, goodput 0.56 and 0.64). Pure: the caller passes the time (ms, any
-    monotonic origin); one gate per decode worker (the replay: one per simulated worker).
+    against a 1 s budget, goodput 0.56 and 0.64). And closed until a remote first token has
+    come back within the budget at all: a burst's first prompts are all decided before any
+    first token returns, and there the gate would know nothing (the same 1P+3D runs with
+    the second rule: 49 ties sent at the start, 20 decode streams over the TTFT SLO).
+    Pure: the caller passes the time (ms, any monotonic origin); one gate per decode worker
+    (the replay: one per simulated worker).
     """
 
     def __init__(self, hold_ms: float, budget_ms: float = float("inf")) -> None:
@@ -445,14 +449,17 @@ class SpareGate:
         self.hold_ms = hold_ms
         self.budget_ms = budget_ms
         self._closed_until = float("-inf")
+        self._seen_room = False  # a remote first token came back within the budget
 
     def first_token(self, latency_ms: float, now_ms: float) -> None:
         """A remote prefill's first token came back `latency_ms` after it was asked for."""
         if latency_ms > self.budget_ms:
             self._closed_until = max(self._closed_until, now_ms + self.hold_ms)
+        else:
+            self._seen_room = True
 
     def spare(self, now_ms: float) -> bool:
-        return now_ms >= self._closed_until
+        return self._seen_room and now_ms >= self._closed_until
 
     def note(self, decision: Decision, now_ms: float) -> None:
         """Account one decision made at `now_ms`."""
