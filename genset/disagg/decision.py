@@ -62,7 +62,7 @@ SINGLE_TOKEN = "single_token"  # max_tokens 1: nothing would be decoded after th
 ITL_TARGET = "itl_target"
 # remote though not cheaper: moving it costs nobody anything (a tie), its first token is
 # predicted within `CostModel.spare_budget_ms`, and the prefill pool has room to spare
-# (`SpareGate`): the decode worker's steps stay free of its prefill
+# (`SpareGate`): `always`'s choice where the pool keeps up
 REMOTE_SPARE = "remote_spare"
 # Every reason label a decision can carry (a bounded label set for the metric).
 REASONS = (NO_PREFILL_WORKERS, PREFILL_SATURATED, SHORT_PROMPT_CACHED, REMOTE_CHEAPER,
