@@ -163,10 +163,11 @@ class DisaggConfig:
     # as the decode worker sees it lags what the other decode workers sent (measured
     # overshoot ~0.5 s at a 1.5 s budget, docs/benchmarks.md, issue 11, session 6). On by
     # default on a weak margin: 2P+2D decode-stream ITL p99 against aggregated, per round,
-    # median -33 % with it and -26 % without over 9 alternated rounds, better than without in
-    # 6 of 9; goodput unchanged (session 7). In the mocker a tie's resume still computes its
-    # last partial block on the decode worker (a prefill step's 16.5 ms constant), so the
-    # step cost it saves there is small; what the gain comes from is not measured apart.
+    # median -38 % with it and -29 % without over 12 alternated rounds, better than without
+    # in 8 of 12 (level in the 6 rounds of the final rule alone); goodput unchanged
+    # (session 7). In the mocker a tie's resume still computes its last partial block on
+    # the decode worker (a prefill step's 16.5 ms constant), so the step cost it saves there
+    # is small; what the gain comes from is not measured apart.
     spare_budget_ms: float = 1000.0
     max_prefill_queue_ms: float = 2000.0
     remote_margin_ms: float = 0.0
