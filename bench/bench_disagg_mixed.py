@@ -25,6 +25,8 @@ Configurations:
     genset:2p2d-always   --prefill-workers 2 --workers 2, workers --disagg always
     genset:1p3d-auto     --prefill-workers 1 --workers 3, workers --disagg auto (cost model)
     genset:2p2d-auto     --prefill-workers 2 --workers 2, workers --disagg auto
+    genset:1p3d-tielocal, genset:2p2d-tielocal: `auto` with --disagg-spare-budget-ms 0 (ties
+                         stay local: `auto` before session 7's spare-pool rule), for A/B runs
     dynamo:agg           4 x dynamo.mocker, dynamo.frontend --router-mode kv
     dynamo:1p3d          1 x --disaggregation-mode prefill + 3 x decode, --router-mode kv
     dynamo:2p2d          2 x prefill + 2 x decode
@@ -70,8 +72,8 @@ PEER = Path(os.environ.get("DYNAMO_PEER_HOME") or next(
     REPO.parent / "shared" / "peers" / "dynamo"))
 
 CONFIGS = ("genset:agg", "genset:1p3d-always", "genset:2p2d-always", "genset:1p3d-auto",
-           "genset:2p2d-auto", "dynamo:agg", "dynamo:1p3d", "dynamo:2p2d", "dynamo:1p3d-cond",
-           "dynamo:2p2d-cond")
+           "genset:2p2d-auto", "genset:1p3d-tielocal", "genset:2p2d-tielocal", "dynamo:agg",
+           "dynamo:1p3d", "dynamo:2p2d", "dynamo:1p3d-cond", "dynamo:2p2d-cond")
 # the systems alternate within a round
 DEFAULT_CONFIGS = ("genset:agg", "dynamo:agg", "genset:1p3d-always", "dynamo:1p3d",
                    "genset:2p2d-always", "dynamo:2p2d", "genset:1p3d-auto", "genset:2p2d-auto")
@@ -164,6 +166,8 @@ class GensetStack:
                f"--worker-arg=--kv-payload={a.kv_payload}"]
         if self.prefill:
             cmd.append(f"--worker-arg=--disagg={self.mode}")
+        if self.name.endswith("-tielocal"):
+            cmd.append("--worker-arg=--disagg-spare-budget-ms=0")
         log_path = self.run_dir / "genset-up.log"
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,

@@ -134,7 +134,8 @@ def test_margin_and_weight_shift_the_balance():
 def test_every_reason_is_a_known_label_and_bad_input_is_refused():
     assert set(d.REASONS) == {"no_prefill_workers", "prefill_saturated",
                               "short_prompt_cached", "remote_cheaper", "local_cheaper",
-                              "disabled", "forced", "single_token", "itl_target"}
+                              "disabled", "forced", "single_token", "itl_target",
+                              "remote_spare"}
     with pytest.raises(ValueError, match="prompt_tokens"):
         d.decide(0, BUSY_DECODE, [], model())
     with pytest.raises(ValueError, match="policy"):
@@ -419,3 +420,88 @@ def test_ms_pricing_counts_time_only_past_the_ttft_budget():
                    model(itl_target_ms=50.0, ttft_budget_ms=2000.0, remote_on_tie=True),
                    max_tokens=500)
     assert tie.mode == d.REMOTE and tie.cost_remote == 0.0 == tie.cost_local
+
+
+def test_a_tie_goes_to_a_pool_with_room_to_spare_within_the_budget():
+    # a short prompt next to 40 streams: its 10 ms prefill keeps every step within the
+    # 50 ms ITL target here or there (the 1-token tail costs the same stall): a tie, local
+    m = model(itl_target_ms=50.0, spare_budget_ms=1000.0)
+    streams = d.DecodeState(worker_id=1, running=40, step_ms=10.0)
+    idle_pool = [d.PrefillState(worker_id=10)]
+    assert d.decide(100, streams, idle_pool, m, max_tokens=256).reason == d.LOCAL_CHEAPER
+    # ... remote when the caller says the pool has room to spare
+    dec = d.decide(100, streams, idle_pool, m, max_tokens=256, pool_spare=True)
+    assert dec.mode == d.REMOTE and dec.reason == d.REMOTE_SPARE
+    assert dec.prefill_worker_id == 10
+    # not past the budget: a pool whose queue (1.2 s) would make the first token late
+    queued = [d.PrefillState(worker_id=10, queued_prefill_tokens=12_000)]
+    assert d.decide(100, streams, queued, m, max_tokens=256, pool_spare=True).mode == d.LOCAL
+    # off (budget 0), and under --disagg always the reason stays `forced`
+    off = model(itl_target_ms=50.0)
+    assert d.decide(100, streams, idle_pool, off, max_tokens=256, pool_spare=True).mode == d.LOCAL
+    assert d.decide(100, streams, idle_pool, m, policy=d.POLICY_ALWAYS, max_tokens=256,
+                    pool_spare=True).reason == d.FORCED
+    # not a tie: remote would stall the decode worker more than local (a 3 ms import per
+    # block next to a 0.1 ms per token prefill, no ITL target: every ms counts)
+    dear = model(spare_budget_ms=1000.0, import_ms_per_block=3.0)
+    assert d.decide(100, streams, idle_pool, dear, pool_spare=True).mode == d.LOCAL
+    # SLO pricing: a tie in misses goes too, more misses remote do not
+    slo = model(itl_target_ms=50.0, ttft_target_ms=2000.0, spare_budget_ms=1000.0)
+    roomy = d.DecodeState(worker_id=1, running=40, slack_ms=tuple([5000.0] * 40))
+    idle = d.DecodeState(worker_id=1, running=0, slack_ms=())
+    assert d.decide(100, idle, idle_pool, slo, max_tokens=256,
+                    pool_spare=True).reason == d.REMOTE_SPARE
+    assert d.decide(4096, roomy, idle_pool, slo, max_tokens=256,
+                    pool_spare=True).reason == d.REMOTE_CHEAPER
+    with pytest.raises(ValueError, match="spare_budget_ms"):
+        model(spare_budget_ms=-1.0)
+
+
+def test_spare_gate_closes_when_a_prompt_the_pool_is_for_stays_local():
+    gate = d.SpareGate(2000.0)
+    assert not gate.spare(0.0)  # nothing known of the pool yet
+    gate.first_token(100.0, 0.0)  # a first token back within the budget: room seen
+    assert gate.spare(0.0)
+    m = model(itl_target_ms=50.0, max_prefill_queue_ms=2000.0)
+    streams = d.DecodeState(worker_id=1, running=40, step_ms=10.0)
+    # a short prompt kept local (a tie): the gate stays open
+    gate.note(d.decide(100, streams, [d.PrefillState(worker_id=10)], m, max_tokens=256), 0.0)
+    assert gate.spare(1.0)
+    # a long prompt that stalls 40 streams past the ITL target, kept local because the
+    # only prefill worker is saturated: the pool lacks room for what it is for
+    jammed = [d.PrefillState(worker_id=10, queued_prefill_tokens=30_000)]
+    dec = d.decide(4096, streams, jammed, m, max_tokens=256)
+    assert dec.reason == d.PREFILL_SATURATED and dec.local_slowdown_ms > 0
+    gate.note(dec, 100.0)
+    assert not gate.spare(100.0) and not gate.spare(2099.0) and gate.spare(2100.0)
+    # ... and kept local by price (the pool's queue dearer than the stall): closed too
+    gate = d.SpareGate(2000.0)
+    gate.first_token(100.0, 0.0)
+    four = d.DecodeState(worker_id=1, running=4, step_ms=10.0)
+    slow = [d.PrefillState(worker_id=10, queued_prefill_tokens=17_000)]
+    dec = d.decide(4096, four, slow, m, max_tokens=256)
+    assert dec.reason == d.LOCAL_CHEAPER and dec.local_slowdown_ms > 0
+    gate.note(dec, 0.0)
+    assert not gate.spare(1999.0)
+    # a long prompt kept local with nobody to stall (a burst's first): still open
+    gate = d.SpareGate(2000.0)
+    gate.first_token(100.0, 0.0)
+    gate.note(d.decide(4096, d.DecodeState(worker_id=1), slow, m, max_tokens=256), 0.0)
+    assert gate.spare(0.0)
+    # remote decisions and decisions with nothing to ship do not close it
+    gate.note(d.decide(4096, streams, [d.PrefillState(worker_id=10)], m, max_tokens=256), 0.0)
+    gate.note(d.decide(8, streams, jammed, m, max_tokens=256), 0.0)
+    assert gate.spare(0.0)
+    # a remote first token slower than the budget: the pool's queue is longer than the
+    # decode worker's view of it says
+    gate = d.SpareGate(2000.0, 1000.0)
+    gate.first_token(1100.0, 0.0)
+    assert not gate.spare(2000.0)  # closed, and no room seen yet
+    gate.first_token(900.0, 0.0)
+    assert gate.spare(2000.0)
+    gate.first_token(1200.0, 50.0)
+    assert not gate.spare(2049.0) and gate.spare(2050.0)
+    with pytest.raises(ValueError, match="hold_ms"):
+        d.SpareGate(-1.0)
+    with pytest.raises(ValueError, match="budget_ms"):
+        d.SpareGate(1.0, -1.0)

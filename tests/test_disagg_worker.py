@@ -7,6 +7,7 @@ back (aggregated, or recompute) on every failure, and leaves no block pinned on 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -130,6 +131,40 @@ async def test_a_refusing_prefill_worker_means_aggregated(bus, discovery):
     finally:
         await decode.close()
         await prefill.close()
+
+
+async def test_auto_sends_a_tie_to_an_idle_prefill_pool_unless_the_budget_is_off(bus,
+                                                                                 discovery):
+    # a short prompt on an idle decode worker stalls nobody either way (a tie): with the
+    # spare budget (the default) it goes to the idle prefill worker, without it stays here
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    prefill = await Worker(bus, discovery, "prefill", ns).start()
+    spare = await Worker(bus, discovery, "decode", ns).start()
+    keep = await Worker(bus, discovery, "decode", ns, spare_budget_ms=0.0).start()
+    try:
+        await wait_for(lambda: len(spare.hook.pool) == 1 and len(keep.hook.pool) == 1, 10.0,
+                       "prefill worker seen")
+        # the gate opens once a remote first token has come back within the budget (here
+        # nothing would go remote for its price on an idle worker): as that one would
+        now_ms = time.monotonic() * 1e3
+        for w in (spare, keep):
+            w.hook.spare.first_token(10.0, now_ms)
+        for w, i in ((spare, 30), (keep, 31)):
+            out = await w.h.generate(w.h.request(prompt(i), max_tokens=6))
+            assert len(tokens_of(out)) == 6
+        assert spare.metric("genset_disagg_decisions_total", mode="remote",
+                            reason="remote_spare") == 1
+        assert spare.metric("genset_disagg_remote_prefills_total") == 1
+        assert keep.metric("genset_disagg_decisions_total", mode="local",
+                           reason="local_cheaper") == 1
+        await wait_for(lambda: prefill.used_blocks == 0 and spare.used_blocks == 0
+                       and keep.used_blocks == 0, 10.0, "every pool idle")
+    finally:
+        await keep.close()
+        await spare.close()
+        await prefill.close()
+    with pytest.raises(ValueError, match="spare-budget"):
+        DisaggConfig(spare_budget_ms=-1.0)
 
 
 async def test_dummy_payloads_travel_and_first_token_comes_before_the_kv(bus, discovery):

@@ -89,3 +89,21 @@ def test_cli_peer_prefill(capsys):
                             "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["peer_prefill"] is True and doc["mode"] == "auto" and doc["completed"] == 100
+
+
+@needs_trace
+def test_spare_budget_sends_ties_to_the_prefill_pool_through_the_cli(capsys):
+    # the live decode worker's rule (CostModel.spare_budget_ms, a SpareGate per decode
+    # worker): off by default, on with the flag; ties then go remote once a remote first
+    # token has come back within the budget
+    base = [TRACE, "--limit", "300", "--prefill-workers", "2", "--decode-workers", "2",
+            "--disagg", "auto", "--json"]
+    assert replay_cli.main(base) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert not any(k.endswith("/remote_spare") for k in off["decisions"])
+    assert replay_cli.main([*base, "--disagg-spare-budget-ms", "1000"]) == 0
+    on = json.loads(capsys.readouterr().out)
+    assert on["decisions"].get("remote/remote_spare", 0) > 0
+    assert on["completed"] == on["requests"] == 300
+    with pytest.raises(ValueError, match="spare-budget"):
+        DisaggReplayConfig(spare_budget_ms=-1.0)

@@ -11,6 +11,7 @@ from genset.disagg.decision import (
     Decision,
     DecodeState,
     PrefillState,
+    SpareGate,
     decide,
 )
 from genset.disagg.sim import DisaggSimConfig, role_behaviour, transfer_ms
@@ -25,6 +26,7 @@ __all__ = [
     "DecodeState",
     "DisaggSimConfig",
     "PrefillState",
+    "SpareGate",
     "decide",
     "role_behaviour",
     "transfer_ms",

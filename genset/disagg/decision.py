@@ -60,9 +60,13 @@ SINGLE_TOKEN = "single_token"  # max_tokens 1: nothing would be decoded after th
 # every prefill worker would make the request's own first inter-token gap (transfer, the
 # decode worker's queue) alone exceed the ITL target over its max_tokens
 ITL_TARGET = "itl_target"
+# remote though not cheaper: moving it costs nobody anything (a tie), its first token is
+# predicted within `CostModel.spare_budget_ms`, and the prefill pool has room to spare
+# (`SpareGate`): `always`'s choice where the pool keeps up
+REMOTE_SPARE = "remote_spare"
 # Every reason label a decision can carry (a bounded label set for the metric).
 REASONS = (NO_PREFILL_WORKERS, PREFILL_SATURATED, SHORT_PROMPT_CACHED, REMOTE_CHEAPER,
-           LOCAL_CHEAPER, DISABLED, FORCED, SINGLE_TOKEN, ITL_TARGET)
+           LOCAL_CHEAPER, DISABLED, FORCED, SINGLE_TOKEN, ITL_TARGET, REMOTE_SPARE)
 # How a worker (or the replay) applies the cost model: `auto` compares both paths, `always`
 # prefills remotely whenever a prefill worker can take the request (A/B runs, tests), `never`
 # keeps every request aggregated.
@@ -180,6 +184,16 @@ class CostModel:
     # instead of staying local: the decode worker keeps decoding, the pool's free time does
     # the prefill (live default; docs/benchmarks.md, issue 11, session 6)
     remote_on_tie: bool = False
+    # A tie goes to the prefill pool when the pool has room to spare (`decide`'s `pool_spare`,
+    # from a `SpareGate`) and the prefill worker's first token is predicted within this
+    # (0: off). A tie: remote stalls the decode worker's sequences no more than local (in
+    # SLO pricing: misses no more), e.g. a short prompt whose 17 ms prefill keeps every step
+    # within the ITL target either way. Unlike `remote_on_tie` it does not fill a pool that
+    # is short of capacity: with the gate closed (a prompt that would have gained from the
+    # pool was kept local for its queue, within the last `max_prefill_queue_ms`) ties stay
+    # local, so they never crowd out the prompts the pool is for (1P+3D with
+    # `remote_on_tie`: goodput 0.25, docs/benchmarks.md, issue 11, session 7).
+    spare_budget_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -192,7 +206,7 @@ class CostModel:
             )
         for name in ("import_ms_per_block", "transfer_setup_ms", "slowdown_weight",
                      "max_prefill_queue_ms", "remote_margin_ms", "itl_target_ms",
-                     "ttft_target_ms", "ttft_budget_ms", "over_budget_ms"):
+                     "ttft_target_ms", "ttft_budget_ms", "over_budget_ms", "spare_budget_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -271,10 +285,11 @@ def _misses(slack_ms: tuple[float, ...] | None, stall_ms: float, share: bool) ->
 
 def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillState],
            model: CostModel, policy: str = POLICY_AUTO,
-           max_tokens: int | None = None) -> Decision:
+           max_tokens: int | None = None, pool_spare: bool = False) -> Decision:
     """Local or remote prefill for a prompt of `prompt_tokens` tokens (see the module doc);
     `policy`: one of POLICIES; `max_tokens`: the request's output limit (None: unknown, no
-    ITL check)."""
+    ITL check); `pool_spare`: the prefill pool has room for ties (`SpareGate.spare`; used
+    only with `CostModel.spare_budget_ms`)."""
     if prompt_tokens < 1:
         raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
     if policy not in POLICIES:
@@ -389,10 +404,65 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
     else:
         cheaper = (best.cost + model.remote_margin_ms <= cost_local if model.remote_on_tie
                    else best.cost + model.remote_margin_ms < cost_local)
-    if policy == POLICY_ALWAYS or cheaper:
-        reason = FORCED if policy == POLICY_ALWAYS else REMOTE_CHEAPER
+    spare = (not cheaper and pool_spare and policy == POLICY_AUTO and model.spare_budget_ms > 0
+             and best.ttft_ms <= model.spare_budget_ms
+             and (best.misses <= best.local_misses if slo
+                  else best.slowdown_ms <= local_slowdown))
+    if policy == POLICY_ALWAYS or cheaper or spare:
+        reason = (FORCED if policy == POLICY_ALWAYS else REMOTE_CHEAPER if cheaper
+                  else REMOTE_SPARE)
         return Decision(mode=REMOTE, reason=reason, prefill_worker_id=best.worker_id,
                         local_ttft_ms=local_ttft,
                         local_slowdown_ms=local_slowdown, cost_local=cost_local,
                         **priced)  # type: ignore[arg-type]
     return local(LOCAL_CHEAPER, **priced)
+
+
+class SpareGate:
+    """Whether the prefill pool has room to spare for ties (`decide`'s `pool_spare`).
+
+    Closed for `hold_ms` after a decision kept a prompt local that stalls the decode
+    worker's sequences (past the ITL target: `Decision.local_slowdown_ms` > 0) while a prefill
+    worker could have taken it (saturated, or its queue priced remote dearer): the pool is then
+    short of capacity for the prompts it is for, and a tie sent there would only lengthen the
+    queue those wait in. `hold_ms`: how long a prompt queued there now may hold it (the
+    saturation limit, `CostModel.max_prefill_queue_ms`). A pool's queue length alone does not
+    say this: under a closed-loop load (a fixed number of prompts in flight) the queue fills to
+    any threshold set on it (1P+3D with a 1.5 s TTFT budget for ties: goodput 0.31,
+    docs/benchmarks.md, issue 11, session 6). Closed for `hold_ms` too after a remote
+    prefill's first token took longer than `budget_ms` to come back (`first_token`): what the
+    pool's queue really is, where the decode worker's view of it lags what the other decode
+    workers sent (1P+3D with the first rule alone, session 7: decode-stream TTFT p50 2.0 s
+    against a 1 s budget, goodput 0.56 and 0.64). And closed until a remote first token has
+    come back within the budget at all: a burst's first prompts are all decided before any
+    first token returns, and there the gate would know nothing (the same 1P+3D runs with
+    the second rule: 49 ties sent at the start, 20 decode streams over the TTFT SLO).
+    Pure: the caller passes the time (ms, any monotonic origin); one gate per decode worker
+    (the replay: one per simulated worker).
+    """
+
+    def __init__(self, hold_ms: float, budget_ms: float = float("inf")) -> None:
+        if not hold_ms >= 0:
+            raise ValueError(f"hold_ms must be >= 0, got {hold_ms}")
+        if not budget_ms >= 0:
+            raise ValueError(f"budget_ms must be >= 0, got {budget_ms}")
+        self.hold_ms = hold_ms
+        self.budget_ms = budget_ms
+        self._closed_until = float("-inf")
+        self._seen_room = False  # a remote first token came back within the budget
+
+    def first_token(self, latency_ms: float, now_ms: float) -> None:
+        """A remote prefill's first token came back `latency_ms` after it was asked for."""
+        if latency_ms > self.budget_ms:
+            self._closed_until = max(self._closed_until, now_ms + self.hold_ms)
+        else:
+            self._seen_room = True
+
+    def spare(self, now_ms: float) -> bool:
+        return self._seen_room and now_ms >= self._closed_until
+
+    def note(self, decision: Decision, now_ms: float) -> None:
+        """Account one decision made at `now_ms`."""
+        if (decision.mode == LOCAL and decision.reason in (LOCAL_CHEAPER, PREFILL_SATURATED)
+                and decision.local_slowdown_ms > 0 and decision.transfer_blocks > 0):
+            self._closed_until = max(self._closed_until, now_ms + self.hold_ms)

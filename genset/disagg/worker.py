@@ -66,6 +66,7 @@ from genset.disagg.decision import (
     CostModel,
     Decision,
     DecodeState,
+    SpareGate,
     decide,
 )
 from genset.disagg.metrics import DisaggMetrics
@@ -155,6 +156,19 @@ class DisaggConfig:
     # ITL p99 -37 to -53 % against aggregated), but a 1P+3D pool's queue then took the short
     # prompts too and settled at the TTFT target: goodput 0.25-0.31 (0.95 off)
     remote_on_tie: bool = False
+    # CostModel.spare_budget_ms with a `SpareGate`: a tie (a short prompt whose prefill
+    # keeps the decode worker's steps within the ITL target either way) goes to the prefill
+    # pool when the pool has room to spare and its first token is predicted within this;
+    # 0: off (ties stay local). Half the 2 s TTFT SLO of the mixed load: the pool's queue
+    # as the decode worker sees it lags what the other decode workers sent (measured
+    # overshoot ~0.5 s at a 1.5 s budget, docs/benchmarks.md, issue 11, session 6). On by
+    # default on a weak margin: 2P+2D decode-stream ITL p99 against aggregated, per round,
+    # median -38 % with it and -29 % without over 12 alternated rounds, better than without
+    # in 8 of 12 (level in the 6 rounds of the final rule alone); goodput unchanged
+    # (session 7). In the mocker a tie's resume still computes its last partial block on
+    # the decode worker (a prefill step's 16.5 ms constant), so the step cost it saves there
+    # is small; what the gain comes from is not measured apart.
+    spare_budget_ms: float = 1000.0
     max_prefill_queue_ms: float = 2000.0
     remote_margin_ms: float = 0.0
     bandwidth_prior_gb_s: float = 1.0  # transfer bandwidth assumed until one is measured
@@ -177,6 +191,9 @@ class DisaggConfig:
             raise ValueError(f"--disagg-itl-target-ms must be >= 0, got {self.itl_target_ms}")
         if not self.ttft_target_ms >= 0:
             raise ValueError(f"--disagg-ttft-target-ms must be >= 0, got {self.ttft_target_ms}")
+        if not self.spare_budget_ms >= 0:
+            raise ValueError(f"--disagg-spare-budget-ms must be >= 0, got "
+                             f"{self.spare_budget_ms}")
         for name in ("first_token_timeout_s", "transfer_timeout_s", "idle_timeout_s",
                      "pin_timeout_s", "speedup", "bandwidth_prior_gb_s"):
             if not getattr(self, name) > 0:
@@ -245,6 +262,7 @@ class DisaggHook(WorkerHooks):
         # the engine (`_RemoteRun.release`, which the host calls after its submit): requests
         # that decode here within a transfer's time, so a local prefill stalls them too
         self.resuming = 0
+        self.spare = SpareGate(config.max_prefill_queue_ms, config.spare_budget_ms)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -331,7 +349,8 @@ class DisaggHook(WorkerHooks):
                          # whole target as budget: queues settled at it, goodput 0.26)
                          ttft_budget_ms=0.75 * self.config.ttft_target_ms,
                          over_budget_ms=self.config.ttft_target_ms,
-                         remote_on_tie=self.config.remote_on_tie)
+                         remote_on_tie=self.config.remote_on_tie,
+                         spare_budget_ms=self.config.spare_budget_ms)
 
     async def before_run(self, request: proto.GenerateRequest,
                          token_ids: list[int]) -> RemotePrefill | None:
@@ -355,6 +374,7 @@ class DisaggHook(WorkerHooks):
         # time it counts only shortens what is reused (`first_block`), never a wrong result
         cached = engine.cached_prefix(hashes) if hashes else 0
         load = engine.load()
+        now_ms = time.monotonic() * 1e3
         decision = decide(
             len(token_ids),
             DecodeState(worker_id=self.ctx.instance_id, cached_blocks=cached,
@@ -362,7 +382,8 @@ class DisaggHook(WorkerHooks):
                         queued_prefill_tokens=load.waiting_prefill_tokens,
                         step_ms=load.step_ms_ewma),
             pool.states(hashes), self.cost_model(), policy=self.config.policy,
-            max_tokens=request.stop.max_tokens)
+            max_tokens=request.stop.max_tokens, pool_spare=self.spare.spare(now_ms))
+        self.spare.note(decision, now_ms)
         self.m.decision(decision)
         if not decision.remote or decision.prefill_worker_id is None:
             return None
@@ -408,6 +429,7 @@ class DisaggHook(WorkerHooks):
         uncached = len(token_ids) - cached * ctx.block_size
         pool.sent(pid, uncached)
         reason = None
+        asked = time.monotonic()
         try:
             reply = await _unless_gone(ctx.bus.request(
                 subjects.remote_prefill(ctx.namespace, pid), message,
@@ -435,6 +457,8 @@ class DisaggHook(WorkerHooks):
             raise
         finally:
             pool.answered(pid, uncached)
+        now = time.monotonic()
+        self.spare.first_token((now - asked) * 1e3, now * 1e3)
         if reason is not None:
             log.info("remote prefill failed; prefilling locally", request_id=request.request_id,
                      prefill_worker=f"{pid:x}", reason=reason)

@@ -43,6 +43,7 @@ from genset.disagg.decision import (
     Decision,
     DecodeState,
     PrefillState,
+    SpareGate,
     decide,
 )
 from genset.disagg.sim import GB, DisaggSimConfig, transfer_blocks
@@ -80,6 +81,9 @@ class DisaggReplayConfig:
     # candidates are the peers (and the prefill workers, if any), each priced with the stall
     # of its own decoders
     peer_prefill: bool = False
+    # CostModel.spare_budget_ms with a SpareGate per decode worker (0: off, ties stay where
+    # the router put them; the live decode worker's default is 1,000)
+    spare_budget_ms: float = 0.0
     policy_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +93,8 @@ class DisaggReplayConfig:
             raise ValueError(f"--prefill-workers must be >= 0, got {self.prefill_workers}")
         if self.disagg not in POLICIES:
             raise ValueError(f"--disagg must be one of {', '.join(POLICIES)}, got {self.disagg!r}")
+        if not self.spare_budget_ms >= 0:
+            raise ValueError(f"--disagg-spare-budget-ms must be >= 0, got {self.spare_budget_ms}")
         DisaggSimConfig(kv_bytes_per_token=self.kv_bytes_per_token,
                         kv_transfer_bandwidth_gb_s=self.kv_transfer_bandwidth_gb_s)
 
@@ -171,7 +177,10 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                       bandwidth_bytes_per_s=bandwidth, transfer_setup_ms=0.0,
                       slowdown_weight=cfg.slowdown_weight,
                       max_prefill_queue_ms=cfg.max_prefill_queue_ms,
-                      itl_target_ms=cfg.sla_itl_ms, ttft_target_ms=cfg.sla_ttft_ms)
+                      itl_target_ms=cfg.sla_itl_ms, ttft_target_ms=cfg.sla_ttft_ms,
+                      spare_budget_ms=cfg.spare_budget_ms)
+    # one per decode worker, as live
+    gates = [SpareGate(cfg.max_prefill_queue_ms, cfg.spare_budget_ms) for _ in range(D)]
     hash_cache = _HashCache(cfg.block_size)
     t0 = trace[0].arrival_ms
     reqs = [_Req(t, (t.arrival_ms - t0) / cfg.arrival_speedup) for t in trace]
@@ -246,6 +255,7 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                 remote_prefilling.discard(rid)
                 r = by_id[rid]
                 r.first_token_ms = r.last_token_ms = t
+                gates[r.decode].first_token(t - r.arrival_ms, t)
                 r.cached_tokens = out.cached_tokens
                 r.outputs = 1
                 r.first_token = out.token_ids[0]
@@ -368,7 +378,8 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                                 queued_prefill_tokens=dsched.waiting_prefill_tokens(),
                                 step_ms=dw.step_ms, slack_ms=slack(dw, t_arr)),
                     states(hashes, dw.index, t_arr), model, policy=cfg.disagg,
-                    max_tokens=r.trace.output_length)
+                    max_tokens=r.trace.output_length, pool_spare=gates[dw.index].spare(t_arr))
+                gates[dw.index].note(decision, t_arr)
                 r.decode_cached = cached
             decisions[(decision.mode, decision.reason)] += 1
             stop = StopConditions(max_tokens=r.trace.output_length, ignore_eos=True)
@@ -465,6 +476,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--peer-prefill", action="store_true", default=None,
                    help="decode workers (role both) also prefill for each other when the "
                         "cost model says it pays (with or without --prefill-workers)")
+    g.add_argument("--disagg-spare-budget-ms", type=float, default=0.0, metavar="MS",
+                   help="--disagg auto: a prompt that stalls nobody more remote than local goes "
+                        "to a prefill worker when the pool has room to spare and its first "
+                        "token is predicted within this (0: off)")
     g.add_argument("--kv-transfer-bandwidth", type=float, default=DEFAULT_BANDWIDTH_GB_S,
                    metavar="GB/S", help="KV transfer bandwidth between workers (0: free)")
     have = p._option_string_actions  # flags another part of the replay may already define
@@ -501,7 +516,7 @@ def main_from_args(args: argparse.Namespace, trace: list[TraceRequest],
             kv_bytes_per_token=args.kv_bytes_per_token,
             kv_transfer_bandwidth_gb_s=args.kv_transfer_bandwidth,
             sla_ttft_ms=args.sla_ttft_ms, sla_itl_ms=args.sla_itl_ms,
-            peer_prefill=bool(args.peer_prefill))
+            peer_prefill=bool(args.peer_prefill), spare_budget_ms=args.disagg_spare_budget_ms)
         results = [run_disagg_replay(trace, name, cfg) for name in policies]
     except ValueError as exc:
         print(f"genset replay: {exc}", file=sys.stderr)

@@ -60,6 +60,10 @@ class WorkerOptions:
     disagg_ttft_target_ms: float = field(default=0.0, metadata=opt(
         "decode role, --disagg auto: the time to first token within which a faster one is "
         "not bought with other streams' stall (0: off, every ms counts)", min=0))
+    disagg_spare_budget_ms: float = field(default=1000.0, metadata=opt(
+        "decode role, --disagg auto: a prompt whose prefill stalls nobody past the ITL target "
+        "either way goes to a prefill worker when the pool has room to spare and its first "
+        "token is predicted within this (0: such prompts prefill here)", min=0))
     kv_bytes_per_token: int = field(default=0, metadata=opt(
         "mocker: bytes of KV one token would take (transfers carry dummy payloads of that "
         "size; 0: hashes only)", min=0))
@@ -212,6 +216,7 @@ class WorkerService(Service):
             transfer_timeout_s=o.kv_transfer_timeout, idle_timeout_s=o.kv_transfer_idle_timeout,
             pin_timeout_s=o.remote_prefill_timeout + o.kv_transfer_timeout,
             itl_target_ms=o.disagg_itl_target_ms, ttft_target_ms=o.disagg_ttft_target_ms,
+            spare_budget_ms=o.disagg_spare_budget_ms,
             speedup=o.speedup if o.engine == "mocker" else 1.0)
         return DisaggHook(config, discovery=self.discovery, metrics=self.metrics)
 
