@@ -129,6 +129,31 @@ class _DirectInbox:
             log.exception("reply frame routing failed", subject=msg.subject)
 
 
+class _DirectSub:
+    """A subscription whose messages are handled synchronously inside nats-py's reader, as
+    `_DirectInbox` does for replies: no queue and no task switch per message. For handlers
+    that only update in-memory state (a router's KV events, load reports, lifecycle): each
+    message used to wake the subscription's own task, which in the router service was most
+    of its ~0.13 ms of CPU per message (issue 15). Never raises (it runs in the reader)."""
+
+    __slots__ = ("_handler",)
+
+    def __init__(self, handler: Callable[[Msg], None]) -> None:
+        self._handler = handler
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, msg: Msg) -> None:
+        try:
+            self._handler(msg)
+        except Exception:
+            log.exception("subscription handler failed", subject=msg.subject)
+
+
 def _nowait_supported(nc: NatsClient) -> bool:
     """Whether this nats-py client has the internals `Bus._publish_nowait` relies on."""
     return (pub_cmd is not None and all(hasattr(nc, a) for a in (
@@ -498,6 +523,17 @@ class Bus:
         try:
             sub = await self.nc.subscribe(subject, queue=queue or "", cb=guarded,
                                           pending_msgs_limit=pending_msgs_limit)
+        except _INPUT_ERRORS as exc:
+            raise _input_error(exc, subject) from None
+        await self.flush()  # when this returns, messages published anywhere reach us
+        return sub
+
+    async def subscribe_direct(self, subject: str, handler: Callable[[Msg], None]) -> Subscription:
+        """Call `handler(msg)` (a plain function) for each message, in arrival order, inside
+        the connection's reader (`_DirectSub`): it must be quick and must not block; an
+        exception is logged and the subscription goes on."""
+        try:
+            sub = await self.nc.subscribe(subject, future=_DirectSub(handler))
         except _INPUT_ERRORS as exc:
             raise _input_error(exc, subject) from None
         await self.flush()  # when this returns, messages published anywhere reach us
