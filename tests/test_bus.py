@@ -633,3 +633,26 @@ async def test_callback_inbox_mode_works_too(nats_server):
     finally:
         await req.close()
         await resp.close()
+
+
+async def test_subscribe_direct_calls_the_handler_in_order_and_survives_its_errors(buses):
+    req, resp = buses
+    subject = f"t.direct.{uuid.uuid4().hex[:8]}"
+    got: list[bytes] = []
+
+    def handler(msg) -> None:
+        if msg.data == b"boom":
+            raise ValueError("a handler's bug")
+        got.append(msg.data)
+
+    sub = await resp.subscribe_direct(subject, handler)
+    for i in range(50):
+        await req.publish(subject, b"boom" if i == 10 else str(i).encode())
+    await req.flush()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while len(got) < 49:
+        assert loop.time() < end, f"{len(got)} of 49 messages arrived"
+        await asyncio.sleep(0.01)
+    assert got == [str(i).encode() for i in range(50) if i != 10]
+    await sub.unsubscribe()

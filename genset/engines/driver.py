@@ -213,6 +213,11 @@ class AsyncEngineDriver(Engine):
         self._load = core.load_report(now_ms(), 0.0)
         self._evictions: EvictionHandover | None = None
         self._evict_consumer: Callable[[list[EvictedBlock]], None] | None = None
+        # Called at the end of each step's delivery, on the loop (the worker host sets the
+        # bus's `write_pending`): the step's frames and KV batch, queued on the connection by
+        # the delivery, go out in one socket write there and then, rather than from the NATS
+        # client's flusher task woken for it a loop turn later. Must not raise.
+        self.after_delivery: Callable[[], None] | None = None
 
     # ---- Engine -----------------------------------------------------------------------------
 
@@ -438,9 +443,12 @@ class AsyncEngineDriver(Engine):
 
     def _deliver(
         self, outputs: list[EngineOutput], batch: KvEventBatch | None, load: LoadReport
-    ) -> None:
+    ) -> int:
+        """Hand a step's outputs, KV batch and load over; returns how many consumers' tasks
+        it woke (outputs queued on their streams, a KV batch queued rather than sent)."""
         self._load = load
         streams = self._streams
+        woke = 0
         for out in outputs:
             stream = streams.get(out.request_id)
             if stream is None:
@@ -451,11 +459,13 @@ class AsyncEngineDriver(Engine):
                 stream.last = out
                 continue
             stream.put(out)
+            woke += 1
             if out.finish_reason is not None:
                 del streams[out.request_id]
         if batch is not None:
             batch.worker_id = self.worker_id
-            self._kv_fanout.publish(batch)
+            if self._kv_fanout.publish(batch):
+                woke += 1
         evictions = self._evictions
         if evictions is not None and evictions.pending:
             blocks = evictions.take()
@@ -464,6 +474,13 @@ class AsyncEngineDriver(Engine):
                     self._evict_consumer(blocks)
                 except Exception:  # the consumer's fault (it counts its own): stepping goes on
                     log.exception("eviction consumer failed")
+        after = self.after_delivery
+        if after is not None:
+            try:
+                after()
+            except Exception:  # e.g. the connection just went: its flusher reports it
+                log.exception("after_delivery failed")
+        return woke
 
     def _finish_stream(self, request_id: str, reason: str, error: str | None = None) -> bool:
         stream = self._streams.pop(request_id, None)

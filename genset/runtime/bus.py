@@ -495,6 +495,18 @@ class Bus:
         nc._pending = []
         nc._pending_data_size = 0
 
+    def publish_nowait(self, subject: str, message: Any) -> bool:
+        """Queue a publish of a proto Struct (or bytes) now, without a coroutine, when the
+        connection can take it at once (`_publish_nowait`); False: use `publish`. `subject`
+        must be one of ours (it is not validated here)."""
+        return self._publish_nowait(subject, _payload(message))
+
+    def write_pending(self) -> None:
+        """Write what is queued on the connection to the socket now (`_write_now`): a worker
+        calls it at the end of each engine step's delivery, so that the step's frames and KV
+        batch leave in one write without waking nats-py's flusher task."""
+        self._write_now()
+
     def _kick_flusher(self) -> None:
         self._kick_scheduled = False
         queue = self.nc._flush_queue
