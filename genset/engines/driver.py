@@ -347,12 +347,16 @@ class AsyncEngineDriver(Engine):
         while commands:
             self._run_command(*commands.popleft())
 
-    def _run_command(self, fn: Callable[[], Any], fut: concurrent.futures.Future | None) -> None:
+    def _run_command(self, fn: Callable[[], Any],
+                     fut: concurrent.futures.Future | asyncio.Future | None) -> None:
+        # `fut`: a concurrent future (stepping in a thread) or, where the stepping side runs
+        # on the loop (MockerDriver), the loop's own; either may be cancelled by its caller
         try:
             result = fn()
         except BaseException as exc:  # handed to the caller
             if fut is not None:
-                fut.set_exception(exc)
+                if not fut.done():
+                    fut.set_exception(exc)
             else:
                 log.warning("engine command failed: %r", exc)
         else:
@@ -360,7 +364,7 @@ class AsyncEngineDriver(Engine):
             # import takes some): refreshed before the caller resumes, so it never waits
             # for a step that may not come
             self._set_load(self.core.load_report(now_ms(), self.step_ms_ewma))
-            if fut is not None:
+            if fut is not None and not fut.done():
                 fut.set_result(result)
 
     def _set_load(self, load: LoadReport) -> None:

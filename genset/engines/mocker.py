@@ -526,6 +526,22 @@ class MockerDriver(AsyncEngineDriver):
             return self._run_now(lambda: self.core.import_kv(kv, pin_for=pin_for))
         return await super().import_kv(kv, pin_for)
 
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        # The stepping task runs on this loop: the caller waits on a loop future, which the
+        # command's result resumes with a plain callback. The base class's concurrent future
+        # (for a stepping thread) went through asyncio.wrap_future, whose result comes back
+        # by call_soon_threadsafe: a write to the loop's wake-up fd and one more loop turn
+        # for every submit, lookup and pin (issue 15).
+        loop = self._loop
+        if loop is None:
+            return fn()  # not stepping yet: nothing else touches the core (base class)
+        if self._stopping:
+            raise RuntimeError("engine is stopped")
+        fut = loop.create_future()
+        self._commands.append((fn, fut))
+        self._wake()
+        return await fut
+
     def _run_now(self, fn: Callable[[], Any]) -> Any:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._run_command(fn, fut)
