@@ -49,6 +49,9 @@ ERROR_HEADER = "Genset-Error"
 _STATUS = "Status"
 _NO_RESPONDERS = "503"
 _encode_cancel = msgspec.msgpack.Encoder().encode
+# Bytes in the socket's user-space buffer above which `write_pending` leaves the write to
+# nats-py's flusher (which waits for the buffer to drain).
+_WRITE_BACKLOG = 1 << 20
 
 Handler = Callable[[Msg], Awaitable[None]]
 UnaryHandler = Callable[[bytes], Awaitable[Any]]
@@ -504,7 +507,17 @@ class Bus:
     def write_pending(self) -> None:
         """Write what is queued on the connection to the socket now (`_write_now`): a worker
         calls it at the end of each engine step's delivery, so that the step's frames and KV
-        batch leave in one write without waking nats-py's flusher task."""
+        batch leave in one write without waking nats-py's flusher task. Not while the
+        socket's own buffer is backed up (the server reads slower than we write): then
+        nats-py's flusher, which waits for that buffer to drain, writes it, so what waits is
+        bounded by the client's pending limit, not the socket buffer's growth."""
+        writer = getattr(getattr(self.nc, "_transport", None), "_io_writer", None)
+        transport = getattr(writer, "transport", None)
+        try:
+            if transport is not None and transport.get_write_buffer_size() > _WRITE_BACKLOG:
+                return
+        except Exception:  # a transport without the call: as _write_now decides
+            pass
         self._write_now()
 
     def _kick_flusher(self) -> None:
