@@ -446,10 +446,12 @@ class AsyncEngineDriver(Engine):
         return self.step_ms_ewma
 
     def _deliver(
-        self, outputs: list[EngineOutput], batch: KvEventBatch | None, load: LoadReport
+        self, outputs: list[EngineOutput], batch: KvEventBatch | None, load: LoadReport,
+        write: bool = True,
     ) -> int:
         """Hand a step's outputs, KV batch and load over; returns how many consumers' tasks
-        it woke (outputs queued on their streams, a KV batch queued rather than sent)."""
+        it woke (outputs queued on their streams, a KV batch queued rather than sent).
+        `write`: call `after_delivery` at the end (False: the caller does, later)."""
         self._load = load
         streams = self._streams
         woke = 0
@@ -478,13 +480,17 @@ class AsyncEngineDriver(Engine):
                     self._evict_consumer(blocks)
                 except Exception:  # the consumer's fault (it counts its own): stepping goes on
                     log.exception("eviction consumer failed")
+        if write:
+            self._after_delivery()
+        return woke
+
+    def _after_delivery(self) -> None:
         after = self.after_delivery
         if after is not None:
             try:
                 after()
             except Exception:  # e.g. the connection just went: its flusher reports it
                 log.exception("after_delivery failed")
-        return woke
 
     def _finish_stream(self, request_id: str, reason: str, error: str | None = None) -> bool:
         stream = self._streams.pop(request_id, None)

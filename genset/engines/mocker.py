@@ -643,27 +643,30 @@ class MockerDriver(AsyncEngineDriver):
                 else:
                     merge_output(prev, out)
             if clock() - delivered_at >= window:
-                woke = self._deliver_held(held, last_ewma)
+                woke = self._deliver_held(held, last_ewma, write=False)
                 delivered_at = clock()
                 if woke:
                     # Let what this delivery woke run before the next step is computed, which
                     # holds the loop (a batch of prompts: ms): the requests' tasks (first and
-                    # last frames, lifecycle), then the NATS flusher that writes their frames.
-                    # Without this they waited for that computation in the connection's
-                    # buffer (--timeline at concurrency 64: worker -> frontend p99 205 ms).
-                    # A delivery that woke nobody (plain token frames and the KV batch,
-                    # already written by `after_delivery`) goes on at once: two loop turns
-                    # fewer per step.
+                    # last frames, lifecycle). Without this their frames waited for that
+                    # computation in the connection's buffer (--timeline at concurrency 64:
+                    # worker -> frontend p99 205 ms).
                     await asyncio.sleep(0)
-                    await asyncio.sleep(0)
+                # The step's frames and KV batch, and what those tasks queued, in one socket
+                # write (`after_delivery`) before the next step is computed; a delivery that
+                # woke nobody (plain token frames, the KV batch) goes on at once. Before, two
+                # yields per step let nats-py's flusher task write: two loop turns and a task
+                # wake-up per step, and a second write in steps where a task sent something.
+                self._after_delivery()
 
-    def _deliver_held(self, held: dict[str, EngineOutput], ewma: float) -> int:
+    def _deliver_held(self, held: dict[str, EngineOutput], ewma: float,
+                      write: bool = True) -> int:
         core = self.core
         batch = core.take_kv_batch(now_ms())
         load = core.load_report(now_ms(), ewma)
         outputs = list(held.values())
         held.clear()
-        return self._deliver(outputs, batch, load)
+        return self._deliver(outputs, batch, load, write)
 
 
 def create_mocker_engine(
