@@ -446,12 +446,11 @@ class AsyncEngineDriver(Engine):
         return self.step_ms_ewma
 
     def _deliver(
-        self, outputs: list[EngineOutput], batch: KvEventBatch | None, load: LoadReport,
-        write: bool = True,
+        self, outputs: list[EngineOutput], batch: KvEventBatch | None, load: LoadReport
     ) -> int:
-        """Hand a step's outputs, KV batch and load over; returns how many consumers' tasks
-        it woke (outputs queued on their streams, a KV batch queued rather than sent).
-        `write`: call `after_delivery` at the end (False: the caller does, later)."""
+        """Hand a step's outputs, KV batch and load over, then `after_delivery`; returns how
+        many consumers' tasks it woke (outputs queued on their streams, a KV batch queued
+        rather than sent)."""
         self._load = load
         streams = self._streams
         woke = 0
@@ -480,8 +479,7 @@ class AsyncEngineDriver(Engine):
                     self._evict_consumer(blocks)
                 except Exception:  # the consumer's fault (it counts its own): stepping goes on
                     log.exception("eviction consumer failed")
-        if write:
-            self._after_delivery()
+        self._after_delivery()
         return woke
 
     def _after_delivery(self) -> None:

@@ -643,30 +643,29 @@ class MockerDriver(AsyncEngineDriver):
                 else:
                     merge_output(prev, out)
             if clock() - delivered_at >= window:
-                woke = self._deliver_held(held, last_ewma, write=False)
+                # The step's frames and KV batch leave in one socket write at the delivery
+                # (`after_delivery`), not from nats-py's flusher task woken for them.
+                self._deliver_held(held, last_ewma)
                 delivered_at = clock()
-                if woke:
-                    # Let what this delivery woke run before the next step is computed, which
-                    # holds the loop (a batch of prompts: ms): the requests' tasks (first and
-                    # last frames, lifecycle). Without this their frames waited for that
-                    # computation in the connection's buffer (--timeline at concurrency 64:
-                    # worker -> frontend p99 205 ms).
-                    await asyncio.sleep(0)
-                # The step's frames and KV batch, and what those tasks queued, in one socket
-                # write (`after_delivery`) before the next step is computed; a delivery that
-                # woke nobody (plain token frames, the KV batch) goes on at once. Before, two
-                # yields per step let nats-py's flusher task write: two loop turns and a task
-                # wake-up per step, and a second write in steps where a task sent something.
-                self._after_delivery()
+                # Let what this delivery woke run before the next step is computed, which
+                # holds the loop (a batch of prompts: ms): the requests' tasks (first and
+                # last frames, lifecycle), then the NATS flusher that writes their frames.
+                # Without this they waited for that computation in the connection's buffer
+                # (--timeline at concurrency 64: worker -> frontend p99 205 ms). The two
+                # turns also let requests that arrived during the step reach the engine's
+                # queue before the next step is planned: skipping them when the delivery
+                # woke no task (20274d4-1497d8b) came with aiperf's c=16 TTFT p50 at ~146
+                # ms against main's ~110 (medians of 9 runs, docs/benchmarks.md issue 15 §5h).
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
 
-    def _deliver_held(self, held: dict[str, EngineOutput], ewma: float,
-                      write: bool = True) -> int:
+    def _deliver_held(self, held: dict[str, EngineOutput], ewma: float) -> int:
         core = self.core
         batch = core.take_kv_batch(now_ms())
         load = core.load_report(now_ms(), ewma)
         outputs = list(held.values())
         held.clear()
-        return self._deliver(outputs, batch, load, write)
+        return self._deliver(outputs, batch, load)
 
 
 def create_mocker_engine(
