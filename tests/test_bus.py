@@ -633,3 +633,48 @@ async def test_callback_inbox_mode_works_too(nats_server):
     finally:
         await req.close()
         await resp.close()
+
+
+async def test_subscribe_direct_calls_the_handler_in_order_and_survives_its_errors(buses):
+    req, resp = buses
+    subject = f"t.direct.{uuid.uuid4().hex[:8]}"
+    got: list[bytes] = []
+
+    def handler(msg) -> None:
+        if msg.data == b"boom":
+            raise ValueError("a handler's bug")
+        got.append(msg.data)
+
+    sub = await resp.subscribe_direct(subject, handler)
+    for i in range(50):
+        await req.publish(subject, b"boom" if i == 10 else str(i).encode())
+    await req.flush()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while len(got) < 49:
+        assert loop.time() < end, f"{len(got)} of 49 messages arrived"
+        await asyncio.sleep(0.01)
+    assert got == [str(i).encode() for i in range(50) if i != 10]
+    await sub.unsubscribe()
+
+
+async def test_write_pending_writes_now_unless_the_socket_is_backed_up(buses, monkeypatch):
+    from genset.runtime import bus as bus_module
+
+    req, resp = buses
+    subject = f"t.wp.{uuid.uuid4().hex[:8]}"
+    got: list[bytes] = []
+    await resp.subscribe_direct(subject, lambda msg: got.append(msg.data))
+    assert req.publish_nowait(subject, b"now")
+    req.write_pending()
+    assert req.nc._pending_data_size == 0  # on the socket already
+    monkeypatch.setattr(bus_module, "_WRITE_BACKLOG", -1)  # any buffer counts as backed up
+    assert req.publish_nowait(subject, b"later")
+    req.write_pending()
+    assert req.nc._pending_data_size > 0  # left to nats-py's flusher ...
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while len(got) < 2:  # ... which the publish kicked
+        assert loop.time() < end, f"got {got}"
+        await asyncio.sleep(0.01)
+    assert got == [b"now", b"later"]

@@ -134,3 +134,28 @@ def test_merged_outputs_keep_one_logprob_entry_per_token():
     empty = EngineOutput("r", [])
     merge_output(empty, EngineOutput("r", [9], logprobs=Logprobs([-1.0], [[]], [[]])))
     assert empty.logprobs == Logprobs([-1.0], [[]], [[]])
+
+
+def test_kv_subscription_direct_takes_a_batch_only_when_nothing_is_queued():
+    from genset.engines.events import KvEventFanout
+    from proto.kv import KvEventBatch
+
+    fanout = KvEventFanout()
+    sub = fanout.subscribe(8)
+    taken: list[int] = []
+    accept = [True]
+
+    def direct(batch) -> bool:
+        if accept[0]:
+            taken.append(batch.event_id)
+        return accept[0]
+
+    sub.direct = direct
+    assert fanout.publish(KvEventBatch(worker_id=1, event_id=1, events=[])) is False
+    accept[0] = False
+    assert fanout.publish(KvEventBatch(worker_id=1, event_id=2, events=[])) is True
+    accept[0] = True
+    # 2 is queued: 3 must follow it, not overtake it through `direct`
+    assert fanout.publish(KvEventBatch(worker_id=1, event_id=3, events=[])) is True
+    assert taken == [1]
+    assert [sub.get_nowait().event_id, sub.get_nowait().event_id] == [2, 3]

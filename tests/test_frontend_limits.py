@@ -341,10 +341,10 @@ async def test_feeds_clear_a_suspect_that_proves_alive_or_whose_record_changes()
                                data=proto.encode(proto.LoadReport(worker_id=worker, ts_ms=0)))
 
     feeds.suspects.mark(5)
-    await feeds._on_load(report(5))  # on its way before the mark counted: not proof
+    feeds._on_load(report(5))  # on its way before the mark counted: not proof
     assert 5 in feeds.suspects
     now[0] = 1000.0
-    await feeds._on_load(report(5))
+    feeds._on_load(report(5))
     assert 5 not in feeds.suspects
     card = proto.ModelCard(model="m", instance_id=6, engine="mocker")
     feeds.suspects.mark(6)

@@ -72,3 +72,59 @@ async def test_a_cancelled_stream_still_ends_cleanly(slow_host, bus):
         assert loop.time() < end, "the worker never saw the cancel"
         await asyncio.sleep(0.02)
     assert not slow_host.host._active
+
+
+async def kv_batches_of(slow_host, bus, prompt_blocks: int) -> tuple[list, list[bool]]:
+    """Runs a request whose prompt fills `prompt_blocks` blocks; returns the KV batches a
+    subscriber got (once every block is in them) and the direct path's results."""
+    from genset.worker.kv_feed import KvFeed
+    from tests.test_worker import collected
+
+    direct: list[bool] = []
+    feed = slow_host.host.kv_feed
+    real = KvFeed._publish_direct
+
+    def spy(batch) -> bool:
+        ok = real(feed, batch)
+        direct.append(ok)
+        return ok
+
+    feed._sub.direct = spy if feed._sub.direct is not None else None
+    batches = await collected(bus, feed.events_subject, proto.KvEventBatch)
+    block = slow_host.engine.card.block_size
+    chunks = await slow_host.generate(
+        slow_host.request(list(range(1, prompt_blocks * block + 1)), max_tokens=2 * block))
+    check_stream(chunks, 2 * block)
+
+    def stored() -> int:
+        return sum(len(e.blocks) for b in batches for e in b.events
+                   if isinstance(e, proto.Stored))
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while stored() < prompt_blocks + 1:  # the prompt's blocks and a decoded one at least
+        assert loop.time() < end, f"KV events missing: {stored()} blocks stored"
+        await asyncio.sleep(0.02)
+    return batches, direct
+
+
+async def test_kv_batches_go_out_from_the_delivery_in_order(slow_host, bus, monkeypatch):
+    writes: list[int] = []
+    real_write = bus.write_pending
+    monkeypatch.setattr(bus, "write_pending", lambda: writes.append(1) or real_write())
+    slow_host.engine.after_delivery = bus.write_pending  # the host set the unpatched one
+    batches, direct = await kv_batches_of(slow_host, bus, prompt_blocks=3)
+    assert direct and all(direct)  # taken from the step's delivery, no task woken
+    ids = [b.event_id for b in batches]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))  # gap-free, in order
+    assert writes  # every delivery hands the connection's queue to the socket
+    assert slow_host.metric("genset_worker_kv_event_batches_total") >= len(batches)
+
+
+async def test_without_nowait_publish_kv_batches_go_through_the_feed_task(slow_host, bus,
+                                                                          monkeypatch):
+    monkeypatch.setattr(bus, "_nowait", False)
+    batches, direct = await kv_batches_of(slow_host, bus, prompt_blocks=3)
+    assert direct and not any(direct)
+    ids = [b.event_id for b in batches]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))

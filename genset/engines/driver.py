@@ -213,6 +213,11 @@ class AsyncEngineDriver(Engine):
         self._load = core.load_report(now_ms(), 0.0)
         self._evictions: EvictionHandover | None = None
         self._evict_consumer: Callable[[list[EvictedBlock]], None] | None = None
+        # Called at the end of each step's delivery, on the loop (the worker host sets the
+        # bus's `write_pending`): the step's frames and KV batch, queued on the connection by
+        # the delivery, go out in one socket write there and then, rather than from the NATS
+        # client's flusher task woken for it a loop turn later. Must not raise.
+        self.after_delivery: Callable[[], None] | None = None
 
     # ---- Engine -----------------------------------------------------------------------------
 
@@ -342,12 +347,16 @@ class AsyncEngineDriver(Engine):
         while commands:
             self._run_command(*commands.popleft())
 
-    def _run_command(self, fn: Callable[[], Any], fut: concurrent.futures.Future | None) -> None:
+    def _run_command(self, fn: Callable[[], Any],
+                     fut: concurrent.futures.Future | asyncio.Future | None) -> None:
+        # `fut`: a concurrent future (stepping in a thread) or, where the stepping side runs
+        # on the loop (MockerDriver), the loop's own; either may be cancelled by its caller
         try:
             result = fn()
         except BaseException as exc:  # handed to the caller
             if fut is not None:
-                fut.set_exception(exc)
+                if not fut.done():
+                    fut.set_exception(exc)
             else:
                 log.warning("engine command failed: %r", exc)
         else:
@@ -355,7 +364,7 @@ class AsyncEngineDriver(Engine):
             # import takes some): refreshed before the caller resumes, so it never waits
             # for a step that may not come
             self._set_load(self.core.load_report(now_ms(), self.step_ms_ewma))
-            if fut is not None:
+            if fut is not None and not fut.done():
                 fut.set_result(result)
 
     def _set_load(self, load: LoadReport) -> None:
@@ -438,9 +447,13 @@ class AsyncEngineDriver(Engine):
 
     def _deliver(
         self, outputs: list[EngineOutput], batch: KvEventBatch | None, load: LoadReport
-    ) -> None:
+    ) -> int:
+        """Hand a step's outputs, KV batch and load over, then `after_delivery`; returns how
+        many consumers' tasks it woke (outputs queued on their streams, a KV batch queued
+        rather than sent)."""
         self._load = load
         streams = self._streams
+        woke = 0
         for out in outputs:
             stream = streams.get(out.request_id)
             if stream is None:
@@ -451,11 +464,13 @@ class AsyncEngineDriver(Engine):
                 stream.last = out
                 continue
             stream.put(out)
+            woke += 1
             if out.finish_reason is not None:
                 del streams[out.request_id]
         if batch is not None:
             batch.worker_id = self.worker_id
-            self._kv_fanout.publish(batch)
+            if self._kv_fanout.publish(batch):
+                woke += 1
         evictions = self._evictions
         if evictions is not None and evictions.pending:
             blocks = evictions.take()
@@ -464,6 +479,16 @@ class AsyncEngineDriver(Engine):
                     self._evict_consumer(blocks)
                 except Exception:  # the consumer's fault (it counts its own): stepping goes on
                     log.exception("eviction consumer failed")
+        self._after_delivery()
+        return woke
+
+    def _after_delivery(self) -> None:
+        after = self.after_delivery
+        if after is not None:
+            try:
+                after()
+            except Exception:  # e.g. the connection just went: its flusher reports it
+                log.exception("after_delivery failed")
 
     def _finish_stream(self, request_id: str, reason: str, error: str | None = None) -> bool:
         stream = self._streams.pop(request_id, None)

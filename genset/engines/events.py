@@ -18,12 +18,22 @@ class KvEventSubscription:
         self._on_close = on_close
         self._closed = False
         self.dropped = 0
+        # Set by the consumer: `direct(batch) -> bool` takes a batch when nothing is queued
+        # before it (so order holds), without waking the consumer's task; False queues it.
+        # The worker's KV feed publishes a step's batch this way, from the step's delivery.
+        self.direct: Callable[[KvEventBatch], bool] | None = None
 
-    def put(self, batch: KvEventBatch) -> None:
+    def put(self, batch: KvEventBatch) -> bool:
+        """Hand `batch` over; True when it was queued (the consumer's task wakes for it),
+        False when `direct` took it."""
+        direct = self.direct
+        if direct is not None and self._queue.empty() and not self._closed and direct(batch):
+            return False
         if self._queue.full():
             self._queue.get_nowait()
             self.dropped += 1
         self._queue.put_nowait(batch)
+        return True
 
     def __aiter__(self) -> KvEventSubscription:
         return self
@@ -55,6 +65,10 @@ class KvEventFanout:
         self._subs.append(sub)
         return sub
 
-    def publish(self, batch: KvEventBatch) -> None:
+    def publish(self, batch: KvEventBatch) -> bool:
+        """Give `batch` to every subscriber; True when some subscriber's task was woken for
+        it (it was queued rather than taken directly)."""
+        queued = False
         for sub in self._subs:
-            sub.put(batch)
+            queued = sub.put(batch) or queued
+        return queued

@@ -585,6 +585,22 @@ class MockerDriver(AsyncEngineDriver):
             return self._run_now(lambda: self.core.import_kv(kv, pin_for=pin_for))
         return await super().import_kv(kv, pin_for)
 
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        # The stepping task runs on this loop: the caller waits on a loop future, which the
+        # command's result resumes with a plain callback. The base class's concurrent future
+        # (for a stepping thread) went through asyncio.wrap_future, whose result comes back
+        # by call_soon_threadsafe: a write to the loop's wake-up fd and one more loop turn
+        # for every submit, lookup and pin (issue 15).
+        loop = self._loop
+        if loop is None:
+            return fn()  # not stepping yet: nothing else touches the core (base class)
+        if self._stopping:
+            raise RuntimeError("engine is stopped")
+        fut = loop.create_future()
+        self._commands.append((fn, fut))
+        self._wake()
+        return await fut
+
     def _run_now(self, fn: Callable[[], Any]) -> Any:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._run_command(fn, fut)
@@ -686,24 +702,29 @@ class MockerDriver(AsyncEngineDriver):
                 else:
                     merge_output(prev, out)
             if clock() - delivered_at >= window:
+                # The step's frames and KV batch leave in one socket write at the delivery
+                # (`after_delivery`), not from nats-py's flusher task woken for them.
                 self._deliver_held(held, last_ewma)
                 delivered_at = clock()
                 # Let what this delivery woke run before the next step is computed, which
                 # holds the loop (a batch of prompts: ms): the requests' tasks (first and
-                # last frames, lifecycle), then the NATS flusher that writes their frames
-                # and the ones sent from the delivery. Without this they waited for that
-                # computation in the connection's buffer (--timeline at concurrency 64:
-                # worker -> frontend p99 205 ms).
+                # last frames, lifecycle), then the NATS flusher that writes their frames.
+                # Without this they waited for that computation in the connection's buffer
+                # (--timeline at concurrency 64: worker -> frontend p99 205 ms). The two
+                # turns also let requests that arrived during the step reach the engine's
+                # queue before the next step is planned: skipping them when the delivery
+                # woke no task (20274d4-1497d8b) came with aiperf's c=16 TTFT p50 at ~146
+                # ms against main's ~110 (medians of 9 runs, docs/benchmarks.md issue 15 §5h).
                 await asyncio.sleep(0)
                 await asyncio.sleep(0)
 
-    def _deliver_held(self, held: dict[str, EngineOutput], ewma: float) -> None:
+    def _deliver_held(self, held: dict[str, EngineOutput], ewma: float) -> int:
         core = self.core
         batch = core.take_kv_batch(now_ms())
         load = core.load_report(now_ms(), ewma)
         outputs = list(held.values())
         held.clear()
-        self._deliver(outputs, batch, load)
+        return self._deliver(outputs, batch, load)
 
 
 def create_mocker_engine(

@@ -104,10 +104,14 @@ class RouterFeeds:
         """Subscribe, list the workers, and wait (up to `initial_sync_s`) for their KV
         snapshots, so the first decisions already see every cached prefix."""
         bus = self.bus
-        self._subs.append(await bus.subscribe(subjects.kv_events_all(self.ns), self._on_kv))
-        self._subs.append(await bus.subscribe(subjects.load_report_all(self.ns), self._on_load))
-        self._subs.append(await bus.subscribe(subjects.request_lifecycle(self.ns), self._on_lifecycle))
-        self._subs.append(await bus.subscribe(subjects.route_decisions(self.ns), self._on_decision))
+        # Handled in the connection's reader (Bus.subscribe_direct): every handler here only
+        # updates the index and load model, and a task switch per message was most of what a
+        # message cost the router service and the frontend's warm copy (issue 15).
+        sub = bus.subscribe_direct
+        self._subs.append(await sub(subjects.kv_events_all(self.ns), self._on_kv))
+        self._subs.append(await sub(subjects.load_report_all(self.ns), self._on_load))
+        self._subs.append(await sub(subjects.request_lifecycle(self.ns), self._on_lifecycle))
+        self._subs.append(await sub(subjects.route_decisions(self.ns), self._on_decision))
         await self._start_stores()  # KV offload store: its tiers in the index (issue 12)
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="router-resync"))
         self._tasks.append(asyncio.create_task(self._alarm_loop(), name="router-alarms"))
@@ -234,8 +238,8 @@ class RouterFeeds:
         """The store's events (tiers host/disk) go into the index as a shared holder; its etcd
         record says when it is gone (its blocks are dropped); a gap is healed by asking the
         store for a snapshot, which it publishes on its events subject."""
-        self._subs.append(await self.bus.subscribe(subjects.offload_events_all(self.ns),
-                                                   self._on_store_kv))
+        self._subs.append(await self.bus.subscribe_direct(subjects.offload_events_all(self.ns),
+                                                          self._on_store_kv))
         if self.discovery is None:
             return
         with contextlib.suppress(Exception):  # etcd away: stores join when their events come
@@ -257,7 +261,7 @@ class RouterFeeds:
         else:
             self.core.remove_store(rec.instance_id)
 
-    async def _on_store_kv(self, msg) -> None:
+    def _on_store_kv(self, msg) -> None:
         try:
             batch = proto.decode(msg.data, proto.KvEventBatch)
         except proto.ProtocolError as exc:
@@ -323,7 +327,7 @@ class RouterFeeds:
                          f"{held} blocks held, capacity {limit}")
             self.request_resync(batch.worker_id)
 
-    async def _on_kv(self, msg) -> None:
+    def _on_kv(self, msg) -> None:
         try:
             batch = proto.decode(msg.data, proto.KvEventBatch)
         except proto.ProtocolError as exc:
@@ -333,7 +337,7 @@ class RouterFeeds:
             return
         self._apply(batch)
 
-    async def _on_load(self, msg) -> None:
+    def _on_load(self, msg) -> None:
         try:
             report = proto.decode(msg.data, proto.LoadReport)
         except proto.ProtocolError as exc:
@@ -363,7 +367,7 @@ class RouterFeeds:
         if self.m:
             self.m.ignored.labels(kind, reason).inc()
 
-    async def _on_lifecycle(self, msg) -> None:
+    def _on_lifecycle(self, msg) -> None:
         try:
             ev = proto.decode(msg.data, proto.RequestLifecycle)
         except proto.ProtocolError as exc:
@@ -371,7 +375,7 @@ class RouterFeeds:
             return
         self.core.on_lifecycle(ev)
 
-    async def _on_decision(self, msg) -> None:
+    def _on_decision(self, msg) -> None:
         try:
             d = proto.decode(msg.data, proto.RouteDecision)
         except proto.ProtocolError as exc:

@@ -194,6 +194,12 @@ class WorkerHost:
                 self._evicted, max_bytes=self.config.evict_handover_bytes):
             self.kv_feed.on_evict = None  # the engine hands blocks over with their KV itself
         self._tasks.append(self.kv_feed.start())  # before the hooks: their imports are events
+        write = getattr(self.bus, "write_pending", None)
+        if write is not None and hasattr(self.engine, "after_delivery"):
+            # each step's frames and KV batch leave in one socket write at its delivery
+            # (AsyncEngineDriver.after_delivery): the NATS client's flusher task is not woken
+            # for them (issue 15)
+            self.engine.after_delivery = write
         self._tasks.append(self._load.start())
         steps = StepStatsPublisher(self.engine, bus=self.bus, namespace=self.config.namespace,
                                    instance_id=self.instance_id, role=self.role).start()

@@ -96,6 +96,8 @@ class KvFeed:
         if self.on_evict is not None:
             self.tracker = EvictionTracker(self.engine.card.kv_blocks + 1024)
         self._sub = self.engine.kv_events(maxsize=KV_QUEUE_BATCHES)
+        if getattr(self.bus, "publish_nowait", None) is not None:
+            self._sub.direct = self._publish_direct
         return asyncio.create_task(self._publish(), name="kv-events")
 
     def close(self) -> None:
@@ -114,6 +116,22 @@ class KvFeed:
             self.changed.set()
             if self.tracker is not None:
                 self._track(batch)
+
+    def _publish_direct(self, batch: proto.KvEventBatch) -> bool:
+        """A batch published from the engine's step delivery (`KvEventSubscription.direct`):
+        queued on the connection at once, so it leaves in the step's one write with its token
+        frames, without waking this feed's task. False (connection not ready, encoding
+        failed): the batch goes through the queue and the task, as before."""
+        try:
+            if not self.bus.publish_nowait(self.events_subject, batch):
+                return False
+        except Exception:  # the task's path reports it
+            return False
+        self.m.kv_batches.inc()
+        self.changed.set()
+        if self.tracker is not None:
+            self._track(batch)
+        return True
 
     def _track(self, batch: proto.KvEventBatch) -> None:
         snapshot = batch.event_id in self._snapshot_ids
