@@ -18,6 +18,7 @@ SLO: TTFT <= 2 s and the request's mean ITL <= 50 ms (Dynamo's replay's definiti
     python bench/bench_planner_replay.py --workloads mooncake --startups 30 --json out.json
     python bench/bench_planner_replay.py --plot-dir /tmp/plots # timeline plots per planner run
     python bench/bench_planner_replay.py --workloads mooncake --capped 3   # + runs at a budget
+    python bench/bench_planner_replay.py --workloads mooncake --policies slo --seeds 0,1,2
 
 Prints one table per workload: attainment, worker-seconds (and share of static at peak),
 average workers, scale events, TTFT p50 / p99.
@@ -83,9 +84,11 @@ def workloads(args, tmp: Path) -> dict[str, tuple[Path, float]]:
     return out
 
 
-def replay(trace, workers: int, args, planner: PlannerSimConfig | None = None) -> dict:
+def replay(trace, workers: int, args, planner: PlannerSimConfig | None = None,
+           seed: int | None = None) -> dict:
     cfg = ReplayConfig(workers=workers, kv_blocks=args.kv_blocks, block_size=64,
-                       speedup_ratio=1.0, planner=planner, seed=args.seed)
+                       speedup_ratio=1.0, planner=planner,
+                       seed=args.seed if seed is None else seed)
     t0 = time.perf_counter()
     r = run_replay(trace, args.router, cfg)
     r["bench_wall_s"] = time.perf_counter() - t0
@@ -128,6 +131,28 @@ def row(label: str, r: dict, ref_ws: float) -> dict:
     return out
 
 
+def spread(rows: list[dict]) -> list[dict]:
+    """Per planner config run with several router seeds: min / median / max of attainment
+    and of the share of static at peak (a planner's run is chaotic: one worker more or less
+    at one peak changes its feedback and floors for the rest of the run, and the router's
+    seed alone moved the Mooncake sinusoid's SLO run, 120 s start-up, from 0.74 to 0.83 of
+    static at peak)."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if "seed" in r:
+            by.setdefault(r["base_config"], []).append(r)
+    out = []
+    for cfg, rs in by.items():
+        if len(rs) < 2:
+            continue
+        att = sorted(r["sla_attainment"] for r in rs)
+        share = sorted(r["ws_share_of_peak"] for r in rs)
+        out.append({"config": cfg, "seeds": [r["seed"] for r in rs],
+                    "attainment": [att[0], statistics.median(att), att[-1]],
+                    "ws_share_of_peak": [share[0], statistics.median(share), share[-1]]})
+    return out
+
+
 def print_table(name: str, rows: list[dict], out) -> None:
     print(f"\n{name}", file=out)
     print(f"{'config':<28}{'SLO %':>7}{'TTFT %':>8}{'ITL %':>7}{'worker-s':>10}{'/peak':>7}"
@@ -163,13 +188,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capped", type=int, default=0, metavar="N",
                    help="also run each policy with at most N workers (a budget: Dynamo's "
                         "planner averaged ~3 on the Mooncake sinusoid)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the routers' seed")
+    p.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="run every planner row once per router seed (the static search uses "
+                        "the first) and print min / median / max over them")
     p.add_argument("--json", metavar="FILE", help="write every row and setting here")
     p.add_argument("--plot-dir", metavar="DIR", help="timeline plot of each planner run")
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     startups = [float(s) for s in args.startups.split(",") if s.strip()]
     policies = [s.strip() for s in args.policies.split(",") if s.strip()]
+    try:
+        seeds = ([int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds
+                 else [args.seed])
+    except ValueError:
+        raise SystemExit(f"--seeds takes integers separated by commas, got {args.seeds!r}") from None
+    if not seeds:
+        raise SystemExit("--seeds: no seed given")
+    args.seed = seeds[0]
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -192,31 +228,47 @@ def main(argv: list[str] | None = None) -> int:
             for cap in caps:
                 for startup in startups:
                     for pol in policies:
-                        planner = PlannerSimConfig(policy=pol, min_workers=1, max_workers=cap,
-                                                   startup_s=startup,
-                                                   interval_s=args.interval_s,
-                                                   down_cooldown_s=args.down_cooldown_s)
-                        r = replay(trace, cap, args, planner)
-                        tag = "" if cap == n_peak else f", max {cap}"
-                        log(f"    {pol} start-up {startup:g} s{tag}: attainment "
-                            f"{r['sla_attainment']:.3f}, {r['avg_workers']:.2f} workers "
-                            f"({r['bench_wall_s']:.0f} s)")
-                        rows.append(row(f"{pol}, start-up {startup:g}s{tag}", r, ref))
-                        if args.plot_dir:
-                            from genset.replay.__main__ import plot_timeline
+                        for seed in seeds:
+                            planner = PlannerSimConfig(
+                                policy=pol, min_workers=1, max_workers=cap, startup_s=startup,
+                                interval_s=args.interval_s,
+                                down_cooldown_s=args.down_cooldown_s)
+                            r = replay(trace, cap, args, planner, seed=seed)
+                            tag = "" if cap == n_peak else f", max {cap}"
+                            stag = f", seed {seed}" if len(seeds) > 1 else ""
+                            log(f"    {pol} start-up {startup:g} s{tag}{stag}: attainment "
+                                f"{r['sla_attainment']:.3f}, {r['avg_workers']:.2f} workers "
+                                f"({r['bench_wall_s']:.0f} s)")
+                            base = f"{pol}, start-up {startup:g}s{tag}"
+                            rows.append(row(base + stag, r, ref))
+                            if len(seeds) > 1:
+                                rows[-1].update(seed=seed, base_config=base)
+                            if args.plot_dir:
+                                from genset.replay.__main__ import plot_timeline
 
-                            os.makedirs(args.plot_dir, exist_ok=True)
-                            suffix = "" if cap == n_peak else f"-max{cap}"
-                            plot_timeline([r], os.path.join(
-                                args.plot_dir, f"{name}-{pol}-startup{startup:g}{suffix}.png"),
-                                title=f"{name}, {pol} policy, start-up {startup:g} s{tag}")
+                                os.makedirs(args.plot_dir, exist_ok=True)
+                                suffix = "" if cap == n_peak else f"-max{cap}"
+                                suffix += f"-seed{seed}" if len(seeds) > 1 else ""
+                                plot_timeline([r], os.path.join(
+                                    args.plot_dir,
+                                    f"{name}-{pol}-startup{startup:g}{suffix}.png"),
+                                    title=f"{name}, {pol} policy, start-up {startup:g} s"
+                                          f"{tag}{stag}")
             title = (f"{name}: {len(trace)} requests over {span:.0f} s, static at peak = "
                      f"{n_peak} workers (>= {args.peak_attainment:.0%} attainment), SLO TTFT "
                      f"<= 2 s and ITL <= 50 ms")
             print_table(title, rows, sys.stdout)
+            spreads = spread(rows)
+            for sp in spreads:
+                a, w = sp["attainment"], sp["ws_share_of_peak"]
+                print(f"  {sp['config']}, seeds {','.join(map(str, sp['seeds']))}: attainment "
+                      f"{a[0] * 100:.1f} / {a[1] * 100:.1f} / {a[2] * 100:.1f} %, share of "
+                      f"static at peak {w[0]:.3f} / {w[1]:.3f} / {w[2]:.3f} (min / median / "
+                      f"max)", file=sys.stdout)
             doc["workloads"][name] = {"requests": len(trace), "span_s": span,
                                       "peak_over_mean": peak_over_mean, "static_at_peak": n_peak,
                                       "static_at_mean": n_mean, "rows": rows,
+                                      "seed_spread": spreads,
                                       "static_search": {n: r["sla_attainment"]
                                                         for n, r in sorted(runs.items())}}
             sys.stdout.flush()

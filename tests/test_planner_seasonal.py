@@ -125,6 +125,47 @@ def test_slo_policy_keeps_a_seasonal_floor_only_when_a_period_predicts():
     assert need.seasonal_floor is None
 
 
+def test_slo_policy_flags_a_scale_up_whose_workers_would_join_after_the_cycle_turns():
+    """`PoolNeed.joins_falling`: the seasonal forecast one start-up ahead (when a worker
+    asked for now would join) is below today's level; only with a period that predicts."""
+    def need_at(rate, seconds: float):
+        f = ArrivalForecaster()
+        t = feed(f, rate, seconds, isl=16000)
+        sp = SloPolicy(SloPolicyConfig(ttft_ms=2000, itl_ms=50), f, PerfModel(),
+                       LatencyWindow(), LatencyWindow())
+        view = PoolView("decode", target=4, ready=4, starting=0, reporting=4,
+                        kv_blocks_per_worker=4688, kv_tokens_per_worker=4688 * 64.0,
+                        ceiling=8)
+        return sp.evaluate_all(t, {"decode": view}, 120.0)["decode"], f
+
+    need, f = need_at(wave, 1275)  # at a peak (10 req/s): in 120 s the rate is ~2.8
+    assert need.joins_falling
+    assert 0 <= need.inputs["rate_seasonal_at_join"] < f.level
+    need, f = need_at(wave, 1425)  # at a trough: the rise comes within the start-up
+    assert not need.joins_falling and need.inputs["rate_seasonal_at_join"] > f.level
+    need, _ = need_at(lambda t_s: 6.0, 1425)  # no period: nothing known about the join
+    assert not need.joins_falling and need.inputs["rate_seasonal_at_join"] == -1.0
+
+
+def test_join_falling_hold_only_for_the_slo_policy_with_a_long_start_up():
+    def core_for(startup: float, policy: str = "slo", **kw) -> PlannerCore:
+        return PlannerCore(PlannerConfig(policy=policy, pools={"decode": PoolBounds(1, 8)},
+                                         startup_s=startup, **kw), clock=lambda: 0.0)
+
+    from genset.planning.policies import PoolNeed
+
+    falls = PoolNeed(up=6, settle=6, settle_now=5, why="", joins_falling=True)
+    rises = PoolNeed(up=6, settle=6, settle_now=5, why="", joins_falling=False)
+    core = core_for(120.0)
+    why = core._join_falling_hold(falls, 4, 1000.0)
+    assert "holding 4" in why and "120 s" in why
+    assert core.slo_policy._recent_growth(1000.0)  # misses while held are the hold's
+    assert core_for(120.0)._join_falling_hold(rises, 4, 1000.0) == ""
+    assert core_for(30.0)._join_falling_hold(falls, 4, 1000.0) == ""  # joins in time
+    assert core_for(120.0, "load")._join_falling_hold(falls, 4, 1000.0) == ""
+    assert core_for(120.0, join_falling_hold=False)._join_falling_hold(falls, 4, 1000.0) == ""
+
+
 def test_learned_floor_keeps_the_median_burst_while_bursts_recur_then_lets_go():
     core = PlannerCore(PlannerConfig(policy="slo", pools={"decode": PoolBounds(1, 8)},
                                      startup_s=30.0, burst_memory_s=600.0),

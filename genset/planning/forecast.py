@@ -287,6 +287,10 @@ class ArrivalForecaster:
         p = self._seasonal(horizon_s, peak=False)
         return trend if p is None else max(trend, trend + self.seasonal_weight * (p - trend))
 
+    def seasonal_at(self, horizon_s: float) -> float | None:
+        """The seasonal forecast `horizon_s` ahead, unweighted; None without a period."""
+        return self._seasonal(horizon_s, peak=False)
+
     def seasonal_peak(self, horizon_s: float) -> float | None:
         """The highest rate the seasonal forecast expects between now and `horizon_s` ahead,
         weighted as in `forecast` against today's level; None without a period."""

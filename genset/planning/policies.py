@@ -70,6 +70,9 @@ class PoolNeed:
     # the workers the seasonal forecast says the pool needs again within one start-up time
     # (None: no period predicting): a pool is not taken below it (PlannerConfig.seasonal_floor)
     seasonal_floor: int | None = None
+    # the seasonal forecast (a period that predicts) puts the rate one start-up ahead, when
+    # a worker asked for now would join, below today's level (PlannerConfig.join_falling_hold)
+    joins_falling: bool = False
 
 
 @dataclass
@@ -647,6 +650,10 @@ class SloPolicy:
                 f"{f.isl:.0f} tokens ({f.hit_ratio:.0%} cached), output {f.osl:.0f}")
         out: dict[str, PoolNeed] = {}
         peak2 = f.seasonal_peak(2 * horizon_s)
+        # the cycle's rate when a worker asked for now would join (one start-up ahead)
+        at_join = f.seasonal_at(horizon_s) if f.seasonal_weight >= c.seasonal_min_weight else None
+        joins_falling = at_join is not None and at_join < f.level
+        inputs["rate_seasonal_at_join"] = -1.0 if at_join is None else at_join
 
         def seasonal_need(rate: float) -> int:
             if disagg:
@@ -712,5 +719,6 @@ class SloPolicy:
                     settle = max(settle, seasonal_need(peak2))
             out[role] = PoolNeed(up, settle, settle_now, why + note,
                                  {**inputs, "need": raw, "need_now": raw_now,
-                                  "kv_usage_smoothed": kv_now[role] / n}, falling, sfloor)
+                                  "kv_usage_smoothed": kv_now[role] / n}, falling, sfloor,
+                                 joins_falling)
         return out
