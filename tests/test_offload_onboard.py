@@ -197,12 +197,8 @@ async def test_a_live_mocker_worker_imports_the_head_and_computes_the_tail(
     output is the same as computing the prompt."""
     import uuid
 
-    import proto
-    from genset.engines.mocker import create_mocker_engine
     from genset.kv.hashing import block_hashes
-    from genset.runtime.metrics import Metrics
-    from genset.worker import HostConfig, WorkerHost
-    from genset.worker.offload_hook import OffloadHookConfig
+    from tests.helpers.offload_worker import offload_worker, prompt_of
     from tests.test_offload_service import WAIT, running_store, wait_for
 
     bs, ns = 16, f"t{uuid.uuid4().hex[:10]}"
@@ -210,48 +206,27 @@ async def test_a_live_mocker_worker_imports_the_head_and_computes_the_tail(
     # the 3-token rest (the polynomial's fixed cost): one block is computed instead
     config = MockerConfig(block_size=bs, num_blocks=16, kv_bytes_per_token=1 << 20,
                           offload_h2d_gbps=4.0, kv_copy_overlap=True)
-    iid = int(uuid.uuid4().int & ((1 << 63) - 1)) or 1
-    metrics = Metrics(process_metrics=False)
-    engine = create_mocker_engine(config, worker_id=iid)
-    hook = OffloadHook(discovery=discovery, metrics=metrics,
-                       config=OffloadHookConfig(deadline_s=WAIT))
-    host = WorkerHost(engine, bus=bus, discovery=discovery, instance_id=iid, metrics=metrics,
-                      hooks=hook, config=HostConfig(namespace=ns, model="m", tokenizer="tiny"))
+    worker = offload_worker(config, bus=bus, discovery=discovery, namespace=ns, wait_s=WAIT)
+    engine, hook = worker.engine, worker.hook
 
     async def generate(prompt: list[int]):
-        req = proto.GenerateRequest(
-            request_id=uuid.uuid4().hex, model="m", token_ids=proto.pack_tokens(prompt),
-            stop=proto.StopConditions(max_tokens=4, ignore_eos=True),
-            sampling=proto.SamplingParams(temperature=0.0))
-        stream = await bus.stream_request(host.generate_subject, req, timeout=WAIT)
-        chunks = [c async for c in stream]
-        assert chunks[-1].final and chunks[-1].error is None, chunks[-1]
-        return [t for c in chunks for t in proto.unpack_tokens(c.token_ids)], chunks[-1].usage
+        return await worker.generate(bus, prompt)
 
-    def prompt_of(seed: int, n: int) -> list[int]:
-        rng = random.Random(seed)
-        return [rng.randrange(3, 4096) for _ in range(n)]
-
-    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05) as store:
-        await host.start()
-        try:
-            await wait_for(lambda: hook.client.instances == (store.instance_id,),
-                           "the store seen by the worker")
-            prompt = prompt_of(1, 5 * bs + 3)  # 5 full blocks
-            hashes = block_hashes(prompt, bs)
-            computed, _ = await generate(prompt)
-            for i in range(4):  # push the prompt's blocks out of the 16-block cache
-                await generate(prompt_of(10 + i, 7 * bs))
-            assert engine.cached_prefix(hashes) == 0
-            assert await hook.client.flush(WAIT)
-            await wait_for(lambda: all(h in store.store.cache.ram for h in hashes),
-                           "the prompt's blocks in the store")
-            keep = hook._split(5, 3)
-            assert 0 < keep < 5
-            again, usage = await generate(prompt)
-            assert again == computed
-            assert usage.cached_tokens == keep * bs  # the head onboarded, the tail computed
-            assert hook.counts["split_blocks"] == 5 - keep
-            assert hook.counts["onboarded_blocks"] == keep
-        finally:
-            await host.close()
+    async with (running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05) as store,
+                worker.serving(store)):
+        prompt = prompt_of(1, 5 * bs + 3)  # 5 full blocks
+        hashes = block_hashes(prompt, bs)
+        computed, _ = await generate(prompt)
+        for i in range(4):  # push the prompt's blocks out of the 16-block cache
+            await generate(prompt_of(10 + i, 7 * bs))
+        assert engine.cached_prefix(hashes) == 0
+        assert await hook.client.flush(WAIT)
+        await wait_for(lambda: all(h in store.store.cache.ram for h in hashes),
+                       "the prompt's blocks in the store")
+        keep = hook._split(5, 3)
+        assert 0 < keep < 5
+        again, usage = await generate(prompt)
+        assert again == computed
+        assert usage.cached_tokens == keep * bs  # the head onboarded, the tail computed
+        assert hook.counts["split_blocks"] == 5 - keep
+        assert hook.counts["onboarded_blocks"] == keep
