@@ -28,7 +28,7 @@ Not thread-safe: one owner (the scheduler, on the engine thread) calls it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 
 from proto.kv import TIER_DEVICE, Cleared, KvEvent, KvEventBatch, Removed, Stored, StoredBlock
@@ -127,13 +127,15 @@ class BlockPool:
         bh = self.block_hash
         return [bh[b] for b in islice(self._free, max(0, n))]
 
-    def eviction_candidates(self, n: int) -> list[tuple[int, int | None, bytes | None, int]]:
+    def eviction_candidates(self, n: int) -> Iterator[tuple[int, int | None, bytes | None, int]]:
         """The cached blocks among the next `n` free blocks `allocate` would take, next first,
         as the `evicted` records their eviction would make (hash, parent hash, packed tokens,
-        block id): what an engine can copy out ahead of eviction. Changes nothing."""
+        block id): what an engine can copy out ahead of eviction. Lazy (a caller that needs
+        a few stops early: it runs once per engine step over up to 1,024 blocks); do not
+        change the pool while iterating. Changes nothing."""
         bh, parent, tokens = self.block_hash, self._parent, self._tokens
-        return [(bh[b], parent[b], tokens[b], b) for b in islice(self._free, max(0, n))
-                if bh[b] is not None]
+        return ((bh[b], parent[b], tokens[b], b) for b in islice(self._free, max(0, n))
+                if bh[b] is not None)
 
     def chain_to(self, block_hash: int | None) -> list[int]:
         """Block ids of the cached chain that ends at `block_hash`, first block first, back
