@@ -10,6 +10,7 @@ import pytest
 
 import proto
 from genset.runtime.streams import ReplyStream
+from tests.helpers.waiting import until
 from tests.test_worker import Host
 
 
@@ -100,11 +101,8 @@ async def kv_batches_of(slow_host, bus, prompt_blocks: int) -> tuple[list, list[
         return sum(len(e.blocks) for b in batches for e in b.events
                    if isinstance(e, proto.Stored))
 
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 10
-    while stored() < prompt_blocks + 1:  # the prompt's blocks and a decoded one at least
-        assert loop.time() < end, f"KV events missing: {stored()} blocks stored"
-        await asyncio.sleep(0.02)
+    # the prompt's blocks and a decoded one at least
+    await until(lambda: stored() >= prompt_blocks + 1, within=60, what="the KV events")
     return batches, direct
 
 
