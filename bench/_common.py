@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -127,13 +128,15 @@ class GensetUp:
         self.log_path: Path | None = None
         self._log = None
         self._launcher_cpu0 = 0.0
+        # genset up's --state-dir (etcd's data: ~62 MB, its preallocated WAL); removed by stop()
+        # so that hundreds of benchmark runs do not fill the disk (they once left 24 GB in /tmp)
+        self.state_dir = Path(tempfile.mkdtemp(prefix="genset-bench-"))
 
     def command(self, port: int) -> list[str]:
         cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "genset.cli", "up",
                "--port", str(port), "--workers", str(self.workers), "--engine", "mocker",
                "--model", str(PEER_DIR / "model"), "--served-model-name", MODEL_NAME,
-               "--speedup", f"{self.speedup:g}", "--state-dir",
-               tempfile.mkdtemp(prefix="genset-bench-"),
+               "--speedup", f"{self.speedup:g}", "--state-dir", str(self.state_dir),
                "--nats", f"nats://127.0.0.1:{free_port()}", "--etcd", f"127.0.0.1:{free_port()}",
                "--log-level", "warning", f"--worker-arg=--kv-blocks={self.kv_blocks}",
                "--worker-arg=--block-size=16", "--worker-arg=--max-running=256",
@@ -144,6 +147,7 @@ class GensetUp:
 
     def start(self) -> None:
         port = free_port()
+        self.state_dir.mkdir(parents=True, exist_ok=True)  # again after a stop()
         cmd = self.command(port)
         # the frontend reads its options from GENSET_* too; genset up passes its env on
         env = {**os.environ, "PYTHONPATH": str(self.source), **self.extra_env}
@@ -210,3 +214,4 @@ class GensetUp:
                 self.proc.wait(10)
         if self._log is not None:
             self._log.close()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
