@@ -68,7 +68,8 @@ class RouterMetrics:
                                  "Prompt tokens found cached on the chosen worker / prompt tokens")
         self.bad_messages = m.counter("router_bad_messages", "Messages that failed to decode", ["kind"])
         self.ignored = m.counter("router_ignored_messages",
-                                 "Messages ignored: unknown worker, wrong sender, over capacity",
+                                 "Messages (or their fields) ignored: unknown worker, wrong "
+                                 "sender, over capacity, unbelievable onboarding cost",
                                  ["kind", "reason"])
 
 
@@ -350,7 +351,10 @@ class RouterFeeds:
             return
         if self.suspects.alive(report.worker_id):
             log.info("worker alive again", worker=f"{report.worker_id:x}")
-        self.core.on_load_report(report)
+        refused = self.core.on_load_report(report)
+        if refused is not None:
+            # the load part is used; the onboarding cost is not (the defaults price it)
+            self._ignore("load_report", "bad_onboard_cost", report.worker_id, refused)
 
     def _from_own_subject(self, kind: str, subject: str, worker_id: int) -> bool:
         """A per-worker message must name the worker whose subject it came on."""
