@@ -21,7 +21,9 @@ ignored (`router_ignored_messages{kind,reason}`), so made-up ids cost nothing; a
 report must name the worker whose subject it came on (NATS permissions let a worker publish
 only on its own subjects, not choose what it writes in them); a card must name the worker
 whose key it is stored under; and a worker's index is bounded by its card's KV capacity (a
-worker claiming more blocks than it has is reset and asked for a snapshot).
+worker claiming more blocks than it has is reset and asked for a snapshot). A load report's
+onboarding cost that no worker could have measured (NaN, negative, absurd) is refused and
+counted (`reason="bad_onboard_cost"`); its load is still applied.
 """
 
 from __future__ import annotations
