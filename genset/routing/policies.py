@@ -222,12 +222,12 @@ class PredictedTTFT(Policy):
     block whose transfer is slower than computing it counts against the worker (it is
     onboarded anyway), unless the worker reported its prefill rate too: it then decides as
     it does (`genset.worker.offload_hook.onboard_tiers`), a tier slower than recomputing its
-    blocks (that rate x the block's tokens) is not onboarded, and the price is computing. With `copy_overlap` the engine copies
-    beside its compute (layer by layer): the transfer costs only its first layer
-    (1/`kv_layers`) and what outlasts the prefill; and with `split_runs` (as the workers) a
-    run whose copy would outlast the prefill is priced as the worker runs it, its head
-    onboarded and its tail computed beside the copy (`genset.offload.onboard`). The store is shared, so there is no
-    affinity credit for it, and with a store in reach (`store`: the router tracks one) the
+    blocks (that rate x the block's tokens) is not onboarded, and the price is computing.
+    With `copy_overlap` the engine copies beside its compute (layer by layer): the transfer
+    costs only its first layer (1/`kv_layers`) and what outlasts the prefill; and with
+    `split_runs` (as the workers) a run whose copy would outlast the prefill is priced as the
+    worker runs it, its head onboarded and its tail computed beside the copy
+    (`genset.offload.onboard`). The store is shared, so there is no affinity credit for it, and with a store in reach (`store`: the router tracks one) the
     affinity credit itself changes price. Keeping a prefix on one worker saves cache room
     elsewhere; without a store the prefix a second copy pushes out is computed again, with
     one it is onboarded again: the credit is then `affinity` x the onboarding time of the

@@ -56,8 +56,8 @@ class RouterService(Service):
         self.options = options or RouterOptions()
         o = self.options
         self.policy = policy_name(o.policy)
-        onboard = {"kv_bytes_per_token": o.onboard_kv_bytes_per_token, "host_gbps": o.onboard_ram_gbps,
-                   "disk_gbps": o.onboard_disk_gbps}
+        onboard = {"kv_bytes_per_token": o.onboard_kv_bytes_per_token,
+                   "host_gbps": o.onboard_ram_gbps, "disk_gbps": o.onboard_disk_gbps}
         self.core = RouterCore(RouterConfig(
             policy=self.policy, block_size=o.block_size, event_silence_s=o.event_silence_s,
             seed=o.seed, router_id=self.instance_id,
