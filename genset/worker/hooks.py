@@ -1,6 +1,6 @@
 """Where disaggregation and KV offload plug into a worker, without touching its serving code.
 
-The host calls a `WorkerHooks` object at four points of its life and of every request:
+The host calls a `WorkerHooks` object at these points of its life and of every request:
 
 - `start(ctx)`: once, after the engine started and before the worker takes requests. `ctx`
   gives the engine (`export_kv`, `import_kv`), the bus and the worker's identity.
