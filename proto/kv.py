@@ -65,3 +65,12 @@ class LoadReport(Message, kw_only=True):
     kv_used_blocks: int = 0
     kv_total_blocks: int = 0
     step_ms_ewma: float = 0.0
+    # What onboarding a block from the KV offload store costs this worker, as measured (0 =
+    # not measured yet): the KV payload bytes per token its onboarded blocks carried, the
+    # rate its lookups fetched them at (bytes over the lookup's time, RAM tier), the store's
+    # disk read rate, and its prefill ms per token (recomputing instead). The router prices
+    # this worker's store runs with them (genset.routing.policies.PredictedTTFT).
+    kv_bytes_per_token: float = 0.0
+    onboard_ram_gbps: float = 0.0
+    onboard_disk_gbps: float = 0.0
+    prefill_ms_per_token: float = 0.0

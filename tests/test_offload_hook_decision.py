@@ -63,3 +63,32 @@ def test_the_hook_decides_with_what_it_measured():
     assert hook.tiers_worth(64) == ONBOARD_NONE
     with pytest.raises(ValueError, match="fetch_gbps"):
         OffloadHookConfig(fetch_gbps=0)
+
+
+def test_the_hook_reports_what_it_measured_for_the_router():
+    """`report_fields` (the worker's load reports): 0 until measured, then the onboarded
+    blocks' bytes per token and fetch rate, the store's disk rate, the engine's prefill rate;
+    the router's own check takes them (genset.routing.load.reported_onboard_cost)."""
+    from genset.routing.load import reported_onboard_cost
+    from proto import LoadReport
+    from proto.offload import OffloadBlock
+
+    hook = OffloadHook()
+    assert hook.report_fields() == {"kv_bytes_per_token": 0.0, "onboard_ram_gbps": 0.0,
+                                    "onboard_disk_gbps": 0.0, "prefill_ms_per_token": 0.0}
+    log = [StepRecord(prefill_tokens=4096, step_ms=61.44)]
+    hook.ctx = SimpleNamespace(engine=SimpleNamespace(step_log=log), block_size=64)
+    hook.client = SimpleNamespace(disk_read_gbps=3.5)
+    # a lookup that brought 4 blocks of 8 MB in 16 ms: 2 GB/s
+    hook._measure_fetch([OffloadBlock(hash=i, data=bytes(8 * MB)) for i in range(4)], 0.016)
+    fields = hook.report_fields()
+    assert fields["kv_bytes_per_token"] == 8 * MB / 64
+    assert fields["onboard_ram_gbps"] == pytest.approx(2.0)
+    assert fields["onboard_disk_gbps"] == 3.5
+    assert fields["prefill_ms_per_token"] == pytest.approx(0.015)
+    cost = reported_onboard_cost(LoadReport(worker_id=1, ts_ms=1, **fields))
+    assert cost.ram_gbps == pytest.approx(2.0) and cost.kv_bytes_per_token == 125000.0
+    # the prefill rate is measured again once the engine has stepped, not before
+    log.append(StepRecord(prefill_tokens=1000, step_ms=30.0))
+    log.append(StepRecord(prefill_tokens=1000, step_ms=30.0))
+    assert hook.report_fields()["prefill_ms_per_token"] == pytest.approx(0.03)

@@ -8,7 +8,8 @@ import pytest
 import proto
 from genset.kv.hashing import block_hashes
 from genset.routing.core import RouterConfig, RouterCore
-from genset.routing.policies import PredictedTTFT, RouteContext, WorkerView
+from genset.routing.load import reported_onboard_cost
+from genset.routing.policies import OnboardCost, PredictedTTFT, RouteContext, WorkerView
 from proto.kv import TIER_DISK, TIER_HOST
 from tests.test_router_core import BS, Clock, stored, tokens
 
@@ -193,3 +194,126 @@ def test_a_fresh_store_is_known_whole_from_its_first_batch():
     d = core.route(proto.RouteRequest(request_id="r", model="m", max_tokens=16,
                                       token_ids=proto.pack_tokens(prompt)))
     assert d.store_blocks == 4
+
+
+# ---- the workers' measured onboarding cost (proto.LoadReport, issue 12 item 4) ----------
+
+def report(worker: int, **cost) -> proto.LoadReport:
+    return proto.LoadReport(worker_id=worker, ts_ms=1, kv_total_blocks=8192, **cost)
+
+
+def test_a_worker_is_priced_with_the_onboarding_cost_it_reported():
+    """Worker 1 holds the prompt but has a queue; worker 2 has the store next to it. At the
+    policy's default link (32 GB/s) worker 2 wins (above); reporting a slow fetch it loses
+    to the queue, reporting a fast one it wins, whatever the default."""
+    prompt = tokens(1, 4096)
+
+    def decide(**cost) -> tuple[int, RouterCore]:
+        core = two_workers()
+        core.on_kv_batch(stored(1, 0, prompt))
+        load(core, 1, 1, 3072)
+        core.add_store(STORE)
+        core.on_store_batch(store_batch(0, prompt))
+        assert core.on_load_report(report(2, **cost)) is None
+        return choose(core, "r", prompt), core
+
+    assert decide()[0] == 2  # nothing measured: the default link, worker 2 wins (above)
+    # 512 MiB at 0.5 GB/s: ~1.1 s of onboarding, against ~0.1 s behind worker 1's queue
+    slow, core = decide(kv_bytes_per_token=131072.0, onboard_ram_gbps=0.5)
+    assert slow == 1
+    assert core.workers[2].onboard.ram_gbps == 0.5 and core.workers[1].onboard is None
+    # ... and with its prefill rate too it computes instead (as the worker decides), which
+    # still loses to the prefix on worker 1
+    assert decide(kv_bytes_per_token=131072.0, onboard_ram_gbps=0.5,
+                  prefill_ms_per_token=0.015)[0] == 1
+    # a fast link wins, even where the policy's default is slow
+    core = two_workers(host_gbps=0.5)
+    core.on_kv_batch(stored(1, 0, prompt))
+    load(core, 1, 1, 3072)
+    core.add_store(STORE)
+    core.on_store_batch(store_batch(0, prompt))
+    assert choose(core, "default-slow", prompt) == 1
+    for w in (1, 2):  # (worker 1's device prefix is credited at its own link: affinity)
+        core.on_load_report(report(w, kv_bytes_per_token=131072.0, onboard_ram_gbps=50.0))
+    assert choose(core, "measured-fast", prompt) == 2
+    # a report with nothing measured (an older worker, or nothing onboarded yet): defaults
+    for w in (1, 2):
+        core.on_load_report(report(w))
+    assert core.workers[2].onboard is None
+    assert choose(core, "unknown-again", prompt) == 1
+
+
+def test_reported_costs_replace_each_default_they_measured():
+    pol = PredictedTTFT(kv_bytes_per_token=131072, host_gbps=32.0, disk_gbps=4.0)
+    per_block = 131072 * BS / 1e6  # ms at 1 GB/s
+    # nothing reported: the defaults, as before
+    ms, n = pol.onboard(10, 0, BS, 100 * BS, None)
+    assert (ms, n) == pol.onboard(10, 0, BS, 100 * BS) and ms == pytest.approx(
+        10 * per_block / 32.0)
+    # a measured fetch rate, bytes per token from the defaults
+    ms, n = pol.onboard(10, 0, BS, 100 * BS, OnboardCost(ram_gbps=2.0))
+    assert n == 10 * BS and ms == pytest.approx(10 * per_block / 2.0)
+    # measured bytes (a mocker's 12-byte placeholders) and rate: their ratio is the time
+    ms, _ = pol.onboard(10, 0, BS, 100 * BS, OnboardCost(kv_bytes_per_token=12 / BS,
+                                                          ram_gbps=1e-4))
+    assert ms == pytest.approx(10 * 12 / 1e-4 / 1e9 * 1e3)
+    # the store's disk read rate: a disk block pays it and the fetch; against the worker's
+    # own prefill rate (the profile's would be ~0.24 ms a block)
+    cost = OnboardCost(kv_bytes_per_token=1000.0, ram_gbps=1.0, disk_gbps=0.5,
+                       prefill_ms_per_token=0.01)
+    b = 1000 * BS / 1e6
+    ms, n = pol.onboard(2, 3, BS, 100 * BS, cost)
+    assert n == 5 * BS and ms == pytest.approx(2 * b + 3 * b * 3)  # 48 us a disk block
+    slower = OnboardCost(kv_bytes_per_token=1000.0, ram_gbps=1.0, disk_gbps=0.05,
+                         prefill_ms_per_token=0.01)  # a disk block: 0.34 ms > 0.16 computed
+    assert pol.onboard(2, 3, BS, 100 * BS, slower) == (pytest.approx(2 * b), 2 * BS)
+    # a RAM tier slower than the worker's prefill rate: the worker onboards nothing
+    # (onboard_tiers: none), so neither does its price
+    crawl = OnboardCost(kv_bytes_per_token=1000.0, ram_gbps=0.05, prefill_ms_per_token=0.01)
+    assert pol.onboard(2, 3, BS, 100 * BS, crawl) == (0.0, 0)
+    ctx = RouteContext(prompt_tokens=1024, prompt_blocks=64, block_size=BS)
+    plain = pol.score(ctx, WorkerView(worker_id=1))
+    assert pol.score(ctx, WorkerView(worker_id=1, host_blocks=63, onboard=crawl)) == plain
+    fast = OnboardCost(kv_bytes_per_token=1000.0, ram_gbps=5.0, prefill_ms_per_token=0.01)
+    assert pol.score(ctx, WorkerView(worker_id=1, host_blocks=63, onboard=fast)) < plain
+    # the affinity credit of a device prefix, with a store: at the worker's own fetch rate
+    view = WorkerView(worker_id=1, overlap_blocks=8, host_blocks=40, store=True)
+    none = PredictedTTFT(kv_bytes_per_token=131072, host_gbps=32.0, affinity=0.0)
+    measured = WorkerView(worker_id=1, overlap_blocks=8, host_blocks=40, store=True,
+                          onboard=OnboardCost(ram_gbps=2.0))
+    assert none.score(ctx, measured) - pol.score(ctx, measured) == pytest.approx(
+        0.5 * 131072 * 8 * BS / 1e6 / 2.0)
+    assert none.score(ctx, view) - pol.score(ctx, view) == pytest.approx(
+        0.5 * 131072 * 8 * BS / 1e6 / 32.0)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("onboard_ram_gbps", float("nan")), ("onboard_disk_gbps", float("inf")),
+    ("kv_bytes_per_token", -1.0), ("prefill_ms_per_token", -0.5),
+    ("onboard_ram_gbps", 1e9), ("kv_bytes_per_token", 1e12),
+    ("prefill_ms_per_token", 1e7)])
+def test_an_unbelievable_onboarding_cost_is_refused_and_the_defaults_stand(field, value):
+    core = two_workers()
+    assert core.on_load_report(report(2, onboard_ram_gbps=3.0)) is None
+    assert core.workers[2].onboard == OnboardCost(ram_gbps=3.0)
+    refused = core.on_load_report(report(2, **{field: value}, running=4))
+    assert refused is not None and field in refused
+    assert core.workers[2].onboard is None  # not the bad value, nor the last good one
+    assert core.load.workers[2].report.running == 4  # the load part is still used
+    # on the wire: the same value decodes (msgspec floats), and is refused the same way
+    wire = proto.decode(proto.encode(report(2, **{field: value})), proto.LoadReport)
+    with pytest.raises(ValueError, match=field):
+        reported_onboard_cost(wire)
+    assert reported_onboard_cost(report(2)) is None
+
+
+def test_the_router_services_flags_set_the_defaults_of_unmeasured_workers():
+    from genset.runtime.config import CommonConfig
+    from services.router.service import RouterOptions, RouterService
+
+    opts = dict(onboard_kv_bytes_per_token=65536.0, onboard_ram_gbps=2.0, onboard_disk_gbps=0.5)
+    for policy in ("genset", "dynamo"):  # a request may name genset when it is not the default
+        svc = RouterService(CommonConfig(), RouterOptions(policy=policy, **opts))
+        pol = svc.core.policy("genset")
+        assert (pol.kv_bytes_per_token, pol.host_gbps, pol.disk_gbps) == (65536.0, 2.0, 0.5)
+    assert svc.core.default_policy.name == "dynamo"

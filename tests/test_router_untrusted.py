@@ -154,3 +154,26 @@ async def test_a_card_under_another_workers_key_is_ignored(bus, discovery):
         await bus.publish(subjects.kv_events(rig.ns, GHOST), stored(GHOST, 2, [2]))
         await eventually(lambda: rig.ignored("kv_events", "not_live") == 1, "late event")
         assert GHOST not in rig.core.index.workers
+
+
+async def test_an_unbelievable_onboarding_cost_is_counted_and_not_used(bus, discovery):
+    """A load report's onboarding cost (issue 12 item 4) that no worker could have measured
+    (NaN, negative, absurd) is refused and counted; the report's load is still applied and
+    the worker's store runs are priced with the router's defaults."""
+    async with Rig(bus, discovery) as rig:
+        subject = subjects.load_report(rig.ns, LIVE)
+        bad = [{"onboard_ram_gbps": float("nan")}, {"kv_bytes_per_token": -4096.0},
+               {"onboard_disk_gbps": 1e30}, {"prefill_ms_per_token": float("inf")}]
+        for i, cost in enumerate(bad):
+            await bus.publish(subject, proto.LoadReport(worker_id=LIVE, ts_ms=i, running=2,
+                                                        kv_total_blocks=100, **cost))
+        await eventually(lambda: rig.ignored("load_report", "bad_onboard_cost") == len(bad),
+                         "the bad costs counted")
+        assert rig.core.workers[LIVE].onboard is None
+        assert rig.core.load.workers[LIVE].report.running == 2
+        await bus.publish(subject, proto.LoadReport(
+            worker_id=LIVE, ts_ms=9, kv_total_blocks=100, kv_bytes_per_token=131072.0,
+            onboard_ram_gbps=1.5, prefill_ms_per_token=0.02))
+        await eventually(lambda: rig.core.workers[LIVE].onboard is not None, "a good cost")
+        assert rig.core.workers[LIVE].onboard.ram_gbps == 1.5
+        assert rig.ignored("load_report", "bad_onboard_cost") == len(bad)

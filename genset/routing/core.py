@@ -17,8 +17,8 @@ import proto
 from genset.kv.hashing import block_hashes
 from genset.routing.api import POLICY_GENSET
 from genset.routing.index import IngestResult, PrefixIndex
-from genset.routing.load import LoadModel
-from genset.routing.policies import Policy, RouteContext, WorkerView, make_policy
+from genset.routing.load import LoadModel, reported_onboard_cost
+from genset.routing.policies import OnboardCost, Policy, RouteContext, WorkerView, make_policy
 from proto import ROLE_DECODE, ROLE_PREFILL
 from proto.kv import TIER_DEVICE, TIER_DISK, TIER_HOST
 
@@ -58,6 +58,9 @@ class WorkerInfo:
     routed_since_event: int = 0
     ever_published: bool = False
     joined_ms: float = 0.0
+    # what onboarding from the offload store costs it, as its latest load report measured
+    # (None: nothing measured, or a report the router could not believe)
+    onboard: OnboardCost | None = None
 
 
 @dataclass
@@ -172,13 +175,23 @@ class RouterCore:
             self.resync_wanted.discard(key)
         return result
 
-    def on_load_report(self, report: proto.LoadReport) -> None:
+    def on_load_report(self, report: proto.LoadReport) -> str | None:
+        """Apply a worker's load report. Returns why its onboarding cost was refused (a
+        value no worker could have measured: NaN, negative, absurd; the worker's store runs
+        are then priced with the configured defaults), else None."""
         w = self._ensure_worker(report.worker_id)
         if w is None:
-            return
+            return None
         if report.kv_total_blocks and not w.kv_blocks:
             w.kv_blocks = report.kv_total_blocks
+        refused = None
+        try:
+            w.onboard = reported_onboard_cost(report)
+        except ValueError as exc:
+            w.onboard = None
+            refused = str(exc)
         self.load.on_report(report)
+        return refused
 
     def on_lifecycle(self, msg: proto.RequestLifecycle) -> None:
         self.load.on_lifecycle(msg)
@@ -351,6 +364,7 @@ class RouterCore:
             kv_blocks=w.kv_blocks,
             cached_blocks=self.index.blocks_held(w.worker_id, TIER_DEVICE),
             max_batch_tokens=w.max_batch_tokens,
+            onboard=w.onboard,
         )
 
     # -------------------------------------------------------------- health

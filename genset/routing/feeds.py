@@ -21,7 +21,9 @@ ignored (`router_ignored_messages{kind,reason}`), so made-up ids cost nothing; a
 report must name the worker whose subject it came on (NATS permissions let a worker publish
 only on its own subjects, not choose what it writes in them); a card must name the worker
 whose key it is stored under; and a worker's index is bounded by its card's KV capacity (a
-worker claiming more blocks than it has is reset and asked for a snapshot).
+worker claiming more blocks than it has is reset and asked for a snapshot). A load report's
+onboarding cost that no worker could have measured (NaN, negative, absurd) is refused and
+counted (`reason="bad_onboard_cost"`); its load is still applied.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ class RouterMetrics:
                                  "Prompt tokens found cached on the chosen worker / prompt tokens")
         self.bad_messages = m.counter("router_bad_messages", "Messages that failed to decode", ["kind"])
         self.ignored = m.counter("router_ignored_messages",
-                                 "Messages ignored: unknown worker, wrong sender, over capacity",
+                                 "Messages (or their fields) ignored: unknown worker, wrong "
+                                 "sender, over capacity, unbelievable onboarding cost",
                                  ["kind", "reason"])
 
 
@@ -350,7 +353,10 @@ class RouterFeeds:
             return
         if self.suspects.alive(report.worker_id):
             log.info("worker alive again", worker=f"{report.worker_id:x}")
-        self.core.on_load_report(report)
+        refused = self.core.on_load_report(report)
+        if refused is not None:
+            # the load part is used; the onboarding cost is not (the defaults price it)
+            self._ignore("load_report", "bad_onboard_cost", report.worker_id, refused)
 
     def _from_own_subject(self, kind: str, subject: str, worker_id: int) -> bool:
         """A per-worker message must name the worker whose subject it came on."""

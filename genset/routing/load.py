@@ -15,11 +15,40 @@ load; its first token moves it from prefill to decode; completion frees it. Work
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import proto
+from genset.routing.policies import OnboardCost
 from proto import PHASE_DONE, PHASE_FIRST_TOKEN
+
+# A worker's reported onboarding cost (LoadReport), field -> (OnboardCost field, the largest
+# value believed). Above it the report is a bug or a forgery: 64 MiB of KV per token is ~100x
+# the largest dense models' (Llama 3 405B, bf16: 516 KB), 100 TB/s ~30x an H200's HBM, a
+# minute per prompt token far beyond any engine here. No lower bound but > 0 (0 = unknown):
+# a mocker's blocks are 12-byte placeholders, fetched at a few hundred kB/s.
+ONBOARD_FIELDS = {
+    "kv_bytes_per_token": ("kv_bytes_per_token", float(64 << 20)),
+    "onboard_ram_gbps": ("ram_gbps", 1e5),
+    "onboard_disk_gbps": ("disk_gbps", 1e5),
+    "prefill_ms_per_token": ("prefill_ms_per_token", 60_000.0),
+}
+
+
+def reported_onboard_cost(report: proto.LoadReport) -> OnboardCost | None:
+    """The onboarding cost a worker's load report gives (None when it measured nothing).
+    ValueError naming the field for a value the router cannot believe: not a finite
+    number, negative, or above its bound (`ONBOARD_FIELDS`)."""
+    values = {}
+    for name, (key, bound) in ONBOARD_FIELDS.items():
+        x = getattr(report, name)
+        if not isinstance(x, (int, float)) or not math.isfinite(x) or not 0 <= x <= bound:
+            raise ValueError(f"LoadReport.{name} must be a number in [0, {bound:g}], "
+                             f"got {x!r}"[:160])
+        if x:
+            values[key] = float(x)
+    return OnboardCost(**values) if values else None
 
 
 @dataclass(slots=True)

@@ -23,6 +23,22 @@ from genset.routing.api import (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class OnboardCost:
+    """What one worker measured of onboarding from the offload store, as its `LoadReport`
+    says (`genset.routing.load.reported_onboard_cost` checks it); 0 = not measured, the
+    policy's configured value stands. `kv_bytes_per_token` and `ram_gbps` come from the same
+    lookups (the payload bytes its onboarded blocks carried, over the time the lookup took),
+    so their ratio is the time a block took to fetch, whatever the payload (a mocker's is a
+    12-byte placeholder); `disk_gbps` is the store's own disk read rate;
+    `prefill_ms_per_token` what the worker weighs onboarding against (`onboard_tiers`)."""
+
+    kv_bytes_per_token: float = 0.0
+    ram_gbps: float = 0.0
+    disk_gbps: float = 0.0
+    prefill_ms_per_token: float = 0.0
+
+
 @dataclass(slots=True)
 class WorkerView:
     worker_id: int
@@ -39,6 +55,7 @@ class WorkerView:
     host_blocks: int = 0
     disk_blocks: int = 0
     store: bool = False  # an offload store is in reach (its evicted blocks are kept)
+    onboard: OnboardCost | None = None  # its measured onboarding cost (None: unknown)
 
 
 @dataclass(slots=True)
@@ -199,13 +216,18 @@ class PredictedTTFT(Policy):
     (`host_blocks` in RAM, `disk_blocks` on disk) are onboarded instead of computed, so they
     leave the prefill and cost their transfer instead: `kv_bytes_per_token` x their tokens
     over the tier's bandwidth (`host_gbps`, `disk_gbps`, GB/s decimal; a disk block pays the
-    disk read and then the host copy). A block whose transfer is slower than computing it
-    counts against the worker (it is onboarded anyway). With `copy_overlap` the engine copies
-    beside its compute (layer by layer): the transfer costs only its first layer
-    (1/`kv_layers`) and what outlasts the prefill; and with `split_runs` (as the workers) a
-    run whose copy would outlast the prefill is priced as the worker runs it, its head
-    onboarded and its tail computed beside the copy (`genset.offload.onboard`). The store is shared, so there is no
-    affinity credit for it, and with a store in reach (`store`: the router tracks one) the
+    disk read and then the host copy). These are defaults: a worker that reported what it
+    measured (`WorkerView.onboard`: its blocks' bytes, its fetch rate, the store's disk read
+    rate) is priced with its own figures, each unknown one falling back to the default. A
+    block whose transfer is slower than computing it counts against the worker (it is
+    onboarded anyway), unless the worker reported its prefill rate too: it then decides as
+    it does (`genset.worker.offload_hook.onboard_tiers`), a tier slower than recomputing its
+    blocks (that rate x the block's tokens) is not onboarded, and the price is computing.
+    With `copy_overlap` the engine copies beside its compute (layer by layer): the transfer
+    costs only its first layer (1/`kv_layers`) and what outlasts the prefill; and with
+    `split_runs` (as the workers) a run whose copy would outlast the prefill is priced as the
+    worker runs it, its head onboarded and its tail computed beside the copy
+    (`genset.offload.onboard`). The store is shared, so there is no affinity credit for it, and with a store in reach (`store`: the router tracks one) the
     affinity credit itself changes price. Keeping a prefix on one worker saves cache room
     elsewhere; without a store the prefix a second copy pushes out is computed again, with
     one it is onboarded again: the credit is then `affinity` x the onboarding time of the
@@ -258,7 +280,7 @@ class PredictedTTFT(Policy):
         onboard_ms = 0.0
         if v.host_blocks or v.disk_blocks:
             onboard_ms, onboarded = self.onboard(v.host_blocks, v.disk_blocks, bs,
-                                                 max(0, uncached - 1))
+                                                 max(0, uncached - 1), v.onboard)
             uncached -= onboarded
         capacity = max(1, v.kv_blocks * bs) if v.kv_blocks else 1 << 30
         p = self.profile
@@ -290,7 +312,10 @@ class PredictedTTFT(Policy):
             if v.store:
                 # a duplicate's victims go to the store: what the device prefix saves is
                 # its onboarding, not its compute
-                save = self.kv_bytes_per_token * cached / 1e6 / self.host_gbps
+                kvb, host_gbps, c = self.kv_bytes_per_token, self.host_gbps, v.onboard
+                if c is not None:
+                    kvb, host_gbps = c.kv_bytes_per_token or kvb, c.ram_gbps or host_gbps
+                save = kvb * cached / 1e6 / host_gbps
                 if self.copy_overlap:
                     save /= self.kv_layers
             else:
@@ -299,18 +324,32 @@ class PredictedTTFT(Policy):
         return ttft
 
     def onboard(self, host_blocks: int, disk_blocks: int, block_size: int,
-                max_tokens: int) -> tuple[float, int]:
-        """(ms, tokens) of onboarding these store blocks (RAM first), at most `max_tokens`.
-        Disk blocks count only when reading one is faster than computing its tokens (the
-        profile's marginal prefill cost): otherwise the worker is expected to compute them."""
+                max_tokens: int, cost: OnboardCost | None = None) -> tuple[float, int]:
+        """(ms, tokens) of onboarding these store blocks (RAM first), at most `max_tokens`,
+        at the worker's measured `cost` (each unknown figure: the configured one). Disk
+        blocks count only when reading one is faster than computing its tokens (the
+        worker's reported prefill rate, else the profile's marginal prefill cost): otherwise
+        the worker is expected to compute them. With a reported prefill rate and block
+        size, a RAM tier slower than that is not onboarded either (the worker computes the
+        whole run: `onboard_tiers` ONBOARD_NONE)."""
         host = min(host_blocks, max_tokens // block_size)
         disk = min(disk_blocks, max_tokens // block_size - host)
-        per_block = self.kv_bytes_per_token * block_size / 1e6  # bytes / (GB/s) -> ms
-        disk_ms = per_block * (1 / self.disk_gbps + 1 / self.host_gbps)
-        recompute = self.profile.prefill_coef[1] * block_size / self.profile.speedup
+        kvb, host_gbps, disk_gbps = self.kv_bytes_per_token, self.host_gbps, self.disk_gbps
+        recompute = 0.0
+        if cost is not None:
+            kvb = cost.kv_bytes_per_token or kvb
+            host_gbps = cost.ram_gbps or host_gbps
+            disk_gbps = cost.disk_gbps or disk_gbps
+            recompute = cost.prefill_ms_per_token * block_size
+        per_block = kvb * block_size / 1e6  # bytes / (GB/s) -> ms
+        if recompute and cost.kv_bytes_per_token and per_block / host_gbps >= recompute:
+            return 0.0, 0
+        disk_ms = per_block * (1 / disk_gbps + 1 / host_gbps)
+        if not recompute:
+            recompute = self.profile.prefill_coef[1] * block_size / self.profile.speedup
         if disk_ms >= recompute:
             disk = 0
-        ms = host * per_block / self.host_gbps + disk * disk_ms
+        ms = host * per_block / host_gbps + disk * disk_ms
         return ms, (host + disk) * block_size
 
     def choose(self, ctx, views, rng):

@@ -1,6 +1,6 @@
 """Where disaggregation and KV offload plug into a worker, without touching its serving code.
 
-The host calls a `WorkerHooks` object at four points of its life and of every request:
+The host calls a `WorkerHooks` object at these points of its life and of every request:
 
 - `start(ctx)`: once, after the engine started and before the worker takes requests. `ctx`
   gives the engine (`export_kv`, `import_kv`), the bus and the worker's identity.
@@ -27,6 +27,10 @@ The host calls a `WorkerHooks` object at four points of its life and of every re
   `Removed` events (after the `Removed` was published), without data, with token ids when
   the engine emits them.
 - `close()`: once, when the worker stops (requests have ended, the engine still runs).
+- `report_fields() -> dict`: fields the hook adds to each of the worker's `LoadReport`s
+  (what it measured, e.g. the offload hook's onboarding cost). Plain function, called on the
+  event loop once per report (every ~100-500 ms): cheap, no I/O. An error is logged and the
+  report goes without them.
 
 `before_run` may also answer a `RemotePrefill` (disaggregation): another worker prefilled the
 prompt and its first output token is already here. The host sends that token to the
@@ -132,6 +136,10 @@ class WorkerHooks:
     async def close(self) -> None:
         """Once, when the worker stops."""
 
+    def report_fields(self) -> dict:
+        """`proto.LoadReport` fields this hook measures, for the worker's next report."""
+        return {}
+
 
 def overridden(hooks: WorkerHooks, name: str) -> bool:
     """Whether `hooks` does something at `name` (the host skips the call otherwise)."""
@@ -172,3 +180,9 @@ class HookChain(WorkerHooks):
     async def close(self) -> None:
         for h in self._with("close"):
             await h.close()
+
+    def report_fields(self) -> dict:
+        fields: dict = {}
+        for h in self._with("report_fields"):
+            fields.update(h.report_fields())
+        return fields

@@ -149,7 +149,9 @@ class WorkerHost:
         self._tasks: list[asyncio.Task] = []
         self._load = LoadReporter(engine, bus=bus, namespace=ns, instance_id=instance_id,
                                   config=config, metrics=self.m,
-                                  active=lambda: len(self._active))
+                                  active=lambda: len(self._active),
+                                  fields=(self.hooks.report_fields
+                                          if overridden(self.hooks, "report_fields") else None))
         self._load_changed = self._load.changed
         self._on_evict = self.hooks.on_evict if overridden(self.hooks, "on_evict") else None
         self.kv_feed = KvFeed(engine, bus=bus, namespace=ns, instance_id=instance_id,

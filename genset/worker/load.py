@@ -21,16 +21,20 @@ log = structlog.get_logger("genset.worker")
 class LoadReporter:
     """`config` is read on every turn (it has `load_interval_s` and `idle_load_interval_s`),
     so a change to it applies at the next report. `active()` counts the requests the host is
-    serving; `changed` is set by whoever sees the load move."""
+    serving; `changed` is set by whoever sees the load move. `fields()` (the hooks'
+    `report_fields`) adds what they measured to each report."""
 
     def __init__(self, engine: Engine, *, bus, namespace: str, instance_id: int, config,
-                 metrics: WorkerMetrics, active: Callable[[], int]) -> None:
+                 metrics: WorkerMetrics, active: Callable[[], int],
+                 fields: Callable[[], dict] | None = None) -> None:
         self.engine = engine
         self.bus = bus
         self.instance_id = instance_id
         self.config = config
         self.m = metrics
         self.active = active
+        self.fields = fields
+        self._fields_failed = False
         self.subject = subjects.load_report(namespace, instance_id)
         self.changed = asyncio.Event()
         self.stopping = False  # the loop ends at its next turn
@@ -47,11 +51,19 @@ class LoadReporter:
         active = self.active()
         running = min(report.running, active)
         waiting = min(report.waiting, active - running)
-        return proto.LoadReport(
+        load = dict(
             worker_id=self.instance_id, ts_ms=now_ms(), running=running, waiting=waiting,
             waiting_prefill_tokens=report.waiting_prefill_tokens if waiting else 0,
             kv_used_blocks=report.kv_used_blocks, kv_total_blocks=report.kv_total_blocks,
             step_ms_ewma=report.step_ms_ewma)
+        if self.fields is not None:
+            try:
+                return proto.LoadReport(**load, **self.fields())
+            except Exception as exc:  # a hook's figures are optional; the load is not
+                if not self._fields_failed:  # once: reports go out every ~250 ms
+                    log.warning("load reports without the hooks' fields", error=repr(exc))
+                self._fields_failed = True
+        return proto.LoadReport(**load)
 
     async def _run(self) -> None:
         last = None

@@ -25,6 +25,11 @@ onboarding of a prompt's next blocks before it runs.
   `on_evict` like evicted ones, and their eviction later hands nothing over. The split
   (`split_for_core`) counts them as free to evict.
 
+- `report_fields()`: what it measured goes into the worker's load reports
+  (`proto.LoadReport.kv_bytes_per_token`, `onboard_ram_gbps`, `onboard_disk_gbps`,
+  `prefill_ms_per_token`; 0 until measured), so the router prices this worker's store runs
+  with them (`genset.routing.policies.PredictedTTFT`) rather than with its defaults.
+
 A request moved off a dead worker (migration) onboards its prefix here like any other.
 """
 
@@ -137,6 +142,8 @@ class OffloadHook(WorkerHooks):
         # hashes onboarded lately (in the store: their eviction needs no copy), bounded
         self._onboarded: OrderedDict[int, None] = OrderedDict()
         self._onboarded_max = 4096
+        # (the engine's last step record, its step count, its prefill ms per token then)
+        self._recompute: tuple = (None, -1, 0.0)
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self, ctx: WorkerContext) -> None:
@@ -182,16 +189,40 @@ class OffloadHook(WorkerHooks):
         onboarded lately, the stores' published disk read rate, the engine's prefill rate
         (each falling back to the configured value)."""
         cfg = self.config
-        recompute = cfg.recompute_ms_per_token
-        log_ = getattr(self.ctx.engine, "step_log", None) if self.ctx is not None else None
-        if log_:
-            recompute = recompute_ms_per_token(log_) or recompute
         disk = cfg.disk_gbps
         measured = getattr(self.client, "disk_read_gbps", None)
         if measured:
             disk = measured
-        return onboard_tiers(self._block_bytes, block_tokens, recompute,
+        return onboard_tiers(self._block_bytes, block_tokens, self._recompute_rate(),
                              self._fetch_gbps or cfg.fetch_gbps, disk)
+
+    def _recompute_rate(self) -> float:
+        """The engine's prefill ms per token from its step log, else the configured value.
+        Measured again only once the log has a new step (the median sorts up to 1,024
+        records; requests and load reports ask far more often than steps come while idle)."""
+        recompute = self.config.recompute_ms_per_token
+        engine = self.ctx.engine if self.ctx is not None else None
+        log_ = getattr(engine, "step_log", None)
+        if log_:
+            last, steps = log_[-1], getattr(engine, "num_steps", len(log_))
+            at, at_steps, rate = self._recompute
+            if at is not last or at_steps != steps:
+                rate = recompute_ms_per_token(log_)
+                self._recompute = (last, steps, rate)
+            recompute = rate or recompute
+        return recompute
+
+    def report_fields(self) -> dict:
+        """What this worker's onboarding costs, as measured so far, for its load reports
+        (`proto.LoadReport`; 0: not measured). Bytes and fetch rate come from the same
+        lookups (their ratio is a block's fetch time, whatever the payload); the disk rate is
+        the store's (its lookup replies); the prefill rate the one `onboard_tiers` weighs
+        them against (configured until the engine's steps measure it)."""
+        bs = self.ctx.block_size if self.ctx is not None else 0
+        return {"kv_bytes_per_token": self._block_bytes / bs if bs else 0.0,
+                "onboard_ram_gbps": self._fetch_gbps,
+                "onboard_disk_gbps": float(getattr(self.client, "disk_read_gbps", 0.0) or 0.0),
+                "prefill_ms_per_token": self._recompute_rate()}
 
     def _measure_fetch(self, run: list[OffloadBlock], elapsed_s: float) -> None:
         """EWMAs of an onboarded block's bytes and of the fetch rate (bytes / lookup time)."""

@@ -35,6 +35,17 @@ class RouterOptions:
     event_silence_s: float = field(default=10.0, metadata=opt(
         "alarm when a worker we route to publishes no KV event for this many seconds", min=0.1))
     seed: int | None = field(default=None, metadata=opt("seed of tie-breaking randomness"))
+    # What onboarding a block from the KV offload store costs a worker that has not reported
+    # its own measured cost yet (proto.LoadReport; a worker that has is priced with it).
+    onboard_kv_bytes_per_token: float = field(default=131072.0, metadata=opt(
+        "genset policy: KV bytes per token of a worker that reported none measured "
+        "(the default: Llama 3 8B's, bf16)", min=0, max=float(64 << 20)))
+    onboard_ram_gbps: float = field(default=32.0, metadata=opt(
+        "genset policy: GB/s a worker that reported none measured onboards the offload "
+        "store's RAM blocks at", min=1e-9))
+    onboard_disk_gbps: float = field(default=4.0, metadata=opt(
+        "genset policy: GB/s the offload store reads its disk blocks at, for a worker that "
+        "reported none measured", min=1e-9))
 
 
 class RouterService(Service):
@@ -45,9 +56,14 @@ class RouterService(Service):
         self.options = options or RouterOptions()
         o = self.options
         self.policy = policy_name(o.policy)
-        self.core = RouterCore(RouterConfig(policy=self.policy, block_size=o.block_size,
-                                            event_silence_s=o.event_silence_s, seed=o.seed,
-                                            router_id=self.instance_id))
+        onboard = {"kv_bytes_per_token": o.onboard_kv_bytes_per_token,
+                   "host_gbps": o.onboard_ram_gbps, "disk_gbps": o.onboard_disk_gbps}
+        self.core = RouterCore(RouterConfig(
+            policy=self.policy, block_size=o.block_size, event_silence_s=o.event_silence_s,
+            seed=o.seed, router_id=self.instance_id,
+            policy_options=onboard if self.policy == POLICY_GENSET else {}))
+        if self.policy != POLICY_GENSET:
+            self.core.policy(POLICY_GENSET, **onboard)  # for requests that name it
         self.feeds: RouterFeeds | None = None
         self._sub = None
         self._decisions_subject = subjects.route_decisions(self.namespace)
