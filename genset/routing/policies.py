@@ -227,13 +227,13 @@ class PredictedTTFT(Policy):
     costs only its first layer (1/`kv_layers`) and what outlasts the prefill; and with
     `split_runs` (as the workers) a run whose copy would outlast the prefill is priced as the
     worker runs it, its head onboarded and its tail computed beside the copy
-    (`genset.offload.onboard`). The store is shared, so there is no affinity credit for it, and with a store in reach (`store`: the router tracks one) the
-    affinity credit itself changes price. Keeping a prefix on one worker saves cache room
-    elsewhere; without a store the prefix a second copy pushes out is computed again, with
-    one it is onboarded again: the credit is then `affinity` x the onboarding time of the
-    device prefix (what a device hit saves over the store), not its prefill time. A worker
-    without the prefix but next to a warm store competes with the loaded worker that holds
-    it on load and transfer time. (Mooncake replay, 2026-12-06, store 10x the GPUs: the
+    (`genset.offload.onboard`). The store is shared, so there is no affinity credit for it,
+    and with a store in reach (`store`: the router tracks one) the affinity credit itself
+    changes price. Keeping a prefix on one worker saves cache room elsewhere; without a store
+    the prefix a second copy pushes out is computed again, with one it is onboarded again:
+    the credit is then `affinity` x the onboarding time of the device prefix (what a device
+    hit saves over the store), not its prefill time. A worker without the prefix but next to
+    a warm store competes with the loaded worker that holds it on load and transfer time. (Mooncake replay, 2026-12-06, store 10x the GPUs: the
     full prefill credit cost ~4 ms of mean TTFT and a point of hit rate.)
 
     Near-ties (within `tie_ms`) go to the least loaded, then at random, so equal scores
