@@ -473,7 +473,7 @@ class DisaggHook(WorkerHooks):
             lp = Logprobs(values, top_ids, top_lps)
         return RemotePrefill(
             first_token_ids=first, cached_tokens=reply.cached_tokens, kv=run.kv,
-            release=run.release, logprobs=lp,
+            release=run.release, logprobs=lp, resumed=run.resumed,
             finish_reason=first_token_finish(request, first[0], len(token_ids),
                                              frozenset(card.eos_token_ids), max_len))
 
@@ -697,6 +697,11 @@ class _RemoteRun:
         self.key = ""
         self.imported = 0
         self.released = False
+        # the resume gap's stamps (time.monotonic): the first token sent (kv() called right
+        # after), the KV complete, the request submitted; `resumed` observes them
+        self._sent_at = 0.0
+        self._kv_at = 0.0
+        self._submitted_at = 0.0
 
     async def import_blocks(self, run) -> None:
         hook = self.hook
@@ -715,6 +720,7 @@ class _RemoteRun:
         """Wait for the transfer; the import for the engine, or None (recompute here)."""
         hook, rx = self.hook, self.rx
         assert rx is not None and hook.pool is not None
+        self._sent_at = time.monotonic()
         gone = hook.pool.gone(self.prefill_id)
         try:
             while True:
@@ -747,13 +753,31 @@ class _RemoteRun:
             await self.release()
             return None
         hook.m.remote_done.inc()
+        self._kv_at = time.monotonic()
         return KvImport(blocks=[], pinned_as=self.key)
+
+    def resumed(self) -> None:
+        """The engine's first output after the remote first token (the host calls it)."""
+        if not self._submitted_at:
+            return  # the prompt was recomputed here, or the stamps are missing: no resume
+        now = time.monotonic()
+        sent, kv, sub = self._sent_at, self._kv_at, self._submitted_at
+        obs = self.hook.m.resume
+        obs.labels("kv").observe(kv - sent)
+        obs.labels("submit").observe(sub - kv)
+        obs.labels("step").observe(now - sub)
+        obs.labels("total").observe(now - sent)
+        log.debug("remote prefill resumed", request_id=self.rx.request_id if self.rx else "",
+                  kv_ms=round((kv - sent) * 1e3, 1), submit_ms=round((sub - kv) * 1e3, 1),
+                  step_ms=round((now - sub) * 1e3, 1), total_ms=round((now - sent) * 1e3, 1))
 
     async def release(self) -> None:
         """Stop the transfer if it still runs, and drop the pins no request took over."""
         if self.released:
             return
         self.released = True
+        if self._kv_at:  # after the KV came: the host calls this once it submitted
+            self._submitted_at = time.monotonic()
         self.hook.resuming -= 1
         rx = self.rx
         if rx is not None and not rx.done:
