@@ -414,16 +414,20 @@ def measure(system, args, run_dir: Path) -> dict:
 def resume_gaps(counts: dict[str, float]) -> dict[str, dict[str, float]]:
     """The decode workers' resume-gap histogram (genset_disagg_resume_seconds, summed over
     workers) as per-stage count and p50/p90/p99 in ms, interpolated within 5 ms buckets."""
-    per: dict[str, list[tuple[float, float]]] = {}
+    per: dict[str, dict[float, float]] = {}
     for key, value in counts.items():
         if not key.startswith("genset_disagg_resume_seconds_bucket{"):
             continue
         labels = dict(part.split("=", 1) for part in key[key.index("{") + 1:-1].split(","))
         stage, le = labels["stage"].strip('"'), labels["le"].strip('"')
-        per.setdefault(stage, []).append((float("inf") if le == "+Inf" else float(le), value))
+        edge = float("inf") if le == "+Inf" else float(le)
+        # every prompt, and the long ones apart ("long-kv", ...)
+        for name in (stage, f"long-{stage}") if labels.get("prompt") == '"long"' else (stage,):
+            got = per.setdefault(name, {})
+            got[edge] = got.get(edge, 0.0) + value
     out: dict[str, dict[str, float]] = {}
-    for stage, buckets in per.items():
-        buckets.sort()
+    for stage, by_edge in per.items():
+        buckets = sorted(by_edge.items())
         n = buckets[-1][1] if buckets else 0
         row: dict[str, float] = {"n": n}
         for q in (0.5, 0.9, 0.99):
@@ -441,8 +445,9 @@ def resume_gaps(counts: dict[str, float]) -> dict[str, dict[str, float]]:
 
 def resume_table(results: dict[str, list[dict]]) -> str:
     lines = ["| config | resumes (runs) | first token -> next: p50 / p90 / p99 | KV complete "
-             "p50 / p99 | submitted p50 / p99 | engine's next token p50 / p99 |",
-             "|---|---|---|---|---|---|"]
+             "p50 / p99 | submitted p50 / p99 | engine's next token p50 / p99 | long prompts "
+             "(runs): first token -> next p50 / p90 / p99 | long: KV complete p50 / p99 |",
+             "|---|---|---|---|---|---|---|---|"]
     for config, rows in results.items():
         rows = [r for r in rows if r.get("resume", {}).get("total", {}).get("n")]
         if not rows:
@@ -453,7 +458,10 @@ def resume_table(results: dict[str, list[dict]]) -> str:
             return " / ".join(f"{med(rows, 'resume', stage, p)}" for p in ps)
         lines.append(f"| {config} | {ns} | {q('total', 'p50', 'p90', 'p99')} "
                      f"| {q('kv', 'p50', 'p99')} | {q('submit', 'p50', 'p99')} "
-                     f"| {q('step', 'p50', 'p99')} |")
+                     f"| {q('step', 'p50', 'p99')} "
+                     f"| {', '.join(str(r['resume'].get('long-total', {}).get('n')) for r in rows)}"
+                     f": {q('long-total', 'p50', 'p90', 'p99')} "
+                     f"| {q('long-kv', 'p50', 'p99')} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

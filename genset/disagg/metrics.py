@@ -56,12 +56,14 @@ class DisaggMetrics:
         self.resume = metrics.histogram(
             "disagg_resume_seconds", "A remote prefill's resume gap on the decode worker, by "
             "stage: kv (first token sent to the KV complete), submit (to the request handed to "
-            "the engine), step (to its next token), total (first token sent to the next)",
-            ("stage",), buckets=_RESUME_BUCKETS)
+            "the engine), step (to its next token), total (first token sent to the next); "
+            "prompt: long when its transfer carried >= 64 blocks", ("stage", "prompt"),
+            buckets=_RESUME_BUCKETS)
         self.pinned = metrics.gauge(
             "kv_pinned_transfers", "Transfers whose exported blocks this worker holds pinned")
         for stage in RESUME_STAGES:
-            self.resume.labels(stage)
+            for size in ("short", "long"):
+                self.resume.labels(stage, size)
         for mode in (LOCAL, REMOTE):  # every series exists from the start
             for reason in REASONS:
                 self.decisions.labels(mode, reason)

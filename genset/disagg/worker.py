@@ -108,6 +108,9 @@ CLOSE_SENDS_S = 10.0
 STAGE_FIRST_TOKEN = "first_token"
 STAGE_TRANSFER = "transfer"
 TRANSPORTS = ("auto", "nats", "tcp")
+# genset_disagg_resume_seconds{prompt="long"}: transfers of at least this many blocks (1,024
+# tokens at block size 16), so a bench sees long prompts' resume gaps apart from short ones'
+LONG_TRANSFER_BLOCKS = 64
 KV_PAYLOADS = ("dummy", "none")
 
 
@@ -763,10 +766,11 @@ class _RemoteRun:
         now = time.monotonic()
         sent, kv, sub = self._sent_at, self._kv_at, self._submitted_at
         obs = self.hook.m.resume
-        obs.labels("kv").observe(kv - sent)
-        obs.labels("submit").observe(sub - kv)
-        obs.labels("step").observe(now - sub)
-        obs.labels("total").observe(now - sent)
+        size = "long" if self.imported >= LONG_TRANSFER_BLOCKS else "short"
+        obs.labels("kv", size).observe(kv - sent)
+        obs.labels("submit", size).observe(sub - kv)
+        obs.labels("step", size).observe(now - sub)
+        obs.labels("total", size).observe(now - sent)
         log.debug("remote prefill resumed", request_id=self.rx.request_id if self.rx else "",
                   kv_ms=round((kv - sent) * 1e3, 1), submit_ms=round((sub - kv) * 1e3, 1),
                   step_ms=round((now - sub) * 1e3, 1), total_ms=round((now - sent) * 1e3, 1))
