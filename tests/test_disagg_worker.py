@@ -325,3 +325,32 @@ async def test_disaggregation_works_within_the_stack_permissions(secure_infra):
     finally:
         for close in reversed(closers):
             await close()
+
+
+async def test_progress_tracks_the_leading_computed_run_and_the_modelled_link():
+    """Pure logic of the prefill side's `_Progress`: blocks stored out of order count once
+    they lead; the modelled link carries each run from when it was computed, one block at a
+    time; the prefill's end makes every block computed."""
+    from genset.disagg.worker import _Progress
+
+    p = _Progress([11, 12, 13, 14, 15, 16], cached=1)
+    t0 = p.marks[0][0]
+    p.stored(13)
+    p.advance(t0 + 1.0)
+    assert p.ready == 1  # 12 is not in yet
+    p.stored(12)
+    p.stored(99)  # not this prompt's
+    p.advance(t0 + 2.0)
+    assert p.ready == 3 and p.ended is None
+    done = asyncio.ensure_future(p.until(lambda: p.pinned is not None))
+    await asyncio.sleep(0)
+    assert not done.done()
+    p.computed()
+    p.pin(5)
+    await asyncio.wait_for(done, 10.0)
+    assert p.ready == 6 and p.ended == 3 and p.pinned == 5
+    end_at = p.marks[-1][0]
+    # 0.5 s a block: block 0 from t0 (cached), blocks 1-2 from t0+2, blocks 3-4 (of the 5
+    # pinned) from the prefill's end
+    assert p.link_end(0.5, 5) == pytest.approx(max(t0 + 2.0 + 1.0, end_at) + 1.0)
+    assert p.link_end(0.5, 1) == pytest.approx(t0 + 0.5)

@@ -59,6 +59,10 @@ class DisaggMetrics:
             "the engine), step (to its next token), total (first token sent to the next); "
             "prompt: long when its transfer carried >= 64 blocks", ("stage", "prompt"),
             buckets=_RESUME_BUCKETS)
+        self.pipelined = metrics.counter(
+            "kv_blocks_pipelined_total", "Blocks a prefill worker's sends took on (read, or "
+            "put on the modelled link) before the prefill had ended: the transfer pipelined "
+            "with the prefill's later chunks")
         self.pinned = metrics.gauge(
             "kv_pinned_transfers", "Transfers whose exported blocks this worker holds pinned")
         for stage in RESUME_STAGES:
