@@ -354,3 +354,42 @@ async def test_progress_tracks_the_leading_computed_run_and_the_modelled_link():
     # pinned) from the prefill's end
     assert p.link_end(0.5, 5) == pytest.approx(max(t0 + 2.0 + 1.0, end_at) + 1.0)
     assert p.link_end(0.5, 1) == pytest.approx(t0 + 0.5)
+
+
+async def test_a_cancel_while_the_pipelined_send_waits_for_the_prefill_frees_both_sides(
+        bus, discovery):
+    """The send starts with the prefill and ships blocks as steps compute them: a client that
+    cancels before the first token (blocks already on their way, the prefill still going)
+    ends the transfer; the prefill then finishes, and nothing stays pinned on either side."""
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    link = {"kv_bytes_per_token": 64, "kv_transfer_bandwidth_gb_s": 1.0}
+    prefill = Worker(bus, discovery, "prefill", ns, **link)
+    # 16 tokens a step at speedup 0.2 (~85 ms a step): a 200-token prompt takes 13 steps
+    prefill.h.engine.core.scheduler.config.max_batch_tokens = 16
+    prefill.h.engine.core.timing.speedup_ratio = 0.2
+    await prefill.start()
+    # transfer chunks of 2 blocks (256 B each), so the send reads as the steps compute
+    prefill.hook.hub.tcp_chunk_bytes = 512
+    prefill.hook.hub.nats_chunk_bytes = lambda: 512
+    decode = await Worker(bus, discovery, "decode", ns, policy="always", **link).start()
+    try:
+        await wait_for(lambda: len(decode.hook.pool) == 1, 10.0, "prefill worker seen")
+        req = decode.h.request(prompt(6, 200), max_tokens=4)
+        stream = await bus.stream_request(decode.h.subject, req, timeout=60)
+        first = asyncio.ensure_future(anext(stream))
+        await wait_for(lambda: prefill.metric("genset_kv_blocks_pipelined_total") > 0, 30.0,
+                       "blocks sent before the prefill is over")
+        assert not first.done()  # no first token yet: the prefill is still computing
+        await stream.cancel()
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await wait_for(lambda: decode.h.host._active == {}, 10.0, "the request ended")
+        await wait_for(lambda: prefill.metric("genset_disagg_prefills_served_total",
+                                              outcome="ok") == 1, 30.0, "the prefill ended")
+        await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0
+                       and len(prefill.hook.pins) == 0 and not prefill.hook._watching, 10.0,
+                       "both pools idle, nothing pinned or watched")
+        assert decode.metric("genset_disagg_remote_prefills_total") == 0
+    finally:
+        await decode.close()
+        await prefill.close()

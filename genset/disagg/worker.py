@@ -26,10 +26,14 @@ continues after the first token all the same). Each fallback is counted with its
 reason (`genset_disagg_fallbacks_total`).
 
 **prefill**: serves `RemotePrefillRequest`s on its own subject. Runs the prompt to its first
-token (max_tokens 1, the request's sampling), answers with it, pins the prompt's blocks
-(`Engine.pin_kv`) under a deadline in a `PinTable`, and sends them (`KvTransferHub.send`);
-the pins go when the receiver acks or nacks, when the send fails, or at the deadline,
-whichever comes first (a sweep unpins what a deadline freed). A client that cancels, a decode
+token (max_tokens 1, the request's sampling), pins the prompt's blocks (`Engine.pin_kv`)
+under a deadline in a `PinTable` and answers with the token. The send (`KvTransferHub.send`)
+runs beside the prefill from its start: each block goes once a step has computed it (the
+engine's KV events, `_Progress`), so when the first token exists only the last chunk's
+blocks are left to move (pipelined; measured: docs/benchmarks.md, issue 11, session 8). The
+send's task owns the pins from the start: they go when the receiver acks or nacks, when the
+send fails or is cancelled (the prefill failed), or at the deadline, whichever comes first
+(a sweep unpins what a deadline freed). A client that cancels, a decode
 worker that dies, a prefill worker that dies: whatever side survives frees what it holds
 (tests/test_disagg_stack.py).
 
