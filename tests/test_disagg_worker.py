@@ -328,20 +328,26 @@ async def test_disaggregation_works_within_the_stack_permissions(secure_infra):
 
 
 async def test_progress_tracks_the_leading_computed_run_and_the_modelled_link():
-    """Pure logic of the prefill side's `_Progress`: blocks stored out of order count once
-    they lead; the modelled link carries each run from when it was computed, one block at a
-    time; the prefill's end makes every block computed."""
-    from genset.disagg.worker import _Progress
+    """Pure logic of the prefill side's progress tracking (`DisaggHook._note_stored`,
+    `_Progress`): a send waits for its next block's hash; stored runs that continue it
+    advance it, others (another prompt's, or past a gap) do not; the modelled link carries
+    each run from when it was computed, one block at a time; the prefill's end makes every
+    block computed, and nothing stays watched."""
+    hook = DisaggHook(DisaggConfig(), discovery=None, metrics=Metrics(process_metrics=False))
 
-    p = _Progress([11, 12, 13, 14, 15, 16], cached=1)
+    def stored(*runs):
+        return proto.KvEventBatch(worker_id=1, event_id=1, events=[
+            proto.Stored(parent_hash=None, blocks=[proto.StoredBlock(hash=h) for h in run])
+            for run in runs])
+
+    p = hook._watch([11, 12, 13, 14, 15, 16], cached=1)
+    other = hook._watch([21, 22], cached=0)
     t0 = p.marks[0][0]
-    p.stored(13)
-    p.advance(t0 + 1.0)
-    assert p.ready == 1  # 12 is not in yet
-    p.stored(12)
-    p.stored(99)  # not this prompt's
-    p.advance(t0 + 2.0)
-    assert p.ready == 3 and p.ended is None
+    hook._note_stored(stored([13, 14], [99]))  # past a gap, and not this prompt's
+    assert p.ready == 1 and other.ready == 0
+    hook._note_stored(stored([12, 13], [21, 22]))
+    assert p.ready == 3 and other.ready == 2 and p.ended is None
+    at = p.marks[-1][0]
     done = asyncio.ensure_future(p.until(lambda: p.pinned is not None))
     await asyncio.sleep(0)
     assert not done.done()
@@ -350,10 +356,13 @@ async def test_progress_tracks_the_leading_computed_run_and_the_modelled_link():
     await asyncio.wait_for(done, 10.0)
     assert p.ready == 6 and p.ended == 3 and p.pinned == 5
     end_at = p.marks[-1][0]
-    # 0.5 s a block: block 0 from t0 (cached), blocks 1-2 from t0+2, blocks 3-4 (of the 5
-    # pinned) from the prefill's end
-    assert p.link_end(0.5, 5) == pytest.approx(max(t0 + 2.0 + 1.0, end_at) + 1.0)
+    # 0.5 s a block: block 0 from t0 (cached), blocks 1-2 from `at`, 3-4 (of the 5 pinned)
+    # from the prefill's end
+    assert p.link_end(0.5, 5) == pytest.approx(max(max(t0 + 0.5, at) + 1.0, end_at) + 1.0)
     assert p.link_end(0.5, 1) == pytest.approx(t0 + 0.5)
+    hook._unwatch(p)
+    hook._unwatch(other)
+    assert hook._watching == {}
 
 
 async def test_a_cancel_while_the_pipelined_send_waits_for_the_prefill_frees_both_sides(
