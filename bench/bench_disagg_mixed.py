@@ -203,6 +203,7 @@ class GensetStack:
             for line in text.splitlines():
                 if line.startswith(("genset_disagg_decisions_total{", "genset_kv_transfers_total{",
                                     "genset_disagg_fallbacks_total{",
+                                    "genset_disagg_resume_seconds_bucket{",
                                     "genset_disagg_remote_prefills_total ")):
                     key, _, value = line.rpartition(" ")
                     out[key] = out.get(key, 0.0) + float(value)
@@ -406,7 +407,62 @@ def measure(system, args, run_dir: Path) -> dict:
         remote = sum(v for k, v in decided.items() if 'mode="remote"' in k)
         row["remote_share"] = round(remote / sum(decided.values()), 2) if decided else None
         row["fallbacks"] = sum(v for k, v in counts.items() if "fallbacks" in k)
+        row["resume"] = resume_gaps(counts)
     return row
+
+
+def resume_gaps(counts: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The decode workers' resume-gap histogram (genset_disagg_resume_seconds, summed over
+    workers) as per-stage count and p50/p90/p99 in ms, interpolated within 5 ms buckets."""
+    per: dict[str, dict[float, float]] = {}
+    for key, value in counts.items():
+        if not key.startswith("genset_disagg_resume_seconds_bucket{"):
+            continue
+        labels = dict(part.split("=", 1) for part in key[key.index("{") + 1:-1].split(","))
+        stage, le = labels["stage"].strip('"'), labels["le"].strip('"')
+        edge = float("inf") if le == "+Inf" else float(le)
+        # every prompt, and the long ones apart ("long-kv", ...)
+        for name in (stage, f"long-{stage}") if labels.get("prompt") == '"long"' else (stage,):
+            got = per.setdefault(name, {})
+            got[edge] = got.get(edge, 0.0) + value
+    out: dict[str, dict[str, float]] = {}
+    for stage, by_edge in per.items():
+        buckets = sorted(by_edge.items())
+        n = buckets[-1][1] if buckets else 0
+        row: dict[str, float] = {"n": n}
+        for q in (0.5, 0.9, 0.99):
+            rank, lo_edge, lo_count = q * n, 0.0, 0.0
+            for edge, cum in buckets:
+                if cum >= rank and n:
+                    hi = edge if edge != float("inf") else lo_edge
+                    frac = (rank - lo_count) / (cum - lo_count) if cum > lo_count else 1.0
+                    row[f"p{round(q * 100)}"] = round((lo_edge + frac * (hi - lo_edge)) * 1e3, 1)
+                    break
+                lo_edge, lo_count = edge, cum
+        out[stage] = row
+    return out
+
+
+def resume_table(results: dict[str, list[dict]]) -> str:
+    lines = ["| config | resumes (runs) | first token -> next: p50 / p90 / p99 | KV complete "
+             "p50 / p99 | submitted p50 / p99 | engine's next token p50 / p99 | long prompts "
+             "(runs): first token -> next p50 / p90 / p99 | long: KV complete p50 / p99 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for config, rows in results.items():
+        rows = [r for r in rows if r.get("resume", {}).get("total", {}).get("n")]
+        if not rows:
+            continue
+        ns = ", ".join(f"{r['resume']['total']['n']:.0f}" for r in rows)
+
+        def q(stage, *ps, rows=rows):
+            return " / ".join(f"{med(rows, 'resume', stage, p)}" for p in ps)
+        lines.append(f"| {config} | {ns} | {q('total', 'p50', 'p90', 'p99')} "
+                     f"| {q('kv', 'p50', 'p99')} | {q('submit', 'p50', 'p99')} "
+                     f"| {q('step', 'p50', 'p99')} "
+                     f"| {', '.join(str(r['resume'].get('long-total', {}).get('n')) for r in rows)}"
+                     f": {q('long-total', 'p50', 'p90', 'p99')} "
+                     f"| {q('long-kv', 'p50', 'p99')} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def med(rows: list[dict], *keys):
@@ -466,6 +522,10 @@ def report(args) -> int:
     for config in dict.fromkeys(order):
         results[config] = [r for r in rows if r["config"] == config]
     print(table(results))
+    resume = resume_table(results)
+    if resume:
+        print("\nResume gap after a remote first token (decode workers' histogram, ms):\n")
+        print(resume)
     return 0
 
 
@@ -529,10 +589,16 @@ def main() -> int:
             results[config].append(row)
             print(f"round {rep} {config} ({started} UTC): goodput {row['goodput']:.3f} "
                   f"decode ITL p99 {row['decode']['itl_p99_ms']} ms, long TTFT p50 "
-                  f"{row['long']['ttft_p50_ms']} ms, wall {row['wall_s']} s, "
+                  f"{row['long']['ttft_p50_ms']} ms, resume gap p50/p99 "
+                  f"{row.get('resume', {}).get('total', {}).get('p50')}/"
+                  f"{row.get('resume', {}).get('total', {}).get('p99')} ms, wall {row['wall_s']} s, "
                   f"load {row['loadavg_end']}", file=sys.stderr, flush=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print(table(results))
+    resume = resume_table(results)
+    if resume:
+        print("\nResume gap after a remote first token (decode workers' histogram, ms):\n")
+        print(resume)
     return 0
 
 

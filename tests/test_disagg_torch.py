@@ -136,3 +136,23 @@ async def test_several_requests_in_flight(workers):
     assert decode.metric("genset_disagg_remote_prefills_total") == len(prompts)
     await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0, 20.0,
                    "both pools idle")
+
+
+async def test_blocks_sent_while_the_prefill_still_computes(workers):
+    """The send ships a prompt's blocks as the prefill's chunks compute them (pipelined), in
+    transfer chunks of two blocks here: a prompt of six steps (64 tokens a step) still gives
+    the aggregated tokens, and both pools end idle."""
+    agg, prefill, decode = workers
+    bpb = prefill.engine.card.kv_layout.bytes_per_block
+    prefill.hook.hub.tcp_chunk_bytes = 2 * bpb
+    prefill.hook.hub.nats_chunk_bytes = lambda: 2 * bpb
+    rng = random.Random(3)
+    for n in (40 * BS + 3, 24 * BS):
+        tokens = rand_tokens(rng, n)
+        want, _ = await agg.generate(request(tokens))
+        got, _ = await decode.generate(request(tokens))
+        assert got == want
+    assert decode.metric("genset_disagg_remote_prefills_total") == 2
+    assert decode.metric("genset_disagg_fallbacks_total") == 0
+    await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0, 20.0,
+                   "both pools idle")

@@ -325,3 +325,80 @@ async def test_disaggregation_works_within_the_stack_permissions(secure_infra):
     finally:
         for close in reversed(closers):
             await close()
+
+
+async def test_progress_tracks_the_leading_computed_run_and_the_modelled_link():
+    """Pure logic of the prefill side's progress tracking (`DisaggHook._note_stored`,
+    `_Progress`): a send waits for its next block's hash; stored runs that continue it
+    advance it, others (another prompt's, or past a gap) do not; the modelled link carries
+    each run from when it was computed, one block at a time; the prefill's end makes every
+    block computed, and nothing stays watched."""
+    hook = DisaggHook(DisaggConfig(), discovery=None, metrics=Metrics(process_metrics=False))
+
+    def stored(*runs):
+        return proto.KvEventBatch(worker_id=1, event_id=1, events=[
+            proto.Stored(parent_hash=None, blocks=[proto.StoredBlock(hash=h) for h in run])
+            for run in runs])
+
+    p = hook._watch([11, 12, 13, 14, 15, 16], cached=1)
+    other = hook._watch([21, 22], cached=0)
+    t0 = p.marks[0][0]
+    hook._note_stored(stored([13, 14], [99]))  # past a gap, and not this prompt's
+    assert p.ready == 1 and other.ready == 0
+    hook._note_stored(stored([12, 13], [21, 22]))
+    assert p.ready == 3 and other.ready == 2 and p.ended is None
+    at = p.marks[-1][0]
+    done = asyncio.ensure_future(p.until(lambda: p.pinned is not None))
+    await asyncio.sleep(0)
+    assert not done.done()
+    p.computed()
+    p.pin(5)
+    await asyncio.wait_for(done, 10.0)
+    assert p.ready == 6 and p.ended == 3 and p.pinned == 5
+    end_at = p.marks[-1][0]
+    # 0.5 s a block: block 0 from t0 (cached), blocks 1-2 from `at`, 3-4 (of the 5 pinned)
+    # from the prefill's end
+    assert p.link_end(0.5, 5) == pytest.approx(max(max(t0 + 0.5, at) + 1.0, end_at) + 1.0)
+    assert p.link_end(0.5, 1) == pytest.approx(t0 + 0.5)
+    hook._unwatch(p)
+    hook._unwatch(other)
+    assert hook._watching == {}
+
+
+async def test_a_cancel_while_the_pipelined_send_waits_for_the_prefill_frees_both_sides(
+        bus, discovery):
+    """The send starts with the prefill and ships blocks as steps compute them: a client that
+    cancels once blocks are on their way (the prefill most likely still going) ends the
+    transfer; the prefill then finishes, and nothing stays pinned on either side."""
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    link = {"kv_bytes_per_token": 64, "kv_transfer_bandwidth_gb_s": 1.0}
+    prefill = Worker(bus, discovery, "prefill", ns, **link)
+    # 16 tokens a step at speedup 0.05 (~340 ms a step): a 200-token prompt takes 13 steps,
+    # seconds in which the send takes the first blocks on (a condition waited for below)
+    prefill.h.engine.core.scheduler.config.max_batch_tokens = 16
+    prefill.h.engine.core.timing.speedup_ratio = 0.05
+    await prefill.start()
+    # transfer chunks of 2 blocks (256 B each), so the send reads as the steps compute
+    prefill.hook.hub.tcp_chunk_bytes = 512
+    prefill.hook.hub.nats_chunk_bytes = lambda: 512
+    decode = await Worker(bus, discovery, "decode", ns, policy="always", **link).start()
+    try:
+        await wait_for(lambda: len(decode.hook.pool) == 1, 10.0, "prefill worker seen")
+        req = decode.h.request(prompt(6, 200), max_tokens=4)
+        stream = await bus.stream_request(decode.h.subject, req, timeout=60)
+        first = asyncio.ensure_future(anext(stream))
+        await wait_for(lambda: prefill.metric("genset_kv_blocks_pipelined_total") > 0, 60.0,
+                       "blocks sent before the prefill is over")
+        await stream.cancel()
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await wait_for(lambda: decode.h.host._active == {}, 10.0, "the request ended")
+        await wait_for(lambda: prefill.metric("genset_disagg_prefills_served_total",
+                                              outcome="ok") == 1, 30.0, "the prefill ended")
+        await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0
+                       and len(prefill.hook.pins) == 0 and not prefill.hook._watching, 10.0,
+                       "both pools idle, nothing pinned or watched")
+        assert decode.metric("genset_disagg_remote_prefills_total") == 0
+    finally:
+        await decode.close()
+        await prefill.close()

@@ -13,6 +13,13 @@ from genset.transfer.hub import NATS, TCP, TransferResult
 
 _TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                      10.0, 30.0)
+# The resume gap's stages are tens of ms: 5 ms steps to 200 ms, so a bench can read p50/p99
+# off the buckets (bench/bench_disagg_mixed.py)
+_RESUME_BUCKETS = (*(i / 1000 for i in range(5, 205, 5)), 0.25, 0.3, 0.4, 0.5, 0.75, 1.0,
+                   2.5, 5.0, 10.0)
+# genset_disagg_resume_seconds{stage}: a remote prefill's first token sent -> the KV complete
+# (every block in and imported) -> the request submitted to the engine -> its next token out
+RESUME_STAGES = ("kv", "submit", "step", "total")
 
 
 class DisaggMetrics:
@@ -46,8 +53,21 @@ class DisaggMetrics:
         self.served = metrics.counter(
             "disagg_prefills_served_total", "Remote-prefill requests this prefill worker "
             "answered, by outcome (ok, or the error code it refused with)", ("outcome",))
+        self.resume = metrics.histogram(
+            "disagg_resume_seconds", "A remote prefill's resume gap on the decode worker, by "
+            "stage: kv (first token sent to the KV complete), submit (to the request handed to "
+            "the engine), step (to its next token), total (first token sent to the next); "
+            "prompt: long when its transfer carried >= 64 blocks", ("stage", "prompt"),
+            buckets=_RESUME_BUCKETS)
+        self.pipelined = metrics.counter(
+            "kv_blocks_pipelined_total", "Blocks a prefill worker's sends took on (read, or "
+            "put on the modelled link) before the prefill had ended: the transfer pipelined "
+            "with the prefill's later chunks")
         self.pinned = metrics.gauge(
             "kv_pinned_transfers", "Transfers whose exported blocks this worker holds pinned")
+        for stage in RESUME_STAGES:
+            for size in ("short", "long"):
+                self.resume.labels(stage, size)
         for mode in (LOCAL, REMOTE):  # every series exists from the start
             for reason in REASONS:
                 self.decisions.labels(mode, reason)

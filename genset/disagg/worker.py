@@ -26,10 +26,14 @@ continues after the first token all the same). Each fallback is counted with its
 reason (`genset_disagg_fallbacks_total`).
 
 **prefill**: serves `RemotePrefillRequest`s on its own subject. Runs the prompt to its first
-token (max_tokens 1, the request's sampling), answers with it, pins the prompt's blocks
-(`Engine.pin_kv`) under a deadline in a `PinTable`, and sends them (`KvTransferHub.send`);
-the pins go when the receiver acks or nacks, when the send fails, or at the deadline,
-whichever comes first (a sweep unpins what a deadline freed). A client that cancels, a decode
+token (max_tokens 1, the request's sampling), pins the prompt's blocks (`Engine.pin_kv`)
+under a deadline in a `PinTable` and answers with the token. The send (`KvTransferHub.send`)
+runs beside the prefill from its start: each block goes once a step has computed it (the
+engine's KV events, `_Progress`), so when the first token exists only the last chunk's
+blocks are left to move (pipelined; measured: docs/benchmarks.md, issue 11, session 8). The
+send's task owns the pins from the start: they go when the receiver acks or nacks, when the
+send fails or is cancelled (the prefill failed), or at the deadline, whichever comes first
+(a sweep unpins what a deadline freed). A client that cancels, a decode
 worker that dies, a prefill worker that dies: whatever side survives frees what it holds
 (tests/test_disagg_stack.py).
 
@@ -49,6 +53,7 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -108,6 +113,9 @@ CLOSE_SENDS_S = 10.0
 STAGE_FIRST_TOKEN = "first_token"
 STAGE_TRANSFER = "transfer"
 TRANSPORTS = ("auto", "nats", "tcp")
+# genset_disagg_resume_seconds{prompt="long"}: transfers of at least this many blocks (1,024
+# tokens at block size 16), so a bench sees long prompts' resume gaps apart from short ones'
+LONG_TRANSFER_BLOCKS = 64
 KV_PAYLOADS = ("dummy", "none")
 
 
@@ -258,6 +266,9 @@ class DisaggHook(WorkerHooks):
         self._republisher: asyncio.Task | None = None
         self._pins_changed = asyncio.Event()
         self._closing = False
+        # prefill side: the hash of the next block a send waits for the prefill to compute
+        # -> those sends (`_Progress`; at most max_prefills entries in all)
+        self._watching: dict[int, list[_Progress]] = {}
         # remote prefills of this decode worker between the decision and their hand-over to
         # the engine (`_RemoteRun.release`, which the host calls after its submit): requests
         # that decode here within a transfer's time, so a local prefill stalls them too
@@ -473,7 +484,7 @@ class DisaggHook(WorkerHooks):
             lp = Logprobs(values, top_ids, top_lps)
         return RemotePrefill(
             first_token_ids=first, cached_tokens=reply.cached_tokens, kv=run.kv,
-            release=run.release, logprobs=lp,
+            release=run.release, logprobs=lp, resumed=run.resumed,
             finish_reason=first_token_finish(request, first[0], len(token_ids),
                                              frozenset(card.eos_token_ids), max_len))
 
@@ -534,6 +545,57 @@ class DisaggHook(WorkerHooks):
 
         eid = f"rp:{req.request_id}#{next(self._ids)}"
         stop = msgspec.structs.replace(req.stop, max_tokens=1)
+        send = hashes[msg.first_block:]
+        key = f"disagg-tx-{target.transfer_id}"
+        try:
+            self.pins.pin(key, (), deadline=deadline)
+        except (PinTableFull, ValueError) as exc:
+            raise _refuse("overloaded", str(exc), retryable=True) from None
+        self.m.pinned.set(len(self.pins))
+        self._pins_changed.set()
+        # The send starts now and ships the prompt's blocks as the prefill computes them
+        # (`_Progress`, fed by this engine's KV events), so at the first token only the last
+        # chunk's blocks are still to move (the issue's "pipelined"). It owns the pins from
+        # here on: its end (ack, nack, failure, deadline, cancel) releases them.
+        progress = self._watch(send, engine.cached_prefix(send) if send else 0)
+        parent = hashes[msg.first_block - 1] if msg.first_block else None
+        task = asyncio.create_task(self._send(target, req.request_id, send, parent, key,
+                                              deadline, progress),
+                                   name=f"disagg-tx-{target.transfer_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            out = await self._run_prefill(engine, eid, tokens, req, stop, left)
+            progress.computed()
+            # Pin what travels before anything can evict it (the request ended with its
+            # first token and left its blocks to the prefix cache): a block evicted
+            # meanwhile just shortens the run, and the decode worker computes the rest.
+            pinned = await engine.pin_kv(key, send) if send else 0
+            if key not in self.pins:  # the send ended meanwhile (and unpinned): hold nothing
+                await self._unpin(key)
+            progress.pin(pinned)
+        except BaseException:
+            task.cancel()  # its end unpins and tells the receiver
+            await asyncio.wait([task], timeout=CLOSE_SENDS_S)
+            # (a task cancelled before it ever ran skips its `finally`: the same, here)
+            self._unwatch(progress)
+            if key in self.pins:
+                self.pins.release(key)
+                await self._unpin(key)
+            raise
+        return RemotePrefillReply(
+            request_id=req.request_id, transfer_id=target.transfer_id,
+            first_token_ids=proto.pack_tokens(out.token_ids[:1]),
+            logprobs=(proto.TokenLogprobs.pack(out.logprobs.logprobs[:1],
+                                               out.logprobs.top_ids[:1],
+                                               out.logprobs.top_logprobs[:1],
+                                               req.sampling.logprobs or 0)
+                      if out.logprobs is not None and out.logprobs.logprobs else None),
+            prompt_tokens=len(tokens), cached_tokens=max(0, out.cached_tokens), blocks=pinned)
+
+    async def _run_prefill(self, engine, eid: str, tokens: list[int],
+                           req: proto.GenerateRequest, stop, left: float):
+        """The prompt to its first token on this engine (the output that carries it)."""
         try:
             stream = await engine.submit(EngineRequest(
                 request_id=eid, token_ids=tokens, sampling=req.sampling, stop=stop))
@@ -556,37 +618,50 @@ class DisaggHook(WorkerHooks):
                                                                       FINISH_ERROR):
             raise _refuse("internal", f"the prefill produced no token: "
                           f"{(out.error if out else None) or 'engine stopped'}", retryable=True)
+        return out
 
-        # Pin what travels before anything can evict it (the request ended with its first
-        # token and left its blocks to the prefix cache): a block evicted meanwhile just
-        # shortens the run, and the decode worker computes the rest.
-        send = hashes[msg.first_block:]
-        key = f"disagg-tx-{target.transfer_id}"
-        left = deadline - time.monotonic()
-        try:
-            self.pins.pin(key, (), deadline=deadline)
-        except (PinTableFull, ValueError) as exc:
-            raise _refuse("overloaded", str(exc), retryable=True) from None
-        pinned = await engine.pin_kv(key, send) if send else 0
-        self.m.pinned.set(len(self.pins))
-        self._pins_changed.set()
-        parent = hashes[msg.first_block - 1] if msg.first_block else None
-        task = asyncio.create_task(self._send(target, req.request_id, send[:pinned], parent,
-                                              key, left), name=f"disagg-tx-{target.transfer_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return RemotePrefillReply(
-            request_id=req.request_id, transfer_id=target.transfer_id,
-            first_token_ids=proto.pack_tokens(out.token_ids[:1]),
-            logprobs=(proto.TokenLogprobs.pack(out.logprobs.logprobs[:1],
-                                               out.logprobs.top_ids[:1],
-                                               out.logprobs.top_logprobs[:1],
-                                               req.sampling.logprobs or 0)
-                      if out.logprobs is not None and out.logprobs.logprobs else None),
-            prompt_tokens=len(tokens), cached_tokens=max(0, out.cached_tokens), blocks=pinned)
+    def _watch(self, hashes: list[int], cached: int) -> _Progress:
+        progress = _Progress(hashes, cached)
+        self._wait_next(progress)
+        return progress
+
+    def _wait_next(self, progress: _Progress) -> None:
+        if progress.ready < len(progress.hashes) and progress.ended is None:
+            progress.key = progress.hashes[progress.ready]
+            self._watching.setdefault(progress.key, []).append(progress)
+
+    def _unwatch(self, progress: _Progress) -> None:
+        key, progress.key = progress.key, None
+        watchers = self._watching.get(key) if key is not None else None
+        if watchers is not None:
+            with contextlib.suppress(ValueError):
+                watchers.remove(progress)
+            if not watchers:
+                del self._watching[key]
+
+    def _note_stored(self, batch: proto.KvEventBatch) -> None:
+        """Blocks this engine stored (its KV event batch, delivered once the step that
+        computed them is over): the sends waiting on them may go on. A request's blocks are
+        stored in prefix order, so a send waits for one hash, its next block's: one lookup
+        per `Stored` event (indexing every block of every prompt cost the prefill workers
+        ~23 % more CPU in the live mixed load: ~1.8 ms a long prompt and ~1 ms a batch at
+        load 10)."""
+        watching = self._watching
+        now = 0.0
+        for ev in batch.events:
+            if not isinstance(ev, proto.Stored) or not ev.blocks:
+                continue
+            waiting = watching.pop(ev.blocks[0].hash, None)
+            if waiting is None:
+                continue
+            now = now or time.monotonic()
+            for progress in waiting:
+                progress.key = None
+                progress.extend(ev.blocks, now)
+                self._wait_next(progress)
 
     async def _send(self, target, request_id: str, hashes: list[int], parent: int | None,
-                    key: str, left: float) -> None:
+                    key: str, deadline: float, progress: _Progress) -> None:
         ctx, hub, cfg, layout = self.ctx, self.hub, self.config, self.layout
         assert ctx is not None and hub is not None and layout is not None
         engine = ctx.engine
@@ -598,30 +673,60 @@ class DisaggHook(WorkerHooks):
             per_block_s = modelled / (cfg.kv_transfer_bandwidth_gb_s * GB)
 
         async def source(first: int, count: int):
+            end = first + count
+            # computed? (the hub bounds this wait by the transfer's deadline)
+            await progress.until(lambda: progress.ready >= end)
+            if progress.ended is None:
+                self.m.pipelined.inc(count)
+            if progress.pinned is not None and end > progress.pinned:
+                raise TransferError(xerr.SOURCE_FAILED, f"{end - progress.pinned} blocks were "
+                                    "evicted before they could be pinned")
             if self.mocker:
                 if per_block_s:
                     await asyncio.sleep(per_block_s * count)  # the modelled link
                 return [zeros] * count
-            blocks = await engine.export_kv(hashes[first:first + count])
+            blocks = await engine.export_kv(hashes[first:end])
             if len(blocks) != count:
-                raise TransferError(xerr.SOURCE_FAILED, f"{count - len(blocks)} pinned blocks "
-                                    "are no longer held (their pins expired)")
+                raise TransferError(xerr.SOURCE_FAILED, f"{count - len(blocks)} blocks are "
+                                    "no longer held (evicted, or their pins expired)")
             return [b.data for b in blocks]
 
         try:
-            if per_block_s and not bpb and hashes:
-                # hashes only (--kv-payload none): the hub reads no blocks, so the modelled
-                # link's time passes here, before the header leaves (the receiver imports
-                # the run when it lands, as a one-chunk transfer would)
-                wait = min(per_block_s * len(hashes), left)
-                await asyncio.sleep(wait)
-                left -= wait
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                if not bpb or not hashes:
+                    # hashes only (--kv-payload none), or nothing to send: one header once
+                    # the prefill is over and its blocks pinned. The modelled link carried
+                    # each run of blocks from when the prefill had computed it (one at a
+                    # time, in order), so what is left of it passes here before the header
+                    # leaves (the receiver imports the run when it lands).
+                    await progress.until(lambda: progress.pinned is not None)
+                    assert progress.pinned is not None
+                    hashes = hashes[:progress.pinned]
+                    if progress.ended is not None:
+                        self.m.pipelined.inc(min(progress.ended, len(hashes)))
+                    if per_block_s and hashes:
+                        await asyncio.sleep(max(0.0, progress.link_end(per_block_s, len(hashes))
+                                                - time.monotonic()))
+                else:
+                    # payloads: the header leaves with the first blocks computed here (the
+                    # receiver's idle timeout runs from it, so not while the prompt queues)
+                    first = progress.ready
+                    await progress.until(lambda: progress.ready > first
+                                         or progress.pinned is not None)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransferError(xerr.DEADLINE, "the transfer's deadline passed before "
+                                    "it started")
             result = await hub.send(target, request_id=request_id, hashes=hashes,
                                     parent_hash=parent, block_size=ctx.block_size,
                                     layout=layout, source=source,
                                     deadline_s=min(cfg.transfer_timeout_s, left),
                                     idle_timeout_s=cfg.idle_timeout_s, transport=cfg.transport)
             self.m.transfer("tx", result.transport, result)
+        except TimeoutError:
+            self.m.transfer("tx", "none", error=TransferError(xerr.DEADLINE, "deadline"))
+            log.info("KV send failed: its deadline passed waiting for the prefill",
+                     request_id=request_id)
         except TransferError as exc:
             self.m.transfer("tx", "none", error=exc)
             log.info("KV send failed", request_id=request_id, error=str(exc))
@@ -629,6 +734,7 @@ class DisaggHook(WorkerHooks):
             self.m.transfer("tx", "none", error=exc)
             log.exception("KV send failed", request_id=request_id)
         finally:
+            self._unwatch(progress)
             if key in self.pins:
                 self.pins.release(key)
                 await self._unpin(key)
@@ -650,6 +756,8 @@ class DisaggHook(WorkerHooks):
         events = ctx.engine.kv_events()
         try:
             async for batch in events:
+                if self._watching:
+                    self._note_stored(batch)
                 if any(isinstance(ev, proto.Stored) and any(b.token_ids for b in ev.blocks)
                        for ev in batch.events):
                     # a copy: the batch object is the one the KV feed publishes too
@@ -686,6 +794,68 @@ def _refuse(code: str, message: str, *, retryable: bool = False) -> RemoteError:
     return RemoteError(ErrorInfo(code=code, message=message, retryable=retryable))
 
 
+class _Progress:
+    """How far the prefill of one remote prefill's blocks (`hashes`, the run it sends) has
+    come, prefill side. `ready`: the leading blocks known computed (cached before, or stored
+    by the engine in prefix order: its KV events come once the step that computed them is
+    over; a run stored out of that order, or blocks found cached mid-prompt, only wait for
+    the prefill's end); `marks`:
+    (time.monotonic(), ready) at each advance, for the modelled link; `pinned`: how many
+    blocks this worker holds for the transfer, once the prefill is over (None before).
+    Events lost from a full subscription only delay the advance to the prefill's end
+    (`computed`)."""
+
+    def __init__(self, hashes: list[int], cached: int) -> None:
+        self.hashes = hashes
+        self.ready = min(max(0, cached), len(hashes))
+        self.marks: list[tuple[float, int]] = [(time.monotonic(), self.ready)]
+        self.pinned: int | None = None
+        self.ended: int | None = None  # `ready` when the prefill ended (computed)
+        self.key: int | None = None  # the block hash it waits for (DisaggHook._watching)
+        self._changed = asyncio.Event()
+
+    def extend(self, blocks: list[proto.StoredBlock], now: float) -> None:
+        """Stored blocks that start at the next one this waits for: the run they continue."""
+        hashes, r, n = self.hashes, self.ready, len(self.hashes)
+        for b in blocks:
+            if r >= n or hashes[r] != b.hash:
+                break
+            r += 1
+        if r > self.ready:
+            self.ready = r
+            self.marks.append((now, r))
+            self._changed.set()
+
+    def computed(self) -> None:
+        """The prefill is over (its first token exists): every block is computed."""
+        self.ended = self.ready
+        if self.ready < len(self.hashes):
+            self.ready = len(self.hashes)
+            self.marks.append((time.monotonic(), self.ready))
+        self._changed.set()
+
+    def pin(self, pinned: int) -> None:
+        self.pinned = pinned
+        self._changed.set()
+
+    async def until(self, ready: Callable[[], bool]) -> None:
+        """Until `ready()` (one waiter: the send; the caller bounds the wait)."""
+        while not ready():
+            self._changed.clear()
+            await self._changed.wait()
+
+    def link_end(self, per_block_s: float, count: int) -> float:
+        """When a link carrying `per_block_s` a block, one block at a time and each from
+        when it was computed, has carried the first `count` blocks (time.monotonic())."""
+        end, sent = 0.0, 0
+        for at, ready in self.marks:
+            ready = min(ready, count)
+            if ready > sent:
+                end = max(end, at) + (ready - sent) * per_block_s
+                sent = ready
+        return end
+
+
 class _RemoteRun:
     """One request's remote prefill on the decode side: its receive, and the blocks imported
     (pinned under `key`) as they arrive."""
@@ -697,6 +867,11 @@ class _RemoteRun:
         self.key = ""
         self.imported = 0
         self.released = False
+        # the resume gap's stamps (time.monotonic): the first token sent (kv() called right
+        # after), the KV complete, the request submitted; `resumed` observes them
+        self._sent_at = 0.0
+        self._kv_at = 0.0
+        self._submitted_at = 0.0
 
     async def import_blocks(self, run) -> None:
         hook = self.hook
@@ -715,6 +890,7 @@ class _RemoteRun:
         """Wait for the transfer; the import for the engine, or None (recompute here)."""
         hook, rx = self.hook, self.rx
         assert rx is not None and hook.pool is not None
+        self._sent_at = time.monotonic()
         gone = hook.pool.gone(self.prefill_id)
         try:
             while True:
@@ -747,13 +923,32 @@ class _RemoteRun:
             await self.release()
             return None
         hook.m.remote_done.inc()
+        self._kv_at = time.monotonic()
         return KvImport(blocks=[], pinned_as=self.key)
+
+    def resumed(self) -> None:
+        """The engine's first output after the remote first token (the host calls it)."""
+        if not self._submitted_at:
+            return  # the prompt was recomputed here, or the stamps are missing: no resume
+        now = time.monotonic()
+        sent, kv, sub = self._sent_at, self._kv_at, self._submitted_at
+        obs = self.hook.m.resume
+        size = "long" if self.imported >= LONG_TRANSFER_BLOCKS else "short"
+        obs.labels("kv", size).observe(kv - sent)
+        obs.labels("submit", size).observe(sub - kv)
+        obs.labels("step", size).observe(now - sub)
+        obs.labels("total", size).observe(now - sent)
+        log.debug("remote prefill resumed", request_id=self.rx.request_id if self.rx else "",
+                  kv_ms=round((kv - sent) * 1e3, 1), submit_ms=round((sub - kv) * 1e3, 1),
+                  step_ms=round((now - sub) * 1e3, 1), total_ms=round((now - sent) * 1e3, 1))
 
     async def release(self) -> None:
         """Stop the transfer if it still runs, and drop the pins no request took over."""
         if self.released:
             return
         self.released = True
+        if self._kv_at:  # after the KV came: the host calls this once it submitted
+            self._submitted_at = time.monotonic()
         self.hook.resuming -= 1
         rx = self.rx
         if rx is not None and not rx.done:

@@ -29,9 +29,12 @@ block payloads (bytes-like, bytes_per_block each) from block `first` of the tran
 called window by window, so the sender never holds the whole KV. Payload views handed to
 `on_blocks` are valid during the call only (TCP chunk buffers are reused): copy to keep.
 `source` may be asked for the same blocks twice (a transfer retried on a new connection when
-its pooled one was found dead; tcp.py): it reads pinned blocks, so it gives the same bytes.
-Call `send` once the blocks exist (after the prefill): the receiver's idle timeout runs from
-the header on. The TCP listener binds loopback unless `tcp_host` says otherwise (workers on
+its pooled one was found dead; tcp.py): it reads computed blocks (held by their request,
+then pinned), so it gives the same bytes. `source` may wait for blocks that are still being
+computed (genset.disagg pipelines the send with the prefill: it starts once the first
+blocks exist, and each later group waits for the step that computes it), but the receiver's
+idle timeout runs from the header on, so call `send` once computing has begun, not while
+the prompt queues. The TCP listener binds loopback unless `tcp_host` says otherwise (workers on
 other hosts: bind an interface, `advertise_host` the address peers use).
 """
 

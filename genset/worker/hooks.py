@@ -105,6 +105,8 @@ class RemotePrefill:
     the import for the engine or None (compute the prompt here); it handles its own failures
     (returns None) and has its own deadline. `release()`: frees whatever the hook still holds
     for this request (pins a request did not take over, a transfer in progress); idempotent.
+    `resumed()`: optional, called once with the engine's first output of the request (the
+    token after the remote one), so the hook can time the gap between the two.
     """
 
     first_token_ids: list[int]
@@ -113,6 +115,9 @@ class RemotePrefill:
     release: Callable[[], Awaitable[None]]
     logprobs: Logprobs | None = None
     finish_reason: str | None = None
+    # called (plain function, must not block) when the engine's first output after the remote
+    # first token exists: the end of the resume gap, which the hook measures
+    resumed: Callable[[], None] | None = None
 
 
 class WorkerHooks:

@@ -489,11 +489,15 @@ class WorkerHost:
         self._load_changed.set()
         reason = FINISH_ERROR
         first = remote is None  # a remote prefill's first token is out already
+        resumed = remote.resumed if remote is not None else None  # (its hook times the gap)
         # The cancel/deadline watcher aborts the engine request; the output stream then ends
         # with a "cancelled" output, so the loop below always terminates.
         watcher = asyncio.create_task(self._watch(rs, req.deadline_ms, engine_id))
         try:
             async for out in stream:
+                if resumed is not None:
+                    resumed()
+                    resumed = None
                 if first and (out.token_ids or out.finish_reason):
                     first = False
                     worker_stamp(stamps, "w_first_token")
