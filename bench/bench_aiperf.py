@@ -176,6 +176,10 @@ def run_aiperf(system, args, concurrency: int, run_dir: Path) -> dict:
         env.setdefault("ISL", "50")
         extra = ["--num-prefix-prompts", str(args.prefix_prompts),
                  "--prefix-prompt-length", str(args.prefix_length)]
+    if args.records:
+        # aiperf's per-request records (a/aiperf/**/profile_export.jsonl): each request's
+        # start and TTFT, for both systems (bench/burst_report.py reads them)
+        extra.append("--export-level=records")
     cmd = [str(PEERS / "aiperf" / "run.sh"), system.url, MODEL_NAME, str(PEER_DIR / "model"),
            str(run_dir / "a"), *extra]
     with open(run_dir / "run.log", "wb") as log:
@@ -280,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix-length", type=int, default=950)
     p.add_argument("--timeline", action="store_true",
                    help="genset runs write a per-request timeline (bench/timeline_report.py)")
+    p.add_argument("--records", action="store_true",
+                   help="aiperf writes per-request records (bench/burst_report.py)")
     p.add_argument("--genset-arg", action="append", default=[], help="extra `genset up` argument")
     p.add_argument("--genset-env", action="append", default=[], help="NAME=VALUE for genset up")
     p.add_argument("--baseline", default="", help="checkout run as genset-base")

@@ -99,6 +99,7 @@ async def test_a_timed_request_has_every_stage_in_path_order(bus, discovery, tmp
         ordered = [stages[name] for name in STAGES]
         assert ordered == sorted(ordered), stages  # causal order, one clock
         assert rec["values"]["w_step_ms"] > 0
+        assert isinstance(rec["values"]["worker"], int)  # the worker it was routed to
         assert not h.engine._traced  # nothing left behind in the engine
 
         # Off (the default): no timeline, the worker times nothing.

@@ -619,6 +619,7 @@ class Pipeline:
                 worker = decision.worker_id
                 if tl is not None:
                     tl.stamp("routed")
+                    tl.values.setdefault("worker", worker)  # the first attempt's (burst splits)
                 card = self.registry.card(job.model, worker) if worker is not None else None
                 if card is not None and job.on_routed is not None:
                     job.on_routed(worker)
