@@ -125,14 +125,15 @@ class PlannerConfig:
     # before), once that memory has been watched; a level beyond it is new territory and
     # keeps the fixed 2x cap (`ArrivalForecaster.projection`). 0: the fixed cap only.
     trend_cap_memory_s: float = 600.0
-    # ... and projected at most `trend_reach_s` ahead (the span its line is fitted over,
-    # `ArrivalForecaster` window_s 60 s), however long the start-up: beyond that a rise is
-    # the seasonal forecast's, or met when it comes. With a 120 s start-up (a 122 s
-    # horizon) the Mooncake sinusoid's first rise, a trend significant for ~15 s, was
-    # projected to 14.7 req/s (the 2x cap) at 7.3 and asked for a sixth worker that joined
-    # after the peak and was drained 15 s later. Start-ups within it are not affected. 0:
-    # the whole horizon.
-    trend_reach_s: float = 60.0
+    # ... and, with `trend_reach_s` > 0, projected at most that far ahead however long the
+    # start-up (60: the span its line is fitted over, `ArrivalForecaster` window_s). Off by
+    # default: with a 120 s start-up (a 122 s horizon) it took the Mooncake sinusoid from
+    # 0.734 to 0.706 of static at peak (the first rise, a trend significant for ~15 s, was
+    # projected to 14.7 req/s at 7.3 and asked for a sixth worker that joined after the
+    # peak) and Azure code from 0.665 / 0.708 to 0.655, but the Azure conversation trace's
+    # 2 -> 3 came 35 s later at 336 s: 88.1% instead of 92.7% (router seed 0). 0: the
+    # whole horizon.
+    trend_reach_s: float = 0.0
     seasonal: bool = True  # look for a period in the arrival rate (forecast.SeasonalForecaster)
     # a seasonal forecast that predicts (SloPolicyConfig.seasonal_min_weight) keeps the pool
     # at what it expects within a start-up time (PoolNeed.seasonal_floor) ...
