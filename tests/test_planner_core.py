@@ -1159,3 +1159,30 @@ def test_slack_hold_in_a_decision_holds_the_pool_and_names_the_attainment():
         core.observe_load(wid, running=0, kv_total_blocks=16384)
     d = core.decide()
     assert d.pools["decode"].action == "up" and d.pools["decode"].start >= 1
+
+
+def test_slack_hold_judges_the_scale_up_the_pool_can_make():
+    """`PlannerConfig.slack_hold_capped`: with a long start-up and banked attainment, a pool
+    of 5 at a ceiling of 6 whose trend projects a need of 8 holds: the scale-up it can make
+    is one worker of six. Judged against the whole need (three workers) it goes ahead, and a
+    pool of 2 below a ceiling of 3 (one worker of three) is never held."""
+    from genset.planning.policies import PoolNeed
+
+    def decide(capped: bool, have: int, ceiling: int, up: int):
+        clock = Clock()
+        core = PlannerCore(PlannerConfig(policy="slo", pools={"decode": PoolBounds(1, ceiling)},
+                                         startup_s=120, prior_memory_s=0,
+                                         slack_hold_capped=capped), clock=clock)
+        for wid in range(have):
+            core.worker_up(wid, "decode", kv_blocks=KV, block_size=16)
+        core.slo_policy.long_attainment = 0.99  # banked: 99% met over the last 300 s
+        view, ready, draining = core._view("decode", clock.ms)
+        need = PoolNeed(up, up, have, "a rising trend")
+        return core._decide_pool(core.pools["decode"], view, ready, draining, need, None,
+                                 clock.ms)
+
+    held = decide(True, 5, 6, 8)
+    assert held.action == "hold" and held.target == 5 and held.start == 0
+    assert "holding 5" in held.reason
+    assert decide(False, 5, 6, 8).start == 1  # 5 -> 6 (the ceiling)
+    assert decide(True, 2, 3, 3).start == 1  # a third of the pool: not held
