@@ -97,8 +97,9 @@ class PlannerConfig:
     # A need counts for the burst floor only once it has held `burst_min_s` (the need in
     # force now always counts): one decision's need is one smoothed rate plus its noise
     # band over one mix of prompt lengths, and a peak of a second or two is that noise,
-    # not traffic that came back. On the Mooncake sinusoid with a 120 s start-up a 3 s need
-    # of 5 at 117 s (the first cycle's peak, which 4 served) held 5 workers until 237 s. The
+    # not traffic that came back. On the Mooncake sinusoid with a 120 s start-up (and the
+    # trend's reach at 60 s) a 3 s need of 5 at 117 s (the first cycle's peak, which 4
+    # served) held 5 workers until 237 s; with this until 178 s. The
     # cool-down still counts every need: without its blips a steady Poisson load (4 req/s,
     # test_slo_policy_no_oscillation_with_poisson_arrivals) went 6 -> 5 -> 6 -> 5 in an
     # hour. 0: every need counts.
