@@ -418,6 +418,27 @@ def test_forecast_looks_ahead_on_a_ramp_within_bounds():
     assert f.forecast(1000) <= 2 * f.level + 1e-9  # a trend never sizes for runaway load
 
 
+def test_trend_is_projected_no_further_than_its_reach():
+    """`PlannerConfig.trend_reach_s`: a line fitted over 60 s is extended at most 60 s, however
+    long the start-up horizon; horizons within the reach are projected as before."""
+    reach, free = ArrivalForecaster(bucket_s=1.0, reach_s=60.0), ArrivalForecaster(bucket_s=1.0)
+    t = 0.0
+    for i in range(60):
+        t += 1000
+        for f in (reach, free):
+            f.add(t, round(10 + 0.1 * i), 0, 0)  # +0.1 req/s a second: well below the 2x cap
+    assert free.forecast(122) > free.forecast(60) > free.level
+    assert reach.forecast(122) == pytest.approx(reach.forecast(60))
+    assert reach.forecast(60) == pytest.approx(free.forecast(60))
+    assert reach.forecast(32) == pytest.approx(free.forecast(32))
+    with pytest.raises(ValueError, match="reach_s"):
+        ArrivalForecaster(reach_s=-1.0)
+    with pytest.raises(ValueError, match="trend_reach_s"):
+        PlannerConfig(trend_reach_s=math.nan)
+    core = PlannerCore(PlannerConfig(trend_reach_s=45.0), clock=Clock())
+    assert core.forecaster.reach_s == 45.0
+
+
 def test_trend_estimator_extrapolates_only_a_significant_slope():
     rng = random.Random(4)
     noisy = TrendEstimator(tau_s=3, window_s=30)
@@ -671,7 +692,7 @@ def test_burst_floor_keeps_a_need_that_came_back_within_a_start_up():
     c.demand["decode"] = 0.1
     c.run(15)
     c.demand["decode"] = 3.0
-    c.run(5)
+    c.run(8)  # long enough for its need to hold `burst_min_s` (5 s): a burst, not a blip
     c.demand["decode"] = 0.1
     held = c.run(20)
     size = len(c.ready()) + len(c.starting)
@@ -716,6 +737,57 @@ def test_jump_floor_counts_a_burst_after_an_idle_gap_not_a_level_that_climbs():
     assert fresh.jump_peaks(0.0, 60_000.0, 2.0, 10_000.0, 30_000.0) == []
     assert series([(0, 1), (12, 5)]).jump_peaks(0.0, 60_000.0, 2.0, 10_000.0, 30_000.0) == [5]
     assert series([(0, 2), (15, 3), (30, 5)]).came_back(0.0, 2.0, 10_000.0) == 0
+
+
+def test_burst_floor_counts_only_needs_that_held():
+    """`PlannerConfig.burst_min_s`: a need held for less than it (one decision's peak of the
+    rate's noise band or of a prompt-length swing) sets no burst floor; the need in force
+    now always counts."""
+    def series(points):
+        p = _Pool("decode", PoolBounds(1, 8))
+        for t_s, need in points:
+            p.record(t_s * 1000.0, need, 600_000.0)
+        return p
+
+    blip = series([(0, 3), (60, 5), (62, 3), (100, 3)])  # 5 for 2 s
+    assert blip.came_back(0.0) == 5  # every need counts
+    assert blip.came_back(0.0, min_hold_ms=5000.0) == 0
+    assert blip.sustained(5000.0) == [(0.0, 3)]
+    held = series([(0, 3), (60, 5), (70, 3), (100, 3)])  # 5 for 10 s
+    assert held.sustained(5000.0) == [(0.0, 3), (65_000.0, 5), (70_000.0, 3)]
+    assert held.came_back(0.0, min_hold_ms=5000.0) == 5
+    assert held.came_back(71_000.0, min_hold_ms=5000.0) == 0  # before the hold's start
+    # a burst that climbs in 2-4 s steps counts at the level it held for 5 s
+    steps = series([(0, 1), (10, 2), (12, 3), (16, 4), (18, 3), (19, 1), (40, 1)])
+    assert steps.came_back(0.0) == 4 and steps.came_back(0.0, min_hold_ms=5000.0) == 3
+    rising = series([(0, 3), (60, 5), (80, 5)])  # 5 for the last 20 s: the need now
+    assert rising.came_back(0.0, min_hold_ms=5000.0) == 5
+    with pytest.raises(ValueError, match="burst_min_s"):
+        PlannerConfig(burst_min_s=-1.0)
+
+
+def test_a_brief_peak_of_the_need_sets_no_burst_floor():
+    """Through the core: a pool of 4 that needs 1 meets a second of 3 workers' worth of load
+    (its need: 3 for a second, then 2 for 5 s as the KV average settles). One cool-down
+    later the burst floor holds the 2 the need held, not the second's 3; with
+    `burst_min_s` 0 the second's peak counts as a burst that came back."""
+    def first_down(burst_min_s: float) -> int:
+        core, clock = make(cooldown=60, startup=120, burst_hold_startups=1.0,
+                           jump_hold_startups=0, burst_memory_s=0, burst_min_s=burst_min_s)
+        c = Cluster(core, clock, initial={"decode": 4}, drain_s=1)
+        c.demand["decode"] = 0.5
+        c.run(30)
+        c.demand["decode"] = 3.0
+        c.run(1)
+        c.demand["decode"] = 0.5
+        for _ in range(200):
+            d = c.tick()
+            if d.pools["decode"].action == "down":
+                return d.targets["decode"]
+        return 0
+
+    assert first_down(5.0) == 2
+    assert first_down(0.0) == 3
 
 
 def test_jump_floor_holds_a_burst_for_several_start_ups_then_lets_go():
@@ -1087,3 +1159,30 @@ def test_slack_hold_in_a_decision_holds_the_pool_and_names_the_attainment():
         core.observe_load(wid, running=0, kv_total_blocks=16384)
     d = core.decide()
     assert d.pools["decode"].action == "up" and d.pools["decode"].start >= 1
+
+
+def test_slack_hold_judges_the_scale_up_the_pool_can_make():
+    """`PlannerConfig.slack_hold_capped`: with a long start-up and banked attainment, a pool
+    of 5 at a ceiling of 6 whose trend projects a need of 8 holds: the scale-up it can make
+    is one worker of six. Judged against the whole need (three workers) it goes ahead, and a
+    pool of 2 below a ceiling of 3 (one worker of three) is never held."""
+    from genset.planning.policies import PoolNeed
+
+    def decide(capped: bool, have: int, ceiling: int, up: int):
+        clock = Clock()
+        core = PlannerCore(PlannerConfig(policy="slo", pools={"decode": PoolBounds(1, ceiling)},
+                                         startup_s=120, prior_memory_s=0,
+                                         slack_hold_capped=capped), clock=clock)
+        for wid in range(have):
+            core.worker_up(wid, "decode", kv_blocks=KV, block_size=16)
+        core.slo_policy.long_attainment = 0.99  # banked: 99% met over the last 300 s
+        view, ready, draining = core._view("decode", clock.ms)
+        need = PoolNeed(up, up, have, "a rising trend")
+        return core._decide_pool(core.pools["decode"], view, ready, draining, need, None,
+                                 clock.ms)
+
+    held = decide(True, 5, 6, 8)
+    assert held.action == "hold" and held.target == 5 and held.start == 0
+    assert "holding 5" in held.reason
+    assert decide(False, 5, 6, 8).start == 1  # 5 -> 6 (the ceiling)
+    assert decide(True, 2, 3, 3).start == 1  # a third of the pool: not held

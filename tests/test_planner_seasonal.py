@@ -290,3 +290,41 @@ def test_trend_projection_is_capped_by_the_peak_the_history_has_shown():
     assert high.forecast(120) == pytest.approx(high.rate.project(120))
     with pytest.raises(ValueError):
         ArrivalForecaster(cap_memory_s=-1.0)
+
+
+def test_seasonal_floor_at_long_start_ups_is_sized_at_the_costliest_mix_of_the_period():
+    """`SloPolicyConfig.seasonal_costly_horizon_s`: with a start-up of 60 s or more the
+    seasonal floor is the cycle's peak rate at the lowest capacity per worker seen over the
+    last period (the mix that comes back with the peak), not at today's; shorter start-ups
+    and capacities older than a period keep today's."""
+    def policy(costly_h):
+        f = ArrivalForecaster()
+        t = feed(f, wave, 1425, isl=16000)
+        sp = SloPolicy(SloPolicyConfig(ttft_ms=2000, itl_ms=50,
+                                       seasonal_costly_horizon_s=costly_h), f, PerfModel(),
+                       LatencyWindow(), LatencyWindow())
+        return sp, t
+
+    view = PoolView("decode", target=4, ready=4, starting=0, reporting=4,
+                    kv_blocks_per_worker=4688, kv_tokens_per_worker=4688 * 64.0, ceiling=16)
+    sp, t = policy(None)
+    today = sp.evaluate_all(t, {"decode": view}, 120.0)["decode"]
+    cap = today.inputs["worker_capacity_rps"]
+    assert today.seasonal_floor is not None and cap > 0
+    sp, t = policy(60.0)
+    sp._caps.append((t - 100_000.0, cap / 2))  # the mix of the last peak: half the capacity
+    costly = sp.evaluate_all(t, {"decode": view}, 120.0)["decode"]
+    assert costly.seasonal_floor >= 2 * today.seasonal_floor - 1
+    assert costly.up == today.up and costly.settle_now == today.settle_now  # the floor only
+    sp, t = policy(None)
+    today32 = sp.evaluate_all(t, {"decode": view}, 32.0)["decode"]
+    sp, t = policy(60.0)
+    sp._caps.append((t - 100_000.0, cap / 2))
+    short = sp.evaluate_all(t, {"decode": view}, 32.0)["decode"]  # a 30 s start-up
+    assert short.seasonal_floor is not None and short.seasonal_floor == today32.seasonal_floor
+    sp, t = policy(60.0)
+    sp._caps.append((t - 400_000.0, cap / 2))  # more than a period (300 s) ago: forgotten
+    old = sp.evaluate_all(t, {"decode": view}, 120.0)["decode"]
+    assert old.seasonal_floor == today.seasonal_floor
+    with pytest.raises(ValueError, match="seasonal_costly_horizon_s"):
+        SloPolicyConfig(seasonal_costly_horizon_s=-1.0)

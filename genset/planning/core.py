@@ -94,6 +94,16 @@ class PlannerConfig:
     # trace: 77% attainment at 0.49 of static at peak instead of 66% at 0.43; on the Mooncake
     # sinusoid 0.84 instead of 0.77). 0: no floor.
     burst_hold_startups: float = 1.0
+    # A need counts for the burst floor only once it has held `burst_min_s` (the need in
+    # force now always counts): one decision's need is one smoothed rate plus its noise
+    # band over one mix of prompt lengths, and a peak of a second or two is that noise,
+    # not traffic that came back. On the Mooncake sinusoid with a 120 s start-up (and the
+    # trend's reach at 60 s) a 3 s need of 5 at 117 s (the first cycle's peak, which 4
+    # served) held 5 workers until 237 s; with this until 178 s. The
+    # cool-down still counts every need: without its blips a steady Poisson load (4 req/s,
+    # test_slo_policy_no_oscillation_with_poisson_arrivals) went 6 -> 5 -> 6 -> 5 in an
+    # hour. 0: every need counts.
+    burst_min_s: float = 5.0
     # Jump floor: a need that *jumped* (to at least `burst_rise` times the lowest need of the
     # `burst_rise_s` before it: a burst after an idle gap, which no forecast sees coming) is
     # held longer, `jump_hold_startups` start-up times. A level that climbs (a wave's rise,
@@ -116,6 +126,15 @@ class PlannerConfig:
     # before), once that memory has been watched; a level beyond it is new territory and
     # keeps the fixed 2x cap (`ArrivalForecaster.projection`). 0: the fixed cap only.
     trend_cap_memory_s: float = 600.0
+    # ... and, with `trend_reach_s` > 0, projected at most that far ahead however long the
+    # start-up (60: the span its line is fitted over, `ArrivalForecaster` window_s). Off by
+    # default: with a 120 s start-up (a 122 s horizon) it took the Mooncake sinusoid from
+    # 0.734 to 0.706 of static at peak (the first rise, a trend significant for ~15 s, was
+    # projected to 14.7 req/s at 7.3 and asked for a sixth worker that joined after the
+    # peak) and Azure code from 0.665 / 0.708 to 0.655, but the Azure conversation trace's
+    # 2 -> 3 came 35 s later at 336 s: 88.1% instead of 92.7% (router seed 0). 0: the
+    # whole horizon.
+    trend_reach_s: float = 0.0
     seasonal: bool = True  # look for a period in the arrival rate (forecast.SeasonalForecaster)
     # a seasonal forecast that predicts (SloPolicyConfig.seasonal_min_weight) keeps the pool
     # at what it expects within a start-up time (PoolNeed.seasonal_floor) ...
@@ -172,6 +191,15 @@ class PlannerConfig:
     # Azure code 120 s unchanged (no period), 30 s rows unchanged (the start-up gate).
     join_falling_hold: bool = True
     slack_hold_share: float = 0.2
+    # ... judged against the need capped at the pool's ceiling: the scale-up the pool can
+    # make (5 -> 6 at a ceiling of 6 is one worker of six, whatever the trend projects
+    # beyond). On the Mooncake sinusoid with a 120 s start-up the first rise's trend (14.7
+    # req/s at 7.3 over a 122 s horizon, a need of 8) asked for a sixth worker that joined
+    # after the peak: 0.734 -> 0.706 of static at peak on router seeds 0-2; Azure code and
+    # conv unchanged (their rises are bursts of two workers or more, or a third of a pool of
+    # 3). A round before, without the burst floor on held needs and the costly seasonal
+    # floor, the same gave 96.7% at 0.800 instead of 94.2% at 0.744. False: the whole need.
+    slack_hold_capped: bool = True
     startup_s: float = 30.0  # start-up time assumed until one is measured
     startup_timeout_s: float = 600.0  # a start not registered by then is given up (and retried)
     horizon_extra_s: float = 2.0  # sizing looks start-up time + this far ahead (a tick or two)
@@ -208,6 +236,10 @@ class PlannerConfig:
                              f"{self.jump_learned_startups}")
         if not (math.isfinite(self.trend_cap_memory_s) and self.trend_cap_memory_s >= 0):
             raise ValueError(f"trend_cap_memory_s must be >= 0, got {self.trend_cap_memory_s}")
+        for name in ("trend_reach_s", "burst_min_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be >= 0, got {v}")
         if self.slack_hold_above is not None and not 0 < self.slack_hold_above <= 1:
             raise ValueError(f"slack_hold_above must be in (0, 1] or None, got "
                              f"{self.slack_hold_above}")
@@ -327,8 +359,8 @@ class StartupEstimator:
 
 
 class _Pool:
-    __slots__ = ("bounds", "last_change_ms", "last_reason", "role", "series", "start_ms",
-                 "start_size", "target", "win", "win_since")
+    __slots__ = ("bounds", "last_change_ms", "last_ms", "last_reason", "role", "series",
+                 "start_ms", "start_size", "target", "win", "win_since")
 
     def __init__(self, role: str, bounds: PoolBounds) -> None:
         self.role = role
@@ -345,10 +377,12 @@ class _Pool:
         # every change of the need (ms, need) within the window, for `came_back`: needs are
         # small integers that change rarely; bounded all the same
         self.series: deque[tuple[float, int]] = deque(maxlen=1024)
+        self.last_ms: float | None = None  # the last need recorded
 
     def record(self, now_ms: float, need: int, window_ms: float) -> None:
         if self.win_since is None:
             self.win_since = now_ms
+        self.last_ms = now_ms
         if not self.series or self.series[-1][1] != need:
             self.series.append((now_ms, need))
         while len(self.series) > 1 and self.series[1][0] < now_ms - window_ms:
@@ -368,6 +402,31 @@ class _Pool:
             since = t
         return since
 
+    def sustained(self, min_hold_ms: float) -> list[tuple[float, int]]:
+        """The series of the need held for `min_hold_ms`: at each moment the lowest need
+        of the `min_hold_ms` before it (`PlannerConfig.burst_min_s`), as change points.
+        A peak briefer than that is cut to what the need stayed at throughout; a need that
+        climbs in steps counts at the level it held."""
+        series = list(self.series)
+        if min_hold_ms <= 0 or len(series) < 2:
+            return series
+        end = max(series[-1][0], self.last_ms or 0.0)
+        times = sorted({t for t, _ in series} | {t + min_hold_ms for t, _ in series
+                                                 if t + min_hold_ms <= end})
+        out: list[tuple[float, int]] = []
+        last = 0  # index of the need in force at `tau`
+        for tau in times:
+            while last + 1 < len(series) and series[last + 1][0] <= tau:
+                last += 1
+            low = series[last][1]
+            j = last
+            while j > 0 and series[j][0] > tau - min_hold_ms:
+                j -= 1  # the need in force before series[j] was too, within the span
+                low = min(low, series[j][1])
+            if not out or out[-1][1] != low:
+                out.append((tau, low))
+        return out
+
     def window_max(self, since_ms: float | None = None) -> int | None:
         """The largest need recorded (since `since_ms`, within the window)."""
         for t, need in self.win:
@@ -376,13 +435,14 @@ class _Pool:
         return None
 
     def came_back(self, since_ms: float, rise: float = 1.0, within_ms: float | None = None,
-                  ) -> int:
+                  min_hold_ms: float = 0.0) -> int:
         """The largest need that rose again since `since_ms` (after a lower one): traffic
         that returned. A need that only fell (a level settling after a drop, the falling
         half of a wave) gives 0. With `rise` > 1 only a need at least `rise` times the
         lowest one of the `within_ms` before it counts: a jump (a burst after an idle gap),
-        not a level climbing step by step (a wave's rise, which the pool can follow)."""
-        series = list(self.series)
+        not a level climbing step by step (a wave's rise, which the pool can follow). With
+        `min_hold_ms` only needs that held that long count (`sustained`)."""
+        series = self.sustained(min_hold_ms)
         best = 0
         for i, (t, need) in enumerate(series):
             if i == 0 or t < since_ms or need <= best:
@@ -440,6 +500,7 @@ class _Pool:
         self.win.clear()
         self.series.clear()
         self.win_since = None
+        self.last_ms = None
 
 
 class PlannerCore:
@@ -451,7 +512,8 @@ class PlannerCore:
         self.pending: dict[str, list[PendingStart]] = {role: [] for role in c.pools}
         self.startup = StartupEstimator(c.startup_s)
         self.forecaster = ArrivalForecaster(c.forecast_bucket_s, seasonal=c.seasonal,
-                                             cap_memory_s=c.trend_cap_memory_s)
+                                             cap_memory_s=c.trend_cap_memory_s,
+                                             reach_s=c.trend_reach_s)
         self.model = PerfModel(c.step_prior)
         self.ttft = LatencyWindow(c.latency_window_s)
         self.itl = LatencyWindow(c.latency_window_s)
@@ -813,7 +875,8 @@ class PlannerCore:
             return d
         assert need is not None
         if need.up > target:
-            held = (self._slack_hold(need.up, target, now)
+            up = min(need.up, b.max) if c.slack_hold_capped else need.up
+            held = (self._slack_hold(up, target, now)
                     or self._join_falling_hold(need, target, now))
             if held:
                 d.action, d.reason = "hold", f"{held}: {why}"
@@ -840,7 +903,8 @@ class PlannerCore:
                 floors: list[tuple[int, str]] = []
                 if seasonal is None or not c.seasonal_replaces_bursts:
                     if hold_s:
-                        floors.append((b.clamp(pool.came_back(now - hold_s * 1000)),
+                        floors.append((b.clamp(pool.came_back(
+                            now - hold_s * 1000, min_hold_ms=c.burst_min_s * 1000)),
                                        f"burst floor: the need came back to it within the "
                                        f"last {hold_s:.0f} s ({c.burst_hold_startups:g} "
                                        f"start-up times)"))

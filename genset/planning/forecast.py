@@ -135,11 +135,16 @@ class ArrivalForecaster:
     def __init__(self, bucket_s: float = 2.0, *, tau_s: float = 6.0, window_s: float = 60.0,
                  length_requests: float = 50.0, default_isl: float = 1024.0,
                  default_osl: float = 128.0, seasonal: bool = True,
-                 cap_memory_s: float = 0.0) -> None:
+                 cap_memory_s: float = 0.0, reach_s: float = 0.0) -> None:
         if bucket_s <= 0:
             raise ValueError(f"bucket_s must be > 0, got {bucket_s}")
         if not (finite(cap_memory_s) and cap_memory_s >= 0):
             raise ValueError(f"cap_memory_s must be >= 0, got {cap_memory_s}")
+        if not (finite(reach_s) and reach_s >= 0):
+            raise ValueError(f"reach_s must be >= 0, got {reach_s}")
+        # the trend is extrapolated at most this far (0: the whole horizon asked for): a
+        # line fitted over `window_s` says little about twice that far ahead
+        self.reach_s = float(reach_s)
         # the smoothed level at each closed bucket over `cap_memory_s` (bounded: one per
         # bucket), for the projection's cap (`history_peak`)
         self.cap_memory_ms = cap_memory_s * 1000.0
@@ -271,7 +276,10 @@ class ArrivalForecaster:
         """The trend's projection, capped by what the history has shown: a rise that stays
         below the highest level of the memory (a cycle's peak, the bursts before) is
         extrapolated no higher than that level; beyond it (new territory) the trend's own
-        cap (2x the level) applies."""
+        cap (2x the level) applies. A horizon beyond `reach_s` is projected as far as
+        `reach_s` only: the trend's line is not extended further than it was fitted."""
+        if self.reach_s and horizon_s > self.reach_s:
+            horizon_s = self.reach_s
         trend = self.rate.project(horizon_s)
         peak = self.history_peak()
         if peak is None or self.level > peak:

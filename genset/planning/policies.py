@@ -30,6 +30,10 @@ from genset.planning.forecast import ArrivalForecaster, TrendEstimator
 from genset.planning.observations import ROLE_PREFILL, LatencyWindow
 from genset.planning.perf_model import PerfModel
 
+# the capacities kept for the seasonal floor before a period is found (it is used only once
+# one is; then the period found, 60-900 s, is the memory)
+_DEFAULT_PERIOD_S = 300.0
+
 
 def ceil_workers(x: float) -> int:
     """Workers for a fractional need (a hair over an integer is that integer: 2.0000001 -> 2)."""
@@ -207,6 +211,15 @@ class SloPolicyConfig:
     seasonal_settle: bool = True  # scale up to the seasonal peak within two start-ups
     seasonal_margin: float = 0.10  # the seasonal floor and peak sizing carry this margin ...
     seasonal_trim: bool = False  # ... and are not trimmed (see seasonal_need)
+    # With a horizon (start-up) of at least `seasonal_costly_horizon_s` the seasonal floor
+    # of aggregated workers is sized at the lowest capacity per worker of the last period,
+    # not today's: the forecast is of the rate, and the mix that comes back with the
+    # cycle's peak (prompt lengths, cache hits) is not today's either. On the Mooncake
+    # sinusoid with a 120 s start-up, 35-45% cache hits in the last ~50 requests at 945-971
+    # s made a worker look worth 2.5-3.4 req/s (1.5-1.8 at the peaks before): the pool went
+    # 4 -> 3, and 3 -> 5 37 s later as 20k-token prompts came with the rise. A short
+    # start-up follows the mix instead (a worker is back within 30 s). None: today's.
+    seasonal_costly_horizon_s: float | None = 60.0
 
     # Demonstrated capacity (aggregated workers): what the fleet has shown it serves within
     # the targets, against what the model plans. Each decision the model's utilisation u =
@@ -254,6 +267,11 @@ class SloPolicyConfig:
         if not 0 <= self.seasonal_min_weight <= 1:
             raise ValueError(f"seasonal_min_weight must be in [0, 1], got "
                              f"{self.seasonal_min_weight}")
+        if self.seasonal_costly_horizon_s is not None and not (
+                math.isfinite(self.seasonal_costly_horizon_s)
+                and self.seasonal_costly_horizon_s >= 0):
+            raise ValueError(f"seasonal_costly_horizon_s must be >= 0 or None, got "
+                             f"{self.seasonal_costly_horizon_s}")
         if not (math.isfinite(self.demo_memory_s) and self.demo_memory_s >= 0):
             raise ValueError(f"demo_memory_s must be >= 0, got {self.demo_memory_s}")
         if self.down_margin < 0:
@@ -433,6 +451,10 @@ class SloPolicy:
         self._demo: deque[tuple[float, float, bool]] = deque(maxlen=4096)
         self.demo_u = 1.0  # u*: the fleet serves this many times the model's capacity
         self._growing_ms: float | None = None  # when a pool last had workers starting
+        # (ms, capacity per worker) per decision over the last period, for the seasonal
+        # floor at long horizons (SloPolicyConfig.seasonal_costly_horizon_s); bounded: a
+        # decision a second keeps 900 at the longest period
+        self._caps: deque[tuple[float, float]] = deque(maxlen=4096)
 
     @staticmethod
     def _correct(current: float, observed: float | None, predicted: float | None,
@@ -566,6 +588,14 @@ class SloPolicy:
         met = max((u for _, u, ok in self._demo if ok and u < missed), default=1.0)
         self.demo_u = min(1.0 / c.boost_min, max(1.0, met))
 
+    def _costly_capacity(self, horizon_s: float) -> float | None:
+        """The lowest capacity per worker of the last period, at horizons of at least
+        `SloPolicyConfig.seasonal_costly_horizon_s`; None below (or with none kept)."""
+        h = self.config.seasonal_costly_horizon_s
+        if h is None or horizon_s < h or not self._caps:
+            return None
+        return min(x for _, x in self._caps)
+
     def evaluate_all(self, now_ms: float, views: dict[str, PoolView], horizon_s: float,
                      ) -> dict[str, PoolNeed]:
         c, f = self.config, self.forecaster
@@ -590,6 +620,11 @@ class SloPolicy:
             self._update_demo(now_ms, dv.ready, agg.rate)
             if self.demo_u > 1.0:
                 agg.rate *= self.demo_u
+            if agg.rate > 0:
+                self._caps.append((now_ms, agg.rate))
+            since = now_ms - (f.period_s or _DEFAULT_PERIOD_S) * 1000.0
+            while self._caps and self._caps[0][0] < since:
+                self._caps.popleft()
 
         def need(rate: float) -> tuple[PrefillSizing, DecodeSizing]:
             p = size_prefill(rate, uncached, self.model, ttft_plan, c.max_utilisation,
@@ -710,6 +745,11 @@ class SloPolicy:
                              ceil_workers(kv_now[role] / c.kv_safety))
             if peak is not None and f.seasonal_weight >= c.seasonal_min_weight:
                 sfloor = seasonal_need(peak)
+                costly = self._costly_capacity(horizon_s) if agg is not None else None
+                if costly is not None:
+                    boost = self.boost if c.seasonal_trim else max(1.0, self.boost)
+                    sfloor = max(sfloor, ceil_workers(
+                        peak / costly * boost * (1 + c.seasonal_margin)))
                 why += (f"; period {f.period_s:.0f} s (weight {f.seasonal_weight:.2f}): up to "
                         f"{peak:.2f} req/s within {horizon_s:.0f} s, {sfloor} workers")
                 if peak2 is not None and c.seasonal_settle:
