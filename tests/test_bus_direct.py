@@ -217,3 +217,24 @@ async def test_serve_direct_in_a_queue_group_answers_once(nats_server):
     finally:
         for b in buses:
             await b.close()
+
+
+async def test_paced_reads_hold_messages_until_the_pause_ends_or_a_hurry(pair):
+    """With a pause far longer than the test, what arrives after the first read stays in the
+    socket until `hurry_reads`; then it is all read, in order."""
+    req, resp = pair
+    subject = subjects.subject(req.namespace, "t", "feed")
+    got: list[bytes] = []
+    await req.subscribe_direct(subject, lambda m: got.append(m.data))
+    assert req.pace_reads(3600.0)
+    await resp.publish(subject, b"first")  # read: nothing read before it
+    await resp.flush()
+    await until(lambda: got == [b"first"], what="the first message")
+    for i in range(50):
+        await resp.publish(subject, b"%d" % i)
+    await resp.flush()
+    await until(lambda: req._pacer.pauses >= 1, what="a paused read")
+    assert got == [b"first"]  # held in the socket: the reader is paused for an hour
+    req.hurry_reads(3600.0)
+    await until(lambda: len(got) == 51, what="the held messages")
+    assert got == [b"first"] + [b"%d" % i for i in range(50)]

@@ -23,6 +23,8 @@ from genset.runtime.service import Service
 from proto import subjects
 
 QUEUE_GROUP = "router"
+# After an ask, the router reads NATS unpaced for this long (RouterOptions.read_pace_ms).
+HURRY_S = 10.0
 
 
 @dataclass
@@ -35,6 +37,11 @@ class RouterOptions:
     event_silence_s: float = field(default=10.0, metadata=opt(
         "alarm when a worker we route to publishes no KV event for this many seconds", min=0.1))
     seed: int | None = field(default=None, metadata=opt("seed of tie-breaking randomness"))
+    read_pace_ms: float = field(default=20.0, metadata=opt(
+        "while not asked to route for HURRY_S seconds (frontends decide locally first), read "
+        "NATS at most every this many ms, so that the feeds' messages wake the router in "
+        "batches; an ask ends it at once (0: read every message as it comes)", min=0,
+        env="GENSET_ROUTER_READ_PACE_MS"))
 
 
 class RouterService(Service):
@@ -58,12 +65,15 @@ class RouterService(Service):
         await self.feeds.start()
         route_subject = subjects.route(self.namespace)
         self._sub = await self.bus.serve(route_subject, self._on_route, queue=QUEUE_GROUP)
+        if self.options.read_pace_ms > 0:
+            self.bus.pace_reads(self.options.read_pace_ms / 1000)
         self.subjects = {"route": route_subject, "decisions": self._decisions_subject}
         self.labels = {"policy": self.policy}
         self.log.info("router ready", policy=self.policy, workers=len(self.core.workers))
 
     async def _on_route(self, data: bytes):
         t0 = time.perf_counter()
+        self.bus.hurry_reads(HURRY_S)  # asked: the next asks are read as they come
         try:
             req = proto.decode(data, proto.RouteRequest)
         except proto.ProtocolError as exc:
