@@ -23,7 +23,8 @@ from genset.runtime.service import Service
 from proto import subjects
 
 QUEUE_GROUP = "router"
-# After an ask, the router reads NATS unpaced for this long (RouterOptions.read_pace_ms).
+# After an ask, the router reads NATS unpaced for this long (RouterOptions.read_pace_ms;
+# its help text says 10 s too).
 HURRY_S = 10.0
 
 
@@ -38,9 +39,9 @@ class RouterOptions:
         "alarm when a worker we route to publishes no KV event for this many seconds", min=0.1))
     seed: int | None = field(default=None, metadata=opt("seed of tie-breaking randomness"))
     read_pace_ms: float = field(default=20.0, metadata=opt(
-        "while not asked to route for HURRY_S seconds (frontends decide locally first), read "
-        "NATS at most every this many ms, so that the feeds' messages wake the router in "
-        "batches; an ask ends it at once (0: read every message as it comes)", min=0,
+        "while not asked to route for 10 s (frontends decide locally first), read NATS at "
+        "most every this many ms, so that the feeds' messages wake the router in batches; "
+        "an ask ends it at once (0: read every message as it comes)", min=0,
         env="GENSET_ROUTER_READ_PACE_MS"))
 
 
