@@ -238,3 +238,22 @@ async def test_paced_reads_hold_messages_until_the_pause_ends_or_a_hurry(pair):
     req.hurry_reads(3600.0)
     await until(lambda: len(got) == 51, what="the held messages")
     assert got == [b"first"] + [b"%d" % i for i in range(50)]
+
+
+async def test_fast_parser_stops_where_an_error_reset_the_parser():
+    """An -ERR that closes the connection resets the parser (nats-py's reset()): what came
+    after it in the same read is not delivered, as with nats-py's own parser."""
+    data = (b"MSG _INBOX.x.1 5 2\r\nok\r\n-ERR 'Authorization Violation'\r\n"
+            b"MSG _INBOX.x.2 5 4\r\nlate\r\n")
+    for fast in (False, True):
+        rec = _Recorder()
+        nc = rec.client()
+
+        async def process_err(_text: str, nc=nc) -> None:
+            nc._ps.reset()
+
+        nc._process_err = process_err
+        if fast:
+            assert bus_module._FastParser.install(nc)
+        await nc._ps.parse(data)
+        assert [s[3] for s in rec.seen] == [b"ok"], fast

@@ -235,10 +235,12 @@ if _nats_parser is not None:
                         rest = True  # headers: nats-py parses the rest
                         break
                     # one control line without a payload (PING, PONG, +OK, -ERR, INFO)
-                    self.buf = bytearray(b[pos:end + 2])
+                    line = self.buf = bytearray(b[pos:end + 2])
                     await _nats_parser.Parser.parse(self)
-                    if self.buf or self.state != _nats_parser.AWAITING_CONTROL_LINE:
-                        self.buf.extend(b[end + 2:])  # not what it seemed: nats-py goes on
+                    if self.buf is not line:  # reset (an -ERR closed the connection)
+                        return
+                    if line or self.state != _nats_parser.AWAITING_CONTROL_LINE:
+                        line.extend(b[end + 2:])  # not what it seemed: nats-py goes on
                         return
                     self.buf = buf
                     pos = end + 2
