@@ -163,8 +163,9 @@ class _DirectSub:
             log.exception("subscription handler failed", subject=msg.subject)
 
 
-# Field order of nats-py's Msg dataclass: a positional call builds one in half the time of a
-# keyword call (~1.3 against ~2.7 us here). Checked once; another order uses keywords.
+# Field order of nats-py's Msg dataclass: a positional call builds one in ~60 % of the time of
+# a keyword call (0.26 against 0.45 us, timeit, best of 5, 2026-12-06). Checked once; another
+# order uses keywords.
 _MSG_POSITIONAL = [f.name for f in dataclasses.fields(Msg)] == [
     "_client", "subject", "reply", "data", "headers", "_metadata", "_ackd", "_sid"] \
     if dataclasses.is_dataclass(Msg) else False
@@ -184,8 +185,9 @@ if _nats_parser is not None:
         before its subscription check hands the message to the future. Here one read is
         walked with an offset, the control line split once, and a direct subscription's
         handler called with the Msg at once: what nats-py would do for such a message, with
-        the same stats, in ~half the CPU per message (a worker's mix of 90-byte frames and
-        200-byte KV batches, 1.5 KB reads: docs/benchmarks.md issue 15 §5j). Anything else (other
+        the same stats, in ~half the CPU per message (a frontend's mix of 90-byte frames and
+        216-byte KV batches in 1.5 KB reads, `bench/bench_nats_parse.py`: docs/benchmarks.md
+        issue 15 §5j). Anything else (other
         subscriptions, HMSG, PING/PONG/INFO/-ERR, a malformed line) goes to nats-py's own code,
         in order. Installed on a connection by swapping the parser's class (`install`), so
         its state (a partial message in its buffer) carries over, and `reset()` on reconnect
