@@ -257,3 +257,12 @@ async def test_fast_parser_stops_where_an_error_reset_the_parser():
             assert bus_module._FastParser.install(nc)
         await nc._ps.parse(data)
         assert [s[3] for s in rec.seen] == [b"ok"], fast
+
+
+async def test_the_fast_parser_can_be_turned_off_for_a_whole_stack(nats_server, monkeypatch):
+    monkeypatch.setenv("GENSET_NATS_FAST_PARSER", "0")
+    b = await Bus.connect(nats_server.url, name="off", namespace="bd" + uuid.uuid4().hex[:10])
+    try:
+        assert type(b.nc._ps) is Parser
+    finally:
+        await b.close()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import os
 import random
 import re
 import ssl
@@ -429,7 +430,7 @@ class Bus:
         pending_size: int = 8 * 1024 * 1024,
         direct_inbox: bool = True,
         inbox_prefix: str | None = None,
-        fast_parser: bool = True,
+        fast_parser: bool | None = None,
     ) -> Bus:
         """Connect (trying for up to `connect_timeout` s), then stay connected: on loss,
         reconnect forever with exponential backoff from reconnect_time_wait up to
@@ -445,7 +446,8 @@ class Bus:
         direct_inbox: route reply frames inside nats-py's reader (see _DirectInbox); False
         uses an ordinary callback subscription (one more task switch per frame).
         fast_parser: read plain MSGs for direct subscriptions with `_FastParser` (False:
-        nats-py's parser for everything).
+        nats-py's parser for everything; None: on unless GENSET_NATS_FAST_PARSER=0, so a
+        whole stack can be compared with and without it).
         inbox_prefix: where replies to this connection go; by default `_INBOX.<user>` for a
         user (genset.runtime.auth.inbox_prefix), so that NATS permissions can let each user
         read its own replies and nobody else's.
@@ -520,6 +522,8 @@ class Bus:
         bus = cls(nc, namespace, heartbeat_interval=heartbeat_interval,
                   orphan_timeout=orphan_timeout)
         holder.append(bus)
+        if fast_parser is None:
+            fast_parser = os.environ.get("GENSET_NATS_FAST_PARSER", "1") != "0"
         if fast_parser and _FastParser is not None:
             _FastParser.install(nc)
         if direct_inbox:
