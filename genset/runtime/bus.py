@@ -11,7 +11,10 @@ Protocol of streamed replies (frames, heartbeats, cancel, errors): docs/protocol
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
+import os
 import random
 import re
 import ssl
@@ -33,6 +36,10 @@ try:  # the PUB command builder nats-py itself uses (for Bus._publish_nowait)
     from nats.protocol.command import pub_cmd
 except ImportError:  # another nats-py layout: the awaitable publish is used throughout
     pub_cmd = None
+try:  # nats-py's protocol parser, which _FastParser speeds up for plain MSGs
+    from nats.protocol import parser as _nats_parser
+except ImportError:  # another layout: nats-py's own parser is used
+    _nats_parser = None
 
 from genset.runtime import bus_errors as errors
 from genset.runtime.streams import PUBLISH_FAILURES, ReplyStream, ResponseStream, UnaryWaiter
@@ -157,6 +164,206 @@ class _DirectSub:
             log.exception("subscription handler failed", subject=msg.subject)
 
 
+# Field order of nats-py's Msg dataclass: a positional call builds one in ~60 % of the time of
+# a keyword call (0.26 against 0.45 us, timeit, best of 5, 2026-12-06). Checked once; another
+# order uses keywords.
+_MSG_POSITIONAL = [f.name for f in dataclasses.fields(Msg)] == [
+    "_client", "subject", "reply", "data", "headers", "_metadata", "_ackd", "_sid"] \
+    if dataclasses.is_dataclass(Msg) else False
+_MSG_OP = b"MSG "
+_HMSG_OP = b"HMSG"
+_CRLF = b"\r\n"
+
+
+if _nats_parser is not None:
+    class _FastParser(_nats_parser.Parser):
+        """nats-py's parser with a fast path for what a genset process mostly reads: plain
+        MSGs (no headers) for a direct subscription (`_DirectInbox`, `_DirectSub`).
+
+        nats-py matches each control line with a regular expression, deletes every parsed
+        line and payload from the front of its buffer (two copies of the rest of it per
+        message), and awaits two coroutines per message (`_process_msg`, `_process_headers`)
+        before its subscription check hands the message to the future. Here one read is
+        walked with an offset, the control line split once, and a direct subscription's
+        handler called with the Msg at once: what nats-py would do for such a message, with
+        the same stats, in ~half the CPU per message (a frontend's mix of 90-byte frames and
+        216-byte KV batches in 1.5 KB reads, `bench/bench_nats_parse.py`: docs/benchmarks.md
+        issue 15 §5j). Anything else (other
+        subscriptions, HMSG, PING/PONG/INFO/-ERR, a malformed line) goes to nats-py's own code,
+        in order. Installed on a connection by swapping the parser's class (`install`), so
+        its state (a partial message in its buffer) carries over, and `reset()` on reconnect
+        is nats-py's."""
+
+        direct_types: tuple[type, ...] = ()
+        _need = 0  # bytes a partial message needs in `buf` before it is worth a look
+
+        @classmethod
+        def install(cls, nc: NatsClient) -> bool:
+            ps = getattr(nc, "_ps", None)
+            if type(ps) is not _nats_parser.Parser or not all(
+                    hasattr(nc, a) for a in ("_subs", "stats", "msg_class", "_process_msg")):
+                return False
+            ps.__class__ = cls
+            return True
+
+        async def parse(self, data: bytes = b"") -> None:
+            if self.state != _nats_parser.AWAITING_CONTROL_LINE:
+                await _nats_parser.Parser.parse(self, data)
+                return
+            buf = self.buf
+            if buf:
+                buf.extend(data)
+                if len(buf) < self._need:  # a large payload still arriving: no copy per read
+                    return
+                b = bytes(buf)
+            else:
+                b = bytes(data)
+            self._need = 0
+            nc = self.nc
+            subs = nc._subs
+            stats = nc.stats
+            direct = self.direct_types
+            msg_class = nc.msg_class
+            positional = _MSG_POSITIONAL and msg_class is Msg
+            n = len(b)
+            pos = 0
+            rest = False  # leave the rest of the buffer to nats-py's parser
+            while pos < n:
+                end = b.find(_CRLF, pos, pos + _nats_parser.MAX_CONTROL_LINE_SIZE)
+                if end < 0:
+                    rest = n - pos >= _nats_parser.MAX_CONTROL_LINE_SIZE
+                    break
+                if not b.startswith(_MSG_OP, pos):
+                    if b.startswith(_HMSG_OP, pos):
+                        rest = True  # headers: nats-py parses the rest
+                        break
+                    # one control line without a payload (PING, PONG, +OK, -ERR, INFO)
+                    line = self.buf = bytearray(b[pos:end + 2])
+                    await _nats_parser.Parser.parse(self)
+                    if self.buf is not line:  # reset (an -ERR closed the connection)
+                        return
+                    if line or self.state != _nats_parser.AWAITING_CONTROL_LINE:
+                        line.extend(b[end + 2:])  # not what it seemed: nats-py goes on
+                        return
+                    self.buf = buf
+                    pos = end + 2
+                    continue
+                args = b[pos + 4:end].split()
+                if len(args) == 3:
+                    subject, sid_b, size_b = args
+                    reply = b""
+                elif len(args) == 4:
+                    subject, sid_b, reply, size_b = args
+                else:
+                    rest = True
+                    break
+                if not (sid_b.isdigit() and size_b.isdigit()):
+                    rest = True
+                    break
+                start = end + 2
+                stop = start + int(size_b)
+                if stop + 2 > n:
+                    self._need = stop + 2 - pos
+                    break
+                payload = b[start:stop]
+                pos = stop + 2
+                sid = int(sid_b)
+                sub = subs.get(sid)
+                fut = sub._future if sub is not None else None
+                if type(fut) in direct and not sub._max_msgs and sub._jsi is None:
+                    stats["in_msgs"] += 1
+                    stats["in_bytes"] += stop - start
+                    sub._received += 1
+                    if positional:
+                        msg = Msg(nc, subject.decode(), reply.decode(), payload, None, None,
+                                  False, sid)
+                    else:
+                        msg = msg_class(subject=subject.decode(), reply=reply.decode(),
+                                        data=payload, headers=None, _client=nc, _sid=sid)
+                    fut.set_result(msg)  # never raises (the direct types catch)
+                else:
+                    await nc._process_msg(sid, subject, reply, payload, None)
+                    if self.buf is not buf:  # reset (a reconnect) while it ran
+                        return
+            if pos >= n:
+                if buf:
+                    del buf[:]
+                return
+            self.buf = bytearray(b[pos:]) if pos or not buf else buf
+            if rest:
+                self._need = 0
+                await _nats_parser.Parser.parse(self)
+    _FastParser.direct_types = (_DirectInbox, _DirectSub)
+else:  # pragma: no cover - another nats-py layout
+    _FastParser = None
+
+
+class _ReadPacer:
+    """Reads a connection's socket at most every `interval_s` while it is not `hurried`:
+    between reads the transport is paused (`pause_reading`), so the kernel holds what
+    arrives and the process is not woken for it; the next read takes all of it at once.
+
+    For a process that only follows feeds (the router service, whose frontends decide
+    locally first): each message used to wake it on its own, and a wake-up cost more than
+    the message's own work (docs/benchmarks.md issue 15 §5j). A request arriving while paced
+    waits up to `interval_s`, so the owner calls `hurry(seconds)` whenever it is asked
+    something: reads are then immediate for that long. Installed on the connection's
+    transport; again after a reconnect (a new transport)."""
+
+    def __init__(self, bus: Bus, interval_s: float) -> None:
+        self.bus = bus
+        self.interval_s = interval_s
+        self._hurry_until = 0.0
+        self._last_read = -1e18
+        self._woken = asyncio.Event()
+        self.pauses = 0  # reads that waited (tests, metrics)
+
+    def install(self) -> bool:
+        transport = getattr(self.bus.nc, "_transport", None)
+        reader = getattr(transport, "_io_reader", None)
+        writer = getattr(transport, "_io_writer", None)
+        if transport is None or getattr(transport, "_genset_paced", False) \
+                or not hasattr(reader, "_buffer") or not hasattr(writer, "transport"):
+            return False
+        read = transport.read
+
+        async def paced_read(buffer_size: int) -> bytes:
+            loop = asyncio.get_running_loop()
+            wait = self._last_read + self.interval_s - loop.time()
+            if wait > 0 and loop.time() >= self._hurry_until and not reader._buffer:
+                await self._pause(writer.transport, wait)
+            data = await read(buffer_size)
+            self._last_read = loop.time()
+            return data
+
+        transport.read = paced_read
+        transport._genset_paced = True
+        # the reader may be inside nats-py's own read now: count that as the latest read
+        self._last_read = asyncio.get_running_loop().time()
+        return True
+
+    async def _pause(self, transport: asyncio.Transport, wait: float) -> None:
+        self.pauses += 1
+        self._woken.clear()
+        try:
+            transport.pause_reading()
+        except Exception:  # closing: read as usual
+            return
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._woken.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                transport.resume_reading()
+
+    def hurry(self, seconds: float) -> None:
+        """Read without pacing for the next `seconds`, starting now."""
+        self._hurry_until = max(self._hurry_until,
+                                asyncio.get_running_loop().time() + seconds)
+        self._woken.set()
+
+
 def _nowait_supported(nc: NatsClient) -> bool:
     """Whether this nats-py client has the internals `Bus._publish_nowait` relies on."""
     return (pub_cmd is not None and all(hasattr(nc, a) for a in (
@@ -196,6 +403,7 @@ class Bus:
         # into a connection that is down (wait_connected).
         self._up = asyncio.Event()
         self._up.set()
+        self._pacer: _ReadPacer | None = None  # pace_reads
         self._reconnected_at = -1e18  # loop.time() of the latest reconnect
 
     # -- connection -------------------------------------------------------------------------
@@ -222,6 +430,7 @@ class Bus:
         pending_size: int = 8 * 1024 * 1024,
         direct_inbox: bool = True,
         inbox_prefix: str | None = None,
+        fast_parser: bool | None = None,
     ) -> Bus:
         """Connect (trying for up to `connect_timeout` s), then stay connected: on loss,
         reconnect forever with exponential backoff from reconnect_time_wait up to
@@ -236,6 +445,9 @@ class Bus:
         cancelled (their requesters have given up by then).
         direct_inbox: route reply frames inside nats-py's reader (see _DirectInbox); False
         uses an ordinary callback subscription (one more task switch per frame).
+        fast_parser: read plain MSGs for direct subscriptions with `_FastParser` (False:
+        nats-py's parser for everything; None: on unless GENSET_NATS_FAST_PARSER=0, so a
+        whole stack can be compared with and without it).
         inbox_prefix: where replies to this connection go; by default `_INBOX.<user>` for a
         user (genset.runtime.auth.inbox_prefix), so that NATS permissions can let each user
         read its own replies and nobody else's.
@@ -310,6 +522,10 @@ class Bus:
         bus = cls(nc, namespace, heartbeat_interval=heartbeat_interval,
                   orphan_timeout=orphan_timeout)
         holder.append(bus)
+        if fast_parser is None:
+            fast_parser = os.environ.get("GENSET_NATS_FAST_PARSER", "1") != "0"
+        if fast_parser and _FastParser is not None:
+            _FastParser.install(nc)
         if direct_inbox:
             bus._inbox_sub = await nc.subscribe(bus._inbox_prefix + ".*",
                                                 future=_DirectInbox(bus))
@@ -366,6 +582,8 @@ class Bus:
 
     def _on_reconnected(self) -> None:
         self._reconnected_at = self._loop.time()
+        if self._pacer is not None:
+            self._pacer.install()  # a reconnect brings a new transport
         self._up.set()
         if self._orphan_handle is not None:
             self._orphan_handle.cancel()
@@ -391,6 +609,7 @@ class Bus:
             return
         self._closing = True
         self._up.set()  # nobody waits for a reconnect any more (wait_connected says False)
+        self.hurry_reads(1e9)  # a paced reader would hold the drain's answers
         for rs in list(self._reply_streams.values()):
             rs.cancelled.set()  # first, so the handler's next send is StreamCancelled
             if not rs.finished:
@@ -553,6 +772,22 @@ class Bus:
         await self.flush()  # when this returns, messages published anywhere reach us
         return sub
 
+    def pace_reads(self, interval_s: float) -> bool:
+        """Read the socket at most every `interval_s` seconds, except for `hurry_reads`
+        (`_ReadPacer`): for a process that mostly follows feeds. False when this nats-py's
+        transport cannot be paced (reads go on as before)."""
+        if interval_s <= 0:
+            return False
+        if self._pacer is None:
+            self._pacer = _ReadPacer(self, interval_s)
+        self._pacer.interval_s = interval_s
+        return self._pacer.install() or getattr(self.nc._transport, "_genset_paced", False)
+
+    def hurry_reads(self, seconds: float) -> None:
+        """No pacing for the next `seconds` (this process was asked something)."""
+        if self._pacer is not None:
+            self._pacer.hurry(seconds)
+
     async def subscribe_direct(self, subject: str, handler: Callable[[Msg], None]) -> Subscription:
         """Call `handler(msg)` (a plain function) for each message, in arrival order, inside
         the connection's reader (`_DirectSub`): it must be quick and must not block; an
@@ -686,6 +921,53 @@ class Bus:
             raise _input_error(exc, subject) from None
         await self.flush()  # when this returns, requests reach us (no NoResponders)
         return sub
+
+    async def serve_direct(self, subject: str, handler: Callable[[bytes], Any], *,
+                           queue: str | None = None) -> Subscription:
+        """Answer requests with a plain function run inside the connection's reader
+        (`_DirectSub`): `handler(data)` returns a Struct, bytes or None (no reply), and an
+        exception is answered as an error reply, as `serve` does. The reply is queued at once
+        (`_publish_nowait`) and written, with whatever the handler queued the same way (the
+        offload store's KV events), in one socket write. For quick handlers that never wait:
+        `serve` runs each request in a task of its own and its reply goes out on nats-py's
+        flusher task, three task steps and two writes per request where this takes none and
+        one (the offload store's puts, issue 15). One request at a time by construction, so
+        there is no `max_concurrent`. A reply the connection cannot take at once
+        (reconnecting, buffer full) goes by a task through the awaitable publish."""
+
+        def on_request(msg: Msg) -> None:
+            reply = msg.reply
+            try:
+                result = handler(msg.data)
+            except Exception as exc:
+                error = _handler_error(exc)
+                if error.code == "internal":
+                    log.exception("request handler failed", subject=subject)
+                else:
+                    log.info("request refused", subject=subject, error=error.message)
+                if reply:
+                    self._spawn(self._reply_error(reply, error))
+                return
+            if result is not None and reply:
+                payload = _payload(result)
+                if not self._publish_nowait(reply, payload):
+                    self._spawn(self._publish_reply(reply, payload))
+                    return
+            self.write_pending()
+
+        try:
+            sub = await self.nc.subscribe(subject, queue=queue or "",
+                                          future=_DirectSub(on_request))
+        except _INPUT_ERRORS as exc:
+            raise _input_error(exc, subject) from None
+        await self.flush()  # when this returns, requests reach us (no NoResponders)
+        return sub
+
+    async def _publish_reply(self, reply: str, payload: bytes) -> None:
+        try:
+            await self.nc.publish(reply, payload)
+        except PUBLISH_FAILURES as exc:
+            log.debug("reply not sent", error=repr(exc))
 
     async def _reply_error(self, reply: str, error: ErrorInfo) -> None:
         if not reply:
