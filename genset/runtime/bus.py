@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
-import os
 import random
 import re
 import ssl
@@ -36,10 +34,6 @@ try:  # the PUB command builder nats-py itself uses (for Bus._publish_nowait)
     from nats.protocol.command import pub_cmd
 except ImportError:  # another nats-py layout: the awaitable publish is used throughout
     pub_cmd = None
-try:  # nats-py's protocol parser, which _FastParser speeds up for plain MSGs
-    from nats.protocol import parser as _nats_parser
-except ImportError:  # another layout: nats-py's own parser is used
-    _nats_parser = None
 
 from genset.runtime import bus_errors as errors
 from genset.runtime.streams import PUBLISH_FAILURES, ReplyStream, ResponseStream, UnaryWaiter
@@ -162,140 +156,6 @@ class _DirectSub:
             self._handler(msg)
         except Exception:
             log.exception("subscription handler failed", subject=msg.subject)
-
-
-# Field order of nats-py's Msg dataclass: a positional call builds one in ~60 % of the time of
-# a keyword call (0.26 against 0.45 us, timeit, best of 5, 2026-12-06). Checked once; another
-# order uses keywords.
-_MSG_POSITIONAL = [f.name for f in dataclasses.fields(Msg)] == [
-    "_client", "subject", "reply", "data", "headers", "_metadata", "_ackd", "_sid"] \
-    if dataclasses.is_dataclass(Msg) else False
-_MSG_OP = b"MSG "
-_HMSG_OP = b"HMSG"
-_CRLF = b"\r\n"
-
-
-if _nats_parser is not None:
-    class _FastParser(_nats_parser.Parser):
-        """nats-py's parser with a fast path for what a genset process mostly reads: plain
-        MSGs (no headers) for a direct subscription (`_DirectInbox`, `_DirectSub`).
-
-        nats-py matches each control line with a regular expression, deletes every parsed
-        line and payload from the front of its buffer (two copies of the rest of it per
-        message), and awaits two coroutines per message (`_process_msg`, `_process_headers`)
-        before its subscription check hands the message to the future. Here one read is
-        walked with an offset, the control line split once, and a direct subscription's
-        handler called with the Msg at once: what nats-py would do for such a message, with
-        the same stats, in ~half the CPU per message (a frontend's mix of 90-byte frames and
-        216-byte KV batches in 1.5 KB reads, `bench/bench_nats_parse.py`: docs/benchmarks.md
-        issue 15 §5j). Anything else (other
-        subscriptions, HMSG, PING/PONG/INFO/-ERR, a malformed line) goes to nats-py's own code,
-        in order. Installed on a connection by swapping the parser's class (`install`), so
-        its state (a partial message in its buffer) carries over, and `reset()` on reconnect
-        is nats-py's."""
-
-        direct_types: tuple[type, ...] = ()
-        _need = 0  # bytes a partial message needs in `buf` before it is worth a look
-
-        @classmethod
-        def install(cls, nc: NatsClient) -> bool:
-            ps = getattr(nc, "_ps", None)
-            if type(ps) is not _nats_parser.Parser or not all(
-                    hasattr(nc, a) for a in ("_subs", "stats", "msg_class", "_process_msg")):
-                return False
-            ps.__class__ = cls
-            return True
-
-        async def parse(self, data: bytes = b"") -> None:
-            if self.state != _nats_parser.AWAITING_CONTROL_LINE:
-                await _nats_parser.Parser.parse(self, data)
-                return
-            buf = self.buf
-            if buf:
-                buf.extend(data)
-                if len(buf) < self._need:  # a large payload still arriving: no copy per read
-                    return
-                b = bytes(buf)
-            else:
-                b = bytes(data)
-            self._need = 0
-            nc = self.nc
-            subs = nc._subs
-            stats = nc.stats
-            direct = self.direct_types
-            msg_class = nc.msg_class
-            positional = _MSG_POSITIONAL and msg_class is Msg
-            n = len(b)
-            pos = 0
-            rest = False  # leave the rest of the buffer to nats-py's parser
-            while pos < n:
-                end = b.find(_CRLF, pos, pos + _nats_parser.MAX_CONTROL_LINE_SIZE)
-                if end < 0:
-                    rest = n - pos >= _nats_parser.MAX_CONTROL_LINE_SIZE
-                    break
-                if not b.startswith(_MSG_OP, pos):
-                    if b.startswith(_HMSG_OP, pos):
-                        rest = True  # headers: nats-py parses the rest
-                        break
-                    # one control line without a payload (PING, PONG, +OK, -ERR, INFO)
-                    line = self.buf = bytearray(b[pos:end + 2])
-                    await _nats_parser.Parser.parse(self)
-                    if self.buf is not line:  # reset (an -ERR closed the connection)
-                        return
-                    if line or self.state != _nats_parser.AWAITING_CONTROL_LINE:
-                        line.extend(b[end + 2:])  # not what it seemed: nats-py goes on
-                        return
-                    self.buf = buf
-                    pos = end + 2
-                    continue
-                args = b[pos + 4:end].split()
-                if len(args) == 3:
-                    subject, sid_b, size_b = args
-                    reply = b""
-                elif len(args) == 4:
-                    subject, sid_b, reply, size_b = args
-                else:
-                    rest = True
-                    break
-                if not (sid_b.isdigit() and size_b.isdigit()):
-                    rest = True
-                    break
-                start = end + 2
-                stop = start + int(size_b)
-                if stop + 2 > n:
-                    self._need = stop + 2 - pos
-                    break
-                payload = b[start:stop]
-                pos = stop + 2
-                sid = int(sid_b)
-                sub = subs.get(sid)
-                fut = sub._future if sub is not None else None
-                if type(fut) in direct and not sub._max_msgs and sub._jsi is None:
-                    stats["in_msgs"] += 1
-                    stats["in_bytes"] += stop - start
-                    sub._received += 1
-                    if positional:
-                        msg = Msg(nc, subject.decode(), reply.decode(), payload, None, None,
-                                  False, sid)
-                    else:
-                        msg = msg_class(subject=subject.decode(), reply=reply.decode(),
-                                        data=payload, headers=None, _client=nc, _sid=sid)
-                    fut.set_result(msg)  # never raises (the direct types catch)
-                else:
-                    await nc._process_msg(sid, subject, reply, payload, None)
-                    if self.buf is not buf:  # reset (a reconnect) while it ran
-                        return
-            if pos >= n:
-                if buf:
-                    del buf[:]
-                return
-            self.buf = bytearray(b[pos:]) if pos or not buf else buf
-            if rest:
-                self._need = 0
-                await _nats_parser.Parser.parse(self)
-    _FastParser.direct_types = (_DirectInbox, _DirectSub)
-else:  # pragma: no cover - another nats-py layout
-    _FastParser = None
 
 
 class _ReadPacer:
@@ -430,7 +290,6 @@ class Bus:
         pending_size: int = 8 * 1024 * 1024,
         direct_inbox: bool = True,
         inbox_prefix: str | None = None,
-        fast_parser: bool | None = None,
     ) -> Bus:
         """Connect (trying for up to `connect_timeout` s), then stay connected: on loss,
         reconnect forever with exponential backoff from reconnect_time_wait up to
@@ -445,9 +304,6 @@ class Bus:
         cancelled (their requesters have given up by then).
         direct_inbox: route reply frames inside nats-py's reader (see _DirectInbox); False
         uses an ordinary callback subscription (one more task switch per frame).
-        fast_parser: read plain MSGs for direct subscriptions with `_FastParser` (False:
-        nats-py's parser for everything; None: on unless GENSET_NATS_FAST_PARSER=0, so a
-        whole stack can be compared with and without it).
         inbox_prefix: where replies to this connection go; by default `_INBOX.<user>` for a
         user (genset.runtime.auth.inbox_prefix), so that NATS permissions can let each user
         read its own replies and nobody else's.
@@ -522,10 +378,6 @@ class Bus:
         bus = cls(nc, namespace, heartbeat_interval=heartbeat_interval,
                   orphan_timeout=orphan_timeout)
         holder.append(bus)
-        if fast_parser is None:
-            fast_parser = os.environ.get("GENSET_NATS_FAST_PARSER", "1") != "0"
-        if fast_parser and _FastParser is not None:
-            _FastParser.install(nc)
         if direct_inbox:
             bus._inbox_sub = await nc.subscribe(bus._inbox_prefix + ".*",
                                                 future=_DirectInbox(bus))
