@@ -11,6 +11,7 @@ Protocol of streamed replies (frames, heartbeats, cancel, errors): docs/protocol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import re
@@ -157,6 +158,72 @@ class _DirectSub:
             log.exception("subscription handler failed", subject=msg.subject)
 
 
+class _ReadPacer:
+    """Reads a connection's socket at most every `interval_s` while it is not `hurried`:
+    between reads the transport is paused (`pause_reading`), so the kernel holds what
+    arrives and the process is not woken for it; the next read takes all of it at once.
+
+    For a process that only follows feeds (the router service, whose frontends decide
+    locally first): each message used to wake it on its own, and a wake-up cost more than
+    the message's own work (docs/benchmarks.md issue 15 §5j). A request arriving while paced
+    waits up to `interval_s`, so the owner calls `hurry(seconds)` whenever it is asked
+    something: reads are then immediate for that long. Installed on the connection's
+    transport; again after a reconnect (a new transport)."""
+
+    def __init__(self, bus: Bus, interval_s: float) -> None:
+        self.bus = bus
+        self.interval_s = interval_s
+        self._hurry_until = 0.0
+        self._last_read = -1e18
+        self._woken = asyncio.Event()
+        self.pauses = 0  # reads that waited (tests, metrics)
+
+    def install(self) -> bool:
+        transport = getattr(self.bus.nc, "_transport", None)
+        reader = getattr(transport, "_io_reader", None)
+        writer = getattr(transport, "_io_writer", None)
+        if transport is None or getattr(transport, "_genset_paced", False) \
+                or not hasattr(reader, "_buffer") or not hasattr(writer, "transport"):
+            return False
+        read = transport.read
+
+        async def paced_read(buffer_size: int) -> bytes:
+            loop = asyncio.get_running_loop()
+            wait = self._last_read + self.interval_s - loop.time()
+            if wait > 0 and loop.time() >= self._hurry_until and not reader._buffer:
+                await self._pause(writer.transport, wait)
+            data = await read(buffer_size)
+            self._last_read = loop.time()
+            return data
+
+        transport.read = paced_read
+        transport._genset_paced = True
+        # the reader may be inside nats-py's own read now: count that as the latest read
+        self._last_read = asyncio.get_running_loop().time()
+        return True
+
+    async def _pause(self, transport: asyncio.Transport, wait: float) -> None:
+        self.pauses += 1
+        self._woken.clear()
+        try:
+            transport.pause_reading()
+        except Exception:  # closing: read as usual
+            return
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._woken.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                transport.resume_reading()
+
+    def hurry(self, seconds: float) -> None:
+        """Read without pacing for the next `seconds`, starting now."""
+        self._hurry_until = max(self._hurry_until,
+                                asyncio.get_running_loop().time() + seconds)
+        self._woken.set()
+
+
 def _nowait_supported(nc: NatsClient) -> bool:
     """Whether this nats-py client has the internals `Bus._publish_nowait` relies on."""
     return (pub_cmd is not None and all(hasattr(nc, a) for a in (
@@ -196,6 +263,7 @@ class Bus:
         # into a connection that is down (wait_connected).
         self._up = asyncio.Event()
         self._up.set()
+        self._pacer: _ReadPacer | None = None  # pace_reads
         self._reconnected_at = -1e18  # loop.time() of the latest reconnect
 
     # -- connection -------------------------------------------------------------------------
@@ -366,6 +434,8 @@ class Bus:
 
     def _on_reconnected(self) -> None:
         self._reconnected_at = self._loop.time()
+        if self._pacer is not None:
+            self._pacer.install()  # a reconnect brings a new transport
         self._up.set()
         if self._orphan_handle is not None:
             self._orphan_handle.cancel()
@@ -391,6 +461,7 @@ class Bus:
             return
         self._closing = True
         self._up.set()  # nobody waits for a reconnect any more (wait_connected says False)
+        self.hurry_reads(1e9)  # a paced reader would hold the drain's answers
         for rs in list(self._reply_streams.values()):
             rs.cancelled.set()  # first, so the handler's next send is StreamCancelled
             if not rs.finished:
@@ -553,6 +624,22 @@ class Bus:
         await self.flush()  # when this returns, messages published anywhere reach us
         return sub
 
+    def pace_reads(self, interval_s: float) -> bool:
+        """Read the socket at most every `interval_s` seconds, except for `hurry_reads`
+        (`_ReadPacer`): for a process that mostly follows feeds. False when this nats-py's
+        transport cannot be paced (reads go on as before)."""
+        if interval_s <= 0:
+            return False
+        if self._pacer is None:
+            self._pacer = _ReadPacer(self, interval_s)
+        self._pacer.interval_s = interval_s
+        return self._pacer.install() or getattr(self.nc._transport, "_genset_paced", False)
+
+    def hurry_reads(self, seconds: float) -> None:
+        """No pacing for the next `seconds` (this process was asked something)."""
+        if self._pacer is not None:
+            self._pacer.hurry(seconds)
+
     async def subscribe_direct(self, subject: str, handler: Callable[[Msg], None]) -> Subscription:
         """Call `handler(msg)` (a plain function) for each message, in arrival order, inside
         the connection's reader (`_DirectSub`): it must be quick and must not block; an
@@ -686,6 +773,53 @@ class Bus:
             raise _input_error(exc, subject) from None
         await self.flush()  # when this returns, requests reach us (no NoResponders)
         return sub
+
+    async def serve_direct(self, subject: str, handler: Callable[[bytes], Any], *,
+                           queue: str | None = None) -> Subscription:
+        """Answer requests with a plain function run inside the connection's reader
+        (`_DirectSub`): `handler(data)` returns a Struct, bytes or None (no reply), and an
+        exception is answered as an error reply, as `serve` does. The reply is queued at once
+        (`_publish_nowait`) and written, with whatever the handler queued the same way (the
+        offload store's KV events), in one socket write. For quick handlers that never wait:
+        `serve` runs each request in a task of its own and its reply goes out on nats-py's
+        flusher task, three task steps and two writes per request where this takes none and
+        one (the offload store's puts, issue 15). One request at a time by construction, so
+        there is no `max_concurrent`. A reply the connection cannot take at once
+        (reconnecting, buffer full) goes by a task through the awaitable publish."""
+
+        def on_request(msg: Msg) -> None:
+            reply = msg.reply
+            try:
+                result = handler(msg.data)
+            except Exception as exc:
+                error = _handler_error(exc)
+                if error.code == "internal":
+                    log.exception("request handler failed", subject=subject)
+                else:
+                    log.info("request refused", subject=subject, error=error.message)
+                if reply:
+                    self._spawn(self._reply_error(reply, error))
+                return
+            if result is not None and reply:
+                payload = _payload(result)
+                if not self._publish_nowait(reply, payload):
+                    self._spawn(self._publish_reply(reply, payload))
+                    return
+            self.write_pending()
+
+        try:
+            sub = await self.nc.subscribe(subject, queue=queue or "",
+                                          future=_DirectSub(on_request))
+        except _INPUT_ERRORS as exc:
+            raise _input_error(exc, subject) from None
+        await self.flush()  # when this returns, requests reach us (no NoResponders)
+        return sub
+
+    async def _publish_reply(self, reply: str, payload: bytes) -> None:
+        try:
+            await self.nc.publish(reply, payload)
+        except PUBLISH_FAILURES as exc:
+            log.debug("reply not sent", error=repr(exc))
 
     async def _reply_error(self, reply: str, error: ErrorInfo) -> None:
         if not reply:

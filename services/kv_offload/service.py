@@ -148,8 +148,13 @@ class OffloadService(Service):
         self._metrics_gauges()
         ns, sid = self.namespace, self.instance_id
         queue = f"{self.component}-{sid:x}"
+        # Puts are answered inside the connection's reader, their events and reply in one
+        # write (Bus.serve_direct): a put is the store's most frequent request (every
+        # eviction batch of every worker) and never waits for anything.
+        put_subject = subjects.offload_put(ns, sid)
+        self._subs.append(await self.bus.serve_direct(put_subject, self._put, queue=queue))
+        self.subjects["put"] = put_subject
         handlers = {
-            "put": (subjects.offload_put(ns, sid), self._on_put),
             "lookup": (subjects.offload_lookup(ns, sid), self._on_lookup),
             "contains": (subjects.offload_contains(ns, sid), self._on_contains),
             "resync": (subjects.offload_resync(ns, sid), self._on_resync),
@@ -255,10 +260,14 @@ class OffloadService(Service):
             self.m_bad.labels(endpoint).inc()
             raise  # the bus answers bad_request with the text naming the field
 
-    async def _on_put(self, data: bytes) -> OffloadPutReply:
+    def _put(self, data: bytes) -> OffloadPutReply:
+        """A put, run in the connection's reader: the blocks go into the tiers and the tier
+        events they caused are published at once, before the reply (`_publish_direct`)."""
         req = self._decode(data, OffloadPut, "put")
-        assert self.store is not None
-        c = self.store.put(req.blocks)
+        store = self.store
+        assert store is not None
+        c = store.put(req.blocks, notify=False)
+        self._publish_direct()
         for outcome in ("stored", "known", "rejected", "refused"):
             n = getattr(c, outcome)
             if n:
@@ -327,6 +336,27 @@ class OffloadService(Service):
                                                else st.cache.disk)))
         st.changed.set()
         return out
+
+    def _publish_direct(self) -> None:
+        """Queue the pending tier events on the connection now, without a task
+        (`Bus.publish_nowait`), when nothing is ahead of them (no batch waiting in the
+        outbox, no publisher between its batches) so event ids stay in order; whatever
+        cannot go that way is left to the publisher task (`changed`). Why: the publisher
+        task's turn and its own write per put cost more than the put itself."""
+        st = self.store
+        assert st is not None
+        publish = getattr(self.bus, "publish_nowait", None)
+        if publish is None or self._outbox or self._publish_lock.locked():
+            st.changed.set()
+            return
+        self._collect()
+        outbox = self._outbox
+        while outbox:
+            if not publish(self._events_subject, outbox[0]):
+                st.changed.set()  # reconnecting or buffer full: the publisher goes on
+                return
+            outbox.popleft()
+            self.m_batches.labels("ok").inc()
 
     async def _publish_loop(self) -> None:
         st = self.store

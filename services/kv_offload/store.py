@@ -166,7 +166,9 @@ class BlockStore:
                 return f"block {b.hash:016x}: hash does not match its parent and token ids"
         return None
 
-    def put(self, blocks: Sequence[OffloadBlock]) -> PutCounts:
+    def put(self, blocks: Sequence[OffloadBlock], *, notify: bool = True) -> PutCounts:
+        """Offer `blocks` to the tiers. `notify=False`: do not set `changed` (the caller
+        publishes the tier events itself, at once; the service's put)."""
         out = PutCounts()
         cache = self.cache
         for b in blocks:
@@ -186,7 +188,8 @@ class BlockStore:
             self._apply(res)
         self.counts["put_blocks"] += len(blocks)
         self.counts["refused"] += out.refused
-        self.changed.set()
+        if notify:
+            self.changed.set()
         return out
 
     def _reserve_spill(self, entry: Entry) -> bool:
