@@ -89,6 +89,17 @@ def _input_error(exc: Exception, subject: str, size: int | None = None,
                     "misplaced wildcard)")
 
 
+def _logged_handler_error(exc: Exception, subject: str) -> ErrorInfo:
+    """`_handler_error`, logged: with its traceback when it is our own failure ("internal"),
+    in one line when the request was refused."""
+    error = _handler_error(exc)
+    if error.code == "internal":
+        log.exception("request handler failed", subject=subject)
+    else:
+        log.info("request refused", subject=subject, error=error.message)
+    return error
+
+
 def _handler_error(exc: BaseException) -> ErrorInfo:
     """What a requester is told when a handler raised `exc`."""
     if isinstance(exc, ProtocolError):
@@ -747,12 +758,7 @@ class Bus:
                 if result is not None and msg.reply:
                     await self.nc.publish(msg.reply, _payload(result))
             except Exception as exc:
-                error = _handler_error(exc)
-                if error.code == "internal":
-                    log.exception("request handler failed", subject=subject)
-                else:
-                    log.info("request refused", subject=subject, error=error.message)
-                await self._reply_error(msg.reply, error)
+                await self._reply_error(msg.reply, _logged_handler_error(exc, subject))
             finally:
                 active -= 1
 
@@ -792,11 +798,7 @@ class Bus:
             try:
                 result = handler(msg.data)
             except Exception as exc:
-                error = _handler_error(exc)
-                if error.code == "internal":
-                    log.exception("request handler failed", subject=subject)
-                else:
-                    log.info("request refused", subject=subject, error=error.message)
+                error = _logged_handler_error(exc, subject)
                 if reply:
                     self._spawn(self._reply_error(reply, error))
                 return
