@@ -34,10 +34,8 @@ import itertools
 import json
 import os
 import queue
-import random
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -52,14 +50,13 @@ from genset.engines.factory import served_model_name
 from genset.routing.api import MODE_AUTO, MODE_SERVICE, POLICY_NAMES, router_mode
 from genset.runtime import auth  # security: credentials, NATS config, etcd users (issue 14)
 from genset.runtime.config import DefaultsHelpFormatter
-from genset.runtime.infra import child_command
+from genset.runtime.infra import child_command, pick_listen_port
 from genset.supervise import RestartPolicy, Supervisor, describe_exit
 from proto import ROLE_DECODE, ROLE_PREFILL
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
-_port_rng = random.Random()
 
 
 class LaunchError(RuntimeError):
@@ -236,40 +233,19 @@ class ServerChild:
         self.server.start(timeout=self.start_timeout)
 
 
-def _ephemeral_low() -> int:
+def _named_ports(args) -> set[int]:
+    """The local ports --nats and --etcd name (their defaults when no port is given)."""
+    ports: set[int] = set()
+    nats = urlparse(args.nats if "://" in args.nats else f"nats://{args.nats}")
     try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    return max(low, 20001)
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def pick_listen_port(taken: set[int]) -> int:
-    """A free port for a child process to listen on, added to `taken`.
-
-    The child binds it only once it runs, so the port must stay free meanwhile: it is drawn
-    below the kernel's ephemeral range (where outgoing connections, e.g. every NATS client's,
-    get their local ports) and never handed out twice.
-    """
-    for _ in range(200):
-        port = _port_rng.randrange(20000, _ephemeral_low())
-        if port not in taken and _bindable(port):
-            taken.add(port)
-            return port
-    from genset.runtime.infra import free_port
-
-    port = free_port()
-    taken.add(port)
-    return port
+        ports.add(nats.port or 4222)
+    except ValueError:
+        pass  # a malformed port is reported where the URL is used
+    for endpoint in args.etcd.split(","):
+        port_s = endpoint.split("://", 1)[-1].rpartition(":")[2]
+        if port_s.isdigit():
+            ports.add(int(port_s))
+    return ports
 
 
 def genset_command(*args: str) -> list[str]:
@@ -301,7 +277,11 @@ class Launcher:
         self.logs = self.state_dir / "logs"
         self.children: list[Child] = []  # in start order
         self.infra: list = []  # NatsServer / EtcdServer we started
-        self.ports_given: set[int] = {args.port}
+        # Every port named on the command line is reserved before any is picked: the etcd
+        # peer port is drawn before etcd binds its client port, so an unreserved --etcd port
+        # could be drawn for it (a CI run lost `genset up` to exactly that: "bind: address
+        # already in use" on the client port).
+        self.ports_given: set[int] = {args.port, *_named_ports(args)}
         self.model_name = args.served_model_name or served_model_name(args.model)
         self.t0 = time.monotonic()
         self.deadline = self.t0 + args.start_timeout

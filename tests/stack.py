@@ -33,8 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from genset.launch import pick_listen_port
-from genset.runtime.infra import child_command
+from genset.runtime.infra import child_command, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -219,12 +218,11 @@ class Stack:
         self.env = env
         self.processes: list[ServiceProcess] = []
         self._counts: dict[str, int] = {}
-        self._ports: set[int] = set()
 
     def port(self) -> int:
-        """A free listening port for a child, never handed out twice by this stack (see
-        genset.launch.pick_listen_port)."""
-        return pick_listen_port(self._ports)
+        """A free listening port for a child, never handed out twice by this test process
+        (genset.runtime.infra.free_port)."""
+        return free_port()
 
     def common_args(self, metrics_port: int) -> list[str]:
         return ["--nats", self.nats_url, "--etcd", self.etcd_endpoint,

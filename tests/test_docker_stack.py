@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from genset.launch import pick_listen_port
+from genset.runtime.infra import free_port
 from tests.test_monitoring import EXPOSED, dashboard_exprs, promql_metric_names
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -179,7 +179,7 @@ class Stack:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.project = f"genset-test-{uuid.uuid4().hex[:6]}"
-        self.port = pick_listen_port(set())
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in engine.env.items() if k not in ("MODEL", "MODELS")}
         self.env = {**env, "ENGINE": "mocker", "GENSET_PORT": str(self.port),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.request
 
 import pytest
 
-from genset.runtime.infra import port_open
+from genset.runtime.infra import EtcdServer, InfraError, NatsServer, free_port, port_open
 
 
 def test_nats_server_restart_keeps_port(own_nats):
@@ -99,3 +100,37 @@ def test_go_servers_run_on_one_thread_unless_told(own_nats, own_etcd, monkeypatc
     own_nats.stop()
     own_nats.start()
     assert _environ(own_nats.proc.pid).get("GOMAXPROCS") == "3"
+
+
+def _hold(port: int) -> socket.socket:
+    """A listener on `port`: another process's server that took it first."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", port))
+    holder.listen(1)
+    return holder
+
+
+@pytest.mark.parametrize("server_class", [NatsServer, EtcdServer], ids=["nats", "etcd"])
+def test_a_port_taken_before_the_server_binds_it_is_drawn_again(server_class):
+    server = server_class()
+    taken = server.port
+    holder = _hold(taken)
+    try:
+        server.start()
+        assert server.port != taken and port_open("127.0.0.1", server.port)
+    finally:
+        holder.close()
+        server.cleanup()
+
+
+def test_a_port_the_caller_named_is_never_swapped_for_another():
+    port = free_port()
+    holder = _hold(port)
+    server = EtcdServer(port=port)
+    try:
+        with pytest.raises(InfraError, match="address already in use"):
+            server.start()
+        assert server.port == port
+    finally:
+        holder.close()
+        server.cleanup()

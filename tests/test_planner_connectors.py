@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from genset.launch import pick_listen_port
 from genset.planning.actuation import DrainRequest, ScaleChange, WorkerLauncher
+from genset.runtime.infra import free_port
 from services.planner.__main__ import build_parser, main
 from services.planner.connectors import (
     POD_DELETION_COST,
@@ -241,7 +241,7 @@ async def wait_for(pred, what: str, deadline_s: float = 90.0):
 async def test_local_connector_starts_and_drains_real_worker_processes(nats_server,
                                                                        etcd_server, tmp_path):
     ns = f"plc-{os.getpid()}"
-    port = pick_listen_port(set())
+    port = free_port()
     launcher = ProcessLauncher(
         ["--nats", nats_server.url, "--etcd", etcd_server.endpoint, "--namespace", ns,
          "--metrics-port", str(port), "--engine", "mocker", "--model", "tiny",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -101,10 +102,49 @@ def etcd_binary() -> str:
     )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+_port_rng = random.Random()
+_HANDED_OUT: set[int] = set()  # every port free_port gave this process
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(low, 20001)
+
+
+def _bindable(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_listen_port(taken: set[int], host: str = "127.0.0.1") -> int:
+    """A free port for a server to listen on, added to `taken`.
+
+    The server binds it only once it runs, so the port must stay free meanwhile: it is drawn
+    below the kernel's ephemeral range (where outgoing connections, e.g. every NATS client's,
+    get their local ports) and never handed out twice from the same `taken`.
+    """
+    for _ in range(200):
+        port = _port_rng.randrange(20000, _ephemeral_low())
+        if port not in taken and _bindable(port, host):
+            taken.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # that range is full
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    taken.add(port)
+    return port
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, never handed out twice by this process (pick_listen_port)."""
+    return pick_listen_port(_HANDED_OUT, host)
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
@@ -141,6 +181,7 @@ class _ServerProcess(abc.ABC):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / f"{self.name}.log"
         self.proc: subprocess.Popen | None = None
+        self._started = False  # once up, its ports are kept (restart)
 
     @abc.abstractmethod
     def _command(self) -> list[str]:
@@ -153,7 +194,25 @@ class _ServerProcess(abc.ABC):
     def _env(self) -> dict[str, str]:
         return _one_go_thread(dict(os.environ))
 
+    def _repick_ports(self) -> bool:
+        """Draw fresh ports for those this object chose itself (none named by the caller);
+        False when every port was named, so a port taken meanwhile cannot be worked around."""
+        return False
+
     def start(self, timeout: float = 20.0) -> _ServerProcess:
+        # A port drawn free can be bound by another process before the server binds it: then
+        # the server exits at once with "address already in use" and, where this object chose
+        # the port, it is drawn again (at most twice).
+        # A restart keeps its ports: clients reconnect to them.
+        for _ in range(0 if self._started else 2):
+            try:
+                return self._start_once(timeout)
+            except InfraError as exc:
+                if "address already in use" not in str(exc) or not self._repick_ports():
+                    raise
+        return self._start_once(timeout)
+
+    def _start_once(self, timeout: float) -> _ServerProcess:
         if self.proc and self.proc.poll() is None:
             return self
         log = open(self.log_path, "ab")  # the child keeps its own copy of the fd
@@ -173,6 +232,7 @@ class _ServerProcess(abc.ABC):
             if self.proc.poll() is not None:
                 raise InfraError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             if self._ready():
+                self._started = True
                 return self
             time.sleep(0.05)
         self.stop()
@@ -222,9 +282,15 @@ class NatsServer(_ServerProcess):
                  host: str = "127.0.0.1", extra_args: list[str] | None = None,
                  config_file: str | Path | None = None) -> None:
         super().__init__(data_dir, host)
+        self._chose_port = port is None
         self.port = port or free_port(host)
         self.extra_args = extra_args or []
         self.config_file = Path(config_file) if config_file is not None else None
+
+    def _repick_ports(self) -> bool:
+        if self._chose_port:
+            self.port = free_port(self.host)
+        return self._chose_port
 
     @property
     def url(self) -> str:
@@ -253,9 +319,17 @@ class EtcdServer(_ServerProcess):
                  data_dir: str | Path | None = None, host: str = "127.0.0.1",
                  tls: TlsFiles | None = None) -> None:
         super().__init__(data_dir, host)
+        self._chose = (port is None, peer_port is None)
         self.port = port or free_port(host)
         self.peer_port = peer_port or free_port(host)
         self.tls = tls
+
+    def _repick_ports(self) -> bool:
+        if self._chose[0]:
+            self.port = free_port(self.host)
+        if self._chose[1]:
+            self.peer_port = free_port(self.host)
+        return any(self._chose)
 
     @property
     def endpoint(self) -> str:

@@ -13,15 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from genset.launch import pick_listen_port
+# free_port is re-exported for the tests: it never hands out a port twice in this process.
+from genset.runtime.infra import free_port  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
-_TAKEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A free listening port, never handed out twice in this test process."""
-    return pick_listen_port(_TAKEN)
 
 
 def descendants(pid: int) -> set[int]:

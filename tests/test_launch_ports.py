@@ -1,0 +1,36 @@
+"""`genset up` draws ports for what it starts (etcd's peer port, status ports) and must never
+draw one that the command line already names for NATS, etcd or the API."""
+from __future__ import annotations
+
+import genset.runtime.infra as infra
+from genset.launch import Launcher, build_parser, pick_listen_port
+
+
+def test_ports_named_on_the_command_line_are_reserved_before_any_is_drawn():
+    args = build_parser().parse_args(["--port", "21001", "--nats", "nats://127.0.0.1:21002",
+                                      "--etcd", "http://127.0.0.1:21003"])
+    assert {21001, 21002, 21003} <= Launcher(args).ports_given
+
+
+def test_default_and_bare_host_port_forms_are_reserved_too():
+    args = build_parser().parse_args(["--nats", "127.0.0.1:21004", "--etcd", "127.0.0.1:21005"])
+    assert {21004, 21005} <= Launcher(args).ports_given
+    defaults = Launcher(build_parser().parse_args([])).ports_given
+    assert {4222, 2379, 8000} <= defaults
+
+
+def test_a_reserved_port_is_never_drawn_even_when_it_is_free(monkeypatch):
+    etcd_client_port = 21006  # free (nothing binds it yet), as when etcd's peer port is drawn
+
+    class Draws:
+        def __init__(self):
+            self.ports = iter([etcd_client_port, etcd_client_port, 21007])
+
+        def randrange(self, low, high):
+            return next(self.ports)
+
+    monkeypatch.setattr(infra, "_port_rng", Draws())
+    monkeypatch.setattr(infra, "_bindable", lambda port, host="": True)
+    taken = {etcd_client_port}
+    assert pick_listen_port(taken) == 21007
+    assert taken == {etcd_client_port, 21007}
