@@ -209,7 +209,7 @@ class PlannerConfig:
     # worker's need is worth. One worker at a time, never below the pool's floor. On the
     # Mooncake sinusoid with a 120 s start-up the start went 6 -> 5 at 61 s, then 5 was held
     # by the start prior (5 until 151 s) and a 3 s need of 5 at 117 s until 178 s: 0.7055
-    # of static at peak on router seeds 0-2; with this 5 -> 4 at 121-126 s, 0.697-0.698 at
+    # of static at peak on router seeds 0-2; with this 5 -> 4 at 126 s, 0.697-0.698 at
     # 95.9-96.5% attainment. With a 30 s start-up (gate off) the Azure code trace lost 3
     # points (90.0% -> 87.0%, seed 0): a worker back in 30 s is not what the slack pays
     # for. False: off.
