@@ -1186,3 +1186,71 @@ def test_slack_hold_judges_the_scale_up_the_pool_can_make():
     assert "holding 5" in held.reason
     assert decide(False, 5, 6, 8).start == 1  # 5 -> 6 (the ceiling)
     assert decide(True, 2, 3, 3).start == 1  # a third of the pool: not held
+
+
+def _pool_run(start: int, need_at, seconds: int, *, startup: float = 120.0, prior: float = 0.0,
+              attainment: float | None = 0.99, policy: str = "slo", low: int = 1,
+              **kw) -> list[tuple[int, int, str]]:
+    """Drive one pool's down rule second by second with the policy's need given by
+    `need_at(t)` and the long-run attainment fixed; drained workers leave at once.
+    Returns the changes as (second, new target, reason)."""
+    from genset.planning.policies import PoolNeed
+
+    clock = Clock()
+    core = PlannerCore(PlannerConfig(policy=policy, pools={"decode": PoolBounds(low, 8)},
+                                     startup_s=startup, prior_memory_s=prior, **kw),
+                       clock=clock)
+    for wid in range(start):
+        core.worker_up(wid, "decode", kv_blocks=KV, block_size=16)
+    changes = []
+    for t in range(seconds):
+        core.slo_policy.long_attainment = attainment
+        view, ready, draining = core._view("decode", clock.ms)
+        n = need_at(t)
+        d = core._decide_pool(core.pools["decode"], view, ready, draining,
+                              PoolNeed(n, n, n, "test need"), None, clock.ms)
+        assert d.start == 0
+        if d.changed:
+            changes.append((t, d.target, d.reason))
+            for wid in d.drain:
+                core.worker_down(wid)
+        clock.ms += 1000.0
+    return changes
+
+
+def test_slack_down_gives_up_one_worker_held_only_by_a_need_of_the_pools_size():
+    """`PlannerConfig.slack_down`: a pool of 5 that needed 5 for one second (at 50 s) and 4
+    otherwise waits, by the cool-down alone, until that second has left its 60 s window;
+    with a long start-up and banked attainment a pool of 4 needing 5 would hold, so the 5
+    is not a reason to keep the fifth worker: 5 -> 4 as soon as a cool-down has passed.
+    One worker at a time, and nothing without the slack hold's conditions."""
+
+    def need(t: int) -> int:
+        return 5 if t == 50 else 4
+
+    on = _pool_run(5, need, 130)
+    assert [(t, n) for t, n, _ in on] == [(60, 4)]
+    assert "one worker less on the slack" in on[0][2] and "99.0%" in on[0][2]
+    usual = [(60 + 51, 4)]  # the cool-down's window clear of the 5 at 50 s
+    assert [(t, n) for t, n, _ in _pool_run(5, need, 130, slack_down=False)] == usual
+    assert [(t, n) for t, n, _ in _pool_run(5, need, 130, attainment=0.94)] == usual
+    assert [(t, n) for t, n, _ in _pool_run(5, need, 130, attainment=None)] == usual
+    assert [(t, n) for t, n, _ in _pool_run(5, need, 130, startup=30.0)] == usual
+    assert [(t, n) for t, n, _ in _pool_run(5, need, 130, slack_hold_above=None)] == usual
+    # a pool of 4: one worker is a quarter of it, which the slack hold never holds
+    assert _pool_run(4, lambda t: 4 if t == 50 else 3, 105) == []
+    # the load policy keeps its own rule
+    assert [(t, n) for t, n, _ in _pool_run(5, need, 130, policy="load")] == usual
+
+
+def test_slack_down_takes_a_floor_of_the_pools_size_one_worker_lower_never_two():
+    """A floor equal to the pool's size (here the start prior: 6 x (1 - t / 600), rounded)
+    is one worker's need like any other: the pool of 5 the prior holds until 150 s goes to
+    4 at 120 s (a cool-down after 6 -> 5 at 60 s). A floor below the target is the usual
+    rule's (6 -> 5, not 6 -> 4), and a pool of 4 is not taken below a floor of 4."""
+    on = _pool_run(6, lambda t: 2, 320, prior=600.0)
+    assert [(t, n) for t, n, _ in on][:3] == [(60, 5), (120, 4), (250, 3)]
+    assert "start prior" in on[1][2] and "one worker less on the slack" in on[1][2]
+    assert "start prior" in on[2][2] and "slack" not in on[2][2]  # 4 -> 3: the prior's own
+    off = _pool_run(6, lambda t: 2, 320, prior=600.0, slack_down=False)
+    assert [(t, n) for t, n, _ in off][:3] == [(60, 5), (150, 4), (250, 3)]

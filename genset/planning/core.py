@@ -200,6 +200,20 @@ class PlannerConfig:
     # 3). A round before, without the burst floor on held needs and the costly seasonal
     # floor, the same gave 96.7% at 0.800 instead of 94.2% at 0.744. False: the whole need.
     slack_hold_capped: bool = True
+    # Slack down: the slack hold seen from the pool one worker smaller. A pool held at n
+    # only by a need or a floor of n (nothing above n in the cool-down window nor among the
+    # floors), which a pool of n - 1 needing n would not grow back to (the slack hold's
+    # conditions: long-run attainment at least `slack_hold_above`, a start-up of at least
+    # `slack_hold_min_startup_s`, one worker at most `slack_hold_share` of n), goes down to
+    # n - 1 once a cool-down has passed: the up rule and the down rule agree on what one
+    # worker's need is worth. One worker at a time, never below the pool's floor. On the
+    # Mooncake sinusoid with a 120 s start-up the start went 6 -> 5 at 61 s, then 5 was held
+    # by the start prior (5 until 151 s) and a 3 s need of 5 at 117 s until 178 s: 0.7055
+    # of static at peak on router seeds 0-2; with this 5 -> 4 at 126 s, 0.697-0.698 at
+    # 95.9-96.5% attainment. With a 30 s start-up (gate off) the Azure code trace lost 3
+    # points (90.0% -> 87.0%, seed 0): a worker back in 30 s is not what the slack pays
+    # for. False: off.
+    slack_down: bool = True
     startup_s: float = 30.0  # start-up time assumed until one is measured
     startup_timeout_s: float = 600.0  # a start not registered by then is given up (and retried)
     horizon_extra_s: float = 2.0  # sizing looks start-up time + this far ahead (a tick or two)
@@ -770,6 +784,61 @@ class PlannerCore:
         return (f"needs {need.up}, holding {target}: the cycle's rate when a worker asked "
                 f"for now would join (in {self.startup.estimate_s:.0f} s) is below today's")
 
+    def _down_floor(self, pool: _Pool, need: PoolNeed, now: float) -> tuple[int, str]:
+        """The largest of the floors a scale-down respects, with what it is (for the
+        reason): the burst and jump floors, the seasonal floor, the learned burst floor,
+        the start prior."""
+        c, b = self.config, pool.bounds
+        hold_s = self.burst_hold_s()
+        seasonal = need.seasonal_floor if c.seasonal_floor else None
+        floors: list[tuple[int, str]] = []
+        if seasonal is None or not c.seasonal_replaces_bursts:
+            if hold_s:
+                floors.append((b.clamp(pool.came_back(
+                    now - hold_s * 1000, min_hold_ms=c.burst_min_s * 1000)),
+                               f"burst floor: the need came back to it within the "
+                               f"last {hold_s:.0f} s ({c.burst_hold_startups:g} "
+                               f"start-up times)"))
+            jump_s = self.jump_hold_s(pool, now)
+            if jump_s:
+                floors.append((b.clamp(pool.came_back(
+                    now - jump_s * 1000, c.burst_rise, c.burst_rise_s * 1000)),
+                    f"burst floor (jump): the need jumped to it within the last "
+                    f"{jump_s:.0f} s"))
+        if seasonal is not None:
+            floors.append((b.clamp(seasonal), "seasonal floor: the cycle needs it "
+                           f"again within {self.horizon_s():.0f} s"))
+        if c.burst_memory_s:
+            floors.append((self._learned_floor(pool, now),
+                           f"learned burst floor: the median of the bursts from idle "
+                           f"in the last {c.burst_memory_s:.0f} s"))
+        prior = self._prior_floor(pool, now)
+        if prior:
+            floors.append((prior, f"start prior: the pool of {pool.start_size} it "
+                           f"started with, trusted less as its own history grows "
+                           f"({(now - pool.start_ms) / 1000:.0f} s of "
+                           f"{c.prior_memory_s:.0f} s)"))
+        return max(floors, default=(0, ""), key=lambda f: f[0])
+
+    def _slack_down(self, target: int, low: int) -> str:
+        """Why a pool held at `target` by nothing but a need or a floor of `target` may give
+        up one worker on the attainment's slack ('' when it may not): the slack hold seen
+        from the pool one worker smaller, which would hold a scale-up to `target`
+        (`PlannerConfig.slack_down`). `low` is the pool's floor."""
+        c = self.config
+        if (not c.slack_down or c.policy != "slo" or c.slack_hold_above is None
+                or c.slack_hold_workers < 1 or target - 1 < max(1, low)):
+            return ""
+        la = self.slo_policy.long_attainment
+        if (la is None or la < c.slack_hold_above
+                or self.startup.estimate_s < c.slack_hold_min_startup_s
+                or 1 > c.slack_hold_share * target):
+            return ""
+        return (f"one worker less on the slack: {la:.1%} of requests met the targets over "
+                f"the last {c.slo.attainment_memory_s:.0f} s (at least "
+                f"{c.slack_hold_above:.0%}), and a pool of {target - 1} needing {target} "
+                f"would hold")
+
     def burst_hold_s(self) -> float:
         return self.config.burst_hold_startups * self.startup.estimate_s
 
@@ -894,41 +963,17 @@ class PlannerCore:
         if wmax is not None and d.need_now < target:
             covered = pool.win_since is not None and now - pool.win_since >= cool_s * 1000
             settled = now - pool.last_change_ms >= cool_s * 1000
-            if wmax < target and covered and settled:
+            slack = self._slack_down(target, b.min) if covered and settled else ""
+            if (wmax < target or (wmax == target and slack)) and covered and settled:
                 settle_s = min(c.down_settle_s, cool_s)
                 new = b.clamp(pool.window_max(now - settle_s * 1000) or 0)
-                hold_s = self.burst_hold_s()
-                seasonal = need.seasonal_floor if c.seasonal_floor else None
-                # each floor with what it says in the reason; the largest binds
-                floors: list[tuple[int, str]] = []
-                if seasonal is None or not c.seasonal_replaces_bursts:
-                    if hold_s:
-                        floors.append((b.clamp(pool.came_back(
-                            now - hold_s * 1000, min_hold_ms=c.burst_min_s * 1000)),
-                                       f"burst floor: the need came back to it within the "
-                                       f"last {hold_s:.0f} s ({c.burst_hold_startups:g} "
-                                       f"start-up times)"))
-                    jump_s = self.jump_hold_s(pool, now)
-                    if jump_s:
-                        floors.append((b.clamp(pool.came_back(
-                            now - jump_s * 1000, c.burst_rise, c.burst_rise_s * 1000)),
-                            f"burst floor (jump): the need jumped to it within the last "
-                            f"{jump_s:.0f} s"))
-                if seasonal is not None:
-                    floors.append((b.clamp(seasonal), "seasonal floor: the cycle needs it "
-                                   f"again within {self.horizon_s():.0f} s"))
-                if c.burst_memory_s:
-                    floors.append((self._learned_floor(pool, now),
-                                   f"learned burst floor: the median of the bursts from idle "
-                                   f"in the last {c.burst_memory_s:.0f} s"))
-                prior = self._prior_floor(pool, now)
-                if prior:
-                    floors.append((prior, f"start prior: the pool of {pool.start_size} it "
-                                   f"started with, trusted less as its own history grows "
-                                   f"({(now - pool.start_ms) / 1000:.0f} s of "
-                                   f"{c.prior_memory_s:.0f} s)"))
-                floor, floor_why = max(floors, default=(0, ""), key=lambda f: f[0])
+                floor, floor_why = self._down_floor(pool, need, now)
                 falling = " (falling)" if cool_s < c.down_cooldown_s else ""
+                if slack and floor <= target and (wmax == target or floor == target):
+                    # held only by a need or a floor of `target`: one worker less on the slack
+                    what = (f"{floor} is the {floor_why}" if floor == target
+                            else f"it needed {target} within the last {cool_s:.0f} s")
+                    return change(target - 1, "down", f"{what}, {slack}: {why}")
                 if floor > new:
                     if floor >= target:
                         d.action = "hold"
