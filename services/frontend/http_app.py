@@ -425,6 +425,7 @@ class FrontendHttp:
 
     async def chat_completions(self, request: Request) -> None:
         arrival = time.perf_counter()
+        arrival_cpu = time.thread_time() if self.pipeline.timeline is not None else 0.0
         self._authorize(request)
         req: oa.ChatCompletionRequest = _decode(oa.chat_decoder, request.body)
         oa.check_chat(req)
@@ -432,7 +433,7 @@ class FrontendHttp:
         logprobs = oa.chat_logprobs_count(req)
         job = await self.pipeline.prepare(JobRequest(
             endpoint="chat", request_id=self._request_id(request), model=req.model,
-            arrival=arrival, messages=oa.chat_messages(req),
+            arrival=arrival, arrival_cpu=arrival_cpu, messages=oa.chat_messages(req),
             max_tokens=req.max_completion_tokens if use_completion_param else req.max_tokens,
             max_tokens_param="max_completion_tokens" if use_completion_param else "max_tokens",
             logprobs=logprobs,
@@ -441,6 +442,7 @@ class FrontendHttp:
 
     async def completions(self, request: Request) -> None:
         arrival = time.perf_counter()
+        arrival_cpu = time.thread_time() if self.pipeline.timeline is not None else 0.0
         self._authorize(request)
         req: oa.CompletionRequest = _decode(oa.completion_decoder, request.body)
         oa.check_completion(req)
@@ -459,7 +461,7 @@ class FrontendHttp:
                               "one string or one list of token ids", param="prompt")
         job = await self.pipeline.prepare(JobRequest(
             endpoint="completions", request_id=self._request_id(request), model=req.model,
-            arrival=arrival, text=prompt if isinstance(prompt, str) else None,
+            arrival=arrival, arrival_cpu=arrival_cpu, text=prompt if isinstance(prompt, str) else None,
             token_ids=None if isinstance(prompt, str) else list(prompt),
             max_tokens=req.max_tokens if req.max_tokens is not None else 16,
             logprobs=req.logprobs, **_generation_fields(req)))
