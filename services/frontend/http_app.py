@@ -129,9 +129,8 @@ class GenerationResponse:
         return self.jobs[0]
 
     async def run(self, conn) -> None:
-        metrics = self.app.metrics
-        model = self.job.model
-        metrics.inflight.labels(model).inc()
+        metrics = self.app.metrics.model(self.job.model)
+        metrics.inflight.inc()
         status = "200"
         try:
             status = await (self._stream(conn) if self.stream else self._collect(conn))
@@ -141,11 +140,11 @@ class GenerationResponse:
                 raise
             asyncio.current_task().uncancel()  # the cancel was ours: the client left
             status = "disconnected"
-            metrics.disconnects.labels(model).inc()
+            metrics.disconnects.inc()
         finally:
-            metrics.inflight.labels(model).dec()
-            metrics.duration.labels(model).observe(time.perf_counter() - self.job.arrival)
-            metrics.requests.labels(model, self.job.endpoint, status).inc()
+            metrics.inflight.dec()
+            metrics.duration.observe(time.perf_counter() - self.job.arrival)
+            metrics.requests(self.job.endpoint, status).inc()
             if self.log_fields:
                 log.info("request_end", status=status, n=len(self.jobs), **self.log_fields)
 
@@ -388,11 +387,11 @@ class FrontendHttp:
         return ("chatcmpl-" if chat else "cmpl-") + job.request_id
 
     def count_tokens(self, model: str, prompt: int, completion: int, cached: int) -> None:
-        m = self.metrics
-        m.prompt_tokens.labels(model).inc(prompt)
-        m.output_tokens.labels(model).inc(completion)
+        m = self.metrics.model(model)
+        m.prompt_tokens.inc(prompt)
+        m.output_tokens.inc(completion)
         if cached:
-            m.cached_tokens.labels(model).inc(cached)
+            m.cached_tokens.inc(cached)
 
     def _authorize(self, request: Request) -> None:
         if not self.api_keys:

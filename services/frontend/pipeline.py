@@ -225,8 +225,9 @@ class _Progress:
         self.prompt_tokens = len(job.prompt_ids)
         self.first_at = 0.0  # perf_counter() of the request's first token (0: none yet)
         self.last_at = 0.0  # ... and of its latest one
-        self.ttft = metrics.ttft.labels(job.model)
-        self.itl = LocalHistogram(metrics.itl.labels(job.model))
+        children = metrics.model(job.model)
+        self.ttft = children.ttft
+        self.itl = LocalHistogram(children.itl)
         self.text = TextAssembler(job.tokenizer, detokenize=job.detokenize,
                                   stop_strings=job.stop_strings,
                                   stop_token_ids=job.stop_token_ids)
