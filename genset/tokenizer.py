@@ -359,7 +359,7 @@ class SegmentCache:
             # aiperf prompt): one plain encode of the whole text, exact by definition, so no
             # check either. Per piece it was three encode calls, plus a second encode of the
             # whole text for the first CHECKS prompts, which are a c=64 run's opening burst
-            # (0.44-0.53 ms instead of 0.24-0.25 per ~1,000-token prompt, measured).
+            # (those took 0.44-0.53 ms per ~1,000-token prompt, now 0.26-0.30, measured).
             return self._encode_plain(text)
         ids: list[int] = []
         pending: list[str] = []  # other pieces (and added tokens) encoded together in one call
