@@ -11,8 +11,9 @@ time):
   each other came out of one engine step (or two steps ending together) — their sizes;
 - genset runs with `--timeline` too: the split per worker, each worker's steps (sizes and
   modelled ms, from `w_first_step` / `w_step_ms`), the frontend's intake (aiperf start ->
-  handler; handler-to-handler spacing), and the first token's way back (worker step end ->
-  first SSE write) for the last step.
+  handler; handler-to-handler spacing; the frontend thread's CPU per request from its handler's
+  start to the request sent, `intake_cpu_ms`), and the first token's way back (worker step
+  end -> first SSE write) for the last step.
 
     .venv/bin/python bench/burst_report.py /tmp/a2/g-w2s1c64r0 /tmp/a2/d-w2s1c64r0 [--json F]
 """
@@ -90,12 +91,15 @@ def burst(run_dir: Path, n: int = 64, gap: float = 1.5) -> dict:
     joined = [(r, tl[r["id"]]) for r in recs if r["id"] in tl]
     workers: dict = {}
     intake = []
+    intake_cpu = []
     for r, t in joined:
         st = t["stages"]
         wid = t.get("values", {}).get("worker")
         # the frontend's clock is the machine's: t0 (unix s) vs aiperf's unix ns
         handler = t["t0"] * 1000.0
         intake.append(handler - r["start"])
+        if "intake_cpu_ms" in t.get("values", {}):
+            intake_cpu.append(t["values"]["intake_cpu_ms"])
         w = workers.setdefault(wid, {"n": 0, "steps": {}})
         w["n"] += 1
         if "w_first_step" in st:
@@ -113,6 +117,11 @@ def burst(run_dir: Path, n: int = 64, gap: float = 1.5) -> dict:
         "max": round(max(intake), 1)}
     res["handler_span_ms"] = round(handlers[-1] - handlers[0], 1)
     res["handler_spacing_p50_ms"] = round(spacing[len(spacing) // 2], 2) if spacing else None
+    if intake_cpu:  # the frontend thread's CPU from handler start to sent, per request
+        intake_cpu.sort()
+        res["intake_cpu_ms"] = {"p50": round(intake_cpu[len(intake_cpu) // 2], 3),
+                                "mean": round(sum(intake_cpu) / len(intake_cpu), 3),
+                                "max": round(intake_cpu[-1], 3)}
     res["workers"] = []
     for w in workers.values():
         steps = [(k, s) for k, s in sorted(w["steps"].items())]

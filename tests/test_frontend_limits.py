@@ -204,8 +204,11 @@ def test_segment_cache_checks_skip_long_texts(tok_dir):
     before = tok.segments.checks_left
     tok.segments.encode(prose(SegmentCache.CHECK_MAX_CHARS + 10))
     assert tok.segments.checks_left == before  # no second encode of a long text to check it
-    tok.segments.encode(prose(SegmentCache.MIN_CHARS * 2))
-    assert tok.segments.checks_left == before - 1
+    text = prose(SegmentCache.MIN_CHARS * 2)
+    tok.segments.encode(text)
+    assert tok.segments.checks_left == before  # first seen: encoded whole, nothing to check
+    tok.segments.encode(text)
+    assert tok.segments.checks_left == before - 1  # seen again: by pieces, checked
 
 
 async def test_a_body_too_large_for_any_context_is_refused_from_its_content_length(tok_dir):

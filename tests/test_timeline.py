@@ -34,6 +34,20 @@ def test_first_stamp_wins_and_worker_stamps_are_checked():
     assert set(rec["stages"]) == {"received", "routed", "w_received"}
 
 
+def test_intake_cpu_is_the_thread_time_since_arrival_and_only_when_taken():
+    untaken = Timeline("r0", time.perf_counter())
+    untaken.stamp_cpu("intake_cpu_ms")
+    assert "intake_cpu_ms" not in untaken.values  # no thread_time at arrival: no value
+    before = time.thread_time()
+    tl = Timeline("r1", time.perf_counter(), before)
+    sum(range(10_000))  # some CPU of this thread
+    tl.stamp_cpu("intake_cpu_ms")
+    spent = tl.values["intake_cpu_ms"]
+    assert 0.0 <= spent <= (time.thread_time() - before) * 1000.0 + 1e-3
+    tl.stamp_cpu("intake_cpu_ms")  # the first stamp wins (a migration's second send)
+    assert tl.values["intake_cpu_ms"] == spent
+
+
 def test_sink_writes_one_line_per_request_up_to_its_limit(tmp_path):
     path = tmp_path / "tl.jsonl"
     sink = TimelineSink(str(path), max_records=2)
@@ -83,7 +97,8 @@ async def test_a_timed_request_has_every_stage_in_path_order(bus, discovery, tmp
         async def run(pipe: Pipeline) -> tuple[list, object]:
             job = await pipe.prepare(JobRequest(
                 endpoint="nats", request_id=uuid.uuid4().hex, model=MODEL,
-                arrival=time.perf_counter(), packed_token_ids=proto.pack_tokens(list(range(1, 30))),
+                arrival=time.perf_counter(), arrival_cpu=time.thread_time(),
+                packed_token_ids=proto.pack_tokens(list(range(1, 30))),
                 max_tokens=6, detokenize=False))
             items = [item async for item in pipe.generate(job)]
             return items, job
@@ -100,6 +115,7 @@ async def test_a_timed_request_has_every_stage_in_path_order(bus, discovery, tmp
         assert ordered == sorted(ordered), stages  # causal order, one clock
         assert rec["values"]["w_step_ms"] > 0
         assert isinstance(rec["values"]["worker"], int)  # the worker it was routed to
+        assert rec["values"]["intake_cpu_ms"] >= 0  # the frontend's CPU up to `sent`
         assert not h.engine._traced  # nothing left behind in the engine
 
         # Off (the default): no timeline, the worker times nothing.

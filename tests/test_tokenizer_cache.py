@@ -100,3 +100,19 @@ def test_loaded_tokenizers_are_capped_in_number(tmp_path, monkeypatch):
     assert load_tokenizer(dirs[0]) is first  # a hit makes it the most recently used
     load_tokenizer(dirs[2])
     assert list(tokmod._cache) == [dirs[0], dirs[2]]
+
+
+def test_a_text_with_no_known_piece_is_encoded_whole_and_remembered(tok):
+    seg = tok.segments
+    calls: list[str] = []
+    real = seg.encode_plain
+    seg.encode_plain = lambda text: calls.append(text) or real(text)
+    messages = [{"role": "user", "content": _text(random.Random(5), 3000)}]
+    text = tok.render_chat(messages)
+    plain = tok.encode(text, add_special_tokens=False)
+    checks = seg.checks_left
+    assert seg.encode(text) == plain and calls == [text]  # one call, the whole text
+    assert seg.checks_left == checks and seg.cache == {}  # exact already: nothing to check
+    calls.clear()
+    assert seg.encode(text) == plain and len(calls) > 1  # seen before: by pieces, and kept
+    assert seg.checks_left == checks - 1 and len(seg.cache) == 1

@@ -24,6 +24,10 @@ Stages, in path order (a stage a request never reached is absent):
 | `first_written` | frontend | the first SSE event was written to the client's socket (HTTP) |
 | `done` | frontend | the last frame was handled |
 
+Values beside the stamps: `worker` (the first attempt's worker id), `intake_cpu_ms` (HTTP
+requests: the frontend thread's CPU from the handler's start to `sent`, `Timeline.stamp_cpu`:
+what one request's intake costs, apart from the waits a busy machine adds to the stamps).
+
 Worker stamps are unix times (seconds) taken on the worker's clock and turned into ms since
 arrival with the frontend's clock: exact on one host, off by the clock offset across hosts.
 """
@@ -57,18 +61,28 @@ class Timeline:
     attempt that finished.
     """
 
-    __slots__ = ("_t0", "request_id", "stages", "values")
+    __slots__ = ("_cpu0", "_t0", "request_id", "stages", "values")
 
-    def __init__(self, request_id: str, arrival_perf: float) -> None:
+    def __init__(self, request_id: str, arrival_perf: float, arrival_cpu: float = 0.0) -> None:
         self.request_id = request_id
         # unix time of arrival: `arrival_perf` is a perf_counter() reading
         self._t0 = time.time() - (time.perf_counter() - arrival_perf)
+        # time.thread_time() at arrival (0: not taken): see `stamp_cpu`
+        self._cpu0 = arrival_cpu
         self.stages: dict[str, float] = {"received": 0.0}
         self.values: dict[str, float] = {}
 
     def stamp(self, stage: str) -> None:
         if stage not in self.stages:
             self.stages[stage] = (time.time() - self._t0) * 1000.0
+
+    def stamp_cpu(self, name: str) -> None:
+        """CPU time of the frontend's thread since arrival (ms) as value `name`, first call
+        wins. It is the request's own work only while its handler did not wait (no router
+        service asked, no tokenize thread): one task step, as for every short prompt routed
+        locally; a wait lets other tasks' CPU in."""
+        if self._cpu0 and name not in self.values:
+            self.values[name] = round((time.thread_time() - self._cpu0) * 1000.0, 4)
 
     def merge_worker(self, reported: dict[str, float] | None) -> None:
         """The worker's `usage.timeline` (unix seconds); unknown names are ignored (it is
@@ -115,8 +129,8 @@ class TimelineSink:
         self._gc_started = 0.0
         gc.callbacks.append(self._on_gc)
 
-    def new(self, request_id: str, arrival_perf: float) -> Timeline:
-        return Timeline(request_id, arrival_perf)
+    def new(self, request_id: str, arrival_perf: float, arrival_cpu: float = 0.0) -> Timeline:
+        return Timeline(request_id, arrival_perf, arrival_cpu)
 
     def write(self, timeline: Timeline, ok: bool, **extra) -> None:
         if self._file is None or self.written >= self.max_records:

@@ -218,9 +218,13 @@ class Dashboard:
 
     async def start(self) -> None:
         ns = self.namespace
-        self._subs.append(await self.bus.subscribe(subjects.load_report_all(ns), self._on_load))
-        self._subs.append(await self.bus.subscribe(subjects.route_decisions(ns),
-                                                   self._on_decision))
+        # In the connection's reader (Bus.subscribe_direct), as the router feeds: a task
+        # switch per message was most of what one cost, and each request's route decision
+        # comes back here (a local-first frontend publishes it): in a c=64 opening burst, 64
+        # wake-ups of a subscription task between the burst's handlers.
+        sub = self.bus.subscribe_direct
+        self._subs.append(await sub(subjects.load_report_all(ns), self._on_load))
+        self._subs.append(await sub(subjects.route_decisions(ns), self._on_decision))
         # etcd away at start must not stop the frontend: the views fill in when it answers
         targets = await self.discovery.watch(keys.planner_targets(ns), proto.PlannerTargets,
                                              require_initial=False)
@@ -260,7 +264,7 @@ class Dashboard:
                 log.exception("dashboard_sample_failed")
             await asyncio.sleep(1.0)
 
-    async def _on_load(self, msg) -> None:
+    def _on_load(self, msg) -> None:
         try:
             report = proto.decode(msg.data, proto.LoadReport)
         except (proto.ProtocolError, msgspec.MsgspecError, ValueError):
@@ -270,7 +274,7 @@ class Dashboard:
             return
         self.state.on_load_report(report, self.clock())
 
-    async def _on_decision(self, msg) -> None:
+    def _on_decision(self, msg) -> None:
         try:
             decision = proto.decode(msg.data, proto.RouteDecision)
         except (proto.ProtocolError, msgspec.MsgspecError, ValueError):

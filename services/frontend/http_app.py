@@ -129,9 +129,8 @@ class GenerationResponse:
         return self.jobs[0]
 
     async def run(self, conn) -> None:
-        metrics = self.app.metrics
-        model = self.job.model
-        metrics.inflight.labels(model).inc()
+        metrics = self.app.metrics.model(self.job.model)
+        metrics.inflight.inc()
         status = "200"
         try:
             status = await (self._stream(conn) if self.stream else self._collect(conn))
@@ -141,11 +140,11 @@ class GenerationResponse:
                 raise
             asyncio.current_task().uncancel()  # the cancel was ours: the client left
             status = "disconnected"
-            metrics.disconnects.labels(model).inc()
+            metrics.disconnects.inc()
         finally:
-            metrics.inflight.labels(model).dec()
-            metrics.duration.labels(model).observe(time.perf_counter() - self.job.arrival)
-            metrics.requests.labels(model, self.job.endpoint, status).inc()
+            metrics.inflight.dec()
+            metrics.duration.observe(time.perf_counter() - self.job.arrival)
+            metrics.requests(self.job.endpoint, status).inc()
             if self.log_fields:
                 log.info("request_end", status=status, n=len(self.jobs), **self.log_fields)
 
@@ -388,11 +387,11 @@ class FrontendHttp:
         return ("chatcmpl-" if chat else "cmpl-") + job.request_id
 
     def count_tokens(self, model: str, prompt: int, completion: int, cached: int) -> None:
-        m = self.metrics
-        m.prompt_tokens.labels(model).inc(prompt)
-        m.output_tokens.labels(model).inc(completion)
+        m = self.metrics.model(model)
+        m.prompt_tokens.inc(prompt)
+        m.output_tokens.inc(completion)
         if cached:
-            m.cached_tokens.labels(model).inc(cached)
+            m.cached_tokens.inc(cached)
 
     def _authorize(self, request: Request) -> None:
         if not self.api_keys:
@@ -425,6 +424,7 @@ class FrontendHttp:
 
     async def chat_completions(self, request: Request) -> None:
         arrival = time.perf_counter()
+        arrival_cpu = time.thread_time() if self.pipeline.timeline is not None else 0.0
         self._authorize(request)
         req: oa.ChatCompletionRequest = _decode(oa.chat_decoder, request.body)
         oa.check_chat(req)
@@ -432,7 +432,7 @@ class FrontendHttp:
         logprobs = oa.chat_logprobs_count(req)
         job = await self.pipeline.prepare(JobRequest(
             endpoint="chat", request_id=self._request_id(request), model=req.model,
-            arrival=arrival, messages=oa.chat_messages(req),
+            arrival=arrival, arrival_cpu=arrival_cpu, messages=oa.chat_messages(req),
             max_tokens=req.max_completion_tokens if use_completion_param else req.max_tokens,
             max_tokens_param="max_completion_tokens" if use_completion_param else "max_tokens",
             logprobs=logprobs,
@@ -441,6 +441,7 @@ class FrontendHttp:
 
     async def completions(self, request: Request) -> None:
         arrival = time.perf_counter()
+        arrival_cpu = time.thread_time() if self.pipeline.timeline is not None else 0.0
         self._authorize(request)
         req: oa.CompletionRequest = _decode(oa.completion_decoder, request.body)
         oa.check_completion(req)
@@ -459,7 +460,7 @@ class FrontendHttp:
                               "one string or one list of token ids", param="prompt")
         job = await self.pipeline.prepare(JobRequest(
             endpoint="completions", request_id=self._request_id(request), model=req.model,
-            arrival=arrival, text=prompt if isinstance(prompt, str) else None,
+            arrival=arrival, arrival_cpu=arrival_cpu, text=prompt if isinstance(prompt, str) else None,
             token_ids=None if isinstance(prompt, str) else list(prompt),
             max_tokens=req.max_tokens if req.max_tokens is not None else 16,
             logprobs=req.logprobs, **_generation_fields(req)))

@@ -52,6 +52,51 @@ class FrontendMetrics:
         self.disconnects = Counter("genset_frontend_client_disconnects",
                                    "Streams the client closed before the end", ["model"],
                                    registry=r)
+        self._models: dict[str, ModelMetrics] = {}
+
+    def model(self, name: str) -> ModelMetrics:
+        """The children of one served model's series, looked up once: prometheus_client's
+        `labels()` takes a lock and builds a key each call (~3-10 us measured), and a
+        request used it 9 times. Names are served models (a few); the map is bounded anyway."""
+        found = self._models.get(name)
+        if found is None:
+            if len(self._models) >= _MAX_MODELS:
+                self._models.clear()
+            found = self._models[name] = ModelMetrics(self, name)
+        return found
+
+
+_MAX_MODELS = 256
+
+
+class ModelMetrics:
+    """One model's children of the per-model series (`FrontendMetrics.model`)."""
+
+    __slots__ = ("_parent", "_requests", "cached_tokens", "disconnects", "duration",
+                 "inflight", "itl", "name", "output_tokens", "prompt_tokens", "ttft")
+
+    def __init__(self, parent: FrontendMetrics, name: str) -> None:
+        self.name = name
+        self._parent = parent
+        self.ttft = parent.ttft.labels(name)
+        self.itl = parent.itl.labels(name)
+        self.duration = parent.duration.labels(name)
+        self.inflight = parent.inflight.labels(name)
+        self.prompt_tokens = parent.prompt_tokens.labels(name)
+        self.output_tokens = parent.output_tokens.labels(name)
+        self.cached_tokens = parent.cached_tokens.labels(name)
+        self.disconnects = parent.disconnects.labels(name)
+        self._requests: dict[tuple[str, str], object] = {}  # (endpoint, status) -> child
+
+    def requests(self, endpoint: str, status: str):
+        key = (endpoint, status)
+        child = self._requests.get(key)
+        if child is None:
+            if len(self._requests) >= _MAX_MODELS:  # statuses are a few codes; bounded anyway
+                self._requests.clear()
+            child = self._requests[key] = self._parent.requests.labels(self.name, endpoint,
+                                                                         status)
+        return child
 
 
 class LocalHistogram:

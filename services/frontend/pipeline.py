@@ -144,6 +144,7 @@ class JobRequest:
     request_id: str
     model: str | None  # None: the only model served
     arrival: float  # time.perf_counter() at arrival
+    arrival_cpu: float = 0.0  # time.thread_time() at arrival, taken only when timed (timeline)
     messages: list[dict] | None = None
     text: str | None = None
     token_ids: list[int] | None = None
@@ -224,8 +225,9 @@ class _Progress:
         self.prompt_tokens = len(job.prompt_ids)
         self.first_at = 0.0  # perf_counter() of the request's first token (0: none yet)
         self.last_at = 0.0  # ... and of its latest one
-        self.ttft = metrics.ttft.labels(job.model)
-        self.itl = LocalHistogram(metrics.itl.labels(job.model))
+        children = metrics.model(job.model)
+        self.ttft = children.ttft
+        self.itl = LocalHistogram(children.itl)
         self.text = TextAssembler(job.tokenizer, detokenize=job.detokenize,
                                   stop_strings=job.stop_strings,
                                   stop_token_ids=job.stop_token_ids)
@@ -471,7 +473,7 @@ class Pipeline:
                                   param="prompt")
         job = self._job(req, entry, prompt_ids or [], tok, deadline)
         if self.timeline is not None:
-            job.timeline = self.timeline.new(req.request_id, req.arrival)
+            job.timeline = self.timeline.new(req.request_id, req.arrival, req.arrival_cpu)
             job.timeline.stamp("tokenized")
         return job
 
@@ -746,6 +748,7 @@ class Pipeline:
             tl = job.timeline
             if tl is not None:
                 tl.stamp("sent")
+                tl.stamp_cpu("intake_cpu_ms")
             # Frames that queued up while we were busy are taken together: one detokenize
             # call and one event out instead of one per frame, so a loaded frontend spends
             # less per token exactly when it matters.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from dataclasses import dataclass, field
 
 from genset.routing.api import DEFAULT_ROUTE_TIMEOUT_S, POLICY_NAMES, ROUTER_MODE_INPUTS
@@ -18,6 +19,16 @@ from services.frontend.nats_service import NatsGenerateService
 from services.frontend.pipeline import Pipeline
 from services.frontend.registry import ModelRegistry
 from services.frontend.stats import FrontendStatsPublisher
+
+# The cyclic GC's youngest generation is collected after this many net allocations (Python's
+# default: 700). A c=64 burst allocates a few hundred tracked objects per request (tasks,
+# coroutines, streams, Structs, the prompt's id list) that live as long as the request; at 700
+# they were walked again and again and promoted, and generation-1 collections of 7-11 ms fell
+# inside the burst's intake in 4 of 12 timed runs. At 10,000, 3 alternated c=64 runs each
+# (docs/benchmarks.md issue 15 §5n): no collection of 5 ms or more in a run, TTFT p99 668.3 /
+# 707.9 / 700.2 ms against 724.0 / 731.7 / 706.3. Most objects die by reference count
+# anyway; the collector is only for cycles.
+GC_YOUNG_THRESHOLD = 10_000
 
 
 @dataclass
@@ -84,6 +95,7 @@ class FrontendService(Service):
 
     async def start(self) -> None:
         opts = self.options
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         self.registry = ModelRegistry(self.discovery, self.namespace)
         await self.registry.start()
         self.router = await routing.create(opts.router, bus=self.bus, discovery=self.discovery,
