@@ -13,7 +13,7 @@ profile the router uses, for this request on these workers right now:
   its uncached tokens (its own cached prefix counts there), then the KV of the blocks the
   decode worker lacks crosses at the measured bandwidth, then the decode worker imports it
   (which stalls its running sequences for the import) and computes the prompt's trailing
-  partial block itself (only full blocks travel). A peer that decodes for its own clients
+  partial block itself, unless it travelled with the first token (`tail_shipped`). A peer that decodes for its own clients
   (role `both`, lending its prefill) stalls those sequences for the prefill's duration: that
   slow-down is priced like the local one.
 
@@ -166,6 +166,11 @@ class CostModel:
     remote_margin_ms: float = 0.0
     itl_target_ms: float = 0.0
     ttft_target_ms: float = 0.0
+    # The prompt's last partial block travels with the first token (`KvImport.tail`), so the
+    # decode worker does not compute it again: a remote prefill costs it the import alone.
+    # False: it computes those tokens in the resumed request's first step (a prefill's fixed
+    # cost, the mocker's 16.5 ms, in a step every stream of the worker waits for).
+    tail_shipped: bool = False
     # ms pricing only (no ITL slacks known: a live decode worker): a path's own time (local:
     # its first token; remote: when the decode worker can go on) counts only past this
     # budget, as the stall counts only past `itl_target_ms`. 0: every ms counts. With both
@@ -331,8 +336,8 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
     transfer_bytes = int(transfer_blocks * bs * model.kv_bytes_per_token)
     transfer_ms = model.transfer_setup_ms + transfer_bytes / model.bandwidth_bytes_per_s * 1e3
     import_ms = transfer_blocks * model.import_ms_per_block
-    tail = prompt_tokens - full_blocks * bs  # recomputed on the decode worker
-    tail_ms = model.prefill_ms(tail, decode.running) if tail else 0.0
+    tail = prompt_tokens - full_blocks * bs  # recomputed on the decode worker, unless shipped
+    tail_ms = model.prefill_ms(tail, decode.running) if tail and not model.tail_shipped else 0.0
     remote_slowdown = decode.running * _stall_ms(model, import_ms + tail_ms, decode.step_ms)
 
     itl_gaps = (max_tokens - 1 if model.itl_target_ms > 0 and max_tokens is not None

@@ -84,6 +84,10 @@ class DisaggReplayConfig:
     # CostModel.spare_budget_ms with a SpareGate per decode worker (0: off, ties stay where
     # the router put them; the live decode worker's default is 1,000)
     spare_budget_ms: float = 0.0
+    # a remote prefill's partial last block reaches the decode worker with its first token,
+    # as live (`KvImport.tail`): the resumed request's first step there is a decode step.
+    # False: that step computes the block (the replay before session 9)
+    ship_tail: bool = True
     policy_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -178,7 +182,7 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                       slowdown_weight=cfg.slowdown_weight,
                       max_prefill_queue_ms=cfg.max_prefill_queue_ms,
                       itl_target_ms=cfg.sla_itl_ms, ttft_target_ms=cfg.sla_ttft_ms,
-                      spare_budget_ms=cfg.spare_budget_ms)
+                      spare_budget_ms=cfg.spare_budget_ms, tail_shipped=cfg.ship_tail)
     # one per decode worker, as live
     gates = [SpareGate(cfg.max_prefill_queue_ms, cfg.spare_budget_ms) for _ in range(D)]
     hash_cache = _HashCache(cfg.block_size)
@@ -289,7 +293,9 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
         hashes = r.hashes or []
         first = r.decode_cached
         kv = KvImport([KvBlockData(h) for h in hashes[first:]],
-                      parent_hash=hashes[first - 1] if first else None)
+                      parent_hash=hashes[first - 1] if first else None,
+                      # the prompt's partial last block, as live (`KvImport.tail`)
+                      tail_tokens=len(r.tokens) % cfg.block_size if cfg.ship_tail else 0)
         w.core.add_request(EngineRequest(
             rid, r.tokens, SamplingParams(temperature=0.0),
             StopConditions(max_tokens=r.trace.output_length, ignore_eos=True), kv_import=kv,
