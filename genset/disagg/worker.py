@@ -366,10 +366,7 @@ class DisaggHook(WorkerHooks):
                          ttft_budget_ms=0.75 * self.config.ttft_target_ms,
                          over_budget_ms=self.config.ttft_target_ms,
                          remote_on_tie=self.config.remote_on_tie,
-                         spare_budget_ms=self.config.spare_budget_ms,
-                         # the first-token reply carries the partial block (`_tail_fields`)
-                         tail_shipped=self.mocker or self.layout.bytes_per_block
-                         <= TAIL_MAX_BYTES)
+                         spare_budget_ms=self.config.spare_budget_ms)
 
     async def before_run(self, request: proto.GenerateRequest,
                          token_ids: list[int]) -> RemotePrefill | None:

@@ -182,7 +182,7 @@ def run_disagg_replay(trace: list[TraceRequest], policy: str, cfg: DisaggReplayC
                       slowdown_weight=cfg.slowdown_weight,
                       max_prefill_queue_ms=cfg.max_prefill_queue_ms,
                       itl_target_ms=cfg.sla_itl_ms, ttft_target_ms=cfg.sla_ttft_ms,
-                      spare_budget_ms=cfg.spare_budget_ms, tail_shipped=cfg.ship_tail)
+                      spare_budget_ms=cfg.spare_budget_ms)
     # one per decode worker, as live
     gates = [SpareGate(cfg.max_prefill_queue_ms, cfg.spare_budget_ms) for _ in range(D)]
     hash_cache = _HashCache(cfg.block_size)
