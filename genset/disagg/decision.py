@@ -170,9 +170,9 @@ class CostModel:
     # partial block, which now travels with the first token (`KvImport.tail`). Off (live and
     # in the replay) although the tail is shipped: the replay measured it worse (2026-12-06,
     # engine tail on, simulated time: 1x 2P+6D auto 99.2 % -> 98.9 %, 1x 4P+4D 98.0 -> 97.4,
-    # 3x 2P+6D 87.8 -> 86.6 %): remote priced cheaper by that block took ~1 % more prompts to
-    # a pool that was not freer for them; the term keeps the pricing's bias towards local
-    # that those figures were reached with (docs/benchmarks.md, issue 11, session 9).
+    # 3x 2P+6D 87.8 -> 86.6 %; at 1x about one point more of the prompts went remote, to a
+    # pool that was not freer for them): the term keeps the bias towards local that those
+    # figures were reached with (docs/benchmarks.md, issue 11, session 9).
     tail_shipped: bool = False
     # ms pricing only (no ITL slacks known: a live decode worker): a path's own time (local:
     # its first token; remote: when the decode worker can go on) counts only past this
