@@ -10,7 +10,7 @@ Dynamo's numbers are the means of 3 runs from that README's table (its JSON is n
 this repository); they are printed as stored, not rerun.
 
     .venv/bin/python bench/replay_disagg_compare.py [--speeds 1,3] [--limit N] [--out F.json]
-        [--only LABELS] [--spare-budget-ms MS]
+        [--only LABELS] [--spare-budget-ms MS] [--ship-tail 0|1]
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma-separated labels to run")
     ap.add_argument("--out", default=None, help="write every result as JSON here")
+    ap.add_argument("--ship-tail", type=int, choices=(0, 1), default=1,
+                    help="1: a remote prefill's partial last block travels with its first "
+                    "token (as live); 0: the decode worker computes it")
     ap.add_argument("--spare-budget-ms", type=float, default=0.0,
                     help="genset replay --disagg-spare-budget-ms for every row (0: off)")
     args = ap.parse_args()
@@ -72,7 +75,8 @@ def main() -> int:
                 continue
             r = run_disagg_replay(trace, "genset", DisaggReplayConfig(
                 prefill_workers=p, decode_workers=d, disagg=mode, peer_prefill=peers,
-                arrival_speedup=speed, spare_budget_ms=args.spare_budget_ms))
+                arrival_speedup=speed, spare_budget_ms=args.spare_budget_ms,
+                ship_tail=bool(args.ship_tail)))
             rows.append({"load": key, "setting": label, **r})
             print(f"| {key} | genset | {label} | {r['sla_attainment'] * 100:.1f} | "
                   f"{r['ttft_mean_ms']:.0f} | {r['ttft_p90_ms']:.0f} | "

@@ -181,7 +181,11 @@ class RemotePrefillReply(Message, kw_only=True):
     `cached_tokens`: prompt tokens the prefill worker found in its own prefix cache.
     `blocks`: how many blocks (from `first_block` on) it pinned and is sending; fewer than the
     prompt's full blocks when some were evicted before it could pin them (the decode worker
-    computes the rest)."""
+    computes the rest).
+    `tail_tokens`: the prompt's tokens after its last full block, whose KV (`tail`: that
+    partial block's payload, None for an engine whose blocks carry none, or when it is over
+    the reply's size bound) the decode worker uses instead of computing them again; 0: it
+    computes them."""
 
     request_id: str
     transfer_id: str
@@ -190,6 +194,8 @@ class RemotePrefillReply(Message, kw_only=True):
     prompt_tokens: Count = 0
     cached_tokens: Count = 0
     blocks: Count = 0
+    tail_tokens: Count = 0
+    tail: bytes | None = None
 
 
 KvTransferMessage = (

@@ -66,6 +66,17 @@ def test_nothing_to_ship_means_local():
     assert dec.reason == d.SHORT_PROMPT_CACHED
 
 
+def test_a_shipped_tail_costs_the_decode_worker_no_recompute():
+    # 4,100 tokens: 256 full blocks and a partial one of 4 tokens, which the decode worker
+    # computes when it does not travel (linear_prefill: 0.4 ms) while 32 streams wait
+    recomputed = d.decide(4100, BUSY_DECODE, [IDLE_PREFILL], model())
+    shipped = d.decide(4100, BUSY_DECODE, [IDLE_PREFILL], model(tail_shipped=True))
+    assert recomputed.remote_slowdown_ms == pytest.approx(32 * 0.4)
+    assert shipped.remote_slowdown_ms == 0.0
+    assert shipped.remote_ready_ms == pytest.approx(recomputed.remote_ready_ms - 0.4)
+    assert shipped.local_slowdown_ms == recomputed.local_slowdown_ms
+
+
 def test_long_prompt_on_a_busy_decode_worker_goes_remote():
     dec = d.decide(4096, BUSY_DECODE, [IDLE_PREFILL], model())
     assert dec.mode == d.REMOTE and dec.reason == d.REMOTE_CHEAPER

@@ -121,6 +121,8 @@ async def test_disaggregated_equals_aggregated_token_for_token(workers):
                 repetition_penalty=1.2, frequency_penalty=0.5)
     assert decode.metric("genset_disagg_remote_prefills_total") == remote
     assert decode.metric("genset_disagg_fallbacks_total") == 0
+    # every prompt but the one ending on a block boundary shipped its partial last block
+    assert decode.metric("genset_disagg_kv_tails_total") == remote - 1
 
 
 async def test_several_requests_in_flight(workers):

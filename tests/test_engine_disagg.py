@@ -135,3 +135,59 @@ def test_torch_kv_layout_matches_its_payloads():
     blocks = core.export_kv(HASHES[:2])
     assert [len(b.data) for b in blocks] == [layout.bytes_per_block] * 2
     assert layout.format == "genset-kv/1" and len(layout.block_shape) == 5
+
+
+def _tail_resume(make_core, sampling, *, blocks: int):
+    """A prompt prefilled on one core (`export_tail`) and resumed on another with its full
+    blocks imported (the first `blocks` of them) and its partial last block as `KvImport.tail`:
+    the tokens, and the prompt tokens the resumed request's first step computed."""
+    p = make_core()
+    first, last = run(p, EngineRequest("p", PROMPT, sampling, StopConditions(max_tokens=1),
+                                       export_tail=True))
+    assert last.kv_tail is not None and last.kv_tail[0] == len(PROMPT) % 4
+    exported = p.export_kv(HASHES[:blocks])
+    d = make_core()
+    assert d.import_kv(KvImport(exported), pin_for="x") == blocks
+    tail, payload = last.kv_tail
+    d.add_request(EngineRequest(
+        "d", PROMPT, sampling, StopConditions(max_tokens=6),
+        kv_import=KvImport([], pinned_as="x", tail_tokens=tail,
+                           tail=payload if d.executor.name == "torch" else None),
+        resume_token_ids=first))
+    rest, step_prefill = [], None
+    while d.has_work():
+        outs, _ = d.step()
+        if step_prefill is None:
+            step_prefill = d.last_step.prefill_tokens
+        rest += [t for o in outs for t in o.token_ids]
+    assert d.pool.num_used == 0 and d.scheduler.num_pinned_blocks == 0
+    d.pool.check_invariants()
+    return first + rest, step_prefill
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.0),
+                                      SamplingParams(temperature=0.9, seed=5)])
+def test_a_shipped_tail_makes_the_resume_step_a_decode_step(sampling):
+    whole, _ = run(MockerCore(CFG), EngineRequest("a", PROMPT, sampling,
+                                                  StopConditions(max_tokens=6)))
+    tokens, computed = _tail_resume(lambda: MockerCore(CFG), sampling, blocks=7)
+    assert tokens == whole and computed == 0  # the first token alone: a decode
+    # a full block missing (evicted in transit): the tail is not used, the rest computed here
+    tokens, computed = _tail_resume(lambda: MockerCore(CFG), sampling, blocks=6)
+    assert tokens == whole and computed == 4 + 2 + 1
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.0),
+                                      SamplingParams(temperature=0.9, seed=5)])
+def test_torch_shipped_tail_gives_the_aggregated_tokens(sampling):
+    pytest.importorskip("torch")
+    from genset.engines.torch.engine import TorchEngine
+
+    def make():
+        return TorchEngine("tiny", num_blocks=32, block_size=4).core
+
+    whole, _ = run(make(), EngineRequest("a", PROMPT, sampling, StopConditions(max_tokens=6)))
+    tokens, computed = _tail_resume(make, sampling, blocks=7)
+    assert tokens == whole and computed == 0
+    tokens, computed = _tail_resume(make, sampling, blocks=6)
+    assert tokens == whole and computed == 4 + 2 + 1

@@ -13,7 +13,7 @@ profile the router uses, for this request on these workers right now:
   its uncached tokens (its own cached prefix counts there), then the KV of the blocks the
   decode worker lacks crosses at the measured bandwidth, then the decode worker imports it
   (which stalls its running sequences for the import) and computes the prompt's trailing
-  partial block itself (only full blocks travel). A peer that decodes for its own clients
+  partial block itself, unless it travelled with the first token (`tail_shipped`). A peer that decodes for its own clients
   (role `both`, lending its prefill) stalls those sequences for the prefill's duration: that
   slow-down is priced like the local one.
 
@@ -166,6 +166,14 @@ class CostModel:
     remote_margin_ms: float = 0.0
     itl_target_ms: float = 0.0
     ttft_target_ms: float = 0.0
+    # True: price a remote prefill without the decode worker computing the prompt's last
+    # partial block, which now travels with the first token (`KvImport.tail`). Off (live and
+    # in the replay) although the tail is shipped: the replay measured it worse (2026-12-06,
+    # engine tail on, simulated time: 1x 2P+6D auto 99.2 % -> 98.9 %, 1x 4P+4D 98.0 -> 97.4,
+    # 3x 2P+6D 87.8 -> 86.6 %; at 1x about one point more of the prompts went remote, to a
+    # pool that was not freer for them): the term keeps the bias towards local that those
+    # figures were reached with (docs/benchmarks.md, issue 11, session 9).
+    tail_shipped: bool = False
     # ms pricing only (no ITL slacks known: a live decode worker): a path's own time (local:
     # its first token; remote: when the decode worker can go on) counts only past this
     # budget, as the stall counts only past `itl_target_ms`. 0: every ms counts. With both
@@ -331,8 +339,8 @@ def decide(prompt_tokens: int, decode: DecodeState, prefills: Sequence[PrefillSt
     transfer_bytes = int(transfer_blocks * bs * model.kv_bytes_per_token)
     transfer_ms = model.transfer_setup_ms + transfer_bytes / model.bandwidth_bytes_per_s * 1e3
     import_ms = transfer_blocks * model.import_ms_per_block
-    tail = prompt_tokens - full_blocks * bs  # recomputed on the decode worker
-    tail_ms = model.prefill_ms(tail, decode.running) if tail else 0.0
+    tail = prompt_tokens - full_blocks * bs  # recomputed on the decode worker, unless shipped
+    tail_ms = model.prefill_ms(tail, decode.running) if tail and not model.tail_shipped else 0.0
     remote_slowdown = decode.running * _stall_ms(model, import_ms + tail_ms, decode.step_ms)
 
     itl_gaps = (max_tokens - 1 if model.itl_target_ms > 0 and max_tokens is not None

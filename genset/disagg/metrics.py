@@ -50,6 +50,10 @@ class DisaggMetrics:
         self.remote_done = metrics.counter(
             "disagg_remote_prefills_total", "Remote prefills whose KV this decode worker "
             "imported and continued from")
+        self.tails = metrics.counter(
+            "disagg_kv_tails_total", "Remote prefills whose first-token reply carried the "
+            "prompt's last partial block, handed to this decode worker's engine with the "
+            "import (it computes those tokens only if a full block went missing)")
         self.served = metrics.counter(
             "disagg_prefills_served_total", "Remote-prefill requests this prefill worker "
             "answered, by outcome (ok, or the error code it refused with)", ("outcome",))

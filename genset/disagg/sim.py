@@ -4,9 +4,9 @@ transfer takes when no real KV exists.
 The mocker has no tensors, so a transfer between mockers moves hashes only; its time is
 modelled instead, from the same two knobs as Dynamo's mocker: `--kv-bytes-per-token` (bytes
 of KV one token occupies, all layers, K and V) and `--kv-transfer-bandwidth` (GB/s, 1 GB =
-1e9 bytes; 0 turns the delay off). Only full blocks travel (the trailing partial block is
-recomputed by the decode worker), so the modelled bytes are full blocks x block_size x
-kv_bytes_per_token. Which blocks count is `timing_mode`: `missing` (default: the blocks the
+1e9 bytes; 0 turns the delay off). Full blocks travel on the link, so the modelled bytes are
+full blocks x block_size x kv_bytes_per_token; the trailing partial block rides with the
+first token (`KvImport.tail`: one block at most, not modelled on the link). Which blocks count is `timing_mode`: `missing` (default: the blocks the
 decode worker does not already hold, what a real transfer moves) or `full_prompt` (every full
 block of the prompt, Dynamo's simpler default).
 

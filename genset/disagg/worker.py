@@ -116,6 +116,11 @@ TRANSPORTS = ("auto", "nats", "tcp")
 # genset_disagg_resume_seconds{prompt="long"}: transfers of at least this many blocks (1,024
 # tokens at block size 16), so a bench sees long prompts' resume gaps apart from short ones'
 LONG_TRANSFER_BLOCKS = 64
+# The prompt's last partial block travels in the first-token reply (`RemotePrefillReply.tail`)
+# when its payload is at most this (a NATS reply: under the server's 1 MiB default max payload
+# with room for the rest); a larger one (a real model's block, e.g. 2 MiB) is computed again
+# on the decode worker, as before the tail was shipped.
+TAIL_MAX_BYTES = 512 * 1024
 KV_PAYLOADS = ("dummy", "none")
 
 
@@ -477,6 +482,12 @@ class DisaggHook(WorkerHooks):
             await run.release()
             return None
         card = engine.card
+        # the prompt's last partial block, when the reply carries it for exactly this
+        # prompt (an engine whose blocks carry a payload needs its bytes)
+        tail = len(token_ids) % ctx.block_size
+        if (tail and reply.tail_tokens == tail and (reply.tail is not None or self.mocker)
+                and (reply.tail is None or len(reply.tail) == self.layout.bytes_per_block)):
+            run.tail = (tail, reply.tail)
         max_len = min(card.context_length, card.kv_blocks * card.block_size)
         lp = None
         if reply.logprobs is not None:
@@ -591,14 +602,31 @@ class DisaggHook(WorkerHooks):
                                                out.logprobs.top_logprobs[:1],
                                                req.sampling.logprobs or 0)
                       if out.logprobs is not None and out.logprobs.logprobs else None),
-            prompt_tokens=len(tokens), cached_tokens=max(0, out.cached_tokens), blocks=pinned)
+            prompt_tokens=len(tokens), cached_tokens=max(0, out.cached_tokens), blocks=pinned,
+            **self._tail_fields(out))
+
+    def _tail_fields(self, out) -> dict:
+        """The reply's `tail_tokens` / `tail`: the prompt's last partial block, read by the
+        engine as the prefill finished (`EngineOutput.kv_tail`). The mocker's carries no
+        bytes (its blocks have no payload; with dummy payloads, what one partial block would
+        add to the modelled link is ~0.1 ms at the bench's settings, not modelled); a payload
+        over `TAIL_MAX_BYTES` is left out: the decode worker computes those tokens again."""
+        if out.kv_tail is None:
+            return {}
+        n, payload = out.kv_tail
+        if self.mocker:
+            return {"tail_tokens": n}
+        if isinstance(payload, bytes | bytearray | memoryview) and len(payload) <= TAIL_MAX_BYTES:
+            return {"tail_tokens": n, "tail": bytes(payload)}
+        return {}
 
     async def _run_prefill(self, engine, eid: str, tokens: list[int],
                            req: proto.GenerateRequest, stop, left: float):
         """The prompt to its first token on this engine (the output that carries it)."""
         try:
             stream = await engine.submit(EngineRequest(
-                request_id=eid, token_ids=tokens, sampling=req.sampling, stop=stop))
+                request_id=eid, token_ids=tokens, sampling=req.sampling, stop=stop,
+                export_tail=True))
         except EngineOverloaded as exc:
             raise _refuse("overloaded", str(exc), retryable=True) from None
         except ValueError as exc:
@@ -867,6 +895,10 @@ class _RemoteRun:
         self.key = ""
         self.imported = 0
         self.released = False
+        # (tokens, payload) of the prompt's last partial block, from the first-token reply:
+        # handed to the engine with the import, so the resumed request's first step is a
+        # decode step (`KvImport.tail`)
+        self.tail: tuple[int, bytes | None] | None = None
         # the resume gap's stamps (time.monotonic): the first token sent (kv() called right
         # after), the KV complete, the request submitted; `resumed` observes them
         self._sent_at = 0.0
@@ -924,7 +956,10 @@ class _RemoteRun:
             return None
         hook.m.remote_done.inc()
         self._kv_at = time.monotonic()
-        return KvImport(blocks=[], pinned_as=self.key)
+        tail = self.tail or (0, None)
+        if tail[0]:
+            hook.m.tails.inc()
+        return KvImport(blocks=[], pinned_as=self.key, tail_tokens=tail[0], tail=tail[1])
 
     def resumed(self) -> None:
         """The engine's first output after the remote first token (the host calls it)."""

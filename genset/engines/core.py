@@ -195,7 +195,16 @@ class SchedulingCore:
             except BaseException:
                 sched.unpin(request.request_id)  # the id was checked unused: only these pins
                 raise
+        tail = None
+        if kv is not None and kv.tail_tokens > 0 and kv.tail is not None:
+            try:  # checked like an imported block (`decode_kv`), before anything is queued
+                tail = self.executor.decode_kv([KvBlockData(0, kv.tail)])[0]
+            except BaseException:
+                sched.unpin(request.request_id)
+                raise
         seq = sched.add_request(request)
+        if seq.tail is not None:
+            seq.tail = (seq.tail[0], tail)
         self.executor.start_sequence(seq, request)
 
     def check_sampling(self, request: EngineRequest) -> None:
@@ -229,6 +238,8 @@ class SchedulingCore:
         plan = sched.schedule()
         if self.pool.evicted:  # before execute() writes into the evicted blocks' memory
             self._hand_over_evicted()
+        if sched.tail_writes:
+            self._write_tails()
         if not plan.chunks:
             self.executor.idle()
             return [], 0.0
@@ -242,6 +253,8 @@ class SchedulingCore:
             record = StepRecord(plan.num_tokens - decodes, decodes,
                                 pool.num_used / pool.num_blocks if pool.num_blocks else 0.0)
         outputs = sched.update(plan, sampled)
+        if sched.tail_exports:
+            self._read_tails(outputs)
         logprobs = executor.step_logprobs
         if logprobs is not None:  # only requests that asked: nothing to do for the others
             by_id = {c.seq_id: lp for c, lp in zip(plan.chunks, logprobs, strict=True) if lp}
@@ -253,6 +266,27 @@ class SchedulingCore:
             record.step_ms = step_ms
             self.last_step = record
         return outputs, step_ms
+
+    def _write_tails(self) -> None:
+        """Imported partial blocks the last `schedule()` admitted (`KvImport.tail`), written
+        before the step that reads them; an executor whose blocks carry no payload (the
+        mocker) has nothing to write."""
+        writes, self.scheduler.tail_writes = self.scheduler.tail_writes, []
+        writes = [(b, p) for b, p in writes if p is not None]
+        if writes:
+            self.executor.write_kv([b for b, _ in writes], [p for _, p in writes])
+
+    def _read_tails(self, outputs: list[EngineOutput]) -> None:
+        """The partial last prompt blocks of requests that just finished with `export_tail`
+        (`EngineOutput.kv_tail`): freed by `update`, read now, before the next step can
+        write into them."""
+        exports, self.scheduler.tail_exports = self.scheduler.tail_exports, []
+        payloads = self.executor.read_kv([b for _, b, _ in exports])
+        by_id = {rid: (n, p) for (rid, _, n), p in zip(exports, payloads, strict=True)}
+        for out in outputs:
+            tail = by_id.get(out.request_id)
+            if tail is not None and out.finish_reason is not None:
+                out.kv_tail = tail
 
     # ---- KV events and load -----------------------------------------------------------------
 

@@ -109,6 +109,8 @@ def merge_output(into: EngineOutput, out: EngineOutput) -> None:
     into.finish_reason = out.finish_reason
     into.completion_tokens = out.completion_tokens
     into.error = out.error
+    if out.kv_tail is not None:
+        into.kv_tail = out.kv_tail
 
 
 class EvictionHandover:

@@ -104,6 +104,7 @@ class Sequence:
         "block_table",
         "cached_memo",
         "cached_tokens",
+        "export_tail",
         "ignore_eos",
         "max_tokens",
         "min_tokens",
@@ -116,6 +117,7 @@ class Sequence:
         "sampling",
         "status",
         "stop_ids",
+        "tail",
         "token_ids",
         "user_data",
     )
@@ -144,6 +146,15 @@ class Sequence:
         self.num_preemptions = 0
         self.status = WAITING
         self.user_data: Any = None  # owner's per-request state (e.g. the mocker's rng)
+        # KV of the prompt's last partial block, computed elsewhere (a remote prefill):
+        # (its token count, the executor's decoded payload or None), used once at admission
+        # (`_admit`); and whether to hand this request's own partial block out when it
+        # finishes (`Scheduler.tail_exports`: a prefill worker's remote prefill)
+        kv = request.kv_import
+        self.tail: tuple[int, Any] | None = None
+        if kv is not None and kv.tail_tokens > 0 and resumed:
+            self.tail = (kv.tail_tokens, None)
+        self.export_tail = request.export_tail
 
 
 class Scheduler:
@@ -164,6 +175,13 @@ class Scheduler:
         self.requests: dict[str, Sequence] = {}
         self._pins: dict[str, list[int]] = {}
         self._scheduled: list[Sequence] = []  # sequences of the last plan, chunk order
+        # (block id, payload) of imported partial blocks admitted by the last `schedule()`:
+        # the core writes them before the step runs (`Sequence.tail`)
+        self.tail_writes: list[tuple[int, Any]] = []
+        # (request id, block id, tokens) of finished requests' partial last prompt blocks
+        # (`EngineRequest.export_tail`), freed by the last `update()`: the core reads them
+        # before the next step can write into them
+        self.tail_exports: list[tuple[str, int, int]] = []
         # counters (monotonic), for metrics and tests
         self.num_computed_tokens = 0  # tokens the executor was asked to compute
         self.num_preemptions = 0
@@ -332,6 +350,10 @@ class Scheduler:
             if reason is not None:
                 seq.status = FINISHED
                 del self.requests[seq.request_id]
+                if seq.export_tail:
+                    full, tail = divmod(seq.prompt_len, bs)
+                    if tail and len(seq.block_table) > full:
+                        self.tail_exports.append((seq.request_id, seq.block_table[full], tail))
                 self._release(seq)
                 finished = True
         if finished:
@@ -478,6 +500,8 @@ class Scheduler:
         for seq in self.waiting:
             if pins and seq.request_id in pins:
                 total += len(seq.token_ids) - self._cached_prefix(seq)
+                if seq.tail is not None:  # (when admission can use it: `_admit`)
+                    total -= seq.tail[0]
             else:
                 total += len(seq.token_ids) - seq.num_computed
         for seq in self.running:
@@ -574,8 +598,16 @@ class Scheduler:
             # the last token is always computed: its logits give the next token
             hit = pool.lookup(seq.block_hashes[: (total - 1) // bs])
         cached = len(hit) * bs
-        n = min(total - cached, budget)
-        need = -(-(cached + n) // bs) - len(hit)
+        # A tail (the prompt's last partial block, computed by a remote prefill) is used only
+        # where it continues exactly what is cached here: every full block of the prompt
+        # (one evicted meanwhile means the prompt's rest is computed here, tail and all)
+        tail = seq.tail
+        tail_n = 0
+        if tail is not None:
+            if cached == seq.prompt_len - tail[0] and cached + tail[0] < total:
+                tail_n = tail[0]
+        n = min(total - cached - tail_n, budget)
+        need = -(-(cached + tail_n + n) // bs) - len(hit)
         reclaimed = sum(1 for b in hit if pool.ref_cnt[b] == 0)
         if pool.num_free - reclaimed < need:
             # (released pins leave their blocks cached: `hit` still holds)
@@ -586,8 +618,12 @@ class Scheduler:
                 return 0
         pool.touch(hit)
         seq.block_table = hit + (pool.allocate(need) or [])
-        seq.num_computed = cached
+        seq.num_computed = cached + tail_n
         seq.num_registered = len(hit)
+        if tail is not None:
+            seq.tail = None  # used once: a preempted request computes its prompt again
+            if tail_n:
+                self.tail_writes.append((seq.block_table[len(hit)], tail[1]))
         if seq.cached_tokens < 0:
             seq.cached_tokens = min(cached, seq.prompt_len)
         self.unpin(seq.request_id)

@@ -38,6 +38,15 @@ class KvImport:
     # run pinned under this key (`Engine.import_kv(kv, pin_for=key)`): a request submitted
     # with `KvImport(blocks=[], pinned_as=key)` takes those pins over instead of importing.
     pinned_as: str | None = None
+    # The prompt's last partial block (its `tail_tokens` tokens after the last full block),
+    # computed by the engine that prefilled the prompt: with it a resumed request's first
+    # step computes only its first token (a decode step) instead of that block again.
+    # Never cached by hash (it is not a full block); used only when every full block of the
+    # prompt is cached at admission, else the prompt's rest is computed as before. `tail`:
+    # the block's payload as `Engine.export`ed (`EngineOutput.kv_tail`), None for an engine
+    # whose blocks carry none (the mocker).
+    tail_tokens: int = 0
+    tail: Any = None
 
 
 @dataclass(slots=True)
@@ -56,6 +65,10 @@ class EngineRequest:
     # output: sampling index, penalties, min/max_tokens), so a seeded or greedy request goes on
     # exactly as on one engine. The engine emits only the tokens after them.
     resume_token_ids: list[int] = field(default_factory=list)
+    # Hand out the prompt's last partial block when the request finishes
+    # (`EngineOutput.kv_tail`): a prefill worker's remote prefill, whose decode worker then
+    # need not compute it again (`KvImport.tail`).
+    export_tail: bool = False
 
 
 @dataclass(slots=True)
@@ -93,6 +106,10 @@ class EngineOutput:
     completion_tokens: int = 0
     error: str | None = None
     logprobs: Logprobs | None = None
+    # On the last output of an `export_tail` request: (tokens, payload) of its prompt's last
+    # partial block (payload: what `read_kv` gives, placeholder bytes for the mocker); None
+    # when the prompt ends on a block boundary
+    kv_tail: tuple[int, Any] | None = None
 
 
 @dataclass(slots=True)
