@@ -98,6 +98,8 @@ class RouterFeeds:
         self._live: dict[int, int] = {}  # instance id -> capacity (max over its cards)
         self._stores = None  # KV offload store membership (etcd)
         self._store_resyncs: dict[int, asyncio.Task] = {}  # store id -> resync in flight
+        # Set (and replaced) whenever a worker joins from etcd: `wait_worker_joined`.
+        self._worker_joined = asyncio.Event()
         # Marked by the caller (the frontend pipeline) when a request fails on a worker;
         # it passes them to routers as RouteRequest.exclude.
         self.suspects = SuspectWorkers()
@@ -176,6 +178,8 @@ class RouterFeeds:
             if new:
                 # What it already holds (a router that starts after its workers, or restarts).
                 self.request_resync(card.instance_id)
+                joined, self._worker_joined = self._worker_joined, asyncio.Event()
+                joined.set()
         else:
             self._cards.pop(key, None)
             if self._recount(card.instance_id):
@@ -183,6 +187,19 @@ class RouterFeeds:
             self.core.remove_worker(card.instance_id)
         if self.m:
             self.m.workers.set(len(self.core.workers))
+
+    async def wait_worker_joined(self, wait_s: float) -> bool:
+        """Wait at most `wait_s` seconds for a worker to join (its model card seen in etcd);
+        False when none did. Only with discovery (False at once without)."""
+        if self.discovery is None or wait_s <= 0:
+            return False
+        joined = self._worker_joined
+        try:
+            async with asyncio.timeout(wait_s):
+                await joined.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def _recount(self, worker_id: int) -> bool:
         """Update the live entry of `worker_id` from its cards; False once it has none."""
