@@ -14,7 +14,8 @@ aiperf summary to --out-dir.
         --timeline                                  # + a per-request TTFT breakdown per genset run
     .venv/bin/python bench/bench_aiperf.py --workers 4 --prefix-prompts 4          # shared prefixes
 
-A system is `genset:<router mode>` (`genset` alone: `genset up`'s default, the router service;
+A system is `genset:<router mode>` (`genset` alone: `genset up`'s default, the router embedded
+in its one frontend since session 9; `genset:service` the router service;
 `genset:embedded`, `genset:round-robin`, ...) or `dynamo:<router mode>` (`dynamo` alone: the KV
 router, as in the issue's figures). `genset-base:<mode>` runs another checkout (--baseline).
 

@@ -1,8 +1,9 @@
 """`genset up`: a whole local stack in one command.
 
 Uses NATS and etcd when they answer at the given URLs, otherwise starts them (data under the
-project-local state directory, `.state/` by default), then the router service (unless the
-router runs embedded in the frontend), the workers and the frontend, each as a child process running `genset <command>`
+project-local state directory, `.state/` by default), then the router service (only with
+`--router service` or several frontends: one frontend embeds the router, see `router_plan`),
+the workers and the frontend, each as a child process running `genset <command>`
 with its log in `<state>/logs/`. It prints progress while starting, waits until the frontend
 lists the model, prints the URL and a ready-to-paste curl line, and on Ctrl-C or SIGTERM stops
 everything in reverse order: SIGTERM, wait, SIGKILL what is left. A child that dies while
@@ -47,7 +48,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from genset.engines.factory import served_model_name
-from genset.routing.api import MODE_AUTO, MODE_SERVICE, POLICY_NAMES, router_mode
+from genset.routing.api import (
+    MODE_AUTO,
+    MODE_EMBEDDED,
+    MODE_SERVICE,
+    POLICY_NAMES,
+    router_mode,
+)
 from genset.runtime import auth  # security: credentials, NATS config, etcd users (issue 14)
 from genset.runtime.config import DefaultsHelpFormatter
 from genset.runtime.infra import child_command, pick_listen_port
@@ -72,6 +79,26 @@ def _router_mode(text: str) -> str:
         return router_mode(text)
     except ValueError as exc:  # argparse shows it as "argument --router: ..."
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def router_plan(mode: str, frontends: int) -> tuple[bool, str]:
+    """(start the router service?, the `--router` every frontend gets) for `genset up --router
+    MODE --frontends N`.
+
+    `auto` with one frontend runs the router embedded in it, with no router service: that one
+    frontend already decides every request with its warm copy of the router ("local first"),
+    so a service beside it only followed the same feeds (every KV event, load report and
+    lifecycle message delivered to one more process) to answer what the frontend could not
+    route yet; at c=16 it cost 1.1 of 15.45 ms CPU per request, 1.85 of 26.95 with 4 workers
+    (docs/benchmarks.md §5l; §5m measures the stack without it). With two frontends or more
+    the service stays: their decisions meet there and in each other's views, and a frontend
+    that starts or restarts asks it while its own view is empty. `service` always starts it;
+    `embedded` and the policy names never do."""
+    if mode == MODE_SERVICE or (mode == MODE_AUTO and frontends > 1):
+        return True, MODE_SERVICE
+    if mode == MODE_AUTO:
+        return False, MODE_EMBEDDED
+    return False, mode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'tiny' (built in) or a local Hugging Face model directory")
     p.add_argument("--served-model-name", default=None, help="model name clients use")
     p.add_argument("--router", type=_router_mode, default=MODE_AUTO, metavar="MODE",
-                   help="auto (default) or service: a `genset router` process the frontend asks; "
-                        "embedded: the KV-aware router inside the frontend; or a routing policy "
-                        f"run embedded ({', '.join(POLICY_NAMES)})")
+                   help="auto (default): the KV-aware router embedded in the frontend with one "
+                        "frontend, a `genset router` service the frontends share with "
+                        "--frontends 2 or more; service: always the router service; embedded: "
+                        "always in each frontend, no service; or a routing policy run embedded "
+                        f"({', '.join(POLICY_NAMES)})")
     p.add_argument("--speedup", type=float, default=None, help="mocker: run this many times faster")
     p.add_argument("--namespace", default="default")
     p.add_argument("--nats", default="nats://127.0.0.1:4222",
@@ -514,10 +543,12 @@ class Launcher:
             raise LaunchError(str(exc)) from None
         self.nats_url = self.ensure_nats()
         self.etcd_endpoint = self.ensure_etcd()
-        router_mode = a.router
-        if a.router in (MODE_SERVICE, MODE_AUTO):
+        service, router_mode = router_plan(a.router, a.frontends)
+        if service:
             self.start_router_service()
-            router_mode = MODE_SERVICE
+        else:
+            self.say(f"router: {router_mode} in the frontend (no router service: "
+                     f"{'one frontend' if a.router == MODE_AUTO else '--router ' + a.router})")
         self.start_offload_store()  # KV offload store (issue 12)
         workers = self.start_workers()
         frontend = self.start_frontend(router_mode)

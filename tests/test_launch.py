@@ -94,6 +94,20 @@ def test_a_child_dying_at_start_stops_everything_with_its_log(tmp_path):
     assert not processes_mentioning(str(state)), text  # NATS and etcd it started are gone
 
 
+def test_router_plan_embeds_the_router_with_one_frontend():
+    """`genset up --router MODE --frontends N`: whether a router service starts and what the
+    frontends are told."""
+    from genset.launch import build_parser, router_plan
+
+    assert build_parser().parse_args([]).router == "auto"
+    assert router_plan("auto", 1) == (False, "embedded")  # the default stack: no service
+    assert router_plan("auto", 2) == (True, "service")
+    assert router_plan("auto", 3) == (True, "service")
+    assert router_plan("service", 1) == (True, "service")
+    assert router_plan("embedded", 2) == (False, "embedded")
+    assert router_plan("round-robin", 1) == (False, "round-robin")
+
+
 def test_bad_flags_are_refused_before_anything_starts(tmp_path, capsys):
     from genset.launch import main
 
@@ -122,6 +136,11 @@ def test_genset_up_uses_running_nats_and_etcd_and_leaves_them_running(nats_serve
         assert f"nats: using the server at {nats_server.url}" in text
         assert f"etcd: using the server at {etcd_server.endpoint}" in text
         pids = descendants(proc.pid)
+        # the default stack, one frontend: the router embedded in it, no router service
+        assert "router: embedded in the frontend" in text and "router: starting" not in text
+        assert not [p for p in pids if "genset.cli router " in cmdline(p)], pids
+        [frontend] = [p for p in pids if "genset.cli frontend " in cmdline(p)]
+        assert "--router embedded" in cmdline(frontend)
         resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                           json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
@@ -183,6 +202,9 @@ def test_genset_up_with_two_frontends_serves_from_both_on_one_port(tmp_path):
         assert "frontend-1: starting" in text and "frontend-2: starting" in text
         assert "2 frontends" in text
         pids = descendants(proc.pid)
+        # several frontends share the router service (their decisions meet there)
+        assert "router ready" in text
+        assert len([p for p in pids if "genset.cli router " in cmdline(p)]) == 1, pids
         status_ports = [int(re.search(r"--metrics-port (\d+)", cmdline(p)).group(1))
                         for p in pids if " frontend " in cmdline(p)]
         assert len(status_ports) == 2, [cmdline(p) for p in pids]

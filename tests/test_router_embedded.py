@@ -148,3 +148,44 @@ async def test_frontend_router_modes_resolve_to_one_router_each(bus, discovery):
     await discovery.register(keys.instance(ns, "router", 7), proto.InstanceRecord(
         instance_id=7, component="router", namespace=ns))
     assert isinstance(await make("auto"), RemoteRouter)
+
+
+async def test_frontend_embedded_router_waits_for_a_worker_to_join(bus, discovery):
+    """`genset up`'s default embeds the router in the frontend: a request the frontend lets in
+    (its registry lists the model) while the router's own etcd watch has not shown the worker
+    yet waits for it to join and is routed there, instead of failing "no worker"."""
+    from services.frontend import routing
+
+    ns = f"w{uuid.uuid4().hex[:8]}"
+    router = await routing.create("auto", bus=bus, discovery=discovery, namespace=ns)
+    assert router.wait_for_worker_s == routing.WORKER_WAIT_S > 0
+    await router.start()
+    try:
+        req = proto.RouteRequest(request_id="early", model="m",
+                                 token_ids=proto.pack_tokens(toks(1)))
+        waiting = asyncio.create_task(router.route(req))
+        await asyncio.sleep(0)
+        assert not waiting.done()  # no worker known: it waits (bounded), it does not fail
+        await discovery.register(keys.model(ns, "m", 0x33), proto.ModelCard(
+            model="m", instance_id=0x33, block_size=BS, kv_blocks=1024))
+        async with asyncio.timeout(30):  # generous: the watch delivers within milliseconds
+            decision = await waiting
+        assert decision.worker_id == 0x33 and not decision.error
+        # what the request's exclusions left empty is answered at once (workers are known)
+        d = await router.route(proto.RouteRequest(request_id="x", model="m", exclude=[0x33],
+                                                  token_ids=proto.pack_tokens(toks(1))))
+        assert d.worker_id is None and "no worker" in d.error
+    finally:
+        await router.close()
+
+
+async def test_warm_copy_beside_the_service_does_not_wait(bus, discovery):
+    """The warm copy kept beside the router service asks the service when it knows no
+    worker: it answers at once (the wait is for the embedded router only)."""
+    from genset.routing.api import create_router
+
+    router = create_router("service", bus=bus, namespace=f"n{uuid.uuid4().hex[:8]}",
+                           discovery=discovery, fallback=True)
+    assert router.fallback.wait_for_worker_s == 0
+    req = proto.RouteRequest(request_id="a", model="m", token_ids=proto.pack_tokens(toks(1)))
+    assert (await router.fallback.route(req)).worker_id is None  # not started: nothing known

@@ -68,7 +68,8 @@ def test_router_sigkill_under_genset_up_fails_no_request_and_etcd_is_restarted(t
     log = tmp_path / "up.log"
     proc = start_up(REPO, log, "--engine", "mocker", "--workers", "2", "--port", str(port),
                     "--nats", f"nats://127.0.0.1:{nats_port}", "--etcd", f"127.0.0.1:{etcd_port}",
-                    "--speedup", "20", "--state-dir", str(state))
+                    "--speedup", "20", "--state-dir", str(state),
+                    "--router", "service")  # one frontend embeds the router by default
     api = f"http://127.0.0.1:{port}"
     try:
         wait_for_line(proc, log, r"Ctrl-C stops everything", within=240)

@@ -16,8 +16,10 @@ await router.close()
 
 Router modes (`ROUTER_MODES`; `genset up --router`, `genset frontend --router`,
 `create_router(mode)`):
-- `"auto"`: `"service"` when a router service runs (`genset up` starts one; a frontend looks
-  for one in etcd), else `"embedded"`. Resolved by the caller; `create_router` refuses it.
+- `"auto"`: `"service"` when a router service runs (a frontend looks for one in etcd), else
+  `"embedded"`; `genset up` starts a service only for two frontends or more and otherwise
+  tells its one frontend `"embedded"` (`genset.launch.router_plan`). Resolved by the caller;
+  `create_router` refuses it.
 - `"embedded"`: the prefix index, load model and policies run in this process, fed from the bus
   (KV events, load reports, decisions of other router replicas, worker membership from etcd).
   `policy=` picks the default policy ("genset" unless told); `RouteRequest.policy` overrides

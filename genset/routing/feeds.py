@@ -98,6 +98,9 @@ class RouterFeeds:
         self._live: dict[int, int] = {}  # instance id -> capacity (max over its cards)
         self._stores = None  # KV offload store membership (etcd)
         self._store_resyncs: dict[int, asyncio.Task] = {}  # store id -> resync in flight
+        self._closing = False
+        # Set (and replaced) whenever a worker joins from etcd: `wait_worker_joined`.
+        self._worker_joined = asyncio.Event()
         # Marked by the caller (the frontend pipeline) when a request fails on a worker;
         # it passes them to routers as RouteRequest.exclude.
         self.suspects = SuspectWorkers()
@@ -136,6 +139,7 @@ class RouterFeeds:
                     await self._idle.wait()
 
     async def close(self) -> None:
+        self._closing = True
         for t in list(self._store_resyncs.values()):
             t.cancel()
         if self._stores is not None:
@@ -176,6 +180,8 @@ class RouterFeeds:
             if new:
                 # What it already holds (a router that starts after its workers, or restarts).
                 self.request_resync(card.instance_id)
+                joined, self._worker_joined = self._worker_joined, asyncio.Event()
+                joined.set()
         else:
             self._cards.pop(key, None)
             if self._recount(card.instance_id):
@@ -183,6 +189,19 @@ class RouterFeeds:
             self.core.remove_worker(card.instance_id)
         if self.m:
             self.m.workers.set(len(self.core.workers))
+
+    async def wait_worker_joined(self, wait_s: float) -> bool:
+        """Wait at most `wait_s` seconds for a worker to join (its model card seen in etcd);
+        False when none did. Only with discovery (False at once without)."""
+        if self.discovery is None or wait_s <= 0:
+            return False
+        joined = self._worker_joined
+        try:
+            async with asyncio.timeout(wait_s):
+                await joined.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def _recount(self, worker_id: int) -> bool:
         """Update the live entry of `worker_id` from its cards; False once it has none."""
@@ -210,7 +229,11 @@ class RouterFeeds:
             self._resync_inflight.add(worker_id)
 
     async def _resync_loop(self) -> None:
-        while True:
+        # Stops on `_closing` too: on Python 3.11 a cancel that meets a resync request
+        # finishing at the same moment can be lost inside the bus's wait (the request's
+        # answer or error comes out instead), and the loop went back to waiting on its queue
+        # while close() waited for it (seen in tests: a worker with no resync responder).
+        while not self._closing:
             worker_id = await self._resync_queue.get()
             try:
                 snap = await self.bus.request(
@@ -228,6 +251,8 @@ class RouterFeeds:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # no responder / timeout: the next gap or card retries
+                if self._closing:
+                    return
                 log.warning("KV resync failed", worker=f"{worker_id:x}", error=repr(exc))
                 if self.m:
                     self.m.resyncs.labels("failed").inc()

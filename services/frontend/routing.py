@@ -6,6 +6,10 @@ never cares which one it got. The baselines (`--router round-robin`, `least-load
 the routing library's policies run embedded, the same code the router service and the replay
 run.
 
+Embedded (`genset up`'s default with one frontend: it passes `--router embedded`), a request
+for a model the registry lists but the router has no worker of yet waits for one to join
+(`WORKER_WAIT_S`) instead of failing: see `genset.routing.embedded.EmbeddedRouter`.
+
 With the router service (`service`, or `auto` finding one), the frontend keeps the same policy
 embedded and warm beside it (`fallback`, on by default): while no router answers within
 `timeout` seconds (crashed, restarting, hung, none started) requests are routed here instead of
@@ -29,6 +33,12 @@ from proto import keys
 
 log = structlog.get_logger("frontend.routing")
 
+# How long a request waits in the embedded router for a worker of its model to join when the
+# model registry lists one the router's own etcd watch has not delivered yet (the two watches
+# are apart by milliseconds; seconds on an overloaded etcd). Bounded so a worker that never
+# shows up here costs a request this much, then a 503 "no worker".
+WORKER_WAIT_S = 5.0
+
 
 async def create(mode: str, *, bus, discovery, namespace: str,
                  route_timeout: float = DEFAULT_ROUTE_TIMEOUT_S, fallback: bool = True,
@@ -47,7 +57,7 @@ async def create(mode: str, *, bus, discovery, namespace: str,
     else:
         # caller_reports: the pipeline tells an embedded router of first token / done itself
         router = create_router(mode, bus=bus, namespace=namespace, discovery=discovery,
-                               caller_reports=True)
+                               caller_reports=True, wait_for_worker_s=WORKER_WAIT_S)
     log.info("router", mode=mode, **({"timeout_s": route_timeout, "fallback": fallback,
                                       "local_first": local_first and fallback}
                                      if mode == MODE_SERVICE else {}))
