@@ -206,7 +206,8 @@ def test_learned_floor_off_and_bad_config():
 def test_jump_hold_shrinks_once_bursts_are_learned_and_attainment_has_headroom():
     core = PlannerCore(PlannerConfig(policy="slo", pools={"decode": PoolBounds(1, 8)},
                                      startup_s=30.0, burst_memory_s=600.0,
-                                     jump_hold_startups=4.0, jump_learned_startups=1.0),
+                                     jump_hold_startups=4.0, jump_learned_startups=1.0,
+                                     jump_gap_startups=None),  # the attainment gate
                        clock=lambda: 0.0)
     pool = core.pools["decode"]
 
