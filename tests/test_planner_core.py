@@ -1235,7 +1235,15 @@ def test_slack_down_gives_up_one_worker_held_only_by_a_need_of_the_pools_size():
     assert [(t, n) for t, n, _ in _pool_run(5, need, 130, slack_down=False)] == usual
     assert [(t, n) for t, n, _ in _pool_run(5, need, 130, attainment=0.94)] == usual
     assert [(t, n) for t, n, _ in _pool_run(5, need, 130, attainment=None)] == usual
-    assert [(t, n) for t, n, _ in _pool_run(5, need, 130, startup=30.0)] == usual
+    # short start-ups: the slack down has its own gate (`slack_down_min_startup_s`, 0 s)
+    assert [(t, n) for t, n, _ in _pool_run(5, need, 130, startup=30.0)] == [(60, 4)]
+    assert [(t, n) for t, n, _ in _pool_run(5, need, 130, startup=30.0,
+                                            slack_down_min_startup_s=60.0)] == usual
+    assert [(t, n) for t, n, _ in _pool_run(5, need, 130, startup=30.0,
+                                            slack_down_min_startup_s=None)] == usual  # hold's
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            PlannerConfig(slack_down_min_startup_s=bad)
     assert [(t, n) for t, n, _ in _pool_run(5, need, 130, slack_hold_above=None)] == usual
     # a pool of 4: one worker is a quarter of it, which the slack hold never holds
     assert _pool_run(4, lambda t: 4 if t == 50 else 3, 105) == []

@@ -206,7 +206,8 @@ def test_learned_floor_off_and_bad_config():
 def test_jump_hold_shrinks_once_bursts_are_learned_and_attainment_has_headroom():
     core = PlannerCore(PlannerConfig(policy="slo", pools={"decode": PoolBounds(1, 8)},
                                      startup_s=30.0, burst_memory_s=600.0,
-                                     jump_hold_startups=4.0, jump_learned_startups=1.0),
+                                     jump_hold_startups=4.0, jump_learned_startups=1.0,
+                                     jump_gap_startups=None),  # the attainment gate
                        clock=lambda: 0.0)
     pool = core.pools["decode"]
 
@@ -239,6 +240,45 @@ def test_jump_hold_shrinks_once_bursts_are_learned_and_attainment_has_headroom()
     assert off.jump_hold_s(off.pools["decode"], 280_000.0) == pytest.approx(120.0)
     for kw in ({"jump_learned_startups": -1.0}, {"jump_learned_startups": math.inf},
                {"trend_cap_memory_s": -1.0}, {"trend_cap_memory_s": math.nan}):
+        with pytest.raises(ValueError):
+            PlannerConfig(**kw)
+
+
+def test_jump_hold_spans_the_largest_gap_between_learned_bursts_plus_a_startup():
+    def core_with(**kw) -> PlannerCore:
+        return PlannerCore(PlannerConfig(policy="slo", pools={"decode": PoolBounds(1, 8)},
+                                         startup_s=60.0, burst_memory_s=600.0,
+                                         jump_hold_startups=4.0, **kw),
+                           clock=lambda: 0.0)
+
+    def bursts(core: PlannerCore, times_s: list[float]) -> None:
+        pool = core.pools["decode"]
+        pool.record(0.0, 1, 700_000.0)
+        for t in times_s:  # from idle (the floor) to 5 and back
+            pool.record(t * 1000.0, 5, 700_000.0)
+            pool.record((t + 70) * 1000.0, 1, 700_000.0)
+
+    core = core_with()
+    pool = core.pools["decode"]
+    bursts(core, [100.0])
+    # one burst is no pattern: the full hold, 4 start-ups
+    assert core.jump_hold_s(pool, 200_000.0) == pytest.approx(240.0)
+    bursts(core, [250.0])
+    # two bursts 150 s apart: held 150 s + one start-up (60 s), whatever the attainment
+    for la in (None, 0.5, 0.995):
+        core.slo_policy.long_attainment = la
+        assert core.jump_hold_s(pool, 330_000.0) == pytest.approx(210.0)
+    # a gap longer than 4 start-ups is capped there
+    far = core_with()
+    bursts(far, [100.0, 400.0])
+    assert far.jump_hold_s(far.pools["decode"], 480_000.0) == pytest.approx(240.0)
+    # never below `jump_learned_startups` start-ups
+    short = core_with(jump_gap_startups=0.0, jump_learned_startups=3.0)
+    bursts(short, [100.0, 250.0])
+    assert short.jump_hold_s(short.pools["decode"], 330_000.0) == pytest.approx(180.0)
+    # bursts that stay away for the whole memory are forgotten: the full hold again
+    assert core.jump_hold_s(pool, 1_000_000.0) == pytest.approx(240.0)
+    for kw in ({"jump_gap_startups": -1.0}, {"jump_gap_startups": math.nan}):
         with pytest.raises(ValueError):
             PlannerConfig(**kw)
 
