@@ -2,8 +2,10 @@
 draw one that the command line already names for NATS, etcd or the API."""
 from __future__ import annotations
 
-import genset.runtime.infra as infra
-from genset.launch import Launcher, build_parser, pick_listen_port
+import random
+
+from genset.launch import Launcher, build_parser
+from genset.runtime.infra import free_port, pick_listen_port
 
 
 def test_ports_named_on_the_command_line_are_reserved_before_any_is_drawn():
@@ -19,18 +21,19 @@ def test_default_and_bare_host_port_forms_are_reserved_too():
     assert {4222, 2379, 8000} <= defaults
 
 
-def test_a_reserved_port_is_never_drawn_even_when_it_is_free(monkeypatch):
-    etcd_client_port = 21006  # free (nothing binds it yet), as when etcd's peer port is drawn
+def test_a_reserved_port_is_never_drawn_even_when_it_is_free():
+    # Two ports nothing listens on; the first is reserved (as `genset up` reserves --etcd's
+    # client port before etcd binds it), and the draw offers it first, twice.
+    reserved, other = free_port(), free_port()
 
-    class Draws:
+    class ReservedFirst(random.Random):
         def __init__(self):
-            self.ports = iter([etcd_client_port, etcd_client_port, 21007])
+            super().__init__(0)
+            self.offers = [reserved, reserved, other]
 
         def randrange(self, low, high):
-            return next(self.ports)
+            return self.offers.pop(0) if self.offers else super().randrange(low, high)
 
-    monkeypatch.setattr(infra, "_port_rng", Draws())
-    monkeypatch.setattr(infra, "_bindable", lambda port, host="": True)
-    taken = {etcd_client_port}
-    assert pick_listen_port(taken) == 21007
-    assert taken == {etcd_client_port, 21007}
+    taken = {reserved}
+    port = pick_listen_port(taken, rng=ReservedFirst())
+    assert port != reserved and port in taken and len(taken) == 2

@@ -123,15 +123,17 @@ def _bindable(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def pick_listen_port(taken: set[int], host: str = "127.0.0.1") -> int:
+def pick_listen_port(taken: set[int], host: str = "127.0.0.1",
+                     rng: random.Random = _port_rng) -> int:
     """A free port for a server to listen on, added to `taken`.
 
     The server binds it only once it runs, so the port must stay free meanwhile: it is drawn
     below the kernel's ephemeral range (where outgoing connections, e.g. every NATS client's,
-    get their local ports) and never handed out twice from the same `taken`.
+    get their local ports) and never handed out twice from the same `taken`. `rng` draws the
+    candidates (a seeded one makes the draw order known).
     """
     for _ in range(200):
-        port = _port_rng.randrange(20000, _ephemeral_low())
+        port = rng.randrange(20000, _ephemeral_low())
         if port not in taken and _bindable(port, host):
             taken.add(port)
             return port
