@@ -262,18 +262,35 @@ class ServerChild:
         self.server.start(timeout=self.start_timeout)
 
 
-def _named_ports(args) -> set[int]:
-    """The local ports --nats and --etcd name (their defaults when no port is given)."""
-    ports: set[int] = set()
-    nats = urlparse(args.nats if "://" in args.nats else f"nats://{args.nats}")
+def nats_address(url: str) -> tuple[str, int]:
+    """(host, port) of a --nats URL (scheme optional, port 4222 when none is given)."""
+    parsed = urlparse(url if "://" in url else f"nats://{url}")
     try:
-        ports.add(nats.port or 4222)
+        port = parsed.port or 4222
     except ValueError:
-        pass  # a malformed port is reported where the URL is used
-    for endpoint in args.etcd.split(","):
-        port_s = endpoint.split("://", 1)[-1].rpartition(":")[2]
-        if port_s.isdigit():
-            ports.add(int(port_s))
+        raise LaunchError(f"--nats {url!r}: the port is not a number from 0 to 65535") from None
+    return parsed.hostname or "127.0.0.1", port
+
+
+def etcd_address(endpoints: str) -> tuple[str, int]:
+    """(host, port) of the first of --etcd's endpoints (host:port, scheme optional, port
+    2379 when none is given)."""
+    endpoint = endpoints.split(",")[0].split("://", 1)[-1]
+    host, sep, port_s = endpoint.rpartition(":")
+    if not sep:  # a host alone
+        host, port_s = endpoint, ""
+    if port_s and not port_s.isdigit():
+        raise LaunchError(f"--etcd {endpoints!r}: the port {port_s!r} is not a number")
+    return host or "127.0.0.1", int(port_s or 2379)
+
+
+def _named_ports(args) -> set[int]:
+    """The local ports --nats and --etcd name (their defaults when no port is given); a
+    malformed one is reported where it is used (`ensure_nats`, `ensure_etcd`)."""
+    ports: set[int] = set()
+    for address, value in ((nats_address, args.nats), (etcd_address, args.etcd)):
+        with contextlib.suppress(LaunchError):
+            ports.add(address(value)[1])
     return ports
 
 
@@ -333,8 +350,7 @@ class Launcher:
         from genset.runtime.infra import NatsServer
 
         url = self.args.nats
-        parsed = urlparse(url if "://" in url else f"nats://{url}")
-        host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
+        host, port = nats_address(url)
         if port_open(host, port):
             self.say(f"nats: using the server at {url}")
             return url
@@ -350,9 +366,8 @@ class Launcher:
     def ensure_etcd(self) -> str:
         from genset.runtime.infra import EtcdServer
 
-        endpoint = self.args.etcd.split("://", 1)[-1].split(",")[0]
-        host, _, port_s = endpoint.rpartition(":")
-        host, port = host or "127.0.0.1", int(port_s or 2379)
+        host, port = etcd_address(self.args.etcd)
+        endpoint = f"{host}:{port}"
         if port_open(host, port):
             self.say(f"etcd: using the server at {endpoint}")
             return self.args.etcd

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 
-from genset.launch import Launcher, build_parser
+import pytest
+
+from genset.launch import Launcher, LaunchError, build_parser, etcd_address, nats_address
 from genset.runtime.infra import free_port, pick_listen_port
 
 
@@ -37,3 +39,16 @@ def test_a_reserved_port_is_never_drawn_even_when_it_is_free():
     taken = {reserved}
     port = pick_listen_port(taken, rng=ReservedFirst())
     assert port != reserved and port in taken and len(taken) == 2
+
+
+def test_nats_and_etcd_addresses_are_read_one_way_for_reserving_and_starting():
+    assert nats_address("nats://127.0.0.1:21008") == ("127.0.0.1", 21008)
+    assert nats_address("localhost") == ("localhost", 4222)
+    assert etcd_address("http://127.0.0.1:21009,http://10.0.0.2:2379") == ("127.0.0.1", 21009)
+    assert etcd_address("127.0.0.1") == ("127.0.0.1", 2379)
+    with pytest.raises(LaunchError, match="--etcd"):
+        etcd_address("127.0.0.1:x")
+    with pytest.raises(LaunchError, match="--nats"):
+        nats_address("nats://127.0.0.1:99999")
+    args = build_parser().parse_args(["--nats", "nats://127.0.0.1:99999", "--etcd", "h:x"])
+    assert Launcher(args).ports_given == {args.port}  # reported when used, not here

@@ -261,43 +261,22 @@ class PlannerConfig:
             if role != ROLE_PREFILL and b.min < 1:
                 raise ValueError(f"pool {role} serves requests: its floor must be >= 1 (got "
                                  f"{b.min}); the planner never scales serving to zero")
-        for name in ("burst_hold_startups", "jump_hold_startups"):
+        for name in ("burst_hold_startups", "jump_hold_startups", "trend_cap_memory_s",
+                     "trend_reach_s", "burst_min_s", "slack_hold_min_startup_s",
+                     "prior_memory_s", "burst_memory_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be >= 0, got {v}")
-        if self.jump_learned_startups is not None and not (
-                math.isfinite(self.jump_learned_startups) and self.jump_learned_startups >= 0):
-            raise ValueError(f"jump_learned_startups must be >= 0 or None, got "
-                             f"{self.jump_learned_startups}")
-        if self.jump_gap_startups is not None and not (
-                math.isfinite(self.jump_gap_startups) and self.jump_gap_startups >= 0):
-            raise ValueError(f"jump_gap_startups must be >= 0 or None, got "
-                             f"{self.jump_gap_startups}")
-        if not (math.isfinite(self.trend_cap_memory_s) and self.trend_cap_memory_s >= 0):
-            raise ValueError(f"trend_cap_memory_s must be >= 0, got {self.trend_cap_memory_s}")
-        for name in ("trend_reach_s", "burst_min_s"):
+        for name in ("jump_learned_startups", "jump_gap_startups", "slack_down_min_startup_s"):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be >= 0, got {v}")
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be >= 0 or None, got {v}")
         if self.slack_hold_above is not None and not 0 < self.slack_hold_above <= 1:
             raise ValueError(f"slack_hold_above must be in (0, 1] or None, got "
                              f"{self.slack_hold_above}")
-        if not (math.isfinite(self.slack_hold_min_startup_s)
-                and self.slack_hold_min_startup_s >= 0):
-            raise ValueError(f"slack_hold_min_startup_s must be >= 0, got "
-                             f"{self.slack_hold_min_startup_s}")
-        if self.slack_down_min_startup_s is not None and not (
-                math.isfinite(self.slack_down_min_startup_s)
-                and self.slack_down_min_startup_s >= 0):
-            raise ValueError(f"slack_down_min_startup_s must be >= 0 or None, got "
-                             f"{self.slack_down_min_startup_s}")
         if self.slack_hold_workers < 0 or not 0 <= self.slack_hold_share <= 1:
             raise ValueError(f"need slack_hold_workers >= 0 and 0 <= slack_hold_share <= 1, "
                              f"got {self.slack_hold_workers} and {self.slack_hold_share}")
-        if not (math.isfinite(self.prior_memory_s) and self.prior_memory_s >= 0):
-            raise ValueError(f"prior_memory_s must be >= 0, got {self.prior_memory_s}")
-        if not (math.isfinite(self.burst_memory_s) and self.burst_memory_s >= 0):
-            raise ValueError(f"burst_memory_s must be >= 0, got {self.burst_memory_s}")
         if not 0 <= self.burst_quantile <= 1 or self.burst_recur < 1:
             raise ValueError(f"need 0 <= burst_quantile <= 1 and burst_recur >= 1, got "
                              f"{self.burst_quantile} and {self.burst_recur}")
