@@ -1188,6 +1188,37 @@ def test_slack_hold_judges_the_scale_up_the_pool_can_make():
     assert decide(True, 2, 3, 3).start == 1  # a third of the pool: not held
 
 
+def test_falling_up_hold_no_scale_up_while_the_load_falls_within_the_targets():
+    """`PlannerConfig.falling_up_hold`: a need above the pool while the load falls and the
+    recent requests meet the targets is the lag's (the rate's level and the observed
+    latencies trail the fall), not a need: held. Not held when the load is not falling,
+    when requests miss the targets, when the KV safety net asks, for the load policy, or
+    with the hold off."""
+    from genset.planning.policies import PoolNeed
+
+    def decide(*, falling=True, attainment=1.0, safety=0, policy="slo", **kw):
+        clock = Clock()
+        core = PlannerCore(PlannerConfig(policy=policy, pools={"decode": PoolBounds(1, 8)},
+                                         startup_s=1, prior_memory_s=0, **kw), clock=clock)
+        for wid in range(3):
+            core.worker_up(wid, "decode", kv_blocks=KV, block_size=16)
+        core.slo_policy.attainment = attainment
+        view, ready, draining = core._view("decode", clock.ms)
+        need = PoolNeed(4, 4, 4, "a lagging need", falling=falling, safety=safety)
+        return core._decide_pool(core.pools["decode"], view, ready, draining, need, None,
+                                 clock.ms)
+
+    held = decide()
+    assert held.action == "hold" and held.target == 3 and held.start == 0
+    assert "the load is falling and 100% of the recent requests met the targets" in held.reason
+    assert decide(falling=False).start == 1
+    assert decide(attainment=0.9).start == 1
+    assert decide(attainment=None).start == 1
+    assert decide(safety=4).start == 1
+    assert decide(policy="load").start == 1
+    assert decide(falling_up_hold=False).start == 1
+
+
 def _pool_run(start: int, need_at, seconds: int, *, startup: float = 120.0, prior: float = 0.0,
               attainment: float | None = 0.99, policy: str = "slo", low: int = 1,
               **kw) -> list[tuple[int, int, str]]:

@@ -203,6 +203,14 @@ class PlannerConfig:
     # / 0.743 of static at peak instead of 94.2 / 96.6 / 96.4% at 0.744 / 0.825 / 0.821;
     # Azure code 120 s unchanged (no period), 30 s rows unchanged (the start-up gate).
     join_falling_hold: bool = True
+    # Falling hold (SLO policy): no scale-up while the load falls (a significant trend,
+    # `PoolNeed.falling`) and the recent requests meet the targets (attainment at least
+    # `SloPolicyConfig.attainment_target`), unless the KV safety net asks for it. What the
+    # model needs then is the lag's: the rate's level and the latencies observed trail the
+    # fall by their windows while the batch the model prices is today's. Live (`bench/
+    # planner_live_ramp.py`, 16 -> 2 clients) the pool went 3 -> 4 seven seconds after the
+    # load fell, every request within the targets, and drained the worker 23 s later.
+    falling_up_hold: bool = True
     slack_hold_share: float = 0.2
     # ... judged against the need capped at the pool's ceiling: the scale-up the pool can
     # make (5 -> 6 at a ceiling of 6 is one worker of six, whatever the trend projects
@@ -798,6 +806,18 @@ class PlannerCore:
         return (f"needs {need.up}, holding {target}: the cycle's rate when a worker asked "
                 f"for now would join (in {self.startup.estimate_s:.0f} s) is below today's")
 
+    def _falling_up_hold(self, need: PoolNeed, target: int) -> str:
+        """Why a scale-up is held because the load is falling and served within the
+        targets ('' when it is not): `PlannerConfig.falling_up_hold`."""
+        c = self.config
+        if not c.falling_up_hold or c.policy != "slo" or not need.falling:
+            return ""
+        att = self.slo_policy.attainment
+        if att is None or att < c.slo.attainment_target or need.safety > target:
+            return ""
+        return (f"needs {need.up}, holding {target}: the load is falling and {att:.0%} of "
+                f"the recent requests met the targets")
+
     def _down_floor(self, pool: _Pool, need: PoolNeed, now: float) -> tuple[int, str]:
         """The largest of the floors a scale-down respects, with what it is (for the
         reason): the burst and jump floors, the seasonal floor, the learned burst floor,
@@ -985,7 +1005,8 @@ class PlannerCore:
         if need.up > target:
             up = min(need.up, b.max) if c.slack_hold_capped else need.up
             held = (self._slack_hold(up, target, now)
-                    or self._join_falling_hold(need, target, now))
+                    or self._join_falling_hold(need, target, now)
+                    or self._falling_up_hold(need, target))
             if held:
                 d.action, d.reason = "hold", f"{held}: {why}"
                 return d

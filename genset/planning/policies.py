@@ -77,6 +77,8 @@ class PoolNeed:
     # the seasonal forecast (a period that predicts) puts the rate one start-up ahead, when
     # a worker asked for now would join, below today's level (PlannerConfig.join_falling_hold)
     joins_falling: bool = False
+    # the workers the KV safety net alone asks for (a scale-up it needs is never held)
+    safety: int = 0
 
 
 @dataclass
@@ -760,5 +762,5 @@ class SloPolicy:
             out[role] = PoolNeed(up, settle, settle_now, why + note,
                                  {**inputs, "need": raw, "need_now": raw_now,
                                   "kv_usage_smoothed": kv_now[role] / n}, falling, sfloor,
-                                 joins_falling)
+                                 joins_falling, safety)
         return out
