@@ -21,7 +21,7 @@ def test_ci_entry_is_exactly_make_test():
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_make_test_fails_when_no_test_is_collected():
-    if not (ROOT / ".venv" / ".installed").exists():
+    if not (ROOT / ".venv" / ".installed-test").exists():  # the Makefile's test stamp
         pytest.skip("needs the .venv that make sets up")
     result = subprocess.run(
         ["make", "-s", "test", "PYTEST_ARGS=-k no_test_has_this_name_xyz"],
