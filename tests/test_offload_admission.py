@@ -1,60 +1,32 @@
 """Which evicted blocks go to the offload store (genset.offload.admission): the rule as a pure
-function, its bounded memory of refusals, the pool's `reused` mark, and the core asking it
-before it reads a block's KV (refused: not read, not handed over)."""
+function, the pool's marks (REUSED, GENERATED), and the core asking the sink before it reads
+a block's KV (refused: not read, not handed over)."""
 
 from __future__ import annotations
 
 import pytest
 
 from genset.engines.mocker import MockerConfig, MockerCore
-from genset.kv.block_pool import BlockPool
+from genset.kv.block_pool import GENERATED, REUSED, BlockPool
 from genset.kv.hashing import block_hashes
-from genset.offload.admission import OffloadAdmission, admit_block
-from tests.test_engine_core import BS, prompt_of
+from genset.offload.admission import admission, admit_block, admit_prompt
+from tests.test_engine_core import BS, prompt_of, req
 from tests.test_offload_engine import Sink, run
 
 
-def test_the_rule_ships_a_block_reused_or_refused_before():
-    assert admit_block(reused=True, refused_before=False)
-    assert admit_block(reused=False, refused_before=True)
-    assert admit_block(reused=True, refused_before=True)
-    assert not admit_block(reused=False, refused_before=False)
+def test_the_rule_ships_prompt_blocks_and_reused_generated_ones():
+    assert admit_block(0)  # a prompt block, used once
+    assert admit_block(REUSED)
+    assert admit_block(GENERATED | REUSED)  # a reply a later request hit on the worker
+    assert not admit_block(GENERATED)  # generated, never taken again
+    assert admit_prompt(123, 0) and not admit_prompt(123, GENERATED)
 
 
-def test_a_block_used_once_is_refused_once_then_admitted():
-    a = OffloadAdmission()
-    assert not a.admit(7, False)  # first eviction of a block nobody took again
-    assert a.would_admit(7, False)  # its second eviction would ship it ...
-    assert a.admit(7, False)  # ... and does, and is forgotten
-    assert not a.admit(7, False)
-    assert a.admit(8, True)  # reused: shipped at its first eviction, nothing remembered
-    assert (a.admitted, a.refused, len(a)) == (2, 2, 1)
-
-
-def test_would_admit_remembers_nothing():
-    a = OffloadAdmission()
-    assert not a.would_admit(1, False) and not a.would_admit(1, False)
-    assert a.would_admit(1, True)
-    assert len(a) == 0 and a.refused == 0
-
-
-def test_the_memory_is_bounded_oldest_first():
-    a = OffloadAdmission(capacity=2)
-    for h in (1, 2, 3):
-        assert not a.admit(h, False)
-    assert len(a) == 2
-    assert not a.would_admit(1, False)  # forgotten
-    assert a.would_admit(2, False) and a.would_admit(3, False)
-
-
-def test_mode_all_ships_everything_and_bad_settings_are_refused():
-    a = OffloadAdmission("all")
-    assert a.admit(1, False) and a.admit(1, False) and a.would_admit(2, False)
-    assert len(a) == 0
+def test_modes():
+    assert admission("prompt") is admit_prompt
+    assert admission("all") is None  # the sink then hands every block over
     with pytest.raises(ValueError):
-        OffloadAdmission("sometimes")
-    with pytest.raises(ValueError):
-        OffloadAdmission(capacity=0)
+        admission("sometimes")
 
 
 def test_the_pool_marks_a_block_taken_again_until_its_eviction():
@@ -64,53 +36,71 @@ def test_the_pool_marks_a_block_taken_again_until_its_eviction():
     pool.cache_block(blocks[0], 100, None)
     pool.cache_block(blocks[1], 101, 100)
     pool.free(blocks)
-    assert not pool.reused[blocks[0]] and not pool.reused[blocks[1]]
+    assert not pool.marks[blocks[0]] and not pool.marks[blocks[1]]
     pool.touch([blocks[0]])  # a prefix hit on the first block only
     pool.free([blocks[0]])
+    pool.marks[blocks[1]] |= GENERATED
     cand = {c[0]: c[4] for c in pool.eviction_candidates(4)}
-    assert cand == {100: 1, 101: 0}
+    assert cand == {100: REUSED, 101: GENERATED}
     pool.allocate(4)  # evicts both
-    assert {e[0]: e[4] for e in pool.evicted} == {100: 1, 101: 0}
-    assert not any(pool.reused)  # the mark leaves with the hash
+    assert {e[0]: e[4] for e in pool.evicted} == {100: REUSED, 101: GENERATED}
+    assert not any(pool.marks)  # the marks leave with the hash
+
+
+def test_the_scheduler_marks_blocks_holding_generated_tokens():
+    core = MockerCore(MockerConfig(block_size=BS, num_blocks=32, vocab_size=4096))
+    core.set_eviction_sink(Sink())  # token ids kept: blocks registered one by one
+    prompt = prompt_of(1, 3 * BS + 5)  # 3 full prompt blocks, the 4th part prompt
+    core.add_request(req("a", prompt, max_tokens=2 * BS))
+    while core.has_work():
+        core.step()
+    pool = core.pool
+    marks = {h: pool.marks[pool.block_of(h)] for h in pool.cached_hashes()}
+    hashes = block_hashes(prompt, BS)
+    assert [marks[h] for h in hashes] == [0, 0, 0]
+    generated = set(marks) - set(hashes)
+    assert len(generated) == 2 and all(marks[h] == GENERATED for h in generated)
 
 
 class AdmittingSink(Sink):
-    def __init__(self, admission: OffloadAdmission) -> None:
-        super().__init__()
-        self.admit = admission.admit
-        self.would_admit = admission.would_admit
+    admit = would_admit = staticmethod(admit_prompt)
 
 
-def test_the_core_hands_over_only_admitted_blocks():
-    """A prompt used once is not handed over at its eviction; one whose prefix a second
-    request hit is; the once-used prompt, computed again and evicted again, is."""
-    core = MockerCore(MockerConfig(block_size=BS, num_blocks=16, vocab_size=4096))
-    admission = OffloadAdmission()
-    sink = AdmittingSink(admission)
+def test_the_core_hands_over_prompt_blocks_and_reused_replies_only():
+    """Evicted: a prompt's blocks are handed over; its reply's blocks are not, unless a
+    second request continuing the first (prompt + reply) hit them first."""
+    core = MockerCore(MockerConfig(block_size=BS, num_blocks=24, vocab_size=4096))
+    sink = AdmittingSink()
     core.set_eviction_sink(sink)
-    shared = prompt_of(1, 4 * BS)
-    once = prompt_of(2, 4 * BS + 3)
-    run(core, "s1", shared + prompt_of(3, 3))
-    run(core, "s2", shared + prompt_of(4, 3))  # hits the shared 4 blocks
-    run(core, "o1", once)
-    for i in range(3):  # push everything out of the 16-block cache
-        run(core, f"f{i}", prompt_of(10 + i, 7 * BS + 1))
+    once = prompt_of(2, 4 * BS)
+    core.add_request(req("o", once, max_tokens=2 * BS))
+    out_once = []
+    while core.has_work():
+        outs, _ = core.step()
+        out_once += [t for o in outs for t in o.token_ids]
+    turn1 = prompt_of(3, 4 * BS)
+    core.add_request(req("t1", turn1, max_tokens=2 * BS))
+    out1 = []
+    while core.has_work():
+        outs, _ = core.step()
+        out1 += [t for o in outs for t in o.token_ids]
+    run(core, "t2", turn1 + out1 + prompt_of(4, 3))  # the next turn hits the reply's blocks
+    for i in range(4):  # push everything out of the 24-block cache
+        run(core, f"f{i}", prompt_of(10 + i, 11 * BS + 1))
     handed = {b.hash for b in sink.blocks}
-    assert set(block_hashes(shared, BS)) <= handed
-    assert not set(block_hashes(once, BS)) & handed
-    assert core.evictions_refused == admission.refused > 0
-    run(core, "o2", once)  # computed again ...
-    for i in range(3):
-        run(core, f"g{i}", prompt_of(20 + i, 7 * BS + 1))
-    handed = {b.hash for b in sink.blocks}
-    assert set(block_hashes(once, BS)) <= handed  # ... and shipped at its second eviction
+    assert set(block_hashes(once, BS)) <= handed  # prompt blocks, used once: shipped
+    reply_once = set(block_hashes(once + out_once, BS)) - set(block_hashes(once, BS))
+    assert reply_once and not reply_once & handed  # a reply nobody continued: not
+    reply1 = set(block_hashes(turn1 + out1, BS)) - set(block_hashes(turn1, BS))
+    assert reply1 and reply1 <= handed  # a reply the next turn hit: shipped
+    assert core.evictions_refused > 0
 
 
 def test_the_replay_workers_ask_the_same_admission_when_told():
     from genset.replay.offload import OffloadConfig, OffloadSim, _Sink
 
-    sink = _Sink(OffloadSim(OffloadConfig(ram_blocks=64, worker_admit="reused"), BS), 1024)
-    assert not sink.admit(5, False) and sink.admit(5, False) and sink.admit(6, True)
+    sink = _Sink(OffloadSim(OffloadConfig(ram_blocks=64, worker_admit="prompt"), BS), 1024)
+    assert sink.admit is admit_prompt and sink.would_admit is admit_prompt
     plain = _Sink(OffloadSim(OffloadConfig(ram_blocks=64), BS), 1024)
     assert plain.admit is None and plain.would_admit is None  # "all": as before
     with pytest.raises(ValueError):

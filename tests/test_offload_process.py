@@ -204,10 +204,7 @@ async def test_a_request_moved_off_a_dead_worker_onboards_its_prefix_from_the_st
 
     # 48 blocks of 16 tokens a worker: the prefix (~25 blocks) and a filler (~38) don't fit
     # together, so every filler a worker runs evicts what it held before
-    # (every evicted block shipped: the prefix is used once before it is evicted, which the
-    # default admission, "reused", would not ship; genset.offload.admission)
-    worker_args = ["--kv-blocks", "48", "--block-size", "16", "--speedup", "1",
-                   "--offload-admit", "all"]
+    worker_args = ["--kv-blocks", "48", "--block-size", "16", "--speedup", "1"]
     async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
         await stack.start_service("offload", extra_args=["--offload-ram-gb", "0.05"])
         workers = await stack.start_workers(2, extra_args=worker_args)

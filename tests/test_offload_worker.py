@@ -37,8 +37,7 @@ class TorchWorker:
         # a generous deadline: these tests check what onboarding gives, not how fast
         self.hook = OffloadHook(discovery=discovery, metrics=self.metrics,
                                 config=OffloadHookConfig(deadline_s=WAIT,
-                                                         max_queue_bytes=queue_bytes,
-                                                         admit="all"))
+                                                         max_queue_bytes=queue_bytes))
         self.host = WorkerHost(self.engine, bus=bus, discovery=discovery,
                                instance_id=self.instance_id, metrics=self.metrics,
                                hooks=self.hook,

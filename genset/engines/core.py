@@ -130,10 +130,11 @@ class EvictionSink(Protocol):
         """Evicted blocks with their payloads; `dropped` more were evicted without room."""
 
     # Optional: `known(hash) -> bool`, blocks the sink already has elsewhere (not read);
-    # `admit(hash, reused) -> bool`, whether an evicted block is worth handing over at all
-    # (refused: not read; `reused`: the block was taken again while cached), and
-    # `would_admit(hash, reused) -> bool`, the same question asked of a block copied out
-    # ahead of its eviction (records nothing). Each may be None: everything passes.
+    # `admit(hash, marks) -> bool`, whether an evicted block is worth handing over at all
+    # (refused: not read; `marks`: the pool's REUSED / GENERATED bits for it), and
+    # `would_admit(hash, marks) -> bool`, the same question asked of a block copied out
+    # ahead of its eviction (a stateful rule records nothing there). Each may be None:
+    # everything passes.
 
 
 @dataclass(slots=True)
@@ -368,7 +369,7 @@ class SchedulingCore:
         if known is not None or ahead or admit is not None:
             # blocks copied out ahead of this eviction, and those the sink says it has
             # already (e.g. onboarded from the offload store): not worth a copy; and those
-            # its admission refuses (`genset.offload.admission`: never reused here)
+            # its admission refuses (`genset.offload.admission`: generated, never reused)
             before = len(evicted)
             refused = 0
             kept = []
@@ -421,8 +422,8 @@ class SchedulingCore:
         if budget <= 0:
             return 0
         known = getattr(sink, "known", None)
-        # admission without recording a refusal: the block is not evicted yet, its eviction
-        # asks `admit` (a block refused here may be reused before it is evicted)
+        # the admission's question for a block not evicted yet (it may be reused before it
+        # is; its eviction then asks `admit`)
         would_admit = getattr(sink, "would_admit", None)
         ahead = self._copied_ahead
         picked = []

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from genset.offload.admission import ADMIT_MODES, OffloadAdmission
+from genset.offload.admission import ADMIT_MODES, admission
 from genset.offload.onboard import split_for_core
 from genset.offload.tiers import DEFAULT_ADMISSION, TIER_RAM, TieredCache
 
@@ -66,7 +66,7 @@ class OffloadConfig:
     copy_ahead: bool = True
     copy_ahead_blocks: int = 1024
     # Which evicted blocks a worker ships (the worker's `--offload-admit`,
-    # genset.offload.admission): "all" (the replay's default, as before) or "reused"
+    # genset.offload.admission): "all" (the replay's default, as before) or "prompt"
     worker_admit: str = "all"
 
     def __post_init__(self) -> None:
@@ -101,7 +101,7 @@ class OffloadConfig:
 class _Sink:
     """A worker core's eviction sink: every evicted block is offered to the store, but those
     the worker onboarded from it lately (as the live hook: `EvictionHandover.skip`) and, with
-    `worker_admit="reused"`, those its admission refuses (as the live hook's)."""
+    `worker_admit="prompt"`, those its admission refuses (as the live hook's)."""
 
     __slots__ = ("admit", "max_onboarded", "onboarded", "sim", "would_admit")
 
@@ -109,10 +109,7 @@ class _Sink:
         self.sim = sim
         self.onboarded: OrderedDict[int, None] = OrderedDict()
         self.max_onboarded = max_onboarded
-        self.admit = self.would_admit = None
-        if sim.config.worker_admit != "all":
-            admission = OffloadAdmission(sim.config.worker_admit, capacity=max_onboarded)
-            self.admit, self.would_admit = admission.admit, admission.would_admit
+        self.admit = self.would_admit = admission(sim.config.worker_admit)
 
     def room(self) -> int:
         return 1 << 62

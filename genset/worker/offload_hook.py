@@ -45,7 +45,7 @@ import structlog
 
 from genset.engines.types import EvictedBlock, KvBlockData, KvImport
 from genset.kv.hashing import block_hashes
-from genset.offload.admission import ADMIT_MODES, OffloadAdmission
+from genset.offload.admission import ADMIT_MODES, admission
 from genset.offload.client import OffloadClient
 from genset.offload.onboard import overlapped_copy_ms, split_for_core
 from genset.runtime.metrics import LATENCY_BUCKETS
@@ -63,8 +63,8 @@ class OffloadHookConfig:
     max_queue_bytes: int = 64 << 20  # write-behind queue (the client drops beyond it)
     max_onboard_bytes: int = 256 << 20  # payload bytes one request may onboard
     mode: str = "auto"  # on: warn when no store is registered; auto: quietly follow etcd
-    # which evicted blocks are shipped (genset.offload.admission): "reused", "all"
-    admit: str = "reused"
+    # which evicted blocks are shipped (genset.offload.admission): "prompt", "all"
+    admit: str = "prompt"
     # What a tier's run costs against computing it again (`onboard_tiers`). Until measured:
     # the fetch from the store's RAM (its reply over the bus), the store's disk read (until a
     # store publishes what it measured), and the engine's prefill per token (0: unknown,
@@ -148,8 +148,6 @@ class OffloadHook(WorkerHooks):
         # hashes onboarded lately (in the store: their eviction needs no copy), bounded
         self._onboarded: OrderedDict[int, None] = OrderedDict()
         self._onboarded_max = 4096
-        # which evicted blocks are worth shipping (set up in start(); None: all of them)
-        self.admission: OffloadAdmission | None = None
         # (the engine's last step record, its step count, its prefill ms per token then)
         self._recompute: tuple = (None, -1, 0.0)
 
@@ -165,11 +163,8 @@ class OffloadHook(WorkerHooks):
         handover = getattr(ctx.engine, "evictions", None)
         if handover is not None:
             handover.skip = self._onboarded
-            if self.config.admit != "all":
-                self.admission = OffloadAdmission(self.config.admit,
-                                                  capacity=self._onboarded_max)
-                handover.admit = self.admission.admit
-                handover.would_admit = self.admission.would_admit
+            # which evicted blocks are worth a copy at all (genset.offload.admission)
+            handover.admit = handover.would_admit = admission(self.config.admit)
         await client.start(self.instances)
         self._instances_changed(client.instances)
         if self.config.mode == "on" and not client.instances:

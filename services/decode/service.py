@@ -115,9 +115,9 @@ class WorkerOptions:
     offload_deadline_ms: float = field(default=50.0, metadata=opt(
         "longest an onboarding lookup may delay a request; past it the prompt is computed",
         min=1))
-    offload_admit: str = field(default="reused", metadata=opt(
-        "which evicted blocks go to the store: reused (those taken again while cached, or "
-        "evicted a second time; genset.offload.admission), all", choices=ADMIT_MODES))
+    offload_admit: str = field(default="prompt", metadata=opt(
+        "which evicted blocks go to the store: prompt (prompt blocks, and generated ones "
+        "only once reused while cached; genset.offload.admission), all", choices=ADMIT_MODES))
     offload_queue_mb: float = field(default=64.0, metadata=opt(
         "evicted blocks waiting to be written to the store, MiB; beyond it they are dropped",
         min=0))

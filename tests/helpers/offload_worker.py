@@ -50,15 +50,13 @@ class OffloadWorker:
 
 
 def offload_worker(config: MockerConfig, *, bus, discovery, namespace: str,
-                   wait_s: float, admit: str = "all") -> OffloadWorker:
-    """A worker (not started) whose mocker runs `config`, with the offload hook. `admit`:
-    its admission (`genset.offload.admission`); "all" (not the default "reused") so that
-    a test's prompt, used once, reaches the store at its first eviction."""
+                   wait_s: float) -> OffloadWorker:
+    """A worker (not started) whose mocker runs `config`, with the offload hook."""
     iid = int(uuid.uuid4().int & ((1 << 63) - 1)) or 1
     metrics = Metrics(process_metrics=False)
     engine = create_mocker_engine(config, worker_id=iid)
     hook = OffloadHook(discovery=discovery, metrics=metrics,
-                       config=OffloadHookConfig(deadline_s=wait_s, admit=admit))
+                       config=OffloadHookConfig(deadline_s=wait_s))
     host = WorkerHost(engine, bus=bus, discovery=discovery, instance_id=iid, metrics=metrics,
                       hooks=hook, config=HostConfig(namespace=namespace, model="m",
                                                     tokenizer="tiny"))
