@@ -123,7 +123,7 @@ def test_the_pool_names_what_the_split_copies_out():
     assert eviction_copies_ms(mocker(d2h=0.0), 4) is None  # a free copy out: not weighed
     assert pool.chain_to(102) == blocks and pool.chain_to(7) == []
     cand = pool.eviction_candidates(pool.num_blocks)
-    assert [(h, p, b) for h, p, _, b in cand] == [(102, 101, blocks[2]), (101, 100, blocks[1]),
+    assert [(h, p, b) for h, p, _, b, _ in cand] == [(102, 101, blocks[2]), (101, 100, blocks[1]),
                                                   (100, None, blocks[0])]
     assert [c[0] for c in pool.eviction_candidates(pool.num_blocks - 2)] == [102]
 

@@ -129,7 +129,12 @@ class EvictionSink(Protocol):
     def put(self, blocks: list[EvictedBlock], dropped: int) -> None:
         """Evicted blocks with their payloads; `dropped` more were evicted without room."""
 
-    # Optional: `known(hash) -> bool`, blocks the sink already has elsewhere (not read).
+    # Optional: `known(hash) -> bool`, blocks the sink already has elsewhere (not read);
+    # `admit(hash, marks) -> bool`, whether an evicted block is worth handing over at all
+    # (refused: not read; `marks`: the pool's REUSED / GENERATED bits for it), and
+    # `would_admit(hash, marks) -> bool`, the same question asked of a block copied out
+    # ahead of its eviction (a stateful rule records nothing there). Each may be None:
+    # everything passes.
 
 
 @dataclass(slots=True)
@@ -172,6 +177,7 @@ class SchedulingCore:
         self.evictions_handed = 0  # counters (monotonic)
         self.evictions_dropped = 0
         self.evictions_known = 0
+        self.evictions_refused = 0  # refused by the sink's admission (`admit`)
         # hashes copied out ahead of their eviction (`copy_ahead`) and still cached here, in
         # the order copied; an entry leaves when its block is evicted (bounded: num_blocks)
         self._copied_ahead: dict[int, None] = {}
@@ -358,20 +364,28 @@ class SchedulingCore:
         if sink is None or not evicted:
             return
         known = getattr(sink, "known", None)
+        admit = getattr(sink, "admit", None)
         ahead = self._copied_ahead
-        if known is not None or ahead:
+        if known is not None or ahead or admit is not None:
             # blocks copied out ahead of this eviction, and those the sink says it has
-            # already (e.g. onboarded from the offload store): not worth a copy
+            # already (e.g. onboarded from the offload store): not worth a copy; and those
+            # its admission refuses (`genset.offload.admission`: generated, never reused)
             before = len(evicted)
+            refused = 0
             kept = []
             for e in evicted:
                 h = e[0]
                 if h in ahead:
                     del ahead[h]
-                elif known is None or not known(h):
+                elif known is not None and known(h):
+                    pass
+                elif admit is not None and not admit(h, e[4]):
+                    refused += 1
+                else:
                     kept.append(e)
+            self.evictions_known += before - len(kept) - refused
+            self.evictions_refused += refused
             evicted = kept
-            self.evictions_known += before - len(evicted)
             if not evicted:
                 return
         per_block = self._handover_block_bytes()
@@ -382,7 +396,7 @@ class SchedulingCore:
             take = evicted[:n]
             payloads = self.executor.read_kv([e[3] for e in take])
             blocks = [EvictedBlock(h, parent, tokens, data)
-                      for (h, parent, tokens, _), data in zip(take, payloads, strict=True)]
+                      for (h, parent, tokens, *_), data in zip(take, payloads, strict=True)]
         self.evictions_handed += n
         self.evictions_dropped += dropped
         sink.put(blocks, dropped)
@@ -408,11 +422,15 @@ class SchedulingCore:
         if budget <= 0:
             return 0
         known = getattr(sink, "known", None)
+        # the admission's question for a block not evicted yet (it may be reused before it
+        # is; its eviction then asks `admit`)
+        would_admit = getattr(sink, "would_admit", None)
         ahead = self._copied_ahead
         picked = []
         for e in self.pool.eviction_candidates(depth):
             h = e[0]
-            if h in ahead or (known is not None and known(h)):
+            if h in ahead or (known is not None and known(h)) or (
+                    would_admit is not None and not would_admit(h, e[4])):
                 continue
             picked.append(e)
             if len(picked) >= budget:
@@ -426,7 +444,7 @@ class SchedulingCore:
             del ahead[next(iter(ahead))]
         self.copied_ahead += len(picked)
         sink.put([EvictedBlock(h, parent, tokens, data)
-                  for (h, parent, tokens, _), data in zip(picked, payloads, strict=True)], 0)
+                  for (h, parent, tokens, *_), data in zip(picked, payloads, strict=True)], 0)
         return len(picked)
 
     def copied_ahead_of(self, block_hash: int) -> bool:

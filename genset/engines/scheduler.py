@@ -52,7 +52,7 @@ from typing import Any
 
 from genset.engines.batch import SamplingSpec, ScheduledChunk, StepPlan
 from genset.engines.types import EngineOutput, EngineRequest
-from genset.kv.block_pool import BlockPool
+from genset.kv.block_pool import GENERATED, BlockPool
 from genset.kv.hashing import extend_block_hashes
 from proto.kv import LoadReport
 
@@ -655,18 +655,28 @@ class Scheduler:
             extend_block_hashes(hashes, seq.token_ids, bs)
         pool = self.pool
         first = seq.num_registered
+        # blocks from this one on hold generated tokens (marked for the offload admission)
+        gen_from = seq.prompt_len // bs
+        marks = pool.marks
         if not pool.keep_tokens:
-            pool.cache_chain(
-                seq.block_table[first:full], hashes[first:full], hashes[first - 1] if first else None
-            )
+            table = seq.block_table
+            pool.cache_chain(table[first:full], hashes[first:full], hashes[first - 1] if first else None)
+            if pool.evicted is not None:  # an eviction sink reads the marks
+                block_hash = pool.block_hash
+                for idx in range(max(first, gen_from), full):
+                    b = table[idx]
+                    if block_hash[b] == hashes[idx]:
+                        marks[b] |= GENERATED
             seq.num_registered = full
             return
         tokens = seq.token_ids
         for idx in range(first, full):
-            pool.cache_block(
-                seq.block_table[idx],
+            b = seq.block_table[idx]
+            if pool.cache_block(
+                b,
                 hashes[idx],
                 hashes[idx - 1] if idx else None,
                 tokens[idx * bs : (idx + 1) * bs],
-            )
+            ) and idx >= gen_from:
+                marks[b] |= GENERATED
         seq.num_registered = full

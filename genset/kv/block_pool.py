@@ -34,6 +34,10 @@ from itertools import islice
 from proto.kv import TIER_DEVICE, Cleared, KvEvent, KvEventBatch, Removed, Stored, StoredBlock
 from proto.tokens import pack_tokens
 
+# `BlockPool.marks` bits
+REUSED = 1  # taken again while cached
+GENERATED = 2  # holds generated tokens (registered from a sequence's output)
+
 
 class BlockPool:
     """`num_blocks` blocks of `block_size` tokens each.
@@ -78,7 +82,13 @@ class BlockPool:
         # Eviction hand-over (`SchedulingCore.set_eviction_sink`): while a list, every cached
         # block evicted is recorded as (hash, parent hash, packed tokens, block id) until the
         # owner takes them (before the block's memory is written again). None: not recorded.
-        self.evicted: list[tuple[int, int | None, bytes | None, int]] | None = None
+        # The record's last field: the block's `marks` when it was evicted.
+        self.evicted: list[tuple[int, int | None, bytes | None, int, int]] | None = None
+        # Per cached block, until its hash is evicted: REUSED when it was taken again after
+        # it was registered (`touch`: a prefix hit, a pin, an import's held ancestors),
+        # GENERATED when it holds generated tokens (the scheduler marks it at registration).
+        # What the offload store's admission weighs (`genset.offload.admission`).
+        self.marks = bytearray(num_blocks)
         # Keep each cached block's packed token ids (for events, or for evictions handed over)
         self.keep_tokens = emit_token_ids
 
@@ -127,15 +137,16 @@ class BlockPool:
         bh = self.block_hash
         return [bh[b] for b in islice(self._free, max(0, n))]
 
-    def eviction_candidates(self, n: int) -> Iterator[tuple[int, int | None, bytes | None, int]]:
+    def eviction_candidates(
+            self, n: int) -> Iterator[tuple[int, int | None, bytes | None, int, int]]:
         """The cached blocks among the next `n` free blocks `allocate` would take, next first,
         as the `evicted` records their eviction would make (hash, parent hash, packed tokens,
-        block id): what an engine can copy out ahead of eviction. Lazy (a caller that needs
+        block id, marks): what an engine can copy out ahead of eviction. Lazy (a caller that needs
         a few stops early: it runs once per engine step over up to 1,024 blocks); do not
         change the pool while iterating. Changes nothing."""
-        bh, parent, tokens = self.block_hash, self._parent, self._tokens
-        return ((bh[b], parent[b], tokens[b], b) for b in islice(self._free, max(0, n))
-                if bh[b] is not None)
+        bh, parent, tokens, marks = self.block_hash, self._parent, self._tokens, self.marks
+        return ((bh[b], parent[b], tokens[b], b, marks[b])
+                for b in islice(self._free, max(0, n)) if bh[b] is not None)
 
     def chain_to(self, block_hash: int | None) -> list[int]:
         """Block ids of the cached chain that ends at `block_hash`, first block first, back
@@ -161,10 +172,12 @@ class BlockPool:
         """Take one more reference on each block (a cache hit being reused)."""
         ref = self.ref_cnt
         free = self._free
+        marks = self.marks
         for b in block_ids:
             if ref[b] == 0:
                 del free[b]
             ref[b] += 1
+            marks[b] |= REUSED
 
     def cache_block(
         self,
@@ -244,7 +257,9 @@ class BlockPool:
                 # evicting a cached block (as `_evict`, inlined: most allocations evict)
                 self.num_uncached += 1
                 if self.evicted is not None:
-                    self.evicted.append((h, self._parent[b], self._tokens[b], b))
+                    self.evicted.append((h, self._parent[b], self._tokens[b], b,
+                                         self.marks[b]))
+                self.marks[b] = 0
                 del self._hash_to_block[h]
                 block_hash[b] = None
                 self._parent[b] = None
@@ -294,6 +309,7 @@ class BlockPool:
             self.block_hash[b] = None
             self._parent[b] = None
             self._tokens[b] = None
+            self.marks[b] = 0
         self.num_uncached += len(self._hash_to_block)
         self._hash_to_block.clear()
         if self.enable_caching:
@@ -305,7 +321,8 @@ class BlockPool:
         assert h is not None
         self.num_uncached += 1
         if self.evicted is not None:
-            self.evicted.append((h, self._parent[b], self._tokens[b], b))
+            self.evicted.append((h, self._parent[b], self._tokens[b], b, self.marks[b]))
+        self.marks[b] = 0
         del self._hash_to_block[h]
         self.block_hash[b] = None
         self._parent[b] = None

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from genset.offload.admission import ADMIT_MODES
 from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
 from genset.planning import POLICIES as PLANNER_POLICIES
 from genset.replay import disagg_sim
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GB/s reading a block from the store's disk tier (0: free)")
     off.add_argument("--offload-admission", choices=ADMISSION_POLICIES, default=DEFAULT_ADMISSION,
                      help="the store's admission (its --admission)")
+    off.add_argument("--offload-admit", choices=ADMIT_MODES, default="all",
+                     help="which evicted blocks workers ship to the store (the worker's "
+                          "--offload-admit; default here: all, as before)")
     off.add_argument("--offload-sync-copies", action="store_true",
                      help="workers' steps wait for their KV copies (default: the copies run "
                           "beside the step's compute, layer by layer)")
@@ -226,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                            disk_gbps=args.offload_disk_gbps,
                            copy_overlap=not args.offload_sync_copies,
                            admission=args.offload_admission,
+                           worker_admit=args.offload_admit,
                            split_runs=not args.offload_no_split,
                            copy_ahead=not args.offload_no_copy_ahead,
                            copy_ahead_blocks=args.offload_copy_ahead_blocks),

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from genset.offload.admission import ADMIT_MODES, admission
 from genset.offload.onboard import split_for_core
 from genset.offload.tiers import DEFAULT_ADMISSION, TIER_RAM, TieredCache
 
@@ -64,6 +65,9 @@ class OffloadConfig:
     # (`MockerCore.step`, `SchedulingCore.copy_ahead`); the replay only sets it.
     copy_ahead: bool = True
     copy_ahead_blocks: int = 1024
+    # Which evicted blocks a worker ships (the worker's `--offload-admit`,
+    # genset.offload.admission): "all" (the replay's default, as before) or "prompt"
+    worker_admit: str = "all"
 
     def __post_init__(self) -> None:
         if self.ram_blocks < 0 or self.disk_blocks < 0 or self.kv_bytes_per_token < 0:
@@ -72,6 +76,8 @@ class OffloadConfig:
             raise ValueError("offload: bandwidths must be >= 0 (0: free)")
         if self.copy_ahead_blocks < 0:
             raise ValueError("offload: copy_ahead_blocks must be >= 0")
+        if self.worker_admit not in ADMIT_MODES:
+            raise ValueError(f"offload: worker_admit must be one of {ADMIT_MODES}")
 
     @property
     def enabled(self) -> bool:
@@ -94,14 +100,16 @@ class OffloadConfig:
 
 class _Sink:
     """A worker core's eviction sink: every evicted block is offered to the store, but those
-    the worker onboarded from it lately (as the live hook: `EvictionHandover.skip`)."""
+    the worker onboarded from it lately (as the live hook: `EvictionHandover.skip`) and, with
+    `worker_admit="prompt"`, those its admission refuses (as the live hook's)."""
 
-    __slots__ = ("max_onboarded", "onboarded", "sim")
+    __slots__ = ("admit", "max_onboarded", "onboarded", "sim", "would_admit")
 
     def __init__(self, sim: OffloadSim, max_onboarded: int) -> None:
         self.sim = sim
         self.onboarded: OrderedDict[int, None] = OrderedDict()
         self.max_onboarded = max_onboarded
+        self.admit = self.would_admit = admission(sim.config.worker_admit)
 
     def room(self) -> int:
         return 1 << 62

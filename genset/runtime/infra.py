@@ -353,7 +353,12 @@ class EtcdServer(_ServerProcess):
         return [etcd_binary(), "--name", "genset", "--data-dir", str(self.data_dir / "data"),
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"genset={peer}", "--log-level", "warn", *tls]
+                "--initial-cluster", f"genset={peer}", "--log-level", "warn",
+                # One member on loopback: the raft heartbeat has no peer to reach, only its
+                # ticks to pay (idle, they were most of etcd's CPU: docs/benchmarks.md, issue
+                # 15, §5p). A 200 ms tick instead of 100 ms; the election timeout stays 1 s
+                # (5 ticks, etcd's minimum ratio), so a fresh etcd is ready as fast.
+                "--heartbeat-interval", "200", "--election-timeout", "1000", *tls]
 
     def _ready(self) -> bool:
         context = (ssl.create_default_context(cafile=str(self.tls.ca_cert))

@@ -45,6 +45,7 @@ import structlog
 
 from genset.engines.types import EvictedBlock, KvBlockData, KvImport
 from genset.kv.hashing import block_hashes
+from genset.offload.admission import ADMIT_MODES, admission
 from genset.offload.client import OffloadClient
 from genset.offload.onboard import overlapped_copy_ms, split_for_core
 from genset.runtime.metrics import LATENCY_BUCKETS
@@ -62,6 +63,8 @@ class OffloadHookConfig:
     max_queue_bytes: int = 64 << 20  # write-behind queue (the client drops beyond it)
     max_onboard_bytes: int = 256 << 20  # payload bytes one request may onboard
     mode: str = "auto"  # on: warn when no store is registered; auto: quietly follow etcd
+    # which evicted blocks are shipped (genset.offload.admission): "prompt", "all"
+    admit: str = "prompt"
     # What a tier's run costs against computing it again (`onboard_tiers`). Until measured:
     # the fetch from the store's RAM (its reply over the bus), the store's disk read (until a
     # store publishes what it measured), and the engine's prefill per token (0: unknown,
@@ -76,6 +79,9 @@ class OffloadHookConfig:
                              "max_onboard_bytes > 0")
         if self.mode not in OFFLOAD_MODES:
             raise ValueError(f"offload mode must be one of {OFFLOAD_MODES}, got {self.mode!r}")
+        if self.admit not in ADMIT_MODES:
+            raise ValueError(f"offload admission must be one of {ADMIT_MODES}, "
+                             f"got {self.admit!r}")
         if self.fetch_gbps <= 0 or self.disk_gbps <= 0 or self.recompute_ms_per_token < 0:
             raise ValueError("offload: need fetch_gbps > 0, disk_gbps > 0, "
                              "recompute_ms_per_token >= 0")
@@ -157,6 +163,8 @@ class OffloadHook(WorkerHooks):
         handover = getattr(ctx.engine, "evictions", None)
         if handover is not None:
             handover.skip = self._onboarded
+            # which evicted blocks are worth a copy at all (genset.offload.admission)
+            handover.admit = handover.would_admit = admission(self.config.admit)
         await client.start(self.instances)
         self._instances_changed(client.instances)
         if self.config.mode == "on" and not client.instances:

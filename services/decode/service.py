@@ -21,6 +21,7 @@ from genset.engines.factory import (
     model_facts,
     served_model_name,
 )
+from genset.offload.admission import ADMIT_MODES
 from genset.runtime.config import FieldError, opt
 from genset.runtime.service import Service
 from genset.worker import (
@@ -114,6 +115,9 @@ class WorkerOptions:
     offload_deadline_ms: float = field(default=50.0, metadata=opt(
         "longest an onboarding lookup may delay a request; past it the prompt is computed",
         min=1))
+    offload_admit: str = field(default="prompt", metadata=opt(
+        "which evicted blocks go to the store: prompt (prompt blocks, and generated ones "
+        "only once reused while cached; genset.offload.admission), all", choices=ADMIT_MODES))
     offload_queue_mb: float = field(default=64.0, metadata=opt(
         "evicted blocks waiting to be written to the store, MiB; beyond it they are dropped",
         min=0))
@@ -188,7 +192,7 @@ class WorkerService(Service):
                                      config=OffloadHookConfig(
                                          deadline_s=o.offload_deadline_ms / 1000.0,
                                          max_queue_bytes=int(o.offload_queue_mb * (1 << 20)),
-                                         mode=o.offload)))
+                                         mode=o.offload, admit=o.offload_admit)))
         if (disagg := self.disagg_hook()) is not None:
             hooks.append(disagg)
         self.host = WorkerHost(engine, bus=self.bus, discovery=self.discovery,
