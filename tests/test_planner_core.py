@@ -1089,6 +1089,34 @@ def test_slo_demonstrated_capacity_is_what_met_the_target_below_what_missed_it()
     assert off.demo_u == 1.0 and not off._u
 
 
+def test_slo_demonstrated_capacity_skips_decisions_while_the_pool_is_caught_short():
+    """`SloPolicyConfig.demo_skip_short`: 4 workers at u 1.5 while a fifth starts (the pool
+    short by the planner's own judgement), then 5 at u 1.1; every latency window met the
+    target on the whole. The short decisions' u is not credited: u* 1.1, not 1.5 (the Azure
+    conv 8x run: u* 1.53 from 4 workers waiting for a fifth, then a 4 -> 3 into a miss)."""
+
+    class Level:
+        level = 4.0
+
+    def run(skip: bool) -> float:
+        pol = SloPolicy(SloPolicyConfig(demo_memory_s=600.0, demo_skip_short=skip), Level(),
+                        None, LatencyWindow(60.0), LatencyWindow(60.0))
+        t = 0.0
+        for level, ready, short, seconds in ((4.0, 4, False, 60), (6.0, 4, True, 20),
+                                             (5.5, 5, False, 90)):
+            for _ in range(seconds):
+                t += 1000.0
+                Level.level = level
+                pol.attainment = 0.97  # at or above the 95% target in every window
+                if short:
+                    pol._growing_ms = t  # what _update_corrections marks: workers starting
+                pol._update_demo(t, ready, 1.0)  # the model plans 1 req/s per worker
+        return pol.demo_u
+
+    assert run(True) == pytest.approx(1.1)
+    assert run(False) == pytest.approx(1.5)
+
+
 def test_slack_hold_keeps_a_one_worker_rise_on_banked_attainment_with_a_long_start_up():
     """A one-worker scale-up is held while the long-run attainment is at least
     `slack_hold_above` and a worker takes long to start; misses while holding are the hold's
