@@ -1089,6 +1089,54 @@ def test_slo_demonstrated_capacity_is_what_met_the_target_below_what_missed_it()
     assert off.demo_u == 1.0 and not off._u
 
 
+def test_slo_demonstrated_capacity_skips_decisions_while_the_pool_is_caught_short():
+    """`SloPolicyConfig.demo_skip_short`: 4 workers at u 1.5 while a fifth starts (the pool
+    short by the planner's own judgement), then 5 at u 1.1; every latency window met the
+    target on the whole. The short decisions' u is not credited: u* 1.1, not 1.5 (the Azure
+    conv 8x run: u* 1.53 from 4 workers waiting for a fifth, then a 4 -> 3 into a miss)."""
+
+    class Level:
+        level = 4.0
+
+    def run(skip: bool) -> float:
+        pol = SloPolicy(SloPolicyConfig(demo_memory_s=600.0, demo_skip_short=skip), Level(),
+                        None, LatencyWindow(60.0), LatencyWindow(60.0))
+        t = 0.0
+        for level, ready, short, seconds in ((4.0, 4, False, 60), (6.0, 4, True, 20),
+                                             (5.5, 5, False, 90)):
+            for _ in range(seconds):
+                t += 1000.0
+                Level.level = level
+                pol.attainment = 0.97  # at or above the 95% target in every window
+                if short:
+                    pol._growing_ms = t  # what _update_corrections marks: workers starting
+                pol._update_demo(t, ready, 1.0)  # the model plans 1 req/s per worker
+        return pol.demo_u
+
+    assert run(True) == pytest.approx(1.1)
+    assert run(False) == pytest.approx(1.5)
+
+
+def test_slack_down_keeps_a_burst_floor_of_the_pools_size():
+    """`PlannerConfig.slack_down_keeps_bursts`: a pool of 5 whose need came back to 5 for
+    10 s (20-29 s, after 4) keeps the fifth worker while that burst floor holds (one 120 s
+    start-up), then goes down by the usual rule; the slack down would have taken it at 60 s.
+    A need of 5 for one second (not held `burst_min_s`) is no burst floor: slack down as
+    before."""
+
+    def need(t: int) -> int:
+        return 5 if 20 <= t < 30 else 4
+
+    kept = _pool_run(5, need, 200)
+    assert [n for _, n, _ in kept] == [4] and kept[0][0] >= 140, kept
+    assert "slack" not in kept[0][2]
+    off = _pool_run(5, need, 200, slack_down_keeps_bursts=False)
+    assert [(t, n) for t, n, _ in off] == [(60, 4)]
+    assert "one worker less on the slack" in off[0][2]
+    blip = _pool_run(5, lambda t: 5 if t == 50 else 4, 130)
+    assert [(t, n) for t, n, _ in blip] == [(60, 4)]
+
+
 def test_slack_hold_keeps_a_one_worker_rise_on_banked_attainment_with_a_long_start_up():
     """A one-worker scale-up is held while the long-run attainment is at least
     `slack_hold_above` and a worker takes long to start; misses while holding are the hold's

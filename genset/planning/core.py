@@ -233,6 +233,16 @@ class PlannerConfig:
     # of static at peak on router seeds 0-2; with this 5 -> 4 at 126 s, 0.697-0.698 at
     # 95.9-96.5% attainment. False: off.
     slack_down: bool = True
+    # ... but not off a pool whose own need came back to its size within the burst floor's
+    # hold (`burst_hold_startups` start-ups, needs held `burst_min_s`): that floor is
+    # demand seen, not a prior (the start prior, the seasonal floor) nor a one-decision
+    # blip, and one start-up is exactly how long a pool one worker short would wait for it.
+    # On the Azure conv trace at 8x (time scale 0.125, 120 s start-up) the slack down took
+    # the pool from 5 to 4 at 61 s on a burst floor of 5 (the opening ramp), and 4 served
+    # the rise at 160-250 s (62 req/s) short: 81.6%. The Mooncake sinusoid and Azure code
+    # rows are the same to the worker-second (their slack downs are off the start prior
+    # and off needs of the pool's size). False: any floor of the pool's size.
+    slack_down_keeps_bursts: bool = True
     # ... at start-ups of at least `slack_down_min_startup_s` (its own gate, not the slack
     # hold's 60 s): below the hold's gate the worker given up is asked for again if its
     # need comes back, and joins within that short start-up, a cost the banked attainment
@@ -828,8 +838,7 @@ class PlannerCore:
         floors: list[tuple[int, str]] = []
         if seasonal is None or not c.seasonal_replaces_bursts:
             if hold_s:
-                floors.append((b.clamp(pool.came_back(
-                    now - hold_s * 1000, min_hold_ms=c.burst_min_s * 1000)),
+                floors.append((self._burst_floor(pool, now),
                                f"burst floor: the need came back to it within the "
                                f"last {hold_s:.0f} s ({c.burst_hold_startups:g} "
                                f"start-up times)"))
@@ -853,6 +862,15 @@ class PlannerCore:
                            f"({(now - pool.start_ms) / 1000:.0f} s of "
                            f"{c.prior_memory_s:.0f} s)"))
         return max(floors, default=(0, ""), key=lambda f: f[0])
+
+    def _burst_floor(self, pool: _Pool, now: float) -> int:
+        """The largest need held `burst_min_s` that came back within `burst_hold_s` (0 with
+        no hold)."""
+        c, hold_s = self.config, self.burst_hold_s()
+        if not hold_s:
+            return 0
+        return pool.bounds.clamp(pool.came_back(now - hold_s * 1000,
+                                                min_hold_ms=c.burst_min_s * 1000))
 
     def _slack_down(self, target: int, low: int) -> str:
         """Why a pool held at `target` by nothing but a need or a floor of `target` may give
@@ -1024,6 +1042,8 @@ class PlannerCore:
             covered = pool.win_since is not None and now - pool.win_since >= cool_s * 1000
             settled = now - pool.last_change_ms >= cool_s * 1000
             slack = self._slack_down(target, b.min) if covered and settled else ""
+            if slack and c.slack_down_keeps_bursts and self._burst_floor(pool, now) >= target:
+                slack = ""
             if (wmax < target or (wmax == target and slack)) and covered and settled:
                 settle_s = min(c.down_settle_s, cool_s)
                 new = b.clamp(pool.window_max(now - settle_s * 1000) or 0)
