@@ -73,17 +73,9 @@ def test_the_core_hands_over_prompt_blocks_and_reused_replies_only():
     sink = AdmittingSink()
     core.set_eviction_sink(sink)
     once = prompt_of(2, 4 * BS)
-    core.add_request(req("o", once, max_tokens=2 * BS))
-    out_once = []
-    while core.has_work():
-        outs, _ = core.step()
-        out_once += [t for o in outs for t in o.token_ids]
+    out_once = run(core, "o", once, max_tokens=2 * BS)
     turn1 = prompt_of(3, 4 * BS)
-    core.add_request(req("t1", turn1, max_tokens=2 * BS))
-    out1 = []
-    while core.has_work():
-        outs, _ = core.step()
-        out1 += [t for o in outs for t in o.token_ids]
+    out1 = run(core, "t1", turn1, max_tokens=2 * BS)
     run(core, "t2", turn1 + out1 + prompt_of(4, 3))  # the next turn hits the reply's blocks
     for i in range(4):  # push everything out of the 24-block cache
         run(core, f"f{i}", prompt_of(10 + i, 11 * BS + 1))

@@ -31,10 +31,14 @@ class Sink:
         self.dropped += dropped
 
 
-def run(core, rid: str, prompt: list[int], max_tokens: int = 2) -> None:
+def run(core, rid: str, prompt: list[int], max_tokens: int = 2) -> list[int]:
+    """Runs the core until it is idle; the token ids it generated."""
     core.add_request(req(rid, prompt, max_tokens=max_tokens))
+    out: list[int] = []
     while core.has_work():
-        core.step()
+        outs, _ = core.step()
+        out += [t for o in outs for t in o.token_ids]
+    return out
 
 
 def check_chain(block: EvictedBlock, prompts: list[list[int]]) -> None:
