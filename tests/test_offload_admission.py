@@ -63,7 +63,7 @@ def test_the_scheduler_marks_blocks_holding_generated_tokens():
 
 
 class AdmittingSink(Sink):
-    admit = would_admit = staticmethod(admit_prompt)
+    admit = staticmethod(admit_prompt)
 
 
 def test_the_core_hands_over_prompt_blocks_and_reused_replies_only():
@@ -92,8 +92,38 @@ def test_the_replay_workers_ask_the_same_admission_when_told():
     from genset.replay.offload import OffloadConfig, OffloadSim, _Sink
 
     sink = _Sink(OffloadSim(OffloadConfig(ram_blocks=64, worker_admit="prompt"), BS), 1024)
-    assert sink.admit is admit_prompt and sink.would_admit is admit_prompt
+    assert sink.admit is admit_prompt
     plain = _Sink(OffloadSim(OffloadConfig(ram_blocks=64), BS), 1024)
-    assert plain.admit is None and plain.would_admit is None  # "all": as before
+    assert plain.admit is None  # "all": as before
     with pytest.raises(ValueError):
         OffloadConfig(worker_admit="sometimes")
+
+
+def test_copying_ahead_asks_the_same_admission():
+    """The copy-out lane's idle time copies the next evictions ahead (`copy_ahead`): a block
+    the admission refuses is not copied there either; a prompt block is."""
+    from tests.test_offload_copy_ahead import BS as BS4
+    from tests.test_offload_copy_ahead import Sink as KeepingSink
+    from tests.test_offload_copy_ahead import core_with, request, run_all
+
+    class Refusing(KeepingSink):
+        admit = staticmethod(admit_prompt)
+
+    core = core_with(d2h=32.0, num_blocks=32)
+    sink = Refusing(room=0)  # no room while r1 runs: nothing copied yet
+    core.set_eviction_sink(sink)
+    prompt = prompt_of(5, 3 * BS4 + 1)
+    core.add_request(request("r1", prompt, max_tokens=2 * BS4))
+    run_all(core)
+    assert core.copied_ahead == 0
+    pool = core.pool
+    cached = {h: pool.marks[pool.block_of(h)] for h in pool.cached_hashes()}
+    generated = {h for h, m in cached.items() if m & GENERATED}
+    prompt_blocks = set(block_hashes(prompt, BS4))
+    assert generated and prompt_blocks <= set(cached)
+    sink.space = 1 << 50
+    core.add_request(request("r2", prompt_of(6, 3), max_tokens=1))
+    core.step()  # its lane copies the pool's next evictions ahead
+    copied = {b.hash for b in sink.blocks}
+    assert copied and copied <= prompt_blocks  # prompt blocks only
+    assert not copied & generated

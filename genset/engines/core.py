@@ -130,11 +130,10 @@ class EvictionSink(Protocol):
         """Evicted blocks with their payloads; `dropped` more were evicted without room."""
 
     # Optional: `known(hash) -> bool`, blocks the sink already has elsewhere (not read);
-    # `admit(hash, marks) -> bool`, whether an evicted block is worth handing over at all
-    # (refused: not read; `marks`: the pool's REUSED / GENERATED bits for it), and
-    # `would_admit(hash, marks) -> bool`, the same question asked of a block copied out
-    # ahead of its eviction (a stateful rule records nothing there). Each may be None:
-    # everything passes.
+    # `admit(hash, marks) -> bool`, whether an evicted block, or one about to be copied out
+    # ahead of its eviction, is worth handing over at all (refused: not read; `marks`: the
+    # pool's REUSED / GENERATED bits for it; a pure rule, asked again at the eviction of a
+    # block it refused ahead). Each may be None: everything passes.
 
 
 @dataclass(slots=True)
@@ -423,14 +422,14 @@ class SchedulingCore:
             return 0
         known = getattr(sink, "known", None)
         # the admission's question for a block not evicted yet (it may be reused before it
-        # is; its eviction then asks `admit`)
-        would_admit = getattr(sink, "would_admit", None)
+        # is, and is asked again at its eviction)
+        admit = getattr(sink, "admit", None)
         ahead = self._copied_ahead
         picked = []
         for e in self.pool.eviction_candidates(depth):
             h = e[0]
             if h in ahead or (known is not None and known(h)) or (
-                    would_admit is not None and not would_admit(h, e[4])):
+                    admit is not None and not admit(h, e[4])):
                 continue
             picked.append(e)
             if len(picked) >= budget:

@@ -134,11 +134,10 @@ class EvictionHandover:
         # Hashes the consumer already has (a set-like; the core only asks `in`, from the
         # stepping thread): those blocks are not read.
         self.skip = None
-        # The consumer's admission (`genset.offload.admission`): `admit(hash, marks)` and
-        # `would_admit(hash, marks)`, called from the stepping thread; a refused block is
-        # not read. None: every block is handed over.
+        # The consumer's admission (`genset.offload.admission`): `admit(hash, marks)`, called
+        # from the stepping thread for evicted blocks and those copied out ahead; a refused
+        # block is not read. None: every block is handed over.
         self.admit = None
-        self.would_admit = None
 
     def known(self, block_hash: int) -> bool:
         skip = self.skip

@@ -103,13 +103,13 @@ class _Sink:
     the worker onboarded from it lately (as the live hook: `EvictionHandover.skip`) and, with
     `worker_admit="prompt"`, those its admission refuses (as the live hook's)."""
 
-    __slots__ = ("admit", "max_onboarded", "onboarded", "sim", "would_admit")
+    __slots__ = ("admit", "max_onboarded", "onboarded", "sim")
 
     def __init__(self, sim: OffloadSim, max_onboarded: int) -> None:
         self.sim = sim
         self.onboarded: OrderedDict[int, None] = OrderedDict()
         self.max_onboarded = max_onboarded
-        self.admit = self.would_admit = admission(sim.config.worker_admit)
+        self.admit = admission(sim.config.worker_admit)
 
     def room(self) -> int:
         return 1 << 62

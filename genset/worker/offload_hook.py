@@ -164,7 +164,7 @@ class OffloadHook(WorkerHooks):
         if handover is not None:
             handover.skip = self._onboarded
             # which evicted blocks are worth a copy at all (genset.offload.admission)
-            handover.admit = handover.would_admit = admission(self.config.admit)
+            handover.admit = admission(self.config.admit)
         await client.start(self.instances)
         self._instances_changed(client.instances)
         if self.config.mode == "on" and not client.instances:
