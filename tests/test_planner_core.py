@@ -859,13 +859,16 @@ def test_slo_trim_does_not_grow_while_clients_see_a_slower_prefill_than_the_mode
     """The trim is the model's conservatism: while the recent requests' median TTFT is above
     what the (uncorrected) model predicts, every request within the targets shows no slack
     in the model, and the trim does not grow; below it, it does; `trim_ttft_max` None: the
-    trim grows whatever the TTFT."""
+    trim grows whatever the TTFT; at a horizon (start-up) below `trim_ttft_min_horizon_s`
+    it grows whatever the TTFT too (a lost bet costs one short start-up)."""
 
-    def run(ttft: float, gate: float | None = 1.0, start_boost: float = 1.0):
-        core, clock = slo_core({"decode": PoolBounds(1, 64)})
+    def run(ttft: float, gate: float | None = 1.0, start_boost: float = 1.0,
+            min_horizon_s: float = 0.0):
+        core, clock = slo_core({"decode": PoolBounds(1, 64)})  # 30 s start-up
         sp = core.slo_policy
         sp.config.trim_gain = 0.01
         sp.config.trim_ttft_max = gate
+        sp.config.trim_ttft_min_horizon_s = min_horizon_s
         sp.boost = start_boost
         core.worker_up(1, "decode")
         feed(core, clock, 60, rate=4.0, isl=2000, osl=100)
@@ -887,8 +890,14 @@ def test_slo_trim_does_not_grow_while_clients_see_a_slower_prefill_than_the_mode
     assert run(100.0, gate=None).boost == pytest.approx(0.6)
     # a trim already earned is not undone by the gate (misses undo it), it stops growing
     assert run(100.0, start_boost=0.8).boost == pytest.approx(0.8)
+    # the default gate needs a horizon of 60 s: a 30 s start-up (32 s horizon) trims
+    assert SloPolicyConfig().trim_ttft_min_horizon_s == 60.0
+    assert run(100.0, min_horizon_s=60.0).boost == pytest.approx(0.6)
+    assert run(100.0, min_horizon_s=32.0).boost == 1.0
     with pytest.raises(ValueError, match="trim_ttft_max"):
         SloPolicyConfig(trim_ttft_max=0.0)
+    with pytest.raises(ValueError, match="trim_ttft_min_horizon_s"):
+        SloPolicyConfig(trim_ttft_min_horizon_s=-1.0)
 
 
 def test_slo_policy_scales_to_the_floor_when_traffic_stops_and_holds_when_stats_go_silent():
