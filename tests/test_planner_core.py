@@ -821,7 +821,9 @@ def test_slo_trim_aims_at_the_target_not_at_every_request():
     """Long-run attainment with room scales the need down (to boost_min); misses past the
     target take it back; boost_min 1 keeps the old behaviour."""
 
-    def run(boost_min: float, ttft_of=lambda i: 100.0, decisions: int = 200):
+    def run(boost_min: float, ttft_of=lambda i: 40.0, decisions: int = 200):
+        # 40 ms: below the model's TTFT (54 ms for these prompts), so the trim may grow
+        # (test_slo_trim_does_not_grow_while_clients_see_a_slower_prefill_than_the_model)
         core, clock = slo_core({"decode": PoolBounds(1, 64)})
         core.slo_policy.config.boost_min = boost_min
         core.slo_policy.config.trim_gain = 0.01
@@ -847,10 +849,55 @@ def test_slo_trim_aims_at_the_target_not_at_every_request():
     assert d.pools["decode"].need_now <= base and d.inputs["decode.slo_boost"] == sp.boost
     assert no_nan(d)
     # half the requests miss: the trim is undone, then the boost grows as before
-    sp2, _, _ = run(0.6, ttft_of=lambda i: 900.0 if i % 2 else 100.0, decisions=40)
+    sp2, _, _ = run(0.6, ttft_of=lambda i: 900.0 if i % 2 else 40.0, decisions=40)
     assert sp2.boost > 1.0
     with pytest.raises(ValueError, match="boost_min"):
         SloPolicyConfig(boost_min=0.0)
+
+
+def test_slo_trim_does_not_grow_while_clients_see_a_slower_prefill_than_the_model():
+    """The trim is the model's conservatism: while the recent requests' median TTFT is above
+    what the (uncorrected) model predicts, every request within the targets shows no slack
+    in the model, and the trim does not grow; below it, it does; `trim_ttft_max` None: the
+    trim grows whatever the TTFT; at a horizon (start-up) below `trim_ttft_min_horizon_s`
+    it grows whatever the TTFT too (a lost bet costs one short start-up)."""
+
+    def run(ttft: float, gate: float | None = 1.0, start_boost: float = 1.0,
+            min_horizon_s: float = 0.0):
+        core, clock = slo_core({"decode": PoolBounds(1, 64)})  # 30 s start-up
+        sp = core.slo_policy
+        sp.config.trim_gain = 0.01
+        sp.config.trim_ttft_max = gate
+        sp.config.trim_ttft_min_horizon_s = min_horizon_s
+        sp.boost = start_boost
+        core.worker_up(1, "decode")
+        feed(core, clock, 60, rate=4.0, isl=2000, osl=100)
+        for _ in range(100):
+            clock.ms += 1000
+            core.observe_traffic(arrivals=4, prompt_tokens=8000, finished=4, output_tokens=400,
+                                 ttft_ms=[ttft] * 10, itl_ms=[5.0] * 10)
+            core.observe_load(1, running=4, kv_total_blocks=16384)
+            d = core.decide()
+        assert sp.long_attainment > 0.98 and no_nan(d)  # every request met the targets
+        return sp
+
+    predicted = run(40.0).predicted_ttft_ms
+    assert 40.0 < predicted < 100.0  # 54 ms: 2,000-token prompts on the fitted mocker
+    assert run(40.0).boost == pytest.approx(0.6)  # faster than the model: trimmed
+    slow = run(100.0)  # slower than the model: all within the 500 ms target, but no trim
+    assert slow.boost == 1.0 and slow.ttft_correction > 1.0
+    assert run(100.0, gate=2.0).boost == pytest.approx(0.6)  # within 2x the model: trimmed
+    assert run(100.0, gate=None).boost == pytest.approx(0.6)
+    # a trim already earned is not undone by the gate (misses undo it), it stops growing
+    assert run(100.0, start_boost=0.8).boost == pytest.approx(0.8)
+    # the default gate needs a horizon of 60 s: a 30 s start-up (32 s horizon) trims
+    assert SloPolicyConfig().trim_ttft_min_horizon_s == 60.0
+    assert run(100.0, min_horizon_s=60.0).boost == pytest.approx(0.6)
+    assert run(100.0, min_horizon_s=32.0).boost == 1.0
+    with pytest.raises(ValueError, match="trim_ttft_max"):
+        SloPolicyConfig(trim_ttft_max=0.0)
+    with pytest.raises(ValueError, match="trim_ttft_min_horizon_s"):
+        SloPolicyConfig(trim_ttft_min_horizon_s=-1.0)
 
 
 def test_slo_policy_scales_to_the_floor_when_traffic_stops_and_holds_when_stats_go_silent():
