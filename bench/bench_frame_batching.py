@@ -65,14 +65,17 @@ class _Inbox:
     def done(self) -> bool:
         return False
 
+    def frame(self, data: bytes) -> None:
+        """One encoded frame, decoded as the bus's reply inbox does."""
+        self._one(data)
+        self.frames += 1
+
     def set_result(self, msg) -> None:
         if msg.subject.endswith(".batch"):
             for _stream, raw in self._batch(msg.data):
-                self._one(raw)
-                self.frames += 1
+                self.frame(raw)
         else:
-            self._one(msg.data)
-            self.frames += 1
+            self.frame(msg.data)
 
 
 class _DirectReader:
@@ -96,15 +99,14 @@ class _DirectReader:
         buf = self.buf
         buf += data
         pos, end = 0, len(buf)
-        decode = self.inbox._one
+        frame = self.inbox.frame
         while end - pos >= _LEN:
             n = int.from_bytes(buf[pos:pos + _LEN], "little")
             if end - pos - _LEN < n:
                 break
             body = bytes(buf[pos + _LEN:pos + _LEN + n])
             _stream, _, chunk = body.partition(b"\0")
-            decode(chunk)
-            self.inbox.frames += 1
+            frame(chunk)
             pos += _LEN + n
         del buf[:pos]
 
