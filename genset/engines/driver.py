@@ -224,6 +224,8 @@ class AsyncEngineDriver(Engine):
         # the delivery, go out in one socket write there and then, rather than from the NATS
         # client's flusher task woken for it a loop turn later. Must not raise.
         self.after_delivery: Callable[[], None] | None = None
+        # plain frames of the last delivery not sent yet (`_deliver`): (stream, output)
+        self._direct_held: list[tuple[RequestStream, EngineOutput]] = []
 
     # ---- Engine -----------------------------------------------------------------------------
 
@@ -456,18 +458,28 @@ class AsyncEngineDriver(Engine):
     ) -> int:
         """Hand a step's outputs, KV batch and load over, then `after_delivery`; returns how
         many consumers' tasks it woke (outputs queued on their streams, a KV batch queued
-        rather than sent)."""
+        rather than sent).
+
+        When the delivery wakes tasks (a first token, a last frame, a KV batch for the feed
+        task), the plain frames that would go out directly wait until those tasks have run,
+        later in this loop turn: the woken tasks' frames are then queued first and everything
+        leaves in one write. Sent at once, the plain frames went in a write of their own and
+        the first tokens in a second one behind them, which the frontend read only after it
+        had handled every plain frame of the step (aiperf c=64: first token 4 ms at p50 from
+        the worker's send to the frontend, two wake-ups of nats-server and of the frontend
+        per such step; docs/benchmarks.md, issue 15 §5t)."""
+        if self._direct_held:
+            self._send_held()  # a previous step's frames go first, whatever woke since
         self._load = load
         streams = self._streams
+        held = self._direct_held
         woke = 0
         for out in outputs:
             stream = streams.get(out.request_id)
             if stream is None:
                 continue  # aborted meanwhile
-            direct = stream.direct
-            if (direct is not None and out.finish_reason is None and not stream._items
-                    and direct(out)):
-                stream.last = out
+            if stream.direct is not None and out.finish_reason is None and not stream._items:
+                held.append((stream, out))
                 continue
             stream.put(out)
             woke += 1
@@ -485,8 +497,29 @@ class AsyncEngineDriver(Engine):
                     self._evict_consumer(blocks)
                 except Exception:  # the consumer's fault (it counts its own): stepping goes on
                     log.exception("eviction consumer failed")
-        self._after_delivery()
+        if woke:
+            # after the steps of the tasks just woken, which were scheduled before this
+            asyncio.get_running_loop().call_soon(self._send_held)
+        else:
+            self._send_held()
         return woke
+
+    def _send_held(self) -> None:
+        """Send the plain frames `_deliver` held, each directly if it still can go that way
+        (else through its stream's queue, as `_deliver` does), then `after_delivery`."""
+        held = self._direct_held
+        if held:
+            self._direct_held = []
+            streams = self._streams
+            for stream, out in held:
+                if streams.get(out.request_id) is not stream:
+                    continue  # aborted meanwhile
+                direct = stream.direct
+                if direct is not None and not stream._items and direct(out):
+                    stream.last = out
+                else:
+                    stream.put(out)
+        self._after_delivery()
 
     def _after_delivery(self) -> None:
         after = self.after_delivery

@@ -708,7 +708,8 @@ class MockerDriver(AsyncEngineDriver):
                 delivered_at = clock()
                 # Let what this delivery woke run before the next step is computed, which
                 # holds the loop (a batch of prompts: ms): the requests' tasks (first and
-                # last frames, lifecycle), then the NATS flusher that writes their frames.
+                # last frames, lifecycle), then the delivery's held frames and the write
+                # (AsyncEngineDriver._deliver), then the NATS flusher for anything later.
                 # Without this they waited for that computation in the connection's buffer
                 # (--timeline at concurrency 64: worker -> frontend p99 205 ms). The two
                 # turns also let requests that arrived during the step reach the engine's
