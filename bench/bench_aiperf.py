@@ -192,6 +192,45 @@ def run_aiperf(system, args, concurrency: int, run_dir: Path) -> dict:
     return json.loads(summary.read_text())
 
 
+def _descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (a peer's launcher script and the server it started)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def wakeups(pids: dict[str, int]) -> dict[str, int]:
+    """Voluntary context switches so far of every thread of each server process and its
+    descendants: each is a thread that blocked (socket, timer, lock) and was woken again. The
+    stack's CPU on 2 cores follows its wake-ups, and unlike CPU seconds their count does not
+    move with how fast the shared machine happens to run (CPU per request of the same code
+    spread 10-15 ms between consecutive runs, every process by the same factor;
+    docs/benchmarks.md, issue 15 §5t)."""
+    out: dict[str, int] = {}
+    for name, pid in pids.items():
+        total = 0
+        for proc in _descendants(pid):
+            for status in Path(f"/proc/{proc}/task").glob("*/status"):
+                try:
+                    for line in status.read_text().splitlines():
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+                except OSError:  # a thread that just ended
+                    pass
+        out[name] = total
+    return out
+
+
 def server_cpu(summary: dict, pids: dict[str, int]) -> dict[str, float]:
     """CPU seconds of each server process over aiperf's profiling window."""
     win = summary.get("cpu", {}).get("profiling_window", {})
@@ -228,14 +267,18 @@ def row_of(rec: dict) -> dict:
         "errors": s.get("error_request_count") or 0,
         "load1": rec["load1"],
         "busy": s.get("cpu", {}).get("machine_busy_pct_all_cores_whole_run"),
+        # per request of the whole aiperf run (run.sh's 4 warm-up requests counted too)
+        "wakeups": (round(sum(rec["wakeups"].values()) / (n + 4))
+                    if rec.get("wakeups") else None),
     }
 
 
 def table(results: dict[tuple, list[dict]]) -> str:
     lines = ["| workers | speedup | conc | system | runs | req/s | TTFT p50 / p99 ms | ITL p50 ms | "
              "server CPU ms/req (frontend / router / workers / NATS+etcd) | cached % | "
-             "client CPU ms/req | load avg (1 min) | errors | TTFT mean: aiperf / server ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "client CPU ms/req | load avg (1 min) | errors | TTFT mean: aiperf / server ms | "
+             "server wake-ups/req |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, workers, speedup, conc), recs in results.items():
         rows = [row_of(r) for r in recs]
         m = {k: med([r.get(k) for r in rows]) for k in rows[0]}
@@ -245,7 +288,8 @@ def table(results: dict[tuple, list[dict]]) -> str:
             f"| {workers} | {speedup:g} | {conc} | {name} | {len(rows)} | {m['req_s']} | "
             f"{m['ttft_p50']} / {m['ttft_p99']} | {m['itl_p50']} | **{m['cpu_ms']}** ({parts}) | "
             f"{m['cached_pct']} | {m['client_cpu_ms']} | {m['load1']} | "
-            f"{sum(r['errors'] for r in rows)} | {m['ttft_avg']} / {m['srv_ttft_avg']} |")
+            f"{sum(r['errors'] for r in rows)} | {m['ttft_avg']} / {m['srv_ttft_avg']} | "
+            f"{m['wakeups'] if m['wakeups'] is not None else '-'} |")
     return "\n".join(lines)
 
 
@@ -319,13 +363,16 @@ def main(argv: list[str] | None = None) -> int:
                 load1 = os.getloadavg()[0]
                 started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
                 server_ttft = None
+                woken = {}
                 try:
                     system.start()
                     # Dynamo's frontend times TTFT itself (handler to first token): scraped
                     # around the run, it splits aiperf's TTFT into server and outside (the
                     # client and the HTTP intake), as genset's --timeline does
                     before = scrape(system.url + "/metrics") if isinstance(system, DynamoSystem) else {}
+                    woken = wakeups(system.pids)
                     summary = run_aiperf(system, args, conc, run_dir)
+                    woken = {k: v - woken[k] for k, v in wakeups(system.pids).items()}
                     if before:
                         server_ttft = histogram_delta(before, scrape(system.url + "/metrics"),
                                                       DYNAMO_TTFT)
@@ -335,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec = {"system": spec, "rep": rep, "concurrency": conc, "started": started,
                        "load1": round(load1, 2), "summary": summary, "pids": system.pids,
                        "server_cpu": server_cpu(summary, system.pids),
-                       "launcher_cpu_s": launcher}
+                       "launcher_cpu_s": launcher, "wakeups": woken}
                 if system.timeline is not None and system.timeline.exists():
                     from bench.timeline_report import breakdown, load
                     rec["timeline"] = breakdown(load(system.timeline, skip=4))
@@ -347,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = row_of(rec)
                 print(f"{tag}: {r['req_s']} req/s, TTFT p50/p99 {r['ttft_p50']}/{r['ttft_p99']} "
                       f"ms (mean {r['ttft_avg']}, server {r['srv_ttft_avg']}), server CPU "
-                      f"{r['cpu_ms']:.2f} ms/req, load {load1:.1f}, errors {r['errors']}",
+                      f"{r['cpu_ms']:.2f} ms/req, wake-ups {r['wakeups'] or 0:.0f}/req, "
+                      f"load {load1:.1f}, errors {r['errors']}",
                       file=sys.stderr, flush=True)
     print(table(results))
     (out / "summary.json").write_text(json.dumps(
