@@ -317,11 +317,18 @@ def test_trend_projection_is_capped_by_the_peak_the_history_has_shown():
     assert free.forecast(120) > peak  # up to twice the level: 12 req/s for a peak of 10
     assert capped.forecast(120) == pytest.approx(min(free.forecast(120), peak))
     assert capped.forecast(120) > capped.level  # the rise is still extrapolated, to the peak
-    # before a whole memory is watched the history says nothing: the fixed cap only
+    # a history younger than the memory caps as well, once it holds levels older than the
+    # trend's own window (the first cycle's crest is a level the history has shown) ...
     young = ArrivalForecaster(bucket_s=2.0, seasonal=False, cap_memory_s=600.0)
     t = steady_then(young, [(10.0, 100), (2.0, 200)])
     ramp(young, 2.0, 6.0, 40, t)
-    assert young.history_peak() is None
+    assert young.history_peak() is not None and 9.0 < young.history_peak() <= 10.0
+    assert young.forecast(120) <= young.history_peak()
+    # ... but not before: every level watched is inside the window the slope is fitted on
+    fresh = ArrivalForecaster(bucket_s=2.0, seasonal=False, cap_memory_s=600.0)
+    ramp(fresh, 2.0, 6.0, 40, 0.0)
+    assert fresh.history_peak() is None
+    assert fresh.forecast(120) == pytest.approx(fresh.rate.project(120))
     # beyond the history's peak (new territory): the trend's own cap applies
     high = ArrivalForecaster(bucket_s=2.0, seasonal=False, cap_memory_s=600.0)
     t = steady_then(high, [(3.0, 600)])

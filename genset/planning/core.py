@@ -136,8 +136,9 @@ class PlannerConfig:
     jump_gap_startups: float | None = 1.0
     # The rate's trend is extrapolated no higher than the highest smoothed rate of the last
     # `trend_cap_memory_s` before its own fitting window (a cycle's peak, the bursts
-    # before), once that memory has been watched; a level beyond it is new territory and
-    # keeps the fixed 2x cap (`ArrivalForecaster.projection`). 0: the fixed cap only.
+    # before), as soon as anything older than that window has been watched; a level beyond
+    # it is new territory and keeps the fixed 2x cap (`ArrivalForecaster.projection`). 0:
+    # the fixed cap only.
     trend_cap_memory_s: float = 600.0
     # ... and, with `trend_reach_s` > 0, projected at most that far ahead however long the
     # start-up (60: the span its line is fitted over, `ArrivalForecaster` window_s). Off by

@@ -151,7 +151,6 @@ class ArrivalForecaster:
         self._levels: deque[tuple[float, float]] = deque(
             maxlen=max(1, int(cap_memory_s / bucket_s) + 1))
         self._window_s = window_s
-        self.cap_warm_ms = (cap_memory_s - bucket_s) * 1000.0
         self.bucket_ms = bucket_s * 1000.0
         self.rate = TrendEstimator(tau_s, window_s)  # requests per second
         # the recurring part of the rate (None: trend only)
@@ -264,9 +263,13 @@ class ArrivalForecaster:
 
     def history_peak(self) -> float | None:
         """The highest smoothed rate of the memory before the trend's own window (the
-        points the slope is fitted on); None until a whole memory has been watched."""
+        points the slope is fitted on); None while nothing older than that window has been
+        watched. Not held back until the whole memory is: then the first cycle's crest,
+        a level the history had shown, was projected to the trend's 2x cap of it and a
+        120 s start-up added workers the crest never needed (Mooncake sinusoid, router
+        seed 5: 0.736 of static at peak instead of 0.697; docs/planner.md)."""
         lv = self._levels
-        if not self.cap_memory_ms or not lv or lv[-1][0] - lv[0][0] < self.cap_warm_ms:
+        if not self.cap_memory_ms or not lv:
             return None
         cut = lv[-1][0] - self._window_s * 1000.0
         old = [x for t, x in lv if t <= cut]
