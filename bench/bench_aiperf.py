@@ -36,7 +36,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from _common import MODEL_NAME, PEER_DIR, REPO, GensetUp, med
+from _common import MODEL_NAME, PEER_DIR, REPO, GensetUp, descendants, med
 
 PEERS = Path(os.environ.get("GENSET_PEERS", REPO.parent / "shared" / "peers"))
 if not PEERS.exists():
@@ -192,23 +192,6 @@ def run_aiperf(system, args, concurrency: int, run_dir: Path) -> dict:
     return json.loads(summary.read_text())
 
 
-def _descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (a peer's launcher script and the server it started)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, ()))
-    return out
-
-
 def wakeups(pids: dict[str, int]) -> dict[str, int]:
     """Voluntary context switches so far of every thread of each server process and its
     descendants: each is a thread that blocked (socket, timer, lock) and was woken again. The
@@ -219,7 +202,7 @@ def wakeups(pids: dict[str, int]) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, pid in pids.items():
         total = 0
-        for proc in _descendants(pid):
+        for proc in [pid, *(p for p, _ in descendants(pid))]:
             for status in Path(f"/proc/{proc}/task").glob("*/status"):
                 try:
                     for line in status.read_text().splitlines():
