@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 import proto
+from genset.runtime.bus import Bus
 from genset.runtime.streams import ReplyStream
 from tests.helpers.waiting import until
 from tests.test_worker import Host
@@ -128,54 +129,43 @@ async def test_without_nowait_publish_kv_batches_go_through_the_feed_task(slow_h
     assert ids == list(range(ids[0], ids[0] + len(ids)))
 
 
-def spy_writes(bus, monkeypatch) -> list[list[tuple[str, bytes]]]:
-    """Every socket write of the bus's NATS connection, as the (subject, payload) of each PUB."""
-    writes: list[list[tuple[str, bytes]]] = []
-    transport = bus.nc._transport
-    real = transport.writelines
-
-    def writelines(chunks) -> None:
-        data = b"".join(chunks)
-        pubs = []
-        while data:
-            line, _, data = data.partition(b"\r\n")
-            parts = line.split()
-            if parts and parts[0] == b"PUB":
-                size = int(parts[-1])
-                pubs.append((parts[1].decode(), data[:size]))
-                data = data[size + 2:]
-        writes.append(pubs)
-        return real(chunks)
-
-    monkeypatch.setattr(transport, "writelines", writelines)
-    return writes
-
-
-async def test_a_first_token_leaves_ahead_of_the_steps_other_frames_in_one_write(
-        slow_host, bus, monkeypatch):
+async def test_a_first_token_leaves_ahead_of_the_steps_other_frames(slow_host, bus,
+                                                                   nats_server):
     """A step that gives request B its first token and request A (streaming from the
-    delivery) its next one: B's task sends B's frame, and A's frame waits for it, so both
-    leave in one write with B's first (the frontend handles B's first token before A's)."""
-    a = await bus.stream_request(slow_host.subject,
-                                 slow_host.request(list(range(1, 20)), max_tokens=60),
-                                 timeout=30)
-    a_chunks = []
-    async for chunk in a:  # A streams from the delivery once its first token is out
-        a_chunks.append(chunk)
-        if len(a_chunks) == 3:
-            break
-    writes = spy_writes(bus, monkeypatch)
-    b = await bus.stream_request(slow_host.subject,
-                                 slow_host.request(list(range(30, 45)), max_tokens=4),
-                                 timeout=30)
-    b_chunks = [chunk async for chunk in b]
-    a_chunks += [chunk async for chunk in a]
+    delivery) its next one: B's task sends B's frame, and A's frame of that step waits for
+    it, so the frontend handles B's first token before A's frame (and both leave in one
+    write). Seen by a subscriber to everything, in the order nats-server got them from the
+    worker: B's first frame, A's frame of that step, A's of the next, B's second (which the
+    next step sends directly, after A's). Without the wait, A's frame of B's first step
+    went ahead of B's first frame, and one A frame stood between B's first two."""
+    watcher = await Bus.connect(nats_server.url, name="frame-order")
+    seen: list[tuple[str, bytes]] = []
+
+    async def record(msg) -> None:
+        seen.append((msg.subject, msg.data))
+
+    await watcher.subscribe(">", record)
+    try:
+        a = await bus.stream_request(slow_host.subject,
+                                     slow_host.request(list(range(1, 20)), max_tokens=60),
+                                     timeout=30)
+        a_chunks = []
+        async for chunk in a:  # A streams from the delivery once its first token is out
+            a_chunks.append(chunk)
+            if len(a_chunks) == 3:
+                break
+        b = await bus.stream_request(slow_host.subject,
+                                     slow_host.request(list(range(30, 45)), max_tokens=4),
+                                     timeout=30)
+        b_chunks = [chunk async for chunk in b]
+        a_chunks += [chunk async for chunk in a]
+        await until(lambda: sum(s == b.stream_id for s, _ in seen) == len(b_chunks),
+                    within=10, what="B's frames at the watcher")
+    finally:
+        await watcher.close()
     check_stream(b_chunks, 4)
     check_stream(a_chunks, 60)
-    frames = [[(subject, proto.decode(payload, proto.StreamChunk)) for subject, payload in w
-               if subject in (a.stream_id, b.stream_id)] for w in writes]
-    with_b_first = [w for w in frames if (b.stream_id, b_chunks[0]) in w]
-    assert len(with_b_first) == 1
-    subjects = [subject for subject, _ in with_b_first[0]]
-    # A's frame of the same step is in that write, after B's
-    assert a.stream_id in subjects[subjects.index(b.stream_id):]
+    order = [("A" if subject == a.stream_id else "B", proto.decode(data, proto.StreamChunk).seq)
+             for subject, data in seen if subject in (a.stream_id, b.stream_id)]
+    between = order[order.index(("B", 0)) + 1:order.index(("B", 1))]
+    assert [who for who, _ in between] == ["A", "A"]
