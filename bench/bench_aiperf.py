@@ -250,7 +250,8 @@ def row_of(rec: dict) -> dict:
         "errors": s.get("error_request_count") or 0,
         "load1": rec["load1"],
         "busy": s.get("cpu", {}).get("machine_busy_pct_all_cores_whole_run"),
-        # per request of the whole aiperf run (run.sh's 4 warm-up requests counted too)
+        # per request of the whole aiperf run: its start and run.sh's 4 warm-up requests are
+        # counted too (seconds at the stack's idle rate), so compare versions of one stack
         "wakeups": (round(sum(rec["wakeups"].values()) / (n + 4))
                     if rec.get("wakeups") else None),
     }
