@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase-s", type=float, default=120.0)
     p.add_argument("--speedup", type=float, default=4.0, help="mocker --speedup")
     p.add_argument("--kv-blocks", type=int, default=96, help="worker KV blocks (of 16 tokens)")
+    p.add_argument("--worker-load-s", type=float, default=0.0,
+                   help="each mocker worker's modelled load time (--mocker-load-s): a start-up "
+                        "as long as a real model's, for the planner to plan ahead of")
     p.add_argument("--max-workers", type=int, default=4)
     p.add_argument("--ttft-ms", type=float, default=1000.0)
     p.add_argument("--itl-ms", type=float, default=20.0)
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "genset.cli", "up", "--engine", "mocker", "--speedup",
            str(args.speedup), "--workers", "1", "--planner", "slo", "--min-workers", "1",
            "--max-workers", str(args.max_workers), f"--worker-arg=--kv-blocks={args.kv_blocks}",
+           f"--worker-arg=--mocker-load-s={args.worker_load_s:g}",
            f"--planner-arg=--ttft-ms={args.ttft_ms:g}", f"--planner-arg=--itl-ms={args.itl_ms:g}",
            f"--planner-arg=--down-cooldown-s={args.down_cooldown_s:g}",
            "--router", "embedded", "--port", str(port),
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 240 + args.worker_load_s
         while "Ctrl-C stops everything" not in log.read_text(errors="replace"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"genset up did not come up:\n{log.read_text()[-3000:]}")
@@ -226,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                        "errors": res["errors"]},
            "title": (f"genset up --planner slo, mocker x{args.speedup:g}, clients "
                      f"{'/'.join(map(str, args.levels))} for {args.phase_s:g} s each, TTFT "
-                     f"target {args.ttft_ms:g} ms, ITL {args.itl_ms:g} ms")}
+                     f"target {args.ttft_ms:g} ms, ITL {args.itl_ms:g} ms"
+                     + (f", worker load {args.worker_load_s:g} s" if args.worker_load_s else ""))}
     print(json.dumps(doc["summary"], indent=1))
     for e in watch.events:
         print(f"{e['t_s']:8.1f} s  {e['event']:<6} {e['worker']}")

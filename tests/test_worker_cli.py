@@ -20,6 +20,8 @@ from services.decode.service import WorkerOptions, WorkerService
     (["--engine", "mocker", "--max-streams", "0"], "--max-streams=0 must be >= 1"),
     (["--engine", "mocker", "--coalesce-ms", "-1"], "--coalesce-ms=-1.0 must be >= 0"),
     (["--engine", "mocker", "--speedup", "0"], "--speedup: must be > 0"),
+    (["--engine", "mocker", "--mocker-load-s", "-1"], "--mocker-load-s=-1.0 must be >= 0"),
+    (["--engine", "torch", "--mocker-load-s", "5"], "only --engine mocker models a load time"),
     (["--engine", "mocker", "--role", "agg"], "--role='agg' is not one of: decode, prefill, both"),
     (["--engine", "mocker", "--seed", "x"], "argument --seed: 'x' is not an integer"),
     (["--engine", "trtllm"], "TensorRT-LLM"),

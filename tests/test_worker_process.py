@@ -108,3 +108,30 @@ async def test_two_workers_share_traffic_and_survive_a_sigkill(nats_server, etcd
         await survivor.stop()
         assert survivor.returncode == 0
         assert not await cards(discovery, stack)
+
+
+async def test_a_mocker_load_time_keeps_the_worker_unlisted_until_it_ends(nats_server,
+                                                                          etcd_server, discovery,
+                                                                          tmp_path):
+    """--mocker-load-s models loading weights: the worker answers /health (not ready) but is
+    in no record while it loads, a SIGTERM then ends it at once (exit 0), and a short load
+    registers the worker no earlier than the load time after its start."""
+    async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
+        loading = stack.spawn_worker(extra_args=["--mocker-load-s", "600"])
+
+        async def says_loading() -> bool:
+            resp = await loading.get("/health")
+            return (resp.json().get("ready") is False
+                    and "mocker_loading" in loading.log_path.read_text(errors="replace"))
+
+        await loading.wait_until(says_loading, "loading", 60)
+        assert not await cards(discovery, stack)
+        assert not await discovery.get_prefix(keys.instances_prefix(stack.namespace))
+        loading.terminate()
+        assert await loading.wait_exit(30) == 0, loading.log_tail()
+
+        spawned = time.monotonic()
+        quick = stack.spawn_worker(extra_args=["--mocker-load-s", "2"])
+        await quick.wait_ready(60)
+        assert time.monotonic() - spawned >= 2.0
+        assert set(await cards(discovery, stack)) == {quick.instance_id}

@@ -98,6 +98,10 @@ class WorkerOptions:
     context_length: int = field(default=0, metadata=opt(
         "mocker: context length (0: from the model's config)", min=0))
     speedup: float = field(default=1.0, metadata=opt("mocker: run this many times faster"))
+    mocker_load_s: float = field(default=0.0, metadata=opt(
+        "mocker: seconds a start takes before the worker registers and serves, as loading a "
+        "real model's weights does (what the planner's start-up awareness plans ahead of; "
+        "0: none)", min=0))
     coalesce_ms: float = field(default=0.5, metadata=opt(
         "mocker: when modelled steps are shorter than this, send the tokens of the steps "
         "within this many ms in one frame per request (0: a frame per step)", min=0))
@@ -131,6 +135,9 @@ class WorkerOptions:
     def __post_init__(self) -> None:
         if self.engine == "mocker" and not self.speedup > 0:
             raise FieldError("speedup", f"must be > 0 with --engine mocker, got {self.speedup}")
+        if self.engine != "mocker" and self.mocker_load_s:
+            raise FieldError("mocker_load_s", f"only --engine mocker models a load time "
+                                              f"(--engine {self.engine} loads its own)")
         # A missing model or engine package is reported now, before connecting anywhere.
         try:
             model_facts(self.model)
@@ -179,6 +186,10 @@ class WorkerService(Service):
             device=o.device, dtype=o.dtype, seed=o.seed, coalesce_ms=o.coalesce_ms,
             kv_bytes_per_token=o.kv_bytes_per_token, offload_d2h_gbps=o.offload_d2h_gbps,
             offload_h2d_gbps=o.offload_h2d_gbps)
+        if o.engine == "mocker" and o.mocker_load_s:
+            # not registered yet: nothing routes here, and a SIGTERM now cancels the wait
+            self.log.info("mocker_loading", seconds=o.mocker_load_s)
+            await asyncio.sleep(o.mocker_load_s)
         host_config = HostConfig(
             namespace=self.namespace, model=o.served_model_name or served_model_name(o.model),
             role=o.role, tokenizer=facts.tokenizer, max_streams=o.max_streams,
