@@ -339,6 +339,7 @@ class Launcher:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self.planner = None  # genset.launch_planner.PlannerThread with --planner
+        self.initial_startup_s = 0.0  # spawn -> ready of the slowest worker start_workers ran
         self.retired: list[Child] = []  # drained workers, until they exit
 
     def say(self, text: str) -> None:
@@ -476,6 +477,7 @@ class Launcher:
 
     def start_workers(self) -> list[Child]:
         a = self.args
+        spawned = time.monotonic()
         workers = [self.spawn_worker() for _ in range(a.workers)]
         self.say(f"workers: starting {a.workers} x {a.engine} engine, model {a.model}")
         # disaggregation: prefill workers are workers too (worker-N: worker slot N-1, so their
@@ -494,6 +496,8 @@ class Launcher:
                     status, body = http_json(w.http_url + "/health")
                     if status == 200 and isinstance(body, dict) and body.get("ready"):
                         done.add(w.name)
+                        self.initial_startup_s = max(self.initial_startup_s,
+                                                     time.monotonic() - spawned)
                         self.say(f"  {w.name} ready ({len(done)}/{len(workers)})")
             return len(done) == len(workers)
 
@@ -589,7 +593,13 @@ class Launcher:
                               f"within --min-workers {lo} and --max-workers {hi}")
 
     def start_planner(self, workers: list[Child]) -> None:
-        from genset.launch_planner import ChildHandle, PlannerThread, StackWorkers, planner_options
+        from genset.launch_planner import (
+            ChildHandle,
+            PlannerThread,
+            StackWorkers,
+            planner_options,
+            startup_prior,
+        )
 
         a = self.args
         lo, hi = self.planner_bounds()
@@ -601,6 +611,9 @@ class Launcher:
             config, options = planner_options(argv)
         except SystemExit:  # argparse printed which flag was wrong
             raise LaunchError("bad --planner-arg (see the message above)") from None
+        prior = startup_prior(a.planner_arg, os.environ, self.initial_startup_s)
+        if prior is not None:
+            options = dataclasses.replace(options, startup_s=prior)
         # security: the planner (in this process) logs in as the stack's planner user
         env = self.security.child_env("planner", "planner")
         config = dataclasses.replace(
@@ -613,7 +626,9 @@ class Launcher:
         stack = StackWorkers(self.call_soon, self.add_worker, self.retire_worker)
         self.planner = PlannerThread(config, options, stack, [ChildHandle(w) for w in workers],
                                      self.logs / "planner.log")
-        self.say(f"planner: {a.planner} policy, {lo}-{hi} workers (log: {self.logs / 'planner.log'})")
+        self.say(f"planner: {a.planner} policy, {lo}-{hi} workers, start-up "
+                 f"{options.startup_s:g} s {'as measured here' if prior is not None else 'as set'}"
+                 f" until it times its own (log: {self.logs / 'planner.log'})")
         try:
             self.planner.start()
         except RuntimeError as exc:

@@ -71,6 +71,20 @@ class StackWorkers:
         pass  # the launcher stops its own children (frontend first, then workers)
 
 
+def startup_prior(planner_args: list[str], env, measured_s: float) -> float | None:
+    """The planner's start-up time until it has timed a start of its own: the one `genset up`
+    just measured for the workers it started itself (spawn -> ready, the slowest of them,
+    which started side by side), instead of the planner's fixed default (30 s), too short for
+    a model that loads for minutes and long for the mocker. None (keep the planner's) when
+    the user set `--startup-s` (a `--planner-arg` or GENSET_STARTUP_S) or nothing was
+    measured."""
+    if not measured_s > 0 or "GENSET_STARTUP_S" in env:
+        return None
+    if any(a == "--startup-s" or a.startswith("--startup-s=") for a in planner_args):
+        return None
+    return round(max(measured_s, 0.1), 1)
+
+
 def planner_options(argv: list[str]):
     """(CommonConfig, PlannerOptions) from `genset planner` flags; SystemExit(2) with argparse's
     message naming the flag on a bad one."""

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from genset.launch import Launcher, build_parser, main
-from genset.launch_planner import ChildHandle, StackWorkers, planner_options
+from genset.launch_planner import ChildHandle, StackWorkers, planner_options, startup_prior
 from tests.test_supervise import FakeChild, make
 
 
@@ -92,3 +92,16 @@ def test_planner_flags_go_through_the_planners_own_checks():
         planner_options(["--kv-high", "7"])
     launcher = Launcher(build_parser().parse_args(["--planner", "--workers", "2"]))
     assert launcher.planner_bounds() == (1, 4)
+
+
+def test_the_planners_start_up_prior_is_the_one_measured_unless_the_user_set_one():
+    """genset up hands the planner the start-up it timed for its own workers (rounded to
+    0.1 s): a slow model's minute, a mocker's seconds; never over --startup-s given as a
+    planner flag (either spelling) or in the environment, and nothing when nothing was timed."""
+    assert startup_prior([], {}, 71.26) == 71.3
+    assert startup_prior(["--down-cooldown-s=20"], {}, 2.04) == 2.0
+    assert startup_prior([], {}, 0.01) == 0.1  # the planner's own lower bound
+    assert startup_prior(["--startup-s=90"], {}, 71.2) is None
+    assert startup_prior(["--startup-s", "90"], {}, 71.2) is None
+    assert startup_prior([], {"GENSET_STARTUP_S": "90"}, 71.2) is None
+    assert startup_prior([], {}, 0.0) is None

@@ -96,6 +96,9 @@ async def test_load_ramp_scales_up_and_down_without_failed_requests(nats_server,
     load = Load(f"http://127.0.0.1:{port}")
     try:
         await wait_for_text(log, proc, r"Ctrl-C stops everything", 120, load)
+        # the planner starts with the start-up genset up timed for worker-1, not its default
+        assert re.search(r"planner: load policy, 1-3 workers, start-up [0-9.]+ s as measured "
+                         r"here", log.read_text()), log.read_text()
         async with httpx.AsyncClient(timeout=120) as client:
             load.set(10, client)  # up: more than one worker's KV
             await wait_for_text(log, proc, r"planner: started worker-2", 180, load)

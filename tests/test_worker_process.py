@@ -124,7 +124,7 @@ async def test_a_mocker_load_time_keeps_the_worker_unlisted_until_it_ends(nats_s
             return (resp.json().get("ready") is False
                     and "mocker_loading" in loading.log_path.read_text(errors="replace"))
 
-        await loading.wait_until(says_loading, "loading", 60)
+        await loading.wait_until(says_loading, "loading", 90)
         assert not await cards(discovery, stack)
         assert not await discovery.get_prefix(keys.instances_prefix(stack.namespace))
         loading.terminate()
@@ -132,6 +132,6 @@ async def test_a_mocker_load_time_keeps_the_worker_unlisted_until_it_ends(nats_s
 
         spawned = time.monotonic()
         quick = stack.spawn_worker(extra_args=["--mocker-load-s", "2"])
-        await quick.wait_ready(60)
+        await quick.wait_ready(90)
         assert time.monotonic() - spawned >= 2.0
         assert set(await cards(discovery, stack)) == {quick.instance_id}
