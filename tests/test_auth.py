@@ -75,6 +75,11 @@ def test_nats_configuration_has_users_only_and_each_worker_only_its_id(tmp_path)
     assert client["publish"]["allow"] == [subjects.frontend_generate("ns"),
                                           subjects.stream_cancel("ns")]
     assert users["planner"]["permissions"]["publish"] == {"deny": [">"]}
+    # what the planner service subscribes to (services/planner/service.py), KV events included
+    assert set(users["planner"]["permissions"]["subscribe"]["allow"]) >= {
+        subjects.load_report_all("ns"), subjects.frontend_stats("ns"),
+        subjects.step_stats_all("ns"), subjects.route_decisions("ns"),
+        subjects.kv_events_all("ns")}
     # only frontends send work to workers, only routers and frontends ask for resyncs
     for name, user in users.items():
         allowed = user["permissions"]["publish"].get("allow", [])

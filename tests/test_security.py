@@ -207,6 +207,35 @@ async def test_roles_can_do_their_jobs(secure_infra):
             await b.close()
 
 
+async def test_the_planner_receives_every_input_it_subscribes_to(secure_infra):
+    """Each subject the planner service subscribes to reaches it under the planner role's
+    permissions (its KV-event subscription was once refused, silently but for a warning)."""
+    from services.planner.service import input_subjects
+
+    inputs = input_subjects(NS, track_cache=True)
+    planner = await secure_infra.bus("planner")
+    admin = await secure_infra.bus("admin")
+    got: dict[str, str] = {}
+    arrived = asyncio.Event()
+    try:
+        for name, subject in inputs.items():
+            async def on_msg(msg, name=name) -> None:
+                got[name] = msg.subject
+                arrived.set()
+
+            await planner.subscribe(subject, on_msg)
+        await planner.nc.flush()
+        for subject in inputs.values():
+            await admin.publish(subject.replace(">", "ab"), b"x")
+        async with asyncio.timeout(WAIT_S):
+            while set(got) != set(inputs):
+                arrived.clear()
+                await arrived.wait()
+    finally:
+        for b in (planner, admin):
+            await b.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # etcd
 

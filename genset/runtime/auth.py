@@ -155,8 +155,9 @@ def nats_permissions(role: str, namespace: str, user: str,
                        offload_events_all, inbox),
             responses=True)
     if role == ROLE_PLANNER:
+        # KV events: which cache only one worker holds, what a drain would lose (--track-cache)
         return NatsPermissions(publish=(), subscribe=(loads_all, lifecycle, decisions,
-                                                      *planner_inputs, inbox),
+                                                      events_all, *planner_inputs, inbox),
                                responses=False)
     if role == ROLE_OFFLOAD:
         # serves put/lookup/contains/resync on its instances' subjects, publishes its events

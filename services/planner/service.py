@@ -164,6 +164,17 @@ def monotonic_ms() -> float:
     return time.monotonic() * 1000.0
 
 
+def input_subjects(ns: str, *, track_cache: bool) -> dict[str, str]:
+    """What the planner reads from the bus, by kind. The planner role's NATS permissions
+    (`genset.runtime.auth`) must allow each: a refused subscription is only a warning, and
+    the planner would plan without it (tests/test_security.py checks them together)."""
+    out = {"load": subjects.load_report_all(ns), "stats": subjects.frontend_stats(ns),
+           "steps": subjects.step_stats_all(ns), "route": subjects.route_decisions(ns)}
+    if track_cache:  # which cache only one worker holds: what draining it would lose
+        out["kv"] = subjects.kv_events_all(ns)
+    return out
+
+
 class PlannerService(Service):
     component = "planner"
 
@@ -233,13 +244,10 @@ class PlannerService(Service):
                 listener("put", key, value)
             watch.add_listener(listener)
             self._watches.append(watch)
-        bus = self.bus
-        self._subs.append(await bus.subscribe(subjects.load_report_all(ns), self._on_load))
-        self._subs.append(await bus.subscribe(subjects.frontend_stats(ns), self._on_stats))
-        self._subs.append(await bus.subscribe(subjects.step_stats_all(ns), self._on_steps))
-        self._subs.append(await bus.subscribe(subjects.route_decisions(ns), self._on_route))
-        if o.track_cache:
-            self._subs.append(await bus.subscribe(subjects.kv_events_all(ns), self._on_kv))
+        handlers = {"load": self._on_load, "stats": self._on_stats, "steps": self._on_steps,
+                    "route": self._on_route, "kv": self._on_kv}
+        for name, subject in input_subjects(ns, track_cache=o.track_cache).items():
+            self._subs.append(await self.bus.subscribe(subject, handlers[name]))
         self._tasks.append(asyncio.create_task(self._tick_loop(), name="planner-ticks"))
         if not o.dry_run:
             self._tasks.append(asyncio.create_task(self._apply_loop(), name="planner-apply"))
