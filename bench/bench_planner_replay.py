@@ -165,12 +165,9 @@ def print_table(name: str, rows: list[dict], out) -> None:
               f"{r['goodput_out_tok_s']:>15.0f}", file=out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", default="mooncake,azure-code,azure-conv",
-                   help="comma separated: mooncake, azure-conv, azure-code")
-    p.add_argument("--startups", default="30,120", help="worker start-up times (s) to test")
-    p.add_argument("--policies", default="load,slo")
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The flags that say which trace is replayed how, and what static at peak is (shared
+    with bench/planner_oracle.py, whose schedules are compared with these rows)."""
     p.add_argument("--period-s", type=float, default=300.0, help="mooncake: sinusoid period")
     p.add_argument("--azure-time-scale", default="code=0.5,conv=0.25",
                    help="azure: per trace, < 1 compresses time (a heavier load; both traces "
@@ -183,8 +180,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="static at peak = smallest fleet reaching this attainment")
     p.add_argument("--kv-blocks", type=int, default=4688)
     p.add_argument("--router", default="genset")
+    p.add_argument("--interval-s", type=float, default=1.0,
+                   help="simulated seconds between a planner's decisions")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default="mooncake,azure-code,azure-conv",
+                   help="comma separated: mooncake, azure-conv, azure-code")
+    p.add_argument("--startups", default="30,120", help="worker start-up times (s) to test")
+    p.add_argument("--policies", default="load,slo")
+    add_workload_args(p)
     p.add_argument("--down-cooldown-s", type=float, default=60.0)
-    p.add_argument("--interval-s", type=float, default=1.0)
     p.add_argument("--capped", type=int, default=0, metavar="N",
                    help="also run each policy with at most N workers (a budget: Dynamo's "
                         "planner averaged ~3 on the Mooncake sinusoid)")

@@ -289,16 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.90, help="attainment to keep")
     p.add_argument("--peak", type=int, default=0,
                    help="static at peak (0: found by bisection as bench_planner_replay does)")
-    p.add_argument("--period-s", type=float, default=300.0)
-    p.add_argument("--azure-time-scale", default="code=0.5,conv=0.25")
-    p.add_argument("--azure-limit", type=int, default=None)
-    p.add_argument("--peak-bucket-s", type=float, default=60.0)
-    p.add_argument("--max-workers", type=int, default=12)
-    p.add_argument("--peak-attainment", type=float, default=0.99)
-    p.add_argument("--kv-blocks", type=int, default=4688)
-    p.add_argument("--router", default="genset")
-    p.add_argument("--interval-s", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    bpr.add_workload_args(p)
+    p.add_argument("--seed", type=int, default=0, help="the routers' seed")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--schedule-from", metavar="FILE",
                    help="no search: replay the schedule of an earlier run's --json (e.g. one "
@@ -310,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("window_s", "interval_s"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be > 0")
+    if args.refine and not args.schedule_from:
+        raise SystemExit("--refine refines a schedule given with --schedule-from")
     if not (args.startup_s >= 0 and 0 < args.target <= 1):
         raise SystemExit("--startup-s must be >= 0 and --target in (0, 1]")
     args.workloads = [args.workload]

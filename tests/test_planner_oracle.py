@@ -141,3 +141,10 @@ def test_a_worker_needed_again_within_a_start_up_is_kept():
         fast.worker_up(w, "decode")
     now[0] = 30_000.0
     assert len(fast.decide().drain) == 2
+
+
+def test_refine_needs_a_schedule_to_refine():
+    import pytest
+
+    with pytest.raises(SystemExit, match="--schedule-from"):
+        po.main(["--refine"])
