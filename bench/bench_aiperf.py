@@ -232,6 +232,10 @@ def row_of(rec: dict) -> dict:
              name.rstrip("0123456789"))  # frontend2 (--frontends 2) is a frontend too
         groups[g] = groups.get(g, 0.0) + v
     client = s.get("cpu", {}).get("profiling_window", {}).get("client_cpu_s")
+    # The same code's CPU per request moves by up to a third between series ten minutes
+    # apart on this VM, and aiperf's own CPU moves with it (docs/benchmarks.md §5x): the
+    # server's CPU over the client's, in the same run, is the steadier figure to compare.
+    per_client = total / client if client else None
     return {
         "req_s": s.get("request_throughput_rps"),
         "ttft_p50": (s.get("ttft_ms") or {}).get("p50"),
@@ -246,6 +250,7 @@ def row_of(rec: dict) -> dict:
         "cpu_ms": 1000 * total / n,
         **{f"cpu_{g}": 1000 * v / n for g, v in groups.items()},
         "client_cpu_ms": 1000 * client / n if client is not None else None,
+        "cpu_per_client": round(per_client, 3) if per_client is not None else None,
         "cached_pct": s.get("cached_prompt_pct"),
         "errors": s.get("error_request_count") or 0,
         "load1": rec["load1"],
@@ -260,9 +265,9 @@ def row_of(rec: dict) -> dict:
 def table(results: dict[tuple, list[dict]]) -> str:
     lines = ["| workers | speedup | conc | system | runs | req/s | TTFT p50 / p99 ms | ITL p50 ms | "
              "server CPU ms/req (frontend / router / workers / NATS+etcd) | cached % | "
-             "client CPU ms/req | load avg (1 min) | errors | TTFT mean: aiperf / server ms | "
-             "server wake-ups/req |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "client CPU ms/req | server / client CPU | load avg (1 min) | errors | "
+             "TTFT mean: aiperf / server ms | server wake-ups/req |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, workers, speedup, conc), recs in results.items():
         rows = [row_of(r) for r in recs]
         m = {k: med([r.get(k) for r in rows]) for k in rows[0]}
@@ -271,7 +276,8 @@ def table(results: dict[tuple, list[dict]]) -> str:
         lines.append(
             f"| {workers} | {speedup:g} | {conc} | {name} | {len(rows)} | {m['req_s']} | "
             f"{m['ttft_p50']} / {m['ttft_p99']} | {m['itl_p50']} | **{m['cpu_ms']}** ({parts}) | "
-            f"{m['cached_pct']} | {m['client_cpu_ms']} | {m['load1']} | "
+            f"{m['cached_pct']} | {m['client_cpu_ms']} | "
+            f"{m['cpu_per_client'] if m['cpu_per_client'] is not None else '-'} | {m['load1']} | "
             f"{sum(r['errors'] for r in rows)} | {m['ttft_avg']} / {m['srv_ttft_avg']} | "
             f"{m['wakeups'] if m['wakeups'] is not None else '-'} |")
     return "\n".join(lines)
@@ -378,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = row_of(rec)
                 print(f"{tag}: {r['req_s']} req/s, TTFT p50/p99 {r['ttft_p50']}/{r['ttft_p99']} "
                       f"ms (mean {r['ttft_avg']}, server {r['srv_ttft_avg']}), server CPU "
-                      f"{r['cpu_ms']:.2f} ms/req, wake-ups {r['wakeups'] or 0:.0f}/req, "
+                      f"{r['cpu_ms']:.2f} ms/req ({r['cpu_per_client'] or 0:.2f} of the client's), "
+                      f"wake-ups {r['wakeups'] or 0:.0f}/req, "
                       f"load {load1:.1f}, errors {r['errors']}",
                       file=sys.stderr, flush=True)
     print(table(results))

@@ -49,3 +49,26 @@ def test_timeline_ttft_takes_the_first_write_of_the_requests_that_finished():
     assert d["count"] == 4 and d["mean_ms"] == 250.0
     assert d["p50_ms"] == 200.0 and d["p99_ms"] == 400.0  # nearest rank, as timeline_report
     assert bench_aiperf.timeline_ttft([{"ok": False, "stages": {}}]) is None
+
+
+def _rec(client_cpu_s):
+    cpu = {"profiling_window": {"client_cpu_s": client_cpu_s}} if client_cpu_s is not None else {}
+    return {"summary": {"completed_request_count": 200, "cpu": cpu},
+            "server_cpu": {"frontend": 0.8, "worker1": 0.5, "worker2": 0.5, "nats": 0.2},
+            "launcher_cpu_s": 0.0, "load1": 0.5}
+
+
+def test_a_row_gives_the_servers_cpu_per_request_and_over_the_clients():
+    row = bench_aiperf.row_of(_rec(2.5))
+    assert round(row["cpu_ms"], 6) == 10.0  # 2.0 s of server CPU over 200 requests
+    assert round(row["cpu_workers"], 6) == 5.0 and round(row["cpu_nats+etcd"], 6) == 1.0
+    assert round(row["client_cpu_ms"], 6) == 12.5
+    assert row["cpu_per_client"] == 0.8
+    # without aiperf's CPU figure there is no ratio, and the table still prints
+    bare = bench_aiperf.row_of(_rec(None))
+    assert bare["client_cpu_ms"] is None and bare["cpu_per_client"] is None
+    text = bench_aiperf.table({("genset", 2, 1.0, 16): [_rec(None), _rec(2.5)]})
+    header, rule, line = text.splitlines()
+    assert "server / client CPU" in header
+    assert header.count("|") == rule.count("|") == line.count("|")
+    assert "| 0.8 |" in line  # the median of the runs that have it
