@@ -58,8 +58,11 @@ from genset.replay.trace import load_trace
 class ScheduleCore:
     """Stands in for `PlannerCore` inside the replay's `Fleet`: sizes the pool from a fixed
     schedule (`sizes[k]` workers in window k), asking for a worker `startup_s` before the
-    window that needs it and draining the least busy ready worker when a window needs fewer.
-    Reads only what the Fleet feeds a planner (load reports), so the replay is unchanged."""
+    window that needs it and draining the least busy ready workers when no window within a
+    start-up needs them (one drained sooner could not be back in time). Reads only what the
+    Fleet feeds a planner (load reports), so the replay is unchanged. `run_schedule` puts it
+    in the Fleet by swapping `planner_sim.PlannerCore` for the replay's duration: the Fleet
+    builds its core itself, and a bench should not widen the replay's API for a stand-in."""
 
     def __init__(self, config, *, clock, sizes: list[int], window_s: float, startup_s: float):
         self.config = config
