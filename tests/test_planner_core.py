@@ -1388,3 +1388,34 @@ def test_slack_down_takes_a_floor_of_the_pools_size_one_worker_lower_never_two()
     assert "start prior" in on[2][2] and "slack" not in on[2][2]  # 4 -> 3: the prior's own
     off = _pool_run(6, lambda t: 2, 320, prior=600.0, slack_down=False)
     assert [(t, n) for t, n, _ in off][:3] == [(60, 5), (150, 4), (250, 3)]
+
+
+def test_slo_boost_fades_to_exactly_one_so_the_trim_can_start_again():
+    """The boost's decay is geometric; once faded to within a thousandth of 1 it is 1, and
+    long-run attainment with room grows the trim again (without the snap, one boost kept the
+    trim off for ~1,700 decisions)."""
+    core, clock = slo_core({"decode": PoolBounds(1, 64)})
+    sp = core.slo_policy
+    sp.config.boost_min = 0.6
+    sp.config.trim_gain = 0.01
+    core.worker_up(1, "decode")
+    feed(core, clock, 60, rate=4.0, isl=2000, osl=100)
+    core.observe_load(1, running=4, kv_total_blocks=16384)
+    core.decide()
+
+    def decisions(n: int, ttft_of) -> None:
+        for _ in range(n):
+            clock.ms += 1000
+            for i in range(10):
+                core.observe_ttft(ttft_of(i))
+                core.observe_itl(10.0)
+            core.observe_traffic(arrivals=4, prompt_tokens=8000, finished=4, output_tokens=400)
+            core.observe_load(1, running=4, kv_total_blocks=16384)
+            core.decide()
+
+    decisions(40, lambda i: 900.0 if i % 2 else 40.0)  # half miss: the trim undone, a boost
+    assert sp.boost > 1.0
+    # every request within the targets, faster than the model (the trim's gate is open)
+    decisions(1200, lambda i: 40.0)
+    assert sp.long_attainment > sp.config.trim_above
+    assert sp.boost < 1.0

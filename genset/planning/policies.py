@@ -33,6 +33,10 @@ from genset.planning.perf_model import PerfModel
 # the capacities kept for the seasonal floor before a period is found (it is used only once
 # one is; then the period found, 60-900 s, is the memory)
 _DEFAULT_PERIOD_S = 300.0
+# A boost that has faded to within this of 1 is 1. The decay is geometric: without the snap it
+# reached 1.0 exactly only ~1,700 decisions (28 min at 1 s) after a boost of 0.07, and the trim,
+# which starts from exactly 1, stayed off all that time (the Azure conv tail, session 15)
+_BOOST_SNAP = 1e-3
 
 
 def ceil_workers(x: float) -> int:
@@ -615,6 +619,8 @@ class SloPolicy:
             self.boost = min(c.boost_max, self.boost + c.boost_gain * min(2.0, miss - 1.0))
         elif miss <= 0.25:
             self.boost = max(1.0, 1.0 + (self.boost - 1.0) * (1.0 - c.boost_decay))
+            if self.boost - 1.0 < _BOOST_SNAP:
+                self.boost = 1.0
 
     def _update_demo(self, now_ms: float, ready: int, capacity: float) -> None:
         """Demonstrated capacity (SloPolicyConfig.demo_memory_s)."""
