@@ -255,6 +255,34 @@ async def test_a_worker_cannot_speak_for_another(nats_server, etcd_server, bus, 
                 'reason="unknown_worker"} 1.0') in metrics
 
 
+async def test_huge_latency_samples_keep_the_dry_run_output_json(nats_server, etcd_server, bus,
+                                                                  discovery):
+    """Samples near the float limit are finite, so they pass the message's checks; their sum
+    overflowed to inf, printed as `Infinity`, which is not JSON."""
+    ns = f"pl-{uuid.uuid4().hex[:8]}"
+    fleet = FakeFleet(bus, discovery, ns)
+    await fleet.add(used=100)
+    fleet.start()
+    try:
+        async with planner(nats_server.url, etcd_server.endpoint, ns, dry_run=True) as (svc, out):
+            await bus.publish(subjects.frontend_stats(ns), proto.FrontendStats(
+                frontend_id=1, ts_ms=0, window_ms=1000, arrivals=1, prompt_tokens=100,
+                finished=1, output_tokens=10, ttft_ms=[1e308] * 4, itl_ms=[1e308] * 4))
+            await eventually(lambda: svc.core.itl.count(svc.core.now_ms()) == 4, "the samples")
+            await eventually(lambda: svc.last_decision is not None and
+                             "itl_observed_ms" in svc.last_decision.inputs, "a decision")
+            assert svc.last_decision.inputs["itl_observed_ms"] == pytest.approx(1e308)
+
+            def refuse(name):
+                raise AssertionError(f"{name} in the dry-run output")
+            lines = out.getvalue().splitlines()
+            assert lines
+            for ln in lines:
+                json.loads(ln, parse_constant=refuse)
+    finally:
+        await fleet.stop()
+
+
 @pytest.mark.slow
 async def test_nats_and_etcd_outages_hold_the_last_targets(own_nats, own_etcd):
     """NATS away: no load reports, the planner holds (never scales to zero, nor down). etcd
