@@ -57,7 +57,11 @@ def test_planner_flags_are_checked_with_clear_errors(capsys):
     for bad, words in ((dict(pools="decode,gpu"), "unknown role 'gpu'"),
                        (dict(min_workers=4, max_workers=2), "below --min-workers"),
                        (dict(kv_high=0.5, kv_target=0.7), "--kv-target"),
-                       (dict(k8s_deployments="decode"), "role=name pairs")):
+                       (dict(k8s_deployments="decode"), "role=name pairs"),
+                       (dict(connector="compose", compose_command=" "),
+                        "--compose-command is empty"),
+                       (dict(connector="compose", compose_command="docker 'compose"),
+                        "--compose-command \"docker 'compose\": No closing quotation")):
         with pytest.raises(ValueError, match=words):
             PlannerOptions(**bad)
     opts = PlannerOptions(pools="decode,prefill", min_prefill=0, max_prefill=3)

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import random
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -137,6 +138,13 @@ class PlannerOptions:
                              f"{self.kv_high}")
         parse_role_map(self.compose_services, "--compose-services")
         parse_role_map(self.k8s_deployments, "--k8s-deployments")
+        if self.connector == "compose":  # else the planner failed only once it had started
+            try:
+                words = shlex.split(self.compose_command)
+            except ValueError as exc:
+                raise ValueError(f"--compose-command {self.compose_command!r}: {exc}") from None
+            if not words:
+                raise ValueError("--compose-command is empty")
 
     def pool_list(self) -> list[str]:
         return [p.strip() for p in self.pools.split(",") if p.strip()]
