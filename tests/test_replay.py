@@ -130,3 +130,15 @@ def test_cli_json_and_several_policies(tmp_path, capsys):
     assert plot.stat().st_size > 1000
     assert replay_cli.main([path, "--policy", "nope"]) == 2
     assert "--policy: unknown routing policy 'nope'" in capsys.readouterr().err
+
+
+def test_cli_refuses_no_policy_and_a_plot_it_cannot_write(tmp_path, capsys):
+    path = write(tmp_path, [GOOD])
+    assert replay_cli.main([path, "--policy", ",,", "--json"]) == 2
+    assert "--policy ',,' names no policy" in capsys.readouterr().err
+    missing = tmp_path / "nowhere" / "plot.png"
+    assert replay_cli.main([path, "--plot", str(missing)]) == 2
+    assert f"--plot {missing}: no such directory" in capsys.readouterr().err
+    (tmp_path / "plot.png").mkdir()  # a directory where the file should go
+    assert replay_cli.main([path, "--plot", str(tmp_path / "plot.png")]) == 2
+    assert "cannot write" in capsys.readouterr().err
