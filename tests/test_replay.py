@@ -88,6 +88,8 @@ GOOD = '{"timestamp": 0, "input_length": 700, "output_length": 3, "hash_ids": [1
     ('{"timestamp": 0, "input_length": 10, "output_length": 0, "hash_ids": [1]}', "'output_length' must be >= 1"),
     ('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [-1]}', "non-negative integers"),
     ("[1, 2]", "expected a JSON object"),
+    ('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1180591620717411303424]}',
+     "non-negative integers below 2\\^63"),
     ('{"timestamp": Infinity, "input_length": 10, "output_length": 2, "hash_ids": [1]}',
      "'timestamp' must be a finite number"),
     ('{"timestamp": 0, "input_length": 1e400, "output_length": 2, "hash_ids": [1]}',

@@ -63,8 +63,11 @@ def parse_line(line: str, where: str, index: int) -> TraceRequest:
     if not isinstance(ids, list) or not ids:
         raise TraceError(f"{where}: field 'hash_ids' must be a non-empty list of block ids")
     for h in ids:
-        if isinstance(h, bool) or not isinstance(h, int) or h < 0:
-            raise TraceError(f"{where}: 'hash_ids' must hold non-negative integers, found {h!r}")
+        # below 2^63: the prompt's tokens are made from them in int64 (a larger id was an
+        # OverflowError out of numpy)
+        if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < 1 << 63:
+            raise TraceError(f"{where}: 'hash_ids' must hold non-negative integers below "
+                             f"2^63, found {h!r}")
     if n_in > len(ids) * TRACE_BLOCK:
         raise TraceError(f"{where}: input_length {n_in} needs at least {-(-n_in // TRACE_BLOCK)} "
                          f"hash_ids of {TRACE_BLOCK} tokens, got {len(ids)}")
