@@ -212,6 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genset replay: {exc}", file=sys.stderr)
         return 2
     if disagg_sim.wanted(args):
+        # the disaggregated replay has a fixed fleet and no plot: say so rather than run
+        # without what was asked for
+        for flag, value in (("--planner", args.planner), ("--plot", args.plot)):
+            if value:
+                print(f"genset replay: {flag} is not available with a disaggregated replay "
+                      "(--prefill-workers, --decode-workers, --disagg, --peer-prefill)",
+                      file=sys.stderr)
+                return 2
         return disagg_sim.main_from_args(args, trace, policies)
     planner = None
     workers = args.workers
