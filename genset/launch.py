@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import os
 import queue
 import shlex
@@ -173,6 +174,8 @@ def _non_negative(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):  # inf GB of RAM is no size
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     if not v >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return v
@@ -551,6 +554,16 @@ class Launcher:
             raise LaunchError("--prefill-workers must be 0 or more")
         if a.frontends < 1:
             raise LaunchError("--frontends must be at least 1")
+        # checked here, before anything starts: else the frontend (or every worker) refused
+        # it only after NATS, etcd, the router and the workers had been started
+        if not 0 <= a.port <= 65535:
+            raise LaunchError(f"--port must be within 0..65535, got {a.port}")
+        for name in ("start_timeout", "stop_timeout"):
+            v = getattr(a, name)
+            if not (math.isfinite(v) and v > 0):  # nan never expires; a deadline must
+                raise LaunchError(f"--{name.replace('_', '-')} must be a number > 0, got {v}")
+        if a.speedup is not None and not (math.isfinite(a.speedup) and a.speedup > 0):
+            raise LaunchError(f"--speedup must be a number > 0, got {a.speedup}")
         if a.planner:
             self.check_planner_args()
         if a.port != 0 and a.host in LOCAL_HOSTS and port_open("127.0.0.1", a.port):

@@ -120,6 +120,18 @@ def test_bad_flags_are_refused_before_anything_starts(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--offload-ram-gb", "-1"])
     assert "--offload-ram-gb: must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--offload-disk-gb", "inf"])
+    assert "--offload-disk-gb: must be a finite number" in capsys.readouterr().err
+    # these used to start NATS, etcd and the workers before a child refused them
+    for argv, message in ((["--port", "70000"], "--port must be within 0..65535"),
+                          (["--port", "-1"], "--port must be within 0..65535"),
+                          (["--start-timeout", "nan"], "--start-timeout must be a number > 0"),
+                          (["--stop-timeout", "0"], "--stop-timeout must be a number > 0"),
+                          (["--speedup", "-2"], "--speedup must be a number > 0")):
+        assert main([*argv, "--state-dir", str(tmp_path / "s")]) == 1
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "s").exists()  # nothing started
 
 
 @pytest.mark.slow

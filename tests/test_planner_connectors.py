@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -57,7 +58,11 @@ def test_planner_flags_are_checked_with_clear_errors(capsys):
     for bad, words in ((dict(pools="decode,gpu"), "unknown role 'gpu'"),
                        (dict(min_workers=4, max_workers=2), "below --min-workers"),
                        (dict(kv_high=0.5, kv_target=0.7), "--kv-target"),
-                       (dict(k8s_deployments="decode"), "role=name pairs")):
+                       (dict(k8s_deployments="decode"), "role=name pairs"),
+                       (dict(connector="compose", compose_command=" "),
+                        "--compose-command is empty"),
+                       (dict(connector="compose", compose_command="docker 'compose"),
+                        "--compose-command \"docker 'compose\": No closing quotation")):
         with pytest.raises(ValueError, match=words):
             PlannerOptions(**bad)
     opts = PlannerOptions(pools="decode,prefill", min_prefill=0, max_prefill=3)
@@ -112,6 +117,40 @@ async def test_compose_connector_runs_the_command_and_reports_failures(tmp_path)
     missing = ComposeConnector({"decode": "decode"}, command="/nonexistent/docker compose")
     with pytest.raises(ConnectorError, match="cannot run"):
         await missing.apply(ScaleChange(4, {"decode": 1}))
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting to be reaped is not)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+async def test_a_compose_command_does_not_outlive_a_stopping_planner(tmp_path):
+    """The planner stopping cancels a running apply: the command is killed, not left to
+    go on scaling after the planner is gone."""
+    pid_file = tmp_path / "pid"
+    hung = ComposeConnector({"decode": "decode"}, timeout_s=600, command=stand_in(
+        tmp_path, f"import os\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                  "time.sleep(600)\n"))
+    task = asyncio.create_task(hung.apply(ScaleChange(1, {"decode": 2})))
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert loop.time() < end, "the stand-in never started"
+        await asyncio.sleep(0.05)
+    pid = int(pid_file.read_text())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    end = loop.time() + 30
+    while _running(pid):
+        if loop.time() > end:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the compose command outlived the cancelled apply")
+        await asyncio.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------

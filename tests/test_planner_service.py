@@ -212,6 +212,77 @@ async def test_bad_messages_are_counted_not_fatal(nats_server, etcd_server, bus,
         await eventually(lambda: svc.last_decision is not None, "decisions go on")
 
 
+async def test_a_worker_cannot_speak_for_another(nats_server, etcd_server, bus, discovery):
+    """NATS permissions let a worker publish only under its own id; a load report, KV
+    events or step samples naming another worker on its subject are ignored (counted), and
+    step samples of a worker not in etcd do not feed the performance model."""
+    ns = f"pl-{uuid.uuid4().hex[:8]}"
+    fleet = FakeFleet(bus, discovery, ns)
+    a, b = await fleet.add(), await fleet.add()
+    async with planner(nats_server.url, etcd_server.endpoint, ns) as (svc, _):
+        await eventually(lambda: a in svc.core.workers and b in svc.core.workers, "both cards")
+        # a, on its own subjects, speaking for b: full KV, cache blocks, step samples
+        await bus.publish(subjects.load_report(ns, a), proto.LoadReport(
+            worker_id=b, ts_ms=0, running=50, kv_used_blocks=1000, kv_total_blocks=1000))
+        await bus.publish(subjects.kv_events(ns, a), proto.KvEventBatch(
+            worker_id=b, event_id=1, events=[proto.Stored(blocks=[
+                proto.StoredBlock(hash=h) for h in range(1, 9)])]))
+        await bus.publish(subjects.step_stats(ns, a), proto.WorkerStepStats(
+            worker_id=b, samples=[proto.StepSample(prefill_tokens=512, ms=1e6)]))
+        # a worker nobody registered, on its own subject
+        stranger = 0xdead
+        await bus.publish(subjects.step_stats(ns, stranger), proto.WorkerStepStats(
+            worker_id=stranger, samples=[proto.StepSample(prefill_tokens=512, ms=1e6)]))
+        # then a's own messages, on the same subjects (so they arrive after the forged ones)
+        await bus.publish(subjects.load_report(ns, a), proto.LoadReport(
+            worker_id=a, ts_ms=0, running=7, kv_used_blocks=10, kv_total_blocks=1000))
+        await bus.publish(subjects.kv_events(ns, a), proto.KvEventBatch(
+            worker_id=a, event_id=1, events=[proto.Stored(blocks=[proto.StoredBlock(hash=99)])]))
+        await bus.publish(subjects.step_stats(ns, a), proto.WorkerStepStats(
+            worker_id=a, samples=[proto.StepSample(prefill_tokens=512, ms=20.0)]))
+        await eventually(lambda: (w := svc.core.workers[a]).load and w.load.running == 7,
+                         "a's own load report")
+        await eventually(lambda: svc.core.cache.held(a) == 1, "a's own KV event")
+        await eventually(lambda: svc.core.model.observed >= 1, "a's own step sample")
+        assert svc.core.workers[b].load is None
+        assert svc.core.cache.held(b) == 0
+        assert svc.core.model.observed == 1
+        metrics = svc.metrics.render().decode()
+        for kind in ("load_report", "kv_events", "step_stats"):
+            assert (f'genset_planner_ignored_messages_total{{kind="{kind}",'
+                    f'reason="wrong_subject"}} 1.0') in metrics
+        assert ('genset_planner_ignored_messages_total{kind="step_stats",'
+                'reason="unknown_worker"} 1.0') in metrics
+
+
+async def test_huge_latency_samples_keep_the_dry_run_output_json(nats_server, etcd_server, bus,
+                                                                  discovery):
+    """Samples near the float limit are finite, so they pass the message's checks; their sum
+    overflowed to inf, printed as `Infinity`, which is not JSON."""
+    ns = f"pl-{uuid.uuid4().hex[:8]}"
+    fleet = FakeFleet(bus, discovery, ns)
+    await fleet.add(used=100)
+    fleet.start()
+    try:
+        async with planner(nats_server.url, etcd_server.endpoint, ns, dry_run=True) as (svc, out):
+            await bus.publish(subjects.frontend_stats(ns), proto.FrontendStats(
+                frontend_id=1, ts_ms=0, window_ms=1000, arrivals=1, prompt_tokens=100,
+                finished=1, output_tokens=10, ttft_ms=[1e308] * 4, itl_ms=[1e308] * 4))
+            await eventually(lambda: svc.core.itl.count(svc.core.now_ms()) == 4, "the samples")
+            await eventually(lambda: svc.last_decision is not None and
+                             "itl_observed_ms" in svc.last_decision.inputs, "a decision")
+            assert svc.last_decision.inputs["itl_observed_ms"] == pytest.approx(1e308)
+
+            def refuse(name):
+                raise AssertionError(f"{name} in the dry-run output")
+            lines = out.getvalue().splitlines()
+            assert lines
+            for ln in lines:
+                json.loads(ln, parse_constant=refuse)
+    finally:
+        await fleet.stop()
+
+
 @pytest.mark.slow
 async def test_nats_and_etcd_outages_hold_the_last_targets(own_nats, own_etcd):
     """NATS away: no load reports, the planner holds (never scales to zero, nor down). etcd

@@ -65,10 +65,17 @@ def test_azure_reader_turns_rows_into_mooncake_records(tmp_path):
     ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,1\n", "3 fields"),
     ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,1,1\n"
      "2023-11-16 18:15:40,1,1\n", ":3: TIMESTAMP goes back"),
+    # these were a UnicodeDecodeError, two billion hash ids (MemoryError), and 10000 s added
+    (b"TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,1,1\n\xff,1,1\n",
+     ":3: not UTF-8 text"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,1000000000000,1\n",
+     ":2: ContextTokens 1000000000000 is more than"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,1,1\n"
+     "2023-11-16 18:15:46.1e5,1,1\n", ":3: TIMESTAMP '2023-11-16 18:15:46.1e5'"),
 ])
 def test_azure_reader_errors_name_the_line(tmp_path, body, words):
     p = tmp_path / "bad.csv"
-    p.write_text(body)
+    p.write_bytes(body if isinstance(body, bytes) else body.encode())
     with pytest.raises(WorkloadError, match=words):
         read_azure(str(p))
     with pytest.raises(WorkloadError, match="cannot read"):

@@ -88,9 +88,25 @@ GOOD = '{"timestamp": 0, "input_length": 700, "output_length": 3, "hash_ids": [1
     ('{"timestamp": 0, "input_length": 10, "output_length": 0, "hash_ids": [1]}', "'output_length' must be >= 1"),
     ('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [-1]}', "non-negative integers"),
     ("[1, 2]", "expected a JSON object"),
+    ('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1180591620717411303424]}',
+     "non-negative integers below 2\\^63"),
+    ('{"timestamp": Infinity, "input_length": 10, "output_length": 2, "hash_ids": [1]}',
+     "'timestamp' must be a finite number"),
+    ('{"timestamp": 0, "input_length": 1e400, "output_length": 2, "hash_ids": [1]}',
+     "'input_length' must be a finite number"),
+    ('{"timestamp": 0, "input_length": 10, "output_length": NaN, "hash_ids": [1]}',
+     "'output_length' must be a finite number"),
+    (b'{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]}'
+     + b"\xff", "not UTF-8 text"),
+    ('{"timestamp": 10, "input_length": 10, "output_length": 2, "hash_ids": [1]}',
+     "timestamp 10 is before the previous request's 20"),
 ])
 def test_bad_trace_lines_name_the_line(tmp_path, line, message, capsys):
-    path = write(tmp_path, [GOOD, "", line])
+    good = GOOD.replace('"timestamp": 0', '"timestamp": 20')
+    path = str(tmp_path / "t.jsonl")
+    with open(path, "wb") as f:
+        f.write(good.encode() + b"\n\n" + (line if isinstance(line, bytes) else line.encode())
+                + b"\n")
     with pytest.raises(TraceError, match=message) as exc:
         load_trace(path)
     assert f"{path}:3:" in str(exc.value)
@@ -116,3 +132,15 @@ def test_cli_json_and_several_policies(tmp_path, capsys):
     assert plot.stat().st_size > 1000
     assert replay_cli.main([path, "--policy", "nope"]) == 2
     assert "--policy: unknown routing policy 'nope'" in capsys.readouterr().err
+
+
+def test_cli_refuses_no_policy_and_a_plot_it_cannot_write(tmp_path, capsys):
+    path = write(tmp_path, [GOOD])
+    assert replay_cli.main([path, "--policy", ",,", "--json"]) == 2
+    assert "--policy ',,' names no policy" in capsys.readouterr().err
+    missing = tmp_path / "nowhere" / "plot.png"
+    assert replay_cli.main([path, "--plot", str(missing)]) == 2
+    assert f"--plot {missing}: no such directory" in capsys.readouterr().err
+    (tmp_path / "plot.png").mkdir()  # a directory where the file should go
+    assert replay_cli.main([path, "--plot", str(tmp_path / "plot.png")]) == 2
+    assert "cannot write" in capsys.readouterr().err

@@ -63,6 +63,15 @@ def test_bad_disagg_settings_are_refused(capsys, tmp_path):
     assert replay_cli.main([str(path), "--prefill-workers", "1", "--kv-transfer-bandwidth",
                             "-1"]) == 2
     assert "--kv-transfer-bandwidth" in capsys.readouterr().err
+    # nan passed the check (then an IndexError mid-replay); --planner and --plot were
+    # silently ignored by a disaggregated replay
+    assert replay_cli.main([str(path), "--prefill-workers", "1", "--kv-transfer-bandwidth",
+                            "nan"]) == 2
+    assert "--kv-transfer-bandwidth must be >= 0 GB/s, got nan" in capsys.readouterr().err
+    for extra in (["--planner", "load"], ["--plot", str(tmp_path / "p.png")]):
+        assert replay_cli.main([str(path), "--prefill-workers", "1", *extra]) == 2
+        assert f"{extra[0]} is not available with a disaggregated replay" in \
+            capsys.readouterr().err
 
 
 @needs_trace

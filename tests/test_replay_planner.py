@@ -151,6 +151,33 @@ def test_cli_bad_planner_flags_are_named(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_long_or_stretched_trace_is_bounded_or_refused_by_name(tmp_path, capsys):
+    """Two requests a year apart: the timeline's buckets widen (it asked for 3 million rows,
+    a MemoryError; 1e300 ms asked for more than an index holds) and a planner that would
+    decide every second of it (or a tiny --planner-interval-s) is refused, not left to run
+    for ever."""
+    from genset.replay.planner_sim import MAX_TIMELINE_BUCKETS
+
+    year_ms = 365 * 86400 * 1000.0
+    path = write_trace(tmp_path, [TraceRequest(0, 0.0, 600, 4, [1, 2]),
+                                  TraceRequest(1, year_ms, 600, 4, [1, 2])])
+    assert replay_cli.main([path, "--workers", "2", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["completed"] == 2
+    assert 1 < len(doc["timeline"]) <= MAX_TIMELINE_BUCKETS
+    assert sum(row["arrivals_per_s"] for row in doc["timeline"]) > 0
+    (tmp_path / "short").mkdir()
+    short = write_trace(tmp_path / "short", ramp_trace(2.0, seed=5)[:20])
+    assert replay_cli.main([short, "--workers", "2", "--arrival-speedup", "1e-300",
+                            "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["timeline"]) <= MAX_TIMELINE_BUCKETS
+    for trace, argv in ((path, []), (short, ["--planner-interval-s", "1e-9"]),
+                        (short, ["--arrival-speedup", "1e-300"])):
+        assert replay_cli.main([trace, "--planner", "load", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "planner decisions at --planner-interval-s" in err, err
+
+
 def test_planner_config_checks():
     with pytest.raises(ValueError, match="unknown planner policy"):
         PlannerSimConfig(policy="x")

@@ -71,6 +71,18 @@ def test_bad_flag_value_is_a_clear_usage_error(capsys):
         common_config(parse(["--log-format", "xml"]), {})
 
 
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e400"])
+def test_non_finite_numbers_are_refused_by_name(text, capsys):
+    # nan passed every range check (--lease-ttl nan started a service with a NaN lease) and
+    # inf is no limit any option offers
+    with pytest.raises(SystemExit) as exc:
+        parse([f"--lease-ttl={text}"])
+    assert exc.value.code == 2
+    assert f"argument --lease-ttl: {text!r} is not a finite number" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=rf"GENSET_LEASE_TTL='{text}' is not a finite number"):
+        common_config(parse([]), {"GENSET_LEASE_TTL": text})
+
+
 def test_service_specific_options_and_booleans():
     @dataclass
     class Opts:

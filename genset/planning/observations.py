@@ -68,7 +68,13 @@ class LatencyWindow:
         self._prune(now_ms)
         if not self._samples:
             return None
-        return sum(v for _, v in self._samples) / len(self._samples)
+        n = len(self._samples)
+        total = sum(v for _, v in self._samples)
+        if math.isinf(total):
+            # samples near the float limit (1e308 ms, which a FrontendStats may carry) sum to
+            # inf, and inf is not JSON: divide each first (only then: it rounds differently)
+            return sum(v / n for _, v in self._samples)
+        return total / n
 
     def quantile(self, now_ms: float, q: float) -> float | None:
         self._prune(now_ms)

@@ -19,6 +19,9 @@ import math
 from collections.abc import Iterable, Iterator
 
 TRACE_BLOCK = 512  # tokens per Mooncake hash id
+# a prompt gets one hash id per 512 tokens, held in a list: a row claiming 10^12 tokens asked
+# for two billion of them. No model's context comes near this bound (2^24, 16.7 M tokens).
+MAX_CONTEXT_TOKENS = 1 << 24
 
 
 class WorkloadError(ValueError):
@@ -90,6 +93,8 @@ def _parse_time(text: str) -> float:
     """'2023-11-16 18:15:46.6805900' -> POSIX seconds (the fraction may have 7 digits, which
     datetime does not take)."""
     whole, _, frac = text.strip().partition(".")
+    if frac and not frac.isdecimal():  # float() would take '1e5' (+10000 s) or ' 5'
+        raise ValueError(f"bad fraction {frac!r}")
     base = dt.datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.UTC)
     return base.timestamp() + (float("0." + frac) if frac else 0.0)
 
@@ -101,11 +106,21 @@ def read_azure(path: str, *, limit: int | None = None, time_scale: float = 1.0,
     if time_scale <= 0:
         raise WorkloadError(f"time_scale must be > 0, got {time_scale}")
     try:
-        f = open(path, encoding="utf-8", newline="")
+        f = open(path, "rb")  # decoded line by line, so that bad bytes name their line
     except OSError as exc:
         raise WorkloadError(f"cannot read trace {path}: {exc.strerror}") from None
     with f:
-        return list(_azure_records(f, path, limit, time_scale, first_hash_id))
+        return list(_azure_records(_utf8_lines(f, path), path, limit, time_scale,
+                                   first_hash_id))
+
+
+def _utf8_lines(f, path: str) -> Iterator[str]:
+    for lineno, raw in enumerate(f, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WorkloadError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start} of the "
+                                "line)") from None
 
 
 def _azure_records(lines: Iterable[str], path: str, limit: int | None, time_scale: float,
@@ -137,6 +152,9 @@ def _azure_records(lines: Iterable[str], path: str, limit: int | None, time_scal
                                 f"integers, got {row[1]!r}, {row[2]!r}") from None
         if n_in < 1 or n_out < 1:
             raise WorkloadError(f"{where}: token counts must be >= 1, got {n_in}, {n_out}")
+        if n_in > MAX_CONTEXT_TOKENS:
+            raise WorkloadError(f"{where}: ContextTokens {n_in} is more than "
+                                f"{MAX_CONTEXT_TOKENS} (no model takes such a prompt)")
         t0 = ts if t0 is None else t0
         if ts < t0:
             raise WorkloadError(f"{where}: TIMESTAMP goes back in time")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from genset.offload.admission import ADMIT_MODES
 from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
@@ -198,12 +199,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"genset replay: --policy: {exc}", file=sys.stderr)
         return 2
+    if not policies:  # ran nothing and printed `{}` with exit status 0
+        print(f"genset replay: --policy {args.policy!r} names no policy", file=sys.stderr)
+        return 2
+    # checked before the replay, which can take minutes, rather than a traceback after it
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        print(f"genset replay: --plot {args.plot}: no such directory", file=sys.stderr)
+        return 2
     try:
         trace = load_trace(args.trace, limit=args.limit)
     except TraceError as exc:
         print(f"genset replay: {exc}", file=sys.stderr)
         return 2
     if disagg_sim.wanted(args):
+        # the disaggregated replay has a fixed fleet and no plot: say so rather than run
+        # without what was asked for
+        for flag, value in (("--planner", args.planner), ("--plot", args.plot)):
+            if value:
+                print(f"genset replay: {flag} is not available with a disaggregated replay "
+                      "(--prefill-workers, --decode-workers, --disagg, --peer-prefill)",
+                      file=sys.stderr)
+                return 2
         return disagg_sim.main_from_args(args, trace, policies)
     planner = None
     workers = args.workers
@@ -269,10 +285,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"{k} {v * 100:.1f}" for k, v in tiers.items()))
     if args.plot:
         title = f"{len(trace)} requests, {cfg.workers} workers, {cfg.kv_blocks} blocks"
-        if planner is not None:
-            plot_timeline(results, args.plot, title=title)
-        else:
-            plot(results, args.plot, title=title)
+        try:
+            if planner is not None:
+                plot_timeline(results, args.plot, title=title)
+            else:
+                plot(results, args.plot, title=title)
+        except OSError as exc:  # read-only, full disk...: the results above still stand
+            print(f"genset replay: --plot {args.plot}: cannot write: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
     return 0
 
 

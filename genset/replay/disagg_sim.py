@@ -97,6 +97,9 @@ class DisaggReplayConfig:
             raise ValueError(f"--prefill-workers must be >= 0, got {self.prefill_workers}")
         if self.disagg not in POLICIES:
             raise ValueError(f"--disagg must be one of {', '.join(POLICIES)}, got {self.disagg!r}")
+        if not self.kv_transfer_bandwidth_gb_s >= 0:  # nan passed the check below: IndexError
+            raise ValueError(f"--kv-transfer-bandwidth must be >= 0 GB/s, got "
+                             f"{self.kv_transfer_bandwidth_gb_s}")
         if not self.spare_budget_ms >= 0:
             raise ValueError(f"--disagg-spare-budget-ms must be >= 0, got {self.spare_budget_ms}")
         DisaggSimConfig(kv_bytes_per_token=self.kv_bytes_per_token,

@@ -290,15 +290,23 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
+MAX_TIMELINE_BUCKETS = 10_000
+
+
 def timeline(reqs, lives: list[WorkerLife], end_ms: float, bucket_s: float,
              sla: tuple[float, float] | None = None) -> list[dict]:
     """Per bucket of simulated time: arrivals/s and prompt tokens/s, workers counted (asked
     to left) and ready (routable), on average over the bucket, and the TTFT (p50 / p90) and
-    SLO attainment (with `sla`) of the requests that arrived in it."""
+    SLO attainment (with `sla`) of the requests that arrived in it. A replay longer than
+    `MAX_TIMELINE_BUCKETS` buckets gets buckets that many times `bucket_s` wide."""
     from genset.replay.metrics import request_ok
 
+    # bounded: two requests a year apart in a trace (or a tiny --arrival-speedup) asked for
+    # millions of rows (MemoryError), 1e300 ms for more than an index can hold
+    if end_ms / (bucket_s * 1000.0) > MAX_TIMELINE_BUCKETS:
+        bucket_s *= math.ceil(end_ms / (bucket_s * 1000.0) / MAX_TIMELINE_BUCKETS)
     b_ms = bucket_s * 1000.0
-    n = max(1, math.ceil(end_ms / b_ms)) if end_ms > 0 else 1
+    n = min(MAX_TIMELINE_BUCKETS, max(1, math.ceil(end_ms / b_ms))) if end_ms > 0 else 1
     arrivals = [0] * n
     tokens = [0] * n
     ttfts: list[list[float]] = [[] for _ in range(n)]

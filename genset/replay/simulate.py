@@ -147,6 +147,27 @@ def _nearest_rank(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[round(q * (len(sorted_vals) - 1))] if sorted_vals else float("nan")
 
 
+MAX_PLANNER_TICKS = 10_000_000  # a week of decisions at 1 s is 604,800
+
+
+def check_span(span_ms: float, cfg: ReplayConfig) -> None:
+    """The replay's simulated span must be finite and, with a planner, hold a bounded number
+    of decisions: it decides every --planner-interval-s of simulated time, requests or not,
+    so two requests years apart (or a tiny interval) meant billions of decisions: a hang."""
+    if not math.isfinite(span_ms):
+        raise ValueError(f"the trace spans more simulated time than a float holds "
+                         f"(timestamps / --arrival-speedup {cfg.arrival_speedup:g})")
+    if cfg.planner is not None:
+        ticks = span_ms / (cfg.planner.interval_s * 1000.0)
+        if ticks > MAX_PLANNER_TICKS:
+            raise ValueError(
+                f"the trace spans {span_ms / 1000.0:.6g} simulated s (timestamps / "
+                f"--arrival-speedup {cfg.arrival_speedup:g}): {ticks:.3g} planner decisions at "
+                f"--planner-interval-s {cfg.planner.interval_s:g}, more than the "
+                f"{MAX_PLANNER_TICKS:,} a replay makes; use a larger interval or a shorter "
+                f"trace")
+
+
 def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dict:
     from genset.engines.types import EngineRequest
     from proto.generate import SamplingParams, StopConditions
@@ -202,6 +223,7 @@ def run_replay(trace: list[TraceRequest], policy: str, cfg: ReplayConfig) -> dic
     hash_cache = _HashCache(cfg.block_size)
     t0 = trace[0].arrival_ms
     reqs = [_Req(t, (t.arrival_ms - t0) / cfg.arrival_speedup) for t in trace]
+    check_span(reqs[-1].arrival_ms, cfg)
     by_id: dict[str, _Req] = {}
     steps: list[tuple[float, int, int]] = []  # (end time, seq, worker) of steps in flight
     pending: dict[int, tuple[list, object]] = {}  # worker -> (outputs, kv batch) of its step

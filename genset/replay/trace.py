@@ -10,6 +10,7 @@ last block cut so the prompt is exactly `input_length` tokens.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +41,9 @@ def _field(obj: dict, name: str, where: str, *, minimum: int) -> int:
     if name not in obj:
         raise TraceError(f"{where}: missing field {name!r}")
     v = obj[name]
-    if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
-        raise TraceError(f"{where}: field {name!r} must be a number, got {v!r}")
+    # json reads Infinity and NaN (and 1e400 as inf): not a time or a token count
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise TraceError(f"{where}: field {name!r} must be a finite number, got {v!r}")
     if v < minimum:
         raise TraceError(f"{where}: field {name!r} must be >= {minimum}, got {v!r}")
     return v
@@ -61,8 +63,11 @@ def parse_line(line: str, where: str, index: int) -> TraceRequest:
     if not isinstance(ids, list) or not ids:
         raise TraceError(f"{where}: field 'hash_ids' must be a non-empty list of block ids")
     for h in ids:
-        if isinstance(h, bool) or not isinstance(h, int) or h < 0:
-            raise TraceError(f"{where}: 'hash_ids' must hold non-negative integers, found {h!r}")
+        # below 2^63: the prompt's tokens are made from them in int64 (a larger id was an
+        # OverflowError out of numpy)
+        if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < 1 << 63:
+            raise TraceError(f"{where}: 'hash_ids' must hold non-negative integers below "
+                             f"2^63, found {h!r}")
     if n_in > len(ids) * TRACE_BLOCK:
         raise TraceError(f"{where}: input_length {n_in} needs at least {-(-n_in // TRACE_BLOCK)} "
                          f"hash_ids of {TRACE_BLOCK} tokens, got {len(ids)}")
@@ -73,16 +78,28 @@ def parse_line(line: str, where: str, index: int) -> TraceRequest:
 def load_trace(path: str, *, limit: int | None = None) -> list[TraceRequest]:
     out: list[TraceRequest] = []
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # decoded line by line, so that bad bytes name their line
     except OSError as exc:
         raise TraceError(f"cannot read trace {path}: {exc.strerror}") from None
     with f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TraceError(f"{where}: not UTF-8 text (byte {exc.start} of the line)") \
+                    from None
             if not line.strip():
                 continue
             if limit is not None and len(out) >= limit:
                 break
-            out.append(parse_line(line, f"{path}:{lineno}", len(out)))
+            req = parse_line(line, where, len(out))
+            # the replay takes requests in file order: one earlier than the one before would
+            # arrive before the replay's start (negative times, nonsense results)
+            if out and req.arrival_ms < out[-1].arrival_ms:
+                raise TraceError(f"{where}: timestamp {req.arrival_ms:g} is before the previous "
+                                 f"request's {out[-1].arrival_ms:g} (a trace is in arrival order)")
+            out.append(req)
     if not out:
         raise TraceError(f"{path}: no requests in the trace")
     return out

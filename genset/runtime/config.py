@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -120,9 +121,15 @@ def _parse(text: str, tp: type, optional: bool, source: str) -> Any:
             raise ConfigError(f"{source}={text!r} is not an integer") from None
     if tp is float:
         try:
-            return float(text.strip())
+            v = float(text.strip())
         except ValueError:
             raise ConfigError(f"{source}={text!r} is not a number") from None
+        # nan passes every min/max check (comparisons with it are false) and inf means no
+        # limit, which no option offers: a deadline of inf never fires, an interval of nan
+        # never ticks
+        if not math.isfinite(v):
+            raise ConfigError(f"{source}={text!r} is not a finite number")
+        return v
     return text
 
 

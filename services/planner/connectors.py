@@ -237,6 +237,12 @@ async def run_command(argv: list[str], timeout_s: float) -> str:
             proc.kill()
         await proc.wait()
         raise ConnectorError(f"{shlex.join(argv)} did not finish in {timeout_s:.0f} s") from None
+    except asyncio.CancelledError:
+        # the planner is stopping: the command must not outlive it (a compose `up` left
+        # running goes on scaling after the planner is gone); asyncio reaps it
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
     text = out.decode(errors="replace")
     if proc.returncode != 0:
         tail = "\n".join(text.strip().splitlines()[-5:])

@@ -34,6 +34,8 @@ class PlannerMetrics:
         self.etcd_writes = m.counter("planner_target_writes", "Target records written to etcd",
                                      ["outcome"])
         self.bad = m.counter("planner_bad_messages", "Messages that failed to decode", ["kind"])
+        self.ignored = m.counter("planner_ignored_messages",
+                                 "Messages that decoded but were not used", ["kind", "reason"])
 
     def record(self, d: Decision) -> None:
         stale = 0.0

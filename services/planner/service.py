@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import random
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -137,6 +138,13 @@ class PlannerOptions:
                              f"{self.kv_high}")
         parse_role_map(self.compose_services, "--compose-services")
         parse_role_map(self.k8s_deployments, "--k8s-deployments")
+        if self.connector == "compose":  # else the planner failed only once it had started
+            try:
+                words = shlex.split(self.compose_command)
+            except ValueError as exc:
+                raise ValueError(f"--compose-command {self.compose_command!r}: {exc}") from None
+            if not words:
+                raise ValueError("--compose-command is empty")
 
     def pool_list(self) -> list[str]:
         return [p.strip() for p in self.pools.split(",") if p.strip()]
@@ -315,9 +323,23 @@ class PlannerService(Service):
             self.pm.bad.labels(name).inc()
             return None
 
+    def _from_own_subject(self, name: str, subject: str, worker_id: int) -> bool:
+        """A per-worker message must name the worker whose subject it came on: NATS
+        permissions let a worker publish only under its own id, and without this check any
+        one worker could speak for every other (say a busy worker is idle, so it is the one
+        drained). The routers check the same (genset.routing.feeds)."""
+        if subject.rsplit(".", 1)[-1] == subjects.instance_token(worker_id):
+            return True
+        # debug, not warning: a flood of forged messages must not become a flood of logs
+        self.log.debug("message ignored", kind=name, reason="wrong_subject",
+                       worker=f"{worker_id:x}", subject=subject)
+        self.pm.ignored.labels(name, "wrong_subject").inc()
+        return False
+
     async def _on_load(self, msg) -> None:
         report = self._decode(msg.data, proto.LoadReport, "load_report")
-        if report is not None:
+        if report is not None and self._from_own_subject("load_report", msg.subject,
+                                                         report.worker_id):
             self.core.observe_load_report(report)
 
     async def _on_stats(self, msg) -> None:
@@ -328,9 +350,14 @@ class PlannerService(Service):
 
     async def _on_steps(self, msg) -> None:
         steps = self._decode(msg.data, proto.WorkerStepStats, "step_stats")
-        if steps is not None:
-            for s in steps.samples:
-                self.core.observe_step(s.prefill_tokens, s.decode_seqs, s.kv_usage, s.ms)
+        if steps is None or not self._from_own_subject("step_stats", msg.subject,
+                                                       steps.worker_id):
+            return
+        if steps.worker_id not in self.core.workers:  # only workers in etcd feed the model
+            self.pm.ignored.labels("step_stats", "unknown_worker").inc()
+            return
+        for s in steps.samples:
+            self.core.observe_step(s.prefill_tokens, s.decode_seqs, s.kv_usage, s.ms)
 
     async def _on_route(self, msg) -> None:
         # Arrivals from router decisions only while no frontend publishes its statistics
@@ -347,7 +374,8 @@ class PlannerService(Service):
 
     async def _on_kv(self, msg) -> None:
         batch = self._decode(msg.data, proto.KvEventBatch, "kv_events")
-        if batch is not None:
+        if batch is not None and self._from_own_subject("kv_events", msg.subject,
+                                                        batch.worker_id):
             self.core.observe_kv_batch(batch)
 
     # -------------------------------------------------------------- deciding
