@@ -10,12 +10,15 @@ import asyncio
 import time
 import uuid
 
+import msgspec
 import pytest
 
 import proto
 from genset.disagg.worker import DisaggConfig, DisaggHook, first_token_finish
 from genset.kv.hashing import block_hashes
+from genset.runtime.bus_errors import RemoteError
 from genset.runtime.metrics import Metrics
+from proto import subjects
 from tests.stack import metric, parse_metrics
 from tests.test_worker import Host, wait_for
 
@@ -259,6 +262,34 @@ async def test_client_cancel_during_the_transfer_frees_both_sides(bus, discovery
     finally:
         await decode.close()
         await prefill.close()
+
+
+async def test_a_remote_prefill_naming_another_subject_is_refused_before_it_runs(bus, pair):
+    """A remote-prefill request's target says where the prefill worker publishes the KV: one
+    naming a subject past the server's control line would cost the prefill worker its NATS
+    connection for good, and any other subject than the named decode worker's receive subject
+    would send the KV there. Refused as a bad request, before the prefill runs; the worker
+    goes on serving."""
+    prefill, decode = pair
+    ns = decode.h.namespace
+    req = decode.h.request(prompt(40), max_tokens=4)
+    good = proto.KvTransferTarget(
+        transfer_id="feed01", worker_id=decode.h.instance_id,
+        subject=subjects.kv_transfer_rx(ns, decode.h.instance_id, "feed01"),
+        window_bytes=1 << 20, layout=prefill.hook.layout)
+    for fields in ({"subject": "x" * 5000}, {"transfer_id": "a" * 5000},
+                   {"subject": subjects.subject(ns, "frontend", "generate")}):
+        target = msgspec.structs.replace(good, **fields)
+        with pytest.raises(RemoteError) as info:
+            await bus.request(subjects.remote_prefill(ns, prefill.h.instance_id),
+                              proto.RemotePrefillRequest(request=req, target=target),
+                              timeout=10.0, reply_type=proto.RemotePrefillReply)
+        assert info.value.error.code == "bad_request" and "target" in info.value.error.message
+    assert prefill.metric("genset_disagg_prefills_served_total", outcome="bad_request") == 3
+    assert bus.connected and prefill.used_blocks == 0 and len(prefill.hook.pins) == 0
+    out = await decode.h.generate(decode.h.request(prompt(41), max_tokens=4))
+    assert len(tokens_of(out)) == 4
+    assert decode.metric("genset_disagg_remote_prefills_total") == 1
 
 
 def test_first_token_finish_follows_the_engine_rules():

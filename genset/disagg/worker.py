@@ -539,6 +539,10 @@ class DisaggHook(WorkerHooks):
         if target.layout != self.layout:
             raise _refuse(xerr.LAYOUT_MISMATCH, "the decode worker's KV layout is not this "
                           "worker's (different engine, model or --kv-bytes-per-token)")
+        try:  # refused before the prefill runs (the send would refuse it anyway)
+            self.hub.check_target(target)
+        except TransferError as exc:
+            raise _refuse("bad_request", f"target: {exc.message}") from None
         hashes = block_hashes(tokens, ctx.block_size)
         if msg.first_block != target.first_block or msg.first_block > len(hashes):
             raise _refuse("bad_request", f"first_block {msg.first_block} does not fit a "

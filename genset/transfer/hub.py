@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import socket
 import time
@@ -109,6 +110,12 @@ FIRST_CHUNK_BYTES = 1 * MiB
 # subscribes to the request's subject.
 _STATUS = "Status"
 _NO_RESPONDERS = "503"
+# A peer's transfer id goes into the subjects this worker publishes to. The receiver makes 16
+# hex digits; a peer's is held to one subject token of at most 64 characters: a subject past
+# the server's control line (4 KiB by default) makes it close the publisher's connection, and
+# nats-py does not reopen a connection the server closed with an error (the worker would be
+# off the bus for good).
+_TRANSFER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(slots=True)
@@ -277,6 +284,14 @@ class KvReceiver:
             if self.assembler is not None:
                 raise TransferError(errors.BAD_MESSAGE, "a second header for this transfer")
             self._check_header(header)
+            if transport == NATS:
+                # credits and the ack go there: only the sender's own control subject (any
+                # other would make this worker publish where the header says, _TRANSFER_ID)
+                want = subjects.kv_transfer_tx(self.hub.ns, header.sender_id, self.transfer_id)
+                if header.reply_subject != want:
+                    raise TransferError(
+                        errors.BAD_MESSAGE, f"reply subject {_clip(header.reply_subject)} is "
+                        f"not sender {header.sender_id:x}'s control subject for this transfer")
         except TransferError as exc:
             if self.assembler is None:  # a stray second header leaves the live one alone
                 self._fail(exc, tell_sender=False)
@@ -818,6 +833,20 @@ class KvTransferHub:
                                 f"for KV chunks (headroom {self.nats_headroom})")
         return room
 
+    def check_target(self, target: KvTransferTarget) -> None:
+        """TransferError(kv_bad_message) unless `target` names one receive of one worker:
+        a transfer id that is a short subject token, and that worker's receive subject for
+        it. What a peer puts there is where this worker publishes the KV (_TRANSFER_ID)."""
+        tid = target.transfer_id
+        if not _TRANSFER_ID.fullmatch(tid):
+            raise TransferError(errors.BAD_MESSAGE, f"transfer id {_clip(tid)} is not a subject "
+                                "token of 1 to 64 letters, digits, _ or -")
+        want = subjects.kv_transfer_rx(self.ns, target.worker_id, tid)
+        if target.subject != want:
+            raise TransferError(errors.BAD_MESSAGE, f"target subject {_clip(target.subject)} is "
+                                f"not worker {target.worker_id:x}'s receive subject for "
+                                f"transfer {tid}")
+
     async def send(
         self,
         target: KvTransferTarget,
@@ -840,6 +869,7 @@ class KvTransferHub:
         refused or failed); on cancel the receiver is told."""
         if transport not in ("auto", NATS, TCP):
             raise ValueError(f"transport must be auto, nats or tcp, got {transport!r}")
+        self.check_target(target)
         if len(self._sends) >= self.max_sends:
             raise TransferError(errors.BUSY, f"{len(self._sends)} KV sends in progress")
         if not self._started:
@@ -1210,6 +1240,11 @@ def _raise_nack(ack: KvTransferAck, what: str) -> None:
 
 def _from_receiver(exc: TransferError) -> bool:
     return getattr(exc, "from_receiver", False)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """A peer's string for an error message, at most about `limit` characters."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} chars)"
 
 
 def _describe(layout: KvLayout) -> str:
