@@ -454,6 +454,12 @@ class DisaggHook(WorkerHooks):
             first = proto.unpack_tokens(reply.first_token_ids)
             if len(first) != 1 or reply.request_id != request.request_id:
                 raise ValueError(f"{len(first)} first tokens for request {reply.request_id!r}")
+            # the engine takes it as input without checking it (`resume_token_ids`): an id
+            # outside the vocabulary failed the torch engine's step, every request in it and
+            # the engine with them
+            vocab = engine.card.vocab_size
+            if vocab and not 0 <= first[0] < vocab:
+                raise ValueError(f"first token {first[0]} outside the vocabulary (0..{vocab - 1})")
         except _Gone:
             reason = "prefill_gone"
         except NoResponders:
@@ -466,8 +472,10 @@ class DisaggHook(WorkerHooks):
             reason = exc.error.code if exc.error.code in xerr.CODES else "remote_error"
         except BusError:
             reason = "disconnected"
-        except (proto.ProtocolError, ValueError):
+        except (proto.ProtocolError, ValueError) as exc:
             reason = "bad_reply"
+            log.warning("bad remote prefill reply", request_id=request.request_id,
+                        prefill_worker=f"{pid:x}", error=str(exc))
         except BaseException:
             await run.release()
             raise
