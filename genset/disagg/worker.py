@@ -110,6 +110,11 @@ log = structlog.get_logger("genset.disagg")
 
 # close(): how long a stopping prefill worker lets the sends in progress finish
 CLOSE_SENDS_S = 10.0
+# The longest wait for the engine to unpin a transfer's blocks. Unpins run in cleanup paths,
+# also while the process ends: once the service's loop cancels every task, the engine's
+# stepping task is gone and its commands are never answered; unbounded, a send cancelled
+# then waited there forever, and a prefill worker SIGTERMed mid-transfer never exited.
+UNPIN_TIMEOUT_S = 5.0
 STAGE_FIRST_TOKEN = "first_token"
 STAGE_TRANSFER = "transfer"
 TRANSPORTS = ("auto", "nats", "tcp")
@@ -782,7 +787,8 @@ class DisaggHook(WorkerHooks):
     async def _unpin(self, key: str) -> None:
         assert self.ctx is not None
         try:
-            await self.ctx.engine.unpin_kv(key)
+            async with asyncio.timeout(UNPIN_TIMEOUT_S):
+                await self.ctx.engine.unpin_kv(key)
         except Exception as exc:  # the engine is stopping: its blocks go with it
             log.debug("unpin failed", key=key, error=repr(exc))
         self.m.pinned.set(len(self.pins))
@@ -1001,5 +1007,6 @@ class _RemoteRun:
         if rx is not None and not rx.done:
             await rx.cancel("the decode worker gave up on the transfer")
         if self.key and self.hook.ctx is not None:
-            with contextlib.suppress(Exception):
-                await self.hook.ctx.engine.unpin_kv(self.key)
+            with contextlib.suppress(Exception):  # TimeoutError included (UNPIN_TIMEOUT_S)
+                async with asyncio.timeout(UNPIN_TIMEOUT_S):
+                    await self.hook.ctx.engine.unpin_kv(self.key)
