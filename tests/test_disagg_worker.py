@@ -322,16 +322,22 @@ class FakePrefill:
             self.sub = None
 
 
-async def test_a_first_token_outside_the_vocabulary_means_aggregated(bus, discovery):
+@pytest.mark.parametrize("bad", [{"first_token_ids": proto.pack_tokens([1_000_000])},
+                                 {"cached_tokens": 1 << 40}])
+async def test_a_reply_with_a_bad_first_token_or_cache_count_means_aggregated(bus, discovery,
+                                                                            bad):
     """The first token a prefill worker answers becomes the engine's input as it is (the
     torch engine's step failed on an id outside its vocabulary, taking every request in it
-    and the engine down): such a reply is a bad reply, and the request runs aggregated."""
+    and the engine down), and its cached tokens the request's usage: a reply with a token
+    outside the vocabulary, or more cached tokens than the prompt has, is a bad reply, and
+    the request runs aggregated."""
     ns = f"d{uuid.uuid4().hex[:8]}"
+    right: dict = {}  # the aggregated first token: nothing but `bad` is wrong in the reply
 
     def answer(msg):
-        return proto.RemotePrefillReply(
-            request_id=msg.request.request_id, transfer_id=msg.target.transfer_id,
-            first_token_ids=proto.pack_tokens([1_000_000]))
+        return proto.RemotePrefillReply(**({
+            "request_id": msg.request.request_id, "transfer_id": msg.target.transfer_id,
+            "first_token_ids": right["first"]} | bad))
 
     fake = await FakePrefill(bus, discovery, ns, answer).start()
     decode = await Worker(bus, discovery, "decode", ns, policy="always",
@@ -340,9 +346,11 @@ async def test_a_first_token_outside_the_vocabulary_means_aggregated(bus, discov
     await agg.host.start()
     try:
         await wait_for(lambda: len(decode.hook.pool) == 1, 10.0, "decode sees the fake")
-        got = await decode.h.generate(decode.h.request(prompt(50), max_tokens=6), within=30.0)
         want = await agg.generate(agg.request(prompt(50), max_tokens=6))
+        right["first"] = proto.pack_tokens(tokens_of(want)[:1])
+        got = await decode.h.generate(decode.h.request(prompt(50), max_tokens=6), within=30.0)
         assert tokens_of(got) == tokens_of(want)
+        assert got[-1].usage.cached_tokens == want[-1].usage.cached_tokens
         assert decode.metric("genset_disagg_fallbacks_total", stage="first_token",
                              reason="bad_reply") == 1
         assert decode.hook.resuming == 0

@@ -465,6 +465,10 @@ class DisaggHook(WorkerHooks):
             vocab = engine.card.vocab_size
             if vocab and not 0 <= first[0] < vocab:
                 raise ValueError(f"first token {first[0]} outside the vocabulary (0..{vocab - 1})")
+            # it becomes the request's usage.cached_tokens (the client's bill)
+            if reply.cached_tokens > len(token_ids):
+                raise ValueError(f"{reply.cached_tokens} cached tokens for a prompt of "
+                                 f"{len(token_ids)}")
         except _Gone:
             reason = "prefill_gone"
         except NoResponders:
