@@ -477,6 +477,36 @@ async def test_tcp_falls_back_to_nats_when_the_endpoint_is_unreachable(hubs):
     await rx.cancel()
 
 
+async def test_a_listener_held_full_by_idle_connections_leaves_nats(hubs):
+    """Anyone who reaches a receiver's TCP port can hold all its slots for connections that
+    have not shown a token yet (idle ones, renewed every hello timeout); the listener then
+    closes each new one at once. Nothing of the transfer got through, so the sender goes
+    over NATS (it failed, and the receiver recomputed every large prompt meanwhile); with
+    transport tcp it fails, as asked."""
+    rx_hub, tx_hub = hubs
+    listener = rx_hub.listener
+    held = [socket.create_connection(("127.0.0.1", listener.port))
+            for _ in range(listener.max_pending + 2)]
+    try:
+        await _until(lambda: listener._pending >= listener.max_pending, "the slots taken")
+        hashes, blocks = _hashes(40, seed=32), _blocks(40)  # 1.6 MB: TCP under auto
+        rx, col = await _open(rx_hub, "held", expected_hashes=hashes)
+        result = await tx_hub.send(rx.target, request_id="held", hashes=hashes, block_size=16,
+                                   layout=LAYOUT, source=_source(blocks))
+        await rx.wait()
+        assert result.transport == "nats" and "closed the tcp connection" in result.fallback
+        assert col.payloads == blocks
+        rx, _ = await _open(rx_hub, "held2", expected_hashes=hashes)
+        with pytest.raises(TransferError) as info:
+            await tx_hub.send(rx.target, request_id="held2", hashes=hashes, block_size=16,
+                              layout=LAYOUT, source=_source(blocks), transport="tcp")
+        assert info.value.code == errors.PEER_GONE
+        await rx.cancel()
+    finally:
+        for s in held:
+            s.close()
+
+
 # ---- dead and silent peers, cancels ---------------------------------------------------------
 
 

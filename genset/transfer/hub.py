@@ -864,7 +864,8 @@ class KvTransferHub:
     ) -> TransferResult:
         """Send `hashes`' blocks (payloads from `source`) to `target`; returns once the
         receiver acked them all. transport: auto (TCP when offered, the KV is at least
-        tcp_min_bytes and the connection succeeds within connect_timeout; else NATS) | nats
+        tcp_min_bytes and the connection succeeds within connect_timeout and is not closed
+        by the receiver before it answers; else NATS) | nats
         | tcp (fail rather than fall back). Raises TransferError (the receiver's own when it
         refused or failed); on cancel the receiver is told."""
         if transport not in ("auto", NATS, TCP):
@@ -903,23 +904,38 @@ class KvTransferHub:
         elif transport == TCP:
             raise TransferError(errors.PEER_GONE, "the receiver offers no TCP endpoint")
 
+        kw = dict(request_id=request_id, hashes=hashes, block_size=block_size, layout=layout,
+                  source=source, parent_hash=parent_hash, first_block=first_block,
+                  window=window, deadline=deadline, idle_timeout_s=idle_timeout_s)
+        # (transport auto) a new connection the receiver dropped before saying a word goes
+        # over NATS instead, below
+        lost_to_nats = transport == "auto"
         try:
             return await self._send_once(
-                target, use, sock, key, request_id=request_id, hashes=hashes,
-                block_size=block_size, layout=layout, source=source, parent_hash=parent_hash,
-                first_block=first_block, window=window, deadline=deadline,
-                idle_timeout_s=idle_timeout_s, fallback=fallback, reusable=reused)
+                target, use, sock, key, **kw, fallback=fallback, reusable=reused,
+                fallback_lost=lost_to_nats)
         except _StaleConnection:
             pass
-        # The pooled connection was dead (the receiver closed it while it sat idle, and the
-        # close had not reached us yet): nothing of this transfer got through, so it runs
-        # again, once, on a new connection (the token is still unused).
-        sock, fallback = await self._connect(target, transport, deadline)
+        if reused:
+            # The pooled connection was dead (the receiver closed it while it sat idle, and
+            # the close had not reached us yet): nothing of this transfer got through, so it
+            # runs again, once, on a new connection (the token is still unused).
+            sock, fallback = await self._connect(target, transport, deadline)
+            try:
+                return await self._send_once(
+                    target, TCP if sock is not None else NATS, sock, key, **kw,
+                    fallback=fallback, reusable=False, fallback_lost=lost_to_nats)
+            except _StaleConnection:
+                pass
+        # A new connection closed before the receiver said anything: its listener refused
+        # it (at its limit of connections that have not shown a token yet, which anyone who
+        # reaches the port can fill with idle ones), so nothing got through and the receive
+        # still waits for a header. Failing here made every large transfer to that worker
+        # fail (its prompts all recomputed) for as long as the port was held.
+        self.stats["tcp_fallbacks"] += 1
         return await self._send_once(
-            target, TCP if sock is not None else NATS, sock, key, request_id=request_id,
-            hashes=hashes, block_size=block_size, layout=layout, source=source,
-            parent_hash=parent_hash, first_block=first_block, window=window, deadline=deadline,
-            idle_timeout_s=idle_timeout_s, fallback=fallback, reusable=False)
+            target, NATS, None, None, **kw, reusable=False,
+            fallback="the receiver closed the tcp connection before answering")
 
     async def _connect(self, target: KvTransferTarget, transport: str,
                        deadline: float) -> tuple[socket.socket | None, str | None]:
@@ -943,10 +959,11 @@ class KvTransferHub:
         key: tuple[str, int] | None, *, request_id: str, hashes: Sequence[int], block_size: int,
         layout: KvLayout, source: BlockSource, parent_hash: int | None, first_block: int | None,
         window: int, deadline: float, idle_timeout_s: float, fallback: str | None,
-        reusable: bool,
+        reusable: bool, fallback_lost: bool = False,
     ) -> TransferResult:
         """One try of `send` over `sock` (TCP) or NATS. `reusable`: `sock` came from the pool;
-        if it turns out dead before the receiver said anything, _StaleConnection."""
+        if it turns out dead before the receiver said anything, _StaleConnection. So too with
+        `fallback_lost` for a new connection (the caller goes over NATS then)."""
         loop = asyncio.get_running_loop()
         tid = target.transfer_id
         if tid in self._sends:
@@ -1021,6 +1038,10 @@ class KvTransferHub:
                 # a write failed: the receiver may have refused and closed; its reason is
                 # better than "connection reset" (the reader ends at its ack or at EOF)
                 await asyncio.wait([reader_task], timeout=1.0)
+            if (fallback_lost and use == TCP and session.ack is None and not session.heard
+                    and _conn_lost(exc)):
+                stale = True  # a new connection closed before a word: `send` tries NATS
+                raise _StaleConnection from None
             if session.ack is not None and not session.ack.ok and not _from_receiver(exc):
                 _raise_nack(session.ack, "stopped the transfer")
             if not _from_receiver(exc):
