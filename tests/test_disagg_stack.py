@@ -205,3 +205,25 @@ async def test_decode_worker_sigkill_mid_transfer(nats_server, etcd_server, tmp_
         await wait_metric(prefill, "genset_kv_transfers_total", 1, side="tx",
                           outcome="kv_peer_gone")
         await wait_idle([survivor, prefill], "a decode worker's death")
+
+
+async def test_prefill_worker_sigterm_mid_transfer_exits(nats_server, etcd_server, tmp_path):
+    """A prefill worker SIGTERMed while it sends a prompt's KV drains and exits (code 0, its
+    model card gone), and the request completes with the tokens an aggregated worker gives.
+    Its send's cleanup waited on the engine without a deadline: once the service's loop
+    cancelled every task (the engine's stepping task too) that wait never ended, and the
+    process never exited."""
+    async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
+        (decode,) = await stack.start_workers(1, extra_args=DECODE)
+        (prefill,) = await stack.start_workers(1, extra_args=PREFILL)
+        frontend = await stack.start_frontend(models=["tiny"])
+        await wait_prefill_pool(decode, 1)
+        req = Streamed(frontend.url, prompt(6))
+        await req.wait_first()  # the ~12 s transfer has just begun
+        prefill.terminate()
+        assert await prefill.wait_exit(WAIT_S) == 0, prefill.log_tail()
+        await wait_prefill_pool(decode, 0)
+        text = await req.done()
+        assert req.finish == "length"
+        assert text == (await complete(frontend.url, prompt(6)))["choices"][0]["text"]
+        await wait_idle([decode], "a prefill worker's SIGTERM")

@@ -20,6 +20,7 @@ from genset.engines.types import EngineRequest  # noqa: E402
 from genset.runtime.metrics import Metrics  # noqa: E402
 from genset.worker import HostConfig, WorkerHost  # noqa: E402
 from tests.stack import metric, parse_metrics  # noqa: E402
+from tests.test_disagg_worker import FakePrefill  # noqa: E402
 from tests.test_worker import wait_for  # noqa: E402
 
 BS = 8
@@ -158,3 +159,41 @@ async def test_blocks_sent_while_the_prefill_still_computes(workers):
     assert decode.metric("genset_disagg_fallbacks_total") == 0
     await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0, 20.0,
                    "both pools idle")
+
+
+async def test_a_first_token_outside_the_vocabulary_leaves_the_engine_serving(bus, discovery):
+    """A prefill worker that answers a token id outside the vocabulary: the decode worker
+    takes it as a bad reply and prefills locally. Taken as the first token, it was the input
+    of the resumed request's step, which failed, and the engine with it: this request and
+    every other one on the worker ended in an error."""
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    agg = TorchWorker(bus, discovery, ns)
+    decode = TorchWorker(bus, discovery, ns, "decode", policy="always",
+                         first_token_timeout_s=20.0, transfer_timeout_s=2.0)
+    vocab = decode.engine.card.vocab_size
+    assert vocab > 0
+
+    def answer(msg):
+        return proto.RemotePrefillReply(
+            request_id=msg.request.request_id, transfer_id=msg.target.transfer_id,
+            first_token_ids=proto.pack_tokens([vocab + 7]))
+
+    fake = await FakePrefill(bus, discovery, ns, answer, model=MODEL, block_size=BS).start()
+    for w in (agg, decode):
+        await w.host.start()
+    try:
+        await wait_for(lambda: len(decode.hook.pool) == 1, 20.0, "decode sees the fake")
+        tokens = rand_tokens(random.Random(21), 5 * BS + 3)
+        want, _ = await agg.generate(request(tokens))
+        got, _ = await decode.generate(request(tokens))
+        assert got == want
+        assert decode.metric("genset_disagg_fallbacks_total", stage="first_token",
+                             reason="bad_reply") == 1
+        await fake.close()
+        await wait_for(lambda: len(decode.hook.pool) == 0, 20.0, "the fake left the pool")
+        again, _ = await decode.generate(request(tokens))  # the engine still serves
+        assert again == want
+    finally:
+        for w in (decode, agg):
+            await w.host.close()
+        await fake.close()

@@ -10,14 +10,17 @@ import asyncio
 import time
 import uuid
 
+import msgspec
 import pytest
 
 import proto
 from genset.disagg.worker import DisaggConfig, DisaggHook, first_token_finish
 from genset.kv.hashing import block_hashes
+from genset.runtime.bus_errors import RemoteError
 from genset.runtime.metrics import Metrics
+from proto import keys, subjects
 from tests.stack import metric, parse_metrics
-from tests.test_worker import Host, wait_for
+from tests.test_worker import MODEL, Host, wait_for
 
 
 class Worker:
@@ -259,6 +262,103 @@ async def test_client_cancel_during_the_transfer_frees_both_sides(bus, discovery
     finally:
         await decode.close()
         await prefill.close()
+
+
+async def test_a_remote_prefill_naming_another_subject_is_refused_before_it_runs(bus, pair):
+    """A remote-prefill request's target says where the prefill worker publishes the KV: one
+    naming a subject past the server's control line would cost the prefill worker its NATS
+    connection for good, and any other subject than the named decode worker's receive subject
+    would send the KV there. Refused as a bad request, before the prefill runs; the worker
+    goes on serving."""
+    prefill, decode = pair
+    ns = decode.h.namespace
+    req = decode.h.request(prompt(40), max_tokens=4)
+    good = proto.KvTransferTarget(
+        transfer_id="feed01", worker_id=decode.h.instance_id,
+        subject=subjects.kv_transfer_rx(ns, decode.h.instance_id, "feed01"),
+        window_bytes=1 << 20, layout=prefill.hook.layout)
+    for fields in ({"subject": "x" * 5000}, {"transfer_id": "a" * 5000},
+                   {"subject": subjects.subject(ns, "frontend", "generate")}):
+        target = msgspec.structs.replace(good, **fields)
+        with pytest.raises(RemoteError) as info:
+            await bus.request(subjects.remote_prefill(ns, prefill.h.instance_id),
+                              proto.RemotePrefillRequest(request=req, target=target),
+                              timeout=10.0, reply_type=proto.RemotePrefillReply)
+        assert info.value.error.code == "bad_request" and "target" in info.value.error.message
+    assert prefill.metric("genset_disagg_prefills_served_total", outcome="bad_request") == 3
+    assert bus.connected and prefill.used_blocks == 0 and len(prefill.hook.pins) == 0
+    out = await decode.h.generate(decode.h.request(prompt(41), max_tokens=4))
+    assert len(tokens_of(out)) == 4
+    assert decode.metric("genset_disagg_remote_prefills_total") == 1
+
+
+class FakePrefill:
+    """A prefill worker as decode workers see it (its model card in etcd, its remote-prefill
+    subject on the bus) that answers every remote prefill with `answer(request)` and sends no
+    KV: a broken or hostile peer, speaking the real protocol."""
+
+    def __init__(self, bus, discovery, namespace: str, answer, *, model: str = MODEL,
+                 block_size: int = 4) -> None:
+        self.bus, self.discovery, self.ns, self.answer = bus, discovery, namespace, answer
+        self.model, self.block_size = model, block_size
+        self.instance_id = int(uuid.uuid4().int & ((1 << 63) - 1)) or 1
+        self.key = keys.model(namespace, model, self.instance_id)
+        self.sub = None
+
+    async def start(self) -> FakePrefill:
+        async def serve(data: bytes):
+            return self.answer(proto.decode(data, proto.RemotePrefillRequest))
+
+        self.sub = await self.bus.serve(subjects.remote_prefill(self.ns, self.instance_id), serve)
+        await self.discovery.put(self.key, proto.ModelCard(
+            model=self.model, instance_id=self.instance_id, role="prefill", engine="mocker",
+            block_size=self.block_size, kv_blocks=512))
+        return self
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            await self.discovery.delete(self.key)
+            await self.sub.unsubscribe()
+            self.sub = None
+
+
+@pytest.mark.parametrize("bad", [{"first_token_ids": proto.pack_tokens([1_000_000])},
+                                 {"cached_tokens": 1 << 40}])
+async def test_a_reply_with_a_bad_first_token_or_cache_count_means_aggregated(bus, discovery,
+                                                                            bad):
+    """The first token a prefill worker answers becomes the engine's input as it is (the
+    torch engine's step failed on an id outside its vocabulary, taking every request in it
+    and the engine down), and its cached tokens the request's usage: a reply with a token
+    outside the vocabulary, or more cached tokens than the prompt has, is a bad reply, and
+    the request runs aggregated."""
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    right: dict = {}  # the aggregated first token: nothing but `bad` is wrong in the reply
+
+    def answer(msg):
+        return proto.RemotePrefillReply(**({
+            "request_id": msg.request.request_id, "transfer_id": msg.target.transfer_id,
+            "first_token_ids": right["first"]} | bad))
+
+    fake = await FakePrefill(bus, discovery, ns, answer).start()
+    decode = await Worker(bus, discovery, "decode", ns, policy="always",
+                          first_token_timeout_s=5.0, transfer_timeout_s=2.0).start()
+    agg = Host(bus, discovery, num_blocks=512)
+    await agg.host.start()
+    try:
+        await wait_for(lambda: len(decode.hook.pool) == 1, 10.0, "decode sees the fake")
+        want = await agg.generate(agg.request(prompt(50), max_tokens=6))
+        right["first"] = proto.pack_tokens(tokens_of(want)[:1])
+        got = await decode.h.generate(decode.h.request(prompt(50), max_tokens=6), within=30.0)
+        assert tokens_of(got) == tokens_of(want)
+        assert got[-1].usage.cached_tokens == want[-1].usage.cached_tokens
+        assert decode.metric("genset_disagg_fallbacks_total", stage="first_token",
+                             reason="bad_reply") == 1
+        assert decode.hook.resuming == 0
+        await wait_for(lambda: decode.used_blocks == 0, 10.0, "the decode pool idle")
+    finally:
+        await agg.host.close()
+        await decode.close()
+        await fake.close()
 
 
 def test_first_token_finish_follows_the_engine_rules():

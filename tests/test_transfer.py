@@ -33,7 +33,7 @@ from proto.transfer import (
     TcpEndpoint,
 )
 
-RX_ID, TX_ID = 0xA1, 0xB2
+RX_ID, TX_ID, HAND_ID = 0xA1, 0xB2, 0xC3
 BPB = 40_000
 LAYOUT = KvLayout(engine="test", format="raw", bytes_per_block=BPB)
 WAIT = 30.0  # generous deadline for conditions
@@ -210,11 +210,13 @@ def _header(rx, hashes, **kw):
 
 
 class HandSender:
-    """Plays the sender over NATS by hand, to send what a correct sender never would."""
+    """Plays the sender over NATS by hand, to send what a correct sender never would. Its
+    credits and acks come to its own control subjects, as a hub's do (a receiver sends them
+    nowhere else)."""
 
-    def __init__(self, bus: Bus):
+    def __init__(self, bus: Bus, worker_id: int = HAND_ID):
         self.bus = bus
-        self.subject = f"test.replies.{uuid.uuid4().hex[:8]}"
+        self.worker_id = worker_id
         self.replies: list = []
 
     async def start(self):
@@ -223,15 +225,18 @@ class HandSender:
         async def on(msg):
             self.replies.append(decode_message(msg.data))
 
-        await self.bus.nc.subscribe(self.subject, cb=on)
+        await self.bus.nc.subscribe(subjects.kv_transfer_tx_all(self.bus.namespace,
+                                                                self.worker_id), cb=on)
         await self.bus.flush()
         return self
 
     async def header(self, rx, hashes, **kw):
         from genset.transfer.tcp import decode_message
 
-        reply = await self.bus.request(rx.target.subject,
-                                       _header(rx, hashes, reply_subject=self.subject, **kw),
+        kw.setdefault("reply_subject", subjects.kv_transfer_tx(self.bus.namespace,
+                                                               self.worker_id, rx.transfer_id))
+        kw.setdefault("sender_id", self.worker_id)
+        reply = await self.bus.request(rx.target.subject, _header(rx, hashes, **kw),
                                        timeout=WAIT)
         return decode_message(reply)
 
@@ -318,6 +323,63 @@ async def test_truncated_tcp_stream_is_detected(hubs):
         await rx.wait()
     assert info.value.code == errors.TRUNCATED
     assert col.hashes == [] and rx.held_bytes == 0
+
+
+async def test_a_target_naming_another_subject_is_refused_and_the_bus_stays_up(hubs):
+    """Where a target says the KV goes is where the sender publishes: a subject past the
+    server's control line (4 KiB) makes the server close the sender's connection, for good
+    (nats-py does not reopen it), and any other subject makes the sender publish KV there.
+    Only the named worker's receive subject for the named transfer is taken."""
+    rx_hub, tx_hub = hubs
+    ns = tx_hub.ns
+    hashes, blocks = _hashes(2, seed=30), _blocks(2)
+    rx, col = await _open(rx_hub, "subj", expected_hashes=hashes)
+    good = {f: getattr(rx.target, f) for f in rx.target.__struct_fields__}
+    long_id = "a" * 5000
+    for fields in (
+        {"subject": "x" * 5000},
+        {"transfer_id": long_id, "subject": subjects.kv_transfer_rx(ns, RX_ID, long_id)},
+        {"subject": subjects.subject(ns, "frontend", "generate")},
+        {"transfer_id": "a.b", "subject": rx.target.subject + ".b"},
+        {"worker_id": TX_ID},  # the subject is not that worker's
+    ):
+        with pytest.raises(TransferError) as info:
+            await tx_hub.send(KvTransferTarget(**(good | fields)), request_id="subj",
+                              hashes=hashes, block_size=16, layout=LAYOUT,
+                              source=_source(blocks), transport="nats")
+        assert info.value.code == errors.BAD_MESSAGE, info.value
+        assert len(info.value.message) < 300  # the peer's string is clipped
+    assert tx_hub.bus.connected and not tx_hub._sends
+    await tx_hub.send(rx.target, request_id="subj", hashes=hashes, block_size=16,
+                      layout=LAYOUT, source=_source(blocks), transport="nats")
+    await rx.wait()
+    assert col.payloads == blocks
+
+
+async def test_a_header_naming_another_reply_subject_is_refused_and_the_bus_stays_up(hubs):
+    """Credits and the ack go to the header's reply subject: only the sender's own control
+    subject for the transfer is taken (a subject past the control line would cost the
+    receiving worker its connection, and any other makes it publish there)."""
+    rx_hub, tx_hub = hubs
+    ns = rx_hub.ns
+    hand = await HandSender(tx_hub.bus).start()
+    hashes, blocks = _hashes(2, seed=31), _blocks(2)
+    for fields in ({"reply_subject": "x" * 5000},
+                   {"reply_subject": subjects.subject(ns, "frontend", "generate")},
+                   {"sender_id": TX_ID}):  # the reply subject is not that sender's
+        rx, col = await _open(rx_hub, "reply", expected_hashes=hashes)
+        answer = await hand.header(rx, hashes, **fields)
+        assert isinstance(answer, KvTransferAck) and not answer.ok
+        assert answer.error.code == errors.BAD_MESSAGE and len(answer.error.message) < 300
+        with pytest.raises(TransferError) as info:
+            await rx.wait()
+        assert info.value.code == errors.BAD_MESSAGE and not col.hashes
+    assert rx_hub.bus.connected and not rx_hub._receives
+    rx, col = await _open(rx_hub, "reply", expected_hashes=hashes)
+    await tx_hub.send(rx.target, request_id="reply", hashes=hashes, block_size=16,
+                      layout=LAYOUT, source=_source(blocks), transport="nats")
+    await rx.wait()
+    assert col.payloads == blocks
 
 
 async def test_a_wrong_token_is_refused_and_the_transfer_stays_open(hubs):
@@ -415,6 +477,36 @@ async def test_tcp_falls_back_to_nats_when_the_endpoint_is_unreachable(hubs):
     await rx.cancel()
 
 
+async def test_a_listener_held_full_by_idle_connections_leaves_nats(hubs):
+    """Anyone who reaches a receiver's TCP port can hold all its slots for connections that
+    have not shown a token yet (idle ones, renewed every hello timeout); the listener then
+    closes each new one at once. Nothing of the transfer got through, so the sender goes
+    over NATS (it failed, and the receiver recomputed every large prompt meanwhile); with
+    transport tcp it fails, as asked."""
+    rx_hub, tx_hub = hubs
+    listener = rx_hub.listener
+    held = [socket.create_connection(("127.0.0.1", listener.port))
+            for _ in range(listener.max_pending + 2)]
+    try:
+        await _until(lambda: listener._pending >= listener.max_pending, "the slots taken")
+        hashes, blocks = _hashes(40, seed=32), _blocks(40)  # 1.6 MB: TCP under auto
+        rx, col = await _open(rx_hub, "held", expected_hashes=hashes)
+        result = await tx_hub.send(rx.target, request_id="held", hashes=hashes, block_size=16,
+                                   layout=LAYOUT, source=_source(blocks))
+        await rx.wait()
+        assert result.transport == "nats" and "closed the tcp connection" in result.fallback
+        assert col.payloads == blocks
+        rx, _ = await _open(rx_hub, "held2", expected_hashes=hashes)
+        with pytest.raises(TransferError) as info:
+            await tx_hub.send(rx.target, request_id="held2", hashes=hashes, block_size=16,
+                              layout=LAYOUT, source=_source(blocks), transport="tcp")
+        assert info.value.code == errors.PEER_GONE
+        await rx.cancel()
+    finally:
+        for s in held:
+            s.close()
+
+
 # ---- dead and silent peers, cancels ---------------------------------------------------------
 
 
@@ -470,7 +562,7 @@ async def test_a_sender_that_goes_silent_is_detected_before_the_deadline(hubs):
 async def test_a_receiver_that_never_acks_fails_the_sender_and_its_pins_expire(hubs):
     _, tx_hub = hubs
     bus = tx_hub.bus
-    subject = "test.blackhole.rx"
+    subject = subjects.kv_transfer_rx(bus.namespace, 1, "bh01")  # nobody's hub: a stand-in
 
     async def accept_then_ignore(msg):  # accepts the header, then never answers again
         if msg.reply:

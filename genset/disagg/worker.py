@@ -110,6 +110,11 @@ log = structlog.get_logger("genset.disagg")
 
 # close(): how long a stopping prefill worker lets the sends in progress finish
 CLOSE_SENDS_S = 10.0
+# The longest wait for the engine to unpin a transfer's blocks. Unpins run in cleanup paths,
+# also while the process ends: once the service's loop cancels every task, the engine's
+# stepping task is gone and its commands are never answered; unbounded, a send cancelled
+# then waited there forever, and a prefill worker SIGTERMed mid-transfer never exited.
+UNPIN_TIMEOUT_S = 5.0
 STAGE_FIRST_TOKEN = "first_token"
 STAGE_TRANSFER = "transfer"
 TRANSPORTS = ("auto", "nats", "tcp")
@@ -454,6 +459,16 @@ class DisaggHook(WorkerHooks):
             first = proto.unpack_tokens(reply.first_token_ids)
             if len(first) != 1 or reply.request_id != request.request_id:
                 raise ValueError(f"{len(first)} first tokens for request {reply.request_id!r}")
+            # the engine takes it as input without checking it (`resume_token_ids`): an id
+            # outside the vocabulary failed the torch engine's step, every request in it and
+            # the engine with them
+            vocab = engine.card.vocab_size
+            if vocab and not 0 <= first[0] < vocab:
+                raise ValueError(f"first token {first[0]} outside the vocabulary (0..{vocab - 1})")
+            # it becomes the request's usage.cached_tokens (the client's bill)
+            if reply.cached_tokens > len(token_ids):
+                raise ValueError(f"{reply.cached_tokens} cached tokens for a prompt of "
+                                 f"{len(token_ids)}")
         except _Gone:
             reason = "prefill_gone"
         except NoResponders:
@@ -466,8 +481,10 @@ class DisaggHook(WorkerHooks):
             reason = exc.error.code if exc.error.code in xerr.CODES else "remote_error"
         except BusError:
             reason = "disconnected"
-        except (proto.ProtocolError, ValueError):
+        except (proto.ProtocolError, ValueError) as exc:
             reason = "bad_reply"
+            log.warning("bad remote prefill reply", request_id=request.request_id,
+                        prefill_worker=f"{pid:x}", error=str(exc))
         except BaseException:
             await run.release()
             raise
@@ -539,6 +556,10 @@ class DisaggHook(WorkerHooks):
         if target.layout != self.layout:
             raise _refuse(xerr.LAYOUT_MISMATCH, "the decode worker's KV layout is not this "
                           "worker's (different engine, model or --kv-bytes-per-token)")
+        try:  # refused before the prefill runs (the send would refuse it anyway)
+            self.hub.check_target(target)
+        except TransferError as exc:
+            raise _refuse("bad_request", f"target: {exc.message}") from None
         hashes = block_hashes(tokens, ctx.block_size)
         if msg.first_block != target.first_block or msg.first_block > len(hashes):
             raise _refuse("bad_request", f"first_block {msg.first_block} does not fit a "
@@ -770,7 +791,8 @@ class DisaggHook(WorkerHooks):
     async def _unpin(self, key: str) -> None:
         assert self.ctx is not None
         try:
-            await self.ctx.engine.unpin_kv(key)
+            async with asyncio.timeout(UNPIN_TIMEOUT_S):
+                await self.ctx.engine.unpin_kv(key)
         except Exception as exc:  # the engine is stopping: its blocks go with it
             log.debug("unpin failed", key=key, error=repr(exc))
         self.m.pinned.set(len(self.pins))
@@ -989,5 +1011,6 @@ class _RemoteRun:
         if rx is not None and not rx.done:
             await rx.cancel("the decode worker gave up on the transfer")
         if self.key and self.hook.ctx is not None:
-            with contextlib.suppress(Exception):
-                await self.hook.ctx.engine.unpin_kv(self.key)
+            with contextlib.suppress(Exception):  # TimeoutError included (UNPIN_TIMEOUT_S)
+                async with asyncio.timeout(UNPIN_TIMEOUT_S):
+                    await self.hook.ctx.engine.unpin_kv(self.key)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import socket
 import time
@@ -109,6 +110,12 @@ FIRST_CHUNK_BYTES = 1 * MiB
 # subscribes to the request's subject.
 _STATUS = "Status"
 _NO_RESPONDERS = "503"
+# A peer's transfer id goes into the subjects this worker publishes to. The receiver makes 16
+# hex digits; a peer's is held to one subject token of at most 64 characters: a subject past
+# the server's control line (4 KiB by default) makes it close the publisher's connection, and
+# nats-py does not reopen a connection the server closed with an error (the worker would be
+# off the bus for good).
+_TRANSFER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(slots=True)
@@ -277,6 +284,14 @@ class KvReceiver:
             if self.assembler is not None:
                 raise TransferError(errors.BAD_MESSAGE, "a second header for this transfer")
             self._check_header(header)
+            if transport == NATS:
+                # credits and the ack go there: only the sender's own control subject (any
+                # other would make this worker publish where the header says, _TRANSFER_ID)
+                want = subjects.kv_transfer_tx(self.hub.ns, header.sender_id, self.transfer_id)
+                if header.reply_subject != want:
+                    raise TransferError(
+                        errors.BAD_MESSAGE, f"reply subject {_clip(header.reply_subject)} is "
+                        f"not sender {header.sender_id:x}'s control subject for this transfer")
         except TransferError as exc:
             if self.assembler is None:  # a stray second header leaves the live one alone
                 self._fail(exc, tell_sender=False)
@@ -818,6 +833,20 @@ class KvTransferHub:
                                 f"for KV chunks (headroom {self.nats_headroom})")
         return room
 
+    def check_target(self, target: KvTransferTarget) -> None:
+        """TransferError(kv_bad_message) unless `target` names one receive of one worker:
+        a transfer id that is a short subject token, and that worker's receive subject for
+        it. What a peer puts there is where this worker publishes the KV (_TRANSFER_ID)."""
+        tid = target.transfer_id
+        if not _TRANSFER_ID.fullmatch(tid):
+            raise TransferError(errors.BAD_MESSAGE, f"transfer id {_clip(tid)} is not a subject "
+                                "token of 1 to 64 letters, digits, _ or -")
+        want = subjects.kv_transfer_rx(self.ns, target.worker_id, tid)
+        if target.subject != want:
+            raise TransferError(errors.BAD_MESSAGE, f"target subject {_clip(target.subject)} is "
+                                f"not worker {target.worker_id:x}'s receive subject for "
+                                f"transfer {tid}")
+
     async def send(
         self,
         target: KvTransferTarget,
@@ -835,11 +864,13 @@ class KvTransferHub:
     ) -> TransferResult:
         """Send `hashes`' blocks (payloads from `source`) to `target`; returns once the
         receiver acked them all. transport: auto (TCP when offered, the KV is at least
-        tcp_min_bytes and the connection succeeds within connect_timeout; else NATS) | nats
+        tcp_min_bytes and the connection succeeds within connect_timeout and is not closed
+        by the receiver before it answers; else NATS) | nats
         | tcp (fail rather than fall back). Raises TransferError (the receiver's own when it
         refused or failed); on cancel the receiver is told."""
         if transport not in ("auto", NATS, TCP):
             raise ValueError(f"transport must be auto, nats or tcp, got {transport!r}")
+        self.check_target(target)
         if len(self._sends) >= self.max_sends:
             raise TransferError(errors.BUSY, f"{len(self._sends)} KV sends in progress")
         if not self._started:
@@ -873,23 +904,38 @@ class KvTransferHub:
         elif transport == TCP:
             raise TransferError(errors.PEER_GONE, "the receiver offers no TCP endpoint")
 
+        kw = dict(request_id=request_id, hashes=hashes, block_size=block_size, layout=layout,
+                  source=source, parent_hash=parent_hash, first_block=first_block,
+                  window=window, deadline=deadline, idle_timeout_s=idle_timeout_s)
+        # (transport auto) a new connection the receiver dropped before saying a word goes
+        # over NATS instead, below
+        lost_to_nats = transport == "auto"
         try:
             return await self._send_once(
-                target, use, sock, key, request_id=request_id, hashes=hashes,
-                block_size=block_size, layout=layout, source=source, parent_hash=parent_hash,
-                first_block=first_block, window=window, deadline=deadline,
-                idle_timeout_s=idle_timeout_s, fallback=fallback, reusable=reused)
+                target, use, sock, key, **kw, fallback=fallback, reusable=reused,
+                fallback_lost=lost_to_nats)
         except _StaleConnection:
             pass
-        # The pooled connection was dead (the receiver closed it while it sat idle, and the
-        # close had not reached us yet): nothing of this transfer got through, so it runs
-        # again, once, on a new connection (the token is still unused).
-        sock, fallback = await self._connect(target, transport, deadline)
+        if reused:
+            # The pooled connection was dead (the receiver closed it while it sat idle, and
+            # the close had not reached us yet): nothing of this transfer got through, so it
+            # runs again, once, on a new connection (the token is still unused).
+            sock, fallback = await self._connect(target, transport, deadline)
+            try:
+                return await self._send_once(
+                    target, TCP if sock is not None else NATS, sock, key, **kw,
+                    fallback=fallback, reusable=False, fallback_lost=lost_to_nats)
+            except _StaleConnection:
+                pass
+        # A new connection closed before the receiver said anything: its listener refused
+        # it (at its limit of connections that have not shown a token yet, which anyone who
+        # reaches the port can fill with idle ones), so nothing got through and the receive
+        # still waits for a header. Failing here made every large transfer to that worker
+        # fail (its prompts all recomputed) for as long as the port was held.
+        self.stats["tcp_fallbacks"] += 1
         return await self._send_once(
-            target, TCP if sock is not None else NATS, sock, key, request_id=request_id,
-            hashes=hashes, block_size=block_size, layout=layout, source=source,
-            parent_hash=parent_hash, first_block=first_block, window=window, deadline=deadline,
-            idle_timeout_s=idle_timeout_s, fallback=fallback, reusable=False)
+            target, NATS, None, None, **kw, reusable=False,
+            fallback="the receiver closed the tcp connection before answering")
 
     async def _connect(self, target: KvTransferTarget, transport: str,
                        deadline: float) -> tuple[socket.socket | None, str | None]:
@@ -913,10 +959,11 @@ class KvTransferHub:
         key: tuple[str, int] | None, *, request_id: str, hashes: Sequence[int], block_size: int,
         layout: KvLayout, source: BlockSource, parent_hash: int | None, first_block: int | None,
         window: int, deadline: float, idle_timeout_s: float, fallback: str | None,
-        reusable: bool,
+        reusable: bool, fallback_lost: bool = False,
     ) -> TransferResult:
         """One try of `send` over `sock` (TCP) or NATS. `reusable`: `sock` came from the pool;
-        if it turns out dead before the receiver said anything, _StaleConnection."""
+        if it turns out dead before the receiver said anything, _StaleConnection. So too with
+        `fallback_lost` for a new connection (the caller goes over NATS then)."""
         loop = asyncio.get_running_loop()
         tid = target.transfer_id
         if tid in self._sends:
@@ -991,6 +1038,10 @@ class KvTransferHub:
                 # a write failed: the receiver may have refused and closed; its reason is
                 # better than "connection reset" (the reader ends at its ack or at EOF)
                 await asyncio.wait([reader_task], timeout=1.0)
+            if (fallback_lost and use == TCP and session.ack is None and not session.heard
+                    and _conn_lost(exc)):
+                stale = True  # a new connection closed before a word: `send` tries NATS
+                raise _StaleConnection from None
             if session.ack is not None and not session.ack.ok and not _from_receiver(exc):
                 _raise_nack(session.ack, "stopped the transfer")
             if not _from_receiver(exc):
@@ -1210,6 +1261,11 @@ def _raise_nack(ack: KvTransferAck, what: str) -> None:
 
 def _from_receiver(exc: TransferError) -> bool:
     return getattr(exc, "from_receiver", False)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """A peer's string for an error message, at most about `limit` characters."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} chars)"
 
 
 def _describe(layout: KvLayout) -> str:
