@@ -296,3 +296,54 @@ async def test_the_store_is_listed_in_etcd_under_its_lease(nats_server, etcd_ser
         assert rec.subjects["lookup"] == subjects.offload_lookup(ns, store.instance_id)
         assert int(rec.labels["ram_bytes"]) == int(0.01 * 2**30)
     assert await discovery.get_prefix(keys.offload_instances_prefix(ns)) == {}
+
+
+def _outbox_entries(store: OffloadService) -> int:
+    """Block entries (hashes) in the store's unpublished event batches."""
+    return sum(len(ev.blocks) if isinstance(ev, proto.Stored) else
+               len(ev.hashes) if isinstance(ev, proto.Removed) else 1
+               for b in store._outbox for ev in b.events)
+
+
+async def test_a_flood_of_resyncs_queues_one_snapshot_per_tier_not_one_per_request(
+        nats_server, etcd_server, bus, discovery, ns):
+    """Anyone on the bus may ask for resyncs: each used to queue a full snapshot of every tier
+    (memory and CPU in proportion to the store, per request; 128 requests took a store of 30k
+    blocks from 97 to 737 MB). A snapshot not yet started on the wire serves every request
+    that comes before it goes out."""
+    batches: list[proto.KvEventBatch] = []
+
+    async def on_event(msg) -> None:
+        batches.append(proto.decode(msg.data, proto.KvEventBatch))
+
+    sub = await bus.subscribe(subjects.offload_events_all(ns), on_event)
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01) as store:
+        sid = store.instance_id
+        client = await started_client(bus, discovery, ns, 1)
+        client.put_behind(chain(30, 40, 100))
+        assert await client.flush(WAIT)
+        held = len(store.store.cache.ram)
+        assert held == 40
+        # 200 requests before the publisher gets a turn (the handler never waits, so called
+        # back to back nothing is published in between): a burst the loop takes in at once
+        request = proto.encode(proto.KvResyncRequest(worker_id=sid))
+        replies = [await store._on_resync(request) for _ in range(200)]
+        assert {tuple((t.tier, t.first_event_id, t.last_event_id) for t in r.tiers)
+                for r in replies} == {tuple((t.tier, t.first_event_id, t.last_event_id)
+                                            for t in replies[0].tiers)}
+        assert _outbox_entries(store) <= 2 * (held + 2)  # one snapshot (+ events before it)
+        # over NATS too, concurrently: every reply names a snapshot that does go out, in order
+        over_nats = await asyncio.gather(*(
+            bus.request(subjects.offload_resync(ns, sid), proto.KvResyncRequest(worker_id=sid),
+                        timeout=WAIT, reply_type=proto.OffloadResyncReply) for _ in range(50)))
+        wanted = {(t.tier, t.first_event_id) for r in [*replies, *over_nats] for t in r.tiers}
+        await wait_for(lambda: wanted <= {(b.tier, b.event_id) for b in batches
+                                          if b.events and b.events[0] == proto.Cleared()},
+                       "every named snapshot published, each starting with cleared")
+        replica = HashSetReplica()
+        for b in batches:
+            if b.tier == "host":
+                assert replica.apply(b), b
+        assert replica.hashes == set(store.store.cache.ram.entries)
+        await client.close()
+    await sub.unsubscribe()

@@ -114,6 +114,11 @@ class OffloadService(Service):
         self._outbox: deque[KvEventBatch] = deque()
         self._publisher: asyncio.Task | None = None
         self._publish_lock = asyncio.Lock()  # one publisher at a time keeps batches in order
+        # Per tier: the latest snapshot queued for a resync, and the event id of the last batch
+        # taken off the outbox (published or not). A snapshot whose first batch is still in
+        # the outbox answers every resync that comes before it goes out (`_queue_snapshots`).
+        self._snapshots: dict[str, TierSnapshot] = {}
+        self._taken: dict[str, int] = {}
         self._events_subject = subjects.offload_events(self.namespace, self.instance_id)
         self._reply_limit = 1 * MB
         m = self.metrics
@@ -301,7 +306,8 @@ class OffloadService(Service):
             raise proto.ProtocolError(f"KvResyncRequest.worker_id {req.worker_id:x} is not "
                                       f"this store ({self.instance_id:x})")
         self.m_resyncs.inc()
-        return OffloadResyncReply(store_id=self.instance_id, tiers=self._queue_snapshots())
+        return OffloadResyncReply(store_id=self.instance_id,
+                                  tiers=self._queue_snapshots(reuse=True))
 
     # ---- events -------------------------------------------------------------------------------
     def _collect(self) -> None:
@@ -318,9 +324,15 @@ class OffloadService(Service):
             self._outbox.clear()
             self._queue_snapshots()
 
-    def _queue_snapshots(self) -> list[TierSnapshot]:
+    def _queue_snapshots(self, reuse: bool = False) -> list[TierSnapshot]:
         """A fresh snapshot of every tier into the outbox, behind the batches already there
-        (pending events are folded into it); where each one sits in its tier's ids."""
+        (pending events are folded into it); where each one sits in its tier's ids.
+
+        `reuse` (a resync): a tier whose last snapshot has not started going out (its first
+        batch is still in the outbox) is not snapshotted again; that one is named. It gives
+        the asker the same thing (a Cleared it has not missed, then everything since, in
+        order), and a flood of resyncs, which anyone on the bus can send, costs one
+        snapshot's memory and CPU per tier, not one per request (each was the whole tier)."""
         st = self.store
         assert st is not None
         now = _now_ms()
@@ -328,12 +340,19 @@ class OffloadService(Service):
         for log in (st.cache.ram_log, st.cache.disk_log):
             if log is None:
                 continue
+            last = self._snapshots.get(log.tier)
+            if reuse and last is not None and \
+                    self._taken.get(log.tier, 0) < last.first_event_id:
+                out.append(last)
+                continue
             batches = log.snapshot_batches(self.instance_id, now)
             self._outbox.extend(batches)
-            out.append(TierSnapshot(tier=log.tier, first_event_id=batches[0].event_id,
-                                    last_event_id=batches[-1].event_id,
-                                    blocks=len(st.cache.ram if log is st.cache.ram_log
-                                               else st.cache.disk)))
+            snap = TierSnapshot(tier=log.tier, first_event_id=batches[0].event_id,
+                                last_event_id=batches[-1].event_id,
+                                blocks=len(st.cache.ram if log is st.cache.ram_log
+                                           else st.cache.disk))
+            self._snapshots[log.tier] = snap
+            out.append(snap)
         st.changed.set()
         return out
 
@@ -355,7 +374,8 @@ class OffloadService(Service):
             if not publish(self._events_subject, outbox[0]):
                 st.changed.set()  # reconnecting or buffer full: the publisher goes on
                 return
-            outbox.popleft()
+            batch = outbox.popleft()
+            self._taken[batch.tier] = batch.event_id
             self.m_batches.labels("ok").inc()
 
     async def _publish_loop(self) -> None:
@@ -373,6 +393,7 @@ class OffloadService(Service):
             self._collect()
             while self._outbox:
                 batch = self._outbox.popleft()
+                self._taken[batch.tier] = batch.event_id
                 try:
                     await self.bus.publish(self._events_subject, batch)
                     self.m_batches.labels("ok").inc()
