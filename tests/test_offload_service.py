@@ -347,3 +347,18 @@ async def test_a_flood_of_resyncs_queues_one_snapshot_per_tier_not_one_per_reque
         assert replica.hashes == set(store.store.cache.ram.entries)
         await client.close()
     await sub.unsubscribe()
+
+
+@pytest.mark.parametrize("flag", ["--offload-ram-gb", "--offload-disk-gb", "--spill-queue-mb",
+                                  "--max-block-mb"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_size_that_is_not_a_finite_number_is_a_usage_error_naming_the_flag(
+        flag, value, capsys):
+    """NaN passed `min=0` (NaN < 0 is false): the store then failed at start-up, connected,
+    with "cannot convert float NaN to integer" (or ran with --max-block-mb nan ignored)."""
+    from services.kv_offload.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([flag, value, "--nats", "nats://127.0.0.1:1", "--etcd", "127.0.0.1:1"])
+    assert exc.value.code == 2
+    assert f"{flag}: must be a finite number, got {value}" in capsys.readouterr().err

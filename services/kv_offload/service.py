@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import proto
 from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
-from genset.runtime.config import opt
+from genset.runtime.config import FieldError, opt
 from genset.runtime.service import Service
 from proto import subjects
 from proto.kv import TIER_DISK, KvEventBatch
@@ -89,6 +90,14 @@ class OffloadOptions:
     max_concurrent: int = field(default=64, metadata=opt(
         "requests in progress per endpoint before new ones get an overloaded error", min=1,
         env="GENSET_OFFLOAD_MAX_CONCURRENT"))
+
+    def __post_init__(self) -> None:
+        # `min=0` lets NaN through (NaN < 0 is false), and inf passes too: the store would
+        # fail at start-up, already connected, on int(NaN * GB) without naming the flag
+        for name in ("offload_ram_gb", "offload_disk_gb", "spill_queue_mb", "max_block_mb"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise FieldError(name, f"must be a finite number, got {value}")
 
 
 class OffloadService(Service):
