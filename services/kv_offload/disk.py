@@ -39,7 +39,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 import xxhash
+
+log = structlog.get_logger("genset.kv_offload")
 
 MAGIC = b"GSOB"
 VERSION = 1
@@ -246,13 +249,19 @@ class DiskStore:
             self.path(block_hash).unlink()
 
     def read(self, block_hash: int) -> BlockFile | None:
-        """The block, checked; None when the file is gone or bad (a bad one is deleted and
-        counted in `bad_files`)."""
+        """The block, checked; None when the file is gone, unreadable or bad (a bad one is
+        deleted and counted in `bad_files`)."""
         path = self.path(block_hash)
         try:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
+            return None
+        except OSError as exc:
+            # EIO, EACCES, something else in its place: unreadable now. None, like a bad
+            # file, so the lookup serves the run before it and the tier drops the block
+            # (raised, it failed the whole lookup, and every later one through this block)
+            log.warning("disk tier read failed", block=f"{block_hash:016x}", error=str(exc))
             return None
         try:
             return decode_block(raw, block_hash)
