@@ -362,3 +362,32 @@ def test_a_size_that_is_not_a_finite_number_is_a_usage_error_naming_the_flag(
         main([flag, value, "--nats", "nats://127.0.0.1:1", "--etcd", "127.0.0.1:1"])
     assert exc.value.code == 2
     assert f"{flag}: must be a finite number, got {value}" in capsys.readouterr().err
+
+
+async def test_a_disk_read_rate_that_is_not_a_believable_number_is_not_taken(bus, ns):
+    """The client keeps the disk read rate lookup replies carry; the worker weighs disk runs
+    with it and puts it in its load reports, where routers refuse the whole onboarding cost
+    when a rate is not a finite number <= 1e5 GB/s. A reply saying inf (a broken or forged
+    responder) made every later report of that worker refused."""
+    fake = 0xFA4E
+    blocks = chain(31, 2, 100)
+    rates = iter([float("inf"), 1e300, float("nan"), -1.0, 3.5])
+
+    async def answer(data: bytes) -> OffloadLookupReply:
+        proto.decode(data, OffloadLookup)
+        # (a Struct is not checked when built: this is what a broken peer can send)
+        return OffloadLookupReply(store_id=fake, held=len(blocks), blocks=blocks,
+                                  disk_read_gbps=next(rates))
+
+    sub = await bus.serve(subjects.offload_lookup(ns, fake), answer)
+    client = OffloadClient(bus, ns)
+    await client.start(instances=[fake])
+    hashes = [b.hash for b in blocks]
+    for _ in range(4):
+        assert same(await client.lookup(hashes, deadline_s=WAIT), blocks)
+        assert client.disk_read_gbps == 0.0
+    assert same(await client.lookup(hashes, deadline_s=WAIT), blocks)
+    assert client.disk_read_gbps == 3.5
+    await client.close()
+    await sub.unsubscribe()
+
