@@ -391,3 +391,58 @@ async def test_a_disk_read_rate_that_is_not_a_believable_number_is_not_taken(bus
     await client.close()
     await sub.unsubscribe()
 
+
+
+async def test_event_batches_fit_a_server_with_a_small_max_payload(etcd_server, bus, ns,
+                                                                  tmp_path):
+    """A batch held up to 8192 entries whatever the server's max_payload (~560 KB when each
+    block is its own chain): on a server configured below that, the batches of a put that
+    fitted, and every resync snapshot, failed to publish, and routers never saw the store's
+    blocks."""
+    from genset.runtime.infra import NatsServer
+
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 131072\n")
+    small = NatsServer(config_file=conf, data_dir=tmp_path / "nats").start()
+    try:
+        peer = await Bus.connect(small.url, name="peer", namespace=ns)
+        batches: list[proto.KvEventBatch] = []
+
+        async def on_event(msg) -> None:
+            batches.append(proto.decode(msg.data, proto.KvEventBatch))
+
+        sub = await peer.subscribe(subjects.offload_events_all(ns), on_event)
+        async with running_store(small, etcd_server, ns, offload_ram_gb=0.05) as store:
+            assert store.bus.nc.max_payload == 131072
+            sid = store.instance_id
+            # unchained blocks (one Stored event each, the largest entries), as many as a
+            # put that fits the server's limit carries
+            blocks = [OffloadBlock(hash=(i + 1) * 0x9E3779B97F4A7C15 % 2**64,
+                                   parent_hash=(i + 3) * 0xC2B2AE3D27D4EB4F % 2**64)
+                      for i in range(2000)]  # a 110 KB put; its events were one 136 KB batch
+            reply = await peer.request(subjects.offload_put(ns, sid), OffloadPut(blocks=blocks),
+                                       timeout=WAIT, reply_type=proto.OffloadPutReply)
+            assert reply.stored == 2000
+            replica = HashSetReplica()
+
+            def seen_all() -> bool:
+                for b in batches[seen_all.applied:]:
+                    if b.tier == "host":
+                        assert replica.apply(b), b
+                seen_all.applied = len(batches)
+                return {b.hash for b in blocks} <= replica.hashes
+
+            seen_all.applied = 0
+            await wait_for(seen_all, "the put's events published")
+            reply = await peer.request(subjects.offload_resync(ns, sid),
+                                       proto.KvResyncRequest(worker_id=sid), timeout=WAIT,
+                                       reply_type=proto.OffloadResyncReply)
+            host = next(t for t in reply.tiers if t.tier == "host")
+            await wait_for(lambda: any(b.tier == "host" and b.event_id == host.last_event_id
+                                       for b in batches), "the snapshot published")
+            assert seen_all()
+            assert 'event_batches_total{outcome="failed"}' not in store.metrics.render().decode()
+        await sub.unsubscribe()
+        await peer.close()
+    finally:
+        small.cleanup()

@@ -54,6 +54,10 @@ GB = 1 << 30
 MB = 1 << 20
 REPLY_HEADROOM = 4096  # bytes of a reply besides block payloads (ids, counts, msgpack keys)
 MAX_OUTBOX = 4096  # unpublished event batches before they are replaced by fresh snapshots
+# Encoded bytes of one entry of an event batch at most, with room to spare: a block that starts
+# a chain of its own is a whole Stored event (68 bytes with a 64-bit parent hash).
+EVENT_ENTRY_BYTES = 80
+MAX_EVENT_BLOCKS = 8192  # entries per event batch where the server's max_payload allows
 
 
 @dataclass
@@ -152,12 +156,16 @@ class OffloadService(Service):
         max_block = self._reply_limit - REPLY_HEADROOM
         if o.max_block_mb > 0:
             max_block = min(max_block, int(o.max_block_mb * MB))
+        # Event batches must fit a message too: at 8192 entries one could be ~560 KB, and on a
+        # server with a smaller max_payload every such batch (and every snapshot) was lost.
+        max_event_blocks = max(64, min(MAX_EVENT_BLOCKS, self._reply_limit // EVENT_ENTRY_BYTES))
         self.store = store = BlockStore(
             ram_bytes=int(o.offload_ram_gb * GB), disk=self.disk,
             disk_bytes=int(o.offload_disk_gb * GB) if self.disk else 0,
             spill_queue_bytes=int(o.spill_queue_mb * MB), max_block_bytes=max_block,
             spill_min_freq=o.spill_min_freq, verify_hashes=o.verify_hashes,
-            verify_on_start=o.verify_on_start, admission=o.admission)
+            verify_on_start=o.verify_on_start, admission=o.admission,
+            max_event_blocks=max_event_blocks)
         found = await store.open()
         self._metrics_gauges()
         ns, sid = self.namespace, self.instance_id
