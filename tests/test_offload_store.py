@@ -258,3 +258,17 @@ async def test_a_file_that_cannot_be_read_ends_the_run_and_leaves_the_tier(tmp_p
     res = await store.lookup(hashes, max_bytes=1 << 20)
     assert res.held == 3 and [b.hash for b in res.blocks] == hashes[:3]
     await store.close()
+
+
+def test_a_directory_whose_block_folders_cannot_be_made_is_a_clear_disk_error(tmp_path):
+    """`blocks` made unusable (a file there, or a folder this user may not write: a volume
+    left by a root container) raised a bare NotADirectoryError/PermissionError from the
+    service's constructor: a traceback, not "offload dir ...: why", and the lock kept."""
+    (tmp_path / "store-0").mkdir()
+    (tmp_path / "store-0" / "blocks").write_text("not a folder")
+    disk = DiskStore(tmp_path / "store-0")
+    with pytest.raises(DiskError, match=r"offload dir .*store-0.*blocks"):
+        disk.lock()
+    (tmp_path / "store-0" / "blocks").unlink()
+    disk.lock()  # the failed attempt let go of the lock
+    disk.close()

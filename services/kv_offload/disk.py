@@ -189,8 +189,15 @@ class DiskStore:
             raise DiskBusy(f"offload dir {self.root} is in use by another store "
                            "(one directory per store process)") from None
         self._lock_fd = fd
-        for i in range(256):
-            (self.blocks_dir / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+        try:
+            for i in range(256):
+                (self.blocks_dir / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # (a file named `blocks`, a folder this user may not write): a DiskError the
+            # service reports by name, not a traceback out of its constructor
+            self.close()
+            raise DiskError(f"offload dir {self.root}: {exc.filename}: "
+                            f"{exc.strerror or exc}") from None
 
     def close(self) -> None:
         if self._lock_fd is not None:
