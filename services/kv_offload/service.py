@@ -10,7 +10,8 @@ its restart, never both answer):
   with data, at most `max_bytes` and never more than a NATS message);
 - `offload_contains(ns, id)`: `OffloadContains` -> `OffloadContainsReply`;
 - `offload_resync(ns, id)`: `KvResyncRequest` -> `OffloadResyncReply`; the snapshot itself
-  goes out on the events subject, in order (a disk tier's snapshot can exceed a message);
+  goes out on the events subject, in order (a disk tier's snapshot can exceed a message); one
+  not yet started answers every resync until it goes out;
 - publishes `KvEventBatch`es on `offload_events(ns, id)`, one event_id sequence per tier
   (`host` = RAM, `disk`); on start a `cleared` for RAM (what it held before is gone) and a
   snapshot of the disk tier (what survived); on a clean stop a `cleared` for RAM.
