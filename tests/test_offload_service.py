@@ -296,3 +296,153 @@ async def test_the_store_is_listed_in_etcd_under_its_lease(nats_server, etcd_ser
         assert rec.subjects["lookup"] == subjects.offload_lookup(ns, store.instance_id)
         assert int(rec.labels["ram_bytes"]) == int(0.01 * 2**30)
     assert await discovery.get_prefix(keys.offload_instances_prefix(ns)) == {}
+
+
+def _outbox_entries(store: OffloadService) -> int:
+    """Block entries (hashes) in the store's unpublished event batches."""
+    return sum(len(ev.blocks) if isinstance(ev, proto.Stored) else
+               len(ev.hashes) if isinstance(ev, proto.Removed) else 1
+               for b in store._outbox for ev in b.events)
+
+
+async def test_a_flood_of_resyncs_queues_one_snapshot_per_tier_not_one_per_request(
+        nats_server, etcd_server, bus, discovery, ns):
+    """Anyone on the bus may ask for resyncs: each used to queue a full snapshot of every tier
+    (memory and CPU in proportion to the store, per request; 128 requests took a store of 30k
+    blocks from 97 to 737 MB). A snapshot not yet started on the wire serves every request
+    that comes before it goes out."""
+    batches: list[proto.KvEventBatch] = []
+
+    async def on_event(msg) -> None:
+        batches.append(proto.decode(msg.data, proto.KvEventBatch))
+
+    sub = await bus.subscribe(subjects.offload_events_all(ns), on_event)
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01) as store:
+        sid = store.instance_id
+        client = await started_client(bus, discovery, ns, 1)
+        client.put_behind(chain(30, 40, 100))
+        assert await client.flush(WAIT)
+        held = len(store.store.cache.ram)
+        assert held == 40
+        # 200 requests before the publisher gets a turn (the handler never waits, so called
+        # back to back nothing is published in between): a burst the loop takes in at once
+        request = proto.encode(proto.KvResyncRequest(worker_id=sid))
+        replies = [await store._on_resync(request) for _ in range(200)]
+        assert {tuple((t.tier, t.first_event_id, t.last_event_id) for t in r.tiers)
+                for r in replies} == {tuple((t.tier, t.first_event_id, t.last_event_id)
+                                            for t in replies[0].tiers)}
+        assert _outbox_entries(store) <= 2 * (held + 2)  # one snapshot (+ events before it)
+        # over NATS too, concurrently: every reply names a snapshot that does go out, in order
+        over_nats = await asyncio.gather(*(
+            bus.request(subjects.offload_resync(ns, sid), proto.KvResyncRequest(worker_id=sid),
+                        timeout=WAIT, reply_type=proto.OffloadResyncReply) for _ in range(50)))
+        wanted = {(t.tier, t.first_event_id) for r in [*replies, *over_nats] for t in r.tiers}
+        await wait_for(lambda: wanted <= {(b.tier, b.event_id) for b in batches
+                                          if b.events and b.events[0] == proto.Cleared()},
+                       "every named snapshot published, each starting with cleared")
+        replica = HashSetReplica()
+        for b in batches:
+            if b.tier == "host":
+                assert replica.apply(b), b
+        assert replica.hashes == set(store.store.cache.ram.entries)
+        await client.close()
+    await sub.unsubscribe()
+
+
+@pytest.mark.parametrize("flag", ["--offload-ram-gb", "--offload-disk-gb", "--spill-queue-mb",
+                                  "--max-block-mb"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_size_that_is_not_a_finite_number_is_a_usage_error_naming_the_flag(
+        flag, value, capsys):
+    """NaN passed `min=0` (NaN < 0 is false): the store then failed at start-up, connected,
+    with "cannot convert float NaN to integer" (or ran with --max-block-mb nan ignored)."""
+    from services.kv_offload.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([flag, value, "--nats", "nats://127.0.0.1:1", "--etcd", "127.0.0.1:1"])
+    assert exc.value.code == 2
+    assert f"{flag}: must be a finite number, got {value}" in capsys.readouterr().err
+
+
+async def test_a_disk_read_rate_that_is_not_a_believable_number_is_not_taken(bus, ns):
+    """The client keeps the disk read rate lookup replies carry; the worker weighs disk runs
+    with it and puts it in its load reports, where routers refuse the whole onboarding cost
+    when a rate is not a finite number <= 1e5 GB/s. A reply saying inf (a broken or forged
+    responder) made every later report of that worker refused."""
+    fake = 0xFA4E
+    blocks = chain(31, 2, 100)
+    rates = iter([float("inf"), 1e300, float("nan"), -1.0, 3.5])
+
+    async def answer(data: bytes) -> OffloadLookupReply:
+        proto.decode(data, OffloadLookup)
+        # (a Struct is not checked when built: this is what a broken peer can send)
+        return OffloadLookupReply(store_id=fake, held=len(blocks), blocks=blocks,
+                                  disk_read_gbps=next(rates))
+
+    sub = await bus.serve(subjects.offload_lookup(ns, fake), answer)
+    client = OffloadClient(bus, ns)
+    await client.start(instances=[fake])
+    hashes = [b.hash for b in blocks]
+    for _ in range(4):
+        assert same(await client.lookup(hashes, deadline_s=WAIT), blocks)
+        assert client.disk_read_gbps == 0.0
+    assert same(await client.lookup(hashes, deadline_s=WAIT), blocks)
+    assert client.disk_read_gbps == 3.5
+    await client.close()
+    await sub.unsubscribe()
+
+
+
+async def test_event_batches_fit_a_server_with_a_small_max_payload(etcd_server, bus, ns,
+                                                                  tmp_path):
+    """A batch held up to 8192 entries whatever the server's max_payload (~560 KB when each
+    block is its own chain): on a server configured below that, the batches of a put that
+    fitted, and every resync snapshot, failed to publish, and routers never saw the store's
+    blocks."""
+    from genset.runtime.infra import NatsServer
+
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 131072\n")
+    small = NatsServer(config_file=conf, data_dir=tmp_path / "nats").start()
+    try:
+        peer = await Bus.connect(small.url, name="peer", namespace=ns)
+        batches: list[proto.KvEventBatch] = []
+
+        async def on_event(msg) -> None:
+            batches.append(proto.decode(msg.data, proto.KvEventBatch))
+
+        sub = await peer.subscribe(subjects.offload_events_all(ns), on_event)
+        async with running_store(small, etcd_server, ns, offload_ram_gb=0.05) as store:
+            assert store.bus.nc.max_payload == 131072
+            sid = store.instance_id
+            # unchained blocks (one Stored event each, the largest entries), as many as a
+            # put that fits the server's limit carries
+            blocks = [OffloadBlock(hash=(i + 1) * 0x9E3779B97F4A7C15 % 2**64,
+                                   parent_hash=(i + 3) * 0xC2B2AE3D27D4EB4F % 2**64)
+                      for i in range(2000)]  # a 110 KB put; its events were one 136 KB batch
+            reply = await peer.request(subjects.offload_put(ns, sid), OffloadPut(blocks=blocks),
+                                       timeout=WAIT, reply_type=proto.OffloadPutReply)
+            assert reply.stored == 2000
+            replica = HashSetReplica()
+
+            def seen_all() -> bool:
+                for b in batches[seen_all.applied:]:
+                    if b.tier == "host":
+                        assert replica.apply(b), b
+                seen_all.applied = len(batches)
+                return {b.hash for b in blocks} <= replica.hashes
+
+            seen_all.applied = 0
+            await wait_for(seen_all, "the put's events published")
+            reply = await peer.request(subjects.offload_resync(ns, sid),
+                                       proto.KvResyncRequest(worker_id=sid), timeout=WAIT,
+                                       reply_type=proto.OffloadResyncReply)
+            host = next(t for t in reply.tiers if t.tier == "host")
+            await wait_for(lambda: any(b.tier == "host" and b.event_id == host.last_event_id
+                                       for b in batches), "the snapshot published")
+            assert seen_all()
+            assert 'event_batches_total{outcome="failed"}' not in store.metrics.render().decode()
+        await sub.unsubscribe()
+        await peer.close()
+    finally:
+        small.cleanup()

@@ -235,3 +235,40 @@ def test_a_ram_blocks_python_objects_fit_its_accounted_overhead(admission):
     assert len(store.cache.ram) == n + 1
     print(f"{admission}: {per_block:.0f} bytes per block beyond payload and token ids")
     assert per_block <= store.entry_overhead
+
+
+async def test_a_file_that_cannot_be_read_ends_the_run_and_leaves_the_tier(tmp_path):
+    """An I/O error reading one file (EIO, EACCES, here a directory in its place) failed the
+    whole lookup (the worker got nothing, not the run before that block), and every later
+    lookup through that block failed the same way: the tier kept it."""
+    blocks = chain(3, 6, DATA)
+    store = make_store(tmp_path)
+    await store.open()
+    await spill_to_disk(store, blocks)
+    for b in blocks:  # the disk copies are the only ones
+        store.cache.ram.remove(b.hash)
+    path = store.disk.path(blocks[3].hash)
+    path.unlink()
+    path.mkdir()
+    hashes = [b.hash for b in blocks]
+    res = await store.lookup(hashes, max_bytes=1 << 20)
+    assert res.held == 3 and [b.hash for b in res.blocks] == hashes[:3]
+    assert blocks[3].hash not in store.cache.disk
+    assert store.counts["disk_read_failed"] == 1
+    res = await store.lookup(hashes, max_bytes=1 << 20)
+    assert res.held == 3 and [b.hash for b in res.blocks] == hashes[:3]
+    await store.close()
+
+
+def test_a_directory_whose_block_folders_cannot_be_made_is_a_clear_disk_error(tmp_path):
+    """`blocks` made unusable (a file there, or a folder this user may not write: a volume
+    left by a root container) raised a bare NotADirectoryError/PermissionError from the
+    service's constructor: a traceback, not "offload dir ...: why", and the lock kept."""
+    (tmp_path / "store-0").mkdir()
+    (tmp_path / "store-0" / "blocks").write_text("not a folder")
+    disk = DiskStore(tmp_path / "store-0")
+    with pytest.raises(DiskError, match=r"offload dir .*store-0.*blocks"):
+        disk.lock()
+    (tmp_path / "store-0" / "blocks").unlink()
+    disk.lock()  # the failed attempt let go of the lock
+    disk.close()

@@ -56,6 +56,10 @@ log = structlog.get_logger("genset.offload.client")
 BLOCK_WIRE_OVERHEAD = 64  # msgpack bytes per block beyond its payload and token ids
 REQUEST_HEADROOM = 4096  # bytes of a message besides its blocks
 DEFAULT_MAX_PAYLOAD = 1 << 20  # NATS' default max_payload
+# The largest disk read rate a store's reply is believed (GB/s): the bound routers hold a
+# worker's reported `onboard_disk_gbps` to (`genset.routing.load.ONBOARD_FIELDS`); ~30x an
+# H200's HBM.
+MAX_DISK_READ_GBPS = 1e5
 
 
 def block_bytes(b: OffloadBlock) -> int:
@@ -369,7 +373,10 @@ class OffloadClient:
                     got[o] = None
                 else:
                     got[o] = r
-                    if r.disk_read_gbps > 0:  # what the stores measured lately
+                    # what the stores measured lately; not a broken or forged number (NaN
+                    # and inf fail the test: inf made the worker weigh disk runs as free,
+                    # and routers refused every later load report's onboarding cost)
+                    if 0 < r.disk_read_gbps <= MAX_DISK_READ_GBPS:
                         self.disk_read_gbps = r.disk_read_gbps
             owner_of = {p: o for o, ps in groups.items() for p in ps}
             taken = dict.fromkeys(owners, 0)

@@ -39,7 +39,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 import xxhash
+
+log = structlog.get_logger("genset.kv_offload")
 
 MAGIC = b"GSOB"
 VERSION = 1
@@ -186,8 +189,15 @@ class DiskStore:
             raise DiskBusy(f"offload dir {self.root} is in use by another store "
                            "(one directory per store process)") from None
         self._lock_fd = fd
-        for i in range(256):
-            (self.blocks_dir / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+        try:
+            for i in range(256):
+                (self.blocks_dir / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # (a file named `blocks`, a folder this user may not write): a DiskError the
+            # service reports by name, not a traceback out of its constructor
+            self.close()
+            raise DiskError(f"offload dir {self.root}: {exc.filename}: "
+                            f"{exc.strerror or exc}") from None
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -246,13 +256,19 @@ class DiskStore:
             self.path(block_hash).unlink()
 
     def read(self, block_hash: int) -> BlockFile | None:
-        """The block, checked; None when the file is gone or bad (a bad one is deleted and
-        counted in `bad_files`)."""
+        """The block, checked; None when the file is gone, unreadable or bad (a bad one is
+        deleted and counted in `bad_files`)."""
         path = self.path(block_hash)
         try:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
+            return None
+        except OSError as exc:
+            # EIO, EACCES, something else in its place: unreadable now. None, like a bad
+            # file, so the lookup serves the run before it and the tier drops the block
+            # (raised, it failed the whole lookup, and every later one through this block)
+            log.warning("disk tier read failed", block=f"{block_hash:016x}", error=str(exc))
             return None
         try:
             return decode_block(raw, block_hash)

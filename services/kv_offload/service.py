@@ -10,7 +10,8 @@ its restart, never both answer):
   with data, at most `max_bytes` and never more than a NATS message);
 - `offload_contains(ns, id)`: `OffloadContains` -> `OffloadContainsReply`;
 - `offload_resync(ns, id)`: `KvResyncRequest` -> `OffloadResyncReply`; the snapshot itself
-  goes out on the events subject, in order (a disk tier's snapshot can exceed a message);
+  goes out on the events subject, in order (a disk tier's snapshot can exceed a message); one
+  not yet started answers every resync until it goes out;
 - publishes `KvEventBatch`es on `offload_events(ns, id)`, one event_id sequence per tier
   (`host` = RAM, `disk`); on start a `cleared` for RAM (what it held before is gone) and a
   snapshot of the disk tier (what survived); on a clean stop a `cleared` for RAM.
@@ -26,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import proto
 from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
-from genset.runtime.config import opt
+from genset.runtime.config import FieldError, opt
 from genset.runtime.service import Service
 from proto import subjects
 from proto.kv import TIER_DISK, KvEventBatch
@@ -53,6 +55,10 @@ GB = 1 << 30
 MB = 1 << 20
 REPLY_HEADROOM = 4096  # bytes of a reply besides block payloads (ids, counts, msgpack keys)
 MAX_OUTBOX = 4096  # unpublished event batches before they are replaced by fresh snapshots
+# Encoded bytes of one entry of an event batch at most, with room to spare: a block that starts
+# a chain of its own is a whole Stored event (68 bytes with a 64-bit parent hash).
+EVENT_ENTRY_BYTES = 80
+MAX_EVENT_BLOCKS = 8192  # entries per event batch where the server's max_payload allows
 
 
 @dataclass
@@ -90,6 +96,14 @@ class OffloadOptions:
         "requests in progress per endpoint before new ones get an overloaded error", min=1,
         env="GENSET_OFFLOAD_MAX_CONCURRENT"))
 
+    def __post_init__(self) -> None:
+        # `min=0` lets NaN through (NaN < 0 is false), and inf passes too: the store would
+        # fail at start-up, already connected, on int(NaN * GB) without naming the flag
+        for name in ("offload_ram_gb", "offload_disk_gb", "spill_queue_mb", "max_block_mb"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise FieldError(name, f"must be a finite number, got {value}")
+
 
 class OffloadService(Service):
     component = subjects.OFFLOAD_COMPONENT
@@ -114,6 +128,11 @@ class OffloadService(Service):
         self._outbox: deque[KvEventBatch] = deque()
         self._publisher: asyncio.Task | None = None
         self._publish_lock = asyncio.Lock()  # one publisher at a time keeps batches in order
+        # Per tier: the latest snapshot queued for a resync, and the event id of the last batch
+        # taken off the outbox (published or not). A snapshot whose first batch is still in
+        # the outbox answers every resync that comes before it goes out (`_queue_snapshots`).
+        self._snapshots: dict[str, TierSnapshot] = {}
+        self._taken: dict[str, int] = {}
         self._events_subject = subjects.offload_events(self.namespace, self.instance_id)
         self._reply_limit = 1 * MB
         m = self.metrics
@@ -138,12 +157,16 @@ class OffloadService(Service):
         max_block = self._reply_limit - REPLY_HEADROOM
         if o.max_block_mb > 0:
             max_block = min(max_block, int(o.max_block_mb * MB))
+        # Event batches must fit a message too: at 8192 entries one could be ~560 KB, and on a
+        # server with a smaller max_payload every such batch (and every snapshot) was lost.
+        max_event_blocks = max(64, min(MAX_EVENT_BLOCKS, self._reply_limit // EVENT_ENTRY_BYTES))
         self.store = store = BlockStore(
             ram_bytes=int(o.offload_ram_gb * GB), disk=self.disk,
             disk_bytes=int(o.offload_disk_gb * GB) if self.disk else 0,
             spill_queue_bytes=int(o.spill_queue_mb * MB), max_block_bytes=max_block,
             spill_min_freq=o.spill_min_freq, verify_hashes=o.verify_hashes,
-            verify_on_start=o.verify_on_start, admission=o.admission)
+            verify_on_start=o.verify_on_start, admission=o.admission,
+            max_event_blocks=max_event_blocks)
         found = await store.open()
         self._metrics_gauges()
         ns, sid = self.namespace, self.instance_id
@@ -301,7 +324,8 @@ class OffloadService(Service):
             raise proto.ProtocolError(f"KvResyncRequest.worker_id {req.worker_id:x} is not "
                                       f"this store ({self.instance_id:x})")
         self.m_resyncs.inc()
-        return OffloadResyncReply(store_id=self.instance_id, tiers=self._queue_snapshots())
+        return OffloadResyncReply(store_id=self.instance_id,
+                                  tiers=self._queue_snapshots(reuse=True))
 
     # ---- events -------------------------------------------------------------------------------
     def _collect(self) -> None:
@@ -318,9 +342,15 @@ class OffloadService(Service):
             self._outbox.clear()
             self._queue_snapshots()
 
-    def _queue_snapshots(self) -> list[TierSnapshot]:
+    def _queue_snapshots(self, reuse: bool = False) -> list[TierSnapshot]:
         """A fresh snapshot of every tier into the outbox, behind the batches already there
-        (pending events are folded into it); where each one sits in its tier's ids."""
+        (pending events are folded into it); where each one sits in its tier's ids.
+
+        `reuse` (a resync): a tier whose last snapshot has not started going out (its first
+        batch is still in the outbox) is not snapshotted again; that one is named. It gives
+        the asker the same thing (a Cleared it has not missed, then everything since, in
+        order), and a flood of resyncs, which anyone on the bus can send, costs one
+        snapshot's memory and CPU per tier, not one per request (each was the whole tier)."""
         st = self.store
         assert st is not None
         now = _now_ms()
@@ -328,12 +358,19 @@ class OffloadService(Service):
         for log in (st.cache.ram_log, st.cache.disk_log):
             if log is None:
                 continue
+            last = self._snapshots.get(log.tier)
+            if reuse and last is not None and \
+                    self._taken.get(log.tier, 0) < last.first_event_id:
+                out.append(last)
+                continue
             batches = log.snapshot_batches(self.instance_id, now)
             self._outbox.extend(batches)
-            out.append(TierSnapshot(tier=log.tier, first_event_id=batches[0].event_id,
-                                    last_event_id=batches[-1].event_id,
-                                    blocks=len(st.cache.ram if log is st.cache.ram_log
-                                               else st.cache.disk)))
+            snap = TierSnapshot(tier=log.tier, first_event_id=batches[0].event_id,
+                                last_event_id=batches[-1].event_id,
+                                blocks=len(st.cache.ram if log is st.cache.ram_log
+                                           else st.cache.disk))
+            self._snapshots[log.tier] = snap
+            out.append(snap)
         st.changed.set()
         return out
 
@@ -355,7 +392,8 @@ class OffloadService(Service):
             if not publish(self._events_subject, outbox[0]):
                 st.changed.set()  # reconnecting or buffer full: the publisher goes on
                 return
-            outbox.popleft()
+            batch = outbox.popleft()
+            self._taken[batch.tier] = batch.event_id
             self.m_batches.labels("ok").inc()
 
     async def _publish_loop(self) -> None:
@@ -373,6 +411,7 @@ class OffloadService(Service):
             self._collect()
             while self._outbox:
                 batch = self._outbox.popleft()
+                self._taken[batch.tier] = batch.event_id
                 try:
                     await self.bus.publish(self._events_subject, batch)
                     self.m_batches.labels("ok").inc()
