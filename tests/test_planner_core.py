@@ -28,6 +28,7 @@ from genset.planning.cache import CacheTracker
 from genset.planning.core import _Pool
 from genset.planning.forecast import ArrivalForecaster, TrendEstimator
 from genset.planning.observations import LatencyWindow
+from genset.planning.perf_model import MAX_STEP_MS
 from genset.planning.policies import (
     PoolView,
     SloPolicy,
@@ -488,6 +489,17 @@ def test_perf_model_window_is_bounded_and_predictions_never_fall_with_work():
         m.observe_step(1000 + i, 0, 0.0, 50.0 - i * 0.01)  # noisy, slightly falling
     assert m.samples == 16 and m.observed == 100
     assert m.prefill_ms(4000) >= m.prefill_ms(1000) - 1e-9
+
+
+def test_perf_model_refuses_a_step_no_engine_takes():
+    """Step samples come from workers over the bus: one of 1e308 ms (finite) pulled every
+    coefficient to ~1e307 and the SLO pool to its ceiling; past MAX_STEP_MS it is ignored."""
+    m = PerfModel()
+    before = (m.prefill_ms(1000), m.decode_ms(64, 0.3))
+    for ms in (1e308, MAX_STEP_MS * 1.01, float("inf"), float("nan"), 0.0, -1.0):
+        assert m.observe_step(512, 8, 0.3, ms) is False
+    assert m.samples == 0 and (m.prefill_ms(1000), m.decode_ms(64, 0.3)) == before
+    assert m.observe_step(512, 0, 0.0, MAX_STEP_MS) is True  # slow, but a step
 
 
 def test_latency_window_is_time_and_count_bounded():

@@ -32,6 +32,11 @@ _B_SCALE = 64.0
 # coefficient order: q, l, p0, d0, cb, cu, cu2
 _N = 7
 _NONNEG = (0, 1, 4)  # q, l, cb: a longer prompt or a bigger batch never makes a step faster
+# The longest step taken as one (ms). Real steps take milliseconds to seconds (a 128k-token
+# prefill on one GPU: tens of seconds); step stats come from workers over the bus, and one
+# report of 1e308 ms (finite, so it passed) pulled every coefficient to ~1e307: a worker
+# "served 0.00 req/s" and the pool went to its ceiling.
+MAX_STEP_MS = 600_000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +93,8 @@ class PerfModel:
         vals = (prefill_tokens, decode_seqs, kv_usage, ms)
         if not all(isinstance(v, int | float) and math.isfinite(v) for v in vals):
             return False
-        if prefill_tokens < 0 or decode_seqs < 0 or ms <= 0 or not 0 <= kv_usage <= 1:
+        if (prefill_tokens < 0 or decode_seqs < 0 or not 0 < ms <= MAX_STEP_MS
+                or not 0 <= kv_usage <= 1):
             return False
         if prefill_tokens == 0 and decode_seqs == 0:
             return False  # an idle step says nothing about cost
