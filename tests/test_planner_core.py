@@ -344,6 +344,18 @@ def test_cache_tracker_counts_unique_blocks_and_stays_bounded():
     t.apply(proto.KvEventBatch(worker_id=3, event_id=1, tier="host", events=[
         proto.Stored(blocks=[proto.StoredBlock(hash=9)])]))
     assert t.held(3) == 0  # offloaded tiers are not a worker's cache
+    # a worker's card bounds its set tighter: its device tier holds no more than kv_blocks
+    t.apply(proto.KvEventBatch(worker_id=4, event_id=1, events=[
+        proto.Stored(blocks=[proto.StoredBlock(hash=h) for h in range(10)])]), capacity=2)
+    assert t.held(4) == 2
+
+
+def test_planner_holds_a_workers_cache_set_to_its_cards_kv_blocks():
+    core, _ = make()
+    core.worker_up(1, "decode", kv_blocks=4, block_size=16)
+    core.observe_kv_batch(proto.KvEventBatch(worker_id=1, event_id=1, events=[
+        proto.Stored(blocks=[proto.StoredBlock(hash=h) for h in range(100)])]))
+    assert core.cache.held(1) == 4
 
 
 def test_dry_run_proposes_without_starting_anything():

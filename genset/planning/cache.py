@@ -20,13 +20,16 @@ class CacheTracker:
         self.max_blocks = max_blocks_per_worker
         self.sets: dict[int, set[int]] = {}
 
-    def apply(self, batch: KvEventBatch) -> None:
+    def apply(self, batch: KvEventBatch, capacity: int = 0) -> None:
+        """`capacity`: the worker's KV blocks when its card says (its device tier holds no
+        more; a publisher claiming more is held to it), else the tracker's own cap."""
         if batch.tier != TIER_DEVICE:
             return
+        cap = min(self.max_blocks, capacity) if capacity > 0 else self.max_blocks
         held = self.sets.setdefault(batch.worker_id, set())
         for ev in batch.events:
             if isinstance(ev, Stored):
-                room = self.max_blocks - len(held)
+                room = cap - len(held)
                 if room > 0:
                     held.update(b.hash for b in ev.blocks[:room])
             elif isinstance(ev, Removed):

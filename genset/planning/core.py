@@ -674,8 +674,9 @@ class PlannerCore:
 
     def observe_kv_batch(self, batch) -> None:
         """`proto.KvEventBatch` of a known worker: which cache only it holds (drain choice)."""
-        if batch.worker_id in self.workers:
-            self.cache.apply(batch)
+        w = self.workers.get(batch.worker_id)
+        if w is not None:
+            self.cache.apply(batch, capacity=w.kv_blocks)
 
     # -------------------------------------------------------------- applying decisions
     def note_applied(self, decision_id: int) -> None:
