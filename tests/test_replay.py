@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -144,3 +145,26 @@ def test_cli_refuses_no_policy_and_a_plot_it_cannot_write(tmp_path, capsys):
     (tmp_path / "plot.png").mkdir()  # a directory where the file should go
     assert replay_cli.main([path, "--plot", str(tmp_path / "plot.png")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "100000"], "--workers: must be at most 1,024"),
+    (["--kv-blocks", "10000000000"], "--kv-blocks: must be at most 4,194,304"),
+    (["--offload-ram-blocks", "1000000000000"], "--offload-ram-blocks: must be at most"),
+    (["--offload-disk-blocks", "1000000000000"], "--offload-disk-blocks: must be at most"),
+    (["--router-replicas", "1000"], "--router-replicas: must be at most 64"),
+    (["--planner", "slo", "--max-workers", "5000"], "--max-workers: must be at most 1,024"),
+    (["--arrival-speedup", "inf"], "--arrival-speedup: must be a finite number"),
+    (["--startup-s", "inf", "--planner", "slo"], "--startup-s: must be a finite number"),
+    (["--prefill-workers", "2000", "--decode-workers", "2"],
+     "--prefill-workers \\+ --decode-workers must be at most 1024"),
+])
+def test_cli_refuses_sizes_no_replay_can_hold(tmp_path, flags, message, capsys):
+    """Each was a MemoryError (or 0.76 GB of routers) after the trace had been read."""
+    path = write(tmp_path, [GOOD])
+    try:
+        rc = replay_cli.main([path, *flags])
+    except SystemExit as exc:  # argparse exits 2 on a bad flag value
+        rc = exc.code
+    assert rc == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -94,25 +95,39 @@ def plot_timeline(results: list[dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def _number(kind, *, allow_zero: bool):
-    """An argparse type: a `kind` (int or float) > 0, or >= 0 with `allow_zero`."""
+# Upper bounds of the sizes a replay builds in memory (measured: 4,096 workers took 2.7 GB,
+# 2^26 offload blocks per tier 4.2 GB, 1,000 router replicas 0.76 GB; 10^10 KV blocks or
+# 100,000 workers were a MemoryError after the trace was read)
+MAX_WORKERS = disagg_sim.MAX_FLEET  # 1024
+MAX_KV_BLOCKS = 1 << 22  # per worker: 268 M tokens at the default 64-token blocks
+MAX_OFFLOAD_BLOCKS = 1 << 24  # per tier
+MAX_ROUTER_REPLICAS = 64
+
+
+def _number(kind, *, allow_zero: bool, most: int | None = None):
+    """An argparse type: a finite `kind` (int or float) > 0, or >= 0 with `allow_zero`, and
+    at most `most`."""
     def conv(text: str):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not math.isfinite(v):  # inf > 0 passed: an inf start-up or speed-up is no setting
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if not (v >= 0 if allow_zero else v > 0):
             raise argparse.ArgumentTypeError(f"must be {'>=' if allow_zero else '>'} 0, got {text}")
+        if most is not None and v > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:,}, got {text}")
         return v
     return conv
 
 
-def _positive(kind):
-    return _number(kind, allow_zero=False)
+def _positive(kind, most: int | None = None):
+    return _number(kind, allow_zero=False, most=most)
 
 
-def _non_negative(kind):
-    return _number(kind, allow_zero=True)
+def _non_negative(kind, most: int | None = None):
+    return _number(kind, allow_zero=True, most=most)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,21 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace", help="Mooncake-format JSONL trace")
     p.add_argument("--policy", default=POLICY_GENSET,
                    help=f"one or several comma-separated policies to compare ({', '.join(POLICY_NAMES)})")
-    p.add_argument("--workers", type=_positive(int), default=8)
+    p.add_argument("--workers", type=_positive(int, MAX_WORKERS), default=8)
     p.add_argument("--block-size", type=_positive(int), default=64)
-    p.add_argument("--kv-blocks", type=_positive(int), default=4688, help="KV capacity per worker, in blocks")
+    p.add_argument("--kv-blocks", type=_positive(int, MAX_KV_BLOCKS), default=4688, help="KV capacity per worker, in blocks")
     p.add_argument("--arrival-speedup", type=_positive(float), default=1.0,
                    help="3 = arrivals three times faster than in the trace")
     p.add_argument("--speedup-ratio", type=_positive(float), default=1.0, help="mocker step-time divisor")
     p.add_argument("--limit", type=_positive(int), default=None, help="only the first N requests")
     p.add_argument("--max-num-seqs", type=_positive(int), default=256)
     p.add_argument("--max-batched-tokens", type=_positive(int), default=8192)
-    p.add_argument("--router-replicas", type=_positive(int), default=1,
+    p.add_argument("--router-replicas", type=_positive(int, MAX_ROUTER_REPLICAS), default=1,
                    help="router replicas sharing decisions (they take arrivals in turn)")
     off = p.add_argument_group("KV offload store (shared by every worker; genset.replay.offload)")
-    off.add_argument("--offload-ram-blocks", type=_non_negative(int), default=0,
+    off.add_argument("--offload-ram-blocks", type=_non_negative(int, MAX_OFFLOAD_BLOCKS), default=0,
                      help="the store's RAM tier, blocks (0 with no disk tier: no store)")
-    off.add_argument("--offload-disk-blocks", type=_non_negative(int), default=0,
+    off.add_argument("--offload-disk-blocks", type=_non_negative(int, MAX_OFFLOAD_BLOCKS), default=0,
                      help="the store's disk tier, blocks")
     off.add_argument("--kv-bytes-per-token", type=_non_negative(int), default=131072,
                      help="KV bytes of one token (default 131072: Llama-3-8B-shaped, bf16)")
@@ -174,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size the fleet with the planner's core: load (KV use, waiting prompt "
                         "tokens) or slo (the smallest fleet meeting the SLAs); --workers is "
                         "the initial size")
-    g.add_argument("--min-workers", type=_positive(int), default=1)
-    g.add_argument("--max-workers", type=_positive(int), default=8)
+    g.add_argument("--min-workers", type=_positive(int, MAX_WORKERS), default=1)
+    g.add_argument("--max-workers", type=_positive(int, MAX_WORKERS), default=8)
     g.add_argument("--startup-s", type=_non_negative(float), default=30.0,
                    help="simulated seconds from a worker being asked for to it being routable")
     g.add_argument("--planner-interval-s", type=_positive(float), default=1.0,

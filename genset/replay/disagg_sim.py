@@ -58,6 +58,9 @@ DEFAULT_BANDWIDTH_GB_S = 25.0  # a fast inter-node link (e.g. one 200 Gb/s NIC)
 STEP_EWMA_ALPHA = 0.2  # as the live engine driver's step-time EWMA (load reports)
 
 
+MAX_FLEET = 1024  # workers a replay holds in memory (`genset replay --workers` has the same)
+
+
 @dataclass
 class DisaggReplayConfig:
     prefill_workers: int = 2
@@ -95,6 +98,9 @@ class DisaggReplayConfig:
             raise ValueError(f"--decode-workers must be >= 1, got {self.decode_workers}")
         if self.prefill_workers < 0:
             raise ValueError(f"--prefill-workers must be >= 0, got {self.prefill_workers}")
+        if self.prefill_workers + self.decode_workers > MAX_FLEET:
+            raise ValueError(f"--prefill-workers + --decode-workers must be at most {MAX_FLEET}, "
+                             f"got {self.prefill_workers + self.decode_workers}")
         if self.disagg not in POLICIES:
             raise ValueError(f"--disagg must be one of {', '.join(POLICIES)}, got {self.disagg!r}")
         if not self.kv_transfer_bandwidth_gb_s >= 0:  # nan passed the check below: IndexError
