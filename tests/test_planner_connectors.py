@@ -62,9 +62,13 @@ def test_planner_flags_are_checked_with_clear_errors(capsys):
                        (dict(connector="compose", compose_command=" "),
                         "--compose-command is empty"),
                        (dict(connector="compose", compose_command="docker 'compose"),
-                        "--compose-command \"docker 'compose\": No closing quotation")):
+                        "--compose-command \"docker 'compose\": No closing quotation"),
+                       (dict(worker_args="--model '/models/my model"),
+                        "--worker-args .*: No closing quotation")):
         with pytest.raises(ValueError, match=words):
             PlannerOptions(**bad)
+    assert PlannerOptions(worker_args="--engine torch --model '/models/my model'") \
+        .worker_argv() == ["--engine", "torch", "--model", "/models/my model"]
     opts = PlannerOptions(pools="decode,prefill", min_prefill=0, max_prefill=3)
     cfg = opts.planner_config()
     assert cfg.pools["prefill"].max == 3 and cfg.pools["decode"].min == 1

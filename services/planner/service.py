@@ -145,6 +145,15 @@ class PlannerOptions:
                 raise ValueError(f"--compose-command {self.compose_command!r}: {exc}") from None
             if not words:
                 raise ValueError("--compose-command is empty")
+        if self.connector == "local":
+            self.worker_argv()  # a quote left open is a usage error now, not at the first start
+
+    def worker_argv(self) -> list[str]:
+        """--worker-args as a shell would split it (a quoted path with spaces stays one)."""
+        try:
+            return shlex.split(self.worker_args)
+        except ValueError as exc:
+            raise ValueError(f"--worker-args {self.worker_args!r}: {exc}") from None
 
     def pool_list(self) -> list[str]:
         return [p.strip() for p in self.pools.split(",") if p.strip()]
@@ -223,7 +232,7 @@ class PlannerService(Service):
                                        timeout_s=o.apply_timeout_s)
         tail = ["--nats", c.nats, "--etcd", c.etcd, "--namespace", c.namespace,
                 "--log-format", "json", "--log-level", c.log_level,
-                "--lease-ttl", str(c.lease_ttl), *o.worker_args.split()]
+                "--lease-ttl", str(c.lease_ttl), *o.worker_argv()]
         env = {name: value for name, value in (
             ("GENSET_NATS_USER", c.nats_user), ("GENSET_NATS_PASSWORD", c.nats_password),
             ("GENSET_NATS_TOKEN", c.nats_token), ("GENSET_NATS_CA", c.nats_ca),
