@@ -3,14 +3,17 @@ serves every disk-tier block again and announces its RAM tier's loss."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import proto
 from genset.kv.replica import HashSetReplica
 from genset.offload.client import OffloadClient
 from proto import subjects
+from services.kv_offload.store import WRITER_STUCK
 from tests.offload_helpers import chain
-from tests.stack import Stack, metric
+from tests.stack import Stack, log_events, metric
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +84,49 @@ def _applied(batches, tier: str) -> set[int]:
             replica.apply(b)
     return replica.hashes
 
+
+
+async def test_sigterm_exits_within_its_deadline_when_a_disk_write_hangs(
+        nats_server, etcd_server, bus, discovery, tmp_path):
+    """A disk write that never returns (here: the block's `.tmp` file is a FIFO nobody reads,
+    so opening it blocks in the kernel, as on a stalled NFS mount) cannot hold SIGTERM: the
+    store gives up on its writer, says what was lost, revokes its etcd lease and exits. (It
+    hung forever: `ThreadPoolExecutor.shutdown(wait=True)` on the event loop, and the join of
+    the executor's threads at interpreter exit.)"""
+    ram_gb = 2 * 1500 / 2**30  # room for 2 of the test's blocks: the rest spill to disk
+    root = tmp_path / "store"
+    args = ["--offload-dir", str(root), "--offload-ram-gb", f"{ram_gb:.12f}",
+            "--offload-disk-gb", "0.01", "--admission", "lru", "--spill-min-freq", "0",
+            "--drain-timeout", "2", "--lease-ttl", "300", "--log-level", "debug"]
+    async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
+        store = await stack.start_service("offload", extra_args=args)
+        sid = int((await store.read_health())["store_id"], 16)
+        blocks = chain(31, 8, 1000)
+        for b in blocks:  # after start-up, whose scan deletes leftover .tmp files
+            name = f"{b.hash:016x}"
+            os.mkfifo(root / "store-0" / "blocks" / name[:2] / f"{name}.kvb.tmp")
+        client = OffloadClient(bus, stack.namespace)
+        await client.start(instances=[sid])
+        client.put_behind(blocks)
+        assert await client.flush(WAIT)
+        await client.close()
+
+        async def spilling() -> bool:
+            return (await store.read_health())["pending_write_bytes"] > 0
+
+        await store.wait_until(spilling, "blocks queued for disk", WAIT)
+        store.terminate()
+        # the deadline is ~2 s of drain + 2 s for the writer + the etcd and NATS closes;
+        # before the fix it never exited
+        code = await store.wait_exit(WAIT)
+        assert code is not None, f"still running after SIGTERM; log tail:\n{store.log_tail()}"
+        stuck = log_events(store.log_path, WRITER_STUCK)
+        assert len(stuck) == 1 and stuck[0]["blocks_lost"] >= 1, store.log_tail()
+        assert log_events(store.log_path, "exit"), store.log_tail()
+        assert not log_events(store.log_path, "shutdown step timed out"), store.log_tail()
+        # the lease (300 s TTL) is gone now: revoked on the way out, not expired
+        lease = log_events(store.log_path, "etcd lease granted")[0]["lease"]
+        assert await discovery.client.lease_keepalive(lease) <= 0
 
 
 async def test_workers_keep_serving_when_the_store_is_killed_under_load(

@@ -14,17 +14,22 @@ Memory is bounded in bytes, all of it accounted:
 
 Disk I/O runs off the event loop: one writer thread takes writes and deletes in order (so a
 delete queued after a write of the same block wins), reads run in the default executor.
+The writer is a daemon thread of the store's own (`_WriterThread`), and `close()` waits for
+it with a deadline: a write stuck on a stalled disk (NFS, a dying disk) cannot hold SIGTERM
+past it (see `close`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -53,6 +58,75 @@ WIRE_OVERHEAD = 64  # msgpack bytes per block in a reply beyond its payload (key
 # blocks); a request listing 65 536 hashes would otherwise cost ~0.2 s of sketch updates.
 MAX_RECORDED = 1024
 WRITE_BATCH_BYTES = 8 << 20  # writer thread: ops per hand-off, up to this many payload bytes
+# close(): how long the writer thread may take to finish the batch it is in (the drain has
+# already waited for the queue); past it the store gives up on it. Below the service's 5 s
+# shutdown-step timeout, so the steps after it (the etcd lease revoke) still run.
+WRITER_STOP_TIMEOUT_S = 2.0
+WRITER_STUCK = "disk writer stuck at shutdown; the blocks it had not written are lost"
+
+
+class _WriterThread:
+    """One daemon thread running jobs in order; `submit` returns an asyncio future.
+
+    Not a `ThreadPoolExecutor`: Python joins an executor's threads at interpreter exit
+    (`concurrent.futures.thread._python_exit`), without a timeout, so a write stuck in the
+    kernel held the process after SIGTERM forever, whatever the service's deadlines (and
+    `shutdown(wait=True)` blocked the event loop itself, so not even they could run). A daemon
+    thread is not joined: the process exits normally (atexit handlers, logs flushed, exit
+    code kept), and the stuck write dies with it, leaving at most a `.tmp` file that the next
+    start-up deletes (`DiskStore.scan`). `os._exit` would do the same but skip all of that."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._stopped: asyncio.Future[None] | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._jobs.put((loop, fut, fn))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            loop, fut, fn = job
+            try:
+                result, error = fn(), None
+            except BaseException as exc:  # handed to the waiter, never lost in the thread
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+        stopped = self._stopped
+        if stopped is not None:
+            with contextlib.suppress(RuntimeError):
+                stopped.get_loop().call_soon_threadsafe(_settle, stopped, None, None)
+
+    async def stop(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Let the thread finish the job it is in (jobs queued behind it run too) and end;
+        False if it has not ended within `timeout` (it is left to die with the process)."""
+        if self._stopped is None:
+            self._stopped = asyncio.get_running_loop().create_future()
+            self._jobs.put(None)
+        if not self._thread.is_alive():
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._stopped), timeout)
+        except TimeoutError:
+            return not self._thread.is_alive()
+        return True
+
+
+def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if fut.done():  # cancelled: the waiter went away
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 @dataclass(slots=True)
@@ -98,7 +172,7 @@ class BlockStore:
         self._idle = asyncio.Event()
         self._idle.set()
         self._writer_task: asyncio.Task | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._thread: _WriterThread | None = None
         self.changed = asyncio.Event()  # set whenever a tier's event log got something
         self.disk_read_gbps = 0.0  # measured (`_measure_disk_read`); 0: no read yet
         self.counts: dict[str, int] = dict.fromkeys(
@@ -121,7 +195,7 @@ class BlockStore:
             for e in extra:  # the tier was started smaller than last time: oldest files go
                 await asyncio.to_thread(disk.delete, e.hash)
             found = len(self.cache.disk)
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="offload-disk-writer")
+            self._thread = _WriterThread("offload-disk-writer")
             self._writer_task = asyncio.create_task(self._writer(), name="offload-disk-writer")
         self.changed.set()
         return found
@@ -134,17 +208,29 @@ class BlockStore:
         except TimeoutError:
             return False
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = WRITER_STOP_TIMEOUT_S) -> bool:  # noqa: ASYNC109
+        """Stop the disk writer: the batch it is writing may finish within `timeout`, queued
+        ops not handed to it yet are dropped (the service's drain waited for them first).
+        False if the writer is stuck (a stalled disk): what it held is logged as lost, the
+        directory stays locked until the process exits, and the caller goes on with its
+        shutdown; the thread dies with the process (`_WriterThread`)."""
         if self._writer_task is not None:
             self._writer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer_task
             self._writer_task = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        stopped = True
+        if self._thread is not None:
+            stopped = await self._thread.stop(timeout)
+            if not stopped:
+                # a stalled disk (NFS, a dying disk): the process exits without the thread
+                log.warning(WRITER_STUCK, timeout_s=timeout, blocks_lost=len(self.pending),
+                            bytes_lost=self.pending_bytes)
+                return False
+            self._thread = None
         if self.disk is not None:
             self.disk.close()
+        return stopped
 
     @property
     def accounted_bytes(self) -> int:
@@ -295,7 +381,6 @@ class BlockStore:
 
     # ---- disk writer --------------------------------------------------------------------------
     async def _writer(self) -> None:
-        loop = asyncio.get_running_loop()
         disk = self.disk
         assert disk is not None
         while True:
@@ -332,11 +417,12 @@ class BlockStore:
                         results.append(True)
                 return results
 
+            assert self._thread is not None
             try:
-                results = await loop.run_in_executor(self._pool, run)
+                results = await self._thread.submit(run)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the pool is gone (closing): nothing more can be written
+            except Exception:  # a bug in `run`: nothing more can be written
                 log.exception("disk writer stopped")
                 return
             for (kind, h, _blk), ok in zip(batch, results, strict=True):
