@@ -47,7 +47,7 @@ from genset.offload.tiers import (
     TieredCache,
 )
 from proto.offload import OffloadBlock
-from services.kv_offload.disk import DiskStore, disk_usage
+from services.kv_offload.disk import DISK_WARN_EVERY_S, DiskStore, LogThrottle, disk_usage
 
 log = structlog.get_logger("genset.kv_offload")
 
@@ -63,6 +63,11 @@ WRITE_BATCH_BYTES = 8 << 20  # writer thread: ops per hand-off, up to this many 
 # shutdown-step timeout, so the steps after it (the etcd lease revoke) still run.
 WRITER_STOP_TIMEOUT_S = 2.0
 WRITER_STUCK = "disk writer stuck at shutdown; the blocks it had not written are lost"
+# A failing disk fails every write: one warning line per DISK_WARN_EVERY_S at most, with the
+# count of failures since the last line (all of them are counted: `disk_write_failed`,
+# `disk_delete_failed` in the store's events metric).
+WRITE_FAILED = "disk tier writes failing"
+DELETE_FAILED = "disk tier deletes failing"
 
 
 class _WriterThread:
@@ -150,7 +155,8 @@ class BlockStore:
                  spill_queue_bytes: int = 64 << 20, max_block_bytes: int = 1 << 20,
                  spill_min_freq: int = 2, verify_hashes: bool = True,
                  verify_on_start: bool = False, max_event_blocks: int = 8192,
-                 admission: str = ADMIT_FREQUENCY) -> None:
+                 admission: str = ADMIT_FREQUENCY,
+                 warn_every_s: float = DISK_WARN_EVERY_S) -> None:
         if ram_bytes < 0 or disk_bytes < 0 or spill_queue_bytes < 0 or max_block_bytes <= 0:
             raise ValueError("store sizes must be >= 0 (max_block_bytes > 0)")
         self.disk = disk if disk_bytes > 0 else None
@@ -177,7 +183,10 @@ class BlockStore:
         self.disk_read_gbps = 0.0  # measured (`_measure_disk_read`); 0: no read yet
         self.counts: dict[str, int] = dict.fromkeys(
             ("put_blocks", "refused", "lookups", "lookup_hits_ram", "lookup_hits_disk",
-             "disk_written", "disk_write_failed", "disk_read_failed", "spills_dropped"), 0)
+             "disk_written", "disk_write_failed", "disk_delete_failed", "disk_read_failed",
+             "spills_dropped"), 0)
+        self._write_warn = LogThrottle(warn_every_s)
+        self._delete_warn = LogThrottle(warn_every_s)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def open(self) -> int:
@@ -398,23 +407,31 @@ class BlockStore:
                     size += len(op[2].data) + len(op[2].token_ids)
 
             def run(batch=batch) -> list[bool]:
+                # True: written / deleted. A failing disk fails every op: the warnings are
+                # throttled (one line per DISK_WARN_EVERY_S with the count), each failure is
+                # counted on the loop side
                 results = []
                 for kind, h, blk in batch:
                     if kind == "write":
                         try:
                             ok = disk.write(h, blk.parent_hash, blk.token_ids, blk.data)
+                            error = None if ok else "disk full or over quota"
                         except OSError as exc:
-                            log.warning("disk tier write failed", block=f"{h:016x}",
-                                        error=str(exc))
-                            ok = False
+                            ok, error = False, str(exc)
+                        if error is not None and (n := self._write_warn.hit()):
+                            log.warning(WRITE_FAILED, failed=n, block=f"{h:016x}", error=error,
+                                        every_s=self._write_warn.every_s)
                         results.append(ok)
                     else:
                         try:
                             disk.delete(h)
+                            ok = True
                         except OSError as exc:
-                            log.warning("disk tier delete failed", block=f"{h:016x}",
-                                        error=str(exc))
-                        results.append(True)
+                            ok = False
+                            if n := self._delete_warn.hit():
+                                log.warning(DELETE_FAILED, failed=n, block=f"{h:016x}",
+                                            error=str(exc), every_s=self._delete_warn.every_s)
+                        results.append(ok)
                 return results
 
             assert self._thread is not None
@@ -427,6 +444,8 @@ class BlockStore:
                 return
             for (kind, h, _blk), ok in zip(batch, results, strict=True):
                 if kind != "write":
+                    if not ok:
+                        self.counts["disk_delete_failed"] += 1
                     continue
                 pend = self.pending.pop(h, None)
                 if pend is not None:
