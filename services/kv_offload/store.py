@@ -13,16 +13,17 @@ Memory is bounded in bytes, all of it accounted:
 - a lookup holds at most its `max_bytes` of replies (the service bounds concurrent requests).
 
 Disk I/O runs off the event loop: one writer thread takes writes and deletes in order (so a
-delete queued after a write of the same block wins), reads run in the default executor.
-The writer is a daemon thread of the store's own (`_WriterThread`), and `close()` waits for
-it with a deadline: a write stuck on a stalled disk (NFS, a dying disk) cannot hold SIGTERM
-past it (see `close`).
+delete queued after a write of the same block wins), reads run on up to READ_THREADS other threads.
+The writer and the readers are daemon threads of the store's own (`_DaemonThreads`), and
+`close()` waits for them with a deadline: a disk call stuck on a stalled disk (NFS, a dying
+disk) cannot hold SIGTERM past it (see `close`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -63,6 +64,8 @@ WRITE_BATCH_BYTES = 8 << 20  # writer thread: ops per hand-off, up to this many 
 # shutdown-step timeout, so the steps after it (the etcd lease revoke) still run.
 WRITER_STOP_TIMEOUT_S = 2.0
 WRITER_STUCK = "disk writer stuck at shutdown; the blocks it had not written are lost"
+READERS_STUCK = "disk reads stuck at shutdown; exiting without them"
+READ_THREADS = min(32, (os.cpu_count() or 1) + 4)  # as many as the default executor had
 # A failing disk fails every write: one warning line per DISK_WARN_EVERY_S at most, with the
 # count of failures since the last line (all of them are counted: `disk_write_failed`,
 # `disk_delete_failed` in the store's events metric).
@@ -70,26 +73,44 @@ WRITE_FAILED = "disk tier writes failing"
 DELETE_FAILED = "disk tier deletes failing"
 
 
-class _WriterThread:
-    """One daemon thread running jobs in order; `submit` returns an asyncio future.
+class _DaemonThreads:
+    """Up to `max_threads` daemon threads (started as work needs them) running the jobs
+    handed to `submit`, in order with one thread; `submit` returns an asyncio future.
 
-    Not a `ThreadPoolExecutor`: Python joins an executor's threads at interpreter exit
-    (`concurrent.futures.thread._python_exit`), without a timeout, so a write stuck in the
-    kernel held the process after SIGTERM forever, whatever the service's deadlines (and
-    `shutdown(wait=True)` blocked the event loop itself, so not even they could run). A daemon
-    thread is not joined: the process exits normally (atexit handlers, logs flushed, exit
-    code kept), and the stuck write dies with it, leaving at most a `.tmp` file that the next
-    start-up deletes (`DiskStore.scan`). `os._exit` would do the same but skip all of that."""
+    Not a `ThreadPoolExecutor` (nor the loop's default executor, `asyncio.to_thread`): Python
+    joins those threads at interpreter exit (`concurrent.futures.thread._python_exit`, and
+    `asyncio.run` joins the default executor's), without a timeout, so one disk call stuck in
+    the kernel held the process after SIGTERM forever, whatever the service's deadlines (and
+    the writer's `shutdown(wait=True)` blocked the event loop itself, so not even they could
+    run). Daemon threads are not joined: the process exits normally (atexit handlers, logs
+    flushed, exit code kept) and a stuck call dies with it, leaving at most a `.tmp` file the
+    next start-up deletes (`DiskStore.scan`). `os._exit` after a deadline would do the same
+    but skip all of that, and cut the service's own shutdown steps short."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, max_threads: int = 1) -> None:
+        self.name = name
+        self.max_threads = max(1, max_threads)
         self._jobs: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for a job and not yet claimed by a submit
+        self._live = 0
         self._stopped: asyncio.Future[None] | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
 
     def submit(self, fn: Callable[[], Any]) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        with self._lock:
+            if self._stopped is not None:
+                raise RuntimeError(f"{self.name} threads are stopped")
+            if self._idle:
+                self._idle -= 1
+            elif len(self._threads) < self.max_threads:
+                t = threading.Thread(target=self._run, daemon=True,
+                                     name=f"{self.name}-{len(self._threads)}")
+                self._threads.append(t)
+                self._live += 1
+                t.start()
         self._jobs.put((loop, fut, fn))
         return fut
 
@@ -105,24 +126,36 @@ class _WriterThread:
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 loop.call_soon_threadsafe(_settle, fut, result, error)
-        stopped = self._stopped
-        if stopped is not None:
+            with self._lock:
+                self._idle += 1
+        with self._lock:
+            self._live -= 1
+            last = self._live == 0
+        if last and self._stopped is not None:
             with contextlib.suppress(RuntimeError):
-                stopped.get_loop().call_soon_threadsafe(_settle, stopped, None, None)
+                self._stopped.get_loop().call_soon_threadsafe(_settle, self._stopped, None,
+                                                              None)
 
     async def stop(self, timeout: float) -> bool:  # noqa: ASYNC109
-        """Let the thread finish the job it is in (jobs queued behind it run too) and end;
-        False if it has not ended within `timeout` (it is left to die with the process)."""
-        if self._stopped is None:
-            self._stopped = asyncio.get_running_loop().create_future()
-            self._jobs.put(None)
-        if not self._thread.is_alive():
-            return True
+        """Let the threads finish the jobs they are in (and any queued) and end; False if
+        some have not ended within `timeout` (they are left to die with the process)."""
+        with self._lock:
+            if self._stopped is None:
+                self._stopped = asyncio.get_running_loop().create_future()
+                for _ in self._threads:
+                    self._jobs.put(None)
+            if self._live == 0:
+                return True
         try:
             await asyncio.wait_for(asyncio.shield(self._stopped), timeout)
         except TimeoutError:
-            return not self._thread.is_alive()
+            with self._lock:
+                return self._live == 0
         return True
+
+
+async def _true() -> bool:
+    return True
 
 
 def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -178,7 +211,8 @@ class BlockStore:
         self._idle = asyncio.Event()
         self._idle.set()
         self._writer_task: asyncio.Task | None = None
-        self._thread: _WriterThread | None = None
+        self._thread: _DaemonThreads | None = None  # the writer
+        self._readers: _DaemonThreads | None = None
         self.changed = asyncio.Event()  # set whenever a tier's event log got something
         self.disk_read_gbps = 0.0  # measured (`_measure_disk_read`); 0: no read yet
         self.counts: dict[str, int] = dict.fromkeys(
@@ -196,15 +230,16 @@ class BlockStore:
         found = 0
         if self.disk is not None:
             disk = self.disk
-            await asyncio.to_thread(disk.lock)
-            files = await asyncio.to_thread(lambda: list(disk.scan(self.verify_on_start)))
+            self._readers = readers = _DaemonThreads("offload-disk-reader", READ_THREADS)
+            self._thread = _DaemonThreads("offload-disk-writer")
+            await readers.submit(disk.lock)
+            files = await readers.submit(lambda: list(disk.scan(self.verify_on_start)))
             extra: list[Entry] = []
             for f in files:
                 extra += self.cache.load_disk_entry(f.hash, f.parent_hash, f.size)
             for e in extra:  # the tier was started smaller than last time: oldest files go
-                await asyncio.to_thread(disk.delete, e.hash)
+                await readers.submit(lambda h=e.hash: disk.delete(h))
             found = len(self.cache.disk)
-            self._thread = _WriterThread("offload-disk-writer")
             self._writer_task = asyncio.create_task(self._writer(), name="offload-disk-writer")
         self.changed.set()
         return found
@@ -218,28 +253,32 @@ class BlockStore:
             return False
 
     async def close(self, timeout: float = WRITER_STOP_TIMEOUT_S) -> bool:  # noqa: ASYNC109
-        """Stop the disk writer: the batch it is writing may finish within `timeout`, queued
-        ops not handed to it yet are dropped (the service's drain waited for them first).
-        False if the writer is stuck (a stalled disk): what it held is logged as lost, the
-        directory stays locked until the process exits, and the caller goes on with its
-        shutdown; the thread dies with the process (`_WriterThread`)."""
+        """Stop the disk threads: the writer's batch in progress and the reads in progress
+        may finish within `timeout`; queued writes not handed to the writer yet are dropped
+        (the service's drain waited for them first). False if some are stuck (a stalled
+        disk): what was lost is logged, the directory stays locked until the process exits,
+        and the caller goes on with its shutdown; the threads die with the process
+        (`_DaemonThreads`)."""
         if self._writer_task is not None:
             self._writer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer_task
             self._writer_task = None
-        stopped = True
-        if self._thread is not None:
-            stopped = await self._thread.stop(timeout)
-            if not stopped:
-                # a stalled disk (NFS, a dying disk): the process exits without the thread
-                log.warning(WRITER_STUCK, timeout_s=timeout, blocks_lost=len(self.pending),
-                            bytes_lost=self.pending_bytes)
-                return False
-            self._thread = None
+        writer, readers = self._thread, self._readers
+        writer_ok, readers_ok = await asyncio.gather(
+            writer.stop(timeout) if writer is not None else _true(),
+            readers.stop(timeout) if readers is not None else _true())
+        if not writer_ok:
+            log.warning(WRITER_STUCK, timeout_s=timeout, blocks_lost=len(self.pending),
+                        bytes_lost=self.pending_bytes)
+        if not readers_ok:
+            log.warning(READERS_STUCK, timeout_s=timeout)
+        if not (writer_ok and readers_ok):
+            return False
+        self._thread = self._readers = None
         if self.disk is not None:
             self.disk.close()
-        return stopped
+        return True
 
     @property
     def accounted_bytes(self) -> int:
@@ -349,7 +388,8 @@ class BlockStore:
         if reads:
             assert self.disk is not None
             t0 = time.perf_counter()
-            got = await asyncio.to_thread(
+            assert self._readers is not None
+            got = await self._readers.submit(
                 lambda: [self.disk.read(hashes[i]) for i in reads])  # type: ignore[union-attr]
             self._measure_disk_read(got, time.perf_counter() - t0)
             for i, f in zip(reads, got, strict=True):
