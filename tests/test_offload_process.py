@@ -3,14 +3,20 @@ serves every disk-tier block again and announces its RAM tier's loss."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+
 import pytest
 
 import proto
 from genset.kv.replica import HashSetReplica
 from genset.offload.client import OffloadClient
 from proto import subjects
+from proto.offload import OffloadLookup
+from services.kv_offload.store import READERS_STUCK, WRITER_STUCK
 from tests.offload_helpers import chain
-from tests.stack import Stack, metric
+from tests.stack import Stack, log_events, metric
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +87,113 @@ def _applied(batches, tier: str) -> set[int]:
             replica.apply(b)
     return replica.hashes
 
+
+
+async def test_sigterm_exits_within_its_deadline_when_a_disk_write_hangs(
+        nats_server, etcd_server, bus, discovery, tmp_path):
+    """A disk write that never returns (here: the block's `.tmp` file is a FIFO nobody reads,
+    so opening it blocks in the kernel, as on a stalled NFS mount) cannot hold SIGTERM: the
+    store gives up on its writer, says what was lost, revokes its etcd lease and exits. (It
+    hung forever: `ThreadPoolExecutor.shutdown(wait=True)` on the event loop, and the join of
+    the executor's threads at interpreter exit.)"""
+    ram_gb = 2 * 1500 / 2**30  # room for 2 of the test's blocks: the rest spill to disk
+    root = tmp_path / "store"
+    args = ["--offload-dir", str(root), "--offload-ram-gb", f"{ram_gb:.12f}",
+            "--offload-disk-gb", "0.01", "--admission", "lru", "--spill-min-freq", "0",
+            "--drain-timeout", "2", "--lease-ttl", "300", "--log-level", "debug"]
+    async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
+        store = await stack.start_service("offload", extra_args=args)
+        sid = int((await store.read_health())["store_id"], 16)
+        blocks = chain(31, 8, 1000)
+        for b in blocks:  # after start-up, whose scan deletes leftover .tmp files
+            name = f"{b.hash:016x}"
+            os.mkfifo(root / "store-0" / "blocks" / name[:2] / f"{name}.kvb.tmp")
+        client = OffloadClient(bus, stack.namespace)
+        await client.start(instances=[sid])
+        client.put_behind(blocks)
+        assert await client.flush(WAIT)
+        await client.close()
+
+        async def spilling() -> bool:
+            return (await store.read_health())["pending_write_bytes"] > 0
+
+        await store.wait_until(spilling, "blocks queued for disk", WAIT)
+        store.terminate()
+        # the deadline is ~2 s of drain + 2 s for the writer + the etcd and NATS closes;
+        # before the fix it never exited
+        code = await store.wait_exit(WAIT)
+        assert code is not None, f"still running after SIGTERM; log tail:\n{store.log_tail()}"
+        stuck = log_events(store.log_path, WRITER_STUCK)
+        assert len(stuck) == 1 and stuck[0]["blocks_lost"] >= 1, store.log_tail()
+        assert log_events(store.log_path, "exit"), store.log_tail()
+        assert not log_events(store.log_path, "shutdown step timed out"), store.log_tail()
+        # the lease (300 s TTL) is gone now: revoked on the way out, not expired
+        lease = log_events(store.log_path, "etcd lease granted")[0]["lease"]
+        assert await discovery.client.lease_keepalive(lease) <= 0
+
+
+async def test_sigterm_exits_within_its_deadline_when_a_disk_read_hangs(
+        nats_server, etcd_server, bus, discovery, tmp_path):
+    """The same for a lookup's read stuck on the disk (the reads ran in the loop's default
+    executor, joined at exit without a timeout): here every block file is a FIFO whose
+    writer, this test, never writes nor closes it."""
+    ram_gb = 2 * 1500 / 2**30
+    root = tmp_path / "store"
+    args = ["--offload-dir", str(root), "--offload-ram-gb", f"{ram_gb:.12f}",
+            "--offload-disk-gb", "0.01", "--admission", "lru", "--spill-min-freq", "0",
+            "--drain-timeout", "2", "--lease-ttl", "300", "--log-level", "debug"]
+    held: list[int] = []
+    async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
+        store = await stack.start_service("offload", extra_args=args)
+        sid = int((await store.read_health())["store_id"], 16)
+        blocks = chain(32, 8, 1000)
+        client = OffloadClient(bus, stack.namespace)
+        await client.start(instances=[sid])
+        client.put_behind(blocks)
+        assert await client.flush(WAIT)
+        await client.close()
+
+        async def written() -> bool:
+            h = await store.read_health()
+            return h["tiers"]["disk"]["blocks"] >= 6 and h["pending_write_bytes"] == 0
+
+        await store.wait_until(written, "blocks written to disk", WAIT)
+        fifos = []
+        for path in (root / "store-0" / "blocks").glob("*/*.kvb"):
+            path.unlink()
+            os.mkfifo(path)
+            fifos.append(path)
+        lookup = asyncio.create_task(bus.request(
+            subjects.offload_lookup(stack.namespace, sid),
+            OffloadLookup(hashes=[b.hash for b in blocks], max_bytes=1 << 20), timeout=WAIT))
+
+        async def reading() -> bool:
+            # a FIFO opens for writing (without blocking) once a reader waits on it; held
+            # open and never written, that reader's read() never returns
+            for path in fifos:
+                try:
+                    held.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                    return True
+                except OSError:
+                    pass
+            return False
+
+        try:
+            await store.wait_until(reading, "a disk read stuck", WAIT)
+            store.terminate()
+            code = await store.wait_exit(WAIT)
+            assert code is not None, f"still running after SIGTERM; log tail:\n{store.log_tail()}"
+            assert log_events(store.log_path, READERS_STUCK), store.log_tail()
+            assert log_events(store.log_path, "exit"), store.log_tail()
+            assert not log_events(store.log_path, "shutdown step timed out"), store.log_tail()
+            lease = log_events(store.log_path, "etcd lease granted")[0]["lease"]
+            assert await discovery.client.lease_keepalive(lease) <= 0
+        finally:
+            lookup.cancel()
+            with contextlib.suppress(BaseException):
+                await lookup
+            for fd in held:
+                os.close(fd)
 
 
 async def test_workers_keep_serving_when_the_store_is_killed_under_load(

@@ -4,13 +4,22 @@ bounds under a flood, put validation."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
+from structlog.testing import capture_logs
 
 from genset.kv.replica import HashSetReplica
 from proto.kv import Cleared
-from services.kv_offload.disk import HEADER_SIZE, DiskError, DiskStore
-from services.kv_offload.store import ENTRY_OVERHEAD, BlockStore
+from services.kv_offload.disk import (
+    DISK_WARN_EVERY_S,
+    HEADER_SIZE,
+    READ_FAILED,
+    DiskError,
+    DiskStore,
+    LogThrottle,
+)
+from services.kv_offload.store import ENTRY_OVERHEAD, WRITE_FAILED, BlockStore
 from tests.offload_helpers import chain
 
 DATA = 1000
@@ -271,4 +280,56 @@ def test_a_directory_whose_block_folders_cannot_be_made_is_a_clear_disk_error(tm
         disk.lock()
     (tmp_path / "store-0" / "blocks").unlink()
     disk.lock()  # the failed attempt let go of the lock
+    disk.close()
+
+
+async def test_a_failing_disk_logs_one_warning_per_interval_not_one_per_block(tmp_path):
+    """Every write to a failing disk fails: each used to log its own warning (a line per
+    block spilled, thousands a second under load). Now: counted one by one, logged once per
+    interval with the count (an hour here, so exactly one line)."""
+    store = make_store(tmp_path, ram_blocks=2, spill_min_freq=0, admission="lru",
+                       warn_every_s=3600)
+    await store.open()
+    for sub in store.disk.blocks_dir.iterdir():  # the disk fails: no block file can be made
+        shutil.rmtree(sub)
+        sub.write_bytes(b"")
+    blocks = chain(41, 40, DATA)
+    with capture_logs() as logs:
+        store.put(blocks)
+        assert await store.flush(30)
+    failed = store.counts["disk_write_failed"]
+    assert failed >= 30  # all but the 2 blocks RAM holds were spilled, and failed
+    lines = [e for e in logs if e["event"] == WRITE_FAILED]
+    assert len(lines) == 1, lines
+    assert lines[0]["failed"] == 1 and "Not a directory" in lines[0]["error"]
+    assert len(store.cache.disk) == 0  # nothing the tier claims to hold is missing
+    await store.close()
+
+
+def test_a_log_throttle_says_how_many_failures_each_line_stands_for():
+    now = [100.0]
+    throttle = LogThrottle(DISK_WARN_EVERY_S, clock=lambda: now[0])
+    assert throttle.hit() == 1  # the first failure is logged at once
+    assert [throttle.hit() for _ in range(5)] == [0] * 5
+    now[0] += DISK_WARN_EVERY_S - 0.001
+    assert throttle.hit() == 0
+    now[0] += 0.001
+    assert throttle.hit() == 7  # the interval is over: this one and the 6 not logged
+    now[0] += 60
+    assert throttle.hit() == 1
+
+
+def test_unreadable_files_log_one_warning_per_interval_not_one_per_block(tmp_path):
+    """A read that fails with an I/O error logged a warning per block: on a failing disk,
+    one per lookup. Now one line per interval (an hour here), with the count."""
+    disk = DiskStore(tmp_path)
+    disk.lock()
+    disk.read_warn = LogThrottle(3600)
+    blocks = chain(5, 10, DATA)
+    for b in blocks:  # a directory where each file should be: EISDIR on open
+        disk.path(b.hash).mkdir()
+    with capture_logs() as logs:
+        assert [disk.read(b.hash) for b in blocks] == [None] * len(blocks)
+    lines = [e for e in logs if e["event"] == READ_FAILED]
+    assert len(lines) == 1 and lines[0]["failed"] == 1, lines
     disk.close()

@@ -237,6 +237,102 @@ async def test_kv_events_monotonic_and_resync_snapshot_matches(bus, discovery):
         await h.host.close()
 
 
+async def test_a_flood_of_resyncs_takes_one_snapshot_not_one_per_request(bus, discovery):
+    """Anyone on the bus may ask a worker for resyncs: each used to take and queue a whole
+    snapshot (Cleared + Stored for every block held; memory and engine time per request). A
+    snapshot being taken, or queued and not yet published, now answers every resync that
+    comes before it goes out; the askers still get a Cleared they have not missed, then
+    every batch after it, in order."""
+    h = Host(bus, discovery, num_blocks=64)
+    batches = await collected(bus, subjects.kv_events(h.namespace, h.instance_id),
+                              proto.KvEventBatch)
+    await h.host.start()
+    try:
+        for i in range(4):
+            await h.generate(h.request([(i * 50 + j) % 999 + 1 for j in range(40)],
+                                       max_tokens=3))
+        await until(lambda: batches and h.metric("genset_worker_kv_event_batches_total")
+                    == len(batches), what="batches delivered")
+        before = h.engine.core.pool.event_id
+        feed = h.host.kv_feed
+        request = proto.encode(proto.KvResyncRequest(worker_id=h.instance_id, reason="test"))
+        # 200 requests in one turn of the loop, all before the first snapshot is taken (the
+        # engine answers on a later turn): before, 200 snapshots, numbered one after another
+        replies = await asyncio.gather(*(feed.on_resync(request) for _ in range(200)))
+        assert {r.event_id for r in replies} == {before + 1}
+        assert h.engine.core.pool.event_id == before + 1  # the engine took one snapshot
+        assert h.metric("genset_worker_kv_resyncs_total") == 200
+        # over NATS too, concurrently: every reply is a snapshot that does go out, in order
+        over_nats = await asyncio.gather(*(
+            bus.request(subjects.kv_resync(h.namespace, h.instance_id),
+                        proto.KvResyncRequest(worker_id=h.instance_id), timeout=30,
+                        reply_type=proto.KvEventBatch) for _ in range(50)))
+        wanted = {r.event_id for r in [*replies, *over_nats]}
+        await until(lambda: wanted <= {b.event_id for b in batches
+                                       if b.events and isinstance(b.events[0], proto.Cleared)},
+                    within=30, what="every snapshot answered published, starting with cleared")
+        assert [b.event_id for b in batches] == list(range(1, len(batches) + 1))
+        replica = HashSetReplica()
+        assert all(replica.apply(b) for b in batches)
+        assert replica.hashes == h.engine.core.pool.cached_hashes()
+        for r in over_nats:  # each reply is what its batch on the subject says
+            assert r.events == next(b.events for b in batches if b.event_id == r.event_id)
+    finally:
+        await h.host.close()
+
+
+async def test_a_queued_snapshot_answers_resyncs_until_it_is_taken_off_the_queue():
+    """Pure logic of `KvFeed` with a stub engine and bus: a snapshot in the queue (the feed's
+    task has not taken it yet) is what every later resync gets; once taken, the next resync
+    gets a fresh one, numbered after it."""
+    from genset.engines.events import KvEventFanout
+    from genset.worker.kv_feed import KvFeed
+    from genset.worker.metrics import WorkerMetrics
+
+    class StubEngine:
+        def __init__(self) -> None:
+            self.fanout = KvEventFanout()
+            self.event_id = 0
+            self.snapshots = 0
+
+        def kv_events(self, maxsize: int):
+            return self.fanout.subscribe(maxsize)
+
+        async def kv_snapshot(self) -> proto.KvEventBatch:
+            self.event_id += 1
+            self.snapshots += 1
+            return proto.KvEventBatch(worker_id=0, event_id=self.event_id,
+                                      events=[proto.Cleared()])
+
+    class StubBus:  # no publish_nowait: every batch goes through the queue and the task
+        def __init__(self) -> None:
+            self.published: list[int] = []
+            self.gate = asyncio.Event()
+
+        async def publish(self, subject: str, batch) -> None:
+            await self.gate.wait()
+            self.published.append(batch.event_id)
+
+    engine, stub = StubEngine(), StubBus()
+    feed = KvFeed(engine, bus=stub, namespace="ns", instance_id=7,
+                  metrics=WorkerMetrics(Metrics(process_metrics=False)),
+                  changed=asyncio.Event())
+    request = proto.encode(proto.KvResyncRequest(worker_id=7))
+    feed._sub = engine.kv_events(16)  # the task is not started: nothing is taken off
+    first = [await feed.on_resync(request) for _ in range(20)]
+    assert {r.event_id for r in first} == {1} and engine.snapshots == 1
+    task = asyncio.create_task(feed._publish())  # takes snapshot 1 off, waits on the gate
+    try:
+        await until(lambda: feed._taken == 1, within=30, what="the snapshot taken off the queue")
+        later = [await feed.on_resync(request) for _ in range(5)]
+        assert {r.event_id for r in later} == {2} and engine.snapshots == 2
+        stub.gate.set()
+        await until(lambda: stub.published == [1, 2], within=30,
+                    what="both published, in order")
+    finally:
+        task.cancel()
+
+
 async def test_load_reports_and_lifecycle(host, bus):
     phases: list[tuple[str, str]] = []
 

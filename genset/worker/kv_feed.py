@@ -4,7 +4,10 @@ the evicted blocks handed to the `on_evict` hook.
 
 A resync snapshot (Cleared + Stored for everything held, numbered in sequence) goes through
 the same queue as the step batches, so it is published after every batch numbered before
-it, and is also returned to the asker, who need not wait for it on the events subject.
+it, and is also returned to the asker, who need not wait for it on the events subject. A
+snapshot being taken, or queued and not yet published, answers every resync that arrives
+before it goes out (as the offload store's do): a flood of resyncs, which anyone on the bus
+can send, costs one snapshot, not one per request.
 """
 
 from __future__ import annotations
@@ -89,6 +92,12 @@ class KvFeed:
         self.tracker: EvictionTracker | None = None
         self._snapshot_ids: set[int] = set()  # event_ids of snapshots queued, not yet seen
         self._sub = None
+        # The last snapshot queued for a resync and the event_id of the last batch taken off
+        # the queue (published or not); a snapshot being taken. A snapshot whose event_id is
+        # above `_taken` has not gone out yet and answers every resync (`_resync_snapshot`).
+        self._queued_snapshot: proto.KvEventBatch | None = None
+        self._taken = 0
+        self._taking: asyncio.Task | None = None
 
     def start(self) -> asyncio.Task:
         """Subscribe to the engine's batches (from now on) and start publishing them; the
@@ -107,6 +116,7 @@ class KvFeed:
     async def _publish(self) -> None:
         """One task publishes every batch, so batches leave in event_id order."""
         async for batch in self._sub:
+            self._taken = max(self._taken, batch.event_id)
             try:
                 await self.bus.publish(self.events_subject, batch)
                 self.m.kv_batches.inc()
@@ -127,6 +137,7 @@ class KvFeed:
                 return False
         except Exception:  # the task's path reports it
             return False
+        self._taken = max(self._taken, batch.event_id)
         self.m.kv_batches.inc()
         self.changed.set()
         if self.tracker is not None:
@@ -155,15 +166,45 @@ class KvFeed:
             raise proto.ProtocolError(
                 f"KvResyncRequest.worker_id {req.worker_id:x} is not this worker "
                 f"({self.instance_id:x})")
-        snapshot = await self.engine.kv_snapshot()
-        snapshot.worker_id = self.instance_id
-        if self.tracker is not None:
-            if len(self._snapshot_ids) > 64:  # snapshots the queue dropped: never seen
-                self._snapshot_ids.clear()
-            self._snapshot_ids.add(snapshot.event_id)
-        # Through the same queue as step batches: it follows every batch numbered before it.
-        self._sub.put(snapshot)
+        snapshot, reused = await self._resync_snapshot()
         self.m.kv_resyncs.inc()
-        log.info("KV snapshot sent", reason=req.reason, event_id=snapshot.event_id,
-                 blocks=len(snapshot.events) - 1)
+        if not reused:
+            log.info("KV snapshot sent", reason=req.reason, event_id=snapshot.event_id,
+                     blocks=len(snapshot.events) - 1)
         return snapshot
+
+    async def _resync_snapshot(self) -> tuple[proto.KvEventBatch, bool]:
+        """The snapshot that answers a resync, and whether it is one an earlier resync got.
+
+        A snapshot queued but not taken off the queue yet, or still being taken, is reused:
+        the asker has not missed it (nothing numbered after it has gone out; the queue keeps
+        event_id order) and gets every batch after it in order, exactly as with a fresh one.
+        A flood of resyncs then costs one snapshot's memory and engine time, not one per
+        request (each is Cleared + Stored for every block held, taken on the engine's
+        stepping side)."""
+        snap = self._queued_snapshot
+        if snap is not None and self._taken < snap.event_id:
+            return snap, True
+        task = self._taking
+        if task is not None:
+            return await asyncio.shield(task), True
+        task = self._taking = asyncio.create_task(self._take_snapshot(), name="kv-snapshot")
+        # shielded: a resync given up (its handler cancelled) must not cancel the snapshot
+        # the others wait for
+        return await asyncio.shield(task), False
+
+    async def _take_snapshot(self) -> proto.KvEventBatch:
+        try:
+            snapshot = await self.engine.kv_snapshot()
+            snapshot.worker_id = self.instance_id
+            if self.tracker is not None:
+                if len(self._snapshot_ids) > 64:  # snapshots the queue dropped: never seen
+                    self._snapshot_ids.clear()
+                self._snapshot_ids.add(snapshot.event_id)
+            self._queued_snapshot = snapshot
+            # Through the same queue as step batches: it follows every batch numbered before
+            # it (or goes out at once, directly, when nothing is queued).
+            self._sub.put(snapshot)
+            return snapshot
+        finally:
+            self._taking = None

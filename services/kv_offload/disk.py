@@ -35,7 +35,8 @@ import os
 import random
 import struct
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,35 @@ BAD_CHECKSUM = "checksum"  # contents do not match the checksum
 BAD_HEADER = "header"  # not a block file, unknown version, or a name/hash mismatch
 BAD_PARTIAL = "partial_write"  # a .tmp file a crashed write left behind
 BAD_REASONS = (BAD_TRUNCATED, BAD_CHECKSUM, BAD_HEADER, BAD_PARTIAL)
+# A failing disk fails every read, write and delete: its warnings are logged once per this
+# many seconds at most, each line with the count of failures it stands for (`LogThrottle`).
+DISK_WARN_EVERY_S = 5.0
+READ_FAILED = "disk tier reads failing"
+
+
+class LogThrottle:
+    """When a repeated failure is worth a log line: the first one, then at most one every
+    `every_s` seconds, each standing for the failures since the line before (pure; the clock
+    is injected). Thread-safe."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self._last: float | None = None
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def hit(self) -> int:
+        """Count one failure; how many failures to log now (this one and those not logged
+        since the last line), or 0: stay quiet."""
+        with self._lock:
+            self._count += 1
+            now = self.clock()
+            if self._last is not None and now - self._last < self.every_s:
+                return 0
+            self._last = now
+            n, self._count = self._count, 0
+            return n
 
 
 class DiskError(OSError):
@@ -147,6 +177,7 @@ class DiskStore:
         self.write_errors = 0
         self._lock_fd: int | None = None
         self._count_lock = threading.Lock()
+        self.read_warn = LogThrottle(DISK_WARN_EVERY_S)
 
     # ---- identity and exclusivity ------------------------------------------------------------
     def store_id(self) -> int:
@@ -268,7 +299,9 @@ class DiskStore:
             # EIO, EACCES, something else in its place: unreadable now. None, like a bad
             # file, so the lookup serves the run before it and the tier drops the block
             # (raised, it failed the whole lookup, and every later one through this block)
-            log.warning("disk tier read failed", block=f"{block_hash:016x}", error=str(exc))
+            if n := self.read_warn.hit():
+                log.warning(READ_FAILED, failed=n, block=f"{block_hash:016x}", error=str(exc),
+                            every_s=self.read_warn.every_s)
             return None
         try:
             return decode_block(raw, block_hash)

@@ -13,18 +13,24 @@ Memory is bounded in bytes, all of it accounted:
 - a lookup holds at most its `max_bytes` of replies (the service bounds concurrent requests).
 
 Disk I/O runs off the event loop: one writer thread takes writes and deletes in order (so a
-delete queued after a write of the same block wins), reads run in the default executor.
+delete queued after a write of the same block wins), reads run on up to READ_THREADS other threads.
+The writer and the readers are daemon threads of the store's own (`_DaemonThreads`), and
+`close()` waits for them with a deadline: a disk call stuck on a stalled disk (NFS, a dying
+disk) cannot hold SIGTERM past it (see `close`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import queue
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -42,7 +48,7 @@ from genset.offload.tiers import (
     TieredCache,
 )
 from proto.offload import OffloadBlock
-from services.kv_offload.disk import DiskStore, disk_usage
+from services.kv_offload.disk import DISK_WARN_EVERY_S, DiskStore, LogThrottle, disk_usage
 
 log = structlog.get_logger("genset.kv_offload")
 
@@ -53,6 +59,112 @@ WIRE_OVERHEAD = 64  # msgpack bytes per block in a reply beyond its payload (key
 # blocks); a request listing 65 536 hashes would otherwise cost ~0.2 s of sketch updates.
 MAX_RECORDED = 1024
 WRITE_BATCH_BYTES = 8 << 20  # writer thread: ops per hand-off, up to this many payload bytes
+# close(): how long the writer thread may take to finish the batch it is in (the drain has
+# already waited for the queue); past it the store gives up on it. Below the service's 5 s
+# shutdown-step timeout, so the steps after it (the etcd lease revoke) still run.
+WRITER_STOP_TIMEOUT_S = 2.0
+WRITER_STUCK = "disk writer stuck at shutdown; the blocks it had not written are lost"
+READERS_STUCK = "disk reads stuck at shutdown; exiting without them"
+READ_THREADS = min(32, (os.cpu_count() or 1) + 4)  # as many as the default executor had
+# A failing disk fails every write: one warning line per DISK_WARN_EVERY_S at most, with the
+# count of failures since the last line (all of them are counted: `disk_write_failed`,
+# `disk_delete_failed` in the store's events metric).
+WRITE_FAILED = "disk tier writes failing"
+DELETE_FAILED = "disk tier deletes failing"
+
+
+class _DaemonThreads:
+    """Up to `max_threads` daemon threads (started as work needs them) running the jobs
+    handed to `submit`, in order with one thread; `submit` returns an asyncio future.
+
+    Not a `ThreadPoolExecutor` (nor the loop's default executor, `asyncio.to_thread`): Python
+    joins those threads at interpreter exit (`concurrent.futures.thread._python_exit`, and
+    `asyncio.run` joins the default executor's), without a timeout, so one disk call stuck in
+    the kernel held the process after SIGTERM forever, whatever the service's deadlines (and
+    the writer's `shutdown(wait=True)` blocked the event loop itself, so not even they could
+    run). Daemon threads are not joined: the process exits normally (atexit handlers, logs
+    flushed, exit code kept) and a stuck call dies with it, leaving at most a `.tmp` file the
+    next start-up deletes (`DiskStore.scan`). `os._exit` after a deadline would do the same
+    but skip all of that, and cut the service's own shutdown steps short."""
+
+    def __init__(self, name: str, max_threads: int = 1) -> None:
+        self.name = name
+        self.max_threads = max(1, max_threads)
+        self._jobs: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for a job and not yet claimed by a submit
+        self._live = 0
+        self._stopped: asyncio.Future[None] | None = None
+
+    def submit(self, fn: Callable[[], Any]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._lock:
+            if self._stopped is not None:
+                raise RuntimeError(f"{self.name} threads are stopped")
+            if self._idle:
+                self._idle -= 1
+            elif len(self._threads) < self.max_threads:
+                t = threading.Thread(target=self._run, daemon=True,
+                                     name=f"{self.name}-{len(self._threads)}")
+                self._threads.append(t)
+                self._live += 1
+                t.start()
+        self._jobs.put((loop, fut, fn))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            loop, fut, fn = job
+            try:
+                result, error = fn(), None
+            except BaseException as exc:  # handed to the waiter, never lost in the thread
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            with self._lock:
+                self._idle += 1
+        with self._lock:
+            self._live -= 1
+            last = self._live == 0
+        if last and self._stopped is not None:
+            with contextlib.suppress(RuntimeError):
+                self._stopped.get_loop().call_soon_threadsafe(_settle, self._stopped, None,
+                                                              None)
+
+    async def stop(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Let the threads finish the jobs they are in (and any queued) and end; False if
+        some have not ended within `timeout` (they are left to die with the process)."""
+        with self._lock:
+            if self._stopped is None:
+                self._stopped = asyncio.get_running_loop().create_future()
+                for _ in self._threads:
+                    self._jobs.put(None)
+            if self._live == 0:
+                return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._stopped), timeout)
+        except TimeoutError:
+            with self._lock:
+                return self._live == 0
+        return True
+
+
+async def _true() -> bool:
+    return True
+
+
+def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if fut.done():  # cancelled: the waiter went away
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 @dataclass(slots=True)
@@ -76,7 +188,8 @@ class BlockStore:
                  spill_queue_bytes: int = 64 << 20, max_block_bytes: int = 1 << 20,
                  spill_min_freq: int = 2, verify_hashes: bool = True,
                  verify_on_start: bool = False, max_event_blocks: int = 8192,
-                 admission: str = ADMIT_FREQUENCY) -> None:
+                 admission: str = ADMIT_FREQUENCY,
+                 warn_every_s: float = DISK_WARN_EVERY_S) -> None:
         if ram_bytes < 0 or disk_bytes < 0 or spill_queue_bytes < 0 or max_block_bytes <= 0:
             raise ValueError("store sizes must be >= 0 (max_block_bytes > 0)")
         self.disk = disk if disk_bytes > 0 else None
@@ -98,12 +211,16 @@ class BlockStore:
         self._idle = asyncio.Event()
         self._idle.set()
         self._writer_task: asyncio.Task | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._thread: _DaemonThreads | None = None  # the writer
+        self._readers: _DaemonThreads | None = None
         self.changed = asyncio.Event()  # set whenever a tier's event log got something
         self.disk_read_gbps = 0.0  # measured (`_measure_disk_read`); 0: no read yet
         self.counts: dict[str, int] = dict.fromkeys(
             ("put_blocks", "refused", "lookups", "lookup_hits_ram", "lookup_hits_disk",
-             "disk_written", "disk_write_failed", "disk_read_failed", "spills_dropped"), 0)
+             "disk_written", "disk_write_failed", "disk_delete_failed", "disk_read_failed",
+             "spills_dropped"), 0)
+        self._write_warn = LogThrottle(warn_every_s)
+        self._delete_warn = LogThrottle(warn_every_s)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def open(self) -> int:
@@ -113,15 +230,16 @@ class BlockStore:
         found = 0
         if self.disk is not None:
             disk = self.disk
-            await asyncio.to_thread(disk.lock)
-            files = await asyncio.to_thread(lambda: list(disk.scan(self.verify_on_start)))
+            self._readers = readers = _DaemonThreads("offload-disk-reader", READ_THREADS)
+            self._thread = _DaemonThreads("offload-disk-writer")
+            await readers.submit(disk.lock)
+            files = await readers.submit(lambda: list(disk.scan(self.verify_on_start)))
             extra: list[Entry] = []
             for f in files:
                 extra += self.cache.load_disk_entry(f.hash, f.parent_hash, f.size)
             for e in extra:  # the tier was started smaller than last time: oldest files go
-                await asyncio.to_thread(disk.delete, e.hash)
+                await readers.submit(lambda h=e.hash: disk.delete(h))
             found = len(self.cache.disk)
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="offload-disk-writer")
             self._writer_task = asyncio.create_task(self._writer(), name="offload-disk-writer")
         self.changed.set()
         return found
@@ -134,17 +252,33 @@ class BlockStore:
         except TimeoutError:
             return False
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = WRITER_STOP_TIMEOUT_S) -> bool:  # noqa: ASYNC109
+        """Stop the disk threads: the writer's batch in progress and the reads in progress
+        may finish within `timeout`; queued writes not handed to the writer yet are dropped
+        (the service's drain waited for them first). False if some are stuck (a stalled
+        disk): what was lost is logged, the directory stays locked until the process exits,
+        and the caller goes on with its shutdown; the threads die with the process
+        (`_DaemonThreads`)."""
         if self._writer_task is not None:
             self._writer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer_task
             self._writer_task = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        writer, readers = self._thread, self._readers
+        writer_ok, readers_ok = await asyncio.gather(
+            writer.stop(timeout) if writer is not None else _true(),
+            readers.stop(timeout) if readers is not None else _true())
+        if not writer_ok:
+            log.warning(WRITER_STUCK, timeout_s=timeout, blocks_lost=len(self.pending),
+                        bytes_lost=self.pending_bytes)
+        if not readers_ok:
+            log.warning(READERS_STUCK, timeout_s=timeout)
+        if not (writer_ok and readers_ok):
+            return False
+        self._thread = self._readers = None
         if self.disk is not None:
             self.disk.close()
+        return True
 
     @property
     def accounted_bytes(self) -> int:
@@ -254,7 +388,8 @@ class BlockStore:
         if reads:
             assert self.disk is not None
             t0 = time.perf_counter()
-            got = await asyncio.to_thread(
+            assert self._readers is not None
+            got = await self._readers.submit(
                 lambda: [self.disk.read(hashes[i]) for i in reads])  # type: ignore[union-attr]
             self._measure_disk_read(got, time.perf_counter() - t0)
             for i, f in zip(reads, got, strict=True):
@@ -295,7 +430,6 @@ class BlockStore:
 
     # ---- disk writer --------------------------------------------------------------------------
     async def _writer(self) -> None:
-        loop = asyncio.get_running_loop()
         disk = self.disk
         assert disk is not None
         while True:
@@ -313,34 +447,45 @@ class BlockStore:
                     size += len(op[2].data) + len(op[2].token_ids)
 
             def run(batch=batch) -> list[bool]:
+                # True: written / deleted. A failing disk fails every op: the warnings are
+                # throttled (one line per DISK_WARN_EVERY_S with the count), each failure is
+                # counted on the loop side
                 results = []
                 for kind, h, blk in batch:
                     if kind == "write":
                         try:
                             ok = disk.write(h, blk.parent_hash, blk.token_ids, blk.data)
+                            error = None if ok else "disk full or over quota"
                         except OSError as exc:
-                            log.warning("disk tier write failed", block=f"{h:016x}",
-                                        error=str(exc))
-                            ok = False
+                            ok, error = False, str(exc)
+                        if error is not None and (n := self._write_warn.hit()):
+                            log.warning(WRITE_FAILED, failed=n, block=f"{h:016x}", error=error,
+                                        every_s=self._write_warn.every_s)
                         results.append(ok)
                     else:
                         try:
                             disk.delete(h)
+                            ok = True
                         except OSError as exc:
-                            log.warning("disk tier delete failed", block=f"{h:016x}",
-                                        error=str(exc))
-                        results.append(True)
+                            ok = False
+                            if n := self._delete_warn.hit():
+                                log.warning(DELETE_FAILED, failed=n, block=f"{h:016x}",
+                                            error=str(exc), every_s=self._delete_warn.every_s)
+                        results.append(ok)
                 return results
 
+            assert self._thread is not None
             try:
-                results = await loop.run_in_executor(self._pool, run)
+                results = await self._thread.submit(run)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the pool is gone (closing): nothing more can be written
+            except Exception:  # a bug in `run`: nothing more can be written
                 log.exception("disk writer stopped")
                 return
             for (kind, h, _blk), ok in zip(batch, results, strict=True):
                 if kind != "write":
+                    if not ok:
+                        self.counts["disk_delete_failed"] += 1
                     continue
                 pend = self.pending.pop(h, None)
                 if pend is not None:
