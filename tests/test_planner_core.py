@@ -841,6 +841,21 @@ def test_jump_floor_holds_a_burst_for_several_start_ups_then_lets_go():
         PlannerConfig(jump_hold_startups=-1)
 
 
+def slo_decisions(core: PlannerCore, clock: Clock, n: int, ttft_of):
+    """`n` decisions a second apart, each after 10 requests (TTFT `ttft_of(i)`, ITL 10 ms)
+    and 4 arrivals of 2,000-token prompts on worker 1; the last decision."""
+    d = None
+    for _ in range(n):
+        clock.ms += 1000
+        for i in range(10):
+            core.observe_ttft(ttft_of(i))
+            core.observe_itl(10.0)
+        core.observe_traffic(arrivals=4, prompt_tokens=8000, finished=4, output_tokens=400)
+        core.observe_load(1, running=4, kv_total_blocks=16384)
+        d = core.decide()
+    return d
+
+
 def test_slo_trim_aims_at_the_target_not_at_every_request():
     """Long-run attainment with room scales the need down (to boost_min); misses past the
     target take it back; boost_min 1 keeps the old behaviour."""
@@ -855,15 +870,7 @@ def test_slo_trim_aims_at_the_target_not_at_every_request():
         feed(core, clock, 60, rate=4.0, isl=2000, osl=100)
         core.observe_load(1, running=4, kv_total_blocks=16384)
         base = core.decide().pools["decode"].need_now
-        d = None
-        for _ in range(decisions):
-            clock.ms += 1000
-            for i in range(10):
-                core.observe_ttft(ttft_of(i))
-                core.observe_itl(10.0)
-            core.observe_traffic(arrivals=4, prompt_tokens=8000, finished=4, output_tokens=400)
-            core.observe_load(1, running=4, kv_total_blocks=16384)
-            d = core.decide()
+        d = slo_decisions(core, clock, decisions, ttft_of)
         return core.slo_policy, base, d
 
     sp, base, d = run(1.0)
@@ -1426,20 +1433,9 @@ def test_slo_boost_fades_to_exactly_one_so_the_trim_can_start_again():
     feed(core, clock, 60, rate=4.0, isl=2000, osl=100)
     core.observe_load(1, running=4, kv_total_blocks=16384)
     core.decide()
-
-    def decisions(n: int, ttft_of) -> None:
-        for _ in range(n):
-            clock.ms += 1000
-            for i in range(10):
-                core.observe_ttft(ttft_of(i))
-                core.observe_itl(10.0)
-            core.observe_traffic(arrivals=4, prompt_tokens=8000, finished=4, output_tokens=400)
-            core.observe_load(1, running=4, kv_total_blocks=16384)
-            core.decide()
-
-    decisions(40, lambda i: 900.0 if i % 2 else 40.0)  # half miss: the trim undone, a boost
+    slo_decisions(core, clock, 40, lambda i: 900.0 if i % 2 else 40.0)  # half miss: a boost
     assert sp.boost > 1.0
     # every request within the targets, faster than the model (the trim's gate is open)
-    decisions(1200, lambda i: 40.0)
+    slo_decisions(core, clock, 1200, lambda i: 40.0)
     assert sp.long_attainment > sp.config.trim_above
     assert sp.boost < 1.0
