@@ -245,6 +245,7 @@ async def test_prefill_worker_sigterm_mid_transfer_finishes_its_send(nats_server
         assert metric(values, "genset_disagg_fallbacks_total") == 0
         assert metric(values, "genset_disagg_remote_prefills_total") == 1
         log = prefill.log_path.read_text(errors="replace")
+        assert "draining KV sends" in log and "aborting" not in log, log
         assert "drained" in log and "timed out" not in log and "did not" not in log, log
         assert await prefill_records(discovery, stack, prefill) == []
         await wait_idle([decode], "a prefill worker's SIGTERM")
