@@ -21,6 +21,7 @@ import time
 import httpx
 import pytest
 
+from proto import keys
 from tests.helpers.clients import completion_choices
 from tests.stack import Stack, metric
 
@@ -207,15 +208,29 @@ async def test_decode_worker_sigkill_mid_transfer(nats_server, etcd_server, tmp_
         await wait_idle([survivor, prefill], "a decode worker's death")
 
 
-async def test_prefill_worker_sigterm_mid_transfer_exits(nats_server, etcd_server, tmp_path):
-    """A prefill worker SIGTERMed while it sends a prompt's KV drains and exits (code 0, its
-    model card gone), and the request completes with the tokens an aggregated worker gives.
-    Its send's cleanup waited on the engine without a deadline: once the service's loop
-    cancelled every task (the engine's stepping task too) that wait never ended, and the
-    process never exited."""
+async def prefill_records(discovery, stack: Stack, prefill) -> list[str]:
+    """The prefill worker's keys still in etcd (its instance record and model card)."""
+    token = keys.instance_token(prefill.instance_id)
+    found = await discovery.get_prefix(keys.namespace_prefix(stack.namespace))
+    return [k for k in found if k.endswith("/" + token)]
+
+
+async def test_prefill_worker_sigterm_mid_transfer_finishes_its_send(nats_server, etcd_server,
+                                                                     discovery, tmp_path):
+    """A prefill worker SIGTERMed while it sends a prompt's KV finishes the send before it
+    stops (the decode worker imports every block: no fallback), then closes cleanly within
+    its deadlines (no shutdown step timed out), exits 0 and leaves nothing in etcd; the
+    request completes with the tokens an aggregated worker gives. Its sends were not counted
+    as work in flight: the drain returned at once, the hook's close waited for them past the
+    service's 5 s for the whole host close, which was cut off ("shutdown step timed out"),
+    skipping the hub's and the engine's close, and the decode worker recomputed the prompt
+    once its idle timeout passed. (Earlier: the send's cleanup waited on the engine without
+    a deadline, and the process never exited.)"""
     async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
         (decode,) = await stack.start_workers(1, extra_args=DECODE)
-        (prefill,) = await stack.start_workers(1, extra_args=PREFILL)
+        # a drain deadline far past the ~12 s transfer: it is not what ends the send
+        (prefill,) = await stack.start_workers(1, extra_args=[*PREFILL,
+                                                               "--drain-timeout", "120"])
         frontend = await stack.start_frontend(models=["tiny"])
         await wait_prefill_pool(decode, 1)
         req = Streamed(frontend.url, prompt(6))
@@ -226,4 +241,38 @@ async def test_prefill_worker_sigterm_mid_transfer_exits(nats_server, etcd_serve
         text = await req.done()
         assert req.finish == "length"
         assert text == (await complete(frontend.url, prompt(6)))["choices"][0]["text"]
+        values = await decode.metrics()
+        assert metric(values, "genset_disagg_fallbacks_total") == 0
+        assert metric(values, "genset_disagg_remote_prefills_total") == 1
+        log = prefill.log_path.read_text(errors="replace")
+        assert "draining KV sends" in log and "aborting" not in log, log
+        assert "drained" in log and "timed out" not in log and "did not" not in log, log
+        assert await prefill_records(discovery, stack, prefill) == []
         await wait_idle([decode], "a prefill worker's SIGTERM")
+
+
+async def test_prefill_worker_drain_deadline_aborts_its_send(nats_server, etcd_server,
+                                                             discovery, tmp_path):
+    """A prefill worker whose drain deadline passes mid-send aborts the send and tells the
+    receiver (which recomputes the prompt at once: kv_cancelled, not its idle timeout), then
+    closes cleanly, exits 0 and leaves nothing in etcd."""
+    async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
+        (decode,) = await stack.start_workers(1, extra_args=DECODE)
+        # 3 s: the host's drain gets 1 s of it, far less than the ~12 s transfer
+        (prefill,) = await stack.start_workers(1, extra_args=[*PREFILL, "--drain-timeout", "3"])
+        frontend = await stack.start_frontend(models=["tiny"])
+        await wait_prefill_pool(decode, 1)
+        req = Streamed(frontend.url, prompt(7))
+        await req.wait_first()
+        prefill.terminate()
+        assert await prefill.wait_exit(WAIT_S) == 0, prefill.log_tail()
+        text = await req.done()
+        assert req.finish == "length"
+        assert text == (await complete(frontend.url, prompt(7)))["choices"][0]["text"]
+        assert metric(await decode.metrics(), "genset_disagg_fallbacks_total", stage="transfer",
+                      reason="kv_cancelled") == 1
+        log = prefill.log_path.read_text(errors="replace")
+        assert "aborting KV sends" in log and "drained" in log, log
+        assert "timed out" not in log and "did not" not in log, log
+        assert await prefill_records(discovery, stack, prefill) == []
+        await wait_idle([decode], "a prefill worker's drain deadline")

@@ -197,3 +197,39 @@ async def test_a_first_token_outside_the_vocabulary_leaves_the_engine_serving(bu
         for w in (decode, agg):
             await w.host.close()
         await fake.close()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+async def test_non_finite_kv_from_a_prefill_worker_is_refused_and_recomputed(workers, value):
+    """A prefill worker whose exported KV is well-formed but full of NaN (or inf): the decode
+    worker's engine refuses the import, and the request falls back (the prompt recomputed
+    here) with the aggregated tokens. Taken as it came, the next sampled step failed with
+    "probability tensor contains either inf, nan or element < 0", and the engine with it:
+    this request and every other one on the worker ended in an error."""
+    from genset.engines.torch import kvformat
+
+    agg, prefill, decode = workers
+    runner = prefill.engine.runner
+    executor = prefill.engine.core.executor
+
+    def poisoned(block_ids):  # the prompt's blocks and its partial last block (the tail)
+        t = torch.full((len(block_ids), *runner.block_shape), value, dtype=runner.dtype)
+        return kvformat.split(kvformat.encode(t))
+
+    executor.read_kv = poisoned
+    rng = random.Random(17)
+    seeded = {"temperature": 0.9, "seed": 7}
+    for i, tokens in enumerate((rand_tokens(rng, 6 * BS + 3), rand_tokens(rng, 4 * BS))):
+        want, _ = await agg.generate(request(tokens, **seeded))
+        got, _ = await decode.generate(request(tokens, **seeded))
+        assert got == want
+        assert decode.metric("genset_disagg_fallbacks_total", stage="transfer",
+                             reason="kv_import_failed") == i + 1
+    # nothing non-finite was cached under the prompt's hashes: the engine serves on, exactly
+    del executor.read_kv
+    tokens = rand_tokens(rng, 5 * BS + 1)
+    want, _ = await agg.generate(request(tokens, **seeded))
+    got, _ = await decode.generate(request(tokens, **seeded))
+    assert got == want
+    await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0, 20.0,
+                   "both pools idle")

@@ -502,3 +502,57 @@ async def test_a_cancel_while_the_pipelined_send_waits_for_the_prefill_frees_bot
     finally:
         await decode.close()
         await prefill.close()
+
+
+async def _drain_mid_send(bus, discovery, agg, gb_s: float, deadline_s: float) -> None:
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    slow = {"kv_bytes_per_token": 64, "kv_transfer_bandwidth_gb_s": gb_s}
+    prefill = await Worker(bus, discovery, "prefill", ns, **slow).start()
+    decode = await Worker(bus, discovery, "decode", ns, policy="always", **slow).start()
+    hub = prefill.hook.hub
+    hub.tcp_chunk_bytes = 256  # one block a chunk: the blocks trickle in
+    hub.nats_chunk_bytes = lambda: 256
+    try:
+        await wait_for(lambda: len(decode.hook.pool) == 1, 10.0, "prefill worker seen")
+        tokens = prompt(60 + int(deadline_s), 200)
+        stream = await bus.stream_request(decode.h.subject, decode.h.request(
+            tokens, max_tokens=4), timeout=60)
+        first = await anext(stream)
+        # the transfer has begun: the decode worker holds imported blocks
+        await wait_for(lambda: decode.h.engine.core.scheduler.num_pinned_blocks > 0, 20.0,
+                       "the first blocks imported")
+        await prefill.h.host.drain(deadline_s)
+        assert not prefill.hook._tasks  # nothing left to the close
+        outcome = "ok" if deadline_s else "kv_cancelled"
+        assert prefill.metric("genset_kv_transfers_total", side="tx", outcome=outcome) == 1
+        rest = [c async for c in stream]
+        want = await agg.generate(agg.request(tokens, max_tokens=4))
+        assert tokens_of([first, *rest]) == tokens_of(want)
+        if deadline_s:
+            assert decode.metric("genset_disagg_remote_prefills_total") == 1
+            assert decode.metric("genset_disagg_fallbacks_total") == 0
+        else:
+            assert decode.metric("genset_disagg_fallbacks_total", stage="transfer",
+                                 reason="kv_cancelled") == 1
+        await wait_for(lambda: prefill.used_blocks == 0 and decode.used_blocks == 0, 10.0,
+                       "both pools idle")
+    finally:
+        await decode.close()
+        await prefill.close()
+
+
+async def test_a_draining_prefill_worker_finishes_its_sends_or_aborts_them(bus, discovery):
+    """A prefill worker's KV sends are no generate streams, yet its drain covers them: the
+    host's drain returns once the send in progress has ended (acked: the decode worker
+    imported every block), and a send the drain's deadline overtakes is cancelled and its
+    receiver told (kv_cancelled: it recomputes at once, not at its idle timeout). The drain
+    returned at once, and the send was cut off by the close after it."""
+    agg = Host(bus, discovery, num_blocks=512)
+    await agg.host.start()
+    try:
+        # ~26 ms a block (64 B/token x 4 tokens at 10 kB/s), 50 blocks: ~1.3 s
+        await _drain_mid_send(bus, discovery, agg, 0.000_01, 60.0)
+        # ~0.5 s a block: ~26 s, which the drain at deadline 0 cuts short
+        await _drain_mid_send(bus, discovery, agg, 0.000_000_5, 0.0)
+    finally:
+        await agg.host.close()

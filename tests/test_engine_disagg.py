@@ -191,3 +191,44 @@ def test_torch_shipped_tail_gives_the_aggregated_tokens(sampling):
     assert tokens == whole and computed == 0
     tokens, computed = _tail_resume(make, sampling, blocks=6)
     assert tokens == whole and computed == 4 + 2 + 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_torch_refuses_non_finite_kv_and_resumed_tokens_outside_the_vocabulary(value):
+    """Well-formed KV payloads holding NaN or inf (a peer's transfer, an offload store), as
+    blocks or as a shipped tail, and resumed tokens outside the vocabulary, are refused when
+    they come in: taken, they failed the next step (sampling from NaN probabilities, an
+    embedding lookup out of range), and the engine and every request on it with it. Nothing
+    is cached or left pinned, and the engine serves on."""
+    torch = pytest.importorskip("torch")
+    from genset.engines.torch import kvformat
+    from genset.engines.torch.engine import TorchEngine
+
+    core = TorchEngine("tiny", num_blocks=32, block_size=4).core
+    sampling = SamplingParams(temperature=0.9, seed=5)
+    want, _ = run(core, EngineRequest("a", PROMPT, sampling, StopConditions(max_tokens=4)))
+    good = core.export_kv(HASHES)
+    d = TorchEngine("tiny", num_blocks=32, block_size=4).core
+    bad = torch.from_numpy(kvformat.decode(good[3].data).numpy().copy())
+    bad.view(-1)[bad.numel() // 2] = value  # one value in one block of the chain
+    blocks = [*good[:3], KvBlockData(HASHES[3], kvformat.encode(bad)), *good[4:]]
+    with pytest.raises(ValueError, match="block 3: holds NaN or infinite"):
+        d.import_kv(KvImport(blocks), pin_for="x")
+    assert d.cached_blocks(HASHES) == 0 and d.scheduler.num_pinned_blocks == 0
+    # a bad shipped tail: the request is refused (the worker then computes the prompt)
+    assert d.import_kv(KvImport(good), pin_for="x") == 7
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        d.add_request(EngineRequest(
+            "d", PROMPT, sampling, StopConditions(max_tokens=4), resume_token_ids=want[:1],
+            kv_import=KvImport([], pinned_as="x", tail_tokens=2,
+                               tail=kvformat.encode(torch.full((1, *d.runner.block_shape),
+                                                               value)))))
+    assert d.scheduler.num_pinned_blocks == 0 and not d.has_work()
+    vocab = d.executor.vocab_size
+    for resumed in ([vocab], [-1]):
+        with pytest.raises(ValueError, match=f"resumed token id {resumed[0]} outside"):
+            d.add_request(EngineRequest("e", PROMPT, sampling, StopConditions(max_tokens=4),
+                                        resume_token_ids=resumed))
+    assert not d.has_work()
+    got, _ = run(d, EngineRequest("f", PROMPT, sampling, StopConditions(max_tokens=4)))
+    assert got == want

@@ -108,8 +108,19 @@ from proto.transfer import KvLayout, RemotePrefillReply, RemotePrefillRequest
 
 log = structlog.get_logger("genset.disagg")
 
-# close(): how long a stopping prefill worker lets the sends in progress finish
-CLOSE_SENDS_S = 10.0
+# drain(): a send still in progress at the drain's deadline is cancelled (its receiver told:
+# kv_cancelled, it recomputes at once; its pins freed) and given this long to end, within
+# genset.worker.host.DRAIN_ABORT_S
+DRAIN_ABORT_SENDS_S = 1.0
+# close(): how long the sends still in progress get before the hub's close fails them (their
+# receivers told), and then to end: none is left after a drain (`drain` finishes or aborts
+# them); within the host's budget for the hooks' close (genset.worker.host.CLOSE_HOOKS_S),
+# which the service's for its stop step bounds. Was 10 s, past both: a prefill worker
+# SIGTERMed mid-send had its whole close cut off (the hub's and the engine's close skipped).
+CLOSE_SENDS_S = 0.5
+# a failed remote prefill's send, cancelled: how long its end (the receiver told, the pins
+# freed) is waited for
+CANCEL_SEND_S = 10.0
 # The longest wait for the engine to unpin a transfer's blocks. Unpins run in cleanup paths,
 # also while the process ends: once the service's loop cancels every task, the engine's
 # stepping task is gone and its commands are never answered; unbounded, a send cancelled
@@ -314,6 +325,24 @@ class DisaggHook(WorkerHooks):
                                             self._serve_prefill,
                                             max_concurrent=self.config.max_prefills)
 
+    async def drain(self, deadline_s: float) -> None:
+        """The worker drains (its model card is out of etcd, so decode workers stop choosing
+        it): new remote prefills are refused (retryable: the decode worker prefills
+        locally); the ones in progress run on, and their sends (`_tasks`: each starts with
+        its prefill and follows it) finish within `deadline_s`. Past it, what is left is
+        cancelled: each send tells its receiver (kv_cancelled: it recomputes the prompt at
+        once rather than at its idle timeout) and frees its pins."""
+        self._closing = True
+        if not self._tasks:
+            return
+        log.info("draining KV sends", sends=len(self._tasks), deadline_s=deadline_s)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=deadline_s)
+        if pending:
+            log.warning("drain deadline passed; aborting KV sends", left=len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=DRAIN_ABORT_SENDS_S)
+
     async def close(self) -> None:
         self._closing = True
         if self._sub is not None:
@@ -322,13 +351,13 @@ class DisaggHook(WorkerHooks):
         if self.pool is not None:
             await self.pool.close()
         if self._tasks:
-            # a draining prefill worker finishes the sends it started (each has its own
-            # deadlines); what is left then fails below, and its receivers recompute
+            # after a drain, none; otherwise (a close without one) the sends in progress get
+            # a moment, then fail below and their receivers recompute
             await asyncio.wait(set(self._tasks), timeout=CLOSE_SENDS_S)
         if self.hub is not None:
             await self.hub.close()  # fails every transfer in progress; the peers are told
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=5.0)
+            await asyncio.wait(set(self._tasks), timeout=CLOSE_SENDS_S)
         for task in (self._sweeper, self._republisher):
             if task is not None:
                 task.cancel()
@@ -608,7 +637,7 @@ class DisaggHook(WorkerHooks):
             progress.pin(pinned)
         except BaseException:
             task.cancel()  # its end unpins and tells the receiver
-            await asyncio.wait([task], timeout=CLOSE_SENDS_S)
+            await asyncio.wait([task], timeout=CANCEL_SEND_S)
             # (a task cancelled before it ever ran skips its `finally`: the same, here)
             self._unwatch(progress)
             if key in self.pins:
@@ -782,6 +811,10 @@ class DisaggHook(WorkerHooks):
         except Exception as exc:  # a bug must not keep the pins
             self.m.transfer("tx", "none", error=exc)
             log.exception("KV send failed", request_id=request_id)
+        except asyncio.CancelledError:  # its prefill failed, or a drain's deadline passed
+            self.m.transfer("tx", "none", error=TransferError(xerr.CANCELLED, "cancelled"))
+            log.info("KV send cancelled", request_id=request_id)
+            raise
         finally:
             self._unwatch(progress)
             if key in self.pins:

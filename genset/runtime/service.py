@@ -70,7 +70,10 @@ __all__ = [
     "service_parser",
 ]
 
-_STOP_STEP_TIMEOUT_S = 5.0  # each shutdown step after the drain (stop(), revoke, bus close)
+# Each shutdown step after the drain (stop(), revoke, bus close). A step cut off here skips
+# the rest of it: what a service's stop() waits on must fit (a worker's close does:
+# genset.worker.host.CLOSE_TIMEOUT_S), and long work belongs in drain(), under drain_timeout.
+_STOP_STEP_TIMEOUT_S = 5.0
 
 
 class Service:

@@ -26,6 +26,9 @@ The host calls a `WorkerHooks` object at these points of its life and of every r
   dropped, counted, never waited for). Other engines' blocks come from their `Stored` /
   `Removed` events (after the `Removed` was published), without data, with token ids when
   the engine emits them.
+- `drain(deadline_s)`: once, when the worker drains (its model card is out of etcd), beside
+  the wait for its requests: the hook's own work in flight (a prefill worker's KV sends) ends
+  within the deadline, or is aborted (whoever waits on it told) just after it.
 - `close()`: once, when the worker stops (requests have ended, the engine still runs).
 - `report_fields() -> dict`: fields the hook adds to each of the worker's `LoadReport`s
   (what it measured, e.g. the offload hook's onboarding cost). Plain function, called on the
@@ -54,6 +57,7 @@ are logged and counted, nothing else.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -138,6 +142,11 @@ class WorkerHooks:
     def on_evict(self, blocks: list[EvictedBlock]) -> None:
         """Cached blocks the engine dropped; must not block."""
 
+    async def drain(self, deadline_s: float) -> None:
+        """The worker drains (no new requests come): finish the hook's own work in flight
+        (a prefill worker's KV sends) within `deadline_s`, then abort what is left, telling
+        whoever waits on it, within `genset.worker.host.DRAIN_ABORT_S` more. `close` follows."""
+
     async def close(self) -> None:
         """Once, when the worker stops."""
 
@@ -181,6 +190,11 @@ class HookChain(WorkerHooks):
     def on_evict(self, blocks: list[EvictedBlock]) -> None:
         for h in self._with("on_evict"):
             h.on_evict(blocks)
+
+    async def drain(self, deadline_s: float) -> None:
+        hooks = self._with("drain")
+        if hooks:
+            await asyncio.gather(*(h.drain(deadline_s) for h in hooks))
 
     async def close(self) -> None:
         for h in self._with("close"):

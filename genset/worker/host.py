@@ -75,6 +75,17 @@ REASON_DRAIN = "drain"
 
 # close(): how long each step may take before it is given up on (logged, not waited for).
 CLOSE_STEP_TIMEOUT_S = 5.0
+# close() as a whole: within the 5 s the service gives its stop step
+# (genset.runtime.service._STOP_STEP_TIMEOUT_S), which cut the close off where it ran over
+# (the hooks' and the engine's close skipped). Every step gets what is left of it, less what
+# the hooks' close and the engine's stop are kept.
+CLOSE_TIMEOUT_S = 4.5
+CLOSE_HOOKS_S = 1.5
+CLOSE_ENGINE_S = 1.5
+# drain(): how long the work aborted at the drain's deadline (requests, a hook's: a prefill
+# worker's KV sends) gets to end, within the 2 s of its drain_timeout the worker service
+# keeps back for it (services/decode: `host.drain(drain_timeout - 2)`)
+DRAIN_ABORT_S = 1.5
 
 
 @dataclass
@@ -228,10 +239,13 @@ class WorkerHost:
                  block_size=card.block_size)
 
     async def drain(self, deadline_s: float) -> None:
-        """Stop taking new work, finish what is in flight until the deadline, abort the rest.
+        """Stop taking new work, finish what is in flight until the deadline, abort the rest
+        (given DRAIN_ABORT_S more to end).
 
         The model card goes first so frontends stop choosing this worker; requests that still
         arrive (a frontend that has not seen the removal yet) are refused as retryable. The
+        hooks' own work in flight (`WorkerHooks.drain`: a prefill worker's KV sends, which
+        are no generate stream) drains beside the requests, under the same deadline. The
         instance record and the lease stay until the service closes the discovery.
         """
         self.draining = True
@@ -240,42 +254,65 @@ class WorkerHost:
             await self.discovery.unregister(self.model_key)
         in_flight = len(self._active)
         log.info("draining", in_flight=in_flight, deadline_s=deadline_s)
+        work = [self._drain_requests(deadline_s)]
+        if overridden(self.hooks, "drain"):
+            work.append(self._drain_hooks(deadline_s))
+        await asyncio.gather(*work)
+
+    async def _drain_requests(self, deadline_s: float) -> None:
         if not await wait_event(self._idle, deadline_s):
             log.warning("drain deadline passed; aborting requests", left=len(self._active))
             for task in list(self._active.values()):
                 task.cancel(REASON_DRAIN)
-            await wait_event(self._idle, CLOSE_STEP_TIMEOUT_S)
+            await wait_event(self._idle, DRAIN_ABORT_S)
+
+    async def _drain_hooks(self, deadline_s: float) -> None:
+        try:
+            async with asyncio.timeout(deadline_s + DRAIN_ABORT_S):
+                await self.hooks.drain(deadline_s)
+        except Exception as exc:  # TimeoutError included: close() ends what is left
+            log.warning("worker hooks did not drain", error=repr(exc))
 
     async def close(self) -> None:
         """Stop serving: unsubscribe, end requests in flight, stop the background tasks, the
-        hooks and the engine. Every step has a deadline (CLOSE_STEP_TIMEOUT_S): a step that
-        overruns is logged and left behind rather than waited on forever."""
+        hooks and the engine. The whole close has a deadline (CLOSE_TIMEOUT_S, within the
+        service's for its stop step), and each step what is left of it less what the steps
+        after it are kept (the hooks' and the engine's close always get theirs): a step that
+        overruns is logged and left behind rather than waited on forever. After a drain
+        every step is quick: what was in flight has ended."""
+        end = time.monotonic() + CLOSE_TIMEOUT_S
+
+        def left(keep: float) -> float:
+            # (a floor: a step that would end at once is not cut off before it starts)
+            return max(0.05, min(CLOSE_STEP_TIMEOUT_S, end - keep - time.monotonic()))
+
+        before_hooks = CLOSE_HOOKS_S + CLOSE_ENGINE_S
         self._load.stopping = True
         for sub in self._subs:
             with contextlib.suppress(Exception):  # TimeoutError included
-                async with asyncio.timeout(CLOSE_STEP_TIMEOUT_S):
+                async with asyncio.timeout(left(before_hooks)):
                     await sub.unsubscribe()
         self._subs.clear()
         for task in list(self._active.values()):
             task.cancel(REASON_DRAIN)
-        if self._active and not await wait_event(self._idle, CLOSE_STEP_TIMEOUT_S):
+        if self._active and not await wait_event(self._idle, left(before_hooks)):
             log.warning("requests still running at close", left=len(self._active))
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
         if tasks:
             # asyncio.wait neither raises the tasks' exceptions nor swallows our own cancel
-            _, pending = await asyncio.wait(tasks, timeout=CLOSE_STEP_TIMEOUT_S)
+            _, pending = await asyncio.wait(tasks, timeout=left(before_hooks))
             for task in pending:
                 log.warning("background task did not stop at close", task=task.get_name())
         self.kv_feed.close()
         try:
-            async with asyncio.timeout(CLOSE_STEP_TIMEOUT_S):
+            async with asyncio.timeout(left(CLOSE_ENGINE_S)):
                 await self.hooks.close()
         except Exception as exc:  # TimeoutError included: the engine must still stop
             log.warning("worker hooks did not close cleanly", error=repr(exc))
         try:
-            async with asyncio.timeout(CLOSE_STEP_TIMEOUT_S * 2):
+            async with asyncio.timeout(left(0.0)):
                 await self.engine.stop()
         except TimeoutError:
             log.warning("engine did not stop at close", engine=self.engine.card.engine)
