@@ -164,6 +164,42 @@ async def test_bad_requests_are_refused_and_engine_keeps_serving(reference):
         await engine.stop()
 
 
+async def test_huge_finite_imported_kv_ends_that_request_alone(reference):
+    """KV imported from a peer with huge but finite values (the import's finiteness check lets
+    them in) overflows that request's attention into NaN logits. Before, sampling raised and
+    the failed step ended every request and stopped the engine thread; now that request's
+    stream ends with an error of its own, a request running beside it completes as the
+    reference says, and the engine serves another one afterwards."""
+    import asyncio
+
+    from genset.engines.torch import kvformat
+    from genset.engines.types import KvBlockData
+
+    engine = TorchEngine("tiny", num_blocks=64, block_size=16)
+    try:
+        poisoned = _prompt(31, 37)  # 2 full blocks imported, 5 tokens computed
+        hashes = block_hashes(poisoned, 16)
+        huge = torch.full((len(hashes), *engine.runner.block_shape), 3e38)
+        blocks = [KvBlockData(h, p)
+                  for h, p in zip(hashes, kvformat.split(kvformat.encode(huge)), strict=True)]
+
+        async def bad():
+            req = EngineRequest("bad", poisoned, GREEDY,
+                                StopConditions(max_tokens=8, ignore_eos=True),
+                                kv_import=KvImport(blocks))
+            return [out async for out in await engine.submit(req)]
+
+        good = _prompt(32, 30)
+        outs, (tokens, _) = await asyncio.gather(bad(), _run(engine, "good", good, 8))
+        assert [o.token_ids for o in outs] == [[]]
+        assert outs[-1].finish_reason == "error" and "NaN or infinite" in outs[-1].error
+        assert tokens == reference(good, 8)
+        after = _prompt(33, 20)
+        assert (await _run(engine, "after", after, 4))[0] == reference(after, 4)
+    finally:
+        await engine.stop()
+
+
 async def test_seeded_sampling_is_reproducible_across_engines():
     prompt = _prompt(6, 25)
     spec = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234)

@@ -287,6 +287,104 @@ def test_n_choices_share_one_prefill():
     assert tokens["c0"] == alone
 
 
+# ---- rows that give no token (NaN / infinite logits): that request alone ends -------------
+
+
+def test_sample_gives_no_token_for_non_finite_rows_and_samples_the_others():
+    """One batch: healthy greedy and seeded rows next to a NaN, a +inf and an all -inf row,
+    greedy and sampled. Before, greedy's argmax picked the NaN's index as a token and the
+    sampled NaN row raised ("probability tensor contains either inf, nan or element < 0"),
+    failing the whole step."""
+    from genset.engines.batch import SamplingSpec
+    from genset.engines.torch.sampling import sample
+
+    vocab = 64
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(1))
+    logits[1, 7] = float("nan")
+    logits[3, 5] = float("inf")
+    logits[4] = float("-inf")
+    logits[5, 9] = float("nan")
+    greedy, seeded = SamplingSpec(temperature=0.0), SamplingSpec(temperature=0.8, seed=11)
+    specs = [greedy, greedy, seeded, seeded, greedy, seeded]
+    got = sample(logits.clone(), specs, [0] * 6, torch.Generator().manual_seed(0))
+    assert got[1] is None and got[3] is None and got[4] is None and got[5] is None
+    assert got[0] == int(logits[0].argmax())
+    # the healthy seeded row draws what it draws alone
+    alone = sample(logits[2:3].clone(), [seeded], [0], torch.Generator().manual_seed(0))
+    assert got[2] == alone[0] is not None
+    # an all-greedy batch takes the same check (its own code path)
+    assert sample(logits[:2].clone(), [greedy, greedy], [0, 0], torch.Generator()) == [
+        got[0], None]
+    # finite logits that a tiny temperature turns into infinities: no distribution either
+    tiny = SamplingSpec(temperature=1e-45)
+    assert sample(logits[:1].clone() * 1e3, [tiny], [0], torch.Generator()) == [None]
+
+
+def test_min_tokens_with_repetition_penalty_masks_without_nan():
+    """min_tokens' -inf went through the repetition penalty's blend, which made it NaN:
+    greedy then emitted the masked EOS at once (min_tokens broken) and a sampled request
+    raised, taking the step down. The mask is applied last now."""
+    core = _core()
+    prompt = _prompt(9, 20, repeats=True)
+    eos = core.card.eos_token_ids[0]
+    stop = StopConditions(max_tokens=20, min_tokens=3)
+    got = _run(core, [
+        _req("greedy", prompt, 20, temperature=0.0, repetition_penalty=1.3,
+             logit_bias={str(eos): 100.0}, stop=stop),
+        _req("sampled", prompt, 20, temperature=0.7, seed=4, repetition_penalty=1.3,
+             logit_bias={str(eos): 100.0}, stop=stop),
+    ])
+    for rid in ("greedy", "sampled"):
+        t = got[rid]["tokens"]
+        assert len(t) == 4 and eos not in t[:3] and t[3] == eos, (rid, t)
+        assert got[rid]["finish"] == "stop"
+
+
+def test_request_with_non_finite_logits_ends_alone_and_the_engine_goes_on():
+    """Two greedy requests prefilled in one step; then the first's KV blocks are overwritten
+    with huge but finite values (what a peer's import could bring: finite, so the import's
+    check lets it in), which overflow its attention into NaN logits. In the next step (the
+    same batch) that request ends with an error output of its own, the other gets its token
+    and goes on to the end exactly as alone, and the engine serves a third request."""
+    prompts = {"bad": _prompt(21, 40), "good": _prompt(22, 30), "after": _prompt(23, 25)}
+    core = _core(num_blocks=64)
+    stop = StopConditions(max_tokens=6, ignore_eos=True)
+    for rid in ("bad", "good"):
+        core.add_request(EngineRequest(rid, prompts[rid], SamplingParams(temperature=0.0), stop))
+    first, _ = core.step()
+    assert sorted(o.request_id for o in first) == ["bad", "good"]  # both prefilled, 1 token
+    blocks = core.scheduler.requests["bad"].block_table
+    core.runner.kv_cache[:, :, blocks] = 3e38
+
+    second, _ = core.step()
+    by_id = {o.request_id: o for o in second}
+    assert set(by_id) == {"bad", "good"}  # one step: the error and the other's token
+    err = by_id["bad"]
+    assert err.finish_reason == "error" and err.token_ids == []
+    assert "NaN or infinite logits" in err.error and err.completion_tokens == 1
+    assert err.prompt_tokens == 40
+    assert len(by_id["good"].token_ids) == 1 and by_id["good"].finish_reason is None
+    assert "bad" not in core.scheduler.requests
+
+    tokens = {"good": first[[o.request_id for o in first].index("good")].token_ids
+              + by_id["good"].token_ids}
+    while core.has_work():
+        for o in core.step()[0]:
+            assert o.request_id == "good" and o.finish_reason != "error"
+            tokens["good"] += o.token_ids
+    after = _run(core, [EngineRequest("after", prompts["after"], SamplingParams(temperature=0.0),
+                                      stop)])["after"]
+    assert after["finish"] == "length"
+
+    def alone(rid):
+        req = EngineRequest(rid, prompts[rid], SamplingParams(temperature=0.0), stop)
+        return _run(_core(num_blocks=64), [req])[rid]["tokens"]
+
+    assert tokens["good"] == alone("good")
+    assert after["tokens"] == alone("after")
+    assert core.pool.num_used == 0  # the ended request's blocks were freed
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_penalties_and_logprobs_equal_cpu():
     """The same requests on a CUDA runner (float32): every tensor of the processing and the

@@ -87,6 +87,8 @@ def generate(
                 s.tokens.append(t)
                 if stop_on_eos and t in runner.eos_token_ids:
                     s.max_tokens = len(s.output)
+            elif c.sample:  # its logits gave no token (runner.step_errors): it ends here
+                s.max_tokens = len(s.output)
         if on_step is not None:
             on_step(plan, out)
     return [s.output for s in seqs]

@@ -18,6 +18,7 @@ self-describing format of `genset.engines.torch.kvformat` (bytes).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -32,8 +33,16 @@ from genset.engines.torch import kvformat
 from genset.engines.torch.config import load_config
 from genset.engines.torch.runner import ModelRunner, resolve_dtype, size_num_blocks
 from genset.engines.torch.tiny import resolve_model
-from genset.engines.types import EngineRequest, KvBlockData, Logprobs
+from genset.engines.types import (
+    FINISH_ERROR,
+    EngineOutput,
+    EngineRequest,
+    KvBlockData,
+    Logprobs,
+)
 from proto.transfer import KvLayout
+
+log = logging.getLogger(__name__)
 
 
 class RunnerExecutor:
@@ -48,6 +57,7 @@ class RunnerExecutor:
         self.runner = runner
         self.vocab_size = runner.vocab_size
         self.step_logprobs: list[Logprobs | None] | None = None
+        self.failed: list[tuple[str, str]] = []  # of the last execute: (request id, why)
         # one block's payload: its K/V plus the kvformat header (~75 bytes); the core reads
         # evicted blocks for write-behind within a byte budget counted in these
         self.kv_block_bytes = runner.kv_bytes_per_block + 128
@@ -71,6 +81,11 @@ class RunnerExecutor:
     def execute(self, plan: StepPlan, sched: Scheduler) -> tuple[list[int | None], None]:
         sampled = self.runner.execute(plan)
         self.step_logprobs = self.runner.step_logprobs
+        # Requests whose logits gave no token (NaN / infinite): their chunk's entry is None,
+        # so `update` moves them on as if they had sampled nothing; `TorchEngineCore.step`
+        # then ends them with an error. Listed by request id, not Sequence: update may finish
+        # nothing of theirs, and the id is what abort and the outputs speak.
+        self.failed = [(sched.scheduled[k].request_id, why) for k, why in self.runner.step_errors]
         return sampled, None
 
     def idle(self) -> None:
@@ -173,6 +188,26 @@ class TorchEngineCore(SchedulingCore):
             ),
             worker_id=worker_id,
         )
+
+    def step(self) -> tuple[list[EngineOutput], float]:
+        """The shared step, then the requests whose logits gave no token this step (NaN or
+        infinite: `ModelRunner.step_errors`) are ended, each with an error output of its
+        own (finish_reason "error"; the worker turns it into that request's error frame),
+        their blocks freed. The batch's other requests got their tokens; nothing raises,
+        so the engine thread goes on. Before, `torch.multinomial` raised on the NaN row
+        and the failed step ended every request of the engine and the engine itself."""
+        outputs, step_ms = super().step()
+        failed, self.executor.failed = self.executor.failed, []
+        requests = self.scheduler.requests
+        for rid, why in failed:
+            seq = requests.get(rid)
+            if seq is None:  # cannot happen (a None token finishes nothing); be safe
+                continue
+            log.warning("request %s ended: %s", rid, why)
+            self.scheduler.abort(rid)
+            outputs.append(EngineOutput(rid, [], FINISH_ERROR, seq.prompt_len,
+                                        seq.cached_tokens, seq.num_output, error=why))
+        return outputs, step_ms
 
 
 class TorchEngine(AsyncEngineDriver):

@@ -5,9 +5,11 @@ It owns the weights and the paged KV cache; it knows nothing about requests, que
 allocation. Each `execute(plan)` computes K/V for every scheduled chunk at the slots its block
 table names and samples one token for each chunk that asks for it.
 
-KV cache layout: one tensor [layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim];
-`kv_cache[l, 0]` is layer l's K cache in the [num_blocks, block_size, kv_heads, head_dim]
-shape the scheduler's block ids index.
+KV cache layout: one tensor [layers, 2 (K, V), num_blocks + 1, block_size, kv_heads,
+head_dim]; `kv_cache[l, 0]` is layer l's K cache in the [num_blocks + 1, block_size,
+kv_heads, head_dim] shape the scheduler's block ids index. The extra last block is never
+handed out and never written: it stays zero, and every masked column of a batched decode
+attention reads it (see `_decode_group`).
 """
 
 from __future__ import annotations
@@ -158,14 +160,18 @@ class ModelRunner:
 
         self.block_size = block_size
         self.num_blocks = num_blocks
+        # + 1: the zero block the masked columns of decode attention read (module docstring)
         self.kv_cache = torch.zeros(
-            (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim),
+            (cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim),
             dtype=self.dtype,
             device=self.device,
         )
         self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + extra_eos))
         self._fallback = torch.Generator().manual_seed(seed)
         self.step_logprobs: list[Logprobs | None] | None = None  # of the last execute
+        # Of the last execute: (chunk index in the plan, why) for each chunk whose logits
+        # gave no token (NaN or infinite); empty in a healthy step.
+        self.step_errors: list[tuple[int, str]] = []
         self.tokens_computed = 0  # total KV positions computed, for tests and metrics
         # Dense decode K/V kept across steps (see model.DecodeKV), keyed by the group's
         # sequence ids; only the groups of the last step are kept, within _DENSE_KV_BYTES.
@@ -206,9 +212,14 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> list[int | None]:
         """One token per chunk with `sample` set (None for the others), in plan order.
         `step_logprobs` then holds the step's log-probabilities, one entry per chunk (None
-        where it sampled nothing or did not ask), or None when no chunk asked."""
+        where it sampled nothing or did not ask), or None when no chunk asked.
+
+        A chunk whose logits give no token (NaN or infinite: `sampling.sample`) gets None
+        too, and `step_errors` lists (its index in the plan, why); the caller ends those
+        requests. Nothing raises for them: the batch's other chunks get their tokens."""
         logits = self.forward_logits(plan)
         self.step_logprobs = None
+        self.step_errors = []
         sampled = [c for c in plan.chunks if c.sample]
         if not sampled:
             return [None] * len(plan.chunks)
@@ -227,14 +238,25 @@ class ModelRunner:
                 process_logits(logits, sampled)
             tokens = sample(logits, specs, [c.output_index for c in sampled], self._fallback)
             if raw is not None:
-                lps = token_logprobs(
-                    raw, [tokens[i] for i in want_lp], [specs[i].logprobs or 0 for i in want_lp]
-                )
+                # rows that gave no token have no log-probabilities to report
+                keep = [j for j, i in enumerate(want_lp) if tokens[i] is not None]
                 by_row: list[Logprobs | None] = [None] * len(sampled)
-                for i, lp in zip(want_lp, lps, strict=True):
-                    by_row[i] = lp
+                if keep:
+                    rows = raw if len(keep) == len(want_lp) else raw[keep]
+                    lps = token_logprobs(
+                        rows,
+                        [tokens[want_lp[j]] for j in keep],
+                        [specs[want_lp[j]].logprobs or 0 for j in keep],
+                    )
+                    for j, lp in zip(keep, lps, strict=True):
+                        by_row[want_lp[j]] = lp
                 it_lp = iter(by_row)
                 self.step_logprobs = [next(it_lp) if c.sample else None for c in plan.chunks]
+        if None in tokens:
+            row = iter(range(len(sampled)))
+            for k, c in enumerate(plan.chunks):
+                if c.sample and tokens[next(row)] is None:
+                    self.step_errors.append((k, _no_token_reason(c)))
         it = iter(tokens)
         return [next(it) if c.sample else None for c in plan.chunks]
 
@@ -380,6 +402,7 @@ class ModelRunner:
         mask = kpos[None, :] < lens_t
         if window is not None:
             mask &= kpos[None, :] > lens_t - 1 - window
+        valid = mask
         # Additive float mask (0 / -inf), made once per step for all layers: SDPA turns a bool
         # mask into this form on every call (~25% of a batch-8 decode attention call);
         # results are bit-identical.
@@ -407,9 +430,17 @@ class ModelRunner:
             self.decode_groups_appended += 1
             return DecodeGroup(start, start + len(dec), None, mask, dense, idx)
         width = math.ceil(longest / bs)
-        tables = [c.block_table[:width] + [0] * (width - len(c.block_table)) for c in dec]
-        # Padding columns read block 0 (whatever it holds) and are masked out.
+        pad = self.num_blocks  # the zero block (module docstring)
+        tables = [c.block_table[:width] + [pad] * (width - len(c.block_table)) for c in dec]
         slots = torch.tensor(tables, dtype=torch.long)[:, kpos // bs] * bs + kpos % bs
+        # Every masked column (a shorter row's padding, past its length in its own last block,
+        # outside its window) reads the zero block, not whatever another request left there:
+        # a masked column still enters attention as score + (-inf) and 0 * value, which is
+        # NaN when the score or the value is infinite, so one request's blown-up or
+        # huge-but-finite K/V (a block freed since, or block 0 that padding read before)
+        # turned its neighbours' outputs into NaN too. One `where` on [D, L] ints per group
+        # and step, next to a gather of D * L * kv_heads * head_dim values per layer.
+        slots = torch.where(valid, slots, pad * bs)
         self.decode_groups_gathered += 1
         # Filling a dense copy costs a second copy of the context on top of the gather, which
         # only pays off if the group then stays the same for a few steps. Under continuous
@@ -545,6 +576,16 @@ def _decode_groups(lens: list[int]) -> list[tuple[int, int]]:
         groups.append((i, j))
         j = i
     return groups[::-1]
+
+
+def _no_token_reason(c: ScheduledChunk) -> str:
+    """Why chunk `c`'s request got no next token (`sampling.sample` gave None)."""
+    t = c.sampling.temperature
+    why = (f"NaN or infinite logits for output token {c.output_index}: a numerical overflow "
+           "in the model (e.g. corrupt or out-of-range KV)")
+    if t > 0 and c.sampling.top_k != 1:
+        why += f", or temperature {t:g} too small to divide them by"
+    return f"no next token: {why}; only this request was ended"
 
 
 def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
