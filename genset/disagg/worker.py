@@ -35,7 +35,9 @@ send's task owns the pins from the start: they go when the receiver acks or nack
 send fails or is cancelled (the prefill failed), or at the deadline, whichever comes first
 (a sweep unpins what a deadline freed). A client that cancels, a decode
 worker that dies, a prefill worker that dies: whatever side survives frees what it holds
-(tests/test_disagg_stack.py).
+(tests/test_disagg_stack.py). The send goes over TCP only to the endpoint the named decode
+worker publishes in its InstanceRecord (`record_labels`, `kv_tcp`; genset.disagg.endpoints);
+a target naming any other goes over NATS (`_checked_tcp`).
 
 The mocker: its blocks carry no payload. With `kv_bytes_per_token` > 0 a transfer carries
 dummy payloads of the size a real model's KV would have (block_size x kv_bytes_per_token
