@@ -52,7 +52,10 @@ async def make_host(bus, disc, ns: str, role: str, args) -> tuple[WorkerHost, Me
         hook = DisaggHook(DisaggConfig(policy="always", transport=args.transport),
                           discovery=disc, metrics=metrics)
     host = WorkerHost(engine, bus=bus, discovery=disc, instance_id=wid, metrics=metrics,
-                      hooks=hook, config=HostConfig(namespace=ns, model="m", role=role))
+                      hooks=hook, config=HostConfig(namespace=ns, model="m", role=role,
+                                                   # a decode worker's record names its KV
+                                                   # TCP endpoint (genset.disagg.endpoints)
+                                                   register_instance=role == "decode"))
     await host.start()
     return host, metrics
 

@@ -21,6 +21,7 @@ import time
 import httpx
 import pytest
 
+import proto
 from proto import keys
 from tests.helpers.clients import completion_choices
 from tests.stack import Stack, metric
@@ -276,3 +277,28 @@ async def test_prefill_worker_drain_deadline_aborts_its_send(nats_server, etcd_s
         assert "timed out" not in log and "did not" not in log, log
         assert await prefill_records(discovery, stack, prefill) == []
         await wait_idle([decode], "a prefill worker's drain deadline")
+
+
+async def test_kv_goes_over_tcp_to_the_endpoint_the_decode_worker_publishes(nats_server,
+                                                                           etcd_server,
+                                                                           discovery, tmp_path):
+    """The worker service publishes a decode worker's KV TCP endpoint in its InstanceRecord
+    (`kv_tcp`), and a prefill worker told to send over TCP sends there (it started after
+    the decode worker was ready, so its watch's first list holds that record)."""
+    tcp = ["--speedup", "10", "--lease-ttl", "3", "--block-size", str(BLOCK),
+           "--kv-transport", "tcp", "--kv-bytes-per-token", "64"]
+    async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
+        (decode,) = await stack.start_workers(1, extra_args=["--role", "decode", "--disagg",
+                                                             "always", *tcp])
+        record = await discovery.get(keys.instance(stack.namespace, "decode",
+                                                   decode.instance_id), proto.InstanceRecord)
+        assert record.labels["kv_tcp"].startswith("127.0.0.1:"), record.labels
+        (prefill,) = await stack.start_workers(1, extra_args=["--role", "prefill", *tcp])
+        frontend = await stack.start_frontend(models=["tiny"])
+        await wait_prefill_pool(decode, 1)
+        got = await complete(frontend.url, prompt(8))
+        assert got["usage"]["completion_tokens"] == 8
+        assert await wait_metric(decode, "genset_kv_transfers_total", 1, side="rx",
+                                 transport="tcp", outcome="ok") == 1
+        assert metric(await prefill.metrics(), "genset_kv_transfer_tcp_untrusted_total") == 0
+        await wait_idle([decode, prefill], "a remote prefill over TCP")

@@ -42,8 +42,11 @@ class TorchWorker:
         self.host = WorkerHost(self.engine, bus=bus, discovery=discovery,
                                instance_id=self.instance_id, metrics=self.metrics,
                                hooks=self.hook,
+                               # a decode worker's record names its KV TCP endpoint, which
+                               # the prefill worker sends to (genset.disagg.endpoints)
                                config=HostConfig(namespace=namespace, model=MODEL, role=role,
-                                                 tokenizer="tiny"))
+                                                 tokenizer="tiny",
+                                                 register_instance=role == "decode"))
 
     async def generate(self, req: proto.GenerateRequest) -> tuple[list[int], proto.Usage]:
         stream = await self.bus.stream_request(self.host.generate_subject, req, timeout=120)

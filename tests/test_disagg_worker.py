@@ -7,6 +7,7 @@ back (aggregated, or recompute) on every failure, and leaves no block pinned on 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 
@@ -26,11 +27,14 @@ from tests.test_worker import MODEL, Host, wait_for
 class Worker:
     """A Host (tests.test_worker) with a DisaggHook in the given role."""
 
-    def __init__(self, bus, discovery, role: str, namespace: str, **config) -> None:
+    def __init__(self, bus, discovery, role: str, namespace: str, *,
+                 register_instance: bool = False, **config) -> None:
         self.metrics = Metrics(process_metrics=False)
         self.hook = DisaggHook(DisaggConfig(**config), discovery=discovery, metrics=self.metrics)
+        # register_instance: its InstanceRecord in etcd, as a worker service registers it (a
+        # decode worker's names its KV TCP endpoint, which prefill workers hold targets to)
         self.h = Host(bus, discovery, hooks=self.hook, namespace=namespace, role=role,
-                      num_blocks=512)
+                      num_blocks=512, register_instance=register_instance)
 
     async def start(self) -> Worker:
         await self.h.host.start()
@@ -290,6 +294,108 @@ async def test_a_remote_prefill_naming_another_subject_is_refused_before_it_runs
     out = await decode.h.generate(decode.h.request(prompt(41), max_tokens=4))
     assert len(tokens_of(out)) == 4
     assert decode.metric("genset_disagg_remote_prefills_total") == 1
+
+
+async def test_kv_goes_over_tcp_to_the_endpoint_its_decode_worker_publishes(bus, discovery):
+    """A decode worker publishes its KV TCP endpoint in its InstanceRecord; a prefill worker
+    (here told to send over TCP only) connects there once it has seen that record."""
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    prefill = await Worker(bus, discovery, "prefill", ns, transport="tcp",
+                           kv_bytes_per_token=16).start()
+    decode = await Worker(bus, discovery, "decode", ns, policy="always", kv_bytes_per_token=16,
+                          register_instance=True).start()
+    try:
+        did = decode.h.instance_id
+        published = f"127.0.0.1:{decode.hook.hub.listener.port}"
+        record = await discovery.get(keys.instance(ns, "decode", did), proto.InstanceRecord)
+        assert record.labels["kv_tcp"] == published and record.labels["model"] == MODEL
+        await wait_for(lambda: len(decode.hook.pool) == 1
+                       and prefill.hook.endpoints.published(did) == published, 10.0,
+                       "the prefill worker sees the decode worker's record")
+        out = await decode.h.generate(decode.h.request(prompt(50), max_tokens=4))
+        assert len(tokens_of(out)) == 4
+        assert decode.metric("genset_disagg_remote_prefills_total") == 1
+        assert decode.metric("genset_kv_transfers_total", side="rx", transport="tcp",
+                             outcome="ok") == 1
+        assert prefill.metric("genset_kv_transfer_tcp_untrusted_total") == 0
+        await wait_for(lambda: len(prefill.hook.pins) == 0, 10.0, "pins released")
+    finally:
+        await decode.close()
+        await prefill.close()
+
+
+async def test_a_tcp_endpoint_not_the_decode_workers_own_is_never_connected_to(bus, discovery):
+    """A remote-prefill request names the TCP endpoint the prefill worker connects to and
+    writes the KV to: taken as it came, anyone who could publish one made a prefill worker
+    open connections anywhere (SSRF). An endpoint that is not the one the named decode
+    worker publishes in its InstanceRecord is never connected to, even with --kv-transport
+    tcp: the KV goes over NATS to that worker's own receive subject, and the transfer
+    completes. So too while the worker's record has not been seen (watch lag): a decode
+    worker without one still gets its KV, over NATS."""
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    prefill = await Worker(bus, discovery, "prefill", ns, transport="tcp",
+                           kv_bytes_per_token=16).start()
+    decode = await Worker(bus, discovery, "decode", ns, policy="always", kv_bytes_per_token=16,
+                          register_instance=True).start()
+    unlisted = await Worker(bus, discovery, "decode", ns, policy="always",
+                            kv_bytes_per_token=16).start()
+    trap = socket.socket()
+    try:
+        trap.bind(("127.0.0.1", 0))
+        trap.listen(8)
+        trap.setblocking(False)
+        did = decode.h.instance_id
+        hub = decode.hook.hub
+        await wait_for(lambda: prefill.hook.endpoints.published(did) is not None, 10.0,
+                       "the prefill worker sees the decode worker's record")
+        tokens = prompt(51)
+        hashes = block_hashes(tokens, 4)
+        got: list[int] = []
+
+        async def on_blocks(run) -> None:
+            got.extend(run.hashes)
+
+        for i, spoof in enumerate((
+                {"port": trap.getsockname()[1]},  # somewhere else
+                {"host": "localhost"})):  # the worker's port under another name
+            req = decode.h.request(tokens, max_tokens=4, request_id=f"spoof-{i}")
+            got.clear()
+            rx = await hub.open_receive(req.request_id, on_blocks=on_blocks,
+                                        expected_hashes=hashes, layout=decode.hook.layout,
+                                        deadline_s=30.0)
+            assert rx.target.tcp is not None and prefill.hook.endpoints.trusted(rx.target)
+            target = msgspec.structs.replace(
+                rx.target, tcp=msgspec.structs.replace(rx.target.tcp, **spoof))
+            assert not prefill.hook.endpoints.trusted(target)
+            reply = await bus.request(subjects.remote_prefill(ns, prefill.h.instance_id),
+                                      proto.RemotePrefillRequest(request=req, target=target),
+                                      timeout=10.0, reply_type=proto.RemotePrefillReply)
+            assert reply.blocks == len(hashes)
+            result = await rx.wait()
+            assert result.transport == "nats" and got == hashes
+        await wait_for(lambda: prefill.metric("genset_kv_transfers_total", side="tx",
+                                              transport="nats", outcome="ok") == 2, 10.0,
+                       "both sends ended well, over NATS")
+        # the sends are over: a connection they made would be waiting here
+        with pytest.raises(BlockingIOError):
+            trap.accept()
+        assert hub.listener.stats["accepted"] == 0
+        assert prefill.metric("genset_kv_transfer_tcp_untrusted_total") == 2
+        # a decode worker whose record is not there (yet): its own endpoint, over NATS
+        await wait_for(lambda: len(unlisted.hook.pool) == 1, 10.0, "prefill worker seen")
+        assert prefill.hook.endpoints.published(unlisted.h.instance_id) is None
+        out = await unlisted.h.generate(unlisted.h.request(prompt(52), max_tokens=4))
+        assert len(tokens_of(out)) == 4
+        assert unlisted.metric("genset_kv_transfers_total", side="rx", transport="nats",
+                               outcome="ok") == 1
+        assert unlisted.metric("genset_disagg_remote_prefills_total") == 1
+        assert prefill.metric("genset_kv_transfer_tcp_untrusted_total") == 3
+        await wait_for(lambda: len(prefill.hook.pins) == 0, 10.0, "pins released")
+    finally:
+        trap.close()
+        await unlisted.close()
+        await decode.close()
+        await prefill.close()
 
 
 class FakePrefill:

@@ -38,6 +38,10 @@ class DisaggMetrics:
         self.tcp_fallbacks = metrics.counter(
             "kv_transfer_tcp_fallbacks_total", "Transfers that went over NATS because the "
             "receiver's TCP endpoint could not be reached")
+        self.tcp_untrusted = metrics.counter(
+            "kv_transfer_tcp_untrusted_total", "Sends that went over NATS because the target's "
+            "TCP endpoint was not the one its decode worker publishes in its InstanceRecord "
+            "(another address, or a record not seen yet)")
         self.pins_expired = metrics.counter(
             "kv_pins_expired_total", "Exported blocks unpinned by their deadline, not an ack")
         self.bandwidth = metrics.gauge(

@@ -35,7 +35,9 @@ send's task owns the pins from the start: they go when the receiver acks or nack
 send fails or is cancelled (the prefill failed), or at the deadline, whichever comes first
 (a sweep unpins what a deadline freed). A client that cancels, a decode
 worker that dies, a prefill worker that dies: whatever side survives frees what it holds
-(tests/test_disagg_stack.py).
+(tests/test_disagg_stack.py). The send goes over TCP only to the endpoint the named decode
+worker publishes in its InstanceRecord (`record_labels`, `kv_tcp`; genset.disagg.endpoints);
+a target naming any other goes over NATS (`_checked_tcp`).
 
 The mocker: its blocks carry no payload. With `kv_bytes_per_token` > 0 a transfer carries
 dummy payloads of the size a real model's KV would have (block_size x kv_bytes_per_token
@@ -74,6 +76,7 @@ from genset.disagg.decision import (
     SpareGate,
     decide,
 )
+from genset.disagg.endpoints import DecodeEndpoints, endpoint_labels
 from genset.disagg.metrics import DisaggMetrics
 from genset.disagg.pool import PrefillPool
 from genset.disagg.sim import GB
@@ -104,7 +107,7 @@ from genset.worker.hooks import RemotePrefill, WorkerContext, WorkerHooks
 from genset.worker.roles import ROLE_DECODE, ROLE_PREFILL
 from proto import subjects
 from proto.generate import ErrorInfo
-from proto.transfer import KvLayout, RemotePrefillReply, RemotePrefillRequest
+from proto.transfer import KvLayout, KvTransferTarget, RemotePrefillReply, RemotePrefillRequest
 
 log = structlog.get_logger("genset.disagg")
 
@@ -275,6 +278,8 @@ class DisaggHook(WorkerHooks):
         self.ctx: WorkerContext | None = None
         self.hub: KvTransferHub | None = None
         self.pool: PrefillPool | None = None
+        # prefill side: the decode workers' published KV TCP endpoints (genset.disagg.endpoints)
+        self.endpoints: DecodeEndpoints | None = None
         self.layout: KvLayout | None = None
         self.bandwidth = BandwidthEstimator(
             (config.kv_transfer_bandwidth_gb_s or config.bandwidth_prior_gb_s) * GB)
@@ -317,6 +322,8 @@ class DisaggHook(WorkerHooks):
                                     namespace=ctx.namespace, model=ctx.model)
             await self.pool.start()
         else:
+            self.endpoints = DecodeEndpoints(discovery=self.discovery, namespace=ctx.namespace)
+            await self.endpoints.start()
             self._sweeper = asyncio.create_task(self._sweep_pins(), name="disagg-pins")
             self._republisher = asyncio.create_task(self._republish_hashes(),
                                                     name="disagg-kv-hashes")
@@ -324,6 +331,13 @@ class DisaggHook(WorkerHooks):
                                                                     ctx.instance_id),
                                             self._serve_prefill,
                                             max_concurrent=self.config.max_prefills)
+
+    def record_labels(self) -> dict[str, str]:
+        """Labels for this worker's InstanceRecord (the host adds them): a decode worker's KV
+        TCP endpoint, which prefill workers hold its targets to (genset.disagg.endpoints)."""
+        if self.ctx is None or self.ctx.role != ROLE_DECODE or self.hub is None:
+            return {}
+        return endpoint_labels(self.hub.listener)
 
     async def drain(self, deadline_s: float) -> None:
         """The worker drains (its model card is out of etcd, so decode workers stop choosing
@@ -350,6 +364,8 @@ class DisaggHook(WorkerHooks):
                 await self._sub.unsubscribe()
         if self.pool is not None:
             await self.pool.close()
+        if self.endpoints is not None:
+            await self.endpoints.close()
         if self._tasks:
             # after a drain, none; otherwise (a close without one) the sends in progress get
             # a moment, then fail below and their receivers recompute
@@ -795,11 +811,12 @@ class DisaggHook(WorkerHooks):
             if left <= 0:
                 raise TransferError(xerr.DEADLINE, "the transfer's deadline passed before "
                                     "it started")
+            target, transport = self._checked_tcp(target)
             result = await hub.send(target, request_id=request_id, hashes=hashes,
                                     parent_hash=parent, block_size=ctx.block_size,
                                     layout=layout, source=source,
                                     deadline_s=min(cfg.transfer_timeout_s, left),
-                                    idle_timeout_s=cfg.idle_timeout_s, transport=cfg.transport)
+                                    idle_timeout_s=cfg.idle_timeout_s, transport=transport)
             self.m.transfer("tx", result.transport, result)
         except TimeoutError:
             self.m.transfer("tx", "none", error=TransferError(xerr.DEADLINE, "deadline"))
@@ -820,6 +837,22 @@ class DisaggHook(WorkerHooks):
             if key in self.pins:
                 self.pins.release(key)
                 await self._unpin(key)
+
+    def _checked_tcp(self, target: KvTransferTarget) -> tuple[KvTransferTarget, str]:
+        """(the target, the transport) a send uses: a TCP endpoint that is not the one the
+        named decode worker publishes (genset.disagg.endpoints: someone else's address, or a
+        record not seen yet) is dropped and the KV goes over NATS, to that worker's own
+        receive subject, whatever --kv-transport says; never a refusal."""
+        if target.tcp is None or self.config.transport == "nats" or (
+                self.endpoints is not None and self.endpoints.trusted(target)):
+            return target, self.config.transport
+        self.m.tcp_untrusted.inc()
+        log.debug("KV TCP endpoint is not the decode worker's published one; sending over NATS",
+                  transfer_id=target.transfer_id, worker=f"{target.worker_id:x}",
+                  endpoint=f"{target.tcp.host}:{target.tcp.port}",
+                  published=self.endpoints.published(target.worker_id)
+                  if self.endpoints is not None else None)
+        return msgspec.structs.replace(target, tcp=None), "nats"
 
     async def _unpin(self, key: str) -> None:
         assert self.ctx is not None

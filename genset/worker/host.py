@@ -52,6 +52,7 @@ from genset.runtime.timeline import worker_stamp
 from genset.worker.clock import now_ms, wait_event
 from genset.worker.frames import direct_sender
 from genset.worker.hooks import (
+    HookChain,
     PrefillDone,
     RemotePrefill,
     WorkerContext,
@@ -181,8 +182,15 @@ class WorkerHost:
 
     @property
     def labels(self) -> dict[str, str]:
-        """This worker's labels, for its InstanceRecord."""
-        return {"model": self.config.model, "engine": self.engine.card.engine,
+        """This worker's labels, for its InstanceRecord: its model and engine, what its hooks
+        publish (`record_labels()`, read once they started: a decode worker's KV TCP endpoint,
+        genset.disagg.endpoints), then `HostConfig.labels`."""
+        hooked: dict[str, str] = {}
+        for hook in self.hooks.hooks if isinstance(self.hooks, HookChain) else (self.hooks,):
+            record_labels = getattr(hook, "record_labels", None)
+            if record_labels is not None:
+                hooked.update(record_labels())
+        return {"model": self.config.model, "engine": self.engine.card.engine, **hooked,
                 **self.config.labels}
 
     def model_card(self) -> proto.ModelCard:
