@@ -59,6 +59,15 @@ APPLY_QUEUE = 64  # changes waiting for the connector; the oldest absolute one g
 BACKOFF_FIRST_S, BACKOFF_CAP_S = 1.0, 30.0
 
 
+def split_flag(value: str, flag: str) -> list[str]:
+    """A flag's command line split as a shell would; ValueError naming the flag when it
+    cannot be (a quote left open)."""
+    try:
+        return shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {value!r}: {exc}") from None
+
+
 @dataclass
 class PlannerOptions:
     policy: str = field(default="load", metadata=opt(
@@ -138,22 +147,16 @@ class PlannerOptions:
                              f"{self.kv_high}")
         parse_role_map(self.compose_services, "--compose-services")
         parse_role_map(self.k8s_deployments, "--k8s-deployments")
-        if self.connector == "compose":  # else the planner failed only once it had started
-            try:
-                words = shlex.split(self.compose_command)
-            except ValueError as exc:
-                raise ValueError(f"--compose-command {self.compose_command!r}: {exc}") from None
-            if not words:
-                raise ValueError("--compose-command is empty")
+        # a quote left open is a usage error now, not once the planner has started
+        if self.connector == "compose" and not split_flag(self.compose_command,
+                                                          "--compose-command"):
+            raise ValueError("--compose-command is empty")
         if self.connector == "local":
-            self.worker_argv()  # a quote left open is a usage error now, not at the first start
+            self.worker_argv()
 
     def worker_argv(self) -> list[str]:
         """--worker-args as a shell would split it (a quoted path with spaces stays one)."""
-        try:
-            return shlex.split(self.worker_args)
-        except ValueError as exc:
-            raise ValueError(f"--worker-args {self.worker_args!r}: {exc}") from None
+        return split_flag(self.worker_args, "--worker-args")
 
     def pool_list(self) -> list[str]:
         return [p.strip() for p in self.pools.split(",") if p.strip()]
