@@ -292,7 +292,7 @@ class WorkerHost:
 
         def left(keep: float) -> float:
             # (a floor: a step that would end at once is not cut off before it starts)
-            return max(0.05, min(CLOSE_STEP_TIMEOUT_S, end - keep - time.monotonic()))
+            return max(0.05, end - keep - time.monotonic())  # (end is CLOSE_TIMEOUT_S away)
 
         before_hooks = CLOSE_HOOKS_S + CLOSE_ENGINE_S
         self._load.stopping = True
