@@ -20,8 +20,9 @@ Every child runs in its own process group and is told by the kernel to exit if t
 dies (Linux parent-death signal), so even a SIGKILL of `genset up` leaves nothing behind.
 
 With `--planner [load|slo]` the planner (`genset planner`'s code) runs inside this process and
-sizes the worker pool between --min-workers and --max-workers: this process starts the workers
-it asks for and supervises them like the others, and a worker it drains gets SIGTERM (it
+sizes the worker pool between --min-workers and --max-workers (with --prefill-workers, the
+prefill pool too, between 1 and --max-workers: it sets the prefill:decode ratio): this process
+starts the workers it asks for and supervises them like the others, and a worker it drains gets SIGTERM (it
 finishes its requests, then exits) and is no longer restarted (`genset.launch_planner`).
 """
 
@@ -161,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--planner", nargs="?", const="load", choices=("load", "slo"), default=None,
                    help="run the planner (policy load, the default, or slo): it adds and drains "
                         "workers between --min-workers and --max-workers; --workers is the "
-                        "initial count")
+                        "initial count. With --prefill-workers it sizes the prefill pool too "
+                        "(1 to --max-workers; --planner-arg=--max-prefill=N to change)")
     p.add_argument("--min-workers", type=int, default=1, help="planner: fewest workers (1)")
     p.add_argument("--planner-arg", action="append", default=[], metavar="ARG",
                    help="extra `genset planner` flag (repeatable), e.g. "
@@ -604,6 +606,25 @@ class Launcher:
         if not lo <= self.args.workers <= hi:
             raise LaunchError(f"--workers {self.args.workers} (the initial count) must be "
                               f"within --min-workers {lo} and --max-workers {hi}")
+        if self.args.prefill_workers > hi:
+            raise LaunchError(f"--prefill-workers {self.args.prefill_workers} (the initial "
+                              f"count) must be at most --max-workers {hi}, the prefill pool's "
+                              f"ceiling too")
+
+    def planner_argv(self) -> list[str]:
+        """`genset planner`'s flags for this stack (the user's --planner-arg last: they win).
+        With prefill workers the planner manages both pools, so it sizes the prefill:decode
+        ratio: the prefill pool within 1 and --max-workers (a prefill pool of none would
+        silently turn a disaggregated stack back into an aggregated one)."""
+        a = self.args
+        lo, hi = self.planner_bounds()
+        argv = ["--nats", self.nats_url, "--etcd", self.etcd_endpoint, "--namespace",
+                a.namespace, "--log-level", a.log_level, "--policy", a.planner,
+                "--min-workers", str(lo), "--max-workers", str(hi), "--connector", "local"]
+        if a.prefill_workers:
+            argv += ["--pools", f"{ROLE_DECODE},{ROLE_PREFILL}", "--min-prefill", "1",
+                     "--max-prefill", str(hi)]
+        return argv + a.planner_arg
 
     def start_planner(self, workers: list[Child]) -> None:
         from genset.launch_planner import (
@@ -616,12 +637,8 @@ class Launcher:
 
         a = self.args
         lo, hi = self.planner_bounds()
-        argv = ["--nats", self.nats_url, "--etcd", self.etcd_endpoint, "--namespace",
-                a.namespace, "--log-level", a.log_level, "--policy", a.planner,
-                "--min-workers", str(lo), "--max-workers", str(hi), "--connector", "local",
-                *a.planner_arg]
         try:
-            config, options = planner_options(argv)
+            config, options = planner_options(self.planner_argv())
         except SystemExit:  # argparse printed which flag was wrong
             raise LaunchError("bad --planner-arg (see the message above)") from None
         prior = startup_prior(a.planner_arg, os.environ, self.initial_startup_s)
@@ -639,7 +656,9 @@ class Launcher:
         stack = StackWorkers(self.call_soon, self.add_worker, self.retire_worker)
         self.planner = PlannerThread(config, options, stack, [ChildHandle(w) for w in workers],
                                      self.logs / "planner.log")
-        self.say(f"planner: {a.planner} policy, {lo}-{hi} workers, start-up "
+        pools = (f"{lo}-{hi} decode and {options.min_prefill}-{options.max_prefill} prefill "
+                 f"workers" if ROLE_PREFILL in options.pool_list() else f"{lo}-{hi} workers")
+        self.say(f"planner: {a.planner} policy, {pools}, start-up "
                  f"{options.startup_s:g} s {'as measured here' if prior is not None else 'as set'}"
                  f" until it times its own (log: {self.logs / 'planner.log'})")
         try:
@@ -707,8 +726,11 @@ class Launcher:
         key = ("-H \"Authorization: Bearer $GENSET_API_KEY\" "
                if self.security.api_key else "")  # security
         frontends = f"{self.args.frontends} frontends, " if self.args.frontends > 1 else ""
+        prefill = (f" + {self.args.prefill_workers} prefill" if self.args.prefill_workers
+                   else "")
         print(f"\ngenset is up: {url}/v1  (model {self.model_name!r}, {frontends}{self.args.workers} "
-              f"{self.args.engine} worker{'s' if self.args.workers > 1 else ''}, logs in {self.logs})\n\n"
+              f"{self.args.engine} worker{'s' if self.args.workers > 1 else ''}{prefill}, "
+              f"logs in {self.logs})\n\n"
               f"  curl {url}/v1/chat/completions {key}-H 'Content-Type: application/json' \\\n"
               f"    -d '{body}'\n\n"
               f"  page     {url}/dashboard\n"

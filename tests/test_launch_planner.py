@@ -76,6 +76,8 @@ def test_stack_workers_run_on_the_launchers_thread():
     (["--planner", "slo", "--min-workers", "3", "--max-workers", "2"],
      "--max-workers 2 is below --min-workers 3"),
     (["--planner", "--min-workers", "0"], "--min-workers must be at least 1"),
+    (["--planner", "--prefill-workers", "4", "--max-workers", "3"],
+     "--prefill-workers 4 (the initial count) must be at most --max-workers 3"),
 ])
 def test_bad_planner_flags_are_refused_before_anything_starts(tmp_path, capsys, argv, message):
     assert main([*argv, "--state-dir", str(tmp_path / "s"), "--port", "0"]) == 1
@@ -105,3 +107,37 @@ def test_the_planners_start_up_prior_is_the_one_measured_unless_the_user_set_one
     assert startup_prior(["--startup-s", "90"], {}, 71.2) is None
     assert startup_prior([], {"GENSET_STARTUP_S": "90"}, 71.2) is None
     assert startup_prior([], {}, 0.0) is None
+
+
+def _planner_of(argv: list[str]):
+    launcher = Launcher(build_parser().parse_args(argv))
+    launcher.nats_url, launcher.etcd_endpoint = "nats://127.0.0.1:1", "127.0.0.1:2"
+    return planner_options(launcher.planner_argv())[1]
+
+
+def test_with_prefill_workers_the_planner_sizes_both_pools():
+    """`genset up --planner --prefill-workers N` hands the planner both pools, so it sets the
+    prefill:decode ratio: the prefill pool between 1 and --max-workers; a --planner-arg
+    given by the user wins; without prefill workers the planner keeps to the decode pool."""
+    options = _planner_of(["--planner", "slo", "--workers", "2", "--prefill-workers", "1",
+                           "--max-workers", "3"])
+    assert options.pool_list() == ["decode", "prefill"]
+    bounds = options.planner_config().pools
+    assert (bounds["decode"].min, bounds["decode"].max) == (1, 3)
+    assert (bounds["prefill"].min, bounds["prefill"].max) == (1, 3)
+    options = _planner_of(["--planner", "--prefill-workers", "1", "--max-workers", "3",
+                           "--planner-arg=--max-prefill=2"])
+    assert options.planner_config().pools["prefill"].max == 2
+    assert _planner_of(["--planner", "--workers", "2"]).pool_list() == ["decode"]
+
+
+def test_a_planner_with_two_pools_gets_worker_credentials_for_both(tmp_path):
+    """Each pool may grow to --max-workers, so the stack's worker slots cover both."""
+    from genset.runtime import auth
+
+    args = build_parser().parse_args(["--planner", "--prefill-workers", "1",
+                                      "--max-workers", "10"])
+    sec = auth.StackSecurity(args, tmp_path, model="tiny")
+    assert len(sec.creds.worker_ids) == 20
+    args = build_parser().parse_args(["--planner", "--max-workers", "10"])
+    assert len(auth.StackSecurity(args, tmp_path / "b", model="tiny").creds.worker_ids) == 16

@@ -714,10 +714,13 @@ class StackSecurity:
         if args.tls and not self.enabled:
             raise AuthError("--tls and --insecure do not go together")
         if self.enabled:
+            prefill = getattr(args, "prefill_workers", 0)
+            # a planner sizes each pool up to --max-workers: with prefill workers, two pools
+            most = (args.max_workers or 0) * (2 if prefill and getattr(args, "planner", None)
+                                              else 1)
             self.creds = load_or_create(auth_dir(state_dir), namespace=args.namespace,
-                                        worker_slots=max(args.workers + getattr(
-                                            args, "prefill_workers", 0), args.max_workers or 0,
-                                            WORKER_SLOTS_DEFAULT),
+                                        worker_slots=max(args.workers + prefill, most,
+                                                         WORKER_SLOTS_DEFAULT),
                                         models=[model])
             if args.tls:
                 ensure_tls(self.creds)
