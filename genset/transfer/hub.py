@@ -36,8 +36,8 @@ blocks exist, and each later group waits for the step that computes it), but the
 idle timeout runs from the header on, so call `send` once computing has begun, not while
 the prompt queues. Before the header only the deadline bounds the wait, until the receiver
 learns by other means that the sender is done computing (`rx.expect_header()`: the idle
-timeout then runs from that moment). The TCP listener binds loopback unless `tcp_host` says otherwise (workers on
-other hosts: bind an interface, `advertise_host` the address peers use).
+timeout then runs from that moment). The TCP listener binds loopback unless `tcp_host` says
+otherwise (workers on other hosts: bind an interface, `advertise_host` the address peers use).
 """
 
 from __future__ import annotations
