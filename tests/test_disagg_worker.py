@@ -467,6 +467,61 @@ async def test_a_reply_with_a_bad_first_token_or_cache_count_means_aggregated(bu
         await fake.close()
 
 
+@pytest.mark.parametrize("then", ["silent", "leaves"])
+async def test_a_prefill_peer_that_answers_and_sends_no_kv_means_a_recompute(bus, discovery,
+                                                                            then):
+    """A prefill worker that answers the first token and then never sends the KV header
+    (dead, hung, hostile): the decode worker recomputes the prompt after the first token,
+    same tokens. "silent": once the first token is in, silence before the header is bounded
+    by the idle timeout (kv_peer_gone), not the receive's deadline (130 s here: the host's
+    30 s hook timeout failed the request first); "leaves": its model card goes from etcd (a
+    revoked or expired lease) while the header is awaited, which ends the wait at once
+    (prefill_gone; the idle timeout is longer than the request's deadline)."""
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    right: dict = {}
+
+    def answer(msg):
+        return proto.RemotePrefillReply(
+            request_id=msg.request.request_id, transfer_id=msg.target.transfer_id,
+            first_token_ids=right["first"], prompt_tokens=len(right["prompt"]))
+
+    fake = await FakePrefill(bus, discovery, ns, answer).start()
+    decode = await Worker(bus, discovery, "decode", ns, policy="always",
+                          idle_timeout_s=0.3 if then == "silent" else 600.0,
+                          transfer_timeout_s=120.0).start()
+    agg = Host(bus, discovery, num_blocks=512)
+    await agg.host.start()
+    try:
+        await wait_for(lambda: len(decode.hook.pool) == 1, 10.0, "decode sees the fake")
+        right["prompt"] = tokens = prompt(53)
+        want = await agg.generate(agg.request(tokens, max_tokens=6))
+        right["first"] = proto.pack_tokens(tokens_of(want)[:1])
+        async with asyncio.timeout(60.0):
+            stream = await bus.stream_request(decode.h.subject, decode.h.request(
+                tokens, max_tokens=6), timeout=60.0)
+            first = await anext(stream)
+            assert tokens_of([first]) == tokens_of(want)[:1]  # the fake's token, streamed
+            if then == "leaves":
+                await discovery.delete(fake.key)
+            rest = [c async for c in stream]
+        assert tokens_of([first, *rest]) == tokens_of(want)
+        assert rest[-1].finish_reason == "length"
+        reason = "kv_peer_gone" if then == "silent" else "prefill_gone"
+        assert decode.metric("genset_disagg_fallbacks_total", stage="transfer",
+                             reason=reason) == 1
+        assert decode.metric("genset_disagg_fallbacks_total") == 1
+        assert decode.metric("genset_disagg_remote_prefills_total") == 0
+        if then == "silent":  # given up before any header came (no transport chosen)
+            assert decode.metric("genset_kv_transfers_total", side="rx", transport="none",
+                                 outcome="kv_peer_gone") == 1
+        assert decode.hook.resuming == 0 and not decode.hook.hub._receives
+        await wait_for(lambda: decode.used_blocks == 0, 10.0, "the decode pool idle")
+    finally:
+        await agg.host.close()
+        await decode.close()
+        await fake.close()
+
+
 def test_first_token_finish_follows_the_engine_rules():
     req = proto.GenerateRequest(request_id="r", model="m", token_ids=b"",
                                 stop=proto.StopConditions(max_tokens=5, stop_token_ids=[9]))

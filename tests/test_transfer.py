@@ -559,6 +559,38 @@ async def test_a_sender_that_goes_silent_is_detected_before_the_deadline(hubs):
     assert col.hashes == hashes[:1] and rx.held_bytes == 0
 
 
+async def test_a_sender_silent_before_its_header_is_detected_once_the_header_is_due(hubs):
+    """Before the header only the deadline bounds the wait (the sender may still be
+    prefilling); once the receiver is told the header is due (`expect_header`: the first
+    token came), silence is the idle timeout's, as after the header. A header that then
+    comes is taken as ever."""
+    rx_hub, tx_hub = hubs
+    hashes, blocks = _hashes(3, seed=18), _blocks(3)
+    rx, col = await _open(rx_hub, "mute", expected_hashes=hashes, idle_timeout_s=0.3,
+                          deadline_s=120.0)
+    # far past the idle timeout, not yet due: still waiting (a condition on another
+    # receive's failure, not a sleep, stands for "a while")
+    other, _ = await _open(rx_hub, "mark", idle_timeout_s=0.3, deadline_s=120.0)
+    other.expect_header()
+    with pytest.raises(TransferError) as info:
+        await other.wait()
+    assert info.value.code == errors.PEER_GONE and "no header" in info.value.message
+    assert not rx.done
+    rx.expect_header()
+    with pytest.raises(TransferError) as info:
+        await rx.wait()
+    assert info.value.code == errors.PEER_GONE  # the idle timeout, not the 120 s deadline
+    assert "no header from the sender" in info.value.message
+    assert col.hashes == [] and not rx_hub._receives
+    # a header that comes before the idle timeout is received as usual
+    ok, col = await _open(rx_hub, "late", expected_hashes=hashes, idle_timeout_s=30.0,
+                          deadline_s=120.0)
+    ok.expect_header()
+    await tx_hub.send(ok.target, request_id="late", hashes=hashes, block_size=16,
+                      layout=LAYOUT, source=_source(blocks), transport="nats")
+    assert (await ok.wait()).blocks == 3 and col.payloads == blocks
+
+
 async def test_a_receiver_that_never_acks_fails_the_sender_and_its_pins_expire(hubs):
     _, tx_hub = hubs
     bus = tx_hub.bus

@@ -162,7 +162,8 @@ class DisaggConfig:
     advertise_host: str | None = None  # the address peers connect to (default: tcp_host)
     first_token_timeout_s: float = 10.0  # longest wait for a prefill worker's answer
     transfer_timeout_s: float = 30.0  # longest a transfer may take after that answer
-    idle_timeout_s: float = 5.0  # longest silence of a peer within a transfer
+    # longest silence of a peer within a transfer, and from its first token to its header
+    idle_timeout_s: float = 5.0
     pin_timeout_s: float = 60.0  # exported blocks held at most this long without an answer
     max_prefills: int = 64  # remote prefills a prefill worker serves at once
     speedup: float = 1.0  # divides the prefill timing profile (the mocker's --speedup)
@@ -550,6 +551,13 @@ class DisaggHook(WorkerHooks):
         if (tail and reply.tail_tokens == tail and (reply.tail is not None or self.mocker)
                 and (reply.tail is None or len(reply.tail) == self.layout.bytes_per_block)):
             run.tail = (tail, reply.tail)
+        # The first token exists, so the prefill is over and the header is due (it leaves
+        # with the first computed blocks, or once the blocks are pinned): silence from here
+        # is bounded by the idle timeout, not the transfer's deadline. A peer that answered
+        # and then sent nothing (dead, hung, hostile) held the request ~40 s before the
+        # recompute; now `idle_timeout_s` (kv_peer_gone, the recompute below in `kv()`).
+        assert run.rx is not None
+        run.rx.expect_header()
         max_len = min(card.context_length, card.kv_blocks * card.block_size)
         lp = None
         if reply.logprobs is not None:
@@ -792,7 +800,8 @@ class DisaggHook(WorkerHooks):
                     # the prefill is over and its blocks pinned. The modelled link carried
                     # each run of blocks from when the prefill had computed it (one at a
                     # time, in order), so what is left of it passes here before the header
-                    # leaves (the receiver imports the run when it lands).
+                    # leaves (the receiver imports the run when it lands; from the first
+                    # token on it waits for the header under the idle timeout).
                     await progress.until(lambda: progress.pinned is not None)
                     assert progress.pinned is not None
                     hashes = hashes[:progress.pinned]

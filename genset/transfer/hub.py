@@ -34,8 +34,10 @@ then pinned), so it gives the same bytes. `source` may wait for blocks that are 
 computed (genset.disagg pipelines the send with the prefill: it starts once the first
 blocks exist, and each later group waits for the step that computes it), but the receiver's
 idle timeout runs from the header on, so call `send` once computing has begun, not while
-the prompt queues. The TCP listener binds loopback unless `tcp_host` says otherwise (workers on
-other hosts: bind an interface, `advertise_host` the address peers use).
+the prompt queues. Before the header only the deadline bounds the wait, until the receiver
+learns by other means that the sender is done computing (`rx.expect_header()`: the idle
+timeout then runs from that moment). The TCP listener binds loopback unless `tcp_host` says
+otherwise (workers on other hosts: bind an interface, `advertise_host` the address peers use).
 """
 
 from __future__ import annotations
@@ -221,6 +223,8 @@ class KvReceiver:
         self._error: TransferError | None = None
         self._tell_sender = True  # whether a failure is sent to the sender as a nack
         self._started_at: float | None = None
+        # when the header is due at the latest (`expect_header`; None: the deadline only)
+        self._header_due: float | None = None
         self._sock: socket.socket | None = None
         self._reader_task: asyncio.Task | None = None
         self._task: asyncio.Task | None = None
@@ -256,6 +260,18 @@ class KvReceiver:
         """Until every block is imported; raises TransferError otherwise. Never outlives the
         transfer's deadline (plus the time to tell the sender)."""
         return await asyncio.shield(self._result)
+
+    def expect_header(self) -> None:
+        """The sender is ready to send (genset.disagg: its first token came, so its prefill
+        is over): from now on, silence before the header counts as silence after it, and
+        no header within the idle timeout fails the transfer (kv_peer_gone). Before, a
+        sender that answered and then never sent its header held the receiver until the
+        whole deadline (the first token's and the transfer's together: ~40 s). No effect
+        once the header has come."""
+        if self.assembler is not None or self._header_due is not None or self.done:
+            return
+        self._header_due = self._loop.time() + self.idle_timeout
+        self._wake.set()  # the wait for the header takes the nearer bound
 
     async def cancel(self, reason: str = "cancelled by the receiver") -> None:
         """Stop (client cancel, shutdown): the sender is told, buffers are dropped."""
@@ -429,16 +445,20 @@ class KvReceiver:
 
     # -- the consumer ---------------------------------------------------------------------
 
-    async def _wait(self, what: str, idle: bool) -> None:
-        """Until `_wake` is set; TransferError at the deadline or after the idle timeout."""
+    async def _wait(self, what: str, quiet_until: float | None) -> None:
+        """Until `_wake` is set; TransferError at the deadline, or (kv_peer_gone) at
+        `quiet_until`, the end of the silence allowed (None: the deadline only)."""
         if self._wake.is_set():
             return
-        left = self.deadline - self._loop.time()
+        now = self._loop.time()
+        left = self.deadline - now
         if left <= 0:
             raise TransferError(errors.DEADLINE, f"transfer {self.transfer_id}: deadline "
                                 f"passed waiting for {what}")
-        wait = min(left, self.idle_timeout) if idle else left
+        wait = left if quiet_until is None else min(left, quiet_until - now)
         try:
+            if wait <= 0:
+                raise TimeoutError
             async with asyncio.timeout(wait):
                 await self._wake.wait()
         except TimeoutError:
@@ -456,13 +476,15 @@ class KvReceiver:
                     item = self._queue.popleft()
                     assert isinstance(item, _Failed)
                     raise item.error
-                await self._wait("header", idle=False)
+                # the sender may still be prefilling (the deadline only), until it says it
+                # is done (`expect_header`: then the idle timeout too)
+                await self._wait("header", self._header_due)
             asm = self.assembler
             credited = 0
             while not asm.complete:
                 if not self._queue:
                     self._wake.clear()
-                    await self._wait("chunk", idle=True)
+                    await self._wait("chunk", self._loop.time() + self.idle_timeout)
                     continue
                 item = self._queue.popleft()
                 if isinstance(item, _Failed):
@@ -737,7 +759,7 @@ class KvTransferHub:
         its blocks from `header.first_block` on (else kv_hash_mismatch). layout: what this
         engine imports (None: anything). deadline_s: the whole transfer, header included
         (the sender may still be prefilling); idle_timeout_s: the longest silence once the
-        header has arrived.
+        header has arrived, or once `rx.expect_header()` said it is due.
         """
         if not self._started:
             await self.start()

@@ -88,7 +88,8 @@ class WorkerOptions:
         "longest a KV transfer may take after the first token (s); the receiver then "
         "recomputes, the sender unpins", min=0.1))
     kv_transfer_idle_timeout: float = field(default=5.0, metadata=opt(
-        "longest silence of the peer within a KV transfer (s)", min=0.1))
+        "longest silence of the peer within a KV transfer, and from a prefill worker's "
+        "first token to its transfer's header (s); the receiver then recomputes", min=0.1))
     block_size: int = field(default=16, metadata=opt("KV block size in tokens", min=1))
     kv_blocks: int = field(default=0, metadata=opt(
         "KV capacity in blocks (0: the engine sizes it: torch from memory)", min=0))
