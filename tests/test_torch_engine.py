@@ -200,6 +200,65 @@ async def test_huge_finite_imported_kv_ends_that_request_alone(reference):
         await engine.stop()
 
 
+async def test_poisoned_imported_kv_is_dropped_and_the_prefix_recomputed(reference):
+    """Imported KV that is finite but poisoned (huge values that overflow only inside
+    attention) passes the import's checks and is cached under the prompt's hashes. The first
+    request over it ends with an error; the blocks it used from the import on are dropped
+    from the prefix cache then (before, every later request with that prefix ended with an
+    error until they were evicted), so the next request with that prefix computes them and
+    gets the reference's tokens, even when it brings the same poisoned import again (as an
+    offload store still holding it would: the dropped hashes are not imported again). The
+    prefix computed here before the import stays cached; the published events match."""
+    from genset.engines.torch import kvformat
+    from genset.engines.types import KvBlockData
+
+    engine = TorchEngine("tiny", num_blocks=64, block_size=16)
+    events = engine.kv_events()
+    try:
+        prompt = _prompt(34, 70)  # 4 full blocks + 6 tokens
+        hashes = block_hashes(prompt, 16)
+        own = prompt[:20]  # block 0 computed here
+        assert (await _run(engine, "own", own, 1))[0] == reference(own, 1)
+        huge = torch.full((2, *engine.runner.block_shape), 3e38)
+        poison = KvImport([KvBlockData(h, p) for h, p in zip(
+            hashes[1:3], kvformat.split(kvformat.encode(huge)), strict=True)],
+            parent_hash=hashes[0])
+
+        async def submit(rid):
+            req = EngineRequest(rid, prompt, GREEDY,
+                                StopConditions(max_tokens=8, ignore_eos=True),
+                                kv_import=poison)
+            return [out async for out in await engine.submit(req)]
+
+        outs = await submit("bad")
+        assert [o.token_ids for o in outs] == [[]] and outs[-1].finish_reason == "error"
+        assert "NaN or infinite" in outs[-1].error and "3 cached KV blocks" in outs[-1].error
+        pool = engine.scheduler.pool
+        # dropped (as the request ended, before its output): the two imported blocks and
+        # the one computed over them; block 0 stays
+        assert pool.cached_hashes() == {hashes[0]}
+        assert engine.scheduler.num_foreign_dropped == 3
+
+        before = engine.runner.tokens_computed
+        outs = await submit("again")
+        assert [t for o in outs for t in o.token_ids] == reference(prompt, 8)
+        assert outs[-1].finish_reason == "length" and outs[-1].cached_tokens == 16
+        assert engine.runner.tokens_computed - before == 70 - 16 + 7  # recomputed
+        assert set(hashes) <= pool.cached_hashes()
+        # what the cache holds under those hashes now is the model's own KV
+        held = await engine.export_kv(hashes)
+        kv = torch.cat([kvformat.decode(b.data) for b in held])
+        assert len(held) == 4 and kv.abs().max().item() < 1e4
+        replica = HashSetReplica()
+        while (batch := events.get_nowait()) is not None:
+            assert replica.apply(batch)
+        assert replica.hashes == pool.cached_hashes()
+        pool.check_invariants()
+    finally:
+        events.close()
+        await engine.stop()
+
+
 async def test_seeded_sampling_is_reproducible_across_engines():
     prompt = _prompt(6, 25)
     spec = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234)

@@ -195,7 +195,14 @@ class TorchEngineCore(SchedulingCore):
         own (finish_reason "error"; the worker turns it into that request's error frame),
         their blocks freed. The batch's other requests got their tokens; nothing raises,
         so the engine thread goes on. Before, `torch.multinomial` raised on the NaN row
-        and the failed step ended every request of the engine and the engine itself."""
+        and the failed step ended every request of the engine and the engine itself.
+
+        The blocks such a request used from its first imported one on leave the prefix
+        cache first (`SchedulingCore.drop_foreign`): imported KV can be finite and still
+        overflow attention (a K of 1e30), and cached under the prompt's hashes it ended
+        every later request with that prefix until evicted; now the next one computes those
+        blocks here. Whatever an import check misses, one bad peer costs the requests that
+        ran over its blocks before the first of them failed, not everyone after."""
         outputs, step_ms = super().step()
         failed, self.executor.failed = self.executor.failed, []
         requests = self.scheduler.requests
@@ -203,6 +210,10 @@ class TorchEngineCore(SchedulingCore):
             seq = requests.get(rid)
             if seq is None:  # cannot happen (a None token finishes nothing); be safe
                 continue
+            dropped = self.drop_foreign(rid)
+            if dropped:
+                why += (f"; {dropped} cached KV blocks from an import (or computed over one) "
+                        "were dropped: the next request with this prefix computes them")
             log.warning("request %s ended: %s", rid, why)
             self.scheduler.abort(rid)
             outputs.append(EngineOutput(rid, [], FINISH_ERROR, seq.prompt_len,
