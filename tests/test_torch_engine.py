@@ -176,6 +176,7 @@ async def test_huge_finite_imported_kv_ends_that_request_alone(reference):
     from genset.engines.types import KvBlockData
 
     engine = TorchEngine("tiny", num_blocks=64, block_size=16)
+    engine.runner.kv_bound = float("inf")  # an import check that misses them
     try:
         poisoned = _prompt(31, 37)  # 2 full blocks imported, 5 tokens computed
         hashes = block_hashes(poisoned, 16)
@@ -202,7 +203,8 @@ async def test_huge_finite_imported_kv_ends_that_request_alone(reference):
 
 async def test_poisoned_imported_kv_is_dropped_and_the_prefix_recomputed(reference):
     """Imported KV that is finite but poisoned (huge values that overflow only inside
-    attention) passes the import's checks and is cached under the prompt's hashes. The first
+    attention) and that the import's checks miss (the model's bound is turned off here) is
+    cached under the prompt's hashes. The first
     request over it ends with an error; the blocks it used from the import on are dropped
     from the prefix cache then (before, every later request with that prefix ended with an
     error until they were evicted), so the next request with that prefix computes them and
@@ -213,6 +215,7 @@ async def test_poisoned_imported_kv_is_dropped_and_the_prefix_recomputed(referen
     from genset.engines.types import KvBlockData
 
     engine = TorchEngine("tiny", num_blocks=64, block_size=16)
+    engine.runner.kv_bound = float("inf")  # an import check that misses them
     events = engine.kv_events()
     try:
         prompt = _prompt(34, 70)  # 4 full blocks + 6 tokens
@@ -257,6 +260,39 @@ async def test_poisoned_imported_kv_is_dropped_and_the_prefix_recomputed(referen
     finally:
         events.close()
         await engine.stop()
+
+
+async def test_kv_beyond_what_the_model_computes_is_refused(reference):
+    """One value of a peer's KV beyond the model's bound (`kv_bound`: no K/V the model
+    computes is larger), finite or not, and the import is refused before anything is cached
+    (the worker then computes the prompt). Within the bound the same blocks import fine."""
+    from genset.engines.torch import kvformat
+    from genset.engines.types import KvBlockData
+
+    a = TorchEngine("tiny", num_blocks=32, block_size=16)
+    b = TorchEngine("tiny", num_blocks=32, block_size=16)
+    try:
+        prompt = _prompt(35, 40)  # 2 full blocks + 8 tokens
+        hashes = block_hashes(prompt, 16)
+        await _run(a, "prefill", prompt, 1)
+        honest = torch.cat([kvformat.decode(blk.data) for blk in await a.export_kv(hashes)])
+        bound = b.runner.kv_bound
+        assert honest.abs().max().item() * 2 <= bound < 1e6
+        for value in (bound * 1.01, 1e30, -1e30, 3e38):
+            bad = honest.clone()
+            bad[1, 2, 1, 3, 0, 5] = value  # block 1, layer 2, V, one element
+            blocks = [KvBlockData(h, p) for h, p in zip(
+                hashes, kvformat.split(kvformat.encode(bad)), strict=True)]
+            with pytest.raises(ValueError, match=r"beyond the .* this model can compute"):
+                await b.submit(EngineRequest("x", prompt, GREEDY, kv_import=KvImport(blocks)))
+            assert not b.scheduler.pool.cached_hashes() and b.scheduler.num_pinned_blocks == 0
+        blocks = [KvBlockData(h, p) for h, p in zip(
+            hashes, kvformat.split(kvformat.encode(honest)), strict=True)]
+        tokens, out = await _run(b, "imported", prompt, 6, kv_import=KvImport(blocks))
+        assert out.cached_tokens == 32 and tokens == reference(prompt, 6)
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 async def test_seeded_sampling_is_reproducible_across_engines():

