@@ -196,6 +196,7 @@ class Scheduler:
         # (`drop_foreign`), newest last, at most DISTRUSTED_MAX: `import_kv` writes none of
         # them (what is cached here under one is still used)
         self.distrusted: dict[int, None] = {}
+        self._imported = False  # whether any block was imported yet (`_admit` looks then)
         # counters (monotonic), for metrics and tests
         self.num_foreign_dropped = 0  # blocks `drop_foreign` took out of the prefix cache
         self.num_computed_tokens = 0  # tokens the executor was asked to compute
@@ -471,6 +472,7 @@ class Scheduler:
                 b = new[0]
                 if pool.cache_block(b, h, parent):
                     pool.marks[b] |= FOREIGN
+                    self._imported = True
                 written.append((h, b))
             held.append(b)
             parent = h
@@ -668,10 +670,12 @@ class Scheduler:
         pool.touch(hit)
         # the first block whose KV came from outside (`drop_foreign`): a scan of the hits'
         # marks (~40 ns a block: 512 hit blocks ~20 us at load ~6, next to the hashing and
-        # the lookup above)
-        marks = pool.marks
-        seq.foreign_from = next((i for i, b in enumerate(hit) if marks[b] & FOREIGN),
-                                len(hit) if tail_n else None)
+        # the lookup above), on an engine that ever imported a block
+        foreign = len(hit) if tail_n else None
+        if self._imported:
+            marks = pool.marks
+            foreign = next((i for i, b in enumerate(hit) if marks[b] & FOREIGN), foreign)
+        seq.foreign_from = foreign
         seq.block_table = hit + (pool.allocate(need) or [])
         seq.num_computed = cached + tail_n
         seq.num_registered = len(hit)
