@@ -19,6 +19,7 @@ OPS = st.lists(
         st.tuples(st.just("flush")),
         st.tuples(st.just("evict"), st.integers(0, 3)),
         st.tuples(st.just("clear")),
+        st.tuples(st.just("uncache"), st.integers(0, 50)),
     ),
     max_size=80,
 )
@@ -68,6 +69,8 @@ def test_pool_invariants_under_random_operations(ops, num_blocks):
             pool.evict_cached(op[1])
         elif kind == "clear":
             pool.clear_cache()
+        elif kind == "uncache":
+            pool.uncache([op[1] % num_blocks])
 
         pool.check_invariants()
         assert 0 <= pool.num_used <= pool.num_blocks
@@ -81,7 +84,7 @@ def test_pool_invariants_under_random_operations(ops, num_blocks):
         # a referenced cached block is never evicted (no op frees and allocates at once, so
         # a block referenced before and after the op was held throughout)
         for b, h in pinned_hash.items():
-            if pool.ref_cnt[b] > 0 and kind != "clear":
+            if pool.ref_cnt[b] > 0 and kind not in ("clear", "uncache"):
                 assert pool.block_hash[b] == h and pool.block_of(h) == b
         pinned_hash = {
             b: h for b, h in enumerate(pool.block_hash) if h is not None and pool.ref_cnt[b] > 0
@@ -178,3 +181,33 @@ def test_clear_cache_emits_cleared():
     assert batch is not None and replica.apply(batch)
     assert replica.hashes == set() == pool.cached_hashes()
     assert pool.ref_cnt[blocks[0]] == 1
+
+
+def test_uncache_drops_blocks_and_everything_chained_below_them():
+    """`uncache` (a request ended on bad KV): the blocks' hashes and those of every cached
+    block descending from them go, in use or free; nothing else; one `Removed`; nothing is
+    handed to the eviction sink (bad KV must not travel on); the free ones are taken next."""
+    pool = BlockPool(8, block_size=2)
+    pool.evicted = []  # an eviction sink is attached
+    blocks = pool.allocate(6)
+    assert blocks is not None
+    a, b, c, d, e, f = blocks
+    pool.cache_block(a, 1, None)  # 1 -> 2 -> 3, 2 -> 4 (a branch), 5 (another chain)
+    pool.cache_block(b, 2, 1)
+    pool.cache_block(c, 3, 2)
+    pool.cache_block(d, 4, 2)
+    pool.cache_block(e, 5, None)
+    replica = HashSetReplica()
+    assert replica.apply(pool.take_batch(0))
+    pool.free([c])  # one of them free, the others held
+    assert pool.uncache([b, f]) == [2, 3, 4]  # (f holds no hash: nothing to drop)
+    assert pool.cached_hashes() == {1, 5}
+    assert pool.lookup([1, 2]) == [a]
+    assert pool.evicted == [] and pool.num_uncached == 3
+    batch = pool.take_batch(0)
+    assert batch is not None and batch.events == [Removed(hashes=[2, 3, 4])]
+    assert replica.apply(batch) and replica.hashes == pool.cached_hashes()
+    assert pool.ref_cnt[b] == 1 and pool.block_hash[b] is None  # its holder keeps it
+    assert pool.allocate(1) == [c]  # the dropped free block is taken first
+    assert pool.uncache([b]) == []
+    pool.check_invariants()

@@ -548,3 +548,44 @@ def test_sampling_spec_and_chunks_carry_what_penalties_and_min_tokens_need():
     for c in plan.chunks:
         seq = s.requests[c.seq_id]
         assert c.seq_tokens is seq.token_ids and c.prompt_len == seq.prompt_len
+
+
+def test_drop_foreign_takes_out_the_import_and_what_was_computed_over_it():
+    """A request over imported KV that ends on non-finite values (the torch engine calls
+    `drop_foreign` for it): its blocks from the first imported one on leave the cache, with
+    every block chained below them (another request's too), and later imports of those
+    hashes stop there; the prefix computed here before the import stays cached."""
+    from genset.kv.block_pool import FOREIGN
+
+    prompt = list(range(40))  # 10 blocks of 4
+    hashes = block_hashes(prompt, 4)
+    s = make(max_batch_tokens=128)
+    replica = HashSetReplica()
+    s.add_request(request("own", prompt[:9], 1))  # blocks 0-1 computed here
+    run(s, replica)
+    assert s.import_kv(hashes[2:6], parent_hash=hashes[1], pin_for="bad") != []
+    s.add_request(request("bad", prompt, 4))
+    longer = prompt + list(range(100, 112))  # the same prefix, 3 blocks further
+    s.add_request(request("longer", longer, 4))
+    plan = s.schedule()
+    s.update(plan, [next_token(c) if c.sample else None for c in plan.chunks])
+    bad, other = s.requests["bad"], s.requests["longer"]
+    assert bad.foreign_from == 2 and other.foreign_from == 2
+    pool = s.pool
+    # what they computed over the import is marked like it, the own prefix is not
+    assert [bool(pool.marks[pool.block_of(h)] & FOREIGN) for h in hashes] == [False] * 2 + [True] * 8
+
+    dropped = s.drop_foreign(bad)
+    longer_hashes = block_hashes(longer, 4)
+    assert set(dropped) == set(longer_hashes[2:])  # "longer"'s own blocks descend from them
+    assert pool.cached_hashes() == set(hashes[:2])
+    assert s.num_foreign_dropped == 11 and set(s.distrusted) == set(dropped)
+    assert s.drop_foreign(other) == []  # already gone
+    assert s.import_kv(hashes[2:6], parent_hash=hashes[1]) == []  # distrusted: not written
+    s.abort("bad")
+    s.abort("longer")
+    s.add_request(request("again", prompt, 1))
+    assert run(s, replica)["again"][2] == 8  # only the prefix computed here was a hit
+    assert replica.hashes == pool.cached_hashes() >= set(hashes)
+    assert s.import_kv(hashes[2:6], parent_hash=hashes[1]) == []  # cached here (computed)
+    assert not any(pool.marks[pool.block_of(h)] & FOREIGN for h in hashes)

@@ -176,6 +176,7 @@ async def test_huge_finite_imported_kv_ends_that_request_alone(reference):
     from genset.engines.types import KvBlockData
 
     engine = TorchEngine("tiny", num_blocks=64, block_size=16)
+    engine.runner.kv_bound = float("inf")  # an import check that misses them
     try:
         poisoned = _prompt(31, 37)  # 2 full blocks imported, 5 tokens computed
         hashes = block_hashes(poisoned, 16)
@@ -198,6 +199,100 @@ async def test_huge_finite_imported_kv_ends_that_request_alone(reference):
         assert (await _run(engine, "after", after, 4))[0] == reference(after, 4)
     finally:
         await engine.stop()
+
+
+async def test_poisoned_imported_kv_is_dropped_and_the_prefix_recomputed(reference):
+    """Imported KV that is finite but poisoned (huge values that overflow only inside
+    attention) and that the import's checks miss (the model's bound is turned off here) is
+    cached under the prompt's hashes. The first
+    request over it ends with an error; the blocks it used from the import on are dropped
+    from the prefix cache then (before, every later request with that prefix ended with an
+    error until they were evicted), so the next request with that prefix computes them and
+    gets the reference's tokens, even when it brings the same poisoned import again (as an
+    offload store still holding it would: the dropped hashes are not imported again). The
+    prefix computed here before the import stays cached; the published events match."""
+    from genset.engines.torch import kvformat
+    from genset.engines.types import KvBlockData
+
+    engine = TorchEngine("tiny", num_blocks=64, block_size=16)
+    engine.runner.kv_bound = float("inf")  # an import check that misses them
+    events = engine.kv_events()
+    try:
+        prompt = _prompt(34, 70)  # 4 full blocks + 6 tokens
+        hashes = block_hashes(prompt, 16)
+        own = prompt[:20]  # block 0 computed here
+        assert (await _run(engine, "own", own, 1))[0] == reference(own, 1)
+        huge = torch.full((2, *engine.runner.block_shape), 3e38)
+        poison = KvImport([KvBlockData(h, p) for h, p in zip(
+            hashes[1:3], kvformat.split(kvformat.encode(huge)), strict=True)],
+            parent_hash=hashes[0])
+
+        async def submit(rid):
+            req = EngineRequest(rid, prompt, GREEDY,
+                                StopConditions(max_tokens=8, ignore_eos=True),
+                                kv_import=poison)
+            return [out async for out in await engine.submit(req)]
+
+        outs = await submit("bad")
+        assert [o.token_ids for o in outs] == [[]] and outs[-1].finish_reason == "error"
+        assert "NaN or infinite" in outs[-1].error and "3 cached KV blocks" in outs[-1].error
+        pool = engine.scheduler.pool
+        # dropped (as the request ended, before its output): the two imported blocks and
+        # the one computed over them; block 0 stays
+        assert pool.cached_hashes() == {hashes[0]}
+        assert engine.scheduler.num_foreign_dropped == 3
+
+        before = engine.runner.tokens_computed
+        outs = await submit("again")
+        assert [t for o in outs for t in o.token_ids] == reference(prompt, 8)
+        assert outs[-1].finish_reason == "length" and outs[-1].cached_tokens == 16
+        assert engine.runner.tokens_computed - before == 70 - 16 + 7  # recomputed
+        assert set(hashes) <= pool.cached_hashes()
+        # what the cache holds under those hashes now is the model's own KV
+        held = await engine.export_kv(hashes)
+        kv = torch.cat([kvformat.decode(b.data) for b in held])
+        assert len(held) == 4 and kv.abs().max().item() < 1e4
+        replica = HashSetReplica()
+        while (batch := events.get_nowait()) is not None:
+            assert replica.apply(batch)
+        assert replica.hashes == pool.cached_hashes()
+        pool.check_invariants()
+    finally:
+        events.close()
+        await engine.stop()
+
+
+async def test_kv_beyond_what_the_model_computes_is_refused(reference):
+    """One value of a peer's KV beyond the model's bound (`kv_bound`: no K/V the model
+    computes is larger), finite or not, and the import is refused before anything is cached
+    (the worker then computes the prompt). Within the bound the same blocks import fine."""
+    from genset.engines.torch import kvformat
+    from genset.engines.types import KvBlockData
+
+    a = TorchEngine("tiny", num_blocks=32, block_size=16)
+    b = TorchEngine("tiny", num_blocks=32, block_size=16)
+    try:
+        prompt = _prompt(35, 40)  # 2 full blocks + 8 tokens
+        hashes = block_hashes(prompt, 16)
+        await _run(a, "prefill", prompt, 1)
+        honest = torch.cat([kvformat.decode(blk.data) for blk in await a.export_kv(hashes)])
+        bound = b.runner.kv_bound
+        assert honest.abs().max().item() * 2 <= bound < 1e6
+        for value in (bound * 1.01, 1e30, -1e30, 3e38):
+            bad = honest.clone()
+            bad[1, 2, 1, 3, 0, 5] = value  # block 1, layer 2, V, one element
+            blocks = [KvBlockData(h, p) for h, p in zip(
+                hashes, kvformat.split(kvformat.encode(bad)), strict=True)]
+            with pytest.raises(ValueError, match=r"beyond the .* this model can compute"):
+                await b.submit(EngineRequest("x", prompt, GREEDY, kv_import=KvImport(blocks)))
+            assert not b.scheduler.pool.cached_hashes() and b.scheduler.num_pinned_blocks == 0
+        blocks = [KvBlockData(h, p) for h, p in zip(
+            hashes, kvformat.split(kvformat.encode(honest)), strict=True)]
+        tokens, out = await _run(b, "imported", prompt, 6, kv_import=KvImport(blocks))
+        assert out.cached_tokens == 32 and tokens == reference(prompt, 6)
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 async def test_seeded_sampling_is_reproducible_across_engines():

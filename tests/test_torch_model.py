@@ -142,6 +142,21 @@ def test_mistral_sliding_window_matches_reference(tmp_path):
     assert generate(unwindowed, prompts, max_tokens=8, token_budget=24) != ours
 
 
+@pytest.mark.parametrize("which", ["llama_dir", "qwen2_dir", "llama_bias_dir", "tiny"])
+def test_kv_bound_holds_for_what_the_model_computes(which, request):
+    """`kv_bound` (what imported K/V is checked against) is above every K/V value the model
+    computes: biases, RoPE scaling and an explicit head_dim included; by its slack even
+    without it (it must never refuse a peer's honest KV), and far below a poisoned 1e30."""
+    from genset.engines.torch.runner import _KV_BOUND_SLACK
+
+    d = "tiny" if which == "tiny" else request.getfixturevalue(which)[0]
+    runner = ModelRunner(d, num_blocks=128, block_size=4, dtype="float32")
+    vocab = runner.vocab_size
+    generate(runner, _prompts(seed=3, vocab=vocab), max_tokens=8, token_budget=64)
+    peak = runner.kv_cache.abs().max().item()
+    assert 0 < peak * _KV_BOUND_SLACK <= runner.kv_bound < 1e6
+
+
 @pytest.mark.parametrize(
     "rope",
     [

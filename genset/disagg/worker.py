@@ -1012,8 +1012,9 @@ class _RemoteRun:
         n = await hook.ctx.engine.import_kv(KvImport(blocks, run.parent_hash), pin_for=self.key)
         self.imported += n
         if n < len(blocks):
-            raise TransferError(xerr.IMPORT_FAILED, f"KV cache full: imported {n} of "
-                                f"{len(blocks)} blocks")
+            raise TransferError(xerr.IMPORT_FAILED, f"imported {n} of {len(blocks)} blocks "
+                                "(KV cache full, or a block whose KV ended a request here "
+                                "before: `Scheduler.distrusted`)")
 
     async def kv(self) -> KvImport | None:
         """Wait for the transfer; the import for the engine, or None (recompute here)."""

@@ -222,6 +222,21 @@ class SchedulingCore:
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
 
+    def drop_foreign(self, request_id: str) -> int:
+        """For a request that is ending on non-finite values (call before it is aborted):
+        the cached blocks it used from its first imported one on, and their descendants,
+        leave the prefix cache and their hashes are refused by later imports
+        (`Scheduler.drop_foreign`); returns how many blocks were dropped."""
+        seq = self.scheduler.requests.get(request_id)
+        if seq is None:
+            return 0
+        dropped = self.scheduler.drop_foreign(seq)
+        ahead = self._copied_ahead
+        if ahead:
+            for h in dropped:
+                ahead.pop(h, None)
+        return len(dropped)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 

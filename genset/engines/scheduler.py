@@ -52,13 +52,18 @@ from typing import Any
 
 from genset.engines.batch import SamplingSpec, ScheduledChunk, StepPlan
 from genset.engines.types import EngineOutput, EngineRequest
-from genset.kv.block_pool import GENERATED, BlockPool
+from genset.kv.block_pool import FOREIGN, GENERATED, BlockPool
 from genset.kv.hashing import extend_block_hashes
 from proto.kv import LoadReport
 
 WAITING = 0
 RUNNING = 1
 FINISHED = 2
+
+# hashes `Scheduler.drop_foreign` remembers as distrusted (the oldest are forgotten first): a
+# few hundred KB, and a store or peer that keeps serving the same bad blocks fails a request
+# once, not every time
+DISTRUSTED_MAX = 4096
 
 
 @dataclass(slots=True)
@@ -105,6 +110,7 @@ class Sequence:
         "cached_memo",
         "cached_tokens",
         "export_tail",
+        "foreign_from",
         "ignore_eos",
         "max_tokens",
         "min_tokens",
@@ -155,6 +161,10 @@ class Sequence:
         if kv is not None and kv.tail_tokens > 0 and resumed:
             self.tail = (kv.tail_tokens, None)
         self.export_tail = request.export_tail
+        # index in block_table of its first block whose KV came from outside this engine (an
+        # imported block it hit, or the block an imported tail was written into), None when
+        # all of it is computed here; set at admission (`_admit`), read by `drop_foreign`
+        self.foreign_from: int | None = None
 
 
 class Scheduler:
@@ -182,7 +192,13 @@ class Scheduler:
         # (`EngineRequest.export_tail`), freed by the last `update()`: the core reads them
         # before the next step can write into them
         self.tail_exports: list[tuple[str, int, int]] = []
+        # hashes dropped because a request over them ended on non-finite values
+        # (`drop_foreign`), newest last, at most DISTRUSTED_MAX: `import_kv` writes none of
+        # them (what is cached here under one is still used)
+        self.distrusted: dict[int, None] = {}
+        self._imported = False  # whether any block was imported yet (`_admit` looks then)
         # counters (monotonic), for metrics and tests
+        self.num_foreign_dropped = 0  # blocks `drop_foreign` took out of the prefix cache
         self.num_computed_tokens = 0  # tokens the executor was asked to compute
         self.num_preemptions = 0
 
@@ -425,8 +441,10 @@ class Scheduler:
         """Make the chain `hashes` (continuing `parent_hash`) cached here.
 
         Returns (hash, block_id) for each block newly allocated, whose KV the executor must
-        write before the next step; hashes already cached are reused. Stops early when the
-        pool is full. With `pin_for`, every block of the chain is held until that request is
+        write before the next step (marked `FOREIGN`); hashes already cached are reused.
+        Stops early when the pool is full, or at a hash not cached here that is `distrusted`
+        (`drop_foreign`: its imported KV ended a request before; the caller computes the
+        rest). With `pin_for`, every block of the chain is held until that request is
         admitted, aborted or `unpin`ned.
         """
         pool = self.pool
@@ -446,11 +464,15 @@ class Scheduler:
             if b is not None:
                 pool.touch((b,))
             else:
+                if h in self.distrusted:
+                    break
                 new = pool.allocate(1)
                 if new is None:
                     break
                 b = new[0]
-                pool.cache_block(b, h, parent)
+                if pool.cache_block(b, h, parent):
+                    pool.marks[b] |= FOREIGN
+                    self._imported = True
                 written.append((h, b))
             held.append(b)
             parent = h
@@ -459,6 +481,35 @@ class Scheduler:
         else:
             pool.free(held)
         return written
+
+    def drop_foreign(self, seq: Sequence) -> list[int]:
+        """Take out of the prefix cache the blocks of `seq` from its first foreign one on
+        (`Sequence.foreign_from`) and every cached block chained below them
+        (`BlockPool.uncache`), and distrust their hashes for later imports; returns the
+        hashes dropped. For a request that ended on non-finite logits: imported KV can be
+        finite yet bad (huge values that overflow only inside attention), and cached under
+        the prompt's hashes it would end every later request with that prefix until evicted.
+        Dropped, the next such request computes those blocks here.
+
+        Why from the first foreign block on, not all the request's blocks: the blocks before
+        it were computed here from their tokens alone, as trustworthy as the engine itself;
+        dropping them would let one bad import (or a request whose temperature overflows its
+        logits) flush a shared prefix (a system prompt) for everyone. Every block after it,
+        whoever computed it, attended to it (or to a block that did). Nothing dropped goes to
+        the eviction sink (the offload store)."""
+        first = seq.foreign_from
+        if first is None or not self.pool.enable_caching:
+            return []
+        dropped = self.pool.uncache(seq.block_table[first:])
+        if dropped:
+            self.num_foreign_dropped += len(dropped)
+            distrusted = self.distrusted
+            for h in dropped:
+                distrusted.pop(h, None)
+                distrusted[h] = None
+            while len(distrusted) > DISTRUSTED_MAX:
+                del distrusted[next(iter(distrusted))]
+        return dropped
 
     def unpin(self, request_id: str) -> None:
         held = self._pins.pop(request_id, None)
@@ -617,6 +668,14 @@ class Scheduler:
             if pool.num_free - reclaimed < need:
                 return 0
         pool.touch(hit)
+        # the first block whose KV came from outside (`drop_foreign`): a scan of the hits'
+        # marks (~40 ns a block: 512 hit blocks ~20 us at load ~6, next to the hashing and
+        # the lookup above), on an engine that ever imported a block
+        foreign = len(hit) if tail_n else None
+        if self._imported:
+            marks = pool.marks
+            foreign = next((i for i, b in enumerate(hit) if marks[b] & FOREIGN), foreign)
+        seq.foreign_from = foreign
         seq.block_table = hit + (pool.allocate(need) or [])
         seq.num_computed = cached + tail_n
         seq.num_registered = len(hit)
@@ -644,6 +703,7 @@ class Scheduler:
         seq.block_table = []
         seq.num_computed = 0
         seq.num_registered = 0
+        seq.foreign_from = None
 
     def _register_full_blocks(self, seq: Sequence, upto: int | None = None) -> None:
         """Cache the full blocks of `seq` below token position `upto` (default: what is
@@ -667,6 +727,8 @@ class Scheduler:
                     b = table[idx]
                     if block_hash[b] == hashes[idx]:
                         marks[b] |= GENERATED
+            if seq.foreign_from is not None:
+                self._mark_foreign(seq, first, full)
             seq.num_registered = full
             return
         tokens = seq.token_ids
@@ -679,4 +741,18 @@ class Scheduler:
                 tokens[idx * bs : (idx + 1) * bs],
             ) and idx >= gen_from:
                 marks[b] |= GENERATED
+        if seq.foreign_from is not None:
+            self._mark_foreign(seq, first, full)
         seq.num_registered = full
+
+    def _mark_foreign(self, seq: Sequence, first: int, full: int) -> None:
+        """Blocks [first, full) of `seq` just registered, computed over foreign KV (at or
+        after `seq.foreign_from`), are marked `FOREIGN` too: a later request that hits them
+        drops them if it fails (`drop_foreign`), as it would the import they descend from."""
+        pool = self.pool
+        block_hash, marks = pool.block_hash, pool.marks
+        table, hashes = seq.block_table, seq.block_hashes
+        for idx in range(max(first, seq.foreign_from or 0), full):
+            b = table[idx]
+            if block_hash[b] == hashes[idx]:  # (not a private copy of a block held elsewhere)
+                marks[b] |= FOREIGN

@@ -157,6 +157,9 @@ class ModelRunner:
             w = load_checkpoint(self.model_dir, cfg, dtype=self.dtype, device=self.device)
         self.model = LlamaModel(cfg, w, self.device, self.dtype)
         del w  # the model holds the (fused) tensors now; drop the unfused originals
+        # No K or V value this model computes exceeds this (`kv_value_bound`): imported KV
+        # beyond it is refused (`RunnerExecutor.decode_kv`)
+        self.kv_bound = kv_value_bound(self.model, self.dtype)
 
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -534,6 +537,39 @@ class ModelRunner:
             if not 0 <= b < self.num_blocks:
                 raise ValueError(f"block id {b} outside [0, {self.num_blocks})")
         return ids
+
+
+# `kv_value_bound`'s margin over the exact bound: rounding in a low-precision forward pass
+# (bfloat16 keeps 8 bits) moves a value by well under 1 %
+_KV_BOUND_SLACK = 2.0
+
+
+def kv_value_bound(model: LlamaModel, dtype: torch.dtype) -> float:
+    """An upper bound on |x| for every K and V value `model` can compute, whatever its
+    input: what imported KV is checked against (a peer's KV beyond it was not computed by
+    this model, and huge values overflow attention into NaN, or into garbage tokens without
+    any NaN: a V of 1e30 on the tiny model gives token 0 over and over).
+
+    Each layer's K/V is a projection of the RMS-normalised hidden state: x / rms(x) has no
+    element above sqrt(hidden) in magnitude (x_i^2 <= sum x^2), so projection row j gives at
+    most sqrt(hidden) * sum_i |W[j, i] * norm_weight[i]| + |bias[j]|. RoPE mixes pairs of
+    K elements with cos and sin (scaled by YaRN's attention factor): at most
+    max(|cos| + |sin|) times the larger of the two. The largest over layers and rows, times
+    `_KV_BOUND_SLACK`, capped at the cache dtype's largest finite value (a larger one would
+    turn into inf when written). Loose (the tiny model: ~650, against K/V of at most ~5 in
+    practice), but it never refuses what this model computed, and it needs no calibration."""
+    cfg = model.cfg
+    q, kv = cfg.q_size, cfg.kv_size
+    root = math.sqrt(cfg.hidden_size)
+    rope = model.rope
+    turn = (rope.cos.float().abs() + rope.sin.float().abs()).max().item()
+    bound = 0.0
+    for layer in model.layers:
+        rows = (layer.qkv[q:].float().abs() @ layer.in_norm.float().abs()) * root
+        if layer.qkv_b is not None:
+            rows += layer.qkv_b[q:].float().abs()
+        bound = max(bound, rows[:kv].max().item() * turn, rows[kv:].max().item())
+    return min(bound * _KV_BOUND_SLACK, torch.finfo(dtype).max)
 
 
 # Decode grouping: a batched attention call costs about as much as this many context
