@@ -181,8 +181,8 @@ class OffloadService(Service):
             disk_bytes=int(o.offload_disk_gb * GB) if self.disk else 0,
             spill_queue_bytes=int(o.spill_queue_mb * MB), max_block_bytes=max_block,
             spill_min_freq=o.spill_min_freq, verify_hashes=o.verify_hashes,
-            require_token_ids=o.require_token_ids, verify_on_start=o.verify_on_start, admission=o.admission,
-            max_event_blocks=max_event_blocks)
+            require_token_ids=o.require_token_ids, verify_on_start=o.verify_on_start,
+            admission=o.admission, max_event_blocks=max_event_blocks)
         found = await store.open()
         self._metrics_gauges()
         ns, sid = self.namespace, self.instance_id
