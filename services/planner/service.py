@@ -373,9 +373,11 @@ class PlannerService(Service):
     def _max_request_tokens(self) -> int:
         """Tokens one request may have (prompt, or output): the largest context length among
         the model cards seen (a frontend refuses more before counting a request), else, with
-        none seen or one without a context length, `MAX_TOKENS_PER_REQUEST`."""
+        none seen or one without a context length, `MAX_TOKENS_PER_REQUEST`, which also caps
+        it (a card is what a worker says of itself: one claiming a context of 2**60 tokens
+        must not lift the bound)."""
         if self._max_context and not self._context_unknown:
-            return self._max_context
+            return min(self._max_context, MAX_TOKENS_PER_REQUEST)
         return MAX_TOKENS_PER_REQUEST
 
     def _implausible(self, name: str, field_name: str | None, publisher: str) -> bool:
