@@ -220,6 +220,37 @@ async def test_bad_messages_get_errors_are_counted_and_the_store_goes_on(
         assert 'genset_offload_bad_messages_total{endpoint="resync"} 1.0' in text
 
 
+async def test_puts_without_token_ids_are_counted_unverified_or_refused_when_required(
+        nats_server, etcd_server, bus, discovery, ns):
+    """A put without token ids cannot have its hashes checked: by default the store keeps it
+    and counts it apart (genset_offload_unverified_blocks_total); with require_token_ids it
+    refuses it by name, counted with the other refusals, and goes on serving."""
+    good, bare = chain(11, 2, 100)
+    bare.token_ids = b""
+    for strict in (False, True):
+        async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01,
+                                 require_token_ids=strict) as store:
+            put = subjects.offload_put(ns, store.instance_id)
+            reply = await bus.request(put, OffloadPut(sender_id=0xAB, blocks=[good, bare]),
+                                      timeout=WAIT, reply_type=proto.OffloadPutReply)
+            text = store.metrics.render().decode()
+            if strict:
+                assert (reply.stored, reply.refused) == (1, 1)
+                assert "no token ids" in reply.error
+                assert 'genset_offload_put_blocks_total{outcome="refused"} 1.0' in text
+                assert "genset_offload_unverified_blocks_total 0.0" in text
+                assert store.store.contains([bare.hash]) == (0, 0)
+            else:
+                assert (reply.stored, reply.refused, reply.error) == (2, 0, None)
+                assert "genset_offload_unverified_blocks_total 1.0" in text
+                assert store.health()["counts"]["unverified"] == 1
+            # the store goes on: the verified block is served
+            reply = await bus.request(subjects.offload_lookup(ns, store.instance_id),
+                                      OffloadLookup(hashes=[good.hash], max_bytes=1 << 20),
+                                      timeout=WAIT, reply_type=OffloadLookupReply)
+            assert reply.held == 1 and reply.blocks[0].data == good.data
+
+
 async def test_events_per_tier_and_resync(nats_server, etcd_server, bus, discovery, ns,
                                           tmp_path):
     batches: list[proto.KvEventBatch] = []

@@ -195,6 +195,31 @@ async def test_invalid_blocks_are_refused_with_a_reason(tmp_path):
     await store.close()
 
 
+async def test_blocks_without_token_ids_are_counted_unverified_or_refused_when_required():
+    """A block without token ids cannot have its hash checked: kept and counted as such by
+    default (workers write back imported blocks without them), refused by name with
+    require_token_ids; a block with token ids is checked either way."""
+    lax = BlockStore(ram_bytes=1 << 20)
+    strict = BlockStore(ram_bytes=1 << 20, require_token_ids=True)
+    for store in (lax, strict):
+        await store.open()
+    good, bare, forged = chain(6, 3, DATA)
+    bare.token_ids = b""
+    forged.token_ids = b""
+    forged.hash = 0x5EED  # any hash at all: nothing to check it against
+    c = lax.put([good, bare, forged])
+    assert (c.stored, c.refused, c.unverified) == (3, 0, 2)
+    assert lax.counts["unverified"] == 2
+    assert lax.put([bare]).unverified == 1  # known, still unchecked
+    c = strict.put([good, bare, forged])
+    assert (c.stored, c.refused, c.unverified) == (1, 2, 0)
+    assert "no token ids" in c.error and f"{bare.hash:016x}" in c.error
+    assert strict.counts["refused"] == 2 and strict.counts["unverified"] == 0
+    assert strict.contains([good.hash]) == (1, 1) and strict.contains([forged.hash]) == (0, 0)
+    for store in (lax, strict):
+        await store.close()
+
+
 async def test_lookup_returns_what_fits_and_says_how_much_more_it_holds():
     store = BlockStore(ram_bytes=1 << 20)
     await store.open()

@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 import proto
+from genset.planning.observations import MAX_LATENCY_MS
 from genset.runtime.bus import Bus
 from genset.runtime.config import CommonConfig
 from genset.runtime.discovery import Discovery, DiscoveryError
@@ -255,10 +256,12 @@ async def test_a_worker_cannot_speak_for_another(nats_server, etcd_server, bus, 
                 'reason="unknown_worker"} 1.0') in metrics
 
 
-async def test_huge_latency_samples_keep_the_dry_run_output_json(nats_server, etcd_server, bus,
-                                                                  discovery):
-    """Samples near the float limit are finite, so they pass the message's checks; their sum
-    overflowed to inf, printed as `Infinity`, which is not JSON."""
+async def test_huge_latency_samples_are_dropped_and_the_dry_run_output_stays_json(
+        nats_server, etcd_server, bus, discovery):
+    """Samples near the float limit are finite, so they pass the message's checks: their sum
+    overflowed to inf (printed as `Infinity`, not JSON) and a TTFT of 1e308 ms pushed the
+    pools up. Past MAX_LATENCY_MS the window is dropped (counted); samples at the bound are
+    taken, and the dry-run output stays JSON."""
     ns = f"pl-{uuid.uuid4().hex[:8]}"
     fleet = FakeFleet(bus, discovery, ns)
     await fleet.add(used=100)
@@ -268,10 +271,17 @@ async def test_huge_latency_samples_keep_the_dry_run_output_json(nats_server, et
             await bus.publish(subjects.frontend_stats(ns), proto.FrontendStats(
                 frontend_id=1, ts_ms=0, window_ms=1000, arrivals=1, prompt_tokens=100,
                 finished=1, output_tokens=10, ttft_ms=[1e308] * 4, itl_ms=[1e308] * 4))
+            await bus.publish(subjects.frontend_stats(ns), proto.FrontendStats(
+                frontend_id=1, ts_ms=0, window_ms=1000, arrivals=1, prompt_tokens=100,
+                finished=1, output_tokens=10, ttft_ms=[MAX_LATENCY_MS] * 4,
+                itl_ms=[MAX_LATENCY_MS] * 4))
             await eventually(lambda: svc.core.itl.count(svc.core.now_ms()) == 4, "the samples")
+            assert svc.core.forecaster.total_arrivals == 1  # the first window was dropped
+            assert ('genset_planner_ignored_messages_total{kind="frontend_stats",'
+                    'reason="implausible"} 1.0') in svc.metrics.render().decode()
             await eventually(lambda: svc.last_decision is not None and
                              "itl_observed_ms" in svc.last_decision.inputs, "a decision")
-            assert svc.last_decision.inputs["itl_observed_ms"] == pytest.approx(1e308)
+            assert svc.last_decision.inputs["itl_observed_ms"] == pytest.approx(MAX_LATENCY_MS)
 
             def refuse(name):
                 raise AssertionError(f"{name} in the dry-run output")
@@ -281,6 +291,67 @@ async def test_huge_latency_samples_keep_the_dry_run_output_json(nats_server, et
                 json.loads(ln, parse_constant=refuse)
     finally:
         await fleet.stop()
+
+
+async def test_implausible_claims_are_dropped_whole_and_counted(nats_server, etcd_server, bus,
+                                                               discovery):
+    """A frontend claiming 2**63 arrivals, a frontend claiming more prompt tokens than its
+    requests can hold, a worker claiming an impossible step, a worker claiming a billion
+    waiting requests, a router claiming a prompt past any context: each message is dropped
+    whole (none of its fields used), counted as implausible, and the pools stay where the
+    honest inputs put them. An honest window, sent after them on the same subject, is taken."""
+    ns = f"pl-{uuid.uuid4().hex[:8]}"
+    fleet = FakeFleet(bus, discovery, ns)
+    wid = await fleet.add(used=100)
+    async with planner(nats_server.url, etcd_server.endpoint, ns) as (svc, _):
+        await eventually(lambda: wid in svc.core.workers, "the card")
+        assert svc._max_request_tokens() == 4096  # the card's context length
+        await bus.publish(subjects.frontend_stats(ns), proto.FrontendStats(
+            frontend_id=0xBAD, ts_ms=0, window_ms=1000, arrivals=2**63 - 1,
+            prompt_tokens=2**63 - 1))
+        await bus.publish(subjects.frontend_stats(ns), proto.FrontendStats(
+            frontend_id=0xBAD, ts_ms=0, window_ms=1000, arrivals=10,
+            prompt_tokens=10 * 4096 + 1))
+        await bus.publish(subjects.step_stats(ns, wid), proto.WorkerStepStats(
+            worker_id=wid, samples=[proto.StepSample(prefill_tokens=512, ms=20.0),
+                                    proto.StepSample(prefill_tokens=2**40, ms=20.0)]))
+        await bus.publish(subjects.load_report(ns, wid), proto.LoadReport(
+            worker_id=wid, ts_ms=0, running=1, waiting=10**9, kv_used_blocks=100,
+            kv_total_blocks=1000))
+        # then honest messages on the same subjects (so they arrive after the others)
+        await bus.publish(subjects.frontend_stats(ns), proto.FrontendStats(
+            frontend_id=0xF00D, ts_ms=0, window_ms=1000, arrivals=3, prompt_tokens=300))
+        await bus.publish(subjects.step_stats(ns, wid), proto.WorkerStepStats(
+            worker_id=wid, samples=[proto.StepSample(prefill_tokens=512, ms=20.0)]))
+        await bus.publish(subjects.load_report(ns, wid), proto.LoadReport(
+            worker_id=wid, ts_ms=0, running=7, kv_used_blocks=100, kv_total_blocks=1000))
+        await eventually(lambda: svc.core.forecaster.total_arrivals == 3, "the honest window")
+        await eventually(lambda: svc.core.model.observed == 1, "the honest step")
+        await eventually(lambda: (w := svc.core.workers[wid]).load and w.load.running == 7,
+                         "the honest load report")
+        metrics = svc.metrics.render().decode()
+        for kind, n in (("frontend_stats", 2), ("step_stats", 1), ("load_report", 1)):
+            assert (f'genset_planner_ignored_messages_total{{kind="{kind}",'
+                    f'reason="implausible"}} {n}.0') in metrics, kind
+        await eventually(lambda: svc.last_decision is not None, "decisions go on")
+        assert svc.last_decision.pools["decode"].target < 8  # not taken to the ceiling
+
+
+async def test_an_implausible_route_decision_is_dropped(nats_server, etcd_server, bus,
+                                                       discovery):
+    """Router decisions are the arrival signal while no frontend publishes statistics: one
+    claiming a prompt past every context is dropped (counted), an honest one is taken."""
+    ns = f"pl-{uuid.uuid4().hex[:8]}"
+    fleet = FakeFleet(bus, discovery, ns)
+    wid = await fleet.add(used=100)
+    async with planner(nats_server.url, etcd_server.endpoint, ns) as (svc, _):
+        await eventually(lambda: wid in svc.core.workers, "the card")
+        for prompt_tokens in (10**9, 100):
+            await bus.publish(subjects.route_decisions(ns), proto.RouteDecision(
+                request_id="r", worker_id=wid, prompt_tokens=prompt_tokens, router_id=0xBAD))
+        await eventually(lambda: svc.core.forecaster.total_arrivals == 1, "the honest one")
+        assert ('genset_planner_ignored_messages_total{kind="route_decision",'
+                'reason="implausible"} 1.0') in svc.metrics.render().decode()
 
 
 @pytest.mark.slow

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
@@ -107,3 +109,28 @@ def bind_request(request_id: str | None = None, **fields: Any) -> Iterator[None]
 
 def get_logger(name: str | None = None, **initial: Any):
     return structlog.get_logger(name, **initial)
+
+
+class LogThrottle:
+    """When a repeated failure is worth a log line: the first one, then at most one every
+    `every_s` seconds, each standing for the failures since the line before (pure; the clock
+    is injected). Thread-safe."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self._last: float | None = None
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def hit(self) -> int:
+        """Count one failure; how many failures to log now (this one and those not logged
+        since the last line), or 0: stay quiet."""
+        with self._lock:
+            self._count += 1
+            now = self.clock()
+            if self._last is not None and now - self._last < self.every_s:
+                return 0
+            self._last = now
+            n, self._count = self._count, 0
+            return n

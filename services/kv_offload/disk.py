@@ -35,13 +35,14 @@ import os
 import random
 import struct
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 import xxhash
+
+from genset.runtime.logging import LogThrottle
 
 log = structlog.get_logger("genset.kv_offload")
 
@@ -63,31 +64,6 @@ BAD_REASONS = (BAD_TRUNCATED, BAD_CHECKSUM, BAD_HEADER, BAD_PARTIAL)
 # many seconds at most, each line with the count of failures it stands for (`LogThrottle`).
 DISK_WARN_EVERY_S = 5.0
 READ_FAILED = "disk tier reads failing"
-
-
-class LogThrottle:
-    """When a repeated failure is worth a log line: the first one, then at most one every
-    `every_s` seconds, each standing for the failures since the line before (pure; the clock
-    is injected). Thread-safe."""
-
-    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.every_s = every_s
-        self.clock = clock
-        self._last: float | None = None
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def hit(self) -> int:
-        """Count one failure; how many failures to log now (this one and those not logged
-        since the last line), or 0: stay quiet."""
-        with self._lock:
-            self._count += 1
-            now = self.clock()
-            if self._last is not None and now - self._last < self.every_s:
-                return 0
-            self._last = now
-            n, self._count = self._count, 0
-            return n
 
 
 class DiskError(OSError):

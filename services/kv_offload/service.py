@@ -48,7 +48,13 @@ from proto.offload import (
     OffloadResyncReply,
     TierSnapshot,
 )
-from services.kv_offload.disk import BAD_REASONS, DiskError, DiskStore
+from services.kv_offload.disk import (
+    BAD_REASONS,
+    DISK_WARN_EVERY_S,
+    DiskError,
+    DiskStore,
+    LogThrottle,
+)
 from services.kv_offload.store import BlockStore
 
 GB = 1 << 30
@@ -92,6 +98,12 @@ class OffloadOptions:
     verify_hashes: bool = field(default=True, metadata=opt(
         "refuse blocks whose hash does not match their parent hash and token ids",
         env="GENSET_OFFLOAD_VERIFY_HASHES"))
+    require_token_ids: bool = field(default=False, metadata=opt(
+        "refuse blocks put without token ids (their hash cannot be checked); off by "
+        "default: workers write back blocks they imported (onboarded from a store, or sent "
+        "by a prefill worker) and engines that report evictions by events (TensorRT-LLM) "
+        "without them (docs/architecture.md, unverified blocks)",
+        env="GENSET_OFFLOAD_REQUIRE_TOKEN_IDS"))
     max_concurrent: int = field(default=64, metadata=opt(
         "requests in progress per endpoint before new ones get an overloaded error", min=1,
         env="GENSET_OFFLOAD_MAX_CONCURRENT"))
@@ -143,6 +155,10 @@ class OffloadService(Service):
                                   ["tier"])
         self.m_bad = m.counter("offload_bad_messages", "requests refused as malformed",
                                ["endpoint"])
+        self.m_unverified = m.counter(
+            "offload_unverified_blocks",
+            "blocks put without token ids, kept without a hash check (any outcome)")
+        self._unverified_warn = LogThrottle(DISK_WARN_EVERY_S)
         self.m_batches = m.counter("offload_event_batches", "KV event batches published",
                                    ["outcome"])
         self.m_resyncs = m.counter("offload_resyncs", "snapshots sent on request")
@@ -165,8 +181,8 @@ class OffloadService(Service):
             disk_bytes=int(o.offload_disk_gb * GB) if self.disk else 0,
             spill_queue_bytes=int(o.spill_queue_mb * MB), max_block_bytes=max_block,
             spill_min_freq=o.spill_min_freq, verify_hashes=o.verify_hashes,
-            verify_on_start=o.verify_on_start, admission=o.admission,
-            max_event_blocks=max_event_blocks)
+            require_token_ids=o.require_token_ids, verify_on_start=o.verify_on_start,
+            admission=o.admission, max_event_blocks=max_event_blocks)
         found = await store.open()
         self._metrics_gauges()
         ns, sid = self.namespace, self.instance_id
@@ -295,6 +311,13 @@ class OffloadService(Service):
             n = getattr(c, outcome)
             if n:
                 self.m_put.labels(outcome).inc(n)
+        if c.unverified:
+            self.m_unverified.inc(c.unverified)
+            since = self._unverified_warn.hit()
+            if since:  # the first put, then one line every few seconds at most
+                self.log.warning("blocks put without token ids: kept without a hash check",
+                                 sender=f"{req.sender_id:x}", blocks=c.unverified,
+                                 puts_since_last_line=since)
         return OffloadPutReply(store_id=self.instance_id, stored=c.stored, known=c.known,
                                rejected=c.rejected, refused=c.refused, error=c.error)
 

@@ -173,6 +173,8 @@ class PutCounts:
     known: int = 0
     rejected: int = 0
     refused: int = 0
+    # offered (stored, known or rejected) without token ids: no hash check was possible
+    unverified: int = 0
     error: str | None = None
 
 
@@ -187,7 +189,8 @@ class BlockStore:
     def __init__(self, *, ram_bytes: int, disk: DiskStore | None = None, disk_bytes: int = 0,
                  spill_queue_bytes: int = 64 << 20, max_block_bytes: int = 1 << 20,
                  spill_min_freq: int = 2, verify_hashes: bool = True,
-                 verify_on_start: bool = False, max_event_blocks: int = 8192,
+                 require_token_ids: bool = False, verify_on_start: bool = False,
+                 max_event_blocks: int = 8192,
                  admission: str = ADMIT_FREQUENCY,
                  warn_every_s: float = DISK_WARN_EVERY_S) -> None:
         if ram_bytes < 0 or disk_bytes < 0 or spill_queue_bytes < 0 or max_block_bytes <= 0:
@@ -196,6 +199,7 @@ class BlockStore:
         self.max_block_bytes = max_block_bytes
         self.spill_queue_bytes = spill_queue_bytes
         self.verify_hashes = verify_hashes
+        self.require_token_ids = require_token_ids
         self.verify_on_start = verify_on_start
         self.entry_overhead = SLRU_ENTRY_OVERHEAD if admission == ADMIT_SLRU else ENTRY_OVERHEAD
         self.cache = TieredCache(
@@ -216,9 +220,9 @@ class BlockStore:
         self.changed = asyncio.Event()  # set whenever a tier's event log got something
         self.disk_read_gbps = 0.0  # measured (`_measure_disk_read`); 0: no read yet
         self.counts: dict[str, int] = dict.fromkeys(
-            ("put_blocks", "refused", "lookups", "lookup_hits_ram", "lookup_hits_disk",
-             "disk_written", "disk_write_failed", "disk_delete_failed", "disk_read_failed",
-             "spills_dropped"), 0)
+            ("put_blocks", "refused", "unverified", "lookups", "lookup_hits_ram",
+             "lookup_hits_disk", "disk_written", "disk_write_failed", "disk_delete_failed",
+             "disk_read_failed", "spills_dropped"), 0)
         self._write_warn = LogThrottle(warn_every_s)
         self._delete_warn = LogThrottle(warn_every_s)
 
@@ -298,6 +302,9 @@ class BlockStore:
             # served for the wrong prefix to every worker
             if chain_hash(b.parent_hash, local_block_hash(b.token_ids)) != b.hash:
                 return f"block {b.hash:016x}: hash does not match its parent and token ids"
+        elif self.require_token_ids and not b.token_ids:
+            return (f"block {b.hash:016x}: no token ids, and this store keeps only blocks "
+                    f"whose hash it can check")
         return None
 
     def put(self, blocks: Sequence[OffloadBlock], *, notify: bool = True) -> PutCounts:
@@ -311,6 +318,10 @@ class BlockStore:
                 out.refused += 1
                 out.error = out.error or why
                 continue
+            if not b.token_ids:
+                # kept on the sender's word (docs/architecture.md, Security: the offload
+                # store checks every hash it can)
+                out.unverified += 1
             size = len(b.token_ids) + len(b.data) + self.entry_overhead
             res = cache.offer(b.hash, b.parent_hash, size, b)
             if res.status in (STORED, STORED_DISK):
@@ -322,6 +333,7 @@ class BlockStore:
             self._apply(res)
         self.counts["put_blocks"] += len(blocks)
         self.counts["refused"] += out.refused
+        self.counts["unverified"] += out.unverified
         if notify:
             self.changed.set()
         return out

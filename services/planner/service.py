@@ -41,7 +41,16 @@ from genset.planning import (
     SloPolicyConfig,
 )
 from genset.planning.actuation import DrainRequest, ScaleChange
+from genset.planning.observations import (
+    MAX_TOKENS_PER_REQUEST,
+    implausible_load,
+    implausible_route,
+    implausible_step,
+    implausible_traffic,
+)
+from genset.planning.perf_model import MAX_STEP_MS
 from genset.runtime.config import opt
+from genset.runtime.logging import LogThrottle
 from genset.runtime.service import Service
 from proto import keys, subjects
 from services.planner.connectors import (
@@ -56,6 +65,9 @@ from services.planner.connectors import (
 from services.planner.metrics import PlannerMetrics
 
 APPLY_QUEUE = 64  # changes waiting for the connector; the oldest absolute one goes first
+# A flood of implausible messages is one warning line per this many seconds at most, each
+# naming the publisher and field of the message that triggered it and counting the others.
+IMPLAUSIBLE_WARN_EVERY_S = 10.0
 BACKOFF_FIRST_S, BACKOFF_CAP_S = 1.0, 30.0
 
 
@@ -218,6 +230,12 @@ class PlannerService(Service):
         self._frontend_seen_ms: float | None = None
         self._written_once = False  # the first targets record (as found at start) went out
         self.last_decision: Decision | None = None
+        # The largest context length of any model card seen (0: none yet), and whether some
+        # card had none: what bounds one request's tokens (`_max_request_tokens`). Never
+        # lowered: a window may still count requests for a model whose last card just left.
+        self._max_context = 0
+        self._context_unknown = False
+        self._implausible_warn = LogThrottle(IMPLAUSIBLE_WARN_EVERY_S)
 
     # -------------------------------------------------------------- lifecycle
     def make_connector(self) -> Connector:
@@ -310,6 +328,10 @@ class PlannerService(Service):
             return
         if kind == "put":
             self.cards[key] = card
+            if card.context_length > 0:
+                self._max_context = max(self._max_context, card.context_length)
+            else:
+                self._context_unknown = True
             self.core.worker_up(card.instance_id, card.role, kv_blocks=card.kv_blocks,
                                 block_size=card.block_size, max_running=card.max_running)
         else:
@@ -348,17 +370,55 @@ class PlannerService(Service):
         self.pm.ignored.labels(name, "wrong_subject").inc()
         return False
 
+    def _max_request_tokens(self) -> int:
+        """Tokens one request may have (prompt, or output): the largest context length among
+        the model cards seen (a frontend refuses more before counting a request), else, with
+        none seen or one without a context length, `MAX_TOKENS_PER_REQUEST`, which also caps
+        it (a card is what a worker says of itself: one claiming a context of 2**60 tokens
+        must not lift the bound)."""
+        if self._max_context and not self._context_unknown:
+            return min(self._max_context, MAX_TOKENS_PER_REQUEST)
+        return MAX_TOKENS_PER_REQUEST
+
+    def _implausible(self, name: str, field_name: str | None, publisher: str) -> bool:
+        """True (and the message is dropped whole, counted, logged at most every
+        `IMPLAUSIBLE_WARN_EVERY_S`) when a field is past what any honest publisher sends
+        (`genset.planning.observations`): a warning, as a bug or an attack, but throttled,
+        so that a flood of them is not a flood of logs."""
+        if field_name is None:
+            return False
+        self.pm.ignored.labels(name, "implausible").inc()
+        since = self._implausible_warn.hit()
+        if since:
+            self.log.warning("implausible message dropped", kind=name, publisher=publisher,
+                             field=field_name, dropped_since_last_line=since)
+        return True
+
     async def _on_load(self, msg) -> None:
         report = self._decode(msg.data, proto.LoadReport, "load_report")
-        if report is not None and self._from_own_subject("load_report", msg.subject,
-                                                         report.worker_id):
-            self.core.observe_load_report(report)
+        if report is None or not self._from_own_subject("load_report", msg.subject,
+                                                        report.worker_id):
+            return
+        if self._implausible("load_report", implausible_load(
+                report.running, report.waiting, report.waiting_prefill_tokens,
+                self._max_request_tokens()), f"worker {report.worker_id:x}"):
+            return
+        self.core.observe_load_report(report)
 
     async def _on_stats(self, msg) -> None:
         stats = self._decode(msg.data, proto.FrontendStats, "frontend_stats")
-        if stats is not None:
-            self._frontend_seen_ms = monotonic_ms()
-            self.core.observe_frontend_stats(stats)
+        if stats is None:
+            return
+        if self._implausible("frontend_stats", implausible_traffic(
+                window_ms=stats.window_ms, arrivals=stats.arrivals,
+                prompt_tokens=stats.prompt_tokens, cached_tokens=stats.cached_tokens,
+                finished=stats.finished, failed=stats.failed,
+                output_tokens=stats.output_tokens, ttft_ms=stats.ttft_ms, itl_ms=stats.itl_ms,
+                max_request_tokens=self._max_request_tokens()),
+                f"frontend {stats.frontend_id:x}"):
+            return  # and not a heartbeat either: a liar's window does not say "no traffic"
+        self._frontend_seen_ms = monotonic_ms()
+        self.core.observe_frontend_stats(stats)
 
     async def _on_steps(self, msg) -> None:
         steps = self._decode(msg.data, proto.WorkerStepStats, "step_stats")
@@ -369,6 +429,11 @@ class PlannerService(Service):
             self.pm.ignored.labels("step_stats", "unknown_worker").inc()
             return
         for s in steps.samples:
+            if self._implausible("step_stats", implausible_step(
+                    s.prefill_tokens, s.decode_seqs, s.ms, MAX_STEP_MS),
+                    f"worker {steps.worker_id:x}"):
+                return  # all of them: one impossible sample discredits its neighbours
+        for s in steps.samples:
             self.core.observe_step(s.prefill_tokens, s.decode_seqs, s.kv_usage, s.ms)
 
     async def _on_route(self, msg) -> None:
@@ -378,11 +443,16 @@ class PlannerService(Service):
         if seen is not None and monotonic_ms() - seen < self.options.stale_s * 1000:
             return
         d = self._decode(msg.data, proto.RouteDecision, "route_decision")
-        if d is not None and d.worker_id is not None:
-            w = self.core.workers.get(d.worker_id)
-            bs = (w.block_size if w and w.block_size else 16)
-            self.core.observe_arrival(d.prompt_tokens,
-                                      cached_tokens=min(d.prompt_tokens, d.overlap_blocks * bs))
+        if d is None or d.worker_id is None:
+            return
+        if self._implausible("route_decision", implausible_route(
+                d.prompt_tokens, d.overlap_blocks, self._max_request_tokens()),
+                f"router {d.router_id:x}"):
+            return
+        w = self.core.workers.get(d.worker_id)
+        bs = (w.block_size if w and w.block_size else 16)
+        self.core.observe_arrival(d.prompt_tokens,
+                                  cached_tokens=min(d.prompt_tokens, d.overlap_blocks * bs))
 
     async def _on_kv(self, msg) -> None:
         batch = self._decode(msg.data, proto.KvEventBatch, "kv_events")
