@@ -224,8 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def not_in_disagg(parser: argparse.ArgumentParser,
+                  args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(flag, why) of the flags given (a value other than their default) that the
+    disaggregated replay does not model: refused there rather than silently ignored."""
+    out = []
+    for action in parser._actions:
+        flag = action.option_strings[0] if action.option_strings else ""
+        why = ("it models one router" if flag == "--router-replicas" else
+               "it models no KV offload store" if flag.startswith("--offload-") else
+               "its fleet is fixed" if flag == "--planner" else
+               "it draws no plot" if flag == "--plot" else None)
+        if why and getattr(args, action.dest) != action.default:
+            out.append((flag, why))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         policies = [policy_name(s.strip()) for s in args.policy.split(",") if s.strip()]
     except ValueError as exc:
@@ -238,20 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and not Path(args.plot).resolve().parent.is_dir():
         print(f"genset replay: --plot {args.plot}: no such directory", file=sys.stderr)
         return 2
+    # what a disaggregated replay does not model: said before the trace is read, rather than
+    # run without what was asked for
+    refused = not_in_disagg(parser, args) if disagg_sim.wanted(args) else []
+    for flag, why in refused:
+        print(f"genset replay: {flag} is not available with a disaggregated replay "
+              f"(--prefill-workers, --decode-workers, --disagg, --peer-prefill): {why}",
+              file=sys.stderr)
+    if refused:
+        return 2
     try:
         trace = load_trace(args.trace, limit=args.limit)
     except TraceError as exc:
         print(f"genset replay: {exc}", file=sys.stderr)
         return 2
     if disagg_sim.wanted(args):
-        # the disaggregated replay has a fixed fleet and no plot: say so rather than run
-        # without what was asked for
-        for flag, value in (("--planner", args.planner), ("--plot", args.plot)):
-            if value:
-                print(f"genset replay: {flag} is not available with a disaggregated replay "
-                      "(--prefill-workers, --decode-workers, --disagg, --peer-prefill)",
-                      file=sys.stderr)
-                return 2
         return disagg_sim.main_from_args(args, trace, policies)
     planner = None
     workers = args.workers
