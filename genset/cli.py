@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "schema": ("proto.schema", "print the JSON Schema of every wire message"),
 }
 
+# Subcommands whose module cannot name itself `genset <command>` (proto/ imports nothing of
+# ours, and also runs as `python -m proto.schema`): their `main` takes `prog=`.
+TAKES_PROG = frozenset({"schema"})
+
 
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genset: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    if name in TAKES_PROG:
+        return int(module.main(rest, prog=f"genset {name}") or 0)
     return int(module.main(rest) or 0)
 
 

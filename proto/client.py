@@ -10,6 +10,8 @@ frame carries `finish_reason` and `usage` (prompt, completion and cached tokens)
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 from proto.base import Message
@@ -36,7 +38,15 @@ class ClientGenerateRequest(Message, kw_only=True):
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     detokenize: bool = True  # False: token ids only, no text (cheaper)
-    timeout_s: float | None = None  # the frontend's default deadline when None
+    timeout_s: float | None = None  # the frontend's default deadline when None (or 0)
+
+    def __post_init__(self) -> None:
+        # NaN / inf became a NaN / inf deadline (then "cannot convert float NaN to integer"
+        # when the worker's deadline_ms was computed): refused here, naming the field
+        t = self.timeout_s
+        if t is not None and not (t >= 0 and math.isfinite(t)):
+            raise ValueError(f"timeout_s must be a finite number of seconds >= 0 or nil, got "
+                             f"{t} - at `$.timeout_s`")
 
 
 class ClientDelta(msgspec.Struct, kw_only=True):

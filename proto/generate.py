@@ -48,10 +48,14 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     logprobs: int | None = None  # None = off; 0..20 alternatives per token
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 - at `$.temperature`")
+        # Every float field is written so that NaN fails too (a comparison with NaN is false;
+        # msgpack carries NaN and +/-inf, and `t < 0` alone let both through to the engine).
+        t = self.temperature
+        if not (t >= 0 and math.isfinite(t)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {t} - at "
+                             "`$.temperature`")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1] - at `$.top_p`")
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p} - at `$.top_p`")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0 - at `$.top_k`")
         lo, hi = PENALTY_RANGE

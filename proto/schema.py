@@ -21,9 +21,11 @@ def schema() -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m proto.schema") -> int:
+    """`prog`: the command as the user typed it (`genset schema` passes its own name: proto/
+    imports nothing of ours, so it cannot look it up)."""
     parser = argparse.ArgumentParser(
-        prog="python -m proto.schema",
+        prog=prog,
         description="Print the JSON Schema of every genset wire message, or write it to a file.")
     parser.add_argument("out", nargs="?", metavar="OUT.json",
                         help="file to write (default: print to stdout)")

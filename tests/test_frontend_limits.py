@@ -7,9 +7,11 @@ prove alive (`SuspectWorkers`)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
+import httpx
 import msgspec
 import pytest
 
@@ -266,6 +268,76 @@ async def test_integers_that_cannot_travel_name_their_field(tok_dir):
         proto.encode(proto.GenerateRequest(request_id="r", model="m", token_ids=b"",
                                            sampling=ok.sampling))  # it can be sent
     finally:
+        pipe.close()
+
+
+# -- NaN and Infinity ---------------------------------------------------------------------------
+
+# (body fields, param): Python's json.dumps writes float('nan') / float('inf') as NaN /
+# Infinity, which are not JSON; msgspec refuses such a body at a byte offset, naming no field
+NON_FINITE = [
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"top_p": float("-inf")}, "top_p"),
+    ({"presence_penalty": float("nan")}, "presence_penalty"),
+    ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"logit_bias": {"5": float("nan")}}, "logit_bias"),
+    ({"top_k": float("inf")}, "top_k"),
+    ({"max_tokens": 4, "seed": float("nan")}, "seed"),
+]
+
+
+def test_non_finite_numbers_name_their_field_when_decoded():
+    for fields, param in NON_FINITE:
+        for decoder, body in ((oa.chat_decoder, {"model": "m", "messages": [], **fields}),
+                              (oa.completion_decoder, {"model": "m", "prompt": "x", **fields})):
+            with pytest.raises(ApiError) as info:
+                _decode(decoder, json.dumps(body).encode())
+            err = info.value
+            assert err.status == 400 and err.param == param, (fields, err.body())
+            assert "must be a finite number" in err.message and "`$." in err.message
+    # "NaN" inside a string is text, and a body malformed otherwise keeps the generic message
+    with pytest.raises(ApiError) as info:
+        _decode(oa.completion_decoder, b'{"model": "NaN", "prompt": "Infinity",}')
+    assert info.value.param is None and "not valid JSON" in info.value.message
+    assert _decode(oa.completion_decoder, b'{"model": "NaN", "prompt": "Infinity"}').prompt == \
+        "Infinity"
+
+
+async def test_non_finite_numbers_are_a_400_through_the_http_server(tok_dir):
+    """Through the frontend's own HTTP server and app: a 400 naming the field, in OpenAI's
+    shape, and the connection and the server go on serving."""
+    from services.frontend.http_app import FrontendHttp, error_body
+    from services.frontend.httpserver import HttpServer
+
+    pipe = await make_pipeline(tok_dir, context=256)
+    http = FrontendHttp(pipe, health=dict, metrics_text=bytes)
+    server = HttpServer(http.handle, error_body=error_body, body_limit=http.body_limit)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            for path, body in (
+                    ("/v1/chat/completions",
+                     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], '
+                     b'"temperature": NaN}'),
+                    ("/v1/completions", b'{"model": "m", "prompt": "hi", "temperature": Infinity}'),
+                    ("/v1/completions", b'{"model": "m", "prompt": "hi", "top_p": -Infinity}'),
+                    ("/v1/chat/completions",
+                     b'{"model": "m", "messages": [], "logit_bias": {"7": NaN}}')):
+                r = await client.post(path, content=body,
+                                      headers={"content-type": "application/json"})
+                assert r.status_code == 400, r.text
+                err = r.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"}
+                assert err["type"] == "invalid_request_error"
+                want = "logit_bias" if b"logit_bias" in body else (
+                    "temperature" if b"temperature" in body else "top_p")
+                assert err["param"] == want and "finite" in err["message"], err
+            r = await client.get("/v1/models")  # the same connection, still served
+            assert r.status_code == 200 and r.json()["data"][0]["id"] == "m"
+    finally:
+        await server.close()
         pipe.close()
 
 

@@ -276,6 +276,17 @@ def test_sampling_defaults_change_nothing_and_old_senders_decode():
     ({"logit_bias": {5: 1.0}}, "logit_bias"),  # keys are strings, as in OpenAI's JSON
     ({"logprobs": 21}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
+    # non-finite floats (msgpack carries them): every float field refuses NaN and +/-inf
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": float("-inf")}, "temperature"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"top_p": float("inf")}, "top_p"),
+    ({"presence_penalty": float("inf")}, "presence_penalty"),
+    ({"frequency_penalty": float("-inf")}, "frequency_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"logit_bias": {"5": float("nan")}}, "logit_bias"),
+    ({"logit_bias": {"5": float("-inf")}}, "logit_bias"),
 ])
 def test_bad_sampling_field_is_named(sampling, field):
     raw = msgpack.packb({"v": 1, "request_id": "x", "model": "m", "token_ids": b"",
@@ -283,6 +294,27 @@ def test_bad_sampling_field_is_named(sampling, field):
     with pytest.raises(ProtocolError) as info:
         decode(raw, proto.GenerateRequest)
     assert field in str(info.value)
+    if all(isinstance(k, str) for k in sampling.get("logit_bias", {})):  # typed: msgspec's
+        # the same check when a sender builds the struct (the frontend turns it into a 400)
+        with pytest.raises(ValueError, match=f"^{field}"):
+            proto.SamplingParams(**sampling)
+
+
+def test_non_finite_temperature_message_names_the_field_and_the_value():
+    with pytest.raises(ValueError) as info:
+        proto.SamplingParams(temperature=float("nan"))
+    assert str(info.value) == ("temperature must be a finite number >= 0, got nan - at "
+                               "`$.temperature`")
+    assert proto.SamplingParams(temperature=0.0).temperature == 0.0  # greedy stays allowed
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), -1.0])
+def test_client_request_timeout_must_be_finite(value):
+    raw = msgpack.packb({"v": 1, "prompt": "x", "timeout_s": value})
+    with pytest.raises(ProtocolError, match="timeout_s"):
+        decode(raw, proto.ClientGenerateRequest)
+    for ok in (None, 0.0, 2.5):
+        assert proto.ClientGenerateRequest(prompt="x", timeout_s=ok).timeout_s == ok
 
 
 def test_min_tokens_must_not_be_negative():

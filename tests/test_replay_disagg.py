@@ -74,6 +74,55 @@ def test_bad_disagg_settings_are_refused(capsys, tmp_path):
             capsys.readouterr().err
 
 
+def _non_default(action) -> list[str]:
+    """The command-line words that give `action` a value other than its default."""
+    flag = action.option_strings[0]
+    if action.nargs == 0:  # store_true
+        return [flag]
+    if action.choices:
+        return [flag, next(c for c in action.choices if c != action.default)]
+    return [flag, str(action.default + 1)]
+
+
+def test_flags_the_disaggregated_replay_does_not_model_are_refused(capsys, tmp_path):
+    """--router-replicas and every --offload-* flag were silently ignored by a disaggregated
+    replay (it models one router and no offload store): each is refused, named, before the
+    trace is read; at their defaults they are no request and the replay runs."""
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 600, "output_length": 3, '
+                    '"hash_ids": [1, 2]}\n')
+    parser = replay_cli.build_parser()
+    flags = [a for a in parser._actions if a.option_strings and (
+        a.option_strings[0].startswith("--offload-") or a.option_strings[0] == "--router-replicas")]
+    assert len(flags) >= 11  # the offload group and --router-replicas
+    for disagg in (["--prefill-workers", "1"], ["--decode-workers", "2"], ["--peer-prefill"],
+                   ["--disagg", "never"]):
+        for action in flags:
+            words = _non_default(action)
+            assert replay_cli.main([str(path), *disagg, *words]) == 2, words
+            err = capsys.readouterr().err
+            assert f"{words[0]} is not available with a disaggregated replay (--prefill-workers" \
+                in err, err
+    # several at once: each named
+    assert replay_cli.main([str(path), "--prefill-workers", "1", "--router-replicas", "2",
+                            "--offload-ram-blocks", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--router-replicas is not available" in err and "it models one router" in err
+    assert "--offload-ram-blocks is not available" in err and "no KV offload store" in err
+    # read before the trace: a missing trace is not what is reported
+    assert replay_cli.main([str(tmp_path / "none.jsonl"), "--prefill-workers", "1",
+                            "--router-replicas", "2"]) == 2
+    assert "--router-replicas is not available" in capsys.readouterr().err
+    # defaults given explicitly ask for nothing the replay lacks
+    assert replay_cli.main([str(path), "--prefill-workers", "1", "--router-replicas", "1",
+                            "--offload-admit", "all", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] == 1
+    # the standard replay still takes them
+    assert replay_cli.main([str(path), "--workers", "2", "--router-replicas", "2",
+                            "--offload-ram-blocks", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] == 1
+
+
 @needs_trace
 def test_peer_prefill_lends_prefills_between_decode_workers():
     trace = load_trace(TRACE, limit=300)

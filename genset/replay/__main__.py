@@ -22,6 +22,7 @@ from genset.offload.admission import ADMIT_MODES
 from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
 from genset.planning import POLICIES as PLANNER_POLICIES
 from genset.replay import disagg_sim
+from genset.replay.disagg_sim import GBPS_RANGE, RATIO_RANGE
 from genset.replay.metrics import DEFAULT_SLA_ITL_MS, DEFAULT_SLA_TTFT_MS
 from genset.replay.offload import OffloadConfig
 from genset.replay.planner_sim import PlannerSimConfig
@@ -104,9 +105,9 @@ MAX_OFFLOAD_BLOCKS = 1 << 24  # per tier
 MAX_ROUTER_REPLICAS = 64
 
 
-def _number(kind, *, allow_zero: bool, most: int | None = None):
-    """An argparse type: a finite `kind` (int or float) > 0, or >= 0 with `allow_zero`, and
-    at most `most`."""
+def _number(kind, *, allow_zero: bool, most: int | None = None, least: float | None = None):
+    """An argparse type: a finite `kind` (int or float) > 0, or >= 0 with `allow_zero`, at
+    least `least` unless 0, and at most `most`."""
     def conv(text: str):
         try:
             v = kind(text)
@@ -116,6 +117,9 @@ def _number(kind, *, allow_zero: bool, most: int | None = None):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if not (v >= 0 if allow_zero else v > 0):
             raise argparse.ArgumentTypeError(f"must be {'>=' if allow_zero else '>'} 0, got {text}")
+        if least is not None and v != 0 and v < least:
+            zero = "0 or " if allow_zero else ""
+            raise argparse.ArgumentTypeError(f"must be {zero}at least {least:g}, got {text}")
         if most is not None and v > most:
             raise argparse.ArgumentTypeError(f"must be at most {most:,}, got {text}")
         return v
@@ -130,6 +134,18 @@ def _non_negative(kind, most: int | None = None):
     return _number(kind, allow_zero=True, most=most)
 
 
+def _ratio():
+    """--speedup-ratio, --arrival-speedup: a finite ratio in RATIO_RANGE (why: there)."""
+    lo, hi = RATIO_RANGE
+    return _number(float, allow_zero=False, least=lo, most=hi)
+
+
+def _gbps():
+    """A copy rate in GB/s: 0 (free) or in GBPS_RANGE (why: there)."""
+    lo, hi = GBPS_RANGE
+    return _number(float, allow_zero=True, least=lo, most=hi)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genset replay", description=__doc__.split("\n\n")[0],
         formatter_class=DefaultsHelpFormatter)
@@ -139,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive(int, MAX_WORKERS), default=8)
     p.add_argument("--block-size", type=_positive(int), default=64)
     p.add_argument("--kv-blocks", type=_positive(int, MAX_KV_BLOCKS), default=4688, help="KV capacity per worker, in blocks")
-    p.add_argument("--arrival-speedup", type=_positive(float), default=1.0,
+    p.add_argument("--arrival-speedup", type=_ratio(), default=1.0,
                    help="3 = arrivals three times faster than in the trace")
-    p.add_argument("--speedup-ratio", type=_positive(float), default=1.0, help="mocker step-time divisor")
+    p.add_argument("--speedup-ratio", type=_ratio(), default=1.0,
+                   help="mocker step-time divisor")
     p.add_argument("--limit", type=_positive(int), default=None, help="only the first N requests")
     p.add_argument("--max-num-seqs", type=_positive(int), default=256)
     p.add_argument("--max-batched-tokens", type=_positive(int), default=8192)
@@ -154,11 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the store's disk tier, blocks")
     off.add_argument("--kv-bytes-per-token", type=_non_negative(int), default=131072,
                      help="KV bytes of one token (default 131072: Llama-3-8B-shaped, bf16)")
-    off.add_argument("--offload-d2h-gbps", type=_non_negative(float), default=32.0,
+    off.add_argument("--offload-d2h-gbps", type=_gbps(), default=32.0,
                      help="GB/s copying an evicted block out of a worker (0: free)")
-    off.add_argument("--offload-h2d-gbps", type=_non_negative(float), default=32.0,
+    off.add_argument("--offload-h2d-gbps", type=_gbps(), default=32.0,
                      help="GB/s copying an onboarded block into a worker (0: free)")
-    off.add_argument("--offload-disk-gbps", type=_non_negative(float), default=4.0,
+    off.add_argument("--offload-disk-gbps", type=_gbps(), default=4.0,
                      help="GB/s reading a block from the store's disk tier (0: free)")
     off.add_argument("--offload-admission", choices=ADMISSION_POLICIES, default=DEFAULT_ADMISSION,
                      help="the store's admission (its --admission)")
@@ -207,8 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def not_in_disagg(parser: argparse.ArgumentParser,
+                  args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(flag, why) of the flags given (a value other than their default) that the
+    disaggregated replay does not model: refused there rather than silently ignored."""
+    out = []
+    for action in parser._actions:
+        flag = action.option_strings[0] if action.option_strings else ""
+        why = ("it models one router" if flag == "--router-replicas" else
+               "it models no KV offload store" if flag.startswith("--offload-") else
+               "its fleet is fixed" if flag == "--planner" else
+               "it draws no plot" if flag == "--plot" else None)
+        if why and getattr(args, action.dest) != action.default:
+            out.append((flag, why))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         policies = [policy_name(s.strip()) for s in args.policy.split(",") if s.strip()]
     except ValueError as exc:
@@ -221,20 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and not Path(args.plot).resolve().parent.is_dir():
         print(f"genset replay: --plot {args.plot}: no such directory", file=sys.stderr)
         return 2
+    # what a disaggregated replay does not model: said before the trace is read, rather than
+    # run without what was asked for
+    refused = not_in_disagg(parser, args) if disagg_sim.wanted(args) else []
+    for flag, why in refused:
+        print(f"genset replay: {flag} is not available with a disaggregated replay "
+              f"(--prefill-workers, --decode-workers, --disagg, --peer-prefill): {why}",
+              file=sys.stderr)
+    if refused:
+        return 2
     try:
         trace = load_trace(args.trace, limit=args.limit)
     except TraceError as exc:
         print(f"genset replay: {exc}", file=sys.stderr)
         return 2
     if disagg_sim.wanted(args):
-        # the disaggregated replay has a fixed fleet and no plot: say so rather than run
-        # without what was asked for
-        for flag, value in (("--planner", args.planner), ("--plot", args.plot)):
-            if value:
-                print(f"genset replay: {flag} is not available with a disaggregated replay "
-                      "(--prefill-workers, --decode-workers, --disagg, --peer-prefill)",
-                      file=sys.stderr)
-                return 2
         return disagg_sim.main_from_args(args, trace, policies)
     planner = None
     workers = args.workers

@@ -59,6 +59,13 @@ STEP_EWMA_ALPHA = 0.2  # as the live engine driver's step-time EWMA (load report
 
 
 MAX_FLEET = 1024  # workers a replay holds in memory (`genset replay --workers` has the same)
+# Finite ranges of the replay's speed ratios (--speedup-ratio, --arrival-speedup) and of its
+# copy / transfer rates in GB/s (0 = free). Past them a figure is no measurement: at 1e-300 a
+# step, an arrival gap or a copy took ~1e300 ms and the replay printed TTFTs of 300 digits;
+# past 1e6 a step or a copy is under a nanosecond and every figure rounds to 0. A rate as slow
+# as 1e-6 GB/s (1 KB/s: a 64-token block of a 7B model in ~2 min) is still a finite figure.
+RATIO_RANGE = (1e-3, 1_000_000)
+GBPS_RANGE = (1e-6, 1_000_000)
 
 
 @dataclass
@@ -103,11 +110,16 @@ class DisaggReplayConfig:
                              f"got {self.prefill_workers + self.decode_workers}")
         if self.disagg not in POLICIES:
             raise ValueError(f"--disagg must be one of {', '.join(POLICIES)}, got {self.disagg!r}")
-        if not self.kv_transfer_bandwidth_gb_s >= 0:  # nan passed the check below: IndexError
-            raise ValueError(f"--kv-transfer-bandwidth must be >= 0 GB/s, got "
-                             f"{self.kv_transfer_bandwidth_gb_s}")
-        if not self.spare_budget_ms >= 0:
-            raise ValueError(f"--disagg-spare-budget-ms must be >= 0, got {self.spare_budget_ms}")
+        bw = self.kv_transfer_bandwidth_gb_s
+        if not bw >= 0:  # nan passed the check below: IndexError
+            raise ValueError(f"--kv-transfer-bandwidth must be >= 0 GB/s, got {bw}")
+        lo, hi = GBPS_RANGE
+        if bw and not lo <= bw <= hi:
+            raise ValueError(f"--kv-transfer-bandwidth must be 0 (free) or in [{lo:g}, {hi:,}] "
+                             f"GB/s, got {bw:g}")
+        if not (self.spare_budget_ms >= 0 and math.isfinite(self.spare_budget_ms)):
+            raise ValueError(f"--disagg-spare-budget-ms must be a finite number >= 0, got "
+                             f"{self.spare_budget_ms}")
         DisaggSimConfig(kv_bytes_per_token=self.kv_bytes_per_token,
                         kv_transfer_bandwidth_gb_s=self.kv_transfer_bandwidth_gb_s)
 

@@ -62,6 +62,9 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes):
             err.param = err.param[:-5]
         raise err from None
     except msgspec.DecodeError as exc:
+        err = oa.non_finite_number(body)  # NaN / Infinity, as Python's json.dumps writes them
+        if err is not None:
+            raise err from None
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:  # arrays / objects nested past the interpreter's limit (~1,000)
         raise bad_request("the request body nests arrays or objects too deeply") from None

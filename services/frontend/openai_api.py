@@ -16,6 +16,7 @@ JSON-encoded.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Any, Literal
 
@@ -158,6 +159,39 @@ class CompletionRequest(_Common, kw_only=True):
 chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 completion_decoder = msgspec.json.Decoder(CompletionRequest)
 json_encode = msgspec.json.Encoder().encode
+
+
+def non_finite_number(body: bytes) -> ApiError | None:
+    """The 400 for a body that writes a number as NaN, Infinity or -Infinity, naming its field.
+
+    Those literals are not JSON, but Python's `json.dumps` writes them for float('nan') and
+    float('inf'): msgspec refuses such a body as malformed at a byte offset, which names no
+    field. Called on that error path only: Python's json (which reads the literals) finds
+    where they are. None: the body is malformed for another reason.
+    """
+    if b"NaN" not in body and b"Infinity" not in body:
+        return None
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):  # malformed for some other reason too
+        return None
+    todo: list[tuple[Any, str]] = [(obj, "")]
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            literal = "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+            # a map's value (key not a field name, e.g. logit_bias's token ids): name the map,
+            # as msgspec's `[...]` paths are named
+            param = path.split("[...]", 1)[0].removeprefix(".") or None
+            what = (param or "the body") if "[...]" not in path else f"each value of {param}"
+            return bad_request(f"{what} must be a finite number, got {literal} (NaN and "
+                               f"Infinity are not JSON) - at `${path}`", param=param)
+        if isinstance(value, dict):
+            todo.extend((v, f"{path}.{k}" if k.isidentifier() else f"{path}[...]")
+                        for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            todo.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(value))))
+    return None
 
 
 # -- what is refused -------------------------------------------------------------------------
