@@ -30,7 +30,7 @@ class Host:
 
     def __init__(self, bus, discovery, *, speedup=100.0, num_blocks=256, block_size=4,
                  context_length=512, emit_token_ids=False, hooks=None, namespace=None,
-                 **host_config):
+                 engine_opts=None, **host_config):
         self.namespace = namespace or f"w{uuid.uuid4().hex[:8]}"
         self.instance_id = int(uuid.uuid4().int & ((1 << 63) - 1)) or 1
         self.metrics = Metrics(process_metrics=False)
@@ -38,7 +38,8 @@ class Host:
                               context_length=context_length, eos_token_ids=(0,),
                               emit_token_ids=emit_token_ids,
                               timing=PolynomialTiming(speedup_ratio=speedup))
-        self.engine = create_mocker_engine(config, worker_id=self.instance_id)
+        self.engine = create_mocker_engine(config, worker_id=self.instance_id,
+                                           **(engine_opts or {}))
         self.host = WorkerHost(self.engine, bus=bus, discovery=discovery,
                                instance_id=self.instance_id, metrics=self.metrics, hooks=hooks,
                                config=HostConfig(namespace=self.namespace, model=MODEL,

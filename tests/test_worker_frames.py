@@ -129,7 +129,7 @@ async def test_without_nowait_publish_kv_batches_go_through_the_feed_task(slow_h
     assert ids == list(range(ids[0], ids[0] + len(ids)))
 
 
-async def test_a_first_token_leaves_ahead_of_the_steps_other_frames(slow_host, bus,
+async def test_a_first_token_leaves_ahead_of_the_steps_other_frames(bus, discovery,
                                                                    nats_server):
     """A step that gives request B its first token and request A (streaming from the
     delivery) its next one: B's task sends B's frame, and A's frame of that step waits for
@@ -137,35 +137,69 @@ async def test_a_first_token_leaves_ahead_of_the_steps_other_frames(slow_host, b
     write). Seen by a subscriber to everything, in the order nats-server got them from the
     worker: B's first frame, A's frame of that step, A's of the next, B's second (which the
     next step sends directly, after A's). Without the wait, A's frame of B's first step
-    went ahead of B's first frame, and one A frame stood between B's first two."""
+    went ahead of B's first frame, and one A frame stood between B's first two.
+
+    The engine holds itself after its third step (its pacing sleep waits on `running`)
+    until B's request is in its queue, so B's first token comes in a step with A's next one
+    whatever the machine's load: left to race, A (steps of ~0.2 ms) could finish before B's
+    request reached the worker, and a loaded box did that about once in 30 runs.
+    Heartbeats (a stream silent for 0.5 s while the engine is held) are left out of the
+    order; the frames' seqs are checked with them."""
+    running = asyncio.Event()
+    running.set()
+    steps = 0
+
+    async def paced(seconds: float) -> None:
+        nonlocal steps
+        await asyncio.sleep(seconds)
+        steps += 1
+        if steps == 3:  # A's first two frames are out, its third is this step's
+            running.clear()
+        await running.wait()
+
+    h = Host(bus, discovery, speedup=50.0, engine_opts={"sleep": paced})
+    await h.host.start()
     watcher = await Bus.connect(nats_server.url, name="frame-order")
-    seen: list[tuple[str, bytes]] = []
+    raw: list[tuple[str, bytes]] = []  # everything on the bus, in order
 
     async def record(msg) -> None:
-        seen.append((msg.subject, msg.data))
+        raw.append((msg.subject, msg.data))
+
+    def frames_of(*streams) -> list[tuple[str, proto.StreamChunk]]:
+        ids = {s.stream_id for s in streams}
+        return [(subject, proto.decode(data, proto.StreamChunk))
+                for subject, data in raw if subject in ids]
 
     await watcher.subscribe(">", record)
     try:
-        a = await bus.stream_request(slow_host.subject,
-                                     slow_host.request(list(range(1, 20)), max_tokens=60),
+        a = await bus.stream_request(h.subject, h.request(list(range(1, 20)), max_tokens=60),
                                      timeout=30)
         a_chunks = []
         async for chunk in a:  # A streams from the delivery once its first token is out
             a_chunks.append(chunk)
-            if len(a_chunks) == 3:
+            if len(a_chunks) == 2:
                 break
-        b = await bus.stream_request(slow_host.subject,
-                                     slow_host.request(list(range(30, 45)), max_tokens=4),
+        b = await bus.stream_request(h.subject, h.request(list(range(30, 45)), max_tokens=4),
                                      timeout=30)
+        await until(lambda: len(h.engine._streams) == 2, within=20,
+                    what="B's request in the engine's queue")
+        running.set()
         b_chunks = [chunk async for chunk in b]
         a_chunks += [chunk async for chunk in a]
-        await until(lambda: sum(s == b.stream_id for s, _ in seen) == len(b_chunks),
-                    within=10, what="B's frames at the watcher")
+        await until(lambda: sum(c.final for _, c in frames_of(a, b)) == 2, within=10,
+                    what="A's and B's last frames at the watcher")
     finally:
+        running.set()
         await watcher.close()
-    check_stream(b_chunks, 4)
-    check_stream(a_chunks, 60)
-    order = [("A" if subject == a.stream_id else "B", proto.decode(data, proto.StreamChunk).seq)
-             for subject, data in seen if subject in (a.stream_id, b.stream_id)]
-    between = order[order.index(("B", 0)) + 1:order.index(("B", 1))]
+        await h.host.close()
+    seen = frames_of(a, b)
+    for stream, chunks, n in ((a, a_chunks, 60), (b, b_chunks, 4)):
+        frames = [c for s, c in seen if s == stream.stream_id]
+        assert [c.seq for c in frames] == list(range(len(frames)))  # heartbeats included
+        assert [c.seq for c in chunks] == [c.seq for c in frames if not c.heartbeat]
+        assert chunks[-1].final and chunks[-1].finish_reason == "length"
+        assert sum(len(c.token_ids) // 4 for c in chunks) == n
+    order = [("A" if s == a.stream_id else "B", c.seq) for s, c in seen if not c.heartbeat]
+    b_seqs = [seq for who, seq in order if who == "B"]
+    between = order[order.index(("B", b_seqs[0])) + 1:order.index(("B", b_seqs[1]))]
     assert [who for who, _ in between] == ["A", "A"]
