@@ -290,6 +290,17 @@ async def test_a_verified_put_replaces_an_unverified_copy_on_disk_also_after_a_r
     assert await served(store, blocks[1]) == blocks[1].data
     f = store.disk.read(blocks[1].hash)
     assert f is None or (f.token_ids, f.data) == (blocks[1].token_ids, blocks[1].data)
+
+    # an unchecked put of a hash whose checked copy is on disk (not in RAM) is known: it does
+    # not go into RAM in front of the file
+    await spill_to_disk(store, [blocks[1]])
+    assert blocks[1].hash not in store.cache.ram
+    for _ in range(8):  # asked for often: RAM would admit it in place of the pushers
+        store.cache.record([blocks[1].hash])
+    c = store.put([bare[1]])
+    assert (c.known, c.stored, c.unverified) == (1, 0, 1)
+    assert blocks[1].hash not in store.cache.ram
+    assert await served(store, blocks[1]) == blocks[1].data
     await store.close()
 
     again = make_store(tmp_path)  # the unverified file is known as such from its header

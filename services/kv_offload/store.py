@@ -329,6 +329,13 @@ class BlockStore:
                 # kept on the sender's word (docs/architecture.md, Security: the offload
                 # store checks every hash it can)
                 out.unverified += 1
+                if b.hash in cache.disk and b.hash not in self.unverified_disk:
+                    # a checked copy is on disk: this one is not put in front of it in RAM
+                    # (lookups serve RAM first); a use of the block, as a known put is
+                    cache.record((b.hash,))
+                    cache.touch(b.hash)
+                    out.known += 1
+                    continue
             elif self.verify_hashes:
                 self._replace_unverified(b.hash)
             size = len(b.token_ids) + len(b.data) + self.entry_overhead
