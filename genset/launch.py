@@ -450,9 +450,13 @@ class Launcher:
         if a.offload_ram_gb <= 0:
             return None
         directory = a.offload_dir or str(self.state_dir / "offload")
+        # --require-token-ids: this stack's workers (torch, mocker) put every block with its
+        # token ids, imported ones too (`KvImport.token_ids`), so the store checks every hash
+        # and keeps nothing on a sender's word; only TensorRT-LLM workers, which `genset up`
+        # never starts, put blocks without them (docs/offload.md, Verification)
         store = self.spawn("offload", "offload", "--offload-ram-gb", str(a.offload_ram_gb),
                            "--offload-disk-gb", str(a.offload_disk_gb),
-                           "--offload-dir", directory)
+                           "--offload-dir", directory, "--require-token-ids")
         self.say(f"offload store: starting ({a.offload_ram_gb:g} GiB RAM, "
                  f"{a.offload_disk_gb:g} GiB disk in {directory})")
         self.wait_until("offload store", [store],

@@ -199,3 +199,60 @@ def test_blocks_the_sink_already_has_are_not_read():
     handed = {b.hash for b in sink.blocks}
     assert handed and not handed & skip
     assert core.evictions_known == 3
+
+
+@pytest.mark.parametrize("first", [0, 2])
+def test_imported_blocks_with_their_tokens_are_evicted_with_them(first):
+    """`KvImport.token_ids` (an offload hit's or a remote prefill's prompt): the imported
+    blocks keep their slices of it, and their eviction hands them over with them, checkable
+    against their hashes (the offload store verifies the put); from `first_block` on."""
+    from genset.engines.types import KvBlockData
+
+    core = make_core("mocker", num_blocks=8)
+    sink = Sink()
+    core.set_eviction_sink(sink)
+    prompt = prompt_of(3, 6 * BS + 1)
+    hashes = block_hashes(prompt, BS)
+    parent = hashes[first - 1] if first else None
+    blocks = [KvBlockData(h, mock_payload(0)) for h in hashes[first:]]
+    n = core.import_kv(KvImport(blocks, parent, token_ids=prompt, first_block=first))
+    assert n == 6 - first
+    for i in range(3):  # pushes every imported block out
+        run(core, f"o{i}", prompt_of(20 + i, 7 * BS + 1))
+    mine = [b for b in sink.blocks if b.hash in set(hashes[first:])]
+    assert len(mine) == 6 - first
+    for b in mine:
+        check_chain(b, [prompt])
+
+
+def test_imported_blocks_without_tokens_or_short_tokens_are_evicted_without():
+    """No tokens given (the TensorRT-LLM path, an old importer) or too few for a block:
+    nothing is kept for that block, as before (the store counts it unverified)."""
+    from genset.engines.types import KvBlockData
+
+    core = make_core("mocker", num_blocks=8)
+    sink = Sink()
+    core.set_eviction_sink(sink)
+    prompt = prompt_of(4, 4 * BS)
+    hashes = block_hashes(prompt, BS)
+    core.import_kv(KvImport([KvBlockData(h, mock_payload(0)) for h in hashes[:2]]))
+    # tokens that cover the third block but not the fourth
+    core.import_kv(KvImport([KvBlockData(h, mock_payload(0)) for h in hashes[2:]], hashes[1],
+                            token_ids=prompt[: 3 * BS + 5], first_block=2))
+    for i in range(3):
+        run(core, f"o{i}", prompt_of(30 + i, 7 * BS + 1))
+    got = {b.hash: b.token_ids for b in sink.blocks if b.hash in set(hashes)}
+    assert set(got) == set(hashes)
+    assert got[hashes[0]] is None and got[hashes[1]] is None and got[hashes[3]] is None
+    assert got[hashes[2]] == proto.pack_tokens(prompt[2 * BS : 3 * BS])
+
+
+def test_imported_tokens_are_not_kept_without_a_sink_that_wants_them():
+    from genset.engines.types import KvBlockData
+
+    core = make_core("mocker", num_blocks=8)
+    prompt = prompt_of(5, 3 * BS)
+    hashes = block_hashes(prompt, BS)
+    core.import_kv(KvImport([KvBlockData(h, mock_payload(0)) for h in hashes],
+                            token_ids=prompt))
+    assert all(t is None for t in core.pool._tokens)

@@ -220,6 +220,103 @@ async def test_blocks_without_token_ids_are_counted_unverified_or_refused_when_r
         await store.close()
 
 
+def bare_copy(block, seed: int = 0):
+    """A block filed under `block`'s hash without token ids and with other data (garbage a
+    sender vouched for: nothing can check it)."""
+    import random
+
+    from proto.offload import OffloadBlock
+
+    return OffloadBlock(hash=block.hash, parent_hash=block.parent_hash, token_ids=b"",
+                        data=random.Random(seed).randbytes(len(block.data)))
+
+
+async def served(store: BlockStore, block) -> bytes | None:
+    res = await store.lookup([block.hash], max_bytes=1 << 20, want_tokens=True)
+    return res.blocks[0].data if res.blocks else None
+
+
+async def test_a_verified_put_replaces_a_copy_held_without_token_ids():
+    """The first writer of a hash no longer wins when it was unverified: a put whose tokens
+    check replaces it (stored, not known); an unverified put never replaces a checked one;
+    with hash checks off nothing is checked, so nothing replaces."""
+    store = BlockStore(ram_bytes=1 << 20)
+    await store.open()
+    head, good = chain(7, 2, DATA)
+    bare = bare_copy(good)
+    c = store.put([head, bare])
+    assert (c.stored, c.unverified) == (2, 1)
+    assert await served(store, good) == bare.data
+    c = store.put([good])
+    assert (c.stored, c.known, c.unverified) == (1, 0, 0)
+    assert store.counts["replaced_unverified"] == 1
+    assert await served(store, good) == good.data
+    c = store.put([bare])  # known: the checked copy stays
+    assert (c.known, c.unverified) == (1, 1)
+    assert store.put([good]).known == 1  # and is not replaced by itself
+    assert store.counts["replaced_unverified"] == 1
+    assert await served(store, good) == good.data
+    # the tier's events: the bare copy removed, the checked one stored, the router follows
+    replica = HashSetReplica()
+    for b in store.cache.ram_log.take_batches(worker_id=1):
+        assert replica.apply(b)
+    assert {head.hash, good.hash} <= replica.hashes
+    await store.close()
+
+    unchecked = BlockStore(ram_bytes=1 << 20, verify_hashes=False)
+    await unchecked.open()
+    unchecked.put([head, bare])
+    assert unchecked.put([good]).known == 1
+    assert await served(unchecked, good) == bare.data
+    await unchecked.close()
+
+
+async def test_a_verified_put_replaces_an_unverified_copy_on_disk_also_after_a_restart(
+        tmp_path):
+    blocks = chain(8, 3, DATA)
+    bare = [blocks[0], *(bare_copy(b, i) for i, b in enumerate(blocks[1:]))]
+    store = make_store(tmp_path)
+    await store.open()
+    await spill_to_disk(store, bare)
+    assert store.unverified_disk == {b.hash for b in bare[1:]}
+    assert all(b.hash not in store.cache.ram for b in bare)
+    # RAM has no copy: the disk's is dropped and its file deleted; the checked block is
+    # offered like any new one (here RAM's hotter blocks send it to disk in its place)
+    c = store.put([blocks[1]])
+    assert (c.stored, c.known) == (1, 0)
+    assert store.counts["replaced_unverified"] == 1
+    assert blocks[1].hash not in store.unverified_disk
+    assert await store.flush(30)
+    assert await served(store, blocks[1]) == blocks[1].data
+    f = store.disk.read(blocks[1].hash)
+    assert f is None or (f.token_ids, f.data) == (blocks[1].token_ids, blocks[1].data)
+
+    # an unchecked put of a hash whose checked copy is on disk (not in RAM) is known: it does
+    # not go into RAM in front of the file
+    await spill_to_disk(store, [blocks[1]])
+    assert blocks[1].hash not in store.cache.ram
+    for _ in range(8):  # asked for often: RAM would admit it in place of the pushers
+        store.cache.record([blocks[1].hash])
+    c = store.put([bare[1]])
+    assert (c.known, c.stored, c.unverified) == (1, 0, 1)
+    assert blocks[1].hash not in store.cache.ram
+    assert await served(store, blocks[1]) == blocks[1].data
+    await store.close()
+
+    again = make_store(tmp_path)  # the unverified file is known as such from its header
+    await again.open()
+    assert again.unverified_disk == {blocks[2].hash}
+    assert (await served(again, blocks[2])) == bare[2].data  # (promoted to RAM, bare)
+    c = again.put([blocks[2]])
+    assert (c.stored, c.known) == (1, 0)
+    assert await again.flush(30)
+    assert await served(again, blocks[2]) == blocks[2].data
+    assert again.unverified_disk == set()
+    f = again.disk.read(blocks[2].hash)
+    assert f is None or (f.token_ids, f.data) == (blocks[2].token_ids, blocks[2].data)
+    await again.close()
+
+
 async def test_lookup_returns_what_fits_and_says_how_much_more_it_holds():
     store = BlockStore(ram_bytes=1 << 20)
     await store.open()

@@ -477,7 +477,7 @@ class DisaggHook(WorkerHooks):
         left = cfg.first_token_timeout_s + cfg.transfer_timeout_s
         if request.deadline_ms is not None:
             left = min(left, max(0.0, request.deadline_ms / 1000 - time.time()))
-        run = _RemoteRun(self, pid)
+        run = _RemoteRun(self, pid, token_ids)
         self.resuming += 1
         try:
             run.rx = await hub.open_receive(
@@ -985,9 +985,14 @@ class _RemoteRun:
     """One request's remote prefill on the decode side: its receive, and the blocks imported
     (pinned under `key`) as they arrive."""
 
-    def __init__(self, hook: DisaggHook, prefill_id: int) -> None:
+    def __init__(self, hook: DisaggHook, prefill_id: int,
+                 token_ids: list[int] | None = None) -> None:
         self.hook = hook
         self.prefill_id = prefill_id
+        # the prompt: each imported run carries its blocks' tokens (`KvImport.token_ids`; the
+        # receiver checked the transfer's hashes against this prompt's chain), so the engine
+        # keeps them and their eviction puts them to the offload store verified
+        self.token_ids = token_ids
         self.rx: KvReceiver | None = None
         self.key = ""
         self.imported = 0
@@ -1009,7 +1014,13 @@ class _RemoteRun:
             blocks = [KvBlockData(h) for h in run.hashes]
         else:  # views valid during this call only: the engine copies while decoding them
             blocks = [KvBlockData(h, p) for h, p in zip(run.hashes, run.payloads, strict=True)]
-        n = await hook.ctx.engine.import_kv(KvImport(blocks, run.parent_hash), pin_for=self.key)
+        # the run's first block in the prompt's chain: the header's first block (where the
+        # receiver checked the hashes against the prompt's) + the run's within the transfer
+        asm = self.rx.assembler if self.rx is not None else None
+        tokens = self.token_ids if asm is not None else None
+        first = asm.header.first_block + run.first_block if asm is not None else 0
+        kv = KvImport(blocks, run.parent_hash, token_ids=tokens, first_block=first)
+        n = await hook.ctx.engine.import_kv(kv, pin_for=self.key)
         self.imported += n
         if n < len(blocks):
             raise TransferError(xerr.IMPORT_FAILED, f"imported {n} of {len(blocks)} blocks "

@@ -339,7 +339,8 @@ class SchedulingCore:
         than given when the pool ran out of free blocks)."""
         payloads = self.executor.decode_kv(kv.blocks)
         hashes = [b.hash for b in kv.blocks]
-        written = self.scheduler.import_kv(hashes, kv.parent_hash, pin_for=pin_for)
+        written = self.scheduler.import_kv(hashes, kv.parent_hash, pin_for=pin_for,
+                                           token_ids=kv.token_ids, first_block=kv.first_block)
         if self.pool.evicted:  # before write_kv overwrites them
             self._hand_over_evicted()
         if written:

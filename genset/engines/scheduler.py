@@ -47,6 +47,7 @@ one thread or task; others talk to it through `genset.engines.driver.AsyncEngine
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
 
@@ -436,7 +437,8 @@ class Scheduler:
         return out
 
     def import_kv(
-        self, hashes: list[int], parent_hash: int | None = None, pin_for: str | None = None
+        self, hashes: list[int], parent_hash: int | None = None, pin_for: str | None = None,
+        token_ids: Seq[int] | None = None, first_block: int = 0,
     ) -> list[tuple[int, int]]:
         """Make the chain `hashes` (continuing `parent_hash`) cached here.
 
@@ -446,9 +448,17 @@ class Scheduler:
         (`drop_foreign`: its imported KV ended a request before; the caller computes the
         rest). With `pin_for`, every block of the chain is held until that request is
         admitted, aborted or `unpin`ned.
+
+        `token_ids` (`KvImport.token_ids`): the sequence's tokens, `hashes[i]` being its block
+        `first_block + i`; each new block keeps its slice (when the pool keeps tokens: an
+        eviction sink wants them), as a block computed here would. A slice that is not a
+        whole block (tokens shorter than the chain) is not kept.
         """
         pool = self.pool
         written: list[tuple[int, int]] = []
+        bs = self.block_size
+        tokens = token_ids if pool.keep_tokens else None
+        at = first_block * bs  # position of the current block's first token in `token_ids`
         held: list[int] = []
         if pin_for is not None and parent_hash is not None:
             # The chain's cached ancestors (the request's own device prefix) are held with
@@ -470,12 +480,16 @@ class Scheduler:
                 if new is None:
                     break
                 b = new[0]
-                if pool.cache_block(b, h, parent):
+                own = tokens[at : at + bs] if tokens is not None else None
+                if own is not None and len(own) != bs:
+                    own = None
+                if pool.cache_block(b, h, parent, own):
                     pool.marks[b] |= FOREIGN
                     self._imported = True
                 written.append((h, b))
             held.append(b)
             parent = h
+            at += bs
         if pin_for is not None:
             self._pins.setdefault(pin_for, []).extend(held)
         else:

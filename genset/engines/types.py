@@ -6,6 +6,7 @@ replay; importing it pulls in nothing but `proto`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,16 @@ class KvImport:
     # whose blocks carry none (the mocker).
     tail_tokens: int = 0
     tail: Any = None
+    # The tokens of the sequence the chain belongs to, where the importer knows them (an
+    # offload hit's or a remote prefill's prompt): `blocks[i]` holds the block_size tokens
+    # from position (first_block + i) x block_size. The engine keeps each imported block's
+    # tokens as it keeps a computed block's, so when it evicts the block again the offload
+    # store gets them and checks the hash (else the put counts as unverified). The importer
+    # vouches that the blocks' hashes are these tokens' (it hashed the prompt to ask for
+    # them; a transfer's hashes are checked against that chain); nothing re-hashes them.
+    # None: not known (the block is kept without tokens, as before).
+    token_ids: Sequence[int] | None = None
+    first_block: int = 0
 
 
 @dataclass(slots=True)

@@ -313,8 +313,11 @@ class OffloadHook(WorkerHooks):
         self.counts["onboarded_blocks"] += len(run)
         if self._m is not None:
             self._m.onboarded.inc(len(run))
+        # the prompt goes with the run (its blocks `have`..): the engine keeps each block's
+        # tokens, and its eviction later puts the block back with them (verified by the store)
         return KvImport(blocks=[KvBlockData(b.hash, b.data) for b in run],
-                        parent_hash=hashes[have - 1] if have else None)
+                        parent_hash=hashes[have - 1] if have else None,
+                        token_ids=token_ids, first_block=have)
 
     def _split(self, run_blocks: int, rest_tokens: int) -> int:
         """How many of a run of `run_blocks` to import (`onboard_split` on the engine's own

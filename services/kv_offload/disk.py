@@ -94,6 +94,7 @@ class ScannedFile:
     parent_hash: int | None
     size: int  # disk usage in bytes (whole pages)
     mtime: float
+    token_bytes: int = 0  # its token ids' (0: put without them, its hash never checked)
 
 
 def disk_usage(token_bytes: int, data_bytes: int) -> int:
@@ -323,9 +324,10 @@ class DiskStore:
             if verify:
                 blk = decode_block(raw, expect)
                 return ScannedFile(blk.hash, blk.parent_hash,
-                                   disk_usage(len(blk.token_ids), len(blk.data)), st.st_mtime)
+                                   disk_usage(len(blk.token_ids), len(blk.data)), st.st_mtime,
+                                   len(blk.token_ids))
             (h, parent), _, tl, dl = _parse_header(raw, st.st_size, expect)
         except BadBlockFile as exc:
             self._bad(exc.reason, path)
             return None
-        return ScannedFile(h, parent, disk_usage(tl, dl), st.st_mtime)
+        return ScannedFile(h, parent, disk_usage(tl, dl), st.st_mtime, tl)

@@ -100,9 +100,9 @@ class OffloadOptions:
         env="GENSET_OFFLOAD_VERIFY_HASHES"))
     require_token_ids: bool = field(default=False, metadata=opt(
         "refuse blocks put without token ids (their hash cannot be checked); off by "
-        "default: workers write back blocks they imported (onboarded from a store, or sent "
-        "by a prefill worker) and engines that report evictions by events (TensorRT-LLM) "
-        "without them (docs/architecture.md, unverified blocks)",
+        "default: engines that report evictions by events (TensorRT-LLM) put blocks "
+        "without them (torch and mocker workers put every block with them; `genset up` "
+        "turns this on; docs/architecture.md, unverified blocks)",
         env="GENSET_OFFLOAD_REQUIRE_TOKEN_IDS"))
     max_concurrent: int = field(default=64, metadata=opt(
         "requests in progress per endpoint before new ones get an overloaded error", min=1,

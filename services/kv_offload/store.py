@@ -210,6 +210,10 @@ class BlockStore:
         # Blocks evicted from RAM whose file is being written: hash -> (block, reserved bytes).
         self.pending: dict[int, tuple[OffloadBlock, int]] = {}
         self.pending_bytes = 0
+        # Hashes whose disk copy (file, or pending write) was put without token ids: a
+        # verified put of one replaces it (`_replace_unverified`). RAM entries need no such
+        # set (their block is at hand). Bounded by the disk tier's entries.
+        self.unverified_disk: set[int] = set()
         self._ops: deque[tuple[str, int, OffloadBlock | None]] = deque()
         self._ops_ready = asyncio.Event()
         self._idle = asyncio.Event()
@@ -222,7 +226,7 @@ class BlockStore:
         self.counts: dict[str, int] = dict.fromkeys(
             ("put_blocks", "refused", "unverified", "lookups", "lookup_hits_ram",
              "lookup_hits_disk", "disk_written", "disk_write_failed", "disk_delete_failed",
-             "disk_read_failed", "spills_dropped"), 0)
+             "disk_read_failed", "spills_dropped", "replaced_unverified"), 0)
         self._write_warn = LogThrottle(warn_every_s)
         self._delete_warn = LogThrottle(warn_every_s)
 
@@ -241,7 +245,10 @@ class BlockStore:
             extra: list[Entry] = []
             for f in files:
                 extra += self.cache.load_disk_entry(f.hash, f.parent_hash, f.size)
+                if not f.token_bytes:
+                    self.unverified_disk.add(f.hash)
             for e in extra:  # the tier was started smaller than last time: oldest files go
+                self.unverified_disk.discard(e.hash)
                 await readers.submit(lambda h=e.hash: disk.delete(h))
             found = len(self.cache.disk)
             self._writer_task = asyncio.create_task(self._writer(), name="offload-disk-writer")
@@ -322,6 +329,15 @@ class BlockStore:
                 # kept on the sender's word (docs/architecture.md, Security: the offload
                 # store checks every hash it can)
                 out.unverified += 1
+                if b.hash in cache.disk and b.hash not in self.unverified_disk:
+                    # a checked copy is on disk: this one is not put in front of it in RAM
+                    # (lookups serve RAM first); a use of the block, as a known put is
+                    cache.record((b.hash,))
+                    cache.touch(b.hash)
+                    out.known += 1
+                    continue
+            elif self.verify_hashes:
+                self._replace_unverified(b.hash)
             size = len(b.token_ids) + len(b.data) + self.entry_overhead
             res = cache.offer(b.hash, b.parent_hash, size, b)
             if res.status in (STORED, STORED_DISK):
@@ -338,6 +354,29 @@ class BlockStore:
             self.changed.set()
         return out
 
+    def _replace_unverified(self, block_hash: int) -> None:
+        """A block whose hash was just checked against its tokens: a copy of it held without
+        token ids (kept on some sender's word, maybe garbage) leaves the tiers, so the checked
+        one is offered in its place rather than counted `known` (else the first writer of a
+        hash, checked or not, would keep it for as long as it stays in use). A dict probe
+        and a set probe per verified block."""
+        cache = self.cache
+        entry = cache.ram.get(block_hash)
+        replaced = False
+        if entry is not None and not entry.value.token_ids:
+            cache.ram.remove(block_hash)
+            replaced = True
+        if block_hash in self.unverified_disk:
+            self.unverified_disk.discard(block_hash)
+            if cache.drop_from_disk(block_hash) is not None:
+                # after its write if that is still queued (the writer keeps the order)
+                self._ops.append(("delete", block_hash, None))
+                self._idle.clear()
+                self._ops_ready.set()
+                replaced = True
+        if replaced:
+            self.counts["replaced_unverified"] += 1
+
     def _reserve_spill(self, entry: Entry) -> bool:
         if self.pending_bytes + entry.size > self.spill_queue_bytes:
             self.counts["spills_dropped"] += 1
@@ -347,7 +386,14 @@ class BlockStore:
 
     def _apply(self, res: PutOutcome) -> None:
         """Queue the disk work a policy outcome asks for."""
+        unverified = self.unverified_disk
+        for gone in res.disk_evicted:
+            unverified.discard(gone.hash)
         for victim in res.spilled:
+            if victim.value.token_ids:
+                unverified.discard(victim.hash)
+            else:
+                unverified.add(victim.hash)
             old = self.pending.get(victim.hash)
             if old is not None:  # written, evicted and spilled again before the first write
                 self.pending_bytes -= old[1]  # ran: one reservation per hash
@@ -409,6 +455,7 @@ class BlockStore:
                 if f is None:
                     # gone (evicted meanwhile) or bad (deleted and counted by DiskStore): the
                     # run ends here, and the tier no longer has it
+                    self.unverified_disk.discard(h)
                     if cache.drop_from_disk(h) is not None:
                         self.counts["disk_read_failed"] += 1
                     del picked[i:]
@@ -507,4 +554,5 @@ class BlockStore:
                 else:
                     self.counts["disk_write_failed"] += 1
                     if self.cache.drop_from_disk(h) is not None:
+                        self.unverified_disk.discard(h)
                         self.changed.set()
