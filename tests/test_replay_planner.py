@@ -151,6 +151,43 @@ def test_cli_bad_planner_flags_are_named(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def _non_default(action) -> list[str]:
+    """The command-line words that give `action` a value other than its default."""
+    default = action.default if action.default is not None else 1.0
+    return [action.option_strings[0], str(default + 1)]
+
+
+def test_planner_flags_without_planner_are_refused_by_name(tmp_path, capsys):
+    """The planner's settings were silently ignored without --planner (the fleet stayed at
+    --workers): each given is named, before the trace is read; at their defaults they ask
+    for nothing and the replay runs."""
+    path = write_trace(tmp_path, ramp_trace(2.0, seed=5)[:5])
+    parser = replay_cli.build_parser()
+    actions = [a for a in parser._actions if a.option_strings
+               and a.option_strings[0] in replay_cli.PLANNER_FLAGS]
+    assert len(actions) == len(replay_cli.PLANNER_FLAGS) == 7
+    for action in actions:
+        words = _non_default(action)
+        assert replay_cli.main([path, *words]) == 2, words
+        err = capsys.readouterr().err
+        assert f"{words[0]} needs --planner (load or slo)" in err, err
+        # with --planner it is taken
+        assert replay_cli.main([path, "--planner", "load", "--max-workers", "9", *words,
+                                "--json"]) == 0, words
+        assert json.loads(capsys.readouterr().out)["completed"] == 5
+    # several at once: each named; before the trace is read
+    assert replay_cli.main([str(tmp_path / "none.jsonl"), "--startup-s", "5",
+                            "--planner-itl-ms", "20", "--max-workers", "4"]) == 2
+    err = capsys.readouterr().err
+    for flag in ("--startup-s", "--planner-itl-ms", "--max-workers"):
+        assert f"{flag} needs --planner" in err, err
+    assert "no such file" not in err.lower()
+    # at their defaults, given explicitly: no request, the static replay runs
+    assert replay_cli.main([path, "--startup-s", "30", "--min-workers", "1",
+                            "--max-workers", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] == 5
+
+
 def test_a_long_or_stretched_trace_is_bounded_or_refused_by_name(tmp_path, capsys):
     """Two requests a year apart: the timeline's buckets widen (it asked for 3 million rows,
     a MemoryError; 1e300 ms asked for more than an index holds) and a planner that would

@@ -224,20 +224,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def given_of(parser: argparse.ArgumentParser, args: argparse.Namespace,
+             why_of) -> list[tuple[str, str]]:
+    """(flag, why) of each flag given a value other than its default for which `why_of(flag)`
+    says why it cannot be taken (None: it can): what a mode of the replay would otherwise
+    silently ignore. A flag given explicitly at its default asks for nothing."""
+    out = []
+    for action in parser._actions:
+        flag = action.option_strings[0] if action.option_strings else ""
+        why = why_of(flag) if flag else None
+        if why and getattr(args, action.dest) != action.default:
+            out.append((flag, why))
+    return out
+
+
 def not_in_disagg(parser: argparse.ArgumentParser,
                   args: argparse.Namespace) -> list[tuple[str, str]]:
     """(flag, why) of the flags given (a value other than their default) that the
     disaggregated replay does not model: refused there rather than silently ignored."""
-    out = []
-    for action in parser._actions:
-        flag = action.option_strings[0] if action.option_strings else ""
-        why = ("it models one router" if flag == "--router-replicas" else
-               "it models no KV offload store" if flag.startswith("--offload-") else
-               "its fleet is fixed" if flag == "--planner" else
-               "it draws no plot" if flag == "--plot" else None)
-        if why and getattr(args, action.dest) != action.default:
-            out.append((flag, why))
-    return out
+    return given_of(parser, args, lambda flag: (
+        "it models one router" if flag == "--router-replicas" else
+        "it models no KV offload store" if flag.startswith("--offload-") else
+        "its fleet is fixed" if flag == "--planner" else
+        "it draws no plot" if flag == "--plot" else None))
+
+
+# the planner group's settings: without --planner the fleet is fixed at --workers and they
+# were silently ignored
+PLANNER_FLAGS = ("--min-workers", "--max-workers", "--startup-s", "--planner-interval-s",
+                 "--down-cooldown-s", "--planner-ttft-ms", "--planner-itl-ms")
+
+
+def needs_planner(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The planner flags given (a value other than their default) without --planner."""
+    if args.planner is not None:
+        return []
+    return [flag for flag, _ in given_of(
+        parser, args, lambda flag: "planner" if flag in PLANNER_FLAGS else None)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genset replay: {flag} is not available with a disaggregated replay "
               f"(--prefill-workers, --decode-workers, --disagg, --peer-prefill): {why}",
               file=sys.stderr)
-    if refused:
+    # the planner's settings without a planner: each named, rather than a fixed fleet run
+    # as if they had been taken
+    unplanned = needs_planner(parser, args)
+    for flag in unplanned:
+        print(f"genset replay: {flag} needs --planner ({' or '.join(PLANNER_POLICIES)}); "
+              f"without it the fleet is fixed at --workers", file=sys.stderr)
+    if refused or unplanned:
         return 2
     try:
         trace = load_trace(args.trace, limit=args.limit)
