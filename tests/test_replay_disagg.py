@@ -58,16 +58,35 @@ def test_bad_disagg_settings_are_refused(capsys, tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"timestamp": 0, "input_length": 600, "output_length": 3, '
                     '"hash_ids": [1, 2]}\n')
-    assert replay_cli.main([str(path), "--decode-workers", "0", "--prefill-workers", "1"]) == 2
-    assert "--decode-workers must be >= 1" in capsys.readouterr().err
-    assert replay_cli.main([str(path), "--prefill-workers", "1", "--kv-transfer-bandwidth",
-                            "-1"]) == 2
-    assert "--kv-transfer-bandwidth" in capsys.readouterr().err
-    # nan passed the check (then an IndexError mid-replay); --planner and --plot were
-    # silently ignored by a disaggregated replay
-    assert replay_cli.main([str(path), "--prefill-workers", "1", "--kv-transfer-bandwidth",
-                            "nan"]) == 2
-    assert "--kv-transfer-bandwidth must be >= 0 GB/s, got nan" in capsys.readouterr().err
+    # refused by argparse, naming the flag, as --workers is (nan passed the config's check
+    # once, then an IndexError mid-replay)
+    for argv, message in (
+            (["--decode-workers", "0", "--prefill-workers", "1"],
+             "argument --decode-workers: must be > 0, got 0"),
+            (["--prefill-workers", "-1"], "argument --prefill-workers: must be >= 0, got -1"),
+            (["--prefill-workers", "1.5"], "argument --prefill-workers: expected an integer, got '1.5'"),
+            (["--decode-workers", "2000"], "argument --decode-workers: must be at most 1,024"),
+            (["--prefill-workers", "1", "--kv-transfer-bandwidth", "-1"],
+             "argument --kv-transfer-bandwidth: must be >= 0, got -1"),
+            (["--prefill-workers", "1", "--kv-transfer-bandwidth", "nan"],
+             "argument --kv-transfer-bandwidth: must be a finite number, got nan"),
+            (["--prefill-workers", "1", "--disagg-spare-budget-ms", "-5"],
+             "argument --disagg-spare-budget-ms: must be >= 0, got -5")):
+        with pytest.raises(SystemExit) as exc:
+            replay_cli.main([str(path), *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err, argv
+    # the config still checks them for other callers
+    with pytest.raises(ValueError, match="--decode-workers must be >= 1"):
+        DisaggReplayConfig(decode_workers=0)
+    with pytest.raises(ValueError, match="--kv-transfer-bandwidth must be >= 0 GB/s, got nan"):
+        DisaggReplayConfig(kv_transfer_bandwidth_gb_s=float("nan"))
+    # at their bounds they are taken
+    assert replay_cli.main([str(path), "--prefill-workers", "0", "--decode-workers", "1",
+                            "--kv-transfer-bandwidth", "0", "--disagg-spare-budget-ms", "0",
+                            "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] == 1
+    # --planner and --plot were silently ignored by a disaggregated replay
     for extra in (["--planner", "load"], ["--plot", str(tmp_path / "p.png")]):
         assert replay_cli.main([str(path), "--prefill-workers", "1", *extra]) == 2
         assert f"{extra[0]} is not available with a disaggregated replay" in \

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from genset.offload.admission import ADMIT_MODES
 from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
 from genset.planning import POLICIES as PLANNER_POLICIES
 from genset.replay import disagg_sim
+from genset.replay.cli_args import in_range, non_negative, positive
 from genset.replay.disagg_sim import GBPS_RANGE, RATIO_RANGE
 from genset.replay.metrics import DEFAULT_SLA_ITL_MS, DEFAULT_SLA_TTFT_MS
 from genset.replay.offload import OffloadConfig
@@ -105,45 +105,14 @@ MAX_OFFLOAD_BLOCKS = 1 << 24  # per tier
 MAX_ROUTER_REPLICAS = 64
 
 
-def _number(kind, *, allow_zero: bool, most: int | None = None, least: float | None = None):
-    """An argparse type: a finite `kind` (int or float) > 0, or >= 0 with `allow_zero`, at
-    least `least` unless 0, and at most `most`."""
-    def conv(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not math.isfinite(v):  # inf > 0 passed: an inf start-up or speed-up is no setting
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if not (v >= 0 if allow_zero else v > 0):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if allow_zero else '>'} 0, got {text}")
-        if least is not None and v != 0 and v < least:
-            zero = "0 or " if allow_zero else ""
-            raise argparse.ArgumentTypeError(f"must be {zero}at least {least:g}, got {text}")
-        if most is not None and v > most:
-            raise argparse.ArgumentTypeError(f"must be at most {most:,}, got {text}")
-        return v
-    return conv
-
-
-def _positive(kind, most: int | None = None):
-    return _number(kind, allow_zero=False, most=most)
-
-
-def _non_negative(kind, most: int | None = None):
-    return _number(kind, allow_zero=True, most=most)
-
-
 def _ratio():
     """--speedup-ratio, --arrival-speedup: a finite ratio in RATIO_RANGE (why: there)."""
-    lo, hi = RATIO_RANGE
-    return _number(float, allow_zero=False, least=lo, most=hi)
+    return in_range(float, RATIO_RANGE, allow_zero=False)
 
 
 def _gbps():
     """A copy rate in GB/s: 0 (free) or in GBPS_RANGE (why: there)."""
-    lo, hi = GBPS_RANGE
-    return _number(float, allow_zero=True, least=lo, most=hi)
+    return in_range(float, GBPS_RANGE, allow_zero=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,24 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace", help="Mooncake-format JSONL trace")
     p.add_argument("--policy", default=POLICY_GENSET,
                    help=f"one or several comma-separated policies to compare ({', '.join(POLICY_NAMES)})")
-    p.add_argument("--workers", type=_positive(int, MAX_WORKERS), default=8)
-    p.add_argument("--block-size", type=_positive(int), default=64)
-    p.add_argument("--kv-blocks", type=_positive(int, MAX_KV_BLOCKS), default=4688, help="KV capacity per worker, in blocks")
+    p.add_argument("--workers", type=positive(int, MAX_WORKERS), default=8)
+    p.add_argument("--block-size", type=positive(int), default=64)
+    p.add_argument("--kv-blocks", type=positive(int, MAX_KV_BLOCKS), default=4688, help="KV capacity per worker, in blocks")
     p.add_argument("--arrival-speedup", type=_ratio(), default=1.0,
                    help="3 = arrivals three times faster than in the trace")
     p.add_argument("--speedup-ratio", type=_ratio(), default=1.0,
                    help="mocker step-time divisor")
-    p.add_argument("--limit", type=_positive(int), default=None, help="only the first N requests")
-    p.add_argument("--max-num-seqs", type=_positive(int), default=256)
-    p.add_argument("--max-batched-tokens", type=_positive(int), default=8192)
-    p.add_argument("--router-replicas", type=_positive(int, MAX_ROUTER_REPLICAS), default=1,
+    p.add_argument("--limit", type=positive(int), default=None, help="only the first N requests")
+    p.add_argument("--max-num-seqs", type=positive(int), default=256)
+    p.add_argument("--max-batched-tokens", type=positive(int), default=8192)
+    p.add_argument("--router-replicas", type=positive(int, MAX_ROUTER_REPLICAS), default=1,
                    help="router replicas sharing decisions (they take arrivals in turn)")
     off = p.add_argument_group("KV offload store (shared by every worker; genset.replay.offload)")
-    off.add_argument("--offload-ram-blocks", type=_non_negative(int, MAX_OFFLOAD_BLOCKS), default=0,
+    off.add_argument("--offload-ram-blocks", type=non_negative(int, MAX_OFFLOAD_BLOCKS), default=0,
                      help="the store's RAM tier, blocks (0 with no disk tier: no store)")
-    off.add_argument("--offload-disk-blocks", type=_non_negative(int, MAX_OFFLOAD_BLOCKS), default=0,
+    off.add_argument("--offload-disk-blocks", type=non_negative(int, MAX_OFFLOAD_BLOCKS), default=0,
                      help="the store's disk tier, blocks")
-    off.add_argument("--kv-bytes-per-token", type=_non_negative(int), default=131072,
+    off.add_argument("--kv-bytes-per-token", type=non_negative(int), default=131072,
                      help="KV bytes of one token (default 131072: Llama-3-8B-shaped, bf16)")
     off.add_argument("--offload-d2h-gbps", type=_gbps(), default=32.0,
                      help="GB/s copying an evicted block out of a worker (0: free)")
@@ -190,33 +159,33 @@ def build_parser() -> argparse.ArgumentParser:
                           "step's idle copy-out lane copies the worker's next blocks to be "
                           "evicted to the store ahead of time, as the mocker does: "
                           "MockerConfig.offload_copy_ahead_blocks)")
-    off.add_argument("--offload-copy-ahead-blocks", type=_non_negative(int), default=1024,
+    off.add_argument("--offload-copy-ahead-blocks", type=non_negative(int), default=1024,
                      help="how far from its LRU end a worker copies out ahead (free blocks)")
     off.add_argument("--offload-no-split", action="store_true",
                      help="onboard a store run whole even when its copy outlasts the prompt's "
                           "compute (default: compute its tail beside the copy, to the balance "
                           "point; genset.offload.onboard)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sla-ttft-ms", type=_positive(float), default=DEFAULT_SLA_TTFT_MS,
+    p.add_argument("--sla-ttft-ms", type=positive(float), default=DEFAULT_SLA_TTFT_MS,
                    help="a request meets its SLO when its TTFT is at most this (default 2000)")
-    p.add_argument("--sla-itl-ms", type=_positive(float), default=DEFAULT_SLA_ITL_MS,
+    p.add_argument("--sla-itl-ms", type=positive(float), default=DEFAULT_SLA_ITL_MS,
                    help="... and its mean inter-token latency at most this (default 50)")
     g = p.add_argument_group("planner (the fleet sized in simulated time)")
     g.add_argument("--planner", choices=PLANNER_POLICIES, default=None,
                    help="size the fleet with the planner's core: load (KV use, waiting prompt "
                         "tokens) or slo (the smallest fleet meeting the SLAs); --workers is "
                         "the initial size")
-    g.add_argument("--min-workers", type=_positive(int, MAX_WORKERS), default=1)
-    g.add_argument("--max-workers", type=_positive(int, MAX_WORKERS), default=8)
-    g.add_argument("--startup-s", type=_non_negative(float), default=30.0,
+    g.add_argument("--min-workers", type=positive(int, MAX_WORKERS), default=1)
+    g.add_argument("--max-workers", type=positive(int, MAX_WORKERS), default=8)
+    g.add_argument("--startup-s", type=non_negative(float), default=30.0,
                    help="simulated seconds from a worker being asked for to it being routable")
-    g.add_argument("--planner-interval-s", type=_positive(float), default=1.0,
+    g.add_argument("--planner-interval-s", type=positive(float), default=1.0,
                    help="simulated seconds between decisions")
-    g.add_argument("--down-cooldown-s", type=_positive(float), default=60.0,
+    g.add_argument("--down-cooldown-s", type=positive(float), default=60.0,
                    help="a pool shrinks only after needing fewer workers for this long")
-    g.add_argument("--planner-ttft-ms", type=_positive(float), default=None,
+    g.add_argument("--planner-ttft-ms", type=positive(float), default=None,
                    help="slo policy: the TTFT it sizes for (default --sla-ttft-ms)")
-    g.add_argument("--planner-itl-ms", type=_positive(float), default=None,
+    g.add_argument("--planner-itl-ms", type=positive(float), default=None,
                    help="slo policy: the ITL it sizes for (default --sla-itl-ms)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart comparing the policies")

@@ -47,6 +47,7 @@ from genset.disagg.decision import (
     decide,
 )
 from genset.disagg.sim import GB, DisaggSimConfig, transfer_blocks
+from genset.replay.cli_args import in_range, non_negative, positive
 from genset.replay.metrics import DEFAULT_SLA_ITL_MS, DEFAULT_SLA_TTFT_MS, sla_summary
 from genset.replay.simulate import MAX_DECODE_RUN, _HashCache
 from genset.replay.trace import TraceRequest
@@ -498,30 +499,35 @@ def summarize(reqs: list[_Req], cfg: DisaggReplayConfig, policy: str, wall_s: fl
 def add_args(p: argparse.ArgumentParser) -> None:
     """`genset replay`'s disaggregation flags (and the SLA flags when the parser lacks them)."""
     g = p.add_argument_group("disaggregated serving (genset.replay.disagg_sim)")
-    g.add_argument("--prefill-workers", type=int, default=None, metavar="P",
+    # bounded here, as --workers is: a bad value is argparse's error naming the flag, before the
+    # trace is read (DisaggReplayConfig checks them again, and their sum, for other callers)
+    g.add_argument("--prefill-workers", type=non_negative(int, MAX_FLEET), default=None,
+                   metavar="P",
                    help="prefill workers: replay disaggregated (with --decode-workers)")
-    g.add_argument("--decode-workers", type=int, default=None, metavar="D",
+    g.add_argument("--decode-workers", type=positive(int, MAX_FLEET), default=None, metavar="D",
                    help="decode workers (default: --workers)")
     g.add_argument("--disagg", choices=POLICIES, default=None,
                    help="auto: remote prefill when the cost model says it pays; always; never")
     g.add_argument("--peer-prefill", action="store_true", default=None,
                    help="decode workers (role both) also prefill for each other when the "
                         "cost model says it pays (with or without --prefill-workers)")
-    g.add_argument("--disagg-spare-budget-ms", type=float, default=0.0, metavar="MS",
+    g.add_argument("--disagg-spare-budget-ms", type=non_negative(float), default=0.0,
+                   metavar="MS",
                    help="--disagg auto: a prompt that stalls nobody more remote than local goes "
                         "to a prefill worker when the pool has room to spare and its first "
                         "token is predicted within this (0: off)")
-    g.add_argument("--kv-transfer-bandwidth", type=float, default=DEFAULT_BANDWIDTH_GB_S,
+    g.add_argument("--kv-transfer-bandwidth", type=in_range(float, GBPS_RANGE, allow_zero=True),
+                   default=DEFAULT_BANDWIDTH_GB_S,
                    metavar="GB/S", help="KV transfer bandwidth between workers (0: free)")
     have = p._option_string_actions  # flags another part of the replay may already define
     if "--kv-bytes-per-token" not in have:
-        g.add_argument("--kv-bytes-per-token", type=int, default=DEFAULT_KV_BYTES_PER_TOKEN,
-                       help="KV bytes of one token")
+        g.add_argument("--kv-bytes-per-token", type=non_negative(int),
+                       default=DEFAULT_KV_BYTES_PER_TOKEN, help="KV bytes of one token")
     if "--sla-ttft-ms" not in have:
-        g.add_argument("--sla-ttft-ms", type=float, default=DEFAULT_SLA_TTFT_MS,
+        g.add_argument("--sla-ttft-ms", type=positive(float), default=DEFAULT_SLA_TTFT_MS,
                        help="a request meets its SLO when its TTFT is at most this")
     if "--sla-itl-ms" not in have:
-        g.add_argument("--sla-itl-ms", type=float, default=DEFAULT_SLA_ITL_MS,
+        g.add_argument("--sla-itl-ms", type=positive(float), default=DEFAULT_SLA_ITL_MS,
                        help="... and its mean inter-token latency at most this")
 
 
