@@ -271,6 +271,43 @@ async def test_integers_that_cannot_travel_name_their_field(tok_dir):
         pipe.close()
 
 
+async def test_sampling_refused_by_the_wire_names_the_field_not_its_key(tok_dir):
+    """A value proto.SamplingParams refuses is a 400 whose param is the request's field: the
+    param was the message's first word, "logit_bias[5]" for a bias out of range."""
+    pipe = await make_pipeline(tok_dir, context=4096)
+    pipe.registry.get("m").cards[1].supports_logprobs = True
+    try:
+        cases = [
+            (dict(logit_bias={"5": 200.0}), "logit_bias", "logit_bias[5] must be in"),
+            (dict(temperature=-1.0), "temperature", "temperature must be"),
+            (dict(presence_penalty=3.0), "presence_penalty", "presence_penalty must be in"),
+            (dict(repetition_penalty=0.0), "repetition_penalty", "repetition_penalty must"),
+            # the wire's logprobs is chat's top_logprobs: the field the client sent is named
+            (dict(logprobs=50, logprobs_param="top_logprobs"), "top_logprobs",
+             "logprobs must be in"),
+        ]
+        for fields, param, message in cases:
+            err = await refused(pipe, text="hello", max_tokens=2, **fields)
+            assert err.status == 400 and err.param == param, (fields, err.body())
+            assert err.message.startswith(message) and " - at" not in err.message, err.message
+    finally:
+        pipe.close()
+
+
+def test_field_of_a_proto_message():
+    from services.frontend.errors import field_of
+
+    for text, want in (
+            ("logit_bias[5] must be in [-100, 100], got 200.0 - at `$.logit_bias`", "logit_bias"),
+            ("logit_bias: key 'x' is not a token id - at `$.logit_bias`", "logit_bias"),
+            ("logit_bias[5] must be in [-100, 100], got 200.0", "logit_bias"),  # no path
+            ("logit_bias: key 'x' is not a token id", "logit_bias"),
+            ("top_p must be in (0, 1], got 0 - at `$.top_p`", "top_p"),
+            ("stops[2] must be text - at `$.stop_conditions.stops[2]`", "stop_conditions"),
+            ("", None), ("[5] is not a name", None)):
+        assert field_of(text) == want, text
+
+
 # -- NaN and Infinity ---------------------------------------------------------------------------
 
 # (body fields, param): Python's json.dumps writes float('nan') / float('inf') as NaN /

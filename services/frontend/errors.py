@@ -9,6 +9,7 @@ import msgspec
 import proto
 
 _FIELD_PATH = re.compile(r"at `\$\.?([^`]*)`")
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ApiError(Exception):
@@ -38,6 +39,16 @@ _CODE_BY_STATUS = {400: "bad_request", 404: "not_found", 408: "deadline_exceeded
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def field_of(message: str) -> str | None:
+    """The request field a proto check's message names: the first name of its `- at `$.f``
+    path, else of its first word, without an index or key suffix or punctuation
+    ("logit_bias[5] must be ..." and "logit_bias: key 'x' ..." -> "logit_bias")."""
+    match = _FIELD_PATH.search(message)
+    head = match.group(1) if match and match.group(1) else message
+    name = _FIELD_NAME.match(head.lstrip())
+    return name.group(0) if name else None
 
 
 def from_validation(exc: msgspec.ValidationError | ValueError) -> ApiError:

@@ -58,7 +58,7 @@ from genset.runtime.bus_errors import (
 from genset.runtime.timeline import Timeline, TimelineSink
 from genset.tokenizer import ENCODE_BYTES_PER_CHAR, OFFLOAD_CHARS, Tokenizer, TokenizerError
 from proto.tokens import pack_tokens, unpack_tokens
-from services.frontend.errors import ApiError, bad_request, from_error_info, no_worker
+from services.frontend.errors import ApiError, bad_request, field_of, from_error_info, no_worker
 from services.frontend.metrics import FrontendMetrics, LocalHistogram
 from services.frontend.registry import ModelEntry, ModelRegistry
 from services.frontend.stats import FrontendStatsPublisher
@@ -565,7 +565,10 @@ class Pipeline:
                 seed=req.seed, **_sampling_extras(req, entry, vocab))
         except ValueError as exc:
             text = str(exc)
-            param = text.split(" ", 1)[0]
+            # the field's name, not the message's first word ("logit_bias[5]" was the param)
+            param = field_of(text)
+            if param == "logprobs":  # the wire's logprobs: chat's top_logprobs
+                param = req.logprobs_param
             raise bad_request(text.split(" - at")[0], param=param) from None
         if vocab is None:  # no tokenizer: only the wire's bound on token ids
             vocab = _INT32_MAX + 1
