@@ -251,6 +251,49 @@ async def test_puts_without_token_ids_are_counted_unverified_or_refused_when_req
             assert reply.held == 1 and reply.blocks[0].data == good.data
 
 
+async def test_a_store_refusing_every_put_is_one_warning_per_interval(
+        nats_server, etcd_server, bus, discovery, ns):
+    """A store with require_token_ids refuses every put of an engine whose blocks carry no
+    token ids: the worker's client warned once per refused put; now once per interval
+    (LogThrottle, its clock here a test's), counting the blocks and replies since the line
+    before."""
+    from structlog.testing import capture_logs
+
+    from genset.offload.client import REFUSED
+    from genset.runtime.logging import LogThrottle
+
+    now = [0.0]
+    throttle = LogThrottle(30.0, clock=lambda: now[0])
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01,
+                             require_token_ids=True):
+        client = await started_client(bus, discovery, ns, 1, refused_warn=throttle)
+        try:
+            def bare(seed: int) -> list[OffloadBlock]:
+                blocks = chain(seed, 2, 100)
+                for b in blocks:
+                    b.token_ids = b""
+                return blocks
+
+            with capture_logs() as logs:
+                for seed in range(20):  # one put (one reply) at a time: 20 refusals
+                    assert client.put_behind(bare(seed)) == 2
+                    assert await client.flush(WAIT)
+                first = [e for e in logs if e["event"] == REFUSED]
+                assert len(first) == 1, first  # the first refusal, then quiet
+                assert first[0]["refused"] == 2 and first[0]["replies"] == 1
+                assert "no token ids" in first[0]["error"]
+                assert first[0]["log_level"] == "warning"
+                now[0] += 30.0  # an interval later: one line for the 19 + this one
+                assert client.put_behind(bare(99)) == 2
+                assert await client.flush(WAIT)
+            lines = [e for e in logs if e["event"] == REFUSED]
+            assert len(lines) == 2, lines
+            assert lines[1]["refused"] == 40 and lines[1]["replies"] == 20
+            assert client.stats["put_refused"] == 42  # every refusal still counted
+        finally:
+            await client.close()
+
+
 async def test_events_per_tier_and_resync(nats_server, etcd_server, bus, discovery, ns,
                                           tmp_path):
     batches: list[proto.KvEventBatch] = []

@@ -39,6 +39,7 @@ from typing import Any
 import structlog
 
 from genset.offload.placement import Placement
+from genset.runtime.logging import LogThrottle
 from proto import keys, subjects
 from proto.discovery import InstanceRecord
 from proto.offload import (
@@ -60,6 +61,11 @@ DEFAULT_MAX_PAYLOAD = 1 << 20  # NATS' default max_payload
 # worker's reported `onboard_disk_gbps` to (`genset.routing.load.ONBOARD_FIELDS`); ~30x an
 # H200's HBM.
 MAX_DISK_READ_GBPS = 1e5
+# A store that refuses a worker's puts (e.g. `--require-token-ids` and an engine whose blocks
+# carry none) refuses every one: a warning at most this often, counting the refusals since the
+# line before (it was one line per refused put).
+REFUSED_WARN_EVERY_S = 30.0
+REFUSED = "offload store refused blocks"
 
 
 def block_bytes(b: OffloadBlock) -> int:
@@ -75,7 +81,8 @@ class OffloadClient:
 
     def __init__(self, bus: Any, namespace: str, *, discovery: Any = None, sender_id: int = 0,
                  max_queue_bytes: int = 64 << 20, max_inflight: int = 4,
-                 put_timeout_s: float = 2.0, max_message_bytes: int | None = None) -> None:
+                 put_timeout_s: float = 2.0, max_message_bytes: int | None = None,
+                 refused_warn: LogThrottle | None = None) -> None:
         if max_queue_bytes < 0 or max_inflight < 1 or put_timeout_s <= 0:
             raise ValueError("need max_queue_bytes >= 0, max_inflight >= 1, put_timeout_s > 0")
         self.bus = bus
@@ -88,6 +95,10 @@ class OffloadClient:
         self._max_message_bytes = max_message_bytes
         self.placement = Placement(())
         self.stats: dict[str, int] = dict.fromkeys(self.STAT_NAMES, 0)
+        # refusals: one warning per interval (`REFUSED_WARN_EVERY_S`), with the replies and
+        # blocks refused since the line before (`refused_warn`: a test's own clock)
+        self.refused_warn = refused_warn or LogThrottle(REFUSED_WARN_EVERY_S)
+        self._refused_unlogged = 0  # blocks refused since the last warning (the loop's)
         self._queue: deque[tuple[OffloadBlock, int]] = deque()
         self._queued_bytes = 0
         self._outstanding = 0  # blocks queued or being sent; 0 = idle
@@ -284,8 +295,11 @@ class OffloadClient:
         self.stats["put_rejected"] += reply.rejected
         self.stats["put_refused"] += reply.refused
         if reply.refused:
-            log.warning("offload store refused blocks", store=f"{owner:x}",
-                        refused=reply.refused, error=reply.error)
+            self._refused_unlogged += reply.refused
+            if n := self.refused_warn.hit():
+                log.warning(REFUSED, store=f"{owner:x}", refused=self._refused_unlogged,
+                            replies=n, error=reply.error, every_s=self.refused_warn.every_s)
+                self._refused_unlogged = 0
 
     # ---- onboarding ------------------------------------------------------------------------------
     async def lookup(self, hashes: Sequence[int], deadline_s: float = 0.05, *,
