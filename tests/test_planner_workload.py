@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 from genset.planning.workload import WorkloadError, modulate, rate_profile, read_azure
+from tests.helpers.shared_data import shared_data
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data()
 
 
 def steady(n: int, rate: float) -> list[dict]:

@@ -12,9 +12,10 @@ from genset.replay import __main__ as replay_cli
 from genset.replay import simulate
 from genset.replay.simulate import ReplayConfig, run_replay
 from genset.replay.trace import TraceError, load_trace
+from tests.helpers.shared_data import shared_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRACE = os.path.join(ROOT, "..", "shared", "data", "mooncake_synthetic_trace.jsonl")
+TRACE = str(shared_data() / "mooncake_synthetic_trace.jsonl")
 REFERENCE = os.path.join(ROOT, "bench", "replay_dynamo_reference.json")
 
 # CI always has ../shared beside the clone: there a missing trace is a failure, not a skip.
