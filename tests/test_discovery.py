@@ -343,10 +343,10 @@ class _CallThatNeverEnds:
     def __await__(self):
         return asyncio.get_running_loop().create_future().__await__()
 
-    def __aiter__(self):
-        return self
+    async def write(self, request):
+        pass
 
-    async def __anext__(self):
+    async def read(self):
         await asyncio.get_running_loop().create_future()
 
     def cancel(self):
@@ -365,7 +365,7 @@ async def test_call_whose_grpc_deadline_never_fires_still_ends():
     try:
         unary, stream = _CallThatNeverEnds(), _CallThatNeverEnds()
         client._kv = SimpleNamespace(Range=lambda request, timeout, metadata: unary)
-        client._lease = SimpleNamespace(LeaseKeepAlive=lambda requests, timeout, metadata: stream)
+        client._lease = SimpleNamespace(LeaseKeepAlive=lambda metadata: stream)
         # The error text says the client's own give-up timer ended each call (a hang would be
         # the 30 s wait_for's TimeoutError); a timer cannot fire early, so the lower bound holds.
         start = time.monotonic()
@@ -378,3 +378,45 @@ async def test_call_whose_grpc_deadline_never_fires_still_ends():
         assert time.monotonic() - start >= 1.1 and stream.cancelled
     finally:
         await client.close()
+
+
+async def test_a_quiet_watch_probes_only_a_channel_etcd_went_quiet_on(etcd_server):
+    """A watch with nothing to report asks etcd for progress only when nothing at all came
+    back on its channel for the liveness window: another call's answer (a lease keep-alive,
+    a read, another watch) shows the channel alive. Those probes were a quarter of an idle
+    stack's CPU (docs/benchmarks.md 5z); a frozen etcd is still noticed
+    (test_discovery_outage.py::test_hung_etcd_is_noticed_and_survived)."""
+    from genset.runtime.etcd_client import EtcdClient
+
+    client = EtcdClient(etcd_server.endpoint, timeout=5)
+    reader = stream = None
+    try:
+        p = prefix()
+        _, revision = await client.get_prefix(p)
+        stream = await client.watch_prefix(p, revision + 1, liveness_s=0.3)
+        await client.get(p + "nothing")  # an answer on the stream's channel, just now
+        assert client.heard_ago(stream._channel) < 0.3
+        assert client.heard_ago(object()) == float("inf")  # a channel the client has left
+
+        reader = asyncio.create_task(collect_batches(stream))
+        real_heard_ago = client.heard_ago
+        client.heard_ago = lambda channel: 0.0  # etcd answering other calls all along
+        await asyncio.sleep(1.5)  # five liveness windows
+        assert stream.probes_sent == 0 and not reader.done()
+
+        client.heard_ago = real_heard_ago  # now only the watch itself talks to etcd
+        await until(lambda: stream.probes_sent >= 2, 30, "a quiet channel being probed")
+        assert not reader.done(), "etcd answers its progress requests: the watch stays"
+    finally:
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        if stream is not None:
+            stream.close()
+        await client.close()
+
+
+async def collect_batches(stream) -> None:
+    async for _ in stream.batches():
+        pass

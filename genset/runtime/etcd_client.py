@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -146,6 +147,13 @@ class EtcdClient:
         self._closing: set[asyncio.Task] = set()  # old channels being closed after a rotate
         self._metadata: tuple[tuple[str, str], ...] | None = None
         self._channel: grpc.aio.Channel | None = None
+        # When etcd last answered anything on the current channel (loop clock): a watch
+        # that is quiet only because nothing changed need not probe a channel that the lease
+        # keep-alive or another watch has just heard from (docs/benchmarks.md 5z: the probes
+        # were a quarter of an idle stack's CPU).
+        self._heard_at = -math.inf
+        self._keepalive_call = self._keepalive_channel = None  # the shared LeaseKeepAlive stream
+        self._keepalive_lock = asyncio.Lock()
         self._open_channel()
 
     @property
@@ -172,6 +180,19 @@ class EtcdClient:
         self._watch = rpc.WatchStub(self._channel)
         self._auth = rpc.AuthStub(self._channel)
         self._metadata = None
+        self._heard_at = -math.inf
+
+    def heard(self, channel) -> None:
+        """etcd answered on `channel` just now (ignored for a channel this client has left)."""
+        if channel is self._channel:
+            self._heard_at = asyncio.get_running_loop().time()
+
+    def heard_ago(self, channel) -> float:
+        """Seconds since etcd last answered on `channel`; infinite for a channel this client
+        has left (a watch still on it after a failover learns nothing from the new one)."""
+        if channel is not self._channel:
+            return math.inf
+        return asyncio.get_running_loop().time() - self._heard_at
 
     def _rotate(self) -> None:
         """Move to the next endpoint (only when there is more than one)."""
@@ -204,9 +225,12 @@ class EtcdClient:
             if self._user is not None and self._metadata is None:
                 await self._authenticate()
             fn = getattr(getattr(self, stub), method)
+            channel = self._channel
             try:
                 call = fn(request, timeout=timeout, metadata=self._metadata)
-                return await _bounded(call, timeout, self.endpoint, method)
+                resp = await _bounded(call, timeout, self.endpoint, method)
+                self.heard(channel)
+                return resp
             except EtcdUnavailable:
                 self._rotate()
                 raise
@@ -279,32 +303,58 @@ class EtcdClient:
         return resp.ID
 
     async def lease_keepalive(self, lease_id: int, *, time_limit: float | None = None) -> int:
-        """Refresh a lease once; returns its new TTL, or <= 0 if the lease no longer exists."""
+        """Refresh a lease once; returns its new TTL, or <= 0 if the lease no longer exists.
+
+        The refreshes share one LeaseKeepAlive stream, opened on first use and kept: a stream
+        per refresh (HTTP/2 stream set-up on both sides, a request iterator, gRPC's call
+        objects) was a quarter of an idle stack's CPU (docs/benchmarks.md 5z). Any failure
+        drops the stream; the next refresh opens a new one (on the channel current then)."""
         timeout = self.timeout if time_limit is None else time_limit
-        if self._user is not None and self._metadata is None:
-            await self._authenticate()
-        call = self._lease.LeaseKeepAlive(
-            iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=timeout,
-            metadata=self._metadata)
+        limit = timeout + _LOOP_DEADLINE_GRACE_S
         try:
-            async with asyncio.timeout(timeout + _LOOP_DEADLINE_GRACE_S):
-                async for reply in call:
+            async with asyncio.timeout(limit):
+                async with self._keepalive_lock:  # one request in flight on the stream
+                    if self._user is not None and self._metadata is None:
+                        await self._authenticate()
+                    channel = self._channel
+                    call = self._keepalive_stream()
+                    await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                    reply = await call.read()
+                    if reply is grpc.aio.EOF:
+                        self._drop_keepalive_stream()
+                        raise EtcdUnavailable(
+                            f"etcd at {self.endpoint}: keepalive stream ended without reply")
+                    self.heard(channel)
                     return reply.TTL
         except TimeoutError:
+            self._drop_keepalive_stream()
             self._rotate()
             raise EtcdUnavailable(
                 f"etcd at {self.endpoint}: LeaseKeepAlive: no answer within "
-                f"{timeout + _LOOP_DEADLINE_GRACE_S:.1f} s") from None
+                f"{limit:.1f} s") from None
         except grpc.aio.AioRpcError as exc:
+            self._drop_keepalive_stream()
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._metadata = None
             err = _map_error(exc, self.endpoint)
             if isinstance(err, EtcdUnavailable):
                 self._rotate()
             raise err from None
-        finally:
-            call.cancel()
-        raise EtcdUnavailable(f"etcd at {self.endpoint}: keepalive stream ended without reply")
+        except BaseException:  # cancelled, or anything unforeseen: never reuse a stream
+            self._drop_keepalive_stream()  # that may hold an unread reply
+            raise
+
+    def _keepalive_stream(self):
+        if self._keepalive_call is None or self._keepalive_channel is not self._channel:
+            self._drop_keepalive_stream()
+            self._keepalive_call = self._lease.LeaseKeepAlive(metadata=self._metadata)
+            self._keepalive_channel = self._channel
+        return self._keepalive_call
+
+    def _drop_keepalive_stream(self) -> None:
+        if self._keepalive_call is not None:
+            self._keepalive_call.cancel()
+        self._keepalive_call = self._keepalive_channel = None
 
     async def lease_revoke(self, lease_id: int, *, time_limit: float | None = None) -> None:
         try:
@@ -337,6 +387,7 @@ class EtcdClient:
         return stream
 
     async def close(self) -> None:
+        self._drop_keepalive_stream()
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -349,9 +400,11 @@ class WatchStream:
     events are never split across batches); any failure raises an EtcdError subclass.
 
     A hung etcd (process stopped, network black hole) can leave a stream open but silent.
-    After `idle_s` without any response the stream asks etcd for a progress report; if
-    nothing at all arrives within `probe_s` after that, the stream is declared dead. A false
-    alarm costs only a reconnect: the owner resumes from its last revision.
+    After `idle_s` without any answer from etcd on the stream's channel (this stream's
+    responses, other watches', unary calls', lease keep-alives') the stream asks etcd for a
+    progress report; if nothing at all arrives on the stream within `probe_s` after that, it
+    is declared dead. A false alarm costs only a reconnect: the owner resumes from its last
+    revision.
     """
 
     def __init__(self, client: EtcdClient, prefix: str, start_revision: int, *,
@@ -364,7 +417,9 @@ class WatchStream:
         self._inbox: asyncio.Queue = asyncio.Queue(maxsize=64)  # reader -> batches()
         self._reader: asyncio.Task | None = None
         self._call = None
+        self._channel = None  # the client's channel this stream was opened on
         self._idle_s, self._probe_s = idle_s, probe_s
+        self.probes_sent = 0
         self.created_revision = 0  # store revision when the watch was created
 
     async def _requests(self):
@@ -381,6 +436,8 @@ class WatchStream:
         try:
             while True:
                 resp = await self._call.read()
+                if resp is not grpc.aio.EOF:
+                    self._client.heard(self._channel)
                 await self._inbox.put(resp)
                 if resp is grpc.aio.EOF:
                     return
@@ -420,6 +477,7 @@ class WatchStream:
 
     async def _open(self, time_limit: float) -> None:
         client = self._client
+        self._channel = client._channel
         self._call = client._watch.Watch(self._requests(), metadata=client._metadata)
         self._reader = asyncio.create_task(self._read_all(), name="etcd-watch-reader")
         first = await self._next(time_limit)
@@ -447,20 +505,31 @@ class WatchStream:
     async def batches(self) -> AsyncIterator[list[WatchEvent]]:
         assert self._call is not None
         probing = False
+        wait_s = self._idle_s
         while True:
-            resp = await self._next(self._probe_s if probing else self._idle_s)
+            resp = await self._next(wait_s)
             if resp is None:
                 if probing:
                     self.close()
                     raise EtcdUnavailable(
                         f"etcd at {self._client.endpoint}: watch silent for "
                         f"{self._idle_s + self._probe_s:.0f} s, no answer to a progress request")
+                # Quiet because nothing changed under the prefix, on a channel etcd answered
+                # lately (a lease keep-alive, another watch): no probe yet. A hung etcd or a
+                # black-holed connection silences the whole channel, which is probed then.
+                heard_ago = self._client.heard_ago(self._channel)
+                if heard_ago < self._idle_s:
+                    wait_s = self._idle_s - heard_ago
+                    continue
                 probing = True
+                wait_s = self._probe_s
+                self.probes_sent += 1
                 with contextlib.suppress(asyncio.QueueFull):
                     self._outbox.put_nowait(
                         rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
                 continue
             probing = False  # any response shows the stream is alive
+            wait_s = self._idle_s
             if resp.events:
                 yield [
                     WatchEvent("delete" if ev.type == rpc.Event.DELETE else "put", _kv(ev.kv))
