@@ -16,8 +16,7 @@ the model can compute (`runner.kv_value_bound`): that needs the model's weights
 The check reads the bits: a float is NaN or infinite exactly when its exponent bits are all
 ones, so `max(u & exponent_mask) == exponent_mask` over the payload viewed as unsigned
 integers, one temporary and one SIMD reduction, the same for float16, bfloat16 (which numpy
-has no type for) and float32. What it costs per block (bench/bench_offload_payload_check.py,
-2026-12-07, 2-core box): see `CHECK_COST` below and docs/architecture.md.
+has no type for) and float32. What it costs per block: {COST}
 """
 
 from __future__ import annotations
@@ -42,6 +41,34 @@ _EXPONENT = {
 }
 
 
+# Parsed headers by their bytes: every block of one model has the same header, and parsing
+# its JSON was half of a 32 KiB block's check (~4 of ~9 us)
+MAX_LAYOUTS = 64
+_UNKNOWN = "unknown"
+_layouts: dict[bytes, tuple | str] = {}
+
+
+def _layout(header_bytes: bytes):
+    """A header's (dtype, unsigned type, exponent mask, dims, values), _UNKNOWN (a format or
+    dtype this store cannot read) or (BAD_PAYLOAD, why)."""
+    try:
+        header = json.loads(header_bytes)
+        fmt, dtype, shape = header.get("format"), header.get("dtype"), header["shape"]
+        dims = [int(x) for x in shape]
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
+            RecursionError) as exc:
+        return BAD_PAYLOAD, f"KV payload header unreadable: {exc}"
+    if fmt != KV_FORMAT or dtype not in _EXPONENT:
+        return _UNKNOWN
+    utype, mask = _EXPONENT[dtype]
+    n = 1
+    for d in dims:
+        if d < 0:
+            return BAD_PAYLOAD, f"KV payload shape {dims}"
+        n *= d
+    return dtype, utype, mask, dims, n
+
+
 def payload_problem(data: bytes | bytearray | memoryview) -> tuple[str, str] | None:
     """Why a block with this KV payload is refused, as (reason, text), or None: keep it
     (its values are finite, or it is not a payload whose values the store can read)."""
@@ -51,21 +78,18 @@ def payload_problem(data: bytes | bytearray | memoryview) -> tuple[str, str] | N
     (hlen,) = struct.unpack_from("<I", mv, 4)
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(mv):
         return BAD_PAYLOAD, f"KV payload header of {hlen} bytes in a {len(mv)}-byte payload"
-    try:
-        header = json.loads(bytes(mv[8:8 + hlen]))
-        fmt, dtype, shape = header.get("format"), header.get("dtype"), header["shape"]
-        dims = [int(x) for x in shape]
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
-            RecursionError) as exc:
-        return BAD_PAYLOAD, f"KV payload header unreadable: {exc}"
-    if fmt != KV_FORMAT or dtype not in _EXPONENT:
+    key = bytes(mv[8:8 + hlen])
+    layout = _layouts.get(key)
+    if layout is None:
+        layout = _layout(key)
+        if isinstance(layout, tuple) and layout[0] == BAD_PAYLOAD:
+            return layout
+        if len(_layouts) >= MAX_LAYOUTS:  # a peer sending ever new headers: start over
+            _layouts.clear()
+        _layouts[key] = layout
+    if layout is _UNKNOWN:
         return None  # a format or dtype this store does not know: nothing it can tell
-    utype, mask = _EXPONENT[dtype]
-    n = 1
-    for d in dims:
-        if d < 0:
-            return BAD_PAYLOAD, f"KV payload shape {dims}"
-        n *= d
+    dtype, utype, mask, dims, n = layout
     raw = mv[8 + hlen:]
     if len(raw) != n * utype.itemsize:
         return BAD_PAYLOAD, (f"KV payload holds {len(raw)} data bytes, its header "
