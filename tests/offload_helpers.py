@@ -27,3 +27,19 @@ def chain(seed: int, n: int, data_bytes: int = 256, parent: int | None = None
             data=rng.randbytes(data_bytes)))
         prev = h
     return out
+
+
+def kv_payload(values, dtype: str = "float16", shape: tuple[int, ...] | None = None) -> bytes:
+    """A torch worker's block payload (genset.engines.torch.kvformat's layout: b"GSKV", u32 LE
+    header length, JSON header, raw values), built with numpy: float16 / float32 `values`
+    (shape [1, layers, 2, block, kv heads, head dim]; default one of (1, 1, 2, 16, 1, n))."""
+    import json
+    import struct
+
+    import numpy as np
+
+    arr = np.ascontiguousarray(np.asarray(values, dtype=dtype))
+    shape = shape or (1, 1, 2, 16, 1, arr.size // 32)
+    header = json.dumps({"format": "genset-kv/1", "dtype": dtype, "shape": list(shape)},
+                        separators=(",", ":")).encode()
+    return b"GSKV" + struct.pack("<I", len(header)) + header + arr.tobytes()

@@ -522,6 +522,75 @@ async def test_a_prefill_peer_that_answers_and_sends_no_kv_means_a_recompute(bus
         await fake.close()
 
 
+async def test_the_receive_deadline_ends_a_silent_transfer_before_the_host_hook_deadline(
+        bus, discovery, monkeypatch):
+    """The host's hook deadline, left at its default, is derived from the DisaggHook's own
+    receive deadline (+ 5 s margin), so a transfer that outlasts the receive's deadline is
+    ended by the receiver (a recompute, the right tokens), not failed by the host (before
+    session 17 the default was a fixed 30 s, under the 40 s receive deadline). The 30 s floor
+    is lowered here so the ordering shows with small deadlines: receive 0.5 + 1.5 s, host
+    7 s; the peer answers the first token and then sends nothing (idle timeout 600 s)."""
+    from genset.worker import host as host_mod
+
+    monkeypatch.setattr(host_mod, "HOOK_TIMEOUT_FLOOR_S", 0.0)
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    right: dict = {}
+
+    def answer(msg):
+        return proto.RemotePrefillReply(
+            request_id=msg.request.request_id, transfer_id=msg.target.transfer_id,
+            first_token_ids=right["first"], prompt_tokens=len(right["prompt"]))
+
+    fake = await FakePrefill(bus, discovery, ns, answer).start()
+    decode = await Worker(bus, discovery, "decode", ns, policy="always", idle_timeout_s=600.0,
+                          first_token_timeout_s=0.5, transfer_timeout_s=1.5).start()
+    assert decode.h.host.hook_timeout_s == 0.5 + 1.5 + host_mod.HOOK_TIMEOUT_MARGIN_S
+    agg = Host(bus, discovery, num_blocks=512)
+    await agg.host.start()
+    try:
+        await wait_for(lambda: len(decode.hook.pool) == 1, 10.0, "decode sees the fake")
+        right["prompt"] = tokens = prompt(54)
+        want = await agg.generate(agg.request(tokens, max_tokens=6))
+        right["first"] = proto.pack_tokens(tokens_of(want)[:1])
+        async with asyncio.timeout(60.0):
+            chunks = await decode.h.generate(decode.h.request(tokens, max_tokens=6), within=60.0)
+        assert tokens_of(chunks) == tokens_of(want)
+        assert chunks[-1].finish_reason == "length"
+        assert decode.metric("genset_disagg_fallbacks_total", stage="transfer") == 1
+        assert decode.metric("genset_worker_hook_errors_total") == 0
+        assert decode.hook.resuming == 0 and not decode.hook.hub._receives
+    finally:
+        await agg.host.close()
+        await decode.close()
+        await fake.close()
+
+
+async def test_the_host_hook_deadline_is_derived_from_the_hooks_and_a_shorter_one_refused(
+        bus, discovery):
+    """Default: the hooks' longest own wait (a DisaggHook's first-token + transfer deadlines,
+    an OffloadHook's lookup deadline, summed in a chain) + 5 s, at least 30 s; an explicit
+    value below that is refused, naming both values (the pure core: tests/test_worker_hooks.py)."""
+    from genset.worker import HookChain
+    from genset.worker.offload_hook import OffloadHook, OffloadHookConfig
+
+    ns = f"d{uuid.uuid4().hex[:8]}"
+    # the decode service's defaults (--remote-prefill-timeout 10, --kv-transfer-timeout 30)
+    assert Worker(bus, discovery, "decode", ns).h.host.hook_timeout_s == 45.0
+    assert Worker(bus, discovery, "decode", ns,
+                  transfer_timeout_s=120.0).h.host.hook_timeout_s == 135.0
+    chain = HookChain(OffloadHook(config=OffloadHookConfig(deadline_s=0.5)),
+                      DisaggHook(DisaggConfig(), discovery=discovery,
+                                 metrics=Metrics(process_metrics=False)))
+    assert Host(bus, discovery, hooks=chain).host.hook_timeout_s == 45.5
+    assert Host(bus, discovery).host.hook_timeout_s == 30.0  # no hooks: the floor
+    with pytest.raises(ValueError, match=r"hook_timeout_s 30 s .* longest wait 40 s"):
+        Host(bus, discovery, hooks=DisaggHook(DisaggConfig(), discovery=discovery,
+                                              metrics=Metrics(process_metrics=False)),
+             hook_timeout_s=30.0)
+    assert Worker(bus, discovery, "decode", ns,
+                  transfer_timeout_s=1.0).h.host.hook_timeout_s == 30.0
+
+
 def test_first_token_finish_follows_the_engine_rules():
     req = proto.GenerateRequest(request_id="r", model="m", token_ids=b"",
                                 stop=proto.StopConditions(max_tokens=5, stop_token_ids=[9]))

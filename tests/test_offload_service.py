@@ -21,7 +21,7 @@ from genset.runtime.discovery import Discovery
 from proto import keys, subjects
 from proto.offload import OffloadBlock, OffloadLookup, OffloadLookupReply, OffloadPut
 from services.kv_offload.service import OffloadOptions, OffloadService
-from tests.offload_helpers import chain
+from tests.offload_helpers import chain, kv_payload
 
 WAIT = 20.0  # generous deadline for conditions (never a timing assertion)
 
@@ -249,6 +249,78 @@ async def test_puts_without_token_ids_are_counted_unverified_or_refused_when_req
                                       OffloadLookup(hashes=[good.hash], max_bytes=1 << 20),
                                       timeout=WAIT, reply_type=OffloadLookupReply)
             assert reply.held == 1 and reply.blocks[0].data == good.data
+
+
+async def test_a_block_with_non_finite_kv_is_refused_counted_and_the_others_kept(
+        nats_server, etcd_server, bus, discovery, ns):
+    """A put whose middle block's KV (a torch worker's payload, which says its dtype) holds a
+    NaN: that block is refused by reason (genset_offload_refused_blocks_total{reason=
+    "non_finite"}), logged with the sender and the block, and never served; the other blocks
+    of the same put are kept and served, and the store goes on taking puts. Every torch worker
+    refuses such a block on import, so keeping it only wasted transfers."""
+    import numpy as np
+    from structlog.testing import capture_logs
+
+    rng = np.random.default_rng(5)
+    blocks = chain(21, 4, 0)
+    for b in blocks:
+        b.data = kv_payload(rng.standard_normal(2 * 16 * 64), "float16")
+    values = rng.standard_normal(2 * 16 * 64)
+    values[700] = np.nan
+    blocks[1].data = kv_payload(values, "float16")
+    inf = rng.standard_normal(2 * 16 * 32)
+    inf[0] = -np.inf
+    blocks[3].data = kv_payload(inf, "float32")
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01) as store:
+        sid = store.instance_id
+        put, lookup = subjects.offload_put(ns, sid), subjects.offload_lookup(ns, sid)
+        with capture_logs() as logs:
+            reply = await bus.request(put, OffloadPut(sender_id=0xBEEF, blocks=blocks),
+                                      timeout=WAIT, reply_type=proto.OffloadPutReply)
+        assert (reply.stored, reply.refused) == (2, 2)
+        assert f"block {blocks[1].hash:016x}" in reply.error and "NaN" in reply.error
+        text = store.metrics.render().decode()
+        assert 'genset_offload_refused_blocks_total{reason="non_finite"} 2.0' in text
+        assert 'genset_offload_put_blocks_total{outcome="refused"} 2.0' in text
+        assert 'genset_offload_put_blocks_total{outcome="stored"} 2.0' in text
+        lines = [e for e in logs if e["event"] == "blocks refused at put"]
+        assert len(lines) == 1, lines  # one line for the reason, the put's two blocks
+        assert lines[0]["reason"] == "non_finite" and lines[0]["sender"] == "beef"
+        assert lines[0]["block"] == f"{blocks[1].hash:016x}" and lines[0]["blocks"] == 2
+        assert store.store.contains([blocks[1].hash]) == (0, 0)
+        assert store.store.contains([blocks[3].hash]) == (0, 0)
+
+        async def held(hashes) -> list[OffloadBlock]:
+            r = await bus.request(lookup, OffloadLookup(hashes=hashes, max_bytes=1 << 20),
+                                  timeout=WAIT, reply_type=OffloadLookupReply)
+            return r.blocks
+
+        # the run stops where the refused block is missing; the kept ones are served
+        assert [b.data for b in await held([b.hash for b in blocks])] == [blocks[0].data]
+        assert [b.data for b in await held([blocks[2].hash])] == [blocks[2].data]
+        # the store goes on: a later put of clean blocks (one the sender fixed) is kept
+        blocks[1].data = kv_payload(np.nan_to_num(values), "float16")
+        with capture_logs() as logs:
+            reply = await bus.request(put, OffloadPut(sender_id=0xBEEF, blocks=blocks[:2]),
+                                      timeout=WAIT, reply_type=proto.OffloadPutReply)
+        assert (reply.stored, reply.known, reply.refused) == (1, 1, 0)
+        assert not [e for e in logs if e["event"] == "blocks refused at put"]
+        assert len(await held([b.hash for b in blocks])) == 3
+
+
+async def test_with_verify_kv_values_off_the_store_keeps_what_it_is_given(
+        nats_server, etcd_server, bus, discovery, ns):
+    import numpy as np
+
+    good, bad = chain(22, 2, 0)
+    good.data = kv_payload(np.ones(2 * 16 * 32), "float32")
+    bad.data = kv_payload(np.full(2 * 16 * 32, np.inf), "float32")
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01,
+                             verify_kv_values=False) as store:
+        reply = await bus.request(subjects.offload_put(ns, store.instance_id),
+                                  OffloadPut(blocks=[good, bad]), timeout=WAIT,
+                                  reply_type=proto.OffloadPutReply)
+        assert (reply.stored, reply.refused) == (2, 0)
 
 
 async def test_a_store_refusing_every_put_is_one_warning_per_interval(

@@ -216,3 +216,37 @@ def test_eviction_tracker_follows_stores_removals_and_snapshots():
         proto.StoredBlock(hash=h) for h in (10, 11, 12, 13)])))
     assert len(t) == 3
     assert [e.hash for e in t.apply(batch(6, proto.Removed(hashes=[10, 13])))] == [13]
+
+
+def test_the_host_hook_deadline_is_kept_above_the_hooks_own_deadlines():
+    """genset.worker.host.resolve_hook_timeout (pure): unset, the hooks' longest own wait +
+    the margin, at least the floor; set below that, refused with both values named."""
+    from genset.worker.host import (
+        HOOK_TIMEOUT_FLOOR_S,
+        HOOK_TIMEOUT_MARGIN_S,
+        resolve_hook_timeout,
+    )
+
+    assert (HOOK_TIMEOUT_FLOOR_S, HOOK_TIMEOUT_MARGIN_S) == (30.0, 5.0)
+    assert resolve_hook_timeout(None, 0.0) == 30.0
+    assert resolve_hook_timeout(None, 0.05) == 30.0
+    assert resolve_hook_timeout(None, 40.0) == 45.0  # 10 s first token + 30 s transfer
+    assert resolve_hook_timeout(None, 130.0) == 135.0
+    assert resolve_hook_timeout(45.0, 40.0) == 45.0
+    assert resolve_hook_timeout(10.0, 0.0) == 10.0  # nothing of the hooks' own to wait out
+    for bad in (30.0, 44.9, 0.0):
+        with pytest.raises(ValueError, match=rf"hook_timeout_s {bad:g} s .* longest wait 40 s"):
+            resolve_hook_timeout(bad, 40.0)
+    with pytest.raises(ValueError, match=r"hook_timeout_s 1 s"):
+        resolve_hook_timeout(1.0, 0.0)  # 1 s < 0 + 5 s margin
+    # a chain sums its hooks' waits (before_run runs them one after another)
+
+    class Waits(WorkerHooks):
+        def __init__(self, s: float) -> None:
+            self.s = s
+
+        def longest_wait_s(self) -> float:
+            return self.s
+
+    assert HookChain(Waits(0.05), Waits(40.0)).longest_wait_s() == 40.05
+    assert WorkerHooks().longest_wait_s() == 0.0

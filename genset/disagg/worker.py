@@ -333,6 +333,13 @@ class DisaggHook(WorkerHooks):
                                             self._serve_prefill,
                                             max_concurrent=self.config.max_prefills)
 
+    def longest_wait_s(self) -> float:
+        """A decode worker's receive: the first token, then the KV, under one deadline
+        (`_remote`), counted from before the first token is asked for; `kv()` may wait all
+        of it less the first token's time. The host's hook deadline stays above it
+        (genset.worker.host.resolve_hook_timeout)."""
+        return self.config.first_token_timeout_s + self.config.transfer_timeout_s
+
     def record_labels(self) -> dict[str, str]:
         """Labels for this worker's InstanceRecord (the host adds them): a decode worker's KV
         TCP endpoint, which prefill workers hold its targets to (genset.disagg.endpoints)."""

@@ -47,7 +47,8 @@ needs what the hook reserved.
 
 The default `WorkerHooks` does nothing at each point and the host does not even call what a
 subclass leaves alone, so a worker without hooks serves exactly as before. A request's hook
-that raises or overruns `HostConfig.hook_timeout_s` fails that request with a retryable
+that raises or overruns `HostConfig.hook_timeout_s` (by default the hooks' own
+`longest_wait_s()` plus a margin, at least 30 s) fails that request with a retryable
 `internal` error (counted in `genset_worker_hook_errors_total{hook}`); one still running at
 the request's deadline ends it with `deadline_exceeded`. To fall back instead (prefill
 locally when an import fails), catch the error in the hook and return None. `on_evict` errors
@@ -154,6 +155,15 @@ class WorkerHooks:
         """`proto.LoadReport` fields this hook measures, for the worker's next report."""
         return {}
 
+    def longest_wait_s(self) -> float:
+        """The longest one call of this hook for a request (`before_run`, a `RemotePrefill`'s
+        `kv()`, `after_prefill`) may wait by the hook's own deadlines before it gives up by
+        itself (falls back, recomputes). The host keeps its hook deadline
+        (`HostConfig.hook_timeout_s`) above it, so the hook's own deadline and fallback act
+        first (genset.worker.host.resolve_hook_timeout). 0: the hook sets no deadline of its
+        own that the host needs to wait out."""
+        return 0.0
+
 
 def overridden(hooks: WorkerHooks, name: str) -> bool:
     """Whether `hooks` does something at `name` (the host skips the call otherwise)."""
@@ -205,3 +215,7 @@ class HookChain(WorkerHooks):
         for h in self._with("report_fields"):
             fields.update(h.report_fields())
         return fields
+
+    def longest_wait_s(self) -> float:
+        # `before_run` runs the hooks one after another under one deadline: their sum
+        return sum(h.longest_wait_s() for h in self.hooks)

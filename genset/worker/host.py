@@ -89,6 +89,36 @@ CLOSE_ENGINE_S = 1.5
 DRAIN_ABORT_S = 1.5
 
 
+# The host's hook deadline is a backstop for a hook that hangs; a hook's own deadlines
+# (a disaggregated KV receive: --remote-prefill-timeout + --kv-transfer-timeout, 40 s by
+# default) end its waits with a fallback (recompute here) that serves the request. A backstop
+# shorter than them failed a slow transfer with a retryable `internal` error at 30 s instead
+# (session 16). So the default is derived: the hooks' longest wait plus HOOK_TIMEOUT_MARGIN_S
+# (time for the fallback to run: close the receive, release the pins), at least
+# HOOK_TIMEOUT_FLOOR_S; and an explicit value below that is refused, naming both values,
+# rather than silently raised: the one who set it meant something by it and should learn
+# that it cannot hold, not find a different deadline in force.
+HOOK_TIMEOUT_FLOOR_S = 30.0
+HOOK_TIMEOUT_MARGIN_S = 5.0
+
+
+def resolve_hook_timeout(configured: float | None, hooks_wait_s: float) -> float:
+    """The host's hook deadline: `configured`, or when None the hooks' longest own wait
+    (`WorkerHooks.longest_wait_s`) plus HOOK_TIMEOUT_MARGIN_S, at least
+    HOOK_TIMEOUT_FLOOR_S. ValueError for a configured one not above the hooks' wait by the
+    margin (the host would cut the hook off before its own deadline and fallback)."""
+    need = hooks_wait_s + HOOK_TIMEOUT_MARGIN_S
+    if configured is None:
+        return max(HOOK_TIMEOUT_FLOOR_S, need)
+    if not configured >= need:
+        raise ValueError(
+            f"hook_timeout_s {configured:g} s is shorter than the worker hooks' own longest wait "
+            f"{hooks_wait_s:g} s (e.g. a KV receive: --remote-prefill-timeout + "
+            f"--kv-transfer-timeout) plus {HOOK_TIMEOUT_MARGIN_S:g} s: the host would fail "
+            f"requests the hooks would still serve; set it to >= {need:g} s or leave it unset")
+    return configured
+
+
 @dataclass
 class HostConfig:
     namespace: str
@@ -103,9 +133,11 @@ class HostConfig:
     # The service lifecycle (genset.runtime.service) registers the InstanceRecord itself;
     # a host used on its own (tests, embedded) can do it here.
     register_instance: bool = False
-    # Longest a before_run / after_prefill hook may take for one request (the request's
-    # deadline, when sooner, bounds it too).
-    hook_timeout_s: float = 30.0
+    # Longest a before_run / after_prefill hook (or a remote prefill's `kv()`) may take for
+    # one request (the request's deadline, when sooner, bounds it too). None: derived from
+    # the hooks' own deadlines (`resolve_hook_timeout`); a value shorter than they need is
+    # refused (ValueError) when the host is built.
+    hook_timeout_s: float | None = None
     # Evicted blocks (with their KV) the engine may have handed over before the loop passes
     # them to `on_evict`, in bytes; beyond it the engine drops them (only with an on_evict hook).
     evict_handover_bytes: int = 64 << 20
@@ -143,6 +175,8 @@ class WorkerHost:
         self.config = config
         self.m = WorkerMetrics(metrics)
         self.hooks = hooks if hooks is not None else WorkerHooks()
+        self.hook_timeout_s = resolve_hook_timeout(config.hook_timeout_s,
+                                                   self.hooks.longest_wait_s())
         # Only the points a hook uses are called: a worker without hooks pays nothing.
         self._before_run = self.hooks.before_run if overridden(self.hooks, "before_run") else None
         self._after_prefill = (self.hooks.after_prefill
@@ -408,7 +442,7 @@ class WorkerHost:
 
     async def _call_hook(self, name: str, coro, deadline_ms: int | None):
         """Await one request's hook under hook_timeout_s and the request's deadline."""
-        timeout = self.config.hook_timeout_s
+        timeout = self.hook_timeout_s
         left = None if deadline_ms is None else max(0.0, (deadline_ms - now_ms()) / 1000)
         try:
             async with asyncio.timeout(timeout if left is None else min(timeout, left)):

@@ -220,6 +220,10 @@ class OffloadHook(WorkerHooks):
             recompute = rate or recompute
         return recompute
 
+    def longest_wait_s(self) -> float:
+        """A lookup's deadline (the import after it is the engine's, not bounded here)."""
+        return self.config.deadline_s
+
     def report_fields(self) -> dict:
         """What this worker's onboarding costs, as measured so far, for its load reports
         (`proto.LoadReport`; 0: not measured). Bytes and fetch rate come from the same

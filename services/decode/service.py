@@ -83,10 +83,13 @@ class WorkerOptions:
         "(KV over NATS only)"))
     remote_prefill_timeout: float = field(default=10.0, metadata=opt(
         "decode role: longest wait for a prefill worker's first token before prefilling "
-        "locally (s)", min=0.1))
+        "locally (s); with --kv-transfer-timeout it is a KV receive's whole deadline, and the "
+        "worker's deadline for its hooks is that sum + 5 s (at least 30 s)", min=0.1))
     kv_transfer_timeout: float = field(default=30.0, metadata=opt(
         "longest a KV transfer may take after the first token (s); the receiver then "
-        "recomputes, the sender unpins", min=0.1))
+        "recomputes, the sender unpins. The worker's deadline for its hooks (a backstop that "
+        "fails the request) is kept above the receive's: this + --remote-prefill-timeout "
+        "+ 5 s (at least 30 s)", min=0.1))
     kv_transfer_idle_timeout: float = field(default=5.0, metadata=opt(
         "longest silence of the peer within a KV transfer, and from a prefill worker's "
         "first token to its transfer's header (s); the receiver then recomputes", min=0.1))
@@ -194,9 +197,10 @@ class WorkerService(Service):
         host_config = HostConfig(
             namespace=self.namespace, model=o.served_model_name or served_model_name(o.model),
             role=o.role, tokenizer=facts.tokenizer, max_streams=o.max_streams,
-            http_url=self.http_url,
-            # a remote prefill's own deadlines end its waits before the host's does
-            hook_timeout_s=max(30.0, o.remote_prefill_timeout + o.kv_transfer_timeout + 5.0))
+            http_url=self.http_url)
+        # hook_timeout_s left unset: the host derives it from the hooks' own deadlines
+        # (--remote-prefill-timeout + --kv-transfer-timeout + 5 s, at least 30 s), so a
+        # remote prefill's own deadlines end its waits before the host's does
         hooks = []
         if o.offload != "off":
             # first: a prefix onboarded from the offload store is cheaper than any prefill

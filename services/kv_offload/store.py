@@ -29,12 +29,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from genset.kv.hashing import chain_hash, local_block_hash
+from genset.offload.payload import BAD_PAYLOAD, NON_FINITE, payload_problem
 from genset.offload.tiers import (
     ADMIT_FREQUENCY,
     ADMIT_SLRU,
@@ -58,6 +59,9 @@ WIRE_OVERHEAD = 64  # msgpack bytes per block in a reply beyond its payload (key
 # A lookup counts demand for at most this many of its hashes (a 16k-token prompt in 16-token
 # blocks); a request listing 65 536 hashes would otherwise cost ~0.2 s of sketch updates.
 MAX_RECORDED = 1024
+# Why a put block is refused (`PutCounts.reasons`, genset_offload_refused_blocks_total{reason})
+REFUSE_REASONS = ("token_ids", "too_large", "hash_mismatch", "no_token_ids", NON_FINITE,
+                  BAD_PAYLOAD)
 WRITE_BATCH_BYTES = 8 << 20  # writer thread: ops per hand-off, up to this many payload bytes
 # close(): how long the writer thread may take to finish the batch it is in (the drain has
 # already waited for the queue); past it the store gives up on it. Below the service's 5 s
@@ -176,6 +180,9 @@ class PutCounts:
     # offered (stored, known or rejected) without token ids: no hash check was possible
     unverified: int = 0
     error: str | None = None
+    # refusals by reason (REFUSE_REASONS), and the first refused block of each: (hash, why)
+    reasons: dict[str, int] = field(default_factory=dict)
+    first_refused: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -190,7 +197,7 @@ class BlockStore:
                  spill_queue_bytes: int = 64 << 20, max_block_bytes: int = 1 << 20,
                  spill_min_freq: int = 2, verify_hashes: bool = True,
                  require_token_ids: bool = False, verify_on_start: bool = False,
-                 max_event_blocks: int = 8192,
+                 verify_kv_values: bool = True, max_event_blocks: int = 8192,
                  admission: str = ADMIT_FREQUENCY,
                  warn_every_s: float = DISK_WARN_EVERY_S) -> None:
         if ram_bytes < 0 or disk_bytes < 0 or spill_queue_bytes < 0 or max_block_bytes <= 0:
@@ -200,6 +207,7 @@ class BlockStore:
         self.spill_queue_bytes = spill_queue_bytes
         self.verify_hashes = verify_hashes
         self.require_token_ids = require_token_ids
+        self.verify_kv_values = verify_kv_values
         self.verify_on_start = verify_on_start
         self.entry_overhead = SLRU_ENTRY_OVERHEAD if admission == ADMIT_SLRU else ENTRY_OVERHEAD
         self.cache = TieredCache(
@@ -297,21 +305,35 @@ class BlockStore:
         return self.cache.ram.used + self.pending_bytes
 
     # ---- put --------------------------------------------------------------------------------
-    def _check(self, b: OffloadBlock) -> str | None:
+    def _check(self, b: OffloadBlock) -> tuple[str, str] | None:
+        """Why `b` is refused, as (reason, text; REFUSE_REASONS), or None. The cheap checks
+        first; the payload's values last."""
         if len(b.token_ids) % 4:
-            return f"block {b.hash:016x}: token_ids is {len(b.token_ids)} bytes, not int32s"
+            return "token_ids", (f"block {b.hash:016x}: token_ids is {len(b.token_ids)} bytes, "
+                                 "not int32s")
         size = len(b.token_ids) + len(b.data)
         if size > self.max_block_bytes:
-            return (f"block {b.hash:016x}: {size} bytes, over this store's limit of "
-                    f"{self.max_block_bytes}")
+            return "too_large", (f"block {b.hash:016x}: {size} bytes, over this store's limit "
+                                 f"of {self.max_block_bytes}")
         if self.verify_hashes and b.token_ids:
             # 1 us per block; a block filed under a hash its tokens do not have would be
             # served for the wrong prefix to every worker
             if chain_hash(b.parent_hash, local_block_hash(b.token_ids)) != b.hash:
-                return f"block {b.hash:016x}: hash does not match its parent and token ids"
+                return "hash_mismatch", (f"block {b.hash:016x}: hash does not match its "
+                                         "parent and token ids")
         elif self.require_token_ids and not b.token_ids:
-            return (f"block {b.hash:016x}: no token ids, and this store keeps only blocks "
-                    f"whose hash it can check")
+            return "no_token_ids", (f"block {b.hash:016x}: no token ids, and this store keeps "
+                                    "only blocks whose hash it can check")
+        if self.verify_kv_values and b.data:
+            # a NaN or an infinity: every torch worker refuses the block on import, so kept it
+            # would be served (and moved) on every lookup for nothing. Cost per block
+            # (bench/bench_offload_payload_check.py): docs/architecture.md, Security.
+            try:
+                problem = payload_problem(b.data)
+            except Exception as exc:  # whatever a peer sent, the put of the others goes on
+                problem = (BAD_PAYLOAD, f"KV payload unreadable: {exc!r}")
+            if problem is not None:
+                return problem[0], f"block {b.hash:016x}: {problem[1]}"
         return None
 
     def put(self, blocks: Sequence[OffloadBlock], *, notify: bool = True) -> PutCounts:
@@ -322,8 +344,11 @@ class BlockStore:
         for b in blocks:
             why = self._check(b)
             if why is not None:
+                reason, text = why
                 out.refused += 1
-                out.error = out.error or why
+                out.error = out.error or text
+                out.reasons[reason] = out.reasons.get(reason, 0) + 1
+                out.first_refused.setdefault(reason, (b.hash, text))
                 continue
             if not b.token_ids:
                 # kept on the sender's word (docs/architecture.md, Security: the offload
