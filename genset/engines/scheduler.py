@@ -562,16 +562,22 @@ class Scheduler:
         still needs for its prompt beyond what is pinned for it. Whatever the request ahead
         needs at its admission and cannot find free, it takes back from the pins behind it
         (`_reclaim_pins`): an import beyond this room is mostly fetched, copied and written
-        for nothing. A hint; the estimate is measured, not exact:
+        for nothing. A hint; the estimate is measured, not exact
+        (`bench/bench_onboard_room_sim.py --clients 4`: one mocker core of 128 blocks, 4
+        closed-loop clients, 1,480-token prompts over 12 prefixes, an ideal store, 200
+        requests; live: `tests/test_offload_small_cache.py`). Onboarded blocks evicted
+        unused / prompt tokens served from the cache / requests with none:
 
-        Mocker core of 128 blocks, 4 clients in a closed loop, 1,480-token prompts over 12
-        prefixes, an ideal store, 200 requests (`tests/test_offload_small_cache.py` has the
-        live case): onboarded blocks evicted unused / prompt tokens served from the cache
-        were 7,825 / 62,496 with no room limit, 362 / 49,696 with this one (48 requests of
-        200 with no cached token, 97 before), 750 / 53,952 counting only the head of the
-        queue's need (101 with none), 0 / 24,448 counting every waiting request's need (no
-        import ever fit: 176 with none). Before the pins yielded only what makes room
-        (`_reclaim_pins`): 30,224 tokens, 175 requests with none."""
+        - before (pins released whole, whatever the need): 9,803 of 10,538 / 30,224 / 175
+        - pins yield only what makes room, no room limit: 7,825 / 62,496 / 97
+        - and this room (the largest need ahead): 362 of 1,913 imported / 49,696 / 48
+        - counting only the head of the queue's need: 750 / 53,952 / 101
+        - counting every waiting request's need: 0 (nothing fit, ever) / 24,448 / 176
+        - reserving the running and waiting requests' decode growth too (to max_tokens):
+          215 / 46,096 / 118, and no room at all under a large max_tokens: not kept.
+
+        What is still evicted unused is mostly the tail of a pin yielded to a running
+        request's decode (`_grow`)."""
         bs = self.block_size
         pins = self._pins
         room = self.pool.num_free
