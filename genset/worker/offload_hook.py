@@ -15,9 +15,10 @@ onboarding of a prompt's next blocks before it runs.
   `genset.offload.onboard`). No more is asked for than the engine can keep for the request
   beside the ones queued ahead (`Engine.import_room`; none: no lookup, `skipped_no_room`),
   and the import is `optional` (the engine cuts it to that room again at submission): blocks
-  beyond it were taken back by the head of the queue and evicted before the request ran. Store absent, slow, broken, or a run of
-  nothing: None, and the worker computes the prompt. Never an error, never a wait past the
-  deadline (the host also computes the prompt when the engine refuses the import's payload).
+  beyond it were taken back by the head of the queue and evicted before the request ran.
+  Store absent, slow, broken, or a run of nothing: None, and the worker computes the prompt.
+  Never an error, never a wait past the deadline (the host also computes the prompt when the
+  engine refuses the import's payload).
 - With no store registered the hand-over is paused (`EvictionHandover.paused`): the engine
   reads no payloads for nobody. Blocks this worker onboarded from the store (the last
   `4 x kv_blocks` of them) are skipped when evicted again (`EvictionHandover.skip`): the
