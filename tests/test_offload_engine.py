@@ -187,6 +187,77 @@ def test_queued_imports_never_stall_the_request_ahead_of_them():
     core.pool.check_invariants()
 
 
+@pytest.mark.parametrize("kind", ["mocker", "torch"])
+def test_an_import_queued_behind_a_head_that_cannot_fit_is_kept_and_used(kind):
+    """Both engines (one scheduler): the head of the queue cannot fit beside the running
+    request even with the pins behind it, so it leaves them alone, and the import queued
+    behind it is used when its turn comes, with the output of computing the prompt. Before,
+    the head released them at every step it waited and its admission evicted them."""
+    from tests.test_engine_core import exported
+
+    prompt = prompt_of(60, 8 * BS + 1)
+    want, _ = _greedy(make_core(kind), "computed", prompt)
+    kv = KvImport(exported(kind, prompt), token_ids=prompt)  # (a transfer's: not optional)
+    core = make_core(kind, num_blocks=24)
+    core.add_request(req("a", prompt_of(61, 12 * BS), max_tokens=6))
+    core.step()  # a holds 12 blocks
+    core.add_request(req("h", prompt_of(62, 13 * BS)))  # 13 blocks: 12 free, it waits
+    got, cached = _greedy(core, "r", prompt, kv=kv)  # 8 pinned: h cannot fit with them
+    assert cached == 8 * BS
+    assert got == want
+    assert core.pool.num_imports_evicted_unused == 0
+    assert core.scheduler.num_pinned_blocks == 0
+    core.pool.check_invariants()
+
+
+def test_an_optional_import_takes_only_the_room_the_queue_ahead_leaves():
+    """An offload hit (`KvImport.optional`) is imported only as far as the blocks the
+    requests ahead of it still need leave room (`Scheduler.import_room`); the rest is
+    dropped and counted, and what is imported is used. A transfer's KV (not optional) is
+    imported as far as the pool takes it, as before (and yields to the queue ahead)."""
+    from genset.engines.types import KvBlockData
+
+    core = MockerCore(MockerConfig(block_size=BS, num_blocks=32, vocab_size=4096,
+                                   max_batch_tokens=64 * BS))
+    core.add_request(req("a", prompt_of(50, 12 * BS), max_tokens=4))
+    core.step()  # a holds 12 blocks: 20 free
+    core.add_request(req("h", prompt_of(51, 14 * BS)))  # fits beside a
+    core.step()
+    # the free blocks less the block h's first decode will take (a has its next one)
+    assert core.scheduler.import_room() == core.pool.num_free - 1 == 4
+
+    def hit(seed: int, n: int, optional: bool) -> tuple[list[int], KvImport]:
+        p = prompt_of(seed, n * BS + 1)
+        return p, KvImport([KvBlockData(h, mock_payload(0)) for h in block_hashes(p, BS)],
+                           token_ids=p, optional=optional)
+
+    core.add_request(req("w", prompt_of(52, 4 * BS)))  # queued: 4 blocks ahead of r
+    assert core.scheduler.import_room() == 4 - 4
+    core.add_request(req("w2", prompt_of(55, 1 * BS)))  # (the largest need ahead counts)
+    assert core.scheduler.import_room() == 0
+    p, kv = hit(53, 6, optional=True)
+    core.add_request(req("r", p, kv=kv))
+    assert core.import_blocks_no_room == 6
+    assert core.scheduler.num_pinned_blocks == 0
+    p2, kv2 = hit(54, 3, optional=False)  # a transfer's: what the pool takes
+    core.add_request(req("t", p2, kv=kv2))
+    assert core.import_blocks_no_room == 6
+    assert core.scheduler.num_pinned_blocks == 3
+    cached = {}
+    for _ in range(500):
+        if not core.has_work():
+            break
+        for out in core.step()[0]:
+            if out.finish_reason:
+                cached[out.request_id] = out.cached_tokens
+    assert cached["r"] == 0  # nothing imported for it: computed
+    # the transfer's blocks were taken by the requests ahead when they needed the room
+    # (a pin never stalls them): pinned beyond the room, they went unused
+    assert cached["t"] == 0 and core.pool.num_imports_evicted_unused == 3
+    assert core.scheduler.num_pinned_blocks == 0
+    core.pool.check_invariants()
+
+
 def test_blocks_the_sink_already_has_are_not_read():
     core = MockerCore(MockerConfig(block_size=BS, num_blocks=8, vocab_size=4096))
     first = prompt_of(1, 7 * BS + 1)

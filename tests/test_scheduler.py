@@ -589,3 +589,136 @@ def test_drop_foreign_takes_out_the_import_and_what_was_computed_over_it():
     assert replica.hashes == pool.cached_hashes() >= set(hashes)
     assert s.import_kv(hashes[2:6], parent_hash=hashes[1]) == []  # cached here (computed)
     assert not any(pool.marks[pool.block_of(h)] & FOREIGN for h in hashes)
+
+
+# ---- pins of queued imports: what they yield, and to whom -------------------------------------
+
+
+def _step(s: Scheduler) -> list:
+    plan = s.schedule()
+    outs = s.update(plan, [next_token(c) if c.sample else None for c in plan.chunks])
+    s.pool.check_invariants()
+    return outs
+
+
+def test_a_head_that_cannot_fit_leaves_the_pins_behind_it_alone():
+    """The head of the queue cannot fit beside the running request even if every pin behind
+    it went: it waits, and the import queued behind it keeps its blocks and is used. Before,
+    the head released those pins at every step it waited, and its admission then evicted
+    them unused (a 128-block mocker cache: thousands of blocks onboarded for 0 cached
+    tokens)."""
+    s = make(num_blocks=32, max_batch_tokens=256)
+    s.add_request(request("a", [1000 + i for i in range(80)], max_tokens=6))  # 20 blocks
+    _step(s)
+    assert s.pool.num_free == 12
+    s.add_request(request("h", [2000 + i for i in range(60)], max_tokens=2))  # 15 blocks
+    r_prompt = [3000 + i for i in range(41)]  # 10 full blocks, 8 of them imported
+    assert len(s.import_kv(block_hashes(r_prompt, 4)[:8], pin_for="r")) == 8
+    s.add_request(request("r", r_prompt, max_tokens=2))
+    for _ in range(3):  # h waits (4 free + 8 pinned < 15); r's pins stay
+        _step(s)
+        assert [q.request_id for q in s.waiting] == ["h", "r"]
+        assert s.num_pinned_blocks == 8
+    res = run(s)
+    assert res["r"][2] == 32  # its 8 imported blocks, used
+    assert s.pool.num_imports_evicted_unused == 0
+    assert s.num_pinned_blocks == 0
+
+
+def test_pins_yield_only_the_blocks_that_make_room_newest_first_from_the_tail():
+    s = make(num_blocks=32, max_batch_tokens=256)
+    s.add_request(request("a", [1000 + i for i in range(60)], max_tokens=2))  # 15 blocks
+    _step(s)  # a: 15 blocks (its first decode takes a 16th next step)
+    assert s.pool.num_free == 17
+    old = block_hashes([3000 + i for i in range(25)], 4)[:6]
+    new = block_hashes([4000 + i for i in range(25)], 4)[:6]
+    s.import_kv(old, pin_for="old")
+    s.import_kv(new, pin_for="new")
+    assert s.pool.num_free == 5
+    s.add_request(request("h", [2000 + i for i in range(23)], max_tokens=1))  # 6 blocks
+    outs = _step(s)  # a's decode takes 1, h needs 6: 4 free + the last 2 of the newest pins
+    assert [o.finish_reason for o in outs if o.request_id == "h"] == ["length"]  # admitted
+    assert s.num_pinned_blocks == 10
+    assert len(s._pins["old"]) == 6
+    assert s.pool.lookup(old) == s._pins["old"]
+    assert len(s.pool.lookup(new)) == 4  # the chain's head stays, still a prefix
+    assert s.pool.num_imports_evicted_unused == 2  # the two h took (nothing else)
+
+
+def test_a_running_request_growing_takes_pinned_blocks_before_anyone_is_preempted():
+    s = make(num_blocks=16, max_batch_tokens=256)
+    s.add_request(request("a", [1000 + i for i in range(24)], max_tokens=6))  # 6 blocks
+    _step(s)
+    pinned = block_hashes([3000 + i for i in range(40)], 4)[:9]
+    s.import_kv(pinned, pin_for="r")
+    assert s.pool.num_free == 1
+    s.add_request(request("r", [3000 + i for i in range(40)], max_tokens=2))
+    for _ in range(5):  # a's decodes take the free block, then r's last pinned block
+        _step(s)
+    assert s.num_preemptions == 0
+    assert len(s._pins["r"]) == 8
+    res = run(s)
+    assert res["r"][2] == 8 * 4  # what r kept pinned it used
+    assert s.pool.num_imports_evicted_unused == 1
+    assert s.num_pinned_blocks == 0 and s.pool.num_used == 0
+
+
+def test_pins_and_running_requests_beyond_the_cache_neither_deadlock_nor_leak():
+    """Imports pinned for queued requests plus the running requests' growth exceed a small
+    cache again and again; some requests are aborted while waiting: every request finishes
+    (a bounded number of steps, never a stall), every pin is released (admitted, aborted,
+    or yielded), the pool's books stay balanced."""
+    rng = random.Random(5)
+    s = make(num_blocks=24, max_batch_tokens=32, max_running=4, context_length=96)
+    prefixes = [[rng.randrange(3, 50) for _ in range(40)] for _ in range(3)]
+    live: set[str] = set()
+    aborted: set[str] = set()
+    done: set[str] = set()
+    n = 0
+    for _ in range(3000):
+        if n < 60 and len(live) < 6:
+            p = prefixes[rng.randrange(3)][: rng.randrange(8, 40)] + [
+                rng.randrange(3, 50) for _ in range(rng.randrange(1, 20))]
+            rid = f"q{n}"
+            n += 1
+            hashes = block_hashes(p, 4)
+            k = rng.randrange(0, len(hashes) + 1)
+            if k:
+                s.import_kv(hashes[:k], pin_for=rid)
+            s.add_request(request(rid, p, max_tokens=rng.randrange(1, 40)))
+            live.add(rid)
+        if live and rng.random() < 0.03:
+            victim = rng.choice(sorted(live))
+            if s.requests[victim].status == 0:  # waiting: its pins go with it
+                assert s.abort(victim)
+                live.discard(victim)
+                aborted.add(victim)
+                assert victim not in s._pins
+        if not s.has_work() and n >= 60:
+            break
+        for out in _step(s):
+            if out.finish_reason is not None:
+                live.discard(out.request_id)
+                done.add(out.request_id)
+    else:
+        raise AssertionError("stalled")
+    assert done | aborted == {f"q{i}" for i in range(60)} and not live
+    # (the edge was there: running requests preempted, pinned blocks yielded and evicted)
+    assert s.num_preemptions > 0 and s.pool.num_imports_evicted_unused > 0
+    assert s.num_pinned_blocks == 0 and not s._pins
+    assert s.pool.num_used == 0
+
+
+def test_import_room_leaves_the_queue_ahead_its_prompts():
+    s = make(num_blocks=32, max_batch_tokens=256)
+    s.add_request(request("a", [1000 + i for i in range(40)], max_tokens=4))  # 10 blocks
+    _step(s)  # + 1 block for its first decode
+    assert s.import_room() == 21
+    s.add_request(request("h", [2000 + i for i in range(49)], max_tokens=1))  # 13 blocks
+    assert s.import_room() == 21 - 13  # what h needs stays free for h
+    s.add_request(request("g", [2500 + i for i in range(20)], max_tokens=1))  # 5: h's counts
+    assert s.import_room() == 8
+    prompt = [3000 + i for i in range(60)]  # 15 blocks, 8 imported and pinned
+    s.import_kv(block_hashes(prompt, 4)[:8], pin_for="r")
+    s.add_request(request("r", prompt, max_tokens=1))
+    assert s.import_room() == 0  # 13 free, h needs 13

@@ -41,7 +41,7 @@ may call.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from genset.engines.batch import StepPlan
@@ -181,6 +181,9 @@ class SchedulingCore:
         # the order copied; an entry leaves when its block is evicted (bounded: num_blocks)
         self._copied_ahead: dict[int, None] = {}
         self.copied_ahead = 0  # blocks copied out ahead of eviction (monotonic)
+        # blocks of optional imports (offload hits) dropped at submission for want of room
+        # beside the requests queued ahead (`Scheduler.import_room`; monotonic)
+        self.import_blocks_no_room = 0
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -195,6 +198,12 @@ class SchedulingCore:
             # imported earlier, run by run as a transfer arrived: take its pins over
             sched.adopt_pins(kv.pinned_as, request.request_id)
         elif kv is not None and kv.blocks:
+            if kv.optional:
+                room = sched.import_room()
+                if room < len(kv.blocks):
+                    self.import_blocks_no_room += len(kv.blocks) - room
+                    kv = replace(kv, blocks=kv.blocks[:room])
+        if kv is not None and kv.pinned_as is None and kv.blocks:
             try:
                 self.import_kv(kv, pin_for=request.request_id)
             except BaseException:

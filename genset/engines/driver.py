@@ -312,6 +312,15 @@ class AsyncEngineDriver(Engine):
         fn = getattr(self.core, "cached_prefix", None)
         return fn(hashes) if fn is not None else 0
 
+    def import_room(self) -> int | None:
+        sched = getattr(self.core, "scheduler", None)
+        if sched is None or not hasattr(sched, "import_room"):
+            return None
+        try:  # from the loop while a stepping thread may change the queues: a hint
+            return sched.import_room()
+        except RuntimeError:  # (a queue changed while read)
+            return None
+
     def hand_over_evictions(self, sink: Callable[[list[EvictedBlock]], None], *,
                             max_bytes: int = 64 << 20, with_tokens: bool = True) -> bool:
         set_sink = getattr(self.core, "set_eviction_sink", None)

@@ -146,6 +146,11 @@ class Engine(ABC):
         wait for a step; 0 when the engine cannot tell)."""
         return 0
 
+    def import_room(self) -> int | None:
+        """How many blocks an optional import (`KvImport.optional`) submitted now could take
+        (a cheap hint, no wait for a step); None when the engine cannot tell."""
+        return None
+
     def hand_over_evictions(self, sink: Callable[[list[EvictedBlock]], None], *,
                             max_bytes: int = 64 << 20, with_tokens: bool = True) -> bool:
         """From now on, call `sink` on the event loop with the blocks this engine evicts from

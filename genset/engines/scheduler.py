@@ -39,6 +39,11 @@ physical blocks holding a run of hashes, for the executor to read; `import_kv(ha
 allocates blocks for hashes not yet cached and registers them, returning (hash, block_id)
 pairs for the executor to write before the next step; with `pin_for=request_id` the blocks
 are held until that request is admitted (so eviction cannot undo the import meanwhile).
+Pins never stall anyone ahead: a running request that must grow, or the head of the queue,
+takes the blocks it needs from the newest pins, tail first, but only when that makes room
+(`_reclaim_pins`); an optional import (an offload hit) is cut to the room the requests
+ahead leave (`import_room`), so what is pinned is used (`BlockPool.num_imports_evicted_unused`
+counts what was not).
 
 Not thread-safe: the engine's core (`genset.engines.core.SchedulingCore`) owns it, stepped by
 one thread or task; others talk to it through `genset.engines.driver.AsyncEngineDriver`.
@@ -53,7 +58,7 @@ from typing import Any
 
 from genset.engines.batch import SamplingSpec, ScheduledChunk, StepPlan
 from genset.engines.types import EngineOutput, EngineRequest
-from genset.kv.block_pool import FOREIGN, GENERATED, BlockPool
+from genset.kv.block_pool import FOREIGN, GENERATED, UNUSED_IMPORT, BlockPool
 from genset.kv.hashing import extend_block_hashes
 from proto.kv import LoadReport
 
@@ -484,7 +489,7 @@ class Scheduler:
                 if own is not None and len(own) != bs:
                     own = None
                 if pool.cache_block(b, h, parent, own):
-                    pool.marks[b] |= FOREIGN
+                    pool.marks[b] |= FOREIGN | UNUSED_IMPORT
                     self._imported = True
                 written.append((h, b))
             held.append(b)
@@ -537,6 +542,10 @@ class Scheduler:
         held = self.pool.lookup(hashes)
         if held:
             self.pool.touch(held)
+            if self._imported:  # an export is a use of an imported block
+                marks = self.pool.marks
+                for b in held:
+                    marks[b] &= ~UNUSED_IMPORT
             self._pins.setdefault(key, []).extend(held)
         return len(held)
 
@@ -545,6 +554,44 @@ class Scheduler:
         held = self._pins.pop(key, None)
         if held:
             self._pins.setdefault(request_id, []).extend(held)
+
+    def import_room(self) -> int:
+        """How many blocks an optional import (`KvImport.optional`: an offload hit) pinned for
+        a request queued now may take: the free blocks, less the running requests' prompt
+        blocks not allocated yet, less the largest number of blocks any waiting request
+        still needs for its prompt beyond what is pinned for it. Whatever the request ahead
+        needs at its admission and cannot find free, it takes back from the pins behind it
+        (`_reclaim_pins`): an import beyond this room is mostly fetched, copied and written
+        for nothing. A hint; the estimate is measured, not exact
+        (`bench/bench_onboard_room_sim.py --clients 4`: one mocker core of 128 blocks, 4
+        closed-loop clients, 1,480-token prompts over 12 prefixes, an ideal store, 200
+        requests; live: `tests/test_offload_small_cache.py`). Onboarded blocks evicted
+        unused / prompt tokens served from the cache / requests with none:
+
+        - before (pins released whole, whatever the need): 9,803 of 10,538 / 30,224 / 175
+        - pins yield only what makes room, no room limit: 7,825 / 62,496 / 97
+        - and this room (the largest need ahead): 362 of 1,913 imported / 49,696 / 48
+        - counting only the head of the queue's need: 750 / 53,952 / 101
+        - counting every waiting request's need: 0 (nothing fit, ever) / 24,448 / 176
+        - reserving the running and waiting requests' decode growth too (to max_tokens):
+          215 / 46,096 / 118, and no room at all under a large max_tokens: not kept.
+
+        What is still evicted unused is mostly the tail of a pin yielded to a running
+        request's decode (`_grow`)."""
+        bs = self.block_size
+        pins = self._pins
+        room = self.pool.num_free
+        ahead = 0
+        for seq in self.waiting:
+            held = pins.get(seq.request_id) if pins else None
+            need = -(-len(seq.token_ids) // bs) - (len(held) if held else 0)
+            if need > ahead:
+                ahead = need
+        for seq in self.running:
+            left = -(-len(seq.token_ids) // bs) - len(seq.block_table)
+            if left > 0:
+                room -= left
+        return max(0, room - ahead)
 
     @property
     def num_pinned_blocks(self) -> int:
@@ -630,26 +677,64 @@ class Scheduler:
             return True
         new = self.pool.allocate(need)
         if new is None and self._reclaim_pins(need, seq.request_id):
-            new = self.pool.allocate(need)
+            new = self.pool.allocate(need)  # (the caller preempts when this is None)
         if new is None:
             return False
         seq.block_table.extend(new)
         return True
 
-    def _reclaim_pins(self, need: int, keep: str) -> bool:
-        """Release other requests' import pins, most recent first, until `need` blocks are
-        free: pins of queued requests must never stall the requests ahead of them (a queue
-        of onboarded prompts could otherwise hold the whole pool while the head waits for
-        blocks). The released blocks stay cached, so a later request may still hit them.
-        True when anything was released."""
-        released = False
-        for rid in reversed(list(self._pins)):
-            if self.pool.num_free >= need:
+    def _reclaim_pins(self, need: int, keep: str, hit: Seq[int] = ()) -> bool:
+        """Release other keys' pins (imports waiting for their request, exports) until `need`
+        blocks are free besides the free ones among `hit` (the prefix hits admission takes
+        back); True when they are (already, or after the release). Pins of queued requests
+        must never stall the requests ahead of them, nor a running request's growth (a
+        queue of onboarded prompts could otherwise hold the whole pool while the head
+        waits for blocks); they yield the fewest blocks that make room, newest key first,
+        each key's chain from its tail (its head stays pinned and is still a prefix hit for
+        its request), and the blocks released stay cached.
+
+        Nothing is released when releasing every other pin would still not make room: the
+        head of the queue that cannot fit beside the running requests then waits for them
+        to finish, and the imports queued behind it keep their blocks. Before (released
+        every pin, newest first, whether or not that made room, at every step the head
+        waited), a small cache lost nearly every onboarded block before its request ran:
+        2 mocker workers of 128 blocks, 8 clients, 1,480-token prompts over 12 prefixes,
+        thousands of blocks onboarded and 0 cached tokens on almost every request."""
+        pool = self.pool
+        ref = pool.ref_cnt
+        taken = sum(1 for b in hit if ref[b] == 0) if hit else 0
+        short = need + taken - pool.num_free
+        if short <= 0:
+            return True
+        pins = self._pins
+        # each pinned reference frees at most one block: a cheap bound first (the head of the
+        # queue asks at every step while it waits)
+        if sum(len(v) for k, v in pins.items() if k != keep) < short:
+            return False
+        # exactly: the blocks only other keys' pins hold, less those among `hit`
+        counts: dict[int, int] = {}
+        for key, held in pins.items():
+            if key != keep:
+                for b in held:
+                    counts[b] = counts.get(b, 0) + 1
+        hits = set(hit) if hit else ()
+        if sum(1 for b, c in counts.items() if c == ref[b] and b not in hits) < short:
+            return False
+        free = pool.free
+        for key in reversed(list(pins)):
+            if key == keep:
+                continue
+            held = pins[key]
+            while held and short > 0:
+                b = held.pop()
+                free((b,))
+                if ref[b] == 0 and b not in hits:
+                    short -= 1
+            if not held:
+                del pins[key]
+            if short <= 0:
                 break
-            if rid != keep:
-                self.unpin(rid)
-                released = True
-        return released
+        return True
 
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Take prefix-cache hits and blocks for `seq`'s first chunk; returns the chunk's
@@ -673,14 +758,9 @@ class Scheduler:
                 tail_n = tail[0]
         n = min(total - cached - tail_n, budget)
         need = -(-(cached + tail_n + n) // bs) - len(hit)
-        reclaimed = sum(1 for b in hit if pool.ref_cnt[b] == 0)
-        if pool.num_free - reclaimed < need:
-            # (released pins leave their blocks cached: `hit` still holds)
-            if not self._reclaim_pins(need + reclaimed, seq.request_id):
-                return 0
-            reclaimed = sum(1 for b in hit if pool.ref_cnt[b] == 0)
-            if pool.num_free - reclaimed < need:
-                return 0
+        # (released pins leave their blocks cached: `hit` still holds)
+        if not self._reclaim_pins(need, seq.request_id, hit):
+            return 0
         pool.touch(hit)
         # the first block whose KV came from outside (`drop_foreign`): a scan of the hits'
         # marks (~40 ns a block: 512 hit blocks ~20 us at load ~6, next to the hashing and
@@ -689,6 +769,8 @@ class Scheduler:
         if self._imported:
             marks = pool.marks
             foreign = next((i for i, b in enumerate(hit) if marks[b] & FOREIGN), foreign)
+            for b in hit:  # used: its import was worth it (`BlockPool.num_imports_evicted_unused`)
+                marks[b] &= ~UNUSED_IMPORT
         seq.foreign_from = foreign
         seq.block_table = hit + (pool.allocate(need) or [])
         seq.num_computed = cached + tail_n

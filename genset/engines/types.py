@@ -58,6 +58,12 @@ class KvImport:
     # None: not known (the block is kept without tokens, as before).
     token_ids: Sequence[int] | None = None
     first_block: int = 0
+    # The importer can do without the blocks (an offload hit: the store keeps them, the
+    # engine computes what it does not import). The engine then imports at most what fits
+    # beside the requests queued ahead (`Scheduler.import_room`) and drops the rest: blocks
+    # beyond it would be reclaimed for those requests, and evicted, before this one runs.
+    # False (a transfer's KV, which exists nowhere else): import all that the pool takes.
+    optional: bool = False
 
 
 @dataclass(slots=True)

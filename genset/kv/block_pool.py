@@ -41,6 +41,10 @@ GENERATED = 2  # holds generated tokens (registered from a sequence's output)
 # computed over such KV (the scheduler propagates it down a sequence's chain): what a request
 # that ends on non-finite values drops from the cache (`uncache`, `Scheduler.drop_foreign`)
 FOREIGN = 4
+# imported (a KV import: an offload hit, a transfer) and not yet used by any request (taken
+# as a prefix hit at admission, or pinned for an export): its eviction while still so marked
+# is onboarding work thrown away (`BlockPool.num_imports_evicted_unused`)
+UNUSED_IMPORT = 8
 
 
 class BlockPool:
@@ -83,6 +87,9 @@ class BlockPool:
         # hashes forgotten so far (evicted or cleared; monotonic): a lookup made when this was
         # n has lost nothing while it is still n (Scheduler.waiting_prefill_tokens memoizes)
         self.num_uncached = 0
+        # imported blocks evicted before any request used them (`UNUSED_IMPORT`; monotonic):
+        # onboarding that fetched, copied and imported a block for nothing
+        self.num_imports_evicted_unused = 0
         # Eviction hand-over (`SchedulingCore.set_eviction_sink`): while a list, every cached
         # block evicted is recorded as (hash, parent hash, packed tokens, block id) until the
         # owner takes them (before the block's memory is written again). None: not recorded.
@@ -260,9 +267,11 @@ class BlockPool:
             if h is not None:
                 # evicting a cached block (as `_evict`, inlined: most allocations evict)
                 self.num_uncached += 1
+                m = self.marks[b]
                 if self.evicted is not None:
-                    self.evicted.append((h, self._parent[b], self._tokens[b], b,
-                                         self.marks[b]))
+                    self.evicted.append((h, self._parent[b], self._tokens[b], b, m))
+                if m & UNUSED_IMPORT:
+                    self.num_imports_evicted_unused += 1
                 self.marks[b] = 0
                 del self._hash_to_block[h]
                 block_hash[b] = None
@@ -376,6 +385,8 @@ class BlockPool:
         self.num_uncached += 1
         if self.evicted is not None:
             self.evicted.append((h, self._parent[b], self._tokens[b], b, self.marks[b]))
+        if self.marks[b] & UNUSED_IMPORT:
+            self.num_imports_evicted_unused += 1
         self.marks[b] = 0
         del self._hash_to_block[h]
         self.block_hash[b] = None

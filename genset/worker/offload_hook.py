@@ -12,9 +12,13 @@ onboarding of a prompt's next blocks before it runs.
   ones, under `deadline_s`; the run comes back as a `KvImport` that the engine loads and pins
   for the request, which then computes only the rest (with an engine that copies beside its
   compute, only the run's head when the whole run's copy would outlast the prompt's compute:
-  `genset.offload.onboard`). Store absent, slow, broken, or a run of
-  nothing: None, and the worker computes the prompt. Never an error, never a wait past the
-  deadline (the host also computes the prompt when the engine refuses the import's payload).
+  `genset.offload.onboard`). No more is asked for than the engine can keep for the request
+  beside the ones queued ahead (`Engine.import_room`; none: no lookup, `skipped_no_room`),
+  and the import is `optional` (the engine cuts it to that room again at submission): blocks
+  beyond it were taken back by the head of the queue and evicted before the request ran.
+  Store absent, slow, broken, or a run of nothing: None, and the worker computes the prompt.
+  Never an error, never a wait past the deadline (the host also computes the prompt when the
+  engine refuses the import's payload).
 - With no store registered the hand-over is paused (`EvictionHandover.paused`): the engine
   reads no payloads for nobody. Blocks this worker onboarded from the store (the last
   `4 x kv_blocks` of them) are skipped when evicted again (`EvictionHandover.skip`): the
@@ -140,8 +144,9 @@ class OffloadHook(WorkerHooks):
         self.ctx: WorkerContext | None = None
         self.client: OffloadClient | None = None
         self.counts = dict.fromkeys(("lookups", "hits", "misses", "skipped", "skipped_slow",
-                                     "skipped_hint", "errors", "onboarded_blocks",
-                                     "written_blocks", "split_blocks", "split_all"), 0)
+                                     "skipped_hint", "skipped_no_room", "errors",
+                                     "onboarded_blocks", "written_blocks", "split_blocks",
+                                     "split_all"), 0)
         self._block_bytes = 0.0  # measured: an onboarded block's payload, bytes (EWMA)
         self._fetch_gbps = 0.0  # measured: bytes / s of the lookups that brought blocks
         self._m = _Metrics(metrics, self) if metrics is not None else None
@@ -270,6 +275,15 @@ class OffloadHook(WorkerHooks):
             if not want or have >= max_blocks:
                 self.counts["skipped"] += 1
                 return None
+            # and no more than the engine can hold for it beside the requests queued ahead:
+            # the head of the queue would reclaim the rest before this request runs, and
+            # they would be evicted unused (the engine drops them anyway: KvImport.optional)
+            room = ctx.engine.import_room()
+            if room is not None and room < max_blocks - have:
+                if room <= 0:
+                    self.counts["skipped_no_room"] += 1
+                    return None
+                max_blocks = have + room
             tiers = self.tiers_worth(bs)
             if tiers == ONBOARD_NONE:
                 # every PROBE_EVERY-th such request looks up its RAM run anyway, so the fetch
@@ -321,7 +335,7 @@ class OffloadHook(WorkerHooks):
         # tokens, and its eviction later puts the block back with them (verified by the store)
         return KvImport(blocks=[KvBlockData(b.hash, b.data) for b in run],
                         parent_hash=hashes[have - 1] if have else None,
-                        token_ids=token_ids, first_block=have)
+                        token_ids=token_ids, first_block=have, optional=True)
 
     def _split(self, run_blocks: int, rest_tokens: int) -> int:
         """How many of a run of `run_blocks` to import (`onboard_split` on the engine's own
@@ -348,7 +362,8 @@ class _Metrics:
             buckets=LATENCY_BUCKETS)
         lookups = metrics.gauge("worker_offload_lookups",
                                 "onboarding lookups so far, by outcome", ["outcome"])
-        for outcome in ("hits", "misses", "skipped", "skipped_slow", "skipped_hint", "errors"):
+        for outcome in ("hits", "misses", "skipped", "skipped_slow", "skipped_hint",
+                        "skipped_no_room", "errors"):
             lookups.labels(outcome).set_function(lambda o=outcome: hook.counts[o])
         dropped = metrics.gauge(
             "worker_offload_dropped_writes",
@@ -362,6 +377,22 @@ class _Metrics:
             return h.dropped if h is not None else 0
 
         dropped.labels("handover").set_function(handover)
+
+        def pool_count(name: str) -> float:
+            core = getattr(hook.ctx.engine, "core", None) if hook.ctx else None
+            sched = getattr(core, "scheduler", None)
+            if name == "import_blocks_no_room":
+                return getattr(core, name, 0)
+            return getattr(getattr(sched, "pool", None), name, 0)
+
+        metrics.gauge(
+            "worker_offload_onboarded_unused_blocks",
+            "onboarded blocks evicted before any request used them (onboarding wasted)"
+        ).set_function(lambda: pool_count("num_imports_evicted_unused"))
+        metrics.gauge(
+            "worker_offload_onboard_no_room_blocks",
+            "onboarded blocks the engine dropped at submission: no room beside the queue ahead"
+        ).set_function(lambda: pool_count("import_blocks_no_room"))
         for where, name in (("queue_full", "put_dropped_full"),
                             ("no_store", "put_dropped_no_store"),
                             ("too_large", "put_dropped_too_large"),
