@@ -5,6 +5,7 @@ messages, model card, drain."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 
@@ -454,7 +455,7 @@ async def test_load_reports_are_paced_busy_and_idle(bus, discovery):
             sent.append(loop.time())
             await bus.publish(subject, msg)
 
-    async def until(n: int) -> None:
+    async def reports(n: int) -> None:
         deadline = loop.time() + 30.0
         while len(sent) < n:
             assert loop.time() < deadline, f"{len(sent)} of {n} load reports"
@@ -466,16 +467,16 @@ async def test_load_reports_are_paced_busy_and_idle(bus, discovery):
     await h.host.start()
     tol = 0.005  # a loop timer may fire this early
     try:
-        await until(8)
+        await reports(8)
         busy = False
         n = len(sent)
-        await until(n + 4)  # the last busy report's follow-up, then idle ones
-        gaps = [b - a for a, b in zip(sent, sent[1:])]
+        await reports(n + 4)  # the last busy report's follow-up, then idle ones
+        gaps = [b - a for a, b in itertools.pairwise(sent)]
         assert all(g >= cfg.load_interval_s - tol for g in gaps), gaps
         assert all(g >= cfg.idle_load_interval_s - tol for g in gaps[-2:]), gaps
         n = len(sent)
         reporter.changed.set()  # a change while idle
-        await until(n + 1)
+        await reports(n + 1)
         assert sent[-1] - sent[-2] >= cfg.load_interval_s - tol
     finally:
         await h.host.close()
