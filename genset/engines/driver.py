@@ -414,7 +414,10 @@ class AsyncEngineDriver(Engine):
             self._wake_thread.clear()
             self._run_commands()
             if not core.has_work():
-                self._wake_thread.wait(0.5)
+                # Until a command or stop() wakes it: only commands give the core work (every
+                # one calls _wake, after the clear above). Not a 0.5 s poll: an idle worker's
+                # stepping thread woke twice a second for nothing (docs/benchmarks.md 5z).
+                self._wake_thread.wait()
                 continue
             traced = self._traced
             started = time.time() if traced else 0.0
