@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 
 import pytest
 
@@ -353,3 +355,43 @@ def test_mocker_refuses_logprobs_by_name_and_ignores_penalties():
     pen, _ = _tokens(MockerCore(), "p", [1, 2, 3], sampling=SamplingParams(
         temperature=0, presence_penalty=1.0, repetition_penalty=1.3, logit_bias={"5": 2.0}))
     assert pen == plain
+
+
+async def test_idle_stepping_thread_waits_for_a_command_not_a_timeout():
+    """The threaded driver's idle stepping thread sleeps until a command (or stop) wakes it:
+    every wait it makes while there is no work has no timeout. The waits are recorded, not
+    timed."""
+    core = MockerCore(
+        MockerConfig(block_size=4, num_blocks=256, timing=PolynomialTiming(speedup_ratio=200.0)),
+        worker_id=3,
+    )
+    engine = AsyncEngineDriver(core, worker_id=3)
+
+    class RecordingEvent(threading.Event):
+        def __init__(self) -> None:
+            super().__init__()
+            self.timeouts: list[float | None] = []
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.timeouts.append(timeout)
+            return super().wait(timeout)
+
+    wake = engine._wake_thread = RecordingEvent()
+    await engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not wake.timeouts:  # the thread found no work and waits
+            assert time.monotonic() < deadline, "the stepping thread never went idle"
+            await asyncio.sleep(0.01)
+        tokens, last = await asyncio.wait_for(
+            _collect(await engine.submit(req("a", list(range(30)), max_tokens=4))), 30)
+        assert len(tokens) == 4 and last.finish_reason == "length"
+        n = len(wake.timeouts)
+        assert (await engine.kv_snapshot()) is not None  # a command wakes it again
+        while len(wake.timeouts) <= n:
+            assert time.monotonic() < deadline, "the stepping thread did not go idle again"
+            await asyncio.sleep(0.01)
+        # idle waits have no timeout (0.01: the "nothing could be scheduled" back-off only)
+        assert wake.timeouts and all(t is None or t == 0.01 for t in wake.timeouts)
+    finally:
+        await engine.stop()

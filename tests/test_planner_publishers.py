@@ -4,8 +4,11 @@ frontends' `FrontendStats` windows, on the session's real NATS."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections import deque
+from types import SimpleNamespace
 
 import pytest
 
@@ -79,6 +82,66 @@ def test_step_samples_are_bounded_spread_and_valid():
            StepRecord(10, 0, 0.1, 0.0), StepRecord(10, 1, 7.0, 3.0)]
     got = sample(bad)
     assert [(s.prefill_tokens, s.kv_usage) for s in got] == [(10, 1.0)]  # usage clamped
+
+
+async def test_idle_publisher_waits_for_a_step_instead_of_polling(bus):
+    """No step, no wake-up: after one empty window the publisher sleeps on the engine's
+    `step_logged` event; a delivered step starts the next window, whose samples go out."""
+    engine = SimpleNamespace(step_log=deque(), step_logged=asyncio.Event())
+    sleeps: list[float] = []
+
+    async def counted_sleep(s: float) -> None:  # no wall clock: every window is a turn
+        sleeps.append(s)
+        await asyncio.sleep(0)
+
+    pub = StepStatsPublisher(engine, bus=bus, namespace=f"ns{uuid.uuid4().hex[:8]}",
+                             instance_id=7, role="decode", sleep=counted_sleep)
+    got, sub = await collect(bus, pub.subject, proto.WorkerStepStats)
+    task = pub.start()
+    try:
+        await wait_for(lambda: pub.windows == 1, what="the first window")
+        for _ in range(200):  # a polling publisher would look at the log again here
+            await asyncio.sleep(0)
+        assert pub.windows == 1 and len(sleeps) == 1 and pub.published == 0
+        # a step: its record first, then its delivery sets the event (AsyncEngineDriver)
+        engine.step_log.append(StepRecord(prefill_tokens=64, decode_tokens=0, kv_usage=0.1,
+                                          step_ms=3.0))
+        engine.step_logged.set()
+        await wait_for(lambda: got, what="the step's samples on the bus")
+        assert got[0].worker_id == 7 and got[0].samples[0].prefill_tokens == 64
+        # idle again: the window with the step, one more (empty) window, then asleep
+        await wait_for(lambda: pub.windows >= 3, what="the next (empty) window")
+        for _ in range(200):
+            await asyncio.sleep(0)
+        assert pub.windows == 3 and pub.published == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await sub.unsubscribe()
+
+
+async def test_driver_sets_step_logged_on_delivery(bus, discovery):
+    """The real driver: a request's steps set `step_logged`, after they were counted."""
+    h = Host(bus, discovery, speedup=50.0)
+    await h.host.start()
+    try:
+        engine = h.engine
+        engine.step_logged.clear()
+        steps_before = engine.num_steps
+        steps_at_wake: list[int] = []
+
+        async def waiter() -> None:
+            await engine.step_logged.wait()
+            steps_at_wake.append(engine.num_steps)
+
+        w = asyncio.create_task(waiter())
+        chunks = await h.generate(h.request(list(range(5, 45)), max_tokens=4))
+        assert chunks[-1].final and chunks[-1].error is None
+        await asyncio.wait_for(w, 15.0)
+        assert steps_at_wake[0] > steps_before
+    finally:
+        await h.host.close()
 
 
 def test_publisher_without_a_step_log_does_nothing():

@@ -5,6 +5,7 @@ messages, model card, drain."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 
@@ -435,3 +436,47 @@ async def test_close_finishes_when_a_load_change_races_the_cancel(bus, discovery
         # step deadline) but the reporter left running behind it: none may be left.
         left = [t for t in asyncio.all_tasks() if t.get_name() == "load-reports"]
         assert not left, f"load reporter still running (event set {k} iterations before)"
+
+
+async def test_load_reports_are_paced_busy_and_idle(bus, discovery):
+    """Busy, a report at most every `load_interval_s`; idle, one every `idle_load_interval_s`
+    (one wait between them, not a wait and a sleep); a change while idle is reported, no
+    sooner than `load_interval_s` after the last report. The publishes are timed at the bus
+    (real NATS underneath) on the loop's clock; only lower bounds are asserted."""
+    h = Host(bus, discovery)
+    cfg = h.host.config
+    cfg.load_interval_s, cfg.idle_load_interval_s = 0.05, 0.3
+    reporter = h.host._load
+    sent: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    class TimedBus:
+        async def publish(self, subject, msg):
+            sent.append(loop.time())
+            await bus.publish(subject, msg)
+
+    async def reports(n: int) -> None:
+        deadline = loop.time() + 30.0
+        while len(sent) < n:
+            assert loop.time() < deadline, f"{len(sent)} of {n} load reports"
+            await asyncio.sleep(0.01)
+
+    busy = True
+    reporter.active = lambda: 1 if busy else 0
+    reporter.bus = TimedBus()
+    await h.host.start()
+    tol = 0.005  # a loop timer may fire this early
+    try:
+        await reports(8)
+        busy = False
+        n = len(sent)
+        await reports(n + 4)  # the last busy report's follow-up, then idle ones
+        gaps = [b - a for a, b in itertools.pairwise(sent)]
+        assert all(g >= cfg.load_interval_s - tol for g in gaps), gaps
+        assert all(g >= cfg.idle_load_interval_s - tol for g in gaps[-2:]), gaps
+        n = len(sent)
+        reporter.changed.set()  # a change while idle
+        await reports(n + 1)
+        assert sent[-1] - sent[-2] >= cfg.load_interval_s - tol
+    finally:
+        await h.host.close()

@@ -204,6 +204,10 @@ class AsyncEngineDriver(Engine):
         # the last steps' records (the core's `last_step`), newest last, for whoever samples
         # them (genset.worker.step_stats); appended on the stepping side, a deque is safe
         self.step_log: deque = deque(maxlen=STEP_LOG)
+        # set on the loop when a step's outputs are delivered (so after its record is in
+        # `step_log`): the step-stats publisher sleeps on it while the engine is idle
+        # instead of waking every second to find the log empty (docs/benchmarks.md 5z)
+        self.step_logged = asyncio.Event()
         self._streams: dict[str, RequestStream] = {}
         # requests being timed (EngineRequest.trace) until their first token: stepping
         # checks this dict's truthiness once per step, nothing more when nobody is timed
@@ -419,7 +423,10 @@ class AsyncEngineDriver(Engine):
             self._wake_thread.clear()
             self._run_commands()
             if not core.has_work():
-                self._wake_thread.wait(0.5)
+                # Until a command or stop() wakes it: only commands give the core work (every
+                # one calls _wake, after the clear above). Not a 0.5 s poll: an idle worker's
+                # stepping thread woke twice a second for nothing (docs/benchmarks.md 5z).
+                self._wake_thread.wait()
                 continue
             traced = self._traced
             started = time.time() if traced else 0.0
@@ -480,6 +487,8 @@ class AsyncEngineDriver(Engine):
         if self._direct_held:
             self._send_held()  # a previous step's frames go first, whatever woke since
         self._load = load
+        if not self.step_logged.is_set():
+            self.step_logged.set()
         streams = self._streams
         held = self._direct_held
         woke = 0

@@ -25,7 +25,10 @@ from aetcd.utils import prefix_range_end
 
 # gRPC defaults back off reconnects up to 120 s; after an etcd restart we want to be back
 # within a second or two. Keepalive pings notice a silently dead peer (no RST) in ~15 s;
-# etcd refuses pings more often than every 5 s, and pings without an open stream.
+# etcd refuses pings more often than every 5 s, and pings without an open stream. No BDP
+# probes: gRPC pinged etcd after every message it received (each lease keep-alive reply),
+# a round trip that woke both sides and gRPC's idle threads for nothing (etcd's messages
+# are small; the default 64 KiB window carries them; docs/benchmarks.md 5z).
 _CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -34,6 +37,7 @@ _CHANNEL_OPTIONS = (
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.bdp_probe", 0),
 )
 
 # Every call also gets a deadline on the asyncio side, this much after its gRPC deadline. The

@@ -5,6 +5,7 @@ while something changes (requests running, KV use moving), else every
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 
 import structlog
@@ -67,8 +68,16 @@ class LoadReporter:
 
     async def _run(self) -> None:
         last = None
+        loop = asyncio.get_running_loop()
+        sent_at = -math.inf
         while not self.stopping:
             await wait_event(self.changed, self.config.idle_load_interval_s)
+            # At most one report every `load_interval_s`: what changed since the last one
+            # waits out the rest of that. Not a sleep after every report: idle, that was a
+            # second wake-up for each report (docs/benchmarks.md 5z).
+            gap = sent_at + self.config.load_interval_s - loop.time()
+            if gap > 0:
+                await asyncio.sleep(gap)
             self.changed.clear()
             report = self.report()
             self.m.kv_used.set(report.kv_used_blocks)
@@ -79,7 +88,7 @@ class LoadReporter:
                 await self.bus.publish(self.subject, report)
             except Exception as exc:
                 log.debug("load report not published", error=repr(exc))
+            sent_at = loop.time()
             if self.active() or (last and last.kv_used_blocks != report.kv_used_blocks):
                 self.changed.set()  # keep reporting while busy
             last = report
-            await asyncio.sleep(self.config.load_interval_s)

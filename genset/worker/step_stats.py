@@ -1,6 +1,12 @@
 """A worker's engine step timings for the planner: a `WorkerStepStats` on
 `step_stats(ns, worker_id)` every `interval_s` while the engine steps (nothing while idle).
 
+While the engine is idle the publisher does not wake at all: after a window with no step it
+waits on the engine's `step_logged` event (set by `AsyncEngineDriver` when a step's outputs
+are delivered) and starts the next window then, so the first samples after an idle spell go
+out within `interval_s` of its first step, as before. An engine without that event is polled
+every `interval_s`.
+
 The engine driver keeps a bounded log of its last steps' records (`AsyncEngineDriver.step_log`:
 prompt tokens computed, sequences decoded, KV use, duration); this takes what accumulated since
 the last message, at most `MAX_STEP_SAMPLES` of them, evenly spread when there were more (the
@@ -44,14 +50,16 @@ def sample(records: list, limit: int = MAX_STEP_SAMPLES) -> list[proto.StepSampl
 
 class StepStatsPublisher:
     def __init__(self, engine, *, bus, namespace: str, instance_id: int, role: str,
-                 interval_s: float = 1.0) -> None:
+                 interval_s: float = 1.0, sleep=asyncio.sleep) -> None:
         self.engine = engine
+        self._sleep = sleep  # injectable: the tests count the publisher's wake-ups
         self.bus = bus
         self.instance_id = instance_id
         self.role = role
         self.interval_s = interval_s
         self.subject = subjects.step_stats(namespace, instance_id)
         self.published = 0  # messages
+        self.windows = 0  # wake-ups that looked at the step log
 
     @property
     def available(self) -> bool:
@@ -81,10 +89,19 @@ class StepStatsPublisher:
         return asyncio.create_task(self._run(), name="step-stats")
 
     async def _run(self) -> None:
+        stepped = getattr(self.engine, "step_logged", None)
         while True:
-            await asyncio.sleep(self.interval_s)
+            await self._sleep(self.interval_s)
+            self.windows += 1
             msg = self.take()
             if msg is None:
+                if stepped is not None:
+                    # Idle: sleep until a step is delivered. Cleared before looking at the
+                    # log: a step logged after the look sets it again (its delivery comes
+                    # after its record), one logged before is seen by the look.
+                    stepped.clear()
+                    if not self.engine.step_log:
+                        await stepped.wait()
                 continue
             try:
                 await self.bus.publish(self.subject, msg)
