@@ -54,7 +54,7 @@ async def main(rate, seconds):
                           "client_s": own_cpu() - own0}))
         await client.close()
     finally:
-        server.stop()
+        server.cleanup()  # stops it and removes its data directory
 
 asyncio.run(main(float(sys.argv[2]), float(sys.argv[3])))
 """
