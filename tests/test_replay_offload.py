@@ -180,3 +180,33 @@ def test_copies_out_ahead_of_eviction_leave_the_steps_that_evict():
     assert be["prompt_copy_out"] < bl["prompt_copy_out"]
     assert eager["completed"] == late["completed"] == len(t)
     assert eager["offload"]["hit_rate_by_tier"]["host"] > 0
+
+
+def test_onboarding_takes_only_the_room_the_queue_ahead_leaves(monkeypatch):
+    # As the live hook (genset.worker.offload_hook): a store hit is imported only up to the
+    # blocks the engine can hold beside the requests queued ahead (`Scheduler.import_room`),
+    # and not looked up at all without room; beyond it the head of the queue would take the
+    # pinned blocks back before the request runs. A burst of 33-block prompts into one
+    # worker of 64 blocks: most arrive with the queue ahead already filling the cache.
+    from genset.replay.offload import OffloadSim
+
+    seen = []
+    onboard = OffloadSim.onboard
+
+    def spy(self, core, hashes, prompt_len):
+        room = core.scheduler.import_room()
+        kv, ram, disk, have = onboard(self, core, hashes, prompt_len)
+        seen.append((room, 0 if kv is None else len(kv.blocks), kv is None or kv.optional))
+        return kv, ram, disk, have
+
+    monkeypatch.setattr(OffloadSim, "onboard", spy)
+    t = [TraceRequest(index=i, arrival_ms=i * 20.0, input_length=4 * 512 + 100,
+                      output_length=4, hash_ids=[(i % 6) * 10 + k for k in range(4)] + [1000 + i])
+         for i in range(60)]
+    out = run_replay(t, "genset", ReplayConfig(workers=1, kv_blocks=64, block_size=64,
+                                               offload=OffloadConfig(ram_blocks=2000)))
+    assert out["completed"] == len(t)
+    assert seen and all(n <= room for room, n, _ in seen)  # never more than the room
+    assert all(optional for *_, optional in seen)  # and the engine may cut it further
+    assert any(n > 0 for _, n, _ in seen)  # the store still serves
+    assert out["offload"]["skipped_no_room"] > 0  # no room: no lookup

@@ -146,6 +146,7 @@ class OffloadSim:
         self._sinks: dict[int, _Sink] = {}  # id(core) -> its sink
         self._cores: list = []  # attached, for their counts of blocks copied ahead
         self.lookups = 0
+        self.skipped_no_room = 0  # lookups not made: no room beside the queue (as the hook's)
 
     def attach(self, core) -> None:
         """Write-behind of `core`'s evictions (no token ids: the replay needs none)."""
@@ -163,6 +164,17 @@ class OffloadSim:
         full = min(len(hashes), (prompt_len - 1) // bs)  # the last token is always computed
         have = core.cached_prefix(hashes[:full])
         max_blocks = max(1, core.card.kv_blocks // 2)  # as the worker's hook
+        # and, as the hook, no more than the engine can hold beside the requests queued ahead
+        # (`Scheduler.import_room`): the head of the queue would take the rest back before this
+        # request runs. No room: no lookup at all (the hook's `skipped_no_room`).
+        if have >= min(full, max_blocks):
+            return None, 0, 0, have
+        room = core.scheduler.import_room()
+        if room < max_blocks - have:
+            if room <= 0:
+                self.skipped_no_room += 1
+                return None, 0, 0, have
+            max_blocks = have + room
         want = hashes[have:min(full, max_blocks)]
         if not want:
             return None, 0, 0, have
@@ -200,7 +212,7 @@ class OffloadSim:
         if disk and self.config.disk_gbps > 0:
             nbytes = disk * self.config.kv_bytes_per_token * bs
             core.executor.charge(nbytes / (self.config.disk_gbps * 1e6))
-        kv = KvImport(blocks=[KvBlockData(h) for h in want[:n]], parent_hash=parent)
+        kv = KvImport(blocks=[KvBlockData(h) for h in want[:n]], parent_hash=parent, optional=True)
         return kv, n - disk, disk, have
 
     def _split(self, core, tiers: list[str], rest: int) -> int:
@@ -244,6 +256,7 @@ class OffloadSim:
             "disk_gbps": self.config.disk_gbps, "copy_overlap": self.config.copy_overlap,
             "admission": self.config.admission,
             "offered_blocks": self.offered, "lookups": self.lookups,
+            "skipped_no_room": self.skipped_no_room,
             "copy_ahead": self.config.copy_ahead,
             "copied_ahead_blocks": sum(getattr(c, "copied_ahead", 0) for c in self._cores),
             "onboarded_blocks": dict(self.onboarded), "found_blocks": self.found_blocks,
