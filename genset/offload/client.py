@@ -536,19 +536,24 @@ class OffloadClient:
         loop = asyncio.get_running_loop()
 
         async def one(offset: int, n: int) -> None:
-            async with slots:
-                part = await self.bus.request(
-                    subject, OffloadGetPart(hash=ref.hash, offset=offset, max_bytes=n),
-                    timeout=max(0.001, deadline - loop.time()), reply_type=OffloadPart)
-            self.stats["lookup_parts"] += 1
-            if (part.hash != ref.hash or part.size != ref.size or part.offset != offset
-                    or len(part.data) != n):
-                raise ValueError(f"part [{offset}, {offset + n}) of block {ref.hash:016x} "
-                                 f"({ref.size} bytes) answered as [{part.offset}, "
-                                 f"{part.offset + len(part.data)}) of a {part.size}-byte one")
-            why = buf.add(offset, part.data)
-            if why is not None:
-                raise ValueError(why[1])
+            while n > 0:  # a store whose replies are smaller answers in shorter parts
+                async with slots:
+                    part = await self.bus.request(
+                        subject, OffloadGetPart(hash=ref.hash, offset=offset, max_bytes=n),
+                        timeout=max(0.001, deadline - loop.time()), reply_type=OffloadPart)
+                self.stats["lookup_parts"] += 1
+                got = len(part.data)
+                if (part.hash != ref.hash or part.size != ref.size or part.offset != offset
+                        or not 0 < got <= n):
+                    raise ValueError(f"part [{offset}, {offset + n}) of block "
+                                     f"{ref.hash:016x} ({ref.size} bytes) answered as "
+                                     f"[{part.offset}, {part.offset + got}) of a "
+                                     f"{part.size}-byte one")
+                why = buf.add(offset, part.data)
+                if why is not None:
+                    raise ValueError(why[1])
+                offset += got
+                n -= got
 
         try:
             async with asyncio.TaskGroup() as tg:

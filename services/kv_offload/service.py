@@ -379,6 +379,7 @@ class OffloadService(Service):
         store, parts = self.store, self.parts
         assert store is not None and parts is not None
         key = (req.sender_id, req.hash)
+        parts.expire()  # an expired block starts again: with the checks of a first part
         if key not in parts:
             why = store.check_head(req.hash, req.parent_hash, req.token_ids, req.size)
             if why is not None:

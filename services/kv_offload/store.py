@@ -56,6 +56,7 @@ log = structlog.get_logger("genset.kv_offload")
 ENTRY_OVERHEAD = 448  # bytes per RAM block beyond its payload (objects, dict slot; 383 used)
 SLRU_ENTRY_OVERHEAD = 576  # the same with `slru` admission (+ a segment's dict slot; 495 used)
 WIRE_OVERHEAD = 64  # msgpack bytes per block in a reply beyond its payload (keys, ints)
+REF_TOKENS = 4096  # a disk block's token ids at most, as a lookup reply's ref counts them
 # A lookup counts demand for at most this many of its hashes (a 16k-token prompt in 16-token
 # blocks); a request listing 65 536 hashes would otherwise cost ~0.2 s of sketch updates.
 MAX_RECORDED = 1024
@@ -482,10 +483,14 @@ class BlockStore:
             cost += WIRE_OVERHEAD
             if message_bytes is not None and cost > message_bytes:
                 # (a disk file's size is a page-rounded bound: one that would just fit is
-                # named too; the asker fetches it in one part)
-                if cost > large_budget:
+                # named too; the asker fetches it in one part). Its ref takes room in the
+                # reply too: a hash, a size and the token ids (a file's: at most REF_TOKENS)
+                ref = WIRE_OVERHEAD + (0 if not want_tokens else
+                                       len(blk.token_ids) if blk is not None else REF_TOKENS)
+                if cost > large_budget or ref > budget:
                     break
                 large_budget -= cost
+                budget -= ref
             else:
                 if len(picked) > n_small or cost > budget:
                     break
