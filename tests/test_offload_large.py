@@ -299,3 +299,37 @@ async def test_blocks_at_the_edge_of_a_message_travel_either_way(
         assert same(run, blocks)
         assert client.stats["lookup_large"] == in_parts
         await client.close()
+
+
+async def test_large_blocks_pass_the_stack_permissions(secure_infra):
+    """A worker logged in as its slot (genset up's NATS users and permissions) puts and
+    onboards a 2 MiB block through a store logged in as `offload`: the part subjects are
+    allowed both ways."""
+    from genset.offload.client import OffloadClient
+    from genset.runtime.config import CommonConfig
+    from services.kv_offload.service import OffloadOptions, OffloadService
+
+    ns = secure_infra.namespace
+    svc = OffloadService(CommonConfig(namespace=ns, nats=secure_infra.nats.url,
+                                      etcd=secure_infra.etcd.endpoint),
+                         OffloadOptions(offload_ram_gb=0.05))
+    svc.bus = await secure_infra.bus("offload")
+    worker = await secure_infra.bus("worker", slot=0)
+    client = None
+    try:
+        await svc.start()
+        client = OffloadClient(worker, ns, sender_id=secure_infra.worker_id(0))
+        await client.start(instances=[svc.instance_id])
+        blocks = sized(49, [2 * MiB, 3 * MiB // 2 + 3])
+        client.put_behind(blocks)
+        assert await client.flush(WAIT)
+        assert client.stats["put_stored"] == 2 and client.stats["put_failed"] == 0
+        run = await client.lookup([b.hash for b in blocks], deadline_s=WAIT, want_tokens=True)
+        assert same(run, blocks)
+    finally:
+        if client is not None:
+            await client.close()
+        await svc.drain()
+        await svc.stop()
+        await svc.bus.close()
+        await worker.close()
