@@ -11,6 +11,7 @@ import uuid
 import numpy as np
 import pytest
 
+import proto
 from genset.offload.parts import (
     PART_EXPIRED,
     PART_MISMATCH,
@@ -333,3 +334,63 @@ async def test_large_blocks_pass_the_stack_permissions(secure_infra):
         await svc.stop()
         await svc.bus.close()
         await worker.close()
+
+
+async def test_a_lookup_keeps_only_large_blocks_whose_parts_add_up(bus, ns):
+    """A broken or forged store answering part requests: a part of another block, of
+    another size, at another offset, longer than asked, or overlapping one already received
+    ends the run at that block (counted), before any wrong byte is handed to the engine; a
+    short answer is asked again for its rest; a block the store no longer holds (size 0) ends
+    the run too."""
+    from genset.offload.client import OffloadClient
+    from proto.offload import OffloadBlockRef
+
+    fake = 0xFA4F
+    good, bad = sized(50, [3000, 3000])
+    modes = iter(["short", "other_block", "other_size", "other_offset", "too_long", "gone"])
+    mode = "ok"
+
+    async def lookup(data: bytes) -> OffloadLookupReply:
+        proto.decode(data, OffloadLookup)
+        return OffloadLookupReply(store_id=fake, held=2, large=[
+            OffloadBlockRef(hash=b.hash, parent_hash=b.parent_hash, size=len(b.data))
+            for b in (good, bad)])
+
+    async def get_part(data: bytes) -> OffloadPart:
+        req = proto.decode(data, OffloadGetPart)
+        blk = good if req.hash == good.hash else bad
+        part = OffloadPart(store_id=fake, hash=req.hash, size=len(blk.data), offset=req.offset,
+                           data=blk.data[req.offset:req.offset + req.max_bytes])
+        if blk is good:
+            return part
+        if mode == "short" and len(part.data) > 10:
+            part.data = part.data[:10]
+        elif mode == "other_block":
+            part.hash ^= 1
+        elif mode == "other_size":
+            part.size += 1
+        elif mode == "other_offset":
+            part.offset += 1
+        elif mode == "too_long":
+            part.data += b"x"
+        elif mode == "gone":
+            part.size, part.data = 0, b""
+        return part
+
+    subs = [await bus.serve(subjects.offload_lookup(ns, fake), lookup),
+            await bus.serve(subjects.offload_get_part(ns, fake), get_part)]
+    client = OffloadClient(bus, ns, max_message_bytes=1000 + 256)  # parts of 1000 bytes
+    await client.start(instances=[fake])
+    hashes = [good.hash, bad.hash]
+    assert same(await client.lookup(hashes, deadline_s=WAIT), [good, bad], tokens=False)
+    mode = next(modes)  # short answers: asked again for the rest
+    assert same(await client.lookup(hashes, deadline_s=WAIT), [good, bad], tokens=False)
+    assert client.stats["lookup_large_failed"] == 0
+    for failed, m in enumerate(modes, 1):
+        mode = m
+        run = await client.lookup(hashes, deadline_s=WAIT)
+        assert same(run, [good], tokens=False), m
+        assert client.stats["lookup_large_failed"] == failed
+    await client.close()
+    for sub in subs:
+        await sub.unsubscribe()
