@@ -92,10 +92,13 @@ async def test_blocks_larger_than_a_message_go_in_parts_and_come_back_whole(
         run = await client.lookup([b.hash for b in blocks], deadline_s=WAIT,
                                   max_bytes=2 * MiB + 1000)
         assert same(run, blocks[:1], tokens=False)
-        # a second put of them is known, nothing stored twice
+        # a second put of them is known at its first part: nothing more sent or stored
+        parts, known = st["put_parts"], store.store.cache.counts["known"]
         client.put_behind(blocks[:2])
         assert await client.flush(WAIT)
         assert st["put_known"] == 2 and store.parts.bytes == 0
+        assert st["put_parts"] - parts == 2
+        assert store.store.cache.counts["known"] - known == 2
         await client.close()
 
 

@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from genset.kv.replica import HashSetReplica
 from proto.kv import Cleared
+from proto.offload import OffloadBlock
 from services.kv_offload.disk import (
     DISK_WARN_EVERY_S,
     HEADER_SIZE,
@@ -501,3 +502,21 @@ async def test_check_head_refuses_a_block_in_parts_before_its_payload_arrives():
         == "hash_mismatch"
     assert store.check_head(good.hash, good.parent_hash, good.token_ids[:-1], 10)[0] \
         == "token_ids"
+
+
+async def test_put_known_answers_a_held_block_without_its_payload():
+    """A block in parts already in RAM is `known` at its first part, counted as a put's use;
+    not when the put would replace the copy held (one without token ids, by a checked put),
+    nor when only the disk tier or nobody holds it (the payload is needed)."""
+    store = BlockStore(ram_bytes=1 << 20, max_block_bytes=1 << 20)
+    held, unchecked, absent = chain(63, 3, 100)
+    store.put([held])
+    store.put([OffloadBlock(hash=unchecked.hash, parent_hash=unchecked.parent_hash,
+                            data=unchecked.data)])
+    known = store.cache.counts["known"]
+    assert store.put_known(held.hash, held.token_ids)
+    assert store.put_known(held.hash, b"")  # an unchecked put of a checked copy
+    assert not store.put_known(unchecked.hash, unchecked.token_ids)
+    assert store.put_known(unchecked.hash, b"")
+    assert not store.put_known(absent.hash, absent.token_ids)
+    assert store.cache.counts["known"] - known == 3

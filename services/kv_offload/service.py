@@ -374,7 +374,8 @@ class OffloadService(Service):
         puts it (every check of a put, the payload's values included). Counts all 0: more
         parts expected; `refused` 1: the block is refused (its size, hash or token ids, at
         its first part, before anything is allocated) or dropped (a bad part: the sender
-        stops sending the rest)."""
+        stops sending the rest); `known` 1 at the first part: RAM holds the block already
+        (`BlockStore.put_known`), the rest is not sent."""
         req = self._decode(data, OffloadPutPart, "put_part")
         store, parts = self.store, self.parts
         assert store is not None and parts is not None
@@ -384,6 +385,11 @@ class OffloadService(Service):
             why = store.check_head(req.hash, req.parent_hash, req.token_ids, req.size)
             if why is not None:
                 return self._refuse_part(req, *why, block_refusal=True)
+            if store.put_known(req.hash, req.token_ids):  # held: the rest need not come
+                self.m_put.labels("known").inc()
+                if not req.token_ids:
+                    self.m_unverified.inc()
+                return OffloadPutReply(store_id=self.instance_id, known=1)
         res = parts.add(req.sender_id, req.hash, size=req.size, offset=req.offset,
                         data=req.data, parent_hash=req.parent_hash, token_ids=req.token_ids)
         if res.status == PART_PENDING:

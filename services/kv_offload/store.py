@@ -392,6 +392,23 @@ class BlockStore:
             self.changed.set()
         return out
 
+    def put_known(self, block_hash: int, token_ids: bytes) -> bool:
+        """A put of `block_hash` answered without its payload, as `put` would answer it
+        (`known`: one more use, nothing stored) when RAM holds it and the put could not
+        replace it (a checked put replaces a copy held without token ids). For a block in
+        parts, at its first part: the rest is never sent (True). False: send it."""
+        cache = self.cache
+        entry = cache.ram.get(block_hash)
+        if entry is None or (token_ids and self.verify_hashes and not entry.value.token_ids):
+            return False
+        cache.sketch.increment(block_hash)  # as `offer` counts a put
+        cache.ram.touch(block_hash)
+        cache.counts["known"] += 1
+        self.counts["put_blocks"] += 1
+        if not token_ids:
+            self.counts["unverified"] += 1
+        return True
+
     def _replace_unverified(self, block_hash: int) -> None:
         """A block whose hash was just checked against its tokens: a copy of it held without
         token ids (kept on some sender's word, maybe garbage) leaves the tiers, so the checked
