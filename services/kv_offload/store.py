@@ -544,14 +544,18 @@ class BlockStore:
                                           len(f.token_ids) + len(f.data) + self.entry_overhead, blk))
             self.changed.set()
         cache.touch_run(hashes[:len(picked)])  # after the promotions: head most recent
+        large: list[OffloadBlockRef] = []
+        disk_small = disk_blocks
+        if n_small < len(picked):
+            large = [OffloadBlockRef(hash=b.hash, parent_hash=b.parent_hash,
+                                     token_ids=b.token_ids if want_tokens else b"",
+                                     size=len(b.data))
+                     for b in picked[n_small:] if b is not None]
+            picked = picked[:n_small]
+            disk_small = min(disk_blocks, sum(1 for j in reads if j < n_small))
         blocks = [b if want_tokens or not b.token_ids else
                   OffloadBlock(hash=b.hash, parent_hash=b.parent_hash, data=b.data)
-                  for b in picked[:n_small] if b is not None]
-        large = [OffloadBlockRef(hash=b.hash, parent_hash=b.parent_hash,
-                                 token_ids=b.token_ids if want_tokens else b"",
-                                 size=len(b.data))
-                 for b in picked[n_small:] if b is not None]
-        disk_small = min(disk_blocks, sum(1 for j in reads if j < n_small))
+                  for b in picked if b is not None]
         self.counts["lookup_hits_ram"] += len(blocks) + len(large) - disk_blocks
         self.counts["lookup_hits_disk"] += disk_blocks
         return LookupResult(held=held, blocks=blocks, disk_blocks=disk_small, large=large)
