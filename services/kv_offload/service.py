@@ -126,7 +126,7 @@ class OffloadOptions:
     verify_kv_values: bool = field(default=True, metadata=opt(
         "refuse blocks whose KV payload (a torch worker's, which says its dtype) holds a NaN "
         "or an infinity, or does not match its own header: every torch worker refuses such "
-        "a block on import (~8 us a 32 KiB block, ~80-120 us a 2 MiB one; "
+        "a block on import (~5-8 us a 32 KiB block, ~75-80 us a 2 MiB one; "
         "docs/architecture.md, Security)",
         env="GENSET_OFFLOAD_VERIFY_KV_VALUES"))
     max_concurrent: int = field(default=64, metadata=opt(

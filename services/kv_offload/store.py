@@ -487,7 +487,8 @@ class BlockStore:
         picked: list[OffloadBlock | None] = []
         reads: list[int] = []  # positions in `picked` to read from disk
         large_budget = max_large_bytes
-        n_small = 0  # picked[:n_small] go whole, the rest (each larger than a message) by ref
+        one_message = message_bytes if message_bytes is not None else float("inf")
+        n_large = 0  # the last n_large of `picked` (each larger than a message) go by ref
         for h, tier in zip(hashes, tiers, strict=False):
             if tier == TIER_RAM:
                 blk = ram[h].value
@@ -498,7 +499,7 @@ class BlockStore:
                 cost = (len(blk.data) + (len(blk.token_ids) if want_tokens else 0)
                         if blk is not None else disk[h].size)  # a file: its size bounds it
             cost += WIRE_OVERHEAD
-            if message_bytes is not None and cost > message_bytes:
+            if cost > one_message:
                 # (a disk file's size is a page-rounded bound: one that would just fit is
                 # named too; the asker fetches it in one part). Its ref takes room in the
                 # reply too: a hash, a size and the token ids (a file's: at most REF_TOKENS)
@@ -508,15 +509,16 @@ class BlockStore:
                     break
                 large_budget -= cost
                 budget -= ref
+                n_large += 1
+            elif n_large or cost > budget:
+                break
             else:
-                if len(picked) > n_small or cost > budget:
-                    break
                 budget -= cost
-                n_small += 1
             if blk is None:
                 reads.append(len(picked))
             picked.append(blk)
         disk_blocks = len(reads)
+        n_small = len(picked) - n_large  # picked[:n_small] go whole
         if reads:
             assert self.disk is not None
             t0 = time.perf_counter()
