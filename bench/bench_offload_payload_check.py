@@ -4,7 +4,10 @@ per-block work (the hash check), on clean blocks (the whole payload is read: the
 
 Block shapes: the tiny model's (4 layers, 2 KV heads x 32, 16 tokens, float32: 32 KiB) and a
 Llama-3-8B-shaped one (32 layers, 8 KV heads x 128, 16 tokens, bfloat16: 2 MiB); also a
-Llama-8B block in float16. Alternatives timed beside it, in the same rounds, alternated:
+Llama-8B block in float16. Each as kvformat writes it now (header padded: values at a
+multiple of 16) and, for the Llama-8B ones, as it wrote it before (values right after the
+JSON header: at an odd offset in bfloat16). Alternatives timed beside it, in the same rounds,
+alternated:
 numpy's isfinite().all() on the float view (no bfloat16 in numpy) and the engine's own
 torch.aminmax (when torch is installed; the store does not load torch).
 
@@ -28,14 +31,17 @@ import numpy as np
 from genset.kv.hashing import chain_hash, local_block_hash
 from genset.offload.payload import _layouts, payload_problem
 
-SHAPES = {
-    "tiny f32 (32 KiB)": ("float32", (1, 4, 2, 16, 2, 32)),
-    "llama8b bf16 (2 MiB)": ("bfloat16", (1, 32, 2, 16, 8, 128)),
-    "llama8b f16 (2 MiB)": ("float16", (1, 32, 2, 16, 8, 128)),
+ALIGN = 16  # genset.engines.torch.kvformat.ALIGN (the store does not load torch)
+SHAPES = {  # name: (dtype, shape, header padded)
+    "tiny f32 (32 KiB)": ("float32", (1, 4, 2, 16, 2, 32), True),
+    "llama8b bf16 (2 MiB)": ("bfloat16", (1, 32, 2, 16, 8, 128), True),
+    "llama8b bf16 (2 MiB, unpadded: before)": ("bfloat16", (1, 32, 2, 16, 8, 128), False),
+    "llama8b f16 (2 MiB)": ("float16", (1, 32, 2, 16, 8, 128), True),
+    "llama8b f16 (2 MiB, unpadded: before)": ("float16", (1, 32, 2, 16, 8, 128), False),
 }
 
 
-def payload(dtype: str, shape: tuple[int, ...], rng) -> bytes:
+def payload(dtype: str, shape: tuple[int, ...], rng, padded: bool = True) -> bytes:
     values = rng.standard_normal(int(np.prod(shape))).astype(np.float32)
     if dtype == "bfloat16":  # the top half of each float32
         raw = (values.view(np.uint32) >> 16).astype(np.uint16).tobytes()
@@ -43,6 +49,8 @@ def payload(dtype: str, shape: tuple[int, ...], rng) -> bytes:
         raw = values.astype(dtype).tobytes()
     header = json.dumps({"format": "genset-kv/1", "dtype": dtype, "shape": list(shape)},
                         separators=(",", ":")).encode()
+    if padded:
+        header += b" " * (-(8 + len(header)) % ALIGN)
     return b"GSKV" + struct.pack("<I", len(header)) + header + raw
 
 
@@ -83,10 +91,11 @@ def main() -> int:
         return chain_hash(12345, local_block_hash(tokens)) == th
 
     results: dict[str, dict[str, list[float]]] = {}
-    for name, (dtype, shape) in SHAPES.items():
-        data = payload(dtype, shape, rng)
+    for name, (dtype, shape, padded) in SHAPES.items():
+        data = payload(dtype, shape, rng, padded)
         assert payload_problem(data) is None
         off = 8 + struct.unpack_from("<I", data, 4)[0]
+        name = f"{name} [values at byte {off}]"
         def uncached(d):  # the header's JSON parsed every time (before the layout cache)
             _layouts.clear()
             return payload_problem(d)

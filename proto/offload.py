@@ -7,8 +7,15 @@ goes to one instance's own subjects (`proto.subjects.offload_*`).
 Sizes: every message must fit a NATS message (1 MB by default, `max_payload`). A put is cut
 by the client into requests that fit; a lookup carries `max_bytes` and the store answers
 with the longest leading run that fits, saying in `held` how many more it has, so the client
-asks again for the rest while its deadline allows. A single block larger than a NATS message
-cannot travel (refused on put; raise the server's max_payload for models with such blocks).
+asks again for the rest while its deadline allows.
+
+A block larger than a message (a Llama-3-8B block of 16 tokens is 2 MiB) travels in parts
+(`genset.offload.parts`): put as `OffloadPutPart`s on `offload_put_part(ns, id)`, each
+answered with an `OffloadPutReply` (all counts 0: more parts expected; the part that
+completes the block gets the block's outcome; a refused part `refused` = 1); in a lookup
+reply it is named in `large` (an `OffloadBlockRef`, when the request's `max_large_bytes`
+allows) right after `blocks`, and its payload is fetched with `OffloadGetPart` requests on
+`offload_get_part(ns, id)`. Blocks that fit a message travel as before.
 
 The store's KV events are ordinary `proto.kv.KvEventBatch`es with `worker_id` = the store's
 instance id and `tier` = `host` (its RAM) or `disk`, published on `offload_events(ns, id)`.
@@ -48,6 +55,9 @@ class OffloadBlock(msgspec.Struct, kw_only=True):
 BlockList = Annotated[list[OffloadBlock], msgspec.Meta(max_length=MAX_BLOCKS_PER_MESSAGE)]
 
 
+Size = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class OffloadPut(Message, kw_only=True):
     """Blocks a worker evicted, for the store to keep (write-behind; best effort)."""
 
@@ -74,6 +84,58 @@ class OffloadLookup(Message, kw_only=True):
     # stop the run at the first block not in RAM (`held` counts only up to there): the asker
     # computes a disk block faster than it can have it read
     ram_only: bool = False
+    # blocks larger than a message may be named in the reply's `large`, up to this many
+    # payload bytes in all (0: none, as from a client that cannot fetch parts)
+    max_large_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class OffloadPutPart(Message, kw_only=True):
+    """Bytes [offset, offset + len(data)) of the payload of one block larger than a message
+    (worker -> store). Every part names the whole block: its hash, parent, token ids and
+    the payload's total `size`; the store gathers the parts of (sender_id, hash) into one
+    buffer of that size (bounded; `genset.offload.parts`) and, once complete, puts the block
+    like any other (the same checks). Answered with an `OffloadPutReply`."""
+
+    sender_id: int = 0
+    hash: U64
+    parent_hash: U64 | None = None
+    token_ids: bytes = b""
+    size: Size
+    offset: Size = 0
+    data: bytes = b""
+
+
+class OffloadBlockRef(msgspec.Struct, kw_only=True):
+    """A held block too large for one message, named in a lookup reply instead of sent: its
+    payload (`size` bytes) comes with `OffloadGetPart` requests."""
+
+    hash: U64
+    parent_hash: U64 | None = None
+    token_ids: bytes = b""  # when the lookup asked for them
+    size: Size
+
+
+class OffloadGetPart(Message, kw_only=True):
+    """"Bytes [offset, offset + max_bytes) of block `hash`'s payload" (store -> worker
+    onboarding of a block larger than a message)."""
+
+    hash: U64
+    offset: Size = 0
+    max_bytes: Size = 0
+
+
+class OffloadPart(Message, kw_only=True):
+    """The answer to an `OffloadGetPart`: `data` = bytes [offset, offset + len(data)) of the
+    `size`-byte payload (capped to what fits a message); `size` 0: not held (any more)."""
+
+    store_id: int
+    hash: U64
+    size: Size = 0
+    offset: Size = 0
+    data: bytes = b""
+
+
+LargeList = Annotated[list[OffloadBlockRef], msgspec.Meta(max_length=MAX_BLOCKS_PER_MESSAGE)]
 
 
 class OffloadLookupReply(Message, kw_only=True):
@@ -83,6 +145,9 @@ class OffloadLookupReply(Message, kw_only=True):
     disk_blocks: int = 0  # how many of `blocks` were read from disk
     # the store's disk tier read rate as it measured it lately, GB/s decimal (0: not yet)
     disk_read_gbps: float = 0.0
+    # the blocks of the run right after `blocks` that are each larger than a message, named
+    # only (fetch them with `OffloadGetPart`)
+    large: LargeList = msgspec.field(default_factory=list)
 
 
 class OffloadContains(Message, kw_only=True):
@@ -119,6 +184,9 @@ class OffloadResyncReply(Message, kw_only=True):
 OFFLOAD_MESSAGES = (
     OffloadPut,
     OffloadPutReply,
+    OffloadPutPart,
+    OffloadGetPart,
+    OffloadPart,
     OffloadLookup,
     OffloadLookupReply,
     OffloadContains,

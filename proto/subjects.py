@@ -91,6 +91,16 @@ def offload_put(namespace: str, store_id: int) -> str:
     return subject(namespace, OFFLOAD_COMPONENT, "put", store_id)
 
 
+def offload_put_part(namespace: str, store_id: int) -> str:
+    """`OffloadPutPart` -> `OffloadPutReply` (a part of a block larger than a message)."""
+    return subject(namespace, OFFLOAD_COMPONENT, "putpart", store_id)
+
+
+def offload_get_part(namespace: str, store_id: int) -> str:
+    """`OffloadGetPart` -> `OffloadPart` (a part of a held block larger than a message)."""
+    return subject(namespace, OFFLOAD_COMPONENT, "getpart", store_id)
+
+
 def offload_lookup(namespace: str, store_id: int) -> str:
     """`OffloadLookup` -> `OffloadLookupReply` (onboarding: a run of blocks with their data)."""
     return subject(namespace, OFFLOAD_COMPONENT, "lookup", store_id)

@@ -27,11 +27,14 @@ WAIT = 20.0  # generous deadline for conditions (never a timing assertion)
 
 
 @contextlib.asynccontextmanager
-async def running_store(nats_server, etcd_server, namespace: str, **options):
-    """An OffloadService started the way run_service starts one, stopped the way it stops."""
+async def running_store(nats_server, etcd_server, namespace: str, *, clock=None, **options):
+    """An OffloadService started the way run_service starts one, stopped the way it stops
+    (`clock`: the expiry clock of its blocks in parts)."""
     config = CommonConfig(namespace=namespace, nats=nats_server.url,
                           etcd=etcd_server.endpoint, lease_ttl=5.0, drain_timeout=10.0)
     svc = OffloadService(config, OffloadOptions(**options))
+    if clock is not None:
+        svc.clock = clock
     svc.bus = await Bus.connect(nats_server.url, name=f"store-{uuid.uuid4().hex[:6]}",
                                 namespace=namespace)
     svc.discovery = await Discovery.connect(etcd_server.endpoint, ttl=5.0)

@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from genset.kv.replica import HashSetReplica
 from proto.kv import Cleared
+from proto.offload import OffloadBlock
 from services.kv_offload.disk import (
     DISK_WARN_EVERY_S,
     HEADER_SIZE,
@@ -455,3 +456,67 @@ def test_unreadable_files_log_one_warning_per_interval_not_one_per_block(tmp_pat
     lines = [e for e in logs if e["event"] == READ_FAILED]
     assert len(lines) == 1 and lines[0]["failed"] == 1, lines
     disk.close()
+
+
+async def test_a_lookup_names_blocks_larger_than_a_reply_and_serves_them_in_parts():
+    """Blocks each larger than a reply (`message_bytes`) come as refs after the whole blocks,
+    within `max_large_bytes`, their refs counted in the reply's bytes; a whole block after a
+    ref ends the answer (asked for again from there); without `max_large_bytes` (an older
+    client) none is named; `get_part` hands out slices of the payload."""
+    store = BlockStore(ram_bytes=1 << 30, max_block_bytes=1 << 20)
+    await store.open()
+    small, big1, big2, small2, big3 = chain(61, 5, 0)
+    for b, n in ((small, 100), (big1, 5000), (big2, 6000), (small2, 100), (big3, 5000)):
+        b.data = bytes([n % 251]) * n
+    assert store.put([small, big1, big2, small2, big3]).stored == 5
+    hashes = [b.hash for b in (small, big1, big2, small2, big3)]
+    res = await store.lookup(hashes, 4000, True, message_bytes=4000, max_large_bytes=1 << 20)
+    assert res.held == 5 and [b.hash for b in res.blocks] == [small.hash]
+    assert [(r.hash, r.size, r.parent_hash, r.token_ids) for r in res.large] == [
+        (b.hash, len(b.data), b.parent_hash, b.token_ids) for b in (big1, big2)]
+    # the byte budget for large blocks: the first only
+    res = await store.lookup(hashes, 4000, message_bytes=4000, max_large_bytes=5100)
+    assert [r.hash for r in res.large] == [big1.hash] and res.large[0].token_ids == b""
+    # the reply's own bytes bound the refs too
+    res = await store.lookup(hashes, 100 + 64 + 63, message_bytes=4000,
+                             max_large_bytes=1 << 20)
+    assert [b.hash for b in res.blocks] == [small.hash] and res.large == []
+    # an older client's lookup: no refs, the run stops at the first block too large
+    res = await store.lookup(hashes, 4000, message_bytes=4000)
+    assert (res.held, [b.hash for b in res.blocks], res.large) == (5, [small.hash], [])
+    res = await store.lookup(hashes[1:], 4000, message_bytes=4000, max_large_bytes=1 << 20)
+    assert res.blocks == [] and [r.hash for r in res.large] == [big1.hash, big2.hash]
+    assert await store.get_part(big2.hash, 1000, 2000) == (6000, big2.data[1000:3000])
+    assert await store.get_part(big2.hash, 5000, 2000) == (6000, big2.data[5000:])
+    size, part = await store.get_part(12345, 0, 10)
+    assert (size, bytes(part)) == (0, b"")
+    await store.close()
+
+
+async def test_check_head_refuses_a_block_in_parts_before_its_payload_arrives():
+    store = BlockStore(ram_bytes=1 << 20, max_block_bytes=4000)
+    good, bad = chain(62, 2, 0)
+    assert store.check_head(good.hash, good.parent_hash, good.token_ids, 3000) is None
+    assert store.check_head(good.hash, good.parent_hash, good.token_ids, 4000)[0] == "too_large"
+    assert store.check_head(bad.hash ^ 1, bad.parent_hash, bad.token_ids, 10)[0] \
+        == "hash_mismatch"
+    assert store.check_head(good.hash, good.parent_hash, good.token_ids[:-1], 10)[0] \
+        == "token_ids"
+
+
+async def test_put_known_answers_a_held_block_without_its_payload():
+    """A block in parts already in RAM is `known` at its first part, counted as a put's use;
+    not when the put would replace the copy held (one without token ids, by a checked put),
+    nor when only the disk tier or nobody holds it (the payload is needed)."""
+    store = BlockStore(ram_bytes=1 << 20, max_block_bytes=1 << 20)
+    held, unchecked, absent = chain(63, 3, 100)
+    store.put([held])
+    store.put([OffloadBlock(hash=unchecked.hash, parent_hash=unchecked.parent_hash,
+                            data=unchecked.data)])
+    known = store.cache.counts["known"]
+    assert store.put_known(held.hash, held.token_ids)
+    assert store.put_known(held.hash, b"")  # an unchecked put of a checked copy
+    assert not store.put_known(unchecked.hash, unchecked.token_ids)
+    assert store.put_known(unchecked.hash, b"")
+    assert not store.put_known(absent.hash, absent.token_ids)
+    assert store.cache.counts["known"] - known == 3

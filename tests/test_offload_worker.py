@@ -29,10 +29,11 @@ class TorchWorker:
     """A WorkerHost on a tiny torch engine with the offload hook."""
 
     def __init__(self, bus, discovery, namespace: str, *, num_blocks: int = 16,
-                 queue_bytes: int = 64 << 20, handover_bytes: int = 64 << 20) -> None:
+                 queue_bytes: int = 64 << 20, handover_bytes: int = 64 << 20,
+                 block_size: int = BS) -> None:
         self.instance_id = int(uuid.uuid4().int & ((1 << 63) - 1)) or 1
         self.metrics = Metrics(process_metrics=False)
-        self.engine = TorchEngine("tiny", num_blocks=num_blocks, block_size=BS,
+        self.engine = TorchEngine("tiny", num_blocks=num_blocks, block_size=block_size,
                                   worker_id=self.instance_id)
         # a generous deadline: these tests check what onboarding gives, not how fast
         self.hook = OffloadHook(discovery=discovery, metrics=self.metrics,
@@ -116,6 +117,51 @@ async def test_evicted_blocks_onboard_on_the_same_and_another_worker_with_equal_
             assert elsewhere == computed
             assert b.hook.counts["onboarded_blocks"] == 5
             assert a.hook.counts["written_blocks"] > 0
+        finally:
+            await a.host.close()
+            if b is not None:
+                await b.host.close()
+
+
+async def test_blocks_larger_than_a_nats_message_are_written_and_onboarded_in_parts(
+        nats_server, etcd_server, bus, discovery, ns):
+    """The tiny model with 1024-token blocks: 2 MiB of float32 KV per block (a Llama-3-8B
+    16-token block's size), over the session's NATS with its default 1 MiB max_payload.
+    Evicted, they are written behind in parts; another worker onboards them in parts and
+    its greedy output is the computed one."""
+    bs = 1024
+    assert bus.nc.max_payload == 1 << 20
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.1) as store:
+        a = TorchWorker(bus, discovery, ns, num_blocks=8, block_size=bs)
+        await a.host.start()
+        b = None
+        try:
+            await wait_for(lambda: a.hook.client.instances == (store.instance_id,),
+                           "the store seen by the worker")
+            prompt = prompt_of(3, 3 * bs + 3)  # 3 full blocks
+            hashes = block_hashes(prompt, bs)
+            computed, _ = await a.generate(prompt)
+            for i in range(2):  # push the prompt's blocks out of the 8-block cache
+                await a.generate(prompt_of(40 + i, 5 * bs))
+            assert a.engine.cached_prefix(hashes) == 0
+            assert await a.hook.client.flush(WAIT)
+            await wait_for(lambda: all(h in store.store.cache.ram for h in hashes),
+                           "the prompt's blocks in the store")
+            assert a.hook.client.stats["put_large"] >= 3
+            assert a.hook.client.stats["put_dropped_too_large"] == 0
+            assert len(store.store.cache.ram.get(hashes[0]).value.data) > 2 << 20
+
+            b = TorchWorker(bus, discovery, ns, num_blocks=8, block_size=bs)
+            await b.host.start()
+            await wait_for(lambda: b.hook.client.instances == (store.instance_id,),
+                           "the store seen by the second worker")
+            elsewhere, usage = await b.generate(prompt)
+            assert usage.cached_tokens == 3 * bs
+            assert elsewhere == computed
+            assert b.hook.counts["onboarded_blocks"] == 3
+            assert b.hook.client.stats["lookup_large"] == 3
+            text = b.metrics.render().decode()
+            assert 'genset_worker_offload_large_blocks{kind="lookup_large"} 3.0' in text
         finally:
             await a.host.close()
             if b is not None:

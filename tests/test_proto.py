@@ -58,9 +58,16 @@ SAMPLES = [
         proto.OffloadBlock(hash=2**64 - 1, token_ids=proto.pack_tokens(range(4)), data=b"kv"),
         proto.OffloadBlock(hash=5, parent_hash=2**64 - 1)]),
     proto.OffloadPutReply(store_id=3, stored=1, known=1, refused=1, error="too large"),
-    proto.OffloadLookup(hashes=[2**64 - 1, 5], max_bytes=1 << 20, want_tokens=True),
+    proto.OffloadLookup(hashes=[2**64 - 1, 5], max_bytes=1 << 20, want_tokens=True,
+                        max_large_bytes=64 << 20),
     proto.OffloadLookupReply(store_id=3, held=2, blocks=[proto.OffloadBlock(hash=2**64 - 1)],
-                             disk_blocks=1),
+                             disk_blocks=1, large=[proto.OffloadBlockRef(
+                                 hash=5, parent_hash=2**64 - 1, size=2 << 20)]),
+    proto.OffloadPutPart(sender_id=9, hash=5, parent_hash=2**64 - 1,
+                         token_ids=proto.pack_tokens(range(16)), size=2 << 20,
+                         offset=1 << 20, data=b"kv"),
+    proto.OffloadGetPart(hash=5, offset=1 << 20, max_bytes=1 << 20),
+    proto.OffloadPart(store_id=3, hash=5, size=2 << 20, offset=1 << 20, data=b"kv"),
     proto.OffloadContains(hashes=[1, 2, 3]),
     proto.OffloadContainsReply(store_id=3, held=2, in_ram=1),
     proto.OffloadResyncReply(store_id=3, tiers=[

@@ -14,17 +14,24 @@ membership.
 
 Write-behind: `put_behind` appends to a queue bounded in bytes and returns; a background
 task cuts the queue into requests that fit a NATS message, per owner, with at most
-`max_inflight` requests outstanding. When the queue is full, there is no store, or a block
-is larger than a message, the block is dropped and counted: an eviction must never wait for
-the store. `put_behind` may be called from another thread (an engine thread's eviction hook).
+`max_inflight` requests outstanding. A block larger than a message goes alone, in parts
+(`OffloadPutPart`s, one after the other, each answered; `genset.offload.parts`), in one of
+those slots. When the queue is full, there is no store, or a block is larger than the whole
+queue, the block is dropped and counted: an eviction must never wait for the store.
+`put_behind` may be called from another thread (an engine thread's eviction hook).
 
 Lookup: one round trip to the owners in parallel, under `deadline_s`; when an owner held more
 than fit in its reply (`held` > blocks sent), the client asks again for the rest while the
-deadline allows. Timeout, no responders, errors, nonsense replies: the run found so far (maybe
-[]) is returned and the worker computes the rest. Nothing is raised to the caller.
+deadline allows. A block larger than a message is named in its owner's reply (`large`) and
+fetched in parts (`OffloadGetPart`, up to `PART_FETCHES` at once per lookup), each part
+checked against the block's size and gathered in one buffer of that size; the run ends at
+the first block that could not be fetched whole. Timeout, no responders, errors, nonsense
+replies: the run found so far (maybe []) is returned and the worker computes the rest.
+Nothing is raised to the caller.
 
 Memory: the put queue <= `max_queue_bytes`, plus `max_inflight` requests of at most one NATS
-message each; a lookup holds at most one message per owner per round.
+message each (a block in parts is in the queue's bytes until sent); a lookup holds at most
+one message per owner per round, plus the blocks in parts it fetches (within `max_bytes`).
 """
 
 from __future__ import annotations
@@ -38,17 +45,22 @@ from typing import Any
 
 import structlog
 
+from genset.offload.parts import PartBuffer, split
 from genset.offload.placement import Placement
 from genset.runtime.logging import LogThrottle
 from proto import keys, subjects
 from proto.discovery import InstanceRecord
 from proto.offload import (
     OffloadBlock,
+    OffloadBlockRef,
     OffloadContains,
     OffloadContainsReply,
+    OffloadGetPart,
     OffloadLookup,
     OffloadLookupReply,
+    OffloadPart,
     OffloadPut,
+    OffloadPutPart,
     OffloadPutReply,
 )
 
@@ -56,6 +68,8 @@ log = structlog.get_logger("genset.offload.client")
 
 BLOCK_WIRE_OVERHEAD = 64  # msgpack bytes per block beyond its payload and token ids
 REQUEST_HEADROOM = 4096  # bytes of a message besides its blocks
+PART_HEADROOM = 256  # bytes of an `OffloadPutPart` / `OffloadPart` besides its data, token ids
+PART_FETCHES = 8  # parts of large blocks one lookup asks for at once
 DEFAULT_MAX_PAYLOAD = 1 << 20  # NATS' default max_payload
 # The largest disk read rate a store's reply is believed (GB/s): the bound routers hold a
 # worker's reported `onboard_disk_gbps` to (`genset.routing.load.ONBOARD_FIELDS`); ~30x an
@@ -77,6 +91,8 @@ class OffloadClient:
         "put_queued", "put_dropped_full", "put_dropped_no_store", "put_dropped_too_large",
         "put_sent", "put_failed", "put_stored", "put_known", "put_rejected", "put_refused",
         "lookups", "lookup_blocks", "lookup_timeouts", "lookup_errors", "lookup_rounds",
+        "put_large", "put_parts", "put_parts_incomplete", "lookup_large", "lookup_parts",
+        "lookup_large_failed",
     )
 
     def __init__(self, bus: Any, namespace: str, *, discovery: Any = None, sender_id: int = 0,
@@ -197,11 +213,10 @@ class OffloadClient:
         if self._closed or self._loop is None:
             return 0
         queued = 0
-        limit = self._message_limit()
         with self._lock:
             for b in blocks:
                 size = block_bytes(b)
-                if size > limit:
+                if size > self.max_queue_bytes:  # could never be queued
                     self.stats["put_dropped_too_large"] += 1
                     continue
                 if not self.placement:
@@ -263,18 +278,57 @@ class OffloadClient:
                 for b in blocks:
                     by_owner.setdefault(placement.owner(b.hash), []).append(b)  # type: ignore[arg-type]
                 for owner, owned in by_owner.items():
-                    for chunk in _chunks(owned, limit):
+                    small = [b for b in owned if block_bytes(b) <= limit]
+                    sends = [*_chunks(small, limit),
+                             *([b] for b in owned if block_bytes(b) > limit)]
+                    for chunk in sends:
                         await self._slots.acquire()
-                        task = asyncio.create_task(self._send(owner, chunk))
+                        task = asyncio.create_task(self._send(owner, chunk, limit))
                         self._inflight.add(task)
                         task.add_done_callback(self._inflight.discard)
 
-    async def _send(self, owner: int, blocks: list[OffloadBlock]) -> None:
+    async def _send(self, owner: int, blocks: list[OffloadBlock], limit: int) -> None:
         try:
-            await self._send_one(owner, blocks)
+            if len(blocks) == 1 and block_bytes(blocks[0]) > limit:
+                await self._send_parts(owner, blocks[0], limit)
+            else:
+                await self._send_one(owner, blocks)
         finally:
             self._slots.release()
             self._done(len(blocks))
+
+    async def _send_parts(self, owner: int, b: OffloadBlock, limit: int) -> None:
+        """One block larger than a message, in parts, each waiting for its answer (the
+        store's outcome comes with the part that completes the block; a refusal stops the
+        rest)."""
+        part_bytes = max(1, limit - len(b.token_ids) - PART_HEADROOM)
+        data = memoryview(b.data)
+        subject = subjects.offload_put_part(self.namespace, owner)
+        self.stats["put_large"] += 1
+        reply: OffloadPutReply | None = None
+        for offset, n in split(len(data), part_bytes):
+            try:
+                reply = await self.bus.request(
+                    subject, OffloadPutPart(
+                        sender_id=self.sender_id, hash=b.hash, parent_hash=b.parent_hash,
+                        token_ids=b.token_ids, size=len(data), offset=offset,
+                        data=data[offset:offset + n]),  # type: ignore[arg-type]
+                    timeout=self.put_timeout_s, reply_type=OffloadPutReply)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # as a put's: best effort
+                self.stats["put_failed"] += 1
+                log.debug("offload put part failed", store=f"{owner:x}",
+                          block=f"{b.hash:016x}", offset=offset, error=repr(exc))
+                return
+            self.stats["put_parts"] += 1
+            if reply.stored or reply.known or reply.rejected or reply.refused:
+                break  # the block's outcome (complete, or refused: no more parts)
+        if reply is None or not (reply.stored or reply.known or reply.rejected
+                                 or reply.refused):
+            self.stats["put_parts_incomplete"] += 1  # the store never said it had it all
+            return
+        self._count_put(owner, 1, reply)
 
     async def _send_one(self, owner: int, blocks: list[OffloadBlock]) -> None:
         try:
@@ -289,7 +343,10 @@ class OffloadClient:
             log.debug("offload put failed", store=f"{owner:x}", blocks=len(blocks),
                       error=repr(exc))
             return
-        self.stats["put_sent"] += len(blocks)
+        self._count_put(owner, len(blocks), reply)
+
+    def _count_put(self, owner: int, sent: int, reply: OffloadPutReply) -> None:
+        self.stats["put_sent"] += sent
         self.stats["put_stored"] += reply.stored
         self.stats["put_known"] += reply.known
         self.stats["put_rejected"] += reply.rejected
@@ -374,10 +431,11 @@ class OffloadClient:
                     subjects.offload_lookup(self.namespace, o),
                     OffloadLookup(hashes=[rest[p] for p in groups[o]],
                                   max_bytes=min(limit, budget), want_tokens=want_tokens,
-                                  ram_only=ram_only),
+                                  ram_only=ram_only, max_large_bytes=budget),
                     timeout=left, reply_type=OffloadLookupReply)
                 for o in owners), return_exceptions=True)
             got: dict[int, OffloadLookupReply | None] = {}
+            large = False  # some reply names blocks larger than a message
             for o, r in zip(owners, replies, strict=True):
                 if isinstance(r, asyncio.CancelledError):
                     raise r
@@ -387,6 +445,7 @@ class OffloadClient:
                     got[o] = None
                 else:
                     got[o] = r
+                    large = large or bool(r.large)
                     # what the stores measured lately; not a broken or forged number (NaN
                     # and inf fail the test: inf made the worker weigh disk runs as free,
                     # and routers refused every later load report's onboarding cost)
@@ -394,25 +453,145 @@ class OffloadClient:
                         self.disk_read_gbps = r.disk_read_gbps
             owner_of = {p: o for o, ps in groups.items() for p in ps}
             taken = dict.fromkeys(owners, 0)
-            added = 0
             truncated = False
+            if not large:
+                # whole blocks only (every block fits a message: the tiny model's)
+                added = 0
+                for pos, h in enumerate(rest):
+                    o = owner_of.get(pos)
+                    r = got.get(o) if o is not None else None
+                    if r is None:
+                        break
+                    k = taken[o]
+                    blk = r.blocks[k] if k < len(r.blocks) else None
+                    if blk is None or blk.hash != h:
+                        # the owner holds more than it sent (its reply was full): ask again
+                        truncated = blk is None and k < r.held
+                        break
+                    taken[o] = k + 1
+                    run.append(blk)
+                    budget -= block_bytes(blk)
+                    added += 1
+                if not truncated or not added:
+                    return
+                continue
+            # each owner's reply: its blocks, then the ones named in `large` (fetched below)
+            items: list[tuple[int, OffloadBlock | OffloadBlockRef]] = []
             for pos, h in enumerate(rest):
                 o = owner_of.get(pos)
                 r = got.get(o) if o is not None else None
                 if r is None:
                     break
                 k = taken[o]
-                blk = r.blocks[k] if k < len(r.blocks) else None
-                if blk is None or blk.hash != h:
+                nb = len(r.blocks)
+                item = r.blocks[k] if k < nb else (
+                    r.large[k - nb] if k - nb < len(r.large) else None)
+                if item is None or item.hash != h:
                     # the owner holds more than it sent (its reply was full): ask again
-                    truncated = blk is None and k < r.held
+                    truncated = item is None and k < r.held
                     break
                 taken[o] = k + 1
-                run.append(blk)
-                budget -= block_bytes(blk)
+                items.append((o, item))
+            added = 0
+            for _o, item in items:  # the whole blocks before the first large one
+                if not isinstance(item, OffloadBlock):
+                    break
+                run.append(item)
+                budget -= block_bytes(item)
                 added += 1
+            if added < len(items):
+                n = await self._fetch_large(items[added:], run, budget, limit, deadline)
+                budget -= sum(block_bytes(b) for b in run[len(run) - n:])
+                complete = n == len(items) - added
+                added += n
+                if not complete:
+                    return
             if not truncated or not added:
                 return
+
+    async def _fetch_large(self, items: list[tuple[int, OffloadBlock | OffloadBlockRef]],
+                           run: list[OffloadBlock], budget: int, limit: int,
+                           deadline: float) -> int:
+        """Append `items` to `run` in order, fetching the ones named by ref in parts (all at
+        once, PART_FETCHES parts in flight), up to `budget` bytes; how many were appended
+        (fewer: one could not be fetched whole, or the budget ran out)."""
+        refs: list[tuple[int, OffloadBlockRef]] = []
+        take = 0
+        for o, item in items:
+            n = item.size if isinstance(item, OffloadBlockRef) else len(item.data)
+            if n + len(item.token_ids) + BLOCK_WIRE_OVERHEAD > budget:
+                break
+            budget -= n + len(item.token_ids) + BLOCK_WIRE_OVERHEAD
+            take += 1
+            if isinstance(item, OffloadBlockRef):
+                refs.append((o, item))
+        slots = asyncio.Semaphore(PART_FETCHES)
+        part_bytes = max(1, limit - PART_HEADROOM)
+        tasks = {id(ref): asyncio.create_task(self._fetch_block(o, ref, part_bytes, slots,
+                                                                deadline))
+                 for o, ref in refs}
+        added = 0
+        try:
+            for _o, item in items[:take]:
+                if isinstance(item, OffloadBlockRef):
+                    blk = await tasks[id(item)]
+                    if blk is None:
+                        break
+                    item = blk
+                run.append(item)
+                added += 1
+        finally:
+            for t in tasks.values():
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
+        return added
+
+    async def _fetch_block(self, owner: int, ref: OffloadBlockRef, part_bytes: int,
+                           slots: asyncio.Semaphore, deadline: float) -> OffloadBlock | None:
+        """One block named by ref, its payload gathered from `OffloadGetPart` answers (each
+        checked: the block, its size, the offset and length asked for); None if any part
+        failed or was wrong."""
+        if ref.size <= 0:
+            return None
+        buf = PartBuffer(ref.size)
+        subject = subjects.offload_get_part(self.namespace, owner)
+        loop = asyncio.get_running_loop()
+
+        async def one(offset: int, n: int) -> None:
+            while n > 0:  # a store whose replies are smaller answers in shorter parts
+                async with slots:
+                    part = await self.bus.request(
+                        subject, OffloadGetPart(hash=ref.hash, offset=offset, max_bytes=n),
+                        timeout=max(0.001, deadline - loop.time()), reply_type=OffloadPart)
+                self.stats["lookup_parts"] += 1
+                got = len(part.data)
+                if (part.hash != ref.hash or part.size != ref.size or part.offset != offset
+                        or not 0 < got <= n):
+                    raise ValueError(f"part [{offset}, {offset + n}) of block "
+                                     f"{ref.hash:016x} ({ref.size} bytes) answered as "
+                                     f"[{part.offset}, {part.offset + got}) of a "
+                                     f"{part.size}-byte one")
+                why = buf.add(offset, part.data)
+                if why is not None:
+                    raise ValueError(why[1])
+                offset += got
+                n -= got
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for offset, n in split(ref.size, part_bytes):
+                    tg.create_task(one(offset, n))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # gone meanwhile, slow, or a broken answer: the run ends here
+            self.stats["lookup_large_failed"] += 1
+            log.debug("offload large block not fetched", store=f"{owner:x}",
+                      block=f"{ref.hash:016x}", error=repr(exc))
+            return None
+        self.stats["lookup_large"] += 1
+        return OffloadBlock(hash=ref.hash, parent_hash=ref.parent_hash,
+                            token_ids=ref.token_ids, data=buf.buf)  # type: ignore[arg-type]
 
 
 def _chunks(blocks: list[OffloadBlock], limit: int) -> Iterable[list[OffloadBlock]]:

@@ -19,9 +19,12 @@ integers, one temporary and one SIMD reduction, the same for float16, bfloat16 (
 has no type for) and float32. Per clean block (bench/bench_offload_payload_check.py,
 2026-12-07 18:45-18:47 UTC, load 0.3-1.2, 2-core box): the tiny model's 32 KiB float32 block
 ~7-9 us (~11-16 us parsing the header's JSON each time: hence `_layouts`); a Llama-8B-shaped
-2 MiB block ~80-85 us in float16, ~115-120 us in bfloat16 (its header leaves the values at an
-odd offset, unaligned for numpy), about what the engine's own `torch.aminmax` takes (~122 us);
-numpy's `isfinite().all()` took 1.5 ms on the float16 one. docs/architecture.md, Security.
+2 MiB block ~80-85 us in float16, ~115-120 us in bfloat16 when its values start at an odd
+offset (unaligned for numpy), as kvformat wrote it before it padded its header: 73-81 us
+since (20:56-20:58 UTC, load 2.2-2.7, the same bench, which times both), below the engine's
+own `torch.aminmax` (~121 us); numpy's `isfinite().all()` took 1.5 ms on the float16 one.
+A payload written unpadded (the disk tier may hold some) reads and checks as before, at the
+old cost. docs/architecture.md, Security.
 """
 
 from __future__ import annotations

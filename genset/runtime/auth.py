@@ -110,7 +110,7 @@ def nats_permissions(role: str, namespace: str, user: str,
     worker_generate_any = f"{subjects.ROOT}.{ns}.*.generate.{any_id}"
     # the kv_offload store: requests to any store instance, and every store's events
     offload_requests = tuple(subjects.subject(ns, subjects.OFFLOAD_COMPONENT, endpoint) + ".*"
-                             for endpoint in ("put", "lookup", "contains"))
+                             for endpoint in ("put", "lookup", "contains", "putpart", "getpart"))
     offload_events_all = subjects.offload_events_all(ns)
     offload_resync_any = subjects.subject(ns, subjects.OFFLOAD_COMPONENT, "resync") + ".*"
     planner_inputs = (subjects.frontend_stats(ns), subjects.step_stats_all(ns))

@@ -398,6 +398,14 @@ class _Metrics:
                             ("too_large", "put_dropped_too_large"),
                             ("send_failed", "put_failed")):
             dropped.labels(where).set_function(lambda n=name: stat(n))
+        parts = metrics.gauge(
+            "worker_offload_large_blocks",
+            "blocks larger than a NATS message, moved in parts: put_large / lookup_large "
+            "(blocks), put_parts / lookup_parts (messages), put_parts_incomplete / "
+            "lookup_large_failed (given up)", ["kind"])
+        for name in ("put_large", "put_parts", "put_parts_incomplete", "lookup_large",
+                     "lookup_parts", "lookup_large_failed"):
+            parts.labels(name).set_function(lambda n=name: stat(n))
         written = metrics.gauge("worker_offload_written_blocks",
                                 "evicted blocks the store accepted or already held")
         written.set_function(lambda: stat("put_stored") + stat("put_known"))

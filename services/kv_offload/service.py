@@ -6,6 +6,11 @@ named after the instance (two processes that briefly share an id, an old one dra
 its restart, never both answer):
 
 - `offload_put(ns, id)`: `OffloadPut` -> `OffloadPutReply` (write-behind of evicted blocks);
+- `offload_put_part(ns, id)`: `OffloadPutPart` -> `OffloadPutReply` (a part of a block larger
+  than a message; gathered in bounded, expiring buffers, `genset.offload.parts`, then put
+  like any other block);
+- `offload_get_part(ns, id)`: `OffloadGetPart` -> `OffloadPart` (a part of a held block that
+  a lookup reply named in `large`);
 - `offload_lookup(ns, id)`: `OffloadLookup` -> `OffloadLookupReply` (the leading run held,
   with data, at most `max_bytes` and never more than a NATS message);
 - `offload_contains(ns, id)`: `OffloadContains` -> `OffloadContainsReply`;
@@ -33,17 +38,24 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import proto
+from genset.offload.parts import BUFFER_OVERHEAD, Assemblies
+from genset.offload.parts import DROPPED as PART_DROPPED
+from genset.offload.parts import PENDING as PART_PENDING
 from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
 from genset.runtime.config import FieldError, opt
 from genset.runtime.service import Service
 from proto import subjects
 from proto.kv import TIER_DISK, KvEventBatch
 from proto.offload import (
+    OffloadBlock,
     OffloadContains,
     OffloadContainsReply,
+    OffloadGetPart,
     OffloadLookup,
     OffloadLookupReply,
+    OffloadPart,
     OffloadPut,
+    OffloadPutPart,
     OffloadPutReply,
     OffloadResyncReply,
     TierSnapshot,
@@ -60,11 +72,13 @@ from services.kv_offload.store import REFUSE_REASONS, BlockStore
 GB = 1 << 30
 MB = 1 << 20
 REPLY_HEADROOM = 4096  # bytes of a reply besides block payloads (ids, counts, msgpack keys)
+PART_REPLY_HEADROOM = 256  # bytes of an `OffloadPart` besides its data
 MAX_OUTBOX = 4096  # unpublished event batches before they are replaced by fresh snapshots
 # Encoded bytes of one entry of an event batch at most, with room to spare: a block that starts
 # a chain of its own is a whole Stored event (68 bytes with a 64-bit parent hash).
 EVENT_ENTRY_BYTES = 80
 MAX_EVENT_BLOCKS = 8192  # entries per event batch where the server's max_payload allows
+PART_TTL_S = 10.0  # a block in parts must be complete this long after its first part
 
 
 @dataclass
@@ -79,9 +93,14 @@ class OffloadOptions:
     spill_queue_mb: float = field(default=64.0, metadata=opt(
         "blocks waiting to be written to disk, MiB; beyond it spills are dropped", min=0,
         env="GENSET_OFFLOAD_SPILL_QUEUE_MB"))
-    max_block_mb: float = field(default=0.0, metadata=opt(
-        "largest block accepted, MiB (0: what fits a NATS message)", min=0,
+    max_block_mb: float = field(default=32.0, metadata=opt(
+        "largest block accepted, MiB (payload + token ids); a block larger than a NATS "
+        "message travels in parts (0: only blocks that fit one message)", min=0,
         env="GENSET_OFFLOAD_MAX_BLOCK_MB"))
+    part_buffer_mb: float = field(default=64.0, metadata=opt(
+        "bytes of blocks being gathered from parts at once, MiB (at least one largest "
+        "block); one sender may hold half of it; a block not complete within "
+        f"{PART_TTL_S:g} s is dropped", min=0, env="GENSET_OFFLOAD_PART_BUFFER_MB"))
     spill_min_freq: int = field(default=2, metadata=opt(
         "a block evicted from RAM goes to disk only if put or asked for this often", min=0,
         env="GENSET_OFFLOAD_SPILL_MIN_FREQ"))
@@ -107,7 +126,7 @@ class OffloadOptions:
     verify_kv_values: bool = field(default=True, metadata=opt(
         "refuse blocks whose KV payload (a torch worker's, which says its dtype) holds a NaN "
         "or an infinity, or does not match its own header: every torch worker refuses such "
-        "a block on import (~8 us a 32 KiB block, ~80-120 us a 2 MiB one; "
+        "a block on import (~5-8 us a 32 KiB block, ~75-80 us a 2 MiB one; "
         "docs/architecture.md, Security)",
         env="GENSET_OFFLOAD_VERIFY_KV_VALUES"))
     max_concurrent: int = field(default=64, metadata=opt(
@@ -117,7 +136,8 @@ class OffloadOptions:
     def __post_init__(self) -> None:
         # `min=0` lets NaN through (NaN < 0 is false), and inf passes too: the store would
         # fail at start-up, already connected, on int(NaN * GB) without naming the flag
-        for name in ("offload_ram_gb", "offload_disk_gb", "spill_queue_mb", "max_block_mb"):
+        for name in ("offload_ram_gb", "offload_disk_gb", "spill_queue_mb", "max_block_mb",
+                     "part_buffer_mb"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise FieldError(name, f"must be a finite number, got {value}")
@@ -153,6 +173,9 @@ class OffloadService(Service):
         self._taken: dict[str, int] = {}
         self._events_subject = subjects.offload_events(self.namespace, self.instance_id)
         self._reply_limit = 1 * MB
+        self.parts: Assemblies | None = None
+        self.clock = time.monotonic  # the parts' expiry (a test's own)
+        self._sweeper: asyncio.Task | None = None
         m = self.metrics
         self.m_put = m.counter("offload_put_blocks", "blocks offered by workers, by outcome",
                                ["outcome"])
@@ -184,7 +207,14 @@ class OffloadService(Service):
         self._reply_limit = max(64 * 1024, max_payload - REPLY_HEADROOM)
         max_block = self._reply_limit - REPLY_HEADROOM
         if o.max_block_mb > 0:
-            max_block = min(max_block, int(o.max_block_mb * MB))
+            # may exceed a message: such blocks travel in parts
+            max_block = int(o.max_block_mb * MB)
+        # the parts' buffers hold at least one largest block, a sender at least one too
+        largest = max_block + BUFFER_OVERHEAD
+        part_bytes = max(largest, int(o.part_buffer_mb * MB))
+        self.parts = Assemblies(max_bytes=part_bytes,
+                                max_sender_bytes=max(largest, part_bytes // 2),
+                                ttl_s=PART_TTL_S, clock=self.clock)
         # Event batches must fit a message too: at 8192 entries one could be ~560 KB, and on a
         # server with a smaller max_payload every such batch (and every snapshot) was lost.
         max_event_blocks = max(64, min(MAX_EVENT_BLOCKS, self._reply_limit // EVENT_ENTRY_BYTES))
@@ -205,8 +235,12 @@ class OffloadService(Service):
         put_subject = subjects.offload_put(ns, sid)
         self._subs.append(await self.bus.serve_direct(put_subject, self._put, queue=queue))
         self.subjects["put"] = put_subject
+        part_subject = subjects.offload_put_part(ns, sid)
+        self._subs.append(await self.bus.serve_direct(part_subject, self._put_part, queue=queue))
+        self.subjects["put_part"] = part_subject
         handlers = {
             "lookup": (subjects.offload_lookup(ns, sid), self._on_lookup),
+            "get_part": (subjects.offload_get_part(ns, sid), self._on_get_part),
             "contains": (subjects.offload_contains(ns, sid), self._on_contains),
             "resync": (subjects.offload_resync(ns, sid), self._on_resync),
         }
@@ -220,6 +254,7 @@ class OffloadService(Service):
         self._collect()
         self._outbox.extend(store.cache.disk_log.snapshot_batches(sid, _now_ms()))
         self._publisher = asyncio.create_task(self._publish_loop(), name="offload-events")
+        self._sweeper = asyncio.create_task(self._sweep_parts(), name="offload-parts-expiry")
         self.labels = {"ram_bytes": str(store.cache.ram.capacity),
                        "disk_bytes": str(store.cache.disk.capacity),
                        "max_block_bytes": str(max_block)}
@@ -248,6 +283,11 @@ class OffloadService(Service):
             await self.bus.flush(2.0)
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sweeper
+            self._sweeper = None
         if self._publisher is not None:
             self._publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -270,6 +310,9 @@ class OffloadService(Service):
             h["pending_write_bytes"] = st.pending_bytes
             h["accounted_bytes"] = st.accounted_bytes
             h["counts"] = {**c.counts, **st.counts}
+            if self.parts is not None:
+                h["parts"] = {"blocks": len(self.parts), "bytes": self.parts.bytes,
+                              "capacity": self.parts.max_bytes, **self.parts.counts}
             if self.disk is not None:
                 h["bad_files"] = dict(self.disk.bad_files)
         return h
@@ -296,6 +339,14 @@ class OffloadService(Service):
         io = m.gauge("offload_store_events", "store I/O events so far", ["kind"])
         for kind in st.counts:
             io.labels(kind).set_function(lambda kind=kind: st.counts[kind])
+        parts = self.parts
+        if parts is not None:
+            m.gauge("offload_part_buffer_bytes", "bytes of blocks being gathered from parts"
+                    ).set_function(lambda: parts.bytes)
+            pg = m.gauge("offload_part_events", "parts of blocks larger than a message so far: "
+                         "accepted (parts), blocks completed, and dropped by reason", ["kind"])
+            for kind in parts.counts:
+                pg.labels(kind).set_function(lambda kind=kind: parts.counts[kind])
         if self.disk is not None:
             disk = self.disk
             bad = m.gauge("offload_disk_bad_files", "disk files dropped as bad, by reason",
@@ -315,9 +366,62 @@ class OffloadService(Service):
         """A put, run in the connection's reader: the blocks go into the tiers and the tier
         events they caused are published at once, before the reply (`_publish_direct`)."""
         req = self._decode(data, OffloadPut, "put")
+        return self._put_blocks(req.blocks, req.sender_id)
+
+    def _put_part(self, data: bytes) -> OffloadPutReply:
+        """A part of a block larger than a message, run in the connection's reader like a
+        put: gathered (`genset.offload.parts.Assemblies`); the part that completes the block
+        puts it (every check of a put, the payload's values included). Counts all 0: more
+        parts expected; `refused` 1: the block is refused (its size, hash or token ids, at
+        its first part, before anything is allocated) or dropped (a bad part: the sender
+        stops sending the rest); `known` 1 at the first part: RAM holds the block already
+        (`BlockStore.put_known`), the rest is not sent."""
+        req = self._decode(data, OffloadPutPart, "put_part")
+        store, parts = self.store, self.parts
+        assert store is not None and parts is not None
+        key = (req.sender_id, req.hash)
+        parts.expire()  # an expired block starts again: with the checks of a first part
+        if key not in parts:
+            why = store.check_head(req.hash, req.parent_hash, req.token_ids, req.size)
+            if why is not None:
+                return self._refuse_part(req, *why, block_refusal=True)
+            if store.put_known(req.hash, req.token_ids):  # held: the rest need not come
+                self.m_put.labels("known").inc()
+                if not req.token_ids:
+                    self.m_unverified.inc()
+                return OffloadPutReply(store_id=self.instance_id, known=1)
+        res = parts.add(req.sender_id, req.hash, size=req.size, offset=req.offset,
+                        data=req.data, parent_hash=req.parent_hash, token_ids=req.token_ids)
+        if res.status == PART_PENDING:
+            return OffloadPutReply(store_id=self.instance_id)
+        if res.status == PART_DROPPED:
+            return self._refuse_part(req, res.reason, f"block {req.hash:016x}: {res.text}")
+        buf = res.buffer
+        assert buf is not None
+        block = OffloadBlock(hash=req.hash, parent_hash=buf.parent_hash,
+                             token_ids=buf.token_ids, data=buf.buf)  # type: ignore[arg-type]
+        return self._put_blocks([block], req.sender_id)
+
+    def _refuse_part(self, req: OffloadPutPart, reason: str, text: str, *,
+                     block_refusal: bool = False) -> OffloadPutReply:
+        """A part refused: a block refusal (REFUSE_REASONS) is counted as a put's is; a bad
+        part (`genset.offload.parts.PART_REASONS`) is counted by `Assemblies`."""
+        self.m_put.labels("refused").inc()
+        if block_refusal:
+            self.m_refused.labels(reason).inc()
+        throttle = self._refused_warn.get(reason)
+        if throttle is None:
+            throttle = self._refused_warn[reason] = LogThrottle(DISK_WARN_EVERY_S)
+        since = throttle.hit()
+        if since:
+            self.log.warning("block parts refused", reason=reason, sender=f"{req.sender_id:x}",
+                             block=f"{req.hash:016x}", error=text, puts_since_last_line=since)
+        return OffloadPutReply(store_id=self.instance_id, refused=1, error=text)
+
+    def _put_blocks(self, blocks: list[OffloadBlock], sender_id: int) -> OffloadPutReply:
         store = self.store
         assert store is not None
-        c = store.put(req.blocks, notify=False)
+        c = store.put(blocks, notify=False)
         self._publish_direct()
         for outcome in ("stored", "known", "rejected", "refused"):
             n = getattr(c, outcome)
@@ -329,14 +433,14 @@ class OffloadService(Service):
             if since:  # the first refusal of a reason, then one line every few seconds at most
                 block, why = c.first_refused[reason]
                 self.log.warning("blocks refused at put", reason=reason,
-                                 sender=f"{req.sender_id:x}", blocks=n, block=f"{block:016x}",
+                                 sender=f"{sender_id:x}", blocks=n, block=f"{block:016x}",
                                  error=why, puts_since_last_line=since)
         if c.unverified:
             self.m_unverified.inc(c.unverified)
             since = self._unverified_warn.hit()
             if since:  # the first put, then one line every few seconds at most
                 self.log.warning("blocks put without token ids: kept without a hash check",
-                                 sender=f"{req.sender_id:x}", blocks=c.unverified,
+                                 sender=f"{sender_id:x}", blocks=c.unverified,
                                  puts_since_last_line=since)
         return OffloadPutReply(store_id=self.instance_id, stored=c.stored, known=c.known,
                                rejected=c.rejected, refused=c.refused, error=c.error)
@@ -345,14 +449,31 @@ class OffloadService(Service):
         req = self._decode(data, OffloadLookup, "lookup")
         assert self.store is not None
         res = await self.store.lookup(req.hashes, min(req.max_bytes, self._reply_limit),
-                                      req.want_tokens, req.ram_only)
+                                      req.want_tokens, req.ram_only,
+                                      message_bytes=self._reply_limit,
+                                      max_large_bytes=req.max_large_bytes)
         self.m_lookups.inc()
         if res.blocks:
             self.m_served.labels("host").inc(len(res.blocks) - res.disk_blocks)
             self.m_served.labels(TIER_DISK).inc(res.disk_blocks)
         return OffloadLookupReply(store_id=self.instance_id, held=res.held, blocks=res.blocks,
                                   disk_blocks=res.disk_blocks,
-                                  disk_read_gbps=self.store.disk_read_gbps)
+                                  disk_read_gbps=self.store.disk_read_gbps, large=res.large)
+
+    async def _on_get_part(self, data: bytes) -> OffloadPart:
+        req = self._decode(data, OffloadGetPart, "get_part")
+        assert self.store is not None
+        size, part = await self.store.get_part(
+            req.hash, req.offset, min(req.max_bytes, self._reply_limit - PART_REPLY_HEADROOM))
+        return OffloadPart(store_id=self.instance_id, hash=req.hash, size=size,
+                           offset=req.offset, data=part)  # type: ignore[arg-type]
+
+    async def _sweep_parts(self) -> None:
+        """Expire blocks whose parts stopped coming, also while no part arrives."""
+        while True:
+            await asyncio.sleep(PART_TTL_S / 2)
+            if self.parts is not None:
+                self.parts.expire()
 
     async def _on_contains(self, data: bytes) -> OffloadContainsReply:
         req = self._decode(data, OffloadContains, "contains")

@@ -48,7 +48,7 @@ from genset.offload.tiers import (
     PutOutcome,
     TieredCache,
 )
-from proto.offload import OffloadBlock
+from proto.offload import OffloadBlock, OffloadBlockRef
 from services.kv_offload.disk import DISK_WARN_EVERY_S, DiskStore, LogThrottle, disk_usage
 
 log = structlog.get_logger("genset.kv_offload")
@@ -56,6 +56,7 @@ log = structlog.get_logger("genset.kv_offload")
 ENTRY_OVERHEAD = 448  # bytes per RAM block beyond its payload (objects, dict slot; 383 used)
 SLRU_ENTRY_OVERHEAD = 576  # the same with `slru` admission (+ a segment's dict slot; 495 used)
 WIRE_OVERHEAD = 64  # msgpack bytes per block in a reply beyond its payload (keys, ints)
+REF_TOKENS = 4096  # a disk block's token ids at most, as a lookup reply's ref counts them
 # A lookup counts demand for at most this many of its hashes (a 16k-token prompt in 16-token
 # blocks); a request listing 65 536 hashes would otherwise cost ~0.2 s of sketch updates.
 MAX_RECORDED = 1024
@@ -190,6 +191,7 @@ class LookupResult:
     held: int
     blocks: list[OffloadBlock]
     disk_blocks: int = 0
+    large: list[OffloadBlockRef] = field(default_factory=list)
 
 
 class BlockStore:
@@ -231,10 +233,12 @@ class BlockStore:
         self._readers: _DaemonThreads | None = None
         self.changed = asyncio.Event()  # set whenever a tier's event log got something
         self.disk_read_gbps = 0.0  # measured (`_measure_disk_read`); 0: no read yet
+        self._part_reads: dict[int, asyncio.Future] = {}  # get_part's disk reads in progress
         self.counts: dict[str, int] = dict.fromkeys(
             ("put_blocks", "refused", "unverified", "lookups", "lookup_hits_ram",
              "lookup_hits_disk", "disk_written", "disk_write_failed", "disk_delete_failed",
-             "disk_read_failed", "spills_dropped", "replaced_unverified"), 0)
+             "disk_read_failed", "spills_dropped", "replaced_unverified", "parts_served",
+             "parts_read_disk"), 0)
         self._write_warn = LogThrottle(warn_every_s)
         self._delete_warn = LogThrottle(warn_every_s)
 
@@ -305,25 +309,34 @@ class BlockStore:
         return self.cache.ram.used + self.pending_bytes
 
     # ---- put --------------------------------------------------------------------------------
+    def check_head(self, block_hash: int, parent_hash: int | None, token_ids: bytes,
+                   data_bytes: int) -> tuple[str, str] | None:
+        """The checks that need no payload, as `_check` makes them: a block in parts gets
+        them at its first part, before its buffer is allocated."""
+        if len(token_ids) % 4:
+            return "token_ids", (f"block {block_hash:016x}: token_ids is {len(token_ids)} "
+                                 "bytes, not int32s")
+        size = len(token_ids) + data_bytes
+        if size > self.max_block_bytes:
+            return "too_large", (f"block {block_hash:016x}: {size} bytes, over this store's "
+                                 f"limit of {self.max_block_bytes}")
+        if self.verify_hashes and token_ids:
+            # 1 us per block; a block filed under a hash its tokens do not have would be
+            # served for the wrong prefix to every worker
+            if chain_hash(parent_hash, local_block_hash(token_ids)) != block_hash:
+                return "hash_mismatch", (f"block {block_hash:016x}: hash does not match its "
+                                         "parent and token ids")
+        elif self.require_token_ids and not token_ids:
+            return "no_token_ids", (f"block {block_hash:016x}: no token ids, and this store "
+                                    "keeps only blocks whose hash it can check")
+        return None
+
     def _check(self, b: OffloadBlock) -> tuple[str, str] | None:
         """Why `b` is refused, as (reason, text; REFUSE_REASONS), or None. The cheap checks
         first; the payload's values last."""
-        if len(b.token_ids) % 4:
-            return "token_ids", (f"block {b.hash:016x}: token_ids is {len(b.token_ids)} bytes, "
-                                 "not int32s")
-        size = len(b.token_ids) + len(b.data)
-        if size > self.max_block_bytes:
-            return "too_large", (f"block {b.hash:016x}: {size} bytes, over this store's limit "
-                                 f"of {self.max_block_bytes}")
-        if self.verify_hashes and b.token_ids:
-            # 1 us per block; a block filed under a hash its tokens do not have would be
-            # served for the wrong prefix to every worker
-            if chain_hash(b.parent_hash, local_block_hash(b.token_ids)) != b.hash:
-                return "hash_mismatch", (f"block {b.hash:016x}: hash does not match its "
-                                         "parent and token ids")
-        elif self.require_token_ids and not b.token_ids:
-            return "no_token_ids", (f"block {b.hash:016x}: no token ids, and this store keeps "
-                                    "only blocks whose hash it can check")
+        why = self.check_head(b.hash, b.parent_hash, b.token_ids, len(b.data))
+        if why is not None:
+            return why
         if self.verify_kv_values and b.data:
             # a NaN or an infinity: every torch worker refuses the block on import, so kept it
             # would be served (and moved) on every lookup for nothing. Cost per block
@@ -378,6 +391,23 @@ class BlockStore:
         if notify:
             self.changed.set()
         return out
+
+    def put_known(self, block_hash: int, token_ids: bytes) -> bool:
+        """A put of `block_hash` answered without its payload, as `put` would answer it
+        (`known`: one more use, nothing stored) when RAM holds it and the put could not
+        replace it (a checked put replaces a copy held without token ids). For a block in
+        parts, at its first part: the rest is never sent (True). False: send it."""
+        cache = self.cache
+        entry = cache.ram.get(block_hash)
+        if entry is None or (token_ids and self.verify_hashes and not entry.value.token_ids):
+            return False
+        cache.sketch.increment(block_hash)  # as `offer` counts a put
+        cache.ram.touch(block_hash)
+        cache.counts["known"] += 1
+        self.counts["put_blocks"] += 1
+        if not token_ids:
+            self.counts["unverified"] += 1
+        return True
 
     def _replace_unverified(self, block_hash: int) -> None:
         """A block whose hash was just checked against its tokens: a copy of it held without
@@ -436,10 +466,15 @@ class BlockStore:
         return len(tiers), sum(t == TIER_RAM for t in tiers)
 
     async def lookup(self, hashes: Sequence[int], max_bytes: int,
-                     want_tokens: bool = False, ram_only: bool = False) -> LookupResult:
+                     want_tokens: bool = False, ram_only: bool = False, *,
+                     message_bytes: int | None = None,
+                     max_large_bytes: int = 0) -> LookupResult:
         """The leading run of `hashes` held (`ram_only`: held in RAM), with the first blocks
         of it that fit in `max_bytes`; disk blocks are read (and checked) off the loop and
-        promoted to RAM."""
+        promoted to RAM. With `max_large_bytes`, the blocks right after those that are each
+        larger than `message_bytes` (a reply) come as `LookupResult.large` (up to that many
+        payload bytes in all; fetched in parts, `get_part`); a block that fits a message
+        after one of them ends the result (the asker asks again from there)."""
         self.counts["lookups"] += 1
         cache = self.cache
         cache.record(hashes[:MAX_RECORDED])
@@ -451,6 +486,9 @@ class BlockStore:
         budget = max_bytes
         picked: list[OffloadBlock | None] = []
         reads: list[int] = []  # positions in `picked` to read from disk
+        large_budget = max_large_bytes
+        one_message = message_bytes if message_bytes is not None else float("inf")
+        n_large = 0  # the last n_large of `picked` (each larger than a message) go by ref
         for h, tier in zip(hashes, tiers, strict=False):
             if tier == TIER_RAM:
                 blk = ram[h].value
@@ -461,13 +499,26 @@ class BlockStore:
                 cost = (len(blk.data) + (len(blk.token_ids) if want_tokens else 0)
                         if blk is not None else disk[h].size)  # a file: its size bounds it
             cost += WIRE_OVERHEAD
-            if cost > budget:
+            if cost > one_message:
+                # (a disk file's size is a page-rounded bound: one that would just fit is
+                # named too; the asker fetches it in one part). Its ref takes room in the
+                # reply too: a hash, a size and the token ids (a file's: at most REF_TOKENS)
+                ref = WIRE_OVERHEAD + (0 if not want_tokens else
+                                       len(blk.token_ids) if blk is not None else REF_TOKENS)
+                if cost > large_budget or ref > budget:
+                    break
+                large_budget -= cost
+                budget -= ref
+                n_large += 1
+            elif n_large or cost > budget:
                 break
-            budget -= cost
+            else:
+                budget -= cost
             if blk is None:
                 reads.append(len(picked))
             picked.append(blk)
         disk_blocks = len(reads)
+        n_small = len(picked) - n_large  # picked[:n_small] go whole
         if reads:
             assert self.disk is not None
             t0 = time.perf_counter()
@@ -486,6 +537,7 @@ class BlockStore:
                     del picked[i:]
                     held = i
                     disk_blocks = sum(1 for j in reads if j < i)
+                    n_small = min(n_small, i)
                     break
                 blk = OffloadBlock(hash=h, parent_hash=f.parent_hash, token_ids=f.token_ids,
                                    data=f.data)
@@ -494,12 +546,58 @@ class BlockStore:
                                           len(f.token_ids) + len(f.data) + self.entry_overhead, blk))
             self.changed.set()
         cache.touch_run(hashes[:len(picked)])  # after the promotions: head most recent
+        large: list[OffloadBlockRef] = []
+        disk_small = disk_blocks
+        if n_small < len(picked):
+            large = [OffloadBlockRef(hash=b.hash, parent_hash=b.parent_hash,
+                                     token_ids=b.token_ids if want_tokens else b"",
+                                     size=len(b.data))
+                     for b in picked[n_small:] if b is not None]
+            picked = picked[:n_small]
+            disk_small = min(disk_blocks, sum(1 for j in reads if j < n_small))
         blocks = [b if want_tokens or not b.token_ids else
                   OffloadBlock(hash=b.hash, parent_hash=b.parent_hash, data=b.data)
                   for b in picked if b is not None]
-        self.counts["lookup_hits_ram"] += len(blocks) - disk_blocks
+        self.counts["lookup_hits_ram"] += len(blocks) + len(large) - disk_blocks
         self.counts["lookup_hits_disk"] += disk_blocks
-        return LookupResult(held=held, blocks=blocks, disk_blocks=disk_blocks)
+        return LookupResult(held=held, blocks=blocks, disk_blocks=disk_small, large=large)
+
+    async def get_part(self, block_hash: int, offset: int, max_bytes: int
+                       ) -> tuple[int, bytes | memoryview]:
+        """(size of block `block_hash`'s payload, bytes [offset, offset + max_bytes) of it);
+        (0, b"") when it is not held. From RAM or the write queue; else read (and checked)
+        from disk, off the loop (a lookup promotes the disk blocks it names, so this is
+        rare: one RAM did not admit)."""
+        entry = self.cache.ram.get(block_hash)
+        blk = entry.value if entry is not None else None
+        if blk is None:
+            pend = self.pending.get(block_hash)
+            blk = pend[0] if pend is not None else None
+        if blk is None and self.disk is not None and block_hash in self.cache.disk:
+            assert self._readers is not None
+            disk = self.disk
+            # the parts of one block are asked for at once: one read serves those that come
+            # while it runs
+            reading = self._part_reads.get(block_hash)
+            if reading is None:
+                reading = self._readers.submit(lambda: disk.read(block_hash))
+                self._part_reads[block_hash] = reading
+                reading.add_done_callback(lambda _f: self._part_reads.pop(block_hash, None))
+                self.counts["parts_read_disk"] += 1
+            f = await asyncio.shield(reading)
+            if f is None:
+                self.unverified_disk.discard(block_hash)
+                if self.cache.drop_from_disk(block_hash) is not None:
+                    self.counts["disk_read_failed"] += 1
+                    self.changed.set()
+                return 0, b""
+            data: bytes | bytearray | memoryview = f.data
+        elif blk is None:
+            return 0, b""
+        else:
+            data = blk.data
+        self.counts["parts_served"] += 1
+        return len(data), memoryview(data)[offset:offset + max_bytes]
 
     def _measure_disk_read(self, files: list, seconds: float) -> None:
         """EWMA of the disk tier's read rate (bytes read and checked / s, GB/s decimal), what

@@ -5,6 +5,13 @@ Layout: b"GSKV", a little-endian u32 header length, a JSON header
 raw tensor bytes (C order). Block is the outermost dimension so one block's K and V for all
 layers are contiguous: a payload splits into per-block payloads (what an offload store keys
 by block hash) by slicing, without touching the tensor data.
+
+The header is padded with spaces (still JSON) so the tensor bytes start at a multiple of
+ALIGN: a bfloat16 header's values used to start at an odd offset, which made reading them as
+numpy integers (the offload store's value check, `genset.offload.payload`) ~40 % slower
+(bench/bench_offload_payload_check.py, docs/benchmarks.md). Readers take the header length
+from the payload, so an unpadded payload (written before, e.g. kept in an offload store's
+disk tier) reads as before, and a padded one reads with an older reader.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import torch
 
 MAGIC = b"GSKV"
 FORMAT = "genset-kv/1"
+ALIGN = 16  # the tensor bytes start at a multiple of this (the header padded with spaces)
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -110,4 +118,5 @@ def encode_raw(dtype: str, shape: list[int], raw: bytes) -> bytes:
     header = json.dumps(
         {"format": FORMAT, "dtype": dtype, "shape": shape}, separators=(",", ":")
     ).encode()
+    header += b" " * (-(len(MAGIC) + 4 + len(header)) % ALIGN)
     return MAGIC + struct.pack("<I", len(header)) + header + bytes(raw)

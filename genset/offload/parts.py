@@ -1,0 +1,242 @@
+"""Offload blocks larger than one NATS message, in parts (pure: no I/O, the clock injected).
+
+A Llama-3-8B block of 16 tokens is 2 MiB of KV; NATS carries at most `max_payload` (1 MiB by
+default) per message. Such a block travels as parts, each naming the block (its hash), the
+byte offset of the part in the block's payload and the payload's total size
+(`proto.offload.OffloadPutPart` worker -> store, `OffloadGetPart` / `OffloadPart` store ->
+worker); the receiver gathers them into one buffer of the declared size (`PartBuffer`).
+Blocks that fit a message keep the one-message path.
+
+Whoever is on the bus is untrusted, so the store's side (`Assemblies`) is bounded:
+- a declared size over the store's per-block limit is refused before anything is allocated
+  (by the caller, which knows that limit: `too_large`);
+- the buffers of blocks being gathered hold at most `max_bytes` in all and `max_sender_bytes`
+  per sender; a first part beyond either is refused (`parts_full`), and the ones in progress
+  are never pushed out for it (an honest sender mid-block finishes);
+- a part that overlaps one already received (`part_overlap`), that is empty or ends past
+  the declared size (`part_range`), or that names another size, parent or token ids than
+  the block's first part (`part_mismatch`) drops the whole block; so does a block scattered
+  over more than MAX_RANGES disjoint pieces (`part_range`: an honest sender sends its parts
+  in order, one piece);
+- a block not complete `ttl_s` after its first part is dropped (`part_expired`; counted
+  from the first part, not the last, so a sender trickling bytes cannot keep one alive).
+Every drop is counted by reason (`Assemblies.counts`).
+
+A block is keyed by (sender id, hash): two workers that evict the same block at once each
+complete their own (the second is a `known` put). The sender id is the sender's word (the bus
+does not authenticate it), so the per-sender share holds a crashed or buggy sender, not a
+hostile one that sends under many ids: that one can fill the overall bound (then big puts are
+refused until its blocks expire; small blocks and lookups are not affected, and nothing wrong
+is ever kept: an assembled block is checked like any other put).
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+PART_OVERLAP = "part_overlap"
+PART_RANGE = "part_range"
+PART_MISMATCH = "part_mismatch"
+PARTS_FULL = "parts_full"
+PART_EXPIRED = "part_expired"
+PART_REASONS = (PART_OVERLAP, PART_RANGE, PART_MISMATCH, PARTS_FULL, PART_EXPIRED)
+
+MAX_RANGES = 64  # disjoint pieces of one block received so far, at most
+BUFFER_OVERHEAD = 512  # bytes per block being gathered beyond its payload and token ids
+
+PENDING = "pending"
+COMPLETE = "complete"
+DROPPED = "dropped"
+
+
+def split(size: int, part_bytes: int) -> list[tuple[int, int]]:
+    """(offset, length) of the parts a payload of `size` bytes goes out as."""
+    if part_bytes < 1:
+        raise ValueError(f"part_bytes must be >= 1, got {part_bytes}")
+    return [(s, min(part_bytes, size - s)) for s in range(0, size, part_bytes)]
+
+
+class PartBuffer:
+    """One block's payload gathered from parts: a buffer of the declared size and the byte
+    ranges received so far (sorted, disjoint, adjacent ones merged)."""
+
+    __slots__ = ("buf", "parent_hash", "ranges", "received", "sender", "size", "started",
+                 "token_ids")
+
+    def __init__(self, size: int, *, parent_hash: int | None = None, token_ids: bytes = b"",
+                 sender: int = 0, started: float = 0.0) -> None:
+        if size < 1:
+            raise ValueError(f"a block in parts has a size >= 1, got {size}")
+        self.size = size
+        self.buf = bytearray(size)
+        self.ranges: list[list[int]] = []  # [start, end) pieces
+        self.received = 0
+        self.parent_hash = parent_hash
+        self.token_ids = token_ids
+        self.sender = sender
+        self.started = started
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.size
+
+    @property
+    def nbytes(self) -> int:
+        """What this buffer is accounted as."""
+        return self.size + len(self.token_ids) + BUFFER_OVERHEAD
+
+    def check(self, offset: int, length: int) -> tuple[str, str] | None:
+        """Why a part [offset, offset + length) cannot be added, as (reason, text), or None."""
+        end = offset + length
+        if length <= 0 or offset < 0 or end > self.size:
+            return PART_RANGE, (f"part [{offset}, {end}) of a {self.size}-byte block: "
+                                "empty or past its end")
+        r = self.ranges
+        i = bisect_left(r, [offset + 1]) - 1  # the piece starting at or before offset
+        if (i >= 0 and r[i][1] > offset) or (i + 1 < len(r) and r[i + 1][0] < end):
+            return PART_OVERLAP, f"part [{offset}, {end}) overlaps bytes already received"
+        touches = (i >= 0 and r[i][1] == offset) or (i + 1 < len(r) and r[i + 1][0] == end)
+        if not touches and len(r) >= MAX_RANGES:
+            return PART_RANGE, f"parts scattered over more than {MAX_RANGES} pieces"
+        return None
+
+    def add(self, offset: int, data: bytes | bytearray | memoryview) -> tuple[str, str] | None:
+        """Copy a part in; why not, as (reason, text) (nothing copied), or None."""
+        n = len(data)
+        why = self.check(offset, n)
+        if why is not None:
+            return why
+        end = offset + n
+        self.buf[offset:end] = data
+        self.received += n
+        r = self.ranges
+        i = bisect_left(r, [offset])
+        left = i > 0 and r[i - 1][1] == offset
+        right = i < len(r) and r[i][0] == end
+        if left and right:
+            r[i - 1][1] = r[i][1]
+            del r[i]
+        elif left:
+            r[i - 1][1] = end
+        elif right:
+            r[i][0] = offset
+        else:
+            r.insert(i, [offset, end])
+        return None
+
+
+@dataclass(slots=True)
+class Added:
+    """What became of a part: PENDING (the block waits for more), COMPLETE (`buffer` holds
+    the whole payload; the block is no longer tracked) or DROPPED (`reason`, `text`)."""
+
+    status: str
+    buffer: PartBuffer | None = None
+    reason: str = ""
+    text: str = ""
+
+
+class Assemblies:
+    """The store's blocks being gathered from parts, keyed by (sender, hash); see the module
+    docstring for the bounds. `clock`: seconds, monotonic (a test's own)."""
+
+    def __init__(self, *, max_bytes: int, max_sender_bytes: int | None = None,
+                 ttl_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if max_bytes < 1 or ttl_s <= 0:
+            raise ValueError("need max_bytes >= 1 and ttl_s > 0")
+        self.max_bytes = max_bytes
+        self.max_sender_bytes = min(max_bytes, max_sender_bytes or max_bytes)
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._blocks: OrderedDict[tuple[int, int], PartBuffer] = OrderedDict()  # by start
+        self._sender_bytes: dict[int, int] = {}
+        self.bytes = 0
+        self.counts: dict[str, int] = dict.fromkeys(
+            ("parts", "completed", *PART_REASONS), 0)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return key in self._blocks
+
+    def sender_bytes(self, sender: int) -> int:
+        return self._sender_bytes.get(sender, 0)
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop the blocks whose first part is older than ttl_s; how many."""
+        now = self.clock() if now is None else now
+        blocks = self._blocks
+        n = 0
+        while blocks:
+            key, buf = next(iter(blocks.items()))
+            if now - buf.started < self.ttl_s:
+                break
+            self._forget(key)
+            n += 1
+        self.counts[PART_EXPIRED] += n
+        return n
+
+    def add(self, sender: int, block_hash: int, *, size: int, offset: int,
+            data: bytes | bytearray | memoryview, parent_hash: int | None = None,
+            token_ids: bytes = b"") -> Added:
+        """One part of block `block_hash` from `sender`. The caller has refused a declared
+        `size` over its per-block limit before calling (nothing is allocated here before the
+        checks that need no buffer)."""
+        now = self.clock()
+        self.expire(now)
+        key = (sender, block_hash)
+        buf = self._blocks.get(key)
+        if buf is None:
+            end = offset + len(data)
+            if size < 1 or not data or offset < 0 or end > size:
+                return self._drop(None, PART_RANGE, f"part [{offset}, {end}) of a {size}-byte "
+                                                    "block: empty or past its end")
+            need = size + len(token_ids) + BUFFER_OVERHEAD
+            if self.bytes + need > self.max_bytes:
+                return self._drop(None, PARTS_FULL, (
+                    f"blocks being gathered hold {self.bytes} bytes; {need} more would pass "
+                    f"the bound of {self.max_bytes}"))
+            if self.sender_bytes(sender) + need > self.max_sender_bytes:
+                return self._drop(None, PARTS_FULL, (
+                    f"sender {sender:x}'s blocks being gathered hold "
+                    f"{self.sender_bytes(sender)} bytes; {need} more would pass its share "
+                    f"of {self.max_sender_bytes}"))
+            buf = PartBuffer(size, parent_hash=parent_hash, token_ids=token_ids,
+                             sender=sender, started=now)
+            self._blocks[key] = buf
+            self.bytes += buf.nbytes
+            self._sender_bytes[sender] = self.sender_bytes(sender) + buf.nbytes
+        elif (size != buf.size or parent_hash != buf.parent_hash
+              or token_ids != buf.token_ids):
+            return self._drop(key, PART_MISMATCH, (
+                f"part names a {size}-byte block (parent {parent_hash}), its first part a "
+                f"{buf.size}-byte one (parent {buf.parent_hash}), or other token ids"))
+        why = buf.add(offset, data)
+        if why is not None:
+            return self._drop(key, *why)
+        self.counts["parts"] += 1
+        if not buf.complete:
+            return Added(PENDING)
+        self._forget(key)
+        self.counts["completed"] += 1
+        return Added(COMPLETE, buffer=buf)
+
+    def _drop(self, key: tuple[int, int] | None, reason: str, text: str) -> Added:
+        if key is not None:
+            self._forget(key)
+        self.counts[reason] += 1
+        return Added(DROPPED, reason=reason, text=text)
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        buf = self._blocks.pop(key)
+        self.bytes -= buf.nbytes
+        left = self._sender_bytes[buf.sender] - buf.nbytes
+        if left:
+            self._sender_bytes[buf.sender] = left
+        else:
+            del self._sender_bytes[buf.sender]
