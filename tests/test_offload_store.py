@@ -520,3 +520,47 @@ async def test_put_known_answers_a_held_block_without_its_payload():
     assert store.put_known(unchecked.hash, b"")
     assert not store.put_known(absent.hash, absent.token_ids)
     assert store.cache.counts["known"] - known == 3
+
+
+async def test_disk_files_an_earlier_run_left_have_their_values_checked_at_first_read(tmp_path):
+    # An earlier run (before the put's value check, or with it off) spilled a block whose KV
+    # holds a NaN. This run checks each such file when it first reads it: the bad one is
+    # deleted and counted, the run served ends before it; files it wrote itself, checked at
+    # their put, are not checked again.
+    import struct
+
+    import msgspec
+
+    from genset.engines.torch import kvformat
+
+    clean = kvformat.encode_raw("float16", [2, 4], struct.pack("<8e", *range(8)))
+    poisoned = kvformat.encode_raw("float16", [2, 4],
+                                   struct.pack("<7e", *range(7)) + b"\x00\x7e")  # NaN last
+    blocks = [msgspec.structs.replace(b, data=poisoned if i == 2 else clean)
+              for i, b in enumerate(chain(1, 4, DATA))]
+    old = make_store(tmp_path, verify_kv_values=False)
+    assert await old.open() == 0
+    await spill_to_disk(old, blocks)
+    await old.close()
+
+    again = make_store(tmp_path)
+    assert await again.open() >= 4
+    assert {b.hash for b in blocks} <= again.unchecked_values
+    hashes = [b.hash for b in blocks]
+    res = await again.lookup(hashes, max_bytes=1 << 20)
+    assert res.held == 2 and [b.data for b in res.blocks] == [clean, clean]
+    assert again.disk.bad_files["kv_values"] == 1
+    assert blocks[2].hash not in again.cache.disk
+    assert not again.disk.path(blocks[2].hash).exists()
+    # read once, checked once: the run's files were read together, so the clean one after
+    # the bad one was checked too and stays on disk (not served: the run ended); files never
+    # read (the old run's other blocks) are still to be checked
+    assert not {b.hash for b in blocks} & again.unchecked_values
+    assert blocks[3].hash in again.cache.disk
+    assert again.unchecked_values
+    assert (await again.lookup(hashes, max_bytes=1 << 20)).held == 2
+    # blocks this run spills were checked at their put: nothing to check when read back
+    fresh = [msgspec.structs.replace(b, data=clean) for b in chain(7, 3, DATA)]
+    await spill_to_disk(again, fresh)
+    assert not {b.hash for b in fresh} & again.unchecked_values
+    await again.close()

@@ -59,7 +59,10 @@ BAD_TRUNCATED = "truncated"  # shorter or longer than its header says
 BAD_CHECKSUM = "checksum"  # contents do not match the checksum
 BAD_HEADER = "header"  # not a block file, unknown version, or a name/hash mismatch
 BAD_PARTIAL = "partial_write"  # a .tmp file a crashed write left behind
-BAD_REASONS = (BAD_TRUNCATED, BAD_CHECKSUM, BAD_HEADER, BAD_PARTIAL)
+# a file an earlier run left whose KV values the store refuses (a NaN or an infinity, or a
+# payload contradicting its own header: `genset.offload.payload`), found at its first read
+BAD_VALUES = "kv_values"
+BAD_REASONS = (BAD_TRUNCATED, BAD_CHECKSUM, BAD_HEADER, BAD_PARTIAL, BAD_VALUES)
 # A failing disk fails every read, write and delete: its warnings are logged once per this
 # many seconds at most, each line with the count of failures it stands for (`LogThrottle`).
 DISK_WARN_EVERY_S = 5.0
@@ -262,6 +265,11 @@ class DiskStore:
     def delete(self, block_hash: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path(block_hash).unlink()
+
+    def drop_bad(self, block_hash: int, reason: str) -> None:
+        """Delete a block's file the caller found bad after reading it, counted under
+        `reason` (one of BAD_REASONS)."""
+        self._bad(reason, self.path(block_hash))
 
     def read(self, block_hash: int) -> BlockFile | None:
         """The block, checked; None when the file is gone, unreadable or bad (a bad one is
