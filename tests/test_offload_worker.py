@@ -258,6 +258,53 @@ async def test_the_router_follows_the_stores_tiers_and_membership(
         await feeds.close()
 
 
+async def test_a_block_the_engine_refuses_is_not_asked_for_again(
+        nats_server, etcd_server, bus, discovery, ns):
+    """A store block whose values are finite but far beyond what the model computes (the
+    store cannot check the model's bound, and keeps it; here put before the honest copy, as
+    a faulty or hostile worker could): the engine refuses it and the request is computed;
+    the worker then stops its lookups before that block, so it costs one refused import,
+    and the blocks before it are still onboarded."""
+    from genset.engines.torch import kvformat
+    from proto.offload import OffloadBlock
+
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05) as store:
+        a = TorchWorker(bus, discovery, ns)
+        await a.host.start()
+        try:
+            await wait_for(lambda: a.hook.client.instances == (store.instance_id,),
+                           "the store seen by the worker")
+            prompt = prompt_of(3, 5 * BS + 3)  # 5 full blocks
+            hashes = block_hashes(prompt, BS)
+            computed, _ = await a.generate(prompt)
+            (third,) = await a.engine.export_kv([hashes[2]])
+            poisoned = kvformat.encode(kvformat.decode(third.data) * 1e6)
+            counts = store.store.put([OffloadBlock(
+                hash=hashes[2], parent_hash=hashes[1],
+                token_ids=proto.pack_tokens(prompt[2 * BS:3 * BS]), data=poisoned)])
+            assert counts.stored == 1  # finite: the store takes it
+
+            async def evict_and_ask(tag: int):
+                for i in range(4):  # push the prompt out of the 16-block cache
+                    await a.generate(prompt_of(tag + i, 7 * BS))
+                assert a.engine.cached_prefix(hashes) == 0
+                assert await a.hook.client.flush(WAIT)
+                await wait_for(lambda: all(h in store.store.cache.ram for h in hashes),
+                               "the prompt's blocks in the store")
+                return await a.generate(prompt)
+
+            refused, usage = await evict_and_ask(40)
+            assert refused == computed and usage.cached_tokens == 0  # computed instead
+            assert a.hook.counts["refused_blocks"] == 1
+            assert store.store.cache.ram.get(hashes[2]).value.data == poisoned  # still there
+            again, usage = await evict_and_ask(50)
+            assert again == computed
+            assert usage.cached_tokens == 2 * BS  # the two blocks before it, onboarded
+            assert a.hook.counts["refused_blocks"] == 1  # not refused a second time
+        finally:
+            await a.host.close()
+
+
 async def test_a_refused_import_computes_the_prompt_instead_of_failing(bus, discovery):
     """A store that serves a payload the engine cannot take (another model's KV, a corrupt
     block): the request is computed, and the hook's fault is counted."""

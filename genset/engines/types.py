@@ -151,6 +151,17 @@ class EngineOverloaded(RuntimeError):
     """Too many requests in flight on this engine."""
 
 
+class KvBlockRefused(ValueError):
+    """An imported KV block the engine refuses for its values (a NaN, an infinity, or a
+    magnitude its model cannot compute), naming the block: `block_index` in the import's
+    `blocks`. The import as a whole fails (a ValueError, as for any bad payload); whoever
+    supplied the block can remember it (`WorkerHooks.import_refused`)."""
+
+    def __init__(self, message: str, block_index: int) -> None:
+        super().__init__(message)
+        self.block_index = block_index
+
+
 @dataclass(slots=True, frozen=True)
 class EvictedBlock:
     """A full block the engine dropped from its prefix cache, handed over with its KV before

@@ -143,6 +143,12 @@ class WorkerHooks:
     def on_evict(self, blocks: list[EvictedBlock]) -> None:
         """Cached blocks the engine dropped; must not block."""
 
+    def import_refused(self, request: proto.GenerateRequest, kv: KvImport,
+                       error: Exception) -> None:
+        """The engine refused `kv`, which `before_run` gave for `request` (the prompt is
+        computed instead); `error` may be a `KvBlockRefused` naming the block. Must not
+        block."""
+
     async def drain(self, deadline_s: float) -> None:
         """The worker drains (no new requests come): finish the hook's own work in flight
         (a prefill worker's KV sends) within `deadline_s`, then abort what is left, telling
@@ -200,6 +206,10 @@ class HookChain(WorkerHooks):
     def on_evict(self, blocks: list[EvictedBlock]) -> None:
         for h in self._with("on_evict"):
             h.on_evict(blocks)
+
+    def import_refused(self, request, kv, error) -> None:
+        for h in self._with("import_refused"):
+            h.import_refused(request, kv, error)
 
     async def drain(self, deadline_s: float) -> None:
         hooks = self._with("drain")

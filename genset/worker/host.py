@@ -550,6 +550,11 @@ class WorkerHost:
                 # (after a remote first token too: the engine resumes after it).
                 self.m.hook_errors.labels("before_run").inc()
                 log.warning("KV import refused; computing the prompt", error=str(exc))
+                if remote is None:  # the hook's own import (a transfer's has its own path)
+                    try:
+                        self.hooks.import_refused(req, kv_import, exc)
+                    except Exception:  # a hook's bookkeeping never fails the request
+                        log.exception("import_refused hook failed")
                 stream = await self.engine.submit(EngineRequest(
                     request_id=engine_id, token_ids=tokens, sampling=req.sampling,
                     stop=req.stop, trace=stamps, resume_token_ids=resume))

@@ -18,7 +18,9 @@ onboarding of a prompt's next blocks before it runs.
   beyond it were taken back by the head of the queue and evicted before the request ran.
   Store absent, slow, broken, or a run of nothing: None, and the worker computes the prompt.
   Never an error, never a wait past the deadline (the host also computes the prompt when the
-  engine refuses the import's payload).
+  engine refuses the import's payload). A block the engine refused for its values
+  (`KvBlockRefused`, via `import_refused`) is remembered (the last REFUSED_MAX), and later
+  lookups stop before it (`skipped_refused` when nothing is left to ask for).
 - With no store registered the hand-over is paused (`EvictionHandover.paused`): the engine
   reads no payloads for nobody. Blocks this worker onboarded from the store (the last
   `4 x kv_blocks` of them) are skipped when evicted again (`EvictionHandover.skip`): the
@@ -115,6 +117,10 @@ def onboard_tiers(block_bytes: float, block_tokens: int, recompute_ms_per_token:
 
 
 PROBE_EVERY = 16  # of the requests that skip the store as too slow, one looks up anyway
+# store blocks the engine refused, remembered so lookups stop before them (`import_refused`):
+# a refused block comes only from a faulty or hostile worker, so few are expected; 8 bytes
+# of hash and a dict slot each (~100 bytes): ~400 KB at most
+REFUSED_MAX = 4096
 
 # A prompt step computes at least this many tokens to count in the recompute estimate (below
 # it the step's fixed cost and the decodes riding along dominate the time per token)
@@ -144,9 +150,14 @@ class OffloadHook(WorkerHooks):
         self.ctx: WorkerContext | None = None
         self.client: OffloadClient | None = None
         self.counts = dict.fromkeys(("lookups", "hits", "misses", "skipped", "skipped_slow",
-                                     "skipped_hint", "skipped_no_room", "errors",
-                                     "onboarded_blocks", "written_blocks", "split_blocks",
-                                     "split_all"), 0)
+                                     "skipped_hint", "skipped_no_room", "skipped_refused",
+                                     "errors", "onboarded_blocks", "written_blocks",
+                                     "split_blocks", "split_all", "refused_blocks"), 0)
+        # hashes of store blocks this worker's engine refused for their values (finite but
+        # beyond what its model computes: the store cannot check that bound, and keeps them);
+        # a lookup stops before one, so each costs one refused import, not one per request.
+        # Local, no trust needed; bounded (the oldest forgotten first)
+        self._refused: OrderedDict[int, None] = OrderedDict()
         self._block_bytes = 0.0  # measured: an onboarded block's payload, bytes (EWMA)
         self._fetch_gbps = 0.0  # measured: bytes / s of the lookups that brought blocks
         self._m = _Metrics(metrics, self) if metrics is not None else None
@@ -270,6 +281,14 @@ class OffloadHook(WorkerHooks):
             hashes = block_hashes(token_ids[:full * bs], bs)
             have = ctx.engine.cached_prefix(hashes)
             want = hashes[have:]
+            if self._refused:  # a chain is usable only up to a block the engine refused
+                for i, h in enumerate(want):
+                    if h in self._refused:
+                        want = want[:i]
+                        if not want:
+                            self.counts["skipped_refused"] += 1
+                            return None
+                        break
             # at most half the engine's blocks for one request (they are pinned until it runs)
             max_blocks = max(1, ctx.engine.card.kv_blocks // 2)
             if not want or have >= max_blocks:
@@ -337,6 +356,23 @@ class OffloadHook(WorkerHooks):
                         parent_hash=hashes[have - 1] if have else None,
                         token_ids=token_ids, first_block=have, optional=True)
 
+    def import_refused(self, request, kv: KvImport, error: Exception) -> None:
+        """The engine refused an onboarded run (host: the prompt is computed). A block it
+        names for its values (`KvBlockRefused`) is not asked for again: the store would
+        serve it to every request through it. Other refusals (a layout this engine does not
+        read, a bad payload) say nothing about one block, and are not remembered."""
+        if not kv.optional:  # not an offload hit of this hook's
+            return
+        index = getattr(error, "block_index", None)
+        if not isinstance(index, int) or not 0 <= index < len(kv.blocks):
+            return
+        refused = self._refused
+        refused[kv.blocks[index].hash] = None
+        refused.move_to_end(kv.blocks[index].hash)
+        while len(refused) > REFUSED_MAX:
+            refused.popitem(last=False)
+        self.counts["refused_blocks"] += 1
+
     def _split(self, run_blocks: int, rest_tokens: int) -> int:
         """How many of a run of `run_blocks` to import (`onboard_split` on the engine's own
         copy and prefill model; all of it on an engine whose step waits for its copies)."""
@@ -363,7 +399,7 @@ class _Metrics:
         lookups = metrics.gauge("worker_offload_lookups",
                                 "onboarding lookups so far, by outcome", ["outcome"])
         for outcome in ("hits", "misses", "skipped", "skipped_slow", "skipped_hint",
-                        "skipped_no_room", "errors"):
+                        "skipped_no_room", "skipped_refused", "errors"):
             lookups.labels(outcome).set_function(lambda o=outcome: hook.counts[o])
         dropped = metrics.gauge(
             "worker_offload_dropped_writes",

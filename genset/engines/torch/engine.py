@@ -38,6 +38,7 @@ from genset.engines.types import (
     EngineOutput,
     EngineRequest,
     KvBlockData,
+    KvBlockRefused,
     Logprobs,
 )
 from proto.transfer import KvLayout
@@ -128,7 +129,7 @@ class RunnerExecutor:
             if t.numel():
                 why = _out_of_range(t, self.runner.kv_bound)
                 if why is not None:
-                    raise ValueError(f"KV import block {i}: {why}")
+                    raise KvBlockRefused(f"KV import block {i}: {why}", i)
             tensors.append(t)
         return tensors
 
