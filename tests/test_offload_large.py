@@ -316,7 +316,7 @@ async def test_large_blocks_pass_the_stack_permissions(secure_infra):
     ns = secure_infra.namespace
     svc = OffloadService(CommonConfig(namespace=ns, nats=secure_infra.nats.url,
                                       etcd=secure_infra.etcd.endpoint),
-                         OffloadOptions(offload_ram_gb=0.05))
+                         OffloadOptions(offload_ram_gb=0.05, serve_token_ids=True))
     svc.bus = await secure_infra.bus("offload")
     worker = await secure_infra.bus("worker", slot=0)
     client = None

@@ -28,8 +28,9 @@ async def test_a_killed_store_restarts_with_its_disk_tier_and_announces_ram_clea
     ram_gb = 8 * 1500 / 2**30  # room for 8 of the test's blocks
     # plain LRU: the pushers below push the reused blocks from RAM onto disk (`slru`, the
     # default, would keep the reused ones in RAM and spill the pushers instead)
-    args = ["--offload-dir", str(tmp_path / "store"), "--offload-ram-gb", f"{ram_gb:.12f}",
-            "--offload-disk-gb", "0.001", "--admission", "lru"]
+    # --serve-token-ids: the lookup below checks the token ids came through the restart
+    args = ["--serve-token-ids", "--offload-dir", str(tmp_path / "store"), "--offload-ram-gb",
+            f"{ram_gb:.12f}", "--offload-disk-gb", "0.001", "--admission", "lru"]
     async with Stack(nats_server.url, etcd_server.endpoint, log_dir=tmp_path) as stack:
         first = await stack.start_service("offload", extra_args=args)
         sid = int((await first.read_health())["store_id"], 16)

@@ -32,6 +32,9 @@ async def running_store(nats_server, etcd_server, namespace: str, *, clock=None,
     (`clock`: the expiry clock of its blocks in parts)."""
     config = CommonConfig(namespace=namespace, nats=nats_server.url,
                           etcd=etcd_server.endpoint, lease_ttl=5.0, drain_timeout=10.0)
+    # these tests check that token ids round-trip; a store serves them only when told to
+    # (test_a_lookup_gets_no_token_ids_unless_the_store_serves_them: the default)
+    options.setdefault("serve_token_ids", True)
     svc = OffloadService(config, OffloadOptions(**options))
     if clock is not None:
         svc.clock = clock
@@ -76,6 +79,23 @@ async def started_client(bus, discovery, ns, n_instances: int, **kw) -> OffloadC
 def same(a: list[OffloadBlock], b: list[OffloadBlock], tokens: bool = True) -> bool:
     return [(x.hash, x.parent_hash, x.data) + ((x.token_ids,) if tokens else ()) for x in a] \
         == [(x.hash, x.parent_hash, x.data) + ((x.token_ids,) if tokens else ()) for x in b]
+
+
+async def test_a_lookup_gets_no_token_ids_unless_the_store_serves_them(
+        nats_server, etcd_server, bus, discovery, ns):
+    # By default a store answers payloads only: a worker that learnt another request's block
+    # hashes (prefill workers publish them) cannot read that request's prompt tokens.
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01,
+                             serve_token_ids=False) as store:
+        client = await started_client(bus, discovery, ns, 1)
+        blocks = chain(3, 4, 2000)
+        assert client.put_behind(blocks) == 4
+        assert await client.flush(WAIT)
+        run = await client.lookup([b.hash for b in blocks], deadline_s=WAIT, want_tokens=True)
+        assert same(run, blocks, tokens=False) and all(b.token_ids == b"" for b in run)
+        assert store.metrics.registry.get_sample_value(
+            "genset_offload_token_ids_withheld_lookups_total") >= 1
+        await client.close()
 
 
 async def test_put_behind_then_lookup_round_trip(nats_server, etcd_server, bus, discovery, ns):

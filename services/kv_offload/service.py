@@ -117,6 +117,12 @@ class OffloadOptions:
     verify_hashes: bool = field(default=True, metadata=opt(
         "refuse blocks whose hash does not match their parent hash and token ids",
         env="GENSET_OFFLOAD_VERIFY_HASHES"))
+    serve_token_ids: bool = field(default=False, metadata=opt(
+        "answer lookups that ask for the blocks' token ids (`want_tokens`: tools and "
+        "tests); off by default: a lookup gets payloads only, so a worker holding another "
+        "request's block hashes (its own prompts', or those prefill workers publish) cannot "
+        "read that request's prompt tokens from the store (no worker asks for them)",
+        env="GENSET_OFFLOAD_SERVE_TOKEN_IDS"))
     require_token_ids: bool = field(default=False, metadata=opt(
         "refuse blocks put without token ids (their hash cannot be checked); off by "
         "default: engines that report evictions by events (TensorRT-LLM) put blocks "
@@ -188,6 +194,9 @@ class OffloadService(Service):
             "offload_unverified_blocks",
             "blocks put without token ids, kept without a hash check (any outcome)")
         self._unverified_warn = LogThrottle(DISK_WARN_EVERY_S)
+        self.m_token_ids_withheld = m.counter(
+            "offload_token_ids_withheld_lookups",
+            "lookups that asked for token ids and got payloads only (--serve-token-ids off)")
         self.m_refused = m.counter(
             "offload_refused_blocks", "blocks refused at put, by reason (token_ids, too_large, "
             "hash_mismatch, no_token_ids, non_finite, bad_payload)", ["reason"])
@@ -448,8 +457,11 @@ class OffloadService(Service):
     async def _on_lookup(self, data: bytes) -> OffloadLookupReply:
         req = self._decode(data, OffloadLookup, "lookup")
         assert self.store is not None
+        if req.want_tokens and not self.options.serve_token_ids:
+            self.m_token_ids_withheld.inc()
         res = await self.store.lookup(req.hashes, min(req.max_bytes, self._reply_limit),
-                                      req.want_tokens, req.ram_only,
+                                      req.want_tokens and self.options.serve_token_ids,
+                                      req.ram_only,
                                       message_bytes=self._reply_limit,
                                       max_large_bytes=req.max_large_bytes)
         self.m_lookups.inc()
