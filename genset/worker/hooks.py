@@ -26,6 +26,11 @@ The host calls a `WorkerHooks` object at these points of its life and of every r
   dropped, counted, never waited for). Other engines' blocks come from their `Stored` /
   `Removed` events (after the `Removed` was published), without data, with token ids when
   the engine emits them.
+- `import_refused(request, kv, error)`: the engine refused the `KvImport` `before_run` gave
+  (a payload it cannot read, values out of its model's range) and the prompt is computed
+  instead; `error` is a `KvBlockRefused` when one block's values were refused, naming it
+  (`block_index`). Plain function, must not block. For: the offload hook not asking the
+  store for that block again.
 - `drain(deadline_s)`: once, when the worker drains (its model card is out of etcd), beside
   the wait for its requests: the hook's own work in flight (a prefill worker's KV sends) ends
   within the deadline, or is aborted (whoever waits on it told) just after it.
