@@ -67,6 +67,18 @@ def prompt_of(seed: int, n: int) -> list[int]:
     return [rng.randrange(3, 4096) for _ in range(n)]
 
 
+async def evict_to_store(worker: TorchWorker, store, hashes: list[int],
+                         others: list[list[int]]) -> None:
+    """Push the blocks `hashes` out of `worker`'s cache by serving the `others` prompts, then
+    wait until the store holds them (written behind)."""
+    for other in others:
+        await worker.generate(other)
+    assert worker.engine.cached_prefix(hashes) == 0
+    assert await worker.hook.client.flush(WAIT)
+    await wait_for(lambda: all(h in store.store.cache.ram for h in hashes),
+                   "the prompt's blocks in the store")
+
+
 @pytest.fixture
 def ns() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
@@ -86,12 +98,7 @@ async def test_evicted_blocks_onboard_on_the_same_and_another_worker_with_equal_
             computed, usage = await a.generate(prompt)
             assert usage.cached_tokens == 0
             # other prompts push the prompt's blocks out of the 16-block cache
-            for i in range(4):
-                await a.generate(prompt_of(10 + i, 7 * BS))
-            assert a.engine.cached_prefix(hashes) == 0
-            assert await a.hook.client.flush(WAIT)
-            await wait_for(lambda: all(h in store.store.cache.ram for h in hashes),
-                           "the prompt's blocks in the store")
+            await evict_to_store(a, store, hashes, [prompt_of(10 + i, 7 * BS) for i in range(4)])
 
             # a router that saw none of the prompt in the store (hint 0): no lookup, computed
             lookups = a.hook.counts["lookups"]
@@ -141,12 +148,8 @@ async def test_blocks_larger_than_a_nats_message_are_written_and_onboarded_in_pa
             prompt = prompt_of(3, 3 * bs + 3)  # 3 full blocks
             hashes = block_hashes(prompt, bs)
             computed, _ = await a.generate(prompt)
-            for i in range(2):  # push the prompt's blocks out of the 8-block cache
-                await a.generate(prompt_of(40 + i, 5 * bs))
-            assert a.engine.cached_prefix(hashes) == 0
-            assert await a.hook.client.flush(WAIT)
-            await wait_for(lambda: all(h in store.store.cache.ram for h in hashes),
-                           "the prompt's blocks in the store")
+            # push the prompt's blocks out of the 8-block cache
+            await evict_to_store(a, store, hashes, [prompt_of(40 + i, 5 * bs) for i in range(2)])
             assert a.hook.client.stats["put_large"] >= 3
             assert a.hook.client.stats["put_dropped_too_large"] == 0
             assert len(store.store.cache.ram.get(hashes[0]).value.data) > 2 << 20
@@ -285,12 +288,8 @@ async def test_a_block_the_engine_refuses_is_not_asked_for_again(
             assert counts.stored == 1  # finite: the store takes it
 
             async def evict_and_ask(tag: int):
-                for i in range(4):  # push the prompt out of the 16-block cache
-                    await a.generate(prompt_of(tag + i, 7 * BS))
-                assert a.engine.cached_prefix(hashes) == 0
-                assert await a.hook.client.flush(WAIT)
-                await wait_for(lambda: all(h in store.store.cache.ram for h in hashes),
-                               "the prompt's blocks in the store")
+                await evict_to_store(a, store, hashes,
+                                     [prompt_of(tag + i, 7 * BS) for i in range(4)])
                 return await a.generate(prompt)
 
             refused, usage = await evict_and_ask(40)
