@@ -177,3 +177,35 @@ async def test_an_unbelievable_onboarding_cost_is_counted_and_not_used(bus, disc
         await eventually(lambda: rig.core.workers[LIVE].onboard is not None, "a good cost")
         assert rig.core.workers[LIVE].onboard.ram_gbps == 1.5
         assert rig.ignored("load_report", "bad_onboard_cost") == len(bad)
+
+
+STORE = 0x5707  # an offload store registered in etcd for the test below
+
+
+async def test_store_events_must_come_from_a_live_store_on_its_own_subject(bus, discovery):
+    async with Rig(bus, discovery) as rig:
+        # made-up store ids, each on its own subject: not in etcd, so not stores
+        for i in range(50):
+            sid = GHOST + i
+            await bus.publish(subjects.offload_events(rig.ns, sid),
+                              stored(sid, 1, [100 + i], tier="host"))
+        await bus.publish(subjects.kv_events(rig.ns, LIVE), stored(LIVE, 1, [1]))
+        await eventually(lambda: rig.ignored("offload_events", "not_live") == 50, "ghost stores")
+        assert not rig.core.stores
+
+        await discovery.register(keys.offload_instance(rig.ns, STORE), proto.InstanceRecord(
+            instance_id=STORE, component=subjects.OFFLOAD_COMPONENT, namespace=rig.ns))
+        try:
+            await eventually(lambda: STORE in rig.core.stores, "the registered store")
+            # a live store's id, published on another subject: refused
+            await bus.publish(subjects.offload_events(rig.ns, GHOST),
+                              stored(STORE, 1, [7, 8], tier="host"))
+            # the store's own batch, on its subject: applied, after the forgery
+            await bus.publish(subjects.offload_events(rig.ns, STORE),
+                              stored(STORE, 1, [9], tier="host"))
+            await eventually(lambda: rig.core.index.events.get((STORE, "host")) is not None,
+                             "the store's own batch")
+            assert rig.ignored("offload_events", "wrong_subject") == 1
+            assert rig.core.index.blocks_held(STORE, "host") == 1  # 9 only, not 7 and 8
+        finally:
+            await discovery.unregister(keys.offload_instance(rig.ns, STORE))

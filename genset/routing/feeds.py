@@ -295,6 +295,15 @@ class RouterFeeds:
         except proto.ProtocolError as exc:
             self._bad("offload_events", exc)
             return
+        sid = batch.worker_id
+        if not self._from_own_subject("offload_events", msg.subject, sid):
+            return
+        if self._stores is not None and sid not in self.core.stores:
+            # With the store records watched, a store is one etcd says is live (as a worker
+            # is): ids made up on the bus would each claim prefixes in the index. A real
+            # store whose events beat its record here is resynced when the record comes.
+            self._ignore("offload_events", "not_live", sid)
+            return
         result = self.core.on_store_batch(batch)
         if result.gap is not None:
             if self.m:
