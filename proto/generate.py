@@ -240,7 +240,7 @@ class StreamChunk(Message, kw_only=True):
     travel together), and their `logprobs` when the request asked for them. The last frame
     has `final=True`; it carries `finish_reason` and `usage` for token streams (and may carry
     tokens too), or `error` when the stream failed. A heartbeat (`heartbeat=True`)
-    carries nothing and goes out when no other frame has for ~1 s. `data` carries an opaque
+    carries nothing and goes out when no other frame has for ~0.5 s. `data` carries an opaque
     msgpack payload for non-token streams (KV block transfer, route decisions).
     """
 

@@ -7,16 +7,21 @@ import json
 
 import msgspec
 
-from proto import MESSAGES, PROTOCOL_VERSION
+from proto import MESSAGES, PROTOCOL_VERSION, TRANSFER_MESSAGES
+
+# Every message on the wire: the bus's (MESSAGES) and the KV transfer's between workers, which
+# also travel over TCP (proto.transfer); the remote-prefill pair is in both tuples.
+SCHEMA_MESSAGES = tuple(dict.fromkeys((*MESSAGES, *TRANSFER_MESSAGES)))
 
 
 def schema() -> dict:
-    refs, components = msgspec.json.schema_components(MESSAGES, ref_template="#/$defs/{name}")
+    refs, components = msgspec.json.schema_components(SCHEMA_MESSAGES,
+                                                      ref_template="#/$defs/{name}")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"genset wire protocol {PROTOCOL_VERSION}",
         "description": "MessagePack maps; `bytes` fields are msgpack bin (token ids: int32 LE).",
-        "messages": {m.__name__: ref for m, ref in zip(MESSAGES, refs, strict=True)},
+        "messages": {m.__name__: ref for m, ref in zip(SCHEMA_MESSAGES, refs, strict=True)},
         "$defs": components,
     }
 

@@ -197,7 +197,9 @@ def test_unknown_major_version_is_refused():
 
 def test_json_schema_covers_every_message():
     doc = schema()
-    assert set(doc["messages"]) == {m.__name__ for m in proto.MESSAGES}
+    assert set(doc["messages"]) == {m.__name__ for m in (*proto.MESSAGES,
+                                                         *proto.TRANSFER_MESSAGES)}
+    assert "KvTransferChunk" in doc["messages"]  # the transfer's, not only the bus's
     json.dumps(doc)  # serialisable
     req = doc["$defs"]["GenerateRequest"]
     assert {"request_id", "model", "token_ids"} <= set(req["required"])
