@@ -13,10 +13,12 @@ import pytest
 
 import proto
 from genset.offload.parts import (
+    BUFFER_OVERHEAD,
     PART_EXPIRED,
     PART_MISMATCH,
     PART_OVERLAP,
     PART_RANGE,
+    PART_SENDER,
     PARTS_FULL,
 )
 from proto import subjects
@@ -210,16 +212,16 @@ async def test_hostile_parts_are_refused_and_counted_and_an_honest_put_goes_thro
                              max_block_mb=4, part_buffer_mb=16, clock=clock) as store:
         parts = store.parts
         sid = store.instance_id
-        subject = subjects.offload_put_part(ns, sid)
-        # the per-sender share: half the buffers
-        assert parts.max_bytes == 16 * MiB and parts.max_sender_bytes == 8 * MiB
+        # the per-sender share: a quarter of the buffers, at least one largest block
+        assert parts.max_bytes == 16 * MiB
+        assert parts.max_sender_bytes == 4 * MiB + BUFFER_OVERHEAD
         client = await started_client(bus, discovery, ns, 1)
         peak = 0
 
         async def part(sender: int, h: int, size: int, offset: int, n: int,
                        parent: int | None = None) -> OffloadPutReply:
             nonlocal peak
-            reply = await bus.request(subject, OffloadPutPart(
+            reply = await bus.request(subjects.offload_put_part(ns, sid, sender), OffloadPutPart(
                 sender_id=sender, hash=h, parent_hash=parent, size=size, offset=offset,
                 data=bytes([h % 251]) * n), timeout=WAIT, reply_type=OffloadPutReply)
             peak = max(peak, parts.bytes)
@@ -397,3 +399,78 @@ async def test_a_lookup_keeps_only_large_blocks_whose_parts_add_up(bus, ns):
     await client.close()
     for sub in subs:
         await sub.unsubscribe()
+
+
+async def test_a_part_whose_body_names_another_sender_is_refused_and_counted(
+        nats_server, etcd_server, bus, ns):
+    """The store gathers parts under the sender their subject names (what NATS authenticates
+    in a secured stack): a part whose body says another sender is refused (`part_sender`),
+    counted, drops the block that subject's sender had in progress and starts nothing under
+    either id; so does a subject whose last token is not an instance id."""
+    me, other = 0xA1, 0xB2
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05) as store:
+        parts, sid = store.parts, store.instance_id
+        mine = subjects.offload_put_part(ns, sid, me)
+
+        async def part(subject: str, sender: int, offset: int = 0) -> OffloadPutReply:
+            return await bus.request(subject, OffloadPutPart(
+                sender_id=sender, hash=77, size=2 * MiB, offset=offset, data=b"k" * 1000),
+                timeout=WAIT, reply_type=OffloadPutReply)
+
+        assert (await part(mine, me)).refused == 0 and parts.sender_bytes(me) > 0
+        reply = await part(mine, other, offset=1000)
+        assert reply.refused == 1 and "part says sender b2" in reply.error, reply
+        assert parts.counts[PART_SENDER] == 1 and len(parts) == 0 and parts.bytes == 0
+        assert parts.sender_bytes(other) == parts.sender_bytes(me) == 0
+        # a last token that is not an instance id as the bus writes them
+        base = subjects.offload_put_part_all(ns, sid)[:-1]
+        for tok in ("A1", "0a1", "zz"):
+            reply = await part(base + tok, me)
+            assert reply.refused == 1 and repr(tok) in reply.error, reply
+        assert parts.counts[PART_SENDER] == 4 and len(parts) == 0
+        assert parts.counts["parts"] == 1  # the one part taken
+        text = store.metrics.render().decode()
+        assert f'genset_offload_part_events{{kind="{PART_SENDER}"}} 4.0' in text
+        # the sender's own parts are taken as before
+        assert (await part(mine, me)).refused == 0 and (me, 77) in parts
+
+
+async def test_a_worker_cannot_send_parts_under_another_workers_id(secure_infra):
+    """In the secured stack a worker may publish parts only under its own sender id: one
+    under another worker's subject (its body forged to match) is refused by the server (a
+    permissions violation) and never reaches the store, while its own, sent after it on the
+    same connection (NATS keeps one connection's order, so the forged one would have come
+    first), is taken."""
+    from genset.runtime.config import CommonConfig
+    from services.kv_offload.service import OffloadOptions, OffloadService
+    from tests.test_security import Errors, raw
+
+    ns = secure_infra.namespace
+    me, other = secure_infra.worker_id(0), secure_infra.worker_id(1)
+    svc = OffloadService(CommonConfig(namespace=ns, nats=secure_infra.nats.url,
+                                      etcd=secure_infra.etcd.endpoint),
+                         OffloadOptions(offload_ram_gb=0.05))
+    svc.bus = await secure_infra.bus("offload")
+    errors = Errors()
+    nc = await raw(secure_infra, "worker", slot=0, errors=errors)
+    try:
+        await svc.start()
+        parts, sid = svc.parts, svc.instance_id
+
+        def part(sender: int, h: int) -> bytes:
+            return proto.encode(OffloadPutPart(sender_id=sender, hash=h, size=2 * MiB,
+                                               data=b"k" * 1000))
+
+        forged = subjects.offload_put_part(ns, sid, other)
+        await nc.publish(forged, part(other, 1))
+        msg = await nc.request(subjects.offload_put_part(ns, sid, me), part(me, 2),
+                               timeout=WAIT)
+        assert proto.decode(msg.data, OffloadPutReply).refused == 0
+        await errors.wait_for(f'Permissions Violation for Publish to "{forged}"')
+        assert (other, 1) not in parts and parts.sender_bytes(other) == 0
+        assert (me, 2) in parts and len(parts) == 1 and parts.counts["parts"] == 1
+    finally:
+        await nc.close()
+        await svc.drain()
+        await svc.stop()
+        await svc.bus.close()

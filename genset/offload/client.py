@@ -303,7 +303,7 @@ class OffloadClient:
         rest)."""
         part_bytes = max(1, limit - len(b.token_ids) - PART_HEADROOM)
         data = memoryview(b.data)
-        subject = subjects.offload_put_part(self.namespace, owner)
+        subject = subjects.offload_put_part(self.namespace, owner, self.sender_id)
         self.stats["put_large"] += 1
         reply: OffloadPutReply | None = None
         for offset, n in split(len(data), part_bytes):
