@@ -72,14 +72,15 @@ BLOCK_WIRE_OVERHEAD = 64  # msgpack bytes per block beyond its payload and token
 REQUEST_HEADROOM = 4096  # bytes of a message besides its blocks
 PART_HEADROOM = 256  # bytes of an `OffloadPutPart` / `OffloadPart` besides its data, token ids
 PART_FETCHES = 8  # parts of large blocks one lookup asks for at once
-# Parts of one block put at once after its first part (which goes alone). One after the
-# other, each waiting for its answer, a client put 2 MiB blocks at ~160 MiB/s through a 1 MiB
-# NATS (docs/benchmarks.md, session 18); in flight, the next part's encoding and sending
-# overlap the store's taking of the one before. Each is at most one message: a client has at
-# most max_inflight x PART_PUTS of them in flight (16 MiB at the defaults, 4 before), and what
-# the store has not read yet waits in nats-server's buffer for its connection (64 MiB by
-# default before the server drops it as a slow consumer; a 2 MiB block is 3 parts, so 2 go
-# at once after its first: 8 MiB a client).
+# Parts of one block put at once after its first part (which goes alone): their round trips
+# overlap (a 2 MiB block through a 1 MiB NATS: 2 in sequence instead of 3). On the shared
+# 2-core box, where client, nats-server and store share the CPU, it measured level with one
+# part at a time (0.96-1.14x, inside the noise; docs/benchmarks.md, session 19); the round
+# trips it saves should count where a network lies between worker and store (not measured).
+# Each is at most one message: a client has at most max_inflight x PART_PUTS of them in
+# flight (16 MiB at the defaults, 4 before), and what the store has not read yet waits in
+# nats-server's buffer for its connection (64 MiB by default before the server drops it as a
+# slow consumer; a 2 MiB block is 3 parts, so 2 go at once after its first: 8 MiB a client).
 PART_PUTS = 4
 DEFAULT_MAX_PAYLOAD = 1 << 20  # NATS' default max_payload
 # The largest disk read rate a store's reply is believed (GB/s): the bound routers hold a
