@@ -112,12 +112,13 @@ class Store:
         self.log.close()
 
 
-async def clients_for(nats_url: str, namespace: str, sid: int, n: int) -> list[OffloadClient]:
+async def clients_for(nats_url: str, namespace: str, sid: int, n: int,
+                      max_inflight: int = 4) -> list[OffloadClient]:
     out = []
     for i in range(n):
         bus = await Bus.connect(nats_url, name=f"bench-{i}", namespace=namespace)
         c = OffloadClient(bus, namespace, sender_id=i + 1, max_queue_bytes=256 << 20,
-                          max_inflight=4, put_timeout_s=30)
+                          max_inflight=max_inflight, put_timeout_s=30)
         await c.start(instances=[sid])
         out.append(c)
     return out
@@ -147,7 +148,7 @@ async def run_tier(tier: str, n_clients: int, a, nats_url: str, etcd: str, work:
     rows = []
     try:
         sid = int((await store.ready())["store_id"], 16)
-        clients = await clients_for(nats_url, namespace, sid, n_clients)
+        clients = await clients_for(nats_url, namespace, sid, n_clients, a.max_inflight)
         share = [chains[i::n_clients] for i in range(n_clients)]
 
         # ---- put
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,8", help="client counts, comma separated")
     p.add_argument("--tiers", default="ram,disk", help="ram, disk or both")
     p.add_argument("--get-rounds", type=int, default=1, help="times every run is fetched")
+    p.add_argument("--max-inflight", type=int, default=4,
+                   help="requests (or blocks in parts) each client has in flight at once; 1: "
+                        "one large block at a time, as a worker evicting a trickle of them")
     p.add_argument("--spill-queue-mb", type=float, default=256.0,
                    help="the store's disk write queue (disk tier)")
     a = p.parse_args(argv)

@@ -10,9 +10,11 @@ with the longest leading run that fits, saying in `held` how many more it has, s
 asks again for the rest while its deadline allows.
 
 A block larger than a message (a Llama-3-8B block of 16 tokens is 2 MiB) travels in parts
-(`genset.offload.parts`): put as `OffloadPutPart`s on `offload_put_part(ns, id)`, each
-answered with an `OffloadPutReply` (all counts 0: more parts expected; the part that
-completes the block gets the block's outcome; a refused part `refused` = 1); in a lookup
+(`genset.offload.parts`): put as `OffloadPutPart`s on `offload_put_part(ns, id, sender)`
+(the sender's instance id is the subject's last token: the store's per-sender bounds rest on
+it, and a secured stack lets a worker publish only under its own), each answered with an
+`OffloadPutReply` (all counts 0: more parts expected; the part that completes the block gets
+the block's outcome; a refused part `refused` = 1); in a lookup
 reply it is named in `large` (an `OffloadBlockRef`, when the request's `max_large_bytes`
 allows) right after `blocks`, and its payload is fetched with `OffloadGetPart` requests on
 `offload_get_part(ns, id)`. Blocks that fit a message travel as before.
@@ -92,10 +94,12 @@ class OffloadLookup(Message, kw_only=True):
 class OffloadPutPart(Message, kw_only=True):
     """Bytes [offset, offset + len(data)) of the payload of one block larger than a message
     (worker -> store). Every part names the whole block: its hash, parent, token ids and
-    the payload's total `size`; the store gathers the parts of (sender_id, hash) into one
+    the payload's total `size`; the store gathers the parts of (sender, hash) into one
     buffer of that size (bounded; `genset.offload.parts`) and, once complete, puts the block
     like any other (the same checks). Answered with an `OffloadPutReply`."""
 
+    # the sender's instance id: the same as the subject's last token (`offload_put_part`),
+    # which is what the store goes by; a part whose body says otherwise is refused
     sender_id: int = 0
     hash: U64
     parent_hash: U64 | None = None

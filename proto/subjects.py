@@ -91,9 +91,28 @@ def offload_put(namespace: str, store_id: int) -> str:
     return subject(namespace, OFFLOAD_COMPONENT, "put", store_id)
 
 
-def offload_put_part(namespace: str, store_id: int) -> str:
-    """`OffloadPutPart` -> `OffloadPutReply` (a part of a block larger than a message)."""
-    return subject(namespace, OFFLOAD_COMPONENT, "putpart", store_id)
+def offload_put_part(namespace: str, store_id: int, sender_id: int) -> str:
+    """`OffloadPutPart` -> `OffloadPutReply` (a part of a block larger than a message), from
+    worker `sender_id`. The sender is a subject token, not only a field of the message: the
+    store keeps per-sender state for blocks in parts (buffers, bounded per sender), and a
+    secured stack lets a worker publish here only under its own id, so the server vouches
+    for it (`genset.runtime.auth`)."""
+    return f"{subject(namespace, OFFLOAD_COMPONENT, 'putpart', store_id)}.{instance_token(sender_id)}"
+
+
+def offload_put_part_all(namespace: str, store_id: int) -> str:
+    """Every sender's parts for one store instance (the store's one subscription)."""
+    return subject(namespace, OFFLOAD_COMPONENT, "putpart", store_id) + ".*"
+
+
+def sender_token(subject_: str) -> int | None:
+    """The instance id in a subject's last token (`offload_put_part`'s sender), or None when
+    it is not one as `instance_token` writes it (lowercase hex, no sign, no leading zero)."""
+    tok = subject_.rpartition(".")[2]
+    if not tok or len(tok) > 16 or tok.strip("0123456789abcdef"):
+        return None
+    value = int(tok, 16)
+    return value if instance_token(value) == tok else None
 
 
 def offload_get_part(namespace: str, store_id: int) -> str:

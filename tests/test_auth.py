@@ -69,6 +69,13 @@ def test_nats_configuration_has_users_only_and_each_worker_only_its_id(tmp_path)
     assert not any(subjects.instance_token(w1) in s for s in pub + sub)
     assert subjects.stream_cancel("ns") not in pub  # cancels: requesters only
     assert f"_INBOX.{auth.worker_user(w0)}.>" in sub and "_INBOX.>" not in sub
+    # parts of large blocks to any store, under its own sender id only (the store's per-sender
+    # bounds rest on it); the store takes every sender's
+    assert f"genset.ns.kv_offload.putpart.*.{subjects.instance_token(w0)}" in pub
+    assert not any(s.startswith("genset.ns.kv_offload.putpart.") and not
+                   s.endswith("." + subjects.instance_token(w0)) for s in pub)
+    assert "genset.ns.kv_offload.putpart.*.*" in \
+        users["offload"]["permissions"]["subscribe"]["allow"]
     assert mine["allow_responses"] == {"max": -1, "expires": auth.RESPONSE_WINDOW}
     client = users["client"]["permissions"]
     assert "allow_responses" not in client

@@ -13,11 +13,14 @@ import pytest
 
 import proto
 from genset.offload.parts import (
+    BUFFER_OVERHEAD,
     PART_EXPIRED,
     PART_MISMATCH,
     PART_OVERLAP,
     PART_RANGE,
+    PART_SENDER,
     PARTS_FULL,
+    split,
 )
 from proto import subjects
 from proto.offload import (
@@ -153,11 +156,13 @@ async def test_large_blocks_come_back_from_the_disk_tier(nats_server, etcd_serve
         await client.close()
 
 
+@pytest.mark.parametrize("message_bytes", [None, 64 * 1024])
 async def test_non_finite_kv_in_a_block_in_parts_is_refused(nats_server, etcd_server, bus,
-                                                             discovery, ns):
+                                                             discovery, ns, message_bytes):
     """The store's value check applies to a block gathered from parts: a NaN in its last
     part (a torch worker's float16 payload, 1.5 MiB) is refused as `non_finite`; the clean
-    twin is kept and served."""
+    twin is kept and served. In 64 KiB parts (25 of them, a window in flight) the refusal
+    comes with the completing part and is counted once, as in 1 MiB ones."""
     rng = np.random.default_rng(7)
     n = 3 * MiB // 4  # float16 values: 1.5 MiB
     shape = (1, 2, 2, 16, 8, n // (2 * 2 * 16 * 8))
@@ -168,11 +173,12 @@ async def test_non_finite_kv_in_a_block_in_parts_is_refused(nats_server, etcd_se
     bad.data = kv_payload(values, "float16", shape)
     assert len(bad.data) > MiB
     async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05) as store:
-        client = await started_client(bus, discovery, ns, 1)
+        client = await started_client(bus, discovery, ns, 1, max_message_bytes=message_bytes)
         client.put_behind([clean, bad])
         assert await client.flush(WAIT)
         st = client.stats
         assert (st["put_stored"], st["put_refused"]) == (1, 1)
+        assert st["put_parts_incomplete"] == st["put_failed"] == 0
         assert refused(store, "non_finite") == 1
         assert store.store.contains([bad.hash]) == (0, 0)
         run = await client.lookup([clean.hash, bad.hash], deadline_s=WAIT, want_tokens=True)
@@ -210,16 +216,16 @@ async def test_hostile_parts_are_refused_and_counted_and_an_honest_put_goes_thro
                              max_block_mb=4, part_buffer_mb=16, clock=clock) as store:
         parts = store.parts
         sid = store.instance_id
-        subject = subjects.offload_put_part(ns, sid)
-        # the per-sender share: half the buffers
-        assert parts.max_bytes == 16 * MiB and parts.max_sender_bytes == 8 * MiB
+        # the per-sender share: a quarter of the buffers, at least one largest block
+        assert parts.max_bytes == 16 * MiB
+        assert parts.max_sender_bytes == 4 * MiB + BUFFER_OVERHEAD
         client = await started_client(bus, discovery, ns, 1)
         peak = 0
 
         async def part(sender: int, h: int, size: int, offset: int, n: int,
                        parent: int | None = None) -> OffloadPutReply:
             nonlocal peak
-            reply = await bus.request(subject, OffloadPutPart(
+            reply = await bus.request(subjects.offload_put_part(ns, sid, sender), OffloadPutPart(
                 sender_id=sender, hash=h, parent_hash=parent, size=size, offset=offset,
                 data=bytes([h % 251]) * n), timeout=WAIT, reply_type=OffloadPutReply)
             peak = max(peak, parts.bytes)
@@ -397,3 +403,214 @@ async def test_a_lookup_keeps_only_large_blocks_whose_parts_add_up(bus, ns):
     await client.close()
     for sub in subs:
         await sub.unsubscribe()
+
+
+async def test_a_part_whose_body_names_another_sender_is_refused_and_counted(
+        nats_server, etcd_server, bus, ns):
+    """The store gathers parts under the sender their subject names (what NATS authenticates
+    in a secured stack): a part whose body says another sender is refused (`part_sender`),
+    counted, drops the block that subject's sender had in progress and starts nothing under
+    either id; so does a subject whose last token is not an instance id."""
+    me, other = 0xA1, 0xB2
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05) as store:
+        parts, sid = store.parts, store.instance_id
+        mine = subjects.offload_put_part(ns, sid, me)
+
+        async def part(subject: str, sender: int, offset: int = 0) -> OffloadPutReply:
+            return await bus.request(subject, OffloadPutPart(
+                sender_id=sender, hash=77, size=2 * MiB, offset=offset, data=b"k" * 1000),
+                timeout=WAIT, reply_type=OffloadPutReply)
+
+        assert (await part(mine, me)).refused == 0 and parts.sender_bytes(me) > 0
+        reply = await part(mine, other, offset=1000)
+        assert reply.refused == 1 and "part says sender b2" in reply.error, reply
+        assert parts.counts[PART_SENDER] == 1 and len(parts) == 0 and parts.bytes == 0
+        assert parts.sender_bytes(other) == parts.sender_bytes(me) == 0
+        # a last token that is not an instance id as the bus writes them
+        base = subjects.offload_put_part_all(ns, sid)[:-1]
+        for tok in ("A1", "0a1", "zz"):
+            reply = await part(base + tok, me)
+            assert reply.refused == 1 and repr(tok) in reply.error, reply
+        assert parts.counts[PART_SENDER] == 4 and len(parts) == 0
+        assert parts.counts["parts"] == 1  # the one part taken
+        text = store.metrics.render().decode()
+        assert f'genset_offload_part_events{{kind="{PART_SENDER}"}} 4.0' in text
+        # the sender's own parts are taken as before
+        assert (await part(mine, me)).refused == 0 and (me, 77) in parts
+
+
+async def test_a_worker_cannot_send_parts_under_another_workers_id(secure_infra):
+    """In the secured stack a worker may publish parts only under its own sender id: one
+    under another worker's subject (its body forged to match) is refused by the server (a
+    permissions violation) and never reaches the store, while its own, sent after it on the
+    same connection (NATS keeps one connection's order, so the forged one would have come
+    first), is taken."""
+    from genset.runtime.config import CommonConfig
+    from services.kv_offload.service import OffloadOptions, OffloadService
+    from tests.test_security import Errors, raw
+
+    ns = secure_infra.namespace
+    me, other = secure_infra.worker_id(0), secure_infra.worker_id(1)
+    svc = OffloadService(CommonConfig(namespace=ns, nats=secure_infra.nats.url,
+                                      etcd=secure_infra.etcd.endpoint),
+                         OffloadOptions(offload_ram_gb=0.05))
+    svc.bus = await secure_infra.bus("offload")
+    errors = Errors()
+    nc = await raw(secure_infra, "worker", slot=0, errors=errors)
+    try:
+        await svc.start()
+        parts, sid = svc.parts, svc.instance_id
+
+        def part(sender: int, h: int) -> bytes:
+            return proto.encode(OffloadPutPart(sender_id=sender, hash=h, size=2 * MiB,
+                                               data=b"k" * 1000))
+
+        forged = subjects.offload_put_part(ns, sid, other)
+        await nc.publish(forged, part(other, 1))
+        msg = await nc.request(subjects.offload_put_part(ns, sid, me), part(me, 2),
+                               timeout=WAIT)
+        assert proto.decode(msg.data, OffloadPutReply).refused == 0
+        await errors.wait_for(f'Permissions Violation for Publish to "{forged}"')
+        assert (other, 1) not in parts and parts.sender_bytes(other) == 0
+        assert (me, 2) in parts and len(parts) == 1 and parts.counts["parts"] == 1
+    finally:
+        await nc.close()
+        await svc.drain()
+        await svc.stop()
+        await svc.bus.close()
+
+
+class PartsInFlight:
+    """A real Bus, passed through, that counts the part puts in flight on it (the most at
+    once): what shows a block's parts go with a window, without timing anything."""
+
+    def __init__(self, bus) -> None:
+        self._bus = bus
+        self.now = 0
+        self.most = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._bus, name)
+
+    async def request(self, subject: str, message, **kwargs):
+        counted = isinstance(message, OffloadPutPart)
+        if counted:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            return await self._bus.request(subject, message, **kwargs)
+        finally:
+            if counted:
+                self.now -= 1
+
+
+async def test_a_blocks_parts_go_with_a_window_in_flight_and_come_back_whole(
+        nats_server, etcd_server, bus, discovery, ns):
+    """In 64 KiB parts (a 2 MiB block is 33 of them, an odd 1.5 MiB + 3 one 25), one block at
+    a time: the first part alone, then PART_PUTS in flight at once; every part answered,
+    both blocks stored and onboarded byte for byte."""
+    from genset.offload.client import PART_HEADROOM, PART_PUTS
+
+    blocks = sized(51, [2 * MiB, 3 * MiB // 2 + 3])
+    limit = 64 * 1024
+    expected = sum(len(split(len(b.data), limit - len(b.token_ids) - PART_HEADROOM))
+                   for b in blocks)
+    assert expected > 2 * (PART_PUTS + 1)
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05) as store:
+        counted = PartsInFlight(bus)
+        client = await started_client(counted, discovery, ns, 1, max_inflight=1,
+                                      max_message_bytes=limit, put_timeout_s=WAIT)
+        assert client.put_behind(blocks) == 2
+        assert await client.flush(WAIT)
+        st = client.stats
+        assert (st["put_large"], st["put_stored"], st["put_parts"]) == (2, 2, expected)
+        assert st["put_parts_incomplete"] == st["put_failed"] == st["put_refused"] == 0
+        assert PART_PUTS > 1 and counted.most == PART_PUTS
+        assert store.parts.counts["parts"] == expected
+        assert store.parts.counts["completed"] == 2 and store.parts.bytes == 0
+        run = await client.lookup([b.hash for b in blocks], deadline_s=WAIT, want_tokens=True)
+        assert same(run, blocks)
+        await client.close()
+
+
+async def test_a_block_refused_at_its_first_part_sends_no_more_parts(
+        nats_server, etcd_server, bus, discovery, ns):
+    """Another sender's blocks in progress fill the store's part buffers: a 2 MiB block is
+    refused (`parts_full`) at its first part, and the client sends none of its other parts
+    (the first goes alone: sent with it they would each have been refused and counted
+    again) and counts one refused put; once those expire the same block goes through."""
+    clock = Clock()
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05,
+                             max_block_mb=4, part_buffer_mb=8, clock=clock) as store:
+        parts, sid = store.parts, store.instance_id
+        for sender in range(0xC1, 0xC5):  # each its own share; the fourth finds it all full
+            reply = await bus.request(subjects.offload_put_part(ns, sid, sender), OffloadPutPart(
+                sender_id=sender, hash=sender, size=2 * MiB, data=b"f" * 1000),
+                timeout=WAIT, reply_type=OffloadPutReply)
+            assert reply.refused == (sender == 0xC4), reply
+        assert parts.counts[PARTS_FULL] == 1
+        client = await started_client(bus, discovery, ns, 1, put_timeout_s=WAIT)
+        [blk] = sized(53, [2 * MiB])
+        client.put_behind([blk])
+        assert await client.flush(WAIT)
+        st = client.stats
+        assert (st["put_large"], st["put_parts"], st["put_refused"], st["put_stored"]) == \
+            (1, 1, 1, 0)
+        assert parts.counts[PARTS_FULL] == 2 and parts.sender_bytes(7) == 0
+        clock.now += PART_TTL_S
+        parts.expire()  # (or the store's sweeper did)
+        assert len(parts) == 0 and parts.counts[PART_EXPIRED] == 3
+        client.put_behind([blk])
+        assert await client.flush(WAIT)
+        assert (st["put_stored"], st["put_refused"], st["put_parts"]) == (1, 1, 1 + 3)
+        await client.close()
+
+
+@pytest.mark.parametrize("mode", ["refused", "error"])
+async def test_a_refusal_or_failure_mid_block_stops_its_other_parts(bus, ns, mode):
+    """A store (a fake, answering in order in the connection's reader) refuses the 6th of a
+    block's 40 parts and answers the parts in flight after it `known`: the client sends no
+    part after the refusal beyond those already in flight (at most PART_PUTS), takes the
+    first outcome as the block's (one refusal, no `known`) and counts it as before. A part
+    answered with an error stops it the same way, counted as a failed put (the fake answers
+    every part from there with an error: the bus sends error replies from a task, so a
+    plain answer to a later part could overtake one, and the client stops only once it
+    learns of the failure)."""
+    from genset.offload.client import PART_HEADROOM, PART_PUTS, OffloadClient
+
+    fake, k = 0xFA4E, 5
+    [blk] = sized(52, [40_000])
+    got: list[int] = []
+
+    def put_part(subject: str, data: bytes) -> OffloadPutReply:
+        req = proto.decode(data, OffloadPutPart)
+        assert subjects.sender_token(subject) == req.sender_id == 7
+        got.append(req.offset)
+        if len(got) - 1 < k:
+            return OffloadPutReply(store_id=fake)
+        if mode == "error":
+            raise ValueError("a broken part")
+        if len(got) - 1 == k:
+            return OffloadPutReply(store_id=fake, refused=1, error="refused mid-block")
+        return OffloadPutReply(store_id=fake, known=1)
+
+    sub = await bus.serve_direct(subjects.offload_put_part_all(ns, fake), put_part,
+                                 with_subject=True)
+    # parts of 1000 bytes: 40 of them
+    client = OffloadClient(bus, ns, sender_id=7, put_timeout_s=WAIT,
+                           max_message_bytes=1000 + len(blk.token_ids) + PART_HEADROOM)
+    await client.start(instances=[fake])
+    client.put_behind([blk])
+    assert await client.flush(WAIT)
+    st = client.stats
+    assert k + 1 <= len(got) <= k + PART_PUTS < 40, got
+    assert got == sorted(got) and len(set(got)) == len(got)
+    if mode == "refused":
+        assert (st["put_refused"], st["put_known"], st["put_failed"]) == (1, 0, 0)
+        assert st["put_parts"] == len(got)
+    else:
+        assert (st["put_refused"], st["put_known"], st["put_failed"]) == (0, 0, 1)
+        assert st["put_parts"] == k
+    assert st["put_parts_incomplete"] == 0 and st["put_large"] == 1
+    await client.close()
+    await sub.unsubscribe()

@@ -16,12 +16,15 @@ from genset.offload.parts import (
     PART_MISMATCH,
     PART_OVERLAP,
     PART_RANGE,
+    PART_SENDER,
     PARTS_FULL,
     PENDING,
     Assemblies,
     PartBuffer,
+    check_sender,
     split,
 )
+from proto import subjects
 
 
 class Clock:
@@ -179,3 +182,34 @@ def test_adding_a_part_expires_old_blocks_first():
     clock.now += 5
     assert a.add(2, 2, size=100, offset=0, data=b"a").status == PENDING
     assert a.counts[PART_EXPIRED] == 1
+
+
+def test_the_sender_is_the_subjects_last_token_and_the_body_must_agree():
+    """The store goes by the subject's sender (what NATS authenticates); a body naming another
+    sender, or a last token that is not an instance id as `instance_token` writes it, is
+    refused with `part_sender`."""
+    subject = subjects.offload_put_part("ns", 0xAB, 0x1F)
+    assert subject == "genset.ns.kv_offload.putpart.ab.1f"
+    assert subjects.offload_put_part_all("ns", 0xAB) == "genset.ns.kv_offload.putpart.ab.*"
+    assert subjects.sender_token(subject) == 0x1F
+    assert subjects.sender_token(subjects.offload_put_part("ns", 1, 0)) == 0
+    assert subjects.sender_token(subjects.offload_put_part("ns", 1, 2**64 - 1)) == 2**64 - 1
+    for bad in ("1F", "01f", "-1f", "x", "", "1" * 17, "1f.", "+1f"):
+        assert subjects.sender_token(f"genset.ns.kv_offload.putpart.ab.{bad}") is None, bad
+    assert check_sender(0x1F, 0x1F) is None
+    reason, text = check_sender(0x1F, 0x2E)
+    assert reason == PART_SENDER and "2e" in text and "1f" in text
+    reason, text = check_sender(None, 0x1F, "01f")
+    assert reason == PART_SENDER and "'01f'" in text
+
+
+def test_a_refused_part_drops_its_senders_block_and_is_counted():
+    a, _ = _asm()
+    assert a.add(1, 5, size=1000, offset=0, data=b"a" * 500).status == PENDING
+    assert a.add(2, 5, size=1000, offset=0, data=b"a" * 500).status == PENDING
+    r = a.refuse(1, 5, PART_SENDER, "says another sender")
+    assert (r.status, r.reason, r.text) == (DROPPED, PART_SENDER, "says another sender")
+    assert (1, 5) not in a and (2, 5) in a and a.sender_bytes(1) == 0
+    assert a.refuse(None, 5, PART_SENDER, "not an id").status == DROPPED
+    assert a.refuse(3, 9, PART_SENDER, "nothing in progress").status == DROPPED
+    assert a.counts[PART_SENDER] == 3 and len(a) == 1

@@ -15,9 +15,10 @@ membership.
 Write-behind: `put_behind` appends to a queue bounded in bytes and returns; a background
 task cuts the queue into requests that fit a NATS message, per owner, with at most
 `max_inflight` requests outstanding. A block larger than a message goes alone, in parts
-(`OffloadPutPart`s, one after the other, each answered; `genset.offload.parts`), in one of
-those slots. When the queue is full, there is no store, or a block is larger than the whole
-queue, the block is dropped and counted: an eviction must never wait for the store.
+(`OffloadPutPart`s on the store's subject for this sender; `genset.offload.parts`), in one of
+those slots: its first part alone, then the rest with up to `PART_PUTS` in flight. When the
+queue is full, there is no store, or a block is larger than the whole queue, the block is
+dropped and counted: an eviction must never wait for the store.
 `put_behind` may be called from another thread (an engine thread's eviction hook).
 
 Lookup: one round trip to the owners in parallel, under `deadline_s`; when an owner held more
@@ -30,8 +31,9 @@ replies: the run found so far (maybe []) is returned and the worker computes the
 Nothing is raised to the caller.
 
 Memory: the put queue <= `max_queue_bytes`, plus `max_inflight` requests of at most one NATS
-message each (a block in parts is in the queue's bytes until sent); a lookup holds at most
-one message per owner per round, plus the blocks in parts it fetches (within `max_bytes`).
+message each (for a block in parts, `PART_PUTS` parts of at most one message each; the block
+is in the queue's bytes until taken); a lookup holds at most one message per owner per round,
+plus the blocks in parts it fetches (within `max_bytes`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,16 @@ BLOCK_WIRE_OVERHEAD = 64  # msgpack bytes per block beyond its payload and token
 REQUEST_HEADROOM = 4096  # bytes of a message besides its blocks
 PART_HEADROOM = 256  # bytes of an `OffloadPutPart` / `OffloadPart` besides its data, token ids
 PART_FETCHES = 8  # parts of large blocks one lookup asks for at once
+# Parts of one block put at once after its first part (which goes alone): their round trips
+# overlap (a 2 MiB block through a 1 MiB NATS: 2 in sequence instead of 3). On the shared
+# 2-core box, where client, nats-server and store share the CPU, it measured level with one
+# part at a time (0.96-1.14x, inside the noise; docs/benchmarks.md, session 19); the round
+# trips it saves should count where a network lies between worker and store (not measured).
+# Each is at most one message: a client has at most max_inflight x PART_PUTS of them in
+# flight (16 MiB at the defaults, 4 before), and what the store has not read yet waits in
+# nats-server's buffer for its connection (64 MiB by default before the server drops it as a
+# slow consumer; a 2 MiB block is 3 parts, so 2 go at once after its first: 8 MiB a client).
+PART_PUTS = 4
 DEFAULT_MAX_PAYLOAD = 1 << 20  # NATS' default max_payload
 # The largest disk read rate a store's reply is believed (GB/s): the bound routers hold a
 # worker's reported `onboard_disk_gbps` to (`genset.routing.load.ONBOARD_FIELDS`); ~30x an
@@ -298,15 +310,24 @@ class OffloadClient:
             self._done(len(blocks))
 
     async def _send_parts(self, owner: int, b: OffloadBlock, limit: int) -> None:
-        """One block larger than a message, in parts, each waiting for its answer (the
-        store's outcome comes with the part that completes the block; a refusal stops the
-        rest)."""
+        """One block larger than a message, in parts. The first goes alone: its answer says
+        whether the rest should go at all (refused before anything is allocated: too large,
+        hash, token ids, the store's buffers full; or `known`: held already), and parts sent
+        before it would each be checked and counted again, or after a refusal start a buffer
+        that holds this sender's share until it expires. The rest go with up to `PART_PUTS`
+        in flight. The store's outcome comes with the part that completes the block, which
+        is not always the last reply to arrive: the first reply with an outcome is the
+        block's, and an outcome or a failure sends no more parts (those in flight are
+        awaited, so the counts are settled when this returns)."""
         part_bytes = max(1, limit - len(b.token_ids) - PART_HEADROOM)
         data = memoryview(b.data)
-        subject = subjects.offload_put_part(self.namespace, owner)
+        subject = subjects.offload_put_part(self.namespace, owner, self.sender_id)
         self.stats["put_large"] += 1
-        reply: OffloadPutReply | None = None
-        for offset, n in split(len(data), part_bytes):
+        outcome: OffloadPutReply | None = None
+        failed = False
+
+        async def put(offset: int, n: int) -> None:
+            nonlocal outcome, failed
             try:
                 reply = await self.bus.request(
                     subject, OffloadPutPart(
@@ -317,18 +338,39 @@ class OffloadClient:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # as a put's: best effort
-                self.stats["put_failed"] += 1
+                failed = True
                 log.debug("offload put part failed", store=f"{owner:x}",
                           block=f"{b.hash:016x}", offset=offset, error=repr(exc))
                 return
             self.stats["put_parts"] += 1
-            if reply.stored or reply.known or reply.rejected or reply.refused:
-                break  # the block's outcome (complete, or refused: no more parts)
-        if reply is None or not (reply.stored or reply.known or reply.rejected
-                                 or reply.refused):
+            if outcome is None and (reply.stored or reply.known or reply.rejected
+                                    or reply.refused):
+                outcome = reply  # complete, or refused: no more parts
+
+        pieces = split(len(data), part_bytes)
+        await put(*pieces[0])
+        if outcome is None and not failed and len(pieces) > 1:
+            window = asyncio.Semaphore(PART_PUTS)
+
+            async def windowed(offset: int, n: int) -> None:
+                try:
+                    await put(offset, n)
+                finally:
+                    window.release()
+
+            async with asyncio.TaskGroup() as tg:
+                for offset, n in pieces[1:]:
+                    await window.acquire()
+                    if outcome is not None or failed:
+                        window.release()
+                        break
+                    tg.create_task(windowed(offset, n))
+        if outcome is not None:
+            self._count_put(owner, 1, outcome)
+        elif failed:
+            self.stats["put_failed"] += 1
+        else:
             self.stats["put_parts_incomplete"] += 1  # the store never said it had it all
-            return
-        self._count_put(owner, 1, reply)
 
     async def _send_one(self, owner: int, blocks: list[OffloadBlock]) -> None:
         try:

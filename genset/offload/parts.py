@@ -23,11 +23,28 @@ Whoever is on the bus is untrusted, so the store's side (`Assemblies`) is bounde
 Every drop is counted by reason (`Assemblies.counts`).
 
 A block is keyed by (sender id, hash): two workers that evict the same block at once each
-complete their own (the second is a `known` put). The sender id is the sender's word (the bus
-does not authenticate it), so the per-sender share holds a crashed or buggy sender, not a
-hostile one that sends under many ids: that one can fill the overall bound (then big puts are
-refused until its blocks expire; small blocks and lookups are not affected, and nothing wrong
-is ever kept: an assembled block is checked like any other put).
+complete their own (the second is a `known` put). The sender id is the last token of the
+part's subject (`proto.subjects.offload_put_part`), which the store reads off the message
+NATS delivered; the message's own `sender_id` must say the same, or the part is refused
+(`part_sender`, `check_sender`; a subject token that is not an instance id too). In a secured
+stack (`genset.runtime.auth`) a worker may publish parts only under its own id, so the server
+vouches for the sender and the per-sender share bounds a hostile worker as it does a crashed
+or buggy one: it cannot take more than its share by sending under other ids. In an open stack
+(no NATS users, `genset up --insecure`) nothing is authenticated: anyone on the bus can send
+under many ids, fill the overall bound, and big puts are refused until its blocks expire
+(small blocks and lookups are not affected, and nothing wrong is ever kept: an assembled
+block is checked like any other put).
+
+Parts of one block may arrive in any order and from several requests in flight at once (the
+client keeps a window of them, `genset.offload.client.PART_PUTS`): a buffer takes any part
+that does not overlap the bytes received, in up to MAX_RANGES disjoint pieces, and the block
+is complete when every byte is in, whichever part brings the last one. (Parts published by
+one connection reach the store's one subscription in order anyway; the window's replies
+carry the part they answer, so the client takes the outcome from whichever reply has it.)
+
+Fetching (`OffloadGetPart`) keeps nothing on the store between requests and nothing keyed by
+who asks (a part is read from the held block, or from one disk read shared by the parts that
+arrive while it runs), so its subject names no sender: there is no per-sender state to bound.
 """
 
 from __future__ import annotations
@@ -43,7 +60,8 @@ PART_RANGE = "part_range"
 PART_MISMATCH = "part_mismatch"
 PARTS_FULL = "parts_full"
 PART_EXPIRED = "part_expired"
-PART_REASONS = (PART_OVERLAP, PART_RANGE, PART_MISMATCH, PARTS_FULL, PART_EXPIRED)
+PART_SENDER = "part_sender"
+PART_REASONS = (PART_OVERLAP, PART_RANGE, PART_MISMATCH, PARTS_FULL, PART_EXPIRED, PART_SENDER)
 
 MAX_RANGES = 64  # disjoint pieces of one block received so far, at most
 BUFFER_OVERHEAD = 512  # bytes per block being gathered beyond its payload and token ids
@@ -58,6 +76,21 @@ def split(size: int, part_bytes: int) -> list[tuple[int, int]]:
     if part_bytes < 1:
         raise ValueError(f"part_bytes must be >= 1, got {part_bytes}")
     return [(s, min(part_bytes, size - s)) for s in range(0, size, part_bytes)]
+
+
+def check_sender(subject_sender: int | None, body_sender: int,
+                 token: str = "") -> tuple[str, str] | None:
+    """Why a part whose subject names `subject_sender` (None: its last token, `token`, is not
+    an instance id) and whose body says `body_sender` is refused, as (reason, text), or None.
+    The subject is what the bus vouches for; a body that names another sender is a forgery or
+    a broken client, and the part is not taken under either id."""
+    if subject_sender is None:
+        return PART_SENDER, (f"the subject's last token {token!r} is not a sender instance id "
+                             "(lowercase hex)")
+    if body_sender != subject_sender:
+        return PART_SENDER, (f"part says sender {body_sender:x}, sent under sender "
+                             f"{subject_sender:x}'s subject")
+    return None
 
 
 class PartBuffer:
@@ -225,6 +258,12 @@ class Assemblies:
         self._forget(key)
         self.counts["completed"] += 1
         return Added(COMPLETE, buffer=buf)
+
+    def refuse(self, sender: int | None, block_hash: int, reason: str, text: str) -> Added:
+        """A part refused before it reached `add` (e.g. `check_sender`'s): counted; like any
+        bad part it drops its block in progress, (sender, block_hash), if there is one."""
+        key = (sender, block_hash) if sender is not None else None
+        return self._drop(key if key in self._blocks else None, reason, text)
 
     def _drop(self, key: tuple[int, int] | None, reason: str, text: str) -> Added:
         if key is not None:

@@ -110,7 +110,8 @@ def nats_permissions(role: str, namespace: str, user: str,
     worker_generate_any = f"{subjects.ROOT}.{ns}.*.generate.{any_id}"
     # the kv_offload store: requests to any store instance, and every store's events
     offload_requests = tuple(subjects.subject(ns, subjects.OFFLOAD_COMPONENT, endpoint) + ".*"
-                             for endpoint in ("put", "lookup", "contains", "putpart", "getpart"))
+                             for endpoint in ("put", "lookup", "contains", "getpart"))
+    offload_put_part = subjects.subject(ns, subjects.OFFLOAD_COMPONENT, "putpart")
     offload_events_all = subjects.offload_events_all(ns)
     offload_resync_any = subjects.subject(ns, subjects.OFFLOAD_COMPONENT, "resync") + ".*"
     planner_inputs = (subjects.frontend_stats(ns), subjects.step_stats_all(ns))
@@ -126,9 +127,13 @@ def nats_permissions(role: str, namespace: str, user: str,
         xfer_any = (subjects.subject(ns, "kvxfer", "rx") + ".*.*",
                     subjects.subject(ns, "kvxfer", "tx") + ".*.*")
         remote_prefill_any = subjects.subject(ns, "prefill", "remote") + "." + any_id
+        # parts of large blocks to any store, under its own sender id only: the store keeps
+        # per-sender buffers and takes the sender from the subject (subjects.offload_put_part)
+        own_parts = f"{offload_put_part}.{any_id}.{tok}"
         return NatsPermissions(
             publish=(subjects.kv_events(ns, instance_id), subjects.load_report(ns, instance_id),
                      lifecycle, subjects.step_stats(ns, instance_id), *offload_requests,
+                     own_parts,
                      remote_prefill_any, *xfer_any,
                      subjects.prefill_kv_hashes(ns, instance_id)),
             # generate requests of any role it registers as (decode, prefill), its own id only
@@ -160,10 +165,12 @@ def nats_permissions(role: str, namespace: str, user: str,
                                                       events_all, *planner_inputs, inbox),
                                responses=False)
     if role == ROLE_OFFLOAD:
-        # serves put/lookup/contains/resync on its instances' subjects, publishes its events
+        # serves put/lookup/contains/getpart/resync on its instances' subjects and every
+        # sender's parts (putpart.<instance>.<sender>), publishes its events
         return NatsPermissions(
             publish=(offload_events_all,),
-            subscribe=(f"{subjects.ROOT}.{ns}.{subjects.OFFLOAD_COMPONENT}.*.*", inbox),
+            subscribe=(f"{subjects.ROOT}.{ns}.{subjects.OFFLOAD_COMPONENT}.*.*",
+                       f"{offload_put_part}.*.*", inbox),
             responses=True)
     if role == ROLE_CLIENT:
         return NatsPermissions(publish=(subjects.frontend_generate(ns), cancel),

@@ -780,8 +780,9 @@ class Bus:
         await self.flush()  # when this returns, requests reach us (no NoResponders)
         return sub
 
-    async def serve_direct(self, subject: str, handler: Callable[[bytes], Any], *,
-                           queue: str | None = None) -> Subscription:
+    async def serve_direct(self, subject: str, handler: Callable[..., Any], *,
+                           queue: str | None = None, with_subject: bool = False
+                           ) -> Subscription:
         """Answer requests with a plain function run inside the connection's reader
         (`_DirectSub`): `handler(data)` returns a Struct, bytes or None (no reply), and an
         exception is answered as an error reply, as `serve` does. The reply is queued at once
@@ -791,12 +792,14 @@ class Bus:
         flusher task, three task steps and two writes per request where this takes none and
         one (the offload store's puts, issue 15). One request at a time by construction, so
         there is no `max_concurrent`. A reply the connection cannot take at once
-        (reconnecting, buffer full) goes by a task through the awaitable publish."""
+        (reconnecting, buffer full) goes by a task through the awaitable publish.
+        `with_subject`: `handler(subject, data)`, the subject the request came on (a wildcard
+        subscription's token that the server vouches for: the offload store's part sender)."""
 
         def on_request(msg: Msg) -> None:
             reply = msg.reply
             try:
-                result = handler(msg.data)
+                result = handler(msg.subject, msg.data) if with_subject else handler(msg.data)
             except Exception as exc:
                 error = _logged_handler_error(exc, subject)
                 if reply:

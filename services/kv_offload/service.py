@@ -6,9 +6,10 @@ named after the instance (two processes that briefly share an id, an old one dra
 its restart, never both answer):
 
 - `offload_put(ns, id)`: `OffloadPut` -> `OffloadPutReply` (write-behind of evicted blocks);
-- `offload_put_part(ns, id)`: `OffloadPutPart` -> `OffloadPutReply` (a part of a block larger
-  than a message; gathered in bounded, expiring buffers, `genset.offload.parts`, then put
-  like any other block);
+- `offload_put_part(ns, id, sender)`: `OffloadPutPart` -> `OffloadPutReply` (a part of a
+  block larger than a message; one subscription for every sender, `putpart.<id>.*`, the
+  sender taken from the subject's last token; gathered in bounded, expiring buffers per
+  sender, `genset.offload.parts`, then put like any other block);
 - `offload_get_part(ns, id)`: `OffloadGetPart` -> `OffloadPart` (a part of a held block that
   a lookup reply named in `large`);
 - `offload_lookup(ns, id)`: `OffloadLookup` -> `OffloadLookupReply` (the leading run held,
@@ -38,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import proto
-from genset.offload.parts import BUFFER_OVERHEAD, Assemblies
+from genset.offload.parts import BUFFER_OVERHEAD, Assemblies, check_sender
 from genset.offload.parts import DROPPED as PART_DROPPED
 from genset.offload.parts import PENDING as PART_PENDING
 from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
@@ -99,7 +100,8 @@ class OffloadOptions:
         env="GENSET_OFFLOAD_MAX_BLOCK_MB"))
     part_buffer_mb: float = field(default=64.0, metadata=opt(
         "bytes of blocks being gathered from parts at once, MiB (at least one largest "
-        "block); one sender may hold half of it; a block not complete within "
+        "block); one sender may hold a quarter of it (at least one largest block); a "
+        "block not complete within "
         f"{PART_TTL_S:g} s is dropped", min=0, env="GENSET_OFFLOAD_PART_BUFFER_MB"))
     spill_min_freq: int = field(default=2, metadata=opt(
         "a block evicted from RAM goes to disk only if put or asked for this often", min=0,
@@ -218,11 +220,19 @@ class OffloadService(Service):
         if o.max_block_mb > 0:
             # may exceed a message: such blocks travel in parts
             max_block = int(o.max_block_mb * MB)
-        # the parts' buffers hold at least one largest block, a sender at least one too
+        # The parts' buffers hold at least one largest block, a sender at least one too.
+        # Otherwise a sender's share is a quarter of the whole (it was half). The sender is
+        # the subject's token, which a secured stack authenticates, so the share is what one
+        # hostile (or broken) worker can hold: filling the buffers takes four of them, not
+        # two. An honest worker holds at most its client's `max_inflight` (4) blocks in
+        # progress at once (plus any abandoned after a failure, for PART_TTL_S): 8 MiB of
+        # Llama-3-8B's 2 MiB blocks, half of a quarter of the default 64 MiB. With the
+        # default --max-block-mb (32, half of 64) the one-block floor decides, still half;
+        # --max-block-mb at a quarter of --part-buffer-mb or less gives the quarter.
         largest = max_block + BUFFER_OVERHEAD
         part_bytes = max(largest, int(o.part_buffer_mb * MB))
         self.parts = Assemblies(max_bytes=part_bytes,
-                                max_sender_bytes=max(largest, part_bytes // 2),
+                                max_sender_bytes=max(largest, part_bytes // 4),
                                 ttl_s=PART_TTL_S, clock=self.clock)
         # Event batches must fit a message too: at 8192 entries one could be ~560 KB, and on a
         # server with a smaller max_payload every such batch (and every snapshot) was lost.
@@ -244,8 +254,9 @@ class OffloadService(Service):
         put_subject = subjects.offload_put(ns, sid)
         self._subs.append(await self.bus.serve_direct(put_subject, self._put, queue=queue))
         self.subjects["put"] = put_subject
-        part_subject = subjects.offload_put_part(ns, sid)
-        self._subs.append(await self.bus.serve_direct(part_subject, self._put_part, queue=queue))
+        part_subject = subjects.offload_put_part_all(ns, sid)
+        self._subs.append(await self.bus.serve_direct(part_subject, self._put_part, queue=queue,
+                                                      with_subject=True))
         self.subjects["put_part"] = part_subject
         handlers = {
             "lookup": (subjects.offload_lookup(ns, sid), self._on_lookup),
@@ -377,42 +388,51 @@ class OffloadService(Service):
         req = self._decode(data, OffloadPut, "put")
         return self._put_blocks(req.blocks, req.sender_id)
 
-    def _put_part(self, data: bytes) -> OffloadPutReply:
+    def _put_part(self, subject: str, data: bytes) -> OffloadPutReply:
         """A part of a block larger than a message, run in the connection's reader like a
-        put: gathered (`genset.offload.parts.Assemblies`); the part that completes the block
-        puts it (every check of a put, the payload's values included). Counts all 0: more
-        parts expected; `refused` 1: the block is refused (its size, hash or token ids, at
-        its first part, before anything is allocated) or dropped (a bad part: the sender
-        stops sending the rest); `known` 1 at the first part: RAM holds the block already
-        (`BlockStore.put_known`), the rest is not sent."""
+        put: gathered (`genset.offload.parts.Assemblies`) under the sender its subject names
+        (a body that names another sender is refused: `part_sender`); the part that completes
+        the block puts it (every check of a put, the payload's values included). Counts all
+        0: more parts expected; `refused` 1: the block is refused (its size, hash or token
+        ids, at its first part, before anything is allocated) or dropped (a bad part: the
+        sender stops sending the rest); `known` 1 at the first part: RAM holds the block
+        already (`BlockStore.put_known`), the rest is not sent."""
         req = self._decode(data, OffloadPutPart, "put_part")
         store, parts = self.store, self.parts
         assert store is not None and parts is not None
-        key = (req.sender_id, req.hash)
+        sender = subjects.sender_token(subject)
+        why = check_sender(sender, req.sender_id, subject.rpartition(".")[2])
+        if why is not None:
+            res = parts.refuse(sender, req.hash, *why)
+            return self._refuse_part(req, res.reason, f"block {req.hash:016x}: {res.text}",
+                                     sender=sender)
+        assert sender is not None
+        key = (sender, req.hash)
         parts.expire()  # an expired block starts again: with the checks of a first part
         if key not in parts:
             why = store.check_head(req.hash, req.parent_hash, req.token_ids, req.size)
             if why is not None:
-                return self._refuse_part(req, *why, block_refusal=True)
+                return self._refuse_part(req, *why, sender=sender, block_refusal=True)
             if store.put_known(req.hash, req.token_ids):  # held: the rest need not come
                 self.m_put.labels("known").inc()
                 if not req.token_ids:
                     self.m_unverified.inc()
                 return OffloadPutReply(store_id=self.instance_id, known=1)
-        res = parts.add(req.sender_id, req.hash, size=req.size, offset=req.offset,
+        res = parts.add(sender, req.hash, size=req.size, offset=req.offset,
                         data=req.data, parent_hash=req.parent_hash, token_ids=req.token_ids)
         if res.status == PART_PENDING:
             return OffloadPutReply(store_id=self.instance_id)
         if res.status == PART_DROPPED:
-            return self._refuse_part(req, res.reason, f"block {req.hash:016x}: {res.text}")
+            return self._refuse_part(req, res.reason, f"block {req.hash:016x}: {res.text}",
+                                     sender=sender)
         buf = res.buffer
         assert buf is not None
         block = OffloadBlock(hash=req.hash, parent_hash=buf.parent_hash,
                              token_ids=buf.token_ids, data=buf.buf)  # type: ignore[arg-type]
-        return self._put_blocks([block], req.sender_id)
+        return self._put_blocks([block], sender)
 
     def _refuse_part(self, req: OffloadPutPart, reason: str, text: str, *,
-                     block_refusal: bool = False) -> OffloadPutReply:
+                     sender: int | None, block_refusal: bool = False) -> OffloadPutReply:
         """A part refused: a block refusal (REFUSE_REASONS) is counted as a put's is; a bad
         part (`genset.offload.parts.PART_REASONS`) is counted by `Assemblies`."""
         self.m_put.labels("refused").inc()
@@ -423,8 +443,11 @@ class OffloadService(Service):
             throttle = self._refused_warn[reason] = LogThrottle(DISK_WARN_EVERY_S)
         since = throttle.hit()
         if since:
-            self.log.warning("block parts refused", reason=reason, sender=f"{req.sender_id:x}",
-                             block=f"{req.hash:016x}", error=text, puts_since_last_line=since)
+            # the sender the subject names (None: not an id), and what the part said
+            self.log.warning("block parts refused", reason=reason,
+                             sender=f"{sender:x}" if sender is not None else None,
+                             claimed_sender=f"{req.sender_id:x}", block=f"{req.hash:016x}",
+                             error=text, puts_since_last_line=since)
         return OffloadPutReply(store_id=self.instance_id, refused=1, error=text)
 
     def _put_blocks(self, blocks: list[OffloadBlock], sender_id: int) -> OffloadPutReply:
