@@ -17,6 +17,7 @@ from genset.offload.parts import (
     PART_OVERLAP,
     PART_RANGE,
     PART_SENDER,
+    PART_START,
     PARTS_FULL,
     PENDING,
     Assemblies,
@@ -167,8 +168,14 @@ def test_blocks_expire_ttl_after_their_first_part_however_they_trickle():
     clock.now += 1.5  # 10.5 s after block 1's first part, 4.5 after block 2's
     assert a.expire() == 1 and len(a) == 1 and (2, 2) in a and (1, 1) not in a
     assert a.counts[PART_EXPIRED] == 1
-    # a part of an expired block starts it again (then expires in its turn)
-    assert a.add(1, 1, size=100, offset=50, data=b"a").status == PENDING
+    # a later part of an expired block is refused: nothing is held for a block that could
+    # never complete, and its sender hears so at once
+    bytes_before = a.bytes
+    late = a.add(1, 1, size=100, offset=50, data=b"a")
+    assert late.status == DROPPED and late.reason == PART_START
+    assert (1, 1) not in a and a.bytes == bytes_before and a.counts[PART_START] == 1
+    # the block sent again from its start is a new block
+    assert a.add(1, 1, size=100, offset=0, data=b"a").status == PENDING
     clock.now += 10
     assert a.expire() == 2 and len(a) == 0 and a.bytes == 0
     assert a.counts[PART_EXPIRED] == 3

@@ -620,3 +620,21 @@ async def test_event_batches_fit_a_server_with_a_small_max_payload(etcd_server, 
         await peer.close()
     finally:
         small.cleanup()
+
+
+async def test_a_store_refuses_to_start_on_a_server_whose_messages_are_too_small(
+        etcd_server, ns, tmp_path):
+    """Below 64 KiB the store's replies (a 64 KiB floor before) and event batches would pass
+    the server's max_payload and be lost: it says so at start, naming the setting."""
+    from genset.runtime.config import ConfigError
+    from genset.runtime.infra import NatsServer
+
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 32768\n")
+    small = NatsServer(config_file=conf, data_dir=tmp_path / "nats").start()
+    try:
+        with pytest.raises(ConfigError, match=r"max_payload is 32768 bytes.*at least 65536"):
+            async with running_store(small, etcd_server, ns, offload_ram_gb=0.05):
+                pass
+    finally:
+        small.cleanup()

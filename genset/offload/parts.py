@@ -19,7 +19,10 @@ Whoever is on the bus is untrusted, so the store's side (`Assemblies`) is bounde
   over more than MAX_RANGES disjoint pieces (`part_range`: an honest sender sends its parts
   in order, one piece);
 - a block not complete `ttl_s` after its first part is dropped (`part_expired`; counted
-  from the first part, not the last, so a sender trickling bytes cannot keep one alive).
+  from the first part, not the last, so a sender trickling bytes cannot keep one alive);
+- a block starts with the part at offset 0: any other part of a block not in progress (its
+  block expired or was dropped) is refused (`part_start`), so its sender stops at once
+  instead of starting a buffer that could never complete.
 Every drop is counted by reason (`Assemblies.counts`).
 
 A block is keyed by (sender id, hash): two workers that evict the same block at once each
@@ -61,7 +64,9 @@ PART_MISMATCH = "part_mismatch"
 PARTS_FULL = "parts_full"
 PART_EXPIRED = "part_expired"
 PART_SENDER = "part_sender"
-PART_REASONS = (PART_OVERLAP, PART_RANGE, PART_MISMATCH, PARTS_FULL, PART_EXPIRED, PART_SENDER)
+PART_START = "part_start"
+PART_REASONS = (PART_OVERLAP, PART_RANGE, PART_MISMATCH, PARTS_FULL, PART_EXPIRED, PART_SENDER,
+                PART_START)
 
 MAX_RANGES = 64  # disjoint pieces of one block received so far, at most
 BUFFER_OVERHEAD = 512  # bytes per block being gathered beyond its payload and token ids
@@ -229,6 +234,14 @@ class Assemblies:
             if size < 1 or not data or offset < 0 or end > size:
                 return self._drop(None, PART_RANGE, f"part [{offset}, {end}) of a {size}-byte "
                                                     "block: empty or past its end")
+            if offset != 0:
+                # A block starts with its first bytes, sent alone (the client waits for its
+                # answer before the rest). A later part with no block in progress is one whose
+                # block expired or was dropped: taken as a new block it could never complete
+                # and would hold a buffer for ttl_s; refused, the sender stops at once.
+                return self._drop(None, PART_START, (
+                    f"part at offset {offset} of a block not in progress (a block's first "
+                    "part starts at 0; it expired, was dropped, or never came)"))
             need = size + len(token_ids) + BUFFER_OVERHEAD
             if self.bytes + need > self.max_bytes:
                 return self._drop(None, PARTS_FULL, (

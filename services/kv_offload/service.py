@@ -43,7 +43,7 @@ from genset.offload.parts import BUFFER_OVERHEAD, Assemblies, check_sender
 from genset.offload.parts import DROPPED as PART_DROPPED
 from genset.offload.parts import PENDING as PART_PENDING
 from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
-from genset.runtime.config import FieldError, opt
+from genset.runtime.config import ConfigError, FieldError, opt
 from genset.runtime.service import Service
 from proto import subjects
 from proto.kv import TIER_DISK, KvEventBatch
@@ -73,6 +73,7 @@ from services.kv_offload.store import REFUSE_REASONS, BlockStore
 GB = 1 << 30
 MB = 1 << 20
 REPLY_HEADROOM = 4096  # bytes of a reply besides block payloads (ids, counts, msgpack keys)
+MIN_MAX_PAYLOAD = 64 * 1024  # the smallest NATS max_payload the store starts with
 PART_REPLY_HEADROOM = 256  # bytes of an `OffloadPart` besides its data
 MAX_OUTBOX = 4096  # unpublished event batches before they are replaced by fresh snapshots
 # Encoded bytes of one entry of an event batch at most, with room to spare: a block that starts
@@ -138,7 +139,9 @@ class OffloadOptions:
         "docs/architecture.md, Security)",
         env="GENSET_OFFLOAD_VERIFY_KV_VALUES"))
     max_concurrent: int = field(default=64, metadata=opt(
-        "requests in progress per endpoint before new ones get an overloaded error", min=1,
+        "lookup, getpart, contains and resync requests in progress per subject before new "
+        "ones get an overloaded error (puts and parts are answered in order, never "
+        "overloaded)", min=1,
         env="GENSET_OFFLOAD_MAX_CONCURRENT"))
 
     def __post_init__(self) -> None:
@@ -215,7 +218,13 @@ class OffloadService(Service):
         if self._disk_error:
             raise DiskError(self._disk_error)
         max_payload = int(getattr(self.bus.nc, "max_payload", 0) or MB)
-        self._reply_limit = max(64 * 1024, max_payload - REPLY_HEADROOM)
+        if max_payload < MIN_MAX_PAYLOAD:
+            # Replies of up to the limit below would be refused by the server: every lookup
+            # answered with more than a few blocks, every event batch, lost. Said at start.
+            raise ConfigError(
+                f"the NATS server's max_payload is {max_payload} bytes; the offload store "
+                f"needs at least {MIN_MAX_PAYLOAD} (its replies and event batches)")
+        self._reply_limit = max_payload - REPLY_HEADROOM
         max_block = self._reply_limit - REPLY_HEADROOM
         if o.max_block_mb > 0:
             # may exceed a message: such blocks travel in parts
@@ -408,7 +417,7 @@ class OffloadService(Service):
                                      sender=sender)
         assert sender is not None
         key = (sender, req.hash)
-        parts.expire()  # an expired block starts again: with the checks of a first part
+        parts.expire()  # an expired block's later parts are refused (`part_start`)
         if key not in parts:
             why = store.check_head(req.hash, req.parent_hash, req.token_ids, req.size)
             if why is not None:
