@@ -29,6 +29,7 @@ from proto.offload import (
     OffloadLookup,
     OffloadLookupReply,
     OffloadPart,
+    OffloadPut,
     OffloadPutPart,
     OffloadPutReply,
 )
@@ -488,27 +489,36 @@ class PartsInFlight:
         self._bus = bus
         self.now = 0
         self.most = 0
+        self.puts_now = 0  # every put message in flight, whole blocks' and parts'
+        self.puts_most = 0
 
     def __getattr__(self, name: str):
         return getattr(self._bus, name)
 
     async def request(self, subject: str, message, **kwargs):
         counted = isinstance(message, OffloadPutPart)
+        a_put = counted or isinstance(message, OffloadPut)
         if counted:
             self.now += 1
             self.most = max(self.most, self.now)
+        if a_put:
+            self.puts_now += 1
+            self.puts_most = max(self.puts_most, self.puts_now)
         try:
             return await self._bus.request(subject, message, **kwargs)
         finally:
             if counted:
                 self.now -= 1
+            if a_put:
+                self.puts_now -= 1
 
 
 async def test_a_blocks_parts_go_with_a_window_in_flight_and_come_back_whole(
         nats_server, etcd_server, bus, discovery, ns):
     """In 64 KiB parts (a 2 MiB block is 33 of them, an odd 1.5 MiB + 3 one 25), one block at
-    a time: the first part alone, then PART_PUTS in flight at once; every part answered,
-    both blocks stored and onboarded byte for byte."""
+    a time: the first part alone, then PART_PUTS in flight at once (the block's own put slot
+    and the client's idle ones); every part answered, both blocks stored and onboarded byte
+    for byte."""
     from genset.offload.client import PART_HEADROOM, PART_PUTS
 
     blocks = sized(51, [2 * MiB, 3 * MiB // 2 + 3])
@@ -518,10 +528,11 @@ async def test_a_blocks_parts_go_with_a_window_in_flight_and_come_back_whole(
     assert expected > 2 * (PART_PUTS + 1)
     async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05) as store:
         counted = PartsInFlight(bus)
-        client = await started_client(counted, discovery, ns, 1, max_inflight=1,
+        client = await started_client(counted, discovery, ns, 1, max_inflight=PART_PUTS,
                                       max_message_bytes=limit, put_timeout_s=WAIT)
-        assert client.put_behind(blocks) == 2
-        assert await client.flush(WAIT)
+        for b in blocks:  # one at a time: every other put slot idle
+            assert client.put_behind([b]) == 1
+            assert await client.flush(WAIT)
         st = client.stats
         assert (st["put_large"], st["put_stored"], st["put_parts"]) == (2, 2, expected)
         assert st["put_parts_incomplete"] == st["put_failed"] == st["put_refused"] == 0
@@ -530,6 +541,34 @@ async def test_a_blocks_parts_go_with_a_window_in_flight_and_come_back_whole(
         assert store.parts.counts["completed"] == 2 and store.parts.bytes == 0
         run = await client.lookup([b.hash for b in blocks], deadline_s=WAIT, want_tokens=True)
         assert same(run, blocks)
+        await client.close()
+
+
+async def test_parts_in_flight_never_take_put_slots_other_sends_hold(
+        nats_server, etcd_server, bus, discovery, ns):
+    """Large and small blocks put together, 2 put slots: the client never has more than 2
+    put messages in flight (a block's extra parts take only idle slots), because what the
+    store has not read yet waits in nats-server for its one connection, shared by every
+    worker; everything is stored all the same."""
+    from genset.offload.client import PART_PUTS
+
+    limit = 64 * 1024
+    # over the server's max_payload (1 MiB) as well as the client's limit, so that a lookup
+    # names them as refs (the store goes by the server's limit, not this client's)
+    large = sized(55, [MiB + 300 * 1024, MiB + 200 * 1024 + 5, MiB + 250 * 1024])
+    small = sized(56, [8 * 1024] * 12)
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05):
+        counted = PartsInFlight(bus)
+        client = await started_client(counted, discovery, ns, 1, max_inflight=2,
+                                      max_message_bytes=limit, put_timeout_s=WAIT)
+        mixed = [large[0], *small[:6], large[1], *small[6:], large[2]]
+        assert client.put_behind(mixed) == len(mixed)
+        assert await client.flush(WAIT)
+        st = client.stats
+        assert st["put_large"] == 3 and st["put_stored"] == len(mixed), st
+        assert PART_PUTS > 2 and counted.puts_most <= 2, counted.puts_most
+        run = await client.lookup([b.hash for b in large], deadline_s=WAIT, want_tokens=True)
+        assert same(run, large), (len(run), client.stats)
         await client.close()
 
 

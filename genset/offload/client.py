@@ -31,8 +31,8 @@ replies: the run found so far (maybe []) is returned and the worker computes the
 Nothing is raised to the caller.
 
 Memory: the put queue <= `max_queue_bytes`, plus `max_inflight` requests of at most one NATS
-message each (for a block in parts, `PART_PUTS` parts of at most one message each; the block
-is in the queue's bytes until taken); a lookup holds at most one message per owner per round,
+message each (a block in parts puts more than one part at once only on slots no other send
+holds; the block is in the queue's bytes until taken); a lookup holds at most one message per owner per round,
 plus the blocks in parts it fetches (within `max_bytes`).
 """
 
@@ -77,10 +77,11 @@ PART_FETCHES = 8  # parts of large blocks one lookup asks for at once
 # 2-core box, where client, nats-server and store share the CPU, it measured level with one
 # part at a time (0.96-1.14x, inside the noise; docs/benchmarks.md, session 19); the round
 # trips it saves should count where a network lies between worker and store (not measured).
-# Each is at most one message: a client has at most max_inflight x PART_PUTS of them in
-# flight (16 MiB at the defaults, 4 before), and what the store has not read yet waits in
-# nats-server's buffer for its connection (64 MiB by default before the server drops it as a
-# slow consumer; a 2 MiB block is 3 parts, so 2 go at once after its first: 8 MiB a client).
+# The parts beyond the block's own slot take only put slots free at the time
+# (`_send_parts`): a client's messages in flight stay within max_inflight whatever they
+# carry (4 MiB at the defaults, as before the window), because what the store has not read
+# yet waits in nats-server's buffer for the store's one connection, shared by every worker
+# (64 MiB by default before the server drops it as a slow consumer: 16 workers' worth).
 PART_PUTS = 4
 DEFAULT_MAX_PAYLOAD = 1 << 20  # NATS' default max_payload
 # The largest disk read rate a store's reply is believed (GB/s): the bound routers hold a
@@ -350,27 +351,45 @@ class OffloadClient:
         pieces = split(len(data), part_bytes)
         await put(*pieces[0])
         if outcome is None and not failed and len(pieces) > 1:
-            window = asyncio.Semaphore(PART_PUTS)
+            borrowed = 0  # put slots no other send holds now (taken without waiting)
+            while borrowed < PART_PUTS - 1 and not self._slots.locked():
+                await self._slots.acquire()
+                borrowed += 1
 
-            async def windowed(offset: int, n: int) -> None:
-                try:
-                    await put(offset, n)
-                finally:
-                    window.release()
+            def stop() -> bool:
+                return outcome is not None or failed
 
-            async with asyncio.TaskGroup() as tg:
-                for offset, n in pieces[1:]:
-                    await window.acquire()
-                    if outcome is not None or failed:
-                        window.release()
-                        break
-                    tg.create_task(windowed(offset, n))
+            try:
+                await self._send_rest(put, pieces[1:], 1 + borrowed, stop)
+            finally:
+                for _ in range(borrowed):
+                    self._slots.release()
         if outcome is not None:
             self._count_put(owner, 1, outcome)
         elif failed:
             self.stats["put_failed"] += 1
         else:
             self.stats["put_parts_incomplete"] += 1  # the store never said it had it all
+
+    @staticmethod
+    async def _send_rest(put, pieces: list[tuple[int, int]], width: int, stop) -> None:
+        """`put(offset, n)` for each piece with up to `width` in flight, until `stop()`
+        (an outcome or a failure: no more are sent; those in flight are awaited)."""
+        window = asyncio.Semaphore(width)
+
+        async def windowed(offset: int, n: int) -> None:
+            try:
+                await put(offset, n)
+            finally:
+                window.release()
+
+        async with asyncio.TaskGroup() as tg:
+            for offset, n in pieces:
+                await window.acquire()
+                if stop():
+                    window.release()
+                    break
+                tg.create_task(windowed(offset, n))
 
     async def _send_one(self, owner: int, blocks: list[OffloadBlock]) -> None:
         try:
