@@ -19,6 +19,7 @@ from genset.offload.parts import (
     PART_OVERLAP,
     PART_RANGE,
     PART_SENDER,
+    PART_START,
     PARTS_FULL,
     split,
 )
@@ -438,6 +439,27 @@ async def test_a_part_whose_body_names_another_sender_is_refused_and_counted(
         assert f'genset_offload_part_events{{kind="{PART_SENDER}"}} 4.0' in text
         # the sender's own parts are taken as before
         assert (await part(mine, me)).refused == 0 and (me, 77) in parts
+
+
+async def test_a_later_part_of_a_block_not_in_progress_is_refused(nats_server, etcd_server,
+                                                                  bus, ns):
+    """A part other than a block's first, with no block in progress (its block expired or
+    was dropped), is refused (`part_start`): its sender stops instead of filling a buffer
+    that could never complete; nothing is held. The same block from offset 0 is taken."""
+    me = 0xA7
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05) as store:
+        parts, subject = store.parts, subjects.offload_put_part(ns, store.instance_id, me)
+
+        async def part(offset: int) -> OffloadPutReply:
+            return await bus.request(subject, OffloadPutPart(
+                sender_id=me, hash=78, size=2 * MiB, offset=offset, data=b"p" * 1000),
+                timeout=WAIT, reply_type=OffloadPutReply)
+
+        reply = await part(1000)
+        assert reply.refused == 1 and "offset 1000" in reply.error, reply
+        assert parts.counts[PART_START] == 1 and len(parts) == 0 and parts.bytes == 0
+        assert (await part(0)).refused == 0 and (me, 78) in parts
+        assert (await part(1000)).refused == 0 and parts.counts[PART_START] == 1
 
 
 async def test_a_worker_cannot_send_parts_under_another_workers_id(secure_infra):

@@ -38,10 +38,11 @@ under many ids, fill the overall bound, and big puts are refused until its block
 (small blocks and lookups are not affected, and nothing wrong is ever kept: an assembled
 block is checked like any other put).
 
-Parts of one block may arrive in any order and from several requests in flight at once (the
-client keeps a window of them, `genset.offload.client.PART_PUTS`): a buffer takes any part
-that does not overlap the bytes received, in up to MAX_RANGES disjoint pieces, and the block
-is complete when every byte is in, whichever part brings the last one. (Parts published by
+After its first part, a block's parts may arrive in any order and from several requests in
+flight at once (the client keeps a window of them, `genset.offload.client.PART_PUTS`): a
+buffer takes any part that does not overlap the bytes received, in up to MAX_RANGES
+disjoint pieces, and the block is complete when every byte is in, whichever part brings the
+last one. (Parts published by
 one connection reach the store's one subscription in order anyway; the window's replies
 carry the part they answer, so the client takes the outcome from whichever reply has it.)
 

@@ -418,7 +418,8 @@ class OffloadService(Service):
         assert sender is not None
         key = (sender, req.hash)
         parts.expire()  # an expired block's later parts are refused (`part_start`)
-        if key not in parts:
+        if key not in parts and req.offset == 0:  # a block's first part (any other: `add`
+            # refuses it as `part_start`, before any of the store's checks or counts)
             why = store.check_head(req.hash, req.parent_hash, req.token_ids, req.size)
             if why is not None:
                 return self._refuse_part(req, *why, sender=sender, block_refusal=True)
