@@ -32,8 +32,8 @@ Nothing is raised to the caller.
 
 Memory: the put queue <= `max_queue_bytes`, plus `max_inflight` requests of at most one NATS
 message each (a block in parts puts more than one part at once only on slots no other send
-holds; the block is in the queue's bytes until taken); a lookup holds at most one message per owner per round,
-plus the blocks in parts it fetches (within `max_bytes`).
+holds; the block is in the queue's bytes until taken); a lookup holds at most one message
+per owner per round, plus the blocks in parts it fetches (within `max_bytes`).
 """
 
 from __future__ import annotations
