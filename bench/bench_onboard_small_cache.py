@@ -13,7 +13,8 @@ Prints one JSON line: requests, those with 0 cached tokens, prompt tokens served
 cache, blocks the store served, blocks the workers onboarded (imported), onboarded blocks
 evicted before any request used them (`BlockPool.num_imports_evicted_unused`; null where
 the code has no such counter), blocks dropped for want of room (`import_blocks_no_room`),
-lookups skipped for want of room, wall time.
+lookups skipped for want of room, blocks held in host memory until admission and used
+there, time to each request's first frame (p50, mean), wall time.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ async def main(args) -> dict:
                     block_size=BS, num_blocks=args.kv_blocks, vocab_size=32000,
                     context_length=8192, timing=PolynomialTiming(
                         speedup_ratio=args.speedup, dynamo_exact=True)), worker_id=iid)
-                hook = OffloadHook(discovery=disc, metrics=None, config=OffloadHookConfig())
+                hook = OffloadHook(discovery=disc, metrics=None, config=OffloadHookConfig(
+                    max_held_bytes=int(args.hold_mb * (1 << 20))))
                 host = WorkerHost(engine, bus=bus, discovery=disc, instance_id=iid,
                                   metrics=Metrics(process_metrics=False), hooks=hook,
                                   config=HostConfig(namespace=ns, model="m", tokenizer="tiny"))
@@ -71,6 +73,7 @@ async def main(args) -> dict:
                         for _ in range(12)]
             stats = {"requests": 0, "zero_cached": 0, "cached_tokens": 0, "errors": 0}
             left = [args.requests]
+            ttfts: list[float] = []  # s, to each request's first frame
 
             async def client(c: int) -> None:
                 crng = random.Random(args.seed * 1000 + c)
@@ -84,8 +87,14 @@ async def main(args) -> dict:
                         token_ids=proto.pack_tokens(prompt),
                         stop=proto.StopConditions(max_tokens=args.max_tokens, ignore_eos=True),
                         sampling=proto.SamplingParams(temperature=0.0))
+                    t_sent = time.monotonic()
                     stream = await bus.stream_request(host.generate_subject, req, timeout=60)
-                    final = [ch async for ch in stream][-1]
+                    chunks = []
+                    async for ch in stream:
+                        if not chunks:
+                            ttfts.append(time.monotonic() - t_sent)
+                        chunks.append(ch)
+                    final = chunks[-1]
                     if final.error is not None:
                         stats["errors"] += 1
                         continue
@@ -96,6 +105,10 @@ async def main(args) -> dict:
             t0 = time.monotonic()
             await asyncio.gather(*(client(c) for c in range(args.clients)))
             stats["wall_s"] = round(time.monotonic() - t0, 1)
+            ttfts.sort()
+            if ttfts:
+                stats["ttft_ms_p50"] = round(1000 * ttfts[len(ttfts) // 2], 1)
+                stats["ttft_ms_mean"] = round(1000 * sum(ttfts) / len(ttfts), 1)
             served = metric(parse_metrics(store.metrics.render().decode()),
                             "genset_offload_lookup_blocks_total", tier="host")
             stats["store_served_blocks"] = served
@@ -110,6 +123,10 @@ async def main(args) -> dict:
             stats["import_blocks_no_room"] = (
                 sum(e.core.import_blocks_no_room for _, e, _ in workers)
                 if hasattr(workers[0][1].core, "import_blocks_no_room") else None)
+            scheds = [e.core.scheduler for _, e, _ in workers]
+            if hasattr(scheds[0], "num_held_blocks"):
+                stats["held_blocks"] = sum(s.num_held_blocks for s in scheds)
+                stats["held_used"] = sum(s.num_held_used for s in scheds)
             return stats
     finally:
         for host, _, _ in workers:
@@ -131,4 +148,7 @@ if __name__ == "__main__":
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--speedup", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hold-mb", type=float, default=256.0,
+                    help="each worker's host memory for onboarded blocks held until their "
+                         "request's admission (0: off, as before 2026-12-08)")
     print(json.dumps(asyncio.run(main(ap.parse_args()))))

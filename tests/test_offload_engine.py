@@ -327,3 +327,99 @@ def test_imported_tokens_are_not_kept_without_a_sink_that_wants_them():
     core.import_kv(KvImport([KvBlockData(h, mock_payload(0)) for h in hashes],
                             token_ids=prompt))
     assert all(t is None for t in core.pool._tokens)
+
+
+@pytest.mark.parametrize("kind", ["mocker", "torch"])
+def test_an_optional_import_beyond_the_room_waits_in_host_memory_until_admission(kind):
+    """Both engines (one scheduler): an offload hit with no room in the cache beside the
+    queue ahead is held in host memory (`Scheduler.hold_kv`), not dropped; its admission
+    writes it into the blocks it allocates, and the output is the computed one. The held
+    bytes are bounded and given back."""
+    from genset.kv.block_pool import FOREIGN
+    from tests.test_engine_core import exported
+
+    prompt = prompt_of(70, 8 * BS + 1)
+    want, _ = _greedy(make_core(kind), "computed", prompt)
+    blocks = exported(kind, prompt)
+    core = make_core(kind, num_blocks=24)
+    sched = core.scheduler
+    sched.max_held_bytes = 1 << 20
+    core.add_request(req("a", prompt_of(71, 12 * BS), max_tokens=6))
+    core.step()  # a holds 12 blocks
+    core.add_request(req("h", prompt_of(72, 13 * BS)))  # 13 blocks: 12 free, it waits
+    assert sched.import_room() == 0
+    kv = KvImport(blocks, token_ids=prompt, optional=True)
+    got, cached = _greedy(core, "r", prompt, kv=kv)
+    assert cached == 8 * BS  # every full block from the store, none computed
+    assert got == want
+    assert core.import_blocks_no_room == 0
+    assert sched.num_held_blocks == 8 and sched.num_held_used == 8
+    assert sched.held_bytes == 0 and sched.num_pinned_blocks == 0
+    # cached under the prompt's hashes, marked as KV that came from outside
+    for h in block_hashes(prompt, BS):
+        b = core.pool.block_of(h)
+        assert b is not None and core.pool.marks[b] & FOREIGN
+    core.pool.check_invariants()
+
+
+def test_held_blocks_are_bounded_in_bytes_and_dropped_when_they_no_longer_continue_the_cache():
+    """The budget takes a held run's leading blocks that fit; a request aborted gives its
+    bytes back; held blocks after a gap (the head they continue was evicted) are not used,
+    and the prompt is computed from there."""
+    from genset.engines.core import held_size
+    from genset.engines.types import KvBlockData
+
+    core = MockerCore(MockerConfig(block_size=BS, num_blocks=24, vocab_size=4096,
+                                   max_batch_tokens=64 * BS))
+    sched = core.scheduler
+    p = prompt_of(80, 6 * BS + 1)
+    hashes = block_hashes(p, BS)
+    run_ = [KvBlockData(h, mock_payload(0)) for h in hashes]
+    sched.max_held_bytes = 4 * held_size(core.executor, run_[0], 0)  # four of the six
+    core.add_request(req("a", prompt_of(81, 12 * BS), max_tokens=6))
+    core.step()
+    core.add_request(req("h", prompt_of(82, 13 * BS)))
+    assert sched.import_room() == 0
+    core.add_request(req("r", p, kv=KvImport(run_, token_ids=p, optional=True)))
+    assert sched.num_held_blocks == 4 and sched.held_bytes == sched.max_held_bytes
+    assert core.import_blocks_no_room == 2
+    assert sched.hold_room_bytes() == 0
+    core.abort_request("r")
+    assert sched.held_bytes == 0
+
+    # a held run that starts after a block the cache does not have: not used
+    q = prompt_of(83, 6 * BS + 1)
+    qh = block_hashes(q, BS)
+    sched.max_held_bytes = 1 << 20
+    core.add_request(req("g", q))
+    assert sched.hold_kv("g", 1, qh[1:], [0] * 5, [10] * 5) == 5
+    assert sched.hold_kv("g", 1, qh[1:], [0] * 5, [10] * 5) == 0  # (one run a request)
+    cached = {}
+    for _ in range(500):
+        if not core.has_work():
+            break
+        for out in core.step()[0]:
+            if out.finish_reason:
+                cached[out.request_id] = out.cached_tokens
+    assert cached["g"] == 0 and sched.num_held_used == 0 and sched.held_bytes == 0
+    core.pool.check_invariants()
+
+
+def test_held_blocks_that_name_other_hashes_than_the_prompts_are_not_used():
+    """The scheduler takes a held block only under the prompt's own hash at that position
+    (what the worker's hook asked the store for): a run naming other hashes is computed."""
+    core = MockerCore(MockerConfig(block_size=BS, num_blocks=24, vocab_size=4096))
+    sched = core.scheduler
+    sched.max_held_bytes = 1 << 20
+    p = prompt_of(90, 4 * BS + 1)
+    own = block_hashes(p, BS)
+    other = block_hashes(prompt_of(91, 4 * BS + 1), BS)
+    core.add_request(req("x", p))
+    assert sched.hold_kv("x", 0, own[:2] + other[2:], [0] * 4, [10] * 4) == 4
+    assert sched.waiting_prefill_tokens() == max(1, len(p) - 4 * BS)
+    out = None
+    while core.has_work():
+        for o in core.step()[0]:
+            out = o
+    assert out.cached_tokens == 2 * BS  # the two that match, then computed
+    assert sched.num_held_used == 2 and sched.held_bytes == 0

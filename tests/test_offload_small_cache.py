@@ -5,7 +5,8 @@ at its arrival, the head of the queue released those pins at every step while it
 (though that could not make it fit), and its admission then evicted them unused: the store's
 lookup, the transfer and the import for nothing (`genset up --engine mocker
 --worker-arg=--kv-blocks=128`, 8 clients over 12 prefixes: thousands of blocks onboarded,
-0 cached tokens on almost every request). Counts only: every wait is on a condition."""
+0 cached tokens on almost every request). Now the blocks it has no room for wait in host
+memory until its admission (`Scheduler.hold_kv`). Counts only: every wait is on a condition."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import asyncio
 import contextlib
 import random
 import uuid
+
+import pytest
 
 from genset.kv.hashing import block_hashes
 from genset.worker.offload_hook import OffloadHook, OffloadHookConfig
@@ -28,11 +31,16 @@ def prompt_of(seed: int, n: int) -> list[int]:
     return [rng.randrange(3, 1000) for _ in range(n)]
 
 
+@pytest.mark.parametrize("hold_mb", [0, 16])
 async def test_a_queued_request_onboards_only_blocks_it_can_keep(
-        nats_server, etcd_server, bus, discovery):
+        nats_server, etcd_server, bus, discovery, hold_mb):
+    """With no host memory to hold them (`--offload-hold-mb 0`), a queued request that has
+    no room in the cache fetches nothing; with it, its blocks wait in host memory and its
+    admission writes them: its whole stored prefix comes from the store."""
     ns = f"t{uuid.uuid4().hex[:10]}"
     async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.01) as store:
-        hook = OffloadHook(discovery=discovery, config=OffloadHookConfig(deadline_s=WAIT))
+        hook = OffloadHook(discovery=discovery, config=OffloadHookConfig(
+            deadline_s=WAIT, max_held_bytes=hold_mb << 20))
         h = Host(bus, discovery, speedup=1.0, num_blocks=BLOCKS, block_size=BS,
                  context_length=4096, hooks=hook, namespace=ns)
         await h.host.start()
@@ -89,11 +97,22 @@ async def test_a_queued_request_onboards_only_blocks_it_can_keep(
                 await a  # (its stream ended by the cancel)
             # no onboarded block was evicted before a request used it ...
             assert pool.num_imports_evicted_unused == base_unused
-            # ... because none was fetched for R: the engine had no room for it beside H's
-            # prompt (the blocks would have gone to H before R ran)
-            assert hook.counts["skipped_no_room"] == 1
-            assert hook.counts["lookups"] == lookups
             assert sched.num_pinned_blocks == 0
+            if not hold_mb:
+                # ... because none was fetched for R: the engine had no room for it beside
+                # H's prompt (the blocks would have gone to H before R ran)
+                assert hook.counts["skipped_no_room"] == 1
+                assert hook.counts["lookups"] == lookups
+                assert final_r.usage.cached_tokens == 0
+                assert sched.num_held_blocks == 0
+            else:
+                # ... and R's were fetched all the same, held in host memory (nothing of
+                # the cache), and written into its blocks when it was admitted
+                assert hook.counts["skipped_no_room"] == 0
+                assert hook.counts["lookups"] == lookups + 1
+                assert final_r.usage.cached_tokens == 20 * BS
+                assert sched.num_held_blocks == 20 and sched.num_held_used == 20
+                assert sched.held_bytes == 0
 
             # idle, the other stored prompt is onboarded whole and used
             onboarded = hook.counts["onboarded_blocks"]

@@ -182,12 +182,15 @@ def test_copies_out_ahead_of_eviction_leave_the_steps_that_evict():
     assert eager["offload"]["hit_rate_by_tier"]["host"] > 0
 
 
-def test_onboarding_takes_only_the_room_the_queue_ahead_leaves(monkeypatch):
-    # As the live hook (genset.worker.offload_hook): a store hit is imported only up to the
-    # blocks the engine can hold beside the requests queued ahead (`Scheduler.import_room`),
-    # and not looked up at all without room; beyond it the head of the queue would take the
-    # pinned blocks back before the request runs. A burst of 33-block prompts into one
-    # worker of 64 blocks: most arrive with the queue ahead already filling the cache.
+@pytest.mark.parametrize("hold_mb", [0.0, 256.0])
+def test_onboarding_takes_only_the_room_the_queue_ahead_leaves(monkeypatch, hold_mb):
+    # As the live hook (genset.worker.offload_hook): a store hit is pinned only up to the
+    # blocks the engine can keep beside the requests queued ahead (`Scheduler.import_room`);
+    # beyond it the head of the queue would take the pinned blocks back before the request
+    # runs. What is beyond is held in host memory until the request's admission, within
+    # `hold_mb` (`Scheduler.hold_kv`); with none, it is not looked up at all without room.
+    # A burst of 33-block prompts into one worker of 64 blocks: most arrive with the queue
+    # ahead already filling the cache.
     from genset.replay.offload import OffloadSim
 
     seen = []
@@ -203,10 +206,18 @@ def test_onboarding_takes_only_the_room_the_queue_ahead_leaves(monkeypatch):
     t = [TraceRequest(index=i, arrival_ms=i * 20.0, input_length=4 * 512 + 100,
                       output_length=4, hash_ids=[(i % 6) * 10 + k for k in range(4)] + [1000 + i])
          for i in range(60)]
-    out = run_replay(t, "genset", ReplayConfig(workers=1, kv_blocks=64, block_size=64,
-                                               offload=OffloadConfig(ram_blocks=2000)))
+    out = run_replay(t, "genset", ReplayConfig(
+        workers=1, kv_blocks=64, block_size=64,
+        offload=OffloadConfig(ram_blocks=2000, hold_mb=hold_mb)))
     assert out["completed"] == len(t)
-    assert seen and all(n <= room for room, n, _ in seen)  # never more than the room
     assert all(optional for *_, optional in seen)  # and the engine may cut it further
     assert any(n > 0 for _, n, _ in seen)  # the store still serves
-    assert out["offload"]["skipped_no_room"] > 0  # no room: no lookup
+    held = out["offload"]["onboard_held"]
+    if not hold_mb:
+        assert seen and all(n <= room for room, n, _ in seen)  # never more than the room
+        assert out["offload"]["skipped_no_room"] > 0  # no room: no lookup
+        assert held["held"] == 0
+    else:
+        assert any(n > room for room, n, _ in seen)  # beyond the room: held
+        assert out["offload"]["skipped_no_room"] == 0
+        assert held["used"] > 0 and held["used"] <= held["held"]

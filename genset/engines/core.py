@@ -17,7 +17,11 @@ Adding a request, in this order for every engine:
 2. `request.kv_import` (a remote prefill, an offload hit) is loaded into the prefix cache,
    pinned to the request: the request's prefix is therefore cached when the scheduler first
    looks at it, and eviction cannot undo the import before it is admitted. A bad payload
-   raises before any hash is registered, and leaves nothing pinned and nothing queued;
+   raises before any hash is registered, and leaves nothing pinned and nothing queued. An
+   offload hit's blocks beyond the room the queue leaves (`Scheduler.import_room`) are
+   decoded (checked) too and held in host memory for the request (`Scheduler.hold_kv`,
+   within `Scheduler.max_held_bytes`; 0, the default, drops them): its admission writes
+   them (`kv_writes`) into the blocks it allocates;
 3. the request is queued, and the executor sets up its per-request state.
 
 Evicted blocks can be handed over with their KV (`set_eviction_sink`, for write-behind to
@@ -52,6 +56,7 @@ from genset.engines.types import (
     EngineRequest,
     EvictedBlock,
     KvBlockData,
+    KvBlockRefused,
     KvImport,
     Logprobs,
 )
@@ -109,9 +114,23 @@ class Executor(Protocol):
     def write_kv(self, block_ids: list[int], payloads: list[Any]) -> None:
         """Write decoded payloads into these newly allocated physical blocks."""
 
+    # Optional: `payload_nbytes(payload) -> int`, the memory one decoded payload takes (what
+    # a block held for its request counts, `held_size`; without it, the bytes it came in).
+
 
 # bytes an evicted block costs in a hand-over beyond its payload and token ids (the objects)
 EVICTED_OVERHEAD = 128
+
+
+def held_size(executor, block: KvBlockData, payload: Any) -> int:
+    """What one onboarded block held for its request counts against
+    `Scheduler.max_held_bytes`: its decoded payload (`Executor.payload_nbytes`, the
+    mocker's modelled size; else the bytes it came in) and the objects around it."""
+    size = getattr(executor, "payload_nbytes", None)
+    if size is not None:
+        return int(size(payload)) + EVICTED_OVERHEAD
+    data = block.data
+    return (len(data) if data is not None else 0) + EVICTED_OVERHEAD
 
 
 def evicted_size(block: EvictedBlock) -> int:
@@ -194,6 +213,9 @@ class SchedulingCore:
         self.executor.check_request(request)
         sched.check_request(request)
         kv = request.kv_import
+        # an optional import's blocks beyond the room, to hold in host memory until the
+        # request's admission (`Scheduler.hold_kv`): (index of the first, blocks, payloads)
+        deferred = None
         if kv is not None and kv.pinned_as is not None:
             # imported earlier, run by run as a transfer arrived: take its pins over
             sched.adopt_pins(kv.pinned_as, request.request_id)
@@ -201,7 +223,12 @@ class SchedulingCore:
             if kv.optional:
                 room = sched.import_room()
                 if room < len(kv.blocks):
-                    self.import_blocks_no_room += len(kv.blocks) - room
+                    rest = kv.blocks[room:]
+                    if sched.hold_room_bytes() > 0:
+                        deferred = (kv.first_block + room, rest,
+                                    self._decode_from(rest, room))
+                    else:
+                        self.import_blocks_no_room += len(rest)
                     kv = replace(kv, blocks=kv.blocks[:room])
         if kv is not None and kv.pinned_as is None and kv.blocks:
             try:
@@ -219,7 +246,22 @@ class SchedulingCore:
         seq = sched.add_request(request)
         if seq.tail is not None:
             seq.tail = (seq.tail[0], tail)
+        if deferred is not None:
+            first, blocks, payloads = deferred
+            ex = self.executor
+            held = sched.hold_kv(seq.request_id, first, [b.hash for b in blocks], payloads,
+                                 [held_size(ex, b, p) for b, p in zip(blocks, payloads,
+                                                                      strict=True)])
+            self.import_blocks_no_room += len(blocks) - held
         self.executor.start_sequence(seq, request)
+
+    def _decode_from(self, blocks: list[KvBlockData], offset: int) -> list[Any]:
+        """`decode_kv` of an import's blocks from index `offset` on, a refused block named
+        by its index in the whole import (`KvBlockRefused.block_index`)."""
+        try:
+            return self.executor.decode_kv(blocks)
+        except KvBlockRefused as exc:
+            raise KvBlockRefused(str(exc), exc.block_index + offset) from None
 
     def check_sampling(self, request: EngineRequest) -> None:
         """ValueError naming the field for what this engine cannot do with the request's
@@ -267,8 +309,8 @@ class SchedulingCore:
         plan = sched.schedule()
         if self.pool.evicted:  # before execute() writes into the evicted blocks' memory
             self._hand_over_evicted()
-        if sched.tail_writes:
-            self._write_tails()
+        if sched.kv_writes:
+            self._write_admitted()
         if not plan.chunks:
             self.executor.idle()
             return [], 0.0
@@ -296,11 +338,13 @@ class SchedulingCore:
             self.last_step = record
         return outputs, step_ms
 
-    def _write_tails(self) -> None:
-        """Imported partial blocks the last `schedule()` admitted (`KvImport.tail`), written
-        before the step that reads them; an executor whose blocks carry no payload (the
-        mocker) has nothing to write."""
-        writes, self.scheduler.tail_writes = self.scheduler.tail_writes, []
+    def _write_admitted(self) -> None:
+        """Imported KV the last `schedule()` admitted (a remote prefill's partial block,
+        `KvImport.tail`; onboarded blocks held for their request, `Scheduler.hold_kv`),
+        written before the step that reads them. A tail with no payload (the mocker's) has
+        nothing to write; the mocker's held blocks name their modelled size, charged as a
+        copy in."""
+        writes, self.scheduler.kv_writes = self.scheduler.kv_writes, []
         writes = [(b, p) for b, p in writes if p is not None]
         if writes:
             self.executor.write_kv([b for b, _ in writes], [p for _, p in writes])

@@ -325,6 +325,19 @@ class AsyncEngineDriver(Engine):
         except RuntimeError:  # (a queue changed while read)
             return None
 
+    def hold_onboarded(self, max_bytes: int) -> bool:
+        sched = getattr(self.core, "scheduler", None)
+        if sched is None or not hasattr(sched, "hold_kv"):
+            return False
+        sched.max_held_bytes = max(0, int(max_bytes))  # (one int: read by the core's thread)
+        return True
+
+    def hold_room_bytes(self) -> int | None:
+        sched = getattr(self.core, "scheduler", None)
+        if sched is None or not getattr(sched, "max_held_bytes", 0):
+            return None
+        return sched.hold_room_bytes()
+
     def hand_over_evictions(self, sink: Callable[[list[EvictedBlock]], None], *,
                             max_bytes: int = 64 << 20, with_tokens: bool = True) -> bool:
         set_sink = getattr(self.core, "set_eviction_sink", None)

@@ -151,6 +151,16 @@ class Engine(ABC):
         (a cheap hint, no wait for a step); None when the engine cannot tell."""
         return None
 
+    def hold_onboarded(self, max_bytes: int) -> bool:
+        """From now on keep up to `max_bytes` of host memory for an optional import's blocks
+        beyond `import_room`, written at their request's admission instead of dropped
+        (`genset.engines.scheduler.Scheduler.hold_kv`). False when this engine cannot."""
+        return False
+
+    def hold_room_bytes(self) -> int | None:
+        """Bytes of held blocks the engine could take now (a hint); None when it holds none."""
+        return None
+
     def hand_over_evictions(self, sink: Callable[[list[EvictedBlock]], None], *,
                             max_bytes: int = 64 << 20, with_tokens: bool = True) -> bool:
         """From now on, call `sink` on the event loop with the blocks this engine evicts from

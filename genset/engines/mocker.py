@@ -323,6 +323,10 @@ class MockerExecutor:
     def write_kv(self, block_ids: list[int], payloads: list[Any]) -> None:
         self.charge(self._copy_ms(sum(payloads), self.config.offload_h2d_gbps))
 
+    def payload_nbytes(self, payload: int) -> int:
+        """A decoded mocker payload is its modelled size: what holding it would take."""
+        return payload
+
     def _sample(
         self, plan: StepPlan, seqs: list[Sequence]
     ) -> tuple[list[int | None], int, int, int]:

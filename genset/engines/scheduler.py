@@ -43,7 +43,10 @@ Pins never stall anyone ahead: a running request that must grow, or the head of 
 takes the blocks it needs from the newest pins, tail first, but only when that makes room
 (`_reclaim_pins`); an optional import (an offload hit) is cut to the room the requests
 ahead leave (`import_room`), so what is pinned is used (`BlockPool.num_imports_evicted_unused`
-counts what was not).
+counts what was not). What does not fit there may wait in host memory instead (`hold_kv`,
+within `max_held_bytes`): the request's admission then takes those blocks as it takes its
+cache hits, and the core writes them before the step (`kv_writes`), as vLLM's connector
+loads a request waiting for remote KV when it is scheduled.
 
 Not thread-safe: the engine's core (`genset.engines.core.SchedulingCore`) owns it, stepped by
 one thread or task; others talk to it through `genset.engines.driver.AsyncEngineDriver`.
@@ -107,6 +110,18 @@ def sampling_spec(request: EngineRequest, eos: frozenset[int] = frozenset()) -> 
     return spec
 
 
+@dataclass(slots=True)
+class HeldKv:
+    """Onboarded blocks waiting in host memory for their request's admission
+    (`Scheduler.hold_kv`): `hashes[i]` is the prompt's block `first_block + i`, `payloads[i]`
+    its KV as the executor decoded it; `nbytes` what they count against `max_held_bytes`."""
+
+    first_block: int
+    hashes: list[int]
+    payloads: list[Any]
+    nbytes: int
+
+
 class Sequence:
     """A request's state inside the scheduler."""
 
@@ -117,6 +132,7 @@ class Sequence:
         "cached_tokens",
         "export_tail",
         "foreign_from",
+        "held",
         "ignore_eos",
         "max_tokens",
         "min_tokens",
@@ -171,6 +187,9 @@ class Sequence:
         # imported block it hit, or the block an imported tail was written into), None when
         # all of it is computed here; set at admission (`_admit`), read by `drop_foreign`
         self.foreign_from: int | None = None
+        # onboarded blocks beyond what could be pinned for it, in host memory until its
+        # admission takes them (`Scheduler.hold_kv`); None: none
+        self.held: HeldKv | None = None
 
 
 class Scheduler:
@@ -191,9 +210,14 @@ class Scheduler:
         self.requests: dict[str, Sequence] = {}
         self._pins: dict[str, list[int]] = {}
         self._scheduled: list[Sequence] = []  # sequences of the last plan, chunk order
-        # (block id, payload) of imported partial blocks admitted by the last `schedule()`:
-        # the core writes them before the step runs (`Sequence.tail`)
-        self.tail_writes: list[tuple[int, Any]] = []
+        # (block id, payload) of imported KV the last `schedule()` admitted (a remote
+        # prefill's partial block, `Sequence.tail`; held blocks, `Sequence.held`): the core
+        # writes them before the step runs
+        self.kv_writes: list[tuple[int, Any]] = []
+        # Host memory for onboarded blocks waiting for their request (`hold_kv`); 0: none
+        # are held (the owner sets it: the worker's offload hook). `held_bytes` is in use.
+        self.max_held_bytes = 0
+        self.held_bytes = 0
         # (request id, block id, tokens) of finished requests' partial last prompt blocks
         # (`EngineRequest.export_tail`), freed by the last `update()`: the core reads them
         # before the next step can write into them
@@ -207,6 +231,8 @@ class Scheduler:
         self.num_foreign_dropped = 0  # blocks `drop_foreign` took out of the prefix cache
         self.num_computed_tokens = 0  # tokens the executor was asked to compute
         self.num_preemptions = 0
+        self.num_held_blocks = 0  # blocks `hold_kv` took
+        self.num_held_used = 0  # of them, written at their request's admission
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -242,6 +268,7 @@ class Scheduler:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return False
+        self._drop_held(seq)
         if seq.status == RUNNING:
             self.running.remove(seq)
         elif seq.status == WAITING:
@@ -555,6 +582,69 @@ class Scheduler:
         if held:
             self._pins.setdefault(request_id, []).extend(held)
 
+    def hold_room_bytes(self) -> int:
+        """Bytes `hold_kv` can take now (0 when holding is off or the budget is in use)."""
+        return max(0, self.max_held_bytes - self.held_bytes)
+
+    def hold_kv(self, request_id: str, first_block: int, hashes: list[int],
+                payloads: list[Any], nbytes: list[int]) -> int:
+        """Hold, for waiting request `request_id`, the leading blocks of an onboarded run
+        that fit in what `max_held_bytes` leaves (`nbytes[i]`: what block i counts); returns
+        how many are held (0: none, nothing changed). `hashes[i]` is the prompt's block
+        `first_block + i`. Admission writes them into the blocks it allocates for the
+        request, where they continue what it finds cached then (`_admit`); held KV that
+        does not continue it (the pinned head was evicted meanwhile) is dropped, and the
+        prompt computed from there, as without it.
+
+        Why: an optional import is cut to the room the requests ahead leave in the pool
+        (`import_room`), and in a cache that holds one or two prompts there is none while
+        another prompt waits; then the request computed its whole prompt while the store
+        held it (`bench/bench_onboard_small_cache.py`: 146 of 200 requests, docs/offload.md,
+        "Onboarding into a small cache")."""
+        seq = self.requests.get(request_id)
+        if seq is None or seq.status != WAITING or seq.held is not None or not hashes:
+            return 0
+        room = self.max_held_bytes - self.held_bytes
+        n = total = 0
+        for size in nbytes[:len(hashes)]:
+            if total + size > room:
+                break
+            total += size
+            n += 1
+        if n == 0:
+            return 0
+        seq.held = HeldKv(first_block, list(hashes[:n]), list(payloads[:n]), total)
+        self.held_bytes += total
+        self.num_held_blocks += n
+        return n
+
+    def _drop_held(self, seq: Sequence) -> None:
+        held = seq.held
+        if held is not None:
+            seq.held = None
+            self.held_bytes -= held.nbytes
+
+    def _usable_held(self, seq: Sequence, hit: int, limit: int) -> int:
+        """How many of `seq`'s held blocks admission can take after its `hit` cached blocks,
+        at most `limit`: those that continue the hit (the held run starts at or before the
+        hit's end and goes beyond it) and name the prompt's own hashes, up to the first one
+        cached elsewhere already (a stray child of an evicted parent) or distrusted."""
+        held = seq.held
+        k = hit - held.first_block
+        if k < 0 or k >= len(held.hashes) or limit <= 0:
+            return 0
+        own = seq.block_hashes
+        lookup = self.pool.block_of
+        distrusted = self.distrusted
+        n = 0
+        for i in range(k, min(len(held.hashes), k + limit)):
+            h = held.hashes[i]
+            if (hit + n >= len(own) or own[hit + n] != h or lookup(h) is not None
+                    or h in distrusted):
+                break
+            n += 1
+        return n
+
     def import_room(self) -> int:
         """How many blocks an optional import (`KvImport.optional`: an offload hit) pinned for
         a request queued now may take: the free blocks, less the running requests' prompt
@@ -611,11 +701,14 @@ class Scheduler:
         pins = self._pins
         for seq in self.waiting:
             if pins and seq.request_id in pins:
-                total += len(seq.token_ids) - self._cached_prefix(seq)
+                left = len(seq.token_ids) - self._cached_prefix(seq)
                 if seq.tail is not None:  # (when admission can use it: `_admit`)
-                    total -= seq.tail[0]
+                    left -= seq.tail[0]
             else:
-                total += len(seq.token_ids) - seq.num_computed
+                left = len(seq.token_ids) - seq.num_computed
+            if seq.held is not None:  # (when admission can use them: `_usable_held`)
+                left -= len(seq.held.hashes) * self.block_size
+            total += max(1, left)
         for seq in self.running:
             left = len(seq.token_ids) - seq.num_computed
             if left > 1:
@@ -747,7 +840,13 @@ class Scheduler:
             extend_block_hashes(seq.block_hashes, seq.token_ids, bs)
             # the last token is always computed: its logits give the next token
             hit = pool.lookup(seq.block_hashes[: (total - 1) // bs])
-        cached = len(hit) * bs
+        # Held blocks (`hold_kv`) that continue the hit are taken as cached, their KV
+        # written before the step (never the last token's block: its logits are computed)
+        held_n = 0
+        if seq.held is not None:
+            held_n = self._usable_held(seq, len(hit), (total - 1) // bs - len(hit))
+        held_end = len(hit) + held_n
+        cached = held_end * bs
         # A tail (the prompt's last partial block, computed by a remote prefill) is used only
         # where it continues exactly what is cached here: every full block of the prompt
         # (one evicted meanwhile means the prompt's rest is computed here, tail and all)
@@ -765,7 +864,7 @@ class Scheduler:
         # the first block whose KV came from outside (`drop_foreign`): a scan of the hits'
         # marks (~40 ns a block: 512 hit blocks ~20 us at load ~6, next to the hashing and
         # the lookup above), on an engine that ever imported a block
-        foreign = len(hit) if tail_n else None
+        foreign = len(hit) if tail_n or held_n else None
         if self._imported:
             marks = pool.marks
             foreign = next((i for i, b in enumerate(hit) if marks[b] & FOREIGN), foreign)
@@ -775,10 +874,22 @@ class Scheduler:
         seq.block_table = hit + (pool.allocate(need) or [])
         seq.num_computed = cached + tail_n
         seq.num_registered = len(hit)
+        if held_n:
+            held = seq.held
+            k = len(hit) - held.first_block
+            writes = self.kv_writes
+            table = seq.block_table
+            for i in range(held_n):
+                writes.append((table[len(hit) + i], held.payloads[k + i]))
+            self.num_held_used += held_n
+            self._imported = True
+            if pool.enable_caching:  # cached under the prompt's hashes, marked FOREIGN
+                self._register_full_blocks(seq, cached)
+        self._drop_held(seq)  # used once, whatever was usable
         if tail is not None:
             seq.tail = None  # used once: a preempted request computes its prompt again
             if tail_n:
-                self.tail_writes.append((seq.block_table[len(hit)], tail[1]))
+                self.kv_writes.append((seq.block_table[held_end], tail[1]))
         if seq.cached_tokens < 0:
             seq.cached_tokens = min(cached, seq.prompt_len)
         self.unpin(seq.request_id)

@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "MockerConfig.offload_copy_ahead_blocks)")
     off.add_argument("--offload-copy-ahead-blocks", type=non_negative(int), default=1024,
                      help="how far from its LRU end a worker copies out ahead (free blocks)")
+    off.add_argument("--offload-hold-mb", type=non_negative(float), default=256.0,
+                     help="each worker's host memory, MiB, for onboarded blocks with no room "
+                          "in its cache beside the queue ahead, held until their request is "
+                          "admitted (the worker's --offload-hold-mb; 0: not fetched)")
     off.add_argument("--offload-no-split", action="store_true",
                      help="onboard a store run whole even when its copy outlasts the prompt's "
                           "compute (default: compute its tail beside the copy, to the balance "
@@ -297,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                            worker_admit=args.offload_admit,
                            split_runs=not args.offload_no_split,
                            copy_ahead=not args.offload_no_copy_ahead,
-                           copy_ahead_blocks=args.offload_copy_ahead_blocks),
+                           copy_ahead_blocks=args.offload_copy_ahead_blocks,
+                           hold_mb=args.offload_hold_mb),
                        sla_ttft_ms=args.sla_ttft_ms, sla_itl_ms=args.sla_itl_ms, planner=planner)
     results = []
     for name in policies:

@@ -68,6 +68,10 @@ class OffloadConfig:
     # Which evicted blocks a worker ships (the worker's `--offload-admit`,
     # genset.offload.admission): "all" (the replay's default, as before) or "prompt"
     worker_admit: str = "all"
+    # Host memory per worker for onboarded blocks beyond the room the queue ahead leaves,
+    # held until their request is admitted (the worker's `--offload-hold-mb`,
+    # `Scheduler.hold_kv`); at the modelled block size (`kv_bytes_per_token`). 0: not fetched
+    hold_mb: float = 256.0
 
     def __post_init__(self) -> None:
         if self.ram_blocks < 0 or self.disk_blocks < 0 or self.kv_bytes_per_token < 0:
@@ -76,6 +80,8 @@ class OffloadConfig:
             raise ValueError("offload: bandwidths must be >= 0 (0: free)")
         if self.copy_ahead_blocks < 0:
             raise ValueError("offload: copy_ahead_blocks must be >= 0")
+        if not self.hold_mb >= 0:
+            raise ValueError(f"offload: hold_mb must be >= 0, got {self.hold_mb}")
         if self.worker_admit not in ADMIT_MODES:
             raise ValueError(f"offload: worker_admit must be one of {ADMIT_MODES}")
 
@@ -152,6 +158,7 @@ class OffloadSim:
         """Write-behind of `core`'s evictions (no token ids: the replay needs none)."""
         sink = self._sinks[id(core)] = _Sink(self, max(1024, 4 * core.card.kv_blocks))
         self._cores.append(core)
+        core.scheduler.max_held_bytes = int(self.config.hold_mb * (1 << 20))
         core.set_eviction_sink(sink, with_tokens=False)
 
     def onboard(self, core, hashes: list[int], prompt_len: int):
@@ -164,13 +171,15 @@ class OffloadSim:
         full = min(len(hashes), (prompt_len - 1) // bs)  # the last token is always computed
         have = core.cached_prefix(hashes[:full])
         max_blocks = max(1, core.card.kv_blocks // 2)  # as the worker's hook
-        # and, as the hook, no more than the engine can hold beside the requests queued ahead
-        # (`Scheduler.import_room`): the head of the queue would take the rest back before this
-        # request runs. No room: no lookup at all (the hook's `skipped_no_room`).
+        # and, as the hook, no more than the engine can keep beside the requests queued
+        # ahead (`Scheduler.import_room`: the head of the queue would take the rest back
+        # before this request runs), or hold in host memory until its admission (the core
+        # cuts the import to both). No room and none to hold: no lookup at all (the hook's
+        # `skipped_no_room`).
         if have >= min(full, max_blocks):
             return None, 0, 0, have
         room = core.scheduler.import_room()
-        if room < max_blocks - have:
+        if room < max_blocks - have and core.scheduler.hold_room_bytes() <= 0:
             if room <= 0:
                 self.skipped_no_room += 1
                 return None, 0, 0, have
@@ -257,6 +266,14 @@ class OffloadSim:
             "admission": self.config.admission,
             "offered_blocks": self.offered, "lookups": self.lookups,
             "skipped_no_room": self.skipped_no_room,
+            # onboarded blocks with no room in the cache beside the queue ahead: held in
+            # host memory until their request's admission (`Scheduler.hold_kv`), written
+            # there ("used"), or dropped at submission ("no_room")
+            "hold_mb": self.config.hold_mb,
+            "onboard_held": {
+                "held": sum(c.scheduler.num_held_blocks for c in self._cores),
+                "used": sum(c.scheduler.num_held_used for c in self._cores),
+                "no_room": sum(getattr(c, "import_blocks_no_room", 0) for c in self._cores)},
             "copy_ahead": self.config.copy_ahead,
             "copied_ahead_blocks": sum(getattr(c, "copied_ahead", 0) for c in self._cores),
             "onboarded_blocks": dict(self.onboarded), "found_blocks": self.found_blocks,

@@ -568,6 +568,10 @@ class WorkerHost:
             if remote is not None:  # the engine took the pins over (or refused the request)
                 await remote.release()
         worker_stamp(stamps, "w_admitted")
+        # the engine decoded what it took (pinned in its cache, or held in host memory within
+        # its own budget: `Engine.hold_onboarded`); the payloads as they came are not kept
+        # for the request's whole life
+        kv_import = None
         self.m.started.inc()
         self.m.prompt_tokens.inc(len(tokens))
         self._load_changed.set()

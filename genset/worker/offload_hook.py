@@ -13,9 +13,12 @@ onboarding of a prompt's next blocks before it runs.
   for the request, which then computes only the rest (with an engine that copies beside its
   compute, only the run's head when the whole run's copy would outlast the prompt's compute:
   `genset.offload.onboard`). No more is asked for than the engine can keep for the request
-  beside the ones queued ahead (`Engine.import_room`; none: no lookup, `skipped_no_room`),
-  and the import is `optional` (the engine cuts it to that room again at submission): blocks
-  beyond it were taken back by the head of the queue and evicted before the request ran.
+  beside the ones queued ahead (`Engine.import_room`), and the import is `optional` (the
+  engine cuts it to that room again at submission): blocks beyond it would be taken back by
+  the head of the queue and evicted before the request ran. Those beyond it are held in host
+  memory instead, within `max_held_bytes` for the whole engine (`Engine.hold_onboarded`),
+  and written at the request's admission; with no room and none to hold: no lookup,
+  `skipped_no_room`.
   Store absent, slow, broken, or a run of nothing: None, and the worker computes the prompt.
   Never an error, never a wait past the deadline (the host also computes the prompt when the
   engine refuses the import's payload). A block the engine refused for its values
@@ -68,6 +71,10 @@ class OffloadHookConfig:
     deadline_s: float = 0.05  # longest a lookup may delay a request before it computes instead
     max_queue_bytes: int = 64 << 20  # write-behind queue (the client drops beyond it)
     max_onboard_bytes: int = 256 << 20  # payload bytes one request may onboard
+    # host memory for onboarded blocks beyond the room the engine's queue leaves, held
+    # until their request is admitted (`Engine.hold_onboarded`); 0: such blocks are not
+    # looked up (no room: `skipped_no_room`)
+    max_held_bytes: int = 256 << 20
     mode: str = "auto"  # on: warn when no store is registered; auto: quietly follow etcd
     # which evicted blocks are shipped (genset.offload.admission): "prompt", "all"
     admit: str = "prompt"
@@ -80,9 +87,10 @@ class OffloadHookConfig:
     recompute_ms_per_token: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.deadline_s <= 0 or self.max_queue_bytes < 0 or self.max_onboard_bytes <= 0:
+        if (self.deadline_s <= 0 or self.max_queue_bytes < 0 or self.max_onboard_bytes <= 0
+                or self.max_held_bytes < 0):
             raise ValueError("offload: need deadline_s > 0, max_queue_bytes >= 0, "
-                             "max_onboard_bytes > 0")
+                             "max_onboard_bytes > 0, max_held_bytes >= 0")
         if self.mode not in OFFLOAD_MODES:
             raise ValueError(f"offload mode must be one of {OFFLOAD_MODES}, got {self.mode!r}")
         if self.admit not in ADMIT_MODES:
@@ -116,6 +124,8 @@ def onboard_tiers(block_bytes: float, block_tokens: int, recompute_ms_per_token:
     return ONBOARD_ALL
 
 
+# what a held block costs beyond its payload (`genset.engines.core.held_size`)
+HELD_OVERHEAD = 128
 PROBE_EVERY = 16  # of the requests that skip the store as too slow, one looks up anyway
 # store blocks the engine refused, remembered so lookups stop before them (`import_refused`):
 # a refused block comes only from a faulty or hostile worker, so few are expected; 8 bytes
@@ -176,6 +186,9 @@ class OffloadHook(WorkerHooks):
         client.on_instances = self._instances_changed
         self.client = client
         self._onboarded_max = max(1024, 4 * ctx.engine.card.kv_blocks)
+        hold = getattr(ctx.engine, "hold_onboarded", None)
+        if hold is not None and self.config.max_held_bytes:
+            hold(self.config.max_held_bytes)
         handover = getattr(ctx.engine, "evictions", None)
         if handover is not None:
             handover.skip = self._onboarded
@@ -294,15 +307,24 @@ class OffloadHook(WorkerHooks):
             if not want or have >= max_blocks:
                 self.counts["skipped"] += 1
                 return None
-            # and no more than the engine can hold for it beside the requests queued ahead:
-            # the head of the queue would reclaim the rest before this request runs, and
-            # they would be evicted unused (the engine drops them anyway: KvImport.optional)
+            # and no more than the engine can keep for it beside the requests queued ahead
+            # (the head of the queue would reclaim the rest before this request runs, and
+            # they would be evicted unused), pinned in its cache or held in host memory
+            # until the request is admitted (`Engine.hold_onboarded`); the engine cuts the
+            # import to that again at submission (KvImport.optional)
+            max_bytes = self.config.max_onboard_bytes
             room = ctx.engine.import_room()
             if room is not None and room < max_blocks - have:
-                if room <= 0:
+                hold = ctx.engine.hold_room_bytes() or 0
+                if hold > 0:
+                    if self._block_bytes:  # what fits pinned, and held beside it
+                        max_bytes = min(max_bytes, int(
+                            hold + max(0, room) * (self._block_bytes + HELD_OVERHEAD)))
+                elif room <= 0:
                     self.counts["skipped_no_room"] += 1
                     return None
-                max_blocks = have + room
+                else:
+                    max_blocks = have + room
             tiers = self.tiers_worth(bs)
             if tiers == ONBOARD_NONE:
                 # every PROBE_EVERY-th such request looks up its RAM run anyway, so the fetch
@@ -315,7 +337,7 @@ class OffloadHook(WorkerHooks):
             t0 = time.perf_counter()
             run = await client.lookup(want, self.config.deadline_s,
                                       max_blocks=max_blocks - have,
-                                      max_bytes=self.config.max_onboard_bytes,
+                                      max_bytes=max_bytes,
                                       ram_only=tiers == ONBOARD_RAM)
             elapsed = time.perf_counter() - t0
             if self._m is not None:
@@ -419,6 +441,8 @@ class _Metrics:
             sched = getattr(core, "scheduler", None)
             if name == "import_blocks_no_room":
                 return getattr(core, name, 0)
+            if name in ("num_held_blocks", "num_held_used", "held_bytes"):
+                return getattr(sched, name, 0)
             return getattr(getattr(sched, "pool", None), name, 0)
 
         metrics.gauge(
@@ -427,8 +451,19 @@ class _Metrics:
         ).set_function(lambda: pool_count("num_imports_evicted_unused"))
         metrics.gauge(
             "worker_offload_onboard_no_room_blocks",
-            "onboarded blocks the engine dropped at submission: no room beside the queue ahead"
+            "onboarded blocks the engine dropped at submission: no room beside the queue "
+            "ahead, nor in the host memory it holds them in"
         ).set_function(lambda: pool_count("import_blocks_no_room"))
+        held = metrics.gauge(
+            "worker_offload_onboard_held_blocks",
+            "onboarded blocks held in host memory until their request's admission: held "
+            "(taken), used (written at admission)", ["outcome"])
+        held.labels("held").set_function(lambda: pool_count("num_held_blocks"))
+        held.labels("used").set_function(lambda: pool_count("num_held_used"))
+        metrics.gauge(
+            "worker_offload_onboard_held_bytes",
+            "host memory held now by onboarded blocks waiting for their request"
+        ).set_function(lambda: pool_count("held_bytes"))
         for where, name in (("queue_full", "put_dropped_full"),
                             ("no_store", "put_dropped_no_store"),
                             ("too_large", "put_dropped_too_large"),

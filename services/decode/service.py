@@ -65,6 +65,10 @@ class WorkerOptions:
         "decode role, --disagg auto: a prompt whose prefill stalls nobody past the ITL target "
         "either way goes to a prefill worker when the pool has room to spare and its first "
         "token is predicted within this (0: such prompts prefill here)", min=0))
+    offload_hold_mb: float = field(default=256.0, metadata=opt(
+        "host memory, MiB, for onboarded blocks that do not fit in the KV cache beside the "
+        "requests queued ahead: held until their request is admitted, then written into "
+        "its blocks (0: such blocks are not fetched, the prompt is computed)", min=0))
     kv_bytes_per_token: int = field(default=0, metadata=opt(
         "mocker: bytes of KV one token would take (transfers carry dummy payloads of that "
         "size; 0: hashes only)", min=0))
@@ -129,6 +133,10 @@ class WorkerOptions:
     offload_queue_mb: float = field(default=64.0, metadata=opt(
         "evicted blocks waiting to be written to the store, MiB; beyond it they are dropped",
         min=0))
+    offload_hold_mb: float = field(default=256.0, metadata=opt(
+        "host memory, MiB, for onboarded blocks that do not fit in the KV cache beside the "
+        "requests queued ahead: held until their request is admitted, then written into "
+        "its blocks (0: such blocks are not fetched, the prompt is computed)", min=0))
     kv_bytes_per_token: int = field(default=0, metadata=opt(
         "mocker: modelled KV bytes per token (offload and transfer times)", min=0))
     offload_d2h_gbps: float = field(default=0.0, metadata=opt(
@@ -208,6 +216,7 @@ class WorkerService(Service):
                                      config=OffloadHookConfig(
                                          deadline_s=o.offload_deadline_ms / 1000.0,
                                          max_queue_bytes=int(o.offload_queue_mb * (1 << 20)),
+                                         max_held_bytes=int(o.offload_hold_mb * (1 << 20)),
                                          mode=o.offload, admit=o.offload_admit)))
         if (disagg := self.disagg_hook()) is not None:
             hooks.append(disagg)

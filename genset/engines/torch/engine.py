@@ -133,6 +133,9 @@ class RunnerExecutor:
             tensors.append(t)
         return tensors
 
+    def payload_nbytes(self, payload: torch.Tensor) -> int:
+        return payload.numel() * payload.element_size()
+
     def write_kv(self, block_ids: list[int], payloads: list[torch.Tensor]) -> None:
         self.runner.write_blocks_tensor(block_ids, torch.cat(payloads))
 
