@@ -39,9 +39,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import proto
-from genset.offload.parts import BUFFER_OVERHEAD, Assemblies, check_sender
 from genset.offload.parts import DROPPED as PART_DROPPED
 from genset.offload.parts import PENDING as PART_PENDING
+from genset.offload.parts import SENDER_SHARES, Assemblies, buffer_bounds, check_sender
 from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
 from genset.runtime.config import ConfigError, FieldError, opt
 from genset.runtime.service import Service
@@ -99,11 +99,12 @@ class OffloadOptions:
         "largest block accepted, MiB (payload + token ids); a block larger than a NATS "
         "message travels in parts (0: only blocks that fit one message)", min=0,
         env="GENSET_OFFLOAD_MAX_BLOCK_MB"))
-    part_buffer_mb: float = field(default=64.0, metadata=opt(
-        "bytes of blocks being gathered from parts at once, MiB (at least one largest "
-        "block); one sender may hold a quarter of it (at least one largest block); a "
-        "block not complete within "
-        f"{PART_TTL_S:g} s is dropped", min=0, env="GENSET_OFFLOAD_PART_BUFFER_MB"))
+    part_buffer_mb: float | None = field(default=None, metadata=opt(
+        "bytes of blocks being gathered from parts at once, MiB (unset: four largest blocks, "
+        "128 MiB with the default --max-block-mb); one sender may hold a quarter of it, "
+        "which must hold one largest block (less is refused at start); a block not "
+        f"complete within {PART_TTL_S:g} s is dropped", min=0,
+        env="GENSET_OFFLOAD_PART_BUFFER_MB"))
     spill_min_freq: int = field(default=2, metadata=opt(
         "a block evicted from RAM goes to disk only if put or asked for this often", min=0,
         env="GENSET_OFFLOAD_SPILL_MIN_FREQ"))
@@ -150,7 +151,7 @@ class OffloadOptions:
         for name in ("offload_ram_gb", "offload_disk_gb", "spill_queue_mb", "max_block_mb",
                      "part_buffer_mb"):
             value = getattr(self, name)
-            if not math.isfinite(value):
+            if value is not None and not math.isfinite(value):
                 raise FieldError(name, f"must be a finite number, got {value}")
 
 
@@ -229,19 +230,29 @@ class OffloadService(Service):
         if o.max_block_mb > 0:
             # may exceed a message: such blocks travel in parts
             max_block = int(o.max_block_mb * MB)
-        # The parts' buffers hold at least one largest block, a sender at least one too.
-        # Otherwise a sender's share is a quarter of the whole (it was half). The sender is
-        # the subject's token, which a secured stack authenticates, so the share is what one
-        # hostile (or broken) worker can hold: filling the buffers takes four of them, not
-        # two. An honest worker holds at most its client's `max_inflight` (4) blocks in
-        # progress at once (plus any abandoned after a failure, for PART_TTL_S): 8 MiB of
-        # Llama-3-8B's 2 MiB blocks, half of a quarter of the default 64 MiB. With the
-        # default --max-block-mb (32, half of 64) the one-block floor decides, still half;
-        # --max-block-mb at a quarter of --part-buffer-mb or less gives the quarter.
-        largest = max_block + BUFFER_OVERHEAD
-        part_bytes = max(largest, int(o.part_buffer_mb * MB))
-        self.parts = Assemblies(max_bytes=part_bytes,
-                                max_sender_bytes=max(largest, part_bytes // 4),
+        # One sender holds at most a quarter of the part buffers, and a quarter holds one
+        # largest block (`genset.offload.parts.buffer_bounds`). The sender is the subject's
+        # token, which a secured stack authenticates, so the share is what one hostile (or
+        # broken) worker can hold: filling the buffers takes four of them. Unset, the budget
+        # is four largest blocks: 128 MiB (+ 2 KiB) with the default 32 MiB blocks, where a
+        # 64 MiB budget's one-block floor had made one sender's share half. That bound is
+        # allocated only as blocks come (an honest worker holds at most its client's
+        # `max_inflight` (4) blocks in progress, plus any abandoned after a failure for
+        # PART_TTL_S: 8 MiB of Llama-3-8B's 2 MiB blocks); the
+        # default 32 MiB limit is kept for larger blocks (a 70B model's 64-token block is
+        # 20 MiB). A budget set below four largest blocks is refused rather than given a
+        # larger share: an operator who set it to save memory would otherwise get a share
+        # bound that no longer bounds.
+        try:
+            part_bytes, sender_bytes = buffer_bounds(
+                max_block, None if o.part_buffer_mb is None else int(o.part_buffer_mb * MB))
+        except ValueError as exc:
+            raise ConfigError(
+                f"--part-buffer-mb {o.part_buffer_mb:g} with --max-block-mb "
+                f"{o.max_block_mb:g}: {exc}; raise --part-buffer-mb to at least "
+                f"{SENDER_SHARES * max_block / MB:g}, lower --max-block-mb, or leave "
+                "--part-buffer-mb unset (four largest blocks)") from None
+        self.parts = Assemblies(max_bytes=part_bytes, max_sender_bytes=sender_bytes,
                                 ttl_s=PART_TTL_S, clock=self.clock)
         # Event batches must fit a message too: at 8192 entries one could be ~560 KB, and on a
         # server with a smaller max_payload every such batch (and every snapshot) was lost.
