@@ -74,11 +74,6 @@ def stream_cancel(namespace: str) -> str:
     return subject(namespace, "stream", "cancel")
 
 
-def kv_event_stream_name(namespace: str) -> str:
-    """JetStream stream that keeps recent KV events for replay by a restarting router."""
-    return f"GENSET_KV_{_tok(namespace, 'namespace').upper().replace('-', '_')}"
-
-
 # ---- KV offload store (issue 12) ---------------------------------------------------------------
 # Each store instance serves its own hash range (clients place blocks by rendezvous hashing over
 # the live instances), so every endpoint is per instance.

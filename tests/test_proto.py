@@ -245,7 +245,6 @@ def test_typed_values_accept_every_listed_value_and_todays_defaults():
 def test_subjects_and_keys():
     assert subjects.worker_generate("prod", "decode", 255) == "genset.prod.decode.generate.ff"
     assert subjects.kv_events_all("prod") == "genset.prod.kv.events.>"
-    assert subjects.kv_event_stream_name("my-ns") == "GENSET_KV_MY_NS"
     with pytest.raises(ValueError, match="not a valid subject token"):
         subjects.route("bad.namespace")
     assert keys.instance("prod", "decode", 255) == "genset/prod/instances/decode/ff"
