@@ -120,11 +120,6 @@ def offload_lookup(namespace: str, store_id: int) -> str:
     return subject(namespace, OFFLOAD_COMPONENT, "lookup", store_id)
 
 
-def offload_contains(namespace: str, store_id: int) -> str:
-    """`OffloadContains` -> `OffloadContainsReply` (exists, without data)."""
-    return subject(namespace, OFFLOAD_COMPONENT, "contains", store_id)
-
-
 def offload_resync(namespace: str, store_id: int) -> str:
     """`KvResyncRequest` -> `OffloadResyncReply`; the snapshot goes out on the events subject."""
     return subject(namespace, OFFLOAD_COMPONENT, "resync", store_id)

@@ -68,8 +68,6 @@ SAMPLES = [
                          offset=1 << 20, data=b"kv"),
     proto.OffloadGetPart(hash=5, offset=1 << 20, max_bytes=1 << 20),
     proto.OffloadPart(store_id=3, hash=5, size=2 << 20, offset=1 << 20, data=b"kv"),
-    proto.OffloadContains(hashes=[1, 2, 3]),
-    proto.OffloadContainsReply(store_id=3, held=2, in_ram=1),
     proto.OffloadResyncReply(store_id=3, tiers=[
         proto.TierSnapshot(tier="host", first_event_id=4, last_event_id=4),
         proto.TierSnapshot(tier="disk", first_event_id=7, last_event_id=9, blocks=40000)]),

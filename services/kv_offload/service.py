@@ -14,7 +14,6 @@ its restart, never both answer):
   a lookup reply named in `large`);
 - `offload_lookup(ns, id)`: `OffloadLookup` -> `OffloadLookupReply` (the leading run held,
   with data, at most `max_bytes` and never more than a NATS message);
-- `offload_contains(ns, id)`: `OffloadContains` -> `OffloadContainsReply`;
 - `offload_resync(ns, id)`: `KvResyncRequest` -> `OffloadResyncReply`; the snapshot itself
   goes out on the events subject, in order (a disk tier's snapshot can exceed a message); one
   not yet started answers every resync until it goes out;
@@ -49,8 +48,6 @@ from proto import subjects
 from proto.kv import TIER_DISK, KvEventBatch
 from proto.offload import (
     OffloadBlock,
-    OffloadContains,
-    OffloadContainsReply,
     OffloadGetPart,
     OffloadLookup,
     OffloadLookupReply,
@@ -140,7 +137,7 @@ class OffloadOptions:
         "docs/architecture.md, Security)",
         env="GENSET_OFFLOAD_VERIFY_KV_VALUES"))
     max_concurrent: int = field(default=64, metadata=opt(
-        "lookup, getpart, contains and resync requests in progress per subject before new "
+        "lookup, getpart and resync requests in progress per subject before new "
         "ones get an overloaded error (puts and parts are answered in order, never "
         "overloaded)", min=1,
         env="GENSET_OFFLOAD_MAX_CONCURRENT"))
@@ -281,7 +278,6 @@ class OffloadService(Service):
         handlers = {
             "lookup": (subjects.offload_lookup(ns, sid), self._on_lookup),
             "get_part": (subjects.offload_get_part(ns, sid), self._on_get_part),
-            "contains": (subjects.offload_contains(ns, sid), self._on_contains),
             "resync": (subjects.offload_resync(ns, sid), self._on_resync),
         }
         for name, (subject, handler) in handlers.items():
@@ -530,12 +526,6 @@ class OffloadService(Service):
             await asyncio.sleep(PART_TTL_S / 2)
             if self.parts is not None:
                 self.parts.expire()
-
-    async def _on_contains(self, data: bytes) -> OffloadContainsReply:
-        req = self._decode(data, OffloadContains, "contains")
-        assert self.store is not None
-        held, in_ram = self.store.contains(req.hashes)
-        return OffloadContainsReply(store_id=self.instance_id, held=held, in_ram=in_ram)
 
     async def _on_resync(self, data: bytes) -> OffloadResyncReply:
         req = self._decode(data, proto.KvResyncRequest, "resync")
