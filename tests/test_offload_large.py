@@ -354,6 +354,30 @@ async def test_blocks_at_the_edge_of_a_message_travel_either_way(
         await client.close()
 
 
+async def test_a_client_whose_messages_are_smaller_than_the_servers_fetches_every_block(
+        nats_server, etcd_server, bus, discovery, ns):
+    """A client limited to 256 KiB messages against the server's 1 MiB: blocks between the
+    two limits are named by ref and fetched in parts like those over both (the store took
+    its own reply limit as the mark: sent inline they could not fit the client's cap, the
+    run ended at the first of them, and a lookup brought back only what came before it)."""
+    limit = 256 * 1024
+    sizes = [100 * 1024, 600 * 1024, 2 * MiB, 50 * 1024, 700 * 1024, 200 * 1024]
+    blocks = sized(57, sizes)
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05):
+        client = await started_client(bus, discovery, ns, 1, max_message_bytes=limit)
+        client.put_behind(blocks)
+        assert await client.flush(WAIT) and client.stats["put_stored"] == len(blocks)
+        assert client.stats["put_large"] == 3  # every block over 256 KiB went in parts
+        for want_tokens in (True, False):
+            before = client.stats["lookup_large"]
+            run = await client.lookup([b.hash for b in blocks], deadline_s=WAIT,
+                                      want_tokens=want_tokens)
+            assert same(run, blocks, tokens=want_tokens), [len(b.data) for b in run]
+            assert client.stats["lookup_large"] - before == 3
+        assert client.stats["lookup_large_failed"] == 0
+        await client.close()
+
+
 async def test_large_blocks_pass_the_stack_permissions(secure_infra):
     """A worker logged in as its slot (genset up's NATS users and permissions) puts and
     onboards a 2 MiB block through a store logged in as `offload`: the part subjects are
@@ -616,8 +640,6 @@ async def test_parts_in_flight_never_take_put_slots_other_sends_hold(
     from genset.offload.client import PART_PUTS
 
     limit = 64 * 1024
-    # over the server's max_payload (1 MiB) as well as the client's limit, so that a lookup
-    # names them as refs (the store goes by the server's limit, not this client's)
     large = sized(55, [MiB + 300 * 1024, MiB + 200 * 1024 + 5, MiB + 250 * 1024])
     small = sized(56, [8 * 1024] * 12)
     async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05):

@@ -499,10 +499,18 @@ class OffloadService(Service):
         assert self.store is not None
         if req.want_tokens and not self.options.serve_token_ids:
             self.m_token_ids_withheld.inc()
-        res = await self.store.lookup(req.hashes, min(req.max_bytes, self._reply_limit),
+        # A block that cannot fit this reply is named by ref (fetched in parts), also where
+        # the asker's cap is below this store's reply limit (its own message limit is
+        # smaller): with this store's limit as the mark, such a block was neither sent nor
+        # named, the run ended at it and the asker could never fetch it. genset's client
+        # asks for min(its limit, its byte budget) and allows refs up to that budget, so
+        # where the two limits agree nothing changes: a block over a budget below the limit
+        # ends the run either way.
+        max_bytes = min(req.max_bytes, self._reply_limit)
+        res = await self.store.lookup(req.hashes, max_bytes,
                                       req.want_tokens and self.options.serve_token_ids,
                                       req.ram_only,
-                                      message_bytes=self._reply_limit,
+                                      message_bytes=max_bytes,
                                       max_large_bytes=req.max_large_bytes)
         self.m_lookups.inc()
         if res.blocks:
