@@ -45,10 +45,6 @@ def planner_prefix(namespace: str) -> str:
     return namespace_prefix(namespace) + "planner/"
 
 
-def config_prefix(namespace: str) -> str:
-    return namespace_prefix(namespace) + "config/"
-
-
 # ---- KV offload store (issue 12) ---------------------------------------------------------------
 OFFLOAD_COMPONENT = "kv_offload"  # the same word as proto.subjects.OFFLOAD_COMPONENT
 

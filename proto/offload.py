@@ -154,18 +154,6 @@ class OffloadLookupReply(Message, kw_only=True):
     large: LargeList = msgspec.field(default_factory=list)
 
 
-class OffloadContains(Message, kw_only=True):
-    """Exists, without data: how long a leading run of `hashes` is held, and where."""
-
-    hashes: HashList = msgspec.field(default_factory=list)
-
-
-class OffloadContainsReply(Message, kw_only=True):
-    store_id: int
-    held: int = 0  # length of the leading run of `hashes` held (either tier)
-    in_ram: int = 0  # how many of those are in RAM (the others are on disk only)
-
-
 class TierSnapshot(msgspec.Struct, kw_only=True):
     """Where one tier's snapshot sits in that tier's event sequence."""
 
@@ -193,7 +181,5 @@ OFFLOAD_MESSAGES = (
     OffloadPart,
     OffloadLookup,
     OffloadLookupReply,
-    OffloadContains,
-    OffloadContainsReply,
     OffloadResyncReply,
 )

@@ -74,11 +74,6 @@ def stream_cancel(namespace: str) -> str:
     return subject(namespace, "stream", "cancel")
 
 
-def kv_event_stream_name(namespace: str) -> str:
-    """JetStream stream that keeps recent KV events for replay by a restarting router."""
-    return f"GENSET_KV_{_tok(namespace, 'namespace').upper().replace('-', '_')}"
-
-
 # ---- KV offload store (issue 12) ---------------------------------------------------------------
 # Each store instance serves its own hash range (clients place blocks by rendezvous hashing over
 # the live instances), so every endpoint is per instance.
@@ -123,11 +118,6 @@ def offload_get_part(namespace: str, store_id: int) -> str:
 def offload_lookup(namespace: str, store_id: int) -> str:
     """`OffloadLookup` -> `OffloadLookupReply` (onboarding: a run of blocks with their data)."""
     return subject(namespace, OFFLOAD_COMPONENT, "lookup", store_id)
-
-
-def offload_contains(namespace: str, store_id: int) -> str:
-    """`OffloadContains` -> `OffloadContainsReply` (exists, without data)."""
-    return subject(namespace, OFFLOAD_COMPONENT, "contains", store_id)
 
 
 def offload_resync(namespace: str, store_id: int) -> str:

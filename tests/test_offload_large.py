@@ -206,6 +206,47 @@ async def test_a_store_limit_below_the_block_refuses_it_at_its_first_part(
         await client.close()
 
 
+async def test_a_store_with_default_flags_gives_one_sender_a_quarter_of_its_part_buffers(
+        nats_server, etcd_server, bus, ns):
+    """Unset, --part-buffer-mb is four of the largest blocks (--max-block-mb, 32 MiB by
+    default): one sender's share is a quarter of the buffers and holds one largest block (a
+    64 MiB default had made the one-block floor decide: half). Four senders each with a
+    block in progress fill the buffers; a fifth is refused (`parts_full`)."""
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05) as store:
+        parts, sid = store.parts, store.instance_id
+        largest = int(store.labels["max_block_bytes"])
+        assert largest == 32 * MiB
+        assert parts.max_sender_bytes == largest + BUFFER_OVERHEAD
+        assert parts.max_bytes == 4 * parts.max_sender_bytes
+        for sender in range(0xD1, 0xD6):
+            reply = await bus.request(subjects.offload_put_part(ns, sid, sender), OffloadPutPart(
+                sender_id=sender, hash=sender, size=largest, data=b"f" * 1000),
+                timeout=WAIT, reply_type=OffloadPutReply)
+            assert reply.refused == (sender == 0xD5), reply
+            assert parts.sender_bytes(sender) <= parts.max_bytes // 4
+        assert parts.bytes == parts.max_bytes and parts.counts[PARTS_FULL] == 1
+
+
+@pytest.mark.parametrize(("options", "least"), [
+    ({"part_buffer_mb": 64}, "128"),  # the former default budget with the default blocks
+    ({"part_buffer_mb": 15.5, "max_block_mb": 4}, "16"),
+    ({"part_buffer_mb": 0}, "128"),
+])
+async def test_a_store_refuses_to_start_with_a_part_budget_below_four_largest_blocks(
+        nats_server, etcd_server, ns, options, least):
+    """A budget whose quarter cannot hold one largest block is refused at start, naming both
+    flags, rather than giving one sender a larger share than the documented quarter."""
+    from genset.runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match=(
+            rf"--part-buffer-mb {options['part_buffer_mb']:g} with --max-block-mb "
+            rf"{options.get('max_block_mb', 32):g}: .*raise --part-buffer-mb to at least "
+            rf"{least},")):
+        async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05,
+                                 **options):
+            pass
+
+
 async def test_hostile_parts_are_refused_and_counted_and_an_honest_put_goes_through(
         nats_server, etcd_server, bus, discovery, ns):
     """Size lies, overlaps, parts past the end and blocks never finished beyond the byte
@@ -218,8 +259,8 @@ async def test_hostile_parts_are_refused_and_counted_and_an_honest_put_goes_thro
                              max_block_mb=4, part_buffer_mb=16, clock=clock) as store:
         parts = store.parts
         sid = store.instance_id
-        # the per-sender share: a quarter of the buffers, at least one largest block
-        assert parts.max_bytes == 16 * MiB
+        # the per-sender share: a quarter of the buffers, one largest block
+        assert parts.max_bytes == 16 * MiB + 4 * BUFFER_OVERHEAD
         assert parts.max_sender_bytes == 4 * MiB + BUFFER_OVERHEAD
         client = await started_client(bus, discovery, ns, 1)
         peak = 0
@@ -310,6 +351,30 @@ async def test_blocks_at_the_edge_of_a_message_travel_either_way(
         run = await client.lookup([b.hash for b in blocks], deadline_s=WAIT, want_tokens=True)
         assert same(run, blocks)
         assert client.stats["lookup_large"] == in_parts
+        await client.close()
+
+
+async def test_a_client_whose_messages_are_smaller_than_the_servers_fetches_every_block(
+        nats_server, etcd_server, bus, discovery, ns):
+    """A client limited to 256 KiB messages against the server's 1 MiB: blocks between the
+    two limits are named by ref and fetched in parts like those over both (the store took
+    its own reply limit as the mark: sent inline they could not fit the client's cap, the
+    run ended at the first of them, and a lookup brought back only what came before it)."""
+    limit = 256 * 1024
+    sizes = [100 * 1024, 600 * 1024, 2 * MiB, 50 * 1024, 700 * 1024, 200 * 1024]
+    blocks = sized(57, sizes)
+    async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05):
+        client = await started_client(bus, discovery, ns, 1, max_message_bytes=limit)
+        client.put_behind(blocks)
+        assert await client.flush(WAIT) and client.stats["put_stored"] == len(blocks)
+        assert client.stats["put_large"] == 3  # every block over 256 KiB went in parts
+        for want_tokens in (True, False):
+            before = client.stats["lookup_large"]
+            run = await client.lookup([b.hash for b in blocks], deadline_s=WAIT,
+                                      want_tokens=want_tokens)
+            assert same(run, blocks, tokens=want_tokens), [len(b.data) for b in run]
+            assert client.stats["lookup_large"] - before == 3
+        assert client.stats["lookup_large_failed"] == 0
         await client.close()
 
 
@@ -575,8 +640,6 @@ async def test_parts_in_flight_never_take_put_slots_other_sends_hold(
     from genset.offload.client import PART_PUTS
 
     limit = 64 * 1024
-    # over the server's max_payload (1 MiB) as well as the client's limit, so that a lookup
-    # names them as refs (the store goes by the server's limit, not this client's)
     large = sized(55, [MiB + 300 * 1024, MiB + 200 * 1024 + 5, MiB + 250 * 1024])
     small = sized(56, [8 * 1024] * 12)
     async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05):
@@ -602,13 +665,13 @@ async def test_a_block_refused_at_its_first_part_sends_no_more_parts(
     again) and counts one refused put; once those expire the same block goes through."""
     clock = Clock()
     async with running_store(nats_server, etcd_server, ns, offload_ram_gb=0.05,
-                             max_block_mb=4, part_buffer_mb=8, clock=clock) as store:
+                             max_block_mb=2.5, part_buffer_mb=10, clock=clock) as store:
         parts, sid = store.parts, store.instance_id
-        for sender in range(0xC1, 0xC5):  # each its own share; the fourth finds it all full
+        for sender in range(0xC1, 0xC6):  # each its own share; the fifth finds it all full
             reply = await bus.request(subjects.offload_put_part(ns, sid, sender), OffloadPutPart(
                 sender_id=sender, hash=sender, size=2 * MiB, data=b"f" * 1000),
                 timeout=WAIT, reply_type=OffloadPutReply)
-            assert reply.refused == (sender == 0xC4), reply
+            assert reply.refused == (sender == 0xC5), reply
         assert parts.counts[PARTS_FULL] == 1
         client = await started_client(bus, discovery, ns, 1, put_timeout_s=WAIT)
         [blk] = sized(53, [2 * MiB])
@@ -620,7 +683,7 @@ async def test_a_block_refused_at_its_first_part_sends_no_more_parts(
         assert parts.counts[PARTS_FULL] == 2 and parts.sender_bytes(7) == 0
         clock.now += PART_TTL_S
         parts.expire()  # (or the store's sweeper did)
-        assert len(parts) == 0 and parts.counts[PART_EXPIRED] == 3
+        assert len(parts) == 0 and parts.counts[PART_EXPIRED] == 4
         client.put_behind([blk])
         assert await client.flush(WAIT)
         assert (st["put_stored"], st["put_refused"], st["put_parts"]) == (1, 1, 1 + 3)

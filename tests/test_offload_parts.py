@@ -20,8 +20,10 @@ from genset.offload.parts import (
     PART_START,
     PARTS_FULL,
     PENDING,
+    SENDER_SHARES,
     Assemblies,
     PartBuffer,
+    buffer_bounds,
     check_sender,
     split,
 )
@@ -220,3 +222,46 @@ def test_a_refused_part_drops_its_senders_block_and_is_counted():
     assert a.refuse(None, 5, PART_SENDER, "not an id").status == DROPPED
     assert a.refuse(3, 9, PART_SENDER, "nothing in progress").status == DROPPED
     assert a.counts[PART_SENDER] == 3 and len(a) == 1
+
+
+MiB = 1 << 20
+
+
+def test_the_default_part_budget_keeps_one_sender_to_a_quarter_holding_one_largest_block():
+    """The store's defaults (32 MiB blocks, no budget set): the budget is four largest blocks,
+    one sender's share a quarter of it, and that quarter holds one largest block with its
+    token ids and accounting overhead. (With a 64 MiB budget the former one-block floor
+    made the share half.)"""
+    assert SENDER_SHARES == 4
+    for block in (32 * MiB, 4 * MiB, 2, 3 * MiB // 2 + 7):
+        total, share = buffer_bounds(block)
+        assert total == SENDER_SHARES * share
+        assert share == block + BUFFER_OVERHEAD
+        # the largest block a sender may declare fits its share, and only one of them
+        a, _ = _asm(max_bytes=total, sender=share)
+        tok = 4 * (block // 8)  # token ids: int32s, half the block or so
+        assert a.add(1, 1, size=block - tok, offset=0, data=b"x",
+                     token_ids=b"\0" * tok).status == PENDING
+        assert a.add(1, 2, size=1, offset=0, data=b"x").reason == PARTS_FULL
+        # four senders fill the whole, a fifth is refused
+        for sender in (2, 3, 4):
+            assert a.add(sender, 1, size=block, offset=0, data=b"x").status == PENDING
+        assert a.bytes == total
+        assert a.add(5, 1, size=1, offset=0, data=b"x").reason == PARTS_FULL
+
+
+def test_a_part_budget_is_four_blocks_or_more_and_one_sender_holds_a_quarter_of_it():
+    total, share = buffer_bounds(4 * MiB, 16 * MiB)
+    assert (total, share) == (16 * MiB + 4 * BUFFER_OVERHEAD, 4 * MiB + BUFFER_OVERHEAD)
+    total, share = buffer_bounds(2 * MiB, 64 * MiB)
+    assert (total, share) == (64 * MiB + 4 * BUFFER_OVERHEAD, 16 * MiB + BUFFER_OVERHEAD)
+    assert share * SENDER_SHARES == total
+
+
+@pytest.mark.parametrize(("block", "budget"), [(32 * MiB, 64 * MiB), (4 * MiB, 16 * MiB - 1),
+                                               (4 * MiB, 0), (1, 3)])
+def test_a_part_budget_whose_quarter_cannot_hold_one_largest_block_is_refused(block, budget):
+    """Not given a larger share: the share is what bounds one hostile sender."""
+    with pytest.raises(ValueError, match=f"largest block of {block}: it needs at least "
+                                         f"{4 * block}"):
+        buffer_bounds(block, budget)

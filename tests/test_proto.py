@@ -68,8 +68,6 @@ SAMPLES = [
                          offset=1 << 20, data=b"kv"),
     proto.OffloadGetPart(hash=5, offset=1 << 20, max_bytes=1 << 20),
     proto.OffloadPart(store_id=3, hash=5, size=2 << 20, offset=1 << 20, data=b"kv"),
-    proto.OffloadContains(hashes=[1, 2, 3]),
-    proto.OffloadContainsReply(store_id=3, held=2, in_ram=1),
     proto.OffloadResyncReply(store_id=3, tiers=[
         proto.TierSnapshot(tier="host", first_event_id=4, last_event_id=4),
         proto.TierSnapshot(tier="disk", first_event_id=7, last_event_id=9, blocks=40000)]),
@@ -245,7 +243,6 @@ def test_typed_values_accept_every_listed_value_and_todays_defaults():
 def test_subjects_and_keys():
     assert subjects.worker_generate("prod", "decode", 255) == "genset.prod.decode.generate.ff"
     assert subjects.kv_events_all("prod") == "genset.prod.kv.events.>"
-    assert subjects.kv_event_stream_name("my-ns") == "GENSET_KV_MY_NS"
     with pytest.raises(ValueError, match="not a valid subject token"):
         subjects.route("bad.namespace")
     assert keys.instance("prod", "decode", 255) == "genset/prod/instances/decode/ff"

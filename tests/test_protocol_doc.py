@@ -96,8 +96,8 @@ def test_every_field_is_named_in_the_doc(cls):
 
 
 def _subject_builders() -> list:
-    # not subject builders: the generic one, token helpers, the JetStream name, a parser
-    skip = {"subject", "instance_token", "kv_event_stream_name", "sender_token"}
+    # not subject builders: the generic one, token helpers, a parser
+    skip = {"subject", "instance_token", "sender_token"}
     return [f for name, f in inspect.getmembers(subjects, inspect.isfunction)
             if f.__module__ == subjects.__name__ and not name.startswith("_") and name not in skip]
 
@@ -125,11 +125,6 @@ def test_every_subject_is_in_the_doc(builder):
     stem = ".".join(["genset", "<ns>", *parts[2:4]]).replace("ROLEX", "<role>")
     assert f"`{stem}." in DOC or f"`{stem}`" in DOC, (
         f"docs/protocol.md has no subject `{stem}…` ({builder.__name__})")
-
-
-def test_the_jetstream_name_is_in_the_doc():
-    assert subjects.kv_event_stream_name("ns") == "GENSET_KV_NS"
-    assert "`GENSET_KV_<NS>`" in DOC
 
 
 def _key_builders() -> list:

@@ -55,8 +55,6 @@ from proto.discovery import InstanceRecord
 from proto.offload import (
     OffloadBlock,
     OffloadBlockRef,
-    OffloadContains,
-    OffloadContainsReply,
     OffloadGetPart,
     OffloadLookup,
     OffloadLookupReply,
@@ -443,34 +441,6 @@ class OffloadClient:
             log.debug("offload lookup failed", error=repr(exc))
         self.stats["lookup_blocks"] += len(run)
         return run
-
-    async def contains(self, hashes: Sequence[int], deadline_s: float = 0.05) -> int:
-        """How many of `hashes`, from the first, the store holds (no data moves); 0 when the
-        store is absent, slow or broken; never raises."""
-        want = list(hashes)
-        groups = self.placement.group(want)
-        if not groups or deadline_s <= 0:
-            return 0
-        owners = list(groups)
-        try:
-            async with asyncio.timeout(deadline_s):
-                replies = await asyncio.gather(*(
-                    self.bus.request(subjects.offload_contains(self.namespace, o),
-                                     OffloadContains(hashes=[want[p] for p in groups[o]]),
-                                     timeout=deadline_s, reply_type=OffloadContainsReply)
-                    for o in owners), return_exceptions=True)
-        except TimeoutError:
-            return 0
-        held = {o: (r.held if isinstance(r, OffloadContainsReply) else 0)
-                for o, r in zip(owners, replies, strict=True)}
-        seen = dict.fromkeys(owners, 0)
-        owner_of = {p: o for o, ps in groups.items() for p in ps}
-        for pos in range(len(want)):
-            o = owner_of[pos]
-            if seen[o] >= held[o]:
-                return pos
-            seen[o] += 1
-        return len(want)
 
     async def _lookup(self, hashes: list[int], run: list[OffloadBlock], max_bytes: int,
                       want_tokens: bool, deadline: float, ram_only: bool = False) -> None:

@@ -11,8 +11,9 @@ Whoever is on the bus is untrusted, so the store's side (`Assemblies`) is bounde
 - a declared size over the store's per-block limit is refused before anything is allocated
   (by the caller, which knows that limit: `too_large`);
 - the buffers of blocks being gathered hold at most `max_bytes` in all and `max_sender_bytes`
-  per sender; a first part beyond either is refused (`parts_full`), and the ones in progress
-  are never pushed out for it (an honest sender mid-block finishes);
+  per sender (the store's: `buffer_bounds`, a quarter each, which holds one largest block);
+  a first part beyond either is refused (`parts_full`), and the ones in progress are never
+  pushed out for it (an honest sender mid-block finishes);
 - a part that overlaps one already received (`part_overlap`), that is empty or ends past
   the declared size (`part_range`), or that names another size, parent or token ids than
   the block's first part (`part_mismatch`) drops the whole block; so does a block scattered
@@ -71,6 +72,9 @@ PART_REASONS = (PART_OVERLAP, PART_RANGE, PART_MISMATCH, PARTS_FULL, PART_EXPIRE
 
 MAX_RANGES = 64  # disjoint pieces of one block received so far, at most
 BUFFER_OVERHEAD = 512  # bytes per block being gathered beyond its payload and token ids
+# One sender may hold 1/SENDER_SHARES of the store's part buffers: filling them takes that
+# many hostile (or broken) workers, each authenticated in a secured stack.
+SENDER_SHARES = 4
 
 PENDING = "pending"
 COMPLETE = "complete"
@@ -82,6 +86,31 @@ def split(size: int, part_bytes: int) -> list[tuple[int, int]]:
     if part_bytes < 1:
         raise ValueError(f"part_bytes must be >= 1, got {part_bytes}")
     return [(s, min(part_bytes, size - s)) for s in range(0, size, part_bytes)]
+
+
+def buffer_bounds(max_block_bytes: int, budget_bytes: int | None = None) -> tuple[int, int]:
+    """(max_bytes, max_sender_bytes) of the store's `Assemblies` for blocks of at most
+    `max_block_bytes` (payload + token ids) and `budget_bytes` of blocks being gathered in all
+    (None: SENDER_SHARES largest blocks). One sender holds 1/SENDER_SHARES of the whole, and
+    that share must hold one largest block, or no sender could ever put one: a budget below
+    SENDER_SHARES largest blocks is refused (ValueError) rather than given a larger share (a
+    floor of one block made one sender's share half the buffers under the store's former
+    defaults, 64 MiB and 32 MiB blocks; all of them for a budget of one block). Each block
+    in progress is accounted BUFFER_OVERHEAD bytes beyond its payload and token ids: the
+    bounds add it once per share, so a budget of exactly SENDER_SHARES largest blocks holds
+    them (the flags compose as an operator reads them: 128 MiB is four 32 MiB blocks)."""
+    if max_block_bytes < 1:
+        raise ValueError(f"max_block_bytes must be >= 1, got {max_block_bytes}")
+    least = SENDER_SHARES * max_block_bytes
+    if budget_bytes is None:
+        budget_bytes = least
+    if budget_bytes < least:
+        raise ValueError(
+            f"a part budget of {budget_bytes} bytes gives one sender a share "
+            f"(1/{SENDER_SHARES}) of {budget_bytes // SENDER_SHARES} bytes, less than one "
+            f"largest block of {max_block_bytes}: it needs at least {least}")
+    share = budget_bytes // SENDER_SHARES + BUFFER_OVERHEAD
+    return SENDER_SHARES * share, share
 
 
 def check_sender(subject_sender: int | None, body_sender: int,

@@ -110,7 +110,7 @@ def nats_permissions(role: str, namespace: str, user: str,
     worker_generate_any = f"{subjects.ROOT}.{ns}.*.generate.{any_id}"
     # the kv_offload store: requests to any store instance, and every store's events
     offload_requests = tuple(subjects.subject(ns, subjects.OFFLOAD_COMPONENT, endpoint) + ".*"
-                             for endpoint in ("put", "lookup", "contains", "getpart"))
+                             for endpoint in ("put", "lookup", "getpart"))
     offload_put_part = subjects.subject(ns, subjects.OFFLOAD_COMPONENT, "putpart")
     offload_events_all = subjects.offload_events_all(ns)
     offload_resync_any = subjects.subject(ns, subjects.OFFLOAD_COMPONENT, "resync") + ".*"
@@ -165,7 +165,7 @@ def nats_permissions(role: str, namespace: str, user: str,
                                                       events_all, *planner_inputs, inbox),
                                responses=False)
     if role == ROLE_OFFLOAD:
-        # serves put/lookup/contains/getpart/resync on its instances' subjects and every
+        # serves put/lookup/getpart/resync on its instances' subjects and every
         # sender's parts (putpart.<instance>.<sender>), publishes its events
         return NatsPermissions(
             publish=(offload_events_all,),

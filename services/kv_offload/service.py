@@ -14,7 +14,6 @@ its restart, never both answer):
   a lookup reply named in `large`);
 - `offload_lookup(ns, id)`: `OffloadLookup` -> `OffloadLookupReply` (the leading run held,
   with data, at most `max_bytes` and never more than a NATS message);
-- `offload_contains(ns, id)`: `OffloadContains` -> `OffloadContainsReply`;
 - `offload_resync(ns, id)`: `KvResyncRequest` -> `OffloadResyncReply`; the snapshot itself
   goes out on the events subject, in order (a disk tier's snapshot can exceed a message); one
   not yet started answers every resync until it goes out;
@@ -39,9 +38,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import proto
-from genset.offload.parts import BUFFER_OVERHEAD, Assemblies, check_sender
 from genset.offload.parts import DROPPED as PART_DROPPED
 from genset.offload.parts import PENDING as PART_PENDING
+from genset.offload.parts import SENDER_SHARES, Assemblies, buffer_bounds, check_sender
 from genset.offload.tiers import ADMISSION_POLICIES, DEFAULT_ADMISSION
 from genset.runtime.config import ConfigError, FieldError, opt
 from genset.runtime.service import Service
@@ -49,8 +48,6 @@ from proto import subjects
 from proto.kv import TIER_DISK, KvEventBatch
 from proto.offload import (
     OffloadBlock,
-    OffloadContains,
-    OffloadContainsReply,
     OffloadGetPart,
     OffloadLookup,
     OffloadLookupReply,
@@ -99,11 +96,12 @@ class OffloadOptions:
         "largest block accepted, MiB (payload + token ids); a block larger than a NATS "
         "message travels in parts (0: only blocks that fit one message)", min=0,
         env="GENSET_OFFLOAD_MAX_BLOCK_MB"))
-    part_buffer_mb: float = field(default=64.0, metadata=opt(
-        "bytes of blocks being gathered from parts at once, MiB (at least one largest "
-        "block); one sender may hold a quarter of it (at least one largest block); a "
-        "block not complete within "
-        f"{PART_TTL_S:g} s is dropped", min=0, env="GENSET_OFFLOAD_PART_BUFFER_MB"))
+    part_buffer_mb: float | None = field(default=None, metadata=opt(
+        "bytes of blocks being gathered from parts at once, MiB (unset: four largest blocks, "
+        "128 MiB with the default --max-block-mb); one sender may hold a quarter of it, "
+        "which must hold one largest block (less is refused at start); a block not "
+        f"complete within {PART_TTL_S:g} s is dropped", min=0,
+        env="GENSET_OFFLOAD_PART_BUFFER_MB"))
     spill_min_freq: int = field(default=2, metadata=opt(
         "a block evicted from RAM goes to disk only if put or asked for this often", min=0,
         env="GENSET_OFFLOAD_SPILL_MIN_FREQ"))
@@ -139,7 +137,7 @@ class OffloadOptions:
         "docs/architecture.md, Security)",
         env="GENSET_OFFLOAD_VERIFY_KV_VALUES"))
     max_concurrent: int = field(default=64, metadata=opt(
-        "lookup, getpart, contains and resync requests in progress per subject before new "
+        "lookup, getpart and resync requests in progress per subject before new "
         "ones get an overloaded error (puts and parts are answered in order, never "
         "overloaded)", min=1,
         env="GENSET_OFFLOAD_MAX_CONCURRENT"))
@@ -150,7 +148,7 @@ class OffloadOptions:
         for name in ("offload_ram_gb", "offload_disk_gb", "spill_queue_mb", "max_block_mb",
                      "part_buffer_mb"):
             value = getattr(self, name)
-            if not math.isfinite(value):
+            if value is not None and not math.isfinite(value):
                 raise FieldError(name, f"must be a finite number, got {value}")
 
 
@@ -229,19 +227,29 @@ class OffloadService(Service):
         if o.max_block_mb > 0:
             # may exceed a message: such blocks travel in parts
             max_block = int(o.max_block_mb * MB)
-        # The parts' buffers hold at least one largest block, a sender at least one too.
-        # Otherwise a sender's share is a quarter of the whole (it was half). The sender is
-        # the subject's token, which a secured stack authenticates, so the share is what one
-        # hostile (or broken) worker can hold: filling the buffers takes four of them, not
-        # two. An honest worker holds at most its client's `max_inflight` (4) blocks in
-        # progress at once (plus any abandoned after a failure, for PART_TTL_S): 8 MiB of
-        # Llama-3-8B's 2 MiB blocks, half of a quarter of the default 64 MiB. With the
-        # default --max-block-mb (32, half of 64) the one-block floor decides, still half;
-        # --max-block-mb at a quarter of --part-buffer-mb or less gives the quarter.
-        largest = max_block + BUFFER_OVERHEAD
-        part_bytes = max(largest, int(o.part_buffer_mb * MB))
-        self.parts = Assemblies(max_bytes=part_bytes,
-                                max_sender_bytes=max(largest, part_bytes // 4),
+        # One sender holds at most a quarter of the part buffers, and a quarter holds one
+        # largest block (`genset.offload.parts.buffer_bounds`). The sender is the subject's
+        # token, which a secured stack authenticates, so the share is what one hostile (or
+        # broken) worker can hold: filling the buffers takes four of them. Unset, the budget
+        # is four largest blocks: 128 MiB (+ 2 KiB) with the default 32 MiB blocks, where a
+        # 64 MiB budget's one-block floor had made one sender's share half. That bound is
+        # allocated only as blocks come (an honest worker holds at most its client's
+        # `max_inflight` (4) blocks in progress, plus any abandoned after a failure for
+        # PART_TTL_S: 8 MiB of Llama-3-8B's 2 MiB blocks); the
+        # default 32 MiB limit is kept for larger blocks (a 70B model's 64-token block is
+        # 20 MiB). A budget set below four largest blocks is refused rather than given a
+        # larger share: an operator who set it to save memory would otherwise get a share
+        # bound that no longer bounds.
+        try:
+            part_bytes, sender_bytes = buffer_bounds(
+                max_block, None if o.part_buffer_mb is None else int(o.part_buffer_mb * MB))
+        except ValueError as exc:
+            raise ConfigError(
+                f"--part-buffer-mb {o.part_buffer_mb:g} with --max-block-mb "
+                f"{o.max_block_mb:g}: {exc}; raise --part-buffer-mb to at least "
+                f"{SENDER_SHARES * max_block / MB:g}, lower --max-block-mb, or leave "
+                "--part-buffer-mb unset (four largest blocks)") from None
+        self.parts = Assemblies(max_bytes=part_bytes, max_sender_bytes=sender_bytes,
                                 ttl_s=PART_TTL_S, clock=self.clock)
         # Event batches must fit a message too: at 8192 entries one could be ~560 KB, and on a
         # server with a smaller max_payload every such batch (and every snapshot) was lost.
@@ -270,7 +278,6 @@ class OffloadService(Service):
         handlers = {
             "lookup": (subjects.offload_lookup(ns, sid), self._on_lookup),
             "get_part": (subjects.offload_get_part(ns, sid), self._on_get_part),
-            "contains": (subjects.offload_contains(ns, sid), self._on_contains),
             "resync": (subjects.offload_resync(ns, sid), self._on_resync),
         }
         for name, (subject, handler) in handlers.items():
@@ -492,10 +499,18 @@ class OffloadService(Service):
         assert self.store is not None
         if req.want_tokens and not self.options.serve_token_ids:
             self.m_token_ids_withheld.inc()
-        res = await self.store.lookup(req.hashes, min(req.max_bytes, self._reply_limit),
+        # A block that cannot fit this reply is named by ref (fetched in parts), also where
+        # the asker's cap is below this store's reply limit (its own message limit is
+        # smaller): with this store's limit as the mark, such a block was neither sent nor
+        # named, the run ended at it and the asker could never fetch it. genset's client
+        # asks for min(its limit, its byte budget) and allows refs up to that budget, so
+        # where the two limits agree nothing changes: a block over a budget below the limit
+        # ends the run either way.
+        max_bytes = min(req.max_bytes, self._reply_limit)
+        res = await self.store.lookup(req.hashes, max_bytes,
                                       req.want_tokens and self.options.serve_token_ids,
                                       req.ram_only,
-                                      message_bytes=self._reply_limit,
+                                      message_bytes=max_bytes,
                                       max_large_bytes=req.max_large_bytes)
         self.m_lookups.inc()
         if res.blocks:
@@ -519,12 +534,6 @@ class OffloadService(Service):
             await asyncio.sleep(PART_TTL_S / 2)
             if self.parts is not None:
                 self.parts.expire()
-
-    async def _on_contains(self, data: bytes) -> OffloadContainsReply:
-        req = self._decode(data, OffloadContains, "contains")
-        assert self.store is not None
-        held, in_ram = self.store.contains(req.hashes)
-        return OffloadContainsReply(store_id=self.instance_id, held=held, in_ram=in_ram)
 
     async def _on_resync(self, data: bytes) -> OffloadResyncReply:
         req = self._decode(data, proto.KvResyncRequest, "resync")

@@ -480,6 +480,9 @@ class BlockStore:
 
     # ---- lookup -----------------------------------------------------------------------------
     def contains(self, hashes: Sequence[int]) -> tuple[int, int]:
+        """(the leading run of `hashes` held, how many of those in RAM), touching nothing (no
+        record, no promotion). No request serves it since the wire's `contains` went (session
+        20): kept as the tests' read of what the store holds, which `lookup` would change."""
         tiers = self.cache.locate(hashes)
         return len(tiers), sum(t == TIER_RAM for t in tiers)
 
