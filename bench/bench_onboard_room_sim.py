@@ -12,7 +12,8 @@ where the engine has the field; `--not-optional`: as a transfer's KV).
 
 Prints: requests, requests with 0 cached tokens, prompt tokens served from the cache,
 blocks onboarded, onboarded blocks evicted unused (`BlockPool.num_imports_evicted_unused`),
-blocks cut for want of room (`import_blocks_no_room`), preemptions. Deterministic.
+blocks cut for want of room (`import_blocks_no_room`), preemptions, blocks held in host
+memory until their request's admission and used there. Deterministic.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ BS = 16
 
 def main(args) -> dict:
     core = MockerCore(MockerConfig(num_blocks=args.kv_blocks, block_size=BS, vocab_size=32000))
+    if hasattr(core.scheduler, "max_held_bytes"):  # as the worker's --offload-hold-mb
+        core.scheduler.max_held_bytes = int(args.hold_mb * (1 << 20))
     optional = ({"optional": True} if not args.not_optional
                 and "optional" in {f.name for f in dataclasses.fields(KvImport)} else {})
     rng = random.Random(args.seed)
@@ -81,6 +84,8 @@ def main(args) -> dict:
     out["onboarded_evicted_unused"] = getattr(core.pool, "num_imports_evicted_unused", None)
     out["import_blocks_no_room"] = getattr(core, "import_blocks_no_room", None)
     out["preemptions"] = core.scheduler.num_preemptions
+    out["held_blocks"] = getattr(core.scheduler, "num_held_blocks", None)
+    out["held_used"] = getattr(core.scheduler, "num_held_used", None)
     return out
 
 
@@ -92,4 +97,8 @@ if __name__ == "__main__":
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--not-optional", action="store_true")
+    ap.add_argument("--hold-mb", type=float, default=256.0,
+                    help="host memory for onboarded blocks held until their request's "
+                         "admission (the worker's --offload-hold-mb; 0: off, as before "
+                         "2026-12-08)")
     print(json.dumps(main(ap.parse_args())))

@@ -423,3 +423,43 @@ def test_held_blocks_that_name_other_hashes_than_the_prompts_are_not_used():
             out = o
     assert out.cached_tokens == 2 * BS  # the two that match, then computed
     assert sched.num_held_used == 2 and sched.held_bytes == 0
+
+
+@pytest.mark.parametrize("kind", ["mocker", "torch"])
+def test_a_held_run_restores_the_pinned_blocks_a_running_request_took_back(kind):
+    """An offload hit pinned up to the room and held whole: the running requests' growth
+    takes pinned blocks back from the tail (pins never stall it) and evicts them; the
+    request's admission restores them from host memory, so its whole run still comes from
+    the store, with the output of computing it."""
+    from tests.test_engine_core import exported
+
+    prompt = prompt_of(100, 8 * BS + 1)
+    want, _ = _greedy(make_core(kind), "computed", prompt)
+    blocks = exported(kind, prompt)
+    core = make_core(kind, num_blocks=24)
+    sched = core.scheduler
+    sched.max_held_bytes = 1 << 20
+    core.add_request(req("a", prompt_of(101, 12 * BS), max_tokens=6 * BS))  # grows 6 blocks
+    core.step()  # a holds 12 blocks (+1 for its first decode): 11 free
+    core.add_request(req("h", prompt_of(102, 6 * BS)))  # needs 6: the room is 5
+    room = sched.import_room()
+    assert 0 < room < len(blocks)
+    core.add_request(req("r", prompt, kv=KvImport(blocks, token_ids=prompt, optional=True),
+                         max_tokens=6))
+    assert sched.num_pinned_blocks >= room and sched.num_held_blocks == len(blocks)
+    got, cached = [], None
+    for _ in range(2000):  # a bound, not a timing
+        if not core.has_work():
+            break
+        for out in core.step()[0]:
+            if out.request_id == "r":
+                got.extend(out.token_ids)
+                cached = out.cached_tokens
+    # a's growth took pinned blocks back before r ran, and they were evicted unused ...
+    assert core.pool.num_imports_evicted_unused > 0
+    # ... and r's admission wrote them again from what it held
+    assert cached == 8 * BS
+    assert got == want
+    assert sched.num_held_used > 0 and sched.held_bytes == 0
+    assert sched.num_pinned_blocks == 0
+    core.pool.check_invariants()

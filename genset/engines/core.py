@@ -18,10 +18,11 @@ Adding a request, in this order for every engine:
    pinned to the request: the request's prefix is therefore cached when the scheduler first
    looks at it, and eviction cannot undo the import before it is admitted. A bad payload
    raises before any hash is registered, and leaves nothing pinned and nothing queued. An
-   offload hit's blocks beyond the room the queue leaves (`Scheduler.import_room`) are
-   decoded (checked) too and held in host memory for the request (`Scheduler.hold_kv`,
-   within `Scheduler.max_held_bytes`; 0, the default, drops them): its admission writes
-   them (`kv_writes`) into the blocks it allocates;
+   offload hit with blocks beyond the room the queue leaves (`Scheduler.import_room`) is
+   pinned up to the room and held whole in host memory for the request
+   (`Scheduler.hold_kv`, within `Scheduler.max_held_bytes`; 0, the default, drops what is
+   beyond): its admission writes what it does not find cached then (`kv_writes`) into the
+   blocks it allocates;
 3. the request is queued, and the executor sets up its per-request state.
 
 Evicted blocks can be handed over with their KV (`set_eviction_sink`, for write-behind to
@@ -56,7 +57,6 @@ from genset.engines.types import (
     EngineRequest,
     EvictedBlock,
     KvBlockData,
-    KvBlockRefused,
     KvImport,
     Logprobs,
 )
@@ -213,9 +213,14 @@ class SchedulingCore:
         self.executor.check_request(request)
         sched.check_request(request)
         kv = request.kv_import
-        # an optional import's blocks beyond the room, to hold in host memory until the
-        # request's admission (`Scheduler.hold_kv`): (index of the first, blocks, payloads)
-        deferred = None
+        # An optional import with blocks beyond the room: the whole run, decoded, to hold in
+        # host memory until the request's admission (`Scheduler.hold_kv`), the pinned head
+        # too: a running request's growth takes pinned blocks back from the tail (pins
+        # never stall it), and what it took is then restored from there. Holding only what
+        # was beyond the room left it after a gap: `bench/bench_onboard_room_sim.py
+        # --clients 2` held 4,495 blocks and used none.
+        held_run = None  # (the run, its payloads)
+        pinned_payloads = None
         if kv is not None and kv.pinned_as is not None:
             # imported earlier, run by run as a transfer arrived: take its pins over
             sched.adopt_pins(kv.pinned_as, request.request_id)
@@ -223,16 +228,16 @@ class SchedulingCore:
             if kv.optional:
                 room = sched.import_room()
                 if room < len(kv.blocks):
-                    rest = kv.blocks[room:]
                     if sched.hold_room_bytes() > 0:
-                        deferred = (kv.first_block + room, rest,
-                                    self._decode_from(rest, room))
+                        # (checked before anything changes, as the import's own decode)
+                        held_run = (kv, self.executor.decode_kv(kv.blocks))
+                        pinned_payloads = held_run[1][:room]
                     else:
-                        self.import_blocks_no_room += len(rest)
+                        self.import_blocks_no_room += len(kv.blocks) - room
                     kv = replace(kv, blocks=kv.blocks[:room])
         if kv is not None and kv.pinned_as is None and kv.blocks:
             try:
-                self.import_kv(kv, pin_for=request.request_id)
+                self.import_kv(kv, pin_for=request.request_id, payloads=pinned_payloads)
             except BaseException:
                 sched.unpin(request.request_id)  # the id was checked unused: only these pins
                 raise
@@ -246,22 +251,15 @@ class SchedulingCore:
         seq = sched.add_request(request)
         if seq.tail is not None:
             seq.tail = (seq.tail[0], tail)
-        if deferred is not None:
-            first, blocks, payloads = deferred
+        if held_run is not None:
+            run, payloads = held_run
             ex = self.executor
-            held = sched.hold_kv(seq.request_id, first, [b.hash for b in blocks], payloads,
-                                 [held_size(ex, b, p) for b, p in zip(blocks, payloads,
-                                                                      strict=True)])
-            self.import_blocks_no_room += len(blocks) - held
+            held = sched.hold_kv(seq.request_id, run.first_block, [b.hash for b in run.blocks],
+                                 payloads, [held_size(ex, b, p) for b, p in
+                                            zip(run.blocks, payloads, strict=True)])
+            # neither pinned nor held
+            self.import_blocks_no_room += len(run.blocks) - max(len(kv.blocks), held)
         self.executor.start_sequence(seq, request)
-
-    def _decode_from(self, blocks: list[KvBlockData], offset: int) -> list[Any]:
-        """`decode_kv` of an import's blocks from index `offset` on, a refused block named
-        by its index in the whole import (`KvBlockRefused.block_index`)."""
-        try:
-            return self.executor.decode_kv(blocks)
-        except KvBlockRefused as exc:
-            raise KvBlockRefused(str(exc), exc.block_index + offset) from None
 
     def check_sampling(self, request: EngineRequest) -> None:
         """ValueError naming the field for what this engine cannot do with the request's
@@ -386,11 +384,13 @@ class SchedulingCore:
         payloads = self.executor.read_kv([b for _, b in held])
         return [KvBlockData(h, p) for (h, _), p in zip(held, payloads, strict=True)]
 
-    def import_kv(self, kv: KvImport, pin_for: str | None = None) -> int:
-        """Cache the chain `kv` (payloads checked first); with `pin_for`, held until that
-        request is admitted. Returns how many blocks, from the first, are now cached (fewer
-        than given when the pool ran out of free blocks)."""
-        payloads = self.executor.decode_kv(kv.blocks)
+    def import_kv(self, kv: KvImport, pin_for: str | None = None,
+                  payloads: list[Any] | None = None) -> int:
+        """Cache the chain `kv` (payloads checked first; `payloads`: decoded already); with
+        `pin_for`, held until that request is admitted. Returns how many blocks, from the
+        first, are now cached (fewer than given when the pool ran out of free blocks)."""
+        if payloads is None:
+            payloads = self.executor.decode_kv(kv.blocks)
         hashes = [b.hash for b in kv.blocks]
         written = self.scheduler.import_kv(hashes, kv.parent_hash, pin_for=pin_for,
                                            token_ids=kv.token_ids, first_block=kv.first_block)
