@@ -140,6 +140,19 @@ def _greedy(core, rid, prompt, kv=None, max_tokens=6):
     return tokens, cached
 
 
+def _finish_all(core, max_steps: int = 500) -> dict[str, int]:
+    """Steps `core` until idle (a bound on steps, not a timing: a stall fails); each finished
+    request's cached prompt tokens."""
+    cached = {}
+    for _ in range(max_steps):
+        if not core.has_work():
+            return cached
+        for out in core.step()[0]:
+            if out.finish_reason:
+                cached[out.request_id] = out.cached_tokens
+    raise AssertionError(f"still working after {max_steps} steps")
+
+
 def test_torch_blocks_evicted_then_imported_give_the_computed_output():
     pytest.importorskip("torch")
     from genset.engines.types import KvBlockData
@@ -243,13 +256,7 @@ def test_an_optional_import_takes_only_the_room_the_queue_ahead_leaves():
     core.add_request(req("t", p2, kv=kv2))
     assert core.import_blocks_no_room == 6
     assert core.scheduler.num_pinned_blocks == 3
-    cached = {}
-    for _ in range(500):
-        if not core.has_work():
-            break
-        for out in core.step()[0]:
-            if out.finish_reason:
-                cached[out.request_id] = out.cached_tokens
+    cached = _finish_all(core)
     assert cached["r"] == 0  # nothing imported for it: computed
     # the transfer's blocks were taken by the requests ahead when they needed the room
     # (a pin never stalls them): pinned beyond the room, they went unused
@@ -329,6 +336,21 @@ def test_imported_tokens_are_not_kept_without_a_sink_that_wants_them():
     assert all(t is None for t in core.pool._tokens)
 
 
+def _held_case(kind: str, seed: int, a_tokens: int):
+    """A prompt of 8 full blocks (+1 token), its output computed, its blocks exported from
+    another core; and a 24-block core that holds onboarded blocks, with request "a" (12
+    blocks, `a_tokens` out) submitted."""
+    from tests.test_engine_core import exported
+
+    prompt = prompt_of(seed, 8 * BS + 1)
+    want, _ = _greedy(make_core(kind), "computed", prompt)
+    blocks = exported(kind, prompt)
+    core = make_core(kind, num_blocks=24)
+    core.scheduler.max_held_bytes = 1 << 20
+    core.add_request(req("a", prompt_of(seed + 1, 12 * BS), max_tokens=a_tokens))
+    return prompt, want, blocks, core
+
+
 @pytest.mark.parametrize("kind", ["mocker", "torch"])
 def test_an_optional_import_beyond_the_room_waits_in_host_memory_until_admission(kind):
     """Both engines (one scheduler): an offload hit with no room in the cache beside the
@@ -336,15 +358,9 @@ def test_an_optional_import_beyond_the_room_waits_in_host_memory_until_admission
     writes it into the blocks it allocates, and the output is the computed one. The held
     bytes are bounded and given back."""
     from genset.kv.block_pool import FOREIGN
-    from tests.test_engine_core import exported
 
-    prompt = prompt_of(70, 8 * BS + 1)
-    want, _ = _greedy(make_core(kind), "computed", prompt)
-    blocks = exported(kind, prompt)
-    core = make_core(kind, num_blocks=24)
+    prompt, want, blocks, core = _held_case(kind, 70, a_tokens=6)
     sched = core.scheduler
-    sched.max_held_bytes = 1 << 20
-    core.add_request(req("a", prompt_of(71, 12 * BS), max_tokens=6))
     core.step()  # a holds 12 blocks
     core.add_request(req("h", prompt_of(72, 13 * BS)))  # 13 blocks: 12 free, it waits
     assert sched.import_room() == 0
@@ -394,13 +410,7 @@ def test_held_blocks_are_bounded_in_bytes_and_dropped_when_they_no_longer_contin
     core.add_request(req("g", q))
     assert sched.hold_kv("g", 1, qh[1:], [0] * 5, [10] * 5) == 5
     assert sched.hold_kv("g", 1, qh[1:], [0] * 5, [10] * 5) == 0  # (one run a request)
-    cached = {}
-    for _ in range(500):
-        if not core.has_work():
-            break
-        for out in core.step()[0]:
-            if out.finish_reason:
-                cached[out.request_id] = out.cached_tokens
+    cached = _finish_all(core)
     assert cached["g"] == 0 and sched.num_held_used == 0 and sched.held_bytes == 0
     core.pool.check_invariants()
 
@@ -431,15 +441,8 @@ def test_a_held_run_restores_the_pinned_blocks_a_running_request_took_back(kind)
     takes pinned blocks back from the tail (pins never stall it) and evicts them; the
     request's admission restores them from host memory, so its whole run still comes from
     the store, with the output of computing it."""
-    from tests.test_engine_core import exported
-
-    prompt = prompt_of(100, 8 * BS + 1)
-    want, _ = _greedy(make_core(kind), "computed", prompt)
-    blocks = exported(kind, prompt)
-    core = make_core(kind, num_blocks=24)
+    prompt, want, blocks, core = _held_case(kind, 100, a_tokens=6 * BS)  # a grows 6 blocks
     sched = core.scheduler
-    sched.max_held_bytes = 1 << 20
-    core.add_request(req("a", prompt_of(101, 12 * BS), max_tokens=6 * BS))  # grows 6 blocks
     core.step()  # a holds 12 blocks (+1 for its first decode): 11 free
     core.add_request(req("h", prompt_of(102, 6 * BS)))  # needs 6: the room is 5
     room = sched.import_room()

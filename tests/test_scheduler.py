@@ -663,6 +663,12 @@ def test_a_running_request_growing_takes_pinned_blocks_before_anyone_is_preempte
     assert s.num_pinned_blocks == 0 and s.pool.num_used == 0
 
 
+def _shared_prefix_prompt(rng: random.Random, prefixes: list[list[int]]) -> list[int]:
+    """Part of one of `prefixes` (8-39 tokens) and 1-19 tokens of its own."""
+    return prefixes[rng.randrange(len(prefixes))][: rng.randrange(8, 40)] + [
+        rng.randrange(3, 50) for _ in range(rng.randrange(1, 20))]
+
+
 def test_pins_and_running_requests_beyond_the_cache_neither_deadlock_nor_leak():
     """Imports pinned for queued requests plus the running requests' growth exceed a small
     cache again and again; some requests are aborted while waiting: every request finishes
@@ -677,8 +683,7 @@ def test_pins_and_running_requests_beyond_the_cache_neither_deadlock_nor_leak():
     n = 0
     for _ in range(3000):
         if n < 60 and len(live) < 6:
-            p = prefixes[rng.randrange(3)][: rng.randrange(8, 40)] + [
-                rng.randrange(3, 50) for _ in range(rng.randrange(1, 20))]
+            p = _shared_prefix_prompt(rng, prefixes)
             rid = f"q{n}"
             n += 1
             hashes = block_hashes(p, 4)
@@ -742,8 +747,7 @@ def test_held_and_pinned_imports_under_pressure_always_leave_each_block_the_righ
     n = 0
     for _ in range(4000):
         if n < 80 and len(live) < 6:
-            p = prefixes[rng.randrange(3)][: rng.randrange(8, 40)] + [
-                rng.randrange(3, 50) for _ in range(rng.randrange(1, 20))]
+            p = _shared_prefix_prompt(rng, prefixes)
             rid = f"q{n}"
             n += 1
             hashes = block_hashes(p, bs)[: (len(p) - 1) // bs]
