@@ -794,3 +794,17 @@ def test_held_and_pinned_imports_under_pressure_always_leave_each_block_the_righ
     assert 0 < s.num_held_used < s.num_held_blocks
     assert s.held_bytes == 0 and s.num_pinned_blocks == 0 and not s._pins
     assert s.pool.num_used == 0
+
+
+def test_waiting_prefill_tokens_count_a_held_run_and_the_pins_it_overlaps_once():
+    s = make(num_blocks=64)
+    prompt = [4000 + i for i in range(41)]  # 10 full blocks of 4, + 1 token
+    hashes = block_hashes(prompt, 4)
+    s.import_kv(hashes[:3], pin_for="r")  # the room: 3 blocks pinned
+    s.add_request(request("r", prompt, max_tokens=1))
+    assert s.waiting_prefill_tokens() == 41 - 3 * 4
+    s.max_held_bytes = 100
+    assert s.hold_kv("r", 0, hashes[:6], [0] * 6, [1] * 6) == 6  # the run, its head too
+    assert s.waiting_prefill_tokens() == 41 - 6 * 4
+    res = run(s)
+    assert res["r"][2] == 6 * 4 and s.held_bytes == 0 and s.num_held_used == 3

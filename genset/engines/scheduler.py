@@ -694,20 +694,23 @@ class Scheduler:
         """Prompt tokens this engine will still compute. A waiting request whose KV was
         imported (a remote prefill's transfer, an offload hit: blocks pinned for it until it
         is admitted) counts only what admission will not find cached, exactly as `_admit`
-        will count it; other waiting requests count their whole prompt (their cache hits may
-        be evicted before they are admitted, and looking every waiting prompt up on each
-        load report would cost a dict probe per block)."""
+        will count it, and none of a run held for it in host memory (`hold_kv`: it holds
+        the pinned head too, so the two overlap); other waiting requests count their whole
+        prompt (their cache hits may be evicted before they are admitted, and looking every
+        waiting prompt up on each load report would cost a dict probe per block)."""
         total = 0
         pins = self._pins
+        bs = self.block_size
         for seq in self.waiting:
-            if pins and seq.request_id in pins:
-                left = len(seq.token_ids) - self._cached_prefix(seq)
-                if seq.tail is not None:  # (when admission can use it: `_admit`)
-                    left -= seq.tail[0]
-            else:
-                left = len(seq.token_ids) - seq.num_computed
-            if seq.held is not None:  # (when admission can use them: `_usable_held`)
-                left -= len(seq.held.hashes) * self.block_size
+            pinned = bool(pins) and seq.request_id in pins
+            done = self._cached_prefix(seq) if pinned else seq.num_computed
+            held = seq.held
+            if held is not None:  # (when admission can use them: `_usable_held`; the run
+                # starts at the prefix cached when it was fetched, and holds its pinned head)
+                done = max(done, (held.first_block + len(held.hashes)) * bs)
+            left = len(seq.token_ids) - done
+            if pinned and seq.tail is not None:  # (when admission can use it: `_admit`)
+                left -= seq.tail[0]
             total += max(1, left)
         for seq in self.running:
             left = len(seq.token_ids) - seq.num_computed
