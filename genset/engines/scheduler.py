@@ -187,8 +187,8 @@ class Sequence:
         # imported block it hit, or the block an imported tail was written into), None when
         # all of it is computed here; set at admission (`_admit`), read by `drop_foreign`
         self.foreign_from: int | None = None
-        # onboarded blocks beyond what could be pinned for it, in host memory until its
-        # admission takes them (`Scheduler.hold_kv`); None: none
+        # an onboarded run (its pinned head too) in host memory until its admission takes
+        # what it does not find cached (`Scheduler.hold_kv`); None: none
         self.held: HeldKv | None = None
 
 

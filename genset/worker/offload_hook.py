@@ -15,10 +15,10 @@ onboarding of a prompt's next blocks before it runs.
   `genset.offload.onboard`). No more is asked for than the engine can keep for the request
   beside the ones queued ahead (`Engine.import_room`), and the import is `optional` (the
   engine cuts it to that room again at submission): blocks beyond it would be taken back by
-  the head of the queue and evicted before the request ran. Those beyond it are held in host
-  memory instead, within `max_held_bytes` for the whole engine (`Engine.hold_onboarded`),
-  and written at the request's admission; with no room and none to hold: no lookup,
-  `skipped_no_room`.
+  the head of the queue and evicted before the request ran. When the run goes beyond it, the
+  engine holds the whole run in host memory too, within `max_held_bytes` for the whole
+  engine (`Engine.hold_onboarded`), and writes what it does not find cached at the request's
+  admission; with no room and none to hold: no lookup, `skipped_no_room`.
   Store absent, slow, broken, or a run of nothing: None, and the worker computes the prompt.
   Never an error, never a wait past the deadline (the host also computes the prompt when the
   engine refuses the import's payload). A block the engine refused for its values
@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from genset.engines.core import EVICTED_OVERHEAD  # (what a held block costs: held_size)
 from genset.engines.types import EvictedBlock, KvBlockData, KvImport
 from genset.kv.hashing import block_hashes
 from genset.offload.admission import ADMIT_MODES, admission
@@ -124,8 +125,6 @@ def onboard_tiers(block_bytes: float, block_tokens: int, recompute_ms_per_token:
     return ONBOARD_ALL
 
 
-# what a held block costs beyond its payload (`genset.engines.core.held_size`)
-HELD_OVERHEAD = 128
 PROBE_EVERY = 16  # of the requests that skip the store as too slow, one looks up anyway
 # store blocks the engine refused, remembered so lookups stop before them (`import_refused`):
 # a refused block comes only from a faulty or hostile worker, so few are expected; 8 bytes
@@ -319,7 +318,7 @@ class OffloadHook(WorkerHooks):
                 if hold > 0:
                     if self._block_bytes:  # what fits pinned, and held beside it
                         max_bytes = min(max_bytes, int(
-                            hold + max(0, room) * (self._block_bytes + HELD_OVERHEAD)))
+                            hold + max(0, room) * (self._block_bytes + EVICTED_OVERHEAD)))
                 elif room <= 0:
                     self.counts["skipped_no_room"] += 1
                     return None
